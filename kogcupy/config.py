@@ -1,0 +1,195 @@
+"""ModelConfig: one frozen dataclass describing a decoder-only transformer kogcupy can run.
+
+Built from a HuggingFace ``config.json`` (transformers v4 ``rope_scaling``/``rope_theta`` or v5
+``rope_parameters``) or from GGUF metadata (see ``weights.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from .errors import ModelLoadError, UnsupportedModelError
+
+# HF `model_type` -> kogcupy family. The families differ only in qkv bias and qk-norm.
+SUPPORTED_ARCHS = {
+    "llama": "llama",      # Llama 2/3.x, SmolLM2, TinyLlama
+    "qwen2": "qwen2",      # Qwen2 / Qwen2.5: q/k/v biases
+    "qwen3": "qwen3",      # Qwen3: RMSNorm on q and k per head
+}
+SUPPORTED_TEXT = "llama (Llama-2/3.x, SmolLM2, TinyLlama), qwen2 (Qwen2, Qwen2.5), qwen3"
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency scaling ("llama3" rope type)."""
+    rope_type: str                       # only "llama3"
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str                            # "llama" | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_scaling: RopeScaling | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str = "bfloat16"        # checkpoint dtype: "bfloat16" | "float16" | "float32"
+    # derived
+    qkv_bias: bool = field(init=False)
+    qk_norm: bool = field(init=False)
+    q_dim: int = field(init=False)       # n_heads * head_dim
+    kv_dim: int = field(init=False)      # n_kv_heads * head_dim
+    qkv_dim: int = field(init=False)     # q_dim + 2 * kv_dim (fused QKV rows)
+
+    def __post_init__(self):
+        if self.arch not in SUPPORTED_ARCHS.values():
+            raise UnsupportedModelError(
+                f"unsupported architecture {self.arch!r}; kogcupy runs {SUPPORTED_TEXT}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads",
+                     "n_kv_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ModelLoadError(f"model config: {name} must be a positive integer, got {v!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ModelLoadError(
+                f"model config: n_heads={self.n_heads} is not a multiple of "
+                f"n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ModelLoadError(f"model config: head_dim={self.head_dim} must be even for RoPE")
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("qkv_bias", self.arch == "qwen2")
+        set_("qk_norm", self.arch == "qwen3")
+        set_("q_dim", self.n_heads * self.head_dim)
+        set_("kv_dim", self.n_kv_heads * self.head_dim)
+        set_("qkv_dim", self.q_dim + 2 * self.kv_dim)
+
+    @property
+    def gqa_group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
+        d["eos_token_ids"] = list(self.eos_token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        rs = d.get("rope_scaling")
+        d["rope_scaling"] = RopeScaling(**rs) if rs else None
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        return cls(**d)
+
+    def n_params(self, include_embedding: bool = True) -> int:
+        """Parameter count of the matrices a decode step reads (norms and biases included)."""
+        h, L = self.hidden_size, self.n_layers
+        per_layer = h * self.qkv_dim + self.q_dim * h + 3 * h * self.intermediate_size + 2 * h
+        if self.qkv_bias:
+            per_layer += self.qkv_dim
+        if self.qk_norm:
+            per_layer += 2 * self.head_dim
+        n = L * per_layer + h + self.vocab_size * h          # + final norm + LM head
+        if include_embedding and not self.tie_word_embeddings:
+            n += self.vocab_size * h
+        return n
+
+
+def _rope_from_hf(cfg: dict) -> tuple[float, RopeScaling | None]:
+    """RoPE base and scaling from either transformers v4 or v5 config.json layout."""
+    params = cfg.get("rope_parameters")          # v5: {"rope_type":..., "rope_theta":...}
+    if isinstance(params, dict) and "full_attention" in params:
+        params = params["full_attention"]
+    scaling = cfg.get("rope_scaling")             # v4
+    theta = cfg.get("rope_theta")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", theta)
+        scaling = params
+    if theta is None:
+        theta = 10000.0
+    if not scaling:
+        return float(theta), None
+    rtype = scaling.get("rope_type", scaling.get("type", "default"))
+    if rtype in (None, "default"):
+        return float(theta), None
+    if rtype != "llama3":
+        raise UnsupportedModelError(
+            f"unsupported rope scaling type {rtype!r}; kogcupy supports 'default' and 'llama3'")
+    try:
+        return float(theta), RopeScaling(
+            rope_type="llama3",
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ModelLoadError(f"config.json: llama3 rope scaling lacks {e.args[0]!r}") from None
+
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    """ModelConfig from a parsed HuggingFace config.json."""
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_ARCHS:
+        archs = cfg.get("architectures")
+        raise UnsupportedModelError(
+            f"unsupported model type {model_type!r} (architectures {archs}); "
+            f"kogcupy runs {SUPPORTED_TEXT}")
+    try:
+        hidden = int(cfg["hidden_size"])
+        n_heads = int(cfg["num_attention_heads"])
+        theta, scaling = _rope_from_hf(cfg)
+        eos = cfg.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return ModelConfig(
+            arch=SUPPORTED_ARCHS[model_type],
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            n_layers=int(cfg["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // n_heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos,
+            torch_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+        )
+    except KeyError as e:
+        raise ModelLoadError(f"config.json lacks required key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"config.json has a malformed value: {e}") from None
+
+
+def load_hf_config(directory: str) -> ModelConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"{directory}: no config.json; expected a HuggingFace model "
+                             f"directory, a kogcupy packed directory or a .gguf file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot parse config.json ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{path}: config.json is not a JSON object")
+    return config_from_hf(cfg)

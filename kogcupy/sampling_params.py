@@ -1,0 +1,36 @@
+"""SamplingParams: what a request asks of the sampler, validated once for every backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0          # 0 -> greedy (argmax)
+    top_k: int = 0                    # 0 -> off
+    top_p: float = 1.0                # 1 -> off
+    min_p: float = 0.0                # 0 -> off
+    repetition_penalty: float = 1.0   # 1 -> off (HF/CTRL rule over prompt + generated ids)
+    seed: int = 0
+
+    def __post_init__(self):
+        def bad(msg):
+            raise InputError(f"invalid sampling parameter: {msg}")
+        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
+            bad(f"temperature must be >= 0, got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0.0 <= self.min_p < 1.0):
+            bad(f"min_p must be in [0, 1), got {self.min_p}")
+        if not (self.repetition_penalty > 0.0):
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not isinstance(self.seed, int) or not (0 <= self.seed < 2**64):
+            bad(f"seed must be an integer in [0, 2**64), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
