@@ -141,3 +141,26 @@ def pack_weights(cfg: ModelConfig, get: Getter, rope_positions: int | None = Non
     np.multiply(head, get("final_norm", None), out=out["lm_head"])
     out["rope_cos"], out["rope_sin"] = rope_tables(cfg, rope_positions)
     return out
+
+
+def bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even (NaN stays NaN)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(a), np.uint16(0x7FC0), rounded)
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded to what `dtype` ("bfloat16" | "float16" | "float32") can hold."""
+    if dtype == "bfloat16":
+        return bf16_to_f32(bf16_bits(a))
+    if dtype == "float16":
+        return np.asarray(a, dtype=np.float32).astype(np.float16).astype(np.float32)
+    if dtype == "float32":
+        return np.asarray(a, dtype=np.float32)
+    raise ValueError(f"unknown dtype {dtype!r}")
