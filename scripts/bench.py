@@ -1,0 +1,824 @@
+#!/usr/bin/env python3
+"""Batch-1 decode benchmark: kogcupy's monokernel next to its peers and the bandwidth limit.
+
+Random bf16 weights at the shapes in ``kogcupy.random_weights.SHAPES``; every engine decodes
+``--new-tokens`` tokens greedily after a ``--prompt-len`` token prompt, and only the decode is
+timed. Engines, in one run on one GPU:
+
+    hf-eager         transformers' LlamaForCausalLM / Qwen3ForCausalLM, eager PyTorch, generate()
+    torch-cudagraph  a compact PyTorch decoder (static KV cache, SDPA, greedy argmax inside)
+                     whose whole decode step is one CUDA graph, replayed once per token
+    limit            weight bytes (LM head counted, embedding lookup not) / stream-read
+                     bandwidth measured in this run
+    kogcupy          kogcupy.monokernel.bench_decode(): the monokernel, at context positions
+                     --positions, plus time to first token for a --ttft-prompt token prompt
+
+Every speed carries GB/s (weight bytes x tok/s) and % of the limit. Writes
+``<out>/<gpu-slug>-<YYYY-MM-DD>.json``; plot it here (matplotlib is dev-only) with
+``python scripts/bench.py --plot bench/results/X.json``. ``--dry-run`` checks the logic on
+CPU with tiny shapes (no numbers worth keeping). See bench/NOTES.md.
+"""
+from __future__ import annotations
+
+import os
+
+# NVLink multicast can take shared GPUs down; keep it off in everything this process starts.
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+try:
+    import kogcupy  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .` (the device machine)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kogcupy.config import ModelConfig  # noqa: E402
+from kogcupy.random_weights import SHAPES  # noqa: E402
+
+ENGINES = ("hf-eager", "torch-cudagraph", "kogcupy")
+PEERS = ("hf-eager", "torch-cudagraph", "kogcupy")    # the "x vs" columns
+BYTES_PER_PARAM = 2                                    # bf16
+
+# Dry-run shapes: the two architecture families at toy size, for CPU logic checks.
+TINY_SHAPES = {
+    "tiny-llama": dict(arch="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, max_position_embeddings=2048,
+                       tie_word_embeddings=True),
+    "tiny-qwen3": dict(arch="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, max_position_embeddings=2048,
+                       tie_word_embeddings=True),
+}
+
+
+def weight_bytes(cfg: ModelConfig) -> int:
+    """Bytes a decode step must stream: every matrix, norms and the LM head, not the embedding."""
+    return cfg.n_params(include_embedding=False) * BYTES_PER_PARAM
+
+
+def kv_bytes(cfg: ModelConfig, context: float) -> float:
+    """Bytes of K and V a decode step reads at a given context length."""
+    return 2 * cfg.n_layers * cfg.kv_dim * context * BYTES_PER_PARAM
+
+
+def gpu_slug(name: str) -> str:
+    s = re.sub(r"^nvidia\s+", "", name.strip(), flags=re.I)
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "gpu"
+
+
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free_gpu():
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Stream-read bandwidth
+# --------------------------------------------------------------------------------------------
+
+_STREAM_READ_SRC = r"""
+extern "C" __global__ void stream_read(const uint4* __restrict__ p, unsigned long long n,
+                                       unsigned int* out) {
+    // 16-byte non-temporal loads, four in flight per thread; the xor keeps them alive.
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    unsigned int acc = 0;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        uint4 v[4];
+        #pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                         : "=r"(v[k].x), "=r"(v[k].y), "=r"(v[k].z), "=r"(v[k].w)
+                         : "l"(p + i + k * stride));
+        }
+        #pragma unroll
+        for (int k = 0; k < 4; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
+    }
+    for (; i < n; i += stride) {
+        uint4 v = p[i];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x9e3779b9u) out[0] = acc;
+}
+"""
+
+
+def stream_read_cupy(nbytes: int, repeats: int) -> dict:
+    """Best-of-`repeats` read bandwidth of a CuPy kernel over an `nbytes` buffer (not zeros)."""
+    import cupy as cp
+    n_words = nbytes // 4
+    buf = cp.arange(n_words, dtype=cp.uint32)
+    buf *= cp.uint32(2654435761)                     # hashed, non-zero, not cache-friendly
+    out = cp.zeros(1, dtype=cp.uint32)
+    kern = cp.RawKernel(_STREAM_READ_SRC, "stream_read")
+    n_vec = n_words // 4
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    best, per_cfg = 0.0, {}
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    for blocks_per_sm, threads in ((2, 1024), (4, 512), (8, 256), (16, 256)):
+        grid = (sms * blocks_per_sm,)
+        kern(grid, (threads,), (buf, cp.uint64(n_vec), out))     # warm-up / compile
+        times = []
+        for _ in range(repeats):
+            start.record()
+            kern(grid, (threads,), (buf, cp.uint64(n_vec), out))
+            stop.record()
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+        bw = n_vec * 16 / min(times) / 1e12
+        per_cfg[f"{blocks_per_sm}x{threads}"] = round(bw, 4)
+        best = max(best, bw)
+    del buf, out
+    cp.get_default_memory_pool().free_all_blocks()
+    return {"TBps": best, "per_launch_config": per_cfg, "bytes": n_vec * 16}
+
+
+def stream_read_torch(nbytes: int, repeats: int, device) -> dict:
+    """Best-of-`repeats` read bandwidth of torch.sum over a bf16 tensor."""
+    import torch
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).uniform_(-1, 1)
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            x.sum(dtype=torch.float32)
+            e.record()
+            e.synchronize()
+            dt = s.elapsed_time(e) / 1e3
+        else:
+            x.sum(dtype=torch.float32)
+            dt = time.perf_counter() - t0
+        if i:                                        # the first one warms up
+            times.append(dt)
+    n = x.numel() * 2
+    del x
+    _free_gpu()
+    return {"TBps": n / min(times) / 1e12, "bytes": n}
+
+
+def measure_bandwidth(args, device) -> dict:
+    res = {}
+    if device.type == "cuda":
+        try:
+            res["cupy_16B_nc"] = stream_read_cupy(args.bw_bytes, args.bw_repeats)
+        except Exception as e:                       # noqa: BLE001 (report, keep going)
+            res["cupy_16B_nc"] = {"error": f"{type(e).__name__}: {e}"}
+    res["torch_sum"] = stream_read_torch(args.bw_bytes, args.bw_repeats, device)
+    res["best_TBps"] = max(v["TBps"] for v in res.values() if isinstance(v, dict) and "TBps" in v)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Peer (a): transformers eager
+# --------------------------------------------------------------------------------------------
+
+def hf_config(cfg: ModelConfig):
+    from transformers import LlamaConfig, Qwen3Config
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                  intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                  head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+                  rope_theta=cfg.rope_theta,
+                  max_position_embeddings=cfg.max_position_embeddings,
+                  tie_word_embeddings=cfg.tie_word_embeddings,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if cfg.arch == "llama":
+        return LlamaConfig(**common)
+    if cfg.arch == "qwen3":
+        return Qwen3Config(**common)
+    raise ValueError(f"bench has no transformers peer for arch {cfg.arch!r}")
+
+
+def build_hf_model(cfg: ModelConfig, device, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    with torch.device(device):                      # init on the GPU: CPU init is slow
+        model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype)
+    return model.eval()
+
+
+class _TokenClock:
+    """generate() streamer: a timestamp per put (the prompt, then each new token)."""
+
+    def __init__(self, device):
+        self.device, self.times, self.counts = device, [], []
+
+    def put(self, value):
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+        self.counts.append(int(value.numel()))
+
+    def end(self):
+        pass
+
+
+def bench_hf(model, cfg, prompt_len, new_tokens, device) -> dict:
+    import torch
+    from transformers import GenerationConfig
+
+    def generate(ids, n):
+        gen_cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+        clock = _TokenClock(device)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 generation_config=gen_cfg, streamer=clock)
+        return out, clock
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
+    generate(ids, min(8, new_tokens))                              # warm-up
+    out, clock = generate(ids, new_tokens)
+    generated = out.shape[1] - prompt_len
+    if generated != new_tokens or len(clock.times) != new_tokens + 1:
+        raise RuntimeError(f"transformers generated {generated} tokens, asked {new_tokens}")
+    # times[0]: prompt handed over; times[1]: first token out; times[-1]: last token out.
+    decode_s = clock.times[-1] - clock.times[1]
+    return {"tokens_per_s": (new_tokens - 1) / decode_s, "decode_s": decode_s,
+            "ttft_s": clock.times[1] - clock.times[0],
+            "token_ids": out[0, prompt_len:].tolist()}
+
+
+def bench_hf_ttft(model, cfg, prompt_len, device, repeats=3) -> dict:
+    import torch
+    from transformers import GenerationConfig
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
+    gen_cfg = GenerationConfig(max_new_tokens=1, min_new_tokens=1, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+        _sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return {"ttft_s": min(times), "runs_s": times}
+
+
+# --------------------------------------------------------------------------------------------
+# Peer (b): compact PyTorch decoder, one decode step = one CUDA graph
+# --------------------------------------------------------------------------------------------
+
+def compact_weights_from_hf(model, cfg: ModelConfig) -> dict:
+    """The compact decoder's weights (fused qkv, fused gate_up) copied from a transformers model."""
+    import torch
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    w = {"embed": sd["model.embed_tokens.weight"], "final_norm": sd["model.norm.weight"],
+         "lm_head": sd.get("lm_head.weight", sd["model.embed_tokens.weight"]), "layers": []}
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        layer = {
+            "attn_norm": sd[p + "input_layernorm.weight"],
+            "wqkv": torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
+            "wo": sd[p + "self_attn.o_proj.weight"],
+            "ffn_norm": sd[p + "post_attention_layernorm.weight"],
+            "w_gate_up": torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]),
+            "w_down": sd[p + "mlp.down_proj.weight"],
+        }
+        if cfg.qk_norm:
+            layer["q_norm"] = sd[p + "self_attn.q_norm.weight"]
+            layer["k_norm"] = sd[p + "self_attn.k_norm.weight"]
+        w["layers"].append(layer)
+    return w
+
+
+def compact_weights_random(cfg: ModelConfig, device, dtype, seed=0) -> dict:
+    import torch
+    g = torch.Generator(device=device).manual_seed(seed)
+    h, f = cfg.hidden_size, cfg.intermediate_size
+
+    def mat(rows, cols):
+        return (torch.randn(rows, cols, generator=g, device=device, dtype=torch.float32)
+                / math.sqrt(cols)).to(dtype)
+
+    def gamma(n):
+        return (1 + 0.1 * torch.randn(n, generator=g, device=device)).to(dtype)
+
+    embed = torch.randn(cfg.vocab_size, h, generator=g, device=device).to(dtype)
+    w = {"embed": embed, "final_norm": gamma(h),
+         "lm_head": embed if cfg.tie_word_embeddings else mat(cfg.vocab_size, h), "layers": []}
+    for _ in range(cfg.n_layers):
+        layer = {"attn_norm": gamma(h), "wqkv": mat(cfg.qkv_dim, h), "wo": mat(h, cfg.q_dim),
+                 "ffn_norm": gamma(h), "w_gate_up": mat(2 * f, h), "w_down": mat(h, f)}
+        if cfg.qk_norm:
+            layer["q_norm"], layer["k_norm"] = gamma(cfg.head_dim), gamma(cfg.head_dim)
+        w["layers"].append(layer)
+    return w
+
+
+class CompactDecoder:
+    """Batch-1 decode step in plain PyTorch with static buffers, so it can be graph-captured.
+
+    State lives in tensors the step updates in place: ``token`` (1,) the input token, ``pos``
+    (1,) its position; the step writes K/V at ``pos``, puts argmax(logits) into ``token`` and
+    ``out_tokens[pos]`` and advances ``pos``, so replaying the graph decodes greedily.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: dict, max_len: int, device, dtype):
+        import torch
+        self.cfg, self.w, self.max_len, self.device = cfg, weights, max_len, device
+        hd = cfg.head_dim
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        ang = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        ang = torch.cat([ang, ang], dim=-1)                          # (max_len, head_dim)
+        self.rope_cos = ang.cos().to(device=device, dtype=dtype)
+        self.rope_sin = ang.sin().to(device=device, dtype=dtype)
+        kv_shape = (cfg.n_layers, cfg.n_kv_heads, max_len, hd)      # (L, kv_head, pos, hd)
+        self.k_cache = torch.zeros(kv_shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(kv_shape, device=device, dtype=dtype)
+        self.positions = torch.arange(max_len, device=device)
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.out_tokens = torch.zeros(max_len, dtype=torch.long, device=device)
+        self.graph = None
+
+    def _rmsnorm(self, x, gamma):
+        import torch
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        return gamma * xf.to(x.dtype)
+
+    def _rope(self, x, cos, sin):
+        import torch
+        half = x.shape[-1] // 2
+        rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rot * sin
+
+    def step(self):
+        import torch
+        import torch.nn.functional as F
+        cfg, w = self.cfg, self.w
+        nkv, group, hd = cfg.n_kv_heads, cfg.gqa_group, cfg.head_dim
+        x = w["embed"].index_select(0, self.token)                    # (1, hidden)
+        cos = self.rope_cos.index_select(0, self.pos)                 # (1, head_dim)
+        sin = self.rope_sin.index_select(0, self.pos)
+        mask = (self.positions <= self.pos).view(1, 1, 1, self.max_len)
+        for i, lw in enumerate(w["layers"]):
+            n = self._rmsnorm(x, lw["attn_norm"])
+            q, k, v = F.linear(n, lw["wqkv"]).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], -1)
+            q, k, v = q.view(cfg.n_heads, hd), k.view(nkv, hd), v.view(nkv, hd)
+            if cfg.qk_norm:
+                q, k = self._rmsnorm(q, lw["q_norm"]), self._rmsnorm(k, lw["k_norm"])
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            self.k_cache[i].index_copy_(1, self.pos, k.unsqueeze(1))
+            self.v_cache[i].index_copy_(1, self.pos, v.unsqueeze(1))
+            # GQA at batch 1: the q heads of one kv head are that head's "query rows".
+            o = F.scaled_dot_product_attention(q.view(1, nkv, group, hd),
+                                               self.k_cache[i].unsqueeze(0),
+                                               self.v_cache[i].unsqueeze(0), attn_mask=mask)
+            x = x + F.linear(o.reshape(1, cfg.q_dim), lw["wo"])
+            gate, up = F.linear(self._rmsnorm(x, lw["ffn_norm"]), lw["w_gate_up"]).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, lw["w_down"])
+        logits = F.linear(self._rmsnorm(x, w["final_norm"]), w["lm_head"])
+        nxt = logits.argmax(-1)                                       # (1,) greedy
+        self.token.copy_(nxt)
+        self.out_tokens.index_copy_(0, self.pos, nxt)
+        self.pos.add_(1)
+
+    def capture(self):
+        import torch
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s), torch.inference_mode():
+            for _ in range(3):
+                self.step()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.inference_mode():
+            self.step()
+        self.reset()
+
+    def reset(self):
+        self.pos.zero_()
+        self.token.zero_()
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def run(self):
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            import torch
+            with torch.inference_mode():
+                self.step()
+
+
+def bench_graph(cfg, weights, prompt_len, new_tokens, device, dtype, repeats) -> dict:
+    import torch
+    dec = CompactDecoder(cfg, weights, prompt_len + new_tokens + 1, device, dtype)
+    if device.type == "cuda":
+        dec.capture()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=g).to(device)
+    runs = []
+    for _ in range(repeats):
+        dec.reset()
+        for t in range(prompt_len):                  # prefill: one step per prompt token
+            dec.token.copy_(prompt[t:t + 1])
+            dec.run()
+        # the last prefill step sampled the first generated token; time the other new-1 steps
+        _sync(device)
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(new_tokens - 1):
+                dec.run()
+            stop.record()
+            stop.synchronize()
+            dt = start.elapsed_time(stop) / 1e3
+        else:
+            for _ in range(new_tokens - 1):
+                dec.run()
+            dt = time.perf_counter() - t0
+        runs.append((new_tokens - 1) / dt)
+    toks = dec.out_tokens[prompt_len - 1:prompt_len - 1 + new_tokens].tolist()
+    del dec
+    return {"tokens_per_s": max(runs), "runs_tokens_per_s": runs, "token_ids": toks,
+            "graph": device.type == "cuda"}
+
+
+# --------------------------------------------------------------------------------------------
+# kogcupy
+# --------------------------------------------------------------------------------------------
+
+def kogcupy_bench_decode():
+    from kogcupy import monokernel
+    fn = getattr(monokernel, "bench_decode", None)
+    if fn is None:
+        raise RuntimeError("kogcupy.monokernel has no bench_decode() yet")
+    return fn
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+            out[k] = v
+        except TypeError:
+            out[k] = repr(v)
+    return out
+
+
+def bench_kogcupy(cfg, prompt_len, new_tokens, position) -> dict:
+    res = kogcupy_bench_decode()(cfg, prompt_len=prompt_len, new_tokens=new_tokens,
+                                 position=position)
+    if not isinstance(res, dict):
+        raise RuntimeError(f"bench_decode returned {type(res).__name__}, expected a dict")
+    return _jsonable(res)
+
+
+# --------------------------------------------------------------------------------------------
+# Rows, table, JSON
+# --------------------------------------------------------------------------------------------
+
+def make_row(engine, shape, cfg, args, env, *, tokens_per_s=None, position=0, metric="decode",
+             prompt_len=None, new_tokens=None, error=None, **extra) -> dict:
+    wb = weight_bytes(cfg)
+    bw = env["read_bw_TBps"]
+    prompt_len = args.prompt_len if prompt_len is None else prompt_len
+    new_tokens = args.new_tokens if new_tokens is None else new_tokens
+    limit = bw * 1e12 / wb
+    # mean context over the timed steps: what attention reads on top of the weights
+    ctx = position + prompt_len + new_tokens / 2
+    limit_kv = bw * 1e12 / (wb + kv_bytes(cfg, ctx))
+    row = {"engine": engine, "shape": shape, "metric": metric, "gpu": env["gpu"],
+           "n_gpus": args.gpus, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "position": position, "status": "error" if error else "ok",
+           "tokens_per_s": None, "read_bw_TBps": None, "pct_of_limit": None,
+           "bytes_per_token": wb, "limit_tokens_per_s": limit,
+           "kv_bytes_per_token": kv_bytes(cfg, ctx), "pct_of_limit_with_kv": None}
+    if tokens_per_s is not None and metric == "decode":
+        row["tokens_per_s"] = tokens_per_s
+        row["read_bw_TBps"] = tokens_per_s * wb / 1e12
+        row["pct_of_limit"] = 100.0 * tokens_per_s / limit
+        row["pct_of_limit_with_kv"] = 100.0 * tokens_per_s / limit_kv
+    if error:
+        row["error"] = error
+    row.update(extra)
+    return row
+
+
+def add_speedups(rows):
+    """x vs each peer, same shape, decode at position 0 only (peers run only there)."""
+    base = {(r["shape"], r["engine"]): r["tokens_per_s"] for r in rows
+            if r["metric"] == "decode" and r["position"] == 0 and r["status"] == "ok"}
+    for r in rows:
+        if r["metric"] != "decode" or r["position"] != 0 or r["tokens_per_s"] is None:
+            continue
+        r["speedup_vs"] = {p: r["tokens_per_s"] / base[(r["shape"], p)]
+                           for p in PEERS if (r["shape"], p) in base and p != r["engine"]}
+
+
+def _fmt(v, spec, width):
+    return f"{v:{spec}}".rjust(width) if v is not None else "-".rjust(width)
+
+
+def print_table(doc):
+    rows = doc["rows"]
+    print()
+    print(f"{doc['gpu']}  {doc['date']}  stream-read {doc['read_bw_TBps']:.3f} TB/s  "
+          f"prompt {doc['args']['prompt_len']}  new {doc['args']['new_tokens']}")
+    head = (f"{'engine':<16}{'shape':<14}{'pos':>6}{'tok/s':>10}{'GB/s':>9}{'%limit':>8}"
+            f"{'%lim+kv':>8}{'x hf':>8}{'x graph':>8}{'x kog':>8}  note")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if r["metric"] != "decode":
+            continue
+        sp = r.get("speedup_vs", {})
+        gbs = r["read_bw_TBps"] * 1e3 if r["read_bw_TBps"] is not None else None
+        note = ("error: " + r["error"].splitlines()[0][:70]) if r["status"] == "error" else ""
+        print(f"{r['engine']:<16}{r['shape']:<14}{r['position']:>6}"
+              f"{_fmt(r['tokens_per_s'], '.1f', 10)}{_fmt(gbs, '.0f', 9)}"
+              f"{_fmt(r['pct_of_limit'], '.1f', 8)}{_fmt(r['pct_of_limit_with_kv'], '.1f', 8)}"
+              f"{_fmt(sp.get('hf-eager'), '.2f', 8)}{_fmt(sp.get('torch-cudagraph'), '.2f', 8)}"
+              f"{_fmt(sp.get('kogcupy'), '.2f', 8)}  {note}")
+    ttft = [r for r in rows if r["metric"] == "ttft"]
+    if ttft:
+        print()
+        print(f"{'time to first token':<30}{'shape':<14}{'prompt':>7}{'ttft ms':>10}"
+              f"{'prefill tok/s':>15}  note")
+        for r in ttft:
+            t = r.get("ttft_s")
+            note = ("error: " + r["error"].splitlines()[0][:70]) if r["status"] == "error" else ""
+            print(f"{r['engine']:<30}{r['shape']:<14}{r['prompt_len']:>7}"
+                  f"{_fmt(t * 1e3 if t else None, '.2f', 10)}"
+                  f"{_fmt(r['prompt_len'] / t if t else None, '.0f', 15)}  {note}")
+
+
+def output_path(out_dir, gpu, date) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    base = os.path.join(out_dir, f"{gpu_slug(gpu)}-{date}")
+    path = base + ".json"
+    if os.path.exists(path):                          # never overwrite an earlier run
+        path = f"{base}-{datetime.datetime.now(datetime.timezone.utc):%H%M%S}.json"
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _guard(fn, what, log):
+    """Run fn(); on failure return (None, message) and keep the traceback in the log."""
+    try:
+        return fn(), None
+    except Exception as e:                            # noqa: BLE001 (a row, never a crash)
+        tb = traceback.format_exc()
+        log.append({"what": what, "traceback": tb})
+        print(f"  {what}: {_err(e)}", file=sys.stderr)
+        return None, _err(e)
+
+
+def run(args, save=lambda doc: None) -> dict:
+    import torch
+    shapes_db = TINY_SHAPES if args.dry_run else SHAPES
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench: no CUDA GPU visible to torch (use --dry-run for a CPU logic check)")
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    log = []
+
+    print(f"bench: {gpu}; measuring stream-read bandwidth over {args.bw_bytes / 1e9:.1f} GB",
+          flush=True)
+    bw = measure_bandwidth(args, device)
+    env = {"gpu": gpu, "read_bw_TBps": bw["best_TBps"]}
+    print(f"  read bandwidth {bw['best_TBps']:.3f} TB/s  "
+          f"({json.dumps({k: v.get('TBps', v.get('error')) for k, v in bw.items() if isinstance(v, dict)})})",
+          flush=True)
+
+    rows = []
+    for shape in args.shapes:
+        # a partial file after every shape: a hung engine still leaves the rows before it
+        save(document(args, shapes_db, gpu, date, env, bw, rows, log, complete=False))
+        cfg = ModelConfig(**shapes_db[shape])
+        print(f"[{shape}] {weight_bytes(cfg) / 1e9:.3f} GB/token, "
+              f"limit {env['read_bw_TBps'] * 1e12 / weight_bytes(cfg):.0f} tok/s", flush=True)
+        rows.append(make_row("limit", shape, cfg, args, env,
+                             tokens_per_s=env["read_bw_TBps"] * 1e12 / weight_bytes(cfg)))
+        hf_tokens = None
+        model = None
+        if "hf-eager" in args.engines or "torch-cudagraph" in args.engines:
+            model, err = _guard(lambda: build_hf_model(cfg, device, dtype),
+                                f"{shape} hf build", log)
+            if "hf-eager" in args.engines:
+                if model is None:
+                    rows.append(make_row("hf-eager", shape, cfg, args, env, error=err))
+                else:
+                    t0 = time.perf_counter()
+                    res, err = _guard(lambda: bench_hf(model, cfg, args.prompt_len,
+                                                       args.new_tokens, device),
+                                      f"{shape} hf-eager", log)
+                    if res:
+                        hf_tokens = res.pop("token_ids")
+                    rows.append(make_row("hf-eager", shape, cfg, args, env, error=err,
+                                         tokens_per_s=res and res["tokens_per_s"],
+                                         wall_s=time.perf_counter() - t0,
+                                         **({"decode_s": res["decode_s"]} if res else {})))
+                    print(f"  hf-eager        {_fmt(rows[-1]['tokens_per_s'], '.1f', 9)} tok/s",
+                          flush=True)
+                    if args.ttft_prompt:
+                        res, err = _guard(lambda: bench_hf_ttft(model, cfg, args.ttft_prompt,
+                                                                device),
+                                          f"{shape} hf-eager ttft", log)
+                        rows.append(make_row("hf-eager", shape, cfg, args, env, error=err,
+                                             metric="ttft", prompt_len=args.ttft_prompt,
+                                             new_tokens=1, **(res or {})))
+
+        if "torch-cudagraph" in args.engines:
+            def graph():
+                # Same weights as the transformers model when there is one: token ids then
+                # show whether the two implementations agree (bf16 near-ties may split them).
+                w = (compact_weights_from_hf(model, cfg) if model is not None
+                     else compact_weights_random(cfg, device, dtype))
+                return bench_graph(cfg, w, args.prompt_len, args.new_tokens, device, dtype,
+                                   args.graph_repeats)
+            t0 = time.perf_counter()
+            res, err = _guard(graph, f"{shape} torch-cudagraph", log)
+            extra = {}
+            if res:
+                extra["runs_tokens_per_s"] = res["runs_tokens_per_s"]
+                extra["cuda_graph"] = res["graph"]
+                if hf_tokens is not None:
+                    same = 0
+                    for a, b in zip(hf_tokens, res["token_ids"]):
+                        if a != b:
+                            break
+                        same += 1
+                    extra["greedy_prefix_agrees_with_hf"] = same
+            rows.append(make_row("torch-cudagraph", shape, cfg, args, env, error=err,
+                                 tokens_per_s=res and res["tokens_per_s"],
+                                 wall_s=time.perf_counter() - t0, **extra))
+            print(f"  torch-cudagraph {_fmt(rows[-1]['tokens_per_s'], '.1f', 9)} tok/s"
+                  + (f"  (greedy agrees with hf for {extra['greedy_prefix_agrees_with_hf']}"
+                     f" tokens)" if "greedy_prefix_agrees_with_hf" in extra else ""), flush=True)
+        del model
+        _free_gpu()
+
+        if "kogcupy" in args.engines:
+            for pos in args.positions:
+                t0 = time.perf_counter()
+                res, err = _guard(lambda: bench_kogcupy(cfg, args.prompt_len, args.new_tokens,
+                                                        pos), f"{shape} kogcupy pos {pos}", log)
+                tps = res.get("tokens_per_s") if res else None
+                if res and not (isinstance(tps, (int, float)) and math.isfinite(tps) and tps > 0):
+                    err, tps = f"bench_decode returned tokens_per_s={tps!r}", None
+                rows.append(make_row("kogcupy", shape, cfg, args, env, error=err, position=pos,
+                                     tokens_per_s=tps, wall_s=time.perf_counter() - t0,
+                                     engine_info=res or {}))
+                print(f"  kogcupy @{pos:<6}  {_fmt(tps, '.1f', 9)} tok/s", flush=True)
+                _free_gpu()
+            if args.ttft_prompt:
+                res, err = _guard(lambda: bench_kogcupy(cfg, args.ttft_prompt, 1, 0),
+                                  f"{shape} kogcupy ttft", log)
+                t = res.get("ttft_s") if res else None
+                if res and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
+                    err, t = f"bench_decode returned ttft_s={t!r}", None
+                rows.append(make_row("kogcupy", shape, cfg, args, env, error=err, metric="ttft",
+                                     prompt_len=args.ttft_prompt, new_tokens=1, ttft_s=t,
+                                     engine_info=res or {}))
+                _free_gpu()
+
+    doc = document(args, shapes_db, gpu, date, env, bw, rows, log, complete=True)
+    save(doc)
+    return doc
+
+
+def document(args, shapes_db, gpu, date, env, bw, rows, log, complete) -> dict:
+    import torch
+    add_speedups(rows)
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "cupy"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    if torch.cuda.is_available():
+        versions["cuda_runtime"] = torch.version.cuda
+    return {
+        "gpu": gpu, "date": date, "read_bw_TBps": env["read_bw_TBps"], "n_gpus": args.gpus,
+        "dry_run": args.dry_run, "complete": complete,
+        "notes": ("row read_bw_TBps = tokens_per_s x bytes_per_token (weights incl. LM head, "
+                  "no embedding, bf16); pct_of_limit against the top-level read_bw_TBps "
+                  "(best stream-read of this run); pct_of_limit_with_kv also counts the K/V "
+                  "read at the mean context of the timed steps"),
+        "bandwidth": bw, "versions": versions,
+        "args": {k: v for k, v in vars(args).items() if k != "plot"},
+        "shapes": {s: {**shapes_db[s],
+                       "bytes_per_token": weight_bytes(ModelConfig(**shapes_db[s])),
+                       "limit_tokens_per_s": env["read_bw_TBps"] * 1e12
+                       / weight_bytes(ModelConfig(**shapes_db[s]))} for s in args.shapes},
+        "rows": rows, "errors": log,
+    }
+
+
+def _csv(typ):
+    return lambda s: [typ(x) for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", type=_csv(str), default=None,
+                   help=f"comma list of {', '.join(SHAPES)} (default all)")
+    p.add_argument("--engines", type=_csv(str), default=list(ENGINES),
+                   help=f"comma list of {', '.join(ENGINES)} (the limit row is always there)")
+    p.add_argument("--new-tokens", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--positions", type=_csv(int), default=[0, 1024, 2048, 4096],
+                   help="kogcupy context positions (position 0 is the row compared with peers)")
+    p.add_argument("--ttft-prompt", type=int, default=1000,
+                   help="prompt length for time to first token (0: skip)")
+    p.add_argument("--graph-repeats", type=int, default=3)
+    p.add_argument("--bw-bytes", type=float, default=None,
+                   help="stream-read buffer size in bytes (default 4e9; 6.4e7 with --dry-run)")
+    p.add_argument("--bw-repeats", type=int, default=10)
+    p.add_argument("--out", default=None, help="results directory (default bench/results)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs per engine (only 1 for now)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU logic check on tiny shapes; writes to /tmp unless --out is given")
+    p.add_argument("--plot", metavar="JSON", help="only plot an earlier result (needs matplotlib)")
+    args = p.parse_args(argv)
+    if args.plot:
+        return args
+    if args.gpus != 1:
+        p.error(f"--gpus {args.gpus}: multi-GPU benchmarking is not implemented yet; use --gpus 1")
+    shapes_db = TINY_SHAPES if args.dry_run else SHAPES
+    args.shapes = args.shapes or list(shapes_db)
+    for s in args.shapes:
+        if s not in shapes_db:
+            p.error(f"unknown shape {s!r}; choose from {', '.join(shapes_db)}")
+    for e in args.engines:
+        if e not in ENGINES:
+            p.error(f"unknown engine {e!r}; choose from {', '.join(ENGINES)}")
+    if args.new_tokens < 2 or args.prompt_len < 1:
+        p.error("--new-tokens must be >= 2 and --prompt-len >= 1")
+    if any(x < 0 for x in args.positions):
+        p.error("--positions must be >= 0")
+    args.bw_bytes = int(args.bw_bytes or (6.4e7 if args.dry_run else 4e9))
+    if args.out is None:
+        args.out = "/tmp/kogcupy-bench-dry-run" if args.dry_run else os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from plot_bench import plot
+        print(plot(args.plot))
+        return
+    path = None
+
+    def save(doc):
+        nonlocal path
+        path = path or output_path(args.out, doc["gpu"], doc["date"])
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    doc = run(args, save)
+    print_table(doc)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

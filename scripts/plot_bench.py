@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Bar chart of a scripts/bench.py result: decode tok/s per shape per engine, limit marked.
+
+    python scripts/plot_bench.py bench/results/h200-2026-11-22.json   # writes the .png beside it
+
+A dev-only tool: needs matplotlib, which is no runtime dependency of kogcupy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ENGINE_ORDER = ("hf-eager", "torch-cudagraph", "kogcupy")
+COLORS = {"hf-eager": "#9e9e9e", "torch-cudagraph": "#5b8def", "kogcupy": "#e8590c"}
+
+
+def plot(json_path: str, png_path: str | None = None) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("plot: matplotlib is missing; `pip install matplotlib` (dev-only)")
+    with open(json_path, encoding="utf-8") as f:
+        doc = json.load(f)
+    rows = [r for r in doc["rows"] if r["metric"] == "decode" and r["position"] == 0]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    engines = [e for e in ENGINE_ORDER if any(r["engine"] == e for r in rows)]
+    by = {(r["shape"], r["engine"]): r for r in rows}
+
+    pos_rows = [r for r in doc["rows"] if r["metric"] == "decode" and r["engine"] == "kogcupy"
+                and r["status"] == "ok"]
+    with_ctx = len({r["position"] for r in pos_rows}) > 1
+    fig, axes = plt.subplots(1, 2 if with_ctx else 1, figsize=(13 if with_ctx else 8, 5),
+                             gridspec_kw={"width_ratios": [2, 1]} if with_ctx else None)
+    ax = axes[0] if with_ctx else axes
+    width = 0.8 / max(len(engines), 1)
+    for i, shape in enumerate(shapes):
+        for j, eng in enumerate(engines):
+            x = i - 0.4 + width * (j + 0.5)
+            r = by.get((shape, eng))
+            if r is None:
+                continue
+            if r["status"] != "ok":
+                ax.text(x, 1, "error", rotation=90, ha="center", va="bottom", fontsize=8,
+                        color=COLORS[eng])
+                continue
+            ax.bar(x, r["tokens_per_s"], width, color=COLORS[eng],
+                   label=eng if i == next(k for k, s in enumerate(shapes)
+                                          if (s, eng) in by) else None)
+            ax.text(x, r["tokens_per_s"] * 1.05, f"{r['tokens_per_s']:.0f}\n"
+                    f"{r['pct_of_limit']:.0f}%", ha="center", va="bottom", fontsize=7)
+        lim = by.get((shape, "limit"))
+        if lim:
+            ax.hlines(lim["tokens_per_s"], i - 0.45, i + 0.45, colors="black", linestyles="--",
+                      label="bandwidth limit" if i == 0 else None)
+            ax.text(i + 0.45, lim["tokens_per_s"], f" {lim['tokens_per_s']:.0f}", va="center",
+                    fontsize=7)
+    ax.set_yscale("log")
+    top = max([r["tokens_per_s"] for r in rows if r["tokens_per_s"]] + [10])
+    ax.set_ylim(1, top * 4)
+    ax.set_xticks(range(len(shapes)), shapes)
+    ax.set_ylabel("decode tokens/s (batch 1, log)")
+    ax.set_title(f"{doc['gpu']}, {doc['date']}: stream-read {doc['read_bw_TBps']:.2f} TB/s; "
+                 f"{doc['args']['new_tokens']} tokens after {doc['args']['prompt_len']}",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4)
+
+    if with_ctx:
+        ax2 = axes[1]
+        for shape in shapes:
+            pts = sorted((r["position"], r["pct_of_limit"]) for r in pos_rows
+                         if r["shape"] == shape)
+            ax2.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=shape)
+        ax2.set_xlabel("context position")
+        ax2.set_ylabel("kogcupy % of weight-bandwidth limit")
+        ax2.set_ylim(0, 100)
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
+        ax2.set_title("kogcupy vs context", fontsize=10)
+
+    fig.tight_layout()
+    png_path = png_path or os.path.splitext(json_path)[0] + ".png"
+    fig.savefig(png_path, dpi=130)
+    plt.close(fig)
+    return png_path
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (1, 2):
+        sys.exit("usage: plot_bench.py RESULT.json [OUT.png]")
+    print(plot(*argv))
+
+
+if __name__ == "__main__":
+    main()
