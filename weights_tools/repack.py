@@ -1,0 +1,195 @@
+"""kogcupy-repack SRC DST: a HF directory or GGUF file -> a kogcupy packed directory.
+
+A packed directory holds the weights already in the layout the engine runs on (fused QKV,
+norm gammas folded, RoPE tables), stored as bf16/fp16, so loading is one read, no transforms:
+
+    config.json          ModelConfig.to_dict()
+    kogcupy_pack.json    {"format": PACK_FORMAT, "version": PACK_FORMAT_VERSION, "dtype": ...}
+    model.safetensors    packed tensors in `dtype` (rope_cos/rope_sin in float32)
+    tokenizer.json, tokenizer_config.json, ...   readable by Tokenizer.from_dir
+
+DST appears only when complete: everything is written to a temporary directory beside it
+and renamed into place; any failure (or Ctrl-C) removes the temporary directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+
+import click
+import numpy as np
+
+from kogcupy.errors import KogError, ModelLoadError
+from kogcupy.packing import PACK_FORMAT, PACK_FORMAT_VERSION, bf16_bits
+from kogcupy.weights import PACK_MARKER, PACKED_WEIGHTS_FILE
+
+# Files of a HF directory that describe its tokenizer (copied as they are).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json",
+                   "added_tokens.json")
+_F32_TENSORS = ("rope_cos", "rope_sin")
+_ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+_CHUNK_ROWS_BYTES = 64 << 20          # convert/write big tensors in ~64 MB pieces
+
+
+def _encode(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return bf16_bits(a)
+    if dtype == "float16":
+        with np.errstate(over="raise"):
+            try:
+                return a.astype(np.float16)
+            except FloatingPointError:
+                raise ModelLoadError("a weight overflows float16 (|x| > 65504); repack with "
+                                     "--dtype bf16") from None
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtypes: dict[str, str],
+                      progress=None) -> None:
+    """Stream float32 arrays into a .safetensors file, converting each to dtypes[name].
+
+    safetensors' own writers need every tensor's bytes in memory at once (and NumPy has no
+    bfloat16), so the file is written here: header first, then each tensor piece by piece."""
+    header, offset = {}, 0
+    total = sum(a.nbytes for a in tensors.values())
+    for name, a in tensors.items():
+        n = a.size * (4 if dtypes[name] == "float32" else 2)
+        header[name] = {"dtype": _ST_DTYPE[dtypes[name]], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    header["__metadata__"] = {"format": "kogcupy"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, a in tensors.items():
+            flat = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+            step = max(1, _CHUNK_ROWS_BYTES // max(1, flat[0].nbytes))
+            for i in range(0, flat.shape[0], step):
+                f.write(_encode(flat[i:i + step], dtypes[name]).tobytes())
+            if progress is not None:
+                progress(name, a.nbytes, total)
+
+
+def _dst_checks(src: str, dst: str, force: bool) -> None:
+    rs, rd = os.path.realpath(src), os.path.realpath(dst)
+    if rd == rs or rs.startswith(rd + os.sep) or rd.startswith(rs + os.sep):
+        raise ModelLoadError(f"{dst}: destination must not be the source or inside/around it")
+    if os.path.lexists(dst) and not force:
+        raise ModelLoadError(f"{dst}: already exists (pass --force to replace it)")
+    parent = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(parent):
+        raise ModelLoadError(f"{dst}: parent directory {parent} does not exist")
+
+
+def _write_tokenizer(src: str, fmt: str, tokenizer, tmp: str) -> None:
+    if fmt == "gguf":
+        tokenizer.to_json_files(tmp)
+        return
+    for name in TOKENIZER_FILES:
+        p = os.path.join(src, name)
+        if os.path.isfile(p):
+            shutil.copyfile(p, os.path.join(tmp, name))
+    # The packed config.json replaces the HF one the tokenizer may have read EOS ids from,
+    # so record the full EOS set where Tokenizer.from_dir looks for it.
+    tc_path = os.path.join(tmp, "tokenizer_config.json")
+    tc = {}
+    if os.path.isfile(tc_path):
+        with open(tc_path, encoding="utf-8") as f:
+            tc = json.load(f)
+    tc["kogcupy_eos_token_ids"] = list(tokenizer.eos_token_ids)
+    with open(tc_path, "w", encoding="utf-8") as f:
+        json.dump(tc, f, indent=2, ensure_ascii=False)
+
+
+def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
+           progress=None) -> str:
+    """Write the packed directory for `src` at `dst`; returns the storage dtype used.
+
+    `progress(name, nbytes, total_nbytes)` is called after each tensor is written."""
+    from kogcupy.model import load_model, normalize_dtype
+    from kogcupy.weights import detect_format
+    src, dst = os.fspath(src), os.fspath(dst)
+    dtype = normalize_dtype(dtype)
+    _dst_checks(src, dst, force)
+    fmt = detect_format(src)
+    model = load_model(src, dtype=dtype)
+    dtype = model.dtype
+    parent = os.path.dirname(os.path.abspath(dst))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.repack-", dir=parent)
+    old = None
+    try:
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(model.config.to_dict(), f, indent=2)
+        _write_tokenizer(src, fmt, model.tokenizer, tmp)
+        dtypes = {k: ("float32" if k in _F32_TENSORS else dtype) for k in model.weights}
+        write_safetensors(os.path.join(tmp, PACKED_WEIGHTS_FILE), model.weights, dtypes,
+                          progress)
+        # The marker goes last: a directory with it is complete by construction.
+        with open(os.path.join(tmp, PACK_MARKER), "w", encoding="utf-8") as f:
+            json.dump({"format": PACK_FORMAT, "version": PACK_FORMAT_VERSION, "dtype": dtype,
+                       "source": os.path.abspath(src)}, f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it private; DST should not be
+        if os.path.lexists(dst):       # --force: move the old one aside, then swap
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+            os.replace(dst, os.path.join(old, "x"))
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.lexists(dst) and os.path.lexists(
+                os.path.join(old, "x")):
+            os.replace(os.path.join(old, "x"), dst)      # put the old DST back
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dtype
+
+
+@click.command("repack")
+@click.argument("src", type=click.Path(exists=False))
+@click.argument("dst", type=click.Path(exists=False))
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "bfloat16", "float16"]),
+              default=None, help="Storage dtype (default: the checkpoint's; fp32 -> bf16, "
+                                 "GGUF -> fp16).")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def repack_command(src, dst, dtype, force):
+    """Repack SRC (HF directory or .gguf) into a kogcupy packed directory DST."""
+    bar = None
+
+    def progress(name, nbytes, total):
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="writing",
+                                    file=sys.stderr,
+                                    item_show_func=lambda n: n)
+            bar.__enter__()
+        bar.update(nbytes, current_item=name)
+
+    try:
+        click.echo(f"loading {src}", err=True)
+        used = repack(src, dst, dtype, force, progress=progress)
+    except KogError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(2)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    click.echo(f"wrote {dst} ({used})", err=True)
+
+
+def main(argv=None):
+    repack_command.main(args=argv, prog_name="kogcupy-repack")
+
+
+if __name__ == "__main__":
+    main()

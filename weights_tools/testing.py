@@ -1,0 +1,188 @@
+"""Tiny checkpoints for tests: HF directories (transformers, random weights) and GGUF files.
+
+Torch and transformers are test dependencies, imported only inside the builders. The GGUF
+builder writes what llama.cpp's converter would: Q/K rows permuted for llama, ne-order
+shapes, quantized matrices, a byte-level BPE tokenizer in the metadata.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=300, max_position_embeddings=256,
+            rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+
+_HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
+
+
+def byte_tokens(n: int) -> list[str]:
+    """GPT-2 byte-level alphabet (256 single-byte tokens) padded with <|extra_i|> to n."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    k = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + k)
+            k += 1
+    toks = [chr(c) for c in cs]
+    return toks + [f"<|extra_{i}|>" for i in range(n - len(toks))]
+
+
+def write_tiny_tokenizer(directory: str, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer.json (no merges) + tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    toks = byte_tokens(vocab_size - 3)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{t: i + 3 for i, t in enumerate(toks)}}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tk.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False,
+                   "chat_template": "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"}, f)
+
+
+def hf_model(arch: str = "llama", seed: int = 0, tie: bool = False, **overrides):
+    """A random-weight transformers model of the tiny shape (torch float32)."""
+    import torch
+    import transformers
+    cfg_cls, model_cls = (getattr(transformers, n) for n in _HF_CLASSES[arch])
+    kw = {**TINY, "tie_word_embeddings": tie, **overrides}
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kw)).eval()
+    with torch.no_grad():            # norms away from 1 so gamma folding is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+def write_hf_dir(directory: str, arch: str = "llama", dtype: str = "float32", seed: int = 0,
+                 tie: bool = False, max_shard_size: str | None = None, tokenizer: bool = True,
+                 **overrides):
+    """save_pretrained(safe_serialization=True) of a tiny random model; returns the model."""
+    import torch
+    model = hf_model(arch, seed, tie, **overrides)
+    model = model.to(getattr(torch, dtype))
+    kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **kw)
+    if tokenizer:
+        write_tiny_tokenizer(directory, model.config.vocab_size)
+    return model
+
+
+def state_dict_numpy(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp convert_hf_to_gguf's LlamaModel.permute (HF rows -> GGUF rows)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
+_HF_TO_GGUF = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_HF_TO_GGUF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in _HF_TO_GGUF:
+        return _HF_TO_GGUF[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    return f"blk.{layer}.{_HF_TO_GGUF_LAYER[rest]}"
+
+
+def write_gguf(path: str, arch: str, hf_config: dict, tensors: dict[str, np.ndarray],
+               qtype: str = "Q8_0", tokenizer: bool = True, extra_kv=None) -> dict:
+    """GGUF from HF-named float32 tensors, as llama.cpp converts them.
+
+    2-D matrices whose rows fit the block size are stored as `qtype` (F32/F16/BF16/Q8_0/Q4_0/
+    Q4_1/...), 1-D tensors as F32. Returns {gguf name: the float32 values stored}, i.e. the
+    dequantized GGUF tensor in GGUF row order (what a reader should reproduce)."""
+    import gguf
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    c = hf_config
+    w = gguf.GGUFWriter(path, arch=arch)
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_key_length(c["head_dim"])
+    w.add_value_length(c["head_dim"])
+    w.add_rope_dimension_count(c["head_dim"])
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    if tokenizer:
+        toks = ["<unk>", "<s>", "</s>"] + byte_tokens(c["vocab_size"] - 3)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(toks)
+        w.add_token_types([3, 3, 3] + [1] * (len(toks) - 3))
+        w.add_token_merges([])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(False)
+        w.add_chat_template("{% for m in messages %}{{ m['content'] }}</s>{% endfor %}")
+    for k, v in (extra_kv or {}).items():
+        w.add_key_value(k, *v)
+    stored = {}
+    qt = getattr(T, qtype)
+    for hf, a in tensors.items():
+        name = gguf_name(hf)
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if arch == "llama" and hf.endswith("q_proj.weight"):
+            a = permute_qk(a, c["num_attention_heads"])
+        elif arch == "llama" and hf.endswith("k_proj.weight"):
+            a = permute_qk(a, c["num_key_value_heads"])
+        t = qt if a.ndim == 2 and a.shape[1] % GGML_QUANT_SIZES[qt][0] == 0 else T.F32
+        if t == T.F32:
+            w.add_tensor(name, a)
+        elif t == T.F16:
+            w.add_tensor(name, a.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(a, t), raw_dtype=t)
+        stored[name] = np.asarray(gguf.quants.dequantize(gguf.quants.quantize(a, t), t)
+                                  if t not in (T.F32, T.F16) else a.astype(
+                                      np.float16 if t == T.F16 else np.float32),
+                                  dtype=np.float32).reshape(a.shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return stored
+
+
+def write_tiny_gguf(path: str, arch: str = "llama", qtype: str = "Q8_0", seed: int = 0,
+                    tie: bool = True, **overrides):
+    """A tiny random transformers model converted to GGUF; returns (model, stored tensors)."""
+    model = hf_model(arch, seed, tie, **overrides)
+    sd = state_dict_numpy(model)
+    if tie:
+        sd.pop("lm_head.weight", None)
+    cfg = {**TINY, **overrides}
+    stored = write_gguf(path, arch, cfg, sd, qtype)
+    return model, stored
