@@ -1,0 +1,177 @@
+"""kogcupy-repack: packed directories round-trip, and an interrupted repack leaves nothing."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from kogcupy.errors import ModelLoadError
+from kogcupy.model import load_model
+from kogcupy.packing import PACK_FORMAT, PACK_FORMAT_VERSION, round_to_dtype
+from kogcupy.weights import read_weights
+from weights_tools import repack as R
+from weights_tools import testing as T
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("hf_qwen2"))
+    T.write_hf_dir(d, "qwen2", "bfloat16", seed=5)
+    return d
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    p = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    T.write_tiny_gguf(p, "llama", "Q8_0", seed=6)
+    return p
+
+
+def _leftovers(parent):
+    return [e for e in os.listdir(parent) if ".repack-" in e or ".old-" in e]
+
+
+@pytest.mark.parametrize("dtype", [None, "float16"])
+def test_repack_hf_roundtrip(hf_dir, tmp_path, dtype):
+    dst = str(tmp_path / "packed")
+    used = R.repack(hf_dir, dst, dtype=dtype)
+    assert used == (dtype or "bfloat16")
+    src, packed = load_model(hf_dir), load_model(dst)
+    assert packed.config == src.config and packed.dtype == used
+    assert packed.path == dst
+    for k, a in src.weights.items():
+        want = a if k in ("rope_cos", "rope_sin") else round_to_dtype(a, used)
+        np.testing.assert_array_equal(packed.weights[k], want, err_msg=k)
+    for text in ("hello world", "ünïcode ✓"):
+        assert packed.tokenizer.encode(text) == src.tokenizer.encode(text)
+    assert packed.tokenizer.eos_token_ids == src.tokenizer.eos_token_ids
+    assert packed.tokenizer.chat_template == src.tokenizer.chat_template
+    marker = json.load(open(os.path.join(dst, "kogcupy_pack.json")))
+    assert (marker["format"], marker["version"], marker["dtype"]) == (
+        PACK_FORMAT, PACK_FORMAT_VERSION, used)
+    assert _leftovers(tmp_path) == []
+
+
+def test_packed_safetensors_dtypes(hf_dir, tmp_path):
+    """bf16 is stored as real BF16 (readable by torch), rope tables as F32."""
+    import torch
+    from safetensors.torch import load_file
+    dst = str(tmp_path / "packed")
+    R.repack(hf_dir, dst, dtype="bf16")
+    sd = load_file(os.path.join(dst, "model.safetensors"))
+    assert sd["wqkv"].dtype == torch.bfloat16 and sd["rope_cos"].dtype == torch.float32
+    src = read_weights(hf_dir).weights
+    np.testing.assert_array_equal(sd["w_down"].float().numpy(),
+                                  round_to_dtype(src["w_down"], "bfloat16"))
+
+
+def test_repack_gguf_roundtrip(gguf_file, tmp_path):
+    dst = str(tmp_path / "packed")
+    assert R.repack(gguf_file, dst) == "float16"
+    src, packed = load_model(gguf_file), load_model(dst)
+    assert packed.config == src.config
+    np.testing.assert_array_equal(packed.weights["wqkv"],
+                                  round_to_dtype(src.weights["wqkv"], "float16"))
+    assert packed.tokenizer.encode("abc xyz") == src.tokenizer.encode("abc xyz")
+    assert packed.tokenizer.eos_token_ids == src.tokenizer.eos_token_ids
+    assert packed.tokenizer.has_chat_template
+
+
+def test_repack_existing_dst(hf_dir, tmp_path):
+    dst = tmp_path / "packed"
+    dst.mkdir()
+    (dst / "keep").write_text("x")
+    with pytest.raises(ModelLoadError, match="already exists.*--force"):
+        R.repack(hf_dir, str(dst))
+    assert (dst / "keep").exists()
+    R.repack(hf_dir, str(dst), force=True)
+    assert not (dst / "keep").exists() and (dst / "kogcupy_pack.json").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_repack_refuses_src_as_dst(hf_dir):
+    with pytest.raises(ModelLoadError, match="must not be the source"):
+        R.repack(hf_dir, hf_dir, force=True)
+    assert os.path.isfile(os.path.join(hf_dir, "config.json"))
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
+@pytest.mark.parametrize("when", ["first_tensor", "third_tensor", "marker"])
+def test_interrupted_repack_leaves_nothing(hf_dir, tmp_path, monkeypatch, exc, when):
+    dst = tmp_path / "packed"
+    calls = {"n": 0}
+    real_encode, real_dump = R._encode, json.dump
+
+    def encode(a, dtype):
+        calls["n"] += 1
+        if (when == "first_tensor" and calls["n"] == 1) or (
+                when == "third_tensor" and calls["n"] == 3):
+            raise exc("interrupted")
+        return real_encode(a, dtype)
+
+    def dump(obj, f, **kw):
+        if when == "marker" and isinstance(obj, dict) and obj.get("format") == PACK_FORMAT:
+            raise exc("interrupted")
+        return real_dump(obj, f, **kw)
+
+    monkeypatch.setattr(R, "_encode", encode)
+    monkeypatch.setattr(R.json, "dump", dump)
+    with pytest.raises(exc):
+        R.repack(hf_dir, str(dst))
+    assert not dst.exists()
+    assert os.listdir(tmp_path) == []
+
+
+def test_interrupted_forced_repack_keeps_old_dst(hf_dir, tmp_path, monkeypatch):
+    dst = tmp_path / "packed"
+    R.repack(hf_dir, str(dst))
+    before = sorted(os.listdir(dst))
+    real_replace = os.replace
+
+    def replace(a, b):           # Ctrl-C once: while swapping the new directory in
+        if b == str(dst) and ".repack-" in a:
+            raise KeyboardInterrupt
+        return real_replace(a, b)
+
+    monkeypatch.setattr(R.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        R.repack(hf_dir, str(dst), force=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(dst)) == before
+    assert _leftovers(tmp_path) == []
+    load_model(str(dst))
+
+
+def test_packed_version_mismatch(hf_dir, tmp_path):
+    dst = tmp_path / "packed"
+    R.repack(hf_dir, str(dst))
+    marker = dst / "kogcupy_pack.json"
+    m = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**m, "version": 99}))
+    with pytest.raises(ModelLoadError, match=r"packed format version 99 not supported "
+                                             r"\(this kogcupy reads 1\); re-run kogcupy-repack"):
+        load_model(str(dst))
+    marker.write_text(json.dumps({**m, "format": "something-else"}))
+    with pytest.raises(ModelLoadError, match="re-run kogcupy-repack"):
+        load_model(str(dst))
+
+
+def test_packed_shape_mismatch(hf_dir, tmp_path):
+    dst = tmp_path / "packed"
+    R.repack(hf_dir, str(dst))
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    with pytest.raises(ModelLoadError, match="w_gate_up.*config.json implies"):
+        load_model(str(dst))
+
+
+def test_repack_command(hf_dir, tmp_path):
+    from click.testing import CliRunner
+    dst = str(tmp_path / "packed")
+    res = CliRunner().invoke(R.repack_command, [hf_dir, dst, "--dtype", "fp16"])
+    assert res.exit_code == 0, res.output
+    assert json.load(open(os.path.join(dst, "kogcupy_pack.json")))["dtype"] == "float16"
+    res = CliRunner().invoke(R.repack_command, [hf_dir, dst])
+    assert res.exit_code == 2 and "already exists" in res.output
