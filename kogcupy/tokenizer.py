@@ -221,7 +221,8 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
-        """A GGUF file's tokenizer (``reader`` is a ``gguf.GGUFReader``); byte-level BPE ("gpt2") only."""
+        """A GGUF file's tokenizer (``reader`` is a ``gguf.GGUFReader``): byte-level BPE ("gpt2") or
+        SentencePiece BPE ("llama", e.g. Llama 2, Mistral, TinyLlama), tokenized as llama.cpp does."""
         source = str(getattr(getattr(reader, "data", None), "filename", None) or "GGUF file")
 
         def field(name, default=None):
@@ -231,36 +232,31 @@ class Tokenizer:
         kind = field("tokenizer.ggml.model")
         if kind is None:
             raise ModelLoadError(f"{source}: no tokenizer in the GGUF metadata (tokenizer.ggml.model missing)")
-        if kind != "gpt2":
-            raise UnsupportedModelError(f"{source}: GGUF tokenizer model {kind!r} is not supported "
-                                        "(kogcupy reads byte-level BPE, 'gpt2'); use the model's HF directory")
-        pre = field("tokenizer.ggml.pre", "default")
-        if pre not in _GGUF_PRE:
-            raise UnsupportedModelError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported "
-                                        f"(known: {', '.join(sorted(_GGUF_PRE))}); use the model's HF directory")
+        if kind not in ("gpt2", "llama"):
+            raise UnsupportedModelError(f"{source}: GGUF tokenizer model {kind!r} is not supported (kogcupy reads "
+                                        "byte-level BPE 'gpt2' and SentencePiece BPE 'llama'); "
+                                        "use the model's HF directory")
         tokens = field("tokenizer.ggml.tokens")
-        merges = field("tokenizer.ggml.merges", [])
+        if tokens is None:
+            raise ModelLoadError(f"{source}: tokenizer.ggml.tokens is missing")
         types = field("tokenizer.ggml.token_type") or [_TT_NORMAL] * len(tokens)
-        if tokens is None or len(types) != len(tokens):
-            raise ModelLoadError(f"{source}: tokenizer.ggml.tokens / token_type are missing or disagree")
-
-        vocab = {}
-        for i, t in enumerate(tokens):
-            vocab.setdefault(t, i)
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-        make_pre, make_norm, ignore_merges = _GGUF_PRE[pre]
-        tk = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False))
-        if make_norm is not None:
-            tk.normalizer = make_norm()
-        tk.pre_tokenizer = make_pre()
-        tk.decoder = decoders.ByteLevel()
+        if len(types) != len(tokens):
+            raise ModelLoadError(f"{source}: tokenizer.ggml.tokens and token_type differ in length")
+        if kind == "gpt2":
+            tk = _gguf_bytelevel_bpe(source, tokens, field("tokenizer.ggml.merges", []),
+                                     field("tokenizer.ggml.pre", "default"))
+        else:
+            tk = _gguf_sentencepiece_bpe(source, tokens, types, field("tokenizer.ggml.scores"),
+                                         field("tokenizer.ggml.merges"), field("tokenizer.ggml.unknown_token_id"),
+                                         field("tokenizer.ggml.add_space_prefix", True))
         tk.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                                for i, t in enumerate(types) if t in (_TT_CONTROL, _TT_UNKNOWN)])
         tk.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                        for i, t in enumerate(types) if t == _TT_USER_DEFINED])
 
         bos = field("tokenizer.ggml.bos_token_id")
-        add_bos = bool(field("tokenizer.ggml.add_bos_token", False)) and bos is not None
+        # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
+        add_bos = bool(field("tokenizer.ggml.add_bos_token", kind == "llama")) and bos is not None
         if add_bos:
             # tokenizer.json alone then encodes like the model (and to_json_files round-trips).
             b = tokens[bos]
@@ -348,6 +344,67 @@ class StreamDecoder:
         piece = text[start:] if len(text) > start else ""
         self._ids, self._read, self._context_len, self._emitted = [], 0, 0, 0
         return piece
+
+
+# ---------------------------------------------------------------------- GGUF vocabularies
+
+
+def _gguf_bytelevel_bpe(source, tokens, merges, pre) -> _HFTokenizer:
+    if pre not in _GGUF_PRE:
+        raise UnsupportedModelError(f"{source}: GGUF pre-tokenizer {pre!r} is not supported "
+                                    f"(known: {', '.join(sorted(_GGUF_PRE))}); use the model's HF directory")
+    make_pre, make_norm, ignore_merges = _GGUF_PRE[pre]
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tk = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False))
+    if make_norm is not None:
+        tk.normalizer = make_norm()
+    tk.pre_tokenizer = make_pre()
+    tk.decoder = decoders.ByteLevel()
+    return tk
+
+
+def _gguf_sentencepiece_bpe(source, tokens, types, scores, merges, unk_id, add_space_prefix) -> _HFTokenizer:
+    """SentencePiece BPE as llama.cpp runs it: spaces become U+2581, one is prepended to each
+    stretch of text (llama.cpp does so after every special token too), merges go best score
+    first, unknown bytes fall back to the <0xNN> tokens."""
+    vocab = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    if merges:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        if scores is None or len(scores) != len(tokens):
+            raise ModelLoadError(f"{source}: SentencePiece vocabulary without tokenizer.ggml.scores")
+        skip = {t for t, ty in zip(tokens, types) if ty != _TT_NORMAL}
+        pairs = _merges_from_scores(vocab, {t: s for t, s in zip(tokens, scores) if t not in skip}, skip)
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    tk = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    steps = [normalizers.Prepend("\u2581")] if add_space_prefix else []
+    tk.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "\u2581")])
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        steps.append(decoders.Strip(" ", 1, 0))
+    tk.decoder = decoders.Sequence(steps)
+    return tk
+
+
+def _merges_from_scores(vocab: dict, scores: dict, skip: set) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: every split of a piece into two
+    pieces, best-scoring merged piece first (transformers' ``generate_merges``)."""
+    merges = []
+    for piece, score in scores.items():
+        local = []
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            if left in vocab and right in vocab and left not in skip and right not in skip:
+                local.append((left, right, score))
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
 
 
 # ---------------------------------------------------------------------- helpers

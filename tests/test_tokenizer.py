@@ -7,7 +7,7 @@ import unicodedata
 import pytest
 
 gguf = pytest.importorskip("gguf")
-from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from kogcupy.errors import InputError, KogError, ModelLoadError, UnsupportedModelError  # noqa: E402
@@ -179,17 +179,42 @@ def test_smollm2_agrees_with_transformers_gguf(smol):
 # ---------------------------------------------------------------------- GGUF files built in the test
 
 
-def _write_gguf(path, reader, *, model="gpt2", pre="smollm", add_bos=None, template=True, eot=None):
-    def c(name):
-        return reader.fields[name].contents()
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def main():\n    print('hello world')\n    return 0\n",
+    "Unicode: café, naïve, 日本語, 中文, emoji 🤗 🎉.",
+    "Numbers 0123456789 and symbols !@#$%^&*()[]{}",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def small_vocab():
+    """(tokens, token_types, merges) of a small byte-level BPE trained here, GGUF-style."""
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(CORPUS, trainer)
+    model = json.loads(tk.to_str())["model"]
+    tokens = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1])]
+    types = [3 if t in specials else 1 for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, types, merges
+
+
+def _write_gguf(path, vocab, *, model="gpt2", pre="smollm", add_bos=None, template=True, eot=None):
+    tokens, types, merges = vocab
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_tokenizer_model(model)
     if pre is not None:
         w.add_tokenizer_pre(pre)
-    w.add_token_list(c("tokenizer.ggml.tokens"))
-    w.add_token_types(c("tokenizer.ggml.token_type"))
-    w.add_token_merges(c("tokenizer.ggml.merges"))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
     w.add_bos_token_id(1)
     w.add_eos_token_id(0)
     if eot is not None:
@@ -197,7 +222,7 @@ def _write_gguf(path, reader, *, model="gpt2", pre="smollm", add_bos=None, templ
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
     if template:
-        w.add_chat_template(c("tokenizer.chat_template"))
+        w.add_chat_template(CHATML)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -205,9 +230,8 @@ def _write_gguf(path, reader, *, model="gpt2", pre="smollm", add_bos=None, templ
     return gguf.GGUFReader(str(path))
 
 
-@needs_smol
-def test_gguf_add_bos_and_eot(smol_reader, tmp_path):
-    tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "t.gguf", smol_reader, add_bos=True, eot=2))
+def test_gguf_add_bos_and_eot(small_vocab, tmp_path):
+    tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "t.gguf", small_vocab, add_bos=True, eot=2))
     assert tok.add_bos and tok.encode("Hi") == [1] + tok.encode("Hi", add_bos=False)
     assert tok.eos_token_ids[:2] == (0, 2)
     tok.to_json_files(tmp_path / "json")
@@ -217,51 +241,86 @@ def test_gguf_add_bos_and_eot(smol_reader, tmp_path):
     # The post-processor in tokenizer.json adds BOS too, so plain tokenizers agrees.
     raw = HFTokenizer.from_file(str(tmp_path / "json" / "tokenizer.json"))
     assert raw.encode("Hi").ids == tok.encode("Hi")
+    msgs = [{"role": "user", "content": "hi"}]
+    assert back.render_chat(msgs) == tok.render_chat(msgs) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-@needs_smol
-def test_gguf_pre_tokenizers(smol_reader, tmp_path):
-    llama = Tokenizer.from_gguf(_write_gguf(tmp_path / "l.gguf", smol_reader, pre="llama-bpe"))
+def test_gguf_pre_tokenizers(small_vocab, tmp_path):
+    llama = Tokenizer.from_gguf(_write_gguf(tmp_path / "l.gguf", small_vocab, pre="llama-bpe"))
     words = [w for w, _ in llama.backend.pre_tokenizer.pre_tokenize_str("abc 12345 it's\n\n x")]
     assert words == ["abc", "Ġ", "123", "45", "Ġit", "'s", "ĊĊ", "Ġx"]
-    qwen = Tokenizer.from_gguf(_write_gguf(tmp_path / "q.gguf", smol_reader, pre="qwen2"))
+    qwen = Tokenizer.from_gguf(_write_gguf(tmp_path / "q.gguf", small_vocab, pre="qwen2"))
     words = [w for w, _ in qwen.backend.pre_tokenizer.pre_tokenize_str("abc 12345")]
     assert words == ["abc", "Ġ", "1", "2", "3", "4", "5"]
-    gpt2 = Tokenizer.from_gguf(_write_gguf(tmp_path / "g.gguf", smol_reader, pre=None))
+    smol = Tokenizer.from_gguf(_write_gguf(tmp_path / "s.gguf", small_vocab, pre="smollm"))
+    words = [w for w, _ in smol.backend.pre_tokenizer.pre_tokenize_str("abc 12345")]
+    assert words == ["abc", "Ġ", "1", "2", "3", "4", "5"]
+    gpt2 = Tokenizer.from_gguf(_write_gguf(tmp_path / "g.gguf", small_vocab, pre=None))
     words = [w for w, _ in gpt2.backend.pre_tokenizer.pre_tokenize_str("abc 12345")]
     assert words == ["abc", "Ġ12345"]
-    for tok in (llama, qwen, gpt2):
+    for tok in (llama, qwen, smol, gpt2):
         for text in TEXTS:
             # Qwen2's tokenizer.json normalizes to NFC (the combining-character text changes).
             expected = unicodedata.normalize("NFC", text) if tok is qwen else text
             assert tok.decode(tok.encode(text)) == expected
 
 
-@needs_smol
-def test_gguf_unsupported(smol_reader, tmp_path):
+def test_gguf_unsupported(small_vocab, tmp_path):
     with pytest.raises(UnsupportedModelError, match="pre-tokenizer 'mystery'"):
-        Tokenizer.from_gguf(_write_gguf(tmp_path / "a.gguf", smol_reader, pre="mystery"))
+        Tokenizer.from_gguf(_write_gguf(tmp_path / "a.gguf", small_vocab, pre="mystery"))
     with pytest.raises(UnsupportedModelError, match="tokenizer model 'bert'"):
-        Tokenizer.from_gguf(_write_gguf(tmp_path / "b.gguf", smol_reader, model="bert"))
+        Tokenizer.from_gguf(_write_gguf(tmp_path / "b.gguf", small_vocab, model="bert"))
 
 
-@needs_smol
-def test_gguf_without_template(smol_reader, tmp_path):
-    tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "n.gguf", smol_reader, template=False))
+def test_gguf_without_template(small_vocab, tmp_path):
+    tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "n.gguf", small_vocab, template=False))
     assert not tok.has_chat_template
     with pytest.raises(InputError, match="no chat template.*--no-chat"):
         tok.render_chat([{"role": "user", "content": "Hi"}])
 
 
+def test_gguf_sentencepiece(tmp_path):
+    """A SentencePiece ("llama") vocabulary: merges are rebuilt from the scores, byte fallback."""
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    ref = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    ref.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    ref.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<unk>", "<s>", "</s>"] + byte_tokens,
+                                  show_progress=False)
+    ref.train_from_iterator(CORPUS, trainer)
+    vocab = json.loads(ref.to_str())["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    types = [2 if t == "<unk>" else 3 if t in ("<s>", "</s>") else 6 if t in byte_tokens else 1 for t in tokens]
+    w = gguf.GGUFWriter(str(tmp_path / "spm.gguf"), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_scores([-float(i) for i in range(len(tokens))])  # the trainer numbers pieces in merge order
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = Tokenizer.from_gguf(gguf.GGUFReader(str(tmp_path / "spm.gguf")))
+    assert tok.add_bos and tok.bos_token_id == 1 and tok.eos_token_ids == (2,)
+    for text in TEXTS + CORPUS[:4]:
+        ids = tok.encode(text)
+        assert ids == [1] + ref.encode(text).ids, text
+        assert tok.decode(ids, skip_special_tokens=True) == text
+        sd = tok.stream_decoder(skip_special_tokens=True)
+        assert "".join([sd.push(i) for i in ids] + [sd.flush()]) == text
+    assert any(tokens[i] in byte_tokens for i in tok.encode("한국어"))  # not in the corpus: byte fallback
+    tok.to_json_files(tmp_path / "json")
+    back = Tokenizer.from_dir(tmp_path / "json")
+    assert back.add_bos and all(back.encode(t) == tok.encode(t) for t in TEXTS)
+
+
 # ---------------------------------------------------------------------- HF directories
 
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "def main():\n    print('hello world')\n    return 0\n",
-    "Unicode: café, naïve, 日本語, 中文, emoji 🤗 🎉.",
-    "Numbers 0123456789 and symbols !@#$%^&*()[]{}",
-] * 20
 
 
 def _train_bytelevel(tmp_path, *, post=None, config=None, extra=None):
