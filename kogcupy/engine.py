@@ -1,0 +1,322 @@
+"""Engine: picks a backend, turns a prompt into token ids, streams text out of a TokenStream.
+
+    engine = Engine(model)                              # "auto": monokernel on a GPU, else reference
+    gen = engine.generate("Hello", max_new_tokens=32, stop=["\\n\\n"])
+    for piece in gen:                                   # text pieces, never broken UTF-8
+        print(piece, end="", flush=True)
+    gen.result                                          # GenerationResult, after exhaustion
+
+Stop strings are matched host-side on the detokenized text. Text that could still turn into a
+stop string is held back, so the pieces a caller sees always concatenate to ``result.text``
+(cut before the stop string). EOS tokens are in ``result.token_ids`` but not in the text.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .errors import DeviceError, InputError
+from .sampling_params import SamplingParams
+
+BACKENDS = ("auto", "reference", "monokernel")
+FINISH_REASONS = ("eos", "stop", "length", "context", "cancelled")
+
+
+# ------------------------------------------------------------------------------- backends
+def gpu_info() -> tuple[bool, str]:
+    """(usable, why): cupy imports and sees at least one GPU."""
+    try:
+        import cupy
+    except Exception as e:  # ImportError, or a broken CUDA install raising anything
+        return False, f"cupy is not importable ({type(e).__name__}: {e})"
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # cudaErrorNoDevice / driver missing surface as CUDARuntimeError
+        return False, f"cupy sees no GPU ({type(e).__name__}: {e})"
+    if n <= 0:
+        return False, "cupy sees no GPU"
+    return True, f"{n} GPU(s)"
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> 'monokernel' when a GPU is usable, else 'reference'."""
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "monokernel" if gpu_info()[0] else "reference"
+    return backend
+
+
+def make_backend(model, backend: str = "auto", context_length: int = 4096, gpus: int = 1,
+                 **backend_kw):
+    name = resolve_backend(backend)
+    if name == "reference":
+        if gpus != 1:
+            raise InputError(f"gpus={gpus}: the reference backend runs on the CPU; "
+                             f"multi-GPU needs the monokernel backend")
+        from .reference import ReferenceBackend
+        return ReferenceBackend(model, context_length=context_length, **backend_kw)
+    ok, why = gpu_info()
+    if not ok:
+        raise DeviceError(f"backend 'monokernel' needs a CUDA/ROCm GPU through CuPy, but {why}; "
+                          f"use backend 'reference' (CPU) or 'auto'")
+    try:
+        from .monokernel import MonokernelBackend
+    except ImportError as e:
+        raise DeviceError(f"backend 'monokernel' is unavailable ({e})") from None
+    return MonokernelBackend(model, context_length=context_length, gpus=gpus, **backend_kw)
+
+
+# ------------------------------------------------------------------------------- results
+@dataclass
+class GenerationResult:
+    token_ids: list[int]            # generated ids (EOS included when it ended the stream)
+    text: str                       # == "".join(pieces yielded)
+    finish_reason: str              # eos | stop | length | context | cancelled
+    prompt_tokens: int
+    prefill_s: float                # until the first generated token was available
+    decode_s: float                 # first generated token -> last generated token
+    tokens_per_s: float             # decode tokens (after the first) / decode_s
+    backend: str
+    gb_per_s: float | None = None           # weight bytes streamed per second while decoding
+    pct_of_bandwidth: float | None = None   # gb_per_s / the device's measured read bandwidth
+
+    def stats_line(self) -> str:
+        parts = [f"{len(self.token_ids)} tokens", f"{self.tokens_per_s:.1f} tok/s"]
+        if self.gb_per_s is not None:
+            bw = f"{self.gb_per_s:.1f} GB/s"
+            if self.pct_of_bandwidth is not None:
+                bw += f" ({self.pct_of_bandwidth:.0f}% of bandwidth)"
+            parts.append(bw)
+        parts += [f"prefill {self.prefill_s:.3f} s ({self.prompt_tokens} prompt tokens)",
+                  f"backend {self.backend}", f"finish {self.finish_reason}"]
+        return "kogcupy: " + ", ".join(parts)
+
+
+class Generation:
+    """Iterator of text pieces for one request; ``.result`` once it is exhausted or closed."""
+
+    def __init__(self, backend, stream, prompt_ids: list[int], tokenizer, eos_ids: set[int],
+                 stop: list[str]):
+        self._backend = backend
+        self.stream = stream
+        self.prompt_ids = prompt_ids
+        self._decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        self._eos = eos_ids
+        self._stop = stop
+        self._max_stop = max((len(s) for s in stop), default=0)
+        self._token_ids: list[int] = []
+        self._text = ""                 # everything decoded so far (up to a stop string)
+        self._emitted = 0               # chars of _text already yielded
+        self._t_first: float | None = None
+        self._t_last: float | None = None
+        self.result: GenerationResult | None = None
+
+    def __iter__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __next__(self) -> str:
+        if self.result is not None:
+            raise StopIteration
+        try:
+            return self._next_piece()
+        except KeyboardInterrupt:
+            self._cancel()
+            raise
+
+    def close(self) -> GenerationResult:
+        """Cancel the stream (if still running); the result then has finish 'cancelled'."""
+        if self.result is None:
+            self._cancel()
+        return self.result
+
+    # -- internals ------------------------------------------------------------------------
+    def _cancel(self):
+        self.stream.cancel()
+        self._drain()
+        self._finalize("cancelled")
+
+    def _drain(self):
+        """Let the backend wind down after a cancel; later tokens are dropped."""
+        for _ in self.stream:
+            pass
+
+    def _stop_hit(self, search_from: int) -> int:
+        hits = [i for i in (self._text.find(s, search_from) for s in self._stop) if i >= 0]
+        return min(hits) if hits else -1
+
+    def _holdback(self) -> int:
+        """Length of the longest tail of _text that is a proper prefix of a stop string."""
+        t = self._text
+        for k in range(min(self._max_stop - 1, len(t) - self._emitted), 0, -1):
+            if any(s.startswith(t[-k:]) for s in self._stop):
+                return k
+        return 0
+
+    def _take(self, end: int) -> str:
+        piece = self._text[self._emitted:end]
+        self._emitted = end
+        return piece
+
+    def _add_text(self, piece: str) -> str | None:
+        """Append decoded text; returns the stop-cut piece if a stop string completed."""
+        before = len(self._text)
+        self._text += piece
+        if self._stop:
+            hit = self._stop_hit(max(0, before - self._max_stop + 1))
+            if hit >= 0:
+                self._text = self._text[:hit]
+                out = self._take(hit)
+                self.stream.cancel()
+                self._drain()
+                self._finalize("stop")
+                return out
+        return None
+
+    def _next_piece(self) -> str:
+        while True:
+            try:
+                tok = next(self.stream)
+            except StopIteration:
+                tail = self._decoder.flush() if self._decoder is not None else ""
+                out = self._add_text(tail)
+                if out is not None:
+                    return self._or_stop(out)
+                out = self._take(len(self._text))
+                self._finalize(self.stream.finish_reason or "length")
+                return self._or_stop(out)
+            now = time.perf_counter()
+            if self._t_first is None:
+                self._t_first = now
+            self._t_last = now
+            self._token_ids.append(int(tok))
+            if tok in self._eos or self._decoder is None:
+                continue
+            out = self._add_text(self._decoder.push(int(tok)))
+            if out is not None:
+                return self._or_stop(out)
+            out = self._take(len(self._text) - self._holdback())
+            if out:
+                return out
+
+    @staticmethod
+    def _or_stop(piece: str) -> str:
+        if not piece:
+            raise StopIteration
+        return piece
+
+    def _finalize(self, finish_reason: str):
+        if self.result is not None:
+            return
+        n = len(self._token_ids)
+        decode_s = (self._t_last - self._t_first) if n > 1 else 0.0
+        tps = (n - 1) / decode_s if decode_s > 0 else 0.0
+        gbps = pct = None
+        bpt = getattr(self._backend, "bytes_per_token", None)
+        if bpt and tps > 0:
+            gbps = float(bpt) * tps / 1e9
+            bw = getattr(self._backend, "read_bandwidth_Bps", None)
+            if bw:
+                pct = 100.0 * float(bpt) * tps / float(bw)
+        self.result = GenerationResult(
+            token_ids=list(self._token_ids), text=self._text[:self._emitted],
+            finish_reason=finish_reason, prompt_tokens=len(self.prompt_ids),
+            prefill_s=float(getattr(self.stream, "prefill_s", 0.0) or 0.0), decode_s=decode_s,
+            tokens_per_s=tps, backend=self._backend.name, gb_per_s=gbps, pct_of_bandwidth=pct)
+
+
+# ------------------------------------------------------------------------------- engine
+class Engine:
+    """One model on one backend; ``generate`` serves one request at a time (batch 1)."""
+
+    def __init__(self, model, backend: str = "auto", context_length: int = 4096, gpus: int = 1,
+                 **backend_kw):
+        if not isinstance(context_length, int) or context_length < 2:
+            raise InputError(f"context_length must be an integer >= 2, got {context_length!r}")
+        if not isinstance(gpus, int) or gpus < 1:
+            raise InputError(f"gpus must be an integer >= 1, got {gpus!r}")
+        self.model = model
+        self.backend = make_backend(model, backend, context_length, gpus, **backend_kw)
+        self.backend_name: str = self.backend.name
+        # the backend may cap it (RoPE table / memory)
+        self.context_length: int = int(getattr(self.backend, "context_length", context_length))
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = set(self.model.config.eos_token_ids)
+        if self.tokenizer is not None:
+            ids |= set(self.tokenizer.eos_token_ids)
+        return ids
+
+    def encode_prompt(self, prompt, chat: bool | None = None) -> list[int]:
+        """Prompt (str or token ids) -> ids, through the chat template when asked / by default."""
+        if isinstance(prompt, str):
+            tk = self.tokenizer
+            if tk is None:
+                raise InputError("this model has no tokenizer: pass the prompt as token ids")
+            if chat is None:
+                chat = tk.has_chat_template
+            if chat:
+                if not tk.has_chat_template:
+                    raise InputError("the model has no chat template; use chat=False (--no-chat)")
+                text = tk.render_chat([{"role": "user", "content": prompt}],
+                                      add_generation_prompt=True)
+                ids = tk.encode(text, add_bos=False)    # templates write BOS themselves
+            else:
+                ids = tk.encode(prompt)
+        elif isinstance(prompt, (list, tuple)) and all(
+                isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+            if chat:
+                raise InputError("chat=True needs a text prompt, not token ids")
+            ids = list(prompt)
+        else:
+            raise InputError(f"prompt must be a str or a list of token ids, "
+                             f"got {type(prompt).__name__}")
+        if not ids:
+            raise InputError("the prompt is empty: nothing to generate from")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InputError(f"prompt has token ids outside [0, {vocab})")
+        if len(ids) > self.context_length - 1:
+            raise InputError(f"prompt is {len(ids)} tokens but the context length is "
+                             f"{self.context_length} (at most {self.context_length - 1} prompt "
+                             f"tokens); shorten the prompt or raise the context length")
+        return ids
+
+    def logits(self, ids) -> "np.ndarray":  # noqa: F821
+        """[n, vocab] float32 logits of a full forward over `ids` (str: encoded, no chat)."""
+        if isinstance(ids, str):
+            ids = self.encode_prompt(ids, chat=False)
+        return self.backend.logits(list(ids))
+
+    def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int = 0, stop=None,
+                 chat: bool | None = None) -> Generation:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p),
+                                min_p=float(min_p), repetition_penalty=float(repetition_penalty),
+                                seed=seed)
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        stop = list(stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise InputError("stop strings must be non-empty strings")
+        ids = self.encode_prompt(prompt, chat)
+        eos = self.eos_ids
+        stream = self.backend.start(ids, params, max_new_tokens, eos)
+        return Generation(self.backend, stream, ids, self.tokenizer, eos, stop)

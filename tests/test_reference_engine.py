@@ -1,0 +1,182 @@
+"""Engine on the reference backend: finish reasons, stop strings, streaming, chat, validation."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from kogcupy.engine import Engine, GenerationResult, resolve_backend
+from kogcupy.errors import DeviceError, InputError
+from kogcupy.reference import ReferenceBackend
+
+PROMPT = "Once upon a time there was a small model"
+
+
+def run(gen) -> tuple[list[str], GenerationResult]:
+    pieces = list(gen)
+    assert gen.result is not None
+    assert "".join(pieces) == gen.result.text
+    assert all(pieces), "no empty pieces"
+    return pieces, gen.result
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    return Engine(tiny_models["llama"], backend="reference", context_length=128)
+
+
+def test_length_and_result_fields(engine):
+    pieces, r = run(engine.generate(PROMPT, max_new_tokens=20, chat=False))
+    assert r.finish_reason == "length" and len(r.token_ids) == 20
+    assert r.backend == "reference" == engine.backend_name
+    assert r.prompt_tokens == len(engine.tokenizer.encode(PROMPT))
+    assert r.prefill_s > 0 and r.decode_s > 0 and r.tokens_per_s > 0
+    assert r.gb_per_s > 0 and r.pct_of_bandwidth is None     # host bandwidth is not known
+    assert r.text == engine.tokenizer.decode(r.token_ids)
+    assert "tok/s" in r.stats_line() and "finish length" in r.stats_line()
+    assert "\ufffd" not in r.text and len(pieces) > 1
+
+
+def test_same_tokens_as_backend_and_prompt_forms(engine):
+    ids = engine.tokenizer.encode(PROMPT)
+    a = run(engine.generate(PROMPT, max_new_tokens=12, chat=False))[1]
+    b = run(engine.generate(ids, max_new_tokens=12))[1]
+    stream = engine.backend.start(ids, engine_params(), 12, set())
+    assert a.token_ids == b.token_ids == list(stream)
+
+
+def engine_params():
+    from kogcupy.sampling_params import SamplingParams
+    return SamplingParams()
+
+
+def test_chat_template_is_default_for_text(engine):
+    tk = engine.tokenizer
+    assert tk.has_chat_template
+    gen = engine.generate(PROMPT, max_new_tokens=2)
+    expected = tk.encode(tk.render_chat([{"role": "user", "content": PROMPT}]), add_bos=False)
+    assert gen.prompt_ids == expected
+    assert engine.generate(PROMPT, max_new_tokens=2, chat=False).prompt_ids == tk.encode(PROMPT)
+    with pytest.raises(InputError, match="chat"):
+        engine.generate([1, 2, 3], chat=True)
+
+
+def test_stop_strings_cut_text(engine):
+    full = run(engine.generate(PROMPT, max_new_tokens=40, chat=False))[1].text
+    assert len(full) > 20
+    stop = full[12:15]
+    idx = full.find(stop)
+    pieces, r = run(engine.generate(PROMPT, max_new_tokens=40, chat=False,
+                                    stop=["never-there", stop]))
+    assert r.finish_reason == "stop"
+    assert r.text == full[:idx]
+    assert engine.tokenizer.decode(r.token_ids).startswith(full[:idx] + stop)
+    assert len(r.token_ids) < 40
+    # a stop string that never completes: same text as without stop, held-back text released
+    pieces, r = run(engine.generate(PROMPT, max_new_tokens=40, chat=False,
+                                    stop=full[-3:] + "\x00"))
+    assert r.text == full and r.finish_reason == "length"
+    # stop at the very start
+    r = run(engine.generate(PROMPT, max_new_tokens=40, chat=False, stop=full[:2]))[1]
+    assert r.text == "" and r.finish_reason == "stop"
+
+
+def test_context_finish(tiny_models):
+    eng = Engine(tiny_models["qwen3"], backend="reference", context_length=24)
+    ids = eng.tokenizer.encode(PROMPT)
+    r = run(eng.generate(ids, max_new_tokens=100))[1]
+    assert r.finish_reason == "context" and len(ids) + len(r.token_ids) == 24
+    with pytest.raises(InputError, match="context length"):
+        eng.generate(list(range(24)), max_new_tokens=4)
+    assert eng.generate(list(range(23)), max_new_tokens=4).prompt_ids == list(range(23))
+
+
+def test_eos_finish_hides_eos(tiny_models):
+    model = tiny_models["qwen2"]
+    eng = Engine(model, backend="reference")
+    first = run(eng.generate(PROMPT, max_new_tokens=3, chat=False))[1].token_ids
+    # make the model's second greedy token an EOS
+    cfg = dataclasses.replace(model.config, eos_token_ids=(first[1],))
+    eng = Engine(dataclasses.replace(model, config=cfg), backend="reference")
+    r = run(eng.generate(PROMPT, max_new_tokens=30, chat=False))[1]
+    assert r.finish_reason == "eos" and r.token_ids == first[:2]
+    assert r.text == model.tokenizer.decode(first[:1])
+
+
+def test_cancel_by_close_and_keyboard_interrupt(engine):
+    gen = engine.generate(PROMPT, max_new_tokens=50, chat=False)
+    got = [next(gen), next(gen)]
+    r = gen.close()
+    assert r.finish_reason == "cancelled" and r.text == "".join(got)
+    assert gen.stream.finish_reason == "cancelled"
+    assert list(gen) == [] and gen.close() is r
+
+    gen = engine.generate(PROMPT, max_new_tokens=50, chat=False)
+    inner = gen.stream
+
+    class Interrupting:
+        n = 0
+        finish_reason = property(lambda self: inner.finish_reason)
+        prefill_s = property(lambda self: inner.prefill_s)
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            self.n += 1
+            if self.n == 4:
+                raise KeyboardInterrupt
+            return next(inner)
+
+        def cancel(self):
+            inner.cancel()
+
+    gen.stream = Interrupting()
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for piece in gen:
+            got.append(piece)
+    assert gen.result.finish_reason == "cancelled"
+    assert gen.result.text == "".join(got) and len(gen.result.token_ids) == 3
+
+
+def test_generate_validation(engine):
+    for kw in (dict(max_new_tokens=0), dict(max_new_tokens=-1), dict(temperature=-1.0),
+               dict(top_p=0.0), dict(top_k=-3), dict(stop=[""]), dict(min_p=1.5)):
+        with pytest.raises(InputError):
+            engine.generate(PROMPT, **kw)
+    with pytest.raises(InputError, match="empty"):
+        engine.generate("", chat=False)
+    with pytest.raises(InputError, match="outside"):
+        engine.generate([1, 10**6])
+    with pytest.raises(InputError):
+        engine.generate(3.5)
+
+
+def test_backend_choice(tiny_models, monkeypatch):
+    import kogcupy.engine as E
+    monkeypatch.setattr(E, "gpu_info", lambda: (False, "cupy sees no GPU"))
+    assert resolve_backend("auto") == "reference"
+    assert isinstance(Engine(tiny_models["llama"]).backend, ReferenceBackend)
+    with pytest.raises(DeviceError, match="reference"):
+        Engine(tiny_models["llama"], backend="monokernel")
+    with pytest.raises(InputError, match="unknown backend"):
+        Engine(tiny_models["llama"], backend="tpu")
+    with pytest.raises(InputError, match="gpus"):
+        Engine(tiny_models["llama"], backend="reference", gpus=2)
+    monkeypatch.setattr(E, "gpu_info", lambda: (True, "1 GPU(s)"))
+    assert resolve_backend("auto") == "monokernel"
+
+
+def test_sampled_generation_reproducible(engine):
+    kw = dict(max_new_tokens=16, temperature=0.9, top_k=40, top_p=0.95, seed=42, chat=False)
+    a = run(engine.generate(PROMPT, **kw))[1]
+    b = run(engine.generate(PROMPT, **kw))[1]
+    assert a.token_ids == b.token_ids and a.text == b.text
+
+
+def test_smollm2_chat_ends_with_eos(smollm2):
+    eng = Engine(smollm2, backend="reference", context_length=512)
+    pieces, r = run(eng.generate("What is the capital of France?", max_new_tokens=40))
+    assert r.finish_reason == "eos" and r.token_ids[-1] in smollm2.tokenizer.eos_token_ids
+    assert "Paris" in r.text and "<|im_end|>" not in r.text
