@@ -189,6 +189,9 @@ class Tokenizer:
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise ModelLoadError(f"{tj}: cannot be read by the tokenizers library: {e}") from None
         tcfg = _read_json(os.path.join(path, "tokenizer_config.json"))
+        # Older repos name their special tokens only in special_tokens_map.json.
+        for k, v in _read_json(os.path.join(path, "special_tokens_map.json")).items():
+            tcfg.setdefault(k, v)
         gcfg = _read_json(os.path.join(path, "generation_config.json"))
         mcfg = _read_json(os.path.join(path, "config.json"))
 

@@ -7,7 +7,7 @@ import unicodedata
 import pytest
 
 gguf = pytest.importorskip("gguf")
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from kogcupy.errors import InputError, KogError, ModelLoadError, UnsupportedModelError  # noqa: E402
@@ -116,6 +116,7 @@ def test_stream_decoder_holds_split_emoji(smol):
     ids = smol.encode("a🤗b")
     assert len(ids) > 3  # the emoji's four bytes span several tokens
     sd = smol.stream_decoder()
+    assert isinstance(sd, StreamDecoder)
     pieces = [sd.push(i) for i in ids]
     assert pieces[0] == "a"
     assert "🤗" in pieces and pieces[-1] == "b"
@@ -371,6 +372,12 @@ def test_from_dir_without_bos(tmp_path):
         assert tok.encode(text) == raw.encode(text).ids
 
 
+def test_from_dir_special_tokens_map(tmp_path):
+    _train_bytelevel(tmp_path, extra={"special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>"}})
+    tok = Tokenizer.from_dir(tmp_path)
+    assert tok.bos_token_id == 0 and not tok.add_bos and tok.eos_token_ids == (1, 2)
+
+
 def test_from_dir_add_bos_token_config_wins(tmp_path):
     _train_bytelevel(tmp_path, config={"bos_token": "<s>", "add_bos_token": True})
     tok = Tokenizer.from_dir(tmp_path)
@@ -427,7 +434,3 @@ def test_stream_decoder_metaspace(tmp_path):
         assert "".join(pieces) == tok.decode(ids)
         assert not any("\ufffd" in p for p in pieces)
 
-
-def test_stream_decoder_type():
-    assert hasattr(StreamDecoder, "push") and hasattr(StreamDecoder, "flush")
-    assert Regex  # imported for the pre-tokenizer test helpers
