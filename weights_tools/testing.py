@@ -21,7 +21,7 @@ _HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
 
 
 def byte_tokens(n: int) -> list[str]:
-    """GPT-2 byte-level alphabet (256 single-byte tokens) padded with <|extra_i|> to n."""
+    """GPT-2 byte-level alphabet (256 single-byte tokens) padded with <|extra_i|>, cut to n."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -32,7 +32,7 @@ def byte_tokens(n: int) -> list[str]:
             cs.append(256 + k)
             k += 1
     toks = [chr(c) for c in cs]
-    return toks + [f"<|extra_{i}|>" for i in range(n - len(toks))]
+    return (toks + [f"<|extra_{i}|>" for i in range(n - len(toks))])[:n]
 
 
 def write_tiny_tokenizer(directory: str, vocab_size: int) -> None:

@@ -1,0 +1,433 @@
+"""Bad model inputs: every one is a KogError subclass with a one-line message naming the file.
+
+Built without transformers (numpy tensors under HF names), so these run in a second or two;
+hypothesis fuzzes the safetensors and GGUF readers with truncations and byte flips.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kogcupy.config import config_from_hf
+from kogcupy.errors import ModelLoadError, UnsupportedModelError
+from kogcupy.model import load_model
+from kogcupy.packing import canonical_shape
+from kogcupy.weights import HF_GLOBAL_NAMES, HF_LAYER_NAMES, read_weights
+from weights_tools import testing as T
+
+SMALL = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+             num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=40,
+             max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0,
+             tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+def small_tensors(cfg_dict=SMALL, seed=0) -> dict[str, np.ndarray]:
+    """Random float32 tensors under HF names for a config dict."""
+    cfg = config_from_hf(cfg_dict)
+    rng = np.random.default_rng(seed)
+    names = ["attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down"]
+    names += ["bq", "bk", "bv"] if cfg.qkv_bias else []
+    names += ["q_norm", "k_norm"] if cfg.qk_norm else []
+    by_canon = {v: k for k, v in {**HF_LAYER_NAMES, **HF_GLOBAL_NAMES}.items()}
+    out = {}
+    for layer in range(cfg.n_layers):
+        for n in names:
+            out[by_canon[n].format(layer)] = rng.standard_normal(
+                canonical_shape(cfg, n)).astype(np.float32) * 0.1
+    for n in ["embed", "final_norm"] + ([] if cfg.tie_word_embeddings else ["lm_head"]):
+        out[by_canon[n]] = rng.standard_normal(canonical_shape(cfg, n)).astype(np.float32)
+    return out
+
+
+def write_small_hf(d, cfg_dict=SMALL, tensors=None, dtype=np.float16, tokenizer=False) -> str:
+    from safetensors.numpy import save_file
+    os.makedirs(d, exist_ok=True)
+    tensors = small_tensors(cfg_dict) if tensors is None else tensors
+    save_file({k: v.astype(dtype) for k, v in tensors.items()},
+              os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg_dict, f)
+    if tokenizer:
+        T.write_tiny_tokenizer(d, cfg_dict["vocab_size"])
+    return str(d)
+
+
+def write_small_gguf(path, cfg_dict=SMALL, qtype="Q8_0", tokens=True, arch="llama") -> str:
+    import gguf
+    kv = {}
+    if tokens:
+        kv["tokenizer.ggml.tokens"] = ([f"t{i}" for i in range(cfg_dict["vocab_size"])],
+                                       gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
+    T.write_gguf(str(path), arch, cfg_dict, small_tensors(cfg_dict), qtype, tokenizer=False,
+                 extra_kv=kv)
+    return str(path)
+
+
+def rewrite_st_header(path, edit):
+    """Apply edit(header dict) to a .safetensors header, keeping the data bytes as they are."""
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    open(path, "wb").write(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+
+
+def one_line(e):
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 500, msg
+    return msg
+
+
+# ------------------------------------------------------------------------ paths and formats
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file or directory") as e:
+        load_model(str(tmp_path / "nope"))
+    assert str(tmp_path / "nope") in one_line(e)
+
+
+@pytest.mark.parametrize("setup", ["text_file", "empty_dir", "safetensors_alone", "config_only"])
+def test_unknown_format(tmp_path, setup):
+    if setup == "text_file":
+        p = tmp_path / "model.txt"
+        p.write_text("hello")
+    elif setup == "empty_dir":
+        p = tmp_path
+    elif setup == "safetensors_alone":
+        write_small_hf(tmp_path / "m")
+        p = tmp_path / "m" / "model.safetensors"
+    else:
+        p = tmp_path
+        (p / "config.json").write_text(json.dumps(SMALL))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(str(p))
+    assert str(p) in one_line(e)
+
+
+class _Boom:
+    """Unpickling this would create a marker file: proof that nothing was unpickled."""
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("layout", ["dir_bin", "file_bin", "file_pt", "file_no_suffix"])
+def test_pickle_refused(tmp_path, layout):
+    marker = tmp_path / "UNPICKLED"
+    boom = _Boom()
+    boom.marker = str(marker)
+    payload = pickle.dumps({"model.embed_tokens.weight": boom}, protocol=2)
+    if layout == "dir_bin":
+        (tmp_path / "config.json").write_text(json.dumps(SMALL))
+        (tmp_path / "pytorch_model.bin").write_bytes(payload)
+        path = tmp_path
+    else:
+        name = {"file_bin": "model.bin", "file_pt": "model.pt", "file_no_suffix": "model"}[layout]
+        path = tmp_path / name
+        path.write_bytes(payload)
+    with pytest.raises(ModelLoadError, match="convert to safetensors") as e:
+        load_model(str(path))
+    one_line(e)
+    assert not marker.exists()
+
+
+def test_missing_tokenizer(tmp_path):
+    d = write_small_hf(tmp_path, tokenizer=False)
+    with pytest.raises(ModelLoadError, match="tokenizer.json"):
+        load_model(d)
+    read_weights(d)        # the weights themselves are fine
+
+
+def test_tokenizer_larger_than_embedding(tmp_path):
+    d = write_small_hf(tmp_path, tokenizer=False)
+    T.write_tiny_tokenizer(d, 300)
+    with pytest.raises(ModelLoadError, match="tokenizer has 300 tokens"):
+        load_model(d)
+
+
+def test_small_hf_loads(tmp_path):
+    m = load_model(write_small_hf(tmp_path, tokenizer=True))
+    assert m.config.n_layers == 1 and m.dtype == "float16"
+
+
+# ------------------------------------------------------------------------ HF config problems
+
+def test_unsupported_model_type(tmp_path):
+    d = write_small_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**SMALL, "model_type": "gpt2",
+                                                      "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedModelError, match="gpt2.*llama.*qwen2.*qwen3"):
+        read_weights(d)
+
+
+def test_malformed_config_json(tmp_path):
+    d = write_small_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="config.json"):
+        read_weights(d)
+
+
+def test_huge_layer_count_fails_fast(tmp_path):
+    d = write_small_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**SMALL, "num_hidden_layers": 2**40}))
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="layers but the checkpoint holds only"):
+        read_weights(d)
+    assert time.perf_counter() - t < 5
+
+
+def test_missing_tensor(tmp_path):
+    tensors = small_tensors()
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    d = write_small_hf(tmp_path, tensors=tensors)
+    with pytest.raises(ModelLoadError, match="lacks tensor 'model.layers.0.mlp.up_proj.weight'"):
+        read_weights(d)
+
+
+def test_untied_without_lm_head(tmp_path):
+    d = write_small_hf(tmp_path, {**SMALL, "tie_word_embeddings": False}, small_tensors())
+    with pytest.raises(ModelLoadError, match="lm_head.weight"):
+        read_weights(d)
+
+
+def test_unexpected_tensor(tmp_path):
+    tensors = small_tensors()
+    tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(32, np.float32)
+    d = write_small_hf(tmp_path, tensors=tensors)
+    with pytest.raises(UnsupportedModelError, match="q_proj.bias"):
+        read_weights(d)
+
+
+def test_non_finite_weights(tmp_path):
+    tensors = small_tensors()
+    tensors["model.layers.0.self_attn.o_proj.weight"][3, 4] = np.nan
+    d = write_small_hf(tmp_path, tensors=tensors)
+    with pytest.raises(ModelLoadError, match="o_proj.weight.*NaN"):
+        read_weights(d)
+
+
+def test_bad_shard_index(tmp_path):
+    d = write_small_hf(tmp_path)
+    os.rename(tmp_path / "model.safetensors", tmp_path / "model-00001-of-00002.safetensors")
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in small_tensors()}
+    weight_map["model.norm.weight"] = "model-00002-of-00002.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ModelLoadError, match="shard model-00002-of-00002.safetensors is missing"):
+        read_weights(d)
+    (tmp_path / "model.safetensors.index.json").write_text("[1, 2")
+    with pytest.raises(ModelLoadError, match="index.json"):
+        read_weights(d)
+
+
+# ------------------------------------------------------------------------ corrupted safetensors
+
+def _st(tmp_path, dtype=np.float32):
+    d = write_small_hf(tmp_path, dtype=dtype)
+    return d, os.path.join(d, "model.safetensors")
+
+
+def test_safetensors_truncated(tmp_path):
+    d, p = _st(tmp_path)
+    raw = open(p, "rb").read()
+    open(p, "wb").write(raw[: len(raw) // 2])
+    with pytest.raises(ModelLoadError, match="model.safetensors") as e:
+        read_weights(d)
+    one_line(e)
+
+
+@pytest.mark.parametrize("n", [2**40, 2**64 - 1, 0, 7])
+def test_safetensors_bad_header_length(tmp_path, n):
+    d, p = _st(tmp_path)
+    raw = bytearray(open(p, "rb").read())
+    raw[:8] = struct.pack("<Q", n)
+    open(p, "wb").write(bytes(raw))
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        read_weights(d)
+
+
+def test_safetensors_offsets_past_end(tmp_path):
+    d, p = _st(tmp_path)
+
+    def edit(h):
+        b, e = h["model.norm.weight"]["data_offsets"]
+        h["model.norm.weight"]["data_offsets"] = [b, e + 10**6]
+    rewrite_st_header(p, edit)
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        read_weights(d)
+
+
+def test_safetensors_wrong_dtype(tmp_path):
+    """Same byte size, integer dtype: the library accepts it, kogcupy must not."""
+    d, p = _st(tmp_path)
+    rewrite_st_header(p, lambda h: h["model.layers.0.self_attn.o_proj.weight"].update(
+        dtype="I32"))
+    with pytest.raises(ModelLoadError, match="o_proj.weight.*dtype I32"):
+        read_weights(d)
+
+
+def test_safetensors_dtype_size_mismatch(tmp_path):
+    d, p = _st(tmp_path)
+    rewrite_st_header(p, lambda h: h["model.norm.weight"].update(dtype="F16"))
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        read_weights(d)
+
+
+def test_safetensors_shape_mismatch(tmp_path):
+    d, p = _st(tmp_path)
+    rewrite_st_header(p, lambda h: h["model.layers.0.self_attn.q_proj.weight"].update(
+        shape=[16, 64]))
+    with pytest.raises(ModelLoadError, match=r"q_proj.weight' has shape \[16, 64\], "
+                                             r"config.json implies \[32, 32\]"):
+        read_weights(d)
+
+
+# ------------------------------------------------------------------------ corrupted GGUF
+
+def test_small_gguf_loads(tmp_path):
+    lw = read_weights(write_small_gguf(tmp_path / "m.gguf"))
+    assert lw.config.vocab_size == 40 and lw.format == "gguf"
+
+
+def test_gguf_bad_magic(tmp_path):
+    p = tmp_path / "m.gguf"
+    p.write_bytes(b"GGUX" + b"\0" * 100)
+    with pytest.raises(ModelLoadError, match="m.gguf.*not a readable GGUF.*magic"):
+        read_weights(str(p))
+
+
+def test_gguf_truncated(tmp_path):
+    p = write_small_gguf(tmp_path / "m.gguf")
+    raw = open(p, "rb").read()
+    for cut in (10, 200, len(raw) - 100):
+        open(p, "wb").write(raw[:cut])
+        with pytest.raises(ModelLoadError, match="m.gguf"):
+            read_weights(p)
+
+
+def _patch_after_key(path, key: bytes, skip: int, fmt: str, value):
+    raw = bytearray(open(path, "rb").read())
+    at = raw.index(key) + len(key) + skip
+    struct.pack_into(fmt, raw, at, value)
+    open(path, "wb").write(bytes(raw))
+
+
+def test_gguf_huge_array_length_fails_fast(tmp_path):
+    """An array length of 2**62 must not make the reader loop (or allocate) for ever."""
+    p = write_small_gguf(tmp_path / "m.gguf")
+    _patch_after_key(p, b"tokenizer.ggml.tokens", 8, "<Q", 2**62)   # after vtype, itype
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="tokenizer.ggml.tokens"):
+        read_weights(p)
+    assert time.perf_counter() - t < 5
+
+
+def test_gguf_huge_block_count_fails_fast(tmp_path):
+    p = write_small_gguf(tmp_path / "m.gguf")
+    _patch_after_key(p, b"llama.block_count", 4, "<I", 2**31)
+    t = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="layers but the checkpoint holds only"):
+        read_weights(p)
+    assert time.perf_counter() - t < 5
+
+
+def test_gguf_version_unsupported(tmp_path):
+    p = write_small_gguf(tmp_path / "m.gguf")
+    raw = bytearray(open(p, "rb").read())
+    struct.pack_into("<I", raw, 4, 1)
+    open(p, "wb").write(bytes(raw))
+    with pytest.raises(ModelLoadError, match="version 1"):
+        read_weights(p)
+
+
+def test_gguf_unsupported_arch(tmp_path):
+    p = write_small_gguf(tmp_path / "m.gguf", arch="gpt2")
+    with pytest.raises(UnsupportedModelError, match="'gpt2'.*llama.*qwen2.*qwen3"):
+        read_weights(p)
+
+
+def test_gguf_shape_mismatch(tmp_path):
+    p = write_small_gguf(tmp_path / "m.gguf", {**SMALL, "vocab_size": 40})
+    _patch_after_key(p, b"llama.embedding_length", 4, "<I", 64)
+    with pytest.raises(ModelLoadError, match="has shape .* metadata implies"):
+        read_weights(p)
+
+
+def test_gguf_missing_metadata(tmp_path):
+    p = write_small_gguf(tmp_path / "m.gguf")
+    raw = bytearray(open(p, "rb").read())
+    at = raw.index(b"llama.feed_forward_length")
+    raw[at:at + 5] = b"xxxxx"                    # renames the key
+    open(p, "wb").write(bytes(raw))
+    with pytest.raises(ModelLoadError, match="lacks 'llama.feed_forward_length'"):
+        read_weights(p)
+
+
+# ------------------------------------------------------------------------ fuzzing
+
+_FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                        HealthCheck.too_slow])
+
+
+def _mutate(raw: bytes, data) -> bytes:
+    raw = bytearray(raw)
+    if data.draw(st.booleans(), label="truncate"):
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="cut")]
+    # Most flips land in the header, where they matter most.
+    header_end = min(len(raw), 2048)
+    for _ in range(data.draw(st.integers(0 if len(raw) else 0, 6), label="n_flips")):
+        if not raw:
+            break
+        hi = header_end if data.draw(st.booleans()) else len(raw)
+        pos = data.draw(st.integers(0, max(0, hi - 1)), label="pos")
+        raw[pos] = data.draw(st.integers(0, 255), label="byte")
+    return bytes(raw)
+
+
+def _expect_clean(path):
+    t = time.perf_counter()
+    try:
+        read_weights(path)
+    except ModelLoadError as e:          # UnsupportedModelError included
+        assert "\n" not in str(e)
+    assert time.perf_counter() - t < 20
+
+
+@pytest.fixture(scope="module")
+def fuzz_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fuzz_src")
+    st_dir = write_small_hf(root / "hf")
+    gguf_path = write_small_gguf(root / "m.gguf")
+    return (open(os.path.join(st_dir, "model.safetensors"), "rb").read(),
+            open(os.path.join(st_dir, "config.json")).read(),
+            open(gguf_path, "rb").read())
+
+
+@_FUZZ
+@given(data=st.data())
+def test_fuzz_safetensors(tmp_path_factory, fuzz_sources, data):
+    raw, config, _ = fuzz_sources
+    d = tmp_path_factory.mktemp("fuzz_st")
+    (d / "config.json").write_text(config)
+    (d / "model.safetensors").write_bytes(_mutate(raw, data))
+    _expect_clean(str(d))
+
+
+@_FUZZ
+@given(data=st.data())
+def test_fuzz_gguf(tmp_path_factory, fuzz_sources, data):
+    raw = fuzz_sources[2]
+    d = tmp_path_factory.mktemp("fuzz_gguf")
+    (d / "m.gguf").write_bytes(_mutate(raw, data))
+    _expect_clean(str(d / "m.gguf"))
