@@ -1,0 +1,173 @@
+"""The `kogcupy` command: generate, env (and repack when weights_tools is importable).
+
+User errors (KogError) print one line, ``kogcupy: error: <what>``, and exit 2; click usage
+errors exit 2 as well; Ctrl-C keeps the text streamed so far, prints the stats line, exits 130.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+
+import click
+
+from .errors import InputError, KogError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class _UserError(click.ClickException):
+    """A KogError on its way out of click: one line on stderr, exit code 2."""
+
+    exit_code = EXIT_USER_ERROR
+
+    def show(self, file=None):
+        click.echo(f"kogcupy: error: {self.message}", err=True)
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KogError as e:
+            raise _UserError(" ".join(str(e).split()) or type(e).__name__) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kogcupy", message="kogcupy %(version)s")
+def cli():
+    """kogcupy: batch-1 LLM inference in one persistent GPU kernel."""
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option("--model", "model_path", metavar="PATH", default=None,
+              help="HF directory, .gguf file or packed directory (default: embedded SmolLM2-135M).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off.")
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off.")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat/--no-chat", default=None,
+              help="Apply the model's chat template (default: when the model has one).")
+@click.option("--backend", type=click.Choice(["auto", "reference", "monokernel"]),
+              default="auto", show_default=True)
+@click.option("--context-length", type=int, default=4096, show_default=True)
+@click.option("--dtype", default=None, help="GPU storage dtype: bfloat16 | float16.")
+@click.option("--gpus", type=int, default=1, show_default=True)
+@click.option("--stop", multiple=True, help="Stop string (repeatable); the text ends before it.")
+def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_p,
+             repetition_penalty, seed, chat, backend, context_length, dtype, gpus, stop):
+    """Stream a completion of PROMPT (read from stdin when omitted) to stdout."""
+    from .engine import Engine
+    from .model import load_model
+    from .sampling_params import SamplingParams
+
+    # Bad arguments fail before the model is read.
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, seed=seed)
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if prompt is None:
+        prompt = sys.stdin.read()
+        if prompt.endswith("\n"):        # `echo ... |` adds one; it is not part of the prompt
+            prompt = prompt[:-1]
+    model = load_model(model_path, dtype=dtype)
+    engine = Engine(model, backend=backend, context_length=context_length, gpus=gpus)
+    gen = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),
+                          chat=chat)
+    interrupted = False
+    try:
+        for piece in gen:
+            click.echo(piece, nl=False)          # echo flushes: text appears as it is made
+    except KeyboardInterrupt:
+        interrupted = True
+    click.echo("")
+    click.echo(gen.result.stats_line(), err=True)
+    if interrupted:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _gpu_lines() -> tuple[str, list[str]]:
+    """(cupy version or 'not installed', one line per GPU or ['none (why)'])."""
+    try:
+        import cupy
+    except Exception as e:
+        return f"not installed ({type(e).__name__})", ["none"]
+    version = getattr(cupy, "__version__", "?")
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return version, [f"none ({type(e).__name__})"]
+    lines = []
+    for i in range(n):
+        p = cupy.cuda.runtime.getDeviceProperties(i)
+        name = p.get("name", b"?")
+        name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+        arch = p.get("gcnArchName", b"")
+        arch = arch.decode(errors="replace") if isinstance(arch, bytes) else str(arch)
+        if not arch or cupy.cuda.runtime.is_hip is False:
+            arch = f"sm_{p.get('major', '?')}{p.get('minor', '?')}"
+        mem = p.get("totalGlobalMem", 0) / 2**30
+        lines.append(f"{i}: {name} ({arch}, {mem:.0f} GiB)")
+    return version, lines or ["none"]
+
+
+@cli.command()
+def env():
+    """Versions, GPUs and the backend `auto` would pick."""
+    import numpy
+
+    from .engine import resolve_backend
+
+    cupy_version, gpus = _gpu_lines()
+    click.echo(f"kogcupy: {_version()}")
+    click.echo(f"python:  {platform.python_version()} ({sys.executable})")
+    click.echo(f"numpy:   {numpy.__version__}")
+    click.echo(f"cupy:    {cupy_version}")
+    click.echo("gpus:    " + gpus[0])
+    for line in gpus[1:]:
+        click.echo("         " + line)
+    click.echo(f"backend: {resolve_backend('auto')} (auto)")
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def _add_repack():
+    try:
+        from weights_tools.repack import repack_command
+    except ImportError:
+        return
+    cli.add_command(repack_command, "repack")
+
+
+_add_repack()
+
+
+def main(argv=None) -> None:
+    """Console entry point: never a traceback for user errors or Ctrl-C."""
+    try:
+        rv = cli.main(args=argv, prog_name="kogcupy", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:        # usage errors and _UserError
+        e.show()
+        sys.exit(e.exit_code)
+    except KogError as e:                    # raised outside a command (e.g. while parsing)
+        click.echo(f"kogcupy: error: {' '.join(str(e).split())}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo("", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
