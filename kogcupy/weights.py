@@ -617,6 +617,8 @@ class GGUFCheckpoint:
         except Exception as e:
             raise ModelLoadError(f"{where}: cannot dequantize {t.tensor_type.name} "
                                  f"({_one_line(e)})") from None
+        # llama.cpp permutes Q/K rows only for its interleaved-RoPE ("LLAMA" rope type)
+        # archs; qwen2/qwen3 use half-split RoPE there and keep HF row order.
         if self.config.arch == "llama" and name in ("wq", "bq"):
             a = unpermute_qk(a, self.config.n_heads)
         elif self.config.arch == "llama" and name in ("wk", "bk"):

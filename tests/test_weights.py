@@ -113,6 +113,20 @@ def test_gguf_quantized_types(tmp_path, qtype, atol):
     np.testing.assert_allclose(wq, sd["model.layers.1.self_attn.q_proj.weight"], atol=atol)
 
 
+@pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False)])
+def test_gguf_matches_transformers_gguf_loader(tmp_path, arch, tie):
+    """transformers' own GGUF loader (from_pretrained(gguf_file=...)) is the oracle: its
+    weights, packed, equal ours bit for bit (Q/K un-permuted for llama only). Not qwen3:
+    transformers ignores qwen3.attention.key_length and assumes head_dim 128."""
+    import transformers
+    T.write_tiny_gguf(str(tmp_path / "t.gguf"), arch, "Q8_0", tie=tie)
+    cls = getattr(transformers, T._HF_CLASSES[arch][1])
+    theirs = cls.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    lw = read_weights(str(tmp_path / "t.gguf"))
+    assert lw.config.tie_word_embeddings == tie
+    assert_packed_equal(lw.weights, pack_state_dict(lw.config, T.state_dict_numpy(theirs)))
+
+
 def _raw_kquant(rng, shape, qtype):
     """Random blocks of a K-quant with small fp16 scales (valid data, any bits)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as Q
