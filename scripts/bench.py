@@ -260,9 +260,43 @@ def bench_hf(model, cfg, prompt_len, new_tokens, device) -> dict:
         raise RuntimeError(f"transformers generated {generated} tokens, asked {new_tokens}")
     # times[0]: prompt handed over; times[1]: first token out; times[-1]: last token out.
     decode_s = clock.times[-1] - clock.times[1]
+    steps = sorted(b - a for a, b in zip(clock.times[1:], clock.times[2:]))
     return {"tokens_per_s": (new_tokens - 1) / decode_s, "decode_s": decode_s,
             "ttft_s": clock.times[1] - clock.times[0],
+            "step_ms": {"median": 1e3 * steps[len(steps) // 2],
+                        "p90": 1e3 * steps[int(len(steps) * 0.9)], "max": 1e3 * steps[-1]},
             "token_ids": out[0, prompt_len:].tolist()}
+
+
+def bench_hf_forward_loop(model, cfg, prompt_len, steps, device, profile=False) -> dict:
+    """Decode with bare model(token, past_key_values) calls and no per-step sync: how much of
+    the generate() time is generate()'s own per-step work rather than the forward pass."""
+    import torch
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=g).to(device)
+
+    def loop(n):
+        with torch.inference_mode():
+            out = model(ids, use_cache=True)
+            cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                out = model(tok, past_key_values=cache, use_cache=True)
+                cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            _sync(device)
+            return n / (time.perf_counter() - t0)
+
+    loop(4)                                                            # warm-up
+    res = {"forward_loop_tokens_per_s": loop(steps), "forward_loop_steps": steps}
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as tprofile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with tprofile(activities=acts) as prof:
+            loop(3)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),
+              file=sys.stderr)
+    return res
 
 
 def bench_hf_ttft(model, cfg, prompt_len, device, repeats=3) -> dict:
@@ -646,14 +680,21 @@ def run(args, save=lambda doc: None) -> dict:
                     res, err = _guard(lambda: bench_hf(model, cfg, args.prompt_len,
                                                        args.new_tokens, device),
                                       f"{shape} hf-eager", log)
+                    extra = {}
                     if res:
                         hf_tokens = res.pop("token_ids")
+                        extra = {"decode_s": res["decode_s"], "step_ms": res["step_ms"]}
+                        fl, _ = _guard(lambda: bench_hf_forward_loop(
+                            model, cfg, args.prompt_len, min(128, args.new_tokens), device,
+                            args.hf_profile), f"{shape} hf forward loop", log)
+                        extra.update(fl or {})
                     rows.append(make_row("hf-eager", shape, cfg, args, env, error=err,
                                          tokens_per_s=res and res["tokens_per_s"],
-                                         wall_s=time.perf_counter() - t0,
-                                         **({"decode_s": res["decode_s"]} if res else {})))
-                    print(f"  hf-eager        {_fmt(rows[-1]['tokens_per_s'], '.1f', 9)} tok/s",
-                          flush=True)
+                                         wall_s=time.perf_counter() - t0, **extra))
+                    print(f"  hf-eager        {_fmt(rows[-1]['tokens_per_s'], '.1f', 9)} tok/s"
+                          + (f"  (step ms {json.dumps({k: round(v, 2) for k, v in extra['step_ms'].items()})};"
+                             f" bare forward loop {extra['forward_loop_tokens_per_s']:.1f} tok/s)"
+                             if "forward_loop_tokens_per_s" in extra else ""), flush=True)
                     if args.ttft_prompt:
                         res, err = _guard(lambda: bench_hf_ttft(model, cfg, args.ttft_prompt,
                                                                 device),
@@ -767,6 +808,8 @@ def parse_args(argv=None):
     p.add_argument("--ttft-prompt", type=int, default=1000,
                    help="prompt length for time to first token (0: skip)")
     p.add_argument("--graph-repeats", type=int, default=3)
+    p.add_argument("--hf-profile", action="store_true",
+                   help="print a torch.profiler table of 3 bare transformers decode steps")
     p.add_argument("--bw-bytes", type=float, default=None,
                    help="stream-read buffer size in bytes (default 4e9; 6.4e7 with --dry-run)")
     p.add_argument("--bw-repeats", type=int, default=10)
