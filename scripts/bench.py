@@ -433,6 +433,7 @@ class CompactDecoder:
             gate, up = F.linear(self._rmsnorm(x, lw["ffn_norm"]), lw["w_gate_up"]).chunk(2, -1)
             x = x + F.linear(F.silu(gate) * up, lw["w_down"])
         logits = F.linear(self._rmsnorm(x, w["final_norm"]), w["lm_head"])
+        self.logits = logits                                          # (1, vocab)
         nxt = logits.argmax(-1)                                       # (1,) greedy
         self.token.copy_(nxt)
         self.out_tokens.index_copy_(0, self.pos, nxt)
@@ -464,6 +465,21 @@ class CompactDecoder:
             import torch
             with torch.inference_mode():
                 self.step()
+
+
+def logits_rel_err_vs_hf(model, cfg, weights, device, dtype, prompt_len=8) -> float:
+    """||compact - hf|| / ||hf|| of the last prompt position's logits: same weights, same math."""
+    import torch
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=g).to(device)
+    dec = CompactDecoder(cfg, weights, prompt_len, device, dtype)
+    with torch.inference_mode():
+        for t in range(prompt_len):
+            dec.token.copy_(ids[t:t + 1])
+            dec.step()
+        mine = dec.logits[0].double()
+        ref = model(ids[None]).logits[0, -1].double()
+    return float((mine - ref).norm() / ref.norm())
 
 
 def bench_graph(cfg, weights, prompt_len, new_tokens, device, dtype, repeats) -> dict:
@@ -707,16 +723,23 @@ def run(args, save=lambda doc: None) -> dict:
             def graph():
                 # Same weights as the transformers model when there is one: token ids then
                 # show whether the two implementations agree (bf16 near-ties may split them).
-                w = (compact_weights_from_hf(model, cfg) if model is not None
-                     else compact_weights_random(cfg, device, dtype))
-                return bench_graph(cfg, w, args.prompt_len, args.new_tokens, device, dtype,
-                                   args.graph_repeats)
+                if model is None:
+                    w = compact_weights_random(cfg, device, dtype)
+                    return bench_graph(cfg, w, args.prompt_len, args.new_tokens, device, dtype,
+                                       args.graph_repeats)
+                w = compact_weights_from_hf(model, cfg)
+                err = logits_rel_err_vs_hf(model, cfg, w, device, dtype)
+                res = bench_graph(cfg, w, args.prompt_len, args.new_tokens, device, dtype,
+                                  args.graph_repeats)
+                return {**res, "logits_rel_err_vs_hf": err}
             t0 = time.perf_counter()
             res, err = _guard(graph, f"{shape} torch-cudagraph", log)
             extra = {}
             if res:
                 extra["runs_tokens_per_s"] = res["runs_tokens_per_s"]
                 extra["cuda_graph"] = res["graph"]
+                if "logits_rel_err_vs_hf" in res:
+                    extra["logits_rel_err_vs_hf"] = res["logits_rel_err_vs_hf"]
                 if hf_tokens is not None:
                     same = 0
                     for a, b in zip(hf_tokens, res["token_ids"]):
@@ -728,8 +751,9 @@ def run(args, save=lambda doc: None) -> dict:
                                  tokens_per_s=res and res["tokens_per_s"],
                                  wall_s=time.perf_counter() - t0, **extra))
             print(f"  torch-cudagraph {_fmt(rows[-1]['tokens_per_s'], '.1f', 9)} tok/s"
-                  + (f"  (greedy agrees with hf for {extra['greedy_prefix_agrees_with_hf']}"
-                     f" tokens)" if "greedy_prefix_agrees_with_hf" in extra else ""), flush=True)
+                  + (f"  (logits rel err vs hf {extra['logits_rel_err_vs_hf']:.1e}; greedy"
+                     f" agrees with hf for {extra['greedy_prefix_agrees_with_hf']} tokens)"
+                     if "greedy_prefix_agrees_with_hf" in extra else ""), flush=True)
         del model
         _free_gpu()
 
