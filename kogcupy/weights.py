@@ -358,7 +358,7 @@ def check_gguf_structure(path: str) -> None:
             off += n
             return raw
         if vtype == _GGUF_STRING:
-            return string(what)
+            return string(what).decode("utf-8")      # the GGUF spec says UTF-8
         if vtype == _GGUF_ARRAY:
             if depth > 2:
                 raise ValueError(f"{what}: arrays nested too deep")
@@ -711,14 +711,15 @@ def detect_format(path: str) -> str:
         raise _pickle_error(path)
     try:
         with open(path, "rb") as f:
-            magic = f.read(4)
+            magic = f.read(9)
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read ({_one_line(e)})") from None
-    if magic == b"GGUF" or path.endswith(".gguf"):
+    if magic[:4] == b"GGUF" or path.endswith(".gguf"):
         return "gguf"
-    if magic[:2] == b"PK" or magic[:1] == b"\x80":      # torch.save zip / raw pickle
-        raise _pickle_error(path)
-    if path.endswith(".safetensors"):
+    is_safetensors = magic[8:9] == b"{"                  # 8-byte header length, then JSON
+    if not is_safetensors and (magic[:2] == b"PK" or magic[:1] == b"\x80"):
+        raise _pickle_error(path)                        # torch.save zip / raw pickle
+    if path.endswith(".safetensors") or is_safetensors:
         raise ModelLoadError(f"{path}: a .safetensors file alone has no config; pass the "
                              f"HuggingFace model directory that holds it and config.json")
     raise ModelLoadError(f"{path}: unknown model format (expected a HuggingFace directory, "
