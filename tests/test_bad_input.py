@@ -375,7 +375,7 @@ def test_gguf_missing_metadata(tmp_path):
 
 # ------------------------------------------------------------------------ fuzzing
 
-_FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
+_FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture,
                                         HealthCheck.too_slow])
 
