@@ -1,0 +1,189 @@
+// ============================================================================================
+// attention.cuh -- stage attention (GQA), split over KV positions.
+//
+// A unit is (kv head g, chunk of positions). Its block takes the q rows of the G = H / KV
+// q heads sharing g from the qkv buffer, applies qwen3 qk-norm and RoPE (norm_rope.cuh), and
+// computes fp32 softmax(q k^T / sqrt(hd)) v over its chunk: out, running max and sum per head.
+// The unit whose chunk holds the current position also finishes k and v of that position and
+// appends them to the KV cache (no other unit reads that position in this step).
+// With one chunk the unit writes attn_out directly; otherwise each unit writes a partial and
+// takes a ticket (acq_rel atomic); the last arrival combines the partials of head g, writes
+// attn_out, resets the ticket, and signals the attention counter once per kv head.
+// ============================================================================================
+#pragma once
+#include "norm_rope.cuh"
+
+
+// Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], probs[GQA][CHUNK],
+// ml[GQA][2].
+#define KOG_ATTN_SMEM_FLOATS \
+    (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_CHUNK + 2 * KOG_GQA)
+
+// Chunk length and count for n_pos attended positions (same rule as placement.attention_chunks).
+KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
+    int len = (n_pos + max_chunks - 1) / max_chunks;
+    len = (len + KOG_ATTN_MIN_CHUNK - 1) / KOG_ATTN_MIN_CHUNK * KOG_ATTN_MIN_CHUNK;
+    return len < KOG_ATTN_CHUNK ? len : KOG_ATTN_CHUNK;
+}
+
+KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
+    constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA;
+    const KogParams* p = c.p;
+    const int t = c.t, n_pos = t + 1;
+    const int chunk = kog_attn_chunk_len(n_pos, p->attn_max_chunks);
+    const int n_chunks = (n_pos + chunk - 1) / chunk;
+    const int n_units = KOG_N_KV * n_chunks;
+    const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
+    const int n_warps = blockDim.x / KOG_WARP;
+    float* q = c.smem;                          // [G][HD]
+    float* kv_t = q + G * HD;                   // [2][HD] k, v of the current position
+    float* o = kv_t + 2 * HD;                   // [G][HD]
+    float* probs = o + G * HD;                  // [G][KOG_ATTN_CHUNK]
+    float* ml = probs + G * KOG_ATTN_CHUNK;     // [G][2]
+    kog_u32* flag = reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG);
+    const float qscale = rsqrtf((float)HD);
+    float* dbg = kog_debug_row(c);
+    bool waited = false;
+
+    // Units go to blocks from the top of the grid down (block 0 also samples).
+    for (int u = gridDim.x - 1 - blockIdx.x; u < n_units; u += gridDim.x) {
+        const int g = u % KOG_N_KV, ch = u / KOG_N_KV;
+        const int j0 = ch * chunk, j1 = min(n_pos, j0 + chunk);
+        const bool holds_t = j1 == n_pos;
+        if (!waited) {
+            kog_wait_counter(kog_counter(c, KOG_CNT_QKV + layer), kog_expected(c, p->n_qkv_producers));
+            waited = true;
+        }
+        const kog_u64 kv_base = ((kog_u64)layer * KOG_N_KV + g) * p->context_length;
+        kog_u16* kc = p->k_cache + kv_base * HD;
+        kog_u16* vc = p->v_cache + kv_base * HD;
+
+        // ---- q of the G heads (+ k, v of position t): qk-norm, RoPE, KV append ----
+        for (int i = threadIdx.x; i < G * HD; i += blockDim.x)
+            q[i] = kog_ld_cg(p->qkv + g * G * HD + i);
+        if (holds_t)
+            for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x)
+                kv_t[i] = kog_ld_cg(p->qkv + KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i);
+        __syncthreads();
+        const float* qn = KOG_QK_NORM ? p->q_norm + (kog_u64)layer * HD : nullptr;
+        const float* kn = KOG_QK_NORM ? p->k_norm + (kog_u64)layer * HD : nullptr;
+        for (int h = warp; h < G + (holds_t ? 1 : 0); h += n_warps)
+            kog_head_norm_rope(h < G ? q + h * HD : kv_t, h < G ? qn : kn, p, t);
+        __syncthreads();
+        if (holds_t) {
+            for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x) {
+                kog_u16 w = kog_f32_to_w(kv_t[i]);
+                if (i < HD) kc[(kog_u64)t * HD + i] = w; else vc[(kog_u64)t * HD + i - HD] = w;
+                kv_t[i] = kog_w_to_f32(w);        // attend to what later steps will read
+            }
+            if (dbg != nullptr) {
+                float* d = dbg + KOG_DBG_QKV + (kog_u64)layer * KOG_DBG_LAYER;
+                for (int i = threadIdx.x; i < G * HD; i += blockDim.x) d[g * G * HD + i] = q[i];
+                for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x)
+                    d[KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i] = kv_t[i];
+            }
+        }
+        __syncthreads();
+
+        // ---- scores: one warp per position ----
+        for (int j = j0 + warp; j < j1; j += n_warps) {
+            float kd[(HD + KOG_WARP - 1) / KOG_WARP];
+#pragma unroll
+            for (int e = 0; e < (HD + KOG_WARP - 1) / KOG_WARP; ++e) {
+                const int d = lane + e * KOG_WARP;
+                kd[e] = d < HD ? (j == t ? kv_t[d] : kog_w_to_f32(kog_ld_cg_u16(kc + (kog_u64)j * HD + d))) : 0.f;
+            }
+#pragma unroll
+            for (int h = 0; h < G; ++h) {
+                float s = 0.f;
+#pragma unroll
+                for (int e = 0; e < (HD + KOG_WARP - 1) / KOG_WARP; ++e) {
+                    const int d = lane + e * KOG_WARP;
+                    if (d < HD) s = fmaf(q[h * HD + d], kd[e], s);
+                }
+                s = kog_warp_sum(s);
+                if (lane == 0) probs[h * KOG_ATTN_CHUNK + (j - j0)] = s * qscale;
+            }
+        }
+        for (int i = threadIdx.x; i < G * HD; i += blockDim.x) o[i] = 0.f;
+        __syncthreads();
+
+        // ---- softmax over the chunk: one warp per head ----
+        for (int h = warp; h < G; h += n_warps) {
+            float* s = probs + h * KOG_ATTN_CHUNK;
+            float m = KOG_NEG_INF;
+            for (int j = lane; j < j1 - j0; j += KOG_WARP) m = fmaxf(m, s[j]);
+            m = kog_warp_max(m);
+            float l = 0.f;
+            for (int j = lane; j < j1 - j0; j += KOG_WARP) {
+                const float e = expf(s[j] - m);
+                s[j] = e;
+                l += e;
+            }
+            l = kog_warp_sum(l);
+            if (lane == 0) { ml[2 * h] = m; ml[2 * h + 1] = l; }
+        }
+        __syncthreads();
+
+        // ---- o = probs @ v: thread (position lane jp, dim d), shared atomics combine ----
+        {
+            const int d = threadIdx.x % HD, jp = threadIdx.x / HD, n_jp = blockDim.x / HD;
+            float acc[G];
+#pragma unroll
+            for (int h = 0; h < G; ++h) acc[h] = 0.f;
+            if (jp < n_jp) {
+                for (int j = j0 + jp; j < j1; j += n_jp) {
+                    const float v = j == t ? kv_t[HD + d] : kog_w_to_f32(kog_ld_cg_u16(vc + (kog_u64)j * HD + d));
+#pragma unroll
+                    for (int h = 0; h < G; ++h) acc[h] = fmaf(probs[h * KOG_ATTN_CHUNK + j - j0], v, acc[h]);
+                }
+#pragma unroll
+                for (int h = 0; h < G; ++h) atomicAdd(o + h * HD + d, acc[h]);
+            }
+        }
+        __syncthreads();
+
+        // ---- finish: direct, or partial + ticket + combine by the last arrival ----
+        bool combine = n_chunks == 1;
+        if (!combine) {
+            float* part = p->attn_partial + ((kog_u64)g * p->attn_chunks_alloc + ch) * G * (HD + 2);
+            for (int i = threadIdx.x; i < G * (HD + 2); i += blockDim.x) {
+                const int h = i / (HD + 2), k = i - h * (HD + 2);
+                part[i] = k < HD ? o[h * HD + k] : ml[2 * h + (k - HD)];
+            }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                const kog_u32 old = kog_atomic_add_acq_rel(kog_counter(c, KOG_CNT_TICKET + g), 1u);
+                *flag = old == (kog_u32)(n_chunks - 1) ? 1u : 0u;
+            }
+            __syncthreads();
+            combine = *flag != 0u;
+        }
+        if (combine) {
+            for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+                const int h = i / HD, d = i - h * HD;
+                float out;
+                if (n_chunks == 1) {
+                    out = o[i] / ml[2 * h + 1];
+                } else {
+                    const float* base = p->attn_partial + (kog_u64)g * p->attn_chunks_alloc * G * (HD + 2) + h * (HD + 2);
+                    float m = KOG_NEG_INF;
+                    for (int k = 0; k < n_chunks; ++k) m = fmaxf(m, kog_ld_cg(base + (kog_u64)k * G * (HD + 2) + HD));
+                    float l = 0.f, acc = 0.f;
+                    for (int k = 0; k < n_chunks; ++k) {
+                        const float* pk = base + (kog_u64)k * G * (HD + 2);
+                        const float w = expf(kog_ld_cg(pk + HD) - m);
+                        l = fmaf(kog_ld_cg(pk + HD + 1), w, l);
+                        acc = fmaf(kog_ld_cg(pk + d), w, acc);
+                    }
+                    out = acc / l;
+                }
+                p->attn_out[g * G * HD + i] = out;
+                if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * G * HD + i] = out;
+            }
+            if (n_chunks > 1 && threadIdx.x == 0) kog_st_relaxed(kog_counter(c, KOG_CNT_TICKET + g), 0u);
+            kog_signal_counter(kog_counter(c, KOG_CNT_ATTN + layer));
+        }
+        __syncthreads();                          // shared buffers are reused by the next unit
+    }
+}

@@ -1,0 +1,216 @@
+// ============================================================================================
+// gemv.cuh -- batch-1 matrix-vector streaming, and the GEMV stages built on it:
+//   o_proj_residual, ffn_norm_gate_up_silu, down_residual, final_norm_lm_head
+// (attn_norm_qkv is in norm_rope.cuh).
+//
+// A block owns a contiguous range of "units" (UNIT consecutive rows: 1 for plain rows, 2 for
+// an interleaved gate/up pair) of a row-major matrix; Python balanced the ranges at build time
+// (placement.py). Warp w streams units begin + w, begin + w + n_warps, ... in tiles of NLT
+// 16-byte non-temporal loads per lane, coalesced across the warp, double-buffered in registers
+// so the next tile is in flight while the current one is consumed.
+//
+// The weight stream does not stop at stage boundaries: the first tile is loaded BEFORE the
+// block waits for its input (weights never depend on activations); `ready()` then waits,
+// loads the activation vector into shared memory once (and its RMS when the stage normalises),
+// and returns the scale the dot products are multiplied by.
+// ============================================================================================
+#pragma once
+#include "platform.cuh"
+#include "sync.cuh"
+
+#define KOG_GEMV_MAX_LOADS 8      // 16-byte loads in flight per lane per tile
+
+// Loads the activation vector src[0:n) (fp32, written by other blocks) into shared xs.
+// Returns 1/rms(src) when `norm`, else 1. All threads call it; ends with a block barrier.
+KOG_DEVICE float kog_load_activation(const float* src, int n, float* xs, float* scratch,
+                                     bool norm) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = kog_ld_cg(src + i);
+        xs[i] = v;
+        ss = fmaf(v, v, ss);
+    }
+    if (norm) {
+        ss = kog_block_sum(ss, scratch);          // its barriers also publish xs
+        return rsqrtf(ss / (float)n + KOG_EPS);
+    }
+    __syncthreads();
+    return 1.f;
+}
+
+// Streams units [u_begin, u_end) of W (units of UNIT rows x K weights, row-major).
+//   ready()                -> float scale (<= 0: abort, the generation is over)
+//   epi(unit, acc[UNIT], scale)   called by every lane of the owning warp after the warp sum
+template <int K, int UNIT, class Ready, class Epilogue>
+KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs,
+                         Ready ready, Epilogue epi) {
+    static_assert(K % 8 == 0, "rows must be a whole number of 16-byte vectors");
+    constexpr int CPR = K / 8;                                   // 16-byte chunks per row
+    constexpr int CPU = UNIT * CPR;                              // chunks per unit
+    constexpr int WANT = (CPU + KOG_WARP - 1) / KOG_WARP;
+    constexpr int NLT = WANT < KOG_GEMV_MAX_LOADS ? WANT : KOG_GEMV_MAX_LOADS;
+    constexpr int TILE = KOG_WARP * NLT;                         // chunks per warp tile
+    constexpr int TPU = (CPU + TILE - 1) / TILE;                 // tiles per unit
+    constexpr bool FULL = (CPU % TILE) == 0;                     // no ragged last tile
+
+    const int lane = threadIdx.x % KOG_WARP;
+    const int warp = threadIdx.x / KOG_WARP;
+    const int n_warps = blockDim.x / KOG_WARP;
+    const kog_vec4* W4 = reinterpret_cast<const kog_vec4*>(W);
+    const int first = u_begin + warp;
+    const int n_units = first < u_end ? (u_end - first + n_warps - 1) / n_warps : 0;
+    int n_tiles = n_units * TPU;
+
+    kog_vec4 cur[NLT];
+    auto load = [&](int i, kog_vec4 (&v)[NLT]) {
+        const int u = first + (i / TPU) * n_warps;
+        const int kt = i % TPU;
+        const kog_vec4* base = W4 + (kog_u64)u * CPU + kt * TILE + lane;
+#pragma unroll
+        for (int j = 0; j < NLT; ++j)
+            if (FULL || kt * TILE + j * KOG_WARP + lane < CPU) v[j] = kog_ld_stream(base + j * KOG_WARP);
+    };
+    if (n_tiles > 0) load(0, cur);                               // in flight across the wait
+
+    const float scale = ready();
+    if (!(scale > 0.f)) return;
+
+    const float4* x4 = reinterpret_cast<const float4*>(xs);
+    float acc[UNIT];
+#pragma unroll
+    for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
+    for (int i = 0; i < n_tiles; ++i) {
+        kog_vec4 nxt[NLT];
+        if (i + 1 < n_tiles) load(i + 1, nxt);
+        const int kt = i % TPU;
+#pragma unroll
+        for (int j = 0; j < NLT; ++j) {
+            const int c = kt * TILE + j * KOG_WARP + lane;
+            if (FULL || c < CPU) {
+                const int row = c / CPR;
+                const int col = c - row * CPR;
+                const float4 a = x4[2 * col], b = x4[2 * col + 1];
+                const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int r = 0; r < UNIT; ++r)
+                    if (UNIT == 1 || row == r) acc[r] = kog_dot8(cur[j], xv, acc[r]);
+            }
+        }
+        if (kt == TPU - 1) {
+#pragma unroll
+            for (int r = 0; r < UNIT; ++r) acc[r] = kog_warp_sum(acc[r]);
+            epi(first + (i / TPU) * n_warps, acc, scale);
+#pragma unroll
+            for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < NLT; ++j) cur[j] = nxt[j];
+    }
+}
+
+// ============================================================================================
+// Stage o_proj_residual: x[rows] += wo @ attn_out
+// ============================================================================================
+KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
+    const KogParams* p = c.p;
+    const int r0 = c.part[2], r1 = c.part[3];
+    float* dbg = kog_debug_row(c);
+    auto ready = [&]() -> float {
+        if (r0 >= r1) return -1.f;
+        kog_wait_counter(kog_counter(c, KOG_CNT_ATTN + layer), kog_expected(c, KOG_N_KV));
+        return kog_load_activation(p->attn_out, KOG_Q_DIM, c.smem, c.scratch, false);
+    };
+    auto epi = [&](int row, float (&acc)[1], float) {
+        if (threadIdx.x % KOG_WARP == 0) {
+            const float v = p->x[row] + acc[0];
+            p->x[row] = v;
+            if (dbg != nullptr) dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
+        }
+    };
+    kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, ready, epi);
+    if (r0 < r1) kog_signal_counter(kog_counter(c, KOG_CNT_O + layer));
+}
+
+// ============================================================================================
+// Stage ffn_norm_gate_up_silu: act[j] = silu(gate_j . n) * (up_j . n), n = rmsnorm(x).
+// Gate and up rows are interleaved (unit j = rows 2j, 2j+1), so one warp finishes act[j].
+// ============================================================================================
+KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
+    const KogParams* p = c.p;
+    const int u0 = c.part[4], u1 = c.part[5];
+    float* dbg = kog_debug_row(c);
+    auto ready = [&]() -> float {
+        if (u0 >= u1) return -1.f;
+        kog_wait_counter(kog_counter(c, KOG_CNT_O + layer), kog_expected(c, p->n_o_producers));
+        return kog_load_activation(p->x, KOG_HIDDEN, c.smem, c.scratch, true);
+    };
+    auto epi = [&](int j, float (&acc)[2], float scale) {
+        if (threadIdx.x % KOG_WARP == 0) {
+            const float g = acc[0] * scale, u = acc[1] * scale;
+            const float a = g / (1.f + expf(-g)) * u;
+            p->act[j] = a;
+            if (dbg != nullptr) dbg[KOG_DBG_GATE_UP + (kog_u64)layer * KOG_DBG_LAYER + j] = a;
+        }
+    };
+    kog_gemv<KOG_HIDDEN, 2>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1, c.smem,
+                            ready, epi);
+    if (u0 < u1) kog_signal_counter(kog_counter(c, KOG_CNT_GATE_UP + layer));
+}
+
+// ============================================================================================
+// Stage down_residual: x[rows] += w_down @ act
+// ============================================================================================
+KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
+    const KogParams* p = c.p;
+    const int r0 = c.part[6], r1 = c.part[7];
+    float* dbg = kog_debug_row(c);
+    auto ready = [&]() -> float {
+        if (r0 >= r1) return -1.f;
+        kog_wait_counter(kog_counter(c, KOG_CNT_GATE_UP + layer), kog_expected(c, p->n_gate_up_producers));
+        return kog_load_activation(p->act, KOG_FFN, c.smem, c.scratch, false);
+    };
+    auto epi = [&](int row, float (&acc)[1], float) {
+        if (threadIdx.x % KOG_WARP == 0) {
+            const float v = p->x[row] + acc[0];
+            p->x[row] = v;
+            if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
+        }
+    };
+    kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, ready, epi);
+    if (r0 < r1) kog_signal_counter(kog_counter(c, KOG_CNT_DOWN + layer));
+}
+
+// ============================================================================================
+// Stage final_norm_lm_head: logits[rows] = lm_head @ rmsnorm(x), and this block's argmax
+// (lowest index on ties) for the greedy sampler.
+// ============================================================================================
+KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
+    const KogParams* p = c.p;
+    const int r0 = c.part[8], r1 = c.part[9];
+    float* logits = p->logits + (p->all_logits ? (kog_u64)lm_index * KOG_VOCAB : 0ull);
+    float* dbg = kog_debug_row(c);
+    float best_v = KOG_NEG_INF;
+    int best_i = KOG_INT_MAX;
+    auto ready = [&]() -> float {
+        if (r0 >= r1) return -1.f;
+        kog_wait_counter(kog_counter(c, KOG_CNT_DOWN + KOG_N_LAYERS - 1), kog_expected(c, p->n_down_producers));
+        return kog_load_activation(p->x, KOG_HIDDEN, c.smem, c.scratch, true);
+    };
+    auto epi = [&](int row, float (&acc)[1], float scale) {
+        const float v = acc[0] * scale;
+        if (v > best_v) { best_v = v; best_i = row; }    // rows ascend within a warp
+        if (threadIdx.x % KOG_WARP == 0) {
+            logits[row] = v;
+            if (dbg != nullptr) dbg[KOG_DBG_LOGITS + row] = v;
+        }
+    };
+    kog_gemv<KOG_HIDDEN, 1>(p->lm_head, r0, r1, c.smem, ready, epi);
+    if (r0 >= r1) return;
+    float bv;
+    const int bi = kog_block_argmax(best_v, best_i, c.scratch, bv);
+    if (threadIdx.x == 0) {
+        p->lm_part_idx[blockIdx.x] = bi;
+        p->lm_part_val[blockIdx.x] = bv;
+    }
+    kog_signal_counter(kog_counter(c, KOG_CNT_LM));
+}

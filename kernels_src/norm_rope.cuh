@@ -1,0 +1,71 @@
+// ============================================================================================
+// norm_rope.cuh -- stage attn_norm_qkv, and the per-head qk-norm + RoPE the attention stage
+// applies on read.
+//
+// attn_norm_qkv: qkv = wqkv @ rmsnorm(x) (+ bqkv). The attn_norm gamma is folded into wqkv,
+// so a block only needs sum(x^2), which it computes itself from x in shared memory. Rows are
+// split evenly over all blocks (whole heads per block would leave most of the grid idle: 48
+// heads of Llama-3.2-1B against 132 multiprocessors), so the per-head work (qwen3 q/k RMSNorm,
+// half-split RoPE, KV append) is done by the attention stage, which holds whole heads.
+// ============================================================================================
+#pragma once
+#include "gemv.cuh"
+
+// Returns true when the generation is over (seen at layer 0: the sampler set the stop flag).
+KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
+    const KogParams* p = c.p;
+    float* xs = c.smem;
+    const bool first = layer == 0;
+    const int wait_idx = first ? KOG_CNT_TOK : KOG_CNT_DOWN + layer - 1;
+    const kog_u32 expected = first ? (kog_u32)(c.t + 1) : kog_expected(c, p->n_down_producers);
+    const int r0 = c.part[0], r1 = c.part[1];
+    const float* bias = KOG_QKV_BIAS ? p->bqkv + (kog_u64)layer * KOG_QKV_DIM : nullptr;
+    float* out = p->qkv;
+    bool stop = false;
+    auto ready = [&]() -> float {
+        if (first) {
+            stop = kog_wait_counter_read_flag(kog_counter(c, wait_idx), expected,
+                                              kog_counter(c, KOG_CNT_STOP),
+                                              reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG)) != 0u;
+            if (stop) return -1.f;
+        } else {
+            kog_wait_counter(kog_counter(c, wait_idx), expected);
+        }
+        if (r0 >= r1) return 1.f;
+        return kog_load_activation(p->x, KOG_HIDDEN, xs, c.scratch, true);
+    };
+    auto epi = [&](int row, float (&acc)[1], float scale) {
+        if (threadIdx.x % KOG_WARP == 0) {
+            float v = acc[0] * scale;
+            if (KOG_QKV_BIAS) v += bias[row];
+            out[row] = v;
+        }
+    };
+    kog_gemv<KOG_HIDDEN, 1>(p->wqkv + (kog_u64)layer * KOG_QKV_DIM * KOG_HIDDEN, r0, r1, xs,
+                            ready, epi);
+    if (stop) return true;
+    if (r0 < r1) kog_signal_counter(kog_counter(c, KOG_CNT_QKV + layer));
+    return false;
+}
+
+// One warp: v (KOG_HEAD_DIM floats, shared) <- RoPE(gamma ? rmsnorm(v) * gamma : v) at `pos`.
+KOG_DEVICE void kog_head_norm_rope(float* v, const float* gamma, const KogParams* p, int pos) {
+    constexpr int HD = KOG_HEAD_DIM, HALF = KOG_HEAD_DIM / 2;
+    const int lane = threadIdx.x % KOG_WARP;
+    if (gamma != nullptr) {
+        float ss = 0.f;
+        for (int d = lane; d < HD; d += KOG_WARP) ss = fmaf(v[d], v[d], ss);
+        ss = kog_warp_sum(ss);
+        const float inv = rsqrtf(ss / (float)HD + KOG_EPS);
+        for (int d = lane; d < HD; d += KOG_WARP) v[d] = v[d] * inv * gamma[d];
+        kog_syncwarp();
+    }
+    const float* cs = p->rope_cos + (kog_u64)pos * HALF;
+    const float* sn = p->rope_sin + (kog_u64)pos * HALF;
+    for (int i = lane; i < HALF; i += KOG_WARP) {
+        const float x1 = v[i], x2 = v[i + HALF], co = cs[i], si = sn[i];
+        v[i] = x1 * co - x2 * si;
+        v[i + HALF] = x2 * co + x1 * si;
+    }
+    kog_syncwarp();
+}

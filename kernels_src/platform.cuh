@@ -1,0 +1,267 @@
+// ============================================================================================
+// platform.cuh -- the one CUDA/HIP portability header of the monokernel.
+//
+// Everything that differs between NVIDIA (NVRTC/nvcc) and AMD (hiprtc/hipcc) lives here:
+// warp size, shuffles, fences, acquire/release flag accesses, non-temporal 16-byte weight
+// loads, L2-coherent activation loads, and the bf16/fp16 pair dot products (fp32 accumulate).
+// No standard headers: NVRTC has none, and the kernels need none.
+// ============================================================================================
+#pragma once
+
+#if defined(__HIPCC__) || defined(__HIP_PLATFORM_AMD__)
+#define KOG_HIP 1
+#if !defined(__HIPCC_RTC__)
+#include <hip/hip_runtime.h>
+#endif
+#else
+#define KOG_CUDA 1
+#endif
+
+#define KOG_DEVICE __device__ __forceinline__
+
+typedef unsigned int kog_u32;
+typedef unsigned long long kog_u64;
+typedef unsigned short kog_u16;
+
+// --------------------------------------------------------------------------------------------
+// Warp (wavefront) size: 32 on NVIDIA, 64 on CDNA, 32 on RDNA (wave32). Never hard-coded.
+// --------------------------------------------------------------------------------------------
+#if defined(KOG_HIP)
+#if defined(__AMDGCN_WAVEFRONT_SIZE)
+#define KOG_WARP __AMDGCN_WAVEFRONT_SIZE
+#else
+#define KOG_WARP 64
+#endif
+#else
+#define KOG_WARP 32
+#endif
+
+// --------------------------------------------------------------------------------------------
+// 16-byte vector type for weight streaming.
+// --------------------------------------------------------------------------------------------
+#if defined(KOG_HIP)
+typedef kog_u32 kog_vec4 __attribute__((ext_vector_type(4)));
+#define KOG_V4(v, i) ((v)[i])
+#else
+typedef uint4 kog_vec4;
+KOG_DEVICE kog_u32 kog_v4_get(const kog_vec4& v, int i) {
+    return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+#define KOG_V4(v, i) kog_v4_get((v), (i))
+#endif
+
+// --------------------------------------------------------------------------------------------
+// Shuffles
+// --------------------------------------------------------------------------------------------
+KOG_DEVICE float kog_shfl_xor(float v, int m) {
+#if defined(KOG_HIP)
+    return __shfl_xor(v, m);
+#else
+    return __shfl_xor_sync(0xffffffffu, v, m);
+#endif
+}
+KOG_DEVICE int kog_shfl_xor_int(int v, int m) {
+#if defined(KOG_HIP)
+    return __shfl_xor(v, m);
+#else
+    return __shfl_xor_sync(0xffffffffu, v, m);
+#endif
+}
+
+KOG_DEVICE void kog_syncwarp() {
+#if defined(KOG_HIP)
+    __builtin_amdgcn_wave_barrier();
+#else
+    __syncwarp();
+#endif
+}
+
+template <class T>
+KOG_DEVICE T kog_shfl_up(T v, int d) {
+#if defined(KOG_HIP)
+    return __shfl_up(v, d);
+#else
+    return __shfl_up_sync(0xffffffffu, v, d);
+#endif
+}
+
+KOG_DEVICE float kog_warp_sum(float v) {
+#pragma unroll
+    for (int m = KOG_WARP / 2; m > 0; m >>= 1) v += kog_shfl_xor(v, m);
+    return v;
+}
+KOG_DEVICE float kog_warp_max(float v) {
+#pragma unroll
+    for (int m = KOG_WARP / 2; m > 0; m >>= 1) v = fmaxf(v, kog_shfl_xor(v, m));
+    return v;
+}
+
+// --------------------------------------------------------------------------------------------
+// Loads
+// --------------------------------------------------------------------------------------------
+// Weights never change during a launch: read-only path, no L1 allocation, L2 prefetch hint.
+KOG_DEVICE kog_vec4 kog_ld_stream(const kog_vec4* p) {
+#if defined(KOG_HIP)
+    return __builtin_nontemporal_load(p);
+#else
+    kog_vec4 r;
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+#endif
+}
+
+// Data written by other blocks during this launch (activations, KV cache, partials): bypass
+// L1, which is not coherent across multiprocessors; L2 is the point of coherence.
+KOG_DEVICE float kog_ld_cg(const float* p) {
+#if defined(KOG_HIP)
+    return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    return __ldcg(p);
+#endif
+}
+KOG_DEVICE int kog_ld_cg_int(const int* p) {
+#if defined(KOG_HIP)
+    return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    return __ldcg(p);
+#endif
+}
+KOG_DEVICE kog_u32 kog_ld_cg_u32(const kog_u32* p) {
+#if defined(KOG_HIP)
+    return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    return __ldcg(p);
+#endif
+}
+KOG_DEVICE kog_u16 kog_ld_cg_u16(const kog_u16* p) {
+#if defined(KOG_HIP)
+    return *(const volatile kog_u16*)p;
+#else
+    return __ldcg(p);
+#endif
+}
+
+// --------------------------------------------------------------------------------------------
+// Acquire / release flag accesses (device scope) and system-scope host communication
+// --------------------------------------------------------------------------------------------
+KOG_DEVICE kog_u32 kog_ld_acquire(const kog_u32* p) {
+#if defined(KOG_HIP)
+    return __hip_atomic_load(p, __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    kog_u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+#endif
+}
+KOG_DEVICE void kog_red_release(kog_u32* p, kog_u32 v) {
+#if defined(KOG_HIP)
+    __hip_atomic_fetch_add(p, v, __ATOMIC_RELEASE, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+#endif
+}
+KOG_DEVICE kog_u32 kog_atomic_add_acq_rel(kog_u32* p, kog_u32 v) {
+#if defined(KOG_HIP)
+    return __hip_atomic_fetch_add(p, v, __ATOMIC_ACQ_REL, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    kog_u32 old;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;"
+                 : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+#endif
+}
+KOG_DEVICE void kog_st_relaxed(kog_u32* p, kog_u32 v) {
+#if defined(KOG_HIP)
+    __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+#endif
+}
+// Host-mapped memory: the host reads what the kernel publishes and writes the cancel flag.
+KOG_DEVICE void kog_fence_system() {
+#if defined(KOG_HIP)
+    __threadfence_system();
+#else
+    asm volatile("fence.sc.sys;" ::: "memory");
+#endif
+}
+KOG_DEVICE void kog_st_release_system(kog_u32* p, kog_u32 v) {
+#if defined(KOG_HIP)
+    __hip_atomic_store(p, v, __ATOMIC_RELEASE, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+    asm volatile("st.release.sys.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+#endif
+}
+KOG_DEVICE kog_u32 kog_ld_acquire_system(const kog_u32* p) {
+#if defined(KOG_HIP)
+    return __hip_atomic_load(p, __ATOMIC_ACQUIRE, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+    kog_u32 v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+#endif
+}
+KOG_DEVICE void kog_pause() {
+#if defined(KOG_HIP)
+    __builtin_amdgcn_s_sleep(1);
+#else
+    __nanosleep(32);
+#endif
+}
+
+// --------------------------------------------------------------------------------------------
+// Storage dtype of weights and KV cache: bf16 (default) or fp16 (-DKOG_WEIGHT_FP16), raw bits.
+// --------------------------------------------------------------------------------------------
+KOG_DEVICE float kog_bf16_lo(kog_u32 w) { return __uint_as_float(w << 16); }
+KOG_DEVICE float kog_bf16_hi(kog_u32 w) { return __uint_as_float(w & 0xffff0000u); }
+
+KOG_DEVICE float kog_f16_to_f32(kog_u16 h) {
+#if defined(KOG_HIP)
+    return (float)__builtin_bit_cast(_Float16, h);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#endif
+}
+KOG_DEVICE kog_u16 kog_f32_to_f16(float f) {
+#if defined(KOG_HIP)
+    return __builtin_bit_cast(kog_u16, (_Float16)f);
+#else
+    kog_u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#endif
+}
+KOG_DEVICE kog_u16 kog_f32_to_bf16(float f) {
+    kog_u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (kog_u16)0x7fc0;      // NaN stays NaN
+    return (kog_u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);          // round to nearest even
+}
+
+#if defined(KOG_WEIGHT_FP16)
+KOG_DEVICE float kog_w_lo(kog_u32 w) { return kog_f16_to_f32((kog_u16)(w & 0xffffu)); }
+KOG_DEVICE float kog_w_hi(kog_u32 w) { return kog_f16_to_f32((kog_u16)(w >> 16)); }
+KOG_DEVICE float kog_w_to_f32(kog_u16 h) { return kog_f16_to_f32(h); }
+KOG_DEVICE kog_u16 kog_f32_to_w(float f) { return kog_f32_to_f16(f); }
+#else
+KOG_DEVICE float kog_w_lo(kog_u32 w) { return kog_bf16_lo(w); }
+KOG_DEVICE float kog_w_hi(kog_u32 w) { return kog_bf16_hi(w); }
+KOG_DEVICE float kog_w_to_f32(kog_u16 h) { return __uint_as_float(((kog_u32)h) << 16); }
+KOG_DEVICE kog_u16 kog_f32_to_w(float f) { return kog_f32_to_bf16(f); }
+#endif
+
+// Dot product of 8 weights (one 16-byte vector, 4 pairs) with 8 fp32 activations, fp32 accumulate.
+KOG_DEVICE float kog_dot8(const kog_vec4& w, const float* x, float acc) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        kog_u32 p = KOG_V4(w, i);
+        acc = fmaf(kog_w_lo(p), x[2 * i], acc);
+        acc = fmaf(kog_w_hi(p), x[2 * i + 1], acc);
+    }
+    return acc;
+}
+
+#define KOG_INT_MAX 2147483647
+#define KOG_NEG_INF (__int_as_float(0xff800000))

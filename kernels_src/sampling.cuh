@@ -1,0 +1,321 @@
+// ============================================================================================
+// sampling.cuh -- stages sample and stop_check (one block: block 0), plus the embedding
+// lookup of the next token.
+//
+// The algorithm is kogcupy/sampling.py's, step for step: repetition penalty over the distinct
+// ids of prompt + generated (per-step stamps make "distinct" cheap) -> greedy argmax (lowest
+// id on ties; without a penalty it only reduces the per-block partial argmax the LM head
+// stage left) -> logits / T -> top_k -> softmax -> top_p -> min_p -> renormalise -> draw with
+// Philox4x32-10 u: the first token of the descending order whose cumulative mass > u * total.
+//
+// No sort: every "prefix of the descending order" is a cut (key, id) -- token i is kept when
+// its order key is above `key`, or equal to it with i <= id (ties in logit go to the lower id,
+// as in sampling.descending_order). A cut is found by a 3-pass radix select over the 32-bit
+// order-preserving key of the logit (11 + 11 + 10 bits, shared-memory histograms of counts or
+// of unnormalised probability mass), then a scan for the id among equal keys.
+// ============================================================================================
+#pragma once
+#include "sync.cuh"
+
+#define KOG_SAMPLE_SMEM_FLOATS (2048 * 2 + 8)
+
+KOG_DEVICE float kog_philox_uniform(kog_u32 k0, kog_u32 k1, kog_u32 step) {
+    const kog_u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+    kog_u32 c0 = step, c1 = 0u, c2 = 0u, c3 = 0u;
+#pragma unroll
+    for (int r = 0; r < 10; ++r) {
+        if (r) { k0 += W0; k1 += W1; }
+        const kog_u32 hi0 = __umulhi(M0, c0), lo0 = M0 * c0;
+        const kog_u32 hi1 = __umulhi(M1, c2), lo1 = M1 * c2;
+        const kog_u32 n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+        c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    }
+    return (float)(c0 >> 8) * (1.0f / 16777216.0f);
+}
+
+// Order-preserving unsigned key of a float (larger float -> larger key).
+KOG_DEVICE kog_u32 kog_float_key(float f) {
+    const kog_u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+KOG_DEVICE float kog_key_float(kog_u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+template <class T>
+KOG_DEVICE T kog_block_prefix_incl(T v, float* scratch, T& total) {
+    const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
+    const int n_warps = blockDim.x / KOG_WARP;
+#pragma unroll
+    for (int d = 1; d < KOG_WARP; d <<= 1) {
+        const T o = kog_shfl_up(v, d);
+        if (lane >= d) v += o;
+    }
+    T* sc = reinterpret_cast<T*>(scratch);
+    __syncthreads();
+    if (lane == KOG_WARP - 1) sc[warp] = v;
+    __syncthreads();
+    T before = 0, tot = 0;
+    for (int w = 0; w < n_warps; ++w) {
+        const T x = sc[w];
+        if (w < warp) before += x;
+        tot += x;
+    }
+    total = tot;
+    return v + before;
+}
+
+struct KogSampler {
+    const float* logits;   // (V,) after the repetition penalty
+    float lmax;            // max logit
+    float inv_t;           // 1 / temperature
+    float min_w;           // min_p (kept when weight >= min_w), 0 -> off
+    kog_u32 cut_key;       // current prefix of the descending order (see file comment)
+    int cut_id;
+};
+KOG_DEVICE float kog_weight(const KogSampler& s, float l) { return expf((l - s.lmax) * s.inv_t); }
+KOG_DEVICE bool kog_kept(const KogSampler& s, int i, float l, kog_u32 k) {
+    if (!(k > s.cut_key || (k == s.cut_key && i <= s.cut_id))) return false;
+    return s.min_w <= 0.f || kog_weight(s, l) >= s.min_w;
+}
+
+KOG_DEVICE float kog_kept_mass(const KogSampler& s, float* scratch) {
+    float m = 0.f;
+    for (int i = threadIdx.x; i < KOG_VOCAB; i += blockDim.x) {
+        const float l = kog_ld_cg(s.logits + i);
+        if (kog_kept(s, i, l, kog_float_key(l))) m += kog_weight(s, l);
+    }
+    return kog_block_sum(m, scratch);
+}
+
+// Narrows s's cut to the first position of the descending order where the running count
+// reaches target_c (count_mode), or the running mass reaches target_m (ge: >=, else: >).
+// Returns the token id at that position.
+KOG_DEVICE int kog_select(KogSampler& s, bool count_mode, int target_c, float target_m, bool ge,
+                          float* sm, float* scratch) {
+    float* hm = sm;
+    int* hc = reinterpret_cast<int*>(sm + 2048);
+    int* sel = reinterpret_cast<int*>(sm + 4096);
+    float* sel_m = sm + 4096 + 4;
+    const int tid = threadIdx.x, bd = blockDim.x;
+    kog_u32 prefix = 0u, mask = 0u;
+    int above_c = 0, n_eq = 0;
+    float above_m = 0.f;
+    for (int pass = 0; pass < 3; ++pass) {
+        const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+        const int nb = pass == 2 ? 1024 : 2048;
+        const int bpt = nb / bd;
+        for (int b = tid; b < nb; b += bd) { hm[b] = 0.f; hc[b] = 0; }
+        if (tid == 0) { sel[0] = -1; sel[1] = nb; }
+        __syncthreads();
+        for (int i = tid; i < KOG_VOCAB; i += bd) {
+            const float l = kog_ld_cg(s.logits + i);
+            const kog_u32 k = kog_float_key(l);
+            if ((k & mask) != prefix || !kog_kept(s, i, l, k)) continue;
+            const int b = (int)((k >> shift) & (kog_u32)(nb - 1));
+            atomicAdd(hc + b, 1);
+            if (!count_mode) atomicAdd(hm + b, kog_weight(s, l));
+        }
+        __syncthreads();
+        int lc = 0;
+        float lm = 0.f;
+        for (int b = tid * bpt; b < (tid + 1) * bpt; ++b) { lc += hc[b]; lm += hm[b]; }
+        int tot_c;
+        float tot_m;
+        const int pc = kog_block_prefix_incl(lc, scratch, tot_c);
+        const float pm = kog_block_prefix_incl(lm, scratch, tot_m);
+        const int run_c0 = above_c + (tot_c - pc);          // bins above this thread's group
+        const float run_m0 = above_m + (tot_m - pm);
+        int run_c = run_c0;
+        float run_m = run_m0;
+        for (int b = (tid + 1) * bpt - 1; b >= tid * bpt; --b) {
+            const int n = hc[b];
+            const float m = hm[b];
+            if (n > 0) {
+                atomicMin(sel + 1, b);
+                const bool hit = count_mode
+                    ? (run_c < target_c && run_c + n >= target_c)
+                    : (ge ? (run_m < target_m && run_m + m >= target_m)
+                          : (run_m <= target_m && run_m + m > target_m));
+                if (hit) atomicMax(sel, b);
+            }
+            run_c += n;
+            run_m += m;
+        }
+        __syncthreads();
+        const int bsel = sel[0] >= 0 ? sel[0] : sel[1];     // no hit: rounding; last kept bin
+        if (bsel / bpt == tid) {
+            run_c = run_c0;
+            run_m = run_m0;
+            for (int b = (tid + 1) * bpt - 1; b > bsel; --b) { run_c += hc[b]; run_m += hm[b]; }
+            sel[2] = run_c;
+            *sel_m = run_m;
+        }
+        __syncthreads();
+        above_c = sel[2];
+        above_m = *sel_m;
+        n_eq = hc[bsel];
+        prefix |= (kog_u32)bsel << shift;
+        mask |= (kog_u32)(nb - 1) << shift;
+        __syncthreads();
+    }
+    // Ties on the key: the j-th kept token (by id) among those equal to it.
+    const kog_u32 v = prefix;
+    int j;
+    if (count_mode) {
+        j = target_c - above_c;
+    } else {
+        const float wv = kog_weight(s, kog_key_float(v));
+        const float q = (target_m - above_m) / wv;
+        j = ge ? (int)ceilf(q) : (int)floorf(q) + 1;
+    }
+    j = max(1, min(j, n_eq));
+    if (tid == 0) sel[0] = -1;
+    __syncthreads();
+    if (j == n_eq) {                                     // the last kept tie: largest id
+        for (int i = tid; i < KOG_VOCAB; i += bd) {
+            const float l = kog_ld_cg(s.logits + i);
+            const kog_u32 k = kog_float_key(l);
+            if (k == v && kog_kept(s, i, l, k)) atomicMax(sel, i);
+        }
+    } else {
+        int base = 0;
+        for (int i0 = 0; i0 < KOG_VOCAB && base < j; i0 += bd) {
+            const int i = i0 + tid;
+            bool f = false;
+            if (i < KOG_VOCAB) {
+                const float l = kog_ld_cg(s.logits + i);
+                const kog_u32 k = kog_float_key(l);
+                f = k == v && kog_kept(s, i, l, k);
+            }
+            int total;
+            const int pre = kog_block_prefix_incl(f ? 1 : 0, scratch, total);
+            if (f && base + pre == j) sel[0] = i;
+            base += total;
+        }
+    }
+    __syncthreads();
+    const int id = sel[0];
+    __syncthreads();
+    s.cut_key = v;
+    s.cut_id = id;
+    return id;
+}
+
+// The sampled token for generated index g_index at position c.t (block 0, all threads).
+KOG_DEVICE int kog_sample_token(const KogCtx& c, int g_index) {
+    const KogParams* p = c.p;
+    float* logits = p->logits;
+    const int tid = threadIdx.x, bd = blockDim.x;
+    const float pen = p->repetition_penalty;
+    if (pen != 1.f) {
+        const kog_u32 stamp = (kog_u32)g_index + 1u;
+        for (int i = tid; i <= c.t; i += bd) {
+            const int id = kog_ld_cg_int(p->tokens + i);
+            if (atomicExch(p->rep_stamp + id, stamp) != stamp) {
+                const float l = kog_ld_cg(logits + id);
+                logits[id] = l > 0.f ? l / pen : l * pen;
+            }
+        }
+        __syncthreads();
+    }
+    if (p->temperature == 0.f) {
+        float bv = KOG_NEG_INF;
+        int bi = KOG_INT_MAX;
+        if (pen == 1.f) {                      // reduce the LM head's per-block partials
+            for (int b = tid; b < (int)gridDim.x; b += bd) {
+                const int* row = p->partition + b * KOG_PARTITION_COLUMNS;
+                if (row[8] >= row[9]) continue;
+                const float v = kog_ld_cg(p->lm_part_val + b);
+                const int i = kog_ld_cg_int(p->lm_part_idx + b);
+                if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+            }
+        } else {
+            for (int i = tid; i < KOG_VOCAB; i += bd) {
+                const float v = kog_ld_cg(logits + i);
+                if (v > bv) { bv = v; bi = i; }
+            }
+        }
+        float v_unused;
+        return kog_block_argmax(bv, bi, c.scratch, v_unused);
+    }
+    float lmax = KOG_NEG_INF;
+    for (int i = tid; i < KOG_VOCAB; i += bd) lmax = fmaxf(lmax, kog_ld_cg(logits + i));
+    KogSampler s;
+    s.logits = logits;
+    s.lmax = kog_block_max(lmax, c.scratch);
+    s.inv_t = 1.f / p->temperature;
+    s.min_w = 0.f;
+    s.cut_key = 0u;
+    s.cut_id = KOG_INT_MAX;
+    if (p->top_k > 0 && p->top_k < KOG_VOCAB) kog_select(s, true, p->top_k, 0.f, true, c.smem, c.scratch);
+    if (p->top_p < 1.f) {
+        const float z = kog_kept_mass(s, c.scratch);
+        kog_select(s, false, 0, p->top_p * z, true, c.smem, c.scratch);
+    }
+    if (p->min_p > 0.f) s.min_w = p->min_p;
+    const float total = kog_kept_mass(s, c.scratch);
+    const float u = kog_philox_uniform(p->seed_lo, p->seed_hi, (kog_u32)g_index);
+    return kog_select(s, false, 0, u * total, false, c.smem, c.scratch);
+}
+
+// x <- embed[token] (block 0), dumped as stage "embed" of position `pos`.
+KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
+    const KogParams* p = c.p;
+    const kog_u16* row = p->embed + (kog_u64)token * KOG_HIDDEN;
+    float* dbg = (p->debug != nullptr && pos < p->debug_npos) ? p->debug + (kog_u64)pos * p->debug_stride : nullptr;
+    for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
+        const float v = kog_w_to_f32(row[i]);
+        p->x[i] = v;
+        if (dbg != nullptr) dbg[KOG_DBG_EMBED + i] = v;
+    }
+}
+
+// Stage sample + stop_check for position c.t (block 0). Publishes the token to the host,
+// writes x for the next position, and signals KOG_CNT_TOK (or sets the stop flag).
+KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
+    const KogParams* p = c.p;
+    const int t = c.t;
+    const int last_prompt = p->prompt_len - 1;
+    kog_u32* slot = reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG + 1);
+    if (!lm_ran) {
+        kog_wait_counter(kog_counter(c, KOG_CNT_DOWN + KOG_N_LAYERS - 1), kog_expected(c, p->n_down_producers));
+    } else {
+        kog_wait_counter(kog_counter(c, KOG_CNT_LM), (kog_u32)lm_steps * (kog_u32)p->n_lm_producers);
+    }
+    int next;
+    kog_u32 finish = 0u;
+    if (t < last_prompt) {
+        next = p->tokens[t + 1];
+    } else if (p->all_logits) {
+        next = 0;
+        finish = 5u;                                      // done: every prompt position has logits
+    } else {
+        const int g = t - last_prompt;                    // generated index
+        next = kog_sample_token(c, g);
+        if (threadIdx.x == 0) {
+            kog_u32 reason = 0u;
+            for (int e = 0; e < p->n_eos; ++e) if (p->eos_ids[e] == next) reason = 1u;
+            if (reason == 0u && g + 1 >= p->max_new) reason = 2u;
+            if (reason == 0u && p->prompt_len + g + 1 >= p->context_length) reason = 3u;
+            if (reason == 0u && kog_ld_acquire_system(p->host_ctl + 2) != 0u) reason = 4u;
+            if (t + 1 < p->context_length) p->tokens[t + 1] = next;
+            p->host_tokens[g] = next;
+            kog_fence_system();                           // token, then count, then reason
+            kog_st_release_system(p->host_ctl, (kog_u32)(g + 1));
+            if (reason != 0u) kog_st_release_system(p->host_ctl + 1, reason);
+            *slot = reason;
+        }
+        __syncthreads();
+        finish = *slot;
+    }
+    if (finish != 0u) {
+        if (threadIdx.x == 0) {
+            if (finish == 5u) p->host_ctl[1] = 5u;
+            kog_st_relaxed(kog_counter(c, KOG_CNT_STOP), 1u);
+        }
+    } else {
+        kog_embed(c, next, t + 1);
+    }
+    kog_signal_counter(kog_counter(c, KOG_CNT_TOK));
+}

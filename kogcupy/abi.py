@@ -1,0 +1,150 @@
+"""The monokernel's parameter block, defined once: the C struct and the host packing both come
+from ``FIELDS``.
+
+Each field is ``(name, ctype, comment)``; the comment carries the shape, as in llama2.c.
+Shapes: L layers, h hidden, f ffn, H q heads, KV kv heads, G = H // KV, hd head_dim, V vocab,
+C context length (KV cache positions), B blocks in the grid, R rope table positions.
+``w_t`` is the storage dtype of weights and KV cache (bf16 or fp16 bits, uint16).
+
+The struct lives in device memory; the kernel gets a pointer to it. ``struct_source()`` is
+prepended to the kernel source by ``kernels.py``; ``pack()`` fills a numpy structured array
+with the same layout (numpy's ``align=True`` follows the C rules; ``test_gpu_abi`` checks
+offsetof/sizeof on the device against ``layout()``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_CTYPES = {
+    # ctype -> (numpy dtype, C spelling)
+    "ptr": (np.uint64, None),
+    "f32": (np.float32, "float"),
+    "i32": (np.int32, "int"),
+    "u32": (np.uint32, "unsigned int"),
+}
+
+# (name, ctype, C pointer type or None, comment with shape)
+FIELDS: list[tuple[str, str, str | None, str]] = [
+    # ---- weights (read-only during a launch) ----
+    ("wqkv", "ptr", "const kog_u16*", "(L, qkv_dim, h) [q; k; v] rows, attn_norm gamma folded"),
+    ("bqkv", "ptr", "const float*", "(L, qkv_dim) qwen2 biases, else null"),
+    ("q_norm", "ptr", "const float*", "(L, hd) qwen3 q RMSNorm gamma, else null"),
+    ("k_norm", "ptr", "const float*", "(L, hd) qwen3 k RMSNorm gamma, else null"),
+    ("wo", "ptr", "const kog_u16*", "(L, h, q_dim)"),
+    ("w_gate_up", "ptr", "const kog_u16*", "(L, f, 2, h) gate/up rows interleaved, ffn_norm folded"),
+    ("w_down", "ptr", "const kog_u16*", "(L, h, f)"),
+    ("lm_head", "ptr", "const kog_u16*", "(V, h) final_norm gamma folded"),
+    ("embed", "ptr", "const kog_u16*", "(V, h) token embedding rows"),
+    ("rope_cos", "ptr", "const float*", "(R, hd/2) cos(pos * inv_freq)"),
+    ("rope_sin", "ptr", "const float*", "(R, hd/2)"),
+    # ---- KV cache ----
+    ("k_cache", "ptr", "kog_u16*", "(L, KV, C, hd) post qk-norm, post RoPE"),
+    ("v_cache", "ptr", "kog_u16*", "(L, KV, C, hd)"),
+    # ---- activations (fp32, written and read inside the launch) ----
+    ("x", "ptr", "float*", "(h,) residual stream"),
+    ("qkv", "ptr", "float*", "(qkv_dim,) raw q/k/v rows (+bias) of the current token"),
+    ("attn_out", "ptr", "float*", "(q_dim,) attention output"),
+    ("act", "ptr", "float*", "(f,) silu(gate) * up"),
+    ("logits", "ptr", "float*", "(V,) or (n_prompt, V) when all_logits"),
+    ("attn_partial", "ptr", "float*", "(KV, max_chunks, G, hd + 2) per-chunk out, max, sum"),
+    ("lm_part_val", "ptr", "float*", "(B,) per-block max logit"),
+    ("lm_part_idx", "ptr", "int*", "(B,) per-block argmax (lowest index on ties)"),
+    # ---- sync ----
+    ("counters", "ptr", "kog_u32*", "(n_counters,) see monokernel.cu counter map; host zeroes"),
+    ("partition", "ptr", "const int*", "(B, 10) per-block [begin, end) of qkv, o, gate_up, down, lm_head"),
+    # ---- tokens, sampling ----
+    ("tokens", "ptr", "int*", "(C,) token at each position: prompt, then generated"),
+    ("rep_stamp", "ptr", "kog_u32*", "(V,) repetition-penalty stamps; host zeroes"),
+    ("eos_ids", "ptr", "const int*", "(n_eos,)"),
+    ("host_ctl", "ptr", "kog_u32*", "(4,) host-mapped: [n_generated, finish_code, cancel, done]"),
+    ("host_tokens", "ptr", "int*", "(max_new,) host-mapped generated tokens"),
+    ("debug", "ptr", "float*", "(debug_npos, debug_stride) per-stage dumps, or null"),
+    ("prompt_len", "i32", None, "tokens[0:prompt_len] are the prompt"),
+    ("max_new", "i32", None, "generated tokens at most"),
+    ("context_length", "i32", None, "C: KV cache positions; prompt + generated <= C"),
+    ("all_logits", "i32", None, "1: teacher-forced, logits of every prompt position, no sampling"),
+    ("n_eos", "i32", None, ""),
+    ("temperature", "f32", None, "0 -> greedy"),
+    ("top_k", "i32", None, "0 -> off"),
+    ("top_p", "f32", None, "1 -> off"),
+    ("min_p", "f32", None, "0 -> off"),
+    ("repetition_penalty", "f32", None, "1 -> off"),
+    ("seed_lo", "u32", None, "Philox key[0]"),
+    ("seed_hi", "u32", None, "Philox key[1]"),
+    ("n_qkv_producers", "i32", None, "blocks owning qkv rows"),
+    ("n_o_producers", "i32", None, "blocks owning o_proj rows"),
+    ("n_gate_up_producers", "i32", None, "blocks owning gate/up pairs"),
+    ("n_down_producers", "i32", None, "blocks owning down rows"),
+    ("n_lm_producers", "i32", None, "blocks owning lm_head rows"),
+    ("attn_max_chunks", "i32", None, "KV-position chunks per kv head at most (chunk rule)"),
+    ("attn_chunks_alloc", "i32", None, "chunks per kv head attn_partial holds"),
+    ("debug_npos", "i32", None, "positions dumped when debug != null"),
+    ("debug_stride", "i32", None, "floats per dumped position"),
+]
+
+FINISH_CODES = {0: None, 1: "eos", 2: "length", 3: "context", 4: "cancelled", 5: "done"}
+
+
+def numpy_dtype() -> np.dtype:
+    return np.dtype([(n, _CTYPES[t][0]) for n, t, _, _ in FIELDS], align=True)
+
+
+def layout() -> dict[str, int]:
+    """Field name -> byte offset, plus "__size__"."""
+    dt = numpy_dtype()
+    out = {n: dt.fields[n][1] for n, _, _, _ in FIELDS}
+    out["__size__"] = dt.itemsize
+    return out
+
+
+def struct_source() -> str:
+    """C text of ``struct KogParams`` (generated; do not edit by hand)."""
+    lines = ["// generated by kogcupy/abi.py -- the parameter block, one definition",
+             "struct KogParams {"]
+    for name, t, cptr, comment in FIELDS:
+        ctype = cptr if t == "ptr" else _CTYPES[t][1]
+        lines.append(f"    {ctype} {name};".ljust(48) + (f"  // {comment}" if comment else ""))
+    lines.append("};")
+    return "\n".join(lines) + "\n"
+
+
+def pack(values: dict) -> np.ndarray:
+    """A one-element structured array holding ``values`` (pointers as ints); missing -> 0."""
+    unknown = set(values) - {n for n, _, _, _ in FIELDS}
+    if unknown:
+        raise KeyError(f"unknown KogParams fields: {sorted(unknown)}")
+    a = np.zeros(1, dtype=numpy_dtype())
+    for k, v in values.items():
+        a[k] = v
+    return a
+
+
+def layout_probe_source() -> str:
+    """A kernel writing offsetof/sizeof of each field, for the host/device layout test."""
+    body = [f"    out[{i}] = (unsigned long long)offsetof(KogParams, {n});"
+            for i, (n, _, _, _) in enumerate(FIELDS)]
+    body.append(f"    out[{len(FIELDS)}] = (unsigned long long)sizeof(KogParams);")
+    return ("#ifndef offsetof\n#define offsetof(T, m) __builtin_offsetof(T, m)\n#endif\n"
+            "typedef unsigned int kog_u32;\ntypedef unsigned short kog_u16;\n"
+            + struct_source()
+            + 'extern "C" __global__ void kog_abi_probe(unsigned long long* out) {\n'
+            + "\n".join(body) + "\n}\n")
+
+
+def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
+    """Indices into ``counters`` (emitted as -D defines; monokernel.cu uses these names).
+
+    KOG_CNT_<STAGE> + layer: one monotone counter per (stage, layer); KOG_CNT_LM and
+    KOG_CNT_TOK: LM head and sampled-token readiness; KOG_CNT_STOP: 1 once generation ends;
+    KOG_CNT_TICKET + kv head: attention chunk arrivals (reset by the combining block).
+    """
+    L = n_layers
+    d = {"KOG_CNT_QKV": 0, "KOG_CNT_ATTN": L, "KOG_CNT_O": 2 * L, "KOG_CNT_GATE_UP": 3 * L,
+         "KOG_CNT_DOWN": 4 * L, "KOG_CNT_LM": 5 * L, "KOG_CNT_TOK": 5 * L + 1,
+         "KOG_CNT_STOP": 5 * L + 2, "KOG_CNT_TICKET": 5 * L + 3}
+    d["KOG_N_COUNTERS"] = 5 * L + 3 + n_kv_heads
+    return d
+
+
+PARTITION_COLUMNS = ("qkv_begin", "qkv_end", "o_begin", "o_end", "gate_up_begin", "gate_up_end",
+                     "down_begin", "down_end", "lm_begin", "lm_end")

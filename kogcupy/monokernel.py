@@ -1,0 +1,573 @@
+"""The monokernel backend: weights on the GPU once, one kernel launch per generate().
+
+    backend = MonokernelBackend(model, context_length=4096)
+    for tok in backend.start(prompt_ids, SamplingParams(), max_new_tokens=64, eos_ids={2}):
+        ...
+
+The kernel (kernels_src/monokernel.cu) writes each generated token into pinned, host-mapped
+memory followed by a counter (system-scope release); the TokenStream polls that counter.
+``cancel()`` writes a host-mapped flag the kernel reads once per step. A watchdog turns a
+counter that stops moving for ``watchdog_s`` into a DeviceError.
+
+Buffers (shapes as in abi.FIELDS): weights and KV cache in bf16/fp16, activations fp32.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import abi, kernels
+from .config import ModelConfig
+from .errors import DeviceError, InputError
+from .packing import bf16_bits, default_rope_positions, rope_tables
+from .placement import place
+from .sampling_params import SamplingParams
+
+THREADS = 512
+MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head", "embed")
+STAGE_DUMPS = ("attn_norm_qkv", "attention", "o_proj_residual", "ffn_norm_gate_up_silu",
+               "down_residual")
+
+
+def _cupy():
+    return kernels._cupy()
+
+
+def gpu_available() -> bool:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _to_bits(a: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 host array -> uint16 storage bits of `dtype`."""
+    if dtype == "bfloat16":
+        return bf16_bits(a)
+    return np.ascontiguousarray(a, dtype=np.float32).astype(np.float16).view(np.uint16)
+
+
+def matrix_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Device layout of the streamed matrices (gate/up interleaved by row pair)."""
+    L, h, f, V = cfg.n_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    return {"wqkv": (L, cfg.qkv_dim, h), "wo": (L, h, cfg.q_dim), "w_gate_up": (L, f, 2, h),
+            "w_down": (L, h, f), "lm_head": (V, h), "embed": (V, h)}
+
+
+def streamed_weight_bytes(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
+    """Bytes one decode step streams from the matrices (embedding lookup not counted)."""
+    n = sum(int(np.prod(s)) for k, s in matrix_shapes(cfg).items() if k != "embed")
+    return n * dtype_bytes
+
+
+def kv_bytes(cfg: ModelConfig, position: float, dtype_bytes: int = 2) -> float:
+    """KV-cache bytes one decode step at `position` reads (K and V, every layer)."""
+    return 2.0 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes * position
+
+
+def smem_floats(cfg: ModelConfig) -> int:
+    from .placement import ATTN_CHUNK
+    g, hd = cfg.gqa_group, cfg.head_dim
+    attn = g * hd * 2 + 2 * hd + g * ATTN_CHUNK + 2 * g
+    sample = 2048 * 2 + 8
+    n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample)
+    return -(-n // 4) * 4
+
+
+class DeviceModel:
+    """Weights on the GPU in the kernel's layout (uint16 bits for matrices, fp32 otherwise)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: str, arrays: dict):
+        self.cfg, self.dtype, self.arrays = cfg, dtype, arrays
+
+    @classmethod
+    def from_packed(cls, cfg: ModelConfig, weights: dict[str, np.ndarray], dtype: str
+                    ) -> "DeviceModel":
+        cp = _cupy()
+        need = sum(int(np.prod(s)) * 2 for s in matrix_shapes(cfg).values())
+        _check_memory(need, "weights")
+        arrays = {}
+        f = cfg.intermediate_size
+        for name, shape in matrix_shapes(cfg).items():
+            dev = cp.empty(shape, dtype=cp.uint16)
+            src = weights[name]
+            if src.ndim == 3:                       # stacked per layer: convert layer by layer
+                for layer in range(src.shape[0]):
+                    w = src[layer]
+                    if name == "w_gate_up":         # [gate; up] -> (f, 2, h) row pairs
+                        w = w.reshape(2, f, -1).transpose(1, 0, 2)
+                    dev[layer] = cp.asarray(_to_bits(np.ascontiguousarray(w), dtype))
+            else:
+                rows = max(1, (64 << 20) // (src.shape[1] * 4))
+                for r0 in range(0, src.shape[0], rows):
+                    dev[r0:r0 + rows] = cp.asarray(_to_bits(src[r0:r0 + rows], dtype))
+            arrays[name] = dev
+        for name in ("rope_cos", "rope_sin", "bqkv", "q_norm", "k_norm"):
+            if name in weights:
+                arrays[name] = cp.asarray(np.ascontiguousarray(weights[name], dtype=np.float32))
+        return cls(cfg, dtype, arrays)
+
+    @classmethod
+    def random(cls, cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0,
+               rope_positions: int | None = None) -> "DeviceModel":
+        """Random weights generated on the GPU (benchmarks: no multi-GB host arrays)."""
+        cp = _cupy()
+        need = sum(int(np.prod(s)) * 2 for s in matrix_shapes(cfg).values())
+        _check_memory(need, "weights")
+        rs = cp.random.RandomState(seed)
+        arrays = {}
+        for name, shape in matrix_shapes(cfg).items():
+            fan_in = shape[-1]
+            scale = 1.0 if name == "embed" else 1.0 / np.sqrt(fan_in)
+            dev = cp.empty(shape, dtype=cp.uint16)
+            flat = dev.reshape(-1)
+            step = 1 << 26
+            for i in range(0, flat.size, step):
+                x = rs.standard_normal(min(step, flat.size - i), dtype=cp.float32) * scale
+                flat[i:i + x.size] = _bits_gpu(x, dtype)
+            arrays[name] = dev
+        n_pos = rope_positions or default_rope_positions(cfg)
+        cos, sin = rope_tables(cfg, n_pos)
+        arrays["rope_cos"], arrays["rope_sin"] = cp.asarray(cos), cp.asarray(sin)
+        L = cfg.n_layers
+        if cfg.qkv_bias:
+            arrays["bqkv"] = rs.standard_normal((L, cfg.qkv_dim), dtype=cp.float32) * 0.1
+        if cfg.qk_norm:
+            arrays["q_norm"] = 1 + 0.1 * rs.standard_normal((L, cfg.head_dim), dtype=cp.float32)
+            arrays["k_norm"] = 1 + 0.1 * rs.standard_normal((L, cfg.head_dim), dtype=cp.float32)
+        return cls(cfg, dtype, arrays)
+
+
+def _bits_gpu(x, dtype: str):
+    cp = _cupy()
+    if dtype == "float16":
+        return x.astype(cp.float16).view(cp.uint16)
+    u = x.view(cp.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cp.uint16)
+
+
+def _check_memory(nbytes: int, what: str):
+    cp = _cupy()
+    free, total = cp.cuda.runtime.memGetInfo()
+    pool_free = cp.get_default_memory_pool().free_bytes()
+    if nbytes > free + pool_free:
+        raise DeviceError(
+            f"not enough GPU memory for the {what}: need {nbytes / 2**30:.2f} GiB, "
+            f"{(free + pool_free) / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB; "
+            f"use a smaller --context-length or model")
+
+
+class HostMapped:
+    """Pinned host memory the GPU reads and writes directly (UVA: same pointer)."""
+
+    def __init__(self, nbytes: int):
+        cp = _cupy()
+        rt = cp.cuda.runtime
+        self.nbytes = nbytes
+        self.ptr = rt.hostAlloc(nbytes, rt.hostAllocMapped | rt.hostAllocPortable)
+        self._free = rt.freeHost
+        buf = (ctypes.c_char * nbytes).from_address(self.ptr)
+        self.u32 = np.frombuffer(buf, dtype=np.uint32)
+        self.i32 = np.frombuffer(buf, dtype=np.int32)
+        self.u32[:] = 0
+
+    def __del__(self):
+        try:
+            self._free(self.ptr)
+        except Exception:  # noqa: BLE001 -- interpreter shutdown
+            pass
+
+
+class MonokernelTokenStream:
+    """Iterator of generated token ids as the kernel emits them."""
+
+    def __init__(self, backend: "MonokernelBackend", n_prompt: int, t_launch: float):
+        self._b = backend
+        self._n_prompt = n_prompt
+        self._t_launch = t_launch
+        self._yielded = 0
+        self._cancelled = False
+        self.finish_reason: str | None = None
+        self.prefill_s: float = 0.0
+        self.token_times: list[float] = []          # perf_counter() when each token was seen
+
+    def __iter__(self):
+        return self
+
+    def cancel(self):
+        if self.finish_reason is None:
+            self._b._ctl.u32[2] = 1
+            self._cancelled = True
+
+    def _finish(self, reason: str):
+        self.finish_reason = reason
+        self._b._wait_idle()
+        raise StopIteration
+
+    def __next__(self) -> int:
+        if self.finish_reason is not None:
+            raise StopIteration
+        if self._b._active is not self:          # a later start() took the GPU buffers
+            self.finish_reason = "cancelled"
+            raise StopIteration
+        if self._cancelled:
+            self._finish("cancelled")
+        ctl = self._b._ctl.u32
+        last_change = time.perf_counter()
+        seen = self._yielded
+        while True:
+            code = int(ctl[1])                  # the kernel writes the count before the code
+            n = int(ctl[0])
+            if n > self._yielded:
+                break
+            if code:
+                self._finish(abi.FINISH_CODES.get(code) or "length")
+            now = time.perf_counter()
+            if n != seen:
+                seen, last_change = n, now
+            if self._b._stream.done and int(ctl[0]) == self._yielded:
+                code = int(ctl[1])
+                self._finish(abi.FINISH_CODES.get(code) or "length")
+            if now - last_change > self._b.watchdog_s:
+                ctl[2] = 1
+                self._b._active = None
+                raise DeviceError(
+                    f"monokernel made no progress for {self._b.watchdog_s:.0f} s after "
+                    f"{self._yielded} generated tokens; the GPU kernel is stalled or the GPU "
+                    f"is busy with another process")
+            time.sleep(20e-6)
+        tok = int(self._b._host_tokens.i32[self._yielded])
+        now = time.perf_counter()
+        if self._yielded == 0:
+            self.prefill_s = now - self._t_launch
+        self.token_times.append(now)
+        self._yielded += 1
+        return tok
+
+
+class MonokernelBackend:
+    """Backend protocol (see reference.ReferenceBackend) on one persistent GPU kernel."""
+
+    name = "monokernel"
+
+    def __init__(self, model=None, context_length: int = 4096, dtype: str | None = None,
+                 watchdog_s: float = 60.0, threads: int = THREADS, blocks: int | None = None,
+                 device_model: DeviceModel | None = None, debug_positions: int = 0, **kw):
+        cp = _cupy()
+        if not gpu_available():
+            raise DeviceError("no CUDA/HIP GPU visible to CuPy; use the reference backend")
+        if device_model is None:
+            if model is None:
+                raise DeviceError("MonokernelBackend needs a model or a device_model")
+            dtype = dtype or getattr(model, "dtype", None) or "bfloat16"
+            device_model = DeviceModel.from_packed(model.config, model.weights, dtype)
+        self.model = model
+        self.dev = device_model
+        cfg = self.cfg = device_model.cfg
+        self.dtype = device_model.dtype
+        rope_positions = int(device_model.arrays["rope_cos"].shape[0])
+        self.context_length = int(min(context_length, rope_positions))
+        self.watchdog_s = float(watchdog_s)
+        self.threads = threads
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        self.gpu_name = props["name"].decode(errors="replace") if isinstance(
+            props["name"], bytes) else str(props["name"])
+        self.n_sms = int(props["multiProcessorCount"])
+        self.n_blocks = int(blocks or self.n_sms)
+        self.placement = place(cfg, self.n_blocks, self.context_length)
+        self._smem_floats = smem_floats(cfg)
+        self.smem_bytes = 4 * (self._smem_floats + 2 * threads // 32 + 16 + 64)
+        self.bytes_per_token = float(streamed_weight_bytes(cfg))
+        self._read_bw = None
+        self.debug_positions = int(debug_positions)
+        self._alloc()
+        self._fn = self._compile()
+        self._active: MonokernelTokenStream | None = None
+
+    # ---- setup ----------------------------------------------------------------------------
+    def _alloc(self):
+        cp = _cupy()
+        cfg, C, pl = self.cfg, self.context_length, self.placement
+        L, KV, hd, G = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.gqa_group
+        kv_n = L * KV * C * hd
+        _check_memory(2 * kv_n * 2 + cfg.vocab_size * 16, "KV cache")
+        self.k_cache = cp.empty(kv_n, dtype=cp.uint16)
+        self.v_cache = cp.empty(kv_n, dtype=cp.uint16)
+        f32 = cp.float32
+        self.x = cp.empty(cfg.hidden_size, f32)
+        self.qkv = cp.empty(cfg.qkv_dim, f32)
+        self.attn_out = cp.empty(cfg.q_dim, f32)
+        self.act = cp.empty(cfg.intermediate_size, f32)
+        self.logits_buf = cp.empty(cfg.vocab_size, f32)
+        self.attn_partial = cp.empty(KV * pl.attn_chunks_alloc * G * (hd + 2), f32)
+        self.lm_part_val = cp.empty(self.n_blocks, f32)
+        self.lm_part_idx = cp.empty(self.n_blocks, cp.int32)
+        n_cnt = abi.counter_layout(L, KV)["KOG_N_COUNTERS"]
+        self.counters = cp.zeros(n_cnt, cp.uint32)
+        self.partition = cp.asarray(pl.partition)
+        self.tokens = cp.zeros(C, cp.int32)
+        self.rep_stamp = cp.zeros(cfg.vocab_size, cp.uint32)
+        self.eos = cp.zeros(64, cp.int32)
+        self.params_dev = cp.zeros(abi.numpy_dtype().itemsize, cp.uint8)
+        self._ctl = HostMapped(64)
+        self._host_tokens = HostMapped(4 * C)
+        self._stream = cp.cuda.Stream(non_blocking=True)
+        dl = kernels.debug_layout(cfg)
+        self.debug_stride = dl["KOG_DBG_STRIDE"]
+        self.debug = (cp.empty(self.debug_positions * self.debug_stride, f32)
+                      if self.debug_positions else None)
+
+    def _compile(self):
+        cfg = self.cfg
+        defines = kernels.model_defines(cfg, self.dtype, self.threads, self._smem_floats,
+                                        len(abi.PARTITION_COLUMNS))
+        mod = kernels.load_module(kernels.monokernel_source(), defines, cooperative=True)
+        fn = kernels.get_function(mod, "kog_monokernel")
+        if self.smem_bytes > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = self.smem_bytes
+        self._check_occupancy(fn)
+        return fn
+
+    def _check_occupancy(self, fn):
+        cp = _cupy()
+        try:
+            per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                fn.kernel.ptr, self.threads, self.smem_bytes)
+        except Exception:  # noqa: BLE001 -- not exposed on this platform; launch checks it
+            return
+        if per_sm * self.n_sms < self.n_blocks:
+            raise DeviceError(
+                f"monokernel needs {self.n_blocks} co-resident blocks of {self.threads} threads "
+                f"but this GPU fits {per_sm} per multiprocessor x {self.n_sms}; "
+                f"registers {fn.num_regs}/thread, {self.smem_bytes} B shared memory per block")
+
+    # ---- launch ---------------------------------------------------------------------------
+    def _wait_idle(self):
+        self._stream.synchronize()
+
+    def _launch(self, ids: list[int], params: SamplingParams, max_new: int, eos_ids,
+                all_logits: bool, logits_out=None):
+        cp = _cupy()
+        if self._active is not None:
+            self._active.cancel()
+        self._wait_idle()
+        self._active = None
+        cfg, pl = self.cfg, self.placement
+        n = len(ids)
+        with self._stream:
+            self.counters.fill(0)
+            self.rep_stamp.fill(0)
+            for a in (self.x, self.qkv, self.attn_out, self.act, self.logits_buf,
+                      self.attn_partial, self.lm_part_val):
+                a.fill(np.nan)                        # poisoned: every read must be written
+            self.tokens.fill(-1)
+            self.tokens[:n] = cp.asarray(np.asarray(ids, dtype=np.int32))
+            eos = sorted(int(e) for e in eos_ids)[:64]
+            if eos:
+                self.eos[:len(eos)] = cp.asarray(np.asarray(eos, dtype=np.int32))
+            if self.debug is not None:
+                self.debug.fill(np.nan)
+        self._ctl.u32[:] = 0
+        a = self.dev.arrays
+        seed = int(params.seed)
+        logits = logits_out if logits_out is not None else self.logits_buf
+        vals = dict(
+            wqkv=a["wqkv"].data.ptr, bqkv=a["bqkv"].data.ptr if "bqkv" in a else 0,
+            q_norm=a["q_norm"].data.ptr if "q_norm" in a else 0,
+            k_norm=a["k_norm"].data.ptr if "k_norm" in a else 0,
+            wo=a["wo"].data.ptr, w_gate_up=a["w_gate_up"].data.ptr, w_down=a["w_down"].data.ptr,
+            lm_head=a["lm_head"].data.ptr, embed=a["embed"].data.ptr,
+            rope_cos=a["rope_cos"].data.ptr, rope_sin=a["rope_sin"].data.ptr,
+            k_cache=self.k_cache.data.ptr, v_cache=self.v_cache.data.ptr,
+            x=self.x.data.ptr, qkv=self.qkv.data.ptr, attn_out=self.attn_out.data.ptr,
+            act=self.act.data.ptr, logits=logits.data.ptr,
+            attn_partial=self.attn_partial.data.ptr, lm_part_val=self.lm_part_val.data.ptr,
+            lm_part_idx=self.lm_part_idx.data.ptr, counters=self.counters.data.ptr,
+            partition=self.partition.data.ptr, tokens=self.tokens.data.ptr,
+            rep_stamp=self.rep_stamp.data.ptr, eos_ids=self.eos.data.ptr,
+            host_ctl=self._ctl.ptr, host_tokens=self._host_tokens.ptr,
+            debug=self.debug.data.ptr if self.debug is not None else 0,
+            prompt_len=n, max_new=max_new, context_length=self.context_length,
+            all_logits=int(all_logits), n_eos=len(eos),
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+            min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+            seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
+            n_qkv_producers=pl.producers["qkv"], n_o_producers=pl.producers["o"],
+            n_gate_up_producers=pl.producers["gate_up"],
+            n_down_producers=pl.producers["down"], n_lm_producers=pl.producers["lm"],
+            attn_max_chunks=pl.attn_max_chunks, attn_chunks_alloc=pl.attn_chunks_alloc,
+            debug_npos=self.debug_positions if self.debug is not None else 0,
+            debug_stride=self.debug_stride,
+        )
+        packed = abi.pack(vals)
+        with self._stream:
+            self.params_dev.set(packed.view(np.uint8), stream=self._stream)
+            t0 = time.perf_counter()
+            try:
+                self._fn((self.n_blocks,), (self.threads,), (self.params_dev,),
+                         shared_mem=self.smem_bytes)
+            except Exception as e:  # noqa: BLE001
+                raise DeviceError(f"monokernel launch failed: {e}") from None
+        return t0
+
+    def _check_ids(self, ids, what):
+        if len(ids) == 0:
+            raise InputError(f"{what} is empty: nothing to run")
+        a = np.asarray(ids)
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise InputError(f"{what} must be a list of integer token ids")
+        if a.min() < 0 or a.max() >= self.cfg.vocab_size:
+            raise InputError(f"{what} has token ids outside [0, {self.cfg.vocab_size})")
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """[n, V] float32: every position's logits, teacher-forced in one launch."""
+        cp = _cupy()
+        self._check_ids(token_ids, "token_ids")
+        n = len(token_ids)
+        if n > self.context_length:
+            raise InputError(f"{n} tokens exceed the context length {self.context_length}")
+        out = cp.empty((n, self.cfg.vocab_size), cp.float32)
+        with self._stream:
+            out.fill(np.nan)
+        self._launch(list(token_ids), SamplingParams(), 1, (), all_logits=True, logits_out=out)
+        self._sync_with_watchdog()
+        return cp.asnumpy(out)
+
+    def _sync_with_watchdog(self):
+        t0 = time.perf_counter()
+        while not self._stream.done:
+            if time.perf_counter() - t0 > self.watchdog_s:
+                raise DeviceError(f"monokernel did not finish within {self.watchdog_s:.0f} s; "
+                                  f"the GPU kernel is stalled")
+            time.sleep(50e-6)
+        self._stream.synchronize()
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
+              eos_ids: set[int]) -> MonokernelTokenStream:
+        self._check_ids(prompt_ids, "prompt")
+        if len(prompt_ids) > self.context_length - 1:
+            raise InputError(f"prompt of {len(prompt_ids)} tokens does not fit the context "
+                             f"length {self.context_length} (at most {self.context_length - 1} "
+                             f"prompt tokens); shorten it or raise --context-length")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        t0 = self._launch(list(prompt_ids), params, max_new_tokens, eos_ids, all_logits=False)
+        stream = MonokernelTokenStream(self, len(prompt_ids), t0)
+        self._active = stream
+        return stream
+
+    # ---- debug ----------------------------------------------------------------------------
+    def debug_dump(self) -> dict:
+        """{(stage, pos, layer): array} of the last launch (debug_positions > 0), in the
+        reference trace's naming."""
+        if self.debug is None:
+            raise DeviceError("construct MonokernelBackend(debug_positions=N) to dump stages")
+        self._wait_idle()
+        cfg = self.cfg
+        d = kernels.debug_layout(cfg)
+        rows = _cupy().asnumpy(self.debug).reshape(self.debug_positions, self.debug_stride)
+        out = {}
+        sizes = {"attn_norm_qkv": (d["KOG_DBG_QKV"], cfg.qkv_dim),
+                 "attention": (d["KOG_DBG_ATTENTION"], cfg.q_dim),
+                 "o_proj_residual": (d["KOG_DBG_O_PROJ"], cfg.hidden_size),
+                 "ffn_norm_gate_up_silu": (d["KOG_DBG_GATE_UP"], cfg.intermediate_size),
+                 "down_residual": (d["KOG_DBG_DOWN"], cfg.hidden_size)}
+        for pos in range(self.debug_positions):
+            r = rows[pos]
+            out[("embed", pos, None)] = r[:cfg.hidden_size]
+            for layer in range(cfg.n_layers):
+                for stage, (off, size) in sizes.items():
+                    o = off + layer * d["KOG_DBG_LAYER"]
+                    out[(stage, pos, layer)] = r[o:o + size]
+            o = d["KOG_DBG_LOGITS"]
+            out[("final_norm_lm_head", pos, None)] = r[o:o + cfg.vocab_size]
+        return out
+
+    # ---- bandwidth ------------------------------------------------------------------------
+    @property
+    def read_bandwidth_Bps(self) -> float:
+        if self._read_bw is None:
+            self._read_bw = measure_read_bandwidth(self.gpu_name)
+        return self._read_bw
+
+    def bytes_per_step(self, position: float) -> float:
+        return self.bytes_per_token + kv_bytes(self.cfg, position)
+
+
+def measure_read_bandwidth(gpu_name: str | None = None, nbytes: int = 2 << 30,
+                           refresh: bool = False) -> float:
+    """Stream-read bandwidth (16-byte non-temporal loads), cached per GPU name."""
+    cp = _cupy()
+    if gpu_name is None:
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        gpu_name = props["name"].decode(errors="replace")
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu_name)
+    path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kogcupy" / f"bw-{safe}.json"
+    if not refresh and path.is_file():
+        try:
+            return float(json.loads(path.read_text())["read_Bps"])
+        except (OSError, ValueError, KeyError):
+            pass
+    mod = kernels.load_module(kernels.stream_read_source(), {})
+    fn = kernels.get_function(mod, "kog_stream_read")
+    n_vec = nbytes // 16
+    buf = cp.empty(n_vec * 4, cp.uint32)
+    buf.fill(0x3F800000)
+    sink = cp.zeros(1, cp.float32)
+    sms = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["multiProcessorCount"]
+    grid = sms * 4
+    args = (buf, np.uint64(n_vec), sink)
+    for _ in range(2):
+        fn((grid,), (512,), args)
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(10):
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record()
+        fn((grid,), (512,), args)
+        e1.record()
+        e1.synchronize()
+        times.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3)
+    bw = n_vec * 16 / float(np.median(times))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"gpu": gpu_name, "read_Bps": bw, "bytes": n_vec * 16}))
+    except OSError:
+        pass
+    return bw
+
+
+def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
+                 position: int = 0, dtype: str = "bfloat16", context_length: int | None = None,
+                 seed: int = 0, backend: MonokernelBackend | None = None) -> dict:
+    """Decode speed on random GPU weights for `cfg` (greedy, no EOS).
+
+    Generation starts after max(prompt_len, position) prompt tokens; tokens/s counts the
+    decode steps after the first generated token (host arrival times of tokens 2..n)."""
+    n_prompt = max(prompt_len, position, 1)
+    ctx = context_length or min(default_rope_positions(cfg), n_prompt + new_tokens + 8)
+    if backend is None:
+        dev = DeviceModel.random(cfg, dtype, seed, rope_positions=max(ctx, 16))
+        backend = MonokernelBackend(device_model=dev, context_length=ctx)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, cfg.vocab_size, n_prompt).tolist()
+    stream = backend.start(ids, SamplingParams(), new_tokens, set())
+    toks = list(stream)
+    tt = stream.token_times
+    decode_s = tt[-1] - tt[0] if len(tt) > 1 else float("nan")
+    tps = (len(tt) - 1) / decode_s if len(tt) > 1 else float("nan")
+    mean_pos = n_prompt + (len(toks) - 1) / 2
+    bpt = backend.bytes_per_step(mean_pos)
+    bw = backend.read_bandwidth_Bps
+    return dict(gpu=backend.gpu_name, n_prompt=n_prompt, new_tokens=len(toks),
+                tokens_per_s=tps, step_us=1e6 / tps, prefill_s=stream.prefill_s,
+                bytes_per_token=bpt, achieved_Bps=bpt * tps, read_bandwidth_Bps=bw,
+                pct_of_read_bw=100.0 * bpt * tps / bw, finish_reason=stream.finish_reason,
+                blocks=backend.n_blocks, threads=backend.threads)

@@ -1,0 +1,63 @@
+"""Build-time work placement: which block of the grid owns which rows of each GEMV stage, and
+how attention is chunked over KV positions. The kernel reads the table; nothing is decided
+at run time except the attention chunk count, which follows ``attention_chunk_len``.
+
+Every GEMV stage's rows are split into contiguous, balanced ranges (bytes per block differ by
+at most one row). ``rank``/``world_size`` are the tensor-parallel coordinates: a rank would take
+its slice of heads / FFN columns / vocab before the per-block split (one GPU for now).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .abi import PARTITION_COLUMNS
+from .config import ModelConfig
+
+ATTN_CHUNK = 256          # KV positions per attention unit at most (shared-memory scores)
+ATTN_MIN_CHUNK = 32       # ... and at least (rounded up to a multiple of this)
+
+
+def split_even(n_units: int, n_blocks: int) -> np.ndarray:
+    """(n_blocks, 2) [begin, end) ranges covering range(n_units), sizes differing by <= 1."""
+    b = np.arange(n_blocks + 1, dtype=np.int64) * n_units // n_blocks
+    return np.stack([b[:-1], b[1:]], axis=1).astype(np.int32)
+
+
+def attention_chunk_len(n_pos: int, max_chunks: int) -> int:
+    """Positions per attention chunk for n_pos attended positions (kernel: kog_attn_chunk_len)."""
+    length = -(-n_pos // max_chunks)
+    length = -(-length // ATTN_MIN_CHUNK) * ATTN_MIN_CHUNK
+    return min(length, ATTN_CHUNK)
+
+
+@dataclass(frozen=True)
+class Placement:
+    n_blocks: int
+    partition: np.ndarray          # (n_blocks, len(PARTITION_COLUMNS)) int32
+    producers: dict                # stage -> number of blocks owning rows of it
+    attn_max_chunks: int           # chunk rule parameter
+    attn_chunks_alloc: int         # chunks per kv head the partial buffer holds
+
+
+def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
+          world_size: int = 1) -> Placement:
+    if world_size != 1 or rank != 0:
+        raise NotImplementedError("tensor parallelism: one GPU per generation for now")
+    stages = {
+        "qkv": cfg.qkv_dim,                  # rows of wqkv
+        "o": cfg.hidden_size,                # rows of wo
+        "gate_up": cfg.intermediate_size,    # interleaved (gate, up) row pairs
+        "down": cfg.hidden_size,             # rows of w_down
+        "lm": cfg.vocab_size,                # rows of lm_head
+    }
+    cols = [split_even(n, n_blocks) for n in stages.values()]
+    partition = np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.int32)
+    assert partition.shape[1] == len(PARTITION_COLUMNS)
+    producers = {k: int(np.count_nonzero(c[:, 1] > c[:, 0])) for k, c in zip(stages, cols)}
+    max_chunks = max(1, n_blocks // cfg.n_kv_heads)
+    n = np.arange(1, context_length + 1)
+    length = np.minimum(-(-(-(-n // max_chunks)) // ATTN_MIN_CHUNK) * ATTN_MIN_CHUNK, ATTN_CHUNK)
+    alloc = int(np.max(-(-n // length)))
+    return Placement(n_blocks, partition, producers, max_chunks, alloc)

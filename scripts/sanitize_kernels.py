@@ -1,0 +1,26 @@
+"""A short monokernel run for compute-sanitizer (scripts/sanitize_kernels.sh): a tiny model,
+greedy and sampled generations, and a teacher-forced logits pass."""
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+
+from kogcupy.config import ModelConfig  # noqa: E402
+from kogcupy.monokernel import MonokernelBackend  # noqa: E402
+from kogcupy.random_weights import random_packed_weights  # noqa: E402
+from kogcupy.sampling_params import SamplingParams  # noqa: E402
+
+cfg = ModelConfig(arch="qwen3", vocab_size=512, hidden_size=128, intermediate_size=256,
+                  n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                  rope_theta=1e4, max_position_embeddings=256, tie_word_embeddings=True)
+w = random_packed_weights(cfg, seed=0, rope_positions=256)
+m = SimpleNamespace(config=cfg, weights=w, dtype="bfloat16", tokenizer=None, path="random")
+blocks = int(sys.argv[1]) if len(sys.argv) > 1 else 16
+be = MonokernelBackend(m, context_length=128, blocks=blocks, debug_positions=4)
+a = list(be.start([1, 2, 3], SamplingParams(), 40, set()))
+b = list(be.start([4, 5], SamplingParams(temperature=0.9, top_k=10, top_p=0.9, min_p=0.01,
+                                         repetition_penalty=1.1, seed=3), 8, set()))
+lg = be.logits([1, 2, 3, 4, 5, 6])
+print("greedy", a[:10], "sampled", b, "logits finite", bool((lg == lg).all()))

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck and racecheck on a small monokernel run (needs a GPU).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BLOCKS=${1:-16}
+for tool in memcheck racecheck; do
+  echo "== compute-sanitizer --tool $tool (grid $BLOCKS blocks)"
+  timeout 400 compute-sanitizer --tool "$tool" --target-processes all \
+      python3 scripts/sanitize_kernels.py "$BLOCKS" 2>&1 | tail -n 6
+done
