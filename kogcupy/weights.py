@@ -523,27 +523,33 @@ def gguf_config(reader, path: str) -> ModelConfig:
 
 
 def _llama3_scaling_from_gguf(reader, cfg: ModelConfig, m: _Meta, path: str) -> ModelConfig:
-    """llama.cpp stores Llama-3.1 RoPE scaling as per-frequency factors (rope_freqs.weight)
-    with only `factor` and the original context in metadata; low/high_freq_factor are Meta's
-    1 and 4. Rebuild the RopeScaling and accept it only if it reproduces the stored factors."""
+    """llama.cpp stores Llama-3.x RoPE scaling as per-frequency factors (rope_freqs.weight,
+    the divisor of each inverse frequency), not as parameters. Rebuild the RopeScaling (factor:
+    metadata or the largest stored factor; low/high_freq_factor: Meta's 1 and 4; original
+    context: metadata or 8192) and accept it only if it reproduces the stored factors."""
     import dataclasses
-    arch = cfg.arch
-    rs = RopeScaling(
-        rope_type="llama3",
-        factor=m.get(f"{arch}.rope.scaling.factor", float, 8.0),
-        low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=m.get(f"{arch}.rope.scaling.original_context_length",
-                                               default=8192))
     t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
     try:
         factors = _dequant(t).reshape(-1).astype(np.float64)
     except Exception as e:
         raise ModelLoadError(f"{path}: tensor 'rope_freqs.weight' unreadable ({_one_line(e)})"
                              ) from None
+    if factors.shape != (cfg.head_dim // 2,) or not np.isfinite(factors).all() or (
+            factors <= 0).any():
+        raise ModelLoadError(f"{path}: rope_freqs.weight has shape {list(factors.shape)} or "
+                             f"values unusable as RoPE factors")
+    if np.allclose(factors, 1.0):
+        return cfg
+    arch = cfg.arch
+    rs = RopeScaling(
+        rope_type="llama3",
+        factor=m.get(f"{arch}.rope.scaling.factor", float, float(factors.max())),
+        low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=m.get(f"{arch}.rope.scaling.original_context_length",
+                                               default=8192))
     scaled = dataclasses.replace(cfg, rope_scaling=rs)
     base = dataclasses.replace(cfg, rope_scaling=None)
-    if factors.shape != (cfg.head_dim // 2,) or not np.allclose(
-            rope_inv_freq(base) / factors, rope_inv_freq(scaled), rtol=1e-4):
+    if not np.allclose(rope_inv_freq(base) / factors, rope_inv_freq(scaled), rtol=1e-4):
         raise UnsupportedModelError(f"{path}: rope_freqs.weight does not match llama3 RoPE "
                                     f"scaling; other per-frequency scalings are not supported")
     return scaled

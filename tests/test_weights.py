@@ -205,6 +205,13 @@ def test_gguf_llama3_rope_freqs(tmp_path):
     T.write_gguf(good, "llama", T.TINY, sd, "F32", extra_kv=kv)
     _add_tensor(good, "rope_freqs.weight", factors.astype(np.float32))
     assert read_weights(good).config.rope_scaling == rs
+    # Llama-3.2 style (factor 32) with no scaling metadata: factor from the stored table.
+    rs32 = RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+    f32 = rope_inv_freq(base) / rope_inv_freq(dataclasses.replace(base, rope_scaling=rs32))
+    no_kv = str(tmp_path / "no_kv.gguf")
+    T.write_gguf(no_kv, "llama", T.TINY, sd, "F32")
+    _add_tensor(no_kv, "rope_freqs.weight", f32.astype(np.float32))
+    assert read_weights(no_kv).config.rope_scaling == rs32
     bad = str(tmp_path / "bad.gguf")
     T.write_gguf(bad, "llama", T.TINY, sd, "F32", extra_kv=kv)
     _add_tensor(bad, "rope_freqs.weight", (factors * 1.5).astype(np.float32))
