@@ -36,11 +36,6 @@ class Model:
     path: str                            # what was loaded
     dtype: str                           # "bfloat16" | "float16": storage dtype on the GPU
 
-    def weight_bytes(self, include_embedding: bool = False) -> int:
-        """Bytes a decode step streams at `dtype` (embedding lookup excluded by default)."""
-        skip = () if include_embedding else ("embed", "rope_cos", "rope_sin")
-        return sum(a.size * 2 for k, a in self.weights.items() if k not in skip)
-
 
 def normalize_dtype(dtype: str | None) -> str | None:
     if dtype is None:

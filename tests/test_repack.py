@@ -167,11 +167,17 @@ def test_packed_shape_mismatch(hf_dir, tmp_path):
         load_model(str(dst))
 
 
-def test_repack_command(hf_dir, tmp_path):
-    from click.testing import CliRunner
+def test_repack_main(hf_dir, tmp_path, capsys):
     dst = str(tmp_path / "packed")
-    res = CliRunner().invoke(R.repack_command, [hf_dir, dst, "--dtype", "fp16"])
-    assert res.exit_code == 0, res.output
+    with pytest.raises(SystemExit) as e:
+        R.main([hf_dir, dst, "--dtype", "fp16"])
+    assert e.value.code == 0
     assert json.load(open(os.path.join(dst, "kogcupy_pack.json")))["dtype"] == "float16"
-    res = CliRunner().invoke(R.repack_command, [hf_dir, dst])
-    assert res.exit_code == 2 and "already exists" in res.output
+    with pytest.raises(SystemExit) as e:
+        R.main([hf_dir, dst])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kogcupy-repack: error: ") and "already exists" in err
+    with pytest.raises(SystemExit) as e:
+        R.main([str(tmp_path / "missing"), str(tmp_path / "x")])
+    assert e.value.code == 2 and not (tmp_path / "x").exists()

@@ -164,31 +164,46 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 def repack_command(src, dst, dtype, force):
     """Repack SRC (HF directory or .gguf) into a kogcupy packed directory DST."""
+    # KogErrors propagate: `kogcupy repack` and `kogcupy-repack` print them as one line.
+    from kogcupy.weights import detect_format
+    _dst_checks(src, dst, force)
+    detect_format(src)
     bar = None
 
     def progress(name, nbytes, total):
         nonlocal bar
         if bar is None:
-            bar = click.progressbar(length=total, label="writing",
-                                    file=sys.stderr,
+            bar = click.progressbar(length=total, label="writing", file=sys.stderr,
                                     item_show_func=lambda n: n)
             bar.__enter__()
         bar.update(nbytes, current_item=name)
 
+    click.echo(f"loading {src}", err=True)
     try:
-        click.echo(f"loading {src}", err=True)
         used = repack(src, dst, dtype, force, progress=progress)
-    except KogError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(2)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
     click.echo(f"wrote {dst} ({used})", err=True)
 
 
-def main(argv=None):
-    repack_command.main(args=argv, prog_name="kogcupy-repack")
+def main(argv=None) -> None:
+    """`kogcupy-repack`: user errors are one line and exit 2; Ctrl-C exits 130."""
+    prog = "kogcupy-repack"
+    try:
+        repack_command.main(args=argv, prog_name=prog, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:          # usage errors
+        e.show()
+        sys.exit(e.exit_code)
+    except KogError as e:
+        click.echo(f"{prog}: error: {' '.join(str(e).split())}", err=True)
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        click.echo(f"{prog}: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    sys.exit(0)
 
 
 if __name__ == "__main__":
