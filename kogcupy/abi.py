@@ -121,11 +121,11 @@ def pack(values: dict) -> np.ndarray:
 
 def layout_probe_source() -> str:
     """A kernel writing offsetof/sizeof of each field, for the host/device layout test."""
-    body = [f"    out[{i}] = (unsigned long long)offsetof(KogParams, {n});"
-            for i, (n, _, _, _) in enumerate(FIELDS)]
+    body = ["    KogParams s;", "    const char* base = reinterpret_cast<const char*>(&s);"]
+    body += [f"    out[{i}] = (unsigned long long)(reinterpret_cast<const char*>(&s.{n}) - base);"
+             for i, (n, _, _, _) in enumerate(FIELDS)]
     body.append(f"    out[{len(FIELDS)}] = (unsigned long long)sizeof(KogParams);")
-    return ("#ifndef offsetof\n#define offsetof(T, m) __builtin_offsetof(T, m)\n#endif\n"
-            "typedef unsigned int kog_u32;\ntypedef unsigned short kog_u16;\n"
+    return ("typedef unsigned int kog_u32;\ntypedef unsigned short kog_u16;\n"
             + struct_source()
             + 'extern "C" __global__ void kog_abi_probe(unsigned long long* out) {\n'
             + "\n".join(body) + "\n}\n")

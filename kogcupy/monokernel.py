@@ -130,7 +130,7 @@ class DeviceModel:
             flat = dev.reshape(-1)
             step = 1 << 26
             for i in range(0, flat.size, step):
-                x = rs.standard_normal(min(step, flat.size - i), dtype=cp.float32) * scale
+                x = rs.standard_normal(min(step, flat.size - i), dtype=cp.float32) * cp.float32(scale)
                 flat[i:i + x.size] = _bits_gpu(x, dtype)
             arrays[name] = dev
         n_pos = rope_positions or default_rope_positions(cfg)
@@ -138,10 +138,11 @@ class DeviceModel:
         arrays["rope_cos"], arrays["rope_sin"] = cp.asarray(cos), cp.asarray(sin)
         L = cfg.n_layers
         if cfg.qkv_bias:
-            arrays["bqkv"] = rs.standard_normal((L, cfg.qkv_dim), dtype=cp.float32) * 0.1
+            arrays["bqkv"] = rs.standard_normal((L, cfg.qkv_dim), dtype=cp.float32) * cp.float32(0.1)
         if cfg.qk_norm:
-            arrays["q_norm"] = 1 + 0.1 * rs.standard_normal((L, cfg.head_dim), dtype=cp.float32)
-            arrays["k_norm"] = 1 + 0.1 * rs.standard_normal((L, cfg.head_dim), dtype=cp.float32)
+            for k in ("q_norm", "k_norm"):
+                g = rs.standard_normal((L, cfg.head_dim), dtype=cp.float32) * cp.float32(0.1)
+                arrays[k] = g + cp.float32(1.0)
         return cls(cfg, dtype, arrays)
 
 

@@ -21,7 +21,7 @@ for name in os.environ.get("SHAPES", "llama-3.2-1b,qwen3-1.7b,smollm2-135m").spl
     r["shape"] = name
     rows.append(r)
     print(json.dumps(r), flush=True)
-print("shape            tok/s    step_us   GB/s   %readBW  (read BW %.0f GB/s)" % (rows[0]["read_bandwidth_Bps"] / 1e9))
+print("shape            tok/s    step_us   GB/s   %%readBW  (read BW %.0f GB/s)" % (rows[0]["read_bandwidth_Bps"] / 1e9))
 for r in rows:
     print("%-15s %7.1f %9.1f %7.0f %7.1f%%" % (r["shape"], r["tokens_per_s"], r["step_us"],
           r["achieved_Bps"] / 1e9, r["pct_of_read_bw"]))

@@ -6,6 +6,7 @@ outputs match the fp32 reference to ~1e-2 relative.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from types import SimpleNamespace
 
@@ -70,6 +71,7 @@ def backend(key, **kw):
         cfg = FAMILIES[key] if isinstance(key, str) else key
         m = model(cfg, **{a: kw.pop(a) for a in ("logit_scale", "dtype") if a in kw})
         _BACKENDS[k] = (m, MonokernelBackend(m, context_length=kw.pop("context_length", 1024),
+                                             watchdog_s=20,
                                              **kw))
     return _BACKENDS[k]
 
@@ -145,7 +147,7 @@ def test_long_prompt_multi_chunk_attention():
 @pytest.mark.parametrize("key", ["llama", "qwen3-qknorm-h896-gqa7-hd128"])
 def test_greedy_tokens_identical_64(key):
     cfg = FAMILIES[key]
-    cfg = ModelConfig(**{**cfg.to_dict(), "tie_word_embeddings": False})
+    cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     m, be = backend(cfg, logit_scale=8.0)
     prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, 8).tolist()
     got = list(be.start(prompt, SamplingParams(), 80, set()))
@@ -155,7 +157,7 @@ def test_greedy_tokens_identical_64(key):
 
 
 def test_greedy_with_repetition_penalty():
-    cfg = ModelConfig(**{**FAMILIES["llama"].to_dict(), "tie_word_embeddings": False})
+    cfg = dataclasses.replace(FAMILIES["llama"], tie_word_embeddings=False)
     m, be = backend(cfg, logit_scale=8.0)
     prompt = np.random.default_rng(5).integers(0, cfg.vocab_size, 8).tolist()
     p = SamplingParams(repetition_penalty=1.3)
@@ -200,7 +202,7 @@ def test_sampling_draws_match_reference_sampler(pi):
 
 
 def test_seeded_reproducibility():
-    m, be = backend("llama")
+    m, be = backend(dataclasses.replace(FAMILIES["llama"], tie_word_embeddings=False))
     prompt = [1, 2, 3, 4]
     p = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
     a = list(be.start(prompt, p, 32, set()))
