@@ -27,6 +27,7 @@ from .sampling_params import SamplingParams
 STAGES = ("embed", "attn_norm_qkv", "attention", "o_proj_residual", "ffn_norm_gate_up_silu",
           "down_residual", "final_norm_lm_head", "sample", "stop_check")
 LAYER_STAGES = STAGES[1:6]
+PREFILL_CHUNK = 512          # prompt positions per batched forward
 
 # Trace sink: a dict filled with {(stage, pos, layer): array} or a callable(stage, pos, layer, a).
 Trace = "dict | Callable[[str, int, int | None, np.ndarray], None] | None"
@@ -117,21 +118,27 @@ class ReferenceModel:
         cfg, n, p0 = self.cfg, qkv.shape[0], self.pos
         KV, G, hd = cfg.n_kv_heads, cfg.gqa_group, cfg.head_dim
         T = p0 + n
-        # q head h uses kv head h // G: group q heads by their kv head.
-        q = qkv[:, :cfg.q_dim].reshape(n, KV, G, hd).transpose(1, 2, 0, 3)  # (KV, G, n, hd)
-        q = q.reshape(KV, G * n, hd)                            # (KV, G*n, hd)
-        k = self.k_cache[layer, :T].transpose(1, 2, 0)          # (KV, hd, T)
-        v = self.v_cache[layer, :T].transpose(1, 0, 2)          # (KV, T, hd)
-        s = (q @ k).reshape(KV, G, n, T)                        # (KV, G, n, T)
-        s *= np.float32(1.0 / np.sqrt(hd))
-        if n > 1:                                               # causal: pos p0+i sees t <= p0+i
-            mask = np.arange(T)[None, :] > (p0 + np.arange(n))[:, None]     # (n, T)
-            s[:, :, mask] = -np.inf
-        s -= s.max(axis=-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)                      # fp32 softmax
-        o = s.reshape(KV, G * n, T) @ v                         # (KV, G*n, hd)
-        out = o.reshape(KV, G, n, hd).transpose(2, 0, 1, 3).reshape(n, cfg.q_dim)  # (n, q_dim)
+        q = qkv[:, :cfg.q_dim].reshape(n, KV, G, hd)            # q head h uses kv head h // G
+        k = self.k_cache[layer, :T]                             # (T, KV, hd)
+        v = self.v_cache[layer, :T]                             # (T, KV, hd)
+        scale = np.float32(1.0 / np.sqrt(hd))
+        causal = None
+        if n > 1:                                               # pos p0+i sees t <= p0+i
+            causal = np.arange(T)[None, :] > (p0 + np.arange(n))[:, None]   # (n, T)
+        out = np.empty((n, KV, G, hd), dtype=np.float32)
+        # One GEMM per kv head on the strided (T, hd) cache slice: numpy's batched matmul
+        # over (KV, ...) stacks is several times slower than these plain BLAS calls.
+        for h in range(KV):
+            s = q[:, h].reshape(n * G, hd) @ k[:, h].T          # (n*G, T)
+            s = s.reshape(n, G, T)
+            s *= scale
+            if causal is not None:
+                s[np.broadcast_to(causal[:, None, :], s.shape)] = -np.inf
+            s -= s.max(axis=-1, keepdims=True)
+            np.exp(s, out=s)
+            s /= s.sum(axis=-1, keepdims=True)                  # fp32 softmax
+            out[:, h] = (s.reshape(n * G, T) @ v[:, h]).reshape(n, G, hd)
+        out = out.reshape(n, cfg.q_dim)                         # (n, q_dim)
         self._record("attention", p0, layer, out)
         return out
 
@@ -180,12 +187,17 @@ class ReferenceModel:
         self.pos += n if all_logits else 1
         return logits if all_logits else logits[0]
 
-    def prefill(self, ids, batch: bool = True, all_logits: bool = False) -> np.ndarray:
-        """Prompt forward: one block (batch) or token by token; same results within fp32."""
-        if batch:
-            return self.forward(ids, all_logits=all_logits)
-        rows = [self.forward([t]) for t in ids]
-        return np.stack(rows) if all_logits else rows[-1]
+    def prefill(self, ids, batch: bool = True, all_logits: bool = False,
+                chunk: int = PREFILL_CHUNK) -> np.ndarray:
+        """Prompt forward in blocks of `chunk` positions (batch) or token by token; the same
+        results within fp32 rounding. Chunks bound the (n*G, T) score matrices."""
+        ids = list(ids)
+        step = chunk if batch else 1
+        rows = [self.forward(ids[i:i + step], all_logits=all_logits)
+                for i in range(0, len(ids), step)]
+        if not all_logits:
+            return rows[-1]
+        return np.concatenate(rows) if batch else np.stack([r[0] for r in rows])
 
 
 def weight_bytes_per_token(weights: dict[str, np.ndarray]) -> float:

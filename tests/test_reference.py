@@ -62,6 +62,8 @@ def test_batch_prefill_equals_token_by_token(family, tiny_models):
     rt = ReferenceModel(cfg, model.weights, 128, trace=tt)
     b = rt.prefill(ids, batch=False, all_logits=True)
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+    c = ReferenceModel(cfg, model.weights, 128).prefill(ids, all_logits=True, chunk=7)
+    np.testing.assert_allclose(c, b, rtol=0, atol=1e-5 * np.abs(b).max())
     assert tb.keys() == tt.keys()
     for key in tb:
         np.testing.assert_allclose(tb[key], tt[key], rtol=1e-4, atol=1e-4, err_msg=str(key))
