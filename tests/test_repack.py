@@ -104,12 +104,12 @@ def test_interrupted_repack_leaves_nothing(hf_dir, tmp_path, monkeypatch, exc, w
     calls = {"n": 0}
     real_encode, real_dump = R._encode, json.dump
 
-    def encode(a, dtype):
+    def encode(a, dtype, name=""):
         calls["n"] += 1
         if (when == "first_tensor" and calls["n"] == 1) or (
                 when == "third_tensor" and calls["n"] == 3):
             raise exc("interrupted")
-        return real_encode(a, dtype)
+        return real_encode(a, dtype, name)
 
     def dump(obj, f, **kw):
         if when == "marker" and isinstance(obj, dict) and obj.get("format") == PACK_FORMAT:
@@ -181,3 +181,15 @@ def test_repack_main(hf_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         R.main([str(tmp_path / "missing"), str(tmp_path / "x")])
     assert e.value.code == 2 and not (tmp_path / "x").exists()
+
+
+def test_repack_fp16_overflow(tmp_path):
+    """A bf16/fp32 checkpoint whose folded weights exceed fp16's range cannot go to fp16."""
+    import test_bad_input as B
+    tensors = B.small_tensors()
+    tensors["model.layers.0.mlp.down_proj.weight"][0, 0] = 1e6
+    src = B.write_small_hf(tmp_path / "src", tensors=tensors, dtype=np.float32, tokenizer=True)
+    with pytest.raises(ModelLoadError, match="'w_down' overflows float16.*--dtype bf16"):
+        R.repack(src, str(tmp_path / "packed"), dtype="fp16")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+    R.repack(src, str(tmp_path / "packed"), dtype="bf16")

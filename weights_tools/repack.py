@@ -36,7 +36,7 @@ _ST_DTYPE = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _CHUNK_ROWS_BYTES = 64 << 20          # convert/write big tensors in ~64 MB pieces
 
 
-def _encode(a: np.ndarray, dtype: str) -> np.ndarray:
+def _encode(a: np.ndarray, dtype: str, name: str = "") -> np.ndarray:
     if dtype == "bfloat16":
         return bf16_bits(a)
     if dtype == "float16":
@@ -44,8 +44,8 @@ def _encode(a: np.ndarray, dtype: str) -> np.ndarray:
             try:
                 return a.astype(np.float16)
             except FloatingPointError:
-                raise ModelLoadError("a weight overflows float16 (|x| > 65504); repack with "
-                                     "--dtype bf16") from None
+                raise ModelLoadError(f"packed tensor {name!r} overflows float16 (|x| > "
+                                     f"65504); repack with --dtype bf16") from None
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
@@ -72,7 +72,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtypes: dict[st
             flat = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
             step = max(1, _CHUNK_ROWS_BYTES // max(1, flat[0].nbytes))
             for i in range(0, flat.shape[0], step):
-                f.write(_encode(flat[i:i + step], dtypes[name]).tobytes())
+                f.write(_encode(flat[i:i + step], dtypes[name], name).tobytes())
             if progress is not None:
                 progress(name, a.nbytes, total)
 
@@ -135,9 +135,7 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
         with open(os.path.join(tmp, PACK_MARKER), "w", encoding="utf-8") as f:
             json.dump({"format": PACK_FORMAT, "version": PACK_FORMAT_VERSION, "dtype": dtype,
                        "source": os.path.abspath(src)}, f, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it private; DST should not be
+        os.chmod(tmp, 0o755)           # mkdtemp makes it private; DST should not be
         if os.path.lexists(dst):       # --force: move the old one aside, then swap
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
             os.replace(dst, os.path.join(old, "x"))
