@@ -86,7 +86,7 @@ class GenerationResult:
         if self.gb_per_s is not None:
             bw = f"{self.gb_per_s:.1f} GB/s"
             if self.pct_of_bandwidth is not None:
-                bw += f" ({self.pct_of_bandwidth:.0f}% of bandwidth)"
+                bw += f" ({self.pct_of_bandwidth:.1f}% of read bandwidth)"
             parts.append(bw)
         parts += [f"prefill {self.prefill_s:.3f} s ({self.prompt_tokens} prompt tokens)",
                   f"backend {self.backend}", f"finish {self.finish_reason}"]

@@ -180,3 +180,12 @@ def test_smollm2_chat_ends_with_eos(smollm2):
     pieces, r = run(eng.generate("What is the capital of France?", max_new_tokens=40))
     assert r.finish_reason == "eos" and r.token_ids[-1] in smollm2.tokenizer.eos_token_ids
     assert "Paris" in r.text and "<|im_end|>" not in r.text
+
+
+def test_bandwidth_fields_when_backend_knows_its_bandwidth(tiny_models):
+    eng = Engine(tiny_models["llama"], backend="reference")
+    eng.backend.read_bandwidth_Bps = 20e9
+    r = run(eng.generate(PROMPT, max_new_tokens=8, chat=False))[1]
+    assert r.gb_per_s == pytest.approx(eng.backend.bytes_per_token * r.tokens_per_s / 1e9)
+    assert r.pct_of_bandwidth == pytest.approx(100 * r.gb_per_s * 1e9 / 20e9)
+    assert "% of read bandwidth" in r.stats_line()
