@@ -290,6 +290,17 @@ def test_smollm2_unpermute_matches_transformers(smollm2_model):
                                   gguf.quants.dequantize(emb.data[:64], emb.tensor_type))
 
 
+def test_smollm2_equals_transformers_gguf_load(smollm2_model):
+    """Every packed SmolLM2 tensor equals transformers' own load of the GGUF, packed the same
+    way: names, shapes, dequantization and the Q/K un-permute, bit for bit (~15 s)."""
+    import transformers
+    d, f = os.path.split(smollm2_model.path)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(d, gguf_file=f)
+    ref = pack_state_dict(smollm2_model.config, T.state_dict_numpy(theirs))
+    del theirs
+    assert_packed_equal(smollm2_model.weights, ref)
+
+
 def test_default_model_missing(monkeypatch):
     import importlib.util
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
