@@ -18,21 +18,44 @@
 #include "platform.cuh"
 #include "sync.cuh"
 
-#define KOG_GEMV_MAX_LOADS 8      // 16-byte loads in flight per lane per tile
+#ifndef KOG_GEMV_MAX_LOADS
+#define KOG_GEMV_MAX_LOADS 8      // 16-byte loads per lane per tile
+#endif
+#ifndef KOG_GEMV_AB
+#define KOG_GEMV_AB 0
+#endif
+#ifndef KOG_PREFETCH_TILES
+#define KOG_PREFETCH_TILES 1      // tiles issued before the wait for the input
+#endif
 
-// Loads the activation vector src[0:n) (fp32, written by other blocks) into shared xs.
+// Loads the activation vector src[0:N) (fp32, written by other blocks) into shared xs: every
+// thread issues all of its 16-byte loads before the first use (one L2 round trip, not N/threads).
 // Returns 1/rms(src) when `norm`, else 1. All threads call it; ends with a block barrier.
-KOG_DEVICE float kog_load_activation(const float* src, int n, float* xs, float* scratch,
-                                     bool norm) {
+template <int N>
+KOG_DEVICE float kog_load_activation(const float* src, float* xs, float* scratch, bool norm) {
+    static_assert(N % 4 == 0, "activation vectors are whole float4s");
+    constexpr int V4 = N / 4;
+    constexpr int PER = (V4 + KOG_THREADS - 1) / KOG_THREADS;
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    float4* x4 = reinterpret_cast<float4*>(xs);
+    float4 r[PER];
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int i = threadIdx.x + k * KOG_THREADS;
+        if (V4 % KOG_THREADS == 0 || i < V4) r[k] = kog_ld_cg4(s4 + i);
+    }
     float ss = 0.f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = kog_ld_cg(src + i);
-        xs[i] = v;
-        ss = fmaf(v, v, ss);
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int i = threadIdx.x + k * KOG_THREADS;
+        if (V4 % KOG_THREADS == 0 || i < V4) {
+            x4[i] = r[k];
+            ss = fmaf(r[k].x, r[k].x, fmaf(r[k].y, r[k].y, fmaf(r[k].z, r[k].z, fmaf(r[k].w, r[k].w, ss))));
+        }
     }
     if (norm) {
         ss = kog_block_sum(ss, scratch);          // its barriers also publish xs
-        return rsqrtf(ss / (float)n + KOG_EPS);
+        return rsqrtf(ss / (float)N + KOG_EPS);
     }
     __syncthreads();
     return 1.f;
@@ -61,7 +84,9 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     const int n_units = first < u_end ? (u_end - first + n_warps - 1) / n_warps : 0;
     int n_tiles = n_units * TPU;
 
-    kog_vec4 cur[NLT];
+    // Two tiles in flight per warp (cur, nxt); tile 0 (and tile 1 with KOG_PREFETCH_TILES > 1)
+    // is issued before the wait for the input.
+    kog_vec4 cur[NLT], nxt[NLT];
     auto load = [&](int i, kog_vec4 (&v)[NLT]) {
         const int u = first + (i / TPU) * n_warps;
         const int kt = i % TPU;
@@ -70,18 +95,22 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         for (int j = 0; j < NLT; ++j)
             if (FULL || kt * TILE + j * KOG_WARP + lane < CPU) v[j] = kog_ld_stream(base + j * KOG_WARP);
     };
-    if (n_tiles > 0) load(0, cur);                               // in flight across the wait
+    if (n_tiles > 0) load(0, cur);
+#if KOG_PREFETCH_TILES > 1
+    if (n_tiles > 1) load(1, nxt);
+#endif
 
     const float scale = ready();
     if (!(scale > 0.f)) return;
+#if KOG_PREFETCH_TILES <= 1
+    if (n_tiles > 1) load(1, nxt);
+#endif
 
     const float4* x4 = reinterpret_cast<const float4*>(xs);
     float acc[UNIT];
 #pragma unroll
     for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
-    for (int i = 0; i < n_tiles; ++i) {
-        kog_vec4 nxt[NLT];
-        if (i + 1 < n_tiles) load(i + 1, nxt);
+    auto consume = [&](int i, const kog_vec4 (&v)[NLT]) {
         const int kt = i % TPU;
 #pragma unroll
         for (int j = 0; j < NLT; ++j) {
@@ -93,7 +122,7 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
                 const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
                 for (int r = 0; r < UNIT; ++r)
-                    if (UNIT == 1 || row == r) acc[r] = kog_dot8(cur[j], xv, acc[r]);
+                    if (UNIT == 1 || row == r) acc[r] = kog_dot8(v[j], xv, acc[r]);
             }
         }
         if (kt == TPU - 1) {
@@ -103,9 +132,26 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
 #pragma unroll
             for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
         }
+    };
+#if KOG_GEMV_AB
+    // Unrolled by two so the buffers swap roles without register moves (a move of a pending
+    // load would stall until it lands, leaving one tile in flight instead of two).
+    for (int i = 0; i < n_tiles; i += 2) {
+        consume(i, cur);
+        if (i + 2 < n_tiles) load(i + 2, cur);
+        if (i + 1 < n_tiles) {
+            consume(i + 1, nxt);
+            if (i + 3 < n_tiles) load(i + 3, nxt);
+        }
+    }
+#else
+    for (int i = 0; i < n_tiles; ++i) {
+        consume(i, cur);
 #pragma unroll
         for (int j = 0; j < NLT; ++j) cur[j] = nxt[j];
+        if (i + 2 < n_tiles) load(i + 2, nxt);
     }
+#endif
 }
 
 // ============================================================================================
@@ -118,7 +164,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     auto ready = [&]() -> float {
         if (r0 >= r1) return -1.f;
         kog_wait_counter(kog_counter(c, KOG_CNT_ATTN + layer), kog_expected(c, KOG_N_KV));
-        return kog_load_activation(p->attn_out, KOG_Q_DIM, c.smem, c.scratch, false);
+        return kog_load_activation<KOG_Q_DIM>(p->attn_out, c.smem, c.scratch, false);
     };
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
@@ -142,7 +188,7 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     auto ready = [&]() -> float {
         if (u0 >= u1) return -1.f;
         kog_wait_counter(kog_counter(c, KOG_CNT_O + layer), kog_expected(c, p->n_o_producers));
-        return kog_load_activation(p->x, KOG_HIDDEN, c.smem, c.scratch, true);
+        return kog_load_activation<KOG_HIDDEN>(p->x, c.smem, c.scratch, true);
     };
     auto epi = [&](int j, float (&acc)[2], float scale) {
         if (threadIdx.x % KOG_WARP == 0) {
@@ -167,7 +213,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     auto ready = [&]() -> float {
         if (r0 >= r1) return -1.f;
         kog_wait_counter(kog_counter(c, KOG_CNT_GATE_UP + layer), kog_expected(c, p->n_gate_up_producers));
-        return kog_load_activation(p->act, KOG_FFN, c.smem, c.scratch, false);
+        return kog_load_activation<KOG_FFN>(p->act, c.smem, c.scratch, false);
     };
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
@@ -194,7 +240,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     auto ready = [&]() -> float {
         if (r0 >= r1) return -1.f;
         kog_wait_counter(kog_counter(c, KOG_CNT_DOWN + KOG_N_LAYERS - 1), kog_expected(c, p->n_down_producers));
-        return kog_load_activation(p->x, KOG_HIDDEN, c.smem, c.scratch, true);
+        return kog_load_activation<KOG_HIDDEN>(p->x, c.smem, c.scratch, true);
     };
     auto epi = [&](int row, float (&acc)[1], float scale) {
         const float v = acc[0] * scale;

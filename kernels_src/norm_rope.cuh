@@ -32,7 +32,7 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
             kog_wait_counter(kog_counter(c, wait_idx), expected);
         }
         if (r0 >= r1) return 1.f;
-        return kog_load_activation(p->x, KOG_HIDDEN, xs, c.scratch, true);
+        return kog_load_activation<KOG_HIDDEN>(p->x, xs, c.scratch, true);
     };
     auto epi = [&](int row, float (&acc)[1], float scale) {
         if (threadIdx.x % KOG_WARP == 0) {

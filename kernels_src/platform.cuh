@@ -120,6 +120,14 @@ KOG_DEVICE float kog_ld_cg(const float* p) {
     return __ldcg(p);
 #endif
 }
+KOG_DEVICE float4 kog_ld_cg4(const float4* p) {
+#if defined(KOG_HIP)
+    const float* f = reinterpret_cast<const float*>(p);
+    return make_float4(kog_ld_cg(f), kog_ld_cg(f + 1), kog_ld_cg(f + 2), kog_ld_cg(f + 3));
+#else
+    return __ldcg(p);
+#endif
+}
 KOG_DEVICE int kog_ld_cg_int(const int* p) {
 #if defined(KOG_HIP)
     return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
@@ -202,11 +210,10 @@ KOG_DEVICE kog_u32 kog_ld_acquire_system(const kog_u32* p) {
     return v;
 #endif
 }
+// Spin-wait body: a consumer polls one L2 line; latency matters more than the polling traffic.
 KOG_DEVICE void kog_pause() {
 #if defined(KOG_HIP)
     __builtin_amdgcn_s_sleep(1);
-#else
-    __nanosleep(32);
 #endif
 }
 

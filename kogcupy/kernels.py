@@ -83,8 +83,13 @@ def define_options(defines: dict) -> tuple[str, ...]:
     return tuple(opts)
 
 
-def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_cols: int
-                  ) -> dict:
+# GEMV tuning knobs (gemv.cuh): loads per lane per tile, tiles issued before the input wait,
+# and the unrolled two-buffer loop.
+DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 8, "KOG_PREFETCH_TILES": 2, "KOG_GEMV_AB": 0}
+
+
+def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_cols: int,
+                  tuning: dict | None = None) -> dict:
     """-D constants of the monokernel for a model config (see monokernel.cu)."""
     from .placement import ATTN_CHUNK, ATTN_MIN_CHUNK
     d = {
@@ -100,6 +105,8 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
         d["KOG_WEIGHT_FP16"] = 1
     elif dtype != "bfloat16":
         raise DeviceError(f"unsupported GPU storage dtype {dtype!r}; use bfloat16 or float16")
+    d.update(DEFAULT_TUNING)
+    d.update(tuning or {})
     d.update(abi.counter_layout(cfg.n_layers, cfg.n_kv_heads))
     d.update(debug_layout(cfg))
     d.pop("KOG_DBG_STRIDE")

@@ -260,7 +260,8 @@ class MonokernelBackend:
 
     def __init__(self, model=None, context_length: int = 4096, dtype: str | None = None,
                  watchdog_s: float = 60.0, threads: int = THREADS, blocks: int | None = None,
-                 device_model: DeviceModel | None = None, debug_positions: int = 0, **kw):
+                 device_model: DeviceModel | None = None, debug_positions: int = 0,
+                 tuning: dict | None = None, **kw):
         cp = _cupy()
         if not gpu_available():
             raise DeviceError("no CUDA/HIP GPU visible to CuPy; use the reference backend")
@@ -288,6 +289,7 @@ class MonokernelBackend:
         self.bytes_per_token = float(streamed_weight_bytes(cfg))
         self._read_bw = None
         self.debug_positions = int(debug_positions)
+        self.tuning = dict(tuning or {})
         self._alloc()
         self._fn = self._compile()
         self._active: MonokernelTokenStream | None = None
@@ -328,7 +330,7 @@ class MonokernelBackend:
     def _compile(self):
         cfg = self.cfg
         defines = kernels.model_defines(cfg, self.dtype, self.threads, self._smem_floats,
-                                        len(abi.PARTITION_COLUMNS))
+                                        len(abi.PARTITION_COLUMNS), self.tuning)
         mod = kernels.load_module(kernels.monokernel_source(), defines, cooperative=True)
         fn = kernels.get_function(mod, "kog_monokernel")
         if self.smem_bytes > 48 * 1024:
@@ -547,7 +549,8 @@ def measure_read_bandwidth(gpu_name: str | None = None, nbytes: int = 2 << 30,
 
 def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
                  position: int = 0, dtype: str = "bfloat16", context_length: int | None = None,
-                 seed: int = 0, backend: MonokernelBackend | None = None) -> dict:
+                 seed: int = 0, backend: MonokernelBackend | None = None,
+                 tuning: dict | None = None, device_model: DeviceModel | None = None) -> dict:
     """Decode speed on random GPU weights for `cfg` (greedy, no EOS).
 
     Generation starts after max(prompt_len, position) prompt tokens; tokens/s counts the
@@ -555,8 +558,8 @@ def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
     n_prompt = max(prompt_len, position, 1)
     ctx = context_length or min(default_rope_positions(cfg), n_prompt + new_tokens + 8)
     if backend is None:
-        dev = DeviceModel.random(cfg, dtype, seed, rope_positions=max(ctx, 16))
-        backend = MonokernelBackend(device_model=dev, context_length=ctx)
+        dev = device_model or DeviceModel.random(cfg, dtype, seed, rope_positions=max(ctx, 16))
+        backend = MonokernelBackend(device_model=dev, context_length=ctx, tuning=tuning)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.vocab_size, n_prompt).tolist()
     stream = backend.start(ids, SamplingParams(), new_tokens, set())
