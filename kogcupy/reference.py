@@ -15,7 +15,7 @@ hd head_dim, V vocab, n tokens in the block being run, T attended positions.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Optional, Union
 
 import numpy as np
 
@@ -29,8 +29,9 @@ STAGES = ("embed", "attn_norm_qkv", "attention", "o_proj_residual", "ffn_norm_ga
 LAYER_STAGES = STAGES[1:6]
 PREFILL_CHUNK = 512          # prompt positions per batched forward
 
-# Trace sink: a dict filled with {(stage, pos, layer): array} or a callable(stage, pos, layer, a).
-Trace = "dict | Callable[[str, int, int | None, np.ndarray], None] | None"
+# Trace sink: a dict filled with {(stage, pos, layer): array copy}, or a callable
+# hook(stage, pos, layer, array) (the array is a view: copy what you keep), or None (off).
+Trace = Union[dict, Callable[[str, int, Optional[int], np.ndarray], None], None]
 
 
 def rmsnorm(x: np.ndarray, eps: float) -> np.ndarray:
