@@ -560,7 +560,7 @@ def make_row(engine, shape, cfg, args, env, *, tokens_per_s=None, position=0, me
     new_tokens = args.new_tokens if new_tokens is None else new_tokens
     limit = bw * 1e12 / wb
     # mean context over the timed steps: what attention reads on top of the weights
-    ctx = position + prompt_len + new_tokens / 2
+    ctx = max(position, prompt_len) + new_tokens / 2    # kogcupy: position = prompt length
     limit_kv = bw * 1e12 / (wb + kv_bytes(cfg, ctx))
     row = {"engine": engine, "shape": shape, "metric": metric, "gpu": env["gpu"],
            "n_gpus": args.gpus, "prompt_len": prompt_len, "new_tokens": new_tokens,
@@ -773,7 +773,8 @@ def run(args, save=lambda doc: None) -> dict:
             if args.ttft_prompt:
                 res, err = _guard(lambda: bench_kogcupy(cfg, args.ttft_prompt, 1, 0),
                                   f"{shape} kogcupy ttft", log)
-                t = res.get("ttft_s") if res else None
+                # ttft_s if given, else the TokenStream's prefill_s (launch to first token)
+                t = res.get("ttft_s", res.get("prefill_s")) if res else None
                 if res and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
                     err, t = f"bench_decode returned ttft_s={t!r}", None
                 rows.append(make_row("kogcupy", shape, cfg, args, env, error=err, metric="ttft",

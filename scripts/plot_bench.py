@@ -70,11 +70,12 @@ def plot(json_path: str, png_path: str | None = None) -> str:
     if with_ctx:
         ax2 = axes[1]
         for shape in shapes:
-            pts = sorted((r["position"], r["pct_of_limit"]) for r in pos_rows
-                         if r["shape"] == shape)
-            ax2.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=shape)
-        ax2.set_xlabel("context position")
-        ax2.set_ylabel("kogcupy % of weight-bandwidth limit")
+            pts = sorted((r["position"], r["pct_of_limit_with_kv"], r["pct_of_limit"])
+                         for r in pos_rows if r["shape"] == shape)
+            line, = ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=shape)
+            ax2.plot([p[0] for p in pts], [p[2] for p in pts], ls="--", color=line.get_color())
+        ax2.set_xlabel("context position (prompt length)")
+        ax2.set_ylabel("kogcupy % of limit (solid: weights + KV read; dashed: weights)")
         ax2.set_ylim(0, 100)
         ax2.grid(alpha=0.3)
         ax2.legend(fontsize=8)
