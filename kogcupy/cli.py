@@ -5,6 +5,7 @@ errors exit 2 as well; Ctrl-C keeps the text streamed so far, prints the stats l
 """
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -14,6 +15,7 @@ from .errors import InputError, KogError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141         # 128 + SIGPIPE, as a shell reports it
 
 
 class _UserError(click.ClickException):
@@ -84,9 +86,14 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
     try:
         for piece in gen:
             click.echo(piece, nl=False)          # echo flushes: text appears as it is made
+        click.echo("")
     except KeyboardInterrupt:
         interrupted = True
-    click.echo("")
+        click.echo("")
+    except BrokenPipeError:                      # `kogcupy generate ... | head`: stop quietly
+        gen.close()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_BROKEN_PIPE)
     click.echo(gen.result.stats_line(), err=True)
     if interrupted:
         sys.exit(EXIT_INTERRUPTED)
