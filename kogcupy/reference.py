@@ -49,7 +49,9 @@ def rope_half_split(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarr
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
+    """x * sigmoid(x) written as torch does; exp(-x) may overflow to inf, giving -0."""
+    with np.errstate(over="ignore"):
+        return x / (np.float32(1.0) + np.exp(-x))
 
 
 class ReferenceModel:
@@ -58,6 +60,11 @@ class ReferenceModel:
     def __init__(self, cfg: ModelConfig, weights: dict[str, np.ndarray], context_length: int,
                  trace: Trace = None):
         self.cfg = cfg
+        # packed float32 arrays (packing.py):
+        #   embed (V, h)              wqkv (L, qkv_dim, h)     bqkv (L, qkv_dim)      [qwen2]
+        #   q_norm, k_norm (L, hd)    [qwen3]                  wo (L, h, q_dim)
+        #   w_gate_up (L, 2f, h)      w_down (L, h, f)         lm_head (V, h)
+        #   rope_cos, rope_sin (rope_positions, hd/2)
         self.w = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
         rope_positions = self.w["rope_cos"].shape[0]
         self.context_length = int(min(context_length, rope_positions))

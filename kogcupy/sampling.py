@@ -98,13 +98,16 @@ def _filtered_sorted(logits: np.ndarray, params: SamplingParams, prev_ids
     """(order, p_kept) for a non-greedy draw: order (vocab,) token ids in descending-prob order,
     p_kept (vocab,) fp32 unnormalised probabilities along that order, 0 where filtered."""
     x = apply_repetition_penalty(logits, params.repetition_penalty, prev_ids)    # (vocab,)
-    x = x / np.float32(params.temperature)
-    order = descending_order(x)                                 # (vocab,)
+    order = descending_order(x)                                 # (vocab,); same order as x / T
     xs = x[order]                                               # (vocab,) descending
     keep = np.ones(xs.shape[0], dtype=bool)
     if params.top_k and params.top_k < xs.shape[0]:
         keep[params.top_k:] = False
-    e = np.where(keep, np.exp(xs - xs[0]), np.float32(0)).astype(np.float32)
+    # softmax of x / T as exp((x - x_max) * (1 / T)), like the GPU: no inf - inf for tiny T
+    inv_t = np.float32(min(1.0 / params.temperature, float(np.finfo(np.float32).max)))
+    with np.errstate(over="ignore"):
+        e = np.exp((xs - xs[0]) * inv_t)
+    e = np.where(keep, e, np.float32(0)).astype(np.float32)
     p = e / e.sum(dtype=np.float32)                             # softmax over the kept set
     if params.top_p < 1.0:
         cum = np.cumsum(p, dtype=np.float32)

@@ -179,3 +179,12 @@ def test_invalid_params_are_input_errors():
                dict(repetition_penalty=0.0)):
         with pytest.raises(InputError):
             SP(**kw)
+
+
+def test_extreme_temperatures_stay_finite():
+    logits = np.array([1.0, 3.0, 2.0, 3.0], dtype=np.float32)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        np.testing.assert_allclose(sampling_probs(logits, SP(temperature=1e-300)),
+                                   [0, 0.5, 0, 0.5])
+        np.testing.assert_allclose(sampling_probs(logits, SP(temperature=1e30)), [0.25] * 4)
+        assert sample(logits, SP(temperature=1e-45, seed=1), 0) in (1, 3)
