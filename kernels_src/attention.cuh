@@ -30,8 +30,14 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA;
     const KogParams* p = c.p;
     const int t = c.t, n_pos = t + 1;
+#if KOG_TIMING_ATTN_SELF_ONLY
+    // timing variant (wrong results): attend to the current position only, one chunk
+    const int chunk = 1, n_chunks = 1, j_first = t;
+#else
     const int chunk = kog_attn_chunk_len(n_pos, p->attn_max_chunks);
     const int n_chunks = (n_pos + chunk - 1) / chunk;
+    const int j_first = 0;
+#endif
     const int n_units = KOG_N_KV * n_chunks;
     const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
     const int n_warps = blockDim.x / KOG_WARP;
@@ -48,7 +54,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     // Units go to blocks from the top of the grid down (block 0 also samples).
     for (int u = gridDim.x - 1 - blockIdx.x; u < n_units; u += gridDim.x) {
         const int g = u % KOG_N_KV, ch = u / KOG_N_KV;
-        const int j0 = ch * chunk, j1 = min(n_pos, j0 + chunk);
+        const int j0 = j_first + ch * chunk, j1 = min(n_pos, j0 + chunk);
         const bool holds_t = j1 == n_pos;
         if (!waited) {
             kog_wait_counter(kog_counter(c, KOG_CNT_QKV + layer), kog_expected(c, p->n_qkv_producers));

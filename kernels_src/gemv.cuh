@@ -28,6 +28,27 @@
 #define KOG_PREFETCH_TILES 1      // tiles issued before the wait for the input
 #endif
 
+#ifndef KOG_L2_PREFETCH_KB
+#define KOG_L2_PREFETCH_KB 0      // bytes of a later stage's rows prefetched into L2 per block
+#endif
+
+// Warp 0 prefetches into L2 bytes [skip, skip + max_bytes) of a block's row range
+// (rows [r0, r1) of `row_elems` weights starting at `base`).
+KOG_DEVICE void kog_prefetch_rows(const kog_u16* base, int r0, int r1, int row_elems,
+                                  kog_u64 skip, kog_u64 max_bytes) {
+    if (KOG_L2_PREFETCH_KB == 0 || threadIdx.x >= KOG_WARP || r0 >= r1) return;
+    const kog_u64 total = (kog_u64)(r1 - r0) * row_elems * 2;
+    if (skip >= total) return;
+    const kog_u64 bytes = (total - skip) < max_bytes ? (total - skip) : max_bytes;
+    const char* p = reinterpret_cast<const char*>(base + (kog_u64)r0 * row_elems) + skip;
+    constexpr kog_u64 PIECE = 16384;
+    for (kog_u64 off = (kog_u64)threadIdx.x * PIECE; off < bytes; off += (kog_u64)KOG_WARP * PIECE) {
+        const kog_u64 n = (bytes - off) < PIECE ? (bytes - off) : PIECE;
+        kog_prefetch_l2_bulk(p + off, (kog_u32)(n & ~15ull));
+    }
+}
+#define KOG_PF_BYTES ((kog_u64)KOG_L2_PREFETCH_KB * 1024ull)
+
 // Loads the activation vector src[0:N) (fp32, written by other blocks) into shared xs: every
 // thread issues all of its 16-byte loads before the first use (one L2 round trip, not N/threads).
 // Returns 1/rms(src) when `norm`, else 1. All threads call it; ends with a block barrier.
@@ -162,6 +183,8 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     const int r0 = c.part[2], r1 = c.part[3];
     float* dbg = kog_debug_row(c);
     auto ready = [&]() -> float {
+        kog_prefetch_rows(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
+                          c.part[5], 2 * KOG_HIDDEN, KOG_PF_BYTES, KOG_PF_BYTES);
         if (r0 >= r1) return -1.f;
         kog_wait_counter(kog_counter(c, KOG_CNT_ATTN + layer), kog_expected(c, KOG_N_KV));
         return kog_load_activation<KOG_Q_DIM>(p->attn_out, c.smem, c.scratch, false);
@@ -186,6 +209,8 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     const int u0 = c.part[4], u1 = c.part[5];
     float* dbg = kog_debug_row(c);
     auto ready = [&]() -> float {
+        kog_prefetch_rows(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, c.part[6], c.part[7],
+                          KOG_FFN, 0, 2 * KOG_PF_BYTES);
         if (u0 >= u1) return -1.f;
         kog_wait_counter(kog_counter(c, KOG_CNT_O + layer), kog_expected(c, p->n_o_producers));
         return kog_load_activation<KOG_HIDDEN>(p->x, c.smem, c.scratch, true);
@@ -211,6 +236,11 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     const int r0 = c.part[6], r1 = c.part[7];
     float* dbg = kog_debug_row(c);
     auto ready = [&]() -> float {
+        if (layer + 1 < KOG_N_LAYERS)
+            kog_prefetch_rows(p->wqkv + (kog_u64)(layer + 1) * KOG_QKV_DIM * KOG_HIDDEN, c.part[0],
+                              c.part[1], KOG_HIDDEN, 0, KOG_PF_BYTES);
+        else
+            kog_prefetch_rows(p->lm_head, c.part[8], c.part[9], KOG_HIDDEN, 0, 2 * KOG_PF_BYTES);
         if (r0 >= r1) return -1.f;
         kog_wait_counter(kog_counter(c, KOG_CNT_GATE_UP + layer), kog_expected(c, p->n_gate_up_producers));
         return kog_load_activation<KOG_FFN>(p->act, c.smem, c.scratch, false);

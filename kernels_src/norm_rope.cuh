@@ -23,6 +23,11 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
     float* out = p->qkv;
     bool stop = false;
     auto ready = [&]() -> float {
+        // the attention stage streams no weights: bring o_proj and the head of gate_up to L2
+        kog_prefetch_rows(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, c.part[2], c.part[3],
+                          KOG_Q_DIM, 0, KOG_PF_BYTES);
+        kog_prefetch_rows(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
+                          c.part[5], 2 * KOG_HIDDEN, 0, KOG_PF_BYTES);
         if (first) {
             stop = kog_wait_counter_read_flag(kog_counter(c, wait_idx), expected,
                                               kog_counter(c, KOG_CNT_STOP),

@@ -128,6 +128,16 @@ KOG_DEVICE float4 kog_ld_cg4(const float4* p) {
     return __ldcg(p);
 #endif
 }
+KOG_DEVICE kog_vec4 kog_ld_cg_v4(const kog_vec4* p) {
+#if defined(KOG_HIP)
+    const kog_u32* u = reinterpret_cast<const kog_u32*>(p);
+    kog_vec4 r;
+    for (int i = 0; i < 4; ++i) r[i] = __hip_atomic_load(u + i, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+    return r;
+#else
+    return __ldcg(p);
+#endif
+}
 KOG_DEVICE int kog_ld_cg_int(const int* p) {
 #if defined(KOG_HIP)
     return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
@@ -210,6 +220,17 @@ KOG_DEVICE kog_u32 kog_ld_acquire_system(const kog_u32* p) {
     return v;
 #endif
 }
+// Asks the memory system to bring [p, p + bytes) into L2 (no registers, no completion):
+// weights of a later stage stream from HBM while this block waits on a readiness counter.
+// bytes: multiple of 16, p 16-byte aligned.
+KOG_DEVICE void kog_prefetch_l2_bulk(const void* p, kog_u32 bytes) {
+#if defined(KOG_HIP)
+    (void)p; (void)bytes;
+#else
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
+#endif
+}
+
 // Spin-wait body: a consumer polls one L2 line; latency matters more than the polling traffic.
 KOG_DEVICE void kog_pause() {
 #if defined(KOG_HIP)

@@ -85,7 +85,9 @@ def define_options(defines: dict) -> tuple[str, ...]:
 
 # GEMV tuning knobs (gemv.cuh): loads per lane per tile, tiles issued before the input wait,
 # and the unrolled two-buffer loop.
-DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 8, "KOG_PREFETCH_TILES": 2, "KOG_GEMV_AB": 0}
+DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_PREFETCH_TILES": 2, "KOG_GEMV_AB": 1,
+                  "KOG_L2_PREFETCH_KB": 0,
+                  "KOG_TIMING_ATTN_SELF_ONLY": 0}
 
 
 def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_cols: int,

@@ -562,6 +562,7 @@ def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
         backend = MonokernelBackend(device_model=dev, context_length=ctx, tuning=tuning)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.vocab_size, n_prompt).tolist()
+    list(backend.start(ids, SamplingParams(), min(64, new_tokens), set()))   # warm-up
     stream = backend.start(ids, SamplingParams(), new_tokens, set())
     toks = list(stream)
     tt = stream.token_times

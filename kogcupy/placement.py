@@ -17,6 +17,7 @@ from .config import ModelConfig
 
 ATTN_CHUNK = 256          # KV positions per attention unit at most (shared-memory scores)
 ATTN_MIN_CHUNK = 32       # ... and at least (rounded up to a multiple of this)
+ATTN_MAX_CHUNKS = 64      # chunks per kv head from the split rule (long contexts add more)
 
 
 def split_even(n_units: int, n_blocks: int) -> np.ndarray:
@@ -56,7 +57,7 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     partition = np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.int32)
     assert partition.shape[1] == len(PARTITION_COLUMNS)
     producers = {k: int(np.count_nonzero(c[:, 1] > c[:, 0])) for k, c in zip(stages, cols)}
-    max_chunks = max(1, n_blocks // cfg.n_kv_heads)
+    max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))
     n = np.arange(1, context_length + 1)
     length = np.minimum(-(-(-(-n // max_chunks)) // ATTN_MIN_CHUNK) * ATTN_MIN_CHUNK, ATTN_CHUNK)
     alloc = int(np.max(-(-n // length)))
