@@ -7,8 +7,10 @@
 // The unit whose chunk holds the current position also finishes k and v of that position and
 // appends them to the KV cache (no other unit reads that position in this step).
 // With one chunk the unit writes attn_out directly; otherwise each unit writes a partial and
-// takes a ticket (acq_rel atomic); the last arrival combines the partials of head g, writes
-// attn_out, resets the ticket, and signals the attention counter once per kv head.
+// takes a ticket (acq_rel atomic on a monotone per-(layer, kv head) count; the host tabulates
+// the arrivals of earlier positions); the last arrival combines the partials of head g and
+// writes attn_out (tagged). The appending unit releases a per-(layer, kv head)
+// count of cached positions, which units of later steps acquire before reading the cache.
 // ============================================================================================
 #pragma once
 #include "norm_rope.cuh"
@@ -49,28 +51,34 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     kog_u32* flag = reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG);
     const float qscale = rsqrtf((float)HD);
     float* dbg = kog_debug_row(c);
-    bool waited = false;
+    const kog_u32 qkv_tag = kog_tag(t, layer, KOG_STAGE_QKV);
+    const kog_u32 out_tag = kog_tag(t, layer, KOG_STAGE_ATTN);
+    kog_prof(c, layer * 16 + 3);
 
     // Units go to blocks from the top of the grid down (block 0 also samples).
     for (int u = gridDim.x - 1 - blockIdx.x; u < n_units; u += gridDim.x) {
         const int g = u % KOG_N_KV, ch = u / KOG_N_KV;
         const int j0 = j_first + ch * chunk, j1 = min(n_pos, j0 + chunk);
         const bool holds_t = j1 == n_pos;
-        if (!waited) {
-            kog_wait_counter(kog_counter(c, KOG_CNT_QKV + layer), kog_expected(c, p->n_qkv_producers));
-            waited = true;
-        }
+        kog_u32* kv_count = kog_counter(c, KOG_CNT_KV + layer * KOG_N_KV + g);
         const kog_u64 kv_base = ((kog_u64)layer * KOG_N_KV + g) * p->context_length;
         kog_u16* kc = p->k_cache + kv_base * HD;
         kog_u16* vc = p->v_cache + kv_base * HD;
 
         // ---- q of the G heads (+ k, v of position t): qk-norm, RoPE, KV append ----
+        __syncthreads();                          // shared memory: the previous stage is done
         for (int i = threadIdx.x; i < G * HD; i += blockDim.x)
-            q[i] = kog_ld_cg(p->qkv + g * G * HD + i);
+            q[i] = kog_wait_tagged(p->qkv + g * G * HD + i, qkv_tag);
         if (holds_t)
             for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x)
-                kv_t[i] = kog_ld_cg(p->qkv + KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i);
+                kv_t[i] = kog_wait_tagged(p->qkv + KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i,
+                                          qkv_tag);
+        // cached positions j0 .. min(j1, t) - 1 were appended by earlier steps' units
+        // (acquired by a thread of warp 1 while warp 0 waits for q)
+        if (threadIdx.x == KOG_WARP % blockDim.x && j0 < t)
+            while (kog_ld_acquire(kv_count) < (kog_u32)min(j1, t)) kog_pause();
         __syncthreads();
+        kog_prof(c, layer * 16 + 4);
         const float* qn = KOG_QK_NORM ? p->q_norm + (kog_u64)layer * HD : nullptr;
         const float* kn = KOG_QK_NORM ? p->k_norm + (kog_u64)layer * HD : nullptr;
         for (int h = warp; h < G + (holds_t ? 1 : 0); h += n_warps)
@@ -159,8 +167,10 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
             }
             __syncthreads();
             if (threadIdx.x == 0) {
-                const kog_u32 old = kog_atomic_add_acq_rel(kog_counter(c, KOG_CNT_TICKET + g), 1u);
-                *flag = old == (kog_u32)(n_chunks - 1) ? 1u : 0u;
+                // tickets only grow: arrivals of earlier positions are attn_ticket_base[t]
+                kog_u32* ticket = kog_counter(c, KOG_CNT_TICKET + layer * KOG_N_KV + g);
+                const kog_u32 old = kog_atomic_add_acq_rel(ticket, 1u);
+                *flag = old + 1u == (kog_u32)p->attn_ticket_base[t] + (kog_u32)n_chunks ? 1u : 0u;
             }
             __syncthreads();
             combine = *flag != 0u;
@@ -184,12 +194,12 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                     }
                     out = acc / l;
                 }
-                p->attn_out[g * G * HD + i] = out;
+                kog_st_tagged(p->attn_out + g * G * HD + i, out, out_tag);
                 if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * G * HD + i] = out;
             }
-            if (n_chunks > 1 && threadIdx.x == 0) kog_st_relaxed(kog_counter(c, KOG_CNT_TICKET + g), 0u);
-            kog_signal_counter(kog_counter(c, KOG_CNT_ATTN + layer));
         }
-        __syncthreads();                          // shared buffers are reused by the next unit
+        if (holds_t) kog_signal_counter(kv_count);   // position t of head g is in the cache
+        else __syncthreads();                     // shared buffers are reused by the next unit
     }
+    kog_prof(c, layer * 16 + 5);
 }

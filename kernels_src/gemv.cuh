@@ -24,6 +24,19 @@
 #ifndef KOG_GEMV_AB
 #define KOG_GEMV_AB 0
 #endif
+#ifndef KOG_GEMV_ASYNC
+#define KOG_GEMV_ASYNC 0          // 1: cp.async ring in shared memory (CUDA sm_80+)
+#endif
+#ifndef KOG_GEMV_STAGES
+#define KOG_GEMV_STAGES 4         // tiles per thread in the ring
+#endif
+#ifndef KOG_RING_BYTES
+#define KOG_RING_BYTES 0
+#endif
+#if defined(KOG_HIP)
+#undef KOG_GEMV_ASYNC
+#define KOG_GEMV_ASYNC 0
+#endif
 #ifndef KOG_PREFETCH_TILES
 #define KOG_PREFETCH_TILES 1      // tiles issued before the wait for the input
 #endif
@@ -49,29 +62,45 @@ KOG_DEVICE void kog_prefetch_rows(const kog_u16* base, int r0, int r1, int row_e
 }
 #define KOG_PF_BYTES ((kog_u64)KOG_L2_PREFETCH_KB * 1024ull)
 
-// Loads the activation vector src[0:N) (fp32, written by other blocks) into shared xs: every
-// thread issues all of its 16-byte loads before the first use (one L2 round trip, not N/threads).
-// Returns 1/rms(src) when `norm`, else 1. All threads call it; ends with a block barrier.
+// Waits until every word of the tagged vector src[0:N) carries `tag`, then puts the values in
+// shared xs. Every thread issues all its 16-byte loads before the first check (one L2 round
+// trip when the data is there) and re-polls only what was not ready. Returns 1/rms(src) when
+// `norm`, else 1. All threads call it; it ends with a block barrier.
 template <int N>
-KOG_DEVICE float kog_load_activation(const float* src, float* xs, float* scratch, bool norm) {
-    static_assert(N % 4 == 0, "activation vectors are whole float4s");
-    constexpr int V4 = N / 4;
-    constexpr int PER = (V4 + KOG_THREADS - 1) / KOG_THREADS;
-    const float4* s4 = reinterpret_cast<const float4*>(src);
-    float4* x4 = reinterpret_cast<float4*>(xs);
-    float4 r[PER];
+KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs, float* scratch,
+                                     bool norm) {
+    static_assert(N % 2 == 0, "tagged vectors are read in pairs");
+    constexpr int P2 = N / 2;
+    constexpr int PER = (P2 + KOG_THREADS - 1) / KOG_THREADS;
+    kog_u64 w[PER][2];
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
         const int i = threadIdx.x + k * KOG_THREADS;
-        if (V4 % KOG_THREADS == 0 || i < V4) r[k] = kog_ld_cg4(s4 + i);
+        w[k][0] = w[k][1] = (kog_u64)tag << 32;
+        if (P2 % KOG_THREADS == 0 || i < P2) kog_ld_tagged2(src + 2 * i, w[k][0], w[k][1]);
     }
+    for (;;) {
+        bool ready = true;
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int i = threadIdx.x + k * KOG_THREADS;
+            if (kog_tag_of(w[k][0]) != tag || kog_tag_of(w[k][1]) != tag) {
+                ready = false;
+                kog_ld_tagged2(src + 2 * i, w[k][0], w[k][1]);
+            }
+        }
+        if (ready) break;
+    }
+    __syncthreads();                              // xs is free: the previous stage is done with it
     float ss = 0.f;
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
         const int i = threadIdx.x + k * KOG_THREADS;
-        if (V4 % KOG_THREADS == 0 || i < V4) {
-            x4[i] = r[k];
-            ss = fmaf(r[k].x, r[k].x, fmaf(r[k].y, r[k].y, fmaf(r[k].z, r[k].z, fmaf(r[k].w, r[k].w, ss))));
+        if (P2 % KOG_THREADS == 0 || i < P2) {
+            const float a = kog_value_of(w[k][0]), b = kog_value_of(w[k][1]);
+            xs[2 * i] = a;
+            xs[2 * i + 1] = b;
+            ss = fmaf(a, a, fmaf(b, b, ss));
         }
     }
     if (norm) {
@@ -86,7 +115,7 @@ KOG_DEVICE float kog_load_activation(const float* src, float* xs, float* scratch
 //   ready()                -> float scale (<= 0: abort, the generation is over)
 //   epi(unit, acc[UNIT], scale)   called by every lane of the owning warp after the warp sum
 template <int K, int UNIT, class Ready, class Epilogue>
-KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs,
+KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, char* ring,
                          Ready ready, Epilogue epi) {
     static_assert(K % 8 == 0, "rows must be a whole number of 16-byte vectors");
     constexpr int CPR = K / 8;                                   // 16-byte chunks per row
@@ -105,6 +134,66 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     const int n_units = first < u_end ? (u_end - first + n_warps - 1) / n_warps : 0;
     int n_tiles = n_units * TPU;
 
+#if KOG_GEMV_ASYNC
+    // Each thread streams its own 16-byte chunks through a private ring of KOG_GEMV_STAGES
+    // tiles in shared memory (cp.async, L2 only): deep prefetch without registers; no block
+    // barrier is needed because a thread only reads back what it copied itself.
+    constexpr int S = KOG_GEMV_STAGES;
+    static_assert(S * NLT * 16 * KOG_THREADS <= KOG_RING_BYTES, "cp.async ring fits");
+    (void)ring;
+    auto issue = [&](int i) {
+        if (i < n_tiles) {
+            const int u = first + (i / TPU) * n_warps;
+            const int kt = i % TPU;
+            const kog_vec4* base = W4 + (kog_u64)u * CPU + kt * TILE + lane;
+            char* slot = ring + (kog_u64)(i % S) * NLT * 16 * KOG_THREADS + threadIdx.x * 16;
+#pragma unroll
+            for (int j = 0; j < NLT; ++j)
+                if (FULL || kt * TILE + j * KOG_WARP + lane < CPU)
+                    kog_cp_async16(slot + j * 16 * KOG_THREADS, base + j * KOG_WARP);
+        }
+        kog_cp_async_commit();
+    };
+#pragma unroll
+    for (int s = 0; s < S; ++s) issue(s);                       // in flight across the wait
+
+    const float scale = ready();
+    if (!(scale > 0.f)) { kog_cp_async_wait<0>(); return; }
+    const float4* x4 = reinterpret_cast<const float4*>(xs);
+    float acc[UNIT];
+#pragma unroll
+    for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
+    for (int i = 0; i < n_tiles; ++i) {
+        kog_cp_async_wait<S - 1>();
+        const char* slot = ring + (kog_u64)(i % S) * NLT * 16 * KOG_THREADS + threadIdx.x * 16;
+        kog_vec4 v[NLT];
+#pragma unroll
+        for (int j = 0; j < NLT; ++j) v[j] = *reinterpret_cast<const kog_vec4*>(slot + j * 16 * KOG_THREADS);
+        const int kt = i % TPU;
+#pragma unroll
+        for (int j = 0; j < NLT; ++j) {
+            const int c = kt * TILE + j * KOG_WARP + lane;
+            if (FULL || c < CPU) {
+                const int row = c / CPR;
+                const int col = c - row * CPR;
+                const float4 a = x4[2 * col], b = x4[2 * col + 1];
+                const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int r = 0; r < UNIT; ++r)
+                    if (UNIT == 1 || row == r) acc[r] = kog_dot8(v[j], xv, acc[r]);
+            }
+        }
+        issue(i + S);                                           // the slot's data is in registers
+        if (kt == TPU - 1) {
+#pragma unroll
+            for (int r = 0; r < UNIT; ++r) acc[r] = kog_warp_sum(acc[r]);
+            epi(first + (i / TPU) * n_warps, acc, scale);
+#pragma unroll
+            for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
+        }
+    }
+#else
+    (void)ring;
     // Two tiles in flight per warp (cur, nxt); tile 0 (and tile 1 with KOG_PREFETCH_TILES > 1)
     // is issued before the wait for the input.
     kog_vec4 cur[NLT], nxt[NLT];
@@ -173,12 +262,15 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         if (i + 2 < n_tiles) load(i + 2, nxt);
     }
 #endif
+#endif  // KOG_GEMV_ASYNC
 }
 
 // ============================================================================================
-// Stage o_proj_residual: x[rows] += wo @ attn_out
+// Stage o_proj_residual: x[rows] += wo @ attn_out (o_proj and down_residual rows of x have the
+// same owner: both split the hidden rows evenly, placement.py)
 // ============================================================================================
 KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
+    kog_prof(c, layer * 16 + 6 + 0);
     const KogParams* p = c.p;
     const int r0 = c.part[2], r1 = c.part[3];
     float* dbg = kog_debug_row(c);
@@ -186,18 +278,23 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
         kog_prefetch_rows(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
                           c.part[5], 2 * KOG_HIDDEN, KOG_PF_BYTES, KOG_PF_BYTES);
         if (r0 >= r1) return -1.f;
-        kog_wait_counter(kog_counter(c, KOG_CNT_ATTN + layer), kog_expected(c, KOG_N_KV));
-        return kog_load_activation<KOG_Q_DIM>(p->attn_out, c.smem, c.scratch, false);
+        const float s = kog_load_activation<KOG_Q_DIM>(p->attn_out, kog_tag(c.t, layer, KOG_STAGE_ATTN),
+                                                       c.smem, c.scratch, false);
+        kog_prof(c, layer * 16 + 7);
+        return s;
     };
+    const kog_u32 x_in = layer == 0 ? kog_tag(c.t, 0, KOG_STAGE_EMBED)
+                                    : kog_tag(c.t, layer - 1, KOG_STAGE_DOWN);
+    const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_O);
     auto epi = [&](int row, float (&acc)[1], float) {
-        if (threadIdx.x % KOG_WARP == 0) {
-            const float v = p->x[row] + acc[0];
-            p->x[row] = v;
+        if (threadIdx.x % KOG_WARP == 0) {             // this block owns x[row]: in place
+            const float v = kog_wait_tagged(p->x + row, x_in) + acc[0];
+            kog_st_tagged(p->x + row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };
-    kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, ready, epi);
-    if (r0 < r1) kog_signal_counter(kog_counter(c, KOG_CNT_O + layer));
+    kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c.ring, ready, epi);
+    kog_prof(c, layer * 16 + 6 + 2);
 }
 
 // ============================================================================================
@@ -205,6 +302,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
 // Gate and up rows are interleaved (unit j = rows 2j, 2j+1), so one warp finishes act[j].
 // ============================================================================================
 KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
+    kog_prof(c, layer * 16 + 9 + 0);
     const KogParams* p = c.p;
     const int u0 = c.part[4], u1 = c.part[5];
     float* dbg = kog_debug_row(c);
@@ -212,26 +310,30 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
         kog_prefetch_rows(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, c.part[6], c.part[7],
                           KOG_FFN, 0, 2 * KOG_PF_BYTES);
         if (u0 >= u1) return -1.f;
-        kog_wait_counter(kog_counter(c, KOG_CNT_O + layer), kog_expected(c, p->n_o_producers));
-        return kog_load_activation<KOG_HIDDEN>(p->x, c.smem, c.scratch, true);
+        const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, layer, KOG_STAGE_O),
+                                                        c.smem, c.scratch, true);
+        kog_prof(c, layer * 16 + 10);
+        return s;
     };
+    const kog_u32 tag = kog_tag(c.t, layer, KOG_STAGE_GATE_UP);
     auto epi = [&](int j, float (&acc)[2], float scale) {
         if (threadIdx.x % KOG_WARP == 0) {
             const float g = acc[0] * scale, u = acc[1] * scale;
             const float a = g / (1.f + expf(-g)) * u;
-            p->act[j] = a;
+            kog_st_tagged(p->act + j, a, tag);
             if (dbg != nullptr) dbg[KOG_DBG_GATE_UP + (kog_u64)layer * KOG_DBG_LAYER + j] = a;
         }
     };
-    kog_gemv<KOG_HIDDEN, 2>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1, c.smem,
+    kog_gemv<KOG_HIDDEN, 2>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1, c.smem, c.ring,
                             ready, epi);
-    if (u0 < u1) kog_signal_counter(kog_counter(c, KOG_CNT_GATE_UP + layer));
+    kog_prof(c, layer * 16 + 9 + 2);
 }
 
 // ============================================================================================
 // Stage down_residual: x[rows] += w_down @ act
 // ============================================================================================
 KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
+    kog_prof(c, layer * 16 + 12 + 0);
     const KogParams* p = c.p;
     const int r0 = c.part[6], r1 = c.part[7];
     float* dbg = kog_debug_row(c);
@@ -242,18 +344,21 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
         else
             kog_prefetch_rows(p->lm_head, c.part[8], c.part[9], KOG_HIDDEN, 0, 2 * KOG_PF_BYTES);
         if (r0 >= r1) return -1.f;
-        kog_wait_counter(kog_counter(c, KOG_CNT_GATE_UP + layer), kog_expected(c, p->n_gate_up_producers));
-        return kog_load_activation<KOG_FFN>(p->act, c.smem, c.scratch, false);
+        const float s = kog_load_activation<KOG_FFN>(p->act, kog_tag(c.t, layer, KOG_STAGE_GATE_UP),
+                                                     c.smem, c.scratch, false);
+        kog_prof(c, layer * 16 + 13);
+        return s;
     };
+    const kog_u32 x_in = kog_tag(c.t, layer, KOG_STAGE_O), x_out = kog_tag(c.t, layer, KOG_STAGE_DOWN);
     auto epi = [&](int row, float (&acc)[1], float) {
-        if (threadIdx.x % KOG_WARP == 0) {
-            const float v = p->x[row] + acc[0];
-            p->x[row] = v;
+        if (threadIdx.x % KOG_WARP == 0) {             // this block owns x[row]: in place
+            const float v = kog_wait_tagged(p->x + row, x_in) + acc[0];
+            kog_st_tagged(p->x + row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };
-    kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, ready, epi);
-    if (r0 < r1) kog_signal_counter(kog_counter(c, KOG_CNT_DOWN + layer));
+    kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c.ring, ready, epi);
+    kog_prof(c, layer * 16 + 12 + 2);
 }
 
 // ============================================================================================
@@ -261,6 +366,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
 // (lowest index on ties) for the greedy sampler.
 // ============================================================================================
 KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
+    kog_prof(c, KOG_N_LAYERS * 16 + 0);
     const KogParams* p = c.p;
     const int r0 = c.part[8], r1 = c.part[9];
     float* logits = p->logits + (p->all_logits ? (kog_u64)lm_index * KOG_VOCAB : 0ull);
@@ -269,8 +375,10 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     int best_i = KOG_INT_MAX;
     auto ready = [&]() -> float {
         if (r0 >= r1) return -1.f;
-        kog_wait_counter(kog_counter(c, KOG_CNT_DOWN + KOG_N_LAYERS - 1), kog_expected(c, p->n_down_producers));
-        return kog_load_activation<KOG_HIDDEN>(p->x, c.smem, c.scratch, true);
+        const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN),
+                                                        c.smem, c.scratch, true);
+        kog_prof(c, KOG_N_LAYERS * 16 + 1);
+        return s;
     };
     auto epi = [&](int row, float (&acc)[1], float scale) {
         const float v = acc[0] * scale;
@@ -280,7 +388,8 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
             if (dbg != nullptr) dbg[KOG_DBG_LOGITS + row] = v;
         }
     };
-    kog_gemv<KOG_HIDDEN, 1>(p->lm_head, r0, r1, c.smem, ready, epi);
+    kog_gemv<KOG_HIDDEN, 1>(p->lm_head, r0, r1, c.smem, c.ring, ready, epi);
+    kog_prof(c, KOG_N_LAYERS * 16 + 2);
     if (r0 >= r1) return;
     float bv;
     const int bi = kog_block_argmax(best_v, best_i, c.scratch, bv);

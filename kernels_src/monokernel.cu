@@ -29,11 +29,12 @@ static_assert(KOG_SMEM_FLOATS >= KOG_SAMPLE_SMEM_FLOATS, "sampler fits in shared
 extern "C" __global__ void __launch_bounds__(KOG_THREADS, 1)
 kog_monokernel(const KogParams* __restrict__ p) {
     extern __shared__ float4 kog_smem4[];
-    float* smem = reinterpret_cast<float*>(kog_smem4);
+    float* smem = reinterpret_cast<float*>(kog_smem4) + KOG_RING_BYTES / 4;
     KogCtx c;
     c.p = p;
     c.smem = smem;
     c.scratch = smem + KOG_SMEM_FLOATS;
+    c.ring = reinterpret_cast<char*>(kog_smem4);
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
     c.t = 0;
 

@@ -16,41 +16,42 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
     float* xs = c.smem;
     const bool first = layer == 0;
-    const int wait_idx = first ? KOG_CNT_TOK : KOG_CNT_DOWN + layer - 1;
-    const kog_u32 expected = first ? (kog_u32)(c.t + 1) : kog_expected(c, p->n_down_producers);
+    const kog_u32 x_tag = first ? kog_tag(c.t, 0, KOG_STAGE_EMBED)
+                                : kog_tag(c.t, layer - 1, KOG_STAGE_DOWN);
+    const kog_u32 out_tag = kog_tag(c.t, layer, KOG_STAGE_QKV);
     const int r0 = c.part[0], r1 = c.part[1];
     const float* bias = KOG_QKV_BIAS ? p->bqkv + (kog_u64)layer * KOG_QKV_DIM : nullptr;
-    float* out = p->qkv;
+    kog_u64* out = p->qkv;
     bool stop = false;
+    kog_prof(c, layer * 16 + 0);
     auto ready = [&]() -> float {
         // the attention stage streams no weights: bring o_proj and the head of gate_up to L2
         kog_prefetch_rows(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, c.part[2], c.part[3],
                           KOG_Q_DIM, 0, KOG_PF_BYTES);
         kog_prefetch_rows(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
                           c.part[5], 2 * KOG_HIDDEN, 0, KOG_PF_BYTES);
-        if (first) {
-            stop = kog_wait_counter_read_flag(kog_counter(c, wait_idx), expected,
+        if (first) {                           // the next token (or the end) is decided
+            stop = kog_wait_counter_read_flag(kog_counter(c, KOG_CNT_TOK), (kog_u32)(c.t + 1),
                                               kog_counter(c, KOG_CNT_STOP),
                                               reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG)) != 0u;
             if (stop) return -1.f;
-        } else {
-            kog_wait_counter(kog_counter(c, wait_idx), expected);
         }
         if (r0 >= r1) return 1.f;
-        return kog_load_activation<KOG_HIDDEN>(p->x, xs, c.scratch, true);
+        const float s = kog_load_activation<KOG_HIDDEN>(p->x, x_tag, xs, c.scratch, true);
+        kog_prof(c, layer * 16 + 1);
+        return s;
     };
     auto epi = [&](int row, float (&acc)[1], float scale) {
         if (threadIdx.x % KOG_WARP == 0) {
             float v = acc[0] * scale;
             if (KOG_QKV_BIAS) v += bias[row];
-            out[row] = v;
+            kog_st_tagged(out + row, v, out_tag);
         }
     };
-    kog_gemv<KOG_HIDDEN, 1>(p->wqkv + (kog_u64)layer * KOG_QKV_DIM * KOG_HIDDEN, r0, r1, xs,
+    kog_gemv<KOG_HIDDEN, 1>(p->wqkv + (kog_u64)layer * KOG_QKV_DIM * KOG_HIDDEN, r0, r1, xs, c.ring,
                             ready, epi);
-    if (stop) return true;
-    if (r0 < r1) kog_signal_counter(kog_counter(c, KOG_CNT_QKV + layer));
-    return false;
+    kog_prof(c, layer * 16 + 2);
+    return stop;
 }
 
 // One warp: v (KOG_HEAD_DIM floats, shared) <- RoPE(gamma ? rmsnorm(v) * gamma : v) at `pos`.

@@ -111,6 +111,17 @@ KOG_DEVICE kog_vec4 kog_ld_stream(const kog_vec4* p) {
 #endif
 }
 
+// Asynchronous 16-byte copy global -> shared (L2 only, no registers), Ampere+ cp.async.
+#if !defined(KOG_HIP)
+KOG_DEVICE void kog_cp_async16(void* smem_dst, const void* gmem_src) {
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(dst), "l"(gmem_src) : "memory");
+}
+KOG_DEVICE void kog_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+KOG_DEVICE void kog_cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+#endif
+
 // Data written by other blocks during this launch (activations, KV cache, partials): bypass
 // L1, which is not coherent across multiprocessors; L2 is the point of coherence.
 KOG_DEVICE float kog_ld_cg(const float* p) {
@@ -157,6 +168,47 @@ KOG_DEVICE kog_u16 kog_ld_cg_u16(const kog_u16* p) {
     return *(const volatile kog_u16*)p;
 #else
     return __ldcg(p);
+#endif
+}
+
+// --------------------------------------------------------------------------------------------
+// Tagged activations: an 8-byte word (fp32 value bits | tag << 32), written and read with
+// single-copy-atomic relaxed accesses, so a reader knows from the word itself whether the
+// value it holds is the version it waits for (sync.cuh).
+// --------------------------------------------------------------------------------------------
+KOG_DEVICE void kog_st_tagged(kog_u64* p, float v, kog_u32 tag) {
+    const kog_u64 w = ((kog_u64)tag << 32) | (kog_u64)__float_as_uint(v);
+#if defined(KOG_HIP)
+    __hip_atomic_store(p, w, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" :: "l"(p), "l"(w) : "memory");
+#endif
+}
+KOG_DEVICE kog_u64 kog_ld_tagged(const kog_u64* p) {
+#if defined(KOG_HIP)
+    return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    kog_u64 w;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
+    return w;
+#endif
+}
+// Two consecutive tagged words (p 16-byte aligned); each word is read atomically.
+KOG_DEVICE void kog_ld_tagged2(const kog_u64* p, kog_u64& a, kog_u64& b) {
+#if defined(KOG_HIP)
+    a = __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+    b = __hip_atomic_load(p + 1, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    asm volatile("ld.relaxed.gpu.global.v2.u64 {%0,%1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+#endif
+}
+KOG_DEVICE kog_u32 kog_tag_of(kog_u64 w) { return (kog_u32)(w >> 32); }
+KOG_DEVICE float kog_value_of(kog_u64 w) { return __uint_as_float((kog_u32)w); }
+KOG_DEVICE void kog_fence_gpu() {
+#if defined(KOG_HIP)
+    __threadfence();
+#else
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
 #endif
 }
 
@@ -228,6 +280,20 @@ KOG_DEVICE void kog_prefetch_l2_bulk(const void* p, kog_u32 bytes) {
     (void)p; (void)bytes;
 #else
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+KOG_DEVICE kog_u64 kog_globaltimer() {
+#if defined(KOG_HIP)
+#if defined(__HIP_DEVICE_COMPILE__)
+    return __builtin_amdgcn_s_memrealtime();       // 100 MHz on CDNA
+#else
+    return 0;
+#endif
+#else
+    kog_u64 t;
+    asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+    return t;
 #endif
 }
 

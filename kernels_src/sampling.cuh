@@ -15,7 +15,7 @@
 // of unnormalised probability mass), then a scan for the id among equal keys.
 // ============================================================================================
 #pragma once
-#include "sync.cuh"
+#include "gemv.cuh"
 
 #define KOG_SAMPLE_SMEM_FLOATS (2048 * 2 + 8)
 
@@ -263,10 +263,11 @@ KOG_DEVICE int kog_sample_token(const KogCtx& c, int g_index) {
 KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
     const KogParams* p = c.p;
     const kog_u16* row = p->embed + (kog_u64)token * KOG_HIDDEN;
+    const kog_u32 tag = kog_tag(pos, 0, KOG_STAGE_EMBED);
     float* dbg = (p->debug != nullptr && pos < p->debug_npos) ? p->debug + (kog_u64)pos * p->debug_stride : nullptr;
     for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
         const float v = kog_w_to_f32(row[i]);
-        p->x[i] = v;
+        kog_st_tagged(p->x + i, v, tag);
         if (dbg != nullptr) dbg[KOG_DBG_EMBED + i] = v;
     }
 }
@@ -278,11 +279,14 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
     const int t = c.t;
     const int last_prompt = p->prompt_len - 1;
     kog_u32* slot = reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG + 1);
-    if (!lm_ran) {
-        kog_wait_counter(kog_counter(c, KOG_CNT_DOWN + KOG_N_LAYERS - 1), kog_expected(c, p->n_down_producers));
+    kog_prof(c, KOG_N_LAYERS * 16 + 3);
+    if (!lm_ran) {                                        // inside the prompt: x is final
+        kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN), c.smem,
+                                        c.scratch, false);
     } else {
         kog_wait_counter(kog_counter(c, KOG_CNT_LM), (kog_u32)lm_steps * (kog_u32)p->n_lm_producers);
     }
+    kog_prof(c, KOG_N_LAYERS * 16 + 4);
     int next;
     kog_u32 finish = 0u;
     if (t < last_prompt) {
@@ -318,4 +322,5 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
         kog_embed(c, next, t + 1);
     }
     kog_signal_counter(kog_counter(c, KOG_CNT_TOK));
+    kog_prof(c, KOG_N_LAYERS * 16 + 5);
 }

@@ -1,10 +1,12 @@
 // ============================================================================================
-// sync.cuh -- dataflow readiness: per-(stage, layer) monotone counters (see SYNC.md).
+// sync.cuh -- dataflow readiness (see SYNC.md).
 //
-// A producer block writes its slice of a stage's output, then (one thread, after a block
-// barrier) adds 1 to the stage's counter with release semantics. A consumer block waits until
-// the counter reaches (token index + 1) * producers with acquire loads, then block barrier.
-// Counters only grow within a launch; the host zeroes them before each launch.
+// Activation vectors (x, qkv, attn_out, act) carry their readiness in the data: every element
+// is an 8-byte word (value | tag << 32) stored atomically by its producer, the tag naming the
+// version (position, layer, stage). A consumer spins on exactly the words it reads until they
+// carry the tag it expects -- no counter round trip, no producer-side barrier or fence.
+// Data published beside those vectors (KV cache, LM-head logits, attention partials, the next
+// token) uses monotone counters: release add after a block barrier, acquire polling.
 // ============================================================================================
 #pragma once
 #include "platform.cuh"
@@ -18,6 +20,24 @@
 
 #define KOG_SLOT_FLAG (2 * KOG_THREADS / KOG_WARP)            // scratch slots after reductions
 #define KOG_SCRATCH_FLOATS (2 * KOG_THREADS / KOG_WARP + 16)
+
+// Version tags of the tagged activation vectors (never 0: the host zeroes tags before a launch).
+#define KOG_STAGE_EMBED 0
+#define KOG_STAGE_QKV 1
+#define KOG_STAGE_ATTN 2
+#define KOG_STAGE_O 3
+#define KOG_STAGE_GATE_UP 4
+#define KOG_STAGE_DOWN 5
+KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
+    return (kog_u32)((t * KOG_N_LAYERS + layer) * 8 + stage + 1);
+}
+
+// One element: spin until *p carries `tag`, return its value.
+KOG_DEVICE float kog_wait_tagged(const kog_u64* p, kog_u32 tag) {
+    kog_u64 w = kog_ld_tagged(p);
+    while (kog_tag_of(w) != tag) w = kog_ld_tagged(p);
+    return kog_value_of(w);
+}
 
 // All threads of the block call this; returns once counter >= expected (acquire).
 KOG_DEVICE void kog_wait_counter(const kog_u32* counter, kog_u32 expected) {
@@ -98,6 +118,7 @@ struct KogCtx {
     const KogParams* p;
     float* smem;         // KOG_SMEM_FLOATS floats of dynamic shared memory
     float* scratch;      // 2 * KOG_THREADS / KOG_WARP + 16 floats for block reductions / flags
+    char* ring;          // KOG_RING_BYTES of shared memory: the GEMV cp.async weight ring
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     int t;               // position of the token being run
 };
@@ -106,6 +127,16 @@ KOG_DEVICE kog_u32* kog_counter(const KogCtx& c, int index) { return c.p->counte
 KOG_DEVICE kog_u32 kog_expected(const KogCtx& c, int producers) {
     return (kog_u32)(c.t + 1) * (kog_u32)producers;
 }
+// Stage timing (KogParams::profile): thread 0 stamps %globaltimer at a stage's start, when
+// its inputs are in shared memory, and at its end, for one position. Slots: layer * 16 +
+// stage * 3 + {0, 1, 2} (stage: 0 qkv, 1 attention, 2 o_proj, 3 gate_up, 4 down); the LM head
+// at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}.
+#define KOG_PROF_SLOTS (KOG_N_LAYERS * 16 + 8)
+KOG_DEVICE void kog_prof(const KogCtx& c, int slot) {
+    if (c.p->profile != nullptr && c.t == c.p->profile_pos && threadIdx.x == 0)
+        c.p->profile[blockIdx.x * KOG_PROF_SLOTS + slot] = kog_globaltimer();
+}
+
 // Debug dump row of this position, or null.
 KOG_DEVICE float* kog_debug_row(const KogCtx& c) {
     const KogParams* p = c.p;

@@ -40,17 +40,19 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     # ---- KV cache ----
     ("k_cache", "ptr", "kog_u16*", "(L, KV, C, hd) post qk-norm, post RoPE"),
     ("v_cache", "ptr", "kog_u16*", "(L, KV, C, hd)"),
-    # ---- activations (fp32, written and read inside the launch) ----
-    ("x", "ptr", "float*", "(h,) residual stream"),
-    ("qkv", "ptr", "float*", "(qkv_dim,) raw q/k/v rows (+bias) of the current token"),
-    ("attn_out", "ptr", "float*", "(q_dim,) attention output"),
-    ("act", "ptr", "float*", "(f,) silu(gate) * up"),
+    # ---- tagged activations: u64 words (fp32 bits | version tag << 32), see sync.cuh ----
+    ("x", "ptr", "kog_u64*", "(h,) residual stream"),
+    ("qkv", "ptr", "kog_u64*", "(qkv_dim,) raw q/k/v rows (+bias) of the current token"),
+    ("attn_out", "ptr", "kog_u64*", "(q_dim,) attention output"),
+    ("act", "ptr", "kog_u64*", "(f,) silu(gate) * up"),
+    # ---- fp32 buffers ----
     ("logits", "ptr", "float*", "(V,) or (n_prompt, V) when all_logits"),
     ("attn_partial", "ptr", "float*", "(KV, max_chunks, G, hd + 2) per-chunk out, max, sum"),
     ("lm_part_val", "ptr", "float*", "(B,) per-block max logit"),
     ("lm_part_idx", "ptr", "int*", "(B,) per-block argmax (lowest index on ties)"),
     # ---- sync ----
     ("counters", "ptr", "kog_u32*", "(n_counters,) see monokernel.cu counter map; host zeroes"),
+    ("attn_ticket_base", "ptr", "const int*", "(C,) ticket arrivals of positions before t"),
     ("partition", "ptr", "const int*", "(B, 10) per-block [begin, end) of qkv, o, gate_up, down, lm_head"),
     # ---- tokens, sampling ----
     ("tokens", "ptr", "int*", "(C,) token at each position: prompt, then generated"),
@@ -59,6 +61,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("host_ctl", "ptr", "kog_u32*", "(4,) host-mapped: [n_generated, finish_code, cancel, done]"),
     ("host_tokens", "ptr", "int*", "(max_new,) host-mapped generated tokens"),
     ("debug", "ptr", "float*", "(debug_npos, debug_stride) per-stage dumps, or null"),
+    ("profile", "ptr", "kog_u64*", "(B, KOG_PROF_SLOTS) %globaltimer stamps at profile_pos, or null"),
     ("prompt_len", "i32", None, "tokens[0:prompt_len] are the prompt"),
     ("max_new", "i32", None, "generated tokens at most"),
     ("context_length", "i32", None, "C: KV cache positions; prompt + generated <= C"),
@@ -71,15 +74,12 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("repetition_penalty", "f32", None, "1 -> off"),
     ("seed_lo", "u32", None, "Philox key[0]"),
     ("seed_hi", "u32", None, "Philox key[1]"),
-    ("n_qkv_producers", "i32", None, "blocks owning qkv rows"),
-    ("n_o_producers", "i32", None, "blocks owning o_proj rows"),
-    ("n_gate_up_producers", "i32", None, "blocks owning gate/up pairs"),
-    ("n_down_producers", "i32", None, "blocks owning down rows"),
     ("n_lm_producers", "i32", None, "blocks owning lm_head rows"),
     ("attn_max_chunks", "i32", None, "KV-position chunks per kv head at most (chunk rule)"),
     ("attn_chunks_alloc", "i32", None, "chunks per kv head attn_partial holds"),
     ("debug_npos", "i32", None, "positions dumped when debug != null"),
     ("debug_stride", "i32", None, "floats per dumped position"),
+    ("profile_pos", "i32", None, "position whose stage timings are recorded"),
 ]
 
 FINISH_CODES = {0: None, 1: "eos", 2: "length", 3: "context", 4: "cancelled", 5: "done"}
@@ -126,23 +126,24 @@ def layout_probe_source() -> str:
              for i, (n, _, _, _) in enumerate(FIELDS)]
     body.append(f"    out[{len(FIELDS)}] = (unsigned long long)sizeof(KogParams);")
     return ("typedef unsigned int kog_u32;\ntypedef unsigned short kog_u16;\n"
+            "typedef unsigned long long kog_u64;\n"
             + struct_source()
             + 'extern "C" __global__ void kog_abi_probe(unsigned long long* out) {\n'
             + "\n".join(body) + "\n}\n")
 
 
 def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
-    """Indices into ``counters`` (emitted as -D defines; monokernel.cu uses these names).
+    """Indices into ``counters`` (emitted as -D defines; the kernel uses these names).
 
-    KOG_CNT_<STAGE> + layer: one monotone counter per (stage, layer); KOG_CNT_LM and
-    KOG_CNT_TOK: LM head and sampled-token readiness; KOG_CNT_STOP: 1 once generation ends;
-    KOG_CNT_TICKET + kv head: attention chunk arrivals (reset by the combining block).
+    KOG_CNT_TOK: positions whose input embedding is in x (or whose stop flag is set);
+    KOG_CNT_LM: LM-head block completions; KOG_CNT_STOP: 1 once the generation ends;
+    KOG_CNT_TICKET + layer * KV + g: attention chunk arrivals of kv head g (monotone);
+    KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache.
     """
-    L = n_layers
-    d = {"KOG_CNT_QKV": 0, "KOG_CNT_ATTN": L, "KOG_CNT_O": 2 * L, "KOG_CNT_GATE_UP": 3 * L,
-         "KOG_CNT_DOWN": 4 * L, "KOG_CNT_LM": 5 * L, "KOG_CNT_TOK": 5 * L + 1,
-         "KOG_CNT_STOP": 5 * L + 2, "KOG_CNT_TICKET": 5 * L + 3}
-    d["KOG_N_COUNTERS"] = 5 * L + 3 + n_kv_heads
+    n = n_layers * n_kv_heads
+    d = {"KOG_CNT_TOK": 0, "KOG_CNT_LM": 1, "KOG_CNT_STOP": 2, "KOG_CNT_TICKET": 3,
+         "KOG_CNT_KV": 3 + n}
+    d["KOG_N_COUNTERS"] = 3 + 2 * n
     return d
 
 

@@ -86,6 +86,7 @@ def define_options(defines: dict) -> tuple[str, ...]:
 # GEMV tuning knobs (gemv.cuh): loads per lane per tile, tiles issued before the input wait,
 # and the unrolled two-buffer loop.
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_PREFETCH_TILES": 2, "KOG_GEMV_AB": 1,
+                  "KOG_GEMV_ASYNC": 0, "KOG_GEMV_STAGES": 4,
                   "KOG_L2_PREFETCH_KB": 0,
                   "KOG_TIMING_ATTN_SELF_ONLY": 0}
 
@@ -109,10 +110,25 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
         raise DeviceError(f"unsupported GPU storage dtype {dtype!r}; use bfloat16 or float16")
     d.update(DEFAULT_TUNING)
     d.update(tuning or {})
+    d["KOG_RING_BYTES"] = ring_bytes(d, threads)
     d.update(abi.counter_layout(cfg.n_layers, cfg.n_kv_heads))
     d.update(debug_layout(cfg))
     d.pop("KOG_DBG_STRIDE")
     return d
+
+
+def ring_bytes(defines: dict, threads: int) -> int:
+    """Shared memory of the GEMV cp.async weight ring (gemv.cuh), 0 when it is off."""
+    if not defines.get("KOG_GEMV_ASYNC") or is_hip_safe():
+        return 0
+    return int(defines["KOG_GEMV_STAGES"]) * int(defines["KOG_GEMV_MAX_LOADS"]) * 16 * threads
+
+
+def is_hip_safe() -> bool:
+    try:
+        return is_hip()
+    except Exception:  # noqa: BLE001 -- no CuPy: compile-only use (tests), CUDA layout
+        return False
 
 
 def debug_layout(cfg) -> dict:

@@ -261,7 +261,7 @@ class MonokernelBackend:
     def __init__(self, model=None, context_length: int = 4096, dtype: str | None = None,
                  watchdog_s: float = 60.0, threads: int = THREADS, blocks: int | None = None,
                  device_model: DeviceModel | None = None, debug_positions: int = 0,
-                 tuning: dict | None = None, **kw):
+                 tuning: dict | None = None, profile_pos: int | None = None, **kw):
         cp = _cupy()
         if not gpu_available():
             raise DeviceError("no CUDA/HIP GPU visible to CuPy; use the reference backend")
@@ -290,6 +290,7 @@ class MonokernelBackend:
         self._read_bw = None
         self.debug_positions = int(debug_positions)
         self.tuning = dict(tuning or {})
+        self.profile_pos = profile_pos
         self._alloc()
         self._fn = self._compile()
         self._active: MonokernelTokenStream | None = None
@@ -304,10 +305,11 @@ class MonokernelBackend:
         self.k_cache = cp.empty(kv_n, dtype=cp.uint16)
         self.v_cache = cp.empty(kv_n, dtype=cp.uint16)
         f32 = cp.float32
-        self.x = cp.empty(cfg.hidden_size, f32)
-        self.qkv = cp.empty(cfg.qkv_dim, f32)
-        self.attn_out = cp.empty(cfg.q_dim, f32)
-        self.act = cp.empty(cfg.intermediate_size, f32)
+        u64 = cp.uint64                           # tagged: fp32 bits | version tag << 32
+        self.x = cp.empty(cfg.hidden_size, u64)
+        self.qkv = cp.empty(cfg.qkv_dim, u64)
+        self.attn_out = cp.empty(cfg.q_dim, u64)
+        self.act = cp.empty(cfg.intermediate_size, u64)
         self.logits_buf = cp.empty(cfg.vocab_size, f32)
         self.attn_partial = cp.empty(KV * pl.attn_chunks_alloc * G * (hd + 2), f32)
         self.lm_part_val = cp.empty(self.n_blocks, f32)
@@ -315,6 +317,7 @@ class MonokernelBackend:
         n_cnt = abi.counter_layout(L, KV)["KOG_N_COUNTERS"]
         self.counters = cp.zeros(n_cnt, cp.uint32)
         self.partition = cp.asarray(pl.partition)
+        self.ticket_base = cp.asarray(pl.attn_ticket_base)
         self.tokens = cp.zeros(C, cp.int32)
         self.rep_stamp = cp.zeros(cfg.vocab_size, cp.uint32)
         self.eos = cp.zeros(64, cp.int32)
@@ -326,11 +329,15 @@ class MonokernelBackend:
         self.debug_stride = dl["KOG_DBG_STRIDE"]
         self.debug = (cp.empty(self.debug_positions * self.debug_stride, f32)
                       if self.debug_positions else None)
+        self.prof_slots = cfg.n_layers * 16 + 8
+        self.profile = (cp.zeros(self.n_blocks * self.prof_slots, cp.uint64)
+                        if self.profile_pos is not None else None)
 
     def _compile(self):
         cfg = self.cfg
         defines = kernels.model_defines(cfg, self.dtype, self.threads, self._smem_floats,
                                         len(abi.PARTITION_COLUMNS), self.tuning)
+        self.smem_bytes += defines["KOG_RING_BYTES"]
         mod = kernels.load_module(kernels.monokernel_source(), defines, cooperative=True)
         fn = kernels.get_function(mod, "kog_monokernel")
         if self.smem_bytes > 48 * 1024:
@@ -367,9 +374,10 @@ class MonokernelBackend:
         with self._stream:
             self.counters.fill(0)
             self.rep_stamp.fill(0)
-            for a in (self.x, self.qkv, self.attn_out, self.act, self.logits_buf,
-                      self.attn_partial, self.lm_part_val):
+            for a in (self.logits_buf, self.attn_partial, self.lm_part_val):
                 a.fill(np.nan)                        # poisoned: every read must be written
+            for a in (self.x, self.qkv, self.attn_out, self.act):
+                a.fill(0x7FC00000)                    # NaN with tag 0: no version matches
             self.tokens.fill(-1)
             self.tokens[:n] = cp.asarray(np.asarray(ids, dtype=np.int32))
             eos = sorted(int(e) for e in eos_ids)[:64]
@@ -393,7 +401,7 @@ class MonokernelBackend:
             act=self.act.data.ptr, logits=logits.data.ptr,
             attn_partial=self.attn_partial.data.ptr, lm_part_val=self.lm_part_val.data.ptr,
             lm_part_idx=self.lm_part_idx.data.ptr, counters=self.counters.data.ptr,
-            partition=self.partition.data.ptr, tokens=self.tokens.data.ptr,
+            partition=self.partition.data.ptr, attn_ticket_base=self.ticket_base.data.ptr, tokens=self.tokens.data.ptr,
             rep_stamp=self.rep_stamp.data.ptr, eos_ids=self.eos.data.ptr,
             host_ctl=self._ctl.ptr, host_tokens=self._host_tokens.ptr,
             debug=self.debug.data.ptr if self.debug is not None else 0,
@@ -402,12 +410,12 @@ class MonokernelBackend:
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
             min_p=params.min_p, repetition_penalty=params.repetition_penalty,
             seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
-            n_qkv_producers=pl.producers["qkv"], n_o_producers=pl.producers["o"],
-            n_gate_up_producers=pl.producers["gate_up"],
-            n_down_producers=pl.producers["down"], n_lm_producers=pl.producers["lm"],
+            n_lm_producers=pl.producers["lm"],
             attn_max_chunks=pl.attn_max_chunks, attn_chunks_alloc=pl.attn_chunks_alloc,
             debug_npos=self.debug_positions if self.debug is not None else 0,
             debug_stride=self.debug_stride,
+            profile=self.profile.data.ptr if self.profile is not None else 0,
+            profile_pos=self.profile_pos if self.profile_pos is not None else -1,
         )
         packed = abi.pack(vals)
         with self._stream:
@@ -492,6 +500,14 @@ class MonokernelBackend:
             o = d["KOG_DBG_LOGITS"]
             out[("final_norm_lm_head", pos, None)] = r[o:o + cfg.vocab_size]
         return out
+
+    def stage_profile(self) -> np.ndarray:
+        """(blocks, n_layers * 16 + 8) %globaltimer stamps (ns) of the last launch at
+        profile_pos (0 = not recorded); slot map in kernels_src/sync.cuh (kog_prof)."""
+        if self.profile is None:
+            raise DeviceError("construct MonokernelBackend(profile_pos=N) to record stage times")
+        self._wait_idle()
+        return _cupy().asnumpy(self.profile).reshape(self.n_blocks, self.prof_slots)
 
     # ---- bandwidth ------------------------------------------------------------------------
     @property

@@ -40,6 +40,7 @@ class Placement:
     producers: dict                # stage -> number of blocks owning rows of it
     attn_max_chunks: int           # chunk rule parameter
     attn_chunks_alloc: int         # chunks per kv head the partial buffer holds
+    attn_ticket_base: np.ndarray   # (C,) int32: ticket arrivals of positions before t
 
 
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
@@ -60,5 +61,10 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))
     n = np.arange(1, context_length + 1)
     length = np.minimum(-(-(-(-n // max_chunks)) // ATTN_MIN_CHUNK) * ATTN_MIN_CHUNK, ATTN_CHUNK)
-    alloc = int(np.max(-(-n // length)))
-    return Placement(n_blocks, partition, producers, max_chunks, alloc)
+    chunks = -(-n // length)                                    # (C,) chunks at n_pos = n
+    alloc = int(np.max(chunks))
+    arrivals = np.where(chunks > 1, chunks, 0)                  # one-chunk units take no ticket
+    base = np.concatenate([[0], np.cumsum(arrivals)[:-1]]).astype(np.int64)
+    if base[-1] + alloc >= 2**31:
+        raise ValueError("attention ticket counts overflow")
+    return Placement(n_blocks, partition, producers, max_chunks, alloc, base.astype(np.int32))
