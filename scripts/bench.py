@@ -655,8 +655,12 @@ def _guard(fn, what, log):
         return None, _err(e)
 
 
+SOURCE: dict = {}
+
+
 def run(args, save=lambda doc: None) -> dict:
     import torch
+    SOURCE.update(source_version())
     shapes_db = TINY_SHAPES if args.dry_run else SHAPES
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -787,6 +791,21 @@ def run(args, save=lambda doc: None) -> dict:
     return doc
 
 
+def source_version() -> dict:
+    """Which kogcupy ran: git HEAD and dirtiness here, else KOGCUPY_BENCH_COMMIT (set when a
+    `git archive` of a commit is what travels to the device machine)."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return {"commit": head, "dirty": bool(dirty)}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": os.environ.get("KOGCUPY_BENCH_COMMIT"), "dirty": None}
+
+
 def document(args, shapes_db, gpu, date, env, bw, rows, log, complete) -> dict:
     import torch
     add_speedups(rows)
@@ -805,7 +824,7 @@ def document(args, shapes_db, gpu, date, env, bw, rows, log, complete) -> dict:
                   "no embedding, bf16); pct_of_limit against the top-level read_bw_TBps "
                   "(best stream-read of this run); pct_of_limit_with_kv also counts the K/V "
                   "read at the mean context of the timed steps"),
-        "bandwidth": bw, "versions": versions,
+        "bandwidth": bw, "versions": versions, "source": SOURCE,
         "args": {k: v for k, v in vars(args).items() if k != "plot"},
         "shapes": {s: {**shapes_db[s],
                        "bytes_per_token": weight_bytes(ModelConfig(**shapes_db[s])),
