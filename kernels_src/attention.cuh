@@ -17,9 +17,12 @@
 
 
 // Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], probs[GQA][CHUNK],
-// ml[GQA][2].
+// ml[GQA][2], rope[HD], then the cached K and V rows of the chunk (storage dtype, CHUNK x HD
+// each), copied in before q is ready.
+#define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
 #define KOG_ATTN_SMEM_FLOATS \
-    (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_CHUNK + 2 * KOG_GQA)
+    (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_CHUNK + KOG_ATTN_ML_FLOATS + \
+     KOG_HEAD_DIM + KOG_ATTN_CHUNK * KOG_HEAD_DIM)
 
 // Chunk length and count for n_pos attended positions (same rule as placement.attention_chunks).
 KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
@@ -48,6 +51,11 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     float* o = kv_t + 2 * HD;                   // [G][HD]
     float* probs = o + G * HD;                  // [G][KOG_ATTN_CHUNK]
     float* ml = probs + G * KOG_ATTN_CHUNK;     // [G][2]
+    float* rope = ml + KOG_ATTN_ML_FLOATS;      // [HD] cos, sin of position t (half each)
+    kog_u16* ks = reinterpret_cast<kog_u16*>(rope + HD);      // [KOG_ATTN_CHUNK][HD]
+    kog_u16* vs = ks + KOG_ATTN_CHUNK * HD;                    // [KOG_ATTN_CHUNK][HD]
+    static_assert((G * HD * 2 + 2 * HD + G * KOG_ATTN_CHUNK + KOG_ATTN_ML_FLOATS + HD) % 4 == 0,
+                  "K/V staging 16-byte aligned");
     kog_u32* flag = reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG);
     const float qscale = rsqrtf((float)HD);
     float* dbg = kog_debug_row(c);
@@ -65,24 +73,38 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         kog_u16* kc = p->k_cache + kv_base * HD;
         kog_u16* vc = p->v_cache + kv_base * HD;
 
-        // ---- q of the G heads (+ k, v of position t): qk-norm, RoPE, KV append ----
+        // ---- before q is ready: cached K/V rows of the chunk and the RoPE row to shared ----
         __syncthreads();                          // shared memory: the previous stage is done
+        const int jc1 = min(j1, t);               // cached positions [j0, jc1)
+        if (j0 < jc1) {                           // appended by units of earlier steps
+            if (threadIdx.x == 0)
+                while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
+            __syncthreads();
+            const int n16 = (jc1 - j0) * HD / 8;  // 16-byte pieces per matrix
+            const kog_u16* ksrc = kc + (kog_u64)j0 * HD;
+            const kog_u16* vsrc = vc + (kog_u64)j0 * HD;
+            for (int i = threadIdx.x; i < n16; i += blockDim.x) {
+                kog_copy16(ks + i * 8, ksrc + i * 8);
+                kog_copy16(vs + i * 8, vsrc + i * 8);
+            }
+        }
+        for (int i = threadIdx.x; i < HD; i += blockDim.x)
+            rope[i] = i < HD / 2 ? p->rope_cos[(kog_u64)t * (HD / 2) + i]
+                                 : p->rope_sin[(kog_u64)t * (HD / 2) + i - HD / 2];
+
+        // ---- q of the G heads (+ k, v of position t): qk-norm, RoPE, KV append ----
         for (int i = threadIdx.x; i < G * HD; i += blockDim.x)
             q[i] = kog_wait_tagged(p->qkv + g * G * HD + i, qkv_tag);
         if (holds_t)
             for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x)
                 kv_t[i] = kog_wait_tagged(p->qkv + KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i,
                                           qkv_tag);
-        // cached positions j0 .. min(j1, t) - 1 were appended by earlier steps' units
-        // (acquired by a thread of warp 1 while warp 0 waits for q)
-        if (threadIdx.x == KOG_WARP % blockDim.x && j0 < t)
-            while (kog_ld_acquire(kv_count) < (kog_u32)min(j1, t)) kog_pause();
         __syncthreads();
         kog_prof(c, layer * 16 + 4);
         const float* qn = KOG_QK_NORM ? p->q_norm + (kog_u64)layer * HD : nullptr;
         const float* kn = KOG_QK_NORM ? p->k_norm + (kog_u64)layer * HD : nullptr;
         for (int h = warp; h < G + (holds_t ? 1 : 0); h += n_warps)
-            kog_head_norm_rope(h < G ? q + h * HD : kv_t, h < G ? qn : kn, p, t);
+            kog_head_norm_rope(h < G ? q + h * HD : kv_t, h < G ? qn : kn, rope);
         __syncthreads();
         if (holds_t) {
             for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x) {
@@ -97,6 +119,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                     d[KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i] = kv_t[i];
             }
         }
+        kog_copy16_wait_all();                    // this thread's K/V copies have landed
         __syncthreads();
 
         // ---- scores: one warp per position ----
@@ -105,7 +128,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
 #pragma unroll
             for (int e = 0; e < (HD + KOG_WARP - 1) / KOG_WARP; ++e) {
                 const int d = lane + e * KOG_WARP;
-                kd[e] = d < HD ? (j == t ? kv_t[d] : kog_w_to_f32(kog_ld_cg_u16(kc + (kog_u64)j * HD + d))) : 0.f;
+                kd[e] = d < HD ? (j == t ? kv_t[d] : kog_w_to_f32(ks[(j - j0) * HD + d])) : 0.f;
             }
 #pragma unroll
             for (int h = 0; h < G; ++h) {
@@ -147,7 +170,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
             for (int h = 0; h < G; ++h) acc[h] = 0.f;
             if (jp < n_jp) {
                 for (int j = j0 + jp; j < j1; j += n_jp) {
-                    const float v = j == t ? kv_t[HD + d] : kog_w_to_f32(kog_ld_cg_u16(vc + (kog_u64)j * HD + d));
+                    const float v = j == t ? kv_t[HD + d] : kog_w_to_f32(vs[(j - j0) * HD + d]);
 #pragma unroll
                     for (int h = 0; h < G; ++h) acc[h] = fmaf(probs[h * KOG_ATTN_CHUNK + j - j0], v, acc[h]);
                 }
@@ -184,8 +207,10 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                 } else {
                     const float* base = p->attn_partial + (kog_u64)g * p->attn_chunks_alloc * G * (HD + 2) + h * (HD + 2);
                     float m = KOG_NEG_INF;
+#pragma unroll 8
                     for (int k = 0; k < n_chunks; ++k) m = fmaxf(m, kog_ld_cg(base + (kog_u64)k * G * (HD + 2) + HD));
                     float l = 0.f, acc = 0.f;
+#pragma unroll 8
                     for (int k = 0; k < n_chunks; ++k) {
                         const float* pk = base + (kog_u64)k * G * (HD + 2);
                         const float w = expf(kog_ld_cg(pk + HD) - m);

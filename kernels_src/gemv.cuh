@@ -90,6 +90,7 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
             }
         }
         if (ready) break;
+        kog_backoff();
     }
     __syncthreads();                              // xs is free: the previous stage is done with it
     float ss = 0.f;
@@ -114,9 +115,32 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
 // Streams units [u_begin, u_end) of W (units of UNIT rows x K weights, row-major).
 //   ready()                -> float scale (<= 0: abort, the generation is over)
 //   epi(unit, acc[UNIT], scale)   called by every lane of the owning warp after the warp sum
-template <int K, int UNIT, class Ready, class Epilogue>
+// Tile geometry of a GEMV over rows of K weights in units of UNIT rows.
+template <int K, int UNIT>
+struct KogGemvShape {
+    static constexpr int CPR = K / 8;                                   // 16-byte chunks per row
+    static constexpr int CPU = UNIT * CPR;                              // chunks per unit
+    static constexpr int WANT = (CPU + KOG_WARP - 1) / KOG_WARP;
+    static constexpr int NLT = WANT < KOG_GEMV_MAX_LOADS ? WANT : KOG_GEMV_MAX_LOADS;
+    static constexpr int TILE = KOG_WARP * NLT;                         // chunks per warp tile
+    static constexpr int TPU = (CPU + TILE - 1) / TILE;                 // tiles per unit
+    static constexpr int PER_UNIT = TPU * NLT;                          // loads per lane per unit
+    static constexpr int GRAB = TPU >= 4 ? 1 : 4 / TPU;                 // dynamic units per grab
+};
+
+// Optional dynamic tail (DYN): after its static units, each warp grabs units [dyn_begin,
+// dyn_end) GRAB at a time from a monotone counter (`cursor`, value `base` at this stage's start;
+// every warp ends with exactly one failed grab, so the next position's base is known). It
+// evens out multiprocessors that get less bandwidth than others.
+struct KogDynamic {
+    kog_u32* cursor;
+    kog_u32 base;
+    int begin, end;
+};
+
+template <int K, int UNIT, bool DYN = false, class Ready, class Epilogue>
 KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, char* ring,
-                         Ready ready, Epilogue epi) {
+                         Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}) {
     static_assert(K % 8 == 0, "rows must be a whole number of 16-byte vectors");
     constexpr int CPR = K / 8;                                   // 16-byte chunks per row
     constexpr int CPU = UNIT * CPR;                              // chunks per unit
@@ -263,6 +287,75 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     }
 #endif
 #endif  // KOG_GEMV_ASYNC
+    if constexpr (DYN) {
+        constexpr int GRAB = KogGemvShape<K, UNIT>::GRAB;
+        constexpr int NT = GRAB * TPU;                          // tiles per grab
+        const int n_grabs = (dyn.end - dyn.begin + GRAB - 1) / GRAB;
+        kog_vec4 da[NLT], db[NLT];
+        for (;;) {
+            int v = 0;
+            if (lane == 0) v = (int)(atomicAdd(dyn.cursor, 1u) - dyn.base);
+            v = kog_shfl_int(v, 0);
+            if (v >= n_grabs) break;
+            const int u0 = dyn.begin + v * GRAB;
+            auto dload = [&](int i, kog_vec4 (&d)[NLT]) {
+                const int u = u0 + i / TPU, kt = i % TPU;
+                if (u < dyn.end) {
+#pragma unroll
+                    for (int j = 0; j < NLT; ++j)
+                        if (FULL || kt * TILE + j * KOG_WARP + lane < CPU)
+                            d[j] = kog_ld_stream(W4 + (kog_u64)u * CPU + kt * TILE + j * KOG_WARP + lane);
+                }
+            };
+            auto dconsume = [&](int i, const kog_vec4 (&d)[NLT]) {
+                const int u = u0 + i / TPU, kt = i % TPU;
+                if (u >= dyn.end) return;
+#pragma unroll
+                for (int j = 0; j < NLT; ++j) {
+                    const int c = kt * TILE + j * KOG_WARP + lane;
+                    if (FULL || c < CPU) {
+                        const int row = c / CPR;
+                        const int col = c - row * CPR;
+                        const float4 a = x4[2 * col], b = x4[2 * col + 1];
+                        const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                        for (int r = 0; r < UNIT; ++r)
+                            if (UNIT == 1 || row == r) acc[r] = kog_dot8(d[j], xv, acc[r]);
+                    }
+                }
+                if (kt == TPU - 1) {
+#pragma unroll
+                    for (int r = 0; r < UNIT; ++r) acc[r] = kog_warp_sum(acc[r]);
+                    epi(u, acc, scale);
+#pragma unroll
+                    for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
+                }
+            };
+            dload(0, da);
+            if (NT > 1) dload(1, db);
+            for (int i = 0; i < NT; i += 2) {
+                dconsume(i, da);
+                if (i + 2 < NT) dload(i + 2, da);
+                if (i + 1 < NT) {
+                    dconsume(i + 1, db);
+                    if (i + 3 < NT) dload(i + 3, db);
+                }
+            }
+        }
+    }
+}
+
+#ifndef KOG_DYN_PERMILLE
+#define KOG_DYN_PERMILLE 0        // share of gate_up / lm_head units handed out dynamically
+#endif
+
+// The dynamic-tail cursor of a stage at position index `index` (see KogDynamic).
+template <int K, int UNIT>
+KOG_DEVICE KogDynamic kog_dynamic(const KogCtx& c, int counter, int index, int begin, int end) {
+    constexpr int GRAB = KogGemvShape<K, UNIT>::GRAB;
+    const kog_u32 per_index = (kog_u32)((end - begin + GRAB - 1) / GRAB)
+                            + gridDim.x * (blockDim.x / KOG_WARP);    // + one failed grab per warp
+    return KogDynamic{kog_counter(c, counter), (kog_u32)index * per_index, begin, end};
 }
 
 // ============================================================================================
@@ -283,12 +376,17 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
         kog_prof(c, layer * 16 + 7);
         return s;
     };
-    const kog_u32 x_in = layer == 0 ? kog_tag(c.t, 0, KOG_STAGE_EMBED)
-                                    : kog_tag(c.t, layer - 1, KOG_STAGE_DOWN);
+    // This block owns rows [r0, r1) of x for o_proj and down_residual alike: it keeps them in
+    // shared memory (x_own), so the residual add needs no read of x; at layer 0 they come from
+    // the token's embedding row.
     const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_O);
+    const kog_u16* emb = layer == 0 ? p->embed + (kog_u64)kog_ld_cg_int(p->tokens + c.t) * KOG_HIDDEN
+                                    : nullptr;
     auto epi = [&](int row, float (&acc)[1], float) {
-        if (threadIdx.x % KOG_WARP == 0) {             // this block owns x[row]: in place
-            const float v = kog_wait_tagged(p->x + row, x_in) + acc[0];
+        if (threadIdx.x % KOG_WARP == 0) {
+            const float old = emb != nullptr ? kog_w_to_f32(emb[row]) : c.x_own[row - r0];
+            const float v = old + acc[0];
+            c.x_own[row - r0] = v;
             kog_st_tagged(p->x + row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
@@ -306,10 +404,11 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
     const int u0 = c.part[4], u1 = c.part[5];
     float* dbg = kog_debug_row(c);
+    constexpr bool DYN = KOG_DYN_PERMILLE > 0;
     auto ready = [&]() -> float {
         kog_prefetch_rows(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, c.part[6], c.part[7],
                           KOG_FFN, 0, 2 * KOG_PF_BYTES);
-        if (u0 >= u1) return -1.f;
+        if (!DYN && u0 >= u1) return -1.f;
         const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, layer, KOG_STAGE_O),
                                                         c.smem, c.scratch, true);
         kog_prof(c, layer * 16 + 10);
@@ -324,8 +423,10 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
             if (dbg != nullptr) dbg[KOG_DBG_GATE_UP + (kog_u64)layer * KOG_DBG_LAYER + j] = a;
         }
     };
-    kog_gemv<KOG_HIDDEN, 2>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1, c.smem, c.ring,
-                            ready, epi);
+    kog_gemv<KOG_HIDDEN, 2, DYN>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1,
+                                 c.smem, c.ring, ready, epi,
+                                 kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer, c.t,
+                                                            p->gate_up_dyn_begin, KOG_FFN));
     kog_prof(c, layer * 16 + 9 + 2);
 }
 
@@ -349,10 +450,11 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
         kog_prof(c, layer * 16 + 13);
         return s;
     };
-    const kog_u32 x_in = kog_tag(c.t, layer, KOG_STAGE_O), x_out = kog_tag(c.t, layer, KOG_STAGE_DOWN);
+    const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_DOWN);
     auto epi = [&](int row, float (&acc)[1], float) {
-        if (threadIdx.x % KOG_WARP == 0) {             // this block owns x[row]: in place
-            const float v = kog_wait_tagged(p->x + row, x_in) + acc[0];
+        if (threadIdx.x % KOG_WARP == 0) {             // rows owned since o_proj (x_own)
+            const float v = c.x_own[row - r0] + acc[0];
+            c.x_own[row - r0] = v;
             kog_st_tagged(p->x + row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
@@ -373,8 +475,9 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     float* dbg = kog_debug_row(c);
     float best_v = KOG_NEG_INF;
     int best_i = KOG_INT_MAX;
+    constexpr bool DYN = KOG_DYN_PERMILLE > 0;
     auto ready = [&]() -> float {
-        if (r0 >= r1) return -1.f;
+        if (!DYN && r0 >= r1) return -1.f;
         const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN),
                                                         c.smem, c.scratch, true);
         kog_prof(c, KOG_N_LAYERS * 16 + 1);
@@ -382,15 +485,17 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     };
     auto epi = [&](int row, float (&acc)[1], float scale) {
         const float v = acc[0] * scale;
-        if (v > best_v) { best_v = v; best_i = row; }    // rows ascend within a warp
+        if (v > best_v || (v == best_v && row < best_i)) { best_v = v; best_i = row; }
         if (threadIdx.x % KOG_WARP == 0) {
             logits[row] = v;
             if (dbg != nullptr) dbg[KOG_DBG_LOGITS + row] = v;
         }
     };
-    kog_gemv<KOG_HIDDEN, 1>(p->lm_head, r0, r1, c.smem, c.ring, ready, epi);
+    kog_gemv<KOG_HIDDEN, 1, DYN>(p->lm_head, r0, r1, c.smem, c.ring, ready, epi,
+                                 kog_dynamic<KOG_HIDDEN, 1>(c, KOG_CNT_DYN + KOG_N_LAYERS, lm_index,
+                                                            p->lm_dyn_begin, KOG_VOCAB));
     kog_prof(c, KOG_N_LAYERS * 16 + 2);
-    if (r0 >= r1) return;
+    if (!DYN && r0 >= r1) return;
     float bv;
     const int bi = kog_block_argmax(best_v, best_i, c.scratch, bv);
     if (threadIdx.x == 0) {

@@ -54,8 +54,9 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
     return stop;
 }
 
-// One warp: v (KOG_HEAD_DIM floats, shared) <- RoPE(gamma ? rmsnorm(v) * gamma : v) at `pos`.
-KOG_DEVICE void kog_head_norm_rope(float* v, const float* gamma, const KogParams* p, int pos) {
+// One warp: v (KOG_HEAD_DIM floats, shared) <- RoPE(gamma ? rmsnorm(v) * gamma : v), with
+// rope = [cos; sin] of the position (KOG_HEAD_DIM / 2 each, shared).
+KOG_DEVICE void kog_head_norm_rope(float* v, const float* gamma, const float* rope) {
     constexpr int HD = KOG_HEAD_DIM, HALF = KOG_HEAD_DIM / 2;
     const int lane = threadIdx.x % KOG_WARP;
     if (gamma != nullptr) {
@@ -66,10 +67,8 @@ KOG_DEVICE void kog_head_norm_rope(float* v, const float* gamma, const KogParams
         for (int d = lane; d < HD; d += KOG_WARP) v[d] = v[d] * inv * gamma[d];
         kog_syncwarp();
     }
-    const float* cs = p->rope_cos + (kog_u64)pos * HALF;
-    const float* sn = p->rope_sin + (kog_u64)pos * HALF;
     for (int i = lane; i < HALF; i += KOG_WARP) {
-        const float x1 = v[i], x2 = v[i + HALF], co = cs[i], si = sn[i];
+        const float x1 = v[i], x2 = v[i + HALF], co = rope[i], si = rope[i + HALF];
         v[i] = x1 * co - x2 * si;
         v[i + HALF] = x2 * co + x1 * si;
     }

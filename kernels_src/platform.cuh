@@ -60,6 +60,13 @@ KOG_DEVICE float kog_shfl_xor(float v, int m) {
     return __shfl_xor_sync(0xffffffffu, v, m);
 #endif
 }
+KOG_DEVICE int kog_shfl_int(int v, int src_lane) {
+#if defined(KOG_HIP)
+    return __shfl(v, src_lane);
+#else
+    return __shfl_sync(0xffffffffu, v, src_lane);
+#endif
+}
 KOG_DEVICE int kog_shfl_xor_int(int v, int m) {
 #if defined(KOG_HIP)
     return __shfl_xor(v, m);
@@ -121,6 +128,22 @@ KOG_DEVICE void kog_cp_async_commit() { asm volatile("cp.async.commit_group;" ::
 template <int N>
 KOG_DEVICE void kog_cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 #endif
+
+// 16-byte global -> shared copy that may complete later (kog_copy16_wait_all): cp.async on
+// CUDA, a plain copy on HIP. The source must be coherent at L2 (written before an acquire).
+KOG_DEVICE void kog_copy16(void* smem_dst, const void* gmem_src) {
+#if defined(KOG_HIP)
+    *reinterpret_cast<kog_vec4*>(smem_dst) = *reinterpret_cast<const kog_vec4*>(gmem_src);
+#else
+    kog_cp_async16(smem_dst, gmem_src);
+#endif
+}
+KOG_DEVICE void kog_copy16_wait_all() {
+#if !defined(KOG_HIP)
+    kog_cp_async_commit();
+    kog_cp_async_wait<0>();
+#endif
+}
 
 // Data written by other blocks during this launch (activations, KV cache, partials): bypass
 // L1, which is not coherent across multiprocessors; L2 is the point of coherence.
@@ -298,6 +321,29 @@ KOG_DEVICE kog_u64 kog_globaltimer() {
 }
 
 // Spin-wait body: a consumer polls one L2 line; latency matters more than the polling traffic.
+KOG_DEVICE kog_u32 kog_ld_relaxed_system(const kog_u32* p) {
+#if defined(KOG_HIP)
+    return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+    kog_u32 v;
+    asm volatile("ld.relaxed.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+#endif
+}
+
+// Between polls of tagged data by many threads: keeps the polling traffic from competing with
+// the weight stream (KOG_POLL_NS = 0: spin).
+#ifndef KOG_POLL_NS
+#define KOG_POLL_NS 0
+#endif
+KOG_DEVICE void kog_backoff() {
+#if defined(KOG_HIP)
+    if (KOG_POLL_NS > 0) __builtin_amdgcn_s_sleep(1);
+#else
+    if (KOG_POLL_NS > 0) __nanosleep(KOG_POLL_NS);
+#endif
+}
+
 KOG_DEVICE void kog_pause() {
 #if defined(KOG_HIP)
     __builtin_amdgcn_s_sleep(1);

@@ -278,8 +278,12 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
     const KogParams* p = c.p;
     const int t = c.t;
     const int last_prompt = p->prompt_len - 1;
+    const bool generating = t >= last_prompt && !p->all_logits;
+    const int g = t - last_prompt;                        // generated index (when generating)
     kog_u32* slot = reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG + 1);
     kog_prof(c, KOG_N_LAYERS * 16 + 3);
+    // The host's cancel flag is read before the wait: a PCIe round trip off the critical path.
+    const kog_u32 cancel = (generating && threadIdx.x == 0) ? kog_ld_relaxed_system(p->host_ctl + 2) : 0u;
     if (!lm_ran) {                                        // inside the prompt: x is final
         kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN), c.smem,
                                         c.scratch, false);
@@ -295,32 +299,33 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
         next = 0;
         finish = 5u;                                      // done: every prompt position has logits
     } else {
-        const int g = t - last_prompt;                    // generated index
         next = kog_sample_token(c, g);
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0) {                           // stop_check
             kog_u32 reason = 0u;
             for (int e = 0; e < p->n_eos; ++e) if (p->eos_ids[e] == next) reason = 1u;
             if (reason == 0u && g + 1 >= p->max_new) reason = 2u;
             if (reason == 0u && p->prompt_len + g + 1 >= p->context_length) reason = 3u;
-            if (reason == 0u && kog_ld_acquire_system(p->host_ctl + 2) != 0u) reason = 4u;
+            if (reason == 0u && cancel != 0u) reason = 4u;
             if (t + 1 < p->context_length) p->tokens[t + 1] = next;
-            p->host_tokens[g] = next;
-            kog_fence_system();                           // token, then count, then reason
-            kog_st_release_system(p->host_ctl, (kog_u32)(g + 1));
-            if (reason != 0u) kog_st_release_system(p->host_ctl + 1, reason);
             *slot = reason;
         }
         __syncthreads();
         finish = *slot;
     }
     if (finish != 0u) {
-        if (threadIdx.x == 0) {
-            if (finish == 5u) p->host_ctl[1] = 5u;
-            kog_st_relaxed(kog_counter(c, KOG_CNT_STOP), 1u);
-        }
+        if (threadIdx.x == 0) kog_st_relaxed(kog_counter(c, KOG_CNT_STOP), 1u);
     } else {
         kog_embed(c, next, t + 1);
     }
     kog_signal_counter(kog_counter(c, KOG_CNT_TOK));
+    // Publish to the host once the next position is under way: token, then count, then code.
+    if (threadIdx.x == 0) {
+        if (generating) {
+            p->host_tokens[g] = next;
+            kog_fence_system();
+            kog_st_release_system(p->host_ctl, (kog_u32)(g + 1));
+        }
+        if (finish != 0u) kog_st_release_system(p->host_ctl + 1, finish);
+    }
     kog_prof(c, KOG_N_LAYERS * 16 + 5);
 }

@@ -20,6 +20,9 @@
 
 #define KOG_SLOT_FLAG (2 * KOG_THREADS / KOG_WARP)            // scratch slots after reductions
 #define KOG_SCRATCH_FLOATS (2 * KOG_THREADS / KOG_WARP + 16)
+#ifndef KOG_OWN_ROWS
+#define KOG_OWN_ROWS 64          // rows of x a block owns at most (o_proj / down_residual)
+#endif
 
 // Version tags of the tagged activation vectors (never 0: the host zeroes tags before a launch).
 #define KOG_STAGE_EMBED 0
@@ -35,7 +38,10 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 // One element: spin until *p carries `tag`, return its value.
 KOG_DEVICE float kog_wait_tagged(const kog_u64* p, kog_u32 tag) {
     kog_u64 w = kog_ld_tagged(p);
-    while (kog_tag_of(w) != tag) w = kog_ld_tagged(p);
+    while (kog_tag_of(w) != tag) {
+        kog_backoff();
+        w = kog_ld_tagged(p);
+    }
     return kog_value_of(w);
 }
 
@@ -119,6 +125,7 @@ struct KogCtx {
     float* smem;         // KOG_SMEM_FLOATS floats of dynamic shared memory
     float* scratch;      // 2 * KOG_THREADS / KOG_WARP + 16 floats for block reductions / flags
     char* ring;          // KOG_RING_BYTES of shared memory: the GEMV cp.async weight ring
+    float* x_own;        // KOG_OWN_ROWS: this block's rows of the residual stream x
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     int t;               // position of the token being run
 };

@@ -77,6 +77,8 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("n_lm_producers", "i32", None, "blocks owning lm_head rows"),
     ("attn_max_chunks", "i32", None, "KV-position chunks per kv head at most (chunk rule)"),
     ("attn_chunks_alloc", "i32", None, "chunks per kv head attn_partial holds"),
+    ("gate_up_dyn_begin", "i32", None, "gate/up units >= this are handed out dynamically"),
+    ("lm_dyn_begin", "i32", None, "LM head rows >= this are handed out dynamically"),
     ("debug_npos", "i32", None, "positions dumped when debug != null"),
     ("debug_stride", "i32", None, "floats per dumped position"),
     ("profile_pos", "i32", None, "position whose stage timings are recorded"),
@@ -138,12 +140,13 @@ def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
     KOG_CNT_TOK: positions whose input embedding is in x (or whose stop flag is set);
     KOG_CNT_LM: LM-head block completions; KOG_CNT_STOP: 1 once the generation ends;
     KOG_CNT_TICKET + layer * KV + g: attention chunk arrivals of kv head g (monotone);
-    KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache.
+    KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache;
+    KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors.
     """
     n = n_layers * n_kv_heads
     d = {"KOG_CNT_TOK": 0, "KOG_CNT_LM": 1, "KOG_CNT_STOP": 2, "KOG_CNT_TICKET": 3,
-         "KOG_CNT_KV": 3 + n}
-    d["KOG_N_COUNTERS"] = 3 + 2 * n
+         "KOG_CNT_KV": 3 + n, "KOG_CNT_DYN": 3 + 2 * n}
+    d["KOG_N_COUNTERS"] = 3 + 2 * n + n_layers + 1
     return d
 
 

@@ -26,7 +26,7 @@ from . import abi, kernels
 from .config import ModelConfig
 from .errors import DeviceError, InputError
 from .packing import bf16_bits, default_rope_positions, rope_tables
-from .placement import place
+from .placement import ATTN_MIN_CHUNK, place
 from .sampling_params import SamplingParams
 
 THREADS = 512
@@ -75,7 +75,8 @@ def kv_bytes(cfg: ModelConfig, position: float, dtype_bytes: int = 2) -> float:
 def smem_floats(cfg: ModelConfig) -> int:
     from .placement import ATTN_CHUNK
     g, hd = cfg.gqa_group, cfg.head_dim
-    attn = g * hd * 2 + 2 * hd + g * ATTN_CHUNK + 2 * g
+    attn = (g * hd * 2 + 2 * hd + g * ATTN_CHUNK + -(-2 * g // 4) * 4 + hd
+            + ATTN_CHUNK * hd)                      # attention.cuh KOG_ATTN_SMEM_FLOATS
     sample = 2048 * 2 + 8
     n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample)
     return -(-n // 4) * 4
@@ -283,13 +284,17 @@ class MonokernelBackend:
             props["name"], bytes) else str(props["name"])
         self.n_sms = int(props["multiProcessorCount"])
         self.n_blocks = int(blocks or self.n_sms)
-        self.placement = place(cfg, self.n_blocks, self.context_length)
+        self.tuning = dict(tuning or {})
+        self.placement = place(cfg, self.n_blocks, self.context_length,
+                               min_chunk=int(self.tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
+                               dyn_permille=int(self.tuning.get(
+                                   "KOG_DYN_PERMILLE", kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"])))
         self._smem_floats = smem_floats(cfg)
-        self.smem_bytes = 4 * (self._smem_floats + 2 * threads // 32 + 16 + 64)
+        scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
+        self.smem_bytes = 4 * (self._smem_floats + scratch + self.placement.own_rows + 16)
         self.bytes_per_token = float(streamed_weight_bytes(cfg))
         self._read_bw = None
         self.debug_positions = int(debug_positions)
-        self.tuning = dict(tuning or {})
         self.profile_pos = profile_pos
         self._alloc()
         self._fn = self._compile()
@@ -336,7 +341,8 @@ class MonokernelBackend:
     def _compile(self):
         cfg = self.cfg
         defines = kernels.model_defines(cfg, self.dtype, self.threads, self._smem_floats,
-                                        len(abi.PARTITION_COLUMNS), self.tuning)
+                                        len(abi.PARTITION_COLUMNS),
+                                        {"KOG_OWN_ROWS": self.placement.own_rows, **self.tuning})
         self.smem_bytes += defines["KOG_RING_BYTES"]
         mod = kernels.load_module(kernels.monokernel_source(), defines, cooperative=True)
         fn = kernels.get_function(mod, "kog_monokernel")
@@ -410,7 +416,8 @@ class MonokernelBackend:
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
             min_p=params.min_p, repetition_penalty=params.repetition_penalty,
             seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
-            n_lm_producers=pl.producers["lm"],
+            n_lm_producers=pl.producers["lm"], gate_up_dyn_begin=pl.gate_up_dyn_begin,
+            lm_dyn_begin=pl.lm_dyn_begin,
             attn_max_chunks=pl.attn_max_chunks, attn_chunks_alloc=pl.attn_chunks_alloc,
             debug_npos=self.debug_positions if self.debug is not None else 0,
             debug_stride=self.debug_stride,

@@ -15,8 +15,8 @@ import numpy as np
 from .abi import PARTITION_COLUMNS
 from .config import ModelConfig
 
-ATTN_CHUNK = 256          # KV positions per attention unit at most (shared-memory scores)
-ATTN_MIN_CHUNK = 32       # ... and at least (rounded up to a multiple of this)
+ATTN_CHUNK = 128          # KV positions per attention unit at most (shared-memory K/V, scores)
+ATTN_MIN_CHUNK = 64       # ... and at least (rounded up to a multiple of this)
 ATTN_MAX_CHUNKS = 64      # chunks per kv head from the split rule (long contexts add more)
 
 
@@ -41,10 +41,14 @@ class Placement:
     attn_max_chunks: int           # chunk rule parameter
     attn_chunks_alloc: int         # chunks per kv head the partial buffer holds
     attn_ticket_base: np.ndarray   # (C,) int32: ticket arrivals of positions before t
+    own_rows: int                  # rows of x a block owns at most (o_proj / down_residual)
+    gate_up_dyn_begin: int         # gate/up units from here on are handed out dynamically
+    lm_dyn_begin: int              # LM head rows from here on are handed out dynamically
 
 
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
-          world_size: int = 1) -> Placement:
+          world_size: int = 1, min_chunk: int = ATTN_MIN_CHUNK, dyn_permille: int = 0
+          ) -> Placement:
     if world_size != 1 or rank != 0:
         raise NotImplementedError("tensor parallelism: one GPU per generation for now")
     stages = {
@@ -54,17 +58,26 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
         "down": cfg.hidden_size,             # rows of w_down
         "lm": cfg.vocab_size,                # rows of lm_head
     }
-    cols = [split_even(n, n_blocks) for n in stages.values()]
+    # gate_up and lm: the last dyn_permille / 1000 of the units are handed out at run time
+    dyn_begin = {k: stages[k] - stages[k] * dyn_permille // 1000 for k in ("gate_up", "lm")}
+    cols = [split_even(dyn_begin.get(k, n), n_blocks) for k, n in stages.items()]
+    # o_proj and down_residual rows of x must have the same owner (the kernel keeps a block's
+    # rows of the residual stream in shared memory between the two stages)
+    assert np.array_equal(cols[1], cols[3])
     partition = np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.int32)
     assert partition.shape[1] == len(PARTITION_COLUMNS)
     producers = {k: int(np.count_nonzero(c[:, 1] > c[:, 0])) for k, c in zip(stages, cols)}
+    if dyn_permille > 0:
+        producers["lm"] = n_blocks                  # every block takes part in the dynamic tail
     max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))
     n = np.arange(1, context_length + 1)
-    length = np.minimum(-(-(-(-n // max_chunks)) // ATTN_MIN_CHUNK) * ATTN_MIN_CHUNK, ATTN_CHUNK)
+    length = np.minimum(-(-(-(-n // max_chunks)) // min_chunk) * min_chunk, ATTN_CHUNK)
     chunks = -(-n // length)                                    # (C,) chunks at n_pos = n
     alloc = int(np.max(chunks))
     arrivals = np.where(chunks > 1, chunks, 0)                  # one-chunk units take no ticket
     base = np.concatenate([[0], np.cumsum(arrivals)[:-1]]).astype(np.int64)
     if base[-1] + alloc >= 2**31:
         raise ValueError("attention ticket counts overflow")
-    return Placement(n_blocks, partition, producers, max_chunks, alloc, base.astype(np.int32))
+    own_rows = int(np.max(cols[1][:, 1] - cols[1][:, 0]))
+    return Placement(n_blocks, partition, producers, max_chunks, alloc, base.astype(np.int32),
+                     own_rows, dyn_begin["gate_up"], dyn_begin["lm"])

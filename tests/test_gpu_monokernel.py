@@ -256,3 +256,20 @@ def test_prompt_too_long_and_bad_ids():
         be.start(list(range(1024)), SamplingParams(), 4, set())
     with pytest.raises(InputError):
         be.start([m.config.vocab_size], SamplingParams(), 4, set())
+
+
+@pytest.mark.parametrize("tuning", [{"KOG_DYN_PERMILLE": 100, "KOG_ATTN_MIN_CHUNK": 32},
+                                    {"KOG_GEMV_ASYNC": 1, "KOG_ATTN_MIN_CHUNK": 128}])
+def test_tuning_variants_match_reference(tuning):
+    """Dynamic work tails, the cp.async weight ring and other chunkings compute the same."""
+    cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
+    m = model(cfg, logit_scale=8.0)
+    be = MonokernelBackend(m, context_length=1024, watchdog_s=20, tuning=tuning)
+    ids = np.random.default_rng(8).integers(0, cfg.vocab_size, 300).tolist()
+    got = be.logits(ids)
+    ref = ReferenceBackend(m, context_length=1024).logits(ids)
+    assert max(rel(got[i], ref[i]) for i in (0, 63, 64, 127, 128, 299)) < 3e-2
+    prompt = ids[:8]
+    toks = list(be.start(prompt, SamplingParams(), 48, set()))
+    assert toks == list(ReferenceBackend(m, context_length=1024).start(
+        prompt, SamplingParams(), 48, set()))
