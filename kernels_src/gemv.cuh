@@ -128,6 +128,127 @@ struct KogGemvShape {
     static constexpr int GRAB = TPU >= 4 ? 1 : 4 / TPU;                 // dynamic units per grab
 };
 
+#ifndef KOG_STREAM_SLOTS
+#define KOG_STREAM_SLOTS 4
+#endif
+#if defined(KOG_HIP)
+#undef KOG_STREAM
+#define KOG_STREAM 0
+#endif
+
+// ============================================================================================
+// The cross-stage weight stream (KOG_STREAM = 1, CUDA). Every thread keeps KOG_STREAM_SLOTS
+// tiles of its own future weight chunks in flight (cp.async into a private shared-memory ring),
+// in the exact order its warp will consume them: qkv, o_proj, gate_up, down of each layer, the
+// LM head when it runs, then the next position. The stream never stops at a stage boundary:
+// while a block waits for an activation, the tiles of the stages after it are already loading
+// (weights never depend on activations).
+// ============================================================================================
+struct KogStream {
+    int t, layer, stage, i;     // the next tile to issue: position, layer, stage 0..4, tile
+    int issued, consumed;       // tiles so far (slot = count % KOG_STREAM_SLOTS)
+    bool done;                  // nothing left to issue (past the context, or no tiles at all)
+};
+
+KOG_DEVICE bool kog_lm_runs(const KogParams* p, int t) {
+    return p->all_logits || t >= p->prompt_len - 1;
+}
+
+// Tiles of `stage` this thread's warp streams for rows [u0, u1) of a block (warp-strided units).
+template <int K, int UNIT>
+KOG_DEVICE int kog_warp_tiles(int u0, int u1) {
+    const int warp = threadIdx.x / KOG_WARP, n_warps = KOG_THREADS / KOG_WARP;
+    const int first = u0 + warp;
+    const int n_units = first < u1 ? (u1 - first + n_warps - 1) / n_warps : 0;
+    return n_units * KogGemvShape<K, UNIT>::TPU;
+}
+
+template <int K, int UNIT>
+KOG_DEVICE void kog_stream_copy(const KogCtx& c, const kog_u16* W, int u0, int i, int slot) {
+    using S = KogGemvShape<K, UNIT>;
+    const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
+    const int n_warps = KOG_THREADS / KOG_WARP;
+    const int u = u0 + warp + (i / S::TPU) * n_warps, kt = i % S::TPU;
+    const kog_vec4* base = reinterpret_cast<const kog_vec4*>(W) + (kog_u64)u * S::CPU + kt * S::TILE + lane;
+    char* dst = c.ring + (kog_u64)slot * KOG_GEMV_MAX_LOADS * 16 * KOG_THREADS + threadIdx.x * 16;
+#if KOG_STREAM
+#pragma unroll
+    for (int j = 0; j < S::NLT; ++j)
+        if ((S::CPU % S::TILE) == 0 || kt * S::TILE + j * KOG_WARP + lane < S::CPU)
+            kog_cp_async16(dst + j * 16 * KOG_THREADS, base + j * KOG_WARP);
+#else
+    (void)dst; (void)base;
+#endif
+}
+
+// Tiles of stage `stage` for this warp (0 qkv, 1 o_proj, 2 gate_up, 3 down, 4 lm_head).
+KOG_DEVICE int kog_stream_stage_tiles(const KogCtx& c, int stage) {
+    const int* pt = c.part;
+    switch (stage) {
+        case 0: return kog_warp_tiles<KOG_HIDDEN, 1>(pt[0], pt[1]);
+        case 1: return kog_warp_tiles<KOG_Q_DIM, 1>(pt[2], pt[3]);
+        case 2: return kog_warp_tiles<KOG_HIDDEN, 2>(pt[4], pt[5]);
+        case 3: return kog_warp_tiles<KOG_FFN, 1>(pt[6], pt[7]);
+        default: return kog_warp_tiles<KOG_HIDDEN, 1>(pt[8], pt[9]);
+    }
+}
+
+// Issues the next tile of this thread's stream (one cp.async group; an empty group when the
+// stream is done, so "KOG_STREAM_SLOTS - 1 groups after a tile" always means it has landed).
+KOG_DEVICE void kog_stream_issue(const KogCtx& c) {
+#if KOG_STREAM
+    KogStream& s = *c.stream;
+    const KogParams* p = c.p;
+    int scanned = 0;
+    while (!s.done) {
+        const int n = kog_stream_stage_tiles(c, s.stage);
+        if (s.i < n) {
+            const int slot = s.issued % KOG_STREAM_SLOTS;
+            const int l = s.layer;
+            switch (s.stage) {
+                case 0: kog_stream_copy<KOG_HIDDEN, 1>(c, p->wqkv + (kog_u64)l * KOG_QKV_DIM * KOG_HIDDEN, c.part[0], s.i, slot); break;
+                case 1: kog_stream_copy<KOG_Q_DIM, 1>(c, p->wo + (kog_u64)l * KOG_HIDDEN * KOG_Q_DIM, c.part[2], s.i, slot); break;
+                case 2: kog_stream_copy<KOG_HIDDEN, 2>(c, p->w_gate_up + (kog_u64)l * 2 * KOG_FFN * KOG_HIDDEN, c.part[4], s.i, slot); break;
+                case 3: kog_stream_copy<KOG_FFN, 1>(c, p->w_down + (kog_u64)l * KOG_HIDDEN * KOG_FFN, c.part[6], s.i, slot); break;
+                default: kog_stream_copy<KOG_HIDDEN, 1>(c, p->lm_head, c.part[8], s.i, slot); break;
+            }
+            ++s.i;
+            ++s.issued;
+            break;
+        }
+        // next stage in execution order
+        s.i = 0;
+        if (s.stage < 3) {
+            ++s.stage;
+        } else if (s.stage == 3 && s.layer + 1 < KOG_N_LAYERS) {
+            ++s.layer;
+            s.stage = 0;
+        } else if (s.stage == 3 && kog_lm_runs(p, s.t)) {
+            s.stage = 4;
+        } else {
+            ++s.t;
+            s.layer = 0;
+            s.stage = 0;
+            if (s.t >= p->context_length) s.done = true;
+        }
+        if (++scanned > 5 * KOG_N_LAYERS + 2) {    // a whole position without tiles
+            if (kog_stream_stage_tiles(c, 4) > 0 && !kog_lm_runs(p, s.t)) {
+                s.t = p->prompt_len - 1;              // only LM-head tiles: the first LM position
+                s.layer = KOG_N_LAYERS - 1;
+                s.stage = 4;
+                s.i = 0;
+                scanned = 0;
+            } else {
+                s.done = true;
+            }
+        }
+    }
+    kog_cp_async_commit();
+#else
+    (void)c;
+#endif
+}
+
 // Optional dynamic tail (DYN): after its static units, each warp grabs units [dyn_begin,
 // dyn_end) GRAB at a time from a monotone counter (`cursor`, value `base` at this stage's start;
 // every warp ends with exactly one failed grab, so the next position's base is known). It
@@ -139,8 +260,9 @@ struct KogDynamic {
 };
 
 template <int K, int UNIT, bool DYN = false, class Ready, class Epilogue>
-KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, char* ring,
+KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, const KogCtx& ctx,
                          Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}) {
+    char* ring = ctx.ring;
     static_assert(K % 8 == 0, "rows must be a whole number of 16-byte vectors");
     constexpr int CPR = K / 8;                                   // 16-byte chunks per row
     constexpr int CPU = UNIT * CPR;                              // chunks per unit
@@ -158,7 +280,49 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     const int n_units = first < u_end ? (u_end - first + n_warps - 1) / n_warps : 0;
     int n_tiles = n_units * TPU;
 
-#if KOG_GEMV_ASYNC
+#if KOG_STREAM
+    static_assert(!DYN && !KOG_GEMV_ASYNC, "the weight stream is static and owns the ring");
+    (void)ring;
+    (void)W4;
+    const float scale = ready();
+    if (!(scale > 0.f)) return;                 // no rows here, or the end (monokernel.cu drains)
+    const float4* x4 = reinterpret_cast<const float4*>(xs);
+    float acc[UNIT];
+#pragma unroll
+    for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
+    KogStream& st = *ctx.stream;
+    for (int i = 0; i < n_tiles; ++i) {
+        kog_cp_async_wait<KOG_STREAM_SLOTS - 1>();
+        const char* slot = ctx.ring + (kog_u64)(st.consumed % KOG_STREAM_SLOTS) * KOG_GEMV_MAX_LOADS * 16 * KOG_THREADS
+                         + threadIdx.x * 16;
+        kog_vec4 v[NLT];
+#pragma unroll
+        for (int j = 0; j < NLT; ++j) v[j] = *reinterpret_cast<const kog_vec4*>(slot + j * 16 * KOG_THREADS);
+        ++st.consumed;
+        const int kt = i % TPU;
+#pragma unroll
+        for (int j = 0; j < NLT; ++j) {
+            const int c = kt * TILE + j * KOG_WARP + lane;
+            if (FULL || c < CPU) {
+                const int row = c / CPR;
+                const int col = c - row * CPR;
+                const float4 a = x4[2 * col], b = x4[2 * col + 1];
+                const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int r = 0; r < UNIT; ++r)
+                    if (UNIT == 1 || row == r) acc[r] = kog_dot8(v[j], xv, acc[r]);
+            }
+        }
+        kog_stream_issue(ctx);                                  // the slot's data is in registers
+        if (kt == TPU - 1) {
+#pragma unroll
+            for (int r = 0; r < UNIT; ++r) acc[r] = kog_warp_sum(acc[r]);
+            epi(first + (i / TPU) * n_warps, acc, scale);
+#pragma unroll
+            for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
+        }
+    }
+#elif KOG_GEMV_ASYNC
     // Each thread streams its own 16-byte chunks through a private ring of KOG_GEMV_STAGES
     // tiles in shared memory (cp.async, L2 only): deep prefetch without registers; no block
     // barrier is needed because a thread only reads back what it copied itself.
@@ -391,7 +555,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
             if (dbg != nullptr) dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };
-    kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c.ring, ready, epi);
+    kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c, ready, epi);
     kog_prof(c, layer * 16 + 6 + 2);
 }
 
@@ -424,7 +588,7 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
         }
     };
     kog_gemv<KOG_HIDDEN, 2, DYN>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1,
-                                 c.smem, c.ring, ready, epi,
+                                 c.smem, c, ready, epi,
                                  kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer, c.t,
                                                             p->gate_up_dyn_begin, KOG_FFN));
     kog_prof(c, layer * 16 + 9 + 2);
@@ -459,7 +623,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
             if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };
-    kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c.ring, ready, epi);
+    kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c, ready, epi);
     kog_prof(c, layer * 16 + 12 + 2);
 }
 
@@ -491,7 +655,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
             if (dbg != nullptr) dbg[KOG_DBG_LOGITS + row] = v;
         }
     };
-    kog_gemv<KOG_HIDDEN, 1, DYN>(p->lm_head, r0, r1, c.smem, c.ring, ready, epi,
+    kog_gemv<KOG_HIDDEN, 1, DYN>(p->lm_head, r0, r1, c.smem, c, ready, epi,
                                  kog_dynamic<KOG_HIDDEN, 1>(c, KOG_CNT_DYN + KOG_N_LAYERS, lm_index,
                                                             p->lm_dyn_begin, KOG_VOCAB));
     kog_prof(c, KOG_N_LAYERS * 16 + 2);

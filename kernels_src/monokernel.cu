@@ -38,6 +38,11 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.x_own = c.scratch + KOG_SCRATCH_FLOATS;
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
     c.t = 0;
+    KogStream stream{0, 0, 0, 0, 0, 0, false};
+    c.stream = &stream;
+#if KOG_STREAM
+    for (int s = 0; s < KOG_STREAM_SLOTS; ++s) kog_stream_issue(c);   // weights first
+#endif
 
     if (blockIdx.x == 0) {                                  // stage embed of position 0
         kog_embed(c, p->tokens[0], 0);
@@ -47,7 +52,12 @@ kog_monokernel(const KogParams* __restrict__ p) {
     for (int t = 0; t < p->context_length; ++t) {
         c.t = t;
         for (int layer = 0; layer < KOG_N_LAYERS; ++layer) {
-            if (kog_stage_attn_norm_qkv(c, layer)) return;  // stop flag seen at layer 0
+            if (kog_stage_attn_norm_qkv(c, layer)) {        // stop flag seen at layer 0
+#if KOG_STREAM
+                kog_cp_async_wait<0>();                     // no copy outlives the block
+#endif
+                return;
+            }
             kog_stage_attention(c, layer);
             kog_stage_o_proj_residual(c, layer);
             kog_stage_ffn_norm_gate_up_silu(c, layer);

@@ -131,15 +131,18 @@ KOG_DEVICE void kog_cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: 
 
 // 16-byte global -> shared copy that may complete later (kog_copy16_wait_all): cp.async on
 // CUDA, a plain copy on HIP. The source must be coherent at L2 (written before an acquire).
+#ifndef KOG_STREAM
+#define KOG_STREAM 0
+#endif
 KOG_DEVICE void kog_copy16(void* smem_dst, const void* gmem_src) {
-#if defined(KOG_HIP)
+#if defined(KOG_HIP) || KOG_STREAM          // (the weight stream owns the cp.async groups)
     *reinterpret_cast<kog_vec4*>(smem_dst) = *reinterpret_cast<const kog_vec4*>(gmem_src);
 #else
     kog_cp_async16(smem_dst, gmem_src);
 #endif
 }
 KOG_DEVICE void kog_copy16_wait_all() {
-#if !defined(KOG_HIP)
+#if !defined(KOG_HIP) && !KOG_STREAM
     kog_cp_async_commit();
     kog_cp_async_wait<0>();
 #endif

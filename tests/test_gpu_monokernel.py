@@ -259,7 +259,8 @@ def test_prompt_too_long_and_bad_ids():
 
 
 @pytest.mark.parametrize("tuning", [{"KOG_DYN_PERMILLE": 100, "KOG_ATTN_MIN_CHUNK": 32},
-                                    {"KOG_GEMV_ASYNC": 1, "KOG_ATTN_MIN_CHUNK": 128}])
+                                    {"KOG_GEMV_ASYNC": 1, "KOG_ATTN_MIN_CHUNK": 128},
+                                    {"KOG_STREAM": 1, "KOG_STREAM_SLOTS": 5}])
 def test_tuning_variants_match_reference(tuning):
     """Dynamic work tails, the cp.async weight ring and other chunkings compute the same."""
     cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
