@@ -50,7 +50,8 @@ def plot(json_path: str, png_path: str | None = None) -> str:
                    label=eng if i == next(k for k, s in enumerate(shapes)
                                           if (s, eng) in by) else None)
             ax.text(x, r["tokens_per_s"] * 1.05, f"{r['tokens_per_s']:.0f}\n"
-                    f"{r['pct_of_limit']:.0f}%", ha="center", va="bottom", fontsize=7)
+                    f"{r['pct_of_limit']:.0f}%", ha="center", va="bottom", fontsize=7, zorder=3,
+                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5))
         lim = by.get((shape, "limit"))
         if lim:
             ax.hlines(lim["tokens_per_s"], i - 0.45, i + 0.45, colors="black", linestyles="--",
