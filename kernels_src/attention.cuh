@@ -6,10 +6,13 @@
 // computes fp32 softmax(q k^T / sqrt(hd)) v over its chunk: out, running max and sum per head.
 // The unit whose chunk holds the current position also finishes k and v of that position and
 // appends them to the KV cache (no other unit reads that position in this step).
-// With one chunk the unit writes attn_out directly; otherwise each unit writes a partial and
-// takes a ticket (acq_rel atomic on a monotone per-(layer, kv head) count; the host tabulates
-// the arrivals of earlier positions); the last arrival combines the partials of head g and
-// writes attn_out (tagged). The appending unit releases a per-(layer, kv head)
+// With one chunk the unit writes attn_out directly. Otherwise (KOG_ATTN_POLL, default) every
+// other unit writes its partial as tagged words and the unit holding t polls them and combines
+// (SYNC.md); or (KOG_ATTN_POLL=0) each unit writes a partial and takes a ticket (acq_rel
+// atomic on a monotone per-(layer, kv head) count; the host tabulates the arrivals of earlier
+// positions) and the last arrival combines the partials of head g and writes attn_out
+// (tagged). Scores: HD / 8 lanes per position (KOG_ATTN_FAST, default) or a warp per
+// position. The appending unit releases a per-(layer, kv head)
 // count of cached positions, which units of later steps acquire before reading the cache.
 // ============================================================================================
 #pragma once
@@ -19,6 +22,16 @@
 // Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], probs[GQA][CHUNK],
 // ml[GQA][2], rope[HD], then the cached K and V rows of the chunk (storage dtype, CHUNK x HD
 // each), copied in before q is ready.
+#ifndef KOG_ATTN_FAST
+#define KOG_ATTN_FAST 0           // 1: scores by HD / 8 lanes per position (else a warp each)
+#endif
+#ifndef KOG_ATTN_PF_KB
+#define KOG_ATTN_PF_KB 0          // KB of this layer's gate_up rows per block prefetched to L2
+#endif
+#ifndef KOG_ATTN_POLL
+#define KOG_ATTN_POLL 0           // 1: tagged partials combined by the unit holding t (no ticket)
+#endif
+
 #define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
 #define KOG_ATTN_SMEM_FLOATS \
     (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_CHUNK + KOG_ATTN_ML_FLOATS + \
@@ -56,13 +69,21 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     kog_u16* vs = ks + KOG_ATTN_CHUNK * HD;                    // [KOG_ATTN_CHUNK][HD]
     static_assert((G * HD * 2 + 2 * HD + G * KOG_ATTN_CHUNK + KOG_ATTN_ML_FLOATS + HD) % 4 == 0,
                   "K/V staging 16-byte aligned");
+#if !KOG_ATTN_POLL
     kog_u32* flag = reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG);
+#endif
     const float qscale = rsqrtf((float)HD);
     float* dbg = kog_debug_row(c);
     const kog_u32 qkv_tag = kog_tag(t, layer, KOG_STAGE_QKV);
     const kog_u32 out_tag = kog_tag(t, layer, KOG_STAGE_ATTN);
     kog_prof(c, layer * 16 + 3);
 
+#if KOG_ATTN_PF_KB > 0
+    // HBM idles during attention: every block asks for the head of its gate_up rows in L2
+    // (asynchronous, no registers), so that stage streams part of its bytes from L2.
+    kog_prefetch_rows_l2(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
+                         c.part[5], 2 * KOG_HIDDEN, 0, (kog_u64)KOG_ATTN_PF_KB * 1024ull);
+#endif
     // Units go to blocks from the top of the grid down (block 0 also samples).
     for (int u = gridDim.x - 1 - blockIdx.x; u < n_units; u += gridDim.x) {
         const int g = u % KOG_N_KV, ch = u / KOG_N_KV;
@@ -122,6 +143,48 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         kog_copy16_wait_all();                    // this thread's K/V copies have landed
         __syncthreads();
 
+#if KOG_ATTN_FAST
+        // ---- scores: HD / 8 lanes per position, one 16-byte K piece each (conflict-free
+        //      shared loads), G dot products reduced over the lane group; a uniform trip count
+        //      so every lane of a warp takes part in the shuffles ----
+        {
+            constexpr int LPP = HD / 8;
+            static_assert(HD % 8 == 0 && KOG_WARP % LPP == 0 && (LPP & (LPP - 1)) == 0,
+                          "KOG_ATTN_FAST: HD / 8 lanes per position must divide the warp");
+            const int sub = threadIdx.x % LPP, pi = threadIdx.x / LPP;
+            const int n_pi = blockDim.x / LPP;
+            for (int jb = j0; jb < j1; jb += n_pi) {
+                const int j = jb + pi;
+                float kd[8];
+                if (j == t) {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) kd[e] = kv_t[sub * 8 + e];
+                } else if (j < j1) {
+                    const kog_vec4 kv = *reinterpret_cast<const kog_vec4*>(ks + (j - j0) * HD + sub * 8);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        kd[2 * e] = kog_w_lo(KOG_V4(kv, e));
+                        kd[2 * e + 1] = kog_w_hi(KOG_V4(kv, e));
+                    }
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) kd[e] = 0.f;
+                }
+#pragma unroll
+                for (int h = 0; h < G; ++h) {
+                    const float4 qa = *reinterpret_cast<const float4*>(q + h * HD + sub * 8);
+                    const float4 qb = *reinterpret_cast<const float4*>(q + h * HD + sub * 8 + 4);
+                    float s = qa.x * kd[0];
+                    s = fmaf(qa.y, kd[1], s); s = fmaf(qa.z, kd[2], s); s = fmaf(qa.w, kd[3], s);
+                    s = fmaf(qb.x, kd[4], s); s = fmaf(qb.y, kd[5], s); s = fmaf(qb.z, kd[6], s);
+                    s = fmaf(qb.w, kd[7], s);
+#pragma unroll
+                    for (int m = LPP / 2; m > 0; m >>= 1) s += kog_shfl_xor(s, m);
+                    if (sub == 0 && j < j1) probs[h * KOG_ATTN_CHUNK + (j - j0)] = s * qscale;
+                }
+            }
+        }
+#else
         // ---- scores: one warp per position ----
         for (int j = j0 + warp; j < j1; j += n_warps) {
             float kd[(HD + KOG_WARP - 1) / KOG_WARP];
@@ -142,6 +205,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                 if (lane == 0) probs[h * KOG_ATTN_CHUNK + (j - j0)] = s * qscale;
             }
         }
+#endif
         for (int i = threadIdx.x; i < G * HD; i += blockDim.x) o[i] = 0.f;
         __syncthreads();
 
@@ -180,6 +244,70 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         }
         __syncthreads();
 
+#if KOG_ATTN_POLL
+        // ---- finish: direct; or every other chunk writes its partial as tagged words and the
+        //      unit holding t (the last chunk, the last unit of its block: no wait cycle)
+        //      polls them and combines with its own partial from shared memory -- no ticket
+        //      round trip, one pass over the partials ----
+        if (n_chunks == 1 || holds_t) {
+            kog_u64* pbase = reinterpret_cast<kog_u64*>(p->attn_partial) +
+                             (kog_u64)g * p->attn_chunks_alloc * G * (HD + 2);
+            for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+                const int h = i / HD, d = i - h * HD;
+                float m = ml[2 * h], l = ml[2 * h + 1], acc = o[i];
+                constexpr int B = 4;                  // partials in flight per thread
+                constexpr int S = G * (HD + 2);       // words per chunk
+                const kog_u64* ph = pbase + h * (HD + 2);   // (max, sum) 16-byte aligned
+                for (int k0 = 0; k0 < n_chunks - 1; k0 += B) {
+                    const int nb = min(B, n_chunks - 1 - k0);
+                    const kog_u64* pk = ph + (kog_u64)k0 * S;
+                    kog_u64 wm[B], wl[B], wo[B];
+#pragma unroll
+                    for (int b = 0; b < B; ++b) {
+                        wm[b] = wl[b] = wo[b] = (kog_u64)out_tag << 32;
+                        if (b < nb) {
+                            kog_ld_tagged2(pk + b * S + HD, wm[b], wl[b]);
+                            wo[b] = kog_ld_tagged(pk + b * S + d);
+                        }
+                    }
+                    for (;;) {
+                        bool ready = true;
+#pragma unroll
+                        for (int b = 0; b < B; ++b) {
+                            if (kog_tag_of(wm[b]) != out_tag || kog_tag_of(wl[b]) != out_tag) {
+                                ready = false;
+                                kog_ld_tagged2(pk + b * S + HD, wm[b], wl[b]);
+                            }
+                            if (kog_tag_of(wo[b]) != out_tag) { ready = false; wo[b] = kog_ld_tagged(pk + b * S + d); }
+                        }
+                        if (ready) break;
+                        kog_backoff();
+                    }
+#pragma unroll
+                    for (int b = 0; b < B; ++b) {
+                        if (b < nb) {
+                            const float mk = kog_value_of(wm[b]);
+                            const float mn = fmaxf(m, mk);
+                            const float a = expf(m - mn), e = expf(mk - mn);
+                            l = fmaf(l, a, kog_value_of(wl[b]) * e);
+                            acc = fmaf(acc, a, kog_value_of(wo[b]) * e);
+                            m = mn;
+                        }
+                    }
+                }
+                const float out = acc / l;
+                kog_st_tagged(p->attn_out + g * G * HD + i, out, out_tag);
+                if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * G * HD + i] = out;
+            }
+        } else {
+            kog_u64* part = reinterpret_cast<kog_u64*>(p->attn_partial) +
+                            ((kog_u64)g * p->attn_chunks_alloc + ch) * G * (HD + 2);
+            for (int i = threadIdx.x; i < G * (HD + 2); i += blockDim.x) {
+                const int h = i / (HD + 2), k = i - h * (HD + 2);
+                kog_st_tagged(part + i, k < HD ? o[h * HD + k] : ml[2 * h + (k - HD)], out_tag);
+            }
+        }
+#else
         // ---- finish: direct, or partial + ticket + combine by the last arrival ----
         bool combine = n_chunks == 1;
         if (!combine) {
@@ -223,6 +351,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                 if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * G * HD + i] = out;
             }
         }
+#endif
         if (holds_t) kog_signal_counter(kv_count);   // position t of head g is in the cache
         else __syncthreads();                     // shared buffers are reused by the next unit
     }

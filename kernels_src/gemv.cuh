@@ -46,10 +46,11 @@
 #endif
 
 // Warp 0 prefetches into L2 bytes [skip, skip + max_bytes) of a block's row range
-// (rows [r0, r1) of `row_elems` weights starting at `base`).
-KOG_DEVICE void kog_prefetch_rows(const kog_u16* base, int r0, int r1, int row_elems,
-                                  kog_u64 skip, kog_u64 max_bytes) {
-    if (KOG_L2_PREFETCH_KB == 0 || threadIdx.x >= KOG_WARP || r0 >= r1) return;
+// (rows [r0, r1) of `row_elems` weights starting at `base`); kog_prefetch_rows only when the
+// KOG_L2_PREFETCH_KB knob is on.
+KOG_DEVICE void kog_prefetch_rows_l2(const kog_u16* base, int r0, int r1, int row_elems,
+                                     kog_u64 skip, kog_u64 max_bytes) {
+    if (threadIdx.x >= KOG_WARP || r0 >= r1) return;
     const kog_u64 total = (kog_u64)(r1 - r0) * row_elems * 2;
     if (skip >= total) return;
     const kog_u64 bytes = (total - skip) < max_bytes ? (total - skip) : max_bytes;
@@ -59,6 +60,10 @@ KOG_DEVICE void kog_prefetch_rows(const kog_u16* base, int r0, int r1, int row_e
         const kog_u64 n = (bytes - off) < PIECE ? (bytes - off) : PIECE;
         kog_prefetch_l2_bulk(p + off, (kog_u32)(n & ~15ull));
     }
+}
+KOG_DEVICE void kog_prefetch_rows(const kog_u16* base, int r0, int r1, int row_elems,
+                                  kog_u64 skip, kog_u64 max_bytes) {
+    if (KOG_L2_PREFETCH_KB != 0) kog_prefetch_rows_l2(base, r0, r1, row_elems, skip, max_bytes);
 }
 #define KOG_PF_BYTES ((kog_u64)KOG_L2_PREFETCH_KB * 1024ull)
 

@@ -89,13 +89,19 @@ DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_PREFETCH_TILES": 2, "KOG_GEMV_AB
                   "KOG_GEMV_ASYNC": 0, "KOG_GEMV_STAGES": 4,
                   "KOG_L2_PREFETCH_KB": 0, "KOG_DYN_PERMILLE": 0, "KOG_POLL_NS": 0,
                   "KOG_STREAM": 0, "KOG_STREAM_SLOTS": 4,
-                  "KOG_TIMING_ATTN_SELF_ONLY": 0}
+                  "KOG_TIMING_ATTN_SELF_ONLY": 0, "KOG_ATTN_FAST": 1, "KOG_ATTN_POLL": 1,
+                  "KOG_ATTN_PF_KB": 0}
+# Development: KOGCUPY_TUNING='{"KOG_ATTN_FAST": 1}' changes the defaults (e.g. to run the GPU
+# test suite on a variant before it becomes the default).
+if os.environ.get("KOGCUPY_TUNING"):
+    import json as _json
+    DEFAULT_TUNING.update({str(k): int(v) for k, v in _json.loads(os.environ["KOGCUPY_TUNING"]).items()})
 
 
 def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_cols: int,
                   tuning: dict | None = None) -> dict:
     """-D constants of the monokernel for a model config (see monokernel.cu)."""
-    from .placement import ATTN_CHUNK, ATTN_MIN_CHUNK
+    from .placement import ATTN_MIN_CHUNK, attn_chunk_cap
     d = {
         "KOG_HIDDEN": cfg.hidden_size, "KOG_FFN": cfg.intermediate_size,
         "KOG_N_LAYERS": cfg.n_layers, "KOG_N_HEADS": cfg.n_heads, "KOG_N_KV": cfg.n_kv_heads,
@@ -103,7 +109,7 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
         "KOG_QKV_BIAS": int(cfg.qkv_bias), "KOG_QK_NORM": int(cfg.qk_norm),
         "KOG_EPS": float(cfg.rms_norm_eps), "KOG_THREADS": threads,
         "KOG_SMEM_FLOATS": smem_floats, "KOG_PARTITION_COLUMNS": n_partition_cols,
-        "KOG_ATTN_CHUNK": ATTN_CHUNK, "KOG_ATTN_MIN_CHUNK": ATTN_MIN_CHUNK,
+        "KOG_ATTN_CHUNK": attn_chunk_cap(cfg), "KOG_ATTN_MIN_CHUNK": ATTN_MIN_CHUNK,
     }
     if dtype == "float16":
         d["KOG_WEIGHT_FP16"] = 1

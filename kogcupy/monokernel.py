@@ -26,7 +26,7 @@ from . import abi, kernels
 from .config import ModelConfig
 from .errors import DeviceError, InputError
 from .packing import bf16_bits, default_rope_positions, rope_tables
-from .placement import ATTN_MIN_CHUNK, place
+from .placement import ATTN_MIN_CHUNK, attn_chunk_cap, place
 from .sampling_params import SamplingParams
 
 THREADS = 512
@@ -72,11 +72,12 @@ def kv_bytes(cfg: ModelConfig, position: float, dtype_bytes: int = 2) -> float:
     return 2.0 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes * position
 
 
-def smem_floats(cfg: ModelConfig) -> int:
-    from .placement import ATTN_CHUNK
+def smem_floats(cfg: ModelConfig, attn_chunk: int | None = None) -> int:
+    from .placement import attn_chunk_cap
+    chunk = attn_chunk or attn_chunk_cap(cfg)
     g, hd = cfg.gqa_group, cfg.head_dim
-    attn = (g * hd * 2 + 2 * hd + g * ATTN_CHUNK + -(-2 * g // 4) * 4 + hd
-            + ATTN_CHUNK * hd)                      # attention.cuh KOG_ATTN_SMEM_FLOATS
+    attn = (g * hd * 2 + 2 * hd + g * chunk + -(-2 * g // 4) * 4 + hd
+            + chunk * hd)                           # attention.cuh KOG_ATTN_SMEM_FLOATS
     sample = 2048 * 2 + 8
     n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample)
     return -(-n // 4) * 4
@@ -285,11 +286,17 @@ class MonokernelBackend:
         self.n_sms = int(props["multiProcessorCount"])
         self.n_blocks = int(blocks or self.n_sms)
         self.tuning = dict(tuning or {})
-        self.placement = place(cfg, self.n_blocks, self.context_length,
+        attn_chunk = int(self.tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
+            "KOG_ATTN_CHUNK", attn_chunk_cap(cfg))))
+        self.placement = place(cfg, self.n_blocks, self.context_length, max_chunk=attn_chunk,
                                min_chunk=int(self.tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
                                dyn_permille=int(self.tuning.get(
                                    "KOG_DYN_PERMILLE", kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"])))
-        self._smem_floats = smem_floats(cfg)
+        if (int(self.tuning.get("KOG_ATTN_POLL", kernels.DEFAULT_TUNING["KOG_ATTN_POLL"]))
+                and self.n_blocks < cfg.n_kv_heads):
+            # the unit combining a head's partials must be the last unit of its block
+            raise DeviceError(f"KOG_ATTN_POLL needs at least {cfg.n_kv_heads} blocks (kv heads)")
+        self._smem_floats = smem_floats(cfg, attn_chunk)
         scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
         self.smem_bytes = 4 * (self._smem_floats + scratch + self.placement.own_rows + 16)
         self.bytes_per_token = float(streamed_weight_bytes(cfg))
@@ -316,7 +323,9 @@ class MonokernelBackend:
         self.attn_out = cp.empty(cfg.q_dim, u64)
         self.act = cp.empty(cfg.intermediate_size, u64)
         self.logits_buf = cp.empty(cfg.vocab_size, f32)
-        self.attn_partial = cp.empty(KV * pl.attn_chunks_alloc * G * (hd + 2), f32)
+        # fp32 (ticket combine) or 8-byte tagged words (KOG_ATTN_POLL): room for the latter;
+        # the NaN fill (0x7FC00000 in both halves) is tag 0x7FC00000, never a real version
+        self.attn_partial = cp.empty(2 * KV * pl.attn_chunks_alloc * G * (hd + 2), f32)
         self.lm_part_val = cp.empty(self.n_blocks, f32)
         self.lm_part_idx = cp.empty(self.n_blocks, cp.int32)
         n_cnt = abi.counter_layout(L, KV)["KOG_N_COUNTERS"]
@@ -349,7 +358,8 @@ class MonokernelBackend:
             "sharedMemPerBlockOptin", self.smem_bytes))
         if self.smem_bytes > limit:
             raise DeviceError(f"monokernel needs {self.smem_bytes} B of shared memory per block, "
-                              f"this GPU allows {limit}; use fewer KOG_STREAM_SLOTS / smaller tiles")
+                              f"this GPU allows {limit}; use fewer KOG_STREAM_SLOTS / smaller tiles / "
+                              f"KOG_ATTN_CHUNK=128")
         mod = kernels.load_module(kernels.monokernel_source(), defines, cooperative=True)
         fn = kernels.get_function(mod, "kog_monokernel")
         if self.smem_bytes > 48 * 1024:

@@ -15,7 +15,8 @@ import numpy as np
 from .abi import PARTITION_COLUMNS
 from .config import ModelConfig
 
-ATTN_CHUNK = 128          # KV positions per attention unit at most (shared-memory K/V, scores)
+ATTN_CHUNK = 256          # KV positions per attention unit at most (shared-memory K/V, scores)
+ATTN_CHUNK_HD256 = 128    # ... when head_dim > 128 (K/V staging must fit in shared memory)
 ATTN_MIN_CHUNK = 64       # ... and at least (rounded up to a multiple of this)
 ATTN_MAX_CHUNKS = 64      # chunks per kv head from the split rule (long contexts add more)
 
@@ -26,11 +27,17 @@ def split_even(n_units: int, n_blocks: int) -> np.ndarray:
     return np.stack([b[:-1], b[1:]], axis=1).astype(np.int32)
 
 
-def attention_chunk_len(n_pos: int, max_chunks: int) -> int:
+def attn_chunk_cap(cfg: ModelConfig) -> int:
+    """Default cap on positions per attention unit (kernel KOG_ATTN_CHUNK): 256 keeps long
+    contexts at one unit per block (Llama-3.2-1B at position 4,000: 128 units, not 256)."""
+    return ATTN_CHUNK if cfg.head_dim <= 128 else ATTN_CHUNK_HD256
+
+
+def attention_chunk_len(n_pos: int, max_chunks: int, max_chunk: int = ATTN_CHUNK) -> int:
     """Positions per attention chunk for n_pos attended positions (kernel: kog_attn_chunk_len)."""
     length = -(-n_pos // max_chunks)
     length = -(-length // ATTN_MIN_CHUNK) * ATTN_MIN_CHUNK
-    return min(length, ATTN_CHUNK)
+    return min(length, max_chunk)
 
 
 @dataclass(frozen=True)
@@ -47,10 +54,11 @@ class Placement:
 
 
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
-          world_size: int = 1, min_chunk: int = ATTN_MIN_CHUNK, dyn_permille: int = 0
-          ) -> Placement:
+          world_size: int = 1, min_chunk: int = ATTN_MIN_CHUNK, dyn_permille: int = 0,
+          max_chunk: int | None = None) -> Placement:
     if world_size != 1 or rank != 0:
         raise NotImplementedError("tensor parallelism: one GPU per generation for now")
+    max_chunk = max_chunk or attn_chunk_cap(cfg)
     stages = {
         "qkv": cfg.qkv_dim,                  # rows of wqkv
         "o": cfg.hidden_size,                # rows of wo
@@ -71,7 +79,7 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
         producers["lm"] = n_blocks                  # every block takes part in the dynamic tail
     max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))
     n = np.arange(1, context_length + 1)
-    length = np.minimum(-(-(-(-n // max_chunks)) // min_chunk) * min_chunk, ATTN_CHUNK)
+    length = np.minimum(-(-(-(-n // max_chunks)) // min_chunk) * min_chunk, max_chunk)
     chunks = -(-n // length)                                    # (C,) chunks at n_pos = n
     alloc = int(np.max(chunks))
     arrivals = np.where(chunks > 1, chunks, 0)                  # one-chunk units take no ticket
