@@ -10,7 +10,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from .errors import ModelLoadError, UnsupportedModelError
+import numpy as np
+
+from .errors import InputError, ModelLoadError, UnsupportedModelError
 
 # HF `model_type` -> kogcupy family. The families differ only in qkv bias and qk-norm.
 SUPPORTED_ARCHS = {
@@ -81,6 +83,16 @@ class ModelConfig:
     @property
     def gqa_group(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    def check_token_ids(self, token_ids, what: str = "token_ids") -> None:
+        """InputError unless `token_ids` is a non-empty 1-D list of ids inside the vocabulary."""
+        if len(token_ids) == 0:
+            raise InputError(f"{what} is empty: nothing to run")
+        ids = np.asarray(token_ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"{what} must be a list of integer token ids")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise InputError(f"{what} has token ids outside [0, {self.vocab_size})")
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}

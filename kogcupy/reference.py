@@ -295,18 +295,9 @@ class ReferenceBackend:
         self.bytes_per_token = weight_bytes_per_token(self.rm.w)
         self._active: ReferenceTokenStream | None = None
 
-    def _check_ids(self, token_ids, what: str):
-        if len(token_ids) == 0:
-            raise InputError(f"{what} is empty: nothing to run")
-        ids = np.asarray(token_ids)
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(f"{what} must be a list of integer token ids")
-        if ids.min() < 0 or ids.max() >= self.cfg.vocab_size:
-            raise InputError(f"{what} has token ids outside [0, {self.cfg.vocab_size})")
-
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """[n, V] float32 logits of a full prompt forward (a fresh KV cache)."""
-        self._check_ids(token_ids, "token_ids")
+        self.cfg.check_token_ids(token_ids, "token_ids")
         if len(token_ids) > self.context_length:
             raise InputError(f"{len(token_ids)} tokens exceed the context length "
                              f"{self.context_length}")
@@ -316,7 +307,7 @@ class ReferenceBackend:
 
     def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
               eos_ids: set[int]) -> ReferenceTokenStream:
-        self._check_ids(prompt_ids, "prompt")
+        self.cfg.check_token_ids(prompt_ids, "prompt")
         if len(prompt_ids) > self.context_length - 1:
             raise InputError(f"prompt of {len(prompt_ids)} tokens does not fit the context "
                              f"length {self.context_length} (at most {self.context_length - 1} "

@@ -98,61 +98,12 @@ def _free_gpu():
 # Stream-read bandwidth
 # --------------------------------------------------------------------------------------------
 
-_STREAM_READ_SRC = r"""
-extern "C" __global__ void stream_read(const uint4* __restrict__ p, unsigned long long n,
-                                       unsigned int* out) {
-    // 16-byte non-temporal loads, four in flight per thread; the xor keeps them alive.
-    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    unsigned int acc = 0;
-    for (; i + 3 * stride < n; i += 4 * stride) {
-        uint4 v[4];
-        #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                         : "=r"(v[k].x), "=r"(v[k].y), "=r"(v[k].z), "=r"(v[k].w)
-                         : "l"(p + i + k * stride));
-        }
-        #pragma unroll
-        for (int k = 0; k < 4; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
-    }
-    for (; i < n; i += stride) {
-        uint4 v = p[i];
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-    }
-    if (acc == 0x9e3779b9u) out[0] = acc;
-}
-"""
-
-
 def stream_read_cupy(nbytes: int, repeats: int) -> dict:
-    """Best-of-`repeats` read bandwidth of a CuPy kernel over an `nbytes` buffer (not zeros)."""
-    import cupy as cp
-    n_words = nbytes // 4
-    buf = cp.arange(n_words, dtype=cp.uint32)
-    buf *= cp.uint32(2654435761)                     # hashed, non-zero, not cache-friendly
-    out = cp.zeros(1, dtype=cp.uint32)
-    kern = cp.RawKernel(_STREAM_READ_SRC, "stream_read")
-    n_vec = n_words // 4
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    best, per_cfg = 0.0, {}
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    for blocks_per_sm, threads in ((2, 1024), (4, 512), (8, 256), (16, 256)):
-        grid = (sms * blocks_per_sm,)
-        kern(grid, (threads,), (buf, cp.uint64(n_vec), out))     # warm-up / compile
-        times = []
-        for _ in range(repeats):
-            start.record()
-            kern(grid, (threads,), (buf, cp.uint64(n_vec), out))
-            stop.record()
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
-        bw = n_vec * 16 / min(times) / 1e12
-        per_cfg[f"{blocks_per_sm}x{threads}"] = round(bw, 4)
-        best = max(best, bw)
-    del buf, out
-    cp.get_default_memory_pool().free_all_blocks()
-    return {"TBps": best, "per_launch_config": per_cfg, "bytes": n_vec * 16}
+    """kogcupy's own stream-read measurement (16-byte non-temporal loads, best launch shape)."""
+    from kogcupy.monokernel import stream_read_bandwidth
+    res = stream_read_bandwidth(nbytes, repeats)
+    return {"TBps": res["Bps"] / 1e12, "per_launch_config": res["per_launch_config"],
+            "bytes": res["bytes"]}
 
 
 def stream_read_torch(nbytes: int, repeats: int, device) -> dict:
