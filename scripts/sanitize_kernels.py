@@ -18,9 +18,10 @@ cfg = ModelConfig(arch="qwen3", vocab_size=512, hidden_size=128, intermediate_si
 w = random_packed_weights(cfg, seed=0, rope_positions=256)
 m = SimpleNamespace(config=cfg, weights=w, dtype="bfloat16", tokenizer=None, path="random")
 blocks = int(sys.argv[1]) if len(sys.argv) > 1 else 16
-be = MonokernelBackend(m, context_length=128, blocks=blocks, debug_positions=4)
-a = list(be.start([1, 2, 3], SamplingParams(), 40, set()))
+be = MonokernelBackend(m, context_length=256, blocks=blocks, debug_positions=4)
+# 200 positions: past one attention chunk, so the split attention and its combine run too
+a = list(be.start([1, 2, 3], SamplingParams(), 197, set()))
 b = list(be.start([4, 5], SamplingParams(temperature=0.9, top_k=10, top_p=0.9, min_p=0.01,
                                          repetition_penalty=1.1, seed=3), 8, set()))
 lg = be.logits([1, 2, 3, 4, 5, 6])
-print("greedy", a[:10], "sampled", b, "logits finite", bool((lg == lg).all()))
+print("greedy", len(a), a[:10], "sampled", b, "logits finite", bool((lg == lg).all()))
