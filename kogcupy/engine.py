@@ -56,6 +56,9 @@ def make_backend(model, backend: str = "auto", context_length: int = 4096, gpus:
                              f"multi-GPU needs the monokernel backend")
         from .reference import ReferenceBackend
         return ReferenceBackend(model, context_length=context_length, **backend_kw)
+    if gpus != 1:
+        raise InputError(f"gpus={gpus}: tensor-parallel decoding over several GPUs is not built "
+                         f"yet; run on one GPU (--gpus 1)")
     ok, why = gpu_info()
     if not ok:
         raise DeviceError(f"backend 'monokernel' needs a CUDA/ROCm GPU through CuPy, but {why}; "
@@ -64,7 +67,7 @@ def make_backend(model, backend: str = "auto", context_length: int = 4096, gpus:
         from .monokernel import MonokernelBackend
     except ImportError as e:
         raise DeviceError(f"backend 'monokernel' is unavailable ({e})") from None
-    return MonokernelBackend(model, context_length=context_length, gpus=gpus, **backend_kw)
+    return MonokernelBackend(model, context_length=context_length, **backend_kw)
 
 
 # ------------------------------------------------------------------------------- results

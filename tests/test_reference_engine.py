@@ -166,6 +166,8 @@ def test_backend_choice(tiny_models, monkeypatch):
         Engine(tiny_models["llama"], backend="reference", gpus=2)
     monkeypatch.setattr(E, "gpu_info", lambda: (True, "1 GPU(s)"))
     assert resolve_backend("auto") == "monokernel"
+    with pytest.raises(InputError, match="not built yet"):    # never silently one GPU
+        Engine(tiny_models["llama"], backend="monokernel", gpus=2)
 
 
 def test_sampled_generation_reproducible(engine):
