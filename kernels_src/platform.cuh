@@ -334,6 +334,25 @@ KOG_DEVICE kog_u32 kog_ld_relaxed_system(const kog_u32* p) {
 #endif
 }
 
+// Two tagged words (p 16-byte aligned) written to / read from ANOTHER GPU's memory (KCCL's
+// LL protocol, kccl.cuh): system scope, each 8-byte word single-copy atomic.
+KOG_DEVICE void kog_st_tagged2_system(kog_u64* p, kog_u64 a, kog_u64 b) {
+#if defined(KOG_HIP)
+    __hip_atomic_store(p, a, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+    __hip_atomic_store(p + 1, b, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+    asm volatile("st.relaxed.sys.global.v2.u64 [%0], {%1,%2};" :: "l"(p), "l"(a), "l"(b) : "memory");
+#endif
+}
+KOG_DEVICE void kog_ld_tagged2_system(const kog_u64* p, kog_u64& a, kog_u64& b) {
+#if defined(KOG_HIP)
+    a = __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+    b = __hip_atomic_load(p + 1, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+    asm volatile("ld.relaxed.sys.global.v2.u64 {%0,%1}, [%2];" : "=l"(a), "=l"(b) : "l"(p) : "memory");
+#endif
+}
+
 // Between polls of tagged data by many threads: keeps the polling traffic from competing with
 // the weight stream (KOG_POLL_NS = 0: spin).
 #ifndef KOG_POLL_NS

@@ -46,6 +46,7 @@ def _sources(tmp_path):
         d = kernels.model_defines(cfg, dtype, 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS))
         out[key] = (kernels.monokernel_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
+    out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel
     return out
 
 
@@ -63,7 +64,7 @@ def test_inlined_source_is_self_contained():
         assert f" {name};" in src
 
 
-@pytest.mark.parametrize("key", list(CONFIGS) + ["stream_read"])
+@pytest.mark.parametrize("key", list(CONFIGS) + ["stream_read", "kccl_test"])
 def test_nvcc_sm90(tmp_path, key):
     nvcc = _compiler("nvcc")
     src, opts = _sources(tmp_path)[key]
@@ -82,7 +83,7 @@ def test_nvcc_abi_probe(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["llama-3.2-1b", "qwen2-bias-gqa7", "smollm2-135m-fp16",
-                                 "stream_read"])
+                                 "stream_read", "kccl_test"])
 def test_hipcc_gfx90a(tmp_path, key):
     hipcc = _compiler("hipcc")
     src, opts = _sources(tmp_path)[key]
