@@ -134,8 +134,11 @@ def _nccl_worker(rank, n, port, sizes, dtypes, iters, reps, graph, out_path):
             save()
             break
         save()
-    dist.barrier()
-    dist.destroy_process_group()
+    # No teardown: on nvidia-h200-x2 (2026-11-22) the workers never returned from the final
+    # barrier/destroy after the graph replays (all rows were saved). Rank 0 has written
+    # everything; leave at once so the parent need not kill anyone.
+    torch.cuda.synchronize()
+    os._exit(0)
 
 
 def bench_nccl(n_gpus, sizes, dtypes, iters, reps, graph, limit_s):
