@@ -94,6 +94,17 @@ class ModelConfig:
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise InputError(f"{what} has token ids outside [0, {self.vocab_size})")
 
+    def check_request(self, prompt_ids, context_length: int, max_new_tokens: int = 1) -> None:
+        """InputError unless a generation request fits: valid prompt ids, at most
+        context_length - 1 of them (one position is left to generate), max_new_tokens >= 1."""
+        self.check_token_ids(prompt_ids, "prompt")
+        if len(prompt_ids) > context_length - 1:
+            raise InputError(f"prompt of {len(prompt_ids)} tokens does not fit the context "
+                             f"length {context_length} (at most {context_length - 1} "
+                             f"prompt tokens); shorten it or raise --context-length")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
         d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None

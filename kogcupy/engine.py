@@ -285,15 +285,7 @@ class Engine:
         else:
             raise InputError(f"prompt must be a str or a list of token ids, "
                              f"got {type(prompt).__name__}")
-        if not ids:
-            raise InputError("the prompt is empty: nothing to generate from")
-        vocab = self.model.config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise InputError(f"prompt has token ids outside [0, {vocab})")
-        if len(ids) > self.context_length - 1:
-            raise InputError(f"prompt is {len(ids)} tokens but the context length is "
-                             f"{self.context_length} (at most {self.context_length - 1} prompt "
-                             f"tokens); shorten the prompt or raise the context length")
+        self.model.config.check_request(ids, self.context_length)
         return ids
 
     def logits(self, ids) -> "np.ndarray":  # noqa: F821

@@ -391,7 +391,7 @@ class MonokernelBackend:
             self._active.cancel()
         self._wait_idle()
         self._active = None
-        cfg, pl = self.cfg, self.placement
+        pl = self.placement
         n = len(ids)
         with self._stream:
             self.counters.fill(0)
@@ -476,13 +476,7 @@ class MonokernelBackend:
 
     def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
               eos_ids: set[int]) -> MonokernelTokenStream:
-        self.cfg.check_token_ids(prompt_ids, "prompt")
-        if len(prompt_ids) > self.context_length - 1:
-            raise InputError(f"prompt of {len(prompt_ids)} tokens does not fit the context "
-                             f"length {self.context_length} (at most {self.context_length - 1} "
-                             f"prompt tokens); shorten it or raise --context-length")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        self.cfg.check_request(prompt_ids, self.context_length, max_new_tokens)
         t0 = self._launch(list(prompt_ids), params, max_new_tokens, eos_ids, all_logits=False)
         stream = MonokernelTokenStream(self, len(prompt_ids), t0)
         self._active = stream

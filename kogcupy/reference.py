@@ -307,13 +307,7 @@ class ReferenceBackend:
 
     def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
               eos_ids: set[int]) -> ReferenceTokenStream:
-        self.cfg.check_token_ids(prompt_ids, "prompt")
-        if len(prompt_ids) > self.context_length - 1:
-            raise InputError(f"prompt of {len(prompt_ids)} tokens does not fit the context "
-                             f"length {self.context_length} (at most {self.context_length - 1} "
-                             f"prompt tokens); shorten it or raise --context-length")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        self.cfg.check_request(prompt_ids, self.context_length, max_new_tokens)
         stream = ReferenceTokenStream(self, prompt_ids, params, max_new_tokens, eos_ids,
                                       self.batch_prefill)
         self._active = stream
