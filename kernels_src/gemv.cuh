@@ -528,6 +528,39 @@ KOG_DEVICE KogDynamic kog_dynamic(const KogCtx& c, int counter, int index, int b
 }
 
 // ============================================================================================
+// Tensor parallel (KOG_TP ranks, kccl.cuh): o_proj and down give each rank a PARTIAL of every
+// row of x (its heads' / its FFN columns' share). The warp finishing row i stores its partial
+// into xpart[slot][rank][i] of every rank; the block owning row i (the same block index on
+// every rank: the hidden rows are split identically) waits for all ranks' partials of its
+// rows, adds them in rank order to the old value of the row, and publishes x[i] locally.
+// Slots: 0 o_proj, 1 down (one slot per stage keeps a partial of the next stage from
+// overwriting a word a slower rank has not read yet: SYNC.md).
+// ============================================================================================
+#if KOG_TP > 1
+KOG_DEVICE void kog_tp_put_partial(const KogCtx& c, int slot, int row, float v, kog_u32 tag) {
+    kccl_put_tagged(c.p->tp_peers + KOG_PEER_XPART * KCCL_MAX_RANKS, KOG_TP,
+                    ((kog_u64)slot * KOG_TP + c.p->tp_rank) * KOG_HIDDEN + row, v, tag);
+}
+
+// Rows [r0, r1) of x <- old (x_own, or the embedding row at layer 0) + sum of the partials.
+KOG_DEVICE void kog_tp_reduce_rows(const KogCtx& c, int slot, int r0, int r1, kog_u32 tag,
+                                   const kog_u16* emb, float* dbg) {
+    const KogParams* p = c.p;
+    const kog_u64* part = p->xpart + (kog_u64)slot * KOG_TP * KOG_HIDDEN;
+    bool late = false;
+    for (int i = threadIdx.x; i < r1 - r0; i += blockDim.x) {
+        const int row = r0 + i;
+        const float s = kccl_sum_tagged(part + row, KOG_HIDDEN, KOG_TP, tag, late);
+        const float v = (emb != nullptr ? kog_w_to_f32(emb[row]) : c.x_own[i]) + s;
+        c.x_own[i] = v;
+        kog_st_tagged(p->x + row, v, tag);
+        if (dbg != nullptr) dbg[row] = v;
+    }
+    if (late) kog_trap();                  // a peer stopped: fail the launch, never hang
+}
+#endif
+
+// ============================================================================================
 // Stage o_proj_residual: x[rows] += wo @ attn_out (o_proj and down_residual rows of x have the
 // same owner: both split the hidden rows evenly, placement.py)
 // ============================================================================================
@@ -551,6 +584,15 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_O);
     const kog_u16* emb = layer == 0 ? p->embed + (kog_u64)kog_ld_cg_int(p->tokens + c.t) * KOG_HIDDEN
                                     : nullptr;
+#if KOG_TP > 1
+    // tensor parallel: this rank's heads give a partial of every row; all-reduce, then add
+    auto epi = [&](int row, float (&acc)[1], float) {
+        if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 0, row, acc[0], x_out);
+    };
+    kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c, ready, epi);
+    kog_tp_reduce_rows(c, 0, r0, r1, x_out, emb,
+                       dbg != nullptr ? dbg + KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER : nullptr);
+#else
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
             const float old = emb != nullptr ? kog_w_to_f32(emb[row]) : c.x_own[row - r0];
@@ -561,6 +603,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
         }
     };
     kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c, ready, epi);
+#endif
     kog_prof(c, layer * 16 + 6 + 2);
 }
 
@@ -620,6 +663,14 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
         return s;
     };
     const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_DOWN);
+#if KOG_TP > 1
+    auto epi = [&](int row, float (&acc)[1], float) {
+        if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 1, row, acc[0], x_out);
+    };
+    kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c, ready, epi);
+    kog_tp_reduce_rows(c, 1, r0, r1, x_out, nullptr,
+                       dbg != nullptr ? dbg + KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER : nullptr);
+#else
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {             // rows owned since o_proj (x_own)
             const float v = c.x_own[row - r0] + acc[0];
@@ -629,6 +680,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
         }
     };
     kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c, ready, epi);
+#endif
     kog_prof(c, layer * 16 + 12 + 2);
 }
 
@@ -640,8 +692,18 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     kog_prof(c, KOG_N_LAYERS * 16 + 0);
     const KogParams* p = c.p;
     const int r0 = c.part[8], r1 = c.part[9];
-    float* logits = p->logits + (p->all_logits ? (kog_u64)lm_index * KOG_VOCAB : 0ull);
+    const kog_u64 lm_off = p->all_logits ? (kog_u64)lm_index * KOG_VOCAB : 0ull;
+    float* logits = p->logits + lm_off;
     float* dbg = kog_debug_row(c);
+#if KOG_TP > 1
+    // Rows are this rank's slice of the vocabulary, numbered globally (the host offsets
+    // lm_head). The sampler of every rank needs the whole logits vector unless it is greedy
+    // without a penalty; rank 0's block 0 carries the host's cancel flag to every rank, so
+    // that all ranks stop at the same step.
+    const bool gather = p->tp_gather_logits != 0;
+    const kog_u32 cancel = (p->tp_rank == 0 && blockIdx.x == 0 && threadIdx.x == 0 &&
+                            !p->all_logits) ? kog_ld_relaxed_system(p->host_ctl + 2) : 0u;
+#endif
     float best_v = KOG_NEG_INF;
     int best_i = KOG_INT_MAX;
     constexpr bool DYN = KOG_DYN_PERMILLE > 0;
@@ -658,6 +720,12 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
         if (threadIdx.x % KOG_WARP == 0) {
             logits[row] = v;
             if (dbg != nullptr) dbg[KOG_DBG_LOGITS + row] = v;
+#if KOG_TP > 1
+            if (gather)
+                for (int q = 0; q < KOG_TP; ++q)
+                    if (q != p->tp_rank)
+                        reinterpret_cast<float*>(p->tp_peers[KOG_PEER_LOGITS * KCCL_MAX_RANKS + q])[lm_off + row] = v;
+#endif
         }
     };
     kog_gemv<KOG_HIDDEN, 1, DYN>(p->lm_head, r0, r1, c.smem, c, ready, epi,
@@ -667,9 +735,26 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     if (!DYN && r0 >= r1) return;
     float bv;
     const int bi = kog_block_argmax(best_v, best_i, c.scratch, bv);
+#if KOG_TP > 1
+    // all-gather of the per-block argmax (entry rank * B + block on every rank), then a release
+    // add to every rank's LM counter: the sampler of each rank sees all ranks' logits
+    if (threadIdx.x < KOG_TP) {
+        const int q = threadIdx.x;
+        const kog_u64 e = (kog_u64)p->tp_rank * gridDim.x + blockIdx.x;
+        reinterpret_cast<int*>(p->tp_peers[KOG_PEER_LM_PART_IDX * KCCL_MAX_RANKS + q])[e] = bi;
+        reinterpret_cast<float*>(p->tp_peers[KOG_PEER_LM_PART_VAL * KCCL_MAX_RANKS + q])[e] = bv;
+    }
+    if (cancel != 0u)
+        for (int q = 0; q < KOG_TP; ++q)
+            kog_st_relaxed_system(reinterpret_cast<kog_u32*>(p->tp_peers[KOG_PEER_COUNTERS * KCCL_MAX_RANKS + q]) + KOG_CNT_CANCEL, 1u);
+    __syncthreads();
+    if (threadIdx.x < KOG_TP)
+        kog_red_release_system(reinterpret_cast<kog_u32*>(p->tp_peers[KOG_PEER_COUNTERS * KCCL_MAX_RANKS + threadIdx.x]) + KOG_CNT_LM, 1u);
+#else
     if (threadIdx.x == 0) {
         p->lm_part_idx[blockIdx.x] = bi;
         p->lm_part_val[blockIdx.x] = bv;
     }
     kog_signal_counter(kog_counter(c, KOG_CNT_LM));
+#endif
 }

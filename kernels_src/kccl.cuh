@@ -299,3 +299,47 @@ KOG_DEVICE bool kccl_all_reduce_ll(const KcclComm& c, kog_u32 epoch, int n_chunk
     }
     return !__syncthreads_or(late);      // also the barrier between these reads and the next writes
 }
+
+// ============================================================================================
+// Element-wise tagged collectives of the tensor-parallel monokernel (KOG_TP > 1). Its vectors
+// carry their readiness in every 8-byte word (value | tag << 32, sync.cuh); across GPUs the
+// same words simply go to EVERY rank's copy of a buffer, stored single-copy atomic at system
+// scope -- the LL protocol above with the monokernel's version tag as the epoch:
+//   all-reduce of element i: rank q stores its partial into part[q * stride + i] on every
+//     rank; whoever needs the sum on a rank waits until part[0..n)[i] carry the tag and adds
+//     them in rank order 0..n-1 (bit-identical on every rank);
+//   all-gather: the same store into every rank's copy, read in place by the consumer.
+// `bases` is one row of a peer table: bases[q] is rank q's buffer, as a pointer valid here.
+// No flag, no fence: a reader knows from each word whether it is the version it waits for.
+// Write-after-read: the caller guarantees (by its own data dependencies) that a word is not
+// overwritten with a newer tag before every reader has read it (monokernel: SYNC.md).
+// ============================================================================================
+KOG_DEVICE void kccl_put_tagged(const kog_u64* bases, int n_ranks, kog_u64 index, float v,
+                                kog_u32 tag) {
+    for (int q = 0; q < n_ranks; ++q)
+        kog_st_tagged_system(reinterpret_cast<kog_u64*>(bases[q]) + index, v, tag);
+}
+
+// Spin until *p (written by any rank) carries `tag`; its value. Sets `late` instead of
+// hanging when the wait exceeds KCCL_TIMEOUT_NS (a peer never ran).
+KOG_DEVICE float kccl_wait_tagged(const kog_u64* p, kog_u32 tag, bool& late) {
+    kog_u64 w = kog_ld_tagged_system(p);
+    if (kog_tag_of(w) == tag) return kog_value_of(w);
+    const kog_u64 t0 = kog_globaltimer();
+    for (unsigned spins = 1;; ++spins) {
+        w = kog_ld_tagged_system(p);
+        if (kog_tag_of(w) == tag) return kog_value_of(w);
+        if ((spins & 1023u) == 0u && kog_globaltimer() - t0 > KCCL_TIMEOUT_NS) {
+            late = true;
+            return 0.f;
+        }
+    }
+}
+
+// sum over q in rank order of part[q * stride] (this rank's buffer, written by every rank).
+KOG_DEVICE float kccl_sum_tagged(const kog_u64* part, kog_u64 stride, int n_ranks, kog_u32 tag,
+                                 bool& late) {
+    float s = 0.f;
+    for (int q = 0; q < n_ranks && !late; ++q) s += kccl_wait_tagged(part + q * stride, tag, late);
+    return s;
+}

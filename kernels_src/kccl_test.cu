@@ -44,8 +44,38 @@ struct KcclTestSrc {
     }
 };
 
+// Op 5: element i of the vector goes to slot (e & 1, me) of every rank as one tagged word;
+// block b then sums its slice of elements over the ranks, in rank order.
+template <class T, class Src>
+KOG_DEVICE bool kccl_test_tagged_reduce(const KcclComm& c, kog_u32 epoch, int n_elems, Src src,
+                                        float* out, int block, int n_blocks) {
+    const int par = epoch & 1;
+    int e0, e1;
+    kccl_slice(n_elems / T::PER_CHUNK, block, n_blocks, e0, e1);
+    e0 *= T::PER_CHUNK;
+    e1 *= T::PER_CHUNK;
+    kog_u64 bases[KCCL_MAX_RANKS];
+    for (int p = 0; p < c.n_ranks; ++p)
+        bases[p] = reinterpret_cast<kog_u64>(kccl_slot(c, p, par, 0));
+    const kog_u64 stride = c.slot_bytes / 8;            // words per (parity, source) slot
+    for (int i = e0 + threadIdx.x; i < e1; i += blockDim.x) {
+        const kog_vec4 v = src(i / T::PER_CHUNK);
+        float vals[T::PER_CHUNK];
+#pragma unroll
+        for (int k = 0; k < T::PER_CHUNK; ++k) vals[k] = 0.f;
+        T::add(vals, v);
+        kccl_put_tagged(bases, c.n_ranks, c.rank * stride + i, vals[i % T::PER_CHUNK], epoch);
+    }
+    bool late = false;
+    const kog_u64* mine = reinterpret_cast<const kog_u64*>(kccl_slot(c, c.rank, par, 0));
+    for (int i = e0 + threadIdx.x; i < e1 && !late; i += blockDim.x)
+        out[i] = kccl_sum_tagged(mine + i, stride, c.n_ranks, epoch, late);
+    return !__syncthreads_or(late);
+}
+
 // op: 0 all-reduce simple, 1 all-reduce fast, 2 all-gather simple, 3 all-gather fast,
-// 4 all-reduce LL (slot_bytes >= 2x the payload).
+// 4 all-reduce LL (slot_bytes >= 2x the payload), 5 element-wise tagged all-reduce (the
+// tensor-parallel monokernel's: kccl_put_tagged + kccl_sum_tagged; slot_bytes >= 2x payload).
 // The simple ops run in block 0 alone (launch them with one block).
 // out: all-reduce [out_steps][n_elems] fp32; all-gather [out_steps][n_ranks][n_elems] of T.
 // times[0], times[1]: %globaltimer (ns) of block 0 after step warm_steps - 1 and after the
@@ -72,6 +102,9 @@ KOG_DEVICE void kccl_test_body(const kog_u64* table, int rank, int n_ranks, kog_
         } else if (op == 4) {
             ok = kccl_all_reduce_ll<T>(comm, epoch, n_chunks, src, (float*)out + row * n_elems,
                                        blockIdx.x, gridDim.x);
+        } else if (op == 5) {
+            ok = kccl_test_tagged_reduce<T>(comm, epoch, n_elems, src, (float*)out + row * n_elems,
+                                            blockIdx.x, gridDim.x);
         } else if (op == 2) {
             ok = kccl_all_gather_simple(comm, epoch, n_chunks, src,
                                         (kog_vec4*)out + row * n_ranks * n_chunks);

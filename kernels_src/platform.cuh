@@ -353,6 +353,49 @@ KOG_DEVICE void kog_ld_tagged2_system(const kog_u64* p, kog_u64& a, kog_u64& b) 
 #endif
 }
 
+// Ends the whole launch with an error (the host sees a failed kernel instead of a hang).
+KOG_DEVICE void kog_trap() {
+#if defined(KOG_HIP)
+    abort();
+#else
+    __trap();
+#endif
+}
+// One tagged word (fp32 value | tag << 32) stored into / read from memory another GPU also
+// writes or reads (tensor-parallel partial sums, kccl.cuh): system scope, single-copy atomic.
+KOG_DEVICE void kog_st_tagged_system(kog_u64* p, float v, kog_u32 tag) {
+    const kog_u64 w = ((kog_u64)tag << 32) | (kog_u64)__float_as_uint(v);
+#if defined(KOG_HIP)
+    __hip_atomic_store(p, w, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" :: "l"(p), "l"(w) : "memory");
+#endif
+}
+KOG_DEVICE kog_u64 kog_ld_tagged_system(const kog_u64* p) {
+#if defined(KOG_HIP)
+    return __hip_atomic_load(p, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+    kog_u64 w;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(w) : "l"(p) : "memory");
+    return w;
+#endif
+}
+KOG_DEVICE void kog_st_relaxed_system(kog_u32* p, kog_u32 v) {
+#if defined(KOG_HIP)
+    __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+    asm volatile("st.relaxed.sys.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+#endif
+}
+// Release add to a counter another GPU polls (after a block barrier, as kog_signal_counter).
+KOG_DEVICE void kog_red_release_system(kog_u32* p, kog_u32 v) {
+#if defined(KOG_HIP)
+    __hip_atomic_fetch_add(p, v, __ATOMIC_RELEASE, __HIP_MEMORY_SCOPE_SYSTEM);
+#else
+    asm volatile("red.release.sys.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
+#endif
+}
+
 // Between polls of tagged data by many threads: keeps the polling traffic from competing with
 // the weight stream (KOG_POLL_NS = 0: spin).
 #ifndef KOG_POLL_NS

@@ -223,6 +223,14 @@ KOG_DEVICE int kog_sample_token(const KogCtx& c, int g_index) {
         float bv = KOG_NEG_INF;
         int bi = KOG_INT_MAX;
         if (pen == 1.f) {                      // reduce the LM head's per-block partials
+#if KOG_TP > 1
+            for (int b = tid; b < KOG_TP * (int)gridDim.x; b += bd) {   // every rank's blocks
+                const int i = kog_ld_cg_int(p->lm_part_idx + b);
+                if (i < 0) continue;                                    // no rows (host: -1)
+                const float v = kog_ld_cg(p->lm_part_val + b);
+                if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+            }
+#else
             for (int b = tid; b < (int)gridDim.x; b += bd) {
                 const int* row = p->partition + b * KOG_PARTITION_COLUMNS;
                 if (row[8] >= row[9]) continue;
@@ -230,6 +238,7 @@ KOG_DEVICE int kog_sample_token(const KogCtx& c, int g_index) {
                 const int i = kog_ld_cg_int(p->lm_part_idx + b);
                 if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
             }
+#endif
         } else {
             for (int i = tid; i < KOG_VOCAB; i += bd) {
                 const float v = kog_ld_cg(logits + i);
@@ -283,12 +292,22 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
     kog_u32* slot = reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG + 1);
     kog_prof(c, KOG_N_LAYERS * 16 + 3);
     // The host's cancel flag is read before the wait: a PCIe round trip off the critical path.
+    // Tensor parallel: rank 0's LM head forwarded it to every rank's KOG_CNT_CANCEL.
+#if KOG_TP > 1
+    kog_u32 cancel = 0u;
+#else
     const kog_u32 cancel = (generating && threadIdx.x == 0) ? kog_ld_relaxed_system(p->host_ctl + 2) : 0u;
+#endif
     if (!lm_ran) {                                        // inside the prompt: x is final
         kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN), c.smem,
                                         c.scratch, false);
     } else {
+#if KOG_TP > 1
+        kog_wait_counter_system(kog_counter(c, KOG_CNT_LM), (kog_u32)lm_steps * (kog_u32)p->n_lm_producers);
+        if (generating && threadIdx.x == 0) cancel = kog_ld_relaxed_system(kog_counter(c, KOG_CNT_CANCEL));
+#else
         kog_wait_counter(kog_counter(c, KOG_CNT_LM), (kog_u32)lm_steps * (kog_u32)p->n_lm_producers);
+#endif
     }
     kog_prof(c, KOG_N_LAYERS * 16 + 4);
     int next;

@@ -48,8 +48,11 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     # ---- fp32 buffers ----
     ("logits", "ptr", "float*", "(V,) or (n_prompt, V) when all_logits"),
     ("attn_partial", "ptr", "float*", "(KV, max_chunks, G, hd + 2) per-chunk out, max, sum"),
-    ("lm_part_val", "ptr", "float*", "(B,) per-block max logit"),
-    ("lm_part_idx", "ptr", "int*", "(B,) per-block argmax (lowest index on ties)"),
+    ("lm_part_val", "ptr", "float*", "(TP * B,) per-block max logit (entry rank * B + block)"),
+    ("lm_part_idx", "ptr", "int*", "(TP * B,) per-block argmax (lowest index on ties); -1: none"),
+    # ---- tensor parallel (TP ranks; null / 0 on one GPU) ----
+    ("xpart", "ptr", "kog_u64*", "(2, TP, h) tagged partials of the o_proj / down rows, every rank's"),
+    ("tp_peers", "ptr", "const kog_u64*", "(len(TP_PEER_FIELDS), 8) rank q's buffers, valid here"),
     # ---- sync ----
     ("counters", "ptr", "kog_u32*", "(n_counters,) see monokernel.cu counter map; host zeroes"),
     ("attn_ticket_base", "ptr", "const int*", "(C,) ticket arrivals of positions before t"),
@@ -74,7 +77,9 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("repetition_penalty", "f32", None, "1 -> off"),
     ("seed_lo", "u32", None, "Philox key[0]"),
     ("seed_hi", "u32", None, "Philox key[1]"),
-    ("n_lm_producers", "i32", None, "blocks owning lm_head rows"),
+    ("n_lm_producers", "i32", None, "blocks owning lm_head rows (all ranks together)"),
+    ("tp_rank", "i32", None, "this GPU's tensor-parallel rank (0 on one GPU)"),
+    ("tp_gather_logits", "i32", None, "1: the LM head also writes its logits on every rank"),
     ("attn_max_chunks", "i32", None, "KV-position chunks per kv head at most (chunk rule)"),
     ("attn_chunks_alloc", "i32", None, "chunks per kv head attn_partial holds"),
     ("gate_up_dyn_begin", "i32", None, "gate/up units >= this are handed out dynamically"),
@@ -141,13 +146,24 @@ def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
     KOG_CNT_LM: LM-head block completions; KOG_CNT_STOP: 1 once the generation ends;
     KOG_CNT_TICKET + layer * KV + g: attention chunk arrivals of kv head g (monotone);
     KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache;
-    KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors.
+    KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors;
+    KOG_CNT_CANCEL: tensor parallel, 1 once rank 0 forwarded the host's cancel flag.
     """
     n = n_layers * n_kv_heads
     d = {"KOG_CNT_TOK": 0, "KOG_CNT_LM": 1, "KOG_CNT_STOP": 2, "KOG_CNT_TICKET": 3,
-         "KOG_CNT_KV": 3 + n, "KOG_CNT_DYN": 3 + 2 * n}
-    d["KOG_N_COUNTERS"] = 3 + 2 * n + n_layers + 1
+         "KOG_CNT_KV": 3 + n, "KOG_CNT_DYN": 3 + 2 * n, "KOG_CNT_CANCEL": 3 + 2 * n + n_layers + 1}
+    d["KOG_N_COUNTERS"] = 3 + 2 * n + n_layers + 2
     return d
+
+
+# Rows of the tensor-parallel peer table (KogParams::tp_peers): row f, column q = rank q's
+# buffer of that kind. Emitted as KOG_PEER_<NAME> defines; the stride is KCCL_MAX_RANKS (8).
+TP_PEER_FIELDS = ("xpart", "logits", "lm_part_val", "lm_part_idx", "counters")
+TP_MAX_RANKS = 8
+
+
+def peer_defines() -> dict[str, int]:
+    return {f"KOG_PEER_{name.upper()}": i for i, name in enumerate(TP_PEER_FIELDS)}
 
 
 PARTITION_COLUMNS = ("qkv_begin", "qkv_end", "o_begin", "o_end", "gate_up_begin", "gate_up_end",

@@ -57,8 +57,8 @@ def make_backend(model, backend: str = "auto", context_length: int = 4096, gpus:
         from .reference import ReferenceBackend
         return ReferenceBackend(model, context_length=context_length, **backend_kw)
     if gpus != 1:
-        raise InputError(f"gpus={gpus}: tensor-parallel decoding over several GPUs is not built "
-                         f"yet; run on one GPU (--gpus 1)")
+        from .tensor_parallel import check
+        check(model.config, gpus)                  # before touching any GPU
     ok, why = gpu_info()
     if not ok:
         raise DeviceError(f"backend 'monokernel' needs a CUDA/ROCm GPU through CuPy, but {why}; "
@@ -67,6 +67,9 @@ def make_backend(model, backend: str = "auto", context_length: int = 4096, gpus:
         from .monokernel import MonokernelBackend
     except ImportError as e:
         raise DeviceError(f"backend 'monokernel' is unavailable ({e})") from None
+    if gpus != 1:
+        from .multigpu import TensorParallelBackend
+        return TensorParallelBackend(model, gpus=gpus, context_length=context_length, **backend_kw)
     return MonokernelBackend(model, context_length=context_length, **backend_kw)
 
 

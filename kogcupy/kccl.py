@@ -22,7 +22,7 @@ MAX_BLOCKS = 256         # KCCL_MAX_BLOCKS
 PEER_TABLE_WORDS = 2 * MAX_RANKS
 FLAG_BYTES = MAX_BLOCKS * MAX_RANKS * 4
 OPS = {"all_reduce_simple": 0, "all_reduce": 1, "all_gather_simple": 2, "all_gather": 3,
-       "all_reduce_ll": 4}
+       "all_reduce_ll": 4, "all_reduce_tagged": 5}
 DTYPES = {"float32": 4, "bfloat16": 2}
 _PEER_ALREADY_ENABLED = (704,)   # cudaErrorPeerAccessAlreadyEnabled (hipErrorPeerAccessAlreadyEnabled)
 
@@ -136,6 +136,9 @@ class Comm:
         if n_elems % per_chunk or n_elems * DTYPES[dtype] > self.max_bytes:
             raise DeviceError(f"KCCL payload of {n_elems} {dtype} must be a multiple of 16 bytes "
                               f"and at most {self.max_bytes} bytes")
+        if op == "all_reduce_tagged" and n_elems * 8 > self.slot_bytes:
+            raise DeviceError(f"KCCL tagged all-reduce of {n_elems} elements needs "
+                              f"{n_elems * 8} bytes of slot, have {self.slot_bytes}")
         if op.endswith("simple"):
             n_blocks = 1
         if not 1 <= n_blocks <= MAX_BLOCKS or threads < n:

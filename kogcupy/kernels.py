@@ -99,8 +99,9 @@ if os.environ.get("KOGCUPY_TUNING"):
 
 
 def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_cols: int,
-                  tuning: dict | None = None) -> dict:
-    """-D constants of the monokernel for a model config (see monokernel.cu)."""
+                  tuning: dict | None = None, tp: int = 1) -> dict:
+    """-D constants of the monokernel for a model config (see monokernel.cu). With `tp` > 1
+    ranks, `cfg` is one rank's share (tensor_parallel.local_config)."""
     from .placement import ATTN_MIN_CHUNK, attn_chunk_cap
     d = {
         "KOG_HIDDEN": cfg.hidden_size, "KOG_FFN": cfg.intermediate_size,
@@ -118,6 +119,8 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
     d.update(DEFAULT_TUNING)
     d.update(tuning or {})
     d["KOG_RING_BYTES"] = ring_bytes(d, threads)
+    d["KOG_TP"] = int(tp)
+    d.update(abi.peer_defines())
     d.update(abi.counter_layout(cfg.n_layers, cfg.n_kv_heads))
     d.update(debug_layout(cfg))
     d.pop("KOG_DBG_STRIDE")

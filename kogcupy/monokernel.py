@@ -14,6 +14,7 @@ Buffers (shapes as in abi.FIELDS): weights and KV cache in bf16/fp16, activation
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import abi, kernels
+from . import abi, kernels, tensor_parallel
 from .config import ModelConfig
 from .errors import DeviceError, InputError
 from .packing import bf16_bits, default_rope_positions, rope_tables
@@ -37,6 +38,16 @@ STAGE_DUMPS = ("attn_norm_qkv", "attention", "o_proj_residual", "ffn_norm_gate_u
 
 def _cupy():
     return kernels._cupy()
+
+
+def _on_device(method):
+    """Run a MonokernelBackend method with the backend's GPU current (tensor parallel: one
+    backend per GPU in one process)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kw):
+        with _cupy().cuda.Device(self.device_id):
+            return method(self, *args, **kw)
+    return wrapper
 
 
 def gpu_available() -> bool:
@@ -86,8 +97,30 @@ def smem_floats(cfg: ModelConfig, attn_chunk: int | None = None) -> int:
 class DeviceModel:
     """Weights on the GPU in the kernel's layout (uint16 bits for matrices, fp32 otherwise)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: str, arrays: dict):
+    def __init__(self, cfg: ModelConfig, dtype: str, arrays: dict, tp: tuple[int, int] = (0, 1)):
         self.cfg, self.dtype, self.arrays = cfg, dtype, arrays
+        self.tp = tp                        # (rank, world): arrays hold rank's share of cfg
+        self.local_cfg = tensor_parallel.local_config(cfg, tp[1])
+
+    def shard(self, rank: int, world: int, device: int | None = None) -> "DeviceModel":
+        """Rank `rank` of `world`'s share (tensor_parallel.shard), copied to GPU `device`
+        (default: the current one). This model must hold the whole model."""
+        cp = _cupy()
+        if self.tp != (0, 1):
+            raise DeviceError("shard() needs the whole model, not a shard")
+        tensor_parallel.check(self.cfg, world)
+        src_dev = self.arrays["wqkv"].device.id
+        dst_dev = cp.cuda.Device().id if device is None else int(device)
+        out = {}
+        for name, a in tensor_parallel.shard(self.cfg, self.arrays, rank, world).items():
+            if dst_dev == src_dev:           # replicated arrays stay shared (read-only)
+                out[name] = a
+                continue
+            with cp.cuda.Device(dst_dev):
+                d = cp.empty(a.shape, a.dtype)
+            cp.cuda.runtime.memcpyPeer(d.data.ptr, dst_dev, a.data.ptr, src_dev, a.nbytes)
+            out[name] = d
+        return DeviceModel(self.cfg, self.dtype, out, (rank, world))
 
     @classmethod
     def from_packed(cls, cfg: ModelConfig, weights: dict[str, np.ndarray], dtype: str
@@ -275,12 +308,15 @@ class MonokernelBackend:
         self.model = model
         self.dev = device_model
         cfg = self.cfg = device_model.cfg
+        self.rank, self.world = device_model.tp
+        lcfg = self.lcfg = device_model.local_cfg      # this GPU's share (all of cfg on one GPU)
         self.dtype = device_model.dtype
         rope_positions = int(device_model.arrays["rope_cos"].shape[0])
         self.context_length = int(min(context_length, rope_positions))
         self.watchdog_s = float(watchdog_s)
         self.threads = threads
-        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        self.device_id = cp.cuda.Device().id
+        props = cp.cuda.runtime.getDeviceProperties(self.device_id)
         self.gpu_name = props["name"].decode(errors="replace") if isinstance(
             props["name"], bytes) else str(props["name"])
         self.n_sms = int(props["multiProcessorCount"])
@@ -288,15 +324,16 @@ class MonokernelBackend:
         self.tuning = dict(tuning or {})
         attn_chunk = int(self.tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
             "KOG_ATTN_CHUNK", attn_chunk_cap(cfg))))
-        self.placement = place(cfg, self.n_blocks, self.context_length, max_chunk=attn_chunk,
+        self.placement = place(lcfg, self.n_blocks, self.context_length, rank=self.rank,
+                               world_size=self.world, max_chunk=attn_chunk,
                                min_chunk=int(self.tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
                                dyn_permille=int(self.tuning.get(
                                    "KOG_DYN_PERMILLE", kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"])))
         if (int(self.tuning.get("KOG_ATTN_POLL", kernels.DEFAULT_TUNING["KOG_ATTN_POLL"]))
-                and self.n_blocks < cfg.n_kv_heads):
+                and self.n_blocks < lcfg.n_kv_heads):
             # the unit combining a head's partials must be the last unit of its block
-            raise DeviceError(f"KOG_ATTN_POLL needs at least {cfg.n_kv_heads} blocks (kv heads)")
-        self._smem_floats = smem_floats(cfg, attn_chunk)
+            raise DeviceError(f"KOG_ATTN_POLL needs at least {lcfg.n_kv_heads} blocks (kv heads)")
+        self._smem_floats = smem_floats(lcfg, attn_chunk)
         scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
         self.smem_bytes = 4 * (self._smem_floats + scratch + self.placement.own_rows + 16)
         self.bytes_per_token = float(streamed_weight_bytes(cfg))
@@ -310,7 +347,7 @@ class MonokernelBackend:
     # ---- setup ----------------------------------------------------------------------------
     def _alloc(self):
         cp = _cupy()
-        cfg, C, pl = self.cfg, self.context_length, self.placement
+        cfg, C, pl = self.lcfg, self.context_length, self.placement
         L, KV, hd, G = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.gqa_group
         kv_n = L * KV * C * hd
         _check_memory(2 * kv_n * 2 + cfg.vocab_size * 16, "KV cache")
@@ -326,8 +363,11 @@ class MonokernelBackend:
         # fp32 (ticket combine) or 8-byte tagged words (KOG_ATTN_POLL): room for the latter;
         # the NaN fill (0x7FC00000 in both halves) is tag 0x7FC00000, never a real version
         self.attn_partial = cp.empty(2 * KV * pl.attn_chunks_alloc * G * (hd + 2), f32)
-        self.lm_part_val = cp.empty(self.n_blocks, f32)
-        self.lm_part_idx = cp.empty(self.n_blocks, cp.int32)
+        self.lm_part_val = cp.empty(self.world * self.n_blocks, f32)
+        self.lm_part_idx = cp.empty(self.world * self.n_blocks, cp.int32)
+        # tensor parallel: every rank's partials of the o_proj / down rows, the peer table
+        self.xpart = cp.empty(2 * self.world * cfg.hidden_size, u64) if self.world > 1 else None
+        self.tp_peers = cp.zeros(len(abi.TP_PEER_FIELDS) * abi.TP_MAX_RANKS, cp.uint64)
         n_cnt = abi.counter_layout(L, KV)["KOG_N_COUNTERS"]
         self.counters = cp.zeros(n_cnt, cp.uint32)
         self.partition = cp.asarray(pl.partition)
@@ -348,10 +388,10 @@ class MonokernelBackend:
                         if self.profile_pos is not None else None)
 
     def _compile(self):
-        cfg = self.cfg
-        defines = kernels.model_defines(cfg, self.dtype, self.threads, self._smem_floats,
+        defines = kernels.model_defines(self.lcfg, self.dtype, self.threads, self._smem_floats,
                                         len(abi.PARTITION_COLUMNS),
-                                        {"KOG_OWN_ROWS": self.placement.own_rows, **self.tuning})
+                                        {"KOG_OWN_ROWS": self.placement.own_rows, **self.tuning},
+                                        tp=self.world)
         self.smem_bytes += defines["KOG_RING_BYTES"]
         cp = _cupy()
         limit = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id).get(
@@ -386,11 +426,18 @@ class MonokernelBackend:
 
     def _launch(self, ids: list[int], params: SamplingParams, max_new: int, eos_ids,
                 all_logits: bool, logits_out=None):
-        cp = _cupy()
         if self._active is not None:
             self._active.cancel()
         self._wait_idle()
         self._active = None
+        return self._fire(self._prepare(ids, params, max_new, eos_ids, all_logits, logits_out))
+
+    @_on_device
+    def _prepare(self, ids: list[int], params: SamplingParams, max_new: int, eos_ids,
+                 all_logits: bool, logits_out=None) -> dict:
+        """Reset and poison the buffers of one launch (on this GPU's stream); the parameter
+        block's values. The GPU must be idle."""
+        cp = _cupy()
         pl = self.placement
         n = len(ids)
         with self._stream:
@@ -398,8 +445,10 @@ class MonokernelBackend:
             self.rep_stamp.fill(0)
             for a in (self.logits_buf, self.attn_partial, self.lm_part_val):
                 a.fill(np.nan)                        # poisoned: every read must be written
-            for a in (self.x, self.qkv, self.attn_out, self.act):
-                a.fill(0x7FC00000)                    # NaN with tag 0: no version matches
+            self.lm_part_idx.fill(-1)                 # -1: no LM rows (tensor parallel)
+            for a in (self.x, self.qkv, self.attn_out, self.act, self.xpart):
+                if a is not None:
+                    a.fill(0x7FC00000)                # NaN with tag 0: no version matches
             self.tokens.fill(-1)
             self.tokens[:n] = cp.asarray(np.asarray(ids, dtype=np.int32))
             eos = sorted(int(e) for e in eos_ids)[:64]
@@ -439,7 +488,20 @@ class MonokernelBackend:
             debug_stride=self.debug_stride,
             profile=self.profile.data.ptr if self.profile is not None else 0,
             profile_pos=self.profile_pos if self.profile_pos is not None else -1,
+            xpart=self.xpart.data.ptr if self.xpart is not None else 0,
+            tp_peers=self.tp_peers.data.ptr, tp_rank=self.rank,
+            tp_gather_logits=int(all_logits or params.temperature > 0
+                                 or params.repetition_penalty != 1.0),
         )
+        return vals
+
+    def peer_pointers(self, vals: dict) -> list[int]:
+        """This rank's buffers in abi.TP_PEER_FIELDS order (for every rank's peer table)."""
+        return [int(vals[f]) for f in abi.TP_PEER_FIELDS]
+
+    @_on_device
+    def _fire(self, vals: dict) -> float:
+        """Write the parameter block and launch (asynchronously); perf_counter() at launch."""
         packed = abi.pack(vals)
         with self._stream:
             self.params_dev.set(packed.view(np.uint8), stream=self._stream)
@@ -451,6 +513,7 @@ class MonokernelBackend:
                 raise DeviceError(f"monokernel launch failed: {e}") from None
         return t0
 
+    @_on_device
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """[n, V] float32: every position's logits, teacher-forced in one launch."""
         cp = _cupy()
@@ -483,13 +546,14 @@ class MonokernelBackend:
         return stream
 
     # ---- debug ----------------------------------------------------------------------------
+    @_on_device
     def debug_dump(self) -> dict:
         """{(stage, pos, layer): array} of the last launch (debug_positions > 0), in the
         reference trace's naming."""
         if self.debug is None:
             raise DeviceError("construct MonokernelBackend(debug_positions=N) to dump stages")
         self._wait_idle()
-        cfg = self.cfg
+        cfg = self.lcfg
         d = kernels.debug_layout(cfg)
         rows = _cupy().asnumpy(self.debug).reshape(self.debug_positions, self.debug_stride)
         out = {}
@@ -509,6 +573,7 @@ class MonokernelBackend:
             out[("final_norm_lm_head", pos, None)] = r[o:o + cfg.vocab_size]
         return out
 
+    @_on_device
     def stage_profile(self) -> np.ndarray:
         """(blocks, n_layers * 16 + 8) %globaltimer stamps (ns) of the last launch at
         profile_pos (0 = not recorded); slot map in kernels_src/sync.cuh (kog_prof)."""
@@ -587,16 +652,25 @@ def measure_read_bandwidth(gpu_name: str | None = None, refresh: bool = False) -
 def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
                  position: int = 0, dtype: str = "bfloat16", context_length: int | None = None,
                  seed: int = 0, backend: MonokernelBackend | None = None,
-                 tuning: dict | None = None, device_model: DeviceModel | None = None) -> dict:
-    """Decode speed on random GPU weights for `cfg` (greedy, no EOS).
+                 tuning: dict | None = None, device_model: DeviceModel | None = None,
+                 n_gpus: int = 1) -> dict:
+    """Decode speed on random GPU weights for `cfg` (greedy, no EOS), on `n_gpus` GPUs
+    (tensor parallel when > 1; the bandwidth limit is then the GPUs' aggregate).
 
     Generation starts after max(prompt_len, position) prompt tokens; tokens/s counts the
     decode steps after the first generated token (host arrival times of tokens 2..n)."""
     n_prompt = max(prompt_len, position, 1)
     ctx = context_length or min(default_rope_positions(cfg), n_prompt + new_tokens + 8)
     if backend is None:
-        dev = device_model or DeviceModel.random(cfg, dtype, seed, rope_positions=max(ctx, 16))
-        backend = MonokernelBackend(device_model=dev, context_length=ctx, tuning=tuning)
+        with _cupy().cuda.Device(0):
+            dev = device_model or DeviceModel.random(cfg, dtype, seed, rope_positions=max(ctx, 16))
+        if n_gpus > 1:
+            from .multigpu import TensorParallelBackend
+            backend = TensorParallelBackend(device_model=dev, gpus=n_gpus, context_length=ctx,
+                                            tuning=tuning)
+            del dev
+        else:
+            backend = MonokernelBackend(device_model=dev, context_length=ctx, tuning=tuning)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.vocab_size, n_prompt).tolist()
     list(backend.start(ids, SamplingParams(), min(64, new_tokens), set()))   # warm-up
@@ -612,4 +686,5 @@ def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
                 tokens_per_s=tps, step_us=1e6 / tps, prefill_s=stream.prefill_s,
                 bytes_per_token=bpt, achieved_Bps=bpt * tps, read_bandwidth_Bps=bw,
                 pct_of_read_bw=100.0 * bpt * tps / bw, finish_reason=stream.finish_reason,
-                blocks=backend.n_blocks, threads=backend.threads)
+                blocks=backend.n_blocks, threads=backend.threads,
+                n_gpus=getattr(backend, "n_gpus", 1))

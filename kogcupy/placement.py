@@ -3,8 +3,9 @@ how attention is chunked over KV positions. The kernel reads the table; nothing 
 at run time except the attention chunk count, which follows ``attention_chunk_len``.
 
 Every GEMV stage's rows are split into contiguous, balanced ranges (bytes per block differ by
-at most one row). ``rank``/``world_size`` are the tensor-parallel coordinates: a rank would take
-its slice of heads / FFN columns / vocab before the per-block split (one GPU for now).
+at most one row). ``rank``/``world_size`` are the tensor-parallel coordinates: ``cfg`` is then
+the rank's share (tensor_parallel.local_config: its heads, its FFN columns) and the LM-head
+rows are the rank's vocabulary slice, numbered globally.
 """
 from __future__ import annotations
 
@@ -56,19 +57,23 @@ class Placement:
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
           world_size: int = 1, min_chunk: int = ATTN_MIN_CHUNK, dyn_permille: int = 0,
           max_chunk: int | None = None) -> Placement:
-    if world_size != 1 or rank != 0:
-        raise NotImplementedError("tensor parallelism: one GPU per generation for now")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} of {world_size}")
+    if world_size > 1 and dyn_permille:
+        raise ValueError("dynamic work tails (KOG_DYN_PERMILLE) are single-GPU only")
+    v0, v1 = rank * cfg.vocab_size // world_size, (rank + 1) * cfg.vocab_size // world_size
     max_chunk = max_chunk or attn_chunk_cap(cfg)
     stages = {
         "qkv": cfg.qkv_dim,                  # rows of wqkv
         "o": cfg.hidden_size,                # rows of wo
         "gate_up": cfg.intermediate_size,    # interleaved (gate, up) row pairs
         "down": cfg.hidden_size,             # rows of w_down
-        "lm": cfg.vocab_size,                # rows of lm_head
+        "lm": v1 - v0,                       # rows of lm_head (this rank's vocabulary slice)
     }
     # gate_up and lm: the last dyn_permille / 1000 of the units are handed out at run time
     dyn_begin = {k: stages[k] - stages[k] * dyn_permille // 1000 for k in ("gate_up", "lm")}
     cols = [split_even(dyn_begin.get(k, n), n_blocks) for k, n in stages.items()]
+    cols[4] = cols[4] + v0                  # global vocabulary ids
     # o_proj and down_residual rows of x must have the same owner (the kernel keeps a block's
     # rows of the residual stream in shared memory between the two stages)
     assert np.array_equal(cols[1], cols[3])

@@ -491,9 +491,10 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
-def bench_kogcupy(cfg, prompt_len, new_tokens, position) -> dict:
+def bench_kogcupy(cfg, prompt_len, new_tokens, position, n_gpus=1) -> dict:
+    kw = {"n_gpus": n_gpus} if n_gpus != 1 else {}
     res = kogcupy_bench_decode()(cfg, prompt_len=prompt_len, new_tokens=new_tokens,
-                                 position=position)
+                                 position=position, **kw)
     if not isinstance(res, dict):
         raise RuntimeError(f"bench_decode returned {type(res).__name__}, expected a dict")
     return _jsonable(res)
@@ -504,9 +505,9 @@ def bench_kogcupy(cfg, prompt_len, new_tokens, position) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def make_row(engine, shape, cfg, args, env, *, tokens_per_s=None, position=0, metric="decode",
-             prompt_len=None, new_tokens=None, error=None, **extra) -> dict:
+             prompt_len=None, new_tokens=None, error=None, n_gpus=1, **extra) -> dict:
     wb = weight_bytes(cfg)
-    bw = env["read_bw_TBps"]
+    bw = env["read_bw_TBps"] * n_gpus             # tensor parallel: the GPUs' aggregate
     prompt_len = args.prompt_len if prompt_len is None else prompt_len
     new_tokens = args.new_tokens if new_tokens is None else new_tokens
     limit = bw * 1e12 / wb
@@ -514,7 +515,7 @@ def make_row(engine, shape, cfg, args, env, *, tokens_per_s=None, position=0, me
     ctx = max(position, prompt_len) + new_tokens / 2    # kogcupy: position = prompt length
     limit_kv = bw * 1e12 / (wb + kv_bytes(cfg, ctx))
     row = {"engine": engine, "shape": shape, "metric": metric, "gpu": env["gpu"],
-           "n_gpus": args.gpus, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "n_gpus": n_gpus, "prompt_len": prompt_len, "new_tokens": new_tokens,
            "position": position, "status": "error" if error else "ok",
            "tokens_per_s": None, "read_bw_TBps": None, "pct_of_limit": None,
            "bytes_per_token": wb, "limit_tokens_per_s": limit,
@@ -533,7 +534,8 @@ def make_row(engine, shape, cfg, args, env, *, tokens_per_s=None, position=0, me
 def add_speedups(rows):
     """x vs each peer, same shape, decode at position 0 only (peers run only there)."""
     base = {(r["shape"], r["engine"]): r["tokens_per_s"] for r in rows
-            if r["metric"] == "decode" and r["position"] == 0 and r["status"] == "ok"}
+            if r["metric"] == "decode" and r["position"] == 0 and r["status"] == "ok"
+            and r.get("n_gpus", 1) == 1}
     for r in rows:
         if r["metric"] != "decode" or r["position"] != 0 or r["tokens_per_s"] is None:
             continue
@@ -550,7 +552,7 @@ def print_table(doc):
     print()
     print(f"{doc['gpu']}  {doc['date']}  stream-read {doc['read_bw_TBps']:.3f} TB/s  "
           f"prompt {doc['args']['prompt_len']}  new {doc['args']['new_tokens']}")
-    head = (f"{'engine':<16}{'shape':<14}{'pos':>6}{'tok/s':>10}{'GB/s':>9}{'%limit':>8}"
+    head = (f"{'engine':<16}{'shape':<14}{'gpus':>5}{'pos':>6}{'tok/s':>10}{'GB/s':>9}{'%limit':>8}"
             f"{'%lim+kv':>8}{'x hf':>8}{'x graph':>8}{'x kog':>8}  note")
     print(head)
     print("-" * len(head))
@@ -560,7 +562,7 @@ def print_table(doc):
         sp = r.get("speedup_vs", {})
         gbs = r["read_bw_TBps"] * 1e3 if r["read_bw_TBps"] is not None else None
         note = ("error: " + r["error"].splitlines()[0][:70]) if r["status"] == "error" else ""
-        print(f"{r['engine']:<16}{r['shape']:<14}{r['position']:>6}"
+        print(f"{r['engine']:<16}{r['shape']:<14}{r.get('n_gpus', 1):>5}{r['position']:>6}"
               f"{_fmt(r['tokens_per_s'], '.1f', 10)}{_fmt(gbs, '.0f', 9)}"
               f"{_fmt(r['pct_of_limit'], '.1f', 8)}{_fmt(r['pct_of_limit_with_kv'], '.1f', 8)}"
               f"{_fmt(sp.get('hf-eager'), '.2f', 8)}{_fmt(sp.get('torch-cudagraph'), '.2f', 8)}"
@@ -713,7 +715,19 @@ def run(args, save=lambda doc: None) -> dict:
         _free_gpu()
 
         if "kogcupy" in args.engines:
-            for pos in args.positions:
+            for n in [g for g in args.gpus if g > 1]:       # tensor parallel, position 0
+                t0 = time.perf_counter()
+                res, err = _guard(lambda: bench_kogcupy(cfg, args.prompt_len, args.new_tokens, 0, n),
+                                  f"{shape} kogcupy {n} GPUs", log)
+                tps = res.get("tokens_per_s") if res else None
+                if res and not (isinstance(tps, (int, float)) and math.isfinite(tps) and tps > 0):
+                    err, tps = f"bench_decode returned tokens_per_s={tps!r}", None
+                rows.append(make_row("kogcupy", shape, cfg, args, env, error=err, n_gpus=n,
+                                     tokens_per_s=tps, wall_s=time.perf_counter() - t0,
+                                     engine_info=res or {}))
+                print(f"  kogcupy x{n} GPUs {_fmt(tps, '.1f', 9)} tok/s", flush=True)
+                _free_gpu()
+            for pos in (args.positions if 1 in args.gpus else []):
                 t0 = time.perf_counter()
                 res, err = _guard(lambda: bench_kogcupy(cfg, args.prompt_len, args.new_tokens,
                                                         pos), f"{shape} kogcupy pos {pos}", log)
@@ -725,7 +739,7 @@ def run(args, save=lambda doc: None) -> dict:
                                      engine_info=res or {}))
                 print(f"  kogcupy @{pos:<6}  {_fmt(tps, '.1f', 9)} tok/s", flush=True)
                 _free_gpu()
-            if args.ttft_prompt:
+            if args.ttft_prompt and 1 in args.gpus:
                 res, err = _guard(lambda: bench_kogcupy(cfg, args.ttft_prompt, 1, 0),
                                   f"{shape} kogcupy ttft", log)
                 # ttft_s if given, else the TokenStream's prefill_s (launch to first token)
@@ -809,15 +823,17 @@ def parse_args(argv=None):
                    help="stream-read buffer size in bytes (default 4e9; 6.4e7 with --dry-run)")
     p.add_argument("--bw-repeats", type=int, default=10)
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
-    p.add_argument("--gpus", type=int, default=1, help="GPUs per engine (only 1 for now)")
+    p.add_argument("--gpus", type=_csv(int), default=[1],
+                   help="GPU counts kogcupy runs on, e.g. 1,2,4 (tensor parallel above 1; "
+                        "peers and context positions run on one GPU)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU logic check on tiny shapes; writes to /tmp unless --out is given")
     p.add_argument("--plot", metavar="JSON", help="only plot an earlier result (needs matplotlib)")
     args = p.parse_args(argv)
     if args.plot:
         return args
-    if args.gpus != 1:
-        p.error(f"--gpus {args.gpus}: multi-GPU benchmarking is not implemented yet; use --gpus 1")
+    if any(not 1 <= g <= 8 for g in args.gpus):
+        p.error(f"--gpus {args.gpus}: each GPU count must be 1 to 8")
     shapes_db = TINY_SHAPES if args.dry_run else SHAPES
     args.shapes = args.shapes or list(shapes_db)
     for s in args.shapes:
@@ -848,7 +864,8 @@ def main(argv=None):
 
     def save(doc):
         nonlocal path
-        path = path or output_path(args.out, doc["gpu"], doc["date"])
+        gpu = doc["gpu"] + (f" x{max(args.gpus)}" if max(args.gpus) > 1 else "")
+        path = path or output_path(args.out, gpu, doc["date"])
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
         os.replace(path + ".tmp", path)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Bar chart of a scripts/bench.py result: decode tok/s per shape per engine, limit marked.
+"""Bar chart of a scripts/bench.py result: decode tok/s per shape per engine, limit marked;
+kogcupy against context position, and tok/s against GPU count (tensor parallel) when measured.
 
     python scripts/plot_bench.py bench/results/h200-2026-11-22.json   # writes the .png beside it
 
@@ -24,17 +25,23 @@ def plot(json_path: str, png_path: str | None = None) -> str:
         sys.exit("plot: matplotlib is missing; `pip install matplotlib` (dev-only)")
     with open(json_path, encoding="utf-8") as f:
         doc = json.load(f)
-    rows = [r for r in doc["rows"] if r["metric"] == "decode" and r["position"] == 0]
+    rows = [r for r in doc["rows"] if r["metric"] == "decode" and r["position"] == 0
+            and r.get("n_gpus", 1) == 1]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     engines = [e for e in ENGINE_ORDER if any(r["engine"] == e for r in rows)]
     by = {(r["shape"], r["engine"]): r for r in rows}
 
-    pos_rows = [r for r in doc["rows"] if r["metric"] == "decode" and r["engine"] == "kogcupy"
-                and r["status"] == "ok"]
+    kog = [r for r in doc["rows"] if r["metric"] == "decode" and r["engine"] == "kogcupy"
+           and r["status"] == "ok"]
+    pos_rows = [r for r in kog if r.get("n_gpus", 1) == 1]
+    tp_rows = [r for r in kog if r["position"] == 0]
     with_ctx = len({r["position"] for r in pos_rows}) > 1
-    fig, axes = plt.subplots(1, 2 if with_ctx else 1, figsize=(13 if with_ctx else 8, 5),
-                             gridspec_kw={"width_ratios": [2, 1]} if with_ctx else None)
-    ax = axes[0] if with_ctx else axes
+    with_tp = len({r.get("n_gpus", 1) for r in tp_rows}) > 1
+    n_ax = 1 + with_ctx + with_tp
+    fig, axes = plt.subplots(1, n_ax, figsize=(8 + 5 * (n_ax - 1), 5), squeeze=False,
+                             gridspec_kw={"width_ratios": [2] + [1] * (n_ax - 1)})
+    axes = list(axes[0])
+    ax = axes[0]
     width = 0.8 / max(len(engines), 1)
     for i, shape in enumerate(shapes):
         for j, eng in enumerate(engines):
@@ -67,6 +74,23 @@ def plot(json_path: str, png_path: str | None = None) -> str:
                  f"{doc['args']['new_tokens']} tokens after {doc['args']['prompt_len']}",
                  fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4)
+
+    if with_tp:
+        ax3 = axes[-1]
+        for shape in dict.fromkeys(r["shape"] for r in tp_rows):
+            pts = sorted((r.get("n_gpus", 1), r["tokens_per_s"]) for r in tp_rows
+                         if r["shape"] == shape)
+            ax3.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=shape)
+            for g, t in pts:
+                ax3.annotate(f"{t:.0f}", (g, t), textcoords="offset points", xytext=(0, 6),
+                             ha="center", fontsize=7)
+        ax3.set_xticks(sorted({r.get("n_gpus", 1) for r in tp_rows}))
+        ax3.set_xlabel("GPUs (tensor parallel, in-kernel all-reduce)")
+        ax3.set_ylabel("kogcupy decode tokens/s")
+        ax3.set_ylim(0, None)
+        ax3.grid(alpha=0.3)
+        ax3.legend(fontsize=8)
+        ax3.set_title("kogcupy scaling over GPUs", fontsize=10)
 
     if with_ctx:
         ax2 = axes[1]

@@ -16,6 +16,7 @@ from kogcupy import abi, kernels
 from kogcupy.config import ModelConfig
 from kogcupy.monokernel import smem_floats
 from kogcupy.random_weights import shape_config
+from kogcupy.tensor_parallel import local_config
 
 REQUIRE = os.environ.get("KOGCUPY_REQUIRE_COMPILERS", "") not in ("", "0")
 
@@ -28,6 +29,11 @@ CONFIGS = {
                                     n_kv_heads=2, head_dim=64, rms_norm_eps=1e-6,
                                     rope_theta=1e6, max_position_embeddings=4096,
                                     tie_word_embeddings=False), "bfloat16"),
+}
+# tensor-parallel builds: one rank's share of the model, KOG_TP ranks
+TP_CONFIGS = {
+    "qwen3-1.7b-tp4": (shape_config("qwen3-1.7b"), "bfloat16", 4),
+    "llama-3.2-1b-tp2": (shape_config("llama-3.2-1b"), "bfloat16", 2),
 }
 
 
@@ -44,6 +50,11 @@ def _sources(tmp_path):
     out = {}
     for key, (cfg, dtype) in CONFIGS.items():
         d = kernels.model_defines(cfg, dtype, 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS))
+        out[key] = (kernels.monokernel_source(), kernels.define_options(d))
+    for key, (cfg, dtype, n) in TP_CONFIGS.items():
+        loc = local_config(cfg, n)
+        d = kernels.model_defines(loc, dtype, 512, smem_floats(loc), len(abi.PARTITION_COLUMNS),
+                                  tp=n)
         out[key] = (kernels.monokernel_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
     out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel
@@ -64,7 +75,7 @@ def test_inlined_source_is_self_contained():
         assert f" {name};" in src
 
 
-@pytest.mark.parametrize("key", list(CONFIGS) + ["stream_read", "kccl_test"])
+@pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) + ["stream_read", "kccl_test"])
 def test_nvcc_sm90(tmp_path, key):
     nvcc = _compiler("nvcc")
     src, opts = _sources(tmp_path)[key]
@@ -83,7 +94,7 @@ def test_nvcc_abi_probe(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["llama-3.2-1b", "qwen2-bias-gqa7", "smollm2-135m-fp16",
-                                 "stream_read", "kccl_test"])
+                                 "llama-3.2-1b-tp2", "stream_read", "kccl_test"])
 def test_hipcc_gfx90a(tmp_path, key):
     hipcc = _compiler("hipcc")
     src, opts = _sources(tmp_path)[key]

@@ -114,6 +114,15 @@ def test_all_reduce(n_gpus, op, dtype, n_elems):
 
 
 @pytest.mark.parametrize("n_gpus", gpu_counts())
+@pytest.mark.parametrize("dtype,n_elems", [c for c in CASES if c[1] * 8 <= 2 * 64 * 1024])
+@pytest.mark.multigpu
+@pytest.mark.skipif(N_GPUS < 2, reason="needs CuPy and >= 2 GPUs")
+def test_all_reduce_tagged(n_gpus, dtype, n_elems):
+    # the tensor-parallel monokernel's element-wise tagged all-reduce (8 bytes per element)
+    check_all_reduce(comm(n_gpus), "all_reduce_tagged", dtype, n_elems, FAST_BLOCKS)
+
+
+@pytest.mark.parametrize("n_gpus", gpu_counts())
 @pytest.mark.parametrize("op", ["all_gather_simple", "all_gather"])
 @pytest.mark.parametrize("dtype,n_elems", CASES)
 @pytest.mark.multigpu

@@ -166,8 +166,11 @@ def test_backend_choice(tiny_models, monkeypatch):
         Engine(tiny_models["llama"], backend="reference", gpus=2)
     monkeypatch.setattr(E, "gpu_info", lambda: (True, "1 GPU(s)"))
     assert resolve_backend("auto") == "monokernel"
-    with pytest.raises(InputError, match="not built yet"):    # never silently one GPU
-        Engine(tiny_models["llama"], backend="monokernel", gpus=2)
+    # the tensor-parallel split is checked before any GPU is touched (tiny llama: 4 heads)
+    with pytest.raises(InputError, match="does not divide the model's 4 attention heads"):
+        Engine(tiny_models["llama"], backend="monokernel", gpus=3)
+    with pytest.raises(InputError, match="1 to 8 GPUs"):
+        Engine(tiny_models["llama"], backend="monokernel", gpus=16)
 
 
 def test_sampled_generation_reproducible(engine):

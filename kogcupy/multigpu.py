@@ -1,0 +1,147 @@
+"""Tensor-parallel generation: one monokernel per GPU, all launched together by one process.
+
+    backend = TensorParallelBackend(model, gpus=4, context_length=4096)
+    for tok in backend.start(prompt_ids, SamplingParams(), 64, eos_ids={2}):
+        ...
+
+Each GPU holds its rank's share of the weights (tensor_parallel.py) and runs the same
+monokernel compiled for that share; the ranks exchange partial sums and the LM head's
+results inside the kernels (kernels_src/kccl.cuh), so a generate() is still one launch per
+GPU. All ranks compute the same token at every step (same logits bits, same random draws);
+rank 0 streams it to the host and is the one that reads the cancel flag.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from . import abi, kccl, tensor_parallel
+from .errors import DeviceError, InputError
+from .monokernel import DeviceModel, MonokernelBackend, MonokernelTokenStream, _cupy
+from .sampling_params import SamplingParams
+
+
+class _AllStreams:
+    """The ranks' streams seen as one (what MonokernelTokenStream polls)."""
+
+    def __init__(self, ranks):
+        self._ranks = ranks
+
+    @property
+    def done(self) -> bool:
+        return all(r._stream.done for r in self._ranks)
+
+    def synchronize(self):
+        for r in self._ranks:
+            r._stream.synchronize()
+
+
+class TensorParallelBackend:
+    """Backend protocol (see reference.ReferenceBackend) over `gpus` GPUs."""
+
+    name = "monokernel"
+
+    def __init__(self, model=None, gpus: int = 2, context_length: int = 4096,
+                 dtype: str | None = None, device_model: DeviceModel | None = None, **backend_kw):
+        cp = _cupy()
+        if not isinstance(gpus, int) or gpus < 2:
+            raise InputError(f"TensorParallelBackend needs gpus >= 2, got {gpus!r}")
+        cfg = device_model.cfg if device_model is not None else model.config
+        tensor_parallel.check(cfg, gpus)
+        self.peers = kccl.Peers(gpus)               # clear errors: too few GPUs, no peer access
+        if device_model is None:
+            dtype = dtype or getattr(model, "dtype", None) or "bfloat16"
+            with cp.cuda.Device(0):
+                device_model = DeviceModel.from_packed(model.config, model.weights, dtype)
+        self.ranks: list[MonokernelBackend] = []
+        for r in range(gpus):
+            with cp.cuda.Device(r):
+                shard = device_model.shard(r, gpus)
+                self.ranks.append(MonokernelBackend(device_model=shard,
+                                                    context_length=context_length, **backend_kw))
+        del device_model
+        r0 = self.ranks[0]
+        self.model = model
+        self.n_gpus = gpus
+        self.cfg, self.dtype = r0.cfg, r0.dtype
+        self.context_length = r0.context_length
+        self.watchdog_s = r0.watchdog_s
+        self.gpu_name = r0.gpu_name
+        self.n_blocks, self.threads = r0.n_blocks, r0.threads
+        self.bytes_per_token = r0.bytes_per_token          # the whole model's, over all GPUs
+        self._ctl, self._host_tokens = r0._ctl, r0._host_tokens
+        self._stream = _AllStreams(self.ranks)
+        self._active: MonokernelTokenStream | None = None
+        self._read_bw = None
+
+    # ---- launch ---------------------------------------------------------------------------
+    def _wait_idle(self):
+        self._stream.synchronize()
+
+    def _launch(self, ids, params: SamplingParams, max_new: int, eos_ids, all_logits: bool,
+                logits_outs=None) -> float:
+        if self._active is not None:
+            self._active.cancel()
+        self._wait_idle()
+        self._active = None
+        vals = [r._prepare(ids, params, max_new, eos_ids, all_logits,
+                           logits_outs[i] if logits_outs is not None else None)
+                for i, r in enumerate(self.ranks)]
+        table = np.zeros((len(abi.TP_PEER_FIELDS), abi.TP_MAX_RANKS), np.uint64)
+        for q, (r, v) in enumerate(zip(self.ranks, vals)):
+            table[:, q] = r.peer_pointers(v)
+        producers = sum(r.placement.producers["lm"] for r in self.ranks)
+        cp = _cupy()
+        for r, v in zip(self.ranks, vals):
+            v["n_lm_producers"] = producers
+            with cp.cuda.Device(r.device_id):
+                r.tp_peers.set(table.reshape(-1), stream=r._stream)
+        # every rank's buffers are reset before any kernel can store into a peer's
+        self._wait_idle()
+        t0 = [r._fire(v) for r, v in zip(self.ranks, vals)]
+        return t0[0]
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
+              eos_ids: set[int]) -> MonokernelTokenStream:
+        self.cfg.check_request(prompt_ids, self.context_length, max_new_tokens)
+        t0 = self._launch(list(prompt_ids), params, max_new_tokens, eos_ids, all_logits=False)
+        stream = MonokernelTokenStream(self, len(prompt_ids), t0)
+        self._active = stream
+        return stream
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """[n, V] float32: every position's logits, teacher-forced (rank 0's copy; every rank
+        holds the same)."""
+        cp = _cupy()
+        self.cfg.check_token_ids(token_ids, "token_ids")
+        n = len(token_ids)
+        if n > self.context_length:
+            raise InputError(f"{n} tokens exceed the context length {self.context_length}")
+        outs = []
+        for r in self.ranks:
+            with cp.cuda.Device(r.device_id), r._stream:
+                o = cp.empty((n, self.cfg.vocab_size), cp.float32)
+                o.fill(np.nan)
+                outs.append(o)
+        self._launch(list(token_ids), SamplingParams(), 1, (), True, outs)
+        t0 = time.perf_counter()
+        while not self._stream.done:
+            if time.perf_counter() - t0 > self.watchdog_s:
+                raise DeviceError(f"tensor-parallel monokernel did not finish within "
+                                  f"{self.watchdog_s:.0f} s; a GPU kernel is stalled")
+            time.sleep(50e-6)
+        self._wait_idle()
+        self.last_logits_all_ranks = [cp.asnumpy(o) for o in outs]
+        return self.last_logits_all_ranks[0]
+
+    # ---- bandwidth ------------------------------------------------------------------------
+    @property
+    def read_bandwidth_Bps(self) -> float:
+        """The GPUs' aggregate read bandwidth (rank 0's measurement x the GPU count)."""
+        if self._read_bw is None:
+            self._read_bw = self.ranks[0].read_bandwidth_Bps * self.n_gpus
+        return self._read_bw
+
+    def bytes_per_step(self, position: float) -> float:
+        return self.ranks[0].bytes_per_step(position)

@@ -1,0 +1,110 @@
+"""CPU: the tensor-parallel partition (kogcupy/tensor_parallel.py, placement with ranks).
+
+The shards of every rank, put back together, must be exactly the whole model, and one rank's
+share run through NumPy must give that rank's partial sums: the sum over ranks of the o_proj
+and down partials equals the whole model's product (what the in-kernel all-reduce computes).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kogcupy import tensor_parallel as tp
+from kogcupy.config import ModelConfig
+from kogcupy.errors import InputError
+from kogcupy.placement import place
+from kogcupy.random_weights import shape_config
+
+
+def cfg_of(n_heads=8, n_kv=2, hd=16, hidden=64, ffn=128, vocab=101, arch="qwen2"):
+    return ModelConfig(arch=arch, vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                       n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, head_dim=hd,
+                       rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=256,
+                       tie_word_embeddings=False)
+
+
+def device_layout_arrays(cfg, rng):
+    L, h, f, V = cfg.n_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    return {"wqkv": r(L, cfg.qkv_dim, h), "bqkv": r(L, cfg.qkv_dim), "wo": r(L, h, cfg.q_dim),
+            "w_gate_up": r(L, f, 2, h), "w_down": r(L, h, f), "lm_head": r(V, h),
+            "embed": r(V, h), "rope_cos": r(8, cfg.head_dim // 2)}
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("n_kv", [2, 8])
+def test_shards_reassemble_the_model(n, n_kv):
+    cfg = cfg_of(n_kv=n_kv)
+    rng = np.random.default_rng(n * 10 + n_kv)
+    a = device_layout_arrays(cfg, rng)
+    shards = [tp.shard(cfg, a, r, n) for r in range(n)]
+    loc = tp.local_config(cfg, n)
+    hd, hq = cfg.head_dim, cfg.n_heads // n
+    for r, s in enumerate(shards):
+        assert s["wqkv"].shape == (2, loc.qkv_dim, 64) and s["wo"].shape == (2, 64, loc.q_dim)
+        assert s["w_gate_up"].shape == (2, loc.intermediate_size, 2, 64)
+        np.testing.assert_array_equal(s["embed"], a["embed"])
+        # q rows of rank r are heads r*hq..; its k/v rows are the kv heads those q heads read
+        q = s["wqkv"][:, :loc.q_dim]
+        np.testing.assert_array_equal(q, a["wqkv"][:, r * hq * hd:(r + 1) * hq * hd])
+        for j, g in enumerate(tp.kv_heads(cfg, r, n)):
+            assert all(h // cfg.gqa_group == g for h in range(r * hq, (r + 1) * hq)
+                       if (h - r * hq) // loc.gqa_group == j)
+            k = s["wqkv"][:, loc.q_dim + j * hd:loc.q_dim + (j + 1) * hd]
+            np.testing.assert_array_equal(k, a["wqkv"][:, cfg.q_dim + g * hd:cfg.q_dim + (g + 1) * hd])
+        np.testing.assert_array_equal(s["bqkv"], a["bqkv"][:, tp.qkv_rows(cfg, r, n)])
+    cat = lambda k, ax: np.concatenate([s[k] for s in shards], axis=ax)  # noqa: E731
+    np.testing.assert_array_equal(cat("wo", 2), a["wo"])
+    np.testing.assert_array_equal(cat("w_gate_up", 1), a["w_gate_up"])
+    np.testing.assert_array_equal(cat("w_down", 2), a["w_down"])
+    np.testing.assert_array_equal(cat("lm_head", 0), a["lm_head"])
+    if n_kv == 2 and n > 2:              # replicated kv heads: ranks sharing one hold equal rows
+        assert loc.n_kv_heads == 1 and loc.gqa_group == hq
+        assert tp.kv_heads(cfg, 0, n) == tp.kv_heads(cfg, 1, n) == [0]
+
+
+def test_partials_sum_to_the_whole_product():
+    cfg = cfg_of(n_kv=2)
+    rng = np.random.default_rng(3)
+    a = device_layout_arrays(cfg, rng)
+    attn = rng.standard_normal(cfg.q_dim).astype(np.float32)
+    act = rng.standard_normal(cfg.intermediate_size).astype(np.float32)
+    for n in (2, 4):
+        shards = [tp.shard(cfg, a, r, n) for r in range(n)]
+        hq = cfg.q_dim // n
+        f = cfg.intermediate_size // n
+        o = sum(s["wo"][0] @ attn[r * hq:(r + 1) * hq] for r, s in enumerate(shards))
+        d = sum(s["w_down"][0] @ act[r * f:(r + 1) * f] for r, s in enumerate(shards))
+        np.testing.assert_allclose(o, a["wo"][0] @ attn, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(d, a["w_down"][0] @ act, rtol=1e-4, atol=1e-4)
+
+
+def test_placement_per_rank():
+    cfg = cfg_of(vocab=101)
+    n, blocks = 4, 6
+    loc = tp.local_config(cfg, n)
+    lm = []
+    for r in range(n):
+        pl = place(loc, blocks, 64, rank=r, world_size=n)
+        part = pl.partition
+        assert part[0, 0] == 0 and part[-1, 1] == loc.qkv_dim            # local qkv rows
+        assert part[-1, 5] == loc.intermediate_size                      # local FFN units
+        assert part[-1, 3] == part[-1, 7] == cfg.hidden_size             # whole hidden rows
+        lm.append((part[0, 8], part[-1, 9]))
+        assert np.all(part[1:, 8] == part[:-1, 9])                       # contiguous
+    assert lm[0][0] == 0 and lm[-1][1] == 101
+    assert all(lm[i][1] == lm[i + 1][0] for i in range(n - 1))           # global vocab ids
+
+
+def test_bad_splits_are_refused_with_a_reason():
+    with pytest.raises(InputError, match="does not divide the model's 9 attention heads"):
+        tp.check(shape_config("smollm2-135m"), 2)
+    with pytest.raises(InputError, match="KV heads"):
+        tp.check(cfg_of(n_heads=12, n_kv=3), 4)
+    with pytest.raises(InputError, match="FFN width"):
+        tp.check(cfg_of(ffn=72), 2)
+    with pytest.raises(InputError, match="1 to 8"):
+        tp.check(cfg_of(), 16)
+    for name in ("llama-3.2-1b", "qwen3-1.7b"):
+        for n in (1, 2, 4, 8):
+            tp.check(shape_config(name), n)
