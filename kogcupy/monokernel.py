@@ -120,6 +120,9 @@ class DeviceModel:
                 d = cp.empty(a.shape, a.dtype)
             cp.cuda.runtime.memcpyPeer(d.data.ptr, dst_dev, a.data.ptr, src_dev, a.nbytes)
             out[name] = d
+        for dev in {src_dev, dst_dev}:          # kernels run on non-blocking streams
+            with cp.cuda.Device(dev):
+                cp.cuda.runtime.deviceSynchronize()
         return DeviceModel(self.cfg, self.dtype, out, (rank, world))
 
     @classmethod

@@ -62,6 +62,10 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     if world_size > 1 and dyn_permille:
         raise ValueError("dynamic work tails (KOG_DYN_PERMILLE) are single-GPU only")
     v0, v1 = rank * cfg.vocab_size // world_size, (rank + 1) * cfg.vocab_size // world_size
+    if world_size > 1 and v1 - v0 < n_blocks:
+        # every block must own LM rows: rank 0's block 0 forwards the cancel flag from there
+        raise ValueError(f"vocabulary slice of {v1 - v0} rows is smaller than the grid "
+                         f"({n_blocks} blocks); use fewer blocks or GPUs")
     max_chunk = max_chunk or attn_chunk_cap(cfg)
     stages = {
         "qkv": cfg.qkv_dim,                  # rows of wqkv
