@@ -112,7 +112,11 @@ class DeviceModel:
         src_dev = self.arrays["wqkv"].device.id
         dst_dev = cp.cuda.Device().id if device is None else int(device)
         out = {}
-        for name, a in tensor_parallel.shard(self.cfg, self.arrays, rank, world).items():
+        with cp.cuda.Device(src_dev):            # slice where the whole model lives
+            parts = tensor_parallel.shard(self.cfg, self.arrays, rank, world)
+            cp.cuda.runtime.deviceSynchronize()
+        for name, a in parts.items():
+            assert a.device.id == src_dev
             if dst_dev == src_dev:           # replicated arrays stay shared (read-only)
                 out[name] = a
                 continue
