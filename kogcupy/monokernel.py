@@ -472,7 +472,9 @@ class MonokernelBackend:
             q_norm=a["q_norm"].data.ptr if "q_norm" in a else 0,
             k_norm=a["k_norm"].data.ptr if "k_norm" in a else 0,
             wo=a["wo"].data.ptr, w_gate_up=a["w_gate_up"].data.ptr, w_down=a["w_down"].data.ptr,
-            lm_head=a["lm_head"].data.ptr, embed=a["embed"].data.ptr,
+            # LM-head rows are numbered by vocabulary id; a rank holds rows [v0, v1) only
+            lm_head=a["lm_head"].data.ptr - self.placement.partition[0, 8] * self.cfg.hidden_size * 2,
+            embed=a["embed"].data.ptr,
             rope_cos=a["rope_cos"].data.ptr, rope_sin=a["rope_sin"].data.ptr,
             k_cache=self.k_cache.data.ptr, v_cache=self.v_cache.data.ptr,
             x=self.x.data.ptr, qkv=self.qkv.data.ptr, attn_out=self.attn_out.data.ptr,
