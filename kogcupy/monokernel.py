@@ -473,7 +473,7 @@ class MonokernelBackend:
             k_norm=a["k_norm"].data.ptr if "k_norm" in a else 0,
             wo=a["wo"].data.ptr, w_gate_up=a["w_gate_up"].data.ptr, w_down=a["w_down"].data.ptr,
             # LM-head rows are numbered by vocabulary id; a rank holds rows [v0, v1) only
-            lm_head=a["lm_head"].data.ptr - self.placement.partition[0, 8] * self.cfg.hidden_size * 2,
+            lm_head=a["lm_head"].data.ptr - int(self.placement.partition[0, 8]) * self.cfg.hidden_size * 2,
             embed=a["embed"].data.ptr,
             rope_cos=a["rope_cos"].data.ptr, rope_sin=a["rope_sin"].data.ptr,
             k_cache=self.k_cache.data.ptr, v_cache=self.v_cache.data.ptr,
