@@ -124,7 +124,7 @@ def test_seeded_sampling_identical_across_tp_sizes(n):
 @pytest.mark.parametrize("n", TP_SIZES)
 def test_many_blocks_and_few_blocks(n):
     # the default grid (one block per SM) and a small one: the row owners differ
-    for blocks in (None, 5):
+    for blocks in (None, 9):
         one, tp = pair("llama-kv8", n, blocks)
         ids = prompt(one.cfg, 5, seed=11)
         assert greedy(tp, ids, 64)[0] == greedy(one, ids, 64)[0]
