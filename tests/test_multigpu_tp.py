@@ -152,7 +152,11 @@ def test_all_ranks_stop_together(n):
 
 
 @pytest.mark.parametrize("name", ["qwen3-1.7b", "llama-3.2-1b"])
-def test_real_shapes_greedy_identical(name):
+def test_real_shapes_match_one_gpu(name):
+    # Full-size shapes, random bf16 weights. Splitting the o_proj / down sums over ranks
+    # changes fp32 rounding, so a greedy sequence may only part at a near-tie: the first
+    # differing step must be one where the one-GPU logits' top two are within 1e-3 of the
+    # largest |logit|. Teacher-forced logits of the one-GPU sequence must agree to 2e-3.
     import cupy
     cfg = shape_config(name)
     with cupy.cuda.Device(0):
@@ -160,9 +164,19 @@ def test_real_shapes_greedy_identical(name):
         one = MonokernelBackend(device_model=dev, context_length=256, watchdog_s=60)
     ids = prompt(cfg, 16, seed=4)
     want, _ = greedy(one, ids, 64)
-    del one
+    seq = ids + want[:-1]
+    ref = one.logits(seq)[len(ids) - 1:]                 # row i chose want[i]
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    margin = (top2[:, 1] - top2[:, 0]) / np.abs(ref).max()
     for n in TP_SIZES:
         tp = TensorParallelBackend(device_model=dev, gpus=n, context_length=256, watchdog_s=60)
         got, reason = greedy(tp, ids, 64)
-        assert reason == "length" and got == want, (n, got, want)
+        assert reason == "length" and len(got) == 64
+        k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if k is not None:
+            assert margin[k] < 1e-3, f"TP {n} parts from one GPU at step {k}, margin {margin[k]:.2e}"
+        lg = tp.logits(seq)[len(ids) - 1:]
+        err = np.abs(lg - ref).max() / np.abs(ref).max()
+        assert err < 2e-3, (n, err)
+        assert (lg.argmax(1) == ref.argmax(1)).mean() >= 0.95
         del tp
