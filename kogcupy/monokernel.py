@@ -662,7 +662,7 @@ def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
                  position: int = 0, dtype: str = "bfloat16", context_length: int | None = None,
                  seed: int = 0, backend: MonokernelBackend | None = None,
                  tuning: dict | None = None, device_model: DeviceModel | None = None,
-                 n_gpus: int = 1) -> dict:
+                 n_gpus: int = 1, blocks: int | None = None, threads: int = THREADS) -> dict:
     """Decode speed on random GPU weights for `cfg` (greedy, no EOS), on `n_gpus` GPUs
     (tensor parallel when > 1; the bandwidth limit is then the GPUs' aggregate).
 
@@ -676,10 +676,11 @@ def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
         if n_gpus > 1:
             from .multigpu import TensorParallelBackend
             backend = TensorParallelBackend(device_model=dev, gpus=n_gpus, context_length=ctx,
-                                            tuning=tuning)
+                                            tuning=tuning, blocks=blocks, threads=threads)
             del dev
         else:
-            backend = MonokernelBackend(device_model=dev, context_length=ctx, tuning=tuning)
+            backend = MonokernelBackend(device_model=dev, context_length=ctx, tuning=tuning,
+                                        blocks=blocks, threads=threads)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.vocab_size, n_prompt).tolist()
     list(backend.start(ids, SamplingParams(), min(64, new_tokens), set()))   # warm-up
