@@ -5,8 +5,9 @@ KCCL: one launch per rank runs `--steps` all-reduces back to back inside one per
 kernel (kernels_src/kccl_test.cu, fresh hashed data each step, fp32 sums); a step's time is
 block 0's %globaltimer over the steps after `--warm`, divided by their number (it includes
 making the step's data and writing the fp32 result). The last steps' results are checked.
-Variants: the one-block simple oracle, the sliced fast version (flags) and the LL version
-(epoch-tagged 8-byte words, no flags), each sliced one for several block counts.
+Variants: the one-block simple oracle, the sliced fast version (flags), the LL version
+(epoch-tagged 8-byte words, no flags) and the tensor-parallel monokernel's element-wise tagged
+all-reduce, each sliced one for several block counts.
 
 NCCL: one process per GPU (torch.multiprocessing spawn), all_reduce of a tensor of the same
 dtype and byte size (NCCL sums bf16 in bf16), CUDA events around `--iters` back-to-back
@@ -48,7 +49,9 @@ def bench_kccl(n_gpus, sizes, dtypes, blocks_list, steps, warm, reps):
     for dtype in dtypes:
         for nbytes in sizes:
             n_el = nbytes // ESIZE[dtype]
-            for op, blocks in variants:
+            # the monokernel's element-wise tagged all-reduce: 8 bytes per element in a slot
+            tagged = [("all_reduce_tagged", b) for b in blocks_list] if n_el * 8 <= comm.slot_bytes else []
+            for op, blocks in variants + tagged:
                 per_launch, ok = [], True
                 for _ in range(reps):
                     outs, ns, epoch0 = comm.run_test(op, dtype, n_el, steps, n_blocks=blocks,
@@ -182,7 +185,7 @@ def table(rows, names, n_gpus):
     lines = [f"KCCL in-kernel all-reduce vs NCCL, {n_gpus} x {names[0] if names else '?'}, "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; us per all-reduce (median)",
              f"{'dtype':9} {'bytes':>6} {'simple':>8} {'fast':>8} {'blocks':>6} "
-             f"{'ll':>8} {'blocks':>6} "
+             f"{'ll':>8} {'blocks':>6} {'tagged':>8} "
              f"{'nccl':>8} {'nccl_gr':>8} {'x_eager':>7} {'x_graph':>7} ok"]
     dtypes = sorted({r["dtype"] for r in rows}, reverse=True)
     sizes = sorted({r["bytes"] for r in rows})
@@ -194,6 +197,8 @@ def table(rows, names, n_gpus):
             ll = get("kccl", dtype, nbytes, op="all_reduce_ll")
             best_ll = min(ll, key=lambda r: r["us"]) if ll else None
             l_us = best_ll["us"] if best_ll else None
+            tg = get("kccl", dtype, nbytes, op="all_reduce_tagged")
+            t_us = min(r["us"] for r in tg) if tg else None
             eager = get("nccl", dtype, nbytes, mode="eager")
             graph = get("nccl", dtype, nbytes, mode="graph")
             s_us = simple[0]["us"] if simple else None
@@ -203,13 +208,14 @@ def table(rows, names, n_gpus):
             k = min([x for x in (s_us, f_us, l_us) if x is not None], default=None)
             xe = f"{e_us / k:7.1f}" if k and e_us else f"{'-':>7}"
             xg = f"{g_us / k:7.1f}" if k and g_us else f"{'-':>7}"
-            ok = all(r["correct"] for r in simple + fast + ll)
+            ok = all(r["correct"] for r in simple + fast + ll + tg)
             lines.append(f"{dtype:9} {nbytes:6d} {fmt(s_us)} {fmt(f_us)} "
                          f"{best['blocks'] if best else '-':>6} {fmt(l_us)} "
-                         f"{best_ll['blocks'] if best_ll else '-':>6} {fmt(e_us)} {fmt(g_us)} "
+                         f"{best_ll['blocks'] if best_ll else '-':>6} {fmt(t_us)} {fmt(e_us)} {fmt(g_us)} "
                          f"{xe} {xg} {'yes' if ok else 'NO'}")
     lines.append("simple: one block (oracle); fast: flags, best block count; ll: tagged words, "
-                 "best block count; x_*: NCCL time / best KCCL time")
+                 "best block count; tagged: the monokernel's element-wise tagged words, best "
+                 "block count; x_*: NCCL time / best KCCL time")
     return "\n".join(lines)
 
 
