@@ -530,11 +530,12 @@ KOG_DEVICE KogDynamic kog_dynamic(const KogCtx& c, int counter, int index, int b
 // ============================================================================================
 // Tensor parallel (KOG_TP ranks, kccl.cuh): o_proj and down give each rank a PARTIAL of every
 // row of x (its heads' / its FFN columns' share). The warp finishing row i stores its partial
-// into xpart[slot][rank][i] of every rank; the block owning row i (the same block index on
-// every rank: the hidden rows are split identically) waits for all ranks' partials of its
-// rows, adds them in rank order to the old value of the row, and publishes x[i] locally.
-// Slots: 0 o_proj, 1 down (one slot per stage keeps a partial of the next stage from
-// overwriting a word a slower rank has not read yet: SYNC.md).
+// into xpart[slot][rank][i] of EVERY rank (slot 0: o_proj, 1: down). There is no owner that
+// sums and republishes: every block of every rank keeps the whole residual stream x in its
+// shared memory (x_full) and, in the stage that reads x next, polls all ranks' partials and
+// adds them in rank order -- the same bits everywhere, and one hop instead of two.
+// Every block must own rows of every GEMV stage (placement.py checks) so that its reads of a
+// slot come before the writes of the slot's next version (SYNC.md, "Tensor parallel").
 // ============================================================================================
 #if KOG_TP > 1
 KOG_DEVICE void kog_tp_put_partial(const KogCtx& c, int slot, int row, float v, kog_u32 tag) {
@@ -542,23 +543,65 @@ KOG_DEVICE void kog_tp_put_partial(const KogCtx& c, int slot, int row, float v, 
                     ((kog_u64)slot * KOG_TP + c.p->tp_rank) * KOG_HIDDEN + row, v, tag);
 }
 
-// Rows [r0, r1) of x <- old (x_own, or the embedding row at layer 0) + sum of the partials.
-KOG_DEVICE void kog_tp_reduce_rows(const KogCtx& c, int slot, int r0, int r1, kog_u32 tag,
-                                   const kog_u16* emb, float* dbg) {
-    const KogParams* p = c.p;
-    const kog_u64* part = p->xpart + (kog_u64)slot * KOG_TP * KOG_HIDDEN;
-    bool late = false;
-    for (int i = threadIdx.x; i < r1 - r0; i += blockDim.x) {
-        const int row = r0 + i;
-        const float s = kccl_sum_tagged(part + row, KOG_HIDDEN, KOG_TP, tag, late);
-        const float v = (emb != nullptr ? kog_w_to_f32(emb[row]) : c.x_own[i]) + s;
-        c.x_own[i] = v;
-        kog_st_tagged(p->x + row, v, tag);
-        if (dbg != nullptr) dbg[row] = v;
+// x_full += sum over ranks (rank order) of slot's partials carrying `tag`; returns 1/rms(x).
+// All threads call it; it ends with a block barrier (x_full is then the stage's input).
+KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
+    constexpr int P2 = KOG_HIDDEN / 2;
+    constexpr int PER = (P2 + KOG_THREADS - 1) / KOG_THREADS;
+    const kog_u64* part = c.p->xpart + (kog_u64)slot * KOG_TP * KOG_HIDDEN;
+    kog_u64 w[PER][KOG_TP][2];
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int i = threadIdx.x + k * KOG_THREADS;
+#pragma unroll
+        for (int q = 0; q < KOG_TP; ++q) {
+            w[k][q][0] = w[k][q][1] = 0ull;
+            if (P2 % KOG_THREADS == 0 || i < P2)
+                kog_ld_tagged2_system(part + (kog_u64)q * KOG_HIDDEN + 2 * i, w[k][q][0], w[k][q][1]);
+        }
     }
-    if (late) kog_trap();                  // a peer stopped: fail the launch, never hang
+    kog_u64 t0 = 0;
+    for (unsigned spins = 0;; ++spins) {
+        bool ready = true;
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int i = threadIdx.x + k * KOG_THREADS;
+#pragma unroll
+            for (int q = 0; q < KOG_TP; ++q)
+                if ((P2 % KOG_THREADS == 0 || i < P2) &&
+                    (kog_tag_of(w[k][q][0]) != tag || kog_tag_of(w[k][q][1]) != tag)) {
+                    ready = false;
+                    kog_ld_tagged2_system(part + (kog_u64)q * KOG_HIDDEN + 2 * i, w[k][q][0], w[k][q][1]);
+                }
+        }
+        if (ready) break;
+        if ((spins & 1023u) == 0u) {                 // a peer that stopped: fail, never hang
+            if (spins == 0u) t0 = kog_globaltimer();
+            else if (kog_globaltimer() - t0 > KCCL_TIMEOUT_NS) kog_trap();
+        }
+    }
+    __syncthreads();                                 // the previous stage is done with x_full
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int i = threadIdx.x + k * KOG_THREADS;
+        if (P2 % KOG_THREADS == 0 || i < P2) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                float s = 0.f;
+#pragma unroll
+                for (int q = 0; q < KOG_TP; ++q) s += kog_value_of(w[k][q][h]);
+                const float v = c.x_full[2 * i + h] + s;
+                c.x_full[2 * i + h] = v;
+                ss = fmaf(v, v, ss);
+            }
+        }
+    }
+    ss = kog_block_sum(ss, c.scratch);               // its barriers also publish x_full
+    return rsqrtf(ss / (float)KOG_HIDDEN + KOG_EPS);
 }
 #endif
+
 
 // ============================================================================================
 // Stage o_proj_residual: x[rows] += wo @ attn_out (o_proj and down_residual rows of x have the
@@ -590,8 +633,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
         if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 0, row, acc[0], x_out);
     };
     kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c, ready, epi);
-    kog_tp_reduce_rows(c, 0, r0, r1, x_out, emb,
-                       dbg != nullptr ? dbg + KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER : nullptr);
+    (void)emb;                                        // the embedding is in x_full already
 #else
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
@@ -620,9 +662,13 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     auto ready = [&]() -> float {
         kog_prefetch_rows(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, c.part[6], c.part[7],
                           KOG_FFN, 0, 2 * KOG_PF_BYTES);
+#if KOG_TP > 1
+        const float s = kog_tp_load_reduced(c, 0, kog_tag(c.t, layer, KOG_STAGE_O));
+#else
         if (!DYN && u0 >= u1) return -1.f;
         const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, layer, KOG_STAGE_O),
                                                         c.smem, c.scratch, true);
+#endif
         kog_prof(c, layer * 16 + 10);
         return s;
     };
@@ -636,7 +682,7 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
         }
     };
     kog_gemv<KOG_HIDDEN, 2, DYN>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1,
-                                 c.smem, c, ready, epi,
+                                 KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
                                  kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer, c.t,
                                                             p->gate_up_dyn_begin, KOG_FFN));
     kog_prof(c, layer * 16 + 9 + 2);
@@ -668,8 +714,6 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
         if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 1, row, acc[0], x_out);
     };
     kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c, ready, epi);
-    kog_tp_reduce_rows(c, 1, r0, r1, x_out, nullptr,
-                       dbg != nullptr ? dbg + KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER : nullptr);
 #else
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {             // rows owned since o_proj (x_own)
@@ -708,9 +752,13 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     int best_i = KOG_INT_MAX;
     constexpr bool DYN = KOG_DYN_PERMILLE > 0;
     auto ready = [&]() -> float {
+#if KOG_TP > 1
+        const float s = kog_tp_load_reduced(c, 1, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
+#else
         if (!DYN && r0 >= r1) return -1.f;
         const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN),
                                                         c.smem, c.scratch, true);
+#endif
         kog_prof(c, KOG_N_LAYERS * 16 + 1);
         return s;
     };
@@ -728,7 +776,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
 #endif
         }
     };
-    kog_gemv<KOG_HIDDEN, 1, DYN>(p->lm_head, r0, r1, c.smem, c, ready, epi,
+    kog_gemv<KOG_HIDDEN, 1, DYN>(p->lm_head, r0, r1, KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
                                  kog_dynamic<KOG_HIDDEN, 1>(c, KOG_CNT_DYN + KOG_N_LAYERS, lm_index,
                                                             p->lm_dyn_begin, KOG_VOCAB));
     kog_prof(c, KOG_N_LAYERS * 16 + 2);

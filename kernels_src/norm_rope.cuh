@@ -14,7 +14,7 @@
 // Returns true when the generation is over (seen at layer 0: the sampler set the stop flag).
 KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
-    float* xs = c.smem;
+    float* xs = KOG_TP > 1 ? c.x_full : c.smem;   // tensor parallel: x is kept in x_full
     const bool first = layer == 0;
     const kog_u32 x_tag = first ? kog_tag(c.t, 0, KOG_STAGE_EMBED)
                                 : kog_tag(c.t, layer - 1, KOG_STAGE_DOWN);
@@ -36,8 +36,13 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
                                               reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG)) != 0u;
             if (stop) return -1.f;
         }
+#if KOG_TP > 1
+        const float s = first ? kog_load_activation<KOG_HIDDEN>(p->x, x_tag, xs, c.scratch, true)
+                              : kog_tp_load_reduced(c, 1, x_tag);
+#else
         if (r0 >= r1) return 1.f;
         const float s = kog_load_activation<KOG_HIDDEN>(p->x, x_tag, xs, c.scratch, true);
+#endif
         kog_prof(c, layer * 16 + 1);
         return s;
     };

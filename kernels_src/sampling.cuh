@@ -299,8 +299,12 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
     const kog_u32 cancel = (generating && threadIdx.x == 0) ? kog_ld_relaxed_system(p->host_ctl + 2) : 0u;
 #endif
     if (!lm_ran) {                                        // inside the prompt: x is final
+#if KOG_TP > 1
+        kog_tp_load_reduced(c, 1, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
+#else
         kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN), c.smem,
                                         c.scratch, false);
+#endif
     } else {
 #if KOG_TP > 1
         kog_wait_counter_system(kog_counter(c, KOG_CNT_LM), (kog_u32)lm_steps * (kog_u32)p->n_lm_producers);

@@ -141,6 +141,7 @@ struct KogCtx {
     float* scratch;      // 2 * KOG_THREADS / KOG_WARP + 16 floats for block reductions / flags
     char* ring;          // KOG_RING_BYTES of shared memory: the GEMV cp.async weight ring
     float* x_own;        // KOG_OWN_ROWS: this block's rows of the residual stream x
+    float* x_full;       // tensor parallel: the whole residual stream x (KOG_HIDDEN floats)
     struct KogStream* stream;   // this thread's cross-stage weight stream (KOG_STREAM)
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     int t;               // position of the token being run

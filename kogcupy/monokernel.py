@@ -331,18 +331,23 @@ class MonokernelBackend:
         self.tuning = dict(tuning or {})
         attn_chunk = int(self.tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
             "KOG_ATTN_CHUNK", attn_chunk_cap(cfg))))
-        self.placement = place(lcfg, self.n_blocks, self.context_length, rank=self.rank,
-                               world_size=self.world, max_chunk=attn_chunk,
-                               min_chunk=int(self.tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
-                               dyn_permille=int(self.tuning.get(
-                                   "KOG_DYN_PERMILLE", kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"])))
+        try:
+            self.placement = place(
+                lcfg, self.n_blocks, self.context_length, rank=self.rank, world_size=self.world,
+                max_chunk=attn_chunk,
+                min_chunk=int(self.tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
+                dyn_permille=int(self.tuning.get("KOG_DYN_PERMILLE",
+                                                 kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"])))
+        except ValueError as e:
+            raise DeviceError(f"cannot place this model on {self.n_blocks} blocks: {e}") from None
         if (int(self.tuning.get("KOG_ATTN_POLL", kernels.DEFAULT_TUNING["KOG_ATTN_POLL"]))
                 and self.n_blocks < lcfg.n_kv_heads):
             # the unit combining a head's partials must be the last unit of its block
             raise DeviceError(f"KOG_ATTN_POLL needs at least {lcfg.n_kv_heads} blocks (kv heads)")
         self._smem_floats = smem_floats(lcfg, attn_chunk)
         scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
-        self.smem_bytes = 4 * (self._smem_floats + scratch + self.placement.own_rows + 16)
+        x_full = lcfg.hidden_size if self.world > 1 else 0  # tensor parallel: x per block
+        self.smem_bytes = 4 * (self._smem_floats + scratch + self.placement.own_rows + 16 + x_full)
         self.bytes_per_token = float(streamed_weight_bytes(cfg))
         self._read_bw = None
         self.debug_positions = int(debug_positions)

@@ -62,10 +62,6 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     if world_size > 1 and dyn_permille:
         raise ValueError("dynamic work tails (KOG_DYN_PERMILLE) are single-GPU only")
     v0, v1 = rank * cfg.vocab_size // world_size, (rank + 1) * cfg.vocab_size // world_size
-    if world_size > 1 and v1 - v0 < n_blocks:
-        # every block must own LM rows: rank 0's block 0 forwards the cancel flag from there
-        raise ValueError(f"vocabulary slice of {v1 - v0} rows is smaller than the grid "
-                         f"({n_blocks} blocks); use fewer blocks or GPUs")
     max_chunk = max_chunk or attn_chunk_cap(cfg)
     stages = {
         "qkv": cfg.qkv_dim,                  # rows of wqkv
@@ -84,6 +80,12 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     partition = np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.int32)
     assert partition.shape[1] == len(PARTITION_COLUMNS)
     producers = {k: int(np.count_nonzero(c[:, 1] > c[:, 0])) for k, c in zip(stages, cols)}
+    if world_size > 1 and min(producers.values()) < n_blocks:
+        # every block keeps x and reads every rank's partials in the stages after o_proj and
+        # down; owning rows in each stage puts those reads before the partials' next version
+        short = {k: n for k, n in stages.items() if producers[k] < n_blocks}
+        raise ValueError(f"tensor parallel needs rows of every stage in every block; "
+                         f"{short} rows are fewer than the {n_blocks} blocks: use fewer blocks")
     if dyn_permille > 0:
         producers["lm"] = n_blocks                  # every block takes part in the dynamic tail
     max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))

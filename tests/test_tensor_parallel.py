@@ -94,6 +94,8 @@ def test_placement_per_rank():
         assert np.all(part[1:, 8] == part[:-1, 9])                       # contiguous
     assert lm[0][0] == 0 and lm[-1][1] == 101
     assert all(lm[i][1] == lm[i + 1][0] for i in range(n - 1))           # global vocab ids
+    with pytest.raises(ValueError, match="rows of every stage in every block"):
+        place(loc, 40, 64, rank=0, world_size=n)                       # 32 FFN units < 40
 
 
 def test_bad_splits_are_refused_with_a_reason():
