@@ -760,6 +760,8 @@ def source_version() -> dict:
     """Which kogcupy ran: git HEAD and dirtiness here, else KOGCUPY_BENCH_COMMIT (set when a
     `git archive` of a commit is what travels to the device machine)."""
     import subprocess
+    if os.environ.get("KOGCUPY_BENCH_COMMIT"):          # set by whoever copied the tree here
+        return {"commit": os.environ["KOGCUPY_BENCH_COMMIT"], "dirty": None}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
