@@ -24,8 +24,9 @@ name = sys.argv[1]
 pos = int(sys.argv[2]) if len(sys.argv) > 2 else 100
 tuning = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 cfg = shape_config(name)
-dev = DeviceModel.random(cfg, rope_positions=2048)
-be = MonokernelBackend(device_model=dev, context_length=2048, profile_pos=pos, tuning=tuning)
+ctx = max(2048, pos + 64)
+dev = DeviceModel.random(cfg, rope_positions=ctx)
+be = MonokernelBackend(device_model=dev, context_length=ctx, profile_pos=pos, tuning=tuning)
 ids = list(range(1, 33))
 list(be.start(ids, SamplingParams(), pos - 32 + 8, set()))
 P = be.stage_profile().astype(np.int64)          # (B, slots)
