@@ -31,6 +31,13 @@
 #ifndef KOG_ATTN_POLL
 #define KOG_ATTN_POLL 0           // 1: tagged partials combined by the unit holding t (no ticket)
 #endif
+#ifndef KOG_ATTN_BULK
+#define KOG_ATTN_BULK 1           // 1: cached K/V rows staged by bulk copies (sm_90 TMA)
+#endif
+#if !KOG_HAS_BULK || KOG_STREAM
+#undef KOG_ATTN_BULK
+#define KOG_ATTN_BULK 0
+#endif
 
 #define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
 #define KOG_ATTN_SMEM_FLOATS \
@@ -98,16 +105,29 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         __syncthreads();                          // shared memory: the previous stage is done
         const int jc1 = min(j1, t);               // cached positions [j0, jc1)
         if (j0 < jc1) {                           // appended by units of earlier steps
+            const kog_u16* ksrc = kc + (kog_u64)j0 * HD;
+            const kog_u16* vsrc = vc + (kog_u64)j0 * HD;
+#if KOG_ATTN_BULK
+            // two bulk copies by the copy engine: the q polls below do not queue behind them
+            if (threadIdx.x == 0) {
+                while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
+                const unsigned bytes = (unsigned)((jc1 - j0) * HD * 2);
+                kog_u64* bar = reinterpret_cast<kog_u64*>(c.scratch + KOG_SLOT_BAR);
+                kog_fence_proxy_async();          // acquired KV rows, earlier shared reads
+                kog_mbar_expect_tx(bar, 2 * bytes);
+                kog_bulk_to_shared(ks, ksrc, bytes, bar);
+                kog_bulk_to_shared(vs, vsrc, bytes, bar);
+            }
+#else
             if (threadIdx.x == 0)
                 while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
             __syncthreads();
             const int n16 = (jc1 - j0) * HD / 8;  // 16-byte pieces per matrix
-            const kog_u16* ksrc = kc + (kog_u64)j0 * HD;
-            const kog_u16* vsrc = vc + (kog_u64)j0 * HD;
             for (int i = threadIdx.x; i < n16; i += blockDim.x) {
                 kog_copy16(ks + i * 8, ksrc + i * 8);
                 kog_copy16(vs + i * 8, vsrc + i * 8);
             }
+#endif
         }
         for (int i = threadIdx.x; i < HD; i += blockDim.x)
             rope[i] = i < HD / 2 ? p->rope_cos[(kog_u64)t * (HD / 2) + i]
@@ -140,7 +160,14 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                     d[KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i] = kv_t[i];
             }
         }
+#if KOG_ATTN_BULK
+        if (j0 < jc1) {                           // the K/V bulk copies have landed
+            kog_mbar_wait(reinterpret_cast<kog_u64*>(c.scratch + KOG_SLOT_BAR), *c.bulk_uses & 1u);
+            ++*c.bulk_uses;
+        }
+#else
         kog_copy16_wait_all();                    // this thread's K/V copies have landed
+#endif
         __syncthreads();
 
 #if KOG_ATTN_FAST
@@ -250,24 +277,36 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         //      polls them and combines with its own partial from shared memory -- no ticket
         //      round trip, one pass over the partials ----
         if (n_chunks == 1 || holds_t) {
-            kog_u64* pbase = reinterpret_cast<kog_u64*>(p->attn_partial) +
-                             (kog_u64)g * p->attn_chunks_alloc * G * (HD + 2);
-            for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+            // (h, d) pairs are split over S thread groups (the block has S x G x HD threads at
+            // least), group s combining batches s, s + S, ... of B partials each: a long
+            // context's partials are in flight together instead of in ceil(C / B) rounds.
+            // Group s > 0 leaves (max, sum, acc) in shared memory (the K staging area, done
+            // with), group 0 merges them in group order and writes attn_out.
+            constexpr int GH = G * HD;
+            constexpr int S = KOG_THREADS / GH >= 4 ? 4 : (KOG_THREADS / GH >= 2 ? 2 : 1);
+            constexpr int B = 4;                      // partials in flight per thread
+            constexpr int W = G * (HD + 2);           // words per chunk
+            const kog_u64* pbase = reinterpret_cast<const kog_u64*>(p->attn_partial) +
+                                   (kog_u64)g * p->attn_chunks_alloc * W;
+            float* stash = reinterpret_cast<float*>(ks);          // [S - 1][3][GH]
+            static_assert(3 * (S - 1) * GH <= KOG_ATTN_CHUNK * HD / 2, "combine stash fits");
+            for (int i0 = 0; i0 < GH * S; i0 += blockDim.x) {
+                const int ti = i0 + threadIdx.x;
+                const int grp = ti / GH, i = ti - grp * GH;
                 const int h = i / HD, d = i - h * HD;
-                float m = ml[2 * h], l = ml[2 * h + 1], acc = o[i];
-                constexpr int B = 4;                  // partials in flight per thread
-                constexpr int S = G * (HD + 2);       // words per chunk
-                const kog_u64* ph = pbase + h * (HD + 2);   // (max, sum) 16-byte aligned
-                for (int k0 = 0; k0 < n_chunks - 1; k0 += B) {
+                float m = KOG_NEG_INF, l = 0.f, acc = 0.f;
+                if (grp == 0) { m = ml[2 * h]; l = ml[2 * h + 1]; acc = o[i]; }
+                const kog_u64* ph = pbase + h * (HD + 2);      // (max, sum) 16-byte aligned
+                for (int k0 = grp * B; grp < S && k0 < n_chunks - 1; k0 += S * B) {
                     const int nb = min(B, n_chunks - 1 - k0);
-                    const kog_u64* pk = ph + (kog_u64)k0 * S;
+                    const kog_u64* pk = ph + (kog_u64)k0 * W;
                     kog_u64 wm[B], wl[B], wo[B];
 #pragma unroll
                     for (int b = 0; b < B; ++b) {
                         wm[b] = wl[b] = wo[b] = (kog_u64)out_tag << 32;
                         if (b < nb) {
-                            kog_ld_tagged2(pk + b * S + HD, wm[b], wl[b]);
-                            wo[b] = kog_ld_tagged(pk + b * S + d);
+                            kog_ld_tagged2(pk + b * W + HD, wm[b], wl[b]);
+                            wo[b] = kog_ld_tagged(pk + b * W + d);
                         }
                     }
                     for (;;) {
@@ -276,9 +315,9 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                         for (int b = 0; b < B; ++b) {
                             if (kog_tag_of(wm[b]) != out_tag || kog_tag_of(wl[b]) != out_tag) {
                                 ready = false;
-                                kog_ld_tagged2(pk + b * S + HD, wm[b], wl[b]);
+                                kog_ld_tagged2(pk + b * W + HD, wm[b], wl[b]);
                             }
-                            if (kog_tag_of(wo[b]) != out_tag) { ready = false; wo[b] = kog_ld_tagged(pk + b * S + d); }
+                            if (kog_tag_of(wo[b]) != out_tag) { ready = false; wo[b] = kog_ld_tagged(pk + b * W + d); }
                         }
                         if (ready) break;
                         kog_backoff();
@@ -295,9 +334,27 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                         }
                     }
                 }
-                const float out = acc / l;
-                kog_st_tagged(p->attn_out + g * G * HD + i, out, out_tag);
-                if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * G * HD + i] = out;
+                if (grp > 0 && grp < S) {
+                    float* st = stash + (grp - 1) * 3 * GH;
+                    st[i] = m; st[GH + i] = l; st[2 * GH + i] = acc;
+                }
+                if (S > 1) __syncthreads();
+                if (grp == 0) {
+                    for (int s2 = 1; s2 < S; ++s2) {
+                        const float* st = stash + (s2 - 1) * 3 * GH;
+                        const float mk = st[i];
+                        if (!(mk > KOG_NEG_INF)) continue;          // that group had no partials
+                        const float mn = fmaxf(m, mk);
+                        const float a = expf(m - mn), e = expf(mk - mn);
+                        l = fmaf(l, a, st[GH + i] * e);
+                        acc = fmaf(acc, a, st[2 * GH + i] * e);
+                        m = mn;
+                    }
+                    const float out = acc / l;
+                    kog_st_tagged(p->attn_out + g * G * HD + i, out, out_tag);
+                    if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * G * HD + i] = out;
+                }
+                if (S > 1) __syncthreads();
             }
         } else {
             kog_u64* part = reinterpret_cast<kog_u64*>(p->attn_partial) +
