@@ -31,13 +31,6 @@
 #ifndef KOG_ATTN_POLL
 #define KOG_ATTN_POLL 0           // 1: tagged partials combined by the unit holding t (no ticket)
 #endif
-#ifndef KOG_ATTN_BULK
-#define KOG_ATTN_BULK 1           // 1: cached K/V rows staged by bulk copies (sm_90 TMA)
-#endif
-#if !KOG_HAS_BULK || KOG_STREAM
-#undef KOG_ATTN_BULK
-#define KOG_ATTN_BULK 0
-#endif
 
 #define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
 #define KOG_ATTN_SMEM_FLOATS \
@@ -105,29 +98,16 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         __syncthreads();                          // shared memory: the previous stage is done
         const int jc1 = min(j1, t);               // cached positions [j0, jc1)
         if (j0 < jc1) {                           // appended by units of earlier steps
-            const kog_u16* ksrc = kc + (kog_u64)j0 * HD;
-            const kog_u16* vsrc = vc + (kog_u64)j0 * HD;
-#if KOG_ATTN_BULK
-            // two bulk copies by the copy engine: the q polls below do not queue behind them
-            if (threadIdx.x == 0) {
-                while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
-                const unsigned bytes = (unsigned)((jc1 - j0) * HD * 2);
-                kog_u64* bar = reinterpret_cast<kog_u64*>(c.scratch + KOG_SLOT_BAR);
-                kog_fence_proxy_async();          // acquired KV rows, earlier shared reads
-                kog_mbar_expect_tx(bar, 2 * bytes);
-                kog_bulk_to_shared(ks, ksrc, bytes, bar);
-                kog_bulk_to_shared(vs, vsrc, bytes, bar);
-            }
-#else
             if (threadIdx.x == 0)
                 while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
             __syncthreads();
             const int n16 = (jc1 - j0) * HD / 8;  // 16-byte pieces per matrix
+            const kog_u16* ksrc = kc + (kog_u64)j0 * HD;
+            const kog_u16* vsrc = vc + (kog_u64)j0 * HD;
             for (int i = threadIdx.x; i < n16; i += blockDim.x) {
                 kog_copy16(ks + i * 8, ksrc + i * 8);
                 kog_copy16(vs + i * 8, vsrc + i * 8);
             }
-#endif
         }
         for (int i = threadIdx.x; i < HD; i += blockDim.x)
             rope[i] = i < HD / 2 ? p->rope_cos[(kog_u64)t * (HD / 2) + i]
@@ -160,14 +140,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                     d[KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i] = kv_t[i];
             }
         }
-#if KOG_ATTN_BULK
-        if (j0 < jc1) {                           // the K/V bulk copies have landed
-            kog_mbar_wait(reinterpret_cast<kog_u64*>(c.scratch + KOG_SLOT_BAR), *c.bulk_uses & 1u);
-            ++*c.bulk_uses;
-        }
-#else
         kog_copy16_wait_all();                    // this thread's K/V copies have landed
-#endif
         __syncthreads();
 
 #if KOG_ATTN_FAST

@@ -41,12 +41,6 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.t = 0;
     KogStream stream{0, 0, 0, 0, 0, 0, false};
     c.stream = &stream;
-    unsigned bulk_uses = 0;
-    c.bulk_uses = &bulk_uses;
-#if KOG_HAS_BULK
-    if (threadIdx.x == 0) kog_mbar_init(reinterpret_cast<kog_u64*>(c.scratch + KOG_SLOT_BAR), 1);
-    __syncthreads();
-#endif
 #if KOG_STREAM
     for (int s = 0; s < KOG_STREAM_SLOTS; ++s) kog_stream_issue(c);   // weights first
 #endif

@@ -129,42 +129,6 @@ template <int N>
 KOG_DEVICE void kog_cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 #endif
 
-// Bulk global -> shared copies by the copy engine (sm_90 cp.async.bulk, TMA), completing on
-// an mbarrier in shared memory: they do not queue in the multiprocessor's load path, so the
-// loads issued after them (a consumer's polls of tagged data) are not delayed behind them.
-#if !defined(KOG_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define KOG_HAS_BULK 1
-KOG_DEVICE unsigned kog_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-KOG_DEVICE void kog_mbar_init(kog_u64* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(kog_smem_addr(bar)), "r"(count) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-// One arrival that also expects `bytes` of bulk copies on `bar` (thread 0 of the block).
-KOG_DEVICE void kog_mbar_expect_tx(kog_u64* bar, unsigned bytes) {
-    kog_u64 state;
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 %0, [%1], %2;"
-                 : "=l"(state) : "r"(kog_smem_addr(bar)), "r"(bytes) : "memory");
-    (void)state;
-}
-// dst, src 16-byte aligned, bytes a multiple of 16.
-KOG_DEVICE void kog_bulk_to_shared(void* dst, const void* src, unsigned bytes, kog_u64* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 :: "r"(kog_smem_addr(dst)), "l"(src), "r"(bytes), "r"(kog_smem_addr(bar)) : "memory");
-}
-// Every thread: wait until the phase with this parity of `bar` has completed.
-KOG_DEVICE void kog_mbar_wait(kog_u64* bar, unsigned parity) {
-    asm volatile("{\n\t.reg .pred done;\n"
-                 "KOG_MBAR_WAIT_%=:\n\t"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
-                 "@!done bra KOG_MBAR_WAIT_%=;\n}"
-                 :: "r"(kog_smem_addr(bar)), "r"(parity) : "memory");
-}
-// Orders this thread's earlier generic-proxy accesses before later async-proxy ones.
-KOG_DEVICE void kog_fence_proxy_async() { asm volatile("fence.proxy.async;" ::: "memory"); }
-#else
-#define KOG_HAS_BULK 0
-#endif
-
 // 16-byte global -> shared copy that may complete later (kog_copy16_wait_all): cp.async on
 // CUDA, a plain copy on HIP. The source must be coherent at L2 (written before an acquire).
 #ifndef KOG_STREAM

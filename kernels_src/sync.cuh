@@ -26,7 +26,6 @@
 #define KOG_QKV_DIM (KOG_Q_DIM + 2 * KOG_KV_DIM)
 
 #define KOG_SLOT_FLAG (2 * KOG_THREADS / KOG_WARP)            // scratch slots after reductions
-#define KOG_SLOT_BAR (KOG_SLOT_FLAG + 4)                      // 8-byte mbarrier (attention K/V)
 #define KOG_SCRATCH_FLOATS (2 * KOG_THREADS / KOG_WARP + 16)
 #ifndef KOG_OWN_ROWS
 #define KOG_OWN_ROWS 64          // rows of x a block owns at most (o_proj / down_residual)
@@ -144,7 +143,6 @@ struct KogCtx {
     float* x_own;        // KOG_OWN_ROWS: this block's rows of the residual stream x
     float* x_full;       // tensor parallel: the whole residual stream x (KOG_HIDDEN floats)
     struct KogStream* stream;   // this thread's cross-stage weight stream (KOG_STREAM)
-    unsigned* bulk_uses; // completed phases of the attention K/V mbarrier (same in every thread)
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     int t;               // position of the token being run
 };
