@@ -58,7 +58,8 @@ def cli():
               default="auto", show_default=True)
 @click.option("--context-length", type=int, default=4096, show_default=True)
 @click.option("--dtype", default=None, help="GPU storage dtype: bfloat16 | float16.")
-@click.option("--gpus", type=int, default=1, show_default=True)
+@click.option("--gpus", type=int, default=1, show_default=True,
+              help="GPUs for one generation (tensor parallel; must divide the attention heads).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the text ends before it.")
 def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_p,
              repetition_penalty, seed, chat, backend, context_length, dtype, gpus, stop):

@@ -105,6 +105,24 @@ def test_monokernel_without_gpu(tiny_dirs, monkeypatch):
     assert_user_error(r, "reference")
 
 
+def test_gpus_option_errors(tiny_dirs, monkeypatch):
+    import kogcupy.engine as E
+    r = invoke(["generate", "hi", "--model", tiny_dirs["llama"], "--backend", "reference",
+                "--gpus", "2"])
+    assert_user_error(r, "reference backend runs on the CPU")
+    monkeypatch.setattr(E, "gpu_info", lambda: (True, "1 GPU(s)"))   # checked before the GPU
+    r = invoke(["generate", "hi", "--model", tiny_dirs["llama"], "--backend", "monokernel",
+                "--gpus", "3"])
+    assert_user_error(r, "does not divide the model's 4 attention heads")
+    r = invoke(["generate", "hi", "--model", tiny_dirs["llama"], "--backend", "monokernel",
+                "--gpus", "2"])                                       # this machine has none
+    assert_user_error(r)
+    assert "needs 2 GPUs" in r.stderr or "CuPy is not usable" in r.stderr, r.stderr
+    r = invoke(["generate", "hi", "--model", tiny_dirs["llama"], "--backend", "monokernel",
+                "--gpus", "0"])
+    assert_user_error(r, "gpus")
+
+
 def test_tiny_model_generate_and_usage_error(tiny_dirs):
     r = invoke(["generate", "Once upon a time", "--model", tiny_dirs["qwen3"],
                 "--max-new-tokens", "5", "--no-chat", "--backend", "reference"])
