@@ -329,9 +329,11 @@ class MonokernelBackend:
         self.n_sms = int(props["multiProcessorCount"])
         self.n_blocks = int(blocks or self.n_sms)
         self.tuning = dict(tuning or {})
-        if self.world > 1:                   # dynamic work tails are single-GPU only
+        if self.world > 1 or int(self.tuning.get("KOG_STREAM", kernels.DEFAULT_TUNING["KOG_STREAM"])):
+            # dynamic work tails: one GPU, and not with the (static) cross-stage weight stream
             if int(self.tuning.get("KOG_DYN_PERMILLE", 0)):
-                raise DeviceError("KOG_DYN_PERMILLE (dynamic work tails) is single-GPU only")
+                raise DeviceError("KOG_DYN_PERMILLE (dynamic work tails) needs one GPU and "
+                                  "KOG_STREAM=0")
             self.tuning["KOG_DYN_PERMILLE"] = 0
         attn_chunk = int(self.tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
             "KOG_ATTN_CHUNK", attn_chunk_cap(cfg))))
