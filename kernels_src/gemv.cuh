@@ -778,7 +778,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     };
     kog_gemv<KOG_HIDDEN, 1, DYN>(p->lm_head, r0, r1, KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
                                  kog_dynamic<KOG_HIDDEN, 1>(c, KOG_CNT_DYN + KOG_N_LAYERS, lm_index,
-                                                            p->lm_dyn_begin, KOG_VOCAB));
+                                                            p->lm_dyn_begin, p->lm_dyn_end));
     kog_prof(c, KOG_N_LAYERS * 16 + 2);
     if (!DYN && r0 >= r1) return;
     float bv;

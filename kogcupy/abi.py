@@ -84,6 +84,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("attn_chunks_alloc", "i32", None, "chunks per kv head attn_partial holds"),
     ("gate_up_dyn_begin", "i32", None, "gate/up units >= this are handed out dynamically"),
     ("lm_dyn_begin", "i32", None, "LM head rows >= this are handed out dynamically"),
+    ("lm_dyn_end", "i32", None, "... and < this (V; tensor parallel: the rank's slice end)"),
     ("debug_npos", "i32", None, "positions dumped when debug != null"),
     ("debug_stride", "i32", None, "floats per dumped position"),
     ("profile_pos", "i32", None, "position whose stage timings are recorded"),

@@ -120,8 +120,6 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
     d.update(tuning or {})
     d["KOG_RING_BYTES"] = ring_bytes(d, threads)
     d["KOG_TP"] = int(tp)
-    if tp > 1:
-        d["KOG_DYN_PERMILLE"] = 0          # dynamic work tails are single-GPU only
     d.update(abi.peer_defines())
     d.update(abi.counter_layout(cfg.n_layers, cfg.n_kv_heads))
     d.update(debug_layout(cfg))

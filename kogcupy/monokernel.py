@@ -329,11 +329,10 @@ class MonokernelBackend:
         self.n_sms = int(props["multiProcessorCount"])
         self.n_blocks = int(blocks or self.n_sms)
         self.tuning = dict(tuning or {})
-        if self.world > 1 or int(self.tuning.get("KOG_STREAM", kernels.DEFAULT_TUNING["KOG_STREAM"])):
-            # dynamic work tails: one GPU, and not with the (static) cross-stage weight stream
+        if int(self.tuning.get("KOG_STREAM", kernels.DEFAULT_TUNING["KOG_STREAM"])):
+            # the (static) cross-stage weight stream excludes dynamic work tails
             if int(self.tuning.get("KOG_DYN_PERMILLE", 0)):
-                raise DeviceError("KOG_DYN_PERMILLE (dynamic work tails) needs one GPU and "
-                                  "KOG_STREAM=0")
+                raise DeviceError("KOG_DYN_PERMILLE (dynamic work tails) needs KOG_STREAM=0")
             self.tuning["KOG_DYN_PERMILLE"] = 0
         attn_chunk = int(self.tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
             "KOG_ATTN_CHUNK", attn_chunk_cap(cfg))))
@@ -502,7 +501,7 @@ class MonokernelBackend:
             min_p=params.min_p, repetition_penalty=params.repetition_penalty,
             seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
             n_lm_producers=pl.producers["lm"], gate_up_dyn_begin=pl.gate_up_dyn_begin,
-            lm_dyn_begin=pl.lm_dyn_begin,
+            lm_dyn_begin=pl.lm_dyn_begin, lm_dyn_end=pl.lm_dyn_end,
             attn_max_chunks=pl.attn_max_chunks, attn_chunks_alloc=pl.attn_chunks_alloc,
             debug_npos=self.debug_positions if self.debug is not None else 0,
             debug_stride=self.debug_stride,

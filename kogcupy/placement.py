@@ -52,6 +52,7 @@ class Placement:
     own_rows: int                  # rows of x a block owns at most (o_proj / down_residual)
     gate_up_dyn_begin: int         # gate/up units from here on are handed out dynamically
     lm_dyn_begin: int              # LM head rows from here on are handed out dynamically
+    lm_dyn_end: int                # ... up to here (this rank's vocabulary slice ends)
 
 
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
@@ -59,8 +60,6 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
           max_chunk: int | None = None) -> Placement:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of {world_size}")
-    if world_size > 1 and dyn_permille:
-        raise ValueError("dynamic work tails (KOG_DYN_PERMILLE) are single-GPU only")
     v0, v1 = rank * cfg.vocab_size // world_size, (rank + 1) * cfg.vocab_size // world_size
     max_chunk = max_chunk or attn_chunk_cap(cfg)
     stages = {
@@ -99,4 +98,4 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
         raise ValueError("attention ticket counts overflow")
     own_rows = int(np.max(cols[1][:, 1] - cols[1][:, 0]))
     return Placement(n_blocks, partition, producers, max_chunks, alloc, base.astype(np.int32),
-                     own_rows, dyn_begin["gate_up"], dyn_begin["lm"])
+                     own_rows, dyn_begin["gate_up"], v0 + dyn_begin["lm"], v1)

@@ -37,6 +37,7 @@ from kogcupy.monokernel import DeviceModel, MonokernelBackend  # noqa: E402
 from kogcupy.multigpu import TensorParallelBackend  # noqa: E402
 
 TP_SIZES = [n for n in (2, 4) if n <= N_GPUS]
+ODD_SIZES = [n for n in (3,) if n <= N_GPUS]       # any count that divides the heads
 
 
 def cfg_of(arch, vocab, hidden, ffn, layers, heads, kv, hd):
@@ -54,6 +55,8 @@ FAMILIES = {
     # biases on q/k/v
     "qwen2-bias": cfg_of("qwen2", 1200, 384, 1536, 3, 4, 4, 64),
 }
+# 6 q / 3 kv heads: splits over 3 GPUs (SmolLM2-135M's 9 / 3 heads do too)
+ODD = cfg_of("llama", 999, 384, 768, 2, 6, 3, 64)
 
 _CACHE = {}
 
@@ -62,7 +65,7 @@ def pair(key, n, blocks=None):
     """(one-GPU backend, n-GPU backend) on the same random weights."""
     k = (key, n, blocks)
     if k not in _CACHE:
-        cfg = FAMILIES[key]
+        cfg = ODD if key == "odd" else FAMILIES[key]
         w = random_packed_weights(cfg, seed=1, dtype="bfloat16", rope_positions=2048)
         m = SimpleNamespace(config=cfg, weights=w, dtype="bfloat16", tokenizer=None, path="random")
         one = _CACHE.get((key, 1, blocks))
@@ -107,6 +110,16 @@ def test_logits_match_one_gpu(key, n):
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.97
     for r, other in enumerate(tp.last_logits_all_ranks[1:], 1):   # every rank agrees exactly
         assert other.tobytes() == got.tobytes(), f"rank {r} logits differ from rank 0"
+
+
+@pytest.mark.parametrize("n", ODD_SIZES)
+def test_three_gpus(n):
+    one, tp = pair("odd", n)
+    ids = prompt(one.cfg, 7, seed=13)
+    assert greedy(tp, ids, 64)[0] == greedy(one, ids, 64)[0]
+    ids = prompt(one.cfg, 30, seed=14)
+    want, got = one.logits(ids), tp.logits(ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 2e-3
 
 
 @pytest.mark.parametrize("n", TP_SIZES)

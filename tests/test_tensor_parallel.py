@@ -94,6 +94,12 @@ def test_placement_per_rank():
         assert np.all(part[1:, 8] == part[:-1, 9])                       # contiguous
     assert lm[0][0] == 0 and lm[-1][1] == 101
     assert all(lm[i][1] == lm[i + 1][0] for i in range(n - 1))           # global vocab ids
+    for r in range(n):                                # dynamic tails stay inside the slice
+        pl = place(loc, blocks, 64, rank=r, world_size=n, dyn_permille=100)
+        v0, v1 = tp.vocab_range(cfg, r, n)
+        assert pl.partition[0, 8] == v0 and pl.partition[-1, 9] == pl.lm_dyn_begin
+        assert v0 < pl.lm_dyn_begin < pl.lm_dyn_end == v1
+        assert pl.producers["lm"] == blocks
     with pytest.raises(ValueError, match="rows of every stage in every block"):
         place(loc, 40, 64, rank=0, world_size=n)                       # 32 FFN units < 40
 
