@@ -27,7 +27,7 @@ from . import abi, kernels, tensor_parallel
 from .config import ModelConfig
 from .errors import DeviceError, InputError
 from .packing import bf16_bits, default_rope_positions, rope_tables
-from .placement import ATTN_MIN_CHUNK, attn_chunk_cap, place
+from .placement import ATTN_MIN_CHUNK, attn_chunk_cap, max_tp_blocks, place
 from .sampling_params import SamplingParams
 
 THREADS = 512
@@ -327,13 +327,17 @@ class MonokernelBackend:
         self.gpu_name = props["name"].decode(errors="replace") if isinstance(
             props["name"], bytes) else str(props["name"])
         self.n_sms = int(props["multiProcessorCount"])
-        self.n_blocks = int(blocks or self.n_sms)
         self.tuning = dict(tuning or {})
         if int(self.tuning.get("KOG_STREAM", kernels.DEFAULT_TUNING["KOG_STREAM"])):
             # the (static) cross-stage weight stream excludes dynamic work tails
             if int(self.tuning.get("KOG_DYN_PERMILLE", 0)):
                 raise DeviceError("KOG_DYN_PERMILLE (dynamic work tails) needs KOG_STREAM=0")
             self.tuning["KOG_DYN_PERMILLE"] = 0
+        dyn = int(self.tuning.get("KOG_DYN_PERMILLE", kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"]))
+        # one block per multiprocessor; a small model split over GPUs gets a smaller grid, so
+        # that every block owns rows of every stage (placement.py)
+        self.n_blocks = int(blocks or (self.n_sms if self.world == 1 else
+                                       max(1, min(self.n_sms, max_tp_blocks(lcfg, self.world, dyn)))))
         attn_chunk = int(self.tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
             "KOG_ATTN_CHUNK", attn_chunk_cap(cfg))))
         try:

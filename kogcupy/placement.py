@@ -55,6 +55,14 @@ class Placement:
     lm_dyn_end: int                # ... up to here (this rank's vocabulary slice ends)
 
 
+def max_tp_blocks(cfg: ModelConfig, world_size: int, dyn_permille: int = 0) -> int:
+    """The largest grid on which every block owns rows of every GEMV stage of every rank
+    (tensor parallel; ``cfg`` is one rank's share)."""
+    static = lambda n: n - n * dyn_permille // 1000  # noqa: E731
+    vocab = cfg.vocab_size // world_size
+    return min(cfg.qkv_dim, cfg.hidden_size, static(cfg.intermediate_size), static(vocab))
+
+
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
           world_size: int = 1, min_chunk: int = ATTN_MIN_CHUNK, dyn_permille: int = 0,
           max_chunk: int | None = None) -> Placement:

@@ -104,6 +104,18 @@ def test_placement_per_rank():
         place(loc, 40, 64, rank=0, world_size=n)                       # 32 FFN units < 40
 
 
+def test_largest_grid_for_a_small_model():
+    from kogcupy.placement import max_tp_blocks
+    cfg = cfg_of(vocab=101)
+    loc = tp.local_config(cfg, 4)
+    n = max_tp_blocks(loc, 4, dyn_permille=100)
+    assert n == 23                    # 25 vocabulary rows a rank, 2 of them in the dynamic tail
+    for r in range(4):
+        place(loc, n, 64, rank=r, world_size=4, dyn_permille=100)
+    with pytest.raises(ValueError):
+        place(loc, n + 1, 64, rank=0, world_size=4, dyn_permille=100)
+
+
 def test_bad_splits_are_refused_with_a_reason():
     with pytest.raises(InputError, match="does not divide the model's 9 attention heads"):
         tp.check(shape_config("smollm2-135m"), 2)
