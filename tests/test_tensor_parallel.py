@@ -128,3 +128,54 @@ def test_bad_splits_are_refused_with_a_reason():
     for name in ("llama-3.2-1b", "qwen3-1.7b"):
         for n in (1, 2, 4, 8):
             tp.check(shape_config(name), n)
+
+
+# ---- the whole tensor-parallel forward in NumPy: the shards through the reference stages ----
+def _device_layout(cfg, w):
+    """Packed (reference) arrays -> the monokernel's layout that tp.shard() splits."""
+    L, f, h = cfg.n_layers, cfg.intermediate_size, cfg.hidden_size
+    out = dict(w)
+    out["w_gate_up"] = w["w_gate_up"].reshape(L, 2, f, h).transpose(0, 2, 1, 3)   # (L, f, 2, h)
+    return out
+
+
+def _packed_layout(loc, s):
+    L, f, h = loc.n_layers, loc.intermediate_size, loc.hidden_size
+    out = dict(s)
+    out["w_gate_up"] = np.ascontiguousarray(s["w_gate_up"].transpose(0, 2, 1, 3)).reshape(L, 2 * f, h)
+    return out
+
+
+def tp_forward(cfg, weights, ids, n):
+    """Logits of every position, each rank running the reference stages on its share and the
+    o_proj / down partials summed over ranks (what the monokernel's all-reduce computes)."""
+    from kogcupy.reference import ReferenceModel, rmsnorm
+    loc = tp.local_config(cfg, n)
+    full = _device_layout(cfg, weights)
+    ranks = [ReferenceModel(loc, _packed_layout(loc, tp.shard(cfg, full, r, n)), 64)
+             for r in range(n)]
+    x = weights["embed"][np.asarray(ids)].astype(np.float32)
+    for layer in range(cfg.n_layers):
+        part = []
+        for m in ranks:
+            attn = m.attention(m.attn_norm_qkv(x, layer), layer)
+            part.append(attn @ m.w["wo"][layer].T)
+        x = x + sum(part)
+        part = [m.ffn_norm_gate_up_silu(x, layer) @ m.w["w_down"][layer].T for m in ranks]
+        x = x + sum(part)
+    xn = rmsnorm(x, cfg.rms_norm_eps)
+    return np.concatenate([xn @ m.w["lm_head"].T for m in ranks], axis=1)
+
+
+@pytest.mark.parametrize("arch,n_kv,n", [("qwen2", 2, 2), ("qwen2", 2, 4), ("qwen3", 2, 4),
+                                          ("qwen3", 8, 8), ("llama", 4, 2)])
+def test_tensor_parallel_forward_equals_the_whole_model(arch, n_kv, n):
+    from kogcupy.random_weights import random_packed_weights
+    from kogcupy.reference import ReferenceModel
+    cfg = cfg_of(arch=arch, n_kv=n_kv, vocab=101)
+    w = random_packed_weights(cfg, seed=5, dtype="float32", rope_positions=64)
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 12)
+    want = ReferenceModel(cfg, w, 64).forward(ids, all_logits=True)
+    got = tp_forward(cfg, w, ids, n)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
