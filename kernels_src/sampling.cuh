@@ -273,7 +273,8 @@ KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
     const KogParams* p = c.p;
     const kog_u16* row = p->embed + (kog_u64)token * KOG_HIDDEN;
     const kog_u32 tag = kog_tag(pos, 0, KOG_STAGE_EMBED);
-    float* dbg = (p->debug != nullptr && pos < p->debug_npos) ? p->debug + (kog_u64)pos * p->debug_stride : nullptr;
+    float* dbg = (KOG_HOOKS && p->debug != nullptr && pos < p->debug_npos)
+                     ? p->debug + (kog_u64)pos * p->debug_stride : nullptr;
     for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
         const float v = kog_w_to_f32(row[i]);
         kog_st_tagged(p->x + i, v, tag);

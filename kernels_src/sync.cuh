@@ -155,15 +155,18 @@ KOG_DEVICE kog_u32 kog_expected(const KogCtx& c, int producers) {
 // its inputs are in shared memory, and at its end, for one position. Slots: layer * 16 +
 // stage * 3 + {0, 1, 2} (stage: 0 qkv, 1 attention, 2 o_proj, 3 gate_up, 4 down); the LM head
 // at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}.
+#ifndef KOG_HOOKS
+#define KOG_HOOKS 1               // 0: no profiling / debug-dump code (fewer spills; untimed yet)
+#endif
 #define KOG_PROF_SLOTS (KOG_N_LAYERS * 16 + 8)
 KOG_DEVICE void kog_prof(const KogCtx& c, int slot) {
-    if (c.p->profile != nullptr && c.t == c.p->profile_pos && threadIdx.x == 0)
+    if (KOG_HOOKS && c.p->profile != nullptr && c.t == c.p->profile_pos && threadIdx.x == 0)
         c.p->profile[blockIdx.x * KOG_PROF_SLOTS + slot] = kog_globaltimer();
 }
 
 // Debug dump row of this position, or null.
 KOG_DEVICE float* kog_debug_row(const KogCtx& c) {
     const KogParams* p = c.p;
-    if (p->debug == nullptr || c.t >= p->debug_npos) return nullptr;
+    if (!KOG_HOOKS || p->debug == nullptr || c.t >= p->debug_npos) return nullptr;
     return p->debug + (kog_u64)c.t * p->debug_stride;
 }

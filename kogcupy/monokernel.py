@@ -328,6 +328,8 @@ class MonokernelBackend:
             props["name"], bytes) else str(props["name"])
         self.n_sms = int(props["multiProcessorCount"])
         self.tuning = dict(tuning or {})
+        if profile_pos is not None or debug_positions:
+            self.tuning["KOG_HOOKS"] = 1      # the stage timings / dumps are compiled in
         if int(self.tuning.get("KOG_STREAM", kernels.DEFAULT_TUNING["KOG_STREAM"])):
             # the (static) cross-stage weight stream excludes dynamic work tails
             if int(self.tuning.get("KOG_DYN_PERMILLE", 0)):

@@ -56,6 +56,10 @@ def _sources(tmp_path):
         d = kernels.model_defines(loc, dtype, 512, smem_floats(loc), len(abi.PARTITION_COLUMNS),
                                   tp=n)
         out[key] = (kernels.monokernel_source(), kernels.define_options(d))
+    cfg = shape_config("llama-3.2-1b")      # the build without profiling / debug hooks
+    d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
+                              {"KOG_HOOKS": 0})
+    out["llama-3.2-1b-nohooks"] = (kernels.monokernel_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
     out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel
     return out
@@ -75,7 +79,8 @@ def test_inlined_source_is_self_contained():
         assert f" {name};" in src
 
 
-@pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) + ["stream_read", "kccl_test"])
+@pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
+                         ["llama-3.2-1b-nohooks", "stream_read", "kccl_test"])
 def test_nvcc_sm90(tmp_path, key):
     nvcc = _compiler("nvcc")
     src, opts = _sources(tmp_path)[key]
