@@ -715,30 +715,23 @@ def run(args, save=lambda doc: None) -> dict:
         _free_gpu()
 
         if "kogcupy" in args.engines:
-            for n in [g for g in args.gpus if g > 1]:       # tensor parallel, position 0
-                t0 = time.perf_counter()
-                res, err = _guard(lambda: bench_kogcupy(cfg, args.prompt_len, args.new_tokens, 0, n),
-                                  f"{shape} kogcupy {n} GPUs", log)
-                tps = res.get("tokens_per_s") if res else None
-                if res and not (isinstance(tps, (int, float)) and math.isfinite(tps) and tps > 0):
-                    err, tps = f"bench_decode returned tokens_per_s={tps!r}", None
-                rows.append(make_row("kogcupy", shape, cfg, args, env, error=err, n_gpus=n,
-                                     tokens_per_s=tps, wall_s=time.perf_counter() - t0,
-                                     engine_info=res or {}))
-                print(f"  kogcupy x{n} GPUs {_fmt(tps, '.1f', 9)} tok/s", flush=True)
-                _free_gpu()
-            for pos in (args.positions if 1 in args.gpus else []):
+            def decode(pos, n, what, label):
                 t0 = time.perf_counter()
                 res, err = _guard(lambda: bench_kogcupy(cfg, args.prompt_len, args.new_tokens,
-                                                        pos), f"{shape} kogcupy pos {pos}", log)
+                                                        pos, n), f"{shape} kogcupy {what}", log)
                 tps = res.get("tokens_per_s") if res else None
                 if res and not (isinstance(tps, (int, float)) and math.isfinite(tps) and tps > 0):
                     err, tps = f"bench_decode returned tokens_per_s={tps!r}", None
                 rows.append(make_row("kogcupy", shape, cfg, args, env, error=err, position=pos,
-                                     tokens_per_s=tps, wall_s=time.perf_counter() - t0,
+                                     n_gpus=n, tokens_per_s=tps, wall_s=time.perf_counter() - t0,
                                      engine_info=res or {}))
-                print(f"  kogcupy @{pos:<6}  {_fmt(tps, '.1f', 9)} tok/s", flush=True)
+                print(f"  kogcupy {label} {_fmt(tps, '.1f', 9)} tok/s", flush=True)
                 _free_gpu()
+
+            for n in [g for g in args.gpus if g > 1]:       # tensor parallel, position 0
+                decode(0, n, f"{n} GPUs", f"x{n} GPUs")
+            for pos in (args.positions if 1 in args.gpus else []):
+                decode(pos, 1, f"pos {pos}", f"@{pos:<6} ")
             if args.ttft_prompt and 1 in args.gpus:
                 res, err = _guard(lambda: bench_kogcupy(cfg, args.ttft_prompt, 1, 0),
                                   f"{shape} kogcupy ttft", log)
