@@ -295,7 +295,36 @@ class MonokernelTokenStream:
         return tok
 
 
-class MonokernelBackend:
+class _OneLaunchBackend:
+    """What the one-GPU and the tensor-parallel backends share: a request is one launch
+    (``_launch``, per backend) whose tokens a MonokernelTokenStream reads from ``_ctl`` /
+    ``_host_tokens``; ``_stream`` is the launch's stream (or all of them)."""
+
+    def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
+              eos_ids: set[int]) -> MonokernelTokenStream:
+        self.cfg.check_request(prompt_ids, self.context_length, max_new_tokens)
+        t0 = self._launch(list(prompt_ids), params, max_new_tokens, eos_ids, all_logits=False)
+        stream = MonokernelTokenStream(self, len(prompt_ids), t0)
+        self._active = stream
+        return stream
+
+    def _check_logits_request(self, token_ids: list[int]):
+        self.cfg.check_token_ids(token_ids, "token_ids")
+        if len(token_ids) > self.context_length:
+            raise InputError(f"{len(token_ids)} tokens exceed the context length "
+                             f"{self.context_length}")
+
+    def _sync_with_watchdog(self):
+        t0 = time.perf_counter()
+        while not self._stream.done:
+            if time.perf_counter() - t0 > self.watchdog_s:
+                raise DeviceError(f"monokernel did not finish within {self.watchdog_s:.0f} s; "
+                                  f"the GPU kernel is stalled")
+            time.sleep(50e-6)
+        self._stream.synchronize()
+
+
+class MonokernelBackend(_OneLaunchBackend):
     """Backend protocol (see reference.ReferenceBackend) on one persistent GPU kernel."""
 
     name = "monokernel"
@@ -542,33 +571,13 @@ class MonokernelBackend:
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """[n, V] float32: every position's logits, teacher-forced in one launch."""
         cp = _cupy()
-        self.cfg.check_token_ids(token_ids, "token_ids")
-        n = len(token_ids)
-        if n > self.context_length:
-            raise InputError(f"{n} tokens exceed the context length {self.context_length}")
-        out = cp.empty((n, self.cfg.vocab_size), cp.float32)
+        self._check_logits_request(token_ids)
+        out = cp.empty((len(token_ids), self.cfg.vocab_size), cp.float32)
         with self._stream:
             out.fill(np.nan)
         self._launch(list(token_ids), SamplingParams(), 1, (), all_logits=True, logits_out=out)
         self._sync_with_watchdog()
         return cp.asnumpy(out)
-
-    def _sync_with_watchdog(self):
-        t0 = time.perf_counter()
-        while not self._stream.done:
-            if time.perf_counter() - t0 > self.watchdog_s:
-                raise DeviceError(f"monokernel did not finish within {self.watchdog_s:.0f} s; "
-                                  f"the GPU kernel is stalled")
-            time.sleep(50e-6)
-        self._stream.synchronize()
-
-    def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
-              eos_ids: set[int]) -> MonokernelTokenStream:
-        self.cfg.check_request(prompt_ids, self.context_length, max_new_tokens)
-        t0 = self._launch(list(prompt_ids), params, max_new_tokens, eos_ids, all_logits=False)
-        stream = MonokernelTokenStream(self, len(prompt_ids), t0)
-        self._active = stream
-        return stream
 
     # ---- debug ----------------------------------------------------------------------------
     @_on_device

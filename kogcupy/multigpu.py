@@ -12,13 +12,13 @@ rank 0 streams it to the host and is the one that reads the cancel flag.
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
 from . import abi, kccl, tensor_parallel
-from .errors import DeviceError, InputError
-from .monokernel import DeviceModel, MonokernelBackend, MonokernelTokenStream, _cupy
+from .errors import InputError
+from .monokernel import (DeviceModel, MonokernelBackend, MonokernelTokenStream, _cupy,
+                         _OneLaunchBackend)
 from .sampling_params import SamplingParams
 
 
@@ -37,7 +37,7 @@ class _AllStreams:
             r._stream.synchronize()
 
 
-class TensorParallelBackend:
+class TensorParallelBackend(_OneLaunchBackend):
     """Backend protocol (see reference.ReferenceBackend) over `gpus` GPUs."""
 
     name = "monokernel"
@@ -102,36 +102,19 @@ class TensorParallelBackend:
         t0 = [r._fire(v) for r, v in zip(self.ranks, vals)]
         return t0[0]
 
-    def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
-              eos_ids: set[int]) -> MonokernelTokenStream:
-        self.cfg.check_request(prompt_ids, self.context_length, max_new_tokens)
-        t0 = self._launch(list(prompt_ids), params, max_new_tokens, eos_ids, all_logits=False)
-        stream = MonokernelTokenStream(self, len(prompt_ids), t0)
-        self._active = stream
-        return stream
-
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """[n, V] float32: every position's logits, teacher-forced (rank 0's copy; every rank
         holds the same)."""
         cp = _cupy()
-        self.cfg.check_token_ids(token_ids, "token_ids")
-        n = len(token_ids)
-        if n > self.context_length:
-            raise InputError(f"{n} tokens exceed the context length {self.context_length}")
+        self._check_logits_request(token_ids)
         outs = []
         for r in self.ranks:
             with cp.cuda.Device(r.device_id), r._stream:
-                o = cp.empty((n, self.cfg.vocab_size), cp.float32)
+                o = cp.empty((len(token_ids), self.cfg.vocab_size), cp.float32)
                 o.fill(np.nan)
                 outs.append(o)
         self._launch(list(token_ids), SamplingParams(), 1, (), True, outs)
-        t0 = time.perf_counter()
-        while not self._stream.done:
-            if time.perf_counter() - t0 > self.watchdog_s:
-                raise DeviceError(f"tensor-parallel monokernel did not finish within "
-                                  f"{self.watchdog_s:.0f} s; a GPU kernel is stalled")
-            time.sleep(50e-6)
-        self._wait_idle()
+        self._sync_with_watchdog()
         self.last_logits_all_ranks = [cp.asnumpy(o) for o in outs]
         return self.last_logits_all_ranks[0]
 

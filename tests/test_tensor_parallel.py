@@ -179,3 +179,35 @@ def test_tensor_parallel_forward_equals_the_whole_model(arch, n_kv, n):
     got = tp_forward(cfg, w, ids, n)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_backends_share_the_launch_protocol():
+    # start() / the logits checks / the watchdog wait are the one-launch base's, on one GPU
+    # and over several; run here with the GPU side faked (host-mapped words as numpy arrays)
+    from types import SimpleNamespace
+
+    from kogcupy.errors import DeviceError
+    from kogcupy.monokernel import MonokernelBackend
+    from kogcupy.multigpu import TensorParallelBackend
+    from kogcupy.sampling_params import SamplingParams
+    for cls in (MonokernelBackend, TensorParallelBackend):
+        assert cls.start is MonokernelBackend.start
+        b = object.__new__(cls)
+        ctl, toks = np.zeros(4, np.uint32), np.zeros(16, np.int32)
+        stream = SimpleNamespace(done=False, synchronize=lambda: None)
+
+        def launch(ids, params, max_new, eos, all_logits):
+            toks[:3] = [7, 8, 9]
+            ctl[0], ctl[1] = 3, 2                   # three tokens, finish "length"
+            stream.done = True
+            return 0.0
+        b.cfg, b.context_length, b.watchdog_s, b._active = cfg_of(vocab=101), 8, 0.2, None
+        b._ctl, b._host_tokens = SimpleNamespace(u32=ctl), SimpleNamespace(i32=toks)
+        b._stream, b._wait_idle, b._launch = stream, lambda: None, launch
+        s = b.start([1, 2], SamplingParams(), 3, set())
+        assert list(s) == [7, 8, 9] and s.finish_reason == "length" and b._active is s
+        with pytest.raises(InputError, match="exceed the context length"):
+            b._check_logits_request(list(range(9)))
+        stream.done = False
+        with pytest.raises(DeviceError, match="did not finish"):
+            b._sync_with_watchdog()
