@@ -55,12 +55,16 @@ class Placement:
     lm_dyn_end: int                # ... up to here (this rank's vocabulary slice ends)
 
 
+def static_units(n_units: int, dyn_permille: int) -> int:
+    """Units of a stage placed at build time; the last dyn_permille / 1000 go at run time."""
+    return n_units - n_units * dyn_permille // 1000
+
+
 def max_tp_blocks(cfg: ModelConfig, world_size: int, dyn_permille: int = 0) -> int:
     """The largest grid on which every block owns rows of every GEMV stage of every rank
     (tensor parallel; ``cfg`` is one rank's share)."""
-    static = lambda n: n - n * dyn_permille // 1000  # noqa: E731
-    vocab = cfg.vocab_size // world_size
-    return min(cfg.qkv_dim, cfg.hidden_size, static(cfg.intermediate_size), static(vocab))
+    return min(cfg.qkv_dim, cfg.hidden_size, static_units(cfg.intermediate_size, dyn_permille),
+               static_units(cfg.vocab_size // world_size, dyn_permille))
 
 
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
@@ -78,7 +82,7 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
         "lm": v1 - v0,                       # rows of lm_head (this rank's vocabulary slice)
     }
     # gate_up and lm: the last dyn_permille / 1000 of the units are handed out at run time
-    dyn_begin = {k: stages[k] - stages[k] * dyn_permille // 1000 for k in ("gate_up", "lm")}
+    dyn_begin = {k: static_units(stages[k], dyn_permille) for k in ("gate_up", "lm")}
     cols = [split_even(dyn_begin.get(k, n), n_blocks) for k, n in stages.items()]
     cols[4] = cols[4] + v0                  # global vocabulary ids
     # o_proj and down_residual rows of x must have the same owner (the kernel keeps a block's

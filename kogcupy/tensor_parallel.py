@@ -91,9 +91,7 @@ def shard(cfg: ModelConfig, arrays: dict, rank: int, n: int) -> dict:
     rows = xp.asarray(qkv_rows(cfg, rank, n))
     out = {}
     for name, a in arrays.items():
-        if name == "wqkv":
-            b = xp.take(a, rows, axis=1)
-        elif name == "bqkv":
+        if name in ("wqkv", "bqkv"):
             b = xp.take(a, rows, axis=1)
         elif name == "wo":
             b = a[:, :, rank * hq * hd:(rank + 1) * hq * hd]
