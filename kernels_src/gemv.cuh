@@ -263,10 +263,15 @@ struct KogDynamic {
     kog_u32 base;
     int begin, end;
 };
+// pre(unit): called by every lane when a dynamically grabbed unit's first tile is requested
+// (down_residual loads the row's old value of x there, long before its epilogue needs it).
+struct KogNoPre {
+    KOG_DEVICE void operator()(int) const {}
+};
 
-template <int K, int UNIT, bool DYN = false, class Ready, class Epilogue>
+template <int K, int UNIT, bool DYN = false, class Ready, class Epilogue, class Pre = KogNoPre>
 KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, const KogCtx& ctx,
-                         Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}) {
+                         Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}, Pre pre = Pre{}) {
     char* ring = ctx.ring;
     static_assert(K % 8 == 0, "rows must be a whole number of 16-byte vectors");
     constexpr int CPR = K / 8;                                   // 16-byte chunks per row
@@ -470,6 +475,7 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
             auto dload = [&](int i, kog_vec4 (&d)[NLT]) {
                 const int u = u0 + i / TPU, kt = i % TPU;
                 if (u < dyn.end) {
+                    if (kt == 0) pre(u);
 #pragma unroll
                     for (int j = 0; j < NLT; ++j)
                         if (FULL || kt * TILE + j * KOG_WARP + lane < CPU)
@@ -515,7 +521,10 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
 }
 
 #ifndef KOG_DYN_PERMILLE
-#define KOG_DYN_PERMILLE 0        // share of gate_up / lm_head units handed out dynamically
+#define KOG_DYN_PERMILLE 0        // share of gate_up / lm_head (/ down) units handed out dynamically
+#endif
+#ifndef KOG_DOWN_DYN
+#define KOG_DOWN_DYN 0            // 1: down_residual has a dynamic tail too
 #endif
 
 // The dynamic-tail cursor of a stage at position index `index` (see KogDynamic).
@@ -612,21 +621,26 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
     const int r0 = c.part[2], r1 = c.part[3];
     float* dbg = kog_debug_row(c);
+    const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_O);
+    const kog_u16* emb = layer == 0 ? p->embed + (kog_u64)kog_ld_cg_int(p->tokens + c.t) * KOG_HIDDEN
+                                    : nullptr;
     auto ready = [&]() -> float {
         kog_prefetch_rows(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
                           c.part[5], 2 * KOG_HIDDEN, KOG_PF_BYTES, KOG_PF_BYTES);
         if (r0 >= r1) return -1.f;
+#if KOG_TP == 1
+        // the old value of this block's rows of x (its load finishes while attention runs)
+        for (int i = threadIdx.x; i < r1 - r0; i += blockDim.x)
+            c.x_own[i] = emb != nullptr ? kog_w_to_f32(emb[r0 + i])
+                                        : kog_wait_tagged(p->x + r0 + i, kog_tag(c.t, layer - 1, KOG_STAGE_DOWN));
+#endif
         const float s = kog_load_activation<KOG_Q_DIM>(p->attn_out, kog_tag(c.t, layer, KOG_STAGE_ATTN),
                                                        c.smem, c.scratch, false);
         kog_prof(c, layer * 16 + 7);
         return s;
     };
-    // This block owns rows [r0, r1) of x for o_proj and down_residual alike: it keeps them in
-    // shared memory (x_own), so the residual add needs no read of x; at layer 0 they come from
-    // the token's embedding row.
-    const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_O);
-    const kog_u16* emb = layer == 0 ? p->embed + (kog_u64)kog_ld_cg_int(p->tokens + c.t) * KOG_HIDDEN
-                                    : nullptr;
+    // x[rows] += wo[rows] @ attn_out: the old values of this block's rows come to shared
+    // memory (x_own) while it waits for attention; at layer 0 from the token's embedding row.
 #if KOG_TP > 1
     // tensor parallel: this rank's heads give a partial of every row; all-reduce, then add
     auto epi = [&](int row, float (&acc)[1], float) {
@@ -637,9 +651,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
 #else
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
-            const float old = emb != nullptr ? kog_w_to_f32(emb[row]) : c.x_own[row - r0];
-            const float v = old + acc[0];
-            c.x_own[row - r0] = v;
+            const float v = c.x_own[row - r0] + acc[0];
             kog_st_tagged(p->x + row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
@@ -696,34 +708,51 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
     const int r0 = c.part[6], r1 = c.part[7];
     float* dbg = kog_debug_row(c);
+    constexpr bool DYN = KOG_DYN_PERMILLE > 0 && KOG_DOWN_DYN;
+    const kog_u32 x_in = kog_tag(c.t, layer, KOG_STAGE_O);
+    float* x_old = c.x_own + KOG_OWN_PAD;          // o_proj's half may still be read (no barrier)
     auto ready = [&]() -> float {
         if (layer + 1 < KOG_N_LAYERS)
             kog_prefetch_rows(p->wqkv + (kog_u64)(layer + 1) * KOG_QKV_DIM * KOG_HIDDEN, c.part[0],
                               c.part[1], KOG_HIDDEN, 0, KOG_PF_BYTES);
         else
             kog_prefetch_rows(p->lm_head, c.part[8], c.part[9], KOG_HIDDEN, 0, 2 * KOG_PF_BYTES);
-        if (r0 >= r1) return -1.f;
+        if (!DYN && r0 >= r1) return -1.f;
+#if KOG_TP == 1
+        for (int i = threadIdx.x; i < r1 - r0; i += blockDim.x)   // old x of the static rows
+            x_old[i] = kog_wait_tagged(p->x + r0 + i, x_in);
+#endif
         const float s = kog_load_activation<KOG_FFN>(p->act, kog_tag(c.t, layer, KOG_STAGE_GATE_UP),
                                                      c.smem, c.scratch, false);
         kog_prof(c, layer * 16 + 13);
         return s;
     };
     const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_DOWN);
+    const KogDynamic dyn = kog_dynamic<KOG_FFN, 1>(c, KOG_CNT_DYN_DOWN + layer, c.t,
+                                                   p->down_dyn_begin, KOG_HIDDEN);
 #if KOG_TP > 1
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 1, row, acc[0], x_out);
     };
-    kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c, ready, epi);
+    kog_gemv<KOG_FFN, 1, DYN>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
+                              ready, epi, dyn);
 #else
+    // dynamic rows (the tail, any block): their old x is loaded when the row is grabbed
+    constexpr int GRAB = KogGemvShape<KOG_FFN, 1>::GRAB;
+    float old_dyn[GRAB];
+    auto pre = [&](int row) {
+        old_dyn[(row - p->down_dyn_begin) % GRAB] = kog_wait_tagged(p->x + row, x_in);
+    };
     auto epi = [&](int row, float (&acc)[1], float) {
-        if (threadIdx.x % KOG_WARP == 0) {             // rows owned since o_proj (x_own)
-            const float v = c.x_own[row - r0] + acc[0];
-            c.x_own[row - r0] = v;
+        if (threadIdx.x % KOG_WARP == 0) {
+            const float old = row < r1 ? x_old[row - r0] : old_dyn[(row - p->down_dyn_begin) % GRAB];
+            const float v = old + acc[0];
             kog_st_tagged(p->x + row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };
-    kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c, ready, epi);
+    kog_gemv<KOG_FFN, 1, DYN>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
+                              ready, epi, dyn, pre);
 #endif
     kog_prof(c, layer * 16 + 12 + 2);
 }

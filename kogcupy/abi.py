@@ -85,6 +85,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("gate_up_dyn_begin", "i32", None, "gate/up units >= this are handed out dynamically"),
     ("lm_dyn_begin", "i32", None, "LM head rows >= this are handed out dynamically"),
     ("lm_dyn_end", "i32", None, "... and < this (V; tensor parallel: the rank's slice end)"),
+    ("down_dyn_begin", "i32", None, "down rows >= this are handed out dynamically (h: none)"),
     ("debug_npos", "i32", None, "positions dumped when debug != null"),
     ("debug_stride", "i32", None, "floats per dumped position"),
     ("profile_pos", "i32", None, "position whose stage timings are recorded"),
@@ -148,12 +149,14 @@ def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
     KOG_CNT_TICKET + layer * KV + g: attention chunk arrivals of kv head g (monotone);
     KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache;
     KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors;
-    KOG_CNT_CANCEL: tensor parallel, 1 once rank 0 forwarded the host's cancel flag.
+    KOG_CNT_CANCEL: tensor parallel, 1 once rank 0 forwarded the host's cancel flag;
+    KOG_CNT_DYN_DOWN + layer: down_residual's dynamic-tail cursor.
     """
     n = n_layers * n_kv_heads
     d = {"KOG_CNT_TOK": 0, "KOG_CNT_LM": 1, "KOG_CNT_STOP": 2, "KOG_CNT_TICKET": 3,
-         "KOG_CNT_KV": 3 + n, "KOG_CNT_DYN": 3 + 2 * n, "KOG_CNT_CANCEL": 3 + 2 * n + n_layers + 1}
-    d["KOG_N_COUNTERS"] = 3 + 2 * n + n_layers + 2
+         "KOG_CNT_KV": 3 + n, "KOG_CNT_DYN": 3 + 2 * n, "KOG_CNT_CANCEL": 3 + 2 * n + n_layers + 1,
+         "KOG_CNT_DYN_DOWN": 3 + 2 * n + n_layers + 2}
+    d["KOG_N_COUNTERS"] = 3 + 2 * n + 2 * n_layers + 2
     return d
 
 

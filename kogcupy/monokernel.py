@@ -376,8 +376,8 @@ class MonokernelBackend(_OneLaunchBackend):
                 lcfg, self.n_blocks, self.context_length, rank=self.rank, world_size=self.world,
                 max_chunk=attn_chunk,
                 min_chunk=int(self.tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
-                dyn_permille=int(self.tuning.get("KOG_DYN_PERMILLE",
-                                                 kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"])))
+                dyn_permille=dyn,
+                down_dyn=bool(int(self.tuning.get("KOG_DOWN_DYN", kernels.DEFAULT_TUNING["KOG_DOWN_DYN"]))))
         except ValueError as e:
             raise DeviceError(f"cannot place this model on {self.n_blocks} blocks: {e}") from None
         if (int(self.tuning.get("KOG_ATTN_POLL", kernels.DEFAULT_TUNING["KOG_ATTN_POLL"]))
@@ -387,7 +387,8 @@ class MonokernelBackend(_OneLaunchBackend):
         self._smem_floats = smem_floats(lcfg, attn_chunk)
         scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
         x_full = lcfg.hidden_size if self.world > 1 else 0  # tensor parallel: x per block
-        self.smem_bytes = 4 * (self._smem_floats + scratch + self.placement.own_rows + 16 + x_full)
+        own = 2 * (-(-self.placement.own_rows // 4) * 4)  # sync.cuh: x_own is 2 x KOG_OWN_PAD
+        self.smem_bytes = 4 * (self._smem_floats + scratch + own + 16 + x_full)
         self.bytes_per_token = float(streamed_weight_bytes(cfg))
         self._read_bw = None
         self.debug_positions = int(debug_positions)
@@ -537,6 +538,7 @@ class MonokernelBackend(_OneLaunchBackend):
             seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
             n_lm_producers=pl.producers["lm"], gate_up_dyn_begin=pl.gate_up_dyn_begin,
             lm_dyn_begin=pl.lm_dyn_begin, lm_dyn_end=pl.lm_dyn_end,
+            down_dyn_begin=pl.down_dyn_begin,
             attn_max_chunks=pl.attn_max_chunks, attn_chunks_alloc=pl.attn_chunks_alloc,
             debug_npos=self.debug_positions if self.debug is not None else 0,
             debug_stride=self.debug_stride,
