@@ -107,13 +107,25 @@ KOG_DEVICE float kog_warp_max(float v) {
 // Loads
 // --------------------------------------------------------------------------------------------
 // Weights never change during a launch: read-only path, no L1 allocation, L2 prefetch hint.
+// KOG_WEIGHT_EVICT_FIRST: the weight lines are also the first L2 evicts, so that the KV cache,
+// the activations and the attention partials stay in L2 while gigabytes of weights pass.
+#ifndef KOG_WEIGHT_EVICT_FIRST
+#define KOG_WEIGHT_EVICT_FIRST 0
+#endif
 KOG_DEVICE kog_vec4 kog_ld_stream(const kog_vec4* p) {
 #if defined(KOG_HIP)
     return __builtin_nontemporal_load(p);
 #else
     kog_vec4 r;
+#if KOG_WEIGHT_EVICT_FIRST
+    kog_u64 pol;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "l"(pol));
+#else
     asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+#endif
     return r;
 #endif
 }
