@@ -40,6 +40,18 @@
 #ifndef KOG_PREFETCH_TILES
 #define KOG_PREFETCH_TILES 1      // tiles issued before the wait for the input
 #endif
+// KOG_TMA_PREFETCH (sm_90): the KOG_PREFETCH_TILES tiles a warp issues before it waits for its
+// input come by bulk copy into the warp's slots of the shared ring (one mbarrier per warp)
+// instead of as loads into registers, so that its polls do not queue behind them.
+#if !KOG_HAS_BULK
+#undef KOG_TMA_PREFETCH
+#define KOG_TMA_PREFETCH 0
+#endif
+#ifndef KOG_TMA_PREFETCH
+#define KOG_TMA_PREFETCH 0
+#endif
+#define KOG_TMA_SLOT (KOG_WARP * KOG_GEMV_MAX_LOADS * 16)            // bytes: one tile, max
+#define KOG_TMA_BARS (KOG_THREADS / KOG_WARP * KOG_PREFETCH_TILES * KOG_TMA_SLOT)   // ring offset
 
 #ifndef KOG_L2_PREFETCH_KB
 #define KOG_L2_PREFETCH_KB 0      // bytes of a later stage's rows prefetched into L2 per block
@@ -403,13 +415,57 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         for (int j = 0; j < NLT; ++j)
             if (FULL || kt * TILE + j * KOG_WARP + lane < CPU) v[j] = kog_ld_stream(base + j * KOG_WARP);
     };
+#if KOG_TMA_PREFETCH
+    static_assert(KOG_PREFETCH_TILES == 2 && !KOG_GEMV_ASYNC, "bulk prefetch: the two register tiles");
+    // this warp's two slots and its mbarrier (+ the parity word of its next phase)
+    char* slots = ring + (kog_u64)warp * 2 * KOG_TMA_SLOT;
+    kog_u64* bar = reinterpret_cast<kog_u64*>(ring + KOG_TMA_BARS) + 2 * warp;
+    const int npre = n_tiles < 2 ? n_tiles : 2;
+    auto tile_bytes = [&](int i) -> unsigned {
+        const int kt = i % TPU;
+        return (unsigned)((FULL || CPU - kt * TILE >= TILE) ? TILE : CPU - kt * TILE) * 16u;
+    };
+    if (npre > 0 && lane == 0) {
+        kog_fence_proxy_async();                  // this warp's reads of its slots come first
+        kog_mbar_expect_tx(bar, tile_bytes(0) + (npre > 1 ? tile_bytes(1) : 0u));
+        for (int i = 0; i < npre; ++i) {
+            const int u = first + (i / TPU) * n_warps, kt = i % TPU;
+            kog_bulk_to_shared(slots + i * KOG_TMA_SLOT, W4 + (kog_u64)u * CPU + kt * TILE,
+                               tile_bytes(i), bar);
+        }
+    }
+    auto take = [&]() {                           // the prefetched tiles -> cur, nxt
+        if (npre == 0) return;
+        kog_syncwarp();
+        const unsigned parity = *reinterpret_cast<volatile unsigned*>(bar + 1);
+        kog_mbar_wait(bar, parity);
+        const kog_vec4* s4 = reinterpret_cast<const kog_vec4*>(slots);
+#pragma unroll
+        for (int j = 0; j < NLT; ++j) {
+            if (FULL || j * KOG_WARP + lane < CPU) cur[j] = s4[j * KOG_WARP + lane];
+            if (npre > 1 && (FULL || (1 % TPU) * TILE + j * KOG_WARP + lane < CPU))
+                nxt[j] = s4[KOG_TMA_SLOT / 16 + j * KOG_WARP + lane];
+        }
+        kog_syncwarp();
+        if (lane == 0) *reinterpret_cast<volatile unsigned*>(bar + 1) = parity ^ 1u;
+    };
+    const float scale = ready();
+    take();
+    if (!(scale > 0.f)) return;
+#else
+#if KOG_PREFETCH_TILES > 0
     if (n_tiles > 0) load(0, cur);
+#endif
 #if KOG_PREFETCH_TILES > 1
     if (n_tiles > 1) load(1, nxt);
 #endif
 
     const float scale = ready();
     if (!(scale > 0.f)) return;
+#endif
+#if KOG_PREFETCH_TILES <= 0
+    if (n_tiles > 0) load(0, cur);                 // (timing variant: nothing in flight while waiting)
+#endif
 #if KOG_PREFETCH_TILES <= 1
     if (n_tiles > 1) load(1, nxt);
 #endif
@@ -658,7 +714,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     };
     kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c, ready, epi);
 #endif
-    kog_prof(c, layer * 16 + 6 + 2);
+    kog_prof_end(c, layer * 16 + 6 + 2);
 }
 
 // ============================================================================================
@@ -697,7 +753,7 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
                                  KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
                                  kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer, c.t,
                                                             p->gate_up_dyn_begin, KOG_FFN));
-    kog_prof(c, layer * 16 + 9 + 2);
+    kog_prof_end(c, layer * 16 + 9 + 2);
 }
 
 // ============================================================================================
@@ -754,7 +810,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     kog_gemv<KOG_FFN, 1, DYN>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
                               ready, epi, dyn, pre);
 #endif
-    kog_prof(c, layer * 16 + 12 + 2);
+    kog_prof_end(c, layer * 16 + 12 + 2);
 }
 
 // ============================================================================================
@@ -808,7 +864,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     kog_gemv<KOG_HIDDEN, 1, DYN>(p->lm_head, r0, r1, KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
                                  kog_dynamic<KOG_HIDDEN, 1>(c, KOG_CNT_DYN + KOG_N_LAYERS, lm_index,
                                                             p->lm_dyn_begin, p->lm_dyn_end));
-    kog_prof(c, KOG_N_LAYERS * 16 + 2);
+    kog_prof_end(c, KOG_N_LAYERS * 16 + 2);
     if (!DYN && r0 >= r1) return;
     float bv;
     const int bi = kog_block_argmax(best_v, best_i, c.scratch, bv);

@@ -55,7 +55,7 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
     };
     kog_gemv<KOG_HIDDEN, 1>(p->wqkv + (kog_u64)layer * KOG_QKV_DIM * KOG_HIDDEN, r0, r1, xs, c,
                             ready, epi);
-    kog_prof(c, layer * 16 + 2);
+    kog_prof_end(c, layer * 16 + 2);
     return stop;
 }
 

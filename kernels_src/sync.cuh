@@ -164,6 +164,12 @@ KOG_DEVICE void kog_prof(const KogCtx& c, int slot) {
     if (KOG_HOOKS && c.p->profile != nullptr && c.t == c.p->profile_pos && threadIdx.x == 0)
         c.p->profile[blockIdx.x * KOG_PROF_SLOTS + slot] = kog_globaltimer();
 }
+// A stage's end: the LAST warp of the block to finish (every warp's lane 0 takes the max), so
+// that a block's end includes its slowest warp (no barrier is added to measure it).
+KOG_DEVICE void kog_prof_end(const KogCtx& c, int slot) {
+    if (KOG_HOOKS && c.p->profile != nullptr && c.t == c.p->profile_pos && threadIdx.x % KOG_WARP == 0)
+        atomicMax(&c.p->profile[blockIdx.x * KOG_PROF_SLOTS + slot], kog_globaltimer());
+}
 
 // Debug dump row of this position, or null.
 KOG_DEVICE float* kog_debug_row(const KogCtx& c) {

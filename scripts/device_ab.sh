@@ -7,6 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+ONE='[{}]'    # (a "}" inside ${VAR:-...} would end the expansion)
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_monokernel.py 2>&1 \
@@ -17,9 +18,9 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   fi
 fi
 timeout ${TUNE_TIMEOUT:-300} python3 scripts/tune_monokernel.py "${SHAPES:-llama-3.2-1b,qwen3-1.7b,smollm2-135m}" \
-    "${VARIANTS:-[{}]}" ${NEW:-256} 2>&1 | tee "$OUT/tune.txt" | grep -v '^{' > "$OUT/tune-table.txt"
+    "${VARIANTS:-$ONE}" ${NEW:-256} 2>&1 | tee "$OUT/tune.txt" | grep -v '^{' > "$OUT/tune-table.txt"
 if [ -n "${LONG_SHAPE:-}" ]; then
-  timeout ${LONG_TIMEOUT:-120} python3 scripts/tune_monokernel.py "$LONG_SHAPE" "${LONG_VARIANTS:-[{}]}" ${NEW:-256} \
+  timeout ${LONG_TIMEOUT:-120} python3 scripts/tune_monokernel.py "$LONG_SHAPE" "${LONG_VARIANTS:-$ONE}" ${NEW:-256} \
       2>&1 | tee "$OUT/tune-long.txt" | grep -v '^{' > "$OUT/tune-long-table.txt"
 fi
 echo "== tests"; tail -n 1 "$OUT"/pytest-*.txt 2>/dev/null

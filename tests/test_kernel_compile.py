@@ -61,8 +61,8 @@ def _sources(tmp_path):
                               {"KOG_HOOKS": 0})
     out["llama-3.2-1b-nohooks"] = (kernels.monokernel_source(), kernels.define_options(d))
     d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
-                              {"KOG_DOWN_DYN": 1, "KOG_WEIGHT_EVICT_FIRST": 1})
-    out["llama-3.2-1b-downdyn-evict"] = (kernels.monokernel_source(), kernels.define_options(d))
+                              {"KOG_DOWN_DYN": 1, "KOG_WEIGHT_EVICT_FIRST": 1, "KOG_TMA_PREFETCH": 1})
+    out["llama-3.2-1b-downdyn-evict-tma"] = (kernels.monokernel_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
     out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel
     return out
@@ -83,7 +83,7 @@ def test_inlined_source_is_self_contained():
 
 
 @pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
-                         ["llama-3.2-1b-nohooks", "llama-3.2-1b-downdyn-evict", "stream_read",
+                         ["llama-3.2-1b-nohooks", "llama-3.2-1b-downdyn-evict-tma", "stream_read",
                           "kccl_test"])
 def test_nvcc_sm90(tmp_path, key):
     nvcc = _compiler("nvcc")
