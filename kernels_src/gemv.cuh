@@ -580,7 +580,7 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
 #define KOG_DYN_PERMILLE 0        // share of gate_up / lm_head (/ down) units handed out dynamically
 #endif
 #ifndef KOG_DOWN_DYN
-#define KOG_DOWN_DYN 0            // 1: down_residual has a dynamic tail too
+#define KOG_DOWN_DYN 0            // 1: down_residual has a dynamic tail too (monokernel.py decides)
 #endif
 
 // The dynamic-tail cursor of a stage at position index `index` (see KogDynamic).

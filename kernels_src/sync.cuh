@@ -157,7 +157,7 @@ KOG_DEVICE kog_u32 kog_expected(const KogCtx& c, int producers) {
 // stage * 3 + {0, 1, 2} (stage: 0 qkv, 1 attention, 2 o_proj, 3 gate_up, 4 down); the LM head
 // at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}.
 #ifndef KOG_HOOKS
-#define KOG_HOOKS 1               // 0: no profiling / debug-dump code (fewer spills; untimed yet)
+#define KOG_HOOKS 0               // 1: profiling / debug-dump code (kernels.py turns it on when asked)
 #endif
 #define KOG_PROF_SLOTS (KOG_N_LAYERS * 16 + 8)
 KOG_DEVICE void kog_prof(const KogCtx& c, int slot) {

@@ -267,12 +267,11 @@ def test_prompt_too_long_and_bad_ids():
                                     {"KOG_ATTN_FAST": 1, "KOG_ATTN_POLL": 1, "KOG_ATTN_MIN_CHUNK": 32},
                                     {"KOG_ATTN_FAST": 0, "KOG_ATTN_POLL": 0, "KOG_ATTN_CHUNK": 128},
                                     {"KOG_ATTN_PF_KB": 128},
-                                    {"KOG_DOWN_DYN": 1},
-                                    {"KOG_DOWN_DYN": 1, "KOG_HOOKS": 0, "KOG_WEIGHT_EVICT_FIRST": 1},
+                                    {"KOG_HOOKS": 1, "KOG_WEIGHT_EVICT_FIRST": 1},
                                     {"KOG_TMA_PREFETCH": 1},
                                     {"KOG_TMA_PREFETCH": 1, "KOG_DYN_PERMILLE": 0, "KOG_ATTN_CHUNK": 128}])
 def test_tuning_variants_match_reference(tuning):
-    """Dynamic work tails (on and off; down_residual's too), no hooks, evict-first weights, bulk-copied prefetch tiles, the cp.async weight ring, other chunkings, the lane-group attention
+    """Dynamic work tails (on and off), hooks compiled in, evict-first weights, bulk-copied prefetch tiles, the cp.async weight ring, other chunkings, the lane-group attention
     scores, the ticket-free (polled) combine (and the old ticket path) compute the same."""
     cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
     m = model(cfg, logit_scale=8.0)
@@ -281,6 +280,26 @@ def test_tuning_variants_match_reference(tuning):
     got = be.logits(ids)
     ref = ReferenceBackend(m, context_length=1024).logits(ids)
     assert max(rel(got[i], ref[i]) for i in (0, 63, 64, 127, 128, 299)) < 3e-2
+    prompt = ids[:8]
+    toks = list(be.start(prompt, SamplingParams(), 48, set()))
+    assert toks == list(ReferenceBackend(m, context_length=1024).start(
+        prompt, SamplingParams(), 48, set()))
+
+
+@pytest.mark.parametrize("down_dyn", [0, 1])
+def test_down_dynamic_tail(down_dyn):
+    """down_residual's dynamic tail (on where a block owns >= DOWN_DYN_MIN_ROWS rows of x: a
+    48-block grid here) and its static rows compute the same as the reference."""
+    cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
+    m = model(cfg, logit_scale=8.0)
+    be = MonokernelBackend(m, context_length=1024, watchdog_s=20, blocks=48,
+                           tuning={"KOG_DOWN_DYN": down_dyn})
+    assert be.tuning["KOG_DOWN_DYN"] == down_dyn
+    assert (be.placement.down_dyn_begin < cfg.hidden_size) == bool(down_dyn)
+    ids = np.random.default_rng(9).integers(0, cfg.vocab_size, 200).tolist()
+    got = be.logits(ids)
+    ref = ReferenceBackend(m, context_length=1024).logits(ids)
+    assert max(rel(got[i], ref[i]) for i in (0, 63, 64, 199)) < 3e-2
     prompt = ids[:8]
     toks = list(be.start(prompt, SamplingParams(), 48, set()))
     assert toks == list(ReferenceBackend(m, context_length=1024).start(

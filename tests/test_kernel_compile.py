@@ -56,10 +56,10 @@ def _sources(tmp_path):
         d = kernels.model_defines(loc, dtype, 512, smem_floats(loc), len(abi.PARTITION_COLUMNS),
                                   tp=n)
         out[key] = (kernels.monokernel_source(), kernels.define_options(d))
-    cfg = shape_config("llama-3.2-1b")      # the build without profiling / debug hooks
+    cfg = shape_config("llama-3.2-1b")      # the build with profiling / debug hooks
     d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
-                              {"KOG_HOOKS": 0})
-    out["llama-3.2-1b-nohooks"] = (kernels.monokernel_source(), kernels.define_options(d))
+                              {"KOG_HOOKS": 1})
+    out["llama-3.2-1b-hooks"] = (kernels.monokernel_source(), kernels.define_options(d))
     d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
                               {"KOG_DOWN_DYN": 1, "KOG_WEIGHT_EVICT_FIRST": 1, "KOG_TMA_PREFETCH": 1})
     out["llama-3.2-1b-downdyn-evict-tma"] = (kernels.monokernel_source(), kernels.define_options(d))
@@ -83,7 +83,7 @@ def test_inlined_source_is_self_contained():
 
 
 @pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
-                         ["llama-3.2-1b-nohooks", "llama-3.2-1b-downdyn-evict-tma", "stream_read",
+                         ["llama-3.2-1b-hooks", "llama-3.2-1b-downdyn-evict-tma", "stream_read",
                           "kccl_test"])
 def test_nvcc_sm90(tmp_path, key):
     nvcc = _compiler("nvcc")
