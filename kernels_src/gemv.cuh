@@ -167,6 +167,22 @@ struct KogStream {
     bool done;                  // nothing left to issue (past the context, or no tiles at all)
 };
 
+// KOG_STREAM = 2 (sm_90): the same stream, but each warp's tile is one bulk copy (TMA) into the
+// warp's own ring of KOG_STREAM_SLOTS tiles, completing on one mbarrier per slot: the copies
+// take no entry in the multiprocessor's load path, so the polls issued while they are in
+// flight are not held up behind them (as they are behind the cp.async / register loads).
+#if KOG_STREAM == 2 && !KOG_HAS_BULK
+#error "KOG_STREAM=2 needs sm_90 bulk copies (cp.async.bulk)"
+#endif
+#define KOG_STREAM_BARS (KOG_THREADS / KOG_WARP * KOG_STREAM_SLOTS * KOG_TMA_SLOT)   // ring offset
+KOG_DEVICE char* kog_stream_slot(const KogCtx& c, int slot) {
+    return c.ring + ((kog_u64)(threadIdx.x / KOG_WARP) * KOG_STREAM_SLOTS + slot) * KOG_TMA_SLOT;
+}
+KOG_DEVICE kog_u64* kog_stream_bar(const KogCtx& c, int slot) {
+    return reinterpret_cast<kog_u64*>(c.ring + KOG_STREAM_BARS) +
+           (threadIdx.x / KOG_WARP) * KOG_STREAM_SLOTS + slot;
+}
+
 KOG_DEVICE bool kog_lm_runs(const KogParams* p, int t) {
     return p->all_logits || t >= p->prompt_len - 1;
 }
@@ -188,7 +204,18 @@ KOG_DEVICE void kog_stream_copy(const KogCtx& c, const kog_u16* W, int u0, int i
     const int u = u0 + warp + (i / S::TPU) * n_warps, kt = i % S::TPU;
     const kog_vec4* base = reinterpret_cast<const kog_vec4*>(W) + (kog_u64)u * S::CPU + kt * S::TILE + lane;
     char* dst = c.ring + (kog_u64)slot * KOG_GEMV_MAX_LOADS * 16 * KOG_THREADS + threadIdx.x * 16;
-#if KOG_STREAM
+#if KOG_STREAM == 2
+    (void)dst; (void)base;
+    if (lane == 0) {                 // the warp's tile: TILE contiguous chunks, one bulk copy
+        const int left = S::CPU - kt * S::TILE;
+        const unsigned bytes = (unsigned)(left < S::TILE ? left : S::TILE) * 16u;
+        kog_u64* bar = kog_stream_bar(c, slot);
+        kog_fence_proxy_async();                  // the warp's reads of this slot come first
+        kog_mbar_expect_tx(bar, bytes);
+        kog_bulk_to_shared(kog_stream_slot(c, slot),
+                           reinterpret_cast<const kog_vec4*>(W) + (kog_u64)u * S::CPU + kt * S::TILE, bytes, bar);
+    }
+#elif KOG_STREAM
 #pragma unroll
     for (int j = 0; j < S::NLT; ++j)
         if ((S::CPU % S::TILE) == 0 || kt * S::TILE + j * KOG_WARP + lane < S::CPU)
@@ -214,6 +241,9 @@ KOG_DEVICE int kog_stream_stage_tiles(const KogCtx& c, int stage) {
 // stream is done, so "KOG_STREAM_SLOTS - 1 groups after a tile" always means it has landed).
 KOG_DEVICE void kog_stream_issue(const KogCtx& c) {
 #if KOG_STREAM
+#if KOG_STREAM == 2
+    kog_syncwarp();                               // every lane has read the slot it reuses
+#endif
     KogStream& s = *c.stream;
     const KogParams* p = c.p;
     int scanned = 0;
@@ -260,7 +290,23 @@ KOG_DEVICE void kog_stream_issue(const KogCtx& c) {
             }
         }
     }
+#if KOG_STREAM == 1
     kog_cp_async_commit();
+#endif
+#else
+    (void)c;
+#endif
+}
+
+// Before the block exits: every copy of the stream has landed.
+KOG_DEVICE void kog_stream_drain(const KogCtx& c) {
+#if KOG_STREAM == 2
+    const KogStream& s = *c.stream;
+    for (int n = s.consumed; n < s.issued; ++n)
+        kog_mbar_wait(kog_stream_bar(c, n % KOG_STREAM_SLOTS), (unsigned)(n / KOG_STREAM_SLOTS) & 1u);
+#elif KOG_STREAM
+    (void)c;
+    kog_cp_async_wait<0>();
 #else
     (void)c;
 #endif
@@ -314,12 +360,22 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
     KogStream& st = *ctx.stream;
     for (int i = 0; i < n_tiles; ++i) {
+        kog_vec4 v[NLT];
+#if KOG_STREAM == 2
+        {
+            const int sl = st.consumed % KOG_STREAM_SLOTS;
+            kog_mbar_wait(kog_stream_bar(ctx, sl), (unsigned)(st.consumed / KOG_STREAM_SLOTS) & 1u);
+            const kog_vec4* s4 = reinterpret_cast<const kog_vec4*>(kog_stream_slot(ctx, sl));
+#pragma unroll
+            for (int j = 0; j < NLT; ++j) v[j] = s4[j * KOG_WARP + lane];
+        }
+#else
         kog_cp_async_wait<KOG_STREAM_SLOTS - 1>();
         const char* slot = ctx.ring + (kog_u64)(st.consumed % KOG_STREAM_SLOTS) * KOG_GEMV_MAX_LOADS * 16 * KOG_THREADS
                          + threadIdx.x * 16;
-        kog_vec4 v[NLT];
 #pragma unroll
         for (int j = 0; j < NLT; ++j) v[j] = *reinterpret_cast<const kog_vec4*>(slot + j * 16 * KOG_THREADS);
+#endif
         ++st.consumed;
         const int kt = i % TPU;
 #pragma unroll

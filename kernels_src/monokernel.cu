@@ -41,6 +41,11 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.t = 0;
     KogStream stream{0, 0, 0, 0, 0, 0, false};
     c.stream = &stream;
+#if KOG_STREAM == 2
+    if (threadIdx.x % KOG_WARP == 0)                 // one mbarrier per slot of the warp's ring
+        for (int s = 0; s < KOG_STREAM_SLOTS; ++s) kog_mbar_init(kog_stream_bar(c, s), 1);
+    __syncthreads();
+#endif
 #if KOG_STREAM
     for (int s = 0; s < KOG_STREAM_SLOTS; ++s) kog_stream_issue(c);   // weights first
 #endif
@@ -62,9 +67,7 @@ kog_monokernel(const KogParams* __restrict__ p) {
         c.t = t;
         for (int layer = 0; layer < KOG_N_LAYERS; ++layer) {
             if (kog_stage_attn_norm_qkv(c, layer)) {        // stop flag seen at layer 0
-#if KOG_STREAM
-                kog_cp_async_wait<0>();                     // no copy outlives the block
-#endif
+                kog_stream_drain(c);                        // no copy outlives the block
                 return;
             }
             kog_stage_attention(c, layer);

@@ -147,14 +147,14 @@ KOG_DEVICE void kog_cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: 
 #define KOG_STREAM 0
 #endif
 KOG_DEVICE void kog_copy16(void* smem_dst, const void* gmem_src) {
-#if defined(KOG_HIP) || KOG_STREAM          // (the weight stream owns the cp.async groups)
+#if defined(KOG_HIP) || KOG_STREAM == 1     // (the cp.async weight stream owns the groups)
     *reinterpret_cast<kog_vec4*>(smem_dst) = *reinterpret_cast<const kog_vec4*>(gmem_src);
 #else
     kog_cp_async16(smem_dst, gmem_src);
 #endif
 }
 KOG_DEVICE void kog_copy16_wait_all() {
-#if !defined(KOG_HIP) && !KOG_STREAM
+#if !defined(KOG_HIP) && KOG_STREAM != 1
     kog_cp_async_commit();
     kog_cp_async_wait<0>();
 #endif

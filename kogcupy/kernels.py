@@ -134,8 +134,9 @@ def ring_bytes(defines: dict, threads: int) -> int:
     the bulk-copied prefetch tiles), 0 when none is on."""
     if is_hip_safe():
         return 0
-    if defines.get("KOG_STREAM"):
-        return int(defines["KOG_STREAM_SLOTS"]) * int(defines["KOG_GEMV_MAX_LOADS"]) * 16 * threads
+    if defines.get("KOG_STREAM"):           # (2: + one mbarrier per slot of each warp's ring)
+        bars = 8 * int(defines["KOG_STREAM_SLOTS"]) * (threads // 32) if int(defines["KOG_STREAM"]) == 2 else 0
+        return int(defines["KOG_STREAM_SLOTS"]) * int(defines["KOG_GEMV_MAX_LOADS"]) * 16 * threads + bars
     if defines.get("KOG_GEMV_ASYNC"):
         return int(defines["KOG_GEMV_STAGES"]) * int(defines["KOG_GEMV_MAX_LOADS"]) * 16 * threads
     if defines.get("KOG_TMA_PREFETCH"):     # two tiles per warp + an mbarrier and parity per warp

@@ -14,6 +14,7 @@ import sys
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
+from kogcupy.errors import DeviceError  # noqa: E402
 from kogcupy.monokernel import DeviceModel, bench_decode  # noqa: E402
 from kogcupy.random_weights import shape_config  # noqa: E402
 
@@ -28,8 +29,12 @@ for spec in shapes:
     ctx = max(1024, pos + new + 16)
     dev = DeviceModel.random(cfg, rope_positions=ctx)
     for tun in variants:
-        r = bench_decode(cfg, prompt_len=32, new_tokens=new, device_model=dev, tuning=tun,
-                         context_length=ctx, position=pos)
+        try:
+            r = bench_decode(cfg, prompt_len=32, new_tokens=new, device_model=dev, tuning=tun,
+                             context_length=ctx, position=pos)
+        except DeviceError as e:          # e.g. a variant that needs more shared memory
+            print(f"{spec} {json.dumps(tun)}: {e}", flush=True)
+            continue
         r.update(shape=spec, tuning=tun)
         rows.append(r)
         print(json.dumps(r), flush=True)

@@ -63,6 +63,9 @@ def _sources(tmp_path):
     d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
                               {"KOG_DOWN_DYN": 1, "KOG_WEIGHT_EVICT_FIRST": 1, "KOG_TMA_PREFETCH": 1})
     out["llama-3.2-1b-downdyn-evict-tma"] = (kernels.monokernel_source(), kernels.define_options(d))
+    d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
+                              {"KOG_STREAM": 2, "KOG_DYN_PERMILLE": 0, "KOG_DOWN_DYN": 0})
+    out["llama-3.2-1b-stream-bulk"] = (kernels.monokernel_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
     out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel
     return out
@@ -83,7 +86,8 @@ def test_inlined_source_is_self_contained():
 
 
 @pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
-                         ["llama-3.2-1b-hooks", "llama-3.2-1b-downdyn-evict-tma", "stream_read",
+                         ["llama-3.2-1b-hooks", "llama-3.2-1b-downdyn-evict-tma",
+                          "llama-3.2-1b-stream-bulk", "stream_read",
                           "kccl_test"])
 def test_nvcc_sm90(tmp_path, key):
     nvcc = _compiler("nvcc")
