@@ -31,7 +31,7 @@ from .placement import ATTN_MIN_CHUNK, attn_chunk_cap, max_tp_blocks, place
 from .sampling_params import SamplingParams
 
 THREADS = 512
-DOWN_DYN_MIN_ROWS = 8        # rows of x per block from which down_residual gets a dynamic tail
+DYN_MIN_ROWS = 8             # rows of x per block from which the dynamic work tails pay
 MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head", "embed")
 STAGE_DUMPS = ("attn_norm_qkv", "attention", "o_proj_residual", "ffn_norm_gate_up_silu",
                "down_residual")
@@ -366,6 +366,10 @@ class MonokernelBackend(_OneLaunchBackend):
                 raise DeviceError("KOG_DYN_PERMILLE (dynamic work tails) needs KOG_STREAM=0")
             self.tuning["KOG_DYN_PERMILLE"] = 0
         dyn = int(self.tuning.get("KOG_DYN_PERMILLE", kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"]))
+        if ("KOG_DYN_PERMILLE" not in self.tuning and self.world == 1
+                and lcfg.hidden_size < DYN_MIN_ROWS * int(blocks or self.n_sms)):
+            dyn = 0      # a small model's stages are too short for the grabs (SmolLM2: +10% static)
+        self.tuning["KOG_DYN_PERMILLE"] = dyn
         # one block per multiprocessor; a small model split over GPUs gets a smaller grid, so
         # that every block owns rows of every stage (placement.py)
         self.n_blocks = int(blocks or (self.n_sms if self.world == 1 else
@@ -374,7 +378,7 @@ class MonokernelBackend(_OneLaunchBackend):
         # ~16 rows a block, -7% with ~4); tensor parallel keeps the static rows (not run there)
         down_dyn = (int(self.tuning.get("KOG_DOWN_DYN", kernels.DEFAULT_TUNING["KOG_DOWN_DYN"]))
                     and dyn > 0 and self.world == 1
-                    and lcfg.hidden_size >= DOWN_DYN_MIN_ROWS * self.n_blocks)
+                    and lcfg.hidden_size >= DYN_MIN_ROWS * self.n_blocks)
         self.tuning["KOG_DOWN_DYN"] = int(bool(down_dyn))
         attn_chunk = int(self.tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
             "KOG_ATTN_CHUNK", attn_chunk_cap(cfg))))

@@ -289,7 +289,7 @@ def test_tuning_variants_match_reference(tuning):
 
 @pytest.mark.parametrize("down_dyn", [0, 1])
 def test_down_dynamic_tail(down_dyn):
-    """down_residual's dynamic tail (on where a block owns >= DOWN_DYN_MIN_ROWS rows of x: a
+    """down_residual's dynamic tail (on where a block owns >= DYN_MIN_ROWS rows of x: a
     48-block grid here) and its static rows compute the same as the reference."""
     cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
     m = model(cfg, logit_scale=8.0)
