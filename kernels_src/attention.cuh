@@ -28,6 +28,9 @@
 #ifndef KOG_ATTN_PF_KB
 #define KOG_ATTN_PF_KB 0          // KB of this layer's gate_up rows per block prefetched to L2
 #endif
+#ifndef KOG_KV_ORDERED
+#define KOG_KV_ORDERED 1          // 0: always poll the count of cached positions (A/B knob)
+#endif
 #ifndef KOG_ATTN_POLL
 #define KOG_ATTN_POLL 0           // 1: tagged partials combined by the unit holding t (no ticket)
 #endif
@@ -84,6 +87,14 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     kog_prefetch_rows_l2(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
                          c.part[5], 2 * KOG_HIDDEN, 0, (kog_u64)KOG_ATTN_PF_KB * 1024ull);
 #endif
+    // After a step whose LM head ran, the appends of every earlier step are already ordered
+    // before this one: each block releases the LM counter after its attention stages, the
+    // sampler acquires all of them before it releases KOG_CNT_TOK, and every block acquires that
+    // at layer 0 (SYNC.md). The per-head count is then not polled (one round trip less before
+    // the K/V copies); in the prompt (no LM head) it is the real dependency and is polled.
+    const bool kv_ordered = KOG_KV_ORDERED && KOG_TP == 1 && t > 0 &&
+                            (p->all_logits || t - 1 >= p->prompt_len - 1) &&
+                            p->n_lm_producers == (int)gridDim.x;
     // Units go to blocks from the top of the grid down (block 0 also samples).
     for (int u = gridDim.x - 1 - blockIdx.x; u < n_units; u += gridDim.x) {
         const int g = u % KOG_N_KV, ch = u / KOG_N_KV;
@@ -98,9 +109,11 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         __syncthreads();                          // shared memory: the previous stage is done
         const int jc1 = min(j1, t);               // cached positions [j0, jc1)
         if (j0 < jc1) {                           // appended by units of earlier steps
-            if (threadIdx.x == 0)
-                while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
-            __syncthreads();
+            if (!kv_ordered) {
+                if (threadIdx.x == 0)
+                    while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
+                __syncthreads();
+            }
             const int n16 = (jc1 - j0) * HD / 8;  // 16-byte pieces per matrix
             const kog_u16* ksrc = kc + (kog_u64)j0 * HD;
             const kog_u16* vsrc = vc + (kog_u64)j0 * HD;

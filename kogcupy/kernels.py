@@ -88,7 +88,7 @@ def define_options(defines: dict) -> tuple[str, ...]:
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_PREFETCH_TILES": 2, "KOG_GEMV_AB": 1,
                   "KOG_GEMV_ASYNC": 0, "KOG_GEMV_STAGES": 4,
                   "KOG_L2_PREFETCH_KB": 0, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DYN": 1, "KOG_HOOKS": 0,
-                  "KOG_WEIGHT_EVICT_FIRST": 0, "KOG_TMA_PREFETCH": 0,
+                  "KOG_WEIGHT_EVICT_FIRST": 0, "KOG_TMA_PREFETCH": 0, "KOG_KV_ORDERED": 1,
                   "KOG_POLL_NS": 0,
                   "KOG_STREAM": 0, "KOG_STREAM_SLOTS": 4,
                   "KOG_TIMING_ATTN_SELF_ONLY": 0, "KOG_ATTN_FAST": 1, "KOG_ATTN_POLL": 1,
