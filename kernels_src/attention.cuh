@@ -122,17 +122,46 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                 kog_copy16(vs + i * 8, vsrc + i * 8);
             }
         }
-        for (int i = threadIdx.x; i < HD; i += blockDim.x)
-            rope[i] = i < HD / 2 ? p->rope_cos[(kog_u64)t * (HD / 2) + i]
-                                 : p->rope_sin[(kog_u64)t * (HD / 2) + i - HD / 2];
+        // the RoPE row goes to registers now and to shared memory after the polls below, so
+        // that its round trip overlaps theirs (a poll orders every earlier memory access)
+        static_assert(HD <= KOG_THREADS, "one RoPE value per thread");
+        float rope_v = 0.f;
+        if (threadIdx.x < HD)
+            rope_v = threadIdx.x < HD / 2 ? p->rope_cos[(kog_u64)t * (HD / 2) + threadIdx.x]
+                                          : p->rope_sin[(kog_u64)t * (HD / 2) + threadIdx.x - HD / 2];
 
         // ---- q of the G heads (+ k, v of position t): qk-norm, RoPE, KV append ----
-        for (int i = threadIdx.x; i < G * HD; i += blockDim.x)
-            q[i] = kog_wait_tagged(p->qkv + g * G * HD + i, qkv_tag);
-        if (holds_t)
-            for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x)
-                kv_t[i] = kog_wait_tagged(p->qkv + KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i,
-                                          qkv_tag);
+        // Every thread issues its loads of q (and of this position's k, v) before checking any:
+        // one round trip once the qkv rows are there.
+        {
+            constexpr int N_MAX = G * HD + 2 * HD;
+            constexpr int PER = (N_MAX + KOG_THREADS - 1) / KOG_THREADS;
+            const int n_in = G * HD + (holds_t ? 2 * HD : 0);
+            kog_u64 w[PER];
+            const kog_u64* src[PER];
+#pragma unroll
+            for (int k = 0; k < PER; ++k) {
+                const int i = threadIdx.x + k * KOG_THREADS, ii = i - G * HD;
+                src[k] = i < G * HD ? p->qkv + g * G * HD + i
+                                    : p->qkv + KOG_Q_DIM + (ii < HD ? 0 : KOG_KV_DIM - HD) + g * HD + ii;
+                w[k] = i < n_in ? kog_ld_tagged(src[k]) : (kog_u64)qkv_tag << 32;
+            }
+            for (;;) {
+                bool ready = true;
+#pragma unroll
+                for (int k = 0; k < PER; ++k)
+                    if (kog_tag_of(w[k]) != qkv_tag) { ready = false; w[k] = kog_ld_tagged(src[k]); }
+                if (ready) break;
+                kog_backoff();
+            }
+#pragma unroll
+            for (int k = 0; k < PER; ++k) {
+                const int i = threadIdx.x + k * KOG_THREADS;
+                if (i < G * HD) q[i] = kog_value_of(w[k]);
+                else if (i < n_in) kv_t[i - G * HD] = kog_value_of(w[k]);
+            }
+        }
+        if (threadIdx.x < HD) rope[threadIdx.x] = rope_v;
         __syncthreads();
         kog_prof(c, layer * 16 + 4);
         const float* qn = KOG_QK_NORM ? p->q_norm + (kog_u64)layer * HD : nullptr;

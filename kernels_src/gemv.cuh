@@ -724,6 +724,27 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 #endif
 
 
+// Old values of rows [r0, r0 + n) of the tagged x (tag `tag`; or of the embedding row `emb`)
+// into shared `dst`. `first` is the word of row r0 + threadIdx.x (the embedding value with
+// `tag` at layer 0), loaded by the caller before its activation polls so that the two round
+// trips overlap. All threads call it; it ends with
+// a block barrier.
+KOG_DEVICE void kog_x_rows_to_shared(float* dst, const kog_u64* x, int r0, int n, kog_u32 tag,
+                                     kog_u64 first, const kog_u16* emb) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v;
+        if (emb != nullptr && i != (int)threadIdx.x) {
+            v = kog_w_to_f32(emb[r0 + i]);
+        } else {
+            kog_u64 w = i == (int)threadIdx.x ? first : kog_ld_tagged(x + r0 + i);
+            while (kog_tag_of(w) != tag) { kog_backoff(); w = kog_ld_tagged(x + r0 + i); }
+            v = kog_value_of(w);
+        }
+        dst[i] = v;
+    }
+    __syncthreads();
+}
+
 // ============================================================================================
 // Stage o_proj_residual: x[rows] += wo @ attn_out (o_proj and down_residual rows of x have the
 // same owner: both split the hidden rows evenly, placement.py)
@@ -741,13 +762,18 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
                           c.part[5], 2 * KOG_HIDDEN, KOG_PF_BYTES, KOG_PF_BYTES);
         if (r0 >= r1) return -1.f;
 #if KOG_TP == 1
-        // the old value of this block's rows of x (its load finishes while attention runs)
-        for (int i = threadIdx.x; i < r1 - r0; i += blockDim.x)
-            c.x_own[i] = emb != nullptr ? kog_w_to_f32(emb[r0 + i])
-                                        : kog_wait_tagged(p->x + r0 + i, kog_tag(c.t, layer - 1, KOG_STAGE_DOWN));
+        // the old value of this block's rows of x: loads issued now, checked after the polls
+        const kog_u32 x_in = kog_tag(c.t, layer - 1, KOG_STAGE_DOWN);
+        kog_u64 xw = 0ull;
+        if (threadIdx.x < r1 - r0)                    // (layer 0: the embedding, as a ready word)
+            xw = emb != nullptr ? ((kog_u64)x_in << 32) | __float_as_uint(kog_w_to_f32(emb[r0 + threadIdx.x]))
+                                : kog_ld_tagged(p->x + r0 + threadIdx.x);
 #endif
         const float s = kog_load_activation<KOG_Q_DIM>(p->attn_out, kog_tag(c.t, layer, KOG_STAGE_ATTN),
                                                        c.smem, c.scratch, false);
+#if KOG_TP == 1
+        kog_x_rows_to_shared(c.x_own, p->x, r0, r1 - r0, x_in, xw, emb);
+#endif
         kog_prof(c, layer * 16 + 7);
         return s;
     };
@@ -831,11 +857,14 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
             kog_prefetch_rows(p->lm_head, c.part[8], c.part[9], KOG_HIDDEN, 0, 2 * KOG_PF_BYTES);
         if (!DYN && r0 >= r1) return -1.f;
 #if KOG_TP == 1
-        for (int i = threadIdx.x; i < r1 - r0; i += blockDim.x)   // old x of the static rows
-            x_old[i] = kog_wait_tagged(p->x + r0 + i, x_in);
+        // old x of the static rows: loads issued now, checked after the polls
+        const kog_u64 xw = threadIdx.x < r1 - r0 ? kog_ld_tagged(p->x + r0 + threadIdx.x) : 0ull;
 #endif
         const float s = kog_load_activation<KOG_FFN>(p->act, kog_tag(c.t, layer, KOG_STAGE_GATE_UP),
                                                      c.smem, c.scratch, false);
+#if KOG_TP == 1
+        kog_x_rows_to_shared(x_old, p->x, r0, r1 - r0, x_in, xw, nullptr);
+#endif
         kog_prof(c, layer * 16 + 13);
         return s;
     };
@@ -849,15 +878,23 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     kog_gemv<KOG_FFN, 1, DYN>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
                               ready, epi, dyn);
 #else
-    // dynamic rows (the tail, any block): their old x is loaded when the row is grabbed
+    // dynamic rows (the tail, any block): the load of their old x is issued when the row is
+    // grabbed (with its first weight tile) and checked in the epilogue
     constexpr int GRAB = KogGemvShape<KOG_FFN, 1>::GRAB;
-    float old_dyn[GRAB];
+    kog_u64 old_dyn[GRAB];
     auto pre = [&](int row) {
-        old_dyn[(row - p->down_dyn_begin) % GRAB] = kog_wait_tagged(p->x + row, x_in);
+        old_dyn[(row - p->down_dyn_begin) % GRAB] = kog_ld_tagged(p->x + row);
     };
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
-            const float old = row < r1 ? x_old[row - r0] : old_dyn[(row - p->down_dyn_begin) % GRAB];
+            float old;
+            if (row < r1) {
+                old = x_old[row - r0];
+            } else {
+                kog_u64 w = old_dyn[(row - p->down_dyn_begin) % GRAB];
+                while (kog_tag_of(w) != x_in) { kog_backoff(); w = kog_ld_tagged(p->x + row); }
+                old = kog_value_of(w);
+            }
             const float v = old + acc[0];
             kog_st_tagged(p->x + row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
