@@ -137,20 +137,20 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
             constexpr int N_MAX = G * HD + 2 * HD;
             constexpr int PER = (N_MAX + KOG_THREADS - 1) / KOG_THREADS;
             const int n_in = G * HD + (holds_t ? 2 * HD : 0);
-            auto src = [&](int k) -> const kog_u64* {
-                const int i = threadIdx.x + k * KOG_THREADS, ii = i - G * HD;
-                return i < G * HD ? p->qkv + g * G * HD + i
-                                  : p->qkv + KOG_Q_DIM + (ii < HD ? 0 : KOG_KV_DIM - HD) + g * HD + ii;
-            };
             kog_u64 w[PER];
+            const kog_u64* src[PER];
 #pragma unroll
-            for (int k = 0; k < PER; ++k)
-                w[k] = (int)threadIdx.x + k * KOG_THREADS < n_in ? kog_ld_tagged(src(k)) : (kog_u64)qkv_tag << 32;
+            for (int k = 0; k < PER; ++k) {
+                const int i = threadIdx.x + k * KOG_THREADS, ii = i - G * HD;
+                src[k] = i < G * HD ? p->qkv + g * G * HD + i
+                                    : p->qkv + KOG_Q_DIM + (ii < HD ? 0 : KOG_KV_DIM - HD) + g * HD + ii;
+                w[k] = i < n_in ? kog_ld_tagged(src[k]) : (kog_u64)qkv_tag << 32;
+            }
             for (;;) {
                 bool ready = true;
 #pragma unroll
                 for (int k = 0; k < PER; ++k)
-                    if (kog_tag_of(w[k]) != qkv_tag) { ready = false; w[k] = kog_ld_tagged(src(k)); }
+                    if (kog_tag_of(w[k]) != qkv_tag) { ready = false; w[k] = kog_ld_tagged(src[k]); }
                 if (ready) break;
                 kog_backoff();
             }

@@ -321,9 +321,15 @@ struct KogDynamic {
     kog_u32 base;
     int begin, end;
 };
-template <int K, int UNIT, bool DYN = false, class Ready, class Epilogue>
+// pre(unit): called by every lane when a dynamically grabbed unit's first tile is requested
+// (down_residual loads the row's old value of x there, long before its epilogue needs it).
+struct KogNoPre {
+    KOG_DEVICE void operator()(int) const {}
+};
+
+template <int K, int UNIT, bool DYN = false, class Ready, class Epilogue, class Pre = KogNoPre>
 KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, const KogCtx& ctx,
-                         Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}) {
+                         Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}, Pre pre = Pre{}) {
     char* ring = ctx.ring;
     static_assert(K % 8 == 0, "rows must be a whole number of 16-byte vectors");
     constexpr int CPR = K / 8;                                   // 16-byte chunks per row
@@ -581,6 +587,7 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
             auto dload = [&](int i, kog_vec4 (&d)[NLT]) {
                 const int u = u0 + i / TPU, kt = i % TPU;
                 if (u < dyn.end) {
+                    if (kt == 0) pre(u);
 #pragma unroll
                     for (int j = 0; j < NLT; ++j)
                         if (FULL || kt * TILE + j * KOG_WARP + lane < CPU)
@@ -717,6 +724,27 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 #endif
 
 
+// Old values of rows [r0, r0 + n) of the tagged x (tag `tag`; or of the embedding row `emb`)
+// into shared `dst`. `first` is the word of row r0 + threadIdx.x (the embedding value with
+// `tag` at layer 0), loaded by the caller before its activation polls so that the two round
+// trips overlap. All threads call it; it ends with
+// a block barrier.
+KOG_DEVICE void kog_x_rows_to_shared(float* dst, const kog_u64* x, int r0, int n, kog_u32 tag,
+                                     kog_u64 first, const kog_u16* emb) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v;
+        if (emb != nullptr && i != (int)threadIdx.x) {
+            v = kog_w_to_f32(emb[r0 + i]);
+        } else {
+            kog_u64 w = i == (int)threadIdx.x ? first : kog_ld_tagged(x + r0 + i);
+            while (kog_tag_of(w) != tag) { kog_backoff(); w = kog_ld_tagged(x + r0 + i); }
+            v = kog_value_of(w);
+        }
+        dst[i] = v;
+    }
+    __syncthreads();
+}
+
 // ============================================================================================
 // Stage o_proj_residual: x[rows] += wo @ attn_out (o_proj and down_residual rows of x have the
 // same owner: both split the hidden rows evenly, placement.py)
@@ -726,32 +754,48 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
     const int r0 = c.part[2], r1 = c.part[3];
     float* dbg = kog_debug_row(c);
+    const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_O);
+    const kog_u16* emb = layer == 0 ? p->embed + (kog_u64)kog_ld_cg_int(p->tokens + c.t) * KOG_HIDDEN
+                                    : nullptr;
     auto ready = [&]() -> float {
         kog_prefetch_rows(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
                           c.part[5], 2 * KOG_HIDDEN, KOG_PF_BYTES, KOG_PF_BYTES);
         if (r0 >= r1) return -1.f;
+#if KOG_TP == 1
+        // the old value of this block's rows of x: loads issued now, checked after the polls
+        const kog_u32 x_in = kog_tag(c.t, layer - 1, KOG_STAGE_DOWN);
+        kog_u64 xw = 0ull;
+        if (threadIdx.x < r1 - r0)                    // (layer 0: the embedding, as a ready word)
+            xw = emb != nullptr ? ((kog_u64)x_in << 32) | __float_as_uint(kog_w_to_f32(emb[r0 + threadIdx.x]))
+                                : kog_ld_tagged(p->x + r0 + threadIdx.x);
+#endif
         const float s = kog_load_activation<KOG_Q_DIM>(p->attn_out, kog_tag(c.t, layer, KOG_STAGE_ATTN),
                                                        c.smem, c.scratch, false);
+#if KOG_TP == 1
+        kog_x_rows_to_shared(c.x_own, p->x, r0, r1 - r0, x_in, xw, emb);
+#endif
         kog_prof(c, layer * 16 + 7);
         return s;
     };
-    const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_O);
+    // x[rows] += wo[rows] @ attn_out: the old values of this block's rows come to shared
+    // memory (x_own) while it waits for attention; at layer 0 from the token's embedding row.
 #if KOG_TP > 1
     // tensor parallel: this rank's heads give a partial of every row; all-reduce, then add
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 0, row, acc[0], x_out);
     };
+    kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c, ready, epi);
+    (void)emb;                                        // the embedding is in x_full already
 #else
-    // x[row] += wo[row] @ attn_out: the old x is the block's copy from attn_norm_qkv (x_full)
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
-            const float v = c.x_full[row] + acc[0];
+            const float v = c.x_own[row - r0] + acc[0];
             kog_st_tagged(p->x + row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };
-#endif
     kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c, ready, epi);
+#endif
     kog_prof_end(c, layer * 16 + 6 + 2);
 }
 
@@ -771,10 +815,9 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
 #if KOG_TP > 1
         const float s = kog_tp_load_reduced(c, 0, kog_tag(c.t, layer, KOG_STAGE_O));
 #else
-        // every block reads x (also one without gate/up rows: down_residual adds to its copy)
+        if (!DYN && u0 >= u1) return -1.f;
         const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, layer, KOG_STAGE_O),
                                                         c.smem, c.scratch, true);
-        for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) c.x_full[i] = c.smem[i];
 #endif
         kog_prof(c, layer * 16 + 10);
         return s;
@@ -804,6 +847,8 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     const int r0 = c.part[6], r1 = c.part[7];
     float* dbg = kog_debug_row(c);
     constexpr bool DYN = KOG_DYN_PERMILLE > 0 && KOG_DOWN_DYN;
+    const kog_u32 x_in = kog_tag(c.t, layer, KOG_STAGE_O);
+    float* x_old = c.x_own + KOG_OWN_PAD;          // o_proj's half may still be read (no barrier)
     auto ready = [&]() -> float {
         if (layer + 1 < KOG_N_LAYERS)
             kog_prefetch_rows(p->wqkv + (kog_u64)(layer + 1) * KOG_QKV_DIM * KOG_HIDDEN, c.part[0],
@@ -811,8 +856,15 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
         else
             kog_prefetch_rows(p->lm_head, c.part[8], c.part[9], KOG_HIDDEN, 0, 2 * KOG_PF_BYTES);
         if (!DYN && r0 >= r1) return -1.f;
+#if KOG_TP == 1
+        // old x of the static rows: loads issued now, checked after the polls
+        const kog_u64 xw = threadIdx.x < r1 - r0 ? kog_ld_tagged(p->x + r0 + threadIdx.x) : 0ull;
+#endif
         const float s = kog_load_activation<KOG_FFN>(p->act, kog_tag(c.t, layer, KOG_STAGE_GATE_UP),
                                                      c.smem, c.scratch, false);
+#if KOG_TP == 1
+        kog_x_rows_to_shared(x_old, p->x, r0, r1 - r0, x_in, xw, nullptr);
+#endif
         kog_prof(c, layer * 16 + 13);
         return s;
     };
@@ -823,19 +875,34 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 1, row, acc[0], x_out);
     };
+    kog_gemv<KOG_FFN, 1, DYN>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
+                              ready, epi, dyn);
 #else
-    // x[row] += w_down[row] @ act, any row (static or grabbed): the old x is the block's copy
-    // from ffn_norm_gate_up_silu (x_full)
+    // dynamic rows (the tail, any block): the load of their old x is issued when the row is
+    // grabbed (with its first weight tile) and checked in the epilogue
+    constexpr int GRAB = KogGemvShape<KOG_FFN, 1>::GRAB;
+    kog_u64 old_dyn[GRAB];
+    auto pre = [&](int row) {
+        old_dyn[(row - p->down_dyn_begin) % GRAB] = kog_ld_tagged(p->x + row);
+    };
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
-            const float v = c.x_full[row] + acc[0];
+            float old;
+            if (row < r1) {
+                old = x_old[row - r0];
+            } else {
+                kog_u64 w = old_dyn[(row - p->down_dyn_begin) % GRAB];
+                while (kog_tag_of(w) != x_in) { kog_backoff(); w = kog_ld_tagged(p->x + row); }
+                old = kog_value_of(w);
+            }
+            const float v = old + acc[0];
             kog_st_tagged(p->x + row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };
-#endif
     kog_gemv<KOG_FFN, 1, DYN>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
-                              ready, epi, dyn);
+                              ready, epi, dyn, pre);
+#endif
     kog_prof_end(c, layer * 16 + 12 + 2);
 }
 

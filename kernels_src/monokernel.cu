@@ -35,7 +35,8 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.smem = smem;
     c.scratch = smem + KOG_SMEM_FLOATS;
     c.ring = reinterpret_cast<char*>(kog_smem4);
-    c.x_full = c.scratch + KOG_SCRATCH_FLOATS;
+    c.x_own = c.scratch + KOG_SCRATCH_FLOATS;
+    c.x_full = c.x_own + 2 * KOG_OWN_PAD;                 // tensor parallel only (host sizes it)
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
     c.t = 0;
     KogStream stream{0, 0, 0, 0, 0, 0, false};

@@ -14,7 +14,7 @@
 // Returns true when the generation is over (seen at layer 0: the sampler set the stop flag).
 KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
-    float* xs = KOG_TP > 1 ? c.x_full : c.smem;   // tensor parallel: x is summed in x_full
+    float* xs = KOG_TP > 1 ? c.x_full : c.smem;   // tensor parallel: x is kept in x_full
     const bool first = layer == 0;
     const kog_u32 x_tag = first ? kog_tag(c.t, 0, KOG_STAGE_EMBED)
                                 : kog_tag(c.t, layer - 1, KOG_STAGE_DOWN);
@@ -40,9 +40,8 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
         const float s = first ? kog_load_activation<KOG_HIDDEN>(p->x, x_tag, xs, c.scratch, true)
                               : kog_tp_load_reduced(c, 1, x_tag);
 #else
-        // every block reads x (also one without qkv rows: o_proj_residual adds to its copy)
+        if (r0 >= r1) return 1.f;
         const float s = kog_load_activation<KOG_HIDDEN>(p->x, x_tag, xs, c.scratch, true);
-        for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) c.x_full[i] = xs[i];
 #endif
         kog_prof(c, layer * 16 + 1);
         return s;

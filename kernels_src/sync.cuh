@@ -27,6 +27,10 @@
 
 #define KOG_SLOT_FLAG (2 * KOG_THREADS / KOG_WARP)            // scratch slots after reductions
 #define KOG_SCRATCH_FLOATS (2 * KOG_THREADS / KOG_WARP + 16)
+#ifndef KOG_OWN_ROWS
+#define KOG_OWN_ROWS 64          // rows of x a block owns at most (o_proj / down_residual)
+#endif
+#define KOG_OWN_PAD ((KOG_OWN_ROWS + 3) / 4 * 4)   // x_own: [o_proj rows | down rows]
 
 // Version tags of the tagged activation vectors (never 0: the host zeroes tags before a launch).
 #define KOG_STAGE_EMBED 0
@@ -137,9 +141,8 @@ struct KogCtx {
     float* smem;         // KOG_SMEM_FLOATS floats of dynamic shared memory
     float* scratch;      // 2 * KOG_THREADS / KOG_WARP + 16 floats for block reductions / flags
     char* ring;          // KOG_RING_BYTES of shared memory: the GEMV cp.async weight ring
-    float* x_full;       // the residual stream x (KOG_HIDDEN floats): one GPU, the copy the last
-                         // qkv / gate_up stage read, which o_proj / down add to; tensor parallel,
-                         // the sum of every rank's partials
+    float* x_own;        // 2 x KOG_OWN_PAD: old x of this block's o_proj rows, of its down rows
+    float* x_full;       // tensor parallel: the whole residual stream x (KOG_HIDDEN floats)
     struct KogStream* stream;   // this thread's cross-stage weight stream (KOG_STREAM)
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     int t;               // position of the token being run

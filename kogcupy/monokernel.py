@@ -397,8 +397,9 @@ class MonokernelBackend(_OneLaunchBackend):
             raise DeviceError(f"KOG_ATTN_POLL needs at least {lcfg.n_kv_heads} blocks (kv heads)")
         self._smem_floats = smem_floats(lcfg, attn_chunk)
         scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
-        x_full = lcfg.hidden_size                        # sync.cuh KogCtx::x_full
-        self.smem_bytes = 4 * (self._smem_floats + scratch + x_full)
+        x_full = lcfg.hidden_size if self.world > 1 else 0  # tensor parallel: x per block
+        own = 2 * (-(-self.placement.own_rows // 4) * 4)  # sync.cuh: x_own is 2 x KOG_OWN_PAD
+        self.smem_bytes = 4 * (self._smem_floats + scratch + own + 16 + x_full)
         self.bytes_per_token = float(streamed_weight_bytes(cfg))
         self._read_bw = None
         self.debug_positions = int(debug_positions)
@@ -453,7 +454,7 @@ class MonokernelBackend(_OneLaunchBackend):
     def _compile(self):
         defines = kernels.model_defines(self.lcfg, self.dtype, self.threads, self._smem_floats,
                                         len(abi.PARTITION_COLUMNS),
-                                        self.tuning,
+                                        {"KOG_OWN_ROWS": self.placement.own_rows, **self.tuning},
                                         tp=self.world)
         self.smem_bytes += defines["KOG_RING_BYTES"]
         cp = _cupy()

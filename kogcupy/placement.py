@@ -49,6 +49,7 @@ class Placement:
     attn_max_chunks: int           # chunk rule parameter
     attn_chunks_alloc: int         # chunks per kv head the partial buffer holds
     attn_ticket_base: np.ndarray   # (C,) int32: ticket arrivals of positions before t
+    own_rows: int                  # rows of x a block owns at most (o_proj or down_residual)
     gate_up_dyn_begin: int         # gate/up units from here on are handed out dynamically
     lm_dyn_begin: int              # LM head rows from here on are handed out dynamically
     lm_dyn_end: int                # ... up to here (this rank's vocabulary slice ends)
@@ -106,6 +107,7 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     base = np.concatenate([[0], np.cumsum(arrivals)[:-1]]).astype(np.int64)
     if base[-1] + alloc >= 2**31:
         raise ValueError("attention ticket counts overflow")
+    own_rows = int(max(np.max(c[:, 1] - c[:, 0]) for c in (cols[1], cols[3])))
     return Placement(n_blocks, partition, producers, max_chunks, alloc, base.astype(np.int32),
-                     dyn_begin["gate_up"], v0 + dyn_begin["lm"], v1,
+                     own_rows, dyn_begin["gate_up"], v0 + dyn_begin["lm"], v1,
                      dyn_begin.get("down", cfg.hidden_size))

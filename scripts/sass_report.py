@@ -32,12 +32,13 @@ def main(argv=None):
     ap.add_argument("shape")
     ap.add_argument("tuning", nargs="?", default="{}")
     ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--own-rows", type=int, default=16, help="KOG_OWN_ROWS (rows of x a block owns)")
     args = ap.parse_args(argv)
     nvdisasm = os.environ.get("KOG_NVDISASM") or shutil.which("nvdisasm")
     if not shutil.which("nvcc") or not nvdisasm:
         sys.exit("sass_report: needs nvcc and nvdisasm on PATH (or KOG_NVDISASM=/path/nvdisasm)")
     cfg = shape_config(args.shape)
-    tuning = json.loads(args.tuning)
+    tuning = {"KOG_OWN_ROWS": args.own_rows, **json.loads(args.tuning)}
     d = kernels.model_defines(cfg, "bfloat16", THREADS, smem_floats(cfg),
                               len(abi.PARTITION_COLUMNS), tuning)
     src = kernels.monokernel_source()
