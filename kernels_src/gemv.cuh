@@ -40,18 +40,6 @@
 #ifndef KOG_PREFETCH_TILES
 #define KOG_PREFETCH_TILES 1      // tiles issued before the wait for the input
 #endif
-// KOG_TMA_PREFETCH (sm_90): the KOG_PREFETCH_TILES tiles a warp issues before it waits for its
-// input come by bulk copy into the warp's slots of the shared ring (one mbarrier per warp)
-// instead of as loads into registers, so that its polls do not queue behind them.
-#if !KOG_HAS_BULK
-#undef KOG_TMA_PREFETCH
-#define KOG_TMA_PREFETCH 0
-#endif
-#ifndef KOG_TMA_PREFETCH
-#define KOG_TMA_PREFETCH 0
-#endif
-#define KOG_TMA_SLOT (KOG_WARP * KOG_GEMV_MAX_LOADS * 16)            // bytes: one tile, max
-#define KOG_TMA_BARS (KOG_THREADS / KOG_WARP * KOG_PREFETCH_TILES * KOG_TMA_SLOT)   // ring offset
 
 #ifndef KOG_L2_PREFETCH_KB
 #define KOG_L2_PREFETCH_KB 0      // bytes of a later stage's rows prefetched into L2 per block
@@ -174,9 +162,10 @@ struct KogStream {
 #if KOG_STREAM == 2 && !KOG_HAS_BULK
 #error "KOG_STREAM=2 needs sm_90 bulk copies (cp.async.bulk)"
 #endif
-#define KOG_STREAM_BARS (KOG_THREADS / KOG_WARP * KOG_STREAM_SLOTS * KOG_TMA_SLOT)   // ring offset
+#define KOG_STREAM_TILE (KOG_WARP * KOG_GEMV_MAX_LOADS * 16)         // bytes: one warp tile, max
+#define KOG_STREAM_BARS (KOG_THREADS / KOG_WARP * KOG_STREAM_SLOTS * KOG_STREAM_TILE)   // ring offset
 KOG_DEVICE char* kog_stream_slot(const KogCtx& c, int slot) {
-    return c.ring + ((kog_u64)(threadIdx.x / KOG_WARP) * KOG_STREAM_SLOTS + slot) * KOG_TMA_SLOT;
+    return c.ring + ((kog_u64)(threadIdx.x / KOG_WARP) * KOG_STREAM_SLOTS + slot) * KOG_STREAM_TILE;
 }
 KOG_DEVICE kog_u64* kog_stream_bar(const KogCtx& c, int slot) {
     return reinterpret_cast<kog_u64*>(c.ring + KOG_STREAM_BARS) +
@@ -471,44 +460,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         for (int j = 0; j < NLT; ++j)
             if (FULL || kt * TILE + j * KOG_WARP + lane < CPU) v[j] = kog_ld_stream(base + j * KOG_WARP);
     };
-#if KOG_TMA_PREFETCH
-    static_assert(KOG_PREFETCH_TILES == 2 && !KOG_GEMV_ASYNC, "bulk prefetch: the two register tiles");
-    // this warp's two slots and its mbarrier (+ the parity word of its next phase)
-    char* slots = ring + (kog_u64)warp * 2 * KOG_TMA_SLOT;
-    kog_u64* bar = reinterpret_cast<kog_u64*>(ring + KOG_TMA_BARS) + 2 * warp;
-    const int npre = n_tiles < 2 ? n_tiles : 2;
-    auto tile_bytes = [&](int i) -> unsigned {
-        const int kt = i % TPU;
-        return (unsigned)((FULL || CPU - kt * TILE >= TILE) ? TILE : CPU - kt * TILE) * 16u;
-    };
-    if (npre > 0 && lane == 0) {
-        kog_fence_proxy_async();                  // this warp's reads of its slots come first
-        kog_mbar_expect_tx(bar, tile_bytes(0) + (npre > 1 ? tile_bytes(1) : 0u));
-        for (int i = 0; i < npre; ++i) {
-            const int u = first + (i / TPU) * n_warps, kt = i % TPU;
-            kog_bulk_to_shared(slots + i * KOG_TMA_SLOT, W4 + (kog_u64)u * CPU + kt * TILE,
-                               tile_bytes(i), bar);
-        }
-    }
-    auto take = [&]() {                           // the prefetched tiles -> cur, nxt
-        if (npre == 0) return;
-        kog_syncwarp();
-        const unsigned parity = *reinterpret_cast<volatile unsigned*>(bar + 1);
-        kog_mbar_wait(bar, parity);
-        const kog_vec4* s4 = reinterpret_cast<const kog_vec4*>(slots);
-#pragma unroll
-        for (int j = 0; j < NLT; ++j) {
-            if (FULL || j * KOG_WARP + lane < CPU) cur[j] = s4[j * KOG_WARP + lane];
-            if (npre > 1 && (FULL || (1 % TPU) * TILE + j * KOG_WARP + lane < CPU))
-                nxt[j] = s4[KOG_TMA_SLOT / 16 + j * KOG_WARP + lane];
-        }
-        kog_syncwarp();
-        if (lane == 0) *reinterpret_cast<volatile unsigned*>(bar + 1) = parity ^ 1u;
-    };
-    const float scale = ready();
-    take();
-    if (!(scale > 0.f)) return;
-#else
 #if KOG_PREFETCH_TILES > 0
     if (n_tiles > 0) load(0, cur);
 #endif
@@ -518,7 +469,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
 
     const float scale = ready();
     if (!(scale > 0.f)) return;
-#endif
 #if KOG_PREFETCH_TILES <= 0
     if (n_tiles > 0) load(0, cur);                 // (timing variant: nothing in flight while waiting)
 #endif
@@ -736,9 +686,7 @@ KOG_DEVICE void kog_x_rows_to_shared(float* dst, const kog_u64* x, int r0, int n
         if (emb != nullptr && i != (int)threadIdx.x) {
             v = kog_w_to_f32(emb[r0 + i]);
         } else {
-            kog_u64 w = i == (int)threadIdx.x ? first : kog_ld_tagged(x + r0 + i);
-            while (kog_tag_of(w) != tag) { kog_backoff(); w = kog_ld_tagged(x + r0 + i); }
-            v = kog_value_of(w);
+            v = kog_finish_tagged(x + r0 + i, i == (int)threadIdx.x ? first : kog_ld_tagged(x + r0 + i), tag);
         }
         dst[i] = v;
     }
@@ -891,9 +839,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
             if (row < r1) {
                 old = x_old[row - r0];
             } else {
-                kog_u64 w = old_dyn[(row - p->down_dyn_begin) % GRAB];
-                while (kog_tag_of(w) != x_in) { kog_backoff(); w = kog_ld_tagged(p->x + row); }
-                old = kog_value_of(w);
+                old = kog_finish_tagged(p->x + row, old_dyn[(row - p->down_dyn_begin) % GRAB], x_in);
             }
             const float v = old + acc[0];
             kog_st_tagged(p->x + row, v, x_out);

@@ -49,14 +49,6 @@ kog_monokernel(const KogParams* __restrict__ p) {
 #if KOG_STREAM
     for (int s = 0; s < KOG_STREAM_SLOTS; ++s) kog_stream_issue(c);   // weights first
 #endif
-#if KOG_TMA_PREFETCH
-    if (threadIdx.x % KOG_WARP == 0) {               // one mbarrier + parity word per warp
-        kog_u64* bar = reinterpret_cast<kog_u64*>(c.ring + KOG_TMA_BARS) + 2 * (threadIdx.x / KOG_WARP);
-        kog_mbar_init(bar, 1);
-        bar[1] = 0ull;
-    }
-    __syncthreads();
-#endif
 
     if (blockIdx.x == 0) {                                  // stage embed of position 0
         kog_embed(c, p->tokens[0], 0);

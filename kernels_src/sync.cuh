@@ -43,9 +43,9 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
     return (kog_u32)((t * KOG_N_LAYERS + layer) * 8 + stage + 1);
 }
 
-// One element: spin until *p carries `tag`, return its value.
-KOG_DEVICE float kog_wait_tagged(const kog_u64* p, kog_u32 tag) {
-    kog_u64 w = kog_ld_tagged(p);
+// One element whose load `w` was issued earlier: spin on *p until it carries `tag`, return
+// its value (the load goes out before other polls; the check comes when the value is needed).
+KOG_DEVICE float kog_finish_tagged(const kog_u64* p, kog_u64 w, kog_u32 tag) {
     while (kog_tag_of(w) != tag) {
         kog_backoff();
         w = kog_ld_tagged(p);

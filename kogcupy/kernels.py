@@ -88,7 +88,7 @@ def define_options(defines: dict) -> tuple[str, ...]:
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_PREFETCH_TILES": 2, "KOG_GEMV_AB": 1,
                   "KOG_GEMV_ASYNC": 0, "KOG_GEMV_STAGES": 4,
                   "KOG_L2_PREFETCH_KB": 0, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DYN": 1, "KOG_HOOKS": 0,
-                  "KOG_WEIGHT_EVICT_FIRST": 0, "KOG_TMA_PREFETCH": 0, "KOG_KV_ORDERED": 1,
+                  "KOG_WEIGHT_EVICT_FIRST": 0, "KOG_KV_ORDERED": 1,
                   "KOG_POLL_NS": 0,
                   "KOG_STREAM": 0, "KOG_STREAM_SLOTS": 4,
                   "KOG_TIMING_ATTN_SELF_ONLY": 0, "KOG_ATTN_FAST": 1, "KOG_ATTN_POLL": 1,
@@ -130,8 +130,8 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
 
 
 def ring_bytes(defines: dict, threads: int) -> int:
-    """Shared memory of the GEMV weight ring (gemv.cuh: cp.async ring, cross-stage stream or
-    the bulk-copied prefetch tiles), 0 when none is on."""
+    """Shared memory of the GEMV weight ring (gemv.cuh: cp.async ring or cross-stage stream),
+    0 when neither is on."""
     if is_hip_safe():
         return 0
     if defines.get("KOG_STREAM"):           # (2: + one mbarrier per slot of each warp's ring)
@@ -139,8 +139,6 @@ def ring_bytes(defines: dict, threads: int) -> int:
         return int(defines["KOG_STREAM_SLOTS"]) * int(defines["KOG_GEMV_MAX_LOADS"]) * 16 * threads + bars
     if defines.get("KOG_GEMV_ASYNC"):
         return int(defines["KOG_GEMV_STAGES"]) * int(defines["KOG_GEMV_MAX_LOADS"]) * 16 * threads
-    if defines.get("KOG_TMA_PREFETCH"):     # two tiles per warp + an mbarrier and parity per warp
-        return (2 * int(defines["KOG_GEMV_MAX_LOADS"]) * 16 * threads) + 16 * (threads // 32)
     return 0
 
 
