@@ -686,7 +686,9 @@ KOG_DEVICE void kog_x_rows_to_shared(float* dst, const kog_u64* x, int r0, int n
         if (emb != nullptr && i != (int)threadIdx.x) {
             v = kog_w_to_f32(emb[r0 + i]);
         } else {
-            v = kog_finish_tagged(x + r0 + i, i == (int)threadIdx.x ? first : kog_ld_tagged(x + r0 + i), tag);
+            kog_u64 w = i == (int)threadIdx.x ? first : kog_ld_tagged(x + r0 + i);
+            while (kog_tag_of(w) != tag) { kog_backoff(); w = kog_ld_tagged(x + r0 + i); }
+            v = kog_value_of(w);
         }
         dst[i] = v;
     }
@@ -839,7 +841,9 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
             if (row < r1) {
                 old = x_old[row - r0];
             } else {
-                old = kog_finish_tagged(p->x + row, old_dyn[(row - p->down_dyn_begin) % GRAB], x_in);
+                kog_u64 w = old_dyn[(row - p->down_dyn_begin) % GRAB];
+                while (kog_tag_of(w) != x_in) { kog_backoff(); w = kog_ld_tagged(p->x + row); }
+                old = kog_value_of(w);
             }
             const float v = old + acc[0];
             kog_st_tagged(p->x + row, v, x_out);

@@ -43,16 +43,6 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
     return (kog_u32)((t * KOG_N_LAYERS + layer) * 8 + stage + 1);
 }
 
-// One element whose load `w` was issued earlier: spin on *p until it carries `tag`, return
-// its value (the load goes out before other polls; the check comes when the value is needed).
-KOG_DEVICE float kog_finish_tagged(const kog_u64* p, kog_u64 w, kog_u32 tag) {
-    while (kog_tag_of(w) != tag) {
-        kog_backoff();
-        w = kog_ld_tagged(p);
-    }
-    return kog_value_of(w);
-}
-
 // All threads of the block call this; returns once counter >= expected (acquire).
 KOG_DEVICE void kog_wait_counter(const kog_u32* counter, kog_u32 expected) {
     if (threadIdx.x == 0) {
