@@ -6,6 +6,11 @@
         print(piece, end="", flush=True)
     gen.result                                          # GenerationResult, after exhaustion
 
+A prompt is a str, token ids, or OpenAI-style chat messages (``[{"role": "user", "content":
+"..."}]``, optionally with ``tools=[...]``), rendered through the model's chat template. Both
+backends keep the KV of earlier requests (``prefix_cache_gb``, 0 = off) and prefill only what
+a new prompt does not share with one of them (``result.cached_tokens``).
+
 Stop strings are matched host-side on the detokenized text. Text that could still turn into a
 stop string is held back, so the pieces a caller sees always concatenate to ``result.text``
 (cut before the stop string). EOS tokens are in ``result.token_ids`` but not in the text.
@@ -20,6 +25,7 @@ from .sampling_params import SamplingParams
 
 BACKENDS = ("auto", "reference", "monokernel")
 FINISH_REASONS = ("eos", "stop", "length", "context", "cancelled")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 # ------------------------------------------------------------------------------- backends
@@ -73,6 +79,37 @@ def make_backend(model, backend: str = "auto", context_length: int = 4096, gpus:
     return MonokernelBackend(model, context_length=context_length, **backend_kw)
 
 
+# ------------------------------------------------------------------------------- messages
+def _is_messages(prompt) -> bool:
+    return isinstance(prompt, (list, tuple)) and any(isinstance(m, dict) for m in prompt)
+
+
+def check_messages(messages) -> None:
+    """OpenAI-style chat messages: a non-empty list of {"role": one of ROLES, "content": str |
+    None, ...}; assistant "tool_calls" a list of dicts, tool "tool_call_id" a str."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InputError("chat messages must be a non-empty list of dicts like "
+                         "{'role': 'user', 'content': '...'}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InputError(f"chat message {i} is a {type(m).__name__}, not a dict like "
+                             f"{{'role': 'user', 'content': '...'}}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise InputError(f"chat message {i}: unknown role {role!r}; use one of "
+                             f"{', '.join(ROLES)}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise InputError(f"chat message {i}: content must be a str or None, got "
+                             f"{type(content).__name__}")
+        calls = m.get("tool_calls")
+        if calls is not None and not (isinstance(calls, (list, tuple))
+                                      and all(isinstance(c, dict) for c in calls)):
+            raise InputError(f"chat message {i}: tool_calls must be a list of dicts")
+        if "tool_call_id" in m and not isinstance(m["tool_call_id"], str):
+            raise InputError(f"chat message {i}: tool_call_id must be a str")
+
+
 # ------------------------------------------------------------------------------- results
 @dataclass
 class GenerationResult:
@@ -86,6 +123,7 @@ class GenerationResult:
     backend: str
     gb_per_s: float | None = None           # weight bytes streamed per second while decoding
     pct_of_bandwidth: float | None = None   # gb_per_s / the device's measured read bandwidth
+    cached_tokens: int = 0          # prompt tokens restored from the prefix cache, not run
 
     def stats_line(self) -> str:
         parts = [f"{len(self.token_ids)} tokens", f"{self.tokens_per_s:.1f} tok/s"]
@@ -94,7 +132,8 @@ class GenerationResult:
             if self.pct_of_bandwidth is not None:
                 bw += f" ({self.pct_of_bandwidth:.1f}% of read bandwidth)"
             parts.append(bw)
-        parts += [f"prefill {self.prefill_s:.3f} s ({self.prompt_tokens} prompt tokens)",
+        parts += [f"prefill {self.prefill_s:.3f} s ({self.prompt_tokens} prompt tokens, "
+                  f"{self.cached_tokens} cached)",
                   f"backend {self.backend}", f"finish {self.finish_reason}"]
         return "kogcupy: " + ", ".join(parts)
 
@@ -234,7 +273,8 @@ class Generation:
             token_ids=list(self._token_ids), text=self._text[:self._emitted],
             finish_reason=finish_reason, prompt_tokens=len(self.prompt_ids),
             prefill_s=float(getattr(self.stream, "prefill_s", 0.0) or 0.0), decode_s=decode_s,
-            tokens_per_s=tps, backend=self._backend.name, gb_per_s=gbps, pct_of_bandwidth=pct)
+            tokens_per_s=tps, backend=self._backend.name, gb_per_s=gbps, pct_of_bandwidth=pct,
+            cached_tokens=int(getattr(self.stream, "cached_tokens", 0) or 0))
 
 
 # ------------------------------------------------------------------------------- engine
@@ -242,11 +282,15 @@ class Engine:
     """One model on one backend; ``generate`` serves one request at a time (batch 1)."""
 
     def __init__(self, model, backend: str = "auto", context_length: int = 4096, gpus: int = 1,
-                 **backend_kw):
+                 prefix_cache_gb: float | None = None, **backend_kw):
+        """prefix_cache_gb: memory (1e9 bytes) for the KV of earlier requests; None = the
+        backend's default, 0 = off."""
         if not isinstance(context_length, int) or context_length < 2:
             raise InputError(f"context_length must be an integer >= 2, got {context_length!r}")
         if not isinstance(gpus, int) or gpus < 1:
             raise InputError(f"gpus must be an integer >= 1, got {gpus!r}")
+        if prefix_cache_gb is not None:
+            backend_kw["prefix_cache_gb"] = prefix_cache_gb
         self.model = model
         self.backend = make_backend(model, backend, context_length, gpus, **backend_kw)
         self.backend_name: str = self.backend.name
@@ -264,8 +308,32 @@ class Engine:
             ids |= set(self.tokenizer.eos_token_ids)
         return ids
 
-    def encode_prompt(self, prompt, chat: bool | None = None) -> list[int]:
-        """Prompt (str or token ids) -> ids, through the chat template when asked / by default."""
+    def encode_messages(self, messages, tools=None) -> list[int]:
+        """OpenAI-style messages (and tools) -> ids of the chat template's rendering, ending with
+        the assistant generation prompt."""
+        check_messages(messages)
+        if tools is not None and not (isinstance(tools, (list, tuple))
+                                      and all(isinstance(t, dict) for t in tools)):
+            raise InputError("tools must be a list of OpenAI tool dicts like "
+                             "{'type': 'function', 'function': {...}}")
+        tk = self.tokenizer
+        if tk is None or not tk.has_chat_template:
+            raise InputError("chat messages need a model with a chat template; pass a text "
+                             "prompt (chat=False) instead")
+        kw = {} if tools is None else {"tools": list(tools)}
+        text = tk.render_chat(list(messages), add_generation_prompt=True, **kw)
+        ids = tk.encode(text, add_bos=False)                # templates write BOS themselves
+        self.model.config.check_request(ids, self.context_length)
+        return ids
+
+    def encode_prompt(self, prompt, chat: bool | None = None, tools=None) -> list[int]:
+        """Prompt (str, token ids or chat messages) -> ids, through the chat template when asked
+        / by default (always for messages)."""
+        if _is_messages(prompt):
+            if chat is False:
+                raise InputError("chat messages are always rendered through the chat template; "
+                                 "chat=False needs a text prompt")
+            return self.encode_messages(prompt, tools)
         if isinstance(prompt, str):
             tk = self.tokenizer
             if tk is None:
@@ -275,19 +343,18 @@ class Engine:
             if chat:
                 if not tk.has_chat_template:
                     raise InputError("the model has no chat template; use chat=False (--no-chat)")
-                text = tk.render_chat([{"role": "user", "content": prompt}],
-                                      add_generation_prompt=True)
-                ids = tk.encode(text, add_bos=False)    # templates write BOS themselves
-            else:
-                ids = tk.encode(prompt)
+                return self.encode_messages([{"role": "user", "content": prompt}], tools)
+            ids = tk.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(
                 isinstance(i, int) and not isinstance(i, bool) for i in prompt):
             if chat:
                 raise InputError("chat=True needs a text prompt, not token ids")
             ids = list(prompt)
         else:
-            raise InputError(f"prompt must be a str or a list of token ids, "
-                             f"got {type(prompt).__name__}")
+            raise InputError(f"prompt must be a str, a list of token ids or a list of chat "
+                             f"messages, got {type(prompt).__name__}")
+        if tools is not None:
+            raise InputError("tools need a chat prompt (chat messages, or a str with chat on)")
         self.model.config.check_request(ids, self.context_length)
         return ids
 
@@ -300,7 +367,9 @@ class Engine:
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int = 0, stop=None,
-                 chat: bool | None = None) -> Generation:
+                 chat: bool | None = None, tools=None) -> Generation:
+        """prompt: str, token ids, or OpenAI-style messages; tools: OpenAI tool dicts passed to
+        the chat template."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -314,7 +383,7 @@ class Engine:
         stop = list(stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise InputError("stop strings must be non-empty strings")
-        ids = self.encode_prompt(prompt, chat)
+        ids = self.encode_prompt(prompt, chat, tools)
         eos = self.eos_ids
         stream = self.backend.start(ids, params, max_new_tokens, eos)
         return Generation(self.backend, stream, ids, self.tokenizer, eos, stop)

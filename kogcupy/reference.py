@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InputError
+from .prefix_cache import PrefixCache
 from .sampling import sample as sample_token
 from .sampling_params import SamplingParams
 
@@ -28,6 +29,7 @@ STAGES = ("embed", "attn_norm_qkv", "attention", "o_proj_residual", "ffn_norm_ga
           "down_residual", "final_norm_lm_head", "sample", "stop_check")
 LAYER_STAGES = STAGES[1:6]
 PREFILL_CHUNK = 512          # prompt positions per batched forward
+DEFAULT_PREFIX_CACHE_GB = 1.0   # host memory for the KV of earlier requests (prefix reuse)
 
 # Trace sink: a dict filled with {(stage, pos, layer): array copy}, or a callable
 # hook(stage, pos, layer, array) (the array is a view: copy what you keep), or None (off).
@@ -71,7 +73,7 @@ class ReferenceModel:
         L, C, KV, hd = cfg.n_layers, self.context_length, cfg.n_kv_heads, cfg.head_dim
         self.k_cache = np.zeros((L, C, KV, hd), dtype=np.float32)   # (L, context, KV, hd)
         self.v_cache = np.zeros((L, C, KV, hd), dtype=np.float32)   # (L, context, KV, hd)
-        self.pos = 0                                    # tokens already in the KV cache
+        self.pos = 0            # tokens in the KV cache; positions < pos are always complete
         self.trace = trace
 
     # -- trace ----------------------------------------------------------------------------
@@ -91,6 +93,23 @@ class ReferenceModel:
 
     def reset(self):
         self.pos = 0
+
+    def kv_bytes(self, n: int) -> int:
+        """Bytes of the K and V of n positions."""
+        L, _, KV, hd = self.k_cache.shape
+        return 2 * L * n * KV * hd * self.k_cache.itemsize
+
+    def save_kv(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of K, V of positions [0, n): two (L, n, KV, hd) arrays."""
+        assert n <= self.pos
+        return self.k_cache[:, :n].copy(), self.v_cache[:, :n].copy()
+
+    def load_kv(self, kv: tuple[np.ndarray, np.ndarray], n: int):
+        """Start a sequence from saved K, V (L, >= n, KV, hd): positions [0, n) restored."""
+        self.pos = 0
+        self.k_cache[:, :n] = kv[0][:, :n]
+        self.v_cache[:, :n] = kv[1][:, :n]
+        self.pos = n
 
     # -- stages ---------------------------------------------------------------------------
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -215,7 +234,12 @@ def weight_bytes_per_token(weights: dict[str, np.ndarray]) -> float:
 
 
 class ReferenceTokenStream:
-    """Iterator of generated token ids; the forward runs lazily inside __next__."""
+    """Iterator of generated token ids; the forward runs lazily inside __next__.
+
+    The prefill starts from the longest prefix of the prompt found in the backend's prefix
+    cache (``cached_tokens`` positions restored, at least the last prompt token run); when the
+    stream ends, the KV it wrote goes back into the cache.
+    """
 
     def __init__(self, backend: "ReferenceBackend", prompt_ids: list[int], params: SamplingParams,
                  max_new_tokens: int, eos_ids: set[int], batch_prefill: bool):
@@ -228,10 +252,13 @@ class ReferenceTokenStream:
         self._batch_prefill = batch_prefill
         self._generated: list[int] = []
         self._cancel = False
+        self._started = False            # the backend's KV cache holds this stream's sequence
+        self._saved = False              # its KV went to the prefix cache (once)
         self._t0 = time.perf_counter()
         self._pending: str | None = None                 # finish reason after the last yield
         self.finish_reason: str | None = None
         self.prefill_s: float = 0.0
+        self.cached_tokens: int = 0      # prompt positions restored from the prefix cache
 
     def __iter__(self):
         return self
@@ -260,6 +287,7 @@ class ReferenceTokenStream:
         elif self._pending is not None:
             self.finish_reason = self._pending
         if self.finish_reason is not None:
+            self._b.save(self)
             raise StopIteration
         g = self._generated
         if g:
@@ -267,7 +295,9 @@ class ReferenceTokenStream:
         else:
             self._t0 = time.perf_counter()
             self._rm.reset()
-            logits = self._rm.prefill(self._prompt, batch=self._batch_prefill)
+            self._started = True
+            n = self.cached_tokens = self._b.restore(self._prompt)
+            logits = self._rm.prefill(self._prompt[n:], batch=self._batch_prefill)
         pos = self._rm.pos - 1                                  # position whose logits we sample
         tok = sample_token(logits, self._params, len(g), self._prompt + g)
         self._rm.record("sample", pos, tok)
@@ -276,6 +306,8 @@ class ReferenceTokenStream:
         g.append(tok)
         self._pending = self._stop_check(tok)
         self._rm.record("stop_check", pos, int(self._pending is not None))
+        if self._pending is not None:
+            self._b.save(self)                                  # its KV is complete now
         return tok
 
 
@@ -286,14 +318,44 @@ class ReferenceBackend:
     read_bandwidth_Bps = None        # host memory bandwidth is not measured
 
     def __init__(self, model, context_length: int = 4096, batch_prefill: bool = True,
-                 trace: Trace = None, **kw):
+                 trace: Trace = None, prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB, **kw):
+        """prefix_cache_gb: host memory (1e9 bytes) for the KV of earlier requests, 0 = off;
+        a traced backend records every position, so it never reuses a prefix."""
+        if isinstance(prefix_cache_gb, bool) or not isinstance(prefix_cache_gb, (int, float)) \
+                or not 0 <= prefix_cache_gb < float("inf"):
+            raise InputError(f"prefix_cache_gb must be a number >= 0, got {prefix_cache_gb!r}")
         self.model = model
         self.cfg: ModelConfig = model.config
         self.rm = ReferenceModel(self.cfg, model.weights, context_length, trace=trace)
         self.context_length = self.rm.context_length
         self.batch_prefill = batch_prefill
         self.bytes_per_token = weight_bytes_per_token(self.rm.w)
+        self.prefix_cache = PrefixCache(0 if trace is not None else int(prefix_cache_gb * 1e9))
         self._active: ReferenceTokenStream | None = None
+
+    # -- prefix reuse ---------------------------------------------------------------------
+    def restore(self, prompt_ids: list[int]) -> int:
+        """Load the longest cached prefix of the prompt into the KV cache (the last prompt token
+        is left to run: its logits are sampled); returns the positions restored."""
+        n, entry = self.prefix_cache.match(prompt_ids)
+        n = min(n, len(prompt_ids) - 1)
+        if n <= 0:
+            return 0
+        self.rm.load_kv(entry.payload, n)                   # payload: (k, v) (L, >= n, KV, hd)
+        return n
+
+    def save(self, stream: ReferenceTokenStream):
+        """Put the KV the stream wrote, positions [0, rm.pos), into the prefix cache, once and
+        only while the KV cache still holds its sequence."""
+        if stream._saved or not stream._started or self._active is not stream:
+            return
+        stream._saved = True
+        n = self.rm.pos                                     # positions < pos are complete
+        nbytes = self.rm.kv_bytes(n)
+        if n == 0 or nbytes > self.prefix_cache.budget_bytes:
+            return
+        ids = (stream._prompt + stream._generated)[:n]      # all but the unwritten last token
+        self.prefix_cache.put(ids, self.rm.save_kv(n), nbytes)
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """[n, V] float32 logits of a full prompt forward (a fresh KV cache)."""
@@ -301,6 +363,8 @@ class ReferenceBackend:
         if len(token_ids) > self.context_length:
             raise InputError(f"{len(token_ids)} tokens exceed the context length "
                              f"{self.context_length}")
+        if self._active is not None:
+            self.save(self._active)                         # it loses the KV cache now
         self._active = None
         self.rm.reset()
         return self.rm.prefill(token_ids, batch=self.batch_prefill, all_logits=True)
@@ -310,5 +374,7 @@ class ReferenceBackend:
         self.cfg.check_request(prompt_ids, self.context_length, max_new_tokens)
         stream = ReferenceTokenStream(self, prompt_ids, params, max_new_tokens, eos_ids,
                                       self.batch_prefill)
+        if self._active is not None:
+            self.save(self._active)                         # it loses the KV cache now
         self._active = stream
         return stream

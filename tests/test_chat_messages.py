@@ -1,0 +1,103 @@
+"""Chat messages (and tools) as prompts: rendered through the model's chat template, validated."""
+from __future__ import annotations
+
+import pytest
+
+from kogcupy.engine import Engine
+from kogcupy.errors import InputError
+from kogcupy.model import Model
+from kogcupy.tokenizer import Tokenizer
+
+# Writes what the tiny ChatML template drops: tools, tool calls and tool call ids.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t['function']['name'] }}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] %}{{ m['content'] }}{% endif %}{% for c in m.get('tool_calls') or [] %}"
+    "call {{ c['function']['name'] }}({{ c['function']['arguments'] }}){% endfor %}"
+    "{% if m.get('tool_call_id') %} for {{ m['tool_call_id'] }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+CONVERSATION = [
+    {"role": "system", "content": "You are brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    return Engine(tiny_models["llama"], backend="reference", context_length=256)
+
+
+@pytest.fixture(scope="module")
+def tools_engine(tiny_models):
+    m = tiny_models["llama"]
+    tk = m.tokenizer
+    tk2 = Tokenizer(tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
+                    add_bos=tk.add_bos, chat_template=TOOLS_TEMPLATE)
+    model = Model(config=m.config, weights=m.weights, tokenizer=tk2, path=m.path, dtype=m.dtype)
+    return Engine(model, backend="reference", context_length=256)
+
+
+def test_messages_render_through_the_template(engine):
+    tk = engine.tokenizer
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "The fox"}]
+    ids = tk.encode(tk.render_chat(msgs, add_generation_prompt=True), add_bos=False)
+    assert engine.encode_messages(msgs) == ids == engine.encode_prompt(msgs)
+    assert tk.decode(ids).endswith("The fox<|im_end|>\n<|im_start|>assistant\n")
+    gen = engine.generate(msgs, max_new_tokens=3)
+    list(gen)
+    assert gen.prompt_ids == ids and len(gen.result.token_ids) == 3
+    # a str prompt with chat is the one-user-message conversation
+    assert engine.encode_prompt("The fox") == engine.encode_messages(
+        [{"role": "user", "content": "The fox"}])
+
+
+def test_tools_and_tool_messages(tools_engine):
+    tk = tools_engine.tokenizer
+    ids = tools_engine.encode_messages(CONVERSATION, tools=TOOLS)
+    assert ids == tk.encode(tk.render_chat(CONVERSATION, add_generation_prompt=True, tools=TOOLS),
+                            add_bos=False)
+    text = tk.decode(ids)
+    assert "Tools: get_weather" in text and 'call get_weather({"city": "Paris"})' in text
+    assert "sunny for c1" in text and text.endswith("<|im_start|>assistant\n")
+    assert "Tools:" not in tk.decode(tools_engine.encode_messages(CONVERSATION))
+    gen = tools_engine.generate(CONVERSATION, tools=TOOLS, max_new_tokens=2)
+    assert gen.prompt_ids == ids
+    gen.close()
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "empty"),                             # generate: empty token ids; encode_messages too
+    ({"role": "user", "content": "hi"}, "str, a list of token ids or a list of chat messages"),
+    ([{"role": "user", "content": "hi"}, "hello"], "message 1 is a str"),
+    ([{"role": "robot", "content": "hi"}], "unknown role 'robot'"),
+    ([{"content": "hi"}], "unknown role None"),
+    ([{"role": "user", "content": ["hi"]}], "content must be a str or None"),
+    ([{"role": "assistant", "content": None, "tool_calls": "f()"}], "tool_calls"),
+    ([{"role": "tool", "content": "x", "tool_call_id": 3}], "tool_call_id"),
+])
+def test_bad_messages_are_input_errors(engine, messages, match):
+    with pytest.raises(InputError, match=match):
+        engine.generate(messages, max_new_tokens=2)
+    if isinstance(messages, list):
+        with pytest.raises(InputError, match=match):
+            engine.encode_messages(messages)
+
+
+def test_tools_and_chat_flag_errors(engine, tiny_models):
+    msgs = [{"role": "user", "content": "hi"}]
+    with pytest.raises(InputError, match="tools must be a list"):
+        engine.encode_messages(msgs, tools={"name": "f"})
+    with pytest.raises(InputError, match="tools need a chat prompt"):
+        engine.generate([1, 2, 3], tools=TOOLS, max_new_tokens=2)
+    with pytest.raises(InputError, match="tools need a chat prompt"):
+        engine.generate("hi", chat=False, tools=TOOLS, max_new_tokens=2)
+    with pytest.raises(InputError, match="chat=False"):
+        engine.generate(msgs, chat=False, max_new_tokens=2)
+    with pytest.raises(InputError, match="context length"):
+        engine.encode_messages([{"role": "user", "content": "word " * 300}])
