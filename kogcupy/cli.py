@@ -1,4 +1,4 @@
-"""The `kogcupy` command: generate, env (and repack when weights_tools is importable).
+"""The `kogcupy` command: generate, chat, env (and repack when weights_tools is importable).
 
 User errors (KogError) print one line, ``kogcupy: error: <what>``, and exit 2; click usage
 errors exit 2 as well; Ctrl-C keeps the text streamed so far, prints the stats line, exits 130.
@@ -41,38 +41,64 @@ def cli():
     """kogcupy: batch-1 LLM inference in one persistent GPU kernel."""
 
 
+# Options shared by generate and chat, in help order.
+MODEL_OPTIONS = [
+    click.option("--model", "model_path", metavar="PATH", default=None,
+                 help="HF directory, .gguf file or packed directory "
+                      "(default: embedded SmolLM2-135M)."),
+    click.option("--max-new-tokens", type=int, default=256, show_default=True),
+]
+SAMPLING_OPTIONS = [
+    click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+    click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+    click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
+    click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off."),
+    click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+    click.option("--seed", type=int, default=0, show_default=True),
+]
+BACKEND_OPTIONS = [
+    click.option("--backend", type=click.Choice(["auto", "reference", "monokernel"]),
+                 default="auto", show_default=True),
+    click.option("--context-length", type=int, default=4096, show_default=True),
+    click.option("--dtype", default=None, help="GPU storage dtype: bfloat16 | float16."),
+    click.option("--gpus", type=int, default=1, show_default=True,
+                 help="GPUs for one generation (tensor parallel; must divide the attention heads)."),
+]
+STOP_OPTION = click.option("--stop", multiple=True,
+                           help="Stop string (repeatable); the text ends before it.")
+
+
+def options(*opts):
+    """Apply click options so that --help lists them in the given order."""
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed):
+    """Bad arguments fail before the model is read."""
+    from .sampling_params import SamplingParams
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   repetition_penalty=repetition_penalty, seed=seed)
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+
+
 @cli.command()
 @click.argument("prompt", required=False)
-@click.option("--model", "model_path", metavar="PATH", default=None,
-              help="HF directory, .gguf file or packed directory (default: embedded SmolLM2-135M).")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off.")
-@click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off.")
-@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--chat/--no-chat", default=None,
-              help="Apply the model's chat template (default: when the model has one).")
-@click.option("--backend", type=click.Choice(["auto", "reference", "monokernel"]),
-              default="auto", show_default=True)
-@click.option("--context-length", type=int, default=4096, show_default=True)
-@click.option("--dtype", default=None, help="GPU storage dtype: bfloat16 | float16.")
-@click.option("--gpus", type=int, default=1, show_default=True,
-              help="GPUs for one generation (tensor parallel; must divide the attention heads).")
-@click.option("--stop", multiple=True, help="Stop string (repeatable); the text ends before it.")
+@options(*MODEL_OPTIONS, *SAMPLING_OPTIONS,
+         click.option("--chat/--no-chat", default=None,
+                      help="Apply the model's chat template (default: when the model has one)."),
+         *BACKEND_OPTIONS, STOP_OPTION)
 def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_p,
              repetition_penalty, seed, chat, backend, context_length, dtype, gpus, stop):
     """Stream a completion of PROMPT (read from stdin when omitted) to stdout."""
     from .engine import Engine
     from .model import load_model
-    from .sampling_params import SamplingParams
 
-    # Bad arguments fail before the model is read.
-    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repetition_penalty=repetition_penalty, seed=seed)
-    if max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
     if prompt is None:
         prompt = sys.stdin.read()
         if prompt.endswith("\n"):        # `echo ... |` adds one; it is not part of the prompt
@@ -98,6 +124,77 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
     click.echo(gen.result.stats_line(), err=True)
     if interrupted:
         sys.exit(EXIT_INTERRUPTED)
+
+
+@cli.command()
+@options(MODEL_OPTIONS[0],
+         click.option("--system", metavar="TEXT", default=None, help="System prompt."),
+         *MODEL_OPTIONS[1:], *SAMPLING_OPTIONS, *BACKEND_OPTIONS, STOP_OPTION)
+def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
+         repetition_penalty, seed, backend, context_length, dtype, gpus, stop):
+    """Chat with the model: each line read is a user turn, the answer streams to stdout.
+
+    /reset clears the conversation (the system prompt stays), /exit or end of input quits;
+    Ctrl-C stops an answer and keeps the session. Each turn prefills only its new tokens: the
+    rest comes from the prefix cache (the stats line on stderr says how many).
+    """
+    from .engine import Engine
+    from .model import load_model
+
+    check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    model = load_model(model_path, dtype=dtype)
+    engine = Engine(model, backend=backend, context_length=context_length, gpus=gpus)
+    if engine.tokenizer is None or not engine.tokenizer.has_chat_template:
+        raise InputError("`kogcupy chat` needs a model with a chat template; use "
+                         "`kogcupy generate --no-chat` for plain text completion")
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)                     # the conversation so far
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing for input())
+        except ImportError:
+            pass
+        click.echo("kogcupy chat: /reset clears the conversation, /exit quits.", err=True)
+    while True:
+        try:
+            line = input(">>> " if interactive else "")
+        except EOFError:
+            break
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            break
+        if command == "/reset":
+            messages = list(start)
+            click.echo("kogcupy: conversation cleared", err=True)
+            continue
+        turn = messages + [{"role": "user", "content": line}]
+        try:
+            gen = engine.generate(turn, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, min_p=min_p,
+                                  repetition_penalty=repetition_penalty, seed=seed,
+                                  stop=list(stop))
+        except KogError as e:                  # e.g. the conversation outgrew the context
+            click.echo(f"kogcupy: error: {' '.join(str(e).split())}", err=True)
+            continue
+        try:
+            for piece in gen:
+                click.echo(piece, nl=False)
+        except KeyboardInterrupt:              # the answer so far stays in the conversation
+            pass
+        click.echo("")
+        r = gen.result
+        messages = turn + [{"role": "assistant", "content": r.text}]
+        click.echo(_turn_stats(r), err=True)
+
+
+def _turn_stats(r) -> str:
+    """One short line per chat turn."""
+    return (f"kogcupy: {len(r.token_ids)} tokens, {r.tokens_per_s:.1f} tok/s, prefill "
+            f"{r.prefill_s:.3f} s ({r.prompt_tokens - r.cached_tokens} new + {r.cached_tokens} "
+            f"cached prompt tokens), finish {r.finish_reason}")
 
 
 def _gpu_lines() -> tuple[str, list[str]]:

@@ -1,0 +1,103 @@
+"""`kogcupy chat` through click's CliRunner with piped input: turns, /reset, /exit, Ctrl-C."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import kogcupy.engine as E
+import kogcupy.model
+from kogcupy.cli import cli
+
+TINY = ["--backend", "reference", "--max-new-tokens", "6", "--context-length", "256"]
+
+
+def chat(args, lines):
+    return CliRunner().invoke(cli, ["chat", *args], input="".join(s + "\n" for s in lines))
+
+
+def turn_stats(stderr) -> list[tuple[int, int, str]]:
+    """(new, cached, finish) of each turn's stats line."""
+    return [(int(a), int(b), c) for a, b, c in re.findall(
+        r"\((\d+) new \+ (\d+) cached prompt tokens\), finish (\w+)", stderr)]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The messages each Engine.generate call received."""
+    seen = []
+    real = E.Engine.generate
+
+    def generate(self, prompt, *a, **kw):
+        seen.append(copy.deepcopy(prompt))
+        return real(self, prompt, *a, **kw)
+
+    monkeypatch.setattr(E.Engine, "generate", generate)
+    return seen
+
+
+def test_smollm2_turns_reuse_the_prefix(smollm2, monkeypatch):
+    monkeypatch.setattr(kogcupy.model, "load_model", lambda path=None, dtype=None: smollm2)
+    r = chat(["--backend", "reference", "--max-new-tokens", "8"],
+             ["What is the capital of France?", "And of Germany?", "/exit", "never read"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert "Paris" in r.stdout and "Berlin" in r.stdout
+    (new1, cached1, _), (new2, cached2, _) = turn_stats(r.stderr)
+    assert cached1 == 0 and cached2 >= new1 + 5 and new2 < cached2
+
+
+def test_reset_keeps_the_system_prompt(tiny_dirs, spy):
+    r = chat(["--model", tiny_dirs["llama"], "--system", "Be brief.", *TINY],
+             ["The fox", "", "Once upon a time", "/reset", "The fox"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    system = {"role": "system", "content": "Be brief."}
+    assert [len(m) for m in spy] == [2, 4, 2]
+    assert spy[0] == spy[2] == [system, {"role": "user", "content": "The fox"}]
+    assert spy[1][2]["role"] == "assistant" and spy[1][3]["content"] == "Once upon a time"
+    stats = turn_stats(r.stderr)
+    assert stats[0][1] == 0 and stats[1][1] > stats[0][0]
+    assert stats[2][0] == 1                    # the same first turn again: all but one cached
+    first = spy[1][2]["content"]               # same greedy answer before and after /reset
+    assert first and r.stdout.startswith(first + "\n") and r.stdout.endswith("\n" + first + "\n")
+    assert "conversation cleared" in r.stderr
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dirs, spy, monkeypatch):
+    real = E.Generation._next_piece
+    calls = {"n": 0}
+
+    def interrupting(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(E.Generation, "_next_piece", interrupting)
+    r = chat(["--model", tiny_dirs["llama"], *TINY], ["The fox", "Once upon a time"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert [s[2] for s in turn_stats(r.stderr)] == ["cancelled", "length"]
+    partial = spy[1][1]
+    assert partial["role"] == "assistant" and partial["content"]
+    assert r.stdout.startswith(partial["content"] + "\n")
+
+
+def test_errors_keep_the_session_or_stop_it(tiny_dirs, tmp_path):
+    r = chat(["--model", tiny_dirs["llama"], "--backend", "reference", "--max-new-tokens", "2",
+              "--context-length", "40"], ["word " * 50, "The fox"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert "kogcupy: error:" in r.stderr and "context length" in r.stderr
+    assert len(turn_stats(r.stderr)) == 1      # the next turn ran
+    d = tmp_path / "plain"
+    shutil.copytree(tiny_dirs["llama"], d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = chat(["--model", str(d), "--backend", "reference"], ["hi"])
+    assert r.exit_code == 2 and "needs a model with a chat template" in r.stderr
+    r = chat(["--model", os.fspath(d), "--temperature", "-1"], ["hi"])
+    assert r.exit_code == 2 and "temperature" in r.stderr
