@@ -783,7 +783,7 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     };
     kog_gemv<KOG_HIDDEN, 2, DYN>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1,
                                  KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
-                                 kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer, c.t,
+                                 kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer, c.t - p->start_pos,
                                                             p->gate_up_dyn_begin, KOG_FFN));
     kog_prof_end(c, layer * 16 + 9 + 2);
 }
@@ -819,7 +819,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
         return s;
     };
     const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_DOWN);
-    const KogDynamic dyn = kog_dynamic<KOG_FFN, 1>(c, KOG_CNT_DYN_DOWN + layer, c.t,
+    const KogDynamic dyn = kog_dynamic<KOG_FFN, 1>(c, KOG_CNT_DYN_DOWN + layer, c.t - p->start_pos,
                                                    p->down_dyn_begin, KOG_HIDDEN);
 #if KOG_TP > 1
     auto epi = [&](int row, float (&acc)[1], float) {

@@ -39,7 +39,7 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.x_full = c.x_own + 2 * KOG_OWN_PAD;                 // tensor parallel only (host sizes it)
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
     c.t = 0;
-    KogStream stream{0, 0, 0, 0, 0, 0, false};
+    KogStream stream{p->start_pos, 0, 0, 0, 0, 0, false};     // from the first position run
     c.stream = &stream;
 #if KOG_STREAM == 2
     if (threadIdx.x % KOG_WARP == 0)                 // one mbarrier per slot of the warp's ring
@@ -50,12 +50,15 @@ kog_monokernel(const KogParams* __restrict__ p) {
     for (int s = 0; s < KOG_STREAM_SLOTS; ++s) kog_stream_issue(c);   // weights first
 #endif
 
-    if (blockIdx.x == 0) {                                  // stage embed of position 0
-        kog_embed(c, p->tokens[0], 0);
+    // Positions [0, start_pos) are already in the KV cache (batched prefill, prefix cache);
+    // the host set the counters as if this launch had run them (monokernel.py, _prepare).
+    const int t0 = p->start_pos;
+    if (blockIdx.x == 0) {                                  // stage embed of position t0
+        kog_embed(c, p->tokens[t0], t0);
         kog_signal_counter(kog_counter(c, KOG_CNT_TOK));
     }
     const int last_prompt = p->prompt_len - 1;
-    for (int t = 0; t < p->context_length; ++t) {
+    for (int t = t0; t < p->context_length; ++t) {
         c.t = t;
         for (int layer = 0; layer < KOG_N_LAYERS; ++layer) {
             if (kog_stage_attn_norm_qkv(c, layer)) {        // stop flag seen at layer 0

@@ -66,6 +66,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("debug", "ptr", "float*", "(debug_npos, debug_stride) per-stage dumps, or null"),
     ("profile", "ptr", "kog_u64*", "(B, KOG_PROF_SLOTS) %globaltimer stamps at profile_pos, or null"),
     ("prompt_len", "i32", None, "tokens[0:prompt_len] are the prompt"),
+    ("start_pos", "i32", None, "first position run; K/V of [0, start_pos) are already cached"),
     ("max_new", "i32", None, "generated tokens at most"),
     ("context_length", "i32", None, "C: KV cache positions; prompt + generated <= C"),
     ("all_logits", "i32", None, "1: teacher-forced, logits of every prompt position, no sampling"),

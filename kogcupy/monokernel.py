@@ -28,6 +28,7 @@ from .config import ModelConfig
 from .errors import DeviceError, InputError
 from .packing import bf16_bits, default_rope_positions, rope_tables
 from .placement import ATTN_MIN_CHUNK, attn_chunk_cap, max_tp_blocks, place
+from .prefix_cache import PrefixCache, common_prefix_len
 from .sampling_params import SamplingParams
 
 THREADS = 512
@@ -189,6 +190,17 @@ class DeviceModel:
         return cls(cfg, dtype, arrays)
 
 
+def prefix_cache_budget(gb: float | None) -> float:
+    """Bytes for earlier requests' K/V: `gb` GiB, or by default a fifth of the GPU memory
+    left free after the weights and the live KV cache (0 turns reuse off)."""
+    if gb is not None:
+        if gb < 0:
+            raise InputError(f"prefix_cache_gb must be >= 0, got {gb}")
+        return gb * 2**30
+    free, _ = _cupy().cuda.runtime.memGetInfo()
+    return 0.2 * free
+
+
 def _bits_gpu(x, dtype: str):
     cp = _cupy()
     if dtype == "float16":
@@ -232,14 +244,17 @@ class HostMapped:
 class MonokernelTokenStream:
     """Iterator of generated token ids as the kernel emits them."""
 
-    def __init__(self, backend: "MonokernelBackend", n_prompt: int, t_launch: float):
+    def __init__(self, backend: "MonokernelBackend", n_prompt: int, t_launch: float | None,
+                 begin=None):
         self._b = backend
         self._n_prompt = n_prompt
         self._t_launch = t_launch
+        self._begin = begin             # deferred prefill + launch, run by the first __next__
         self._yielded = 0
         self._cancelled = False
         self.finish_reason: str | None = None
         self.prefill_s: float = 0.0
+        self.cached_tokens: int = 0                 # prompt positions reused from earlier requests
         self.token_times: list[float] = []          # perf_counter() when each token was seen
 
     def __iter__(self):
@@ -261,6 +276,16 @@ class MonokernelTokenStream:
         if self._b._active is not self:          # a later start() took the GPU buffers
             self.finish_reason = "cancelled"
             raise StopIteration
+        if self._begin is not None and self._cancelled:
+            self._begin = None
+            self.finish_reason = "cancelled"
+            raise StopIteration
+        if self._begin is not None:
+            begin, self._begin = self._begin, None
+            self._t_launch = time.perf_counter()
+            if not begin():                       # cancelled during the prefill
+                self.finish_reason = "cancelled"
+                raise StopIteration
         if self._cancelled:
             self._finish("cancelled")
         ctl = self._b._ctl.u32
@@ -282,6 +307,7 @@ class MonokernelTokenStream:
             if now - last_change > self._b.watchdog_s:
                 ctl[2] = 1
                 self._b._active = None
+                self._b._forget_kv()
                 raise DeviceError(
                     f"monokernel made no progress for {self._b.watchdog_s:.0f} s after "
                     f"{self._yielded} generated tokens; the GPU kernel is stalled or the GPU "
@@ -309,6 +335,11 @@ class _OneLaunchBackend:
         self._active = stream
         return stream
 
+    def _forget_kv(self):
+        """The live KV cache holds nothing reusable (a stalled or failed launch)."""
+        self._kv_ids = []
+        self._last_launch = None
+
     def _check_logits_request(self, token_ids: list[int]):
         self.cfg.check_token_ids(token_ids, "token_ids")
         if len(token_ids) > self.context_length:
@@ -333,7 +364,8 @@ class MonokernelBackend(_OneLaunchBackend):
     def __init__(self, model=None, context_length: int = 4096, dtype: str | None = None,
                  watchdog_s: float = 60.0, threads: int = THREADS, blocks: int | None = None,
                  device_model: DeviceModel | None = None, debug_positions: int = 0,
-                 tuning: dict | None = None, profile_pos: int | None = None, **kw):
+                 tuning: dict | None = None, profile_pos: int | None = None,
+                 prefix_cache_gb: float | None = None, **kw):
         cp = _cupy()
         if not gpu_available():
             raise DeviceError("no CUDA/HIP GPU visible to CuPy; use the reference backend")
@@ -407,6 +439,15 @@ class MonokernelBackend(_OneLaunchBackend):
         self._alloc()
         self._fn = self._compile()
         self._active: MonokernelTokenStream | None = None
+        self._kv_ids: list[int] = []          # token ids whose K/V are in the cache, from 0
+        self._last_launch: tuple[list[int], int] | None = None   # (prompt, start) to settle
+        self.prefill = None
+        self.prefix_cache = None
+        if self.world == 1 and not (self.debug_positions or profile_pos is not None):
+            # (the stage dumps and timings need every position run by the monokernel)
+            from .prefill import Prefill
+            self.prefill = Prefill(self)
+            self.prefix_cache = PrefixCache(int(prefix_cache_budget(prefix_cache_gb)))
 
     # ---- setup ----------------------------------------------------------------------------
     def _alloc(self):
@@ -484,6 +525,98 @@ class MonokernelBackend(_OneLaunchBackend):
                 f"but this GPU fits {per_sm} per multiprocessor x {self.n_sms}; "
                 f"registers {fn.num_regs}/thread, {self.smem_bytes} B shared memory per block")
 
+    # ---- requests: prefix reuse, batched prefill, one launch -----------------------------
+    def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
+              eos_ids: set[int]) -> MonokernelTokenStream:
+        if self.prefill is None:                  # tensor-parallel rank: the plain launch
+            return super().start(prompt_ids, params, max_new_tokens, eos_ids)
+        self.cfg.check_request(prompt_ids, self.context_length, max_new_tokens)
+        if self._active is not None:
+            self._active.cancel()
+        self._wait_idle()
+        ids = list(prompt_ids)
+        stream = MonokernelTokenStream(self, len(ids), None)
+        stream._begin = lambda: self._begin(stream, ids, params, max_new_tokens, eos_ids)
+        self._active = stream
+        return stream
+
+    @_on_device
+    def _begin(self, stream: MonokernelTokenStream, ids: list[int], params: SamplingParams,
+               max_new: int, eos_ids) -> bool:
+        """Reuse the longest cached prefix, prefill the rest but the last prompt token, then
+        launch the monokernel at that token. False: cancelled before the launch."""
+        n = len(ids)
+        start = min(self._reuse(ids), n - 1)
+        stream.cached_tokens = start
+        if start < n - 1:
+            done = self.prefill.run(ids, start, n - 1, should_stop=lambda: stream._cancelled)
+            self._kv_ids = ids[:done]
+            if done < n - 1:
+                return False
+            start = done
+        if stream._cancelled:
+            return False
+        self._last_launch = (ids, start)
+        self._kv_ids = ids[:start]
+        self._fire(self._prepare(ids, params, max_new, eos_ids, False, start_pos=start))
+        if stream._cancelled:                     # a cancel() racing _prepare's reset of the flag
+            self._ctl.u32[2] = 1
+        return True
+
+    def _settle(self):
+        """After a launch ended: the cache holds the prompt and every generated token but the
+        last (a position runs all its layers before the next token is sampled)."""
+        if self._last_launch is None:
+            return
+        self._wait_idle()
+        ids, start = self._last_launch
+        self._last_launch = None
+        n_gen = int(self._ctl.u32[0])
+        self._kv_ids = ids + [int(t) for t in self._host_tokens.i32[:max(n_gen - 1, 0)]] \
+            if n_gen >= 1 else ids[:start]
+
+    def _reuse(self, ids: list[int]) -> int:
+        """Make the live cache hold the longest cached prefix of `ids`; its length."""
+        self._settle()
+        live = self._kv_ids
+        m_live = common_prefix_len(np.asarray(ids, np.int64), np.asarray(live, np.int64))
+        m_hit, entry = self.prefix_cache.match(ids)
+        if entry is not None and m_hit > m_live:
+            self._save_live()
+            k, v = entry.payload
+            cfg = self.lcfg
+            shape = (cfg.n_layers * cfg.n_kv_heads, self.context_length, cfg.head_dim)
+            with self._stream:
+                self.k_cache.reshape(shape)[:, :m_hit] = k[:, :m_hit]
+                self.v_cache.reshape(shape)[:, :m_hit] = v[:, :m_hit]
+            self._kv_ids = list(entry.ids[:m_hit])
+            return m_hit
+        if m_live < len(live):
+            self._save_live()                     # the rest of it is about to be overwritten
+        return m_live
+
+    def _save_live(self):
+        """Copy the live sequence's K/V into the prefix cache (if it fits the budget)."""
+        n = len(self._kv_ids)
+        if n == 0 or self.prefix_cache.budget_bytes <= 0:
+            return
+        cfg = self.lcfg
+        nbytes = 2 * cfg.n_layers * cfg.n_kv_heads * n * cfg.head_dim * 2
+        if nbytes > self.prefix_cache.budget_bytes:
+            return
+        shape = (cfg.n_layers * cfg.n_kv_heads, self.context_length, cfg.head_dim)
+        with self._stream:
+            k = self.k_cache.reshape(shape)[:, :n].copy()
+            v = self.v_cache.reshape(shape)[:, :n].copy()
+        self.prefix_cache.put(list(self._kv_ids), (k, v), nbytes)
+
+    def clear_prefix_cache(self):
+        """Forget every cached prefix (the next request prefills from position 0)."""
+        self._settle()
+        self._forget_kv()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
     # ---- launch ---------------------------------------------------------------------------
     def _wait_idle(self):
         self._stream.synchronize()
@@ -498,14 +631,26 @@ class MonokernelBackend(_OneLaunchBackend):
 
     @_on_device
     def _prepare(self, ids: list[int], params: SamplingParams, max_new: int, eos_ids,
-                 all_logits: bool, logits_out=None) -> dict:
+                 all_logits: bool, logits_out=None, start_pos: int = 0) -> dict:
         """Reset and poison the buffers of one launch (on this GPU's stream); the parameter
-        block's values. The GPU must be idle."""
+        block's values. The GPU must be idle. With ``start_pos`` > 0 the K/V of positions
+        [0, start_pos) are already in the cache: the counters are set as if this launch had
+        run those positions (TOK and every head's KV count at start_pos, attention tickets at
+        their base)."""
         cp = _cupy()
         pl = self.placement
         n = len(ids)
+        if not 0 <= start_pos < max(n, 1):
+            raise DeviceError(f"start_pos {start_pos} outside the prompt of {n} tokens")
         with self._stream:
             self.counters.fill(0)
+            if start_pos:
+                cl = abi.counter_layout(self.lcfg.n_layers, self.lcfg.n_kv_heads)
+                n_heads = self.lcfg.n_layers * self.lcfg.n_kv_heads
+                self.counters[cl["KOG_CNT_TOK"]] = start_pos
+                self.counters[cl["KOG_CNT_KV"]:cl["KOG_CNT_KV"] + n_heads] = start_pos
+                self.counters[cl["KOG_CNT_TICKET"]:cl["KOG_CNT_TICKET"] + n_heads] = \
+                    int(pl.attn_ticket_base[start_pos])
             self.rep_stamp.fill(0)
             for a in (self.logits_buf, self.attn_partial, self.lm_part_val):
                 a.fill(np.nan)                        # poisoned: every read must be written
@@ -542,7 +687,7 @@ class MonokernelBackend(_OneLaunchBackend):
             rep_stamp=self.rep_stamp.data.ptr, eos_ids=self.eos.data.ptr,
             host_ctl=self._ctl.ptr, host_tokens=self._host_tokens.ptr,
             debug=self.debug.data.ptr if self.debug is not None else 0,
-            prompt_len=n, max_new=max_new, context_length=self.context_length,
+            prompt_len=n, start_pos=start_pos, max_new=max_new, context_length=self.context_length,
             all_logits=int(all_logits), n_eos=len(eos),
             temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
             min_p=params.min_p, repetition_penalty=params.repetition_penalty,
@@ -586,10 +731,15 @@ class MonokernelBackend(_OneLaunchBackend):
         cp = _cupy()
         self._check_logits_request(token_ids)
         out = cp.empty((len(token_ids), self.cfg.vocab_size), cp.float32)
+        if self.prefix_cache is not None:
+            self._settle()
+            self._save_live()
+            self._forget_kv()
         with self._stream:
             out.fill(np.nan)
         self._launch(list(token_ids), SamplingParams(), 1, (), all_logits=True, logits_out=out)
         self._sync_with_watchdog()
+        self._kv_ids = list(token_ids)            # teacher-forced: every position ran
         return cp.asnumpy(out)
 
     # ---- debug ----------------------------------------------------------------------------

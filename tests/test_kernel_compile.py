@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from kogcupy import abi, kernels
+from kogcupy import abi, kernels, prefill
 from kogcupy.config import ModelConfig
 from kogcupy.monokernel import smem_floats
 from kogcupy.random_weights import shape_config
@@ -66,6 +66,10 @@ def _sources(tmp_path):
     d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
                               {"KOG_STREAM": 2, "KOG_DYN_PERMILLE": 0, "KOG_DOWN_DYN": 0})
     out["llama-3.2-1b-stream-bulk"] = (kernels.monokernel_source(), kernels.define_options(d))
+    for key, name, dtype in (("prefill-llama-3.2-1b", "llama-3.2-1b", "bfloat16"),
+                             ("prefill-qwen3-1.7b-fp16", "qwen3-1.7b", "float16")):
+        d = prefill.prefill_defines(shape_config(name), dtype)
+        out[key] = (prefill.prefill_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
     out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel
     return out
@@ -88,7 +92,7 @@ def test_inlined_source_is_self_contained():
 @pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
                          ["llama-3.2-1b-hooks", "llama-3.2-1b-downdyn-evict",
                           "llama-3.2-1b-stream-bulk", "stream_read",
-                          "kccl_test"])
+                          "kccl_test", "prefill-llama-3.2-1b", "prefill-qwen3-1.7b-fp16"])
 def test_nvcc_sm90(tmp_path, key):
     nvcc = _compiler("nvcc")
     src, opts = _sources(tmp_path)[key]
@@ -107,7 +111,8 @@ def test_nvcc_abi_probe(tmp_path):
 
 
 @pytest.mark.parametrize("key", ["llama-3.2-1b", "qwen2-bias-gqa7", "smollm2-135m-fp16",
-                                 "llama-3.2-1b-tp2", "stream_read", "kccl_test"])
+                                 "llama-3.2-1b-tp2", "stream_read", "kccl_test",
+                                 "prefill-llama-3.2-1b"])
 def test_hipcc_gfx90a(tmp_path, key):
     hipcc = _compiler("hipcc")
     src, opts = _sources(tmp_path)[key]

@@ -1,0 +1,245 @@
+// ============================================================================================
+// prefill_attention.cuh -- causal attention for a chunk of n prompt tokens (positions
+// pos0 .. pos0+n-1) over every cached position and the chunk itself, reading K/V from the
+// monokernel's cache (this layer's (KV, C, hd) slice, already holding the chunk's rows).
+//
+// kog_pf_attention (CUDA, sm_80+): flash-attention tiles on tensor cores. A block of 4 warps
+// takes 64 queries of one q head; each warp owns 16 query rows and walks the key tiles of 64
+// positions up to the block's last query: S = Q K^T with mma.m16n8k16 (bf16/fp16 in, fp32
+// accumulate), causal mask, online softmax in fp32 (exp2, running max and sum per row), then
+// O += P V with P re-packed from the S accumulators into A fragments (the accumulator layout of
+// two n8 tiles is the A layout of one k16 step), so P never leaves registers. K and V tiles are
+// staged in shared memory with a row stride of hd + 8 elements: the fragment loads below are
+// then free of bank conflicts. Heaviest query tiles are scheduled first.
+//
+// kog_pf_attention_simple (any platform, any head_dim): one warp per (query, q head), keys one
+// by one with an online softmax. The HIP build uses it (an MFMA version is future work) and it
+// is the oracle the tensor-core kernel is tested against besides the NumPy reference.
+//
+// q (n, H, hd) and out (n, H * hd) are in the storage dtype; scale_log2 = log2(e) / sqrt(hd).
+// ============================================================================================
+#pragma once
+
+#define KOG_PF_BM 64              // queries per block (16 per warp)
+#define KOG_PF_BN 64              // keys per tile
+#define KOG_PF_KSTRIDE (KOG_HEAD_DIM + 8)
+
+#if defined(KOG_CUDA) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+#define KOG_PF_MMA (KOG_HEAD_DIM % 16 == 0 && KOG_HEAD_DIM <= 176)
+#else
+#define KOG_PF_MMA 0
+#endif
+
+#if KOG_PF_MMA
+// d += a (16x16, row) * b (16x8, col); fp32 accumulate
+KOG_DEVICE void kog_mma16816(float (&d)[4], const kog_u32 (&a)[4], kog_u32 b0, kog_u32 b1) {
+#if defined(KOG_WEIGHT_FP16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#endif
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// two floats -> one 32-bit pair in the storage dtype (lo = first element)
+KOG_DEVICE kog_u32 kog_pack2(float lo, float hi) {
+    kog_u32 r;
+#if defined(KOG_WEIGHT_FP16)
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+KOG_DEVICE float kog_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
+                 const kog_u16* __restrict__ kc,      // (KV, C, hd) this layer
+                 const kog_u16* __restrict__ vc,      // (KV, C, hd)
+                 kog_u16* __restrict__ out,           // (n, H * hd)
+                 int n, int pos0, int context_length, float scale_log2) {
+    constexpr int HD = KOG_HEAD_DIM, KS = KOG_PF_KSTRIDE, NT = KOG_PF_BN / 8, DT = HD / 8;
+    __shared__ __align__(16) kog_u16 ks[KOG_PF_BN * KS];
+    __shared__ __align__(16) kog_u16 vs[KOG_PF_BN * KS];
+    const int qt = gridDim.x - 1 - blockIdx.x;                 // heaviest tiles first
+    const int h = blockIdx.y, g = h / KOG_PF_GQA;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int r = lane / 4, cq = lane % 4;
+    const int row_a = qt * KOG_PF_BM + warp * 16 + r, row_b = row_a + 8;   // local query rows
+    const int qpos_a = pos0 + row_a, qpos_b = pos0 + row_b;
+    const int last_pos = pos0 + min(n, (qt + 1) * KOG_PF_BM) - 1;          // block's last query
+    const int warp_last = pos0 + warp * 16 + 15 + qt * KOG_PF_BM;
+    const kog_u64 kv_base = (kog_u64)g * context_length * HD;
+
+    // Q fragments for the warp's 16 rows (rows past n read row n-1; never written back)
+    kog_u32 qa[HD / 16][4];
+    {
+        const kog_u32* qra = reinterpret_cast<const kog_u32*>(q + ((kog_u64)min(row_a, n - 1) * KOG_N_HEADS + h) * HD);
+        const kog_u32* qrb = reinterpret_cast<const kog_u32*>(q + ((kog_u64)min(row_b, n - 1) * KOG_N_HEADS + h) * HD);
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; ++kk) {
+            qa[kk][0] = qra[kk * 8 + cq];
+            qa[kk][1] = qrb[kk * 8 + cq];
+            qa[kk][2] = qra[kk * 8 + 4 + cq];
+            qa[kk][3] = qrb[kk * 8 + 4 + cq];
+        }
+    }
+    float o[DT][4];
+#pragma unroll
+    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m_a = KOG_NEG_INF, m_b = KOG_NEG_INF, l_a = 0.f, l_b = 0.f;
+
+    const int n_tiles = last_pos / KOG_PF_BN + 1;
+    for (int kt = 0; kt < n_tiles; ++kt) {
+        const int key0 = kt * KOG_PF_BN;
+        __syncthreads();                                       // previous tile consumed
+        for (int i = threadIdx.x; i < KOG_PF_BN * (HD / 8); i += blockDim.x) {
+            const int row = i / (HD / 8), col = (i - row * (HD / 8)) * 8;
+            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;    // beyond last_pos: zeros
+            if (key0 + row <= last_pos) {
+                kv = *reinterpret_cast<const uint4*>(kc + kv_base + (kog_u64)(key0 + row) * HD + col);
+                vv = *reinterpret_cast<const uint4*>(vc + kv_base + (kog_u64)(key0 + row) * HD + col);
+            }
+            *reinterpret_cast<uint4*>(ks + row * KS + col) = kv;
+            *reinterpret_cast<uint4*>(vs + row * KS + col) = vv;
+        }
+        __syncthreads();
+        if (key0 > warp_last) continue;                        // every key is masked for this warp
+
+        // ---- S = Q K^T (16 x 64 per warp) ----
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            const kog_u16* krow = ks + (nt * 8 + r) * KS + 2 * cq;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                const kog_u32 b0 = *reinterpret_cast<const kog_u32*>(krow + kk * 16);
+                const kog_u32 b1 = *reinterpret_cast<const kog_u32*>(krow + kk * 16 + 8);
+                kog_mma16816(s[nt], qa[kk], b0, b1);
+            }
+        }
+        // ---- scale, causal mask, online softmax (rows a = r, b = r + 8) ----
+        const bool diag = key0 + KOG_PF_BN - 1 > qpos_a;       // some key of the tile is masked
+        float mx_a = KOG_NEG_INF, mx_b = KOG_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = key0 + nt * 8 + 2 * cq + (e & 1);
+                float v = s[nt][e] * scale_log2;
+                if (diag && key > (e < 2 ? qpos_a : qpos_b)) v = KOG_NEG_INF;
+                s[nt][e] = v;
+            }
+            mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
+            mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
+        }
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+        const float al_a = kog_exp2(m_a - mn_a), al_b = kog_exp2(m_b - mn_b);
+        m_a = mn_a; m_b = mn_b;
+        float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = kog_exp2(s[nt][0] - mn_a); s[nt][1] = kog_exp2(s[nt][1] - mn_a);
+            s[nt][2] = kog_exp2(s[nt][2] - mn_b); s[nt][3] = kog_exp2(s[nt][3] - mn_b);
+            sum_a += s[nt][0] + s[nt][1];
+            sum_b += s[nt][2] + s[nt][3];
+        }
+        l_a = l_a * al_a + sum_a;                              // per-lane partial row sums
+        l_b = l_b * al_b + sum_b;
+#pragma unroll
+        for (int i = 0; i < DT; ++i) {
+            o[i][0] *= al_a; o[i][1] *= al_a; o[i][2] *= al_b; o[i][3] *= al_b;
+        }
+        // ---- O += P V: P's accumulators are the A fragments of the next product ----
+#pragma unroll
+        for (int kk = 0; kk < KOG_PF_BN / 16; ++kk) {
+            const kog_u32 pa[4] = {kog_pack2(s[2 * kk][0], s[2 * kk][1]),
+                                   kog_pack2(s[2 * kk][2], s[2 * kk][3]),
+                                   kog_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   kog_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const kog_u16* v0 = vs + (kk * 16 + 2 * cq) * KS + r;
+#pragma unroll
+            for (int dn = 0; dn < DT; ++dn) {
+                const kog_u16* vp = v0 + dn * 8;
+                const kog_u32 b0 = (kog_u32)vp[0] | ((kog_u32)vp[KS] << 16);
+                const kog_u32 b1 = (kog_u32)vp[8 * KS] | ((kog_u32)vp[9 * KS] << 16);
+                kog_mma16816(o[dn], pa, b0, b1);
+            }
+        }
+    }
+    // ---- normalize and store ----
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float inv_a = 1.f / l_a, inv_b = 1.f / l_b;
+#pragma unroll
+    for (int dn = 0; dn < DT; ++dn) {
+        const int col = h * HD + dn * 8 + 2 * cq;
+        if (row_a < n)
+            *reinterpret_cast<kog_u32*>(out + (kog_u64)row_a * KOG_PF_Q_DIM + col) =
+                kog_pack2(o[dn][0] * inv_a, o[dn][1] * inv_a);
+        if (row_b < n)
+            *reinterpret_cast<kog_u32*>(out + (kog_u64)row_b * KOG_PF_Q_DIM + col) =
+                kog_pack2(o[dn][2] * inv_b, o[dn][3] * inv_b);
+    }
+}
+#endif  // KOG_PF_MMA
+
+// One warp per (query, q head); grid (n, H), block KOG_WARP threads.
+extern "C" __global__ void kog_pf_attention_simple(const kog_u16* __restrict__ q,
+                                                   const kog_u16* __restrict__ kc,
+                                                   const kog_u16* __restrict__ vc,
+                                                   kog_u16* __restrict__ out,
+                                                   int n, int pos0, int context_length,
+                                                   float scale_log2) {
+    constexpr int HD = KOG_HEAD_DIM, PER = (HD + KOG_WARP - 1) / KOG_WARP;
+    const int i = blockIdx.x, h = blockIdx.y, g = h / KOG_PF_GQA, lane = threadIdx.x;
+    const int qpos = pos0 + i;
+    const kog_u16* qr = q + ((kog_u64)i * KOG_N_HEADS + h) * HD;
+    const kog_u64 kv_base = (kog_u64)g * context_length * HD;
+    float qv[PER], acc[PER];
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int d = lane + k * KOG_WARP;
+        qv[k] = d < HD ? kog_w_to_f32(qr[d]) * scale_log2 : 0.f;
+        acc[k] = 0.f;
+    }
+    float m = KOG_NEG_INF, l = 0.f;
+    for (int j = 0; j <= qpos; ++j) {
+        const kog_u16* kr = kc + kv_base + (kog_u64)j * HD;
+        float sc = 0.f;
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int d = lane + k * KOG_WARP;
+            if (d < HD) sc = fmaf(qv[k], kog_w_to_f32(kr[d]), sc);
+        }
+        sc = kog_warp_sum(sc);
+        const float mn = fmaxf(m, sc);
+        const float a = exp2f(m - mn), e = exp2f(sc - mn);
+        l = l * a + e;
+        const kog_u16* vr = vc + kv_base + (kog_u64)j * HD;
+#pragma unroll
+        for (int k = 0; k < PER; ++k) {
+            const int d = lane + k * KOG_WARP;
+            if (d < HD) acc[k] = fmaf(acc[k], a, e * kog_w_to_f32(vr[d]));
+        }
+        m = mn;
+    }
+#pragma unroll
+    for (int k = 0; k < PER; ++k) {
+        const int d = lane + k * KOG_WARP;
+        if (d < HD) out[(kog_u64)i * KOG_PF_Q_DIM + h * HD + d] = kog_f32_to_w(acc[k] / l);
+    }
+}

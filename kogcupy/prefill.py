@@ -1,0 +1,199 @@
+"""Batched prefill on the GPU: prompt tokens in chunks, matrix products on tensor cores.
+
+    pf = Prefill(backend)                   # a MonokernelBackend: its weights, KV cache, stream
+    pf.run(ids, start=0, end=len(ids) - 1)  # K/V of positions [start, end) into the cache
+    logits = pf.logits(ids)                 # (n, V) teacher-forced, for tests
+
+The monokernel then starts at position ``end`` (its ``start_pos``) and samples the first token
+exactly as it samples every other one. Per chunk of n tokens and per layer (stage names as in
+reference.py; GEMMs are cuBLAS/hipBLAS gemmEx, storage dtype in, fp32 accumulate and out):
+
+    attn_norm_qkv          kog_pf_rmsnorm -> GEMM wqkv -> kog_pf_qkv_rope (bias, qk-norm, RoPE,
+                           K/V appended to the cache)
+    attention              kog_pf_attention (kernels_src/prefill_attention.cuh)
+    o_proj_residual        GEMM wo, beta = 1: added into the fp32 residual x
+    ffn_norm_gate_up_silu  kog_pf_rmsnorm -> GEMM w_gate_up -> kog_pf_silu_mul
+    down_residual          GEMM w_down, beta = 1
+
+The activations that enter a GEMM are rounded to the storage dtype (as any bf16 engine does);
+the residual stream stays fp32. Buffers for a chunk are allocated once per chunk length.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels
+from .errors import DeviceError
+
+CHUNK = 4096                      # tokens per chunk: bounds the activation buffers
+_CUDA_R_16F, _CUDA_R_32F, _CUDA_R_16BF = 2, 0, 14
+_CUBLAS_COMPUTE_32F = 68
+_CUBLAS_GEMM_DEFAULT = -1
+_OP_N, _OP_T = 0, 1
+
+
+def prefill_defines(cfg, dtype: str) -> dict:
+    d = {"KOG_HIDDEN": cfg.hidden_size, "KOG_FFN": cfg.intermediate_size,
+         "KOG_N_HEADS": cfg.n_heads, "KOG_N_KV": cfg.n_kv_heads, "KOG_HEAD_DIM": cfg.head_dim,
+         "KOG_EPS": float(cfg.rms_norm_eps)}
+    if dtype == "float16":
+        d["KOG_WEIGHT_FP16"] = 1
+    elif dtype != "bfloat16":
+        raise DeviceError(f"unsupported GPU storage dtype {dtype!r}; use bfloat16 or float16")
+    return d
+
+
+def prefill_source() -> str:
+    return kernels.inline_source("prefill.cu")
+
+
+class Prefill:
+    """The prefill kernels of one MonokernelBackend (one GPU, the whole model)."""
+
+    def __init__(self, backend):
+        self.b = backend
+        cfg = self.cfg = backend.cfg
+        if backend.world != 1:
+            raise DeviceError("batched prefill runs on one GPU; tensor parallel prefills token by token")
+        cp = kernels._cupy()
+        mod = kernels.load_module(prefill_source(), prefill_defines(cfg, backend.dtype))
+        self._fn = {name: kernels.get_function(mod, name) for name in
+                    ("kog_pf_embed", "kog_pf_rmsnorm", "kog_pf_qkv_rope", "kog_pf_silu_mul",
+                     "kog_pf_attention_simple")}
+        self.mma = not kernels.is_hip() and cfg.head_dim % 16 == 0 and cfg.head_dim <= 176 \
+            and int(cp.cuda.Device().compute_capability) >= 80
+        if self.mma:
+            self._fn["kog_pf_attention"] = kernels.get_function(mod, "kog_pf_attention")
+        self._dtype_code = _CUDA_R_16F if backend.dtype == "float16" else _CUDA_R_16BF
+        self._one = np.ones(1, np.float32)
+        self._zero = np.zeros(1, np.float32)
+        self._bufs: dict = {}
+        self._blas = None
+        self._warp = int(cp.cuda.Device().attributes["WarpSize"])
+
+    # ---- buffers -------------------------------------------------------------------------
+    def _buffers(self, n: int) -> dict:
+        if self._bufs.get("n") == n:
+            return self._bufs
+        cp = kernels._cupy()
+        cfg = self.cfg
+        self._bufs = {}                        # free the old chunk's buffers first
+        u16, f32 = cp.uint16, cp.float32
+        self._bufs = dict(
+            n=n,
+            ids=cp.empty(n, cp.int32),
+            x=cp.empty((n, cfg.hidden_size), f32),               # residual stream (fp32)
+            xn=cp.empty((n, max(cfg.hidden_size, cfg.intermediate_size)), u16),  # GEMM input
+            qkv=cp.empty((n, cfg.qkv_dim), f32),
+            q=cp.empty((n, cfg.n_heads, cfg.head_dim), u16),
+            attn=cp.empty((n, cfg.q_dim), u16),
+            gu=cp.empty((n, 2 * cfg.intermediate_size), f32),
+        )
+        return self._bufs
+
+    # ---- GEMM: y (n, out) [+]= a (n, k) @ w (out, k)^T -------------------------------------
+    def _gemm(self, a_ptr: int, w_ptr: int, y_ptr: int, n: int, k: int, out: int,
+              accumulate: bool):
+        from cupy_backends.cuda.libs import cublas
+        cp = kernels._cupy()
+        if self._blas is None:
+            self._blas = cp.cuda.device.get_cublas_handle()
+        cublas.setPointerMode(self._blas, 0)              # alpha / beta are host scalars
+        cublas.setStream(self._blas, self.b._stream.ptr)
+        beta = self._one if accumulate else self._zero
+        # column-major view: y^T (out x n) = w (k x out)^T . a^T (k x n)
+        cublas.gemmEx(self._blas, _OP_T, _OP_N, out, n, k,
+                      self._one.ctypes.data, w_ptr, self._dtype_code, k,
+                      a_ptr, self._dtype_code, k,
+                      beta.ctypes.data, y_ptr, _CUDA_R_32F, out,
+                      _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+
+    # ---- one chunk -----------------------------------------------------------------------
+    def _chunk(self, ids: np.ndarray, pos0: int, want_x: bool = False):
+        """Run tokens `ids` at positions pos0.. through every layer; K/V land in the cache.
+        Returns the fp32 residual x (n, h) when want_x (for logits)."""
+        cp = kernels._cupy()
+        cfg, b = self.cfg, self.b
+        n = int(ids.shape[0])
+        buf = self._buffers(n)
+        a = b.dev.arrays
+        h, f, L, KV, hd, C = (cfg.hidden_size, cfg.intermediate_size, cfg.n_layers,
+                              cfg.n_kv_heads, cfg.head_dim, b.context_length)
+        fn = self._fn
+        x, xn, qkv, q, attn, gu = (buf[k] for k in ("x", "xn", "qkv", "q", "attn", "gu"))
+        scale_log2 = np.float32(np.log2(np.e) / np.sqrt(hd))
+        layer_kv = KV * C * hd * 2                                  # bytes per layer of K or V
+        with b._stream:
+            buf["ids"].set(ids.astype(np.int32), stream=b._stream)
+            fn["kog_pf_embed"]((n,), (256,), (a["embed"], buf["ids"], x))
+            for layer in range(L):
+                # attn_norm_qkv
+                fn["kog_pf_rmsnorm"]((n,), (256,), (x, xn))
+                self._gemm(xn.data.ptr, a["wqkv"][layer].data.ptr, qkv.data.ptr, n, h,
+                           cfg.qkv_dim, False)
+                kc = b.k_cache.data.ptr + layer * layer_kv
+                vc = b.v_cache.data.ptr + layer * layer_kv
+                bias = a["bqkv"][layer].data.ptr if "bqkv" in a else 0
+                qn = a["q_norm"][layer].data.ptr if "q_norm" in a else 0
+                kn = a["k_norm"][layer].data.ptr if "k_norm" in a else 0
+                fn["kog_pf_qkv_rope"]((n,), (256,), (
+                    qkv, np.uint64(bias), np.uint64(qn), np.uint64(kn), a["rope_cos"],
+                    a["rope_sin"], q, np.uint64(kc), np.uint64(vc), np.int32(pos0), np.int32(C)))
+                # attention
+                args = (q, np.uint64(kc), np.uint64(vc), attn, np.int32(n), np.int32(pos0),
+                        np.int32(C), scale_log2)
+                if self.mma:
+                    fn["kog_pf_attention"](((n + 63) // 64, cfg.n_heads), (128,), args)
+                else:
+                    fn["kog_pf_attention_simple"]((n, cfg.n_heads), (self._warp,), args)
+                # o_proj_residual
+                self._gemm(attn.data.ptr, a["wo"][layer].data.ptr, x.data.ptr, n, cfg.q_dim, h,
+                           True)
+                # ffn_norm_gate_up_silu
+                fn["kog_pf_rmsnorm"]((n,), (256,), (x, xn))
+                self._gemm(xn.data.ptr, a["w_gate_up"][layer].data.ptr, gu.data.ptr, n, h,
+                           2 * f, False)
+                total = n * f
+                fn["kog_pf_silu_mul"]((min(65535, (total + 255) // 256),), (256,),
+                                      (gu, xn, np.uint64(total)))
+                # down_residual
+                self._gemm(xn.data.ptr, a["w_down"][layer].data.ptr, x.data.ptr, n, f, h, True)
+        return x if want_x else None
+
+    # ---- entry points --------------------------------------------------------------------
+    def run(self, ids, start: int, end: int, should_stop=None, chunk: int = CHUNK) -> int:
+        """K/V of positions [start, end) of `ids` into the cache, chunk by chunk. Between
+        chunks ``should_stop()`` is asked (cancel); returns the end of what was written."""
+        ids = np.asarray(ids, dtype=np.int32)
+        pos = start
+        while pos < end:
+            if should_stop is not None and should_stop():
+                break
+            n = min(chunk, end - pos)
+            self._chunk(ids[pos:pos + n], pos)
+            pos += n
+            if pos < end:
+                self.b._stream.synchronize()       # a cancel between chunks takes effect here
+        return pos
+
+    def logits(self, ids, chunk: int = CHUNK) -> np.ndarray:
+        """(n, V) float32 logits of every position of `ids` (from position 0), teacher-forced
+        through the prefill path: the test hook that compares it with the reference."""
+        cp = kernels._cupy()
+        ids = np.asarray(ids, dtype=np.int32)
+        cfg, b = self.cfg, self.b
+        out = np.empty((len(ids), cfg.vocab_size), np.float32)
+        for pos in range(0, len(ids), chunk):
+            part = ids[pos:pos + chunk]
+            x = self._chunk(part, pos, want_x=True)
+            n = len(part)
+            with b._stream:
+                xn = cp.empty((n, cfg.hidden_size), cp.uint16)
+                self._fn["kog_pf_rmsnorm"]((n,), (256,), (x, xn))
+                lg = cp.empty((n, cfg.vocab_size), cp.float32)
+                lg.fill(np.nan)
+                self._gemm(xn.data.ptr, b.dev.arrays["lm_head"].data.ptr, lg.data.ptr, n,
+                           cfg.hidden_size, cfg.vocab_size, False)
+                out[pos:pos + n] = cp.asnumpy(lg, stream=b._stream)
+            b._stream.synchronize()
+        return out

@@ -1,0 +1,43 @@
+"""Quick device probe: cold TTFT of kogcupy's batched prefill vs a torch SDPA forward (same
+shape, random bf16 weights). Prints one line per (shape, prompt length)."""
+import sys
+import time
+
+import numpy as np
+
+from kogcupy.monokernel import DeviceModel, MonokernelBackend
+from kogcupy.random_weights import shape_config
+from kogcupy.sampling_params import SamplingParams
+
+
+def main(shapes=("llama-3.2-1b",), lens=(1000, 8000, 32000)):
+    import cupy as cp
+    for name in shapes:
+        cfg = shape_config(name)
+        ctx = max(lens) + 64
+        dev = DeviceModel.random(cfg, "bfloat16", 0, rope_positions=ctx)
+        be = MonokernelBackend(device_model=dev, context_length=ctx, prefix_cache_gb=0)
+        for n in lens:
+            ids = np.random.default_rng(n).integers(0, cfg.vocab_size, n).tolist()
+            be.prefill.run(ids, 0, n - 1)       # warm-up (compile, cuBLAS heuristics)
+            be._stream.synchronize()
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                be.prefill.run(ids, 0, n - 1)
+                be._stream.synchronize()
+                ts.append(time.perf_counter() - t0)
+            ttft = []
+            for _ in range(2):
+                be.clear_prefix_cache()
+                s = be.start(ids, SamplingParams(), 1, set())
+                t0 = time.perf_counter()
+                next(s)
+                ttft.append(time.perf_counter() - t0)
+                list(s)
+            # attention alone at this length (last layer's call shape)
+            print(f"{name} n={n} prefill_s={min(ts):.4f} ttft_s={min(ttft):.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main(tuple(sys.argv[1].split(",")) if len(sys.argv) > 1 else ("llama-3.2-1b",))

@@ -1,0 +1,130 @@
+"""GPU tests of the batched prefill and the prompt-prefix reuse (skipped without a GPU).
+
+The prefill rounds GEMM inputs to bf16 (the monokernel keeps activations in fp32), so its
+logits match the fp32 reference to ~1e-2 relative, like the monokernel's own. Greedy runs that
+reuse a cached prefix are compared with cold runs of the same prompt.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from kogcupy.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+from test_gpu_monokernel import FAMILIES, model, rel  # noqa: E402 -- skips without a GPU
+
+from kogcupy.monokernel import MonokernelBackend  # noqa: E402
+from kogcupy.reference import ReferenceBackend  # noqa: E402
+
+CHUNK = 64          # small chunks so that chunk - 1, chunk, chunk + 1 and many chunks are cheap
+
+
+@pytest.mark.parametrize("key", list(FAMILIES))
+@pytest.mark.parametrize("n", [1, CHUNK - 1, CHUNK, CHUNK + 1, 300])
+def test_prefill_logits_match_reference(key, n):
+    m = model(FAMILIES[key], seed=5)
+    be = MonokernelBackend(m, context_length=1024)
+    ids = np.random.default_rng(n).integers(0, m.config.vocab_size, n).tolist()
+    got = be.prefill.logits(ids, chunk=CHUNK)
+    assert got.shape == (n, m.config.vocab_size) and np.all(np.isfinite(got))
+    ref = ReferenceBackend(m, context_length=1024).logits(ids)
+    errs = [rel(got[i], ref[i]) for i in range(n)]
+    assert max(errs) < 2e-2, (key, n, max(errs), int(np.argmax(errs)))
+
+
+def test_prefill_long_prompt_and_simple_attention():
+    """~3,000 tokens over several chunks (hd 128, GQA 3); the portable attention kernel (the
+    HIP path) gives the same logits as the tensor-core one."""
+    cfg = dataclasses.replace(FAMILIES["llama-hd128-gqa3"], max_position_embeddings=4096)
+    m = model(cfg, seed=6)
+    m.weights  # noqa: B018
+    be = MonokernelBackend(m, context_length=3200)
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, 3000).tolist()
+    fast = be.prefill.logits(ids, chunk=1024)
+    be.prefill.mma = False
+    simple = be.prefill.logits(ids, chunk=1024)
+    be.prefill.mma = True
+    assert np.all(np.isfinite(fast))
+    errs = [rel(fast[i], simple[i]) for i in (0, 1, 1023, 1024, 2047, 2999)]
+    assert max(errs) < 1e-2, errs
+    ref = ReferenceBackend(m, context_length=3200).logits(ids[:1100])
+    errs = [rel(fast[i], ref[i]) for i in (0, 500, 1023, 1024, 1099)]
+    assert max(errs) < 3e-2, errs
+
+
+def _greedy_model(key="llama"):
+    cfg = dataclasses.replace(FAMILIES[key], tie_word_embeddings=False)
+    return model(cfg, seed=8, logit_scale=8.0)
+
+
+def test_first_token_and_greedy_match_reference():
+    m = _greedy_model("qwen3-qknorm-h896-gqa7-hd128")
+    be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
+    prompt = np.random.default_rng(9).integers(0, m.config.vocab_size, 200).tolist()
+    s = be.start(prompt, SamplingParams(), 32, set())
+    got = list(s)
+    assert s.cached_tokens == 0
+    ref = list(ReferenceBackend(m, context_length=1024).start(prompt, SamplingParams(), 32, set()))
+    assert got == ref
+
+
+def test_prefix_reuse_warm_equals_cold():
+    m = _greedy_model()
+    V = m.config.vocab_size
+    rng = np.random.default_rng(10)
+    system = rng.integers(0, V, 150).tolist()
+    turn2 = system + rng.integers(0, V, 40).tolist()
+    other = rng.integers(0, V, 120).tolist()
+    cold = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
+    warm = MonokernelBackend(m, context_length=1024, prefix_cache_gb=1)
+
+    def run(be, p):
+        s = be.start(p, SamplingParams(), 24, set())
+        return list(s), s.cached_tokens
+
+    a, c = run(warm, system)
+    assert c == 0 and a == run(cold, system)[0]
+    a2, c = run(warm, system)                       # the same prompt again: all but the last
+    assert c == len(system) - 1 and a2 == a
+    t2, c = run(warm, turn2)                        # a longer prompt sharing the system part
+    assert c == len(system) and t2 == run(cold, turn2)[0]
+    o, c = run(warm, other)                         # unrelated: the live sequence is saved
+    assert c == 0 and o == run(cold, other)[0]
+    div = turn2[:100] + [(turn2[100] + 1) % V] + turn2[101:]   # diverges inside the prefix
+    d, c = run(warm, div)
+    assert c == 100 and d == run(cold, div)[0]
+    assert warm.prefix_cache.stats["entries"] >= 1
+
+
+def test_prefix_cache_eviction_tiny_budget():
+    m = _greedy_model()
+    V = m.config.vocab_size
+    cfg = m.config
+    per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2
+    be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=per_token * 150 / 2**30)
+    rng = np.random.default_rng(11)
+    p1, p2, p3 = (rng.integers(0, V, 100).tolist() for _ in range(3))
+    for p in (p1, p2, p3):
+        list(be.start(p, SamplingParams(), 4, set()))
+    assert be.prefix_cache.stats["entries"] == 1    # room for one saved sequence only
+    s = be.start(p2 + [V - 1], SamplingParams(), 4, set())
+    list(s)
+    assert s.cached_tokens == 100                   # p2 was saved when p3 replaced it ...
+    s = be.start(p1 + [V - 1], SamplingParams(), 4, set())
+    list(s)
+    assert s.cached_tokens == 0                     # ... and p1 was evicted for it
+
+
+def test_cancel_during_prefill():
+    m = _greedy_model()
+    be = MonokernelBackend(m, context_length=1024)
+    ids = np.random.default_rng(12).integers(0, m.config.vocab_size, 900).tolist()
+    s = be.start(ids, SamplingParams(), 50, set())
+    s.cancel()
+    assert list(s) == [] and s.finish_reason == "cancelled"
+    s = be.start(ids[:300], SamplingParams(), 5, set())   # usable afterwards
+    assert len(list(s)) == 5
