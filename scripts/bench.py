@@ -6,7 +6,7 @@ Random bf16 weights at the shapes in ``kogcupy.random_weights.SHAPES``; every en
 timed. Engines, in one run on one GPU:
 
     hf-eager         transformers' LlamaForCausalLM / Qwen3ForCausalLM, eager PyTorch, generate()
-    torch-cudagraph  a compact PyTorch decoder (static KV cache, SDPA, greedy argmax inside)
+    torch-sdpa-graph  a compact PyTorch decoder (static KV cache, SDPA, greedy argmax inside)
                      whose whole decode step is one CUDA graph, replayed once per token
     limit            weight bytes (LM head counted, embedding lookup not) / stream-read
                      bandwidth measured in this run
@@ -46,9 +46,11 @@ except ImportError:  # run from a checkout without `pip install -e .` (the devic
 from kogcupy.config import ModelConfig  # noqa: E402
 from kogcupy.random_weights import SHAPES  # noqa: E402
 
-ENGINES = ("hf-eager", "torch-cudagraph", "kogcupy")
-PEERS = ("hf-eager", "torch-cudagraph", "kogcupy")    # the "x vs" columns
+ENGINES = ("hf-eager", "torch-sdpa-graph", "kogcupy")
+PEERS = ("hf-eager", "torch-sdpa-graph", "kogcupy")    # the "x vs" columns
 BYTES_PER_PARAM = 2                                    # bf16
+HF_EAGER_MAX_PROMPT = 8000         # eager attention's score matrices beyond this do not fit
+AGENT_SYSTEM = 2000                # agent workload: system prompt tokens
 
 # Dry-run shapes: the two architecture families at toy size, for CPU logic checks.
 TINY_SHAPES = {
@@ -469,6 +471,164 @@ def bench_graph(cfg, weights, prompt_len, new_tokens, device, dtype, repeats) ->
 
 
 # --------------------------------------------------------------------------------------------
+# Prompts: cold time to first token, and the multi-turn agent workload
+# --------------------------------------------------------------------------------------------
+
+def agent_workload(cfg: ModelConfig, system_len=AGENT_SYSTEM, turn_len=400, turns=10, seed=7):
+    """The token ids every engine gets: a system prompt and one tool result per turn."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    system = rng.integers(0, cfg.vocab_size, system_len).tolist()
+    return system, [rng.integers(0, cfg.vocab_size, turn_len).tolist() for _ in range(turns)]
+
+
+def cold_prompt(cfg: ModelConfig, n: int) -> list[int]:
+    return [(i * 7919 + 13) % cfg.vocab_size for i in range(n)]
+
+
+def run_agent(start_turn, system, tools, gen) -> dict:
+    """10 turns: prompt = history + tool result; `start_turn(prompt, gen)` returns the turn's
+    generated ids and its time to first token; the generated ids join the history."""
+    hist, ttfts = list(system), []
+    t0 = time.perf_counter()
+    for tool in tools:
+        hist += tool
+        toks, ttft = start_turn(hist, gen)
+        if len(toks) != gen:
+            raise RuntimeError(f"a turn generated {len(toks)} tokens, expected {gen}")
+        ttfts.append(ttft)
+        hist += toks
+    return {"total_s": time.perf_counter() - t0, "turns": len(tools), "ttft_s": sum(ttfts) / len(ttfts),
+            "ttft_per_turn_s": ttfts, "final_context": len(hist)}
+
+
+class SdpaPrefillDecoder(CompactDecoder):
+    """The compact decoder as a fair end-to-end peer: the prompt (or the part of it past its
+    own static KV cache) in one batched pass with SDPA (flash for a cold causal prompt), the
+    first token by argmax, then the CUDA-graph decode step; the cache is kept across turns."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.cached = 0                                          # positions with K/V
+
+    def prefill(self, ids, start):
+        import torch
+        import torch.nn.functional as F
+        cfg, w = self.cfg, self.w
+        H, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        end, n = ids.shape[0], ids.shape[0] - start
+        with torch.inference_mode():
+            x = w["embed"].index_select(0, ids[start:])                  # (n, h)
+            cos = self.rope_cos[start:end][:, None]                       # (n, 1, hd)
+            sin = self.rope_sin[start:end][:, None]
+            mask = None
+            if start:                                                     # cached + new keys
+                mask = self.positions[None, :end] <= self.positions[start:end, None]
+            for i, lw in enumerate(w["layers"]):
+                q, k, v = F.linear(self._rmsnorm(x, lw["attn_norm"]), lw["wqkv"]).split(
+                    [cfg.q_dim, cfg.kv_dim, cfg.kv_dim], -1)
+                q, k, v = q.view(n, H, hd), k.view(n, nkv, hd), v.view(n, nkv, hd)
+                if cfg.qk_norm:
+                    q, k = self._rmsnorm(q, lw["q_norm"]), self._rmsnorm(k, lw["k_norm"])
+                q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+                self.k_cache[i][:, start:end] = k.transpose(0, 1)
+                self.v_cache[i][:, start:end] = v.transpose(0, 1)
+                kk = self.k_cache[i][:, :end].repeat_interleave(cfg.gqa_group, 0)[None]
+                vv = self.v_cache[i][:, :end].repeat_interleave(cfg.gqa_group, 0)[None]
+                o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk, vv,
+                                                   attn_mask=mask, is_causal=mask is None)
+                x = x + F.linear(o[0].transpose(0, 1).reshape(n, cfg.q_dim), lw["wo"])
+                gate, up = F.linear(self._rmsnorm(x, lw["ffn_norm"]), lw["w_gate_up"]).chunk(2, -1)
+                x = x + F.linear(F.silu(gate) * up, lw["w_down"])
+            logits = F.linear(self._rmsnorm(x[-1:], w["final_norm"]), w["lm_head"])
+            nxt = logits.argmax(-1)
+            self.token.copy_(nxt)
+            self.pos.fill_(end)
+        self.cached = end
+
+    def turn(self, prompt, gen):
+        """Prefill what the cache lacks, decode `gen` tokens; (ids, time to first token)."""
+        import torch
+        ids = torch.tensor(prompt, device=self.device)
+        start = min(self.cached, len(prompt) - 1)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.prefill(ids, start)
+        first = int(self.token.item())
+        ttft = time.perf_counter() - t0
+        end = len(prompt)
+        for _ in range(gen - 1):
+            self.run()
+        toks = [first] + self.out_tokens[end:end + gen - 1].tolist()
+        self.cached = end + gen - 1
+        return toks, ttft
+
+
+def bench_peer_prompts(cfg, device, dtype, lens, agent, gen) -> dict:
+    """torch-sdpa-graph: cold TTFT per prompt length, then the agent workload."""
+    w = compact_weights_random(cfg, device, dtype)
+    out = {"ttft": {}}
+    if lens:
+        dec = SdpaPrefillDecoder(cfg, w, max(lens) + 1, device, dtype)
+        for n in lens:
+            ids = cold_prompt(cfg, n)
+            times = []
+            for _ in range(3):
+                dec.cached = 0
+                times.append(dec.turn(ids, 1)[1])
+            out["ttft"][n] = min(times[1:])
+        del dec
+        _free_gpu()
+    if agent:
+        system, tools = agent
+        ctx = len(system) + sum(len(t) + gen for t in tools) + 8
+        dec = SdpaPrefillDecoder(cfg, w, ctx, device, dtype)
+        if device.type == "cuda":
+            dec.capture()
+        run_agent(dec.turn, system, tools[:1], gen)                   # warm-up
+        dec.reset()
+        dec.cached = 0
+        out["agent"] = run_agent(dec.turn, system, tools, gen)
+        del dec
+    return out
+
+
+def bench_kogcupy_prompts(cfg, lens, agent, gen) -> dict:
+    """kogcupy (one GPU): cold TTFT per prompt length (prefix cache cleared), then the agent
+    workload through the prefix cache."""
+    from kogcupy.monokernel import DeviceModel, MonokernelBackend
+    from kogcupy.sampling_params import SamplingParams
+    ctx = max(list(lens) + [len(agent[0]) + sum(len(t) + gen for t in agent[1]) if agent else 0]) + 16
+    dev = DeviceModel.random(cfg, "bfloat16", 0, rope_positions=ctx)
+    be = MonokernelBackend(device_model=dev, context_length=ctx)
+
+    def turn(prompt, n_new):
+        s = be.start(prompt, SamplingParams(), n_new, set())
+        t0 = time.perf_counter()
+        toks = [next(s)]
+        ttft = time.perf_counter() - t0
+        toks += list(s)
+        return toks, ttft
+
+    out = {"ttft": {}}
+    for n in lens:
+        ids = cold_prompt(cfg, n)
+        times = []
+        for _ in range(3):
+            be.clear_prefix_cache()
+            times.append(turn(ids, 1)[1])
+        out["ttft"][n] = min(times[1:])
+    if agent:
+        system, tools = agent
+        be.clear_prefix_cache()
+        run_agent(turn, system, tools[:1], gen)                       # warm-up
+        be.clear_prefix_cache()
+        out["agent"] = run_agent(turn, system, tools, gen)
+    del be, dev
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # kogcupy
 # --------------------------------------------------------------------------------------------
 
@@ -531,6 +691,22 @@ def make_row(engine, shape, cfg, args, env, *, tokens_per_s=None, position=0, me
     return row
 
 
+def prompt_rows(engine, shape, cfg, args, env, rows, res, err):
+    """ttft rows (one per prompt length) and the agent row of one engine."""
+    for n in args.ttft_prompts:
+        t = (res or {}).get("ttft", {}).get(n)
+        rows.append(make_row(engine, shape, cfg, args, env, metric="ttft", prompt_len=n,
+                             new_tokens=1, ttft_s=t, error=err if t is None else None))
+        print(f"  {engine:<16} ttft @{n:<6} {_fmt(t and t * 1e3, '.1f', 9)} ms", flush=True)
+    if args.agent_turns:
+        a = (res or {}).get("agent")
+        rows.append(make_row(engine, shape, cfg, args, env, metric="agent",
+                             prompt_len=AGENT_SYSTEM, new_tokens=args.agent_gen,
+                             error=err if a is None else None, **(a or {})))
+        print(f"  {engine:<16} agent {_fmt(a and a['total_s'], '.2f', 9)} s "
+              f"(mean ttft {_fmt(a and a['ttft_s'] * 1e3, '.1f', 7)} ms)", flush=True)
+
+
 def add_speedups(rows):
     """x vs each peer, same shape, decode at position 0 only (peers run only there)."""
     base = {(r["shape"], r["engine"]): r["tokens_per_s"] for r in rows
@@ -565,7 +741,7 @@ def print_table(doc):
         print(f"{r['engine']:<16}{r['shape']:<14}{r.get('n_gpus', 1):>5}{r['position']:>6}"
               f"{_fmt(r['tokens_per_s'], '.1f', 10)}{_fmt(gbs, '.0f', 9)}"
               f"{_fmt(r['pct_of_limit'], '.1f', 8)}{_fmt(r['pct_of_limit_with_kv'], '.1f', 8)}"
-              f"{_fmt(sp.get('hf-eager'), '.2f', 8)}{_fmt(sp.get('torch-cudagraph'), '.2f', 8)}"
+              f"{_fmt(sp.get('hf-eager'), '.2f', 8)}{_fmt(sp.get('torch-sdpa-graph'), '.2f', 8)}"
               f"{_fmt(sp.get('kogcupy'), '.2f', 8)}  {note}")
     ttft = [r for r in rows if r["metric"] == "ttft"]
     if ttft:
@@ -578,6 +754,17 @@ def print_table(doc):
             print(f"{r['engine']:<30}{r['shape']:<14}{r['prompt_len']:>7}"
                   f"{_fmt(t * 1e3 if t else None, '.2f', 10)}"
                   f"{_fmt(r['prompt_len'] / t if t else None, '.0f', 15)}  {note}")
+    agent = [r for r in rows if r["metric"] == "agent"]
+    if agent:
+        print()
+        print(f"{'agent workload':<30}{'shape':<14}{'turns':>6}{'total s':>9}{'mean ttft ms':>14}"
+              f"{'context':>9}  note")
+        for r in agent:
+            note = ("error: " + r["error"].splitlines()[0][:70]) if r["status"] == "error" else ""
+            t = r.get("ttft_s")
+            print(f"{r['engine']:<30}{r['shape']:<14}{_fmt(r.get('turns'), 'd', 6)}"
+                  f"{_fmt(r.get('total_s'), '.2f', 9)}{_fmt(t * 1e3 if t else None, '.1f', 14)}"
+                  f"{_fmt(r.get('final_context'), 'd', 9)}  {note}")
 
 
 def output_path(out_dir, gpu, date) -> str:
@@ -642,7 +829,7 @@ def run(args, save=lambda doc: None) -> dict:
                              tokens_per_s=env["read_bw_TBps"] * 1e12 / weight_bytes(cfg)))
         hf_tokens = None
         model = None
-        if "hf-eager" in args.engines or "torch-cudagraph" in args.engines:
+        if "hf-eager" in args.engines or "torch-sdpa-graph" in args.engines:
             model, err = _guard(lambda: build_hf_model(cfg, device, dtype),
                                 f"{shape} hf build", log)
             if "hf-eager" in args.engines:
@@ -668,15 +855,20 @@ def run(args, save=lambda doc: None) -> dict:
                           + (f"  (step ms {json.dumps({k: round(v, 2) for k, v in extra['step_ms'].items()})};"
                              f" bare forward loop {extra['forward_loop_tokens_per_s']:.1f} tok/s)"
                              if "forward_loop_tokens_per_s" in extra else ""), flush=True)
-                    if args.ttft_prompt:
-                        res, err = _guard(lambda: bench_hf_ttft(model, cfg, args.ttft_prompt,
-                                                                device),
-                                          f"{shape} hf-eager ttft", log)
+                    for n in args.ttft_prompts:
+                        if n > HF_EAGER_MAX_PROMPT:
+                            rows.append(make_row("hf-eager", shape, cfg, args, env, metric="ttft",
+                                                 prompt_len=n, new_tokens=1, error=(
+                                                     f"skipped: eager attention materializes "
+                                                     f"{n}x{n} scores per head")))
+                            continue
+                        res, err = _guard(lambda: bench_hf_ttft(model, cfg, n, device),
+                                          f"{shape} hf-eager ttft {n}", log)
                         rows.append(make_row("hf-eager", shape, cfg, args, env, error=err,
-                                             metric="ttft", prompt_len=args.ttft_prompt,
+                                             metric="ttft", prompt_len=n,
                                              new_tokens=1, **(res or {})))
 
-        if "torch-cudagraph" in args.engines:
+        if "torch-sdpa-graph" in args.engines:
             def graph():
                 # Same weights as the transformers model when there is one: token ids then
                 # show whether the two implementations agree (bf16 near-ties may split them).
@@ -690,7 +882,7 @@ def run(args, save=lambda doc: None) -> dict:
                                   args.graph_repeats)
                 return {**res, "logits_rel_err_vs_hf": err}
             t0 = time.perf_counter()
-            res, err = _guard(graph, f"{shape} torch-cudagraph", log)
+            res, err = _guard(graph, f"{shape} torch-sdpa-graph", log)
             extra = {}
             if res:
                 extra["runs_tokens_per_s"] = res["runs_tokens_per_s"]
@@ -704,15 +896,22 @@ def run(args, save=lambda doc: None) -> dict:
                             break
                         same += 1
                     extra["greedy_prefix_agrees_with_hf"] = same
-            rows.append(make_row("torch-cudagraph", shape, cfg, args, env, error=err,
+            rows.append(make_row("torch-sdpa-graph", shape, cfg, args, env, error=err,
                                  tokens_per_s=res and res["tokens_per_s"],
                                  wall_s=time.perf_counter() - t0, **extra))
-            print(f"  torch-cudagraph {_fmt(rows[-1]['tokens_per_s'], '.1f', 9)} tok/s"
+            print(f"  torch-sdpa-graph {_fmt(rows[-1]['tokens_per_s'], '.1f', 9)} tok/s"
                   + (f"  (logits rel err vs hf {extra['logits_rel_err_vs_hf']:.1e}; greedy"
                      f" agrees with hf for {extra['greedy_prefix_agrees_with_hf']} tokens)"
                      if "greedy_prefix_agrees_with_hf" in extra else ""), flush=True)
         del model
         _free_gpu()
+        agent = (agent_workload(cfg, turns=args.agent_turns) if args.agent_turns else None)
+        if "torch-sdpa-graph" in args.engines and (args.ttft_prompts or agent):
+            res, err = _guard(lambda: bench_peer_prompts(cfg, device, dtype, args.ttft_prompts,
+                                                         agent, args.agent_gen),
+                              f"{shape} torch-sdpa-graph prompts", log)
+            prompt_rows("torch-sdpa-graph", shape, cfg, args, env, rows, res, err)
+            _free_gpu()
 
         if "kogcupy" in args.engines:
             def decode(pos, n, what, label):
@@ -732,16 +931,11 @@ def run(args, save=lambda doc: None) -> dict:
                 decode(0, n, f"{n} GPUs", f"x{n} GPUs")
             for pos in (args.positions if 1 in args.gpus else []):
                 decode(pos, 1, f"pos {pos}", f"@{pos:<6} ")
-            if args.ttft_prompt and 1 in args.gpus:
-                res, err = _guard(lambda: bench_kogcupy(cfg, args.ttft_prompt, 1, 0),
-                                  f"{shape} kogcupy ttft", log)
-                # ttft_s if given, else the TokenStream's prefill_s (launch to first token)
-                t = res.get("ttft_s", res.get("prefill_s")) if res else None
-                if res and not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
-                    err, t = f"bench_decode returned ttft_s={t!r}", None
-                rows.append(make_row("kogcupy", shape, cfg, args, env, error=err, metric="ttft",
-                                     prompt_len=args.ttft_prompt, new_tokens=1, ttft_s=t,
-                                     engine_info=res or {}))
+            if (args.ttft_prompts or agent) and 1 in args.gpus:
+                res, err = _guard(lambda: bench_kogcupy_prompts(cfg, args.ttft_prompts, agent,
+                                                                args.agent_gen),
+                                  f"{shape} kogcupy prompts", log)
+                prompt_rows("kogcupy", shape, cfg, args, env, rows, res, err)
                 _free_gpu()
 
     doc = document(args, shapes_db, gpu, date, env, bw, rows, log, complete=True)
@@ -807,10 +1001,13 @@ def parse_args(argv=None):
                    help=f"comma list of {', '.join(ENGINES)} (the limit row is always there)")
     p.add_argument("--new-tokens", type=int, default=512)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--positions", type=_csv(int), default=[0, 1024, 2048, 4096],
+    p.add_argument("--positions", type=_csv(int), default=[0, 8000, 32000],
                    help="kogcupy context positions (position 0 is the row compared with peers)")
-    p.add_argument("--ttft-prompt", type=int, default=1000,
-                   help="prompt length for time to first token (0: skip)")
+    p.add_argument("--ttft-prompts", type=_csv(int), default=[1000, 8000, 32000],
+                   help="cold prompt lengths for time to first token (empty: skip)")
+    p.add_argument("--agent-turns", type=int, default=10,
+                   help="turns of the agent workload (0: skip)")
+    p.add_argument("--agent-gen", type=int, default=256, help="tokens generated per agent turn")
     p.add_argument("--graph-repeats", type=int, default=3)
     p.add_argument("--hf-profile", action="store_true",
                    help="print a torch.profiler table of 3 bare transformers decode steps")

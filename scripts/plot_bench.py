@@ -12,8 +12,8 @@ import json
 import os
 import sys
 
-ENGINE_ORDER = ("hf-eager", "torch-cudagraph", "kogcupy")
-COLORS = {"hf-eager": "#9e9e9e", "torch-cudagraph": "#5b8def", "kogcupy": "#e8590c"}
+ENGINE_ORDER = ("hf-eager", "torch-sdpa-graph", "kogcupy")
+COLORS = {"hf-eager": "#9e9e9e", "torch-sdpa-graph": "#5b8def", "kogcupy": "#e8590c"}
 
 
 def plot(json_path: str, png_path: str | None = None) -> str:
