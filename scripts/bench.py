@@ -691,12 +691,20 @@ def make_row(engine, shape, cfg, args, env, *, tokens_per_s=None, position=0, me
     return row
 
 
+def fits(cfg, args) -> list[int]:
+    """The TTFT prompt lengths the model's positions allow."""
+    return [n for n in args.ttft_prompts if n < cfg.max_position_embeddings]
+
+
 def prompt_rows(engine, shape, cfg, args, env, rows, res, err):
     """ttft rows (one per prompt length) and the agent row of one engine."""
     for n in args.ttft_prompts:
         t = (res or {}).get("ttft", {}).get(n)
+        why = err if t is None else None
+        if n >= cfg.max_position_embeddings:
+            why = f"skipped: the model has {cfg.max_position_embeddings} positions"
         rows.append(make_row(engine, shape, cfg, args, env, metric="ttft", prompt_len=n,
-                             new_tokens=1, ttft_s=t, error=err if t is None else None))
+                             new_tokens=1, ttft_s=t, error=why))
         print(f"  {engine:<16} ttft @{n:<6} {_fmt(t and t * 1e3, '.1f', 9)} ms", flush=True)
     if args.agent_turns:
         a = (res or {}).get("agent")
@@ -838,7 +846,7 @@ def run(args, save=lambda doc: None) -> dict:
                 else:
                     t0 = time.perf_counter()
                     res, err = _guard(lambda: bench_hf(model, cfg, args.prompt_len,
-                                                       args.new_tokens, device),
+                                                       args.hf_new_tokens, device),
                                       f"{shape} hf-eager", log)
                     extra = {}
                     if res:
@@ -849,6 +857,7 @@ def run(args, save=lambda doc: None) -> dict:
                             args.hf_profile), f"{shape} hf forward loop", log)
                         extra.update(fl or {})
                     rows.append(make_row("hf-eager", shape, cfg, args, env, error=err,
+                                         new_tokens=args.hf_new_tokens,
                                          tokens_per_s=res and res["tokens_per_s"],
                                          wall_s=time.perf_counter() - t0, **extra))
                     print(f"  hf-eager        {_fmt(rows[-1]['tokens_per_s'], '.1f', 9)} tok/s"
@@ -907,7 +916,7 @@ def run(args, save=lambda doc: None) -> dict:
         _free_gpu()
         agent = (agent_workload(cfg, turns=args.agent_turns) if args.agent_turns else None)
         if "torch-sdpa-graph" in args.engines and (args.ttft_prompts or agent):
-            res, err = _guard(lambda: bench_peer_prompts(cfg, device, dtype, args.ttft_prompts,
+            res, err = _guard(lambda: bench_peer_prompts(cfg, device, dtype, fits(cfg, args),
                                                          agent, args.agent_gen),
                               f"{shape} torch-sdpa-graph prompts", log)
             prompt_rows("torch-sdpa-graph", shape, cfg, args, env, rows, res, err)
@@ -932,7 +941,7 @@ def run(args, save=lambda doc: None) -> dict:
             for pos in (args.positions if 1 in args.gpus else []):
                 decode(pos, 1, f"pos {pos}", f"@{pos:<6} ")
             if (args.ttft_prompts or agent) and 1 in args.gpus:
-                res, err = _guard(lambda: bench_kogcupy_prompts(cfg, args.ttft_prompts, agent,
+                res, err = _guard(lambda: bench_kogcupy_prompts(cfg, fits(cfg, args), agent,
                                                                 args.agent_gen),
                                   f"{shape} kogcupy prompts", log)
                 prompt_rows("kogcupy", shape, cfg, args, env, rows, res, err)
@@ -1005,6 +1014,8 @@ def parse_args(argv=None):
                    help="kogcupy context positions (position 0 is the row compared with peers)")
     p.add_argument("--ttft-prompts", type=_csv(int), default=[1000, 8000, 32000],
                    help="cold prompt lengths for time to first token (empty: skip)")
+    p.add_argument("--hf-new-tokens", type=int, default=64,
+                   help="tokens hf-eager decodes (it is ~100x slower than the others)")
     p.add_argument("--agent-turns", type=int, default=10,
                    help="turns of the agent workload (0: skip)")
     p.add_argument("--agent-gen", type=int, default=256, help="tokens generated per agent turn")
