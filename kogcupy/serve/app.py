@@ -1,0 +1,279 @@
+"""The ASGI app: OpenAI-compatible routes over one Engine.
+
+    app = create_app(engine, served_model_name="smollm2", api_key=None, max_queue=16)
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Routes: POST /v1/chat/completions, POST /v1/completions (JSON or SSE with "stream": true),
+GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus). With ``api_key``
+every /v1 route needs ``Authorization: Bearer <key>``. Errors are OpenAI's JSON error object.
+"""
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import time
+
+import anyio
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from ..errors import InputError, KogError
+from ..sampling_params import SamplingParams
+from . import protocol as P
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .responses import ChatFormatter, CompletionFormatter, JobResponse, json_error
+from .scheduler import Job, QueueFull, Scheduler
+from .tools import template_takes_tools
+
+log = logging.getLogger("kogcupy.serve")
+
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16           # OpenAI's default for /v1/completions
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+
+
+def default_model_name(engine) -> str:
+    path = str(getattr(getattr(engine, "model", None), "path", "") or "")
+    name = os.path.basename(path.rstrip("/\\"))
+    for ext in (".gguf", ".safetensors"):
+        if name.endswith(ext):
+            name = name[:-len(ext)]
+    return name or "kogcupy"
+
+
+class _Guard:
+    """Pure ASGI middleware: API key on /v1 routes (before any body is read), request counts."""
+
+    def __init__(self, app, api_key: str | None, metrics: Metrics):
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = next((r for r in _ROUTES if path == r or path.startswith(r + "/")), "other")
+        status = [500]
+
+        async def send_status(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+
+        try:
+            if self.key is not None and (path == "/v1" or path.startswith("/v1/")) \
+                    and not self._authorized(scope):
+                resp = json_error(401, "invalid or missing API key: send the header "
+                                       "'Authorization: Bearer <key>'", code="invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(route, str(status[0])).inc()
+
+    def _authorized(self, scope) -> bool:
+        given = b""
+        for k, v in scope.get("headers", ()):
+            if k == b"authorization":
+                given = v
+                break
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() != b"bearer":
+            token = b""
+        return hmac.compare_digest(token.strip(), self.key)
+
+
+def create_app(engine, served_model_name: str | None = None, api_key: str | None = None,
+               max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The ASGI app serving `engine` (see the module docstring); ``app.state`` holds the
+    ``scheduler``, ``metrics`` and ``engine``."""
+    name = served_model_name or default_model_name(engine)
+    metrics = Metrics()
+    scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
+    supports_tools = template_takes_tools(getattr(engine, "tokenizer", None))
+    created = P.now()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(scheduler.stop)
+
+    app = FastAPI(title="kogcupy", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.engine = engine
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
+    app.state.served_model_name = name
+
+    # -- errors ------------------------------------------------------------------------------
+    @app.exception_handler(P.APIError)
+    async def _api_error(request, e: P.APIError):
+        if e.status >= 400 and e.status != 404:
+            log.info("%s %s -> %d: %s", request.method, request.url.path, e.status, e.message)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        msg = {404: f"no route {request.method} {request.url.path}",
+               405: f"method {request.method} is not allowed on {request.url.path}"}.get(
+            e.status_code, str(e.detail))
+        return json_error(e.status_code, msg)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return json_error(500, "internal server error; see the server log")
+
+    # -- helpers -------------------------------------------------------------------------------
+    async def read_json(request: Request) -> dict:
+        cl = request.headers.get("content-length")
+        if cl is not None and cl.isdigit() and int(cl) > max_body_bytes:
+            raise P.APIError(413, f"request body of {cl} bytes exceeds the limit of "
+                                  f"{max_body_bytes} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise P.APIError(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+        if not body:
+            raise P.APIError(400, "empty request body: send a JSON object")
+        try:
+            return json.loads(bytes(body))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise P.APIError(400, f"the request body is not valid JSON: {e}") from None
+
+    def check_model(model: str):
+        if model != name:
+            raise P.APIError(404, f"model '{model}' does not exist; this server serves "
+                                  f"'{name}' (GET /v1/models)", param="model",
+                             code="model_not_found")
+
+    async def encode(fn, *args, **kw) -> list[int]:
+        try:
+            return await anyio.to_thread.run_sync(lambda: fn(*args, **kw))
+        except InputError as e:
+            raise P.APIError(400, " ".join(str(e).split())) from None
+
+    def plan(req, ids: list[int], requested: int | None, default: int | None) -> dict:
+        """engine.generate kwargs; 400 when the prompt or max_tokens do not fit the context."""
+        ctx = int(engine.context_length)
+        n = len(ids)
+        room = ctx - n
+        if room < 1:
+            raise P.APIError(400, f"the prompt has {n} tokens but the context length is {ctx} "
+                                  f"(at most {ctx - 1} prompt tokens)", param="messages")
+        if requested is None:
+            max_new = room if default is None else min(default, room)
+        elif requested > room:
+            raise P.APIError(400, f"max_tokens={requested} does not fit: the prompt has {n} "
+                                  f"tokens and the context length is {ctx}, so at most {room} "
+                                  f"tokens can be generated", param="max_tokens")
+        else:
+            max_new = requested
+        seed = secrets.randbits(64) if req.seed is None else req.seed
+        kw = P.sampling_kwargs(req, max_new, seed)
+        try:
+            SamplingParams(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
+                           min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
+                           seed=kw["seed"])
+        except InputError as e:
+            raise P.APIError(400, str(e)) from None
+        return kw
+
+    def submit(rid: str, ids: list[int], kw: dict) -> Job:
+        job = Job(rid, ids, kw)
+        scheduler.start()                           # no-op once running (lifespan started it)
+        try:
+            scheduler.submit(job)
+        except QueueFull as e:
+            log.info("%s rejected: queue full (%d waiting)", rid, scheduler.queued)
+            raise P.APIError(429, f"the server is busy: {scheduler.queued} requests are "
+                                  f"waiting (max {scheduler.max_queue}); retry after "
+                                  f"{e.retry_after} s", code="queue_full",
+                             headers={"Retry-After": str(e.retry_after)}) from None
+        return job
+
+    # -- routes ------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "running": int(scheduler.busy),
+                "queued": scheduler.queued}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "kogcupy",
+                "max_model_len": int(engine.context_length)}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = P.parse_request(P.ChatCompletionRequest, await read_json(request))
+        check_model(req.model)
+        P.check_supported(req)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        if tools and not supports_tools:
+            raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
+                                  f"takes no 'tools'", param="tools")
+        messages = [m.to_template() for m in req.messages]
+        ids = await encode(engine.encode_messages, messages, tools=tools)
+        requested = req.max_completion_tokens or req.max_tokens
+        kw = plan(req, ids, requested, None)
+        rid = P.new_id("chatcmpl")
+        job = submit(rid, ids, kw)
+        fmt = ChatFormatter(rid, name, P.now(), len(ids),
+                            include_usage=bool(req.stream_options and
+                                               req.stream_options.include_usage),
+                            parse_tools=bool(tools) and (req.tool_choice or "auto") == "auto")
+        return JobResponse(job, fmt, stream=req.stream)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = P.parse_request(P.CompletionRequest, await read_json(request))
+        check_model(req.model)
+        P.check_supported(req)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise P.APIError(400, f"one prompt per request (got {len(prompt)}): kogcupy "
+                                      f"serves batch 1", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, list) and not prompt:
+            raise P.APIError(400, "the prompt is empty", param="prompt")
+        ids = await encode(engine.encode_prompt, prompt, chat=False)
+        kw = plan(req, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        rid = P.new_id("cmpl")
+        job = submit(rid, ids, kw)
+        fmt = CompletionFormatter(rid, name, P.now(), len(ids),
+                                  include_usage=bool(req.stream_options and
+                                                     req.stream_options.include_usage))
+        return JobResponse(job, fmt, stream=req.stream)
+
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
+    return app
+
+
+def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve `app` with uvicorn until Ctrl-C (open streams get 5 s to finish)."""
+    import uvicorn
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+                timeout_graceful_shutdown=5)

@@ -1,0 +1,357 @@
+"""The OpenAI API as kogcupy serves it: request models (pydantic, strict) and response shapes.
+
+Requests are validated strictly: wrong types and unknown fields are a 400 that names the field.
+Fields of the OpenAI API that kogcupy does not implement are accepted only with their neutral
+value (``n: 1``, ``logprobs: false``, ``presence_penalty: 0``, ...) and are a 400 otherwise:
+nothing a client asks for is silently ignored. Extra sampling fields (vLLM style):
+``top_k``, ``min_p``, ``repetition_penalty``.
+
+Responses are plain dicts shaped like OpenAI's (a stream chunk is built per token, so no
+pydantic on that path); ``Usage`` is the one shared piece.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_STOP_STRINGS = 16
+# kogcupy finish reason -> OpenAI's
+FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length", "context": "length",
+                 "cancelled": "stop"}
+
+
+class APIError(Exception):
+    """An error a client gets as OpenAI's JSON error object."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error",
+             404: "invalid_request_error", 405: "invalid_request_error",
+             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+             503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(status: int, message: str, param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": APIError.TYPES.get(status, "server_error"),
+                      "param": param, "code": code}}
+
+
+# ------------------------------------------------------------------------------- requests
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)   # JSON schema extras are fine
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: Union[str, dict]
+
+
+class ToolCallIn(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    def to_template(self) -> dict:
+        """The message as chat templates read it (HF conventions)."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(p.text for p in content)
+        m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                             "content": content if content is not None else ""}
+        if self.name is not None:
+            m["name"] = self.name
+        if self.tool_call_id is not None:
+            m["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            m["tool_calls"] = [{"id": tc.id, "type": "function",
+                                "function": {"name": tc.function.name,
+                                             "arguments": _arguments_obj(tc.function.arguments)}}
+                               for tc in self.tool_calls]
+        return m
+
+
+def _arguments_obj(args):
+    """OpenAI carries arguments as a JSON text; HF templates expect the object (``| tojson``)."""
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except ValueError:
+            return args
+    return args
+
+
+class _Sampling(_Strict):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)            # -1 or 0: off
+    min_p: float | None = Field(default=None, ge=0, lt=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None                                   # an end-user id; not used
+    # Accepted with their neutral value only (check_supported):
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[ToolDef] | None = None
+    tool_choice: Union[Literal["auto", "none", "required"], dict, None] = None
+    parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+def _loc(loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif any(c in part for c in "[]") or part in ("str", "int", "dict", "function-after",
+                                                      "literal['auto','none','required']"):
+            continue                     # a union member's tag, not a field
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def parse_request(cls, obj: Any):
+    """Validate a decoded JSON body; APIError(400) naming the first offending field."""
+    if not isinstance(obj, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    if cls is ChatCompletionRequest:
+        _check_content_parts(obj.get("messages"))
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as e:
+        errs = e.errors(include_url=False)
+        extra = [x for x in errs if x["type"] == "extra_forbidden"]
+        if extra:
+            name = _loc(extra[0]["loc"])
+            raise APIError(400, f"unsupported parameter '{name}': kogcupy does not implement it "
+                                f"(it is not ignored silently)", param=name) from None
+        first = errs[0]
+        name = _loc(first["loc"])
+        if first["type"] == "missing":
+            raise APIError(400, f"missing required parameter '{name}'", param=name) from None
+        same = [x for x in errs if _loc(x["loc"]) == name]
+        what = "; ".join(dict.fromkeys(x["msg"] for x in same))
+        got = first.get("input")
+        got = json.dumps(got)[:60] if _jsonable(got) else type(got).__name__
+        raise APIError(400, f"invalid value for '{name}' ({got}): {what}", param=name) from None
+
+
+def _check_content_parts(messages):
+    """Content parts other than text (images, audio, files) get their own message."""
+    if not isinstance(messages, list):
+        return
+    for i, m in enumerate(messages):
+        parts = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(parts, list):
+            continue
+        for part in parts:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise APIError(400, f"content part of type {json.dumps(kind)} is not supported: "
+                                    f"kogcupy serves text models (only {{\"type\": \"text\"}} "
+                                    f"parts)", param=f"messages[{i}].content")
+
+
+def _jsonable(x) -> bool:
+    try:
+        json.dumps(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def check_supported(req) -> None:
+    """400 for features kogcupy does not implement (neutral values pass)."""
+    def no(param, msg):
+        raise APIError(400, msg, param=param)
+
+    if req.n not in (None, 1):
+        no("n", f"n={req.n} is not supported: kogcupy generates one choice per request (n=1)")
+    for p in ("presence_penalty", "frequency_penalty"):
+        v = getattr(req, p)
+        if v not in (None, 0, 0.0):
+            no(p, f"{p} is not supported; use repetition_penalty (e.g. 1.1) instead")
+    if req.logit_bias:
+        no("logit_bias", "logit_bias is not supported")
+    if req.stop is not None:
+        stops = [req.stop] if isinstance(req.stop, str) else req.stop
+        if len(stops) > MAX_STOP_STRINGS:
+            no("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if any(not s for s in stops):
+            no("stop", "stop strings must be non-empty")
+    if req.stream_options is not None and not req.stream:
+        no("stream_options", "stream_options is only allowed with stream: true")
+    if isinstance(req, ChatCompletionRequest):
+        if req.logprobs:
+            no("logprobs", "logprobs are not supported")
+        if req.top_logprobs not in (None, 0):
+            no("top_logprobs", "top_logprobs is not supported")
+        if req.response_format not in (None, {"type": "text"}):
+            no("response_format", "response_format other than {\"type\": \"text\"} (JSON mode, "
+                                  "structured outputs) is not supported")
+        if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
+            no("tool_choice", "tool_choice must be \"auto\" or \"none\" (forcing a tool call is "
+                              "not supported)")
+        if req.max_tokens is not None and req.max_completion_tokens is not None \
+                and req.max_tokens != req.max_completion_tokens:
+            no("max_tokens", "max_tokens and max_completion_tokens disagree; send one of them")
+    else:
+        if req.logprobs not in (None, 0):
+            no("logprobs", "logprobs are not supported")
+        if req.echo:
+            no("echo", "echo is not supported")
+        if req.suffix:
+            no("suffix", "suffix (fill-in-the-middle) is not supported")
+        if req.best_of not in (None, 1):
+            no("best_of", f"best_of={req.best_of} is not supported (best_of must be 1)")
+
+
+def sampling_kwargs(req, max_new_tokens: int, seed: int) -> dict:
+    """engine.generate keyword arguments of a validated request."""
+    stop = req.stop
+    return dict(max_new_tokens=max_new_tokens,
+                temperature=1.0 if req.temperature is None else float(req.temperature),
+                top_k=max(0, req.top_k or 0),
+                top_p=1.0 if req.top_p is None else float(req.top_p),
+                min_p=0.0 if req.min_p is None else float(req.min_p),
+                repetition_penalty=(1.0 if req.repetition_penalty is None
+                                    else float(req.repetition_penalty)),
+                seed=seed % 2**64,
+                stop=[stop] if isinstance(stop, str) else list(stop or []))
+
+
+# ------------------------------------------------------------------------------- responses
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+def usage_of(result, prompt_tokens: int) -> dict:
+    n = len(getattr(result, "token_ids", ()) or ())
+    cached = int(getattr(result, "cached_tokens", 0) or 0)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached)).model_dump()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def chat_completion(rid, model, created, content, tool_calls, finish, usage) -> dict:
+    msg: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        msg["tool_calls"] = tool_calls
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}],
+            "usage": usage}
+
+
+def chat_chunk(rid, model, created, delta: dict, finish=None, with_usage=False) -> dict:
+    c = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if with_usage:
+        c["usage"] = None
+    return c
+
+
+def completion(rid, model, created, text, finish, usage) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": usage}
+
+
+def completion_chunk(rid, model, created, text, finish=None, with_usage=False) -> dict:
+    c = {"id": rid, "object": "text_completion", "created": created, "model": model,
+         "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    if with_usage:
+        c["usage"] = None
+    return c
+
+
+def usage_chunk(rid, model, created, obj: str, usage: dict) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage}
+
+
+def sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"

@@ -1,0 +1,227 @@
+"""Sending one job's answer: OpenAI JSON, or server-sent events as the text is generated.
+
+``JobResponse`` is the ASGI response a route returns after it queued a job. It waits for the
+job's events (the headers go out when the engine takes the request, so an error the engine
+raises still gets its own status), sends JSON or SSE chunks, and watches the connection: when
+the client disconnects (queued, prefilling or streaming) the job is cancelled at once.
+Pieces that arrive while a chunk is being sent are merged into the next chunk, so a slow
+client costs the engine nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from starlette.responses import JSONResponse, Response
+
+from . import protocol as P
+from .tools import Content, ToolCallParser
+
+_SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+
+
+class Formatter:
+    """How one endpoint turns events into OpenAI chunks / a whole response."""
+
+    def __init__(self, rid: str, model: str, created: int, prompt_tokens: int,
+                 include_usage: bool = False):
+        self.rid, self.model, self.created = rid, model, created
+        self.prompt_tokens = prompt_tokens
+        self.include_usage = include_usage
+
+    def usage(self, result) -> dict:
+        return P.usage_of(result, self.prompt_tokens)
+
+
+class ChatFormatter(Formatter):
+    def __init__(self, *a, parse_tools: bool = False, **kw):
+        super().__init__(*a, **kw)
+        self.parser = ToolCallParser() if parse_tools else None
+        self._n_calls = 0
+
+    def _chunk(self, delta, finish=None):
+        return P.chat_chunk(self.rid, self.model, self.created, delta, finish, self.include_usage)
+
+    def start(self) -> list[dict]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def _events(self, events) -> list[dict]:
+        out, text = [], ""
+        for ev in events:
+            if isinstance(ev, Content):
+                text += ev.text
+                continue
+            if text:
+                out.append(self._chunk({"content": text}))
+                text = ""
+            call = ev.to_openai()
+            call["index"] = self._n_calls
+            self._n_calls += 1
+            out.append(self._chunk({"tool_calls": [call]}))
+        if text:
+            out.append(self._chunk({"content": text}))
+        return out
+
+    def pieces(self, text: str) -> list[dict]:
+        if self.parser is None:
+            return [self._chunk({"content": text})]
+        return self._events(self.parser.feed(text))
+
+    def _finish_reason(self, result, n_calls: int) -> str:
+        if n_calls and result.finish_reason in ("eos", "stop"):
+            return "tool_calls"
+        return P.FINISH_REASON.get(result.finish_reason, "stop")
+
+    def finish(self, result) -> list[dict]:
+        out = self._events(self.parser.finish()) if self.parser is not None else []
+        out.append(self._chunk({}, self._finish_reason(result, self._n_calls)))
+        if self.include_usage:
+            out.append(P.usage_chunk(self.rid, self.model, self.created, "chat.completion.chunk",
+                                     self.usage(result)))
+        return out
+
+    def full(self, text: str, result) -> dict:
+        calls = []
+        if self.parser is not None:
+            events = self.parser.feed(text) + self.parser.finish()
+            text = "".join(e.text for e in events if isinstance(e, Content))
+            calls = [c.to_openai() for c in self.parser.calls]
+        content = text if (text or not calls) else None
+        return P.chat_completion(self.rid, self.model, self.created, content, calls or None,
+                                 self._finish_reason(result, len(calls)), self.usage(result))
+
+
+class CompletionFormatter(Formatter):
+    def start(self) -> list[dict]:
+        return []
+
+    def pieces(self, text: str) -> list[dict]:
+        return [P.completion_chunk(self.rid, self.model, self.created, text, None,
+                                   self.include_usage)]
+
+    def finish(self, result) -> list[dict]:
+        out = [P.completion_chunk(self.rid, self.model, self.created, "",
+                                  P.FINISH_REASON.get(result.finish_reason, "stop"),
+                                  self.include_usage)]
+        if self.include_usage:
+            out.append(P.usage_chunk(self.rid, self.model, self.created, "text_completion",
+                                     self.usage(result)))
+        return out
+
+    def full(self, text: str, result) -> dict:
+        return P.completion(self.rid, self.model, self.created, text,
+                            P.FINISH_REASON.get(result.finish_reason, "stop"), self.usage(result))
+
+
+_SHUTDOWN = "the generation was cancelled: the server is shutting down"
+
+
+class JobResponse(Response):
+    def __init__(self, job, formatter: Formatter, stream: bool):
+        self.job = job
+        self.fmt = formatter
+        self.stream = stream
+        self.background = None
+        self._ended = False             # saw "done" or "error": nothing left to cancel
+
+    async def __call__(self, scope, receive, send):
+        job = self.job
+
+        async def watch():
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    job.cancel()
+                    job.events.put_nowait(("gone",))
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            if self.stream:
+                await self._stream(scope, receive, send)
+            else:
+                await self._whole(scope, receive, send)
+        except OSError:                 # the connection broke while sending
+            pass
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await watcher
+            if not self._ended:
+                job.cancel()
+
+    async def _next(self):
+        ev = await self.job.events.get()
+        if ev[0] in ("done", "error"):
+            self._ended = True
+        return ev
+
+    async def _error(self, scope, receive, send, status, message):
+        await JSONResponse(P.error_body(status, message), status_code=status)(scope, receive, send)
+
+    async def _whole(self, scope, receive, send):
+        parts = []
+        while True:
+            ev = await self._next()
+            kind = ev[0]
+            if kind == "gone":
+                return
+            if kind == "error":
+                return await self._error(scope, receive, send, ev[1], ev[2])
+            if kind == "piece":
+                parts.append(ev[1])
+            elif kind == "done":
+                result = ev[1]
+                if result.finish_reason == "cancelled":
+                    return await self._error(scope, receive, send, 503, _SHUTDOWN)
+                body = self.fmt.full("".join(parts), result)
+                return await JSONResponse(body)(scope, receive, send)
+
+    async def _stream(self, scope, receive, send):
+        ev = await self._next()              # "start" once the engine took the request
+        if ev[0] == "gone":
+            return
+        if ev[0] == "error":
+            return await self._error(scope, receive, send, ev[1], ev[2])
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        out = b"".join(P.sse(c) for c in self.fmt.start())
+        pending = [ev] if ev[0] != "start" else []
+        q = self.job.events
+        while True:
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+                out = b""
+            batch = pending or [await self._next()]
+            pending = []
+            while not q.empty():         # merge whatever arrived meanwhile
+                batch.append(q.get_nowait())
+                if batch[-1][0] in ("done", "error"):
+                    self._ended = True
+            text, last = "", None
+            for ev in batch:
+                if ev[0] == "piece":
+                    text += ev[1]
+                elif ev[0] in ("done", "error", "gone"):
+                    last = ev
+                    break
+            chunks = self.fmt.pieces(text) if text else []
+            out = b"".join(P.sse(c) for c in chunks)
+            if last is None:
+                continue
+            if last[0] == "gone":
+                return
+            if last[0] == "error":
+                out += P.sse(P.error_body(last[1], last[2])) + P.SSE_DONE
+            elif last[1].finish_reason == "cancelled":
+                out += P.sse(P.error_body(503, _SHUTDOWN)) + P.SSE_DONE
+            else:
+                out += b"".join(P.sse(c) for c in self.fmt.finish(last[1])) + P.SSE_DONE
+            await send({"type": "http.response.body", "body": out, "more_body": False})
+            return
+
+
+def json_error(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
+    return JSONResponse(P.error_body(status, message, param, code), status_code=status,
+                        headers=headers)
+

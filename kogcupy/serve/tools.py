@@ -1,0 +1,152 @@
+"""Tool calls in generated text: Hermes / Qwen2.5 / Qwen3 style ``<tool_call>{json}</tool_call>``.
+
+The chat template (which takes ``tools``) tells the model to answer a call as
+
+    <tool_call>
+    {"name": "get_weather", "arguments": {"city": "Paris"}}
+    </tool_call>
+
+``ToolCallParser`` turns a stream of text pieces into ``Content`` and ``ToolCall`` events: text
+outside the tags passes through as it comes (a tail that could still be the start of
+``<tool_call>`` is held back), a call is emitted once its closing tag (or the end of the text)
+arrives. A block whose body is not a JSON object with a ``name`` is passed through as text,
+tags included, so nothing the model wrote is lost. Whitespace-only text just before a call or
+at the end is dropped (the newlines around the tags), however the text was chunked. ``parse_tool_calls`` runs the same parser
+over a whole text, so streamed and non-streamed answers agree.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+OPEN_TAG = "<tool_call>"
+CLOSE_TAG = "</tool_call>"
+
+
+@dataclass
+class Content:
+    text: str
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str                       # a JSON text, as OpenAI's API carries it
+    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+def parse_call_body(body: str) -> ToolCall | None:
+    """The JSON between the tags -> ToolCall, or None when it is not a call."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            json.loads(args)             # already a JSON text (some models write it so)
+        except ValueError:
+            args = json.dumps(args, ensure_ascii=False)
+    else:
+        args = json.dumps(args, ensure_ascii=False)
+    return ToolCall(obj["name"], args)
+
+
+def _partial_prefix_len(text: str, tag: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `tag`."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-k:]):
+            return k
+    return 0
+
+
+class ToolCallParser:
+    """Incremental parser; ``feed(piece)`` and finally ``finish()`` return lists of events."""
+
+    def __init__(self):
+        self._buf = ""            # text not yet emitted
+        self._inside = False      # after an OPEN_TAG, waiting for its CLOSE_TAG
+        self._ws = ""             # whitespace-only content held until we know what follows
+        self.calls: list[ToolCall] = []
+
+    def _content(self, text: str, out: list):
+        body = text.rstrip()
+        if not body:
+            self._ws += text
+            return
+        out.append(Content(self._ws + body))
+        self._ws = text[len(body):]      # trailing whitespace waits for what follows
+
+    def _call(self, body: str, out: list, closed: bool):
+        call = parse_call_body(body.strip())
+        if call is None:
+            raw = OPEN_TAG + body + (CLOSE_TAG if closed else "")
+            out.append(Content(self._ws + raw))
+        else:
+            self.calls.append(call)
+            out.append(call)
+        self._ws = ""
+
+    def feed(self, piece: str) -> list:
+        out: list = []
+        self._buf += piece
+        while True:
+            if not self._inside:
+                i = self._buf.find(OPEN_TAG)
+                if i >= 0:
+                    self._content(self._buf[:i], out)
+                    self._buf = self._buf[i + len(OPEN_TAG):]
+                    self._inside = True
+                    continue
+                keep = _partial_prefix_len(self._buf, OPEN_TAG)
+                self._content(self._buf[:len(self._buf) - keep], out)
+                self._buf = self._buf[len(self._buf) - keep:]
+                return out
+            j = self._buf.find(CLOSE_TAG)
+            if j < 0:
+                return out
+            body, self._buf = self._buf[:j], self._buf[j + len(CLOSE_TAG):]
+            self._inside = False
+            self._call(body, out, closed=True)
+
+    def finish(self) -> list:
+        """End of the text: an unclosed call is parsed as far as it goes, the rest is text."""
+        out: list = []
+        if self._inside:
+            self._inside = False
+            self._call(self._buf, out, closed=False)
+        else:
+            self._content(self._buf, out)
+        self._buf = ""
+        self._ws = ""                    # trailing whitespace is dropped
+        return out
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """Whole text -> (content without the call blocks, calls)."""
+    p = ToolCallParser()
+    events = p.feed(text) + p.finish()
+    content = "".join(e.text for e in events if isinstance(e, Content))
+    return content, p.calls
+
+
+def template_takes_tools(tokenizer) -> bool:
+    """Whether the model's chat template reads a ``tools`` variable."""
+    tmpl = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if not tmpl:
+        return False
+    try:
+        import jinja2
+        import jinja2.meta
+
+        from ..tokenizer import _jinja_env
+        return "tools" in jinja2.meta.find_undeclared_variables(_jinja_env().parse(tmpl))
+    except Exception:  # noqa: BLE001 -- a template jinja cannot parse has no tool support
+        return False

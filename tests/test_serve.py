@@ -1,0 +1,835 @@
+"""`kogcupy serve`: a real uvicorn server on a free localhost port, driven by the official
+`openai` client (and raw httpx for malformed input).
+
+Three engines: the embedded SmolLM2 on the reference backend (a real model: few, short
+requests, it decodes a couple of tokens per second on CI), the tiny random llama with a real
+tokenizer (the load test), and a scripted engine that streams a fixed text token by token
+through a real tokenizer with a Qwen-style tool template (queue, disconnect and tool-call
+tests; it fails the test if two generations ever overlap).
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import json
+import os
+import random
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+
+from kogcupy.engine import Engine, check_messages  # noqa: E402
+from kogcupy.errors import InputError  # noqa: E402
+from kogcupy.serve import create_app  # noqa: E402
+from kogcupy.serve.scheduler import Job  # noqa: E402
+from kogcupy.serve.tools import Content, ToolCall, ToolCallParser, parse_tool_calls  # noqa: E402
+from kogcupy.tokenizer import Tokenizer  # noqa: E402
+
+QWEN_TOOLS_TEMPLATE = """\
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\\n\\n# Tools\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- message.content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+NO_TOOLS_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+                     "<|im_start|>assistant\n{% endif %}")
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+CALL_TEXT = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": '
+             '{"city": "Paris"}}\n</tool_call>')
+HAS_PREFIX_CACHE = "prefix_cache_gb" in inspect.signature(Engine.__init__).parameters
+
+
+# ------------------------------------------------------------------------------- server harness
+class Server:
+    """uvicorn serving `app` in a thread on a free 127.0.0.1 port."""
+
+    def __init__(self, app, api_key: str = "none"):
+        self.app = app
+        self.api_key = api_key
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = uvicorn.Config(app, log_level="warning", lifespan="on",
+                             timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, "the server did not start")
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+    @property
+    def scheduler(self):
+        return self.app.state.scheduler
+
+    def client(self, **kw):
+        kw.setdefault("api_key", self.api_key)
+        return openai.OpenAI(base_url=self.url + "/v1", max_retries=0, timeout=120, **kw)
+
+    def metric(self, name: str, **labels) -> float:
+        return self.app.state.metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def wait_until(pred, timeout: float, what: str = "condition"):
+    t0 = time.perf_counter()
+    while not pred():
+        if time.perf_counter() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout} s: {what}")
+        time.sleep(0.005)
+
+
+def in_thread(fn, *a, **kw):
+    """Run fn in a thread; returns (thread, box) where box['result'|'error'] is filled."""
+    box = {}
+
+    def run():
+        try:
+            box["result"] = fn(*a, **kw)
+        except BaseException as e:  # noqa: BLE001
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+# ------------------------------------------------------------------------------- scripted engine
+@dataclass
+class ScriptResult:
+    token_ids: list
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+class _Stream:
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+class ScriptedGeneration:
+    """The Generation contract over a scripted token list (decoded as the engine decodes)."""
+
+    def __init__(self, engine, prompt_ids, tokens, eos: bool, stop):
+        self.engine = engine
+        self.prompt_ids = prompt_ids
+        self.stream = _Stream()
+        self._tokens = tokens
+        self._eos = eos
+        self._stop = stop
+        self._dec = engine.tokenizer.stream_decoder()
+        self._i = 0
+        self._text = ""
+        self.result = None
+
+    def __iter__(self):
+        return self
+
+    def _finish(self, reason):
+        if self.result is None:
+            self.result = ScriptResult(list(self._tokens[:self._i]), self._text, reason,
+                                       len(self.prompt_ids), tokens_per_s=100.0)
+            self.engine._end(self)
+        return self.result
+
+    def __next__(self):
+        e = self.engine
+        while self.result is None:
+            if self._i == 0:
+                while not e.gate.wait(0.005):       # the test holds the first token back
+                    if self.stream.cancelled.is_set():
+                        break
+            if self.stream.cancelled.is_set():
+                self._finish("cancelled")
+                break
+            if self._i == len(self._tokens):
+                self._finish("eos" if self._eos else "length")
+                break
+            time.sleep(e.delay)
+            piece = self._dec.push(self._tokens[self._i])
+            self._i += 1
+            hits = [i for i in (( self._text + piece).find(s) for s in self._stop) if i >= 0]
+            if hits:
+                piece = (self._text + piece)[:min(hits)][len(self._text):]
+                self._text += piece
+                self._finish("stop")
+                if piece:
+                    return piece
+                break
+            self._text += piece
+            if piece:
+                return piece
+        raise StopIteration
+
+    def close(self):
+        return self._finish("cancelled")
+
+
+class ScriptedEngine:
+    """Engine contract for server tests: the reply is `script(last user text)` token by token."""
+
+    def __init__(self, tokenizer, script=None, delay=0.0, context_length=2048):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.script = script or (lambda user: f"reply to {user}")
+        self.delay = delay
+        self.eos = True
+        self.gate = threading.Event()
+        self.gate.set()
+        self.calls: list[dict] = []           # generate() kwargs + "prompt" text, in order
+        self.finished: list[str] = []         # finish reasons, in order
+        self.active = 0
+        self.max_active = 0
+        self.raise_in_generate: Exception | None = None
+        self._lock = threading.Lock()
+        self.model = None
+
+    def encode_messages(self, messages, tools=None):
+        check_messages(messages)
+        kw = {} if tools is None else {"tools": tools}
+        ids = self.tokenizer.encode(self.tokenizer.render_chat(messages, True, **kw),
+                                    add_bos=False)
+        if len(ids) >= self.context_length:
+            raise InputError(f"prompt of {len(ids)} tokens does not fit the context length")
+        return ids
+
+    def encode_prompt(self, prompt, chat=None, tools=None):
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not prompt or not all(isinstance(i, int) and 0 <= i < 512 for i in prompt):
+            raise InputError("bad token ids")
+        return list(prompt)
+
+    def generate(self, prompt, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
+                 min_p=0.0, repetition_penalty=1.0, seed=0, stop=None, chat=None, tools=None):
+        if self.raise_in_generate is not None:
+            raise self.raise_in_generate
+        text = self.tokenizer.decode(prompt)
+        users = re.findall(r"<\|im_start\|>user\n(.*?)<\|im_end\|>", text, re.S)
+        reply = self.script(users[-1] if users else text)
+        tokens = self.tokenizer.encode(reply, add_bos=False)
+        eos = self.eos and len(tokens) < max_new_tokens
+        tokens = tokens[:max_new_tokens]
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.calls.append(dict(prompt=text, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
+                                   stop=list(stop or []), user=users[-1] if users else None))
+        return ScriptedGeneration(self, list(prompt), tokens, eos, list(stop or []))
+
+    def _end(self, gen):
+        with self._lock:
+            self.active -= 1
+            self.finished.append(gen.result.finish_reason)
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer(tiny_models):
+    tk = tiny_models["llama"].tokenizer
+    return Tokenizer(tk.backend, bos_token_id=None, eos_token_ids=tk.eos_token_ids,
+                     add_bos=False, chat_template=QWEN_TOOLS_TEMPLATE)
+
+
+@pytest.fixture
+def scripted(qwen_tokenizer):
+    """(engine, server) factory: scripted(max_queue=..., api_key=..., **engine_kw)."""
+    servers = []
+
+    def make(max_queue=16, api_key=None, tokenizer=None, max_body_bytes=None, **kw):
+        eng = ScriptedEngine(tokenizer or qwen_tokenizer, **kw)
+        extra = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+        app = create_app(eng, served_model_name="scripted", api_key=api_key,
+                         max_queue=max_queue, **extra)
+        srv = Server(app, api_key=api_key or "none").__enter__()
+        servers.append(srv)
+        return eng, srv
+
+    yield make
+    for s in servers:
+        s.__exit__(None, None, None)
+
+
+def chat(client, content, **kw):
+    kw.setdefault("model", "scripted")
+    return client.chat.completions.create(messages=[{"role": "user", "content": content}], **kw)
+
+
+# ------------------------------------------------------------------------------- tool parsing
+CALL_TEXTS = [
+    CALL_TEXT,
+    '<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>\n'
+    '{"name": "b", "arguments": {"y": [1, 2]}}\n</tool_call>',
+    'No tools needed: 2 < 3 and <tool is not a tag.',
+    '<tool_call>\nnot json\n</tool_call> trailing',
+    '<tool_call>\n{"name": "c", "arguments": {"z": "é"}}',                     # cut by length
+    'text <tool_ca',                                                          # a partial tag
+]
+
+
+@pytest.mark.parametrize("text", CALL_TEXTS)
+def test_tool_call_parser_is_chunking_independent(text):
+    content, calls = parse_tool_calls(text)
+    rng = random.Random(0)
+    for trial in range(40):
+        p = ToolCallParser()
+        events, i = [], 0
+        while i < len(text):
+            n = 1 if trial == 0 else rng.randint(1, 7)
+            events += p.feed(text[i:i + n])
+            i += n
+        events += p.finish()
+        assert "".join(e.text for e in events if isinstance(e, Content)) == content
+        assert [(c.name, c.arguments) for c in events if isinstance(c, ToolCall)] == \
+            [(c.name, c.arguments) for c in calls]
+
+
+def test_tool_call_parser_results():
+    content, calls = parse_tool_calls(CALL_TEXTS[0])
+    assert content == "Let me check." and [c.name for c in calls] == ["get_weather"]
+    assert json.loads(calls[0].arguments) == {"city": "Paris"}
+    assert calls[0].id.startswith("call_")
+    content, calls = parse_tool_calls(CALL_TEXTS[1])
+    assert content == "" and [json.loads(c.arguments) for c in calls] == [{"x": 1}, {"y": [1, 2]}]
+    assert parse_tool_calls(CALL_TEXTS[2]) == (CALL_TEXTS[2], [])
+    content, calls = parse_tool_calls(CALL_TEXTS[3])   # not a call: kept as text, tags included
+    assert calls == [] and content == CALL_TEXTS[3]
+    content, calls = parse_tool_calls(CALL_TEXTS[4])   # unclosed but complete JSON: a call
+    assert content == "" and json.loads(calls[0].arguments) == {"z": "é"}
+    assert parse_tool_calls(CALL_TEXTS[5]) == (CALL_TEXTS[5], [])
+
+
+# ------------------------------------------------------------------------------- scripted engine
+def test_models_health_metrics(scripted):
+    eng, srv = scripted()
+    c = srv.client()
+    assert [m.id for m in c.models.list().data] == ["scripted"]
+    assert c.models.retrieve("scripted").id == "scripted"
+    r = httpx.get(srv.url + "/health")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    chat(c, "hi", max_tokens=8)
+    text = httpx.get(srv.url + "/metrics").text
+    for name in ("kogcupy_requests_total", "kogcupy_queue_depth",
+                 "kogcupy_time_to_first_token_seconds_bucket",
+                 "kogcupy_decode_tokens_per_second_bucket",
+                 "kogcupy_prefix_cache_hit_tokens_total"):
+        assert name in text
+    assert srv.metric("kogcupy_requests_total", route="/v1/chat/completions", status="200") == 1
+
+
+def test_sampling_fields_reach_the_engine(scripted):
+    eng, srv = scripted()
+    r = chat(srv.client(), "hi", max_tokens=5, temperature=0.3, top_p=0.9, seed=11,
+             stop=["zzz"], extra_body={"top_k": 7, "min_p": 0.05, "repetition_penalty": 1.1})
+    kw = eng.calls[-1]
+    assert (kw["max_new_tokens"], kw["temperature"], kw["top_p"], kw["seed"], kw["stop"],
+            kw["top_k"], kw["min_p"], kw["repetition_penalty"]) == \
+        (5, 0.3, 0.9, 11, ["zzz"], 7, 0.05, 1.1)
+    assert r.choices[0].finish_reason == "length"
+    chat(srv.client(), "hi")                      # OpenAI defaults: temperature 1, random seed
+    kw = eng.calls[-1]
+    assert kw["temperature"] == 1.0 and kw["top_k"] == 0 and kw["top_p"] == 1.0
+    assert kw["max_new_tokens"] == eng.context_length - len(eng.encode_messages(
+        [{"role": "user", "content": "hi"}]))
+
+
+def test_fifo_order_four_clients(scripted):
+    eng, srv = scripted(delay=0.002)
+    eng.gate.clear()                              # the first generation waits for the gate
+    jobs = []
+    for i in range(4):
+        jobs.append(in_thread(chat, srv.client(), f"client {i}", max_tokens=32))
+        if i == 0:
+            wait_until(lambda: len(eng.calls) == 1, 10, "first request running")
+        else:
+            wait_until(lambda: srv.scheduler.queued == i, 10, f"request {i} queued")
+    eng.gate.set()
+    for i, (t, box) in enumerate(jobs):
+        t.join(30)
+        assert "error" not in box, box.get("error")
+        assert box["result"].choices[0].message.content == f"reply to client {i}"
+        assert box["result"].choices[0].finish_reason == "stop"
+    assert [c["user"] for c in eng.calls] == [f"client {i}" for i in range(4)]
+    assert eng.max_active == 1 and eng.finished == ["eos"] * 4
+
+
+def test_disconnect_mid_stream_frees_the_engine(scripted):
+    eng, srv = scripted(delay=0.01, script=lambda u: "word " * 400)
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "go"}],
+            "stream": True, "max_tokens": 400}
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"content":"w' in line:
+                break
+        t_close = time.perf_counter()
+    wait_until(lambda: srv.scheduler.idle, 2, "engine free after the disconnect")
+    freed = time.perf_counter() - t_close
+    assert eng.finished == ["cancelled"] and freed < 0.5, freed
+    assert srv.metric("kogcupy_generations_finished_total", finish_reason="cancelled") == 1
+    eng.script = lambda u: "fine"
+    assert chat(srv.client(), "again").choices[0].message.content == "fine"
+
+
+def test_queued_request_whose_client_left_is_dropped(scripted):
+    eng, srv = scripted(max_queue=2)
+    eng.gate.clear()
+    a = in_thread(chat, srv.client(), "A")
+    wait_until(lambda: len(eng.calls) == 1, 10, "A running")
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "B"}]}
+    with pytest.raises(httpx.TimeoutException):   # B's client gives up while B is queued
+        httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=0.5)
+    wait_until(lambda: srv.scheduler.queued == 0, 5, "B dropped from the queue")
+    c = in_thread(chat, srv.client(), "C")
+    wait_until(lambda: srv.scheduler.queued == 1, 5, "C queued")
+    eng.gate.set()
+    for t, box in (a, c):
+        t.join(30)
+        assert "error" not in box, box.get("error")
+    assert [k["user"] for k in eng.calls] == ["A", "C"]
+    assert srv.metric("kogcupy_queued_requests_dropped_total") == 1
+
+
+def test_queue_full_is_429_with_retry_after(scripted):
+    eng, srv = scripted(max_queue=1)
+    eng.gate.clear()
+    a = in_thread(chat, srv.client(), "A")
+    wait_until(lambda: len(eng.calls) == 1, 10, "A running")
+    b = in_thread(chat, srv.client(), "B")
+    wait_until(lambda: srv.scheduler.queued == 1, 10, "B queued")
+    r = httpx.post(srv.url + "/v1/chat/completions", json={
+        "model": "scripted", "messages": [{"role": "user", "content": "C"}]})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["type"] == "rate_limit_error" and "busy" in r.json()["error"]["message"]
+    with pytest.raises(openai.RateLimitError):
+        chat(srv.client(), "D")
+    eng.gate.set()
+    for t, box in (a, b):
+        t.join(30)
+        assert box["result"].choices[0].message.content in ("reply to A", "reply to B")
+    assert [k["user"] for k in eng.calls] == ["A", "B"]
+
+
+BAD_REQUESTS = [
+    # (route, body or raw bytes, status, param or None, text in the message)
+    ("chat", b"{not json", 400, None, "not valid JSON"),
+    ("chat", b"[1, 2]", 400, None, "JSON object"),
+    ("chat", b"", 400, None, "empty request body"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model", "missing"),
+    ("chat", {"model": "scripted"}, 400, "messages", "missing"),
+    ("chat", {"model": "scripted", "messages": []}, 400, "messages", "at least 1"),
+    ("chat", {"model": "scripted", "messages": "hi"}, 400, "messages", "list"),
+    ("chat", {"model": "scripted", "messages": [{"role": "robot", "content": "x"}]}, 400,
+     "messages[0].role", "robot"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": 5}]}, 400,
+     "messages[0].content", "5"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, "messages[0].content", ""),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "temperature": "hot"}, 400, "temperature", "hot"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "max_tokens": "5"}, 400, "max_tokens", "integer"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "max_tokens": 100000}, 400, "max_tokens", "context length"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "top_p": 0}, 400, "top_p", "greater than 0"),
+    ("chat", {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}, 404, "model",
+     "gpt-4o"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}], "n": 2},
+     400, "n", "n=2"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "logprobs": True}, 400, "logprobs", "not supported"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "presence_penalty": 0.5}, 400, "presence_penalty", "repetition_penalty"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "frobnicate": True}, 400, "frobnicate", "unsupported parameter"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "tools": [WEATHER_TOOL], "tool_choice": "required"}, 400, "tool_choice", "auto"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "response_format": {"type": "json_object"}}, 400, "response_format", ""),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "stop": ["a", ""]}, 400, "stop", "non-empty"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x " * 3000}]},
+     400, None, "context length"),
+    ("completions", {"model": "scripted", "prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
+    ("completions", {"model": "scripted", "prompt": "a", "echo": True}, 400, "echo", ""),
+    ("completions", {"model": "scripted", "prompt": "a", "best_of": 3}, 400, "best_of", ""),
+    ("completions", {"model": "scripted", "prompt": [1, 99999]}, 400, None, "token ids"),
+]
+
+
+def test_bad_requests_get_openai_errors(scripted):
+    eng, srv = scripted(max_body_bytes=20_000)
+    for route, body, status, param, text in BAD_REQUESTS:
+        url = srv.url + ("/v1/chat/completions" if route == "chat" else "/v1/completions")
+        if isinstance(body, bytes):
+            r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        else:
+            r = httpx.post(url, json=body)
+        err = r.json()["error"]
+        assert (r.status_code, err.get("param")) == (status, param), (body, r.text)
+        assert text in err["message"] and err["type"] and "Traceback" not in r.text, r.text
+    r = httpx.post(srv.url + "/v1/chat/completions", content=b"x" * 30_000)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    r = httpx.get(srv.url + "/v1/nothing")
+    assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        chat(srv.client(), "x", model="nope")
+    with pytest.raises(openai.BadRequestError, match="n=2"):
+        chat(srv.client(), "x", n=2)
+    assert eng.calls == []                        # none of them reached the engine
+    assert srv.scheduler.idle
+
+
+def test_engine_errors(scripted):
+    eng, srv = scripted()
+    eng.raise_in_generate = InputError("a bad prompt, says the engine")
+    with pytest.raises(openai.BadRequestError, match="says the engine"):
+        chat(srv.client(), "x")
+    eng.raise_in_generate = RuntimeError("secret internals")
+    r = httpx.post(srv.url + "/v1/chat/completions", json={
+        "model": "scripted", "messages": [{"role": "user", "content": "x"}], "stream": True})
+    assert r.status_code == 500 and "secret" not in r.text and "server log" in r.text
+    eng.raise_in_generate = None
+    assert chat(srv.client(), "ok").choices[0].message.content == "reply to ok"
+
+
+def test_api_key(scripted):
+    eng, srv = scripted(api_key="sekret")
+    assert chat(srv.client(), "hi").choices[0].message.content == "reply to hi"
+    with pytest.raises(openai.AuthenticationError):
+        chat(srv.client(api_key="wrong"), "hi")
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sekret"},
+                    {"authorization": "Basic sekret"}):
+        r = httpx.post(srv.url + "/v1/chat/completions", headers=headers, json={})
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert httpx.get(srv.url + "/v1/models", headers=headers).status_code == 401
+    assert httpx.get(srv.url + "/health").status_code == 200
+    assert len(eng.calls) == 1
+
+
+def test_tools_rejected_without_template_support(scripted, tiny_models):
+    tk = tiny_models["llama"].tokenizer
+    plain = Tokenizer(tk.backend, bos_token_id=None, eos_token_ids=tk.eos_token_ids,
+                      add_bos=False, chat_template=NO_TOOLS_TEMPLATE)
+    eng, srv = scripted(tokenizer=plain)
+    with pytest.raises(openai.BadRequestError, match="does not support tools"):
+        chat(srv.client(), "x", tools=[WEATHER_TOOL])
+
+
+def _stream_chat(client, messages, **kw):
+    """Accumulate a streamed chat answer the way agents do."""
+    content, calls, finish, n_chunks = "", {}, None, 0
+    for ch in client.chat.completions.create(model="scripted", messages=messages, stream=True,
+                                             **kw):
+        n_chunks += 1
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            slot["id"] = tc.id or slot["id"]
+            slot["name"] += tc.function.name or ""
+            slot["arguments"] += tc.function.arguments or ""
+        finish = ch.choices[0].finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def test_tool_calls_streamed_and_not(scripted):
+    two_calls = CALL_TEXTS[1]
+    eng, srv = scripted(script=lambda u: two_calls if "both" in u else CALL_TEXT)
+    c = srv.client()
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL])
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and m.content == "Let me check."
+    assert m.tool_calls[0].function.name == "get_weather" and m.tool_calls[0].type == "function"
+    assert json.loads(m.tool_calls[0].function.arguments) == {"city": "Paris"}
+    prompt = eng.calls[-1]["prompt"]
+    assert "<tools>" in prompt and '"name": "get_weather"' in prompt      # tools were rendered
+
+    content, calls, finish = _stream_chat(c, msgs, tools=[WEATHER_TOOL])
+    assert (content, finish) == ("Let me check.", "tool_calls")
+    assert [(x["name"], json.loads(x["arguments"])) for x in calls] == \
+        [("get_weather", {"city": "Paris"})] and calls[0]["id"].startswith("call_")
+
+    content, calls, finish = _stream_chat(c, [{"role": "user", "content": "both"}],
+                                          tools=[WEATHER_TOOL])
+    assert content == "" and [x["name"] for x in calls] == ["a", "b"]
+
+    # next turn: the assistant's call and the tool's answer go back through the template
+    turn2 = msgs + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": calls[0]["id"], "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": calls[0]["id"], "content": "sunny, 21 C"}]
+    eng.script = lambda u: "It is sunny."
+    r = c.chat.completions.create(model="scripted", messages=turn2, tools=[WEATHER_TOOL])
+    assert r.choices[0].message.content == "It is sunny." and r.choices[0].finish_reason == "stop"
+    prompt = eng.calls[-1]["prompt"]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in prompt
+
+    # tool_choice "none": tools stay in the prompt, the text is not parsed
+    eng.script = lambda u: CALL_TEXT
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
+                                  tool_choice="none")
+    assert r.choices[0].message.content == CALL_TEXT and not r.choices[0].message.tool_calls
+
+
+def test_load_many_short_requests(tiny_models):
+    """>= 200 short requests from 8 clients on a real (tiny) engine: every answer complete and
+    equal to engine.generate, nothing left queued, the server's memory flat."""
+    eng = Engine(tiny_models["llama"], backend="reference", context_length=128)
+    n_clients, per_client = 8, 26
+    prompts = [f"The quick brown fox {i}" for i in range(n_clients)]
+    expect = {}
+    for p in prompts:
+        g = eng.generate([{"role": "user", "content": p}], max_new_tokens=4)
+        expect[("chat", p)] = "".join(g)
+        g = eng.generate(p, chat=False, max_new_tokens=4)
+        expect[("text", p)] = "".join(g)
+    app = create_app(eng, served_model_name="tiny", max_queue=16)
+
+    def rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def client_run(c, i, n, out):
+        p = prompts[i]
+        for k in range(n):
+            kind = ("chat", "text")[k % 2]
+            stream = k % 4 >= 2
+            if kind == "chat":
+                kw = dict(model="tiny", messages=[{"role": "user", "content": p}], max_tokens=4,
+                          temperature=0)
+                if stream:
+                    text = "".join(ch.choices[0].delta.content or "" for ch in
+                                   c.chat.completions.create(stream=True, **kw) if ch.choices)
+                else:
+                    text = c.chat.completions.create(**kw).choices[0].message.content
+            else:
+                kw = dict(model="tiny", prompt=p, max_tokens=4, temperature=0)
+                if stream:
+                    text = "".join(ch.choices[0].text for ch in
+                                   c.completions.create(stream=True, **kw) if ch.choices)
+                else:
+                    text = c.completions.create(**kw).choices[0].text
+            out.append((kind, p, text))
+
+    def run_all(clients, n, out, timeout):
+        threads = [in_thread(client_run, c, i, n, out) for i, c in enumerate(clients)]
+        for t, box in threads:
+            t.join(timeout)
+            assert not t.is_alive() and "error" not in box, box.get("error")
+
+    with Server(app) as srv:
+        clients = [srv.client() for _ in range(n_clients)]   # reused: memory is the server's
+        run_all(clients, 8, [], 120)                        # warm-up: pools, caches, arenas
+        gc.collect()
+        before, objs_before = rss_mb(), len(gc.get_objects())
+        results: list = []
+        t0 = time.perf_counter()
+        run_all(clients, per_client, results, 300)
+        elapsed = time.perf_counter() - t0
+        gc.collect()
+        after, objs_after = rss_mb(), len(gc.get_objects())
+        assert len(results) == n_clients * per_client >= 200
+        wrong = [(k, p, t) for k, p, t in results if t != expect[(k, p)]]
+        assert not wrong, wrong[:3]
+        assert srv.scheduler.idle and srv.scheduler.queued == 0
+        total = n_clients * (per_client + 8)
+        assert srv.metric("kogcupy_generations_finished_total", finish_reason="length") + \
+            srv.metric("kogcupy_generations_finished_total", finish_reason="eos") == total
+        assert srv.metric("kogcupy_requests_total", route="/v1/completions", status="200") + \
+            srv.metric("kogcupy_requests_total", route="/v1/chat/completions",
+                       status="200") == total
+        print(f"load: {len(results)} requests in {elapsed:.1f} s, rss {before:.1f} -> "
+              f"{after:.1f} MB, gc objects {objs_before} -> {objs_after}")
+        assert after - before < 8, (before, after)
+        assert objs_after - objs_before < 2000, (objs_before, objs_after)
+        assert not [o for o in gc.get_objects() if type(o) is Job]   # no job kept alive
+
+
+# ------------------------------------------------------------------------------- SmolLM2 (real)
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    eng = Engine(smollm2, backend="reference", context_length=512)
+    app = create_app(eng, served_model_name="smollm2")
+    with Server(app) as srv:
+        yield eng, srv
+
+
+HAIKU = [{"role": "user", "content": "Write a haiku about GPUs."}]
+
+
+@pytest.fixture(scope="module")
+def smol_greedy(smol):
+    """The greedy 4-token answer to HAIKU, from the server (non-streamed) and the engine."""
+    eng, srv = smol
+    r = srv.client().chat.completions.create(model="smollm2", messages=HAIKU, max_tokens=4,
+                                             temperature=0)
+    g = eng.generate(HAIKU, max_new_tokens=4, temperature=0.0)
+    return r, "".join(g), g.result
+
+
+def test_smol_chat_matches_engine_and_usage(smol, smol_greedy):
+    eng, srv = smol
+    r, text, result = smol_greedy
+    assert r.choices[0].message.content == text == result.text and text
+    assert r.choices[0].finish_reason == "length" and r.model == "smollm2"
+    n_prompt = len(eng.encode_messages(HAIKU))
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
+        (n_prompt, 4, n_prompt + 4)
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    chunks = list(srv.client().chat.completions.create(
+        model="smollm2", messages=HAIKU, max_tokens=4, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert chunks[-1].usage.prompt_tokens == n_prompt
+
+
+def test_smol_completions_seeded_sampling(smol):
+    eng, srv = smol
+    kw = dict(model="smollm2", prompt="The capital of France is", max_tokens=4,
+              temperature=0.9, seed=5)
+    c = srv.client()
+    a = c.completions.create(**kw).choices[0].text
+    b = "".join(ch.choices[0].text for ch in c.completions.create(stream=True, **kw)
+                if ch.choices)
+    g = eng.generate("The capital of France is", chat=False, max_new_tokens=4, temperature=0.9,
+                     seed=5)
+    assert a == b == "".join(g) and a
+
+
+def test_smol_stop_string(smol, smol_greedy):
+    eng, srv = smol
+    text = smol_greedy[1]
+    words = text.split(" ")
+    assert len(words) >= 2, text
+    stop = " " + words[1]
+    r = srv.client().chat.completions.create(model="smollm2", messages=HAIKU, max_tokens=4,
+                                             temperature=0, stop=stop)
+    assert r.choices[0].message.content == text[:text.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.xfail(not HAS_PREFIX_CACHE, reason="needs the engine's prefix cache (issue 10)",
+                   strict=True)
+def test_smol_second_turn_reports_cached_tokens(smol, smol_greedy):
+    eng, srv = smol
+    turn2 = HAIKU + [{"role": "assistant", "content": smol_greedy[1]},
+                     {"role": "user", "content": "Another one."}]
+    r = srv.client().chat.completions.create(model="smollm2", messages=turn2, max_tokens=1,
+                                             temperature=0)
+    n_turn1 = len(eng.encode_messages(HAIKU))
+    cached = r.usage.prompt_tokens_details.cached_tokens
+    assert n_turn1 <= cached < r.usage.prompt_tokens, (cached, n_turn1)
+    assert srv.metric("kogcupy_prefix_cache_hit_tokens_total") >= cached
+
+
+def test_smol_disconnect_mid_stream(smol):
+    eng, srv = smol
+    with srv.client().chat.completions.create(model="smollm2", messages=HAIKU, max_tokens=100,
+                                              temperature=0, stream=True) as s:
+        for ch in s:
+            if ch.choices and ch.choices[0].delta.content:
+                break
+    wait_until(lambda: srv.scheduler.idle, 20, "engine free after the disconnect")
+    assert srv.metric("kogcupy_generations_finished_total", finish_reason="cancelled") == 1
+
+
+def test_smol_rejects_tools(smol):
+    eng, srv = smol
+    with pytest.raises(openai.BadRequestError, match="does not support tools"):
+        srv.client().chat.completions.create(model="smollm2", messages=HAIKU, max_tokens=1,
+                                             tools=[WEATHER_TOOL])
