@@ -1,4 +1,4 @@
-"""The `kogcupy` command: generate, chat, env (and repack when weights_tools is importable).
+"""The `kogcupy` command: generate, chat, serve, env (and repack when weights_tools is importable).
 
 User errors (KogError) print one line, ``kogcupy: error: <what>``, and exit 2; click usage
 errors exit 2 as well; Ctrl-C keeps the text streamed so far, prints the stats line, exits 130.
@@ -196,6 +196,69 @@ def _turn_stats(r) -> str:
             f"{r.prefill_s:.3f} s ({r.prompt_tokens - r.cached_tokens} new + {r.cached_tokens} "
             f"cached prompt tokens), finish {r.finish_reason}")
 
+
+
+@cli.command()
+@options(MODEL_OPTIONS[0],
+         click.option("--host", default="127.0.0.1", show_default=True,
+                      help="Address to listen on; anything but localhost exposes the model to "
+                           "the network (use --api-key)."),
+         click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True),
+         click.option("--api-key", metavar="KEY", envvar="KOGCUPY_API_KEY", default=None,
+                      help="Require 'Authorization: Bearer KEY' on every /v1 route "
+                           "(or set KOGCUPY_API_KEY)."),
+         click.option("--served-model-name", metavar="NAME", default=None,
+                      help="The model id clients send (default: the model's file or "
+                           "directory name)."),
+         click.option("--max-queue", type=click.IntRange(0), default=16, show_default=True,
+                      help="Requests that may wait while one generates; more get HTTP 429."),
+         click.option("--prefix-cache-gb", type=float, default=None,
+                      help="Memory for earlier requests' KV (default: the backend's; 0 = off)."),
+         *BACKEND_OPTIONS)
+def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_cache_gb,
+          backend, context_length, dtype, gpus):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
+    /v1/completions, /v1/models, /health, /metrics).
+
+    One generation runs at a time; up to --max-queue requests wait in FIFO order. A client
+    that disconnects cancels its generation. Ctrl-C stops the server.
+    """
+    import logging
+    import socket
+
+    try:
+        from .serve import create_app, default_model_name, run_server
+    except ImportError as e:
+        raise InputError(str(e)) from None
+    from .engine import Engine
+    from .model import load_model
+
+    try:                                         # a busy port fails before the model loads
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    log = logging.getLogger("kogcupy.serve")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s kogcupy: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    model = load_model(model_path, dtype=dtype)
+    kw = {} if prefix_cache_gb is None else {"prefix_cache_gb": prefix_cache_gb}
+    engine = Engine(model, backend=backend, context_length=context_length, gpus=gpus, **kw)
+    name = served_model_name or default_model_name(engine)
+    app = create_app(engine, served_model_name=name, api_key=api_key, max_queue=max_queue)
+    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"kogcupy: warning: listening on {host} without --api-key: anyone who can "
+                   f"reach this port can use the model", err=True)
+    click.echo(f"kogcupy: serving '{name}' at http://{host}:{port}/v1 (backend "
+               f"{engine.backend_name}, context {engine.context_length}, queue {max_queue}"
+               f"{', API key required' if api_key else ''})", err=True)
+    run_server(app, host=host, port=port)
 
 def _gpu_lines() -> tuple[str, list[str]]:
     """(cupy version or 'not installed', one line per GPU or ['none (why)'])."""
