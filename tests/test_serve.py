@@ -833,3 +833,20 @@ def test_smol_rejects_tools(smol):
     with pytest.raises(openai.BadRequestError, match="does not support tools"):
         srv.client().chat.completions.create(model="smollm2", messages=HAIKU, max_tokens=1,
                                              tools=[WEATHER_TOOL])
+
+
+# ------------------------------------------------------------------------------- CLI
+def test_cli_serve_busy_port_and_bad_options():
+    from click.testing import CliRunner
+
+    from kogcupy.cli import cli
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = CliRunner().invoke(cli, ["serve", "--backend", "reference", "--port", str(port)])
+    assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output, r.output
+    r = CliRunner().invoke(cli, ["serve", "--max-queue", "-1"])
+    assert r.exit_code == 2 and "--max-queue" in r.output
+    r = CliRunner().invoke(cli, ["serve", "--help"])
+    assert r.exit_code == 0 and "--api-key" in r.output and "--served-model-name" in r.output
