@@ -62,7 +62,8 @@ BACKEND_OPTIONS = [
     click.option("--context-length", type=int, default=4096, show_default=True),
     click.option("--dtype", default=None, help="GPU storage dtype: bfloat16 | float16."),
     click.option("--gpus", type=int, default=1, show_default=True,
-                 help="GPUs for one generation (tensor parallel; must divide the attention heads)."),
+                 help="GPUs for one generation (tensor parallel; must divide the attention "
+                      "heads)."),
 ]
 STOP_OPTION = click.option("--stop", multiple=True,
                            help="Stop string (repeatable); the text ends before it.")
