@@ -643,6 +643,18 @@ def test_tool_calls_streamed_and_not(scripted):
     content, calls, finish = _stream_chat(c, [{"role": "user", "content": "both"}],
                                           tools=[WEATHER_TOOL])
     assert content == "" and [x["name"] for x in calls] == ["a", "b"]
+    for stream in (False, True):                  # parallel_tool_calls: false -> the first call
+        if stream:
+            content, calls, finish = _stream_chat(c, [{"role": "user", "content": "both"}],
+                                                  tools=[WEATHER_TOOL], parallel_tool_calls=False)
+        else:
+            r = c.chat.completions.create(model="scripted", tools=[WEATHER_TOOL],
+                                          messages=[{"role": "user", "content": "both"}],
+                                          parallel_tool_calls=False)
+            calls = [{"name": t.function.name} for t in r.choices[0].message.tool_calls]
+        assert [x["name"] for x in calls] == ["a"]
+    content, calls, finish = _stream_chat(c, [{"role": "user", "content": "both"}],
+                                          tools=[WEATHER_TOOL])
 
     # next turn: the assistant's call and the tool's answer go back through the template
     turn2 = msgs + [{"role": "assistant", "content": None, "tool_calls": [

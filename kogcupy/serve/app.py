@@ -243,7 +243,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         fmt = ChatFormatter(rid, name, P.now(), len(ids),
                             include_usage=bool(req.stream_options and
                                                req.stream_options.include_usage),
-                            parse_tools=bool(tools) and (req.tool_choice or "auto") == "auto")
+                            parse_tools=bool(tools) and (req.tool_choice or "auto") == "auto",
+                            max_calls=1 if req.parallel_tool_calls is False else None)
         return JobResponse(job, fmt, stream=req.stream)
 
     @app.post("/v1/completions")

@@ -35,9 +35,10 @@ class Formatter:
 
 
 class ChatFormatter(Formatter):
-    def __init__(self, *a, parse_tools: bool = False, **kw):
+    def __init__(self, *a, parse_tools: bool = False, max_calls: int | None = None, **kw):
         super().__init__(*a, **kw)
         self.parser = ToolCallParser() if parse_tools else None
+        self.max_calls = max_calls          # 1 with parallel_tool_calls: false
         self._n_calls = 0
 
     def _chunk(self, delta, finish=None):
@@ -51,6 +52,8 @@ class ChatFormatter(Formatter):
         for ev in events:
             if isinstance(ev, Content):
                 text += ev.text
+                continue
+            if self.max_calls is not None and self._n_calls >= self.max_calls:
                 continue
             if text:
                 out.append(self._chunk({"content": text}))
@@ -86,7 +89,7 @@ class ChatFormatter(Formatter):
         if self.parser is not None:
             events = self.parser.feed(text) + self.parser.finish()
             text = "".join(e.text for e in events if isinstance(e, Content))
-            calls = [c.to_openai() for c in self.parser.calls]
+            calls = [c.to_openai() for c in self.parser.calls][:self.max_calls]
         content = text if (text or not calls) else None
         return P.chat_completion(self.rid, self.model, self.created, content, calls or None,
                                  self._finish_reason(result, len(calls)), self.usage(result))
