@@ -8,9 +8,10 @@
 // positions up to the block's last query: S = Q K^T with mma.m16n8k16 (bf16/fp16 in, fp32
 // accumulate), causal mask, online softmax in fp32 (exp2, running max and sum per row), then
 // O += P V with P re-packed from the S accumulators into A fragments (the accumulator layout of
-// two n8 tiles is the A layout of one k16 step), so P never leaves registers. K and V tiles are
-// staged in shared memory with a row stride of hd + 8 elements: the fragment loads below are
-// then free of bank conflicts. Heaviest query tiles are scheduled first.
+// two n8 tiles is the A layout of one k16 step), so P never leaves registers. K and V tiles
+// stream into shared memory by cp.async, two stages (the next tile loads while this one is
+// used), with a row stride of hd + 8 elements so that the ldmatrix fragment loads (K as is,
+// V transposed) are free of bank conflicts. Heaviest query tiles are scheduled first.
 //
 // kog_pf_attention_simple (any platform, any head_dim): one warp per (query, q head), keys one
 // by one with an online softmax. The HIP build uses it (an MFMA version is future work) and it
@@ -25,7 +26,7 @@
 #define KOG_PF_KSTRIDE (KOG_HEAD_DIM + 8)
 
 #if defined(KOG_CUDA) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
-#define KOG_PF_MMA (KOG_HEAD_DIM % 16 == 0 && KOG_HEAD_DIM <= 176)
+#define KOG_PF_MMA (KOG_HEAD_DIM % 16 == 0 && KOG_HEAD_DIM <= 128)   // registers: o and q fragments
 #else
 #define KOG_PF_MMA 0
 #endif
@@ -58,6 +59,24 @@ KOG_DEVICE float kog_exp2(float x) {
     return y;
 }
 
+KOG_DEVICE unsigned kog_pf_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+// four 8x8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix l / 8
+KOG_DEVICE void kog_ldsm4(kog_u32 (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+KOG_DEVICE void kog_ldsm4_t(kog_u32 (&r)[4], unsigned addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// 16 bytes global -> shared, asynchronously; src_bytes 0 fills zeros
+KOG_DEVICE void kog_pf_cp16(unsigned dst, const void* src, unsigned src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+// Dynamic shared memory: KOG_PF_SMEM_BYTES = 2 stages x (K, V) x BN rows x KS elements.
+#define KOG_PF_SMEM_BYTES (2 * 2 * KOG_PF_BN * KOG_PF_KSTRIDE * 2)
+
 extern "C" __global__ void __launch_bounds__(128)
 kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
                  const kog_u16* __restrict__ kc,      // (KV, C, hd) this layer
@@ -65,8 +84,8 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
                  kog_u16* __restrict__ out,           // (n, H * hd)
                  int n, int pos0, int context_length, float scale_log2) {
     constexpr int HD = KOG_HEAD_DIM, KS = KOG_PF_KSTRIDE, NT = KOG_PF_BN / 8, DT = HD / 8;
-    __shared__ __align__(16) kog_u16 ks[KOG_PF_BN * KS];
-    __shared__ __align__(16) kog_u16 vs[KOG_PF_BN * KS];
+    constexpr int TILE = KOG_PF_BN * KS;                       // elements of one K or V tile
+    extern __shared__ __align__(16) kog_u16 kog_pf_sm[];       // [stage][K, V][BN][KS]
     const int qt = gridDim.x - 1 - blockIdx.x;                 // heaviest tiles first
     const int h = blockIdx.y, g = h / KOG_PF_GQA;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -74,8 +93,23 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
     const int row_a = qt * KOG_PF_BM + warp * 16 + r, row_b = row_a + 8;   // local query rows
     const int qpos_a = pos0 + row_a, qpos_b = pos0 + row_b;
     const int last_pos = pos0 + min(n, (qt + 1) * KOG_PF_BM) - 1;          // block's last query
-    const int warp_last = pos0 + warp * 16 + 15 + qt * KOG_PF_BM;
-    const kog_u64 kv_base = (kog_u64)g * context_length * HD;
+    const int warp_last = pos0 + qt * KOG_PF_BM + warp * 16 + 15;
+    const kog_u16* kg = kc + (kog_u64)g * context_length * HD;
+    const kog_u16* vg = vc + (kog_u64)g * context_length * HD;
+    const unsigned sm0 = kog_pf_smem(kog_pf_sm);
+
+    // K/V rows [key0, key0 + BN) into stage st; rows past last_pos are zeros
+    auto load_tile = [&](int st, int key0) {
+        for (int i = threadIdx.x; i < KOG_PF_BN * (HD / 8); i += blockDim.x) {
+            const int row = i / (HD / 8), col = (i - row * (HD / 8)) * 8;
+            const bool ok = key0 + row <= last_pos;
+            const kog_u64 off = (kog_u64)(ok ? key0 + row : 0) * HD + col;
+            const unsigned dst = sm0 + 2u * (unsigned)(st * 2 * TILE + row * KS + col);
+            kog_pf_cp16(dst, kg + off, ok ? 16u : 0u);
+            kog_pf_cp16(dst + 2u * TILE, vg + off, ok ? 16u : 0u);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
 
     // Q fragments for the warp's 16 rows (rows past n read row n-1; never written back)
     kog_u32 qa[HD / 16][4];
@@ -96,87 +130,94 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
     float m_a = KOG_NEG_INF, m_b = KOG_NEG_INF, l_a = 0.f, l_b = 0.f;
 
     const int n_tiles = last_pos / KOG_PF_BN + 1;
+    load_tile(0, 0);
     for (int kt = 0; kt < n_tiles; ++kt) {
-        const int key0 = kt * KOG_PF_BN;
-        __syncthreads();                                       // previous tile consumed
-        for (int i = threadIdx.x; i < KOG_PF_BN * (HD / 8); i += blockDim.x) {
-            const int row = i / (HD / 8), col = (i - row * (HD / 8)) * 8;
-            uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;    // beyond last_pos: zeros
-            if (key0 + row <= last_pos) {
-                kv = *reinterpret_cast<const uint4*>(kc + kv_base + (kog_u64)(key0 + row) * HD + col);
-                vv = *reinterpret_cast<const uint4*>(vc + kv_base + (kog_u64)(key0 + row) * HD + col);
-            }
-            *reinterpret_cast<uint4*>(ks + row * KS + col) = kv;
-            *reinterpret_cast<uint4*>(vs + row * KS + col) = vv;
+        const int key0 = kt * KOG_PF_BN, st = kt & 1;
+        if (kt + 1 < n_tiles) {                                // the next tile streams in
+            load_tile(st ^ 1, key0 + KOG_PF_BN);
+            asm volatile("cp.async.wait_group 1;" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;" ::: "memory");
         }
         __syncthreads();
-        if (key0 > warp_last) continue;                        // every key is masked for this warp
-
-        // ---- S = Q K^T (16 x 64 per warp) ----
-        float s[NT][4];
+        if (key0 <= warp_last) {                               // else: every key masked here
+            const unsigned ks = sm0 + 2u * (unsigned)(st * 2 * TILE);
+            const unsigned vs = ks + 2u * TILE;
+            // ---- S = Q K^T (16 x BN per warp) ----
+            float s[NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            const kog_u16* krow = ks + (nt * 8 + r) * KS + 2 * cq;
+            for (int nt = 0; nt < NT; ++nt) {
+                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < HD / 16; ++kk) {
-                const kog_u32 b0 = *reinterpret_cast<const kog_u32*>(krow + kk * 16);
-                const kog_u32 b1 = *reinterpret_cast<const kog_u32*>(krow + kk * 16 + 8);
-                kog_mma16816(s[nt], qa[kk], b0, b1);
+                for (int k2 = 0; k2 < HD / 32; ++k2) {
+                    kog_u32 b[4];
+                    kog_ldsm4(b, ks + 2u * (unsigned)((nt * 8 + (lane & 7)) * KS + k2 * 32 + (lane >> 3) * 8));
+                    kog_mma16816(s[nt], qa[2 * k2], b[0], b[1]);
+                    kog_mma16816(s[nt], qa[2 * k2 + 1], b[2], b[3]);
+                }
+                if (HD % 32) {                                 // a last k16 step (hd = 16 mod 32)
+                    const unsigned a = ks + 2u * (unsigned)((nt * 8 + r) * KS + (HD - 16) + 2 * cq);
+                    kog_u32 b0, b1;
+                    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(b0) : "r"(a));
+                    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(b1) : "r"(a + 16u));
+                    kog_mma16816(s[nt], qa[HD / 16 - 1], b0, b1);
+                }
+            }
+            // ---- scale, causal mask, online softmax (rows a = r, b = r + 8) ----
+            const bool diag = key0 + KOG_PF_BN - 1 > qpos_a;   // some key of the tile is masked
+            float mx_a = KOG_NEG_INF, mx_b = KOG_NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = key0 + nt * 8 + 2 * cq + (e & 1);
+                    float v = s[nt][e] * scale_log2;
+                    if (diag && key > (e < 2 ? qpos_a : qpos_b)) v = KOG_NEG_INF;
+                    s[nt][e] = v;
+                }
+                mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
+                mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
+            }
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+            const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
+            const float al_a = kog_exp2(m_a - mn_a), al_b = kog_exp2(m_b - mn_b);
+            m_a = mn_a; m_b = mn_b;
+            float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                s[nt][0] = kog_exp2(s[nt][0] - mn_a); s[nt][1] = kog_exp2(s[nt][1] - mn_a);
+                s[nt][2] = kog_exp2(s[nt][2] - mn_b); s[nt][3] = kog_exp2(s[nt][3] - mn_b);
+                sum_a += s[nt][0] + s[nt][1];
+                sum_b += s[nt][2] + s[nt][3];
+            }
+            l_a = l_a * al_a + sum_a;                          // per-lane partial row sums
+            l_b = l_b * al_b + sum_b;
+#pragma unroll
+            for (int i = 0; i < DT; ++i) {
+                o[i][0] *= al_a; o[i][1] *= al_a; o[i][2] *= al_b; o[i][3] *= al_b;
+            }
+            // ---- O += P V: P's accumulators are the A fragments of the next product ----
+#pragma unroll
+            for (int kk = 0; kk < KOG_PF_BN / 16; ++kk) {
+                const kog_u32 pa[4] = {kog_pack2(s[2 * kk][0], s[2 * kk][1]),
+                                       kog_pack2(s[2 * kk][2], s[2 * kk][3]),
+                                       kog_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                       kog_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (int dp = 0; dp < DT / 2; ++dp) {
+                    kog_u32 b[4];
+                    const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    const int dim = dp * 16 + (lane >> 4) * 8;
+                    kog_ldsm4_t(b, vs + 2u * (unsigned)(key * KS + dim));
+                    kog_mma16816(o[2 * dp], pa, b[0], b[1]);
+                    kog_mma16816(o[2 * dp + 1], pa, b[2], b[3]);
+                }
             }
         }
-        // ---- scale, causal mask, online softmax (rows a = r, b = r + 8) ----
-        const bool diag = key0 + KOG_PF_BN - 1 > qpos_a;       // some key of the tile is masked
-        float mx_a = KOG_NEG_INF, mx_b = KOG_NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = key0 + nt * 8 + 2 * cq + (e & 1);
-                float v = s[nt][e] * scale_log2;
-                if (diag && key > (e < 2 ? qpos_a : qpos_b)) v = KOG_NEG_INF;
-                s[nt][e] = v;
-            }
-            mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
-            mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
-        }
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-        const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-        const float al_a = kog_exp2(m_a - mn_a), al_b = kog_exp2(m_b - mn_b);
-        m_a = mn_a; m_b = mn_b;
-        float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            s[nt][0] = kog_exp2(s[nt][0] - mn_a); s[nt][1] = kog_exp2(s[nt][1] - mn_a);
-            s[nt][2] = kog_exp2(s[nt][2] - mn_b); s[nt][3] = kog_exp2(s[nt][3] - mn_b);
-            sum_a += s[nt][0] + s[nt][1];
-            sum_b += s[nt][2] + s[nt][3];
-        }
-        l_a = l_a * al_a + sum_a;                              // per-lane partial row sums
-        l_b = l_b * al_b + sum_b;
-#pragma unroll
-        for (int i = 0; i < DT; ++i) {
-            o[i][0] *= al_a; o[i][1] *= al_a; o[i][2] *= al_b; o[i][3] *= al_b;
-        }
-        // ---- O += P V: P's accumulators are the A fragments of the next product ----
-#pragma unroll
-        for (int kk = 0; kk < KOG_PF_BN / 16; ++kk) {
-            const kog_u32 pa[4] = {kog_pack2(s[2 * kk][0], s[2 * kk][1]),
-                                   kog_pack2(s[2 * kk][2], s[2 * kk][3]),
-                                   kog_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   kog_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const kog_u16* v0 = vs + (kk * 16 + 2 * cq) * KS + r;
-#pragma unroll
-            for (int dn = 0; dn < DT; ++dn) {
-                const kog_u16* vp = v0 + dn * 8;
-                const kog_u32 b0 = (kog_u32)vp[0] | ((kog_u32)vp[KS] << 16);
-                const kog_u32 b1 = (kog_u32)vp[8 * KS] | ((kog_u32)vp[9 * KS] << 16);
-                kog_mma16816(o[dn], pa, b0, b1);
-            }
-        }
+        __syncthreads();                                       // stage st is free again
     }
     // ---- normalize and store ----
     l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);

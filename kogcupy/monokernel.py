@@ -191,12 +191,12 @@ class DeviceModel:
 
 
 def prefix_cache_budget(gb: float | None) -> float:
-    """Bytes for earlier requests' K/V: `gb` GiB, or by default a fifth of the GPU memory
-    left free after the weights and the live KV cache (0 turns reuse off)."""
+    """Bytes for earlier requests' K/V: `gb` GB (1e9 bytes), or by default a fifth of the
+    GPU memory left free after the weights and the live KV cache (0 turns reuse off)."""
     if gb is not None:
-        if gb < 0:
-            raise InputError(f"prefix_cache_gb must be >= 0, got {gb}")
-        return gb * 2**30
+        if not (isinstance(gb, (int, float)) and not isinstance(gb, bool) and 0 <= gb < float("inf")):
+            raise InputError(f"prefix_cache_gb must be a number >= 0, got {gb!r}")
+        return gb * 1e9
     free, _ = _cupy().cuda.runtime.memGetInfo()
     return 0.2 * free
 

@@ -60,10 +60,19 @@ class Prefill:
         self._fn = {name: kernels.get_function(mod, name) for name in
                     ("kog_pf_embed", "kog_pf_rmsnorm", "kog_pf_qkv_rope", "kog_pf_silu_mul",
                      "kog_pf_attention_simple")}
-        self.mma = not kernels.is_hip() and cfg.head_dim % 16 == 0 and cfg.head_dim <= 176 \
-            and int(cp.cuda.Device().compute_capability) >= 80
-        if self.mma:
-            self._fn["kog_pf_attention"] = kernels.get_function(mod, "kog_pf_attention")
+        # the tensor-core attention exists where prefill_attention.cuh compiled it (KOG_PF_MMA)
+        self.mma = False
+        if not kernels.is_hip() and int(cp.cuda.Device().compute_capability) >= 80:
+            try:
+                fn = kernels.get_function(mod, "kog_pf_attention")
+            except DeviceError:
+                fn = None
+            if fn is not None:
+                self._attn_smem = 2 * 2 * 64 * (cfg.head_dim + 8) * 2   # KOG_PF_SMEM_BYTES
+                if self._attn_smem > 48 * 1024:
+                    fn.max_dynamic_shared_size_bytes = self._attn_smem
+                self._fn["kog_pf_attention"] = fn
+                self.mma = True
         self._dtype_code = _CUDA_R_16F if backend.dtype == "float16" else _CUDA_R_16BF
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
@@ -143,7 +152,8 @@ class Prefill:
                 args = (q, np.uint64(kc), np.uint64(vc), attn, np.int32(n), np.int32(pos0),
                         np.int32(C), scale_log2)
                 if self.mma:
-                    fn["kog_pf_attention"](((n + 63) // 64, cfg.n_heads), (128,), args)
+                    fn["kog_pf_attention"](((n + 63) // 64, cfg.n_heads), (128,), args,
+                                           shared_mem=self._attn_smem)
                 else:
                     fn["kog_pf_attention_simple"]((n, cfg.n_heads), (self._warp,), args)
                 # o_proj_residual

@@ -522,8 +522,9 @@ class SdpaPrefillDecoder(CompactDecoder):
             cos = self.rope_cos[start:end][:, None]                       # (n, 1, hd)
             sin = self.rope_sin[start:end][:, None]
             mask = None
-            if start:                                                     # cached + new keys
-                mask = self.positions[None, :end] <= self.positions[start:end, None]
+            if start:            # cached + new keys: causal aligned to the last key (flash too)
+                from torch.nn.attention.bias import causal_lower_right
+                mask = causal_lower_right(n, end)
             for i, lw in enumerate(w["layers"]):
                 q, k, v = F.linear(self._rmsnorm(x, lw["attn_norm"]), lw["wqkv"]).split(
                     [cfg.q_dim, cfg.kv_dim, cfg.kv_dim], -1)

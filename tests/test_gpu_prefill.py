@@ -105,7 +105,7 @@ def test_prefix_cache_eviction_tiny_budget():
     V = m.config.vocab_size
     cfg = m.config
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2
-    be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=per_token * 150 / 2**30)
+    be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=per_token * 150 / 1e9)
     rng = np.random.default_rng(11)
     p1, p2, p3 = (rng.integers(0, V, 100).tolist() for _ in range(3))
     for p in (p1, p2, p3):

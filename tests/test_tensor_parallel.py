@@ -187,12 +187,13 @@ def test_backends_share_the_launch_protocol():
     from types import SimpleNamespace
 
     from kogcupy.errors import DeviceError
-    from kogcupy.monokernel import MonokernelBackend
+    from kogcupy.monokernel import MonokernelBackend, _OneLaunchBackend
     from kogcupy.multigpu import TensorParallelBackend
     from kogcupy.sampling_params import SamplingParams
+    assert TensorParallelBackend.start is _OneLaunchBackend.start
     for cls in (MonokernelBackend, TensorParallelBackend):
-        assert cls.start is MonokernelBackend.start
         b = object.__new__(cls)
+        b.prefill = None                # one GPU without batched prefill: the plain launch
         ctl, toks = np.zeros(4, np.uint32), np.zeros(16, np.int32)
         stream = SimpleNamespace(done=False, synchronize=lambda: None)
 
