@@ -857,7 +857,7 @@ def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
     Generation starts after max(prompt_len, position) prompt tokens; tokens/s counts the
     decode steps after the first generated token (host arrival times of tokens 2..n)."""
     n_prompt = max(prompt_len, position, 1)
-    ctx = context_length or min(default_rope_positions(cfg), n_prompt + new_tokens + 8)
+    ctx = context_length or min(cfg.max_position_embeddings, n_prompt + new_tokens + 8)
     if backend is None:
         with _cupy().cuda.Device(0):
             dev = device_model or DeviceModel.random(cfg, dtype, seed, rope_positions=max(ctx, 16))
