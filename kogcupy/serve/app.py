@@ -117,7 +117,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     # -- errors ------------------------------------------------------------------------------
     @app.exception_handler(P.APIError)
     async def _api_error(request, e: P.APIError):
-        if e.status >= 400 and e.status != 404:
+        if e.status != 429:                          # 429s are logged where they happen
             log.info("%s %s -> %d: %s", request.method, request.url.path, e.status, e.message)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
