@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
-import os
-import re
 import time
-from pathlib import Path
 
 import numpy as np
 
-from . import abi, kernels, tensor_parallel
+from . import abi, kernels
 from .config import ModelConfig
 from .errors import DeviceError, InputError
-from .packing import bf16_bits, default_rope_positions, rope_tables
+from .device_weights import DeviceModel, _check_memory, kv_bytes, streamed_weight_bytes
 from .placement import ATTN_MIN_CHUNK, attn_chunk_cap, max_tp_blocks, place
 from .prefix_cache import PrefixCache, common_prefix_len
 from .sampling_params import SamplingParams
@@ -60,31 +56,6 @@ def gpu_available() -> bool:
         return False
 
 
-def _to_bits(a: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 host array -> uint16 storage bits of `dtype`."""
-    if dtype == "bfloat16":
-        return bf16_bits(a)
-    return np.ascontiguousarray(a, dtype=np.float32).astype(np.float16).view(np.uint16)
-
-
-def matrix_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Device layout of the streamed matrices (gate/up interleaved by row pair)."""
-    L, h, f, V = cfg.n_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    return {"wqkv": (L, cfg.qkv_dim, h), "wo": (L, h, cfg.q_dim), "w_gate_up": (L, f, 2, h),
-            "w_down": (L, h, f), "lm_head": (V, h), "embed": (V, h)}
-
-
-def streamed_weight_bytes(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
-    """Bytes one decode step streams from the matrices (embedding lookup not counted)."""
-    n = sum(int(np.prod(s)) for k, s in matrix_shapes(cfg).items() if k != "embed")
-    return n * dtype_bytes
-
-
-def kv_bytes(cfg: ModelConfig, position: float, dtype_bytes: int = 2) -> float:
-    """KV-cache bytes one decode step at `position` reads (K and V, every layer)."""
-    return 2.0 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * dtype_bytes * position
-
-
 def smem_floats(cfg: ModelConfig, attn_chunk: int | None = None) -> int:
     from .placement import attn_chunk_cap
     chunk = attn_chunk or attn_chunk_cap(cfg)
@@ -96,100 +67,6 @@ def smem_floats(cfg: ModelConfig, attn_chunk: int | None = None) -> int:
     return -(-n // 4) * 4
 
 
-class DeviceModel:
-    """Weights on the GPU in the kernel's layout (uint16 bits for matrices, fp32 otherwise)."""
-
-    def __init__(self, cfg: ModelConfig, dtype: str, arrays: dict, tp: tuple[int, int] = (0, 1)):
-        self.cfg, self.dtype, self.arrays = cfg, dtype, arrays
-        self.tp = tp                        # (rank, world): arrays hold rank's share of cfg
-        self.local_cfg = tensor_parallel.local_config(cfg, tp[1])
-
-    def shard(self, rank: int, world: int, device: int | None = None) -> "DeviceModel":
-        """Rank `rank` of `world`'s share (tensor_parallel.shard), copied to GPU `device`
-        (default: the current one). This model must hold the whole model."""
-        cp = _cupy()
-        if self.tp != (0, 1):
-            raise DeviceError("shard() needs the whole model, not a shard")
-        tensor_parallel.check(self.cfg, world)
-        src_dev = self.arrays["wqkv"].device.id
-        dst_dev = cp.cuda.Device().id if device is None else int(device)
-        out = {}
-        with cp.cuda.Device(src_dev):            # slice where the whole model lives
-            parts = tensor_parallel.shard(self.cfg, self.arrays, rank, world)
-            cp.cuda.runtime.deviceSynchronize()
-        for name, a in parts.items():
-            assert a.device.id == src_dev
-            if dst_dev == src_dev:           # replicated arrays stay shared (read-only)
-                out[name] = a
-                continue
-            with cp.cuda.Device(dst_dev):
-                d = cp.empty(a.shape, a.dtype)
-            cp.cuda.runtime.memcpyPeer(d.data.ptr, dst_dev, a.data.ptr, src_dev, a.nbytes)
-            out[name] = d
-        for dev in {src_dev, dst_dev}:          # kernels run on non-blocking streams
-            with cp.cuda.Device(dev):
-                cp.cuda.runtime.deviceSynchronize()
-        return DeviceModel(self.cfg, self.dtype, out, (rank, world))
-
-    @classmethod
-    def from_packed(cls, cfg: ModelConfig, weights: dict[str, np.ndarray], dtype: str
-                    ) -> "DeviceModel":
-        cp = _cupy()
-        need = sum(int(np.prod(s)) * 2 for s in matrix_shapes(cfg).values())
-        _check_memory(need, "weights")
-        arrays = {}
-        f = cfg.intermediate_size
-        for name, shape in matrix_shapes(cfg).items():
-            dev = cp.empty(shape, dtype=cp.uint16)
-            src = weights[name]
-            if src.ndim == 3:                       # stacked per layer: convert layer by layer
-                for layer in range(src.shape[0]):
-                    w = src[layer]
-                    if name == "w_gate_up":         # [gate; up] -> (f, 2, h) row pairs
-                        w = w.reshape(2, f, -1).transpose(1, 0, 2)
-                    dev[layer] = cp.asarray(_to_bits(np.ascontiguousarray(w), dtype))
-            else:
-                rows = max(1, (64 << 20) // (src.shape[1] * 4))
-                for r0 in range(0, src.shape[0], rows):
-                    dev[r0:r0 + rows] = cp.asarray(_to_bits(src[r0:r0 + rows], dtype))
-            arrays[name] = dev
-        for name in ("rope_cos", "rope_sin", "bqkv", "q_norm", "k_norm"):
-            if name in weights:
-                arrays[name] = cp.asarray(np.ascontiguousarray(weights[name], dtype=np.float32))
-        return cls(cfg, dtype, arrays)
-
-    @classmethod
-    def random(cls, cfg: ModelConfig, dtype: str = "bfloat16", seed: int = 0,
-               rope_positions: int | None = None) -> "DeviceModel":
-        """Random weights generated on the GPU (benchmarks: no multi-GB host arrays)."""
-        cp = _cupy()
-        need = sum(int(np.prod(s)) * 2 for s in matrix_shapes(cfg).values())
-        _check_memory(need, "weights")
-        rs = cp.random.RandomState(seed)
-        arrays = {}
-        for name, shape in matrix_shapes(cfg).items():
-            fan_in = shape[-1]
-            scale = 1.0 if name == "embed" else 1.0 / np.sqrt(fan_in)
-            dev = cp.empty(shape, dtype=cp.uint16)
-            flat = dev.reshape(-1)
-            step = 1 << 26
-            for i in range(0, flat.size, step):
-                x = rs.standard_normal(min(step, flat.size - i), dtype=cp.float32) * cp.float32(scale)
-                flat[i:i + x.size] = _bits_gpu(x, dtype)
-            arrays[name] = dev
-        n_pos = rope_positions or default_rope_positions(cfg)
-        cos, sin = rope_tables(cfg, n_pos)
-        arrays["rope_cos"], arrays["rope_sin"] = cp.asarray(cos), cp.asarray(sin)
-        L = cfg.n_layers
-        if cfg.qkv_bias:
-            arrays["bqkv"] = rs.standard_normal((L, cfg.qkv_dim), dtype=cp.float32) * cp.float32(0.1)
-        if cfg.qk_norm:
-            for k in ("q_norm", "k_norm"):
-                g = rs.standard_normal((L, cfg.head_dim), dtype=cp.float32) * cp.float32(0.1)
-                arrays[k] = g + cp.float32(1.0)
-        return cls(cfg, dtype, arrays)
-
-
 def prefix_cache_budget(gb: float | None) -> float:
     """Bytes for earlier requests' K/V: `gb` GB (1e9 bytes), or by default a fifth of the
     GPU memory left free after the weights and the live KV cache (0 turns reuse off)."""
@@ -199,25 +76,6 @@ def prefix_cache_budget(gb: float | None) -> float:
         return gb * 1e9
     free, _ = _cupy().cuda.runtime.memGetInfo()
     return 0.2 * free
-
-
-def _bits_gpu(x, dtype: str):
-    cp = _cupy()
-    if dtype == "float16":
-        return x.astype(cp.float16).view(cp.uint16)
-    u = x.view(cp.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cp.uint16)
-
-
-def _check_memory(nbytes: int, what: str):
-    cp = _cupy()
-    free, total = cp.cuda.runtime.memGetInfo()
-    pool_free = cp.get_default_memory_pool().free_bytes()
-    if nbytes > free + pool_free:
-        raise DeviceError(
-            f"not enough GPU memory for the {what}: need {nbytes / 2**30:.2f} GiB, "
-            f"{(free + pool_free) / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB; "
-            f"use a smaller --context-length or model")
 
 
 class HostMapped:
@@ -783,6 +641,7 @@ class MonokernelBackend(_OneLaunchBackend):
     @property
     def read_bandwidth_Bps(self) -> float:
         if self._read_bw is None:
+            from .gpu_bench import measure_read_bandwidth
             self._read_bw = measure_read_bandwidth(self.gpu_name)
         return self._read_bw
 
@@ -790,99 +649,3 @@ class MonokernelBackend(_OneLaunchBackend):
         return self.bytes_per_token + kv_bytes(self.cfg, position)
 
 
-def stream_read_bandwidth(nbytes: int = 4 << 30, repeats: int = 10) -> dict:
-    """Best stream-read bandwidth of 16-byte non-temporal loads over `nbytes` of hashed
-    (non-constant) data, tried at several launch shapes; the benchmark's limit uses this too.
-    Returns {"Bps": best, "per_launch_config": {"<blocks/SM>x<threads>": TB/s}, "bytes": n}."""
-    cp = _cupy()
-    free = cp.cuda.runtime.memGetInfo()[0]
-    n_vec = min(nbytes, free // 4) // 16
-    buf = cp.arange(n_vec * 4, dtype=cp.uint32)
-    buf *= cp.uint32(2654435761)               # never time on zeros or a constant
-    sink = cp.zeros(1, cp.float32)
-    fn = kernels.get_function(kernels.load_module(kernels.stream_read_source(), {}),
-                              "kog_stream_read")
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    args = (buf, np.uint64(n_vec), sink)
-    e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-    best, per_cfg = 0.0, {}
-    for blocks_per_sm, threads in ((2, 1024), (4, 512), (8, 256), (16, 256)):
-        grid = (sms * blocks_per_sm,)
-        fn(grid, (threads,), args)             # warm-up
-        times = []
-        for _ in range(repeats):
-            e0.record()
-            fn(grid, (threads,), args)
-            e1.record()
-            e1.synchronize()
-            times.append(cp.cuda.get_elapsed_time(e0, e1) / 1e3)
-        bw = n_vec * 16 / min(times)
-        per_cfg[f"{blocks_per_sm}x{threads}"] = round(bw / 1e12, 4)
-        best = max(best, bw)
-    del buf
-    cp.get_default_memory_pool().free_all_blocks()
-    return {"Bps": best, "per_launch_config": per_cfg, "bytes": n_vec * 16}
-
-
-def measure_read_bandwidth(gpu_name: str | None = None, refresh: bool = False) -> float:
-    """stream_read_bandwidth()'s best, cached per GPU name in ~/.cache/kogcupy."""
-    cp = _cupy()
-    if gpu_name is None:
-        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-        gpu_name = props["name"].decode(errors="replace")
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu_name)
-    path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kogcupy" / f"bw2-{safe}.json"
-    if not refresh and path.is_file():
-        try:
-            return float(json.loads(path.read_text())["read_Bps"])
-        except (OSError, ValueError, KeyError):
-            pass
-    res = stream_read_bandwidth()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"gpu": gpu_name, "read_Bps": res["Bps"], "bytes": res["bytes"]}))
-    except OSError:
-        pass
-    return res["Bps"]
-
-
-def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
-                 position: int = 0, dtype: str = "bfloat16", context_length: int | None = None,
-                 seed: int = 0, backend: MonokernelBackend | None = None,
-                 tuning: dict | None = None, device_model: DeviceModel | None = None,
-                 n_gpus: int = 1, blocks: int | None = None, threads: int = THREADS) -> dict:
-    """Decode speed on random GPU weights for `cfg` (greedy, no EOS), on `n_gpus` GPUs
-    (tensor parallel when > 1; the bandwidth limit is then the GPUs' aggregate).
-
-    Generation starts after max(prompt_len, position) prompt tokens; tokens/s counts the
-    decode steps after the first generated token (host arrival times of tokens 2..n)."""
-    n_prompt = max(prompt_len, position, 1)
-    ctx = context_length or min(cfg.max_position_embeddings, n_prompt + new_tokens + 8)
-    if backend is None:
-        with _cupy().cuda.Device(0):
-            dev = device_model or DeviceModel.random(cfg, dtype, seed, rope_positions=max(ctx, 16))
-        if n_gpus > 1:
-            from .multigpu import TensorParallelBackend
-            backend = TensorParallelBackend(device_model=dev, gpus=n_gpus, context_length=ctx,
-                                            tuning=tuning, blocks=blocks, threads=threads)
-            del dev
-        else:
-            backend = MonokernelBackend(device_model=dev, context_length=ctx, tuning=tuning,
-                                        blocks=blocks, threads=threads)
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, cfg.vocab_size, n_prompt).tolist()
-    list(backend.start(ids, SamplingParams(), min(64, new_tokens), set()))   # warm-up
-    stream = backend.start(ids, SamplingParams(), new_tokens, set())
-    toks = list(stream)
-    tt = stream.token_times
-    decode_s = tt[-1] - tt[0] if len(tt) > 1 else float("nan")
-    tps = (len(tt) - 1) / decode_s if len(tt) > 1 else float("nan")
-    mean_pos = n_prompt + (len(toks) - 1) / 2
-    bpt = backend.bytes_per_step(mean_pos)
-    bw = backend.read_bandwidth_Bps
-    return dict(gpu=backend.gpu_name, n_prompt=n_prompt, new_tokens=len(toks),
-                tokens_per_s=tps, step_us=1e6 / tps, prefill_s=stream.prefill_s,
-                bytes_per_token=bpt, achieved_Bps=bpt * tps, read_bandwidth_Bps=bw,
-                pct_of_read_bw=100.0 * bpt * tps / bw, finish_reason=stream.finish_reason,
-                blocks=backend.n_blocks, threads=backend.threads,
-                n_gpus=getattr(backend, "n_gpus", 1))

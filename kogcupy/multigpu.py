@@ -17,8 +17,8 @@ import numpy as np
 
 from . import abi, kccl, tensor_parallel
 from .errors import InputError
-from .monokernel import (DeviceModel, MonokernelBackend, MonokernelTokenStream, _cupy,
-                         _OneLaunchBackend)
+from .device_weights import DeviceModel
+from .monokernel import MonokernelBackend, MonokernelTokenStream, _cupy, _OneLaunchBackend
 from .sampling_params import SamplingParams
 
 

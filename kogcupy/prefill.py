@@ -121,7 +121,6 @@ class Prefill:
     def _chunk(self, ids: np.ndarray, pos0: int, want_x: bool = False):
         """Run tokens `ids` at positions pos0.. through every layer; K/V land in the cache.
         Returns the fp32 residual x (n, h) when want_x (for logits)."""
-        cp = kernels._cupy()
         cfg, b = self.cfg, self.b
         n = int(ids.shape[0])
         buf = self._buffers(n)

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from .config import ModelConfig
+from .device_weights import streamed_weight_bytes
 from .errors import InputError
 from .prefix_cache import PrefixCache
 from .sampling import sample as sample_token
@@ -227,12 +228,6 @@ class ReferenceModel:
         return np.concatenate(rows) if batch else np.stack([r[0] for r in rows])
 
 
-def weight_bytes_per_token(weights: dict[str, np.ndarray]) -> float:
-    """Bytes of weights one decode step streams (embedding lookup and RoPE tables not counted)."""
-    return float(sum(v.nbytes for k, v in weights.items()
-                     if k not in ("embed", "rope_cos", "rope_sin")))
-
-
 class ReferenceTokenStream:
     """Iterator of generated token ids; the forward runs lazily inside __next__.
 
@@ -329,7 +324,7 @@ class ReferenceBackend:
         self.rm = ReferenceModel(self.cfg, model.weights, context_length, trace=trace)
         self.context_length = self.rm.context_length
         self.batch_prefill = batch_prefill
-        self.bytes_per_token = weight_bytes_per_token(self.rm.w)
+        self.bytes_per_token = float(streamed_weight_bytes(self.cfg, 4))   # fp32 arrays
         self.prefix_cache = PrefixCache(0 if trace is not None else int(prefix_cache_gb * 1e9))
         self._active: ReferenceTokenStream | None = None
 

@@ -10,7 +10,7 @@ timed. Engines, in one run on one GPU:
                      whose whole decode step is one CUDA graph, replayed once per token
     limit            weight bytes (LM head counted, embedding lookup not) / stream-read
                      bandwidth measured in this run
-    kogcupy          kogcupy.monokernel.bench_decode(): the monokernel, at context positions
+    kogcupy          kogcupy.gpu_bench.bench_decode(): the monokernel, at context positions
                      --positions, plus time to first token for a --ttft-prompt token prompt
 
 Every speed carries GB/s (weight bytes x tok/s) and % of the limit. Writes
@@ -44,6 +44,8 @@ except ImportError:  # run from a checkout without `pip install -e .` (the devic
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kogcupy.config import ModelConfig  # noqa: E402
+from kogcupy.device_weights import kv_bytes as device_kv_bytes  # noqa: E402
+from kogcupy.device_weights import streamed_weight_bytes  # noqa: E402
 from kogcupy.random_weights import SHAPES  # noqa: E402
 
 ENGINES = ("hf-eager", "torch-sdpa-graph", "kogcupy")
@@ -66,13 +68,13 @@ TINY_SHAPES = {
 
 
 def weight_bytes(cfg: ModelConfig) -> int:
-    """Bytes a decode step must stream: every matrix, norms and the LM head, not the embedding."""
-    return cfg.n_params(include_embedding=False) * BYTES_PER_PARAM
+    """Bytes a decode step must stream: every matrix and the LM head, not the embedding."""
+    return streamed_weight_bytes(cfg, BYTES_PER_PARAM)
 
 
 def kv_bytes(cfg: ModelConfig, context: float) -> float:
     """Bytes of K and V a decode step reads at a given context length."""
-    return 2 * cfg.n_layers * cfg.kv_dim * context * BYTES_PER_PARAM
+    return device_kv_bytes(cfg, context, BYTES_PER_PARAM)
 
 
 def gpu_slug(name: str) -> str:
@@ -102,7 +104,7 @@ def _free_gpu():
 
 def stream_read_cupy(nbytes: int, repeats: int) -> dict:
     """kogcupy's own stream-read measurement (16-byte non-temporal loads, best launch shape)."""
-    from kogcupy.monokernel import stream_read_bandwidth
+    from kogcupy.gpu_bench import stream_read_bandwidth
     res = stream_read_bandwidth(nbytes, repeats)
     return {"TBps": res["Bps"] / 1e12, "per_launch_config": res["per_launch_config"],
             "bytes": res["bytes"]}
@@ -597,7 +599,8 @@ def bench_peer_prompts(cfg, device, dtype, lens, agent, gen) -> dict:
 def bench_kogcupy_prompts(cfg, lens, agent, gen) -> dict:
     """kogcupy (one GPU): cold TTFT per prompt length (prefix cache cleared), then the agent
     workload through the prefix cache."""
-    from kogcupy.monokernel import DeviceModel, MonokernelBackend
+    from kogcupy.device_weights import DeviceModel
+    from kogcupy.monokernel import MonokernelBackend
     from kogcupy.sampling_params import SamplingParams
     ctx = max(list(lens) + [len(agent[0]) + sum(len(t) + gen for t in agent[1]) if agent else 0]) + 16
     dev = DeviceModel.random(cfg, "bfloat16", 0, rope_positions=ctx)
@@ -634,11 +637,8 @@ def bench_kogcupy_prompts(cfg, lens, agent, gen) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def kogcupy_bench_decode():
-    from kogcupy import monokernel
-    fn = getattr(monokernel, "bench_decode", None)
-    if fn is None:
-        raise RuntimeError("kogcupy.monokernel has no bench_decode() yet")
-    return fn
+    from kogcupy.gpu_bench import bench_decode
+    return bench_decode
 
 
 def _jsonable(d: dict) -> dict:

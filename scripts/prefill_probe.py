@@ -5,7 +5,8 @@ import time
 
 import numpy as np
 
-from kogcupy.monokernel import DeviceModel, MonokernelBackend
+from kogcupy.device_weights import DeviceModel
+from kogcupy.monokernel import MonokernelBackend
 from kogcupy.random_weights import shape_config
 from kogcupy.sampling_params import SamplingParams
 

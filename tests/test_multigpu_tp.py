@@ -33,7 +33,8 @@ N_GPUS = _n_gpus()
 if N_GPUS < 2:
     pytest.skip("needs CuPy and >= 2 GPUs", allow_module_level=True)
 
-from kogcupy.monokernel import DeviceModel, MonokernelBackend  # noqa: E402
+from kogcupy.device_weights import DeviceModel  # noqa: E402
+from kogcupy.monokernel import MonokernelBackend  # noqa: E402
 from kogcupy.multigpu import TensorParallelBackend  # noqa: E402
 
 TP_SIZES = [n for n in (2, 4) if n <= N_GPUS]
