@@ -1,13 +1,18 @@
-"""The `kogcupy` command: generate, chat, serve, env (and repack when weights_tools is importable).
+"""The `kogcupy` command: generate, chat, serve, env, models (and repack when weights_tools is
+importable).
 
-User errors (KogError) print one line, ``kogcupy: error: <what>``, and exit 2; click usage
-errors exit 2 as well; Ctrl-C keeps the text streamed so far, prints the stats line, exits 130.
+User errors (KogError) and usage errors print one line, ``kogcupy: error: <what>``, and exit 2.
+Every check that needs no model runs before the model loads. Ctrl-C while generating keeps
+the text streamed so far, prints the stats line and exits 130; elsewhere it says what it
+interrupted (one line, exit 130).
 """
 from __future__ import annotations
 
 import os
 import platform
 import sys
+import threading
+import time
 
 import click
 
@@ -16,6 +21,21 @@ from .errors import InputError, KogError
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141         # 128 + SIGPIPE, as a shell reports it
+
+_phase: str | None = None      # what a command is doing, for the Ctrl-C message
+
+
+def _set_phase(what: str | None) -> None:
+    global _phase
+    _phase = what
+
+
+def _stdin_is_tty() -> bool:
+    return sys.stdin.isatty()
+
+
+def _stderr_is_tty() -> bool:
+    return sys.stderr.isatty()
 
 
 class _UserError(click.ClickException):
@@ -27,12 +47,40 @@ class _UserError(click.ClickException):
         click.echo(f"kogcupy: error: {self.message}", err=True)
 
 
+class _Interrupted(click.ClickException):
+    """Ctrl-C outside the token stream: one line saying what was interrupted, exit 130."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def show(self, file=None):
+        click.echo(f"kogcupy: {self.message}", err=True)
+
+
+def usage_line(e: click.UsageError, prog: str = "kogcupy") -> str:
+    """A click usage error as one line (click prints usage, a hint and the error: 4 lines)."""
+    msg = " ".join(e.format_message().split()).rstrip(".")
+    path = e.ctx.command_path if e.ctx is not None else prog
+    return f"{msg}; see '{path} --help'"
+
+
 class _Group(click.Group):
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            raise _UserError(usage_line(e)) from None
+
     def invoke(self, ctx):
+        _set_phase(None)
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _UserError(usage_line(e)) from None
         except KogError as e:
             raise _UserError(" ".join(str(e).split()) or type(e).__name__) from None
+        except KeyboardInterrupt:
+            raise _Interrupted(f"interrupted while {_phase}" if _phase else "interrupted"
+                               ) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,7 +107,8 @@ SAMPLING_OPTIONS = [
 BACKEND_OPTIONS = [
     click.option("--backend", type=click.Choice(["auto", "reference", "monokernel"]),
                  default="auto", show_default=True),
-    click.option("--context-length", type=int, default=4096, show_default=True),
+    click.option("--context-length", type=int, default=None,
+                 help="KV-cache positions (default: 4096, or the model's positions if fewer)."),
     click.option("--dtype", default=None, help="GPU storage dtype: bfloat16 | float16."),
     click.option("--gpus", type=int, default=1, show_default=True,
                  help="GPUs for one generation (tensor parallel; must divide the attention "
@@ -87,6 +136,112 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
 
 
+def check_backend(backend, context_length, dtype, gpus) -> str:
+    """The backend checks that need no model, before it loads (--gpus, --context-length,
+    --dtype; no GPU is said first); the backend name `backend` resolves to."""
+    from .engine import check_backend_args, check_context_length
+    from .model import normalize_dtype
+    if gpus < 1:
+        raise InputError(f"--gpus must be >= 1, got {gpus}")
+    if context_length is not None and context_length < 2:
+        raise InputError(f"--context-length must be >= 2, got {context_length}")
+    check_context_length(context_length)
+    normalize_dtype(dtype)
+    return check_backend_args(backend, gpus)
+
+
+def load_engine(model_path, dtype, backend, context_length, gpus, **engine_kw):
+    """load_model + Engine, with the checks that need the model's config run before its
+    weights are read, and a progress line on a terminal."""
+    from .engine import Engine, check_context_length, check_model_for_backend
+    from .model import load_model
+    name = check_backend(backend, context_length, dtype, gpus)
+
+    def on_config(cfg, positions):
+        check_context_length(context_length, min(positions, cfg.max_position_embeddings))
+        check_model_for_backend(cfg, name, gpus)
+
+    _set_phase("loading the model")
+    with _Progress(f"loading {_model_name(model_path)} ({name})") as progress:
+        model = load_model(model_path, dtype=dtype, on_config=on_config)
+        _set_phase("loading the model onto the GPU and compiling the kernel"
+                   if name == "monokernel" else "loading the model")
+        engine = Engine(model, backend=backend, context_length=context_length, gpus=gpus,
+                        **engine_kw)
+        progress.done(f"loaded {_model_name(model_path)}")
+    _set_phase(None)
+    return engine
+
+
+def _model_name(path) -> str:
+    if path is None:
+        from .model import DEFAULT_MODEL_FILE
+        return DEFAULT_MODEL_FILE
+    return os.path.basename(os.path.normpath(os.fspath(path))) or os.fspath(path)
+
+
+class _Progress:
+    """One line on a terminal's stderr while something slow runs: 'kogcupy: WHAT ... 3 s',
+    replaced by 'kogcupy: DONE in 4.2 s'. Nothing when stderr is not a terminal."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.on = _stderr_is_tty()
+        self._t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def _line(self, text: str, end: str = ""):
+        with self._lock:
+            sys.stderr.write("\r\x1b[K" + text + end)
+            sys.stderr.flush()
+
+    def _tick(self):
+        while not self._stop.wait(0.5):
+            self._line(f"kogcupy: {self.what} ... {time.perf_counter() - self._t0:.0f} s")
+
+    def __enter__(self):
+        if self.on:
+            self._line(f"kogcupy: {self.what} ...")
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        return self
+
+    def done(self, what: str):
+        if self.on:
+            self._stop.set()
+            self._thread.join()
+            self._line(f"kogcupy: {what} in {time.perf_counter() - self._t0:.1f} s", "\n")
+            self.on = False
+
+    def __exit__(self, *exc):
+        if self.on:                      # failed or interrupted: clear the line
+            self._stop.set()
+            self._thread.join()
+            self._line("")
+        return False
+
+
+def read_stdin_prompt() -> str:
+    """The prompt from stdin, decoded as UTF-8 (invalid bytes are an InputError)."""
+    if _stdin_is_tty():
+        click.echo("kogcupy: reading the prompt from stdin (end it with Ctrl-D; or pass it as "
+                   "an argument)", err=True)
+    _set_phase("reading the prompt from stdin")
+    stream = getattr(sys.stdin, "buffer", None)
+    raw = (stream.read() if stream is not None
+           else sys.stdin.read().encode("utf-8", "surrogateescape"))
+    try:
+        prompt = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"the prompt on stdin is not valid UTF-8 text: byte "
+                         f"0x{raw[e.start]:02x} at offset {e.start}; pass UTF-8 text") from None
+    if prompt.endswith("\n"):        # `echo ... |` adds one; it is not part of the prompt
+        prompt = prompt[:-1]
+    return prompt
+
+
 @cli.command()
 @click.argument("prompt", required=False)
 @options(*MODEL_OPTIONS, *SAMPLING_OPTIONS,
@@ -95,17 +250,20 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_
          *BACKEND_OPTIONS, STOP_OPTION)
 def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_p,
              repetition_penalty, seed, chat, backend, context_length, dtype, gpus, stop):
-    """Stream a completion of PROMPT (read from stdin when omitted) to stdout."""
-    from .engine import Engine
-    from .model import load_model
+    """Stream a completion of PROMPT (read from stdin when omitted) to stdout.
+
+    PROMPT must be UTF-8 text. --stop takes literal text: for a newline pass a real one
+    (bash: --stop $'\\n')."""
+    from .engine import check_text
 
     check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    check_backend(backend, context_length, dtype, gpus)
+    for s in stop:
+        check_text(s, "--stop")
     if prompt is None:
-        prompt = sys.stdin.read()
-        if prompt.endswith("\n"):        # `echo ... |` adds one; it is not part of the prompt
-            prompt = prompt[:-1]
-    model = load_model(model_path, dtype=dtype)
-    engine = Engine(model, backend=backend, context_length=context_length, gpus=gpus)
+        prompt = read_stdin_prompt()
+    check_text(prompt)
+    engine = load_engine(model_path, dtype, backend, context_length, gpus)
     gen = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),
@@ -139,12 +297,15 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
     Ctrl-C stops an answer and keeps the session. Each turn prefills only its new tokens: the
     rest comes from the prefix cache (the stats line on stderr says how many).
     """
-    from .engine import Engine
-    from .model import load_model
+    from .engine import check_text
 
     check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    model = load_model(model_path, dtype=dtype)
-    engine = Engine(model, backend=backend, context_length=context_length, gpus=gpus)
+    check_backend(backend, context_length, dtype, gpus)
+    for s in stop:
+        check_text(s, "--stop")
+    if system:
+        check_text(system, "--system")
+    engine = load_engine(model_path, dtype, backend, context_length, gpus)
     if engine.tokenizer is None or not engine.tokenizer.has_chat_template:
         raise InputError("`kogcupy chat` needs a model with a chat template; use "
                          "`kogcupy generate --no-chat` for plain text completion")
@@ -162,6 +323,10 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
             line = input(">>> " if interactive else "")
         except EOFError:
             break
+        except UnicodeDecodeError as e:
+            click.echo(f"kogcupy: error: the line read is not valid UTF-8 text "
+                       f"(byte 0x{e.object[e.start]:02x})", err=True)
+            continue
         command = line.strip()
         if not command:
             continue
@@ -231,9 +396,8 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
         from .serve import create_app, default_model_name, run_server
     except ImportError as e:
         raise InputError(str(e)) from None
-    from .engine import Engine
-    from .model import load_model
 
+    check_backend(backend, context_length, dtype, gpus)
     try:                                         # a busy port fails before the model loads
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -248,9 +412,8 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    model = load_model(model_path, dtype=dtype)
     kw = {} if prefix_cache_gb is None else {"prefix_cache_gb": prefix_cache_gb}
-    engine = Engine(model, backend=backend, context_length=context_length, gpus=gpus, **kw)
+    engine = load_engine(model_path, dtype, backend, context_length, gpus, **kw)
     name = served_model_name or default_model_name(engine)
     app = create_app(engine, served_model_name=name, api_key=api_key, max_queue=max_queue)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
@@ -326,14 +489,17 @@ def main(argv=None) -> None:
         rv = cli.main(args=argv, prog_name="kogcupy", standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:        # usage errors and _UserError
+    except click.UsageError as e:            # raised outside the group (defensive)
+        click.echo(f"kogcupy: error: {usage_line(e)}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    except click.ClickException as e:        # _UserError, _Interrupted
         e.show()
         sys.exit(e.exit_code)
     except KogError as e:                    # raised outside a command (e.g. while parsing)
         click.echo(f"kogcupy: error: {' '.join(str(e).split())}", err=True)
         sys.exit(EXIT_USER_ERROR)
     except (KeyboardInterrupt, click.exceptions.Abort):
-        click.echo("", err=True)
+        click.echo("kogcupy: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     sys.exit(rv if isinstance(rv, int) else 0)
 

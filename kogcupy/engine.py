@@ -24,6 +24,7 @@ from .errors import DeviceError, InputError
 from .sampling_params import SamplingParams
 
 BACKENDS = ("auto", "reference", "monokernel")
+DEFAULT_CONTEXT_LENGTH = 4096
 FINISH_REASONS = ("eos", "stop", "length", "context", "cancelled")
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -53,22 +54,77 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def check_backend_args(backend: str = "auto", gpus: int = 1) -> str:
+    """The backend `backend` resolves to, after the checks that need no model: a GPU count
+    for the reference backend, and no GPU at all for the monokernel (said first)."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise InputError(f"gpus must be an integer >= 1, got {gpus!r}")
+    name = resolve_backend(backend)
+    if name == "reference" and gpus != 1:
+        if backend == "auto":           # 'auto' fell back to the CPU: the real problem is no GPU
+            raise DeviceError(f"gpus={gpus} needs {gpus} GPUs, but {gpu_info()[1]}")
+        raise InputError(f"gpus={gpus}: the reference backend runs on the CPU; "
+                         f"multi-GPU needs the monokernel backend")
+    if name == "monokernel":
+        ok, why = gpu_info()
+        if not ok:
+            raise DeviceError(f"backend 'monokernel' needs a CUDA/ROCm GPU through CuPy, but "
+                              f"{why}; use backend 'reference' (CPU) or 'auto'")
+    return name
+
+
+def check_model_for_backend(cfg, name: str, gpus: int = 1) -> None:
+    """The checks that need the model's config but not its weights (run before loading them):
+    the tensor-parallel split and the shapes the monokernel compiles for."""
+    if name != "monokernel":
+        return
+    from .tensor_parallel import check
+    check(cfg, gpus)
+    from .kernels import check_model_shape
+    check_model_shape(cfg)
+
+
+def model_positions(model) -> int:
+    """Positions the model can run: max_position_embeddings, or fewer when the RoPE table
+    its weights carry is shorter."""
+    n = int(model.config.max_position_embeddings)
+    w = getattr(model, "weights", None)
+    try:
+        rope = w["rope_cos"] if w is not None and "rope_cos" in w else None
+    except Exception:  # noqa: BLE001 -- a stand-in model without weights
+        rope = None
+    if rope is not None:
+        n = min(n, int(rope.shape[0]))
+    return n
+
+
+def check_context_length(context_length: int | None, limit: int | None = None) -> None:
+    """InputError unless `context_length` is None or an integer in [2, limit]."""
+    if context_length is None:
+        return
+    if isinstance(context_length, bool) or not isinstance(context_length, int) \
+            or context_length < 2:
+        raise InputError(f"context_length must be an integer >= 2, got {context_length!r}")
+    if limit is not None and context_length > limit:
+        raise InputError(f"context length {context_length} exceeds the {limit} positions this "
+                         f"model supports; use {limit} or less")
+
+
+def resolve_context_length(model, context_length: int | None) -> int:
+    """None: DEFAULT_CONTEXT_LENGTH, or the model's positions when fewer; an explicit length
+    beyond the model's positions is an InputError (never capped silently)."""
+    limit = model_positions(model)
+    check_context_length(context_length, limit)
+    return min(DEFAULT_CONTEXT_LENGTH, limit) if context_length is None else context_length
+
+
 def make_backend(model, backend: str = "auto", context_length: int = 4096, gpus: int = 1,
                  **backend_kw):
-    name = resolve_backend(backend)
+    name = check_backend_args(backend, gpus)
     if name == "reference":
-        if gpus != 1:
-            raise InputError(f"gpus={gpus}: the reference backend runs on the CPU; "
-                             f"multi-GPU needs the monokernel backend")
         from .reference import ReferenceBackend
         return ReferenceBackend(model, context_length=context_length, **backend_kw)
-    if gpus != 1:
-        from .tensor_parallel import check
-        check(model.config, gpus)                  # before touching any GPU
-    ok, why = gpu_info()
-    if not ok:
-        raise DeviceError(f"backend 'monokernel' needs a CUDA/ROCm GPU through CuPy, but {why}; "
-                          f"use backend 'reference' (CPU) or 'auto'")
+    check_model_for_backend(model.config, name, gpus)     # before touching any GPU
     try:
         from .monokernel import MonokernelBackend
     except ImportError as e:
@@ -77,6 +133,21 @@ def make_backend(model, backend: str = "auto", context_length: int = 4096, gpus:
         from .multigpu import TensorParallelBackend
         return TensorParallelBackend(model, gpus=gpus, context_length=context_length, **backend_kw)
     return MonokernelBackend(model, context_length=context_length, **backend_kw)
+
+
+# ------------------------------------------------------------------------------- text
+def check_text(text: str, what: str = "prompt") -> None:
+    """InputError unless `text` is valid Unicode that encodes as UTF-8. Python smuggles bytes
+    it could not decode (a command-line argument, a file read with surrogateescape) into
+    strings as lone surrogates (U+DC80..U+DCFF); the tokenizer cannot take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        bad = (f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF
+               else f"lone surrogate U+{c:04X}")
+        raise InputError(f"{what} is not valid UTF-8 text: undecodable {bad} at character "
+                         f"{e.start}; pass UTF-8 text") from None
 
 
 # ------------------------------------------------------------------------------- messages
@@ -102,6 +173,8 @@ def check_messages(messages) -> None:
         if content is not None and not isinstance(content, str):
             raise InputError(f"chat message {i}: content must be a str or None, got "
                              f"{type(content).__name__}")
+        if content:
+            check_text(content, f"chat message {i}: content")
         calls = m.get("tool_calls")
         if calls is not None and not (isinstance(calls, (list, tuple))
                                       and all(isinstance(c, dict) for c in calls)):
@@ -281,20 +354,19 @@ class Generation:
 class Engine:
     """One model on one backend; ``generate`` serves one request at a time (batch 1)."""
 
-    def __init__(self, model, backend: str = "auto", context_length: int = 4096, gpus: int = 1,
-                 prefix_cache_gb: float | None = None, **backend_kw):
-        """prefix_cache_gb: memory (1e9 bytes) for the KV of earlier requests; None = the
-        backend's default, 0 = off."""
-        if not isinstance(context_length, int) or context_length < 2:
-            raise InputError(f"context_length must be an integer >= 2, got {context_length!r}")
-        if not isinstance(gpus, int) or gpus < 1:
-            raise InputError(f"gpus must be an integer >= 1, got {gpus!r}")
+    def __init__(self, model, backend: str = "auto", context_length: int | None = None,
+                 gpus: int = 1, prefix_cache_gb: float | None = None, **backend_kw):
+        """context_length: KV-cache positions (None: 4096, or the model's positions when fewer;
+        more than the model's positions is an InputError). prefix_cache_gb: memory (1e9 bytes)
+        for the KV of earlier requests; None = the backend's default, 0 = off."""
+        check_backend_args(backend, gpus)
+        context_length = resolve_context_length(model, context_length)
         if prefix_cache_gb is not None:
             backend_kw["prefix_cache_gb"] = prefix_cache_gb
         self.model = model
         self.backend = make_backend(model, backend, context_length, gpus, **backend_kw)
         self.backend_name: str = self.backend.name
-        # the backend may cap it (RoPE table / memory)
+        # the backend may cap it (memory)
         self.context_length: int = int(getattr(self.backend, "context_length", context_length))
 
     @property
@@ -335,6 +407,7 @@ class Engine:
                                  "chat=False needs a text prompt")
             return self.encode_messages(prompt, tools)
         if isinstance(prompt, str):
+            check_text(prompt)
             tk = self.tokenizer
             if tk is None:
                 raise InputError("this model has no tokenizer: pass the prompt as token ids")
@@ -383,6 +456,8 @@ class Engine:
         stop = list(stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise InputError("stop strings must be non-empty strings")
+        for s in stop:
+            check_text(s, "stop string")
         ids = self.encode_prompt(prompt, chat, tools)
         eos = self.eos_ids
         stream = self.backend.start(ids, params, max_new_tokens, eos)

@@ -100,6 +100,25 @@ if os.environ.get("KOGCUPY_TUNING"):
     DEFAULT_TUNING.update({str(k): int(v) for k, v in _json.loads(os.environ["KOGCUPY_TUNING"]).items()})
 
 
+def check_model_shape(cfg, threads: int = 512) -> None:
+    """UnsupportedModelError (one line) for a model shape the monokernel cannot be compiled
+    for (monokernel.cu / attention.cuh static_asserts), before any weight is uploaded."""
+    from .errors import UnsupportedModelError
+    bad = [f"{what} {n} is not a multiple of 8" for what, n in (
+        ("hidden size", cfg.hidden_size), ("FFN width", cfg.intermediate_size),
+        ("q dim (heads x head_dim)", cfg.q_dim)) if n % 8]
+    hd = cfg.head_dim
+    if hd > threads or threads % hd:
+        bad.append(f"head_dim {hd} does not divide the {threads} threads of a block")
+    elif DEFAULT_TUNING.get("KOG_ATTN_FAST") and (hd % 8 or 32 % (hd // 8)
+                                                   or (hd // 8) & (hd // 8 - 1)):
+        bad.append(f"head_dim {hd} is not 8, 16, 32, 64, 128 or 256")
+    if bad:
+        raise UnsupportedModelError(
+            f"the GPU monokernel cannot run this model: {'; '.join(bad)} (weights are read in "
+            f"16-byte rows); use the reference backend (--backend reference)")
+
+
 def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_cols: int,
                   tuning: dict | None = None, tp: int = 1) -> dict:
     """-D constants of the monokernel for a model config (see monokernel.cu). With `tp` > 1

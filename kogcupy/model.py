@@ -67,15 +67,18 @@ def _check_tokenizer_files(path: str) -> None:
                              f"file next to the weights; copy it from the model repo)")
 
 
-def load_model(path: str | os.PathLike | None = None, dtype: str | None = None) -> Model:
-    """Load a model (see the module docstring); ``dtype`` overrides the storage dtype."""
+def load_model(path: str | os.PathLike | None = None, dtype: str | None = None,
+               on_config=None) -> Model:
+    """Load a model (see the module docstring); ``dtype`` overrides the storage dtype;
+    ``on_config(config, rope_positions)`` runs before the weights are read (checks that need
+    the model's shape only)."""
     from . import weights as W
     dtype = normalize_dtype(dtype)
     path = default_model_path() if path is None else os.fspath(path)
     kind = W.detect_format(path)
     if kind in ("hf", "packed"):
         _check_tokenizer_files(path)     # fail before reading gigabytes of weights
-    loaded = W.read_weights(path)
+    loaded = W.read_weights(path, on_config=on_config)
     from .tokenizer import Tokenizer     # lazy: keeps `import kogcupy.model` light
     if loaded.gguf_reader is not None:
         tokenizer = Tokenizer.from_gguf(loaded.gguf_reader)

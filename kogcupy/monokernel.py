@@ -230,6 +230,7 @@ class MonokernelBackend(_OneLaunchBackend):
         if device_model is None:
             if model is None:
                 raise DeviceError("MonokernelBackend needs a model or a device_model")
+            kernels.check_model_shape(model.config, threads)     # before the upload
             dtype = dtype or getattr(model, "dtype", None) or "bfloat16"
             device_model = DeviceModel.from_packed(model.config, model.weights, dtype)
         self.model = model

@@ -657,8 +657,10 @@ def read_pack_marker(directory: str) -> dict:
     return marker
 
 
-def read_packed_dir(directory: str) -> tuple[ModelConfig, dict[str, np.ndarray], str]:
-    """(config, packed float32 weights, stored dtype) of a kogcupy packed directory."""
+def read_packed_dir(directory: str, on_config=None
+                    ) -> tuple[ModelConfig, dict[str, np.ndarray], str]:
+    """(config, packed float32 weights, stored dtype) of a kogcupy packed directory;
+    ``on_config(config, rope_positions)`` runs before any weight is read."""
     marker = read_pack_marker(directory)
     cfg_path = os.path.join(directory, "config.json")
     try:
@@ -685,6 +687,8 @@ def read_packed_dir(directory: str) -> tuple[ModelConfig, dict[str, np.ndarray],
     extra = set(table) - set(want)
     if extra:
         raise ModelLoadError(f"{directory}: unexpected packed tensor {sorted(extra)[0]!r}")
+    if on_config is not None:
+        on_config(cfg, rope.shape[0])
     weights = {name: read_safetensors_tensor(table[name]) for name in want}
     return cfg, weights, marker["dtype"]
 
@@ -758,14 +762,21 @@ class LoadedWeights:
     gguf_reader: object = None            # kept so the tokenizer can reuse the parsed file
 
 
-def read_weights(path: str, rope_positions: int | None = None) -> LoadedWeights:
-    """Any supported checkpoint -> packed float32 weights (one source tensor held at a time)."""
+def read_weights(path: str, rope_positions: int | None = None, on_config=None
+                 ) -> LoadedWeights:
+    """Any supported checkpoint -> packed float32 weights (one source tensor held at a time).
+
+    ``on_config(config, rope_positions)`` runs once the config is known, before any weight is
+    read (the CLI's checks that need the model's shape but not its weights)."""
     kind = detect_format(path)
     if kind == "packed":
-        cfg, weights, dtype = read_packed_dir(path)
+        cfg, weights, dtype = read_packed_dir(path, on_config)
         return LoadedWeights(cfg, weights, dtype, "packed", path)
     ckpt = open_checkpoint(path)
     ckpt.check()
+    if on_config is not None:
+        from .packing import default_rope_positions
+        on_config(ckpt.config, rope_positions or default_rope_positions(ckpt.config))
     weights = pack_weights(ckpt.config, ckpt.get, rope_positions)
     return LoadedWeights(ckpt.config, weights, ckpt.storage_dtype(), ckpt.format, ckpt.path,
                          getattr(ckpt, "reader", None))

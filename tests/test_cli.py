@@ -29,8 +29,14 @@ def assert_user_error(r, match: str | None = None):
 def cached_default_model(smollm2, monkeypatch):
     """load_model(None) served from the session fixture (the real load is tested once)."""
     real = kogcupy.model.load_model
-    monkeypatch.setattr(kogcupy.model, "load_model",
-                        lambda path=None, dtype=None: smollm2 if path is None else real(path, dtype))
+
+    def load(path=None, dtype=None, on_config=None):
+        if path is not None:
+            return real(path, dtype, on_config)
+        if on_config is not None:
+            on_config(smollm2.config, smollm2.weights["rope_cos"].shape[0])
+        return smollm2
+    monkeypatch.setattr(kogcupy.model, "load_model", load)
 
 
 def test_generate_embedded_model(smollm2):
@@ -163,3 +169,141 @@ def test_main_entry_point_exit_codes(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = run("--help")
     assert r.returncode == 0 and "generate" in r.stdout
+
+
+# ------------------------------------------------------------------------ issue 15
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Loading the model fails the test: the checks under test must run before it."""
+    def load(*a, **kw):
+        pytest.fail("the model was loaded before the argument check")
+    monkeypatch.setattr(kogcupy.model, "load_model", load)
+
+
+def test_invalid_utf8_prompt_is_one_line(no_load):
+    r = CliRunner().invoke(cli, ["generate"], input=b"Hello \xff world")
+    assert_user_error(r, "stdin is not valid UTF-8 text: byte 0xff at offset 6")
+    assert_user_error(invoke(["generate", "Hello \udcff"]), "byte 0xff at character 6")
+    assert_user_error(invoke(["generate", "hi", "--stop", "\udcfe"]), "--stop")
+
+
+def test_invalid_utf8_through_the_api(tiny_models):
+    from kogcupy.engine import Engine
+    from kogcupy.errors import InputError
+    eng = Engine(tiny_models["llama"], backend="reference", context_length=64)
+    with pytest.raises(InputError, match="not valid UTF-8 text: undecodable byte 0xff"):
+        eng.generate("Hello \udcff", chat=False)
+    with pytest.raises(InputError, match="chat message 0: content is not valid UTF-8"):
+        eng.generate([{"role": "user", "content": "a\ud800b"}])
+    with pytest.raises(InputError, match="stop string"):
+        eng.generate("hi", stop=["\udcff"], chat=False)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--gpus", "0"], "--gpus must be >= 1"),
+    (["--context-length", "0"], "--context-length must be >= 2"),
+    (["--context-length", "1"], "--context-length must be >= 2"),
+    (["--dtype", "fp8"], "dtype must be one of"),
+    (["--gpus", "2", "--backend", "reference"], "reference backend runs on the CPU"),
+])
+def test_argument_checks_run_before_loading(no_load, args, match):
+    assert_user_error(invoke(["generate", "hi", *args]), match)
+
+
+def test_no_gpu_is_said_first(no_load, monkeypatch):
+    import kogcupy.engine as E
+    monkeypatch.setattr(E, "gpu_info", lambda: (False, "cupy sees no GPU"))
+    assert_user_error(invoke(["generate", "hi", "--gpus", "2"]), "needs 2 GPUs, but cupy sees no GPU")
+    assert_user_error(invoke(["generate", "hi", "--gpus", "2", "--backend", "monokernel"]),
+                      "needs a CUDA/ROCm GPU")
+
+
+def test_checks_on_the_config_run_before_the_weights(tiny_dirs, monkeypatch):
+    import kogcupy.engine as E
+    import kogcupy.weights as W
+
+    def no_weights(*a, **kw):
+        pytest.fail("weights were read before the config check")
+    monkeypatch.setattr(W, "pack_weights", no_weights)
+    r = invoke(["generate", "hi", "--model", tiny_dirs["llama"], "--context-length", "100000"])
+    assert_user_error(r, "context length 100000 exceeds the 256 positions this model supports")
+    monkeypatch.setattr(E, "gpu_info", lambda: (True, "1 GPU(s)"))
+    r = invoke(["generate", "hi", "--model", tiny_dirs["llama"], "--backend", "monokernel",
+                "--gpus", "3"])
+    assert_user_error(r, "does not divide the model's 4 attention heads")
+
+
+def test_context_length_beyond_the_model_through_the_api(tiny_models):
+    from kogcupy.engine import Engine
+    from kogcupy.errors import InputError
+    with pytest.raises(InputError, match="exceeds the 256 positions"):
+        Engine(tiny_models["llama"], backend="reference", context_length=100000)
+    assert Engine(tiny_models["llama"], backend="reference").context_length == 256
+
+
+def test_ffn_width_not_a_multiple_of_8_is_refused_before_loading(tmp_path, monkeypatch):
+    import kogcupy.engine as E
+    import test_bad_input as B
+    d = B.write_small_hf(tmp_path, {**B.SMALL, "intermediate_size": 36}, tokenizer=True)
+    monkeypatch.setattr(E, "gpu_info", lambda: (True, "1 GPU(s)"))
+    r = invoke(["generate", "hi", "--model", d, "--backend", "monokernel"])
+    assert_user_error(r, "FFN width 36 is not a multiple of 8")
+    assert "--backend reference" in r.stderr
+    from kogcupy.errors import UnsupportedModelError
+    from kogcupy.model import load_model
+    with pytest.raises(UnsupportedModelError, match="FFN width 36"):
+        E.Engine(load_model(d), backend="monokernel")          # the API: before any upload
+
+
+def test_ctrl_c_while_loading_says_so(monkeypatch):
+    def load(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(kogcupy.model, "load_model", load)
+    r = invoke(["generate", "hi"])
+    assert r.exit_code == 130
+    assert r.stderr == "kogcupy: interrupted while loading the model\n", repr(r.stderr)
+
+
+def test_usage_errors_are_one_line():
+    for args, match in ((["generate", "-n", "5", "hi"], "No such option '-n'"),
+                        (["generate", "--max-new-tokens", "x", "hi"], "--max-new-tokens"),
+                        (["bogus"], "No such command 'bogus'"),
+                        (["--bogus"], "No such option '--bogus'")):
+        r = invoke(args)
+        assert_user_error(r, match)
+        assert "--help" in r.stderr
+
+
+def test_repack_short_help():
+    from weights_tools.repack import repack_command
+    r = CliRunner().invoke(repack_command, ["-h"])
+    assert r.exit_code == 0 and "Usage:" in r.stdout
+    r = CliRunner().invoke(repack_command, ["a"])
+    assert r.exit_code == 2
+
+
+def test_terminal_stdin_says_it_reads_the_prompt(cached_default_model, monkeypatch):
+    import kogcupy.cli as C
+    monkeypatch.setattr(C, "_stdin_is_tty", lambda: True)
+    r = invoke(["generate", "--max-new-tokens", "2", "--backend", "reference"], input="Hi\n")
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert r.stderr.startswith("kogcupy: reading the prompt from stdin (end it with Ctrl-D")
+
+
+def test_progress_line_on_a_terminal(cached_default_model, monkeypatch):
+    import kogcupy.cli as C
+    monkeypatch.setattr(C, "_stderr_is_tty", lambda: True)
+    r = invoke(["generate", "hi", "--max-new-tokens", "2", "--backend", "reference"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert "kogcupy: loading SmolLM2-135M-Instruct.Q4_1.gguf (reference) ..." in r.stderr
+    assert "kogcupy: loaded SmolLM2-135M-Instruct.Q4_1.gguf in " in r.stderr
+
+
+def test_repack_entry_point_usage_error_is_one_line(capsys):
+    from weights_tools.repack import main as repack_main
+    with pytest.raises(SystemExit) as e:
+        repack_main(["-x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("kogcupy-repack: error: No such option '-x'")

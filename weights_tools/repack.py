@@ -153,7 +153,7 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
     return dtype
 
 
-@click.command("repack")
+@click.command("repack", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("src", type=click.Path(exists=False))
 @click.argument("dst", type=click.Path(exists=False))
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "bfloat16", "float16"]),
@@ -192,7 +192,11 @@ def main(argv=None) -> None:
         repack_command.main(args=argv, prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:          # usage errors
+    except click.UsageError as e:              # one line, as `kogcupy` prints them
+        from kogcupy.cli import usage_line
+        click.echo(f"{prog}: error: {usage_line(e, prog)}", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except KogError as e:
