@@ -204,14 +204,23 @@ class _OneLaunchBackend:
             raise InputError(f"{len(token_ids)} tokens exceed the context length "
                              f"{self.context_length}")
 
-    def _sync_with_watchdog(self):
+    def _sync_with_watchdog(self, stalled: str | None = None):
+        """Wait for the launch to end, at most watchdog_s; then a DeviceError (`stalled`)."""
         t0 = time.perf_counter()
         while not self._stream.done:
             if time.perf_counter() - t0 > self.watchdog_s:
-                raise DeviceError(f"monokernel did not finish within {self.watchdog_s:.0f} s; "
-                                  f"the GPU kernel is stalled")
+                raise DeviceError(stalled or f"monokernel did not finish within "
+                                  f"{self.watchdog_s:.0f} s; the GPU kernel is stalled")
             time.sleep(50e-6)
         self._stream.synchronize()
+
+    def _wait_idle(self):
+        """The GPU is free for the next launch: the last one ended (a cancelled or stalled one
+        gets watchdog_s to stop; never an endless wait on a stalled kernel)."""
+        self._sync_with_watchdog(
+            f"the GPU is still running the previous monokernel launch {self.watchdog_s:.0f} s "
+            f"after it was stopped (the kernel is stalled or the GPU is busy with another "
+            f"process); this engine cannot use the GPU until it ends: restart the process")
 
 
 class MonokernelBackend(_OneLaunchBackend):
@@ -477,9 +486,6 @@ class MonokernelBackend(_OneLaunchBackend):
             self.prefix_cache.clear()
 
     # ---- launch ---------------------------------------------------------------------------
-    def _wait_idle(self):
-        self._stream.synchronize()
-
     def _launch(self, ids: list[int], params: SamplingParams, max_new: int, eos_ids,
                 all_logits: bool, logits_out=None):
         if self._active is not None:

@@ -76,9 +76,6 @@ class TensorParallelBackend(_OneLaunchBackend):
         self._read_bw = None
 
     # ---- launch ---------------------------------------------------------------------------
-    def _wait_idle(self):
-        self._stream.synchronize()
-
     def _launch(self, ids, params: SamplingParams, max_new: int, eos_ids, all_logits: bool,
                 logits_outs=None) -> float:
         if self._active is not None:

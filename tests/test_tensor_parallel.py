@@ -212,3 +212,44 @@ def test_backends_share_the_launch_protocol():
         stream.done = False
         with pytest.raises(DeviceError, match="did not finish"):
             b._sync_with_watchdog()
+
+
+def test_a_stalled_kernel_fails_the_next_request_within_the_watchdog():
+    # issue 15 item 9: after the stream watchdog fired, the next request waited on the stalled
+    # stream for ever. GPU side faked: synchronize() on a running stream would never return.
+    import time
+    from types import SimpleNamespace
+
+    from kogcupy.errors import DeviceError
+    from kogcupy.monokernel import MonokernelBackend
+    from kogcupy.multigpu import TensorParallelBackend
+    from kogcupy.sampling_params import SamplingParams
+
+    def never_returns():
+        assert stream.done, "synchronize() on a stalled stream never returns"
+
+    for cls in (MonokernelBackend, TensorParallelBackend):
+        b = object.__new__(cls)
+        b.prefill = None
+        ctl, toks = np.zeros(4, np.uint32), np.zeros(16, np.int32)
+        stream = SimpleNamespace(done=False, synchronize=never_returns)
+        b.cfg, b.context_length, b.watchdog_s, b._active = cfg_of(vocab=101), 8, 0.2, None
+        b._ctl, b._host_tokens, b._stream = SimpleNamespace(u32=ctl), SimpleNamespace(i32=toks), stream
+        b._forget_kv = lambda: None
+        b._launch = lambda *a, **kw: 0.0               # launched; the kernel then stalls
+        s = b.start([1, 2], SamplingParams(), 3, set())
+        with pytest.raises(DeviceError, match="no progress"):
+            next(s)
+        assert ctl[2] == 1                              # the kernel was asked to stop
+        del b._launch                                   # the backend's own launch from here
+        t0 = time.perf_counter()
+        with pytest.raises(DeviceError, match="still running the previous monokernel launch"):
+            b.start([1, 2], SamplingParams(), 3, set())
+        assert time.perf_counter() - t0 < b.watchdog_s + 1.0
+        if cls is MonokernelBackend:                    # one GPU, batched prefill: same wait
+            b.prefill = object()
+            with pytest.raises(DeviceError, match="still running"):
+                b.start([1, 2], SamplingParams(), 3, set())
+            stream.done = True                          # the kernel honoured the stop: runs
+            s = b.start([1, 2], SamplingParams(), 3, set())
+            assert b._active is s and s.finish_reason is None
