@@ -8,8 +8,9 @@ C context length (KV cache positions), B blocks in the grid, R rope table positi
 
 The struct lives in device memory; the kernel gets a pointer to it. ``struct_source()`` is
 prepended to the kernel source by ``kernels.py``; ``pack()`` fills a numpy structured array
-with the same layout (numpy's ``align=True`` follows the C rules; ``test_gpu_abi`` checks
-offsetof/sizeof on the device against ``layout()``).
+with the same layout (numpy's ``align=True`` follows the C rules). CI compiles
+``layout_static_asserts()`` (offsetof/sizeof against ``layout()``) with nvcc; on a GPU a
+probe kernel reads them back.
 """
 from __future__ import annotations
 
@@ -129,8 +130,22 @@ def pack(values: dict) -> np.ndarray:
     return a
 
 
-def layout_probe_source() -> str:
-    """A kernel writing offsetof/sizeof of each field, for the host/device layout test."""
+def layout_static_asserts(lay: dict[str, int] | None = None) -> str:
+    """C++ static_asserts that the compiler's offsetof/sizeof of ``KogParams`` equal the host
+    layout (``layout()``, or `lay`): a host/device mismatch fails the compile."""
+    lay = layout() if lay is None else lay
+    lines = [f'static_assert(__builtin_offsetof(KogParams, {n}) == {lay[n]}, '
+             f'"KogParams::{n}: the device offset differs from the host offset {lay[n]}");'
+             for n, _, _, _ in FIELDS]
+    lines.append(f'static_assert(sizeof(KogParams) == {lay["__size__"]}, '
+                 f'"sizeof(KogParams) differs from the host size {lay["__size__"]}");')
+    return "\n".join(lines) + "\n"
+
+
+def layout_probe_source(static_asserts: bool = False, lay: dict[str, int] | None = None) -> str:
+    """A kernel writing offsetof/sizeof of each field, for the host/device layout test on a
+    GPU; with `static_asserts`, the compile itself checks them against the host layout (the
+    compile-only CI test)."""
     body = ["    KogParams s;", "    const char* base = reinterpret_cast<const char*>(&s);"]
     body += [f"    out[{i}] = (unsigned long long)(reinterpret_cast<const char*>(&s.{n}) - base);"
              for i, (n, _, _, _) in enumerate(FIELDS)]
@@ -138,6 +153,7 @@ def layout_probe_source() -> str:
     return ("typedef unsigned int kog_u32;\ntypedef unsigned short kog_u16;\n"
             "typedef unsigned long long kog_u64;\n"
             + struct_source()
+            + (layout_static_asserts(lay) if static_asserts else "")
             + 'extern "C" __global__ void kog_abi_probe(unsigned long long* out) {\n'
             + "\n".join(body) + "\n}\n")
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
+import tempfile
+import uuid
 
 import pytest
 
@@ -103,11 +106,29 @@ def test_nvcc_sm90(tmp_path, key):
 
 
 def test_nvcc_abi_probe(tmp_path):
+    # the host layout (abi.layout(), what pack() writes) against the compiler's offsetof /
+    # sizeof, as static_asserts: a mismatch fails the compile
     nvcc = _compiler("nvcc")
-    f = _write(tmp_path, "probe", abi.layout_probe_source(), ".cu")
+    src = abi.layout_probe_source(static_asserts=True)
+    assert src.count("static_assert(") == len(abi.FIELDS) + 1
+    f = _write(tmp_path, "probe", src, ".cu")
     r = subprocess.run([nvcc, "-arch=sm_90", "-c", "-o", str(tmp_path / "p.o"), str(f)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]
+    # ... and the check can fail: a host offset off by 4 bytes
+    lay = dict(abi.layout(), prompt_len=abi.layout()["prompt_len"] + 4)
+    f = _write(tmp_path, "probe_bad", abi.layout_probe_source(static_asserts=True, lay=lay), ".cu")
+    r = subprocess.run([nvcc, "-arch=sm_90", "-c", "-o", str(tmp_path / "q.o"), str(f)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "KogParams::prompt_len" in r.stderr, r.stderr[-4000:]
+
+
+def _hipcc(hipcc, args):
+    """hipcc with a private TMPDIR, removed afterwards: Debian's hipcc leaves an empty
+    <source name>-<hex> directory per compile step in the temp directory."""
+    with tempfile.TemporaryDirectory(prefix="kogcupy-hipcc-") as tmp:
+        env = dict(os.environ, HIP_PLATFORM="amd", TMPDIR=tmp, TMP=tmp, TEMP=tmp)
+        return subprocess.run([hipcc, *args], capture_output=True, text=True, env=env)
 
 
 @pytest.mark.parametrize("key", ["llama-3.2-1b", "qwen2-bias-gqa7", "smollm2-135m-fp16",
@@ -117,17 +138,31 @@ def test_hipcc_gfx90a(tmp_path, key):
     hipcc = _compiler("hipcc")
     src, opts = _sources(tmp_path)[key]
     f = _write(tmp_path, key, src, ".hip")
-    env = dict(os.environ, HIP_PLATFORM="amd")
-    r = subprocess.run([hipcc, "--offload-arch=gfx90a", "-x", "hip", "-std=c++17", "-c",
-                        "-o", str(tmp_path / "k.o"), str(f), *opts],
-                       capture_output=True, text=True, env=env)
+    r = _hipcc(hipcc, ["--offload-arch=gfx90a", "-x", "hip", "-std=c++17", "-c",
+                       "-o", str(tmp_path / "k.o"), str(f), *opts])
     assert r.returncode == 0, r.stderr[-6000:]
 
 
-def test_abi_layout_matches_c_rules():
+def test_hipcc_leaves_nothing_in_the_temp_dir(tmp_path):
+    hipcc = _compiler("hipcc")
+    name = f"kogprobe{uuid.uuid4().hex[:12]}"         # what hipcc names its leftovers after
+    f = _write(tmp_path, name, kernels.stream_read_source(), ".hip")
+    r = _hipcc(hipcc, ["--offload-arch=gfx90a", "-x", "hip", "-std=c++17", "-c",
+                       "-o", str(tmp_path / "k.o"), str(f)])
+    assert r.returncode == 0, r.stderr[-6000:]
+    left = [e for e in os.listdir(tempfile.gettempdir()) if e.startswith(name)]
+    for e in left:                                     # (do not leave them either way)
+        shutil.rmtree(os.path.join(tempfile.gettempdir(), e), ignore_errors=True)
+    assert left == []
+
+
+def test_abi_pack_writes_the_layout():
+    # pack() puts each value at layout()'s offset (which test_nvcc_abi_probe checks against
+    # the compiler's offsetof)
     lay = abi.layout()
-    offs = [lay[n] for n, _, _, _ in abi.FIELDS]
-    assert offs == sorted(offs) and offs[0] == 0
-    assert lay["__size__"] % 8 == 0
-    a = abi.pack({"prompt_len": 7, "wqkv": 0xdeadbeef000})
-    assert a["prompt_len"][0] == 7 and a["wqkv"][0] == 0xdeadbeef000
+    a = abi.pack({"prompt_len": 7, "wqkv": 0xdeadbeef000, "temperature": 0.5})
+    raw = a.tobytes()
+    assert len(raw) == lay["__size__"]
+    assert int.from_bytes(raw[lay["prompt_len"]:lay["prompt_len"] + 4], "little") == 7
+    assert int.from_bytes(raw[lay["wqkv"]:lay["wqkv"] + 8], "little") == 0xdeadbeef000
+    assert raw[lay["temperature"]:lay["temperature"] + 4] == struct.pack("<f", 0.5)

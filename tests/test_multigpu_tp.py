@@ -157,7 +157,15 @@ def test_all_ranks_stop_together(n):
     first = [next(s) for _ in range(3)]
     s.cancel()
     rest = list(s)
-    assert s.finish_reason == "cancelled" and first == ref[:3] and len(rest) < 400
+    got = first + rest
+    assert s.finish_reason == "cancelled" and got[:40] == ref[:len(got)]
+    # the kernel reads the flag every step: a few tokens more (host polling latency), not 400
+    assert len(rest) < 64, len(rest)
+    # every rank stopped at the same step, on the cancel (finish code 4), and all GPUs are free
+    for r in tp.ranks:
+        assert (int(r._ctl.u32[0]), int(r._ctl.u32[1])) == (len(got), 4), r.rank
+    assert tp._stream.done
+    assert greedy(tp, ids, 40) == (ref, "length")          # and the next request runs
     t0 = time.perf_counter()
     tp._wait_idle()                               # every rank's kernel has ended
     assert time.perf_counter() - t0 < 10

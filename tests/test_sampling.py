@@ -188,3 +188,16 @@ def test_extreme_temperatures_stay_finite():
                                    [0, 0.5, 0, 0.5])
         np.testing.assert_allclose(sampling_probs(logits, SP(temperature=1e30)), [0.25] * 4)
         assert sample(logits, SP(temperature=1e-45, seed=1), 0) in (1, 3)
+
+
+def test_chi2_survival_without_scipy():
+    # tests/chi2.py replaces scipy in the GPU tests (no extra installs scipy)
+    import math
+
+    from chi2 import chi2_sf, chisquare_pvalue
+    for df, crit in _CHI2_CRIT_001.items():
+        assert chi2_sf(crit, df) == pytest.approx(1e-3, rel=2e-3), df
+    for x in (0.1, 3.0, 40.0):
+        assert chi2_sf(x, 2) == pytest.approx(math.exp(-x / 2), rel=1e-9)
+    assert chi2_sf(150.0, 100) == pytest.approx(9.0393e-4, rel=1e-4)   # numeric integral
+    assert chisquare_pvalue([10, 10, 10], [10, 10, 10]) == 1.0
