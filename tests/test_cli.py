@@ -307,3 +307,33 @@ def test_repack_entry_point_usage_error_is_one_line(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("kogcupy-repack: error: No such option '-x'")
+
+
+def test_models_lists_families_and_tested_checkpoints():
+    r = invoke(["models"])
+    assert r.exit_code == 0, r.exception
+    for word in ("llama", "qwen2", "qwen3", "GGUF", "packed", "SmolLM2-135M-Instruct",
+                 "tested checkpoints"):
+        assert word in r.stdout, word
+
+
+def test_readme_matches_ci_and_the_cli():
+    import dataclasses
+    import re
+
+    from kogcupy.engine import GenerationResult
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    ci = open(os.path.join(root, ".ci", "run"), encoding="utf-8").read()
+    ci_test = ci.split("# --- README test command (keep identical) ---\n")[1].strip()
+    assert f"```bash\n{ci_test}\n```" in readme
+    synopsis = readme.split("## Command line")[1].split("## Serving")[0]
+    for p in cli.commands["generate"].params:
+        for opt in p.opts + p.secondary_opts:
+            if opt.startswith("--"):
+                assert opt in synopsis, opt
+    fields = {f.name for f in dataclasses.fields(GenerationResult)}
+    comment = readme.split("r = gen.result")[1].split("print(")[0]
+    named = set(re.findall(r"[a-z_]+", comment.split("GenerationResult:")[1]))
+    assert named <= fields, named - fields
+    assert "kogcupy models" in readme
