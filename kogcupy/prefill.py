@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .errors import DeviceError
+from .errors import DeviceError, InputError
 
 CHUNK = 4096                      # tokens per chunk: bounds the activation buffers
 _CUDA_R_16F, _CUDA_R_32F, _CUDA_R_16BF = 2, 0, 14
@@ -170,10 +170,16 @@ class Prefill:
         return x if want_x else None
 
     # ---- entry points --------------------------------------------------------------------
+    def _check_positions(self, end: int):
+        """Positions [0, end) must fit the KV cache (and the RoPE table it was sized by)."""
+        if end > self.b.context_length:
+            raise InputError(f"{end} positions exceed the context length {self.b.context_length}")
+
     def run(self, ids, start: int, end: int, should_stop=None, chunk: int = CHUNK) -> int:
         """K/V of positions [start, end) of `ids` into the cache, chunk by chunk. Between
         chunks ``should_stop()`` is asked (cancel); returns the end of what was written."""
         ids = np.asarray(ids, dtype=np.int32)
+        self._check_positions(end)
         pos = start
         while pos < end:
             if should_stop is not None and should_stop():
@@ -190,6 +196,7 @@ class Prefill:
         through the prefill path: the test hook that compares it with the reference."""
         cp = kernels._cupy()
         ids = np.asarray(ids, dtype=np.int32)
+        self._check_positions(len(ids))
         cfg, b = self.cfg, self.b
         out = np.empty((len(ids), cfg.vocab_size), np.float32)
         for pos in range(0, len(ids), chunk):

@@ -56,9 +56,9 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def model(cfg, seed=0, logit_scale=1.0, dtype="bfloat16"):
+def model(cfg, seed=0, logit_scale=1.0, dtype="bfloat16", rope_positions=2048):
     w = random_packed_weights(cfg, seed=seed, dtype=dtype, logit_scale=logit_scale,
-                              rope_positions=2048)
+                              rope_positions=rope_positions)
     return SimpleNamespace(config=cfg, weights=w, dtype=dtype, tokenizer=None, path="random")
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from kogcupy.errors import InputError
 from kogcupy.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -40,9 +41,11 @@ def test_prefill_long_prompt_and_simple_attention():
     """~3,000 tokens over several chunks (hd 128, GQA 3); the portable attention kernel (the
     HIP path) gives the same logits as the tensor-core one."""
     cfg = dataclasses.replace(FAMILIES["llama-hd128-gqa3"], max_position_embeddings=4096)
-    m = model(cfg, seed=6)
-    m.weights  # noqa: B018
+    m = model(cfg, seed=6, rope_positions=3200)
     be = MonokernelBackend(m, context_length=3200)
+    assert be.context_length == 3200
+    with pytest.raises(InputError, match="exceed the context length"):
+        be.prefill.logits([1] * 3201)
     ids = np.random.default_rng(7).integers(0, cfg.vocab_size, 3000).tolist()
     fast = be.prefill.logits(ids, chunk=1024)
     be.prefill.mma = False
