@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Bar chart of a scripts/bench.py result: decode tok/s per shape per engine, limit marked;
-kogcupy against context position, and tok/s against GPU count (tensor parallel) when measured.
+kogcupy against context position, cold time to first token, the agent workload's total time,
+and tok/s against GPU count (tensor parallel) when measured.
 
     python scripts/plot_bench.py bench/results/h200-2026-11-22.json   # writes the .png beside it
 
@@ -14,6 +15,27 @@ import sys
 
 ENGINE_ORDER = ("hf-eager", "torch-sdpa-graph", "kogcupy")
 COLORS = {"hf-eager": "#9e9e9e", "torch-sdpa-graph": "#5b8def", "kogcupy": "#e8590c"}
+
+
+def grouped_bars(ax, rows, key, value, ylabel, title, log=False):
+    """One group of bars per key(row), one bar per engine, the value written on each."""
+    groups = list(dict.fromkeys(key(r) for r in rows))
+    engines = [e for e in ENGINE_ORDER if any(r["engine"] == e for r in rows)]
+    width = 0.8 / max(len(engines), 1)
+    for j, eng in enumerate(engines):
+        for i, g in enumerate(groups):
+            r = next((r for r in rows if r["engine"] == eng and key(r) == g), None)
+            if r is None:
+                continue
+            x = i - 0.4 + width * (j + 0.5)
+            ax.bar(x, value(r), width, color=COLORS[eng], label=eng if i == 0 else None)
+            ax.text(x, value(r) * 1.03, f"{value(r):.3g}", ha="center", va="bottom", fontsize=6)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(groups)), groups, fontsize=7)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
 
 
 def plot(json_path: str, png_path: str | None = None) -> str:
@@ -37,10 +59,21 @@ def plot(json_path: str, png_path: str | None = None) -> str:
     tp_rows = [r for r in kog if r["position"] == 0]
     with_ctx = len({r["position"] for r in pos_rows}) > 1
     with_tp = len({r.get("n_gpus", 1) for r in tp_rows}) > 1
-    n_ax = 1 + with_ctx + with_tp
+    ttft = [r for r in doc["rows"] if r["metric"] == "ttft" and r["status"] == "ok"]
+    agent = [r for r in doc["rows"] if r["metric"] == "agent" and r["status"] == "ok"]
+    n_ax = 1 + with_ctx + with_tp + bool(ttft) + bool(agent)
     fig, axes = plt.subplots(1, n_ax, figsize=(8 + 5 * (n_ax - 1), 5), squeeze=False,
                              gridspec_kw={"width_ratios": [2] + [1] * (n_ax - 1)})
     axes = list(axes[0])
+    extra = axes[1 + with_ctx:len(axes) - with_tp]       # the prompt panels, in order
+    if ttft:
+        grouped_bars(extra.pop(0), ttft, lambda r: f"{r['shape']}\n{r['prompt_len'] // 1000}k",
+                     lambda r: r["ttft_s"] * 1e3, "time to first token, ms (cold prompt, log)",
+                     "time to first token", log=True)
+    if agent:
+        grouped_bars(extra.pop(0), agent, lambda r: r["shape"], lambda r: r["total_s"],
+                     f"agent workload total s ({agent[0]['turns']} turns, "
+                     f"{agent[0]['new_tokens']} new tokens each)", "multi-turn agent workload")
     ax = axes[0]
     width = 0.8 / max(len(engines), 1)
     for i, shape in enumerate(shapes):
