@@ -171,8 +171,12 @@ def build_engine(args):
     else:
         model = random_model(shape_config(args.shape), seed=0, dtype=args.dtype or "bfloat16",
                              rope_positions=args.context_length)
-        tk = load_model(None).tokenizer              # the embedded SmolLM2's
-        model.tokenizer = Tokenizer(tk.backend, bos_token_id=None, eos_token_ids=(),
+        if args.tokenizer:                           # a tokenizer.json (e.g. SmolLM2's, saved)
+            from tokenizers import Tokenizer as _HFTokenizer
+            backend = _HFTokenizer.from_file(args.tokenizer)
+        else:
+            backend = load_model(None).tokenizer.backend     # the embedded SmolLM2's
+        model.tokenizer = Tokenizer(backend, bos_token_id=None, eos_token_ids=(),
                                     add_bos=False, chat_template=None,
                                     source="SmolLM2 tokenizer without EOS")
         what = f"random {args.shape}"
@@ -204,6 +208,8 @@ def main() -> None:
     ap.add_argument("--shape", default="smollm2-135m",
                     help="random-weight shape (kogcupy.random_weights.SHAPES)")
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer.json for a random-weight shape (default: the embedded SmolLM2's)")
     ap.add_argument("--backend", default="monokernel")
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--context-length", type=int, default=4096)
