@@ -20,15 +20,12 @@ import time
 import numpy as np
 
 from . import abi, kernels
-from .config import ModelConfig
 from .errors import DeviceError, InputError
 from .device_weights import DeviceModel, _check_memory, kv_bytes, streamed_weight_bytes
-from .placement import ATTN_MIN_CHUNK, attn_chunk_cap, max_tp_blocks, place
+from .build_plan import THREADS, build_plan
 from .prefix_cache import PrefixCache, common_prefix_len
 from .sampling_params import SamplingParams
 
-THREADS = 512
-DYN_MIN_ROWS = 8             # rows of x per block from which the dynamic work tails pay
 MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head", "embed")
 STAGE_DUMPS = ("attn_norm_qkv", "attention", "o_proj_residual", "ffn_norm_gate_up_silu",
                "down_residual")
@@ -54,17 +51,6 @@ def gpu_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # noqa: BLE001
         return False
-
-
-def smem_floats(cfg: ModelConfig, attn_chunk: int | None = None) -> int:
-    from .placement import attn_chunk_cap
-    chunk = attn_chunk or attn_chunk_cap(cfg)
-    g, hd = cfg.gqa_group, cfg.head_dim
-    attn = (g * hd * 2 + 2 * hd + g * chunk + -(-2 * g // 4) * 4 + hd
-            + chunk * hd)                           # attention.cuh KOG_ATTN_SMEM_FLOATS
-    sample = 2048 * 2 + 8
-    n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample)
-    return -(-n // 4) * 4
 
 
 def prefix_cache_budget(gb: float | None) -> float:
@@ -257,49 +243,11 @@ class MonokernelBackend(_OneLaunchBackend):
         self.gpu_name = props["name"].decode(errors="replace") if isinstance(
             props["name"], bytes) else str(props["name"])
         self.n_sms = int(props["multiProcessorCount"])
-        self.tuning = dict(tuning or {})
-        if profile_pos is not None or debug_positions:
-            self.tuning["KOG_HOOKS"] = 1      # the stage timings / dumps are compiled in
-        if int(self.tuning.get("KOG_STREAM", kernels.DEFAULT_TUNING["KOG_STREAM"])):
-            # the (static) cross-stage weight stream excludes dynamic work tails
-            if int(self.tuning.get("KOG_DYN_PERMILLE", 0)):
-                raise DeviceError("KOG_DYN_PERMILLE (dynamic work tails) needs KOG_STREAM=0")
-            self.tuning["KOG_DYN_PERMILLE"] = 0
-        dyn = int(self.tuning.get("KOG_DYN_PERMILLE", kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"]))
-        if ("KOG_DYN_PERMILLE" not in self.tuning and self.world == 1
-                and lcfg.hidden_size < DYN_MIN_ROWS * int(blocks or self.n_sms)):
-            dyn = 0      # a small model's stages are too short for the grabs (SmolLM2: +10% static)
-        self.tuning["KOG_DYN_PERMILLE"] = dyn
-        # one block per multiprocessor; a small model split over GPUs gets a smaller grid, so
-        # that every block owns rows of every stage (placement.py)
-        self.n_blocks = int(blocks or (self.n_sms if self.world == 1 else
-                                       max(1, min(self.n_sms, max_tp_blocks(lcfg, self.world, dyn)))))
-        # down_residual's dynamic tail pays where a block owns many rows of x (H200: +2-3% with
-        # ~16 rows a block, -7% with ~4); tensor parallel keeps the static rows (not run there)
-        down_dyn = (int(self.tuning.get("KOG_DOWN_DYN", kernels.DEFAULT_TUNING["KOG_DOWN_DYN"]))
-                    and dyn > 0 and self.world == 1
-                    and lcfg.hidden_size >= DYN_MIN_ROWS * self.n_blocks)
-        self.tuning["KOG_DOWN_DYN"] = int(bool(down_dyn))
-        attn_chunk = int(self.tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
-            "KOG_ATTN_CHUNK", attn_chunk_cap(cfg))))
-        try:
-            self.placement = place(
-                lcfg, self.n_blocks, self.context_length, rank=self.rank, world_size=self.world,
-                max_chunk=attn_chunk,
-                min_chunk=int(self.tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
-                dyn_permille=dyn,
-                down_dyn=bool(down_dyn))
-        except ValueError as e:
-            raise DeviceError(f"cannot place this model on {self.n_blocks} blocks: {e}") from None
-        if (int(self.tuning.get("KOG_ATTN_POLL", kernels.DEFAULT_TUNING["KOG_ATTN_POLL"]))
-                and self.n_blocks < lcfg.n_kv_heads):
-            # the unit combining a head's partials must be the last unit of its block
-            raise DeviceError(f"KOG_ATTN_POLL needs at least {lcfg.n_kv_heads} blocks (kv heads)")
-        self._smem_floats = smem_floats(lcfg, attn_chunk)
-        scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
-        x_full = lcfg.hidden_size if self.world > 1 else 0  # tensor parallel: x per block
-        own = 2 * (-(-self.placement.own_rows // 4) * 4)  # sync.cuh: x_own is 2 x KOG_OWN_PAD
-        self.smem_bytes = 4 * (self._smem_floats + scratch + own + 16 + x_full)
+        plan = build_plan(lcfg, self.n_sms, self.context_length, threads, blocks, tuning,
+                          rank=self.rank, world=self.world,
+                          hooks=profile_pos is not None or bool(debug_positions))
+        self.tuning, self.n_blocks, self.placement = plan.tuning, plan.n_blocks, plan.placement
+        self._smem_floats, self.smem_bytes = plan.smem_floats, plan.smem_bytes
         self.bytes_per_token = float(streamed_weight_bytes(cfg))
         self._read_bw = None
         self.debug_positions = int(debug_positions)

@@ -23,7 +23,7 @@ import tempfile
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
 from kogcupy import abi, kernels  # noqa: E402
-from kogcupy.monokernel import THREADS, smem_floats  # noqa: E402
+from kogcupy.build_plan import THREADS, smem_floats  # noqa: E402
 from kogcupy.random_weights import shape_config  # noqa: E402
 
 

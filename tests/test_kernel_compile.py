@@ -17,7 +17,7 @@ import pytest
 
 from kogcupy import abi, kernels, prefill
 from kogcupy.config import ModelConfig
-from kogcupy.monokernel import smem_floats
+from kogcupy.build_plan import smem_floats
 from kogcupy.random_weights import shape_config
 from kogcupy.tensor_parallel import local_config
 

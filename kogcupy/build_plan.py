@@ -1,0 +1,94 @@
+"""The build plan of a monokernel: the grid, the tuning values the kernel is compiled with,
+the work placement and the shared-memory layout, decided once per backend from the model
+share and the GPU (no CuPy needed: CPU tests check it).
+
+    plan = build_plan(local_cfg, n_sms=132, context_length=4096)
+    plan.n_blocks, plan.tuning, plan.placement, plan.smem_bytes
+
+The shared-memory sizes mirror the kernel's own constants (named next to each term); the
+kernel's static_asserts (monokernel.cu) refuse a build whose layout does not fit them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import kernels
+from .config import ModelConfig
+from .errors import DeviceError
+from .placement import ATTN_MIN_CHUNK, Placement, attn_chunk_cap, max_tp_blocks, place
+
+THREADS = 512
+DYN_MIN_ROWS = 8             # rows of x per block from which the dynamic work tails pay
+
+
+def smem_floats(cfg: ModelConfig, attn_chunk: int | None = None) -> int:
+    """KOG_SMEM_FLOATS: the largest per-stage working set (activation vector, attention unit,
+    sampler histogram), rounded to 16 bytes."""
+    chunk = attn_chunk or attn_chunk_cap(cfg)
+    g, hd = cfg.gqa_group, cfg.head_dim
+    attn = (g * hd * 2 + 2 * hd + g * chunk + -(-2 * g // 4) * 4 + hd
+            + chunk * hd)                           # attention.cuh KOG_ATTN_SMEM_FLOATS
+    sample = 2048 * 2 + 8                           # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
+    n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample)
+    return -(-n // 4) * 4
+
+
+@dataclass
+class BuildPlan:
+    n_blocks: int                # grid: co-resident blocks
+    tuning: dict                 # -D tuning values (over kernels.DEFAULT_TUNING)
+    placement: Placement         # which block owns which rows / heads / chunks
+    attn_chunk: int              # KOG_ATTN_CHUNK
+    smem_floats: int             # KOG_SMEM_FLOATS
+    smem_bytes: int              # dynamic shared memory per block, before the weight ring
+
+
+def _knob(tuning: dict, name: str) -> int:
+    return int(tuning.get(name, kernels.DEFAULT_TUNING.get(name, 0)))
+
+
+def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int = THREADS,
+               blocks: int | None = None, tuning: dict | None = None, rank: int = 0,
+               world: int = 1, hooks: bool = False) -> BuildPlan:
+    """`lcfg`: this GPU's share of the model (all of it on one GPU)."""
+    tuning = dict(tuning or {})
+    if hooks:
+        tuning["KOG_HOOKS"] = 1               # the stage timings / dumps are compiled in
+    if _knob(tuning, "KOG_STREAM"):
+        # the (static) cross-stage weight stream excludes dynamic work tails
+        if int(tuning.get("KOG_DYN_PERMILLE", 0)):
+            raise DeviceError("KOG_DYN_PERMILLE (dynamic work tails) needs KOG_STREAM=0")
+        tuning["KOG_DYN_PERMILLE"] = 0
+    dyn = _knob(tuning, "KOG_DYN_PERMILLE")
+    if ("KOG_DYN_PERMILLE" not in tuning and world == 1
+            and lcfg.hidden_size < DYN_MIN_ROWS * int(blocks or n_sms)):
+        dyn = 0      # a small model's stages are too short for the grabs (SmolLM2: +10% static)
+    tuning["KOG_DYN_PERMILLE"] = dyn
+    # one block per multiprocessor; a small model split over GPUs gets a smaller grid, so
+    # that every block owns rows of every stage (placement.py)
+    n_blocks = int(blocks or (n_sms if world == 1 else
+                              max(1, min(n_sms, max_tp_blocks(lcfg, world, dyn)))))
+    # down_residual's dynamic tail pays where a block owns many rows of x (H200: +2-3% with
+    # ~16 rows a block, -7% with ~4); tensor parallel keeps the static rows (not run there)
+    down_dyn = (_knob(tuning, "KOG_DOWN_DYN") and dyn > 0 and world == 1
+                and lcfg.hidden_size >= DYN_MIN_ROWS * n_blocks)
+    tuning["KOG_DOWN_DYN"] = int(bool(down_dyn))
+    attn_chunk = int(tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
+        "KOG_ATTN_CHUNK", attn_chunk_cap(lcfg))))
+    try:
+        placement = place(lcfg, n_blocks, context_length, rank=rank, world_size=world,
+                          max_chunk=attn_chunk,
+                          min_chunk=int(tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
+                          dyn_permille=dyn, down_dyn=bool(down_dyn))
+    except ValueError as e:
+        raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None
+    if _knob(tuning, "KOG_ATTN_POLL") and n_blocks < lcfg.n_kv_heads:
+        # the unit combining a head's partials must be the last unit of its block
+        raise DeviceError(f"KOG_ATTN_POLL needs at least {lcfg.n_kv_heads} blocks (kv heads)")
+    floats = smem_floats(lcfg, attn_chunk)
+    scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
+    x_full = lcfg.hidden_size if world > 1 else 0    # tensor parallel: x per block
+    own = 2 * (-(-placement.own_rows // 4) * 4)      # sync.cuh: x_own is 2 x KOG_OWN_PAD
+    return BuildPlan(n_blocks=n_blocks, tuning=tuning, placement=placement,
+                     attn_chunk=attn_chunk, smem_floats=floats,
+                     smem_bytes=4 * (floats + scratch + own + 16 + x_full))

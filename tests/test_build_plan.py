@@ -1,0 +1,59 @@
+"""The monokernel's build plan (grid, tuning decisions, placement, shared memory) on the CPU."""
+from __future__ import annotations
+
+import pytest
+
+from kogcupy import kernels
+from kogcupy.build_plan import DYN_MIN_ROWS, build_plan, smem_floats
+from kogcupy.errors import DeviceError
+from kogcupy.placement import max_tp_blocks
+from kogcupy.random_weights import shape_config
+from kogcupy.tensor_parallel import local_config
+
+H200_SMS = 132
+
+
+def test_large_model_gets_dynamic_tails_and_one_block_per_sm():
+    cfg = shape_config("llama-3.2-1b")
+    p = build_plan(cfg, H200_SMS, 4096)
+    assert p.n_blocks == H200_SMS
+    assert p.tuning["KOG_DYN_PERMILLE"] == kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"] > 0
+    assert cfg.hidden_size >= DYN_MIN_ROWS * H200_SMS and p.tuning["KOG_DOWN_DYN"] == 1
+    assert p.placement.partition.shape[0] == H200_SMS
+    assert p.smem_floats >= max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim)
+    assert p.smem_floats * 4 < p.smem_bytes <= 227 * 1024
+    assert "KOG_HOOKS" not in p.tuning
+    assert build_plan(cfg, H200_SMS, 4096, hooks=True).tuning["KOG_HOOKS"] == 1
+
+
+def test_small_model_runs_static_unless_asked():
+    cfg = shape_config("smollm2-135m")
+    p = build_plan(cfg, H200_SMS, 4096)
+    assert p.tuning["KOG_DYN_PERMILLE"] == 0 and p.tuning["KOG_DOWN_DYN"] == 0
+    p = build_plan(cfg, H200_SMS, 4096, tuning={"KOG_DYN_PERMILLE": 50})
+    assert p.tuning["KOG_DYN_PERMILLE"] == 50 and p.tuning["KOG_DOWN_DYN"] == 0
+
+
+def test_tensor_parallel_share_gets_a_smaller_grid_and_x_per_block():
+    cfg = shape_config("qwen3-1.7b")
+    loc = local_config(cfg, 4)
+    p = build_plan(loc, H200_SMS, 4096, rank=1, world=4)
+    dyn = p.tuning["KOG_DYN_PERMILLE"]
+    assert p.n_blocks == max(1, min(H200_SMS, max_tp_blocks(loc, 4, dyn)))
+    assert p.tuning["KOG_DOWN_DYN"] == 0
+    one = build_plan(loc, p.n_blocks, 4096)             # the same grid on one GPU
+    assert p.smem_bytes - one.smem_bytes >= 4 * loc.hidden_size   # x_full
+
+
+def test_refusals():
+    cfg = shape_config("llama-3.2-1b")
+    with pytest.raises(DeviceError, match="needs KOG_STREAM=0"):
+        build_plan(cfg, H200_SMS, 4096, tuning={"KOG_STREAM": 1, "KOG_DYN_PERMILLE": 100})
+    assert build_plan(cfg, H200_SMS, 4096, tuning={"KOG_STREAM": 1}).tuning["KOG_DYN_PERMILLE"] == 0
+    with pytest.raises(DeviceError, match="at least 8 blocks"):
+        build_plan(cfg, H200_SMS, 4096, blocks=4)
+
+
+def test_smem_floats_covers_attention_and_sampler():
+    cfg = shape_config("smollm2-135m")                 # small: the sampler histogram dominates
+    assert smem_floats(cfg) >= 2048 * 2 + 8 and smem_floats(cfg) % 4 == 0
