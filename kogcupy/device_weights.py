@@ -15,6 +15,7 @@ import numpy as np
 from . import kernels, tensor_parallel
 from .config import ModelConfig
 from .errors import DeviceError
+from .packed_weights import FileRange, as_packed_weights
 from .packing import bf16_bits, default_rope_positions, rope_tables
 
 
@@ -83,30 +84,44 @@ class DeviceModel:
         return DeviceModel(self.cfg, self.dtype, out, (rank, world))
 
     @classmethod
-    def from_packed(cls, cfg: ModelConfig, weights: dict[str, np.ndarray], dtype: str
-                    ) -> "DeviceModel":
+    def from_packed(cls, cfg: ModelConfig, weights, dtype: str) -> "DeviceModel":
+        """Upload packed weights (``Model.weights``: a packed_weights.PackedWeights, or a dict
+        of float32 arrays) in the kernel's layout, stored as `dtype`.
+
+        Bytes reach the GPU as the source stores them and are converted there: a packed
+        directory in `dtype` is copied straight from its file through two pinned buffers (no
+        host conversion, no memory map); a HF checkpoint's tensors go up in their bf16/fp16/fp32
+        bits, one at a time, and are converted and gamma-folded on the GPU; GGUF tensors are
+        dequantized on the host one at a time. Host memory: the staging buffers and at most
+        one source tensor, never the whole model. Every matrix is checked finite on the GPU."""
         cp = _cupy()
+        W = as_packed_weights(weights)
         need = sum(int(np.prod(s)) * 2 for s in matrix_shapes(cfg).values())
         _check_memory(need, "weights")
         arrays = {}
         f = cfg.intermediate_size
-        for name, shape in matrix_shapes(cfg).items():
-            dev = cp.empty(shape, dtype=cp.uint16)
-            src = weights[name]
-            if src.ndim == 3:                       # stacked per layer: convert layer by layer
-                for layer in range(src.shape[0]):
-                    w = src[layer]
-                    if name == "w_gate_up":         # [gate; up] -> (f, 2, h) row pairs
-                        w = w.reshape(2, f, -1).transpose(1, 0, 2)
-                    dev[layer] = cp.asarray(_to_bits(np.ascontiguousarray(w), dtype))
-            else:
-                rows = max(1, (64 << 20) // (src.shape[1] * 4))
-                for r0 in range(0, src.shape[0], rows):
-                    dev[r0:r0 + rows] = cp.asarray(_to_bits(src[r0:r0 + rows], dtype))
-            arrays[name] = dev
+        up = _Uploader()
+        try:
+            for name, shape in matrix_shapes(cfg).items():
+                dev = cp.empty(shape, dtype=cp.uint16)
+                fr = W.file_range(name) if W.kind(name) == dtype else None
+                if fr is not None and name != "w_gate_up":
+                    up.file(fr, dev)                # the stored bytes are the device layout
+                else:
+                    for key in W.pieces(name):
+                        piece = _piece_bits(W, name, key, dtype, up)
+                        if name == "w_gate_up":     # [gate; up] -> (f, 2, h) row pairs
+                            piece = piece.reshape(2, f, -1).transpose(1, 0, 2)
+                        dev[key] = piece
+                arrays[name] = dev
+            up.finish()
+        finally:
+            up.close()
+        for name, dev in arrays.items():
+            _check_finite_bits(dev, dtype, name)
         for name in ("rope_cos", "rope_sin", "bqkv", "q_norm", "k_norm"):
-            if name in weights:
-                arrays[name] = cp.asarray(np.ascontiguousarray(weights[name], dtype=np.float32))
+            if name in W:
+                arrays[name] = cp.asarray(np.ascontiguousarray(W[name], dtype=np.float32))
         return cls(cfg, dtype, arrays)
 
     @classmethod
@@ -139,6 +154,145 @@ class DeviceModel:
                 g = rs.standard_normal((L, cfg.head_dim), dtype=cp.float32) * cp.float32(0.1)
                 arrays[k] = g + cp.float32(1.0)
         return cls(cfg, dtype, arrays)
+
+
+_CHECK_STEP = 1 << 24     # values converted / checked at a time (GPU temporaries: ~16 B each)
+
+
+def _f32_gpu(d, kind: str):
+    """Device values stored as `kind` (16-bit kinds as uint16 bits) -> float32."""
+    cp = _cupy()
+    if kind == "bfloat16":
+        return (d.astype(cp.uint32) << 16).view(cp.float32)
+    if kind == "float16":
+        return d.view(cp.float16).astype(cp.float32)
+    return d.astype(cp.float32, copy=False)
+
+
+def _piece_bits(W, name: str, key, dtype: str, up: "_Uploader"):
+    """One piece of a packed matrix on the GPU as uint16 bits of `dtype` (packed layout)."""
+    cp = _cupy()
+    shape = W.shape(name)
+    rows = (key.stop - key.start) if isinstance(key, slice) else shape[1]
+    cols = int(np.prod(shape[2:] if not isinstance(key, slice) else shape[1:], dtype=np.int64))
+    out = cp.empty((rows, cols), dtype=cp.uint16)
+    for p in W.parts(name, key):
+        d = up.to_device(p.src, p.shape, p.kind).reshape(p.r1 - p.r0, cols)
+        if p.kind == dtype and p.gamma is None:
+            out[p.r0:p.r1] = d
+            continue
+        g = cp.asarray(np.asarray(p.gamma, dtype=np.float32)) if p.gamma is not None else None
+        step = max(1, _CHECK_STEP // cols)          # rows converted at a time: small temporaries
+        for i in range(0, p.r1 - p.r0, step):
+            j = min(i + step, p.r1 - p.r0)
+            x = _f32_gpu(d[i:j], p.kind)
+            if g is not None:
+                x = x * g
+            if (p.check or p.kind != "float32") and not bool(cp.isfinite(x).all()):
+                from .errors import ModelLoadError
+                raise ModelLoadError(f"{p.where or name}: holds NaN or infinite values "
+                                     f"(corrupted file?)")
+            out[p.r0 + i:p.r0 + j] = _bits_gpu(x, dtype)
+            del x
+        del d
+    return out
+
+
+def _check_finite_bits(dev, dtype: str, name: str) -> None:
+    """ModelLoadError if a matrix's storage bits hold a NaN or an infinity (exponent all ones:
+    a corrupted file, or float16 overflowing)."""
+    cp = _cupy()
+    mask = cp.uint16(0x7F80 if dtype == "bfloat16" else 0x7C00)
+    flat, step, i = dev.reshape(-1), _CHECK_STEP, -1  # in pieces: small GPU temporaries
+    for j in range(0, flat.size, step):
+        bad = (flat[j:j + step] & mask) == mask
+        if bool(bad.any()):
+            i = j + int(bad.argmax())
+            break
+    if i >= 0:
+        from .errors import ModelLoadError
+        where = f" (layer {i // (dev.size // dev.shape[0])})" if dev.ndim > 2 else ""
+        hint = "; the values overflow float16: use --dtype bfloat16" if dtype == "float16" else ""
+        raise ModelLoadError(f"packed tensor {name!r}{where} holds NaN or infinite values as "
+                             f"{dtype}{hint}")
+
+
+class _Uploader:
+    """Host -> GPU copies on the current stream through two pinned staging buffers: a file's
+    bytes are read (not mapped: host memory stays two buffers) into one buffer while the
+    other one's copy runs."""
+
+    CHUNK = 64 << 20
+
+    def __init__(self):
+        self._bufs = None
+
+    def _setup(self):
+        cp = _cupy()
+        self._bufs = [cp.cuda.alloc_pinned_memory(self.CHUNK) for _ in range(2)]
+        self._views = [np.frombuffer(b, np.uint8, self.CHUNK) for b in self._bufs]
+        self._events = [None, None]
+        self._next = 0
+
+    def file(self, r, dev) -> None:
+        """FileRange `r` -> the device array `dev` (same byte count), asynchronously."""
+        import os
+
+        from .errors import ModelLoadError
+        cp = _cupy()
+        if dev.nbytes != r.nbytes:
+            raise ModelLoadError(f"{r.path}: {r.nbytes} bytes do not fill a {dev.nbytes}-byte "
+                                 f"device array")
+        if self._bufs is None:
+            self._setup()
+        stream = cp.cuda.get_current_stream()
+        rt = cp.cuda.runtime
+        dst = dev.data.ptr
+        fd = os.open(r.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < r.nbytes:
+                n = min(self.CHUNK, r.nbytes - done)
+                i, self._next = self._next, self._next ^ 1
+                if self._events[i] is not None:
+                    self._events[i].synchronize()      # its previous copy has left the buffer
+                view, got = memoryview(self._views[i])[:n], 0
+                while got < n:
+                    k = os.preadv(fd, [view[got:]], r.offset + done + got)
+                    if k <= 0:
+                        raise ModelLoadError(f"{r.path}: file ends inside a tensor (truncated?)")
+                    got += k
+                rt.memcpyAsync(dst + done, self._bufs[i].ptr, n, rt.memcpyHostToDevice,
+                               stream.ptr)
+                ev = cp.cuda.Event(disable_timing=True)
+                ev.record(stream)
+                self._events[i] = ev
+                done += n
+        finally:
+            os.close(fd)
+
+    def to_device(self, src, shape, kind: str):
+        """A Part's source (host array or FileRange) on the GPU, as stored (uint16 bits for
+        16-bit kinds, float32 otherwise)."""
+        cp = _cupy()
+        if isinstance(src, FileRange):
+            d = cp.empty(shape, dtype=cp.float32 if kind == "float32" else cp.uint16)
+            self.file(src, d)
+            return d
+        a = np.ascontiguousarray(src)
+        if kind != "float32":
+            a = a.view(np.uint16)
+        return cp.asarray(a)
+
+    def finish(self) -> None:
+        if self._bufs is not None:
+            for e in self._events:
+                if e is not None:
+                    e.synchronize()
+
+    def close(self) -> None:
+        self.finish()                  # a copy may not outlive its staging buffer
+        self._bufs = None
 
 
 def _bits_gpu(x, dtype: str):

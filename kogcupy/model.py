@@ -5,8 +5,11 @@
     load_model("model.gguf")          llama.cpp GGUF (F32/F16/BF16/Q8_0/Q4_x/Q5_x/K-quants)
     load_model("path/to/packed_dir")  written by `kogcupy-repack`
 
-``Model.weights`` hold the checkpoint's values in the packed layout as float32 (gammas folded
-in float32); a GPU backend stores them as ``Model.dtype`` and rounds on upload. A packed dir
+``Model.weights`` map packed names to the checkpoint's values in the packed layout: for a
+loaded model a ``packed_weights.PackedWeights`` that reads them on demand (``weights[name]``:
+float32, gammas folded in float32; the GPU upload copies them piece by piece in their stored
+dtype and converts on the GPU, so no float32 copy of the model is ever made for it); for
+``random_model`` float32 arrays. A GPU backend stores them as ``Model.dtype``. A packed dir
 already holds values rounded to its dtype, and ``random_model`` rounds its values too, so
 the reference and the GPU see the same numbers there.
 """
@@ -31,7 +34,8 @@ _DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16",
 @dataclass
 class Model:
     config: ModelConfig
-    weights: dict[str, np.ndarray]       # PACKED layout (packing.py), float32, C-contiguous
+    weights: dict[str, np.ndarray]       # PACKED layout (packing.py): name -> float32 array
+    #                                      (a PackedWeights mapping, read on demand, when loaded)
     tokenizer: object                    # kogcupy.tokenizer.Tokenizer, or None (random_model)
     path: str                            # what was loaded
     dtype: str                           # "bfloat16" | "float16": storage dtype on the GPU
@@ -78,7 +82,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | None = None,
     kind = W.detect_format(path)
     if kind in ("hf", "packed"):
         _check_tokenizer_files(path)     # fail before reading gigabytes of weights
-    loaded = W.read_weights(path, on_config=on_config)
+    loaded = W.read_weights(path, on_config=on_config, lazy=True)
     from .tokenizer import Tokenizer     # lazy: keeps `import kogcupy.model` light
     if loaded.gguf_reader is not None:
         tokenizer = Tokenizer.from_gguf(loaded.gguf_reader)

@@ -288,6 +288,14 @@ class HFCheckpoint:
         t = self.tensors[self._hf_name(name, layer)]
         return read_safetensors_tensor(t)
 
+    def get_raw(self, name: str, layer: int | None):
+        """(FileRange, shape, kind, checked=False): the tensor's bytes as stored, for the GPU
+        upload (converted and checked there)."""
+        from .packed_weights import FileRange
+        t = self.tensors[self._hf_name(name, layer)]
+        return (FileRange(t.file, t.start, t.end - t.start), t.shape, _ST_DTYPE_NAME[t.dtype],
+                False)
+
 
 def _pickle_error(path: str) -> ModelLoadError:
     return ModelLoadError(
@@ -309,13 +317,46 @@ _GGUF_STRING, _GGUF_ARRAY = 8, 9
 _GGUF_MAX_DIMS = 4
 
 
-def check_gguf_structure(path: str) -> None:
-    """Walk a GGUF header with bounds checks before gguf.GGUFReader sees it.
+_GGUF_SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                    11: "q", 12: "d"}
+_GGUF_NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+            6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 
-    GGUFReader trusts the counts and lengths it reads: a corrupted array length makes it loop
-    over (and allocate for) billions of elements. This walk refuses any count that cannot fit
-    in the rest of the file, so what follows reads a header that is at least self-consistent.
-    """
+
+class GGUFField:
+    """One metadata value: ``contents()`` as Python values (as gguf.ReaderField's); ``data``
+    has the array's length."""
+
+    def __init__(self, name: str, value):
+        self.name, self._value = name, value
+        self.data = value if isinstance(value, (list, np.ndarray)) else [value]
+
+    def contents(self):
+        v = self._value
+        return v.tolist() if isinstance(v, np.ndarray) else v
+
+
+class GGUFTensor:
+    """name, tensor_type (GGMLQuantizationType), shape (ne order, as gguf lists it), data (the
+    file's bytes of the tensor, shaped as gguf.GGUFReader shapes them)."""
+
+    def __init__(self, name, tensor_type, shape, data):
+        self.name, self.tensor_type, self.shape, self.data = name, tensor_type, shape, data
+
+
+class GGUFFile:
+    """A parsed GGUF file: ``fields`` (key -> GGUFField), ``tensors`` (list of GGUFTensor),
+    ``data`` (the file, memory-mapped)."""
+
+    def __init__(self, data, fields, tensors):
+        self.data, self.fields, self.tensors = data, fields, tensors
+
+
+def read_gguf(path: str) -> GGUFFile:
+    """Parse a GGUF file with bounds checks (gguf.GGUFReader trusts the counts and lengths it
+    reads: a corrupted array length makes it loop over, and allocate for, billions of elements;
+    it is also slow, ~3 s for SmolLM2's 100k-token vocabulary). Every count that cannot fit in
+    the rest of the file is refused (ValueError)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     size = os.path.getsize(path)
@@ -354,9 +395,9 @@ def check_gguf_structure(path: str) -> None:
         if vtype in _GGUF_SCALAR_SIZE:
             n = _GGUF_SCALAR_SIZE[vtype]
             need(n, what)
-            raw = bytes(mv[off:off + n])
+            v = struct.unpack_from("<" + _GGUF_SCALAR_FMT[vtype], mv, off)[0]
             off += n
-            return raw
+            return v
         if vtype == _GGUF_STRING:
             return string(what).decode("utf-8")      # the GGUF spec says UTF-8
         if vtype == _GGUF_ARRAY:
@@ -364,15 +405,16 @@ def check_gguf_structure(path: str) -> None:
                 raise ValueError(f"{what}: arrays nested too deep")
             itype, count = u32(what), u64(what)
             if itype in _GGUF_SCALAR_SIZE:
-                need(count * _GGUF_SCALAR_SIZE[itype], what)
-                off += count * _GGUF_SCALAR_SIZE[itype]
-                return None
+                nbytes = count * _GGUF_SCALAR_SIZE[itype]
+                need(nbytes, what)
+                a = np.frombuffer(buf, _GGUF_NP[itype], count, off).copy() if count else \
+                    np.zeros(0, _GGUF_NP[itype])
+                off += nbytes
+                return a
             if itype not in (_GGUF_STRING, _GGUF_ARRAY):
                 raise ValueError(f"{what}: unknown array element type {itype}")
             need(count * (8 if itype == _GGUF_STRING else 12), what)   # minimum element sizes
-            for _ in range(count):
-                value(itype, what, depth + 1)
-            return None
+            return [value(itype, what, depth + 1) for _ in range(count)]
         raise ValueError(f"{what}: unknown value type {vtype}")
 
     if size < 24 or bytes(mv[:4]) != b"GGUF":
@@ -388,16 +430,18 @@ def check_gguf_structure(path: str) -> None:
         raise ValueError(f"header claims {n_kv} metadata keys and {n_tensors} tensors, more "
                          f"than a {size}-byte file can hold")
     alignment = 32
+    fields = {}
     for _ in range(n_kv):
         key = string("metadata key").decode("utf-8")
         vtype = u32(f"metadata {key!r}")
-        raw = value(vtype, f"metadata {key!r}")
+        v = value(vtype, f"metadata {key!r}")
         if key == "general.alignment":
             if vtype != 4:
                 raise ValueError("general.alignment is not a uint32")
-            alignment = struct.unpack("<I", raw)[0]
+            alignment = v
             if alignment == 0 or alignment & (alignment - 1):
                 raise ValueError(f"alignment {alignment} is not a power of two")
+        fields[key] = GGUFField(key, v)
     infos = []
     for _ in range(n_tensors):
         name = string("tensor name").decode("utf-8")
@@ -415,21 +459,36 @@ def check_gguf_structure(path: str) -> None:
         if dims[0] % block:
             raise ValueError(f"tensor {name!r}: row of {dims[0]} is not a whole number of "
                              f"{qtype.name} blocks")
-        infos.append((name, math.prod(dims) // block * type_size, data_off))
+        infos.append((name, qtype, dims, math.prod(dims) // block * type_size, data_off))
     start = off + (-off % alignment)
-    for name, nbytes, data_off in infos:
+    tensors, seen = [], set()
+    for name, qtype, dims, nbytes, data_off in infos:
         if data_off % alignment or start + data_off + nbytes > size:
             raise ValueError(f"tensor {name!r}: data at {data_off} (+{nbytes} bytes) lies "
                              f"outside the {size}-byte file")
-    del mv, buf
+        if name in seen:
+            raise ValueError(f"tensor {name!r} appears twice")
+        seen.add(name)
+        np_dims = tuple(reversed(dims))
+        item = {"F32": np.float32, "F16": np.float16}.get(qtype.name)
+        if item is None:                              # quantized / BF16: bytes per row
+            item = np.uint8
+            np_dims = (*np_dims[:-1], np_dims[-1] // GGML_QUANT_SIZES[qtype][0]
+                       * GGML_QUANT_SIZES[qtype][1])
+        data = buf[start + data_off:start + data_off + nbytes].view(item).reshape(np_dims)
+        tensors.append(GGUFTensor(name, qtype, np.asarray(dims, dtype=np.uint64), data))
+    return GGUFFile(buf, fields, tensors)
+
+
+def check_gguf_structure(path: str) -> None:
+    """read_gguf's bounds-checked walk, for callers that only validate."""
+    read_gguf(path)
 
 
 def open_gguf(path: str):
-    """A gguf.GGUFReader for `path`, or ModelLoadError if the file is not readable GGUF."""
+    """The parsed GGUF file (GGUFFile) at `path`, or ModelLoadError if it is not readable GGUF."""
     try:
-        check_gguf_structure(path)
-        import gguf
-        return gguf.GGUFReader(path)
+        return read_gguf(path)
     except ModelLoadError:
         raise
     except Exception as e:          # ValueError, KeyError, UnicodeDecodeError, OSError, ...
@@ -657,9 +716,10 @@ def read_pack_marker(directory: str) -> dict:
     return marker
 
 
-def read_packed_dir(directory: str, on_config=None
+def read_packed_dir(directory: str, on_config=None, lazy: bool = False
                     ) -> tuple[ModelConfig, dict[str, np.ndarray], str]:
-    """(config, packed float32 weights, stored dtype) of a kogcupy packed directory;
+    """(config, packed weights, stored dtype) of a kogcupy packed directory: float32 arrays,
+    or with `lazy` a PackedDirWeights reading the file on demand in its storage dtype;
     ``on_config(config, rope_positions)`` runs before any weight is read."""
     marker = read_pack_marker(directory)
     cfg_path = os.path.join(directory, "config.json")
@@ -689,6 +749,9 @@ def read_packed_dir(directory: str, on_config=None
         raise ModelLoadError(f"{directory}: unexpected packed tensor {sorted(extra)[0]!r}")
     if on_config is not None:
         on_config(cfg, rope.shape[0])
+    if lazy:
+        from .packed_weights import PackedDirWeights
+        return cfg, PackedDirWeights({name: table[name] for name in want}), marker["dtype"]
     weights = {name: read_safetensors_tensor(table[name]) for name in want}
     return cfg, weights, marker["dtype"]
 
@@ -755,28 +818,37 @@ def open_checkpoint(path: str):
 @dataclass
 class LoadedWeights:
     config: ModelConfig
-    weights: dict[str, np.ndarray]        # packed layout, float32
+    weights: dict[str, np.ndarray]        # packed layout, float32 (lazy: a PackedWeights)
     dtype: str                            # storage dtype the checkpoint implies
     format: str                           # "hf" | "gguf" | "packed"
     path: str                             # the file or directory the weights came from
     gguf_reader: object = None            # kept so the tokenizer can reuse the parsed file
 
 
-def read_weights(path: str, rope_positions: int | None = None, on_config=None
-                 ) -> LoadedWeights:
+def read_weights(path: str, rope_positions: int | None = None, on_config=None,
+                 lazy: bool = False) -> LoadedWeights:
     """Any supported checkpoint -> packed float32 weights (one source tensor held at a time).
 
+    With `lazy`, the weights are a packed_weights.PackedWeights that reads them on demand
+    (headers, shapes and the config are checked now; values when read): what load_model
+    returns, so that the GPU upload never holds the model as float32 on the host.
     ``on_config(config, rope_positions)`` runs once the config is known, before any weight is
     read (the CLI's checks that need the model's shape but not its weights)."""
     kind = detect_format(path)
     if kind == "packed":
-        cfg, weights, dtype = read_packed_dir(path, on_config)
+        cfg, weights, dtype = read_packed_dir(path, on_config, lazy)
         return LoadedWeights(cfg, weights, dtype, "packed", path)
     ckpt = open_checkpoint(path)
     ckpt.check()
+    from .packing import default_rope_positions
+    rope_positions = rope_positions or default_rope_positions(ckpt.config)
     if on_config is not None:
-        from .packing import default_rope_positions
-        on_config(ckpt.config, rope_positions or default_rope_positions(ckpt.config))
-    weights = pack_weights(ckpt.config, ckpt.get, rope_positions)
+        on_config(ckpt.config, rope_positions)
+    if lazy:
+        from .packed_weights import CheckpointWeights
+        weights = CheckpointWeights(ckpt.config, ckpt.get, rope_positions,
+                                    getattr(ckpt, "get_raw", None))
+    else:
+        weights = pack_weights(ckpt.config, ckpt.get, rope_positions)
     return LoadedWeights(ckpt.config, weights, ckpt.storage_dtype(), ckpt.format, ckpt.path,
                          getattr(ckpt, "reader", None))

@@ -49,17 +49,22 @@ def _encode(a: np.ndarray, dtype: str, name: str = "") -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtypes: dict[str, str],
-                      progress=None) -> None:
-    """Stream float32 arrays into a .safetensors file, converting each to dtypes[name].
+def write_safetensors(path: str, tensors, dtypes: dict[str, str], progress=None) -> None:
+    """Stream packed tensors into a .safetensors file, converting each to dtypes[name].
 
-    safetensors' own writers need every tensor's bytes in memory at once (and NumPy has no
-    bfloat16), so the file is written here: header first, then each tensor piece by piece."""
+    `tensors`: a packed_weights.PackedWeights (e.g. ``Model.weights`` of a loaded model, read
+    piece by piece: a layer or a row block at a time, never the model as float32) or a dict
+    of float32 arrays. safetensors' own writers need every tensor's bytes in memory at once
+    (and NumPy has no bfloat16), so the file is written here: header first, then each tensor
+    piece by piece."""
+    from kogcupy.packed_weights import as_packed_weights
+    W = as_packed_weights(tensors)
     header, offset = {}, 0
-    total = sum(a.nbytes for a in tensors.values())
-    for name, a in tensors.items():
-        n = a.size * (4 if dtypes[name] == "float32" else 2)
-        header[name] = {"dtype": _ST_DTYPE[dtypes[name]], "shape": list(a.shape),
+    shapes = {name: tuple(W.shape(name)) for name in W}
+    total = sum(4 * int(np.prod(s, dtype=np.int64)) for s in shapes.values())
+    for name, shape in shapes.items():
+        n = int(np.prod(shape, dtype=np.int64)) * (4 if dtypes[name] == "float32" else 2)
+        header[name] = {"dtype": _ST_DTYPE[dtypes[name]], "shape": list(shape),
                         "data_offsets": [offset, offset + n]}
         offset += n
     header["__metadata__"] = {"format": "kogcupy"}
@@ -68,13 +73,16 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], dtypes: dict[st
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name, a in tensors.items():
-            flat = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
-            step = max(1, _CHUNK_ROWS_BYTES // max(1, flat[0].nbytes))
-            for i in range(0, flat.shape[0], step):
-                f.write(_encode(flat[i:i + step], dtypes[name], name).tobytes())
+        for name, shape in shapes.items():
+            for key in W.pieces(name):
+                a = W.get(name, key)
+                flat = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+                step = max(1, _CHUNK_ROWS_BYTES // max(1, flat[0].nbytes))
+                for i in range(0, flat.shape[0], step):
+                    f.write(_encode(flat[i:i + step], dtypes[name], name).tobytes())
+                del a, flat
             if progress is not None:
-                progress(name, a.nbytes, total)
+                progress(name, 4 * int(np.prod(shape, dtype=np.int64)), total)
 
 
 def _dst_checks(src: str, dst: str, force: bool) -> None:

@@ -186,3 +186,130 @@ def write_tiny_gguf(path: str, arch: str = "llama", qtype: str = "Q8_0", seed: i
     cfg = {**TINY, **overrides}
     stored = write_gguf(path, arch, cfg, sd, qtype)
     return model, stored
+
+
+# --------------------------------------------------------------------------------------------
+# A NumPy stand-in for the parts of CuPy the weight upload uses (CPU tests and load timing)
+# --------------------------------------------------------------------------------------------
+
+class _DevArray(np.ndarray):
+    """A host array posing as a cupy array: ``.data.ptr`` is its address."""
+
+    @property
+    def data(self):
+        from types import SimpleNamespace
+        return SimpleNamespace(ptr=self.ctypes.data)
+
+
+class _Pinned(bytearray):
+    @property
+    def ptr(self):
+        import ctypes
+        return ctypes.addressof((ctypes.c_char * len(self)).from_buffer(self))
+
+
+class FakeCupy:
+    """``kernels._cupy()`` replaced by NumPy: "device" arrays are host arrays, copies are
+    memmoves. Enough for DeviceModel.from_packed and its pinned-buffer file uploader."""
+
+    def __init__(self):
+        import ctypes
+        from types import SimpleNamespace
+        self.uint16, self.uint32, self.float16, self.float32 = (
+            np.uint16, np.uint32, np.float16, np.float32)
+        self.isfinite = np.isfinite
+
+        class _Pool:
+            def free_bytes(self):
+                return 0
+        self._pool = _Pool()
+        runtime = SimpleNamespace(
+            memGetInfo=lambda: (1 << 50, 1 << 50), is_hip=False, memcpyHostToDevice=1,
+            memcpyAsync=lambda dst, src, n, kind, stream: ctypes.memmove(dst, src, n))
+
+        class _Device:
+            id = 0
+
+            def __init__(self, *a):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *a):
+                return False
+
+        class _Event:
+            def __init__(self, **kw):
+                pass
+
+            def record(self, stream=None):
+                pass
+
+            def synchronize(self):
+                pass
+        self.cuda = SimpleNamespace(
+            runtime=runtime, Device=_Device, Event=_Event,
+            alloc_pinned_memory=lambda n: _Pinned(n),
+            get_current_stream=lambda: SimpleNamespace(ptr=0))
+
+    def empty(self, shape, dtype=np.float32):
+        return np.empty(shape, dtype).view(_DevArray)
+
+    def asarray(self, a, dtype=None):
+        return np.array(a, dtype=dtype, copy=True).view(_DevArray)
+
+    def get_default_memory_pool(self):
+        return self._pool
+
+
+def random_hf_checkpoint(directory: str, shape: str = "llama-3.2-1b", dtype: str = "bfloat16",
+                         seed: int = 0, **overrides) -> str:
+    """A HF safetensors directory of a public checkpoint's shape with random weights, written
+    tensor by tensor (no whole-model array; bf16 written as raw bits): load-time benchmarks."""
+    import struct
+
+    from kogcupy.config import ModelConfig
+    from kogcupy.packing import bf16_bits, canonical_shape, layer_tensor_names
+    from kogcupy.random_weights import SHAPES
+    from kogcupy.weights import HF_GLOBAL_NAMES, HF_LAYER_NAMES
+    cfg = ModelConfig(**{**SHAPES[shape], **overrides})
+    by_canon = {v: k for k, v in {**HF_LAYER_NAMES, **HF_GLOBAL_NAMES}.items()}
+    names = [(by_canon[n].format(layer), n) for layer in range(cfg.n_layers)
+             for n in layer_tensor_names(cfg)]
+    names += [(by_canon[n], n) for n in ["embed", "final_norm"]
+              + ([] if cfg.tie_word_embeddings else ["lm_head"])]
+    st = {"bfloat16": "BF16", "float16": "F16"}[dtype]
+    header, off = {}, 0
+    for hf, n in names:
+        nb = int(np.prod(canonical_shape(cfg, n))) * 2
+        header[hf] = {"dtype": st, "shape": list(canonical_shape(cfg, n)),
+                      "data_offsets": [off, off + nb]}
+        off += nb
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for hf, n in names:
+            s = canonical_shape(cfg, n)
+            if len(s) == 1:
+                a = 1.0 + 0.1 * rng.standard_normal(s, dtype=np.float32)
+            else:
+                a = rng.standard_normal(s, dtype=np.float32) * np.float32(1 / np.sqrt(s[-1]))
+            f.write((bf16_bits(a) if dtype == "bfloat16" else a.astype(np.float16)).tobytes())
+            del a
+    model_type = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[cfg.arch]
+    hf_cfg = dict(model_type=model_type, hidden_size=cfg.hidden_size,
+                  intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+                  head_dim=cfg.head_dim, vocab_size=cfg.vocab_size,
+                  max_position_embeddings=cfg.max_position_embeddings,
+                  rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+                  tie_word_embeddings=cfg.tie_word_embeddings, torch_dtype=dtype,
+                  bos_token_id=1, eos_token_id=2)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_cfg, f)
+    write_tiny_tokenizer(directory, 300)
+    return directory
