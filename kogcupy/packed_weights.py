@@ -20,6 +20,7 @@ tensors, the RMSNorm gammas folded in float32 exactly as ``packing.pack_weights`
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -216,6 +217,7 @@ class CheckpointWeights(PackedWeights):
         self.cfg, self._get, self._get_raw = cfg, get, get_raw
         self.rope_positions = rope_positions
         self._rope = None
+        self._last_global = {}
 
     def pieces(self, name):
         if name in STACKED:
@@ -223,10 +225,13 @@ class CheckpointWeights(PackedWeights):
         return [slice(0, self._shapes[name][0])]      # a global tensor is read whole
 
     def __getitem__(self, name):
-        if name in STACKED:
-            return super().__getitem__(name)
-        self._shapes[name]                            # KeyError for unknown names
-        return self.get(name, slice(None))            # (no second copy of a global tensor)
+        shape = self._shapes[name]                    # KeyError for unknown names
+        if name not in STACKED:
+            return self.get(name, slice(None))        # (no second copy of a global tensor)
+        out = np.empty(shape, np.float32)
+        for layer in range(shape[0]):
+            self._fill(name, layer, out[layer])       # straight into the stacked array
+        return out
 
     def _global_recipe(self, name):
         if name == "embed":
@@ -239,16 +244,25 @@ class CheckpointWeights(PackedWeights):
             self._rope = rope_tables(self.cfg, self.rope_positions)
         return self._rope
 
-    def get(self, name, key):
-        if name in ("rope_cos", "rope_sin"):
-            return self._tables()[name == "rope_sin"][key]
-        layer = key if name in STACKED else None
+    def _canonical(self, canon, layer):
+        """A canonical tensor (float32); a global one still held by a caller is reused (the
+        tied LM head reads the embedding the reference already holds)."""
+        if layer is None:
+            hit = self._last_global.get(canon)
+            a = hit() if hit is not None else None
+            if a is not None:
+                return a
+        a = self._get(canon, layer)
+        if layer is None:
+            self._last_global[canon] = weakref.ref(a)
+        return a
+
+    def _fill(self, name, layer, out):
+        """Write one layer (layer None: the global tensor) of `name` into `out` (float32)."""
         recipe = _layer_recipe(self.cfg, name) if layer is not None else self._global_recipe(name)
-        shape = self._shapes[name][1:] if layer is not None else self._shapes[name]
-        out = np.empty(shape, np.float32)
         gammas = {}
         for r0, r1, canon, gname in recipe:
-            a = self._get(canon, layer)
+            a = self._canonical(canon, layer)
             if gname is not None:
                 if gname not in gammas:
                     gammas[gname] = self._get(gname, layer)
@@ -256,6 +270,18 @@ class CheckpointWeights(PackedWeights):
             else:
                 out[r0:r1] = a
             del a
+
+    def get(self, name, key):
+        if name in ("rope_cos", "rope_sin"):
+            return self._tables()[name == "rope_sin"][key]
+        layer = key if name in STACKED else None
+        recipe = _layer_recipe(self.cfg, name) if layer is not None else self._global_recipe(name)
+        if len(recipe) == 1 and recipe[0][3] is None and (layer is not None
+                                                           or key == slice(None)):
+            return self._canonical(recipe[0][2], layer)      # (embed, wo, w_down: no copy)
+        shape = self._shapes[name][1:] if layer is not None else self._shapes[name]
+        out = np.empty(shape, np.float32)
+        self._fill(name, layer, out)
         return out if layer is not None or key == slice(None) else out[key]
 
     def parts(self, name, key):
