@@ -230,7 +230,7 @@ class _Uploader:
     def _setup(self):
         cp = _cupy()
         self._bufs = [cp.cuda.alloc_pinned_memory(self.CHUNK) for _ in range(2)]
-        self._views = [np.frombuffer(b, np.uint8, self.CHUNK) for b in self._bufs]
+        self._views = [np.ndarray((self.CHUNK,), np.uint8, buffer=b) for b in self._bufs]
         self._events = [None, None]
         self._next = 0
 

@@ -98,7 +98,7 @@ def raw_copy(path: str) -> float:
     size = os.path.getsize(path)
     dst = cp.empty(size, cp.uint8)
     bufs = [cp.cuda.alloc_pinned_memory(CHUNK) for _ in range(2)]
-    views = [np.frombuffer(b, np.uint8, CHUNK) for b in bufs]
+    views = [np.ndarray((CHUNK,), np.uint8, buffer=b) for b in bufs]
     events = [None, None]
     stream = cp.cuda.get_current_stream()
     rt = cp.cuda.runtime
