@@ -4,7 +4,7 @@
 // Every rank runs its own persistent kernel; collectives happen INSIDE it, by plain stores
 // straight into the peers' buffers (peer access enabled, unified addressing: a device pointer
 // of GPU j is valid in a kernel on GPU i) and readiness flags. No NCCL, no NVSHMEM, never
-// NVLink multicast. kogcupy/kccl.py allocates the buffers and builds the pointer table.
+// NVLink multicast. kogcupy/gpu/kccl.py allocates the buffers and builds the pointer table.
 //
 // Buffers of rank j (one allocation, zeroed once, never reset):
 //   flags[KCCL_MAX_BLOCKS][n_ranks]            u32 epochs: flags[b][src] = last epoch that
@@ -54,7 +54,7 @@
 #define KCCL_TIMEOUT_NS 4000000000ull
 #endif
 
-// Peer pointer table (kogcupy/kccl.py: PEER_TABLE_WORDS u64 per rank, on the rank's GPU):
+// Peer pointer table (kogcupy/gpu/kccl.py: PEER_TABLE_WORDS u64 per rank, on the rank's GPU):
 //   [0, KCCL_MAX_RANKS)                  recv base of rank p, as a pointer valid on this GPU
 //   [KCCL_MAX_RANKS, 2 * KCCL_MAX_RANKS) flags base of rank p
 struct KcclComm {

@@ -2,7 +2,7 @@
 // kccl_test.cu -- test and benchmark kernels of kccl.cuh (tests/test_multigpu_kccl.py,
 // scripts/bench_kccl.py). One launch per rank runs `steps` collectives back to back, inside
 // one persistent kernel, on fresh data: element i of rank r at epoch e is
-// kccl_test_value(r, e, i), a hash the host mirrors (kogcupy/kccl.py: step_values), so every
+// kccl_test_value(r, e, i), a hash the host mirrors (kogcupy/gpu/kccl.py: step_values), so every
 // step is different and checkable. Results of step s go to out row s % out_steps.
 // ============================================================================================
 #include "kccl.cuh"

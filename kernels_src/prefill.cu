@@ -2,7 +2,7 @@
 // prefill.cu -- the prompt in chunks of many tokens, before the monokernel starts.
 //
 // The matrix products (qkv, o_proj, gate_up, down) are cuBLAS/hipBLAS GEMMs on tensor cores
-// launched by kogcupy/prefill.py; this file holds what sits between them, one kernel per job:
+// launched by kogcupy/gpu/prefill.py; this file holds what sits between them, one kernel per job:
 //   kog_pf_embed        x[i] = embed[ids[i]]                                  (fp32 rows)
 //   kog_pf_rmsnorm      xn[i] = x[i] / rms(x[i]) in the storage dtype (the gamma is folded
 //                       into the next matrix, as in the monokernel)
@@ -13,7 +13,7 @@
 //   kog_pf_silu_mul     act[i] = silu(gate) * up from the interleaved gate/up GEMM output
 // Shapes: n tokens in the chunk, pos0 the position of its first token, h hidden, f ffn,
 // H / KV heads, hd head_dim, C KV-cache positions. Model constants come as -D defines
-// (kogcupy/prefill.py: prefill_defines).
+// (kogcupy/gpu/prefill.py: prefill_defines).
 // ============================================================================================
 #include "platform.cuh"
 

@@ -2,7 +2,7 @@
 // sampling.cuh -- stages sample and stop_check (one block: block 0), plus the embedding
 // lookup of the next token.
 //
-// The algorithm is kogcupy/sampling.py's, step for step: repetition penalty over the distinct
+// The algorithm is kogcupy/reference/sampling.py's, step for step: repetition penalty over the distinct
 // ids of prompt + generated (per-step stamps make "distinct" cheap) -> greedy argmax (lowest
 // id on ties; without a penalty it only reduces the per-block partial argmax the LM head
 // stage left) -> logits / T -> top_k -> softmax -> top_p -> min_p -> renormalise -> draw with

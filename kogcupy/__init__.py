@@ -9,7 +9,7 @@
     print(gen.result.tokens_per_s)
 """
 from .errors import KogError
-from .config import ModelConfig
+from .model.config import ModelConfig
 from .sampling_params import SamplingParams
 
 __version__ = "0.1.0"
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy, so `import kogcupy` stays cheap and never imports cupy by itself.
     if name == "load_model":
-        from .model import load_model
+        from .model.loader import load_model
         return load_model
     if name == "Engine":
         from .engine import Engine

@@ -140,7 +140,7 @@ def check_backend(backend, context_length, dtype, gpus) -> str:
     """The backend checks that need no model, before it loads (--gpus, --context-length,
     --dtype; no GPU is said first); the backend name `backend` resolves to."""
     from .engine import check_backend_args, check_context_length
-    from .model import normalize_dtype
+    from .model.loader import normalize_dtype
     if gpus < 1:
         raise InputError(f"--gpus must be >= 1, got {gpus}")
     if context_length is not None and context_length < 2:
@@ -154,7 +154,7 @@ def load_engine(model_path, dtype, backend, context_length, gpus, **engine_kw):
     """load_model + Engine, with the checks that need the model's config run before its
     weights are read, and a progress line on a terminal."""
     from .engine import Engine, check_context_length, check_model_for_backend
-    from .model import load_model
+    from .model.loader import load_model
     name = check_backend(backend, context_length, dtype, gpus)
 
     def on_config(cfg, positions):
@@ -175,7 +175,7 @@ def load_engine(model_path, dtype, backend, context_length, gpus, **engine_kw):
 
 def _model_name(path) -> str:
     if path is None:
-        from .model import DEFAULT_MODEL_FILE
+        from .model.loader import DEFAULT_MODEL_FILE
         return DEFAULT_MODEL_FILE
     return os.path.basename(os.path.normpath(os.fspath(path))) or os.fspath(path)
 
@@ -470,7 +470,7 @@ def env():
 @cli.command()
 def models():
     """Supported model families, checkpoint formats and the checkpoints kogcupy is tested on."""
-    from .config import MODEL_FAMILIES, MODEL_FORMATS, TESTED_CHECKPOINTS
+    from .model.config import MODEL_FAMILIES, MODEL_FORMATS, TESTED_CHECKPOINTS
     click.echo("families (HF model_type / GGUF architecture):")
     for fam, examples, notes in MODEL_FAMILIES:
         click.echo(f"  {fam:<6}  {examples}; {notes}")

@@ -78,9 +78,9 @@ def check_model_for_backend(cfg, name: str, gpus: int = 1) -> None:
     the tensor-parallel split and the shapes the monokernel compiles for."""
     if name != "monokernel":
         return
-    from .tensor_parallel import check
+    from .gpu.tensor_parallel import check
     check(cfg, gpus)
-    from .kernels import check_model_shape
+    from .gpu.kernels import check_model_shape
     check_model_shape(cfg)
 
 
@@ -122,15 +122,15 @@ def make_backend(model, backend: str = "auto", context_length: int = 4096, gpus:
                  **backend_kw):
     name = check_backend_args(backend, gpus)
     if name == "reference":
-        from .reference import ReferenceBackend
+        from .reference.backend import ReferenceBackend
         return ReferenceBackend(model, context_length=context_length, **backend_kw)
     check_model_for_backend(model.config, name, gpus)     # before touching any GPU
     try:
-        from .monokernel import MonokernelBackend
+        from .gpu.monokernel import MonokernelBackend
     except ImportError as e:
         raise DeviceError(f"backend 'monokernel' is unavailable ({e})") from None
     if gpus != 1:
-        from .multigpu import TensorParallelBackend
+        from .gpu.multigpu import TensorParallelBackend
         return TensorParallelBackend(model, gpus=gpus, context_length=context_length, **backend_kw)
     return MonokernelBackend(model, context_length=context_length, **backend_kw)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Batch-1 decode benchmark: kogcupy's monokernel next to its peers and the bandwidth limit.
 
-Random bf16 weights at the shapes in ``kogcupy.random_weights.SHAPES``; every engine decodes
+Random bf16 weights at the shapes in ``kogcupy.model.random_weights.SHAPES``; every engine decodes
 ``--new-tokens`` tokens greedily after a ``--prompt-len`` token prompt, and only the decode is
 timed. Engines, in one run on one GPU:
 
@@ -10,7 +10,7 @@ timed. Engines, in one run on one GPU:
                      whose whole decode step is one CUDA graph, replayed once per token
     limit            weight bytes (LM head counted, embedding lookup not) / stream-read
                      bandwidth measured in this run
-    kogcupy          kogcupy.gpu_bench.bench_decode(): the monokernel, at context positions
+    kogcupy          kogcupy.gpu.measure.bench_decode(): the monokernel, at context positions
                      --positions, plus time to first token for a --ttft-prompt token prompt
 
 Every speed carries GB/s (weight bytes x tok/s) and % of the limit. Writes
@@ -43,10 +43,10 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .` (the device machine)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kogcupy.config import ModelConfig  # noqa: E402
-from kogcupy.device_weights import kv_bytes as device_kv_bytes  # noqa: E402
-from kogcupy.device_weights import streamed_weight_bytes  # noqa: E402
-from kogcupy.random_weights import SHAPES  # noqa: E402
+from kogcupy.model.config import ModelConfig  # noqa: E402
+from kogcupy.gpu.device_weights import kv_bytes as device_kv_bytes  # noqa: E402
+from kogcupy.gpu.device_weights import streamed_weight_bytes  # noqa: E402
+from kogcupy.model.random_weights import SHAPES  # noqa: E402
 
 ENGINES = ("hf-eager", "torch-sdpa-graph", "kogcupy")
 PEERS = ("hf-eager", "torch-sdpa-graph", "kogcupy")    # the "x vs" columns
@@ -104,7 +104,7 @@ def _free_gpu():
 
 def stream_read_cupy(nbytes: int, repeats: int) -> dict:
     """kogcupy's own stream-read measurement (16-byte non-temporal loads, best launch shape)."""
-    from kogcupy.gpu_bench import stream_read_bandwidth
+    from kogcupy.gpu.measure import stream_read_bandwidth
     res = stream_read_bandwidth(nbytes, repeats)
     return {"TBps": res["Bps"] / 1e12, "per_launch_config": res["per_launch_config"],
             "bytes": res["bytes"]}
@@ -599,8 +599,8 @@ def bench_peer_prompts(cfg, device, dtype, lens, agent, gen) -> dict:
 def bench_kogcupy_prompts(cfg, lens, agent, gen) -> dict:
     """kogcupy (one GPU): cold TTFT per prompt length (prefix cache cleared), then the agent
     workload through the prefix cache."""
-    from kogcupy.device_weights import DeviceModel
-    from kogcupy.monokernel import MonokernelBackend
+    from kogcupy.gpu.device_weights import DeviceModel
+    from kogcupy.gpu.monokernel import MonokernelBackend
     from kogcupy.sampling_params import SamplingParams
     ctx = max(list(lens) + [len(agent[0]) + sum(len(t) + gen for t in agent[1]) if agent else 0]) + 16
     dev = DeviceModel.random(cfg, "bfloat16", 0, rope_positions=ctx)
@@ -637,7 +637,7 @@ def bench_kogcupy_prompts(cfg, lens, agent, gen) -> dict:
 # --------------------------------------------------------------------------------------------
 
 def kogcupy_bench_decode():
-    from kogcupy.gpu_bench import bench_decode
+    from kogcupy.gpu.measure import bench_decode
     return bench_decode
 
 

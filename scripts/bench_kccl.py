@@ -40,7 +40,7 @@ ESIZE = {"float32": 4, "bfloat16": 2}
 # ---- KCCL ------------------------------------------------------------------------------------
 def bench_kccl(n_gpus, sizes, dtypes, blocks_list, steps, warm, reps):
     import numpy as np
-    from kogcupy import kccl
+    from kogcupy.gpu import kccl
     peers = kccl.Peers(n_gpus)
     comm = kccl.Comm(peers, max_bytes=max(sizes))
     variants = ([("all_reduce_simple", 1)] + [("all_reduce", b) for b in blocks_list]
@@ -235,7 +235,7 @@ def main():
                     help="kill the NCCL workers after this long (keeps what they measured)")
     ap.add_argument("--out", default="", help="JSON file, or a directory for bench_kccl.json")
     a = ap.parse_args()
-    from kogcupy import kccl
+    from kogcupy.gpu import kccl
     n = a.gpus or kccl.gpu_count()
     sizes = [int(s) for s in a.sizes.split(",")]
     dtypes = a.dtypes.split(",")

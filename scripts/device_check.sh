@@ -13,8 +13,8 @@ fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout ${BENCH_TIMEOUT:-240} python3 - <<'PY' 2>&1 | tee "$OUT/bench.txt"
 import json, os
-from kogcupy.gpu_bench import bench_decode
-from kogcupy.random_weights import shape_config
+from kogcupy.gpu.measure import bench_decode
+from kogcupy.model.random_weights import shape_config
 rows = []
 for name in os.environ.get("SHAPES", "llama-3.2-1b,qwen3-1.7b,smollm2-135m").split(","):
     r = bench_decode(shape_config(name), prompt_len=32, new_tokens=int(os.environ.get("NEW", "256")))

@@ -42,10 +42,10 @@ def write_packed(cfg, directory: str, seed: int = 0):
     """A packed dir of random bf16 weights made on the GPU; returns the DeviceModel."""
     import cupy as cp
 
-    from kogcupy.device_weights import DeviceModel
-    from kogcupy.packing import PACK_FORMAT, PACK_FORMAT_VERSION, default_rope_positions, \
-        packed_shapes
-    from kogcupy.weights import PACK_MARKER, PACKED_WEIGHTS_FILE
+    from kogcupy.gpu.device_weights import DeviceModel
+    from kogcupy.model.packing import (PACK_FORMAT, PACK_FORMAT_VERSION, default_rope_positions,
+                                       packed_shapes)
+    from kogcupy.model.weights import PACK_MARKER, PACKED_WEIGHTS_FILE
     from weights_tools.testing import write_tiny_tokenizer
     n_pos = default_rope_positions(cfg)
     dev = DeviceModel.random(cfg, seed=seed, rope_positions=n_pos)
@@ -129,8 +129,8 @@ def kogcupy_load(directory: str):
     """(seconds, DeviceModel): load_model + DeviceModel.from_packed, synchronized."""
     import cupy as cp
 
-    from kogcupy.device_weights import DeviceModel
-    from kogcupy.model import load_model
+    from kogcupy.gpu.device_weights import DeviceModel
+    from kogcupy.model.loader import load_model
     cp.cuda.runtime.deviceSynchronize()
     t0 = time.perf_counter()
     model = load_model(directory)
@@ -143,9 +143,9 @@ def measure(cfg, directory: str, out: str | None):
     """The timings (run in a child process: its peak RSS is the loading's)."""
     import cupy as cp
 
-    from kogcupy.device_weights import DeviceModel, matrix_shapes
-    from kogcupy.packing import default_rope_positions
-    from kogcupy.weights import PACKED_WEIGHTS_FILE
+    from kogcupy.gpu.device_weights import DeviceModel, matrix_shapes
+    from kogcupy.model.packing import default_rope_positions
+    from kogcupy.model.weights import PACKED_WEIGHTS_FILE
     path = os.path.join(directory, PACKED_WEIGHTS_FILE)
     size = os.path.getsize(path)
     p = cp.cuda.runtime.getDeviceProperties(0)
@@ -198,8 +198,8 @@ def main():
     a = ap.parse_args()
     import subprocess
 
-    from kogcupy.random_weights import shape_config
-    from kogcupy.weights import PACK_MARKER, PACKED_WEIGHTS_FILE
+    from kogcupy.model.random_weights import shape_config
+    from kogcupy.model.weights import PACK_MARKER, PACKED_WEIGHTS_FILE
     cfg = shape_config(a.shape)
     directory = os.path.join(a.dir, a.shape)
     if a._measure:

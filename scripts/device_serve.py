@@ -161,9 +161,9 @@ class _TimedGeneration:
 
 def build_engine(args):
     from kogcupy.engine import Engine
-    from kogcupy.model import load_model, random_model
-    from kogcupy.random_weights import shape_config
-    from kogcupy.tokenizer import Tokenizer
+    from kogcupy.model.loader import load_model, random_model
+    from kogcupy.model.random_weights import shape_config
+    from kogcupy.model.tokenizer import Tokenizer
 
     if args.model:
         model = load_model(args.model, dtype=args.dtype)
@@ -206,7 +206,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model path (default: random --shape)")
     ap.add_argument("--shape", default="smollm2-135m",
-                    help="random-weight shape (kogcupy.random_weights.SHAPES)")
+                    help="random-weight shape (kogcupy.model.random_weights.SHAPES)")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer.json for a random-weight shape (default: the embedded SmolLM2's)")

@@ -26,17 +26,17 @@ def _child(path: str, what: str) -> dict:
     sys.path.insert(0, ROOT)
     import numpy as np
 
-    from kogcupy.model import load_model
+    from kogcupy.model.loader import load_model
     t0 = time.perf_counter()
     model = load_model(None if path == "default" else path)
     t_load = time.perf_counter() - t0
     dev_bytes = 0
     if what == "reference":
-        from kogcupy.reference import ReferenceBackend
+        from kogcupy.reference.backend import ReferenceBackend
         ReferenceBackend(model, context_length=64, prefix_cache_gb=0)
     elif what == "upload":
-        from kogcupy import kernels
-        from kogcupy.device_weights import DeviceModel
+        from kogcupy.gpu import kernels
+        from kogcupy.gpu.device_weights import DeviceModel
         from weights_tools.testing import FakeCupy
         kernels._cupy = lambda: FakeCupy()
         dev = DeviceModel.from_packed(model.config, model.weights, model.dtype)

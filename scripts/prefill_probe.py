@@ -5,9 +5,9 @@ import time
 
 import numpy as np
 
-from kogcupy.device_weights import DeviceModel
-from kogcupy.monokernel import MonokernelBackend
-from kogcupy.random_weights import shape_config
+from kogcupy.gpu.device_weights import DeviceModel
+from kogcupy.gpu.monokernel import MonokernelBackend
+from kogcupy.model.random_weights import shape_config
 from kogcupy.sampling_params import SamplingParams
 
 

@@ -16,9 +16,9 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
-from kogcupy.device_weights import DeviceModel  # noqa: E402
-from kogcupy.monokernel import MonokernelBackend  # noqa: E402
-from kogcupy.random_weights import shape_config  # noqa: E402
+from kogcupy.gpu.device_weights import DeviceModel  # noqa: E402
+from kogcupy.gpu.monokernel import MonokernelBackend  # noqa: E402
+from kogcupy.model.random_weights import shape_config  # noqa: E402
 from kogcupy.sampling_params import SamplingParams  # noqa: E402
 
 name = sys.argv[1]

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
-from kogcupy.config import ModelConfig  # noqa: E402
-from kogcupy.monokernel import MonokernelBackend  # noqa: E402
-from kogcupy.random_weights import random_packed_weights  # noqa: E402
+from kogcupy.model.config import ModelConfig  # noqa: E402
+from kogcupy.gpu.monokernel import MonokernelBackend  # noqa: E402
+from kogcupy.model.random_weights import random_packed_weights  # noqa: E402
 from kogcupy.sampling_params import SamplingParams  # noqa: E402
 
 cfg = ModelConfig(arch="qwen3", vocab_size=512, hidden_size=128, intermediate_size=256,

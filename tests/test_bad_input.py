@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kogcupy.config import config_from_hf
+from kogcupy.model.config import config_from_hf
 from kogcupy.errors import ModelLoadError, UnsupportedModelError
-from kogcupy.model import load_model
-from kogcupy.packing import canonical_shape
-from kogcupy.weights import HF_GLOBAL_NAMES, HF_LAYER_NAMES, read_weights
+from kogcupy.model.loader import load_model
+from kogcupy.model.packing import canonical_shape
+from kogcupy.model.weights import HF_GLOBAL_NAMES, HF_LAYER_NAMES, read_weights
 from weights_tools import testing as T
 
 SMALL = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from kogcupy import kernels
-from kogcupy.build_plan import DYN_MIN_ROWS, build_plan, smem_floats
+from kogcupy.gpu import kernels
+from kogcupy.gpu.build_plan import DYN_MIN_ROWS, build_plan, smem_floats
 from kogcupy.errors import DeviceError
-from kogcupy.placement import max_tp_blocks
-from kogcupy.random_weights import shape_config
-from kogcupy.tensor_parallel import local_config
+from kogcupy.gpu.placement import max_tp_blocks
+from kogcupy.model.random_weights import shape_config
+from kogcupy.gpu.tensor_parallel import local_config
 
 H200_SMS = 132
 

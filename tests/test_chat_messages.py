@@ -5,8 +5,8 @@ import pytest
 
 from kogcupy.engine import Engine
 from kogcupy.errors import InputError
-from kogcupy.model import Model
-from kogcupy.tokenizer import Tokenizer
+from kogcupy.model.loader import Model
+from kogcupy.model.tokenizer import Tokenizer
 
 # Writes what the tiny ChatML template drops: tools, tool calls and tool call ids.
 TOOLS_TEMPLATE = (

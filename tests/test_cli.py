@@ -8,7 +8,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-import kogcupy.model
+import kogcupy.model.loader
 from kogcupy.cli import cli
 
 
@@ -28,7 +28,7 @@ def assert_user_error(r, match: str | None = None):
 @pytest.fixture
 def cached_default_model(smollm2, monkeypatch):
     """load_model(None) served from the session fixture (the real load is tested once)."""
-    real = kogcupy.model.load_model
+    real = kogcupy.model.loader.load_model
 
     def load(path=None, dtype=None, on_config=None):
         if path is not None:
@@ -36,7 +36,7 @@ def cached_default_model(smollm2, monkeypatch):
         if on_config is not None:
             on_config(smollm2.config, smollm2.weights["rope_cos"].shape[0])
         return smollm2
-    monkeypatch.setattr(kogcupy.model, "load_model", load)
+    monkeypatch.setattr(kogcupy.model.loader, "load_model", load)
 
 
 def test_generate_embedded_model(smollm2):
@@ -178,7 +178,7 @@ def no_load(monkeypatch):
     """Loading the model fails the test: the checks under test must run before it."""
     def load(*a, **kw):
         pytest.fail("the model was loaded before the argument check")
-    monkeypatch.setattr(kogcupy.model, "load_model", load)
+    monkeypatch.setattr(kogcupy.model.loader, "load_model", load)
 
 
 def test_invalid_utf8_prompt_is_one_line(no_load):
@@ -221,7 +221,7 @@ def test_no_gpu_is_said_first(no_load, monkeypatch):
 
 def test_checks_on_the_config_run_before_the_weights(tiny_dirs, monkeypatch):
     import kogcupy.engine as E
-    import kogcupy.weights as W
+    import kogcupy.model.weights as W
 
     def no_weights(*a, **kw):
         pytest.fail("weights were read before the config check")
@@ -251,7 +251,7 @@ def test_ffn_width_not_a_multiple_of_8_is_refused_before_loading(tmp_path, monke
     assert_user_error(r, "FFN width 36 is not a multiple of 8")
     assert "--backend reference" in r.stderr
     from kogcupy.errors import UnsupportedModelError
-    from kogcupy.model import load_model
+    from kogcupy.model.loader import load_model
     with pytest.raises(UnsupportedModelError, match="FFN width 36"):
         E.Engine(load_model(d), backend="monokernel")          # the API: before any upload
 
@@ -259,7 +259,7 @@ def test_ffn_width_not_a_multiple_of_8_is_refused_before_loading(tmp_path, monke
 def test_ctrl_c_while_loading_says_so(monkeypatch):
     def load(*a, **kw):
         raise KeyboardInterrupt
-    monkeypatch.setattr(kogcupy.model, "load_model", load)
+    monkeypatch.setattr(kogcupy.model.loader, "load_model", load)
     r = invoke(["generate", "hi"])
     assert r.exit_code == 130
     assert r.stderr == "kogcupy: interrupted while loading the model\n", repr(r.stderr)

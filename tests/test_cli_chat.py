@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import kogcupy.engine as E
-import kogcupy.model
+import kogcupy.model.loader
 from kogcupy.cli import cli
 
 TINY = ["--backend", "reference", "--max-new-tokens", "6", "--context-length", "256"]
@@ -42,7 +42,7 @@ def spy(monkeypatch):
 
 
 def test_smollm2_turns_reuse_the_prefix(smollm2, monkeypatch):
-    monkeypatch.setattr(kogcupy.model, "load_model", lambda path=None, dtype=None, on_config=None: smollm2)
+    monkeypatch.setattr(kogcupy.model.loader, "load_model", lambda path=None, dtype=None, on_config=None: smollm2)
     r = chat(["--backend", "reference", "--max-new-tokens", "8"],
              ["What is the capital of France?", "And of Germany?", "/exit", "never read"])
     assert r.exit_code == 0, (r.stderr, r.exception)

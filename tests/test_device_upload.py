@@ -10,13 +10,13 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from kogcupy import device_weights as D
-from kogcupy import kernels
+from kogcupy.gpu import device_weights as D
+from kogcupy.gpu import kernels
 from kogcupy.errors import ModelLoadError
-from kogcupy.model import load_model, random_model
-from kogcupy.packed_weights import PackedDirWeights
-from kogcupy.random_weights import shape_config
-from kogcupy.weights import read_safetensors_header, read_weights
+from kogcupy.model.loader import load_model, random_model
+from kogcupy.model.packed_weights import PackedDirWeights
+from kogcupy.model.random_weights import shape_config
+from kogcupy.model.weights import read_safetensors_header, read_weights
 from weights_tools import testing as T
 from weights_tools.repack import repack
 

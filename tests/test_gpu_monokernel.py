@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from kogcupy.config import ModelConfig
-from kogcupy.random_weights import random_packed_weights
+from kogcupy.model.config import ModelConfig
+from kogcupy.model.random_weights import random_packed_weights
 from kogcupy.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -31,9 +31,9 @@ def _gpu_ok():
 if not _gpu_ok():
     pytest.skip("needs CuPy and a GPU", allow_module_level=True)
 
-from kogcupy.monokernel import MonokernelBackend  # noqa: E402
-from kogcupy.reference import ReferenceBackend, ReferenceModel  # noqa: E402
-from kogcupy.sampling import sample as ref_sample, sampling_probs  # noqa: E402
+from kogcupy.gpu.monokernel import MonokernelBackend  # noqa: E402
+from kogcupy.reference.backend import ReferenceBackend, ReferenceModel  # noqa: E402
+from kogcupy.reference.sampling import sample as ref_sample, sampling_probs  # noqa: E402
 
 
 def cfg_of(arch, vocab, hidden, ffn, layers, heads, kv, hd, tied=True, **kw):
@@ -78,7 +78,7 @@ def backend(key, **kw):
 
 def test_abi_layout_on_device():
     import cupy
-    from kogcupy import abi, kernels
+    from kogcupy.gpu import abi, kernels
     mod = kernels.load_module(abi.layout_probe_source(), {})
     fn = kernels.get_function(mod, "kog_abi_probe")
     out = cupy.zeros(len(abi.FIELDS) + 1, cupy.uint64)

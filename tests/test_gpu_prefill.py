@@ -18,8 +18,8 @@ pytestmark = pytest.mark.gpu
 
 from test_gpu_monokernel import FAMILIES, model, rel  # noqa: E402 -- skips without a GPU
 
-from kogcupy.monokernel import MonokernelBackend  # noqa: E402
-from kogcupy.reference import ReferenceBackend  # noqa: E402
+from kogcupy.gpu.monokernel import MonokernelBackend  # noqa: E402
+from kogcupy.reference.backend import ReferenceBackend  # noqa: E402
 
 CHUNK = 64          # small chunks so that chunk - 1, chunk, chunk + 1 and many chunks are cheap
 

@@ -15,11 +15,11 @@ import uuid
 
 import pytest
 
-from kogcupy import abi, kernels, prefill
-from kogcupy.config import ModelConfig
-from kogcupy.build_plan import smem_floats
-from kogcupy.random_weights import shape_config
-from kogcupy.tensor_parallel import local_config
+from kogcupy.gpu import abi, kernels, prefill
+from kogcupy.model.config import ModelConfig
+from kogcupy.gpu.build_plan import smem_floats
+from kogcupy.model.random_weights import shape_config
+from kogcupy.gpu.tensor_parallel import local_config
 
 REQUIRE = os.environ.get("KOGCUPY_REQUIRE_COMPILERS", "") not in ("", "0")
 

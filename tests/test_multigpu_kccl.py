@@ -1,7 +1,7 @@
 """KCCL in-kernel collectives across GPUs (kernels_src/kccl.cuh through kccl_test.cu).
 
 Each launch runs >= 1000 collectives back to back inside one persistent kernel per rank, on
-fresh data every step (a hash of rank, epoch, index that kogcupy.kccl mirrors on the host),
+fresh data every step (a hash of rank, epoch, index that kogcupy.gpu.kccl mirrors on the host),
 so a flag reused too early or a payload slot overwritten while a peer still reads it shows
 up as a wrong value. Sums are fp32 in rank order 0..n-1 on every rank; the host adds in the
 same order, so results must match exactly (and be bit-identical across ranks).
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kogcupy import kccl
+from kogcupy.gpu import kccl
 from kogcupy.errors import DeviceError
 
 N_GPUS = kccl.gpu_count()

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from kogcupy.config import ModelConfig
-from kogcupy.random_weights import random_packed_weights, shape_config
+from kogcupy.model.config import ModelConfig
+from kogcupy.model.random_weights import random_packed_weights, shape_config
 from kogcupy.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.multigpu
@@ -33,9 +33,9 @@ N_GPUS = _n_gpus()
 if N_GPUS < 2:
     pytest.skip("needs CuPy and >= 2 GPUs", allow_module_level=True)
 
-from kogcupy.device_weights import DeviceModel  # noqa: E402
-from kogcupy.monokernel import MonokernelBackend  # noqa: E402
-from kogcupy.multigpu import TensorParallelBackend  # noqa: E402
+from kogcupy.gpu.device_weights import DeviceModel  # noqa: E402
+from kogcupy.gpu.monokernel import MonokernelBackend  # noqa: E402
+from kogcupy.gpu.multigpu import TensorParallelBackend  # noqa: E402
 
 TP_SIZES = [n for n in (2, 4) if n <= N_GPUS]
 ODD_SIZES = [n for n in (3,) if n <= N_GPUS]       # any count that divides the heads

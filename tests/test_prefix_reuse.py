@@ -7,7 +7,7 @@ import pytest
 
 from kogcupy.engine import Engine
 from kogcupy.errors import InputError
-from kogcupy.reference import ReferenceBackend
+from kogcupy.reference.backend import ReferenceBackend
 from kogcupy.sampling_params import SamplingParams
 
 GREEDY = SamplingParams()

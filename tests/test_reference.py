@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kogcupy.errors import InputError
-from kogcupy.reference import LAYER_STAGES, STAGES, ReferenceBackend, ReferenceModel
+from kogcupy.reference.backend import LAYER_STAGES, STAGES, ReferenceBackend, ReferenceModel
 from kogcupy.sampling_params import SamplingParams
 from tiny_models import FAMILIES, hf_greedy, hf_logits, load_hf_model
 

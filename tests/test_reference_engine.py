@@ -7,7 +7,7 @@ import pytest
 
 from kogcupy.engine import Engine, GenerationResult, resolve_backend
 from kogcupy.errors import DeviceError, InputError
-from kogcupy.reference import ReferenceBackend
+from kogcupy.reference.backend import ReferenceBackend
 
 PROMPT = "Once upon a time there was a small model"
 

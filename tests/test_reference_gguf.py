@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from kogcupy.reference import ReferenceBackend
+from kogcupy.reference.backend import ReferenceBackend
 from kogcupy.sampling_params import SamplingParams
 from tiny_models import hf_greedy, hf_logits
 

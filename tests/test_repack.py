@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from kogcupy.errors import ModelLoadError
-from kogcupy.model import load_model
-from kogcupy.packing import PACK_FORMAT, PACK_FORMAT_VERSION, round_to_dtype
-from kogcupy.weights import read_weights
+from kogcupy.model.loader import load_model
+from kogcupy.model.packing import PACK_FORMAT, PACK_FORMAT_VERSION, round_to_dtype
+from kogcupy.model.weights import read_weights
 from weights_tools import repack as R
 from weights_tools import testing as T
 

@@ -1,4 +1,4 @@
-"""The sampling algorithm (kogcupy.sampling): Philox KAT, filters on constructed logits,
+"""The sampling algorithm (kogcupy.reference.sampling): Philox KAT, filters on constructed logits,
 repetition penalty, seeded determinism, and sampled frequencies against sampling_probs."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from kogcupy.errors import InputError
-from kogcupy.sampling import (apply_repetition_penalty, descending_order, philox4x32_10,
-                              philox_uniform, sample, sampling_probs)
+from kogcupy.reference.sampling import (apply_repetition_penalty, descending_order, philox4x32_10,
+                                        philox_uniform, sample, sampling_probs)
 from kogcupy.sampling_params import SamplingParams as SP
 
 

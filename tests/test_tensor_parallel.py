@@ -1,4 +1,4 @@
-"""CPU: the tensor-parallel partition (kogcupy/tensor_parallel.py, placement with ranks).
+"""CPU: the tensor-parallel partition (kogcupy/gpu/tensor_parallel.py, placement with ranks).
 
 The shards of every rank, put back together, must be exactly the whole model, and one rank's
 share run through NumPy must give that rank's partial sums: the sum over ranks of the o_proj
@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kogcupy import tensor_parallel as tp
-from kogcupy.config import ModelConfig
+from kogcupy.gpu import tensor_parallel as tp
+from kogcupy.model.config import ModelConfig
 from kogcupy.errors import InputError
-from kogcupy.placement import place
-from kogcupy.random_weights import shape_config
+from kogcupy.gpu.placement import place
+from kogcupy.model.random_weights import shape_config
 
 
 def cfg_of(n_heads=8, n_kv=2, hd=16, hidden=64, ffn=128, vocab=101, arch="qwen2"):
@@ -105,7 +105,7 @@ def test_placement_per_rank():
 
 
 def test_largest_grid_for_a_small_model():
-    from kogcupy.placement import max_tp_blocks
+    from kogcupy.gpu.placement import max_tp_blocks
     cfg = cfg_of(vocab=101)
     loc = tp.local_config(cfg, 4)
     n = max_tp_blocks(loc, 4, dyn_permille=100)
@@ -149,7 +149,7 @@ def _packed_layout(loc, s):
 def tp_forward(cfg, weights, ids, n):
     """Logits of every position, each rank running the reference stages on its share and the
     o_proj / down partials summed over ranks (what the monokernel's all-reduce computes)."""
-    from kogcupy.reference import ReferenceModel, rmsnorm
+    from kogcupy.reference.backend import ReferenceModel, rmsnorm
     loc = tp.local_config(cfg, n)
     full = _device_layout(cfg, weights)
     ranks = [ReferenceModel(loc, _packed_layout(loc, tp.shard(cfg, full, r, n)), 64)
@@ -170,8 +170,8 @@ def tp_forward(cfg, weights, ids, n):
 @pytest.mark.parametrize("arch,n_kv,n", [("qwen2", 2, 2), ("qwen2", 2, 4), ("qwen3", 2, 4),
                                           ("qwen3", 8, 8), ("llama", 4, 2)])
 def test_tensor_parallel_forward_equals_the_whole_model(arch, n_kv, n):
-    from kogcupy.random_weights import random_packed_weights
-    from kogcupy.reference import ReferenceModel
+    from kogcupy.model.random_weights import random_packed_weights
+    from kogcupy.reference.backend import ReferenceModel
     cfg = cfg_of(arch=arch, n_kv=n_kv, vocab=101)
     w = random_packed_weights(cfg, seed=5, dtype="float32", rope_positions=64)
     ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 12)
@@ -187,8 +187,8 @@ def test_backends_share_the_launch_protocol():
     from types import SimpleNamespace
 
     from kogcupy.errors import DeviceError
-    from kogcupy.monokernel import MonokernelBackend, _OneLaunchBackend
-    from kogcupy.multigpu import TensorParallelBackend
+    from kogcupy.gpu.monokernel import MonokernelBackend, _OneLaunchBackend
+    from kogcupy.gpu.multigpu import TensorParallelBackend
     from kogcupy.sampling_params import SamplingParams
     assert TensorParallelBackend.start is _OneLaunchBackend.start
     for cls in (MonokernelBackend, TensorParallelBackend):
@@ -221,8 +221,8 @@ def test_a_stalled_kernel_fails_the_next_request_within_the_watchdog():
     from types import SimpleNamespace
 
     from kogcupy.errors import DeviceError
-    from kogcupy.monokernel import MonokernelBackend
-    from kogcupy.multigpu import TensorParallelBackend
+    from kogcupy.gpu.monokernel import MonokernelBackend
+    from kogcupy.gpu.multigpu import TensorParallelBackend
     from kogcupy.sampling_params import SamplingParams
 
     def never_returns():

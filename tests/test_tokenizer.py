@@ -11,7 +11,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 
 from kogcupy.errors import InputError, KogError, ModelLoadError, UnsupportedModelError  # noqa: E402
-from kogcupy.tokenizer import StreamDecoder, Tokenizer  # noqa: E402
+from kogcupy.model.tokenizer import StreamDecoder, Tokenizer  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

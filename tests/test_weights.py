@@ -6,12 +6,12 @@ import os
 import numpy as np
 import pytest
 
-from kogcupy.config import config_from_hf
+from kogcupy.model.config import config_from_hf
 from kogcupy.errors import InputError, ModelLoadError, UnsupportedModelError
-from kogcupy.model import default_model_path, load_model, random_model
-from kogcupy.packing import canonical_shape, pack_weights, round_to_dtype
-from kogcupy.weights import (GGUFCheckpoint, HF_GLOBAL_NAMES, HF_LAYER_NAMES, read_weights,
-                             unpermute_qk)
+from kogcupy.model.loader import default_model_path, load_model, random_model
+from kogcupy.model.packing import canonical_shape, pack_weights, round_to_dtype
+from kogcupy.model.weights import (GGUFCheckpoint, HF_GLOBAL_NAMES, HF_LAYER_NAMES, read_weights,
+                                   unpermute_qk)
 from weights_tools import testing as T
 
 _HF_BY_CANONICAL = {v: k for k, v in {**HF_LAYER_NAMES, **HF_GLOBAL_NAMES}.items()}
@@ -190,8 +190,8 @@ def test_gguf_k_quants(tmp_path, qtype):
 
 def test_gguf_llama3_rope_freqs(tmp_path):
     import dataclasses
-    from kogcupy.config import RopeScaling
-    from kogcupy.packing import rope_inv_freq
+    from kogcupy.model.config import RopeScaling
+    from kogcupy.model.packing import rope_inv_freq
     model = T.hf_model("llama", tie=True)
     sd = T.state_dict_numpy(model)
     sd.pop("lm_head.weight")
@@ -312,7 +312,7 @@ def test_default_model_missing(monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_random_model(dtype):
-    from kogcupy.random_weights import shape_config
+    from kogcupy.model.random_weights import shape_config
     cfg = shape_config("smollm2-135m", n_layers=2, vocab_size=512)
     m = random_model(cfg, seed=1, dtype=dtype)
     assert m.tokenizer is None and m.dtype == dtype and m.config is cfg

@@ -161,7 +161,7 @@ _HF_NAMES = {
 def load_tiny_model(directory: str):
     """kogcupy.load_model(directory); until the loader exists, the same Model packed here."""
     try:
-        from kogcupy.model import load_model
+        from kogcupy.model.loader import load_model
     except ImportError:
         load_model = None
     if load_model is not None:
@@ -170,9 +170,9 @@ def load_tiny_model(directory: str):
 
     from safetensors.numpy import load_file
 
-    from kogcupy.config import load_hf_config
-    from kogcupy.packing import pack_weights
-    from kogcupy.tokenizer import Tokenizer
+    from kogcupy.model.config import load_hf_config
+    from kogcupy.model.packing import pack_weights
+    from kogcupy.model.tokenizer import Tokenizer
 
     cfg = load_hf_config(directory)
     sd = load_file(os.path.join(directory, "model.safetensors"))

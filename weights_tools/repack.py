@@ -24,8 +24,8 @@ import click
 import numpy as np
 
 from kogcupy.errors import KogError, ModelLoadError
-from kogcupy.packing import PACK_FORMAT, PACK_FORMAT_VERSION, bf16_bits
-from kogcupy.weights import PACK_MARKER, PACKED_WEIGHTS_FILE
+from kogcupy.model.packing import PACK_FORMAT, PACK_FORMAT_VERSION, bf16_bits
+from kogcupy.model.weights import PACK_MARKER, PACKED_WEIGHTS_FILE
 
 # Files of a HF directory that describe its tokenizer (copied as they are).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -57,7 +57,7 @@ def write_safetensors(path: str, tensors, dtypes: dict[str, str], progress=None)
     of float32 arrays. safetensors' own writers need every tensor's bytes in memory at once
     (and NumPy has no bfloat16), so the file is written here: header first, then each tensor
     piece by piece."""
-    from kogcupy.packed_weights import as_packed_weights
+    from kogcupy.model.packed_weights import as_packed_weights
     W = as_packed_weights(tensors)
     header, offset = {}, 0
     shapes = {name: tuple(W.shape(name)) for name in W}
@@ -121,8 +121,8 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
     """Write the packed directory for `src` at `dst`; returns the storage dtype used.
 
     `progress(name, nbytes, total_nbytes)` is called after each tensor is written."""
-    from kogcupy.model import load_model, normalize_dtype
-    from kogcupy.weights import detect_format
+    from kogcupy.model.loader import load_model, normalize_dtype
+    from kogcupy.model.weights import detect_format
     src, dst = os.fspath(src), os.fspath(dst)
     dtype = normalize_dtype(dtype)
     _dst_checks(src, dst, force)
@@ -171,7 +171,7 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
 def repack_command(src, dst, dtype, force):
     """Repack SRC (HF directory or .gguf) into a kogcupy packed directory DST."""
     # KogErrors propagate: `kogcupy repack` and `kogcupy-repack` print them as one line.
-    from kogcupy.weights import detect_format
+    from kogcupy.model.weights import detect_format
     _dst_checks(src, dst, force)
     detect_format(src)
     bar = None

@@ -269,10 +269,10 @@ def random_hf_checkpoint(directory: str, shape: str = "llama-3.2-1b", dtype: str
     tensor by tensor (no whole-model array; bf16 written as raw bits): load-time benchmarks."""
     import struct
 
-    from kogcupy.config import ModelConfig
-    from kogcupy.packing import bf16_bits, canonical_shape, layer_tensor_names
-    from kogcupy.random_weights import SHAPES
-    from kogcupy.weights import HF_GLOBAL_NAMES, HF_LAYER_NAMES
+    from kogcupy.model.config import ModelConfig
+    from kogcupy.model.packing import bf16_bits, canonical_shape, layer_tensor_names
+    from kogcupy.model.random_weights import SHAPES
+    from kogcupy.model.weights import HF_GLOBAL_NAMES, HF_LAYER_NAMES
     cfg = ModelConfig(**{**SHAPES[shape], **overrides})
     by_canon = {v: k for k, v in {**HF_LAYER_NAMES, **HF_GLOBAL_NAMES}.items()}
     names = [(by_canon[n].format(layer), n) for layer in range(cfg.n_layers)

@@ -146,7 +146,7 @@ def template_takes_tools(tokenizer) -> bool:
         import jinja2
         import jinja2.meta
 
-        from ..tokenizer import _jinja_env
+        from ..model.tokenizer import _jinja_env
         return "tools" in jinja2.meta.find_undeclared_variables(_jinja_env().parse(tmpl))
     except Exception:  # noqa: BLE001 -- a template jinja cannot parse has no tool support
         return False

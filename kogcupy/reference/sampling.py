@@ -23,7 +23,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 # ---------------------------------------------------------------------------------------------
 # Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", Random123)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError, ModelLoadError, UnsupportedModelError
+from ..errors import InputError, ModelLoadError, UnsupportedModelError
 
 # HF `model_type` -> kogcupy family. The families differ only in qkv bias and qk-norm.
 SUPPORTED_ARCHS = {

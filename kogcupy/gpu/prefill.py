@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .errors import DeviceError, InputError
+from ..errors import DeviceError, InputError
 
 CHUNK = 4096                      # tokens per chunk: bounds the activation buffers
 _CUDA_R_16F, _CUDA_R_32F, _CUDA_R_16BF = 2, 0, 14

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from . import abi
-from .errors import DeviceError
+from ..errors import DeviceError
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*(//.*)?$')
 GENERATED_HEADERS = {"kog_params.h": abi.struct_source}
@@ -27,8 +27,8 @@ GENERATED_HEADERS = {"kog_params.h": abi.struct_source}
 
 def source_dir() -> Path:
     """kernels_src/ of a checkout, or the installed ``kogcupy.kernels_src`` package data."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "kernels_src", here / "kernels_src"):
+    pkg = Path(__file__).resolve().parent.parent            # kogcupy/ (this file: kogcupy/gpu/)
+    for cand in (pkg.parent / "kernels_src", pkg / "kernels_src"):
         if (cand / "monokernel.cu").is_file():
             return cand
     try:
@@ -103,7 +103,7 @@ if os.environ.get("KOGCUPY_TUNING"):
 def check_model_shape(cfg, threads: int = 512) -> None:
     """UnsupportedModelError (one line) for a model shape the monokernel cannot be compiled
     for (monokernel.cu / attention.cuh static_asserts), before any weight is uploaded."""
-    from .errors import UnsupportedModelError
+    from ..errors import UnsupportedModelError
     bad = [f"{what} {n} is not a multiple of 8" for what, n in (
         ("hidden size", cfg.hidden_size), ("FFN width", cfg.intermediate_size),
         ("q dim (heads x head_dim)", cfg.q_dim)) if n % 8]

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels
-from .config import ModelConfig
+from ..model.config import ModelConfig
 from .device_weights import DeviceModel
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 def _cupy():

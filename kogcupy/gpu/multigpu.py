@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import abi, kccl, tensor_parallel
-from .errors import InputError
+from ..errors import InputError
 from .device_weights import DeviceModel
 from .monokernel import MonokernelBackend, MonokernelTokenStream, _cupy, _OneLaunchBackend
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 class _AllStreams:

@@ -20,11 +20,11 @@ import time
 import numpy as np
 
 from . import abi, kernels
-from .errors import DeviceError, InputError
+from ..errors import DeviceError, InputError
 from .device_weights import DeviceModel, _check_memory, kv_bytes, streamed_weight_bytes
 from .build_plan import THREADS, build_plan
-from .prefix_cache import PrefixCache, common_prefix_len
-from .sampling_params import SamplingParams
+from ..prefix_cache import PrefixCache, common_prefix_len
+from ..sampling_params import SamplingParams
 
 MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head", "embed")
 STAGE_DUMPS = ("attn_norm_qkv", "attention", "o_proj_residual", "ffn_norm_gate_up_silu",
@@ -596,7 +596,7 @@ class MonokernelBackend(_OneLaunchBackend):
     @property
     def read_bandwidth_Bps(self) -> float:
         if self._read_bw is None:
-            from .gpu_bench import measure_read_bandwidth
+            from .measure import measure_read_bandwidth
             self._read_bw = measure_read_bandwidth(self.gpu_name)
         return self._read_bw
 

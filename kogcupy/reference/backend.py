@@ -19,12 +19,12 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from .config import ModelConfig
-from .device_weights import streamed_weight_bytes
-from .errors import InputError
-from .prefix_cache import PrefixCache
+from ..model.config import ModelConfig
+from ..gpu.device_weights import streamed_weight_bytes
+from ..errors import InputError
+from ..prefix_cache import PrefixCache
 from .sampling import sample as sample_token
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 STAGES = ("embed", "attn_norm_qkv", "attention", "o_proj_residual", "ffn_norm_gate_up_silu",
           "down_residual", "final_norm_lm_head", "sample", "stop_check")

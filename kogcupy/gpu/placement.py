@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .abi import PARTITION_COLUMNS
-from .config import ModelConfig
+from ..model.config import ModelConfig
 
 ATTN_CHUNK = 256          # KV positions per attention unit at most (shared-memory K/V, scores)
 ATTN_CHUNK_HD256 = 128    # ... when head_dim > 128 (K/V staging must fit in shared memory)

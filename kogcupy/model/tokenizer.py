@@ -29,7 +29,7 @@ from tokenizers import AddedToken, Regex
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
-from .errors import InputError, ModelLoadError, UnsupportedModelError
+from ..errors import InputError, ModelLoadError, UnsupportedModelError
 
 # Tokens that end a chat turn (or the text) in common model families; added to the EOS set
 # whenever the vocabulary has them, so a chat stops at the end of the assistant's turn even

@@ -13,10 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels, tensor_parallel
-from .config import ModelConfig
-from .errors import DeviceError
-from .packed_weights import FileRange, as_packed_weights
-from .packing import bf16_bits, default_rope_positions, rope_tables
+from ..model.config import ModelConfig
+from ..errors import DeviceError
+from ..model.packed_weights import FileRange, as_packed_weights
+from ..model.packing import bf16_bits, default_rope_positions, rope_tables
 
 
 def _cupy():
@@ -189,7 +189,7 @@ def _piece_bits(W, name: str, key, dtype: str, up: "_Uploader"):
             if g is not None:
                 x = x * g
             if (p.check or p.kind != "float32") and not bool(cp.isfinite(x).all()):
-                from .errors import ModelLoadError
+                from ..errors import ModelLoadError
                 raise ModelLoadError(f"{p.where or name}: holds NaN or infinite values "
                                      f"(corrupted file?)")
             out[p.r0 + i:p.r0 + j] = _bits_gpu(x, dtype)
@@ -210,7 +210,7 @@ def _check_finite_bits(dev, dtype: str, name: str) -> None:
             i = j + int(bad.argmax())
             break
     if i >= 0:
-        from .errors import ModelLoadError
+        from ..errors import ModelLoadError
         where = f" (layer {i // (dev.size // dev.shape[0])})" if dev.ndim > 2 else ""
         hint = "; the values overflow float16: use --dtype bfloat16" if dtype == "float16" else ""
         raise ModelLoadError(f"packed tensor {name!r}{where} holds NaN or infinite values as "
@@ -238,7 +238,7 @@ class _Uploader:
         """FileRange `r` -> the device array `dev` (same byte count), asynchronously."""
         import os
 
-        from .errors import ModelLoadError
+        from ..errors import ModelLoadError
         cp = _cupy()
         if dev.nbytes != r.nbytes:
             raise ModelLoadError(f"{r.path}: {r.nbytes} bytes do not fill a {dev.nbytes}-byte "

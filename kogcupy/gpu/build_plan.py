@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import kernels
-from .config import ModelConfig
-from .errors import DeviceError
+from ..model.config import ModelConfig
+from ..errors import DeviceError
 from .placement import ATTN_MIN_CHUNK, Placement, attn_chunk_cap, max_tp_blocks, place
 
 THREADS = 512

@@ -19,8 +19,8 @@ import dataclasses
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import InputError
+from ..model.config import ModelConfig
+from ..errors import InputError
 
 MAX_RANKS = 8            # KCCL_MAX_RANKS / abi.TP_MAX_RANKS
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import SUPPORTED_TEXT, ModelConfig, RopeScaling, load_hf_config
-from .errors import ModelLoadError, UnsupportedModelError
+from ..errors import ModelLoadError, UnsupportedModelError
 from .packing import (PACK_FORMAT, PACK_FORMAT_VERSION, bf16_to_f32, canonical_shape,
                       layer_tensor_names, pack_weights, packed_shapes, rope_inv_freq)
 

@@ -77,7 +77,7 @@ def read_range(r: FileRange, shape, kind: str) -> np.ndarray:
         while got < r.nbytes:
             n = f.readinto(mv[got:])
             if not n:
-                from .errors import ModelLoadError
+                from ..errors import ModelLoadError
                 raise ModelLoadError(f"{r.path}: file ends inside a tensor (truncated?)")
             got += n
     return a

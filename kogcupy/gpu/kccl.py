@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
-from .errors import DeviceError
+from ..errors import DeviceError
 
 MAX_RANKS = 8            # KCCL_MAX_RANKS in kccl.cuh
 MAX_BLOCKS = 256         # KCCL_MAX_BLOCKS
