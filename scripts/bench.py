@@ -488,6 +488,15 @@ def cold_prompt(cfg: ModelConfig, n: int) -> list[int]:
     return [(i * 7919 + 13) % cfg.vocab_size for i in range(n)]
 
 
+def cold_ttft(start_turn, forget, ids, runs=3) -> float:
+    """Best time to first token of `ids` with nothing cached (the first run warms up)."""
+    times = []
+    for _ in range(runs):
+        forget()
+        times.append(start_turn(ids, 1)[1])
+    return min(times[1:])
+
+
 def run_agent(start_turn, system, tools, gen) -> dict:
     """10 turns: prompt = history + tool result; `start_turn(prompt, gen)` returns the turn's
     generated ids and its time to first token; the generated ids join the history."""
@@ -574,12 +583,8 @@ def bench_peer_prompts(cfg, device, dtype, lens, agent, gen) -> dict:
     if lens:
         dec = SdpaPrefillDecoder(cfg, w, max(lens) + 1, device, dtype)
         for n in lens:
-            ids = cold_prompt(cfg, n)
-            times = []
-            for _ in range(3):
-                dec.cached = 0
-                times.append(dec.turn(ids, 1)[1])
-            out["ttft"][n] = min(times[1:])
+            out["ttft"][n] = cold_ttft(dec.turn, lambda: setattr(dec, "cached", 0),
+                                       cold_prompt(cfg, n))
         del dec
         _free_gpu()
     if agent:
@@ -616,12 +621,7 @@ def bench_kogcupy_prompts(cfg, lens, agent, gen) -> dict:
 
     out = {"ttft": {}}
     for n in lens:
-        ids = cold_prompt(cfg, n)
-        times = []
-        for _ in range(3):
-            be.clear_prefix_cache()
-            times.append(turn(ids, 1)[1])
-        out["ttft"][n] = min(times[1:])
+        out["ttft"][n] = cold_ttft(turn, be.clear_prefix_cache, cold_prompt(cfg, n))
     if agent:
         system, tools = agent
         be.clear_prefix_cache()
@@ -728,6 +728,10 @@ def add_speedups(rows):
                            for p in PEERS if (r["shape"], p) in base and p != r["engine"]}
 
 
+def _note(row) -> str:
+    return ("error: " + row["error"].splitlines()[0][:70]) if row["status"] == "error" else ""
+
+
 def _fmt(v, spec, width):
     return f"{v:{spec}}".rjust(width) if v is not None else "-".rjust(width)
 
@@ -746,7 +750,7 @@ def print_table(doc):
             continue
         sp = r.get("speedup_vs", {})
         gbs = r["read_bw_TBps"] * 1e3 if r["read_bw_TBps"] is not None else None
-        note = ("error: " + r["error"].splitlines()[0][:70]) if r["status"] == "error" else ""
+        note = _note(r)
         print(f"{r['engine']:<16}{r['shape']:<14}{r.get('n_gpus', 1):>5}{r['position']:>6}"
               f"{_fmt(r['tokens_per_s'], '.1f', 10)}{_fmt(gbs, '.0f', 9)}"
               f"{_fmt(r['pct_of_limit'], '.1f', 8)}{_fmt(r['pct_of_limit_with_kv'], '.1f', 8)}"
@@ -759,7 +763,7 @@ def print_table(doc):
               f"{'prefill tok/s':>15}  note")
         for r in ttft:
             t = r.get("ttft_s")
-            note = ("error: " + r["error"].splitlines()[0][:70]) if r["status"] == "error" else ""
+            note = _note(r)
             print(f"{r['engine']:<30}{r['shape']:<14}{r['prompt_len']:>7}"
                   f"{_fmt(t * 1e3 if t else None, '.2f', 10)}"
                   f"{_fmt(r['prompt_len'] / t if t else None, '.0f', 15)}  {note}")
@@ -769,7 +773,7 @@ def print_table(doc):
         print(f"{'agent workload':<30}{'shape':<14}{'turns':>6}{'total s':>9}{'mean ttft ms':>14}"
               f"{'context':>9}  note")
         for r in agent:
-            note = ("error: " + r["error"].splitlines()[0][:70]) if r["status"] == "error" else ""
+            note = _note(r)
             t = r.get("ttft_s")
             print(f"{r['engine']:<30}{r['shape']:<14}{_fmt(r.get('turns'), 'd', 6)}"
                   f"{_fmt(r.get('total_s'), '.2f', 9)}{_fmt(t * 1e3 if t else None, '.1f', 14)}"
