@@ -25,9 +25,6 @@
 #ifndef KOG_ATTN_FAST
 #define KOG_ATTN_FAST 0           // 1: scores by HD / 8 lanes per position (else a warp each)
 #endif
-#ifndef KOG_ATTN_PF_KB
-#define KOG_ATTN_PF_KB 0          // KB of this layer's gate_up rows per block prefetched to L2
-#endif
 #ifndef KOG_KV_ORDERED
 #define KOG_KV_ORDERED 1          // 0: always poll the count of cached positions (A/B knob)
 #endif
@@ -81,12 +78,6 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     const kog_u32 out_tag = kog_tag(t, layer, KOG_STAGE_ATTN);
     kog_prof(c, layer * 16 + 3);
 
-#if KOG_ATTN_PF_KB > 0
-    // HBM idles during attention: every block asks for the head of its gate_up rows in L2
-    // (asynchronous, no registers), so that stage streams part of its bytes from L2.
-    kog_prefetch_rows_l2(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
-                         c.part[5], 2 * KOG_HIDDEN, 0, (kog_u64)KOG_ATTN_PF_KB * 1024ull);
-#endif
     // After a step whose LM head ran, the appends of every earlier step are already ordered
     // before this one: each block releases the LM counter after its attention stages, the
     // sampler acquires all of them before it releases KOG_CNT_TOK, and every block acquires that
@@ -152,7 +143,6 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                 for (int k = 0; k < PER; ++k)
                     if (kog_tag_of(w[k]) != qkv_tag) { ready = false; w[k] = kog_ld_tagged(src[k]); }
                 if (ready) break;
-                kog_backoff();
             }
 #pragma unroll
             for (int k = 0; k < PER; ++k) {
@@ -335,7 +325,6 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                             if (kog_tag_of(wo[b]) != out_tag) { ready = false; wo[b] = kog_ld_tagged(pk + b * W + d); }
                         }
                         if (ready) break;
-                        kog_backoff();
                     }
 #pragma unroll
                     for (int b = 0; b < B; ++b) {

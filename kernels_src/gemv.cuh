@@ -24,48 +24,9 @@
 #ifndef KOG_GEMV_AB
 #define KOG_GEMV_AB 0
 #endif
-#ifndef KOG_GEMV_ASYNC
-#define KOG_GEMV_ASYNC 0          // 1: cp.async ring in shared memory (CUDA sm_80+)
-#endif
-#ifndef KOG_GEMV_STAGES
-#define KOG_GEMV_STAGES 4         // tiles per thread in the ring
-#endif
-#ifndef KOG_RING_BYTES
-#define KOG_RING_BYTES 0
-#endif
-#if defined(KOG_HIP)
-#undef KOG_GEMV_ASYNC
-#define KOG_GEMV_ASYNC 0
-#endif
 #ifndef KOG_PREFETCH_TILES
 #define KOG_PREFETCH_TILES 1      // tiles issued before the wait for the input
 #endif
-
-#ifndef KOG_L2_PREFETCH_KB
-#define KOG_L2_PREFETCH_KB 0      // bytes of a later stage's rows prefetched into L2 per block
-#endif
-
-// Warp 0 prefetches into L2 bytes [skip, skip + max_bytes) of a block's row range
-// (rows [r0, r1) of `row_elems` weights starting at `base`); kog_prefetch_rows only when the
-// KOG_L2_PREFETCH_KB knob is on.
-KOG_DEVICE void kog_prefetch_rows_l2(const kog_u16* base, int r0, int r1, int row_elems,
-                                     kog_u64 skip, kog_u64 max_bytes) {
-    if (threadIdx.x >= KOG_WARP || r0 >= r1) return;
-    const kog_u64 total = (kog_u64)(r1 - r0) * row_elems * 2;
-    if (skip >= total) return;
-    const kog_u64 bytes = (total - skip) < max_bytes ? (total - skip) : max_bytes;
-    const char* p = reinterpret_cast<const char*>(base + (kog_u64)r0 * row_elems) + skip;
-    constexpr kog_u64 PIECE = 16384;
-    for (kog_u64 off = (kog_u64)threadIdx.x * PIECE; off < bytes; off += (kog_u64)KOG_WARP * PIECE) {
-        const kog_u64 n = (bytes - off) < PIECE ? (bytes - off) : PIECE;
-        kog_prefetch_l2_bulk(p + off, (kog_u32)(n & ~15ull));
-    }
-}
-KOG_DEVICE void kog_prefetch_rows(const kog_u16* base, int r0, int r1, int row_elems,
-                                  kog_u64 skip, kog_u64 max_bytes) {
-    if (KOG_L2_PREFETCH_KB != 0) kog_prefetch_rows_l2(base, r0, r1, row_elems, skip, max_bytes);
-}
-#define KOG_PF_BYTES ((kog_u64)KOG_L2_PREFETCH_KB * 1024ull)
 
 // Waits until every word of the tagged vector src[0:N) carries `tag`, then puts the values in
 // shared xs. Every thread issues all its 16-byte loads before the first check (one L2 round
@@ -95,7 +56,6 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
             }
         }
         if (ready) break;
-        kog_backoff();
     }
     __syncthreads();                              // xs is free: the previous stage is done with it
     float ss = 0.f;
@@ -133,174 +93,6 @@ struct KogGemvShape {
     static constexpr int GRAB = TPU >= 4 ? 1 : 4 / TPU;                 // dynamic units per grab
 };
 
-#ifndef KOG_STREAM_SLOTS
-#define KOG_STREAM_SLOTS 4
-#endif
-#if defined(KOG_HIP)
-#undef KOG_STREAM
-#define KOG_STREAM 0
-#endif
-
-// ============================================================================================
-// The cross-stage weight stream (KOG_STREAM = 1, CUDA). Every thread keeps KOG_STREAM_SLOTS
-// tiles of its own future weight chunks in flight (cp.async into a private shared-memory ring),
-// in the exact order its warp will consume them: qkv, o_proj, gate_up, down of each layer, the
-// LM head when it runs, then the next position. The stream never stops at a stage boundary:
-// while a block waits for an activation, the tiles of the stages after it are already loading
-// (weights never depend on activations).
-// ============================================================================================
-struct KogStream {
-    int t, layer, stage, i;     // the next tile to issue: position, layer, stage 0..4, tile
-    int issued, consumed;       // tiles so far (slot = count % KOG_STREAM_SLOTS)
-    bool done;                  // nothing left to issue (past the context, or no tiles at all)
-};
-
-// KOG_STREAM = 2 (sm_90): the same stream, but each warp's tile is one bulk copy (TMA) into the
-// warp's own ring of KOG_STREAM_SLOTS tiles, completing on one mbarrier per slot: the copies
-// take no entry in the multiprocessor's load path, so the polls issued while they are in
-// flight are not held up behind them (as they are behind the cp.async / register loads).
-#if KOG_STREAM == 2 && !KOG_HAS_BULK
-#error "KOG_STREAM=2 needs sm_90 bulk copies (cp.async.bulk)"
-#endif
-#define KOG_STREAM_TILE (KOG_WARP * KOG_GEMV_MAX_LOADS * 16)         // bytes: one warp tile, max
-#define KOG_STREAM_BARS (KOG_THREADS / KOG_WARP * KOG_STREAM_SLOTS * KOG_STREAM_TILE)   // ring offset
-KOG_DEVICE char* kog_stream_slot(const KogCtx& c, int slot) {
-    return c.ring + ((kog_u64)(threadIdx.x / KOG_WARP) * KOG_STREAM_SLOTS + slot) * KOG_STREAM_TILE;
-}
-KOG_DEVICE kog_u64* kog_stream_bar(const KogCtx& c, int slot) {
-    return reinterpret_cast<kog_u64*>(c.ring + KOG_STREAM_BARS) +
-           (threadIdx.x / KOG_WARP) * KOG_STREAM_SLOTS + slot;
-}
-
-KOG_DEVICE bool kog_lm_runs(const KogParams* p, int t) {
-    return p->all_logits || t >= p->prompt_len - 1;
-}
-
-// Tiles of `stage` this thread's warp streams for rows [u0, u1) of a block (warp-strided units).
-template <int K, int UNIT>
-KOG_DEVICE int kog_warp_tiles(int u0, int u1) {
-    const int warp = threadIdx.x / KOG_WARP, n_warps = KOG_THREADS / KOG_WARP;
-    const int first = u0 + warp;
-    const int n_units = first < u1 ? (u1 - first + n_warps - 1) / n_warps : 0;
-    return n_units * KogGemvShape<K, UNIT>::TPU;
-}
-
-template <int K, int UNIT>
-KOG_DEVICE void kog_stream_copy(const KogCtx& c, const kog_u16* W, int u0, int i, int slot) {
-    using S = KogGemvShape<K, UNIT>;
-    const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
-    const int n_warps = KOG_THREADS / KOG_WARP;
-    const int u = u0 + warp + (i / S::TPU) * n_warps, kt = i % S::TPU;
-    const kog_vec4* base = reinterpret_cast<const kog_vec4*>(W) + (kog_u64)u * S::CPU + kt * S::TILE + lane;
-    char* dst = c.ring + (kog_u64)slot * KOG_GEMV_MAX_LOADS * 16 * KOG_THREADS + threadIdx.x * 16;
-#if KOG_STREAM == 2
-    (void)dst; (void)base;
-    if (lane == 0) {                 // the warp's tile: TILE contiguous chunks, one bulk copy
-        const int left = S::CPU - kt * S::TILE;
-        const unsigned bytes = (unsigned)(left < S::TILE ? left : S::TILE) * 16u;
-        kog_u64* bar = kog_stream_bar(c, slot);
-        kog_fence_proxy_async();                  // the warp's reads of this slot come first
-        kog_mbar_expect_tx(bar, bytes);
-        kog_bulk_to_shared(kog_stream_slot(c, slot),
-                           reinterpret_cast<const kog_vec4*>(W) + (kog_u64)u * S::CPU + kt * S::TILE, bytes, bar);
-    }
-#elif KOG_STREAM
-#pragma unroll
-    for (int j = 0; j < S::NLT; ++j)
-        if ((S::CPU % S::TILE) == 0 || kt * S::TILE + j * KOG_WARP + lane < S::CPU)
-            kog_cp_async16(dst + j * 16 * KOG_THREADS, base + j * KOG_WARP);
-#else
-    (void)dst; (void)base;
-#endif
-}
-
-// Tiles of stage `stage` for this warp (0 qkv, 1 o_proj, 2 gate_up, 3 down, 4 lm_head).
-KOG_DEVICE int kog_stream_stage_tiles(const KogCtx& c, int stage) {
-    const int* pt = c.part;
-    switch (stage) {
-        case 0: return kog_warp_tiles<KOG_HIDDEN, 1>(pt[0], pt[1]);
-        case 1: return kog_warp_tiles<KOG_Q_DIM, 1>(pt[2], pt[3]);
-        case 2: return kog_warp_tiles<KOG_HIDDEN, 2>(pt[4], pt[5]);
-        case 3: return kog_warp_tiles<KOG_FFN, 1>(pt[6], pt[7]);
-        default: return kog_warp_tiles<KOG_HIDDEN, 1>(pt[8], pt[9]);
-    }
-}
-
-// Issues the next tile of this thread's stream (one cp.async group; an empty group when the
-// stream is done, so "KOG_STREAM_SLOTS - 1 groups after a tile" always means it has landed).
-KOG_DEVICE void kog_stream_issue(const KogCtx& c) {
-#if KOG_STREAM
-#if KOG_STREAM == 2
-    kog_syncwarp();                               // every lane has read the slot it reuses
-#endif
-    KogStream& s = *c.stream;
-    const KogParams* p = c.p;
-    int scanned = 0;
-    while (!s.done) {
-        const int n = kog_stream_stage_tiles(c, s.stage);
-        if (s.i < n) {
-            const int slot = s.issued % KOG_STREAM_SLOTS;
-            const int l = s.layer;
-            switch (s.stage) {
-                case 0: kog_stream_copy<KOG_HIDDEN, 1>(c, p->wqkv + (kog_u64)l * KOG_QKV_DIM * KOG_HIDDEN, c.part[0], s.i, slot); break;
-                case 1: kog_stream_copy<KOG_Q_DIM, 1>(c, p->wo + (kog_u64)l * KOG_HIDDEN * KOG_Q_DIM, c.part[2], s.i, slot); break;
-                case 2: kog_stream_copy<KOG_HIDDEN, 2>(c, p->w_gate_up + (kog_u64)l * 2 * KOG_FFN * KOG_HIDDEN, c.part[4], s.i, slot); break;
-                case 3: kog_stream_copy<KOG_FFN, 1>(c, p->w_down + (kog_u64)l * KOG_HIDDEN * KOG_FFN, c.part[6], s.i, slot); break;
-                default: kog_stream_copy<KOG_HIDDEN, 1>(c, p->lm_head, c.part[8], s.i, slot); break;
-            }
-            ++s.i;
-            ++s.issued;
-            break;
-        }
-        // next stage in execution order
-        s.i = 0;
-        if (s.stage < 3) {
-            ++s.stage;
-        } else if (s.stage == 3 && s.layer + 1 < KOG_N_LAYERS) {
-            ++s.layer;
-            s.stage = 0;
-        } else if (s.stage == 3 && kog_lm_runs(p, s.t)) {
-            s.stage = 4;
-        } else {
-            ++s.t;
-            s.layer = 0;
-            s.stage = 0;
-            if (s.t >= p->context_length) s.done = true;
-        }
-        if (++scanned > 5 * KOG_N_LAYERS + 2) {    // a whole position without tiles
-            if (kog_stream_stage_tiles(c, 4) > 0 && !kog_lm_runs(p, s.t)) {
-                s.t = p->prompt_len - 1;              // only LM-head tiles: the first LM position
-                s.layer = KOG_N_LAYERS - 1;
-                s.stage = 4;
-                s.i = 0;
-                scanned = 0;
-            } else {
-                s.done = true;
-            }
-        }
-    }
-#if KOG_STREAM == 1
-    kog_cp_async_commit();
-#endif
-#else
-    (void)c;
-#endif
-}
-
-// Before the block exits: every copy of the stream has landed.
-KOG_DEVICE void kog_stream_drain(const KogCtx& c) {
-#if KOG_STREAM == 2
-    const KogStream& s = *c.stream;
-    for (int n = s.consumed; n < s.issued; ++n)
-        kog_mbar_wait(kog_stream_bar(c, n % KOG_STREAM_SLOTS), (unsigned)(n / KOG_STREAM_SLOTS) & 1u);
-#elif KOG_STREAM
-    (void)c;
-    kog_cp_async_wait<0>();
-#else
-    (void)c;
-#endif
-}
-
 // Optional dynamic tail (DYN): after its static units, each warp grabs units [dyn_begin,
 // dyn_end) GRAB at a time from a monotone counter (`cursor`, value `base` at this stage's start;
 // every warp ends with exactly one failed grab, so the next position's base is known). It
@@ -319,7 +111,6 @@ struct KogNoPre {
 template <int K, int UNIT, bool DYN = false, class Ready, class Epilogue, class Pre = KogNoPre>
 KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, const KogCtx& ctx,
                          Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}, Pre pre = Pre{}) {
-    char* ring = ctx.ring;
     static_assert(K % 8 == 0, "rows must be a whole number of 16-byte vectors");
     constexpr int CPR = K / 8;                                   // 16-byte chunks per row
     constexpr int CPU = UNIT * CPR;                              // chunks per unit
@@ -337,118 +128,7 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     const int n_units = first < u_end ? (u_end - first + n_warps - 1) / n_warps : 0;
     int n_tiles = n_units * TPU;
 
-#if KOG_STREAM
-    static_assert(!DYN && !KOG_GEMV_ASYNC, "the weight stream is static and owns the ring");
-    (void)ring;
-    (void)W4;
-    const float scale = ready();
-    if (!(scale > 0.f)) return;                 // no rows here, or the end (monokernel.cu drains)
-    const float4* x4 = reinterpret_cast<const float4*>(xs);
-    float acc[UNIT];
-#pragma unroll
-    for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
-    KogStream& st = *ctx.stream;
-    for (int i = 0; i < n_tiles; ++i) {
-        kog_vec4 v[NLT];
-#if KOG_STREAM == 2
-        {
-            const int sl = st.consumed % KOG_STREAM_SLOTS;
-            kog_mbar_wait(kog_stream_bar(ctx, sl), (unsigned)(st.consumed / KOG_STREAM_SLOTS) & 1u);
-            const kog_vec4* s4 = reinterpret_cast<const kog_vec4*>(kog_stream_slot(ctx, sl));
-#pragma unroll
-            for (int j = 0; j < NLT; ++j) v[j] = s4[j * KOG_WARP + lane];
-        }
-#else
-        kog_cp_async_wait<KOG_STREAM_SLOTS - 1>();
-        const char* slot = ctx.ring + (kog_u64)(st.consumed % KOG_STREAM_SLOTS) * KOG_GEMV_MAX_LOADS * 16 * KOG_THREADS
-                         + threadIdx.x * 16;
-#pragma unroll
-        for (int j = 0; j < NLT; ++j) v[j] = *reinterpret_cast<const kog_vec4*>(slot + j * 16 * KOG_THREADS);
-#endif
-        ++st.consumed;
-        const int kt = i % TPU;
-#pragma unroll
-        for (int j = 0; j < NLT; ++j) {
-            const int c = kt * TILE + j * KOG_WARP + lane;
-            if (FULL || c < CPU) {
-                const int row = c / CPR;
-                const int col = c - row * CPR;
-                const float4 a = x4[2 * col], b = x4[2 * col + 1];
-                const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                for (int r = 0; r < UNIT; ++r)
-                    if (UNIT == 1 || row == r) acc[r] = kog_dot8(v[j], xv, acc[r]);
-            }
-        }
-        kog_stream_issue(ctx);                                  // the slot's data is in registers
-        if (kt == TPU - 1) {
-#pragma unroll
-            for (int r = 0; r < UNIT; ++r) acc[r] = kog_warp_sum(acc[r]);
-            epi(first + (i / TPU) * n_warps, acc, scale);
-#pragma unroll
-            for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
-        }
-    }
-#elif KOG_GEMV_ASYNC
-    // Each thread streams its own 16-byte chunks through a private ring of KOG_GEMV_STAGES
-    // tiles in shared memory (cp.async, L2 only): deep prefetch without registers; no block
-    // barrier is needed because a thread only reads back what it copied itself.
-    constexpr int S = KOG_GEMV_STAGES;
-    static_assert(S * NLT * 16 * KOG_THREADS <= KOG_RING_BYTES, "cp.async ring fits");
-    (void)ring;
-    auto issue = [&](int i) {
-        if (i < n_tiles) {
-            const int u = first + (i / TPU) * n_warps;
-            const int kt = i % TPU;
-            const kog_vec4* base = W4 + (kog_u64)u * CPU + kt * TILE + lane;
-            char* slot = ring + (kog_u64)(i % S) * NLT * 16 * KOG_THREADS + threadIdx.x * 16;
-#pragma unroll
-            for (int j = 0; j < NLT; ++j)
-                if (FULL || kt * TILE + j * KOG_WARP + lane < CPU)
-                    kog_cp_async16(slot + j * 16 * KOG_THREADS, base + j * KOG_WARP);
-        }
-        kog_cp_async_commit();
-    };
-#pragma unroll
-    for (int s = 0; s < S; ++s) issue(s);                       // in flight across the wait
-
-    const float scale = ready();
-    if (!(scale > 0.f)) { kog_cp_async_wait<0>(); return; }
-    const float4* x4 = reinterpret_cast<const float4*>(xs);
-    float acc[UNIT];
-#pragma unroll
-    for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
-    for (int i = 0; i < n_tiles; ++i) {
-        kog_cp_async_wait<S - 1>();
-        const char* slot = ring + (kog_u64)(i % S) * NLT * 16 * KOG_THREADS + threadIdx.x * 16;
-        kog_vec4 v[NLT];
-#pragma unroll
-        for (int j = 0; j < NLT; ++j) v[j] = *reinterpret_cast<const kog_vec4*>(slot + j * 16 * KOG_THREADS);
-        const int kt = i % TPU;
-#pragma unroll
-        for (int j = 0; j < NLT; ++j) {
-            const int c = kt * TILE + j * KOG_WARP + lane;
-            if (FULL || c < CPU) {
-                const int row = c / CPR;
-                const int col = c - row * CPR;
-                const float4 a = x4[2 * col], b = x4[2 * col + 1];
-                const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                for (int r = 0; r < UNIT; ++r)
-                    if (UNIT == 1 || row == r) acc[r] = kog_dot8(v[j], xv, acc[r]);
-            }
-        }
-        issue(i + S);                                           // the slot's data is in registers
-        if (kt == TPU - 1) {
-#pragma unroll
-            for (int r = 0; r < UNIT; ++r) acc[r] = kog_warp_sum(acc[r]);
-            epi(first + (i / TPU) * n_warps, acc, scale);
-#pragma unroll
-            for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
-        }
-    }
-#else
-    (void)ring;
+    // Two tiles in flight
     // Two tiles in flight per warp (cur, nxt); tile 0 (and tile 1 with KOG_PREFETCH_TILES > 1)
     // is issued before the wait for the input.
     kog_vec4 cur[NLT], nxt[NLT];
@@ -522,7 +202,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         if (i + 2 < n_tiles) load(i + 2, nxt);
     }
 #endif
-#endif  // KOG_GEMV_ASYNC
     if constexpr (DYN) {
         constexpr int GRAB = KogGemvShape<K, UNIT>::GRAB;
         constexpr int NT = GRAB * TPU;                          // tiles per grab
@@ -687,7 +366,7 @@ KOG_DEVICE void kog_x_rows_to_shared(float* dst, const kog_u64* x, int r0, int n
             v = kog_w_to_f32(emb[r0 + i]);
         } else {
             kog_u64 w = i == (int)threadIdx.x ? first : kog_ld_tagged(x + r0 + i);
-            while (kog_tag_of(w) != tag) { kog_backoff(); w = kog_ld_tagged(x + r0 + i); }
+            while (kog_tag_of(w) != tag) { w = kog_ld_tagged(x + r0 + i); }
             v = kog_value_of(w);
         }
         dst[i] = v;
@@ -708,8 +387,6 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     const kog_u16* emb = layer == 0 ? p->embed + (kog_u64)kog_ld_cg_int(p->tokens + c.t) * KOG_HIDDEN
                                     : nullptr;
     auto ready = [&]() -> float {
-        kog_prefetch_rows(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
-                          c.part[5], 2 * KOG_HIDDEN, KOG_PF_BYTES, KOG_PF_BYTES);
         if (r0 >= r1) return -1.f;
 #if KOG_TP == 1
         // the old value of this block's rows of x: loads issued now, checked after the polls
@@ -760,8 +437,6 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     float* dbg = kog_debug_row(c);
     constexpr bool DYN = KOG_DYN_PERMILLE > 0;
     auto ready = [&]() -> float {
-        kog_prefetch_rows(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, c.part[6], c.part[7],
-                          KOG_FFN, 0, 2 * KOG_PF_BYTES);
 #if KOG_TP > 1
         const float s = kog_tp_load_reduced(c, 0, kog_tag(c.t, layer, KOG_STAGE_O));
 #else
@@ -800,11 +475,6 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     const kog_u32 x_in = kog_tag(c.t, layer, KOG_STAGE_O);
     float* x_old = c.x_own + KOG_OWN_PAD;          // o_proj's half may still be read (no barrier)
     auto ready = [&]() -> float {
-        if (layer + 1 < KOG_N_LAYERS)
-            kog_prefetch_rows(p->wqkv + (kog_u64)(layer + 1) * KOG_QKV_DIM * KOG_HIDDEN, c.part[0],
-                              c.part[1], KOG_HIDDEN, 0, KOG_PF_BYTES);
-        else
-            kog_prefetch_rows(p->lm_head, c.part[8], c.part[9], KOG_HIDDEN, 0, 2 * KOG_PF_BYTES);
         if (!DYN && r0 >= r1) return -1.f;
 #if KOG_TP == 1
         // old x of the static rows: loads issued now, checked after the polls
@@ -842,7 +512,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
                 old = x_old[row - r0];
             } else {
                 kog_u64 w = old_dyn[(row - p->down_dyn_begin) % GRAB];
-                while (kog_tag_of(w) != x_in) { kog_backoff(); w = kog_ld_tagged(p->x + row); }
+                while (kog_tag_of(w) != x_in) { w = kog_ld_tagged(p->x + row); }
                 old = kog_value_of(w);
             }
             const float v = old + acc[0];

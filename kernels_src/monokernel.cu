@@ -29,26 +29,15 @@ static_assert(KOG_SMEM_FLOATS >= KOG_SAMPLE_SMEM_FLOATS, "sampler fits in shared
 extern "C" __global__ void __launch_bounds__(KOG_THREADS, 1)
 kog_monokernel(const KogParams* __restrict__ p) {
     extern __shared__ float4 kog_smem4[];
-    float* smem = reinterpret_cast<float*>(kog_smem4) + KOG_RING_BYTES / 4;
+    float* smem = reinterpret_cast<float*>(kog_smem4);
     KogCtx c;
     c.p = p;
     c.smem = smem;
     c.scratch = smem + KOG_SMEM_FLOATS;
-    c.ring = reinterpret_cast<char*>(kog_smem4);
     c.x_own = c.scratch + KOG_SCRATCH_FLOATS;
     c.x_full = c.x_own + 2 * KOG_OWN_PAD;                 // tensor parallel only (host sizes it)
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
     c.t = 0;
-    KogStream stream{p->start_pos, 0, 0, 0, 0, 0, false};     // from the first position run
-    c.stream = &stream;
-#if KOG_STREAM == 2
-    if (threadIdx.x % KOG_WARP == 0)                 // one mbarrier per slot of the warp's ring
-        for (int s = 0; s < KOG_STREAM_SLOTS; ++s) kog_mbar_init(kog_stream_bar(c, s), 1);
-    __syncthreads();
-#endif
-#if KOG_STREAM
-    for (int s = 0; s < KOG_STREAM_SLOTS; ++s) kog_stream_issue(c);   // weights first
-#endif
 
     // Positions [0, start_pos) are already in the KV cache (batched prefill, prefix cache);
     // the host set the counters as if this launch had run them (monokernel.py, _prepare).
@@ -61,10 +50,7 @@ kog_monokernel(const KogParams* __restrict__ p) {
     for (int t = t0; t < p->context_length; ++t) {
         c.t = t;
         for (int layer = 0; layer < KOG_N_LAYERS; ++layer) {
-            if (kog_stage_attn_norm_qkv(c, layer)) {        // stop flag seen at layer 0
-                kog_stream_drain(c);                        // no copy outlives the block
-                return;
-            }
+            if (kog_stage_attn_norm_qkv(c, layer)) return;  // stop flag seen at layer 0
             kog_stage_attention(c, layer);
             kog_stage_o_proj_residual(c, layer);
             kog_stage_ffn_norm_gate_up_silu(c, layer);

@@ -25,11 +25,6 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
     bool stop = false;
     kog_prof(c, layer * 16 + 0);
     auto ready = [&]() -> float {
-        // the attention stage streams no weights: bring o_proj and the head of gate_up to L2
-        kog_prefetch_rows(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, c.part[2], c.part[3],
-                          KOG_Q_DIM, 0, KOG_PF_BYTES);
-        kog_prefetch_rows(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, c.part[4],
-                          c.part[5], 2 * KOG_HIDDEN, 0, KOG_PF_BYTES);
         if (first) {                           // the next token (or the end) is decided
             stop = kog_wait_counter_read_flag(kog_counter(c, KOG_CNT_TOK), (kog_u32)(c.t + 1),
                                               kog_counter(c, KOG_CNT_STOP),

@@ -107,25 +107,14 @@ KOG_DEVICE float kog_warp_max(float v) {
 // Loads
 // --------------------------------------------------------------------------------------------
 // Weights never change during a launch: read-only path, no L1 allocation, L2 prefetch hint.
-// KOG_WEIGHT_EVICT_FIRST: the weight lines are also the first L2 evicts, so that the KV cache,
-// the activations and the attention partials stay in L2 while gigabytes of weights pass.
-#ifndef KOG_WEIGHT_EVICT_FIRST
-#define KOG_WEIGHT_EVICT_FIRST 0
-#endif
 KOG_DEVICE kog_vec4 kog_ld_stream(const kog_vec4* p) {
 #if defined(KOG_HIP)
     return __builtin_nontemporal_load(p);
 #else
     kog_vec4 r;
-#if KOG_WEIGHT_EVICT_FIRST
-    kog_u64 pol;
-    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-    asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4], %5;"
-        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "l"(pol));
-#else
     asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-#endif
+    return r;
     return r;
 #endif
 }
@@ -143,18 +132,15 @@ KOG_DEVICE void kog_cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: 
 
 // 16-byte global -> shared copy that may complete later (kog_copy16_wait_all): cp.async on
 // CUDA, a plain copy on HIP. The source must be coherent at L2 (written before an acquire).
-#ifndef KOG_STREAM
-#define KOG_STREAM 0
-#endif
 KOG_DEVICE void kog_copy16(void* smem_dst, const void* gmem_src) {
-#if defined(KOG_HIP) || KOG_STREAM == 1     // (the cp.async weight stream owns the groups)
+#if defined(KOG_HIP)
     *reinterpret_cast<kog_vec4*>(smem_dst) = *reinterpret_cast<const kog_vec4*>(gmem_src);
 #else
     kog_cp_async16(smem_dst, gmem_src);
 #endif
 }
 KOG_DEVICE void kog_copy16_wait_all() {
-#if !defined(KOG_HIP) && KOG_STREAM != 1
+#if !defined(KOG_HIP)
     kog_cp_async_commit();
     kog_cp_async_wait<0>();
 #endif
@@ -310,53 +296,6 @@ KOG_DEVICE kog_u32 kog_ld_acquire_system(const kog_u32* p) {
     return v;
 #endif
 }
-// Bulk global -> shared copies by the copy engine (sm_90 cp.async.bulk, TMA), completing on
-// an mbarrier in shared memory. They take no entry in the multiprocessor's own load path, so a
-// poll issued after them is not held up until they land (measured: 64 KB of weight loads in
-// flight through that path delay a block's input polls by 1-3 us).
-#if !defined(KOG_HIP) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900)
-#define KOG_HAS_BULK 1
-KOG_DEVICE unsigned kog_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-KOG_DEVICE void kog_mbar_init(kog_u64* bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(kog_smem_addr(bar)), "r"(count) : "memory");
-}
-// One arrival that also expects `bytes` of bulk copies on `bar`.
-KOG_DEVICE void kog_mbar_expect_tx(kog_u64* bar, unsigned bytes) {
-    kog_u64 state;
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 %0, [%1], %2;"
-                 : "=l"(state) : "r"(kog_smem_addr(bar)), "r"(bytes) : "memory");
-    (void)state;
-}
-// dst, src 16-byte aligned, bytes a multiple of 16.
-KOG_DEVICE void kog_bulk_to_shared(void* dst, const void* src, unsigned bytes, kog_u64* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 :: "r"(kog_smem_addr(dst)), "l"(src), "r"(bytes), "r"(kog_smem_addr(bar)) : "memory");
-}
-// Wait until the phase with this parity of `bar` has completed.
-KOG_DEVICE void kog_mbar_wait(kog_u64* bar, unsigned parity) {
-    asm volatile("{\n\t.reg .pred done;\n"
-                 "KOG_MBAR_WAIT_%=:\n\t"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
-                 "@!done bra KOG_MBAR_WAIT_%=;\n}"
-                 :: "r"(kog_smem_addr(bar)), "r"(parity) : "memory");
-}
-// Orders this thread's earlier generic-proxy accesses to shared memory before later bulk copies.
-KOG_DEVICE void kog_fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-#else
-#define KOG_HAS_BULK 0
-#endif
-
-// Asks the memory system to bring [p, p + bytes) into L2 (no registers, no completion):
-// weights of a later stage stream from HBM while this block waits on a readiness counter.
-// bytes: multiple of 16, p 16-byte aligned.
-KOG_DEVICE void kog_prefetch_l2_bulk(const void* p, kog_u32 bytes) {
-#if defined(KOG_HIP)
-    (void)p; (void)bytes;
-#else
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
-#endif
-}
-
 KOG_DEVICE kog_u64 kog_globaltimer() {
 #if defined(KOG_HIP)
 #if defined(__HIP_DEVICE_COMPILE__)
@@ -441,19 +380,6 @@ KOG_DEVICE void kog_red_release_system(kog_u32* p, kog_u32 v) {
     __hip_atomic_fetch_add(p, v, __ATOMIC_RELEASE, __HIP_MEMORY_SCOPE_SYSTEM);
 #else
     asm volatile("red.release.sys.global.add.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
-#endif
-}
-
-// Between polls of tagged data by many threads: keeps the polling traffic from competing with
-// the weight stream (KOG_POLL_NS = 0: spin).
-#ifndef KOG_POLL_NS
-#define KOG_POLL_NS 0
-#endif
-KOG_DEVICE void kog_backoff() {
-#if defined(KOG_HIP)
-    if (KOG_POLL_NS > 0) __builtin_amdgcn_s_sleep(1);
-#else
-    if (KOG_POLL_NS > 0) __nanosleep(KOG_POLL_NS);
 #endif
 }
 

@@ -130,10 +130,8 @@ struct KogCtx {
     const KogParams* p;
     float* smem;         // KOG_SMEM_FLOATS floats of dynamic shared memory
     float* scratch;      // 2 * KOG_THREADS / KOG_WARP + 16 floats for block reductions / flags
-    char* ring;          // KOG_RING_BYTES of shared memory: the GEMV cp.async weight ring
     float* x_own;        // 2 x KOG_OWN_PAD: old x of this block's o_proj rows, of its down rows
     float* x_full;       // tensor parallel: the whole residual stream x (KOG_HIDDEN floats)
-    struct KogStream* stream;   // this thread's cross-stage weight stream (KOG_STREAM)
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     int t;               // position of the token being run
 };

@@ -40,7 +40,7 @@ class BuildPlan:
     placement: Placement         # which block owns which rows / heads / chunks
     attn_chunk: int              # KOG_ATTN_CHUNK
     smem_floats: int             # KOG_SMEM_FLOATS
-    smem_bytes: int              # dynamic shared memory per block, before the weight ring
+    smem_bytes: int              # dynamic shared memory per block
 
 
 def _knob(tuning: dict, name: str) -> int:
@@ -54,11 +54,6 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     tuning = dict(tuning or {})
     if hooks:
         tuning["KOG_HOOKS"] = 1               # the stage timings / dumps are compiled in
-    if _knob(tuning, "KOG_STREAM"):
-        # the (static) cross-stage weight stream excludes dynamic work tails
-        if int(tuning.get("KOG_DYN_PERMILLE", 0)):
-            raise DeviceError("KOG_DYN_PERMILLE (dynamic work tails) needs KOG_STREAM=0")
-        tuning["KOG_DYN_PERMILLE"] = 0
     dyn = _knob(tuning, "KOG_DYN_PERMILLE")
     if ("KOG_DYN_PERMILLE" not in tuning and world == 1
             and lcfg.hidden_size < DYN_MIN_ROWS * int(blocks or n_sms)):

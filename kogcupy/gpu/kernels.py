@@ -86,13 +86,9 @@ def define_options(defines: dict) -> tuple[str, ...]:
 # GEMV tuning knobs (gemv.cuh): loads per lane per tile, tiles issued before the input wait,
 # and the unrolled two-buffer loop.
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_PREFETCH_TILES": 2, "KOG_GEMV_AB": 1,
-                  "KOG_GEMV_ASYNC": 0, "KOG_GEMV_STAGES": 4,
-                  "KOG_L2_PREFETCH_KB": 0, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DYN": 1, "KOG_HOOKS": 0,
-                  "KOG_WEIGHT_EVICT_FIRST": 0, "KOG_KV_ORDERED": 1,
-                  "KOG_POLL_NS": 0,
-                  "KOG_STREAM": 0, "KOG_STREAM_SLOTS": 4,
-                  "KOG_TIMING_ATTN_SELF_ONLY": 0, "KOG_ATTN_FAST": 1, "KOG_ATTN_POLL": 1,
-                  "KOG_ATTN_PF_KB": 0}
+                  "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DYN": 1, "KOG_HOOKS": 0,
+                  "KOG_KV_ORDERED": 1,
+                  "KOG_TIMING_ATTN_SELF_ONLY": 0, "KOG_ATTN_FAST": 1, "KOG_ATTN_POLL": 1}
 # Development: KOGCUPY_TUNING='{"KOG_ATTN_FAST": 1}' changes the defaults (e.g. to run the GPU
 # test suite on a variant before it becomes the default).
 if os.environ.get("KOGCUPY_TUNING"):
@@ -139,33 +135,12 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
         raise DeviceError(f"unsupported GPU storage dtype {dtype!r}; use bfloat16 or float16")
     d.update(DEFAULT_TUNING)
     d.update(tuning or {})
-    d["KOG_RING_BYTES"] = ring_bytes(d, threads)
     d["KOG_TP"] = int(tp)
     d.update(abi.peer_defines())
     d.update(abi.counter_layout(cfg.n_layers, cfg.n_kv_heads))
     d.update(debug_layout(cfg))
     d.pop("KOG_DBG_STRIDE")
     return d
-
-
-def ring_bytes(defines: dict, threads: int) -> int:
-    """Shared memory of the GEMV weight ring (gemv.cuh: cp.async ring or cross-stage stream),
-    0 when neither is on."""
-    if is_hip_safe():
-        return 0
-    if defines.get("KOG_STREAM"):           # (2: + one mbarrier per slot of each warp's ring)
-        bars = 8 * int(defines["KOG_STREAM_SLOTS"]) * (threads // 32) if int(defines["KOG_STREAM"]) == 2 else 0
-        return int(defines["KOG_STREAM_SLOTS"]) * int(defines["KOG_GEMV_MAX_LOADS"]) * 16 * threads + bars
-    if defines.get("KOG_GEMV_ASYNC"):
-        return int(defines["KOG_GEMV_STAGES"]) * int(defines["KOG_GEMV_MAX_LOADS"]) * 16 * threads
-    return 0
-
-
-def is_hip_safe() -> bool:
-    try:
-        return is_hip()
-    except Exception:  # noqa: BLE001 -- no CuPy: compile-only use (tests), CUDA layout
-        return False
 
 
 def debug_layout(cfg) -> dict:

@@ -313,13 +313,12 @@ class MonokernelBackend(_OneLaunchBackend):
                                         len(abi.PARTITION_COLUMNS),
                                         {"KOG_OWN_ROWS": self.placement.own_rows, **self.tuning},
                                         tp=self.world)
-        self.smem_bytes += defines["KOG_RING_BYTES"]
         cp = _cupy()
         limit = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id).get(
             "sharedMemPerBlockOptin", self.smem_bytes))
         if self.smem_bytes > limit:
             raise DeviceError(f"monokernel needs {self.smem_bytes} B of shared memory per block, "
-                              f"this GPU allows {limit}; use fewer KOG_STREAM_SLOTS / smaller tiles / "
+                              f"this GPU allows {limit}; use "
                               f"KOG_ATTN_CHUNK=128")
         mod = kernels.load_module(kernels.monokernel_source(), defines, cooperative=True)
         fn = kernels.get_function(mod, "kog_monokernel")
