@@ -6,13 +6,9 @@
 // computes fp32 softmax(q k^T / sqrt(hd)) v over its chunk: out, running max and sum per head.
 // The unit whose chunk holds the current position also finishes k and v of that position and
 // appends them to the KV cache (no other unit reads that position in this step).
-// With one chunk the unit writes attn_out directly. Otherwise (KOG_ATTN_POLL, default) every
-// other unit writes its partial as tagged words and the unit holding t polls them and combines
-// (SYNC.md); or (KOG_ATTN_POLL=0) each unit writes a partial and takes a ticket (acq_rel
-// atomic on a monotone per-(layer, kv head) count; the host tabulates the arrivals of earlier
-// positions) and the last arrival combines the partials of head g and writes attn_out
-// (tagged). Scores: HD / 8 lanes per position (KOG_ATTN_FAST, default) or a warp per
-// position. The appending unit releases a per-(layer, kv head)
+// With one chunk the unit writes attn_out directly. Otherwise every other unit writes its
+// partial as tagged words and the unit holding t polls them and combines (SYNC.md).
+// Scores: HD / 8 lanes per position. The appending unit releases a per-(layer, kv head)
 // count of cached positions, which units of later steps acquire before reading the cache.
 // ============================================================================================
 #pragma once
@@ -22,16 +18,6 @@
 // Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], probs[GQA][CHUNK],
 // ml[GQA][2], rope[HD], then the cached K and V rows of the chunk (storage dtype, CHUNK x HD
 // each), copied in before q is ready.
-#ifndef KOG_ATTN_FAST
-#define KOG_ATTN_FAST 0           // 1: scores by HD / 8 lanes per position (else a warp each)
-#endif
-#ifndef KOG_KV_ORDERED
-#define KOG_KV_ORDERED 1          // 0: always poll the count of cached positions (A/B knob)
-#endif
-#ifndef KOG_ATTN_POLL
-#define KOG_ATTN_POLL 0           // 1: tagged partials combined by the unit holding t (no ticket)
-#endif
-
 #define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
 #define KOG_ATTN_SMEM_FLOATS \
     (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_CHUNK + KOG_ATTN_ML_FLOATS + \
@@ -48,14 +34,8 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA;
     const KogParams* p = c.p;
     const int t = c.t, n_pos = t + 1;
-#if KOG_TIMING_ATTN_SELF_ONLY
-    // timing variant (wrong results): attend to the current position only, one chunk
-    const int chunk = 1, n_chunks = 1, j_first = t;
-#else
     const int chunk = kog_attn_chunk_len(n_pos, p->attn_max_chunks);
     const int n_chunks = (n_pos + chunk - 1) / chunk;
-    const int j_first = 0;
-#endif
     const int n_units = KOG_N_KV * n_chunks;
     const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
     const int n_warps = blockDim.x / KOG_WARP;
@@ -69,9 +49,6 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     kog_u16* vs = ks + KOG_ATTN_CHUNK * HD;                    // [KOG_ATTN_CHUNK][HD]
     static_assert((G * HD * 2 + 2 * HD + G * KOG_ATTN_CHUNK + KOG_ATTN_ML_FLOATS + HD) % 4 == 0,
                   "K/V staging 16-byte aligned");
-#if !KOG_ATTN_POLL
-    kog_u32* flag = reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG);
-#endif
     const float qscale = rsqrtf((float)HD);
     float* dbg = kog_debug_row(c);
     const kog_u32 qkv_tag = kog_tag(t, layer, KOG_STAGE_QKV);
@@ -83,13 +60,13 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     // sampler acquires all of them before it releases KOG_CNT_TOK, and every block acquires that
     // at layer 0 (SYNC.md). The per-head count is then not polled (one round trip less before
     // the K/V copies); in the prompt (no LM head) it is the real dependency and is polled.
-    const bool kv_ordered = KOG_KV_ORDERED && KOG_TP == 1 && t > 0 &&
+    const bool kv_ordered = KOG_TP == 1 && t > 0 &&
                             (p->all_logits || t - 1 >= p->prompt_len - 1) &&
                             p->n_lm_producers == (int)gridDim.x;
     // Units go to blocks from the top of the grid down (block 0 also samples).
     for (int u = gridDim.x - 1 - blockIdx.x; u < n_units; u += gridDim.x) {
         const int g = u % KOG_N_KV, ch = u / KOG_N_KV;
-        const int j0 = j_first + ch * chunk, j1 = min(n_pos, j0 + chunk);
+        const int j0 = ch * chunk, j1 = min(n_pos, j0 + chunk);
         const bool holds_t = j1 == n_pos;
         kog_u32* kv_count = kog_counter(c, KOG_CNT_KV + layer * KOG_N_KV + g);
         const kog_u64 kv_base = ((kog_u64)layer * KOG_N_KV + g) * p->context_length;
@@ -175,14 +152,13 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         kog_copy16_wait_all();                    // this thread's K/V copies have landed
         __syncthreads();
 
-#if KOG_ATTN_FAST
         // ---- scores: HD / 8 lanes per position, one 16-byte K piece each (conflict-free
         //      shared loads), G dot products reduced over the lane group; a uniform trip count
         //      so every lane of a warp takes part in the shuffles ----
         {
             constexpr int LPP = HD / 8;
             static_assert(HD % 8 == 0 && KOG_WARP % LPP == 0 && (LPP & (LPP - 1)) == 0,
-                          "KOG_ATTN_FAST: HD / 8 lanes per position must divide the warp");
+                          "attention scores: HD / 8 lanes per position must divide the warp");
             const int sub = threadIdx.x % LPP, pi = threadIdx.x / LPP;
             const int n_pi = blockDim.x / LPP;
             for (int jb = j0; jb < j1; jb += n_pi) {
@@ -216,28 +192,6 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                 }
             }
         }
-#else
-        // ---- scores: one warp per position ----
-        for (int j = j0 + warp; j < j1; j += n_warps) {
-            float kd[(HD + KOG_WARP - 1) / KOG_WARP];
-#pragma unroll
-            for (int e = 0; e < (HD + KOG_WARP - 1) / KOG_WARP; ++e) {
-                const int d = lane + e * KOG_WARP;
-                kd[e] = d < HD ? (j == t ? kv_t[d] : kog_w_to_f32(ks[(j - j0) * HD + d])) : 0.f;
-            }
-#pragma unroll
-            for (int h = 0; h < G; ++h) {
-                float s = 0.f;
-#pragma unroll
-                for (int e = 0; e < (HD + KOG_WARP - 1) / KOG_WARP; ++e) {
-                    const int d = lane + e * KOG_WARP;
-                    if (d < HD) s = fmaf(q[h * HD + d], kd[e], s);
-                }
-                s = kog_warp_sum(s);
-                if (lane == 0) probs[h * KOG_ATTN_CHUNK + (j - j0)] = s * qscale;
-            }
-        }
-#endif
         for (int i = threadIdx.x; i < G * HD; i += blockDim.x) o[i] = 0.f;
         __syncthreads();
 
@@ -276,7 +230,6 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         }
         __syncthreads();
 
-#if KOG_ATTN_POLL
         // ---- finish: direct; or every other chunk writes its partial as tagged words and the
         //      unit holding t (the last chunk, the last unit of its block: no wait cycle)
         //      polls them and combines with its own partial from shared memory -- no ticket
@@ -368,51 +321,6 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                 kog_st_tagged(part + i, k < HD ? o[h * HD + k] : ml[2 * h + (k - HD)], out_tag);
             }
         }
-#else
-        // ---- finish: direct, or partial + ticket + combine by the last arrival ----
-        bool combine = n_chunks == 1;
-        if (!combine) {
-            float* part = p->attn_partial + ((kog_u64)g * p->attn_chunks_alloc + ch) * G * (HD + 2);
-            for (int i = threadIdx.x; i < G * (HD + 2); i += blockDim.x) {
-                const int h = i / (HD + 2), k = i - h * (HD + 2);
-                part[i] = k < HD ? o[h * HD + k] : ml[2 * h + (k - HD)];
-            }
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                // tickets only grow: arrivals of earlier positions are attn_ticket_base[t]
-                kog_u32* ticket = kog_counter(c, KOG_CNT_TICKET + layer * KOG_N_KV + g);
-                const kog_u32 old = kog_atomic_add_acq_rel(ticket, 1u);
-                *flag = old + 1u == (kog_u32)p->attn_ticket_base[t] + (kog_u32)n_chunks ? 1u : 0u;
-            }
-            __syncthreads();
-            combine = *flag != 0u;
-        }
-        if (combine) {
-            for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
-                const int h = i / HD, d = i - h * HD;
-                float out;
-                if (n_chunks == 1) {
-                    out = o[i] / ml[2 * h + 1];
-                } else {
-                    const float* base = p->attn_partial + (kog_u64)g * p->attn_chunks_alloc * G * (HD + 2) + h * (HD + 2);
-                    float m = KOG_NEG_INF;
-#pragma unroll 8
-                    for (int k = 0; k < n_chunks; ++k) m = fmaxf(m, kog_ld_cg(base + (kog_u64)k * G * (HD + 2) + HD));
-                    float l = 0.f, acc = 0.f;
-#pragma unroll 8
-                    for (int k = 0; k < n_chunks; ++k) {
-                        const float* pk = base + (kog_u64)k * G * (HD + 2);
-                        const float w = expf(kog_ld_cg(pk + HD) - m);
-                        l = fmaf(kog_ld_cg(pk + HD + 1), w, l);
-                        acc = fmaf(kog_ld_cg(pk + d), w, acc);
-                    }
-                    out = acc / l;
-                }
-                kog_st_tagged(p->attn_out + g * G * HD + i, out, out_tag);
-                if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * G * HD + i] = out;
-            }
-        }
-#endif
         if (holds_t) kog_signal_counter(kv_count);   // position t of head g is in the cache
         else __syncthreads();                     // shared buffers are reused by the next unit
     }

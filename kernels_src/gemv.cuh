@@ -21,9 +21,6 @@
 #ifndef KOG_GEMV_MAX_LOADS
 #define KOG_GEMV_MAX_LOADS 8      // 16-byte loads per lane per tile
 #endif
-#ifndef KOG_GEMV_AB
-#define KOG_GEMV_AB 0
-#endif
 #ifndef KOG_PREFETCH_TILES
 #define KOG_PREFETCH_TILES 1      // tiles issued before the wait for the input
 #endif
@@ -183,7 +180,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
             for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
         }
     };
-#if KOG_GEMV_AB
     // Unrolled by two so the buffers swap roles without register moves (a move of a pending
     // load would stall until it lands, leaving one tile in flight instead of two).
     for (int i = 0; i < n_tiles; i += 2) {
@@ -194,14 +190,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
             if (i + 3 < n_tiles) load(i + 3, nxt);
         }
     }
-#else
-    for (int i = 0; i < n_tiles; ++i) {
-        consume(i, cur);
-#pragma unroll
-        for (int j = 0; j < NLT; ++j) cur[j] = nxt[j];
-        if (i + 2 < n_tiles) load(i + 2, nxt);
-    }
-#endif
     if constexpr (DYN) {
         constexpr int GRAB = KogGemvShape<K, UNIT>::GRAB;
         constexpr int NT = GRAB * TPU;                          // tiles per grab

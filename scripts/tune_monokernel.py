@@ -1,6 +1,6 @@
 """Decode speed of monokernel tuning variants on random GPU weights (one device call).
 
-    python scripts/tune_monokernel.py llama-3.2-1b,qwen3-1.7b '[{"KOG_GEMV_AB": 1}, {}]' [new]
+    python scripts/tune_monokernel.py llama-3.2-1b,qwen3-1.7b '[{"KOG_DYN_PERMILLE": 0}, {}]' [new]
     python scripts/tune_monokernel.py llama-3.2-1b@4000 '[{}, {"KOG_ATTN_CHUNK": 256}]'
 
 A shape may carry `@position`: generation starts after that many prompt tokens (KV bytes are

@@ -77,9 +77,9 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
                           dyn_permille=dyn, down_dyn=bool(down_dyn))
     except ValueError as e:
         raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None
-    if _knob(tuning, "KOG_ATTN_POLL") and n_blocks < lcfg.n_kv_heads:
+    if n_blocks < lcfg.n_kv_heads:
         # the unit combining a head's partials must be the last unit of its block
-        raise DeviceError(f"KOG_ATTN_POLL needs at least {lcfg.n_kv_heads} blocks (kv heads)")
+        raise DeviceError(f"the attention combine needs at least {lcfg.n_kv_heads} blocks (kv heads)")
     floats = smem_floats(lcfg, attn_chunk)
     scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
     x_full = lcfg.hidden_size if world > 1 else 0    # tensor parallel: x per block

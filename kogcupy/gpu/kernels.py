@@ -85,11 +85,9 @@ def define_options(defines: dict) -> tuple[str, ...]:
 
 # GEMV tuning knobs (gemv.cuh): loads per lane per tile, tiles issued before the input wait,
 # and the unrolled two-buffer loop.
-DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_PREFETCH_TILES": 2, "KOG_GEMV_AB": 1,
-                  "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DYN": 1, "KOG_HOOKS": 0,
-                  "KOG_KV_ORDERED": 1,
-                  "KOG_TIMING_ATTN_SELF_ONLY": 0, "KOG_ATTN_FAST": 1, "KOG_ATTN_POLL": 1}
-# Development: KOGCUPY_TUNING='{"KOG_ATTN_FAST": 1}' changes the defaults (e.g. to run the GPU
+DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_PREFETCH_TILES": 2,
+                  "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DYN": 1, "KOG_HOOKS": 0}
+# Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 0}' changes the defaults (e.g. to run the GPU
 # test suite on a variant before it becomes the default).
 if os.environ.get("KOGCUPY_TUNING"):
     import json as _json
@@ -106,8 +104,7 @@ def check_model_shape(cfg, threads: int = 512) -> None:
     hd = cfg.head_dim
     if hd > threads or threads % hd:
         bad.append(f"head_dim {hd} does not divide the {threads} threads of a block")
-    elif DEFAULT_TUNING.get("KOG_ATTN_FAST") and (hd % 8 or 32 % (hd // 8)
-                                                   or (hd // 8) & (hd // 8 - 1)):
+    elif hd % 8 or 32 % (hd // 8) or (hd // 8) & (hd // 8 - 1):   # attention.cuh: HD / 8 lanes
         bad.append(f"head_dim {hd} is not 8, 16, 32, 64, 128 or 256")
     if bad:
         raise UnsupportedModelError(

@@ -281,7 +281,7 @@ class MonokernelBackend(_OneLaunchBackend):
         self.attn_out = cp.empty(cfg.q_dim, u64)
         self.act = cp.empty(cfg.intermediate_size, u64)
         self.logits_buf = cp.empty(cfg.vocab_size, f32)
-        # fp32 (ticket combine) or 8-byte tagged words (KOG_ATTN_POLL): room for the latter;
+        # 8-byte tagged words (attention.cuh: the combine polls them);
         # the NaN fill (0x7FC00000 in both halves) is tag 0x7FC00000, never a real version
         self.attn_partial = cp.empty(2 * KV * pl.attn_chunks_alloc * G * (hd + 2), f32)
         self.lm_part_val = cp.empty(self.world * self.n_blocks, f32)
