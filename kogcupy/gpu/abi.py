@@ -56,7 +56,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("tp_peers", "ptr", "const kog_u64*", "(len(TP_PEER_FIELDS), 8) rank q's buffers, valid here"),
     # ---- sync ----
     ("counters", "ptr", "kog_u32*", "(n_counters,) see monokernel.cu counter map; host zeroes"),
-    ("attn_ticket_base", "ptr", "const int*", "(C,) ticket arrivals of positions before t"),
+    ("attn_ticket_base", "ptr", "const int*", "(C,) unused (ticket combine deleted; kept: offsets)"),
     ("partition", "ptr", "const int*", "(B, 10) per-block [begin, end) of qkv, o, gate_up, down, lm_head"),
     # ---- tokens, sampling ----
     ("tokens", "ptr", "int*", "(C,) token at each position: prompt, then generated"),
@@ -163,7 +163,8 @@ def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
 
     KOG_CNT_TOK: positions whose input embedding is in x (or whose stop flag is set);
     KOG_CNT_LM: LM-head block completions; KOG_CNT_STOP: 1 once the generation ends;
-    KOG_CNT_TICKET + layer * KV + g: attention chunk arrivals of kv head g (monotone);
+    KOG_CNT_TICKET + layer * KV + g: unused (the ticket combine was deleted; the indices are
+    kept so that the default build's SASS is unchanged);
     KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache;
     KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors;
     KOG_CNT_CANCEL: tensor parallel, 1 once rank 0 forwarded the host's cancel flag;

@@ -447,8 +447,7 @@ class MonokernelBackend(_OneLaunchBackend):
         """Reset and poison the buffers of one launch (on this GPU's stream); the parameter
         block's values. The GPU must be idle. With ``start_pos`` > 0 the K/V of positions
         [0, start_pos) are already in the cache: the counters are set as if this launch had
-        run those positions (TOK and every head's KV count at start_pos, attention tickets at
-        their base)."""
+        run those positions (TOK and every head's KV count at start_pos)."""
         cp = _cupy()
         pl = self.placement
         n = len(ids)
@@ -461,8 +460,6 @@ class MonokernelBackend(_OneLaunchBackend):
                 n_heads = self.lcfg.n_layers * self.lcfg.n_kv_heads
                 self.counters[cl["KOG_CNT_TOK"]] = start_pos
                 self.counters[cl["KOG_CNT_KV"]:cl["KOG_CNT_KV"] + n_heads] = start_pos
-                self.counters[cl["KOG_CNT_TICKET"]:cl["KOG_CNT_TICKET"] + n_heads] = \
-                    int(pl.attn_ticket_base[start_pos])
             self.rep_stamp.fill(0)
             for a in (self.logits_buf, self.attn_partial, self.lm_part_val):
                 a.fill(np.nan)                        # poisoned: every read must be written
