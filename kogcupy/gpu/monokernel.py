@@ -399,11 +399,10 @@ class MonokernelBackend(_OneLaunchBackend):
         if entry is not None and m_hit > m_live:
             self._save_live()
             k, v = entry.payload
-            cfg = self.lcfg
-            shape = (cfg.n_layers * cfg.n_kv_heads, self.context_length, cfg.head_dim)
+            kc, vc = self._kv_views()
             with self._stream:
-                self.k_cache.reshape(shape)[:, :m_hit] = k[:, :m_hit]
-                self.v_cache.reshape(shape)[:, :m_hit] = v[:, :m_hit]
+                kc[:, :m_hit] = k[:, :m_hit]
+                vc[:, :m_hit] = v[:, :m_hit]
             self._kv_ids = list(entry.ids[:m_hit])
             return m_hit
         if m_live < len(live):
@@ -413,17 +412,19 @@ class MonokernelBackend(_OneLaunchBackend):
     def _save_live(self):
         """Copy the live sequence's K/V into the prefix cache (if it fits the budget)."""
         n = len(self._kv_ids)
-        if n == 0 or self.prefix_cache.budget_bytes <= 0:
+        nbytes = int(kv_bytes(self.lcfg, n))
+        if n == 0 or not 0 < nbytes <= self.prefix_cache.budget_bytes:
             return
-        cfg = self.lcfg
-        nbytes = 2 * cfg.n_layers * cfg.n_kv_heads * n * cfg.head_dim * 2
-        if nbytes > self.prefix_cache.budget_bytes:
-            return
-        shape = (cfg.n_layers * cfg.n_kv_heads, self.context_length, cfg.head_dim)
+        kc, vc = self._kv_views()
         with self._stream:
-            k = self.k_cache.reshape(shape)[:, :n].copy()
-            v = self.v_cache.reshape(shape)[:, :n].copy()
+            k, v = kc[:, :n].copy(), vc[:, :n].copy()
         self.prefix_cache.put(list(self._kv_ids), (k, v), nbytes)
+
+    def _kv_views(self):
+        """The K and V caches as (L * KV, C, hd) views: a sequence's positions are [:, :n]."""
+        cfg = self.lcfg
+        shape = (cfg.n_layers * cfg.n_kv_heads, self.context_length, cfg.head_dim)
+        return self.k_cache.reshape(shape), self.v_cache.reshape(shape)
 
     def clear_prefix_cache(self):
         """Forget every cached prefix (the next request prefills from position 0)."""
