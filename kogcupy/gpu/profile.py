@@ -1,0 +1,193 @@
+"""The in-kernel timeline profiler's host side (`kogcupy profile`): pure functions from the
+%globaltimer stamps of MonokernelBackend(profile_pos=N).stage_profile() to a Chrome/Perfetto
+trace (Trace Event Format JSON, opens in ui.perfetto.dev) and to summary rows. NumPy only.
+
+A stamp array is (blocks, n_layers * 16 + 8) uint64 nanoseconds, 0 = not recorded. The slot
+map (kernels_src/sync.cuh, kog_prof): layer * 16 + stage * 3 + {0 start, 1 inputs ready,
+2 end} for the stages qkv, attention, o_proj, gate_up, down; the LM head at L * 16 + {0, 1, 2},
+the sampler at L * 16 + {3, 4, 5}. A block takes part in a stage when its inputs-ready stamp
+is recorded (blocks without rows stamp start and end only).
+
+Several GPUs: one array per rank; the trace puts them on one time base with rank 0's earliest
+stamp as zero. %globaltimer is per GPU, so the cross-GPU alignment is approximate.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import numpy as np
+
+STAGES = ("qkv", "attention", "o_proj", "gate_up", "down")
+SLOTS_PER_LAYER = 16
+TAIL_SLOTS = 8
+
+
+def n_layers_of(stamps: np.ndarray) -> int:
+    """The layer count a (blocks, L * 16 + 8) stamp array was recorded for."""
+    if stamps.ndim != 2 or stamps.shape[1] < TAIL_SLOTS \
+            or (stamps.shape[1] - TAIL_SLOTS) % SLOTS_PER_LAYER:
+        raise ValueError(f"stamps must be (blocks, n_layers * 16 + 8), got {stamps.shape}")
+    return (stamps.shape[1] - TAIL_SLOTS) // SLOTS_PER_LAYER
+
+
+def stage_slots(n_layers: int) -> list[tuple[str, int | None, int]]:
+    """(stage, layer or None, first slot) in execution order: every layer's five stages, then
+    the LM head and the sampler."""
+    out = [(name, layer, layer * SLOTS_PER_LAYER + 3 * k)
+           for layer in range(n_layers) for k, name in enumerate(STAGES)]
+    tail = n_layers * SLOTS_PER_LAYER
+    return out + [("lm_head", None, tail), ("sampler", None, tail + 3)]
+
+
+def _us(ns: int) -> float:
+    return int(ns) / 1000.0
+
+
+def _as_list(profiles) -> list[np.ndarray]:
+    if isinstance(profiles, np.ndarray):
+        profiles = [profiles]
+    out = [np.asarray(p).astype(np.int64) for p in profiles]
+    if not out:
+        raise ValueError("no stamp arrays")
+    return out
+
+
+def time_zero(profiles) -> int:
+    """Rank 0's earliest recorded stamp (ns): the trace's zero for every GPU."""
+    p0 = _as_list(profiles)[0]
+    rec = p0[p0 > 0]
+    if rec.size == 0:
+        raise ValueError("rank 0 recorded no stamp")
+    return int(rec.min())
+
+
+def trace_events(profiles, t0: int | None = None) -> list[dict]:
+    """Trace Event Format events: per GPU (pid = rank) a process_name, per block (tid = block)
+    a thread_name, and "X" complete events (ts, dur in µs from t0): one per recorded stage
+    (start..end, args layer) and one per wait (start..inputs ready, named "<stage> wait")."""
+    profiles = _as_list(profiles)
+    t0 = time_zero(profiles) if t0 is None else int(t0)
+    meta, slices = [], []
+    for pid, P in enumerate(profiles):
+        n_layers = n_layers_of(P)
+        meta.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0,
+                     "args": {"name": f"GPU {pid}"}})
+        meta.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0,
+                     "args": {"sort_index": pid}})
+        for b in range(P.shape[0]):
+            meta.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": b,
+                         "args": {"name": f"block {b}"}})
+            meta.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": b,
+                         "args": {"sort_index": b}})
+        for name, layer, slot in stage_slots(n_layers):
+            args = {} if layer is None else {"layer": layer}
+            for b in range(P.shape[0]):
+                s, i, e = (int(v) for v in P[b, slot:slot + 3])
+                if s and e and e >= s:
+                    slices.append({"ph": "X", "name": name, "cat": "stage", "pid": pid, "tid": b,
+                                   "ts": _us(s - t0), "dur": _us(e - s), "args": args})
+                if s and i and i >= s:
+                    end = min(i, e) if e >= s else i   # nested inside the stage's slice
+                    slices.append({"ph": "X", "name": f"{name} wait", "cat": "wait",
+                                   "pid": pid, "tid": b, "ts": _us(s - t0),
+                                   "dur": _us(end - s), "args": args})
+    # per track by time, the longer (enclosing) slice first where two start together
+    slices.sort(key=lambda ev: (ev["pid"], ev["tid"], ev["ts"], -ev["dur"]))
+    return meta + slices
+
+
+def trace(profiles, metadata: dict | None = None) -> dict:
+    """The whole trace as a JSON-ready dict ("traceEvents", "displayTimeUnit", "otherData")."""
+    return {"traceEvents": trace_events(profiles), "displayTimeUnit": "ns",
+            "otherData": dict(metadata or {})}
+
+
+def write_trace(path, profiles, metadata: dict | None = None) -> int:
+    """Write the trace JSON to `path`; the number of events written."""
+    t = trace(profiles, metadata)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(t, f, separators=(",", ":"))
+    return len(t["traceEvents"])
+
+
+def _median(xs) -> float:
+    return float(np.median(xs)) / 1000.0 if len(xs) else float("nan")
+
+
+def summary_rows(stamps: np.ndarray) -> list[dict]:
+    """One GPU's stages (µs): per stage name, medians over the participating blocks of every
+    layer of time (end - start), wait (inputs ready - start) and work (end - inputs ready);
+    medians over layers of hop (the stage's first inputs-ready stamp after the previous
+    stage's last block end: the latency of the dependent hop), span (last end - the previous
+    stage's last end: the stage's share of the critical path) and blocks (participants).
+    The first stage of layer 0 has no previous stage (no hop, no span)."""
+    P = np.asarray(stamps).astype(np.int64)
+    order = stage_slots(n_layers_of(P))
+    acc = {name: {"time": [], "wait": [], "work": [], "hop": [], "span": [], "blocks": []}
+           for name, _, _ in order}
+    prev_end = None
+    for name, _, slot in order:
+        s, i, e = P[:, slot], P[:, slot + 1], P[:, slot + 2]
+        part = (s > 0) & (i > 0) & (e > 0)
+        a = acc[name]
+        a["blocks"].append(int(part.sum()))
+        if not part.any():
+            continue
+        a["time"] += list(e[part] - s[part])
+        a["wait"] += list(i[part] - s[part])
+        a["work"] += list(e[part] - i[part])
+        last_end = int(e[part].max())
+        if prev_end is not None:
+            a["hop"].append(int(i[part].min()) - prev_end)
+            a["span"].append(last_end - prev_end)
+        prev_end = last_end
+    rows = []
+    for name in dict.fromkeys(n for n, _, _ in order):
+        a = acc[name]
+        rows.append({"stage": name, "blocks": int(np.median(a["blocks"])),
+                     "time_us": _median(a["time"]), "wait_us": _median(a["wait"]),
+                     "work_us": _median(a["work"]), "hop_us": _median(a["hop"]),
+                     "span_us": _median(a["span"])})
+    return rows
+
+
+def block_idle(stamps: np.ndarray) -> dict:
+    """Per block (arrays over blocks, µs) within the GPU's step window (its earliest stamp to
+    its latest): work (sum of end - inputs ready), wait (sum of inputs ready - start), gap
+    (the window minus the block's stage slices) and idle = window - work; "window_us" the
+    window. Stages a block does not take part in count as gap or wait, never as work."""
+    P = np.asarray(stamps).astype(np.int64)
+    rec = P[P > 0]
+    if rec.size == 0:
+        raise ValueError("no stamp recorded")
+    window = int(rec.max() - rec.min())
+    B = P.shape[0]
+    work, wait, inside = np.zeros(B, np.int64), np.zeros(B, np.int64), np.zeros(B, np.int64)
+    for _, _, slot in stage_slots(n_layers_of(P)):
+        s, i, e = P[:, slot], P[:, slot + 1], P[:, slot + 2]
+        both = (s > 0) & (e >= s) & (e > 0)
+        inside += np.where(both, e - s, 0)
+        part = both & (i >= s) & (i > 0) & (i <= e)
+        work += np.where(part, e - i, 0)
+        wait += np.where(part, i - s, 0)
+    return {"window_us": window / 1000.0, "work_us": work / 1000.0, "wait_us": wait / 1000.0,
+            "gap_us": (window - inside) / 1000.0, "idle_us": (window - work) / 1000.0}
+
+
+def format_summary(rows: Sequence[dict], idle: dict | None = None) -> str:
+    """The summary rows (and block_idle's medians / extremes) as a text table."""
+    cols = ("time_us", "wait_us", "work_us", "hop_us", "span_us")
+    lines = [f"{'stage':10s} {'blocks':>6s} " + " ".join(f"{c:>8s}" for c in cols)]
+    for r in rows:
+        lines.append(f"{r['stage']:10s} {r['blocks']:6d} "
+                     + " ".join(f"{r[c]:8.2f}" for c in cols))
+    if idle is not None:
+        w = idle["window_us"]
+        lines.append(f"per block over the {w:.1f} us step (median / min / max over blocks):")
+        for k in ("work_us", "wait_us", "gap_us", "idle_us"):
+            v = idle[k]
+            lines.append(f"  {k[:-3]:5s} {np.median(v):8.1f} {v.min():8.1f} {v.max():8.1f} us"
+                         + (f"  ({100 * np.median(v) / w:.0f}% of the step)"
+                            if k == "idle_us" and w > 0 else ""))
+    return "\n".join(lines)
