@@ -363,8 +363,9 @@ KOG_DEVICE void kog_x_rows_to_shared(float* dst, const kog_u64* x, int r0, int n
 }
 
 // ============================================================================================
-// Stage o_proj_residual: x[rows] += wo @ attn_out (o_proj and down_residual rows of x have the
-// same owner: both split the hidden rows evenly, placement.py)
+// Stage o_proj_residual: x[rows] += wo @ attn_out. The old value of its rows is read here (x
+// tagged down(t, l-1), or the embedding row at layer 0); down_residual's rows are split
+// independently (placement.py) and read their own old values (SYNC.md).
 // ============================================================================================
 KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     kog_prof(c, layer * 16 + 6 + 0);

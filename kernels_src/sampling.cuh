@@ -321,15 +321,16 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
         next = p->tokens[t + 1];
     } else if (p->all_logits) {
         next = 0;
-        finish = 5u;                                      // done: every prompt position has logits
+        finish = 5u;                                      // FINISH_DONE: every prompt position has logits
     } else {
         next = kog_sample_token(c, g);
         if (threadIdx.x == 0) {                           // stop_check
             kog_u32 reason = 0u;
-            for (int e = 0; e < p->n_eos; ++e) if (p->eos_ids[e] == next) reason = 1u;
-            if (reason == 0u && g + 1 >= p->max_new) reason = 2u;
-            if (reason == 0u && p->prompt_len + g + 1 >= p->context_length) reason = 3u;
-            if (reason == 0u && cancel != 0u) reason = 4u;
+            // finish codes: abi.FINISH_CODES, named in kogcupy/gpu/schedule.py (0: running)
+            for (int e = 0; e < p->n_eos; ++e) if (p->eos_ids[e] == next) reason = 1u;   // FINISH_EOS
+            if (reason == 0u && g + 1 >= p->max_new) reason = 2u;                      // FINISH_LENGTH
+            if (reason == 0u && p->prompt_len + g + 1 >= p->context_length) reason = 3u;   // FINISH_CONTEXT
+            if (reason == 0u && cancel != 0u) reason = 4u;                             // FINISH_CANCELLED
             if (t + 1 < p->context_length) p->tokens[t + 1] = next;
             *slot = reason;
         }

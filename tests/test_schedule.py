@@ -1,0 +1,141 @@
+"""The schedule table (kogcupy/gpu/schedule.py) against the code: the reference's stage order,
+the kernel sources, the counter map, and SYNC.md (CPU only; reads source text)."""
+import re
+from pathlib import Path
+
+import pytest
+
+from kogcupy.gpu import abi, schedule
+from kogcupy.reference import backend
+
+SRC = Path(__file__).resolve().parents[1] / "kernels_src"
+CUH = {f.name: f.read_text() for f in sorted(SRC.glob("*.cuh"))}
+MONO = (SRC / "monokernel.cu").read_text()
+FIELDS = {name for name, _, _, _ in abi.FIELDS}
+TAGGED = {"x", "qkv", "attn_out", "act", "attn_partial"}
+
+
+def _body(text: str, start: int) -> str:
+    """The brace-balanced block from the first '{' at or after `start`."""
+    i = text.index("{", start)
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j + 1]
+    raise AssertionError("unbalanced braces")
+
+
+def _definitions() -> dict[str, str]:
+    """kog_* device function name -> its body, over every .cuh."""
+    out = {}
+    for text in CUH.values():
+        for m in re.finditer(r"KOG_DEVICE[^;{(]*?\b(kog_\w+)\s*\(", text):
+            out.setdefault(m.group(1), _body(text, m.end()))
+    return out
+
+
+DEFS = _definitions()
+KERNEL_BODY = _body(MONO, MONO.index("kog_monokernel("))
+
+
+def _text_of(stage) -> str:
+    """The stage function's body, the bodies of the kog_* helpers it calls, and the kernel loop
+    that calls it (where embed's TOK release lives)."""
+    body = DEFS[stage.kernel]
+    helpers = {m.group(1) for m in re.finditer(r"\b(kog_\w+)\s*[<(]", body)} - {stage.kernel}
+    return "\n".join([body] + [DEFS[h] for h in sorted(helpers) if h in DEFS] + [KERNEL_BODY])
+
+
+def _uses(stage):
+    return stage.waits + stage.reads + stage.writes
+
+
+def test_stage_order_is_the_reference_order():
+    assert tuple(s.name for s in schedule.STAGES) == backend.STAGES
+    assert tuple(s.name for s in schedule.STAGES if s.per_layer) == backend.LAYER_STAGES
+
+
+@pytest.mark.parametrize("stage", schedule.STAGES, ids=lambda s: s.name)
+def test_stage_matches_its_source(stage):
+    assert re.search(rf"KOG_DEVICE\s+\w+\s+{stage.kernel}\s*\(", CUH[stage.source]), \
+        f"{stage.kernel} is not defined in {stage.source}"
+    text = _text_of(stage)
+    for u in _uses(stage):
+        assert u.buffer in FIELDS, f"{u.buffer} is not a KogParams field"
+        if not u.counter:                  # (counters: through kog_counter, by name below)
+            assert re.search(rf"\bp->{u.buffer}\b", text), f"{stage.name} does not touch p->{u.buffer}"
+        if u.tag is not None:
+            assert u.buffer in TAGGED
+            assert re.search(rf"\bKOG_STAGE_{u.tag.stage}\b", text), (stage.name, str(u))
+        if u.counter:
+            assert u.buffer == "counters"
+            assert re.search(rf"\b{u.counter}\b", text), (stage.name, u.counter)
+
+
+def test_counters_and_tag_stages_exist():
+    layout = abi.counter_layout(3, 2)
+    named = {u.counter for s in schedule.STAGES for u in _uses(s) if u.counter}
+    assert named <= set(schedule.COUNTERS)
+    assert set(schedule.COUNTERS) == set(layout) - {"KOG_N_COUNTERS"}
+    defines = dict(re.findall(r"#define KOG_STAGE_(\w+) (\d+)", CUH["sync.cuh"]))
+    assert {k: int(v) for k, v in defines.items()} == {s: i for i, s in enumerate(schedule.TAG_STAGES)}
+    for s in schedule.STAGES:
+        for u in _uses(s):
+            if u.tag is not None:
+                assert u.tag.stage in defines, (s.name, str(u))
+
+
+def test_every_wait_is_published_earlier():
+    """Unrolled run (3 layers, positions 0..2, the LM head from position 1, every option on):
+    each tag / counter a stage waits for was written by an earlier stage instance (`peer`
+    waits: by the same stage, other units)."""
+    L = 3
+    written = set()                          # (buffer, pos, layer, tag stage) or counter name
+    layer_stages = [s for s in schedule.STAGES if s.per_layer]
+    for t in range(3):
+        run = [(s, 0) for s in schedule.STAGES[:1] if t == 0]   # later: the sampler embeds
+        run += [(s, l) for l in range(L) for s in layer_stages]
+        run += [(s, 0) for s in schedule.STAGES if not s.per_layer and s.name != "embed"]
+        for s, l in run:
+            env = dict(t=t, l=l, L=L, lm=t >= 1, KOG_DYN_PERMILLE=1, KOG_DOWN_DYN=1, KOG_TP=1)
+
+            def on(uses):
+                return [u for u in uses if not u.when or eval(u.when, {}, env)]
+
+            def key(u):
+                if u.tag is None:
+                    return u.counter
+                return u.buffer, eval(u.tag.pos, {}, env), eval(u.tag.layer, {}, env), u.tag.stage
+            for u in on(s.waits):
+                assert u.peer or key(u) in written, f"{s.name} (t={t}, l={l}) waits for {u}: unwritten"
+            written |= {key(u) for u in on(s.writes) if u.tag or u.counter}
+            for u in on(s.waits):
+                assert key(u) in written, f"{s.name}: peer wait {u} is not written by the stage"
+
+
+def test_monokernel_calls_the_stages_in_table_order():
+    calls = re.findall(r"\b(kog_embed|kog_stage_\w+)\s*\(", KERNEL_BODY)
+    kernels = [s.kernel for s in schedule.STAGES]
+    assert calls == [k for i, k in enumerate(kernels) if i == 0 or k != kernels[i - 1]]
+
+
+def test_hops_per_layer():
+    assert schedule.per_layer_hops() == schedule.HOPS_PER_LAYER == 5
+
+
+def test_finish_codes():
+    assert {getattr(schedule, f"FINISH_{n.upper()}"): n for n in abi.FINISH_CODES.values() if n} == \
+        {c: n for c, n in abi.FINISH_CODES.items() if n}
+    # every code the kernel stores is a literal with a comment naming its constant
+    sets = re.findall(r"\b(?:reason|finish) = ([1-9])u;\s*//\s*(FINISH_\w+)", CUH["sampling.cuh"])
+    assert len(re.findall(r"\b(?:reason|finish) = [1-9]u;", CUH["sampling.cuh"])) == len(sets) == 5
+    assert {int(v): getattr(schedule, name) for v, name in sets} == \
+        {c: c for c, n in abi.FINISH_CODES.items() if n}
+
+
+def test_sync_md_has_the_generated_tables():
+    text = (SRC / "SYNC.md").read_text()
+    i, j = text.index(schedule.BEGIN), text.index(schedule.END)
+    assert text[i:j + len(schedule.END)] + "\n" == schedule.markdown(), \
+        "SYNC.md's schedule tables are stale: paste kogcupy.gpu.schedule.markdown() between the markers"
