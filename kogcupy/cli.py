@@ -60,7 +60,7 @@ def usage_line(e: click.UsageError, prog: str = "kogcupy") -> str:
     """A click usage error as one line (click prints usage, a hint and the error: 4 lines)."""
     msg = " ".join(e.format_message().split()).rstrip(".")
     path = e.ctx.command_path if e.ctx is not None else prog
-    return f"{msg}; see '{path} --help'"
+    return f"{msg} (see '{path} --help')"
 
 
 class _Group(click.Group):
@@ -68,6 +68,9 @@ class _Group(click.Group):
         try:
             return super().make_context(info_name, args, parent, **extra)
         except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":     # bare `kogcupy` (click >= 8.2)
+                click.echo(e.ctx.get_help())
+                raise click.exceptions.Exit(0) from None
             raise _UserError(usage_line(e)) from None
 
     def invoke(self, ctx):
@@ -263,6 +266,8 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
     if prompt is None:
         prompt = read_stdin_prompt()
     check_text(prompt)
+    if not prompt:
+        raise InputError("the prompt is empty: pass PROMPT or pipe it on stdin")
     engine = load_engine(model_path, dtype, backend, context_length, gpus)
     gen = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_p=min_p,

@@ -273,6 +273,21 @@ def test_usage_errors_are_one_line():
         r = invoke(args)
         assert_user_error(r, match)
         assert "--help" in r.stderr
+    r = invoke(["generate", "hi", "--bogus"])      # click's "Did you mean ...?" reads as one line
+    assert_user_error(r, "Did you mean '--gpus'? (see '")
+
+
+def test_bare_command_prints_help():
+    r = invoke([])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    assert r.stdout.startswith("Usage:") and "generate" in r.stdout and not r.stderr
+
+
+@pytest.mark.parametrize("args, stdin", [(["generate", ""], None), (["generate"], ""),
+                                         (["generate"], "\n"),
+                                         (["generate", "", "--no-chat"], None)])
+def test_empty_prompt_is_refused_before_loading(no_load, args, stdin):
+    assert_user_error(CliRunner().invoke(cli, args, input=stdin), "the prompt is empty")
 
 
 def test_repack_short_help():
