@@ -74,40 +74,6 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
     return 1.f;
 }
 
-#if KOG_TP == 1
-// The fp32 sum of the FFN partials of (position parity of t, layer) (ffn.cuh).
-KOG_DEVICE float* kog_ffn_sum(const KogCtx& c, int t, int layer) {
-    return c.p->x_ffn + ((kog_u64)(t & 1) * KOG_N_LAYERS + layer) * KOG_HIDDEN;
-}
-// Waits until every FFN producer of (c.t, layer) has added its partial (acquire).
-KOG_DEVICE void kog_wait_ffn(const KogCtx& c, int layer) {
-    kog_wait_counter(kog_counter(c, KOG_CNT_FFN + layer),
-                     (kog_u32)(c.t - c.p->start_pos + 1) * (kog_u32)c.p->n_ffn_producers);
-}
-// x after `layer` (one GPU): the tagged x @ o(t, layer) plus the layer's FFN sum, into xs.
-// Returns 1/rms(x) when `norm`, else 1. All threads call it; it ends with a block barrier.
-KOG_DEVICE float kog_load_residual(const KogCtx& c, int layer, float* xs, bool norm) {
-    kog_load_activation<KOG_HIDDEN>(c.p->x, kog_tag(c.t, layer, KOG_STAGE_O), xs, c.scratch, false);
-    kog_wait_ffn(c, layer);
-    const float4* s4 = reinterpret_cast<const float4*>(kog_ffn_sum(c, c.t, layer));
-    float4* x4 = reinterpret_cast<float4*>(xs);
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < KOG_HIDDEN / 4; i += blockDim.x) {
-        const float4 a = kog_ld_cg4(s4 + i);
-        float4 v = x4[i];
-        v.x += a.x; v.y += a.y; v.z += a.z; v.w += a.w;
-        x4[i] = v;
-        ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, ss))));
-    }
-    if (norm) {
-        ss = kog_block_sum(ss, c.scratch);            // its barriers also publish xs
-        return rsqrtf(ss / (float)KOG_HIDDEN + KOG_EPS);
-    }
-    __syncthreads();
-    return 1.f;
-}
-#endif
-
 // Streams units [u_begin, u_end) of W (units of UNIT rows x K weights, row-major).
 //   ready()                -> float scale (<= 0: abort, the generation is over)
 //   epi(unit, acc[UNIT], scale)   called by every lane of the owning warp after the warp sum
@@ -286,6 +252,9 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
 #ifndef KOG_DYN_PERMILLE
 #define KOG_DYN_PERMILLE 0        // share of gate_up / lm_head (/ down) units handed out dynamically
 #endif
+#ifndef KOG_DOWN_DYN
+#define KOG_DOWN_DYN 0            // 1: down_residual has a dynamic tail too (monokernel.py decides)
+#endif
 
 // The dynamic-tail cursor of a stage at position index `index` (see KogDynamic).
 template <int K, int UNIT>
@@ -410,7 +379,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
         if (r0 >= r1) return -1.f;
 #if KOG_TP == 1
         // the old value of this block's rows of x: loads issued now, checked after the polls
-        const kog_u32 x_in = kog_tag(c.t, layer - 1, KOG_STAGE_O);
+        const kog_u32 x_in = kog_tag(c.t, layer - 1, KOG_STAGE_DOWN);
         kog_u64 xw = 0ull;
         if (threadIdx.x < r1 - r0)                    // (layer 0: the embedding, as a ready word)
             xw = emb != nullptr ? ((kog_u64)x_in << 32) | __float_as_uint(kog_w_to_f32(emb[r0 + threadIdx.x]))
@@ -420,12 +389,6 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
                                                        c.smem, c.scratch, false);
 #if KOG_TP == 1
         kog_x_rows_to_shared(c.x_own, p->x, r0, r1 - r0, x_in, xw, emb);
-        if (layer > 0) {                              // + the previous layer's FFN sum
-            kog_wait_ffn(c, layer - 1);
-            const float* sum = kog_ffn_sum(c, c.t, layer - 1);
-            for (int i = threadIdx.x; i < r1 - r0; i += blockDim.x) c.x_own[i] += kog_ld_cg(sum + r0 + i);
-            __syncthreads();
-        }
 #endif
         kog_prof(c, layer * 16 + 7);
         return s;
@@ -453,12 +416,9 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
 }
 
 // ============================================================================================
-// Tensor parallel only (one GPU runs ffn_residual, ffn.cuh): the FFN as two hops.
-// Stage ffn_norm_gate_up_silu: act[j] = silu(gate_j . n) * (up_j . n), n = rmsnorm(x), x the
-// sum of every rank's o_proj partials. Gate and up rows are interleaved (unit j = rows 2j,
-// 2j+1), so one warp finishes act[j].
+// Stage ffn_norm_gate_up_silu: act[j] = silu(gate_j . n) * (up_j . n), n = rmsnorm(x).
+// Gate and up rows are interleaved (unit j = rows 2j, 2j+1), so one warp finishes act[j].
 // ============================================================================================
-#if KOG_TP > 1
 KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     kog_prof(c, layer * 16 + 9 + 0);
     const KogParams* p = c.p;
@@ -466,7 +426,13 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     float* dbg = kog_debug_row(c);
     constexpr bool DYN = KOG_DYN_PERMILLE > 0;
     auto ready = [&]() -> float {
+#if KOG_TP > 1
         const float s = kog_tp_load_reduced(c, 0, kog_tag(c.t, layer, KOG_STAGE_O));
+#else
+        if (!DYN && u0 >= u1) return -1.f;
+        const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, layer, KOG_STAGE_O),
+                                                        c.smem, c.scratch, true);
+#endif
         kog_prof(c, layer * 16 + 10);
         return s;
     };
@@ -480,33 +446,74 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
         }
     };
     kog_gemv<KOG_HIDDEN, 2, DYN>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1,
-                                 c.x_full, c, ready, epi,
+                                 KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
                                  kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer, c.t - p->start_pos,
                                                             p->gate_up_dyn_begin, KOG_FFN));
     kog_prof_end(c, layer * 16 + 9 + 2);
 }
 
-// Stage down_residual: this rank's partial of every row of w_down @ act to every rank.
+// ============================================================================================
+// Stage down_residual: x[rows] += w_down @ act
+// ============================================================================================
 KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     kog_prof(c, layer * 16 + 12 + 0);
     const KogParams* p = c.p;
     const int r0 = c.part[6], r1 = c.part[7];
+    float* dbg = kog_debug_row(c);
+    constexpr bool DYN = KOG_DYN_PERMILLE > 0 && KOG_DOWN_DYN;
+    const kog_u32 x_in = kog_tag(c.t, layer, KOG_STAGE_O);
+    float* x_old = c.x_own + KOG_OWN_PAD;          // o_proj's half may still be read (no barrier)
     auto ready = [&]() -> float {
-        if (r0 >= r1) return -1.f;
+        if (!DYN && r0 >= r1) return -1.f;
+#if KOG_TP == 1
+        // old x of the static rows: loads issued now, checked after the polls
+        const kog_u64 xw = threadIdx.x < r1 - r0 ? kog_ld_tagged(p->x + r0 + threadIdx.x) : 0ull;
+#endif
         const float s = kog_load_activation<KOG_FFN>(p->act, kog_tag(c.t, layer, KOG_STAGE_GATE_UP),
                                                      c.smem, c.scratch, false);
+#if KOG_TP == 1
+        kog_x_rows_to_shared(x_old, p->x, r0, r1 - r0, x_in, xw, nullptr);
+#endif
         kog_prof(c, layer * 16 + 13);
         return s;
     };
     const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_DOWN);
+    const KogDynamic dyn = kog_dynamic<KOG_FFN, 1>(c, KOG_CNT_DYN_DOWN + layer, c.t - p->start_pos,
+                                                   p->down_dyn_begin, KOG_HIDDEN);
+#if KOG_TP > 1
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 1, row, acc[0], x_out);
     };
-    kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
-                         ready, epi);
+    kog_gemv<KOG_FFN, 1, DYN>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
+                              ready, epi, dyn);
+#else
+    // dynamic rows (the tail, any block): the load of their old x is issued when the row is
+    // grabbed (with its first weight tile) and checked in the epilogue
+    constexpr int GRAB = KogGemvShape<KOG_FFN, 1>::GRAB;
+    kog_u64 old_dyn[GRAB];
+    auto pre = [&](int row) {
+        old_dyn[(row - p->down_dyn_begin) % GRAB] = kog_ld_tagged(p->x + row);
+    };
+    auto epi = [&](int row, float (&acc)[1], float) {
+        if (threadIdx.x % KOG_WARP == 0) {
+            float old;
+            if (row < r1) {
+                old = x_old[row - r0];
+            } else {
+                kog_u64 w = old_dyn[(row - p->down_dyn_begin) % GRAB];
+                while (kog_tag_of(w) != x_in) { w = kog_ld_tagged(p->x + row); }
+                old = kog_value_of(w);
+            }
+            const float v = old + acc[0];
+            kog_st_tagged(p->x + row, v, x_out);
+            if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
+        }
+    };
+    kog_gemv<KOG_FFN, 1, DYN>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
+                              ready, epi, dyn, pre);
+#endif
     kog_prof_end(c, layer * 16 + 12 + 2);
 }
-#endif
 
 // ============================================================================================
 // Stage final_norm_lm_head: logits[rows] = lm_head @ rmsnorm(x), and this block's argmax
@@ -536,7 +543,8 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
         const float s = kog_tp_load_reduced(c, 1, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
 #else
         if (!DYN && r0 >= r1) return -1.f;
-        const float s = kog_load_residual(c, KOG_N_LAYERS - 1, c.smem, true);
+        const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN),
+                                                        c.smem, c.scratch, true);
 #endif
         kog_prof(c, KOG_N_LAYERS * 16 + 1);
         return s;

@@ -13,7 +13,6 @@
 #include "platform.cuh"
 #include "sync.cuh"
 #include "gemv.cuh"
-#include "ffn.cuh"
 #include "norm_rope.cuh"
 #include "attention.cuh"
 #include "sampling.cuh"
@@ -54,12 +53,8 @@ kog_monokernel(const KogParams* __restrict__ p) {
             if (kog_stage_attn_norm_qkv(c, layer)) return;  // stop flag seen at layer 0
             kog_stage_attention(c, layer);
             kog_stage_o_proj_residual(c, layer);
-#if KOG_TP > 1
             kog_stage_ffn_norm_gate_up_silu(c, layer);
             kog_stage_down_residual(c, layer);
-#else
-            kog_stage_ffn_residual(c, layer);           // gate_up + silu + down, one hop
-#endif
         }
         const bool lm = p->all_logits || t >= last_prompt;
         const int lm_index = p->all_logits ? t : t - last_prompt;

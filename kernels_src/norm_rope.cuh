@@ -2,8 +2,7 @@
 // norm_rope.cuh -- stage attn_norm_qkv, and the per-head qk-norm + RoPE the attention stage
 // applies on read.
 //
-// attn_norm_qkv: qkv = wqkv @ rmsnorm(x) (+ bqkv); x after layer l-1 is the tagged x @ o(t, l-1)
-// plus that layer's FFN sum (ffn.cuh, kog_load_residual) on one GPU. The attn_norm gamma is folded into wqkv,
+// attn_norm_qkv: qkv = wqkv @ rmsnorm(x) (+ bqkv). The attn_norm gamma is folded into wqkv,
 // so a block only needs sum(x^2), which it computes itself from x in shared memory. Rows are
 // split evenly over all blocks (whole heads per block would leave most of the grid idle: 48
 // heads of Llama-3.2-1B against 132 multiprocessors), so the per-head work (qwen3 q/k RMSNorm,
@@ -37,8 +36,7 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
                               : kog_tp_load_reduced(c, 1, x_tag);
 #else
         if (r0 >= r1) return 1.f;
-        const float s = first ? kog_load_activation<KOG_HIDDEN>(p->x, x_tag, xs, c.scratch, true)
-                              : kog_load_residual(c, layer - 1, xs, true);
+        const float s = kog_load_activation<KOG_HIDDEN>(p->x, x_tag, xs, c.scratch, true);
 #endif
         kog_prof(c, layer * 16 + 1);
         return s;

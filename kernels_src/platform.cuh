@@ -442,27 +442,5 @@ KOG_DEVICE float kog_dot8(const kog_vec4& w, const float* x, float acc) {
     return acc;
 }
 
-// acc[0:8) += a * w (8 weights of a 16-byte vector).
-KOG_DEVICE void kog_axpy8(const kog_vec4& w, float a, float* acc) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        kog_u32 p = KOG_V4(w, i);
-        acc[2 * i] = fmaf(kog_w_lo(p), a, acc[2 * i]);
-        acc[2 * i + 1] = fmaf(kog_w_hi(p), a, acc[2 * i + 1]);
-    }
-}
-
-// p[0:4) += v (relaxed, device scope, in L2; p 16-byte aligned): one vector reduction on sm_90.
-KOG_DEVICE void kog_red_add4(float* p, float a, float b, float c, float d) {
-#if defined(KOG_HIP)
-    atomicAdd(p, a); atomicAdd(p + 1, b); atomicAdd(p + 2, c); atomicAdd(p + 3, d);
-#elif __CUDA_ARCH__ >= 900
-    asm volatile("red.relaxed.gpu.global.add.v4.f32 [%0], {%1,%2,%3,%4};"
-                 :: "l"(p), "f"(a), "f"(b), "f"(c), "f"(d) : "memory");
-#else
-    atomicAdd(p, a); atomicAdd(p + 1, b); atomicAdd(p + 2, c); atomicAdd(p + 3, d);
-#endif
-}
-
 #define KOG_INT_MAX 2147483647
 #define KOG_NEG_INF (__int_as_float(0xff800000))

@@ -303,7 +303,8 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
 #if KOG_TP > 1
         kog_tp_load_reduced(c, 1, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
 #else
-        kog_load_residual(c, KOG_N_LAYERS - 1, c.smem, false);
+        kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN), c.smem,
+                                        c.scratch, false);
 #endif
     } else {
 #if KOG_TP > 1

@@ -18,8 +18,7 @@ def test_large_model_gets_dynamic_tails_and_one_block_per_sm():
     p = build_plan(cfg, H200_SMS, 4096)
     assert p.n_blocks == H200_SMS
     assert p.tuning["KOG_DYN_PERMILLE"] == kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"] > 0
-    assert p.placement.gate_up_dyn_begin == cfg.intermediate_size    # ffn_residual: static
-    assert p.smem_floats >= cfg.hidden_size + -(-cfg.intermediate_size // H200_SMS)
+    assert cfg.hidden_size >= DYN_MIN_ROWS * H200_SMS and p.tuning["KOG_DOWN_DYN"] == 1
     assert p.placement.partition.shape[0] == H200_SMS
     assert p.smem_floats >= max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim)
     assert p.smem_floats * 4 < p.smem_bytes <= 227 * 1024
@@ -30,9 +29,9 @@ def test_large_model_gets_dynamic_tails_and_one_block_per_sm():
 def test_small_model_runs_static_unless_asked():
     cfg = shape_config("smollm2-135m")
     p = build_plan(cfg, H200_SMS, 4096)
-    assert p.tuning["KOG_DYN_PERMILLE"] == 0
+    assert p.tuning["KOG_DYN_PERMILLE"] == 0 and p.tuning["KOG_DOWN_DYN"] == 0
     p = build_plan(cfg, H200_SMS, 4096, tuning={"KOG_DYN_PERMILLE": 50})
-    assert p.tuning["KOG_DYN_PERMILLE"] == 50
+    assert p.tuning["KOG_DYN_PERMILLE"] == 50 and p.tuning["KOG_DOWN_DYN"] == 0
 
 
 def test_tensor_parallel_share_gets_a_smaller_grid_and_x_per_block():
@@ -41,9 +40,8 @@ def test_tensor_parallel_share_gets_a_smaller_grid_and_x_per_block():
     p = build_plan(loc, H200_SMS, 4096, rank=1, world=4)
     dyn = p.tuning["KOG_DYN_PERMILLE"]
     assert p.n_blocks == max(1, min(H200_SMS, max_tp_blocks(loc, 4, dyn)))
-    assert p.placement.gate_up_dyn_begin < loc.intermediate_size    # two-hop FFN: dynamic tail
-    one = build_plan(loc, p.n_blocks, 4096,             # the same grid on one GPU
-                     tuning={"KOG_DOWN_STAGE_ROWS": 0})   # (without ffn_residual's staging)
+    assert p.tuning["KOG_DOWN_DYN"] == 0
+    one = build_plan(loc, p.n_blocks, 4096)             # the same grid on one GPU
     assert p.smem_bytes - one.smem_bytes >= 4 * loc.hidden_size   # x_full
 
 

@@ -280,15 +280,16 @@ def test_tuning_variants_match_reference(tuning):
         prompt, SamplingParams(), 48, set()))
 
 
-@pytest.mark.parametrize("blocks", [7, 48])
-def test_ffn_residual_grids(blocks):
-    """ffn_residual (gate_up + silu + down in one hop, partials added in L2) on grids where a
-    block owns many FFN columns (7 blocks) or few (48), hidden 576 (7 thread groups for down),
-    against the reference."""
+@pytest.mark.parametrize("down_dyn", [0, 1])
+def test_down_dynamic_tail(down_dyn):
+    """down_residual's dynamic tail (on where a block owns >= DYN_MIN_ROWS rows of x: a
+    48-block grid here) and its static rows compute the same as the reference."""
     cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
     m = model(cfg, logit_scale=8.0)
-    be = MonokernelBackend(m, context_length=1024, watchdog_s=20, blocks=blocks)
-    assert be.placement.producers["gate_up"] == blocks
+    be = MonokernelBackend(m, context_length=1024, watchdog_s=20, blocks=48,
+                           tuning={"KOG_DOWN_DYN": down_dyn})
+    assert be.tuning["KOG_DOWN_DYN"] == down_dyn
+    assert (be.placement.down_dyn_begin < cfg.hidden_size) == bool(down_dyn)
     ids = np.random.default_rng(9).integers(0, cfg.vocab_size, 200).tolist()
     got = be.logits(ids)
     ref = ReferenceBackend(m, context_length=1024).logits(ids)

@@ -64,7 +64,10 @@ def _sources(tmp_path):
                               {"KOG_HOOKS": 1})
     out["llama-3.2-1b-hooks"] = (kernels.monokernel_source(), kernels.define_options(d))
     d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
-                              {"KOG_DYN_PERMILLE": 0})
+                              {"KOG_DOWN_DYN": 1})
+    out["llama-3.2-1b-downdyn"] = (kernels.monokernel_source(), kernels.define_options(d))
+    d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
+                              {"KOG_DYN_PERMILLE": 0, "KOG_DOWN_DYN": 0})
     out["llama-3.2-1b-static"] = (kernels.monokernel_source(), kernels.define_options(d))
     for key, name, dtype in (("prefill-llama-3.2-1b", "llama-3.2-1b", "bfloat16"),
                              ("prefill-qwen3-1.7b-fp16", "qwen3-1.7b", "float16")):
@@ -90,7 +93,7 @@ def test_inlined_source_is_self_contained():
 
 
 @pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
-                         ["llama-3.2-1b-hooks",
+                         ["llama-3.2-1b-hooks", "llama-3.2-1b-downdyn",
                           "llama-3.2-1b-static", "stream_read",
                           "kccl_test", "prefill-llama-3.2-1b", "prefill-qwen3-1.7b-fp16"])
 def test_nvcc_sm90(tmp_path, key):

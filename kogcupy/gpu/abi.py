@@ -45,10 +45,9 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("x", "ptr", "kog_u64*", "(h,) residual stream"),
     ("qkv", "ptr", "kog_u64*", "(qkv_dim,) raw q/k/v rows (+bias) of the current token"),
     ("attn_out", "ptr", "kog_u64*", "(q_dim,) attention output"),
-    ("act", "ptr", "kog_u64*", "(f,) silu(gate) * up (tensor parallel)"),
+    ("act", "ptr", "kog_u64*", "(f,) silu(gate) * up"),
     # ---- fp32 buffers ----
     ("logits", "ptr", "float*", "(V,) or (n_prompt, V) when all_logits"),
-    ("x_ffn", "ptr", "float*", "(2, L, h) one GPU: FFN partial sums by position parity, layer"),
     ("attn_partial", "ptr", "float*", "(KV, max_chunks, G, hd + 2) per-chunk out, max, sum"),
     ("lm_part_val", "ptr", "float*", "(TP * B,) per-block max logit (entry rank * B + block)"),
     ("lm_part_idx", "ptr", "int*", "(TP * B,) per-block argmax (lowest index on ties); -1: none"),
@@ -81,7 +80,6 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("seed_lo", "u32", None, "Philox key[0]"),
     ("seed_hi", "u32", None, "Philox key[1]"),
     ("n_lm_producers", "i32", None, "blocks owning lm_head rows (all ranks together)"),
-    ("n_ffn_producers", "i32", None, "one GPU: blocks owning FFN columns (ffn_residual)"),
     ("tp_rank", "i32", None, "this GPU's tensor-parallel rank (0 on one GPU)"),
     ("tp_gather_logits", "i32", None, "1: the LM head also writes its logits on every rank"),
     ("attn_max_chunks", "i32", None, "KV-position chunks per kv head at most (chunk rule)"),
@@ -89,6 +87,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("gate_up_dyn_begin", "i32", None, "gate/up units >= this are handed out dynamically"),
     ("lm_dyn_begin", "i32", None, "LM head rows >= this are handed out dynamically"),
     ("lm_dyn_end", "i32", None, "... and < this (V; tensor parallel: the rank's slice end)"),
+    ("down_dyn_begin", "i32", None, "down rows >= this are handed out dynamically (h: none)"),
     ("debug_npos", "i32", None, "positions dumped when debug != null"),
     ("debug_stride", "i32", None, "floats per dumped position"),
     ("profile_pos", "i32", None, "position whose stage timings are recorded"),
@@ -169,12 +168,12 @@ def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
     KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache;
     KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors;
     KOG_CNT_CANCEL: tensor parallel, 1 once rank 0 forwarded the host's cancel flag;
-    KOG_CNT_FFN + layer: one GPU, ffn_residual producers that added their partial.
+    KOG_CNT_DYN_DOWN + layer: down_residual's dynamic-tail cursor.
     """
     n = n_layers * n_kv_heads
     d = {"KOG_CNT_TOK": 0, "KOG_CNT_LM": 1, "KOG_CNT_STOP": 2, "KOG_CNT_TICKET": 3,
          "KOG_CNT_KV": 3 + n, "KOG_CNT_DYN": 3 + 2 * n, "KOG_CNT_CANCEL": 3 + 2 * n + n_layers + 1,
-         "KOG_CNT_FFN": 3 + 2 * n + n_layers + 2}
+         "KOG_CNT_DYN_DOWN": 3 + 2 * n + n_layers + 2}
     d["KOG_N_COUNTERS"] = 3 + 2 * n + 2 * n_layers + 2
     return d
 

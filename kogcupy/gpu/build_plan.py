@@ -18,7 +18,6 @@ from ..errors import DeviceError
 from .placement import ATTN_MIN_CHUNK, Placement, attn_chunk_cap, max_tp_blocks, place
 
 THREADS = 512
-SMEM_LIMIT = 227 * 1024      # shared memory per block, opt-in (H100 / H200); the backend passes its GPU's
 DYN_MIN_ROWS = 8             # rows of x per block from which the dynamic work tails pay
 
 
@@ -50,7 +49,7 @@ def _knob(tuning: dict, name: str) -> int:
 
 def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int = THREADS,
                blocks: int | None = None, tuning: dict | None = None, rank: int = 0,
-               world: int = 1, hooks: bool = False, smem_limit: int = SMEM_LIMIT) -> BuildPlan:
+               world: int = 1, hooks: bool = False) -> BuildPlan:
     """`lcfg`: this GPU's share of the model (all of it on one GPU)."""
     tuning = dict(tuning or {})
     if hooks:
@@ -64,32 +63,27 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # that every block owns rows of every stage (placement.py)
     n_blocks = int(blocks or (n_sms if world == 1 else
                               max(1, min(n_sms, max_tp_blocks(lcfg, world, dyn)))))
+    # down_residual's dynamic tail pays where a block owns many rows of x (H200: +2-3% with
+    # ~16 rows a block, -7% with ~4); tensor parallel keeps the static rows (not run there)
+    down_dyn = (_knob(tuning, "KOG_DOWN_DYN") and dyn > 0 and world == 1
+                and lcfg.hidden_size >= DYN_MIN_ROWS * n_blocks)
+    tuning["KOG_DOWN_DYN"] = int(bool(down_dyn))
     attn_chunk = int(tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
         "KOG_ATTN_CHUNK", attn_chunk_cap(lcfg))))
     try:
         placement = place(lcfg, n_blocks, context_length, rank=rank, world_size=world,
                           max_chunk=attn_chunk,
                           min_chunk=int(tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
-                          dyn_permille=dyn)
+                          dyn_permille=dyn, down_dyn=bool(down_dyn))
     except ValueError as e:
         raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None
     if n_blocks < lcfg.n_kv_heads:
         # the unit combining a head's partials must be the last unit of its block
         raise DeviceError(f"the attention combine needs at least {lcfg.n_kv_heads} blocks (kv heads)")
     floats = smem_floats(lcfg, attn_chunk)
-    if world == 1:        # ffn_residual: x, then this block's FFN activations (ffn.cuh)
-        floats = max(floats, -(-(lcfg.hidden_size + -(-lcfg.intermediate_size // n_blocks)) // 4) * 4)
     scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
     x_full = lcfg.hidden_size if world > 1 else 0    # tensor parallel: x per block
     own = 2 * (-(-placement.own_rows // 4) * 4)      # sync.cuh: x_own is 2 x KOG_OWN_PAD
-    smem = 4 * (floats + scratch + own + 16 + x_full)
-    if world == 1:
-        # ffn_residual copies the first rows of its down columns to the rest of shared memory
-        # while it waits for x (ffn.cuh, KOG_DOWN_STAGE_ROWS), up to all of them
-        units = -(-lcfg.intermediate_size // n_blocks)
-        row_bytes = 2 * lcfg.hidden_size
-        rows = max(0, min(units, (smem_limit - 1024 - smem) // row_bytes))
-        tuning.setdefault("KOG_DOWN_STAGE_ROWS", rows)
-        smem += int(tuning["KOG_DOWN_STAGE_ROWS"]) * row_bytes
     return BuildPlan(n_blocks=n_blocks, tuning=tuning, placement=placement,
-                     attn_chunk=attn_chunk, smem_floats=floats, smem_bytes=smem)
+                     attn_chunk=attn_chunk, smem_floats=floats,
+                     smem_bytes=4 * (floats + scratch + own + 16 + x_full))

@@ -55,22 +55,6 @@ class DeviceModel:
         self.cfg, self.dtype, self.arrays = cfg, dtype, arrays
         self.tp = tp                        # (rank, world): arrays hold rank's share of cfg
         self.local_cfg = tensor_parallel.local_config(cfg, tp[1])
-        self.down_columns = False           # w_down is (L, f, h): see transpose_down()
-
-    def transpose_down(self) -> None:
-        """Store w_down as (L, f, h), in place a layer at a time (one layer of scratch): the
-        one-GPU monokernel's ffn_residual streams a block's FFN columns of down as contiguous
-        rows (kernels_src/ffn.cuh). Idempotent; prefill and shard() follow the flag."""
-        if self.down_columns:
-            return
-        cp = _cupy()
-        w = self.arrays["w_down"]
-        L, h, f = w.shape
-        flat = w.reshape(L, h * f)
-        for layer in range(L):
-            flat[layer] = cp.ascontiguousarray(w[layer].T).reshape(-1)
-        self.arrays["w_down"] = flat.reshape(L, f, h)
-        self.down_columns = True
 
     def shard(self, rank: int, world: int, device: int | None = None) -> "DeviceModel":
         """Rank `rank` of `world`'s share (tensor_parallel.shard), copied to GPU `device`
@@ -82,11 +66,8 @@ class DeviceModel:
         src_dev = self.arrays["wqkv"].device.id
         dst_dev = cp.cuda.Device().id if device is None else int(device)
         out = {}
-        arrays = dict(self.arrays)
-        if self.down_columns:                    # shards hold w_down as (L, h, f_rank)
-            arrays["w_down"] = arrays["w_down"].transpose(0, 2, 1)
         with cp.cuda.Device(src_dev):            # slice where the whole model lives
-            parts = tensor_parallel.shard(self.cfg, arrays, rank, world)
+            parts = tensor_parallel.shard(self.cfg, self.arrays, rank, world)
             cp.cuda.runtime.deviceSynchronize()
         for name, a in parts.items():
             assert a.device.id == src_dev

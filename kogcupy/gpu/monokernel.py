@@ -22,7 +22,7 @@ import numpy as np
 from . import abi, kernels
 from ..errors import DeviceError, InputError
 from .device_weights import DeviceModel, _check_memory, kv_bytes, streamed_weight_bytes
-from .build_plan import SMEM_LIMIT, THREADS, build_plan
+from .build_plan import THREADS, build_plan
 from ..prefix_cache import PrefixCache, common_prefix_len
 from ..sampling_params import SamplingParams
 
@@ -229,8 +229,6 @@ class MonokernelBackend(_OneLaunchBackend):
             dtype = dtype or getattr(model, "dtype", None) or "bfloat16"
             device_model = DeviceModel.from_packed(model.config, model.weights, dtype)
         self.model = model
-        if device_model.tp[1] == 1:
-            device_model.transpose_down()       # ffn_residual's layout (ffn.cuh)
         self.dev = device_model
         cfg = self.cfg = device_model.cfg
         self.rank, self.world = device_model.tp
@@ -247,8 +245,7 @@ class MonokernelBackend(_OneLaunchBackend):
         self.n_sms = int(props["multiProcessorCount"])
         plan = build_plan(lcfg, self.n_sms, self.context_length, threads, blocks, tuning,
                           rank=self.rank, world=self.world,
-                          hooks=profile_pos is not None or bool(debug_positions),
-                          smem_limit=int(props.get("sharedMemPerBlockOptin", SMEM_LIMIT)))
+                          hooks=profile_pos is not None or bool(debug_positions))
         self.tuning, self.n_blocks, self.placement = plan.tuning, plan.n_blocks, plan.placement
         self._smem_floats, self.smem_bytes = plan.smem_floats, plan.smem_bytes
         self.bytes_per_token = float(streamed_weight_bytes(cfg))
@@ -283,8 +280,6 @@ class MonokernelBackend(_OneLaunchBackend):
         self.qkv = cp.empty(cfg.qkv_dim, u64)
         self.attn_out = cp.empty(cfg.q_dim, u64)
         self.act = cp.empty(cfg.intermediate_size, u64)
-        # one GPU: the FFN partial sums (ffn.cuh), two position parities
-        self.x_ffn = cp.zeros(2 * L * cfg.hidden_size, f32) if self.world == 1 else None
         self.logits_buf = cp.empty(cfg.vocab_size, f32)
         # 8-byte tagged words (attention.cuh: the combine polls them);
         # the NaN fill (0x7FC00000 in both halves) is tag 0x7FC00000, never a real version
@@ -467,8 +462,6 @@ class MonokernelBackend(_OneLaunchBackend):
                 self.counters[cl["KOG_CNT_TOK"]] = start_pos
                 self.counters[cl["KOG_CNT_KV"]:cl["KOG_CNT_KV"] + n_heads] = start_pos
             self.rep_stamp.fill(0)
-            if self.x_ffn is not None:
-                self.x_ffn.fill(0)                    # the adds start from zero
             for a in (self.logits_buf, self.attn_partial, self.lm_part_val):
                 a.fill(np.nan)                        # poisoned: every read must be written
             self.lm_part_idx.fill(-1)                 # -1: no LM rows (tensor parallel)
@@ -511,8 +504,7 @@ class MonokernelBackend(_OneLaunchBackend):
             seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
             n_lm_producers=pl.producers["lm"], gate_up_dyn_begin=pl.gate_up_dyn_begin,
             lm_dyn_begin=pl.lm_dyn_begin, lm_dyn_end=pl.lm_dyn_end,
-            x_ffn=self.x_ffn.data.ptr if self.x_ffn is not None else 0,
-            n_ffn_producers=pl.producers["gate_up"],
+            down_dyn_begin=pl.down_dyn_begin,
             attn_max_chunks=pl.attn_max_chunks, attn_chunks_alloc=pl.attn_chunks_alloc,
             debug_npos=self.debug_positions if self.debug is not None else 0,
             debug_stride=self.debug_stride,

@@ -53,6 +53,7 @@ class Placement:
     gate_up_dyn_begin: int         # gate/up units from here on are handed out dynamically
     lm_dyn_begin: int              # LM head rows from here on are handed out dynamically
     lm_dyn_end: int                # ... up to here (this rank's vocabulary slice ends)
+    down_dyn_begin: int            # down rows from here on are handed out dynamically
 
 
 def static_units(n_units: int, dyn_permille: int) -> int:
@@ -69,7 +70,7 @@ def max_tp_blocks(cfg: ModelConfig, world_size: int, dyn_permille: int = 0) -> i
 
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
           world_size: int = 1, min_chunk: int = ATTN_MIN_CHUNK, dyn_permille: int = 0,
-          max_chunk: int | None = None) -> Placement:
+          max_chunk: int | None = None, down_dyn: bool = False) -> Placement:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of {world_size}")
     v0, v1 = rank * cfg.vocab_size // world_size, (rank + 1) * cfg.vocab_size // world_size
@@ -81,11 +82,9 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
         "down": cfg.hidden_size,             # rows of w_down
         "lm": v1 - v0,                       # rows of lm_head (this rank's vocabulary slice)
     }
-    # lm (and gate_up with tensor parallel): the last dyn_permille / 1000 of the units are
-    # handed out at run time. One GPU: ffn_residual's FFN columns are all static (the blocks
-    # owning them are counted as its producers).
+    # gate_up, lm (and down): the last dyn_permille / 1000 of the units are handed out at run time
     dyn_begin = {k: static_units(stages[k], dyn_permille)
-                 for k in ("lm",) + (("gate_up",) if world_size > 1 else ())}
+                 for k in ("gate_up", "lm") + (("down",) if down_dyn else ())}
     cols = [split_even(dyn_begin.get(k, n), n_blocks) for k, n in stages.items()]
     cols[4] = cols[4] + v0                  # global vocabulary ids
     partition = np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.int32)
@@ -110,5 +109,5 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
         raise ValueError("attention ticket counts overflow")
     own_rows = int(max(np.max(c[:, 1] - c[:, 0]) for c in (cols[1], cols[3])))
     return Placement(n_blocks, partition, producers, max_chunks, alloc, base.astype(np.int32),
-                     own_rows, dyn_begin.get("gate_up", cfg.intermediate_size),
-                     v0 + dyn_begin["lm"], v1)
+                     own_rows, dyn_begin["gate_up"], v0 + dyn_begin["lm"], v1,
+                     dyn_begin.get("down", cfg.hidden_size))

@@ -102,7 +102,7 @@ class Prefill:
 
     # ---- GEMM: y (n, out) [+]= a (n, k) @ w (out, k)^T -------------------------------------
     def _gemm(self, a_ptr: int, w_ptr: int, y_ptr: int, n: int, k: int, out: int,
-              accumulate: bool, w_columns: bool = False):
+              accumulate: bool):
         from cupy_backends.cuda.libs import cublas
         cp = kernels._cupy()
         if self._blas is None:
@@ -110,10 +110,9 @@ class Prefill:
         cublas.setPointerMode(self._blas, 0)              # alpha / beta are host scalars
         cublas.setStream(self._blas, self.b._stream.ptr)
         beta = self._one if accumulate else self._zero
-        # column-major view: y^T (out x n) = w (k x out)^T . a^T (k x n); w stored (k, out)
-        # row-major (w_columns) is already column-major (out x k)
-        cublas.gemmEx(self._blas, _OP_N if w_columns else _OP_T, _OP_N, out, n, k,
-                      self._one.ctypes.data, w_ptr, self._dtype_code, out if w_columns else k,
+        # column-major view: y^T (out x n) = w (k x out)^T . a^T (k x n)
+        cublas.gemmEx(self._blas, _OP_T, _OP_N, out, n, k,
+                      self._one.ctypes.data, w_ptr, self._dtype_code, k,
                       a_ptr, self._dtype_code, k,
                       beta.ctypes.data, y_ptr, _CUDA_R_32F, out,
                       _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
@@ -167,8 +166,7 @@ class Prefill:
                 fn["kog_pf_silu_mul"]((min(65535, (total + 255) // 256),), (256,),
                                       (gu, xn, np.uint64(total)))
                 # down_residual
-                self._gemm(xn.data.ptr, a["w_down"][layer].data.ptr, x.data.ptr, n, f, h, True,
-                           w_columns=b.dev.down_columns)
+                self._gemm(xn.data.ptr, a["w_down"][layer].data.ptr, x.data.ptr, n, f, h, True)
         return x if want_x else None
 
     # ---- entry points --------------------------------------------------------------------
