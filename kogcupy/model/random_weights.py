@@ -29,6 +29,10 @@ SHAPES = {
                          intermediate_size=1536, n_layers=30, n_heads=9, n_kv_heads=3,
                          head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
                          max_position_embeddings=8192, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(arch="qwen2", vocab_size=151936, hidden_size=896,
+                         intermediate_size=4864, n_layers=24, n_heads=14, n_kv_heads=2,
+                         head_dim=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                         max_position_embeddings=32768, tie_word_embeddings=True),
 }
 
 
