@@ -157,8 +157,9 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     float acc[UNIT];
 #pragma unroll
     for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
-    auto consume = [&](int i, const kog_vec4 (&v)[NLT]) {
-        const int kt = i % TPU;
+    // The one tile dot product: tile kt of a unit (its NLT loads v) into acc; after the unit's
+    // last tile, the warp sum goes to the epilogue of unit u.
+    auto dot_tile = [&](int kt, const kog_vec4 (&v)[NLT], int u) {
 #pragma unroll
         for (int j = 0; j < NLT; ++j) {
             const int c = kt * TILE + j * KOG_WARP + lane;
@@ -175,10 +176,13 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         if (kt == TPU - 1) {
 #pragma unroll
             for (int r = 0; r < UNIT; ++r) acc[r] = kog_warp_sum(acc[r]);
-            epi(first + (i / TPU) * n_warps, acc, scale);
+            epi(u, acc, scale);
 #pragma unroll
             for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
         }
+    };
+    auto consume = [&](int i, const kog_vec4 (&v)[NLT]) {
+        dot_tile(i % TPU, v, first + (i / TPU) * n_warps);
     };
     // Unrolled by two so the buffers swap roles without register moves (a move of a pending
     // load would stall until it lands, leaving one tile in flight instead of two).
@@ -212,28 +216,8 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
                 }
             };
             auto dconsume = [&](int i, const kog_vec4 (&d)[NLT]) {
-                const int u = u0 + i / TPU, kt = i % TPU;
-                if (u >= dyn.end) return;
-#pragma unroll
-                for (int j = 0; j < NLT; ++j) {
-                    const int c = kt * TILE + j * KOG_WARP + lane;
-                    if (FULL || c < CPU) {
-                        const int row = c / CPR;
-                        const int col = c - row * CPR;
-                        const float4 a = x4[2 * col], b = x4[2 * col + 1];
-                        const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                        for (int r = 0; r < UNIT; ++r)
-                            if (UNIT == 1 || row == r) acc[r] = kog_dot8(d[j], xv, acc[r]);
-                    }
-                }
-                if (kt == TPU - 1) {
-#pragma unroll
-                    for (int r = 0; r < UNIT; ++r) acc[r] = kog_warp_sum(acc[r]);
-                    epi(u, acc, scale);
-#pragma unroll
-                    for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
-                }
+                const int u = u0 + i / TPU;
+                if (u < dyn.end) dot_tile(i % TPU, d, u);
             };
             dload(0, da);
             if (NT > 1) dload(1, db);
