@@ -442,5 +442,16 @@ KOG_DEVICE float kog_dot8(const kog_vec4& w, const float* x, float acc) {
     return acc;
 }
 
+// The multiprocessor (CUDA %smid) / compute unit (HIP) this block runs on; fixed for its life.
+KOG_DEVICE unsigned kog_sm_id() {
+#if defined(KOG_HIP)
+    return (unsigned)__smid();
+#else
+    unsigned id;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+    return id;
+#endif
+}
+
 #define KOG_INT_MAX 2147483647
 #define KOG_NEG_INF (__int_as_float(0xff800000))

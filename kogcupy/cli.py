@@ -470,6 +470,15 @@ def env():
     for line in gpus[1:]:
         click.echo("         " + line)
     click.echo(f"backend: {resolve_backend('auto')} (auto)")
+    if gpus[0] != "none":
+        try:
+            from .gpu.topology import topology
+            lines = topology().describe()
+        except Exception as e:  # noqa: BLE001 -- env reports, never fails
+            lines = [f"not measured ({type(e).__name__}: {e})"]
+        click.echo("topology: " + lines[0])
+        for line in lines[1:]:
+            click.echo("         " + line)
 
 
 @cli.command()

@@ -75,6 +75,7 @@ def _sources(tmp_path):
         out[key] = (prefill.prefill_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
     out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel
+    out["topology_probe"] = (kernels.topology_probe_source(), ())
     return out
 
 
@@ -95,7 +96,8 @@ def test_inlined_source_is_self_contained():
 @pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
                          ["llama-3.2-1b-hooks", "llama-3.2-1b-downdyn",
                           "llama-3.2-1b-static", "stream_read",
-                          "kccl_test", "prefill-llama-3.2-1b", "prefill-qwen3-1.7b-fp16"])
+                          "kccl_test", "topology_probe", "prefill-llama-3.2-1b",
+                          "prefill-qwen3-1.7b-fp16"])
 def test_nvcc_sm90(tmp_path, key):
     nvcc = _compiler("nvcc")
     src, opts = _sources(tmp_path)[key]
@@ -133,7 +135,7 @@ def _hipcc(hipcc, args):
 
 @pytest.mark.parametrize("key", ["llama-3.2-1b", "qwen2-bias-gqa7", "smollm2-135m-fp16",
                                  "llama-3.2-1b-tp2", "stream_read", "kccl_test",
-                                 "prefill-llama-3.2-1b"])
+                                 "topology_probe", "prefill-llama-3.2-1b"])
 def test_hipcc_gfx90a(tmp_path, key):
     hipcc = _compiler("hipcc")
     src, opts = _sources(tmp_path)[key]

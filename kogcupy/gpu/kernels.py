@@ -234,5 +234,10 @@ def stream_read_source() -> str:
     return text
 
 
+def topology_probe_source() -> str:
+    """kernels_src/topology_probe.cu with its includes inlined (kogcupy/gpu/topology.py)."""
+    return inline_source("topology_probe.cu")
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0", "false", "no")
