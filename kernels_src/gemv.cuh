@@ -367,12 +367,12 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
         kog_u64 xw = 0ull;
         if (threadIdx.x < r1 - r0)                    // (layer 0: the embedding, as a ready word)
             xw = emb != nullptr ? ((kog_u64)x_in << 32) | __float_as_uint(kog_w_to_f32(emb[r0 + threadIdx.x]))
-                                : kog_ld_tagged(p->x + r0 + threadIdx.x);
+                                : kog_ld_tagged(c.xr + r0 + threadIdx.x);
 #endif
         const float s = kog_load_activation<KOG_Q_DIM>(p->attn_out, kog_tag(c.t, layer, KOG_STAGE_ATTN),
                                                        c.smem, c.scratch, false);
 #if KOG_TP == 1
-        kog_x_rows_to_shared(c.x_own, p->x, r0, r1 - r0, x_in, xw, emb);
+        kog_x_rows_to_shared(c.x_own, c.xr, r0, r1 - r0, x_in, xw, emb);
 #endif
         kog_prof(c, layer * 16 + 7);
         return s;
@@ -390,7 +390,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
             const float v = c.x_own[row - r0] + acc[0];
-            kog_st_tagged(p->x + row, v, x_out);
+            kog_st_x(c, row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };
@@ -414,7 +414,7 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
         const float s = kog_tp_load_reduced(c, 0, kog_tag(c.t, layer, KOG_STAGE_O));
 #else
         if (!DYN && u0 >= u1) return -1.f;
-        const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, layer, KOG_STAGE_O),
+        const float s = kog_load_activation<KOG_HIDDEN>(c.xr, kog_tag(c.t, layer, KOG_STAGE_O),
                                                         c.smem, c.scratch, true);
 #endif
         kog_prof(c, layer * 16 + 10);
@@ -451,12 +451,12 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
         if (!DYN && r0 >= r1) return -1.f;
 #if KOG_TP == 1
         // old x of the static rows: loads issued now, checked after the polls
-        const kog_u64 xw = threadIdx.x < r1 - r0 ? kog_ld_tagged(p->x + r0 + threadIdx.x) : 0ull;
+        const kog_u64 xw = threadIdx.x < r1 - r0 ? kog_ld_tagged(c.xr + r0 + threadIdx.x) : 0ull;
 #endif
         const float s = kog_load_activation<KOG_FFN>(p->act, kog_tag(c.t, layer, KOG_STAGE_GATE_UP),
                                                      c.smem, c.scratch, false);
 #if KOG_TP == 1
-        kog_x_rows_to_shared(x_old, p->x, r0, r1 - r0, x_in, xw, nullptr);
+        kog_x_rows_to_shared(x_old, c.xr, r0, r1 - r0, x_in, xw, nullptr);
 #endif
         kog_prof(c, layer * 16 + 13);
         return s;
@@ -476,7 +476,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     constexpr int GRAB = KogGemvShape<KOG_FFN, 1>::GRAB;
     kog_u64 old_dyn[GRAB];
     auto pre = [&](int row) {
-        old_dyn[(row - p->down_dyn_begin) % GRAB] = kog_ld_tagged(p->x + row);
+        old_dyn[(row - p->down_dyn_begin) % GRAB] = kog_ld_tagged(c.xr + row);
     };
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
@@ -485,11 +485,11 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
                 old = x_old[row - r0];
             } else {
                 kog_u64 w = old_dyn[(row - p->down_dyn_begin) % GRAB];
-                while (kog_tag_of(w) != x_in) { w = kog_ld_tagged(p->x + row); }
+                while (kog_tag_of(w) != x_in) { w = kog_ld_tagged(c.xr + row); }
                 old = kog_value_of(w);
             }
             const float v = old + acc[0];
-            kog_st_tagged(p->x + row, v, x_out);
+            kog_st_x(c, row, v, x_out);
             if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };
@@ -527,7 +527,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
         const float s = kog_tp_load_reduced(c, 1, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
 #else
         if (!DYN && r0 >= r1) return -1.f;
-        const float s = kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN),
+        const float s = kog_load_activation<KOG_HIDDEN>(c.xr, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN),
                                                         c.smem, c.scratch, true);
 #endif
         kog_prof(c, KOG_N_LAYERS * 16 + 1);

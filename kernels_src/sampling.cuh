@@ -277,7 +277,7 @@ KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
                      ? p->debug + (kog_u64)pos * p->debug_stride : nullptr;
     for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
         const float v = kog_w_to_f32(row[i]);
-        kog_st_tagged(p->x + i, v, tag);
+        kog_st_x(c, i, v, tag);
         if (dbg != nullptr) dbg[KOG_DBG_EMBED + i] = v;
     }
 }
@@ -303,7 +303,7 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
 #if KOG_TP > 1
         kog_tp_load_reduced(c, 1, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
 #else
-        kog_load_activation<KOG_HIDDEN>(p->x, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN), c.smem,
+        kog_load_activation<KOG_HIDDEN>(c.xr, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN), c.smem,
                                         c.scratch, false);
 #endif
     } else {

@@ -280,6 +280,24 @@ def test_tuning_variants_match_reference(tuning):
         prompt, SamplingParams(), 48, set()))
 
 
+def test_domain_copies_of_x():
+    """x copied per memory domain (topology.py; two L2 partitions on H100/H200): every block
+    reads its domain's copy; logits and greedy tokens as the reference."""
+    cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
+    m = model(cfg, logit_scale=8.0)
+    be = MonokernelBackend(m, context_length=1024, watchdog_s=20, domain_copies=True)
+    if be.x_copies < 2:
+        pytest.skip("this GPU has one memory domain")
+    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, 100).tolist()
+    got = be.logits(ids)
+    ref = ReferenceBackend(m, context_length=1024).logits(ids)
+    assert max(rel(got[i], ref[i]) for i in (0, 50, 99)) < 3e-2
+    prompt = ids[:8]
+    toks = list(be.start(prompt, SamplingParams(), 48, set()))
+    assert toks == list(ReferenceBackend(m, context_length=1024).start(
+        prompt, SamplingParams(), 48, set()))
+
+
 @pytest.mark.parametrize("down_dyn", [0, 1])
 def test_down_dynamic_tail(down_dyn):
     """down_residual's dynamic tail (on where a block owns >= DYN_MIN_ROWS rows of x: a
