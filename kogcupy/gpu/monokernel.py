@@ -523,6 +523,8 @@ class MonokernelBackend(_OneLaunchBackend):
         )
         return vals
 
+    SM_ID_LIMIT = 1024
+
     def _domain_table(self, domain_copies: bool | None):
         """(max SM id + 1,) int32 memory domain of each SM when x is copied per domain
         (topology.py; one GPU only), else None. Default on (H100: +1-2.5% decode);
@@ -535,7 +537,9 @@ class MonokernelBackend(_OneLaunchBackend):
         topo = topology()
         if len(topo.domains) < 2:
             return None
-        table = np.zeros(max(max(d) for d in topo.domains) + 1, np.int32)
+        # indexed by %smid in the kernel: room for any SM id (unknown ids read copy 0; any
+        # copy is a complete x, so the mapping affects speed only)
+        table = np.zeros(max(self.SM_ID_LIMIT, max(max(d) for d in topo.domains) + 1), np.int32)
         for i, members in enumerate(topo.domains):
             table[members] = i
         return table
