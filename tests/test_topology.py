@@ -49,3 +49,11 @@ def test_topology_describe_and_cache_round_trip():
     text = "\n".join(topo.describe())
     assert "2 domain(s)" in text and "ids 0-2,5" in text and "+40%" in text
     assert T.Topology(**json.loads(json.dumps(asdict(topo)))) == topo
+
+
+def test_sm_domain_table():
+    topo = T.Topology("GPU X", "l2-partitions", [[0, 1, 4], [2, 3, 5]], 200.0, 280.0)
+    table = T.sm_domain_table(topo)
+    assert table.dtype == np.int32 and len(table) == T.SM_ID_LIMIT
+    assert table[:6].tolist() == [0, 0, 1, 1, 0, 1] and not table[6:].any()
+    assert T.sm_domain_table(T.mi300x())[[0, 37, 38, 303]].tolist() == [0, 0, 1, 7]

@@ -56,7 +56,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("tp_peers", "ptr", "const kog_u64*", "(len(TP_PEER_FIELDS), 8) rank q's buffers, valid here"),
     # ---- sync ----
     ("sm_domain", "ptr", "const int*", "(>= 1024,) memory domain of each SM id (x_copies > 1)"),
-    ("counters", "ptr", "kog_u32*", "(n_counters,) see monokernel.cu counter map; host zeroes"),
+    ("counters", "ptr", "kog_u32*", "(n_counters,) indices: counter_layout(); meanings: schedule.COUNTERS"),
     ("attn_ticket_base", "ptr", "const int*", "(C,) unused (ticket combine deleted; kept: offsets)"),
     ("partition", "ptr", "const int*", "(B, 10) per-block [begin, end) of qkv, o, gate_up, down, lm_head"),
     # ---- tokens, sampling ----

@@ -523,8 +523,6 @@ class MonokernelBackend(_OneLaunchBackend):
         )
         return vals
 
-    SM_ID_LIMIT = 1024
-
     def _domain_table(self, domain_copies: bool | None):
         """(max SM id + 1,) int32 memory domain of each SM when x is copied per domain
         (topology.py; one GPU only), else None. Default on (H100: +1-2.5% decode);
@@ -533,16 +531,9 @@ class MonokernelBackend(_OneLaunchBackend):
             domain_copies = os.environ.get("KOGCUPY_DOMAIN_COPIES", "1") not in ("0", "false", "no")
         if not domain_copies or self.world > 1:
             return None
-        from .topology import topology
+        from .topology import sm_domain_table, topology
         topo = topology()
-        if len(topo.domains) < 2:
-            return None
-        # indexed by %smid in the kernel: room for any SM id (unknown ids read copy 0; any
-        # copy is a complete x, so the mapping affects speed only)
-        table = np.zeros(max(self.SM_ID_LIMIT, max(max(d) for d in topo.domains) + 1), np.int32)
-        for i, members in enumerate(topo.domains):
-            table[members] = i
-        return table
+        return sm_domain_table(topo) if len(topo.domains) > 1 else None
 
     def peer_pointers(self, vals: dict) -> list[int]:
         """This rank's buffers in abi.TP_PEER_FIELDS order (for every rank's peer table)."""

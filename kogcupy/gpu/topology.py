@@ -13,8 +13,9 @@
     topo.domain_of(sm_id)      # which domain an SM / CU belongs to
     print(topo.describe())
 
-Placement by domain (copies of the activation vectors per domain) is not built yet (issue 13):
-this module is the model and the measurement it will use.
+The monokernel keeps one copy of x per domain (``sm_domain_table``; kernels_src/SYNC.md, "x per
+memory domain"); the other vectors and the MI300X's per-IOD tensors are not placed by domain
+yet.
 """
 from __future__ import annotations
 
@@ -72,6 +73,20 @@ def _ranges(ids: list[int]) -> str:
         out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
         i = j + 1
     return ",".join(out)
+
+
+SM_ID_LIMIT = 1024         # the kernel's SM -> domain table covers ids below this
+
+
+def sm_domain_table(topo: Topology) -> np.ndarray:
+    """(>= SM_ID_LIMIT,) int32: the domain of each SM / CU id, the table the monokernel
+    indexes with %smid (KogParams::sm_domain). Ids no domain lists read copy 0: every copy is
+    a complete x, so the mapping changes speed, never results."""
+    top = max((max(d) for d in topo.domains if d), default=0)
+    table = np.zeros(max(SM_ID_LIMIT, top + 1), np.int32)
+    for i, members in enumerate(topo.domains):
+        table[members] = i
+    return table
 
 
 # ---- AMD MI300X --------------------------------------------------------------------------
