@@ -37,7 +37,7 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.x_own = c.scratch + KOG_SCRATCH_FLOATS;
     c.x_full = c.x_own + 2 * KOG_OWN_PAD;                 // tensor parallel only (host sizes it)
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
-    c.xr = p->x + (p->x_copies > 1 ? (kog_u64)p->sm_domain[kog_sm_id()] * KOG_HIDDEN : 0ull);
+    c.xr = p->x + (p->x_copies > 1 ? (kog_u64)p->sm_domain[kog_domain_unit()] * KOG_HIDDEN : 0ull);
     c.t = 0;
 
     // Positions [0, start_pos) are already in the KV cache (batched prefill, prefix cache);

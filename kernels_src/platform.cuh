@@ -453,5 +453,27 @@ KOG_DEVICE unsigned kog_sm_id() {
 #endif
 }
 
+// gfx94x (MI300): the XCC (accelerator die) this wave runs on, hardware register XCC_ID
+// (id 20, bits [3:0]); elsewhere 0.
+KOG_DEVICE unsigned kog_xcc_id() {
+#if defined(KOG_HIP) && (defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__))
+    return (unsigned)__builtin_amdgcn_s_getreg(20 | (0 << 6) | (3 << 11)) & 0xfu;
+#else
+    return 0u;
+#endif
+}
+
+// The unit id that indexes the SM -> memory domain table (topology.py, sm_domain_table):
+// NVIDIA the SM id; gfx94x the first CU id of this XCC (xcc * 38: __smid there numbers CUs
+// within one XCC, so the XCC id is what names the domain); other HIP targets the CU id.
+#define KOG_MI300X_CUS_PER_XCD 38
+KOG_DEVICE unsigned kog_domain_unit() {
+#if defined(KOG_HIP) && (defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__))
+    return kog_xcc_id() * KOG_MI300X_CUS_PER_XCD;
+#else
+    return kog_sm_id();
+#endif
+}
+
 #define KOG_INT_MAX 2147483647
 #define KOG_NEG_INF (__int_as_float(0xff800000))

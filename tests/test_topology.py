@@ -56,4 +56,14 @@ def test_sm_domain_table():
     table = T.sm_domain_table(topo)
     assert table.dtype == np.int32 and len(table) == T.SM_ID_LIMIT
     assert table[:6].tolist() == [0, 0, 1, 1, 0, 1] and not table[6:].any()
-    assert T.sm_domain_table(T.mi300x())[[0, 37, 38, 303]].tolist() == [0, 0, 1, 7]
+    # MI300X: one copy per I/O die; the kernel indexes with xcc * 38 (kog_domain_unit)
+    amd = T.sm_domain_table(T.mi300x())
+    assert [int(amd[x * T.MI300X_CUS_PER_XCD]) for x in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert amd[[0, 37, 38, 76, 303]].tolist() == [0, 0, 0, 1, 3]
+
+
+def test_cache_is_per_chip(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    a = T._cache_path("NVIDIA H200", T._uuid({"uuid": bytes(range(16))}))
+    b = T._cache_path("NVIDIA H200", T._uuid({"uuid": bytes(range(1, 17))}))
+    assert a != b and a.parent == tmp_path / "kogcupy" and "000102" in a.name

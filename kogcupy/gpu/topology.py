@@ -7,7 +7,7 @@
 * NVIDIA: the L2 is split in partitions; an SM reads a line homed in the far partition through
   the crossbar between them, slower. ``probe()`` measures it (kernels_src/topology_probe.cu:
   every SM's latency to a set of L2 lines) and ``split_domains`` groups the SMs by their
-  latency profile; the result is cached per GPU name like the bandwidth probe.
+  latency profile; the result is cached per chip (name + UUID).
 
     topo = topology()          # this GPU (probed once, then cached)
     topo.domain_of(sm_id)      # which domain an SM / CU belongs to
@@ -79,13 +79,15 @@ SM_ID_LIMIT = 1024         # the kernel's SM -> domain table covers ids below th
 
 
 def sm_domain_table(topo: Topology) -> np.ndarray:
-    """(>= SM_ID_LIMIT,) int32: the domain of each SM / CU id, the table the monokernel
-    indexes with %smid (KogParams::sm_domain). Ids no domain lists read copy 0: every copy is
-    a complete x, so the mapping changes speed, never results."""
+    """(>= SM_ID_LIMIT,) int32: the copy of x each SM / CU id reads, the table the monokernel
+    indexes with kog_domain_unit() (%smid on NVIDIA; xcc * 38 on the MI300X) -- the domain,
+    or the domain's parent where there is one (MI300X: one copy per I/O die, as the reference
+    design duplicated its tensors). Ids no domain lists read copy 0: every copy is a complete
+    x, so the mapping changes speed, never results."""
     top = max((max(d) for d in topo.domains if d), default=0)
     table = np.zeros(max(SM_ID_LIMIT, top + 1), np.int32)
     for i, members in enumerate(topo.domains):
-        table[members] = i
+        table[members] = topo.parents[i] if topo.parents else i
     return table
 
 
@@ -155,7 +157,7 @@ def probe(lines: int = PROBE_LINES, reps: int = PROBE_REPS) -> dict:
     smem = int(dev.attributes["MaxSharedMemoryPerMultiprocessor"]) // 2 + 1024
     stride_words = PROBE_STRIDE // 4
     buf = cp.zeros(lines * stride_words + 32, cp.uint32)      # zeros: the chain stays in place
-    turn = cp.zeros(1, cp.uint32)
+    turn = cp.zeros(2, cp.uint32)                             # ticket, serving
     ids = cp.zeros(2 * n_sm, cp.uint32)
     lat = cp.full(n_sm * lines, np.nan, cp.float32)
     mod = kernels.load_module(kernels.topology_probe_source(), {})
@@ -170,14 +172,23 @@ def probe(lines: int = PROBE_LINES, reps: int = PROBE_REPS) -> dict:
             "lat": cp.asnumpy(lat).reshape(n_sm, lines)}
 
 
-def _cache_path(gpu: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kogcupy" / f"topo1-{safe}.json"
+def _cache_path(gpu: str, uuid: str) -> Path:
+    """Per chip (its UUID), not per model: which SMs are fused off differs chip to chip."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{gpu}-{uuid}" if uuid else gpu)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kogcupy" / f"topo2-{safe}.json"
+
+
+def _uuid(props: dict) -> str:
+    u = props.get("uuid", b"")
+    if isinstance(u, (bytes, bytearray)):
+        return u.hex()
+    return str(u or f"pci{props.get('pciDomainID', 0)}-{props.get('pciBusID', 0)}-"
+                       f"{props.get('pciDeviceID', 0)}")
 
 
 def topology(refresh: bool = False) -> Topology:
-    """This GPU's topology: the MI300X description on gfx942, else measured (cached per GPU
-    name under $XDG_CACHE_HOME/kogcupy)."""
+    """This GPU's topology: the MI300X description on gfx942, else measured (cached per chip
+    -- GPU name and UUID -- under $XDG_CACHE_HOME/kogcupy)."""
     from . import kernels
     cp = kernels._cupy()
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
@@ -186,7 +197,7 @@ def topology(refresh: bool = False) -> Topology:
     arch = arch.decode(errors="replace") if isinstance(arch, bytes) else str(arch)
     if arch.startswith("gfx942"):
         return mi300x()
-    path = _cache_path(name)
+    path = _cache_path(name, _uuid(props))
     if not refresh and path.is_file():
         try:
             return Topology(**json.loads(path.read_text()))
