@@ -54,3 +54,14 @@ def test_refusals():
 def test_smem_floats_covers_attention_and_sampler():
     cfg = shape_config("smollm2-135m")                 # small: the sampler histogram dominates
     assert smem_floats(cfg) >= 2048 * 2 + 8 and smem_floats(cfg) % 4 == 0
+
+
+def test_mi300x_grid_is_the_reference_designs():
+    # gfx942 (304 CUs): 256 blocks of 512 = (64, 8) threads, 32 on each XCD (topology.py)
+    from kogcupy.gpu import topology as T
+    from kogcupy.gpu.build_plan import THREADS
+    cfg = shape_config("qwen3-1.7b")
+    p = build_plan(cfg, 304, 4096, arch="gfx942:sramecc+:xnack-")
+    assert p.n_blocks == T.MI300X_GRID == 256 and THREADS == 64 * 8
+    assert p.placement.partition.shape[0] == 256
+    assert build_plan(cfg, 304, 4096).n_blocks == 304          # another target: one per CU

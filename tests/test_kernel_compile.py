@@ -1,4 +1,7 @@
-"""CPU CI: every kernel source compiles for NVIDIA sm_90 (nvcc) and AMD gfx90a (Debian hipcc).
+"""CPU CI: every kernel source compiles for NVIDIA sm_90 (nvcc) and AMD gfx90a (Debian hipcc);
+the monokernel, the prefill kernel and the topology probe also for the MI300X, gfx942 (Debian's
+clang-19 with the HIP headers, device code to ISA assembly: the device libraries of Debian's
+HIP 5.2 do not know gfx942, so math calls stay unlinked).
 
 The compiled text is exactly what kernels.py hands to NVRTC/hiprtc: local includes inlined,
 the generated KogParams struct, and the -D model constants of representative shapes.
@@ -143,6 +146,26 @@ def test_hipcc_gfx90a(tmp_path, key):
     r = _hipcc(hipcc, ["--offload-arch=gfx90a", "-x", "hip", "-std=c++17", "-c",
                        "-o", str(tmp_path / "k.o"), str(f), *opts])
     assert r.returncode == 0, r.stderr[-6000:]
+
+
+GFX942_CLANGS = ("clang++-19", "clang++-20", "clang++-18", "clang++-17")   # LLVM >= 17 knows gfx942
+
+
+@pytest.mark.parametrize("key", ["llama-3.2-1b", "qwen2-bias-gqa7", "llama-3.2-1b-tp2",
+                                 "topology_probe", "prefill-llama-3.2-1b"])
+def test_clang_gfx942(tmp_path, key):
+    clang = next((c for c in map(shutil.which, GFX942_CLANGS) if c), None) or _compiler(GFX942_CLANGS[0])
+    src, opts = _sources(tmp_path)[key]
+    f = _write(tmp_path, key, src, ".hip")
+    out = tmp_path / "k.s"
+    r = subprocess.run([clang, "-x", "hip", "--offload-arch=gfx942", "-nogpulib",
+                        "--cuda-device-only", "-S", "-std=c++17", "-o", str(out), str(f), *opts],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-6000:]
+    asm = out.read_text()
+    assert "gfx942" in asm and ".end_amdhsa_kernel" in asm
+    if key == "topology_probe":
+        assert "s_getreg_b32" in asm                    # the XCC id read (kog_xcc_id)
 
 
 def test_hipcc_leaves_nothing_in_the_temp_dir(tmp_path):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from . import kernels
 from ..model.config import ModelConfig
 from ..errors import DeviceError
+from .topology import MI300X_GRID
 from .placement import ATTN_MIN_CHUNK, Placement, attn_chunk_cap, max_tp_blocks, place
 
 THREADS = 512
@@ -49,8 +50,11 @@ def _knob(tuning: dict, name: str) -> int:
 
 def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int = THREADS,
                blocks: int | None = None, tuning: dict | None = None, rank: int = 0,
-               world: int = 1, hooks: bool = False) -> BuildPlan:
-    """`lcfg`: this GPU's share of the model (all of it on one GPU)."""
+               world: int = 1, hooks: bool = False, arch: str = "") -> BuildPlan:
+    """`lcfg`: this GPU's share of the model (all of it on one GPU); `arch` the AMD target
+    (gcnArchName), "" on NVIDIA."""
+    if arch.startswith("gfx942") and n_sms >= MI300X_GRID:
+        n_sms = MI300X_GRID      # the MI300X grid: 32 blocks on each of its 8 XCDs (topology.py)
     tuning = dict(tuning or {})
     if hooks:
         tuning["KOG_HOOKS"] = 1               # the stage timings / dumps are compiled in

@@ -245,8 +245,10 @@ class MonokernelBackend(_OneLaunchBackend):
         self.gpu_name = props["name"].decode(errors="replace") if isinstance(
             props["name"], bytes) else str(props["name"])
         self.n_sms = int(props["multiProcessorCount"])
+        arch = props.get("gcnArchName", b"")
+        arch = arch.decode(errors="replace") if isinstance(arch, bytes) else str(arch)
         plan = build_plan(lcfg, self.n_sms, self.context_length, threads, blocks, tuning,
-                          rank=self.rank, world=self.world,
+                          rank=self.rank, world=self.world, arch=arch,
                           hooks=profile_pos is not None or bool(debug_positions))
         self.tuning, self.n_blocks, self.placement = plan.tuning, plan.n_blocks, plan.placement
         self._smem_floats, self.smem_bytes = plan.smem_floats, plan.smem_bytes
