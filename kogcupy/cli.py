@@ -471,14 +471,23 @@ def env():
         click.echo("         " + line)
     click.echo(f"backend: {resolve_backend('auto')} (auto)")
     if gpus[0] != "none":
+        topo = None
         try:
             from .gpu.topology import topology
-            lines = topology().describe()
+            topo = topology()
+            lines = topo.describe()
         except Exception as e:  # noqa: BLE001 -- env reports, never fails
             lines = [f"not measured ({type(e).__name__}: {e})"]
         click.echo("topology: " + lines[0])
         for line in lines[1:]:
             click.echo("         " + line)
+        if topo is not None and len(topo.domains) > 1:
+            from .gpu.topology import sm_domain_table
+            n = int(sm_domain_table(topo).max()) + 1
+            off = os.environ.get("KOGCUPY_DOMAIN_COPIES", "1") in ("0", "false", "no")
+            click.echo(f"         placement: x (the residual stream) {n} copies, one per "
+                       f"{'I/O die' if topo.parents else 'domain'}: {8 * n} bytes per hidden unit "
+                       f"(h = 2048: {16 * n} KB)" + (" -- off (KOGCUPY_DOMAIN_COPIES=0)" if off else ""))
 
 
 @cli.command()
@@ -580,9 +589,12 @@ def profile(model_path, shape, position, new_tokens, gpus, dtype, out):
         raise DeviceError(f"the profiling build recorded no stamp at position {position} "
                           f"(the generation ended before it?)")
     n = prof.write_trace(out, stamps, {"model": what, "position": position, "gpus": gpus,
-                                       "gpu": backend.gpu_name, "blocks": backend.n_blocks})
+                                       "gpu": backend.gpu_name, "blocks": backend.n_blocks,
+                                       "x_copies": getattr(backend, "x_copies", 1)})
     click.echo(f"kogcupy profile: {what}, position {position}, {gpus} x {backend.gpu_name}, "
-               f"{backend.n_blocks} blocks per GPU; us, stages: median over blocks and layers, "
+               f"{backend.n_blocks} blocks per GPU, x in {getattr(backend, 'x_copies', 1)} "
+               f"cop{'ies' if getattr(backend, 'x_copies', 1) > 1 else 'y'}; "
+               f"us, stages: median over blocks and layers, "
                f"hop and span: median over layers")
     t0 = prof.time_zero(stamps)
     for r, s in enumerate(stamps):

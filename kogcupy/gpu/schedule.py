@@ -79,6 +79,9 @@ def _x(layer, stage, pos="t", **kw):
     return Use("x", Tag(pos, layer, stage), **kw)
 
 
+# Buffers that exist once per memory domain (topology.py; SYNC.md "x per memory domain").
+DOMAIN_COPIED = ("x",)
+
 STAGES: tuple[Stage, ...] = (
     Stage("embed", "kog_embed", "sampling.cuh", False, False,
           waits=(),
@@ -229,6 +232,9 @@ def markdown() -> str:
         out.append(f"| `{name}` | `{s.kernel}` ({s.source}) | {s.who} | {_cell(s.waits)} | "
                    f"{_cell(s.reads)} | {_cell(s.writes)} | {'yes' if s.hop else '-'} |")
     out += ["", f"Grid-wide dependent hops per layer: **{per_layer_hops()}**.", "",
+            f"Copied per memory domain (one GPU, `x_copies` > 1): {', '.join(f'`{b}`' for b in DOMAIN_COPIED)}"
+            " -- every write above stores each copy, every read and wait is of the reading block's"
+            " own copy (`sm_domain[kog_domain_unit()]`).", "",
             "Tensor parallel (KOG_TP > 1) differences:", ""]
     out += [f"* `{s.name}`: {s.tp}" for s in STAGES if s.tp]
     out += ["", "**Counters** (`KogParams::counters`, monotone u32, indices `abi.counter_layout`; "
