@@ -4,6 +4,10 @@
 // A unit is (kv head g, chunk of positions). Its block takes the q rows of the G = H / KV
 // q heads sharing g from the qkv buffer, applies qwen3 qk-norm and RoPE (norm_rope.cuh), and
 // computes fp32 softmax(q k^T / sqrt(hd)) v over its chunk: out, running max and sum per head.
+// The chunk streams through shared memory in tiles of KOG_ATTN_TILE positions, KOG_ATTN_BUFS
+// tiles in flight (one cp.async group each; the first ones issued before q is ready), with an
+// online softmax across tiles; the chunk rule gives every kv head at most attn_max_chunks
+// units, so a long context is one round of units, each streaming many tiles.
 // The unit whose chunk holds the current position also finishes k and v of that position and
 // appends them to the KV cache (no other unit reads that position in this step).
 // With one chunk the unit writes attn_out directly. Otherwise every other unit writes its
@@ -15,13 +19,13 @@
 #include "norm_rope.cuh"
 
 
-// Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], probs[GQA][CHUNK],
-// ml[GQA][2], rope[HD], then the cached K and V rows of the chunk (storage dtype, CHUNK x HD
-// each), copied in before q is ready.
+// Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], probs[GQA][TILE],
+// ml[GQA][2], rope[HD], then KOG_ATTN_BUFS staging buffers, each one tile of cached K rows
+// then V rows (storage dtype, TILE x HD each).
 #define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
 #define KOG_ATTN_SMEM_FLOATS \
-    (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_CHUNK + KOG_ATTN_ML_FLOATS + \
-     KOG_HEAD_DIM + KOG_ATTN_CHUNK * KOG_HEAD_DIM)
+    (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_TILE + KOG_ATTN_ML_FLOATS + \
+     KOG_HEAD_DIM + KOG_ATTN_BUFS * KOG_ATTN_TILE * KOG_HEAD_DIM)
 
 // Chunk length and count for n_pos attended positions (same rule as placement.attention_chunks).
 KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
@@ -30,26 +34,147 @@ KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
     return len < KOG_ATTN_CHUNK ? len : KOG_ATTN_CHUNK;
 }
 
+// Float offset of the K/V staging buffers in a unit's shared memory (layout above).
+#define KOG_ATTN_STAGE_OFFSET \
+    (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_TILE + KOG_ATTN_ML_FLOATS + KOG_HEAD_DIM)
+
+// Cached K/V rows [a, min(a + TILE, jc1)) of (layer, kv head g) into staging buffer i % BUFS
+// (K then V), as one commit group, empty or not: "at most BUFS - 1 groups in flight" then
+// means tile i has landed. (Pointers recomputed here: nothing extra stays live in the unit.)
+KOG_DEVICE void kog_attn_stage_tile(const KogCtx& c, int layer, int g, int a, int jc1, int i) {
+    constexpr int HD = KOG_HEAD_DIM, T = KOG_ATTN_TILE;
+    const int n16 = (min(jc1, a + T) - a) * HD / 8;      // 16-byte pieces per matrix
+    const kog_u64 row = (((kog_u64)layer * KOG_N_KV + g) * c.p->context_length + a) * HD;
+    kog_u16* ks = reinterpret_cast<kog_u16*>(c.smem + KOG_ATTN_STAGE_OFFSET) + (i % KOG_ATTN_BUFS) * 2 * T * HD;
+    for (int k = threadIdx.x; k < n16; k += blockDim.x) {
+        kog_copy16(ks + k * 8, c.p->k_cache + row + k * 8);
+        kog_copy16(ks + T * HD + k * 8, c.p->v_cache + row + k * 8);
+    }
+    kog_copy16_commit();
+}
+
+// One staged tile [a, b) of a unit (buffer buf): scores, online softmax (rescaling o of the
+// earlier tiles when `rescale`), o += probs @ v. Its own function, not inlined: the tile loop
+// inlined into the monokernel raised register pressure until ptxas spilled in the GEMV loops
+// (-13% decode on Llama-3.2-1B at position 32, H200).
+__device__ __noinline__ void kog_attn_tile(const KogCtx& c, int a, int b, int buf, bool rescale) {
+    constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA, T = KOG_ATTN_TILE;
+    const int t = c.t;
+    const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
+    const int n_warps = blockDim.x / KOG_WARP;
+    const float qscale = rsqrtf((float)HD);
+    const float* q = c.smem;                    // the unit's shared memory, as in kog_stage_attention
+    const float* kv_t = q + G * HD;
+    float* o = const_cast<float*>(kv_t) + 2 * HD;
+    float* probs = o + G * HD;
+    float* ml = probs + G * T;
+    const kog_u16* ks = reinterpret_cast<const kog_u16*>(c.smem + KOG_ATTN_STAGE_OFFSET) + buf * 2 * T * HD;
+    const kog_u16* vs = ks + T * HD;
+
+    // ---- scores: HD / 8 lanes per position, one 16-byte K piece each (conflict-free
+    //      shared loads), G dot products reduced over the lane group; a uniform trip count
+    //      so every lane of a warp takes part in the shuffles ----
+    {
+        constexpr int LPP = HD / 8;
+        static_assert(HD % 8 == 0 && KOG_WARP % LPP == 0 && (LPP & (LPP - 1)) == 0,
+                      "attention scores: HD / 8 lanes per position must divide the warp");
+        const int sub = threadIdx.x % LPP, pi = threadIdx.x / LPP;
+        const int n_pi = blockDim.x / LPP;
+        for (int jb = a; jb < b; jb += n_pi) {
+            const int j = jb + pi;
+            float kd[8];
+            if (j == t) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) kd[e] = kv_t[sub * 8 + e];
+            } else if (j < b) {
+                const kog_vec4 kv = *reinterpret_cast<const kog_vec4*>(ks + (j - a) * HD + sub * 8);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    kd[2 * e] = kog_w_lo(KOG_V4(kv, e));
+                    kd[2 * e + 1] = kog_w_hi(KOG_V4(kv, e));
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) kd[e] = 0.f;
+            }
+#pragma unroll
+            for (int h = 0; h < G; ++h) {
+                const float4 qa = *reinterpret_cast<const float4*>(q + h * HD + sub * 8);
+                const float4 qb = *reinterpret_cast<const float4*>(q + h * HD + sub * 8 + 4);
+                float s = qa.x * kd[0];
+                s = fmaf(qa.y, kd[1], s); s = fmaf(qa.z, kd[2], s); s = fmaf(qa.w, kd[3], s);
+                s = fmaf(qb.x, kd[4], s); s = fmaf(qb.y, kd[5], s); s = fmaf(qb.z, kd[6], s);
+                s = fmaf(qb.w, kd[7], s);
+#pragma unroll
+                for (int m = LPP / 2; m > 0; m >>= 1) s += kog_shfl_xor(s, m);
+                if (sub == 0 && j < b) probs[h * T + (j - a)] = s * qscale;
+            }
+        }
+    }
+    __syncthreads();
+
+    // ---- online softmax over the tile: one warp per head; o of the earlier tiles is
+    //      rescaled to the new running max ----
+    for (int h = warp; h < G; h += n_warps) {
+        float* s = probs + h * T;
+        const float m_old = ml[2 * h];
+        float m = KOG_NEG_INF;
+        for (int j = lane; j < b - a; j += KOG_WARP) m = fmaxf(m, s[j]);
+        m = fmaxf(m_old, kog_warp_max(m));
+        float l = 0.f;
+        for (int j = lane; j < b - a; j += KOG_WARP) {
+            const float e = expf(s[j] - m);
+            s[j] = e;
+            l += e;
+        }
+        l = kog_warp_sum(l);
+        if (rescale) {
+            const float alpha = expf(m_old - m);
+            for (int d = lane; d < HD; d += KOG_WARP) o[h * HD + d] *= alpha;
+            l = fmaf(ml[2 * h + 1], alpha, l);
+        }
+        kog_syncwarp();
+        if (lane == 0) { ml[2 * h] = m; ml[2 * h + 1] = l; }
+    }
+    __syncthreads();
+
+    // ---- o = probs @ v: thread (position lane jp, dim d), shared atomics combine ----
+    {
+        const int d = threadIdx.x % HD, jp = threadIdx.x / HD, n_jp = blockDim.x / HD;
+        float acc[G];
+#pragma unroll
+        for (int h = 0; h < G; ++h) acc[h] = 0.f;
+        if (jp < n_jp) {
+            for (int j = a + jp; j < b; j += n_jp) {
+                const float v = j == t ? kv_t[HD + d] : kog_w_to_f32(vs[(j - a) * HD + d]);
+#pragma unroll
+                for (int h = 0; h < G; ++h) acc[h] = fmaf(probs[h * T + j - a], v, acc[h]);
+            }
+#pragma unroll
+            for (int h = 0; h < G; ++h) atomicAdd(o + h * HD + d, acc[h]);
+        }
+    }
+}
+
 KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
-    constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA;
+    constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA, T = KOG_ATTN_TILE, NB = KOG_ATTN_BUFS;
+    static_assert(NB >= 1 && NB <= 4 && T % 8 == 0, "1-4 staged tiles of a multiple of 8 positions");
     const KogParams* p = c.p;
     const int t = c.t, n_pos = t + 1;
     const int chunk = kog_attn_chunk_len(n_pos, p->attn_max_chunks);
     const int n_chunks = (n_pos + chunk - 1) / chunk;
     const int n_units = KOG_N_KV * n_chunks;
-    const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
+    const int warp = threadIdx.x / KOG_WARP;
     const int n_warps = blockDim.x / KOG_WARP;
     float* q = c.smem;                          // [G][HD]
     float* kv_t = q + G * HD;                   // [2][HD] k, v of the current position
     float* o = kv_t + 2 * HD;                   // [G][HD]
-    float* probs = o + G * HD;                  // [G][KOG_ATTN_CHUNK]
-    float* ml = probs + G * KOG_ATTN_CHUNK;     // [G][2]
+    float* probs = o + G * HD;                  // [G][T] scores, then probabilities, of a tile
+    float* ml = probs + G * T;                  // [G][2] running max, sum
     float* rope = ml + KOG_ATTN_ML_FLOATS;      // [HD] cos, sin of position t (half each)
-    kog_u16* ks = reinterpret_cast<kog_u16*>(rope + HD);      // [KOG_ATTN_CHUNK][HD]
-    kog_u16* vs = ks + KOG_ATTN_CHUNK * HD;                    // [KOG_ATTN_CHUNK][HD]
-    static_assert((G * HD * 2 + 2 * HD + G * KOG_ATTN_CHUNK + KOG_ATTN_ML_FLOATS + HD) % 4 == 0,
-                  "K/V staging 16-byte aligned");
-    const float qscale = rsqrtf((float)HD);
+    kog_u16* stage = reinterpret_cast<kog_u16*>(rope + HD);   // [NB][K, V][T][HD]
+    static_assert(KOG_ATTN_STAGE_OFFSET == G * HD * 2 + 2 * HD + G * T + KOG_ATTN_ML_FLOATS + HD &&
+                  KOG_ATTN_STAGE_OFFSET % 4 == 0, "K/V staging 16-byte aligned, after rope");
     float* dbg = kog_debug_row(c);
     const kog_u32 qkv_tag = kog_tag(t, layer, KOG_STAGE_QKV);
     const kog_u32 out_tag = kog_tag(t, layer, KOG_STAGE_ATTN);
@@ -73,23 +198,15 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         kog_u16* kc = p->k_cache + kv_base * HD;
         kog_u16* vc = p->v_cache + kv_base * HD;
 
-        // ---- before q is ready: cached K/V rows of the chunk and the RoPE row to shared ----
-        __syncthreads();                          // shared memory: the previous stage is done
+        // ---- before q is ready: the first NB tiles of cached K/V rows and the RoPE row ----
         const int jc1 = min(j1, t);               // cached positions [j0, jc1)
-        if (j0 < jc1) {                           // appended by units of earlier steps
-            if (!kv_ordered) {
-                if (threadIdx.x == 0)
-                    while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
-                __syncthreads();
-            }
-            const int n16 = (jc1 - j0) * HD / 8;  // 16-byte pieces per matrix
-            const kog_u16* ksrc = kc + (kog_u64)j0 * HD;
-            const kog_u16* vsrc = vc + (kog_u64)j0 * HD;
-            for (int i = threadIdx.x; i < n16; i += blockDim.x) {
-                kog_copy16(ks + i * 8, ksrc + i * 8);
-                kog_copy16(vs + i * 8, vsrc + i * 8);
-            }
+        __syncthreads();                          // shared memory: the previous stage is done
+        if (j0 < jc1 && !kv_ordered) {            // appended by units of earlier steps
+            if (threadIdx.x == 0)
+                while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
+            __syncthreads();
         }
+        for (int i = 0; i < NB; ++i) kog_attn_stage_tile(c, layer, g, j0 + i * T, jc1, i);
         // the RoPE row goes to registers now and to shared memory after the polls below, so
         // that its round trip overlaps theirs (a poll orders every earlier memory access)
         static_assert(HD <= KOG_THREADS, "one RoPE value per thread");
@@ -149,86 +266,16 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                     d[KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i] = kv_t[i];
             }
         }
-        kog_copy16_wait_all();                    // this thread's K/V copies have landed
-        __syncthreads();
-
-        // ---- scores: HD / 8 lanes per position, one 16-byte K piece each (conflict-free
-        //      shared loads), G dot products reduced over the lane group; a uniform trip count
-        //      so every lane of a warp takes part in the shuffles ----
-        {
-            constexpr int LPP = HD / 8;
-            static_assert(HD % 8 == 0 && KOG_WARP % LPP == 0 && (LPP & (LPP - 1)) == 0,
-                          "attention scores: HD / 8 lanes per position must divide the warp");
-            const int sub = threadIdx.x % LPP, pi = threadIdx.x / LPP;
-            const int n_pi = blockDim.x / LPP;
-            for (int jb = j0; jb < j1; jb += n_pi) {
-                const int j = jb + pi;
-                float kd[8];
-                if (j == t) {
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) kd[e] = kv_t[sub * 8 + e];
-                } else if (j < j1) {
-                    const kog_vec4 kv = *reinterpret_cast<const kog_vec4*>(ks + (j - j0) * HD + sub * 8);
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        kd[2 * e] = kog_w_lo(KOG_V4(kv, e));
-                        kd[2 * e + 1] = kog_w_hi(KOG_V4(kv, e));
-                    }
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) kd[e] = 0.f;
-                }
-#pragma unroll
-                for (int h = 0; h < G; ++h) {
-                    const float4 qa = *reinterpret_cast<const float4*>(q + h * HD + sub * 8);
-                    const float4 qb = *reinterpret_cast<const float4*>(q + h * HD + sub * 8 + 4);
-                    float s = qa.x * kd[0];
-                    s = fmaf(qa.y, kd[1], s); s = fmaf(qa.z, kd[2], s); s = fmaf(qa.w, kd[3], s);
-                    s = fmaf(qb.x, kd[4], s); s = fmaf(qb.y, kd[5], s); s = fmaf(qb.z, kd[6], s);
-                    s = fmaf(qb.w, kd[7], s);
-#pragma unroll
-                    for (int m = LPP / 2; m > 0; m >>= 1) s += kog_shfl_xor(s, m);
-                    if (sub == 0 && j < j1) probs[h * KOG_ATTN_CHUNK + (j - j0)] = s * qscale;
-                }
-            }
-        }
         for (int i = threadIdx.x; i < G * HD; i += blockDim.x) o[i] = 0.f;
-        __syncthreads();
+        if (threadIdx.x < G) { ml[2 * threadIdx.x] = KOG_NEG_INF; ml[2 * threadIdx.x + 1] = 0.f; }
 
-        // ---- softmax over the chunk: one warp per head ----
-        for (int h = warp; h < G; h += n_warps) {
-            float* s = probs + h * KOG_ATTN_CHUNK;
-            float m = KOG_NEG_INF;
-            for (int j = lane; j < j1 - j0; j += KOG_WARP) m = fmaxf(m, s[j]);
-            m = kog_warp_max(m);
-            float l = 0.f;
-            for (int j = lane; j < j1 - j0; j += KOG_WARP) {
-                const float e = expf(s[j] - m);
-                s[j] = e;
-                l += e;
-            }
-            l = kog_warp_sum(l);
-            if (lane == 0) { ml[2 * h] = m; ml[2 * h + 1] = l; }
+        for (int a = j0, buf = 0; a < j1; a += T, buf = buf + 1 == NB ? 0 : buf + 1) {
+            kog_copy16_wait_groups<NB - 1>();     // this thread's copies of the tile have landed
+            __syncthreads();                      // ... everyone's (and o, ml are initialised)
+            kog_attn_tile(c, a, min(j1, a + T), buf, a > j0);
+            __syncthreads();                      // o holds the tile; its buffer is free
+            kog_attn_stage_tile(c, layer, g, a + NB * T, min(j1, t), buf);
         }
-        __syncthreads();
-
-        // ---- o = probs @ v: thread (position lane jp, dim d), shared atomics combine ----
-        {
-            const int d = threadIdx.x % HD, jp = threadIdx.x / HD, n_jp = blockDim.x / HD;
-            float acc[G];
-#pragma unroll
-            for (int h = 0; h < G; ++h) acc[h] = 0.f;
-            if (jp < n_jp) {
-                for (int j = j0 + jp; j < j1; j += n_jp) {
-                    const float v = j == t ? kv_t[HD + d] : kog_w_to_f32(vs[(j - j0) * HD + d]);
-#pragma unroll
-                    for (int h = 0; h < G; ++h) acc[h] = fmaf(probs[h * KOG_ATTN_CHUNK + j - j0], v, acc[h]);
-                }
-#pragma unroll
-                for (int h = 0; h < G; ++h) atomicAdd(o + h * HD + d, acc[h]);
-            }
-        }
-        __syncthreads();
 
         // ---- finish: direct; or every other chunk writes its partial as tagged words and the
         //      unit holding t (the last chunk, the last unit of its block: no wait cycle)
@@ -246,8 +293,8 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
             constexpr int W = G * (HD + 2);           // words per chunk
             const kog_u64* pbase = reinterpret_cast<const kog_u64*>(p->attn_partial) +
                                    (kog_u64)g * p->attn_chunks_alloc * W;
-            float* stash = reinterpret_cast<float*>(ks);          // [S - 1][3][GH]
-            static_assert(3 * (S - 1) * GH <= KOG_ATTN_CHUNK * HD / 2, "combine stash fits");
+            float* stash = reinterpret_cast<float*>(stage);       // [S - 1][3][GH]
+            static_assert(3 * (S - 1) * GH <= NB * T * HD, "combine stash fits");
             for (int i0 = 0; i0 < GH * S; i0 += blockDim.x) {
                 const int ti = i0 + threadIdx.x;
                 const int grp = ti / GH, i = ti - grp * GH;

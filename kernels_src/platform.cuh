@@ -145,6 +145,19 @@ KOG_DEVICE void kog_copy16_wait_all() {
     kog_cp_async_wait<0>();
 #endif
 }
+// Groups of kog_copy16s (a staged tile each): close the group issued since the last commit;
+// wait until at most N groups are still in flight (this thread's copies). No-ops on HIP.
+KOG_DEVICE void kog_copy16_commit() {
+#if !defined(KOG_HIP)
+    kog_cp_async_commit();
+#endif
+}
+template <int N>
+KOG_DEVICE void kog_copy16_wait_groups() {
+#if !defined(KOG_HIP)
+    kog_cp_async_wait<N>();
+#endif
+}
 
 // Data written by other blocks during this launch (activations, KV cache, partials): bypass
 // L1, which is not coherent across multiprocessors; L2 is the point of coherence.

@@ -65,3 +65,21 @@ def test_mi300x_grid_is_the_reference_designs():
     assert p.n_blocks == T.MI300X_GRID == 256 and THREADS == 64 * 8
     assert p.placement.partition.shape[0] == 256
     assert build_plan(cfg, 304, 4096).n_blocks == 304          # another target: one per CU
+
+
+@pytest.mark.parametrize("shape", ["llama-3.2-1b", "qwen3-1.7b", "smollm2-135m", "llama-3.1-8b",
+                                   "qwen2.5-0.5b"])
+def test_attention_is_one_round_of_streaming_units(shape):
+    # a unit streams its chunk in tiles, so the chunk rule's units per kv head cover any
+    # context in one round of units; two 64 KB K/V tiles fit in shared memory
+    from kogcupy.gpu.placement import attention_chunk_len, attn_chunk_cap, attn_tiling
+    cfg = shape_config(shape)
+    tile, bufs = attn_tiling(cfg)
+    assert bufs * tile * cfg.head_dim * 2 * 2 == 128 * 1024
+    p = build_plan(cfg, H200_SMS, 131072)
+    assert p.smem_bytes <= 227 * 1024
+    units = cfg.n_kv_heads * p.placement.attn_max_chunks
+    assert units <= H200_SMS and p.placement.attn_chunks_alloc == p.placement.attn_max_chunks
+    n = 131072
+    chunk = attention_chunk_len(n, p.placement.attn_max_chunks, attn_chunk_cap(cfg))
+    assert -(-n // chunk) <= p.placement.attn_max_chunks and chunk > tile   # many tiles a unit

@@ -132,7 +132,7 @@ def test_logits_match_reference(key):
 
 def test_long_prompt_multi_chunk_attention():
     """Positions past one attention chunk: split-KV partials and the combine step; also a
-    small grid (more attention units than blocks)."""
+    small grid (long chunks: a unit streams several K/V tiles)."""
     cfg = FAMILIES["llama-hd128-gqa3"]
     m = model(cfg, seed=3)
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, 700).tolist()
@@ -263,10 +263,13 @@ def test_prompt_too_long_and_bad_ids():
                                     {"KOG_ATTN_MIN_CHUNK": 128},
                                     {"KOG_ATTN_CHUNK": 128},
                                     {"KOG_ATTN_CHUNK": 256, "KOG_ATTN_MIN_CHUNK": 256},
+                                    {"KOG_ATTN_TILE": 32, "KOG_ATTN_BUFS": 1},
+                                    {"KOG_ATTN_TILE": 32, "KOG_ATTN_BUFS": 4,
+                                     "KOG_ATTN_MIN_CHUNK": 256},
                                     {"KOG_HOOKS": 1}])
 def test_tuning_variants_match_reference(tuning):
-    """Dynamic work tails (on and off), hooks compiled in and other chunkings compute the
-    same."""
+    """Dynamic work tails (on and off), hooks compiled in, other chunkings and K/V tilings
+    (several tiles per unit, 1-4 in flight) compute the same."""
     cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
     m = model(cfg, logit_scale=8.0)
     be = MonokernelBackend(m, context_length=1024, watchdog_s=20, tuning=tuning)

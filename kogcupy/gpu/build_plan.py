@@ -16,19 +16,20 @@ from . import kernels
 from ..model.config import ModelConfig
 from ..errors import DeviceError
 from .topology import MI300X_GRID
-from .placement import ATTN_MIN_CHUNK, Placement, attn_chunk_cap, max_tp_blocks, place
+from .placement import ATTN_MIN_CHUNK, Placement, attn_chunk_cap, attn_tiling, max_tp_blocks, place
 
 THREADS = 512
 DYN_MIN_ROWS = 8             # rows of x per block from which the dynamic work tails pay
 
 
-def smem_floats(cfg: ModelConfig, attn_chunk: int | None = None) -> int:
+def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = None) -> int:
     """KOG_SMEM_FLOATS: the largest per-stage working set (activation vector, attention unit,
-    sampler histogram), rounded to 16 bytes."""
-    chunk = attn_chunk or attn_chunk_cap(cfg)
+    sampler histogram), rounded to 16 bytes. `tile`, `bufs`: KOG_ATTN_TILE / _BUFS."""
+    tile = tile or attn_tiling(cfg)[0]
+    bufs = bufs or attn_tiling(cfg)[1]
     g, hd = cfg.gqa_group, cfg.head_dim
-    attn = (g * hd * 2 + 2 * hd + g * chunk + -(-2 * g // 4) * 4 + hd
-            + chunk * hd)                           # attention.cuh KOG_ATTN_SMEM_FLOATS
+    attn = (g * hd * 2 + 2 * hd + g * tile + -(-2 * g // 4) * 4 + hd
+            + bufs * tile * hd)                     # attention.cuh KOG_ATTN_SMEM_FLOATS
     sample = 2048 * 2 + 8                           # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
     n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample)
     return -(-n // 4) * 4
@@ -84,7 +85,9 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if n_blocks < lcfg.n_kv_heads:
         # the unit combining a head's partials must be the last unit of its block
         raise DeviceError(f"the attention combine needs at least {lcfg.n_kv_heads} blocks (kv heads)")
-    floats = smem_floats(lcfg, attn_chunk)
+    tile, bufs = (int(tuning.get(k, kernels.DEFAULT_TUNING.get(k, v))) for k, v in
+                  zip(("KOG_ATTN_TILE", "KOG_ATTN_BUFS"), attn_tiling(lcfg)))
+    floats = smem_floats(lcfg, tile, bufs)
     scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
     x_full = lcfg.hidden_size if world > 1 else 0    # tensor parallel: x per block
     own = 2 * (-(-placement.own_rows // 4) * 4)      # sync.cuh: x_own is 2 x KOG_OWN_PAD

@@ -326,8 +326,8 @@ class MonokernelBackend(_OneLaunchBackend):
             "sharedMemPerBlockOptin", self.smem_bytes))
         if self.smem_bytes > limit:
             raise DeviceError(f"monokernel needs {self.smem_bytes} B of shared memory per block, "
-                              f"this GPU allows {limit}; use "
-                              f"KOG_ATTN_CHUNK=128")
+                              f"this GPU allows {limit}; stage fewer attention tiles: "
+                              f"KOGCUPY_TUNING='{{\"KOG_ATTN_BUFS\": 1}}'")
         mod = kernels.load_module(kernels.monokernel_source(), defines, cooperative=True)
         fn = kernels.get_function(mod, "kog_monokernel")
         if self.smem_bytes > 48 * 1024:

@@ -16,9 +16,9 @@ import numpy as np
 from .abi import PARTITION_COLUMNS
 from ..model.config import ModelConfig
 
-ATTN_CHUNK = 256          # KV positions per attention unit at most (shared-memory K/V, scores)
-ATTN_CHUNK_HD256 = 128    # ... when head_dim > 128 (K/V staging must fit in shared memory)
+ATTN_CHUNK = 1 << 16      # KV positions per attention unit at most (units stream their chunk in tiles)
 ATTN_MIN_CHUNK = 64       # ... and at least (rounded up to a multiple of this)
+ATTN_TILE = 128           # positions a unit stages at a time for head_dim 128 (attn_tiling)
 ATTN_MAX_CHUNKS = 64      # chunks per kv head from the split rule (long contexts add more)
 
 
@@ -29,9 +29,18 @@ def split_even(n_units: int, n_blocks: int) -> np.ndarray:
 
 
 def attn_chunk_cap(cfg: ModelConfig) -> int:
-    """Default cap on positions per attention unit (kernel KOG_ATTN_CHUNK): 256 keeps long
-    contexts at one unit per block (Llama-3.2-1B at position 4,000: 128 units, not 256)."""
-    return ATTN_CHUNK if cfg.head_dim <= 128 else ATTN_CHUNK_HD256
+    """Default cap on positions per attention unit (kernel KOG_ATTN_CHUNK): none in practice --
+    a unit streams its chunk through shared memory tile by tile, so the chunk rule's
+    attn_max_chunks units per kv head cover any context in one round of units."""
+    return ATTN_CHUNK
+
+
+def attn_tiling(cfg: ModelConfig) -> tuple[int, int]:
+    """(KOG_ATTN_TILE, KOG_ATTN_BUFS): positions per staged K/V tile and tiles in flight, two
+    tiles of 64 KB of K + V each: 256 positions for head_dim <= 64, 128 for 128, 64 for 256.
+    (H200: for head_dim 64, 128 x 3 in flight was 3-6% slower at 8k positions than 256 x 2.)"""
+    tile = ATTN_TILE * 128 // max(64, cfg.head_dim)
+    return tile, 2
 
 
 def attention_chunk_len(n_pos: int, max_chunks: int, max_chunk: int = ATTN_CHUNK) -> int:
