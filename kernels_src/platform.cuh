@@ -130,19 +130,13 @@ template <int N>
 KOG_DEVICE void kog_cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 #endif
 
-// 16-byte global -> shared copy that may complete later (kog_copy16_wait_all): cp.async on
+// 16-byte global -> shared copy that may complete later (kog_copy16_wait_groups): cp.async on
 // CUDA, a plain copy on HIP. The source must be coherent at L2 (written before an acquire).
 KOG_DEVICE void kog_copy16(void* smem_dst, const void* gmem_src) {
 #if defined(KOG_HIP)
     *reinterpret_cast<kog_vec4*>(smem_dst) = *reinterpret_cast<const kog_vec4*>(gmem_src);
 #else
     kog_cp_async16(smem_dst, gmem_src);
-#endif
-}
-KOG_DEVICE void kog_copy16_wait_all() {
-#if !defined(KOG_HIP)
-    kog_cp_async_commit();
-    kog_cp_async_wait<0>();
 #endif
 }
 // Groups of kog_copy16s (a staged tile each): close the group issued since the last commit;
@@ -477,8 +471,9 @@ KOG_DEVICE unsigned kog_xcc_id() {
 }
 
 // The unit id that indexes the SM -> memory domain table (topology.py, sm_domain_table):
-// NVIDIA the SM id; gfx94x the first CU id of this XCC (xcc * 38: __smid there numbers CUs
-// within one XCC, so the XCC id is what names the domain); other HIP targets the CU id.
+// NVIDIA the SM id; gfx94x xcc * 38, the first id topology.mi300x() gives that XCC (the
+// table's ids are topology.py's numbering, not __smid's, whose layout differs between HIP
+// versions; the XCC_ID register names the domain); other HIP targets the CU id.
 #define KOG_MI300X_CUS_PER_XCD 38
 KOG_DEVICE unsigned kog_domain_unit() {
 #if defined(KOG_HIP) && (defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__))

@@ -1,7 +1,7 @@
 """Decode speed of monokernel tuning variants on random GPU weights (one device call).
 
     python scripts/tune_monokernel.py llama-3.2-1b,qwen3-1.7b '[{"KOG_DYN_PERMILLE": 0}, {}]' [new]
-    python scripts/tune_monokernel.py llama-3.2-1b@4000 '[{}, {"KOG_ATTN_CHUNK": 256}]'
+    python scripts/tune_monokernel.py llama-3.2-1b@8000 '[{}, {"KOG_ATTN_TILE": 128, "KOG_ATTN_BUFS": 3}]'
 
 A shape may carry `@position`: generation starts after that many prompt tokens (KV bytes are
 counted in the % of read bandwidth). The table ends with each row's speed relative to the

@@ -83,3 +83,29 @@ def test_attention_is_one_round_of_streaming_units(shape):
     n = 131072
     chunk = attention_chunk_len(n, p.placement.attn_max_chunks, attn_chunk_cap(cfg))
     assert -(-n // chunk) <= p.placement.attn_max_chunks and chunk > tile   # many tiles a unit
+
+
+def test_attention_tiles_shrink_to_the_shared_memory_limit():
+    # a GPU with 64 KB a block (AMD): the K/V tiles halve until the plan fits; HIP stages one
+    # tile at a time (its copies are synchronous); an explicit tuning value is kept as asked
+    cfg = shape_config("llama-3.2-1b")
+    h200 = build_plan(cfg, H200_SMS, 4096, smem_limit=232448)
+    assert (h200.tuning["KOG_ATTN_TILE"], h200.tuning["KOG_ATTN_BUFS"]) == (256, 2)
+    amd = build_plan(cfg, 304, 4096, arch="gfx942", smem_limit=64 * 1024)
+    assert amd.smem_bytes <= 64 * 1024 and amd.tuning["KOG_ATTN_BUFS"] == 1
+    assert amd.tuning["KOG_ATTN_TILE"] == 128                  # one 32 KB tile
+    assert build_plan(cfg, 304, 4096, arch="gfx942", smem_limit=64 * 1024,
+                      tuning={"KOG_ATTN_TILE": 256}).tuning["KOG_ATTN_TILE"] == 256
+
+
+def test_gpu_long_prompt_test_streams_several_tiles():
+    # tests/test_gpu_monokernel.py::test_long_prompt_multi_chunk_attention at 3 blocks: the
+    # head_dim-128 model's units stream more than one default tile
+    from kogcupy.gpu.placement import attention_chunk_len, attn_tiling
+    from kogcupy.model.config import ModelConfig
+    cfg = ModelConfig(arch="llama", vocab_size=800, hidden_size=384, intermediate_size=512,
+                      n_layers=3, n_heads=3, n_kv_heads=1, head_dim=128, rms_norm_eps=1e-5,
+                      rope_theta=10000.0, max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+    p = build_plan(cfg, 3, 1024, blocks=3)
+    assert attention_chunk_len(700, p.placement.attn_max_chunks, p.attn_chunk) > attn_tiling(cfg)[0]

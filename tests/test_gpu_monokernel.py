@@ -137,7 +137,7 @@ def test_long_prompt_multi_chunk_attention():
     m = model(cfg, seed=3)
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, 700).tolist()
     ref = ReferenceBackend(m, context_length=1024).logits(ids)
-    for blocks in (None, 8):
+    for blocks in (None, 8, 3):               # 3: 256-position chunks, two 128-position tiles
         be = MonokernelBackend(m, context_length=1024, blocks=blocks)
         got = be.logits(ids)
         errs = [rel(got[i], ref[i]) for i in (0, 31, 32, 255, 256, 511, 699)]

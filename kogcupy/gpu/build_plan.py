@@ -51,9 +51,11 @@ def _knob(tuning: dict, name: str) -> int:
 
 def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int = THREADS,
                blocks: int | None = None, tuning: dict | None = None, rank: int = 0,
-               world: int = 1, hooks: bool = False, arch: str = "") -> BuildPlan:
+               world: int = 1, hooks: bool = False, arch: str = "",
+               smem_limit: int | None = None) -> BuildPlan:
     """`lcfg`: this GPU's share of the model (all of it on one GPU); `arch` the AMD target
-    (gcnArchName), "" on NVIDIA."""
+    (gcnArchName), "" on NVIDIA; `smem_limit` the shared memory a block may have (bytes):
+    the attention's K/V tiles shrink to fit it unless `tuning` sets them."""
     if arch.startswith("gfx942") and n_sms >= MI300X_GRID:
         n_sms = MI300X_GRID      # the MI300X grid: 32 blocks on each of its 8 XCDs (topology.py)
     tuning = dict(tuning or {})
@@ -85,12 +87,20 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if n_blocks < lcfg.n_kv_heads:
         # the unit combining a head's partials must be the last unit of its block
         raise DeviceError(f"the attention combine needs at least {lcfg.n_kv_heads} blocks (kv heads)")
-    tile, bufs = (int(tuning.get(k, kernels.DEFAULT_TUNING.get(k, v))) for k, v in
-                  zip(("KOG_ATTN_TILE", "KOG_ATTN_BUFS"), attn_tiling(lcfg)))
-    floats = smem_floats(lcfg, tile, bufs)
     scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
     x_full = lcfg.hidden_size if world > 1 else 0    # tensor parallel: x per block
     own = 2 * (-(-placement.own_rows // 4) * 4)      # sync.cuh: x_own is 2 x KOG_OWN_PAD
+    tile, bufs = (int(tuning.get(k, kernels.DEFAULT_TUNING.get(k, v))) for k, v in
+                  zip(("KOG_ATTN_TILE", "KOG_ATTN_BUFS"), attn_tiling(lcfg)))
+    if arch and "KOG_ATTN_BUFS" not in tuning:
+        bufs = 1             # HIP: kog_copy16 is a synchronous copy, a second buffer overlaps nothing
+
+    def smem_bytes(tile, bufs):
+        return 4 * (smem_floats(lcfg, tile, bufs) + scratch + own + 16 + x_full)
+    if smem_limit and "KOG_ATTN_TILE" not in tuning:
+        while smem_bytes(tile, bufs) > smem_limit and tile > 16:
+            tile //= 2       # e.g. 64 KB a block (AMD): Llama-3.2-1B 64-position tiles
+    tuning["KOG_ATTN_TILE"], tuning["KOG_ATTN_BUFS"] = tile, bufs
     return BuildPlan(n_blocks=n_blocks, tuning=tuning, placement=placement,
-                     attn_chunk=attn_chunk, smem_floats=floats,
-                     smem_bytes=4 * (floats + scratch + own + 16 + x_full))
+                     attn_chunk=attn_chunk, smem_floats=smem_floats(lcfg, tile, bufs),
+                     smem_bytes=smem_bytes(tile, bufs))

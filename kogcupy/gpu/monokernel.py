@@ -249,6 +249,8 @@ class MonokernelBackend(_OneLaunchBackend):
         arch = arch.decode(errors="replace") if isinstance(arch, bytes) else str(arch)
         plan = build_plan(lcfg, self.n_sms, self.context_length, threads, blocks, tuning,
                           rank=self.rank, world=self.world, arch=arch,
+                          smem_limit=int(props.get("sharedMemPerBlockOptin", 0)
+                                         or props.get("sharedMemPerBlock", 0)) or None,
                           hooks=profile_pos is not None or bool(debug_positions))
         self.tuning, self.n_blocks, self.placement = plan.tuning, plan.n_blocks, plan.placement
         self._smem_floats, self.smem_bytes = plan.smem_floats, plan.smem_bytes
@@ -326,8 +328,10 @@ class MonokernelBackend(_OneLaunchBackend):
             "sharedMemPerBlockOptin", self.smem_bytes))
         if self.smem_bytes > limit:
             raise DeviceError(f"monokernel needs {self.smem_bytes} B of shared memory per block, "
-                              f"this GPU allows {limit}; stage fewer attention tiles: "
-                              f"KOGCUPY_TUNING='{{\"KOG_ATTN_BUFS\": 1}}'")
+                              f"this GPU allows {limit} (attention K/V tiles of "
+                              f"{self.tuning['KOG_ATTN_TILE']} positions x "
+                              f"{self.tuning['KOG_ATTN_BUFS']}: set a smaller KOG_ATTN_TILE in "
+                              f"KOGCUPY_TUNING)")
         mod = kernels.load_module(kernels.monokernel_source(), defines, cooperative=True)
         fn = kernels.get_function(mod, "kog_monokernel")
         if self.smem_bytes > 48 * 1024:
@@ -532,6 +536,9 @@ class MonokernelBackend(_OneLaunchBackend):
         KOGCUPY_DOMAIN_COPIES=0 turns it off. An array is taken as the table itself (tests:
         any SM -> copy assignment must compute the same)."""
         if isinstance(domain_copies, np.ndarray):
+            if self.world > 1:
+                raise InputError("memory-domain copies are for one GPU (tensor parallel reads "
+                                 "x from the ranks' partials)")
             return np.ascontiguousarray(domain_copies, dtype=np.int32)
         if domain_copies is None:
             domain_copies = os.environ.get("KOGCUPY_DOMAIN_COPIES", "1") not in ("0", "false", "no")

@@ -100,8 +100,10 @@ MI300X_BLOCK = (64, 8)         # threads: one wave of 64 x 8
 
 
 def mi300x() -> Topology:
-    """The MI300X as the monokernel sees it: one domain per XCD (CU ids xcd * 38 + cu), each
-    XCD's I/O die in ``parents``. Untested on the hardware (no MI300X lent)."""
+    """The MI300X as the monokernel sees it: one domain per XCD, each XCD's I/O die in
+    ``parents``. Unit ids are this model's own numbering, xcd * 38 + cu (the kernel looks up
+    xcc * 38, from the XCC_ID register: kog_domain_unit), not HIP's __smid() layout. Untested
+    on the hardware (no MI300X lent)."""
     domains = [list(range(x * MI300X_CUS_PER_XCD, (x + 1) * MI300X_CUS_PER_XCD))
                for x in range(MI300X_XCDS)]
     parents = [x // (MI300X_XCDS // MI300X_IODS) for x in range(MI300X_XCDS)]
