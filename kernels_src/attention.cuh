@@ -23,9 +23,10 @@
 // ml[GQA][2], rope[HD], then KOG_ATTN_BUFS staging buffers, each one tile of cached K rows
 // then V rows (storage dtype, TILE x HD each).
 #define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
-#define KOG_ATTN_SMEM_FLOATS \
-    (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_TILE + KOG_ATTN_ML_FLOATS + \
-     KOG_HEAD_DIM + KOG_ATTN_BUFS * KOG_ATTN_TILE * KOG_HEAD_DIM)
+// Float offset of the K/V staging buffers (everything before them in the layout above).
+#define KOG_ATTN_STAGE_OFFSET \
+    (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_TILE + KOG_ATTN_ML_FLOATS + KOG_HEAD_DIM)
+#define KOG_ATTN_SMEM_FLOATS (KOG_ATTN_STAGE_OFFSET + KOG_ATTN_BUFS * KOG_ATTN_TILE * KOG_HEAD_DIM)
 
 // Chunk length and count for n_pos attended positions (same rule as placement.attention_chunks).
 KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
@@ -33,10 +34,6 @@ KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
     len = (len + KOG_ATTN_MIN_CHUNK - 1) / KOG_ATTN_MIN_CHUNK * KOG_ATTN_MIN_CHUNK;
     return len < KOG_ATTN_CHUNK ? len : KOG_ATTN_CHUNK;
 }
-
-// Float offset of the K/V staging buffers in a unit's shared memory (layout above).
-#define KOG_ATTN_STAGE_OFFSET \
-    (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_TILE + KOG_ATTN_ML_FLOATS + KOG_HEAD_DIM)
 
 // Cached K/V rows [a, min(a + TILE, jc1)) of (layer, kv head g) into staging buffer i % BUFS
 // (K then V), as one commit group, empty or not: "at most BUFS - 1 groups in flight" then

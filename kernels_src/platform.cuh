@@ -460,10 +460,13 @@ KOG_DEVICE unsigned kog_sm_id() {
 #endif
 }
 
+#if defined(KOG_HIP) && (defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__))
+#define KOG_GFX94X 1             // MI300: several XCCs (accelerator dies) on one GPU
+#endif
 // gfx94x (MI300): the XCC (accelerator die) this wave runs on, hardware register XCC_ID
 // (id 20, bits [3:0]); elsewhere 0.
 KOG_DEVICE unsigned kog_xcc_id() {
-#if defined(KOG_HIP) && (defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__))
+#if defined(KOG_GFX94X)
     return (unsigned)__builtin_amdgcn_s_getreg(20 | (0 << 6) | (3 << 11)) & 0xfu;
 #else
     return 0u;
@@ -476,7 +479,7 @@ KOG_DEVICE unsigned kog_xcc_id() {
 // versions; the XCC_ID register names the domain); other HIP targets the CU id.
 #define KOG_MI300X_CUS_PER_XCD 38
 KOG_DEVICE unsigned kog_domain_unit() {
-#if defined(KOG_HIP) && (defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__))
+#if defined(KOG_GFX94X)
     return kog_xcc_id() * KOG_MI300X_CUS_PER_XCD;
 #else
     return kog_sm_id();

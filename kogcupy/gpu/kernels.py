@@ -164,6 +164,13 @@ def is_hip() -> bool:
     return bool(_cupy().cuda.runtime.is_hip)
 
 
+def device_strings(props: dict) -> tuple[str, str]:
+    """(name, gcnArchName) of a getDeviceProperties() dict as str; the arch is "" on NVIDIA."""
+    def text(v):
+        return v.decode(errors="replace") if isinstance(v, (bytes, bytearray)) else str(v)
+    return text(props["name"]), text(props.get("gcnArchName", b""))
+
+
 def _arch_key() -> str:
     cupy = _cupy()
     dev = cupy.cuda.Device()

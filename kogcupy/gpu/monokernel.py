@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import time
 import warnings
 
@@ -242,15 +241,13 @@ class MonokernelBackend(_OneLaunchBackend):
         self.threads = threads
         self.device_id = cp.cuda.Device().id
         props = cp.cuda.runtime.getDeviceProperties(self.device_id)
-        self.gpu_name = props["name"].decode(errors="replace") if isinstance(
-            props["name"], bytes) else str(props["name"])
+        self.gpu_name, arch = kernels.device_strings(props)
         self.n_sms = int(props["multiProcessorCount"])
-        arch = props.get("gcnArchName", b"")
-        arch = arch.decode(errors="replace") if isinstance(arch, bytes) else str(arch)
+        self._smem_optin = int(props.get("sharedMemPerBlockOptin", 0))   # (_compile checks it)
         plan = build_plan(lcfg, self.n_sms, self.context_length, threads, blocks, tuning,
                           rank=self.rank, world=self.world, arch=arch,
-                          smem_limit=int(props.get("sharedMemPerBlockOptin", 0)
-                                         or props.get("sharedMemPerBlock", 0)) or None,
+                          smem_limit=(self._smem_optin
+                                      or int(props.get("sharedMemPerBlock", 0))) or None,
                           hooks=profile_pos is not None or bool(debug_positions))
         self.tuning, self.n_blocks, self.placement = plan.tuning, plan.n_blocks, plan.placement
         self._smem_floats, self.smem_bytes = plan.smem_floats, plan.smem_bytes
@@ -323,9 +320,7 @@ class MonokernelBackend(_OneLaunchBackend):
                                         len(abi.PARTITION_COLUMNS),
                                         {"KOG_OWN_ROWS": self.placement.own_rows, **self.tuning},
                                         tp=self.world)
-        cp = _cupy()
-        limit = int(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id).get(
-            "sharedMemPerBlockOptin", self.smem_bytes))
+        limit = self._smem_optin or self.smem_bytes
         if self.smem_bytes > limit:
             raise DeviceError(f"monokernel needs {self.smem_bytes} B of shared memory per block, "
                               f"this GPU allows {limit} (attention K/V tiles of "
@@ -540,11 +535,11 @@ class MonokernelBackend(_OneLaunchBackend):
                 raise InputError("memory-domain copies are for one GPU (tensor parallel reads "
                                  "x from the ranks' partials)")
             return np.ascontiguousarray(domain_copies, dtype=np.int32)
+        from .topology import domain_copies_wanted, sm_domain_table, topology
         if domain_copies is None:
-            domain_copies = os.environ.get("KOGCUPY_DOMAIN_COPIES", "1") not in ("0", "false", "no")
+            domain_copies = domain_copies_wanted()
         if not domain_copies or self.world > 1:
             return None
-        from .topology import sm_domain_table, topology
         try:
             topo = topology()
         except Exception as e:  # noqa: BLE001 -- a failed probe costs speed, never the run

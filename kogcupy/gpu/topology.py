@@ -75,6 +75,11 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
+def domain_copies_wanted() -> bool:
+    """KOGCUPY_DOMAIN_COPIES: x per memory domain, on unless "0" / "false" / "no"."""
+    return os.environ.get("KOGCUPY_DOMAIN_COPIES", "1") not in ("0", "false", "no")
+
+
 SM_ID_LIMIT = 1024         # the kernel's SM -> domain table covers ids below this
 
 
@@ -194,9 +199,7 @@ def topology(refresh: bool = False) -> Topology:
     from . import kernels
     cp = kernels._cupy()
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-    name = props["name"].decode(errors="replace") if isinstance(props["name"], bytes) else str(props["name"])
-    arch = props.get("gcnArchName", b"")
-    arch = arch.decode(errors="replace") if isinstance(arch, bytes) else str(arch)
+    name, arch = kernels.device_strings(props)
     if arch.startswith("gfx942"):
         return mi300x()
     path = _cache_path(name, _uuid(props))
