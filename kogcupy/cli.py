@@ -470,7 +470,7 @@ def env():
     for line in gpus[1:]:
         click.echo("         " + line)
     click.echo(f"backend: {resolve_backend('auto')} (auto)")
-    if gpus[0] != "none":
+    if not gpus[0].startswith("none"):           # ("none (CUDARuntimeError)": no driver)
         topo = None
         try:
             from .gpu.topology import topology

@@ -76,6 +76,15 @@ def test_env():
     assert "(auto)" in r.stdout
 
 
+def test_env_without_a_usable_gpu_skips_the_topology(monkeypatch):
+    # CuPy installed but no driver: the GPU line says why, and no topology probe is tried
+    import kogcupy.cli as cli_mod
+    monkeypatch.setattr(cli_mod, "_gpu_lines", lambda: ("13.0", ["none (CUDARuntimeError)"]))
+    r = invoke(["env"])
+    assert r.exit_code == 0, r.exception
+    assert "none (CUDARuntimeError)" in r.stdout and "topology:" not in r.stdout
+
+
 @pytest.mark.parametrize("args, match", [
     (["--temperature", "-1"], "temperature"),
     (["--top-p", "0"], "top_p"),
