@@ -5,28 +5,56 @@
 // q heads sharing g from the qkv buffer, applies qwen3 qk-norm and RoPE (norm_rope.cuh), and
 // computes fp32 softmax(q k^T / sqrt(hd)) v over its chunk: out, running max and sum per head.
 // The chunk streams through shared memory in tiles of KOG_ATTN_TILE positions, KOG_ATTN_BUFS
-// tiles in flight (one cp.async group each; the first ones issued before q is ready), with an
-// online softmax across tiles; the chunk rule gives every kv head at most attn_max_chunks
-// units, so a long context is one round of units, each streaming many tiles.
+// tiles in flight (one cp.async group each; the first ones issued before q is ready); each
+// warp stages and consumes its own slice of every tile, and every lane keeps an online
+// softmax state in registers across the tiles (kog_attn_chunk); the chunk rule gives every
+// kv head at most attn_max_chunks units, so a long context is one round of units.
 // The unit whose chunk holds the current position also finishes k and v of that position and
 // appends them to the KV cache (no other unit reads that position in this step).
 // With one chunk the unit writes attn_out directly. Otherwise every other unit writes its
 // partial as tagged words and the unit holding t polls them and combines (SYNC.md).
-// Scores: HD / 8 lanes per position. The appending unit releases a per-(layer, kv head)
+// The appending unit releases a per-(layer, kv head)
 // count of cached positions, which units of later steps acquire before reading the cache.
 // ============================================================================================
 #pragma once
 #include "norm_rope.cuh"
 
 
-// Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], probs[GQA][TILE],
-// ml[GQA][2], rope[HD], then KOG_ATTN_BUFS staging buffers, each one tile of cached K rows
-// then V rows (storage dtype, TILE x HD each).
+// Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], ml[GQA][2],
+// rope[HD], then the K/V staging area: per warp, KOG_ATTN_BUFS buffers of its PW positions of
+// a tile, cached K rows then V rows (storage dtype, PW x HD each).
 #define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
-// Float offset of the K/V staging buffers (everything before them in the layout above).
-#define KOG_ATTN_STAGE_OFFSET \
-    (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_GQA * KOG_ATTN_TILE + KOG_ATTN_ML_FLOATS + KOG_HEAD_DIM)
-#define KOG_ATTN_SMEM_FLOATS (KOG_ATTN_STAGE_OFFSET + KOG_ATTN_BUFS * KOG_ATTN_TILE * KOG_HEAD_DIM)
+// Float offset of the K/V staging area (everything before it in the layout above).
+#define KOG_ATTN_STAGE_OFFSET (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_ATTN_ML_FLOATS + KOG_HEAD_DIM)
+
+
+// Thread layout of a unit's chunk: a lane holds 8 dims (one 16-byte K / V piece) of one q head
+// at one position; LPP = HD / 8 lanes cover a head, HG heads (HGP slots, a power of two) a
+// position, PPR positions side by side in a warp; a unit's G heads are NHS sets of HG. Each
+// warp owns PW consecutive positions of every tile and stages, waits for and consumes them on
+// its own (no block barrier per tile).
+#define KOG_ATTN_LPP (KOG_HEAD_DIM / 8)
+#define KOG_ATTN_NW (KOG_THREADS / KOG_WARP)
+#define KOG_ATTN_PW (KOG_ATTN_TILE / KOG_ATTN_NW)
+#define KOG_ATTN_HG (KOG_GQA < KOG_WARP / KOG_ATTN_LPP ? KOG_GQA : KOG_WARP / KOG_ATTN_LPP)
+#define KOG_ATTN_HGP (KOG_ATTN_HG <= 1 ? 1 : KOG_ATTN_HG <= 2 ? 2 : KOG_ATTN_HG <= 4 ? 4 : \
+                      KOG_ATTN_HG <= 8 ? 8 : 16)
+#define KOG_ATTN_PPR (KOG_WARP / (KOG_ATTN_LPP * KOG_ATTN_HGP))
+#define KOG_ATTN_NHS ((KOG_GQA + KOG_ATTN_HG - 1) / KOG_ATTN_HG)
+// After the staging area: with several head sets, the saved state of each lane's sets.
+#define KOG_ATTN_SAVED_OFFSET (KOG_ATTN_STAGE_OFFSET + KOG_ATTN_BUFS * KOG_ATTN_TILE * KOG_HEAD_DIM)
+#define KOG_ATTN_SMEM_FLOATS \
+    (KOG_ATTN_SAVED_OFFSET + (KOG_ATTN_NHS > 1 ? KOG_ATTN_NHS * 10 * KOG_THREADS : 0))
+// Position of row `r` of warp `w`'s slice of the tile at a: the warps take turns by groups of
+// PPR positions, so that a short chunk still spreads over every warp.
+KOG_DEVICE int kog_attn_pos(int a, int w, int r) {
+    return a + ((r / KOG_ATTN_PPR) * KOG_ATTN_NW + w) * KOG_ATTN_PPR + r % KOG_ATTN_PPR;
+}
+static_assert(KOG_HEAD_DIM % 8 == 0 && KOG_WARP % KOG_ATTN_LPP == 0 &&
+              (KOG_ATTN_LPP & (KOG_ATTN_LPP - 1)) == 0,
+              "attention: HD / 8 lanes per head must divide the warp");
+static_assert(KOG_ATTN_TILE % KOG_ATTN_NW == 0 && KOG_ATTN_PW % (KOG_WARP / KOG_ATTN_LPP) == 0,
+              "attention: a tile is a whole number of warp rounds (tile % (threads * 8 / HD) == 0)");
 
 // Chunk length and count for n_pos attended positions (same rule as placement.attention_chunks).
 KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
@@ -35,122 +63,214 @@ KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
     return len < KOG_ATTN_CHUNK ? len : KOG_ATTN_CHUNK;
 }
 
-// Cached K/V rows [a, min(a + TILE, jc1)) of (layer, kv head g) into staging buffer i % BUFS
-// (K then V), as one commit group, empty or not: "at most BUFS - 1 groups in flight" then
-// means tile i has landed. (Pointers recomputed here: nothing extra stays live in the unit.)
-KOG_DEVICE void kog_attn_stage_tile(const KogCtx& c, int layer, int g, int a, int jc1, int i) {
-    constexpr int HD = KOG_HEAD_DIM, T = KOG_ATTN_TILE;
-    const int n16 = (min(jc1, a + T) - a) * HD / 8;      // 16-byte pieces per matrix
-    const kog_u64 row = (((kog_u64)layer * KOG_N_KV + g) * c.p->context_length + a) * HD;
-    kog_u16* ks = reinterpret_cast<kog_u16*>(c.smem + KOG_ATTN_STAGE_OFFSET) + (i % KOG_ATTN_BUFS) * 2 * T * HD;
-    for (int k = threadIdx.x; k < n16; k += blockDim.x) {
-        kog_copy16(ks + k * 8, c.p->k_cache + row + k * 8);
-        kog_copy16(ks + T * HD + k * 8, c.p->v_cache + row + k * 8);
+// This warp's cached K/V rows of tile i (rows r -> positions kog_attn_pos(a, warp, r) below
+// jc1; kc, vc: the (layer, kv head) rows of the caches) into its staging buffer i % BUFS (K
+// then V), as one commit group, empty or not: "at most BUFS - 1 groups in flight" then means
+// the warp's part of tile i has landed.
+KOG_DEVICE void kog_attn_stage_tile(const kog_u16* kc, const kog_u16* vc, kog_u16* stage, int a,
+                                    int jc1, int i) {
+    constexpr int HD = KOG_HEAD_DIM, PW = KOG_ATTN_PW, P16 = HD / 8;
+    const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
+    kog_u16* ks = stage + (warp * KOG_ATTN_BUFS + i % KOG_ATTN_BUFS) * 2 * PW * HD;
+    if (kog_attn_pos(a, warp, 0) < jc1) {
+        for (int k = lane; k < PW * P16; k += KOG_WARP) {
+            const int r = k / P16;
+            const int j = kog_attn_pos(a, warp, r);
+            if (j < jc1) {
+                const kog_u64 src = (kog_u64)j * HD + (k - r * P16) * 8;
+                kog_copy16(ks + k * 8, kc + src);
+                kog_copy16(ks + PW * HD + k * 8, vc + src);
+            }
+        }
     }
     kog_copy16_commit();
 }
 
-// One staged tile [a, b) of a unit (buffer buf): scores, online softmax (rescaling o of the
-// earlier tiles when `rescale`), o += probs @ v. Its own function, not inlined: the tile loop
-// inlined into the monokernel raised register pressure until ptxas spilled in the GEMV loops
-// (-13% decode on Llama-3.2-1B at position 32, H200).
-__device__ __noinline__ void kog_attn_tile(const KogCtx& c, int a, int b, int buf, bool rescale) {
-    constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA, T = KOG_ATTN_TILE;
+// The unit's chunk [j0, j1) (its first BUFS tiles already staged; q, k / v of position t in
+// shared memory): fp32 softmax(q k^T / sqrt(hd)) v for the G heads, left in shared memory as
+// o (unnormalised) and ml (running max, sum), the state the combine merges.
+// Every lane keeps an online-softmax state (max, sum, its 8 dims of o) per head set in
+// registers across all tiles; at the end the position slots of a warp merge by shuffles and
+// the warps through shared memory. A small state on purpose: the function is not inlined (the
+// monokernel sits at the register ceiling: ptxas spilled in the GEMV loops when the attention
+// was inlined, -13% decode on Llama-3.2-1B, H200) and every register it uses is one fewer for
+// the caller's values that live across the call.
+__device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, int j0, int j1) {
+    constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA, T = KOG_ATTN_TILE, NB = KOG_ATTN_BUFS;
+    constexpr int LPP = KOG_ATTN_LPP, PW = KOG_ATTN_PW, NW = KOG_ATTN_NW;
+    constexpr int HG = KOG_ATTN_HG, HGP = KOG_ATTN_HGP;                 // heads per set (slots)
+    constexpr int NHS = KOG_ATTN_NHS;                                   // head sets
+    constexpr int PPR = KOG_ATTN_PPR;                                   // positions per round
+    constexpr int PR = 2 < PW / PPR ? 2 : PW / PPR;                     // positions a lane per round
+    static_assert(LPP * HGP <= KOG_WARP && PW % (PPR * PR) == 0, "attention lane layout");
     const int t = c.t;
+    const int jc1 = min(j1, t);
     const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
-    const int n_warps = blockDim.x / KOG_WARP;
-    const float qscale = rsqrtf((float)HD);
-    const float* q = c.smem;                    // the unit's shared memory, as in kog_stage_attention
-    const float* kv_t = q + G * HD;
-    float* o = const_cast<float*>(kv_t) + 2 * HD;
-    float* probs = o + G * HD;
-    float* ml = probs + G * T;
-    const kog_u16* ks = reinterpret_cast<const kog_u16*>(c.smem + KOG_ATTN_STAGE_OFFSET) + buf * 2 * T * HD;
-    const kog_u16* vs = ks + T * HD;
+    const int sub = lane % LPP, hl = (lane / LPP) % HGP, slot = lane / (LPP * HGP);
+    float* smem = kog_smem();                                 // (== c.smem, known to be shared)
+    const float* q = smem;                                    // as laid out in kog_stage_attention
+    float* kv_t = smem + G * HD;
+    float* o = kv_t + 2 * HD;
+    float* ml = o + G * HD;
+    kog_u16* stage = reinterpret_cast<kog_u16*>(smem + KOG_ATTN_STAGE_OFFSET);
+    kog_u16* wstage = stage + warp * NB * 2 * PW * HD;
+    float* saved = smem + KOG_ATTN_SAVED_OFFSET;              // [NHS][10][threads] (NHS > 1)
+    const kog_u64 kv_base = (((kog_u64)layer * KOG_N_KV + g) * c.p->context_length) * HD;
+    const kog_u16* kc = c.p->k_cache + kv_base;
+    const kog_u16* vc = c.p->v_cache + kv_base;
+    const float qs = rsqrtf((float)HD) * 1.4426950408889634f;  // scores in log2 units: exp2
+    __syncthreads();                                          // q, kv_t (rounded) are published
 
-    // ---- scores: HD / 8 lanes per position, one 16-byte K piece each (conflict-free
-    //      shared loads), G dot products reduced over the lane group; a uniform trip count
-    //      so every lane of a warp takes part in the shuffles ----
-    {
-        constexpr int LPP = HD / 8;
-        static_assert(HD % 8 == 0 && KOG_WARP % LPP == 0 && (LPP & (LPP - 1)) == 0,
-                      "attention scores: HD / 8 lanes per position must divide the warp");
-        const int sub = threadIdx.x % LPP, pi = threadIdx.x / LPP;
-        const int n_pi = blockDim.x / LPP;
-        for (int jb = a; jb < b; jb += n_pi) {
-            const int j = jb + pi;
-            float kd[8];
-            if (j == t) {
+    // One head set's online-softmax state in registers; with several sets (G > HG) the others
+    // wait in shared memory, each lane its own words, while a tile is run set by set.
+    float m = KOG_NEG_INF, l = 0.f, acc[8];
 #pragma unroll
-                for (int e = 0; e < 8; ++e) kd[e] = kv_t[sub * 8 + e];
-            } else if (j < b) {
-                const kog_vec4 kv = *reinterpret_cast<const kog_vec4*>(ks + (j - a) * HD + sub * 8);
+    for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+    auto save = [&](int hs) {
+        float* sv = saved + hs * 10 * KOG_THREADS + threadIdx.x;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    kd[2 * e] = kog_w_lo(KOG_V4(kv, e));
-                    kd[2 * e + 1] = kog_w_hi(KOG_V4(kv, e));
+        for (int e = 0; e < 8; ++e) sv[e * KOG_THREADS] = acc[e];
+        sv[8 * KOG_THREADS] = m;
+        sv[9 * KOG_THREADS] = l;
+    };
+    auto restore = [&](int hs) {
+        const float* sv = saved + hs * 10 * KOG_THREADS + threadIdx.x;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[e] = sv[e * KOG_THREADS];
+        m = sv[8 * KOG_THREADS];
+        l = sv[9 * KOG_THREADS];
+    };
+    if (NHS > 1)
+        for (int hs = 1; hs < NHS; ++hs) save(hs);            // (the initial state)
+
+    for (int a = j0, i = 0; a < j1; a += T, ++i) {
+        kog_copy16_wait_groups<NB - 1>();                     // this lane's copies of tile i landed
+        kog_syncwarp();                                       // ... and the warp's
+        const kog_u16* ks = wstage + (i % NB) * 2 * PW * HD;
+        const kog_u16* vs = ks + PW * HD;
+        for (int hs = 0; hs < NHS; ++hs) {
+            if (NHS > 1 && (i > 0 || hs > 0)) restore(hs);
+            // q of this lane's head, 8 dims, read from shared memory every round (registers are
+            // scarcer here than shared-memory bandwidth); an idle slot reads head 0
+            const int h = hs * HG + hl;
+            const float* qp = q + (hl < HG && h < G ? h : 0) * HD + sub * 8;
+            for (int r = 0; r < PW && kog_attn_pos(a, warp, r) < j1; r += PPR * PR) {
+                // PR positions a lane at once (independent dot products in flight); K and V
+                // pieces stay packed (storage dtype) until used: fewer live registers
+                kog_vec4 kv[PR], vv[PR];
+                int jj[PR];
+#pragma unroll
+                for (int pp = 0; pp < PR; ++pp) {
+                    const int jr = r + pp * PPR + slot, j = kog_attn_pos(a, warp, jr);
+                    jj[pp] = j;
+                    kv[pp] = vv[pp] = kog_vec4{};
+                    if (j == t) {
+                        const float* kt = kv_t + sub * 8;
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {          // (kv_t holds storage-rounded values)
+                            KOG_V4_SET(kv[pp], e, kog_pack_w(kt[2 * e], kt[2 * e + 1]));
+                            KOG_V4_SET(vv[pp], e, kog_pack_w(kt[HD + 2 * e], kt[HD + 2 * e + 1]));
+                        }
+                    } else if (j < j1) {
+                        kv[pp] = *reinterpret_cast<const kog_vec4*>(ks + jr * HD + sub * 8);
+                        vv[pp] = *reinterpret_cast<const kog_vec4*>(vs + jr * HD + sub * 8);
+                    }
                 }
-            } else {
+                const float4 qa = *reinterpret_cast<const float4*>(qp);
+                const float4 qb = *reinterpret_cast<const float4*>(qp + 4);
+                float d[PR];
+                float mx = KOG_NEG_INF;
 #pragma unroll
-                for (int e = 0; e < 8; ++e) kd[e] = 0.f;
+                for (int pp = 0; pp < PR; ++pp) {
+                    float x = qa.x * kog_w_lo(KOG_V4(kv[pp], 0));
+                    x = fmaf(qa.y, kog_w_hi(KOG_V4(kv[pp], 0)), x);
+                    x = fmaf(qa.z, kog_w_lo(KOG_V4(kv[pp], 1)), x);
+                    x = fmaf(qa.w, kog_w_hi(KOG_V4(kv[pp], 1)), x);
+                    x = fmaf(qb.x, kog_w_lo(KOG_V4(kv[pp], 2)), x);
+                    x = fmaf(qb.y, kog_w_hi(KOG_V4(kv[pp], 2)), x);
+                    x = fmaf(qb.z, kog_w_lo(KOG_V4(kv[pp], 3)), x);
+                    x = fmaf(qb.w, kog_w_hi(KOG_V4(kv[pp], 3)), x);
+                    d[pp] = x;
+                }
+#pragma unroll
+                for (int mk = LPP / 2; mk > 0; mk >>= 1) {
+#pragma unroll
+                    for (int pp = 0; pp < PR; ++pp) d[pp] += kog_shfl_xor(d[pp], mk);
+                }
+#pragma unroll
+                for (int pp = 0; pp < PR; ++pp) {
+                    d[pp] *= qs;
+                    if (jj[pp] < j1) mx = fmaxf(mx, d[pp]);
+                }
+                if (mx > m) {                                 // a new max: rescale (rare after the start)
+                    const float alpha = kog_exp2(m - mx);     // 0 while m is -inf
+                    l *= alpha;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[e] *= alpha;
+                    m = mx;
+                }
+#pragma unroll
+                for (int pp = 0; pp < PR; ++pp) {
+                    if (jj[pp] < j1) {
+                        const float pr = kog_exp2(d[pp] - m);
+                        l += pr;
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            acc[2 * e] = fmaf(pr, kog_w_lo(KOG_V4(vv[pp], e)), acc[2 * e]);
+                            acc[2 * e + 1] = fmaf(pr, kog_w_hi(KOG_V4(vv[pp], e)), acc[2 * e + 1]);
+                        }
+                    }
+                }
             }
+            if (NHS > 1) save(hs);
+        }
+        kog_syncwarp();                                       // the warp is done with buffer i % NB
+        kog_attn_stage_tile(kc, vc, stage, a + NB * T, jc1, i + NB);
+    }
+
+    // ---- merge: the position slots of a warp (shuffles), then the warps (shared memory); the
+    //      warp's state [G][HD + 2] (acc, max, sum) goes to its own staging area (its copies
+    //      are done: the groups still open are empty) ----
+    float* ws = reinterpret_cast<float*>(wstage);
+    static_assert(G * (HD + 2) <= NB * PW * HD, "a warp's merged state fits its staging area");
+    for (int hs = 0; hs < NHS; ++hs) {
+        if (NHS > 1) restore(hs);
 #pragma unroll
-            for (int h = 0; h < G; ++h) {
-                const float4 qa = *reinterpret_cast<const float4*>(q + h * HD + sub * 8);
-                const float4 qb = *reinterpret_cast<const float4*>(q + h * HD + sub * 8 + 4);
-                float s = qa.x * kd[0];
-                s = fmaf(qa.y, kd[1], s); s = fmaf(qa.z, kd[2], s); s = fmaf(qa.w, kd[3], s);
-                s = fmaf(qb.x, kd[4], s); s = fmaf(qb.y, kd[5], s); s = fmaf(qb.z, kd[6], s);
-                s = fmaf(qb.w, kd[7], s);
+        for (int mk = LPP * HGP; mk < KOG_WARP; mk <<= 1) {
+            const float mo = kog_shfl_xor(m, mk), lo = kog_shfl_xor(l, mk);
+            const float mn = fmaxf(m, mo);
+            const float fa = m > KOG_NEG_INF ? kog_exp2(m - mn) : 0.f;
+            const float fb = mo > KOG_NEG_INF ? kog_exp2(mo - mn) : 0.f;
+            l = l * fa + lo * fb;
 #pragma unroll
-                for (int m = LPP / 2; m > 0; m >>= 1) s += kog_shfl_xor(s, m);
-                if (sub == 0 && j < b) probs[h * T + (j - a)] = s * qscale;
-            }
+            for (int e = 0; e < 8; ++e) acc[e] = acc[e] * fa + kog_shfl_xor(acc[e], mk) * fb;
+            m = mn;
+        }
+        const int h = hs * HG + hl;
+        if (slot == 0 && hl < HG && h < G) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ws[h * (HD + 2) + sub * 8 + e] = acc[e];
+            if (sub == 0) { ws[h * (HD + 2) + HD] = m; ws[h * (HD + 2) + HD + 1] = l; }
         }
     }
     __syncthreads();
-
-    // ---- online softmax over the tile: one warp per head; o of the earlier tiles is
-    //      rescaled to the new running max ----
-    for (int h = warp; h < G; h += n_warps) {
-        float* s = probs + h * T;
-        const float m_old = ml[2 * h];
-        float m = KOG_NEG_INF;
-        for (int j = lane; j < b - a; j += KOG_WARP) m = fmaxf(m, s[j]);
-        m = fmaxf(m_old, kog_warp_max(m));
-        float l = 0.f;
-        for (int j = lane; j < b - a; j += KOG_WARP) {
-            const float e = expf(s[j] - m);
-            s[j] = e;
-            l += e;
+    const float* ws0 = smem + KOG_ATTN_STAGE_OFFSET;
+    constexpr int WS = NB * PW * HD;                          // floats between warps' states
+    for (int i = threadIdx.x; i < G * HD; i += KOG_THREADS) {
+        const int h = i / HD, d = i - h * HD;
+        float mx = KOG_NEG_INF;
+        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, ws0[w * WS + h * (HD + 2) + HD]);
+        float sl = 0.f, so = 0.f;
+        for (int w = 0; w < NW; ++w) {
+            const float* st = ws0 + w * WS + h * (HD + 2);
+            const float f = st[HD] > KOG_NEG_INF ? kog_exp2(st[HD] - mx) : 0.f;
+            sl = fmaf(st[HD + 1], f, sl);
+            so = fmaf(st[d], f, so);
         }
-        l = kog_warp_sum(l);
-        if (rescale) {
-            const float alpha = expf(m_old - m);
-            for (int d = lane; d < HD; d += KOG_WARP) o[h * HD + d] *= alpha;
-            l = fmaf(ml[2 * h + 1], alpha, l);
-        }
-        kog_syncwarp();
-        if (lane == 0) { ml[2 * h] = m; ml[2 * h + 1] = l; }
+        o[i] = so;
+        if (d == 0) { ml[2 * h] = mx * 0.6931471805599453f; ml[2 * h + 1] = sl; }   // natural units
     }
-    __syncthreads();
-
-    // ---- o = probs @ v: thread (position lane jp, dim d), shared atomics combine ----
-    {
-        const int d = threadIdx.x % HD, jp = threadIdx.x / HD, n_jp = blockDim.x / HD;
-        float acc[G];
-#pragma unroll
-        for (int h = 0; h < G; ++h) acc[h] = 0.f;
-        if (jp < n_jp) {
-            for (int j = a + jp; j < b; j += n_jp) {
-                const float v = j == t ? kv_t[HD + d] : kog_w_to_f32(vs[(j - a) * HD + d]);
-#pragma unroll
-                for (int h = 0; h < G; ++h) acc[h] = fmaf(probs[h * T + j - a], v, acc[h]);
-            }
-#pragma unroll
-            for (int h = 0; h < G; ++h) atomicAdd(o + h * HD + d, acc[h]);
-        }
-    }
+    __syncthreads();                                          // o, ml are the unit's partial
 }
 
 KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
@@ -165,12 +285,11 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     const int n_warps = blockDim.x / KOG_WARP;
     float* q = c.smem;                          // [G][HD]
     float* kv_t = q + G * HD;                   // [2][HD] k, v of the current position
-    float* o = kv_t + 2 * HD;                   // [G][HD]
-    float* probs = o + G * HD;                  // [G][T] scores, then probabilities, of a tile
-    float* ml = probs + G * T;                  // [G][2] running max, sum
+    float* o = kv_t + 2 * HD;                   // [G][HD] the unit's partial (kog_attn_chunk)
+    float* ml = o + G * HD;                     // [G][2] its max, sum
     float* rope = ml + KOG_ATTN_ML_FLOATS;      // [HD] cos, sin of position t (half each)
-    kog_u16* stage = reinterpret_cast<kog_u16*>(rope + HD);   // [NB][K, V][T][HD]
-    static_assert(KOG_ATTN_STAGE_OFFSET == G * HD * 2 + 2 * HD + G * T + KOG_ATTN_ML_FLOATS + HD &&
+    kog_u16* stage = reinterpret_cast<kog_u16*>(rope + HD);   // [warp][NB][K, V][PW][HD]
+    static_assert(KOG_ATTN_STAGE_OFFSET == G * HD * 2 + 2 * HD + KOG_ATTN_ML_FLOATS + HD &&
                   KOG_ATTN_STAGE_OFFSET % 4 == 0, "K/V staging 16-byte aligned, after rope");
     float* dbg = kog_debug_row(c);
     const kog_u32 qkv_tag = kog_tag(t, layer, KOG_STAGE_QKV);
@@ -203,7 +322,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                 while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
             __syncthreads();
         }
-        for (int i = 0; i < NB; ++i) kog_attn_stage_tile(c, layer, g, j0 + i * T, jc1, i);
+        for (int i = 0; i < NB; ++i) kog_attn_stage_tile(kc, vc, stage, j0 + i * T, jc1, i);
         // the RoPE row goes to registers now and to shared memory after the polls below, so
         // that its round trip overlaps theirs (a poll orders every earlier memory access)
         static_assert(HD <= KOG_THREADS, "one RoPE value per thread");
@@ -263,16 +382,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                     d[KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i] = kv_t[i];
             }
         }
-        for (int i = threadIdx.x; i < G * HD; i += blockDim.x) o[i] = 0.f;
-        if (threadIdx.x < G) { ml[2 * threadIdx.x] = KOG_NEG_INF; ml[2 * threadIdx.x + 1] = 0.f; }
-
-        for (int a = j0, buf = 0; a < j1; a += T, buf = buf + 1 == NB ? 0 : buf + 1) {
-            kog_copy16_wait_groups<NB - 1>();     // this thread's copies of the tile have landed
-            __syncthreads();                      // ... everyone's (and o, ml are initialised)
-            kog_attn_tile(c, a, min(j1, a + T), buf, a > j0);
-            __syncthreads();                      // o holds the tile; its buffer is free
-            kog_attn_stage_tile(c, layer, g, a + NB * T, min(j1, t), buf);
-        }
+        kog_attn_chunk(c, layer, g, j0, j1);
 
         // ---- finish: direct; or every other chunk writes its partial as tagged words and the
         //      unit holding t (the last chunk, the last unit of its block: no wait cycle)

@@ -28,8 +28,7 @@ static_assert(KOG_SMEM_FLOATS >= KOG_SAMPLE_SMEM_FLOATS, "sampler fits in shared
 
 extern "C" __global__ void __launch_bounds__(KOG_THREADS, 1)
 kog_monokernel(const KogParams* __restrict__ p) {
-    extern __shared__ float4 kog_smem4[];
-    float* smem = reinterpret_cast<float*>(kog_smem4);
+    float* smem = kog_smem();
     KogCtx c;
     c.p = p;
     c.smem = smem;

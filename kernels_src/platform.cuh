@@ -42,12 +42,17 @@ typedef unsigned short kog_u16;
 #if defined(KOG_HIP)
 typedef kog_u32 kog_vec4 __attribute__((ext_vector_type(4)));
 #define KOG_V4(v, i) ((v)[i])
+#define KOG_V4_SET(v, i, x) ((v)[i] = (x))
 #else
 typedef uint4 kog_vec4;
 KOG_DEVICE kog_u32 kog_v4_get(const kog_vec4& v, int i) {
     return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
 }
 #define KOG_V4(v, i) kog_v4_get((v), (i))
+KOG_DEVICE void kog_v4_set(kog_vec4& v, int i, kog_u32 x) {
+    if (i == 0) v.x = x; else if (i == 1) v.y = x; else if (i == 2) v.z = x; else v.w = x;
+}
+#define KOG_V4_SET(v, i, x) kog_v4_set((v), (i), (x))
 #endif
 
 // --------------------------------------------------------------------------------------------
@@ -96,6 +101,16 @@ KOG_DEVICE float kog_warp_sum(float v) {
 #pragma unroll
     for (int m = KOG_WARP / 2; m > 0; m >>= 1) v += kog_shfl_xor(v, m);
     return v;
+}
+// 2^x, hardware approximation (~2 ulp; denormal results flush to 0, fine for softmax weights)
+KOG_DEVICE float kog_exp2(float x) {
+#if defined(KOG_HIP)
+    return exp2f(x);
+#else
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#endif
 }
 KOG_DEVICE float kog_warp_max(float v) {
 #pragma unroll
@@ -431,11 +446,18 @@ KOG_DEVICE float kog_w_lo(kog_u32 w) { return kog_f16_to_f32((kog_u16)(w & 0xfff
 KOG_DEVICE float kog_w_hi(kog_u32 w) { return kog_f16_to_f32((kog_u16)(w >> 16)); }
 KOG_DEVICE float kog_w_to_f32(kog_u16 h) { return kog_f16_to_f32(h); }
 KOG_DEVICE kog_u16 kog_f32_to_w(float f) { return kog_f32_to_f16(f); }
+// Two values already in the storage dtype (exactly representable) as one packed pair.
+KOG_DEVICE kog_u32 kog_pack_w(float lo, float hi) {
+    return (kog_u32)kog_f32_to_f16(lo) | ((kog_u32)kog_f32_to_f16(hi) << 16);
+}
 #else
 KOG_DEVICE float kog_w_lo(kog_u32 w) { return kog_bf16_lo(w); }
 KOG_DEVICE float kog_w_hi(kog_u32 w) { return kog_bf16_hi(w); }
 KOG_DEVICE float kog_w_to_f32(kog_u16 h) { return __uint_as_float(((kog_u32)h) << 16); }
 KOG_DEVICE kog_u16 kog_f32_to_w(float f) { return kog_f32_to_bf16(f); }
+KOG_DEVICE kog_u32 kog_pack_w(float lo, float hi) {
+    return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);
+}
 #endif
 
 // Dot product of 8 weights (one 16-byte vector, 4 pairs) with 8 fp32 activations, fp32 accumulate.

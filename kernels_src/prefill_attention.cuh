@@ -53,11 +53,6 @@ KOG_DEVICE kog_u32 kog_pack2(float lo, float hi) {
 #endif
     return r;
 }
-KOG_DEVICE float kog_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
 
 KOG_DEVICE unsigned kog_pf_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 // four 8x8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix l / 8

@@ -123,6 +123,11 @@ KOG_DEVICE int kog_block_argmax(float v, int i, float* scratch, float& best) {
     return bi;
 }
 
+// The block's dynamic shared memory, named at file scope: a function that is not inlined
+// (kog_attn_chunk) then still addresses it as shared memory (LDS), not through generic loads.
+extern __shared__ float4 kog_smem4[];
+KOG_DEVICE float* kog_smem() { return reinterpret_cast<float*>(kog_smem4); }
+
 // --------------------------------------------------------------------------------------------
 // What every stage gets: the parameter block, shared memory, position, partition row.
 // --------------------------------------------------------------------------------------------

@@ -109,3 +109,12 @@ def test_gpu_long_prompt_test_streams_several_tiles():
                       tie_word_embeddings=True)
     p = build_plan(cfg, 3, 1024, blocks=3)
     assert attention_chunk_len(700, p.placement.attn_max_chunks, p.attn_chunk) > attn_tiling(cfg)[0]
+
+
+def test_attention_tile_must_be_whole_warp_rounds():
+    # a tile is whole rounds of the warps (threads * 8 / head_dim positions: 64 at head_dim 64)
+    from kogcupy.errors import DeviceError
+    cfg = shape_config("llama-3.2-1b")
+    assert build_plan(cfg, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 64}).tuning["KOG_ATTN_TILE"] == 64
+    with pytest.raises(DeviceError, match="multiple of 64"):
+        build_plan(cfg, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 32})

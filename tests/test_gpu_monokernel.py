@@ -263,8 +263,8 @@ def test_prompt_too_long_and_bad_ids():
                                     {"KOG_ATTN_MIN_CHUNK": 128},
                                     {"KOG_ATTN_CHUNK": 128},
                                     {"KOG_ATTN_CHUNK": 256, "KOG_ATTN_MIN_CHUNK": 256},
-                                    {"KOG_ATTN_TILE": 32, "KOG_ATTN_BUFS": 1},
-                                    {"KOG_ATTN_TILE": 32, "KOG_ATTN_BUFS": 4,
+                                    {"KOG_ATTN_TILE": 64, "KOG_ATTN_BUFS": 1},
+                                    {"KOG_ATTN_TILE": 64, "KOG_ATTN_BUFS": 4,
                                      "KOG_ATTN_MIN_CHUNK": 256},
                                     {"KOG_HOOKS": 1}])
 def test_tuning_variants_match_reference(tuning):

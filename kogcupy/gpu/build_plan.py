@@ -28,8 +28,11 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
     tile = tile or attn_tiling(cfg)[0]
     bufs = bufs or attn_tiling(cfg)[1]
     g, hd = cfg.gqa_group, cfg.head_dim
-    attn = (g * hd * 2 + 2 * hd + g * tile + -(-2 * g // 4) * 4 + hd
-            + bufs * tile * hd)                     # attention.cuh KOG_ATTN_SMEM_FLOATS
+    hg = min(g, 32 // (hd // 8))                    # heads a warp round covers (32 lanes;
+    nhs = -(-g // hg)                               # a 64-lane wavefront needs no more)
+    attn = (g * hd * 2 + 2 * hd + -(-2 * g // 4) * 4 + hd
+            + bufs * tile * hd                      # attention.cuh KOG_ATTN_SMEM_FLOATS
+            + (nhs * 10 * THREADS if nhs > 1 else 0))
     sample = 2048 * 2 + 8                           # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
     n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample)
     return -(-n // 4) * 4
@@ -98,8 +101,12 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     def smem_bytes(tile, bufs):
         return 4 * (smem_floats(lcfg, tile, bufs) + scratch + own + 16 + x_full)
     if smem_limit and "KOG_ATTN_TILE" not in tuning:
-        while smem_bytes(tile, bufs) > smem_limit and tile > 16:
+        while smem_bytes(tile, bufs) > smem_limit and tile // 2 >= threads * 8 // lcfg.head_dim:
             tile //= 2       # e.g. 64 KB a block (AMD): Llama-3.2-1B 64-position tiles
+    min_tile = threads * 8 // lcfg.head_dim
+    if tile % min_tile:
+        raise DeviceError(f"KOG_ATTN_TILE={tile}: a K/V tile must be a multiple of {min_tile} "
+                          f"positions ({threads} threads x 8 / head_dim {lcfg.head_dim})")
     tuning["KOG_ATTN_TILE"], tuning["KOG_ATTN_BUFS"] = tile, bufs
     return BuildPlan(n_blocks=n_blocks, tuning=tuning, placement=placement,
                      attn_chunk=attn_chunk, smem_floats=smem_floats(lcfg, tile, bufs),
