@@ -435,6 +435,7 @@ def _gpu_lines() -> tuple[str, list[str]]:
         import cupy
     except Exception as e:
         return f"not installed ({type(e).__name__})", ["none"]
+    from .gpu.kernels import device_strings
     version = getattr(cupy, "__version__", "?")
     try:
         n = cupy.cuda.runtime.getDeviceCount()
@@ -443,10 +444,7 @@ def _gpu_lines() -> tuple[str, list[str]]:
     lines = []
     for i in range(n):
         p = cupy.cuda.runtime.getDeviceProperties(i)
-        name = p.get("name", b"?")
-        name = name.decode(errors="replace") if isinstance(name, bytes) else str(name)
-        arch = p.get("gcnArchName", b"")
-        arch = arch.decode(errors="replace") if isinstance(arch, bytes) else str(arch)
+        name, arch = device_strings(p)
         if not arch or cupy.cuda.runtime.is_hip is False:
             arch = f"sm_{p.get('major', '?')}{p.get('minor', '?')}"
         mem = p.get("totalGlobalMem", 0) / 2**30

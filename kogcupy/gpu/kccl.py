@@ -71,8 +71,7 @@ class Peers:
         for i in range(n_gpus):
             with cupy.cuda.Device(i):
                 self.streams.append(cupy.cuda.Stream(non_blocking=True))
-        self.names = [rt.getDeviceProperties(i)["name"].decode(errors="replace")
-                      for i in range(n_gpus)]
+        self.names = [kernels.device_strings(rt.getDeviceProperties(i))[0] for i in range(n_gpus)]
 
     def synchronize(self):
         for s in self.streams:

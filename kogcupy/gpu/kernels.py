@@ -175,8 +175,7 @@ def _arch_key() -> str:
     cupy = _cupy()
     dev = cupy.cuda.Device()
     if is_hip():
-        props = cupy.cuda.runtime.getDeviceProperties(dev.id)
-        return "hip-" + props.get("gcnArchName", b"").decode(errors="replace")
+        return "hip-" + device_strings(cupy.cuda.runtime.getDeviceProperties(dev.id))[1]
     return "sm_" + dev.compute_capability
 
 

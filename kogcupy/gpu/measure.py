@@ -59,8 +59,7 @@ def measure_read_bandwidth(gpu_name: str | None = None, refresh: bool = False) -
     """stream_read_bandwidth()'s best, cached per GPU name in ~/.cache/kogcupy."""
     cp = _cupy()
     if gpu_name is None:
-        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-        gpu_name = props["name"].decode(errors="replace")
+        gpu_name = kernels.device_strings(cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id))[0]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", gpu_name)
     path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kogcupy" / f"bw2-{safe}.json"
     if not refresh and path.is_file():
