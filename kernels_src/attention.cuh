@@ -102,7 +102,8 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
     constexpr int NHS = KOG_ATTN_NHS;                                   // head sets
     constexpr int PPR = KOG_ATTN_PPR;                                   // positions per round
     constexpr int PR = 2 < PW / PPR ? 2 : PW / PPR;                     // positions a lane per round
-    static_assert(LPP * HGP <= KOG_WARP && PW % (PPR * PR) == 0, "attention lane layout");
+    static_assert(HGP >= HG && LPP * HGP <= KOG_WARP && PW % (PPR * PR) == 0,
+                  "attention lane layout (build_plan.attn_tile_problem mirrors it)");
     const int t = c.t;
     const int jc1 = min(j1, t);
     const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
@@ -115,6 +116,8 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
     kog_u16* stage = reinterpret_cast<kog_u16*>(smem + KOG_ATTN_STAGE_OFFSET);
     kog_u16* wstage = stage + warp * NB * 2 * PW * HD;
     float* saved = smem + KOG_ATTN_SAVED_OFFSET;              // [NHS][10][threads] (NHS > 1)
+    // (kog_stage_attention has these pointers too; recomputed here, not passed: passing them
+    // made ptxas spill more in the caller)
     const kog_u64 kv_base = (((kog_u64)layer * KOG_N_KV + g) * c.p->context_length) * HD;
     const kog_u16* kc = c.p->k_cache + kv_base;
     const kog_u16* vc = c.p->v_cache + kv_base;
@@ -232,7 +235,8 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
     //      warp's state [G][HD + 2] (acc, max, sum) goes to its own staging area (its copies
     //      are done: the groups still open are empty) ----
     float* ws = reinterpret_cast<float*>(wstage);
-    static_assert(G * (HD + 2) <= NB * PW * HD, "a warp's merged state fits its staging area");
+    static_assert(G * (HD + 2) <= NB * PW * HD,
+                  "a warp's merged state fits its staging area (build_plan.attn_tile_problem)");
     for (int hs = 0; hs < NHS; ++hs) {
         if (NHS > 1) restore(hs);
 #pragma unroll
@@ -275,7 +279,7 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
 
 KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA, T = KOG_ATTN_TILE, NB = KOG_ATTN_BUFS;
-    static_assert(NB >= 1 && NB <= 4 && T % 8 == 0, "1-4 staged tiles of a multiple of 8 positions");
+    static_assert(NB >= 1 && NB <= 4, "1-4 staged tiles (their size: KOG_ATTN_PW's asserts)");
     const KogParams* p = c.p;
     const int t = c.t, n_pos = t + 1;
     const int chunk = kog_attn_chunk_len(n_pos, p->attn_max_chunks);

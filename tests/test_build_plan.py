@@ -118,3 +118,30 @@ def test_attention_tile_must_be_whole_warp_rounds():
     assert build_plan(cfg, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 64}).tuning["KOG_ATTN_TILE"] == 64
     with pytest.raises(DeviceError, match="multiple of 64"):
         build_plan(cfg, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 32})
+
+
+def test_attention_tiles_the_kernel_cannot_compile_are_refused():
+    # attention.cuh's static_asserts, mirrored: a warp's merged state must fit its staging area,
+    # and with one q head a kv head a tile is one or an even number of warp rounds
+    from dataclasses import replace
+    from kogcupy.errors import DeviceError
+    cfg = shape_config("llama-3.2-1b")
+    with pytest.raises(DeviceError, match="merged state"):
+        build_plan(cfg, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 64, "KOG_ATTN_BUFS": 1})
+    mha = replace(cfg, n_kv_heads=cfg.n_heads)                  # one q head a kv head
+    assert build_plan(mha, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 128}).tuning["KOG_ATTN_TILE"] == 128
+    with pytest.raises(DeviceError, match="even number"):
+        build_plan(mha, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 192})
+
+
+def test_amd_plans_count_64_lane_wavefronts():
+    # a 64-lane round covers all 4 q heads of a Llama-3.1-8B kv head: no saved head-set state,
+    # so its 64 KB plan keeps 64-position tiles (counting 32 lanes it would shrink them to 32,
+    # which the kernel cannot compile)
+    from kogcupy.gpu.build_plan import attn_tile_problem
+    cfg = shape_config("llama-3.1-8b")
+    assert smem_floats(cfg, 64, 1, warp=64) < smem_floats(cfg, 64, 1, warp=32)
+    amd = build_plan(cfg, 304, 4096, arch="gfx942", smem_limit=64 * 1024)
+    tile, bufs = amd.tuning["KOG_ATTN_TILE"], amd.tuning["KOG_ATTN_BUFS"]
+    assert amd.smem_bytes <= 64 * 1024 and (tile, bufs) == (64, 1)
+    assert attn_tile_problem(cfg, tile, bufs, warp=64) is None

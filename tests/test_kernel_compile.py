@@ -21,7 +21,7 @@ import pytest
 
 from kogcupy.gpu import abi, kernels, prefill
 from kogcupy.model.config import ModelConfig
-from kogcupy.gpu.build_plan import smem_floats
+from kogcupy.gpu.build_plan import build_plan, smem_floats
 from kogcupy.model.random_weights import shape_config
 from kogcupy.gpu.tensor_parallel import local_config
 
@@ -86,6 +86,12 @@ def _sources(tmp_path):
                              ("prefill-qwen3-1.7b-fp16", "qwen3-1.7b", "float16")):
         d = prefill.prefill_defines(shape_config(name), dtype)
         out[key] = (prefill.prefill_source(), kernels.define_options(d))
+    for name in ("llama-3.1-8b", "qwen2.5-0.5b"):     # as an MI300X build plans them (64 KB)
+        cfg = shape_config(name)
+        plan = build_plan(cfg, 304, 4096, arch="gfx942", smem_limit=64 * 1024)
+        d = kernels.model_defines(cfg, "bfloat16", 512, plan.smem_floats, len(abi.PARTITION_COLUMNS),
+                                  {"KOG_OWN_ROWS": plan.placement.own_rows, **plan.tuning})
+        out[f"gfx942-plan-{name}"] = (kernels.monokernel_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
     out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel
     out["topology_probe"] = (kernels.topology_probe_source(), ())
@@ -166,6 +172,7 @@ GFX942_CLANGS = ("clang++-19", "clang++-20", "clang++-18", "clang++-17")   # LLV
 
 
 @pytest.mark.parametrize("key", ["llama-3.2-1b", "qwen2-bias-gqa7", "llama-3.2-1b-tp2",
+                                 "gfx942-plan-llama-3.1-8b", "gfx942-plan-qwen2.5-0.5b",
                                  "topology_probe", "prefill-llama-3.2-1b"])
 def test_clang_gfx942(tmp_path, key):
     clang = next((c for c in map(shutil.which, GFX942_CLANGS) if c), None) or _compiler(GFX942_CLANGS[0])

@@ -22,17 +22,49 @@ THREADS = 512
 DYN_MIN_ROWS = 8             # rows of x per block from which the dynamic work tails pay
 
 
-def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = None) -> int:
+def wave_size(arch: str) -> int:
+    """Lanes of a warp: 64 on CDNA (gfx9*, `arch` = gcnArchName), 32 on NVIDIA ("") and RDNA."""
+    return 64 if arch.startswith("gfx9") else 32
+
+
+def _attn_lanes(cfg: ModelConfig, threads: int, warp: int) -> tuple[int, int, int]:
+    """attention.cuh's lane layout: (heads a warp round covers HG, head sets NHS, positions a
+    round PPR); a lane holds 8 dims of one head (KOG_ATTN_HG / _NHS / _PPR)."""
+    g, lpp = cfg.gqa_group, cfg.head_dim // 8
+    hg = min(g, warp // lpp)
+    hgp = 1 << (hg - 1).bit_length()
+    return hg, -(-g // hg), warp // (lpp * hgp)
+
+
+def attn_tile_problem(cfg: ModelConfig, tile: int, bufs: int, threads: int = THREADS,
+                      warp: int = 32) -> str | None:
+    """Why attention.cuh cannot compile K/V tiles of `tile` positions x `bufs`, or None."""
+    hd, g = cfg.head_dim, cfg.gqa_group
+    min_tile = threads * 8 // hd
+    if tile % min_tile:
+        return (f"a K/V tile must be a multiple of {min_tile} positions "
+                f"({threads} threads x 8 / head_dim {hd})")
+    _, _, ppr = _attn_lanes(cfg, threads, warp)
+    rounds = tile * warp // threads // ppr          # a warp's rounds a tile (two positions each)
+    if rounds > 2 and rounds % 2:
+        return f"a K/V tile must be an even number of {min_tile}-position rounds here"
+    if g * (hd + 2) > bufs * (tile * warp // threads) * hd:
+        return (f"{tile} positions x {bufs} buffers leave a warp too little staging space for its "
+                f"merged state ({g} heads x {hd + 2} floats)")
+    return None
+
+
+def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = None,
+                threads: int = THREADS, warp: int = 32) -> int:
     """KOG_SMEM_FLOATS: the largest per-stage working set (activation vector, attention unit,
     sampler histogram), rounded to 16 bytes. `tile`, `bufs`: KOG_ATTN_TILE / _BUFS."""
     tile = tile or attn_tiling(cfg)[0]
     bufs = bufs or attn_tiling(cfg)[1]
     g, hd = cfg.gqa_group, cfg.head_dim
-    hg = min(g, 32 // (hd // 8))                    # heads a warp round covers (32 lanes;
-    nhs = -(-g // hg)                               # a 64-lane wavefront needs no more)
+    nhs = _attn_lanes(cfg, threads, warp)[1]
     attn = (g * hd * 2 + 2 * hd + -(-2 * g // 4) * 4 + hd
             + bufs * tile * hd                      # attention.cuh KOG_ATTN_SMEM_FLOATS
-            + (nhs * 10 * THREADS if nhs > 1 else 0))
+            + (nhs * 10 * threads if nhs > 1 else 0))
     sample = 2048 * 2 + 8                           # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
     n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample)
     return -(-n // 4) * 4
@@ -98,16 +130,18 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if arch and "KOG_ATTN_BUFS" not in tuning:
         bufs = 1             # HIP: kog_copy16 is a synchronous copy, a second buffer overlaps nothing
 
+    warp = wave_size(arch)
+
     def smem_bytes(tile, bufs):
-        return 4 * (smem_floats(lcfg, tile, bufs) + scratch + own + 16 + x_full)
+        return 4 * (smem_floats(lcfg, tile, bufs, threads, warp) + scratch + own + 16 + x_full)
     if smem_limit and "KOG_ATTN_TILE" not in tuning:
-        while smem_bytes(tile, bufs) > smem_limit and tile // 2 >= threads * 8 // lcfg.head_dim:
+        while (smem_bytes(tile, bufs) > smem_limit and
+               attn_tile_problem(lcfg, tile // 2, bufs, threads, warp) is None):
             tile //= 2       # e.g. 64 KB a block (AMD): Llama-3.2-1B 64-position tiles
-    min_tile = threads * 8 // lcfg.head_dim
-    if tile % min_tile:
-        raise DeviceError(f"KOG_ATTN_TILE={tile}: a K/V tile must be a multiple of {min_tile} "
-                          f"positions ({threads} threads x 8 / head_dim {lcfg.head_dim})")
+    problem = attn_tile_problem(lcfg, tile, bufs, threads, warp)
+    if problem:
+        raise DeviceError(f"KOG_ATTN_TILE={tile}, KOG_ATTN_BUFS={bufs}: {problem}")
     tuning["KOG_ATTN_TILE"], tuning["KOG_ATTN_BUFS"] = tile, bufs
     return BuildPlan(n_blocks=n_blocks, tuning=tuning, placement=placement,
-                     attn_chunk=attn_chunk, smem_floats=smem_floats(lcfg, tile, bufs),
+                     attn_chunk=attn_chunk, smem_floats=smem_floats(lcfg, tile, bufs, threads, warp),
                      smem_bytes=smem_bytes(tile, bufs))
