@@ -25,21 +25,27 @@
 #define KOG_PREFETCH_TILES 1      // tiles issued before the wait for the input
 #endif
 
-// Waits until every word of the tagged vector src[0:N) carries `tag`, then puts the values in
-// shared xs. Every thread issues all its 16-byte loads before the first check (one L2 round
-// trip when the data is there) and re-polls only what was not ready. Returns 1/rms(src) when
-// `norm`, else 1. All threads call it; it ends with a block barrier.
-template <int N>
+// Waits until every word of the tagged vector src[0:N) carries `tag` (SUM: every residual-sum
+// word has all its parts, sync.cuh), then puts the values in shared xs. Every thread issues
+// all its 16-byte loads before the first check (one L2 round trip when the data is there) and
+// re-polls only what was not ready. Returns 1/rms(src) when `norm`, else 1. All threads call
+// it; it ends with a block barrier.
+template <bool SUM>
+KOG_DEVICE bool kog_word_ready(kog_u64 w, kog_u32 tag) { return SUM ? kog_sum_ready(w) : kog_tag_of(w) == tag; }
+template <bool SUM>
+KOG_DEVICE float kog_word_value(kog_u64 w) { return SUM ? kog_sum_value(w) : kog_value_of(w); }
+template <int N, bool SUM = false>
 KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs, float* scratch,
                                      bool norm) {
     static_assert(N % 2 == 0, "tagged vectors are read in pairs");
     constexpr int P2 = N / 2;
     constexpr int PER = (P2 + KOG_THREADS - 1) / KOG_THREADS;
+    const kog_u64 done = SUM ? (kog_u64)KOG_SUM_PARTS : (kog_u64)tag << 32;   // a ready word
     kog_u64 w[PER][2];
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
         const int i = threadIdx.x + k * KOG_THREADS;
-        w[k][0] = w[k][1] = (kog_u64)tag << 32;
+        w[k][0] = w[k][1] = done;
         if (P2 % KOG_THREADS == 0 || i < P2) kog_ld_tagged2(src + 2 * i, w[k][0], w[k][1]);
     }
     for (;;) {
@@ -47,7 +53,7 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
 #pragma unroll
         for (int k = 0; k < PER; ++k) {
             const int i = threadIdx.x + k * KOG_THREADS;
-            if (kog_tag_of(w[k][0]) != tag || kog_tag_of(w[k][1]) != tag) {
+            if (!kog_word_ready<SUM>(w[k][0], tag) || !kog_word_ready<SUM>(w[k][1], tag)) {
                 ready = false;
                 kog_ld_tagged2(src + 2 * i, w[k][0], w[k][1]);
             }
@@ -60,7 +66,7 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
     for (int k = 0; k < PER; ++k) {
         const int i = threadIdx.x + k * KOG_THREADS;
         if (P2 % KOG_THREADS == 0 || i < P2) {
-            const float a = kog_value_of(w[k][0]), b = kog_value_of(w[k][1]);
+            const float a = kog_word_value<SUM>(w[k][0]), b = kog_word_value<SUM>(w[k][1]);
             xs[2 * i] = a;
             xs[2 * i + 1] = b;
             ss = fmaf(a, a, fmaf(b, b, ss));
@@ -105,12 +111,19 @@ struct KogNoPre {
     KOG_DEVICE void operator()(int) const {}
 };
 
-template <int K, int UNIT, bool DYN = false, class Ready, class Epilogue, class Pre = KogNoPre>
+// LD: the distance between rows in weights (a block of columns of a wider matrix: o_proj's
+// head-group slices); K when the rows are whole.
+template <int K, int UNIT, bool DYN = false, int LD = K, class Ready, class Epilogue, class Pre = KogNoPre>
 KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, const KogCtx& ctx,
                          Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}, Pre pre = Pre{}) {
-    static_assert(K % 8 == 0, "rows must be a whole number of 16-byte vectors");
+    static_assert(K % 8 == 0 && LD % 8 == 0, "rows must be a whole number of 16-byte vectors");
+    static_assert(LD == K || !DYN, "a dynamic tail streams whole rows");
     constexpr int CPR = K / 8;                                   // 16-byte chunks per row
-    constexpr int CPU = UNIT * CPR;                              // chunks per unit
+    // A slice of wider rows (LD != K): each row padded to whole warp loads (lanes past its end
+    // idle), so that a load's row and column need no division by the lane's chunk index.
+    constexpr bool SLICE = LD != K;
+    constexpr int CPRP = SLICE ? (CPR + KOG_WARP - 1) / KOG_WARP * KOG_WARP : CPR;
+    constexpr int CPU = UNIT * CPRP;                             // chunks per unit
     constexpr int WANT = (CPU + KOG_WARP - 1) / KOG_WARP;
     constexpr int NLT = WANT < KOG_GEMV_MAX_LOADS ? WANT : KOG_GEMV_MAX_LOADS;
     constexpr int TILE = KOG_WARP * NLT;                         // chunks per warp tile
@@ -132,10 +145,21 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     auto load = [&](int i, kog_vec4 (&v)[NLT]) {
         const int u = first + (i / TPU) * n_warps;
         const int kt = i % TPU;
-        const kog_vec4* base = W4 + (kog_u64)u * CPU + kt * TILE + lane;
+        if constexpr (LD == K) {
+            const kog_vec4* base = W4 + (kog_u64)u * CPU + kt * TILE + lane;
 #pragma unroll
-        for (int j = 0; j < NLT; ++j)
-            if (FULL || kt * TILE + j * KOG_WARP + lane < CPU) v[j] = kog_ld_stream(base + j * KOG_WARP);
+            for (int j = 0; j < NLT; ++j)
+                if (FULL || kt * TILE + j * KOG_WARP + lane < CPU) v[j] = kog_ld_stream(base + j * KOG_WARP);
+        } else {
+            constexpr int WPR = CPRP / KOG_WARP;                       // warp loads per row
+#pragma unroll
+            for (int j = 0; j < NLT; ++j) {
+                const int q = kt * NLT + j;                            // warp load of the unit
+                const int col = (q % WPR) * KOG_WARP + lane;
+                if ((FULL || q * KOG_WARP < CPU) && col < CPR)
+                    v[j] = kog_ld_stream(W4 + ((kog_u64)u * UNIT + q / WPR) * (LD / 8) + col);
+            }
+        }
     };
 #if KOG_PREFETCH_TILES > 0
     if (n_tiles > 0) load(0, cur);
@@ -163,9 +187,9 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
 #pragma unroll
         for (int j = 0; j < NLT; ++j) {
             const int c = kt * TILE + j * KOG_WARP + lane;
-            if (FULL || c < CPU) {
-                const int row = c / CPR;
-                const int col = c - row * CPR;
+            const int row = c / CPRP;
+            const int col = c - row * CPRP;
+            if ((FULL || c < CPU) && (!SLICE || col < CPR)) {
                 const float4 a = x4[2 * col], b = x4[2 * col + 1];
                 const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
@@ -325,76 +349,88 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 #endif
 
 
-// Old values of rows [r0, r0 + n) of the tagged x (tag `tag`; or of the embedding row `emb`)
-// into shared `dst`. `first` is the word of row r0 + threadIdx.x (the embedding value with
-// `tag` at layer 0), loaded by the caller before its activation polls so that the two round
-// trips overlap. All threads call it; it ends with
-// a block barrier.
-KOG_DEVICE void kog_x_rows_to_shared(float* dst, const kog_u64* x, int r0, int n, kog_u32 tag,
-                                     kog_u64 first, const kog_u16* emb) {
+#if KOG_TP == 1
+// Called by down_residual(t, l) before its wait for act (the fence overlaps that wait): layer
+// l's sums of position t + 1 were last read at t - 1 (every block acquired TOK after that);
+// zero this block's share, fenced before anything the block writes later, so that the first
+// part added for t + 1 (the sampler's embedding at t, or down_residual(t + 1, l - 1)) finds it
+// zeroed.
+KOG_DEVICE void kog_xsum_zero_next(const KogCtx& c, int layer) {
+    kog_u64* next = kog_xsum(c.p, c.t + 1, layer);
+    const int z0 = (int)((long long)blockIdx.x * KOG_HIDDEN / gridDim.x);
+    const int z1 = (int)((long long)(blockIdx.x + 1) * KOG_HIDDEN / gridDim.x);
+    if (z0 + (int)threadIdx.x < z1) {
+        for (int i = z0 + threadIdx.x; i < z1; i += blockDim.x) next[i] = 0ull;
+        kog_fence_gpu();
+    }
+}
+// Rows [r0, r0 + n) of a residual sum (xsum, sync.cuh) into shared `dst`, each once all its
+// parts are in. `first` is the word of row r0 + threadIdx.x, loaded by the caller before its
+// activation polls so that the two round trips overlap. All threads call it; it ends with a
+// block barrier.
+KOG_DEVICE void kog_sum_rows_to_shared(float* dst, const kog_u64* sum, int r0, int n, kog_u64 first) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v;
-        if (emb != nullptr && i != (int)threadIdx.x) {
-            v = kog_w_to_f32(emb[r0 + i]);
-        } else {
-            kog_u64 w = i == (int)threadIdx.x ? first : kog_ld_tagged(x + r0 + i);
-            while (kog_tag_of(w) != tag) { w = kog_ld_tagged(x + r0 + i); }
-            v = kog_value_of(w);
-        }
-        dst[i] = v;
+        kog_u64 w = i == (int)threadIdx.x ? first : kog_ld_tagged(sum + r0 + i);
+        while (!kog_sum_ready(w)) { w = kog_ld_tagged(sum + r0 + i); }
+        dst[i] = kog_sum_value(w);
     }
     __syncthreads();
 }
+#endif
 
 // ============================================================================================
-// Stage o_proj_residual: x[rows] += wo @ attn_out. The old value of its rows is read here (x
-// tagged down(t, l-1), or the embedding row at layer 0); down_residual's rows are split
-// independently (placement.py) and read their own old values (SYNC.md).
+// Stage o_proj_residual: x += wo @ attn_out.
+// One GPU: split over the kv head groups (o_proj's reduction over q_dim). Item (g, s) waits only
+// for head group g's attention output (the G * HD words its combiner wrote), multiplies it by
+// columns [g * G * HD, (g + 1) * G * HD) of row slice s of wo and adds the products into the
+// residual sums of (t, l) (sync.cuh), where down_residual of layer l-1 (or the embedding) has
+// added the old x. Items spread over the blocks from block 0 up; attention units go from the
+// top of the grid down, and an item waits only for a combiner, which never waits for an item.
+// Tensor parallel: every rank's heads give a partial of every row, all-reduced (kccl.cuh).
 // ============================================================================================
 KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     kog_prof(c, layer * 16 + 6 + 0);
     const KogParams* p = c.p;
+    const kog_u32 attn_tag = kog_tag(c.t, layer, KOG_STAGE_ATTN);
+#if KOG_TP > 1
     const int r0 = c.part[2], r1 = c.part[3];
-    float* dbg = kog_debug_row(c);
     const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_O);
-    const kog_u16* emb = layer == 0 ? p->embed + (kog_u64)kog_ld_cg_int(p->tokens + c.t) * KOG_HIDDEN
-                                    : nullptr;
     auto ready = [&]() -> float {
         if (r0 >= r1) return -1.f;
-#if KOG_TP == 1
-        // the old value of this block's rows of x: loads issued now, checked after the polls
-        const kog_u32 x_in = kog_tag(c.t, layer - 1, KOG_STAGE_DOWN);
-        kog_u64 xw = 0ull;
-        if (threadIdx.x < r1 - r0)                    // (layer 0: the embedding, as a ready word)
-            xw = emb != nullptr ? ((kog_u64)x_in << 32) | __float_as_uint(kog_w_to_f32(emb[r0 + threadIdx.x]))
-                                : kog_ld_tagged(c.xr + r0 + threadIdx.x);
-#endif
-        const float s = kog_load_activation<KOG_Q_DIM>(p->attn_out, kog_tag(c.t, layer, KOG_STAGE_ATTN),
-                                                       c.smem, c.scratch, false);
-#if KOG_TP == 1
-        kog_x_rows_to_shared(c.x_own, c.xr, r0, r1 - r0, x_in, xw, emb);
-#endif
+        const float s = kog_load_activation<KOG_Q_DIM>(p->attn_out, attn_tag, c.smem, c.scratch, false);
         kog_prof(c, layer * 16 + 7);
         return s;
     };
-    // x[rows] += wo[rows] @ attn_out: the old values of this block's rows come to shared
-    // memory (x_own) while it waits for attention; at layer 0 from the token's embedding row.
-#if KOG_TP > 1
-    // tensor parallel: this rank's heads give a partial of every row; all-reduce, then add
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 0, row, acc[0], x_out);
     };
     kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c, ready, epi);
-    (void)emb;                                        // the embedding is in x_full already
 #else
-    auto epi = [&](int row, float (&acc)[1], float) {
-        if (threadIdx.x % KOG_WARP == 0) {
-            const float v = c.x_own[row - r0] + acc[0];
-            kog_st_x(c, row, v, x_out);
-            if (dbg != nullptr) dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
-        }
-    };
-    kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c, ready, epi);
+    constexpr int GHD = KOG_GQA * KOG_HEAD_DIM;     // columns of one head group
+    constexpr int RU = 4;                           // rows per GEMV unit (a warp tile spans them)
+    constexpr int NU = KOG_HIDDEN / RU;
+    static_assert(KOG_HIDDEN % RU == 0, "o_proj: whole units of rows");
+    const int n_slices = max(1, (int)gridDim.x / KOG_N_KV);
+    kog_u64* sum = kog_xsum(p, c.t, layer);
+    for (int item = blockIdx.x; item < KOG_N_KV * n_slices; item += gridDim.x) {
+        const int g = item % KOG_N_KV, sl = item / KOG_N_KV;
+        const int u0 = (int)((long long)sl * NU / n_slices), u1 = (int)((long long)(sl + 1) * NU / n_slices);
+        auto ready = [&]() -> float {
+            if (u0 >= u1) return -1.f;
+            const float s = kog_load_activation<GHD>(p->attn_out + g * GHD, attn_tag, c.smem, c.scratch, false);
+            kog_prof(c, layer * 16 + 7);
+            return s;
+        };
+        auto epi = [&](int u, float (&acc)[RU], float) {
+            const int lane = threadIdx.x % KOG_WARP;
+            float v = acc[0];
+#pragma unroll
+            for (int r = 1; r < RU; ++r) if (lane == r) v = acc[r];
+            if (lane < RU) kog_red_add_u64(sum + u * RU + lane, kog_sum_word(v));
+        };
+        kog_gemv<GHD, RU, false, KOG_Q_DIM>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM + g * GHD,
+                                           u0, u1, c.smem, c, ready, epi);
+    }
 #endif
     kog_prof_end(c, layer * 16 + 6 + 2);
 }
@@ -414,8 +450,8 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
         const float s = kog_tp_load_reduced(c, 0, kog_tag(c.t, layer, KOG_STAGE_O));
 #else
         if (!DYN && u0 >= u1) return -1.f;
-        const float s = kog_load_activation<KOG_HIDDEN>(c.xr, kog_tag(c.t, layer, KOG_STAGE_O),
-                                                        c.smem, c.scratch, true);
+        const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum(p, c.t, layer), 0u,
+                                                              c.smem, c.scratch, true);
 #endif
         kog_prof(c, layer * 16 + 10);
         return s;
@@ -445,18 +481,27 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     const int r0 = c.part[6], r1 = c.part[7];
     float* dbg = kog_debug_row(c);
     constexpr bool DYN = KOG_DYN_PERMILLE > 0 && KOG_DOWN_DYN;
-    const kog_u32 x_in = kog_tag(c.t, layer, KOG_STAGE_O);
-    float* x_old = c.x_own + KOG_OWN_PAD;          // o_proj's half may still be read (no barrier)
+    // One GPU: the old x is the residual sum of (t, l); the new x also goes into the sum of
+    // (t, l + 1). (Its addresses are recomputed where used: pointers kept live across the
+    // weight stream cost registers the GEMV loop spills for.)
+    float* x_old = c.x_own + KOG_OWN_PAD;
     auto ready = [&]() -> float {
+#if KOG_TP == 1
+        kog_xsum_zero_next(c, layer);     // (its fence overlaps the wait for act)
+#endif
         if (!DYN && r0 >= r1) return -1.f;
 #if KOG_TP == 1
         // old x of the static rows: loads issued now, checked after the polls
-        const kog_u64 xw = threadIdx.x < r1 - r0 ? kog_ld_tagged(c.xr + r0 + threadIdx.x) : 0ull;
+        const kog_u64* sum = kog_xsum(p, c.t, layer);
+        const kog_u64 xw = threadIdx.x < r1 - r0 ? kog_ld_tagged(sum + r0 + threadIdx.x) : 0ull;
 #endif
         const float s = kog_load_activation<KOG_FFN>(p->act, kog_tag(c.t, layer, KOG_STAGE_GATE_UP),
                                                      c.smem, c.scratch, false);
 #if KOG_TP == 1
-        kog_x_rows_to_shared(x_old, c.xr, r0, r1 - r0, x_in, xw, nullptr);
+        kog_sum_rows_to_shared(x_old, sum, r0, r1 - r0, xw);
+        if (dbg != nullptr)
+            for (int i = threadIdx.x; i < r1 - r0; i += blockDim.x)
+                dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + r0 + i] = x_old[i];
 #endif
         kog_prof(c, layer * 16 + 13);
         return s;
@@ -476,7 +521,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     constexpr int GRAB = KogGemvShape<KOG_FFN, 1>::GRAB;
     kog_u64 old_dyn[GRAB];
     auto pre = [&](int row) {
-        old_dyn[(row - p->down_dyn_begin) % GRAB] = kog_ld_tagged(c.xr + row);
+        old_dyn[(row - p->down_dyn_begin) % GRAB] = kog_ld_tagged(kog_xsum(p, c.t, layer) + row);
     };
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) {
@@ -485,11 +530,13 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
                 old = x_old[row - r0];
             } else {
                 kog_u64 w = old_dyn[(row - p->down_dyn_begin) % GRAB];
-                while (kog_tag_of(w) != x_in) { w = kog_ld_tagged(c.xr + row); }
-                old = kog_value_of(w);
+                while (!kog_sum_ready(w)) { w = kog_ld_tagged(kog_xsum(p, c.t, layer) + row); }
+                old = kog_sum_value(w);
+                if (dbg != nullptr) dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + row] = old;
             }
             const float v = old + acc[0];
             kog_st_x(c, row, v, x_out);
+            if (layer + 1 < KOG_N_LAYERS) kog_red_add_u64(kog_xsum(p, c.t, layer + 1) + row, kog_sum_word(v));
             if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };

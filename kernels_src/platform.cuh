@@ -250,6 +250,14 @@ KOG_DEVICE void kog_ld_tagged2(const kog_u64* p, kog_u64& a, kog_u64& b) {
 }
 KOG_DEVICE kog_u32 kog_tag_of(kog_u64 w) { return (kog_u32)(w >> 32); }
 KOG_DEVICE float kog_value_of(kog_u64 w) { return __uint_as_float((kog_u32)w); }
+// Fire-and-forget 64-bit integer add in L2 (the residual sums, sync.cuh: kog_sum_word).
+KOG_DEVICE void kog_red_add_u64(kog_u64* p, kog_u64 v) {
+#if defined(KOG_HIP)
+    __hip_atomic_fetch_add(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+#endif
+}
 KOG_DEVICE void kog_fence_gpu() {
 #if defined(KOG_HIP)
     __threadfence();

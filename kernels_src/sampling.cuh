@@ -278,6 +278,9 @@ KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
     for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
         const float v = kog_w_to_f32(row[i]);
         kog_st_x(c, i, v, tag);
+#if KOG_TP == 1
+        kog_red_add_u64(kog_xsum(p, pos, 0) + i, kog_sum_word(v));   // layer 0's old x
+#endif
         if (dbg != nullptr) dbg[KOG_DBG_EMBED + i] = v;
     }
 }

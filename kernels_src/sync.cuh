@@ -43,6 +43,31 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
     return (kog_u32)((t * KOG_N_LAYERS + layer) * 8 + stage + 1);
 }
 
+// Residual sums (one GPU, SYNC.md): x after o_proj(t, l) is the sum of KOG_SUM_PARTS
+// contributions -- the old x (down_residual of layer l-1, or the embedding at layer 0) and each
+// kv head group's share of wo @ attn_out -- added in L2 into the 64-bit words
+// xsum[t & 1][l][row]: fixed point (steps of 2^-KOG_SUM_FRAC) in the high bits, a contribution
+// count in the low KOG_SUM_COUNT_BITS. A word is ready when its count is KOG_SUM_PARTS: one
+// poll, as for a tagged word. Integer adds are associative, so a sum is the same bits whatever
+// order its parts land in. |x| must stay below 2^(63 - COUNT_BITS - FRAC) = 2^27.
+#define KOG_SUM_FRAC 26
+#define KOG_SUM_COUNT_BITS 10
+#define KOG_SUM_PARTS (KOG_N_KV + 1)
+static_assert(KOG_SUM_PARTS < (1 << KOG_SUM_COUNT_BITS), "contribution count fits its bits");
+KOG_DEVICE kog_u64 kog_sum_word(float v) {
+    const long long q = __float2ll_rn(v * (float)(1 << KOG_SUM_FRAC));
+    return ((kog_u64)q << KOG_SUM_COUNT_BITS) + 1ull;
+}
+KOG_DEVICE bool kog_sum_ready(kog_u64 w) {
+    return (w & ((1ull << KOG_SUM_COUNT_BITS) - 1ull)) == (kog_u64)KOG_SUM_PARTS;
+}
+KOG_DEVICE float kog_sum_value(kog_u64 w) {
+    return (float)((long long)w >> KOG_SUM_COUNT_BITS) * (1.f / (float)(1 << KOG_SUM_FRAC));
+}
+KOG_DEVICE kog_u64* kog_xsum(const KogParams* p, int t, int layer) {
+    return p->xsum + ((kog_u64)(t & 1) * KOG_N_LAYERS + layer) * KOG_HIDDEN;
+}
+
 // All threads of the block call this; returns once counter >= expected (acquire).
 KOG_DEVICE void kog_wait_counter(const kog_u32* counter, kog_u32 expected) {
     if (threadIdx.x == 0) {

@@ -43,8 +43,14 @@ def _text_of(stage) -> str:
     """The stage function's body, the bodies of the kog_* helpers it calls, and the kernel loop
     that calls it (where embed's TOK release lives)."""
     body = DEFS[stage.kernel]
-    helpers = {m.group(1) for m in re.finditer(r"\b(kog_\w+)\s*[<(]", body)} - {stage.kernel}
-    return "\n".join([body] + [DEFS[h] for h in sorted(helpers) if h in DEFS] + [KERNEL_BODY])
+    helpers, todo = set(), [body]
+    while todo:                            # the helpers it calls, and theirs
+        for m in re.finditer(r"\b(kog_\w+)\s*[<(]", todo.pop()):
+            h = m.group(1)
+            if h != stage.kernel and h not in helpers and h in DEFS:
+                helpers.add(h)
+                todo.append(DEFS[h])
+    return "\n".join([body] + [DEFS[h] for h in sorted(helpers)] + [KERNEL_BODY])
 
 
 def _uses(stage):
@@ -65,6 +71,10 @@ def test_stage_matches_its_source(stage):
         assert u.buffer in FIELDS, f"{u.buffer} is not a KogParams field"
         if not u.counter:                  # (counters: through kog_counter, by name below)
             assert re.search(rf"\bp->{u.buffer}\b", text), f"{stage.name} does not touch p->{u.buffer}"
+        if u.sum is not None:
+            assert u.buffer == "xsum" and re.search(r"\bkog_xsum\(", text), (stage.name, str(u))
+            assert re.search(r"\bkog_(sum_word|sum_ready)\b|kog_load_activation<\w+, true>",
+                             text), (stage.name, str(u))
         if u.tag is not None:
             assert u.buffer in TAGGED
             assert re.search(rf"\bKOG_STAGE_{u.tag.stage}\b", text), (stage.name, str(u))
@@ -103,15 +113,21 @@ def test_every_wait_is_published_earlier():
             def on(uses):
                 return [u for u in uses if not u.when or eval(u.when, {}, env)]
 
-            def key(u):
+            def key(u, part=None):
+                if u.sum is not None:
+                    return (u.buffer, eval(u.sum.pos, {}, env), eval(u.sum.layer, {}, env),
+                            u.sum.part if part is None else part)
                 if u.tag is None:
                     return u.counter
                 return u.buffer, eval(u.tag.pos, {}, env), eval(u.tag.layer, {}, env), u.tag.stage
             for u in on(s.waits):
-                assert u.peer or key(u) in written, f"{s.name} (t={t}, l={l}) waits for {u}: unwritten"
-            written |= {key(u) for u in on(s.writes) if u.tag or u.counter}
+                keys = [key(u, part) for part in ("old", "o")] if u.sum else [key(u)]
+                assert u.peer or all(k in written for k in keys), \
+                    f"{s.name} (t={t}, l={l}) waits for {u}: unwritten"
+            written |= {key(u) for u in on(s.writes) if u.tag or u.counter or u.sum}
             for u in on(s.waits):
-                assert key(u) in written, f"{s.name}: peer wait {u} is not written by the stage"
+                keys = [key(u, part) for part in ("old", "o")] if u.sum else [key(u)]
+                assert all(k in written for k in keys), f"{s.name}: peer wait {u} is not written by the stage"
 
 
 def test_monokernel_calls_the_stages_in_table_order():

@@ -46,6 +46,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("qkv", "ptr", "kog_u64*", "(qkv_dim,) raw q/k/v rows (+bias) of the current token"),
     ("attn_out", "ptr", "kog_u64*", "(q_dim,) attention output"),
     ("act", "ptr", "kog_u64*", "(f,) silu(gate) * up"),
+    ("xsum", "ptr", "kog_u64*", "(2, L, h) one GPU: x after o_proj as residual sums (sync.cuh)"),
     # ---- fp32 buffers ----
     ("logits", "ptr", "float*", "(V,) or (n_prompt, V) when all_logits"),
     ("attn_partial", "ptr", "float*", "(KV, max_chunks, G, hd + 2) per-chunk out, max, sum"),

@@ -287,6 +287,8 @@ class MonokernelBackend(_OneLaunchBackend):
         self.qkv = cp.empty(cfg.qkv_dim, u64)
         self.attn_out = cp.empty(cfg.q_dim, u64)
         self.act = cp.empty(cfg.intermediate_size, u64)
+        # one GPU: x after each layer's o_proj, as integer sums that the host zeroes per launch
+        self.xsum = (cp.empty(2 * L * cfg.hidden_size, u64) if self.world == 1 else None)
         self.logits_buf = cp.empty(cfg.vocab_size, f32)
         # 8-byte tagged words (attention.cuh: the combine polls them);
         # the NaN fill (0x7FC00000 in both halves) is tag 0x7FC00000, never a real version
@@ -475,6 +477,8 @@ class MonokernelBackend(_OneLaunchBackend):
             for a in (self.x, self.qkv, self.attn_out, self.act, self.xpart):
                 if a is not None:
                     a.fill(0x7FC00000)                # NaN with tag 0: no version matches
+            if self.xsum is not None:
+                self.xsum.fill(0)                     # sums start empty (the kernel re-zeroes)
             self.tokens.fill(-1)
             self.tokens[:n] = cp.asarray(np.asarray(ids, dtype=np.int32))
             eos = sorted(int(e) for e in eos_ids)[:64]
@@ -498,6 +502,7 @@ class MonokernelBackend(_OneLaunchBackend):
             k_cache=self.k_cache.data.ptr, v_cache=self.v_cache.data.ptr,
             x=self.x.data.ptr, qkv=self.qkv.data.ptr, attn_out=self.attn_out.data.ptr,
             act=self.act.data.ptr, logits=logits.data.ptr,
+            xsum=self.xsum.data.ptr if self.xsum is not None else 0,
             attn_partial=self.attn_partial.data.ptr, lm_part_val=self.lm_part_val.data.ptr,
             lm_part_idx=self.lm_part_idx.data.ptr, counters=self.counters.data.ptr,
             partition=self.partition.data.ptr, attn_ticket_base=self.ticket_base.data.ptr, tokens=self.tokens.data.ptr,

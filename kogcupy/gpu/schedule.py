@@ -35,10 +35,25 @@ class Tag:
 
 
 @dataclass(frozen=True)
+class Sum:
+    """The residual sum xsum[pos & 1][layer] (one GPU, sync.cuh): x after o_proj(pos, layer),
+    added in L2 by its parts and ready when every part is in (KV + 1 of them). A write names
+    its part: "old" (the previous x: down_residual of layer - 1, or the embedding) or "o" (a
+    head group's wo @ attn_out); a wait names none (all parts)."""
+    pos: str
+    layer: str
+    part: str = ""
+
+    def __str__(self):
+        return f"sum({self.pos}, {self.layer})" + (f" += {self.part}" if self.part else "")
+
+
+@dataclass(frozen=True)
 class Use:
     """One access of a stage: a KogParams buffer, and the tag or counter that orders it."""
     buffer: str                 # KogParams field ("counters" for a counter)
     tag: Tag | None = None      # tagged words: spins until each word carries this version
+    sum: Sum | None = None      # residual-sum words: spins until each has all its parts
     counter: str = ""           # abi.counter_layout name, e.g. "KOG_CNT_KV"
     index: str = ""             # counter index, e.g. "[l][g]" -> KOG_CNT_KV + l * KV + g
     value: str = ""             # waits: acquire until counter >= value; writes: what is added
@@ -54,7 +69,8 @@ class Use:
             elif self.value:                            # a wait: acquire until >= value
                 s += f" >= {self.value}"
         else:
-            s = f"`{self.buffer}`" + (f" @ {self.tag}" if self.tag else "")
+            s = f"`{self.buffer}`" + (f" @ {self.tag}" if self.tag else "") + \
+                (f" @ {self.sum}" if self.sum else "")
         if self.what:
             s += f" ({self.what})"
         return s + (f" [{self.when}]" if self.when else "")
@@ -79,6 +95,10 @@ def _x(layer, stage, pos="t", **kw):
     return Use("x", Tag(pos, layer, stage), **kw)
 
 
+def _sum(layer, part="", pos="t", when="", **kw):
+    return Use("xsum", sum=Sum(pos, layer, part), when=" and ".join(c for c in (when, "KOG_TP == 1") if c), **kw)
+
+
 # Buffers that exist once per memory domain (topology.py; SYNC.md "x per memory domain").
 DOMAIN_COPIED = ("x",)
 
@@ -86,7 +106,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("embed", "kog_embed", "sampling.cuh", False, False,
           waits=(),
           reads=(Use("tokens", what="tokens[start_pos]"), Use("embed", what="its row")),
-          writes=(_x("0", "EMBED"), Use("counters", counter="KOG_CNT_TOK", value="+1")),
+          writes=(_x("0", "EMBED"), _sum("0", "old"), Use("counters", counter="KOG_CNT_TOK", value="+1")),
           who="block 0, position start_pos only (later positions: the sampler)"),
     Stage("attn_norm_qkv", "kog_stage_attn_norm_qkv", "norm_rope.cuh", True, True,
           waits=(Use("counters", counter="KOG_CNT_TOK", value="t+1", when="l == 0"),
@@ -112,14 +132,14 @@ STAGES: tuple[Stage, ...] = (
                   Use("attn_out", Tag("t", "l", "ATTN"), what="head group g")),
           who="units (kv head g, chunk) from the top of the grid down"),
     Stage("o_proj_residual", "kog_stage_o_proj_residual", "gemv.cuh", True, True,
-          waits=(Use("attn_out", Tag("t", "l", "ATTN"), what="all"),
-                 _x("l-1", "DOWN", when="l > 0", what="old value of its rows")),
-          reads=(Use("wo"), Use("embed", when="l == 0", what="old value of its rows: row of tokens[t]"),
-                 Use("tokens", when="l == 0")),
-          writes=(_x("l", "O", what="its rows: old + wo @ attn_out"),),
-          tp="no x read: writes its partial of every row to every rank's xpart slot 0 @ o(t, l)"),
+          waits=(Use("attn_out", Tag("t", "l", "ATTN"), what="head group g of its item (g, rows)"),),
+          reads=(Use("wo", what="its rows, group g's columns"),),
+          writes=(_sum("l", "o", what="its item's rows: wo[rows, group g] @ attn_out[group g]"),),
+          who="items (kv head group g, row slice) from block 0 up",
+          tp="every block its rows, all of attn_out: writes its partial of every row to every "
+             "rank's xpart slot 0 @ o(t, l)"),
     Stage("ffn_norm_gate_up_silu", "kog_stage_ffn_norm_gate_up_silu", "gemv.cuh", True, True,
-          waits=(_x("l", "O", what="all"),),
+          waits=(_sum("l", what="all"),),
           reads=(Use("w_gate_up"),
                  Use("counters", counter="KOG_CNT_DYN", index="[l]", when="KOG_DYN_PERMILLE",
                      what="dynamic-tail cursor")),
@@ -129,11 +149,14 @@ STAGES: tuple[Stage, ...] = (
           tp="x is the sum of every rank's xpart slot 0 @ o(t, l), kept in x_full"),
     Stage("down_residual", "kog_stage_down_residual", "gemv.cuh", True, True,
           waits=(Use("act", Tag("t", "l", "GATE_UP"), what="all"),
-                 _x("l", "O", what="old value of its rows")),
+                 _sum("l", what="old value of its rows")),
           reads=(Use("w_down"),
                  Use("counters", counter="KOG_CNT_DYN_DOWN", index="[l]",
                      when="KOG_DYN_PERMILLE and KOG_DOWN_DYN", what="dynamic-tail cursor")),
           writes=(_x("l", "DOWN", what="its rows: old + w_down @ act"),
+                  _sum("l+1", "old", when="l < L-1", what="its rows' new value"),
+                  Use("xsum", when="KOG_TP == 1",
+                      what="= 0: its share of sum(t+1, l), fenced, before the wait for act"),
                   Use("counters", counter="KOG_CNT_DYN_DOWN", index="[l]", value="+grabs",
                       when="KOG_DYN_PERMILLE and KOG_DOWN_DYN")),
           tp="no x read: writes its partial of every row to every rank's xpart slot 1 @ down(t, l)"),
@@ -161,6 +184,7 @@ STAGES: tuple[Stage, ...] = (
                  Use("host_ctl", what="[2] cancel, read before the wait")),
           writes=(Use("tokens", what="[t+1]"),
                   _x("0", "EMBED", pos="t+1", what="the next token's row (kog_embed), unless stopping"),
+                  _sum("0", "old", pos="t+1", what="the same row, unless stopping"),
                   Use("counters", counter="KOG_CNT_TOK", value="+1"),
                   Use("host_tokens", what="[g], then host_ctl[0] = g + 1 (release, system)")),
           who="block 0",
@@ -173,7 +197,8 @@ STAGES: tuple[Stage, ...] = (
           who="block 0, inside kog_stage_sample"),
 )
 
-# Grid-wide dependent hops per layer (issue 12's target is <= 3).
+# Dependent hops per layer (issue 12's target is <= 3 grid-wide ones). o_proj's is narrow: an
+# item waits for one block, the combiner of its head group.
 HOPS_PER_LAYER = 5
 
 # Counters (KogParams::counters, indices from abi.counter_layout): index, meaning.
