@@ -350,17 +350,22 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 
 
 #if KOG_TP == 1
-// Called by down_residual(t, l) before its wait for act (the fence overlaps that wait): layer
-// l's sums of position t + 1 were last read at t - 1 (every block acquired TOK after that);
-// zero this block's share, fenced before anything the block writes later, so that the first
-// part added for t + 1 (the sampler's embedding at t, or down_residual(t + 1, l - 1)) finds it
-// zeroed.
+// Called by down_residual(t, l) before its wait for act (the fence overlaps that wait): zero
+// this block's share of the residual sum of (t + 1, l), which shares its buffer with (t - 1, l).
+// After every read of (t - 1, l): down(t, l) follows act(t, l) <- sum(t, l) <- every group's
+// attn_out(t, l) <- qkv(t, l) rows of every block (placement.py: every block owns some), and
+// each block read (t - 1, l) before it wrote those rows. Before every part of (t + 1, l): each
+// producer of one (down_residual(t + 1, l - 1), o_proj(t + 1, l), the sampler's embedding at t)
+// follows this block's later writes -- its qkv rows of step t + 1 or, for the sampler's
+// embedding, its qkv(t, L - 1) rows (with one layer: its down rows of step t) -- and the fence
+// orders the zeroing before those writes. Relaxed atomic stores, as every other access to
+// the sums.
 KOG_DEVICE void kog_xsum_zero_next(const KogCtx& c, int layer) {
     kog_u64* next = kog_xsum(c.p, c.t + 1, layer);
     const int z0 = (int)((long long)blockIdx.x * KOG_HIDDEN / gridDim.x);
     const int z1 = (int)((long long)(blockIdx.x + 1) * KOG_HIDDEN / gridDim.x);
     if (z0 + (int)threadIdx.x < z1) {
-        for (int i = z0 + threadIdx.x; i < z1; i += blockDim.x) next[i] = 0ull;
+        for (int i = z0 + threadIdx.x; i < z1; i += blockDim.x) kog_st_relaxed_u64(next + i, 0ull);
         kog_fence_gpu();
     }
 }
@@ -426,7 +431,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
             float v = acc[0];
 #pragma unroll
             for (int r = 1; r < RU; ++r) if (lane == r) v = acc[r];
-            if (lane < RU) kog_red_add_u64(sum + u * RU + lane, kog_sum_word(v));
+            if (lane < RU) kog_red_add_u64(sum + u * RU + lane, kog_sum_word(p, v));
         };
         kog_gemv<GHD, RU, false, KOG_Q_DIM>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM + g * GHD,
                                            u0, u1, c.smem, c, ready, epi);
@@ -484,7 +489,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     // One GPU: the old x is the residual sum of (t, l); the new x also goes into the sum of
     // (t, l + 1). (Its addresses are recomputed where used: pointers kept live across the
     // weight stream cost registers the GEMV loop spills for.)
-    float* x_old = c.x_own + KOG_OWN_PAD;
+    float* x_old = c.x_own;
     auto ready = [&]() -> float {
 #if KOG_TP == 1
         kog_xsum_zero_next(c, layer);     // (its fence overlaps the wait for act)
@@ -536,7 +541,7 @@ KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
             }
             const float v = old + acc[0];
             kog_st_x(c, row, v, x_out);
-            if (layer + 1 < KOG_N_LAYERS) kog_red_add_u64(kog_xsum(p, c.t, layer + 1) + row, kog_sum_word(v));
+            if (layer + 1 < KOG_N_LAYERS) kog_red_add_u64(kog_xsum(p, c.t, layer + 1) + row, kog_sum_word(p, v));
             if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
         }
     };

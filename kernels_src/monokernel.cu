@@ -34,7 +34,7 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.smem = smem;
     c.scratch = smem + KOG_SMEM_FLOATS;
     c.x_own = c.scratch + KOG_SCRATCH_FLOATS;
-    c.x_full = c.x_own + 2 * KOG_OWN_PAD;                 // tensor parallel only (host sizes it)
+    c.x_full = c.x_own + KOG_OWN_PAD;                     // tensor parallel only (host sizes it)
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
     c.xr = p->x + (p->x_copies > 1 ? (kog_u64)p->sm_domain[kog_domain_unit()] * KOG_HIDDEN : 0ull);
     c.t = 0;

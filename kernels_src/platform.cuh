@@ -302,6 +302,13 @@ KOG_DEVICE void kog_st_relaxed(kog_u32* p, kog_u32 v) {
     asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory");
 #endif
 }
+KOG_DEVICE void kog_st_relaxed_u64(kog_u64* p, kog_u64 v) {
+#if defined(KOG_HIP)
+    __hip_atomic_store(p, v, __ATOMIC_RELAXED, __HIP_MEMORY_SCOPE_AGENT);
+#else
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+#endif
+}
 // Host-mapped memory: the host reads what the kernel publishes and writes the cancel flag.
 KOG_DEVICE void kog_fence_system() {
 #if defined(KOG_HIP)

@@ -279,7 +279,7 @@ KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
         const float v = kog_w_to_f32(row[i]);
         kog_st_x(c, i, v, tag);
 #if KOG_TP == 1
-        kog_red_add_u64(kog_xsum(p, pos, 0) + i, kog_sum_word(v));   // layer 0's old x
+        kog_red_add_u64(kog_xsum(p, pos, 0) + i, kog_sum_word(p, v));   // layer 0's old x
 #endif
         if (dbg != nullptr) dbg[KOG_DBG_EMBED + i] = v;
     }
@@ -301,6 +301,7 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
     kog_u32 cancel = 0u;
 #else
     const kog_u32 cancel = (generating && threadIdx.x == 0) ? kog_ld_relaxed_system(p->host_ctl + 2) : 0u;
+    const kog_u32 overflow = (generating && threadIdx.x == 0) ? kog_ld_cg_u32(kog_counter(c, KOG_CNT_OVERFLOW)) : 0u;
 #endif
     if (!lm_ran) {                                        // inside the prompt: x is final
 #if KOG_TP > 1
@@ -334,6 +335,9 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
             if (reason == 0u && g + 1 >= p->max_new) reason = 2u;                      // FINISH_LENGTH
             if (reason == 0u && p->prompt_len + g + 1 >= p->context_length) reason = 3u;   // FINISH_CONTEXT
             if (reason == 0u && cancel != 0u) reason = 4u;                             // FINISH_CANCELLED
+#if KOG_TP == 1
+            if (reason == 0u && overflow != 0u) reason = 6u;                           // FINISH_OVERFLOW
+#endif
             if (t + 1 < p->context_length) p->tokens[t + 1] = next;
             *slot = reason;
         }

@@ -28,9 +28,9 @@
 #define KOG_SLOT_FLAG (2 * KOG_THREADS / KOG_WARP)            // scratch slots after reductions
 #define KOG_SCRATCH_FLOATS (2 * KOG_THREADS / KOG_WARP + 16)
 #ifndef KOG_OWN_ROWS
-#define KOG_OWN_ROWS 64          // rows of x a block owns at most (o_proj / down_residual)
+#define KOG_OWN_ROWS 64          // rows of x a block owns at most (down_residual's static rows)
 #endif
-#define KOG_OWN_PAD ((KOG_OWN_ROWS + 3) / 4 * 4)   // x_own: [o_proj rows | down rows]
+#define KOG_OWN_PAD ((KOG_OWN_ROWS + 3) / 4 * 4)   // x_own: old x of the down rows
 
 // Version tags of the tagged activation vectors (never 0: the host zeroes tags before a launch).
 #define KOG_STAGE_EMBED 0
@@ -49,12 +49,17 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 // xsum[t & 1][l][row]: fixed point (steps of 2^-KOG_SUM_FRAC) in the high bits, a contribution
 // count in the low KOG_SUM_COUNT_BITS. A word is ready when its count is KOG_SUM_PARTS: one
 // poll, as for a tagged word. Integer adds are associative, so a sum is the same bits whatever
-// order its parts land in. |x| must stay below 2^(63 - COUNT_BITS - FRAC) = 2^27.
+// order its parts land in. A part must be finite with |part| < 2^(63 - COUNT_BITS - FRAC) =
+// 2^27 (and so must the sum): one that is not cannot be held -- kog_sum_word sets the OVERFLOW
+// counter, the sampler ends the generation with FINISH_OVERFLOW and the host raises an error,
+// instead of the wrapped or zeroed value passing as a number.
 #define KOG_SUM_FRAC 26
 #define KOG_SUM_COUNT_BITS 10
 #define KOG_SUM_PARTS (KOG_N_KV + 1)
 static_assert(KOG_SUM_PARTS < (1 << KOG_SUM_COUNT_BITS), "contribution count fits its bits");
-KOG_DEVICE kog_u64 kog_sum_word(float v) {
+KOG_DEVICE kog_u64 kog_sum_word(const KogParams* p, float v) {
+    if (!(fabsf(v) < (float)(1ll << (63 - KOG_SUM_COUNT_BITS - KOG_SUM_FRAC))))
+        kog_st_relaxed(p->counters + KOG_CNT_OVERFLOW, 1u);
     const long long q = __float2ll_rn(v * (float)(1 << KOG_SUM_FRAC));
     return ((kog_u64)q << KOG_SUM_COUNT_BITS) + 1ull;
 }
@@ -160,7 +165,7 @@ struct KogCtx {
     const KogParams* p;
     float* smem;         // KOG_SMEM_FLOATS floats of dynamic shared memory
     float* scratch;      // 2 * KOG_THREADS / KOG_WARP + 16 floats for block reductions / flags
-    float* x_own;        // 2 x KOG_OWN_PAD: old x of this block's o_proj rows, of its down rows
+    float* x_own;        // KOG_OWN_PAD: old x of this block's static down_residual rows
     float* x_full;       // tensor parallel: the whole residual stream x (KOG_HIDDEN floats)
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     const kog_u64* xr;   // the copy of x this block reads: its memory domain's (topology.py)

@@ -240,6 +240,29 @@ def test_cancel_mid_run():
     assert len(list(be.start([1, 2, 3], SamplingParams(), 4, set()))) == 4
 
 
+
+@pytest.mark.parametrize("bad", ["huge", "nan"])
+def test_residual_overflow_is_an_error(bad):
+    """A residual-sum part the one-GPU sums cannot hold (|x| >= 2^27, or NaN) ends the
+    generation with a DeviceError, never a silently wrapped value; the GPU is usable after."""
+    from kogcupy.errors import DeviceError
+    cfg = dataclasses.replace(FAMILIES["llama"], tie_word_embeddings=False)
+    m = model(cfg, seed=11)
+    w = dict(m.weights)
+    w["embed"] = w["embed"].copy()
+    if bad == "huge":
+        w["embed"][7] *= np.float32(2.0 ** 28)         # a power of two: still exact in bf16
+    else:
+        w["embed"][7, 3] = np.nan
+    be = MonokernelBackend(SimpleNamespace(**{**vars(m), "weights": w}), context_length=256,
+                           watchdog_s=20)
+    assert len(list(be.start([1, 2, 3], SamplingParams(), 6, set()))) == 6   # token 7 unused
+    with pytest.raises(DeviceError, match="residual stream"):
+        list(be.start([1, 3, 7], SamplingParams(), 6, set()))   # 7: the monokernel's position
+    with pytest.raises(DeviceError, match="residual stream"):
+        be.logits([2, 7, 4])
+    assert len(list(be.start([1, 2, 3], SamplingParams(), 6, set()))) == 6
+
 def test_fp16_storage():
     cfg = FAMILIES["qwen2-bias-h576-gqa3"]
     m, be = backend(cfg, dtype="float16")

@@ -45,11 +45,12 @@ TP_CONFIGS = {
 
 
 # Bytes of spill stores ptxas may emit in kog_monokernel (sm_90): the values of the build
-# measured on an H200 (2026-12-03, attention state in registers) plus ~15%. The monokernel
+# measured on an H200 (2026-12-03, attention state in registers; Llama-3.2-1B: the o_proj
+# split, 228) plus ~15%. The monokernel
 # runs at the 128-register ceiling; code that raises the pressure makes ptxas spill, and its
 # spills can land in the GEMV dot loop (the attention's tile loop inlined: Llama-3.2-1B 96 ->
 # 408 bytes, -13% decode; a not-inlined attention whose state took 88 registers: 1,468 bytes).
-SPILL_STORE_BUDGET = {"llama-3.2-1b": 228, "qwen3-1.7b": 312, "smollm2-135m-fp16": 850,
+SPILL_STORE_BUDGET = {"llama-3.2-1b": 262, "qwen3-1.7b": 312, "smollm2-135m-fp16": 850,
                       "qwen2-bias-gqa7": 712, "qwen3-1.7b-tp4": 300, "llama-3.2-1b-tp2": 130}
 
 

@@ -73,14 +73,30 @@ def test_stage_matches_its_source(stage):
             assert re.search(rf"\bp->{u.buffer}\b", text), f"{stage.name} does not touch p->{u.buffer}"
         if u.sum is not None:
             assert u.buffer == "xsum" and re.search(r"\bkog_xsum\(", text), (stage.name, str(u))
-            assert re.search(r"\bkog_(sum_word|sum_ready)\b|kog_load_activation<\w+, true>",
-                             text), (stage.name, str(u))
+            if u in stage.writes:          # a part added in L2, encoded with its count
+                assert re.search(r"\bkog_red_add_u64\([^;]*\bkog_sum_word\(", text), (stage.name, str(u))
+            else:                          # polled until every part is in, by the stage itself
+                assert re.search(r"kog_load_activation<\w+, true>|\bkog_sum_ready\(|\bkog_sum_rows_to_shared\(",
+                                 DEFS[stage.kernel]), (stage.name, str(u))
         if u.tag is not None:
             assert u.buffer in TAGGED
             assert re.search(rf"\bKOG_STAGE_{u.tag.stage}\b", text), (stage.name, str(u))
         if u.counter:
             assert u.buffer == "counters"
             assert re.search(rf"\b{u.counter}\b", text), (stage.name, u.counter)
+
+
+def test_residual_sums_are_zeroed_for_their_next_position():
+    """The stage adding the old x into sum(t, l+1) zeroes its share of sum(t+1, l) first
+    (kog_xsum_zero_next, before its wait); the host zeroes both parities per launch."""
+    adders = [s for s in schedule.STAGES if s.per_layer and
+              any(u.sum is not None and u.sum.part == "old" for u in s.writes)]
+    assert [s.name for s in adders] == ["down_residual"]
+    body = DEFS[adders[0].kernel]
+    assert "kog_xsum_zero_next(c, layer)" in body
+    assert body.index("kog_xsum_zero_next(c, layer)") < body.index("kog_load_activation<")
+    zero = DEFS["kog_xsum_zero_next"]
+    assert re.search(r"kog_st_relaxed_u64\(next \+ i, 0ull\)", zero) and "kog_fence_gpu()" in zero
 
 
 def test_counters_and_tag_stages_exist():
@@ -145,7 +161,7 @@ def test_finish_codes():
         {c: n for c, n in abi.FINISH_CODES.items() if n}
     # every code the kernel stores is a literal with a comment naming its constant
     sets = re.findall(r"\b(?:reason|finish) = ([1-9])u;\s*//\s*(FINISH_\w+)", CUH["sampling.cuh"])
-    assert len(re.findall(r"\b(?:reason|finish) = [1-9]u;", CUH["sampling.cuh"])) == len(sets) == 5
+    assert len(re.findall(r"\b(?:reason|finish) = [1-9]u;", CUH["sampling.cuh"])) == len(sets) == 6
     assert {int(v): getattr(schedule, name) for v, name in sets} == \
         {c: c for c, n in abi.FINISH_CODES.items() if n}
 

@@ -96,7 +96,8 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("x_copies", "i32", None, "copies of x: writers store all, a block reads its domain's"),
 ]
 
-FINISH_CODES = {0: None, 1: "eos", 2: "length", 3: "context", 4: "cancelled", 5: "done"}
+FINISH_CODES = {0: None, 1: "eos", 2: "length", 3: "context", 4: "cancelled", 5: "done",
+                6: "overflow"}
 
 
 def numpy_dtype() -> np.dtype:
@@ -171,13 +172,16 @@ def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
     KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache;
     KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors;
     KOG_CNT_CANCEL: tensor parallel, 1 once rank 0 forwarded the host's cancel flag;
-    KOG_CNT_DYN_DOWN + layer: down_residual's dynamic-tail cursor.
+    KOG_CNT_DYN_DOWN + layer: down_residual's dynamic-tail cursor;
+    KOG_CNT_OVERFLOW: 1 once a part of a residual sum was not finite or |part| >= 2^27
+    (one GPU; sync.cuh kog_sum_word), which the sums cannot hold.
     """
     n = n_layers * n_kv_heads
     d = {"KOG_CNT_TOK": 0, "KOG_CNT_LM": 1, "KOG_CNT_STOP": 2, "KOG_CNT_TICKET": 3,
          "KOG_CNT_KV": 3 + n, "KOG_CNT_DYN": 3 + 2 * n, "KOG_CNT_CANCEL": 3 + 2 * n + n_layers + 1,
-         "KOG_CNT_DYN_DOWN": 3 + 2 * n + n_layers + 2}
-    d["KOG_N_COUNTERS"] = 3 + 2 * n + 2 * n_layers + 2
+         "KOG_CNT_DYN_DOWN": 3 + 2 * n + n_layers + 2,
+         "KOG_CNT_OVERFLOW": 3 + 2 * n + 2 * n_layers + 2}
+    d["KOG_N_COUNTERS"] = 3 + 2 * n + 2 * n_layers + 3
     return d
 
 

@@ -124,7 +124,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         raise DeviceError(f"the attention combine needs at least {lcfg.n_kv_heads} blocks (kv heads)")
     scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
     x_full = lcfg.hidden_size if world > 1 else 0    # tensor parallel: x per block
-    own = 2 * (-(-placement.own_rows // 4) * 4)      # sync.cuh: x_own is 2 x KOG_OWN_PAD
+    own = -(-placement.own_rows // 4) * 4            # sync.cuh: x_own is KOG_OWN_PAD floats
     tile, bufs = (int(tuning.get(k, kernels.DEFAULT_TUNING.get(k, v))) for k, v in
                   zip(("KOG_ATTN_TILE", "KOG_ATTN_BUFS"), attn_tiling(lcfg)))
     if arch and "KOG_ATTN_BUFS" not in tuning:

@@ -27,6 +27,11 @@ from .build_plan import THREADS, build_plan
 from ..prefix_cache import PrefixCache, common_prefix_len
 from ..sampling_params import SamplingParams
 
+# FINISH_OVERFLOW (schedule.py): a value the one-GPU residual sums cannot hold (sync.cuh)
+OVERFLOW_MESSAGE = ("the residual stream left the range the GPU's residual sums hold (a value "
+                    "was not finite, or |x| >= 2^27): the weights or the prompt drive the "
+                    "model's activations to inf / NaN; the output is invalid")
+
 MATRICES = ("wqkv", "wo", "w_gate_up", "w_down", "lm_head", "embed")
 STAGE_DUMPS = ("attn_norm_qkv", "attention", "o_proj_residual", "ffn_norm_gate_up_silu",
                "down_residual")
@@ -113,6 +118,9 @@ class MonokernelTokenStream:
     def _finish(self, reason: str):
         self.finish_reason = reason
         self._b._wait_idle()
+        if reason == "overflow":
+            self._b._forget_kv()
+            raise DeviceError(OVERFLOW_MESSAGE + f" after {self._yielded} generated tokens")
         raise StopIteration
 
     def __next__(self) -> int:
@@ -585,6 +593,10 @@ class MonokernelBackend(_OneLaunchBackend):
             out.fill(np.nan)
         self._launch(list(token_ids), SamplingParams(), 1, (), all_logits=True, logits_out=out)
         self._sync_with_watchdog()
+        if self.world == 1 and int(self.counters[abi.counter_layout(
+                self.lcfg.n_layers, self.lcfg.n_kv_heads)["KOG_CNT_OVERFLOW"]]):
+            self._forget_kv()
+            raise DeviceError(OVERFLOW_MESSAGE)
         self._kv_ids = list(token_ids)            # teacher-forced: every position ran
         return cp.asnumpy(out)
 

@@ -58,7 +58,7 @@ class Placement:
     attn_max_chunks: int           # chunk rule parameter
     attn_chunks_alloc: int         # chunks per kv head the partial buffer holds
     attn_ticket_base: np.ndarray   # (C,) int32: ticket arrivals of positions before t
-    own_rows: int                  # rows of x a block owns at most (o_proj or down_residual)
+    own_rows: int                  # rows of x a block owns at most (down_residual's static rows)
     gate_up_dyn_begin: int         # gate/up units from here on are handed out dynamically
     lm_dyn_begin: int              # LM head rows from here on are handed out dynamically
     lm_dyn_end: int                # ... up to here (this rank's vocabulary slice ends)
@@ -105,6 +105,15 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
         short = {k: n for k, n in stages.items() if producers[k] < n_blocks}
         raise ValueError(f"tensor parallel needs rows of every stage in every block; "
                          f"{short} rows are fewer than the {n_blocks} blocks: use fewer blocks")
+    if world_size == 1 and (producers["qkv"] < n_blocks or
+                            (cfg.n_layers < 2 and producers["down"] < n_blocks)):
+        # down_residual(t, l) zeroes its share of the residual sum of (t + 1, l) (gemv.cuh,
+        # kog_xsum_zero_next); that the zeroing follows every read of (t - 1, l) and precedes
+        # every part of (t + 1, l) is carried by every block's qkv rows (and, with one layer,
+        # its down rows)
+        raise ValueError(f"one GPU needs rows of qkv in every block ({cfg.qkv_dim} rows)"
+                         + ("" if cfg.n_layers > 1 else f" and of down ({cfg.hidden_size} rows)")
+                         + f", fewer than the {n_blocks} blocks: use fewer blocks")
     if dyn_permille > 0:
         producers["lm"] = n_blocks                  # every block takes part in the dynamic tail
     max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))
@@ -116,7 +125,7 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     base = np.concatenate([[0], np.cumsum(arrivals)[:-1]]).astype(np.int64)
     if base[-1] + alloc >= 2**31:
         raise ValueError("attention ticket counts overflow")
-    own_rows = int(max(np.max(c[:, 1] - c[:, 0]) for c in (cols[1], cols[3])))
+    own_rows = int(np.max(cols[3][:, 1] - cols[3][:, 0]))
     return Placement(n_blocks, partition, producers, max_chunks, alloc, base.astype(np.int32),
                      own_rows, dyn_begin["gate_up"], v0 + dyn_begin["lm"], v1,
                      dyn_begin.get("down", cfg.hidden_size))

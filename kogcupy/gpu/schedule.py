@@ -191,7 +191,9 @@ STAGES: tuple[Stage, ...] = (
           tp="waits LM (system scope) for every rank's producers; cancel from CANCEL"),
     Stage("stop_check", "kog_stage_sample", "sampling.cuh", False, False,
           waits=(),
-          reads=(Use("eos_ids"), Use("counters", counter="KOG_CNT_CANCEL", when="KOG_TP > 1")),
+          reads=(Use("eos_ids"), Use("counters", counter="KOG_CNT_CANCEL", when="KOG_TP > 1"),
+                 Use("counters", counter="KOG_CNT_OVERFLOW", when="KOG_TP == 1",
+                     what="read before the wait")),
           writes=(Use("counters", counter="KOG_CNT_STOP", value="= 1", what="before TOK's release"),
                   Use("host_ctl", what="[1] = finish code, after the count")),
           who="block 0, inside kog_stage_sample"),
@@ -211,6 +213,8 @@ COUNTERS = {
     "KOG_CNT_DYN": ("[l], [L]", "dynamic-tail cursors: gate_up of layer l, LM head"),
     "KOG_CNT_CANCEL": ("", "tensor parallel: 1 once rank 0 forwarded the host's cancel"),
     "KOG_CNT_DYN_DOWN": ("[l]", "down_residual's dynamic-tail cursor"),
+    "KOG_CNT_OVERFLOW": ("", "one GPU: 1 once a residual-sum part was not finite or |part| >= 2^27 "
+                             "(kog_sum_word, any stage adding to xsum)"),
 }
 
 
@@ -225,11 +229,14 @@ FINISH_LENGTH = _finish("length")        # max_new tokens generated
 FINISH_CONTEXT = _finish("context")      # the KV cache is full
 FINISH_CANCELLED = _finish("cancelled")  # the host's cancel word was set
 FINISH_DONE = _finish("done")            # all_logits: every prompt position has logits
+FINISH_OVERFLOW = _finish("overflow")    # OVERFLOW was set: the residual sums lost a value
 FINISH_WHY = {FINISH_EOS: "stop_check: the sampled token is an EOS id",
               FINISH_LENGTH: "stop_check: max_new tokens generated",
               FINISH_CONTEXT: "stop_check: prompt + generated reached the context length",
               FINISH_CANCELLED: "stop_check: the host's cancel word was set",
-              FINISH_DONE: "sample: all_logits, every prompt position has its logits"}
+              FINISH_DONE: "sample: all_logits, every prompt position has its logits",
+              FINISH_OVERFLOW: "stop_check: OVERFLOW was set (a residual-sum part was not finite "
+                               "or |part| >= 2^27); the host raises a DeviceError"}
 
 
 def per_layer_hops() -> int:
