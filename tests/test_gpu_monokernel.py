@@ -241,19 +241,17 @@ def test_cancel_mid_run():
 
 
 
-@pytest.mark.parametrize("bad", ["huge", "nan"])
-def test_residual_overflow_is_an_error(bad):
-    """A residual-sum part the one-GPU sums cannot hold (|x| >= 2^27, or NaN) ends the
-    generation with a DeviceError, never a silently wrapped value; the GPU is usable after."""
+@pytest.mark.parametrize("scale", [2.0 ** 28, -(2.0 ** 28)])
+def test_residual_overflow_is_an_error(scale):
+    """A residual-sum part the one-GPU sums cannot hold (|x| >= 2^27) ends the generation with
+    a DeviceError, never a silently wrapped value; the GPU is usable after. (NaN weights are
+    refused at load, so a non-finite part cannot be made from the weights.)"""
     from kogcupy.errors import DeviceError
     cfg = dataclasses.replace(FAMILIES["llama"], tie_word_embeddings=False)
     m = model(cfg, seed=11)
     w = dict(m.weights)
     w["embed"] = w["embed"].copy()
-    if bad == "huge":
-        w["embed"][7] *= np.float32(2.0 ** 28)         # a power of two: still exact in bf16
-    else:
-        w["embed"][7, 3] = np.nan
+    w["embed"][7] *= np.float32(scale)                 # a power of two: still exact in bf16
     be = MonokernelBackend(SimpleNamespace(**{**vars(m), "weights": w}), context_length=256,
                            watchdog_s=20)
     assert len(list(be.start([1, 2, 3], SamplingParams(), 6, set()))) == 6   # token 7 unused
