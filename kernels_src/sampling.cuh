@@ -223,22 +223,13 @@ KOG_DEVICE int kog_sample_token(const KogCtx& c, int g_index) {
         float bv = KOG_NEG_INF;
         int bi = KOG_INT_MAX;
         if (pen == 1.f) {                      // reduce the LM head's per-block partials
-#if KOG_TP > 1
-            for (int b = tid; b < KOG_TP * (int)gridDim.x; b += bd) {   // every rank's blocks
+            // every rank's blocks; both loads issued before the check (one L2 round trip)
+            for (int b = tid; b < KOG_TP * (int)gridDim.x; b += bd) {
                 const int i = kog_ld_cg_int(p->lm_part_idx + b);
+                const float v = kog_ld_cg(p->lm_part_val + b);
                 if (i < 0) continue;                                    // no rows (host: -1)
-                const float v = kog_ld_cg(p->lm_part_val + b);
                 if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
             }
-#else
-            for (int b = tid; b < (int)gridDim.x; b += bd) {
-                const int* row = p->partition + b * KOG_PARTITION_COLUMNS;
-                if (row[8] >= row[9]) continue;
-                const float v = kog_ld_cg(p->lm_part_val + b);
-                const int i = kog_ld_cg_int(p->lm_part_idx + b);
-                if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
-            }
-#endif
         } else {
             for (int i = tid; i < KOG_VOCAB; i += bd) {
                 const float v = kog_ld_cg(logits + i);
@@ -303,6 +294,8 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
     const kog_u32 cancel = (generating && threadIdx.x == 0) ? kog_ld_relaxed_system(p->host_ctl + 2) : 0u;
     const kog_u32 overflow = (generating && threadIdx.x == 0) ? kog_ld_cg_u32(kog_counter(c, KOG_CNT_OVERFLOW)) : 0u;
 #endif
+    // The EOS ids (at most 64, monokernel.py) too: thread e holds the e-th.
+    const int eos = (generating && (int)threadIdx.x < p->n_eos) ? p->eos_ids[threadIdx.x] : -1;
     if (!lm_ran) {                                        // inside the prompt: x is final
 #if KOG_TP > 1
         kog_tp_load_reduced(c, 1, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
@@ -328,10 +321,11 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
         finish = 5u;                                      // FINISH_DONE: every prompt position has logits
     } else {
         next = kog_sample_token(c, g);
+        const int is_eos = __syncthreads_or(eos >= 0 && eos == next);
         if (threadIdx.x == 0) {                           // stop_check
             kog_u32 reason = 0u;
             // finish codes: abi.FINISH_CODES, named in kogcupy/gpu/schedule.py (0: running)
-            for (int e = 0; e < p->n_eos; ++e) if (p->eos_ids[e] == next) reason = 1u;   // FINISH_EOS
+            if (is_eos) reason = 1u;                                                   // FINISH_EOS
             if (reason == 0u && g + 1 >= p->max_new) reason = 2u;                      // FINISH_LENGTH
             if (reason == 0u && p->prompt_len + g + 1 >= p->context_length) reason = 3u;   // FINISH_CONTEXT
             if (reason == 0u && cancel != 0u) reason = 4u;                             // FINISH_CANCELLED
