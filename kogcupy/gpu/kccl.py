@@ -39,26 +39,32 @@ def gpu_count() -> int:
 
 
 class Peers:
-    """GPUs 0..n_gpus-1 with peer access enabled between every pair, one stream each."""
+    """n_gpus ranks on GPUs 0..n_gpus-1 (or on ``devices``: rank r on GPU devices[r]) with peer
+    access enabled between every pair of distinct GPUs, one stream each. Ranks that share a GPU
+    (a one-GPU run of the multi-rank protocol, for tests) reach each other's memory directly."""
 
-    def __init__(self, n_gpus: int):
+    def __init__(self, n_gpus: int, devices: list[int] | None = None):
         cupy = _cupy()
         if n_gpus < 1 or n_gpus > MAX_RANKS:
             raise DeviceError(f"KCCL runs on 1 to {MAX_RANKS} GPUs, not {n_gpus}")
+        devices = list(range(n_gpus)) if devices is None else [int(d) for d in devices]
+        if len(devices) != n_gpus:
+            raise DeviceError(f"{n_gpus} ranks need {n_gpus} device ids, got {devices}")
         have = gpu_count()
-        if have < n_gpus:
-            raise DeviceError(f"KCCL needs {n_gpus} GPUs but CuPy sees {have}; "
+        if have <= max(devices):
+            raise DeviceError(f"KCCL needs GPUs {sorted(set(devices))} but CuPy sees {have}; "
                               "check CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES")
         rt = cupy.cuda.runtime
-        for i in range(n_gpus):
-            for j in range(n_gpus):
+        distinct = sorted(set(devices))
+        for i in distinct:
+            for j in distinct:
                 if i != j and not rt.deviceCanAccessPeer(i, j):
                     raise DeviceError(f"GPU {i} cannot access GPU {j}'s memory (no peer access: "
                                       "not on one NVLink/xGMI/PCIe switch domain); "
                                       "KCCL needs every pair of GPUs peer-capable")
-        for i in range(n_gpus):
+        for i in distinct:
             with cupy.cuda.Device(i):
-                for j in range(n_gpus):
+                for j in distinct:
                     if i == j:
                         continue
                     try:
@@ -67,11 +73,12 @@ class Peers:
                         if getattr(e, "status", None) not in _PEER_ALREADY_ENABLED:
                             raise DeviceError(f"enabling peer access GPU {i} -> {j} failed: {e}") from None
         self.n = n_gpus
+        self.devices = devices
         self.streams = []
-        for i in range(n_gpus):
+        for i in devices:
             with cupy.cuda.Device(i):
                 self.streams.append(cupy.cuda.Stream(non_blocking=True))
-        self.names = [kernels.device_strings(rt.getDeviceProperties(i))[0] for i in range(n_gpus)]
+        self.names = [kernels.device_strings(rt.getDeviceProperties(i))[0] for i in devices]
 
     def synchronize(self):
         for s in self.streams:
@@ -92,8 +99,9 @@ class Comm:
         self.max_bytes = max_bytes
         self.slot_bytes = (2 * max_bytes + 255) // 256 * 256
         self.bufs, self.tables, recv, flags = [], [], [], []
+        dev = peers.devices
         for i in range(n):
-            with cupy.cuda.Device(i):
+            with cupy.cuda.Device(dev[i]):
                 # flags: [MAX_BLOCKS][n] u32 epochs; recv: [2 parity][n source][slot_bytes]
                 buf = cupy.zeros(FLAG_BYTES + 2 * n * self.slot_bytes, dtype=cupy.uint8)
             self.bufs.append(buf)
@@ -103,7 +111,7 @@ class Comm:
         table[:n] = recv
         table[MAX_RANKS:MAX_RANKS + n] = flags
         for i in range(n):
-            with cupy.cuda.Device(i):
+            with cupy.cuda.Device(dev[i]):
                 self.tables.append(cupy.asarray(table))
         self.epoch = 0      # last epoch used; the next collective is epoch + 1
         self._functions = {}
@@ -113,7 +121,7 @@ class Comm:
         key = (rank, dtype)
         if key not in self._functions:
             cupy = _cupy()
-            with cupy.cuda.Device(rank):
+            with cupy.cuda.Device(self.peers.devices[rank]):
                 mod = kernels.load_module(kernels.inline_source("kccl_test.cu"),
                                           {"KCCL_TIMEOUT_NS": f"{self.timeout_ns}ull"})
                 name = "kccl_test_f32" if dtype == "float32" else "kccl_test_bf16"
@@ -149,14 +157,15 @@ class Comm:
         epoch0 = self.epoch
         outs, times, status = [], [], []
         funcs = [self.function(r, dtype) for r in range(n)]
+        dev = self.peers.devices
         for r in range(n):
-            with cupy.cuda.Device(r):
+            with cupy.cuda.Device(dev[r]):
                 outs.append(cupy.zeros(shape, odt))
                 times.append(cupy.zeros(2, cupy.uint64))
                 status.append(cupy.zeros(1, cupy.uint32))
         self.peers.synchronize()
         for r in range(n):
-            with cupy.cuda.Device(r), self.peers.streams[r]:
+            with cupy.cuda.Device(dev[r]), self.peers.streams[r]:
                 funcs[r]((n_blocks,), (threads,),
                          (self.tables[r], np.int32(r), np.int32(n), np.uint64(self.slot_bytes),
                           np.int32(n_elems), np.int32(steps), np.uint32(epoch0 & 0xFFFFFFFF),

@@ -227,7 +227,8 @@ class MonokernelBackend(_OneLaunchBackend):
                  watchdog_s: float = 60.0, threads: int = THREADS, blocks: int | None = None,
                  device_model: DeviceModel | None = None, debug_positions: int = 0,
                  tuning: dict | None = None, profile_pos: int | None = None,
-                 prefix_cache_gb: float | None = None, domain_copies: bool | np.ndarray | None = None, **kw):
+                 prefix_cache_gb: float | None = None, domain_copies: bool | np.ndarray | None = None,
+                 sm_share: int = 1, **kw):
         cp = _cupy()
         if not gpu_available():
             raise DeviceError("no CUDA/HIP GPU visible to CuPy; use the reference backend")
@@ -250,7 +251,9 @@ class MonokernelBackend(_OneLaunchBackend):
         self.device_id = cp.cuda.Device().id
         props = cp.cuda.runtime.getDeviceProperties(self.device_id)
         self.gpu_name, arch = kernels.device_strings(props)
-        self.n_sms = int(props["multiProcessorCount"])
+        # sm_share: kernels that run on this GPU at once (tensor-parallel ranks sharing it,
+        # multigpu.py); the grid takes 1 / sm_share of the multiprocessors
+        self.n_sms = int(props["multiProcessorCount"]) // max(1, int(sm_share))
         self._smem_optin = int(props.get("sharedMemPerBlockOptin", 0))   # (_compile checks it)
         plan = build_plan(lcfg, self.n_sms, self.context_length, threads, blocks, tuning,
                           rank=self.rank, world=self.world, arch=arch,

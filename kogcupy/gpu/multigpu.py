@@ -43,23 +43,29 @@ class TensorParallelBackend(_OneLaunchBackend):
     name = "monokernel"
 
     def __init__(self, model=None, gpus: int = 2, context_length: int = 4096,
-                 dtype: str | None = None, device_model: DeviceModel | None = None, **backend_kw):
+                 dtype: str | None = None, device_model: DeviceModel | None = None,
+                 devices: list[int] | None = None, **backend_kw):
+        """``devices``: the GPU of each rank (default 0 .. gpus-1). Ranks may share a GPU -- the
+        multi-rank protocol on one GPU, for tests where fewer GPUs are present: each rank's grid
+        then takes its share of the multiprocessors and all of them must run at once."""
         cp = _cupy()
         if not isinstance(gpus, int) or gpus < 2:
             raise InputError(f"TensorParallelBackend needs gpus >= 2, got {gpus!r}")
         cfg = device_model.cfg if device_model is not None else model.config
         tensor_parallel.check(cfg, gpus)
-        self.peers = kccl.Peers(gpus)               # clear errors: too few GPUs, no peer access
+        self.peers = kccl.Peers(gpus, devices)      # clear errors: too few GPUs, no peer access
+        devices = self.peers.devices
         if device_model is None:
             dtype = dtype or getattr(model, "dtype", None) or "bfloat16"
-            with cp.cuda.Device(0):
+            with cp.cuda.Device(devices[0]):
                 device_model = DeviceModel.from_packed(model.config, model.weights, dtype)
         self.ranks: list[MonokernelBackend] = []
         for r in range(gpus):
-            with cp.cuda.Device(r):
+            with cp.cuda.Device(devices[r]):
                 shard = device_model.shard(r, gpus)
                 self.ranks.append(MonokernelBackend(device_model=shard,
-                                                    context_length=context_length, **backend_kw))
+                                                    context_length=context_length,
+                                                    sm_share=devices.count(devices[r]), **backend_kw))
         del device_model
         r0 = self.ranks[0]
         self.model = model
