@@ -17,7 +17,6 @@
 #pragma once
 #include "gemv.cuh"
 
-#define KOG_SAMPLE_SMEM_FLOATS (2048 * 2 + 8)
 
 KOG_DEVICE float kog_philox_uniform(kog_u32 k0, kog_u32 k1, kog_u32 step) {
     const kog_u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
@@ -65,6 +64,53 @@ KOG_DEVICE T kog_block_prefix_incl(T v, float* scratch, T& total) {
     return v + before;
 }
 
+// Calls fn(i, logit) for each logit of this thread's share of the vocabulary (block 0 walks all
+// of it in every pass). The logits are staged through shared memory by asynchronous 16-byte
+// copies, KOG_SAMPLE_SLOTS per thread and buffer, two buffers: a pass over a 128k vocabulary
+// waits for ~16 L2 round trips instead of one per 512 logits, and holds no registers for the
+// loads in flight (the kernel is at its register ceiling). Each thread reads back only the
+// slots it copied, so no barrier is needed. `logits` is 16-byte aligned; the staging buffers
+// sit in `stage` (KOG_SAMPLE_STAGE_FLOATS floats of shared memory).
+#define KOG_SAMPLE_HIST_FLOATS (2048 * 2 + 8)                  // kog_select's histograms
+#define KOG_SAMPLE_SLOTS_FIT ((KOG_SMEM_FLOATS - KOG_SAMPLE_HIST_FLOATS - 8) / (2 * 4 * KOG_THREADS))
+#define KOG_SAMPLE_SLOTS (KOG_SAMPLE_SLOTS_FIT < 4 ? KOG_SAMPLE_SLOTS_FIT : 4)
+#define KOG_SAMPLE_STAGE_FLOATS (2 * 4 * KOG_THREADS * KOG_SAMPLE_SLOTS)
+#define KOG_SAMPLE_SMEM_FLOATS (KOG_SAMPLE_HIST_FLOATS + 8 + 2 * 4 * KOG_THREADS)
+template <class F>
+KOG_DEVICE void kog_for_logits(const float* logits, float* stage, F fn) {
+    constexpr int V4 = KOG_VOCAB / 4, S = KOG_SAMPLE_SLOTS, CH = S * KOG_THREADS;   // float4s a chunk
+    constexpr int NCH = (V4 + CH - 1) / CH;
+    static_assert(S >= 1, "shared memory for the sampler's staging buffers");
+    const float4* l4 = reinterpret_cast<const float4*>(logits);
+    float4* buf = reinterpret_cast<float4*>(stage);
+    const int tid = threadIdx.x;
+    auto issue = [&](int ch) {
+        if (ch < NCH) {
+#pragma unroll
+            for (int k = 0; k < S; ++k) {
+                const int i4 = ch * CH + k * KOG_THREADS + tid;
+                if (i4 < V4) kog_copy16(buf + (ch & 1) * CH + k * KOG_THREADS + tid, l4 + i4);
+            }
+        }
+        kog_copy16_commit();
+    };
+    issue(0);
+    for (int ch = 0; ch < NCH; ++ch) {
+        issue(ch + 1);
+        kog_copy16_wait_groups<1>();
+#pragma unroll 1
+        for (int k = 0; k < S; ++k) {                  // (not unrolled: fn's code once, not S times)
+            const int i4 = ch * CH + k * KOG_THREADS + tid;
+            if (i4 < V4) {
+                const float4 v = buf[(ch & 1) * CH + k * KOG_THREADS + tid];
+                fn(4 * i4, v.x); fn(4 * i4 + 1, v.y); fn(4 * i4 + 2, v.z); fn(4 * i4 + 3, v.w);
+            }
+        }
+    }
+    kog_copy16_wait_groups<0>();
+    for (int i = 4 * V4 + tid; i < KOG_VOCAB; i += blockDim.x) fn(i, kog_ld_cg(logits + i));
+}
+
 struct KogSampler {
     const float* logits;   // (V,) after the repetition penalty
     float lmax;            // max logit
@@ -72,6 +118,7 @@ struct KogSampler {
     float min_w;           // min_p (kept when weight >= min_w), 0 -> off
     kog_u32 cut_key;       // current prefix of the descending order (see file comment)
     int cut_id;
+    float* stage;          // kog_for_logits' staging buffers (shared memory)
 };
 KOG_DEVICE float kog_weight(const KogSampler& s, float l) { return expf((l - s.lmax) * s.inv_t); }
 KOG_DEVICE bool kog_kept(const KogSampler& s, int i, float l, kog_u32 k) {
@@ -81,10 +128,9 @@ KOG_DEVICE bool kog_kept(const KogSampler& s, int i, float l, kog_u32 k) {
 
 KOG_DEVICE float kog_kept_mass(const KogSampler& s, float* scratch) {
     float m = 0.f;
-    for (int i = threadIdx.x; i < KOG_VOCAB; i += blockDim.x) {
-        const float l = kog_ld_cg(s.logits + i);
+    kog_for_logits(s.logits, s.stage, [&](int i, float l) {
         if (kog_kept(s, i, l, kog_float_key(l))) m += kog_weight(s, l);
-    }
+    });
     return kog_block_sum(m, scratch);
 }
 
@@ -108,14 +154,13 @@ KOG_DEVICE int kog_select(KogSampler& s, bool count_mode, int target_c, float ta
         for (int b = tid; b < nb; b += bd) { hm[b] = 0.f; hc[b] = 0; }
         if (tid == 0) { sel[0] = -1; sel[1] = nb; }
         __syncthreads();
-        for (int i = tid; i < KOG_VOCAB; i += bd) {
-            const float l = kog_ld_cg(s.logits + i);
+        kog_for_logits(s.logits, s.stage, [&](int i, float l) {
             const kog_u32 k = kog_float_key(l);
-            if ((k & mask) != prefix || !kog_kept(s, i, l, k)) continue;
+            if ((k & mask) != prefix || !kog_kept(s, i, l, k)) return;
             const int b = (int)((k >> shift) & (kog_u32)(nb - 1));
             atomicAdd(hc + b, 1);
             if (!count_mode) atomicAdd(hm + b, kog_weight(s, l));
-        }
+        });
         __syncthreads();
         int lc = 0;
         float lm = 0.f;
@@ -173,11 +218,10 @@ KOG_DEVICE int kog_select(KogSampler& s, bool count_mode, int target_c, float ta
     if (tid == 0) sel[0] = -1;
     __syncthreads();
     if (j == n_eq) {                                     // the last kept tie: largest id
-        for (int i = tid; i < KOG_VOCAB; i += bd) {
-            const float l = kog_ld_cg(s.logits + i);
+        kog_for_logits(s.logits, s.stage, [&](int i, float l) {
             const kog_u32 k = kog_float_key(l);
             if (k == v && kog_kept(s, i, l, k)) atomicMax(sel, i);
-        }
+        });
     } else {
         int base = 0;
         for (int i0 = 0; i0 < KOG_VOCAB && base < j; i0 += bd) {
@@ -206,6 +250,7 @@ KOG_DEVICE int kog_select(KogSampler& s, bool count_mode, int target_c, float ta
 KOG_DEVICE int kog_sample_token(const KogCtx& c, int g_index) {
     const KogParams* p = c.p;
     float* logits = p->logits;
+    float* stage = c.smem + KOG_SAMPLE_HIST_FLOATS + 8;   // after kog_select's histograms
     const int tid = threadIdx.x, bd = blockDim.x;
     const float pen = p->repetition_penalty;
     if (pen != 1.f) {
@@ -231,16 +276,15 @@ KOG_DEVICE int kog_sample_token(const KogCtx& c, int g_index) {
                 if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
             }
         } else {
-            for (int i = tid; i < KOG_VOCAB; i += bd) {
-                const float v = kog_ld_cg(logits + i);
-                if (v > bv) { bv = v; bi = i; }
-            }
+            kog_for_logits(logits, stage, [&](int i, float v) {
+                if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+            });
         }
         float v_unused;
         return kog_block_argmax(bv, bi, c.scratch, v_unused);
     }
     float lmax = KOG_NEG_INF;
-    for (int i = tid; i < KOG_VOCAB; i += bd) lmax = fmaxf(lmax, kog_ld_cg(logits + i));
+    kog_for_logits(logits, stage, [&](int, float l) { lmax = fmaxf(lmax, l); });
     KogSampler s;
     s.logits = logits;
     s.lmax = kog_block_max(lmax, c.scratch);
@@ -248,6 +292,7 @@ KOG_DEVICE int kog_sample_token(const KogCtx& c, int g_index) {
     s.min_w = 0.f;
     s.cut_key = 0u;
     s.cut_id = KOG_INT_MAX;
+    s.stage = stage;
     if (p->top_k > 0 && p->top_k < KOG_VOCAB) kog_select(s, true, p->top_k, 0.f, true, c.smem, c.scratch);
     if (p->top_p < 1.f) {
         const float z = kog_kept_mass(s, c.scratch);

@@ -65,7 +65,7 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
     attn = (g * hd * 2 + 2 * hd + -(-2 * g // 4) * 4 + hd
             + bufs * tile * hd                      # attention.cuh KOG_ATTN_SMEM_FLOATS
             + (nhs * 10 * threads if nhs > 1 else 0))
-    sample = 2048 * 2 + 8                           # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
+    sample = 2048 * 2 + 8 + 8 + 8 * threads         # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
     n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample)
     return -(-n // 4) * 4
 
