@@ -352,9 +352,12 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 #if KOG_TP == 1
 // Called by down_residual(t, l) before its wait for act (the fence overlaps that wait): zero
 // this block's share of the residual sum of (t + 1, l), which shares its buffer with (t - 1, l).
-// After every read of (t - 1, l): down(t, l) follows act(t, l) <- sum(t, l) <- every group's
-// attn_out(t, l) <- qkv(t, l) rows of every block (placement.py: every block owns some), and
-// each block read (t - 1, l) before it wrote those rows. Before every part of (t + 1, l): each
+// After every read of (t - 1, l): this block already passed its qkv(t, l) wait -- for l > 0 on
+// x(t, l - 1), which needed act, the sum, every group's attn_out and the qkv rows of every
+// block (placement.py: every block owns some) of (t, l - 1); at l = 0 on TOK(t), released after
+// every block's LM head of t - 1 or, inside the prompt, after x(t - 1, L - 1), the same chain
+// one layer up -- and each block made its reads of step t - 1 before those writes of step t
+// (with one layer, its down rows carry it: placement.py). Before every part of (t + 1, l): each
 // producer of one (down_residual(t + 1, l - 1), o_proj(t + 1, l), the sampler's embedding at t)
 // follows this block's later writes -- its qkv rows of step t + 1 or, for the sampler's
 // embedding, its qkv(t, L - 1) rows (with one layer: its down rows of step t) -- and the fence

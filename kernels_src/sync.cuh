@@ -50,9 +50,10 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 // count in the low KOG_SUM_COUNT_BITS. A word is ready when its count is KOG_SUM_PARTS: one
 // poll, as for a tagged word. Integer adds are associative, so a sum is the same bits whatever
 // order its parts land in. A part must be finite with |part| < 2^(63 - COUNT_BITS - FRAC) =
-// 2^27 (and so must the sum): one that is not cannot be held -- kog_sum_word sets the OVERFLOW
-// counter, the sampler ends the generation with FINISH_OVERFLOW and the host raises an error,
-// instead of the wrapped or zeroed value passing as a number.
+// 2^27 (only parts are checked; the sum must stay below it too): one that is not cannot be
+// held -- kog_sum_word sets the OVERFLOW counter, the sampler ends the generation with
+// FINISH_OVERFLOW and the host raises an error, instead of the wrapped or zeroed value
+// passing as a number.
 #define KOG_SUM_FRAC 26
 #define KOG_SUM_COUNT_BITS 10
 #define KOG_SUM_PARTS (KOG_N_KV + 1)

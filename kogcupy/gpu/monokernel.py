@@ -28,6 +28,7 @@ from ..prefix_cache import PrefixCache, common_prefix_len
 from ..sampling_params import SamplingParams
 
 # FINISH_OVERFLOW (schedule.py): a value the one-GPU residual sums cannot hold (sync.cuh)
+_OVERFLOW_CODE = next(c for c, n in abi.FINISH_CODES.items() if n == "overflow")
 OVERFLOW_MESSAGE = ("the residual stream left the range the GPU's residual sums hold (a value "
                     "was not finite, or |x| >= 2^27): the weights or the prompt drive the "
                     "model's activations to inf / NaN; the output is invalid")
@@ -118,7 +119,10 @@ class MonokernelTokenStream:
     def _finish(self, reason: str):
         self.finish_reason = reason
         self._b._wait_idle()
-        if reason == "overflow":
+        # the launch has ended: an overflow the sampler did not report (it ended on EOS, length
+        # or a cancel first, or the overflow came in the last step) is still an error
+        if reason == "overflow" or self._b._overflowed():
+            self.finish_reason = "overflow"
             self._b._forget_kv()
             raise DeviceError(OVERFLOW_MESSAGE + f" after {self._yielded} generated tokens")
         raise StopIteration
@@ -147,6 +151,8 @@ class MonokernelTokenStream:
         while True:
             code = int(ctl[1])                  # the kernel writes the count before the code
             n = int(ctl[0])
+            if code == _OVERFLOW_CODE:          # no token made from an overflowed residual
+                self._finish("overflow")
             if n > self._yielded:
                 break
             if code:
@@ -187,6 +193,10 @@ class _OneLaunchBackend:
         stream = MonokernelTokenStream(self, len(prompt_ids), t0)
         self._active = stream
         return stream
+
+    def _overflowed(self) -> bool:
+        """The ended launch's residual sums lost a value (one GPU; tensor parallel: never)."""
+        return False
 
     def _forget_kv(self):
         """The live KV cache holds nothing reusable (a stalled or failed launch)."""
@@ -360,6 +370,13 @@ class MonokernelBackend(_OneLaunchBackend):
                 f"but this GPU fits {per_sm} per multiprocessor x {self.n_sms}; "
                 f"registers {fn.num_regs}/thread, {self.smem_bytes} B shared memory per block")
 
+    @_on_device
+    def _overflowed(self) -> bool:
+        if self.world != 1:
+            return False
+        i = abi.counter_layout(self.lcfg.n_layers, self.lcfg.n_kv_heads)["KOG_CNT_OVERFLOW"]
+        return bool(int(self.counters[i]))
+
     # ---- requests: prefix reuse, batched prefill, one launch -----------------------------
     def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
               eos_ids: set[int]) -> MonokernelTokenStream:
@@ -406,6 +423,9 @@ class MonokernelBackend(_OneLaunchBackend):
         self._wait_idle()
         ids, start = self._last_launch
         self._last_launch = None
+        if self._overflowed():                    # computed from lost values: keep nothing new
+            self._kv_ids = ids[:start]
+            return
         n_gen = int(self._ctl.u32[0])
         self._kv_ids = ids + [int(t) for t in self._host_tokens.i32[:max(n_gen - 1, 0)]] \
             if n_gen >= 1 else ids[:start]
@@ -596,8 +616,7 @@ class MonokernelBackend(_OneLaunchBackend):
             out.fill(np.nan)
         self._launch(list(token_ids), SamplingParams(), 1, (), all_logits=True, logits_out=out)
         self._sync_with_watchdog()
-        if self.world == 1 and int(self.counters[abi.counter_layout(
-                self.lcfg.n_layers, self.lcfg.n_kv_heads)["KOG_CNT_OVERFLOW"]]):
+        if self._overflowed():
             self._forget_kv()
             raise DeviceError(OVERFLOW_MESSAGE)
         self._kv_ids = list(token_ids)            # teacher-forced: every position ran

@@ -124,9 +124,10 @@ class TensorParallelBackend(_OneLaunchBackend):
     # ---- bandwidth ------------------------------------------------------------------------
     @property
     def read_bandwidth_Bps(self) -> float:
-        """The GPUs' aggregate read bandwidth (rank 0's measurement x the GPU count)."""
+        """The GPUs' aggregate read bandwidth (rank 0's measurement x the distinct GPUs)."""
         if self._read_bw is None:
-            self._read_bw = self.ranks[0].read_bandwidth_Bps * self.n_gpus
+            # (ranks sharing a GPU share its bandwidth)
+            self._read_bw = self.ranks[0].read_bandwidth_Bps * len(set(self.peers.devices))
         return self._read_bw
 
     def bytes_per_step(self, position: float) -> float:
