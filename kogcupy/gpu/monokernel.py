@@ -370,12 +370,13 @@ class MonokernelBackend(_OneLaunchBackend):
                 f"but this GPU fits {per_sm} per multiprocessor x {self.n_sms}; "
                 f"registers {fn.num_regs}/thread, {self.smem_bytes} B shared memory per block")
 
-    @_on_device
     def _overflowed(self) -> bool:
-        if self.world != 1:
+        counters = getattr(self, "counters", None)     # (none: nothing was ever launched)
+        if counters is None or self.world != 1:
             return False
         i = abi.counter_layout(self.lcfg.n_layers, self.lcfg.n_kv_heads)["KOG_CNT_OVERFLOW"]
-        return bool(int(self.counters[i]))
+        with _cupy().cuda.Device(self.device_id):
+            return bool(int(counters[i]))
 
     # ---- requests: prefix reuse, batched prefill, one launch -----------------------------
     def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
