@@ -17,7 +17,6 @@
 #pragma once
 #include "gemv.cuh"
 
-
 KOG_DEVICE float kog_philox_uniform(kog_u32 k0, kog_u32 k1, kog_u32 step) {
     const kog_u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
     kog_u32 c0 = step, c1 = 0u, c2 = 0u, c3 = 0u;
@@ -70,11 +69,10 @@ KOG_DEVICE T kog_block_prefix_incl(T v, float* scratch, T& total) {
 // waits for ~16 L2 round trips instead of one per 512 logits, and holds no registers for the
 // loads in flight (the kernel is at its register ceiling). Each thread reads back only the
 // slots it copied, so no barrier is needed. `logits` is 16-byte aligned; the staging buffers
-// sit in `stage` (KOG_SAMPLE_STAGE_FLOATS floats of shared memory).
+// sit in `stage` (2 x 4 x KOG_THREADS x KOG_SAMPLE_SLOTS floats of shared memory).
 #define KOG_SAMPLE_HIST_FLOATS (2048 * 2 + 8)                  // kog_select's histograms
 #define KOG_SAMPLE_SLOTS_FIT ((KOG_SMEM_FLOATS - KOG_SAMPLE_HIST_FLOATS - 8) / (2 * 4 * KOG_THREADS))
 #define KOG_SAMPLE_SLOTS (KOG_SAMPLE_SLOTS_FIT < 4 ? KOG_SAMPLE_SLOTS_FIT : 4)
-#define KOG_SAMPLE_STAGE_FLOATS (2 * 4 * KOG_THREADS * KOG_SAMPLE_SLOTS)
 #define KOG_SAMPLE_SMEM_FLOATS (KOG_SAMPLE_HIST_FLOATS + 8 + 2 * 4 * KOG_THREADS)
 template <class F>
 KOG_DEVICE void kog_for_logits(const float* logits, float* stage, F fn) {

@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from . import abi, kernels
+from . import abi, kernels, schedule
 from ..errors import DeviceError, InputError
 from .device_weights import DeviceModel, _check_memory, kv_bytes, streamed_weight_bytes
 from .build_plan import THREADS, build_plan
@@ -28,7 +28,6 @@ from ..prefix_cache import PrefixCache, common_prefix_len
 from ..sampling_params import SamplingParams
 
 # FINISH_OVERFLOW (schedule.py): a value the one-GPU residual sums cannot hold (sync.cuh)
-_OVERFLOW_CODE = next(c for c, n in abi.FINISH_CODES.items() if n == "overflow")
 OVERFLOW_MESSAGE = ("the residual stream left the range the GPU's residual sums hold (a value "
                     "was not finite, or |x| >= 2^27): the weights or the prompt drive the "
                     "model's activations to inf / NaN; the output is invalid")
@@ -151,7 +150,7 @@ class MonokernelTokenStream:
         while True:
             code = int(ctl[1])                  # the kernel writes the count before the code
             n = int(ctl[0])
-            if code == _OVERFLOW_CODE:          # no token made from an overflowed residual
+            if code == schedule.FINISH_OVERFLOW:   # no token made from an overflowed residual
                 self._finish("overflow")
             if n > self._yielded:
                 break
