@@ -26,12 +26,12 @@
 #endif
 
 // Waits until every word of the tagged vector src[0:N) carries `tag` (SUM: every residual-sum
-// word has all its parts, sync.cuh), then puts the values in shared xs. Every thread issues
+// word has `tag` parts, sync.cuh), then puts the values in shared xs. Every thread issues
 // all its 16-byte loads before the first check (one L2 round trip when the data is there) and
 // re-polls only what was not ready. Returns 1/rms(src) when `norm`, else 1. All threads call
 // it; it ends with a block barrier.
 template <bool SUM>
-KOG_DEVICE bool kog_word_ready(kog_u64 w, kog_u32 tag) { return SUM ? kog_sum_ready(w) : kog_tag_of(w) == tag; }
+KOG_DEVICE bool kog_word_ready(kog_u64 w, kog_u32 tag) { return SUM ? kog_sum_ready(w, tag) : kog_tag_of(w) == tag; }
 template <bool SUM>
 KOG_DEVICE float kog_word_value(kog_u64 w) { return SUM ? kog_sum_value(w) : kog_value_of(w); }
 template <int N, bool SUM = false>
@@ -40,7 +40,7 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
     static_assert(N % 2 == 0, "tagged vectors are read in pairs");
     constexpr int P2 = N / 2;
     constexpr int PER = (P2 + KOG_THREADS - 1) / KOG_THREADS;
-    const kog_u64 done = SUM ? (kog_u64)KOG_SUM_PARTS : (kog_u64)tag << 32;   // a ready word
+    const kog_u64 done = SUM ? (kog_u64)tag : (kog_u64)tag << 32;   // a ready word
     kog_u64 w[PER][2];
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
@@ -260,9 +260,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
 #ifndef KOG_DYN_PERMILLE
 #define KOG_DYN_PERMILLE 0        // share of gate_up / lm_head (/ down) units handed out dynamically
 #endif
-#ifndef KOG_DOWN_DYN
-#define KOG_DOWN_DYN 0            // 1: down_residual has a dynamic tail too (monokernel.py decides)
-#endif
 
 // The dynamic-tail cursor of a stage at position index `index` (see KogDynamic).
 template <int K, int UNIT>
@@ -350,40 +347,53 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 
 
 #if KOG_TP == 1
-// Called by down_residual(t, l) before its wait for act (the fence overlaps that wait): zero
-// this block's share of the residual sum of (t + 1, l), which shares its buffer with (t - 1, l).
-// After every read of (t - 1, l): this block already passed its qkv(t, l) wait -- for l > 0 on
-// x(t, l - 1), which needed act, the sum, every group's attn_out and the qkv rows of every
-// block (placement.py: every block owns some) of (t, l - 1); at l = 0 on TOK(t), released after
-// every block's LM head of t - 1 or, inside the prompt, after x(t - 1, L - 1), the same chain
-// one layer up -- and each block made its reads of step t - 1 before those writes of step t
-// (with one layer, its down rows carry it: placement.py). Before every part of (t + 1, l): each
-// producer of one (down_residual(t + 1, l - 1), o_proj(t + 1, l), the sampler's embedding at t)
-// follows this block's later writes -- its qkv rows of step t + 1 or, for the sampler's
-// embedding, its qkv(t, L - 1) rows (with one layer: its down rows of step t) -- and the fence
-// orders the zeroing before those writes. Relaxed atomic stores, as every other access to
-// the sums.
+// Called by ffn_norm_gate_up_silu(t, l) before its wait for mid(t, l) (the fence overlaps that
+// wait): zero this block's share of in(t + 1, l) and mid(t + 1, l) (and, at the last layer,
+// of in(t + 1, L)), which share their buffers with position t - 1's sums (sync.cuh).
+// After every read of t - 1's: this block passed its wait on in(t, l) in attn_norm_qkv(t, l);
+// for l > 0 that sum holds a part of every block's down_residual(t, l - 1), so every block is
+// past its qkv(t, l - 1) and gate_up(t, l - 1) -- later than its reads of in(t - 1, l),
+// mid(t - 1, l) (and the LM head's or the sampler's of in(t - 1, L)); for l = 0 in(t, 0) is
+// the embedding of t, written by the sampler of t - 1 after every LM-head block's release
+// (each past its wait on in(t - 1, L), which holds every block's last down) or, inside the
+// prompt, after its own wait on in(t - 1, L): the same chain. Before every part of t + 1's:
+// a part of in(t + 1, l), l > 0, comes from a block past its wait on mid(t + 1, l - 1), which
+// holds this block's share part of qkv(t + 1, l - 1) -- a later write of this block, after the
+// fence; the embedding in in(t + 1, 0) and every part of mid(t + 1, 0) follow the sampler of t,
+// past every block's last down of t; parts of mid(t + 1, l) follow the wait on in(t + 1, l).
+// Relaxed atomic stores, as every other access to the sums.
 KOG_DEVICE void kog_xsum_zero_next(const KogCtx& c, int layer) {
-    kog_u64* next = kog_xsum(c.p, c.t + 1, layer);
-    const int z0 = (int)((long long)blockIdx.x * KOG_HIDDEN / gridDim.x);
-    const int z1 = (int)((long long)(blockIdx.x + 1) * KOG_HIDDEN / gridDim.x);
+    const int z0 = kog_share_begin(), z1 = kog_share_end();
     if (z0 + (int)threadIdx.x < z1) {
-        for (int i = z0 + threadIdx.x; i < z1; i += blockDim.x) kog_st_relaxed_u64(next + i, 0ull);
+        kog_u64* in = kog_xsum_in(c.p, c.t + 1, layer);
+        kog_u64* mid = kog_xsum_mid(c.p, c.t + 1, layer);
+        kog_u64* last = kog_xsum_in(c.p, c.t + 1, KOG_N_LAYERS);
+        for (int i = z0 + threadIdx.x; i < z1; i += blockDim.x) {
+            kog_st_relaxed_u64(in + i, 0ull);
+            kog_st_relaxed_u64(mid + i, 0ull);
+            if (layer == KOG_N_LAYERS - 1) kog_st_relaxed_u64(last + i, 0ull);
+        }
         kog_fence_gpu();
     }
 }
-// Rows [r0, r0 + n) of a residual sum (xsum, sync.cuh) into shared `dst`, each once all its
-// parts are in. `first` is the word of row r0 + threadIdx.x, loaded by the caller before its
-// activation polls so that the two round trips overlap. All threads call it; it ends with a
-// block barrier.
-KOG_DEVICE void kog_sum_rows_to_shared(float* dst, const kog_u64* sum, int r0, int n, kog_u64 first) {
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        kog_u64 w = i == (int)threadIdx.x ? first : kog_ld_tagged(sum + r0 + i);
-        while (!kog_sum_ready(w)) { w = kog_ld_tagged(sum + r0 + i); }
-        dst[i] = kog_sum_value(w);
-    }
-    __syncthreads();
-}
+// Shared memory of the FFN (one GPU): x (KOG_HIDDEN floats) from gate_up's wait to the end of
+// down_residual; the row groups' partials of down; this block's activations (KOG_FFN_SLOTS:
+// static units at their offset, grabbed ones after them) and the unit of each grabbed slot
+// (ints); down_residual's row staging (KOG_DOWN_DEPTH rows a thread in flight).
+#ifndef KOG_FFN_SLOTS
+#define KOG_FFN_SLOTS KOG_FFN     // units a block runs at most (host: static + dynamic tail)
+#endif
+#ifndef KOG_DOWN_DEPTH
+#define KOG_DOWN_DEPTH 8          // kernels.py DEFAULT_TUNING
+#endif
+#define KOG_FFN_CH (KOG_HIDDEN / 8)                                     // 16-byte chunks a row
+#define KOG_FFN_GROUPS (KOG_FFN_CH >= KOG_THREADS ? 1 : KOG_THREADS / KOG_FFN_CH)
+#define KOG_FFN_RED_OFF KOG_HIDDEN
+#define KOG_FFN_ACT_OFF (KOG_FFN_RED_OFF + KOG_FFN_GROUPS * KOG_HIDDEN)
+#define KOG_FFN_STAGE_OFF ((KOG_FFN_ACT_OFF + 2 * KOG_FFN_SLOTS + 3) / 4 * 4)
+#define KOG_FFN_SMEM_FLOATS (KOG_FFN_STAGE_OFF + \
+    KOG_DOWN_DEPTH * 4 * KOG_THREADS * ((KOG_FFN_CH + KOG_THREADS - 1) / KOG_THREADS))
+#define KOG_SLOT_FFN_GRABBED (KOG_SLOT_FLAG + 2)                        // scratch: grabbed units
 #endif
 
 // ============================================================================================
@@ -391,8 +401,7 @@ KOG_DEVICE void kog_sum_rows_to_shared(float* dst, const kog_u64* sum, int r0, i
 // One GPU: split over the kv head groups (o_proj's reduction over q_dim). Item (g, s) waits only
 // for head group g's attention output (the G * HD words its combiner wrote), multiplies it by
 // columns [g * G * HD, (g + 1) * G * HD) of row slice s of wo and adds the products into the
-// residual sums of (t, l) (sync.cuh), where down_residual of layer l-1 (or the embedding) has
-// added the old x. Items spread over the blocks from block 0 up; attention units go from the
+// residual sum mid(t, l) (sync.cuh), where attn_norm_qkv has added the x entering the layer. Items spread over the blocks from block 0 up; attention units go from the
 // top of the grid down, and an item waits only for a combiner, which never waits for an item.
 // Tensor parallel: every rank's heads give a partial of every row, all-reduced (kccl.cuh).
 // ============================================================================================
@@ -419,7 +428,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     constexpr int NU = KOG_HIDDEN / RU;
     static_assert(KOG_HIDDEN % RU == 0, "o_proj: whole units of rows");
     const int n_slices = max(1, (int)gridDim.x / KOG_N_KV);
-    kog_u64* sum = kog_xsum(p, c.t, layer);
+    kog_u64* sum = kog_xsum_mid(p, c.t, layer);
     for (int item = blockIdx.x; item < KOG_N_KV * n_slices; item += gridDim.x) {
         const int g = item % KOG_N_KV, sl = item / KOG_N_KV;
         const int u0 = (int)((long long)sl * NU / n_slices), u1 = (int)((long long)(sl + 1) * NU / n_slices);
@@ -446,6 +455,8 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
 // ============================================================================================
 // Stage ffn_norm_gate_up_silu: act[j] = silu(gate_j . n) * (up_j . n), n = rmsnorm(x).
 // Gate and up rows are interleaved (unit j = rows 2j, 2j+1), so one warp finishes act[j].
+// One GPU: x is mid(t, l); act stays in this block's shared memory for its own
+// down_residual (no other block reads it). Tensor parallel: act is a tagged vector.
 // ============================================================================================
 KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     kog_prof(c, layer * 16 + 9 + 0);
@@ -453,13 +464,24 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     const int u0 = c.part[4], u1 = c.part[5];
     float* dbg = kog_debug_row(c);
     constexpr bool DYN = KOG_DYN_PERMILLE > 0;
+#if KOG_TP == 1
+    float* acts = c.smem + KOG_FFN_ACT_OFF;
+    int* grabbed_unit = reinterpret_cast<int*>(acts + KOG_FFN_SLOTS);
+    int* n_grabbed = reinterpret_cast<int*>(c.scratch + KOG_SLOT_FFN_GRABBED);
+#endif
     auto ready = [&]() -> float {
 #if KOG_TP > 1
         const float s = kog_tp_load_reduced(c, 0, kog_tag(c.t, layer, KOG_STAGE_O));
 #else
-        if (!DYN && u0 >= u1) return -1.f;
-        const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum(p, c.t, layer), 0u,
+        kog_xsum_zero_next(c, layer);     // (its fence overlaps the wait)
+        if (threadIdx.x == 0) *n_grabbed = 0;                // (the wait's barriers publish it)
+        // every block reads x: down_residual adds its share's rows to in(t, l + 1)
+        const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum_mid(p, c.t, layer), KOG_MID_PARTS,
                                                               c.smem, c.scratch, true);
+        if (dbg != nullptr)
+            for (int i = kog_share_begin() + threadIdx.x; i < kog_share_end(); i += blockDim.x)
+                dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + i] = c.smem[i];
+        if (!DYN && u0 >= u1) return -1.f;
 #endif
         kog_prof(c, layer * 16 + 10);
         return s;
@@ -469,7 +491,16 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
         if (threadIdx.x % KOG_WARP == 0) {
             const float g = acc[0] * scale, u = acc[1] * scale;
             const float a = g / (1.f + expf(-g)) * u;
+#if KOG_TP > 1
             kog_st_tagged(p->act + j, a, tag);
+#else
+            int slot = j - u0;                               // a static unit
+            if (j >= u1) {                                   // a grabbed one (dynamic tail)
+                slot = (u1 - u0) + atomicAdd(n_grabbed, 1);
+                grabbed_unit[slot] = j;
+            }
+            acts[slot] = a;
+#endif
             if (dbg != nullptr) dbg[KOG_DBG_GATE_UP + (kog_u64)layer * KOG_DBG_LAYER + j] = a;
         }
     };
@@ -481,75 +512,109 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
 }
 
 // ============================================================================================
-// Stage down_residual: x[rows] += w_down @ act
+// Stage down_residual: x += w_down @ act.
+// One GPU: no wait. A block multiplies the activations of the FFN units it ran (its own
+// shared memory) by those units' columns of w_down -- stored transposed, (L, FFN, HIDDEN): a
+// unit's column is one contiguous row -- which gives its partial of EVERY row of x, and adds
+// it into in(t, l + 1) (one part per block; for the rows of its share plus x after o_proj).
+// Thread layout: a thread owns 16-byte chunk `ch` of a row (8 outputs) in row group `grp`;
+// the groups split the units and are summed in shared memory at the end.
+// Tensor parallel: rows of x, each rank's partial of every row to every rank (kccl.cuh).
 // ============================================================================================
+#if KOG_TP == 1
+// The block's part of in(t, l + 1) from its n activations (slots [0, n_static): units u0 + slot;
+// then the grabbed units). A thread streams its chunk of its units' rows through its own
+// KOG_DOWN_DEPTH slots of shared memory (cp.async: no registers hold loads in flight, and a
+// thread reads back only what it copied, so no barrier); KOG_DOWN_DEPTH - 1 rows in flight.
+KOG_DEVICE void kog_down_parts(const KogParams* p, int layer, int t, int u0, int n_static, int n) {
+    constexpr int CH = KOG_FFN_CH, G = KOG_FFN_GROUPS, D = KOG_DOWN_DEPTH;
+    constexpr int CPT = (CH + KOG_THREADS - 1) / KOG_THREADS;          // chunks a thread
+    float* smem = kog_smem();
+    const float* xs = smem;
+    const float* acts = smem + KOG_FFN_ACT_OFF;
+    const int* grabbed_unit = reinterpret_cast<const int*>(acts + KOG_FFN_SLOTS);
+    kog_vec4* stage = reinterpret_cast<kog_vec4*>(smem + KOG_FFN_STAGE_OFF);   // [D][CPT][threads]
+    const int grp = G > 1 ? (int)threadIdx.x / CH : 0;
+    const int ch = G > 1 ? (int)threadIdx.x % CH : (int)threadIdx.x;
+    const kog_vec4* W = reinterpret_cast<const kog_vec4*>(p->w_down) + (kog_u64)layer * KOG_FFN * CH;
+    const int mine = grp < G ? (n - grp + G - 1) / G : 0;               // slots grp, grp + G, ...
+    auto issue = [&](int i) {                         // row of this thread's i-th unit -> slot i % D
+        if (i < mine) {
+            const int slot = grp + i * G;
+            const int unit = slot < n_static ? u0 + slot : grabbed_unit[slot];
+#pragma unroll
+            for (int k = 0; k < CPT; ++k)
+                if (CH % KOG_THREADS == 0 || ch + k * KOG_THREADS < CH)
+                    kog_copy16(stage + ((i % D) * CPT + k) * KOG_THREADS + threadIdx.x,
+                               W + (kog_u64)unit * CH + ch + k * KOG_THREADS);
+        }
+        kog_copy16_commit();                          // one group per row, empty ones too
+    };
+    float acc[CPT][8];
+#pragma unroll
+    for (int k = 0; k < CPT; ++k)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[k][e] = 0.f;
+#pragma unroll
+    for (int i = 0; i < D - 1; ++i) issue(i);
+    for (int i = 0; i < mine; ++i) {
+        issue(i + D - 1);
+        kog_copy16_wait_groups<D - 1>();              // row i is in
+        const float a = acts[grp + i * G];
+#pragma unroll
+        for (int k = 0; k < CPT; ++k)
+            if (CH % KOG_THREADS == 0 || ch + k * KOG_THREADS < CH)
+                kog_axpy8(stage[((i % D) * CPT + k) * KOG_THREADS + threadIdx.x], a, acc[k]);
+    }
+    kog_copy16_wait_groups<0>();
+    // the block's part of in(t, l + 1): its partial of every row, plus x for its share's rows
+    kog_u64* out = kog_xsum_in(p, t, layer + 1);
+    const int z0 = kog_share_begin(), z1 = kog_share_end();
+    // through shared memory: the groups' partials summed, and coalesced adds (a warp's 32
+    // consecutive words; from registers a lane's 8 words would spread a warp's adds over 2 KB)
+    float* red = smem + KOG_FFN_RED_OFF;
+    if (grp < G)
+#pragma unroll
+        for (int k = 0; k < CPT; ++k)
+            if (CH % KOG_THREADS == 0 || ch + k * KOG_THREADS < CH) {
+                float4* r4 = reinterpret_cast<float4*>(red + grp * KOG_HIDDEN + (ch + k * KOG_THREADS) * 8);
+                r4[0] = make_float4(acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
+                r4[1] = make_float4(acc[k][4], acc[k][5], acc[k][6], acc[k][7]);
+            }
+    __syncthreads();
+    for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
+        float v = (i >= z0 && i < z1) ? xs[i] : 0.f;
+#pragma unroll
+        for (int g = 0; g < G; ++g) v += red[g * KOG_HIDDEN + i];
+        kog_red_add_u64(out + i, kog_sum_word(p, v));
+    }
+    __syncthreads();                                  // shared memory is free again
+}
+#endif
+
 KOG_DEVICE void kog_stage_down_residual(const KogCtx& c, int layer) {
     kog_prof(c, layer * 16 + 12 + 0);
     const KogParams* p = c.p;
+#if KOG_TP == 1
+    __syncthreads();                                  // every warp's activations are in acts
+    const int n_static = c.part[5] - c.part[4];
+    const int n = n_static + *reinterpret_cast<const int*>(c.scratch + KOG_SLOT_FFN_GRABBED);
+    kog_prof(c, layer * 16 + 13);
+    kog_down_parts(p, layer, c.t, c.part[4], n_static, n);
+#else
     const int r0 = c.part[6], r1 = c.part[7];
-    float* dbg = kog_debug_row(c);
-    constexpr bool DYN = KOG_DYN_PERMILLE > 0 && KOG_DOWN_DYN;
-    // One GPU: the old x is the residual sum of (t, l); the new x also goes into the sum of
-    // (t, l + 1). (Its addresses are recomputed where used: pointers kept live across the
-    // weight stream cost registers the GEMV loop spills for.)
-    float* x_old = c.x_own;
     auto ready = [&]() -> float {
-#if KOG_TP == 1
-        kog_xsum_zero_next(c, layer);     // (its fence overlaps the wait for act)
-#endif
-        if (!DYN && r0 >= r1) return -1.f;
-#if KOG_TP == 1
-        // old x of the static rows: loads issued now, checked after the polls
-        const kog_u64* sum = kog_xsum(p, c.t, layer);
-        const kog_u64 xw = threadIdx.x < r1 - r0 ? kog_ld_tagged(sum + r0 + threadIdx.x) : 0ull;
-#endif
+        if (r0 >= r1) return -1.f;
         const float s = kog_load_activation<KOG_FFN>(p->act, kog_tag(c.t, layer, KOG_STAGE_GATE_UP),
                                                      c.smem, c.scratch, false);
-#if KOG_TP == 1
-        kog_sum_rows_to_shared(x_old, sum, r0, r1 - r0, xw);
-        if (dbg != nullptr)
-            for (int i = threadIdx.x; i < r1 - r0; i += blockDim.x)
-                dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + r0 + i] = x_old[i];
-#endif
         kog_prof(c, layer * 16 + 13);
         return s;
     };
     const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_DOWN);
-    const KogDynamic dyn = kog_dynamic<KOG_FFN, 1>(c, KOG_CNT_DYN_DOWN + layer, c.t - p->start_pos,
-                                                   p->down_dyn_begin, KOG_HIDDEN);
-#if KOG_TP > 1
     auto epi = [&](int row, float (&acc)[1], float) {
         if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 1, row, acc[0], x_out);
     };
-    kog_gemv<KOG_FFN, 1, DYN>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
-                              ready, epi, dyn);
-#else
-    // dynamic rows (the tail, any block): the load of their old x is issued when the row is
-    // grabbed (with its first weight tile) and checked in the epilogue
-    constexpr int GRAB = KogGemvShape<KOG_FFN, 1>::GRAB;
-    kog_u64 old_dyn[GRAB];
-    auto pre = [&](int row) {
-        old_dyn[(row - p->down_dyn_begin) % GRAB] = kog_ld_tagged(kog_xsum(p, c.t, layer) + row);
-    };
-    auto epi = [&](int row, float (&acc)[1], float) {
-        if (threadIdx.x % KOG_WARP == 0) {
-            float old;
-            if (row < r1) {
-                old = x_old[row - r0];
-            } else {
-                kog_u64 w = old_dyn[(row - p->down_dyn_begin) % GRAB];
-                while (!kog_sum_ready(w)) { w = kog_ld_tagged(kog_xsum(p, c.t, layer) + row); }
-                old = kog_sum_value(w);
-                if (dbg != nullptr) dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + row] = old;
-            }
-            const float v = old + acc[0];
-            kog_st_x(c, row, v, x_out);
-            if (layer + 1 < KOG_N_LAYERS) kog_red_add_u64(kog_xsum(p, c.t, layer + 1) + row, kog_sum_word(p, v));
-            if (dbg != nullptr) dbg[KOG_DBG_DOWN + (kog_u64)layer * KOG_DBG_LAYER + row] = v;
-        }
-    };
-    kog_gemv<KOG_FFN, 1, DYN>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c,
-                              ready, epi, dyn, pre);
+    kog_gemv<KOG_FFN, 1>(p->w_down + (kog_u64)layer * KOG_HIDDEN * KOG_FFN, r0, r1, c.smem, c, ready, epi);
 #endif
     kog_prof_end(c, layer * 16 + 12 + 2);
 }
@@ -582,8 +647,11 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
         const float s = kog_tp_load_reduced(c, 1, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
 #else
         if (!DYN && r0 >= r1) return -1.f;
-        const float s = kog_load_activation<KOG_HIDDEN>(c.xr, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN),
-                                                        c.smem, c.scratch, true);
+        const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum_in(p, c.t, KOG_N_LAYERS), gridDim.x,
+                                                              c.smem, c.scratch, true);
+        if (dbg != nullptr)
+            for (int i = kog_share_begin() + threadIdx.x; i < kog_share_end(); i += blockDim.x)
+                dbg[KOG_DBG_DOWN + (kog_u64)(KOG_N_LAYERS - 1) * KOG_DBG_LAYER + i] = c.smem[i];
 #endif
         kog_prof(c, KOG_N_LAYERS * 16 + 1);
         return s;

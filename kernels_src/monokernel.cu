@@ -25,6 +25,9 @@ static_assert(KOG_SMEM_FLOATS >= KOG_HIDDEN && KOG_SMEM_FLOATS >= KOG_FFN &&
               KOG_SMEM_FLOATS >= KOG_Q_DIM, "activation vector fits in shared memory");
 static_assert(KOG_SMEM_FLOATS >= KOG_ATTN_SMEM_FLOATS, "attention unit fits in shared memory");
 static_assert(KOG_SMEM_FLOATS >= KOG_SAMPLE_SMEM_FLOATS, "sampler fits in shared memory");
+#if KOG_TP == 1
+static_assert(KOG_SMEM_FLOATS >= KOG_FFN_SMEM_FLOATS, "FFN (x, down partials, activations) fits in shared memory");
+#endif
 
 extern "C" __global__ void __launch_bounds__(KOG_THREADS, 1)
 kog_monokernel(const KogParams* __restrict__ p) {
@@ -33,8 +36,7 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.p = p;
     c.smem = smem;
     c.scratch = smem + KOG_SMEM_FLOATS;
-    c.x_own = c.scratch + KOG_SCRATCH_FLOATS;
-    c.x_full = c.x_own + KOG_OWN_PAD;                     // tensor parallel only (host sizes it)
+    c.x_full = c.scratch + KOG_SCRATCH_FLOATS;             // tensor parallel only (host sizes it)
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
     c.xr = p->x + (p->x_copies > 1 ? (kog_u64)p->sm_domain[kog_domain_unit()] * KOG_HIDDEN : 0ull);
     c.t = 0;

@@ -2,7 +2,8 @@
 // norm_rope.cuh -- stage attn_norm_qkv, and the per-head qk-norm + RoPE the attention stage
 // applies on read.
 //
-// attn_norm_qkv: qkv = wqkv @ rmsnorm(x) (+ bqkv). The attn_norm gamma is folded into wqkv,
+// attn_norm_qkv: qkv = wqkv @ rmsnorm(x) (+ bqkv), x the residual sum in(t, l) on one GPU
+// (sync.cuh). The attn_norm gamma is folded into wqkv,
 // so a block only needs sum(x^2), which it computes itself from x in shared memory. Rows are
 // split evenly over all blocks (whole heads per block would leave most of the grid idle: 48
 // heads of Llama-3.2-1B against 132 multiprocessors), so the per-head work (qwen3 q/k RMSNorm,
@@ -16,8 +17,10 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
     float* xs = KOG_TP > 1 ? c.x_full : c.smem;   // tensor parallel: x is kept in x_full
     const bool first = layer == 0;
+#if KOG_TP > 1
     const kog_u32 x_tag = first ? kog_tag(c.t, 0, KOG_STAGE_EMBED)
                                 : kog_tag(c.t, layer - 1, KOG_STAGE_DOWN);
+#endif
     const kog_u32 out_tag = kog_tag(c.t, layer, KOG_STAGE_QKV);
     const int r0 = c.part[0], r1 = c.part[1];
     const float* bias = KOG_QKV_BIAS ? p->bqkv + (kog_u64)layer * KOG_QKV_DIM : nullptr;
@@ -35,8 +38,16 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
         const float s = first ? kog_load_activation<KOG_HIDDEN>(c.xr, x_tag, xs, c.scratch, true)
                               : kog_tp_load_reduced(c, 1, x_tag);
 #else
-        if (r0 >= r1) return 1.f;
-        const float s = kog_load_activation<KOG_HIDDEN>(c.xr, x_tag, xs, c.scratch, true);
+        // every block reads x: it adds its share's rows to mid(t, l) (the x entering the layer)
+        const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum_in(p, c.t, layer), kog_in_parts(layer),
+                                                              xs, c.scratch, true);
+        kog_u64* mid = kog_xsum_mid(p, c.t, layer);
+        float* dbg = kog_debug_row(c);
+        for (int i = kog_share_begin() + threadIdx.x; i < kog_share_end(); i += blockDim.x) {
+            kog_red_add_u64(mid + i, kog_sum_word(p, xs[i]));
+            if (dbg != nullptr && !first) dbg[KOG_DBG_DOWN + (kog_u64)(layer - 1) * KOG_DBG_LAYER + i] = xs[i];
+        }
+        if (r0 >= r1) return -1.f;
 #endif
         kog_prof(c, layer * 16 + 1);
         return s;

@@ -485,6 +485,15 @@ KOG_DEVICE float kog_dot8(const kog_vec4& w, const float* x, float acc) {
     }
     return acc;
 }
+// acc[0:8) += a * (8 weights of w): one 16-byte chunk of a row scaled by one activation.
+KOG_DEVICE void kog_axpy8(const kog_vec4& w, float a, float* acc) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        kog_u32 p = KOG_V4(w, i);
+        acc[2 * i] = fmaf(a, kog_w_lo(p), acc[2 * i]);
+        acc[2 * i + 1] = fmaf(a, kog_w_hi(p), acc[2 * i + 1]);
+    }
+}
 
 // The multiprocessor (CUDA %smid) / compute unit (HIP) this block runs on; fixed for its life.
 KOG_DEVICE unsigned kog_sm_id() {

@@ -311,9 +311,10 @@ KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
                      ? p->debug + (kog_u64)pos * p->debug_stride : nullptr;
     for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
         const float v = kog_w_to_f32(row[i]);
+#if KOG_TP > 1
         kog_st_x(c, i, v, tag);
-#if KOG_TP == 1
-        kog_red_add_u64(kog_xsum(p, pos, 0) + i, kog_sum_word(p, v));   // layer 0's old x
+#else
+        kog_red_add_u64(kog_xsum_in(p, pos, 0) + i, kog_sum_word(p, v));   // in(pos, 0): one part
 #endif
         if (dbg != nullptr) dbg[KOG_DBG_EMBED + i] = v;
     }
@@ -343,8 +344,12 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
 #if KOG_TP > 1
         kog_tp_load_reduced(c, 1, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
 #else
-        kog_load_activation<KOG_HIDDEN>(c.xr, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN), c.smem,
-                                        c.scratch, false);
+        kog_load_activation<KOG_HIDDEN, true>(kog_xsum_in(p, t, KOG_N_LAYERS), gridDim.x, c.smem,
+                                              c.scratch, false);
+        float* dbg = kog_debug_row(c);
+        if (dbg != nullptr)
+            for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x)
+                dbg[KOG_DBG_DOWN + (kog_u64)(KOG_N_LAYERS - 1) * KOG_DBG_LAYER + i] = c.smem[i];
 #endif
     } else {
 #if KOG_TP > 1

@@ -27,10 +27,6 @@
 
 #define KOG_SLOT_FLAG (2 * KOG_THREADS / KOG_WARP)            // scratch slots after reductions
 #define KOG_SCRATCH_FLOATS (2 * KOG_THREADS / KOG_WARP + 16)
-#ifndef KOG_OWN_ROWS
-#define KOG_OWN_ROWS 64          // rows of x a block owns at most (down_residual's static rows)
-#endif
-#define KOG_OWN_PAD ((KOG_OWN_ROWS + 3) / 4 * 4)   // x_own: old x of the down rows
 
 // Version tags of the tagged activation vectors (never 0: the host zeroes tags before a launch).
 #define KOG_STAGE_EMBED 0
@@ -43,36 +39,53 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
     return (kog_u32)((t * KOG_N_LAYERS + layer) * 8 + stage + 1);
 }
 
-// Residual sums (one GPU, SYNC.md): x after o_proj(t, l) is the sum of KOG_SUM_PARTS
-// contributions -- the old x (down_residual of layer l-1, or the embedding at layer 0) and each
-// kv head group's share of wo @ attn_out -- added in L2 into the 64-bit words
-// xsum[t & 1][l][row]: fixed point (steps of 2^-KOG_SUM_FRAC) in the high bits, a contribution
-// count in the low KOG_SUM_COUNT_BITS. A word is ready when its count is KOG_SUM_PARTS: one
-// poll, as for a tagged word. Integer adds are associative, so a sum is the same bits whatever
-// order its parts land in. A part must be finite with |part| < 2^(63 - COUNT_BITS - FRAC) =
-// 2^27 (only parts are checked; the sum must stay below it too): one that is not cannot be
-// held -- kog_sum_word sets the OVERFLOW counter, the sampler ends the generation with
-// FINISH_OVERFLOW and the host raises an error, instead of the wrapped or zeroed value
-// passing as a number.
+// Residual sums (one GPU, SYNC.md): the residual stream x is never stored by one writer; it
+// is a sum of contributions ("parts") added in L2 into the 64-bit words xsum[t & 1][k][row]:
+// fixed point (steps of 2^-KOG_SUM_FRAC) in the high bits, a part count in the low
+// KOG_SUM_COUNT_BITS. Two sums a layer (k = 2l: x entering layer l, k = 2l + 1: x after its
+// o_proj) and one more, k = 2L, the LM head's input:
+//   in(t, 0)   1 part: the embedding;
+//   in(t, l)   one part per block (l >= 1): the block's FFN columns' share of down_residual(l-1)
+//              (its partial of every row), plus, for the rows of its share, x after o_proj;
+//   mid(t, l)  KOG_MID_PARTS: each kv head group's share of wo @ attn_out, plus x entering the
+//              layer, added by the block whose share holds the row (attn_norm_qkv).
+// A word is ready when its count is the sum's part count: one poll, as for a tagged word.
+// Integer adds are associative, so a sum is the same bits whatever order its parts land in.
+// A part must be finite with |part| < 2^(63 - COUNT_BITS - FRAC) = 2^27 (only parts are
+// checked; the sum must stay below it too): one that is not cannot be held -- kog_sum_word
+// sets the OVERFLOW counter, the sampler ends the generation with FINISH_OVERFLOW and the host
+// raises an error, instead of the wrapped or zeroed value passing as a number.
 #define KOG_SUM_FRAC 26
 #define KOG_SUM_COUNT_BITS 10
-#define KOG_SUM_PARTS (KOG_N_KV + 1)
-static_assert(KOG_SUM_PARTS < (1 << KOG_SUM_COUNT_BITS), "contribution count fits its bits");
+#define KOG_MID_PARTS (KOG_N_KV + 1)
+#define KOG_XSUM_SLOTS (2 * KOG_N_LAYERS + 1)       // sums a position
+static_assert(KOG_MID_PARTS < (1 << KOG_SUM_COUNT_BITS), "part count fits its bits");
 KOG_DEVICE kog_u64 kog_sum_word(const KogParams* p, float v) {
     if (!(fabsf(v) < (float)(1ll << (63 - KOG_SUM_COUNT_BITS - KOG_SUM_FRAC))))
         kog_st_relaxed(p->counters + KOG_CNT_OVERFLOW, 1u);
     const long long q = __float2ll_rn(v * (float)(1 << KOG_SUM_FRAC));
     return ((kog_u64)q << KOG_SUM_COUNT_BITS) + 1ull;
 }
-KOG_DEVICE bool kog_sum_ready(kog_u64 w) {
-    return (w & ((1ull << KOG_SUM_COUNT_BITS) - 1ull)) == (kog_u64)KOG_SUM_PARTS;
+KOG_DEVICE bool kog_sum_ready(kog_u64 w, kog_u32 parts) {
+    return (w & ((1ull << KOG_SUM_COUNT_BITS) - 1ull)) == (kog_u64)parts;
 }
 KOG_DEVICE float kog_sum_value(kog_u64 w) {
     return (float)((long long)w >> KOG_SUM_COUNT_BITS) * (1.f / (float)(1 << KOG_SUM_FRAC));
 }
-KOG_DEVICE kog_u64* kog_xsum(const KogParams* p, int t, int layer) {
-    return p->xsum + ((kog_u64)(t & 1) * KOG_N_LAYERS + layer) * KOG_HIDDEN;
+// x entering layer l (l == KOG_N_LAYERS: the LM head's input) and its part count
+KOG_DEVICE kog_u64* kog_xsum_in(const KogParams* p, int t, int layer) {
+    return p->xsum + ((kog_u64)(t & 1) * KOG_XSUM_SLOTS + 2 * layer) * KOG_HIDDEN;
 }
+KOG_DEVICE kog_u32 kog_in_parts(int layer) { return layer == 0 ? 1u : gridDim.x; }
+// x after o_proj of layer l
+KOG_DEVICE kog_u64* kog_xsum_mid(const KogParams* p, int t, int layer) {
+    return p->xsum + ((kog_u64)(t & 1) * KOG_XSUM_SLOTS + 2 * layer + 1) * KOG_HIDDEN;
+}
+// The rows of x whose carried-over parts this block adds (x entering a layer into its mid sum,
+// x after o_proj into the next in sum), and whose next-position words it zeroes.
+static_assert(KOG_HIDDEN <= (1 << 20), "share bounds in 32 bits (blocks <= 4096)");
+KOG_DEVICE int kog_share_begin() { return (int)(blockIdx.x * (unsigned)KOG_HIDDEN / gridDim.x); }
+KOG_DEVICE int kog_share_end() { return (int)((blockIdx.x + 1u) * (unsigned)KOG_HIDDEN / gridDim.x); }
 
 // All threads of the block call this; returns once counter >= expected (acquire).
 KOG_DEVICE void kog_wait_counter(const kog_u32* counter, kog_u32 expected) {
@@ -166,7 +179,6 @@ struct KogCtx {
     const KogParams* p;
     float* smem;         // KOG_SMEM_FLOATS floats of dynamic shared memory
     float* scratch;      // 2 * KOG_THREADS / KOG_WARP + 16 floats for block reductions / flags
-    float* x_own;        // KOG_OWN_PAD: old x of this block's static down_residual rows
     float* x_full;       // tensor parallel: the whole residual stream x (KOG_HIDDEN floats)
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     const kog_u64* xr;   // the copy of x this block reads: its memory domain's (topology.py)

@@ -23,7 +23,7 @@ import tempfile
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
 from kogcupy.gpu import abi, kernels  # noqa: E402
-from kogcupy.gpu.build_plan import THREADS, smem_floats  # noqa: E402
+from kogcupy.gpu.build_plan import THREADS, build_plan  # noqa: E402
 from kogcupy.model.random_weights import shape_config  # noqa: E402
 
 
@@ -32,14 +32,15 @@ def main(argv=None):
     ap.add_argument("shape")
     ap.add_argument("tuning", nargs="?", default="{}")
     ap.add_argument("--arch", default="sm_90")
-    ap.add_argument("--own-rows", type=int, default=16, help="KOG_OWN_ROWS (rows of x a block owns)")
+    ap.add_argument("--blocks", type=int, default=132, help="grid the build is planned for (H200: 132)")
     args = ap.parse_args(argv)
     nvdisasm = os.environ.get("KOG_NVDISASM") or shutil.which("nvdisasm")
     if not shutil.which("nvcc") or not nvdisasm:
         sys.exit("sass_report: needs nvcc and nvdisasm on PATH (or KOG_NVDISASM=/path/nvdisasm)")
     cfg = shape_config(args.shape)
-    tuning = {"KOG_OWN_ROWS": args.own_rows, **json.loads(args.tuning)}
-    d = kernels.model_defines(cfg, "bfloat16", THREADS, smem_floats(cfg),
+    plan = build_plan(cfg, args.blocks, 4096, tuning=json.loads(args.tuning))
+    tuning = {"KOG_FFN_SLOTS": plan.placement.ffn_slots, **plan.tuning}
+    d = kernels.model_defines(cfg, "bfloat16", THREADS, plan.smem_floats,
                               len(abi.PARTITION_COLUMNS), tuning)
     src = kernels.monokernel_source()
     with tempfile.TemporaryDirectory() as tmp:

@@ -57,6 +57,8 @@ def host_rounded(cfg, eager, dtype):
         a = eager[name]
         if name == "w_gate_up":
             a = a.reshape(cfg.n_layers, 2, cfg.intermediate_size, -1).transpose(0, 2, 1, 3)
+        if name == "w_down":
+            a = a.transpose(0, 2, 1)
         out[name] = D._to_bits(np.ascontiguousarray(a), dtype).reshape(shape)
     return out
 

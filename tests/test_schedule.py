@@ -72,11 +72,11 @@ def test_stage_matches_its_source(stage):
         if not u.counter:                  # (counters: through kog_counter, by name below)
             assert re.search(rf"\bp->{u.buffer}\b", text), f"{stage.name} does not touch p->{u.buffer}"
         if u.sum is not None:
-            assert u.buffer == "xsum" and re.search(r"\bkog_xsum\(", text), (stage.name, str(u))
+            assert u.buffer == "xsum" and re.search(rf"\bkog_xsum_{u.sum.kind}\(", text), (stage.name, str(u))
             if u in stage.writes:          # a part added in L2, encoded with its count
                 assert re.search(r"\bkog_red_add_u64\([^;]*\bkog_sum_word\(", text), (stage.name, str(u))
             else:                          # polled until every part is in, by the stage itself
-                assert re.search(r"kog_load_activation<\w+, true>|\bkog_sum_ready\(|\bkog_sum_rows_to_shared\(",
+                assert re.search(rf"kog_load_activation<\w+, true>\(kog_xsum_{u.sum.kind}\(",
                                  DEFS[stage.kernel]), (stage.name, str(u))
         if u.tag is not None:
             assert u.buffer in TAGGED
@@ -87,16 +87,21 @@ def test_stage_matches_its_source(stage):
 
 
 def test_residual_sums_are_zeroed_for_their_next_position():
-    """The stage adding the old x into sum(t, l+1) zeroes its share of sum(t+1, l) first
-    (kog_xsum_zero_next, before its wait); the host zeroes both parities per launch."""
-    adders = [s for s in schedule.STAGES if s.per_layer and
-              any(u.sum is not None and u.sum.part == "old" for u in s.writes)]
-    assert [s.name for s in adders] == ["down_residual"]
-    body = DEFS[adders[0].kernel]
+    """ffn_norm_gate_up_silu(t, l) zeroes its share of in(t+1, l) and mid(t+1, l) (and at the
+    last layer in(t+1, L)) before its wait (kog_xsum_zero_next); the host zeroes both parities
+    per launch. Every sum a stage waits for is written by some stage."""
+    zeroing = [s for s in schedule.STAGES if any(u.buffer == "xsum" and u.sum is None and "= 0" in u.what
+                                                 for u in s.writes)]
+    assert [s.name for s in zeroing] == ["ffn_norm_gate_up_silu"]
+    body = DEFS[zeroing[0].kernel]
     assert "kog_xsum_zero_next(c, layer)" in body
     assert body.index("kog_xsum_zero_next(c, layer)") < body.index("kog_load_activation<")
     zero = DEFS["kog_xsum_zero_next"]
-    assert re.search(r"kog_st_relaxed_u64\(next \+ i, 0ull\)", zero) and "kog_fence_gpu()" in zero
+    for name in ("in", "mid", "last"):
+        assert re.search(rf"kog_st_relaxed_u64\({name} \+ i, 0ull\)", zero), name
+    assert "kog_fence_gpu()" in zero and "layer == KOG_N_LAYERS - 1" in zero
+    kinds = {u.sum.kind for s in schedule.STAGES for u in s.writes if u.sum is not None}
+    assert kinds == {"in", "mid"}
 
 
 def test_counters_and_tag_stages_exist():
@@ -124,25 +129,28 @@ def test_every_wait_is_published_earlier():
         run += [(s, l) for l in range(L) for s in layer_stages]
         run += [(s, 0) for s in schedule.STAGES if not s.per_layer and s.name != "embed"]
         for s, l in run:
-            env = dict(t=t, l=l, L=L, lm=t >= 1, KOG_DYN_PERMILLE=1, KOG_DOWN_DYN=1, KOG_TP=1)
+            env = dict(t=t, l=l, L=L, lm=t >= 1, KOG_DYN_PERMILLE=1, KOG_TP=1)
 
             def on(uses):
                 return [u for u in uses if not u.when or eval(u.when, {}, env)]
 
+            def sum_parts(u):
+                return schedule.sum_parts(u.sum.kind, eval(u.sum.layer, {}, env))
+
             def key(u, part=None):
                 if u.sum is not None:
-                    return (u.buffer, eval(u.sum.pos, {}, env), eval(u.sum.layer, {}, env),
+                    return (u.buffer, u.sum.kind, eval(u.sum.pos, {}, env), eval(u.sum.layer, {}, env),
                             u.sum.part if part is None else part)
                 if u.tag is None:
                     return u.counter
                 return u.buffer, eval(u.tag.pos, {}, env), eval(u.tag.layer, {}, env), u.tag.stage
             for u in on(s.waits):
-                keys = [key(u, part) for part in ("old", "o")] if u.sum else [key(u)]
+                keys = [key(u, part) for part in sum_parts(u)] if u.sum else [key(u)]
                 assert u.peer or all(k in written for k in keys), \
                     f"{s.name} (t={t}, l={l}) waits for {u}: unwritten"
             written |= {key(u) for u in on(s.writes) if u.tag or u.counter or u.sum}
             for u in on(s.waits):
-                keys = [key(u, part) for part in ("old", "o")] if u.sum else [key(u)]
+                keys = [key(u, part) for part in sum_parts(u)] if u.sum else [key(u)]
                 assert all(k in written for k in keys), f"{s.name}: peer wait {u} is not written by the stage"
 
 
@@ -153,7 +161,7 @@ def test_monokernel_calls_the_stages_in_table_order():
 
 
 def test_hops_per_layer():
-    assert schedule.per_layer_hops() == schedule.HOPS_PER_LAYER == 5
+    assert schedule.per_layer_hops() == schedule.HOPS_PER_LAYER == 4
 
 
 def test_finish_codes():

@@ -259,6 +259,9 @@ class FakeCupy:
     def asarray(self, a, dtype=None):
         return np.array(a, dtype=dtype, copy=True).view(_DevArray)
 
+    def ascontiguousarray(self, a):
+        return np.ascontiguousarray(a).view(_DevArray)
+
     def get_default_memory_pool(self):
         return self._pool
 

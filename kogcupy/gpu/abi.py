@@ -33,7 +33,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("k_norm", "ptr", "const float*", "(L, hd) qwen3 k RMSNorm gamma, else null"),
     ("wo", "ptr", "const kog_u16*", "(L, h, q_dim)"),
     ("w_gate_up", "ptr", "const kog_u16*", "(L, f, 2, h) gate/up rows interleaved, ffn_norm folded"),
-    ("w_down", "ptr", "const kog_u16*", "(L, h, f)"),
+    ("w_down", "ptr", "const kog_u16*", "one GPU (L, f, h): transposed; tensor parallel (L, h, f)"),
     ("lm_head", "ptr", "const kog_u16*", "(V, h) final_norm gamma folded"),
     ("embed", "ptr", "const kog_u16*", "(V, h) token embedding rows"),
     ("rope_cos", "ptr", "const float*", "(R, hd/2) cos(pos * inv_freq)"),
@@ -46,7 +46,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("qkv", "ptr", "kog_u64*", "(qkv_dim,) raw q/k/v rows (+bias) of the current token"),
     ("attn_out", "ptr", "kog_u64*", "(q_dim,) attention output"),
     ("act", "ptr", "kog_u64*", "(f,) silu(gate) * up"),
-    ("xsum", "ptr", "kog_u64*", "(2, L, h) one GPU: x after o_proj as residual sums (sync.cuh)"),
+    ("xsum", "ptr", "kog_u64*", "(2, 2L+1, h) one GPU: x entering each layer / after o_proj, as residual sums (sync.cuh)"),
     # ---- fp32 buffers ----
     ("logits", "ptr", "float*", "(V,) or (n_prompt, V) when all_logits"),
     ("attn_partial", "ptr", "float*", "(KV, max_chunks, G, hd + 2) per-chunk out, max, sum"),
@@ -89,7 +89,6 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("gate_up_dyn_begin", "i32", None, "gate/up units >= this are handed out dynamically"),
     ("lm_dyn_begin", "i32", None, "LM head rows >= this are handed out dynamically"),
     ("lm_dyn_end", "i32", None, "... and < this (V; tensor parallel: the rank's slice end)"),
-    ("down_dyn_begin", "i32", None, "down rows >= this are handed out dynamically (h: none)"),
     ("debug_npos", "i32", None, "positions dumped when debug != null"),
     ("debug_stride", "i32", None, "floats per dumped position"),
     ("profile_pos", "i32", None, "position whose stage timings are recorded"),
@@ -172,16 +171,14 @@ def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
     KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache;
     KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors;
     KOG_CNT_CANCEL: tensor parallel, 1 once rank 0 forwarded the host's cancel flag;
-    KOG_CNT_DYN_DOWN + layer: down_residual's dynamic-tail cursor;
     KOG_CNT_OVERFLOW: 1 once a part of a residual sum was not finite or |part| >= 2^27
     (one GPU; sync.cuh kog_sum_word), which the sums cannot hold.
     """
     n = n_layers * n_kv_heads
     d = {"KOG_CNT_TOK": 0, "KOG_CNT_LM": 1, "KOG_CNT_STOP": 2, "KOG_CNT_TICKET": 3,
          "KOG_CNT_KV": 3 + n, "KOG_CNT_DYN": 3 + 2 * n, "KOG_CNT_CANCEL": 3 + 2 * n + n_layers + 1,
-         "KOG_CNT_DYN_DOWN": 3 + 2 * n + n_layers + 2,
-         "KOG_CNT_OVERFLOW": 3 + 2 * n + 2 * n_layers + 2}
-    d["KOG_N_COUNTERS"] = 3 + 2 * n + 2 * n_layers + 3
+         "KOG_CNT_OVERFLOW": 3 + 2 * n + n_layers + 2}
+    d["KOG_N_COUNTERS"] = 3 + 2 * n + n_layers + 3
     return d
 
 

@@ -55,9 +55,12 @@ def attn_tile_problem(cfg: ModelConfig, tile: int, bufs: int, threads: int = THR
 
 
 def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = None,
-                threads: int = THREADS, warp: int = 32) -> int:
+                threads: int = THREADS, warp: int = 32, ffn_slots: int | None = None,
+                down_depth: int | None = None) -> int:
     """KOG_SMEM_FLOATS: the largest per-stage working set (activation vector, attention unit,
-    sampler histogram), rounded to 16 bytes. `tile`, `bufs`: KOG_ATTN_TILE / _BUFS."""
+    sampler histogram, the FFN's x + down partials + activations + row staging), rounded to
+    16 bytes. `tile`, `bufs`: KOG_ATTN_TILE / _BUFS; `ffn_slots`: KOG_FFN_SLOTS (default: the
+    FFN width, an upper bound); `down_depth`: KOG_DOWN_DEPTH (default: kernels.py's)."""
     tile = tile or attn_tiling(cfg)[0]
     bufs = bufs or attn_tiling(cfg)[1]
     g, hd = cfg.gqa_group, cfg.head_dim
@@ -66,7 +69,13 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
             + bufs * tile * hd                      # attention.cuh KOG_ATTN_SMEM_FLOATS
             + (nhs * 10 * threads if nhs > 1 else 0))
     sample = 2048 * 2 + 8 + 8 + 8 * threads         # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
-    n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample)
+    h, chunks = cfg.hidden_size, cfg.hidden_size // 8
+    groups = 1 if chunks >= threads else threads // chunks
+    slots = cfg.intermediate_size if ffn_slots is None else ffn_slots
+    ffn = (-(-(h + groups * h + 2 * slots) // 4) * 4                           # gemv.cuh KOG_FFN_SMEM_FLOATS
+           + (down_depth or kernels.DEFAULT_TUNING["KOG_DOWN_DEPTH"]) * 4 * threads
+           * -(-chunks // threads))
+    n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample, ffn)
     return -(-n // 4) * 4
 
 
@@ -105,18 +114,13 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # that every block owns rows of every stage (placement.py)
     n_blocks = int(blocks or (n_sms if world == 1 else
                               max(1, min(n_sms, max_tp_blocks(lcfg, world, dyn)))))
-    # down_residual's dynamic tail pays where a block owns many rows of x (H200: +2-3% with
-    # ~16 rows a block, -7% with ~4); tensor parallel keeps the static rows (not run there)
-    down_dyn = (_knob(tuning, "KOG_DOWN_DYN") and dyn > 0 and world == 1
-                and lcfg.hidden_size >= DYN_MIN_ROWS * n_blocks)
-    tuning["KOG_DOWN_DYN"] = int(bool(down_dyn))
     attn_chunk = int(tuning.get("KOG_ATTN_CHUNK", kernels.DEFAULT_TUNING.get(
         "KOG_ATTN_CHUNK", attn_chunk_cap(lcfg))))
     try:
         placement = place(lcfg, n_blocks, context_length, rank=rank, world_size=world,
                           max_chunk=attn_chunk,
                           min_chunk=int(tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
-                          dyn_permille=dyn, down_dyn=bool(down_dyn))
+                          dyn_permille=dyn)
     except ValueError as e:
         raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None
     if n_blocks < lcfg.n_kv_heads:
@@ -124,16 +128,20 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         raise DeviceError(f"the attention combine needs at least {lcfg.n_kv_heads} blocks (kv heads)")
     scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
     x_full = lcfg.hidden_size if world > 1 else 0    # tensor parallel: x per block
-    own = -(-placement.own_rows // 4) * 4            # sync.cuh: x_own is KOG_OWN_PAD floats
     tile, bufs = (int(tuning.get(k, kernels.DEFAULT_TUNING.get(k, v))) for k, v in
                   zip(("KOG_ATTN_TILE", "KOG_ATTN_BUFS"), attn_tiling(lcfg)))
     if arch and "KOG_ATTN_BUFS" not in tuning:
         bufs = 1             # HIP: kog_copy16 is a synchronous copy, a second buffer overlaps nothing
+    depth = _knob(tuning, "KOG_DOWN_DEPTH")
+    if arch and "KOG_DOWN_DEPTH" not in tuning:
+        depth = 1            # (the same for down_residual's row staging)
+    tuning["KOG_DOWN_DEPTH"] = depth
 
     warp = wave_size(arch)
 
     def smem_bytes(tile, bufs):
-        return 4 * (smem_floats(lcfg, tile, bufs, threads, warp) + scratch + own + 16 + x_full)
+        return 4 * (smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth) + scratch + 16
+                    + x_full)
     if smem_limit and "KOG_ATTN_TILE" not in tuning:
         while (smem_bytes(tile, bufs) > smem_limit and
                attn_tile_problem(lcfg, tile // 2, bufs, threads, warp) is None):
@@ -143,5 +151,6 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         raise DeviceError(f"KOG_ATTN_TILE={tile}, KOG_ATTN_BUFS={bufs}: {problem}")
     tuning["KOG_ATTN_TILE"], tuning["KOG_ATTN_BUFS"] = tile, bufs
     return BuildPlan(n_blocks=n_blocks, tuning=tuning, placement=placement,
-                     attn_chunk=attn_chunk, smem_floats=smem_floats(lcfg, tile, bufs, threads, warp),
+                     attn_chunk=attn_chunk,
+                     smem_floats=smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth),
                      smem_bytes=smem_bytes(tile, bufs))

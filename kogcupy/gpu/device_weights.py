@@ -31,10 +31,25 @@ def _to_bits(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def matrix_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Device layout of the streamed matrices (gate/up interleaved by row pair)."""
+    """Device layout of the streamed matrices (gate/up interleaved by row pair, w_down
+    transposed; a tensor-parallel shard holds w_down as (L, h, f / world))."""
     L, h, f, V = cfg.n_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     return {"wqkv": (L, cfg.qkv_dim, h), "wo": (L, h, cfg.q_dim), "w_gate_up": (L, f, 2, h),
-            "w_down": (L, h, f), "lm_head": (V, h), "embed": (V, h)}
+            "w_down": (L, f, h), "lm_head": (V, h), "embed": (V, h)}
+
+
+def _down_transposed(dev, cfg: ModelConfig):
+    """w_down from the packed layout (L, h, f) to the device's (L, f, h), a layer at a time
+    (one layer's temporary): row j of a layer is column j of the down projection, the bytes
+    an FFN unit's block streams (gemv.cuh, down_residual)."""
+    cp = _cupy()
+    L, h, f = cfg.n_layers, cfg.hidden_size, cfg.intermediate_size
+    flat = dev.reshape(L, h * f)
+    for layer in range(L):
+        t = cp.ascontiguousarray(dev[layer].T)
+        flat[layer] = t.reshape(-1)
+        del t
+    return flat.reshape(L, f, h)
 
 
 def streamed_weight_bytes(cfg: ModelConfig, dtype_bytes: int = 2) -> int:
@@ -67,7 +82,10 @@ class DeviceModel:
         dst_dev = cp.cuda.Device().id if device is None else int(device)
         out = {}
         with cp.cuda.Device(src_dev):            # slice where the whole model lives
-            parts = tensor_parallel.shard(self.cfg, self.arrays, rank, world)
+            whole = dict(self.arrays)
+            if world > 1:                          # a shard's w_down is (L, h, f / world)
+                whole["w_down"] = whole["w_down"].transpose(0, 2, 1)
+            parts = tensor_parallel.shard(self.cfg, whole, rank, world)
             cp.cuda.runtime.deviceSynchronize()
         for name, a in parts.items():
             assert a.device.id == src_dev
@@ -103,6 +121,8 @@ class DeviceModel:
         up = _Uploader()
         try:
             for name, shape in matrix_shapes(cfg).items():
+                if name == "w_down":
+                    shape = W.shape(name)           # packed (L, h, f); transposed below
                 dev = cp.empty(shape, dtype=cp.uint16)
                 fr = W.file_range(name) if W.kind(name) == dtype else None
                 if fr is not None and name != "w_gate_up":
@@ -115,6 +135,7 @@ class DeviceModel:
                         dev[key] = piece
                 arrays[name] = dev
             up.finish()
+            arrays["w_down"] = _down_transposed(arrays["w_down"], cfg)
         finally:
             up.close()
         for name, dev in arrays.items():
@@ -134,7 +155,7 @@ class DeviceModel:
         rs = cp.random.RandomState(seed)
         arrays = {}
         for name, shape in matrix_shapes(cfg).items():
-            fan_in = shape[-1]
+            fan_in = cfg.intermediate_size if name == "w_down" else shape[-1]
             scale = 1.0 if name == "embed" else 1.0 / np.sqrt(fan_in)
             dev = cp.empty(shape, dtype=cp.uint16)
             flat = dev.reshape(-1)

@@ -307,8 +307,10 @@ class MonokernelBackend(_OneLaunchBackend):
         self.qkv = cp.empty(cfg.qkv_dim, u64)
         self.attn_out = cp.empty(cfg.q_dim, u64)
         self.act = cp.empty(cfg.intermediate_size, u64)
-        # one GPU: x after each layer's o_proj, as integer sums that the host zeroes per launch
-        self.xsum = (cp.empty(2 * L * cfg.hidden_size, u64) if self.world == 1 else None)
+        # one GPU: the residual stream as integer sums (x entering each layer and after its
+        # o_proj, and the LM head's input) that the host zeroes per launch
+        self.xsum = (cp.empty(2 * (2 * L + 1) * cfg.hidden_size, u64)     # sync.cuh: in, mid sums
+                     if self.world == 1 else None)
         self.logits_buf = cp.empty(cfg.vocab_size, f32)
         # 8-byte tagged words (attention.cuh: the combine polls them);
         # the NaN fill (0x7FC00000 in both halves) is tag 0x7FC00000, never a real version
@@ -340,7 +342,7 @@ class MonokernelBackend(_OneLaunchBackend):
     def _compile(self):
         defines = kernels.model_defines(self.lcfg, self.dtype, self.threads, self._smem_floats,
                                         len(abi.PARTITION_COLUMNS),
-                                        {"KOG_OWN_ROWS": self.placement.own_rows, **self.tuning},
+                                        {"KOG_FFN_SLOTS": self.placement.ffn_slots, **self.tuning},
                                         tp=self.world)
         limit = self._smem_optin or self.smem_bytes
         if self.smem_bytes > limit:
@@ -547,7 +549,6 @@ class MonokernelBackend(_OneLaunchBackend):
             seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
             n_lm_producers=pl.producers["lm"], gate_up_dyn_begin=pl.gate_up_dyn_begin,
             lm_dyn_begin=pl.lm_dyn_begin, lm_dyn_end=pl.lm_dyn_end,
-            down_dyn_begin=pl.down_dyn_begin,
             attn_max_chunks=pl.attn_max_chunks, attn_chunks_alloc=pl.attn_chunks_alloc,
             debug_npos=self.debug_positions if self.debug is not None else 0,
             debug_stride=self.debug_stride,

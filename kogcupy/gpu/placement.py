@@ -58,11 +58,10 @@ class Placement:
     attn_max_chunks: int           # chunk rule parameter
     attn_chunks_alloc: int         # chunks per kv head the partial buffer holds
     attn_ticket_base: np.ndarray   # (C,) int32: ticket arrivals of positions before t
-    own_rows: int                  # rows of x a block owns at most (down_residual's static rows)
+    ffn_slots: int                 # FFN units a block runs at most: static + the dynamic tail
     gate_up_dyn_begin: int         # gate/up units from here on are handed out dynamically
     lm_dyn_begin: int              # LM head rows from here on are handed out dynamically
     lm_dyn_end: int                # ... up to here (this rank's vocabulary slice ends)
-    down_dyn_begin: int            # down rows from here on are handed out dynamically
 
 
 def static_units(n_units: int, dyn_permille: int) -> int:
@@ -79,7 +78,7 @@ def max_tp_blocks(cfg: ModelConfig, world_size: int, dyn_permille: int = 0) -> i
 
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
           world_size: int = 1, min_chunk: int = ATTN_MIN_CHUNK, dyn_permille: int = 0,
-          max_chunk: int | None = None, down_dyn: bool = False) -> Placement:
+          max_chunk: int | None = None) -> Placement:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of {world_size}")
     v0, v1 = rank * cfg.vocab_size // world_size, (rank + 1) * cfg.vocab_size // world_size
@@ -91,9 +90,8 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
         "down": cfg.hidden_size,             # rows of w_down
         "lm": v1 - v0,                       # rows of lm_head (this rank's vocabulary slice)
     }
-    # gate_up, lm (and down): the last dyn_permille / 1000 of the units are handed out at run time
-    dyn_begin = {k: static_units(stages[k], dyn_permille)
-                 for k in ("gate_up", "lm") + (("down",) if down_dyn else ())}
+    # gate_up, lm: the last dyn_permille / 1000 of the units are handed out at run time
+    dyn_begin = {k: static_units(stages[k], dyn_permille) for k in ("gate_up", "lm")}
     cols = [split_even(dyn_begin.get(k, n), n_blocks) for k, n in stages.items()]
     cols[4] = cols[4] + v0                  # global vocabulary ids
     partition = np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.int32)
@@ -105,15 +103,12 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
         short = {k: n for k, n in stages.items() if producers[k] < n_blocks}
         raise ValueError(f"tensor parallel needs rows of every stage in every block; "
                          f"{short} rows are fewer than the {n_blocks} blocks: use fewer blocks")
-    if world_size == 1 and (producers["qkv"] < n_blocks or
-                            (cfg.n_layers < 2 and producers["down"] < n_blocks)):
-        # down_residual(t, l) zeroes its share of the residual sum of (t + 1, l) (gemv.cuh,
-        # kog_xsum_zero_next); that the zeroing follows every read of (t - 1, l) and precedes
-        # every part of (t + 1, l) is carried by every block's qkv rows (and, with one layer,
-        # its down rows)
-        raise ValueError(f"one GPU needs rows of qkv in every block ({cfg.qkv_dim} rows)"
-                         + ("" if cfg.n_layers > 1 else f" and of down ({cfg.hidden_size} rows)")
-                         + f", fewer than the {n_blocks} blocks: use fewer blocks")
+    if world_size == 1 and cfg.hidden_size < n_blocks:
+        # every block adds the carried-over x of its share of rows to the residual sums
+        # (sync.cuh); that its zeroing of the next position's sums precedes every part of them
+        # rests on every block's share holding a row (gemv.cuh, kog_xsum_zero_next)
+        raise ValueError(f"one GPU needs a row of x in every block ({cfg.hidden_size} rows), "
+                         f"fewer than the {n_blocks} blocks: use fewer blocks")
     if dyn_permille > 0:
         producers["lm"] = n_blocks                  # every block takes part in the dynamic tail
     max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))
@@ -125,7 +120,6 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     base = np.concatenate([[0], np.cumsum(arrivals)[:-1]]).astype(np.int64)
     if base[-1] + alloc >= 2**31:
         raise ValueError("attention ticket counts overflow")
-    own_rows = int(np.max(cols[3][:, 1] - cols[3][:, 0]))
+    ffn_slots = int(np.max(cols[2][:, 1] - cols[2][:, 0])) + stages["gate_up"] - dyn_begin["gate_up"]
     return Placement(n_blocks, partition, producers, max_chunks, alloc, base.astype(np.int32),
-                     own_rows, dyn_begin["gate_up"], v0 + dyn_begin["lm"], v1,
-                     dyn_begin.get("down", cfg.hidden_size))
+                     ffn_slots, dyn_begin["gate_up"], v0 + dyn_begin["lm"], v1)

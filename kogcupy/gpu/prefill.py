@@ -13,7 +13,7 @@ reference.py; GEMMs are cuBLAS/hipBLAS gemmEx, storage dtype in, fp32 accumulate
     attention              kog_pf_attention (kernels_src/prefill_attention.cuh)
     o_proj_residual        GEMM wo, beta = 1: added into the fp32 residual x
     ffn_norm_gate_up_silu  kog_pf_rmsnorm -> GEMM w_gate_up -> kog_pf_silu_mul
-    down_residual          GEMM w_down, beta = 1
+    down_residual          GEMM w_down (stored transposed), beta = 1
 
 The activations that enter a GEMM are rounded to the storage dtype (as any bf16 engine does);
 the residual stream stays fp32. Buffers for a chunk are allocated once per chunk length.
@@ -100,9 +100,9 @@ class Prefill:
         )
         return self._bufs
 
-    # ---- GEMM: y (n, out) [+]= a (n, k) @ w (out, k)^T -------------------------------------
+    # ---- GEMM: y (n, out) [+]= a (n, k) @ w (out, k)^T, or @ w (k, out) when w_kn ----------
     def _gemm(self, a_ptr: int, w_ptr: int, y_ptr: int, n: int, k: int, out: int,
-              accumulate: bool):
+              accumulate: bool, w_kn: bool = False):
         from cupy_backends.cuda.libs import cublas
         cp = kernels._cupy()
         if self._blas is None:
@@ -110,9 +110,10 @@ class Prefill:
         cublas.setPointerMode(self._blas, 0)              # alpha / beta are host scalars
         cublas.setStream(self._blas, self.b._stream.ptr)
         beta = self._one if accumulate else self._zero
-        # column-major view: y^T (out x n) = w (k x out)^T . a^T (k x n)
-        cublas.gemmEx(self._blas, _OP_T, _OP_N, out, n, k,
-                      self._one.ctypes.data, w_ptr, self._dtype_code, k,
+        # column-major view: y^T (out x n) = w (k x out)^T . a^T (k x n); w_kn: w is already
+        # (out x k) column-major
+        cublas.gemmEx(self._blas, _OP_N if w_kn else _OP_T, _OP_N, out, n, k,
+                      self._one.ctypes.data, w_ptr, self._dtype_code, out if w_kn else k,
                       a_ptr, self._dtype_code, k,
                       beta.ctypes.data, y_ptr, _CUDA_R_32F, out,
                       _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
@@ -166,7 +167,8 @@ class Prefill:
                 fn["kog_pf_silu_mul"]((min(65535, (total + 255) // 256),), (256,),
                                       (gu, xn, np.uint64(total)))
                 # down_residual
-                self._gemm(xn.data.ptr, a["w_down"][layer].data.ptr, x.data.ptr, n, f, h, True)
+                self._gemm(xn.data.ptr, a["w_down"][layer].data.ptr, x.data.ptr, n, f, h, True,
+                           w_kn=True)                      # w_down is (L, f, h) on one GPU
         return x if want_x else None
 
     # ---- entry points --------------------------------------------------------------------

@@ -36,16 +36,27 @@ class Tag:
 
 @dataclass(frozen=True)
 class Sum:
-    """The residual sum xsum[pos & 1][layer] (one GPU, sync.cuh): x after o_proj(pos, layer),
-    added in L2 by its parts and ready when every part is in (KV + 1 of them). A write names
-    its part: "old" (the previous x: down_residual of layer - 1, or the embedding) or "o" (a
-    head group's wo @ attn_out); a wait names none (all parts)."""
+    """A residual sum of xsum (one GPU, sync.cuh), added in L2 by its parts and ready when
+    every part is in: in(pos, layer), x entering the layer (layer L: the LM head's input), and
+    mid(pos, layer), x after its o_proj. A write names its part -- "emb" (the embedding: all of
+    in(pos, 0)), "down" (a block's partial of every row of down_residual(layer - 1), plus x
+    after o_proj for the rows of its share), "x" (x entering the layer, a block's share of
+    rows), "o" (a head group's wo @ attn_out); a wait names none (all parts: SUM_PARTS)."""
+    kind: str     # "in" or "mid"
     pos: str
     layer: str
     part: str = ""
 
     def __str__(self):
-        return f"sum({self.pos}, {self.layer})" + (f" += {self.part}" if self.part else "")
+        return f"{self.kind}({self.pos}, {self.layer})" + (f" += {self.part}" if self.part else "")
+
+
+def sum_parts(kind: str, layer: int) -> tuple[str, ...]:
+    """The parts a sum is complete with (sync.cuh: in(t, 0) 1, in(t, l) one per block, mid(t, l)
+    KV + 1)."""
+    if kind == "in":
+        return ("emb",) if layer == 0 else ("down",)
+    return ("x", "o")
 
 
 @dataclass(frozen=True)
@@ -95,8 +106,9 @@ def _x(layer, stage, pos="t", **kw):
     return Use("x", Tag(pos, layer, stage), **kw)
 
 
-def _sum(layer, part="", pos="t", when="", **kw):
-    return Use("xsum", sum=Sum(pos, layer, part), when=" and ".join(c for c in (when, "KOG_TP == 1") if c), **kw)
+def _sum(kind, layer, part="", pos="t", when="", **kw):
+    return Use("xsum", sum=Sum(kind, pos, layer, part),
+               when=" and ".join(c for c in (when, "KOG_TP == 1") if c), **kw)
 
 
 # Buffers that exist once per memory domain (topology.py; SYNC.md "x per memory domain").
@@ -106,17 +118,19 @@ STAGES: tuple[Stage, ...] = (
     Stage("embed", "kog_embed", "sampling.cuh", False, False,
           waits=(),
           reads=(Use("tokens", what="tokens[start_pos]"), Use("embed", what="its row")),
-          writes=(_x("0", "EMBED"), _sum("0", "old"), Use("counters", counter="KOG_CNT_TOK", value="+1")),
+          writes=(_x("0", "EMBED", when="KOG_TP > 1"), _sum("in", "0", "emb"),
+                  Use("counters", counter="KOG_CNT_TOK", value="+1")),
           who="block 0, position start_pos only (later positions: the sampler)"),
     Stage("attn_norm_qkv", "kog_stage_attn_norm_qkv", "norm_rope.cuh", True, True,
           waits=(Use("counters", counter="KOG_CNT_TOK", value="t+1", when="l == 0"),
-                 _x("0", "EMBED", when="l == 0"),
-                 _x("l-1", "DOWN", when="l > 0")),
+                 _sum("in", "l", what="all")),
           reads=(Use("counters", counter="KOG_CNT_STOP", when="l == 0",
                      what="after the TOK acquire; set: return"),
                  Use("wqkv"), Use("bqkv")),
-          writes=(Use("qkv", Tag("t", "l", "QKV"), what="its rows"),),
-          tp="l > 0: x is the sum of every rank's xpart slot 1 @ down(t, l-1), kept in x_full"),
+          writes=(Use("qkv", Tag("t", "l", "QKV"), what="its rows"),
+                  _sum("mid", "l", "x", what="its share's rows of the x it read")),
+          tp="x @ embed(t, 0) at l = 0, else the sum of every rank's xpart slot 1 @ down(t, l-1), "
+             "kept in x_full; no sums"),
     Stage("attention", "kog_stage_attention", "attention.cuh", True, True,
           waits=(Use("qkv", Tag("t", "l", "QKV"), what="q rows of group g; k, v of head g"),
                  Use("counters", counter="KOG_CNT_KV", index="[l][g]", value="cached positions",
@@ -134,34 +148,32 @@ STAGES: tuple[Stage, ...] = (
     Stage("o_proj_residual", "kog_stage_o_proj_residual", "gemv.cuh", True, True,
           waits=(Use("attn_out", Tag("t", "l", "ATTN"), what="head group g of its item (g, rows)"),),
           reads=(Use("wo", what="its rows, group g's columns"),),
-          writes=(_sum("l", "o", what="its item's rows: wo[rows, group g] @ attn_out[group g]"),),
+          writes=(_sum("mid", "l", "o", what="its item's rows: wo[rows, group g] @ attn_out[group g]"),),
           who="items (kv head group g, row slice) from block 0 up",
           tp="every block its rows, all of attn_out: writes its partial of every row to every "
              "rank's xpart slot 0 @ o(t, l)"),
     Stage("ffn_norm_gate_up_silu", "kog_stage_ffn_norm_gate_up_silu", "gemv.cuh", True, True,
-          waits=(_sum("l", what="all"),),
+          waits=(_sum("mid", "l", what="all"),),
           reads=(Use("w_gate_up"),
                  Use("counters", counter="KOG_CNT_DYN", index="[l]", when="KOG_DYN_PERMILLE",
                      what="dynamic-tail cursor")),
-          writes=(Use("act", Tag("t", "l", "GATE_UP"), what="its units"),
+          writes=(Use("act", Tag("t", "l", "GATE_UP"), when="KOG_TP > 1", what="its units"),
+                  Use("xsum", when="KOG_TP == 1",
+                      what="= 0: its share of in(t+1, l), mid(t+1, l) (l = L-1: and in(t+1, L)), "
+                           "fenced, before the wait"),
                   Use("counters", counter="KOG_CNT_DYN", index="[l]", value="+grabs",
                       when="KOG_DYN_PERMILLE")),
-          tp="x is the sum of every rank's xpart slot 0 @ o(t, l), kept in x_full"),
-    Stage("down_residual", "kog_stage_down_residual", "gemv.cuh", True, True,
-          waits=(Use("act", Tag("t", "l", "GATE_UP"), what="all"),
-                 _sum("l", what="old value of its rows")),
-          reads=(Use("w_down"),
-                 Use("counters", counter="KOG_CNT_DYN_DOWN", index="[l]",
-                     when="KOG_DYN_PERMILLE and KOG_DOWN_DYN", what="dynamic-tail cursor")),
-          writes=(_x("l", "DOWN", what="its rows: old + w_down @ act"),
-                  _sum("l+1", "old", when="l < L-1", what="its rows' new value"),
-                  Use("xsum", when="KOG_TP == 1",
-                      what="= 0: its share of sum(t+1, l), fenced, before the wait for act"),
-                  Use("counters", counter="KOG_CNT_DYN_DOWN", index="[l]", value="+grabs",
-                      when="KOG_DYN_PERMILLE and KOG_DOWN_DYN")),
-          tp="no x read: writes its partial of every row to every rank's xpart slot 1 @ down(t, l)"),
+          tp="x is the sum of every rank's xpart slot 0 @ o(t, l), kept in x_full; act is "
+             "published to every block (one GPU: it stays in the block's shared memory)"),
+    Stage("down_residual", "kog_stage_down_residual", "gemv.cuh", True, False,
+          waits=(),
+          reads=(Use("w_down", what="the columns of the units its block ran (stored transposed)"),),
+          writes=(_sum("in", "l+1", "down",
+                       what="its partial of every row, + x after o_proj for its share's rows"),),
+          tp="waits for all of act @ gate_up(t, l) (a hop); its rows of w_down; writes its "
+             "partial of every row to every rank's xpart slot 1 @ down(t, l)"),
     Stage("final_norm_lm_head", "kog_stage_final_norm_lm_head", "gemv.cuh", False, True,
-          waits=(_x("L-1", "DOWN", when="lm", what="all"),),
+          waits=(_sum("in", "L", when="lm", what="all"),),
           reads=(Use("lm_head", when="lm"),
                  Use("counters", counter="KOG_CNT_DYN", index="[L]", when="lm and KOG_DYN_PERMILLE",
                      what="dynamic-tail cursor")),
@@ -178,13 +190,14 @@ STAGES: tuple[Stage, ...] = (
              "host's cancel into every rank's CANCEL; LM released on every rank"),
     Stage("sample", "kog_stage_sample", "sampling.cuh", False, True,
           waits=(Use("counters", counter="KOG_CNT_LM", value="lm_steps * n_lm_producers", when="lm"),
-                 _x("L-1", "DOWN", when="not lm", what="all; inside the prompt")),
+                 _sum("in", "L", when="not lm", what="all; inside the prompt")),
           reads=(Use("logits", when="lm"), Use("lm_part_val", when="lm"), Use("lm_part_idx", when="lm"),
                  Use("tokens"), Use("rep_stamp", when="lm"), Use("embed", what="row of the next token"),
                  Use("host_ctl", what="[2] cancel, read before the wait")),
           writes=(Use("tokens", what="[t+1]"),
-                  _x("0", "EMBED", pos="t+1", what="the next token's row (kog_embed), unless stopping"),
-                  _sum("0", "old", pos="t+1", what="the same row, unless stopping"),
+                  _x("0", "EMBED", pos="t+1", when="KOG_TP > 1",
+                     what="the next token's row (kog_embed), unless stopping"),
+                  _sum("in", "0", "emb", pos="t+1", what="the next token's row (kog_embed), unless stopping"),
                   Use("counters", counter="KOG_CNT_TOK", value="+1"),
                   Use("host_tokens", what="[g], then host_ctl[0] = g + 1 (release, system)")),
           who="block 0",
@@ -200,9 +213,10 @@ STAGES: tuple[Stage, ...] = (
           who="block 0, inside kog_stage_sample"),
 )
 
-# Dependent hops per layer (issue 12's target is <= 3 grid-wide ones). o_proj's is narrow: an
-# item waits for one block, the combiner of its head group.
-HOPS_PER_LAYER = 5
+# Dependent hops per layer on one GPU (issue 12's target is <= 3 grid-wide ones). o_proj's is
+# narrow: an item waits for one block, the combiner of its head group; down_residual has none
+# (tensor parallel: 5, down waits for all of act).
+HOPS_PER_LAYER = 4
 
 # Counters (KogParams::counters, indices from abi.counter_layout): index, meaning.
 COUNTERS = {
@@ -213,7 +227,6 @@ COUNTERS = {
     "KOG_CNT_KV": ("[l][g]", "positions of kv head g appended to layer l's KV cache"),
     "KOG_CNT_DYN": ("[l], [L]", "dynamic-tail cursors: gate_up of layer l, LM head"),
     "KOG_CNT_CANCEL": ("", "tensor parallel: 1 once rank 0 forwarded the host's cancel"),
-    "KOG_CNT_DYN_DOWN": ("[l]", "down_residual's dynamic-tail cursor"),
     "KOG_CNT_OVERFLOW": ("", "one GPU: 1 once a residual-sum part was not finite or |part| >= 2^27 "
                              "(kog_sum_word, any stage adding to xsum)"),
 }
@@ -265,9 +278,10 @@ def markdown() -> str:
         out.append(f"| `{name}` | `{s.kernel}` ({s.source}) | {s.who} | {_cell(s.waits)} | "
                    f"{_cell(s.reads)} | {_cell(s.writes)} | {'yes' if s.hop else '-'} |")
     out += ["", f"Grid-wide dependent hops per layer: **{per_layer_hops()}**.", "",
-            f"Copied per memory domain (one GPU, `x_copies` > 1): {', '.join(f'`{b}`' for b in DOMAIN_COPIED)}"
+            f"Copied per memory domain (`x_copies` > 1): {', '.join(f'`{b}`' for b in DOMAIN_COPIED)}"
             " -- every write above stores each copy, every read and wait is of the reading block's"
-            " own copy (`sm_domain[kog_domain_unit()]`).", "",
+            " own copy (`sm_domain[kog_domain_unit()]`); one GPU no longer writes x (the residual"
+            " stream is the sums), so only tensor parallel uses the copies.", "",
             "Tensor parallel (KOG_TP > 1) differences:", ""]
     out += [f"* `{s.name}`: {s.tp}" for s in STAGES if s.tp]
     out += ["", "**Counters** (`KogParams::counters`, monotone u32, indices `abi.counter_layout`; "
