@@ -38,7 +38,6 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.scratch = smem + KOG_SMEM_FLOATS;
     c.x_full = c.scratch + KOG_SCRATCH_FLOATS;             // tensor parallel only (host sizes it)
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
-    c.xr = p->x + (p->x_copies > 1 ? (kog_u64)p->sm_domain[kog_domain_unit()] * KOG_HIDDEN : 0ull);
     c.t = 0;
 
     // Positions [0, start_pos) are already in the KV cache (batched prefill, prefix cache);

@@ -35,7 +35,7 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
             if (stop) return -1.f;
         }
 #if KOG_TP > 1
-        const float s = first ? kog_load_activation<KOG_HIDDEN>(c.xr, x_tag, xs, c.scratch, true)
+        const float s = first ? kog_load_activation<KOG_HIDDEN>(p->x, x_tag, xs, c.scratch, true)
                               : kog_tp_load_reduced(c, 1, x_tag);
 #else
         // every block reads x: it adds its share's rows to mid(t, l) (the x entering the layer)

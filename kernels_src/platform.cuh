@@ -519,18 +519,5 @@ KOG_DEVICE unsigned kog_xcc_id() {
 #endif
 }
 
-// The unit id that indexes the SM -> memory domain table (topology.py, sm_domain_table):
-// NVIDIA the SM id; gfx94x xcc * 38, the first id topology.mi300x() gives that XCC (the
-// table's ids are topology.py's numbering, not __smid's, whose layout differs between HIP
-// versions; the XCC_ID register names the domain); other HIP targets the CU id.
-#define KOG_MI300X_CUS_PER_XCD 38
-KOG_DEVICE unsigned kog_domain_unit() {
-#if defined(KOG_GFX94X)
-    return kog_xcc_id() * KOG_MI300X_CUS_PER_XCD;
-#else
-    return kog_sm_id();
-#endif
-}
-
 #define KOG_INT_MAX 2147483647
 #define KOG_NEG_INF (__int_as_float(0xff800000))

@@ -312,7 +312,7 @@ KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
     for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
         const float v = kog_w_to_f32(row[i]);
 #if KOG_TP > 1
-        kog_st_x(c, i, v, tag);
+        kog_st_tagged(p->x + i, v, tag);
 #else
         kog_red_add_u64(kog_xsum_in(p, pos, 0) + i, kog_sum_word(p, v));   // in(pos, 0): one part
 #endif

@@ -181,14 +181,8 @@ struct KogCtx {
     float* scratch;      // 2 * KOG_THREADS / KOG_WARP + 16 floats for block reductions / flags
     float* x_full;       // tensor parallel: the whole residual stream x (KOG_HIDDEN floats)
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
-    const kog_u64* xr;   // the copy of x this block reads: its memory domain's (topology.py)
     int t;               // position of the token being run
 };
-// Stores row `row` of x in every copy (one per memory domain; readers poll their own).
-KOG_DEVICE void kog_st_x(const KogCtx& c, int row, float v, kog_u32 tag) {
-    for (int k = 0; k < c.p->x_copies; ++k)
-        kog_st_tagged(c.p->x + (kog_u64)k * KOG_HIDDEN + row, v, tag);
-}
 
 KOG_DEVICE kog_u32* kog_counter(const KogCtx& c, int index) { return c.p->counters + index; }
 KOG_DEVICE kog_u32 kog_expected(const KogCtx& c, int producers) {

@@ -479,13 +479,6 @@ def env():
         click.echo("topology: " + lines[0])
         for line in lines[1:]:
             click.echo("         " + line)
-        if topo is not None and len(topo.domains) > 1:
-            from .gpu.topology import domain_copies_wanted, sm_domain_table
-            n = int(sm_domain_table(topo).max()) + 1
-            off = not domain_copies_wanted()
-            click.echo(f"         placement: x (the residual stream) {n} copies, one per "
-                       f"{'I/O die' if topo.parents else 'domain'}: {8 * n} bytes per hidden unit "
-                       f"(h = 2048: {16 * n} KB)" + (" -- off (KOGCUPY_DOMAIN_COPIES=0)" if off else ""))
 
 
 @cli.command()
@@ -586,13 +579,10 @@ def profile(model_path, shape, position, new_tokens, gpus, dtype, out):
     if not all((s > 0).any() for s in stamps):
         raise DeviceError(f"the profiling build recorded no stamp at position {position} "
                           f"(the generation ended before it?)")
-    copies = getattr(backend, "x_copies", 1)          # (tensor parallel: one)
     n = prof.write_trace(out, stamps, {"model": what, "position": position, "gpus": gpus,
-                                       "gpu": backend.gpu_name, "blocks": backend.n_blocks,
-                                       "x_copies": copies})
+                                       "gpu": backend.gpu_name, "blocks": backend.n_blocks})
     click.echo(f"kogcupy profile: {what}, position {position}, {gpus} x {backend.gpu_name}, "
-               f"{backend.n_blocks} blocks per GPU, x in {copies} "
-               f"cop{'ies' if copies > 1 else 'y'}; "
+               f"{backend.n_blocks} blocks per GPU; "
                f"us, stages: median over blocks and layers, "
                f"hop and span: median over layers")
     t0 = prof.time_zero(stamps)

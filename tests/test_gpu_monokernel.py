@@ -304,31 +304,6 @@ def test_tuning_variants_match_reference(tuning):
         prompt, SamplingParams(), 48, set()))
 
 
-@pytest.mark.parametrize("copies", [0, 2, 3])
-def test_domain_copies_of_x(copies):
-    """x copied per memory domain: every writer stores each copy, each block reads the copy its
-    SM's table entry names. A synthetic table (SM id % copies, so it runs on any GPU) and the
-    probed one (0: this GPU's own, skipped where it has one domain): logits and greedy tokens
-    as the reference, and every copy bitwise the same after the run."""
-    cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
-    m = model(cfg, logit_scale=8.0)
-    table = (np.arange(1024) % copies).astype(np.int32) if copies else True
-    be = MonokernelBackend(m, context_length=1024, watchdog_s=20, domain_copies=table)
-    if be.x_copies < 2:
-        pytest.skip("this GPU has one memory domain")
-    assert be.x_copies == (copies or be.x_copies)
-    ids = np.random.default_rng(5).integers(0, cfg.vocab_size, 100).tolist()
-    got = be.logits(ids)
-    ref = ReferenceBackend(m, context_length=1024).logits(ids)
-    assert max(rel(got[i], ref[i]) for i in (0, 50, 99)) < 3e-2
-    x = be.x.get().reshape(be.x_copies, cfg.hidden_size)
-    assert (x == x[0]).all()
-    prompt = ids[:8]
-    toks = list(be.start(prompt, SamplingParams(), 48, set()))
-    assert toks == list(ReferenceBackend(m, context_length=1024).start(
-        prompt, SamplingParams(), 48, set()))
-
-
 @pytest.mark.parametrize("dyn", [0, 300])
 def test_ffn_dynamic_tail(dyn):
     """down_residual multiplies the activations of the FFN units its block ran, static and

@@ -233,9 +233,11 @@ def test_all_ranks_stop_together(n):
 @pytest.mark.parametrize("name", ["qwen3-1.7b", "llama-3.2-1b"])
 def test_real_shapes_match_one_gpu(name):
     # Full-size shapes, random bf16 weights. Splitting the o_proj / down sums over ranks
-    # changes fp32 rounding, so a greedy sequence may only part at a near-tie: the first
-    # differing step must be one where the one-GPU logits' top two are within 1e-3 of the
-    # largest |logit|. Teacher-forced logits of the one-GPU sequence must agree to 2e-3.
+    # changes the rounding (one GPU: fixed-point residual sums with a part per block; tensor
+    # parallel: fp32 partials), so a greedy sequence may only part at a near-tie: the first
+    # differing step must be one where the one-GPU logits' top two are within 2e-3 of the
+    # largest |logit| -- the bound the teacher-forced logits of the one-GPU sequence must agree
+    # to (a split at a wider gap would need a larger logit error than that check allows).
     import cupy
     cfg = shape_config(name)
     with cupy.cuda.Device(0):
@@ -254,7 +256,7 @@ def test_real_shapes_match_one_gpu(name):
         assert reason == "length" and len(got) == 64
         k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
         if k is not None:
-            assert margin[k] < 1e-3, f"TP {n} parts from one GPU at step {k}, margin {margin[k]:.2e}"
+            assert margin[k] < 2e-3, f"TP {n} parts from one GPU at step {k}, margin {margin[k]:.2e}"
         lg = tp.logits(seq)[len(ids) - 1:]
         err = np.abs(lg - ref).max() / np.abs(ref).max()
         assert err < 2e-3, (n, err)

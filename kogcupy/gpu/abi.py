@@ -42,7 +42,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("k_cache", "ptr", "kog_u16*", "(L, KV, C, hd) post qk-norm, post RoPE"),
     ("v_cache", "ptr", "kog_u16*", "(L, KV, C, hd)"),
     # ---- tagged activations: u64 words (fp32 bits | version tag << 32), see sync.cuh ----
-    ("x", "ptr", "kog_u64*", "(x_copies, h) residual stream, one copy per memory domain"),
+    ("x", "ptr", "kog_u64*", "(h) tensor parallel: the embedding (one GPU: unused, x is xsum)"),
     ("qkv", "ptr", "kog_u64*", "(qkv_dim,) raw q/k/v rows (+bias) of the current token"),
     ("attn_out", "ptr", "kog_u64*", "(q_dim,) attention output"),
     ("act", "ptr", "kog_u64*", "(f,) silu(gate) * up"),
@@ -56,7 +56,6 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("xpart", "ptr", "kog_u64*", "(2, TP, h) tagged partials of the o_proj / down rows, every rank's"),
     ("tp_peers", "ptr", "const kog_u64*", "(len(TP_PEER_FIELDS), 8) rank q's buffers, valid here"),
     # ---- sync ----
-    ("sm_domain", "ptr", "const int*", "(>= 1024,) memory domain of each SM id (x_copies > 1)"),
     ("counters", "ptr", "kog_u32*", "(n_counters,) indices: counter_layout(); meanings: schedule.COUNTERS"),
     ("attn_ticket_base", "ptr", "const int*", "(C,) unused (ticket combine deleted; kept: offsets)"),
     ("partition", "ptr", "const int*", "(B, 10) per-block [begin, end) of qkv, o, gate_up, down, lm_head"),
@@ -92,7 +91,6 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("debug_npos", "i32", None, "positions dumped when debug != null"),
     ("debug_stride", "i32", None, "floats per dumped position"),
     ("profile_pos", "i32", None, "position whose stage timings are recorded"),
-    ("x_copies", "i32", None, "copies of x: writers store all, a block reads its domain's"),
 ]
 
 FINISH_CODES = {0: None, 1: "eos", 2: "length", 3: "context", 4: "cancelled", 5: "done",

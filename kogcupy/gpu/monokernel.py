@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import time
-import warnings
 
 import numpy as np
 
@@ -236,7 +235,7 @@ class MonokernelBackend(_OneLaunchBackend):
                  watchdog_s: float = 60.0, threads: int = THREADS, blocks: int | None = None,
                  device_model: DeviceModel | None = None, debug_positions: int = 0,
                  tuning: dict | None = None, profile_pos: int | None = None,
-                 prefix_cache_gb: float | None = None, domain_copies: bool | np.ndarray | None = None,
+                 prefix_cache_gb: float | None = None,
                  sm_share: int = 1, **kw):
         cp = _cupy()
         if not gpu_available():
@@ -275,8 +274,6 @@ class MonokernelBackend(_OneLaunchBackend):
         self._read_bw = None
         self.debug_positions = int(debug_positions)
         self.profile_pos = profile_pos
-        self.sm_domain_table = self._domain_table(domain_copies)
-        self.x_copies = 1 if self.sm_domain_table is None else int(self.sm_domain_table.max()) + 1
         self._alloc()
         self._fn = self._compile()
         self._active: MonokernelTokenStream | None = None
@@ -301,9 +298,7 @@ class MonokernelBackend(_OneLaunchBackend):
         self.v_cache = cp.empty(kv_n, dtype=cp.uint16)
         f32 = cp.float32
         u64 = cp.uint64                           # tagged: fp32 bits | version tag << 32
-        self.x = cp.empty(self.x_copies * cfg.hidden_size, u64)     # one copy per memory domain
-        self.sm_domain = cp.asarray(self.sm_domain_table if self.sm_domain_table is not None
-                                    else np.zeros(1, np.int32))
+        self.x = cp.empty(cfg.hidden_size, u64)   # tensor parallel: the embedding (one GPU: xsum)
         self.qkv = cp.empty(cfg.qkv_dim, u64)
         self.attn_out = cp.empty(cfg.q_dim, u64)
         self.act = cp.empty(cfg.intermediate_size, u64)
@@ -554,36 +549,13 @@ class MonokernelBackend(_OneLaunchBackend):
             debug_stride=self.debug_stride,
             profile=self.profile.data.ptr if self.profile is not None else 0,
             profile_pos=self.profile_pos if self.profile_pos is not None else -1,
-            x_copies=self.x_copies, sm_domain=self.sm_domain.data.ptr,
+
             xpart=self.xpart.data.ptr if self.xpart is not None else 0,
             tp_peers=self.tp_peers.data.ptr, tp_rank=self.rank,
             tp_gather_logits=int(all_logits or params.temperature > 0
                                  or params.repetition_penalty != 1.0),
         )
         return vals
-
-    def _domain_table(self, domain_copies: bool | None):
-        """(max SM id + 1,) int32 memory domain of each SM when x is copied per domain
-        (topology.py; one GPU only), else None. Default on (H100: +1-2.5% decode);
-        KOGCUPY_DOMAIN_COPIES=0 turns it off. An array is taken as the table itself (tests:
-        any SM -> copy assignment must compute the same)."""
-        if isinstance(domain_copies, np.ndarray):
-            if self.world > 1:
-                raise InputError("memory-domain copies are for one GPU (tensor parallel reads "
-                                 "x from the ranks' partials)")
-            return np.ascontiguousarray(domain_copies, dtype=np.int32)
-        from .topology import domain_copies_wanted, sm_domain_table, topology
-        if domain_copies is None:
-            domain_copies = domain_copies_wanted()
-        if not domain_copies or self.world > 1:
-            return None
-        try:
-            topo = topology()
-        except Exception as e:  # noqa: BLE001 -- a failed probe costs speed, never the run
-            warnings.warn(f"kogcupy: memory-domain probe failed ({e}); one copy of x",
-                          RuntimeWarning, stacklevel=3)
-            return None
-        return sm_domain_table(topo) if len(topo.domains) > 1 else None
 
     def peer_pointers(self, vals: dict) -> list[int]:
         """This rank's buffers in abi.TP_PEER_FIELDS order (for every rank's peer table)."""

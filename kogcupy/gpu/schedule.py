@@ -111,9 +111,6 @@ def _sum(kind, layer, part="", pos="t", when="", **kw):
                when=" and ".join(c for c in (when, "KOG_TP == 1") if c), **kw)
 
 
-# Buffers that exist once per memory domain (topology.py; SYNC.md "x per memory domain").
-DOMAIN_COPIED = ("x",)
-
 STAGES: tuple[Stage, ...] = (
     Stage("embed", "kog_embed", "sampling.cuh", False, False,
           waits=(),
@@ -278,10 +275,6 @@ def markdown() -> str:
         out.append(f"| `{name}` | `{s.kernel}` ({s.source}) | {s.who} | {_cell(s.waits)} | "
                    f"{_cell(s.reads)} | {_cell(s.writes)} | {'yes' if s.hop else '-'} |")
     out += ["", f"Grid-wide dependent hops per layer: **{per_layer_hops()}**.", "",
-            f"Copied per memory domain (`x_copies` > 1): {', '.join(f'`{b}`' for b in DOMAIN_COPIED)}"
-            " -- every write above stores each copy, every read and wait is of the reading block's"
-            " own copy (`sm_domain[kog_domain_unit()]`); one GPU no longer writes x (the residual"
-            " stream is the sums), so only tensor parallel uses the copies.", "",
             "Tensor parallel (KOG_TP > 1) differences:", ""]
     out += [f"* `{s.name}`: {s.tp}" for s in STAGES if s.tp]
     out += ["", "**Counters** (`KogParams::counters`, monotone u32, indices `abi.counter_layout`; "

@@ -13,9 +13,9 @@
     topo.domain_of(sm_id)      # which domain an SM / CU belongs to
     print(topo.describe())
 
-The monokernel keeps one copy of x per domain (``sm_domain_table``; kernels_src/SYNC.md, "x per
-memory domain"); the other vectors and the MI300X's per-IOD tensors are not placed by domain
-yet.
+``sm_domain_table`` maps SM / CU ids to a copy per domain (per I/O die on the MI300X). The
+monokernel kept one copy of x per domain until x became L2 residual sums (2026-12-04,
+kernels_src/PERF.md); nothing is placed by domain now.
 """
 from __future__ import annotations
 
@@ -75,20 +75,14 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
-def domain_copies_wanted() -> bool:
-    """KOGCUPY_DOMAIN_COPIES: x per memory domain, on unless "0" / "false" / "no"."""
-    return os.environ.get("KOGCUPY_DOMAIN_COPIES", "1") not in ("0", "false", "no")
-
-
-SM_ID_LIMIT = 1024         # the kernel's SM -> domain table covers ids below this
+SM_ID_LIMIT = 1024         # a SM -> domain table covers ids below this
 
 
 def sm_domain_table(topo: Topology) -> np.ndarray:
-    """(>= SM_ID_LIMIT,) int32: the copy of x each SM / CU id reads, the table the monokernel
-    indexes with kog_domain_unit() (%smid on NVIDIA; xcc * 38 on the MI300X) -- the domain,
+    """(>= SM_ID_LIMIT,) int32: the copy of a per-domain tensor each SM / CU id would read,
+    indexed by %smid on NVIDIA and xcc * 38 on the MI300X -- the domain,
     or the domain's parent where there is one (MI300X: one copy per I/O die, as the reference
-    design duplicated its tensors). Ids no domain lists read copy 0: every copy is a complete
-    x, so the mapping changes speed, never results."""
+    design duplicated its tensors). Ids no domain lists read copy 0."""
     top = max((max(d) for d in topo.domains if d), default=0)
     table = np.zeros(max(SM_ID_LIMIT, top + 1), np.int32)
     for i, members in enumerate(topo.domains):
@@ -107,7 +101,7 @@ MI300X_BLOCK = (64, 8)         # threads: one wave of 64 x 8
 def mi300x() -> Topology:
     """The MI300X as the monokernel sees it: one domain per XCD, each XCD's I/O die in
     ``parents``. Unit ids are this model's own numbering, xcd * 38 + cu (the kernel looks up
-    xcc * 38, from the XCC_ID register: kog_domain_unit), not HIP's __smid() layout. Untested
+    xcc * 38, from the XCC_ID register: the index sm_domain_table is read with), not HIP's __smid() layout. Untested
     on the hardware (no MI300X lent)."""
     domains = [list(range(x * MI300X_CUS_PER_XCD, (x + 1) * MI300X_CUS_PER_XCD))
                for x in range(MI300X_XCDS)]
