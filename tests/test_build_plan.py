@@ -49,6 +49,29 @@ def test_refusals():
         build_plan(cfg, H200_SMS, 4096, blocks=4)
 
 
+def test_ffn_slots_hold_every_unit_a_block_can_run():
+    # down_residual multiplies the activations of the units its block ran: its static range and
+    # any of the dynamic tail (gemv.cuh KOG_FFN_SLOTS); the FFN's shared memory counts them
+    from kogcupy.gpu.placement import place
+    cfg = shape_config("llama-3.2-1b")
+    for dyn in (0, 100, 1000):
+        pl = place(cfg, H200_SMS, 4096, dyn_permille=dyn)
+        static = pl.partition[:, 5] - pl.partition[:, 4]
+        assert pl.ffn_slots == static.max() + cfg.intermediate_size - pl.gate_up_dyn_begin
+        assert static.sum() == pl.gate_up_dyn_begin
+    p = build_plan(cfg, H200_SMS, 4096)
+    assert smem_floats(cfg, ffn_slots=p.placement.ffn_slots) <= p.smem_floats < smem_floats(cfg)
+
+
+def test_one_gpu_needs_a_row_of_x_per_block():
+    # every block adds the carried-over x of its share of rows to the residual sums (sync.cuh)
+    from kogcupy.gpu.placement import place
+    cfg = shape_config("smollm2-135m")
+    place(cfg, cfg.hidden_size, 4096)
+    with pytest.raises(ValueError, match="a row of x in every block"):
+        place(cfg, cfg.hidden_size + 1, 4096)
+
+
 def test_smem_floats_covers_attention_and_sampler():
     cfg = shape_config("smollm2-135m")                 # small: the sampler histogram dominates
     assert smem_floats(cfg) >= 2048 * 2 + 8 and smem_floats(cfg) % 4 == 0
