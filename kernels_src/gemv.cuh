@@ -105,17 +105,11 @@ struct KogDynamic {
     kog_u32 base;
     int begin, end;
 };
-// pre(unit): called by every lane when a dynamically grabbed unit's first tile is requested
-// (down_residual loads the row's old value of x there, long before its epilogue needs it).
-struct KogNoPre {
-    KOG_DEVICE void operator()(int) const {}
-};
-
 // LD: the distance between rows in weights (a block of columns of a wider matrix: o_proj's
 // head-group slices); K when the rows are whole.
-template <int K, int UNIT, bool DYN = false, int LD = K, class Ready, class Epilogue, class Pre = KogNoPre>
+template <int K, int UNIT, bool DYN = false, int LD = K, class Ready, class Epilogue>
 KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, const KogCtx& ctx,
-                         Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}, Pre pre = Pre{}) {
+                         Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}) {
     static_assert(K % 8 == 0 && LD % 8 == 0, "rows must be a whole number of 16-byte vectors");
     static_assert(LD == K || !DYN, "a dynamic tail streams whole rows");
     constexpr int CPR = K / 8;                                   // 16-byte chunks per row
@@ -232,7 +226,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
             auto dload = [&](int i, kog_vec4 (&d)[NLT]) {
                 const int u = u0 + i / TPU, kt = i % TPU;
                 if (u < dyn.end) {
-                    if (kt == 0) pre(u);
 #pragma unroll
                     for (int j = 0; j < NLT; ++j)
                         if (FULL || kt * TILE + j * KOG_WARP + lane < CPU)
@@ -258,7 +251,7 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
 }
 
 #ifndef KOG_DYN_PERMILLE
-#define KOG_DYN_PERMILLE 0        // share of gate_up / lm_head (/ down) units handed out dynamically
+#define KOG_DYN_PERMILLE 0        // share of gate_up / lm_head units handed out dynamically
 #endif
 
 // The dynamic-tail cursor of a stage at position index `index` (see KogDynamic).
@@ -357,9 +350,9 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 // the embedding of t, written by the sampler of t - 1 after every LM-head block's release
 // (each past its wait on in(t - 1, L), which holds every block's last down) or, inside the
 // prompt, after its own wait on in(t - 1, L): the same chain. Before every part of t + 1's:
-// a part of in(t + 1, l), l > 0, comes from a block past its wait on mid(t + 1, l - 1), which
-// holds this block's share part of qkv(t + 1, l - 1) -- a later write of this block, after the
-// fence; the embedding in in(t + 1, 0) and every part of mid(t + 1, 0) follow the sampler of t,
+// a part of in(t + 1, l), l > 0, comes from a block past its wait on mid(t + 1, l - 1), whose
+// words of this block's rows hold the part this block adds in attn_norm_qkv(t + 1, l - 1) -- a
+// later write of this block, after the fence (a block with no rows zeroes nothing); the embedding in in(t + 1, 0) and every part of mid(t + 1, 0) follow the sampler of t,
 // past every block's last down of t; parts of mid(t + 1, l) follow the wait on in(t + 1, l).
 // Relaxed atomic stores, as every other access to the sums.
 KOG_DEVICE void kog_xsum_zero_next(const KogCtx& c, int layer) {

@@ -67,6 +67,9 @@ def write_packed(cfg, directory: str, seed: int = 0):
             if name == "w_gate_up":                  # device (L, f, 2, h) -> packed (L, 2f, h)
                 for layer in range(cfg.n_layers):
                     f.write(cp.asnumpy(a[layer].transpose(1, 0, 2)).tobytes())
+            elif name == "w_down":                   # device (L, f, h) -> packed (L, h, f)
+                for layer in range(cfg.n_layers):
+                    f.write(cp.asnumpy(a[layer].T).tobytes())
             elif a.ndim >= 3:
                 for layer in range(a.shape[0]):
                     f.write(cp.asnumpy(a[layer]).tobytes())

@@ -63,13 +63,12 @@ def test_ffn_slots_hold_every_unit_a_block_can_run():
     assert smem_floats(cfg, ffn_slots=p.placement.ffn_slots) <= p.smem_floats < smem_floats(cfg)
 
 
-def test_one_gpu_needs_a_row_of_x_per_block():
-    # every block adds the carried-over x of its share of rows to the residual sums (sync.cuh)
-    from kogcupy.gpu.placement import place
-    cfg = shape_config("smollm2-135m")
-    place(cfg, cfg.hidden_size, 4096)
-    with pytest.raises(ValueError, match="a row of x in every block"):
-        place(cfg, cfg.hidden_size + 1, 4096)
+def test_one_gpu_grid_fits_the_sum_part_count():
+    # the next layer's input sum gets one part per block; its words count parts in 10 bits
+    cfg = shape_config("llama-3.2-1b")
+    assert build_plan(cfg, 2048, 4096, blocks=1023).n_blocks == 1023
+    with pytest.raises(DeviceError, match="at most 1023 blocks"):
+        build_plan(cfg, 2048, 4096, blocks=1024)
 
 
 def test_smem_floats_covers_attention_and_sampler():

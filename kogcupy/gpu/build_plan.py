@@ -20,6 +20,7 @@ from .placement import ATTN_MIN_CHUNK, Placement, attn_chunk_cap, attn_tiling, m
 
 THREADS = 512
 DYN_MIN_ROWS = 8             # rows of x per block from which the dynamic work tails pay
+SUM_MAX_PARTS = 1 << 10      # sync.cuh KOG_SUM_COUNT_BITS: parts a residual-sum word can count
 
 
 def wave_size(arch: str) -> int:
@@ -123,6 +124,10 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
                           dyn_permille=dyn)
     except ValueError as e:
         raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None
+    if world == 1 and n_blocks >= SUM_MAX_PARTS:
+        # the next layer's input sum gets one part per block, counted in 10 bits (sync.cuh)
+        raise DeviceError(f"one GPU runs at most {SUM_MAX_PARTS - 1} blocks (residual-sum part "
+                          f"count), not {n_blocks}")
     if n_blocks < lcfg.n_kv_heads:
         # the unit combining a head's partials must be the last unit of its block
         raise DeviceError(f"the attention combine needs at least {lcfg.n_kv_heads} blocks (kv heads)")

@@ -103,12 +103,6 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
         short = {k: n for k, n in stages.items() if producers[k] < n_blocks}
         raise ValueError(f"tensor parallel needs rows of every stage in every block; "
                          f"{short} rows are fewer than the {n_blocks} blocks: use fewer blocks")
-    if world_size == 1 and cfg.hidden_size < n_blocks:
-        # every block adds the carried-over x of its share of rows to the residual sums
-        # (sync.cuh); that its zeroing of the next position's sums precedes every part of them
-        # rests on every block's share holding a row (gemv.cuh, kog_xsum_zero_next)
-        raise ValueError(f"one GPU needs a row of x in every block ({cfg.hidden_size} rows), "
-                         f"fewer than the {n_blocks} blocks: use fewer blocks")
     if dyn_permille > 0:
         producers["lm"] = n_blocks                  # every block takes part in the dynamic tail
     max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))
