@@ -509,7 +509,8 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
 // One GPU: no wait. A block multiplies the activations of the FFN units it ran (its own
 // shared memory) by those units' columns of w_down -- stored transposed, (L, FFN, HIDDEN): a
 // unit's column is one contiguous row -- which gives its partial of EVERY row of x, and adds
-// it into in(t, l + 1) (one part per block; for the rows of its share plus x after o_proj).
+// it into in(t, l + 1) (one part per cluster of KOG_CLUSTER blocks, summed in distributed
+// shared memory; for the rows of each block's share plus x after o_proj).
 // Thread layout: a thread owns 16-byte chunk `ch` of a row (8 outputs) in row group `grp`;
 // the groups split the units and are summed in shared memory at the end.
 // Tensor parallel: rows of x, each rank's partial of every row to every rank (kccl.cuh).
@@ -575,12 +576,30 @@ KOG_DEVICE void kog_down_parts(const KogParams* p, int layer, int t, int u0, int
                 r4[1] = make_float4(acc[k][4], acc[k][5], acc[k][6], acc[k][7]);
             }
     __syncthreads();
+#if KOG_CLUSTER == 1
     for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
         float v = (i >= z0 && i < z1) ? xs[i] : 0.f;
 #pragma unroll
         for (int g = 0; g < G; ++g) v += red[g * KOG_HIDDEN + i];
         kog_red_add_u64(out + i, kog_sum_word(p, v));
     }
+#else
+    // a pair of blocks (one cluster): each sums its own partial into red[0, H), then adds
+    // half of the rows for both -- its own + the other's, read from the other's shared
+    // memory (a + b: the same bits whichever block adds) -- so every word gets one part a pair
+    for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
+        float v = (i >= z0 && i < z1) ? xs[i] : 0.f;
+#pragma unroll
+        for (int g = 0; g < G; ++g) v += red[g * KOG_HIDDEN + i];
+        red[i] = v;
+    }
+    kog_cluster_sync();                               // both partials are complete
+    const unsigned rank = kog_cluster_rank();
+    constexpr int HALF = KOG_HIDDEN / 2;
+    for (int i = rank * HALF + threadIdx.x; i < (int)(rank + 1) * HALF; i += blockDim.x)
+        kog_red_add_u64(out + i, kog_sum_word(p, red[i] + kog_ld_cluster(red + i, rank ^ 1u)));
+    kog_cluster_sync();                               // the other block has read this one's red
+#endif
     __syncthreads();                                  // shared memory is free again
 }
 #endif
@@ -640,7 +659,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
         const float s = kog_tp_load_reduced(c, 1, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
 #else
         if (!DYN && r0 >= r1) return -1.f;
-        const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum_in(p, c.t, KOG_N_LAYERS), gridDim.x,
+        const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum_in(p, c.t, KOG_N_LAYERS), kog_in_parts(KOG_N_LAYERS),
                                                               c.smem, c.scratch, true);
         if (dbg != nullptr)
             for (int i = kog_share_begin() + threadIdx.x; i < kog_share_end(); i += blockDim.x)

@@ -29,7 +29,12 @@ static_assert(KOG_SMEM_FLOATS >= KOG_SAMPLE_SMEM_FLOATS, "sampler fits in shared
 static_assert(KOG_SMEM_FLOATS >= KOG_FFN_SMEM_FLOATS, "FFN (x, down partials, activations) fits in shared memory");
 #endif
 
-extern "C" __global__ void __launch_bounds__(KOG_THREADS, 1)
+#if KOG_CLUSTER > 1
+#define KOG_CLUSTER_DIMS __cluster_dims__(KOG_CLUSTER, 1, 1)   // co-resident under a cooperative launch
+#else
+#define KOG_CLUSTER_DIMS
+#endif
+extern "C" __global__ void KOG_CLUSTER_DIMS __launch_bounds__(KOG_THREADS, 1)
 kog_monokernel(const KogParams* __restrict__ p) {
     float* smem = kog_smem();
     KogCtx c;

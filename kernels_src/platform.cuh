@@ -168,6 +168,29 @@ KOG_DEVICE void kog_copy16_wait_groups() {
 #endif
 }
 
+// Thread-block clusters (NVIDIA sm_90; the kernel's __cluster_dims__, monokernel.cu): the
+// block's rank in its cluster, a barrier of all the cluster's threads (release / acquire:
+// shared-memory writes before it are seen by the other blocks after it), and a load from
+// another block's shared memory at the address of `p` in this block's.
+#if !defined(KOG_HIP)       // (called only where KOG_CLUSTER > 1: sm_90+)
+KOG_DEVICE unsigned kog_cluster_rank() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+KOG_DEVICE void kog_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+KOG_DEVICE float kog_ld_cluster(const float* p, unsigned rank) {
+    unsigned a, r;
+    float v;
+    a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
+    return v;
+}
+#endif
+
 // Data written by other blocks during this launch (activations, KV cache, partials): bypass
 // L1, which is not coherent across multiprocessors; L2 is the point of coherence.
 KOG_DEVICE float kog_ld_cg(const float* p) {

@@ -45,8 +45,9 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 // KOG_SUM_COUNT_BITS. Two sums a layer (k = 2l: x entering layer l, k = 2l + 1: x after its
 // o_proj) and one more, k = 2L, the LM head's input:
 //   in(t, 0)   1 part: the embedding;
-//   in(t, l)   one part per block (l >= 1): the block's FFN columns' share of down_residual(l-1)
-//              (its partial of every row), plus, for the rows of its share, x after o_proj;
+//   in(t, l)   one part per cluster of blocks (l >= 1): its blocks' FFN columns' share of
+//              down_residual(l-1) (their partial of every row), plus, for the rows of their
+//              shares, x after o_proj;
 //   mid(t, l)  KOG_MID_PARTS: each kv head group's share of wo @ attn_out, plus x entering the
 //              layer, added by the block whose share holds the row (attn_norm_qkv).
 // A word is ready when its count is the sum's part count: one poll, as for a tagged word.
@@ -55,6 +56,14 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 // checked; the sum must stay below it too): one that is not cannot be held -- kog_sum_word
 // sets the OVERFLOW counter, the sampler ends the generation with FINISH_OVERFLOW and the host
 // raises an error, instead of the wrapped or zeroed value passing as a number.
+// KOG_CLUSTER (one GPU, NVIDIA): blocks a thread-block cluster; a cluster sums its blocks'
+// partials of down in distributed shared memory and adds them as ONE part (gemv.cuh), so a
+// word of in(t, l >= 1) gets gridDim.x / KOG_CLUSTER parts.
+#if !defined(KOG_CLUSTER) || defined(KOG_HIP) || KOG_TP > 1
+#undef KOG_CLUSTER
+#define KOG_CLUSTER 1             // clusters: one NVIDIA GPU (build_plan.py passes 1 elsewhere too)
+#endif
+static_assert(KOG_CLUSTER == 1 || KOG_CLUSTER == 2, "clusters: single blocks or pairs");
 #define KOG_SUM_FRAC 26
 #define KOG_SUM_COUNT_BITS 10
 #define KOG_MID_PARTS (KOG_N_KV + 1)
@@ -76,7 +85,7 @@ KOG_DEVICE float kog_sum_value(kog_u64 w) {
 KOG_DEVICE kog_u64* kog_xsum_in(const KogParams* p, int t, int layer) {
     return p->xsum + ((kog_u64)(t & 1) * KOG_XSUM_SLOTS + 2 * layer) * KOG_HIDDEN;
 }
-KOG_DEVICE kog_u32 kog_in_parts(int layer) { return layer == 0 ? 1u : gridDim.x; }
+KOG_DEVICE kog_u32 kog_in_parts(int layer) { return layer == 0 ? 1u : gridDim.x / KOG_CLUSTER; }
 // x after o_proj of layer l
 KOG_DEVICE kog_u64* kog_xsum_mid(const KogParams* p, int t, int layer) {
     return p->xsum + ((kog_u64)(t & 1) * KOG_XSUM_SLOTS + 2 * layer + 1) * KOG_HIDDEN;

@@ -43,6 +43,20 @@ def test_tensor_parallel_share_gets_a_smaller_grid_and_x_per_block():
     assert p.smem_bytes - one.smem_bytes >= 4 * loc.hidden_size   # x_full
 
 
+def test_block_pairs_where_the_gpu_and_the_model_have_them():
+    # KOG_CLUSTER (gemv.cuh): a large model on one NVIDIA GPU of sm_90+ with an even grid
+    big, small = shape_config("llama-3.2-1b"), shape_config("smollm2-135m")
+    assert build_plan(big, H200_SMS, 4096).tuning["KOG_CLUSTER"] == 2
+    for kw in ({"clusters": False}, {"arch": "gfx942"}, {"blocks": 131}):
+        assert build_plan(big, H200_SMS, 4096, **kw).tuning["KOG_CLUSTER"] == 1, kw
+    loc = local_config(shape_config("qwen3-1.7b"), 2)
+    assert build_plan(loc, H200_SMS, 4096, rank=0, world=2).tuning["KOG_CLUSTER"] == 1
+    assert build_plan(small, H200_SMS, 4096).tuning["KOG_CLUSTER"] == 1     # SmolLM2: -3% in pairs
+    assert build_plan(small, H200_SMS, 4096, tuning={"KOG_CLUSTER": 2}).tuning["KOG_CLUSTER"] == 2
+    with pytest.raises(DeviceError, match="KOG_CLUSTER=2 needs"):
+        build_plan(big, H200_SMS, 4096, clusters=False, tuning={"KOG_CLUSTER": 2})
+
+
 def test_refusals():
     cfg = shape_config("llama-3.2-1b")
     with pytest.raises(DeviceError, match="at least 8 blocks"):
@@ -64,7 +78,7 @@ def test_ffn_slots_hold_every_unit_a_block_can_run():
 
 
 def test_one_gpu_grid_fits_the_sum_part_count():
-    # the next layer's input sum gets one part per block; its words count parts in 10 bits
+    # the next layer's input sum gets up to one part per block; its words count parts in 10 bits
     cfg = shape_config("llama-3.2-1b")
     assert build_plan(cfg, 2048, 4096, blocks=1023).n_blocks == 1023
     with pytest.raises(DeviceError, match="at most 1023 blocks"):

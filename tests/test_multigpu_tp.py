@@ -233,7 +233,7 @@ def test_all_ranks_stop_together(n):
 @pytest.mark.parametrize("name", ["qwen3-1.7b", "llama-3.2-1b"])
 def test_real_shapes_match_one_gpu(name):
     # Full-size shapes, random bf16 weights. Splitting the o_proj / down sums over ranks
-    # changes the rounding (one GPU: fixed-point residual sums with a part per block; tensor
+    # changes the rounding (one GPU: fixed-point residual sums with a part per block or pair; tensor
     # parallel: fp32 partials), so a greedy sequence may only part at a near-tie: the first
     # differing step must be one where the one-GPU logits' top two are within 2e-3 of the
     # largest |logit| -- the bound the teacher-forced logits of the one-GPU sequence must agree

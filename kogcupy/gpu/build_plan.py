@@ -97,19 +97,22 @@ def _knob(tuning: dict, name: str) -> int:
 def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int = THREADS,
                blocks: int | None = None, tuning: dict | None = None, rank: int = 0,
                world: int = 1, hooks: bool = False, arch: str = "",
-               smem_limit: int | None = None) -> BuildPlan:
+               smem_limit: int | None = None, clusters: bool = True) -> BuildPlan:
     """`lcfg`: this GPU's share of the model (all of it on one GPU); `arch` the AMD target
     (gcnArchName), "" on NVIDIA; `smem_limit` the shared memory a block may have (bytes):
-    the attention's K/V tiles shrink to fit it unless `tuning` sets them."""
+    the attention's K/V tiles shrink to fit it unless `tuning` sets them; `clusters`: the GPU
+    launches thread-block clusters (NVIDIA, compute capability 9.0 and later)."""
     if arch.startswith("gfx942") and n_sms >= MI300X_GRID:
         n_sms = MI300X_GRID      # the MI300X grid: 32 blocks on each of its 8 XCDs (topology.py)
     tuning = dict(tuning or {})
     if hooks:
         tuning["KOG_HOOKS"] = 1               # the stage timings / dumps are compiled in
+    # a small model's stages are too short for the grabs (SmolLM2: +10% static) and for the
+    # cluster barriers (SmolLM2: -3% in pairs)
+    small = world == 1 and lcfg.hidden_size < DYN_MIN_ROWS * int(blocks or n_sms)
     dyn = _knob(tuning, "KOG_DYN_PERMILLE")
-    if ("KOG_DYN_PERMILLE" not in tuning and world == 1
-            and lcfg.hidden_size < DYN_MIN_ROWS * int(blocks or n_sms)):
-        dyn = 0      # a small model's stages are too short for the grabs (SmolLM2: +10% static)
+    if "KOG_DYN_PERMILLE" not in tuning and small:
+        dyn = 0
     tuning["KOG_DYN_PERMILLE"] = dyn
     # one block per multiprocessor; a small model split over GPUs gets a smaller grid, so
     # that every block owns rows of every stage (placement.py)
@@ -125,9 +128,20 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     except ValueError as e:
         raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None
     if world == 1 and n_blocks >= SUM_MAX_PARTS:
-        # the next layer's input sum gets one part per block, counted in 10 bits (sync.cuh)
+        # the next layer's input sum gets up to one part per block, counted in 10 bits (sync.cuh)
         raise DeviceError(f"one GPU runs at most {SUM_MAX_PARTS - 1} blocks (residual-sum part "
                           f"count), not {n_blocks}")
+    # pairs of blocks sum their down partials in distributed shared memory (gemv.cuh): one GPU,
+    # a GPU with clusters, an even grid, not a small model
+    cluster = _knob(tuning, "KOG_CLUSTER")
+    if "KOG_CLUSTER" not in tuning and (small or n_blocks % cluster):
+        cluster = 1
+    if cluster > 1 and (world > 1 or arch or not clusters or n_blocks % cluster):
+        if "KOG_CLUSTER" in tuning:
+            raise DeviceError(f"KOG_CLUSTER={cluster} needs one NVIDIA GPU of compute capability "
+                              f"9.0+ and a grid of whole clusters ({n_blocks} blocks)")
+        cluster = 1
+    tuning["KOG_CLUSTER"] = cluster
     if n_blocks < lcfg.n_kv_heads:
         # the unit combining a head's partials must be the last unit of its block
         raise DeviceError(f"the attention combine needs at least {lcfg.n_kv_heads} blocks (kv heads)")

@@ -39,8 +39,8 @@ class Sum:
     """A residual sum of xsum (one GPU, sync.cuh), added in L2 by its parts and ready when
     every part is in: in(pos, layer), x entering the layer (layer L: the LM head's input), and
     mid(pos, layer), x after its o_proj. A write names its part -- "emb" (the embedding: all of
-    in(pos, 0)), "down" (a block's partial of every row of down_residual(layer - 1), plus x
-    after o_proj for the rows of its share), "x" (x entering the layer, a block's share of
+    in(pos, 0)), "down" (a cluster's partial of every row of down_residual(layer - 1), plus
+    x after o_proj for the rows of its blocks' shares), "x" (x entering the layer, a block's share of
     rows), "o" (a head group's wo @ attn_out); a wait names none (all parts: SUM_PARTS)."""
     kind: str     # "in" or "mid"
     pos: str
@@ -52,8 +52,8 @@ class Sum:
 
 
 def sum_parts(kind: str, layer: int) -> tuple[str, ...]:
-    """The parts a sum is complete with (sync.cuh: in(t, 0) 1, in(t, l) one per block, mid(t, l)
-    KV + 1)."""
+    """The parts a sum is complete with (sync.cuh: in(t, 0) 1, in(t, l) one per cluster of
+    blocks, mid(t, l) KV + 1)."""
     if kind == "in":
         return ("emb",) if layer == 0 else ("down",)
     return ("x", "o")
