@@ -344,7 +344,8 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 // wait): zero this block's share of in(t + 1, l) and mid(t + 1, l) (and, at the last layer,
 // of in(t + 1, L)), which share their buffers with position t - 1's sums (sync.cuh).
 // After every read of t - 1's: this block passed its wait on in(t, l) in attn_norm_qkv(t, l);
-// for l > 0 that sum holds a part of every block's down_residual(t, l - 1), so every block is
+// for l > 0 that sum holds every block's down_residual(t, l - 1) (alone or in its pair's part,
+// added after the pair's cluster barrier), so every block is
 // past its qkv(t, l - 1) and gate_up(t, l - 1) -- later than its reads of in(t - 1, l),
 // mid(t - 1, l) (and the LM head's or the sampler's of in(t - 1, L)); for l = 0 in(t, 0) is
 // the embedding of t, written by the sampler of t - 1 after every LM-head block's release
@@ -352,8 +353,9 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 // prompt, after its own wait on in(t - 1, L): the same chain. Before every part of t + 1's:
 // a part of in(t + 1, l), l > 0, comes from a block past its wait on mid(t + 1, l - 1), whose
 // words of this block's rows hold the part this block adds in attn_norm_qkv(t + 1, l - 1) -- a
-// later write of this block, after the fence (a block with no rows zeroes nothing); the embedding in in(t + 1, 0) and every part of mid(t + 1, 0) follow the sampler of t,
-// past every block's last down of t; parts of mid(t + 1, l) follow the wait on in(t + 1, l).
+// later write of this block, after the fence (a block with no rows zeroes nothing); the
+// embedding in in(t + 1, 0) and every part of mid(t + 1, 0) follow the sampler of t, past
+// every block's last down of t; parts of mid(t + 1, l) follow the wait on in(t + 1, l).
 // Relaxed atomic stores, as every other access to the sums.
 KOG_DEVICE void kog_xsum_zero_next(const KogCtx& c, int layer) {
     const int z0 = kog_share_begin(), z1 = kog_share_end();
@@ -394,8 +396,9 @@ KOG_DEVICE void kog_xsum_zero_next(const KogCtx& c, int layer) {
 // One GPU: split over the kv head groups (o_proj's reduction over q_dim). Item (g, s) waits only
 // for head group g's attention output (the G * HD words its combiner wrote), multiplies it by
 // columns [g * G * HD, (g + 1) * G * HD) of row slice s of wo and adds the products into the
-// residual sum mid(t, l) (sync.cuh), where attn_norm_qkv has added the x entering the layer. Items spread over the blocks from block 0 up; attention units go from the
-// top of the grid down, and an item waits only for a combiner, which never waits for an item.
+// residual sum mid(t, l) (sync.cuh), where attn_norm_qkv has added the x entering the layer.
+// Items spread over the blocks from block 0 up; attention units go from the top of the grid
+// down, and an item waits only for a combiner, which never waits for an item.
 // Tensor parallel: every rank's heads give a partial of every row, all-reduced (kccl.cuh).
 // ============================================================================================
 KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {

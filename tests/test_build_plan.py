@@ -55,6 +55,9 @@ def test_block_pairs_where_the_gpu_and_the_model_have_them():
     assert build_plan(small, H200_SMS, 4096, tuning={"KOG_CLUSTER": 2}).tuning["KOG_CLUSTER"] == 2
     with pytest.raises(DeviceError, match="KOG_CLUSTER=2 needs"):
         build_plan(big, H200_SMS, 4096, clusters=False, tuning={"KOG_CLUSTER": 2})
+    for bad in (0, 3, 4):
+        with pytest.raises(DeviceError, match="1 .single blocks. or 2"):
+            build_plan(big, H200_SMS, 4096, tuning={"KOG_CLUSTER": bad})
 
 
 def test_refusals():

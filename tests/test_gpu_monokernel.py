@@ -304,16 +304,20 @@ def test_tuning_variants_match_reference(tuning):
         prompt, SamplingParams(), 48, set()))
 
 
-@pytest.mark.parametrize("dyn", [0, 300])
-def test_ffn_dynamic_tail(dyn):
+@pytest.mark.parametrize("dyn,cluster", [(0, 2), (300, 2), (300, 1)])
+def test_ffn_dynamic_tail(dyn, cluster):
     """down_residual multiplies the activations of the FFN units its block ran, static and
-    grabbed at run time (dyn: permille of the units handed out dynamically): both compute the
+    grabbed at run time (dyn: permille of the units handed out dynamically), and adds them as
+    single blocks or as pairs summed in distributed shared memory (cluster): all compute the
     same as the reference on a 48-block grid."""
+    import cupy
+    if cluster > 1 and int(cupy.cuda.Device().compute_capability) < 90:
+        pytest.skip("thread-block clusters need compute capability 9.0")
     cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
     m = model(cfg, logit_scale=8.0)
     be = MonokernelBackend(m, context_length=1024, watchdog_s=20, blocks=48,
-                           tuning={"KOG_DYN_PERMILLE": dyn})
-    assert be.tuning["KOG_DYN_PERMILLE"] == dyn
+                           tuning={"KOG_DYN_PERMILLE": dyn, "KOG_CLUSTER": cluster})
+    assert be.tuning["KOG_DYN_PERMILLE"] == dyn and be.tuning["KOG_CLUSTER"] == cluster
     assert (be.placement.gate_up_dyn_begin < cfg.intermediate_size) == bool(dyn)
     ids = np.random.default_rng(9).integers(0, cfg.vocab_size, 200).tolist()
     got = be.logits(ids)

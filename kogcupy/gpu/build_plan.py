@@ -134,6 +134,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # pairs of blocks sum their down partials in distributed shared memory (gemv.cuh): one GPU,
     # a GPU with clusters, an even grid, not a small model
     cluster = _knob(tuning, "KOG_CLUSTER")
+    if cluster not in (1, 2):
+        raise DeviceError(f"KOG_CLUSTER={cluster}: 1 (single blocks) or 2 (pairs)")
     if "KOG_CLUSTER" not in tuning and (small or n_blocks % cluster):
         cluster = 1
     if cluster > 1 and (world > 1 or arch or not clusters or n_blocks % cluster):

@@ -573,7 +573,12 @@ class MonokernelBackend(_OneLaunchBackend):
                 self._fn((self.n_blocks,), (self.threads,), (self.params_dev,),
                          shared_mem=self.smem_bytes)
             except Exception as e:  # noqa: BLE001
-                raise DeviceError(f"monokernel launch failed: {e}") from None
+                hint = ""
+                if self.tuning.get("KOG_CLUSTER", 1) > 1:
+                    # (each pair of blocks must fit in one GPC of this GPU)
+                    hint = (f"; it ran {self.n_blocks // 2} pairs of blocks (thread-block "
+                            f"clusters): try KOGCUPY_TUNING='{{\"KOG_CLUSTER\": 1}}'")
+                raise DeviceError(f"monokernel launch failed: {e}{hint}") from None
         return t0
 
     @_on_device
