@@ -392,10 +392,13 @@ class Engine:
         if tk is None or not tk.has_chat_template:
             raise InputError("chat messages need a model with a chat template; pass a text "
                              "prompt (chat=False) instead")
+        if tools and not tk.takes_tools:
+            raise InputError("this model's chat template takes no tools: the model would never "
+                             "see them; pass tools=None")
         kw = {} if tools is None else {"tools": list(tools)}
         text = tk.render_chat(list(messages), add_generation_prompt=True, **kw)
         ids = tk.encode(text, add_bos=False)                # templates write BOS themselves
-        self.model.config.check_request(ids, self.context_length)
+        self.model.config.check_request(ids, self.context_length, template=True)
         return ids
 
     def encode_prompt(self, prompt, chat: bool | None = None, tools=None) -> list[int]:

@@ -99,5 +99,9 @@ def test_tools_and_chat_flag_errors(engine, tiny_models):
         engine.generate("hi", chat=False, tools=TOOLS, max_new_tokens=2)
     with pytest.raises(InputError, match="chat=False"):
         engine.generate(msgs, chat=False, max_new_tokens=2)
-    with pytest.raises(InputError, match="context length"):
+    with pytest.raises(InputError, match=r"chat template included\) does not fit the context length"):
         engine.encode_messages([{"role": "user", "content": "word " * 300}])
+    # a template without `tools` would drop them silently (the server answers 400 the same way)
+    assert not engine.tokenizer.takes_tools
+    with pytest.raises(InputError, match="takes no tools"):
+        engine.generate(msgs, tools=TOOLS, max_new_tokens=2)

@@ -114,12 +114,15 @@ class ModelConfig:
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise InputError(f"{what} has token ids outside [0, {self.vocab_size})")
 
-    def check_request(self, prompt_ids, context_length: int, max_new_tokens: int = 1) -> None:
+    def check_request(self, prompt_ids, context_length: int, max_new_tokens: int = 1,
+                      template: bool = False) -> None:
         """InputError unless a generation request fits: valid prompt ids, at most
-        context_length - 1 of them (one position is left to generate), max_new_tokens >= 1."""
+        context_length - 1 of them (one position is left to generate), max_new_tokens >= 1.
+        `template`: the ids are a rendered chat template (the error says so)."""
         self.check_token_ids(prompt_ids, "prompt")
         if len(prompt_ids) > context_length - 1:
-            raise InputError(f"prompt of {len(prompt_ids)} tokens does not fit the context "
+            what = " (chat template included)" if template else ""
+            raise InputError(f"prompt of {len(prompt_ids)} tokens{what} does not fit the context "
                              f"length {context_length} (at most {context_length - 1} "
                              f"prompt tokens); shorten it or raise --context-length")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:

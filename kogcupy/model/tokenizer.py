@@ -117,6 +117,17 @@ class Tokenizer:
         return self.chat_template is not None
 
     @property
+    def takes_tools(self) -> bool:
+        """Whether the chat template reads a ``tools`` variable (tool definitions)."""
+        if not self.chat_template:
+            return False
+        try:
+            import jinja2.meta
+            return "tools" in jinja2.meta.find_undeclared_variables(_jinja_env().parse(self.chat_template))
+        except Exception:  # noqa: BLE001 -- a template jinja cannot parse takes no tools
+            return False
+
+    @property
     def backend(self) -> _HFTokenizer:
         """The underlying ``tokenizers.Tokenizer``."""
         return self._tk

@@ -28,7 +28,6 @@ from . import protocol as P
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .responses import ChatFormatter, CompletionFormatter, JobResponse, json_error
 from .scheduler import Job, QueueFull, Scheduler
-from .tools import template_takes_tools
 
 log = logging.getLogger("kogcupy.serve")
 
@@ -96,7 +95,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     name = served_model_name or default_model_name(engine)
     metrics = Metrics()
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
-    supports_tools = template_takes_tools(getattr(engine, "tokenizer", None))
+    tk = getattr(engine, "tokenizer", None)
+    supports_tools = tk is not None and tk.takes_tools
     created = P.now()
 
     @contextlib.asynccontextmanager

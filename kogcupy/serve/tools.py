@@ -135,18 +135,3 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     events = p.feed(text) + p.finish()
     content = "".join(e.text for e in events if isinstance(e, Content))
     return content, p.calls
-
-
-def template_takes_tools(tokenizer) -> bool:
-    """Whether the model's chat template reads a ``tools`` variable."""
-    tmpl = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
-    if not tmpl:
-        return False
-    try:
-        import jinja2
-        import jinja2.meta
-
-        from ..model.tokenizer import _jinja_env
-        return "tools" in jinja2.meta.find_undeclared_variables(_jinja_env().parse(tmpl))
-    except Exception:  # noqa: BLE001 -- a template jinja cannot parse has no tool support
-        return False
