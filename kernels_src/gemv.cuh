@@ -579,23 +579,20 @@ KOG_DEVICE void kog_down_parts(const KogParams* p, int layer, int t, int u0, int
                 r4[1] = make_float4(acc[k][4], acc[k][5], acc[k][6], acc[k][7]);
             }
     __syncthreads();
+    for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
+        float v = (i >= z0 && i < z1) ? xs[i] : 0.f;
+#pragma unroll
+        for (int g = 0; g < G; ++g) v += red[g * KOG_HIDDEN + i];
 #if KOG_CLUSTER == 1
-    for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
-        float v = (i >= z0 && i < z1) ? xs[i] : 0.f;
-#pragma unroll
-        for (int g = 0; g < G; ++g) v += red[g * KOG_HIDDEN + i];
         kog_red_add_u64(out + i, kog_sum_word(p, v));
-    }
 #else
-    // a pair of blocks (one cluster): each sums its own partial into red[0, H), then adds
-    // half of the rows for both -- its own + the other's, read from the other's shared
-    // memory (a + b: the same bits whichever block adds) -- so every word gets one part a pair
-    for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
-        float v = (i >= z0 && i < z1) ? xs[i] : 0.f;
-#pragma unroll
-        for (int g = 0; g < G; ++g) v += red[g * KOG_HIDDEN + i];
-        red[i] = v;
+        red[i] = v;                                   // the pair adds it (below)
+#endif
     }
+#if KOG_CLUSTER > 1
+    // a pair of blocks (one cluster): each has summed its own partial into red[0, H); each
+    // adds half of the rows for both -- its own + the other's, read from the other's shared
+    // memory (a + b: the same bits whichever block adds) -- so every word gets one part a pair
     kog_cluster_sync();                               // both partials are complete
     const unsigned rank = kog_cluster_rank();
     constexpr int HALF = KOG_HIDDEN / 2;
