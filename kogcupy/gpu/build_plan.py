@@ -133,15 +133,14 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
                           f"count), not {n_blocks}")
     # pairs of blocks sum their down partials in distributed shared memory (gemv.cuh): one GPU,
     # a GPU with clusters, an even grid, not a small model
-    cluster = _knob(tuning, "KOG_CLUSTER")
+    cluster, asked = _knob(tuning, "KOG_CLUSTER"), "KOG_CLUSTER" in tuning
     if cluster not in (1, 2):
         raise DeviceError(f"KOG_CLUSTER={cluster}: 1 (single blocks) or 2 (pairs)")
-    if "KOG_CLUSTER" not in tuning and (small or n_blocks % cluster):
-        cluster = 1
-    if cluster > 1 and (world > 1 or arch or not clusters or n_blocks % cluster):
-        if "KOG_CLUSTER" in tuning:
-            raise DeviceError(f"KOG_CLUSTER={cluster} needs one NVIDIA GPU of compute capability "
-                              f"9.0+ and a grid of whole clusters ({n_blocks} blocks)")
+    fits = world == 1 and not arch and clusters and n_blocks % cluster == 0
+    if cluster > 1 and not fits and asked:
+        raise DeviceError(f"KOG_CLUSTER={cluster} needs one NVIDIA GPU of compute capability "
+                          f"9.0+ and a grid of whole clusters ({n_blocks} blocks)")
+    if not fits or (small and not asked):
         cluster = 1
     tuning["KOG_CLUSTER"] = cluster
     if n_blocks < lcfg.n_kv_heads:

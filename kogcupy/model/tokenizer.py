@@ -116,9 +116,9 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return self.chat_template is not None
 
-    @property
+    @cached_property
     def takes_tools(self) -> bool:
-        """Whether the chat template reads a ``tools`` variable (tool definitions)."""
+        """Whether the chat template reads a ``tools`` variable (tool definitions; parsed once)."""
         if not self.chat_template:
             return False
         try:
