@@ -39,9 +39,8 @@ def main(argv=None):
         sys.exit("sass_report: needs nvcc and nvdisasm on PATH (or KOG_NVDISASM=/path/nvdisasm)")
     cfg = shape_config(args.shape)
     plan = build_plan(cfg, args.blocks, 4096, tuning=json.loads(args.tuning))
-    tuning = {"KOG_FFN_SLOTS": plan.placement.ffn_slots, **plan.tuning}
     d = kernels.model_defines(cfg, "bfloat16", THREADS, plan.smem_floats,
-                              len(abi.PARTITION_COLUMNS), tuning)
+                              len(abi.PARTITION_COLUMNS), plan.tuning)
     src = kernels.monokernel_source()
     with tempfile.TemporaryDirectory() as tmp:
         cu, cubin = os.path.join(tmp, "monokernel.cu"), os.path.join(tmp, "monokernel.cubin")

@@ -88,7 +88,7 @@ def _sources(tmp_path):
         cfg = shape_config(name)
         plan = build_plan(cfg, 304, 4096, arch="gfx942", smem_limit=64 * 1024)
         d = kernels.model_defines(cfg, "bfloat16", 512, plan.smem_floats, len(abi.PARTITION_COLUMNS),
-                                  {"KOG_FFN_SLOTS": plan.placement.ffn_slots, **plan.tuning})
+                                  plan.tuning)
         out[f"gfx942-plan-{name}"] = (kernels.monokernel_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
     out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel

@@ -83,7 +83,7 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
 @dataclass
 class BuildPlan:
     n_blocks: int                # grid: co-resident blocks
-    tuning: dict                 # -D tuning values (over kernels.DEFAULT_TUNING)
+    tuning: dict                 # -D tuning values (over kernels.DEFAULT_TUNING), KOG_FFN_SLOTS
     placement: Placement         # which block owns which rows / heads / chunks
     attn_chunk: int              # KOG_ATTN_CHUNK
     smem_floats: int             # KOG_SMEM_FLOATS
@@ -170,6 +170,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if problem:
         raise DeviceError(f"KOG_ATTN_TILE={tile}, KOG_ATTN_BUFS={bufs}: {problem}")
     tuning["KOG_ATTN_TILE"], tuning["KOG_ATTN_BUFS"] = tile, bufs
+    tuning["KOG_FFN_SLOTS"] = placement.ffn_slots    # (the placement's, not a knob)
     return BuildPlan(n_blocks=n_blocks, tuning=tuning, placement=placement,
                      attn_chunk=attn_chunk,
                      smem_floats=smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth),

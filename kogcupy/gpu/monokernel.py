@@ -337,9 +337,7 @@ class MonokernelBackend(_OneLaunchBackend):
 
     def _compile(self):
         defines = kernels.model_defines(self.lcfg, self.dtype, self.threads, self._smem_floats,
-                                        len(abi.PARTITION_COLUMNS),
-                                        {"KOG_FFN_SLOTS": self.placement.ffn_slots, **self.tuning},
-                                        tp=self.world)
+                                        len(abi.PARTITION_COLUMNS), self.tuning, tp=self.world)
         limit = self._smem_optin or self.smem_bytes
         if self.smem_bytes > limit:
             raise DeviceError(f"monokernel needs {self.smem_bytes} B of shared memory per block, "
@@ -550,7 +548,6 @@ class MonokernelBackend(_OneLaunchBackend):
             debug_stride=self.debug_stride,
             profile=self.profile.data.ptr if self.profile is not None else 0,
             profile_pos=self.profile_pos if self.profile_pos is not None else -1,
-
             xpart=self.xpart.data.ptr if self.xpart is not None else 0,
             tp_peers=self.tp_peers.data.ptr, tp_rank=self.rank,
             tp_gather_logits=int(all_logits or params.temperature > 0

@@ -80,8 +80,9 @@ def qkv_rows(cfg: ModelConfig, rank: int, n: int) -> np.ndarray:
 def shard(cfg: ModelConfig, arrays: dict, rank: int, n: int) -> dict:
     """Rank `rank`'s arrays from the whole model's, in the device layout of
     monokernel.matrix_shapes (wqkv (L, qkv, h), wo (L, h, q), w_gate_up (L, f, 2, h),
-    w_down (L, h, f) -- DeviceModel.shard passes its (L, f, h) w_down transposed --, lm_head (V, h)). Works on NumPy and CuPy arrays alike; the results are
-    contiguous (views are copied) and live where the inputs do."""
+    w_down (L, h, f) -- DeviceModel.shard passes its (L, f, h) w_down transposed --, lm_head
+    (V, h)). Works on NumPy and CuPy arrays alike; the results are contiguous (views are
+    copied) and live where the inputs do."""
     xp = _array_module(arrays["wqkv"])
     if n == 1:
         return dict(arrays)
