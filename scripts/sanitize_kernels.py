@@ -1,7 +1,7 @@
 """A short monokernel run for compute-sanitizer (scripts/sanitize_kernels.sh): a tiny model,
 greedy and sampled generations, and a teacher-forced logits pass.
 
-    python scripts/sanitize_kernels.py [blocks] [q heads per kv head]
+    python scripts/sanitize_kernels.py [blocks] [q heads per kv head] [greedy tokens]
 """
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ w = random_packed_weights(cfg, seed=0, rope_positions=256)
 m = SimpleNamespace(config=cfg, weights=w, dtype="bfloat16", tokenizer=None, path="random")
 blocks = int(sys.argv[1]) if len(sys.argv) > 1 else 16
 be = MonokernelBackend(m, context_length=256, blocks=blocks, debug_positions=4)
-# 200 positions: past one attention chunk, so the split attention and its combine run too
-a = list(be.start([1, 2, 3], SamplingParams(), 197, set()))
+# argv[3]: greedy tokens (default 197: 200 positions, past one attention chunk, so the split
+# attention and its combine run too; racecheck is slow, fewer tokens still run every stage)
+n_greedy = int(sys.argv[3]) if len(sys.argv) > 3 else 197
+a = list(be.start([1, 2, 3], SamplingParams(), n_greedy, set()))
 b = list(be.start([4, 5], SamplingParams(temperature=0.9, top_k=10, top_p=0.9, min_p=0.01,
                                          repetition_penalty=1.1, seed=3), 8, set()))
 lg = be.logits([1, 2, 3, 4, 5, 6])
