@@ -130,7 +130,6 @@ KOG_DEVICE kog_vec4 kog_ld_stream(const kog_vec4* p) {
     asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
-    return r;
 #endif
 }
 

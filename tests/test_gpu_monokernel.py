@@ -279,7 +279,7 @@ def test_prompt_too_long_and_bad_ids():
         be.start([m.config.vocab_size], SamplingParams(), 4, set())
 
 
-@pytest.mark.parametrize("tuning", [{"KOG_DYN_PERMILLE": 100, "KOG_ATTN_MIN_CHUNK": 32},
+@pytest.mark.parametrize("tuning", [{"KOG_DYN_PERMILLE": 100, "KOG_ATTN_MIN_CHUNK": 16},
                                     {"KOG_DYN_PERMILLE": 0},
                                     {"KOG_ATTN_MIN_CHUNK": 128},
                                     {"KOG_ATTN_CHUNK": 128},
