@@ -61,6 +61,7 @@ def test_reset_keeps_the_system_prompt(tiny_dirs, spy):
     assert spy[1][2]["role"] == "assistant" and spy[1][3]["content"] == "Once upon a time"
     stats = turn_stats(r.stderr)
     assert stats[0][1] == 0 and stats[1][1] > stats[0][0]
+    assert r.stderr.count(" GB/s, prefill ") == 3          # each turn's decode bandwidth
     assert stats[2][0] == 1                    # the same first turn again: all but one cached
     first = spy[1][2]["content"]               # same greedy answer before and after /reset
     assert first and r.stdout.startswith(first + "\n") and r.stdout.endswith("\n" + first + "\n")

@@ -51,17 +51,6 @@ def test_topology_describe_and_cache_round_trip():
     assert T.Topology(**json.loads(json.dumps(asdict(topo)))) == topo
 
 
-def test_sm_domain_table():
-    topo = T.Topology("GPU X", "l2-partitions", [[0, 1, 4], [2, 3, 5]], 200.0, 280.0)
-    table = T.sm_domain_table(topo)
-    assert table.dtype == np.int32 and len(table) == T.SM_ID_LIMIT
-    assert table[:6].tolist() == [0, 0, 1, 1, 0, 1] and not table[6:].any()
-    # MI300X: one copy per I/O die; the kernel indexes with xcc * 38 (kog_domain_unit)
-    amd = T.sm_domain_table(T.mi300x())
-    assert [int(amd[x * T.MI300X_CUS_PER_XCD]) for x in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert amd[[0, 37, 38, 76, 303]].tolist() == [0, 0, 0, 1, 3]
-
-
 def test_cache_is_per_chip(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     a = T._cache_path("NVIDIA H200", T._uuid({"uuid": bytes(range(16))}))

@@ -13,9 +13,9 @@
     topo.domain_of(sm_id)      # which domain an SM / CU belongs to
     print(topo.describe())
 
-``sm_domain_table`` maps SM / CU ids to a copy per domain (per I/O die on the MI300X). The
-monokernel kept one copy of x per domain until x became L2 residual sums (2026-12-04,
-kernels_src/PERF.md); nothing is placed by domain now.
+The monokernel kept one copy of x per domain (per I/O die on the MI300X), read through an
+SM -> domain table, until x became L2 residual sums (2026-12-04, kernels_src/PERF.md); nothing
+is placed by domain now, so the table went too (`kogcupy env` still reports the domains).
 """
 from __future__ import annotations
 
@@ -75,21 +75,6 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
-SM_ID_LIMIT = 1024         # a SM -> domain table covers ids below this
-
-
-def sm_domain_table(topo: Topology) -> np.ndarray:
-    """(>= SM_ID_LIMIT,) int32: the copy of a per-domain tensor each SM / CU id would read,
-    indexed by %smid on NVIDIA and xcc * 38 on the MI300X -- the domain,
-    or the domain's parent where there is one (MI300X: one copy per I/O die, as the reference
-    design duplicated its tensors). Ids no domain lists read copy 0."""
-    top = max((max(d) for d in topo.domains if d), default=0)
-    table = np.zeros(max(SM_ID_LIMIT, top + 1), np.int32)
-    for i, members in enumerate(topo.domains):
-        table[members] = topo.parents[i] if topo.parents else i
-    return table
-
-
 # ---- AMD MI300X --------------------------------------------------------------------------
 MI300X_XCDS = 8
 MI300X_CUS_PER_XCD = 38
@@ -101,8 +86,8 @@ MI300X_BLOCK = (64, 8)         # threads: one wave of 64 x 8
 def mi300x() -> Topology:
     """The MI300X as the monokernel sees it: one domain per XCD, each XCD's I/O die in
     ``parents``. Unit ids are this model's own numbering, xcd * 38 + cu (the kernel looks up
-    xcc * 38, from the XCC_ID register: the index sm_domain_table is read with), not HIP's __smid() layout. Untested
-    on the hardware (no MI300X lent)."""
+    xcc * 38, from the XCC_ID register), not HIP's __smid() layout. Untested on the hardware
+    (no MI300X lent)."""
     domains = [list(range(x * MI300X_CUS_PER_XCD, (x + 1) * MI300X_CUS_PER_XCD))
                for x in range(MI300X_XCDS)]
     parents = [x // (MI300X_XCDS // MI300X_IODS) for x in range(MI300X_XCDS)]
