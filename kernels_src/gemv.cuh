@@ -18,11 +18,11 @@
 #include "platform.cuh"
 #include "sync.cuh"
 
-#ifndef KOG_GEMV_MAX_LOADS
-#define KOG_GEMV_MAX_LOADS 8      // 16-byte loads per lane per tile
-#endif
-#ifndef KOG_PREFETCH_TILES
-#define KOG_PREFETCH_TILES 1      // tiles issued before the wait for the input
+// Knobs (kernels.py DEFAULT_TUNING / build_plan.py pass every one): KOG_GEMV_MAX_LOADS 16-byte
+// loads per lane per tile, KOG_DYN_PERMILLE the share of gate_up / lm_head units handed out at
+// run time, KOG_DOWN_DEPTH rows a thread of down_residual keeps in flight.
+#if !defined(KOG_GEMV_MAX_LOADS) || !defined(KOG_DYN_PERMILLE) || !defined(KOG_DOWN_DEPTH)
+#error "GEMV knobs come from kernels.py (model_defines)"
 #endif
 
 // Waits until every word of the tagged vector src[0:N) carries `tag` (SUM: every residual-sum
@@ -132,9 +132,8 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     const int n_units = first < u_end ? (u_end - first + n_warps - 1) / n_warps : 0;
     int n_tiles = n_units * TPU;
 
-    // Two tiles in flight
-    // Two tiles in flight per warp (cur, nxt); tile 0 (and tile 1 with KOG_PREFETCH_TILES > 1)
-    // is issued before the wait for the input.
+    // Two tiles in flight per warp (cur, nxt), both issued before the wait for the input (one
+    // or none issued early measured 6% / 3% slower on Llama-3.2-1B: kernels_src/PERF.md).
     kog_vec4 cur[NLT], nxt[NLT];
     auto load = [&](int i, kog_vec4 (&v)[NLT]) {
         const int u = first + (i / TPU) * n_warps;
@@ -155,21 +154,11 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
             }
         }
     };
-#if KOG_PREFETCH_TILES > 0
     if (n_tiles > 0) load(0, cur);
-#endif
-#if KOG_PREFETCH_TILES > 1
     if (n_tiles > 1) load(1, nxt);
-#endif
 
     const float scale = ready();
     if (!(scale > 0.f)) return;
-#if KOG_PREFETCH_TILES <= 0
-    if (n_tiles > 0) load(0, cur);                 // (timing variant: nothing in flight while waiting)
-#endif
-#if KOG_PREFETCH_TILES <= 1
-    if (n_tiles > 1) load(1, nxt);
-#endif
 
     const float4* x4 = reinterpret_cast<const float4*>(xs);
     float acc[UNIT];
@@ -249,10 +238,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         }
     }
 }
-
-#ifndef KOG_DYN_PERMILLE
-#define KOG_DYN_PERMILLE 0        // share of gate_up / lm_head units handed out dynamically
-#endif
 
 // The dynamic-tail cursor of a stage at position index `index` (see KogDynamic).
 template <int K, int UNIT>
@@ -377,9 +362,6 @@ KOG_DEVICE void kog_xsum_zero_next(const KogCtx& c, int layer) {
 // (ints); down_residual's row staging (KOG_DOWN_DEPTH rows a thread in flight).
 #ifndef KOG_FFN_SLOTS
 #define KOG_FFN_SLOTS KOG_FFN     // units a block runs at most (host: static + dynamic tail)
-#endif
-#ifndef KOG_DOWN_DEPTH
-#define KOG_DOWN_DEPTH 8          // kernels.py DEFAULT_TUNING
 #endif
 #define KOG_FFN_CH (KOG_HIDDEN / 8)                                     // 16-byte chunks a row
 #define KOG_FFN_GROUPS (KOG_FFN_CH >= KOG_THREADS ? 1 : KOG_THREADS / KOG_FFN_CH)

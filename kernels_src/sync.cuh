@@ -16,7 +16,7 @@
 // Tensor-parallel ranks (kogcupy/gpu/tensor_parallel.py). KOG_N_HEADS, KOG_N_KV and KOG_FFN are
 // then THIS rank's share (its heads, its FFN columns); KOG_HIDDEN and KOG_VOCAB stay whole.
 #ifndef KOG_TP
-#define KOG_TP 1
+#error "KOG_TP (ranks) comes from kernels.py (model_defines)"
 #endif
 
 // Model shape derived from the -D constants kernels.py passes.
@@ -59,7 +59,10 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 // KOG_CLUSTER (one GPU, NVIDIA): blocks a thread-block cluster; a cluster sums its blocks'
 // partials of down in distributed shared memory and adds them as ONE part (gemv.cuh), so a
 // word of in(t, l >= 1) gets gridDim.x / KOG_CLUSTER parts.
-#if !defined(KOG_CLUSTER) || defined(KOG_HIP) || KOG_TP > 1
+#ifndef KOG_CLUSTER
+#error "KOG_CLUSTER comes from kernels.py / build_plan.py"
+#endif
+#if defined(KOG_HIP) || KOG_TP > 1
 #undef KOG_CLUSTER
 #define KOG_CLUSTER 1             // clusters: one NVIDIA GPU (build_plan.py passes 1 elsewhere too)
 #endif
@@ -201,8 +204,8 @@ KOG_DEVICE kog_u32 kog_expected(const KogCtx& c, int producers) {
 // its inputs are in shared memory, and at its end, for one position. Slots: layer * 16 +
 // stage * 3 + {0, 1, 2} (stage: 0 qkv, 1 attention, 2 o_proj, 3 gate_up, 4 down); the LM head
 // at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}.
-#ifndef KOG_HOOKS
-#define KOG_HOOKS 0               // 1: profiling / debug-dump code (kernels.py turns it on when asked)
+#ifndef KOG_HOOKS                 // 1: profiling / debug-dump code (kernels.py turns it on when asked)
+#error "KOG_HOOKS comes from kernels.py (model_defines)"
 #endif
 #define KOG_PROF_SLOTS (KOG_N_LAYERS * 16 + 8)
 KOG_DEVICE void kog_prof(const KogCtx& c, int slot) {

@@ -83,12 +83,12 @@ def define_options(defines: dict) -> tuple[str, ...]:
     return tuple(opts)
 
 
-# GEMV tuning knobs (gemv.cuh): loads per lane per tile, tiles issued before the input wait,
-# the share of units handed out at run time, rows a thread of down_residual keeps in flight,
-# blocks a cluster (down's partials summed in pairs before the adds; one GPU of sm_90+).
-DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_PREFETCH_TILES": 2,
-                  "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DEPTH": 8, "KOG_CLUSTER": 2,
-                  "KOG_HOOKS": 0}
+# The kernel's knobs and their defaults, in this one place (the sources #error without them):
+# GEMV loads per lane per tile, the share of units handed out at run time, rows a thread of
+# down_residual keeps in flight (gemv.cuh), blocks a cluster (down's partials summed in pairs
+# before the adds; one GPU of sm_90+; build_plan.py decides per model), profiling / debug hooks.
+DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DEPTH": 8,
+                  "KOG_CLUSTER": 2, "KOG_HOOKS": 0}
 # Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 0}' changes the defaults (e.g. to run the GPU
 # test suite on a variant before it becomes the default).
 if os.environ.get("KOGCUPY_TUNING"):
