@@ -386,9 +386,12 @@ def _turn_stats(r) -> str:
                       help="Requests that may wait while one generates; more get HTTP 429."),
          click.option("--prefix-cache-gb", type=float, default=None,
                       help="Memory for earlier requests' KV (default: the backend's; 0 = off)."),
+         click.option("--allowed-origin", "allowed_origins", metavar="ORIGIN", multiple=True,
+                      help="A browser origin allowed to call the API (CORS), e.g. "
+                           "http://localhost:3000; '*' for any. Repeatable; none by default."),
          *BACKEND_OPTIONS)
 def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_cache_gb,
-          backend, context_length, dtype, gpus):
+          allowed_origins, backend, context_length, dtype, gpus):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
     /v1/completions, /v1/models, /health, /metrics).
 
@@ -421,7 +424,8 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
     kw = {} if prefix_cache_gb is None else {"prefix_cache_gb": prefix_cache_gb}
     engine = load_engine(model_path, dtype, backend, context_length, gpus, **kw)
     name = served_model_name or default_model_name(engine)
-    app = create_app(engine, served_model_name=name, api_key=api_key, max_queue=max_queue)
+    app = create_app(engine, served_model_name=name, api_key=api_key, max_queue=max_queue,
+                     allowed_origins=list(allowed_origins))
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"kogcupy: warning: listening on {host} without --api-key: anyone who can "
                    f"reach this port can use the model", err=True)

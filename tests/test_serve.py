@@ -318,9 +318,11 @@ def scripted(qwen_tokenizer):
     """(engine, server) factory: scripted(max_queue=..., api_key=..., **engine_kw)."""
     servers = []
 
-    def make(max_queue=16, api_key=None, tokenizer=None, max_body_bytes=None, **kw):
+    def make(max_queue=16, api_key=None, tokenizer=None, max_body_bytes=None,
+             allowed_origins=None, **kw):
         eng = ScriptedEngine(tokenizer or qwen_tokenizer, **kw)
         extra = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+        extra.update({} if allowed_origins is None else {"allowed_origins": allowed_origins})
         app = create_app(eng, served_model_name="scripted", api_key=api_key,
                          max_queue=max_queue, **extra)
         srv = Server(app, api_key=api_key or "none").__enter__()
@@ -470,6 +472,10 @@ def test_queued_request_whose_client_left_is_dropped(scripted):
         assert "error" not in box, box.get("error")
     assert [k["user"] for k in eng.calls] == ["A", "C"]
     assert srv.metric("kogcupy_queued_requests_dropped_total") == 1
+    # a client that left is not a server error: no 500 counted, a 499 (nginx's convention)
+    route = "/v1/chat/completions"
+    assert srv.metric("kogcupy_requests_total", route=route, status="499") == 1
+    assert srv.metric("kogcupy_requests_total", route=route, status="500") == 0
 
 
 def test_queue_full_is_429_with_retry_after(scripted):
@@ -540,6 +546,10 @@ BAD_REQUESTS = [
     ("completions", {"model": "scripted", "prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
     ("completions", {"model": "scripted", "prompt": "a", "echo": True}, 400, "echo", ""),
     ("completions", {"model": "scripted", "prompt": "a", "best_of": 3}, 400, "best_of", ""),
+    ("completions", {"model": "scripted", "prompt": "a", "logprobs": 0}, 400, "logprobs", ""),
+    ("chat", {"model": "scripted", "messages": [{"role": "assistant", "content": "x",
+                                                 "refusal": "no"}]},
+     400, "messages[0].refusal", "None"),
     ("completions", {"model": "scripted", "prompt": [1, 99999]}, 400, None, "token ids"),
 ]
 
@@ -581,8 +591,15 @@ def test_engine_errors(scripted):
 
 
 def test_api_key(scripted):
-    eng, srv = scripted(api_key="sekret")
+    eng, srv = scripted(api_key="sekret", allowed_origins=["http://ui.example"])
     assert chat(srv.client(), "hi").choices[0].message.content == "reply to hi"
+    # CORS: a browser's preflight from an allowed origin passes without the key; others get none
+    pre = {"access-control-request-method": "POST",
+           "access-control-request-headers": "authorization,content-type"}
+    r = httpx.options(srv.url + "/v1/chat/completions", headers={"origin": "http://ui.example", **pre})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ui.example"
+    r = httpx.options(srv.url + "/v1/chat/completions", headers={"origin": "http://evil.example", **pre})
+    assert "access-control-allow-origin" not in r.headers
     with pytest.raises(openai.AuthenticationError):
         chat(srv.client(api_key="wrong"), "hi")
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sekret"},
@@ -601,6 +618,28 @@ def test_tools_rejected_without_template_support(scripted, tiny_models):
     eng, srv = scripted(tokenizer=plain)
     with pytest.raises(openai.BadRequestError, match="does not support tools"):
         chat(srv.client(), "x", tools=[WEATHER_TOOL])
+    # tools switched off by tool_choice "none": the request runs without them
+    r = chat(srv.client(), "x", tools=[WEATHER_TOOL], tool_choice="none")
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None
+
+
+def test_client_round_trip_fields_accepted(scripted):
+    """What agents send back: the openai client's message.model_dump() (refusal, annotations,
+    audio, function_call as null), a streamed call's index, bookkeeping fields, null stream."""
+    eng, srv = scripted(script=lambda u: CALL_TEXT)
+    c = srv.client()
+    first = chat(c, "weather?", tools=[WEATHER_TOOL])
+    eng.script = lambda u: "ok"
+    back = first.choices[0].message.model_dump()
+    assert back["refusal"] is None and back["tool_calls"]
+    back["tool_calls"][0]["index"] = 0
+    msgs = [{"role": "user", "content": "weather?"}, back,
+            {"role": "tool", "tool_call_id": back["tool_calls"][0]["id"], "content": "sunny"}]
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
+                                  store=False, metadata={"run": "1"}, user="u",
+                                  extra_body={"stream": None, "service_tier": "auto"})
+    assert r.choices[0].message.content == "ok"
+    assert '"get_weather"' in eng.calls[-1]["prompt"] and "sunny" in eng.calls[-1]["prompt"]
 
 
 def _stream_chat(client, messages, **kw):

@@ -58,7 +58,7 @@ class _Guard:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         route = next((r for r in _ROUTES if path == r or path.startswith(r + "/")), "other")
-        status = [500]
+        status = [499]                  # no response started: the client went away first
 
         async def send_status(msg):
             if msg["type"] == "http.response.start":
@@ -89,9 +89,11 @@ class _Guard:
 
 
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None,
-               max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+               max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               allowed_origins: list[str] | None = None):
     """The ASGI app serving `engine` (see the module docstring); ``app.state`` holds the
-    ``scheduler``, ``metrics`` and ``engine``."""
+    ``scheduler``, ``metrics`` and ``engine``. `allowed_origins`: browser origins that may call
+    it (CORS; ["*"] for any), none by default."""
     name = served_model_name or default_model_name(engine)
     metrics = Metrics()
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
@@ -231,6 +233,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         check_model(req.model)
         P.check_supported(req)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        if tools and req.tool_choice == "none" and not supports_tools:
+            tools = None                             # switched off: the template needs none
         if tools and not supports_tools:
             raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
                                   f"takes no 'tools'", param="tools")
@@ -245,7 +249,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                                                req.stream_options.include_usage),
                             parse_tools=bool(tools) and (req.tool_choice or "auto") == "auto",
                             max_calls=1 if req.parallel_tool_calls is False else None)
-        return JobResponse(job, fmt, stream=req.stream)
+        return JobResponse(job, fmt, stream=bool(req.stream))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -267,9 +271,13 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         fmt = CompletionFormatter(rid, name, P.now(), len(ids),
                                   include_usage=bool(req.stream_options and
                                                      req.stream_options.include_usage))
-        return JobResponse(job, fmt, stream=req.stream)
+        return JobResponse(job, fmt, stream=bool(req.stream))
 
     app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
+    if allowed_origins:                              # outermost: preflights need no API key
+        from starlette.middleware.cors import CORSMiddleware
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"])
     return app
 
 

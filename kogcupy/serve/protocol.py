@@ -3,8 +3,10 @@
 Requests are validated strictly: wrong types and unknown fields are a 400 that names the field.
 Fields of the OpenAI API that kogcupy does not implement are accepted only with their neutral
 value (``n: 1``, ``logprobs: false``, ``presence_penalty: 0``, ...) and are a 400 otherwise:
-nothing a client asks for is silently ignored. Extra sampling fields (vLLM style):
-``top_k``, ``min_p``, ``repetition_penalty``.
+nothing a client asks for is silently ignored. Bookkeeping fields that change no output
+(``user``, ``store``, ``metadata``, ``service_tier``; the empty ``refusal`` / ``annotations`` /
+``audio`` / ``function_call`` of a message the openai client returned) are accepted and unused.
+Extra sampling fields (vLLM style): ``top_k``, ``min_p``, ``repetition_penalty``.
 
 Responses are plain dicts shaped like OpenAI's (a stream chunk is built per token, so no
 pydantic on that path); ``Usage`` is the one shared piece.
@@ -82,6 +84,7 @@ class ToolCallIn(_Strict):
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
+    index: int | None = None            # kept by clients that assembled a streamed call; unused
 
 
 class TextPart(_Strict):
@@ -95,6 +98,12 @@ class Message(_Strict):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    # What the openai client's message.model_dump() carries back into the next request; kogcupy
+    # never produces them, so only their empty values are taken
+    refusal: None = None
+    annotations: list[Any] | None = Field(default=None, max_length=0)
+    audio: None = None
+    function_call: None = None
 
     def to_template(self) -> dict:
         """The message as chat templates read it (HF conventions)."""
@@ -135,9 +144,13 @@ class _Sampling(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0)
     seed: int | None = None
     stop: Union[str, list[str], None] = None
-    stream: bool = False
+    stream: bool | None = False                               # (null: false)
     stream_options: StreamOptions | None = None
-    user: str | None = None                                   # an end-user id; not used
+    # Bookkeeping fields that do not change the output: accepted, not used
+    user: str | None = None                                   # an end-user id
+    store: bool | None = None                                 # nothing is stored
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
     # Accepted with their neutral value only (check_supported):
     n: int | None = None
     presence_penalty: float | None = None
@@ -263,7 +276,7 @@ def check_supported(req) -> None:
                 and req.max_tokens != req.max_completion_tokens:
             no("max_tokens", "max_tokens and max_completion_tokens disagree; send one of them")
     else:
-        if req.logprobs not in (None, 0):
+        if req.logprobs is not None:                            # (0: the sampled tokens')
             no("logprobs", "logprobs are not supported")
         if req.echo:
             no("echo", "echo is not supported")
