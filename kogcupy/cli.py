@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import secrets
 import sys
 import threading
 import time
@@ -105,7 +107,8 @@ SAMPLING_OPTIONS = [
     click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
     click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off."),
     click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--seed", type=int, default=None,
+                 help="Sampling seed (default: a random one, given in the stats line)."),
 ]
 BACKEND_OPTIONS = [
     click.option("--backend", type=click.Choice(["auto", "reference", "monokernel"]),
@@ -131,12 +134,21 @@ def options(*opts):
 
 
 def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed):
-    """Bad arguments fail before the model is read."""
+    """Bad arguments fail before the model is read. Returns the seed: `seed`, or a random one
+    when none was given (so that two runs sample differently, as llama.cpp's and HF's do)."""
     from .sampling_params import SamplingParams
+    if seed is None:
+        seed = secrets.randbits(63)
     SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    repetition_penalty=repetition_penalty, seed=seed)
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    return seed
+
+
+def _with_seed(line: str, temperature: float, seed: int) -> str:
+    """A sampled run's stats line names its seed (rerun with --seed to repeat it)."""
+    return line + f", seed {seed}" if temperature > 0 else line
 
 
 def check_backend(backend, context_length, dtype, gpus) -> str:
@@ -164,8 +176,13 @@ def load_engine(model_path, dtype, backend, context_length, gpus, **engine_kw):
         check_context_length(context_length, min(positions, cfg.max_position_embeddings))
         check_model_for_backend(cfg, name, gpus)
 
+    label = name
+    if backend == "auto" and name == "reference":
+        from .engine import gpu_info
+        if "not importable" not in gpu_info()[1]:     # CuPy is installed but sees no GPU
+            label = "reference: no usable GPU, `kogcupy env` says why"
     _set_phase("loading the model")
-    with _Progress(f"loading {_model_name(model_path)} ({name})") as progress:
+    with _Progress(f"loading {_model_name(model_path)} ({label})") as progress:
         model = load_model(model_path, dtype=dtype, on_config=on_config)
         _set_phase("loading the model onto the GPU and compiling the kernel"
                    if name == "monokernel" else "loading the model")
@@ -259,7 +276,8 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
     (bash: --stop $'\\n')."""
     from .engine import check_text
 
-    check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                          seed)
     check_backend(backend, context_length, dtype, gpus)
     for s in stop:
         check_text(s, "--stop")
@@ -285,9 +303,12 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
         gen.close()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_BROKEN_PIPE)
-    click.echo(gen.result.stats_line(), err=True)
+    click.echo(_with_seed(gen.result.stats_line(), temperature, seed), err=True)
     if interrupted:
         sys.exit(EXIT_INTERRUPTED)
+
+
+CHAT_COMMANDS = "/reset clears the conversation (the system prompt stays), /exit quits, /help"
 
 
 @cli.command()
@@ -298,13 +319,14 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
          repetition_penalty, seed, backend, context_length, dtype, gpus, stop):
     """Chat with the model: each line read is a user turn, the answer streams to stdout.
 
-    /reset clears the conversation (the system prompt stays), /exit or end of input quits;
-    Ctrl-C stops an answer and keeps the session. Each turn prefills only its new tokens: the
+    /reset clears the conversation (the system prompt stays), /exit (or /quit, or end of
+    input) quits, /help lists these; Ctrl-C stops an answer and keeps the session. Each turn prefills only its new tokens: the
     rest comes from the prefix cache (the stats line on stderr says how many).
     """
     from .engine import check_text
 
-    check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                          seed)
     check_backend(backend, context_length, dtype, gpus)
     for s in stop:
         check_text(s, "--stop")
@@ -322,12 +344,18 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
             import readline  # noqa: F401  (line editing for input())
         except ImportError:
             pass
-        click.echo("kogcupy chat: /reset clears the conversation, /exit quits.", err=True)
+        click.echo(f"kogcupy chat: {CHAT_COMMANDS}.", err=True)
     while True:
         try:
             line = input(">>> " if interactive else "")
         except EOFError:
+            if interactive:
+                click.echo("", err=True)        # the shell's next line starts on its own
             break
+        except KeyboardInterrupt:
+            if interactive:
+                click.echo("", err=True)
+            raise
         except UnicodeDecodeError as e:
             click.echo(f"kogcupy: error: the line read is not valid UTF-8 text "
                        f"(byte 0x{e.object[e.start]:02x})", err=True)
@@ -340,6 +368,10 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
         if command == "/reset":
             messages = list(start)
             click.echo("kogcupy: conversation cleared", err=True)
+            continue
+        if re.fullmatch(r"/[A-Za-z]+", command):   # a command word, not text starting with /
+            what = "" if command == "/help" else f"unknown command {command}; "
+            click.echo(f"kogcupy: {what}{CHAT_COMMANDS}", err=True)
             continue
         turn = messages + [{"role": "user", "content": line}]
         try:
@@ -358,7 +390,7 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
         click.echo("")
         r = gen.result
         messages = turn + [{"role": "assistant", "content": r.text}]
-        click.echo(_turn_stats(r), err=True)
+        click.echo(_with_seed(_turn_stats(r), temperature, seed), err=True)
 
 
 def _turn_stats(r) -> str:
@@ -445,7 +477,13 @@ def _gpu_lines() -> tuple[str, list[str]]:
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:
-        return version, [f"none ({type(e).__name__})"]
+        why = " ".join(str(e).split())[:160]
+        lines = [f"none ({type(e).__name__}: {why})" if why else f"none ({type(e).__name__})"]
+        if "InsufficientDriver" in why:
+            lines.append("the NVIDIA driver is older than the CUDA this CuPy was built for: "
+                         "update the driver, or install the CuPy of its CUDA (pip install "
+                         "'.[cuda12]' for a CUDA 12 driver)")
+        return version, lines
     lines = []
     for i in range(n):
         p = cupy.cuda.runtime.getDeviceProperties(i)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -61,6 +62,15 @@ def test_generate_stdin_prompt_and_options(cached_default_model):
     assert again.stdout == r.stdout
 
 
+def test_generate_default_seed_is_random_and_named(cached_default_model):
+    args = ["generate", "--max-new-tokens", "6", "--no-chat", "--temperature", "1.5"]
+    runs = [invoke(args, input="Once upon a time\n") for _ in range(2)]
+    seeds = [int(re.search(r", seed (\d+)$", r.stderr.strip()).group(1)) for r in runs]
+    assert seeds[0] != seeds[1]
+    again = invoke(args + ["--seed", str(seeds[0])], input="Once upon a time\n")
+    assert again.stdout == runs[0].stdout and f"seed {seeds[0]}" in again.stderr
+
+
 def test_generate_stop_string(cached_default_model):
     r = invoke(["generate", "What is the capital of France?", "--max-new-tokens", "20",
                 "--stop", "Paris", "--stop", "zzz"])
@@ -83,6 +93,21 @@ def test_env_without_a_usable_gpu_skips_the_topology(monkeypatch):
     r = invoke(["env"])
     assert r.exit_code == 0, r.exception
     assert "none (CUDARuntimeError)" in r.stdout and "topology:" not in r.stdout
+
+
+def test_env_names_why_no_gpu_and_the_driver_fix(monkeypatch):
+    import types
+
+    def no_gpu():
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient "
+                           "for CUDA runtime version")
+    fake = types.SimpleNamespace(__version__="14.0", cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=no_gpu)))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    r = invoke(["env"])
+    assert r.exit_code == 0, r.exception
+    assert "none (RuntimeError: cudaErrorInsufficientDriver: CUDA driver version" in r.stdout
+    assert "cuda12" in r.stdout and "backend: reference (auto)" in r.stdout
 
 
 @pytest.mark.parametrize("args, match", [

@@ -51,6 +51,14 @@ def test_smollm2_turns_reuse_the_prefix(smollm2, monkeypatch):
     assert cached1 == 0 and cached2 >= new1 + 5 and new2 < cached2
 
 
+def test_command_words_do_not_reach_the_model(tiny_dirs, spy):
+    r = chat(["--model", tiny_dirs["llama"], *TINY], ["/help", "/frobnicate", "The fox", "/quit",
+                                                      "never read"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert len(spy) == 1 and spy[0][-1]["content"] == "The fox"
+    assert "unknown command /frobnicate" in r.stderr and r.stderr.count("/reset clears") == 2
+
+
 def test_reset_keeps_the_system_prompt(tiny_dirs, spy):
     r = chat(["--model", tiny_dirs["llama"], "--system", "Be brief.", *TINY],
              ["The fox", "", "Once upon a time", "/reset", "The fox"])

@@ -15,9 +15,11 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 
 import anyio
+import uvicorn
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
@@ -154,7 +156,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             raise P.APIError(400, f"the request body is not valid JSON: {e}") from None
 
     def check_model(model: str):
-        if model != name:
+        if model is not None and model != name:
             raise P.APIError(404, f"model '{model}' does not exist; this server serves "
                                   f"'{name}' (GET /v1/models)", param="model",
                              code="model_not_found")
@@ -281,8 +283,19 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     return app
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, ending open requests at once on Ctrl-C / SIGTERM: the running
+    generation is cancelled and queued requests fail (HTTP 503, an SSE stream gets the error
+    event and [DONE]), so the graceful shutdown finds every response complete instead of
+    cutting them off after its timeout."""
+
+    def handle_exit(self, sig, frame):
+        scheduler = self.config.app.state.scheduler
+        threading.Thread(target=scheduler.stop, name="kogcupy-serve-stop", daemon=True).start()
+        super().handle_exit(sig, frame)
+
+
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve `app` with uvicorn until Ctrl-C (open streams get 5 s to finish)."""
-    import uvicorn
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
-                timeout_graceful_shutdown=5)
+    """Serve `app` with uvicorn until Ctrl-C."""
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                          timeout_graceful_shutdown=5)).run()

@@ -135,7 +135,7 @@ def _arguments_obj(args):
 
 
 class _Sampling(_Strict):
-    model: str
+    model: str | None = None                                  # (none: the served model)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0)
     top_p: float | None = Field(default=None, gt=0, le=1)
