@@ -61,6 +61,8 @@ class _Interrupted(click.ClickException):
 def usage_line(e: click.UsageError, prog: str = "kogcupy") -> str:
     """A click usage error as one line (click prints usage, a hint and the error: 4 lines)."""
     msg = " ".join(e.format_message().split()).rstrip(".")
+    if msg.startswith("Got unexpected extra argument"):
+        msg += "; quote an argument that has spaces, e.g. a prompt"
     path = e.ctx.command_path if e.ctx is not None else prog
     return f"{msg} (see '{path} --help')"
 
@@ -439,6 +441,10 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
         raise InputError(str(e)) from None
 
     check_backend(backend, context_length, dtype, gpus)
+    for origin in allowed_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise InputError(f"--allowed-origin {origin!r}: an origin is scheme://host[:port] "
+                             f"(e.g. http://localhost:3000, no path) or '*'")
     try:                                         # a busy port fails before the model loads
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         with socket.socket(family, socket.SOCK_STREAM) as probe:

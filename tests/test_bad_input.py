@@ -94,6 +94,8 @@ def test_nonexistent_path(tmp_path):
     with pytest.raises(ModelLoadError, match="no such file or directory") as e:
         load_model(str(tmp_path / "nope"))
     assert str(tmp_path / "nope") in one_line(e)
+    with pytest.raises(ModelLoadError, match="^'': no such file"):       # --model ""
+        load_model("")
 
 
 @pytest.mark.parametrize("setup", ["text_file", "empty_dir", "safetensors_alone", "config_only"])

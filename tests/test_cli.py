@@ -303,7 +303,8 @@ def test_usage_errors_are_one_line():
     for args, match in ((["generate", "-n", "5", "hi"], "No such option '-n'"),
                         (["generate", "--max-new-tokens", "x", "hi"], "--max-new-tokens"),
                         (["bogus"], "No such command 'bogus'"),
-                        (["--bogus"], "No such option '--bogus'")):
+                        (["--bogus"], "No such option '--bogus'"),
+                        (["generate", "hi", "there"], "quote an argument that has spaces")):
         r = invoke(args)
         assert_user_error(r, match)
         assert "--help" in r.stderr

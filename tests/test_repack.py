@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -173,6 +174,8 @@ def test_repack_main(hf_dir, tmp_path, capsys):
         R.main([hf_dir, dst, "--dtype", "fp16"])
     assert e.value.code == 0
     assert json.load(open(os.path.join(dst, "kogcupy_pack.json")))["dtype"] == "float16"
+    done = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"wrote {re.escape(dst)} \(float16, [\d.,]+ MiB in [\d.]+ s\)", done), done
     with pytest.raises(SystemExit) as e:
         R.main([hf_dir, dst])
     assert e.value.code == 2

@@ -930,5 +930,7 @@ def test_cli_serve_busy_port_and_bad_options():
     assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output, r.output
     r = CliRunner().invoke(cli, ["serve", "--max-queue", "-1"])
     assert r.exit_code == 2 and "--max-queue" in r.output
+    r = CliRunner().invoke(cli, ["serve", "--allowed-origin", "localhost:3000/ui"])
+    assert r.exit_code == 2 and "scheme://host[:port]" in r.output, r.output
     r = CliRunner().invoke(cli, ["serve", "--help"])
     assert r.exit_code == 0 and "--api-key" in r.output and "--served-model-name" in r.output

@@ -19,6 +19,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import time
 
 import click
 import numpy as np
@@ -185,12 +186,15 @@ def repack_command(src, dst, dtype, force):
         bar.update(nbytes, current_item=name)
 
     click.echo(f"loading {src}", err=True)
+    t0 = time.perf_counter()
     try:
         used = repack(src, dst, dtype, force, progress=progress)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    click.echo(f"wrote {dst} ({used})", err=True)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
+    click.echo(f"wrote {dst} ({used}, {size / 2**20:,.1f} MiB in {time.perf_counter() - t0:.1f} s)",
+               err=True)
 
 
 def main(argv=None) -> None:

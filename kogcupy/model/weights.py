@@ -763,7 +763,7 @@ def read_packed_dir(directory: str, on_config=None, lazy: bool = False
 def detect_format(path: str) -> str:
     """"hf" | "gguf" | "packed" for a usable path; ModelLoadError otherwise."""
     if not os.path.exists(path):
-        raise ModelLoadError(f"{path}: no such file or directory")
+        raise ModelLoadError(f"{path!r}: no such file or directory")
     if os.path.isdir(path):
         entries = os.listdir(path)
         if PACK_MARKER in entries:
