@@ -322,8 +322,9 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
     """Chat with the model: each line read is a user turn, the answer streams to stdout.
 
     /reset clears the conversation (the system prompt stays), /exit (or /quit, or end of
-    input) quits, /help lists these; Ctrl-C stops an answer and keeps the session. Each turn prefills only its new tokens: the
-    rest comes from the prefix cache (the stats line on stderr says how many).
+    input) quits, /help lists these; Ctrl-C stops an answer and keeps the session. Each turn
+    prefills only its new tokens: the rest comes from the prefix cache (the stats line on
+    stderr says how many).
     """
     from .engine import check_text
 
@@ -472,6 +473,22 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
                f"{', API key required' if api_key else ''})", err=True)
     run_server(app, host=host, port=port)
 
+def _driver_hint() -> str:
+    """What to do when the NVIDIA driver is older than the CUDA of the installed CuPy."""
+    from importlib import metadata
+    installed = set()
+    for dist in ("cupy-cuda13x", "cupy-cuda12x"):
+        try:
+            metadata.version(dist)
+            installed.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if installed == {"cupy-cuda13x"}:
+        return ("the NVIDIA driver is older than CUDA 13 (cupy-cuda13x): update the driver, or "
+                "for a CUDA 12 driver: pip uninstall cupy-cuda13x && pip install cupy-cuda12x")
+    return "the NVIDIA driver is older than the CUDA this CuPy was built for: update the driver"
+
+
 def _gpu_lines() -> tuple[str, list[str]]:
     """(cupy version or 'not installed', one line per GPU or ['none (why)'])."""
     try:
@@ -486,9 +503,7 @@ def _gpu_lines() -> tuple[str, list[str]]:
         why = " ".join(str(e).split())[:160]
         lines = [f"none ({type(e).__name__}: {why})" if why else f"none ({type(e).__name__})"]
         if "InsufficientDriver" in why:
-            lines.append("the NVIDIA driver is older than the CUDA this CuPy was built for: "
-                         "update the driver, or install the CuPy of its CUDA (pip install "
-                         "'.[cuda12]' for a CUDA 12 driver)")
+            lines.append(_driver_hint())
         return version, lines
     lines = []
     for i in range(n):

@@ -104,10 +104,15 @@ def test_env_names_why_no_gpu_and_the_driver_fix(monkeypatch):
     fake = types.SimpleNamespace(__version__="14.0", cuda=types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDeviceCount=no_gpu)))
     monkeypatch.setitem(sys.modules, "cupy", fake)
+    import importlib.metadata as md
+    real = md.version
+    monkeypatch.setattr(md, "version", lambda d: "14.0" if d == "cupy-cuda13x" else real(d)
+                        if d != "cupy-cuda12x" else (_ for _ in ()).throw(md.PackageNotFoundError(d)))
     r = invoke(["env"])
     assert r.exit_code == 0, r.exception
     assert "none (RuntimeError: cudaErrorInsufficientDriver: CUDA driver version" in r.stdout
-    assert "cuda12" in r.stdout and "backend: reference (auto)" in r.stdout
+    assert "pip uninstall cupy-cuda13x && pip install cupy-cuda12x" in r.stdout
+    assert "backend: reference (auto)" in r.stdout
 
 
 @pytest.mark.parametrize("args, match", [

@@ -506,6 +506,26 @@ def test_ctrl_c_ends_open_requests_cleanly(scripted):
     assert not srv.thread.is_alive() and eng.finished == ["cancelled"]
 
 
+def test_request_in_flight_at_shutdown_gets_503(scripted):
+    """A request still tokenizing when Ctrl-C comes must not restart the engine's worker."""
+    eng, srv = scripted()
+    real = eng.encode_messages
+
+    def slow(*a, **kw):
+        time.sleep(0.6)
+        return real(*a, **kw)
+    eng.encode_messages = slow
+    late = in_thread(httpx.post, srv.url + "/v1/chat/completions", timeout=30,
+                     json={"model": "scripted", "messages": [{"role": "user", "content": "x"}]})
+    time.sleep(0.2)
+    srv.server.handle_exit(signal.SIGINT, None)
+    t, box = late
+    t.join(10)
+    assert box["result"].status_code == 503 and "shutting down" in box["result"].text, box
+    srv.thread.join(10)
+    assert not srv.thread.is_alive() and eng.calls == []
+
+
 def test_queue_full_is_429_with_retry_after(scripted):
     eng, srv = scripted(max_queue=1)
     eng.gate.clear()
@@ -615,6 +635,15 @@ def test_engine_errors(scripted):
     assert r.status_code == 500 and "secret" not in r.text and "server log" in r.text
     eng.raise_in_generate = None
     assert chat(srv.client(), "ok").choices[0].message.content == "reply to ok"
+    # a bug before any response (here in encode) is a 500 in /metrics too, not a 499
+    route = "/v1/chat/completions"
+    before = srv.metric("kogcupy_requests_total", route=route, status="500")
+    eng.encode_messages = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug"))
+    r = httpx.post(srv.url + route, json={
+        "model": "scripted", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 500
+    assert srv.metric("kogcupy_requests_total", route=route, status="500") == before + 1
+    assert srv.metric("kogcupy_requests_total", route=route, status="499") == 0
 
 
 def test_api_key(scripted):

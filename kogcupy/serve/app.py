@@ -1,7 +1,7 @@
 """The ASGI app: OpenAI-compatible routes over one Engine.
 
     app = create_app(engine, served_model_name="smollm2", api_key=None, max_queue=16)
-    uvicorn.run(app, host="127.0.0.1", port=8000)
+    run_server(app, host="127.0.0.1", port=8000)     # (Server: Ctrl-C ends open requests)
 
 Routes: POST /v1/chat/completions, POST /v1/completions (JSON or SSE with "stream": true),
 GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus). With ``api_key``
@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import secrets
-import threading
 import time
 
 import anyio
@@ -29,7 +28,7 @@ from ..sampling_params import SamplingParams
 from . import protocol as P
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .responses import ChatFormatter, CompletionFormatter, JobResponse, json_error
-from .scheduler import Job, QueueFull, Scheduler
+from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger("kogcupy.serve")
 
@@ -75,6 +74,10 @@ class _Guard:
                                   headers={"WWW-Authenticate": "Bearer"})
                 return await resp(scope, receive, send_status)
             await self.app(scope, receive, send_status)
+        except BaseException:
+            if status[0] == 499:        # failed before a response: a server error
+                status[0] = 500
+            raise
         finally:
             self.metrics.requests.labels(route, str(status[0])).inc()
 
@@ -198,6 +201,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         scheduler.start()                           # no-op once running (lifespan started it)
         try:
             scheduler.submit(job)
+        except ShuttingDown:
+            raise P.APIError(503, "the server is shutting down") from None
         except QueueFull as e:
             log.info("%s rejected: queue full (%d waiting)", rid, scheduler.queued)
             raise P.APIError(429, f"the server is busy: {scheduler.queued} requests are "
@@ -284,15 +289,17 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, ending open requests at once on Ctrl-C / SIGTERM: the running
-    generation is cancelled and queued requests fail (HTTP 503, an SSE stream gets the error
-    event and [DONE]), so the graceful shutdown finds every response complete instead of
-    cutting them off after its timeout."""
+    """uvicorn's server, ending open requests at once on Ctrl-C / SIGTERM: before its graceful
+    shutdown waits for the connections, the scheduler stops -- the running generation is
+    cancelled, queued and later requests get HTTP 503 (an SSE stream: the error event and
+    [DONE]) -- so every response completes instead of being cut off after the timeout."""
 
-    def handle_exit(self, sig, frame):
-        scheduler = self.config.app.state.scheduler
-        threading.Thread(target=scheduler.stop, name="kogcupy-serve-stop", daemon=True).start()
-        super().handle_exit(sig, frame)
+    async def shutdown(self, sockets=None):
+        state = getattr(self.config.app, "state", None)
+        scheduler = getattr(state, "scheduler", None)
+        if scheduler is not None:
+            await anyio.to_thread.run_sync(scheduler.stop)
+        await super().shutdown(sockets=sockets)
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

@@ -78,6 +78,7 @@ class ToolDef(_Strict):
 class ToolCallFunction(_Strict):
     name: str
     arguments: Union[str, dict]
+    parsed_arguments: None = None       # (the openai client's .parse() helpers)
 
 
 class ToolCallIn(_Strict):
@@ -104,6 +105,7 @@ class Message(_Strict):
     annotations: list[Any] | None = Field(default=None, max_length=0)
     audio: None = None
     function_call: None = None
+    parsed: None = None
 
     def to_template(self) -> dict:
         """The message as chat templates read it (HF conventions)."""

@@ -78,6 +78,10 @@ def _stop_stream(gen):
             log.debug("stream.cancel() failed", exc_info=True)
 
 
+class ShuttingDown(Exception):
+    """submit() after stop(): the server is shutting down."""
+
+
 class QueueFull(Exception):
     def __init__(self, retry_after: int):
         super().__init__("queue full")
@@ -97,6 +101,7 @@ class Scheduler:
         self._queue: collections.deque[Job] = collections.deque()
         self._running: Job | None = None
         self._stopping = False
+        self._closed = False             # stop() ran: no restart, new requests are refused
         self._thread: threading.Thread | None = None
         self._avg_job_s = 1.0            # moving average of generation time (Retry-After)
         self.completed = 0               # jobs the worker finished (any outcome)
@@ -107,7 +112,7 @@ class Scheduler:
     # -- control ---------------------------------------------------------------------------
     def start(self):
         with self._cv:
-            if self._thread is not None:
+            if self._thread is not None or self._closed:
                 return
             self._stopping = False
             self._thread = threading.Thread(target=self._work, name="kogcupy-serve-worker",
@@ -117,7 +122,7 @@ class Scheduler:
     def stop(self, timeout: float = 30.0):
         """Cancel the running generation, fail the queued ones (503), end the worker."""
         with self._cv:
-            self._stopping = True
+            self._stopping = self._closed = True
             queued, self._queue = list(self._queue), collections.deque()
             running = self._running
             self._cv.notify_all()
@@ -153,8 +158,10 @@ class Scheduler:
 
     # -- submit / cancel -----------------------------------------------------------------------
     def submit(self, job: Job):
-        """Queue `job` (FIFO) or raise QueueFull."""
+        """Queue `job` (FIFO); QueueFull, or ShuttingDown once stop() ran."""
         with self._cv:
+            if self._closed:
+                raise ShuttingDown()
             if self._stopping or self._thread is None:
                 raise RuntimeError("the scheduler is not running")
             if len(self._queue) >= self.max_queue and not (self.max_queue == 0 and
