@@ -411,6 +411,8 @@ class Engine:
             return self.encode_messages(prompt, tools)
         if isinstance(prompt, str):
             check_text(prompt)
+            if not prompt:
+                raise InputError("the prompt is empty")
             tk = self.tokenizer
             if tk is None:
                 raise InputError("this model has no tokenizer: pass the prompt as token ids")

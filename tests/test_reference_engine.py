@@ -145,8 +145,9 @@ def test_generate_validation(engine):
                dict(top_p=0.0), dict(top_k=-3), dict(stop=[""]), dict(min_p=1.5)):
         with pytest.raises(InputError):
             engine.generate(PROMPT, **kw)
-    with pytest.raises(InputError, match="empty"):
-        engine.generate("", chat=False)
+    for chat in (False, None):                 # (None: through the chat template)
+        with pytest.raises(InputError, match="empty"):
+            engine.generate("", chat=chat)
     with pytest.raises(InputError, match="outside"):
         engine.generate([1, 10**6])
     with pytest.raises(InputError):
