@@ -526,6 +526,32 @@ def test_request_in_flight_at_shutdown_gets_503(scripted):
     assert not srv.thread.is_alive() and eng.calls == []
 
 
+def test_queued_stream_gets_headers_and_keepalives(scripted, monkeypatch):
+    """A stream waiting behind another generation gets its headers and SSE comments (proxies and
+    clients with idle timeouts keep it), then its answer as usual."""
+    import kogcupy.serve.responses as R
+    monkeypatch.setattr(R, "QUEUED_HEADERS_S", 0.2)
+    monkeypatch.setattr(R, "KEEPALIVE_S", 0.2)
+    eng, srv = scripted()
+    eng.gate.clear()
+    first = in_thread(chat, srv.client(), "A")
+    wait_until(lambda: len(eng.calls) == 1, 10, "A running")
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "B"}], "stream": True}
+    lines = []
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200                  # before B runs
+        for line in r.iter_lines():
+            lines.append(line)
+            if lines.count(": queued") == 2:
+                eng.gate.set()
+    first[0].join(30)
+    lines = [x for x in lines if x]
+    assert lines[0] == ": queued" and lines[-1] == "data: [DONE]"
+    text = "".join(json.loads(x[6:])["choices"][0]["delta"].get("content") or ""
+                   for x in lines if x.startswith("data: {"))
+    assert text == "reply to B"
+
+
 def test_queue_full_is_429_with_retry_after(scripted):
     eng, srv = scripted(max_queue=1)
     eng.gate.clear()

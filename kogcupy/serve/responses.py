@@ -2,8 +2,11 @@
 
 ``JobResponse`` is the ASGI response a route returns after it queued a job. It waits for the
 job's events (the headers go out when the engine takes the request, so an error the engine
-raises still gets its own status), sends JSON or SSE chunks, and watches the connection: when
-the client disconnects (queued, prefilling or streaming) the job is cancelled at once.
+raises still gets its own status -- except for a stream still queued after QUEUED_HEADERS_S:
+its headers go out then, with an SSE comment every KEEPALIVE_S while it waits, so that
+proxies and clients with idle timeouts keep the connection), sends JSON or SSE chunks, and
+watches the connection: when the client disconnects (queued, prefilling or streaming) the
+job is cancelled at once.
 Pieces that arrive while a chunk is being sent are merged into the next chunk, so a slow
 client costs the engine nothing.
 """
@@ -19,6 +22,8 @@ from .tools import Content, ToolCallParser
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+QUEUED_HEADERS_S = 2.0       # a stream still waiting for the engine after this gets its headers
+KEEPALIVE_S = 10.0           # ... and an SSE comment line this often while it waits
 
 
 class Formatter:
@@ -181,13 +186,32 @@ class JobResponse(Response):
                 body = self.fmt.full("".join(parts), result)
                 return await JSONResponse(body)(scope, receive, send)
 
+    async def _next_within(self, seconds: float):
+        """The next event, or None when none came within `seconds`."""
+        try:
+            return await asyncio.wait_for(self._next(), seconds)
+        except asyncio.TimeoutError:
+            return None
+
     async def _stream(self, scope, receive, send):
-        ev = await self._next()              # "start" once the engine took the request
+        # "start" once the engine took the request; a request still queued after
+        # QUEUED_HEADERS_S gets its headers and keep-alive comments while it waits
+        ev = await self._next_within(QUEUED_HEADERS_S)
+        started = ev is None
+        if started:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        while ev is None:
+            await send({"type": "http.response.body", "body": b": queued\n\n", "more_body": True})
+            ev = await self._next_within(KEEPALIVE_S)
         if ev[0] == "gone":
             return
         if ev[0] == "error":
+            if started:                      # the status is sent: the error is an event
+                body = P.sse(P.error_body(ev[1], ev[2])) + P.SSE_DONE
+                return await send({"type": "http.response.body", "body": body, "more_body": False})
             return await self._error(scope, receive, send, ev[1], ev[2])
-        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        if not started:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         out = b"".join(P.sse(c) for c in self.fmt.start())
         pending = [ev] if ev[0] != "start" else []
         q = self.job.events
