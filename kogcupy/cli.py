@@ -173,6 +173,9 @@ def load_engine(model_path, dtype, backend, context_length, gpus, **engine_kw):
     from .engine import Engine, check_context_length, check_model_for_backend
     from .model.loader import load_model
     name = check_backend(backend, context_length, dtype, gpus)
+    if dtype is not None and name == "reference":
+        click.echo("kogcupy: note: --dtype is the GPU's storage dtype; the reference backend "
+                   "computes in float32", err=True)
 
     def on_config(cfg, positions):
         check_context_length(context_length, min(positions, cfg.max_position_embeddings))

@@ -71,6 +71,13 @@ def test_generate_default_seed_is_random_and_named(cached_default_model):
     assert again.stdout == runs[0].stdout and f"seed {seeds[0]}" in again.stderr
 
 
+def test_dtype_on_the_reference_backend_is_noted(tiny_dirs):
+    r = invoke(["generate", "hi", "--model", tiny_dirs["llama"], "--backend", "reference",
+                "--max-new-tokens", "2", "--dtype", "bf16", "--no-chat"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert r.stderr.count("--dtype is the GPU's storage dtype") == 1, r.stderr
+
+
 def test_generate_stop_string(cached_default_model):
     r = invoke(["generate", "What is the capital of France?", "--max-new-tokens", "20",
                 "--stop", "Paris", "--stop", "zzz"])
