@@ -15,6 +15,10 @@
 #include "gemv.cuh"
 #include "norm_rope.cuh"
 #include "attention.cuh"
+#include "o_proj.cuh"
+#include "gate_up.cuh"
+#include "down.cuh"
+#include "lm_head.cuh"
 #include "sampling.cuh"
 
 static_assert(KOG_THREADS % KOG_WARP == 0, "whole warps per block");

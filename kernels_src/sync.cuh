@@ -57,7 +57,7 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 // sets the OVERFLOW counter, the sampler ends the generation with FINISH_OVERFLOW and the host
 // raises an error, instead of the wrapped or zeroed value passing as a number.
 // KOG_CLUSTER (one GPU, NVIDIA): blocks a thread-block cluster; a cluster sums its blocks'
-// partials of down in distributed shared memory and adds them as ONE part (gemv.cuh), so a
+// partials of down in distributed shared memory and adds them as ONE part (down.cuh), so a
 // word of in(t, l >= 1) gets gridDim.x / KOG_CLUSTER parts.
 #ifndef KOG_CLUSTER
 #error "KOG_CLUSTER comes from kernels.py / build_plan.py"

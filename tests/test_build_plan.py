@@ -44,7 +44,7 @@ def test_tensor_parallel_share_gets_a_smaller_grid_and_x_per_block():
 
 
 def test_block_pairs_where_the_gpu_and_the_model_have_them():
-    # KOG_CLUSTER (gemv.cuh): a large model on one NVIDIA GPU of sm_90+ with an even grid
+    # KOG_CLUSTER (down.cuh): a large model on one NVIDIA GPU of sm_90+ with an even grid
     big, small = shape_config("llama-3.2-1b"), shape_config("smollm2-135m")
     assert build_plan(big, H200_SMS, 4096).tuning["KOG_CLUSTER"] == 2
     for kw in ({"clusters": False}, {"arch": "gfx942"}, {"blocks": 131}):
@@ -68,7 +68,7 @@ def test_refusals():
 
 def test_ffn_slots_hold_every_unit_a_block_can_run():
     # down_residual multiplies the activations of the units its block ran: its static range and
-    # any of the dynamic tail (gemv.cuh KOG_FFN_SLOTS); the FFN's shared memory counts them
+    # any of the dynamic tail (gate_up.cuh KOG_FFN_SLOTS); the FFN's shared memory counts them
     from kogcupy.gpu.placement import place
     cfg = shape_config("llama-3.2-1b")
     for dyn in (0, 100, 1000):

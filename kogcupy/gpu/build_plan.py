@@ -73,7 +73,7 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
     h, chunks = cfg.hidden_size, cfg.hidden_size // 8
     groups = 1 if chunks >= threads else threads // chunks
     slots = cfg.intermediate_size if ffn_slots is None else ffn_slots
-    ffn = (-(-(h + groups * h + 2 * slots) // 4) * 4                           # gemv.cuh KOG_FFN_SMEM_FLOATS
+    ffn = (-(-(h + groups * h + 2 * slots) // 4) * 4                           # gate_up.cuh KOG_FFN_SMEM_FLOATS
            + (down_depth or kernels.DEFAULT_TUNING["KOG_DOWN_DEPTH"]) * 4 * threads
            * -(-chunks // threads))
     n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample, ffn)
@@ -131,7 +131,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         # the next layer's input sum gets up to one part per block, counted in 10 bits (sync.cuh)
         raise DeviceError(f"one GPU runs at most {SUM_MAX_PARTS - 1} blocks (residual-sum part "
                           f"count), not {n_blocks}")
-    # pairs of blocks sum their down partials in distributed shared memory (gemv.cuh): one GPU,
+    # pairs of blocks sum their down partials in distributed shared memory (down.cuh): one GPU,
     # a GPU with clusters, an even grid, not a small model
     cluster, asked = _knob(tuning, "KOG_CLUSTER"), "KOG_CLUSTER" in tuning
     if cluster not in (1, 2):

@@ -41,7 +41,7 @@ def matrix_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def _down_transposed(dev, cfg: ModelConfig):
     """w_down from the packed layout (L, h, f) to the device's (L, f, h), a layer at a time
     (one layer's temporary): row j of a layer is column j of the down projection, the bytes
-    an FFN unit's block streams (gemv.cuh, down_residual)."""
+    an FFN unit's block streams (down.cuh, down_residual)."""
     cp = _cupy()
     L, h, f = cfg.n_layers, cfg.hidden_size, cfg.intermediate_size
     flat = dev.reshape(L, h * f)

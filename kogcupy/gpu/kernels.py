@@ -84,9 +84,10 @@ def define_options(defines: dict) -> tuple[str, ...]:
 
 
 # The kernel's knobs and their defaults, in this one place (the sources #error without them):
-# GEMV loads per lane per tile, the share of units handed out at run time, rows a thread of
-# down_residual keeps in flight (gemv.cuh), blocks a cluster (down's partials summed in pairs
-# before the adds; one GPU of sm_90+; build_plan.py decides per model), profiling / debug hooks.
+# GEMV loads per lane per tile, the share of units handed out at run time (gemv.cuh), rows a
+# thread of down_residual keeps in flight, blocks a cluster (down's partials summed in pairs
+# before the adds; one GPU of sm_90+; build_plan.py decides per model; down.cuh), profiling /
+# debug hooks.
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DEPTH": 8,
                   "KOG_CLUSTER": 2, "KOG_HOOKS": 0}
 # Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 0}' changes the defaults (e.g. to run the GPU

@@ -1,0 +1,80 @@
+// ============================================================================================
+// gate_up.cuh -- stage ffn_norm_gate_up_silu:
+//   act[j] = silu(gate_j . n) * (up_j . n), n = rmsnorm(x).
+// Gate and up rows are interleaved (unit j = rows 2j, 2j+1), so one warp finishes act[j].
+// One GPU: x is mid(t, l); act stays in this block's shared memory for its own
+// down_residual (no other block reads it). Tensor parallel: act is a tagged vector.
+// ============================================================================================
+#pragma once
+#include "gemv.cuh"
+
+#if KOG_TP == 1
+// Shared memory of the FFN (one GPU): x (KOG_HIDDEN floats) from gate_up's wait to the end of
+// down_residual; the row groups' partials of down; this block's activations (KOG_FFN_SLOTS:
+// static units at their offset, grabbed ones after them) and the unit of each grabbed slot
+// (ints); down_residual's row staging (KOG_DOWN_DEPTH rows a thread in flight).
+#ifndef KOG_FFN_SLOTS
+#define KOG_FFN_SLOTS KOG_FFN     // units a block runs at most (host: static + dynamic tail)
+#endif
+#define KOG_FFN_CH (KOG_HIDDEN / 8)                                     // 16-byte chunks a row
+#define KOG_FFN_GROUPS (KOG_FFN_CH >= KOG_THREADS ? 1 : KOG_THREADS / KOG_FFN_CH)
+#define KOG_FFN_RED_OFF KOG_HIDDEN
+#define KOG_FFN_ACT_OFF (KOG_FFN_RED_OFF + KOG_FFN_GROUPS * KOG_HIDDEN)
+#define KOG_FFN_STAGE_OFF ((KOG_FFN_ACT_OFF + 2 * KOG_FFN_SLOTS + 3) / 4 * 4)
+#define KOG_FFN_SMEM_FLOATS (KOG_FFN_STAGE_OFF + \
+    KOG_DOWN_DEPTH * 4 * KOG_THREADS * ((KOG_FFN_CH + KOG_THREADS - 1) / KOG_THREADS))
+#define KOG_SLOT_FFN_GRABBED (KOG_SLOT_FLAG + 2)                        // scratch: grabbed units
+#endif
+
+KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
+    kog_prof(c, layer * 16 + 9 + 0);
+    const KogParams* p = c.p;
+    const int u0 = c.part[4], u1 = c.part[5];
+    float* dbg = kog_debug_row(c);
+    constexpr bool DYN = KOG_DYN_PERMILLE > 0;
+#if KOG_TP == 1
+    float* acts = c.smem + KOG_FFN_ACT_OFF;
+    int* grabbed_unit = reinterpret_cast<int*>(acts + KOG_FFN_SLOTS);
+    int* n_grabbed = reinterpret_cast<int*>(c.scratch + KOG_SLOT_FFN_GRABBED);
+#endif
+    auto ready = [&]() -> float {
+#if KOG_TP > 1
+        const float s = kog_tp_load_reduced(c, 0, kog_tag(c.t, layer, KOG_STAGE_O));
+#else
+        kog_xsum_zero_next(c, layer);     // (its fence overlaps the wait)
+        if (threadIdx.x == 0) *n_grabbed = 0;                // (the wait's barriers publish it)
+        // every block reads x: down_residual adds its share's rows to in(t, l + 1)
+        const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum_mid(p, c.t, layer), KOG_MID_PARTS,
+                                                              c.smem, c.scratch, true);
+        if (dbg != nullptr)
+            for (int i = kog_share_begin() + threadIdx.x; i < kog_share_end(); i += blockDim.x)
+                dbg[KOG_DBG_O_PROJ + (kog_u64)layer * KOG_DBG_LAYER + i] = c.smem[i];
+        if (!DYN && u0 >= u1) return -1.f;
+#endif
+        kog_prof(c, layer * 16 + 10);
+        return s;
+    };
+    const kog_u32 tag = kog_tag(c.t, layer, KOG_STAGE_GATE_UP);
+    auto epi = [&](int j, float (&acc)[2], float scale) {
+        if (threadIdx.x % KOG_WARP == 0) {
+            const float g = acc[0] * scale, u = acc[1] * scale;
+            const float a = g / (1.f + expf(-g)) * u;
+#if KOG_TP > 1
+            kog_st_tagged(p->act + j, a, tag);
+#else
+            int slot = j - u0;                               // a static unit
+            if (j >= u1) {                                   // a grabbed one (dynamic tail)
+                slot = (u1 - u0) + atomicAdd(n_grabbed, 1);
+                grabbed_unit[slot] = j;
+            }
+            acts[slot] = a;
+#endif
+            if (dbg != nullptr) dbg[KOG_DBG_GATE_UP + (kog_u64)layer * KOG_DBG_LAYER + j] = a;
+        }
+    };
+    kog_gemv<KOG_HIDDEN, 2, DYN>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1,
+                                 KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
+                                 kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer, c.t - p->start_pos,
+                                                            p->gate_up_dyn_begin, KOG_FFN));
+    kog_prof_end(c, layer * 16 + 9 + 2);
+}

@@ -1,0 +1,59 @@
+// ============================================================================================
+// o_proj.cuh -- stage o_proj_residual: x += wo @ attn_out.
+// One GPU: split over the kv head groups (o_proj's reduction over q_dim). Item (g, s) waits only
+// for head group g's attention output (the G * HD words its combiner wrote), multiplies it by
+// columns [g * G * HD, (g + 1) * G * HD) of row slice s of wo and adds the products into the
+// residual sum mid(t, l) (sync.cuh), where attn_norm_qkv has added the x entering the layer.
+// Items spread over the blocks from block 0 up; attention units go from the top of the grid
+// down, and an item waits only for a combiner, which never waits for an item.
+// Tensor parallel: every rank's heads give a partial of every row, all-reduced (kccl.cuh).
+// ============================================================================================
+#pragma once
+#include "gemv.cuh"
+
+KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
+    kog_prof(c, layer * 16 + 6 + 0);
+    const KogParams* p = c.p;
+    const kog_u32 attn_tag = kog_tag(c.t, layer, KOG_STAGE_ATTN);
+#if KOG_TP > 1
+    const int r0 = c.part[2], r1 = c.part[3];
+    const kog_u32 x_out = kog_tag(c.t, layer, KOG_STAGE_O);
+    auto ready = [&]() -> float {
+        if (r0 >= r1) return -1.f;
+        const float s = kog_load_activation<KOG_Q_DIM>(p->attn_out, attn_tag, c.smem, c.scratch, false);
+        kog_prof(c, layer * 16 + 7);
+        return s;
+    };
+    auto epi = [&](int row, float (&acc)[1], float) {
+        if (threadIdx.x % KOG_WARP == 0) kog_tp_put_partial(c, 0, row, acc[0], x_out);
+    };
+    kog_gemv<KOG_Q_DIM, 1>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM, r0, r1, c.smem, c, ready, epi);
+#else
+    constexpr int GHD = KOG_GQA * KOG_HEAD_DIM;     // columns of one head group
+    constexpr int RU = 4;                           // rows per GEMV unit (a warp tile spans them)
+    constexpr int NU = KOG_HIDDEN / RU;
+    static_assert(KOG_HIDDEN % RU == 0, "o_proj: whole units of rows");
+    const int n_slices = max(1, (int)gridDim.x / KOG_N_KV);
+    kog_u64* sum = kog_xsum_mid(p, c.t, layer);
+    for (int item = blockIdx.x; item < KOG_N_KV * n_slices; item += gridDim.x) {
+        const int g = item % KOG_N_KV, sl = item / KOG_N_KV;
+        const int u0 = (int)((long long)sl * NU / n_slices), u1 = (int)((long long)(sl + 1) * NU / n_slices);
+        auto ready = [&]() -> float {
+            if (u0 >= u1) return -1.f;
+            const float s = kog_load_activation<GHD>(p->attn_out + g * GHD, attn_tag, c.smem, c.scratch, false);
+            kog_prof(c, layer * 16 + 7);
+            return s;
+        };
+        auto epi = [&](int u, float (&acc)[RU], float) {
+            const int lane = threadIdx.x % KOG_WARP;
+            float v = acc[0];
+#pragma unroll
+            for (int r = 1; r < RU; ++r) if (lane == r) v = acc[r];
+            if (lane < RU) kog_red_add_u64(sum + u * RU + lane, kog_sum_word(p, v));
+        };
+        kog_gemv<GHD, RU, false, KOG_Q_DIM>(p->wo + (kog_u64)layer * KOG_HIDDEN * KOG_Q_DIM + g * GHD,
+                                           u0, u1, c.smem, c, ready, epi);
+    }
+#endif
+    kog_prof_end(c, layer * 16 + 6 + 2);
+}
