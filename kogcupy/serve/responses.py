@@ -125,6 +125,11 @@ class CompletionFormatter(Formatter):
 _SHUTDOWN = "the generation was cancelled: the server is shutting down"
 
 
+def _sse_error(status: int, message: str) -> bytes:
+    """The end of a stream whose status line is already sent: the error event, then [DONE]."""
+    return P.sse(P.error_body(status, message)) + P.SSE_DONE
+
+
 class JobResponse(Response):
     def __init__(self, job, formatter: Formatter, stream: bool):
         self.job = job
@@ -207,8 +212,8 @@ class JobResponse(Response):
             return
         if ev[0] == "error":
             if started:                      # the status is sent: the error is an event
-                body = P.sse(P.error_body(ev[1], ev[2])) + P.SSE_DONE
-                return await send({"type": "http.response.body", "body": body, "more_body": False})
+                return await send({"type": "http.response.body", "body": _sse_error(ev[1], ev[2]),
+                                   "more_body": False})
             return await self._error(scope, receive, send, ev[1], ev[2])
         if not started:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
@@ -239,9 +244,9 @@ class JobResponse(Response):
             if last[0] == "gone":
                 return
             if last[0] == "error":
-                out += P.sse(P.error_body(last[1], last[2])) + P.SSE_DONE
+                out += _sse_error(last[1], last[2])
             elif last[1].finish_reason == "cancelled":
-                out += P.sse(P.error_body(503, _SHUTDOWN)) + P.SSE_DONE
+                out += _sse_error(503, _SHUTDOWN)
             else:
                 out += b"".join(P.sse(c) for c in self.fmt.finish(last[1])) + P.SSE_DONE
             await send({"type": "http.response.body", "body": out, "more_body": False})
