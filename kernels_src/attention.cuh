@@ -6,9 +6,11 @@
 // computes fp32 softmax(q k^T / sqrt(hd)) v over its chunk: out, running max and sum per head.
 // The chunk streams through shared memory in tiles of KOG_ATTN_TILE positions, KOG_ATTN_BUFS
 // tiles in flight (one cp.async group each; the first ones issued before q is ready); each
-// warp stages and consumes its own slice of every tile, and every lane keeps an online
-// softmax state in registers across the tiles (kog_attn_chunk); the chunk rule gives every
-// kv head at most attn_max_chunks units, so a long context is one round of units.
+// warp stages and consumes its own slice of every tile with an online softmax state in
+// registers across the tiles (kog_attn_chunk); the chunk rule gives every kv head at most
+// attn_max_chunks units, so a long context is one round of units. On NVIDIA a warp's slice
+// is 16 consecutive positions and its products run on the tensor cores (KOG_ATTN_MMA); on
+// AMD (and head dims that are not a multiple of 16) lanes hold 8 dims of a head each.
 // The unit whose chunk holds the current position also finishes k and v of that position and
 // appends them to the KV cache (no other unit reads that position in this step).
 // With one chunk the unit writes attn_out directly. Otherwise every other unit writes its
@@ -19,6 +21,12 @@
 #pragma once
 #include "norm_rope.cuh"
 
+#if !defined(KOG_HIP) && KOG_HEAD_DIM % 16 == 0
+#define KOG_ATTN_MMA 1           // (build_plan.attn_mma mirrors this)
+#else
+#define KOG_ATTN_MMA 0
+#endif
+
 
 // Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], ml[GQA][2],
 // rope[HD], then the K/V staging area: per warp, KOG_ATTN_BUFS buffers of its PW positions of
@@ -27,6 +35,284 @@
 // Float offset of the K/V staging area (everything before it in the layout above).
 #define KOG_ATTN_STAGE_OFFSET (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_ATTN_ML_FLOATS + KOG_HEAD_DIM)
 
+
+// Chunk length and count for n_pos attended positions (same rule as placement.attention_chunks).
+KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
+    int len = (n_pos + max_chunks - 1) / max_chunks;
+    len = (len + KOG_ATTN_MIN_CHUNK - 1) / KOG_ATTN_MIN_CHUNK * KOG_ATTN_MIN_CHUNK;
+    return len < KOG_ATTN_CHUNK ? len : KOG_ATTN_CHUNK;
+}
+
+#if KOG_ATTN_MMA
+// Tensor-core layout of a unit's chunk: a tile is NWA = TILE / 16 groups of 16 consecutive
+// positions, group q taking [a + 16 q, a + 16 q + 16) of the tile at a; DS warps share a group
+// (DS = the block's warps / NWA, as far as it divides the head's 16-dim slices: 1 for
+// head_dim 64 in 256-position tiles, 2 for 128 in 128), stage its 16 K rows then 16 V rows
+// together (storage dtype, row-major, each row's 16-byte pieces XOR-swizzled by the row so
+// that ldmatrix's eight row addresses fall in different banks); the block meets at a barrier
+// per tile (a warp's own when DS = 1).
+// Per 16 positions each warp of a group computes S^T = K q^T (positions x heads: m16n8k16,
+// A = K from ldmatrix, B = q from shared memory) and the softmax, and O^T += V^T P^T for its
+// 1 / DS of the dims (A = V^T from ldmatrix.trans, B = P^T from S^T's accumulators by
+// movmatrix); q and P enter as hi + lo pairs in the storage dtype (~16 mantissa bits, so the
+// result stays close to the fp32 reference).
+#define KOG_ATTN_GROUP 16
+#define KOG_ATTN_NWA (KOG_ATTN_TILE / KOG_ATTN_GROUP)
+#define KOG_ATTN_DS_MAX (KOG_THREADS / KOG_WARP / KOG_ATTN_NWA)
+#define KOG_ATTN_NK (KOG_HEAD_DIM / 16)
+#define KOG_ATTN_DS (KOG_ATTN_DS_MAX >= 4 && KOG_ATTN_NK % 4 == 0 ? 4 : \
+                     KOG_ATTN_DS_MAX >= 2 && KOG_ATTN_NK % 2 == 0 ? 2 : 1)
+// After the staging area: q^T's mma fragments, each lane's (hi b0, hi b1, lo b0, lo b1) per
+// 8-head n-tile and 16-dim k-step (kept in shared memory: registers are the scarce resource).
+#define KOG_ATTN_NT ((KOG_GQA + 7) / 8)
+#define KOG_ATTN_QF_OFFSET (KOG_ATTN_STAGE_OFFSET + KOG_ATTN_BUFS * KOG_ATTN_TILE * KOG_HEAD_DIM)
+#define KOG_ATTN_SMEM_FLOATS (KOG_ATTN_QF_OFFSET + KOG_ATTN_NT * KOG_HEAD_DIM * 8)
+static_assert(KOG_ATTN_TILE % KOG_ATTN_GROUP == 0 && KOG_ATTN_NWA <= KOG_THREADS / KOG_WARP,
+              "attention: a tile is 16 positions for each of at most all warps "
+              "(build_plan.attn_tile_problem mirrors it)");
+// The warps of every group meet (their copies of a tile landed / they are done with a
+// buffer): the block, or with one warp a group the warp. (With a named barrier per group,
+// compute-sanitizer racecheck reported hazards all over the kernel; a block barrier it checks.)
+KOG_DEVICE void kog_attn_tile_sync() {
+    if (KOG_ATTN_DS > 1) __syncthreads();
+    else kog_syncwarp();
+}
+
+// Where 16-byte piece c of staged row r sits in its row.
+KOG_DEVICE int kog_attn_swz(int r, int c) {
+    constexpr int P16 = KOG_HEAD_DIM / 8;
+    constexpr int DIV = P16 >= 8 ? 1 : 8 / P16, MASK = (P16 >= 8 ? 8 : P16) - 1;
+    return c ^ ((r / DIV) & MASK);
+}
+
+// Group q's 16 rows of tile i (positions from a + 16 q; kc, vc: the (layer, kv head) rows of
+// the caches) into its staging buffer i % BUFS (K then V), the group's warps a share each,
+// as one commit group, empty or not: "at most BUFS - 1 groups in flight" then means this
+// thread's part of tile i has landed. Rows at or past jc1 (position t, positions past the
+// chunk) are zero-filled; none is staged for a group that starts at or past j1 (never read).
+KOG_DEVICE void kog_attn_stage_tile(const kog_u16* kc, const kog_u16* vc, kog_u16* stage, int a,
+                                    int jc1, int j1, int i) {
+    constexpr int HD = KOG_HEAD_DIM, R = KOG_ATTN_GROUP, P16 = HD / 8;
+    const int warp = threadIdx.x / KOG_WARP, grp = warp % KOG_ATTN_NWA, ds = warp / KOG_ATTN_NWA;
+    const int jg = a + grp * R;
+    if (ds < KOG_ATTN_DS && jg < j1) {
+        kog_u16* ks = stage + (grp * KOG_ATTN_BUFS + i % KOG_ATTN_BUFS) * 2 * R * HD;
+#pragma unroll 1
+        for (int k = threadIdx.x % KOG_WARP + ds * KOG_WARP; k < R * P16; k += KOG_ATTN_DS * KOG_WARP) {
+            const int r = k / P16, c = k - r * P16;
+            const bool cached = jg + r < jc1;
+            const kog_u64 src = (kog_u64)(cached ? jg + r : 0) * HD + c * 8;
+            const int dst = r * HD + kog_attn_swz(r, c) * 8;
+            kog_copy16_zfill(kog_smem_addr(ks + dst), kc + src, cached);
+            kog_copy16_zfill(kog_smem_addr(ks + R * HD + dst), vc + src, cached);
+        }
+    }
+    kog_copy16_commit();
+}
+
+// The unit's chunk [j0, j1) (its first BUFS tiles already staged; q, k / v of position t in
+// shared memory): fp32 softmax(q k^T / sqrt(hd)) v for the G heads, left in shared memory as
+// o (unnormalised) and ml (running max, sum), the state the combine merges. Every warp keeps
+// its online-softmax state in mma accumulators across its groups; at the end the warps merge
+// through shared memory. Not inlined: the monokernel sits at the register ceiling, and every
+// register the chunk loop used in the caller would be one fewer for the GEMV loops.
+__device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, int j0, int j1) {
+    constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA, T = KOG_ATTN_TILE, NB = KOG_ATTN_BUFS;
+    constexpr int R = KOG_ATTN_GROUP, NWA = KOG_ATTN_NWA, DS = KOG_ATTN_DS;
+    constexpr int NK = KOG_ATTN_NK;           // k-steps of S^T
+    constexpr int NM = NK / DS;               // m-tiles of O^T a warp (its 16 NM dims)
+    constexpr int NT = KOG_ATTN_NT;           // 8-head n-tiles
+    const int t = c.t;
+    const int jc1 = min(j1, t);
+    const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
+    const int grp = warp % NWA, ds = warp / NWA;  // this warp's group, its share of the dims
+    const int gid = lane >> 2, tig = lane & 3;  // mma fragment row group, column pair
+    float* smem = kog_smem();
+    const float* q = smem;                    // as laid out in kog_stage_attention
+    const float* kv_t = smem + G * HD;
+    float* o = smem + G * HD + 2 * HD;
+    float* ml = o + G * HD;
+    kog_u16* stage = reinterpret_cast<kog_u16*>(smem + KOG_ATTN_STAGE_OFFSET);
+    kog_u16* gstage = stage + grp * NB * 2 * R * HD;
+    const kog_u64 kv_base = (((kog_u64)layer * KOG_N_KV + g) * c.p->context_length) * HD;
+    const kog_u16* kc = c.p->k_cache + kv_base;
+    const kog_u16* vc = c.p->v_cache + kv_base;
+    const float qs = rsqrtf((float)HD) * 1.4426950408889634f;  // scores in log2 units: exp2
+    __syncthreads();                                          // q, kv_t (rounded) are published
+
+    // q^T as the B operand of S^T (k = dim, n = head): b0 dims 2 tig + {0, 1}, b1 those + 8,
+    // head gid of the n-tile; heads past G are 0
+    kog_vec4* qf = reinterpret_cast<kog_vec4*>(smem + KOG_ATTN_QF_OFFSET);   // [NT][NK][lanes]
+    {
+        for (int f = warp; f < NT * NK; f += KOG_THREADS / KOG_WARP) {
+            const int nt = f / NK, kk = f - nt * NK, h = nt * 8 + gid;
+            kog_u32 w[4];
+#pragma unroll
+            for (int b = 0; b < 2; ++b) {
+                const int d = kk * 16 + b * 8 + 2 * tig;
+                const float x0 = h < G ? q[h * HD + d] * qs : 0.f;
+                const float x1 = h < G ? q[h * HD + d + 1] * qs : 0.f;
+                kog_split_rn(x0, x1, w[b], w[2 + b]);
+            }
+            qf[f * KOG_WARP + lane] = kog_vec4{w[0], w[1], w[2], w[3]};
+        }
+    }
+    __syncthreads();
+    // O^T accumulators (dims mt * 16 + gid (+ 8) x heads nt * 8 + 2 tig + {0, 1}); running max
+    // and this lane's part of the sum for its two heads of each n-tile
+    float acc[NT][NM][4], mx[NT][2], sm[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int mt = 0; mt < NM; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[nt][mt][e] = 0.f;
+        mx[nt][0] = mx[nt][1] = KOG_NEG_INF;
+        sm[nt][0] = sm[nt][1] = 0.f;
+    }
+
+    for (int a = j0, i = 0; a < j1; a += T, ++i) {
+        kog_copy16_wait_groups<NB - 1>();                     // this lane's copies of tile i landed
+        kog_attn_tile_sync();                                 // ... and the group's
+        const int jg = a + grp * R;
+        kog_u16* ks = gstage + (i % NB) * 2 * R * HD;
+        kog_u16* vs = ks + R * HD;
+        if (j1 == t + 1 && t >= a && t < a + T) {             // the tile holding position t:
+            if (ds < DS && t >= jg && t < jg + R) {           // its row from kv_t (rounded)
+                const int r = t - jg;
+                for (int k = lane + ds * KOG_WARP; k < 2 * (HD / 8); k += DS * KOG_WARP) {
+                    const int cv = k / (HD / 8), cc = k - cv * (HD / 8);
+                    const float* src = kv_t + cv * HD + cc * 8;
+                    kog_vec4 v;
+                    KOG_V4_SET(v, 0, kog_pack_w(src[0], src[1]));
+                    KOG_V4_SET(v, 1, kog_pack_w(src[2], src[3]));
+                    KOG_V4_SET(v, 2, kog_pack_w(src[4], src[5]));
+                    KOG_V4_SET(v, 3, kog_pack_w(src[6], src[7]));
+                    *reinterpret_cast<kog_vec4*>((cv ? vs : ks) + r * HD + kog_attn_swz(r, cc) * 8) = v;
+                }
+            }
+            kog_attn_tile_sync();
+        }
+        if (ds < DS && jg < j1) {
+            // ---- S^T = K q^T: 16 positions x 8 heads an n-tile ----
+            float s[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+            {
+                const int mi = lane >> 3, r = (lane & 7) + (mi & 1) * 8;   // K tile mi: rows, dims
+#pragma unroll
+                for (int kk = 0; kk < NK; ++kk) {
+                    kog_u32 ka[4];
+                    kog_ldsm_x4(ka, kog_smem_addr(ks + r * HD + kog_attn_swz(r, 2 * kk + (mi >> 1)) * 8));
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const kog_vec4 b = qf[(nt * NK + kk) * KOG_WARP + lane];
+                        kog_mma_w(s[nt], ka, b.x, b.y);
+                        kog_mma_w(s[nt], ka, b.z, b.w);
+                    }
+                }
+            }
+            // ---- online softmax: rows gid, gid + 8 are positions, columns 2 tig + {0, 1} heads ----
+            const bool ok0 = jg + gid < j1, ok1 = jg + gid + 8 < j1;
+            kog_u32 pb[NT][2][2];                             // P^T as B: [nt][b0/b1][hi/lo]
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                float p[4];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {                 // head 2 tig + e
+                    const float s0 = ok0 ? s[nt][e] : KOG_NEG_INF;
+                    const float s1 = ok1 ? s[nt][2 + e] : KOG_NEG_INF;
+                    float gm = fmaxf(s0, s1);
+#pragma unroll
+                    for (int mk = 4; mk < KOG_WARP; mk <<= 1) gm = fmaxf(gm, kog_shfl_xor(gm, mk));
+                    const float mn = fmaxf(mx[nt][e], gm);    // finite: row 0 of a group is in the chunk
+                    const float alpha = kog_exp2(mx[nt][e] - mn);   // 0 while the max is -inf
+                    mx[nt][e] = mn;
+                    p[e] = kog_exp2(s0 - mn);
+                    p[2 + e] = kog_exp2(s1 - mn);
+                    sm[nt][e] = fmaf(sm[nt][e], alpha, p[e] + p[2 + e]);
+#pragma unroll
+                    for (int mt = 0; mt < NM; ++mt) {
+                        acc[nt][mt][e] *= alpha;
+                        acc[nt][mt][2 + e] *= alpha;
+                    }
+                }
+                kog_u32 hi, lo;
+                kog_split_rn(p[0], p[1], hi, lo);             // positions gid
+                pb[nt][0][0] = kog_movmatrix_trans(hi);
+                pb[nt][0][1] = kog_movmatrix_trans(lo);
+                kog_split_rn(p[2], p[3], hi, lo);             // positions gid + 8
+                pb[nt][1][0] = kog_movmatrix_trans(hi);
+                pb[nt][1][1] = kog_movmatrix_trans(lo);
+            }
+            // ---- O^T += V^T P^T: 16 dims x 8 heads an m-tile, this warp's NM of them ----
+            {
+                const int mi = lane >> 3, r = (lane & 7) + (mi >> 1) * 8;  // V tile mi: rows, dims
+#pragma unroll
+                for (int mt = 0; mt < NM; ++mt) {
+                    kog_u32 va[4];
+                    kog_ldsm_x4_trans(va, kog_smem_addr(vs + r * HD + kog_attn_swz(r, 2 * (ds * NM + mt) + (mi & 1)) * 8));
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        kog_mma_w(acc[nt][mt], va, pb[nt][0][0], pb[nt][1][0]);
+                        kog_mma_w(acc[nt][mt], va, pb[nt][0][1], pb[nt][1][1]);
+                    }
+                }
+            }
+        }
+        kog_attn_tile_sync();                                 // the group is done with buffer i % NB
+        kog_attn_stage_tile(kc, vc, stage, a + NB * T, jc1, j1, i + NB);
+    }
+
+    // ---- merge: each group's state [G][HD + 2] (acc, max, sum) to its own staging area (its
+    //      copies are done: the groups still open are empty; its warps are past their last
+    //      barrier), then the groups ----
+    float* ws = reinterpret_cast<float*>(gstage);
+    static_assert(G * (HD + 2) <= NB * R * HD,
+                  "a group's merged state fits its staging area (build_plan.attn_tile_problem)");
+    if (ds < DS) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                float l = sm[nt][e];
+#pragma unroll
+                for (int mk = 4; mk < KOG_WARP; mk <<= 1) l += kog_shfl_xor(l, mk);
+                const int h = nt * 8 + 2 * tig + e;
+                if (h < G) {
+#pragma unroll
+                    for (int mt = 0; mt < NM; ++mt) {
+                        ws[h * (HD + 2) + (ds * NM + mt) * 16 + gid] = acc[nt][mt][e];
+                        ws[h * (HD + 2) + (ds * NM + mt) * 16 + gid + 8] = acc[nt][mt][2 + e];
+                    }
+                    if (gid == 0 && ds == 0) { ws[h * (HD + 2) + HD] = mx[nt][e]; ws[h * (HD + 2) + HD + 1] = l; }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    const float* ws0 = smem + KOG_ATTN_STAGE_OFFSET;
+    constexpr int WS = NB * R * HD;                           // floats between groups' states
+    for (int i = threadIdx.x; i < G * HD; i += KOG_THREADS) {
+        const int h = i / HD, d = i - h * HD;
+        float m = KOG_NEG_INF;
+        for (int w = 0; w < NWA; ++w) m = fmaxf(m, ws0[w * WS + h * (HD + 2) + HD]);
+        float sl = 0.f, so = 0.f;
+        for (int w = 0; w < NWA; ++w) {
+            const float* st = ws0 + w * WS + h * (HD + 2);
+            const float f = st[HD] > KOG_NEG_INF ? kog_exp2(st[HD] - m) : 0.f;
+            sl = fmaf(st[HD + 1], f, sl);
+            so = fmaf(st[d], f, so);
+        }
+        o[i] = so;
+        if (d == 0) { ml[2 * h] = m * 0.6931471805599453f; ml[2 * h + 1] = sl; }   // natural units
+    }
+    __syncthreads();                                          // o, ml are the unit's partial
+}
+
+#else  // !KOG_ATTN_MMA: a lane holds 8 dims of one head
 
 // Thread layout of a unit's chunk: a lane holds 8 dims (one 16-byte K / V piece) of one q head
 // at one position; LPP = HD / 8 lanes cover a head, HG heads (HGP slots, a power of two) a
@@ -56,19 +342,12 @@ static_assert(KOG_HEAD_DIM % 8 == 0 && KOG_WARP % KOG_ATTN_LPP == 0 &&
 static_assert(KOG_ATTN_TILE % KOG_ATTN_NW == 0 && KOG_ATTN_PW % (KOG_WARP / KOG_ATTN_LPP) == 0,
               "attention: a tile is a whole number of warp rounds (tile % (threads * 8 / HD) == 0)");
 
-// Chunk length and count for n_pos attended positions (same rule as placement.attention_chunks).
-KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
-    int len = (n_pos + max_chunks - 1) / max_chunks;
-    len = (len + KOG_ATTN_MIN_CHUNK - 1) / KOG_ATTN_MIN_CHUNK * KOG_ATTN_MIN_CHUNK;
-    return len < KOG_ATTN_CHUNK ? len : KOG_ATTN_CHUNK;
-}
-
 // This warp's cached K/V rows of tile i (rows r -> positions kog_attn_pos(a, warp, r) below
 // jc1; kc, vc: the (layer, kv head) rows of the caches) into its staging buffer i % BUFS (K
 // then V), as one commit group, empty or not: "at most BUFS - 1 groups in flight" then means
 // the warp's part of tile i has landed.
 KOG_DEVICE void kog_attn_stage_tile(const kog_u16* kc, const kog_u16* vc, kog_u16* stage, int a,
-                                    int jc1, int i) {
+                                    int jc1, int j1, int i) {
     constexpr int HD = KOG_HEAD_DIM, PW = KOG_ATTN_PW, P16 = HD / 8;
     const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
     kog_u16* ks = stage + (warp * KOG_ATTN_BUFS + i % KOG_ATTN_BUFS) * 2 * PW * HD;
@@ -228,7 +507,7 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
             if (NHS > 1) save(hs);
         }
         kog_syncwarp();                                       // the warp is done with buffer i % NB
-        kog_attn_stage_tile(kc, vc, stage, a + NB * T, jc1, i + NB);
+        kog_attn_stage_tile(kc, vc, stage, a + NB * T, jc1, j1, i + NB);
     }
 
     // ---- merge: the position slots of a warp (shuffles), then the warps (shared memory); the
@@ -276,6 +555,8 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
     }
     __syncthreads();                                          // o, ml are the unit's partial
 }
+
+#endif  // KOG_ATTN_MMA
 
 KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA, T = KOG_ATTN_TILE, NB = KOG_ATTN_BUFS;
@@ -326,7 +607,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                 while (kog_ld_acquire(kv_count) < (kog_u32)jc1) kog_pause();
             __syncthreads();
         }
-        for (int i = 0; i < NB; ++i) kog_attn_stage_tile(kc, vc, stage, j0 + i * T, jc1, i);
+        for (int i = 0; i < NB; ++i) kog_attn_stage_tile(kc, vc, stage, j0 + i * T, jc1, j1, i);
         // the RoPE row goes to registers now and to shared memory after the polls below, so
         // that its round trip overlaps theirs (a poll orders every earlier memory access)
         static_assert(HD <= KOG_THREADS, "one RoPE value per thread");

@@ -93,8 +93,9 @@ KOG_DEVICE void kog_down_parts(const KogParams* p, int layer, int t, int u0, int
     for (int i = rank * HALF + threadIdx.x; i < (int)(rank + 1) * HALF; i += blockDim.x)
         kog_red_add_u64(out + i, kog_sum_word(p, red[i] + kog_ld_cluster(red + i, rank ^ 1u)));
     kog_cluster_sync();                               // the other block has read this one's red
-#endif
+#else                                                 // (a cluster barrier is a block barrier too)
     __syncthreads();                                  // shared memory is free again
+#endif
 }
 #endif
 

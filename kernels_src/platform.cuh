@@ -167,6 +167,45 @@ KOG_DEVICE void kog_copy16_wait_groups() {
 #endif
 }
 
+// Tensor-core tile math (NVIDIA sm_80+; the decode attention's chunk loop and the prefill
+// attention): a warp's mma.sync m16n8k16 in the storage dtype with fp32 accumulators, 8x8
+// tiles of 16-bit values loaded from shared memory (ldmatrix: lane l gives the row address of
+// tile l / 8, row l % 8; .trans delivers each tile transposed) or transposed in registers
+// (movmatrix). Shared-memory operands are 32-bit shared addresses (kog_smem_addr).
+#if !defined(KOG_HIP)
+KOG_DEVICE unsigned kog_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+// A 16-byte copy global -> shared that zero-fills its destination when `valid` is false (no
+// bytes are read then).
+KOG_DEVICE void kog_copy16_zfill(unsigned dst, const void* gmem_src, bool valid) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;"
+                 :: "r"(dst), "l"(gmem_src), "r"(valid ? 16 : 0) : "memory");
+}
+KOG_DEVICE void kog_ldsm_x4(kog_u32 (&r)[4], unsigned row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row) : "memory");
+}
+KOG_DEVICE void kog_ldsm_x4_trans(kog_u32 (&r)[4], unsigned row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(row) : "memory");
+}
+KOG_DEVICE kog_u32 kog_movmatrix_trans(kog_u32 x) {
+    kog_u32 r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+    return r;
+}
+// d += a b: a 16x16 (row-major fragment, 4 registers), b 16x8 (2 registers), d 16x8 fp32.
+KOG_DEVICE void kog_mma_w(float (&d)[4], const kog_u32 (&a)[4], kog_u32 b0, kog_u32 b1) {
+#if defined(KOG_WEIGHT_FP16)
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#endif
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+#endif
+
 // Thread-block clusters (NVIDIA sm_90; the kernel's __cluster_dims__, monokernel.cu): the
 // block's rank in its cluster, a barrier of all the cluster's threads (release / acquire:
 // shared-memory writes before it are seen by the other blocks after it), and a load from
@@ -496,6 +535,27 @@ KOG_DEVICE kog_u32 kog_pack_w(float lo, float hi) {
     return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xffff0000u);
 }
 #endif
+
+// Two fp32 values rounded to nearest into the storage dtype as one packed pair (lo in the
+// low half), and what is left of them: x - stored(x) rounded the same way. hi + lo carries
+// ~16 mantissa bits, which is how fp32 values enter tensor-core products (attention.cuh).
+KOG_DEVICE kog_u32 kog_pack_rn(float lo, float hi) {
+#if defined(KOG_HIP)
+    return (kog_u32)kog_f32_to_w(lo) | ((kog_u32)kog_f32_to_w(hi) << 16);
+#else
+    kog_u32 r;
+#if defined(KOG_WEIGHT_FP16)
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+#endif
+}
+KOG_DEVICE void kog_split_rn(float lo, float hi, kog_u32& big, kog_u32& rest) {
+    big = kog_pack_rn(lo, hi);
+    rest = kog_pack_rn(lo - kog_w_lo(big), hi - kog_w_hi(big));
+}
 
 // Dot product of 8 weights (one 16-byte vector, 4 pairs) with 8 fp32 activations, fp32 accumulate.
 KOG_DEVICE float kog_dot8(const kog_vec4& w, const float* x, float acc) {

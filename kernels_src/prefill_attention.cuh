@@ -31,44 +31,7 @@
 #define KOG_PF_MMA 0
 #endif
 
-#if KOG_PF_MMA
-// d += a (16x16, row) * b (16x8, col); fp32 accumulate
-KOG_DEVICE void kog_mma16816(float (&d)[4], const kog_u32 (&a)[4], kog_u32 b0, kog_u32 b1) {
-#if defined(KOG_WEIGHT_FP16)
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-#endif
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// two floats -> one 32-bit pair in the storage dtype (lo = first element)
-KOG_DEVICE kog_u32 kog_pack2(float lo, float hi) {
-    kog_u32 r;
-#if defined(KOG_WEIGHT_FP16)
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#else
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#endif
-    return r;
-}
-
-KOG_DEVICE unsigned kog_pf_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-// four 8x8 b16 matrices from shared memory; lane l gives the address of row l % 8 of matrix l / 8
-KOG_DEVICE void kog_ldsm4(kog_u32 (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-KOG_DEVICE void kog_ldsm4_t(kog_u32 (&r)[4], unsigned addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-// 16 bytes global -> shared, asynchronously; src_bytes 0 fills zeros
-KOG_DEVICE void kog_pf_cp16(unsigned dst, const void* src, unsigned src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-
+#if KOG_PF_MMA      // (tensor-core helpers: platform.cuh)
 // Dynamic shared memory: KOG_PF_SMEM_BYTES = 2 stages x (K, V) x BN rows x KS elements.
 #define KOG_PF_SMEM_BYTES (2 * 2 * KOG_PF_BN * KOG_PF_KSTRIDE * 2)
 
@@ -91,7 +54,7 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
     const int warp_last = pos0 + qt * KOG_PF_BM + warp * 16 + 15;
     const kog_u16* kg = kc + (kog_u64)g * context_length * HD;
     const kog_u16* vg = vc + (kog_u64)g * context_length * HD;
-    const unsigned sm0 = kog_pf_smem(kog_pf_sm);
+    const unsigned sm0 = kog_smem_addr(kog_pf_sm);
 
     // K/V rows [key0, key0 + BN) into stage st; rows past last_pos are zeros
     auto load_tile = [&](int st, int key0) {
@@ -100,10 +63,10 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
             const bool ok = key0 + row <= last_pos;
             const kog_u64 off = (kog_u64)(ok ? key0 + row : 0) * HD + col;
             const unsigned dst = sm0 + 2u * (unsigned)(st * 2 * TILE + row * KS + col);
-            kog_pf_cp16(dst, kg + off, ok ? 16u : 0u);
-            kog_pf_cp16(dst + 2u * TILE, vg + off, ok ? 16u : 0u);
+            kog_copy16_zfill(dst, kg + off, ok);
+            kog_copy16_zfill(dst + 2u * TILE, vg + off, ok);
         }
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        kog_cp_async_commit();
     };
 
     // Q fragments for the warp's 16 rows (rows past n read row n-1; never written back)
@@ -130,9 +93,9 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
         const int key0 = kt * KOG_PF_BN, st = kt & 1;
         if (kt + 1 < n_tiles) {                                // the next tile streams in
             load_tile(st ^ 1, key0 + KOG_PF_BN);
-            asm volatile("cp.async.wait_group 1;" ::: "memory");
+            kog_cp_async_wait<1>();
         } else {
-            asm volatile("cp.async.wait_group 0;" ::: "memory");
+            kog_cp_async_wait<0>();
         }
         __syncthreads();
         if (key0 <= warp_last) {                               // else: every key masked here
@@ -146,16 +109,16 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
 #pragma unroll
                 for (int k2 = 0; k2 < HD / 32; ++k2) {
                     kog_u32 b[4];
-                    kog_ldsm4(b, ks + 2u * (unsigned)((nt * 8 + (lane & 7)) * KS + k2 * 32 + (lane >> 3) * 8));
-                    kog_mma16816(s[nt], qa[2 * k2], b[0], b[1]);
-                    kog_mma16816(s[nt], qa[2 * k2 + 1], b[2], b[3]);
+                    kog_ldsm_x4(b, ks + 2u * (unsigned)((nt * 8 + (lane & 7)) * KS + k2 * 32 + (lane >> 3) * 8));
+                    kog_mma_w(s[nt], qa[2 * k2], b[0], b[1]);
+                    kog_mma_w(s[nt], qa[2 * k2 + 1], b[2], b[3]);
                 }
                 if (HD % 32) {                                 // a last k16 step (hd = 16 mod 32)
                     const unsigned a = ks + 2u * (unsigned)((nt * 8 + r) * KS + (HD - 16) + 2 * cq);
                     kog_u32 b0, b1;
                     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(b0) : "r"(a));
                     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(b1) : "r"(a + 16u));
-                    kog_mma16816(s[nt], qa[HD / 16 - 1], b0, b1);
+                    kog_mma_w(s[nt], qa[HD / 16 - 1], b0, b1);
                 }
             }
             // ---- scale, causal mask, online softmax (rows a = r, b = r + 8) ----
@@ -197,18 +160,18 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
             // ---- O += P V: P's accumulators are the A fragments of the next product ----
 #pragma unroll
             for (int kk = 0; kk < KOG_PF_BN / 16; ++kk) {
-                const kog_u32 pa[4] = {kog_pack2(s[2 * kk][0], s[2 * kk][1]),
-                                       kog_pack2(s[2 * kk][2], s[2 * kk][3]),
-                                       kog_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                       kog_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                const kog_u32 pa[4] = {kog_pack_rn(s[2 * kk][0], s[2 * kk][1]),
+                                       kog_pack_rn(s[2 * kk][2], s[2 * kk][3]),
+                                       kog_pack_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                       kog_pack_rn(s[2 * kk + 1][2], s[2 * kk + 1][3])};
 #pragma unroll
                 for (int dp = 0; dp < DT / 2; ++dp) {
                     kog_u32 b[4];
                     const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
                     const int dim = dp * 16 + (lane >> 4) * 8;
-                    kog_ldsm4_t(b, vs + 2u * (unsigned)(key * KS + dim));
-                    kog_mma16816(o[2 * dp], pa, b[0], b[1]);
-                    kog_mma16816(o[2 * dp + 1], pa, b[2], b[3]);
+                    kog_ldsm_x4_trans(b, vs + 2u * (unsigned)(key * KS + dim));
+                    kog_mma_w(o[2 * dp], pa, b[0], b[1]);
+                    kog_mma_w(o[2 * dp + 1], pa, b[2], b[3]);
                 }
             }
         }
@@ -225,10 +188,10 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
         const int col = h * HD + dn * 8 + 2 * cq;
         if (row_a < n)
             *reinterpret_cast<kog_u32*>(out + (kog_u64)row_a * KOG_PF_Q_DIM + col) =
-                kog_pack2(o[dn][0] * inv_a, o[dn][1] * inv_a);
+                kog_pack_rn(o[dn][0] * inv_a, o[dn][1] * inv_a);
         if (row_b < n)
             *reinterpret_cast<kog_u32*>(out + (kog_u64)row_b * KOG_PF_Q_DIM + col) =
-                kog_pack2(o[dn][2] * inv_b, o[dn][3] * inv_b);
+                kog_pack_rn(o[dn][2] * inv_b, o[dn][3] * inv_b);
     }
 }
 #endif  // KOG_PF_MMA

@@ -1,7 +1,7 @@
 """A short monokernel run for compute-sanitizer (scripts/sanitize_kernels.sh): a tiny model,
 greedy and sampled generations, and a teacher-forced logits pass.
 
-    python scripts/sanitize_kernels.py [blocks] [q heads per kv head] [greedy tokens]
+    python scripts/sanitize_kernels.py [blocks] [q heads per kv head] [greedy tokens] [head_dim]
 """
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from kogcupy.gpu.monokernel import MonokernelBackend  # noqa: E402
 from kogcupy.model.random_weights import random_packed_weights  # noqa: E402
 from kogcupy.sampling_params import SamplingParams  # noqa: E402
 
-# argv[2]: q heads per kv head (default 2; 8 puts two head sets in one attention warp round,
-# so that the saved-state path of kog_attn_chunk runs too)
+# argv[2]: q heads per kv head (default 2; 12 gives the tensor-core attention two 8-head
+# tiles); argv[4]: head_dim (default 64; 128 shares each 16-position group between two warps
+# that meet at named barriers)
 gqa = int(sys.argv[2]) if len(sys.argv) > 2 else 2
+head_dim = int(sys.argv[4]) if len(sys.argv) > 4 else 64
 cfg = ModelConfig(arch="qwen3", vocab_size=512, hidden_size=128, intermediate_size=256,
-                  n_layers=2, n_heads=2 * gqa, n_kv_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                  n_layers=2, n_heads=2 * gqa, n_kv_heads=2, head_dim=head_dim, rms_norm_eps=1e-6,
                   rope_theta=1e4, max_position_embeddings=256, tie_word_embeddings=True)
 w = random_packed_weights(cfg, seed=0, rope_positions=256)
 m = SimpleNamespace(config=cfg, weights=w, dtype="bfloat16", tokenizer=None, path="random")

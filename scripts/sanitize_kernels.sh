@@ -3,7 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BLOCKS=${1:-16}
-GQA=${2:-2}       # q heads per kv head of the tiny model (8: two attention head sets)
+GQA=${2:-2}       # q heads per kv head of the tiny model (12: two 8-head attention tiles)
 for tool in memcheck racecheck; do
   echo "== compute-sanitizer --tool $tool (grid $BLOCKS blocks, GQA $GQA)"
   timeout ${SANITIZE_TIMEOUT:-400} compute-sanitizer --tool "$tool" --target-processes all \

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from dataclasses import replace
 
 from kogcupy.gpu import kernels
 from kogcupy.gpu.build_plan import DYN_MIN_ROWS, build_plan, smem_floats
@@ -108,11 +109,12 @@ def test_mi300x_grid_is_the_reference_designs():
                                    "qwen2.5-0.5b"])
 def test_attention_is_one_round_of_streaming_units(shape):
     # a unit streams its chunk in tiles, so the chunk rule's units per kv head cover any
-    # context in one round of units; two 64 KB K/V tiles fit in shared memory
+    # context in one round of units; two K/V tiles of 128 positions (at most 64 KB) fit in
+    # shared memory
     from kogcupy.gpu.placement import attention_chunk_len, attn_chunk_cap, attn_tiling
     cfg = shape_config(shape)
     tile, bufs = attn_tiling(cfg)
-    assert bufs * tile * cfg.head_dim * 2 * 2 == 128 * 1024
+    assert (tile, bufs) == (128, 2) and tile * cfg.head_dim * 2 * 2 <= 64 * 1024
     p = build_plan(cfg, H200_SMS, 131072)
     assert p.smem_bytes <= 227 * 1024
     units = cfg.n_kv_heads * p.placement.attn_max_chunks
@@ -127,7 +129,7 @@ def test_attention_tiles_shrink_to_the_shared_memory_limit():
     # tile at a time (its copies are synchronous); an explicit tuning value is kept as asked
     cfg = shape_config("llama-3.2-1b")
     h200 = build_plan(cfg, H200_SMS, 4096, smem_limit=232448)
-    assert (h200.tuning["KOG_ATTN_TILE"], h200.tuning["KOG_ATTN_BUFS"]) == (256, 2)
+    assert (h200.tuning["KOG_ATTN_TILE"], h200.tuning["KOG_ATTN_BUFS"]) == (128, 2)
     amd = build_plan(cfg, 304, 4096, arch="gfx942", smem_limit=64 * 1024)
     assert amd.smem_bytes <= 64 * 1024 and amd.tuning["KOG_ATTN_BUFS"] == 1
     assert amd.tuning["KOG_ATTN_TILE"] == 128                  # one 32 KB tile
@@ -148,27 +150,32 @@ def test_gpu_long_prompt_test_streams_several_tiles():
     assert attention_chunk_len(700, p.placement.attn_max_chunks, p.attn_chunk) > attn_tiling(cfg)[0]
 
 
-def test_attention_tile_must_be_whole_warp_rounds():
-    # a tile is whole rounds of the warps (threads * 8 / head_dim positions: 64 at head_dim 64)
+def test_attention_tile_is_16_positions_a_warp():
+    # NVIDIA (tensor cores): a warp takes 16 positions of a tile, so a tile is a multiple of 16
+    # and at most 16 x the block's warps; a warp's merged state must fit its staging buffers
     from kogcupy.errors import DeviceError
     cfg = shape_config("llama-3.2-1b")
-    assert build_plan(cfg, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 64}).tuning["KOG_ATTN_TILE"] == 64
-    with pytest.raises(DeviceError, match="multiple of 64"):
-        build_plan(cfg, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 32})
-
-
-def test_attention_tiles_the_kernel_cannot_compile_are_refused():
-    # attention.cuh's static_asserts, mirrored: a warp's merged state must fit its staging area,
-    # and with one q head a kv head a tile is one or an even number of warp rounds
-    from dataclasses import replace
-    from kogcupy.errors import DeviceError
-    cfg = shape_config("llama-3.2-1b")
+    assert build_plan(cfg, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 48}).tuning["KOG_ATTN_TILE"] == 48
+    for tile in (40, 512):
+        with pytest.raises(DeviceError, match="multiple of 16 positions, at most 256"):
+            build_plan(cfg, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": tile})
+    wide = replace(cfg, n_heads=cfg.n_kv_heads * 16, head_dim=16)     # 16 heads a kv head
     with pytest.raises(DeviceError, match="merged state"):
-        build_plan(cfg, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 64, "KOG_ATTN_BUFS": 1})
+        build_plan(wide, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 64, "KOG_ATTN_BUFS": 1})
+
+
+def test_attention_tile_must_be_whole_warp_rounds_on_amd():
+    # AMD (lanes hold 8 dims of a head): a tile is whole rounds of the warps (threads * 8 /
+    # head_dim positions: 64 at head_dim 64), a warp's merged state must fit its staging area,
+    # and with one q head a kv head a tile is one or an even number of warp rounds
+    from kogcupy.gpu.build_plan import attn_tile_problem
+    cfg = shape_config("llama-3.2-1b")
+    assert attn_tile_problem(cfg, 64, 2, arch="gfx1100") is None
+    assert "multiple of 64" in attn_tile_problem(cfg, 32, 2, arch="gfx1100")
+    assert "merged state" in attn_tile_problem(cfg, 64, 1, arch="gfx1100")
     mha = replace(cfg, n_kv_heads=cfg.n_heads)                  # one q head a kv head
-    assert build_plan(mha, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 128}).tuning["KOG_ATTN_TILE"] == 128
-    with pytest.raises(DeviceError, match="even number"):
-        build_plan(mha, H200_SMS, 4096, tuning={"KOG_ATTN_TILE": 192})
+    assert attn_tile_problem(mha, 128, 2, arch="gfx1100") is None
+    assert "even number" in attn_tile_problem(mha, 192, 2, arch="gfx1100")
 
 
 def test_amd_plans_count_64_lane_wavefronts():
@@ -178,8 +185,9 @@ def test_amd_plans_count_64_lane_wavefronts():
     from kogcupy.gpu.build_plan import attn_tile_problem
     cfg = shape_config("llama-3.1-8b")
     ffn = dict(ffn_slots=1, down_depth=1)        # (the FFN term as on such a grid: small)
-    assert smem_floats(cfg, 64, 1, warp=64, **ffn) < smem_floats(cfg, 64, 1, warp=32, **ffn)
+    assert (smem_floats(cfg, 64, 1, warp=64, arch="gfx942", **ffn)
+            < smem_floats(cfg, 64, 1, warp=32, arch="gfx1100", **ffn))
     amd = build_plan(cfg, 304, 4096, arch="gfx942", smem_limit=64 * 1024)
     tile, bufs = amd.tuning["KOG_ATTN_TILE"], amd.tuning["KOG_ATTN_BUFS"]
     assert amd.smem_bytes <= 64 * 1024 and (tile, bufs) == (64, 1)
-    assert attn_tile_problem(cfg, tile, bufs, warp=64) is None
+    assert attn_tile_problem(cfg, tile, bufs, warp=64, arch="gfx942") is None

@@ -144,6 +144,19 @@ def test_long_prompt_multi_chunk_attention():
         assert max(errs) < 3e-2, (blocks, errs)
 
 
+def test_attention_more_than_8_heads_a_kv_head():
+    """12 q heads a kv head: the tensor-core attention runs two 8-head tiles (the second half
+    empty) -- long chunks on 3 blocks too."""
+    cfg = cfg_of("qwen3", 600, 256, 512, 1, 24, 2, 64)
+    m = model(cfg, seed=6)
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 300).tolist()
+    ref = ReferenceBackend(m, context_length=512).logits(ids)
+    for blocks in (None, 3):
+        got = MonokernelBackend(m, context_length=512, blocks=blocks).logits(ids)
+        errs = [rel(got[i], ref[i]) for i in (0, 15, 16, 100, 299)]
+        assert max(errs) < 3e-2, (blocks, errs)
+
+
 @pytest.mark.parametrize("key", ["llama", "qwen3-qknorm-h896-gqa7-hd128"])
 def test_greedy_tokens_identical_64(key):
     cfg = FAMILIES[key]

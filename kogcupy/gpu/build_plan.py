@@ -37,10 +37,23 @@ def _attn_lanes(cfg: ModelConfig, threads: int, warp: int) -> tuple[int, int, in
     return hg, -(-g // hg), warp // (lpp * hgp)
 
 
+def attn_mma(cfg: ModelConfig, arch: str) -> bool:
+    """attention.cuh KOG_ATTN_MMA: the chunk loop on tensor cores (NVIDIA, head_dim % 16 == 0)."""
+    return not arch and cfg.head_dim % 16 == 0
+
+
 def attn_tile_problem(cfg: ModelConfig, tile: int, bufs: int, threads: int = THREADS,
-                      warp: int = 32) -> str | None:
+                      warp: int = 32, arch: str = "") -> str | None:
     """Why attention.cuh cannot compile K/V tiles of `tile` positions x `bufs`, or None."""
     hd, g = cfg.head_dim, cfg.gqa_group
+    if attn_mma(cfg, arch):                         # a warp takes 16 positions of a tile
+        if tile % 16 or tile // 16 > threads // warp:
+            return (f"a K/V tile must be a multiple of 16 positions, at most {16 * threads // warp} "
+                    f"(16 for each of {threads // warp} warps)")
+        if g * (hd + 2) > bufs * 16 * hd:
+            return (f"{bufs} buffers leave a warp too little staging space for its merged state "
+                    f"({g} heads x {hd + 2} floats)")
+        return None
     min_tile = threads * 8 // hd
     if tile % min_tile:
         return (f"a K/V tile must be a multiple of {min_tile} positions "
@@ -57,7 +70,7 @@ def attn_tile_problem(cfg: ModelConfig, tile: int, bufs: int, threads: int = THR
 
 def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = None,
                 threads: int = THREADS, warp: int = 32, ffn_slots: int | None = None,
-                down_depth: int | None = None) -> int:
+                down_depth: int | None = None, arch: str = "") -> int:
     """KOG_SMEM_FLOATS: the largest per-stage working set (activation vector, attention unit,
     sampler histogram, the FFN's x + down partials + activations + row staging), rounded to
     16 bytes. `tile`, `bufs`: KOG_ATTN_TILE / _BUFS; `ffn_slots`: KOG_FFN_SLOTS (default: the
@@ -65,10 +78,11 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
     tile = tile or attn_tiling(cfg)[0]
     bufs = bufs or attn_tiling(cfg)[1]
     g, hd = cfg.gqa_group, cfg.head_dim
-    nhs = _attn_lanes(cfg, threads, warp)[1]
+    nhs = 1 if attn_mma(cfg, arch) else _attn_lanes(cfg, threads, warp)[1]
     attn = (g * hd * 2 + 2 * hd + -(-2 * g // 4) * 4 + hd
             + bufs * tile * hd                      # attention.cuh KOG_ATTN_SMEM_FLOATS
-            + (nhs * 10 * threads if nhs > 1 else 0))
+            + (nhs * 10 * threads if nhs > 1 else 0)
+            + (-(-g // 8) * hd * 8 if attn_mma(cfg, arch) else 0))   # q^T's mma fragments
     sample = 2048 * 2 + 8 + 8 + 8 * threads         # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
     h, chunks = cfg.hidden_size, cfg.hidden_size // 8
     groups = 1 if chunks >= threads else threads // chunks
@@ -160,18 +174,18 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     warp = wave_size(arch)
 
     def smem_bytes(tile, bufs):
-        return 4 * (smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth) + scratch + 16
+        return 4 * (smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth, arch) + scratch + 16
                     + x_full)
     if smem_limit and "KOG_ATTN_TILE" not in tuning:
         while (smem_bytes(tile, bufs) > smem_limit and
-               attn_tile_problem(lcfg, tile // 2, bufs, threads, warp) is None):
+               attn_tile_problem(lcfg, tile // 2, bufs, threads, warp, arch) is None):
             tile //= 2       # e.g. 64 KB a block (AMD): Llama-3.2-1B 64-position tiles
-    problem = attn_tile_problem(lcfg, tile, bufs, threads, warp)
+    problem = attn_tile_problem(lcfg, tile, bufs, threads, warp, arch)
     if problem:
         raise DeviceError(f"KOG_ATTN_TILE={tile}, KOG_ATTN_BUFS={bufs}: {problem}")
     tuning["KOG_ATTN_TILE"], tuning["KOG_ATTN_BUFS"] = tile, bufs
     tuning["KOG_FFN_SLOTS"] = placement.ffn_slots    # (the placement's, not a knob)
     return BuildPlan(n_blocks=n_blocks, tuning=tuning, placement=placement,
                      attn_chunk=attn_chunk,
-                     smem_floats=smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth),
+                     smem_floats=smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth, arch),
                      smem_bytes=smem_bytes(tile, bufs))
