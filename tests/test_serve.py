@@ -989,3 +989,13 @@ def test_cli_serve_busy_port_and_bad_options():
     assert r.exit_code == 2 and "scheme://host[:port]" in r.output, r.output
     r = CliRunner().invoke(cli, ["serve", "--help"])
     assert r.exit_code == 0 and "--api-key" in r.output and "--served-model-name" in r.output
+
+
+def test_text_content_parts_are_joined_by_newlines():
+    # OpenAI content parts ({"type": "text"} each) reach the chat template as one string, a
+    # part a line (vLLM's convention), not glued together
+    from kogcupy.serve.protocol import Message
+    m = Message(role="user", content=[{"type": "text", "text": "first part"},
+                                      {"type": "text", "text": "second part"}])
+    assert m.to_template()["content"] == "first part\nsecond part"
+    assert Message(role="developer", content="x").to_template() == {"role": "system", "content": "x"}

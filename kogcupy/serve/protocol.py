@@ -110,8 +110,8 @@ class Message(_Strict):
     def to_template(self) -> dict:
         """The message as chat templates read it (HF conventions)."""
         content = self.content
-        if isinstance(content, list):
-            content = "".join(p.text for p in content)
+        if isinstance(content, list):               # text parts, one a line (as vLLM joins them)
+            content = "\n".join(p.text for p in content)
         m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
                              "content": content if content is not None else ""}
         if self.name is not None:
