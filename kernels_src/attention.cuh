@@ -43,6 +43,29 @@ KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
     return len < KOG_ATTN_CHUNK ? len : KOG_ATTN_CHUNK;
 }
 
+// The chunk's end: n partial states [G][HD + 2] (unnormalised o, max in log2 units, sum), one
+// every `stride` floats from the staging area, merged into the unit's partial o, ml (max in
+// natural units: the combine's).
+KOG_DEVICE void kog_attn_merge_states(int n, int stride, float* o, float* ml) {
+    constexpr int HD = KOG_HEAD_DIM;
+    const float* ws0 = kog_smem() + KOG_ATTN_STAGE_OFFSET;
+    for (int i = threadIdx.x; i < KOG_GQA * HD; i += KOG_THREADS) {
+        const int h = i / HD, d = i - h * HD;
+        float m = KOG_NEG_INF;
+        for (int w = 0; w < n; ++w) m = fmaxf(m, ws0[w * stride + h * (HD + 2) + HD]);
+        float sl = 0.f, so = 0.f;
+        for (int w = 0; w < n; ++w) {
+            const float* st = ws0 + w * stride + h * (HD + 2);
+            const float f = st[HD] > KOG_NEG_INF ? kog_exp2(st[HD] - m) : 0.f;
+            sl = fmaf(st[HD + 1], f, sl);
+            so = fmaf(st[d], f, so);
+        }
+        o[i] = so;
+        if (d == 0) { ml[2 * h] = m * 0.6931471805599453f; ml[2 * h + 1] = sl; }
+    }
+    __syncthreads();                                          // o, ml are the unit's partial
+}
+
 #if KOG_ATTN_MMA
 // Tensor-core layout of a unit's chunk: a tile is NWA = TILE / 16 groups of 16 consecutive
 // positions, group q taking [a + 16 q, a + 16 q + 16) of the tile at a; DS warps share a group
@@ -293,23 +316,7 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
         }
     }
     __syncthreads();
-    const float* ws0 = smem + KOG_ATTN_STAGE_OFFSET;
-    constexpr int WS = NB * R * HD;                           // floats between groups' states
-    for (int i = threadIdx.x; i < G * HD; i += KOG_THREADS) {
-        const int h = i / HD, d = i - h * HD;
-        float m = KOG_NEG_INF;
-        for (int w = 0; w < NWA; ++w) m = fmaxf(m, ws0[w * WS + h * (HD + 2) + HD]);
-        float sl = 0.f, so = 0.f;
-        for (int w = 0; w < NWA; ++w) {
-            const float* st = ws0 + w * WS + h * (HD + 2);
-            const float f = st[HD] > KOG_NEG_INF ? kog_exp2(st[HD] - m) : 0.f;
-            sl = fmaf(st[HD + 1], f, sl);
-            so = fmaf(st[d], f, so);
-        }
-        o[i] = so;
-        if (d == 0) { ml[2 * h] = m * 0.6931471805599453f; ml[2 * h + 1] = sl; }   // natural units
-    }
-    __syncthreads();                                          // o, ml are the unit's partial
+    kog_attn_merge_states(NWA, NB * R * HD, o, ml);
 }
 
 #else  // !KOG_ATTN_MMA: a lane holds 8 dims of one head
@@ -537,23 +544,7 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
         }
     }
     __syncthreads();
-    const float* ws0 = smem + KOG_ATTN_STAGE_OFFSET;
-    constexpr int WS = NB * PW * HD;                          // floats between warps' states
-    for (int i = threadIdx.x; i < G * HD; i += KOG_THREADS) {
-        const int h = i / HD, d = i - h * HD;
-        float mx = KOG_NEG_INF;
-        for (int w = 0; w < NW; ++w) mx = fmaxf(mx, ws0[w * WS + h * (HD + 2) + HD]);
-        float sl = 0.f, so = 0.f;
-        for (int w = 0; w < NW; ++w) {
-            const float* st = ws0 + w * WS + h * (HD + 2);
-            const float f = st[HD] > KOG_NEG_INF ? kog_exp2(st[HD] - mx) : 0.f;
-            sl = fmaf(st[HD + 1], f, sl);
-            so = fmaf(st[d], f, so);
-        }
-        o[i] = so;
-        if (d == 0) { ml[2 * h] = mx * 0.6931471805599453f; ml[2 * h + 1] = sl; }   // natural units
-    }
-    __syncthreads();                                          // o, ml are the unit's partial
+    kog_attn_merge_states(NW, NB * PW * HD, o, ml);
 }
 
 #endif  // KOG_ATTN_MMA
