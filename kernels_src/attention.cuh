@@ -101,9 +101,12 @@ KOG_DEVICE void kog_attn_tile_sync() {
     else kog_syncwarp();
 }
 
-// Where 16-byte piece c of staged row r sits in its row.
+// Where 16-byte piece c of staged row r sits in its row: XOR-swizzled so that the 8 rows an
+// ldmatrix reads fall in different banks (by r % 8; rows of 2 or 4 pieces by r / (8 / P16)).
 KOG_DEVICE int kog_attn_swz(int r, int c) {
     constexpr int P16 = KOG_HEAD_DIM / 8;
+    static_assert((P16 & (P16 - 1)) == 0, "K/V rows of a power of two of 16-byte pieces "
+                                          "(head_dim divides the block's threads)");
     constexpr int DIV = P16 >= 8 ? 1 : 8 / P16, MASK = (P16 >= 8 ? 8 : P16) - 1;
     return c ^ ((r / DIV) & MASK);
 }
