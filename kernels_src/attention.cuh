@@ -29,8 +29,9 @@
 
 
 // Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], ml[GQA][2],
-// rope[HD], then the K/V staging area: per warp, KOG_ATTN_BUFS buffers of its PW positions of
-// a tile, cached K rows then V rows (storage dtype, PW x HD each).
+// rope[HD], then the K/V staging area: KOG_ATTN_BUFS buffers of a tile's K rows then V rows
+// (storage dtype) for each group of positions of the layout below (a 16-position group of
+// the tensor-core layout, a warp's PW positions of the lane layout), then the layout's own.
 #define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
 // Float offset of the K/V staging area (everything before it in the layout above).
 #define KOG_ATTN_STAGE_OFFSET (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_ATTN_ML_FLOATS + KOG_HEAD_DIM)

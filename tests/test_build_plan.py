@@ -191,3 +191,17 @@ def test_amd_plans_count_64_lane_wavefronts():
     tile, bufs = amd.tuning["KOG_ATTN_TILE"], amd.tuning["KOG_ATTN_BUFS"]
     assert amd.smem_bytes <= 64 * 1024 and (tile, bufs) == (64, 1)
     assert attn_tile_problem(cfg, tile, bufs, warp=64, arch="gfx942") is None
+
+
+def test_attention_tiles_per_layout():
+    # tensor cores (NVIDIA): 128-position tiles up to head_dim 128; the lane layout (AMD) keeps
+    # whole warp rounds: 256 positions at head_dim 16 (512 threads x 8 / 16)
+    from kogcupy.gpu.build_plan import attn_tile_problem
+    from kogcupy.gpu.placement import attn_tiling
+    tiny = replace(shape_config("llama-3.2-1b"), n_heads=4, n_kv_heads=2, head_dim=16)
+    assert attn_tiling(tiny) == (128, 2) and attn_tiling(tiny, "gfx942") == (256, 2)
+    assert build_plan(tiny, 304, 256, arch="gfx942", smem_limit=64 * 1024).tuning["KOG_ATTN_TILE"] == 256
+    # the combine stashes its thread groups' state in the staging area: a tile too small for
+    # it is refused, not left to a static_assert
+    wide = replace(shape_config("llama-3.2-1b"), n_heads=8, n_kv_heads=2, head_dim=32)
+    assert "combine" in attn_tile_problem(wide, 16, 2) and attn_tile_problem(wide, 128, 2) is None

@@ -16,7 +16,8 @@ from . import kernels
 from ..model.config import ModelConfig
 from ..errors import DeviceError
 from .topology import MI300X_GRID
-from .placement import ATTN_MIN_CHUNK, Placement, attn_chunk_cap, attn_tiling, max_tp_blocks, place
+from .placement import (ATTN_MIN_CHUNK, Placement, attn_chunk_cap, attn_mma, attn_tiling,
+                        max_tp_blocks, place)
 
 THREADS = 512
 DYN_MIN_ROWS = 8             # rows of x per block from which the dynamic work tails pay
@@ -37,15 +38,15 @@ def _attn_lanes(cfg: ModelConfig, threads: int, warp: int) -> tuple[int, int, in
     return hg, -(-g // hg), warp // (lpp * hgp)
 
 
-def attn_mma(cfg: ModelConfig, arch: str) -> bool:
-    """attention.cuh KOG_ATTN_MMA: the chunk loop on tensor cores (NVIDIA, head_dim % 16 == 0)."""
-    return not arch and cfg.head_dim % 16 == 0
-
-
 def attn_tile_problem(cfg: ModelConfig, tile: int, bufs: int, threads: int = THREADS,
                       warp: int = 32, arch: str = "") -> str | None:
     """Why attention.cuh cannot compile K/V tiles of `tile` positions x `bufs`, or None."""
     hd, g = cfg.head_dim, cfg.gqa_group
+    gh = g * hd                                     # the combine's thread groups stash their
+    s = 4 if threads // gh >= 4 else 2 if threads // gh >= 2 else 1   # state in the tiles
+    if 3 * (s - 1) * gh > bufs * tile * hd:
+        return (f"{tile} positions x {bufs} buffers leave the combine too little space "
+                f"({3 * (s - 1)} x {g} heads x {hd} floats)")
     if attn_mma(cfg, arch):                         # a warp takes 16 positions of a tile
         if tile % 16 or tile // 16 > threads // warp:
             return (f"a K/V tile must be a multiple of 16 positions, at most {16 * threads // warp} "
@@ -75,8 +76,8 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
     sampler histogram, the FFN's x + down partials + activations + row staging), rounded to
     16 bytes. `tile`, `bufs`: KOG_ATTN_TILE / _BUFS; `ffn_slots`: KOG_FFN_SLOTS (default: the
     FFN width, an upper bound); `down_depth`: KOG_DOWN_DEPTH (default: kernels.py's)."""
-    tile = tile or attn_tiling(cfg)[0]
-    bufs = bufs or attn_tiling(cfg)[1]
+    tile = tile or attn_tiling(cfg, arch)[0]
+    bufs = bufs or attn_tiling(cfg, arch)[1]
     g, hd = cfg.gqa_group, cfg.head_dim
     nhs = 1 if attn_mma(cfg, arch) else _attn_lanes(cfg, threads, warp)[1]
     attn = (g * hd * 2 + 2 * hd + -(-2 * g // 4) * 4 + hd
@@ -163,7 +164,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
     x_full = lcfg.hidden_size if world > 1 else 0    # tensor parallel: x per block
     tile, bufs = (int(tuning.get(k, kernels.DEFAULT_TUNING.get(k, v))) for k, v in
-                  zip(("KOG_ATTN_TILE", "KOG_ATTN_BUFS"), attn_tiling(lcfg)))
+                  zip(("KOG_ATTN_TILE", "KOG_ATTN_BUFS"), attn_tiling(lcfg, arch)))
     if arch and "KOG_ATTN_BUFS" not in tuning:
         bufs = 1             # HIP: kog_copy16 is a synchronous copy, a second buffer overlaps nothing
     depth = _knob(tuning, "KOG_DOWN_DEPTH")

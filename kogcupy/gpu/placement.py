@@ -35,12 +35,20 @@ def attn_chunk_cap(cfg: ModelConfig) -> int:
     return ATTN_CHUNK
 
 
-def attn_tiling(cfg: ModelConfig) -> tuple[int, int]:
-    """(KOG_ATTN_TILE, KOG_ATTN_BUFS): positions per staged K/V tile and tiles in flight, two
-    each: 128 positions for head_dim <= 128 (64 KB of K + V at 128), 64 for 256. (H200,
-    tensor-core attention, head_dim 64: 128 positions +3 to +4% over 256, at 8000 positions
-    too; 128 x 4 in flight +2%. head_dim 128: 64 x 4 the same at short contexts, -3% at 8000.)"""
-    tile = ATTN_TILE * 128 // max(128, cfg.head_dim)
+def attn_mma(cfg: ModelConfig, arch: str = "") -> bool:
+    """attention.cuh KOG_ATTN_MMA: the chunk loop on tensor cores (NVIDIA: `arch` "";
+    head_dim % 16 == 0); otherwise lanes hold 8 dims of a head."""
+    return not arch and cfg.head_dim % 16 == 0
+
+
+def attn_tiling(cfg: ModelConfig, arch: str = "") -> tuple[int, int]:
+    """(KOG_ATTN_TILE, KOG_ATTN_BUFS): positions per staged K/V tile and tiles in flight, two.
+    Tensor cores: 128 positions for head_dim <= 128 (64 KB of K + V at 128), 64 for 256 (H200,
+    head_dim 64: 128 positions +3 to +4% over 256, at 8000 positions too; 128 x 4 in flight
+    +2%; head_dim 128 at 64 x 4 the same at short contexts, -3% at 8000). The lane layout
+    (AMD): two 64 KB tiles, 256 positions for head_dim <= 64 (its tiles are whole rounds of
+    512 x 8 / head_dim positions: 256 at head_dim 16)."""
+    tile = ATTN_TILE * 128 // max(128 if attn_mma(cfg, arch) else 64, cfg.head_dim)
     return tile, 2
 
 
