@@ -6,11 +6,11 @@
 // computes fp32 softmax(q k^T / sqrt(hd)) v over its chunk: out, running max and sum per head.
 // The chunk streams through shared memory in tiles of KOG_ATTN_TILE positions, KOG_ATTN_BUFS
 // tiles in flight (one cp.async group each; the first ones issued before q is ready); each
-// warp stages and consumes its own slice of every tile with an online softmax state in
+// slice of every tile is staged and consumed by its own warps with an online softmax state in
 // registers across the tiles (kog_attn_chunk); the chunk rule gives every kv head at most
-// attn_max_chunks units, so a long context is one round of units. On NVIDIA a warp's slice
-// is 16 consecutive positions and its products run on the tensor cores (KOG_ATTN_MMA); on
-// AMD (and head dims that are not a multiple of 16) lanes hold 8 dims of a head each.
+// attn_max_chunks units, so a long context is one round of units. On NVIDIA a slice is 16
+// consecutive positions and its products run on the tensor cores (KOG_ATTN_MMA); on AMD (and
+// head dims that are not a multiple of 16) a warp's lanes hold 8 dims of a head each.
 // The unit whose chunk holds the current position also finishes k and v of that position and
 // appends them to the KV cache (no other unit reads that position in this step).
 // With one chunk the unit writes attn_out directly. Otherwise every other unit writes its
@@ -22,7 +22,7 @@
 #include "norm_rope.cuh"
 
 #if !defined(KOG_HIP) && KOG_HEAD_DIM % 16 == 0
-#define KOG_ATTN_MMA 1           // (build_plan.attn_mma mirrors this)
+#define KOG_ATTN_MMA 1           // (placement.attn_mma mirrors this)
 #else
 #define KOG_ATTN_MMA 0
 #endif
@@ -70,10 +70,10 @@ KOG_DEVICE void kog_attn_merge_states(int n, int stride, float* o, float* ml) {
 #if KOG_ATTN_MMA
 // Tensor-core layout of a unit's chunk: a tile is NWA = TILE / 16 groups of 16 consecutive
 // positions, group q taking [a + 16 q, a + 16 q + 16) of the tile at a; DS warps share a group
-// (DS = the block's warps / NWA, as far as it divides the head's 16-dim slices: 1 for
-// head_dim 64 in 256-position tiles, 2 for 128 in 128), stage its 16 K rows then 16 V rows
-// together (storage dtype, row-major, each row's 16-byte pieces XOR-swizzled by the row so
-// that ldmatrix's eight row addresses fall in different banks); the block meets at a barrier
+// (DS = the block's warps / NWA, as far as it divides the head's 16-dim slices: 2 in the
+// default 128-position tiles of 16 warps, 1 in 256-position ones), stage its 16 K rows then
+// 16 V rows together (storage dtype, row-major, each row's 16-byte pieces XOR-swizzled by the
+// row so that ldmatrix's eight row addresses fall in different banks); the block meets at a barrier
 // per tile (a warp's own when DS = 1).
 // Per 16 positions each warp of a group computes S^T = K q^T (positions x heads: m16n8k16,
 // A = K from ldmatrix, B = q from shared memory) and the softmax, and O^T += V^T P^T for its
@@ -170,19 +170,17 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
     // q^T as the B operand of S^T (k = dim, n = head): b0 dims 2 tig + {0, 1}, b1 those + 8,
     // head gid of the n-tile; heads past G are 0
     kog_vec4* qf = reinterpret_cast<kog_vec4*>(smem + KOG_ATTN_QF_OFFSET);   // [NT][NK][lanes]
-    {
-        for (int f = warp; f < NT * NK; f += KOG_THREADS / KOG_WARP) {
-            const int nt = f / NK, kk = f - nt * NK, h = nt * 8 + gid;
-            kog_u32 w[4];
+    for (int f = warp; f < NT * NK; f += KOG_THREADS / KOG_WARP) {
+        const int nt = f / NK, kk = f - nt * NK, h = nt * 8 + gid;
+        kog_u32 w[4];
 #pragma unroll
-            for (int b = 0; b < 2; ++b) {
-                const int d = kk * 16 + b * 8 + 2 * tig;
-                const float x0 = h < G ? q[h * HD + d] * qs : 0.f;
-                const float x1 = h < G ? q[h * HD + d + 1] * qs : 0.f;
-                kog_split_rn(x0, x1, w[b], w[2 + b]);
-            }
-            qf[f * KOG_WARP + lane] = kog_vec4{w[0], w[1], w[2], w[3]};
+        for (int b = 0; b < 2; ++b) {
+            const int d = kk * 16 + b * 8 + 2 * tig;
+            const float x0 = h < G ? q[h * HD + d] * qs : 0.f;
+            const float x1 = h < G ? q[h * HD + d + 1] * qs : 0.f;
+            kog_split_rn(x0, x1, w[b], w[2 + b]);
         }
+        qf[f * KOG_WARP + lane] = kog_vec4{w[0], w[1], w[2], w[3]};
     }
     __syncthreads();
     // O^T accumulators (dims mt * 16 + gid (+ 8) x heads nt * 8 + 2 tig + {0, 1}); running max

@@ -135,9 +135,11 @@ KOG_DEVICE kog_vec4 kog_ld_stream(const kog_vec4* p) {
 
 // Asynchronous 16-byte copy global -> shared (L2 only, no registers), Ampere+ cp.async.
 #if !defined(KOG_HIP)
+// The 32-bit shared-memory address of a pointer into shared memory (the form PTX takes).
+KOG_DEVICE unsigned kog_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 KOG_DEVICE void kog_cp_async16(void* smem_dst, const void* gmem_src) {
-    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(dst), "l"(gmem_src) : "memory");
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+                 :: "r"(kog_smem_addr(smem_dst)), "l"(gmem_src) : "memory");
 }
 KOG_DEVICE void kog_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N>
@@ -173,7 +175,6 @@ KOG_DEVICE void kog_copy16_wait_groups() {
 // tile l / 8, row l % 8; .trans delivers each tile transposed) or transposed in registers
 // (movmatrix). Shared-memory operands are 32-bit shared addresses (kog_smem_addr).
 #if !defined(KOG_HIP)
-KOG_DEVICE unsigned kog_smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 // A 16-byte copy global -> shared that zero-fills its destination when `valid` is false (no
 // bytes are read then).
 KOG_DEVICE void kog_copy16_zfill(unsigned dst, const void* gmem_src, bool valid) {
@@ -220,10 +221,9 @@ KOG_DEVICE void kog_cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 KOG_DEVICE float kog_ld_cluster(const float* p, unsigned rank) {
-    unsigned a, r;
+    unsigned r;
     float v;
-    a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(kog_smem_addr(p)), "r"(rank));
     asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
     return v;
 }

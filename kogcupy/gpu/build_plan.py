@@ -52,8 +52,8 @@ def attn_tile_problem(cfg: ModelConfig, tile: int, bufs: int, threads: int = THR
             return (f"a K/V tile must be a multiple of 16 positions, at most {16 * threads // warp} "
                     f"(16 for each of {threads // warp} warps)")
         if g * (hd + 2) > bufs * 16 * hd:
-            return (f"{bufs} buffers leave a warp too little staging space for its merged state "
-                    f"({g} heads x {hd + 2} floats)")
+            return (f"{bufs} buffers leave a 16-position group too little staging space for its "
+                    f"merged state ({g} heads x {hd + 2} floats)")
         return None
     min_tile = threads * 8 // hd
     if tile % min_tile:
@@ -76,14 +76,15 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
     sampler histogram, the FFN's x + down partials + activations + row staging), rounded to
     16 bytes. `tile`, `bufs`: KOG_ATTN_TILE / _BUFS; `ffn_slots`: KOG_FFN_SLOTS (default: the
     FFN width, an upper bound); `down_depth`: KOG_DOWN_DEPTH (default: kernels.py's)."""
-    tile = tile or attn_tiling(cfg, arch)[0]
-    bufs = bufs or attn_tiling(cfg, arch)[1]
+    default_tile, default_bufs = attn_tiling(cfg, arch)
+    tile, bufs = tile or default_tile, bufs or default_bufs
     g, hd = cfg.gqa_group, cfg.head_dim
-    nhs = 1 if attn_mma(cfg, arch) else _attn_lanes(cfg, threads, warp)[1]
+    mma = attn_mma(cfg, arch)
+    nhs = 1 if mma else _attn_lanes(cfg, threads, warp)[1]
     attn = (g * hd * 2 + 2 * hd + -(-2 * g // 4) * 4 + hd
             + bufs * tile * hd                      # attention.cuh KOG_ATTN_SMEM_FLOATS
             + (nhs * 10 * threads if nhs > 1 else 0)
-            + (-(-g // 8) * hd * 8 if attn_mma(cfg, arch) else 0))   # q^T's mma fragments
+            + (-(-g // 8) * hd * 8 if mma else 0))  # q^T's mma fragments
     sample = 2048 * 2 + 8 + 8 + 8 * threads         # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
     h, chunks = cfg.hidden_size, cfg.hidden_size // 8
     groups = 1 if chunks >= threads else threads // chunks
