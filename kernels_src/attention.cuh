@@ -551,6 +551,89 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
 
 #endif  // KOG_ATTN_MMA
 
+// Head group g's attention output from the chunk partials [0, n_parts) of attn_partial
+// (tagged `tag`; a chunk's [G][HD + 2]: unnormalised o, max in natural units, sum), merged
+// with the caller's own partial when own_o is set (o [G][HD], ml [G][2] in shared memory).
+// The (h, d) pairs are split over KOG_ATTN_COMBINE_S thread groups, group s merging batches
+// s, s + S, ... of B partials, so that a long context's partials are in flight together
+// instead of in ceil(C / B) rounds; groups s > 0 leave (max, sum, acc) in `stash` (3 (S - 1)
+// G HD floats of shared memory) and group 0 merges them in group order and calls
+// out(h * HD + d, value). Every thread of the block calls it.
+#define KOG_ATTN_COMBINE_S (KOG_THREADS / (KOG_GQA * KOG_HEAD_DIM) >= 4 ? 4 : \
+                            (KOG_THREADS / (KOG_GQA * KOG_HEAD_DIM) >= 2 ? 2 : 1))
+template <class Out>
+KOG_DEVICE void kog_attn_combine(const KogParams* p, int g, int n_parts, const float* own_o,
+                                 const float* own_ml, kog_u32 tag, float* stash, Out out) {
+    constexpr int HD = KOG_HEAD_DIM, GH = KOG_GQA * HD, S = KOG_ATTN_COMBINE_S;
+    constexpr int B = 4;                          // partials in flight per thread
+    constexpr int W = KOG_GQA * (HD + 2);         // words per chunk
+    const kog_u64* pbase = reinterpret_cast<const kog_u64*>(p->attn_partial) +
+                           (kog_u64)g * p->attn_chunks_alloc * W;
+    for (int i0 = 0; i0 < GH * S; i0 += blockDim.x) {
+        const int ti = i0 + threadIdx.x;
+        const int grp = ti / GH, i = ti - grp * GH;
+        const int h = i / HD, d = i - h * HD;
+        float m = KOG_NEG_INF, l = 0.f, acc = 0.f;
+        if (grp == 0 && own_o != nullptr) { m = own_ml[2 * h]; l = own_ml[2 * h + 1]; acc = own_o[i]; }
+        const kog_u64* ph = pbase + h * (HD + 2);          // (max, sum) 16-byte aligned
+        for (int k0 = grp * B; grp < S && k0 < n_parts; k0 += S * B) {
+            const int nb = min(B, n_parts - k0);
+            const kog_u64* pk = ph + (kog_u64)k0 * W;
+            kog_u64 wm[B], wl[B], wo[B];
+#pragma unroll
+            for (int b = 0; b < B; ++b) {
+                wm[b] = wl[b] = wo[b] = (kog_u64)tag << 32;
+                if (b < nb) {
+                    kog_ld_tagged2(pk + b * W + HD, wm[b], wl[b]);
+                    wo[b] = kog_ld_tagged(pk + b * W + d);
+                }
+            }
+            for (;;) {
+                bool ready = true;
+#pragma unroll
+                for (int b = 0; b < B; ++b) {
+                    if (kog_tag_of(wm[b]) != tag || kog_tag_of(wl[b]) != tag) {
+                        ready = false;
+                        kog_ld_tagged2(pk + b * W + HD, wm[b], wl[b]);
+                    }
+                    if (kog_tag_of(wo[b]) != tag) { ready = false; wo[b] = kog_ld_tagged(pk + b * W + d); }
+                }
+                if (ready) break;
+            }
+#pragma unroll
+            for (int b = 0; b < B; ++b) {
+                if (b < nb) {
+                    const float mk = kog_value_of(wm[b]);
+                    const float mn = fmaxf(m, mk);
+                    const float a = expf(m - mn), e = expf(mk - mn);
+                    l = fmaf(l, a, kog_value_of(wl[b]) * e);
+                    acc = fmaf(acc, a, kog_value_of(wo[b]) * e);
+                    m = mn;
+                }
+            }
+        }
+        if (grp > 0 && grp < S) {
+            float* st = stash + (grp - 1) * 3 * GH;
+            st[i] = m; st[GH + i] = l; st[2 * GH + i] = acc;
+        }
+        if (S > 1) __syncthreads();
+        if (grp == 0) {
+            for (int s2 = 1; s2 < S; ++s2) {
+                const float* st = stash + (s2 - 1) * 3 * GH;
+                const float mk = st[i];
+                if (!(mk > KOG_NEG_INF)) continue;          // that group had no partials
+                const float mn = fmaxf(m, mk);
+                const float a = expf(m - mn), e = expf(mk - mn);
+                l = fmaf(l, a, st[GH + i] * e);
+                acc = fmaf(acc, a, st[2 * GH + i] * e);
+                m = mn;
+            }
+            out(i, acc / l);
+        }
+        if (S > 1) __syncthreads();
+    }
+}
+
 KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA, T = KOG_ATTN_TILE, NB = KOG_ATTN_BUFS;
     static_assert(NB >= 1 && NB <= 4, "1-4 staged tiles (their size: KOG_ATTN_PW's asserts)");
@@ -662,89 +745,23 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         }
         kog_attn_chunk(c, layer, g, j0, j1);
 
-        // ---- finish: direct; or every other chunk writes its partial as tagged words and the
-        //      unit holding t (the last chunk, the last unit of its block: no wait cycle)
-        //      polls them and combines with its own partial from shared memory -- no ticket
-        //      round trip, one pass over the partials ----
-        if (n_chunks == 1 || holds_t) {
-            // (h, d) pairs are split over S thread groups (the block has S x G x HD threads at
-            // least), group s combining batches s, s + S, ... of B partials each: a long
-            // context's partials are in flight together instead of in ceil(C / B) rounds.
-            // Group s > 0 leaves (max, sum, acc) in shared memory (the K staging area, done
-            // with), group 0 merges them in group order and writes attn_out.
-            constexpr int GH = G * HD;
-            constexpr int S = KOG_THREADS / GH >= 4 ? 4 : (KOG_THREADS / GH >= 2 ? 2 : 1);
-            constexpr int B = 4;                      // partials in flight per thread
-            constexpr int W = G * (HD + 2);           // words per chunk
-            const kog_u64* pbase = reinterpret_cast<const kog_u64*>(p->attn_partial) +
-                                   (kog_u64)g * p->attn_chunks_alloc * W;
-            float* stash = reinterpret_cast<float*>(stage);       // [S - 1][3][GH]
-            static_assert(3 * (S - 1) * GH <= NB * T * HD, "combine stash fits");
-            for (int i0 = 0; i0 < GH * S; i0 += blockDim.x) {
-                const int ti = i0 + threadIdx.x;
-                const int grp = ti / GH, i = ti - grp * GH;
-                const int h = i / HD, d = i - h * HD;
-                float m = KOG_NEG_INF, l = 0.f, acc = 0.f;
-                if (grp == 0) { m = ml[2 * h]; l = ml[2 * h + 1]; acc = o[i]; }
-                const kog_u64* ph = pbase + h * (HD + 2);      // (max, sum) 16-byte aligned
-                for (int k0 = grp * B; grp < S && k0 < n_chunks - 1; k0 += S * B) {
-                    const int nb = min(B, n_chunks - 1 - k0);
-                    const kog_u64* pk = ph + (kog_u64)k0 * W;
-                    kog_u64 wm[B], wl[B], wo[B];
-#pragma unroll
-                    for (int b = 0; b < B; ++b) {
-                        wm[b] = wl[b] = wo[b] = (kog_u64)out_tag << 32;
-                        if (b < nb) {
-                            kog_ld_tagged2(pk + b * W + HD, wm[b], wl[b]);
-                            wo[b] = kog_ld_tagged(pk + b * W + d);
-                        }
-                    }
-                    for (;;) {
-                        bool ready = true;
-#pragma unroll
-                        for (int b = 0; b < B; ++b) {
-                            if (kog_tag_of(wm[b]) != out_tag || kog_tag_of(wl[b]) != out_tag) {
-                                ready = false;
-                                kog_ld_tagged2(pk + b * W + HD, wm[b], wl[b]);
-                            }
-                            if (kog_tag_of(wo[b]) != out_tag) { ready = false; wo[b] = kog_ld_tagged(pk + b * W + d); }
-                        }
-                        if (ready) break;
-                    }
-#pragma unroll
-                    for (int b = 0; b < B; ++b) {
-                        if (b < nb) {
-                            const float mk = kog_value_of(wm[b]);
-                            const float mn = fmaxf(m, mk);
-                            const float a = expf(m - mn), e = expf(mk - mn);
-                            l = fmaf(l, a, kog_value_of(wl[b]) * e);
-                            acc = fmaf(acc, a, kog_value_of(wo[b]) * e);
-                            m = mn;
-                        }
-                    }
-                }
-                if (grp > 0 && grp < S) {
-                    float* st = stash + (grp - 1) * 3 * GH;
-                    st[i] = m; st[GH + i] = l; st[2 * GH + i] = acc;
-                }
-                if (S > 1) __syncthreads();
-                if (grp == 0) {
-                    for (int s2 = 1; s2 < S; ++s2) {
-                        const float* st = stash + (s2 - 1) * 3 * GH;
-                        const float mk = st[i];
-                        if (!(mk > KOG_NEG_INF)) continue;          // that group had no partials
-                        const float mn = fmaxf(m, mk);
-                        const float a = expf(m - mn), e = expf(mk - mn);
-                        l = fmaf(l, a, st[GH + i] * e);
-                        acc = fmaf(acc, a, st[2 * GH + i] * e);
-                        m = mn;
-                    }
-                    const float out = acc / l;
-                    kog_st_tagged(p->attn_out + g * G * HD + i, out, out_tag);
-                    if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * G * HD + i] = out;
-                }
-                if (S > 1) __syncthreads();
-            }
+        // ---- finish: one GPU, every unit writes its partial as tagged words and o_proj's items
+        //      merge their head group's (kog_attn_combine); tensor parallel, every other chunk
+        //      writes its partial and the unit holding t (the last chunk, the last unit of its
+        //      block: no wait cycle) merges them with its own into attn_out ----
+#if KOG_TP > 1
+        const bool combine = n_chunks == 1 || holds_t;
+#else
+        constexpr bool combine = false;
+#endif
+        static_assert(3 * (KOG_ATTN_COMBINE_S - 1) * G * HD <= NB * T * HD,
+                      "the combine's stash fits the K/V staging area (build_plan.attn_tile_problem)");
+        if (combine) {
+            kog_attn_combine(p, g, n_chunks - 1, o, ml, out_tag, reinterpret_cast<float*>(stage),
+                             [&](int i, float v) {
+                kog_st_tagged(p->attn_out + g * G * HD + i, v, out_tag);
+                if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * G * HD + i] = v;
+            });
         } else {
             kog_u64* part = reinterpret_cast<kog_u64*>(p->attn_partial) +
                             ((kog_u64)g * p->attn_chunks_alloc + ch) * G * (HD + 2);

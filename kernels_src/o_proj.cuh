@@ -1,15 +1,17 @@
 // ============================================================================================
 // o_proj.cuh -- stage o_proj_residual: x += wo @ attn_out.
 // One GPU: split over the kv head groups (o_proj's reduction over q_dim). Item (g, s) waits only
-// for head group g's attention output (the G * HD words its combiner wrote), multiplies it by
-// columns [g * G * HD, (g + 1) * G * HD) of row slice s of wo and adds the products into the
-// residual sum mid(t, l) (sync.cuh), where attn_norm_qkv has added the x entering the layer.
-// Items spread over the blocks from block 0 up; attention units go from the top of the grid
-// down, and an item waits only for a combiner, which never waits for an item.
+// for head group g's attention units: it merges their chunk partials into the group's output
+// itself (kog_attn_combine: no combiner unit, no attn_out round trip), multiplies it by columns
+// [g * G * HD, (g + 1) * G * HD) of row slice s of wo and adds the products into the residual
+// sum mid(t, l) (sync.cuh), where attn_norm_qkv has added the x entering the layer. Items
+// spread over the blocks from block 0 up; attention units go from the top of the grid down and
+// wait for no item (a block runs its own units before its item).
 // Tensor parallel: every rank's heads give a partial of every row, all-reduced (kccl.cuh).
 // ============================================================================================
 #pragma once
 #include "gemv.cuh"
+#include "attention.cuh"
 
 KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     kog_prof(c, layer * 16 + 6 + 0);
@@ -33,6 +35,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     constexpr int RU = 4;                           // rows per GEMV unit (a warp tile spans them)
     constexpr int NU = KOG_HIDDEN / RU;
     static_assert(KOG_HIDDEN % RU == 0, "o_proj: whole units of rows");
+    static_assert(GHD * (3 * KOG_ATTN_COMBINE_S - 2) <= KOG_SMEM_FLOATS, "o_proj: xs and the combine's stash fit");
     const int n_slices = max(1, (int)gridDim.x / KOG_N_KV);
     kog_u64* sum = kog_xsum_mid(p, c.t, layer);
     for (int item = blockIdx.x; item < KOG_N_KV * n_slices; item += gridDim.x) {
@@ -40,9 +43,17 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
         const int u0 = (int)((long long)sl * NU / n_slices), u1 = (int)((long long)(sl + 1) * NU / n_slices);
         auto ready = [&]() -> float {
             if (u0 >= u1) return -1.f;
-            const float s = kog_load_activation<GHD>(p->attn_out + g * GHD, attn_tag, c.smem, c.scratch, false);
+            const int n_pos = c.t + 1, chunk = kog_attn_chunk_len(n_pos, p->attn_max_chunks);
+            float* dbg = u0 == 0 ? kog_debug_row(c) : nullptr;   // the group's first rows' item
+            __syncthreads();                        // xs and the stash are free
+            kog_attn_combine(p, g, (n_pos + chunk - 1) / chunk, nullptr, nullptr, attn_tag,
+                             c.smem + GHD, [&](int i, float v) {
+                c.smem[i] = v;
+                if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * GHD + i] = v;
+            });
+            __syncthreads();                        // xs is published
             kog_prof(c, layer * 16 + 7);
-            return s;
+            return 1.f;
         };
         auto epi = [&](int u, float (&acc)[RU], float) {
             const int lane = threadIdx.x % KOG_WARP;
