@@ -13,8 +13,9 @@
 // head dims that are not a multiple of 16) a warp's lanes hold 8 dims of a head each.
 // The unit whose chunk holds the current position also finishes k and v of that position and
 // appends them to the KV cache (no other unit reads that position in this step).
-// With one chunk the unit writes attn_out directly. Otherwise every other unit writes its
-// partial as tagged words and the unit holding t polls them and combines (SYNC.md).
+// One GPU: every unit writes its partial (out, max, sum) as tagged words and o_proj's items
+// merge their head group's (kog_attn_combine). Tensor parallel: the unit holding t merges the
+// other chunks' partials with its own into attn_out (SYNC.md).
 // The appending unit releases a per-(layer, kv head)
 // count of cached positions, which units of later steps acquire before reading the cache.
 // ============================================================================================

@@ -1,5 +1,5 @@
 // ============================================================================================
-// o_proj.cuh -- stage o_proj_residual: x += wo @ attn_out.
+// o_proj.cuh -- stage o_proj_residual: x += wo @ attention output.
 // One GPU: split over the kv head groups (o_proj's reduction over q_dim). Item (g, s) waits only
 // for head group g's attention units: it merges their chunk partials into the group's output
 // itself (kog_attn_combine: no combiner unit, no attn_out round trip), multiplies it by columns

@@ -48,7 +48,7 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 //   in(t, l)   one part per cluster of blocks (l >= 1): its blocks' FFN columns' share of
 //              down_residual(l-1) (their partial of every row), plus, for the rows of their
 //              shares, x after o_proj;
-//   mid(t, l)  KOG_MID_PARTS: each kv head group's share of wo @ attn_out, plus x entering the
+//   mid(t, l)  KOG_MID_PARTS: each kv head group's share of wo @ its attention, plus x entering the
 //              layer, added by the block whose share holds the row (attn_norm_qkv).
 // A word is ready when its count is the sum's part count: one poll, as for a tagged word.
 // Integer adds are associative, so a sum is the same bits whatever order its parts land in.

@@ -44,7 +44,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     # ---- tagged activations: u64 words (fp32 bits | version tag << 32), see sync.cuh ----
     ("x", "ptr", "kog_u64*", "(h) tensor parallel: the embedding (one GPU: unused, x is xsum)"),
     ("qkv", "ptr", "kog_u64*", "(qkv_dim,) raw q/k/v rows (+bias) of the current token"),
-    ("attn_out", "ptr", "kog_u64*", "(q_dim,) attention output"),
+    ("attn_out", "ptr", "kog_u64*", "(q_dim,) attention output (tensor parallel; one GPU: none)"),
     ("act", "ptr", "kog_u64*", "(f,) silu(gate) * up"),
     ("xsum", "ptr", "kog_u64*", "(2, 2L+1, h) one GPU: x entering each layer / after o_proj, as residual sums (sync.cuh)"),
     # ---- fp32 buffers ----
