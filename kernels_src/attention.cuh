@@ -756,7 +756,8 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         constexpr bool combine = false;
 #endif
         static_assert(3 * (KOG_ATTN_COMBINE_S - 1) * G * HD <= NB * T * HD,
-                      "the combine's stash fits the K/V staging area (build_plan.attn_tile_problem)");
+                      "the combine's stash fits the K/V staging area (build_plan.attn_tile_problem; "
+                      "it also bounds o_proj's stash)");
         if (combine) {
             kog_attn_combine(p, g, n_chunks - 1, o, ml, out_tag, reinterpret_cast<float*>(stage),
                              [&](int i, float v) {

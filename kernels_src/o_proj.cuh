@@ -44,7 +44,9 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
         auto ready = [&]() -> float {
             if (u0 >= u1) return -1.f;
             const int n_pos = c.t + 1, chunk = kog_attn_chunk_len(n_pos, p->attn_max_chunks);
-            float* dbg = u0 == 0 ? kog_debug_row(c) : nullptr;   // the group's first rows' item
+            // the debug dump: the group's item holding row 0 (slice 0 is empty when a group has
+            // fewer units of rows than slices)
+            float* dbg = u0 == 0 ? kog_debug_row(c) : nullptr;
             __syncthreads();                        // xs and the stash are free
             kog_attn_combine(p, g, (n_pos + chunk - 1) / chunk, nullptr, nullptr, attn_tag,
                              c.smem + GHD, [&](int i, float v) {

@@ -1,12 +1,13 @@
 // ============================================================================================
 // sync.cuh -- dataflow readiness (see SYNC.md).
 //
-// Activation vectors (x, qkv, attn_out, act) carry their readiness in the data: every element
-// is an 8-byte word (value | tag << 32) stored atomically by its producer, the tag naming the
-// version (position, layer, stage). A consumer spins on exactly the words it reads until they
-// carry the tag it expects -- no counter round trip, no producer-side barrier or fence.
-// Data published beside those vectors (KV cache, LM-head logits, attention partials, the next
-// token) uses monotone counters: release add after a block barrier, acquire polling.
+// Activation vectors (qkv, the attention partials; tensor parallel: x, attn_out, act) carry
+// their readiness in the data: every element is an 8-byte word (value | tag << 32) stored
+// atomically by its producer, the tag naming the version (position, layer, stage). A consumer
+// spins on exactly the words it reads until they carry the tag it expects -- no counter round
+// trip, no producer-side barrier or fence. One GPU's residual stream is sums whose words count
+// their parts (below). Data published beside those (KV cache, LM-head logits, the next token)
+// uses monotone counters: release add after a block barrier, acquire polling.
 // ============================================================================================
 #pragma once
 #include "platform.cuh"

@@ -160,7 +160,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         cluster = 1
     tuning["KOG_CLUSTER"] = cluster
     if n_blocks < lcfg.n_kv_heads:
-        # the unit combining a head's partials must be the last unit of its block
+        # tensor parallel: the unit combining a head's partials must be the last unit of its
+        # block (one GPU's o_proj items merge them; it has not run below this either)
         raise DeviceError(f"the attention combine needs at least {lcfg.n_kv_heads} blocks (kv heads)")
     scratch = 2 * threads // 32 + 16                 # sync.cuh KOG_SCRATCH_FLOATS
     x_full = lcfg.hidden_size if world > 1 else 0    # tensor parallel: x per block

@@ -301,14 +301,14 @@ class MonokernelBackend(_OneLaunchBackend):
         u64 = cp.uint64                           # tagged: fp32 bits | version tag << 32
         self.x = cp.empty(cfg.hidden_size, u64)   # tensor parallel: the embedding (one GPU: xsum)
         self.qkv = cp.empty(cfg.qkv_dim, u64)
-        self.attn_out = cp.empty(cfg.q_dim, u64)
+        self.attn_out = cp.empty(cfg.q_dim, u64) if self.world > 1 else None   # one GPU: unused
         self.act = cp.empty(cfg.intermediate_size, u64)
         # one GPU: the residual stream as integer sums (x entering each layer and after its
         # o_proj, and the LM head's input) that the host zeroes per launch
         self.xsum = (cp.empty(2 * (2 * L + 1) * cfg.hidden_size, u64)     # sync.cuh: in, mid sums
                      if self.world == 1 else None)
         self.logits_buf = cp.empty(cfg.vocab_size, f32)
-        # 8-byte tagged words (attention.cuh: the combine polls them);
+        # 8-byte tagged words (attention.cuh kog_attn_combine: o_proj's items poll them);
         # the NaN fill (0x7FC00000 in both halves) is tag 0x7FC00000, never a real version
         self.attn_partial = cp.empty(2 * KV * pl.attn_chunks_alloc * G * (hd + 2), f32)
         self.lm_part_val = cp.empty(self.world * self.n_blocks, f32)
@@ -527,7 +527,8 @@ class MonokernelBackend(_OneLaunchBackend):
             embed=a["embed"].data.ptr,
             rope_cos=a["rope_cos"].data.ptr, rope_sin=a["rope_sin"].data.ptr,
             k_cache=self.k_cache.data.ptr, v_cache=self.v_cache.data.ptr,
-            x=self.x.data.ptr, qkv=self.qkv.data.ptr, attn_out=self.attn_out.data.ptr,
+            x=self.x.data.ptr, qkv=self.qkv.data.ptr,
+            attn_out=self.attn_out.data.ptr if self.attn_out is not None else 0,
             act=self.act.data.ptr, logits=logits.data.ptr,
             xsum=self.xsum.data.ptr if self.xsum is not None else 0,
             attn_partial=self.attn_partial.data.ptr, lm_part_val=self.lm_part_val.data.ptr,

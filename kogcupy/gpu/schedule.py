@@ -41,7 +41,7 @@ class Sum:
     mid(pos, layer), x after its o_proj. A write names its part -- "emb" (the embedding: all of
     in(pos, 0)), "down" (a cluster's partial of every row of down_residual(layer - 1), plus
     x after o_proj for the rows of its blocks' shares), "x" (x entering the layer, a block's share of
-    rows), "o" (a head group's wo @ attn_out); a wait names none (all parts: SUM_PARTS)."""
+    rows), "o" (a head group's wo @ its merged attention partials); a wait names none (all parts: SUM_PARTS)."""
     kind: str     # "in" or "mid"
     pos: str
     layer: str
@@ -216,8 +216,8 @@ STAGES: tuple[Stage, ...] = (
 )
 
 # Dependent hops per layer on one GPU (issue 12's target is <= 3 grid-wide ones). o_proj's is
-# narrow: an item waits for one block, the combiner of its head group; down_residual has none
-# (tensor parallel: 5, down waits for all of act).
+# narrow: an item waits for its head group's attention units (its kv head's chunks), not for
+# every group; down_residual has none (tensor parallel: 5, down waits for all of act).
 HOPS_PER_LAYER = 4
 
 # Counters (KogParams::counters, indices from abi.counter_layout): index, meaning.
