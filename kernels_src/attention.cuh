@@ -44,6 +44,7 @@ KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
     len = (len + KOG_ATTN_MIN_CHUNK - 1) / KOG_ATTN_MIN_CHUNK * KOG_ATTN_MIN_CHUNK;
     return len < KOG_ATTN_CHUNK ? len : KOG_ATTN_CHUNK;
 }
+KOG_DEVICE int kog_attn_n_chunks(int n_pos, int chunk) { return (n_pos + chunk - 1) / chunk; }
 
 // The chunk's end: n partial states [G][HD + 2] (unnormalised o, max in log2 units, sum), one
 // every `stride` floats from the staging area, merged into the unit's partial o, ml (max in
@@ -641,7 +642,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
     const int t = c.t, n_pos = t + 1;
     const int chunk = kog_attn_chunk_len(n_pos, p->attn_max_chunks);
-    const int n_chunks = (n_pos + chunk - 1) / chunk;
+    const int n_chunks = kog_attn_n_chunks(n_pos, chunk);
     const int n_units = KOG_N_KV * n_chunks;
     const int warp = threadIdx.x / KOG_WARP;
     const int n_warps = blockDim.x / KOG_WARP;

@@ -48,7 +48,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
             // fewer units of rows than slices)
             float* dbg = u0 == 0 ? kog_debug_row(c) : nullptr;
             __syncthreads();                        // xs and the stash are free
-            kog_attn_combine(p, g, (n_pos + chunk - 1) / chunk, nullptr, nullptr, attn_tag,
+            kog_attn_combine(p, g, kog_attn_n_chunks(n_pos, chunk), nullptr, nullptr, attn_tag,
                              c.smem + GHD, [&](int i, float v) {
                 c.smem[i] = v;
                 if (dbg != nullptr) dbg[KOG_DBG_ATTENTION + (kog_u64)layer * KOG_DBG_LAYER + g * GHD + i] = v;
