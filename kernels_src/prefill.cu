@@ -11,6 +11,7 @@
 //   kog_pf_attention    causal attention of the chunk's queries over cached + new positions
 //                       (prefill_attention.cuh: tensor-core flash tiles, or a portable path)
 //   kog_pf_silu_mul     act[i] = silu(gate) * up from the interleaved gate/up GEMM output
+//   kog_pf_add_parts    tensor parallel: x += the ranks' o_proj / down partials, in rank order
 // Shapes: n tokens in the chunk, pos0 the position of its first token, h hidden, f ffn,
 // H / KV heads, hd head_dim, C KV-cache positions. Model constants come as -D defines
 // (kogcupy/gpu/prefill.py: prefill_defines).
@@ -113,6 +114,19 @@ extern "C" __global__ void kog_pf_silu_mul(const float* __restrict__ gu,     // 
          j < total; j += stride) {
         const float2 p = reinterpret_cast<const float2*>(gu)[j];
         act[j] = kog_f32_to_w(p.x / (1.f + expf(-p.x)) * p.y);
+    }
+}
+
+// ---- tensor parallel: x += the ranks' partials of o_proj or down, in rank order -------------
+extern "C" __global__ void kog_pf_add_parts(float* __restrict__ x,             // (n, h)
+                                            const float* __restrict__ parts,   // (R, n, h)
+                                            int n_parts, unsigned long long count) {   // n * h
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long j = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+         j < count; j += stride) {
+        float s = parts[j];
+        for (int r = 1; r < n_parts; ++r) s += parts[(unsigned long long)r * count + j];
+        x[j] += s;                            // the same bits on every rank
     }
 }
 

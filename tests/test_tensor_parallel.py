@@ -190,7 +190,7 @@ def test_backends_share_the_launch_protocol():
     from kogcupy.gpu.monokernel import MonokernelBackend, _OneLaunchBackend
     from kogcupy.gpu.multigpu import TensorParallelBackend
     from kogcupy.sampling_params import SamplingParams
-    assert TensorParallelBackend.start is _OneLaunchBackend.start
+    assert TensorParallelBackend.start is MonokernelBackend.start is _OneLaunchBackend.start
     for cls in (MonokernelBackend, TensorParallelBackend):
         b = object.__new__(cls)
         b.prefill = None                # one GPU without batched prefill: the plain launch
@@ -212,6 +212,44 @@ def test_backends_share_the_launch_protocol():
         stream.done = False
         with pytest.raises(DeviceError, match="did not finish"):
             b._sync_with_watchdog()
+
+
+def test_tensor_parallel_start_prefills_then_launches_at_the_last_prompt_token():
+    # the prefill runs on the stream's first __next__, then every rank's kernel starts at the
+    # last prompt token -- without cancelling the request that asked for it; a cancel during
+    # the prefill launches nothing. GPU side faked.
+    from types import SimpleNamespace
+
+    from kogcupy.gpu.multigpu import TensorParallelBackend
+    from kogcupy.sampling_params import SamplingParams
+    for stop_at in (None, 2):
+        b = object.__new__(TensorParallelBackend)
+        calls = []
+        ctl, toks = np.zeros(4, np.uint32), np.zeros(16, np.int32)
+        stream = SimpleNamespace(done=False, synchronize=lambda: None)
+
+        def run(ids, start, end, should_stop=None):
+            calls.append(("prefill", start, end))
+            return end if stop_at is None else stop_at
+
+        def fire_all(ids, params, max_new, eos, all_logits, logits_outs=None, start_pos=0):
+            calls.append(("launch", start_pos))
+            toks[:2] = [5, 6]
+            ctl[0], ctl[1] = 2, 2                   # two tokens, finish "length"
+            stream.done = True
+            return 0.0
+        b.prefill = SimpleNamespace(run=run)
+        b.cfg, b.context_length, b.watchdog_s, b._active = cfg_of(vocab=101), 16, 0.2, None
+        b._ctl, b._host_tokens = SimpleNamespace(u32=ctl), SimpleNamespace(i32=toks)
+        b._stream, b._wait_idle, b._fire_all = stream, lambda: None, fire_all
+        s = b.start([1, 2, 3, 4], SamplingParams(), 2, set())
+        assert calls == []                          # deferred to the first token
+        if stop_at is None:
+            assert list(s) == [5, 6] and s.finish_reason == "length"
+            assert calls == [("prefill", 0, 3), ("launch", 3)]
+        else:
+            assert list(s) == [] and s.finish_reason == "cancelled"
+            assert calls == [("prefill", 0, 3)]
 
 
 def test_a_stalled_kernel_fails_the_next_request_within_the_watchdog():

@@ -186,9 +186,21 @@ class _OneLaunchBackend:
 
     def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
               eos_ids: set[int]) -> MonokernelTokenStream:
+        """With batched prefill (``prefill``), the stream's first __next__ runs ``_begin``
+        (prefill, then the launch); without (a tensor-parallel rank, a stage-dump or profiling
+        build) the whole prompt is launched now."""
         self.cfg.check_request(prompt_ids, self.context_length, max_new_tokens)
-        t0 = self._launch(list(prompt_ids), params, max_new_tokens, eos_ids, all_logits=False)
-        stream = MonokernelTokenStream(self, len(prompt_ids), t0)
+        if self.prefill is None:
+            t0 = self._launch(list(prompt_ids), params, max_new_tokens, eos_ids, all_logits=False)
+            stream = MonokernelTokenStream(self, len(prompt_ids), t0)
+            self._active = stream
+            return stream
+        if self._active is not None:
+            self._active.cancel()
+        self._wait_idle()
+        ids = list(prompt_ids)
+        stream = MonokernelTokenStream(self, len(ids), None)
+        stream._begin = lambda: self._begin(stream, ids, params, max_new_tokens, eos_ids)
         self._active = stream
         return stream
 
@@ -374,20 +386,6 @@ class MonokernelBackend(_OneLaunchBackend):
             return bool(int(counters[i]))
 
     # ---- requests: prefix reuse, batched prefill, one launch -----------------------------
-    def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
-              eos_ids: set[int]) -> MonokernelTokenStream:
-        if self.prefill is None:                  # tensor-parallel rank: the plain launch
-            return super().start(prompt_ids, params, max_new_tokens, eos_ids)
-        self.cfg.check_request(prompt_ids, self.context_length, max_new_tokens)
-        if self._active is not None:
-            self._active.cancel()
-        self._wait_idle()
-        ids = list(prompt_ids)
-        stream = MonokernelTokenStream(self, len(ids), None)
-        stream._begin = lambda: self._begin(stream, ids, params, max_new_tokens, eos_ids)
-        self._active = stream
-        return stream
-
     @_on_device
     def _begin(self, stream: MonokernelTokenStream, ids: list[int], params: SamplingParams,
                max_new: int, eos_ids) -> bool:

@@ -8,7 +8,8 @@ Each GPU holds its rank's share of the weights (tensor_parallel.py) and runs the
 monokernel compiled for that share; the ranks exchange partial sums and the LM head's
 results inside the kernels (kernels_src/kccl.cuh), so a generate() is still one launch per
 GPU. All ranks compute the same token at every step (same logits bits, same random draws);
-rank 0 streams it to the host and is the one that reads the cancel flag.
+rank 0 streams it to the host and is the one that reads the cancel flag. A prompt's tokens but
+the last are prefilled first, each rank its heads and FFN columns (prefill.TensorParallelPrefill).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from . import abi, kccl, tensor_parallel
 from ..errors import InputError
 from .device_weights import DeviceModel
 from .monokernel import MonokernelBackend, MonokernelTokenStream, _cupy, _OneLaunchBackend
+from .prefill import TensorParallelPrefill
 from ..sampling_params import SamplingParams
 
 
@@ -80,6 +82,25 @@ class TensorParallelBackend(_OneLaunchBackend):
         self._stream = _AllStreams(self.ranks)
         self._active: MonokernelTokenStream | None = None
         self._read_bw = None
+        # the prompt but its last token in chunks on tensor cores, sharded like the weights
+        # (the stage dumps and timings need every position run by the monokernel)
+        self.prefill = None
+        if not (backend_kw.get("debug_positions") or backend_kw.get("profile_pos") is not None):
+            self.prefill = TensorParallelPrefill(self)
+
+    # ---- requests: batched prefill, one launch per GPU -------------------------------------
+    def _begin(self, stream: MonokernelTokenStream, ids: list[int], params: SamplingParams,
+               max_new: int, eos_ids) -> bool:
+        """Prefill every prompt token but the last on every rank, then launch the kernels at
+        that token. False: cancelled before the launch."""
+        n = len(ids)
+        done = self.prefill.run(ids, 0, n - 1, should_stop=lambda: stream._cancelled)
+        if done < n - 1 or stream._cancelled:
+            return False
+        self._fire_all(ids, params, max_new, eos_ids, False, start_pos=done)   # (the GPUs are idle)
+        if stream._cancelled:                     # a cancel() racing _prepare's reset of the flag
+            self._ctl.u32[2] = 1
+        return True
 
     # ---- launch ---------------------------------------------------------------------------
     def _launch(self, ids, params: SamplingParams, max_new: int, eos_ids, all_logits: bool,
@@ -88,8 +109,14 @@ class TensorParallelBackend(_OneLaunchBackend):
             self._active.cancel()
         self._wait_idle()
         self._active = None
+        return self._fire_all(ids, params, max_new, eos_ids, all_logits, logits_outs)
+
+    def _fire_all(self, ids, params: SamplingParams, max_new: int, eos_ids, all_logits: bool,
+                  logits_outs=None, start_pos: int = 0) -> float:
+        """Reset every rank's buffers, exchange the peer tables, launch every rank's kernel
+        (the GPUs idle); perf_counter() at rank 0's launch."""
         vals = [r._prepare(ids, params, max_new, eos_ids, all_logits,
-                           logits_outs[i] if logits_outs is not None else None)
+                           logits_outs[i] if logits_outs is not None else None, start_pos=start_pos)
                 for i, r in enumerate(self.ranks)]
         table = np.zeros((len(abi.TP_PEER_FIELDS), abi.TP_MAX_RANKS), np.uint64)
         for q, (r, v) in enumerate(zip(self.ranks, vals)):

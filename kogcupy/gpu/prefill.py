@@ -48,18 +48,19 @@ def prefill_source() -> str:
 
 
 class Prefill:
-    """The prefill kernels of one MonokernelBackend (one GPU, the whole model)."""
+    """The prefill kernels of one MonokernelBackend: the whole model on one GPU, or a
+    tensor-parallel rank's share (its heads and FFN columns; TensorParallelPrefill adds the
+    ranks' partials). Construct it with the backend's GPU current."""
 
     def __init__(self, backend):
         self.b = backend
-        cfg = self.cfg = backend.cfg
-        if backend.world != 1:
-            raise DeviceError("batched prefill runs on one GPU; tensor parallel prefills token by token")
+        cfg = self.cfg = backend.lcfg            # (this GPU's share: all of it on one GPU)
+        self.tp = backend.world > 1
         cp = kernels._cupy()
         mod = kernels.load_module(prefill_source(), prefill_defines(cfg, backend.dtype))
         self._fn = {name: kernels.get_function(mod, name) for name in
                     ("kog_pf_embed", "kog_pf_rmsnorm", "kog_pf_qkv_rope", "kog_pf_silu_mul",
-                     "kog_pf_attention_simple")}
+                     "kog_pf_attention_simple", "kog_pf_add_parts")}
         # the tensor-core attention exists where prefill_attention.cuh compiled it (KOG_PF_MMA)
         self.mma = False
         if not kernels.is_hip() and int(cp.cuda.Device().compute_capability) >= 80:
@@ -106,7 +107,9 @@ class Prefill:
         from cupy_backends.cuda.libs import cublas
         cp = kernels._cupy()
         if self._blas is None:
-            self._blas = cp.cuda.device.get_cublas_handle()
+            # a rank's own handle: ranks sharing a GPU run GEMMs on their streams at once, and
+            # one handle's workspace must not serve two streams
+            self._blas = cublas.create() if self.tp else cp.cuda.device.get_cublas_handle()
         cublas.setPointerMode(self._blas, 0)              # alpha / beta are host scalars
         cublas.setStream(self._blas, self.b._stream.ptr)
         beta = self._one if accumulate else self._zero
@@ -118,58 +121,83 @@ class Prefill:
                       beta.ctypes.data, y_ptr, _CUDA_R_32F, out,
                       _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
 
-    # ---- one chunk -----------------------------------------------------------------------
+    # ---- one chunk, stage by stage (the buffers of _buffers(n); on the backend's stream) ----
+    def _embed(self, ids: np.ndarray):
+        buf, b = self._bufs, self.b
+        buf["ids"].set(ids.astype(np.int32), stream=b._stream)
+        self._fn["kog_pf_embed"]((buf["n"],), (256,), (b.dev.arrays["embed"], buf["ids"], buf["x"]))
+
+    def _attention(self, layer: int, pos0: int):
+        """attn_norm_qkv and attention: K/V of the chunk into the cache, its attention output
+        (n, q_dim) in buf["attn"]."""
+        cfg, b, buf, fn = self.cfg, self.b, self._bufs, self._fn
+        a, n, hd, C = b.dev.arrays, buf["n"], cfg.head_dim, b.context_length
+        x, xn, qkv, q, attn = (buf[k] for k in ("x", "xn", "qkv", "q", "attn"))
+        fn["kog_pf_rmsnorm"]((n,), (256,), (x, xn))
+        self._gemm(xn.data.ptr, a["wqkv"][layer].data.ptr, qkv.data.ptr, n, cfg.hidden_size,
+                   cfg.qkv_dim, False)
+        layer_kv = cfg.n_kv_heads * C * hd * 2                      # bytes per layer of K or V
+        kc = b.k_cache.data.ptr + layer * layer_kv
+        vc = b.v_cache.data.ptr + layer * layer_kv
+        bias = a["bqkv"][layer].data.ptr if "bqkv" in a else 0
+        qn = a["q_norm"][layer].data.ptr if "q_norm" in a else 0
+        kn = a["k_norm"][layer].data.ptr if "k_norm" in a else 0
+        fn["kog_pf_qkv_rope"]((n,), (256,), (
+            qkv, np.uint64(bias), np.uint64(qn), np.uint64(kn), a["rope_cos"],
+            a["rope_sin"], q, np.uint64(kc), np.uint64(vc), np.int32(pos0), np.int32(C)))
+        args = (q, np.uint64(kc), np.uint64(vc), attn, np.int32(n), np.int32(pos0),
+                np.int32(C), np.float32(np.log2(np.e) / np.sqrt(hd)))
+        if self.mma:
+            fn["kog_pf_attention"](((n + 63) // 64, cfg.n_heads), (128,), args,
+                                   shared_mem=self._attn_smem)
+        else:
+            fn["kog_pf_attention_simple"]((n, cfg.n_heads), (self._warp,), args)
+
+    def _o_proj(self, layer: int, out_ptr: int, accumulate: bool):
+        """o_proj (n, h): added into x (one GPU), or this rank's partial."""
+        buf = self._bufs
+        self._gemm(buf["attn"].data.ptr, self.b.dev.arrays["wo"][layer].data.ptr, out_ptr,
+                   buf["n"], self.cfg.q_dim, self.cfg.hidden_size, accumulate)
+
+    def _gate_up(self, layer: int):
+        """ffn_norm_gate_up_silu: the activations (n, f) in buf["xn"]."""
+        cfg, buf, fn = self.cfg, self._bufs, self._fn
+        n, f = buf["n"], cfg.intermediate_size
+        fn["kog_pf_rmsnorm"]((n,), (256,), (buf["x"], buf["xn"]))
+        self._gemm(buf["xn"].data.ptr, self.b.dev.arrays["w_gate_up"][layer].data.ptr,
+                   buf["gu"].data.ptr, n, cfg.hidden_size, 2 * f, False)
+        total = n * f
+        fn["kog_pf_silu_mul"]((min(65535, (total + 255) // 256),), (256,),
+                              (buf["gu"], buf["xn"], np.uint64(total)))
+
+    def _down(self, layer: int, out_ptr: int, accumulate: bool):
+        """down (n, h): added into x (one GPU: w_down stored (L, f, h)), or this rank's
+        partial (a shard's w_down is (L, h, f / world))."""
+        buf = self._bufs
+        self._gemm(buf["xn"].data.ptr, self.b.dev.arrays["w_down"][layer].data.ptr, out_ptr,
+                   buf["n"], self.cfg.intermediate_size, self.cfg.hidden_size, accumulate,
+                   w_kn=not self.tp)
+
+    def _add_parts(self, parts, n_parts: int):
+        """Tensor parallel: x += parts[0] + parts[1] + ... (rank order; parts (R, n, h))."""
+        total = self._bufs["n"] * self.cfg.hidden_size
+        self._fn["kog_pf_add_parts"]((min(65535, (total + 255) // 256),), (256,),
+                                     (self._bufs["x"], parts, np.int32(n_parts), np.uint64(total)))
+
     def _chunk(self, ids: np.ndarray, pos0: int, want_x: bool = False):
         """Run tokens `ids` at positions pos0.. through every layer; K/V land in the cache.
-        Returns the fp32 residual x (n, h) when want_x (for logits)."""
-        cfg, b = self.cfg, self.b
-        n = int(ids.shape[0])
-        buf = self._buffers(n)
-        a = b.dev.arrays
-        h, f, L, KV, hd, C = (cfg.hidden_size, cfg.intermediate_size, cfg.n_layers,
-                              cfg.n_kv_heads, cfg.head_dim, b.context_length)
-        fn = self._fn
-        x, xn, qkv, q, attn, gu = (buf[k] for k in ("x", "xn", "qkv", "q", "attn", "gu"))
-        scale_log2 = np.float32(np.log2(np.e) / np.sqrt(hd))
-        layer_kv = KV * C * hd * 2                                  # bytes per layer of K or V
+        Returns the fp32 residual x (n, h) when want_x (for logits). One GPU."""
+        b = self.b
+        buf = self._buffers(int(ids.shape[0]))
+        x = buf["x"].data.ptr
         with b._stream:
-            buf["ids"].set(ids.astype(np.int32), stream=b._stream)
-            fn["kog_pf_embed"]((n,), (256,), (a["embed"], buf["ids"], x))
-            for layer in range(L):
-                # attn_norm_qkv
-                fn["kog_pf_rmsnorm"]((n,), (256,), (x, xn))
-                self._gemm(xn.data.ptr, a["wqkv"][layer].data.ptr, qkv.data.ptr, n, h,
-                           cfg.qkv_dim, False)
-                kc = b.k_cache.data.ptr + layer * layer_kv
-                vc = b.v_cache.data.ptr + layer * layer_kv
-                bias = a["bqkv"][layer].data.ptr if "bqkv" in a else 0
-                qn = a["q_norm"][layer].data.ptr if "q_norm" in a else 0
-                kn = a["k_norm"][layer].data.ptr if "k_norm" in a else 0
-                fn["kog_pf_qkv_rope"]((n,), (256,), (
-                    qkv, np.uint64(bias), np.uint64(qn), np.uint64(kn), a["rope_cos"],
-                    a["rope_sin"], q, np.uint64(kc), np.uint64(vc), np.int32(pos0), np.int32(C)))
-                # attention
-                args = (q, np.uint64(kc), np.uint64(vc), attn, np.int32(n), np.int32(pos0),
-                        np.int32(C), scale_log2)
-                if self.mma:
-                    fn["kog_pf_attention"](((n + 63) // 64, cfg.n_heads), (128,), args,
-                                           shared_mem=self._attn_smem)
-                else:
-                    fn["kog_pf_attention_simple"]((n, cfg.n_heads), (self._warp,), args)
-                # o_proj_residual
-                self._gemm(attn.data.ptr, a["wo"][layer].data.ptr, x.data.ptr, n, cfg.q_dim, h,
-                           True)
-                # ffn_norm_gate_up_silu
-                fn["kog_pf_rmsnorm"]((n,), (256,), (x, xn))
-                self._gemm(xn.data.ptr, a["w_gate_up"][layer].data.ptr, gu.data.ptr, n, h,
-                           2 * f, False)
-                total = n * f
-                fn["kog_pf_silu_mul"]((min(65535, (total + 255) // 256),), (256,),
-                                      (gu, xn, np.uint64(total)))
-                # down_residual
-                self._gemm(xn.data.ptr, a["w_down"][layer].data.ptr, x.data.ptr, n, f, h, True,
-                           w_kn=True)                      # w_down is (L, f, h) on one GPU
-        return x if want_x else None
+            self._embed(ids)
+            for layer in range(self.cfg.n_layers):
+                self._attention(layer, pos0)
+                self._o_proj(layer, x, True)
+                self._gate_up(layer)
+                self._down(layer, x, True)
+        return buf["x"] if want_x else None
 
     # ---- entry points --------------------------------------------------------------------
     def _check_positions(self, end: int):
@@ -180,22 +208,15 @@ class Prefill:
     def run(self, ids, start: int, end: int, should_stop=None, chunk: int = CHUNK) -> int:
         """K/V of positions [start, end) of `ids` into the cache, chunk by chunk. Between
         chunks ``should_stop()`` is asked (cancel); returns the end of what was written."""
-        ids = np.asarray(ids, dtype=np.int32)
         self._check_positions(end)
-        pos = start
-        while pos < end:
-            if should_stop is not None and should_stop():
-                break
-            n = min(chunk, end - pos)
-            self._chunk(ids[pos:pos + n], pos)
-            pos += n
-            if pos < end:
-                self.b._stream.synchronize()       # a cancel between chunks takes effect here
-        return pos
+        return _run_chunks(ids, start, end, should_stop, chunk, self._chunk,
+                           self.b._stream.synchronize)
 
     def logits(self, ids, chunk: int = CHUNK) -> np.ndarray:
         """(n, V) float32 logits of every position of `ids` (from position 0), teacher-forced
         through the prefill path: the test hook that compares it with the reference."""
+        if self.tp:
+            raise DeviceError("Prefill.logits runs on one GPU (a rank holds a slice of the LM head)")
         cp = kernels._cupy()
         ids = np.asarray(ids, dtype=np.int32)
         self._check_positions(len(ids))
@@ -215,3 +236,110 @@ class Prefill:
                 out[pos:pos + n] = cp.asnumpy(lg, stream=b._stream)
             b._stream.synchronize()
         return out
+
+
+def _run_chunks(ids, start: int, end: int, should_stop, chunk: int, run_chunk, sync) -> int:
+    """Prefill.run's loop: run_chunk(ids[pos:pos + n], pos) for chunks of [start, end);
+    between chunks sync() (a cancel takes effect there) and should_stop()."""
+    ids = np.asarray(ids, dtype=np.int32)
+    pos = start
+    while pos < end:
+        if should_stop is not None and should_stop():
+            break
+        n = min(chunk, end - pos)
+        run_chunk(ids[pos:pos + n], pos)
+        pos += n
+        if pos < end:
+            sync()
+    return pos
+
+
+class TensorParallelPrefill:
+    """Batched prefill over the ranks of a TensorParallelBackend. Each rank runs its heads and
+    FFN columns (a Prefill on its shard); after o_proj and after down every rank copies the
+    other ranks' partials next to its own (peer copies, one per pair) and adds them all in rank
+    order, so the ranks' residual streams stay bit-identical. The ranks' streams order it:
+    a partial is copied after the event its GEMM recorded, and a rank overwrites its partial
+    only after every peer recorded that its copy and add are done."""
+
+    def __init__(self, backend):
+        cp = kernels._cupy()
+        self.ranks = backend.ranks
+        self.pfs = []
+        for r in self.ranks:
+            with cp.cuda.Device(r.device_id):
+                self.pfs.append(Prefill(r))
+        self.cfg = self.pfs[0].cfg
+        self._n = 0
+        self._gather: list = []       # per rank (R, n, h) fp32: slot q holds rank q's partial
+        self._done: list = []         # per rank: its copies and add of the last exchange ended
+
+    def _each(self):
+        """(rank, prefill) with the rank's GPU current and its stream the current stream."""
+        cp = kernels._cupy()
+        for r, pf in zip(self.ranks, self.pfs):
+            with cp.cuda.Device(r.device_id), r._stream:
+                yield r, pf
+
+    def _sync(self):
+        for r in self.ranks:
+            r._stream.synchronize()
+
+    def _buffers(self, n: int):
+        if self._n == n:
+            return
+        cp = kernels._cupy()
+        self._sync()                              # nothing in flight uses the old buffers
+        self._gather, self._done = [], []
+        for r, pf in self._each():
+            pf._buffers(n)
+            g = cp.empty((len(self.ranks), n, self.cfg.hidden_size), cp.float32)
+            g.fill(np.nan)                        # poisoned: a partial never copied shows
+            self._gather.append(g)
+        self._n = n
+
+    def _exchange(self, partial):
+        """partial(pf, out_ptr): each rank's partial into its own gather slot; then every rank
+        adds all of them into its x."""
+        cp = kernels._cupy()
+        R = len(self.ranks)
+        nbytes = self._n * self.cfg.hidden_size * 4
+        ready = []
+        for q, (r, pf) in enumerate(self._each()):
+            for p, ev in enumerate(self._done):       # the peers are done with this slot
+                if p != q:
+                    r._stream.wait_event(ev)
+            partial(pf, self._gather[q][q].data.ptr)
+            ready.append(cp.cuda.Event(disable_timing=True))
+            ready[-1].record(r._stream)
+        done = []
+        for p, (r, pf) in enumerate(self._each()):
+            for q in range(R):
+                if q != p:
+                    r._stream.wait_event(ready[q])
+                    cp.cuda.runtime.memcpyPeerAsync(
+                        self._gather[p][q].data.ptr, r.device_id, self._gather[q][q].data.ptr,
+                        self.ranks[q].device_id, nbytes, r._stream.ptr)
+            pf._add_parts(self._gather[p], R)
+            done.append(cp.cuda.Event(disable_timing=True))
+            done[-1].record(r._stream)
+        self._done = done
+
+    def _chunk(self, ids: np.ndarray, pos0: int):
+        self._buffers(int(ids.shape[0]))
+        for _, pf in self._each():
+            pf._embed(ids)
+        for layer in range(self.cfg.n_layers):
+            for _, pf in self._each():
+                pf._attention(layer, pos0)
+            self._exchange(lambda pf, out: pf._o_proj(layer, out, False))
+            for _, pf in self._each():
+                pf._gate_up(layer)
+            self._exchange(lambda pf, out: pf._down(layer, out, False))
+
+    def run(self, ids, start: int, end: int, should_stop=None, chunk: int = CHUNK) -> int:
+        """K/V of positions [start, end) of `ids` into every rank's cache (Prefill.run)."""
+        self.pfs[0]._check_positions(end)
+        done = _run_chunks(ids, start, end, should_stop, chunk, self._chunk, self._sync)
+        self._sync()
+        return done
