@@ -136,6 +136,24 @@ def test_long_prompt_prefilled_on_the_ranks(n):
     same_or_near_tie(one, ids, want, got, f"a 300-token prompt on {n} ranks")
 
 
+@pytest.mark.parametrize("n", TP_SIZES)
+def test_next_turn_reuses_the_ranks_caches(n):
+    """Turn 2 of a conversation (turn 1's prompt, its answer, new tokens): the ranks keep turn
+    1's prompt and all but the last generated token and prefill only the rest; its greedy tokens
+    are one GPU's on the whole turn-2 prompt from scratch (or part from them only at a near-tie)."""
+    one, tp = pair("llama-kv8", n)
+    turn1 = prompt(one.cfg, 150, seed=21)
+    ans, r = greedy(tp, turn1, 16)
+    assert r == "length"
+    turn2 = turn1 + ans + prompt(one.cfg, 40, seed=22)
+    s = tp.start(turn2, SamplingParams(), 16, set())
+    got = list(s)
+    assert s.cached_tokens == len(turn1) + 15, s.cached_tokens
+    one.clear_prefix_cache()
+    want, _ = greedy(one, turn2, 16)
+    same_or_near_tie(one, turn2, want, got, f"turn 2 on {n} ranks")
+
+
 def _bf16(a):
     return (np.asarray(a, np.uint16).astype(np.uint32) << 16).view(np.float32)
 

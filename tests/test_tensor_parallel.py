@@ -242,6 +242,7 @@ def test_tensor_parallel_start_prefills_then_launches_at_the_last_prompt_token()
         b.cfg, b.context_length, b.watchdog_s, b._active = cfg_of(vocab=101), 16, 0.2, None
         b._ctl, b._host_tokens = SimpleNamespace(u32=ctl), SimpleNamespace(i32=toks)
         b._stream, b._wait_idle, b._fire_all = stream, lambda: None, fire_all
+        b._kv_ids, b._last_launch = [], None
         s = b.start([1, 2, 3, 4], SamplingParams(), 2, set())
         assert calls == []                          # deferred to the first token
         if stop_at is None:
@@ -250,6 +251,58 @@ def test_tensor_parallel_start_prefills_then_launches_at_the_last_prompt_token()
         else:
             assert list(s) == [] and s.finish_reason == "cancelled"
             assert calls == [("prefill", 0, 3)]
+
+
+def test_tensor_parallel_next_turn_prefills_only_what_is_new():
+    # the ranks' caches hold the last request's prompt and its generated tokens but the last:
+    # a next turn that extends them prefills from there (stream.cached_tokens says how many
+    # were kept); a teacher-forced logits launch overwrites the caches. GPU side faked.
+    from types import SimpleNamespace
+
+    from kogcupy.gpu.multigpu import TensorParallelBackend
+    from kogcupy.sampling_params import SamplingParams
+    b = object.__new__(TensorParallelBackend)
+    calls = []
+    ctl, toks = np.zeros(4, np.uint32), np.zeros(16, np.int32)
+    stream = SimpleNamespace(done=False, synchronize=lambda: None)
+
+    def fire_all(ids, params, max_new, eos, all_logits, logits_outs=None, start_pos=0):
+        calls.append(("launch", start_pos))
+        toks[:3] = [7, 8, 9]
+        ctl[0], ctl[1] = 3, 2                       # three tokens, finish "length"
+        stream.done = True
+        return 0.0
+    b.prefill = SimpleNamespace(run=lambda ids, s0, s1, should_stop=None:
+                                calls.append(("prefill", s0, s1)) or s1)
+    b.cfg, b.context_length, b.watchdog_s, b._active = cfg_of(vocab=101), 64, 0.2, None
+    b._ctl, b._host_tokens = SimpleNamespace(u32=ctl), SimpleNamespace(i32=toks)
+    b._stream, b._wait_idle, b._fire_all = stream, lambda: None, fire_all
+    b._kv_ids, b._last_launch = [], None
+    turn1 = [1, 2, 3, 4, 5]
+    s = b.start(turn1, SamplingParams(), 3, set())
+    assert list(s) == [7, 8, 9] and s.cached_tokens == 0
+    assert calls == [("prefill", 0, 4), ("launch", 4)]
+    # turn 2: turn 1's prompt and answer, then new tokens; 7 + 8 are cached (9 never ran)
+    calls.clear()
+    turn2 = turn1 + [7, 8, 9, 20, 21]
+    s = b.start(turn2, SamplingParams(), 3, set())
+    assert list(s) == [7, 8, 9] and s.cached_tokens == 7
+    assert calls == [("prefill", 7, 9), ("launch", 9)]
+    # a prompt that parts from the cache at position 2
+    calls.clear()
+    s = b.start([1, 2, 30, 31], SamplingParams(), 3, set())
+    assert list(s) == [7, 8, 9] and s.cached_tokens == 2
+    assert calls == [("prefill", 2, 3), ("launch", 3)]
+    # the same prompt again: all but its last token are kept, nothing is prefilled
+    calls.clear()
+    s = b.start([1, 2, 30, 31], SamplingParams(), 3, set())
+    assert list(s) == [7, 8, 9] and s.cached_tokens == 3 and calls == [("launch", 3)]
+    # a launch from position 0 (logits(), a build without prefill) leaves nothing to reuse
+    b._launch([1, 2, 30], SamplingParams(), 1, (), True)
+    calls.clear()
+    s = b.start([1, 2, 30, 31, 32], SamplingParams(), 3, set())
+    assert list(s) == [7, 8, 9] and s.cached_tokens == 0
+    assert calls == [("prefill", 0, 4), ("launch", 4)]
 
 
 def test_a_stalled_kernel_fails_the_next_request_within_the_watchdog():

@@ -182,7 +182,9 @@ class MonokernelTokenStream:
 class _OneLaunchBackend:
     """What the one-GPU and the tensor-parallel backends share: a request is one launch
     (``_launch``, per backend) whose tokens a MonokernelTokenStream reads from ``_ctl`` /
-    ``_host_tokens``; ``_stream`` is the launch's stream (or all of them)."""
+    ``_host_tokens``; ``_stream`` is the launch's stream (or all of them). ``_kv_ids``: the
+    token ids whose K/V the cache (every rank's) holds from position 0, once ``_settle`` has
+    added what the last launch (``_last_launch``: its prompt and start) ran."""
 
     def start(self, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
               eos_ids: set[int]) -> MonokernelTokenStream:
@@ -212,6 +214,21 @@ class _OneLaunchBackend:
         """The live KV cache holds nothing reusable (a stalled or failed launch)."""
         self._kv_ids = []
         self._last_launch = None
+
+    def _settle(self):
+        """After a launch ended: the cache holds the prompt and every generated token but the
+        last (a position runs all its layers before the next token is sampled)."""
+        if self._last_launch is None:
+            return
+        self._wait_idle()
+        ids, start = self._last_launch
+        self._last_launch = None
+        if self._overflowed():                    # computed from lost values: keep nothing new
+            self._kv_ids = ids[:start]
+            return
+        n_gen = int(self._ctl.u32[0])
+        self._kv_ids = ids + [int(t) for t in self._host_tokens.i32[:max(n_gen - 1, 0)]] \
+            if n_gen >= 1 else ids[:start]
 
     def _check_logits_request(self, token_ids: list[int]):
         self.cfg.check_token_ids(token_ids, "token_ids")
@@ -408,21 +425,6 @@ class MonokernelBackend(_OneLaunchBackend):
         if stream._cancelled:                     # a cancel() racing _prepare's reset of the flag
             self._ctl.u32[2] = 1
         return True
-
-    def _settle(self):
-        """After a launch ended: the cache holds the prompt and every generated token but the
-        last (a position runs all its layers before the next token is sampled)."""
-        if self._last_launch is None:
-            return
-        self._wait_idle()
-        ids, start = self._last_launch
-        self._last_launch = None
-        if self._overflowed():                    # computed from lost values: keep nothing new
-            self._kv_ids = ids[:start]
-            return
-        n_gen = int(self._ctl.u32[0])
-        self._kv_ids = ids + [int(t) for t in self._host_tokens.i32[:max(n_gen - 1, 0)]] \
-            if n_gen >= 1 else ids[:start]
 
     def _reuse(self, ids: list[int]) -> int:
         """Make the live cache hold the longest cached prefix of `ids`; its length."""

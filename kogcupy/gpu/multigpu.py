@@ -9,7 +9,9 @@ monokernel compiled for that share; the ranks exchange partial sums and the LM h
 results inside the kernels (kernels_src/kccl.cuh), so a generate() is still one launch per
 GPU. All ranks compute the same token at every step (same logits bits, same random draws);
 rank 0 streams it to the host and is the one that reads the cancel flag. A prompt's tokens but
-the last are prefilled first, each rank its heads and FFN columns (prefill.TensorParallelPrefill).
+the last are prefilled first, each rank its heads and FFN columns (prefill.TensorParallelPrefill),
+from the end of the longest prefix the ranks' caches still hold of the previous request (its
+prompt and generated tokens: the next turn of a conversation prefills only what is new).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from . import abi, kccl, tensor_parallel
 from ..errors import InputError
+from ..prefix_cache import common_prefix_len
 from .device_weights import DeviceModel
 from .monokernel import MonokernelBackend, MonokernelTokenStream, _cupy, _OneLaunchBackend
 from .prefill import TensorParallelPrefill
@@ -81,6 +84,8 @@ class TensorParallelBackend(_OneLaunchBackend):
         self._ctl, self._host_tokens = r0._ctl, r0._host_tokens
         self._stream = _AllStreams(self.ranks)
         self._active: MonokernelTokenStream | None = None
+        self._kv_ids: list[int] = []          # token ids whose K/V every rank's cache holds
+        self._last_launch: tuple[list[int], int] | None = None   # (prompt, start) to settle
         self._read_bw = None
         # the prompt but its last token in chunks on tensor cores, sharded like the weights
         # (the stage dumps and timings need every position run by the monokernel)
@@ -88,16 +93,28 @@ class TensorParallelBackend(_OneLaunchBackend):
         if not (backend_kw.get("debug_positions") or backend_kw.get("profile_pos") is not None):
             self.prefill = TensorParallelPrefill(self)
 
-    # ---- requests: batched prefill, one launch per GPU -------------------------------------
+    # ---- requests: live prefix reuse, batched prefill, one launch per GPU ------------------
     def _begin(self, stream: MonokernelTokenStream, ids: list[int], params: SamplingParams,
                max_new: int, eos_ids) -> bool:
-        """Prefill every prompt token but the last on every rank, then launch the kernels at
-        that token. False: cancelled before the launch."""
+        """Keep the prefix of `ids` the ranks' caches hold, prefill the rest but the last prompt
+        token on every rank, then launch the kernels at that token. False: cancelled before
+        the launch."""
         n = len(ids)
-        done = self.prefill.run(ids, 0, n - 1, should_stop=lambda: stream._cancelled)
-        if done < n - 1 or stream._cancelled:
+        self._settle()
+        start = min(common_prefix_len(np.asarray(ids, np.int64),
+                                      np.asarray(self._kv_ids, np.int64)), n - 1)
+        stream.cached_tokens = start
+        if start < n - 1:
+            done = self.prefill.run(ids, start, n - 1, should_stop=lambda: stream._cancelled)
+            self._kv_ids = ids[:done]
+            if done < n - 1:
+                return False
+            start = done
+        if stream._cancelled:
             return False
-        self._fire_all(ids, params, max_new, eos_ids, False, start_pos=done)   # (the GPUs are idle)
+        self._last_launch = (ids, start)
+        self._kv_ids = ids[:start]
+        self._fire_all(ids, params, max_new, eos_ids, False, start_pos=start)  # (the GPUs are idle)
         if stream._cancelled:                     # a cancel() racing _prepare's reset of the flag
             self._ctl.u32[2] = 1
         return True
@@ -105,10 +122,13 @@ class TensorParallelBackend(_OneLaunchBackend):
     # ---- launch ---------------------------------------------------------------------------
     def _launch(self, ids, params: SamplingParams, max_new: int, eos_ids, all_logits: bool,
                 logits_outs=None) -> float:
+        """A launch from position 0 (teacher-forced logits; a build without prefill): it
+        overwrites the caches, so nothing of them is reused after it."""
         if self._active is not None:
             self._active.cancel()
         self._wait_idle()
         self._active = None
+        self._forget_kv()
         return self._fire_all(ids, params, max_new, eos_ids, all_logits, logits_outs)
 
     def _fire_all(self, ids, params: SamplingParams, max_new: int, eos_ids, all_logits: bool,
@@ -145,6 +165,7 @@ class TensorParallelBackend(_OneLaunchBackend):
                 outs.append(o)
         self._launch(list(token_ids), SamplingParams(), 1, (), True, outs)
         self._sync_with_watchdog()
+        self._kv_ids = list(token_ids)            # teacher-forced: every position ran
         self.last_logits_all_ranks = [cp.asnumpy(o) for o in outs]
         return self.last_logits_all_ranks[0]
 
