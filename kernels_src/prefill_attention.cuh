@@ -4,14 +4,16 @@
 // monokernel's cache (this layer's (KV, C, hd) slice, already holding the chunk's rows).
 //
 // kog_pf_attention (CUDA, sm_80+): flash-attention tiles on tensor cores. A block of 4 warps
-// takes 64 queries of one q head; each warp owns 16 query rows and walks the key tiles of 64
-// positions up to the block's last query: S = Q K^T with mma.m16n8k16 (bf16/fp16 in, fp32
+// takes KOG_PF_BM = 128 queries of one q head (staged in shared memory once); each warp owns 32
+// query rows (two m16 tiles, so that every K / V fragment it loads from shared memory feeds two
+// products) and walks the key tiles of KOG_PF_BN positions (64; 32 at head_dim 128, for
+// registers) up to its last query: S = Q K^T with mma.m16n8k16 (bf16/fp16 in, fp32
 // accumulate), causal mask, online softmax in fp32 (exp2, running max and sum per row), then
 // O += P V with P re-packed from the S accumulators into A fragments (the accumulator layout of
-// two n8 tiles is the A layout of one k16 step), so P never leaves registers. K and V tiles
-// stream into shared memory by cp.async, two stages (the next tile loads while this one is
-// used), with a row stride of hd + 8 elements so that the ldmatrix fragment loads (K as is,
-// V transposed) are free of bank conflicts. Heaviest query tiles are scheduled first.
+// two n8 tiles is the A layout of one k16 step), so P never leaves registers. K and V tiles stream into shared memory by cp.async, two stages (the
+// next tile loads while this one is used), with a row stride of hd + 8 elements so that the
+// ldmatrix fragment loads (Q and K as they are, V transposed) are free of bank conflicts.
+// Heaviest query tiles are scheduled first. The tile sizes come from prefill.py (its defines).
 //
 // kog_pf_attention_simple (any platform, any head_dim): one warp per (query, q head), keys one
 // by one with an online softmax. The HIP build uses it (an MFMA version is future work) and it
@@ -21,177 +23,221 @@
 // ============================================================================================
 #pragma once
 
-#define KOG_PF_BM 64              // queries per block (16 per warp)
-#define KOG_PF_BN 64              // keys per tile
 #define KOG_PF_KSTRIDE (KOG_HEAD_DIM + 8)
+#define KOG_PF_WARPS 4
+#define KOG_PF_MT 2               // m16 tiles of query rows a warp
 
 #if defined(KOG_CUDA) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
-#define KOG_PF_MMA (KOG_HEAD_DIM % 16 == 0 && KOG_HEAD_DIM <= 128)   // registers: o and q fragments
+#define KOG_PF_MMA (KOG_HEAD_DIM % 16 == 0 && KOG_HEAD_DIM <= 128)   // registers: o and s fragments
 #else
 #define KOG_PF_MMA 0
 #endif
 
 #if KOG_PF_MMA      // (tensor-core helpers: platform.cuh)
-// Dynamic shared memory: KOG_PF_SMEM_BYTES = 2 stages x (K, V) x BN rows x KS elements.
-#define KOG_PF_SMEM_BYTES (2 * 2 * KOG_PF_BN * KOG_PF_KSTRIDE * 2)
+static_assert(KOG_PF_BM == KOG_PF_WARPS * KOG_PF_MT * 16 && KOG_PF_BN % 16 == 0,
+              "prefill attention tiles: 16 KOG_PF_MT query rows a warp, keys in k16 steps "
+              "(prefill.py ATTN_BM / ATTN_BN)");
+// Dynamic shared memory: Q [BM][KS], then 2 stages x (K, V) x [BN][KS] (storage dtype);
+// prefill.attn_smem_bytes mirrors it.
+#define KOG_PF_SMEM_BYTES ((KOG_PF_BM + 2 * 2 * KOG_PF_BN) * KOG_PF_KSTRIDE * 2)
 
-extern "C" __global__ void __launch_bounds__(128)
+// (head_dim <= 64: three blocks an SM fit in registers, 168 a thread instead of 180)
+extern "C" __global__ void __launch_bounds__(KOG_PF_WARPS * 32, KOG_HEAD_DIM <= 64 ? 3 : 1)
 kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
                  const kog_u16* __restrict__ kc,      // (KV, C, hd) this layer
                  const kog_u16* __restrict__ vc,      // (KV, C, hd)
                  kog_u16* __restrict__ out,           // (n, H * hd)
                  int n, int pos0, int context_length, float scale_log2) {
-    constexpr int HD = KOG_HEAD_DIM, KS = KOG_PF_KSTRIDE, NT = KOG_PF_BN / 8, DT = HD / 8;
-    constexpr int TILE = KOG_PF_BN * KS;                       // elements of one K or V tile
-    extern __shared__ __align__(16) kog_u16 kog_pf_sm[];       // [stage][K, V][BN][KS]
+    constexpr int HD = KOG_HEAD_DIM, KS = KOG_PF_KSTRIDE, BM = KOG_PF_BM, BN = KOG_PF_BN;
+    constexpr int MT = KOG_PF_MT, NT = BN / 8, DT = HD / 8;
+    constexpr int TILE = BN * KS;                              // elements of one K or V tile
+    extern __shared__ __align__(16) kog_u16 kog_pf_sm[];       // Q, then [stage][K, V][BN][KS]
     const int qt = gridDim.x - 1 - blockIdx.x;                 // heaviest tiles first
     const int h = blockIdx.y, g = h / KOG_PF_GQA;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int r = lane / 4, cq = lane % 4;
-    const int row_a = qt * KOG_PF_BM + warp * 16 + r, row_b = row_a + 8;   // local query rows
-    const int qpos_a = pos0 + row_a, qpos_b = pos0 + row_b;
-    const int last_pos = pos0 + min(n, (qt + 1) * KOG_PF_BM) - 1;          // block's last query
-    const int warp_last = pos0 + qt * KOG_PF_BM + warp * 16 + 15;
+    const int wrow = warp * MT * 16;                           // the warp's first row in the block
+    const int row0 = qt * BM + wrow;                           // ... in the chunk
+    const int last_pos = pos0 + min(n, (qt + 1) * BM) - 1;     // block's last query
+    const int warp_first = pos0 + row0, warp_last = warp_first + MT * 16 - 1;
     const kog_u16* kg = kc + (kog_u64)g * context_length * HD;
     const kog_u16* vg = vc + (kog_u64)g * context_length * HD;
-    const unsigned sm0 = kog_smem_addr(kog_pf_sm);
+    const unsigned sq = kog_smem_addr(kog_pf_sm);
+    const unsigned skv = sq + 2u * (unsigned)(BM * KS);
 
     // K/V rows [key0, key0 + BN) into stage st; rows past last_pos are zeros
     auto load_tile = [&](int st, int key0) {
-        for (int i = threadIdx.x; i < KOG_PF_BN * (HD / 8); i += blockDim.x) {
+        for (int i = threadIdx.x; i < BN * (HD / 8); i += blockDim.x) {
             const int row = i / (HD / 8), col = (i - row * (HD / 8)) * 8;
             const bool ok = key0 + row <= last_pos;
             const kog_u64 off = (kog_u64)(ok ? key0 + row : 0) * HD + col;
-            const unsigned dst = sm0 + 2u * (unsigned)(st * 2 * TILE + row * KS + col);
+            const unsigned dst = skv + 2u * (unsigned)(st * 2 * TILE + row * KS + col);
             kog_copy16_zfill(dst, kg + off, ok);
             kog_copy16_zfill(dst + 2u * TILE, vg + off, ok);
         }
         kog_cp_async_commit();
     };
 
-    // Q fragments for the warp's 16 rows (rows past n read row n-1; never written back)
-    kog_u32 qa[HD / 16][4];
-    {
-        const kog_u32* qra = reinterpret_cast<const kog_u32*>(q + ((kog_u64)min(row_a, n - 1) * KOG_N_HEADS + h) * HD);
-        const kog_u32* qrb = reinterpret_cast<const kog_u32*>(q + ((kog_u64)min(row_b, n - 1) * KOG_N_HEADS + h) * HD);
-#pragma unroll
-        for (int kk = 0; kk < HD / 16; ++kk) {
-            qa[kk][0] = qra[kk * 8 + cq];
-            qa[kk][1] = qrb[kk * 8 + cq];
-            qa[kk][2] = qra[kk * 8 + 4 + cq];
-            qa[kk][3] = qrb[kk * 8 + 4 + cq];
-        }
+    // the block's query rows of head h (rows past n: zeros, never written back), in tile 0's group
+    for (int i = threadIdx.x; i < BM * (HD / 8); i += blockDim.x) {
+        const int row = i / (HD / 8), col = (i - row * (HD / 8)) * 8;
+        const bool ok = qt * BM + row < n;
+        const kog_u64 off = ((kog_u64)(ok ? qt * BM + row : 0) * KOG_N_HEADS + h) * HD + col;
+        kog_copy16_zfill(sq + 2u * (unsigned)(row * KS + col), q + off, ok);
     }
-    float o[DT][4];
+    float o[MT][DT][4];
 #pragma unroll
-    for (int i = 0; i < DT; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m_a = KOG_NEG_INF, m_b = KOG_NEG_INF, l_a = 0.f, l_b = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < DT; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+    float m_r[MT][2], l_r[MT][2];                              // rows r, r + 8 of each m-tile
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m_r[mt][0] = m_r[mt][1] = KOG_NEG_INF, l_r[mt][0] = l_r[mt][1] = 0.f;
 
-    const int n_tiles = last_pos / KOG_PF_BN + 1;
+    const int n_tiles = last_pos / BN + 1;
     load_tile(0, 0);
     for (int kt = 0; kt < n_tiles; ++kt) {
-        const int key0 = kt * KOG_PF_BN, st = kt & 1;
+        const int key0 = kt * BN, st = kt & 1;
         if (kt + 1 < n_tiles) {                                // the next tile streams in
-            load_tile(st ^ 1, key0 + KOG_PF_BN);
+            load_tile(st ^ 1, key0 + BN);
             kog_cp_async_wait<1>();
         } else {
             kog_cp_async_wait<0>();
         }
         __syncthreads();
-        if (key0 <= warp_last) {                               // else: every key masked here
-            const unsigned ks = sm0 + 2u * (unsigned)(st * 2 * TILE);
+        if (key0 <= warp_last && row0 < n) {    // else: every key masked, or no row in the chunk
+            const unsigned ks = skv + 2u * (unsigned)(st * 2 * TILE);
             const unsigned vs = ks + 2u * TILE;
-            // ---- S = Q K^T (16 x BN per warp) ----
-            float s[NT][4];
+            // ---- S = Q K^T (32 x BN per warp) ----
+            float s[MT][NT][4];
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int k2 = 0; k2 < HD / 32; ++k2) {
+                for (int nt = 0; nt < NT; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+#pragma unroll
+            for (int k2 = 0; k2 < HD / 32; ++k2) {             // two k16 steps
+                kog_u32 qa[MT][2][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int kh = 0; kh < 2; ++kh)
+                        kog_ldsm_x4(qa[mt][kh], sq + 2u * (unsigned)((wrow + mt * 16 + (lane & 15)) * KS +
+                                                                     k2 * 32 + kh * 16 + (lane >> 4) * 8));
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
                     kog_u32 b[4];
                     kog_ldsm_x4(b, ks + 2u * (unsigned)((nt * 8 + (lane & 7)) * KS + k2 * 32 + (lane >> 3) * 8));
-                    kog_mma_w(s[nt], qa[2 * k2], b[0], b[1]);
-                    kog_mma_w(s[nt], qa[2 * k2 + 1], b[2], b[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        kog_mma_w(s[mt][nt], qa[mt][0], b[0], b[1]);
+                        kog_mma_w(s[mt][nt], qa[mt][1], b[2], b[3]);
+                    }
                 }
-                if (HD % 32) {                                 // a last k16 step (hd = 16 mod 32)
+            }
+            if (HD % 32) {                                     // a last k16 step (hd = 16 mod 32)
+                kog_u32 qa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    kog_ldsm_x4(qa[mt], sq + 2u * (unsigned)((wrow + mt * 16 + (lane & 15)) * KS +
+                                                             (HD - 16) + (lane >> 4) * 8));
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
                     const unsigned a = ks + 2u * (unsigned)((nt * 8 + r) * KS + (HD - 16) + 2 * cq);
                     kog_u32 b0, b1;
                     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(b0) : "r"(a));
                     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(b1) : "r"(a + 16u));
-                    kog_mma_w(s[nt], qa[HD / 16 - 1], b0, b1);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) kog_mma_w(s[mt][nt], qa[mt], b0, b1);
                 }
             }
-            // ---- scale, causal mask, online softmax (rows a = r, b = r + 8) ----
-            const bool diag = key0 + KOG_PF_BN - 1 > qpos_a;   // some key of the tile is masked
-            float mx_a = KOG_NEG_INF, mx_b = KOG_NEG_INF;
+            // ---- scale, causal mask, online softmax (rows r, r + 8 of each m-tile) ----
+            const bool diag = key0 + BN - 1 > warp_first;     // some key of the tile is masked
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
+            for (int mt = 0; mt < MT; ++mt) {
+                const int qpos_a = warp_first + mt * 16 + r, qpos_b = qpos_a + 8;
+                float mx_a = KOG_NEG_INF, mx_b = KOG_NEG_INF;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = key0 + nt * 8 + 2 * cq + (e & 1);
-                    float v = s[nt][e] * scale_log2;
-                    if (diag && key > (e < 2 ? qpos_a : qpos_b)) v = KOG_NEG_INF;
-                    s[nt][e] = v;
+                for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = key0 + nt * 8 + 2 * cq + (e & 1);
+                        float v = s[mt][nt][e] * scale_log2;
+                        if (diag && key > (e < 2 ? qpos_a : qpos_b)) v = KOG_NEG_INF;
+                        s[mt][nt][e] = v;
+                    }
+                    mx_a = fmaxf(mx_a, fmaxf(s[mt][nt][0], s[mt][nt][1]));
+                    mx_b = fmaxf(mx_b, fmaxf(s[mt][nt][2], s[mt][nt][3]));
                 }
-                mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
-                mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
-            }
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-            const float mn_a = fmaxf(m_a, mx_a), mn_b = fmaxf(m_b, mx_b);
-            const float al_a = kog_exp2(m_a - mn_a), al_b = kog_exp2(m_b - mn_b);
-            m_a = mn_a; m_b = mn_b;
-            float sum_a = 0.f, sum_b = 0.f;
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+                // (finite: every row has key 0 in tile 0, which every warp runs)
+                const float sa = fmaxf(m_r[mt][0], mx_a), sb = fmaxf(m_r[mt][1], mx_b);
+                const float al_a = kog_exp2(m_r[mt][0] - sa), al_b = kog_exp2(m_r[mt][1] - sb);
+                m_r[mt][0] = sa; m_r[mt][1] = sb;
+                float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                s[nt][0] = kog_exp2(s[nt][0] - mn_a); s[nt][1] = kog_exp2(s[nt][1] - mn_a);
-                s[nt][2] = kog_exp2(s[nt][2] - mn_b); s[nt][3] = kog_exp2(s[nt][3] - mn_b);
-                sum_a += s[nt][0] + s[nt][1];
-                sum_b += s[nt][2] + s[nt][3];
-            }
-            l_a = l_a * al_a + sum_a;                          // per-lane partial row sums
-            l_b = l_b * al_b + sum_b;
+                for (int nt = 0; nt < NT; ++nt) {
+                    s[mt][nt][0] = kog_exp2(s[mt][nt][0] - sa); s[mt][nt][1] = kog_exp2(s[mt][nt][1] - sa);
+                    s[mt][nt][2] = kog_exp2(s[mt][nt][2] - sb); s[mt][nt][3] = kog_exp2(s[mt][nt][3] - sb);
+                    sum_a += s[mt][nt][0] + s[mt][nt][1];
+                    sum_b += s[mt][nt][2] + s[mt][nt][3];
+                }
+                l_r[mt][0] = l_r[mt][0] * al_a + sum_a;        // per-lane partial row sums
+                l_r[mt][1] = l_r[mt][1] * al_b + sum_b;
 #pragma unroll
-            for (int i = 0; i < DT; ++i) {
-                o[i][0] *= al_a; o[i][1] *= al_a; o[i][2] *= al_b; o[i][3] *= al_b;
+                for (int i = 0; i < DT; ++i) {
+                    o[mt][i][0] *= al_a; o[mt][i][1] *= al_a; o[mt][i][2] *= al_b; o[mt][i][3] *= al_b;
+                }
             }
             // ---- O += P V: P's accumulators are the A fragments of the next product ----
 #pragma unroll
-            for (int kk = 0; kk < KOG_PF_BN / 16; ++kk) {
-                const kog_u32 pa[4] = {kog_pack_rn(s[2 * kk][0], s[2 * kk][1]),
-                                       kog_pack_rn(s[2 * kk][2], s[2 * kk][3]),
-                                       kog_pack_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                       kog_pack_rn(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                kog_u32 pa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    pa[mt][0] = kog_pack_rn(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    pa[mt][1] = kog_pack_rn(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    pa[mt][2] = kog_pack_rn(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    pa[mt][3] = kog_pack_rn(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
 #pragma unroll
                 for (int dp = 0; dp < DT / 2; ++dp) {
                     kog_u32 b[4];
                     const int key = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
                     const int dim = dp * 16 + (lane >> 4) * 8;
                     kog_ldsm_x4_trans(b, vs + 2u * (unsigned)(key * KS + dim));
-                    kog_mma_w(o[2 * dp], pa, b[0], b[1]);
-                    kog_mma_w(o[2 * dp + 1], pa, b[2], b[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        kog_mma_w(o[mt][2 * dp], pa[mt], b[0], b[1]);
+                        kog_mma_w(o[mt][2 * dp + 1], pa[mt], b[2], b[3]);
+                    }
                 }
             }
         }
         __syncthreads();                                       // stage st is free again
     }
     // ---- normalize and store ----
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-    const float inv_a = 1.f / l_a, inv_b = 1.f / l_b;
 #pragma unroll
-    for (int dn = 0; dn < DT; ++dn) {
-        const int col = h * HD + dn * 8 + 2 * cq;
-        if (row_a < n)
-            *reinterpret_cast<kog_u32*>(out + (kog_u64)row_a * KOG_PF_Q_DIM + col) =
-                kog_pack_rn(o[dn][0] * inv_a, o[dn][1] * inv_a);
-        if (row_b < n)
-            *reinterpret_cast<kog_u32*>(out + (kog_u64)row_b * KOG_PF_Q_DIM + col) =
-                kog_pack_rn(o[dn][2] * inv_b, o[dn][3] * inv_b);
+    for (int mt = 0; mt < MT; ++mt) {
+        float la = l_r[mt][0], lb = l_r[mt][1];
+        la += __shfl_xor_sync(0xffffffffu, la, 1);
+        la += __shfl_xor_sync(0xffffffffu, la, 2);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 1);
+        lb += __shfl_xor_sync(0xffffffffu, lb, 2);
+        const float inv_a = 1.f / la, inv_b = 1.f / lb;
+        const int row_a = row0 + mt * 16 + r, row_b = row_a + 8;
+#pragma unroll
+        for (int dn = 0; dn < DT; ++dn) {
+            const int col = h * HD + dn * 8 + 2 * cq;
+            if (row_a < n)
+                *reinterpret_cast<kog_u32*>(out + (kog_u64)row_a * KOG_PF_Q_DIM + col) =
+                    kog_pack_rn(o[mt][dn][0] * inv_a, o[mt][dn][1] * inv_a);
+            if (row_b < n)
+                *reinterpret_cast<kog_u32*>(out + (kog_u64)row_b * KOG_PF_Q_DIM + col) =
+                    kog_pack_rn(o[mt][dn][2] * inv_b, o[mt][dn][3] * inv_b);
+        }
     }
 }
 #endif  // KOG_PF_MMA

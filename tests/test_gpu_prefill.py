@@ -131,3 +131,41 @@ def test_cancel_during_prefill():
     assert list(s) == [] and s.finish_reason == "cancelled"
     s = be.start(ids[:300], SamplingParams(), 5, set())   # usable afterwards
     assert len(list(s)) == 5
+
+
+@pytest.mark.parametrize("hd,heads,kv,n,pos0", [(64, 4, 2, 300, 0), (128, 6, 2, 131, 200),
+                                                (80, 2, 1, 129, 37), (16, 4, 4, 257, 0)])
+def test_tensor_core_attention_matches_the_simple_kernel(hd, heads, kv, n, pos0):
+    """kog_pf_attention against kog_pf_attention_simple on random q / K / V (storage dtype):
+    chunks that end inside a 128-query block, after cached positions, head dims that take the
+    k16 tail (80, 16) and the 32-key tiles (128). Outputs NaN-poisoned before each run."""
+    import cupy as cp
+
+    from kogcupy.gpu import kernels
+    from kogcupy.gpu.prefill import ATTN_BM, attn_smem_bytes, prefill_defines, prefill_source
+    from test_gpu_monokernel import cfg_of
+    cfg = cfg_of("llama", 64, heads * hd, 128, 1, heads, kv, hd)
+    mod = kernels.load_module(prefill_source(), prefill_defines(cfg, "bfloat16"))
+    fast = kernels.get_function(mod, "kog_pf_attention")
+    fast.max_dynamic_shared_size_bytes = attn_smem_bytes(hd)
+    simple = kernels.get_function(mod, "kog_pf_attention_simple")
+    rng = np.random.default_rng(hd + n)
+    C = pos0 + n + 5
+
+    def bf16(a):
+        return cp.asarray((np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16))
+    q = bf16(rng.standard_normal((n, heads, hd)) * 2)
+    kc = bf16(rng.standard_normal((kv, C, hd)))
+    vc = bf16(rng.standard_normal((kv, C, hd)))
+    outs = []
+    for fn, grid, block, smem in ((fast, ((n + ATTN_BM - 1) // ATTN_BM, heads), (128,),
+                                   attn_smem_bytes(hd)), (simple, (n, heads), (32,), 0)):
+        out = cp.full((n, heads * hd), 0x7FC0, cp.uint16)
+        fn(grid, block, (q, kc, vc, out, np.int32(n), np.int32(pos0), np.int32(C),
+                         np.float32(np.log2(np.e) / np.sqrt(hd))), shared_mem=smem)
+        outs.append((cp.asnumpy(out).astype(np.uint32) << 16).view(np.float32))
+    got, want = outs
+    assert np.isfinite(got).all() and np.isfinite(want).all()
+    for i in (0, 1, n // 2, n - 1):
+        assert rel(got[i], want[i]) < 1e-2, (i, rel(got[i], want[i]))
+    assert rel(got, want) < 1e-2

@@ -32,10 +32,25 @@ _CUBLAS_GEMM_DEFAULT = -1
 _OP_N, _OP_T = 0, 1
 
 
+# kog_pf_attention's tiles: queries a block (4 warps of two m16 tiles); keys a K/V tile (fewer
+# for head_dim 128, whose o fragments alone take 128 registers a thread)
+ATTN_BM = 128
+
+
+def attn_bn(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 32
+
+
+def attn_smem_bytes(head_dim: int) -> int:
+    """kog_pf_attention's dynamic shared memory (KOG_PF_SMEM_BYTES): Q, then two stages of
+    K and V tiles, rows of head_dim + 8 elements of 2 bytes."""
+    return (ATTN_BM + 2 * 2 * attn_bn(head_dim)) * (head_dim + 8) * 2
+
+
 def prefill_defines(cfg, dtype: str) -> dict:
     d = {"KOG_HIDDEN": cfg.hidden_size, "KOG_FFN": cfg.intermediate_size,
          "KOG_N_HEADS": cfg.n_heads, "KOG_N_KV": cfg.n_kv_heads, "KOG_HEAD_DIM": cfg.head_dim,
-         "KOG_EPS": float(cfg.rms_norm_eps)}
+         "KOG_EPS": float(cfg.rms_norm_eps), "KOG_PF_BM": ATTN_BM, "KOG_PF_BN": attn_bn(cfg.head_dim)}
     if dtype == "float16":
         d["KOG_WEIGHT_FP16"] = 1
     elif dtype != "bfloat16":
@@ -69,7 +84,7 @@ class Prefill:
             except DeviceError:
                 fn = None
             if fn is not None:
-                self._attn_smem = 2 * 2 * 64 * (cfg.head_dim + 8) * 2   # KOG_PF_SMEM_BYTES
+                self._attn_smem = attn_smem_bytes(cfg.head_dim)
                 if self._attn_smem > 48 * 1024:
                     fn.max_dynamic_shared_size_bytes = self._attn_smem
                 self._fn["kog_pf_attention"] = fn
@@ -148,7 +163,7 @@ class Prefill:
         args = (q, np.uint64(kc), np.uint64(vc), attn, np.int32(n), np.int32(pos0),
                 np.int32(C), np.float32(np.log2(np.e) / np.sqrt(hd)))
         if self.mma:
-            fn["kog_pf_attention"](((n + 63) // 64, cfg.n_heads), (128,), args,
+            fn["kog_pf_attention"](((n + ATTN_BM - 1) // ATTN_BM, cfg.n_heads), (128,), args,
                                    shared_mem=self._attn_smem)
         else:
             fn["kog_pf_attention_simple"]((n, cfg.n_heads), (self._warp,), args)
