@@ -553,6 +553,15 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
 
 #endif  // KOG_ATTN_MMA
 
+// One partial (max mk in natural units, sum lk, output value ok) merged into a running
+// (m, l, acc) of the same (head, dim).
+KOG_DEVICE void kog_attn_merge_one(float& m, float& l, float& acc, float mk, float lk, float ok) {
+    const float mn = fmaxf(m, mk);
+    const float a = expf(m - mn), e = expf(mk - mn);
+    l = fmaf(l, a, lk * e);
+    acc = fmaf(acc, a, ok * e);
+    m = mn;
+}
 // Head group g's attention output from the chunk partials [0, n_parts) of attn_partial
 // (tagged `tag`; a chunk's [G][HD + 2]: unnormalised o, max in natural units, sum), merged
 // with the caller's own partial when own_o is set (o [G][HD], ml [G][2] in shared memory).
@@ -604,14 +613,9 @@ KOG_DEVICE void kog_attn_combine(const KogParams* p, int g, int n_parts, const f
             }
 #pragma unroll
             for (int b = 0; b < B; ++b) {
-                if (b < nb) {
-                    const float mk = kog_value_of(wm[b]);
-                    const float mn = fmaxf(m, mk);
-                    const float a = expf(m - mn), e = expf(mk - mn);
-                    l = fmaf(l, a, kog_value_of(wl[b]) * e);
-                    acc = fmaf(acc, a, kog_value_of(wo[b]) * e);
-                    m = mn;
-                }
+                if (b < nb)
+                    kog_attn_merge_one(m, l, acc, kog_value_of(wm[b]), kog_value_of(wl[b]),
+                                       kog_value_of(wo[b]));
             }
         }
         if (grp > 0 && grp < S) {
@@ -624,11 +628,7 @@ KOG_DEVICE void kog_attn_combine(const KogParams* p, int g, int n_parts, const f
                 const float* st = stash + (s2 - 1) * 3 * GH;
                 const float mk = st[i];
                 if (!(mk > KOG_NEG_INF)) continue;          // that group had no partials
-                const float mn = fmaxf(m, mk);
-                const float a = expf(m - mn), e = expf(mk - mn);
-                l = fmaf(l, a, st[GH + i] * e);
-                acc = fmaf(acc, a, st[2 * GH + i] * e);
-                m = mn;
+                kog_attn_merge_one(m, l, acc, mk, st[GH + i], st[2 * GH + i]);
             }
             out(i, acc / l);
         }
