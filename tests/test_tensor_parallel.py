@@ -253,30 +253,46 @@ def test_tensor_parallel_start_prefills_then_launches_at_the_last_prompt_token()
             assert calls == [("prefill", 0, 3)]
 
 
-def test_tensor_parallel_next_turn_prefills_only_what_is_new():
-    # the ranks' caches hold the last request's prompt and its generated tokens but the last:
-    # a next turn that extends them prefills from there (stream.cached_tokens says how many
-    # were kept); a teacher-forced logits launch overwrites the caches. GPU side faked.
+@pytest.mark.parametrize("backend", ["one GPU", "tensor parallel"])
+def test_next_turn_prefills_only_what_is_new(backend, monkeypatch):
+    # the cache (every rank's) holds the last request's prompt and its generated tokens but the
+    # last: a next turn that extends them prefills from there (stream.cached_tokens says how
+    # many were kept); a launch from position 0 overwrites the caches. GPU side faked.
+    import contextlib
     from types import SimpleNamespace
 
+    from kogcupy.gpu import monokernel
     from kogcupy.gpu.multigpu import TensorParallelBackend
+    from kogcupy.prefix_cache import PrefixCache
     from kogcupy.sampling_params import SamplingParams
-    b = object.__new__(TensorParallelBackend)
     calls = []
     ctl, toks = np.zeros(4, np.uint32), np.zeros(16, np.int32)
     stream = SimpleNamespace(done=False, synchronize=lambda: None)
 
-    def fire_all(ids, params, max_new, eos, all_logits, logits_outs=None, start_pos=0):
+    def launched(start_pos):
         calls.append(("launch", start_pos))
         toks[:3] = [7, 8, 9]
         ctl[0], ctl[1] = 3, 2                       # three tokens, finish "length"
         stream.done = True
         return 0.0
+    if backend == "one GPU":
+        monkeypatch.setattr(monokernel, "_cupy", lambda: SimpleNamespace(
+            cuda=SimpleNamespace(Device=lambda i: contextlib.nullcontext())))
+        b = object.__new__(monokernel.MonokernelBackend)
+        b.device_id, b.prefix_cache, b._overflowed = 0, PrefixCache(0), lambda: False
+        b._prepare = lambda ids, params, max_new, eos, all_logits, logits_out=None, start_pos=0: \
+            start_pos
+        b._fire = launched
+    else:
+        b = object.__new__(TensorParallelBackend)
+        b._fire_all = lambda ids, params, max_new, eos, all_logits, logits_outs=None, \
+            start_pos=0: launched(start_pos)
     b.prefill = SimpleNamespace(run=lambda ids, s0, s1, should_stop=None:
                                 calls.append(("prefill", s0, s1)) or s1)
-    b.cfg, b.context_length, b.watchdog_s, b._active = cfg_of(vocab=101), 64, 0.2, None
+    b.cfg = b.lcfg = cfg_of(vocab=101)
+    b.context_length, b.watchdog_s, b._active = 64, 0.2, None
     b._ctl, b._host_tokens = SimpleNamespace(u32=ctl), SimpleNamespace(i32=toks)
-    b._stream, b._wait_idle, b._fire_all = stream, lambda: None, fire_all
+    b._stream, b._wait_idle = stream, lambda: None
     b._kv_ids, b._last_launch = [], None
     turn1 = [1, 2, 3, 4, 5]
     s = b.start(turn1, SamplingParams(), 3, set())
@@ -298,7 +314,10 @@ def test_tensor_parallel_next_turn_prefills_only_what_is_new():
     s = b.start([1, 2, 30, 31], SamplingParams(), 3, set())
     assert list(s) == [7, 8, 9] and s.cached_tokens == 3 and calls == [("launch", 3)]
     # a launch from position 0 (logits(), a build without prefill) leaves nothing to reuse
-    b._launch([1, 2, 30], SamplingParams(), 1, (), True)
+    if backend == "one GPU":
+        b._forget_kv()                              # (what logits() does first)
+    else:
+        b._launch([1, 2, 30], SamplingParams(), 1, (), True)
     calls.clear()
     s = b.start([1, 2, 30, 31, 32], SamplingParams(), 3, set())
     assert list(s) == [7, 8, 9] and s.cached_tokens == 0

@@ -206,6 +206,29 @@ class _OneLaunchBackend:
         self._active = stream
         return stream
 
+    def _begin(self, stream: MonokernelTokenStream, ids: list[int], params: SamplingParams,
+               max_new: int, eos_ids) -> bool:
+        """Keep the longest cached prefix of `ids` (``_reuse``), prefill the rest but the last
+        prompt token, then launch at that token (``_fire_at``; the GPUs are idle). False:
+        cancelled before the launch."""
+        n = len(ids)
+        start = min(self._reuse(ids), n - 1)
+        stream.cached_tokens = start
+        if start < n - 1:
+            done = self.prefill.run(ids, start, n - 1, should_stop=lambda: stream._cancelled)
+            self._kv_ids = ids[:done]
+            if done < n - 1:
+                return False
+            start = done
+        if stream._cancelled:
+            return False
+        self._last_launch = (ids, start)
+        self._kv_ids = ids[:start]
+        self._fire_at(ids, params, max_new, eos_ids, start)
+        if stream._cancelled:                     # a cancel() racing _prepare's reset of the flag
+            self._ctl.u32[2] = 1
+        return True
+
     def _overflowed(self) -> bool:
         """The ended launch's residual sums lost a value (one GPU; tensor parallel: never)."""
         return False
@@ -403,28 +426,10 @@ class MonokernelBackend(_OneLaunchBackend):
             return bool(int(counters[i]))
 
     # ---- requests: prefix reuse, batched prefill, one launch -----------------------------
-    @_on_device
-    def _begin(self, stream: MonokernelTokenStream, ids: list[int], params: SamplingParams,
-               max_new: int, eos_ids) -> bool:
-        """Reuse the longest cached prefix, prefill the rest but the last prompt token, then
-        launch the monokernel at that token. False: cancelled before the launch."""
-        n = len(ids)
-        start = min(self._reuse(ids), n - 1)
-        stream.cached_tokens = start
-        if start < n - 1:
-            done = self.prefill.run(ids, start, n - 1, should_stop=lambda: stream._cancelled)
-            self._kv_ids = ids[:done]
-            if done < n - 1:
-                return False
-            start = done
-        if stream._cancelled:
-            return False
-        self._last_launch = (ids, start)
-        self._kv_ids = ids[:start]
+    _begin = _on_device(_OneLaunchBackend._begin)            # (with this GPU current)
+
+    def _fire_at(self, ids: list[int], params: SamplingParams, max_new: int, eos_ids, start: int):
         self._fire(self._prepare(ids, params, max_new, eos_ids, False, start_pos=start))
-        if stream._cancelled:                     # a cancel() racing _prepare's reset of the flag
-            self._ctl.u32[2] = 1
-        return True
 
     def _reuse(self, ids: list[int]) -> int:
         """Make the live cache hold the longest cached prefix of `ids`; its length."""

@@ -94,30 +94,13 @@ class TensorParallelBackend(_OneLaunchBackend):
             self.prefill = TensorParallelPrefill(self)
 
     # ---- requests: live prefix reuse, batched prefill, one launch per GPU ------------------
-    def _begin(self, stream: MonokernelTokenStream, ids: list[int], params: SamplingParams,
-               max_new: int, eos_ids) -> bool:
-        """Keep the prefix of `ids` the ranks' caches hold, prefill the rest but the last prompt
-        token on every rank, then launch the kernels at that token. False: cancelled before
-        the launch."""
-        n = len(ids)
+    def _reuse(self, ids: list[int]) -> int:
+        """The length of the prefix of `ids` the ranks' caches hold (the last request's)."""
         self._settle()
-        start = min(common_prefix_len(np.asarray(ids, np.int64),
-                                      np.asarray(self._kv_ids, np.int64)), n - 1)
-        stream.cached_tokens = start
-        if start < n - 1:
-            done = self.prefill.run(ids, start, n - 1, should_stop=lambda: stream._cancelled)
-            self._kv_ids = ids[:done]
-            if done < n - 1:
-                return False
-            start = done
-        if stream._cancelled:
-            return False
-        self._last_launch = (ids, start)
-        self._kv_ids = ids[:start]
-        self._fire_all(ids, params, max_new, eos_ids, False, start_pos=start)  # (the GPUs are idle)
-        if stream._cancelled:                     # a cancel() racing _prepare's reset of the flag
-            self._ctl.u32[2] = 1
-        return True
+        return common_prefix_len(np.asarray(ids, np.int64), np.asarray(self._kv_ids, np.int64))
+
+    def _fire_at(self, ids: list[int], params: SamplingParams, max_new: int, eos_ids, start: int):
+        self._fire_all(ids, params, max_new, eos_ids, False, start_pos=start)
 
     # ---- launch ---------------------------------------------------------------------------
     def _launch(self, ids, params: SamplingParams, max_new: int, eos_ids, all_logits: bool,
