@@ -168,12 +168,14 @@ def test_prefill_kv_matches_one_gpu(n):
     one, tp = pair("qwen3-kv2-hd128", n)
     cfg, m = one.cfg, 199
     ids = prompt(cfg, m + 1, seed=5)
+    for b in (one, tp):                             # (the backends are shared with other tests:
+        b._settle()                                 #  their caches will not hold a request's)
+        b._forget_kv()
     for b in [one] + tp.ranks:
-        with cupy.cuda.Device(b.device_id):
+        with cupy.cuda.Device(b.device_id), b._stream:   # (ordered before the prefill's kernels)
             b.k_cache.fill(0x7FC0)
             b.v_cache.fill(0x7FC0)
     assert one.prefill.run(ids, 0, m, chunk=64) == m
-    one._forget_kv()                                # (its cache no longer holds a request's)
     assert tp.prefill.run(ids, 0, m, chunk=64) == m
     L, C, hd = cfg.n_layers, one.context_length, cfg.head_dim
     for which in ("k_cache", "v_cache"):

@@ -322,6 +322,22 @@ def test_next_turn_prefills_only_what_is_new(backend, monkeypatch):
     s = b.start([1, 2, 30, 31, 32], SamplingParams(), 3, set())
     assert list(s) == [7, 8, 9] and s.cached_tokens == 0
     assert calls == [("prefill", 0, 4), ("launch", 4)]
+    # a prefill that fails: the request ends with its error (no earlier launch's token is read
+    # after it) and the cache claims only the prefix it kept; the next request goes on from it
+    run = b.prefill.run
+
+    def fail(ids, s0, s1, should_stop=None):
+        raise RuntimeError("prefill failed")
+    b.prefill = SimpleNamespace(run=fail)
+    s = b.start([1, 2, 30, 31, 32, 40, 41], SamplingParams(), 3, set())
+    with pytest.raises(RuntimeError, match="prefill failed"):
+        next(s)
+    assert list(s) == [] and b._kv_ids == [1, 2, 30, 31, 32]
+    b.prefill = SimpleNamespace(run=run)
+    calls.clear()
+    s = b.start([1, 2, 30, 31, 32, 40, 41], SamplingParams(), 3, set())
+    assert list(s) == [7, 8, 9] and s.cached_tokens == 5
+    assert calls == [("prefill", 5, 6), ("launch", 6)]
 
 
 def test_a_stalled_kernel_fails_the_next_request_within_the_watchdog():

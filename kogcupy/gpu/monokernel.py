@@ -138,7 +138,13 @@ class MonokernelTokenStream:
         if self._begin is not None:
             begin, self._begin = self._begin, None
             self._t_launch = time.perf_counter()
-            if not begin():                       # cancelled during the prefill
+            try:
+                launched = begin()
+            except BaseException:                 # (a failed prefill: the request ends with
+                self.finish_reason = "cancelled"  #  its error, the cache keeps what _begin
+                self._b._active = None            #  recorded, no old launch's tokens are read)
+                raise
+            if not launched:                      # cancelled during the prefill
                 self.finish_reason = "cancelled"
                 raise StopIteration
         if self._cancelled:
@@ -214,6 +220,7 @@ class _OneLaunchBackend:
         n = len(ids)
         start = min(self._reuse(ids), n - 1)
         stream.cached_tokens = start
+        self._kv_ids = ids[:start]                # (positions from start on are overwritten now)
         if start < n - 1:
             done = self.prefill.run(ids, start, n - 1, should_stop=lambda: stream._cancelled)
             self._kv_ids = ids[:done]
