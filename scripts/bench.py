@@ -601,15 +601,20 @@ def bench_peer_prompts(cfg, device, dtype, lens, agent, gen) -> dict:
     return out
 
 
-def bench_kogcupy_prompts(cfg, lens, agent, gen) -> dict:
-    """kogcupy (one GPU): cold TTFT per prompt length (prefix cache cleared), then the agent
-    workload through the prefix cache."""
+def bench_kogcupy_prompts(cfg, lens, agent, gen, n_gpus=1) -> dict:
+    """kogcupy (one GPU, or tensor parallel over n_gpus): cold TTFT per prompt length (prefix
+    cache cleared), then the agent workload through the prefix cache (several GPUs: the ranks'
+    caches kept from the last turn)."""
     from kogcupy.gpu.device_weights import DeviceModel
     from kogcupy.gpu.monokernel import MonokernelBackend
+    from kogcupy.gpu.multigpu import TensorParallelBackend
     from kogcupy.sampling_params import SamplingParams
     ctx = max(list(lens) + [len(agent[0]) + sum(len(t) + gen for t in agent[1]) if agent else 0]) + 16
     dev = DeviceModel.random(cfg, "bfloat16", 0, rope_positions=ctx)
-    be = MonokernelBackend(device_model=dev, context_length=ctx)
+    if n_gpus > 1:
+        be = TensorParallelBackend(device_model=dev, gpus=n_gpus, context_length=ctx)
+    else:
+        be = MonokernelBackend(device_model=dev, context_length=ctx)
 
     def turn(prompt, n_new):
         s = be.start(prompt, SamplingParams(), n_new, set())
@@ -697,22 +702,23 @@ def fits(cfg, args) -> list[int]:
     return [n for n in args.ttft_prompts if n < cfg.max_position_embeddings]
 
 
-def prompt_rows(engine, shape, cfg, args, env, rows, res, err):
-    """ttft rows (one per prompt length) and the agent row of one engine."""
+def prompt_rows(engine, shape, cfg, args, env, rows, res, err, n_gpus=1):
+    """ttft rows (one per prompt length) and the agent row of one engine (on n_gpus)."""
+    on = f" x{n_gpus}" if n_gpus > 1 else ""
     for n in args.ttft_prompts:
         t = (res or {}).get("ttft", {}).get(n)
         why = err if t is None else None
         if n >= cfg.max_position_embeddings:
             why = f"skipped: the model has {cfg.max_position_embeddings} positions"
         rows.append(make_row(engine, shape, cfg, args, env, metric="ttft", prompt_len=n,
-                             new_tokens=1, ttft_s=t, error=why))
-        print(f"  {engine:<16} ttft @{n:<6} {_fmt(t and t * 1e3, '.1f', 9)} ms", flush=True)
+                             new_tokens=1, ttft_s=t, error=why, n_gpus=n_gpus))
+        print(f"  {engine + on:<16} ttft @{n:<6} {_fmt(t and t * 1e3, '.1f', 9)} ms", flush=True)
     if args.agent_turns:
         a = (res or {}).get("agent")
         rows.append(make_row(engine, shape, cfg, args, env, metric="agent",
                              prompt_len=AGENT_SYSTEM, new_tokens=args.agent_gen,
-                             error=err if a is None else None, **(a or {})))
-        print(f"  {engine:<16} agent {_fmt(a and a['total_s'], '.2f', 9)} s "
+                             error=err if a is None else None, n_gpus=n_gpus, **(a or {})))
+        print(f"  {engine + on:<16} agent {_fmt(a and a['total_s'], '.2f', 9)} s "
               f"(mean ttft {_fmt(a and a['ttft_s'] * 1e3, '.1f', 7)} ms)", flush=True)
 
 
@@ -764,7 +770,7 @@ def print_table(doc):
         for r in ttft:
             t = r.get("ttft_s")
             note = _note(r)
-            print(f"{r['engine']:<30}{r['shape']:<14}{r['prompt_len']:>7}"
+            print(f"{_engine_on(r):<30}{r['shape']:<14}{r['prompt_len']:>7}"
                   f"{_fmt(t * 1e3 if t else None, '.2f', 10)}"
                   f"{_fmt(r['prompt_len'] / t if t else None, '.0f', 15)}  {note}")
     agent = [r for r in rows if r["metric"] == "agent"]
@@ -775,9 +781,14 @@ def print_table(doc):
         for r in agent:
             note = _note(r)
             t = r.get("ttft_s")
-            print(f"{r['engine']:<30}{r['shape']:<14}{_fmt(r.get('turns'), 'd', 6)}"
+            print(f"{_engine_on(r):<30}{r['shape']:<14}{_fmt(r.get('turns'), 'd', 6)}"
                   f"{_fmt(r.get('total_s'), '.2f', 9)}{_fmt(t * 1e3 if t else None, '.1f', 14)}"
                   f"{_fmt(r.get('final_context'), 'd', 9)}  {note}")
+
+
+def _engine_on(r) -> str:
+    """A row's engine, with its GPU count when it ran tensor parallel."""
+    return r["engine"] + (f" x{r['n_gpus']}" if r.get("n_gpus", 1) > 1 else "")
 
 
 def output_path(out_dir, gpu, date) -> str:
@@ -945,11 +956,11 @@ def run(args, save=lambda doc: None) -> dict:
                 decode(0, n, f"{n} GPUs", f"x{n} GPUs")
             for pos in (args.positions if 1 in args.gpus else []):
                 decode(pos, 1, f"pos {pos}", f"@{pos:<6} ")
-            if (args.ttft_prompts or agent) and 1 in args.gpus:
+            for n in (args.gpus if args.ttft_prompts or agent else []):
                 res, err = _guard(lambda: bench_kogcupy_prompts(cfg, fits(cfg, args), agent,
-                                                                args.agent_gen),
-                                  f"{shape} kogcupy prompts", log)
-                prompt_rows("kogcupy", shape, cfg, args, env, rows, res, err)
+                                                                args.agent_gen, n),
+                                  f"{shape} kogcupy prompts" + (f" {n} GPUs" if n > 1 else ""), log)
+                prompt_rows("kogcupy", shape, cfg, args, env, rows, res, err, n_gpus=n)
                 _free_gpu()
 
     doc = document(args, shapes_db, gpu, date, env, bw, rows, log, complete=True)
@@ -1032,8 +1043,9 @@ def parse_args(argv=None):
     p.add_argument("--bw-repeats", type=int, default=10)
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     p.add_argument("--gpus", type=_csv(int), default=[1],
-                   help="GPU counts kogcupy runs on, e.g. 1,2,4 (tensor parallel above 1; "
-                        "peers and context positions run on one GPU)")
+                   help="GPU counts kogcupy runs on, e.g. 1,2,4 (tensor parallel above 1: decode "
+                        "at position 0, TTFT and the agent workload; peers and other context "
+                        "positions run on one GPU)")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU logic check on tiny shapes; writes to /tmp unless --out is given")
     p.add_argument("--plot", metavar="JSON", help="only plot an earlier result (needs matplotlib)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One multi-GPU device call: KCCL and tensor-parallel tests (pytest -m multigpu), then decode
-# tok/s of the monokernel at 1, 2 and 4 GPUs (scripts/bench.py --gpus). Logs under $OUT.
+# tok/s, cold TTFT and the agent workload of the monokernel at 1, 2 and 4 GPUs (scripts/bench.py
+# --gpus). Logs under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}; mkdir -p "$OUT"
@@ -17,7 +18,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 if [ "$rc" = 0 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout ${BENCH_TIMEOUT:-300} python3 scripts/bench.py --shapes ${SHAPES:-llama-3.2-1b,qwen3-1.7b} \
-      --engines ${ENGINES:-kogcupy} --gpus ${GPUS:-1,2,4} --positions 0 --ttft-prompt 0 \
+      --engines ${ENGINES:-kogcupy} --gpus ${GPUS:-1,2,4} --positions 0 \
+      --ttft-prompts ${TTFT:-1000,8000} --agent-turns ${AGENT_TURNS:-4} \
       --out "$OUT" 2>&1 | tee "$OUT/bench.txt" | tail -n 14
 fi
 exit $rc

@@ -17,6 +17,12 @@ ENGINE_ORDER = ("hf-eager", "torch-sdpa-graph", "kogcupy")
 COLORS = {"hf-eager": "#9e9e9e", "torch-sdpa-graph": "#5b8def", "kogcupy": "#e8590c"}
 
 
+def _on_gpus(r) -> str:
+    """A prompt row's GPU count in its bar label (tensor parallel), nothing for one GPU."""
+    n = r.get("n_gpus", 1)
+    return f" x{n}" if n > 1 else ""
+
+
 def grouped_bars(ax, rows, key, value, ylabel, title, log=False):
     """One group of bars per key(row), one bar per engine, the value written on each."""
     groups = list(dict.fromkeys(key(r) for r in rows))
@@ -67,11 +73,12 @@ def plot(json_path: str, png_path: str | None = None) -> str:
     axes = list(axes[0])
     extra = axes[1 + with_ctx:len(axes) - with_tp]       # the prompt panels, in order
     if ttft:
-        grouped_bars(extra.pop(0), ttft, lambda r: f"{r['shape']}\n{r['prompt_len'] // 1000}k",
+        grouped_bars(extra.pop(0), ttft, lambda r: f"{r['shape']}\n{r['prompt_len'] // 1000}k"
+                     + _on_gpus(r),
                      lambda r: r["ttft_s"] * 1e3, "time to first token, ms (cold prompt, log)",
                      "time to first token", log=True)
     if agent:
-        grouped_bars(extra.pop(0), agent, lambda r: r["shape"], lambda r: r["total_s"],
+        grouped_bars(extra.pop(0), agent, lambda r: r["shape"] + _on_gpus(r), lambda r: r["total_s"],
                      f"agent workload total s ({agent[0]['turns']} turns, "
                      f"{agent[0]['new_tokens']} new tokens each)", "multi-turn agent workload")
     ax = axes[0]

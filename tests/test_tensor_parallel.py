@@ -313,9 +313,10 @@ def test_next_turn_prefills_only_what_is_new(backend, monkeypatch):
     calls.clear()
     s = b.start([1, 2, 30, 31], SamplingParams(), 3, set())
     assert list(s) == [7, 8, 9] and s.cached_tokens == 3 and calls == [("launch", 3)]
-    # a launch from position 0 (logits(), a build without prefill) leaves nothing to reuse
+    # a launch from position 0 (logits(), a build without prefill) leaves nothing to reuse,
+    # nor does clear_prefix_cache()
     if backend == "one GPU":
-        b._forget_kv()                              # (what logits() does first)
+        b.clear_prefix_cache()
     else:
         b._launch([1, 2, 30], SamplingParams(), 1, (), True)
     calls.clear()
@@ -338,6 +339,11 @@ def test_next_turn_prefills_only_what_is_new(backend, monkeypatch):
     s = b.start([1, 2, 30, 31, 32, 40, 41], SamplingParams(), 3, set())
     assert list(s) == [7, 8, 9] and s.cached_tokens == 5
     assert calls == [("prefill", 5, 6), ("launch", 6)]
+    b.clear_prefix_cache()
+    calls.clear()
+    s = b.start([1, 2, 30, 31, 32, 40, 41], SamplingParams(), 3, set())
+    assert list(s) == [7, 8, 9] and s.cached_tokens == 0
+    assert calls == [("prefill", 0, 6), ("launch", 6)]
 
 
 def test_a_stalled_kernel_fails_the_next_request_within_the_watchdog():

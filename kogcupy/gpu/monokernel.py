@@ -245,6 +245,11 @@ class _OneLaunchBackend:
         self._kv_ids = []
         self._last_launch = None
 
+    def clear_prefix_cache(self):
+        """Forget what the cache holds (the next request prefills from position 0)."""
+        self._settle()
+        self._forget_kv()
+
     def _settle(self):
         """After a launch ended: the cache holds the prompt and every generated token but the
         last (a position runs all its layers before the next token is sampled)."""
@@ -476,8 +481,7 @@ class MonokernelBackend(_OneLaunchBackend):
 
     def clear_prefix_cache(self):
         """Forget every cached prefix (the next request prefills from position 0)."""
-        self._settle()
-        self._forget_kv()
+        super().clear_prefix_cache()
         if self.prefix_cache is not None:
             self.prefix_cache.clear()
 
