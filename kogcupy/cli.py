@@ -313,7 +313,8 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
         sys.exit(EXIT_INTERRUPTED)
 
 
-CHAT_COMMANDS = "/reset clears the conversation (the system prompt stays), /exit quits, /help"
+CHAT_COMMANDS = ("/reset clears the conversation (the system prompt stays), /exit quits, "
+                 "/help shows this")
 
 
 @cli.command()
@@ -477,8 +478,13 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
     run_server(app, host=host, port=port)
 
 def _driver_hint() -> str:
-    """What to do when the NVIDIA driver is older than the CUDA of the installed CuPy."""
+    """What to do when CUDA reports the NVIDIA driver insufficient: none is installed, or it
+    is older than the CUDA of the installed CuPy."""
     from importlib import metadata
+
+    from .engine import NO_DRIVER, nvidia_driver_loadable
+    if not nvidia_driver_loadable():
+        return f"{NO_DRIVER}: kogcupy runs on the NumPy reference backend here"
     installed = set()
     for dist in ("cupy-cuda13x", "cupy-cuda12x"):
         try:

@@ -30,6 +30,21 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 # ------------------------------------------------------------------------------- backends
+def nvidia_driver_loadable() -> bool:
+    """The NVIDIA driver's library loads (the machine has a driver, of whatever version)."""
+    import ctypes
+    for name in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            pass
+    return False
+
+
+NO_DRIVER = "no NVIDIA driver on this machine (libcuda cannot be loaded)"
+
+
 def gpu_info() -> tuple[bool, str]:
     """(usable, why): cupy imports and sees at least one GPU."""
     try:
@@ -39,6 +54,8 @@ def gpu_info() -> tuple[bool, str]:
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # cudaErrorNoDevice / driver missing surface as CUDARuntimeError
+        if "InsufficientDriver" in str(e) and not nvidia_driver_loadable():
+            return False, f"cupy sees no GPU: {NO_DRIVER}"   # (CUDA calls that "insufficient")
         return False, f"cupy sees no GPU ({type(e).__name__}: {e})"
     if n <= 0:
         return False, "cupy sees no GPU"

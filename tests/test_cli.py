@@ -102,8 +102,13 @@ def test_env_without_a_usable_gpu_skips_the_topology(monkeypatch):
     assert "none (CUDARuntimeError)" in r.stdout and "topology:" not in r.stdout
 
 
-def test_env_names_why_no_gpu_and_the_driver_fix(monkeypatch):
+@pytest.mark.parametrize("driver", [True, False])
+def test_env_names_why_no_gpu_and_the_driver_fix(monkeypatch, driver):
+    # CUDA calls both an old driver and none at all "insufficient": the fix differs
     import types
+
+    import kogcupy.engine as E
+    monkeypatch.setattr(E, "nvidia_driver_loadable", lambda: driver)
 
     def no_gpu():
         raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient "
@@ -118,8 +123,29 @@ def test_env_names_why_no_gpu_and_the_driver_fix(monkeypatch):
     r = invoke(["env"])
     assert r.exit_code == 0, r.exception
     assert "none (RuntimeError: cudaErrorInsufficientDriver: CUDA driver version" in r.stdout
-    assert "pip uninstall cupy-cuda13x && pip install cupy-cuda12x" in r.stdout
+    fix = "pip uninstall cupy-cuda13x && pip install cupy-cuda12x"
+    if driver:
+        assert fix in r.stdout and "no NVIDIA driver" not in r.stdout
+    else:
+        assert fix not in r.stdout and "no NVIDIA driver on this machine" in r.stdout
     assert "backend: reference (auto)" in r.stdout
+
+
+def test_no_driver_is_named_in_the_gpu_errors(monkeypatch):
+    import types
+
+    import kogcupy.engine as E
+
+    def no_gpu():
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient")
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        cuda=types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=no_gpu))))
+    monkeypatch.setattr(E, "nvidia_driver_loadable", lambda: False)
+    assert E.gpu_info() == (False, "cupy sees no GPU: no NVIDIA driver on this machine "
+                                   "(libcuda cannot be loaded)")
+    assert_user_error(invoke(["generate", "hi", "--gpus", "2"]), "no NVIDIA driver on this machine")
+    monkeypatch.setattr(E, "nvidia_driver_loadable", lambda: True)
+    assert "cudaErrorInsufficientDriver" in E.gpu_info()[1]
 
 
 @pytest.mark.parametrize("args, match", [
