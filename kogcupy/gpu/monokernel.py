@@ -601,6 +601,8 @@ class MonokernelBackend(_OneLaunchBackend):
         cp = _cupy()
         self._check_logits_request(token_ids)
         out = cp.empty((len(token_ids), self.cfg.vocab_size), cp.float32)
+        if self._active is not None:              # (a generation still running stops first:
+            self._active.cancel()                 #  _settle waits for its launch to end)
         if self.prefix_cache is not None:
             self._settle()
             self._save_live()
