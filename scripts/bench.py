@@ -704,7 +704,7 @@ def fits(cfg, args) -> list[int]:
 
 def prompt_rows(engine, shape, cfg, args, env, rows, res, err, n_gpus=1):
     """ttft rows (one per prompt length) and the agent row of one engine (on n_gpus)."""
-    on = f" x{n_gpus}" if n_gpus > 1 else ""
+    on = _on_gpus(n_gpus)
     for n in args.ttft_prompts:
         t = (res or {}).get("ttft", {}).get(n)
         why = err if t is None else None
@@ -786,9 +786,14 @@ def print_table(doc):
                   f"{_fmt(r.get('final_context'), 'd', 9)}  {note}")
 
 
+def _on_gpus(n_gpus: int) -> str:
+    """" xN" after an engine's name when it ran tensor parallel over N GPUs, else nothing."""
+    return f" x{n_gpus}" if n_gpus > 1 else ""
+
+
 def _engine_on(r) -> str:
     """A row's engine, with its GPU count when it ran tensor parallel."""
-    return r["engine"] + (f" x{r['n_gpus']}" if r.get("n_gpus", 1) > 1 else "")
+    return r["engine"] + _on_gpus(r.get("n_gpus", 1))
 
 
 def output_path(out_dir, gpu, date) -> str:

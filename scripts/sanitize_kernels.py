@@ -17,7 +17,7 @@ from kogcupy.sampling_params import SamplingParams  # noqa: E402
 
 # argv[2]: q heads per kv head (default 2; 12 gives the tensor-core attention two 8-head
 # tiles); argv[4]: head_dim (default 64; 128 shares each 16-position group between two warps
-# that meet at named barriers)
+# that meet at the block's barrier)
 gqa = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 head_dim = int(sys.argv[4]) if len(sys.argv) > 4 else 64
 cfg = ModelConfig(arch="qwen3", vocab_size=512, hidden_size=128, intermediate_size=256,

@@ -230,7 +230,6 @@ class _OneLaunchBackend:
         if stream._cancelled:
             return False
         self._last_launch = (ids, start)
-        self._kv_ids = ids[:start]
         self._fire_at(ids, params, max_new, eos_ids, start)
         if stream._cancelled:                     # a cancel() racing _prepare's reset of the flag
             self._ctl.u32[2] = 1

@@ -182,8 +182,7 @@ class Prefill:
         self._gemm(buf["xn"].data.ptr, self.b.dev.arrays["w_gate_up"][layer].data.ptr,
                    buf["gu"].data.ptr, n, cfg.hidden_size, 2 * f, False)
         total = n * f
-        fn["kog_pf_silu_mul"]((min(65535, (total + 255) // 256),), (256,),
-                              (buf["gu"], buf["xn"], np.uint64(total)))
+        fn["kog_pf_silu_mul"]((_grid(total),), (256,), (buf["gu"], buf["xn"], np.uint64(total)))
 
     def _down(self, layer: int, out_ptr: int, accumulate: bool):
         """down (n, h): added into x (one GPU: w_down stored (L, f, h)), or this rank's
@@ -196,7 +195,7 @@ class Prefill:
     def _add_parts(self, parts, n_parts: int):
         """Tensor parallel: x += parts[0] + parts[1] + ... (rank order; parts (R, n, h))."""
         total = self._bufs["n"] * self.cfg.hidden_size
-        self._fn["kog_pf_add_parts"]((min(65535, (total + 255) // 256),), (256,),
+        self._fn["kog_pf_add_parts"]((_grid(total),), (256,),
                                      (self._bufs["x"], parts, np.int32(n_parts), np.uint64(total)))
 
     def _chunk(self, ids: np.ndarray, pos0: int, want_x: bool = False):
@@ -251,6 +250,11 @@ class Prefill:
                 out[pos:pos + n] = cp.asnumpy(lg, stream=b._stream)
             b._stream.synchronize()
         return out
+
+
+def _grid(total: int) -> int:
+    """Blocks of 256 threads for a grid-stride loop over `total` elements (at most 65,535)."""
+    return min(65535, (total + 255) // 256)
 
 
 def _run_chunks(ids, start: int, end: int, should_stop, chunk: int, run_chunk, sync) -> int:
