@@ -8,11 +8,13 @@
 // query rows (two m16 tiles, so that every K / V fragment it loads from shared memory feeds two
 // products) and walks the key tiles of KOG_PF_BN positions (64; 32 at head_dim 128, for
 // registers) up to its last query: S = Q K^T with mma.m16n8k16 (bf16/fp16 in, fp32
-// accumulate), causal mask, online softmax in fp32 (exp2, running max and sum per row), then
-// O += P V with P re-packed from the S accumulators into A fragments (the accumulator layout of
-// two n8 tiles is the A layout of one k16 step), so P never leaves registers. K and V tiles stream into shared memory by cp.async, two stages (the
-// next tile loads while this one is used), with a row stride of hd + 8 elements so that the
-// ldmatrix fragment loads (Q and K as they are, V transposed) are free of bank conflicts.
+// accumulate), causal mask (diagonal tiles only), online softmax in fp32 (running max in raw
+// score units and sum per row, exp2 with the scale folded into its FFMA), then O += P V with P
+// re-packed from the S accumulators into A fragments (the accumulator layout of two n8 tiles is
+// the A layout of one k16 step), so P never leaves registers. K and V tiles stream into shared
+// memory by cp.async, two stages (the next tile loads while this one is used), with a row
+// stride of hd + 8 elements so that the ldmatrix fragment loads (Q and K as they are, V
+// transposed) are free of bank conflicts.
 // Heaviest query tiles are scheduled first. The tile sizes come from prefill.py (its defines).
 //
 // kog_pf_attention_simple (any platform, any head_dim): one warp per (query, q head), keys one
@@ -150,21 +152,26 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
                     for (int mt = 0; mt < MT; ++mt) kog_mma_w(s[mt][nt], qa[mt], b0, b1);
                 }
             }
-            // ---- scale, causal mask, online softmax (rows r, r + 8 of each m-tile) ----
-            const bool diag = key0 + BN - 1 > warp_first;     // some key of the tile is masked
+            // ---- causal mask (tiles that reach past the warp's first query only), online
+            //      softmax (rows r, r + 8 of each m-tile): maxima in raw score units, the scale
+            //      folded into each exponent's FFMA ----
+            if (key0 + BN - 1 > warp_first) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int qpos_a = warp_first + mt * 16 + r, qpos_b = qpos_a + 8;
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (key0 + nt * 8 + 2 * cq + (e & 1) > (e < 2 ? qpos_a : qpos_b))
+                                s[mt][nt][e] = KOG_NEG_INF;
+                }
+            }
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                const int qpos_a = warp_first + mt * 16 + r, qpos_b = qpos_a + 8;
                 float mx_a = KOG_NEG_INF, mx_b = KOG_NEG_INF;
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = key0 + nt * 8 + 2 * cq + (e & 1);
-                        float v = s[mt][nt][e] * scale_log2;
-                        if (diag && key > (e < 2 ? qpos_a : qpos_b)) v = KOG_NEG_INF;
-                        s[mt][nt][e] = v;
-                    }
                     mx_a = fmaxf(mx_a, fmaxf(s[mt][nt][0], s[mt][nt][1]));
                     mx_b = fmaxf(mx_b, fmaxf(s[mt][nt][2], s[mt][nt][3]));
                 }
@@ -174,13 +181,17 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
                 mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
                 // (finite: every row has key 0 in tile 0, which every warp runs)
                 const float sa = fmaxf(m_r[mt][0], mx_a), sb = fmaxf(m_r[mt][1], mx_b);
-                const float al_a = kog_exp2(m_r[mt][0] - sa), al_b = kog_exp2(m_r[mt][1] - sb);
+                const float na = -sa * scale_log2, nb = -sb * scale_log2;
+                const float al_a = kog_exp2(fmaf(m_r[mt][0], scale_log2, na));   // 0 at -inf
+                const float al_b = kog_exp2(fmaf(m_r[mt][1], scale_log2, nb));
                 m_r[mt][0] = sa; m_r[mt][1] = sb;
                 float sum_a = 0.f, sum_b = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    s[mt][nt][0] = kog_exp2(s[mt][nt][0] - sa); s[mt][nt][1] = kog_exp2(s[mt][nt][1] - sa);
-                    s[mt][nt][2] = kog_exp2(s[mt][nt][2] - sb); s[mt][nt][3] = kog_exp2(s[mt][nt][3] - sb);
+                    s[mt][nt][0] = kog_exp2(fmaf(s[mt][nt][0], scale_log2, na));
+                    s[mt][nt][1] = kog_exp2(fmaf(s[mt][nt][1], scale_log2, na));
+                    s[mt][nt][2] = kog_exp2(fmaf(s[mt][nt][2], scale_log2, nb));
+                    s[mt][nt][3] = kog_exp2(fmaf(s[mt][nt][3], scale_log2, nb));
                     sum_a += s[mt][nt][0] + s[mt][nt][1];
                     sum_b += s[mt][nt][2] + s[mt][nt][3];
                 }
