@@ -154,6 +154,25 @@ def test_next_turn_reuses_the_ranks_caches(n):
     same_or_near_tie(one, turn2, want, got, f"turn 2 on {n} ranks")
 
 
+@pytest.mark.parametrize("n", TP_SIZES)
+def test_an_earlier_conversation_comes_back_from_the_store(n):
+    """Conversation B displaces A from the ranks' caches; A's next turn copies A's K/V back from
+    the store (every rank's) and prefills only its new tokens: one GPU's greedy tokens on the
+    whole prompt from scratch (or parting from them only at a near-tie)."""
+    one, tp = pair("llama-kv8", n)
+    assert tp.prefix_cache is not None and tp.prefix_cache.budget_bytes > 0
+    a1, b1 = prompt(one.cfg, 120, seed=31), prompt(one.cfg, 90, seed=32)
+    ans, _ = greedy(tp, a1, 8)
+    greedy(tp, b1, 8)
+    a2 = a1 + ans + prompt(one.cfg, 30, seed=33)
+    s = tp.start(a2, SamplingParams(), 16, set())
+    got = list(s)
+    assert s.cached_tokens == len(a1) + 7, s.cached_tokens
+    one.clear_prefix_cache()
+    want, _ = greedy(one, a2, 16)
+    same_or_near_tie(one, a2, want, got, f"A's turn 2 from the store on {n} ranks")
+
+
 def _bf16(a):
     return (np.asarray(a, np.uint16).astype(np.uint32) << 16).view(np.float32)
 

@@ -242,7 +242,7 @@ def test_tensor_parallel_start_prefills_then_launches_at_the_last_prompt_token()
         b.cfg, b.context_length, b.watchdog_s, b._active = cfg_of(vocab=101), 16, 0.2, None
         b._ctl, b._host_tokens = SimpleNamespace(u32=ctl), SimpleNamespace(i32=toks)
         b._stream, b._wait_idle, b._fire_all = stream, lambda: None, fire_all
-        b._kv_ids, b._last_launch = [], None
+        b._kv_ids, b._last_launch, b.prefix_cache = [], None, None
         s = b.start([1, 2, 3, 4], SamplingParams(), 2, set())
         assert calls == []                          # deferred to the first token
         if stop_at is None:
@@ -253,47 +253,83 @@ def test_tensor_parallel_start_prefills_then_launches_at_the_last_prompt_token()
             assert calls == [("prefill", 0, 3)]
 
 
+class _FakeStream:
+    """A GPU stream stand-in: done / synchronize for the token stream, `with` for copies."""
+    done = False
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 @pytest.mark.parametrize("backend", ["one GPU", "tensor parallel"])
 def test_next_turn_prefills_only_what_is_new(backend, monkeypatch):
     # the cache (every rank's) holds the last request's prompt and its generated tokens but the
     # last: a next turn that extends them prefills from there (stream.cached_tokens says how
-    # many were kept); a launch from position 0 overwrites the caches. GPU side faked.
+    # many were kept); a launch from position 0 overwrites the caches. GPU side faked: a cache
+    # "position" holds the token id that ran there (+ the holder's number), so what a request
+    # found in the caches can be read back.
     import contextlib
     from types import SimpleNamespace
 
-    from kogcupy.gpu import monokernel
+    from kogcupy.gpu import monokernel, multigpu
     from kogcupy.gpu.multigpu import TensorParallelBackend
     from kogcupy.prefix_cache import PrefixCache
     from kogcupy.sampling_params import SamplingParams
+    for mod in (monokernel, multigpu):
+        monkeypatch.setattr(mod, "_cupy", lambda: SimpleNamespace(
+            cuda=SimpleNamespace(Device=lambda i: contextlib.nullcontext())))
+    cfg = cfg_of(vocab=101)
     calls = []
     ctl, toks = np.zeros(4, np.uint32), np.zeros(16, np.int32)
-    stream = SimpleNamespace(done=False, synchronize=lambda: None)
+    stream = _FakeStream()
 
-    def launched(start_pos):
+    def holder(h, i):                               # caches (L * KV, C, 1) of holder i
+        k, v = np.full((4, 64, 1), -1.0), np.full((4, 64, 1), -1.0)
+        h._kv_views, h.device_id, h.lcfg = (lambda: (k, v)), 0, cfg
+        h.cache = lambda n: [int(x) - 1000 * i for x in k[0, :n, 0]]
+        h.write = lambda ids, a, e: (k.__setitem__((slice(None), slice(a, e), 0),
+                                                   np.asarray(ids[a:e]) + 1000 * i),
+                                     v.__setitem__((slice(None), slice(a, e), 0), 0.0))
+        return h
+
+    def launched(ids, start_pos):
         calls.append(("launch", start_pos))
         toks[:3] = [7, 8, 9]
+        for h in holders:                           # the prompt's last token, all but the last new one
+            h.write(list(ids) + [7, 8], start_pos, len(ids) + 2)
         ctl[0], ctl[1] = 3, 2                       # three tokens, finish "length"
         stream.done = True
         return 0.0
     if backend == "one GPU":
-        monkeypatch.setattr(monokernel, "_cupy", lambda: SimpleNamespace(
-            cuda=SimpleNamespace(Device=lambda i: contextlib.nullcontext())))
-        b = object.__new__(monokernel.MonokernelBackend)
-        b.device_id, b.prefix_cache, b._overflowed = 0, PrefixCache(0), lambda: False
+        b = holder(object.__new__(monokernel.MonokernelBackend), 0)
+        b._overflowed = lambda: False
         b._prepare = lambda ids, params, max_new, eos, all_logits, logits_out=None, start_pos=0: \
-            start_pos
-        b._fire = launched
+            (ids, start_pos)
+        b._fire = lambda v: launched(*v)
+        holders = [b]
     else:
         b = object.__new__(TensorParallelBackend)
         b._fire_all = lambda ids, params, max_new, eos, all_logits, logits_outs=None, \
-            start_pos=0: launched(start_pos)
-    b.prefill = SimpleNamespace(run=lambda ids, s0, s1, should_stop=None:
-                                calls.append(("prefill", s0, s1)) or s1)
-    b.cfg = b.lcfg = cfg_of(vocab=101)
+            start_pos=0: launched(ids, start_pos)
+        b.ranks = holders = [holder(SimpleNamespace(_stream=_FakeStream()), i) for i in range(2)]
+
+    def prefill(ids, s0, s1, should_stop=None):
+        calls.append(("prefill", s0, s1))
+        for h in holders:
+            h.write(ids, s0, s1)
+        return s1
+    b.prefill = SimpleNamespace(run=prefill)
+    b.cfg = b.lcfg = cfg
     b.context_length, b.watchdog_s, b._active = 64, 0.2, None
     b._ctl, b._host_tokens = SimpleNamespace(u32=ctl), SimpleNamespace(i32=toks)
     b._stream, b._wait_idle = stream, lambda: None
-    b._kv_ids, b._last_launch = [], None
+    b._kv_ids, b._last_launch, b.prefix_cache = [], None, None
     turn1 = [1, 2, 3, 4, 5]
     s = b.start(turn1, SamplingParams(), 3, set())
     assert list(s) == [7, 8, 9] and s.cached_tokens == 0
@@ -344,6 +380,23 @@ def test_next_turn_prefills_only_what_is_new(backend, monkeypatch):
     s = b.start([1, 2, 30, 31, 32, 40, 41], SamplingParams(), 3, set())
     assert list(s) == [7, 8, 9] and s.cached_tokens == 0
     assert calls == [("prefill", 0, 6), ("launch", 6)]
+    assert all(h.cache(8) == [1, 2, 30, 31, 32, 40, 41, 7] for h in holders)
+    # with a store of earlier sequences: conversation B displaces A from the live caches, A's
+    # next turn copies A back (every holder's K/V) and prefills only its new tokens
+    b.prefix_cache = PrefixCache(1 << 20)
+    a1 = [1, 2, 30, 31, 32, 40, 41]                 # (live: a1 + [7, 8])
+    calls.clear()
+    s = b.start([50, 51, 52], SamplingParams(), 3, set())
+    assert list(s) == [7, 8, 9] and s.cached_tokens == 0
+    assert b.prefix_cache.stats["entries"] == 1
+    assert all(h.cache(5) == [50, 51, 52, 7, 8] for h in holders)
+    calls.clear()
+    a2 = a1 + [7, 8, 9, 60, 61]
+    s = b.start(a2, SamplingParams(), 3, set())
+    assert list(s) == [7, 8, 9] and s.cached_tokens == len(a1) + 2
+    assert calls == [("prefill", 9, 11), ("launch", 11)]
+    assert all(h.cache(13) == a2 + [7] for h in holders)
+    assert b.prefix_cache.stats["entries"] == 2     # (B's sequence was saved before)
 
 
 def test_a_stalled_kernel_fails_the_next_request_within_the_watchdog():

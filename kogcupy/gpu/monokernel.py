@@ -245,9 +245,57 @@ class _OneLaunchBackend:
         self._last_launch = None
 
     def clear_prefix_cache(self):
-        """Forget what the cache holds (the next request prefills from position 0)."""
+        """Forget every cached prefix (the next request prefills from position 0)."""
         self._settle()
         self._forget_kv()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+
+    # ---- prefix reuse: the live cache, then the store of earlier sequences' K/V -----------
+    def _kv_holders(self) -> list:
+        """The one-GPU backends whose caches hold the sequence (each with _kv_views, _stream,
+        lcfg): this one, or every rank."""
+        raise NotImplementedError
+
+    def _copy_ctx(self, h):
+        """Where copies of holder h's cache run: its stream (one GPU: its GPU is current)."""
+        return h._stream
+
+    def _reuse(self, ids: list[int]) -> int:
+        """Make the live caches hold the longest cached prefix of `ids` (kept from the last
+        request, or copied back from the store); its length."""
+        self._settle()
+        live = self._kv_ids
+        m_live = common_prefix_len(np.asarray(ids, np.int64), np.asarray(live, np.int64))
+        if self.prefix_cache is None:
+            return m_live
+        m_hit, entry = self.prefix_cache.match(ids)
+        if entry is not None and m_hit > m_live:
+            self._save_live()
+            for h, (k, v) in zip(self._kv_holders(), entry.payload):
+                kc, vc = h._kv_views()
+                with self._copy_ctx(h):
+                    kc[:, :m_hit] = k[:, :m_hit]
+                    vc[:, :m_hit] = v[:, :m_hit]
+            self._kv_ids = list(entry.ids[:m_hit])
+            return m_hit
+        if m_live < len(live):
+            self._save_live()                     # the rest of it is about to be overwritten
+        return m_live
+
+    def _save_live(self):
+        """Copy the live sequence's K/V (every holder's) into the store, if it fits the budget."""
+        n = len(self._kv_ids)
+        holders = self._kv_holders()
+        nbytes = int(sum(kv_bytes(h.lcfg, n) for h in holders))
+        if n == 0 or not 0 < nbytes <= self.prefix_cache.budget_bytes:
+            return
+        payload = []
+        for h in holders:
+            kc, vc = h._kv_views()
+            with self._copy_ctx(h):
+                payload.append((kc[:, :n].copy(), vc[:, :n].copy()))
+        self.prefix_cache.put(list(self._kv_ids), payload, nbytes)
 
     def _settle(self):
         """After a launch ended: the cache holds the prompt and every generated token but the
@@ -442,47 +490,14 @@ class MonokernelBackend(_OneLaunchBackend):
     def _fire_at(self, ids: list[int], params: SamplingParams, max_new: int, eos_ids, start: int):
         self._fire(self._prepare(ids, params, max_new, eos_ids, False, start_pos=start))
 
-    def _reuse(self, ids: list[int]) -> int:
-        """Make the live cache hold the longest cached prefix of `ids`; its length."""
-        self._settle()
-        live = self._kv_ids
-        m_live = common_prefix_len(np.asarray(ids, np.int64), np.asarray(live, np.int64))
-        m_hit, entry = self.prefix_cache.match(ids)
-        if entry is not None and m_hit > m_live:
-            self._save_live()
-            k, v = entry.payload
-            kc, vc = self._kv_views()
-            with self._stream:
-                kc[:, :m_hit] = k[:, :m_hit]
-                vc[:, :m_hit] = v[:, :m_hit]
-            self._kv_ids = list(entry.ids[:m_hit])
-            return m_hit
-        if m_live < len(live):
-            self._save_live()                     # the rest of it is about to be overwritten
-        return m_live
-
-    def _save_live(self):
-        """Copy the live sequence's K/V into the prefix cache (if it fits the budget)."""
-        n = len(self._kv_ids)
-        nbytes = int(kv_bytes(self.lcfg, n))
-        if n == 0 or not 0 < nbytes <= self.prefix_cache.budget_bytes:
-            return
-        kc, vc = self._kv_views()
-        with self._stream:
-            k, v = kc[:, :n].copy(), vc[:, :n].copy()
-        self.prefix_cache.put(list(self._kv_ids), (k, v), nbytes)
-
     def _kv_views(self):
         """The K and V caches as (L * KV, C, hd) views: a sequence's positions are [:, :n]."""
         cfg = self.lcfg
         shape = (cfg.n_layers * cfg.n_kv_heads, self.context_length, cfg.head_dim)
         return self.k_cache.reshape(shape), self.v_cache.reshape(shape)
 
-    def clear_prefix_cache(self):
-        """Forget every cached prefix (the next request prefills from position 0)."""
-        super().clear_prefix_cache()
-        if self.prefix_cache is not None:
-            self.prefix_cache.clear()
+    def _kv_holders(self) -> list:
+        return [self]
 
     # ---- launch ---------------------------------------------------------------------------
     def _launch(self, ids: list[int], params: SamplingParams, max_new: int, eos_ids,

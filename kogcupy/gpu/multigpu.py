@@ -10,19 +10,22 @@ results inside the kernels (kernels_src/kccl.cuh), so a generate() is still one 
 GPU. All ranks compute the same token at every step (same logits bits, same random draws);
 rank 0 streams it to the host and is the one that reads the cancel flag. A prompt's tokens but
 the last are prefilled first, each rank its heads and FFN columns (prefill.TensorParallelPrefill),
-from the end of the longest prefix the ranks' caches still hold of the previous request (its
-prompt and generated tokens: the next turn of a conversation prefills only what is new).
+from the end of the longest prefix the ranks' caches hold: the previous request's (its prompt and
+generated tokens: the next turn of a conversation prefills only what is new), or an earlier
+sequence's copied back from the store (``prefix_cache_gb``: every rank's K/V on its GPU).
 """
 from __future__ import annotations
 
+import contextlib
 
 import numpy as np
 
 from . import abi, kccl, tensor_parallel
 from ..errors import InputError
-from ..prefix_cache import common_prefix_len
+from ..prefix_cache import PrefixCache
 from .device_weights import DeviceModel
-from .monokernel import MonokernelBackend, MonokernelTokenStream, _cupy, _OneLaunchBackend
+from .monokernel import (MonokernelBackend, MonokernelTokenStream, _cupy, _OneLaunchBackend,
+                         prefix_cache_budget)
 from .prefill import TensorParallelPrefill
 from ..sampling_params import SamplingParams
 
@@ -49,7 +52,8 @@ class TensorParallelBackend(_OneLaunchBackend):
 
     def __init__(self, model=None, gpus: int = 2, context_length: int = 4096,
                  dtype: str | None = None, device_model: DeviceModel | None = None,
-                 devices: list[int] | None = None, **backend_kw):
+                 devices: list[int] | None = None, prefix_cache_gb: float | None = None,
+                 **backend_kw):
         """``devices``: the GPU of each rank (default 0 .. gpus-1). Ranks may share a GPU -- the
         multi-rank protocol on one GPU, for tests where fewer GPUs are present: each rank's grid
         then takes its share of the multiprocessors and all of them must run at once."""
@@ -90,14 +94,30 @@ class TensorParallelBackend(_OneLaunchBackend):
         # the prompt but its last token in chunks on tensor cores, sharded like the weights
         # (the stage dumps and timings need every position run by the monokernel)
         self.prefill = None
+        self.prefix_cache = None
         if not (backend_kw.get("debug_positions") or backend_kw.get("profile_pos") is not None):
             self.prefill = TensorParallelPrefill(self)
+            # earlier sequences' K/V: every rank's copy on its GPU (an equal share each), one
+            # budget for all of them (prefix_cache_gb: the total); by default what the GPU with
+            # the least room gives its ranks, times the ranks
+            if prefix_cache_gb is not None:
+                budget = prefix_cache_budget(prefix_cache_gb)
+            else:
+                per_rank = []
+                for d in sorted(set(devices)):
+                    with cp.cuda.Device(d):
+                        per_rank.append(prefix_cache_budget(None) / devices.count(d))
+                budget = min(per_rank) * gpus
+            self.prefix_cache = PrefixCache(int(budget))
 
-    # ---- requests: live prefix reuse, batched prefill, one launch per GPU ------------------
-    def _reuse(self, ids: list[int]) -> int:
-        """The length of the prefix of `ids` the ranks' caches hold (the last request's)."""
-        self._settle()
-        return common_prefix_len(np.asarray(ids, np.int64), np.asarray(self._kv_ids, np.int64))
+    # ---- requests: prefix reuse, batched prefill, one launch per GPU -----------------------
+    def _kv_holders(self) -> list:
+        return self.ranks
+
+    @contextlib.contextmanager
+    def _copy_ctx(self, h):
+        with _cupy().cuda.Device(h.device_id), h._stream:   # (rank h's GPU, then its stream)
+            yield
 
     def _fire_at(self, ids: list[int], params: SamplingParams, max_new: int, eos_ids, start: int):
         self._fire_all(ids, params, max_new, eos_ids, False, start_pos=start)
@@ -146,6 +166,11 @@ class TensorParallelBackend(_OneLaunchBackend):
                 o = cp.empty((len(token_ids), self.cfg.vocab_size), cp.float32)
                 o.fill(np.nan)
                 outs.append(o)
+        if self._active is not None:              # (a generation still running stops first:
+            self._active.cancel()                 #  _settle waits for its launch to end)
+        if self.prefix_cache is not None:         # (the launch overwrites the caches)
+            self._settle()
+            self._save_live()
         self._launch(list(token_ids), SamplingParams(), 1, (), True, outs)
         self._sync_with_watchdog()
         self._kv_ids = list(token_ids)            # teacher-forced: every position ran
