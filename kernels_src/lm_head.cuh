@@ -1,9 +1,11 @@
 // ============================================================================================
 // lm_head.cuh -- stage final_norm_lm_head: logits[rows] = lm_head @ rmsnorm(x), and this
-// block's argmax (lowest index on ties) for the greedy sampler.
+// block's argmax (lowest index on ties) for the sampler: of the logits when greedy, of the
+// draw's scores (logit / T + noise, sampling.cuh) when every id is kept and nothing penalised.
 // ============================================================================================
 #pragma once
 #include "gemv.cuh"
+#include "sampling.cuh"
 
 KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     kog_prof(c, KOG_N_LAYERS * 16 + 0);
@@ -23,6 +25,9 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
 #endif
     float best_v = KOG_NEG_INF;
     int best_i = KOG_INT_MAX;
+    const bool draw = kog_draw_in_lm_head(p);
+    const float inv_t = draw ? 1.f / p->temperature : 0.f;
+    const kog_u32 step = (kog_u32)(c.t - (p->prompt_len - 1));        // generated index
     constexpr bool DYN = KOG_DYN_PERMILLE > 0;
     auto ready = [&]() -> float {
 #if KOG_TP > 1
@@ -40,7 +45,8 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     };
     auto epi = [&](int row, float (&acc)[1], float scale) {
         const float v = acc[0] * scale;
-        if (v > best_v || (v == best_v && row < best_i)) { best_v = v; best_i = row; }
+        const float key = draw ? kog_draw_score(p, v, inv_t, step, row) : v;
+        if (key > best_v || (key == best_v && row < best_i)) { best_v = key; best_i = row; }
         if (threadIdx.x % KOG_WARP == 0) {
             logits[row] = v;
             if (dbg != nullptr) dbg[KOG_DBG_LOGITS + row] = v;

@@ -5,8 +5,10 @@
 // The algorithm is kogcupy/reference/sampling.py's, step for step: repetition penalty over the distinct
 // ids of prompt + generated (per-step stamps make "distinct" cheap) -> greedy argmax (lowest
 // id on ties; without a penalty it only reduces the per-block partial argmax the LM head
-// stage left) -> logits / T -> top_k -> softmax -> top_p -> min_p -> renormalise -> draw with
-// Philox4x32-10 u: the first token of the descending order whose cumulative mass > u * total.
+// stage left) -> logits / T -> top_k -> softmax -> top_p -> min_p -> the draw: the kept id
+// with the largest logit / T + g(seed, step, id), g a Gumbel variate from Philox4x32-10.
+// With no filter and no penalty every id is kept, so the LM head's blocks score their own
+// rows as they write them and this stage reduces their partials like the greedy argmax.
 //
 // No sort: every "prefix of the descending order" is a cut (key, id) -- token i is kept when
 // its order key is above `key`, or equal to it with i <= id (ties in logit go to the lower id,
@@ -17,9 +19,10 @@
 #pragma once
 #include "gemv.cuh"
 
-KOG_DEVICE float kog_philox_uniform(kog_u32 k0, kog_u32 k1, kog_u32 step) {
+// Philox4x32-10: the four output words of counter (c0, c1, 0, 0) under key (k0, k1).
+KOG_DEVICE uint4 kog_philox4(kog_u32 k0, kog_u32 k1, kog_u32 c0, kog_u32 c1) {
     const kog_u32 M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
-    kog_u32 c0 = step, c1 = 0u, c2 = 0u, c3 = 0u;
+    kog_u32 c2 = 0u, c3 = 0u;
 #pragma unroll
     for (int r = 0; r < 10; ++r) {
         if (r) { k0 += W0; k1 += W1; }
@@ -28,7 +31,25 @@ KOG_DEVICE float kog_philox_uniform(kog_u32 k0, kog_u32 k1, kog_u32 step) {
         const kog_u32 n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
         c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
     }
-    return (float)(c0 >> 8) * (1.0f / 16777216.0f);
+    return make_uint4(c0, c1, c2, c3);
+}
+
+// The draw's score of token `id` at generated index `step`: logit * (1 / T) + g, multiply and
+// add rounded apart (as numpy does), g = -log(-log(u)), u = ((w >> 9) + 0.5) * 2^-23 from word
+// id & 3 of counter (step, id >> 2) under the seed (reference/sampling.py, perturbed_scores).
+__device__ __noinline__ float kog_draw_score(const KogParams* p, float logit, float inv_t, kog_u32 step, int id) {
+    const uint4 w = kog_philox4(p->seed_lo, p->seed_hi, step, (kog_u32)id >> 2);
+    const int j = id & 3;
+    const kog_u32 x = j == 0 ? w.x : (j == 1 ? w.y : (j == 2 ? w.z : w.w));
+    const float u = ((float)(x >> 9) + 0.5f) * (1.0f / 8388608.0f);
+    return __fadd_rn(__fmul_rn(logit, inv_t), -logf(-logf(u)));
+}
+
+// Every id kept and no penalty: the LM head's blocks draw (see the file comment). Outside the
+// generation (prompt logits only) there is nothing to draw.
+KOG_DEVICE bool kog_draw_in_lm_head(const KogParams* p) {
+    return p->temperature > 0.f && !p->all_logits && (p->top_k <= 0 || p->top_k >= KOG_VOCAB) &&
+           p->top_p >= 1.f && p->min_p <= 0.f && p->repetition_penalty == 1.f;
 }
 
 // Order-preserving unsigned key of a float (larger float -> larger key).
@@ -133,9 +154,9 @@ KOG_DEVICE float kog_kept_mass(const KogSampler& s, float* scratch) {
 }
 
 // Narrows s's cut to the first position of the descending order where the running count
-// reaches target_c (count_mode), or the running mass reaches target_m (ge: >=, else: >).
+// reaches target_c (count_mode), or the running mass reaches target_m (>=).
 // Returns the token id at that position.
-KOG_DEVICE int kog_select(KogSampler& s, bool count_mode, int target_c, float target_m, bool ge,
+KOG_DEVICE int kog_select(KogSampler& s, bool count_mode, int target_c, float target_m,
                           float* sm, float* scratch) {
     float* hm = sm;
     int* hc = reinterpret_cast<int*>(sm + 2048);
@@ -176,10 +197,8 @@ KOG_DEVICE int kog_select(KogSampler& s, bool count_mode, int target_c, float ta
             const float m = hm[b];
             if (n > 0) {
                 atomicMin(sel + 1, b);
-                const bool hit = count_mode
-                    ? (run_c < target_c && run_c + n >= target_c)
-                    : (ge ? (run_m < target_m && run_m + m >= target_m)
-                          : (run_m <= target_m && run_m + m > target_m));
+                const bool hit = count_mode ? (run_c < target_c && run_c + n >= target_c)
+                                            : (run_m < target_m && run_m + m >= target_m);
                 if (hit) atomicMax(sel, b);
             }
             run_c += n;
@@ -210,7 +229,7 @@ KOG_DEVICE int kog_select(KogSampler& s, bool count_mode, int target_c, float ta
     } else {
         const float wv = kog_weight(s, kog_key_float(v));
         const float q = (target_m - above_m) / wv;
-        j = ge ? (int)ceilf(q) : (int)floorf(q) + 1;
+        j = (int)ceilf(q);
     }
     j = max(1, min(j, n_eq));
     if (tid == 0) sel[0] = -1;
@@ -262,44 +281,49 @@ KOG_DEVICE int kog_sample_token(const KogCtx& c, int g_index) {
         }
         __syncthreads();
     }
-    if (p->temperature == 0.f) {
-        float bv = KOG_NEG_INF;
-        int bi = KOG_INT_MAX;
-        if (pen == 1.f) {                      // reduce the LM head's per-block partials
-            // every rank's blocks; both loads issued before the check (one L2 round trip)
-            for (int b = tid; b < KOG_TP * (int)gridDim.x; b += bd) {
-                const int i = kog_ld_cg_int(p->lm_part_idx + b);
-                const float v = kog_ld_cg(p->lm_part_val + b);
-                if (i < 0) continue;                                    // no rows (host: -1)
-                if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
-            }
-        } else {
-            kog_for_logits(logits, stage, [&](int i, float v) {
-                if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
-            });
+    float bv = KOG_NEG_INF, v_unused;
+    int bi = KOG_INT_MAX;
+    auto better = [&](int i, float v) {
+        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
+    };
+    if (p->temperature == 0.f ? pen == 1.f : kog_draw_in_lm_head(p)) {
+        // reduce the LM head's per-block partials (greedy: logits; drawing: scores) of every
+        // rank's blocks; both loads issued before the check (one L2 round trip)
+        for (int b = tid; b < KOG_TP * (int)gridDim.x; b += bd) {
+            const int i = kog_ld_cg_int(p->lm_part_idx + b);
+            const float v = kog_ld_cg(p->lm_part_val + b);
+            if (i >= 0) better(i, v);                                   // (no rows: host -1)
         }
-        float v_unused;
         return kog_block_argmax(bv, bi, c.scratch, v_unused);
     }
-    float lmax = KOG_NEG_INF;
-    kog_for_logits(logits, stage, [&](int, float l) { lmax = fmaxf(lmax, l); });
+    if (p->temperature == 0.f) {                                        // greedy, penalised
+        kog_for_logits(logits, stage, better);
+        return kog_block_argmax(bv, bi, c.scratch, v_unused);
+    }
     KogSampler s;
     s.logits = logits;
-    s.lmax = kog_block_max(lmax, c.scratch);
+    s.lmax = 0.f;
     s.inv_t = 1.f / p->temperature;
     s.min_w = 0.f;
     s.cut_key = 0u;
     s.cut_id = KOG_INT_MAX;
     s.stage = stage;
-    if (p->top_k > 0 && p->top_k < KOG_VOCAB) kog_select(s, true, p->top_k, 0.f, true, c.smem, c.scratch);
+    if (p->top_p < 1.f || p->min_p > 0.f) {           // the filters that weigh tokens
+        float lmax = KOG_NEG_INF;
+        kog_for_logits(logits, stage, [&](int, float l) { lmax = fmaxf(lmax, l); });
+        s.lmax = kog_block_max(lmax, c.scratch);
+    }
+    if (p->top_k > 0 && p->top_k < KOG_VOCAB) kog_select(s, true, p->top_k, 0.f, c.smem, c.scratch);
     if (p->top_p < 1.f) {
         const float z = kog_kept_mass(s, c.scratch);
-        kog_select(s, false, 0, p->top_p * z, true, c.smem, c.scratch);
+        kog_select(s, false, 0, p->top_p * z, c.smem, c.scratch);
     }
     if (p->min_p > 0.f) s.min_w = p->min_p;
-    const float total = kog_kept_mass(s, c.scratch);
-    const float u = kog_philox_uniform(p->seed_lo, p->seed_hi, (kog_u32)g_index);
-    return kog_select(s, false, 0, u * total, false, c.smem, c.scratch);
+    // the draw: the kept id of the largest score (one pass; the noise only for kept ids)
+    kog_for_logits(logits, stage, [&](int i, float l) {
+        if (kog_kept(s, i, l, kog_float_key(l))) better(i, kog_draw_score(p, l, s.inv_t, (kog_u32)g_index, i));
+    });
+    return kog_block_argmax(bv, bi, c.scratch, v_unused);
 }
 
 // x <- embed[token] (block 0), dumped as stage "embed" of position `pos`.

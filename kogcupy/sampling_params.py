@@ -34,3 +34,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def draws_in_lm_head(self) -> bool:
+        """Sampling with every id kept and no penalty: the GPU's LM head blocks draw as they
+        write their logits (kernels_src/sampling.cuh), so no rank needs the whole vocabulary."""
+        return (self.temperature > 0.0 and self.top_k == 0 and self.top_p >= 1.0
+                and self.min_p <= 0.0 and self.repetition_penalty == 1.0)

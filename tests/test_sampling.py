@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from kogcupy.errors import InputError
-from kogcupy.reference.sampling import (apply_repetition_penalty, descending_order, philox4x32_10,
-                                        philox_uniform, sample, sampling_probs)
+from kogcupy.reference.sampling import (apply_repetition_penalty, descending_order, gumbel_noise,
+                                        philox4x32_10, philox_uniform, sample, sampling_probs)
 from kogcupy.sampling_params import SamplingParams as SP
 
 
@@ -25,14 +25,18 @@ def test_philox_known_answers(ctr, key, expected):
 
 def test_philox_uniform_definition_and_vectorisation():
     seed = (0xDEADBEEF << 32) | 0x12345678
-    steps = np.arange(1000)
-    u = philox_uniform(seed, steps)
-    assert u.shape == (1000,) and u.min() >= 0.0 and u.max() < 1.0
-    out = philox4x32_10([7, 0, 0, 0], [0x12345678, 0xDEADBEEF])
-    assert philox_uniform(seed, 7) == (int(out[0]) >> 8) * 2.0 ** -24 == u[7]
-    assert philox_uniform(0, 0) == (0x6627e8d5 >> 8) / 2 ** 24
+    ids = np.arange(1000)
+    u = philox_uniform(seed, 7, ids)
+    assert u.shape == (1000,) and u.dtype == np.float32 and u.min() > 0.0 and u.max() < 1.0
+    out = philox4x32_10([7, 5, 0, 0], [0x12345678, 0xDEADBEEF])      # ids 20..23
+    for j in range(4):
+        assert u[20 + j] == ((int(out[j]) >> 9) + 0.5) * 2.0 ** -23
+    assert philox_uniform(0, 0, [0])[0] == ((0x6627e8d5 >> 9) + 0.5) / 2 ** 23
     assert abs(u.mean() - 0.5) < 0.03
-    assert np.float32(u[3]) == u[3]                     # exact in fp32 (24-bit mantissa)
+    assert not np.array_equal(u, philox_uniform(seed, 8, ids))        # a new draw each step
+    g = gumbel_noise(seed, 7, ids)
+    assert g.dtype == np.float32 and np.array_equal(g, -np.log(-np.log(u)))
+    assert abs(float(g.mean()) - 0.5772) < 0.1                        # Euler-Mascheroni
 
 
 # --------------------------------------------------------------------------- filters
@@ -111,16 +115,18 @@ def test_filters_compose_in_spec_order():
     assert np.flatnonzero(p).tolist() == [0, 1]
 
 
-def test_draw_rule_is_inverse_cdf_over_descending_order():
-    probs = np.array([0.1, 0.6, 0.3])
+def test_draw_rule_is_gumbel_max_over_kept_ids():
+    probs = np.array([0.1, 0.6, 0.3, 0.004])
     logits = np.log(probs).astype(np.float32)
-    params = SP(temperature=1.0, seed=3)
-    # descending order 1 (.6), 2 (.3), 0 (.1): u < .6 -> 1, u < .9 -> 2, else 0
-    for step in range(200):
-        u = philox_uniform(3, step)
-        expected = 1 if u < 0.6 - 1e-6 else 2 if u < 0.9 - 1e-6 else 0
-        if min(abs(u - 0.6), abs(u - 0.9)) > 1e-5:
-            assert sample(logits, params, step) == expected
+    for params in (SP(temperature=0.5, seed=3), SP(temperature=1.0, top_k=3, seed=3)):
+        kept = np.arange(4) if params.top_k == 0 else np.arange(3)
+        for step in range(200):
+            s = logits[kept] * np.float32(1.0 / params.temperature) + gumbel_noise(3, step, kept)
+            assert sample(logits, params, step) == kept[int(np.argmax(s))]
+    # ties on the score go to the lower id; a filtered id never wins, however large its noise
+    tie = np.array([2.0, 2.0], dtype=np.float32)
+    assert sample(tie, SP(temperature=1e-30, seed=1), 0) == 0
+    assert all(sample(logits, SP(temperature=1.0, top_k=1, seed=9), st) == 1 for st in range(50))
 
 
 def test_seeded_determinism():

@@ -581,7 +581,7 @@ class MonokernelBackend(_OneLaunchBackend):
             profile_pos=self.profile_pos if self.profile_pos is not None else -1,
             xpart=self.xpart.data.ptr if self.xpart is not None else 0,
             tp_peers=self.tp_peers.data.ptr, tp_rank=self.rank,
-            tp_gather_logits=int(all_logits or params.temperature > 0
+            tp_gather_logits=int(all_logits or not (params.greedy or params.draws_in_lm_head)
                                  or params.repetition_penalty != 1.0),
         )
         return vals

@@ -11,11 +11,14 @@ One draw, in this order (spec; `step` = index of the generated token, 0 for the 
     6. top_p: keep the smallest prefix of the descending-prob order whose cumulative >= top_p
        (at least one token)
     7. min_p: keep p >= min_p * p_max
-    8. renormalise; u = philox_uniform(seed, step); take the first token of the descending-prob
-       order whose cumulative prob > u * total
+    8. draw among the kept tokens by the Gumbel-max rule: the kept id with the largest
+       logit / T + g(seed, step, id) (lowest id on ties), g = -log(-log(u)) with u from
+       Philox4x32-10 (`gumbel_noise`). Its distribution is the renormalised kept probabilities.
 
-"Descending-prob order" is descending logit with ties broken by the lower token id, so the
-order (and the draw) is fully determined by the logits.
+"Descending-prob order" (steps 4, 6) is descending logit with ties broken by the lower token id.
+With no top-k / top-p / min-p and no penalty every token is kept, so the draw is an argmax of
+independent per-token scores: the GPU's LM head blocks draw it as they write their logits and
+the sampler reduces their partials like a greedy argmax (no pass over the vocabulary).
 """
 from __future__ import annotations
 
@@ -57,18 +60,33 @@ def philox4x32_10(counter, key) -> np.ndarray:
     return np.stack([c0, c1, c2, c3], axis=-1).astype(np.uint32)
 
 
-def philox_uniform(seed: int, step) -> np.ndarray | float:
-    """u in [0, 1) for (seed, step): key=(seed lo, seed hi), counter=(step, 0, 0, 0),
-    u = (out[0] >> 8) * 2**-24 (exactly representable in fp32). `step` may be an array."""
-    steps = np.asarray(step, dtype=np.uint64)
-    ctr = np.zeros(steps.shape + (4,), dtype=np.uint64)
-    ctr[..., 0] = steps
-    key = np.empty(steps.shape + (2,), dtype=np.uint64)
+def philox_uniform(seed: int, step: int, ids) -> np.ndarray:
+    """u in (0, 1) for token ids (array) at generated index `step`: key = (seed lo, seed hi),
+    counter = (step, id >> 2, 0, 0), word id & 3 of the output; u = ((w >> 9) + 0.5) * 2**-23,
+    exactly representable in fp32 and never 0 or 1. float32 (ids.shape)."""
+    ids = np.asarray(ids, dtype=np.uint64)
+    ctr = np.zeros(ids.shape + (4,), dtype=np.uint64)
+    ctr[..., 0] = step
+    ctr[..., 1] = ids >> np.uint64(2)
+    key = np.empty(ids.shape + (2,), dtype=np.uint64)
     key[..., 0] = seed & 0xFFFFFFFF
     key[..., 1] = (seed >> 32) & 0xFFFFFFFF
-    out0 = philox4x32_10(ctr, key)[..., 0]
-    u = (out0 >> np.uint32(8)).astype(np.float64) * 2.0 ** -24
-    return float(u) if u.ndim == 0 else u
+    out = philox4x32_10(ctr, key)                               # (..., 4)
+    w = np.take_along_axis(out, (ids & np.uint64(3)).astype(np.int64)[..., None], -1)[..., 0]
+    return ((w >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
+
+
+def gumbel_noise(seed: int, step: int, ids) -> np.ndarray:
+    """g = -log(-log(u)) in fp32 for token ids (array) at generated index `step` (the GPU's
+    kog_gumbel: the same fp32 operations)."""
+    u = philox_uniform(seed, step, ids)
+    return -np.log(-np.log(u))
+
+
+def perturbed_scores(x: np.ndarray, inv_t, seed: int, step: int, ids) -> np.ndarray:
+    """logit * (1 / T) + g in fp32, multiply and add each rounded (the GPU does not fuse them)."""
+    with np.errstate(over="ignore"):
+        return (x[ids] * np.float32(inv_t)).astype(np.float32) + gumbel_noise(seed, step, ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +111,10 @@ def descending_order(logits: np.ndarray) -> np.ndarray:
     return np.argsort(-logits, kind="stable")
 
 
+def _inv_t(params: SamplingParams) -> np.float32:
+    return np.float32(min(1.0 / params.temperature, float(np.finfo(np.float32).max)))
+
+
 def _filtered_sorted(logits: np.ndarray, params: SamplingParams, prev_ids
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(order, p_kept) for a non-greedy draw: order (vocab,) token ids in descending-prob order,
@@ -104,7 +126,7 @@ def _filtered_sorted(logits: np.ndarray, params: SamplingParams, prev_ids
     if params.top_k and params.top_k < xs.shape[0]:
         keep[params.top_k:] = False
     # softmax of x / T as exp((x - x_max) * (1 / T)), like the GPU: no inf - inf for tiny T
-    inv_t = np.float32(min(1.0 / params.temperature, float(np.finfo(np.float32).max)))
+    inv_t = _inv_t(params)
     with np.errstate(over="ignore"):
         e = np.exp((xs - xs[0]) * inv_t)
     e = np.where(keep, e, np.float32(0)).astype(np.float32)
@@ -139,9 +161,7 @@ def sample(logits: np.ndarray, params: SamplingParams, step: int, prev_ids=()) -
         x = apply_repetition_penalty(logits, params.repetition_penalty, prev_ids)
         return int(np.argmax(x))
     order, p = _filtered_sorted(logits, params, prev_ids)
-    cum = np.cumsum(p, dtype=np.float32)                        # (vocab,)
-    total = cum[-1]
-    u = np.float32(philox_uniform(params.seed, step))
-    i = int(np.searchsorted(cum, u * total, side="right"))      # first cum > u * total
-    last_kept = int(np.flatnonzero(p)[-1])
-    return int(order[min(i, last_kept)])
+    kept = np.sort(order[p > 0])                                # ids, ascending
+    x = apply_repetition_penalty(logits, params.repetition_penalty, prev_ids)
+    s = perturbed_scores(x, _inv_t(params), params.seed, step, kept)
+    return int(kept[int(np.argmax(s))])                         # first (lowest id) on ties
