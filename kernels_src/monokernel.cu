@@ -28,7 +28,7 @@ static_assert(KOG_HEAD_DIM % 2 == 0 && KOG_THREADS % KOG_HEAD_DIM == 0, "attenti
 static_assert(KOG_SMEM_FLOATS >= KOG_HIDDEN && KOG_SMEM_FLOATS >= KOG_FFN &&
               KOG_SMEM_FLOATS >= KOG_Q_DIM, "activation vector fits in shared memory");
 static_assert(KOG_SMEM_FLOATS >= KOG_ATTN_SMEM_FLOATS, "attention unit fits in shared memory");
-static_assert(KOG_SMEM_FLOATS >= KOG_SAMPLE_SMEM_FLOATS, "sampler fits in shared memory");
+static_assert(KOG_SMEM_FLOATS >= KOG_SAMPLE_SMEM_FLOATS, "sampler slice fits in shared memory");
 #if KOG_TP == 1
 static_assert(KOG_SMEM_FLOATS >= KOG_FFN_SMEM_FLOATS, "FFN (x, down partials, activations) fits in shared memory");
 #endif
@@ -48,6 +48,9 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.x_full = c.scratch + KOG_SCRATCH_FLOATS;             // tensor parallel only (host sizes it)
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
     c.t = 0;
+#if KOG_SAMPLE_SLICES
+    c.sample_rounds = 0u;
+#endif
 
     // Positions [0, start_pos) are already in the KV cache (batched prefill, prefix cache);
     // the host set the counters as if this launch had run them (monokernel.py, _prepare).
@@ -69,6 +72,11 @@ kog_monokernel(const KogParams* __restrict__ p) {
         const bool lm = p->all_logits || t >= last_prompt;
         const int lm_index = p->all_logits ? t : t - last_prompt;
         if (lm) kog_stage_final_norm_lm_head(c, lm_index);
-        if (blockIdx.x == 0) kog_stage_sample(c, lm, lm_index + 1);   // + stop_check
+#if KOG_SAMPLE_SLICES
+        const int drawn = kog_sample_on_slices(p, t) ? kog_sample_slices(c, t - last_prompt, lm_index + 1) : -1;
+#else
+        const int drawn = -1;         // (greedy / temperature only: the LM head's partials)
+#endif
+        if (blockIdx.x == 0) kog_stage_sample(c, lm, lm_index + 1, drawn);   // + stop_check
     }
 }

@@ -18,6 +18,7 @@
 #endif
 
 #define KOG_DEVICE __device__ __forceinline__
+#define KOG_DEVICE_NOINLINE __device__ __noinline__   // a call: the caller keeps its registers
 
 typedef unsigned int kog_u32;
 typedef unsigned long long kog_u64;

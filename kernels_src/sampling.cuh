@@ -37,7 +37,7 @@ KOG_DEVICE uint4 kog_philox4(kog_u32 k0, kog_u32 k1, kog_u32 c0, kog_u32 c1) {
 // The draw's score of token `id` at generated index `step`: logit * (1 / T) + g, multiply and
 // add rounded apart (as numpy does), g = -log(-log(u)), u = ((w >> 9) + 0.5) * 2^-23 from word
 // id & 3 of counter (step, id >> 2) under the seed (reference/sampling.py, perturbed_scores).
-__device__ __noinline__ float kog_draw_score(const KogParams* p, float logit, float inv_t, kog_u32 step, int id) {
+KOG_DEVICE_NOINLINE float kog_draw_score(const KogParams* p, float logit, float inv_t, kog_u32 step, int id) {
     const uint4 w = kog_philox4(p->seed_lo, p->seed_hi, step, (kog_u32)id >> 2);
     const int j = id & 3;
     const kog_u32 x = j == 0 ? w.x : (j == 1 ? w.y : (j == 2 ? w.z : w.w));
@@ -84,245 +84,301 @@ KOG_DEVICE T kog_block_prefix_incl(T v, float* scratch, T& total) {
     return v + before;
 }
 
-// Calls fn(i, logit) for each logit of this thread's share of the vocabulary (block 0 walks all
-// of it in every pass). The logits are staged through shared memory by asynchronous 16-byte
-// copies, KOG_SAMPLE_SLOTS per thread and buffer, two buffers: a pass over a 128k vocabulary
-// waits for ~16 L2 round trips instead of one per 512 logits, and holds no registers for the
-// loads in flight (the kernel is at its register ceiling). Each thread reads back only the
-// slots it copied, so no barrier is needed. `logits` is 16-byte aligned; the staging buffers
-// sit in `stage` (2 x 4 x KOG_THREADS x KOG_SAMPLE_SLOTS floats of shared memory).
-#define KOG_SAMPLE_HIST_FLOATS (2048 * 2 + 8)                  // kog_select's histograms
-#define KOG_SAMPLE_SLOTS_FIT ((KOG_SMEM_FLOATS - KOG_SAMPLE_HIST_FLOATS - 8) / (2 * 4 * KOG_THREADS))
-#define KOG_SAMPLE_SLOTS (KOG_SAMPLE_SLOTS_FIT < 4 ? KOG_SAMPLE_SLOTS_FIT : 4)
-#define KOG_SAMPLE_SMEM_FLOATS (KOG_SAMPLE_HIST_FLOATS + 8 + 2 * 4 * KOG_THREADS)
-template <class F>
-KOG_DEVICE void kog_for_logits(const float* logits, float* stage, F fn) {
-    constexpr int V4 = KOG_VOCAB / 4, S = KOG_SAMPLE_SLOTS, CH = S * KOG_THREADS;   // float4s a chunk
-    constexpr int NCH = (V4 + CH - 1) / CH;
-    static_assert(S >= 1, "shared memory for the sampler's staging buffers");
-    const float4* l4 = reinterpret_cast<const float4*>(logits);
-    float4* buf = reinterpret_cast<float4*>(stage);
-    const int tid = threadIdx.x;
-    auto issue = [&](int ch) {
-        if (ch < NCH) {
-#pragma unroll
-            for (int k = 0; k < S; ++k) {
-                const int i4 = ch * CH + k * KOG_THREADS + tid;
-                if (i4 < V4) kog_copy16(buf + (ch & 1) * CH + k * KOG_THREADS + tid, l4 + i4);
-            }
-        }
-        kog_copy16_commit();
-    };
-    issue(0);
-    for (int ch = 0; ch < NCH; ++ch) {
-        issue(ch + 1);
-        kog_copy16_wait_groups<1>();
-#pragma unroll 1
-        for (int k = 0; k < S; ++k) {                  // (not unrolled: fn's code once, not S times)
-            const int i4 = ch * CH + k * KOG_THREADS + tid;
-            if (i4 < V4) {
-                const float4 v = buf[(ch & 1) * CH + k * KOG_THREADS + tid];
-                fn(4 * i4, v.x); fn(4 * i4 + 1, v.y); fn(4 * i4 + 2, v.z); fn(4 * i4 + 3, v.w);
-            }
-        }
-    }
-    kog_copy16_wait_groups<0>();
-    for (int i = 4 * V4 + tid; i < KOG_VOCAB; i += blockDim.x) fn(i, kog_ld_cg(logits + i));
-}
+// ---------------------------------------------------------------------------------------------
+// The draw with a filter or a penalty: every block its slice of the vocabulary
+// ---------------------------------------------------------------------------------------------
+// Block b holds ids [b * KOG_SAMPLE_SLICE, (b + 1) * KOG_SAMPLE_SLICE) (KOG_SAMPLE_SLICE =
+// ceil(V / blocks), build_plan.py), their logits penalised, in shared memory. A round: every
+// block adds its slice's part into the workspace (integer atomics in L2: the same totals in any
+// order), releases KOG_CNT_SAMPLE, waits until every block has, and reads the totals -- every
+// block takes the same decisions from the same numbers, so nothing is broadcast. The draw's
+// round ends in one word block 0 reads. Workspace (KogParams::sample_ws, 64-bit words), one half
+// a step by the parity of the generated index; each step's blocks zero the other half for the
+// next step (a block reaches step g + 1's rounds only after every block ended step g's).
+//   [r * 2 * BINS, + BINS) counts, [+ BINS, + 2 * BINS) masses of radix round r < KOG_SWS_HIST
+//   then scalars: [0] lmax key, [1] kept mass, [2] the draw: score key << 32 | ~id, [3, 4] the
+//   selects' cut ids; then per select, each block's count of tied ids (KOG_SWS_MAX_BLOCKS)
+#define KOG_SWS_BINS 2048
+#define KOG_SWS_HIST 6                                     // radix rounds a step: top_k, top_p
+#define KOG_SWS_SCALARS (KOG_SWS_HIST * 2 * KOG_SWS_BINS)
+#define KOG_SWS_TIES (KOG_SWS_SCALARS + 8)
+#define KOG_SWS_HALF (KOG_SWS_TIES + 2 * KOG_SWS_MAX_BLOCKS)   // abi.SAMPLE_WS_WORDS / 2
+static_assert(2 * KOG_SWS_HALF == KOG_SWS_WORDS, "the sampler's workspace: abi.SAMPLE_WS_WORDS");
+#define KOG_SAMPLE_SEEN_WORDS ((KOG_SAMPLE_SLICE + 31) / 32)
+// shared memory: masses (u64) | counts (u32) | seen-id bits | the slice's logits
+#define KOG_SAMPLE_SMEM_FLOATS (3 * KOG_SWS_BINS + KOG_SAMPLE_SEEN_WORDS + KOG_SAMPLE_SLICE)
+#define KOG_MASS_ONE 1099511627776.f                      // 2^40: a kept weight in (0, 1] as u64
 
 struct KogSampler {
-    const float* logits;   // (V,) after the repetition penalty
-    float lmax;            // max logit
+    const KogParams* p;
+    kog_u64* ws;           // this step's half of the workspace
+    float* sl;             // the slice's logits (shared memory)
+    int v0, n;             // first id and length of the slice
+    float lmax;            // max logit (over the whole vocabulary)
     float inv_t;           // 1 / temperature
     float min_w;           // min_p (kept when weight >= min_w), 0 -> off
     kog_u32 cut_key;       // current prefix of the descending order (see file comment)
     int cut_id;
-    float* stage;          // kog_for_logits' staging buffers (shared memory)
 };
 KOG_DEVICE float kog_weight(const KogSampler& s, float l) { return expf((l - s.lmax) * s.inv_t); }
 KOG_DEVICE bool kog_kept(const KogSampler& s, int i, float l, kog_u32 k) {
     if (!(k > s.cut_key || (k == s.cut_key && i <= s.cut_id))) return false;
     return s.min_w <= 0.f || kog_weight(s, l) >= s.min_w;
 }
+KOG_DEVICE kog_u64 kog_mass(const KogSampler& s, float l) {
+    return (kog_u64)__float2ull_rn(kog_weight(s, l) * KOG_MASS_ONE);
+}
 
-KOG_DEVICE float kog_kept_mass(const KogSampler& s, float* scratch) {
-    float m = 0.f;
-    kog_for_logits(s.logits, s.stage, [&](int i, float l) {
-        if (kog_kept(s, i, l, kog_float_key(l))) m += kog_weight(s, l);
-    });
-    return kog_block_sum(m, scratch);
+#if KOG_SAMPLE_SLICES
+// One round: every block's adds are in (its release), then every block's (acquire).
+KOG_DEVICE void kog_sample_round(const KogCtx& c, kog_u32& rounds) {
+    kog_signal_counter(kog_counter(c, KOG_CNT_SAMPLE));
+    kog_wait_counter(kog_counter(c, KOG_CNT_SAMPLE), ++rounds * gridDim.x);
+}
+
+KOG_DEVICE kog_u64 kog_block_sum_u64(kog_u64 v, float* scratch) {
+    kog_u64 total;
+    kog_block_prefix_incl(v, scratch, total);
+    return total;
 }
 
 // Narrows s's cut to the first position of the descending order where the running count
-// reaches target_c (count_mode), or the running mass reaches target_m (>=).
-// Returns the token id at that position.
-KOG_DEVICE int kog_select(KogSampler& s, bool count_mode, int target_c, float target_m,
-                          float* sm, float* scratch) {
-    float* hm = sm;
-    int* hc = reinterpret_cast<int*>(sm + 2048);
-    int* sel = reinterpret_cast<int*>(sm + 4096);
-    float* sel_m = sm + 4096 + 4;
+// reaches target_c (count_mode), or the running mass reaches target_m; `sel` (0, 1) names the
+// select's workspace (radix rounds 3 * sel ..., cut id, tie counts).
+KOG_DEVICE void kog_select(const KogCtx& c, KogSampler& s, int sel, bool count_mode, int target_c,
+                           kog_u64 target_m, kog_u32& rounds) {
+    kog_u64* hm = reinterpret_cast<kog_u64*>(c.smem);
+    kog_u32* hc = reinterpret_cast<kog_u32*>(c.smem + 2 * KOG_SWS_BINS);
+    int* pick = reinterpret_cast<int*>(c.scratch + KOG_SLOT_FLAG + 4);          // 4 ints
     const int tid = threadIdx.x, bd = blockDim.x;
     kog_u32 prefix = 0u, mask = 0u;
     int above_c = 0, n_eq = 0;
-    float above_m = 0.f;
+    kog_u64 above_m = 0ull;
     for (int pass = 0; pass < 3; ++pass) {
         const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
         const int nb = pass == 2 ? 1024 : 2048;
         const int bpt = nb / bd;
-        for (int b = tid; b < nb; b += bd) { hm[b] = 0.f; hc[b] = 0; }
-        if (tid == 0) { sel[0] = -1; sel[1] = nb; }
+        kog_u64* gm = s.ws + (3 * sel + pass) * 2 * KOG_SWS_BINS;
+        kog_u64* gc = gm + KOG_SWS_BINS;
+        for (int b = tid; b < nb; b += bd) { hm[b] = 0ull; hc[b] = 0u; }
         __syncthreads();
-        kog_for_logits(s.logits, s.stage, [&](int i, float l) {
+        for (int i = tid; i < s.n; i += bd) {                   // this slice's histogram
+            const float l = s.sl[i];
             const kog_u32 k = kog_float_key(l);
-            if ((k & mask) != prefix || !kog_kept(s, i, l, k)) return;
+            if ((k & mask) != prefix || !kog_kept(s, s.v0 + i, l, k)) continue;
             const int b = (int)((k >> shift) & (kog_u32)(nb - 1));
-            atomicAdd(hc + b, 1);
-            if (!count_mode) atomicAdd(hm + b, kog_weight(s, l));
-        });
+            atomicAdd(hc + b, 1u);
+            if (!count_mode) atomicAdd(reinterpret_cast<unsigned long long*>(hm + b),
+                                       (unsigned long long)kog_mass(s, l));
+        }
         __syncthreads();
+        for (int b = tid; b < nb; b += bd) {                    // into the totals
+            if (hc[b]) kog_red_add_u64(gc + b, hc[b]);
+            if (hm[b]) kog_red_add_u64(gm + b, hm[b]);
+        }
+        kog_sample_round(c, rounds);
+        for (int b = tid; b < nb; b += bd) { hc[b] = (kog_u32)kog_ld_tagged(gc + b); hm[b] = kog_ld_tagged(gm + b); }
+        __syncthreads();
+        // the scan (descending bins): the same in every block
         int lc = 0;
-        float lm = 0.f;
-        for (int b = tid * bpt; b < (tid + 1) * bpt; ++b) { lc += hc[b]; lm += hm[b]; }
+        kog_u64 lm = 0ull;
+        for (int b = tid * bpt; b < (tid + 1) * bpt; ++b) { lc += (int)hc[b]; lm += hm[b]; }
         int tot_c;
-        float tot_m;
-        const int pc = kog_block_prefix_incl(lc, scratch, tot_c);
-        const float pm = kog_block_prefix_incl(lm, scratch, tot_m);
-        const int run_c0 = above_c + (tot_c - pc);          // bins above this thread's group
-        const float run_m0 = above_m + (tot_m - pm);
+        kog_u64 tot_m;
+        const int pc = kog_block_prefix_incl(lc, c.scratch, tot_c);
+        const kog_u64 pm = kog_block_prefix_incl(lm, c.scratch, tot_m);
+        const int run_c0 = above_c + (tot_c - pc);             // bins above this thread's group
+        const kog_u64 run_m0 = above_m + (tot_m - pm);
+        if (tid == 0) { pick[0] = -1; pick[1] = nb; }
+        __syncthreads();
         int run_c = run_c0;
-        float run_m = run_m0;
+        kog_u64 run_m = run_m0;
         for (int b = (tid + 1) * bpt - 1; b >= tid * bpt; --b) {
-            const int n = hc[b];
-            const float m = hm[b];
+            const int n = (int)hc[b];
+            const kog_u64 m = hm[b];
             if (n > 0) {
-                atomicMin(sel + 1, b);
+                atomicMin(pick + 1, b);
                 const bool hit = count_mode ? (run_c < target_c && run_c + n >= target_c)
                                             : (run_m < target_m && run_m + m >= target_m);
-                if (hit) atomicMax(sel, b);
+                if (hit) atomicMax(pick, b);
             }
             run_c += n;
             run_m += m;
         }
         __syncthreads();
-        const int bsel = sel[0] >= 0 ? sel[0] : sel[1];     // no hit: rounding; last kept bin
+        const int bsel = pick[0] >= 0 ? pick[0] : pick[1];     // no hit: the last kept bin
         if (bsel / bpt == tid) {
             run_c = run_c0;
             run_m = run_m0;
-            for (int b = (tid + 1) * bpt - 1; b > bsel; --b) { run_c += hc[b]; run_m += hm[b]; }
-            sel[2] = run_c;
-            *sel_m = run_m;
+            for (int b = (tid + 1) * bpt - 1; b > bsel; --b) { run_c += (int)hc[b]; run_m += hm[b]; }
+            pick[2] = run_c;
+            reinterpret_cast<kog_u64*>(c.scratch)[0] = run_m;   // (the prefix scans are done)
         }
         __syncthreads();
-        above_c = sel[2];
-        above_m = *sel_m;
-        n_eq = hc[bsel];
+        above_c = pick[2];
+        above_m = reinterpret_cast<kog_u64*>(c.scratch)[0];
+        n_eq = (int)hc[bsel];
         prefix |= (kog_u32)bsel << shift;
         mask |= (kog_u32)(nb - 1) << shift;
         __syncthreads();
     }
-    // Ties on the key: the j-th kept token (by id) among those equal to it.
+    // Ties on the key: the j-th kept token (by id) among the n_eq equal to it. All of them
+    // (j == n_eq, and always when n_eq == 1) is the cut (key, any id).
     const kog_u32 v = prefix;
     int j;
     if (count_mode) {
         j = target_c - above_c;
     } else {
-        const float wv = kog_weight(s, kog_key_float(v));
-        const float q = (target_m - above_m) / wv;
-        j = (int)ceilf(q);
+        const double wv = (double)kog_mass(s, kog_key_float(v));
+        j = wv > 0.0 ? (int)ceil((double)(target_m - above_m) / wv) : n_eq;
     }
     j = max(1, min(j, n_eq));
-    if (tid == 0) sel[0] = -1;
-    __syncthreads();
-    if (j == n_eq) {                                     // the last kept tie: largest id
-        kog_for_logits(s.logits, s.stage, [&](int i, float l) {
+    int id = KOG_INT_MAX;
+    if (j < n_eq) {                  // rare: the blocks count their tied ids, the one holding
+        kog_u64* ties = s.ws + KOG_SWS_TIES + sel * KOG_SWS_MAX_BLOCKS;    // the j-th names it
+        int mine = 0;
+        for (int i = tid; i < s.n; i += bd) {
+            const float l = s.sl[i];
             const kog_u32 k = kog_float_key(l);
-            if (k == v && kog_kept(s, i, l, k)) atomicMax(sel, i);
-        });
-    } else {
-        int base = 0;
-        for (int i0 = 0; i0 < KOG_VOCAB && base < j; i0 += bd) {
-            const int i = i0 + tid;
-            bool f = false;
-            if (i < KOG_VOCAB) {
-                const float l = kog_ld_cg(s.logits + i);
-                const kog_u32 k = kog_float_key(l);
-                f = k == v && kog_kept(s, i, l, k);
-            }
-            int total;
-            const int pre = kog_block_prefix_incl(f ? 1 : 0, scratch, total);
-            if (f && base + pre == j) sel[0] = i;
-            base += total;
+            mine += (k == v && kog_kept(s, s.v0 + i, l, k)) ? 1 : 0;
         }
+        int total;
+        kog_block_prefix_incl(mine, c.scratch, total);
+        if (tid == 0) ties[blockIdx.x] = (kog_u64)total;
+        kog_sample_round(c, rounds);
+        int before = 0;
+        for (int b = 0; b < (int)blockIdx.x; ++b) before += (int)kog_ld_tagged(ties + b);
+        if (before < j && j <= before + total && tid == 0) {   // this slice holds it: in id order
+            int seen = before;
+            for (int i = 0; i < s.n; ++i) {
+                const float l = s.sl[i];
+                const kog_u32 k = kog_float_key(l);
+                if (k == v && kog_kept(s, s.v0 + i, l, k) && ++seen == j) {
+                    s.ws[KOG_SWS_SCALARS + 3 + sel] = (kog_u64)(s.v0 + i);
+                    break;
+                }
+            }
+        }
+        kog_sample_round(c, rounds);
+        id = (int)kog_ld_tagged(s.ws + KOG_SWS_SCALARS + 3 + sel);
     }
-    __syncthreads();
-    const int id = sel[0];
-    __syncthreads();
     s.cut_key = v;
     s.cut_id = id;
-    return id;
 }
 
-// The sampled token for generated index g_index at position c.t (block 0, all threads).
-KOG_DEVICE int kog_sample_token(const KogCtx& c, int g_index) {
+// The draw over every block's slice (every block, generating with a filter or a penalty);
+// returns the token in block 0 (-1 elsewhere).
+// (Only the KOG_SAMPLE_SLICES build: the host launches it for such requests, monokernel.py.)
+KOG_DEVICE bool kog_sample_on_slices(const KogParams* p, int t) {
+    return t >= p->prompt_len - 1 && !p->all_logits &&
+           (p->temperature == 0.f ? p->repetition_penalty != 1.f : !kog_draw_in_lm_head(p));
+}
+KOG_DEVICE_NOINLINE int kog_sample_slices(const KogCtx& c, int g_index, int lm_steps) {
+    kog_u32& rounds = c.sample_rounds;
     const KogParams* p = c.p;
-    float* logits = p->logits;
-    float* stage = c.smem + KOG_SAMPLE_HIST_FLOATS + 8;   // after kog_select's histograms
     const int tid = threadIdx.x, bd = blockDim.x;
-    const float pen = p->repetition_penalty;
-    if (pen != 1.f) {
-        const kog_u32 stamp = (kog_u32)g_index + 1u;
-        for (int i = tid; i <= c.t; i += bd) {
-            const int id = kog_ld_cg_int(p->tokens + i);
-            if (atomicExch(p->rep_stamp + id, stamp) != stamp) {
-                const float l = kog_ld_cg(logits + id);
-                logits[id] = l > 0.f ? l / pen : l * pen;
-            }
-        }
-        __syncthreads();
+    KogSampler s;
+    s.p = p;
+    s.ws = p->sample_ws + (kog_u64)(g_index & 1) * KOG_SWS_HALF;
+    s.sl = c.smem + 3 * KOG_SWS_BINS + KOG_SAMPLE_SEEN_WORDS;
+    s.v0 = (int)blockIdx.x * KOG_SAMPLE_SLICE;
+    s.n = max(0, min(KOG_VOCAB - s.v0, KOG_SAMPLE_SLICE));
+    {   // the next step's half: zeroed (this block's share)
+        kog_u64* next = p->sample_ws + (kog_u64)((g_index + 1) & 1) * KOG_SWS_HALF;
+        for (int i = (int)blockIdx.x * bd + tid; i < KOG_SWS_HALF; i += (int)gridDim.x * bd) next[i] = 0ull;
     }
+    kog_u32* seen = reinterpret_cast<kog_u32*>(c.smem + 3 * KOG_SWS_BINS);
+    const float pen = p->repetition_penalty;
+    if (pen != 1.f) {                // the slice's ids among prompt + generated, once each
+        for (int i = tid; i < KOG_SAMPLE_SEEN_WORDS; i += bd) seen[i] = 0u;
+        __syncthreads();
+        for (int i = tid; i <= c.t; i += bd) {
+            const int id = kog_ld_cg_int(p->tokens + i) - s.v0;
+            if (id >= 0 && id < s.n) atomicOr(seen + id / 32, 1u << (id % 32));
+        }
+    }
+#if KOG_TP > 1
+    kog_wait_counter_system(kog_counter(c, KOG_CNT_LM), (kog_u32)lm_steps * (kog_u32)p->n_lm_producers);
+#else
+    kog_wait_counter(kog_counter(c, KOG_CNT_LM), (kog_u32)lm_steps * (kog_u32)p->n_lm_producers);
+#endif
+    float lmax = KOG_NEG_INF;
+    for (int i = tid; i < s.n; i += bd) {
+        float l = kog_ld_cg(p->logits + s.v0 + i);
+        if (pen != 1.f && (seen[i / 32] >> (i % 32)) & 1u) l = l > 0.f ? l / pen : l * pen;
+        s.sl[i] = l;
+        lmax = fmaxf(lmax, l);
+    }
+    kog_u64* draw = s.ws + KOG_SWS_SCALARS + 2;
     float bv = KOG_NEG_INF, v_unused;
     int bi = KOG_INT_MAX;
     auto better = [&](int i, float v) {
         if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
     };
-    if (p->temperature == 0.f ? pen == 1.f : kog_draw_in_lm_head(p)) {
-        // reduce the LM head's per-block partials (greedy: logits; drawing: scores) of every
-        // rank's blocks; both loads issued before the check (one L2 round trip)
-        for (int b = tid; b < KOG_TP * (int)gridDim.x; b += bd) {
-            const int i = kog_ld_cg_int(p->lm_part_idx + b);
-            const float v = kog_ld_cg(p->lm_part_val + b);
-            if (i >= 0) better(i, v);                                   // (no rows: host -1)
+    if (p->temperature == 0.f) {                                 // greedy, penalised
+        for (int i = tid; i < s.n; i += bd) better(s.v0 + i, s.sl[i]);
+    } else {
+        s.inv_t = 1.f / p->temperature;
+        s.lmax = 0.f;
+        s.min_w = 0.f;
+        s.cut_key = 0u;
+        s.cut_id = KOG_INT_MAX;
+        if (p->top_p < 1.f || p->min_p > 0.f) {                  // the filters that weigh ids
+            lmax = kog_block_max(lmax, c.scratch);
+            if (tid == 0 && s.n > 0) atomicMax(reinterpret_cast<unsigned long long*>(s.ws + KOG_SWS_SCALARS),
+                                               (unsigned long long)kog_float_key(lmax));
+            kog_sample_round(c, rounds);
+            s.lmax = kog_key_float((kog_u32)kog_ld_tagged(s.ws + KOG_SWS_SCALARS));
         }
-        return kog_block_argmax(bv, bi, c.scratch, v_unused);
+        __syncthreads();                                         // (the slice is in)
+        if (p->top_k > 0 && p->top_k < KOG_VOCAB) kog_select(c, s, 0, true, p->top_k, 0ull, rounds);
+        if (p->top_p < 1.f) {
+            kog_u64 z = 0ull;
+            for (int i = tid; i < s.n; i += bd) {
+                const float l = s.sl[i];
+                if (kog_kept(s, s.v0 + i, l, kog_float_key(l))) z += kog_mass(s, l);
+            }
+            z = kog_block_sum_u64(z, c.scratch);
+            if (tid == 0 && z) kog_red_add_u64(s.ws + KOG_SWS_SCALARS + 1, z);
+            kog_sample_round(c, rounds);
+            z = kog_ld_tagged(s.ws + KOG_SWS_SCALARS + 1);
+            kog_select(c, s, 1, false, 0, (kog_u64)ceil((double)p->top_p * (double)z), rounds);
+        }
+        if (p->min_p > 0.f) s.min_w = p->min_p;
+        for (int i = tid; i < s.n; i += bd) {                    // the draw: noise for kept ids
+            const float l = s.sl[i];
+            if (kog_kept(s, s.v0 + i, l, kog_float_key(l)))
+                better(s.v0 + i, kog_draw_score(p, l, s.inv_t, (kog_u32)g_index, s.v0 + i));
+        }
     }
-    if (p->temperature == 0.f) {                                        // greedy, penalised
-        kog_for_logits(logits, stage, better);
-        return kog_block_argmax(bv, bi, c.scratch, v_unused);
+    __syncthreads();                                             // (bi valid only where bv is)
+    float best;
+    const int id = kog_block_argmax(bv, bi, c.scratch, best);
+    if (tid == 0 && best > KOG_NEG_INF)                          // larger score, then lower id
+        atomicMax(reinterpret_cast<unsigned long long*>(draw),
+                  ((unsigned long long)kog_float_key(best) << 32) | (unsigned long long)(~(kog_u32)id));
+    kog_signal_counter(kog_counter(c, KOG_CNT_SAMPLE));
+    ++rounds;
+    if (blockIdx.x != 0) return -1;
+    kog_wait_counter(kog_counter(c, KOG_CNT_SAMPLE), rounds * gridDim.x);
+    return (int)~(kog_u32)kog_ld_tagged(draw);
+}
+
+#endif  // KOG_SAMPLE_SLICES
+
+// The sampled token at position c.t (block 0, all threads) when greedy without a penalty or
+// drawn by the LM head: the LM head's per-block partials reduced.
+KOG_DEVICE int kog_sample_token(const KogCtx& c) {
+    const KogParams* p = c.p;
+    float bv = KOG_NEG_INF, v_unused;
+    int bi = KOG_INT_MAX;
+    // every rank's blocks (greedy: logits; drawing: scores); both loads issued before the
+    // check (one L2 round trip)
+    for (int b = threadIdx.x; b < KOG_TP * (int)gridDim.x; b += blockDim.x) {
+        const int i = kog_ld_cg_int(p->lm_part_idx + b);
+        const float v = kog_ld_cg(p->lm_part_val + b);
+        if (i >= 0 && (v > bv || (v == bv && i < bi))) { bv = v; bi = i; }   // (no rows: -1)
     }
-    KogSampler s;
-    s.logits = logits;
-    s.lmax = 0.f;
-    s.inv_t = 1.f / p->temperature;
-    s.min_w = 0.f;
-    s.cut_key = 0u;
-    s.cut_id = KOG_INT_MAX;
-    s.stage = stage;
-    if (p->top_p < 1.f || p->min_p > 0.f) {           // the filters that weigh tokens
-        float lmax = KOG_NEG_INF;
-        kog_for_logits(logits, stage, [&](int, float l) { lmax = fmaxf(lmax, l); });
-        s.lmax = kog_block_max(lmax, c.scratch);
-    }
-    if (p->top_k > 0 && p->top_k < KOG_VOCAB) kog_select(s, true, p->top_k, 0.f, c.smem, c.scratch);
-    if (p->top_p < 1.f) {
-        const float z = kog_kept_mass(s, c.scratch);
-        kog_select(s, false, 0, p->top_p * z, c.smem, c.scratch);
-    }
-    if (p->min_p > 0.f) s.min_w = p->min_p;
-    // the draw: the kept id of the largest score (one pass; the noise only for kept ids)
-    kog_for_logits(logits, stage, [&](int i, float l) {
-        if (kog_kept(s, i, l, kog_float_key(l))) better(i, kog_draw_score(p, l, s.inv_t, (kog_u32)g_index, i));
-    });
     return kog_block_argmax(bv, bi, c.scratch, v_unused);
 }
 
@@ -344,9 +400,10 @@ KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
     }
 }
 
-// Stage sample + stop_check for position c.t (block 0). Publishes the token to the host,
-// writes x for the next position, and signals KOG_CNT_TOK (or sets the stop flag).
-KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
+// Stage sample + stop_check for position c.t (block 0; with a filter or a penalty every block
+// first drew over its slice of the vocabulary: `drawn`, else -1). Publishes the token to the
+// host, writes x for the next position, and signals KOG_CNT_TOK (or sets the stop flag).
+KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps, int drawn) {
     const KogParams* p = c.p;
     const int t = c.t;
     const int last_prompt = p->prompt_len - 1;
@@ -392,7 +449,7 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps) {
         next = 0;
         finish = 5u;                                      // FINISH_DONE: every prompt position has logits
     } else {
-        next = kog_sample_token(c, g);
+        next = drawn >= 0 ? drawn : kog_sample_token(c);
         const int is_eos = __syncthreads_or(eos >= 0 && eos == next);
         if (threadIdx.x == 0) {                           // stop_check
             kog_u32 reason = 0u;

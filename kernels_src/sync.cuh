@@ -195,6 +195,9 @@ struct KogCtx {
     float* x_full;       // tensor parallel: the whole residual stream x (KOG_HIDDEN floats)
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     int t;               // position of the token being run
+#if KOG_SAMPLE_SLICES
+    mutable kog_u32 sample_rounds;   // KOG_CNT_SAMPLE rounds this block has run (sampling.cuh)
+#endif
 };
 
 KOG_DEVICE kog_u32* kog_counter(const KogCtx& c, int index) { return c.p->counters + index; }

@@ -41,3 +41,9 @@ class SamplingParams:
         write their logits (kernels_src/sampling.cuh), so no rank needs the whole vocabulary."""
         return (self.temperature > 0.0 and self.top_k == 0 and self.top_p >= 1.0
                 and self.min_p <= 0.0 and self.repetition_penalty == 1.0)
+
+    @property
+    def draws_over_slices(self) -> bool:
+        """A filter or a penalty: the GPU's blocks draw over their slices of the vocabulary in
+        rounds (a kernel build of its own), and on several GPUs every rank needs all logits."""
+        return (not self.greedy and not self.draws_in_lm_head) or self.repetition_penalty != 1.0

@@ -33,5 +33,6 @@ n_greedy = int(sys.argv[3]) if len(sys.argv) > 3 else 197
 a = list(be.start([1, 2, 3], SamplingParams(), n_greedy, set()))
 b = list(be.start([4, 5], SamplingParams(temperature=0.9, top_k=10, top_p=0.9, min_p=0.01,
                                          repetition_penalty=1.1, seed=3), 8, set()))
+c = list(be.start([6, 7], SamplingParams(temperature=1.0, seed=5), 8, set()))   # the LM head draws
 lg = be.logits([1, 2, 3, 4, 5, 6])
-print("greedy", len(a), a[:10], "sampled", b, "logits finite", bool((lg == lg).all()))
+print("greedy", len(a), a[:10], "sampled", b, c, "logits finite", bool((lg == lg).all()))

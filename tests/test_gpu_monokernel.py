@@ -214,6 +214,32 @@ def test_sampling_draws_match_reference_sampler(pi):
         assert chisquare_pvalue(obs[keep], ex[keep]) > 1e-3
 
 
+def test_sampling_cut_inside_tied_logits():
+    """A top-k cut inside a run of equal logits keeps the lowest ids of the run (the rounds'
+    rare tie path: every block counts its tied ids, the one holding the j-th names it)."""
+    cfg = dataclasses.replace(FAMILIES["llama"], tie_word_embeddings=False)
+    m = model(cfg, seed=12)
+    w = dict(m.weights)
+    w["lm_head"] = w["lm_head"].copy()
+    w["lm_head"][300:420] = 0.0                        # 120 ids with logits exactly 0
+    be = MonokernelBackend(SimpleNamespace(**{**vars(m), "weights": w}), context_length=256,
+                           watchdog_s=20)
+    prompt = [5, 9, 2, 7]
+    logits = be.logits(prompt)[-1]
+    assert (logits[300:420] == 0).all() and (logits != 0).sum() == cfg.vocab_size - 120
+    k = int((logits > 0).sum()) + 40                   # the cut: the 40th of the 120 zeros
+    p = SamplingParams(temperature=50.0, top_k=k)      # near uniform: the tied ids get draws
+    allowed = set(np.flatnonzero(logits > 0)) | set(range(300, 340))
+    agree, drawn_zero = 0, 0
+    for seed in range(100):
+        q = dataclasses.replace(p, seed=seed)
+        tok = next(iter(be.start(prompt, q, 1, set())))
+        assert tok in allowed, (seed, tok)
+        drawn_zero += 300 <= tok < 420
+        agree += tok == ref_sample(logits, q, 0, prompt)
+    assert agree >= 97 and drawn_zero > 0, (agree, drawn_zero)
+
+
 def test_seeded_reproducibility():
     m, be = backend(dataclasses.replace(FAMILIES["llama"], tie_word_embeddings=False))
     prompt = [1, 2, 3, 4]

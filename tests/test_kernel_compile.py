@@ -81,6 +81,13 @@ def _sources(tmp_path):
     d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
                               {"KOG_DYN_PERMILLE": 0})
     out["llama-3.2-1b-static"] = (kernels.monokernel_source(), kernels.define_options(d))
+    d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
+                              {"KOG_SAMPLE_SLICES": 1})     # the sampler's rounds (filters, penalty)
+    out["llama-3.2-1b-slices"] = (kernels.monokernel_source(), kernels.define_options(d))
+    loc = local_config(shape_config("qwen3-1.7b"), 2)
+    d = kernels.model_defines(loc, "bfloat16", 512, smem_floats(loc), len(abi.PARTITION_COLUMNS),
+                              {"KOG_SAMPLE_SLICES": 1}, tp=2)
+    out["qwen3-1.7b-tp2-slices"] = (kernels.monokernel_source(), kernels.define_options(d))
     for key, name, dtype in (("prefill-llama-3.2-1b", "llama-3.2-1b", "bfloat16"),
                              ("prefill-qwen3-1.7b-fp16", "qwen3-1.7b", "float16")):
         d = prefill.prefill_defines(shape_config(name), dtype)
@@ -113,7 +120,7 @@ def test_inlined_source_is_self_contained():
 
 @pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
                          ["llama-3.2-1b-hooks",
-                          "llama-3.2-1b-static", "stream_read",
+                          "llama-3.2-1b-static", "llama-3.2-1b-slices", "qwen3-1.7b-tp2-slices", "stream_read",
                           "kccl_test", "topology_probe", "prefill-llama-3.2-1b",
                           "prefill-qwen3-1.7b-fp16"])
 def test_nvcc_sm90(tmp_path, key):
@@ -156,7 +163,7 @@ def _hipcc(hipcc, args):
 
 
 @pytest.mark.parametrize("key", ["llama-3.2-1b", "qwen2-bias-gqa7", "smollm2-135m-fp16",
-                                 "llama-3.2-1b-tp2", "stream_read", "kccl_test",
+                                 "llama-3.2-1b-tp2", "llama-3.2-1b-slices", "stream_read", "kccl_test",
                                  "topology_probe", "prefill-llama-3.2-1b"])
 def test_hipcc_gfx90a(tmp_path, key):
     hipcc = _compiler("hipcc")

@@ -40,10 +40,11 @@ KERNEL_BODY = _body(MONO, MONO.index("kog_monokernel("))
 
 
 def _text_of(stage) -> str:
-    """The stage function's body, the bodies of the kog_* helpers it calls, and the kernel loop
-    that calls it (where embed's TOK release lives)."""
+    """The stage function's body (and those of the functions the loop runs for it, part_of), the
+    bodies of the kog_* helpers they call, and the kernel loop that calls it (where embed's TOK
+    release lives)."""
     body = DEFS[stage.kernel]
-    helpers, todo = set(), [body]
+    helpers, todo = set(stage.part_of), [body] + [DEFS[h] for h in stage.part_of]
     while todo:                            # the helpers it calls, and theirs
         for m in re.finditer(r"\b(kog_\w+)\s*[<(]", todo.pop()):
             h = m.group(1)
@@ -64,7 +65,7 @@ def test_stage_order_is_the_reference_order():
 
 @pytest.mark.parametrize("stage", schedule.STAGES, ids=lambda s: s.name)
 def test_stage_matches_its_source(stage):
-    assert re.search(rf"KOG_DEVICE\s+\w+\s+{stage.kernel}\s*\(", CUH[stage.source]), \
+    assert re.search(rf"KOG_DEVICE(_NOINLINE)?\s+\w+\s+{stage.kernel}\s*\(", CUH[stage.source]), \
         f"{stage.kernel} is not defined in {stage.source}"
     text = _text_of(stage)
     for u in _uses(stage):
@@ -130,7 +131,7 @@ def test_every_wait_is_published_earlier(tp):
         run += [(s, l) for l in range(L) for s in layer_stages]
         run += [(s, 0) for s in schedule.STAGES if not s.per_layer and s.name != "embed"]
         for s, l in run:
-            env = dict(t=t, l=l, L=L, lm=t >= 1, KOG_DYN_PERMILLE=1, KOG_TP=tp)
+            env = dict(t=t, l=l, L=L, lm=t >= 1, slices=t >= 1, KOG_DYN_PERMILLE=1, KOG_TP=tp)
 
             def on(uses):
                 return [u for u in uses if not u.when or eval(u.when, {}, env)]

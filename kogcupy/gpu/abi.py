@@ -61,7 +61,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("partition", "ptr", "const int*", "(B, 10) per-block [begin, end) of qkv, o, gate_up, down, lm_head"),
     # ---- tokens, sampling ----
     ("tokens", "ptr", "int*", "(C,) token at each position: prompt, then generated"),
-    ("rep_stamp", "ptr", "kog_u32*", "(V,) repetition-penalty stamps; host zeroes"),
+    ("sample_ws", "ptr", "kog_u64*", "(SAMPLE_WS_WORDS,) sampler workspace (sampling.cuh); host zeroes"),
     ("eos_ids", "ptr", "const int*", "(n_eos,)"),
     ("host_ctl", "ptr", "kog_u32*", "(4,) host-mapped: [n_generated, finish_code, cancel, done]"),
     ("host_tokens", "ptr", "int*", "(max_new,) host-mapped generated tokens"),
@@ -170,14 +170,21 @@ def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
     KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors;
     KOG_CNT_CANCEL: tensor parallel, 1 once rank 0 forwarded the host's cancel flag;
     KOG_CNT_OVERFLOW: 1 once a part of a residual sum was not finite or |part| >= 2^27
-    (one GPU; sync.cuh kog_sum_word), which the sums cannot hold.
+    (one GPU; sync.cuh kog_sum_word), which the sums cannot hold;
+    KOG_CNT_SAMPLE: the sampler's rounds over the vocabulary slices, +1 a block a round.
     """
     n = n_layers * n_kv_heads
     d = {"KOG_CNT_TOK": 0, "KOG_CNT_LM": 1, "KOG_CNT_STOP": 2, "KOG_CNT_TICKET": 3,
          "KOG_CNT_KV": 3 + n, "KOG_CNT_DYN": 3 + 2 * n, "KOG_CNT_CANCEL": 3 + 2 * n + n_layers + 1,
-         "KOG_CNT_OVERFLOW": 3 + 2 * n + n_layers + 2}
-    d["KOG_N_COUNTERS"] = 3 + 2 * n + n_layers + 3
+         "KOG_CNT_OVERFLOW": 3 + 2 * n + n_layers + 2, "KOG_CNT_SAMPLE": 3 + 2 * n + n_layers + 3}
+    d["KOG_N_COUNTERS"] = 3 + 2 * n + n_layers + 4
     return d
+
+
+# The sampler's workspace (sampling.cuh, KogParams::sample_ws): two halves (step parity) of six
+# radix rounds' 2,048 counts + 2,048 masses, 8 scalars and two tie counts a block.
+SAMPLE_WS_MAX_BLOCKS = 1024
+SAMPLE_WS_WORDS = 2 * (6 * 2 * 2048 + 8 + 2 * SAMPLE_WS_MAX_BLOCKS)
 
 
 # Rows of the tensor-parallel peer table (KogParams::tp_peers): row f, column q = rank q's

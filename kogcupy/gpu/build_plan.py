@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import kernels
+from . import abi, kernels
 from ..model.config import ModelConfig
 from ..errors import DeviceError
 from .topology import MI300X_GRID
@@ -69,13 +69,19 @@ def attn_tile_problem(cfg: ModelConfig, tile: int, bufs: int, threads: int = THR
     return None
 
 
+def sample_slice(cfg: ModelConfig, n_blocks: int = 132) -> int:
+    """KOG_SAMPLE_SLICE: vocabulary ids a block holds in the sampler's rounds (sampling.cuh)."""
+    return -(-cfg.vocab_size // n_blocks)
+
+
 def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = None,
                 threads: int = THREADS, warp: int = 32, ffn_slots: int | None = None,
-                down_depth: int | None = None, arch: str = "") -> int:
+                down_depth: int | None = None, arch: str = "", n_blocks: int = 132) -> int:
     """KOG_SMEM_FLOATS: the largest per-stage working set (activation vector, attention unit,
-    sampler histogram, the FFN's x + down partials + activations + row staging), rounded to
-    16 bytes. `tile`, `bufs`: KOG_ATTN_TILE / _BUFS; `ffn_slots`: KOG_FFN_SLOTS (default: the
-    FFN width, an upper bound); `down_depth`: KOG_DOWN_DEPTH (default: kernels.py's)."""
+    sampler histograms + vocabulary slice, the FFN's x + down partials + activations + row
+    staging), rounded to 16 bytes. `tile`, `bufs`: KOG_ATTN_TILE / _BUFS; `ffn_slots`:
+    KOG_FFN_SLOTS (default: the FFN width, an upper bound); `down_depth`: KOG_DOWN_DEPTH
+    (default: kernels.py's); `n_blocks`: the grid (the sampler's slice)."""
     default_tile, default_bufs = attn_tiling(cfg, arch)
     tile, bufs = tile or default_tile, bufs or default_bufs
     g, hd = cfg.gqa_group, cfg.head_dim
@@ -85,7 +91,8 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
             + bufs * tile * hd                      # attention.cuh KOG_ATTN_SMEM_FLOATS
             + (nhs * 10 * threads if nhs > 1 else 0)
             + (-(-g // 8) * hd * 8 if mma else 0))  # q^T's mma fragments
-    sample = 2048 * 2 + 8 + 8 + 8 * threads         # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
+    sl = sample_slice(cfg, n_blocks)
+    sample = 3 * 2048 + -(-sl // 32) + sl           # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
     h, chunks = cfg.hidden_size, cfg.hidden_size // 8
     groups = 1 if chunks >= threads else threads // chunks
     slots = cfg.intermediate_size if ffn_slots is None else ffn_slots
@@ -143,6 +150,9 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
                           dyn_permille=dyn)
     except ValueError as e:
         raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None
+    if n_blocks > abi.SAMPLE_WS_MAX_BLOCKS:
+        raise DeviceError(f"the sampler's workspace holds at most {abi.SAMPLE_WS_MAX_BLOCKS} blocks, "
+                          f"not {n_blocks}")
     if world == 1 and n_blocks >= SUM_MAX_PARTS:
         # the next layer's input sum gets up to one part per block, counted in 10 bits (sync.cuh)
         raise DeviceError(f"one GPU runs at most {SUM_MAX_PARTS - 1} blocks (residual-sum part "
@@ -177,7 +187,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     warp = wave_size(arch)
 
     def smem_bytes(tile, bufs):
-        return 4 * (smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth, arch) + scratch + 16
+        return 4 * (smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth, arch,
+                                n_blocks) + scratch + 16
                     + x_full)
     if smem_limit and "KOG_ATTN_TILE" not in tuning:
         while (smem_bytes(tile, bufs) > smem_limit and
@@ -188,7 +199,9 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         raise DeviceError(f"KOG_ATTN_TILE={tile}, KOG_ATTN_BUFS={bufs}: {problem}")
     tuning["KOG_ATTN_TILE"], tuning["KOG_ATTN_BUFS"] = tile, bufs
     tuning["KOG_FFN_SLOTS"] = placement.ffn_slots    # (the placement's, not a knob)
+    tuning["KOG_SAMPLE_SLICE"] = sample_slice(lcfg, n_blocks)   # (the grid's)
     return BuildPlan(n_blocks=n_blocks, tuning=tuning, placement=placement,
                      attn_chunk=attn_chunk,
-                     smem_floats=smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth, arch),
+                     smem_floats=smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth, arch,
+                                             n_blocks),
                      smem_bytes=smem_bytes(tile, bufs))

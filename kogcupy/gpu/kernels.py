@@ -135,8 +135,11 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
     elif dtype != "bfloat16":
         raise DeviceError(f"unsupported GPU storage dtype {dtype!r}; use bfloat16 or float16")
     d.update(DEFAULT_TUNING)
+    d["KOG_SAMPLE_SLICE"] = -(-cfg.vocab_size // 132)   # (build_plan.sample_slice; a plan sets the grid's)
+    d["KOG_SAMPLE_SLICES"] = 0                         # 1: the build that draws over slices
     d.update(tuning or {})
     d["KOG_TP"] = int(tp)
+    d["KOG_SWS_MAX_BLOCKS"], d["KOG_SWS_WORDS"] = abi.SAMPLE_WS_MAX_BLOCKS, abi.SAMPLE_WS_WORDS
     d.update(abi.peer_defines())
     d.update(abi.counter_layout(cfg.n_layers, cfg.n_kv_heads))
     d.update(debug_layout(cfg))

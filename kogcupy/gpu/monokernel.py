@@ -388,6 +388,7 @@ class MonokernelBackend(_OneLaunchBackend):
         self.profile_pos = profile_pos
         self._alloc()
         self._fn = self._compile()
+        self._fn_slices = None                # compiled at the first request that needs it
         self._active: MonokernelTokenStream | None = None
         self._kv_ids: list[int] = []          # token ids whose K/V are in the cache, from 0
         self._last_launch: tuple[list[int], int] | None = None   # (prompt, start) to settle
@@ -432,7 +433,7 @@ class MonokernelBackend(_OneLaunchBackend):
         self.partition = cp.asarray(pl.partition)
         self.ticket_base = cp.asarray(pl.attn_ticket_base)
         self.tokens = cp.zeros(C, cp.int32)
-        self.rep_stamp = cp.zeros(cfg.vocab_size, cp.uint32)
+        self.sample_ws = cp.zeros(abi.SAMPLE_WS_WORDS, u64)
         self.eos = cp.zeros(64, cp.int32)
         self.params_dev = cp.zeros(abi.numpy_dtype().itemsize, cp.uint8)
         self._ctl = HostMapped(64)
@@ -446,9 +447,15 @@ class MonokernelBackend(_OneLaunchBackend):
         self.profile = (cp.zeros(self.n_blocks * self.prof_slots, cp.uint64)
                         if self.profile_pos is not None else None)
 
-    def _compile(self):
+    def _compile(self, slices: bool = False):
+        """The monokernel; `slices`: the build whose sampler also draws with a filter or a
+        penalty over every block's slice of the vocabulary (sampling.cuh). Greedy and
+        temperature-only requests run the build without that code: compiled into the one
+        kernel, the call alone changed ptxas's register allocation of the layer loops and
+        greedy decode lost 4-5% (bench/NOTES.md, "The sampler's rounds")."""
         defines = kernels.model_defines(self.lcfg, self.dtype, self.threads, self._smem_floats,
                                         len(abi.PARTITION_COLUMNS), self.tuning, tp=self.world)
+        defines["KOG_SAMPLE_SLICES"] = int(slices)
         limit = self._smem_optin or self.smem_bytes
         if self.smem_bytes > limit:
             raise DeviceError(f"monokernel needs {self.smem_bytes} B of shared memory per block, "
@@ -527,7 +534,7 @@ class MonokernelBackend(_OneLaunchBackend):
                 n_heads = self.lcfg.n_layers * self.lcfg.n_kv_heads
                 self.counters[cl["KOG_CNT_TOK"]] = start_pos
                 self.counters[cl["KOG_CNT_KV"]:cl["KOG_CNT_KV"] + n_heads] = start_pos
-            self.rep_stamp.fill(0)
+            self.sample_ws.fill(0)
             for a in (self.logits_buf, self.attn_partial, self.lm_part_val):
                 a.fill(np.nan)                        # poisoned: every read must be written
             self.lm_part_idx.fill(-1)                 # -1: no LM rows (tensor parallel)
@@ -564,7 +571,7 @@ class MonokernelBackend(_OneLaunchBackend):
             attn_partial=self.attn_partial.data.ptr, lm_part_val=self.lm_part_val.data.ptr,
             lm_part_idx=self.lm_part_idx.data.ptr, counters=self.counters.data.ptr,
             partition=self.partition.data.ptr, attn_ticket_base=self.ticket_base.data.ptr, tokens=self.tokens.data.ptr,
-            rep_stamp=self.rep_stamp.data.ptr, eos_ids=self.eos.data.ptr,
+            sample_ws=self.sample_ws.data.ptr, eos_ids=self.eos.data.ptr,
             host_ctl=self._ctl.ptr, host_tokens=self._host_tokens.ptr,
             debug=self.debug.data.ptr if self.debug is not None else 0,
             prompt_len=n, start_pos=start_pos, max_new=max_new, context_length=self.context_length,
@@ -581,8 +588,7 @@ class MonokernelBackend(_OneLaunchBackend):
             profile_pos=self.profile_pos if self.profile_pos is not None else -1,
             xpart=self.xpart.data.ptr if self.xpart is not None else 0,
             tp_peers=self.tp_peers.data.ptr, tp_rank=self.rank,
-            tp_gather_logits=int(all_logits or not (params.greedy or params.draws_in_lm_head)
-                                 or params.repetition_penalty != 1.0),
+            tp_gather_logits=int(all_logits or params.draws_over_slices),
         )
         return vals
 
@@ -594,11 +600,16 @@ class MonokernelBackend(_OneLaunchBackend):
     def _fire(self, vals: dict) -> float:
         """Write the parameter block and launch (asynchronously); perf_counter() at launch."""
         packed = abi.pack(vals)
+        fn = self._fn
+        if vals["tp_gather_logits"] and not vals["all_logits"]:     # params.draws_over_slices
+            if self._fn_slices is None:
+                self._fn_slices = self._compile(slices=True)
+            fn = self._fn_slices
         with self._stream:
             self.params_dev.set(packed.view(np.uint8), stream=self._stream)
             t0 = time.perf_counter()
             try:
-                self._fn((self.n_blocks,), (self.threads,), (self.params_dev,),
+                fn((self.n_blocks,), (self.threads,), (self.params_dev,),
                          shared_mem=self.smem_bytes)
             except Exception as e:  # noqa: BLE001
                 hint = ""

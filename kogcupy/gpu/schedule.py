@@ -100,6 +100,7 @@ class Stage:
     writes: tuple[Use, ...]     # outputs: tagged words, counters released, host words
     who: str = "every block"
     tp: str = ""                # what differs with tensor parallelism
+    part_of: tuple[str, ...] = ()   # device functions the kernel loop calls for it beforehand
 
 
 def _x(layer, stage, pos="t", **kw):
@@ -192,18 +193,27 @@ STAGES: tuple[Stage, ...] = (
              "host's cancel into every rank's CANCEL; LM released on every rank"),
     Stage("sample", "kog_stage_sample", "sampling.cuh", False, True,
           waits=(Use("counters", counter="KOG_CNT_LM", value="lm_steps * n_lm_producers", when="lm"),
+                 Use("counters", counter="KOG_CNT_SAMPLE", value="rounds * blocks", when="slices",
+                     peer=True, what="each round's totals, then block 0 the draw"),
                  _sum("in", "L", when="not lm", what="all; inside the prompt")),
-          reads=(Use("logits", when="lm"), Use("lm_part_val", when="lm"), Use("lm_part_idx", when="lm"),
-                 Use("tokens"), Use("rep_stamp", when="lm"), Use("embed", what="row of the next token"),
+          reads=(Use("logits", when="lm"), Use("lm_part_val", when="lm and not slices"),
+                 Use("lm_part_idx", when="lm and not slices"),
+                 Use("tokens"), Use("sample_ws", when="slices", what="the round totals"),
+                 Use("embed", what="row of the next token"),
                  Use("host_ctl", what="[2] cancel, read before the wait")),
-          writes=(Use("tokens", what="[t+1]"),
+          writes=(Use("sample_ws", when="slices", what="its slice's part of each round; zeroes its "
+                      "share of the next step's half"),
+                  Use("counters", counter="KOG_CNT_SAMPLE", value="+1 a round", when="slices"),
+                  Use("tokens", what="[t+1]"),
                   _x("0", "EMBED", pos="t+1", when="KOG_TP > 1",
                      what="the next token's row (kog_embed), unless stopping"),
                   _sum("in", "0", "emb", pos="t+1", what="the next token's row (kog_embed), unless stopping"),
                   Use("counters", counter="KOG_CNT_TOK", value="+1"),
                   Use("host_tokens", what="[g], then host_ctl[0] = g + 1 (release, system)")),
-          who="block 0",
-          tp="waits LM (system scope) for every rank's producers; cancel from CANCEL"),
+          who="block 0; with a filter or a penalty (slices: the KOG_SAMPLE_SLICES build) every "
+              "block first draws over its slice of the vocabulary (kog_sample_slices)",
+          tp="waits LM (system scope) for every rank's producers; cancel from CANCEL",
+          part_of=("kog_sample_slices",)),
     Stage("stop_check", "kog_stage_sample", "sampling.cuh", False, False,
           waits=(),
           reads=(Use("eos_ids", what="thread e the e-th, before the wait"),
@@ -231,6 +241,7 @@ COUNTERS = {
     "KOG_CNT_CANCEL": ("", "tensor parallel: 1 once rank 0 forwarded the host's cancel"),
     "KOG_CNT_OVERFLOW": ("", "one GPU: 1 once a residual-sum part was not finite or |part| >= 2^27 "
                              "(kog_sum_word, any stage adding to xsum)"),
+    "KOG_CNT_SAMPLE": ("", "the sampler's rounds over the vocabulary slices: +1 a block a round"),
 }
 
 
