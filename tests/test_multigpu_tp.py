@@ -148,12 +148,18 @@ def test_next_turn_reuses_the_ranks_caches(n):
     ans, r = greedy(tp, turn1, 16)
     assert r == "length"
     turn2 = turn1 + ans + prompt(one.cfg, 40, seed=22)
-    s = tp.start(turn2, SamplingParams(), 16, set())
+    next_turn_matches_one_gpu(one, tp, turn2, len(turn1) + 15, f"turn 2 on {n} ranks")
+
+
+def next_turn_matches_one_gpu(one, tp, ids, cached, what):
+    """16 greedy tokens of `ids` on `tp`, which must find `cached` of them in its caches, are
+    one GPU's from scratch (or part from them only at a near-tie)."""
+    s = tp.start(ids, SamplingParams(), 16, set())
     got = list(s)
-    assert s.cached_tokens == len(turn1) + 15, s.cached_tokens
+    assert s.cached_tokens == cached, s.cached_tokens
     one.clear_prefix_cache()
-    want, _ = greedy(one, turn2, 16)
-    same_or_near_tie(one, turn2, want, got, f"turn 2 on {n} ranks")
+    want, _ = greedy(one, ids, 16)
+    same_or_near_tie(one, ids, want, got, what)
 
 
 @pytest.mark.parametrize("n", TP_SIZES)
@@ -167,12 +173,7 @@ def test_an_earlier_conversation_comes_back_from_the_store(n):
     ans, _ = greedy(tp, a1, 8)
     greedy(tp, b1, 8)
     a2 = a1 + ans + prompt(one.cfg, 30, seed=33)
-    s = tp.start(a2, SamplingParams(), 16, set())
-    got = list(s)
-    assert s.cached_tokens == len(a1) + 7, s.cached_tokens
-    one.clear_prefix_cache()
-    want, _ = greedy(one, a2, 16)
-    same_or_near_tie(one, a2, want, got, f"A's turn 2 from the store on {n} ranks")
+    next_turn_matches_one_gpu(one, tp, a2, len(a1) + 7, f"A's turn 2 from the store on {n} ranks")
 
 
 def _bf16(a):
