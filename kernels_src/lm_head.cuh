@@ -26,7 +26,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     float best_v = KOG_NEG_INF;
     int best_i = KOG_INT_MAX;
     const bool draw = kog_draw_in_lm_head(p);
-    const float inv_t = draw ? 1.f / p->temperature : 0.f;
+    const float inv_t = p->inv_temperature;
     const kog_u32 step = (kog_u32)(c.t - (p->prompt_len - 1));        // generated index
     constexpr bool DYN = KOG_DYN_PERMILLE > 0;
     auto ready = [&]() -> float {

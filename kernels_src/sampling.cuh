@@ -52,9 +52,10 @@ KOG_DEVICE bool kog_draw_in_lm_head(const KogParams* p) {
            p->top_p >= 1.f && p->min_p <= 0.f && p->repetition_penalty == 1.f;
 }
 
-// Order-preserving unsigned key of a float (larger float -> larger key).
+// Order-preserving unsigned key of a float (larger float -> larger key; -0 is +0, as the
+// reference's sort and argmax have them equal).
 KOG_DEVICE kog_u32 kog_float_key(float f) {
-    const kog_u32 u = __float_as_uint(f);
+    const kog_u32 u = __float_as_uint(f + 0.f);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 KOG_DEVICE float kog_key_float(kog_u32 k) {
@@ -233,7 +234,8 @@ KOG_DEVICE void kog_select(const KogCtx& c, KogSampler& s, int sel, bool count_m
         j = wv > 0.0 ? (int)ceil((double)(target_m - above_m) / wv) : n_eq;
     }
     j = max(1, min(j, n_eq));
-    int id = KOG_INT_MAX;
+    // all n_eq kept: the cut (v, any id) -- or, on the key an earlier select cut inside, its id
+    int id = v == s.cut_key ? s.cut_id : KOG_INT_MAX;
     if (j < n_eq) {                  // rare: the blocks count their tied ids, the one holding
         kog_u64* ties = s.ws + KOG_SWS_TIES + sel * KOG_SWS_MAX_BLOCKS;    // the j-th names it
         int mine = 0;
@@ -318,7 +320,7 @@ KOG_DEVICE_NOINLINE int kog_sample_slices(const KogCtx& c, int g_index, int lm_s
     if (p->temperature == 0.f) {                                 // greedy, penalised
         for (int i = tid; i < s.n; i += bd) better(s.v0 + i, s.sl[i]);
     } else {
-        s.inv_t = 1.f / p->temperature;
+        s.inv_t = p->inv_temperature;
         s.lmax = 0.f;
         s.min_w = 0.f;
         s.cut_key = 0u;
@@ -342,7 +344,7 @@ KOG_DEVICE_NOINLINE int kog_sample_slices(const KogCtx& c, int g_index, int lm_s
             if (tid == 0 && z) kog_red_add_u64(s.ws + KOG_SWS_SCALARS + 1, z);
             kog_sample_round(c, rounds);
             z = kog_ld_tagged(s.ws + KOG_SWS_SCALARS + 1);
-            kog_select(c, s, 1, false, 0, (kog_u64)ceil((double)p->top_p * (double)z), rounds);
+            kog_select(c, s, 1, false, 0, max(1ull, (kog_u64)ceil((double)p->top_p * (double)z)), rounds);
         }
         if (p->min_p > 0.f) s.min_w = p->min_p;
         for (int i = tid; i < s.n; i += bd) {                    // the draw: noise for kept ids

@@ -228,16 +228,34 @@ def test_sampling_cut_inside_tied_logits():
     logits = be.logits(prompt)[-1]
     assert (logits[300:420] == 0).all() and (logits != 0).sum() == cfg.vocab_size - 120
     k = int((logits > 0).sum()) + 40                   # the cut: the 40th of the 120 zeros
-    p = SamplingParams(temperature=50.0, top_k=k)      # near uniform: the tied ids get draws
     allowed = set(np.flatnonzero(logits > 0)) | set(range(300, 340))
-    agree, drawn_zero = 0, 0
-    for seed in range(100):
-        q = dataclasses.replace(p, seed=seed)
-        tok = next(iter(be.start(prompt, q, 1, set())))
-        assert tok in allowed, (seed, tok)
-        drawn_zero += 300 <= tok < 420
-        agree += tok == ref_sample(logits, q, 0, prompt)
-    assert agree >= 97 and drawn_zero > 0, (agree, drawn_zero)
+    # near uniform: the tied ids get draws; top_p after top_k must not re-admit ids 340..419
+    for p in (SamplingParams(temperature=50.0, top_k=k),
+              SamplingParams(temperature=50.0, top_k=k, top_p=0.9999)):
+        agree, drawn_zero = 0, 0
+        for seed in range(100):
+            q = dataclasses.replace(p, seed=seed)
+            tok = next(iter(be.start(prompt, q, 1, set())))
+            assert tok in allowed, (p, seed, tok)
+            drawn_zero += 300 <= tok < 420
+            agree += tok == ref_sample(logits, q, 0, prompt)
+        assert agree >= 97 and drawn_zero > 0, (p, agree, drawn_zero)
+
+
+@pytest.mark.parametrize("pi", range(1, len(PARAMS)))
+def test_sampled_run_draws_match_reference_each_step(pi):
+    """Every step of a 24-token sampled run (both halves of the sampler's workspace, Philox at
+    step > 0, the penalty over generated ids): the reference sampler's draw on the GPU's own
+    teacher-forced logits of that step, up to rare rounding at a boundary."""
+    m, be = backend("llama")
+    prompt = np.random.default_rng(8).integers(0, m.config.vocab_size, 6).tolist()
+    p = dataclasses.replace(PARAMS[pi], seed=77)
+    toks = list(be.start(prompt, p, 24, set()))
+    assert len(toks) == 24
+    lg = be.logits(prompt + toks[:-1])                 # (len, V): step i's logits at row n - 1 + i
+    agree = sum(toks[i] == ref_sample(lg[len(prompt) - 1 + i], p, i, prompt + toks[:i])
+                for i in range(24))
+    assert agree >= 23, (pi, agree)
 
 
 def test_seeded_reproducibility():

@@ -252,7 +252,7 @@ def assert_draw_matches_reference(logits, params, step, prev, tok, tol=2e-3):
     order, p = ref_sampling._filtered_sorted(np.asarray(logits, np.float32), loose, prev)
     kept = np.sort(order[p > 0])
     assert tok in kept, (params, step, tok)
-    inv_t = float(ref_sampling._inv_t(params))
+    inv_t = float(ref_sampling.inv_temperature(params))
     sc = ref_sampling.perturbed_scores(x, inv_t, params.seed, step, kept)
     assert sc.max() - sc[kept == tok][0] <= 2 * tol * np.abs(x).max() * inv_t, (params, step, tok)
 

@@ -74,6 +74,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("all_logits", "i32", None, "1: teacher-forced, logits of every prompt position, no sampling"),
     ("n_eos", "i32", None, ""),
     ("temperature", "f32", None, "0 -> greedy"),
+    ("inv_temperature", "f32", None, "1 / temperature as the reference sampler rounds it (sampling.inv_temperature)"),
     ("top_k", "i32", None, "0 -> off"),
     ("top_p", "f32", None, "1 -> off"),
     ("min_p", "f32", None, "0 -> off"),

@@ -24,6 +24,7 @@ from ..errors import DeviceError, InputError
 from .device_weights import DeviceModel, _check_memory, kv_bytes, streamed_weight_bytes
 from .build_plan import THREADS, build_plan
 from ..prefix_cache import PrefixCache, common_prefix_len
+from ..reference.sampling import inv_temperature
 from ..sampling_params import SamplingParams
 
 # FINISH_OVERFLOW (schedule.py): a value the one-GPU residual sums cannot hold (sync.cuh)
@@ -576,7 +577,8 @@ class MonokernelBackend(_OneLaunchBackend):
             debug=self.debug.data.ptr if self.debug is not None else 0,
             prompt_len=n, start_pos=start_pos, max_new=max_new, context_length=self.context_length,
             all_logits=int(all_logits), n_eos=len(eos),
-            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+            temperature=params.temperature, inv_temperature=inv_temperature(params),
+            top_k=params.top_k, top_p=params.top_p,
             min_p=params.min_p, repetition_penalty=params.repetition_penalty,
             seed_lo=seed & 0xFFFFFFFF, seed_hi=(seed >> 32) & 0xFFFFFFFF,
             n_lm_producers=pl.producers["lm"], gate_up_dyn_begin=pl.gate_up_dyn_begin,
@@ -597,14 +599,20 @@ class MonokernelBackend(_OneLaunchBackend):
         return [int(vals[f]) for f in abi.TP_PEER_FIELDS]
 
     @_on_device
+    def _function(self, vals: dict):
+        """The build a launch with these values runs: with a filter or a penalty
+        (params.draws_over_slices) the KOG_SAMPLE_SLICES build, compiled at first use."""
+        if not (vals["tp_gather_logits"] and not vals["all_logits"]):
+            return self._fn
+        if self._fn_slices is None:
+            self._fn_slices = self._compile(slices=True)
+        return self._fn_slices
+
+    @_on_device
     def _fire(self, vals: dict) -> float:
         """Write the parameter block and launch (asynchronously); perf_counter() at launch."""
         packed = abi.pack(vals)
-        fn = self._fn
-        if vals["tp_gather_logits"] and not vals["all_logits"]:     # params.draws_over_slices
-            if self._fn_slices is None:
-                self._fn_slices = self._compile(slices=True)
-            fn = self._fn_slices
+        fn = self._function(vals)
         with self._stream:
             self.params_dev.set(packed.view(np.uint8), stream=self._stream)
             t0 = time.perf_counter()

@@ -145,6 +145,8 @@ class TensorParallelBackend(_OneLaunchBackend):
         for q, (r, v) in enumerate(zip(self.ranks, vals)):
             table[:, q] = r.peer_pointers(v)
         producers = sum(r.placement.producers["lm"] for r in self.ranks)
+        for r, v in zip(self.ranks, vals):    # every rank's build (a first compile) before any
+            r._function(v)                    # rank runs: rank 0 would spin on its peers
         cp = _cupy()
         for r, v in zip(self.ranks, vals):
             v["n_lm_producers"] = producers

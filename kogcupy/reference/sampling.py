@@ -111,7 +111,11 @@ def descending_order(logits: np.ndarray) -> np.ndarray:
     return np.argsort(-logits, kind="stable")
 
 
-def _inv_t(params: SamplingParams) -> np.float32:
+def inv_temperature(params: SamplingParams) -> np.float32:
+    """1 / T in fp32 (from float64, capped at the largest float: no inf for tiny T); the GPU
+    gets this value (KogParams::inv_temperature). 0 when greedy."""
+    if params.greedy:
+        return np.float32(0.0)
     return np.float32(min(1.0 / params.temperature, float(np.finfo(np.float32).max)))
 
 
@@ -126,7 +130,7 @@ def _filtered_sorted(logits: np.ndarray, params: SamplingParams, prev_ids
     if params.top_k and params.top_k < xs.shape[0]:
         keep[params.top_k:] = False
     # softmax of x / T as exp((x - x_max) * (1 / T)), like the GPU: no inf - inf for tiny T
-    inv_t = _inv_t(params)
+    inv_t = inv_temperature(params)
     with np.errstate(over="ignore"):
         e = np.exp((xs - xs[0]) * inv_t)
     e = np.where(keep, e, np.float32(0)).astype(np.float32)
@@ -163,5 +167,5 @@ def sample(logits: np.ndarray, params: SamplingParams, step: int, prev_ids=()) -
     order, p = _filtered_sorted(logits, params, prev_ids)
     kept = np.sort(order[p > 0])                                # ids, ascending
     x = apply_repetition_penalty(logits, params.repetition_penalty, prev_ids)
-    s = perturbed_scores(x, _inv_t(params), params.seed, step, kept)
+    s = perturbed_scores(x, inv_temperature(params), params.seed, step, kept)
     return int(kept[int(np.argmax(s))])                         # first (lowest id) on ties
