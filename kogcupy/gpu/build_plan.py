@@ -197,6 +197,11 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     problem = attn_tile_problem(lcfg, tile, bufs, threads, warp, arch)
     if problem:
         raise DeviceError(f"KOG_ATTN_TILE={tile}, KOG_ATTN_BUFS={bufs}: {problem}")
+    sl = sample_slice(lcfg, n_blocks)
+    if smem_limit and 4 * (3 * 2048 + -(-sl // 32) + sl + scratch + 16 + x_full) > smem_limit:
+        raise DeviceError(f"the sampler's slice of the vocabulary ({lcfg.vocab_size} ids over "
+                          f"{n_blocks} blocks: {sl} a block) does not fit in {smem_limit} B of "
+                          f"shared memory a block: run more blocks")
     tuning["KOG_ATTN_TILE"], tuning["KOG_ATTN_BUFS"] = tile, bufs
     tuning["KOG_FFN_SLOTS"] = placement.ffn_slots    # (the placement's, not a knob)
     tuning["KOG_SAMPLE_SLICE"] = sample_slice(lcfg, n_blocks)   # (the grid's)
