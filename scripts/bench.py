@@ -11,7 +11,9 @@ timed. Engines, in one run on one GPU:
     limit            weight bytes (LM head counted, embedding lookup not) / stream-read
                      bandwidth measured in this run
     kogcupy          kogcupy.gpu.measure.bench_decode(): the monokernel, at context positions
-                     --positions, plus time to first token for a --ttft-prompt token prompt
+                     --positions, plus time to first token for a --ttft-prompt token prompt,
+                     and sampled decode (--sampling modes: T 1; T 0.7 + top_p 0.9) next to
+                     its greedy speed (the peers decode greedy only)
 
 Every speed carries GB/s (weight bytes x tok/s) and % of the limit. Writes
 ``<out>/<gpu-slug>-<YYYY-MM-DD>.json``; plot it here (matplotlib is dev-only) with
@@ -657,8 +659,17 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
-def bench_kogcupy(cfg, prompt_len, new_tokens, position, n_gpus=1) -> dict:
+# Sampled decode (kogcupy only; the peers are timed greedy): what chat and agent requests send.
+# "t1" is the OpenAI default (the LM head draws); "t0.7-top_p0.9" takes the filtered build.
+SAMPLING_MODES = {"t1": dict(temperature=1.0, seed=1),
+                  "t0.7-top_p0.9": dict(temperature=0.7, top_p=0.9, seed=1)}
+
+
+def bench_kogcupy(cfg, prompt_len, new_tokens, position, n_gpus=1, sampling=None) -> dict:
     kw = {"n_gpus": n_gpus} if n_gpus != 1 else {}
+    if sampling is not None:
+        from kogcupy.sampling_params import SamplingParams
+        kw["sampling"] = SamplingParams(**SAMPLING_MODES[sampling])
     res = kogcupy_bench_decode()(cfg, prompt_len=prompt_len, new_tokens=new_tokens,
                                  position=position, **kw)
     if not isinstance(res, dict):
@@ -762,6 +773,16 @@ def print_table(doc):
               f"{_fmt(r['pct_of_limit'], '.1f', 8)}{_fmt(r['pct_of_limit_with_kv'], '.1f', 8)}"
               f"{_fmt(sp.get('hf-eager'), '.2f', 8)}{_fmt(sp.get('torch-sdpa-graph'), '.2f', 8)}"
               f"{_fmt(sp.get('kogcupy'), '.2f', 8)}  {note}")
+    sampled = [r for r in rows if r["metric"] == "decode-sampled"]
+    if sampled:
+        greedy = {r["shape"]: r["tokens_per_s"] for r in rows if r["metric"] == "decode"
+                  and r["engine"] == "kogcupy" and r["position"] == 0 and r.get("n_gpus", 1) == 1}
+        print()
+        print(f"{'sampled decode':<30}{'shape':<14}{'sampling':>15}{'tok/s':>10}{'x greedy':>9}  note")
+        for r in sampled:
+            t, g = r.get("sampled_tokens_per_s"), greedy.get(r["shape"])
+            print(f"{r['engine']:<30}{r['shape']:<14}{r['sampling']:>15}{_fmt(t, '.1f', 10)}"
+                  f"{_fmt(t / g if t and g else None, '.2f', 9)}  {_note(r)}")
     ttft = [r for r in rows if r["metric"] == "ttft"]
     if ttft:
         print()
@@ -959,6 +980,17 @@ def run(args, save=lambda doc: None) -> dict:
 
             for n in [g for g in args.gpus if g > 1]:       # tensor parallel, position 0
                 decode(0, n, f"{n} GPUs", f"x{n} GPUs")
+            for mode in (args.sampling if 1 in args.gpus else []):
+                t0 = time.perf_counter()
+                res, err = _guard(lambda: bench_kogcupy(cfg, args.prompt_len, args.new_tokens, 0,
+                                                        sampling=mode),
+                                  f"{shape} kogcupy sampled {mode}", log)
+                tps = res.get("tokens_per_s") if res else None
+                rows.append(make_row("kogcupy", shape, cfg, args, env, error=err,
+                                     metric="decode-sampled", sampling=mode, sampled_tokens_per_s=tps,
+                                     wall_s=time.perf_counter() - t0, engine_info=res or {}))
+                print(f"  kogcupy {mode:<14} {_fmt(tps, '.1f', 9)} tok/s", flush=True)
+                _free_gpu()
             for pos in (args.positions if 1 in args.gpus else []):
                 decode(pos, 1, f"pos {pos}", f"@{pos:<6} ")
             for n in (args.gpus if args.ttft_prompts or agent else []):
@@ -1040,6 +1072,9 @@ def parse_args(argv=None):
     p.add_argument("--agent-turns", type=int, default=10,
                    help="turns of the agent workload (0: skip)")
     p.add_argument("--agent-gen", type=int, default=256, help="tokens generated per agent turn")
+    p.add_argument("--sampling", type=_csv(str), default=list(SAMPLING_MODES),
+                   help=f"kogcupy sampled-decode modes at position 0, one GPU ({', '.join(SAMPLING_MODES)}; "
+                        "'' for none)")
     p.add_argument("--graph-repeats", type=int, default=3)
     p.add_argument("--hf-profile", action="store_true",
                    help="print a torch.profiler table of 3 bare transformers decode steps")
@@ -1071,6 +1106,9 @@ def parse_args(argv=None):
         p.error("--new-tokens must be >= 2 and --prompt-len >= 1")
     if any(x < 0 for x in args.positions):
         p.error("--positions must be >= 0")
+    bad = [m for m in args.sampling if m not in SAMPLING_MODES]
+    if bad:
+        p.error(f"--sampling {','.join(bad)}: not one of {', '.join(SAMPLING_MODES)}")
     args.bw_bytes = int(args.bw_bytes or (6.4e7 if args.dry_run else 4e9))
     if args.out is None:
         args.out = "/tmp/kogcupy-bench-dry-run" if args.dry_run else os.path.join(

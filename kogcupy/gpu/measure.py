@@ -80,9 +80,10 @@ def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
                  position: int = 0, dtype: str = "bfloat16", context_length: int | None = None,
                  seed: int = 0, backend=None,
                  tuning: dict | None = None, device_model: DeviceModel | None = None,
-                 n_gpus: int = 1, blocks: int | None = None, threads: int | None = None) -> dict:
-    """Decode speed on random GPU weights for `cfg` (greedy, no EOS), on `n_gpus` GPUs
-    (tensor parallel when > 1; the bandwidth limit is then the GPUs' aggregate).
+                 n_gpus: int = 1, blocks: int | None = None, threads: int | None = None,
+                 sampling: SamplingParams | None = None) -> dict:
+    """Decode speed on random GPU weights for `cfg` (greedy unless `sampling`, no EOS), on
+    `n_gpus` GPUs (tensor parallel when > 1; the bandwidth limit is then the GPUs' aggregate).
 
     Generation starts after max(prompt_len, position) prompt tokens; tokens/s counts the
     decode steps after the first generated token (host arrival times of tokens 2..n)."""
@@ -103,8 +104,9 @@ def bench_decode(cfg: ModelConfig, prompt_len: int = 32, new_tokens: int = 512,
                                         blocks=blocks, threads=threads)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, cfg.vocab_size, n_prompt).tolist()
-    list(backend.start(ids, SamplingParams(), min(64, new_tokens), set()))   # warm-up
-    stream = backend.start(ids, SamplingParams(), new_tokens, set())
+    sp = sampling or SamplingParams()
+    list(backend.start(ids, sp, min(64, new_tokens), set()))   # warm-up (and a first compile)
+    stream = backend.start(ids, sp, new_tokens, set())
     toks = list(stream)
     tt = stream.token_times
     decode_s = tt[-1] - tt[0] if len(tt) > 1 else float("nan")
