@@ -65,14 +65,15 @@ def philox_uniform(seed: int, step: int, ids) -> np.ndarray:
     counter = (step, id >> 2, 0, 0), word id & 3 of the output; u = ((w >> 9) + 0.5) * 2**-23,
     exactly representable in fp32 and never 0 or 1. float32 (ids.shape)."""
     ids = np.asarray(ids, dtype=np.uint64)
-    ctr = np.zeros(ids.shape + (4,), dtype=np.uint64)
-    ctr[..., 0] = step
-    ctr[..., 1] = ids >> np.uint64(2)
-    key = np.empty(ids.shape + (2,), dtype=np.uint64)
-    key[..., 0] = seed & 0xFFFFFFFF
-    key[..., 1] = (seed >> 32) & 0xFFFFFFFF
-    out = philox4x32_10(ctr, key)                               # (..., 4)
-    w = np.take_along_axis(out, (ids & np.uint64(3)).astype(np.int64)[..., None], -1)[..., 0]
+    quads, where = np.unique(ids >> np.uint64(2), return_inverse=True)   # one counter: 4 ids
+    ctr = np.zeros(quads.shape + (4,), dtype=np.uint64)
+    ctr[:, 0] = step
+    ctr[:, 1] = quads
+    key = np.empty(quads.shape + (2,), dtype=np.uint64)
+    key[:, 0] = seed & 0xFFFFFFFF
+    key[:, 1] = (seed >> 32) & 0xFFFFFFFF
+    out = philox4x32_10(ctr, key)                               # (quads, 4)
+    w = out[where.reshape(ids.shape), (ids & np.uint64(3)).astype(np.int64)]
     return ((w >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
 
 
