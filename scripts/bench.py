@@ -665,6 +665,14 @@ SAMPLING_MODES = {"t1": dict(temperature=1.0, seed=1),
                   "t0.7-top_p0.9": dict(temperature=0.7, top_p=0.9, seed=1)}
 
 
+def _tokens_per_s(res, err):
+    """(tok/s, error) of a bench_decode result: a speed that is not finite and > 0 is an error."""
+    tps = res.get("tokens_per_s") if res else None
+    if res and not (isinstance(tps, (int, float)) and math.isfinite(tps) and tps > 0):
+        return None, f"bench_decode returned tokens_per_s={tps!r}"
+    return tps, err
+
+
 def bench_kogcupy(cfg, prompt_len, new_tokens, position, n_gpus=1, sampling=None) -> dict:
     kw = {"n_gpus": n_gpus} if n_gpus != 1 else {}
     if sampling is not None:
@@ -969,9 +977,7 @@ def run(args, save=lambda doc: None) -> dict:
                 t0 = time.perf_counter()
                 res, err = _guard(lambda: bench_kogcupy(cfg, args.prompt_len, args.new_tokens,
                                                         pos, n), f"{shape} kogcupy {what}", log)
-                tps = res.get("tokens_per_s") if res else None
-                if res and not (isinstance(tps, (int, float)) and math.isfinite(tps) and tps > 0):
-                    err, tps = f"bench_decode returned tokens_per_s={tps!r}", None
+                tps, err = _tokens_per_s(res, err)
                 rows.append(make_row("kogcupy", shape, cfg, args, env, error=err, position=pos,
                                      n_gpus=n, tokens_per_s=tps, wall_s=time.perf_counter() - t0,
                                      engine_info=res or {}))
@@ -985,7 +991,7 @@ def run(args, save=lambda doc: None) -> dict:
                 res, err = _guard(lambda: bench_kogcupy(cfg, args.prompt_len, args.new_tokens, 0,
                                                         sampling=mode),
                                   f"{shape} kogcupy sampled {mode}", log)
-                tps = res.get("tokens_per_s") if res else None
+                tps, err = _tokens_per_s(res, err)
                 rows.append(make_row("kogcupy", shape, cfg, args, env, error=err,
                                      metric="decode-sampled", sampling=mode, sampled_tokens_per_s=tps,
                                      wall_s=time.perf_counter() - t0, engine_info=res or {}))

@@ -39,6 +39,18 @@ def test_philox_uniform_definition_and_vectorisation():
     assert abs(float(g.mean()) - 0.5772) < 0.1                        # Euler-Mascheroni
 
 
+def test_philox_uniform_any_ids_match_one_counter_each():
+    # four ids share a counter (id >> 2); any order, repeats and shape give each id its own word
+    seed, step = (1 << 40) | 12345, 9
+    ids = np.array([[7, 3, 1000003, 7], [4, 5, 6, 0]], dtype=np.int64)
+    u = philox_uniform(seed, step, ids)
+    assert u.shape == ids.shape
+    for i, v in np.ndenumerate(ids):
+        w = philox4x32_10([step, int(v) >> 2, 0, 0], [seed & 0xFFFFFFFF, seed >> 32])[int(v) & 3]
+        assert u[i] == ((int(w) >> 9) + 0.5) * 2.0 ** -23, (i, v)
+    assert u[0, 0] == u[0, 3] and philox_uniform(seed, step, [4, 5])[1] == u[1, 1]
+
+
 # --------------------------------------------------------------------------- filters
 def test_greedy_argmax_lowest_index_wins_ties():
     logits = np.array([1.0, 3.0, -2.0, 3.0, 0.5], dtype=np.float32)

@@ -74,6 +74,12 @@ def sample_slice(cfg: ModelConfig, n_blocks: int = 132) -> int:
     return -(-cfg.vocab_size // n_blocks)
 
 
+def sample_smem_floats(cfg: ModelConfig, n_blocks: int = 132) -> int:
+    """sampling.cuh KOG_SAMPLE_SMEM_FLOATS: histograms, seen-id bits, the vocabulary slice."""
+    sl = sample_slice(cfg, n_blocks)
+    return 3 * 2048 + -(-sl // 32) + sl
+
+
 def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = None,
                 threads: int = THREADS, warp: int = 32, ffn_slots: int | None = None,
                 down_depth: int | None = None, arch: str = "", n_blocks: int = 132) -> int:
@@ -91,8 +97,7 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
             + bufs * tile * hd                      # attention.cuh KOG_ATTN_SMEM_FLOATS
             + (nhs * 10 * threads if nhs > 1 else 0)
             + (-(-g // 8) * hd * 8 if mma else 0))  # q^T's mma fragments
-    sl = sample_slice(cfg, n_blocks)
-    sample = 3 * 2048 + -(-sl // 32) + sl           # sampling.cuh KOG_SAMPLE_SMEM_FLOATS
+    sample = sample_smem_floats(cfg, n_blocks)
     h, chunks = cfg.hidden_size, cfg.hidden_size // 8
     groups = 1 if chunks >= threads else threads // chunks
     slots = cfg.intermediate_size if ffn_slots is None else ffn_slots
@@ -197,11 +202,10 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     problem = attn_tile_problem(lcfg, tile, bufs, threads, warp, arch)
     if problem:
         raise DeviceError(f"KOG_ATTN_TILE={tile}, KOG_ATTN_BUFS={bufs}: {problem}")
-    sl = sample_slice(lcfg, n_blocks)
-    if smem_limit and 4 * (3 * 2048 + -(-sl // 32) + sl + scratch + 16 + x_full) > smem_limit:
+    if smem_limit and 4 * (-(-sample_smem_floats(lcfg, n_blocks) // 4) * 4 + scratch + 16 + x_full) > smem_limit:
         raise DeviceError(f"the sampler's slice of the vocabulary ({lcfg.vocab_size} ids over "
-                          f"{n_blocks} blocks: {sl} a block) does not fit in {smem_limit} B of "
-                          f"shared memory a block: run more blocks")
+                          f"{n_blocks} blocks: {sample_slice(lcfg, n_blocks)} a block) does not fit "
+                          f"in {smem_limit} B of shared memory a block: run more blocks")
     tuning["KOG_ATTN_TILE"], tuning["KOG_ATTN_BUFS"] = tile, bufs
     tuning["KOG_FFN_SLOTS"] = placement.ffn_slots    # (the placement's, not a knob)
     tuning["KOG_SAMPLE_SLICE"] = sample_slice(lcfg, n_blocks)   # (the grid's)
