@@ -13,7 +13,7 @@ timed. Engines, in one run on one GPU:
     kogcupy          kogcupy.gpu.measure.bench_decode(): the monokernel, at context positions
                      --positions, plus time to first token for a --ttft-prompt token prompt,
                      and sampled decode (--sampling modes: T 1; T 0.7 + top_p 0.9) next to
-                     its greedy speed (the peers decode greedy only)
+                     its greedy speed; torch-sdpa-graph samples the same modes inside its graph
 
 Every speed carries GB/s (weight bytes x tok/s) and % of the limit. Writes
 ``<out>/<gpu-slug>-<YYYY-MM-DD>.json``; plot it here (matplotlib is dev-only) with
@@ -334,9 +334,11 @@ class CompactDecoder:
     ``out_tokens[pos]`` and advances ``pos``, so replaying the graph decodes greedily.
     """
 
-    def __init__(self, cfg: ModelConfig, weights: dict, max_len: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, weights: dict, max_len: int, device, dtype,
+                 sampling: dict | None = None):
         import torch
         self.cfg, self.w, self.max_len, self.device = cfg, weights, max_len, device
+        self.sampling = sampling or {}          # SAMPLING_MODES entry: temperature, top_p
         hd = cfg.head_dim
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         ang = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
@@ -391,10 +393,25 @@ class CompactDecoder:
             x = x + F.linear(F.silu(gate) * up, lw["w_down"])
         logits = F.linear(self._rmsnorm(x, w["final_norm"]), w["lm_head"])
         self.logits = logits                                          # (1, vocab)
-        nxt = logits.argmax(-1)                                       # (1,) greedy
+        nxt = self._draw(logits.float()) if self.sampling else logits.argmax(-1)   # (1,)
         self.token.copy_(nxt)
         self.out_tokens.index_copy_(0, self.pos, nxt)
         self.pos.add_(1)
+
+    def _draw(self, logits):
+        """The draw as a sampling server does it, in graph-capturable torch ops: logits / T, the
+        top-p prefix of the sorted softmax, then the Gumbel-max over what is kept (the default
+        CUDA generator's noise, which graph replays advance)."""
+        import torch
+        scores = logits / self.sampling["temperature"]                # (1, vocab)
+        top_p = self.sampling.get("top_p", 1.0)
+        if top_p < 1.0:
+            srt, idx = scores.sort(-1, descending=True)
+            cum = srt.softmax(-1).cumsum(-1)
+            drop = (cum - srt.softmax(-1)) >= top_p                   # mass before it already >= p
+            scores = scores.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
+        gumbel = -torch.log(-torch.log(torch.rand_like(scores).clamp_(1e-20, 1.0 - 1e-7)))
+        return (scores + gumbel).argmax(-1)
 
     def capture(self):
         import torch
@@ -439,9 +456,10 @@ def logits_rel_err_vs_hf(model, cfg, weights, device, dtype, prompt_len=8) -> fl
     return float((mine - ref).norm() / ref.norm())
 
 
-def bench_graph(cfg, weights, prompt_len, new_tokens, device, dtype, repeats) -> dict:
+def bench_graph(cfg, weights, prompt_len, new_tokens, device, dtype, repeats, sampling=None) -> dict:
     import torch
-    dec = CompactDecoder(cfg, weights, prompt_len + new_tokens + 1, device, dtype)
+    dec = CompactDecoder(cfg, weights, prompt_len + new_tokens + 1, device, dtype,
+                         SAMPLING_MODES[sampling] if sampling else None)
     if device.type == "cuda":
         dec.capture()
     g = torch.Generator().manual_seed(1)
@@ -659,7 +677,8 @@ def _jsonable(d: dict) -> dict:
     return out
 
 
-# Sampled decode (kogcupy only; the peers are timed greedy): what chat and agent requests send.
+# Sampled decode (kogcupy and torch-sdpa-graph; hf-eager greedy only): what chat and agent
+# requests send.
 # "t1" is the OpenAI default (the LM head draws); "t0.7-top_p0.9" takes the filtered build.
 SAMPLING_MODES = {"t1": dict(temperature=1.0, seed=1),
                   "t0.7-top_p0.9": dict(temperature=0.7, top_p=0.9, seed=1)}
@@ -783,14 +802,19 @@ def print_table(doc):
               f"{_fmt(sp.get('kogcupy'), '.2f', 8)}  {note}")
     sampled = [r for r in rows if r["metric"] == "decode-sampled"]
     if sampled:
-        greedy = {r["shape"]: r["tokens_per_s"] for r in rows if r["metric"] == "decode"
-                  and r["engine"] == "kogcupy" and r["position"] == 0 and r.get("n_gpus", 1) == 1}
+        greedy = {(r["engine"], r["shape"]): r["tokens_per_s"] for r in rows if r["metric"] == "decode"
+                  and r["position"] == 0 and r.get("n_gpus", 1) == 1}
+        peer = {(r["shape"], r["sampling"]): r.get("sampled_tokens_per_s") for r in sampled
+                if r["engine"] == "torch-sdpa-graph"}
         print()
-        print(f"{'sampled decode':<30}{'shape':<14}{'sampling':>15}{'tok/s':>10}{'x greedy':>9}  note")
+        print(f"{'sampled decode':<30}{'shape':<14}{'sampling':>15}{'tok/s':>10}{'x greedy':>9}"
+              f"{'x graph':>8}  note")
         for r in sampled:
-            t, g = r.get("sampled_tokens_per_s"), greedy.get(r["shape"])
+            t, g = r.get("sampled_tokens_per_s"), greedy.get((r["engine"], r["shape"]))
+            q = peer.get((r["shape"], r["sampling"])) if r["engine"] != "torch-sdpa-graph" else None
             print(f"{r['engine']:<30}{r['shape']:<14}{r['sampling']:>15}{_fmt(t, '.1f', 10)}"
-                  f"{_fmt(t / g if t and g else None, '.2f', 9)}  {_note(r)}")
+                  f"{_fmt(t / g if t and g else None, '.2f', 9)}{_fmt(t / q if t and q else None, '.2f', 8)}"
+                  f"  {_note(r)}")
     ttft = [r for r in rows if r["metric"] == "ttft"]
     if ttft:
         print()
@@ -962,6 +986,18 @@ def run(args, save=lambda doc: None) -> dict:
                   + (f"  (logits rel err vs hf {extra['logits_rel_err_vs_hf']:.1e}; greedy"
                      f" agrees with hf for {extra['greedy_prefix_agrees_with_hf']} tokens)"
                      if "greedy_prefix_agrees_with_hf" in extra else ""), flush=True)
+            for mode in args.sampling:
+                t0 = time.perf_counter()
+                res, err = _guard(lambda: bench_graph(cfg, compact_weights_random(cfg, device, dtype),
+                                                      args.prompt_len, args.new_tokens, device, dtype,
+                                                      args.graph_repeats, sampling=mode),
+                                  f"{shape} torch-sdpa-graph sampled {mode}", log)
+                tps = res["tokens_per_s"] if res else None
+                rows.append(make_row("torch-sdpa-graph", shape, cfg, args, env, error=err,
+                                     metric="decode-sampled", sampling=mode,
+                                     sampled_tokens_per_s=tps, wall_s=time.perf_counter() - t0))
+                print(f"  torch-sdpa-graph {mode:<14} {_fmt(tps, '.1f', 9)} tok/s", flush=True)
+                _free_gpu()
         del model
         _free_gpu()
         agent = (agent_workload(cfg, turns=args.agent_turns) if args.agent_turns else None)
