@@ -3,9 +3,9 @@
 // lookup of the next token.
 //
 // The algorithm is kogcupy/reference/sampling.py's, step for step: repetition penalty over the distinct
-// ids of prompt + generated (per-step stamps make "distinct" cheap) -> greedy argmax (lowest
-// id on ties; without a penalty it only reduces the per-block partial argmax the LM head
-// stage left) -> logits / T -> top_k -> softmax -> top_p -> min_p -> the draw: the kept id
+// ids of prompt + generated (each block marks its slice's ids in a bitmap) -> greedy argmax
+// (lowest id on ties; without a penalty it only reduces the per-block partial argmax the LM
+// head stage left) -> logits / T -> top_k -> softmax -> top_p -> min_p -> the draw: the kept id
 // with the largest logit / T + g(seed, step, id), g a Gumbel variate from Philox4x32-10.
 // With no filter and no penalty every id is kept, so the LM head's blocks score their own
 // rows as they write them and this stage reduces their partials like the greedy argmax.
@@ -312,7 +312,7 @@ KOG_DEVICE_NOINLINE int kog_sample_slices(const KogCtx& c, int g_index, int lm_s
         lmax = fmaxf(lmax, l);
     }
     kog_u64* draw = s.ws + KOG_SWS_SCALARS + 2;
-    float bv = KOG_NEG_INF, v_unused;
+    float bv = KOG_NEG_INF;
     int bi = KOG_INT_MAX;
     auto better = [&](int i, float v) {
         if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }

@@ -119,6 +119,7 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
                   tuning: dict | None = None, tp: int = 1) -> dict:
     """-D constants of the monokernel for a model config (see monokernel.cu). With `tp` > 1
     ranks, `cfg` is one rank's share (tensor_parallel.local_config)."""
+    from .build_plan import sample_slice
     from .placement import ATTN_MIN_CHUNK, attn_chunk_cap, attn_tiling
     d = {
         "KOG_HIDDEN": cfg.hidden_size, "KOG_FFN": cfg.intermediate_size,
@@ -135,7 +136,7 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
     elif dtype != "bfloat16":
         raise DeviceError(f"unsupported GPU storage dtype {dtype!r}; use bfloat16 or float16")
     d.update(DEFAULT_TUNING)
-    d["KOG_SAMPLE_SLICE"] = -(-cfg.vocab_size // 132)   # (build_plan.sample_slice; a plan sets the grid's)
+    d["KOG_SAMPLE_SLICE"] = sample_slice(cfg)          # (a plan sets its grid's)
     d["KOG_SAMPLE_SLICES"] = 0                         # 1: the build that draws over slices
     d.update(tuning or {})
     d["KOG_TP"] = int(tp)
