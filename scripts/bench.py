@@ -952,14 +952,21 @@ def run(args, save=lambda doc: None) -> dict:
                                              new_tokens=1, **(res or {})))
 
         if "torch-sdpa-graph" in args.engines:
-            def graph():
+            peer = {}                  # its weights, made once for the greedy and sampled runs
+
+            def peer_weights():
                 # Same weights as the transformers model when there is one: token ids then
                 # show whether the two implementations agree (bf16 near-ties may split them).
+                if "w" not in peer:
+                    peer["w"] = (compact_weights_random(cfg, device, dtype) if model is None
+                                 else compact_weights_from_hf(model, cfg))
+                return peer["w"]
+
+            def graph():
+                w = peer_weights()
                 if model is None:
-                    w = compact_weights_random(cfg, device, dtype)
                     return bench_graph(cfg, w, args.prompt_len, args.new_tokens, device, dtype,
                                        args.graph_repeats)
-                w = compact_weights_from_hf(model, cfg)
                 err = logits_rel_err_vs_hf(model, cfg, w, device, dtype)
                 res = bench_graph(cfg, w, args.prompt_len, args.new_tokens, device, dtype,
                                   args.graph_repeats)
@@ -988,8 +995,8 @@ def run(args, save=lambda doc: None) -> dict:
                      if "greedy_prefix_agrees_with_hf" in extra else ""), flush=True)
             for mode in args.sampling:
                 t0 = time.perf_counter()
-                res, err = _guard(lambda: bench_graph(cfg, compact_weights_random(cfg, device, dtype),
-                                                      args.prompt_len, args.new_tokens, device, dtype,
+                res, err = _guard(lambda: bench_graph(cfg, peer_weights(), args.prompt_len,
+                                                      args.new_tokens, device, dtype,
                                                       args.graph_repeats, sampling=mode),
                                   f"{shape} torch-sdpa-graph sampled {mode}", log)
                 tps = res["tokens_per_s"] if res else None
@@ -997,7 +1004,7 @@ def run(args, save=lambda doc: None) -> dict:
                                      metric="decode-sampled", sampling=mode,
                                      sampled_tokens_per_s=tps, wall_s=time.perf_counter() - t0))
                 print(f"  torch-sdpa-graph {mode:<14} {_fmt(tps, '.1f', 9)} tok/s", flush=True)
-                _free_gpu()
+            peer.clear()
         del model
         _free_gpu()
         agent = (agent_workload(cfg, turns=args.agent_turns) if args.agent_turns else None)
