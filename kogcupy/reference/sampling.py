@@ -79,7 +79,7 @@ def philox_uniform(seed: int, step: int, ids) -> np.ndarray:
 
 def gumbel_noise(seed: int, step: int, ids) -> np.ndarray:
     """g = -log(-log(u)) in fp32 for token ids (array) at generated index `step` (the GPU's
-    kog_gumbel: the same fp32 operations)."""
+    kog_draw_score: the same fp32 operations)."""
     u = philox_uniform(seed, step, ids)
     return -np.log(-np.log(u))
 
