@@ -208,6 +208,72 @@ KOG_DEVICE void kog_mma_w(float (&d)[4], const kog_u32 (&a)[4], kog_u32 b0, kog_
 }
 #endif
 
+// Warpgroup tensor-core products (Hopper wgmma; builds with KOG_WGMMA, compiled for sm_90a:
+// the prefill attention). A warpgroup (4 warps, 128 threads) computes D (64 x N, fp32) += A (64
+// x 16) B (16 x N); A and B come from shared memory through 64-bit descriptors
+// (kog_wg_desc), or A from registers (the mma.sync m16n8k16 A fragment of each warp's 16 rows).
+// D's layout per warp is that of N / 8 mma.sync m16n8 accumulators: d[4j + e] is row
+// 16 * warp + lane / 4 (+ 8 for e >= 2), column 8j + 2 (lane % 4) + (e & 1).
+// Shared-memory operands use the 128-byte swizzle: rows of 128 bytes, the 16-byte piece c of
+// row r stored at piece c ^ (r % 8), each 8-row group (1024 bytes) 1024-byte aligned.
+// kog_wgmma_ss: A and B K-major (rows along M / N, the 16 k values of a step contiguous);
+// kog_wgmma_rs: A in registers, B N-major (rows along K: V as it is stored).
+#if defined(KOG_WGMMA)
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "KOG_WGMMA needs the sm_90a target (kernels.py adds -arch=sm_90a for it)"
+#endif
+#if defined(KOG_WEIGHT_FP16)
+#define KOG_WG_AB "f16"
+#else
+#define KOG_WG_AB "bf16"
+#endif
+// descriptor of a 128-byte-swizzled operand at shared address `addr`: lbo = bytes between
+// 64-element panels along M / N (N-major only), sbo = bytes between 8-row groups
+KOG_DEVICE kog_u64 kog_wg_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (kog_u64)((addr & 0x3FFFFu) >> 4) | ((kog_u64)((lbo & 0x3FFFFu) >> 4) << 16) |
+           ((kog_u64)((sbo & 0x3FFFFu) >> 4) << 32) | (1ull << 62);
+}
+KOG_DEVICE void kog_wg_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+KOG_DEVICE void kog_wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+KOG_DEVICE void kog_wg_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// shared memory written by this thread (cp.async, stores) made visible to wgmma's reads
+KOG_DEVICE void kog_fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+// pins accumulator registers at this point (no use moves above a wait, no write below a product)
+template <int N>
+KOG_DEVICE void kog_wg_hold(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+KOG_DEVICE void kog_wgmma_ss_n64(float (&d)[32], kog_u64 da, kog_u64 db, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." KOG_WG_AB "." KOG_WG_AB " "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+KOG_DEVICE void kog_wgmma_ss_n128(float (&d)[64], kog_u64 da, kog_u64 db, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." KOG_WG_AB "." KOG_WG_AB " "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+KOG_DEVICE void kog_wgmma_rs_n64(float (&d)[32], const kog_u32 (&a)[4], kog_u64 db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." KOG_WG_AB "." KOG_WG_AB " "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+KOG_DEVICE void kog_wgmma_rs_n128(float (&d)[64], const kog_u32 (&a)[4], kog_u64 db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." KOG_WG_AB "." KOG_WG_AB " "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
+}
+#endif  // KOG_WGMMA
+
 // Thread-block clusters (NVIDIA sm_90; the kernel's __cluster_dims__, monokernel.cu): the
 // block's rank in its cluster, a barrier of all the cluster's threads (release / acquire:
 // shared-memory writes before it are seen by the other blocks after it), and a load from

@@ -17,6 +17,11 @@
 // transposed) are free of bank conflicts.
 // Heaviest query tiles are scheduled first. The tile sizes come from prefill.py (its defines).
 //
+// kog_pf_attention_wg (Hopper, sm_90a builds: KOG_WGMMA, head_dim 64 / 128): the same tiles on
+// warpgroup products (wgmma): two warpgroups of 64 queries a block, Q and the K / V tiles in
+// 128-byte-swizzled shared memory read by the products themselves (no fragment loads), P from
+// registers. prefill.py uses it wherever it compiles; kog_pf_attention elsewhere (sm_80+).
+//
 // kog_pf_attention_simple (any platform, any head_dim): one warp per (query, q head), keys one
 // by one with an online softmax. The HIP build uses it (an MFMA version is future work) and it
 // is the oracle the tensor-core kernel is tested against besides the NumPy reference.
@@ -252,6 +257,182 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
     }
 }
 #endif  // KOG_PF_MMA
+
+#if defined(KOG_WGMMA)      // (warpgroup helpers: platform.cuh)
+static_assert(KOG_HEAD_DIM == 64 || KOG_HEAD_DIM == 128, "kog_pf_attention_wg: head_dim 64 or 128");
+#define KOG_PFW_BM 128            // queries a block: two warpgroups of 64
+#define KOG_PFW_BN 64             // keys a K / V tile
+// Dynamic shared memory: 1024 bytes of alignment slack, Q (BM rows), 2 stages x (K, V) (BN
+// rows each), every tile in head_dim / 64 panels of 128-byte swizzled rows; prefill.py mirrors it.
+#define KOG_PFW_SMEM_BYTES (1024 + (KOG_PFW_BM + 4 * KOG_PFW_BN) * KOG_HEAD_DIM * 2)
+
+// The same causal flash attention as kog_pf_attention on Hopper's warpgroup products: each
+// warpgroup owns 64 query rows; S = Q K^T reads Q and the K tile from shared memory, the
+// online softmax runs on S's accumulators, and O += P V takes P from registers (the
+// accumulators re-packed as A fragments, as in kog_pf_attention) and V from shared memory.
+extern "C" __global__ void __launch_bounds__(256, 2)
+kog_pf_attention_wg(const kog_u16* __restrict__ q,       // (n, H, hd)
+                    const kog_u16* __restrict__ kc,      // (KV, C, hd) this layer
+                    const kog_u16* __restrict__ vc,      // (KV, C, hd)
+                    kog_u16* __restrict__ out,           // (n, H * hd)
+                    int n, int pos0, int context_length, float scale_log2) {
+    constexpr int HD = KOG_HEAD_DIM, BM = KOG_PFW_BM, BN = KOG_PFW_BN, CH = HD / 8;
+    constexpr unsigned QPANEL = BM * 128u, KPANEL = BN * 128u;     // bytes of one 64-dim panel
+    constexpr unsigned TILE = (HD / 64) * KPANEL;                  // bytes of one K or V tile
+    extern __shared__ __align__(16) kog_u16 kog_pfw_sm[];
+    const unsigned sq = (kog_smem_addr(kog_pfw_sm) + 1023u) & ~1023u;
+    const unsigned skv = sq + (HD / 64) * QPANEL;                  // [stage][K, V] tiles
+    const int qt = gridDim.x - 1 - blockIdx.x;                     // heaviest tiles first
+    const int h = blockIdx.y, g = h / KOG_PF_GQA;
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int r = lane / 4, cq = lane % 4;
+    const int row0 = qt * BM + wg * 64;                            // the warpgroup's first row
+    const int last_pos = pos0 + min(n, (qt + 1) * BM) - 1;         // block's last query
+    const int wg_first = pos0 + row0, wg_last = wg_first + 63;
+    const kog_u16* kg = kc + (kog_u64)g * context_length * HD;
+    const kog_u16* vg = vc + (kog_u64)g * context_length * HD;
+    // the 16-byte piece c of row `row` of a tile whose panels are `panel` bytes apart
+    auto swz = [](int row, int c, unsigned panel) -> unsigned {
+        return (unsigned)(c / 8) * panel + (unsigned)row * 128u + (unsigned)(((c % 8) ^ (row % 8)) * 16);
+    };
+    // K/V rows [key0, key0 + BN) into stage st; rows past last_pos are zeros
+    auto load_tile = [&](int st, int key0) {
+        for (int i = threadIdx.x; i < BN * CH; i += blockDim.x) {
+            const int row = i / CH, c = i - row * CH;
+            const bool ok = key0 + row <= last_pos;
+            const kog_u64 off = (kog_u64)(ok ? key0 + row : 0) * HD + c * 8;
+            const unsigned dst = skv + (unsigned)st * 2u * TILE + swz(row, c, KPANEL);
+            kog_copy16_zfill(dst, kg + off, ok);
+            kog_copy16_zfill(dst + TILE, vg + off, ok);
+        }
+        kog_cp_async_commit();
+    };
+    // the block's query rows of head h (rows past n: zeros, never written back), in tile 0's group
+    for (int i = threadIdx.x; i < BM * CH; i += blockDim.x) {
+        const int row = i / CH, c = i - row * CH;
+        const bool ok = qt * BM + row < n;
+        const kog_u64 off = ((kog_u64)(ok ? qt * BM + row : 0) * KOG_N_HEADS + h) * HD + c * 8;
+        kog_copy16_zfill(sq + swz(row, c, QPANEL), q + off, ok);
+    }
+    float o[HD / 2];
+#pragma unroll
+    for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
+    float m_a = KOG_NEG_INF, m_b = KOG_NEG_INF, l_a = 0.f, l_b = 0.f;   // rows r, r + 8
+    const unsigned sq_wg = sq + (unsigned)wg * 64u * 128u;
+    const int qpos_a = wg_first + warp * 16 + r, qpos_b = qpos_a + 8;
+
+    const int n_tiles = last_pos / BN + 1;
+    load_tile(0, 0);
+    for (int kt = 0; kt < n_tiles; ++kt) {
+        const int key0 = kt * BN, st = kt & 1;
+        if (kt + 1 < n_tiles) {                                    // the next tile streams in
+            load_tile(st ^ 1, key0 + BN);
+            kog_cp_async_wait<1>();
+        } else {
+            kog_cp_async_wait<0>();
+        }
+        kog_fence_async_shared();
+        __syncthreads();
+        if (key0 <= wg_last && row0 < n) {  // else: every key masked, or no row in the chunk
+            const unsigned ks = skv + (unsigned)st * 2u * TILE, vs = ks + TILE;
+            // ---- S = Q K^T (64 x BN a warpgroup) ----
+            float s[BN / 2];
+            kog_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; ++kk) {
+                const unsigned koff = (unsigned)(kk % 4) * 32u;             // k16 step in a panel
+                kog_wgmma_ss_n64(s, kog_wg_desc(sq_wg + (unsigned)(kk / 4) * QPANEL + koff, 16u, 1024u),
+                                 kog_wg_desc(ks + (unsigned)(kk / 4) * KPANEL + koff, 16u, 1024u), kk);
+            }
+            kog_wg_commit();
+            kog_wg_wait_all();
+            kog_wg_hold(s);
+            // ---- causal mask (tiles that reach past the warpgroup's first query), online
+            //      softmax in raw score units, the scale folded into each exponent's FFMA ----
+            if (key0 + BN - 1 > wg_first) {
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (key0 + nt * 8 + 2 * cq + (e & 1) > (e < 2 ? qpos_a : qpos_b))
+                            s[4 * nt + e] = KOG_NEG_INF;
+            }
+            float mx_a = KOG_NEG_INF, mx_b = KOG_NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                mx_a = fmaxf(mx_a, fmaxf(s[4 * nt], s[4 * nt + 1]));
+                mx_b = fmaxf(mx_b, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
+            }
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+            mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+            mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+            // (finite: every row has key 0 in tile 0, which every warpgroup runs)
+            const float sa = fmaxf(m_a, mx_a), sb = fmaxf(m_b, mx_b);
+            const float na = -sa * scale_log2, nb = -sb * scale_log2;
+            const float al_a = kog_exp2(fmaf(m_a, scale_log2, na));   // 0 at -inf
+            const float al_b = kog_exp2(fmaf(m_b, scale_log2, nb));
+            m_a = sa; m_b = sb;
+            float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                s[4 * nt] = kog_exp2(fmaf(s[4 * nt], scale_log2, na));
+                s[4 * nt + 1] = kog_exp2(fmaf(s[4 * nt + 1], scale_log2, na));
+                s[4 * nt + 2] = kog_exp2(fmaf(s[4 * nt + 2], scale_log2, nb));
+                s[4 * nt + 3] = kog_exp2(fmaf(s[4 * nt + 3], scale_log2, nb));
+                sum_a += s[4 * nt] + s[4 * nt + 1];
+                sum_b += s[4 * nt + 2] + s[4 * nt + 3];
+            }
+            l_a = l_a * al_a + sum_a;                                  // per-lane partial sums
+            l_b = l_b * al_b + sum_b;
+#pragma unroll
+            for (int i = 0; i < HD / 8; ++i) {
+                o[4 * i] *= al_a; o[4 * i + 1] *= al_a; o[4 * i + 2] *= al_b; o[4 * i + 3] *= al_b;
+            }
+            // ---- O += P V: P's accumulators are the A fragments (16 keys a step) ----
+            kog_u32 pa[BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                pa[kk][0] = kog_pack_rn(s[8 * kk], s[8 * kk + 1]);
+                pa[kk][1] = kog_pack_rn(s[8 * kk + 2], s[8 * kk + 3]);
+                pa[kk][2] = kog_pack_rn(s[8 * kk + 4], s[8 * kk + 5]);
+                pa[kk][3] = kog_pack_rn(s[8 * kk + 6], s[8 * kk + 7]);
+            }
+            kog_wg_hold(o);
+            kog_wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+#if KOG_HEAD_DIM == 64
+                kog_wgmma_rs_n64(o, pa[kk], kog_wg_desc(vs + (unsigned)kk * 2048u, KPANEL, 1024u));
+#else
+                kog_wgmma_rs_n128(o, pa[kk], kog_wg_desc(vs + (unsigned)kk * 2048u, KPANEL, 1024u));
+#endif
+            }
+            kog_wg_commit();
+            kog_wg_wait_all();
+            kog_wg_hold(o);
+        }
+        __syncthreads();                                           // stage st is free again
+    }
+    // ---- normalize and store ----
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float inv_a = 1.f / l_a, inv_b = 1.f / l_b;
+    const int row_a = row0 + warp * 16 + r, row_b = row_a + 8;
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; ++dn) {
+        const int col = h * HD + dn * 8 + 2 * cq;
+        if (row_a < n)
+            *reinterpret_cast<kog_u32*>(out + (kog_u64)row_a * KOG_PF_Q_DIM + col) =
+                kog_pack_rn(o[4 * dn] * inv_a, o[4 * dn + 1] * inv_a);
+        if (row_b < n)
+            *reinterpret_cast<kog_u32*>(out + (kog_u64)row_b * KOG_PF_Q_DIM + col) =
+                kog_pack_rn(o[4 * dn + 2] * inv_b, o[4 * dn + 3] * inv_b);
+    }
+}
+#endif  // KOG_WGMMA
 
 // One warp per (query, q head); grid (n, H), block KOG_WARP threads.
 extern "C" __global__ void kog_pf_attention_simple(const kog_u16* __restrict__ q,

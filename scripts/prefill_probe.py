@@ -1,5 +1,10 @@
 """Quick device probe: cold TTFT of kogcupy's batched prefill vs a torch SDPA forward (same
-shape, random bf16 weights). Prints one line per (shape, prompt length)."""
+shape, random bf16 weights). Prints one line per (shape, prompt length, attention kernel).
+
+    python scripts/prefill_probe.py llama-3.2-1b,llama-3.1-8b [1000,8000,32000] [wg,mma]
+
+The third argument compares the prefill attention kernels this GPU has (Prefill.attention_kernels),
+interleaved in one process; by default the one kogcupy uses."""
 import sys
 import time
 
@@ -11,14 +16,15 @@ from kogcupy.model.random_weights import shape_config
 from kogcupy.sampling_params import SamplingParams
 
 
-def main(shapes=("llama-3.2-1b",), lens=(1000, 8000, 32000)):
+def main(shapes=("llama-3.2-1b",), lens=(1000, 8000, 32000), kinds=None):
     import cupy as cp
     for name in shapes:
         cfg = shape_config(name)
         ctx = max(lens) + 64
         dev = DeviceModel.random(cfg, "bfloat16", 0, rope_positions=ctx)
         be = MonokernelBackend(device_model=dev, context_length=ctx, prefix_cache_gb=0)
-        for n in lens:
+        for n, kind in ((n, k) for n in lens for k in (kinds or [be.prefill.attention])):
+            be.prefill.attention = kind
             ids = np.random.default_rng(n).integers(0, cfg.vocab_size, n).tolist()
             be.prefill.run(ids, 0, n - 1)       # warm-up (compile, cuBLAS heuristics)
             be._stream.synchronize()
@@ -36,9 +42,11 @@ def main(shapes=("llama-3.2-1b",), lens=(1000, 8000, 32000)):
                 next(s)
                 ttft.append(time.perf_counter() - t0)
                 list(s)
-            # attention alone at this length (last layer's call shape)
-            print(f"{name} n={n} prefill_s={min(ts):.4f} ttft_s={min(ttft):.4f}", flush=True)
+            print(f"{name} {kind} n={n} prefill_s={min(ts):.4f} ttft_s={min(ttft):.4f}", flush=True)
 
 
 if __name__ == "__main__":
-    main(tuple(sys.argv[1].split(",")) if len(sys.argv) > 1 else ("llama-3.2-1b",))
+    a = sys.argv[1:] + [None] * 3
+    main(tuple(a[0].split(",")) if a[0] else ("llama-3.2-1b",),
+         tuple(int(x) for x in a[1].split(",")) if a[1] else (1000, 8000, 32000),
+         a[2].split(",") if a[2] else None)

@@ -38,8 +38,9 @@ def test_prefill_logits_match_reference(key, n):
 
 
 def test_prefill_long_prompt_and_simple_attention():
-    """~3,000 tokens over several chunks (hd 128, GQA 3); the portable attention kernel (the
-    HIP path) gives the same logits as the tensor-core one."""
+    """~3,000 tokens over several chunks (hd 128, GQA 3); every attention kernel this GPU has
+    (warpgroup products on Hopper, mma.sync tiles, the portable one: the HIP path) gives the
+    same logits."""
     cfg = dataclasses.replace(FAMILIES["llama-hd128-gqa3"], max_position_embeddings=4096)
     m = model(cfg, seed=6, rope_positions=3200)
     be = MonokernelBackend(m, context_length=3200)
@@ -47,13 +48,18 @@ def test_prefill_long_prompt_and_simple_attention():
     with pytest.raises(InputError, match="exceed the context length"):
         be.prefill.logits([1] * 3201)
     ids = np.random.default_rng(7).integers(0, cfg.vocab_size, 3000).tolist()
-    fast = be.prefill.logits(ids, chunk=1024)
-    be.prefill.mma = False
-    simple = be.prefill.logits(ids, chunk=1024)
-    be.prefill.mma = True
+    kinds = list(be.prefill.attention_kernels)
+    assert kinds[-1] == "simple" and be.prefill.attention == kinds[0]
+    got = {}
+    for kind in kinds:
+        be.prefill.attention = kind
+        got[kind] = be.prefill.logits(ids, chunk=1024)
+    be.prefill.attention = kinds[0]
+    fast, simple = got[kinds[0]], got["simple"]
     assert np.all(np.isfinite(fast))
-    errs = [rel(fast[i], simple[i]) for i in (0, 1, 1023, 1024, 2047, 2999)]
-    assert max(errs) < 1e-2, errs
+    for kind in kinds[:-1]:
+        errs = [rel(got[kind][i], simple[i]) for i in (0, 1, 1023, 1024, 2047, 2999)]
+        assert max(errs) < 1e-2, (kind, errs)
     ref = ReferenceBackend(m, context_length=3200).logits(ids[:1100])
     errs = [rel(fast[i], ref[i]) for i in (0, 500, 1023, 1024, 1099)]
     assert max(errs) < 3e-2, errs
@@ -133,37 +139,56 @@ def test_cancel_during_prefill():
     assert len(list(s)) == 5
 
 
-@pytest.mark.parametrize("hd,heads,kv,n,pos0", [(64, 4, 2, 300, 0), (128, 6, 2, 131, 200),
-                                                (80, 2, 1, 129, 37), (16, 4, 4, 257, 0)])
-def test_tensor_core_attention_matches_the_simple_kernel(hd, heads, kv, n, pos0):
-    """kog_pf_attention against kog_pf_attention_simple on random q / K / V (storage dtype):
-    chunks that end inside a 128-query block, after cached positions, head dims that take the
-    k16 tail (80, 16) and the 32-key tiles (128). Outputs NaN-poisoned before each run."""
+@pytest.mark.parametrize("kernel,hd,heads,kv,n,pos0,dtype", [
+    ("mma", 64, 4, 2, 300, 0, "bfloat16"), ("mma", 128, 6, 2, 131, 200, "bfloat16"),
+    ("mma", 80, 2, 1, 129, 37, "bfloat16"), ("mma", 16, 4, 4, 257, 0, "bfloat16"),
+    ("wg", 64, 4, 2, 300, 0, "bfloat16"), ("wg", 128, 6, 2, 131, 200, "bfloat16"),
+    ("wg", 128, 4, 1, 517, 1000, "bfloat16"), ("wg", 64, 8, 2, 700, 61, "float16")])
+def test_tensor_core_attention_matches_the_simple_kernel(kernel, hd, heads, kv, n, pos0, dtype):
+    """kog_pf_attention (mma.sync tiles) and kog_pf_attention_wg (Hopper warpgroups) against
+    kog_pf_attention_simple on random q / K / V (storage dtype): chunks that end inside a
+    128-query block, after cached positions (one longer than many key tiles), head dims that
+    take the k16 tail (80, 16) and the 32-key tiles (128), GQA 4. Outputs NaN-poisoned before
+    each run."""
     import cupy as cp
 
     from kogcupy.gpu import kernels
-    from kogcupy.gpu.prefill import ATTN_BM, attn_smem_bytes, prefill_defines, prefill_source
+    from kogcupy.gpu.prefill import (ATTN_BM, WG_BM, attn_smem_bytes, prefill_defines,
+                                     prefill_source, wg_smem_bytes)
     from test_gpu_monokernel import cfg_of
+    if kernel == "wg" and not kernels.has_wgmma():
+        pytest.skip("warpgroup products: a compute capability 9.0 GPU (H100 / H200)")
     cfg = cfg_of("llama", 64, heads * hd, 128, 1, heads, kv, hd)
-    mod = kernels.load_module(prefill_source(), prefill_defines(cfg, "bfloat16"))
-    fast = kernels.get_function(mod, "kog_pf_attention")
-    fast.max_dynamic_shared_size_bytes = attn_smem_bytes(hd)
+    mod = kernels.load_module(prefill_source(), prefill_defines(cfg, dtype, kernel == "wg"))
+    name, bm, threads, smem = (("kog_pf_attention_wg", WG_BM, 256, wg_smem_bytes(hd)) if kernel == "wg"
+                               else ("kog_pf_attention", ATTN_BM, 128, attn_smem_bytes(hd)))
+    fast = kernels.get_function(mod, name)
+    fast.max_dynamic_shared_size_bytes = smem
     simple = kernels.get_function(mod, "kog_pf_attention_simple")
     rng = np.random.default_rng(hd + n)
     C = pos0 + n + 5
 
-    def bf16(a):
-        return cp.asarray((np.asarray(a, np.float32).view(np.uint32) >> 16).astype(np.uint16))
-    q = bf16(rng.standard_normal((n, heads, hd)) * 2)
-    kc = bf16(rng.standard_normal((kv, C, hd)))
-    vc = bf16(rng.standard_normal((kv, C, hd)))
+    def store(a):                       # fp32 -> the storage dtype's bits
+        a = np.asarray(a, np.float32)
+        if dtype == "float16":
+            return cp.asarray(a.astype(np.float16).view(np.uint16))
+        return cp.asarray((a.view(np.uint32) >> 16).astype(np.uint16))
+
+    def load(u):
+        u = cp.asnumpy(u)
+        if dtype == "float16":
+            return u.view(np.float16).astype(np.float32)
+        return (u.astype(np.uint32) << 16).view(np.float32)
+    q = store(rng.standard_normal((n, heads, hd)) * 2)
+    kc = store(rng.standard_normal((kv, C, hd)))
+    vc = store(rng.standard_normal((kv, C, hd)))
     outs = []
-    for fn, grid, block, smem in ((fast, ((n + ATTN_BM - 1) // ATTN_BM, heads), (128,),
-                                   attn_smem_bytes(hd)), (simple, (n, heads), (32,), 0)):
-        out = cp.full((n, heads * hd), 0x7FC0, cp.uint16)
+    for fn, grid, block, sm in ((fast, ((n + bm - 1) // bm, heads), (threads,), smem),
+                                (simple, (n, heads), (32,), 0)):
+        out = cp.full((n, heads * hd), 0x7E00 if dtype == "float16" else 0x7FC0, cp.uint16)
         fn(grid, block, (q, kc, vc, out, np.int32(n), np.int32(pos0), np.int32(C),
-                         np.float32(np.log2(np.e) / np.sqrt(hd))), shared_mem=smem)
-        outs.append((cp.asnumpy(out).astype(np.uint32) << 16).view(np.float32))
+                         np.float32(np.log2(np.e) / np.sqrt(hd))), shared_mem=sm)
+        outs.append(load(out))
     got, want = outs
     assert np.isfinite(got).all() and np.isfinite(want).all()
     for i in (0, 1, n // 2, n - 1):

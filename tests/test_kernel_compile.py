@@ -137,6 +137,26 @@ def test_nvcc_sm90(tmp_path, key):
         assert m and int(m.group(1)) <= SPILL_STORE_BUDGET[key], (key, m and m.group(0))
 
 
+@pytest.mark.parametrize("name,dtype", [("llama-3.2-1b", "bfloat16"), ("qwen3-1.7b", "float16")])
+def test_nvcc_sm90a_prefill_warpgroups(tmp_path, name, dtype):
+    """The prefill's warpgroup build (KOG_WGMMA: head_dim 64 / 128) compiles for sm_90a without
+    spills in kog_pf_attention_wg (its accumulators are 32-64 registers a thread), and refuses
+    plain sm_90 with its own message."""
+    nvcc = _compiler("nvcc")
+    d = prefill.prefill_defines(shape_config(name), dtype, wgmma=True)
+    f = _write(tmp_path, name, prefill.prefill_source(), ".cu")
+    r = subprocess.run([nvcc, "-gencode", "arch=compute_90a,code=sm_90a", "-std=c++17", "-c",
+                        "-o", str(tmp_path / "k.o"), "-Xptxas", "-v", str(f),
+                        *kernels.define_options(d)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-6000:]
+    m = re.search(r"Function properties for kog_pf_attention_wg\s+\d+ bytes stack frame, (\d+) "
+                  r"bytes spill stores", r.stdout + r.stderr)
+    assert m and int(m.group(1)) == 0, m and m.group(0)
+    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", "-o", str(tmp_path / "k.o"),
+                        str(f), *kernels.define_options(d)], capture_output=True, text=True)
+    assert r.returncode != 0 and "KOG_WGMMA needs the sm_90a target" in r.stderr
+
+
 def test_nvcc_abi_probe(tmp_path):
     # the host layout (abi.layout(), what pack() writes) against the compiler's offsetof /
     # sizeof, as static_asserts: a mismatch fails the compile

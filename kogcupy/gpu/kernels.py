@@ -187,7 +187,15 @@ def _arch_key() -> str:
 
 
 def compile_options(defines: dict) -> tuple[str, ...]:
-    return ("--std=c++17",) + define_options(defines)
+    """NVRTC options; a KOG_WGMMA build (Hopper's warpgroup products) targets sm_90a, whose
+    arch-specific instructions plain sm_90 lacks (NVRTC takes the sm_90a of two -arch)."""
+    arch = ("-arch=sm_90a",) if defines.get("KOG_WGMMA") else ()
+    return ("--std=c++17",) + arch + define_options(defines)
+
+
+def has_wgmma() -> bool:
+    """An NVIDIA GPU of compute capability 9.0 (H100 / H200 / GH200): sm_90a builds run there."""
+    return not is_hip() and _cupy().cuda.Device().compute_capability == "90"
 
 
 @functools.cache

@@ -10,7 +10,8 @@ reference.py; GEMMs are cuBLAS/hipBLAS gemmEx, storage dtype in, fp32 accumulate
 
     attn_norm_qkv          kog_pf_rmsnorm -> GEMM wqkv -> kog_pf_qkv_rope (bias, qk-norm, RoPE,
                            K/V appended to the cache)
-    attention              kog_pf_attention (kernels_src/prefill_attention.cuh)
+    attention              kog_pf_attention_wg on H100 / H200 (warpgroup products, an sm_90a
+                           build), else kog_pf_attention (kernels_src/prefill_attention.cuh)
     o_proj_residual        GEMM wo, beta = 1: added into the fp32 residual x
     ffn_norm_gate_up_silu  kog_pf_rmsnorm -> GEMM w_gate_up -> kog_pf_silu_mul
     down_residual          GEMM w_down (stored transposed), beta = 1
@@ -35,6 +36,8 @@ _OP_N, _OP_T = 0, 1
 # kog_pf_attention's tiles: queries a block (4 warps of two m16 tiles); keys a K/V tile (fewer
 # for head_dim 128, whose o fragments alone take 128 registers a thread)
 ATTN_BM = 128
+# kog_pf_attention_wg (Hopper, head_dim 64 / 128): two warpgroups of 64 queries, 64-key tiles
+WG_BM, WG_BN, WG_HEAD_DIMS = 128, 64, (64, 128)
 
 
 def attn_bn(head_dim: int) -> int:
@@ -47,10 +50,23 @@ def attn_smem_bytes(head_dim: int) -> int:
     return (ATTN_BM + 2 * 2 * attn_bn(head_dim)) * (head_dim + 8) * 2
 
 
-def prefill_defines(cfg, dtype: str) -> dict:
+def wg_smem_bytes(head_dim: int) -> int:
+    """kog_pf_attention_wg's dynamic shared memory (KOG_PFW_SMEM_BYTES): 1024 bytes of
+    alignment slack, Q, then two stages of K and V tiles."""
+    return 1024 + (WG_BM + 4 * WG_BN) * head_dim * 2
+
+
+def uses_wgmma(cfg) -> bool:
+    """The prefill attention runs on warpgroup products (sm_90a build) on this GPU."""
+    return cfg.head_dim in WG_HEAD_DIMS and kernels.has_wgmma()
+
+
+def prefill_defines(cfg, dtype: str, wgmma: bool = False) -> dict:
     d = {"KOG_HIDDEN": cfg.hidden_size, "KOG_FFN": cfg.intermediate_size,
          "KOG_N_HEADS": cfg.n_heads, "KOG_N_KV": cfg.n_kv_heads, "KOG_HEAD_DIM": cfg.head_dim,
          "KOG_EPS": float(cfg.rms_norm_eps), "KOG_PF_BM": ATTN_BM, "KOG_PF_BN": attn_bn(cfg.head_dim)}
+    if wgmma:
+        d["KOG_WGMMA"] = 1
     if dtype == "float16":
         d["KOG_WEIGHT_FP16"] = 1
     elif dtype != "bfloat16":
@@ -72,23 +88,31 @@ class Prefill:
         cfg = self.cfg = backend.lcfg            # (this GPU's share: all of it on one GPU)
         self.tp = backend.world > 1
         cp = kernels._cupy()
-        mod = kernels.load_module(prefill_source(), prefill_defines(cfg, backend.dtype))
+        wg = uses_wgmma(cfg)
+        mod = kernels.load_module(prefill_source(), prefill_defines(cfg, backend.dtype, wg))
         self._fn = {name: kernels.get_function(mod, name) for name in
                     ("kog_pf_embed", "kog_pf_rmsnorm", "kog_pf_qkv_rope", "kog_pf_silu_mul",
                      "kog_pf_attention_simple", "kog_pf_add_parts")}
-        # the tensor-core attention exists where prefill_attention.cuh compiled it (KOG_PF_MMA)
-        self.mma = False
+        # the attention kernels this GPU has, fastest first (`attention` is the one used):
+        # warpgroup products (Hopper, sm_90a build), mma.sync tiles where
+        # prefill_attention.cuh compiled them (KOG_PF_MMA), the portable one
+        self.attention_kernels = ["simple"]
         if not kernels.is_hip() and int(cp.cuda.Device().compute_capability) >= 80:
             try:
                 fn = kernels.get_function(mod, "kog_pf_attention")
             except DeviceError:
                 fn = None
             if fn is not None:
-                self._attn_smem = attn_smem_bytes(cfg.head_dim)
-                if self._attn_smem > 48 * 1024:
-                    fn.max_dynamic_shared_size_bytes = self._attn_smem
+                if attn_smem_bytes(cfg.head_dim) > 48 * 1024:
+                    fn.max_dynamic_shared_size_bytes = attn_smem_bytes(cfg.head_dim)
                 self._fn["kog_pf_attention"] = fn
-                self.mma = True
+                self.attention_kernels.insert(0, "mma")
+        if wg:
+            fn = kernels.get_function(mod, "kog_pf_attention_wg")
+            fn.max_dynamic_shared_size_bytes = wg_smem_bytes(cfg.head_dim)
+            self._fn["kog_pf_attention_wg"] = fn
+            self.attention_kernels.insert(0, "wg")
+        self.attention = self.attention_kernels[0]
         self._dtype_code = _CUDA_R_16F if backend.dtype == "float16" else _CUDA_R_16BF
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
@@ -162,9 +186,12 @@ class Prefill:
             a["rope_sin"], q, np.uint64(kc), np.uint64(vc), np.int32(pos0), np.int32(C)))
         args = (q, np.uint64(kc), np.uint64(vc), attn, np.int32(n), np.int32(pos0),
                 np.int32(C), np.float32(np.log2(np.e) / np.sqrt(hd)))
-        if self.mma:
+        if self.attention == "wg":
+            fn["kog_pf_attention_wg"](((n + WG_BM - 1) // WG_BM, cfg.n_heads), (256,), args,
+                                      shared_mem=wg_smem_bytes(hd))
+        elif self.attention == "mma":
             fn["kog_pf_attention"](((n + ATTN_BM - 1) // ATTN_BM, cfg.n_heads), (128,), args,
-                                   shared_mem=self._attn_smem)
+                                   shared_mem=attn_smem_bytes(hd))
         else:
             fn["kog_pf_attention_simple"]((n, cfg.n_heads), (self._warp,), args)
 
