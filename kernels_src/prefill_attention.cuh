@@ -40,6 +40,106 @@
 #define KOG_PF_MMA 0
 #endif
 
+#if KOG_PF_MMA || defined(KOG_WGMMA)
+// The tile loop of both tensor-core kernels: tile kt + 1 into the other stage (`load(stage,
+// key0)` issues and commits its copies) while this thread's copies of tile kt are waited for.
+template <class Load>
+KOG_DEVICE void kog_pf_stage_next(int kt, int n_tiles, int bn, const Load& load) {
+    if (kt + 1 < n_tiles) {
+        load((kt & 1) ^ 1, (kt + 1) * bn);
+        kog_cp_async_wait<1>();
+    } else {
+        kog_cp_async_wait<0>();
+    }
+}
+
+// One row pair (rows r, r + 8 of an m16 accumulator tile, NT n8 tiles of keys from key0): the
+// causal mask where `diagonal` (a key past the row's position scores -inf), then the online
+// softmax step: maxima in raw score units, the scale folded into each exponent's FFMA, s
+// replaced by its exponents, m / l updated; al_a / al_b rescale the rows' earlier outputs.
+template <int NT>
+KOG_DEVICE void kog_pf_softmax_rows(float (&s)[NT][4], bool diagonal, int key0, int cq,
+                                    int qpos_a, int qpos_b, float scale_log2, float& m_a,
+                                    float& m_b, float& l_a, float& l_b, float& al_a, float& al_b) {
+    if (diagonal) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (key0 + nt * 8 + 2 * cq + (e & 1) > (e < 2 ? qpos_a : qpos_b)) s[nt][e] = KOG_NEG_INF;
+    }
+    float mx_a = KOG_NEG_INF, mx_b = KOG_NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        mx_a = fmaxf(mx_a, fmaxf(s[nt][0], s[nt][1]));
+        mx_b = fmaxf(mx_b, fmaxf(s[nt][2], s[nt][3]));
+    }
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
+    // (finite: every row has key 0 in tile 0, which every warp runs)
+    const float sa = fmaxf(m_a, mx_a), sb = fmaxf(m_b, mx_b);
+    const float na = -sa * scale_log2, nb = -sb * scale_log2;
+    al_a = kog_exp2(fmaf(m_a, scale_log2, na));                // 0 at -inf
+    al_b = kog_exp2(fmaf(m_b, scale_log2, nb));
+    m_a = sa; m_b = sb;
+    float sum_a = 0.f, sum_b = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        s[nt][0] = kog_exp2(fmaf(s[nt][0], scale_log2, na));
+        s[nt][1] = kog_exp2(fmaf(s[nt][1], scale_log2, na));
+        s[nt][2] = kog_exp2(fmaf(s[nt][2], scale_log2, nb));
+        s[nt][3] = kog_exp2(fmaf(s[nt][3], scale_log2, nb));
+        sum_a += s[nt][0] + s[nt][1];
+        sum_b += s[nt][2] + s[nt][3];
+    }
+    l_a = l_a * al_a + sum_a;                                  // per-lane partial row sums
+    l_b = l_b * al_b + sum_b;
+}
+
+// P (16 keys: accumulator tiles 2 kk, 2 kk + 1) as the A fragment of the next product
+template <int NT>
+KOG_DEVICE void kog_pf_pack_p(const float (&s)[NT][4], int kk, kog_u32 (&pa)[4]) {
+    pa[0] = kog_pack_rn(s[2 * kk][0], s[2 * kk][1]);
+    pa[1] = kog_pack_rn(s[2 * kk][2], s[2 * kk][3]);
+    pa[2] = kog_pack_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[3] = kog_pack_rn(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// the row pair's output accumulators (DT n8 tiles of head dims) rescaled
+template <int DT>
+KOG_DEVICE void kog_pf_rescale(float (&o)[DT][4], float al_a, float al_b) {
+#pragma unroll
+    for (int i = 0; i < DT; ++i) {
+        o[i][0] *= al_a; o[i][1] *= al_a; o[i][2] *= al_b; o[i][3] *= al_b;
+    }
+}
+
+// the row pair's outputs divided by their sums (the quad's partial sums added), stored in the
+// storage dtype at rows row_a, row_a + 8 of head h where they are inside the chunk
+template <int DT>
+KOG_DEVICE void kog_pf_store_rows(kog_u16* __restrict__ out, const float (&o)[DT][4], float l_a,
+                                  float l_b, int row_a, int n, int h) {
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const float inv_a = 1.f / l_a, inv_b = 1.f / l_b;
+    const int row_b = row_a + 8, cq = (threadIdx.x % 32) % 4;
+#pragma unroll
+    for (int dn = 0; dn < DT; ++dn) {
+        const int col = h * KOG_HEAD_DIM + dn * 8 + 2 * cq;
+        if (row_a < n)
+            *reinterpret_cast<kog_u32*>(out + (kog_u64)row_a * KOG_PF_Q_DIM + col) =
+                kog_pack_rn(o[dn][0] * inv_a, o[dn][1] * inv_a);
+        if (row_b < n)
+            *reinterpret_cast<kog_u32*>(out + (kog_u64)row_b * KOG_PF_Q_DIM + col) =
+                kog_pack_rn(o[dn][2] * inv_b, o[dn][3] * inv_b);
+    }
+}
+#endif
+
 #if KOG_PF_MMA      // (tensor-core helpers: platform.cuh)
 static_assert(KOG_PF_BM == KOG_PF_WARPS * KOG_PF_MT * 16 && KOG_PF_BN % 16 == 0,
               "prefill attention tiles: 16 KOG_PF_MT query rows a warp, keys in k16 steps "
@@ -105,12 +205,7 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
     load_tile(0, 0);
     for (int kt = 0; kt < n_tiles; ++kt) {
         const int key0 = kt * BN, st = kt & 1;
-        if (kt + 1 < n_tiles) {                                // the next tile streams in
-            load_tile(st ^ 1, key0 + BN);
-            kog_cp_async_wait<1>();
-        } else {
-            kog_cp_async_wait<0>();
-        }
+        kog_pf_stage_next(kt, n_tiles, BN, load_tile);         // the next tile streams in
         __syncthreads();
         if (key0 <= warp_last && row0 < n) {    // else: every key masked, or no row in the chunk
             const unsigned ks = skv + 2u * (unsigned)(st * 2 * TILE);
@@ -158,66 +253,21 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
                 }
             }
             // ---- causal mask (tiles that reach past the warp's first query only), online
-            //      softmax (rows r, r + 8 of each m-tile): maxima in raw score units, the scale
-            //      folded into each exponent's FFMA ----
-            if (key0 + BN - 1 > warp_first) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const int qpos_a = warp_first + mt * 16 + r, qpos_b = qpos_a + 8;
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            if (key0 + nt * 8 + 2 * cq + (e & 1) > (e < 2 ? qpos_a : qpos_b))
-                                s[mt][nt][e] = KOG_NEG_INF;
-                }
-            }
+            //      softmax (rows r, r + 8 of each m-tile) ----
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                float mx_a = KOG_NEG_INF, mx_b = KOG_NEG_INF;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    mx_a = fmaxf(mx_a, fmaxf(s[mt][nt][0], s[mt][nt][1]));
-                    mx_b = fmaxf(mx_b, fmaxf(s[mt][nt][2], s[mt][nt][3]));
-                }
-                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-                mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-                mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-                // (finite: every row has key 0 in tile 0, which every warp runs)
-                const float sa = fmaxf(m_r[mt][0], mx_a), sb = fmaxf(m_r[mt][1], mx_b);
-                const float na = -sa * scale_log2, nb = -sb * scale_log2;
-                const float al_a = kog_exp2(fmaf(m_r[mt][0], scale_log2, na));   // 0 at -inf
-                const float al_b = kog_exp2(fmaf(m_r[mt][1], scale_log2, nb));
-                m_r[mt][0] = sa; m_r[mt][1] = sb;
-                float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    s[mt][nt][0] = kog_exp2(fmaf(s[mt][nt][0], scale_log2, na));
-                    s[mt][nt][1] = kog_exp2(fmaf(s[mt][nt][1], scale_log2, na));
-                    s[mt][nt][2] = kog_exp2(fmaf(s[mt][nt][2], scale_log2, nb));
-                    s[mt][nt][3] = kog_exp2(fmaf(s[mt][nt][3], scale_log2, nb));
-                    sum_a += s[mt][nt][0] + s[mt][nt][1];
-                    sum_b += s[mt][nt][2] + s[mt][nt][3];
-                }
-                l_r[mt][0] = l_r[mt][0] * al_a + sum_a;        // per-lane partial row sums
-                l_r[mt][1] = l_r[mt][1] * al_b + sum_b;
-#pragma unroll
-                for (int i = 0; i < DT; ++i) {
-                    o[mt][i][0] *= al_a; o[mt][i][1] *= al_a; o[mt][i][2] *= al_b; o[mt][i][3] *= al_b;
-                }
+                const int qpos_a = warp_first + mt * 16 + r;
+                float al_a, al_b;
+                kog_pf_softmax_rows(s[mt], key0 + BN - 1 > warp_first, key0, cq, qpos_a, qpos_a + 8,
+                                    scale_log2, m_r[mt][0], m_r[mt][1], l_r[mt][0], l_r[mt][1], al_a, al_b);
+                kog_pf_rescale(o[mt], al_a, al_b);
             }
             // ---- O += P V: P's accumulators are the A fragments of the next product ----
 #pragma unroll
             for (int kk = 0; kk < BN / 16; ++kk) {
                 kog_u32 pa[MT][4];
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    pa[mt][0] = kog_pack_rn(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                    pa[mt][1] = kog_pack_rn(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                    pa[mt][2] = kog_pack_rn(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                    pa[mt][3] = kog_pack_rn(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-                }
+                for (int mt = 0; mt < MT; ++mt) kog_pf_pack_p(s[mt], kk, pa[mt]);
 #pragma unroll
                 for (int dp = 0; dp < DT / 2; ++dp) {
                     kog_u32 b[4];
@@ -236,25 +286,7 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
     }
     // ---- normalize and store ----
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        float la = l_r[mt][0], lb = l_r[mt][1];
-        la += __shfl_xor_sync(0xffffffffu, la, 1);
-        la += __shfl_xor_sync(0xffffffffu, la, 2);
-        lb += __shfl_xor_sync(0xffffffffu, lb, 1);
-        lb += __shfl_xor_sync(0xffffffffu, lb, 2);
-        const float inv_a = 1.f / la, inv_b = 1.f / lb;
-        const int row_a = row0 + mt * 16 + r, row_b = row_a + 8;
-#pragma unroll
-        for (int dn = 0; dn < DT; ++dn) {
-            const int col = h * HD + dn * 8 + 2 * cq;
-            if (row_a < n)
-                *reinterpret_cast<kog_u32*>(out + (kog_u64)row_a * KOG_PF_Q_DIM + col) =
-                    kog_pack_rn(o[mt][dn][0] * inv_a, o[mt][dn][1] * inv_a);
-            if (row_b < n)
-                *reinterpret_cast<kog_u32*>(out + (kog_u64)row_b * KOG_PF_Q_DIM + col) =
-                    kog_pack_rn(o[mt][dn][2] * inv_b, o[mt][dn][3] * inv_b);
-        }
-    }
+    for (int mt = 0; mt < MT; ++mt) kog_pf_store_rows(out, o[mt], l_r[mt][0], l_r[mt][1], row0 + mt * 16 + r, n, h);
 }
 #endif  // KOG_PF_MMA
 
@@ -314,9 +346,10 @@ kog_pf_attention_wg(const kog_u16* __restrict__ q,       // (n, H, hd)
         const kog_u64 off = ((kog_u64)(ok ? qt * BM + row : 0) * KOG_N_HEADS + h) * HD + c * 8;
         kog_copy16_zfill(sq + swz(row, c, QPANEL), q + off, ok);
     }
-    float o[HD / 2];
+    float o[HD / 8][4];                                            // (wgmma: HD / 2 floats)
 #pragma unroll
-    for (int i = 0; i < HD / 2; ++i) o[i] = 0.f;
+    for (int i = 0; i < HD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float (&o_acc)[HD / 2] = reinterpret_cast<float (&)[HD / 2]>(o);
     float m_a = KOG_NEG_INF, m_b = KOG_NEG_INF, l_a = 0.f, l_b = 0.f;   // rows r, r + 8
     const unsigned sq_wg = sq + (unsigned)wg * 64u * 128u;
     const int qpos_a = wg_first + warp * 16 + r, qpos_b = qpos_a + 8;
@@ -325,16 +358,12 @@ kog_pf_attention_wg(const kog_u16* __restrict__ q,       // (n, H, hd)
     load_tile(0, 0);
     for (int kt = 0; kt < n_tiles; ++kt) {
         const int key0 = kt * BN, st = kt & 1;
-        if (kt + 1 < n_tiles) {                                    // the next tile streams in
-            load_tile(st ^ 1, key0 + BN);
-            kog_cp_async_wait<1>();
-        } else {
-            kog_cp_async_wait<0>();
-        }
+        kog_pf_stage_next(kt, n_tiles, BN, load_tile);             // the next tile streams in
         kog_fence_async_shared();
         __syncthreads();
         const unsigned ks = skv + (unsigned)st * 2u * TILE, vs = ks + TILE;
-        float s[BN / 2];
+        float s[BN / 8][4];                                        // (wgmma: BN / 2 floats)
+        float (&s_acc)[BN / 2] = reinterpret_cast<float (&)[BN / 2]>(s);
         kog_u32 pa[BN / 16][4];
         // ---- S = Q K^T (64 x BN a warpgroup; also on a tile past the warpgroup's last query,
         //      where the mask makes P = 0: without the branch that skipped it, 0.6-1.3% faster) ----
@@ -342,95 +371,38 @@ kog_pf_attention_wg(const kog_u16* __restrict__ q,       // (n, H, hd)
 #pragma unroll
         for (int kk = 0; kk < HD / 16; ++kk) {
             const unsigned koff = (unsigned)(kk % 4) * 32u;                 // k16 step in a panel
-            kog_wgmma_ss_n64(s, kog_wg_desc(sq_wg + (unsigned)(kk / 4) * QPANEL + koff, 16u, 1024u),
+            kog_wgmma_ss_n64(s_acc, kog_wg_desc(sq_wg + (unsigned)(kk / 4) * QPANEL + koff, 16u, 1024u),
                              kog_wg_desc(ks + (unsigned)(kk / 4) * KPANEL + koff, 16u, 1024u), kk);
         }
         kog_wg_commit();
         kog_wg_wait_all();
-        kog_wg_hold(s);
-        // ---- causal mask (tiles that reach past the warpgroup's first query), online
-        //      softmax in raw score units, the scale folded into each exponent's FFMA ----
-        if (key0 + BN - 1 > wg_first) {
+        kog_wg_hold(s_acc);
+        // ---- causal mask (tiles that reach past the warpgroup's first query), online softmax,
+        //      P: the accumulators re-packed as A fragments (16 keys a step) ----
+        float al_a, al_b;
+        kog_pf_softmax_rows(s, key0 + BN - 1 > wg_first, key0, cq, qpos_a, qpos_b, scale_log2,
+                            m_a, m_b, l_a, l_b, al_a, al_b);
+        kog_pf_rescale(o, al_a, al_b);
 #pragma unroll
-            for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    if (key0 + nt * 8 + 2 * cq + (e & 1) > (e < 2 ? qpos_a : qpos_b))
-                        s[4 * nt + e] = KOG_NEG_INF;
-        }
-        float mx_a = KOG_NEG_INF, mx_b = KOG_NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
-            mx_a = fmaxf(mx_a, fmaxf(s[4 * nt], s[4 * nt + 1]));
-            mx_b = fmaxf(mx_b, fmaxf(s[4 * nt + 2], s[4 * nt + 3]));
-        }
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 1));
-        mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, 2));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 1));
-        mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, 2));
-        // (finite: every row has key 0 in tile 0, which every warpgroup runs)
-        const float sa = fmaxf(m_a, mx_a), sb = fmaxf(m_b, mx_b);
-        const float na = -sa * scale_log2, nb = -sb * scale_log2;
-        const float al_a = kog_exp2(fmaf(m_a, scale_log2, na));   // 0 at -inf
-        const float al_b = kog_exp2(fmaf(m_b, scale_log2, nb));
-        m_a = sa; m_b = sb;
-        float sum_a = 0.f, sum_b = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < BN / 8; ++nt) {
-            s[4 * nt] = kog_exp2(fmaf(s[4 * nt], scale_log2, na));
-            s[4 * nt + 1] = kog_exp2(fmaf(s[4 * nt + 1], scale_log2, na));
-            s[4 * nt + 2] = kog_exp2(fmaf(s[4 * nt + 2], scale_log2, nb));
-            s[4 * nt + 3] = kog_exp2(fmaf(s[4 * nt + 3], scale_log2, nb));
-            sum_a += s[4 * nt] + s[4 * nt + 1];
-            sum_b += s[4 * nt + 2] + s[4 * nt + 3];
-        }
-        l_a = l_a * al_a + sum_a;                                  // per-lane partial sums
-        l_b = l_b * al_b + sum_b;
-#pragma unroll
-        for (int i = 0; i < HD / 8; ++i) {
-            o[4 * i] *= al_a; o[4 * i + 1] *= al_a; o[4 * i + 2] *= al_b; o[4 * i + 3] *= al_b;
-        }
-        // ---- P: the accumulators re-packed as A fragments (16 keys a step) ----
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            pa[kk][0] = kog_pack_rn(s[8 * kk], s[8 * kk + 1]);
-            pa[kk][1] = kog_pack_rn(s[8 * kk + 2], s[8 * kk + 3]);
-            pa[kk][2] = kog_pack_rn(s[8 * kk + 4], s[8 * kk + 5]);
-            pa[kk][3] = kog_pack_rn(s[8 * kk + 6], s[8 * kk + 7]);
-        }
+        for (int kk = 0; kk < BN / 16; ++kk) kog_pf_pack_p(s, kk, pa[kk]);
         // ---- O += P V (V from shared memory) ----
-        kog_wg_hold(o);
+        kog_wg_hold(o_acc);
         kog_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) {
 #if KOG_HEAD_DIM == 64
-            kog_wgmma_rs_n64(o, pa[kk], kog_wg_desc(vs + (unsigned)kk * 2048u, KPANEL, 1024u));
+            kog_wgmma_rs_n64(o_acc, pa[kk], kog_wg_desc(vs + (unsigned)kk * 2048u, KPANEL, 1024u));
 #else
-            kog_wgmma_rs_n128(o, pa[kk], kog_wg_desc(vs + (unsigned)kk * 2048u, KPANEL, 1024u));
+            kog_wgmma_rs_n128(o_acc, pa[kk], kog_wg_desc(vs + (unsigned)kk * 2048u, KPANEL, 1024u));
 #endif
         }
         kog_wg_commit();
         kog_wg_wait_all();
-        kog_wg_hold(o);
+        kog_wg_hold(o_acc);
         __syncthreads();                                           // stage st is free again
     }
     // ---- normalize and store ----
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-    const float inv_a = 1.f / l_a, inv_b = 1.f / l_b;
-    const int row_a = row0 + warp * 16 + r, row_b = row_a + 8;
-#pragma unroll
-    for (int dn = 0; dn < HD / 8; ++dn) {
-        const int col = h * HD + dn * 8 + 2 * cq;
-        if (row_a < n)
-            *reinterpret_cast<kog_u32*>(out + (kog_u64)row_a * KOG_PF_Q_DIM + col) =
-                kog_pack_rn(o[4 * dn] * inv_a, o[4 * dn + 1] * inv_a);
-        if (row_b < n)
-            *reinterpret_cast<kog_u32*>(out + (kog_u64)row_b * KOG_PF_Q_DIM + col) =
-                kog_pack_rn(o[4 * dn + 2] * inv_b, o[4 * dn + 3] * inv_b);
-    }
+    kog_pf_store_rows(out, o, l_a, l_b, row0 + warp * 16 + r, n, h);
 }
 #endif  // KOG_WGMMA
 
