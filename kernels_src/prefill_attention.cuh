@@ -294,9 +294,8 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
 static_assert(KOG_HEAD_DIM == 64 || KOG_HEAD_DIM == 128, "kog_pf_attention_wg: head_dim 64 or 128");
 #define KOG_PFW_BM 128            // queries a block: two warpgroups of 64
 #define KOG_PFW_BN 64             // keys a K / V tile
-// Dynamic shared memory: 1024 bytes of alignment slack, Q (BM rows), 2 stages x (K, V) (BN
-// rows each), every tile in head_dim / 64 panels of 128-byte swizzled rows; prefill.py mirrors it.
-#define KOG_PFW_SMEM_BYTES (1024 + (KOG_PFW_BM + 4 * KOG_PFW_BN) * KOG_HEAD_DIM * 2)
+// Dynamic shared memory (prefill.wg_smem_bytes): 1024 bytes of alignment slack, Q (BM rows),
+// 2 stages x (K, V) (BN rows each), every tile in head_dim / 64 panels of 128-byte swizzled rows.
 
 // The same causal flash attention as kog_pf_attention on Hopper's warpgroup products: each
 // warpgroup owns 64 query rows; S = Q K^T reads Q and the K tile from shared memory, the

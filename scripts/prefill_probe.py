@@ -23,6 +23,10 @@ def main(shapes=("llama-3.2-1b",), lens=(1000, 8000, 32000), kinds=None):
         ctx = max(lens) + 64
         dev = DeviceModel.random(cfg, "bfloat16", 0, rope_positions=ctx)
         be = MonokernelBackend(device_model=dev, context_length=ctx, prefix_cache_gb=0)
+        missing = set(kinds or []) - set(be.prefill.attention_kernels)
+        if missing:
+            raise SystemExit(f"{name}: no {sorted(missing)} attention on this GPU "
+                             f"(it has {be.prefill.attention_kernels})")
         for n, kind in ((n, k) for n in lens for k in (kinds or [be.prefill.attention])):
             be.prefill.attention = kind
             ids = np.random.default_rng(n).integers(0, cfg.vocab_size, n).tolist()

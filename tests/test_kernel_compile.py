@@ -152,9 +152,30 @@ def test_nvcc_sm90a_prefill_warpgroups(tmp_path, name, dtype):
     m = re.search(r"Function properties for kog_pf_attention_wg\s+\d+ bytes stack frame, (\d+) "
                   r"bytes spill stores", r.stdout + r.stderr)
     assert m and int(m.group(1)) == 0, m and m.group(0)
+    # ptxas's "wgmma.mma_async instructions are serialized" (C75xx): correct but slow
+    assert "serialized" not in r.stdout + r.stderr, r.stderr[-3000:]
     r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-c", "-o", str(tmp_path / "k.o"),
                         str(f), *kernels.define_options(d)], capture_output=True, text=True)
     assert r.returncode != 0 and "KOG_WGMMA needs the sm_90a target" in r.stderr
+
+
+def test_wgmma_build_needs_hopper_and_nvrtc_12_9(monkeypatch):
+    """The sm_90a build is asked for only on compute capability 9.0 with an NVRTC that takes
+    it beside CuPy's own -arch=sm_90 (12.9+; older ones refuse two -arch options)."""
+    class Dev:
+        compute_capability = "90"
+    fake = type("cupy", (), {"cuda": type("cuda", (), {"Device": Dev})})
+    monkeypatch.setattr(kernels, "_cupy", lambda: fake)
+    monkeypatch.setattr(kernels, "is_hip", lambda: False)
+    for version, want in (((12, 8), False), ((12, 9), True), ((13, 0), True), ((0, 0), False)):
+        monkeypatch.setattr(kernels, "nvrtc_version", lambda v=version: v)
+        assert kernels.has_wgmma() is want, version
+    Dev.compute_capability = "100"
+    assert kernels.has_wgmma() is False
+    d = prefill.prefill_defines(shape_config("llama-3.2-1b"), "bfloat16", wgmma=True)
+    assert "-arch=sm_90a" in kernels.compile_options(d)
+    assert not any(o.startswith("-arch") for o in
+                   kernels.compile_options(prefill.prefill_defines(shape_config("llama-3.2-1b"), "bfloat16")))
 
 
 def test_nvcc_abi_probe(tmp_path):

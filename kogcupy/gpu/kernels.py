@@ -188,14 +188,30 @@ def _arch_key() -> str:
 
 def compile_options(defines: dict) -> tuple[str, ...]:
     """NVRTC options; a KOG_WGMMA build (Hopper's warpgroup products) targets sm_90a, whose
-    arch-specific instructions plain sm_90 lacks (NVRTC takes the sm_90a of two -arch)."""
+    arch-specific instructions plain sm_90 lacks. CuPy appends its own -arch=sm_90 to every
+    compile: NVRTC 12.9+ takes the sm_90a of the two, older ones refuse two -arch options
+    (has_wgmma checks the version)."""
     arch = ("-arch=sm_90a",) if defines.get("KOG_WGMMA") else ()
     return ("--std=c++17",) + arch + define_options(defines)
 
 
+WGMMA_MIN_NVRTC = (12, 9)
+
+
+def nvrtc_version() -> tuple[int, int]:
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        return tuple(int(v) for v in nvrtc.getVersion())[:2]
+    except Exception:  # noqa: BLE001 -- no NVRTC: nothing compiles for sm_90a either
+        return (0, 0)
+
+
 def has_wgmma() -> bool:
-    """An NVIDIA GPU of compute capability 9.0 (H100 / H200 / GH200): sm_90a builds run there."""
-    return not is_hip() and _cupy().cuda.Device().compute_capability == "90"
+    """An NVIDIA GPU of compute capability 9.0 (H100 / H200 / GH200), where sm_90a builds run,
+    and an NVRTC that compiles them beside CuPy's own -arch (12.9 or later)."""
+    if is_hip() or _cupy().cuda.Device().compute_capability != "90":
+        return False
+    return nvrtc_version() >= WGMMA_MIN_NVRTC
 
 
 @functools.cache

@@ -21,6 +21,8 @@ the residual stream stays fp32. Buffers for a chunk are allocated once per chunk
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from . import kernels
@@ -89,7 +91,16 @@ class Prefill:
         self.tp = backend.world > 1
         cp = kernels._cupy()
         wg = uses_wgmma(cfg)
-        mod = kernels.load_module(prefill_source(), prefill_defines(cfg, backend.dtype, wg))
+        try:
+            mod = kernels.load_module(prefill_source(), prefill_defines(cfg, backend.dtype, wg))
+        except DeviceError as e:
+            if not wg:
+                raise
+            # (an sm_90a build this toolchain refuses: the mma.sync kernel does the same work)
+            warnings.warn(f"prefill: the warpgroup attention did not compile ({str(e)[:200]}); "
+                          "using the mma.sync kernel", RuntimeWarning, stacklevel=2)
+            wg = False
+            mod = kernels.load_module(prefill_source(), prefill_defines(cfg, backend.dtype))
         self._fn = {name: kernels.get_function(mod, name) for name in
                     ("kog_pf_embed", "kog_pf_rmsnorm", "kog_pf_qkv_rope", "kog_pf_silu_mul",
                      "kog_pf_attention_simple", "kog_pf_add_parts")}
