@@ -53,8 +53,8 @@ def attn_smem_bytes(head_dim: int) -> int:
 
 
 def wg_smem_bytes(head_dim: int) -> int:
-    """kog_pf_attention_wg's dynamic shared memory (KOG_PFW_SMEM_BYTES): 1024 bytes of
-    alignment slack, Q, then two stages of K and V tiles."""
+    """kog_pf_attention_wg's dynamic shared memory: 1024 bytes of alignment slack (its
+    operands sit on 1024-byte boundaries), Q, then two stages of K and V tiles."""
     return 1024 + (WG_BM + 4 * WG_BN) * head_dim * 2
 
 
