@@ -17,10 +17,11 @@
 // transposed) are free of bank conflicts.
 // Heaviest query tiles are scheduled first. The tile sizes come from prefill.py (its defines).
 //
-// kog_pf_attention_wg (Hopper, sm_90a builds: KOG_WGMMA, head_dim 64 / 128): the same tiles on
-// warpgroup products (wgmma): two warpgroups of 64 queries a block, Q and the K / V tiles in
-// 128-byte-swizzled shared memory read by the products themselves (no fragment loads), P from
-// registers. prefill.py uses it wherever it compiles; kog_pf_attention elsewhere (sm_80+).
+// kog_pf_attention_ws (Hopper, sm_90a builds: KOG_WGMMA, head_dim 64 / 128): the same tiles on
+// warpgroup products (wgmma), warp-specialised: one warpgroup copies, two or three compute 64
+// queries each; Q and the K / V tiles in 128-byte-swizzled shared memory read by the products
+// themselves (no fragment loads), P from registers. prefill.py uses it wherever it compiles;
+// kog_pf_attention elsewhere (sm_80+).
 //
 // kog_pf_attention_simple (any platform, any head_dim): one warp per (query, q head), keys one
 // by one with an online softmax. The HIP build uses it (an MFMA version is future work) and it
@@ -291,100 +292,127 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
 #endif  // KOG_PF_MMA
 
 #if defined(KOG_WGMMA)      // (warpgroup helpers: platform.cuh)
-static_assert(KOG_HEAD_DIM == 64 || KOG_HEAD_DIM == 128, "kog_pf_attention_wg: head_dim 64 or 128");
-#define KOG_PFW_BM 128            // queries a block: two warpgroups of 64
-#define KOG_PFW_BN 64             // keys a K / V tile
-// Dynamic shared memory (prefill.wg_smem_bytes): 1024 bytes of alignment slack, Q (BM rows),
-// 2 stages x (K, V) (BN rows each), every tile in head_dim / 64 panels of 128-byte swizzled rows.
+static_assert(KOG_HEAD_DIM == 64 || KOG_HEAD_DIM == 128, "kog_pf_attention_ws: head_dim 64 or 128");
+// ---- warp-specialised blocks (kog_pf_attention_ws) ----------------------------------------
+// Tiles (prefill.py ws_tiles, per head_dim): KOG_PFS_CWG computing warpgroups of 64 queries,
+// KOG_PFS_BN keys a K / V tile, KOG_PFS_STAGES tiles in flight.
+static_assert(KOG_PFS_BN == 128, "kog_pf_attention_ws: 128-key tiles (S is m64n128)");
+static_assert(KOG_PFS_CWG == 2 || KOG_PFS_CWG == 3, "kog_pf_attention_ws: 2 or 3 computing warpgroups");
+#define KOG_PFS_BM (64 * KOG_PFS_CWG)                   // queries a block
+#define KOG_PFS_THREADS (128 * (KOG_PFS_CWG + 1))
+// registers a thread after the split (the block's 64K: the copier's 40 / 56, the rest shared by
+// the computing warpgroups; the launch gives every thread 65536 / THREADS first)
+#define KOG_PFS_REG_COPY (KOG_PFS_CWG == 2 ? 40 : 56)
+#define KOG_PFS_REG_MATH (KOG_PFS_CWG == 2 ? 232 : 152)
+// named barriers: FULL(st, w) (the copier arrives, computing warpgroup w waits: 256 threads),
+// EMPTY(st) (every computing warpgroup arrives, the copier waits: the whole block)
+#define KOG_PFS_FULL(st, w) (1 + KOG_PFS_CWG * (st) + (w))
+#define KOG_PFS_EMPTY(st) (1 + KOG_PFS_CWG * KOG_PFS_STAGES + (st))
+static_assert(KOG_PFS_EMPTY(KOG_PFS_STAGES - 1) <= 15, "named barriers 1..15");
 
-// The same causal flash attention as kog_pf_attention on Hopper's warpgroup products: each
-// warpgroup owns 64 query rows; S = Q K^T reads Q and the K tile from shared memory, the
-// online softmax runs on S's accumulators, and O += P V takes P from registers (the
-// accumulators re-packed as A fragments, as in kog_pf_attention) and V from shared memory.
-extern "C" __global__ void __launch_bounds__(256, 2)
-kog_pf_attention_wg(const kog_u16* __restrict__ q,       // (n, H, hd)
+// The same causal flash attention as kog_pf_attention on Hopper's warpgroup products, with the
+// copies taken off the computing warps. Warpgroup 0 copies Q and the K / V tiles into STAGES
+// shared-memory stages (cp.async; handed over through named barriers) on a few registers a
+// thread; each of the CWG computing warpgroups owns 64 query rows, with the registers the
+// copier gave up: S = Q K^T reads Q and the K tile from shared memory, the online softmax runs
+// on S's accumulators, and O += P V takes P from registers (the accumulators re-packed as A
+// fragments, as in kog_pf_attention) and V from shared memory. A computing warpgroup waits
+// only for its own FULL barrier, so the warpgroups drift apart and one's softmax runs beside
+// another's products. One block an SM.
+extern "C" __global__ void __launch_bounds__(KOG_PFS_THREADS, 1)
+kog_pf_attention_ws(const kog_u16* __restrict__ q,       // (n, H, hd)
                     const kog_u16* __restrict__ kc,      // (KV, C, hd) this layer
                     const kog_u16* __restrict__ vc,      // (KV, C, hd)
                     kog_u16* __restrict__ out,           // (n, H * hd)
                     int n, int pos0, int context_length, float scale_log2) {
-    constexpr int HD = KOG_HEAD_DIM, BM = KOG_PFW_BM, BN = KOG_PFW_BN, CH = HD / 8;
+    constexpr int HD = KOG_HEAD_DIM, BM = KOG_PFS_BM, BN = KOG_PFS_BN, CH = HD / 8;
+    constexpr int ST = KOG_PFS_STAGES;
     constexpr unsigned QPANEL = BM * 128u, KPANEL = BN * 128u;     // bytes of one 64-dim panel
     constexpr unsigned TILE = (HD / 64) * KPANEL;                  // bytes of one K or V tile
-    extern __shared__ __align__(16) kog_u16 kog_pfw_sm[];
-    const unsigned sq = (kog_smem_addr(kog_pfw_sm) + 1023u) & ~1023u;
+    extern __shared__ __align__(16) kog_u16 kog_pfs_sm[];
+    const unsigned sq = (kog_smem_addr(kog_pfs_sm) + 1023u) & ~1023u;
     const unsigned skv = sq + (HD / 64) * QPANEL;                  // [stage][K, V] tiles
     const int qt = gridDim.x - 1 - blockIdx.x;                     // heaviest tiles first
     const int h = blockIdx.y, g = h / KOG_PF_GQA;
-    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
-    const int r = lane / 4, cq = lane % 4;
-    const int row0 = qt * BM + wg * 64;                            // the warpgroup's first row
+    const int wg = threadIdx.x / 128;
     const int last_pos = pos0 + min(n, (qt + 1) * BM) - 1;         // block's last query
-    const int wg_first = pos0 + row0;
-    const kog_u16* kg = kc + (kog_u64)g * context_length * HD;
-    const kog_u16* vg = vc + (kog_u64)g * context_length * HD;
-    // the 16-byte piece c of row `row` of a tile whose panels are `panel` bytes apart
+    const int n_tiles = last_pos / BN + 1;
     auto swz = [](int row, int c, unsigned panel) -> unsigned {
         return (unsigned)(c / 8) * panel + (unsigned)row * 128u + (unsigned)(((c % 8) ^ (row % 8)) * 16);
     };
-    // K/V rows [key0, key0 + BN) into stage st; rows past last_pos are zeros
-    auto load_tile = [&](int st, int key0) {
-        for (int i = threadIdx.x; i < BN * CH; i += blockDim.x) {
-            const int row = i / CH, c = i - row * CH;
-            const bool ok = key0 + row <= last_pos;
-            const kog_u64 off = (kog_u64)(ok ? key0 + row : 0) * HD + c * 8;
-            const unsigned dst = skv + (unsigned)st * 2u * TILE + swz(row, c, KPANEL);
-            kog_copy16_zfill(dst, kg + off, ok);
-            kog_copy16_zfill(dst + TILE, vg + off, ok);
+
+    if (wg == 0) {
+        // ---- the copier: Q with tile 0, then tile kt once its stage's tile kt - ST is done ----
+        kog_setmaxnreg_dec<KOG_PFS_REG_COPY>();
+        const int t = threadIdx.x;
+        const kog_u16* kg = kc + (kog_u64)g * context_length * HD;
+        const kog_u16* vg = vc + (kog_u64)g * context_length * HD;
+        for (int kt = 0; kt < n_tiles; ++kt) {
+            const int st = kt % ST, key0 = kt * BN;
+            if (kt >= ST) kog_bar_sync(KOG_PFS_EMPTY(st), KOG_PFS_THREADS);
+            if (kt == 0) {                    // rows past n: zeros, never written back
+                for (int i = t; i < BM * CH; i += 128) {
+                    const int row = i / CH, c = i - row * CH;
+                    const bool ok = qt * BM + row < n;
+                    const kog_u64 off = ((kog_u64)(ok ? qt * BM + row : 0) * KOG_N_HEADS + h) * HD + c * 8;
+                    kog_copy16_zfill(sq + swz(row, c, QPANEL), q + off, ok);
+                }
+            }
+            for (int i = t; i < BN * CH; i += 128) {          // rows past last_pos: zeros
+                const int row = i / CH, c = i - row * CH;
+                const bool ok = key0 + row <= last_pos;
+                const kog_u64 off = (kog_u64)(ok ? key0 + row : 0) * HD + c * 8;
+                const unsigned dst = skv + (unsigned)st * 2u * TILE + swz(row, c, KPANEL);
+                kog_copy16_zfill(dst, kg + off, ok);
+                kog_copy16_zfill(dst + TILE, vg + off, ok);
+            }
+            kog_cp_async_commit();
+            kog_cp_async_wait<0>();
+            kog_fence_async_shared();                              // (read by wgmma next)
+#pragma unroll
+            for (int w = 0; w < KOG_PFS_CWG; ++w) kog_bar_arrive(KOG_PFS_FULL(st, w), 256);
         }
-        kog_cp_async_commit();
-    };
-    // the block's query rows of head h (rows past n: zeros, never written back), in tile 0's group
-    for (int i = threadIdx.x; i < BM * CH; i += blockDim.x) {
-        const int row = i / CH, c = i - row * CH;
-        const bool ok = qt * BM + row < n;
-        const kog_u64 off = ((kog_u64)(ok ? qt * BM + row : 0) * KOG_N_HEADS + h) * HD + c * 8;
-        kog_copy16_zfill(sq + swz(row, c, QPANEL), q + off, ok);
+        return;
     }
+    // ---- the computing warpgroups ----
+    kog_setmaxnreg_inc<KOG_PFS_REG_MATH>();
+    const int cw = wg - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int r = lane / 4, cq = lane % 4;
+    const int row0 = qt * BM + cw * 64;                            // the warpgroup's first row
+    const int wg_first = pos0 + row0;
+    const int qpos_a = wg_first + warp * 16 + r, qpos_b = qpos_a + 8;
+    const unsigned sq_wg = sq + (unsigned)cw * 64u * 128u;
     float o[HD / 8][4];                                            // (wgmma: HD / 2 floats)
 #pragma unroll
     for (int i = 0; i < HD / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float (&o_acc)[HD / 2] = reinterpret_cast<float (&)[HD / 2]>(o);
     float m_a = KOG_NEG_INF, m_b = KOG_NEG_INF, l_a = 0.f, l_b = 0.f;   // rows r, r + 8
-    const unsigned sq_wg = sq + (unsigned)wg * 64u * 128u;
-    const int qpos_a = wg_first + warp * 16 + r, qpos_b = qpos_a + 8;
-
-    const int n_tiles = last_pos / BN + 1;
-    load_tile(0, 0);
     for (int kt = 0; kt < n_tiles; ++kt) {
-        const int key0 = kt * BN, st = kt & 1;
-        kog_pf_stage_next(kt, n_tiles, BN, load_tile);             // the next tile streams in
-        kog_fence_async_shared();
-        __syncthreads();
+        const int st = kt % ST, key0 = kt * BN;
         const unsigned ks = skv + (unsigned)st * 2u * TILE, vs = ks + TILE;
+        kog_bar_sync(KOG_PFS_FULL(st, cw), 256);
         float s[BN / 8][4];                                        // (wgmma: BN / 2 floats)
         float (&s_acc)[BN / 2] = reinterpret_cast<float (&)[BN / 2]>(s);
         kog_u32 pa[BN / 16][4];
-        // ---- S = Q K^T (64 x BN a warpgroup; also on a tile past the warpgroup's last query,
-        //      where the mask makes P = 0: without the branch that skipped it, 0.6-1.3% faster) ----
+        // ---- S = Q K^T (64 x BN; on every tile, the mask gives P = 0 past the last query) ----
         kog_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < HD / 16; ++kk) {
-            const unsigned koff = (unsigned)(kk % 4) * 32u;                 // k16 step in a panel
-            kog_wgmma_ss_n64(s_acc, kog_wg_desc(sq_wg + (unsigned)(kk / 4) * QPANEL + koff, 16u, 1024u),
-                             kog_wg_desc(ks + (unsigned)(kk / 4) * KPANEL + koff, 16u, 1024u), kk);
+            const unsigned koff = (unsigned)(kk % 4) * 32u;       // k16 step in a panel
+            kog_wgmma_ss_n128(s_acc, kog_wg_desc(sq_wg + (unsigned)(kk / 4) * QPANEL + koff, 16u, 1024u),
+                              kog_wg_desc(ks + (unsigned)(kk / 4) * KPANEL + koff, 16u, 1024u), kk);
         }
         kog_wg_commit();
         kog_wg_wait_all();
         kog_wg_hold(s_acc);
-        // ---- causal mask (tiles that reach past the warpgroup's first query), online softmax,
-        //      P: the accumulators re-packed as A fragments (16 keys a step) ----
+        // ---- causal mask, online softmax, P as A fragments ----
         float al_a, al_b;
         kog_pf_softmax_rows(s, key0 + BN - 1 > wg_first, key0, cq, qpos_a, qpos_b, scale_log2,
                             m_a, m_b, l_a, l_b, al_a, al_b);
         kog_pf_rescale(o, al_a, al_b);
 #pragma unroll
         for (int kk = 0; kk < BN / 16; ++kk) kog_pf_pack_p(s, kk, pa[kk]);
-        // ---- O += P V (V from shared memory) ----
+        // ---- O += P V ----
         kog_wg_hold(o_acc);
         kog_wg_fence();
 #pragma unroll
@@ -398,9 +426,9 @@ kog_pf_attention_wg(const kog_u16* __restrict__ q,       // (n, H, hd)
         kog_wg_commit();
         kog_wg_wait_all();
         kog_wg_hold(o_acc);
-        __syncthreads();                                           // stage st is free again
+        // the stage is free for tile kt + ST (the copier waits for every computing warpgroup)
+        if (kt + ST < n_tiles) kog_bar_arrive(KOG_PFS_EMPTY(st), KOG_PFS_THREADS);
     }
-    // ---- normalize and store ----
     kog_pf_store_rows(out, o, l_a, l_b, row0 + warp * 16 + r, n, h);
 }
 #endif  // KOG_WGMMA

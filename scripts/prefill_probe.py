@@ -1,7 +1,7 @@
 """Quick device probe: cold TTFT of kogcupy's batched prefill vs a torch SDPA forward (same
 shape, random bf16 weights). Prints one line per (shape, prompt length, attention kernel).
 
-    python scripts/prefill_probe.py llama-3.2-1b,llama-3.1-8b [1000,8000,32000] [wg,mma]
+    python scripts/prefill_probe.py llama-3.2-1b,llama-3.1-8b [1000,8000,32000] [ws,mma]
 
 The third argument compares the prefill attention kernels this GPU has (Prefill.attention_kernels),
 interleaved in one process; by default the one kogcupy uses."""

@@ -55,7 +55,7 @@ def test_prefill_long_prompt_and_simple_attention():
     from kogcupy.gpu import kernels
     if (cp.cuda.Device().compute_capability == "90" and not kernels.is_hip()
             and kernels.nvrtc_version() >= kernels.WGMMA_MIN_NVRTC):
-        assert kinds[0] == "wg", kinds          # an H100 / H200 runs the warpgroup kernel
+        assert kinds[0] == "ws", kinds          # an H100 / H200 runs the warpgroup kernel
     got = {}
     for kind in kinds:
         be.prefill.attention = kind
@@ -148,11 +148,11 @@ def test_cancel_during_prefill():
 @pytest.mark.parametrize("kernel,hd,heads,kv,n,pos0,dtype", [
     ("mma", 64, 4, 2, 300, 0, "bfloat16"), ("mma", 128, 6, 2, 131, 200, "bfloat16"),
     ("mma", 80, 2, 1, 129, 37, "bfloat16"), ("mma", 16, 4, 4, 257, 0, "bfloat16"),
-    ("wg", 64, 4, 2, 300, 0, "bfloat16"), ("wg", 128, 6, 2, 131, 200, "bfloat16"),
-    ("wg", 128, 4, 1, 517, 1000, "bfloat16"), ("wg", 64, 8, 2, 700, 61, "float16"),
-    ("wg", 128, 2, 2, 1, 5000, "float16")])
+    ("ws", 64, 4, 2, 300, 0, "bfloat16"), ("ws", 128, 6, 2, 131, 200, "bfloat16"),
+    ("ws", 128, 4, 1, 517, 1000, "bfloat16"), ("ws", 64, 8, 2, 700, 61, "float16"),
+    ("ws", 128, 2, 2, 1, 5000, "float16"), ("ws", 64, 2, 1, 1300, 3000, "bfloat16")])
 def test_tensor_core_attention_matches_the_simple_kernel(kernel, hd, heads, kv, n, pos0, dtype):
-    """kog_pf_attention (mma.sync tiles) and kog_pf_attention_wg (Hopper warpgroups) against
+    """kog_pf_attention (mma.sync tiles) and kog_pf_attention_ws (Hopper warpgroups) against
     kog_pf_attention_simple on random q / K / V (storage dtype): chunks that end inside a
     128-query block, after cached positions (one longer than many key tiles), one query after
     5,000, head dims that take the k16 tail (80, 16) and the 32-key tiles (128), GQA 4. Outputs
@@ -161,15 +161,13 @@ def test_tensor_core_attention_matches_the_simple_kernel(kernel, hd, heads, kv, 
     import cupy as cp
 
     from kogcupy.gpu import kernels
-    from kogcupy.gpu.prefill import (ATTN_BM, WG_BM, attn_smem_bytes, prefill_defines,
-                                     prefill_source, wg_smem_bytes)
+    from kogcupy.gpu.prefill import attention_launch, prefill_defines, prefill_source
     from test_gpu_monokernel import cfg_of
-    if kernel == "wg" and not kernels.has_wgmma():
+    if kernel == "ws" and not kernels.has_wgmma():
         pytest.skip("warpgroup products: a compute capability 9.0 GPU (H100 / H200)")
     cfg = cfg_of("llama", 64, heads * hd, 128, 1, heads, kv, hd)
-    mod = kernels.load_module(prefill_source(), prefill_defines(cfg, dtype, kernel == "wg"))
-    name, bm, threads, smem = (("kog_pf_attention_wg", WG_BM, 256, wg_smem_bytes(hd)) if kernel == "wg"
-                               else ("kog_pf_attention", ATTN_BM, 128, attn_smem_bytes(hd)))
+    mod = kernels.load_module(prefill_source(), prefill_defines(cfg, dtype, kernel != "mma"))
+    name, bm, threads, smem = attention_launch(kernel, hd)
     fast = kernels.get_function(mod, name)
     fast.max_dynamic_shared_size_bytes = smem
     simple = kernels.get_function(mod, "kog_pf_attention_simple")

@@ -140,7 +140,7 @@ def test_nvcc_sm90(tmp_path, key):
 @pytest.mark.parametrize("name,dtype", [("llama-3.2-1b", "bfloat16"), ("qwen3-1.7b", "float16")])
 def test_nvcc_sm90a_prefill_warpgroups(tmp_path, name, dtype):
     """The prefill's warpgroup build (KOG_WGMMA: head_dim 64 / 128) compiles for sm_90a without
-    spills in kog_pf_attention_wg (its accumulators are 32-64 registers a thread), and refuses
+    spills in kog_pf_attention_ws (its accumulators are 64-128 registers a thread), and refuses
     plain sm_90 with its own message."""
     nvcc = _compiler("nvcc")
     d = prefill.prefill_defines(shape_config(name), dtype, wgmma=True)
@@ -149,7 +149,7 @@ def test_nvcc_sm90a_prefill_warpgroups(tmp_path, name, dtype):
                         "-o", str(tmp_path / "k.o"), "-Xptxas", "-v", str(f),
                         *kernels.define_options(d)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-6000:]
-    m = re.search(r"Function properties for kog_pf_attention_wg\s+\d+ bytes stack frame, (\d+) "
+    m = re.search(r"Function properties for kog_pf_attention_ws\s+\d+ bytes stack frame, (\d+) "
                   r"bytes spill stores", r.stdout + r.stderr)
     assert m and int(m.group(1)) == 0, m and m.group(0)
     # ptxas's "wgmma.mma_async instructions are serialized" (C75xx): correct but slow

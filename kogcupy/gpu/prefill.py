@@ -10,8 +10,9 @@ reference.py; GEMMs are cuBLAS/hipBLAS gemmEx, storage dtype in, fp32 accumulate
 
     attn_norm_qkv          kog_pf_rmsnorm -> GEMM wqkv -> kog_pf_qkv_rope (bias, qk-norm, RoPE,
                            K/V appended to the cache)
-    attention              kog_pf_attention_wg on H100 / H200 (warpgroup products, an sm_90a
-                           build), else kog_pf_attention (kernels_src/prefill_attention.cuh)
+    attention              kog_pf_attention_ws on H100 / H200 (warp-specialised warpgroup
+                           products, an sm_90a build), else kog_pf_attention
+                           (kernels_src/prefill_attention.cuh)
     o_proj_residual        GEMM wo, beta = 1: added into the fp32 residual x
     ffn_norm_gate_up_silu  kog_pf_rmsnorm -> GEMM w_gate_up -> kog_pf_silu_mul
     down_residual          GEMM w_down (stored transposed), beta = 1
@@ -38,8 +39,6 @@ _OP_N, _OP_T = 0, 1
 # kog_pf_attention's tiles: queries a block (4 warps of two m16 tiles); keys a K/V tile (fewer
 # for head_dim 128, whose o fragments alone take 128 registers a thread)
 ATTN_BM = 128
-# kog_pf_attention_wg (Hopper, head_dim 64 / 128): two warpgroups of 64 queries, 64-key tiles
-WG_BM, WG_BN, WG_HEAD_DIMS = 128, 64, (64, 128)
 
 
 def attn_bn(head_dim: int) -> int:
@@ -52,15 +51,30 @@ def attn_smem_bytes(head_dim: int) -> int:
     return (ATTN_BM + 2 * 2 * attn_bn(head_dim)) * (head_dim + 8) * 2
 
 
-def wg_smem_bytes(head_dim: int) -> int:
-    """kog_pf_attention_wg's dynamic shared memory: 1024 bytes of alignment slack (its
-    operands sit on 1024-byte boundaries), Q, then two stages of K and V tiles."""
-    return 1024 + (WG_BM + 4 * WG_BN) * head_dim * 2
+# kog_pf_attention_ws (Hopper, head_dim 64 / 128): a copying warpgroup and CWG computing ones
+# of 64 queries, BN-key tiles in STAGES stages, one block an SM. (cwg, bn, stages) by head_dim:
+# three computing warpgroups fit in registers at head_dim 64 only (bench/NOTES.md, 2026-12-04)
+WS_TILES = {64: (3, 128, 3), 128: (2, 128, 3)}
+
+
+def ws_smem_bytes(head_dim: int) -> int:
+    """kog_pf_attention_ws's dynamic shared memory: alignment slack, Q, then the stages of K
+    and V tiles."""
+    cwg, bn, stages = WS_TILES[head_dim]
+    return 1024 + (64 * cwg + 2 * stages * bn) * head_dim * 2
+
+
+def attention_launch(kind: str, head_dim: int) -> tuple[str, int, int, int]:
+    """(kernel name, queries a block, threads a block, dynamic shared memory) of a
+    tensor-core prefill attention kernel ("ws" or "mma")."""
+    return {"ws": lambda: ("kog_pf_attention_ws", 64 * WS_TILES[head_dim][0],
+                           128 * (WS_TILES[head_dim][0] + 1), ws_smem_bytes(head_dim)),
+            "mma": lambda: ("kog_pf_attention", ATTN_BM, 128, attn_smem_bytes(head_dim))}[kind]()
 
 
 def uses_wgmma(cfg) -> bool:
     """The prefill attention runs on warpgroup products (sm_90a build) on this GPU."""
-    return cfg.head_dim in WG_HEAD_DIMS and kernels.has_wgmma()
+    return cfg.head_dim in WS_TILES and kernels.has_wgmma()
 
 
 def prefill_defines(cfg, dtype: str, wgmma: bool = False) -> dict:
@@ -69,6 +83,7 @@ def prefill_defines(cfg, dtype: str, wgmma: bool = False) -> dict:
          "KOG_EPS": float(cfg.rms_norm_eps), "KOG_PF_BM": ATTN_BM, "KOG_PF_BN": attn_bn(cfg.head_dim)}
     if wgmma:
         d["KOG_WGMMA"] = 1
+        d["KOG_PFS_CWG"], d["KOG_PFS_BN"], d["KOG_PFS_STAGES"] = WS_TILES[cfg.head_dim]
     if dtype == "float16":
         d["KOG_WEIGHT_FP16"] = 1
     elif dtype != "bfloat16":
@@ -119,10 +134,11 @@ class Prefill:
                 self._fn["kog_pf_attention"] = fn
                 self.attention_kernels.insert(0, "mma")
         if wg:
-            fn = kernels.get_function(mod, "kog_pf_attention_wg")
-            fn.max_dynamic_shared_size_bytes = wg_smem_bytes(cfg.head_dim)
-            self._fn["kog_pf_attention_wg"] = fn
-            self.attention_kernels.insert(0, "wg")
+            name, _, _, smem = attention_launch("ws", cfg.head_dim)
+            fn = kernels.get_function(mod, name)
+            fn.max_dynamic_shared_size_bytes = smem
+            self._fn[name] = fn
+            self.attention_kernels.insert(0, "ws")
         self.attention = self.attention_kernels[0]
         self._dtype_code = _CUDA_R_16F if backend.dtype == "float16" else _CUDA_R_16BF
         self._one = np.ones(1, np.float32)
@@ -197,14 +213,11 @@ class Prefill:
             a["rope_sin"], q, np.uint64(kc), np.uint64(vc), np.int32(pos0), np.int32(C)))
         args = (q, np.uint64(kc), np.uint64(vc), attn, np.int32(n), np.int32(pos0),
                 np.int32(C), np.float32(np.log2(np.e) / np.sqrt(hd)))
-        if self.attention == "wg":
-            fn["kog_pf_attention_wg"](((n + WG_BM - 1) // WG_BM, cfg.n_heads), (256,), args,
-                                      shared_mem=wg_smem_bytes(hd))
-        elif self.attention == "mma":
-            fn["kog_pf_attention"](((n + ATTN_BM - 1) // ATTN_BM, cfg.n_heads), (128,), args,
-                                   shared_mem=attn_smem_bytes(hd))
-        else:
+        if self.attention == "simple":
             fn["kog_pf_attention_simple"]((n, cfg.n_heads), (self._warp,), args)
+        else:
+            name, bm, threads, smem = attention_launch(self.attention, hd)
+            fn[name](((n + bm - 1) // bm, cfg.n_heads), (threads,), args, shared_mem=smem)
 
     def _o_proj(self, layer: int, out_ptr: int, accumulate: bool):
         """o_proj (n, h): added into x (one GPU), or this rank's partial."""
