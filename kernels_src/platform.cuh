@@ -265,16 +265,14 @@ KOG_DEVICE void kog_wgmma_ss_n128(float (&d)[64], kog_u64 da, kog_u64 db, int ac
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
                  : "l"(da), "l"(db), "r"(accumulate));
 }
-// wait until at most N of this thread's committed wgmma groups are still in flight
-template <int N>
-KOG_DEVICE void kog_wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
-// warp-specialised blocks: named barriers (id 1..15; `count` threads, a multiple of 32) and the
+// warp-specialised blocks: named barriers (id 1..15; `count` threads, a multiple of 32; the
+// non-.aligned forms: the block's warps reach different barrier instructions) and the
 // per-thread register budget moved between warpgroups (every thread of a warpgroup runs it)
 KOG_DEVICE void kog_bar_sync(int id, int count) {
-    asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(count) : "memory");
+    asm volatile("barrier.sync %0, %1;" :: "r"(id), "r"(count) : "memory");
 }
 KOG_DEVICE void kog_bar_arrive(int id, int count) {
-    asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(count) : "memory");
+    asm volatile("barrier.arrive %0, %1;" :: "r"(id), "r"(count) : "memory");
 }
 template <int R>
 KOG_DEVICE void kog_setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(R)); }

@@ -294,7 +294,7 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
 #if defined(KOG_WGMMA)      // (warpgroup helpers: platform.cuh)
 static_assert(KOG_HEAD_DIM == 64 || KOG_HEAD_DIM == 128, "kog_pf_attention_ws: head_dim 64 or 128");
 // ---- warp-specialised blocks (kog_pf_attention_ws) ----------------------------------------
-// Tiles (prefill.py ws_tiles, per head_dim): KOG_PFS_CWG computing warpgroups of 64 queries,
+// Tiles (prefill.py WS_TILES, per head_dim): KOG_PFS_CWG computing warpgroups of 64 queries,
 // KOG_PFS_BN keys a K / V tile, KOG_PFS_STAGES tiles in flight.
 static_assert(KOG_PFS_BN == 128, "kog_pf_attention_ws: 128-key tiles (S is m64n128)");
 static_assert(KOG_PFS_CWG == 2 || KOG_PFS_CWG == 3, "kog_pf_attention_ws: 2 or 3 computing warpgroups");
@@ -304,6 +304,11 @@ static_assert(KOG_PFS_CWG == 2 || KOG_PFS_CWG == 3, "kog_pf_attention_ws: 2 or 3
 // the computing warpgroups; the launch gives every thread 65536 / THREADS first)
 #define KOG_PFS_REG_COPY (KOG_PFS_CWG == 2 ? 40 : 56)
 #define KOG_PFS_REG_MATH (KOG_PFS_CWG == 2 ? 232 : 152)
+// (setmaxnreg.inc waits until the registers are free: a split that does not add up would hang)
+#define KOG_PFS_REG_LAUNCH (65536 / KOG_PFS_THREADS / 8 * 8)
+static_assert(KOG_PFS_REG_COPY <= KOG_PFS_REG_LAUNCH && KOG_PFS_REG_LAUNCH <= KOG_PFS_REG_MATH &&
+              128 * KOG_PFS_REG_COPY + 128 * KOG_PFS_CWG * KOG_PFS_REG_MATH <= 65536,
+              "kog_pf_attention_ws: the register split must fit the block's 64K");
 // named barriers: FULL(st, w) (the copier arrives, computing warpgroup w waits: 256 threads),
 // EMPTY(st) (every computing warpgroup arrives, the copier waits: the whole block)
 #define KOG_PFS_FULL(st, w) (1 + KOG_PFS_CWG * (st) + (w))
@@ -341,6 +346,7 @@ kog_pf_attention_ws(const kog_u16* __restrict__ q,       // (n, H, hd)
         return (unsigned)(c / 8) * panel + (unsigned)row * 128u + (unsigned)(((c % 8) ^ (row % 8)) * 16);
     };
 
+    if (blockDim.x != KOG_PFS_THREADS) __trap();                   // barrier counts assume it
     if (wg == 0) {
         // ---- the copier: Q with tile 0, then tile kt once its stage's tile kt - ST is done ----
         kog_setmaxnreg_dec<KOG_PFS_REG_COPY>();
