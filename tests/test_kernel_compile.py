@@ -9,6 +9,7 @@ A missing compiler skips its test, unless KOGCUPY_REQUIRE_COMPILERS=1 (CI) makes
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -176,6 +177,19 @@ def test_wgmma_build_needs_hopper_and_nvrtc_12_9(monkeypatch):
     assert "-arch=sm_90a" in kernels.compile_options(d)
     assert not any(o.startswith("-arch") for o in
                    kernels.compile_options(prefill.prefill_defines(shape_config("llama-3.2-1b"), "bfloat16")))
+
+
+def test_warp_specialised_launch_fits_hopper():
+    """kog_pf_attention_ws's launch (prefill.attention_launch) for every head_dim in WS_TILES:
+    shared memory within an H100 / H200 block's 227 KB, a copying warpgroup plus the computing
+    ones, the queries of those, and the kernel's tile defines from the same table."""
+    for hd, (cwg, bn, stages) in prefill.WS_TILES.items():
+        name, bm, threads, smem = prefill.attention_launch("ws", hd)
+        assert name == "kog_pf_attention_ws" and bm == 64 * cwg and threads == 128 * (cwg + 1)
+        assert smem == 1024 + (bm + 2 * stages * bn) * hd * 2 <= 232448, (hd, smem)
+        cfg = dataclasses.replace(shape_config("llama-3.2-1b"), head_dim=hd)
+        d = prefill.prefill_defines(cfg, "bfloat16", wgmma=True)
+        assert (d["KOG_PFS_CWG"], d["KOG_PFS_BN"], d["KOG_PFS_STAGES"]) == (cwg, bn, stages)
 
 
 def test_nvcc_abi_probe(tmp_path):
