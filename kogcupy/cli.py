@@ -105,12 +105,14 @@ MODEL_OPTIONS = [
 ]
 SAMPLING_OPTIONS = [
     click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-    click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+    click.option("--top-k", type=int, default=0, show_default=True, help="0 or -1 = off.",
+                 callback=lambda ctx, param, v: 0 if v == -1 else v),
     click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
     click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off."),
     click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
     click.option("--seed", type=int, default=None,
-                 help="Sampling seed (default: a random one, given in the stats line)."),
+                 help="Sampling seed (default or -1: a random one, given in the stats line).",
+                 callback=lambda ctx, param, v: None if v == -1 else v),
 ]
 BACKEND_OPTIONS = [
     click.option("--backend", type=click.Choice(["auto", "reference", "monokernel"]),
@@ -141,8 +143,13 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_
     from .sampling_params import SamplingParams
     if seed is None:
         seed = secrets.randbits(63)
-    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                   repetition_penalty=repetition_penalty, seed=seed)
+    try:
+        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       repetition_penalty=repetition_penalty, seed=seed)
+    except InputError as e:             # said with the option's name, as the user typed it
+        msg = str(e).removeprefix("invalid sampling parameter: ")
+        name = msg.split(" ", 1)[0]
+        raise InputError("--" + name.replace("_", "-") + msg[len(name):]) from None
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     return seed

@@ -21,5 +21,13 @@ class InputError(KogError):
     """A prompt or a generation parameter is invalid."""
 
 
+class ContextLengthError(InputError):
+    """The prompt does not fit the context length (``prompt_tokens`` of it)."""
+
+    def __init__(self, message: str, prompt_tokens: int):
+        super().__init__(message)
+        self.prompt_tokens = prompt_tokens
+
+
 class DeviceError(KogError):
     """No usable GPU, not enough GPU memory, a stalled kernel, a failed compile."""

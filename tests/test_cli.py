@@ -149,15 +149,30 @@ def test_no_driver_is_named_in_the_gpu_errors(monkeypatch):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--temperature", "-1"], "temperature"),
-    (["--top-p", "0"], "top_p"),
-    (["--top-k", "-3"], "top_k"),
-    (["--min-p", "1.5"], "min_p"),
+    (["--temperature", "-1"], "--temperature must be"),      # (named as the user typed it)
+    (["--top-p", "0"], "--top-p must be"),
+    (["--top-k", "-3"], "--top-k must be"),
+    (["--min-p", "1.5"], "--min-p must be"),
+    (["--seed", "-2"], "--seed must be"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--model", "/nonexistent/model/dir"], "/nonexistent/model/dir"),
 ])
 def test_bad_arguments_are_one_line_errors(args, match):
     assert_user_error(invoke(["generate", "hello", *args]), match)
+
+
+def test_sentinel_seed_and_top_k(tiny_dirs):
+    """--seed -1 is a random seed and --top-k -1 is off (llama.cpp's and the server's
+    conventions): two sampled runs with --seed -1 differ in the seed their stats name."""
+    args = ["generate", "Once upon a time", "--model", tiny_dirs["llama"], "--no-chat",
+            "--backend", "reference", "--max-new-tokens", "3", "--temperature", "1",
+            "--top-k", "-1", "--seed", "-1"]
+    seeds = []
+    for _ in range(2):
+        r = invoke(args)
+        assert r.exit_code == 0, (r.stderr, r.exception)
+        seeds.append(re.search(r"seed (\d+)", r.stderr).group(1))
+    assert seeds[0] != seeds[1]
 
 
 def test_unsupported_architecture(tmp_path):

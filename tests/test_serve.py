@@ -31,7 +31,7 @@ httpx = pytest.importorskip("httpx")
 import uvicorn  # noqa: E402
 
 from kogcupy.engine import Engine, check_messages  # noqa: E402
-from kogcupy.errors import InputError  # noqa: E402
+from kogcupy.errors import ContextLengthError, InputError  # noqa: E402
 from kogcupy.serve import create_app  # noqa: E402
 from kogcupy.serve.app import Server as ServeServer  # noqa: E402
 from kogcupy.serve.scheduler import Job  # noqa: E402
@@ -273,7 +273,8 @@ class ScriptedEngine:
         ids = self.tokenizer.encode(self.tokenizer.render_chat(messages, True, **kw),
                                     add_bos=False)
         if len(ids) >= self.context_length:
-            raise InputError(f"prompt of {len(ids)} tokens does not fit the context length")
+            raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context "
+                                     f"length", len(ids))
         return ids
 
     def encode_prompt(self, prompt, chat=None, tools=None):
@@ -417,6 +418,12 @@ def test_sampling_fields_reach_the_engine(scripted):
     assert kw["temperature"] == 1.0 and kw["top_k"] == 0 and kw["top_p"] == 1.0
     assert kw["max_new_tokens"] == eng.context_length - len(eng.encode_messages(
         [{"role": "user", "content": "hi"}]))
+    seeds = []
+    for _ in range(2):                            # seed -1: a random one (llama.cpp's -1)
+        chat(srv.client(), "hi", seed=-1, extra_body={"top_k": -1})
+        seeds.append(eng.calls[-1]["seed"])
+        assert eng.calls[-1]["top_k"] == 0
+    assert seeds[0] != seeds[1] and 2**64 - 1 not in seeds
 
 
 def test_fifo_order_four_clients(scripted):
@@ -589,6 +596,8 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "temperature": "hot"}, 400, "temperature", "hot"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "temperature": 5}, 400, "temperature", "less than or equal to 2"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "max_tokens": "5"}, 400, "max_tokens", "integer"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
@@ -615,7 +624,7 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "stop": ["a", ""]}, 400, "stop", "non-empty"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x " * 3000}]},
-     400, None, "context length"),
+     400, "messages", "maximum context length"),
     ("completions", {"model": "scripted", "prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
     ("completions", {"model": "scripted", "prompt": "a", "echo": True}, 400, "echo", ""),
     ("completions", {"model": "scripted", "prompt": "a", "best_of": 3}, 400, "best_of", ""),
@@ -638,6 +647,8 @@ def test_bad_requests_get_openai_errors(scripted):
         err = r.json()["error"]
         assert (r.status_code, err.get("param")) == (status, param), (body, r.text)
         assert text in err["message"] and err["type"] and "Traceback" not in r.text, r.text
+        # what clients that trim their history look for (OpenAI's code for it)
+        assert (err["code"] == "context_length_exceeded") == ("context length" in text), r.text
     r = httpx.post(srv.url + "/v1/chat/completions", content=b"x" * 30_000)
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     r = httpx.get(srv.url + "/v1/nothing")

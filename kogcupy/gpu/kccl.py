@@ -52,8 +52,9 @@ class Peers:
             raise DeviceError(f"{n_gpus} ranks need {n_gpus} device ids, got {devices}")
         have = gpu_count()
         if have <= max(devices):
-            raise DeviceError(f"KCCL needs GPUs {sorted(set(devices))} but CuPy sees {have}; "
-                              "check CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES")
+            raise DeviceError(f"tensor parallel on GPUs {sorted(set(devices))} needs them visible, "
+                              f"but CuPy sees {have}; check CUDA_VISIBLE_DEVICES / "
+                              "HIP_VISIBLE_DEVICES")
         rt = cupy.cuda.runtime
         distinct = sorted(set(devices))
         for i in distinct:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InputError, ModelLoadError, UnsupportedModelError
+from ..errors import ContextLengthError, InputError, ModelLoadError, UnsupportedModelError
 
 # HF `model_type` -> kogcupy family. The families differ only in qkv bias and qk-norm.
 SUPPORTED_ARCHS = {
@@ -122,9 +122,10 @@ class ModelConfig:
         self.check_token_ids(prompt_ids, "prompt")
         if len(prompt_ids) > context_length - 1:
             what = " (chat template included)" if template else ""
-            raise InputError(f"prompt of {len(prompt_ids)} tokens{what} does not fit the context "
-                             f"length {context_length} (at most {context_length - 1} "
-                             f"prompt tokens); shorten it or raise --context-length")
+            raise ContextLengthError(
+                f"prompt of {len(prompt_ids)} tokens{what} does not fit the context length "
+                f"{context_length} (at most {context_length - 1} prompt tokens); shorten it "
+                f"or raise --context-length", len(prompt_ids))
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from ..errors import InputError, KogError
+from ..errors import ContextLengthError, InputError, KogError
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -164,29 +164,39 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                                   f"'{name}' (GET /v1/models)", param="model",
                              code="model_not_found")
 
-    async def encode(fn, *args, **kw) -> list[int]:
+    async def encode(fn, *args, param: str, **kw) -> list[int]:
         try:
             return await anyio.to_thread.run_sync(lambda: fn(*args, **kw))
+        except ContextLengthError as e:       # OpenAI's code for it: clients trim and retry
+            ctx = int(engine.context_length)
+            raise P.APIError(400, f"This model's maximum context length is {ctx} tokens; the "
+                                  f"prompt has {e.prompt_tokens} tokens (at most {ctx - 1}): "
+                                  f"shorten it", param=param,
+                             code="context_length_exceeded") from None
         except InputError as e:
             raise P.APIError(400, " ".join(str(e).split())) from None
 
-    def plan(req, ids: list[int], requested: int | None, default: int | None) -> dict:
-        """engine.generate kwargs; 400 when the prompt or max_tokens do not fit the context."""
+    def plan(req, ids: list[int], requested: int | None, default: int | None,
+             prompt_param: str) -> dict:
+        """engine.generate kwargs; 400 (code context_length_exceeded, as OpenAI) when the
+        prompt or max_tokens do not fit the context."""
         ctx = int(engine.context_length)
         n = len(ids)
         room = ctx - n
         if room < 1:
-            raise P.APIError(400, f"the prompt has {n} tokens but the context length is {ctx} "
-                                  f"(at most {ctx - 1} prompt tokens)", param="messages")
+            raise P.APIError(400, f"This model's maximum context length is {ctx} tokens; the "
+                                  f"prompt has {n} tokens (at most {ctx - 1}): shorten it",
+                             param=prompt_param, code="context_length_exceeded")
         if requested is None:
             max_new = room if default is None else min(default, room)
         elif requested > room:
-            raise P.APIError(400, f"max_tokens={requested} does not fit: the prompt has {n} "
-                                  f"tokens and the context length is {ctx}, so at most {room} "
-                                  f"tokens can be generated", param="max_tokens")
+            raise P.APIError(400, f"This model's maximum context length is {ctx} tokens; the "
+                                  f"prompt has {n} tokens and max_tokens={requested} asks for "
+                                  f"{n + requested}: at most {room} tokens can be generated",
+                             param="max_tokens", code="context_length_exceeded")
         else:
             max_new = requested
-        seed = secrets.randbits(64) if req.seed is None else req.seed
+        seed = secrets.randbits(64) if req.seed in (None, -1) else req.seed
         kw = P.sampling_kwargs(req, max_new, seed)
         try:
             SamplingParams(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
@@ -246,9 +256,9 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
                                   f"takes no 'tools'", param="tools")
         messages = [m.to_template() for m in req.messages]
-        ids = await encode(engine.encode_messages, messages, tools=tools)
+        ids = await encode(engine.encode_messages, messages, tools=tools, param="messages")
         requested = req.max_completion_tokens or req.max_tokens
-        kw = plan(req, ids, requested, None)
+        kw = plan(req, ids, requested, None, "messages")
         rid = P.new_id("chatcmpl")
         job = submit(rid, ids, kw)
         fmt = ChatFormatter(rid, name, P.now(), len(ids),
@@ -271,8 +281,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             prompt = prompt[0]
         if isinstance(prompt, list) and not prompt:
             raise P.APIError(400, "the prompt is empty", param="prompt")
-        ids = await encode(engine.encode_prompt, prompt, chat=False)
-        kw = plan(req, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        ids = await encode(engine.encode_prompt, prompt, chat=False, param="prompt")
+        kw = plan(req, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
         rid = P.new_id("cmpl")
         job = submit(rid, ids, kw)
         fmt = CompletionFormatter(rid, name, P.now(), len(ids),

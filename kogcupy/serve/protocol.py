@@ -139,12 +139,12 @@ def _arguments_obj(args):
 class _Sampling(_Strict):
     model: str | None = None                                  # (none: the served model)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)   # (OpenAI's range)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1)            # -1 or 0: off
     min_p: float | None = Field(default=None, ge=0, lt=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    seed: int | None = None
+    seed: int | None = None                                   # (null or -1: a random one)
     stop: Union[str, list[str], None] = None
     stream: bool | None = False                               # (null: false)
     stream_options: StreamOptions | None = None
