@@ -177,7 +177,7 @@ def check_backend(backend, context_length, dtype, gpus) -> str:
 def load_engine(model_path, dtype, backend, context_length, gpus, **engine_kw):
     """load_model + Engine, with the checks that need the model's config run before its
     weights are read, and a progress line on a terminal."""
-    from .engine import Engine, check_context_length, check_model_for_backend
+    from .engine import Engine, check_context_length, check_gpu_count, check_model_for_backend
     from .model.loader import load_model
     name = check_backend(backend, context_length, dtype, gpus)
     if dtype is not None and name == "reference":
@@ -187,6 +187,8 @@ def load_engine(model_path, dtype, backend, context_length, gpus, **engine_kw):
     def on_config(cfg, positions):
         check_context_length(context_length, min(positions, cfg.max_position_embeddings))
         check_model_for_backend(cfg, name, gpus)
+        if name == "monokernel":
+            check_gpu_count(gpus)
 
     label = name
     if backend == "auto" and name == "reference":

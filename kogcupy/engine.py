@@ -90,16 +90,20 @@ def check_backend_args(backend: str = "auto", gpus: int = 1) -> str:
     return name
 
 
-def check_model_for_backend(cfg, name: str, gpus: int = 1, devices=None) -> None:
+def check_model_for_backend(cfg, name: str, gpus: int = 1) -> None:
     """The checks that need the model's config but not its weights (run before loading them):
-    the tensor-parallel split, the shapes the monokernel compiles for, and enough visible GPUs
-    for the split (`devices`: the ranks' GPU ids, when not 0 .. gpus - 1)."""
+    the tensor-parallel split and the shapes the monokernel compiles for."""
     if name != "monokernel":
         return
     from .gpu.tensor_parallel import check
     check(cfg, gpus)
     from .gpu.kernels import check_model_shape
     check_model_shape(cfg)
+
+
+def check_gpu_count(gpus: int, devices=None) -> None:
+    """Enough GPUs visible for a tensor-parallel run (`devices`: the ranks' GPU ids, when not
+    0 .. gpus - 1), said before the model loads."""
     need = gpus if devices is None else max(devices) + 1
     if need > 1:
         from .gpu.kccl import gpu_count
@@ -149,8 +153,8 @@ def make_backend(model, backend: str = "auto", context_length: int = 4096, gpus:
     if name == "reference":
         from .reference.backend import ReferenceBackend
         return ReferenceBackend(model, context_length=context_length, **backend_kw)
-    check_model_for_backend(model.config, name, gpus,     # before touching any GPU
-                            backend_kw.get("devices"))
+    check_model_for_backend(model.config, name, gpus)     # before touching any GPU
+    check_gpu_count(gpus, backend_kw.get("devices"))
     try:
         from .gpu.monokernel import MonokernelBackend
     except ImportError as e:
