@@ -464,6 +464,29 @@ def test_disconnect_mid_stream_frees_the_engine(scripted):
     assert chat(srv.client(), "again").choices[0].message.content == "fine"
 
 
+def test_role_chunk_comes_with_the_first_token(scripted):
+    """The stream's first data chunk (role + text) waits for the first token, as vLLM's: a
+    client that times its first chunk measures the prefill (held here by the gate)."""
+    eng, srv = scripted()
+    eng.gate.clear()
+    threading.Timer(0.4, eng.gate.set).start()
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "go"}], "stream": True}
+    t0 = time.perf_counter()
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        waited = time.perf_counter() - t0
+        rest = [line for line in lines if line.startswith("data:")]
+    chunk = json.loads(first[5:])
+    assert waited >= 0.35, waited
+    assert chunk["choices"][0]["delta"]["role"] == "assistant"
+    assert chunk["choices"][0]["delta"]["content"] == ""
+    text = "".join(json.loads(line[5:])["choices"][0]["delta"].get("content") or ""
+                   for line in rest[:-1] if json.loads(line[5:])["choices"])
+    assert rest[-1] == "data: [DONE]" and text == "reply to go", rest[:2]
+
+
 def test_queued_request_whose_client_left_is_dropped(scripted):
     eng, srv = scripted(max_queue=2)
     eng.gate.clear()
@@ -714,6 +737,16 @@ def test_tools_rejected_without_template_support(scripted, tiny_models):
     # tools switched off by tool_choice "none": the request runs without them
     r = chat(srv.client(), "x", tools=[WEATHER_TOOL], tool_choice="none")
     assert r.choices[0].finish_reason == "stop" and r.choices[0].message.tool_calls is None
+    # a history with a call the template would drop: said, not ignored
+    history = [{"role": "user", "content": "weather?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"model": "scripted",
+                                                          "messages": history})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "messages[1].tool_calls"
 
 
 def test_client_round_trip_fields_accepted(scripted):

@@ -128,6 +128,12 @@ class Tokenizer:
             return False
 
     @property
+    def renders_tool_calls(self) -> bool:
+        """Whether the chat template reads an assistant message's ``tool_calls`` (one that does
+        not would drop the calls of a conversation's history without a word)."""
+        return bool(self.chat_template) and "tool_calls" in self.chat_template
+
+    @property
     def backend(self) -> _HFTokenizer:
         """The underlying ``tokenizers.Tokenizer``."""
         return self._tk

@@ -104,6 +104,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
     tk = getattr(engine, "tokenizer", None)
     supports_tools = tk is not None and tk.takes_tools
+    renders_calls = tk is not None and tk.renders_tool_calls
     created = P.now()
 
     @contextlib.asynccontextmanager
@@ -255,6 +256,11 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         if tools and not supports_tools:
             raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
                                   f"takes no 'tools'", param="tools")
+        for i, m in enumerate(req.messages):
+            if m.tool_calls and not renders_calls:
+                raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
+                                      f"drops an assistant message's tool_calls",
+                                 param=f"messages[{i}].tool_calls")
         messages = [m.to_template() for m in req.messages]
         ids = await encode(engine.encode_messages, messages, tools=tools, param="messages")
         requested = req.max_completion_tokens or req.max_tokens

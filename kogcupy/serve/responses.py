@@ -217,7 +217,10 @@ class JobResponse(Response):
             return await self._error(scope, receive, send, ev[1], ev[2])
         if not started:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        out = b"".join(P.sse(c) for c in self.fmt.start())
+        # the role chunk goes out with the first text (as vLLM's): a client that times its
+        # first chunk measures the prefill, not the queue
+        head = b"".join(P.sse(c) for c in self.fmt.start())
+        out = b""
         pending = [ev] if ev[0] != "start" else []
         q = self.job.events
         while True:
@@ -239,6 +242,8 @@ class JobResponse(Response):
                     break
             chunks = self.fmt.pieces(text) if text else []
             out = b"".join(P.sse(c) for c in chunks)
+            if out and head:
+                out, head = head + out, b""
             if last is None:
                 continue
             if last[0] == "gone":
@@ -248,7 +253,7 @@ class JobResponse(Response):
             elif last[1].finish_reason == "cancelled":
                 out += _sse_error(503, _SHUTDOWN)
             else:
-                out += b"".join(P.sse(c) for c in self.fmt.finish(last[1])) + P.SSE_DONE
+                out = head + out + b"".join(P.sse(c) for c in self.fmt.finish(last[1])) + P.SSE_DONE
             await send({"type": "http.response.body", "body": out, "more_body": False})
             return
 
