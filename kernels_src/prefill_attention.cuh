@@ -42,8 +42,8 @@
 #endif
 
 #if KOG_PF_MMA || defined(KOG_WGMMA)
-// The tile loop of both tensor-core kernels: tile kt + 1 into the other stage (`load(stage,
-// key0)` issues and commits its copies) while this thread's copies of tile kt are waited for.
+// The mma.sync kernel's tile loop: tile kt + 1 into the other stage (`load(stage, key0)`
+// issues and commits its copies) while this thread's copies of tile kt are waited for.
 template <class Load>
 KOG_DEVICE void kog_pf_stage_next(int kt, int n_tiles, int bn, const Load& load) {
     if (kt + 1 < n_tiles) {

@@ -679,15 +679,11 @@ def profile(model_path, shape, position, new_tokens, gpus, dtype, out):
 
 def _profile_gpus(gpus: int) -> None:
     """`kogcupy profile` runs on the GPU: one-line errors when there is none or too few."""
-    from .engine import gpu_info
+    from .engine import check_gpu_count, gpu_info
     ok, why = gpu_info()
     if not ok:
         raise DeviceError(f"kogcupy profile needs a GPU ({why})")
-    if gpus > 1:
-        import cupy
-        have = cupy.cuda.runtime.getDeviceCount()
-        if have < gpus:
-            raise DeviceError(f"--gpus {gpus} needs {gpus} GPUs, but {have} are visible")
+    check_gpu_count(gpus)
 
 
 def _profile_backend(model, cfg, context_length, dtype, gpus, position):

@@ -129,8 +129,9 @@ class Prefill:
             except DeviceError:
                 fn = None
             if fn is not None:
-                if attn_smem_bytes(cfg.head_dim) > 48 * 1024:
-                    fn.max_dynamic_shared_size_bytes = attn_smem_bytes(cfg.head_dim)
+                smem = attention_launch("mma", cfg.head_dim)[3]
+                if smem > 48 * 1024:
+                    fn.max_dynamic_shared_size_bytes = smem
                 self._fn["kog_pf_attention"] = fn
                 self.attention_kernels.insert(0, "mma")
         if wg:

@@ -165,15 +165,19 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                                   f"'{name}' (GET /v1/models)", param="model",
                              code="model_not_found")
 
+    def prompt_too_long(n: int, param: str) -> P.APIError:
+        """OpenAI's error for a prompt past the context (clients that trim history key on
+        its code)."""
+        ctx = int(engine.context_length)
+        return P.APIError(400, f"This model's maximum context length is {ctx} tokens; the "
+                               f"prompt has {n} tokens (at most {ctx - 1}): shorten it",
+                          param=param, code="context_length_exceeded")
+
     async def encode(fn, *args, param: str, **kw) -> list[int]:
         try:
             return await anyio.to_thread.run_sync(lambda: fn(*args, **kw))
-        except ContextLengthError as e:       # OpenAI's code for it: clients trim and retry
-            ctx = int(engine.context_length)
-            raise P.APIError(400, f"This model's maximum context length is {ctx} tokens; the "
-                                  f"prompt has {e.prompt_tokens} tokens (at most {ctx - 1}): "
-                                  f"shorten it", param=param,
-                             code="context_length_exceeded") from None
+        except ContextLengthError as e:
+            raise prompt_too_long(e.prompt_tokens, param) from None
         except InputError as e:
             raise P.APIError(400, " ".join(str(e).split())) from None
 
@@ -185,9 +189,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         n = len(ids)
         room = ctx - n
         if room < 1:
-            raise P.APIError(400, f"This model's maximum context length is {ctx} tokens; the "
-                                  f"prompt has {n} tokens (at most {ctx - 1}): shorten it",
-                             param=prompt_param, code="context_length_exceeded")
+            raise prompt_too_long(n, prompt_param)
         if requested is None:
             max_new = room if default is None else min(default, room)
         elif requested > room:
