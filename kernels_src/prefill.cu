@@ -12,7 +12,8 @@
 //                       (prefill_attention.cuh: tensor-core flash tiles, or a portable path)
 //   kog_pf_silu_mul     act[i] = silu(gate) * up from the interleaved gate/up GEMM output
 //   kog_pf_add_parts    tensor parallel: x += the ranks' o_proj / down partials, in rank order
-// Shapes: n tokens in the chunk, pos0 the position of its first token, h hidden, f ffn,
+// Shapes: n tokens in the chunk, pos0 the position of its first token (read from device memory:
+// prefill.py replays one captured graph for chunks of a size at any position), h hidden, f ffn,
 // H / KV heads, hd head_dim, C KV-cache positions. Model constants come as -D defines
 // (kogcupy/gpu/prefill.py: prefill_defines).
 // ============================================================================================
@@ -62,9 +63,10 @@ extern "C" __global__ void kog_pf_qkv_rope(
         kog_u16* __restrict__ q_out,          // (n, H, hd) storage dtype
         kog_u16* __restrict__ k_cache,        // (KV, C, hd) this layer's slice
         kog_u16* __restrict__ v_cache,        // (KV, C, hd)
-        int pos0, int context_length) {
+        const int* __restrict__ chunk_pos0,   // position of token 0 (device memory)
+        int context_length) {
     constexpr int HD = KOG_HEAD_DIM, HALF = HD / 2, HEADS = KOG_N_HEADS + 2 * KOG_N_KV;
-    const int i = blockIdx.x, pos = pos0 + i;
+    const int i = blockIdx.x, pos = *chunk_pos0 + i;
     const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
     const int n_warps = blockDim.x / KOG_WARP;
     const float* row = qkv + (kog_u64)i * KOG_PF_QKV_DIM;
@@ -119,13 +121,14 @@ extern "C" __global__ void kog_pf_silu_mul(const float* __restrict__ gu,     // 
 
 // ---- tensor parallel: x += the ranks' partials of o_proj or down, in rank order -------------
 extern "C" __global__ void kog_pf_add_parts(float* __restrict__ x,             // (n, h)
-                                            const float* __restrict__ parts,   // (R, n, h)
-                                            int n_parts, unsigned long long count) {   // n * h
+                                            const float* __restrict__ parts,   // (R, rows, h)
+                                            int n_parts, unsigned long long count,     // n * h
+                                            unsigned long long slot) {         // rows * h
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long j = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
          j < count; j += stride) {
         float s = parts[j];
-        for (int r = 1; r < n_parts; ++r) s += parts[(unsigned long long)r * count + j];
+        for (int r = 1; r < n_parts; ++r) s += parts[(unsigned long long)r * slot + j];
         x[j] += s;                            // the same bits on every rank
     }
 }

@@ -1,7 +1,8 @@
 // ============================================================================================
 // prefill_attention.cuh -- causal attention for a chunk of n prompt tokens (positions
 // pos0 .. pos0+n-1) over every cached position and the chunk itself, reading K/V from the
-// monokernel's cache (this layer's (KV, C, hd) slice, already holding the chunk's rows).
+// monokernel's cache (this layer's (KV, C, hd) slice, already holding the chunk's rows). pos0
+// comes from device memory, so that one captured graph of a chunk serves every position.
 //
 // kog_pf_attention (CUDA, sm_80+): flash-attention tiles on tensor cores. A block of 4 warps
 // takes KOG_PF_BM = 128 queries of one q head (staged in shared memory once); each warp owns 32
@@ -155,7 +156,9 @@ kog_pf_attention(const kog_u16* __restrict__ q,       // (n, H, hd)
                  const kog_u16* __restrict__ kc,      // (KV, C, hd) this layer
                  const kog_u16* __restrict__ vc,      // (KV, C, hd)
                  kog_u16* __restrict__ out,           // (n, H * hd)
-                 int n, int pos0, int context_length, float scale_log2) {
+                 int n, const int* __restrict__ chunk_pos0, int context_length,
+                 float scale_log2) {
+    const int pos0 = *chunk_pos0;                              // (device memory)
     constexpr int HD = KOG_HEAD_DIM, KS = KOG_PF_KSTRIDE, BM = KOG_PF_BM, BN = KOG_PF_BN;
     constexpr int MT = KOG_PF_MT, NT = BN / 8, DT = HD / 8;
     constexpr int TILE = BN * KS;                              // elements of one K or V tile
@@ -329,7 +332,9 @@ kog_pf_attention_ws(const kog_u16* __restrict__ q,       // (n, H, hd)
                     const kog_u16* __restrict__ kc,      // (KV, C, hd) this layer
                     const kog_u16* __restrict__ vc,      // (KV, C, hd)
                     kog_u16* __restrict__ out,           // (n, H * hd)
-                    int n, int pos0, int context_length, float scale_log2) {
+                    int n, const int* __restrict__ chunk_pos0, int context_length,
+                    float scale_log2) {
+    const int pos0 = *chunk_pos0;                                  // (device memory)
     constexpr int HD = KOG_HEAD_DIM, BM = KOG_PFS_BM, BN = KOG_PFS_BN, CH = HD / 8;
     constexpr int ST = KOG_PFS_STAGES;
     constexpr unsigned QPANEL = BM * 128u, KPANEL = BN * 128u;     // bytes of one 64-dim panel
@@ -444,8 +449,9 @@ extern "C" __global__ void kog_pf_attention_simple(const kog_u16* __restrict__ q
                                                    const kog_u16* __restrict__ kc,
                                                    const kog_u16* __restrict__ vc,
                                                    kog_u16* __restrict__ out,
-                                                   int n, int pos0, int context_length,
-                                                   float scale_log2) {
+                                                   int n, const int* __restrict__ chunk_pos0,
+                                                   int context_length, float scale_log2) {
+    const int pos0 = *chunk_pos0;
     constexpr int HD = KOG_HEAD_DIM, PER = (HD + KOG_WARP - 1) / KOG_WARP;
     const int i = blockIdx.x, h = blockIdx.y, g = h / KOG_PF_GQA, lane = threadIdx.x;
     const int qpos = pos0 + i;

@@ -115,6 +115,54 @@ def test_prefix_reuse_warm_equals_cold():
     assert warm.prefix_cache.stats["entries"] >= 1
 
 
+def test_graph_replays_match_kernel_by_kernel():
+    """A chunk replays the captured graph of its padded size (prefill.GRAPH_STEP) at any
+    position (its first position is read from device memory): the greedy tokens of a cold
+    prompt and of one that reuses 40 cached positions (the same 384-row graph at position 40)
+    equal those of a backend that launches kernel by kernel."""
+    m = _greedy_model("qwen3-qknorm-h896-gqa7-hd128")
+    V = m.config.vocab_size
+    rng = np.random.default_rng(13)
+    a = rng.integers(0, V, 300).tolist()
+    b = a[:40] + rng.integers(0, V, 320).tolist()
+    graphed = MonokernelBackend(m, context_length=1024, prefix_cache_gb=1)
+    eager = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
+    eager.prefill.graphs = None
+
+    def run(be, p):
+        s = be.start(p, SamplingParams(), 16, set())
+        return list(s), s.cached_tokens
+
+    ga, c = run(graphed, a)                          # prefill [0, 299)
+    assert c == 0
+    gb, c = run(graphed, b)                          # prefill [40, 359)
+    assert c == 40
+    assert list(graphed.prefill.graphs) == [384]     # one graph, replayed at another position
+    assert ga == run(eager, a)[0] and gb == run(eager, b)[0]
+    assert eager.prefill.graphs is None
+
+
+def test_graph_capture_refused_runs_kernel_by_kernel(monkeypatch):
+    """Where the platform refuses a capture, prefill warns once and launches kernel by kernel
+    from then on, with the same tokens."""
+    from kogcupy.gpu import prefill
+    m = _greedy_model()
+    be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
+    ids = np.random.default_rng(14).integers(0, m.config.vocab_size, 100).tolist()
+    want = list(be.start(ids, SamplingParams(), 8, set()))
+    assert list(be.prefill.graphs) == [128]
+
+    def refuse(stream, issue):
+        raise RuntimeError("no capture here")
+    monkeypatch.setattr(prefill, "_capture", refuse)
+    be.prefill.graphs.clear()
+    be.clear_prefix_cache()
+    with pytest.warns(RuntimeWarning, match="no graph capture"):
+        s = be.start(ids, SamplingParams(), 8, set())
+        got = list(s)
+    assert s.cached_tokens == 0 and be.prefill.graphs is None and got == want
+
+
 def test_prefix_cache_eviction_tiny_budget():
     m = _greedy_model()
     V = m.config.vocab_size
@@ -191,11 +239,12 @@ def test_tensor_core_attention_matches_the_simple_kernel(kernel, hd, heads, kv, 
     nan = 0x7E00 if dtype == "float16" else 0x7FC0
     kc[:, pos0 + n:] = nan
     vc[:, pos0 + n:] = nan
+    p0 = cp.asarray([pos0], cp.int32)
     outs = []
     for fn, grid, block, sm in ((fast, ((n + bm - 1) // bm, heads), (threads,), smem),
                                 (simple, (n, heads), (32,), 0)):
         out = cp.full((n, heads * hd), nan, cp.uint16)
-        fn(grid, block, (q, kc, vc, out, np.int32(n), np.int32(pos0), np.int32(C),
+        fn(grid, block, (q, kc, vc, out, np.int32(n), p0, np.int32(C),
                          np.float32(np.log2(np.e) / np.sqrt(hd))), shared_mem=sm)
         outs.append(load(out))
     got, want = outs

@@ -192,6 +192,19 @@ def test_warp_specialised_launch_fits_hopper():
         assert (d["KOG_PFS_CWG"], d["KOG_PFS_BN"], d["KOG_PFS_STAGES"]) == (cwg, bn, stages)
 
 
+def test_graph_rows():
+    """A prefill chunk's graph size: n rounded up to GRAPH_STEP rows up to GRAPH_MAX tokens,
+    None (kernel by kernel) past that or where the padding would pass the cache's positions."""
+    step, top = prefill.GRAPH_STEP, prefill.GRAPH_MAX
+    assert prefill.graph_rows(1, 0, 10_000) == step
+    assert prefill.graph_rows(step, 0, 10_000) == step
+    assert prefill.graph_rows(step + 1, 500, 10_000) == 2 * step
+    assert prefill.graph_rows(top, 0, 10_000) == top
+    assert prefill.graph_rows(top + 1, 0, 10_000) is None
+    assert prefill.graph_rows(10, 1000 - step, 1000) == step          # ends at the limit
+    assert prefill.graph_rows(10, 1001 - step, 1000) is None          # would pass it
+
+
 def test_nvcc_abi_probe(tmp_path):
     # the host layout (abi.layout(), what pack() writes) against the compiler's offsetof /
     # sizeof, as static_asserts: a mismatch fails the compile

@@ -135,6 +135,7 @@ def test_long_prompt_prefilled_on_the_ranks(n):
     want, r1 = greedy(one, ids, 24)
     got, r2 = greedy(tp, ids, 24)
     assert r1 == r2 == "length"
+    assert 384 in tp.prefill.graphs                 # the ranks' 299 tokens ran as one graph
     same_or_near_tie(one, ids, want, got, f"a 300-token prompt on {n} ranks")
 
 

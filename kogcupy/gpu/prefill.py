@@ -30,6 +30,14 @@ from . import kernels
 from ..errors import DeviceError, InputError
 
 CHUNK = 4096                      # tokens per chunk: bounds the activation buffers
+# A chunk of up to GRAPH_MAX tokens replays a captured graph of the whole layer stack (every
+# rank's, tensor parallel), its rows padded up to a multiple of GRAPH_STEP, one graph a padded
+# size: below ~2k tokens issuing ~12 launches a layer from Python (x ranks) takes longer than
+# the GPU work they launch (bench/NOTES.md, 2026-12-04). Padding rows are copies of the last
+# token at the positions after the chunk; their K/V rows lie past the prompt, where nothing
+# reads before the decode has written its own.
+GRAPH_MAX, GRAPH_STEP = 2048, 128
+BUFFER_STEP = 512                 # activation buffers grow in multiples of this many rows
 _CUDA_R_16F, _CUDA_R_32F, _CUDA_R_16BF = 2, 0, 14
 _CUBLAS_COMPUTE_32F = 68
 _CUBLAS_GEMM_DEFAULT = -1
@@ -145,56 +153,69 @@ class Prefill:
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         self._bufs: dict = {}
-        self._blas = None
+        self._rows = 0                                  # rows the buffers hold
+        self._blas = _Blas(backend._stream)
+        self._pos0 = cp.zeros(1, cp.int32)              # the chunk's first position
+        self.limit = min(backend.context_length, int(backend.dev.arrays["rope_cos"].shape[0]))
+        # padded rows -> graph; None: kernel by kernel (HIP: hipBLAS in a capture is untested)
+        self.graphs: dict | None = None if kernels.is_hip() else {}
         self._warp = int(cp.cuda.Device().attributes["WarpSize"])
 
     # ---- buffers -------------------------------------------------------------------------
     def _buffers(self, n: int) -> dict:
-        if self._bufs.get("n") == n:
+        """Buffers for chunks of n tokens ("n"); they only grow (in BUFFER_STEP rows), and the
+        graphs captured on smaller ones go with them."""
+        if n <= self._rows:
+            self._bufs["n"] = n
             return self._bufs
         cp = kernels._cupy()
         cfg = self.cfg
-        self._bufs = {}                        # free the old chunk's buffers first
+        self._bufs = {}                        # free the old buffers first
+        if self.graphs:
+            self.graphs.clear()
+        n_alloc = self._rows = -(-n // BUFFER_STEP) * BUFFER_STEP
         u16, f32 = cp.uint16, cp.float32
         self._bufs = dict(
             n=n,
-            ids=cp.empty(n, cp.int32),
-            x=cp.empty((n, cfg.hidden_size), f32),               # residual stream (fp32)
-            xn=cp.empty((n, max(cfg.hidden_size, cfg.intermediate_size)), u16),  # GEMM input
-            qkv=cp.empty((n, cfg.qkv_dim), f32),
-            q=cp.empty((n, cfg.n_heads, cfg.head_dim), u16),
-            attn=cp.empty((n, cfg.q_dim), u16),
-            gu=cp.empty((n, 2 * cfg.intermediate_size), f32),
+            ids=cp.empty(n_alloc, cp.int32),
+            x=cp.empty((n_alloc, cfg.hidden_size), f32),               # residual stream (fp32)
+            xn=cp.empty((n_alloc, max(cfg.hidden_size, cfg.intermediate_size)), u16),  # GEMM input
+            qkv=cp.empty((n_alloc, cfg.qkv_dim), f32),
+            q=cp.empty((n_alloc, cfg.n_heads, cfg.head_dim), u16),
+            attn=cp.empty((n_alloc, cfg.q_dim), u16),
+            gu=cp.empty((n_alloc, 2 * cfg.intermediate_size), f32),
         )
         return self._bufs
 
     # ---- GEMM: y (n, out) [+]= a (n, k) @ w (out, k)^T, or @ w (k, out) when w_kn ----------
     def _gemm(self, a_ptr: int, w_ptr: int, y_ptr: int, n: int, k: int, out: int,
               accumulate: bool, w_kn: bool = False):
-        from cupy_backends.cuda.libs import cublas
-        cp = kernels._cupy()
-        if self._blas is None:
-            # a rank's own handle: ranks sharing a GPU run GEMMs on their streams at once, and
-            # one handle's workspace must not serve two streams
-            self._blas = cublas.create() if self.tp else cp.cuda.device.get_cublas_handle()
-        cublas.setPointerMode(self._blas, 0)              # alpha / beta are host scalars
-        cublas.setStream(self._blas, self.b._stream.ptr)
         beta = self._one if accumulate else self._zero
         # column-major view: y^T (out x n) = w (k x out)^T . a^T (k x n); w_kn: w is already
         # (out x k) column-major
-        cublas.gemmEx(self._blas, _OP_N if w_kn else _OP_T, _OP_N, out, n, k,
-                      self._one.ctypes.data, w_ptr, self._dtype_code, out if w_kn else k,
-                      a_ptr, self._dtype_code, k,
-                      beta.ctypes.data, y_ptr, _CUDA_R_32F, out,
-                      _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
+        self._blas.gemm_ex(_OP_N if w_kn else _OP_T, _OP_N, out, n, k,
+                           self._one.ctypes.data, w_ptr, self._dtype_code, out if w_kn else k,
+                           a_ptr, self._dtype_code, k,
+                           beta.ctypes.data, y_ptr, _CUDA_R_32F, out,
+                           _CUBLAS_COMPUTE_32F, _CUBLAS_GEMM_DEFAULT)
 
     # ---- one chunk, stage by stage (the buffers of _buffers(n); on the backend's stream) ----
-    def _embed(self, ids: np.ndarray):
+    def _stage(self, ids: np.ndarray, pos0: int):
+        """The chunk's token ids (padded with its last one to buf["n"] rows) and its first
+        position to the GPU, on the backend's stream (never captured: the graphs read them)."""
         buf, b = self._bufs, self.b
-        buf["ids"].set(ids.astype(np.int32), stream=b._stream)
+        ids = np.asarray(ids, np.int32)
+        n = buf["n"]
+        if ids.shape[0] < n:
+            ids = np.concatenate([ids, np.full(n - ids.shape[0], ids[-1], np.int32)])
+        buf["ids"][:n].set(ids, stream=b._stream)
+        self._pos0.set(np.array([pos0], np.int32), stream=b._stream)
+
+    def _embed(self):
+        buf, b = self._bufs, self.b
         self._fn["kog_pf_embed"]((buf["n"],), (256,), (b.dev.arrays["embed"], buf["ids"], buf["x"]))
 
-    def _attention(self, layer: int, pos0: int):
+    def _attention(self, layer: int):
         """attn_norm_qkv and attention: K/V of the chunk into the cache, its attention output
         (n, q_dim) in buf["attn"]."""
         cfg, b, buf, fn = self.cfg, self.b, self._bufs, self._fn
@@ -211,8 +232,8 @@ class Prefill:
         kn = a["k_norm"][layer].data.ptr if "k_norm" in a else 0
         fn["kog_pf_qkv_rope"]((n,), (256,), (
             qkv, np.uint64(bias), np.uint64(qn), np.uint64(kn), a["rope_cos"],
-            a["rope_sin"], q, np.uint64(kc), np.uint64(vc), np.int32(pos0), np.int32(C)))
-        args = (q, np.uint64(kc), np.uint64(vc), attn, np.int32(n), np.int32(pos0),
+            a["rope_sin"], q, np.uint64(kc), np.uint64(vc), self._pos0, np.int32(C)))
+        args = (q, np.uint64(kc), np.uint64(vc), attn, np.int32(n), self._pos0,
                 np.int32(C), np.float32(np.log2(np.e) / np.sqrt(hd)))
         if self.attention == "simple":
             fn["kog_pf_attention_simple"]((n, cfg.n_heads), (self._warp,), args)
@@ -245,25 +266,42 @@ class Prefill:
                    w_kn=not self.tp)
 
     def _add_parts(self, parts, n_parts: int):
-        """Tensor parallel: x += parts[0] + parts[1] + ... (rank order; parts (R, n, h))."""
+        """Tensor parallel: x += parts[0] + parts[1] + ... (rank order; parts (R, rows, h),
+        the first n rows of each)."""
         total = self._bufs["n"] * self.cfg.hidden_size
-        self._fn["kog_pf_add_parts"]((_grid(total),), (256,),
-                                     (self._bufs["x"], parts, np.int32(n_parts), np.uint64(total)))
+        self._fn["kog_pf_add_parts"]((_grid(total),), (256,), (
+            self._bufs["x"], parts, np.int32(n_parts), np.uint64(total),
+            np.uint64(parts.shape[1] * self.cfg.hidden_size)))
+
+    def _layers(self):
+        """The staged chunk through every layer, on the current stream. One GPU."""
+        x = self._bufs["x"].data.ptr
+        self._embed()
+        for layer in range(self.cfg.n_layers):
+            self._attention(layer)
+            self._o_proj(layer, x, True)
+            self._gate_up(layer)
+            self._down(layer, x, True)
 
     def _chunk(self, ids: np.ndarray, pos0: int, want_x: bool = False):
         """Run tokens `ids` at positions pos0.. through every layer; K/V land in the cache.
-        Returns the fp32 residual x (n, h) when want_x (for logits). One GPU."""
-        b = self.b
-        buf = self._buffers(int(ids.shape[0]))
-        x = buf["x"].data.ptr
+        Returns the fp32 residual x (n, h) when want_x (for logits; eager). One GPU."""
+        b, n = self.b, int(ids.shape[0])
+        rows = None if want_x or self.graphs is None else graph_rows(n, pos0, self.limit)
+        buf = self._buffers(rows or n)
         with b._stream:
-            self._embed(ids)
-            for layer in range(self.cfg.n_layers):
-                self._attention(layer, pos0)
-                self._o_proj(layer, x, True)
-                self._gate_up(layer)
-                self._down(layer, x, True)
-        return buf["x"] if want_x else None
+            self._stage(ids, pos0)
+            if rows is None:
+                self._layers()
+            else:
+                graph = self.graphs.get(rows)
+                if graph is None:
+                    graph = _capture_or_warn(self, rows, b._stream, self._layers)
+                if graph is None:
+                    self._layers()
+                else:
+                    graph.launch(b._stream)
+        return buf["x"][:n] if want_x else None
 
     # ---- entry points --------------------------------------------------------------------
     def _check_positions(self, end: int):
@@ -304,6 +342,116 @@ class Prefill:
         return out
 
 
+class _Blas:
+    """gemmEx on one stream from a handle of its own (ranks sharing a GPU run GEMMs on their
+    streams at once, and a handle's workspace must not serve two streams), alpha / beta host
+    scalars. On CUDA the calls go straight to cuBLAS (ctypes) with a workspace of its own:
+    CuPy's wrappers re-set the handle's stream on every call, which they refuse while the
+    stream captures a graph (and which drops the workspace)."""
+    WORKSPACE = 32 << 20
+
+    def __init__(self, stream):
+        from cupy_backends.cuda.libs import cublas
+        cp = kernels._cupy()
+        self.handle = cublas.create()
+        self._lib = None
+        if kernels.is_hip():
+            self._cupy_blas = cublas               # (hipBLAS through CuPy's wrappers)
+            cublas.setPointerMode(self.handle, 0)
+            return
+        import ctypes
+        lib = _cublas_library()
+        h = ctypes.c_void_p(self.handle)
+        self._ws = cp.empty(self.WORKSPACE, cp.uint8)
+        for what, status in (
+                ("cublasSetStream", lib.cublasSetStream_v2(h, ctypes.c_void_p(stream.ptr))),
+                ("cublasSetWorkspace", lib.cublasSetWorkspace_v2(
+                    h, ctypes.c_void_p(self._ws.data.ptr), ctypes.c_size_t(self.WORKSPACE))),
+                ("cublasSetPointerMode", lib.cublasSetPointerMode_v2(h, 0))):
+            if status:
+                raise DeviceError(f"prefill: {what} failed (cuBLAS status {status})")
+        fn = lib.cublasGemmEx
+        P, I = ctypes.c_void_p, ctypes.c_int
+        fn.argtypes = [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I]
+        fn.restype = I
+        self._lib = lib
+
+    def gemm_ex(self, *args):
+        """cublasGemmEx(handle, *args) on the handle's stream (HIP: the current stream)."""
+        if self._lib is None:
+            self._cupy_blas.gemmEx(self.handle, *args)
+            return
+        status = self._lib.cublasGemmEx(self.handle, *args)
+        if status:
+            raise DeviceError(f"prefill: cublasGemmEx failed (cuBLAS status {status})")
+
+    def __del__(self):
+        try:
+            from cupy_backends.cuda.libs import cublas
+            cublas.destroy(self.handle)
+        except Exception:                          # (at interpreter exit the context may be gone)
+            pass
+
+
+def _cublas_library():
+    """The cuBLAS library CuPy loaded, for ctypes: found among the process's mapped files (the
+    same copy, whatever wheel or toolkit it came from), else by name."""
+    import ctypes
+    import ctypes.util
+    import os
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f
+                            if os.path.basename(ln.split()[-1]).startswith("libcublas.so")})
+    except OSError:
+        paths = []
+    name = paths[0] if paths else ctypes.util.find_library("cublas")
+    if not name:
+        raise DeviceError("prefill: cannot find the cuBLAS library that CuPy uses")
+    return ctypes.CDLL(name)
+
+
+def graph_rows(n: int, pos0: int, limit: int) -> int | None:
+    """Rows of the graph that a chunk of n tokens at positions pos0.. replays (n rounded up to
+    GRAPH_STEP), or None: run it eagerly (longer than GRAPH_MAX, or the padding would pass
+    `limit`, the positions the KV cache and the RoPE tables hold)."""
+    if n > GRAPH_MAX:
+        return None
+    rows = -(-n // GRAPH_STEP) * GRAPH_STEP
+    return rows if pos0 + rows <= limit else None
+
+
+def _capture(stream, issue):
+    """A graph of what issue() launches on `stream` (and on the streams it joins to it)."""
+    stream.begin_capture()
+    try:
+        issue()
+    except BaseException:
+        try:
+            stream.end_capture()
+        except Exception:             # (the capture is already invalid: report issue's error)
+            pass
+        raise
+    return stream.end_capture()
+
+
+def _capture_or_warn(owner, rows: int, stream, issue):
+    """owner.graphs[rows] = the graph of issue(), returned; None (and owner.graphs = None:
+    eager from now on, with a warning) where this platform cannot capture."""
+    try:
+        graph = _capture(stream, issue)
+    except DeviceError:
+        raise
+    except Exception as e:                  # (cupy / the driver refused the capture)
+        warnings.warn(f"prefill: no graph capture on this GPU ({type(e).__name__}: "
+                      f"{str(e)[:160]}); launching kernel by kernel", RuntimeWarning,
+                      stacklevel=3)
+        owner.graphs = None
+        return None
+    owner.graphs[rows] = graph
+    return graph
+
+
 def _grid(total: int) -> int:
     """Blocks of 256 threads for a grid-stride loop over `total` elements (at most 65,535)."""
     return min(65535, (total + 255) // 256)
@@ -331,7 +479,10 @@ class TensorParallelPrefill:
     other ranks' partials next to its own (peer copies, one per pair) and adds them all in rank
     order, so the ranks' residual streams stay bit-identical. The ranks' streams order it:
     a partial is copied after the event its GEMM recorded, and a rank overwrites its partial
-    only after every peer recorded that its copy and add are done."""
+    only after every peer recorded that its copy and add are done. A chunk of up to GRAPH_MAX
+    tokens replays one graph of every rank's work (captured from rank 0's stream, the other
+    ranks' streams joined to it), launched after every rank's earlier work; every rank's later
+    work waits for all of it."""
 
     def __init__(self, backend):
         cp = kernels._cupy()
@@ -341,9 +492,12 @@ class TensorParallelPrefill:
             with cp.cuda.Device(r.device_id):
                 self.pfs.append(Prefill(r))
         self.cfg = self.pfs[0].cfg
-        self._n = 0
-        self._gather: list = []       # per rank (R, n, h) fp32: slot q holds rank q's partial
-        self._done: list = []         # per rank: its copies and add of the last exchange ended
+        self.limit = min(pf.limit for pf in self.pfs)
+        self.graphs: dict | None = {}      # padded rows -> graph of every rank's work
+        self._n = 0                        # tokens of the current chunk
+        self._rows = 0                     # rows the gather buffers hold
+        self._gather: list = []            # per rank (R, rows, h) fp32: slot q, rank q's partial
+        self._done: list = []              # per rank: its copies and add of the last exchange
 
     def _each(self):
         """(rank, prefill) with the rank's GPU current and its stream the current stream."""
@@ -357,17 +511,22 @@ class TensorParallelPrefill:
             r._stream.synchronize()
 
     def _buffers(self, n: int):
-        if self._n == n:
-            return
         cp = kernels._cupy()
+        self._n = n
+        if n <= self._rows:
+            for pf in self.pfs:
+                pf._buffers(n)
+            return
         self._sync()                              # nothing in flight uses the old buffers
         self._gather, self._done = [], []
+        if self.graphs:
+            self.graphs.clear()
         for r, pf in self._each():
             pf._buffers(n)
-            g = cp.empty((len(self.ranks), n, self.cfg.hidden_size), cp.float32)
+            g = cp.empty((len(self.ranks), pf._rows, self.cfg.hidden_size), cp.float32)
             g.fill(np.nan)                        # poisoned: a partial never copied shows
             self._gather.append(g)
-        self._n = n
+        self._rows = self.pfs[0]._rows
 
     def _exchange(self, partial):
         """partial(pf, out_ptr): each rank's partial into its own gather slot; then every rank
@@ -388,25 +547,71 @@ class TensorParallelPrefill:
             for q in range(R):
                 if q != p:
                     r._stream.wait_event(ready[q])
-                    cp.cuda.runtime.memcpyPeerAsync(
-                        self._gather[p][q].data.ptr, r.device_id, self._gather[q][q].data.ptr,
-                        self.ranks[q].device_id, nbytes, r._stream.ptr)
+                    # (a peer copy by unified addresses: cudaMemcpyPeerAsync cannot be captured)
+                    cp.cuda.runtime.memcpyAsync(
+                        self._gather[p][q].data.ptr, self._gather[q][q].data.ptr, nbytes,
+                        cp.cuda.runtime.memcpyDefault, r._stream.ptr)
             pf._add_parts(self._gather[p], R)
             done.append(cp.cuda.Event(disable_timing=True))
             done[-1].record(r._stream)
         self._done = done
 
-    def _chunk(self, ids: np.ndarray, pos0: int):
-        self._buffers(int(ids.shape[0]))
+    def _layers(self):
+        """The staged chunk through every layer on every rank (each on its stream)."""
         for _, pf in self._each():
-            pf._embed(ids)
+            pf._embed()
         for layer in range(self.cfg.n_layers):
             for _, pf in self._each():
-                pf._attention(layer, pos0)
+                pf._attention(layer)
             self._exchange(lambda pf, out: pf._o_proj(layer, out, False))
             for _, pf in self._each():
                 pf._gate_up(layer)
             self._exchange(lambda pf, out: pf._down(layer, out, False))
+
+    @staticmethod
+    def _join(into, ranks):
+        """Rank `into`'s stream waits for what is queued on the streams of `ranks` so far."""
+        cp = kernels._cupy()
+        for r in ranks:
+            with cp.cuda.Device(r.device_id):         # (an event records on its own GPU)
+                ev = cp.cuda.Event(disable_timing=True)
+                ev.record(r._stream)
+            into._stream.wait_event(ev)
+
+    def _captured_layers(self):
+        """_layers() as rank 0's stream captures it: the other ranks' streams fork from it and
+        join back (no wait on an event recorded outside the capture)."""
+        r0, others = self.ranks[0], self.ranks[1:]
+        self._done = []
+        for r in others:
+            self._join(r, [r0])
+        self._layers()
+        self._join(r0, others)
+        self._done = []
+
+    def _chunk(self, ids: np.ndarray, pos0: int):
+        n = int(ids.shape[0])
+        rows = None if self.graphs is None else graph_rows(n, pos0, self.limit)
+        self._buffers(rows or n)
+        for _, pf in self._each():
+            pf._stage(ids, pos0)
+        if rows is None:
+            self._layers()
+            return
+        cp = kernels._cupy()
+        r0, others = self.ranks[0], self.ranks[1:]
+        with cp.cuda.Device(r0.device_id):
+            self._join(r0, others)                    # after every rank's earlier work
+            graph = self.graphs.get(rows)
+            if graph is None:
+                graph = _capture_or_warn(self, rows, r0._stream, self._captured_layers)
+            if graph is not None:
+                graph.launch(r0._stream)
+            for r in others:                          # every rank's later work after all of it
+                self._join(r, [r0])
+            self._done = []
+        if graph is None:                             # (no capture on this platform)
+            self._layers()
 
     def run(self, ids, start: int, end: int, should_stop=None, chunk: int = CHUNK) -> int:
         """K/V of positions [start, end) of `ids` into every rank's cache (Prefill.run)."""
