@@ -137,9 +137,50 @@ def test_graph_replays_match_kernel_by_kernel():
     assert c == 0
     gb, c = run(graphed, b)                          # prefill [40, 359)
     assert c == 40
-    assert list(graphed.prefill.graphs) == [384]     # one graph, replayed at another position
+    kind = graphed.prefill.attention
+    assert list(graphed.prefill.graphs) == [(384, kind)]   # one graph, replayed at position 40
     assert ga == run(eager, a)[0] and gb == run(eager, b)[0]
     assert eager.prefill.graphs is None
+
+
+def test_graph_replay_kv_equals_the_same_launches():
+    """The K/V a graph replay writes at positions 0 and 37 are bit-identical to the same padded
+    chunk launched kernel by kernel (caches NaN-poisoned from the chunk on before each run, the
+    37 rows before it random): the replay reads the staged ids and position, nothing baked in
+    at capture."""
+    import cupy as cp
+    m = _greedy_model("qwen3-qknorm-h896-gqa7-hd128")
+    be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
+    pf = be.prefill
+    ids = np.random.default_rng(15).integers(0, m.config.vocab_size, 250).astype(np.int32)
+
+    L, C, hd = m.config.n_layers, be.context_length, m.config.head_dim
+    rng = np.random.default_rng(16)                   # cached rows before the chunk: finite
+    before = (rng.standard_normal((2, L, m.config.n_kv_heads, 37, hd), np.float32).view(np.uint32)
+              >> 16).astype(np.uint16)
+
+    def kv(pos0, graph):
+        with be._stream:
+            for c, rows in zip((be.k_cache, be.v_cache), before):
+                c.fill(0x7FC0)                        # NaN-poisoned from the chunk on
+                c.reshape(L, -1, C, hd)[:, :, :pos0] = cp.asarray(rows[:, :, :pos0])
+        if graph:
+            pf._chunk(ids, pos0)
+        else:
+            pf._buffers(256)
+            with be._stream:
+                pf._stage(ids, pos0)
+                pf._layers()
+        be._stream.synchronize()
+        k, v = (cp.asnumpy(c).reshape(L, -1, C, hd)[:, :, pos0:pos0 + 250] for c in (be.k_cache, be.v_cache))
+        for name, c in (("k", k), ("v", v)):
+            bad = np.argwhere((c == 0x7FC0).all(-1))         # (layer, head, row) left poisoned
+            assert bad.size == 0, (name, pos0, graph, bad[:3].tolist(), len(bad))
+        return k, v
+    for pos0 in (0, 37):
+        got, want = kv(pos0, True), kv(pos0, False)
+        assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes(), pos0
+    assert list(pf.graphs) == [(256, pf.attention)]
 
 
 def test_graph_capture_refused_runs_kernel_by_kernel(monkeypatch):
@@ -150,7 +191,7 @@ def test_graph_capture_refused_runs_kernel_by_kernel(monkeypatch):
     be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
     ids = np.random.default_rng(14).integers(0, m.config.vocab_size, 100).tolist()
     want = list(be.start(ids, SamplingParams(), 8, set()))
-    assert list(be.prefill.graphs) == [128]
+    assert list(be.prefill.graphs) == [(128, be.prefill.attention)]
 
     def refuse(stream, issue):
         raise RuntimeError("no capture here")

@@ -157,8 +157,9 @@ class Prefill:
         self._blas = _Blas(backend._stream)
         self._pos0 = cp.zeros(1, cp.int32)              # the chunk's first position
         self.limit = min(backend.context_length, int(backend.dev.arrays["rope_cos"].shape[0]))
-        # padded rows -> graph; None: kernel by kernel (HIP: hipBLAS in a capture is untested)
-        self.graphs: dict | None = None if kernels.is_hip() else {}
+        # (padded rows, attention kernel) -> graph; None: kernel by kernel (HIP: hipBLAS in a
+        # capture is untested; or no cuBLAS to call outside CuPy's wrappers)
+        self.graphs: dict | None = {} if self._blas.capturable else None
         self._warp = int(cp.cuda.Device().attributes["WarpSize"])
 
     # ---- buffers -------------------------------------------------------------------------
@@ -294,9 +295,10 @@ class Prefill:
             if rows is None:
                 self._layers()
             else:
-                graph = self.graphs.get(rows)
+                key = (rows, self.attention)
+                graph = self.graphs.get(key)
                 if graph is None:
-                    graph = _capture_or_warn(self, rows, b._stream, self._layers)
+                    graph = _capture_or_warn(self, key, b._stream, self._layers)
                 if graph is None:
                     self._layers()
                 else:
@@ -345,23 +347,29 @@ class Prefill:
 class _Blas:
     """gemmEx on one stream from a handle of its own (ranks sharing a GPU run GEMMs on their
     streams at once, and a handle's workspace must not serve two streams), alpha / beta host
-    scalars. On CUDA the calls go straight to cuBLAS (ctypes) with a workspace of its own:
-    CuPy's wrappers re-set the handle's stream on every call, which they refuse while the
-    stream captures a graph (and which drops the workspace)."""
+    scalars. On CUDA the calls go straight to cuBLAS (ctypes; the handle made by the same
+    library) with a workspace of its own: CuPy's wrappers re-set the handle's stream on every
+    call, which they refuse while the stream captures a graph (and which drops the workspace).
+    Elsewhere (HIP, or no cuBLAS found to call): CuPy's wrappers, and `capturable` is False."""
     WORKSPACE = 32 << 20
 
     def __init__(self, stream):
-        from cupy_backends.cuda.libs import cublas
         cp = kernels._cupy()
-        self.handle = cublas.create()
-        self._lib = None
-        if kernels.is_hip():
-            self._cupy_blas = cublas               # (hipBLAS through CuPy's wrappers)
+        self._device = cp.cuda.Device().id
+        self._lib = _cublas_library() if not kernels.is_hip() else None
+        self.capturable = self._lib is not None
+        if self._lib is None:
+            from cupy_backends.cuda.libs import cublas
+            self._cupy_blas = cublas                # (hipBLAS through CuPy's wrappers)
+            self.handle = cublas.create()
             cublas.setPointerMode(self.handle, 0)
             return
         import ctypes
-        lib = _cublas_library()
-        h = ctypes.c_void_p(self.handle)
+        lib = self._lib
+        h = ctypes.c_void_p()
+        if lib.cublasCreate_v2(ctypes.byref(h)):
+            raise DeviceError("prefill: cublasCreate failed")
+        self.handle = h.value
         self._ws = cp.empty(self.WORKSPACE, cp.uint8)
         for what, status in (
                 ("cublasSetStream", lib.cublasSetStream_v2(h, ctypes.c_void_p(stream.ptr))),
@@ -374,10 +382,10 @@ class _Blas:
         P, I = ctypes.c_void_p, ctypes.c_int
         fn.argtypes = [P, I, I, I, I, I, P, P, I, I, P, I, I, P, P, I, I, I, I]
         fn.restype = I
-        self._lib = lib
 
     def gemm_ex(self, *args):
-        """cublasGemmEx(handle, *args) on the handle's stream (HIP: the current stream)."""
+        """cublasGemmEx(handle, *args) on the handle's stream (CuPy's wrappers: the current
+        stream, which every caller makes the backend's)."""
         if self._lib is None:
             self._cupy_blas.gemmEx(self.handle, *args)
             return
@@ -386,29 +394,46 @@ class _Blas:
             raise DeviceError(f"prefill: cublasGemmEx failed (cuBLAS status {status})")
 
     def __del__(self):
+        # (never touch the stream here: a garbage-collected backend's stream may already be
+        # gone; the handle is pointed at the null stream first, then destroyed)
         try:
-            from cupy_backends.cuda.libs import cublas
-            cublas.destroy(self.handle)
-        except Exception:                          # (at interpreter exit the context may be gone)
+            cp = kernels._cupy()
+            with cp.cuda.Device(self._device):
+                if self._lib is None:
+                    self._cupy_blas.setStream(self.handle, 0)
+                    self._cupy_blas.destroy(self.handle)
+                else:
+                    import ctypes
+                    h = ctypes.c_void_p(self.handle)
+                    self._lib.cublasSetStream_v2(h, None)
+                    self._lib.cublasDestroy_v2(h)
+        except Exception:           # (at interpreter exit the context may be gone)
             pass
 
 
 def _cublas_library():
-    """The cuBLAS library CuPy loaded, for ctypes: found among the process's mapped files (the
-    same copy, whatever wheel or toolkit it came from), else by name."""
+    """ctypes handle of the cuBLAS library CuPy loaded (found among the process's mapped files:
+    the same copy, whatever wheel or toolkit it came from; else by name), or None."""
     import ctypes
     import ctypes.util
     import os
+    from cupy_backends.cuda.libs import cublas  # noqa: F401 -- maps CuPy's libcublas
+    paths = []
     try:
         with open("/proc/self/maps") as f:
-            paths = sorted({ln.split()[-1] for ln in f
-                            if os.path.basename(ln.split()[-1]).startswith("libcublas.so")})
+            for ln in f:
+                parts = ln.split(maxsplit=5)
+                if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith("libcublas.so"):
+                    paths.append(parts[5].strip())
     except OSError:
-        paths = []
-    name = paths[0] if paths else ctypes.util.find_library("cublas")
-    if not name:
-        raise DeviceError("prefill: cannot find the cuBLAS library that CuPy uses")
-    return ctypes.CDLL(name)
+        pass
+    for name in list(dict.fromkeys(paths)) + [ctypes.util.find_library("cublas")]:
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    return None
 
 
 def graph_rows(n: int, pos0: int, limit: int) -> int | None:
@@ -435,20 +460,19 @@ def _capture(stream, issue):
     return stream.end_capture()
 
 
-def _capture_or_warn(owner, rows: int, stream, issue):
-    """owner.graphs[rows] = the graph of issue(), returned; None (and owner.graphs = None:
-    eager from now on, with a warning) where this platform cannot capture."""
+def _capture_or_warn(owner, key, stream, issue):
+    """owner.graphs[key] = the graph of issue(), returned; None (and owner.graphs = None: kernel
+    by kernel from now on, with a warning) where the capture failed -- a platform that refuses
+    it, or an error inside it, which the kernel-by-kernel run then reports itself."""
     try:
         graph = _capture(stream, issue)
-    except DeviceError:
-        raise
-    except Exception as e:                  # (cupy / the driver refused the capture)
+    except Exception as e:                  # noqa: BLE001 -- (cupy / the driver / cuBLAS)
         warnings.warn(f"prefill: no graph capture on this GPU ({type(e).__name__}: "
                       f"{str(e)[:160]}); launching kernel by kernel", RuntimeWarning,
                       stacklevel=3)
         owner.graphs = None
         return None
-    owner.graphs[rows] = graph
+    owner.graphs[key] = graph
     return graph
 
 
@@ -493,7 +517,8 @@ class TensorParallelPrefill:
                 self.pfs.append(Prefill(r))
         self.cfg = self.pfs[0].cfg
         self.limit = min(pf.limit for pf in self.pfs)
-        self.graphs: dict | None = {}      # padded rows -> graph of every rank's work
+        # (padded rows, attention kernel) -> graph of every rank's work; None: kernel by kernel
+        self.graphs: dict | None = {} if all(pf.graphs is not None for pf in self.pfs) else None
         self._n = 0                        # tokens of the current chunk
         self._rows = 0                     # rows the gather buffers hold
         self._gather: list = []            # per rank (R, rows, h) fp32: slot q, rank q's partial
@@ -602,9 +627,13 @@ class TensorParallelPrefill:
         r0, others = self.ranks[0], self.ranks[1:]
         with cp.cuda.Device(r0.device_id):
             self._join(r0, others)                    # after every rank's earlier work
-            graph = self.graphs.get(rows)
+            key = (rows, self.pfs[0].attention)
+            graph = self.graphs.get(key)
             if graph is None:
-                graph = _capture_or_warn(self, rows, r0._stream, self._captured_layers)
+                try:
+                    graph = _capture_or_warn(self, key, r0._stream, self._captured_layers)
+                finally:
+                    self._done = []                   # (events recorded inside the capture)
             if graph is not None:
                 graph.launch(r0._stream)
             for r in others:                          # every rank's later work after all of it
