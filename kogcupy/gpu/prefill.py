@@ -22,6 +22,7 @@ the residual stream stays fp32. Buffers for a chunk are allocated once per chunk
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -411,6 +412,7 @@ class _Blas:
             pass
 
 
+@functools.cache
 def _cublas_library():
     """ctypes handle of the cuBLAS library CuPy loaded (found among the process's mapped files:
     the same copy, whatever wheel or toolkit it came from; else by name), or None."""
@@ -612,7 +614,6 @@ class TensorParallelPrefill:
             self._join(r, [r0])
         self._layers()
         self._join(r0, others)
-        self._done = []
 
     def _chunk(self, ids: np.ndarray, pos0: int):
         n = int(ids.shape[0])
@@ -626,19 +627,20 @@ class TensorParallelPrefill:
         cp = kernels._cupy()
         r0, others = self.ranks[0], self.ranks[1:]
         with cp.cuda.Device(r0.device_id):
-            self._join(r0, others)                    # after every rank's earlier work
-            key = (rows, self.pfs[0].attention)
-            graph = self.graphs.get(key)
-            if graph is None:
-                try:
+            try:
+                self._join(r0, others)                # after every rank's earlier work
+                key = (rows, self.pfs[0].attention)
+                graph = self.graphs.get(key)
+                if graph is None:
                     graph = _capture_or_warn(self, key, r0._stream, self._captured_layers)
-                finally:
-                    self._done = []                   # (events recorded inside the capture)
-            if graph is not None:
-                graph.launch(r0._stream)
-            for r in others:                          # every rank's later work after all of it
-                self._join(r, [r0])
-            self._done = []
+                if graph is not None:
+                    graph.launch(r0._stream)
+                for r in others:                      # every rank's later work after all of it
+                    self._join(r, [r0])
+            finally:
+                # a graph chunk leaves no exchange events to wait on (those a capture recorded
+                # never ran; the joins above order everything else)
+                self._done = []
         if graph is None:                             # (no capture on this platform)
             self._layers()
 
