@@ -119,7 +119,8 @@ def test_graph_replays_match_kernel_by_kernel():
     """A chunk replays the captured graph of its padded size (prefill.GRAPH_STEP) at any
     position (its first position is read from device memory): the greedy tokens of a cold
     prompt and of one that reuses 40 cached positions (the same 384-row graph at position 40)
-    equal those of a backend that launches kernel by kernel."""
+    equal those of a backend that launches kernel by kernel. A padded size's first chunk runs
+    kernel by kernel; its second captures the graph (prefill.CAPTURE_AT_USE)."""
     m = _greedy_model("qwen3-qknorm-h896-gqa7-hd128")
     V = m.config.vocab_size
     rng = np.random.default_rng(13)
@@ -133,8 +134,9 @@ def test_graph_replays_match_kernel_by_kernel():
         s = be.start(p, SamplingParams(), 16, set())
         return list(s), s.cached_tokens
 
-    ga, c = run(graphed, a)                          # prefill [0, 299)
+    ga, c = run(graphed, a)                          # prefill [0, 299): kernel by kernel
     assert c == 0
+    assert graphed.prefill.graphs == {} and list(graphed.prefill.uses.values()) == [1]
     gb, c = run(graphed, b)                          # prefill [40, 359)
     assert c == 40
     kind = graphed.prefill.attention
@@ -152,6 +154,7 @@ def test_graph_replay_kv_equals_the_same_launches():
     m = _greedy_model("qwen3-qknorm-h896-gqa7-hd128")
     be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
     pf = be.prefill
+    pf.capture_at_use = 1                              # every pf._chunk below replays
     ids = np.random.default_rng(15).integers(0, m.config.vocab_size, 250).astype(np.int32)
 
     L, C, hd = m.config.n_layers, be.context_length, m.config.head_dim
@@ -190,6 +193,7 @@ def test_graph_capture_refused_runs_kernel_by_kernel(monkeypatch):
     m = _greedy_model()
     be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
     ids = np.random.default_rng(14).integers(0, m.config.vocab_size, 100).tolist()
+    be.prefill.capture_at_use = 1
     want = list(be.start(ids, SamplingParams(), 8, set()))
     assert list(be.prefill.graphs) == [(128, be.prefill.attention)]
 

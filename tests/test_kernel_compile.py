@@ -16,6 +16,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import types
 import uuid
 
 import pytest
@@ -203,6 +204,23 @@ def test_graph_rows():
     assert prefill.graph_rows(top + 1, 0, 10_000) is None
     assert prefill.graph_rows(10, 1000 - step, 1000) == step          # ends at the limit
     assert prefill.graph_rows(10, 1001 - step, 1000) is None          # would pass it
+
+
+def test_graph_captured_at_second_use(monkeypatch):
+    """A padded size runs kernel by kernel at its first chunk (None), is captured at its
+    second and replayed from then on; each (rows, kernel) key counts its own uses."""
+    captured = []
+    monkeypatch.setattr(prefill, "_capture", lambda stream, issue: captured.append(issue) or object())
+    owner = types.SimpleNamespace(graphs={}, uses={}, capture_at_use=prefill.CAPTURE_AT_USE)
+    assert prefill.CAPTURE_AT_USE == 2
+    a, b = (256, "ws"), (384, "ws")
+    assert prefill._graph_for(owner, a, None, "issue a") is None
+    assert prefill._graph_for(owner, b, None, "issue b") is None
+    g = prefill._graph_for(owner, a, None, "issue a")
+    assert g is not None and captured == ["issue a"] and owner.graphs == {a: g}
+    assert prefill._graph_for(owner, a, None, "issue a") is g and captured == ["issue a"]
+    owner.graphs.clear()                         # buffers grew: the size's next chunk recaptures
+    assert prefill._graph_for(owner, a, None, "issue a") is not None and len(captured) == 2
 
 
 def test_nvcc_abi_probe(tmp_path):

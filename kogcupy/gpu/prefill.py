@@ -36,8 +36,11 @@ CHUNK = 4096                      # tokens per chunk: bounds the activation buff
 # size: below ~2k tokens issuing ~12 launches a layer from Python (x ranks) takes longer than
 # the GPU work they launch (bench/NOTES.md, 2026-12-04). Padding rows are copies of the last
 # token at the positions after the chunk; their K/V rows lie past the prompt, where nothing
-# reads before the decode has written its own.
+# reads before the decode has written its own. A padded size is captured at its CAPTURE_AT_USE-th
+# chunk: a capture costs 3-18 ms against the 0-8 ms a replay saves, so a one-shot prompt
+# (`kogcupy generate`) runs kernel by kernel and a conversation's repeated sizes replay.
 GRAPH_MAX, GRAPH_STEP = 2048, 128
+CAPTURE_AT_USE = 2
 BUFFER_STEP = 512                 # activation buffers grow in multiples of this many rows
 _CUDA_R_16F, _CUDA_R_32F, _CUDA_R_16BF = 2, 0, 14
 _CUBLAS_COMPUTE_32F = 68
@@ -161,6 +164,8 @@ class Prefill:
         # (padded rows, attention kernel) -> graph; None: kernel by kernel (HIP: hipBLAS in a
         # capture is untested; or no cuBLAS to call outside CuPy's wrappers)
         self.graphs: dict | None = {} if self._blas.capturable else None
+        self.uses: dict = {}                            # key -> chunks run with that key
+        self.capture_at_use = CAPTURE_AT_USE
         self._warp = int(cp.cuda.Device().attributes["WarpSize"])
 
     # ---- buffers -------------------------------------------------------------------------
@@ -296,10 +301,7 @@ class Prefill:
             if rows is None:
                 self._layers()
             else:
-                key = (rows, self.attention)
-                graph = self.graphs.get(key)
-                if graph is None:
-                    graph = _capture_or_warn(self, key, b._stream, self._layers)
+                graph = _graph_for(self, (rows, self.attention), b._stream, self._layers)
                 if graph is None:
                     self._layers()
                 else:
@@ -462,6 +464,17 @@ def _capture(stream, issue):
     return stream.end_capture()
 
 
+def _graph_for(owner, key, stream, issue):
+    """The graph that replays chunk `key`: owner.graphs[key], captured at the key's
+    owner.capture_at_use-th use (counted in owner.uses); None: run this chunk kernel by kernel."""
+    graph = owner.graphs.get(key)
+    if graph is None:
+        owner.uses[key] = uses = owner.uses.get(key, 0) + 1
+        if uses >= owner.capture_at_use:
+            graph = _capture_or_warn(owner, key, stream, issue)
+    return graph
+
+
 def _capture_or_warn(owner, key, stream, issue):
     """owner.graphs[key] = the graph of issue(), returned; None (and owner.graphs = None: kernel
     by kernel from now on, with a warning) where the capture failed -- a platform that refuses
@@ -521,6 +534,8 @@ class TensorParallelPrefill:
         self.limit = min(pf.limit for pf in self.pfs)
         # (padded rows, attention kernel) -> graph of every rank's work; None: kernel by kernel
         self.graphs: dict | None = {} if all(pf.graphs is not None for pf in self.pfs) else None
+        self.uses: dict = {}
+        self.capture_at_use = CAPTURE_AT_USE
         self._n = 0                        # tokens of the current chunk
         self._rows = 0                     # rows the gather buffers hold
         self._gather: list = []            # per rank (R, rows, h) fp32: slot q, rank q's partial
@@ -629,10 +644,8 @@ class TensorParallelPrefill:
         with cp.cuda.Device(r0.device_id):
             try:
                 self._join(r0, others)                # after every rank's earlier work
-                key = (rows, self.pfs[0].attention)
-                graph = self.graphs.get(key)
-                if graph is None:
-                    graph = _capture_or_warn(self, key, r0._stream, self._captured_layers)
+                graph = _graph_for(self, (rows, self.pfs[0].attention), r0._stream,
+                                   self._captured_layers)
                 if graph is not None:
                     graph.launch(r0._stream)
                 for r in others:                      # every rank's later work after all of it
