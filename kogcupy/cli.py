@@ -475,6 +475,11 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
         log.propagate = False
     kw = {} if prefix_cache_gb is None else {"prefix_cache_gb": prefix_cache_gb}
     engine = load_engine(model_path, dtype, backend, context_length, gpus, **kw)
+    t0 = time.perf_counter()
+    warmed = engine.warm_up()                    # before the first request, not inside it
+    if warmed:
+        click.echo(f"kogcupy: prefill graphs for {warmed} prompt sizes captured in "
+                   f"{time.perf_counter() - t0:.2f} s", err=True)
     name = served_model_name or default_model_name(engine)
     app = create_app(engine, served_model_name=name, api_key=api_key, max_queue=max_queue,
                      allowed_origins=list(allowed_origins))

@@ -399,6 +399,13 @@ class Engine:
         # the backend may cap it (memory)
         self.context_length: int = int(getattr(self.backend, "context_length", context_length))
 
+    def warm_up(self) -> int:
+        """Prepare what a backend would otherwise set up at a request's first use (the GPU
+        backends: prefill graphs for every prompt size up to 2,048 tokens); returns how many
+        it prepared (0: nothing to do, as on the reference backend)."""
+        warm = getattr(self.backend, "warm_up", None)
+        return warm() if warm is not None else 0
+
     @property
     def tokenizer(self):
         return self.model.tokenizer

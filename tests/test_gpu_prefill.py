@@ -186,6 +186,26 @@ def test_graph_replay_kv_equals_the_same_launches():
     assert list(pf.graphs) == [(256, pf.attention)]
 
 
+def test_warm_up_captures_every_size():
+    """warm_up (a server's start) captures a graph for every padded size the context holds
+    (1024 positions: 8), largest first, each after one kernel-by-kernel run; a prompt then
+    replays its size's graph at its first use, with the greedy tokens of a backend that
+    launches kernel by kernel (the warm-up's K/V writes are not taken for a cached prefix)."""
+    from kogcupy.gpu import prefill
+    m = _greedy_model()
+    be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
+    eager = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
+    eager.prefill.graphs = None
+    assert prefill.warm_up_sizes(1024) == [1024, 896, 768, 640, 512, 384, 256, 128]
+    assert be.warm_up() == 8 and be.warm_up() == 8      # (a second call captures nothing)
+    assert sorted(rows for rows, _ in be.prefill.graphs) == list(range(128, 1025, 128))
+    ids = np.random.default_rng(17).integers(0, m.config.vocab_size, 200).tolist()
+    uses = dict(be.prefill.uses)
+    got = list(be.start(ids, SamplingParams(), 12, set()))
+    assert be.prefill.uses == uses                      # replayed: no kernel-by-kernel first use
+    assert got == list(eager.start(ids, SamplingParams(), 12, set()))
+
+
 def test_graph_capture_refused_runs_kernel_by_kernel(monkeypatch):
     """Where the platform refuses a capture, prefill warns once and launches kernel by kernel
     from then on, with the same tokens."""

@@ -223,6 +223,26 @@ def test_graph_captured_at_second_use(monkeypatch):
     assert prefill._graph_for(owner, a, None, "issue a") is not None and len(captured) == 2
 
 
+def test_capture_runs_without_garbage_collection():
+    """No garbage collection inside a capture (a dead backend's finalizers would invalidate
+    it); collection is back on afterwards, also when the issue fails."""
+    import gc
+
+    class Stream:
+        def begin_capture(self):
+            self.capturing = True
+
+        def end_capture(self):
+            self.capturing = False
+            return "graph"
+
+    seen = []
+    assert prefill._capture(Stream(), lambda: seen.append(gc.isenabled())) == "graph"
+    with pytest.raises(ZeroDivisionError):
+        prefill._capture(Stream(), lambda: seen.append(gc.isenabled()) or 1 / 0)
+    assert seen == [False, False] and gc.isenabled()
+
+
 def test_nvcc_abi_probe(tmp_path):
     # the host layout (abi.layout(), what pack() writes) against the compiler's offsetof /
     # sizeof, as static_asserts: a mismatch fails the compile

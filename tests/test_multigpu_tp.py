@@ -360,3 +360,20 @@ def test_real_shapes_match_one_gpu(name):
                 f"TP {n} parts from one GPU at step {k}, margin {margin[k]:.2e} (logit error {err:.2e})"
         assert (lg.argmax(1) == ref.argmax(1)).mean() >= 0.95
         del tp
+
+
+def test_warm_up_captures_every_size_on_the_ranks():
+    """TensorParallelBackend.warm_up (a server's start) captures one multi-GPU graph per padded
+    prompt size (the context's 512 positions: 4); a 200-token prompt then replays its size's
+    graph at its first use and decodes one GPU's greedy tokens, or parts only at a near-tie."""
+    from kogcupy.gpu import prefill
+    one, tp = pair("qwen2-bias", 2)
+    assert tp.warm_up() == 4
+    assert sorted(rows for rows, _ in tp.prefill.graphs) == prefill.warm_up_sizes(512)[::-1]
+    ids = prompt(one.cfg, 200, seed=21)
+    tp.clear_prefix_cache()
+    uses = dict(tp.prefill.uses)
+    want, _ = greedy(one, ids, 16)
+    got, _ = greedy(tp, ids, 16)
+    assert tp.prefill.uses == uses                 # a replay: no kernel-by-kernel first use
+    same_or_near_tie(one, ids, want, got, "a warmed 200-token prompt on 2 ranks")

@@ -29,6 +29,7 @@ def test_length_and_result_fields(engine):
     pieces, r = run(engine.generate(PROMPT, max_new_tokens=20, chat=False))
     assert r.finish_reason == "length" and len(r.token_ids) == 20
     assert r.backend == "reference" == engine.backend_name
+    assert engine.warm_up() == 0                             # (the GPU backends' prefill graphs)
     assert r.prompt_tokens == len(engine.tokenizer.encode(PROMPT))
     assert r.prefill_s > 0 and r.decode_s > 0 and r.tokens_per_s > 0
     assert r.gb_per_s > 0 and r.pct_of_bandwidth is None     # host bandwidth is not known

@@ -236,6 +236,18 @@ class _OneLaunchBackend:
             self._ctl.u32[2] = 1
         return True
 
+    def warm_up(self) -> int:
+        """Prefill's graphs for every prompt size up to prefill.GRAPH_MAX tokens, captured now
+        rather than at a size's second use (a server, at start); returns how many it holds.
+        The live KV cache is forgotten (the warm-up's chunks overwrite it); the prefix cache
+        keeps what it holds."""
+        if self.prefill is None:
+            return 0
+        self._wait_idle()
+        self._settle()
+        self._forget_kv()
+        return self.prefill.warm_up()
+
     def _overflowed(self) -> bool:
         """The ended launch's residual sums lost a value (one GPU; tensor parallel: never)."""
         return False

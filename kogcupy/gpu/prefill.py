@@ -23,6 +23,7 @@ the residual stream stays fp32. Buffers for a chunk are allocated once per chunk
 from __future__ import annotations
 
 import functools
+import gc
 import warnings
 
 import numpy as np
@@ -321,6 +322,13 @@ class Prefill:
         return _run_chunks(ids, start, end, should_stop, chunk, self._chunk,
                            self.b._stream.synchronize)
 
+    def warm_up(self) -> int:
+        """Graphs for every padded size (warm_up_sizes); returns how many this prefill holds.
+        A server calls it at start: then the first chunk of any size up to GRAPH_MAX replays
+        (and pays no cuBLAS first-call setup for its shapes). Writes K/V at positions
+        [0, GRAPH_MAX): the backend forgets what its cache held."""
+        return _warm_up(self, self._chunk, self.attention)
+
     def logits(self, ids, chunk: int = CHUNK) -> np.ndarray:
         """(n, V) float32 logits of every position of `ids` (from position 0), teacher-forced
         through the prefill path: the test hook that compares it with the reference."""
@@ -451,17 +459,49 @@ def graph_rows(n: int, pos0: int, limit: int) -> int | None:
 
 
 def _capture(stream, issue):
-    """A graph of what issue() launches on `stream` (and on the streams it joins to it)."""
-    stream.begin_capture()
+    """A graph of what issue() launches on `stream` (and on the streams it joins to it). No
+    garbage collection meanwhile: it could run a dead backend's finalizers (a stream or cuBLAS
+    handle destroyed), calls that invalidate a capture."""
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        issue()
-    except BaseException:
+        stream.begin_capture()
         try:
-            stream.end_capture()
-        except Exception:             # (the capture is already invalid: report issue's error)
-            pass
-        raise
-    return stream.end_capture()
+            issue()
+        except BaseException:
+            try:
+                stream.end_capture()
+            except Exception:         # (the capture is already invalid: report issue's error)
+                pass
+            raise
+        return stream.end_capture()
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def warm_up_sizes(limit: int) -> list[int]:
+    """The padded sizes a warm-up captures, largest first (the buffers grow once): every
+    multiple of GRAPH_STEP up to GRAPH_MAX that fits `limit` positions."""
+    return list(range(min(GRAPH_MAX, limit) // GRAPH_STEP * GRAPH_STEP, 0, -GRAPH_STEP))
+
+
+def _warm_up(owner, run_chunk, attention) -> int:
+    """Each padded size's chunk run as a request would run it until its graph is captured
+    (a first run kernel by kernel, then the capture: a capture of a shape cuBLAS has not run
+    yet can fail); largest first, so the buffers grow once. Token ids: a fixed pseudo-random
+    sequence. Returns the graphs held (0: none, e.g. the platform refused a capture)."""
+    if owner.graphs is None:
+        return 0
+    sizes = warm_up_sizes(owner.limit)
+    ids = ((np.arange(sizes[0] if sizes else 0, dtype=np.int64) * 7919 + 13)
+           % owner.cfg.vocab_size).astype(np.int32)
+    for rows in sizes:
+        for _ in range(owner.capture_at_use):
+            if owner.graphs is None or (rows, attention) in owner.graphs:
+                break
+            run_chunk(ids[:rows], 0)
+    return len(owner.graphs or ())
 
 
 def _graph_for(owner, key, stream, issue):
@@ -656,6 +696,12 @@ class TensorParallelPrefill:
                 self._done = []
         if graph is None:                             # (no capture on this platform)
             self._layers()
+
+    def warm_up(self) -> int:
+        """Prefill.warm_up for every rank's work at once (one multi-GPU graph a size)."""
+        n = _warm_up(self, self._chunk, self.pfs[0].attention)
+        self._sync()
+        return n
 
     def run(self, ids, start: int, end: int, should_stop=None, chunk: int = CHUNK) -> int:
         """K/V of positions [start, end) of `ids` into every rank's cache (Prefill.run)."""
