@@ -182,6 +182,7 @@ def build_engine(args):
         what = f"random {args.shape}"
     engine = Engine(model, backend=args.backend, context_length=args.context_length,
                     gpus=args.gpus)
+    engine.warm_up()                           # as `kogcupy serve` does before it listens
     return engine, what
 
 
