@@ -23,31 +23,19 @@ KOG_DEVICE void kog_down_parts(const KogParams* p, int layer, int t, int u0, int
     float* smem = kog_smem();
     const float* xs = smem;
     const float* acts = smem + KOG_FFN_ACT_OFF;
-    const int* grabbed_unit = reinterpret_cast<const int*>(acts + KOG_FFN_SLOTS);
     kog_vec4* stage = reinterpret_cast<kog_vec4*>(smem + KOG_FFN_STAGE_OFF);   // [D][CPT][threads]
     const int grp = G > 1 ? (int)threadIdx.x / CH : 0;
     const int ch = G > 1 ? (int)threadIdx.x % CH : (int)threadIdx.x;
-    const kog_vec4* W = reinterpret_cast<const kog_vec4*>(p->w_down) + (kog_u64)layer * KOG_FFN * CH;
     const int mine = grp < G ? (n - grp + G - 1) / G : 0;               // slots grp, grp + G, ...
-    auto issue = [&](int i) {                         // row of this thread's i-th unit -> slot i % D
-        if (i < mine) {
-            const int slot = grp + i * G;
-            const int unit = slot < n_static ? u0 + slot : grabbed_unit[slot];
-#pragma unroll
-            for (int k = 0; k < CPT; ++k)
-                if (CH % KOG_THREADS == 0 || ch + k * KOG_THREADS < CH)
-                    kog_copy16(stage + ((i % D) * CPT + k) * KOG_THREADS + threadIdx.x,
-                               W + (kog_u64)unit * CH + ch + k * KOG_THREADS);
-        }
-        kog_copy16_commit();                          // one group per row, empty ones too
-    };
+    auto issue = [&](int i) { kog_down_issue(p, layer, u0, n_static, mine, i); };
     float acc[CPT][8];
 #pragma unroll
     for (int k = 0; k < CPT; ++k)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[k][e] = 0.f;
+    if (!kog_down_prefetched(n_static))                // (else gate_up issued them)
 #pragma unroll
-    for (int i = 0; i < D - 1; ++i) issue(i);
+        for (int i = 0; i < D - 1; ++i) issue(i);
     for (int i = 0; i < mine; ++i) {
         issue(i + D - 1);
         kog_copy16_wait_groups<D - 1>();              // row i is in

@@ -24,6 +24,35 @@
 #define KOG_FFN_SMEM_FLOATS (KOG_FFN_STAGE_OFF + \
     KOG_DOWN_DEPTH * 4 * KOG_THREADS * ((KOG_FFN_CH + KOG_THREADS - 1) / KOG_THREADS))
 #define KOG_SLOT_FFN_GRABBED (KOG_SLOT_FLAG + 2)                        // scratch: grabbed units
+
+// down_residual's stream: this thread's row i (of its unit slots grp, grp + G, ...; `mine` of
+// them) of w_down into its staging slot i % KOG_DOWN_DEPTH, one cp.async group (empty past
+// its rows). A thread reads back only what it copied: no barrier.
+KOG_DEVICE void kog_down_issue(const KogParams* p, int layer, int u0, int n_static, int mine, int i) {
+    constexpr int CH = KOG_FFN_CH, G = KOG_FFN_GROUPS, D = KOG_DOWN_DEPTH;
+    constexpr int CPT = (CH + KOG_THREADS - 1) / KOG_THREADS;          // chunks a thread
+    float* smem = kog_smem();
+    const int* grabbed_unit = reinterpret_cast<const int*>(smem + KOG_FFN_ACT_OFF + KOG_FFN_SLOTS);
+    kog_vec4* stage = reinterpret_cast<kog_vec4*>(smem + KOG_FFN_STAGE_OFF);   // [D][CPT][threads]
+    const int grp = G > 1 ? (int)threadIdx.x / CH : 0;
+    const int ch = G > 1 ? (int)threadIdx.x % CH : (int)threadIdx.x;
+    const kog_vec4* W = reinterpret_cast<const kog_vec4*>(p->w_down) + (kog_u64)layer * KOG_FFN * CH;
+    if (i < mine) {
+        const int slot = grp + i * G;
+        const int unit = slot < n_static ? u0 + slot : grabbed_unit[slot];
+#pragma unroll
+        for (int k = 0; k < CPT; ++k)
+            if (CH % KOG_THREADS == 0 || ch + k * KOG_THREADS < CH)
+                kog_copy16(stage + ((i % D) * CPT + k) * KOG_THREADS + threadIdx.x,
+                           W + (kog_u64)unit * CH + ch + k * KOG_THREADS);
+    }
+    kog_copy16_commit();
+}
+// down_residual's first KOG_DOWN_DEPTH - 1 rows are issued by gate_up once a warp's static
+// units are done (KOG_DOWN_PREFETCH) when they are all static units' (known before the tail).
+KOG_DEVICE bool kog_down_prefetched(int n_static) {
+    return KOG_DOWN_PREFETCH && (KOG_FFN_GROUPS - 1) + (KOG_DOWN_DEPTH - 2) * KOG_FFN_GROUPS < n_static;
+}
 #endif
 
 KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
@@ -72,9 +101,18 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
             if (dbg != nullptr) dbg[KOG_DBG_GATE_UP + (kog_u64)layer * KOG_DBG_LAYER + j] = a;
         }
     };
+#if KOG_TP == 1
+    auto down_first_rows = [&]() {
+        if (kog_down_prefetched(u1 - u0))
+            for (int i = 0; i < KOG_DOWN_DEPTH - 1; ++i) kog_down_issue(p, layer, u0, u1 - u0, KOG_DOWN_DEPTH, i);
+    };
+#else
+    KogNothing down_first_rows;
+#endif
     kog_gemv<KOG_HIDDEN, 2, DYN>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN, u0, u1,
                                  KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
                                  kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer, c.t - p->start_pos,
-                                                            p->gate_up_dyn_begin, KOG_FFN));
+                                                            p->gate_up_dyn_begin, KOG_FFN),
+                                 down_first_rows);
     kog_prof_end(c, layer * 16 + 9 + 2);
 }

@@ -105,11 +105,17 @@ struct KogDynamic {
     kog_u32 base;
     int begin, end;
 };
+struct KogNothing {
+    KOG_DEVICE void operator()() const {}
+};
 // LD: the distance between rows in weights (a block of columns of a wider matrix: o_proj's
-// head-group slices); K when the rows are whole.
-template <int K, int UNIT, bool DYN = false, int LD = K, class Ready, class Epilogue>
+// head-group slices); K when the rows are whole. after_static(): each thread, once its warp's
+// static units are done (before the dynamic tail).
+template <int K, int UNIT, bool DYN = false, int LD = K, class Ready, class Epilogue,
+          class AfterStatic = KogNothing>
 KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, const KogCtx& ctx,
-                         Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{}) {
+                         Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{},
+                         AfterStatic after_static = AfterStatic{}) {
     static_assert(K % 8 == 0 && LD % 8 == 0, "rows must be a whole number of 16-byte vectors");
     static_assert(LD == K || !DYN, "a dynamic tail streams whole rows");
     constexpr int CPR = K / 8;                                   // 16-byte chunks per row
@@ -201,6 +207,7 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
             if (i + 3 < n_tiles) load(i + 3, nxt);
         }
     }
+    after_static();
     if constexpr (DYN) {
         constexpr int GRAB = KogGemvShape<K, UNIT>::GRAB;
         constexpr int NT = GRAB * TPU;                          // tiles per grab

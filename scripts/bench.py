@@ -755,9 +755,10 @@ def prompt_rows(engine, shape, cfg, args, env, rows, res, err, n_gpus=1):
         print(f"  {engine + on:<16} ttft @{n:<6} {_fmt(t and t * 1e3, '.1f', 9)} ms", flush=True)
     if args.agent_turns:
         a = (res or {}).get("agent")
+        warm = {k: res[k] for k in ("warm_up_graphs", "warm_up_s") if res and k in res}
         rows.append(make_row(engine, shape, cfg, args, env, metric="agent",
                              prompt_len=AGENT_SYSTEM, new_tokens=args.agent_gen,
-                             error=err if a is None else None, n_gpus=n_gpus, **(a or {})))
+                             error=err if a is None else None, n_gpus=n_gpus, **(a or {}), **warm))
         print(f"  {engine + on:<16} agent {_fmt(a and a['total_s'], '.2f', 9)} s "
               f"(mean ttft {_fmt(a and a['ttft_s'] * 1e3, '.1f', 7)} ms)", flush=True)
 

@@ -1,7 +1,7 @@
 """A short monokernel run for compute-sanitizer (scripts/sanitize_kernels.sh): a tiny model,
 greedy and sampled generations, and a teacher-forced logits pass.
 
-    python scripts/sanitize_kernels.py [blocks] [q heads per kv head] [greedy tokens] [head_dim]
+    python scripts/sanitize_kernels.py [blocks] [q heads per kv head] [greedy tokens] [head_dim] [hidden]
 """
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from kogcupy.sampling_params import SamplingParams  # noqa: E402
 # that meet at the block's barrier)
 gqa = int(sys.argv[2]) if len(sys.argv) > 2 else 2
 head_dim = int(sys.argv[4]) if len(sys.argv) > 4 else 64
-cfg = ModelConfig(arch="qwen3", vocab_size=512, hidden_size=128, intermediate_size=256,
+# argv[5]: hidden size (default 128; the FFN is twice it): 1024 on 16 blocks puts every block's
+# first down rows in gate_up's hands (gate_up.cuh, kog_down_prefetched)
+hidden = int(sys.argv[5]) if len(sys.argv) > 5 else 128
+cfg = ModelConfig(arch="qwen3", vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden,
                   n_layers=2, n_heads=2 * gqa, n_kv_heads=2, head_dim=head_dim, rms_norm_eps=1e-6,
                   rope_theta=1e4, max_position_embeddings=256, tie_word_embeddings=True)
 w = random_packed_weights(cfg, seed=0, rope_positions=256)

@@ -4,8 +4,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 BLOCKS=${1:-16}
 GQA=${2:-2}       # q heads per kv head of the tiny model (12: two 8-head attention tiles)
+shift 2 2>/dev/null || shift $#   # the rest: sanitize_kernels.py's [greedy tokens] [head_dim] [hidden]
 for tool in memcheck racecheck; do
   echo "== compute-sanitizer --tool $tool (grid $BLOCKS blocks, GQA $GQA)"
   timeout ${SANITIZE_TIMEOUT:-400} compute-sanitizer --tool "$tool" --target-processes all \
-      python3 scripts/sanitize_kernels.py "$BLOCKS" "$GQA" 2>&1 | tail -n 6
+      python3 scripts/sanitize_kernels.py "$BLOCKS" "$GQA" "$@" 2>&1 | tail -n 6
 done

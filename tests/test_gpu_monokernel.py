@@ -361,6 +361,26 @@ def test_tuning_variants_match_reference(tuning):
         prompt, SamplingParams(), 48, set()))
 
 
+def test_down_first_rows_issued_by_gate_up():
+    """down_residual's first rows are issued by gate_up once a warp's static units are done
+    (gate_up.cuh, kog_down_prefetched): on a shape where every block takes that path (hidden
+    1024: 4 row groups of down, more than 27 static FFN units a block) the logits and greedy
+    tokens are the reference's."""
+    cfg = cfg_of("llama", 1000, 1024, 2048, 2, 8, 2, 128, tied=False)
+    m = model(cfg, logit_scale=8.0)
+    be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=16)
+    groups = max(1, be.threads // (cfg.hidden_size // 8))
+    n_static = be.placement.partition[:, 5] - be.placement.partition[:, 4]
+    assert (n_static > (groups - 1) + (be.tuning["KOG_DOWN_DEPTH"] - 2) * groups).all()
+    ids = np.random.default_rng(10).integers(0, cfg.vocab_size, 150).tolist()
+    got = be.logits(ids)
+    ref = ReferenceBackend(m, context_length=512).logits(ids)
+    assert max(rel(got[i], ref[i]) for i in (0, 63, 64, 149)) < 3e-2
+    toks = list(be.start(ids[:8], SamplingParams(), 32, set()))
+    assert toks == list(ReferenceBackend(m, context_length=512).start(
+        ids[:8], SamplingParams(), 32, set()))
+
+
 @pytest.mark.parametrize("dyn,cluster", [(0, 2), (300, 2), (300, 1)])
 def test_ffn_dynamic_tail(dyn, cluster):
     """down_residual multiplies the activations of the FFN units its block ran, static and
