@@ -49,9 +49,10 @@ KOG_DEVICE void kog_down_issue(const KogParams* p, int layer, int u0, int n_stat
     kog_copy16_commit();
 }
 // down_residual's first KOG_DOWN_DEPTH - 1 rows are issued by gate_up once a warp's static
-// units are done (KOG_DOWN_PREFETCH) when they are all static units' (known before the tail).
+// units are done, when they are all static units' (known before the dynamic tail): they land
+// during the tail and the block barrier that starts down (PERF.md, 2026-12-04).
 KOG_DEVICE bool kog_down_prefetched(int n_static) {
-    return KOG_DOWN_PREFETCH && (KOG_FFN_GROUPS - 1) + (KOG_DOWN_DEPTH - 2) * KOG_FFN_GROUPS < n_static;
+    return (KOG_FFN_GROUPS - 1) + (KOG_DOWN_DEPTH - 2) * KOG_FFN_GROUPS < n_static;
 }
 #endif
 

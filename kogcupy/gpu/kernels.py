@@ -89,7 +89,7 @@ def define_options(defines: dict) -> tuple[str, ...]:
 # before the adds; one GPU of sm_90+; build_plan.py decides per model; down.cuh), profiling /
 # debug hooks.
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DEPTH": 8,
-                  "KOG_CLUSTER": 2, "KOG_HOOKS": 0, "KOG_DOWN_PREFETCH": 1}
+                  "KOG_CLUSTER": 2, "KOG_HOOKS": 0}
 # Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 0}' changes the defaults (e.g. to run the GPU
 # test suite on a variant before it becomes the default).
 if os.environ.get("KOGCUPY_TUNING"):
