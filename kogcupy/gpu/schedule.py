@@ -159,7 +159,10 @@ STAGES: tuple[Stage, ...] = (
           waits=(_sum("mid", "l", what="all"),),
           reads=(Use("w_gate_up"),
                  Use("counters", counter="KOG_CNT_DYN", index="[l]", when="KOG_DYN_PERMILLE",
-                     what="dynamic-tail cursor")),
+                     what="dynamic-tail cursor"),
+                 Use("w_down", when="KOG_TP == 1",
+                     what="down_residual's first rows, into its staging slots (cp.async), once "
+                          "a warp's static units are done, when they are static units' rows")),
           writes=(Use("act", Tag("t", "l", "GATE_UP"), when="KOG_TP > 1", what="its units"),
                   Use("xsum", when="KOG_TP == 1",
                       what="= 0: its share of in(t+1, l), mid(t+1, l) (l = L-1: and in(t+1, L)), "
