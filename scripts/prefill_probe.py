@@ -17,7 +17,6 @@ from kogcupy.sampling_params import SamplingParams
 
 
 def main(shapes=("llama-3.2-1b",), lens=(1000, 8000, 32000), kinds=None):
-    import cupy as cp
     for name in shapes:
         cfg = shape_config(name)
         ctx = max(lens) + 64

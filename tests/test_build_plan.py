@@ -5,7 +5,7 @@ import pytest
 from dataclasses import replace
 
 from kogcupy.gpu import kernels
-from kogcupy.gpu.build_plan import DYN_MIN_ROWS, build_plan, smem_floats
+from kogcupy.gpu.build_plan import build_plan, smem_floats
 from kogcupy.errors import DeviceError
 from kogcupy.gpu.placement import max_tp_blocks
 from kogcupy.model.random_weights import shape_config

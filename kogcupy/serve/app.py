@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import secrets
-import time
 
 import anyio
 import uvicorn
@@ -23,7 +22,7 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from ..errors import ContextLengthError, InputError, KogError
+from ..errors import ContextLengthError, InputError
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from .metrics import CONTENT_TYPE_LATEST, Metrics
