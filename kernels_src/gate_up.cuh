@@ -27,7 +27,8 @@
 
 // down_residual's stream: this thread's row i (of its unit slots grp, grp + G, ...; `mine` of
 // them) of w_down into its staging slot i % KOG_DOWN_DEPTH, one cp.async group (empty past
-// its rows). A thread reads back only what it copied: no barrier.
+// its rows, and for the threads past the last whole row group, grp >= G, which stream none).
+// A thread reads back only what it copied: no barrier.
 KOG_DEVICE void kog_down_issue(const KogParams* p, int layer, int u0, int n_static, int mine, int i) {
     constexpr int CH = KOG_FFN_CH, G = KOG_FFN_GROUPS, D = KOG_DOWN_DEPTH;
     constexpr int CPT = (CH + KOG_THREADS - 1) / KOG_THREADS;          // chunks a thread
@@ -37,7 +38,7 @@ KOG_DEVICE void kog_down_issue(const KogParams* p, int layer, int u0, int n_stat
     const int grp = G > 1 ? (int)threadIdx.x / CH : 0;
     const int ch = G > 1 ? (int)threadIdx.x % CH : (int)threadIdx.x;
     const kog_vec4* W = reinterpret_cast<const kog_vec4*>(p->w_down) + (kog_u64)layer * KOG_FFN * CH;
-    if (i < mine) {
+    if (grp < G && i < mine) {
         const int slot = grp + i * G;
         const int unit = slot < n_static ? u0 + slot : grabbed_unit[slot];
 #pragma unroll
@@ -50,7 +51,10 @@ KOG_DEVICE void kog_down_issue(const KogParams* p, int layer, int u0, int n_stat
 }
 // down_residual's first KOG_DOWN_DEPTH - 1 rows are issued by gate_up once a warp's static
 // units are done, when they are all static units' (known before the dynamic tail): they land
-// during the tail and the block barrier that starts down (PERF.md, 2026-12-04).
+// during the tail and the block barrier that starts down (PERF.md, 2026-12-04). The test: the
+// slot of row D - 2 of the last row group, G - 1 + (D - 2) G, is a static unit's. down relies
+// on gate_up having issued them whenever this holds: gate_up returns before its units (ready()
+// <= 0) only where it has none (n_static 0).
 KOG_DEVICE bool kog_down_prefetched(int n_static) {
     return (KOG_FFN_GROUPS - 1) + (KOG_DOWN_DEPTH - 2) * KOG_FFN_GROUPS < n_static;
 }
@@ -104,8 +108,9 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     };
 #if KOG_TP == 1
     auto down_first_rows = [&]() {
-        if (kog_down_prefetched(u1 - u0))
-            for (int i = 0; i < KOG_DOWN_DEPTH - 1; ++i) kog_down_issue(p, layer, u0, u1 - u0, KOG_DOWN_DEPTH, i);
+        if (kog_down_prefetched(u1 - u0))              // (rows 0 .. D - 2 all exist: mine = D - 1)
+            for (int i = 0; i < KOG_DOWN_DEPTH - 1; ++i)
+                kog_down_issue(p, layer, u0, u1 - u0, KOG_DOWN_DEPTH - 1, i);
     };
 #else
     KogNothing down_first_rows;

@@ -187,23 +187,29 @@ def test_graph_replay_kv_equals_the_same_launches():
 
 
 def test_warm_up_captures_every_size():
-    """warm_up (a server's start) captures a graph for every padded size the context holds
-    (1024 positions: 8), largest first, each after one kernel-by-kernel run; a prompt then
-    replays its size's graph at its first use, with the greedy tokens of a backend that
-    launches kernel by kernel (the warm-up's K/V writes are not taken for a cached prefix)."""
+    """warm_up (a server's start) grows the buffers to the largest chunk and captures a graph
+    for every padded size the context holds (1024 positions: 8), each after one kernel-by-kernel
+    run; a prompt then replays its size's graph at its first use, with the greedy tokens of a
+    backend that launches kernel by kernel -- also the prompt the live cache held before the
+    warm-up overwrote it (it must not be taken for a cached prefix)."""
     from kogcupy.gpu import prefill
     m = _greedy_model()
     be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
     eager = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
     eager.prefill.graphs = None
+    ids = np.random.default_rng(17).integers(0, m.config.vocab_size, 200).tolist()
+    want = list(eager.start(ids, SamplingParams(), 12, set()))
+    assert list(be.start(ids, SamplingParams(), 12, set())) == want   # now in the live cache
     assert prefill.warm_up_sizes(1024) == [1024, 896, 768, 640, 512, 384, 256, 128]
     assert be.warm_up() == 8 and be.warm_up() == 8      # (a second call captures nothing)
     assert sorted(rows for rows, _ in be.prefill.graphs) == list(range(128, 1025, 128))
-    ids = np.random.default_rng(17).integers(0, m.config.vocab_size, 200).tolist()
+    assert be.prefill._rows == 1024                      # min(CHUNK, the context): never regrown
     uses = dict(be.prefill.uses)
-    got = list(be.start(ids, SamplingParams(), 12, set()))
+    s = be.start(ids, SamplingParams(), 12, set())
+    got = list(s)
+    assert s.cached_tokens == 0                          # the warm-up overwrote the live cache
     assert be.prefill.uses == uses                      # replayed: no kernel-by-kernel first use
-    assert got == list(eager.start(ids, SamplingParams(), 12, set()))
+    assert got == want
 
 
 def test_graph_capture_refused_runs_kernel_by_kernel(monkeypatch):

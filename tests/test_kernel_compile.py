@@ -19,6 +19,7 @@ import tempfile
 import types
 import uuid
 
+import numpy as np
 import pytest
 
 from kogcupy.gpu import abi, kernels, prefill
@@ -221,6 +222,65 @@ def test_graph_captured_at_second_use(monkeypatch):
     assert prefill._graph_for(owner, a, None, "issue a") is g and captured == ["issue a"]
     owner.graphs.clear()                         # buffers grew: the size's next chunk recaptures
     assert prefill._graph_for(owner, a, None, "issue a") is not None and len(captured) == 2
+
+
+def test_warm_up_runs_each_size_until_captured(monkeypatch):
+    """prefill._warm_up: the buffers grow first to the largest chunk (CHUNK tokens, or the
+    limit), then each padded size, largest first, runs as a request until its graph exists
+    (kernel by kernel, then captured); a refused capture stops it with 0 graphs."""
+    monkeypatch.setattr(prefill, "_capture", lambda stream, issue: ("graph", issue))
+    grown, ran = [], []
+
+    def owner_of(limit):
+        o = types.SimpleNamespace(graphs={}, uses={}, capture_at_use=prefill.CAPTURE_AT_USE,
+                                  limit=limit, cfg=types.SimpleNamespace(vocab_size=1000))
+        o._buffers = grown.append
+        return o
+
+    def run_chunk_of(o):
+        def run_chunk(ids, pos0):
+            assert pos0 == 0 and ids.dtype == np.int32 and 0 <= ids.min() and ids.max() < 1000
+            ran.append(len(ids))
+            prefill._graph_for(o, (len(ids), "ws"), None, "issue")
+        return run_chunk
+
+    o = owner_of(10_000)
+    assert prefill._warm_up(o, run_chunk_of(o), "ws") == 16
+    assert grown == [prefill.CHUNK]
+    assert ran == [r for r in range(prefill.GRAPH_MAX, 0, -prefill.GRAPH_STEP) for _ in (1, 2)]
+    assert sorted(o.graphs) == [(r, "ws") for r in range(128, prefill.GRAPH_MAX + 1, 128)]
+    grown.clear(), ran.clear()
+    o = owner_of(300)                                  # a short context: 256 and 128 only
+    assert prefill._warm_up(o, run_chunk_of(o), "ws") == 2 and grown == [300] and ran == [256, 256, 128, 128]
+
+    def refuse(stream, issue):
+        raise RuntimeError("no capture here")
+    monkeypatch.setattr(prefill, "_capture", refuse)
+    o = owner_of(10_000)
+    with pytest.warns(RuntimeWarning, match="no graph capture"):
+        assert prefill._warm_up(o, run_chunk_of(o), "ws") == 0
+    assert o.graphs is None
+
+
+def test_backend_warm_up_keeps_the_live_sequence(monkeypatch):
+    """A backend's warm_up cancels a running generation, waits for the GPU, puts the live
+    sequence into the prefix cache (the warm-up overwrites the live KV cache), forgets it,
+    then warms the prefill up."""
+    from kogcupy.gpu.monokernel import _OneLaunchBackend
+    calls = []
+    active = types.SimpleNamespace(cancel=lambda: calls.append("cancel"))
+    b = types.SimpleNamespace(
+        _active=active, prefix_cache=object(),
+        prefill=types.SimpleNamespace(warm_up=lambda: calls.append("prefill") or 7),
+        _wait_idle=lambda: calls.append("idle"), _settle=lambda: calls.append("settle"),
+        _save_live=lambda: calls.append("save"), _forget_kv=lambda: calls.append("forget"))
+    assert _OneLaunchBackend.warm_up(b) == 7 and b._active is None
+    assert calls == ["cancel", "idle", "settle", "save", "forget", "prefill"]
+    calls.clear()
+    b.prefix_cache = None                               # no prefix cache: nothing saved
+    assert _OneLaunchBackend.warm_up(b) == 7 and calls == ["idle", "settle", "forget", "prefill"]
+    b.prefill = None                                    # no batched prefill: nothing to do
+    assert _OneLaunchBackend.warm_up(b) == 0
 
 
 def test_capture_runs_without_garbage_collection():

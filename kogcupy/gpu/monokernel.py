@@ -239,12 +239,17 @@ class _OneLaunchBackend:
     def warm_up(self) -> int:
         """Prefill's graphs for every prompt size up to prefill.GRAPH_MAX tokens, captured now
         rather than at a size's second use (a server, at start); returns how many it holds.
-        The live KV cache is forgotten (the warm-up's chunks overwrite it); the prefix cache
-        keeps what it holds."""
+        A running generation is cancelled; the live sequence goes to the prefix cache (where
+        there is one and it fits), since the warm-up's chunks overwrite the live KV cache."""
         if self.prefill is None:
             return 0
+        if self._active is not None:
+            self._active.cancel()
+            self._active = None
         self._wait_idle()
         self._settle()
+        if self.prefix_cache is not None:
+            self._save_live()
         self._forget_kv()
         return self.prefill.warm_up()
 

@@ -326,7 +326,7 @@ class Prefill:
         """Graphs for every padded size (warm_up_sizes); returns how many this prefill holds.
         A server calls it at start: then the first chunk of any size up to GRAPH_MAX replays
         (and pays no cuBLAS first-call setup for its shapes). Writes K/V at positions
-        [0, GRAPH_MAX): the backend forgets what its cache held."""
+        [0, min(GRAPH_MAX, limit)): the backend forgets what its live cache held."""
         return _warm_up(self, self._chunk, self.attention)
 
     def logits(self, ids, chunk: int = CHUNK) -> np.ndarray:
@@ -460,8 +460,9 @@ def graph_rows(n: int, pos0: int, limit: int) -> int | None:
 
 def _capture(stream, issue):
     """A graph of what issue() launches on `stream` (and on the streams it joins to it). No
-    garbage collection meanwhile: it could run a dead backend's finalizers (a stream or cuBLAS
-    handle destroyed), calls that invalidate a capture."""
+    cyclic garbage collection meanwhile: it could run a dead backend's finalizers (a stream or
+    cuBLAS handle destroyed), calls that invalidate a capture. (Objects freed by their last
+    reference, or by another thread, still could: the backends hold theirs until they go.)"""
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -489,10 +490,13 @@ def warm_up_sizes(limit: int) -> list[int]:
 def _warm_up(owner, run_chunk, attention) -> int:
     """Each padded size's chunk run as a request would run it until its graph is captured
     (a first run kernel by kernel, then the capture: a capture of a shape cuBLAS has not run
-    yet can fail); largest first, so the buffers grow once. Token ids: a fixed pseudo-random
-    sequence. Returns the graphs held (0: none, e.g. the platform refused a capture)."""
+    yet can fail). The buffers first grow to the largest chunk a request can run (CHUNK
+    tokens), so that no later prompt grows them and drops the graphs. Token ids: a fixed
+    pseudo-random sequence. Returns the graphs held (0: none, e.g. the platform refused a
+    capture)."""
     if owner.graphs is None:
         return 0
+    owner._buffers(min(CHUNK, owner.limit))
     sizes = warm_up_sizes(owner.limit)
     ids = ((np.arange(sizes[0] if sizes else 0, dtype=np.int64) * 7919 + 13)
            % owner.cfg.vocab_size).astype(np.int32)
