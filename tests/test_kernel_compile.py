@@ -283,6 +283,35 @@ def test_backend_warm_up_keeps_the_live_sequence(monkeypatch):
     assert _OneLaunchBackend.warm_up(b) == 0
 
 
+def test_prefill_buffers_out_of_memory(monkeypatch):
+    """A GPU out-of-memory error while the prefill buffers grow is a DeviceError that says
+    what to change, and leaves no half-made buffers behind: the next chunk allocates again."""
+    from kogcupy.errors import DeviceError
+    from kogcupy.model.random_weights import shape_config
+
+    class OOM(Exception):
+        pass
+    full = {"on": True}
+
+    def empty(shape, dtype):
+        last = shape[-1] if isinstance(shape, tuple) else shape
+        if full["on"] and last == 2 * 8192:                   # the gate/up buffer
+            raise OOM("Out of memory allocating 268,435,456 bytes")
+        return np.empty(shape, dtype)
+    cp = types.SimpleNamespace(empty=empty, int32=np.int32, uint16=np.uint16, float32=np.float32,
+                               cuda=types.SimpleNamespace(memory=types.SimpleNamespace(
+                                   OutOfMemoryError=OOM)))
+    monkeypatch.setattr(kernels, "_cupy", lambda: cp)
+    pf = object.__new__(prefill.Prefill)
+    pf.cfg, pf.graphs, pf._bufs, pf._rows = shape_config("llama-3.2-1b"), {}, {}, 0
+    with pytest.raises(DeviceError, match="not enough GPU memory.*1024-token.*--context-length"):
+        pf._buffers(1000)
+    assert pf._rows == 0 and pf._bufs == {}
+    full["on"] = False
+    bufs = pf._buffers(1000)
+    assert pf._rows == 1024 and bufs["n"] == 1000 and bufs["gu"].shape == (1024, 2 * 8192)
+
+
 def test_capture_runs_without_garbage_collection():
     """No garbage collection inside a capture (a dead backend's finalizers would invalidate
     it); collection is back on afterwards, also when the issue fails."""

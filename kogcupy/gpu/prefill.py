@@ -22,6 +22,7 @@ the residual stream stays fp32. Buffers for a chunk are allocated once per chunk
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import warnings
@@ -178,21 +179,23 @@ class Prefill:
             return self._bufs
         cp = kernels._cupy()
         cfg = self.cfg
-        self._bufs = {}                        # free the old buffers first
+        self._bufs, self._rows = {}, 0         # free the old buffers first (none, if this fails)
         if self.graphs:
             self.graphs.clear()
-        n_alloc = self._rows = -(-n // BUFFER_STEP) * BUFFER_STEP
+        n_alloc = -(-n // BUFFER_STEP) * BUFFER_STEP
         u16, f32 = cp.uint16, cp.float32
-        self._bufs = dict(
-            n=n,
-            ids=cp.empty(n_alloc, cp.int32),
-            x=cp.empty((n_alloc, cfg.hidden_size), f32),               # residual stream (fp32)
-            xn=cp.empty((n_alloc, max(cfg.hidden_size, cfg.intermediate_size)), u16),  # GEMM input
-            qkv=cp.empty((n_alloc, cfg.qkv_dim), f32),
-            q=cp.empty((n_alloc, cfg.n_heads, cfg.head_dim), u16),
-            attn=cp.empty((n_alloc, cfg.q_dim), u16),
-            gu=cp.empty((n_alloc, 2 * cfg.intermediate_size), f32),
-        )
+        with _prefill_memory(n_alloc):
+            bufs = dict(
+                n=n,
+                ids=cp.empty(n_alloc, cp.int32),
+                x=cp.empty((n_alloc, cfg.hidden_size), f32),               # residual stream (fp32)
+                xn=cp.empty((n_alloc, max(cfg.hidden_size, cfg.intermediate_size)), u16),  # GEMM in
+                qkv=cp.empty((n_alloc, cfg.qkv_dim), f32),
+                q=cp.empty((n_alloc, cfg.n_heads, cfg.head_dim), u16),
+                attn=cp.empty((n_alloc, cfg.q_dim), u16),
+                gu=cp.empty((n_alloc, 2 * cfg.intermediate_size), f32),
+            )
+        self._bufs, self._rows = bufs, n_alloc
         return self._bufs
 
     # ---- GEMM: y (n, out) [+]= a (n, k) @ w (out, k)^T, or @ w (k, out) when w_kn ----------
@@ -481,6 +484,19 @@ def _capture(stream, issue):
             gc.enable()
 
 
+@contextlib.contextmanager
+def _prefill_memory(rows: int):
+    """A GPU out-of-memory error while allocating prefill buffers for `rows` tokens as a
+    DeviceError that says what to change."""
+    cp = kernels._cupy()
+    try:
+        yield
+    except cp.cuda.memory.OutOfMemoryError as e:
+        raise DeviceError(f"not enough GPU memory for the prompt buffers of a {rows}-token "
+                          f"prefill chunk ({e}); a smaller --context-length (kogcupy serve: "
+                          f"or --prefix-cache-gb) leaves more") from None
+
+
 def warm_up_sizes(limit: int) -> list[int]:
     """The padded sizes a warm-up captures, largest first (the buffers grow once): every
     multiple of GRAPH_STEP up to GRAPH_MAX that fits `limit` positions."""
@@ -604,12 +620,13 @@ class TensorParallelPrefill:
                 pf._buffers(n)
             return
         self._sync()                              # nothing in flight uses the old buffers
-        self._gather, self._done = [], []
+        self._gather, self._done, self._rows = [], [], 0
         if self.graphs:
             self.graphs.clear()
         for r, pf in self._each():
             pf._buffers(n)
-            g = cp.empty((len(self.ranks), pf._rows, self.cfg.hidden_size), cp.float32)
+            with _prefill_memory(pf._rows):
+                g = cp.empty((len(self.ranks), pf._rows, self.cfg.hidden_size), cp.float32)
             g.fill(np.nan)                        # poisoned: a partial never copied shows
             self._gather.append(g)
         self._rows = self.pfs[0]._rows
