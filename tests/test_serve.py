@@ -1035,6 +1035,34 @@ def test_cli_serve_busy_port_and_bad_options():
     assert r.exit_code == 0 and "--api-key" in r.output and "--served-model-name" in r.output
 
 
+def test_cli_serve_warms_up_before_it_listens(monkeypatch):
+    """`kogcupy serve` warms the engine up (the GPU backends' prefill graphs) after loading it
+    and before serving, and says how many sizes it prepared; nothing is said when there was
+    nothing to prepare (the reference backend)."""
+    import types
+
+    from click.testing import CliRunner
+
+    import kogcupy.cli
+    import kogcupy.serve
+    from kogcupy.cli import cli
+    calls = []
+    for warmed in (16, 0):
+        engine = types.SimpleNamespace(backend_name="monokernel", context_length=4096,
+                                       warm_up=lambda w=warmed: calls.append("warm_up") or w)
+        monkeypatch.setattr(kogcupy.cli, "load_engine", lambda *a, e=engine, **k: e)
+        monkeypatch.setattr(kogcupy.serve, "create_app", lambda engine, **kw: "app")
+        monkeypatch.setattr(kogcupy.serve, "default_model_name", lambda engine: "m")
+        monkeypatch.setattr(kogcupy.serve, "run_server", lambda app, **kw: calls.append("serve"))
+        with socket.socket() as free:                  # a port nothing listens on
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        r = CliRunner().invoke(cli, ["serve", "--backend", "reference", "--port", str(port)])
+        assert r.exit_code == 0, r.output
+        assert ("prefill graphs for 16 prompt sizes captured" in r.output) == (warmed == 16)
+    assert calls == ["warm_up", "serve"] * 2
+
+
 def test_text_content_parts_are_joined_by_newlines():
     # OpenAI content parts ({"type": "text"} each) reach the chat template as one string, a
     # part a line (vLLM's convention), not glued together
