@@ -498,8 +498,8 @@ def _prefill_memory(rows: int):
 
 
 def warm_up_sizes(limit: int) -> list[int]:
-    """The padded sizes a warm-up captures, largest first (the buffers grow once): every
-    multiple of GRAPH_STEP up to GRAPH_MAX that fits `limit` positions."""
+    """The padded sizes a warm-up captures, largest first: every multiple of GRAPH_STEP up to
+    GRAPH_MAX that fits `limit` positions."""
     return list(range(min(GRAPH_MAX, limit) // GRAPH_STEP * GRAPH_STEP, 0, -GRAPH_STEP))
 
 
