@@ -478,7 +478,7 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
     t0 = time.perf_counter()
     warmed = engine.warm_up()                    # before the first request, not inside it
     if warmed:
-        click.echo(f"kogcupy: prefill graphs for {warmed} prompt sizes captured in "
+        click.echo(f"kogcupy: prefill warmed up ({warmed} prompt-size graphs) in "
                    f"{time.perf_counter() - t0:.2f} s", err=True)
     name = served_model_name or default_model_name(engine)
     app = create_app(engine, served_model_name=name, api_key=api_key, max_queue=max_queue,

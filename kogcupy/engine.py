@@ -401,8 +401,9 @@ class Engine:
 
     def warm_up(self) -> int:
         """Prepare what a backend would otherwise set up at a request's first use (the GPU
-        backends: prefill graphs for every prompt size up to 2,048 tokens); returns how many
-        it prepared (0: nothing to do, as on the reference backend)."""
+        backends: prefill graphs for every prompt size up to 2,048 tokens, one run of each
+        longer chunk size); returns how many graphs it prepared (0: nothing to do, as on the
+        reference backend)."""
         warm = getattr(self.backend, "warm_up", None)
         return warm() if warm is not None else 0
 

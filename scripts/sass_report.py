@@ -53,7 +53,7 @@ def main(argv=None):
             sys.exit(r.stderr[-4000:])
         sass = subprocess.run([nvdisasm, "--print-line-info", cubin], capture_output=True,
                               text=True, check=True).stdout
-    print(f"{args.shape} {args.arch} tuning {tuning}")
+    print(f"{args.shape} {args.arch} tuning {plan.tuning}")
     for line in r.stderr.splitlines():
         if "registers" in line or "spill" in line:
             print("  " + line.strip())

@@ -145,6 +145,37 @@ def test_graph_replays_match_kernel_by_kernel():
     assert eager.prefill.graphs is None
 
 
+def test_long_chunk_runs_padded():
+    """A chunk longer than GRAPH_MAX runs kernel by kernel with its rows padded to GRAPH_STEP
+    (a 2,100-token prompt: the prefill's 2,099 -> 2,176 rows; prompts of any length share a few
+    GEMM shapes, which the warm-up sets up): the K/V of the prompt's positions and the greedy
+    tokens are those of the same chunk run at its exact size (chunk_rows patched to n)."""
+    from kogcupy.gpu import prefill
+    m = model(dataclasses.replace(FAMILIES["llama"], tie_word_embeddings=False), seed=8,
+              logit_scale=8.0, rope_positions=4096)
+    ids = np.random.default_rng(23).integers(0, m.config.vocab_size, 2100).tolist()
+    assert prefill.chunk_rows(2099, 0, 4096) == 2176 and prefill.graph_rows(2099, 0, 4096) is None
+
+    def run(exact):
+        be = MonokernelBackend(m, context_length=4096, prefix_cache_gb=0)
+        be.k_cache.fill(0x7FC0)                      # poisoned (a bf16 NaN)
+        toks = list(be.start(ids, SamplingParams(), 12, set()))
+        assert be.prefill._bufs["n"] == (2099 if exact else 2176)
+        k = be._kv_views()[0][:, :2100].get()
+        assert not (k == 0x7FC0).all(-1).any()       # every prompt row written
+        return toks, k
+    orig = prefill.chunk_rows
+    got, k_pad = run(False)
+    prefill.chunk_rows = lambda n, pos0, limit: n
+    try:
+        want, k_exact = run(True)
+    finally:
+        prefill.chunk_rows = orig
+    assert got == want
+    a, b = (x.view(np.uint16).astype(np.uint32) << 16 for x in (k_pad, k_exact))
+    assert rel(a.view(np.float32).ravel(), b.view(np.float32).ravel()) < 1e-2
+
+
 def test_graph_replay_kv_equals_the_same_launches():
     """The K/V a graph replay writes at positions 0 and 37 are bit-identical to the same padded
     chunk launched kernel by kernel (caches NaN-poisoned from the chunk on before each run, the

@@ -207,6 +207,19 @@ def test_graph_rows():
     assert prefill.graph_rows(10, 1001 - step, 1000) is None          # would pass it
 
 
+def test_chunk_rows_and_the_warm_up_sizes():
+    """Every prefill chunk runs padded to GRAPH_STEP rows unless the padding would pass the
+    cache's positions; the warm-up runs each padded size past GRAPH_MAX once."""
+    step, top = prefill.GRAPH_STEP, prefill.GRAPH_MAX
+    assert prefill.chunk_rows(top + 1, 0, 10_000) == top + step
+    assert prefill.chunk_rows(prefill.CHUNK, 0, 10_000) == prefill.CHUNK
+    assert prefill.chunk_rows(top + 1, 10_000 - top - step, 10_000) == top + step
+    assert prefill.chunk_rows(top + 1, 10_001 - top - step, 10_000) == top + 1
+    assert prefill.eager_sizes(10_000) == list(range(top + step, prefill.CHUNK + 1, step))
+    assert prefill.eager_sizes(top + 300) == [top + step, top + 2 * step]
+    assert prefill.eager_sizes(top) == []
+
+
 def test_graph_captured_at_second_use(monkeypatch):
     """A padded size runs kernel by kernel at its first chunk (None), is captured at its
     second and replayed from then on; each (rows, kernel) key counts its own uses."""
@@ -227,7 +240,8 @@ def test_graph_captured_at_second_use(monkeypatch):
 def test_warm_up_runs_each_size_until_captured(monkeypatch):
     """prefill._warm_up: the buffers grow first to the largest chunk (CHUNK tokens, or the
     limit), then each padded size, largest first, runs as a request until its graph exists
-    (kernel by kernel, then captured); a refused capture stops it with 0 graphs."""
+    (kernel by kernel, then captured), then each longer padded size once (kernel by kernel:
+    cuBLAS's first call on its shapes); a refused capture stops it with 0 graphs."""
     monkeypatch.setattr(prefill, "_capture", lambda stream, issue: ("graph", issue))
     grown, ran = [], []
 
@@ -241,13 +255,15 @@ def test_warm_up_runs_each_size_until_captured(monkeypatch):
         def run_chunk(ids, pos0):
             assert pos0 == 0 and ids.dtype == np.int32 and 0 <= ids.min() and ids.max() < 1000
             ran.append(len(ids))
-            prefill._graph_for(o, (len(ids), "ws"), None, "issue")
+            if prefill.graph_rows(len(ids), pos0, o.limit):
+                prefill._graph_for(o, (len(ids), "ws"), None, "issue")
         return run_chunk
 
     o = owner_of(10_000)
     assert prefill._warm_up(o, run_chunk_of(o), "ws") == 16
     assert grown == [prefill.CHUNK]
-    assert ran == [r for r in range(prefill.GRAPH_MAX, 0, -prefill.GRAPH_STEP) for _ in (1, 2)]
+    assert ran == [r for r in range(prefill.GRAPH_MAX, 0, -prefill.GRAPH_STEP) for _ in (1, 2)] + \
+        list(range(prefill.GRAPH_MAX + prefill.GRAPH_STEP, prefill.CHUNK + 1, prefill.GRAPH_STEP))
     assert sorted(o.graphs) == [(r, "ws") for r in range(128, prefill.GRAPH_MAX + 1, 128)]
     grown.clear(), ran.clear()
     o = owner_of(300)                                  # a short context: 256 and 128 only
@@ -257,9 +273,10 @@ def test_warm_up_runs_each_size_until_captured(monkeypatch):
         raise RuntimeError("no capture here")
     monkeypatch.setattr(prefill, "_capture", refuse)
     o = owner_of(10_000)
+    ran.clear()
     with pytest.warns(RuntimeWarning, match="no graph capture"):
         assert prefill._warm_up(o, run_chunk_of(o), "ws") == 0
-    assert o.graphs is None
+    assert o.graphs is None and ran == [prefill.GRAPH_MAX] * 2      # (the refused capture: 2nd)
 
 
 def test_backend_warm_up_keeps_the_live_sequence(monkeypatch):

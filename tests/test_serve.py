@@ -1059,7 +1059,7 @@ def test_cli_serve_warms_up_before_it_listens(monkeypatch):
             port = free.getsockname()[1]
         r = CliRunner().invoke(cli, ["serve", "--backend", "reference", "--port", str(port)])
         assert r.exit_code == 0, r.output
-        assert ("prefill graphs for 16 prompt sizes captured" in r.output) == (warmed == 16)
+        assert ("prefill warmed up (16 prompt-size graphs)" in r.output) == (warmed == 16)
     assert calls == ["warm_up", "serve"] * 2
 
 

@@ -238,7 +238,8 @@ class _OneLaunchBackend:
 
     def warm_up(self) -> int:
         """Prefill's graphs for every prompt size up to prefill.GRAPH_MAX tokens, captured now
-        rather than at a size's second use (a server, at start); returns how many it holds.
+        rather than at a size's second use, and one run of each longer chunk size (cuBLAS's
+        first call on a shape) -- a server, at start; returns how many graphs it holds.
         A running generation is cancelled; the live sequence goes to the prefix cache (where
         there is one and it fits), since the warm-up's chunks overwrite the live KV cache."""
         if self.prefill is None:

@@ -299,7 +299,7 @@ class Prefill:
         Returns the fp32 residual x (n, h) when want_x (for logits; eager). One GPU."""
         b, n = self.b, int(ids.shape[0])
         rows = None if want_x or self.graphs is None else graph_rows(n, pos0, self.limit)
-        buf = self._buffers(rows or n)
+        buf = self._buffers(n if want_x else chunk_rows(n, pos0, self.limit))
         with b._stream:
             self._stage(ids, pos0)
             if rows is None:
@@ -451,10 +451,19 @@ def _cublas_library():
     return None
 
 
+def chunk_rows(n: int, pos0: int, limit: int) -> int:
+    """Rows a chunk of n tokens at positions pos0.. runs as: n rounded up to GRAPH_STEP, so that
+    prompts of any length share a few shapes (cuBLAS sets up each new GEMM shape once, 5-20 ms
+    at its first call: the warm-up pays them), or n where the padding would pass `limit`, the
+    positions the KV cache and the RoPE tables hold."""
+    rows = -(-n // GRAPH_STEP) * GRAPH_STEP
+    return rows if pos0 + rows <= limit else n
+
+
 def graph_rows(n: int, pos0: int, limit: int) -> int | None:
     """Rows of the graph that a chunk of n tokens at positions pos0.. replays (n rounded up to
     GRAPH_STEP), or None: run it eagerly (longer than GRAPH_MAX, or the padding would pass
-    `limit`, the positions the KV cache and the RoPE tables hold)."""
+    `limit`)."""
     if n > GRAPH_MAX:
         return None
     rows = -(-n // GRAPH_STEP) * GRAPH_STEP
@@ -503,24 +512,33 @@ def warm_up_sizes(limit: int) -> list[int]:
     return list(range(min(GRAPH_MAX, limit) // GRAPH_STEP * GRAPH_STEP, 0, -GRAPH_STEP))
 
 
+def eager_sizes(limit: int, chunk: int = CHUNK) -> list[int]:
+    """The padded sizes past GRAPH_MAX (run kernel by kernel) a warm-up runs once, so that
+    cuBLAS has set up their shapes before a request: multiples of GRAPH_STEP up to a chunk."""
+    return list(range(GRAPH_MAX + GRAPH_STEP, min(chunk, limit) + 1, GRAPH_STEP))
+
+
 def _warm_up(owner, run_chunk, attention) -> int:
     """Each padded size's chunk run as a request would run it until its graph is captured
     (a first run kernel by kernel, then the capture: a capture of a shape cuBLAS has not run
-    yet can fail). The buffers first grow to the largest chunk a request can run (CHUNK
-    tokens), so that no later prompt grows them and drops the graphs. Token ids: a fixed
-    pseudo-random sequence. Returns the graphs held (0: none, e.g. the platform refused a
-    capture)."""
+    yet can fail), and each longer padded size once. The buffers first grow to the largest
+    chunk a request can run (CHUNK tokens), so that no later prompt grows them and drops the
+    graphs. Token ids: a fixed pseudo-random sequence. Returns the graphs held (0: none, e.g.
+    the platform refused a capture)."""
     if owner.graphs is None:
         return 0
     owner._buffers(min(CHUNK, owner.limit))
     sizes = warm_up_sizes(owner.limit)
-    ids = ((np.arange(sizes[0] if sizes else 0, dtype=np.int64) * 7919 + 13)
+    longer = eager_sizes(owner.limit)
+    ids = ((np.arange(max(sizes[:1] + longer[-1:], default=0), dtype=np.int64) * 7919 + 13)
            % owner.cfg.vocab_size).astype(np.int32)
     for rows in sizes:
         for _ in range(owner.capture_at_use):
             if owner.graphs is None or (rows, attention) in owner.graphs:
                 break
             run_chunk(ids[:rows], 0)
+    for rows in longer if owner.graphs is not None else ():
+        run_chunk(ids[:rows], 0)
     return len(owner.graphs or ())
 
 
@@ -694,7 +712,7 @@ class TensorParallelPrefill:
     def _chunk(self, ids: np.ndarray, pos0: int):
         n = int(ids.shape[0])
         rows = None if self.graphs is None else graph_rows(n, pos0, self.limit)
-        self._buffers(rows or n)
+        self._buffers(chunk_rows(n, pos0, self.limit))
         for _, pf in self._each():
             pf._stage(ids, pos0)
         if rows is None:
