@@ -146,34 +146,32 @@ def test_graph_replays_match_kernel_by_kernel():
 
 
 def test_long_chunk_runs_padded():
-    """A chunk longer than GRAPH_MAX runs kernel by kernel with its rows padded to GRAPH_STEP
-    (a 2,100-token prompt: the prefill's 2,099 -> 2,176 rows; prompts of any length share a few
-    GEMM shapes, which the warm-up sets up): the K/V of the prompt's positions and the greedy
-    tokens are those of the same chunk run at its exact size (chunk_rows patched to n)."""
+    """After a warm-up (warmed_long), a chunk longer than GRAPH_MAX runs kernel by kernel with
+    its rows padded to GRAPH_STEP (a 2,100-token prompt: the prefill's 2,099 -> 2,176 rows, a
+    shape the warm-up ran); the K and V of the prompt's positions (caches poisoned) and the
+    greedy tokens are those of the same chunk at its exact size (no warm-up)."""
     from kogcupy.gpu import prefill
     m = model(dataclasses.replace(FAMILIES["llama"], tie_word_embeddings=False), seed=8,
               logit_scale=8.0, rope_positions=4096)
     ids = np.random.default_rng(23).integers(0, m.config.vocab_size, 2100).tolist()
     assert prefill.chunk_rows(2099, 0, 4096) == 2176 and prefill.graph_rows(2099, 0, 4096) is None
 
-    def run(exact):
+    def run(padded):
         be = MonokernelBackend(m, context_length=4096, prefix_cache_gb=0)
-        be.k_cache.fill(0x7FC0)                      # poisoned (a bf16 NaN)
+        be.prefill.warmed_long = padded
+        for c in (be.k_cache, be.v_cache):
+            c.fill(0x7FC0)                           # poisoned (a bf16 NaN)
         toks = list(be.start(ids, SamplingParams(), 12, set()))
-        assert be.prefill._bufs["n"] == (2099 if exact else 2176)
-        k = be._kv_views()[0][:, :2100].get()
-        assert not (k == 0x7FC0).all(-1).any()       # every prompt row written
-        return toks, k
-    orig = prefill.chunk_rows
-    got, k_pad = run(False)
-    prefill.chunk_rows = lambda n, pos0, limit: n
-    try:
-        want, k_exact = run(True)
-    finally:
-        prefill.chunk_rows = orig
+        assert be.prefill._bufs["n"] == (2176 if padded else 2099)
+        kv = [c[:, :2100].get() for c in be._kv_views()]
+        assert not any((c == 0x7FC0).all(-1).any() for c in kv)   # every prompt row written
+        return toks, kv
+    got, kv_pad = run(True)
+    want, kv_exact = run(False)
     assert got == want
-    a, b = (x.view(np.uint16).astype(np.uint32) << 16 for x in (k_pad, k_exact))
-    assert rel(a.view(np.float32).ravel(), b.view(np.float32).ravel()) < 1e-2
+    for a, b in zip(kv_pad, kv_exact):
+        a, b = ((x.astype(np.uint32) << 16).view(np.float32) for x in (a, b))
+        assert rel(a.ravel(), b.ravel()) < 1e-2
 
 
 def test_graph_replay_kv_equals_the_same_launches():
@@ -235,6 +233,7 @@ def test_warm_up_captures_every_size():
     assert be.warm_up() == 8 and be.warm_up() == 8      # (a second call captures nothing)
     assert sorted(rows for rows, _ in be.prefill.graphs) == list(range(128, 1025, 128))
     assert be.prefill._rows == 1024                      # min(CHUNK, the context): never regrown
+    assert be.prefill.warmed_long                        # (no size past GRAPH_MAX fits here)
     uses = dict(be.prefill.uses)
     s = be.start(ids, SamplingParams(), 12, set())
     got = list(s)

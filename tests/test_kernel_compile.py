@@ -208,8 +208,8 @@ def test_graph_rows():
 
 
 def test_chunk_rows_and_the_warm_up_sizes():
-    """Every prefill chunk runs padded to GRAPH_STEP rows unless the padding would pass the
-    cache's positions; the warm-up runs each padded size past GRAPH_MAX once."""
+    """After a warm-up a prefill chunk runs padded to GRAPH_STEP rows unless the padding would
+    pass the cache's positions; the warm-up runs each padded size past GRAPH_MAX once."""
     step, top = prefill.GRAPH_STEP, prefill.GRAPH_MAX
     assert prefill.chunk_rows(top + 1, 0, 10_000) == top + step
     assert prefill.chunk_rows(prefill.CHUNK, 0, 10_000) == prefill.CHUNK
@@ -247,7 +247,8 @@ def test_warm_up_runs_each_size_until_captured(monkeypatch):
 
     def owner_of(limit):
         o = types.SimpleNamespace(graphs={}, uses={}, capture_at_use=prefill.CAPTURE_AT_USE,
-                                  limit=limit, cfg=types.SimpleNamespace(vocab_size=1000))
+                                  limit=limit, cfg=types.SimpleNamespace(vocab_size=1000),
+                                  warmed_long=False)
         o._buffers = grown.append
         return o
 
@@ -265,6 +266,7 @@ def test_warm_up_runs_each_size_until_captured(monkeypatch):
     assert ran == [r for r in range(prefill.GRAPH_MAX, 0, -prefill.GRAPH_STEP) for _ in (1, 2)] + \
         list(range(prefill.GRAPH_MAX + prefill.GRAPH_STEP, prefill.CHUNK + 1, prefill.GRAPH_STEP))
     assert sorted(o.graphs) == [(r, "ws") for r in range(128, prefill.GRAPH_MAX + 1, 128)]
+    assert o.warmed_long                               # longer chunks are padded from now on
     grown.clear(), ran.clear()
     o = owner_of(300)                                  # a short context: 256 and 128 only
     assert prefill._warm_up(o, run_chunk_of(o), "ws") == 2 and grown == [300] and ran == [256, 256, 128, 128]
@@ -277,6 +279,7 @@ def test_warm_up_runs_each_size_until_captured(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no graph capture"):
         assert prefill._warm_up(o, run_chunk_of(o), "ws") == 0
     assert o.graphs is None and ran == [prefill.GRAPH_MAX] * 2      # (the refused capture: 2nd)
+    assert not o.warmed_long
 
 
 def test_backend_warm_up_keeps_the_live_sequence(monkeypatch):

@@ -18,7 +18,7 @@ reference.py; GEMMs are cuBLAS/hipBLAS gemmEx, storage dtype in, fp32 accumulate
     down_residual          GEMM w_down (stored transposed), beta = 1
 
 The activations that enter a GEMM are rounded to the storage dtype (as any bf16 engine does);
-the residual stream stays fp32. Buffers for a chunk are allocated once per chunk length.
+the residual stream stays fp32. The buffers only grow (a warm-up grows them to the largest chunk).
 """
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ CHUNK = 4096                      # tokens per chunk: bounds the activation buff
 # A chunk of up to GRAPH_MAX tokens replays a captured graph of the whole layer stack (every
 # rank's, tensor parallel), its rows padded up to a multiple of GRAPH_STEP, one graph a padded
 # size: below ~2k tokens issuing ~12 launches a layer from Python (x ranks) takes longer than
-# the GPU work they launch (bench/NOTES.md, 2026-12-04). Padding rows are copies of the last
-# token at the positions after the chunk; their K/V rows lie past the prompt, where nothing
-# reads before the decode has written its own. A padded size is captured at its CAPTURE_AT_USE-th
-# chunk: a capture costs 3-18 ms against the 0-8 ms a replay saves, so a one-shot prompt
-# (`kogcupy generate`) runs kernel by kernel and a conversation's repeated sizes replay.
+# the GPU work they launch (bench/NOTES.md, 2026-12-04). After a warm-up, longer chunks are
+# padded the same way (chunk_rows), so that prompts of any length share the 16 GEMM shapes it
+# ran (a new shape's first cuBLAS call costs 5-20 ms; padding costs 0-7% of a chunk). Padding
+# rows are copies of the last token at the positions after the chunk; their K/V rows lie past
+# the prompt, where nothing reads before the decode (or the next chunk) has written its own.
+# A padded size is captured at its CAPTURE_AT_USE-th
 GRAPH_MAX, GRAPH_STEP = 2048, 128
 CAPTURE_AT_USE = 2
 BUFFER_STEP = 512                 # activation buffers grow in multiples of this many rows
@@ -168,6 +169,7 @@ class Prefill:
         self.graphs: dict | None = {} if self._blas.capturable else None
         self.uses: dict = {}                            # key -> chunks run with that key
         self.capture_at_use = CAPTURE_AT_USE
+        self.warmed_long = False                        # chunks past GRAPH_MAX padded (_warm_up)
         self._warp = int(cp.cuda.Device().attributes["WarpSize"])
 
     # ---- buffers -------------------------------------------------------------------------
@@ -299,7 +301,8 @@ class Prefill:
         Returns the fp32 residual x (n, h) when want_x (for logits; eager). One GPU."""
         b, n = self.b, int(ids.shape[0])
         rows = None if want_x or self.graphs is None else graph_rows(n, pos0, self.limit)
-        buf = self._buffers(n if want_x else chunk_rows(n, pos0, self.limit))
+        buf = self._buffers(rows or (chunk_rows(n, pos0, self.limit) if self.warmed_long
+                                     and not want_x else n))
         with b._stream:
             self._stage(ids, pos0)
             if rows is None:
@@ -326,10 +329,11 @@ class Prefill:
                            self.b._stream.synchronize)
 
     def warm_up(self) -> int:
-        """Graphs for every padded size (warm_up_sizes); returns how many this prefill holds.
-        A server calls it at start: then the first chunk of any size up to GRAPH_MAX replays
-        (and pays no cuBLAS first-call setup for its shapes). Writes K/V at positions
-        [0, min(GRAPH_MAX, limit)): the backend forgets what its live cache held."""
+        """Graphs for every padded size (warm_up_sizes), and one run of each longer padded
+        size (eager_sizes); returns how many graphs this prefill holds. A server calls it at
+        start: then the first chunk of any size up to GRAPH_MAX replays, and no chunk pays
+        cuBLAS's first-call setup for its shapes. Writes K/V at positions [0, min(CHUNK,
+        limit)): the backend forgets what its live cache held."""
         return _warm_up(self, self._chunk, self.attention)
 
     def logits(self, ids, chunk: int = CHUNK) -> np.ndarray:
@@ -452,10 +456,10 @@ def _cublas_library():
 
 
 def chunk_rows(n: int, pos0: int, limit: int) -> int:
-    """Rows a chunk of n tokens at positions pos0.. runs as: n rounded up to GRAPH_STEP, so that
-    prompts of any length share a few shapes (cuBLAS sets up each new GEMM shape once, 5-20 ms
-    at its first call: the warm-up pays them), or n where the padding would pass `limit`, the
-    positions the KV cache and the RoPE tables hold."""
+    """Rows a chunk of n tokens at positions pos0.. runs as after a warm-up: n rounded up to
+    GRAPH_STEP, so that prompts of any length share the shapes the warm-up ran (cuBLAS sets up
+    each new GEMM shape at its first call, 5-20 ms), or n where the padding would pass `limit`,
+    the positions the KV cache and the RoPE tables hold (a shape the warm-up did not run)."""
     rows = -(-n // GRAPH_STEP) * GRAPH_STEP
     return rows if pos0 + rows <= limit else n
 
@@ -521,9 +525,9 @@ def eager_sizes(limit: int, chunk: int = CHUNK) -> list[int]:
 def _warm_up(owner, run_chunk, attention) -> int:
     """Each padded size's chunk run as a request would run it until its graph is captured
     (a first run kernel by kernel, then the capture: a capture of a shape cuBLAS has not run
-    yet can fail), and each longer padded size once. The buffers first grow to the largest
-    chunk a request can run (CHUNK tokens), so that no later prompt grows them and drops the
-    graphs. Token ids: a fixed pseudo-random sequence. Returns the graphs held (0: none, e.g.
+    yet can fail), and each longer padded size once, after which longer chunks are padded
+    (owner.warmed_long). The buffers first grow to the largest chunk a request can run (CHUNK
+    tokens), so that no later prompt grows them and drops the graphs. Token ids: a fixed pseudo-random sequence. Returns the graphs held (0: none, e.g.
     the platform refused a capture)."""
     if owner.graphs is None:
         return 0
@@ -537,8 +541,10 @@ def _warm_up(owner, run_chunk, attention) -> int:
             if owner.graphs is None or (rows, attention) in owner.graphs:
                 break
             run_chunk(ids[:rows], 0)
-    for rows in longer if owner.graphs is not None else ():
-        run_chunk(ids[:rows], 0)
+    if owner.graphs is not None:
+        owner.warmed_long = True
+        for rows in longer:
+            run_chunk(ids[:rows], 0)
     return len(owner.graphs or ())
 
 
@@ -614,6 +620,7 @@ class TensorParallelPrefill:
         self.graphs: dict | None = {} if all(pf.graphs is not None for pf in self.pfs) else None
         self.uses: dict = {}
         self.capture_at_use = CAPTURE_AT_USE
+        self.warmed_long = False           # chunks past GRAPH_MAX padded (_warm_up)
         self._n = 0                        # tokens of the current chunk
         self._rows = 0                     # rows the gather buffers hold
         self._gather: list = []            # per rank (R, rows, h) fp32: slot q, rank q's partial
@@ -712,7 +719,7 @@ class TensorParallelPrefill:
     def _chunk(self, ids: np.ndarray, pos0: int):
         n = int(ids.shape[0])
         rows = None if self.graphs is None else graph_rows(n, pos0, self.limit)
-        self._buffers(chunk_rows(n, pos0, self.limit))
+        self._buffers(rows or (chunk_rows(n, pos0, self.limit) if self.warmed_long else n))
         for _, pf in self._each():
             pf._stage(ids, pos0)
         if rows is None:
