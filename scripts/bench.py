@@ -623,9 +623,9 @@ def bench_peer_prompts(cfg, device, dtype, lens, agent, gen) -> dict:
 
 def bench_kogcupy_prompts(cfg, lens, agent, gen, n_gpus=1) -> dict:
     """kogcupy (one GPU, or tensor parallel over n_gpus), warmed up as `kogcupy serve` starts
-    (prefill graphs for every prompt size up to 2,048 tokens): cold TTFT per prompt length
-    (prefix cache cleared), then the agent workload through the prefix cache (several GPUs:
-    the ranks' caches kept from the last turn)."""
+    (prefill graphs for every prompt size up to 2,048 tokens, one run of each longer chunk
+    size): cold TTFT per prompt length (prefix cache cleared), then the agent workload through
+    the prefix cache (several GPUs: the ranks' caches kept from the last turn)."""
     from kogcupy.gpu.device_weights import DeviceModel
     from kogcupy.gpu.monokernel import MonokernelBackend
     from kogcupy.gpu.multigpu import TensorParallelBackend

@@ -218,6 +218,14 @@ def test_chunk_rows_and_the_warm_up_sizes():
     assert prefill.eager_sizes(10_000) == list(range(top + step, prefill.CHUNK + 1, step))
     assert prefill.eager_sizes(top + 300) == [top + step, top + 2 * step]
     assert prefill.eager_sizes(top) == []
+    owner = types.SimpleNamespace(graphs={}, limit=10_000, warmed_long=False)
+    assert prefill._chunk_sizes(owner, 300, 0) == (384, 384)                 # a graph size
+    assert prefill._chunk_sizes(owner, 300, 0, eager=True) == (None, 300)    # (logits)
+    assert prefill._chunk_sizes(owner, top + 1, 0) == (None, top + 1)       # not warmed up
+    owner.warmed_long = True
+    assert prefill._chunk_sizes(owner, top + 1, 0) == (None, top + step)
+    owner.graphs = None                                                     # no capture here
+    assert prefill._chunk_sizes(owner, 300, 0) == (None, 300)
 
 
 def test_graph_captured_at_second_use(monkeypatch):

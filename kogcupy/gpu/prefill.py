@@ -41,7 +41,9 @@ CHUNK = 4096                      # tokens per chunk: bounds the activation buff
 # ran (a new shape's first cuBLAS call costs 5-20 ms; padding costs 0-7% of a chunk). Padding
 # rows are copies of the last token at the positions after the chunk; their K/V rows lie past
 # the prompt, where nothing reads before the decode (or the next chunk) has written its own.
-# A padded size is captured at its CAPTURE_AT_USE-th
+# A padded size is captured at its CAPTURE_AT_USE-th chunk: a capture costs 3-18 ms against the
+# 0-8 ms a replay saves, so a one-shot prompt (`kogcupy generate`) runs kernel by kernel and a
+# conversation's repeated sizes replay.
 GRAPH_MAX, GRAPH_STEP = 2048, 128
 CAPTURE_AT_USE = 2
 BUFFER_STEP = 512                 # activation buffers grow in multiples of this many rows
@@ -300,9 +302,8 @@ class Prefill:
         """Run tokens `ids` at positions pos0.. through every layer; K/V land in the cache.
         Returns the fp32 residual x (n, h) when want_x (for logits; eager). One GPU."""
         b, n = self.b, int(ids.shape[0])
-        rows = None if want_x or self.graphs is None else graph_rows(n, pos0, self.limit)
-        buf = self._buffers(rows or (chunk_rows(n, pos0, self.limit) if self.warmed_long
-                                     and not want_x else n))
+        rows, size = _chunk_sizes(self, n, pos0, eager=want_x)
+        buf = self._buffers(size)
         with b._stream:
             self._stage(ids, pos0)
             if rows is None:
@@ -474,6 +475,17 @@ def graph_rows(n: int, pos0: int, limit: int) -> int | None:
     return rows if pos0 + rows <= limit else None
 
 
+def _chunk_sizes(owner, n: int, pos0: int, eager: bool = False) -> tuple[int | None, int]:
+    """(graph rows or None, rows the buffers run) for a chunk of n tokens at positions pos0..
+    of `owner` (a Prefill or TensorParallelPrefill): a graph size where one applies; past
+    GRAPH_MAX the padded size once a warm-up ran it (owner.warmed_long), else n. `eager`: at
+    its exact size, kernel by kernel (logits)."""
+    if eager:
+        return None, n
+    rows = None if owner.graphs is None else graph_rows(n, pos0, owner.limit)
+    return rows, rows or (chunk_rows(n, pos0, owner.limit) if owner.warmed_long else n)
+
+
 def _capture(stream, issue):
     """A graph of what issue() launches on `stream` (and on the streams it joins to it). No
     cyclic garbage collection meanwhile: it could run a dead backend's finalizers (a stream or
@@ -527,8 +539,9 @@ def _warm_up(owner, run_chunk, attention) -> int:
     (a first run kernel by kernel, then the capture: a capture of a shape cuBLAS has not run
     yet can fail), and each longer padded size once, after which longer chunks are padded
     (owner.warmed_long). The buffers first grow to the largest chunk a request can run (CHUNK
-    tokens), so that no later prompt grows them and drops the graphs. Token ids: a fixed pseudo-random sequence. Returns the graphs held (0: none, e.g.
-    the platform refused a capture)."""
+    tokens), so that no later prompt grows them and drops the graphs. Token ids: a fixed
+    pseudo-random sequence. Returns the graphs held (0: none, e.g. the platform refused a
+    capture)."""
     if owner.graphs is None:
         return 0
     owner._buffers(min(CHUNK, owner.limit))
@@ -718,8 +731,8 @@ class TensorParallelPrefill:
 
     def _chunk(self, ids: np.ndarray, pos0: int):
         n = int(ids.shape[0])
-        rows = None if self.graphs is None else graph_rows(n, pos0, self.limit)
-        self._buffers(rows or (chunk_rows(n, pos0, self.limit) if self.warmed_long else n))
+        rows, size = _chunk_sizes(self, n, pos0)
+        self._buffers(size)
         for _, pf in self._each():
             pf._stage(ids, pos0)
         if rows is None:
