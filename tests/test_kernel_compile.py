@@ -224,7 +224,7 @@ def test_chunk_rows_and_the_warm_up_sizes():
     assert prefill._chunk_sizes(owner, top + 1, 0) == (None, top + 1)       # not warmed up
     owner.warmed_long = True
     assert prefill._chunk_sizes(owner, top + 1, 0) == (None, top + step)
-    owner.graphs = None                                                     # no capture here
+    owner.graphs, owner.warmed_long = None, False                           # no capture here
     assert prefill._chunk_sizes(owner, 300, 0) == (None, 300)
 
 
