@@ -5,8 +5,8 @@
 // unit's column is one contiguous row -- which gives its partial of EVERY row of x, and adds
 // it into in(t, l + 1) (one part per cluster of KOG_CLUSTER blocks, summed in distributed
 // shared memory; for the rows of each block's share plus x after o_proj).
-// Thread layout: a thread owns 16-byte chunk `ch` of a row (8 outputs) in row group `grp`;
-// the groups split the units and are summed in shared memory at the end.
+// Thread layout: KogDownLayout (gate_up.cuh); the row groups' partials are summed in shared
+// memory at the end.
 // Tensor parallel: rows of x, each rank's partial of every row to every rank (kccl.cuh).
 // ============================================================================================
 #pragma once
@@ -18,15 +18,13 @@
 // KOG_DOWN_DEPTH slots of shared memory (cp.async: no registers hold loads in flight, and a
 // thread reads back only what it copied, so no barrier); KOG_DOWN_DEPTH - 1 rows in flight.
 KOG_DEVICE void kog_down_parts(const KogParams* p, int layer, int t, int u0, int n_static, int n) {
-    constexpr int CH = KOG_FFN_CH, G = KOG_FFN_GROUPS, D = KOG_DOWN_DEPTH;
-    constexpr int CPT = (CH + KOG_THREADS - 1) / KOG_THREADS;          // chunks a thread
+    using Lay = KogDownLayout;
+    constexpr int G = Lay::G, D = Lay::D, CPT = Lay::CPT;
+    const Lay lay;
     float* smem = kog_smem();
     const float* xs = smem;
     const float* acts = smem + KOG_FFN_ACT_OFF;
-    kog_vec4* stage = reinterpret_cast<kog_vec4*>(smem + KOG_FFN_STAGE_OFF);   // [D][CPT][threads]
-    const int grp = G > 1 ? (int)threadIdx.x / CH : 0;
-    const int ch = G > 1 ? (int)threadIdx.x % CH : (int)threadIdx.x;
-    const int mine = grp < G ? (n - grp + G - 1) / G : 0;               // slots grp, grp + G, ...
+    const int mine = lay.grp < G ? (n - lay.grp + G - 1) / G : 0;       // slots grp, grp + G, ...
     auto issue = [&](int i) { kog_down_issue(p, layer, u0, n_static, mine, i); };
     float acc[CPT][8];
 #pragma unroll
@@ -39,11 +37,10 @@ KOG_DEVICE void kog_down_parts(const KogParams* p, int layer, int t, int u0, int
     for (int i = 0; i < mine; ++i) {
         issue(i + D - 1);
         kog_copy16_wait_groups<D - 1>();              // row i is in
-        const float a = acts[grp + i * G];
+        const float a = acts[lay.grp + i * G];
 #pragma unroll
         for (int k = 0; k < CPT; ++k)
-            if (CH % KOG_THREADS == 0 || ch + k * KOG_THREADS < CH)
-                kog_axpy8(stage[((i % D) * CPT + k) * KOG_THREADS + threadIdx.x], a, acc[k]);
+            if (Lay::has(lay.ch, k)) kog_axpy8(*Lay::stage(i, k), a, acc[k]);
     }
     kog_copy16_wait_groups<0>();
     // the block's part of in(t, l + 1): its partial of every row, plus x for its share's rows
@@ -52,11 +49,11 @@ KOG_DEVICE void kog_down_parts(const KogParams* p, int layer, int t, int u0, int
     // through shared memory: the groups' partials summed, and coalesced adds (a warp's 32
     // consecutive words; from registers a lane's 8 words would spread a warp's adds over 2 KB)
     float* red = smem + KOG_FFN_RED_OFF;
-    if (grp < G)
+    if (lay.grp < G)
 #pragma unroll
         for (int k = 0; k < CPT; ++k)
-            if (CH % KOG_THREADS == 0 || ch + k * KOG_THREADS < CH) {
-                float4* r4 = reinterpret_cast<float4*>(red + grp * KOG_HIDDEN + (ch + k * KOG_THREADS) * 8);
+            if (Lay::has(lay.ch, k)) {
+                float4* r4 = reinterpret_cast<float4*>(red + lay.grp * KOG_HIDDEN + (lay.ch + k * KOG_THREADS) * 8);
                 r4[0] = make_float4(acc[k][0], acc[k][1], acc[k][2], acc[k][3]);
                 r4[1] = make_float4(acc[k][4], acc[k][5], acc[k][6], acc[k][7]);
             }

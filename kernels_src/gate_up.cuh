@@ -25,27 +25,40 @@
     KOG_DOWN_DEPTH * 4 * KOG_THREADS * ((KOG_FFN_CH + KOG_THREADS - 1) / KOG_THREADS))
 #define KOG_SLOT_FFN_GRABBED (KOG_SLOT_FLAG + 2)                        // scratch: grabbed units
 
-// down_residual's stream: this thread's row i (of its unit slots grp, grp + G, ...; `mine` of
-// them) of w_down into its staging slot i % KOG_DOWN_DEPTH, one cp.async group (empty past
-// its rows, and for the threads past the last whole row group, grp >= G, which stream none).
-// A thread reads back only what it copied: no barrier.
+// down_residual's thread layout: a thread owns 16-byte chunk `ch` of a w_down row (8 outputs;
+// CPT chunks when a row has more chunks than the block has threads) in row group `grp`; the G
+// groups split the block's units (slots grp, grp + G, ...). Threads past the last whole group
+// (grp >= G) stream nothing. Staging: KOG_DOWN_DEPTH rows a thread, [D][CPT][threads] 16-byte
+// slots of shared memory.
+struct KogDownLayout {
+    static constexpr int CH = KOG_FFN_CH, G = KOG_FFN_GROUPS, D = KOG_DOWN_DEPTH;
+    static constexpr int CPT = (CH + KOG_THREADS - 1) / KOG_THREADS;   // chunks a thread
+    int grp, ch;
+    KOG_DEVICE KogDownLayout()
+        : grp(G > 1 ? (int)threadIdx.x / CH : 0), ch(G > 1 ? (int)threadIdx.x % CH : (int)threadIdx.x) {}
+    KOG_DEVICE static bool has(int ch, int k) { return CH % KOG_THREADS == 0 || ch + k * KOG_THREADS < CH; }
+    // this thread's staging slot of its row i, chunk k
+    KOG_DEVICE static kog_vec4* stage(int i, int k) {
+        return reinterpret_cast<kog_vec4*>(kog_smem() + KOG_FFN_STAGE_OFF) + ((i % D) * CPT + k) * KOG_THREADS
+             + threadIdx.x;
+    }
+};
+
+// down_residual's stream: this thread's row i (of its unit slots; `mine` of them) of w_down
+// into its staging slot i % KOG_DOWN_DEPTH, one cp.async group (empty past its rows and for
+// the threads of no group). A thread reads back only what it copied: no barrier.
 KOG_DEVICE void kog_down_issue(const KogParams* p, int layer, int u0, int n_static, int mine, int i) {
-    constexpr int CH = KOG_FFN_CH, G = KOG_FFN_GROUPS, D = KOG_DOWN_DEPTH;
-    constexpr int CPT = (CH + KOG_THREADS - 1) / KOG_THREADS;          // chunks a thread
-    float* smem = kog_smem();
-    const int* grabbed_unit = reinterpret_cast<const int*>(smem + KOG_FFN_ACT_OFF + KOG_FFN_SLOTS);
-    kog_vec4* stage = reinterpret_cast<kog_vec4*>(smem + KOG_FFN_STAGE_OFF);   // [D][CPT][threads]
-    const int grp = G > 1 ? (int)threadIdx.x / CH : 0;
-    const int ch = G > 1 ? (int)threadIdx.x % CH : (int)threadIdx.x;
-    const kog_vec4* W = reinterpret_cast<const kog_vec4*>(p->w_down) + (kog_u64)layer * KOG_FFN * CH;
-    if (grp < G && i < mine) {
-        const int slot = grp + i * G;
+    using Lay = KogDownLayout;
+    const Lay lay;
+    const int* grabbed_unit = reinterpret_cast<const int*>(kog_smem() + KOG_FFN_ACT_OFF + KOG_FFN_SLOTS);
+    const kog_vec4* W = reinterpret_cast<const kog_vec4*>(p->w_down) + (kog_u64)layer * KOG_FFN * Lay::CH;
+    if (lay.grp < Lay::G && i < mine) {
+        const int slot = lay.grp + i * Lay::G;
         const int unit = slot < n_static ? u0 + slot : grabbed_unit[slot];
 #pragma unroll
-        for (int k = 0; k < CPT; ++k)
-            if (CH % KOG_THREADS == 0 || ch + k * KOG_THREADS < CH)
-                kog_copy16(stage + ((i % D) * CPT + k) * KOG_THREADS + threadIdx.x,
-                           W + (kog_u64)unit * CH + ch + k * KOG_THREADS);
+        for (int k = 0; k < Lay::CPT; ++k)
+            if (Lay::has(lay.ch, k))
+                kog_copy16(Lay::stage(i, k), W + (kog_u64)unit * Lay::CH + lay.ch + k * KOG_THREADS);
     }
     kog_copy16_commit();
 }
