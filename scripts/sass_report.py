@@ -4,6 +4,10 @@ spills, every local-memory instruction (STL/LDL) with the source line it comes f
 kinds of global loads (the weight stream should be LDG.E.NA...128).
 
     python scripts/sass_report.py llama-3.2-1b ['{"KOG_DYN_PERMILLE": 0}'] [--arch sm_90]
+    python scripts/sass_report.py llama-3.2-1b --dump > a.sass     # the whole SASS, to diff
+
+`--dump` prints the disassembly without line information: a source change that leaves it
+byte-identical (cmp) on the shapes that matter changed nothing the GPU runs.
 
 Needs nvcc and nvdisasm (CUDA toolkit; or `pip download nvidia-cuda-nvdisasm` and point
 KOG_NVDISASM at its bin/nvdisasm).
@@ -33,6 +37,7 @@ def main(argv=None):
     ap.add_argument("tuning", nargs="?", default="{}")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--blocks", type=int, default=132, help="grid the build is planned for (H200: 132)")
+    ap.add_argument("--dump", action="store_true", help="print the SASS (no line info) instead of the report")
     args = ap.parse_args(argv)
     nvdisasm = os.environ.get("KOG_NVDISASM") or shutil.which("nvdisasm")
     if not shutil.which("nvcc") or not nvdisasm:
@@ -46,13 +51,17 @@ def main(argv=None):
         cu, cubin = os.path.join(tmp, "monokernel.cu"), os.path.join(tmp, "monokernel.cubin")
         with open(cu, "w") as f:
             f.write(src)
-        r = subprocess.run(["nvcc", f"-arch={args.arch}", "-std=c++17", "-cubin", "-lineinfo",
+        r = subprocess.run(["nvcc", f"-arch={args.arch}", "-std=c++17", "-cubin",
+                            *([] if args.dump else ["-lineinfo"]),
                             "-o", cubin, cu, *kernels.define_options(d), "-Xptxas", "-v"],
                            capture_output=True, text=True)
         if r.returncode:
             sys.exit(r.stderr[-4000:])
-        sass = subprocess.run([nvdisasm, "--print-line-info", cubin], capture_output=True,
-                              text=True, check=True).stdout
+        sass = subprocess.run([nvdisasm, *([] if args.dump else ["--print-line-info"]), cubin],
+                              capture_output=True, text=True, check=True).stdout
+    if args.dump:
+        sys.stdout.write(sass)
+        return
     print(f"{args.shape} {args.arch} tuning {plan.tuning}")
     for line in r.stderr.splitlines():
         if "registers" in line or "spill" in line:
