@@ -28,7 +28,7 @@ def backend(budget_tokens):
     b._ctl = SimpleNamespace(u32=np.zeros(4, np.uint32))
     b._host_tokens = SimpleNamespace(i32=np.zeros(C, np.int32))
     b.prefix_cache = PrefixCache(int(kv_bytes(CFG, budget_tokens)))
-    b._kv_ids, b._last_launch = [], None
+    b._kv_ids, b._last_launch, b._active = [], None, None
     return b
 
 
@@ -80,3 +80,22 @@ def test_cancelled_launch_and_forget():
     assert b._kv_ids == [1, 2, 3]               # what the launch started from
     b._forget_kv()
     assert run(b, [1, 2, 3, 4], [5]) == 0       # nothing reusable after a failed launch
+
+
+def test_a_launch_that_is_not_a_request_releases_the_live_cache():
+    # teacher-forced logits and the warm-up overwrite the live cache: the last request is
+    # settled first (with no prefix cache too), so a later prompt is matched against what
+    # the overwriting launch wrote, never against the request before it
+    for budget in (None, 40):
+        b = backend(budget_tokens=40)
+        if budget is None:
+            b.prefix_cache = None
+        a = [1, 2, 3, 4]
+        run(b, a, [9, 8])
+        b._release_live()
+        assert b._kv_ids == [] and b._last_launch is None
+        forced = [5, 6, 7]
+        write(b, forced)
+        b._kv_ids = list(forced)                # what logits() records after its launch
+        # a's prompt and first generated token were saved only where there is a store
+        assert run(b, a + [9, 10], [1]) == (0 if budget is None else 5)

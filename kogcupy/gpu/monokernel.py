@@ -244,6 +244,14 @@ class _OneLaunchBackend:
         there is one and it fits), since the warm-up's chunks overwrite the live KV cache."""
         if self.prefill is None:
             return 0
+        self._release_live()
+        return self.prefill.warm_up()
+
+    def _release_live(self):
+        """Before a launch that is not a request's (the warm-up's chunks, teacher-forced
+        logits) overwrites the live KV cache: a running generation stops, the live sequence
+        goes to the prefix cache (where there is one and it fits), and the live cache holds
+        nothing reusable until the caller says what it wrote."""
         if self._active is not None:
             self._active.cancel()
             self._active = None
@@ -252,7 +260,6 @@ class _OneLaunchBackend:
         if self.prefix_cache is not None:
             self._save_live()
         self._forget_kv()
-        return self.prefill.warm_up()
 
     def _overflowed(self) -> bool:
         """The ended launch's residual sums lost a value (one GPU; tensor parallel: never)."""
@@ -652,12 +659,7 @@ class MonokernelBackend(_OneLaunchBackend):
         cp = _cupy()
         self._check_logits_request(token_ids)
         out = cp.empty((len(token_ids), self.cfg.vocab_size), cp.float32)
-        if self._active is not None:              # (a generation still running stops first:
-            self._active.cancel()                 #  _settle waits for its launch to end)
-        if self.prefix_cache is not None:
-            self._settle()
-            self._save_live()
-            self._forget_kv()
+        self._release_live()
         with self._stream:
             out.fill(np.nan)
         self._launch(list(token_ids), SamplingParams(), 1, (), all_logits=True, logits_out=out)

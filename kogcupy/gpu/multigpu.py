@@ -168,11 +168,7 @@ class TensorParallelBackend(_OneLaunchBackend):
                 o = cp.empty((len(token_ids), self.cfg.vocab_size), cp.float32)
                 o.fill(np.nan)
                 outs.append(o)
-        if self._active is not None:              # (a generation still running stops first:
-            self._active.cancel()                 #  _settle waits for its launch to end)
-        if self.prefix_cache is not None:         # (the launch overwrites the caches)
-            self._settle()
-            self._save_live()
+        self._release_live()
         self._launch(list(token_ids), SamplingParams(), 1, (), True, outs)
         self._sync_with_watchdog()
         self._kv_ids = list(token_ids)            # teacher-forced: every position ran
