@@ -136,3 +136,25 @@ def test_logits_ignore_the_cache(model):
     fresh = ReferenceBackend(model, context_length=128, prefix_cache_gb=0).logits(P + [1])
     assert (be.logits(P + [1]) == fresh).all()
     assert be.prefix_cache.stats["lookups"] == lookups
+
+
+def test_cancel_during_prefill_stops_between_chunks(model, cold):
+    # a server cancels a request whose client left: the prefill stops at the next chunk
+    # (token by token here), and the positions it ran are kept for reuse
+    be = ReferenceBackend(model, context_length=128, batch_prefill=False)
+    s = be.start(P, GREEDY, 8, set())
+    real, calls = be.rm.forward, []
+
+    def forward(ids, **kw):
+        calls.append(len(ids))
+        if len(calls) == 5:
+            s.cancel()                         # (the server's thread, mid-prefill)
+        return real(ids, **kw)
+
+    be.rm.forward = forward
+    assert list(s) == [] and s.finish_reason == "cancelled"
+    assert calls == [1] * 5                    # not the 30 positions of the prompt
+    [entry] = be.prefix_cache._entries
+    assert entry.ids == tuple(P[:5])
+    del be.rm.forward
+    assert run(be, P) == (cold(P), 5)

@@ -216,13 +216,18 @@ class ReferenceModel:
         return logits if all_logits else logits[0]
 
     def prefill(self, ids, batch: bool = True, all_logits: bool = False,
-                chunk: int = PREFILL_CHUNK) -> np.ndarray:
+                chunk: int = PREFILL_CHUNK, should_stop=None) -> np.ndarray | None:
         """Prompt forward in blocks of `chunk` positions (batch) or token by token; the same
-        results within fp32 rounding. Chunks bound the (n*G, T) score matrices."""
+        results within fp32 rounding. Chunks bound the (n*G, T) score matrices.
+        should_stop(): asked before every block but the first; True stops the prefill there
+        (None is returned; the KV cache holds positions < pos)."""
         ids = list(ids)
         step = chunk if batch else 1
-        rows = [self.forward(ids[i:i + step], all_logits=all_logits)
-                for i in range(0, len(ids), step)]
+        rows = []
+        for i in range(0, len(ids), step):
+            if i and should_stop is not None and should_stop():
+                return None
+            rows.append(self.forward(ids[i:i + step], all_logits=all_logits))
         if not all_logits:
             return rows[-1]
         return np.concatenate(rows) if batch else np.stack([r[0] for r in rows])
@@ -292,7 +297,12 @@ class ReferenceTokenStream:
             self._rm.reset()
             self._started = True
             n = self.cached_tokens = self._b.restore(self._prompt)
-            logits = self._rm.prefill(self._prompt[n:], batch=self._batch_prefill)
+            logits = self._rm.prefill(self._prompt[n:], batch=self._batch_prefill,
+                                      should_stop=lambda: self._cancel)
+            if logits is None:                      # cancelled between prefill chunks: the
+                self.finish_reason = "cancelled"    # positions run so far are kept for reuse
+                self._b.save(self)
+                raise StopIteration
         pos = self._rm.pos - 1                                  # position whose logits we sample
         tok = sample_token(logits, self._params, len(g), self._prompt + g)
         self._rm.record("sample", pos, tok)
