@@ -394,6 +394,7 @@ def test_models_health_metrics(scripted):
     assert c.models.retrieve("scripted").id == "scripted"
     r = httpx.get(srv.url + "/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert httpx.head(srv.url + "/health").status_code == 200     # (load balancers' probes)
     chat(c, "hi", max_tokens=8)
     text = httpx.get(srv.url + "/metrics").text
     for name in ("kogcupy_requests_total", "kogcupy_queue_depth",
@@ -655,7 +656,20 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "assistant", "content": "x",
                                                  "refusal": "no"}]},
      400, "messages[0].refusal", "None"),
-    ("completions", {"model": "scripted", "prompt": [1, 99999]}, 400, None, "token ids"),
+    ("completions", {"model": "scripted", "prompt": [1, 99999]}, 400, "prompt", "token ids"),
+    ("chat", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400,
+     "temperature", "finite"),
+    ("chat", b'{"messages": [{"role": "user", "content": "x"}], "repetition_penalty": Infinity}',
+     400, "repetition_penalty", "finite"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "max_completion_tokens": 100000}, 400, "max_completion_tokens",
+     "context length is 2048 tokens; the prompt has 46 tokens and max_completion_tokens=100000"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": None}]}, 400,
+     "messages[0].content", "required"),
+    ("chat", {"model": "scripted", "messages": [{"role": "assistant", "content": None}]}, 400,
+     "messages[0].content", "without tool_calls"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "tool_choice": "auto"}, 400, "tool_choice", "tools are specified"),
 ]
 
 

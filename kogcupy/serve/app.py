@@ -178,10 +178,10 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         except ContextLengthError as e:
             raise prompt_too_long(e.prompt_tokens, param) from None
         except InputError as e:
-            raise P.APIError(400, " ".join(str(e).split())) from None
+            raise P.APIError(400, " ".join(str(e).split()), param=param) from None
 
     def plan(req, ids: list[int], requested: int | None, default: int | None,
-             prompt_param: str) -> dict:
+             prompt_param: str, max_param: str = "max_tokens") -> dict:
         """engine.generate kwargs; 400 (code context_length_exceeded, as OpenAI) when the
         prompt or max_tokens do not fit the context."""
         ctx = int(engine.context_length)
@@ -193,9 +193,9 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             max_new = room if default is None else min(default, room)
         elif requested > room:
             raise P.APIError(400, f"This model's maximum context length is {ctx} tokens; the "
-                                  f"prompt has {n} tokens and max_tokens={requested} asks for "
-                                  f"{n + requested}: at most {room} tokens can be generated",
-                             param="max_tokens", code="context_length_exceeded")
+                                  f"prompt has {n} tokens and {max_param}={requested} asks "
+                                  f"for {n + requested}: at most {room} tokens can be "
+                                  f"generated", param=max_param, code="context_length_exceeded")
         else:
             max_new = requested
         seed = secrets.randbits(64) if req.seed in (None, -1) else req.seed
@@ -224,7 +224,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         return job
 
     # -- routes ------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "model": name, "running": int(scheduler.busy),
                 "queued": scheduler.queued}
@@ -264,8 +264,9 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                                  param=f"messages[{i}].tool_calls")
         messages = [m.to_template() for m in req.messages]
         ids = await encode(engine.encode_messages, messages, tools=tools, param="messages")
-        requested = req.max_completion_tokens or req.max_tokens
-        kw = plan(req, ids, requested, None, "messages")
+        max_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        kw = plan(req, ids, req.max_completion_tokens or req.max_tokens, None, "messages",
+                  max_param)
         rid = P.new_id("chatcmpl")
         job = submit(rid, ids, kw)
         fmt = ChatFormatter(rid, name, P.now(), len(ids),

@@ -55,7 +55,7 @@ def error_body(status: int, message: str, param: str | None = None,
 
 # ------------------------------------------------------------------------------- requests
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -271,6 +271,13 @@ def check_supported(req) -> None:
         if req.response_format not in (None, {"type": "text"}):
             no("response_format", "response_format other than {\"type\": \"text\"} (JSON mode, "
                                   "structured outputs) is not supported")
+        if req.tool_choice not in (None, "none") and not req.tools:
+            no("tool_choice", "tool_choice is only allowed when tools are specified")
+        for i, m in enumerate(req.messages):
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+                no(f"messages[{i}].content",
+                   f"messages[{i}].content is required for a {m.role} message"
+                   + (" without tool_calls" if m.role == "assistant" else ""))
         if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
             no("tool_choice", "tool_choice must be \"auto\" or \"none\" (forcing a tool call is "
                               "not supported)")
