@@ -742,7 +742,16 @@ def main(argv=None) -> None:
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("kogcupy: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except OSError as e:                     # the system's (a full disk, no permission)
+        click.echo(f"kogcupy: error: {os_error_line(e)}", err=True)
+        sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: 'PATH: No space left on device'."""
+    what = e.strerror or " ".join(str(e).split())
+    return f"{e.filename}: {what}" if e.filename else what
 
 
 if __name__ == "__main__":

@@ -220,7 +220,8 @@ class GenerationResult:
     text: str                       # == "".join(pieces yielded)
     finish_reason: str              # eos | stop | length | context | cancelled
     prompt_tokens: int
-    prefill_s: float                # until the first generated token was available
+    prefill_s: float                # until the first generated token was available (none:
+                                    # until the generation stopped)
     decode_s: float                 # first generated token -> last generated token
     tokens_per_s: float             # decode tokens (after the first) / decode_s
     backend: str
@@ -256,6 +257,7 @@ class Generation:
         self._token_ids: list[int] = []
         self._text = ""                 # everything decoded so far (up to a stop string)
         self._emitted = 0               # chars of _text already yielded
+        self._t_begin: float | None = None     # the first __next__ (the prefill starts)
         self._t_first: float | None = None
         self._t_last: float | None = None
         self.result: GenerationResult | None = None
@@ -272,6 +274,8 @@ class Generation:
     def __next__(self) -> str:
         if self.result is not None:
             raise StopIteration
+        if self._t_begin is None:
+            self._t_begin = time.perf_counter()
         try:
             return self._next_piece()
         except KeyboardInterrupt:
@@ -365,6 +369,9 @@ class Generation:
         n = len(self._token_ids)
         decode_s = (self._t_last - self._t_first) if n > 1 else 0.0
         tps = (n - 1) / decode_s if decode_s > 0 else 0.0
+        prefill_s = float(getattr(self.stream, "prefill_s", 0.0) or 0.0)
+        if n == 0 and self._t_begin is not None:  # stopped in the prefill: the time it ran
+            prefill_s = time.perf_counter() - self._t_begin
         gbps = pct = None
         bpt = getattr(self._backend, "bytes_per_token", None)
         if bpt and tps > 0:
@@ -375,7 +382,7 @@ class Generation:
         self.result = GenerationResult(
             token_ids=list(self._token_ids), text=self._text[:self._emitted],
             finish_reason=finish_reason, prompt_tokens=len(self.prompt_ids),
-            prefill_s=float(getattr(self.stream, "prefill_s", 0.0) or 0.0), decode_s=decode_s,
+            prefill_s=prefill_s, decode_s=decode_s,
             tokens_per_s=tps, backend=self._backend.name, gb_per_s=gbps, pct_of_bandwidth=pct,
             cached_tokens=int(getattr(self.stream, "cached_tokens", 0) or 0))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -139,6 +140,25 @@ def test_cancel_by_close_and_keyboard_interrupt(engine):
             got.append(piece)
     assert gen.result.finish_reason == "cancelled"
     assert gen.result.text == "".join(got) and len(gen.result.token_ids) == 3
+
+    # Ctrl-C in the prefill: no token, and the stats give the time the prefill ran
+    gen = engine.generate(PROMPT, max_new_tokens=50, chat=False)
+    inner = gen.stream
+
+    class InPrefill(Interrupting):
+        def __next__(self):
+            if not self.n:
+                self.n = 1
+                time.sleep(0.05)
+                raise KeyboardInterrupt
+            return next(inner)
+
+    gen.stream = InPrefill()
+    with pytest.raises(KeyboardInterrupt):
+        next(gen)
+    r = gen.result
+    assert r.token_ids == [] and r.finish_reason == "cancelled" and r.prefill_s >= 0.05
+    assert "prefill 0.000 s" not in r.stats_line()
 
 
 def test_generate_validation(engine):

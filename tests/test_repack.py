@@ -80,15 +80,29 @@ def test_repack_gguf_roundtrip(gguf_file, tmp_path):
     assert packed.tokenizer.has_chat_template
 
 
-def test_repack_existing_dst(hf_dir, tmp_path):
+def test_repack_existing_dst(hf_dir, tmp_path, monkeypatch):
     dst = tmp_path / "packed"
     dst.mkdir()
-    (dst / "keep").write_text("x")
+    R.repack(hf_dir, str(dst), force=True)              # an empty directory: replaced
+    (dst / "stale").write_text("x")
     with pytest.raises(ModelLoadError, match="already exists.*--force"):
         R.repack(hf_dir, str(dst))
-    assert (dst / "keep").exists()
-    R.repack(hf_dir, str(dst), force=True)
-    assert not (dst / "keep").exists() and (dst / "kogcupy_pack.json").exists()
+    assert (dst / "stale").exists()
+    R.repack(hf_dir, str(dst), force=True)              # a packed directory: replaced
+    assert not (dst / "stale").exists() and (dst / "kogcupy_pack.json").exists()
+    # --force never deletes other data: a directory without the marker, a file
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "ch1.txt").write_text("precious")
+    (tmp_path / "notes.txt").write_text("precious")
+    for d in (other, tmp_path / "notes.txt"):
+        with pytest.raises(ModelLoadError, match="not a kogcupy packed directory"):
+            R.repack(hf_dir, str(d), force=True)
+    assert (other / "ch1.txt").read_text() == (tmp_path / "notes.txt").read_text() == "precious"
+    monkeypatch.chdir(dst)                              # ".": the process's own directory
+    with pytest.raises(ModelLoadError, match="current directory"):
+        R.repack(hf_dir, ".", force=True)
+    assert (dst / "kogcupy_pack.json").exists()
     assert _leftovers(tmp_path) == []
 
 
@@ -196,3 +210,16 @@ def test_repack_fp16_overflow(tmp_path):
         R.repack(src, str(tmp_path / "packed"), dtype="fp16")
     assert sorted(os.listdir(tmp_path)) == ["src"]
     R.repack(src, str(tmp_path / "packed"), dtype="bf16")
+
+
+def test_cli_system_error_is_one_line(hf_dir, tmp_path, monkeypatch, capsys):
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device", str(tmp_path / "packed"))
+
+    monkeypatch.setattr(R, "write_safetensors", full)
+    with pytest.raises(SystemExit) as e:
+        R.main([hf_dir, str(tmp_path / "packed")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.strip().endswith("packed: No space left on device; nothing was written")
+    assert os.listdir(tmp_path) == []

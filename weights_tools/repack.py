@@ -90,8 +90,19 @@ def _dst_checks(src: str, dst: str, force: bool) -> None:
     rs, rd = os.path.realpath(src), os.path.realpath(dst)
     if rd == rs or rs.startswith(rd + os.sep) or rd.startswith(rs + os.sep):
         raise ModelLoadError(f"{dst}: destination must not be the source or inside/around it")
-    if os.path.lexists(dst) and not force:
-        raise ModelLoadError(f"{dst}: already exists (pass --force to replace it)")
+    if os.path.lexists(dst):
+        if not force:
+            raise ModelLoadError(f"{dst}: already exists (pass --force to replace it)")
+        # --force replaces what a repack wrote (or an empty directory), never other data
+        entries = os.listdir(dst) if os.path.isdir(dst) else None
+        if entries is None or (entries and PACK_MARKER not in entries):
+            raise ModelLoadError(f"{dst}: exists and is not a kogcupy packed directory (no "
+                                 f"{PACK_MARKER}); --force replaces only those: choose "
+                                 f"another destination or remove it yourself")
+        cwd = os.path.realpath(os.getcwd())
+        if cwd == rd or cwd.startswith(rd + os.sep):
+            raise ModelLoadError(f"{dst}: is (or holds) the current directory; run the "
+                                 f"repack from outside it")
     parent = os.path.dirname(os.path.abspath(dst))
     if not os.path.isdir(parent):
         raise ModelLoadError(f"{dst}: parent directory {parent} does not exist")
@@ -172,7 +183,12 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
 def repack_command(src, dst, dtype, force):
     """Repack SRC (HF directory or .gguf) into a kogcupy packed directory DST."""
     # KogErrors propagate: `kogcupy repack` and `kogcupy-repack` print them as one line.
+    import signal
+    import threading
     from kogcupy.model.weights import detect_format
+    if threading.current_thread() is threading.main_thread():
+        # a SIGTERM (kill, a job scheduler) cleans up as Ctrl-C does: no temporary left
+        signal.signal(signal.SIGTERM, _terminated)
     _dst_checks(src, dst, force)
     detect_format(src)
     bar = None
@@ -197,8 +213,13 @@ def repack_command(src, dst, dtype, force):
                err=True)
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> None:
-    """`kogcupy-repack`: user errors are one line and exit 2; Ctrl-C exits 130."""
+    """`kogcupy-repack`: user errors are one line and exit 2; Ctrl-C (or SIGTERM) exits 130;
+    the system's errors (a full disk) are one line and exit 1."""
     prog = "kogcupy-repack"
     try:
         repack_command.main(args=argv, prog_name=prog, standalone_mode=False)
@@ -217,6 +238,10 @@ def main(argv=None) -> None:
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo(f"{prog}: interrupted; nothing was written", err=True)
         sys.exit(130)
+    except OSError as e:
+        from kogcupy.cli import os_error_line
+        click.echo(f"{prog}: error: {os_error_line(e)}; nothing was written", err=True)
+        sys.exit(1)
     sys.exit(0)
 
 

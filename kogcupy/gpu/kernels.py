@@ -163,7 +163,8 @@ def _cupy():
     try:
         import cupy
     except Exception as e:  # noqa: BLE001 -- any import failure means no usable GPU stack
-        raise DeviceError(f"CuPy is not usable ({e}); install kogcupy[cuda12] or [cuda13]") from None
+        raise DeviceError(f"CuPy is not usable ({e}); install the cuda13 (or cuda12) extra: "
+                          f'pip install ".[cuda13]" in the kogcupy source checkout') from None
     return cupy
 
 

@@ -122,10 +122,13 @@ class ModelConfig:
         self.check_token_ids(prompt_ids, "prompt")
         if len(prompt_ids) > context_length - 1:
             what = " (chat template included)" if template else ""
+            more = (f" or raise --context-length (the model has {self.max_position_embeddings:,}"
+                    f" positions)" if context_length < self.max_position_embeddings else
+                    " (the model's own limit)")
             raise ContextLengthError(
                 f"prompt of {len(prompt_ids)} tokens{what} does not fit the context length "
-                f"{context_length} (at most {context_length - 1} prompt tokens); shorten it "
-                f"or raise --context-length", len(prompt_ids))
+                f"{context_length} (at most {context_length - 1} prompt tokens); shorten it"
+                f"{more}", len(prompt_ids))
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
 
