@@ -179,7 +179,7 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "bfloat16", "float16"]),
               default=None, help="Storage dtype (default: the checkpoint's; fp32 -> bf16, "
                                  "GGUF -> fp16).")
-@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--force", is_flag=True, help="Replace DST if it is a packed directory (or empty).")
 def repack_command(src, dst, dtype, force):
     """Repack SRC (HF directory or .gguf) into a kogcupy packed directory DST."""
     # KogErrors propagate: `kogcupy repack` and `kogcupy-repack` print them as one line.
