@@ -351,6 +351,7 @@ CALL_TEXTS = [
     '<tool_call>\nnot json\n</tool_call> trailing',
     '<tool_call>\n{"name": "c", "arguments": {"z": "é"}}',                     # cut by length
     'text <tool_ca',                                                          # a partial tag
+    '<tool_call>\n{"name": "d", "arguments": {}}\n</tool_call>\n\nDone, that is all.\n',
 ]
 
 
@@ -384,6 +385,8 @@ def test_tool_call_parser_results():
     content, calls = parse_tool_calls(CALL_TEXTS[4])   # unclosed but complete JSON: a call
     assert content == "" and json.loads(calls[0].arguments) == {"z": "é"}
     assert parse_tool_calls(CALL_TEXTS[5]) == (CALL_TEXTS[5], [])
+    content, calls = parse_tool_calls(CALL_TEXTS[6])   # text after a call: from its first word
+    assert content == "Done, that is all." and [c.name for c in calls] == ["d"]
 
 
 # ------------------------------------------------------------------------------- scripted engine

@@ -74,9 +74,15 @@ class ToolCallParser:
         self._buf = ""            # text not yet emitted
         self._inside = False      # after an OPEN_TAG, waiting for its CLOSE_TAG
         self._ws = ""             # whitespace-only content held until we know what follows
+        self._after_call = False  # the text after a call starts at its first non-space
         self.calls: list[ToolCall] = []
 
     def _content(self, text: str, out: list):
+        if self._after_call:
+            text = text.lstrip()
+            if not text:
+                return
+            self._after_call = False
         body = text.rstrip()
         if not body:
             self._ws += text
@@ -92,6 +98,7 @@ class ToolCallParser:
         else:
             self.calls.append(call)
             out.append(call)
+        self._after_call = call is not None
         self._ws = ""
 
     def feed(self, piece: str) -> list:
