@@ -284,7 +284,7 @@ def read_stdin_prompt() -> str:
          *BACKEND_OPTIONS, STOP_OPTION)
 def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_p,
              repetition_penalty, seed, chat, backend, context_length, dtype, gpus, stop):
-    """Stream a completion of PROMPT (read from stdin when omitted) to stdout.
+    """Stream a completion of PROMPT (read from stdin when omitted or -) to stdout.
 
     PROMPT must be UTF-8 text. --stop takes literal text: for a newline pass a real one
     (bash: --stop $'\\n')."""
@@ -295,7 +295,7 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
     check_backend(backend, context_length, dtype, gpus)
     for s in stop:
         check_text(s, "--stop")
-    if prompt is None:
+    if prompt is None or prompt == "-":
         prompt = read_stdin_prompt()
     check_text(prompt)
     if not prompt:

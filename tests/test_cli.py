@@ -375,7 +375,7 @@ def test_bare_command_prints_help():
 
 
 @pytest.mark.parametrize("args, stdin", [(["generate", ""], None), (["generate"], ""),
-                                         (["generate"], "\n"),
+                                         (["generate"], "\n"), (["generate", "-"], "\n"),
                                          (["generate", "", "--no-chat"], None)])
 def test_empty_prompt_is_refused_before_loading(no_load, args, stdin):
     assert_user_error(CliRunner().invoke(cli, args, input=stdin), "the prompt is empty")
