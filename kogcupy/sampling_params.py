@@ -18,16 +18,16 @@ class SamplingParams:
     def __post_init__(self):
         def bad(msg):
             raise InputError(f"invalid sampling parameter: {msg}")
-        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
-            bad(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 <= self.temperature < float("inf")):
+            bad(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             bad(f"top_k must be an integer >= 0, got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             bad(f"top_p must be in (0, 1], got {self.top_p}")
         if not (0.0 <= self.min_p < 1.0):
             bad(f"min_p must be in [0, 1), got {self.min_p}")
-        if not (self.repetition_penalty > 0.0):
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (0.0 < self.repetition_penalty < float("inf")):
+            bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if not isinstance(self.seed, int) or not (0 <= self.seed < 2**64):
             bad(f"seed must be an integer in [0, 2**64), got {self.seed}")
 

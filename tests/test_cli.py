@@ -150,6 +150,8 @@ def test_no_driver_is_named_in_the_gpu_errors(monkeypatch):
 
 @pytest.mark.parametrize("args, match", [
     (["--temperature", "-1"], "--temperature must be"),      # (named as the user typed it)
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--repetition-penalty", "inf"], "--repetition-penalty must be a finite number"),
     (["--top-p", "0"], "--top-p must be"),
     (["--top-k", "-3"], "--top-k must be"),
     (["--min-p", "1.5"], "--min-p must be"),
