@@ -230,7 +230,10 @@ class GenerationResult:
     cached_tokens: int = 0          # prompt tokens restored from the prefix cache, not run
 
     def stats_line(self) -> str:
-        parts = [f"{len(self.token_ids)} tokens", f"{self.tokens_per_s:.1f} tok/s"]
+        n = len(self.token_ids)
+        parts = [f"{n} token" + "s" * (n != 1)]
+        if n > 1:                           # (a rate needs two tokens' times)
+            parts.append(f"{self.tokens_per_s:.1f} tok/s")
         if self.gb_per_s is not None:
             bw = f"{self.gb_per_s:.1f} GB/s"
             if self.pct_of_bandwidth is not None:

@@ -216,3 +216,11 @@ def test_bandwidth_fields_when_backend_knows_its_bandwidth(tiny_models):
     assert r.gb_per_s == pytest.approx(eng.backend.bytes_per_token * r.tokens_per_s / 1e9)
     assert r.pct_of_bandwidth == pytest.approx(100 * r.gb_per_s * 1e9 / 20e9)
     assert "% of read bandwidth" in r.stats_line()
+
+
+def test_stats_line_counts_and_rates():
+    r = GenerationResult(token_ids=[7], text="", finish_reason="eos", prompt_tokens=5,
+                         prefill_s=0.25, decode_s=0.0, tokens_per_s=0.0, backend="reference")
+    assert r.stats_line().startswith("kogcupy: 1 token, prefill 0.250 s (5 prompt tokens")
+    r = dataclasses.replace(r, token_ids=[7, 8, 9], decode_s=0.5, tokens_per_s=4.0)
+    assert r.stats_line().startswith("kogcupy: 3 tokens, 4.0 tok/s, prefill")
