@@ -218,9 +218,10 @@ class _Progress:
     """One line on a terminal's stderr while something slow runs: 'kogcupy: WHAT ... 3 s',
     replaced by 'kogcupy: DONE in 4.2 s'. Nothing when stderr is not a terminal."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, delay: float = 0.0):
         self.what = what
         self.on = _stderr_is_tty()
+        self.delay = delay               # shown only once it has run this long
         self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -232,12 +233,15 @@ class _Progress:
             sys.stderr.flush()
 
     def _tick(self):
+        if self.delay and self._stop.wait(self.delay):
+            return
         while not self._stop.wait(0.5):
             self._line(f"kogcupy: {self.what} ... {time.perf_counter() - self._t0:.0f} s")
 
     def __enter__(self):
         if self.on:
-            self._line(f"kogcupy: {self.what} ...")
+            if not self.delay:
+                self._line(f"kogcupy: {self.what} ...")
             self._thread = threading.Thread(target=self._tick, daemon=True)
             self._thread.start()
         return self
@@ -249,11 +253,16 @@ class _Progress:
             self._line(f"kogcupy: {what} in {time.perf_counter() - self._t0:.1f} s", "\n")
             self.on = False
 
-    def __exit__(self, *exc):
-        if self.on:                      # failed or interrupted: clear the line
+    def clear(self):
+        """Stop and clear the line (once what it waited for has come)."""
+        if self.on:
             self._stop.set()
             self._thread.join()
             self._line("")
+            self.on = False
+
+    def __exit__(self, *exc):
+        self.clear()                     # (failed or interrupted)
         return False
 
 
@@ -306,9 +315,13 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
                           repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),
                           chat=chat)
     interrupted = False
+    # a prompt that takes a while (the CPU reference: seconds a thousand tokens) says so
+    waiting = _Progress(f"reading the prompt ({len(gen.prompt_ids):,} tokens)", delay=1.0)
     try:
-        for piece in gen:
-            click.echo(piece, nl=False)          # echo flushes: text appears as it is made
+        with waiting:
+            for piece in gen:
+                waiting.clear()
+                click.echo(piece, nl=False)      # echo flushes: text appears as it is made
         click.echo("")
     except KeyboardInterrupt:
         interrupted = True

@@ -406,6 +406,12 @@ def test_progress_line_on_a_terminal(cached_default_model, monkeypatch):
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert "kogcupy: loading SmolLM2-135M-Instruct.Q4_1.gguf (reference) ..." in r.stderr
     assert "kogcupy: loaded SmolLM2-135M-Instruct.Q4_1.gguf in " in r.stderr
+    # a prompt taking more than the delay says so, and the line is gone before the text
+    real = C._Progress
+    monkeypatch.setattr(C, "_Progress", lambda what, delay=0.0: real(what, delay=0.0))
+    r = invoke(["generate", "hi", "--max-new-tokens", "2", "--backend", "reference"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert re.search(r"kogcupy: reading the prompt \(\d+ tokens\) \.\.\.\r\x1b\[K", r.stderr)
 
 
 def test_repack_entry_point_usage_error_is_one_line(capsys):
