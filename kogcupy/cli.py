@@ -18,7 +18,7 @@ import time
 
 import click
 
-from .errors import DeviceError, InputError, KogError
+from .errors import ContextLengthError, DeviceError, InputError, KogError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -409,7 +409,9 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
                                   repetition_penalty=repetition_penalty, seed=seed,
                                   stop=list(stop))
         except KogError as e:                  # e.g. the conversation outgrew the context
-            click.echo(f"kogcupy: error: {' '.join(str(e).split())}", err=True)
+            hint = ("; /reset starts the conversation over" if isinstance(e, ContextLengthError)
+                    and len(messages) > len(start) else "")
+            click.echo(f"kogcupy: error: {' '.join(str(e).split())}{hint}", err=True)
             continue
         try:
             for piece in gen:
@@ -613,10 +615,10 @@ def models():
          click.option("--out", metavar="PATH", default="trace.json", show_default=True,
                       help="The Chrome/Perfetto trace JSON to write."))
 def profile(model_path, shape, position, new_tokens, gpus, dtype, out):
-    """Profile one decode step in the kernel: run a generation with the profiling build, write
-    a Chrome/Perfetto trace (open it in https://ui.perfetto.dev: one track per GPU block, one
-    slice per stage and per wait) and print per-stage times, waits, hop latencies and the
-    idle time per block.
+    """Profile one decode step in the kernel (needs a GPU): run a generation with the
+    profiling build, write a Chrome/Perfetto trace (open it in https://ui.perfetto.dev: one
+    track per GPU block, one slice per stage and per wait) and print per-stage times, waits,
+    hop latencies and the idle time per block.
 
     The prompt is token ids 1..32 (fewer when --position < 31); the generation never stops at
     an end-of-sequence token. Several GPUs share rank 0's time base; %globaltimer is per GPU,

@@ -96,6 +96,18 @@ def test_nonexistent_path(tmp_path):
     assert str(tmp_path / "nope") in one_line(e)
     with pytest.raises(ModelLoadError, match="^'': no such file"):       # --model ""
         load_model("")
+    assert "downloads nothing" not in one_line(e)
+    with pytest.raises(ModelLoadError, match="downloads nothing.*--local-dir") as e:
+        load_model("HuggingFaceTB/SmolLM2-135M-Instruct")               # a hub id
+    one_line(e)
+
+
+def test_directory_of_several_ggufs(tmp_path):
+    for name in ("a.Q4_0.gguf", "a.Q8_0.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    with pytest.raises(ModelLoadError, match="holds 2 .gguf files.*pass the one") as e:
+        load_model(str(tmp_path))
+    one_line(e)
 
 
 @pytest.mark.parametrize("setup", ["text_file", "empty_dir", "safetensors_alone", "config_only"])

@@ -97,10 +97,12 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dirs, spy, monkeypat
 
 def test_errors_keep_the_session_or_stop_it(tiny_dirs, tmp_path):
     r = chat(["--model", tiny_dirs["llama"], "--backend", "reference", "--max-new-tokens", "2",
-              "--context-length", "40"], ["word " * 50, "The fox"])
+              "--context-length", "40"], ["word " * 50, "The fox", "word " * 25])
     assert r.exit_code == 0, (r.stderr, r.exception)
-    assert "kogcupy: error:" in r.stderr and "context length" in r.stderr
-    assert len(turn_stats(r.stderr)) == 1      # the next turn ran
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("kogcupy: error:")]
+    assert len(errors) == 2 and all("context length" in e for e in errors)
+    assert "/reset" not in errors[0] and "/reset starts the conversation over" in errors[1]
+    assert len(turn_stats(r.stderr)) == 1      # the turn between them ran
     d = tmp_path / "plain"
     shutil.copytree(tiny_dirs["llama"], d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())

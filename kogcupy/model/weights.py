@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -763,7 +764,11 @@ def read_packed_dir(directory: str, on_config=None, lazy: bool = False
 def detect_format(path: str) -> str:
     """"hf" | "gguf" | "packed" for a usable path; ModelLoadError otherwise."""
     if not os.path.exists(path):
-        raise ModelLoadError(f"{path!r}: no such file or directory")
+        hint = ""
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", path):        # looks like a hub id (org/name)
+            hint = ("; kogcupy reads local files only and downloads nothing: fetch the model "
+                    "first (e.g. `hf download ORG/NAME --local-dir DIR`) and pass DIR")
+        raise ModelLoadError(f"{path!r}: no such file or directory{hint}")
     if os.path.isdir(path):
         entries = os.listdir(path)
         if PACK_MARKER in entries:
@@ -778,6 +783,10 @@ def detect_format(path: str) -> str:
         ggufs = [e for e in entries if e.endswith(".gguf")]
         if len(ggufs) == 1:
             return "gguf"
+        if len(ggufs) > 1:
+            raise ModelLoadError(f"{path}: holds {len(ggufs)} .gguf files "
+                                 f"({', '.join(sorted(ggufs)[:3])}{', ...' if len(ggufs) > 3 else ''}); "
+                                 f"pass the one to load")
         raise ModelLoadError(f"{path}: not a model directory (expected config.json + "
                              f"*.safetensors, a kogcupy packed dir, or one .gguf file)")
     if path.endswith(PICKLE_SUFFIXES):
