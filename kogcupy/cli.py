@@ -233,10 +233,10 @@ class _Progress:
             sys.stderr.flush()
 
     def _tick(self):
-        if self.delay and self._stop.wait(self.delay):
-            return
-        while not self._stop.wait(0.5):
+        wait = self.delay or 0.5                  # (a delayed line appears at the delay)
+        while not self._stop.wait(wait):
             self._line(f"kogcupy: {self.what} ... {time.perf_counter() - self._t0:.0f} s")
+            wait = 0.5
 
     def __enter__(self):
         if self.on:
@@ -426,8 +426,10 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
 
 def _turn_stats(r) -> str:
     """One short line per chat turn."""
+    n = len(r.token_ids)
+    rate = "" if n < 2 else f", {r.tokens_per_s:.1f} tok/s"
     bw = "" if r.gb_per_s is None else f", {r.gb_per_s:.1f} GB/s"
-    return (f"kogcupy: {len(r.token_ids)} tokens, {r.tokens_per_s:.1f} tok/s{bw}, prefill "
+    return (f"kogcupy: {n} token{'s' * (n != 1)}{rate}{bw}, prefill "
             f"{r.prefill_s:.3f} s ({r.prompt_tokens - r.cached_tokens} new + {r.cached_tokens} "
             f"cached prompt tokens), finish {r.finish_reason}")
 
@@ -758,15 +760,26 @@ def main(argv=None) -> None:
         click.echo("kogcupy: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except OSError as e:                     # the system's (a full disk, no permission)
+        if not is_system_error(e):
+            raise                            # (anything else is a bug: its traceback)
         click.echo(f"kogcupy: error: {os_error_line(e)}", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
+def is_system_error(e: OSError) -> bool:
+    """An error of the machine, not of kogcupy: no space, no permission, a read-only or
+    failing disk, too many open files."""
+    import errno
+    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                       errno.EIO, errno.EMFILE, errno.ENFILE)
+
+
 def os_error_line(e: OSError) -> str:
     """An OSError as one line: 'PATH: No space left on device'."""
     what = e.strerror or " ".join(str(e).split())
-    return f"{e.filename}: {what}" if e.filename else what
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+    return f"{where}: {what}" if where else what
 
 
 if __name__ == "__main__":

@@ -97,9 +97,13 @@ def test_nonexistent_path(tmp_path):
     with pytest.raises(ModelLoadError, match="^'': no such file"):       # --model ""
         load_model("")
     assert "downloads nothing" not in one_line(e)
-    with pytest.raises(ModelLoadError, match="downloads nothing.*--local-dir") as e:
+    with pytest.raises(ModelLoadError, match="downloads nothing.*hf download "
+                                             "HuggingFaceTB/SmolLM2-135M-Instruct --local-dir"):
         load_model("HuggingFaceTB/SmolLM2-135M-Instruct")               # a hub id
-    one_line(e)
+    for local in ("../model", "./model", "models/smollm.gguf"):         # mistyped local paths
+        with pytest.raises(ModelLoadError, match="no such file") as e:
+            load_model(local)
+        assert "downloads nothing" not in one_line(e)
 
 
 def test_directory_of_several_ggufs(tmp_path):

@@ -115,7 +115,6 @@ def test_prefix_reuse_warm_equals_cold():
     assert warm.prefix_cache.stats["entries"] >= 1
 
 
-
 def test_logits_between_requests_leave_no_stale_prefix():
     # teacher-forced logits overwrite the live cache: a later prompt is matched against what
     # they wrote (without a prefix cache) or the store (with one), never against the live
@@ -126,15 +125,19 @@ def test_logits_between_requests_leave_no_stale_prefix():
     a = rng.integers(0, V, 100).tolist()
     forced = [(a[0] + 1) % V] + rng.integers(0, V, 59).tolist()
     cold = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
+    first = list(cold.start(a, SamplingParams(), 8, set()))
+    turn2 = a + first
+    fresh = MonokernelBackend(m, context_length=1024, prefix_cache_gb=0)
+    want = list(fresh.start(turn2, SamplingParams(), 8, set()))   # (nothing cached)
     for gb in (0, 1):
         be = MonokernelBackend(m, context_length=1024, prefix_cache_gb=gb)
-        first = list(be.start(a, SamplingParams(), 8, set()))
+        assert list(be.start(a, SamplingParams(), 8, set())) == first
         be.logits(forced)
-        turn2 = a + first
         s = be.start(turn2, SamplingParams(), 8, set())
         got = list(s)
         assert s.cached_tokens == (0 if gb == 0 else len(turn2) - 1)
-        assert got == list(cold.start(turn2, SamplingParams(), 8, set()))
+        assert got == want
+
 
 def test_graph_replays_match_kernel_by_kernel():
     """A chunk replays the captured graph of its padded size (prefill.GRAPH_STEP) at any

@@ -214,12 +214,27 @@ def test_repack_fp16_overflow(tmp_path):
 
 def test_cli_system_error_is_one_line(hf_dir, tmp_path, monkeypatch, capsys):
     def full(*a, **kw):
-        raise OSError(28, "No space left on device", str(tmp_path / "packed"))
+        raise OSError(28, "No space left on device")      # (a write names no file)
 
     monkeypatch.setattr(R, "write_safetensors", full)
     with pytest.raises(SystemExit) as e:
         R.main([hf_dir, str(tmp_path / "packed")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err
-    assert err.strip().endswith("packed: No space left on device; nothing was written")
+    assert err.strip().endswith("error: No space left on device; nothing was written")
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_sigterm_cleans_up_and_restores_the_handler(hf_dir, tmp_path, monkeypatch, capsys):
+    import signal
+
+    def killed(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(R, "write_safetensors", killed)
+    with pytest.raises(SystemExit) as e:
+        R.main([hf_dir, str(tmp_path / "packed")])
+    assert e.value.code == 143 and "terminated; nothing was written" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGTERM) is before

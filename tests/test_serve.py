@@ -352,6 +352,7 @@ CALL_TEXTS = [
     '<tool_call>\n{"name": "c", "arguments": {"z": "é"}}',                     # cut by length
     'text <tool_ca',                                                          # a partial tag
     '<tool_call>\n{"name": "d", "arguments": {}}\n</tool_call>\n\nDone, that is all.\n',
+    'I will check.\n<tool_call>{"name": "e", "arguments": {}}</tool_call>\n  Then a summary.',
 ]
 
 
@@ -387,6 +388,8 @@ def test_tool_call_parser_results():
     assert parse_tool_calls(CALL_TEXTS[5]) == (CALL_TEXTS[5], [])
     content, calls = parse_tool_calls(CALL_TEXTS[6])   # text after a call: from its first word
     assert content == "Done, that is all." and [c.name for c in calls] == ["d"]
+    content, calls = parse_tool_calls(CALL_TEXTS[7])   # text on both sides: one newline between
+    assert content == "I will check.\nThen a summary." and [c.name for c in calls] == ["e"]
 
 
 # ------------------------------------------------------------------------------- scripted engine
@@ -670,7 +673,7 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": None}]}, 400,
      "messages[0].content", "required"),
     ("chat", {"model": "scripted", "messages": [{"role": "assistant", "content": None}]}, 400,
-     "messages[0].content", "without tool_calls"),
+     "messages[0].content", "required for an assistant message without tool_calls"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "tool_choice": "auto"}, 400, "tool_choice", "tools are specified"),
 ]

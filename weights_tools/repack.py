@@ -185,10 +185,18 @@ def repack_command(src, dst, dtype, force):
     # KogErrors propagate: `kogcupy repack` and `kogcupy-repack` print them as one line.
     import signal
     import threading
+    if threading.current_thread() is not threading.main_thread():
+        return _repack_cli(src, dst, dtype, force)
+    # a SIGTERM (kill, a job scheduler) cleans up as Ctrl-C does: no temporary left
+    before = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _repack_cli(src, dst, dtype, force)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _repack_cli(src, dst, dtype, force):
     from kogcupy.model.weights import detect_format
-    if threading.current_thread() is threading.main_thread():
-        # a SIGTERM (kill, a job scheduler) cleans up as Ctrl-C does: no temporary left
-        signal.signal(signal.SIGTERM, _terminated)
     _dst_checks(src, dst, force)
     detect_format(src)
     bar = None
@@ -213,12 +221,16 @@ def repack_command(src, dst, dtype, force):
                err=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM during a repack: unwinds (and cleans up) as Ctrl-C does."""
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def main(argv=None) -> None:
-    """`kogcupy-repack`: user errors are one line and exit 2; Ctrl-C (or SIGTERM) exits 130;
+    """`kogcupy-repack`: user errors are one line and exit 2; Ctrl-C exits 130, SIGTERM 143;
     the system's errors (a full disk) are one line and exit 1."""
     prog = "kogcupy-repack"
     try:
@@ -235,11 +247,16 @@ def main(argv=None) -> None:
     except KogError as e:
         click.echo(f"{prog}: error: {' '.join(str(e).split())}", err=True)
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort) as e:
+        if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):   # (click: Abort)
+            click.echo(f"{prog}: terminated; nothing was written", err=True)
+            sys.exit(143)                      # 128 + SIGTERM, as a shell reports it
         click.echo(f"{prog}: interrupted; nothing was written", err=True)
         sys.exit(130)
     except OSError as e:
-        from kogcupy.cli import os_error_line
+        from kogcupy.cli import is_system_error, os_error_line
+        if not is_system_error(e):
+            raise
         click.echo(f"{prog}: error: {os_error_line(e)}; nothing was written", err=True)
         sys.exit(1)
     sys.exit(0)

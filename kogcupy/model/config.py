@@ -124,7 +124,7 @@ class ModelConfig:
             what = " (chat template included)" if template else ""
             more = (f" or raise --context-length (the model has {self.max_position_embeddings:,}"
                     f" positions)" if context_length < self.max_position_embeddings else
-                    " (the model's own limit)")
+                    " (it is the model's own limit)")
             raise ContextLengthError(
                 f"prompt of {len(prompt_ids)} tokens{what} does not fit the context length "
                 f"{context_length} (at most {context_length - 1} prompt tokens); shorten it"

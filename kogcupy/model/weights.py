@@ -765,9 +765,10 @@ def detect_format(path: str) -> str:
     """"hf" | "gguf" | "packed" for a usable path; ModelLoadError otherwise."""
     if not os.path.exists(path):
         hint = ""
-        if re.fullmatch(r"[\w.-]+/[\w.-]+", path):        # looks like a hub id (org/name)
-            hint = ("; kogcupy reads local files only and downloads nothing: fetch the model "
-                    "first (e.g. `hf download ORG/NAME --local-dir DIR`) and pass DIR")
+        if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", path) and not path.endswith(
+                (".gguf", ".safetensors", ".json", ".bin")):    # looks like a hub id
+            hint = (f"; kogcupy reads local files only and downloads nothing: fetch the model "
+                    f"first (e.g. `hf download {path} --local-dir DIR`) and pass DIR")
         raise ModelLoadError(f"{path!r}: no such file or directory{hint}")
     if os.path.isdir(path):
         entries = os.listdir(path)

@@ -276,7 +276,8 @@ def check_supported(req) -> None:
         for i, m in enumerate(req.messages):
             if m.content is None and not (m.role == "assistant" and m.tool_calls):
                 no(f"messages[{i}].content",
-                   f"messages[{i}].content is required for a {m.role} message"
+                   f"messages[{i}].content is required for "
+                   f"{'an' if m.role[0] in 'aeiou' else 'a'} {m.role} message"
                    + (" without tool_calls" if m.role == "assistant" else ""))
         if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
             no("tool_choice", "tool_choice must be \"auto\" or \"none\" (forcing a tool call is "

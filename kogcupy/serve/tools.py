@@ -74,8 +74,9 @@ class ToolCallParser:
         self._buf = ""            # text not yet emitted
         self._inside = False      # after an OPEN_TAG, waiting for its CLOSE_TAG
         self._ws = ""             # whitespace-only content held until we know what follows
-        self._after_call = False  # the text after a call starts at its first non-space
-        self.calls: list[ToolCall] = []
+        self._any = False         # content emitted
+        self._after_call = False  # the text after a call: from its first non-space, set off
+        self.calls: list[ToolCall] = []   # from the text before the call by one newline
 
     def _content(self, text: str, out: list):
         if self._after_call:
@@ -83,11 +84,13 @@ class ToolCallParser:
             if not text:
                 return
             self._after_call = False
+            self._ws = "\n" if self._any else ""
         body = text.rstrip()
         if not body:
             self._ws += text
             return
         out.append(Content(self._ws + body))
+        self._any = True
         self._ws = text[len(body):]      # trailing whitespace waits for what follows
 
     def _call(self, body: str, out: list, closed: bool):
@@ -95,10 +98,11 @@ class ToolCallParser:
         if call is None:
             raw = OPEN_TAG + body + (CLOSE_TAG if closed else "")
             out.append(Content(self._ws + raw))
+            self._any = True
         else:
             self.calls.append(call)
             out.append(call)
-        self._after_call = call is not None
+            self._after_call = True
         self._ws = ""
 
     def feed(self, piece: str) -> list:
