@@ -98,10 +98,10 @@ def cli():
 
 # Options shared by generate and chat, in help order.
 MODEL_OPTIONS = [
-    click.option("--model", "model_path", metavar="PATH", default=None,
+    click.option("-m", "--model", "model_path", metavar="PATH", default=None,
                  help="HF directory, .gguf file or packed directory "
                       "(default: embedded SmolLM2-135M)."),
-    click.option("--max-new-tokens", type=int, default=256, show_default=True),
+    click.option("-n", "--max-new-tokens", type=int, default=256, show_default=True),
 ]
 SAMPLING_OPTIONS = [
     click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
@@ -117,7 +117,7 @@ SAMPLING_OPTIONS = [
 BACKEND_OPTIONS = [
     click.option("--backend", type=click.Choice(["auto", "reference", "monokernel"]),
                  default="auto", show_default=True),
-    click.option("--context-length", type=int, default=None,
+    click.option("-c", "--context-length", type=int, default=None,
                  help="KV-cache positions (default: 4096, or the model's positions if fewer)."),
     click.option("--dtype", default=None, help="GPU storage dtype: bfloat16 | float16."),
     click.option("--gpus", type=int, default=1, show_default=True,
@@ -601,7 +601,7 @@ def models():
 
 
 @cli.command()
-@options(click.option("--model", "model_path", metavar="PATH", default=None,
+@options(click.option("-m", "--model", "model_path", metavar="PATH", default=None,
                       help="HF directory, .gguf file or packed directory (default: embedded "
                            "SmolLM2-135M)."),
          click.option("--shape", metavar="NAME", default=None,

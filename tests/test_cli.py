@@ -56,9 +56,9 @@ def test_generate_stdin_prompt_and_options(cached_default_model):
                 "--repetition-penalty", "1.1"], input="The capital of France is\n")
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert "6 tokens" in r.stderr and "finish length" in r.stderr
-    again = invoke(["generate", "--max-new-tokens", "6", "--no-chat", "--temperature", "0.8",
-                    "--top-k", "20", "--top-p", "0.9", "--min-p", "0.02", "--seed", "3",
-                    "--repetition-penalty", "1.1"], input="The capital of France is\n")
+    again = invoke(["generate", "-n", "6", "--no-chat", "--temperature", "0.8",   # (short flags:
+                    "--top-k", "20", "--top-p", "0.9", "--min-p", "0.02", "--seed", "3",  # llama.cpp's)
+                    "--repetition-penalty", "1.1", "-c", "64"], input="The capital of France is\n")
     assert again.stdout == r.stdout
 
 
