@@ -63,6 +63,9 @@ def usage_line(e: click.UsageError, prog: str = "kogcupy") -> str:
     msg = " ".join(e.format_message().split()).rstrip(".")
     if msg.startswith("Got unexpected extra argument"):
         msg += "; quote an argument that has spaces, e.g. a prompt"
+    if isinstance(e, click.NoSuchOption) and (" " in e.option_name
+                                              or e.option_name[1:2].isdigit()):
+        msg += "; a prompt that starts with '-' goes after '--' (kogcupy generate -- '-1 ...')"
     path = e.ctx.command_path if e.ctx is not None else prog
     return f"{msg} (see '{path} --help')"
 

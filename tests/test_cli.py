@@ -358,7 +358,8 @@ def test_ctrl_c_while_loading_says_so(monkeypatch):
 
 
 def test_usage_errors_are_one_line():
-    for args, match in ((["generate", "-n", "5", "hi"], "No such option '-n'"),
+    for args, match in ((["generate", "-q", "5", "hi"], "No such option '-q'"),
+                        (["generate", "-5 reasons"], "goes after '--'"),
                         (["generate", "--max-new-tokens", "x", "hi"], "--max-new-tokens"),
                         (["bogus"], "No such command 'bogus'"),
                         (["--bogus"], "No such option '--bogus'"),
