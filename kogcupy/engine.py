@@ -17,6 +17,9 @@ stop string is held back, so the pieces a caller sees always concatenate to ``re
 """
 from __future__ import annotations
 
+import json
+import numbers
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -213,6 +216,32 @@ def check_messages(messages) -> None:
             raise InputError(f"chat message {i}: tool_call_id must be a str")
 
 
+def template_messages(messages) -> list[dict]:
+    """OpenAI-style messages as HF chat templates read them: a null content is "" (an assistant
+    message with tool_calls), a tool call's arguments (OpenAI: a JSON text) the object
+    (templates write ``arguments | tojson``)."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("content") is None:
+            m["content"] = ""
+        if m.get("tool_calls"):
+            m["tool_calls"] = [_call_for_template(c) for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+def _call_for_template(call: dict) -> dict:
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(fn["arguments"])
+    except ValueError:
+        return call                     # (not JSON: the template gets the text)
+    return {**call, "function": {**fn, "arguments": args}}
+
+
 # ------------------------------------------------------------------------------- results
 @dataclass
 class GenerationResult:
@@ -228,6 +257,7 @@ class GenerationResult:
     gb_per_s: float | None = None           # weight bytes streamed per second while decoding
     pct_of_bandwidth: float | None = None   # gb_per_s / the device's measured read bandwidth
     cached_tokens: int = 0          # prompt tokens restored from the prefix cache, not run
+    seed: int | None = None         # the sampling seed (given, or drawn when none was)
 
     def stats_line(self) -> str:
         n = len(self.token_ids)
@@ -387,7 +417,22 @@ class Generation:
             finish_reason=finish_reason, prompt_tokens=len(self.prompt_ids),
             prefill_s=prefill_s, decode_s=decode_s,
             tokens_per_s=tps, backend=self._backend.name, gb_per_s=gbps, pct_of_bandwidth=pct,
-            cached_tokens=int(getattr(self.stream, "cached_tokens", 0) or 0))
+            cached_tokens=int(getattr(self.stream, "cached_tokens", 0) or 0),
+            seed=getattr(self, "seed", None))
+
+
+def _backend_arguments() -> set[str]:
+    """The keyword arguments some backend's constructor takes (beyond the Engine's own)."""
+    import inspect
+    from .gpu.monokernel import MonokernelBackend
+    from .gpu.multigpu import TensorParallelBackend
+    from .reference.backend import ReferenceBackend
+    names = set()
+    for cls in (ReferenceBackend, MonokernelBackend, TensorParallelBackend):
+        for p in inspect.signature(cls.__init__).parameters.values():
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                names.add(p.name)
+    return names - {"self", "model", "context_length", "gpus", "prefix_cache_gb", "backend"}
 
 
 # ------------------------------------------------------------------------------- engine
@@ -399,6 +444,14 @@ class Engine:
         """context_length: KV-cache positions (None: 4096, or the model's positions when fewer;
         more than the model's positions is an InputError). prefix_cache_gb: memory (1e9 bytes)
         for the KV of earlier requests; None = the backend's default, 0 = off."""
+        if not hasattr(model, "config") or not hasattr(model, "weights"):
+            raise InputError(f"Engine takes a model from kogcupy.load_model(...), got "
+                             f"{type(model).__name__}: Engine(kogcupy.load_model(path))")
+        unknown = sorted(set(backend_kw) - _backend_arguments())
+        if unknown:
+            raise InputError(f"Engine got unknown argument(s) {', '.join(unknown)}; it takes "
+                             f"backend, context_length, gpus, prefix_cache_gb and the backends' "
+                             f"{', '.join(sorted(_backend_arguments()))}")
         check_backend_args(backend, gpus)
         context_length = resolve_context_length(model, context_length)
         if prefix_cache_gb is not None:
@@ -443,8 +496,13 @@ class Engine:
         if tools and not tk.takes_tools:
             raise InputError("this model's chat template takes no tools: the model would never "
                              "see them; pass tools=None")
+        for i, m in enumerate(messages):
+            if m.get("tool_calls") and not tk.renders_tool_calls:
+                raise InputError(f"chat message {i}: this model's chat template drops an "
+                                 f"assistant message's tool_calls (the model would never see "
+                                 f"them)")
         kw = {} if tools is None else {"tools": list(tools)}
-        text = tk.render_chat(list(messages), add_generation_prompt=True, **kw)
+        text = tk.render_chat(template_messages(messages), add_generation_prompt=True, **kw)
         ids = tk.encode(text, add_bos=False)                # templates write BOS themselves
         self.model.config.check_request(ids, self.context_length, template=True)
         return ids
@@ -492,20 +550,31 @@ class Engine:
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
-                 repetition_penalty: float = 1.0, seed: int = 0, stop=None,
+                 repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
                  chat: bool | None = None, tools=None) -> Generation:
-        """prompt: str, token ids, or OpenAI-style messages; tools: OpenAI tool dicts passed to
-        the chat template."""
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+        """A Generation: iterate it for the text as it is made (nothing runs before), then
+        ``.result``. prompt: str (through the chat template when the model has one, unless
+        chat=False), token ids, or OpenAI-style messages; tools: OpenAI tool dicts passed to
+        the chat template. temperature 0 is greedy; top_k 0 or -1, top_p 1, min_p 0,
+        repetition_penalty 1 are off; seed None or -1: a random one (``result.seed``); stop:
+        strings the text ends before. One request at a time: a later generate() or logits()
+        stops this one (its finish reason is then 'cancelled')."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
                 or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        params = SamplingParams(temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-                                min_p=float(min_p), repetition_penalty=float(repetition_penalty),
-                                seed=seed)
+        max_new_tokens = int(max_new_tokens)
+        if seed is None or (isinstance(seed, numbers.Integral) and seed == -1):
+            seed = secrets.randbits(63)
+        if isinstance(top_k, numbers.Integral) and top_k == -1:
+            top_k = 0
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition_penalty, seed=seed)
         if stop is None:
             stop = []
         elif isinstance(stop, str):
             stop = [stop]
+        if not isinstance(stop, (list, tuple)):
+            raise InputError(f"stop must be a str or a list of str, got {type(stop).__name__}")
         stop = list(stop)
         if not all(isinstance(s, str) and s for s in stop):
             raise InputError("stop strings must be non-empty strings")
@@ -514,4 +583,6 @@ class Engine:
         ids = self.encode_prompt(prompt, chat, tools)
         eos = self.eos_ids
         stream = self.backend.start(ids, params, max_new_tokens, eos)
-        return Generation(self.backend, stream, ids, self.tokenizer, eos, stop)
+        gen = Generation(self.backend, stream, ids, self.tokenizer, eos, stop)
+        gen.seed = params.seed
+        return gen

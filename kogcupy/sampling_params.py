@@ -1,6 +1,7 @@
 """SamplingParams: what a request asks of the sampler, validated once for every backend."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -18,6 +19,15 @@ class SamplingParams:
     def __post_init__(self):
         def bad(msg):
             raise InputError(f"invalid sampling parameter: {msg}")
+        # numbers of any kind (NumPy's too) become Python's; anything else is an InputError
+        for name, kind in (("temperature", numbers.Real), ("top_p", numbers.Real),
+                           ("min_p", numbers.Real), ("repetition_penalty", numbers.Real),
+                           ("top_k", numbers.Integral), ("seed", numbers.Integral)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, kind):
+                bad(f"{name} must be {'an integer' if kind is numbers.Integral else 'a number'}, "
+                    f"got {v!r} ({type(v).__name__})")
+            object.__setattr__(self, name, int(v) if kind is numbers.Integral else float(v))
         if not (0.0 <= self.temperature < float("inf")):
             bad(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:

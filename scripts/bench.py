@@ -1107,7 +1107,8 @@ def _csv(typ):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.strip() + "\n\nNeeds a CUDA GPU, CuPy "
+                                "and PyTorch (--dry-run: the CPU).",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", type=_csv(str), default=None,
                    help=f"comma list of {', '.join(SHAPES)} (default all)")

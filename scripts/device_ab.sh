@@ -3,6 +3,7 @@
 # (KOGCUPY_TUNING=$CAND), then scripts/tune_monokernel.py on $SHAPES with $VARIANTS
 # (interleaved, so that drift shows), and optionally a long-context A/B ($LONG_SHAPE).
 # Logs under $OUT; the tables are printed last.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0;; esac   # usage: the header
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}; mkdir -p "$OUT"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, decode speed on the three benchmark shapes, compute-sanitizer.
 # Logs under $OUT (or ./device_out); a short table is printed last.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0;; esac   # usage: the header
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}; mkdir -p "$OUT"

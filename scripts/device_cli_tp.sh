@@ -2,6 +2,7 @@
 # End to end on a multi-GPU machine: `kogcupy generate --gpus N` on tiny random HF checkpoints
 # (written by tests/tiny_models.py with their tokenizer), greedy, for N = 1, 2, 4; the texts
 # must be the same. Logs under $OUT.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0;; esac   # usage: the header
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}; mkdir -p "$OUT"

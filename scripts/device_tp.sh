@@ -2,6 +2,7 @@
 # One multi-GPU device call: KCCL and tensor-parallel tests (pytest -m multigpu), then decode
 # tok/s, cold TTFT and the agent workload of the monokernel at 1, 2 and 4 GPUs (scripts/bench.py
 # --gpus). Logs under $OUT.
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0;; esac   # usage: the header
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}; mkdir -p "$OUT"

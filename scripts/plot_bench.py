@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+if {"-h", "--help"} & set(sys.argv[1:]):      # usage: the docstring above
+    print(__doc__.strip())
+    sys.exit(0)
 
 ENGINE_ORDER = ("hf-eager", "torch-sdpa-graph", "kogcupy")
 COLORS = {"hf-eager": "#9e9e9e", "torch-sdpa-graph": "#5b8def", "kogcupy": "#e8590c"}

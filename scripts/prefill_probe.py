@@ -6,6 +6,9 @@ shape, random bf16 weights). Prints one line per (shape, prompt length, attentio
 The third argument compares the prefill attention kernels this GPU has (Prefill.attention_kernels),
 interleaved in one process; by default the one kogcupy uses."""
 import sys
+if {"-h", "--help"} & set(sys.argv[1:]):      # usage: the docstring above
+    print(__doc__.strip())
+    sys.exit(0)
 import time
 
 import numpy as np

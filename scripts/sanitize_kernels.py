@@ -6,6 +6,9 @@ greedy and sampled generations, and a teacher-forced logits pass.
 from __future__ import annotations
 
 import sys
+if {"-h", "--help"} & set(sys.argv[1:]):      # usage: the docstring above
+    print(__doc__.strip())
+    sys.exit(0)
 from types import SimpleNamespace
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])

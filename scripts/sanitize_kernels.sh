@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck on a small monokernel run (needs a GPU).
+case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0;; esac   # usage: the header
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BLOCKS=${1:-16}

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import sys
+if {"-h", "--help"} & set(sys.argv[1:]):      # usage: the docstring above
+    print(__doc__.strip())
+    sys.exit(0)
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kogcupy.engine import Engine
+from kogcupy.engine import Engine, template_messages
 from kogcupy.errors import InputError
 from kogcupy.model.loader import Model
 from kogcupy.model.tokenizer import Tokenizer
@@ -13,7 +13,7 @@ TOOLS_TEMPLATE = (
     "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t['function']['name'] }}"
     "{% endfor %}<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
     "{% if m['content'] %}{{ m['content'] }}{% endif %}{% for c in m.get('tool_calls') or [] %}"
-    "call {{ c['function']['name'] }}({{ c['function']['arguments'] }}){% endfor %}"
+    "call {{ c['function']['name'] }}({{ c['function']['arguments'] | tojson }}){% endfor %}"
     "{% if m.get('tool_call_id') %} for {{ m['tool_call_id'] }}{% endif %}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -60,9 +60,12 @@ def test_messages_render_through_the_template(engine):
 def test_tools_and_tool_messages(tools_engine):
     tk = tools_engine.tokenizer
     ids = tools_engine.encode_messages(CONVERSATION, tools=TOOLS)
-    assert ids == tk.encode(tk.render_chat(CONVERSATION, add_generation_prompt=True, tools=TOOLS),
+    # (as HF templates read them: a null content "", a call's arguments the object)
+    assert ids == tk.encode(tk.render_chat(template_messages(CONVERSATION),
+                                           add_generation_prompt=True, tools=TOOLS),
                             add_bos=False)
     text = tk.decode(ids)
+    # the OpenAI JSON text of the arguments is written once, not as a quoted string
     assert "Tools: get_weather" in text and 'call get_weather({"city": "Paris"})' in text
     assert "sunny for c1" in text and text.endswith("<|im_start|>assistant\n")
     assert "Tools:" not in tk.decode(tools_engine.encode_messages(CONVERSATION))
@@ -87,6 +90,15 @@ def test_bad_messages_are_input_errors(engine, messages, match):
     if isinstance(messages, list):
         with pytest.raises(InputError, match=match):
             engine.encode_messages(messages)
+
+
+def test_null_content_and_dropped_calls(engine):
+    # a null content renders as "" (the tiny ChatML template concatenates it)
+    assert engine.encode_messages([{"role": "user", "content": None}]) == \
+        engine.encode_messages([{"role": "user", "content": ""}])
+    # a template that drops an assistant's tool_calls: said, not lost silently
+    with pytest.raises(InputError, match="drops an assistant message's tool_calls"):
+        engine.encode_messages(CONVERSATION)
 
 
 def test_tools_and_chat_flag_errors(engine, tiny_models):

@@ -173,6 +173,29 @@ def test_generate_validation(engine):
         engine.generate([1, 10**6])
     with pytest.raises(InputError):
         engine.generate(3.5)
+    # wrong types are InputErrors too (not TypeErrors), strings are not numbers
+    for kw in (dict(temperature=None), dict(top_p=None), dict(temperature="0.5"),
+               dict(top_k=True), dict(seed=1.5), dict(stop=5), dict(max_new_tokens="5")):
+        with pytest.raises(InputError):
+            engine.generate(PROMPT, **kw)
+
+
+def test_seeds_and_sentinels(engine):
+    import numpy as np
+    kw = dict(max_new_tokens=6, chat=False, temperature=1.5)
+    ra = run(engine.generate(PROMPT, **kw))[1]
+    rb = run(engine.generate(PROMPT, **kw))[1]
+    assert ra.seed is not None and ra.seed != rb.seed             # no seed: a random one
+    again = run(engine.generate(PROMPT, seed=np.int64(ra.seed), top_k=-1, **kw))[1]
+    assert again.token_ids == ra.token_ids and again.seed == ra.seed
+    assert run(engine.generate(PROMPT, seed=-1, max_new_tokens=2))[1].seed >= 0
+
+
+def test_engine_arguments(tiny_models):
+    with pytest.raises(InputError, match="unknown argument.*context_len"):
+        Engine(tiny_models["llama"], backend="reference", context_len=64)
+    with pytest.raises(InputError, match="kogcupy.load_model"):
+        Engine("path/to/model")
 
 
 def test_backend_choice(tiny_models, monkeypatch):

@@ -30,7 +30,7 @@ httpx = pytest.importorskip("httpx")
 
 import uvicorn  # noqa: E402
 
-from kogcupy.engine import Engine, check_messages  # noqa: E402
+from kogcupy.engine import Engine, check_messages, template_messages  # noqa: E402
 from kogcupy.errors import ContextLengthError, InputError  # noqa: E402
 from kogcupy.serve import create_app  # noqa: E402
 from kogcupy.serve.app import Server as ServeServer  # noqa: E402
@@ -270,8 +270,8 @@ class ScriptedEngine:
     def encode_messages(self, messages, tools=None):
         check_messages(messages)
         kw = {} if tools is None else {"tools": tools}
-        ids = self.tokenizer.encode(self.tokenizer.render_chat(messages, True, **kw),
-                                    add_bos=False)
+        ids = self.tokenizer.encode(self.tokenizer.render_chat(template_messages(messages), True,
+                                                               **kw), add_bos=False)
         if len(ids) >= self.context_length:
             raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context "
                                      f"length", len(ids))

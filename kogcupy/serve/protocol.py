@@ -113,7 +113,7 @@ class Message(_Strict):
         if isinstance(content, list):               # text parts, one a line (as vLLM joins them)
             content = "\n".join(p.text for p in content)
         m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
-                             "content": content if content is not None else ""}
+                             "content": content}          # (None: engine.template_messages)
         if self.name is not None:
             m["name"] = self.name
         if self.tool_call_id is not None:
@@ -121,19 +121,9 @@ class Message(_Strict):
         if self.tool_calls:
             m["tool_calls"] = [{"id": tc.id, "type": "function",
                                 "function": {"name": tc.function.name,
-                                             "arguments": _arguments_obj(tc.function.arguments)}}
+                                             "arguments": tc.function.arguments}}
                                for tc in self.tool_calls]
         return m
-
-
-def _arguments_obj(args):
-    """OpenAI carries arguments as a JSON text; HF templates expect the object (``| tojson``)."""
-    if isinstance(args, str):
-        try:
-            return json.loads(args)
-        except ValueError:
-            return args
-    return args
 
 
 class _Sampling(_Strict):
