@@ -1189,6 +1189,10 @@ def main(argv=None):
     doc = run(args, save)
     print_table(doc)
     print(f"\nwrote {path}")
+    failed = [r for r in doc["rows"] if r.get("engine") == "kogcupy" and r.get("status") != "ok"]
+    if failed and len(failed) == sum(r.get("engine") == "kogcupy" for r in doc["rows"]):
+        first = (failed[0].get("error") or "error").splitlines()[0][:120]
+        sys.exit(f"every kogcupy row failed (first: {first}); see {path}")
 
 
 if __name__ == "__main__":
