@@ -191,7 +191,8 @@ def test_prompt_longer_than_context(tiny_dirs):
     r = invoke(["generate", "word " * 50, "--model", tiny_dirs["llama"], "--context-length", "16",
                 "--no-chat"])
     assert_user_error(r, "context length")
-    assert "raise --context-length (the model has" in r.output
+    assert "raise the context length (--context-length; Engine(context_length=N); the model has" \
+        in r.output
     r = invoke(["generate", "word " * 300, "--model", tiny_dirs["llama"], "--no-chat"])
     assert_user_error(r, "the model's own limit")            # (its 256 positions: no more)
 

@@ -122,8 +122,9 @@ class ModelConfig:
         self.check_token_ids(prompt_ids, "prompt")
         if len(prompt_ids) > context_length - 1:
             what = " (chat template included)" if template else ""
-            more = (f" or raise --context-length (the model has {self.max_position_embeddings:,}"
-                    f" positions)" if context_length < self.max_position_embeddings else
+            more = (f" or raise the context length (--context-length; Engine(context_length=N)"
+                    f"; the model has {self.max_position_embeddings:,} positions)"
+                    if context_length < self.max_position_embeddings else
                     " (it is the model's own limit)")
             raise ContextLengthError(
                 f"prompt of {len(prompt_ids)} tokens{what} does not fit the context length "
