@@ -23,7 +23,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from .errors import DeviceError, InputError
+from .errors import ContextLengthError, DeviceError, InputError
 from .sampling_params import SamplingParams
 
 BACKENDS = ("auto", "reference", "monokernel")
@@ -546,7 +546,15 @@ class Engine:
         """[n, vocab] float32 logits of a full forward over `ids` (str: encoded, no chat)."""
         if isinstance(ids, str):
             ids = self.encode_prompt(ids, chat=False)
-        return self.backend.logits(list(ids))
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise InputError(f"logits takes a str or a list of token ids, got "
+                             f"{type(ids).__name__}") from None
+        if len(ids) > self.context_length:
+            raise ContextLengthError(f"{len(ids)} tokens exceed the context length "
+                                     f"{self.context_length}", len(ids))
+        return self.backend.logits(ids)
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,

@@ -191,6 +191,15 @@ def test_seeds_and_sentinels(engine):
     assert run(engine.generate(PROMPT, seed=-1, max_new_tokens=2))[1].seed >= 0
 
 
+def test_logits_arguments(engine):
+    from kogcupy.errors import ContextLengthError
+    with pytest.raises(InputError, match="str or a list of token ids"):
+        engine.logits(5)
+    with pytest.raises(ContextLengthError, match="exceed the context length 128") as e:
+        engine.logits([1] * 129)
+    assert e.value.prompt_tokens == 129
+
+
 def test_engine_arguments(tiny_models):
     with pytest.raises(InputError, match="unknown argument.*context_len"):
         Engine(tiny_models["llama"], backend="reference", context_len=64)
