@@ -771,11 +771,13 @@ def main(argv=None) -> None:
 
 
 def is_system_error(e: OSError) -> bool:
-    """An error of the machine, not of kogcupy: no space, no permission, a read-only or
-    failing disk, too many open files."""
+    """An error of the machine or of a path given, not of kogcupy: no space or memory, no
+    permission, a read-only or failing disk, too many open files, a directory for a file."""
     import errno
     return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
-                       errno.EIO, errno.EMFILE, errno.ENFILE)
+                       errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EFBIG,
+                       errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ESTALE,
+                       errno.ETIMEDOUT)
 
 
 def os_error_line(e: OSError) -> str:

@@ -353,6 +353,7 @@ CALL_TEXTS = [
     'text <tool_ca',                                                          # a partial tag
     '<tool_call>\n{"name": "d", "arguments": {}}\n</tool_call>\n\nDone, that is all.\n',
     'I will check.\n<tool_call>{"name": "e", "arguments": {}}</tool_call>\n  Then a summary.',
+    'A<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>oops</tool_call> B',
 ]
 
 
@@ -390,6 +391,8 @@ def test_tool_call_parser_results():
     assert content == "Done, that is all." and [c.name for c in calls] == ["d"]
     content, calls = parse_tool_calls(CALL_TEXTS[7])   # text on both sides: one newline between
     assert content == "I will check.\nThen a summary." and [c.name for c in calls] == ["e"]
+    content, calls = parse_tool_calls(CALL_TEXTS[8])   # a call, then one that is not: kept apart
+    assert content == "A\n<tool_call>oops</tool_call> B" and [c.name for c in calls] == ["f"]
 
 
 # ------------------------------------------------------------------------------- scripted engine

@@ -178,7 +178,7 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
 @click.argument("dst", type=click.Path(exists=False))
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "bfloat16", "float16"]),
               default=None, help="Storage dtype (default: the checkpoint's; fp32 -> bf16, "
-                                 "GGUF -> fp16).")
+                                 "GGUF -> fp16, or bf16 when its matrices are BF16).")
 @click.option("--force", is_flag=True, help="Replace DST if it is a packed directory (or empty).")
 def repack_command(src, dst, dtype, force):
     """Repack SRC (HF directory or .gguf) into a kogcupy packed directory DST."""
@@ -192,7 +192,8 @@ def repack_command(src, dst, dtype, force):
     try:
         return _repack_cli(src, dst, dtype, force)
     finally:
-        signal.signal(signal.SIGTERM, before)
+        if before is not None:                 # (None: a handler not set from Python)
+            signal.signal(signal.SIGTERM, before)
 
 
 def _repack_cli(src, dst, dtype, force):

@@ -97,7 +97,9 @@ class ToolCallParser:
         call = parse_call_body(body.strip())
         if call is None:
             raw = OPEN_TAG + body + (CLOSE_TAG if closed else "")
-            out.append(Content(self._ws + raw))
+            sep = "\n" if self._after_call and self._any else ""
+            self._after_call = False
+            out.append(Content(sep + self._ws + raw))
             self._any = True
         else:
             self.calls.append(call)
