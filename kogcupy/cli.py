@@ -429,10 +429,8 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
 
 def _turn_stats(r) -> str:
     """One short line per chat turn."""
-    n = len(r.token_ids)
-    rate = "" if n < 2 else f", {r.tokens_per_s:.1f} tok/s"
     bw = "" if r.gb_per_s is None else f", {r.gb_per_s:.1f} GB/s"
-    return (f"kogcupy: {n} token{'s' * (n != 1)}{rate}{bw}, prefill "
+    return (f"kogcupy: {', '.join(r.count_and_rate())}{bw}, prefill "
             f"{r.prefill_s:.3f} s ({r.prompt_tokens - r.cached_tokens} new + {r.cached_tokens} "
             f"cached prompt tokens), finish {r.finish_reason}")
 

@@ -259,11 +259,14 @@ class GenerationResult:
     cached_tokens: int = 0          # prompt tokens restored from the prefix cache, not run
     seed: int | None = None         # the sampling seed (given, or drawn when none was)
 
-    def stats_line(self) -> str:
+    def count_and_rate(self) -> list[str]:
+        """['N tokens', 'R tok/s'] (no rate from a single token: it needs two tokens' times)."""
         n = len(self.token_ids)
-        parts = [f"{n} token" + "s" * (n != 1)]
-        if n > 1:                           # (a rate needs two tokens' times)
-            parts.append(f"{self.tokens_per_s:.1f} tok/s")
+        rate = [f"{self.tokens_per_s:.1f} tok/s"] if n > 1 else []
+        return [f"{n} token" + "s" * (n != 1)] + rate
+
+    def stats_line(self) -> str:
+        parts = self.count_and_rate()
         if self.gb_per_s is not None:
             bw = f"{self.gb_per_s:.1f} GB/s"
             if self.pct_of_bandwidth is not None:
@@ -279,9 +282,10 @@ class Generation:
     """Iterator of text pieces for one request; ``.result`` once it is exhausted or closed."""
 
     def __init__(self, backend, stream, prompt_ids: list[int], tokenizer, eos_ids: set[int],
-                 stop: list[str]):
+                 stop: list[str], seed: int | None = None):
         self._backend = backend
         self.stream = stream
+        self.seed = seed                # the sampling seed (result.seed)
         self.prompt_ids = prompt_ids
         self._decoder = tokenizer.stream_decoder() if tokenizer is not None else None
         self._eos = eos_ids
@@ -418,7 +422,7 @@ class Generation:
             prefill_s=prefill_s, decode_s=decode_s,
             tokens_per_s=tps, backend=self._backend.name, gb_per_s=gbps, pct_of_bandwidth=pct,
             cached_tokens=int(getattr(self.stream, "cached_tokens", 0) or 0),
-            seed=getattr(self, "seed", None))
+            seed=self.seed)
 
 
 def _backend_arguments() -> set[str]:
@@ -447,11 +451,12 @@ class Engine:
         if not hasattr(model, "config") or not hasattr(model, "weights"):
             raise InputError(f"Engine takes a model from kogcupy.load_model(...), got "
                              f"{type(model).__name__}: Engine(kogcupy.load_model(path))")
-        unknown = sorted(set(backend_kw) - _backend_arguments())
+        known = _backend_arguments()
+        unknown = sorted(set(backend_kw) - known)
         if unknown:
             raise InputError(f"Engine got unknown argument(s) {', '.join(unknown)}; it takes "
                              f"backend, context_length, gpus, prefix_cache_gb and the backends' "
-                             f"{', '.join(sorted(_backend_arguments()))}")
+                             f"{', '.join(sorted(known))}")
         check_backend_args(backend, gpus)
         context_length = resolve_context_length(model, context_length)
         if prefix_cache_gb is not None:
@@ -591,6 +596,4 @@ class Engine:
         ids = self.encode_prompt(prompt, chat, tools)
         eos = self.eos_ids
         stream = self.backend.start(ids, params, max_new_tokens, eos)
-        gen = Generation(self.backend, stream, ids, self.tokenizer, eos, stop)
-        gen.seed = params.seed
-        return gen
+        return Generation(self.backend, stream, ids, self.tokenizer, eos, stop, params.seed)

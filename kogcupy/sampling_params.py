@@ -30,7 +30,7 @@ class SamplingParams:
             object.__setattr__(self, name, int(v) if kind is numbers.Integral else float(v))
         if not (0.0 <= self.temperature < float("inf")):
             bad(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             bad(f"top_k must be an integer >= 0, got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             bad(f"top_p must be in (0, 1], got {self.top_p}")
@@ -38,7 +38,7 @@ class SamplingParams:
             bad(f"min_p must be in [0, 1), got {self.min_p}")
         if not (0.0 < self.repetition_penalty < float("inf")):
             bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
-        if not isinstance(self.seed, int) or not (0 <= self.seed < 2**64):
+        if not 0 <= self.seed < 2**64:
             bad(f"seed must be an integer in [0, 2**64), got {self.seed}")
 
     @property

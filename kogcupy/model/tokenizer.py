@@ -177,8 +177,9 @@ class Tokenizer:
                                    **variables)
         except jinja2.exceptions.TemplateError as e:
             raise InputError(f"{self.source or 'model'}: the chat template rejected the messages: {e}") from None
-        except (TypeError, ValueError, KeyError, AttributeError) as e:   # (a field of a type it
-            raise InputError(f"{self.source or 'model'}: the chat template cannot render the "   # cannot use)
+        # a message field of a type the template cannot use
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise InputError(f"{self.source or 'model'}: the chat template cannot render the "
                              f"messages ({type(e).__name__}: {e})") from None
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

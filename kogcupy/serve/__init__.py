@@ -1,8 +1,8 @@
 """`kogcupy serve`: an OpenAI-compatible HTTP server over one Engine (batch 1, FIFO queue).
 
 Needs the ``serve`` extra (``pip install ".[serve]"`` in the source checkout: fastapi,
-uvicorn, pydantic, prometheus-client). ``create_app(engine, ...)`` returns the ASGI app; ``run_server(app, ...)``
-serves it with uvicorn.
+uvicorn, pydantic, prometheus-client). ``create_app(engine, ...)`` returns the ASGI app;
+``run_server(app, ...)`` serves it with uvicorn.
 """
 from __future__ import annotations
 
