@@ -248,8 +248,9 @@ def test_graph_captured_at_second_use(monkeypatch):
 def test_warm_up_runs_each_size_until_captured(monkeypatch):
     """prefill._warm_up: the buffers grow first to the largest chunk (CHUNK tokens, or the
     limit), then each padded size, largest first, runs as a request until its graph exists
-    (kernel by kernel, then captured), then each longer padded size once (kernel by kernel:
-    cuBLAS's first call on its shapes); a refused capture stops it with 0 graphs."""
+    (kernel by kernel, then captured), then each longer padded size once through the first
+    layer only (kernel by kernel: cuBLAS's first call on its shapes, the same in every layer);
+    a refused capture stops it with 0 graphs."""
     monkeypatch.setattr(prefill, "_capture", lambda stream, issue: ("graph", issue))
     grown, ran = [], []
 
@@ -261,9 +262,10 @@ def test_warm_up_runs_each_size_until_captured(monkeypatch):
         return o
 
     def run_chunk_of(o):
-        def run_chunk(ids, pos0):
+        def run_chunk(ids, pos0, n_layers=None):
             assert pos0 == 0 and ids.dtype == np.int32 and 0 <= ids.min() and ids.max() < 1000
             ran.append(len(ids))
+            assert n_layers == (None if len(ids) <= prefill.GRAPH_MAX else 1), (len(ids), n_layers)
             if prefill.graph_rows(len(ids), pos0, o.limit):
                 prefill._graph_for(o, (len(ids), "ws"), None, "issue")
         return run_chunk

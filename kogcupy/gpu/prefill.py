@@ -288,26 +288,29 @@ class Prefill:
             self._bufs["x"], parts, np.int32(n_parts), np.uint64(total),
             np.uint64(parts.shape[1] * self.cfg.hidden_size)))
 
-    def _layers(self):
-        """The staged chunk through every layer, on the current stream. One GPU."""
+    def _layers(self, n_layers: int | None = None):
+        """The staged chunk through every layer (the first n_layers), on the current stream.
+        One GPU."""
         x = self._bufs["x"].data.ptr
         self._embed()
-        for layer in range(self.cfg.n_layers):
+        for layer in range(self.cfg.n_layers if n_layers is None else n_layers):
             self._attention(layer)
             self._o_proj(layer, x, True)
             self._gate_up(layer)
             self._down(layer, x, True)
 
-    def _chunk(self, ids: np.ndarray, pos0: int, want_x: bool = False):
-        """Run tokens `ids` at positions pos0.. through every layer; K/V land in the cache.
-        Returns the fp32 residual x (n, h) when want_x (for logits; eager). One GPU."""
+    def _chunk(self, ids: np.ndarray, pos0: int, want_x: bool = False,
+               n_layers: int | None = None):
+        """Run tokens `ids` at positions pos0.. through every layer (n_layers: the first ones,
+        kernel by kernel: the warm-up); K/V land in the cache. Returns the fp32 residual x (n, h)
+        when want_x (for logits; eager). One GPU."""
         b, n = self.b, int(ids.shape[0])
-        rows, size = _chunk_sizes(self, n, pos0, eager=want_x)
+        rows, size = _chunk_sizes(self, n, pos0, eager=want_x or n_layers is not None)
         buf = self._buffers(size)
         with b._stream:
             self._stage(ids, pos0)
             if rows is None:
-                self._layers()
+                self._layers(n_layers)
             else:
                 graph = _graph_for(self, (rows, self.attention), b._stream, self._layers)
                 if graph is None:
@@ -331,7 +334,7 @@ class Prefill:
 
     def warm_up(self) -> int:
         """Graphs for every padded size (warm_up_sizes), and one run of each longer padded
-        size (eager_sizes); returns how many graphs this prefill holds. A server calls it at
+        size (eager_sizes) through the first layer; returns how many graphs this prefill holds. A server calls it at
         start: then the first chunk of any size up to GRAPH_MAX replays, and no chunk pays
         cuBLAS's first-call setup for its shapes. Writes K/V at positions [0, min(CHUNK,
         limit)): the backend forgets what its live cache held."""
@@ -537,7 +540,8 @@ def eager_sizes(limit: int, chunk: int = CHUNK) -> list[int]:
 def _warm_up(owner, run_chunk, attention) -> int:
     """Each padded size's chunk run as a request would run it until its graph is captured
     (a first run kernel by kernel, then the capture: a capture of a shape cuBLAS has not run
-    yet can fail), and each longer padded size once, after which longer chunks are padded
+    yet can fail), and each longer padded size once through the first layer (every layer's GEMMs
+    have the same shapes, which is what cuBLAS sets up), after which longer chunks are padded
     (owner.warmed_long). The buffers first grow to the largest chunk a request can run (CHUNK
     tokens), so that no later prompt grows them and drops the graphs. Token ids: a fixed
     pseudo-random sequence. Returns the graphs held (0: none, e.g. the platform refused a
@@ -556,8 +560,8 @@ def _warm_up(owner, run_chunk, attention) -> int:
             run_chunk(ids[:rows], 0)
     if owner.graphs is not None:
         owner.warmed_long = True
-        for rows in longer:
-            run_chunk(ids[:rows], 0)
+        for rows in longer:               # (every layer has the same GEMM shapes: one is enough)
+            run_chunk(ids[:rows], 0, n_layers=1)
     return len(owner.graphs or ())
 
 
@@ -697,11 +701,12 @@ class TensorParallelPrefill:
             done[-1].record(r._stream)
         self._done = done
 
-    def _layers(self):
-        """The staged chunk through every layer on every rank (each on its stream)."""
+    def _layers(self, n_layers: int | None = None):
+        """The staged chunk through every layer (the first n_layers) on every rank (each on
+        its stream)."""
         for _, pf in self._each():
             pf._embed()
-        for layer in range(self.cfg.n_layers):
+        for layer in range(self.cfg.n_layers if n_layers is None else n_layers):
             for _, pf in self._each():
                 pf._attention(layer)
             self._exchange(lambda pf, out: pf._o_proj(layer, out, False))
@@ -729,14 +734,14 @@ class TensorParallelPrefill:
         self._layers()
         self._join(r0, others)
 
-    def _chunk(self, ids: np.ndarray, pos0: int):
+    def _chunk(self, ids: np.ndarray, pos0: int, n_layers: int | None = None):
         n = int(ids.shape[0])
-        rows, size = _chunk_sizes(self, n, pos0)
+        rows, size = _chunk_sizes(self, n, pos0, eager=n_layers is not None)
         self._buffers(size)
         for _, pf in self._each():
             pf._stage(ids, pos0)
         if rows is None:
-            self._layers()
+            self._layers(n_layers)
             return
         cp = kernels._cupy()
         r0, others = self.ranks[0], self.ranks[1:]
