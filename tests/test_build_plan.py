@@ -43,8 +43,6 @@ def test_gemv_loads_no_more_than_a_row_of_x_needs():
         assert loads(shape) == 4
     assert loads("smollm2-135m", tuning={"KOG_GEMV_MAX_LOADS": 4}) == 4
     assert loads("smollm2-135m", arch="gfx942") == 4       # not measured on a 64-wide wave
-    tiny = replace(shape_config("smollm2-135m"), hidden_size=128)
-    assert build_plan(tiny, H200_SMS, 4096).tuning["KOG_GEMV_MAX_LOADS"] == 3   # 2: not measured
 
 
 def test_tensor_parallel_share_gets_a_smaller_grid_and_x_per_block():
