@@ -21,7 +21,7 @@ import json
 import numbers
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import ContextLengthError, DeviceError, InputError
 from .sampling_params import SamplingParams
@@ -258,6 +258,10 @@ class GenerationResult:
     pct_of_bandwidth: float | None = None   # gb_per_s / the device's measured read bandwidth
     cached_tokens: int = 0          # prompt tokens restored from the prefix cache, not run
     seed: int | None = None         # the sampling seed (given, or drawn when none was)
+    # generated with tools: the <tool_call> blocks of text as OpenAI tool_calls, and the text
+    # outside them (without tools: no calls, content == text)
+    tool_calls: list[dict] = field(default_factory=list)
+    content: str = ""
 
     def count_and_rate(self) -> list[str]:
         """['N tokens', 'R tok/s'] (no rate from a single token: it needs two tokens' times)."""
@@ -282,8 +286,9 @@ class Generation:
     """Iterator of text pieces for one request; ``.result`` once it is exhausted or closed."""
 
     def __init__(self, backend, stream, prompt_ids: list[int], tokenizer, eos_ids: set[int],
-                 stop: list[str], seed: int | None = None):
+                 stop: list[str], seed: int | None = None, tools: bool = False):
         self._backend = backend
+        self._tools = tools             # parse tool calls out of the text at the end
         self.stream = stream
         self.seed = seed                # the sampling seed (result.seed)
         self.prompt_ids = prompt_ids
@@ -416,13 +421,18 @@ class Generation:
             bw = getattr(self._backend, "read_bandwidth_Bps", None)
             if bw:
                 pct = 100.0 * float(bpt) * tps / float(bw)
+        text = self._text[:self._emitted]
+        content, calls = text, []
+        if self._tools:
+            from .model.tool_calls import parse_tool_calls
+            content, calls = parse_tool_calls(text)
         self.result = GenerationResult(
-            token_ids=list(self._token_ids), text=self._text[:self._emitted],
+            token_ids=list(self._token_ids), text=text,
             finish_reason=finish_reason, prompt_tokens=len(self.prompt_ids),
             prefill_s=prefill_s, decode_s=decode_s,
             tokens_per_s=tps, backend=self._backend.name, gb_per_s=gbps, pct_of_bandwidth=pct,
             cached_tokens=int(getattr(self.stream, "cached_tokens", 0) or 0),
-            seed=self.seed)
+            seed=self.seed, tool_calls=[c.to_openai() for c in calls], content=content)
 
 
 def _backend_arguments() -> set[str]:
@@ -568,7 +578,8 @@ class Engine:
         """A Generation: iterate it for the text as it is made (nothing runs before), then
         ``.result``. prompt: str (through the chat template when the model has one, unless
         chat=False), token ids, or OpenAI-style messages; tools: OpenAI tool dicts passed to
-        the chat template. temperature 0 is greedy; top_k 0 or -1, top_p 1, min_p 0,
+        the chat template (the text streams as the model writes it; ``result.tool_calls`` then
+        holds its ``<tool_call>`` blocks as OpenAI tool calls, ``result.content`` the rest). temperature 0 is greedy; top_k 0 or -1, top_p 1, min_p 0,
         repetition_penalty 1 are off; seed None or -1: a random one (``result.seed``); stop:
         strings the text ends before. One request at a time: a later generate() or logits()
         stops this one (its finish reason is then 'cancelled')."""
@@ -596,4 +607,5 @@ class Engine:
         ids = self.encode_prompt(prompt, chat, tools)
         eos = self.eos_ids
         stream = self.backend.start(ids, params, max_new_tokens, eos)
-        return Generation(self.backend, stream, ids, self.tokenizer, eos, stop, params.seed)
+        return Generation(self.backend, stream, ids, self.tokenizer, eos, stop, params.seed,
+                          tools=bool(tools))

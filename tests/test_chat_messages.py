@@ -74,6 +74,51 @@ def test_tools_and_tool_messages(tools_engine):
     gen.close()
 
 
+
+class _ScriptedStream:
+    """A backend stream that yields given token ids, then ends on eos."""
+
+    def __init__(self, ids):
+        self._it = iter(ids)
+        self.finish_reason = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.finish_reason = "eos"
+            raise
+
+    def cancel(self):
+        self._it = iter(())
+
+
+def test_tool_calls_come_back_in_the_result(tools_engine, monkeypatch):
+    tk = tools_engine.tokenizer
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": '
+            '"Paris"}}\n</tool_call>')
+    ids = tk.encode(text, add_bos=False)
+    assert tk.decode(ids) == text
+    monkeypatch.setattr(tools_engine.backend, "start", lambda *a, **k: _ScriptedStream(ids))
+    gen = tools_engine.generate(CONVERSATION, tools=TOOLS, max_new_tokens=64)
+    assert "".join(gen) == text              # the text streams as written
+    r = gen.result
+    assert r.text == text and r.content == "Let me check."
+    assert [c["function"] for c in r.tool_calls] == [
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'}]
+    assert r.tool_calls[0]["type"] == "function" and r.tool_calls[0]["id"].startswith("call_")
+    # the result goes back into the conversation as the assistant's turn
+    turn = {"role": "assistant", "content": r.content, "tool_calls": r.tool_calls}
+    assert 'call get_weather({"city": "Paris"})' in tk.decode(
+        tools_engine.encode_messages(CONVERSATION + [turn], tools=TOOLS))
+    # without tools nothing is parsed
+    gen = tools_engine.generate(CONVERSATION, max_new_tokens=64)
+    list(gen)
+    assert gen.result.tool_calls == [] and gen.result.content == text
+
 @pytest.mark.parametrize("messages, match", [
     ([], "empty"),                             # generate: empty token ids; encode_messages too
     ({"role": "user", "content": "hi"}, "str, a list of token ids or a list of chat messages"),

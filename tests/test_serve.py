@@ -35,7 +35,7 @@ from kogcupy.errors import ContextLengthError, InputError  # noqa: E402
 from kogcupy.serve import create_app  # noqa: E402
 from kogcupy.serve.app import Server as ServeServer  # noqa: E402
 from kogcupy.serve.scheduler import Job  # noqa: E402
-from kogcupy.serve.tools import Content, ToolCall, ToolCallParser, parse_tool_calls  # noqa: E402
+from kogcupy.model.tool_calls import Content, ToolCall, ToolCallParser, parse_tool_calls  # noqa: E402
 from kogcupy.model.tokenizer import Tokenizer  # noqa: E402
 
 QWEN_TOOLS_TEMPLATE = """\

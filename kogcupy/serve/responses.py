@@ -18,7 +18,7 @@ import contextlib
 from starlette.responses import JSONResponse, Response
 
 from . import protocol as P
-from .tools import Content, ToolCallParser
+from ..model.tool_calls import Content, ToolCallParser
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
