@@ -58,34 +58,62 @@ class _Interrupted(click.ClickException):
         click.echo(f"kogcupy: {self.message}", err=True)
 
 
-def usage_line(e: click.UsageError, prog: str = "kogcupy") -> str:
+def dash_prompt(argv, command=None) -> str | None:
+    """The first argument before '--' that looks like a prompt click took for short options:
+    one '-', then text with a space ('-make a list' is -m 'ake a list'); not the value of one
+    of command's options (--stop '- x')."""
+    takes_value = {o for p in getattr(command, "params", ()) if isinstance(p, click.Option)
+                   and not p.is_flag and not p.count for o in p.opts + p.secondary_opts}
+    for i, a in enumerate(argv or ()):
+        if a == "--":
+            return None
+        if a[:1] == "-" and a[1:2] not in ("-", "") and " " in a \
+                and not (i and argv[i - 1] in takes_value):
+            return a
+    return None
+
+
+def dash_hint(argv, command=None) -> str:
+    """'; a prompt that starts with ...' when argv holds one (dash_prompt), else ''."""
+    a = dash_prompt(argv, command)
+    if a is None:
+        return ""
+    shown = a if len(a) <= 24 else a[:21] + "..."
+    return f"; a prompt that starts with '-' goes after '--' (kogcupy generate -- '{shown}')"
+
+
+def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None) -> str:
     """A click usage error as one line (click prints usage, a hint and the error: 4 lines)."""
     msg = " ".join(e.format_message().split()).rstrip(".")
     if msg.startswith("Got unexpected extra argument"):
         msg += "; quote an argument that has spaces, e.g. a prompt"
-    if isinstance(e, click.NoSuchOption) and (" " in e.option_name
-                                              or e.option_name[1:2].isdigit()):
-        msg += "; a prompt that starts with '-' goes after '--' (kogcupy generate -- '-1 ...')"
+    hint = dash_hint(argv, e.ctx.command if e.ctx is not None else None)
+    if not hint and isinstance(e, click.NoSuchOption) and e.option_name[1:2].isdigit():
+        hint = "; a prompt that starts with '-' goes after '--' (kogcupy generate -- '-1 ...')"
+    msg += hint
     path = e.ctx.command_path if e.ctx is not None else prog
     return f"{msg} (see '{path} --help')"
 
 
 class _Group(click.Group):
     def make_context(self, info_name, args, parent=None, **extra):
+        argv = list(args)
         try:
-            return super().make_context(info_name, args, parent, **extra)
+            ctx = super().make_context(info_name, args, parent, **extra)
         except click.UsageError as e:
             if type(e).__name__ == "NoArgsIsHelpError":     # bare `kogcupy` (click >= 8.2)
                 click.echo(e.ctx.get_help())
                 raise click.exceptions.Exit(0) from None
-            raise _UserError(usage_line(e)) from None
+            raise _UserError(usage_line(e, argv=argv)) from None
+        ctx.meta["kogcupy.argv"] = argv          # (shared with the subcommand's context)
+        return ctx
 
     def invoke(self, ctx):
         _set_phase(None)
         try:
             return super().invoke(ctx)
         except click.UsageError as e:
-            raise _UserError(usage_line(e)) from None
+            raise _UserError(usage_line(e, argv=ctx.meta.get("kogcupy.argv"))) from None
         except KogError as e:
             raise _UserError(" ".join(str(e).split()) or type(e).__name__) from None
         except KeyboardInterrupt:
@@ -307,6 +335,11 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
     check_backend(backend, context_length, dtype, gpus)
     for s in stop:
         check_text(s, "--stop")
+    if prompt is None:
+        ctx = click.get_current_context()
+        hint = dash_hint(ctx.meta.get("kogcupy.argv"), ctx.command)
+        if hint:                                 # (before stdin, which a terminal waits on)
+            raise InputError(f"no prompt{hint}")
     if prompt is None or prompt == "-":
         prompt = read_stdin_prompt()
     check_text(prompt)

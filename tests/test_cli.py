@@ -361,6 +361,8 @@ def test_ctrl_c_while_loading_says_so(monkeypatch):
 def test_usage_errors_are_one_line():
     for args, match in ((["generate", "-q", "5", "hi"], "No such option '-q'"),
                         (["generate", "-5 reasons"], "goes after '--'"),
+                        (["generate", "-x marks"], "goes after '--' (kogcupy generate -- '-x marks')"),
+                        (["generate", "-n is small"], "not a valid integer; a prompt that starts"),
                         (["generate", "--max-new-tokens", "x", "hi"], "--max-new-tokens"),
                         (["bogus"], "No such command 'bogus'"),
                         (["--bogus"], "No such option '--bogus'"),
@@ -370,6 +372,17 @@ def test_usage_errors_are_one_line():
         assert "--help" in r.stderr
     r = invoke(["generate", "hi", "--bogus"])      # click's "Did you mean ...?" reads as one line
     assert_user_error(r, "Did you mean '--gpus'? (see '")
+
+
+def test_prompt_read_as_a_short_option_is_named_before_stdin(no_load):
+    # '-make a list' is -m 'ake a list': no PROMPT is left, and stdin is not waited on
+    r = CliRunner().invoke(cli, ["generate", "-make a list"], input="from stdin")
+    assert_user_error(r, "no prompt; a prompt that starts with '-' goes after '--' "
+                         "(kogcupy generate -- '-make a list')")
+    # an option's value is not a prompt: the prompt comes from stdin
+    r = CliRunner().invoke(cli, ["generate", "--stop", "- x", "-n", "x"], input="hi")
+    assert_user_error(r, "not a valid integer")
+    assert "goes after" not in r.stderr
 
 
 def test_bare_command_prints_help():
