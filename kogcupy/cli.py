@@ -59,15 +59,15 @@ class _Interrupted(click.ClickException):
 
 
 def dash_prompt(argv, command=None) -> str | None:
-    """The first argument before '--' that looks like a prompt click took for short options:
-    one '-', then text with a space ('-make a list' is -m 'ake a list'); not the value of one
-    of command's options (--stop '- x')."""
+    """The first argument before '--' that looks like a prompt click took for options: a '-'
+    and a space ('-make a list' is -m 'ake a list', '--help me' no option; '--stop=a b' is
+    one), not the value of one of command's options (--stop '- x')."""
     takes_value = {o for p in getattr(command, "params", ()) if isinstance(p, click.Option)
                    and not p.is_flag and not p.count for o in p.opts + p.secondary_opts}
     for i, a in enumerate(argv or ()):
         if a == "--":
             return None
-        if a[:1] == "-" and a[1:2] not in ("-", "") and " " in a \
+        if a[:1] == "-" and " " in a and not (a[:2] == "--" and "=" in a.split(" ", 1)[0]) \
                 and not (i and argv[i - 1] in takes_value):
             return a
     return None
@@ -90,6 +90,8 @@ def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None) -> str:
     hint = dash_hint(argv, e.ctx.command if e.ctx is not None else None)
     if not hint and isinstance(e, click.NoSuchOption) and e.option_name[1:2].isdigit():
         hint = "; a prompt that starts with '-' goes after '--' (kogcupy generate -- '-1 ...')"
+    if hint and msg.endswith("?"):                  # after click's "Did you mean ...?"
+        hint = " " + hint[2].upper() + hint[3:]
     msg += hint
     path = e.ctx.command_path if e.ctx is not None else prog
     return f"{msg} (see '{path} --help')"
@@ -172,6 +174,9 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_
     """Bad arguments fail before the model is read. Returns the seed: `seed`, or a random one
     when none was given (so that two runs sample differently, as llama.cpp's and HF's do)."""
     from .sampling_params import SamplingParams
+    unused = [name for name, off in (("--top-k", top_k in (0, -1)), ("--top-p", top_p == 1),
+                                     ("--min-p", min_p == 0), ("--seed", seed is None))
+              if not off] if temperature == 0 else []     # greedy does not use them
     if seed is None:
         seed = secrets.randbits(63)
     try:
@@ -183,6 +188,10 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_
         raise InputError("--" + name.replace("_", "-") + msg[len(name):]) from None
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if unused:
+        click.echo(f"kogcupy: note: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} "
+                   f"no effect with --temperature 0 (greedy); pass --temperature > 0 to sample",
+                   err=True)
     return seed
 
 
@@ -506,6 +515,12 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
         raise InputError(str(e)) from None
 
     check_backend(backend, context_length, dtype, gpus)
+    if served_model_name is not None and not served_model_name.strip():
+        raise InputError("--served-model-name is empty: pass a name, or leave it out for the "
+                         "model's file or directory name")
+    if api_key is not None and not api_key.strip():
+        raise InputError("--api-key is empty: pass a key, or leave --api-key out to serve "
+                         "without one")
     for origin in allowed_origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise InputError(f"--allowed-origin {origin!r}: an origin is scheme://host[:port] "

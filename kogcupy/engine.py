@@ -525,6 +525,8 @@ class Engine:
     def encode_prompt(self, prompt, chat: bool | None = None, tools=None) -> list[int]:
         """Prompt (str, token ids or chat messages) -> ids, through the chat template when asked
         / by default (always for messages)."""
+        if hasattr(prompt, "tolist") and not isinstance(prompt, (str, list, tuple)):
+            prompt = prompt.tolist()            # a NumPy array / tensor of token ids
         if _is_messages(prompt):
             if chat is False:
                 raise InputError("chat messages are always rendered through the chat template; "
@@ -545,10 +547,10 @@ class Engine:
                 return self.encode_messages([{"role": "user", "content": prompt}], tools)
             ids = tk.encode(prompt)
         elif isinstance(prompt, (list, tuple)) and all(
-                isinstance(i, int) and not isinstance(i, bool) for i in prompt):
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in prompt):
             if chat:
                 raise InputError("chat=True needs a text prompt, not token ids")
-            ids = list(prompt)
+            ids = [int(i) for i in prompt]
         else:
             raise InputError(f"prompt must be a str, a list of token ids or a list of chat "
                              f"messages, got {type(prompt).__name__}")
@@ -561,11 +563,15 @@ class Engine:
         """[n, vocab] float32 logits of a full forward over `ids` (str: encoded, no chat)."""
         if isinstance(ids, str):
             ids = self.encode_prompt(ids, chat=False)
+        given = type(ids).__name__
         try:
-            ids = list(ids)
+            ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
         except TypeError:
-            raise InputError(f"logits takes a str or a list of token ids, got "
-                             f"{type(ids).__name__}") from None
+            ids = None
+        if ids is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
+                                  for i in ids):
+            raise InputError(f"logits takes a str or a list of token ids (ints), got {given}")
+        ids = [int(i) for i in ids]
         if len(ids) > self.context_length:
             raise ContextLengthError(f"{len(ids)} tokens exceed the context length "
                                      f"{self.context_length}", len(ids))

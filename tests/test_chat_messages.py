@@ -57,6 +57,22 @@ def test_messages_render_through_the_template(engine):
         [{"role": "user", "content": "The fox"}])
 
 
+def test_token_ids_as_an_array(engine):
+    np = pytest.importorskip("numpy")
+    ids = [5, 6, 7]
+    assert engine.encode_prompt(np.array(ids, np.int64)) == ids
+    assert engine.encode_prompt(tuple(np.array(ids, np.int32))) == ids    # NumPy ints
+    assert np.array_equal(engine.logits(np.array(ids)), engine.logits(ids))
+    gen = engine.generate(np.array(ids), max_new_tokens=2)
+    list(gen)
+    assert gen.prompt_ids == ids and len(gen.result.token_ids) == 2
+    for bad in (np.array([1.5, 2.0]), [1.5, 2.0]):
+        with pytest.raises(InputError, match="token ids"):
+            engine.logits(bad)
+    with pytest.raises(InputError, match="got list"):
+        engine.generate(np.array([[1, 2]]), max_new_tokens=2)
+
+
 def test_tools_and_tool_messages(tools_engine):
     tk = tools_engine.tokenizer
     ids = tools_engine.encode_messages(CONVERSATION, tools=TOOLS)

@@ -177,6 +177,16 @@ def test_sentinel_seed_and_top_k(tiny_dirs):
     assert seeds[0] != seeds[1]
 
 
+def test_sampling_options_unused_by_greedy_are_named(tiny_dirs):
+    args = ["generate", "Once", "--model", tiny_dirs["llama"], "--no-chat", "--backend",
+            "reference", "-n", "2", "--top-k", "5", "--seed", "3"]
+    r = invoke(args)
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert "note: --top-k, --seed have no effect with --temperature 0" in r.stderr
+    r = invoke(args + ["--temperature", "0.5"])
+    assert r.exit_code == 0 and "no effect" not in r.stderr, r.stderr
+
+
 def test_unsupported_architecture(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

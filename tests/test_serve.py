@@ -679,6 +679,16 @@ BAD_REQUESTS = [
      "messages[0].content", "required for an assistant message without tool_calls"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "tool_choice": "auto"}, 400, "tool_choice", "tools are specified"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": None}]}, 400,
+     "messages[0].content", "required for a user message"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"},
+                                                {"role": "tool", "content": "sunny"}]}, 400,
+     "messages[1].tool_call_id", "required for a tool message"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}], "seed": -2},
+     400, "seed", "[0, 2**64)"),
+    ("completions", {"model": "scripted", "prompt": "a", "seed": 2**64}, 400, "seed", "got"),
+    ("chat", b'{"messages": [{"role": "user", "content": "x"}], "stop": "\\udcff"}', 400,
+     "stop", "stop string"),
 ]
 
 
@@ -1054,6 +1064,9 @@ def test_cli_serve_busy_port_and_bad_options():
     assert r.exit_code == 2 and "--max-queue" in r.output
     r = CliRunner().invoke(cli, ["serve", "--allowed-origin", "localhost:3000/ui"])
     assert r.exit_code == 2 and "scheme://host[:port]" in r.output, r.output
+    for opt in ("--api-key", "--served-model-name"):      # (not: no key, the file's name)
+        r = CliRunner().invoke(cli, ["serve", opt, " "])
+        assert r.exit_code == 2 and f"{opt} is empty" in r.output, r.output
     r = CliRunner().invoke(cli, ["serve", "--help"])
     assert r.exit_code == 0 and "--api-key" in r.output and "--served-model-name" in r.output
 

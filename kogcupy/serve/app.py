@@ -217,7 +217,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             raise P.APIError(503, "the server is shutting down") from None
         except QueueFull as e:
             log.info("%s rejected: queue full (%d waiting)", rid, scheduler.queued)
-            raise P.APIError(429, f"the server is busy: {scheduler.queued} requests are "
+            n = scheduler.queued
+            raise P.APIError(429, f"the server is busy: {n} request{'s are' if n != 1 else ' is'} "
                                   f"waiting (max {scheduler.max_queue}); retry after "
                                   f"{e.retry_after} s", code="queue_full",
                              headers={"Retry-After": str(e.retry_after)}) from None

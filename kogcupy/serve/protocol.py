@@ -20,6 +20,9 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine import check_text
+from ..errors import InputError
+
 MAX_STOP_STRINGS = 16
 # kogcupy finish reason -> OpenAI's
 FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length", "context": "length",
@@ -251,6 +254,13 @@ def check_supported(req) -> None:
             no("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(not s for s in stops):
             no("stop", "stop strings must be non-empty")
+        for s in stops:
+            try:
+                check_text(s, "stop string")
+            except InputError as e:
+                no("stop", " ".join(str(e).split()))
+    if req.seed is not None and req.seed != -1 and not 0 <= req.seed < 2**64:
+        no("seed", f"seed must be -1 or null (a random one) or in [0, 2**64), got {req.seed}")
     if req.stream_options is not None and not req.stream:
         no("stream_options", "stream_options is only allowed with stream: true")
     if isinstance(req, ChatCompletionRequest):
@@ -267,8 +277,11 @@ def check_supported(req) -> None:
             if m.content is None and not (m.role == "assistant" and m.tool_calls):
                 no(f"messages[{i}].content",
                    f"messages[{i}].content is required for "
-                   f"{'an' if m.role[0] in 'aeiou' else 'a'} {m.role} message"
+                   f"{'an' if m.role == 'assistant' else 'a'} {m.role} message"
                    + (" without tool_calls" if m.role == "assistant" else ""))
+            if m.role == "tool" and not m.tool_call_id:
+                no(f"messages[{i}].tool_call_id", f"messages[{i}].tool_call_id is required for "
+                   f"a tool message (the id of the assistant's tool call it answers)")
         if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
             no("tool_choice", "tool_choice must be \"auto\" or \"none\" (forcing a tool call is "
                               "not supported)")
@@ -296,7 +309,7 @@ def sampling_kwargs(req, max_new_tokens: int, seed: int) -> dict:
                 min_p=0.0 if req.min_p is None else float(req.min_p),
                 repetition_penalty=(1.0 if req.repetition_penalty is None
                                     else float(req.repetition_penalty)),
-                seed=seed % 2**64,
+                seed=seed,
                 stop=[stop] if isinstance(stop, str) else list(stop or []))
 
 
