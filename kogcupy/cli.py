@@ -61,14 +61,16 @@ class _Interrupted(click.ClickException):
 def dash_prompt(argv, command=None) -> str | None:
     """The first argument before '--' that looks like a prompt click took for options: a '-'
     and a space ('-make a list' is -m 'ake a list', '--help me' no option; '--stop=a b' is
-    one), not the value of one of command's options (--stop '- x')."""
+    one), not the value of one of command's options (--stop '- x') nor a short
+    option's attached path that exists."""
     takes_value = {o for p in getattr(command, "params", ()) if isinstance(p, click.Option)
                    and not p.is_flag and not p.count for o in p.opts + p.secondary_opts}
     for i, a in enumerate(argv or ()):
         if a == "--":
             return None
         if a[:1] == "-" and " " in a and not (a[:2] == "--" and "=" in a.split(" ", 1)[0]) \
-                and not (i and argv[i - 1] in takes_value):
+                and not (i and argv[i - 1] in takes_value) \
+                and not (a[:2] != "--" and os.path.exists(a[2:])):     # -m'/my models/x'
             return a
     return None
 

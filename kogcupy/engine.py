@@ -585,9 +585,10 @@ class Engine:
         ``.result``. prompt: str (through the chat template when the model has one, unless
         chat=False), token ids, or OpenAI-style messages; tools: OpenAI tool dicts passed to
         the chat template (the text streams as the model writes it; ``result.tool_calls`` then
-        holds its ``<tool_call>`` blocks as OpenAI tool calls, ``result.content`` the rest). temperature 0 is greedy; top_k 0 or -1, top_p 1, min_p 0,
-        repetition_penalty 1 are off; seed None or -1: a random one (``result.seed``); stop:
-        strings the text ends before. One request at a time: a later generate() or logits()
+        holds its ``<tool_call>`` blocks as OpenAI tool calls, ``result.content`` the rest).
+        temperature 0 is greedy; top_k 0 or -1, top_p 1, min_p 0, repetition_penalty 1 are
+        off; seed None or -1: a random one (``result.seed``); stop: strings the text ends
+        before. One request at a time: a later generate() or logits()
         stops this one (its finish reason is then 'cancelled')."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
                 or max_new_tokens < 1:

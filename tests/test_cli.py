@@ -384,7 +384,7 @@ def test_usage_errors_are_one_line():
     assert_user_error(r, "Did you mean '--gpus'? (see '")
 
 
-def test_prompt_read_as_a_short_option_is_named_before_stdin(no_load):
+def test_prompt_read_as_a_short_option_is_named_before_stdin(no_load, tmp_path):
     # '-make a list' is -m 'ake a list': no PROMPT is left, and stdin is not waited on
     r = CliRunner().invoke(cli, ["generate", "-make a list"], input="from stdin")
     assert_user_error(r, "no prompt; a prompt that starts with '-' goes after '--' "
@@ -393,6 +393,13 @@ def test_prompt_read_as_a_short_option_is_named_before_stdin(no_load):
     r = CliRunner().invoke(cli, ["generate", "--stop", "- x", "-n", "x"], input="hi")
     assert_user_error(r, "not a valid integer")
     assert "goes after" not in r.stderr
+    # nor is a short option's attached path that exists
+    from kogcupy.cli import dash_prompt
+    models = tmp_path / "my models"
+    models.mkdir()
+    gen = cli.commands["generate"]
+    assert dash_prompt(["generate", f"-m{models}"], gen) is None
+    assert dash_prompt(["generate", f"-m{models}x y"], gen) == f"-m{models}x y"
 
 
 def test_bare_command_prints_help():
