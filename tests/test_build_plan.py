@@ -34,6 +34,19 @@ def test_small_model_runs_static_unless_asked():
     assert p.tuning["KOG_DYN_PERMILLE"] == 50
 
 
+def test_gemv_loads_no_more_than_a_row_of_x_needs():
+    loads = lambda shape, **kw: build_plan(shape_config(shape), H200_SMS, 4096, **kw).tuning.get(
+        "KOG_GEMV_MAX_LOADS", kernels.DEFAULT_TUNING["KOG_GEMV_MAX_LOADS"])
+    assert kernels.DEFAULT_TUNING["KOG_GEMV_MAX_LOADS"] == 4
+    assert loads("smollm2-135m") == 3                      # hidden 576: 72 chunks, 3 warp loads
+    for shape in ("qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b"):
+        assert loads(shape) == 4
+    assert loads("smollm2-135m", tuning={"KOG_GEMV_MAX_LOADS": 4}) == 4
+    assert loads("smollm2-135m", arch="gfx942") == 4       # not measured on a 64-wide wave
+    tiny = replace(shape_config("smollm2-135m"), hidden_size=128)
+    assert build_plan(tiny, H200_SMS, 4096).tuning["KOG_GEMV_MAX_LOADS"] == 3   # 2: not measured
+
+
 def test_tensor_parallel_share_gets_a_smaller_grid_and_x_per_block():
     cfg = shape_config("qwen3-1.7b")
     loc = local_config(cfg, 4)

@@ -434,6 +434,8 @@ def test_sampling_fields_reach_the_engine(scripted):
         seeds.append(eng.calls[-1]["seed"])
         assert eng.calls[-1]["top_k"] == 0
     assert seeds[0] != seeds[1] and 2**64 - 1 not in seeds
+    chat(srv.client(), "hi", seed=-5)             # OpenAI's int64: its bits
+    assert eng.calls[-1]["seed"] == 2**64 - 5
 
 
 def test_fifo_order_four_clients(scripted):
@@ -684,8 +686,8 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"},
                                                 {"role": "tool", "content": "sunny"}]}, 400,
      "messages[1].tool_call_id", "required for a tool message"),
-    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}], "seed": -2},
-     400, "seed", "[0, 2**64)"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}], "seed": -2**63 - 1},
+     400, "seed", "[-2**63, 2**64)"),
     ("completions", {"model": "scripted", "prompt": "a", "seed": 2**64}, 400, "seed", "got"),
     ("chat", b'{"messages": [{"role": "user", "content": "x"}], "stop": "\\udcff"}', 400,
      "stop", "stop string"),

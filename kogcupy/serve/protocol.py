@@ -259,8 +259,8 @@ def check_supported(req) -> None:
                 check_text(s, "stop string")
             except InputError as e:
                 no("stop", " ".join(str(e).split()))
-    if req.seed is not None and req.seed != -1 and not 0 <= req.seed < 2**64:
-        no("seed", f"seed must be -1 or null (a random one) or in [0, 2**64), got {req.seed}")
+    if req.seed is not None and not -2**63 <= req.seed < 2**64:     # OpenAI's int64, or a uint64
+        no("seed", f"seed must be null or -1 (a random one), or in [-2**63, 2**64), got {req.seed}")
     if req.stream_options is not None and not req.stream:
         no("stream_options", "stream_options is only allowed with stream: true")
     if isinstance(req, ChatCompletionRequest):
@@ -300,7 +300,8 @@ def check_supported(req) -> None:
 
 
 def sampling_kwargs(req, max_new_tokens: int, seed: int) -> dict:
-    """engine.generate keyword arguments of a validated request."""
+    """engine.generate keyword arguments of a validated request (a negative seed is taken mod
+    2**64, as an int64's bits)."""
     stop = req.stop
     return dict(max_new_tokens=max_new_tokens,
                 temperature=1.0 if req.temperature is None else float(req.temperature),
@@ -309,7 +310,7 @@ def sampling_kwargs(req, max_new_tokens: int, seed: int) -> dict:
                 min_p=0.0 if req.min_p is None else float(req.min_p),
                 repetition_penalty=(1.0 if req.repetition_penalty is None
                                     else float(req.repetition_penalty)),
-                seed=seed,
+                seed=seed % 2**64,
                 stop=[stop] if isinstance(stop, str) else list(stop or []))
 
 
