@@ -58,30 +58,41 @@ class _Interrupted(click.ClickException):
         click.echo(f"kogcupy: {self.message}", err=True)
 
 
+def _takes_prompt(command) -> bool:
+    return any(isinstance(p, click.Argument) and p.name == "prompt" for p in command.params)
+
+
 def dash_prompt(argv, command=None) -> str | None:
     """The first argument before '--' that looks like a prompt click took for options: a '-'
     and a space ('-make a list' is -m 'ake a list', '--help me' no option; '--stop=a b' is
-    one), not the value of one of command's options (--stop '- x') nor a short
-    option's attached path that exists."""
-    takes_value = {o for p in getattr(command, "params", ()) if isinstance(p, click.Option)
+    one), when command takes a PROMPT; not the value of an option (--stop '- x', nor what
+    follows an unknown --option) nor -m's attached path that exists (-m'/my models/x')."""
+    if command is not None and not _takes_prompt(command):
+        return None
+    params = getattr(command, "params", ())
+    opts = {o for p in params if isinstance(p, click.Option) for o in p.opts + p.secondary_opts}
+    takes_value = {o for p in params if isinstance(p, click.Option)
                    and not p.is_flag and not p.count for o in p.opts + p.secondary_opts}
     for i, a in enumerate(argv or ()):
         if a == "--":
             return None
+        before = argv[i - 1] if i else ""
         if a[:1] == "-" and " " in a and not (a[:2] == "--" and "=" in a.split(" ", 1)[0]) \
-                and not (i and argv[i - 1] in takes_value) \
-                and not (a[:2] != "--" and os.path.exists(a[2:])):     # -m'/my models/x'
+                and before not in takes_value \
+                and not (before[:2] == "--" and "=" not in before and before not in opts) \
+                and not (a[:2] == "-m" and os.path.exists(a[2:])):
             return a
     return None
 
 
-def dash_hint(argv, command=None) -> str:
-    """'; a prompt that starts with ...' when argv holds one (dash_prompt), else ''."""
+def dash_hint(argv, command=None, path: str = "kogcupy generate") -> str:
+    """'; a prompt that starts with ...' when argv holds one (dash_prompt), else ''; path is
+    the command's (ctx.command_path) for the example."""
     a = dash_prompt(argv, command)
     if a is None:
         return ""
     shown = a if len(a) <= 24 else a[:21] + "..."
-    return f"; a prompt that starts with '-' goes after '--' (kogcupy generate -- '{shown}')"
+    return f"; a prompt that starts with '-' goes after '--' ({path} -- '{shown}')"
 
 
 def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None) -> str:
@@ -89,13 +100,15 @@ def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None) -> str:
     msg = " ".join(e.format_message().split()).rstrip(".")
     if msg.startswith("Got unexpected extra argument"):
         msg += "; quote an argument that has spaces, e.g. a prompt"
-    hint = dash_hint(argv, e.ctx.command if e.ctx is not None else None)
-    if not hint and isinstance(e, click.NoSuchOption) and e.option_name[1:2].isdigit():
-        hint = "; a prompt that starts with '-' goes after '--' (kogcupy generate -- '-1 ...')"
+    path = e.ctx.command_path if e.ctx is not None else prog
+    command = e.ctx.command if e.ctx is not None else None
+    hint = dash_hint(argv, command, path)
+    if not hint and isinstance(e, click.NoSuchOption) and e.option_name[1:2].isdigit() \
+            and command is not None and _takes_prompt(command):
+        hint = f"; a prompt that starts with '-' goes after '--' ({path} -- '-1 ...')"
     if hint and msg.endswith("?"):                  # after click's "Did you mean ...?"
         hint = " " + hint[2].upper() + hint[3:]
     msg += hint
-    path = e.ctx.command_path if e.ctx is not None else prog
     return f"{msg} (see '{path} --help')"
 
 
@@ -348,7 +361,7 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
         check_text(s, "--stop")
     if prompt is None:
         ctx = click.get_current_context()
-        hint = dash_hint(ctx.meta.get("kogcupy.argv"), ctx.command)
+        hint = dash_hint(ctx.meta.get("kogcupy.argv"), ctx.command, ctx.command_path)
         if hint:                                 # (before stdin, which a terminal waits on)
             raise InputError(f"no prompt{hint}")
     if prompt is None or prompt == "-":
@@ -522,6 +535,9 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
                          "model's file or directory name")
     if api_key is not None and not api_key.strip():
         raise InputError("--api-key is empty: pass a key, or leave --api-key out to serve "
+                         "without one")
+    if api_key is None and os.environ.get("KOGCUPY_API_KEY") is not None:   # click: "" is unset
+        raise InputError("KOGCUPY_API_KEY is set but empty: set a key, or unset it to serve "
                          "without one")
     for origin in allowed_origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):

@@ -450,6 +450,31 @@ def _backend_arguments() -> set[str]:
 
 
 # ------------------------------------------------------------------------------- engine
+def _token_ids(x) -> list[int] | None:
+    """x as a list of int token ids (a list, tuple, or 1-D NumPy array / tensor of integers),
+    or None when it is not one."""
+    if hasattr(x, "tolist") and not isinstance(x, (str, list, tuple)):
+        if getattr(x, "ndim", 1) != 1:
+            return None
+        x = x.tolist()
+    if not isinstance(x, (list, tuple)) or not all(
+            isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in x):
+        return None
+    return [int(i) for i in x]
+
+
+def _describe(x) -> str:
+    """What a wrong prompt is, for an error: 'a 2-D ndarray', 'a list holding a float', 'dict'."""
+    if hasattr(x, "ndim") and not isinstance(x, (str, list, tuple)):
+        return f"a {x.ndim}-D {type(x).__name__} of {getattr(x, 'dtype', '?')}"
+    if isinstance(x, (list, tuple)):
+        bad = next((i for i in x if not isinstance(i, numbers.Integral) or isinstance(i, bool)),
+                   None)
+        if bad is not None:
+            return f"a {type(x).__name__} holding a {type(bad).__name__}"
+    return type(x).__name__
+
+
 class Engine:
     """One model on one backend; ``generate`` serves one request at a time (batch 1)."""
 
@@ -525,8 +550,7 @@ class Engine:
     def encode_prompt(self, prompt, chat: bool | None = None, tools=None) -> list[int]:
         """Prompt (str, token ids or chat messages) -> ids, through the chat template when asked
         / by default (always for messages)."""
-        if hasattr(prompt, "tolist") and not isinstance(prompt, (str, list, tuple)):
-            prompt = prompt.tolist()            # a NumPy array / tensor of token ids
+        ids = _token_ids(prompt)
         if _is_messages(prompt):
             if chat is False:
                 raise InputError("chat messages are always rendered through the chat template; "
@@ -546,14 +570,12 @@ class Engine:
                     raise InputError("the model has no chat template; use chat=False (--no-chat)")
                 return self.encode_messages([{"role": "user", "content": prompt}], tools)
             ids = tk.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and all(
-                isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in prompt):
+        elif ids is not None:
             if chat:
                 raise InputError("chat=True needs a text prompt, not token ids")
-            ids = [int(i) for i in prompt]
         else:
             raise InputError(f"prompt must be a str, a list of token ids or a list of chat "
-                             f"messages, got {type(prompt).__name__}")
+                             f"messages, got {_describe(prompt)}")
         if tools is not None:
             raise InputError("tools need a chat prompt (chat messages, or a str with chat on)")
         self.model.config.check_request(ids, self.context_length)
@@ -563,15 +585,10 @@ class Engine:
         """[n, vocab] float32 logits of a full forward over `ids` (str: encoded, no chat)."""
         if isinstance(ids, str):
             ids = self.encode_prompt(ids, chat=False)
-        given = type(ids).__name__
-        try:
-            ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
-        except TypeError:
-            ids = None
-        if ids is None or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool)
-                                  for i in ids):
-            raise InputError(f"logits takes a str or a list of token ids (ints), got {given}")
-        ids = [int(i) for i in ids]
+        given, ids = ids, _token_ids(ids)
+        if ids is None:
+            raise InputError(f"logits takes a str or a list of token ids (ints), got "
+                             f"{_describe(given)}")
         if len(ids) > self.context_length:
             raise ContextLengthError(f"{len(ids)} tokens exceed the context length "
                                      f"{self.context_length}", len(ids))

@@ -66,10 +66,11 @@ def test_token_ids_as_an_array(engine):
     gen = engine.generate(np.array(ids), max_new_tokens=2)
     list(gen)
     assert gen.prompt_ids == ids and len(gen.result.token_ids) == 2
-    for bad in (np.array([1.5, 2.0]), [1.5, 2.0]):
-        with pytest.raises(InputError, match="token ids"):
+    for bad, what in ((np.array([1.5, 2.0]), "a 1-D ndarray of float64"),
+                      ([1, 2.0], "a list holding a float")):
+        with pytest.raises(InputError, match=f"token ids .*got {what}"):
             engine.logits(bad)
-    with pytest.raises(InputError, match="got list"):
+    with pytest.raises(InputError, match="got a 2-D ndarray of int64"):
         engine.generate(np.array([[1, 2]]), max_new_tokens=2)
 
 
@@ -88,7 +89,6 @@ def test_tools_and_tool_messages(tools_engine):
     gen = tools_engine.generate(CONVERSATION, tools=TOOLS, max_new_tokens=2)
     assert gen.prompt_ids == ids
     gen.close()
-
 
 
 class _ScriptedStream:

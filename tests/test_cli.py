@@ -14,7 +14,7 @@ from kogcupy.cli import cli
 
 
 def invoke(args, input=None):
-    return CliRunner().invoke(cli, args, input=input)
+    return CliRunner().invoke(cli, args, input=input, prog_name="kogcupy")   # (the script's name)
 
 
 def assert_user_error(r, match: str | None = None):
@@ -371,7 +371,8 @@ def test_ctrl_c_while_loading_says_so(monkeypatch):
 def test_usage_errors_are_one_line():
     for args, match in ((["generate", "-q", "5", "hi"], "No such option '-q'"),
                         (["generate", "-5 reasons"], "goes after '--'"),
-                        (["generate", "-x marks"], "goes after '--' (kogcupy generate -- '-x marks')"),
+                        (["generate", "-x marks"],
+                         "goes after '--' (kogcupy generate -- '-x marks')"),
                         (["generate", "-n is small"], "not a valid integer; a prompt that starts"),
                         (["generate", "--max-new-tokens", "x", "hi"], "--max-new-tokens"),
                         (["bogus"], "No such command 'bogus'"),
@@ -386,7 +387,7 @@ def test_usage_errors_are_one_line():
 
 def test_prompt_read_as_a_short_option_is_named_before_stdin(no_load, tmp_path):
     # '-make a list' is -m 'ake a list': no PROMPT is left, and stdin is not waited on
-    r = CliRunner().invoke(cli, ["generate", "-make a list"], input="from stdin")
+    r = invoke(["generate", "-make a list"], input="from stdin")
     assert_user_error(r, "no prompt; a prompt that starts with '-' goes after '--' "
                          "(kogcupy generate -- '-make a list')")
     # an option's value is not a prompt: the prompt comes from stdin
@@ -400,6 +401,12 @@ def test_prompt_read_as_a_short_option_is_named_before_stdin(no_load, tmp_path):
     gen = cli.commands["generate"]
     assert dash_prompt(["generate", f"-m{models}"], gen) is None
     assert dash_prompt(["generate", f"-m{models}x y"], gen) == f"-m{models}x y"
+    assert dash_prompt(["generate", "-n 5 x"], gen) == "-n 5 x"     # only -m takes a path
+    # what follows an unknown --option may be its value; commands without a PROMPT: no hint
+    assert dash_prompt(["generate", "--bogus", "-a b"], gen) is None
+    r = CliRunner().invoke(cli, ["serve", "--api-key", "-a b", "--bogus"])
+    assert_user_error(r, "No such option")
+    assert "goes after" not in r.stderr
 
 
 def test_bare_command_prints_help():

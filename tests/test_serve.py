@@ -32,11 +32,12 @@ import uvicorn  # noqa: E402
 
 from kogcupy.engine import Engine, check_messages, template_messages  # noqa: E402
 from kogcupy.errors import ContextLengthError, InputError  # noqa: E402
+from kogcupy.model.tokenizer import Tokenizer  # noqa: E402
+from kogcupy.model.tool_calls import (Content, ToolCall, ToolCallParser,  # noqa: E402
+                                      parse_tool_calls)
 from kogcupy.serve import create_app  # noqa: E402
 from kogcupy.serve.app import Server as ServeServer  # noqa: E402
 from kogcupy.serve.scheduler import Job  # noqa: E402
-from kogcupy.model.tool_calls import Content, ToolCall, ToolCallParser, parse_tool_calls  # noqa: E402
-from kogcupy.model.tokenizer import Tokenizer  # noqa: E402
 
 QWEN_TOOLS_TEMPLATE = """\
 {%- if tools %}
@@ -686,11 +687,14 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"},
                                                 {"role": "tool", "content": "sunny"}]}, 400,
      "messages[1].tool_call_id", "required for a tool message"),
-    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}], "seed": -2**63 - 1},
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "seed": -2**63 - 1},
      400, "seed", "[-2**63, 2**64)"),
     ("completions", {"model": "scripted", "prompt": "a", "seed": 2**64}, 400, "seed", "got"),
     ("chat", b'{"messages": [{"role": "user", "content": "x"}], "stop": "\\udcff"}', 400,
-     "stop", "stop string"),
+     "stop", "stop is not valid UTF-8"),
+    ("chat", b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "\\ud800"]}', 400,
+     "stop", "stop[1] is not valid UTF-8 text: undecodable lone surrogate U+D800"),
 ]
 
 
@@ -1069,6 +1073,8 @@ def test_cli_serve_busy_port_and_bad_options():
     for opt in ("--api-key", "--served-model-name"):      # (not: no key, the file's name)
         r = CliRunner().invoke(cli, ["serve", opt, " "])
         assert r.exit_code == 2 and f"{opt} is empty" in r.output, r.output
+    r = CliRunner().invoke(cli, ["serve"], env={"KOGCUPY_API_KEY": ""})
+    assert r.exit_code == 2 and "KOGCUPY_API_KEY is set but empty" in r.output, r.output
     r = CliRunner().invoke(cli, ["serve", "--help"])
     assert r.exit_code == 0 and "--api-key" in r.output and "--served-model-name" in r.output
 

@@ -145,8 +145,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # GEMV loads per lane per tile: no more than a row of x needs (qkv, the LM head). With 4 on
     # SmolLM2 (hidden 576: 3 loads a row) ptxas spills the tiles just loaded (32 STL, 3: 5) and
     # decode is 6% slower; Qwen2.5-0.5B (896: 4) and wider models keep 4, where 3 is 4-7% slower
-    # (PERF.md). Fewer than 3 is not measured on a small model (2: -2 to -6% on 1B, 8B, Qwen2.5); NVIDIA only
-    # (a 64-wide AMD wave keeps the default).
+    # (PERF.md). Fewer than 3 is not measured on a small model (2: -2 to -6% on 1B, 8B,
+    # Qwen2.5). NVIDIA only (a 64-wide AMD wave keeps the default).
     if "KOG_GEMV_MAX_LOADS" not in tuning and not arch:
         row_loads = -(-lcfg.hidden_size // (8 * 32))
         tuning["KOG_GEMV_MAX_LOADS"] = min(_knob(tuning, "KOG_GEMV_MAX_LOADS"), max(3, row_loads))

@@ -336,8 +336,8 @@ class Prefill:
         """Graphs for every padded size (warm_up_sizes), and one run of each longer padded
         size (eager_sizes) through the first layer; returns how many graphs this prefill
         holds. A server calls it at start: then the first chunk of any size up to GRAPH_MAX
-        replays, and no chunk pays cuBLAS's first-call setup for its shapes. Writes K/V at positions [0, min(CHUNK,
-        limit)): the backend forgets what its live cache held."""
+        replays, and no chunk pays cuBLAS's first-call setup for its shapes. Writes K/V at
+        positions [0, min(CHUNK, limit)): the backend forgets what its live cache held."""
         return _warm_up(self, self._chunk, self.attention)
 
     def logits(self, ids, chunk: int = CHUNK) -> np.ndarray:

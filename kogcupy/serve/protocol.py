@@ -254,9 +254,9 @@ def check_supported(req) -> None:
             no("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(not s for s in stops):
             no("stop", "stop strings must be non-empty")
-        for s in stops:
+        for i, s in enumerate(stops):
             try:
-                check_text(s, "stop string")
+                check_text(s, "stop" if isinstance(req.stop, str) else f"stop[{i}]")
             except InputError as e:
                 no("stop", " ".join(str(e).split()))
     if req.seed is not None and not -2**63 <= req.seed < 2**64:     # OpenAI's int64, or a uint64
@@ -279,7 +279,7 @@ def check_supported(req) -> None:
                    f"messages[{i}].content is required for "
                    f"{'an' if m.role == 'assistant' else 'a'} {m.role} message"
                    + (" without tool_calls" if m.role == "assistant" else ""))
-            if m.role == "tool" and not m.tool_call_id:
+            if m.role == "tool" and m.tool_call_id is None:
                 no(f"messages[{i}].tool_call_id", f"messages[{i}].tool_call_id is required for "
                    f"a tool message (the id of the assistant's tool call it answers)")
         if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
