@@ -340,13 +340,17 @@ def read_stdin_prompt() -> str:
     return prompt
 
 
+SYSTEM_OPTION = click.option("--system", metavar="TEXT", default=None,
+                             help="System prompt (a system message before the user's).")
+
+
 @cli.command()
 @click.argument("prompt", required=False)
-@options(*MODEL_OPTIONS, *SAMPLING_OPTIONS,
+@options(MODEL_OPTIONS[0], SYSTEM_OPTION, *MODEL_OPTIONS[1:], *SAMPLING_OPTIONS,
          click.option("--chat/--no-chat", default=None,
                       help="Apply the model's chat template (default: when the model has one)."),
          *BACKEND_OPTIONS, STOP_OPTION)
-def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_p,
+def generate(prompt, model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
              repetition_penalty, seed, chat, backend, context_length, dtype, gpus, stop):
     """Stream a completion of PROMPT (read from stdin when omitted or -) to stdout.
 
@@ -359,6 +363,10 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
     check_backend(backend, context_length, dtype, gpus)
     for s in stop:
         check_text(s, "--stop")
+    if system is not None:
+        check_text(system, "--system")
+        if chat is False:
+            raise InputError("--system needs the chat template: leave out --no-chat")
     if prompt is None:
         ctx = click.get_current_context()
         hint = dash_hint(ctx.meta.get("kogcupy.argv"), ctx.command, ctx.command_path)
@@ -370,6 +378,10 @@ def generate(prompt, model_path, max_new_tokens, temperature, top_k, top_p, min_
     if not prompt:
         raise InputError("the prompt is empty: pass PROMPT or pipe it on stdin")
     engine = load_engine(model_path, dtype, backend, context_length, gpus)
+    if system is not None:
+        if engine.tokenizer is None or not engine.tokenizer.has_chat_template:
+            raise InputError("--system needs a model with a chat template")
+        prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
     gen = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),
@@ -400,9 +412,8 @@ CHAT_COMMANDS = ("/reset clears the conversation (the system prompt stays), /exi
 
 
 @cli.command()
-@options(MODEL_OPTIONS[0],
-         click.option("--system", metavar="TEXT", default=None, help="System prompt."),
-         *MODEL_OPTIONS[1:], *SAMPLING_OPTIONS, *BACKEND_OPTIONS, STOP_OPTION)
+@options(MODEL_OPTIONS[0], SYSTEM_OPTION, *MODEL_OPTIONS[1:], *SAMPLING_OPTIONS,
+         *BACKEND_OPTIONS, STOP_OPTION)
 def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
          repetition_penalty, seed, backend, context_length, dtype, gpus, stop):
     """Chat with the model: each line read is a user turn, the answer streams to stdout.
@@ -419,13 +430,13 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
     check_backend(backend, context_length, dtype, gpus)
     for s in stop:
         check_text(s, "--stop")
-    if system:
+    if system is not None:
         check_text(system, "--system")
     engine = load_engine(model_path, dtype, backend, context_length, gpus)
     if engine.tokenizer is None or not engine.tokenizer.has_chat_template:
         raise InputError("`kogcupy chat` needs a model with a chat template; use "
                          "`kogcupy generate --no-chat` for plain text completion")
-    start = [{"role": "system", "content": system}] if system else []
+    start = [{"role": "system", "content": system}] if system is not None else []
     messages = list(start)                     # the conversation so far
     interactive = sys.stdin.isatty()
     if interactive:

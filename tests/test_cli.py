@@ -9,6 +9,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+import kogcupy.engine
 import kogcupy.model.loader
 from kogcupy.cli import cli
 
@@ -83,6 +84,26 @@ def test_generate_stop_string(cached_default_model):
                 "--stop", "Paris", "--stop", "zzz"])
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert "Paris" not in r.stdout and "finish stop" in r.stderr
+
+
+def test_generate_system_prompt(cached_default_model, monkeypatch):
+    seen = []
+    real = kogcupy.engine.Engine.generate
+
+    def spy(self, prompt, **kw):
+        seen.append(prompt)
+        return real(self, prompt, **kw)
+    monkeypatch.setattr(kogcupy.engine.Engine, "generate", spy)
+    r = invoke(["generate", "--system", "Answer in French.", "-n", "3", "Hi"])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert seen == [[{"role": "system", "content": "Answer in French."},
+                     {"role": "user", "content": "Hi"}]]
+    plain = invoke(["generate", "-n", "3", "Hi"])
+    n_prompt = [int(re.search(r"\((\d+) prompt tokens", x.stderr).group(1)) for x in (r, plain)]
+    # (SmolLM2's template has a default system prompt, which --system replaces)
+    assert seen[-1] == "Hi" and n_prompt[0] != n_prompt[1], n_prompt
+    assert_user_error(invoke(["generate", "--system", "x", "--no-chat", "Hi"]),
+                      "--system needs the chat template")
 
 
 def test_env():
