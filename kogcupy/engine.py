@@ -465,13 +465,16 @@ def _token_ids(x) -> list[int] | None:
 
 def _describe(x) -> str:
     """What a wrong prompt is, for an error: 'a 2-D ndarray', 'a list holding a float', 'dict'."""
+    def a(name: str) -> str:
+        return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
     if hasattr(x, "ndim") and not isinstance(x, (str, list, tuple)):
+        if x.ndim == 0:
+            return a(type(x).__name__)
         return f"a {x.ndim}-D {type(x).__name__} of {getattr(x, 'dtype', '?')}"
     if isinstance(x, (list, tuple)):
-        bad = next((i for i in x if not isinstance(i, numbers.Integral) or isinstance(i, bool)),
-                   None)
-        if bad is not None:
-            return f"a {type(x).__name__} holding a {type(bad).__name__}"
+        for i in x:
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool):
+                return f"a {type(x).__name__} holding {'None' if i is None else a(type(i).__name__)}"
     return type(x).__name__
 
 

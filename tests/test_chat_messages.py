@@ -67,7 +67,8 @@ def test_token_ids_as_an_array(engine):
     list(gen)
     assert gen.prompt_ids == ids and len(gen.result.token_ids) == 2
     for bad, what in ((np.array([1.5, 2.0]), "a 1-D ndarray of float64"),
-                      ([1, 2.0], "a list holding a float")):
+                      ([1, 2.0], "a list holding a float"), ([1, None], "a list holding None"),
+                      (np.int64(5), "an int64")):
         with pytest.raises(InputError, match=f"token ids .*got {what}"):
             engine.logits(bad)
     with pytest.raises(InputError, match="got a 2-D ndarray of int64"):

@@ -1073,8 +1073,9 @@ def test_cli_serve_busy_port_and_bad_options():
     for opt in ("--api-key", "--served-model-name"):      # (not: no key, the file's name)
         r = CliRunner().invoke(cli, ["serve", opt, " "])
         assert r.exit_code == 2 and f"{opt} is empty" in r.output, r.output
-    r = CliRunner().invoke(cli, ["serve"], env={"KOGCUPY_API_KEY": ""})
-    assert r.exit_code == 2 and "KOGCUPY_API_KEY is set but empty" in r.output, r.output
+    for key in ("", " "):
+        r = CliRunner().invoke(cli, ["serve"], env={"KOGCUPY_API_KEY": key})
+        assert r.exit_code == 2 and "KOGCUPY_API_KEY is set but empty" in r.output, r.output
     r = CliRunner().invoke(cli, ["serve", "--help"])
     assert r.exit_code == 0 and "--api-key" in r.output and "--served-model-name" in r.output
 

@@ -142,7 +142,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if "KOG_DYN_PERMILLE" not in tuning and small:
         dyn = 0
     tuning["KOG_DYN_PERMILLE"] = dyn
-    # GEMV loads per lane per tile: no more than a row of x needs (qkv, the LM head). With 4 on
+    # GEMV loads per lane per tile (every GEMV of the build): capped at what a row of x needs
+    # (a hidden-wide row: qkv, o_proj's and gate_up's input, the LM head). With 4 on
     # SmolLM2 (hidden 576: 3 loads a row) ptxas spills the tiles just loaded (32 STL, 3: 5) and
     # decode is 6% slower; Qwen2.5-0.5B (896: 4) and wider models keep 4, where 3 is 4-7% slower
     # (PERF.md). Fewer than 3 is not measured on a small model (2: -2 to -6% on 1B, 8B,
