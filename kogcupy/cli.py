@@ -544,13 +544,14 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
     if served_model_name is not None and not served_model_name.strip():
         raise InputError("--served-model-name is empty: pass a name, or leave it out for the "
                          "model's file or directory name")
+    blank_key = api_key is not None and not api_key.strip()
     from_env = click.get_current_context().get_parameter_source("api_key") \
         == click.core.ParameterSource.ENVIRONMENT
-    if api_key is not None and not api_key.strip() and not from_env:
+    if blank_key and not from_env:
         raise InputError("--api-key is empty: pass a key, or leave --api-key out to serve "
                          "without one")
-    if (api_key is None or not api_key.strip()) and os.environ.get("KOGCUPY_API_KEY") is not None \
-            and (from_env or api_key is None):                   # (click reads "" as unset)
+    # (click reads an empty KOGCUPY_API_KEY as unset: api_key None)
+    if blank_key or (api_key is None and os.environ.get("KOGCUPY_API_KEY") is not None):
         raise InputError("KOGCUPY_API_KEY is set but empty: set a key, or unset it to serve "
                          "without one")
     for origin in allowed_origins:

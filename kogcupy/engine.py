@@ -553,7 +553,6 @@ class Engine:
     def encode_prompt(self, prompt, chat: bool | None = None, tools=None) -> list[int]:
         """Prompt (str, token ids or chat messages) -> ids, through the chat template when asked
         / by default (always for messages)."""
-        ids = _token_ids(prompt)
         if _is_messages(prompt):
             if chat is False:
                 raise InputError("chat messages are always rendered through the chat template; "
@@ -573,7 +572,7 @@ class Engine:
                     raise InputError("the model has no chat template; use chat=False (--no-chat)")
                 return self.encode_messages([{"role": "user", "content": prompt}], tools)
             ids = tk.encode(prompt)
-        elif ids is not None:
+        elif (ids := _token_ids(prompt)) is not None:
             if chat:
                 raise InputError("chat=True needs a text prompt, not token ids")
         else:
