@@ -92,7 +92,7 @@ def dash_hint(argv, command=None, path: str = "kogcupy generate") -> str:
     if a is None:
         return ""
     shown = a if len(a) <= 24 else a[:21] + "..."
-    return f"; a prompt that starts with '-' goes after '--' ({path} -- '{shown}')"
+    return f"; a prompt that starts with '-' goes after '--', options before it ({path} [OPTIONS] -- '{shown}')"
 
 
 def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None) -> str:
@@ -105,7 +105,7 @@ def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None) -> str:
     hint = dash_hint(argv, command, path)
     if not hint and isinstance(e, click.NoSuchOption) and e.option_name[1:2].isdigit() \
             and command is not None and _takes_prompt(command):
-        hint = f"; a prompt that starts with '-' goes after '--' ({path} -- '-1 ...')"
+        hint = f"; a prompt that starts with '-' goes after '--', options before it ({path} [OPTIONS] -- '-1 ...')"
     if hint and msg.endswith("?"):                  # after click's "Did you mean ...?"
         hint = " " + hint[2].upper() + hint[3:]
     msg += hint

@@ -393,7 +393,7 @@ def test_usage_errors_are_one_line():
     for args, match in ((["generate", "-q", "5", "hi"], "No such option '-q'"),
                         (["generate", "-5 reasons"], "goes after '--'"),
                         (["generate", "-x marks"],
-                         "goes after '--' (kogcupy generate -- '-x marks')"),
+                         "goes after '--', options before it (kogcupy generate [OPTIONS] -- '-x marks')"),
                         (["generate", "-n is small"], "not a valid integer; a prompt that starts"),
                         (["generate", "--max-new-tokens", "x", "hi"], "--max-new-tokens"),
                         (["bogus"], "No such command 'bogus'"),
@@ -409,8 +409,8 @@ def test_usage_errors_are_one_line():
 def test_prompt_read_as_a_short_option_is_named_before_stdin(no_load, tmp_path):
     # '-make a list' is -m 'ake a list': no PROMPT is left, and stdin is not waited on
     r = invoke(["generate", "-make a list"], input="from stdin")
-    assert_user_error(r, "no prompt; a prompt that starts with '-' goes after '--' "
-                         "(kogcupy generate -- '-make a list')")
+    assert_user_error(r, "no prompt; a prompt that starts with '-' goes after '--', options "
+                         "before it (kogcupy generate [OPTIONS] -- '-make a list')")
     # an option's value is not a prompt: the prompt comes from stdin
     r = CliRunner().invoke(cli, ["generate", "--stop", "- x", "-n", "x"], input="hi")
     assert_user_error(r, "not a valid integer")

@@ -658,7 +658,7 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "response_format": {"type": "json_object"}}, 400, "response_format", ""),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
-              "stop": ["a", ""]}, 400, "stop", "non-empty"),
+              "stop": ["a", ""]}, 400, "stop", "non-empty (stop[1] is '')"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x " * 3000}]},
      400, "messages", "maximum context length"),
     ("completions", {"model": "scripted", "prompt": ["a", "b"]}, 400, "prompt", "one prompt"),

@@ -252,9 +252,9 @@ def check_supported(req) -> None:
         stops = [req.stop] if isinstance(req.stop, str) else req.stop
         if len(stops) > MAX_STOP_STRINGS:
             no("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
-        if any(not s for s in stops):
-            no("stop", "stop strings must be non-empty")
         for i, s in enumerate(stops):
+            if not s:
+                no("stop", "stop strings must be non-empty" + ("" if isinstance(req.stop, str) else f" (stop[{i}] is '')"))
             try:
                 check_text(s, "stop" if isinstance(req.stop, str) else f"stop[{i}]")
             except InputError as e:
