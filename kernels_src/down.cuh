@@ -44,7 +44,7 @@ KOG_DEVICE void kog_down_parts(const KogParams* p, int layer, int t, int u0, int
     }
     kog_copy16_wait_groups<0>();
     // the block's part of in(t, l + 1): its partial of every row, plus x for its share's rows
-    kog_u64* out = kog_xsum_in(p, t, layer + 1);
+    kog_u64* out = kog_xsum_in(p, t, layer + 1) + kog_in_copy() * KOG_HIDDEN;
     const int z0 = kog_share_begin(), z1 = kog_share_end();
     // through shared memory: the groups' partials summed, and coalesced adds (a warp's 32
     // consecutive words; from registers a lane's 8 words would spread a warp's adds over 2 KB)

@@ -28,35 +28,44 @@
 // Waits until every word of the tagged vector src[0:N) carries `tag` (SUM: every residual-sum
 // word has `tag` parts, sync.cuh), then puts the values in shared xs. Every thread issues
 // all its 16-byte loads before the first check (one L2 round trip when the data is there) and
-// re-polls only what was not ready. Returns 1/rms(src) when `norm`, else 1. All threads call
-// it; it ends with a block barrier.
+// re-polls only what was not ready. COPIES > 1 (an in sum, sync.cuh KOG_IN_COPIES): copy r at
+// src + r * N holds kog_copy_parts(tag, r) parts; the value is the copies' words added. Returns
+// 1/rms(src) when `norm`, else 1. All threads call it; it ends with a block barrier.
 template <bool SUM>
 KOG_DEVICE bool kog_word_ready(kog_u64 w, kog_u32 tag) { return SUM ? kog_sum_ready(w, tag) : kog_tag_of(w) == tag; }
 template <bool SUM>
 KOG_DEVICE float kog_word_value(kog_u64 w) { return SUM ? kog_sum_value(w) : kog_value_of(w); }
-template <int N, bool SUM = false>
+template <int N, bool SUM = false, int COPIES = 1>
 KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs, float* scratch,
                                      bool norm) {
     static_assert(N % 2 == 0, "tagged vectors are read in pairs");
+    static_assert(COPIES == 1 || SUM, "copies are residual sums");
     constexpr int P2 = N / 2;
     constexpr int PER = (P2 + KOG_THREADS - 1) / KOG_THREADS;
-    const kog_u64 done = SUM ? (kog_u64)tag : (kog_u64)tag << 32;   // a ready word
-    kog_u64 w[PER][2];
+    kog_u32 want[COPIES];
+#pragma unroll
+    for (int r = 0; r < COPIES; ++r) want[r] = COPIES == 1 ? tag : kog_copy_parts(tag, r);
+    kog_u64 w[PER][COPIES][2];
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
         const int i = threadIdx.x + k * KOG_THREADS;
-        w[k][0] = w[k][1] = done;
-        if (P2 % KOG_THREADS == 0 || i < P2) kog_ld_tagged2(src + 2 * i, w[k][0], w[k][1]);
+#pragma unroll
+        for (int r = 0; r < COPIES; ++r) {
+            w[k][r][0] = w[k][r][1] = SUM ? (kog_u64)want[r] : (kog_u64)tag << 32;   // a ready word
+            if (P2 % KOG_THREADS == 0 || i < P2) kog_ld_tagged2(src + r * N + 2 * i, w[k][r][0], w[k][r][1]);
+        }
     }
     for (;;) {
         bool ready = true;
 #pragma unroll
         for (int k = 0; k < PER; ++k) {
             const int i = threadIdx.x + k * KOG_THREADS;
-            if (!kog_word_ready<SUM>(w[k][0], tag) || !kog_word_ready<SUM>(w[k][1], tag)) {
-                ready = false;
-                kog_ld_tagged2(src + 2 * i, w[k][0], w[k][1]);
-            }
+#pragma unroll
+            for (int r = 0; r < COPIES; ++r)
+                if (!kog_word_ready<SUM>(w[k][r][0], want[r]) || !kog_word_ready<SUM>(w[k][r][1], want[r])) {
+                    ready = false;
+                    kog_ld_tagged2(src + r * N + 2 * i, w[k][r][0], w[k][r][1]);
+                }
         }
         if (ready) break;
     }
@@ -66,7 +75,13 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
     for (int k = 0; k < PER; ++k) {
         const int i = threadIdx.x + k * KOG_THREADS;
         if (P2 % KOG_THREADS == 0 || i < P2) {
-            const float a = kog_word_value<SUM>(w[k][0]), b = kog_word_value<SUM>(w[k][1]);
+            kog_u64 wa = w[k][0][0], wb = w[k][0][1];
+#pragma unroll
+            for (int r = 1; r < COPIES; ++r) {     // (the counts add too: only the value is read)
+                wa += w[k][r][0];
+                wb += w[k][r][1];
+            }
+            const float a = kog_word_value<SUM>(wa), b = kog_word_value<SUM>(wb);
             xs[2 * i] = a;
             xs[2 * i + 1] = b;
             ss = fmaf(a, a, fmaf(b, b, ss));
@@ -356,9 +371,12 @@ KOG_DEVICE void kog_xsum_zero_next(const KogCtx& c, int layer) {
         kog_u64* mid = kog_xsum_mid(c.p, c.t + 1, layer);
         kog_u64* last = kog_xsum_in(c.p, c.t + 1, KOG_N_LAYERS);
         for (int i = z0 + threadIdx.x; i < z1; i += blockDim.x) {
-            kog_st_relaxed_u64(in + i, 0ull);
+#pragma unroll
+            for (int r = 0; r < KOG_IN_COPIES; ++r) {     // every copy of the in sums' rows
+                kog_st_relaxed_u64(in + r * KOG_HIDDEN + i, 0ull);
+                if (layer == KOG_N_LAYERS - 1) kog_st_relaxed_u64(last + r * KOG_HIDDEN + i, 0ull);
+            }
             kog_st_relaxed_u64(mid + i, 0ull);
-            if (layer == KOG_N_LAYERS - 1) kog_st_relaxed_u64(last + i, 0ull);
         }
         kog_fence_gpu();
     }

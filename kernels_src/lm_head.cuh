@@ -34,7 +34,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
         const float s = kog_tp_load_reduced(c, 1, kog_tag(c.t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
 #else
         if (!DYN && r0 >= r1) return -1.f;
-        const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum_in(p, c.t, KOG_N_LAYERS), kog_in_parts(KOG_N_LAYERS),
+        const float s = kog_load_activation<KOG_HIDDEN, true, KOG_IN_COPIES>(kog_xsum_in(p, c.t, KOG_N_LAYERS), kog_in_parts(KOG_N_LAYERS),
                                                               c.smem, c.scratch, true);
         if (dbg != nullptr)
             for (int i = kog_share_begin() + threadIdx.x; i < kog_share_end(); i += blockDim.x)

@@ -39,7 +39,7 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
                               : kog_tp_load_reduced(c, 1, x_tag);
 #else
         // every block reads x: it adds its share's rows to mid(t, l) (the x entering the layer)
-        const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum_in(p, c.t, layer), kog_in_parts(layer),
+        const float s = kog_load_activation<KOG_HIDDEN, true, KOG_IN_COPIES>(kog_xsum_in(p, c.t, layer), kog_in_parts(layer),
                                                               xs, c.scratch, true);
         kog_u64* mid = kog_xsum_mid(p, c.t, layer);
         float* dbg = kog_debug_row(c);

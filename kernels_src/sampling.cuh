@@ -427,7 +427,7 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps, int
 #if KOG_TP > 1
         kog_tp_load_reduced(c, 1, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
 #else
-        kog_load_activation<KOG_HIDDEN, true>(kog_xsum_in(p, t, KOG_N_LAYERS), kog_in_parts(KOG_N_LAYERS), c.smem,
+        kog_load_activation<KOG_HIDDEN, true, KOG_IN_COPIES>(kog_xsum_in(p, t, KOG_N_LAYERS), kog_in_parts(KOG_N_LAYERS), c.smem,
                                               c.scratch, false);
         float* dbg = kog_debug_row(c);
         if (dbg != nullptr)

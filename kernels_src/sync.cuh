@@ -60,6 +60,9 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 // KOG_CLUSTER (one GPU, NVIDIA): blocks a thread-block cluster; a cluster sums its blocks'
 // partials of down in distributed shared memory and adds them as ONE part (down.cuh), so a
 // word of in(t, l >= 1) gets gridDim.x / KOG_CLUSTER parts.
+// KOG_IN_COPIES (R): each in sum is R copies of its words; cluster c adds its part into copy
+// c % R (the embedding into copy 0), so a word's line takes 1/R of the adds, and a reader adds
+// the R words (integer: the same bits whatever R) after checking each copy's count.
 #ifndef KOG_CLUSTER
 #error "KOG_CLUSTER comes from kernels.py / build_plan.py"
 #endif
@@ -68,10 +71,15 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 #define KOG_CLUSTER 1             // clusters: one NVIDIA GPU (build_plan.py passes 1 elsewhere too)
 #endif
 static_assert(KOG_CLUSTER == 1 || KOG_CLUSTER == 2, "clusters: single blocks or pairs");
+#ifndef KOG_IN_COPIES
+#error "KOG_IN_COPIES comes from kernels.py / build_plan.py"
+#endif
+static_assert(KOG_IN_COPIES >= 1 && KOG_IN_COPIES <= 8, "copies of an in sum: 1 to 8");
 #define KOG_SUM_FRAC 26
 #define KOG_SUM_COUNT_BITS 10
 #define KOG_MID_PARTS (KOG_N_KV + 1)
 #define KOG_XSUM_SLOTS (2 * KOG_N_LAYERS + 1)       // sums a position
+#define KOG_XSUM_STRIDE (KOG_IN_COPIES * KOG_HIDDEN) // words a sum (mid sums use copy 0)
 static_assert(KOG_MID_PARTS < (1 << KOG_SUM_COUNT_BITS), "part count fits its bits");
 KOG_DEVICE kog_u64 kog_sum_word(const KogParams* p, float v) {
     if (!(fabsf(v) < (float)(1ll << (63 - KOG_SUM_COUNT_BITS - KOG_SUM_FRAC))))
@@ -87,12 +95,18 @@ KOG_DEVICE float kog_sum_value(kog_u64 w) {
 }
 // x entering layer l (l == KOG_N_LAYERS: the LM head's input) and its part count
 KOG_DEVICE kog_u64* kog_xsum_in(const KogParams* p, int t, int layer) {
-    return p->xsum + ((kog_u64)(t & 1) * KOG_XSUM_SLOTS + 2 * layer) * KOG_HIDDEN;
+    return p->xsum + ((kog_u64)(t & 1) * KOG_XSUM_SLOTS + 2 * layer) * KOG_XSUM_STRIDE;
 }
 KOG_DEVICE kog_u32 kog_in_parts(int layer) { return layer == 0 ? 1u : gridDim.x / KOG_CLUSTER; }
+// The copy of an in sum this block's cluster adds its parts to, and the parts copy r of a sum
+// of `parts` parts gets (clusters c with c % R == r; the embedding: copy 0).
+KOG_DEVICE int kog_in_copy() { return (int)(blockIdx.x / KOG_CLUSTER) % KOG_IN_COPIES; }
+KOG_DEVICE kog_u32 kog_copy_parts(kog_u32 parts, int r) {
+    return (parts + (kog_u32)(KOG_IN_COPIES - 1 - r)) / (kog_u32)KOG_IN_COPIES;
+}
 // x after o_proj of layer l
 KOG_DEVICE kog_u64* kog_xsum_mid(const KogParams* p, int t, int layer) {
-    return p->xsum + ((kog_u64)(t & 1) * KOG_XSUM_SLOTS + 2 * layer + 1) * KOG_HIDDEN;
+    return p->xsum + ((kog_u64)(t & 1) * KOG_XSUM_SLOTS + 2 * layer + 1) * KOG_XSUM_STRIDE;
 }
 // The rows of x whose carried-over parts this block adds (x entering a layer into its mid sum,
 // x after o_proj into the next in sum), and whose next-position words it zeroes.

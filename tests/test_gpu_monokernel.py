@@ -385,6 +385,31 @@ def test_down_first_rows_issued_by_gate_up(hidden, ffn, blocks):
         ids[:8], SamplingParams(), 32, set()))
 
 
+@pytest.mark.parametrize("cluster,copies", [(1, 5), (2, 4)])
+def test_in_sum_copies(cluster, copies):
+    """KOG_IN_COPIES: down's parts spread over copies of each in sum (cluster c into copy c % R;
+    with 48 single blocks and 5 copies the copies count 10 or 9 parts), the readers add the
+    copies: integer sums, so the logits are the same bits as with one copy."""
+    import cupy
+    if cluster > 1 and int(cupy.cuda.Device().compute_capability) < 90:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
+    m = model(cfg, logit_scale=8.0)
+    ids = np.random.default_rng(11).integers(0, cfg.vocab_size, 120).tolist()
+    runs = []
+    for r in (1, copies):
+        be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=48,
+                               tuning={"KOG_CLUSTER": cluster, "KOG_IN_COPIES": r})
+        assert be.tuning["KOG_IN_COPIES"] == r and be.xsum.size == 2 * (2 * cfg.n_layers + 1) * r * cfg.hidden_size
+        runs.append((be.logits(ids), list(be.start(ids[:8], SamplingParams(), 24, set()))))
+        del be
+    assert np.isfinite(runs[0][0]).all()
+    np.testing.assert_array_equal(runs[1][0], runs[0][0])
+    assert runs[1][1] == runs[0][1]
+    ref = ReferenceBackend(m, context_length=512).logits(ids)
+    assert max(rel(runs[1][0][i], ref[i]) for i in (0, 63, 119)) < 3e-2
+
+
 @pytest.mark.parametrize("dyn,cluster", [(0, 2), (300, 2), (300, 1)])
 def test_ffn_dynamic_tail(dyn, cluster):
     """down_residual multiplies the activations of the FFN units its block ran, static and

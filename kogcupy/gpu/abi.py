@@ -46,7 +46,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("qkv", "ptr", "kog_u64*", "(qkv_dim,) raw q/k/v rows (+bias) of the current token"),
     ("attn_out", "ptr", "kog_u64*", "(q_dim,) attention output (tensor parallel; one GPU: none)"),
     ("act", "ptr", "kog_u64*", "(f,) silu(gate) * up"),
-    ("xsum", "ptr", "kog_u64*", "(2, 2L+1, h) one GPU: x entering each layer / after o_proj, as residual sums (sync.cuh)"),
+    ("xsum", "ptr", "kog_u64*", "(2, 2L+1, KOG_IN_COPIES, h) one GPU: x entering each layer / after o_proj, as residual sums (sync.cuh)"),
     # ---- fp32 buffers ----
     ("logits", "ptr", "float*", "(V,) or (n_prompt, V) when all_logits"),
     ("attn_partial", "ptr", "float*", "(KV, max_chunks, G, hd + 2) per-chunk out, max, sum"),

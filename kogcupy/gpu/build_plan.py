@@ -183,6 +183,10 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if not fits or (small and not asked):
         cluster = 1
     tuning["KOG_CLUSTER"] = cluster
+    copies = _knob(tuning, "KOG_IN_COPIES")
+    if not 1 <= copies <= 8:
+        raise DeviceError(f"KOG_IN_COPIES={copies}: 1 to 8 copies of each in sum")
+    tuning["KOG_IN_COPIES"] = copies
     if n_blocks < lcfg.n_kv_heads:
         # tensor parallel: the unit combining a head's partials must be the last unit of its
         # block (one GPU's o_proj items merge them; it has not run below this either)

@@ -443,7 +443,8 @@ class MonokernelBackend(_OneLaunchBackend):
         self.act = cp.empty(cfg.intermediate_size, u64)
         # one GPU: the residual stream as integer sums (x entering each layer and after its
         # o_proj, and the LM head's input) that the host zeroes per launch
-        self.xsum = (cp.empty(2 * (2 * L + 1) * cfg.hidden_size, u64)     # sync.cuh: in, mid sums
+        self.xsum = (cp.empty(2 * (2 * L + 1) * self.tuning["KOG_IN_COPIES"] * cfg.hidden_size, u64)
+                     # sync.cuh: in, mid sums (KOG_XSUM_STRIDE words each)
                      if self.world == 1 else None)
         self.logits_buf = cp.empty(cfg.vocab_size, f32)
         # 8-byte tagged words (attention.cuh kog_attn_combine: o_proj's items poll them);
