@@ -74,6 +74,22 @@ def test_block_pairs_where_the_gpu_and_the_model_have_them():
             build_plan(big, H200_SMS, 4096, tuning={"KOG_CLUSTER": bad})
 
 
+def test_in_sum_copies_for_single_blocks():
+    # KOG_IN_COPIES (sync.cuh): 2 where single blocks add to the in sums on one NVIDIA GPU
+    big, small = shape_config("llama-3.2-1b"), shape_config("smollm2-135m")
+    copies = lambda cfg, **kw: build_plan(cfg, H200_SMS, 4096, **kw).tuning["KOG_IN_COPIES"]
+    assert copies(small) == 2 and copies(shape_config("qwen2.5-0.5b")) == 2
+    assert copies(big) == 1                                  # pairs: 2 copies neutral, 4 slower
+    assert copies(big, blocks=131) == 2                      # an odd grid: single blocks
+    assert copies(small, arch="gfx942") == 1                 # not measured on AMD
+    assert copies(small, tuning={"KOG_CLUSTER": 2}) == 1
+    assert copies(small, tuning={"KOG_IN_COPIES": 5}) == 5
+    assert copies(local_config(shape_config("qwen3-1.7b"), 2), rank=0, world=2) == 1
+    for bad in (0, 9):
+        with pytest.raises(DeviceError, match="1 to 8 copies"):
+            copies(small, tuning={"KOG_IN_COPIES": bad})
+
+
 def test_refusals():
     cfg = shape_config("llama-3.2-1b")
     with pytest.raises(DeviceError, match="at least 8 blocks"):

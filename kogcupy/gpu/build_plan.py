@@ -183,9 +183,15 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if not fits or (small and not asked):
         cluster = 1
     tuning["KOG_CLUSTER"] = cluster
+    # the in sums as copies (sync.cuh): single blocks on one NVIDIA GPU add a part per block to
+    # every word of in(t, l + 1) at the end of down, a burst of adds to the same L2 lines that
+    # the next qkv waits for; 2 copies halve each line's adds. H100: SmolLM2-135M +5%,
+    # Qwen2.5-0.5B +4%; pairs (1B, Qwen3, 8B): 2 copies neutral, 4 -2 to -8% (PERF.md).
     copies = _knob(tuning, "KOG_IN_COPIES")
     if not 1 <= copies <= 8:
         raise DeviceError(f"KOG_IN_COPIES={copies}: 1 to 8 copies of each in sum")
+    if "KOG_IN_COPIES" not in tuning and world == 1 and not arch and cluster == 1:
+        copies = 2
     tuning["KOG_IN_COPIES"] = copies
     if n_blocks < lcfg.n_kv_heads:
         # tensor parallel: the unit combining a head's partials must be the last unit of its
