@@ -56,7 +56,8 @@ TP_CONFIGS = {
 # bytes; down_residual's loads held in registers: 400 bytes, loads spilled as they landed;
 # the sampler's slice rounds compiled in: greedy -4 to -5%, now a build of its own).
 SPILL_STORE_BUDGET = {"llama-3.2-1b": 90, "qwen3-1.7b": 95, "smollm2-135m-fp16": 760,
-                      "qwen2-bias-gqa7": 200, "qwen3-1.7b-tp4": 270, "llama-3.2-1b-tp2": 80}
+                      "qwen2-bias-gqa7": 200, "qwen3-1.7b-tp4": 270, "llama-3.2-1b-tp2": 80,
+                      "smollm2-135m-plan": 32}      # (2026-12-05: 28 bytes; 20 with one copy)
 
 
 def _compiler(name):
@@ -96,6 +97,10 @@ def _sources(tmp_path):
                              ("prefill-qwen3-1.7b-fp16", "qwen3-1.7b", "float16")):
         d = prefill.prefill_defines(shape_config(name), dtype)
         out[key] = (prefill.prefill_source(), kernels.define_options(d))
+    cfg = shape_config("smollm2-135m")      # as one H200 plans it: 3 GEMV loads, 2 copies of the in sums
+    plan = build_plan(cfg, 132, 4096)
+    d = kernels.model_defines(cfg, "bfloat16", 512, plan.smem_floats, len(abi.PARTITION_COLUMNS), plan.tuning)
+    out["smollm2-135m-plan"] = (kernels.monokernel_source(), kernels.define_options(d))
     for name in ("llama-3.1-8b", "qwen2.5-0.5b"):     # as an MI300X build plans them (64 KB)
         cfg = shape_config(name)
         plan = build_plan(cfg, 304, 4096, arch="gfx942", smem_limit=64 * 1024)
@@ -123,7 +128,7 @@ def test_inlined_source_is_self_contained():
 
 
 @pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
-                         ["llama-3.2-1b-hooks",
+                         ["llama-3.2-1b-hooks", "smollm2-135m-plan",
                           "llama-3.2-1b-static", "llama-3.2-1b-slices", "qwen3-1.7b-tp2-slices", "stream_read",
                           "kccl_test", "topology_probe", "prefill-llama-3.2-1b",
                           "prefill-qwen3-1.7b-fp16"])
