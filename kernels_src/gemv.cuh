@@ -29,7 +29,7 @@
 // word has `tag` parts, sync.cuh), then puts the values in shared xs. Every thread issues
 // all its 16-byte loads before the first check (one L2 round trip when the data is there) and
 // re-polls only what was not ready. COPIES > 1 (an in sum, sync.cuh KOG_IN_COPIES): copy r at
-// src + r * N holds kog_copy_parts(tag, r) parts; the value is the copies' words added. Returns
+// src + r * N holds kog_copy_parts<COPIES>(tag, r) parts; the value is the copies' words added. Returns
 // 1/rms(src) when `norm`, else 1. All threads call it; it ends with a block barrier.
 template <bool SUM>
 KOG_DEVICE bool kog_word_ready(kog_u64 w, kog_u32 tag) { return SUM ? kog_sum_ready(w, tag) : kog_tag_of(w) == tag; }
@@ -44,7 +44,7 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
     constexpr int PER = (P2 + KOG_THREADS - 1) / KOG_THREADS;
     kog_u32 want[COPIES];
 #pragma unroll
-    for (int r = 0; r < COPIES; ++r) want[r] = COPIES == 1 ? tag : kog_copy_parts(tag, r);
+    for (int r = 0; r < COPIES; ++r) want[r] = COPIES == 1 ? tag : kog_copy_parts<COPIES>(tag, r);
     kog_u64 w[PER][COPIES][2];
 #pragma unroll
     for (int k = 0; k < PER; ++k) {

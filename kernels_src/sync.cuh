@@ -98,11 +98,12 @@ KOG_DEVICE kog_u64* kog_xsum_in(const KogParams* p, int t, int layer) {
     return p->xsum + ((kog_u64)(t & 1) * KOG_XSUM_SLOTS + 2 * layer) * KOG_XSUM_STRIDE;
 }
 KOG_DEVICE kog_u32 kog_in_parts(int layer) { return layer == 0 ? 1u : gridDim.x / KOG_CLUSTER; }
-// The copy of an in sum this block's cluster adds its parts to, and the parts copy r of a sum
-// of `parts` parts gets (clusters c with c % R == r; the embedding: copy 0).
+// The copy of an in sum this block's cluster adds its parts to, and the parts copy r of R
+// copies of a sum of `parts` parts gets (clusters c with c % R == r; the embedding: copy 0).
 KOG_DEVICE int kog_in_copy() { return (int)(blockIdx.x / KOG_CLUSTER) % KOG_IN_COPIES; }
+template <int R>
 KOG_DEVICE kog_u32 kog_copy_parts(kog_u32 parts, int r) {
-    return (parts + (kog_u32)(KOG_IN_COPIES - 1 - r)) / (kog_u32)KOG_IN_COPIES;
+    return (parts + (kog_u32)(R - 1 - r)) / (kog_u32)R;
 }
 // x after o_proj of layer l
 KOG_DEVICE kog_u64* kog_xsum_mid(const KogParams* p, int t, int layer) {
