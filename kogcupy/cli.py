@@ -91,7 +91,10 @@ def dash_hint(argv, command=None, path: str = "kogcupy generate") -> str:
     a = dash_prompt(argv, command)
     if a is None:
         return ""
-    shown = a if len(a) <= 24 else a[:21] + "..."
+    return _dash_example(path, a if len(a) <= 24 else a[:21] + "...")
+
+
+def _dash_example(path: str, shown: str) -> str:
     return f"; a prompt that starts with '-' goes after '--', options before it ({path} [OPTIONS] -- '{shown}')"
 
 
@@ -105,7 +108,7 @@ def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None) -> str:
     hint = dash_hint(argv, command, path)
     if not hint and isinstance(e, click.NoSuchOption) and e.option_name[1:2].isdigit() \
             and command is not None and _takes_prompt(command):
-        hint = f"; a prompt that starts with '-' goes after '--', options before it ({path} [OPTIONS] -- '-1 ...')"
+        hint = _dash_example(path, "-1 ...")
     if hint and msg.endswith("?"):                  # after click's "Did you mean ...?"
         hint = " " + hint[2].upper() + hint[3:]
     msg += hint

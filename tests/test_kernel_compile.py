@@ -97,16 +97,17 @@ def _sources(tmp_path):
                              ("prefill-qwen3-1.7b-fp16", "qwen3-1.7b", "float16")):
         d = prefill.prefill_defines(shape_config(name), dtype)
         out[key] = (prefill.prefill_source(), kernels.define_options(d))
-    cfg = shape_config("smollm2-135m")      # as one H200 plans it: 3 GEMV loads, 2 copies of the in sums
-    plan = build_plan(cfg, 132, 4096)
-    d = kernels.model_defines(cfg, "bfloat16", 512, plan.smem_floats, len(abi.PARTITION_COLUMNS), plan.tuning)
-    out["smollm2-135m-plan"] = (kernels.monokernel_source(), kernels.define_options(d))
-    for name in ("llama-3.1-8b", "qwen2.5-0.5b"):     # as an MI300X build plans them (64 KB)
+    # builds as a plan makes them: SmolLM2 on one H200 (3 GEMV loads, 2 copies of the in sums);
+    # an MI300X's (64 KB)
+    mi300x = {"arch": "gfx942", "smem_limit": 64 * 1024}
+    for key, name, n_sms, kw in (("smollm2-135m-plan", "smollm2-135m", 132, {}),
+                                 ("gfx942-plan-llama-3.1-8b", "llama-3.1-8b", 304, mi300x),
+                                 ("gfx942-plan-qwen2.5-0.5b", "qwen2.5-0.5b", 304, mi300x)):
         cfg = shape_config(name)
-        plan = build_plan(cfg, 304, 4096, arch="gfx942", smem_limit=64 * 1024)
+        plan = build_plan(cfg, n_sms, 4096, **kw)
         d = kernels.model_defines(cfg, "bfloat16", 512, plan.smem_floats, len(abi.PARTITION_COLUMNS),
                                   plan.tuning)
-        out[f"gfx942-plan-{name}"] = (kernels.monokernel_source(), kernels.define_options(d))
+        out[key] = (kernels.monokernel_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
     out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel
     out["topology_probe"] = (kernels.topology_probe_source(), ())

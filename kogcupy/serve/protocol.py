@@ -253,10 +253,11 @@ def check_supported(req) -> None:
         if len(stops) > MAX_STOP_STRINGS:
             no("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         for i, s in enumerate(stops):
+            name = "stop" if isinstance(req.stop, str) else f"stop[{i}]"
             if not s:
-                no("stop", "stop strings must be non-empty" + ("" if isinstance(req.stop, str) else f" (stop[{i}] is '')"))
+                no("stop", "stop strings must be non-empty" + ("" if name == "stop" else f" ({name} is '')"))
             try:
-                check_text(s, "stop" if isinstance(req.stop, str) else f"stop[{i}]")
+                check_text(s, name)
             except InputError as e:
                 no("stop", " ".join(str(e).split()))
     if req.seed is not None and not -2**63 <= req.seed < 2**64:     # OpenAI's int64, or a uint64
