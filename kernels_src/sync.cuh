@@ -227,7 +227,19 @@ KOG_DEVICE kog_u32 kog_expected(const KogCtx& c, int producers) {
 #error "KOG_HOOKS comes from kernels.py (model_defines)"
 #endif
 #define KOG_PROF_SLOTS (KOG_N_LAYERS * 16 + 8)
+// KOG_DELAY_SLOT k >= 0 (scripts/delay_probe.py; -1 otherwise): every thread passing slot
+// layer * 16 + k, in every layer and step, first spins KOG_DELAY_NS -- how much of that delay
+// reaches the step says how critical that stage's path is.
+#if !defined(KOG_DELAY_SLOT) || !defined(KOG_DELAY_NS)
+#error "KOG_DELAY_SLOT, KOG_DELAY_NS come from kernels.py (model_defines)"
+#endif
 KOG_DEVICE void kog_prof(const KogCtx& c, int slot) {
+#if KOG_DELAY_SLOT >= 0
+    if (slot < KOG_N_LAYERS * 16 && slot % 16 == KOG_DELAY_SLOT) {
+        const kog_u64 t0 = kog_globaltimer();
+        while (kog_globaltimer() - t0 < (kog_u64)KOG_DELAY_NS) {}
+    }
+#endif
     if (KOG_HOOKS && c.p->profile != nullptr && c.t == c.p->profile_pos && threadIdx.x == 0)
         c.p->profile[blockIdx.x * KOG_PROF_SLOTS + slot] = kog_globaltimer();
 }

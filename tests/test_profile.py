@@ -256,3 +256,36 @@ def test_readme_documents_profile():
             if opt.startswith("--") and opt != "--help":
                 assert opt in synopsis, opt
     assert "approximate" in synopsis and "ui.perfetto.dev" in synopsis
+
+
+def _delay_probe():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "delay_probe.py"
+    spec = importlib.util.spec_from_file_location("delay_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_delay_probe_slots_are_the_stages_inputs_ready_stamps():
+    """scripts/delay_probe.py delays the slot each stage stamps when its inputs are ready."""
+    import re
+    from pathlib import Path
+    src = Path(__file__).resolve().parents[1] / "kernels_src"
+    files = {"qkv": "norm_rope.cuh", "attention": "attention.cuh", "o_proj": "o_proj.cuh",
+             "gate_up": "gate_up.cuh", "down": "down.cuh"}
+    slots = _delay_probe().STAGE_SLOTS
+    assert set(slots) == set(files)
+    for stage, slot in slots.items():
+        text = (src / files[stage]).read_text()
+        assert re.search(rf"kog_prof\(c, layer \* 16 \+ {slot}\);", text), (stage, slot)
+
+
+def test_delay_probe_shares():
+    """A stage fully on the critical path passes its whole delay to the step (1.0 a layer);
+    numbers of the SmolLM2 run (30 layers, 1 us, H100, 2026-12-05)."""
+    share = _delay_probe().sensitivities([389.7, 386.7], {"qkv": 417.5, "o_proj": 388.2 + 9.0},
+                                         30, 1000)
+    assert share["qkv"] == pytest.approx(29.3 / 30, abs=1e-9)
+    assert share["o_proj"] == pytest.approx(0.3, abs=1e-9)
