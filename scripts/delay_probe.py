@@ -50,19 +50,17 @@ def main(argv=None) -> int:
         cfg = shape_config(name)
         ctx = max(1024, 32 + args.new + 16)
         dev = DeviceModel.random(cfg, rope_positions=ctx)
-
-        def run(tuning, dev=dev):
-            return bench_decode(cfg, prompt_len=32, new_tokens=args.new, device_model=dev,
-                                tuning=tuning, context_length=ctx)["step_us"]
-        base = [run({})]
-        delayed = {k: run({"KOG_DELAY_SLOT": s, "KOG_DELAY_NS": args.ns}) for k, s in STAGE_SLOTS.items()}
-        base.append(run({}))
+        runs = [{}] + [{"KOG_DELAY_SLOT": s, "KOG_DELAY_NS": args.ns} for s in STAGE_SLOTS.values()] + [{}]
+        steps = [bench_decode(cfg, prompt_len=32, new_tokens=args.new, device_model=dev, tuning=tuning,
+                              context_length=ctx)["step_us"] for tuning in runs]
+        del dev                         # (the next shape's weights go where these were)
+        base = [steps[0], steps[-1]]
+        delayed = dict(zip(STAGE_SLOTS, steps[1:-1]))
         sens = sensitivities(base, delayed, cfg.n_layers, args.ns)
         print(f"{name:16s} {sum(base) / 2:8.1f} " + " ".join(f"{sens[k]:9.2f}" for k in STAGE_SLOTS),
               flush=True)
         print(json.dumps({"shape": name, "base_step_us": base, "delayed_step_us": delayed,
                           "delay_ns": args.ns, "layers": cfg.n_layers, "share": sens}), flush=True)
-        del dev
     return 0
 
 
