@@ -44,7 +44,7 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
     constexpr int PER = (P2 + KOG_THREADS - 1) / KOG_THREADS;
     kog_u32 want[COPIES];
 #pragma unroll
-    for (int r = 0; r < COPIES; ++r) want[r] = COPIES == 1 ? tag : kog_copy_parts<COPIES>(tag, r);
+    for (int r = 0; r < COPIES; ++r) want[r] = kog_copy_parts<COPIES>(tag, r);   // (one copy: tag)
     kog_u64 w[PER][COPIES][2];
 #pragma unroll
     for (int k = 0; k < PER; ++k) {

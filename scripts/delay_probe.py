@@ -17,10 +17,10 @@ import sys
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
 
-from kogcupy.gpu.profile import STAGES  # noqa: E402
+from kogcupy.gpu.profile import stage_slots  # noqa: E402
 
-# stage -> its inputs-ready slot within a layer's 16 (kogcupy/gpu/profile.py's slot map)
-STAGE_SLOTS = {name: 3 * k + 1 for k, name in enumerate(STAGES)}
+# stage -> its inputs-ready slot within a layer's 16: its first slot + 1 (profile.py's slot map)
+STAGE_SLOTS = {name: first + 1 for name, layer, first in stage_slots(1) if layer == 0}
 
 
 def sensitivities(base_steps_us: list[float], delayed_us: dict[str, float], n_layers: int,
