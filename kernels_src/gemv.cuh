@@ -20,8 +20,10 @@
 
 // Knobs (kernels.py DEFAULT_TUNING / build_plan.py pass every one): KOG_GEMV_MAX_LOADS 16-byte
 // loads per lane per tile, KOG_DYN_PERMILLE the share of gate_up / lm_head units handed out at
-// run time, KOG_DOWN_DEPTH rows a thread of down_residual keeps in flight.
-#if !defined(KOG_GEMV_MAX_LOADS) || !defined(KOG_DYN_PERMILLE) || !defined(KOG_DOWN_DEPTH)
+// run time, KOG_DOWN_DEPTH rows a thread of down_residual keeps in flight, KOG_POLL_SENTINEL
+// a residual sum polled on its last pair before it is read.
+#if !defined(KOG_GEMV_MAX_LOADS) || !defined(KOG_DYN_PERMILLE) || !defined(KOG_DOWN_DEPTH) || \
+    !defined(KOG_POLL_SENTINEL)
 #error "GEMV knobs come from kernels.py (model_defines)"
 #endif
 
@@ -45,6 +47,20 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
     kog_u32 want[COPIES];
 #pragma unroll
     for (int r = 0; r < COPIES; ++r) want[r] = kog_copy_parts<COPIES>(tag, r);   // (one copy: tag)
+    if (SUM && KOG_POLL_SENTINEL) {
+        // one thread a copy polls the copy's last pair until it is complete, then the block
+        // reads the sum: while the adds land, one line a copy is re-read, not every line by every
+        // thread. A hint only (down adds the last pair in its last round; the read below checks
+        // every word); build_plan.py decides per model
+        if ((int)threadIdx.x < COPIES) {
+            const int r = threadIdx.x;
+            const kog_u32 wr = COPIES == 1 ? tag : kog_copy_parts<COPIES>(tag, r);   // (want[r]: Qwen2.5 spills 4 B more)
+            kog_u64 a, b;
+            do { kog_ld_tagged2(src + r * N + N - 2, a, b); }
+            while (!kog_word_ready<SUM>(a, wr) || !kog_word_ready<SUM>(b, wr));
+        }
+        __syncthreads();
+    }
     kog_u64 w[PER][COPIES][2];
 #pragma unroll
     for (int k = 0; k < PER; ++k) {

@@ -390,7 +390,8 @@ def test_in_sum_copies(cluster, copies):
     """KOG_IN_COPIES: down's parts spread over copies of each in sum (cluster c into copy c % R;
     with 48 single blocks and 5 copies the copies count 10 or 9 parts), the readers add the
     copies: integer sums, so with every FFN unit placed statically (SYNC.md: bit-reproducible)
-    the logits are the same bits as with one copy."""
+    the logits are the same bits as with one copy. The copies' run polls each copy's last pair
+    first (KOG_POLL_SENTINEL, off for this hidden size by default)."""
     import cupy
     if cluster > 1 and int(cupy.cuda.Device().compute_capability) < 90:
         pytest.skip("thread-block clusters need compute capability 9.0")
@@ -401,7 +402,8 @@ def test_in_sum_copies(cluster, copies):
     for r in (1, copies):
         be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=48,
                                tuning={"KOG_CLUSTER": cluster, "KOG_IN_COPIES": r,
-                                       "KOG_DYN_PERMILLE": 0})
+                                       "KOG_DYN_PERMILLE": 0, "KOG_POLL_SENTINEL": int(r > 1)})
+        assert be.tuning["KOG_POLL_SENTINEL"] == int(r > 1)
         assert be.tuning["KOG_IN_COPIES"] == r and be.xsum.size == 2 * (2 * cfg.n_layers + 1) * r * cfg.hidden_size
         runs.append((be.logits(ids), list(be.start(ids[:8], SamplingParams(), 24, set()))))
         del be

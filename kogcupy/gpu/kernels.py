@@ -87,10 +87,11 @@ def define_options(defines: dict) -> tuple[str, ...]:
 # GEMV loads per lane per tile, the share of units handed out at run time (gemv.cuh), rows a
 # thread of down_residual keeps in flight, blocks a cluster (down's partials summed in pairs
 # before the adds; one GPU of sm_90+; build_plan.py decides per model; down.cuh), copies of
-# each in sum that down's parts spread over (sync.cuh), profiling / debug hooks, and the delay
-# probe's stage slot and spin (sync.cuh kog_prof; -1: none).
+# each in sum that down's parts spread over (sync.cuh), a residual sum polled on its last pair
+# before it is read (gemv.cuh; build_plan.py decides per model), profiling / debug hooks, and
+# the delay probe's stage slot and spin (sync.cuh kog_prof; -1: none).
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DEPTH": 8,
-                  "KOG_CLUSTER": 2, "KOG_IN_COPIES": 1, "KOG_HOOKS": 0,
+                  "KOG_CLUSTER": 2, "KOG_IN_COPIES": 1, "KOG_POLL_SENTINEL": 0, "KOG_HOOKS": 0,
                   "KOG_DELAY_SLOT": -1, "KOG_DELAY_NS": 1000}
 # Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 0}' changes the defaults (e.g. to run the GPU
 # test suite on a variant before it becomes the default).
