@@ -30,7 +30,8 @@
 // Waits until every word of the tagged vector src[0:N) carries `tag` (SUM: every residual-sum
 // word has `tag` parts, sync.cuh), then puts the values in shared xs. Every thread issues
 // all its 16-byte loads before the first check (one L2 round trip when the data is there) and
-// re-polls only what was not ready. COPIES > 1 (an in sum, sync.cuh KOG_IN_COPIES): copy r at
+// re-polls only what was not ready; with KOG_POLL_SENTINEL a residual sum is first polled on
+// its last pair by one thread a copy (two round trips when the data is there). COPIES > 1 (an in sum, sync.cuh KOG_IN_COPIES): copy r at
 // src + r * N holds kog_copy_parts<COPIES>(tag, r) parts; the value is the copies' words added. Returns
 // 1/rms(src) when `norm`, else 1. All threads call it; it ends with a block barrier.
 template <bool SUM>
@@ -49,12 +50,13 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
     for (int r = 0; r < COPIES; ++r) want[r] = kog_copy_parts<COPIES>(tag, r);   // (one copy: tag)
     if (SUM && KOG_POLL_SENTINEL) {
         // one thread a copy polls the copy's last pair until it is complete, then the block
-        // reads the sum: while the adds land, one line a copy is re-read, not every line by every
-        // thread. A hint only (down adds the last pair in its last round; the read below checks
-        // every word); build_plan.py decides per model
+        // reads the sum: while the parts land, one line a copy is re-read, not every line by
+        // every thread. A hint only, the read below checks every word (in sums: the last pair is
+        // among the last adds of down -- of a pair's rank 1; mid sums: of the o_proj items of the
+        // last row slice); build_plan.py decides per model
         if ((int)threadIdx.x < COPIES) {
             const int r = threadIdx.x;
-            const kog_u32 wr = COPIES == 1 ? tag : kog_copy_parts<COPIES>(tag, r);   // (want[r]: Qwen2.5 spills 4 B more)
+            const kog_u32 wr = COPIES == 1 ? tag : kog_copy_parts<COPIES>(tag, r);   // (this form: the fewest spills)
             kog_u64 a, b;
             do { kog_ld_tagged2(src + r * N + N - 2, a, b); }
             while (!kog_word_ready<SUM>(a, wr) || !kog_word_ready<SUM>(b, wr));

@@ -193,11 +193,12 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if "KOG_IN_COPIES" not in tuning and world == 1 and not arch and cluster == 1:
         copies = 2
     tuning["KOG_IN_COPIES"] = copies
-    # the residual sums polled on their last pair first (gemv.cuh): while 66-132 parts' adds land
-    # on a sum, its readers re-read one line a copy instead of all. H100: Qwen2.5-0.5B +2.3 to
-    # +2.9%, Qwen3-1.7B +1.7%, 1B +0.5%, 8B +0.3%; SmolLM2-135M (hidden 576, 3 loads a row)
-    # -1.5 to -2.3%, where the extra L2 round trip after the sum is complete costs more
-    # (PERF.md). Not measured on AMD or tensor parallel.
+    # the residual sums polled on their last pair first (gemv.cuh): while the parts land on a sum,
+    # its readers re-read one line a copy instead of all. H100: Qwen2.5-0.5B +2.3 to +3.1%,
+    # Qwen3-1.7B +1.7%, 1B +0.5%, 8B +0.3% (on the paired shapes the gain is the mid sum's);
+    # SmolLM2-135M (hidden 576, 3 loads a row) -1.2 to -2.3%, where the extra L2 round trip
+    # after the sum is complete costs more (PERF.md). Not measured on AMD; tensor parallel builds
+    # read no residual sum.
     sentinel = _knob(tuning, "KOG_POLL_SENTINEL")
     if sentinel not in (0, 1):
         raise DeviceError(f"KOG_POLL_SENTINEL={sentinel}: 0 or 1")
