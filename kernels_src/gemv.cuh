@@ -31,9 +31,10 @@
 // word has `tag` parts, sync.cuh), then puts the values in shared xs. Every thread issues
 // all its 16-byte loads before the first check (one L2 round trip when the data is there) and
 // re-polls only what was not ready; with KOG_POLL_SENTINEL a residual sum is first polled on
-// its last pair by one thread a copy (two round trips when the data is there). COPIES > 1 (an in sum, sync.cuh KOG_IN_COPIES): copy r at
-// src + r * N holds kog_copy_parts<COPIES>(tag, r) parts; the value is the copies' words added. Returns
-// 1/rms(src) when `norm`, else 1. All threads call it; it ends with a block barrier.
+// its last pair by one thread a copy (two round trips when the data is there). COPIES > 1 (an
+// in sum, sync.cuh KOG_IN_COPIES): copy r at src + r * N holds kog_copy_parts<COPIES>(tag, r)
+// parts; the value is the copies' words added. Returns 1/rms(src) when `norm`, else 1. All
+// threads call it; it ends with a block barrier.
 template <bool SUM>
 KOG_DEVICE bool kog_word_ready(kog_u64 w, kog_u32 tag) { return SUM ? kog_sum_ready(w, tag) : kog_tag_of(w) == tag; }
 template <bool SUM>
@@ -56,7 +57,9 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
         // last row slice); build_plan.py decides per model
         if ((int)threadIdx.x < COPIES) {
             const int r = threadIdx.x;
-            const kog_u32 wr = COPIES == 1 ? tag : kog_copy_parts<COPIES>(tag, r);   // (this form: the fewest spills)
+            // (not want[r]: a run-time index puts want[] in local memory; with the one-copy case
+            // spelled out ptxas spills least: Qwen2.5-0.5B 24 B, 1B 72 B, as without the sentinel)
+            const kog_u32 wr = COPIES == 1 ? tag : kog_copy_parts<COPIES>(tag, r);
             kog_u64 a, b;
             do { kog_ld_tagged2(src + r * N + N - 2, a, b); }
             while (!kog_word_ready<SUM>(a, wr) || !kog_word_ready<SUM>(b, wr));
