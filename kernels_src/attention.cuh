@@ -38,11 +38,33 @@
 #define KOG_ATTN_STAGE_OFFSET (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_ATTN_ML_FLOATS + KOG_HEAD_DIM)
 
 
-// Chunk length and count for n_pos attended positions (same rule as placement.attention_chunks).
+// The combine's thread groups (kog_attn_combine; placement.attn_combine_groups) and the
+// partials each thread has in flight: an o_proj item merges S * B chunk partials a round.
+#define KOG_ATTN_COMBINE_S (KOG_THREADS / (KOG_GQA * KOG_HEAD_DIM) >= 4 ? 4 : \
+                            (KOG_THREADS / (KOG_GQA * KOG_HEAD_DIM) >= 2 ? 2 : 1))
+#if !defined(KOG_ATTN_COMBINE_B) || !defined(KOG_ATTN_FREE_CHUNKS) || !defined(KOG_ATTN_CHUNK_BALANCE)
+#error "the chunk rule's constants come from kernels.py (placement.py)"
+#endif
+
+// Chunk length for n_pos attended positions (placement.attention_chunk_len, the same rule):
+// at most KOG_ATTN_FREE_CHUNKS chunks a kv head, or isqrt(n_pos * S * B / KOG_ATTN_CHUNK_BALANCE)
+// at long contexts -- each round of partials the combine merges is a dependent L2 round trip,
+// a longer chunk is a unit's streaming time -- and at most max_chunks (one round of units).
+// Thread 0 computes it once a position (monokernel.cu: the KOG_SLOT_ATTN_CHUNK scratch slot).
 KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
-    int len = (n_pos + max_chunks - 1) / max_chunks;
+    const int x = n_pos * (KOG_ATTN_COMBINE_S * KOG_ATTN_COMBINE_B) / KOG_ATTN_CHUNK_BALANCE;
+    int r = (int)sqrtf((float)x);
+    while (r > 0 && r * r > x) --r;
+    while ((r + 1) * (r + 1) <= x) ++r;
+    r = r > KOG_ATTN_FREE_CHUNKS ? r : KOG_ATTN_FREE_CHUNKS;
+    const int n_chunks = r < max_chunks ? r : max_chunks;
+    int len = (n_pos + n_chunks - 1) / n_chunks;
     len = (len + KOG_ATTN_MIN_CHUNK - 1) / KOG_ATTN_MIN_CHUNK * KOG_ATTN_MIN_CHUNK;
     return len < KOG_ATTN_CHUNK ? len : KOG_ATTN_CHUNK;
+}
+#define KOG_SLOT_ATTN_CHUNK (KOG_SLOT_FLAG + 8)    // scratch: this position's chunk length
+KOG_DEVICE int kog_attn_chunk(const KogCtx& c) {
+    return *reinterpret_cast<const int*>(c.scratch + KOG_SLOT_ATTN_CHUNK);
 }
 KOG_DEVICE int kog_attn_n_chunks(int n_pos, int chunk) { return (n_pos + chunk - 1) / chunk; }
 
@@ -570,13 +592,11 @@ KOG_DEVICE void kog_attn_merge_one(float& m, float& l, float& acc, float mk, flo
 // instead of in ceil(C / B) rounds; groups s > 0 leave (max, sum, acc) in `stash` (3 (S - 1)
 // G HD floats of shared memory) and group 0 merges them in group order and calls
 // out(h * HD + d, value). Every thread of the block calls it.
-#define KOG_ATTN_COMBINE_S (KOG_THREADS / (KOG_GQA * KOG_HEAD_DIM) >= 4 ? 4 : \
-                            (KOG_THREADS / (KOG_GQA * KOG_HEAD_DIM) >= 2 ? 2 : 1))
 template <class Out>
 KOG_DEVICE void kog_attn_combine(const KogParams* p, int g, int n_parts, const float* own_o,
                                  const float* own_ml, kog_u32 tag, float* stash, Out out) {
     constexpr int HD = KOG_HEAD_DIM, GH = KOG_GQA * HD, S = KOG_ATTN_COMBINE_S;
-    constexpr int B = 4;                          // partials in flight per thread
+    constexpr int B = KOG_ATTN_COMBINE_B;         // partials in flight per thread
     constexpr int W = KOG_GQA * (HD + 2);         // words per chunk
     const kog_u64* pbase = reinterpret_cast<const kog_u64*>(p->attn_partial) +
                            (kog_u64)g * p->attn_chunks_alloc * W;
@@ -641,7 +661,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     static_assert(NB >= 1 && NB <= 4, "1-4 staged tiles (their size: KOG_ATTN_PW's asserts)");
     const KogParams* p = c.p;
     const int t = c.t, n_pos = t + 1;
-    const int chunk = kog_attn_chunk_len(n_pos, p->attn_max_chunks);
+    const int chunk = kog_attn_chunk(c);
     const int n_chunks = kog_attn_n_chunks(n_pos, chunk);
     const int n_units = KOG_N_KV * n_chunks;
     const int warp = threadIdx.x / KOG_WARP;

@@ -62,6 +62,8 @@ kog_monokernel(const KogParams* __restrict__ p) {
     const int last_prompt = p->prompt_len - 1;
     for (int t = t0; t < p->context_length; ++t) {
         c.t = t;
+        if (threadIdx.x == 0)        // read from layer 0's attention on, after qkv's barriers
+            *reinterpret_cast<int*>(c.scratch + KOG_SLOT_ATTN_CHUNK) = kog_attn_chunk_len(t + 1, p->attn_max_chunks);
         for (int layer = 0; layer < KOG_N_LAYERS; ++layer) {
             if (kog_stage_attn_norm_qkv(c, layer)) return;  // stop flag seen at layer 0
             kog_stage_attention(c, layer);

@@ -1,6 +1,7 @@
 """The monokernel's build plan (grid, tuning decisions, placement, shared memory) on the CPU."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from dataclasses import replace
 
@@ -256,3 +257,23 @@ def test_attention_tiles_per_layout():
     # it is refused, not left to a static_assert
     wide = replace(shape_config("llama-3.2-1b"), n_heads=8, n_kv_heads=2, head_dim=32)
     assert "combine" in attn_tile_problem(wide, 16, 2) and attn_tile_problem(wide, 128, 2) is None
+
+
+def test_attention_chunk_rule():
+    # placement.attention_chunk_len (the kernel's kog_attn_chunk_len) and the plan's table of
+    # every position agree; up to 16 chunks a kv head, then isqrt(n_pos * W / 128) (W: the
+    # partials the combine merges a round), at most the plan's max_chunks
+    from kogcupy.gpu.placement import attention_chunk_len, attn_combine_width
+    chunks = lambda n, p, w: -(-n // attention_chunk_len(n, p.placement.attn_max_chunks, p.attn_chunk, w))
+    for shape, width, table in (("qwen2.5-0.5b", 4, {288: 9, 512: 16, 600: 10, 2000: 16, 8000: 16,
+                                                      32000: 31, 131072: 64}),
+                                ("smollm2-135m", 8, {2000: 16, 8000: 21, 32000: 44}),
+                                ("llama-3.2-1b", 8, {288: 9, 2000: 16, 131072: 16})):
+        cfg = shape_config(shape)
+        p = build_plan(cfg, H200_SMS, 131072)
+        assert attn_combine_width(cfg, 512) == width
+        assert {n: chunks(n, p, width) for n in table} == table, shape
+        every = [chunks(n, p, width) for n in range(1, 131073)]      # (the plan's vector rule)
+        arrivals = [c if c > 1 else 0 for c in every[:-1]]
+        assert np.diff(p.placement.attn_ticket_base).tolist() == arrivals, shape
+        assert p.placement.attn_chunks_alloc == max(every) <= p.placement.attn_max_chunks

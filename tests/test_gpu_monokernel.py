@@ -144,6 +144,22 @@ def test_long_prompt_multi_chunk_attention():
         assert max(errs) < 3e-2, (blocks, errs)
 
 
+def test_long_context_chunk_rule():
+    """Past 2,048 positions the chunk rule gives a kv head more than 16 chunks (placement:
+    isqrt(n_pos * 16 / 128) with 4 combine groups): 19 at position 3,000, 22 at 4,099."""
+    from kogcupy.gpu.placement import attention_chunk_len, attn_combine_width
+    cfg = dataclasses.replace(cfg_of("llama", 256, 128, 256, 1, 4, 2, 64), max_position_embeddings=4608)
+    m = model(cfg, seed=8, rope_positions=4608)
+    ids = np.random.default_rng(8).integers(0, cfg.vocab_size, 4100).tolist()
+    be = MonokernelBackend(m, context_length=4608, blocks=132, watchdog_s=60)
+    w, mc = attn_combine_width(cfg, 512), be.placement.attn_max_chunks
+    assert [-(-n // attention_chunk_len(n, mc, width=w)) for n in (2048, 3001, 4100)] == [16, 19, 22]
+    got = be.logits(ids)
+    ref = ReferenceBackend(m, context_length=4608).logits(ids)
+    errs = [rel(got[i], ref[i]) for i in (0, 1000, 2047, 3000, 4099)]
+    assert max(errs) < 3e-2, errs
+
+
 def test_attention_more_than_8_heads_a_kv_head():
     """12 q heads a kv head: the tensor-core attention runs two 8-head tiles (the second half
     empty) -- long chunks on 3 blocks too."""

@@ -16,8 +16,8 @@ from . import abi, kernels
 from ..model.config import ModelConfig
 from ..errors import DeviceError
 from .topology import MI300X_GRID
-from .placement import (ATTN_MIN_CHUNK, Placement, attn_chunk_cap, attn_mma, attn_tiling,
-                        max_tp_blocks, place)
+from .placement import (ATTN_MIN_CHUNK, Placement, attn_chunk_cap, attn_combine_groups, attn_mma,
+                        attn_tiling, max_tp_blocks, place)
 
 THREADS = 512
 DYN_MIN_ROWS = 8             # rows of x per block from which the dynamic work tails pay
@@ -43,7 +43,7 @@ def attn_tile_problem(cfg: ModelConfig, tile: int, bufs: int, threads: int = THR
     """Why attention.cuh cannot compile K/V tiles of `tile` positions x `bufs`, or None."""
     hd, g = cfg.head_dim, cfg.gqa_group
     gh = g * hd                                     # the combine's thread groups stash their
-    s = 4 if threads // gh >= 4 else 2 if threads // gh >= 2 else 1   # state in the tiles
+    s = attn_combine_groups(cfg, threads)           # state in the tiles
     if 3 * (s - 1) * gh > bufs * tile * hd:
         return (f"{tile} positions x {bufs} buffers leave the combine too little space "
                 f"({3 * (s - 1)} x {g} heads x {hd} floats)")
@@ -161,7 +161,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         placement = place(lcfg, n_blocks, context_length, rank=rank, world_size=world,
                           max_chunk=attn_chunk,
                           min_chunk=int(tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
-                          dyn_permille=dyn)
+                          dyn_permille=dyn, threads=threads)
     except ValueError as e:
         raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None
     if n_blocks > abi.SAMPLE_WS_MAX_BLOCKS:

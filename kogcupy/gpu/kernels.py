@@ -123,7 +123,8 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
     """-D constants of the monokernel for a model config (see monokernel.cu). With `tp` > 1
     ranks, `cfg` is one rank's share (tensor_parallel.local_config)."""
     from .build_plan import sample_slice
-    from .placement import ATTN_MIN_CHUNK, attn_chunk_cap, attn_tiling
+    from .placement import (ATTN_CHUNK_BALANCE, ATTN_COMBINE_B, ATTN_FREE_CHUNKS, ATTN_MIN_CHUNK,
+                            attn_chunk_cap, attn_tiling)
     d = {
         "KOG_HIDDEN": cfg.hidden_size, "KOG_FFN": cfg.intermediate_size,
         "KOG_N_LAYERS": cfg.n_layers, "KOG_N_HEADS": cfg.n_heads, "KOG_N_KV": cfg.n_kv_heads,
@@ -132,6 +133,8 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
         "KOG_EPS": float(cfg.rms_norm_eps), "KOG_THREADS": threads,
         "KOG_SMEM_FLOATS": smem_floats, "KOG_PARTITION_COLUMNS": n_partition_cols,
         "KOG_ATTN_CHUNK": attn_chunk_cap(cfg), "KOG_ATTN_MIN_CHUNK": ATTN_MIN_CHUNK,
+        "KOG_ATTN_FREE_CHUNKS": ATTN_FREE_CHUNKS, "KOG_ATTN_CHUNK_BALANCE": ATTN_CHUNK_BALANCE,
+        "KOG_ATTN_COMBINE_B": ATTN_COMBINE_B,
         "KOG_ATTN_TILE": attn_tiling(cfg)[0], "KOG_ATTN_BUFS": attn_tiling(cfg)[1],
     }
     if dtype == "float16":

@@ -9,6 +9,7 @@ rows are the rank's vocabulary slice, numbered globally.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,16 @@ from ..model.config import ModelConfig
 ATTN_CHUNK = 1 << 16      # KV positions per attention unit at most (units stream their chunk in tiles)
 ATTN_MIN_CHUNK = 32       # ... and at least (rounded up to a multiple of this; H200: 32 vs 64 +1.0-1.6%)
 ATTN_TILE = 128           # positions a unit stages at a time for head_dim 128 (attn_tiling)
-ATTN_MAX_CHUNKS = 64      # chunks per kv head from the split rule (long contexts add more)
+ATTN_MAX_CHUNKS = 64      # chunks per kv head at most (and at most the blocks per kv head)
+# Chunks per kv head at n_pos positions: up to ATTN_FREE_CHUNKS, more only as sqrt(n_pos): each
+# o_proj item merges its head group's chunk partials, ATTN_COMBINE_B a thread group at a time
+# (attention.cuh kog_attn_combine), so every chunk past a round costs a dependent L2 round; a
+# longer chunk costs its unit streaming time. min(max, max(16, isqrt(n_pos * W / 128))), W the
+# partials an item merges a round (attn_combine_width). H100, against 64 chunks: Qwen2.5-0.5B
+# +12% at position 2,000, +17% at 8,000, +7% at 32,000; SmolLM2-135M +4.5% / +3% (PERF.md).
+ATTN_FREE_CHUNKS = 16
+ATTN_CHUNK_BALANCE = 128
+ATTN_COMBINE_B = 4        # partials in flight a thread of the combine (attention.cuh)
 
 
 def split_even(n_units: int, n_blocks: int) -> np.ndarray:
@@ -52,10 +62,25 @@ def attn_tiling(cfg: ModelConfig, arch: str = "") -> tuple[int, int]:
     return tile, 2
 
 
-def attention_chunk_len(n_pos: int, max_chunks: int, max_chunk: int = ATTN_CHUNK) -> int:
-    """Positions per attention chunk for n_pos attended positions (kernel: kog_attn_chunk_len)."""
-    length = -(-n_pos // max_chunks)
-    length = -(-length // ATTN_MIN_CHUNK) * ATTN_MIN_CHUNK
+def attn_combine_groups(cfg: ModelConfig, threads: int) -> int:
+    """Thread groups of the attention combine (attention.cuh KOG_ATTN_COMBINE_S): as many
+    copies of a head group's G x head_dim outputs as the block's threads hold, up to 4."""
+    r = threads // (cfg.gqa_group * cfg.head_dim)
+    return 4 if r >= 4 else 2 if r >= 2 else 1
+
+
+def attn_combine_width(cfg: ModelConfig, threads: int) -> int:
+    """Chunk partials the combine merges in one dependent round."""
+    return attn_combine_groups(cfg, threads) * ATTN_COMBINE_B
+
+
+def attention_chunk_len(n_pos: int, max_chunks: int, max_chunk: int = ATTN_CHUNK,
+                        width: int = ATTN_COMBINE_B, min_chunk: int = ATTN_MIN_CHUNK) -> int:
+    """Positions per attention chunk for n_pos attended positions (kernel: kog_attn_chunk_len;
+    `width`: attn_combine_width)."""
+    n_chunks = min(max_chunks, max(ATTN_FREE_CHUNKS, math.isqrt(n_pos * width // ATTN_CHUNK_BALANCE)))
+    length = -(-n_pos // n_chunks)
+    length = -(-length // min_chunk) * min_chunk
     return min(length, max_chunk)
 
 
@@ -87,7 +112,7 @@ def max_tp_blocks(cfg: ModelConfig, world_size: int, dyn_permille: int = 0) -> i
 
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
           world_size: int = 1, min_chunk: int = ATTN_MIN_CHUNK, dyn_permille: int = 0,
-          max_chunk: int | None = None) -> Placement:
+          max_chunk: int | None = None, threads: int = 512) -> Placement:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of {world_size}")
     v0, v1 = rank * cfg.vocab_size // world_size, (rank + 1) * cfg.vocab_size // world_size
@@ -115,8 +140,14 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     if dyn_permille > 0:
         producers["lm"] = n_blocks                  # every block takes part in the dynamic tail
     max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))
-    n = np.arange(1, context_length + 1)
-    length = np.minimum(-(-(-(-n // max_chunks)) // min_chunk) * min_chunk, max_chunk)
+    width = attn_combine_width(cfg, threads)
+    n = np.arange(1, context_length + 1, dtype=np.int64)
+    x = n * width // ATTN_CHUNK_BALANCE                         # attention_chunk_len, for every n
+    r = np.floor(np.sqrt(x.astype(np.float64))).astype(np.int64)
+    r -= r * r > x
+    r += (r + 1) * (r + 1) <= x
+    n_chunks = np.minimum(max_chunks, np.maximum(ATTN_FREE_CHUNKS, r))
+    length = np.minimum(-(-(-(-n // n_chunks)) // min_chunk) * min_chunk, max_chunk)
     chunks = -(-n // length)                                    # (C,) chunks at n_pos = n
     alloc = int(np.max(chunks))
     arrivals = np.where(chunks > 1, chunks, 0)                  # one-chunk units take no ticket
