@@ -63,7 +63,8 @@ KOG_DEVICE int kog_attn_chunk_len(int n_pos, int max_chunks) {
     return len < KOG_ATTN_CHUNK ? len : KOG_ATTN_CHUNK;
 }
 #define KOG_SLOT_ATTN_CHUNK (KOG_SLOT_FLAG + 8)    // scratch: this position's chunk length
-KOG_DEVICE int kog_attn_chunk(const KogCtx& c) {
+static_assert(KOG_SLOT_ATTN_CHUNK < KOG_SCRATCH_FLOATS, "the chunk length's slot is in the scratch area");
+KOG_DEVICE int kog_attn_chunk_len_now(const KogCtx& c) {
     return *reinterpret_cast<const int*>(c.scratch + KOG_SLOT_ATTN_CHUNK);
 }
 KOG_DEVICE int kog_attn_n_chunks(int n_pos, int chunk) { return (n_pos + chunk - 1) / chunk; }
@@ -661,7 +662,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     static_assert(NB >= 1 && NB <= 4, "1-4 staged tiles (their size: KOG_ATTN_PW's asserts)");
     const KogParams* p = c.p;
     const int t = c.t, n_pos = t + 1;
-    const int chunk = kog_attn_chunk(c);
+    const int chunk = kog_attn_chunk_len_now(c);
     const int n_chunks = kog_attn_n_chunks(n_pos, chunk);
     const int n_units = KOG_N_KV * n_chunks;
     const int warp = threadIdx.x / KOG_WARP;

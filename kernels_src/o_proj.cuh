@@ -43,7 +43,7 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
         const int u0 = (int)((long long)sl * NU / n_slices), u1 = (int)((long long)(sl + 1) * NU / n_slices);
         auto ready = [&]() -> float {
             if (u0 >= u1) return -1.f;
-            const int n_pos = c.t + 1, chunk = kog_attn_chunk(c);
+            const int n_pos = c.t + 1, chunk = kog_attn_chunk_len_now(c);
             // the debug dump: the group's item holding row 0 (slice 0 is empty when a group has
             // fewer units of rows than slices)
             float* dbg = u0 == 0 ? kog_debug_row(c) : nullptr;

@@ -163,7 +163,7 @@ def test_attention_is_one_round_of_streaming_units(shape):
     # a unit streams its chunk in tiles, so the chunk rule's units per kv head cover any
     # context in one round of units; two K/V tiles of 128 positions (at most 64 KB) fit in
     # shared memory
-    from kogcupy.gpu.placement import attention_chunk_len, attn_chunk_cap, attn_tiling
+    from kogcupy.gpu.placement import attention_chunk_len, attn_chunk_cap, attn_combine_width, attn_tiling
     cfg = shape_config(shape)
     tile, bufs = attn_tiling(cfg)
     assert (tile, bufs) == (128, 2) and tile * cfg.head_dim * 2 * 2 <= 64 * 1024
@@ -172,7 +172,8 @@ def test_attention_is_one_round_of_streaming_units(shape):
     units = cfg.n_kv_heads * p.placement.attn_max_chunks
     assert units <= H200_SMS and p.placement.attn_chunks_alloc == p.placement.attn_max_chunks
     n = 131072
-    chunk = attention_chunk_len(n, p.placement.attn_max_chunks, attn_chunk_cap(cfg))
+    chunk = attention_chunk_len(n, p.placement.attn_max_chunks, attn_chunk_cap(cfg),
+                                attn_combine_width(cfg, 512))
     assert -(-n // chunk) <= p.placement.attn_max_chunks and chunk > tile   # many tiles a unit
 
 
@@ -192,14 +193,15 @@ def test_attention_tiles_shrink_to_the_shared_memory_limit():
 def test_gpu_long_prompt_test_streams_several_tiles():
     # tests/test_gpu_monokernel.py::test_long_prompt_multi_chunk_attention at 3 blocks: the
     # head_dim-128 model's units stream more than one default tile
-    from kogcupy.gpu.placement import attention_chunk_len, attn_tiling
+    from kogcupy.gpu.placement import attention_chunk_len, attn_combine_width, attn_tiling
     from kogcupy.model.config import ModelConfig
     cfg = ModelConfig(arch="llama", vocab_size=800, hidden_size=384, intermediate_size=512,
                       n_layers=3, n_heads=3, n_kv_heads=1, head_dim=128, rms_norm_eps=1e-5,
                       rope_theta=10000.0, max_position_embeddings=2048,
                       tie_word_embeddings=True)
     p = build_plan(cfg, 3, 1024, blocks=3)
-    assert attention_chunk_len(700, p.placement.attn_max_chunks, p.attn_chunk) > attn_tiling(cfg)[0]
+    assert attention_chunk_len(700, p.placement.attn_max_chunks, p.attn_chunk,
+                               attn_combine_width(cfg, 512)) > attn_tiling(cfg)[0]
 
 
 def test_attention_tile_is_16_positions_a_warp():

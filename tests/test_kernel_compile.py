@@ -451,3 +451,34 @@ def test_abi_pack_writes_the_layout():
     assert int.from_bytes(raw[lay["prompt_len"]:lay["prompt_len"] + 4], "little") == 7
     assert int.from_bytes(raw[lay["wqkv"]:lay["wqkv"] + 8], "little") == 0xdeadbeef000
     assert raw[lay["temperature"]:lay["temperature"] + 4] == struct.pack("<f", 0.5)
+
+
+def test_kernel_chunk_rule_is_placements(tmp_path):
+    # attention.cuh's kog_attn_chunk_len, compiled for the host with each shape's -D constants,
+    # gives placement.attention_chunk_len's chunk length at every position (the plan sizes the
+    # partial buffer by the Python rule; the kernel's units and o_proj items follow its own)
+    from kogcupy.gpu.placement import attention_chunk_len, attn_combine_width
+    gxx = _compiler("g++")
+    src = (kernels.source_dir() / "attention.cuh").read_text()
+    gqa = re.search(r"#define KOG_GQA .*\n", (kernels.source_dir() / "sync.cuh").read_text()).group(0)
+    macro = re.search(r"#define KOG_ATTN_COMBINE_S .*?\n(?:.*\\\n)*.*\n", src).group(0)
+    fn = re.search(r"KOG_DEVICE int kog_attn_chunk_len\(int n_pos, int max_chunks\) \{.*?\n\}\n", src, re.S).group(0)
+    prog = _write(tmp_path, "rule", "#include <math.h>\n#include <stdio.h>\n#include <stdlib.h>\n"
+                  "#define KOG_DEVICE static inline\n" + gqa + macro + fn +
+                  "int main(int argc, char** argv) { int m = atoi(argv[1]), n = atoi(argv[2]);\n"
+                  "  for (int i = 1; i <= n; ++i) printf(\"%d\\n\", kog_attn_chunk_len(i, m)); }\n", ".c")
+    n = 40000
+    for name, blocks, min_chunk in (("qwen2.5-0.5b", 132, None), ("smollm2-135m", 132, 16),
+                                    ("llama-3.2-1b", 132, None), ("qwen2.5-0.5b", 20, 128)):
+        cfg = shape_config(name)
+        plan = build_plan(cfg, blocks, n, tuning={} if min_chunk is None else {"KOG_ATTN_MIN_CHUNK": min_chunk})
+        d = kernels.model_defines(cfg, "bfloat16", 512, plan.smem_floats, len(abi.PARTITION_COLUMNS), plan.tuning)
+        exe = tmp_path / "rule"
+        r = subprocess.run([gxx, "-x", "c++", "-O1", "-o", str(exe), str(prog), *kernels.define_options(d), "-lm"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        mc = plan.placement.attn_max_chunks
+        got = subprocess.run([str(exe), str(mc), str(n)], capture_output=True, text=True, check=True).stdout.split()
+        w = attn_combine_width(cfg, 512)
+        want = [attention_chunk_len(i, mc, plan.attn_chunk, w, min_chunk or 32) for i in range(1, n + 1)]
+        assert list(map(int, got)) == want, name

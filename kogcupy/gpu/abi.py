@@ -57,7 +57,7 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("tp_peers", "ptr", "const kog_u64*", "(len(TP_PEER_FIELDS), 8) rank q's buffers, valid here"),
     # ---- sync ----
     ("counters", "ptr", "kog_u32*", "(n_counters,) indices: counter_layout(); meanings: schedule.COUNTERS"),
-    ("attn_ticket_base", "ptr", "const int*", "(C,) unused (ticket combine deleted; kept: offsets)"),
+    ("attn_ticket_base", "ptr", "const int*", "(C,) cumulative chunk counts of positions before t (unused by the kernel; tests read the chunk rule from it)"),
     ("partition", "ptr", "const int*", "(B, 10) per-block [begin, end) of qkv, o, gate_up, down, lm_head"),
     # ---- tokens, sampling ----
     ("tokens", "ptr", "int*", "(C,) token at each position: prompt, then generated"),

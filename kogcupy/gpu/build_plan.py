@@ -160,7 +160,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     try:
         placement = place(lcfg, n_blocks, context_length, rank=rank, world_size=world,
                           max_chunk=attn_chunk,
-                          min_chunk=int(tuning.get("KOG_ATTN_MIN_CHUNK", ATTN_MIN_CHUNK)),
+                          min_chunk=_knob(tuning, "KOG_ATTN_MIN_CHUNK") or ATTN_MIN_CHUNK,
                           dyn_permille=dyn, threads=threads)
     except ValueError as e:
         raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None

@@ -133,8 +133,6 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
         "KOG_EPS": float(cfg.rms_norm_eps), "KOG_THREADS": threads,
         "KOG_SMEM_FLOATS": smem_floats, "KOG_PARTITION_COLUMNS": n_partition_cols,
         "KOG_ATTN_CHUNK": attn_chunk_cap(cfg), "KOG_ATTN_MIN_CHUNK": ATTN_MIN_CHUNK,
-        "KOG_ATTN_FREE_CHUNKS": ATTN_FREE_CHUNKS, "KOG_ATTN_CHUNK_BALANCE": ATTN_CHUNK_BALANCE,
-        "KOG_ATTN_COMBINE_B": ATTN_COMBINE_B,
         "KOG_ATTN_TILE": attn_tiling(cfg)[0], "KOG_ATTN_BUFS": attn_tiling(cfg)[1],
     }
     if dtype == "float16":
@@ -145,6 +143,9 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
     d["KOG_SAMPLE_SLICE"] = sample_slice(cfg)          # (a plan sets its grid's)
     d["KOG_SAMPLE_SLICES"] = 0                         # 1: the build that draws over slices
     d.update(tuning or {})
+    # the chunk rule's constants are placement's, which sizes the partial buffer by them: no tuning
+    d.update({"KOG_ATTN_FREE_CHUNKS": ATTN_FREE_CHUNKS, "KOG_ATTN_CHUNK_BALANCE": ATTN_CHUNK_BALANCE,
+              "KOG_ATTN_COMBINE_B": ATTN_COMBINE_B})
     d["KOG_TP"] = int(tp)
     d["KOG_SWS_MAX_BLOCKS"], d["KOG_SWS_WORDS"] = abi.SAMPLE_WS_MAX_BLOCKS, abi.SAMPLE_WS_WORDS
     d.update(abi.peer_defines())

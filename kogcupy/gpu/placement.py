@@ -23,8 +23,8 @@ ATTN_TILE = 128           # positions a unit stages at a time for head_dim 128 (
 ATTN_MAX_CHUNKS = 64      # chunks per kv head at most (and at most the blocks per kv head)
 # Chunks per kv head at n_pos positions: up to ATTN_FREE_CHUNKS, more only as sqrt(n_pos): each
 # o_proj item merges its head group's chunk partials, ATTN_COMBINE_B a thread group at a time
-# (attention.cuh kog_attn_combine), so every chunk past a round costs a dependent L2 round; a
-# longer chunk costs its unit streaming time. min(max, max(16, isqrt(n_pos * W / 128))), W the
+# (attention.cuh kog_attn_combine), so every W chunks past the first W cost one more dependent
+# L2 round trip; a longer chunk costs its unit's streaming time. min(max, max(16, isqrt(n_pos * W / 128))), W the
 # partials an item merges a round (attn_combine_width). H100, against 64 chunks: Qwen2.5-0.5B
 # +12% at position 2,000, +17% at 8,000, +7% at 32,000; SmolLM2-135M +4.5% / +3% (PERF.md).
 ATTN_FREE_CHUNKS = 16
@@ -74,10 +74,11 @@ def attn_combine_width(cfg: ModelConfig, threads: int) -> int:
     return attn_combine_groups(cfg, threads) * ATTN_COMBINE_B
 
 
-def attention_chunk_len(n_pos: int, max_chunks: int, max_chunk: int = ATTN_CHUNK,
-                        width: int = ATTN_COMBINE_B, min_chunk: int = ATTN_MIN_CHUNK) -> int:
+def attention_chunk_len(n_pos: int, max_chunks: int, max_chunk: int, width: int,
+                        min_chunk: int = ATTN_MIN_CHUNK) -> int:
     """Positions per attention chunk for n_pos attended positions (kernel: kog_attn_chunk_len;
-    `width`: attn_combine_width)."""
+    `max_chunks`: the placement's attn_max_chunks, `max_chunk`: KOG_ATTN_CHUNK, `width`:
+    attn_combine_width of the model and block size)."""
     n_chunks = min(max_chunks, max(ATTN_FREE_CHUNKS, math.isqrt(n_pos * width // ATTN_CHUNK_BALANCE)))
     length = -(-n_pos // n_chunks)
     length = -(-length // min_chunk) * min_chunk
