@@ -21,12 +21,12 @@ ATTN_CHUNK = 1 << 16      # KV positions per attention unit at most (units strea
 ATTN_MIN_CHUNK = 32       # ... and at least (rounded up to a multiple of this; H200: 32 vs 64 +1.0-1.6%)
 ATTN_TILE = 128           # positions a unit stages at a time for head_dim 128 (attn_tiling)
 ATTN_MAX_CHUNKS = 64      # chunks per kv head at most (and at most the blocks per kv head)
-# Chunks per kv head at n_pos positions: up to ATTN_FREE_CHUNKS, more only as sqrt(n_pos): each
-# o_proj item merges its head group's chunk partials, ATTN_COMBINE_B a thread group at a time
-# (attention.cuh kog_attn_combine), so every W chunks past the first W cost one more dependent
-# L2 round trip; a longer chunk costs its unit's streaming time. min(max, max(16, isqrt(n_pos * W / 128))), W the
-# partials an item merges a round (attn_combine_width). H100, against 64 chunks: Qwen2.5-0.5B
-# +12% at position 2,000, +17% at 8,000, +7% at 32,000; SmolLM2-135M +4.5% / +3% (PERF.md).
+# Chunks per kv head at n_pos positions: min(max, max(16, isqrt(n_pos * W / 128))), W the
+# partials an o_proj item merges a round (attn_combine_width: ATTN_COMBINE_B a thread group of
+# attention.cuh's kog_attn_combine). Every W chunks past the first W cost the item one more
+# dependent L2 round trip; a longer chunk costs its unit's streaming time. H100, against 64
+# chunks: Qwen2.5-0.5B +12% at position 2,000, +17% at 8,000, +7% at 32,000; SmolLM2-135M
+# +4.5% / +3% at 2,000 / 8,000 (PERF.md).
 ATTN_FREE_CHUNKS = 16
 ATTN_CHUNK_BALANCE = 128
 ATTN_COMBINE_B = 4        # partials in flight a thread of the combine (attention.cuh)
