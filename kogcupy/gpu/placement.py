@@ -143,12 +143,8 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))
     width = attn_combine_width(cfg, threads)
     n = np.arange(1, context_length + 1, dtype=np.int64)
-    x = n * width // ATTN_CHUNK_BALANCE                         # attention_chunk_len, for every n
-    r = np.floor(np.sqrt(x.astype(np.float64))).astype(np.int64)
-    r -= r * r > x
-    r += (r + 1) * (r + 1) <= x
-    n_chunks = np.minimum(max_chunks, np.maximum(ATTN_FREE_CHUNKS, r))
-    length = np.minimum(-(-(-(-n // n_chunks)) // min_chunk) * min_chunk, max_chunk)
+    length = np.array([attention_chunk_len(k, max_chunks, max_chunk, width, min_chunk)
+                       for k in range(1, context_length + 1)], dtype=np.int64)
     chunks = -(-n // length)                                    # (C,) chunks at n_pos = n
     alloc = int(np.max(chunks))
     arrivals = np.where(chunks > 1, chunks, 0)                  # one-chunk units take no ticket
