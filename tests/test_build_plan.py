@@ -263,7 +263,7 @@ def test_attention_tiles_per_layout():
 
 def test_attention_chunk_rule():
     # placement.attention_chunk_len (the kernel's kog_attn_chunk_len) and the plan's table of
-    # every position (its chunk counts, as the ticket base's steps) agree; up to 16 chunks a kv
+    # every position (its chunk counts) agree; up to 16 chunks a kv
     # head, then isqrt(n_pos * W / 128) (W: the partials the combine merges a round), at most
     # the plan's max_chunks
     from kogcupy.gpu.placement import attention_chunk_len, attn_combine_width
@@ -277,6 +277,5 @@ def test_attention_chunk_rule():
         assert attn_combine_width(cfg, 512) == width
         assert {n: chunks(n, p, width) for n in table} == table, shape
         every = [chunks(n, p, width) for n in range(1, 131073)]
-        arrivals = [c if c > 1 else 0 for c in every[:-1]]
-        assert np.diff(p.placement.attn_ticket_base).tolist() == arrivals, shape
+        assert p.placement.attn_chunks.tolist() == every, shape
         assert p.placement.attn_chunks_alloc == max(every) <= p.placement.attn_max_chunks

@@ -57,7 +57,6 @@ FIELDS: list[tuple[str, str, str | None, str]] = [
     ("tp_peers", "ptr", "const kog_u64*", "(len(TP_PEER_FIELDS), 8) rank q's buffers, valid here"),
     # ---- sync ----
     ("counters", "ptr", "kog_u32*", "(n_counters,) indices: counter_layout(); meanings: schedule.COUNTERS"),
-    ("attn_ticket_base", "ptr", "const int*", "(C,) cumulative chunk counts of positions before t (unused by the kernel; tests read the chunk rule from it)"),
     ("partition", "ptr", "const int*", "(B, 10) per-block [begin, end) of qkv, o, gate_up, down, lm_head"),
     # ---- tokens, sampling ----
     ("tokens", "ptr", "int*", "(C,) token at each position: prompt, then generated"),
@@ -165,8 +164,6 @@ def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
 
     KOG_CNT_TOK: positions whose input embedding is in x (or whose stop flag is set);
     KOG_CNT_LM: LM-head block completions; KOG_CNT_STOP: 1 once the generation ends;
-    KOG_CNT_TICKET + layer * KV + g: unused (the ticket combine was deleted; the indices are
-    kept so that the default build's SASS is unchanged);
     KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache;
     KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors;
     KOG_CNT_CANCEL: tensor parallel, 1 once rank 0 forwarded the host's cancel flag;
@@ -175,10 +172,10 @@ def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
     KOG_CNT_SAMPLE: the sampler's rounds over the vocabulary slices, +1 a block a round.
     """
     n = n_layers * n_kv_heads
-    d = {"KOG_CNT_TOK": 0, "KOG_CNT_LM": 1, "KOG_CNT_STOP": 2, "KOG_CNT_TICKET": 3,
-         "KOG_CNT_KV": 3 + n, "KOG_CNT_DYN": 3 + 2 * n, "KOG_CNT_CANCEL": 3 + 2 * n + n_layers + 1,
-         "KOG_CNT_OVERFLOW": 3 + 2 * n + n_layers + 2, "KOG_CNT_SAMPLE": 3 + 2 * n + n_layers + 3}
-    d["KOG_N_COUNTERS"] = 3 + 2 * n + n_layers + 4
+    d = {"KOG_CNT_TOK": 0, "KOG_CNT_LM": 1, "KOG_CNT_STOP": 2,
+         "KOG_CNT_KV": 3, "KOG_CNT_DYN": 3 + n, "KOG_CNT_CANCEL": 3 + n + n_layers + 1,
+         "KOG_CNT_OVERFLOW": 3 + n + n_layers + 2, "KOG_CNT_SAMPLE": 3 + n + n_layers + 3}
+    d["KOG_N_COUNTERS"] = 3 + n + n_layers + 4
     return d
 
 

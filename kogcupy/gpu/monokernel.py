@@ -458,7 +458,6 @@ class MonokernelBackend(_OneLaunchBackend):
         n_cnt = abi.counter_layout(L, KV)["KOG_N_COUNTERS"]
         self.counters = cp.zeros(n_cnt, cp.uint32)
         self.partition = cp.asarray(pl.partition)
-        self.ticket_base = cp.asarray(pl.attn_ticket_base)
         self.tokens = cp.zeros(C, cp.int32)
         self.sample_ws = cp.zeros(abi.SAMPLE_WS_WORDS, u64)
         self.eos = cp.zeros(64, cp.int32)
@@ -597,7 +596,7 @@ class MonokernelBackend(_OneLaunchBackend):
             xsum=self.xsum.data.ptr if self.xsum is not None else 0,
             attn_partial=self.attn_partial.data.ptr, lm_part_val=self.lm_part_val.data.ptr,
             lm_part_idx=self.lm_part_idx.data.ptr, counters=self.counters.data.ptr,
-            partition=self.partition.data.ptr, attn_ticket_base=self.ticket_base.data.ptr, tokens=self.tokens.data.ptr,
+            partition=self.partition.data.ptr, tokens=self.tokens.data.ptr,
             sample_ws=self.sample_ws.data.ptr, eos_ids=self.eos.data.ptr,
             host_ctl=self._ctl.ptr, host_tokens=self._host_tokens.ptr,
             debug=self.debug.data.ptr if self.debug is not None else 0,

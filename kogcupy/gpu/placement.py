@@ -92,7 +92,7 @@ class Placement:
     producers: dict                # stage -> number of blocks owning rows of it
     attn_max_chunks: int           # chunk rule parameter
     attn_chunks_alloc: int         # chunks per kv head the partial buffer holds
-    attn_ticket_base: np.ndarray   # (C,) int32: ticket arrivals of positions before t
+    attn_chunks: np.ndarray        # (C,) int32: chunks a kv head at n_pos = 1..C (the rule's table)
     ffn_slots: int                 # FFN units a block runs at most: static + the dynamic tail
     gate_up_dyn_begin: int         # gate/up units from here on are handed out dynamically
     lm_dyn_begin: int              # LM head rows from here on are handed out dynamically
@@ -147,10 +147,6 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
                        for k in range(1, context_length + 1)], dtype=np.int64)
     chunks = -(-n // length)                                    # (C,) chunks at n_pos = n
     alloc = int(np.max(chunks))
-    arrivals = np.where(chunks > 1, chunks, 0)                  # one-chunk units take no ticket
-    base = np.concatenate([[0], np.cumsum(arrivals)[:-1]]).astype(np.int64)
-    if base[-1] + alloc >= 2**31:
-        raise ValueError("attention ticket counts overflow")
     ffn_slots = int(np.max(cols[2][:, 1] - cols[2][:, 0])) + stages["gate_up"] - dyn_begin["gate_up"]
-    return Placement(n_blocks, partition, producers, max_chunks, alloc, base.astype(np.int32),
+    return Placement(n_blocks, partition, producers, max_chunks, alloc, chunks.astype(np.int32),
                      ffn_slots, dyn_begin["gate_up"], v0 + dyn_begin["lm"], v1)

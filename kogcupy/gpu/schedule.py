@@ -238,7 +238,6 @@ COUNTERS = {
     "KOG_CNT_TOK": ("", "positions whose input embedding is in x (or whose stop flag is set)"),
     "KOG_CNT_LM": ("", "LM-head block completions (producers per LM-head run)"),
     "KOG_CNT_STOP": ("", "1 once the generation ends (set before TOK's release)"),
-    "KOG_CNT_TICKET": ("[l][g]", "unused (ticket combine deleted; kept: indices, SASS)"),
     "KOG_CNT_KV": ("[l][g]", "positions of kv head g appended to layer l's KV cache"),
     "KOG_CNT_DYN": ("[l], [L]", "dynamic-tail cursors: gate_up of layer l, LM head"),
     "KOG_CNT_CANCEL": ("", "tensor parallel: 1 once rank 0 forwarded the host's cancel"),
