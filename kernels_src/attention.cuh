@@ -40,9 +40,9 @@
 
 // The combine's thread groups (kog_attn_combine; placement.attn_combine_groups) and the
 // partials each thread has in flight: an o_proj item merges S * B chunk partials a round.
-#define KOG_ATTN_COMBINE_S (KOG_THREADS / (KOG_GQA * KOG_HEAD_DIM) >= 4 ? 4 : \
-                            (KOG_THREADS / (KOG_GQA * KOG_HEAD_DIM) >= 2 ? 2 : 1))
-#if !defined(KOG_ATTN_COMBINE_B) || !defined(KOG_ATTN_FREE_CHUNKS) || !defined(KOG_ATTN_CHUNK_BALANCE)
+#define KOG_ATTN_COMBINE_S (KOG_THREADS * KOG_ATTN_COMBINE_P / (KOG_GQA * KOG_HEAD_DIM) >= 4 ? 4 : \
+                            (KOG_THREADS * KOG_ATTN_COMBINE_P / (KOG_GQA * KOG_HEAD_DIM) >= 2 ? 2 : 1))
+#if !defined(KOG_ATTN_COMBINE_B) || !defined(KOG_ATTN_COMBINE_P) || !defined(KOG_ATTN_FREE_CHUNKS) || !defined(KOG_ATTN_CHUNK_BALANCE)
 #error "the chunk rule's constants come from kernels.py (placement.py)"
 #endif
 
@@ -576,48 +576,65 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
 
 #endif  // KOG_ATTN_MMA
 
-// One partial (max mk in natural units, sum lk, output value ok) merged into a running
-// (m, l, acc) of the same (head, dim).
-KOG_DEVICE void kog_attn_merge_one(float& m, float& l, float& acc, float mk, float lk, float ok) {
+// One partial (max mk in natural units, sum lk, output values ok[P] of P dims of one head)
+// merged into a running (m, l, acc[P]) of the same head and dims.
+template <int P>
+KOG_DEVICE void kog_attn_merge_one(float& m, float& l, float (&acc)[P], float mk, float lk, const float (&ok)[P]) {
     const float mn = fmaxf(m, mk);
     const float a = expf(m - mn), e = expf(mk - mn);
     l = fmaf(l, a, lk * e);
-    acc = fmaf(acc, a, ok * e);
+#pragma unroll
+    for (int j = 0; j < P; ++j) acc[j] = fmaf(acc[j], a, ok[j] * e);
     m = mn;
 }
 // Head group g's attention output from the chunk partials [0, n_parts) of attn_partial
 // (tagged `tag`; a chunk's [G][HD + 2]: unnormalised o, max in natural units, sum), merged
 // with the caller's own partial when own_o is set (o [G][HD], ml [G][2] in shared memory).
-// The (h, d) pairs are split over KOG_ATTN_COMBINE_S thread groups, group s merging batches
-// s, s + S, ... of B partials, so that a long context's partials are in flight together
-// instead of in ceil(C / B) rounds; groups s > 0 leave (max, sum, acc) in `stash` (3 (S - 1)
-// G HD floats of shared memory) and group 0 merges them in group order and calls
-// out(h * HD + d, value). Every thread of the block calls it.
+// A thread holds KOG_ATTN_COMBINE_P adjacent dims of one head (one 16-byte load of a partial's
+// o words when 2); the block's threads form KOG_ATTN_COMBINE_S groups of G HD / P threads,
+// group s merging batches s, s + S, ... of B partials, so that a long context's partials are
+// in flight together instead of in ceil(C / B) rounds; groups s > 0 leave (max, sum, acc) in
+// `stash` (3 (S - 1) G HD floats of shared memory) and group 0 merges them in group order and
+// calls out(h * HD + d, value). Every thread of the block calls it.
 template <class Out>
 KOG_DEVICE void kog_attn_combine(const KogParams* p, int g, int n_parts, const float* own_o,
                                  const float* own_ml, kog_u32 tag, float* stash, Out out) {
     constexpr int HD = KOG_HEAD_DIM, GH = KOG_GQA * HD, S = KOG_ATTN_COMBINE_S;
+    constexpr int P = KOG_ATTN_COMBINE_P, GT = GH / P;     // dims a thread, threads a group
+    static_assert(P == 1 || P == 2, "the combine's dims a thread: 1 or 2");
     constexpr int B = KOG_ATTN_COMBINE_B;         // partials in flight per thread
     constexpr int W = KOG_GQA * (HD + 2);         // words per chunk
     const kog_u64* pbase = reinterpret_cast<const kog_u64*>(p->attn_partial) +
                            (kog_u64)g * p->attn_chunks_alloc * W;
-    for (int i0 = 0; i0 < GH * S; i0 += blockDim.x) {
+    auto load_o = [](const kog_u64* q, kog_u64 (&w)[P]) {
+        if constexpr (P == 2) kog_ld_tagged2(q, w[0], w[1]);
+        else w[0] = kog_ld_tagged(q);
+    };
+    for (int i0 = 0; i0 < GT * S; i0 += blockDim.x) {
         const int ti = i0 + threadIdx.x;
-        const int grp = ti / GH, i = ti - grp * GH;
+        const int grp = ti / GT, i = (ti - grp * GT) * P;
         const int h = i / HD, d = i - h * HD;
-        float m = KOG_NEG_INF, l = 0.f, acc = 0.f;
-        if (grp == 0 && own_o != nullptr) { m = own_ml[2 * h]; l = own_ml[2 * h + 1]; acc = own_o[i]; }
+        float m = KOG_NEG_INF, l = 0.f, acc[P];
+#pragma unroll
+        for (int j = 0; j < P; ++j) acc[j] = 0.f;
+        if (grp == 0 && own_o != nullptr) {
+            m = own_ml[2 * h]; l = own_ml[2 * h + 1];
+#pragma unroll
+            for (int j = 0; j < P; ++j) acc[j] = own_o[i + j];
+        }
         const kog_u64* ph = pbase + h * (HD + 2);          // (max, sum) 16-byte aligned
         for (int k0 = grp * B; grp < S && k0 < n_parts; k0 += S * B) {
             const int nb = min(B, n_parts - k0);
             const kog_u64* pk = ph + (kog_u64)k0 * W;
-            kog_u64 wm[B], wl[B], wo[B];
+            kog_u64 wm[B], wl[B], wo[B][P];
 #pragma unroll
             for (int b = 0; b < B; ++b) {
-                wm[b] = wl[b] = wo[b] = (kog_u64)tag << 32;
+                wm[b] = wl[b] = (kog_u64)tag << 32;
+#pragma unroll
+                for (int j = 0; j < P; ++j) wo[b][j] = (kog_u64)tag << 32;
                 if (b < nb) {
                     kog_ld_tagged2(pk + b * W + HD, wm[b], wl[b]);
-                    wo[b] = kog_ld_tagged(pk + b * W + d);
+                    load_o(pk + b * W + d, wo[b]);
                 }
             }
             for (;;) {
@@ -628,20 +645,27 @@ KOG_DEVICE void kog_attn_combine(const KogParams* p, int g, int n_parts, const f
                         ready = false;
                         kog_ld_tagged2(pk + b * W + HD, wm[b], wl[b]);
                     }
-                    if (kog_tag_of(wo[b]) != tag) { ready = false; wo[b] = kog_ld_tagged(pk + b * W + d); }
+                    bool o_ready = true;
+#pragma unroll
+                    for (int j = 0; j < P; ++j) o_ready = o_ready && kog_tag_of(wo[b][j]) == tag;
+                    if (!o_ready) { ready = false; load_o(pk + b * W + d, wo[b]); }
                 }
                 if (ready) break;
             }
 #pragma unroll
             for (int b = 0; b < B; ++b) {
-                if (b < nb)
-                    kog_attn_merge_one(m, l, acc, kog_value_of(wm[b]), kog_value_of(wl[b]),
-                                       kog_value_of(wo[b]));
+                if (b < nb) {
+                    float ok[P];
+#pragma unroll
+                    for (int j = 0; j < P; ++j) ok[j] = kog_value_of(wo[b][j]);
+                    kog_attn_merge_one<P>(m, l, acc, kog_value_of(wm[b]), kog_value_of(wl[b]), ok);
+                }
             }
         }
         if (grp > 0 && grp < S) {
             float* st = stash + (grp - 1) * 3 * GH;
-            st[i] = m; st[GH + i] = l; st[2 * GH + i] = acc;
+#pragma unroll
+            for (int j = 0; j < P; ++j) { st[i + j] = m; st[GH + i + j] = l; st[2 * GH + i + j] = acc[j]; }
         }
         if (S > 1) __syncthreads();
         if (grp == 0) {
@@ -649,9 +673,13 @@ KOG_DEVICE void kog_attn_combine(const KogParams* p, int g, int n_parts, const f
                 const float* st = stash + (s2 - 1) * 3 * GH;
                 const float mk = st[i];
                 if (!(mk > KOG_NEG_INF)) continue;          // that group had no partials
-                kog_attn_merge_one(m, l, acc, mk, st[GH + i], st[2 * GH + i]);
+                float ok[P];
+#pragma unroll
+                for (int j = 0; j < P; ++j) ok[j] = st[2 * GH + i + j];
+                kog_attn_merge_one<P>(m, l, acc, mk, st[GH + i], ok);
             }
-            out(i, acc / l);
+#pragma unroll
+            for (int j = 0; j < P; ++j) out(i + j, acc[j] / l);
         }
         if (S > 1) __syncthreads();
     }

@@ -39,11 +39,11 @@ def _attn_lanes(cfg: ModelConfig, threads: int, warp: int) -> tuple[int, int, in
 
 
 def attn_tile_problem(cfg: ModelConfig, tile: int, bufs: int, threads: int = THREADS,
-                      warp: int = 32, arch: str = "") -> str | None:
+                      warp: int = 32, arch: str = "", world: int = 1) -> str | None:
     """Why attention.cuh cannot compile K/V tiles of `tile` positions x `bufs`, or None."""
     hd, g = cfg.head_dim, cfg.gqa_group
     gh = g * hd                                     # the combine's thread groups stash their
-    s = attn_combine_groups(cfg, threads)           # state in the tiles
+    s = attn_combine_groups(cfg, threads, world)    # state in the tiles
     if 3 * (s - 1) * gh > bufs * tile * hd:
         return (f"{tile} positions x {bufs} buffers leave the combine too little space "
                 f"({3 * (s - 1)} x {g} heads x {hd} floats)")
@@ -228,9 +228,9 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
                     + x_full)
     if smem_limit and "KOG_ATTN_TILE" not in tuning:
         while (smem_bytes(tile, bufs) > smem_limit and
-               attn_tile_problem(lcfg, tile // 2, bufs, threads, warp, arch) is None):
+               attn_tile_problem(lcfg, tile // 2, bufs, threads, warp, arch, world) is None):
             tile //= 2       # e.g. 64 KB a block (AMD): Llama-3.2-1B 64-position tiles
-    problem = attn_tile_problem(lcfg, tile, bufs, threads, warp, arch)
+    problem = attn_tile_problem(lcfg, tile, bufs, threads, warp, arch, world)
     if problem:
         raise DeviceError(f"KOG_ATTN_TILE={tile}, KOG_ATTN_BUFS={bufs}: {problem}")
     if smem_limit and 4 * (-(-sample_smem_floats(lcfg, n_blocks) // 4) * 4 + scratch + 16 + x_full) > smem_limit:

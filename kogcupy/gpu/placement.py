@@ -30,6 +30,14 @@ ATTN_MAX_CHUNKS = 64      # chunks per kv head at most (and at most the blocks p
 ATTN_FREE_CHUNKS = 16
 ATTN_CHUNK_BALANCE = 128
 ATTN_COMBINE_B = 4        # partials in flight a thread of the combine (attention.cuh)
+ATTN_COMBINE_P = 2        # adjacent dims of one head a thread of the combine merges (one GPU;
+                          # tensor parallel 1: there the unit holding t combines, and 2 spilled);
+                          # twice the groups: H100 +4-5% at position 2,000 on the small shapes
+
+
+def attn_combine_dims(world_size: int = 1) -> int:
+    """KOG_ATTN_COMBINE_P: dims of one head a thread of the attention combine merges."""
+    return ATTN_COMBINE_P if world_size == 1 else 1
 
 
 def split_even(n_units: int, n_blocks: int) -> np.ndarray:
@@ -62,16 +70,17 @@ def attn_tiling(cfg: ModelConfig, arch: str = "") -> tuple[int, int]:
     return tile, 2
 
 
-def attn_combine_groups(cfg: ModelConfig, threads: int) -> int:
+def attn_combine_groups(cfg: ModelConfig, threads: int, world_size: int = 1) -> int:
     """Thread groups of the attention combine (attention.cuh KOG_ATTN_COMBINE_S): as many
-    copies of a head group's G x head_dim outputs as the block's threads hold, up to 4."""
-    r = threads // (cfg.gqa_group * cfg.head_dim)
+    copies of a head group's G x head_dim outputs as the block's threads hold at
+    attn_combine_dims a thread, up to 4."""
+    r = threads * attn_combine_dims(world_size) // (cfg.gqa_group * cfg.head_dim)
     return 4 if r >= 4 else 2 if r >= 2 else 1
 
 
-def attn_combine_width(cfg: ModelConfig, threads: int) -> int:
+def attn_combine_width(cfg: ModelConfig, threads: int, world_size: int = 1) -> int:
     """Chunk partials the combine merges in one dependent round."""
-    return attn_combine_groups(cfg, threads) * ATTN_COMBINE_B
+    return attn_combine_groups(cfg, threads, world_size) * ATTN_COMBINE_B
 
 
 def attention_chunk_len(n_pos: int, max_chunks: int, max_chunk: int, width: int,
@@ -141,7 +150,7 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     if dyn_permille > 0:
         producers["lm"] = n_blocks                  # every block takes part in the dynamic tail
     max_chunks = max(1, min(ATTN_MAX_CHUNKS, n_blocks // cfg.n_kv_heads))
-    width = attn_combine_width(cfg, threads)
+    width = attn_combine_width(cfg, threads, world_size)
     n = np.arange(1, context_length + 1, dtype=np.int64)
     length = np.array([attention_chunk_len(k, max_chunks, max_chunk, width, min_chunk)
                        for k in range(1, context_length + 1)], dtype=np.int64)
