@@ -601,7 +601,7 @@ KOG_DEVICE void kog_attn_combine(const KogParams* p, int g, int n_parts, const f
                                  const float* own_ml, kog_u32 tag, float* stash, Out out) {
     constexpr int HD = KOG_HEAD_DIM, GH = KOG_GQA * HD, S = KOG_ATTN_COMBINE_S;
     constexpr int P = KOG_ATTN_COMBINE_P, GT = GH / P;     // dims a thread, threads a group
-    static_assert(P == 1 || P == 2, "the combine's dims a thread: 1 or 2");
+    static_assert((P == 1 || P == 2) && HD % P == 0, "the combine's dims a thread: 1 or 2 (16-byte loads)");
     constexpr int B = KOG_ATTN_COMBINE_B;         // partials in flight per thread
     constexpr int W = KOG_GQA * (HD + 2);         // words per chunk
     const kog_u64* pbase = reinterpret_cast<const kog_u64*>(p->attn_partial) +

@@ -163,10 +163,12 @@ def test_long_context_chunk_rule():
     assert max(errs) < 3e-2, errs
 
 
-def test_attention_more_than_8_heads_a_kv_head():
+@pytest.mark.parametrize("hd", [64, 128])
+def test_attention_more_than_8_heads_a_kv_head(hd):
     """12 q heads a kv head: the tensor-core attention runs two 8-head tiles (the second half
-    empty) -- long chunks on 3 blocks too."""
-    cfg = cfg_of("qwen3", 600, 256, 512, 1, 24, 2, 64)
+    empty) -- long chunks on 3 blocks too. At head_dim 128 a head group's 1,536 outputs take
+    the combine's threads two passes (768 threads of two dims each)."""
+    cfg = cfg_of("qwen3", 600, 256, 512, 1, 24, 2, hd)
     m = model(cfg, seed=6)
     ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 300).tolist()
     ref = ReferenceBackend(m, context_length=512).logits(ids)

@@ -468,17 +468,22 @@ def test_kernel_chunk_rule_is_placements(tmp_path):
                   "int main(int argc, char** argv) { int m = atoi(argv[1]), n = atoi(argv[2]);\n"
                   "  for (int i = 1; i <= n; ++i) printf(\"%d\\n\", kog_attn_chunk_len(i, m)); }\n", ".c")
     n = 40000
-    for name, blocks, min_chunk in (("qwen2.5-0.5b", 132, None), ("smollm2-135m", 132, 16),
-                                    ("llama-3.2-1b", 132, None), ("qwen2.5-0.5b", 20, 128)):
-        cfg = shape_config(name)
-        plan = build_plan(cfg, blocks, n, tuning={} if min_chunk is None else {"KOG_ATTN_MIN_CHUNK": min_chunk})
-        d = kernels.model_defines(cfg, "bfloat16", 512, plan.smem_floats, len(abi.PARTITION_COLUMNS), plan.tuning)
+    from kogcupy.gpu.tensor_parallel import local_config
+    for name, blocks, min_chunk, tp in (("qwen2.5-0.5b", 132, None, 1), ("smollm2-135m", 132, 16, 1),
+                                        ("llama-3.2-1b", 132, None, 1), ("qwen2.5-0.5b", 20, 128, 1),
+                                        ("qwen3-1.7b", 132, None, 2)):     # TP: one dim a thread
+        cfg = local_config(shape_config(name), tp) if tp > 1 else shape_config(name)
+        plan = build_plan(cfg, blocks, n, tuning={} if min_chunk is None else {"KOG_ATTN_MIN_CHUNK": min_chunk},
+                          world=tp)
+        d = kernels.model_defines(cfg, "bfloat16", 512, plan.smem_floats, len(abi.PARTITION_COLUMNS), plan.tuning,
+                                  tp=tp)
         exe = tmp_path / "rule"
         r = subprocess.run([gxx, "-x", "c++", "-O1", "-o", str(exe), str(prog), *kernels.define_options(d), "-lm"],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
         mc = plan.placement.attn_max_chunks
         got = subprocess.run([str(exe), str(mc), str(n)], capture_output=True, text=True, check=True).stdout.split()
-        w = attn_combine_width(cfg, 512)
+        w = attn_combine_width(cfg, 512, tp)
         want = [attention_chunk_len(i, mc, plan.attn_chunk, w, min_chunk or 32) for i in range(1, n + 1)]
+        assert plan.placement.attn_chunks[:n].tolist() == [-(-i // c) for i, c in enumerate(want, 1)], name
         assert list(map(int, got)) == want, name
