@@ -173,7 +173,7 @@ def test_attention_is_one_round_of_streaming_units(shape):
     assert units <= H200_SMS and p.placement.attn_chunks_alloc == p.placement.attn_max_chunks
     n = 131072
     chunk = attention_chunk_len(n, p.placement.attn_max_chunks, attn_chunk_cap(cfg),
-                                attn_combine_width(cfg, 512))
+                                attn_combine_width(cfg, 512, 1))
     assert -(-n // chunk) <= p.placement.attn_max_chunks and chunk > tile   # many tiles a unit
 
 
@@ -201,7 +201,7 @@ def test_gpu_long_prompt_test_streams_several_tiles():
                       tie_word_embeddings=True)
     p = build_plan(cfg, 3, 1024, blocks=3)
     assert attention_chunk_len(700, p.placement.attn_max_chunks, p.attn_chunk,
-                               attn_combine_width(cfg, 512)) > attn_tiling(cfg)[0]
+                               attn_combine_width(cfg, 512, 1)) > attn_tiling(cfg)[0]
 
 
 def test_attention_tile_is_16_positions_a_warp():
@@ -274,7 +274,7 @@ def test_attention_chunk_rule():
                                 ("llama-3.2-1b", 16, {288: 9, 2000: 16, 131072: 16})):
         cfg = shape_config(shape)
         p = build_plan(cfg, H200_SMS, 131072)
-        assert attn_combine_width(cfg, 512) == width
+        assert attn_combine_width(cfg, 512, 1) == width
         assert {n: chunks(n, p, width) for n in table} == table, shape
         every = [chunks(n, p, width) for n in range(1, 131073)]
         assert p.placement.attn_chunks.tolist() == every, shape

@@ -153,7 +153,7 @@ def test_long_context_chunk_rule():
     m = model(cfg, seed=8, rope_positions=4608)
     ids = np.random.default_rng(8).integers(0, cfg.vocab_size, 4100).tolist()
     be = MonokernelBackend(m, context_length=4608, watchdog_s=60)
-    w, mc = attn_combine_width(cfg, 512), be.placement.attn_max_chunks
+    w, mc = attn_combine_width(cfg, 512, 1), be.placement.attn_max_chunks
     if mc < 22:
         pytest.skip(f"{be.n_blocks} blocks: at most {mc} chunks a kv head")
     assert [-(-n // attention_chunk_len(n, mc, ATTN_CHUNK, w)) for n in (2048, 3001, 4100)] == [16, 19, 22]

@@ -35,7 +35,7 @@ ATTN_COMBINE_P = 2        # adjacent dims of one head a thread of the combine me
                           # twice the groups: H100 +4-5% at position 2,000 on the small shapes
 
 
-def attn_combine_dims(world_size: int = 1) -> int:
+def attn_combine_dims(world_size: int) -> int:
     """KOG_ATTN_COMBINE_P: dims of one head a thread of the attention combine merges."""
     return ATTN_COMBINE_P if world_size == 1 else 1
 
@@ -70,7 +70,7 @@ def attn_tiling(cfg: ModelConfig, arch: str = "") -> tuple[int, int]:
     return tile, 2
 
 
-def attn_combine_groups(cfg: ModelConfig, threads: int, world_size: int = 1) -> int:
+def attn_combine_groups(cfg: ModelConfig, threads: int, world_size: int) -> int:
     """Thread groups of the attention combine (attention.cuh KOG_ATTN_COMBINE_S): as many
     copies of a head group's G x head_dim outputs as the block's threads hold at
     attn_combine_dims a thread, up to 4."""
@@ -78,7 +78,7 @@ def attn_combine_groups(cfg: ModelConfig, threads: int, world_size: int = 1) -> 
     return 4 if r >= 4 else 2 if r >= 2 else 1
 
 
-def attn_combine_width(cfg: ModelConfig, threads: int, world_size: int = 1) -> int:
+def attn_combine_width(cfg: ModelConfig, threads: int, world_size: int) -> int:
     """Chunk partials the combine merges in one dependent round."""
     return attn_combine_groups(cfg, threads, world_size) * ATTN_COMBINE_B
 
