@@ -1,7 +1,6 @@
 """The monokernel's build plan (grid, tuning decisions, placement, shared memory) on the CPU."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from dataclasses import replace
 
@@ -263,9 +262,9 @@ def test_attention_tiles_per_layout():
 
 def test_attention_chunk_rule():
     # placement.attention_chunk_len (the kernel's kog_attn_chunk_len) and the plan's table of
-    # every position (its chunk counts) agree; up to 16 chunks a kv
-    # head, then isqrt(n_pos * W / 128) (W: the partials the combine merges a round), at most
-    # the plan's max_chunks
+    # every position (its chunk counts) agree; up to 16 chunks a kv head, then
+    # isqrt(n_pos * W / 128) (W: the partials the combine merges a round), at most the plan's
+    # max_chunks
     from kogcupy.gpu.placement import attention_chunk_len, attn_combine_width
     chunks = lambda n, p, w: -(-n // attention_chunk_len(n, p.placement.attn_max_chunks, p.attn_chunk, w))
     for shape, width, table in (("qwen2.5-0.5b", 8, {288: 9, 512: 16, 600: 10, 2000: 16, 8000: 21,

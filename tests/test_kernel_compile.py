@@ -468,7 +468,6 @@ def test_kernel_chunk_rule_is_placements(tmp_path):
                   "int main(int argc, char** argv) { int m = atoi(argv[1]), n = atoi(argv[2]);\n"
                   "  for (int i = 1; i <= n; ++i) printf(\"%d\\n\", kog_attn_chunk_len(i, m)); }\n", ".c")
     n = 40000
-    from kogcupy.gpu.tensor_parallel import local_config
     for name, blocks, min_chunk, tp in (("qwen2.5-0.5b", 132, None, 1), ("smollm2-135m", 132, 16, 1),
                                         ("llama-3.2-1b", 132, None, 1), ("qwen2.5-0.5b", 20, 128, 1),
                                         ("qwen3-1.7b", 132, None, 2)):     # TP: one dim a thread
