@@ -147,6 +147,8 @@ def cli():
     """kogcupy: batch-1 LLM inference in one persistent GPU kernel."""
 
 
+DTYPE_CHOICE = click.Choice(["bfloat16", "float16", "bf16", "fp16"], case_sensitive=False)
+
 # Options shared by generate and chat, in help order.
 MODEL_OPTIONS = [
     click.option("-m", "--model", "model_path", metavar="PATH", default=None,
@@ -155,9 +157,9 @@ MODEL_OPTIONS = [
     click.option("-n", "--max-new-tokens", type=int, default=256, show_default=True),
 ]
 SAMPLING_OPTIONS = [
-    click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-    click.option("--top-k", type=int, default=0, show_default=True, help="0 or -1 = off.",
-                 callback=lambda ctx, param, v: 0 if v == -1 else v),
+    click.option("--temperature", "--temp", type=float, default=0.0, show_default=True,
+                 help="0 = greedy."),
+    click.option("--top-k", type=int, default=0, show_default=True, help="0 or -1 = off."),
     click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
     click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off."),
     click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
@@ -170,7 +172,8 @@ BACKEND_OPTIONS = [
                  default="auto", show_default=True),
     click.option("-c", "--context-length", type=int, default=None,
                  help="KV-cache positions (default: 4096, or the model's positions if fewer)."),
-    click.option("--dtype", default=None, help="GPU storage dtype: bfloat16 | float16."),
+    click.option("--dtype", type=DTYPE_CHOICE, default=None,
+                 help="GPU storage dtype (default: the checkpoint's)."),
     click.option("--gpus", type=int, default=1, show_default=True,
                  help="GPUs for one generation (tensor parallel; must divide the attention "
                       "heads)."),
@@ -422,9 +425,10 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
     """Chat with the model: each line read is a user turn, the answer streams to stdout.
 
     /reset clears the conversation (the system prompt stays), /exit (or /quit, or end of
-    input) quits, /help lists these; Ctrl-C stops an answer and keeps the session. Each turn
-    prefills only its new tokens: the rest comes from the prefix cache (the stats line on
-    stderr says how many).
+    input) quits, /help lists these. Ctrl-C stops an answer (what it wrote stays in the
+    conversation; /reset drops it) and, at the prompt, clears the line. Each turn prefills
+    only its new tokens: the rest comes from the prefix cache (the stats line on stderr says
+    how many).
     """
     from .engine import check_text
 
@@ -441,7 +445,7 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
                          "`kogcupy generate --no-chat` for plain text completion")
     start = [{"role": "system", "content": system}] if system is not None else []
     messages = list(start)                     # the conversation so far
-    interactive = sys.stdin.isatty()
+    interactive = _stdin_is_tty()
     if interactive:
         try:
             import readline  # noqa: F401  (line editing for input())
@@ -455,10 +459,11 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
             if interactive:
                 click.echo("", err=True)        # the shell's next line starts on its own
             break
-        except KeyboardInterrupt:
-            if interactive:
-                click.echo("", err=True)
-            raise
+        except KeyboardInterrupt:              # at the prompt: a fresh line, as Python's REPL
+            if not interactive:
+                raise
+            click.echo("\nkogcupy: /exit or Ctrl-D quits", err=True)
+            continue
         except UnicodeDecodeError as e:
             click.echo(f"kogcupy: error: the line read is not valid UTF-8 text "
                        f"(byte 0x{e.object[e.start]:02x})", err=True)
@@ -698,7 +703,9 @@ def models():
                       help="Tokens to generate (default: enough to pass --position by 8)."),
          click.option("--gpus", type=int, default=1, show_default=True,
                       help="GPUs (tensor parallel): one trace process per GPU."),
-         click.option("--dtype", default=None, help="GPU storage dtype: bfloat16 | float16."),
+         click.option("--dtype", type=DTYPE_CHOICE, default=None,
+                      help="GPU storage dtype (default: the checkpoint's; bfloat16 for "
+                           "--shape)."),
          click.option("--out", metavar="PATH", default="trace.json", show_default=True,
                       help="The Chrome/Perfetto trace JSON to write."))
 def profile(model_path, shape, position, new_tokens, gpus, dtype, out):

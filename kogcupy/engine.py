@@ -188,6 +188,22 @@ def _is_messages(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and any(isinstance(m, dict) for m in prompt)
 
 
+TEMPLATE_OWN_VARIABLES = ("messages", "tools", "add_generation_prompt")
+
+
+def check_template_kwargs(kw) -> dict:
+    """Extra chat-template variables: a dict of names other than the ones the engine sets."""
+    if kw is None:
+        return {}
+    if not isinstance(kw, dict):
+        raise InputError(f"template kwargs must be a dict, got {type(kw).__name__}")
+    for k in kw:
+        if not (isinstance(k, str) and k.isidentifier()) or k in TEMPLATE_OWN_VARIABLES:
+            raise InputError(f"template kwarg {k!r} cannot be set: a key is a template variable "
+                             f"name other than {', '.join(TEMPLATE_OWN_VARIABLES)}")
+    return dict(kw)
+
+
 def check_messages(messages) -> None:
     """OpenAI-style chat messages: a non-empty list of {"role": one of ROLES, "content": str |
     None, ...}; assistant "tool_calls" a list of dicts, tool "tool_call_id" a str."""
@@ -524,10 +540,12 @@ class Engine:
             ids |= set(self.tokenizer.eos_token_ids)
         return ids
 
-    def encode_messages(self, messages, tools=None) -> list[int]:
+    def encode_messages(self, messages, tools=None, template_kwargs=None) -> list[int]:
         """OpenAI-style messages (and tools) -> ids of the chat template's rendering, ending with
-        the assistant generation prompt."""
+        the assistant generation prompt. ``template_kwargs``: more variables for the template
+        (HF's ``apply_chat_template(**kwargs)``, e.g. ``{"enable_thinking": False}``)."""
         check_messages(messages)
+        template_kwargs = check_template_kwargs(template_kwargs)
         if tools is not None and not (isinstance(tools, (list, tuple))
                                       and all(isinstance(t, dict) for t in tools)):
             raise InputError("tools must be a list of OpenAI tool dicts like "
@@ -544,7 +562,7 @@ class Engine:
                 raise InputError(f"chat message {i}: this model's chat template drops an "
                                  f"assistant message's tool_calls (the model would never see "
                                  f"them)")
-        kw = {} if tools is None else {"tools": list(tools)}
+        kw = template_kwargs if tools is None else {**template_kwargs, "tools": list(tools)}
         text = tk.render_chat(template_messages(messages), add_generation_prompt=True, **kw)
         ids = tk.encode(text, add_bos=False)                # templates write BOS themselves
         self.model.config.check_request(ids, self.context_length, template=True)

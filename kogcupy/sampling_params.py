@@ -10,7 +10,7 @@ from .errors import InputError
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0          # 0 -> greedy (argmax)
-    top_k: int = 0                    # 0 -> off
+    top_k: int = 0                    # 0 or -1 -> off (kept as 0)
     top_p: float = 1.0                # 1 -> off
     min_p: float = 0.0                # 0 -> off
     repetition_penalty: float = 1.0   # 1 -> off (HF/CTRL rule over prompt + generated ids)
@@ -30,8 +30,10 @@ class SamplingParams:
             object.__setattr__(self, name, int(v) if kind is numbers.Integral else float(v))
         if not (0.0 <= self.temperature < float("inf")):
             bad(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k == -1:                    # vLLM's and HF servers' "off"
+            object.__setattr__(self, "top_k", 0)
         if self.top_k < 0:
-            bad(f"top_k must be an integer >= 0, got {self.top_k}")
+            bad(f"top_k must be an integer >= 1, or 0 or -1 for off, got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             bad(f"top_p must be in (0, 1], got {self.top_p}")
         if not (0.0 <= self.min_p < 1.0):

@@ -15,7 +15,8 @@ TOOLS_TEMPLATE = (
     "{% if m['content'] %}{{ m['content'] }}{% endif %}{% for c in m.get('tool_calls') or [] %}"
     "call {{ c['function']['name'] }}({{ c['function']['arguments'] | tojson }}){% endfor %}"
     "{% if m.get('tool_call_id') %} for {{ m['tool_call_id'] }}{% endif %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
 CONVERSATION = [
@@ -111,6 +112,19 @@ class _ScriptedStream:
 
     def cancel(self):
         self._it = iter(())
+
+
+def test_template_kwargs(tools_engine):
+    """Extra template variables (HF's apply_chat_template kwargs, vLLM's chat_template_kwargs)
+    reach the template; the engine's own variables cannot be replaced through them."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    tk = tools_engine.tokenizer
+    assert not tk.decode(tools_engine.encode_messages(msgs)).endswith("<think></think>")
+    off = tools_engine.encode_messages(msgs, template_kwargs={"enable_thinking": False})
+    assert tk.decode(off).endswith("<|im_start|>assistant\n<think></think>")
+    for bad in ({"add_generation_prompt": False}, {"messages": []}, {"not a name": 1}, [1]):
+        with pytest.raises(InputError, match="template kwarg"):
+            tools_engine.encode_messages(msgs, template_kwargs=bad)
 
 
 def test_tool_calls_come_back_in_the_result(tools_engine, monkeypatch):

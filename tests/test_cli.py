@@ -174,7 +174,8 @@ def test_no_driver_is_named_in_the_gpu_errors(monkeypatch):
     (["--temperature", "inf"], "--temperature must be a finite number"),
     (["--repetition-penalty", "inf"], "--repetition-penalty must be a finite number"),
     (["--top-p", "0"], "--top-p must be"),
-    (["--top-k", "-3"], "--top-k must be"),
+    (["--top-k", "-3"], "--top-k must be an integer >= 1, or 0 or -1 for off, got -3"),
+    (["--temp", "-1"], "--temperature must be"),           # (llama.cpp's spelling)
     (["--min-p", "1.5"], "--min-p must be"),
     (["--seed", "-2"], "--seed must be"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
@@ -328,7 +329,7 @@ def test_invalid_utf8_through_the_api(tiny_models):
     (["--gpus", "0"], "--gpus must be >= 1"),
     (["--context-length", "0"], "--context-length must be >= 2"),
     (["--context-length", "1"], "--context-length must be >= 2"),
-    (["--dtype", "fp8"], "dtype must be one of"),
+    (["--dtype", "fp8"], "'fp8' is not one of 'bfloat16', 'float16'"),
     (["--gpus", "2", "--backend", "reference"], "reference backend runs on the CPU"),
 ])
 def test_argument_checks_run_before_loading(no_load, args, match):

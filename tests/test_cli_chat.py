@@ -95,6 +95,30 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dirs, spy, monkeypat
     assert r.stdout.startswith(partial["content"] + "\n")
 
 
+def test_ctrl_c_at_the_prompt_keeps_the_session(tiny_dirs, spy, monkeypatch):
+    """On a terminal, Ctrl-C at the >>> prompt clears the line and says how to quit (as
+    Python's REPL); piped input ends at it (the next test's exit code)."""
+    import builtins
+    import kogcupy.cli as C
+    lines = iter([KeyboardInterrupt, "The fox", EOFError])
+
+    def scripted_input(prompt=""):
+        x = next(lines)
+        if isinstance(x, type):
+            raise x
+        return x
+
+    monkeypatch.setattr(C, "_stdin_is_tty", lambda: True)
+    monkeypatch.setattr(builtins, "input", scripted_input)
+    r = CliRunner().invoke(cli, ["chat", "--model", tiny_dirs["llama"], *TINY])
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    assert "kogcupy: /exit or Ctrl-D quits" in r.stderr and len(spy) == 1
+    monkeypatch.setattr(C, "_stdin_is_tty", lambda: False)
+    lines = iter([KeyboardInterrupt])
+    r = CliRunner().invoke(cli, ["chat", "--model", tiny_dirs["llama"], *TINY])
+    assert r.exit_code == 130 and r.stderr.strip() == "kogcupy: interrupted", r.stderr
+
+
 def test_errors_keep_the_session_or_stop_it(tiny_dirs, tmp_path):
     r = chat(["--model", tiny_dirs["llama"], "--backend", "reference", "--max-new-tokens", "2",
               "--context-length", "40"], ["word " * 50, "The fox", "word " * 25])

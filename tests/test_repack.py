@@ -96,8 +96,10 @@ def test_repack_existing_dst(hf_dir, tmp_path, monkeypatch):
     (other / "ch1.txt").write_text("precious")
     (tmp_path / "notes.txt").write_text("precious")
     for d in (other, tmp_path / "notes.txt"):
-        with pytest.raises(ModelLoadError, match="not a kogcupy packed directory"):
-            R.repack(hf_dir, str(d), force=True)
+        for force in (False, True):                     # said alike: --force would not help
+            with pytest.raises(ModelLoadError, match="not a kogcupy packed directory") as e:
+                R.repack(hf_dir, str(d), force=force)
+            assert "--force" not in str(e.value)
     assert (other / "ch1.txt").read_text() == (tmp_path / "notes.txt").read_text() == "precious"
     monkeypatch.chdir(dst)                              # ".": the process's own directory
     with pytest.raises(ModelLoadError, match="current directory"):

@@ -86,6 +86,7 @@ def test_top_k_mask():
     # top_k >= vocab or 0: everything
     assert np.count_nonzero(sampling_probs(logits, SP(temperature=1.0, top_k=6))) == 6
     assert np.count_nonzero(sampling_probs(logits, SP(temperature=1.0, top_k=0))) == 6
+    assert SP(temperature=1.0, top_k=-1) == SP(temperature=1.0, top_k=0)    # -1: off too
     # ties at the boundary: lower id kept
     tied = np.array([1.0, 2.0, 2.0, 2.0], dtype=np.float32)
     assert np.flatnonzero(sampling_probs(tied, SP(temperature=1.0, top_k=2))).tolist() == [1, 2]

@@ -268,9 +268,9 @@ class ScriptedEngine:
         self._lock = threading.Lock()
         self.model = None
 
-    def encode_messages(self, messages, tools=None):
+    def encode_messages(self, messages, tools=None, template_kwargs=None):
         check_messages(messages)
-        kw = {} if tools is None else {"tools": tools}
+        kw = dict(template_kwargs or {}, **({} if tools is None else {"tools": tools}))
         ids = self.tokenizer.encode(self.tokenizer.render_chat(template_messages(messages), True,
                                                                **kw), add_bos=False)
         if len(ids) >= self.context_length:
@@ -650,7 +650,14 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "presence_penalty": 0.5}, 400, "presence_penalty", "repetition_penalty"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
-              "frobnicate": True}, 400, "frobnicate", "unsupported parameter"),
+              "ignore_eos": True}, 400, "ignore_eos", "not supported"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "functions": [{"name": "f"}]}, 400, "functions", "use 'tools'"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "chat_template_kwargs": {"add_generation_prompt": False}}, 400,
+     "chat_template_kwargs", "'add_generation_prompt' cannot be set"),
+    ("chat", b'{"messages": [{"role": "user", "content": "x"}], "metadata": ' + b"[" * 3000
+     + b"]" * 3000 + b"}", 400, None, "nested too deeply"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
@@ -696,6 +703,19 @@ BAD_REQUESTS = [
     ("chat", b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "\\ud800"]}', 400,
      "stop", "stop[1] is not valid UTF-8 text: undecodable lone surrogate U+D800"),
 ]
+
+
+def test_deeply_nested_json_is_never_a_server_error(scripted):
+    """Nesting that the JSON decoder, pydantic or the template's tojson cannot follow is a
+    400 wherever it stops (the depths around the interpreter's recursion limit)."""
+    eng, srv = scripted(max_body_bytes=100_000)
+    for depth in (940, 970, 985, 995, 1200):
+        params = '{"a": ' * depth + "1" + "}" * depth
+        body = ('{"messages": [{"role": "user", "content": "x"}], "max_tokens": 2, "tools": '
+                '[{"type": "function", "function": {"name": "f", "parameters": %s}}]}' % params)
+        r = httpx.post(srv.url + "/v1/chat/completions", content=body.encode(),
+                       headers={"content-type": "application/json"})
+        assert r.status_code in (200, 400), (depth, r.status_code, r.text[:300])
 
 
 def test_bad_requests_get_openai_errors(scripted):
@@ -809,6 +829,27 @@ def test_client_round_trip_fields_accepted(scripted):
     r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user",
                                                                          "content": "x"}]})
     assert r.status_code == 200 and r.json()["model"] == "scripted"
+
+
+def test_unknown_fields_are_ignored_and_logged(scripted, caplog):
+    """Fields kogcupy does not know (other clients' and servers' extras) are ignored, as vLLM
+    and llama.cpp do, and the server log names them; known ones that would change the output
+    are a 400 unless neutral (BAD_REQUESTS)."""
+    eng, srv = scripted(script=lambda u: "ok")
+    body = {"messages": [{"role": "user", "reasoning_content": None, "content": [
+                {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}],
+            "prompt_cache_key": "k", "frobnicate": True, "ignore_eos": False,
+            "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
+    with caplog.at_level("WARNING", logger="kogcupy.serve"):
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+    chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c["choices"]) == "ok" and chunks[-1]["usage"]["completion_tokens"] == 2
+    lines = [rec.getMessage() for rec in caplog.records if "ignored" in rec.getMessage()]
+    assert lines == ["POST /v1/chat/completions: ignored unknown fields frobnicate, "
+                     "stream_options.include_obfuscation, messages[0].reasoning_content, "
+                     "messages[0].content[0].cache_control"], caplog.text
 
 
 def _stream_chat(client, messages, **kw):

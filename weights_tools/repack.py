@@ -91,14 +91,15 @@ def _dst_checks(src: str, dst: str, force: bool) -> None:
     if rd == rs or rs.startswith(rd + os.sep) or rd.startswith(rs + os.sep):
         raise ModelLoadError(f"{dst}: destination must not be the source or inside/around it")
     if os.path.lexists(dst):
-        if not force:
-            raise ModelLoadError(f"{dst}: already exists (pass --force to replace it)")
-        # --force replaces what a repack wrote (or an empty directory), never other data
+        # --force replaces what a repack wrote (or an empty directory), never other data: so
+        # other data is said first, without suggesting --force
         entries = os.listdir(dst) if os.path.isdir(dst) else None
         if entries is None or (entries and PACK_MARKER not in entries):
             raise ModelLoadError(f"{dst}: exists and is not a kogcupy packed directory (no "
-                                 f"{PACK_MARKER}); --force replaces only those: choose "
-                                 f"another destination or remove it yourself")
+                                 f"{PACK_MARKER}), so it is never replaced: choose another "
+                                 f"destination or remove it yourself")
+        if not force:
+            raise ModelLoadError(f"{dst}: already exists (pass --force to replace it)")
         cwd = os.path.realpath(os.getcwd())
         if cwd == rd or cwd.startswith(rd + os.sep):
             raise ModelLoadError(f"{dst}: is (or holds) the current directory; run the "

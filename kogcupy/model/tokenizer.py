@@ -178,7 +178,7 @@ class Tokenizer:
         except jinja2.exceptions.TemplateError as e:
             raise InputError(f"{self.source or 'model'}: the chat template rejected the messages: {e}") from None
         # a message field of a type the template cannot use
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
+        except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
             raise InputError(f"{self.source or 'model'}: the chat template cannot render the "
                              f"messages ({type(e).__name__}: {e})") from None
 

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from ..engine import check_template_kwargs
 from ..errors import ContextLengthError, InputError
 from ..sampling_params import SamplingParams
 from . import protocol as P
@@ -157,6 +158,16 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             return json.loads(bytes(body))
         except (ValueError, UnicodeDecodeError) as e:
             raise P.APIError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise P.APIError(400, "the request body is nested too deeply") from None
+
+    def note_ignored(req, request: Request):
+        """Unknown fields are ignored (vLLM's and llama.cpp's way); the log names them."""
+        ignored = P.ignored_fields(req)
+        if ignored:
+            log.warning("%s %s: ignored unknown field%s %s", request.method, request.url.path,
+                        "s" if len(ignored) > 1 else "", ", ".join(ignored[:12]) +
+                        (f" (+{len(ignored) - 12} more)" if len(ignored) > 12 else ""))
 
     def check_model(model: str):
         if model is not None and model != name:
@@ -252,6 +263,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         req = P.parse_request(P.ChatCompletionRequest, await read_json(request))
         check_model(req.model)
         P.check_supported(req)
+        note_ignored(req, request)
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
         if tools and req.tool_choice == "none" and not supports_tools:
             tools = None                             # switched off: the template needs none
@@ -263,8 +275,13 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                 raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
                                       f"drops an assistant message's tool_calls",
                                  param=f"messages[{i}].tool_calls")
+        try:
+            check_template_kwargs(req.chat_template_kwargs)
+        except InputError as e:
+            raise P.APIError(400, str(e), param="chat_template_kwargs") from None
         messages = [m.to_template() for m in req.messages]
-        ids = await encode(engine.encode_messages, messages, tools=tools, param="messages")
+        ids = await encode(engine.encode_messages, messages, tools=tools,
+                           template_kwargs=req.chat_template_kwargs, param="messages")
         max_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         kw = plan(req, ids, req.max_completion_tokens or req.max_tokens, None, "messages",
                   max_param)
@@ -282,6 +299,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         req = P.parse_request(P.CompletionRequest, await read_json(request))
         check_model(req.model)
         P.check_supported(req)
+        note_ignored(req, request)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -322,6 +340,10 @@ class Server(uvicorn.Server):
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve `app` with uvicorn until Ctrl-C."""
-    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
-                          timeout_graceful_shutdown=5)).run()
+    """Serve `app` with uvicorn until Ctrl-C (a clean stop: returns) or SIGTERM (uvicorn raises
+    the signal again once shut down, so the process ends by it, as under uvicorn's own CLI)."""
+    try:
+        Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                              timeout_graceful_shutdown=5)).run()
+    except KeyboardInterrupt:            # (uvicorn re-raises the Ctrl-C after its shutdown)
+        pass

@@ -1,12 +1,13 @@
 """The OpenAI API as kogcupy serves it: request models (pydantic, strict) and response shapes.
 
-Requests are validated strictly: wrong types and unknown fields are a 400 that names the field.
-Fields of the OpenAI API that kogcupy does not implement are accepted only with their neutral
-value (``n: 1``, ``logprobs: false``, ``presence_penalty: 0``, ...) and are a 400 otherwise:
-nothing a client asks for is silently ignored. Bookkeeping fields that change no output
-(``user``, ``store``, ``metadata``, ``service_tier``; the empty ``refusal`` / ``annotations`` /
-``audio`` / ``function_call`` of a message the openai client returned) are accepted and unused.
-Extra sampling fields (vLLM style): ``top_k``, ``min_p``, ``repetition_penalty``.
+Requests are validated strictly: a wrong type or value is a 400 that names the field. Fields
+of the OpenAI API (and vLLM's extras) that would change the output and that kogcupy does not
+implement are accepted only with their neutral value (``n: 1``, ``logprobs: false``,
+``presence_penalty: 0``, ``ignore_eos: false``, ...) and are a 400 otherwise. Any other field
+(a client's bookkeeping: ``user``, ``metadata``, ``prompt_cache_key``, ``cache_control`` on a
+content part, a message's ``reasoning_content``, ...) is ignored, as vLLM and llama.cpp do, and
+named in the server log (``ignored_fields``). Extra fields (vLLM style): ``top_k``, ``min_p``,
+``repetition_penalty``, ``chat_template_kwargs``.
 
 Responses are plain dicts shaped like OpenAI's (a stream chunk is built per token, so no
 pydantic on that path); ``Usage`` is the one shared piece.
@@ -58,7 +59,8 @@ def error_body(status: int, message: str, param: str | None = None,
 
 # ------------------------------------------------------------------------------- requests
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    # unknown fields are kept aside (model_extra), never used: ignored_fields names them
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -66,7 +68,7 @@ class StreamOptions(_Strict):
 
 
 class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)   # JSON schema extras are fine
+    model_config = ConfigDict(extra="allow", strict=True)   # extras go to the template as given
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict | None = None
@@ -141,11 +143,12 @@ class _Sampling(_Strict):
     stop: Union[str, list[str], None] = None
     stream: bool | None = False                               # (null: false)
     stream_options: StreamOptions | None = None
-    # Bookkeeping fields that do not change the output: accepted, not used
+    # Bookkeeping fields that do not change the output: accepted, not used (nor logged)
     user: str | None = None                                   # an end-user id
     store: bool | None = None                                 # nothing is stored
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    prompt_cache_key: str | None = None                       # (the prefix cache needs none)
     # Accepted with their neutral value only (check_supported):
     n: int | None = None
     presence_penalty: float | None = None
@@ -155,6 +158,7 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    chat_template_kwargs: dict[str, Any] | None = None       # (vLLM's: e.g. enable_thinking)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[ToolDef] | None = None
     tool_choice: Union[Literal["auto", "none", "required"], dict, None] = None
@@ -195,11 +199,6 @@ def parse_request(cls, obj: Any):
         return cls.model_validate(obj)
     except ValidationError as e:
         errs = e.errors(include_url=False)
-        extra = [x for x in errs if x["type"] == "extra_forbidden"]
-        if extra:
-            name = _loc(extra[0]["loc"])
-            raise APIError(400, f"unsupported parameter '{name}': kogcupy does not implement it "
-                                f"(it is not ignored silently)", param=name) from None
         first = errs[0]
         name = _loc(first["loc"])
         if first["type"] == "missing":
@@ -235,10 +234,43 @@ def _jsonable(x) -> bool:
         return False
 
 
+# Fields kogcupy does not declare that would change the output (OpenAI's legacy function
+# calling, vLLM's extras): a 400 unless neutral (None, false, 0, empty), never ignored
+UNSUPPORTED_EXTRAS = {
+    "functions": "use 'tools'", "function_call": "use 'tools' and 'tool_choice'",
+    "ignore_eos": "", "min_tokens": "", "stop_token_ids": "use 'stop' strings",
+    "bad_words": "", "allowed_token_ids": "", "logits_processors": "",
+    "guided_json": "structured output is not supported", "guided_regex": "",
+    "guided_choice": "", "guided_grammar": "", "structured_outputs": "",
+    "prompt_logprobs": "", "truncate_prompt_tokens": "", "continue_final_message": "",
+    "chat_template": "the model's own template is used", "audio": "", "modalities": "",
+    "web_search_options": "",
+}
+
+
+def ignored_fields(model: BaseModel, at: str = "") -> list[str]:
+    """Paths of the request's unknown fields (ignored: the server log names them)."""
+    out = [] if isinstance(model, FunctionDef) else \
+        [f"{at}{k}" for k in (model.model_extra or {}) if k not in UNSUPPORTED_EXTRAS or at]
+    for name in type(model).model_fields:
+        v = getattr(model, name)
+        for i, item in enumerate(v if isinstance(v, list) else [v]):
+            if isinstance(item, BaseModel):
+                where = f"{at}{name}[{i}]." if isinstance(v, list) else f"{at}{name}."
+                out += ignored_fields(item, where)
+    return out
+
+
 def check_supported(req) -> None:
     """400 for features kogcupy does not implement (neutral values pass)."""
     def no(param, msg):
         raise APIError(400, msg, param=param)
+
+    for name, v in (req.model_extra or {}).items():
+        if name in UNSUPPORTED_EXTRAS and v not in (None, False, 0, "", [], {}) \
+                and not (name == "modalities" and v == ["text"]):
+            how = UNSUPPORTED_EXTRAS[name]
+            no(name, f"{name} is not supported by kogcupy" + (f": {how}" if how else ""))
 
     if req.n not in (None, 1):
         no("n", f"n={req.n} is not supported: kogcupy generates one choice per request (n=1)")
