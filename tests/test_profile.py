@@ -171,7 +171,7 @@ def gpu_never_asked(monkeypatch):
     (["--position", "-1"], "--position must be >= 0"),
     (["--position", "100", "--new-tokens", "5"], "stops before --position 100"),
     (["--gpus", "0"], "--gpus must be >= 1"),
-    (["--dtype", "fp8"], "dtype must be one of"),
+    (["--dtype", "fp8"], "'fp8' is not one of 'bfloat16', 'float16'"),
     (["--out", "/nonexistent/dir/t.json"], "does not exist"),
     (["--shape", "llama-3.2-1b", "--gpus", "3"], "does not divide"),
     (["--shape", "smollm2-135m", "--position", "9000"], "exceeds the 8192 positions"),

@@ -142,7 +142,9 @@ class Tokenizer:
         """Token ids of ``text``; ``add_bos=None`` does what the model does."""
         if add_bos is None:
             add_bos = self.add_bos
-        ids = self._tk.encode(text, add_special_tokens=False).ids
+        # encode_batch, not encode: it releases the GIL, so a long prompt tokenizing in a
+        # server's worker thread does not stall the event loop (and the streams it serves)
+        ids = self._tk.encode_batch([text], add_special_tokens=False)[0].ids
         if add_bos and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
         return ids
