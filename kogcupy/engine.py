@@ -188,22 +188,6 @@ def _is_messages(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and any(isinstance(m, dict) for m in prompt)
 
 
-TEMPLATE_OWN_VARIABLES = ("messages", "tools", "add_generation_prompt")
-
-
-def check_template_kwargs(kw) -> dict:
-    """Extra chat-template variables: a dict of names other than the ones the engine sets."""
-    if kw is None:
-        return {}
-    if not isinstance(kw, dict):
-        raise InputError(f"template kwargs must be a dict, got {type(kw).__name__}")
-    for k in kw:
-        if not (isinstance(k, str) and k.isidentifier()) or k in TEMPLATE_OWN_VARIABLES:
-            raise InputError(f"template kwarg {k!r} cannot be set: a key is a template variable "
-                             f"name other than {', '.join(TEMPLATE_OWN_VARIABLES)}")
-    return dict(kw)
-
-
 def check_messages(messages) -> None:
     """OpenAI-style chat messages: a non-empty list of {"role": one of ROLES, "content": str |
     None, ...}; assistant "tool_calls" a list of dicts, tool "tool_call_id" a str."""
@@ -545,7 +529,6 @@ class Engine:
         the assistant generation prompt. ``template_kwargs``: more variables for the template
         (HF's ``apply_chat_template(**kwargs)``, e.g. ``{"enable_thinking": False}``)."""
         check_messages(messages)
-        template_kwargs = check_template_kwargs(template_kwargs)
         if tools is not None and not (isinstance(tools, (list, tuple))
                                       and all(isinstance(t, dict) for t in tools)):
             raise InputError("tools must be a list of OpenAI tool dicts like "
@@ -562,8 +545,9 @@ class Engine:
                 raise InputError(f"chat message {i}: this model's chat template drops an "
                                  f"assistant message's tool_calls (the model would never see "
                                  f"them)")
-        kw = template_kwargs if tools is None else {**template_kwargs, "tools": list(tools)}
-        text = tk.render_chat(template_messages(messages), add_generation_prompt=True, **kw)
+        text = tk.render_chat(template_messages(messages), add_generation_prompt=True,
+                              tools=None if tools is None else list(tools),
+                              variables=template_kwargs)
         ids = tk.encode(text, add_bos=False)                # templates write BOS themselves
         self.model.config.check_request(ids, self.context_length, template=True)
         return ids
@@ -633,8 +617,6 @@ class Engine:
         max_new_tokens = int(max_new_tokens)
         if seed is None or (isinstance(seed, numbers.Integral) and seed == -1):
             seed = secrets.randbits(63)
-        if isinstance(top_k, numbers.Integral) and top_k == -1:
-            top_k = 0
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
         if stop is None:

@@ -122,9 +122,20 @@ def test_template_kwargs(tools_engine):
     assert not tk.decode(tools_engine.encode_messages(msgs)).endswith("<think></think>")
     off = tools_engine.encode_messages(msgs, template_kwargs={"enable_thinking": False})
     assert tk.decode(off).endswith("<|im_start|>assistant\n<think></think>")
-    for bad in ({"add_generation_prompt": False}, {"messages": []}, {"not a name": 1}, [1]):
-        with pytest.raises(InputError, match="template kwarg"):
+    assert tools_engine.encode_messages(msgs, template_kwargs={"self": 1}) == \
+        tools_engine.encode_messages(msgs)                  # (any other name: unused here)
+    for bad in ({"add_generation_prompt": False}, {"messages": []}, {"eos_token": "x"},
+                {"raise_exception": 1}, {"not a name": 1}, [1]):
+        with pytest.raises(InputError, match="template variable"):
             tools_engine.encode_messages(msgs, template_kwargs=bad)
+    # nesting past what the template's tojson can follow: an InputError, not a RecursionError
+    deep = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    call = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}]}]
+    with pytest.raises(InputError, match="RecursionError"):
+        tools_engine.encode_messages(msgs + call)
 
 
 def test_tool_calls_come_back_in_the_result(tools_engine, monkeypatch):

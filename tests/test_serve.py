@@ -270,9 +270,9 @@ class ScriptedEngine:
 
     def encode_messages(self, messages, tools=None, template_kwargs=None):
         check_messages(messages)
-        kw = dict(template_kwargs or {}, **({} if tools is None else {"tools": tools}))
-        ids = self.tokenizer.encode(self.tokenizer.render_chat(template_messages(messages), True,
-                                                               **kw), add_bos=False)
+        ids = self.tokenizer.encode(self.tokenizer.render_chat(
+            template_messages(messages), True, tools=tools, variables=template_kwargs),
+            add_bos=False)
         if len(ids) >= self.context_length:
             raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context "
                                      f"length", len(ids))
@@ -655,7 +655,20 @@ BAD_REQUESTS = [
               "functions": [{"name": "f"}]}, 400, "functions", "use 'tools'"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "chat_template_kwargs": {"add_generation_prompt": False}}, 400,
-     "chat_template_kwargs", "'add_generation_prompt' cannot be set"),
+     "chat_template_kwargs", "template variable 'add_generation_prompt' cannot be set"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "length_penalty": 1.5}, 400, "length_penalty", "not supported"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"},
+                                                {"role": "assistant", "content": "A",
+                                                 "prefix": True}]},
+     400, "messages[1].prefix", "prefix completion"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}], "stream": True,
+              "stream_options": {"continuous_usage_stats": True}}, 400,
+     "stream_options.continuous_usage_stats", "last chunk"),
+    ("completions", {"model": "scripted", "prompt": "a", "max_completion_tokens": 2}, 400,
+     "max_completion_tokens", "use 'max_tokens'"),
+    ("completions", {"model": "scripted", "prompt": "a",
+                     "response_format": {"type": "json_object"}}, 400, "response_format", ""),
     ("chat", b'{"messages": [{"role": "user", "content": "x"}], "metadata": ' + b"[" * 3000
      + b"]" * 3000 + b"}", 400, None, "nested too deeply"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
@@ -703,6 +716,20 @@ BAD_REQUESTS = [
     ("chat", b'{"messages": [{"role": "user", "content": "x"}], "stop": ["a", "\\ud800"]}', 400,
      "stop", "stop[1] is not valid UTF-8 text: undecodable lone surrogate U+D800"),
 ]
+
+
+def test_run_server_returns_on_ctrl_c(monkeypatch):
+    """uvicorn raises the Ctrl-C again once it has shut down (main thread); run_server returns,
+    so `kogcupy serve` exits 0 as uvicorn's own CLI does."""
+    import kogcupy.serve.app as A
+    ran = []
+
+    def run(self):
+        ran.append(self.config.port)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(A.Server, "run", run)
+    assert A.run_server(object(), port=8765) is None and ran == [8765]
 
 
 def test_deeply_nested_json_is_never_a_server_error(scripted):
@@ -839,6 +866,7 @@ def test_unknown_fields_are_ignored_and_logged(scripted, caplog):
     body = {"messages": [{"role": "user", "reasoning_content": None, "content": [
                 {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}],
             "prompt_cache_key": "k", "frobnicate": True, "ignore_eos": False,
+            "length_penalty": 1.0, "modalities": ["text"],
             "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
     with caplog.at_level("WARNING", logger="kogcupy.serve"):
         r = httpx.post(srv.url + "/v1/chat/completions", json=body)
@@ -850,6 +878,20 @@ def test_unknown_fields_are_ignored_and_logged(scripted, caplog):
     assert lines == ["POST /v1/chat/completions: ignored unknown fields frobnicate, "
                      "stream_options.include_obfuscation, messages[0].reasoning_content, "
                      "messages[0].content[0].cache_control"], caplog.text
+    # on a tool too: ignored, so never in the prompt; a field name is logged escaped and cut
+    tool = {**WEATHER_TOOL, "cache_control": {"type": "ephemeral"},
+            "function": {**WEATHER_TOOL["function"], "x_extra": "SECRET"}}
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kogcupy.serve"):
+        r = httpx.post(srv.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "tools": [tool],
+            "\nFORGED\x1b[31m" + "k" * 500: 1})
+    assert r.status_code == 200, r.text
+    assert '"get_weather"' in eng.calls[-1]["prompt"] and "SECRET" not in eng.calls[-1]["prompt"] \
+        and "cache_control" not in eng.calls[-1]["prompt"]
+    line, = [rec.getMessage() for rec in caplog.records if "ignored" in rec.getMessage()]
+    assert line.startswith("POST /v1/chat/completions: ignored unknown fields \\nFORGED\\x1b[31mkkk")
+    assert "\n" not in line and "\x1b" not in line and len(line) < 260, line
 
 
 def _stream_chat(client, messages, **kw):

@@ -142,6 +142,8 @@ class Tokenizer:
         """Token ids of ``text``; ``add_bos=None`` does what the model does."""
         if add_bos is None:
             add_bos = self.add_bos
+        if not isinstance(text, str):           # (encode_batch would read a list as a pair)
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         # encode_batch, not encode: it releases the GIL, so a long prompt tokenizing in a
         # server's worker thread does not stall the event loop (and the streams it serves)
         ids = self._tk.encode_batch([text], add_special_tokens=False)[0].ids
@@ -163,8 +165,24 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """The chat template applied to ``messages`` (HF ``apply_chat_template(tokenize=False)``)."""
+    def check_template_variables(self, variables) -> dict:
+        """Extra chat-template variables (HF's ``apply_chat_template(**kwargs)``): a dict of
+        names other than the ones rendering sets (TEMPLATE_OWN_VARIABLES, the special tokens)."""
+        if variables is None:
+            return {}
+        if not isinstance(variables, dict):
+            raise InputError(f"template variables must be a dict, got {type(variables).__name__}")
+        own = (*TEMPLATE_OWN_VARIABLES, *self.special_tokens)
+        for k in variables:
+            if not (isinstance(k, str) and k.isidentifier()) or k in own:
+                raise InputError(f"template variable {ascii(k)[:40]} cannot be set: a name other "
+                                 f"than {', '.join(own)}")
+        return dict(variables)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list | None = None, variables: dict | None = None) -> str:
+        """The chat template applied to ``messages`` (HF ``apply_chat_template(tokenize=False)``);
+        ``variables``: more for the template (check_template_variables)."""
         if self.chat_template is None:
             raise InputError(f"{self.source or 'this model'}: the model has no chat template; "
                              "pass the prompt as plain text (--no-chat)")
@@ -172,11 +190,12 @@ class Tokenizer:
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise InputError("chat messages must be a list of dicts like {'role': 'user', 'content': '...'}")
         template = self._compiled_template
-        variables = dict(self.special_tokens)
-        variables.update(kwargs)
+        env = {**self.check_template_variables(variables), **self.special_tokens,
+               "messages": list(messages), "add_generation_prompt": add_generation_prompt}
+        if tools is not None:
+            env["tools"] = tools
         try:
-            return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                   **variables)
+            return template.render(env)
         except jinja2.exceptions.TemplateError as e:
             raise InputError(f"{self.source or 'model'}: the chat template rejected the messages: {e}") from None
         # a message field of a type the template cannot use
@@ -434,6 +453,11 @@ def _merges_from_scores(vocab: dict, scores: dict, skip: set) -> list[tuple[str,
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+# what rendering sets (beside the special tokens): never a caller's template variable
+TEMPLATE_OWN_VARIABLES = ("messages", "tools", "add_generation_prompt", "raise_exception",
+                          "strftime_now")
 
 
 def _jinja_env():

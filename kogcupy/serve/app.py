@@ -22,7 +22,6 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from ..engine import check_template_kwargs
 from ..errors import ContextLengthError, InputError
 from ..sampling_params import SamplingParams
 from . import protocol as P
@@ -163,7 +162,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
 
     def note_ignored(req, request: Request):
         """Unknown fields are ignored (vLLM's and llama.cpp's way); the log names them."""
-        ignored = P.ignored_fields(req)
+        ignored = [ascii(p)[1:-1][:64] for p in P.ignored_fields(req)]   # (one log line)
         if ignored:
             log.warning("%s %s: ignored unknown field%s %s", request.method, request.url.path,
                         "s" if len(ignored) > 1 else "", ", ".join(ignored[:12]) +
@@ -264,7 +263,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         check_model(req.model)
         P.check_supported(req)
         note_ignored(req, request)
-        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        tools = [t.to_template() for t in req.tools] if req.tools else None
         if tools and req.tool_choice == "none" and not supports_tools:
             tools = None                             # switched off: the template needs none
         if tools and not supports_tools:
@@ -275,10 +274,11 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                 raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
                                       f"drops an assistant message's tool_calls",
                                  param=f"messages[{i}].tool_calls")
-        try:
-            check_template_kwargs(req.chat_template_kwargs)
-        except InputError as e:
-            raise P.APIError(400, str(e), param="chat_template_kwargs") from None
+        if req.chat_template_kwargs and engine.tokenizer is not None:
+            try:
+                engine.tokenizer.check_template_variables(req.chat_template_kwargs)
+            except InputError as e:
+                raise P.APIError(400, str(e), param="chat_template_kwargs") from None
         messages = [m.to_template() for m in req.messages]
         ids = await encode(engine.encode_messages, messages, tools=tools,
                            template_kwargs=req.chat_template_kwargs, param="messages")

@@ -1,13 +1,14 @@
 """The OpenAI API as kogcupy serves it: request models (pydantic, strict) and response shapes.
 
 Requests are validated strictly: a wrong type or value is a 400 that names the field. Fields
-of the OpenAI API (and vLLM's extras) that would change the output and that kogcupy does not
-implement are accepted only with their neutral value (``n: 1``, ``logprobs: false``,
-``presence_penalty: 0``, ``ignore_eos: false``, ...) and are a 400 otherwise. Any other field
-(a client's bookkeeping: ``user``, ``metadata``, ``prompt_cache_key``, ``cache_control`` on a
-content part, a message's ``reasoning_content``, ...) is ignored, as vLLM and llama.cpp do, and
-named in the server log (``ignored_fields``). Extra fields (vLLM style): ``top_k``, ``min_p``,
-``repetition_penalty``, ``chat_template_kwargs``.
+of the OpenAI API and other servers' extras (vLLM's, llama.cpp's) that would change the output
+and that kogcupy does not implement are accepted only with their neutral value (``n: 1``,
+``logprobs: false``, ``presence_penalty: 0``, ``ignore_eos: false``, ...) and are a 400
+otherwise (declared fields: check_supported; undeclared ones: each model's ``unsupported``).
+Any other field (a client's bookkeeping: ``user``, ``metadata``, ``prompt_cache_key``,
+``cache_control`` on a content part or a tool, a message's ``reasoning_content``, ...) is
+ignored, as vLLM and llama.cpp do, and named in the server log (``ignored_fields``). Extra
+fields (vLLM style): ``top_k``, ``min_p``, ``repetition_penalty``, ``chat_template_kwargs``.
 
 Responses are plain dicts shaped like OpenAI's (a stream chunk is built per token, so no
 pydantic on that path); ``Usage`` is the one shared piece.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -59,16 +60,19 @@ def error_body(status: int, message: str, param: str | None = None,
 
 # ------------------------------------------------------------------------------- requests
 class _Strict(BaseModel):
-    # unknown fields are kept aside (model_extra), never used: ignored_fields names them
+    # Unknown fields are kept aside (model_extra), never used: ignored_fields names them. Those
+    # in `unsupported` (name -> how to do without) would change the output or the response:
+    # check_supported makes them a 400 unless neutral (None, false, 0, empty, or NEUTRAL's).
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    unsupported: ClassVar[dict[str, str]] = {}
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    unsupported = {"continuous_usage_stats": "usage comes in the last chunk only"}
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)   # extras go to the template as given
+class FunctionDef(_Strict):
     name: str = Field(min_length=1)
     description: str | None = None
     parameters: dict | None = None
@@ -78,6 +82,12 @@ class FunctionDef(BaseModel):
 class ToolDef(_Strict):
     type: Literal["function"]
     function: FunctionDef
+
+    def to_template(self) -> dict:
+        """The tool as chat templates read it: its declared fields only (extras are ignored)."""
+        fields = set(FunctionDef.model_fields)
+        return {"type": "function",
+                "function": self.function.model_dump(include=fields, exclude_none=True)}
 
 
 class ToolCallFunction(_Strict):
@@ -99,6 +109,7 @@ class TextPart(_Strict):
 
 
 class Message(_Strict):
+    unsupported = {"prefix": "a prefix completion is not supported"}
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
@@ -132,6 +143,20 @@ class Message(_Strict):
 
 
 class _Sampling(_Strict):
+    # other APIs' and servers' (OpenAI's legacy and newer, vLLM's, llama.cpp's) that change
+    # the output
+    unsupported = {
+        "functions": "use 'tools'", "function_call": "use 'tools' and 'tool_choice'",
+        "ignore_eos": "", "min_tokens": "", "stop_token_ids": "use 'stop' strings",
+        "include_stop_str_in_output": "", "bad_words": "", "allowed_token_ids": "",
+        "logits_processors": "", "guided_json": "structured output is not supported",
+        "guided_regex": "", "guided_choice": "", "guided_grammar": "",
+        "structured_outputs": "", "grammar": "", "json_schema": "", "prompt_logprobs": "",
+        "truncate_prompt_tokens": "", "use_beam_search": "", "length_penalty": "",
+        "n_predict": "use 'max_tokens'", "repeat_penalty": "use 'repetition_penalty'",
+        "typical_p": "", "tfs_z": "", "mirostat": "", "mirostat_tau": "", "mirostat_eta": "",
+        "reasoning_effort": "", "verbosity": "", "web_search_options": "", "audio": "",
+        "modalities": "text is the only modality"}
     model: str | None = None                                  # (none: the served model)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)   # (OpenAI's range)
@@ -157,6 +182,9 @@ class _Sampling(_Strict):
 
 
 class ChatCompletionRequest(_Sampling):
+    unsupported = {**_Sampling.unsupported, "echo": "", "best_of": "",
+                   "add_generation_prompt": "", "continue_final_message": "",
+                   "chat_template": "the model's own template is used", "documents": ""}
     messages: list[Message] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None       # (vLLM's: e.g. enable_thinking)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -169,6 +197,9 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
+    unsupported = {**_Sampling.unsupported, "max_completion_tokens": "use 'max_tokens'",
+                   "messages": "send chat messages to /v1/chat/completions",
+                   "response_format": "", "tools": "", "tool_choice": "", "top_logprobs": ""}
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool | None = None
     suffix: str | None = None
@@ -234,31 +265,32 @@ def _jsonable(x) -> bool:
         return False
 
 
-# Fields kogcupy does not declare that would change the output (OpenAI's legacy function
-# calling, vLLM's extras): a 400 unless neutral (None, false, 0, empty), never ignored
-UNSUPPORTED_EXTRAS = {
-    "functions": "use 'tools'", "function_call": "use 'tools' and 'tool_choice'",
-    "ignore_eos": "", "min_tokens": "", "stop_token_ids": "use 'stop' strings",
-    "bad_words": "", "allowed_token_ids": "", "logits_processors": "",
-    "guided_json": "structured output is not supported", "guided_regex": "",
-    "guided_choice": "", "guided_grammar": "", "structured_outputs": "",
-    "prompt_logprobs": "", "truncate_prompt_tokens": "", "continue_final_message": "",
-    "chat_template": "the model's own template is used", "audio": "", "modalities": "",
-    "web_search_options": "",
-}
+# what an unsupported field's "not asked for" looks like besides None, false, 0 and empty
+NEUTRAL = {"length_penalty": (1,), "repeat_penalty": (1,), "typical_p": (1,), "tfs_z": (1,),
+           "add_generation_prompt": (True,), "modalities": (["text"],)}
 
 
-def ignored_fields(model: BaseModel, at: str = "") -> list[str]:
-    """Paths of the request's unknown fields (ignored: the server log names them)."""
-    out = [] if isinstance(model, FunctionDef) else \
-        [f"{at}{k}" for k in (model.model_extra or {}) if k not in UNSUPPORTED_EXTRAS or at]
+def _extras(model: BaseModel, at: str = ""):
+    """(path, name, value, model) of every unknown field of a request, nested ones too."""
+    for k, v in (model.model_extra or {}).items():
+        yield f"{at}{k}", k, v, model
     for name in type(model).model_fields:
         v = getattr(model, name)
         for i, item in enumerate(v if isinstance(v, list) else [v]):
             if isinstance(item, BaseModel):
                 where = f"{at}{name}[{i}]." if isinstance(v, list) else f"{at}{name}."
-                out += ignored_fields(item, where)
-    return out
+                yield from _extras(item, where)
+
+
+def _neutral(name: str, v) -> bool:
+    return any(v == n and type(v) is not bool or v is n
+               for n in (None, False, 0, "", [], {}, *NEUTRAL.get(name, ())))
+
+
+def ignored_fields(req: BaseModel) -> list[str]:
+    """Paths of the request's unknown fields, which are ignored (the server log names them);
+    check_supported has refused the unsupported ones that were not neutral."""
+    return [path for path, name, v, m in _extras(req) if name not in m.unsupported]
 
 
 def check_supported(req) -> None:
@@ -266,11 +298,10 @@ def check_supported(req) -> None:
     def no(param, msg):
         raise APIError(400, msg, param=param)
 
-    for name, v in (req.model_extra or {}).items():
-        if name in UNSUPPORTED_EXTRAS and v not in (None, False, 0, "", [], {}) \
-                and not (name == "modalities" and v == ["text"]):
-            how = UNSUPPORTED_EXTRAS[name]
-            no(name, f"{name} is not supported by kogcupy" + (f": {how}" if how else ""))
+    for path, name, v, m in _extras(req):
+        if name in m.unsupported and not _neutral(name, v):
+            how = m.unsupported[name]
+            no(path, f"{path} is not supported by kogcupy" + (f": {how}" if how else ""))
 
     if req.n not in (None, 1):
         no("n", f"n={req.n} is not supported: kogcupy generates one choice per request (n=1)")
