@@ -152,8 +152,8 @@ DTYPE_CHOICE = click.Choice(["bfloat16", "float16", "bf16", "fp16"], case_sensit
 # Options shared by generate and chat, in help order.
 MODEL_OPTIONS = [
     click.option("-m", "--model", "model_path", metavar="PATH", default=None,
-                 help="HF directory, .gguf file or packed directory "
-                      "(default: embedded SmolLM2-135M)."),
+                 help="HF directory, .gguf file, packed directory or a hub id in the local "
+                      "HF cache (default: embedded SmolLM2-135M)."),
     click.option("-n", "--max-new-tokens", type=int, default=256, show_default=True),
 ]
 SAMPLING_OPTIONS = [
@@ -692,8 +692,8 @@ def models():
 
 @cli.command()
 @options(click.option("-m", "--model", "model_path", metavar="PATH", default=None,
-                      help="HF directory, .gguf file or packed directory (default: embedded "
-                           "SmolLM2-135M)."),
+                      help="HF directory, .gguf file, packed directory or a hub id in the "
+                           "local HF cache (default: embedded SmolLM2-135M)."),
          click.option("--shape", metavar="NAME", default=None,
                       help="Random weights of a benchmark shape instead of a model "
                            "(e.g. llama-3.2-1b; a wrong name lists them)."),

@@ -90,15 +90,35 @@ def one_line(e):
 
 # ------------------------------------------------------------------------ paths and formats
 
-def test_nonexistent_path(tmp_path):
+def test_hub_id_from_the_local_cache(tiny_dirs, tmp_path, monkeypatch):
+    """'Org/Name' loads its snapshot from the local Hugging Face cache (as transformers and
+    vLLM find it offline), and the server names the model by it."""
+    import shutil
+    from kogcupy.serve import default_model_name
+    hub = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub / "models--acme--tiny-llama"
+    shutil.copytree(tiny_dirs["llama"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    m = load_model("acme/tiny-llama")
+    assert m.name == "acme/tiny-llama" and m.path.endswith(commit)
+    assert m.config == load_model(tiny_dirs["llama"]).config
+    assert default_model_name(type("E", (), {"model": m})()) == "acme/tiny-llama"
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
+        load_model("acme/other")
+
+def test_nonexistent_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))   # (no cached hub ids)
     with pytest.raises(ModelLoadError, match="no such file or directory") as e:
         load_model(str(tmp_path / "nope"))
     assert str(tmp_path / "nope") in one_line(e)
     with pytest.raises(ModelLoadError, match="^'': no such file"):       # --model ""
         load_model("")
     assert "downloads nothing" not in one_line(e)
-    with pytest.raises(ModelLoadError, match="downloads nothing.*hf download "
-                                             "HuggingFaceTB/SmolLM2-135M-Instruct --local-dir"):
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache.*downloads "
+                                             "nothing.*hf download HuggingFaceTB/SmolLM2"):
         load_model("HuggingFaceTB/SmolLM2-135M-Instruct")               # a hub id
     for local in ("../model", "./model", "models/smollm.gguf"):         # mistyped local paths
         with pytest.raises(ModelLoadError, match="no such file") as e:

@@ -134,9 +134,9 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
     """Write the packed directory for `src` at `dst`; returns the storage dtype used.
 
     `progress(name, nbytes, total_nbytes)` is called after each tensor is written."""
-    from kogcupy.model.loader import load_model, normalize_dtype
+    from kogcupy.model.loader import load_model, normalize_dtype, resolve_model_path
     from kogcupy.model.weights import detect_format
-    src, dst = os.fspath(src), os.fspath(dst)
+    src, dst = resolve_model_path(os.fspath(src))[0], os.fspath(dst)   # (a cached hub id)
     dtype = normalize_dtype(dtype)
     _dst_checks(src, dst, force)
     fmt = detect_format(src)
@@ -198,9 +198,11 @@ def repack_command(src, dst, dtype, force):
 
 
 def _repack_cli(src, dst, dtype, force):
+    from kogcupy.model.loader import resolve_model_path
     from kogcupy.model.weights import detect_format
-    _dst_checks(src, dst, force)
-    detect_format(src)
+    local = resolve_model_path(src)[0]        # (a hub id: its snapshot in the local cache)
+    _dst_checks(local, dst, force)
+    detect_format(local)
     bar = None
 
     def progress(name, nbytes, total):

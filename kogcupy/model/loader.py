@@ -4,6 +4,8 @@
     load_model("path/to/hf_dir")      config.json + *.safetensors (single or sharded)
     load_model("model.gguf")          llama.cpp GGUF (F32/F16/BF16/Q8_0/Q4_x/Q5_x/K-quants)
     load_model("path/to/packed_dir")  written by `kogcupy-repack`
+    load_model("Org/Name")            a hub id already in the local Hugging Face cache
+                                      (HF_HOME / HF_HUB_CACHE); nothing is ever downloaded
 
 ``Model.weights`` map packed names to the checkpoint's values in the packed layout: for a
 loaded model a ``packed_weights.PackedWeights`` that reads them on demand (``weights[name]``:
@@ -39,6 +41,7 @@ class Model:
     tokenizer: object                    # kogcupy.model.tokenizer.Tokenizer, or None (random_model)
     path: str                            # what was loaded
     dtype: str                           # "bfloat16" | "float16": storage dtype on the GPU
+    name: str | None = None              # the hub id it was found by (the served model name)
 
 
 def normalize_dtype(dtype: str | None) -> str | None:
@@ -65,6 +68,21 @@ def default_model_path() -> str:
                          "(or pass a model path)")
 
 
+def resolve_model_path(path: str) -> tuple[str, str | None]:
+    """(local path, hub id or None): a hub id resolves to its snapshot in the local Hugging
+    Face cache (huggingface_hub, local files only: nothing is downloaded); anything else is
+    returned as given (detect_format says what is wrong with it)."""
+    from .weights import looks_like_hub_id
+    if not looks_like_hub_id(path):
+        return path, None
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path, local_files_only=True,
+                                 cache_dir=os.environ.get("HF_HUB_CACHE")), path
+    except (OSError, ValueError):        # (LocalEntryNotFoundError is a FileNotFoundError)
+        return path, None                # not cached: detect_format's error says how to get it
+
+
 def _check_tokenizer_files(path: str) -> None:
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise ModelLoadError(f"{path}: no tokenizer.json (kogcupy needs the HF fast-tokenizer "
@@ -78,7 +96,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | None = None,
     the model's shape only)."""
     from . import weights as W
     dtype = normalize_dtype(dtype)
-    path = default_model_path() if path is None else os.fspath(path)
+    path, hub_id = (default_model_path(), None) if path is None else \
+        resolve_model_path(os.fspath(path))
     kind = W.detect_format(path)
     if kind in ("hf", "packed"):
         _check_tokenizer_files(path)     # fail before reading gigabytes of weights
@@ -91,7 +110,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | None = None,
     if tokenizer.vocab_size > loaded.config.vocab_size:
         raise ModelLoadError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the "
                              f"model's embedding only {loaded.config.vocab_size}")
-    return Model(loaded.config, loaded.weights, tokenizer, loaded.path, dtype or loaded.dtype)
+    return Model(loaded.config, loaded.weights, tokenizer, loaded.path, dtype or loaded.dtype,
+                 name=hub_id)
 
 
 def random_model(cfg: ModelConfig, seed: int = 0, dtype: str = "bfloat16",

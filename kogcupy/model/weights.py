@@ -761,14 +761,20 @@ def read_packed_dir(directory: str, on_config=None, lazy: bool = False
 # Format detection and the one entry point
 # --------------------------------------------------------------------------------------------
 
+def looks_like_hub_id(path: str) -> bool:
+    """'Org/Name' that is not an existing path nor a file name."""
+    return bool(re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", path)) and not path.endswith(
+        (".gguf", ".safetensors", ".json", ".bin")) and not os.path.exists(path)
+
+
 def detect_format(path: str) -> str:
     """"hf" | "gguf" | "packed" for a usable path; ModelLoadError otherwise."""
     if not os.path.exists(path):
         hint = ""
-        if re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", path) and not path.endswith(
-                (".gguf", ".safetensors", ".json", ".bin")):    # looks like a hub id
-            hint = (f"; kogcupy reads local files only and downloads nothing: fetch the model "
-                    f"first (e.g. `hf download {path} --local-dir DIR`) and pass DIR")
+        if looks_like_hub_id(path):     # (loader.resolve_model_path did not find it cached)
+            hint = (f"; it is not in the local Hugging Face cache either, and kogcupy "
+                    f"downloads nothing: fetch it first (`hf download {path}`), then pass the "
+                    f"same id")
         raise ModelLoadError(f"{path!r}: no such file or directory{hint}")
     if os.path.isdir(path):
         entries = os.listdir(path)

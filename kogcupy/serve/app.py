@@ -37,7 +37,11 @@ _ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "
 
 
 def default_model_name(engine) -> str:
-    path = str(getattr(getattr(engine, "model", None), "path", "") or "")
+    """The hub id the model was found by (as vLLM names it), else its file or directory."""
+    model = getattr(engine, "model", None)
+    if getattr(model, "name", None):
+        return model.name
+    path = str(getattr(model, "path", "") or "")
     name = os.path.basename(path.rstrip("/\\"))
     for ext in (".gguf", ".safetensors"):
         if name.endswith(ext):
