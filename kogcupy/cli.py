@@ -355,9 +355,12 @@ SYSTEM_OPTION = click.option("--system", metavar="TEXT", default=None,
 @options(MODEL_OPTIONS[0], SYSTEM_OPTION, *MODEL_OPTIONS[1:], *SAMPLING_OPTIONS,
          click.option("--chat/--no-chat", default=None,
                       help="Apply the model's chat template (default: when the model has one)."),
-         *BACKEND_OPTIONS, STOP_OPTION)
+         *BACKEND_OPTIONS, STOP_OPTION,
+         click.option("--ignore-eos", is_flag=True,
+                      help="Generate past end-of-sequence up to --max-new-tokens (speed runs)."))
 def generate(prompt, model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
-             repetition_penalty, seed, chat, backend, context_length, dtype, gpus, stop):
+             repetition_penalty, seed, chat, backend, context_length, dtype, gpus, stop,
+             ignore_eos):
     """Stream a completion of PROMPT (read from stdin when omitted or -) to stdout.
 
     PROMPT must be UTF-8 text. --stop takes literal text: for a newline pass a real one
@@ -391,7 +394,7 @@ def generate(prompt, model_path, system, max_new_tokens, temperature, top_k, top
     gen = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),
-                          chat=chat)
+                          chat=chat, ignore_eos=ignore_eos)
     interrupted = False
     # a prompt that takes a while (the CPU reference: seconds a thousand tokens) says so
     waiting = _Progress(f"reading the prompt ({len(gen.prompt_ids):,} tokens)", delay=1.0)

@@ -601,7 +601,7 @@ class Engine:
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int | None = None, stop=None,
-                 chat: bool | None = None, tools=None) -> Generation:
+                 chat: bool | None = None, tools=None, ignore_eos: bool = False) -> Generation:
         """A Generation: iterate it for the text as it is made (nothing runs before), then
         ``.result``. prompt: str (through the chat template when the model has one, unless
         chat=False), token ids, or OpenAI-style messages; tools: OpenAI tool dicts passed to
@@ -609,7 +609,8 @@ class Engine:
         holds its ``<tool_call>`` blocks as OpenAI tool calls, ``result.content`` the rest).
         temperature 0 is greedy; top_k 0 or -1, top_p 1, min_p 0, repetition_penalty 1 are
         off; seed None or -1: a random one (``result.seed``); stop: strings the text ends
-        before. One request at a time: a later generate() or logits()
+        before; ignore_eos: generate on past EOS up to max_new_tokens (benchmarks; EOS tokens
+        stay out of the text). One request at a time: a later generate() or logits()
         stops this one (its finish reason is then 'cancelled')."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
                 or max_new_tokens < 1:
@@ -631,7 +632,7 @@ class Engine:
         for s in stop:
             check_text(s, "stop string")
         ids = self.encode_prompt(prompt, chat, tools)
-        eos = self.eos_ids
-        stream = self.backend.start(ids, params, max_new_tokens, eos)
+        eos = self.eos_ids                 # (ignore_eos: generated on, still kept out of the text)
+        stream = self.backend.start(ids, params, max_new_tokens, set() if ignore_eos else eos)
         return Generation(self.backend, stream, ids, self.tokenizer, eos, stop, params.seed,
                           tools=bool(tools))

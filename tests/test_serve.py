@@ -286,7 +286,8 @@ class ScriptedEngine:
         return list(prompt)
 
     def generate(self, prompt, max_new_tokens=256, temperature=0.0, top_k=0, top_p=1.0,
-                 min_p=0.0, repetition_penalty=1.0, seed=0, stop=None, chat=None, tools=None):
+                 min_p=0.0, repetition_penalty=1.0, seed=0, stop=None, chat=None, tools=None,
+                 ignore_eos=False):
         if self.raise_in_generate is not None:
             raise self.raise_in_generate
         text = self.tokenizer.decode(prompt)
@@ -301,7 +302,8 @@ class ScriptedEngine:
             self.calls.append(dict(prompt=text, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-                                   stop=list(stop or []), user=users[-1] if users else None))
+                                   stop=list(stop or []), user=users[-1] if users else None,
+                                   ignore_eos=ignore_eos))
         return ScriptedGeneration(self, list(prompt), tokens, eos, list(stop or []))
 
     def _end(self, gen):
@@ -418,15 +420,17 @@ def test_models_health_metrics(scripted):
 def test_sampling_fields_reach_the_engine(scripted):
     eng, srv = scripted()
     r = chat(srv.client(), "hi", max_tokens=5, temperature=0.3, top_p=0.9, seed=11,
-             stop=["zzz"], extra_body={"top_k": 7, "min_p": 0.05, "repetition_penalty": 1.1})
+             stop=["zzz"], extra_body={"top_k": 7, "min_p": 0.05, "repetition_penalty": 1.1,
+                                       "ignore_eos": True})
     kw = eng.calls[-1]
     assert (kw["max_new_tokens"], kw["temperature"], kw["top_p"], kw["seed"], kw["stop"],
-            kw["top_k"], kw["min_p"], kw["repetition_penalty"]) == \
-        (5, 0.3, 0.9, 11, ["zzz"], 7, 0.05, 1.1)
+            kw["top_k"], kw["min_p"], kw["repetition_penalty"], kw["ignore_eos"]) == \
+        (5, 0.3, 0.9, 11, ["zzz"], 7, 0.05, 1.1, True)
     assert r.choices[0].finish_reason == "length"
     chat(srv.client(), "hi")                      # OpenAI defaults: temperature 1, random seed
     kw = eng.calls[-1]
     assert kw["temperature"] == 1.0 and kw["top_k"] == 0 and kw["top_p"] == 1.0
+    assert kw["ignore_eos"] is False
     assert kw["max_new_tokens"] == eng.context_length - len(eng.encode_messages(
         [{"role": "user", "content": "hi"}]))
     seeds = []
@@ -650,7 +654,7 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "presence_penalty": 0.5}, 400, "presence_penalty", "repetition_penalty"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
-              "ignore_eos": True}, 400, "ignore_eos", "not supported"),
+              "min_tokens": 4}, 400, "min_tokens", "not supported"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "functions": [{"name": "f"}]}, 400, "functions", "use 'tools'"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],

@@ -3,12 +3,13 @@
 Requests are validated strictly: a wrong type or value is a 400 that names the field. Fields
 of the OpenAI API and other servers' extras (vLLM's, llama.cpp's) that would change the output
 and that kogcupy does not implement are accepted only with their neutral value (``n: 1``,
-``logprobs: false``, ``presence_penalty: 0``, ``ignore_eos: false``, ...) and are a 400
+``logprobs: false``, ``presence_penalty: 0``, ``min_tokens: 0``, ...) and are a 400
 otherwise (declared fields: check_supported; undeclared ones: each model's ``unsupported``).
 Any other field (a client's bookkeeping: ``user``, ``metadata``, ``prompt_cache_key``,
 ``cache_control`` on a content part or a tool, a message's ``reasoning_content``, ...) is
 ignored, as vLLM and llama.cpp do, and named in the server log (``ignored_fields``). Extra
-fields (vLLM style): ``top_k``, ``min_p``, ``repetition_penalty``, ``chat_template_kwargs``.
+fields (vLLM style): ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
+``chat_template_kwargs``.
 
 Responses are plain dicts shaped like OpenAI's (a stream chunk is built per token, so no
 pydantic on that path); ``Usage`` is the one shared piece.
@@ -147,7 +148,7 @@ class _Sampling(_Strict):
     # the output
     unsupported = {
         "functions": "use 'tools'", "function_call": "use 'tools' and 'tool_choice'",
-        "ignore_eos": "", "min_tokens": "", "stop_token_ids": "use 'stop' strings",
+        "min_tokens": "", "stop_token_ids": "use 'stop' strings",
         "include_stop_str_in_output": "", "bad_words": "", "allowed_token_ids": "",
         "logits_processors": "", "guided_json": "structured output is not supported",
         "guided_regex": "", "guided_choice": "", "guided_grammar": "",
@@ -165,6 +166,7 @@ class _Sampling(_Strict):
     min_p: float | None = Field(default=None, ge=0, lt=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     seed: int | None = None                                   # (null or -1: a random one)
+    ignore_eos: bool | None = None                            # (vLLM's: to max_tokens)
     stop: Union[str, list[str], None] = None
     stream: bool | None = False                               # (null: false)
     stream_options: StreamOptions | None = None
@@ -375,7 +377,8 @@ def sampling_kwargs(req, max_new_tokens: int, seed: int) -> dict:
                 repetition_penalty=(1.0 if req.repetition_penalty is None
                                     else float(req.repetition_penalty)),
                 seed=seed % 2**64,
-                stop=[stop] if isinstance(stop, str) else list(stop or []))
+                stop=[stop] if isinstance(stop, str) else list(stop or []),
+                ignore_eos=bool(req.ignore_eos))
 
 
 # ------------------------------------------------------------------------------- responses
