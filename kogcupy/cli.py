@@ -522,8 +522,8 @@ def _turn_stats(r) -> str:
                            "the network (use --api-key)."),
          click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True),
          click.option("--api-key", metavar="KEY", envvar="KOGCUPY_API_KEY", default=None,
-                      help="Require 'Authorization: Bearer KEY' on every /v1 route "
-                           "(or set KOGCUPY_API_KEY)."),
+                      help="Require 'Authorization: Bearer KEY' on every /v1 route and "
+                           "/tokenize, /detokenize (or set KOGCUPY_API_KEY)."),
          click.option("--served-model-name", metavar="NAME", default=None,
                       help="The model id clients send (default: the model's file or "
                            "directory name)."),
@@ -538,7 +538,7 @@ def _turn_stats(r) -> str:
 def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_cache_gb,
           allowed_origins, backend, context_length, dtype, gpus):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
-    /v1/completions, /v1/models, /health, /metrics).
+    /v1/completions, /v1/models, /tokenize, /detokenize, /health, /metrics).
 
     One generation runs at a time; up to --max-queue requests wait in FIFO order. A client
     that disconnects cancels its generation. Ctrl-C stops the server.

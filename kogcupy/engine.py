@@ -524,10 +524,12 @@ class Engine:
             ids |= set(self.tokenizer.eos_token_ids)
         return ids
 
-    def encode_messages(self, messages, tools=None, template_kwargs=None) -> list[int]:
+    def encode_messages(self, messages, tools=None, template_kwargs=None,
+                        fit_context: bool = True) -> list[int]:
         """OpenAI-style messages (and tools) -> ids of the chat template's rendering, ending with
         the assistant generation prompt. ``template_kwargs``: more variables for the template
-        (HF's ``apply_chat_template(**kwargs)``, e.g. ``{"enable_thinking": False}``)."""
+        (HF's ``apply_chat_template(**kwargs)``, e.g. ``{"enable_thinking": False}``);
+        ``fit_context=False``: no ContextLengthError (counting tokens)."""
         check_messages(messages)
         if tools is not None and not (isinstance(tools, (list, tuple))
                                       and all(isinstance(t, dict) for t in tools)):
@@ -549,7 +551,8 @@ class Engine:
                               tools=None if tools is None else list(tools),
                               variables=template_kwargs)
         ids = tk.encode(text, add_bos=False)                # templates write BOS themselves
-        self.model.config.check_request(ids, self.context_length, template=True)
+        if fit_context:
+            self.model.config.check_request(ids, self.context_length, template=True)
         return ids
 
     def encode_prompt(self, prompt, chat: bool | None = None, tools=None) -> list[int]:

@@ -268,12 +268,12 @@ class ScriptedEngine:
         self._lock = threading.Lock()
         self.model = None
 
-    def encode_messages(self, messages, tools=None, template_kwargs=None):
+    def encode_messages(self, messages, tools=None, template_kwargs=None, fit_context=True):
         check_messages(messages)
         ids = self.tokenizer.encode(self.tokenizer.render_chat(
             template_messages(messages), True, tools=tools, variables=template_kwargs),
             add_bos=False)
-        if len(ids) >= self.context_length:
+        if fit_context and len(ids) >= self.context_length:
             raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context "
                                      f"length", len(ids))
         return ids
@@ -722,6 +722,32 @@ BAD_REQUESTS = [
 ]
 
 
+def test_tokenize_and_detokenize(scripted):
+    """vLLM's /tokenize (a prompt or messages; counted past the context too) and /detokenize."""
+    eng, srv = scripted()
+    tk = eng.tokenizer
+    r = httpx.post(srv.url + "/tokenize", json={"model": "scripted", "prompt": "The fox ran"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tk.encode("The fox ran") and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == eng.context_length
+    msgs = [{"role": "user", "content": "weather?"}]
+    r = httpx.post(srv.url + "/tokenize", json={"messages": msgs, "tools": [WEATHER_TOOL]})
+    assert r.json()["tokens"] == eng.encode_messages(msgs, tools=[WEATHER_TOOL])
+    long = [{"role": "user", "content": "x " * 3000}]           # past the context: counted
+    r = httpx.post(srv.url + "/tokenize", json={"messages": long})
+    assert r.status_code == 200 and r.json()["count"] > eng.context_length
+    r = httpx.post(srv.url + "/detokenize", json={"tokens": body["tokens"]})
+    assert r.status_code == 200 and r.json() == {"prompt": "The fox ran"}
+    for route, req, param in (("/tokenize", {"prompt": "a", "messages": msgs}, "prompt"),
+                              ("/tokenize", {}, "prompt"),
+                              ("/detokenize", {"tokens": [0, tk.vocab_size]}, "tokens"),
+                              ("/detokenize", {"tokens": ["a"]}, "tokens[0]"),
+                              ("/tokenize", {"prompt": "a", "model": "nope"}, "model")):
+        r = httpx.post(srv.url + route, json=req)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
+
+
 def test_run_server_returns_on_ctrl_c(monkeypatch):
     """uvicorn raises the Ctrl-C again once it has shut down (main thread); run_server returns,
     so `kogcupy serve` exits 0 as uvicorn's own CLI does."""
@@ -813,6 +839,10 @@ def test_api_key(scripted):
         r = httpx.post(srv.url + "/v1/chat/completions", headers=headers, json={})
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
         assert httpx.get(srv.url + "/v1/models", headers=headers).status_code == 401
+        assert httpx.post(srv.url + "/tokenize", headers=headers,
+                          json={"prompt": "a"}).status_code == 401
+    assert httpx.post(srv.url + "/tokenize", headers={"authorization": "Bearer sekret"},
+                      json={"prompt": "a"}).status_code == 200
     assert httpx.get(srv.url + "/health").status_code == 200
     assert len(eng.calls) == 1
 

@@ -4,8 +4,9 @@
     run_server(app, host="127.0.0.1", port=8000)     # (Server: Ctrl-C ends open requests)
 
 Routes: POST /v1/chat/completions, POST /v1/completions (JSON or SSE with "stream": true),
-GET /v1/models, GET /v1/models/{id}, GET /health, GET /metrics (Prometheus). With ``api_key``
-every /v1 route needs ``Authorization: Bearer <key>``. Errors are OpenAI's JSON error object.
+GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST /detokenize (vLLM's), GET /health,
+GET /metrics (Prometheus). With ``api_key`` every /v1 route and /tokenize, /detokenize need
+``Authorization: Bearer <key>``. Errors are OpenAI's JSON error object.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from ..engine import check_text
 from ..errors import ContextLengthError, InputError
 from ..sampling_params import SamplingParams
 from . import protocol as P
@@ -33,7 +35,9 @@ log = logging.getLogger("kogcupy.serve")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16           # OpenAI's default for /v1/completions
-_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
+           "/health", "/metrics")
+_KEYED = ("/v1", "/tokenize", "/detokenize")     # routes that need the API key, when one is set
 
 
 def default_model_name(engine) -> str:
@@ -50,7 +54,8 @@ def default_model_name(engine) -> str:
 
 
 class _Guard:
-    """Pure ASGI middleware: API key on /v1 routes (before any body is read), request counts."""
+    """Pure ASGI middleware: API key on /v1 routes and /tokenize, /detokenize (before any body
+    is read), request counts."""
 
     def __init__(self, app, api_key: str | None, metrics: Metrics):
         self.app = app
@@ -70,7 +75,7 @@ class _Guard:
             await send(msg)
 
         try:
-            if self.key is not None and (path == "/v1" or path.startswith("/v1/")) \
+            if self.key is not None and any(path == r or path.startswith(r + "/") for r in _KEYED) \
                     and not self._authorized(scope):
                 resp = json_error(401, "invalid or missing API key: send the header "
                                        "'Authorization: Bearer <key>'", code="invalid_api_key",
@@ -260,6 +265,46 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     async def model(model_id: str):
         check_model(model_id)
         return model_card()
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's: a prompt's or a conversation's token ids, counted even past the context (a
+        client checks them against max_model_len)."""
+        req = P.parse_request(P.TokenizeRequest, await read_json(request))
+        check_model(req.model)
+        P.check_extras(req)
+        note_ignored(req, request)
+        if (req.prompt is None) == (req.messages is None):
+            raise P.APIError(400, "send either 'prompt' or 'messages'", param="prompt")
+        if engine.tokenizer is None:
+            raise P.APIError(400, "this model has no tokenizer", param="prompt")
+        if req.messages is not None:
+            tools = [t.to_template() for t in req.tools] if req.tools else None
+            ids = await encode(engine.encode_messages, [m.to_template() for m in req.messages],
+                               tools=tools, template_kwargs=req.chat_template_kwargs,
+                               fit_context=False, param="messages")
+        else:
+            try:
+                check_text(req.prompt, "prompt")
+            except InputError as e:
+                raise P.APIError(400, " ".join(str(e).split()), param="prompt") from None
+            ids = await anyio.to_thread.run_sync(lambda: engine.tokenizer.encode(
+                req.prompt, add_bos=None if req.add_special_tokens else False))
+        return {"count": len(ids), "max_model_len": int(engine.context_length), "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = P.parse_request(P.DetokenizeRequest, await read_json(request))
+        check_model(req.model)
+        note_ignored(req, request)
+        if engine.tokenizer is None:
+            raise P.APIError(400, "this model has no tokenizer", param="tokens")
+        vocab = int(engine.tokenizer.vocab_size)
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise P.APIError(400, f"token id {bad} is not in the vocabulary (0 to {vocab - 1})",
+                             param="tokens")
+        return {"prompt": engine.tokenizer.decode(req.tokens)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

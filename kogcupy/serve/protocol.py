@@ -209,6 +209,21 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = None
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a prompt (add_special_tokens: the model's BOS) or chat messages."""
+    model: str | None = None
+    prompt: str | None = None
+    add_special_tokens: bool = True
+    messages: list[Message] | None = None
+    tools: list[ToolDef] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
 def _loc(loc) -> str:
     out = ""
     for part in loc:
@@ -295,15 +310,21 @@ def ignored_fields(req: BaseModel) -> list[str]:
     return [path for path, name, v, m in _extras(req) if name not in m.unsupported]
 
 
+def check_extras(req) -> None:
+    """400 for an undeclared field a request model lists as unsupported, unless neutral."""
+    for path, name, v, m in _extras(req):
+        if name in m.unsupported and not _neutral(name, v):
+            how = m.unsupported[name]
+            raise APIError(400, f"{path} is not supported by kogcupy" + (f": {how}" if how else ""),
+                           param=path)
+
+
 def check_supported(req) -> None:
     """400 for features kogcupy does not implement (neutral values pass)."""
     def no(param, msg):
         raise APIError(400, msg, param=param)
 
-    for path, name, v, m in _extras(req):
-        if name in m.unsupported and not _neutral(name, v):
-            how = m.unsupported[name]
-            no(path, f"{path} is not supported by kogcupy" + (f": {how}" if how else ""))
+    check_extras(req)
 
     if req.n not in (None, 1):
         no("n", f"n={req.n} is not supported: kogcupy generates one choice per request (n=1)")
