@@ -286,13 +286,15 @@ class Generation:
     """Iterator of text pieces for one request; ``.result`` once it is exhausted or closed."""
 
     def __init__(self, backend, stream, prompt_ids: list[int], tokenizer, eos_ids: set[int],
-                 stop: list[str], seed: int | None = None, tools: bool = False):
+                 stop: list[str], seed: int | None = None, tools: bool = False,
+                 skip_special_tokens: bool = False):
         self._backend = backend
         self._tools = tools             # parse tool calls out of the text at the end
         self.stream = stream
         self.seed = seed                # the sampling seed (result.seed)
         self.prompt_ids = prompt_ids
-        self._decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        self._decoder = tokenizer.stream_decoder(skip_special_tokens) if tokenizer is not None \
+            else None
         self._eos = eos_ids
         self._stop = stop
         self._max_stop = max((len(s) for s in stop), default=0)
@@ -525,11 +527,12 @@ class Engine:
         return ids
 
     def encode_messages(self, messages, tools=None, template_kwargs=None,
-                        fit_context: bool = True) -> list[int]:
+                        fit_context: bool = True, add_generation_prompt: bool = True) -> list[int]:
         """OpenAI-style messages (and tools) -> ids of the chat template's rendering, ending with
-        the assistant generation prompt. ``template_kwargs``: more variables for the template
-        (HF's ``apply_chat_template(**kwargs)``, e.g. ``{"enable_thinking": False}``);
-        ``fit_context=False``: no ContextLengthError (counting tokens)."""
+        the assistant generation prompt (unless add_generation_prompt=False). ``template_kwargs``:
+        more variables for the template (HF's ``apply_chat_template(**kwargs)``, e.g.
+        ``{"enable_thinking": False}``); ``fit_context=False``: no ContextLengthError (counting
+        tokens)."""
         check_messages(messages)
         if tools is not None and not (isinstance(tools, (list, tuple))
                                       and all(isinstance(t, dict) for t in tools)):
@@ -547,7 +550,8 @@ class Engine:
                 raise InputError(f"chat message {i}: this model's chat template drops an "
                                  f"assistant message's tool_calls (the model would never see "
                                  f"them)")
-        text = tk.render_chat(template_messages(messages), add_generation_prompt=True,
+        text = tk.render_chat(template_messages(messages),
+                              add_generation_prompt=bool(add_generation_prompt),
                               tools=None if tools is None else list(tools),
                               variables=template_kwargs)
         ids = tk.encode(text, add_bos=False)                # templates write BOS themselves
@@ -634,8 +638,12 @@ class Engine:
             raise InputError("stop strings must be non-empty strings")
         for s in stop:
             check_text(s, "stop string")
+        if not isinstance(ignore_eos, bool):
+            raise InputError(f"ignore_eos must be True or False, got {ignore_eos!r}")
         ids = self.encode_prompt(prompt, chat, tools)
-        eos = self.eos_ids                 # (ignore_eos: generated on, still kept out of the text)
+        eos = self.eos_ids
         stream = self.backend.start(ids, params, max_new_tokens, set() if ignore_eos else eos)
+        # ignore_eos: past EOS the model writes made-up turns; their markers (special tokens)
+        # stay out of the text, as the EOS tokens do
         return Generation(self.backend, stream, ids, self.tokenizer, eos, stop, params.seed,
-                          tools=bool(tools))
+                          tools=bool(tools), skip_special_tokens=ignore_eos)

@@ -108,6 +108,18 @@ def test_hub_id_from_the_local_cache(tiny_dirs, tmp_path, monkeypatch):
     assert default_model_name(type("E", (), {"model": m})()) == "acme/tiny-llama"
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         load_model("acme/other")
+    # a snapshot huggingface_hub calls incomplete (files of the repo's listing left out, as
+    # `hf download --include` does): kogcupy's own checks decide, here that it loads
+    import huggingface_hub
+
+    class Incomplete(FileNotFoundError):
+        snapshot_path = str(repo / "snapshots" / commit)
+
+    def incomplete(*a, **kw):
+        raise Incomplete("the cached snapshot is incomplete")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", incomplete)
+    assert load_model("acme/tiny-llama").path.endswith(commit)
 
 def test_nonexistent_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))   # (no cached hub ids)

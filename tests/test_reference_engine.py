@@ -106,7 +106,9 @@ def test_eos_finish_hides_eos(tiny_models):
     # ignore_eos (vLLM's; benchmarks): on past it to max_new_tokens, the EOS kept out of the text
     r = run(eng.generate(PROMPT, max_new_tokens=3, chat=False, ignore_eos=True))[1]
     assert r.finish_reason == "length" and r.token_ids == first
-    assert r.text == model.tokenizer.decode([first[0], first[2]])
+    assert r.text == model.tokenizer.decode([first[0], first[2]], skip_special_tokens=True)
+    with pytest.raises(InputError, match="ignore_eos must be True or False"):
+        eng.generate(PROMPT, ignore_eos="yes")
 
 
 def test_cancel_by_close_and_keyboard_interrupt(engine):

@@ -268,11 +268,12 @@ class ScriptedEngine:
         self._lock = threading.Lock()
         self.model = None
 
-    def encode_messages(self, messages, tools=None, template_kwargs=None, fit_context=True):
+    def encode_messages(self, messages, tools=None, template_kwargs=None, fit_context=True,
+                        add_generation_prompt=True):
         check_messages(messages)
         ids = self.tokenizer.encode(self.tokenizer.render_chat(
-            template_messages(messages), True, tools=tools, variables=template_kwargs),
-            add_bos=False)
+            template_messages(messages), add_generation_prompt, tools=tools,
+            variables=template_kwargs), add_bos=False)
         if fit_context and len(ids) >= self.context_length:
             raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context "
                                      f"length", len(ids))
@@ -734,6 +735,11 @@ def test_tokenize_and_detokenize(scripted):
     msgs = [{"role": "user", "content": "weather?"}]
     r = httpx.post(srv.url + "/tokenize", json={"messages": msgs, "tools": [WEATHER_TOOL]})
     assert r.json()["tokens"] == eng.encode_messages(msgs, tools=[WEATHER_TOOL])
+    r = httpx.post(srv.url + "/tokenize", json={"messages": msgs, "add_generation_prompt": False,
+                                                "return_token_strs": True})
+    assert r.json()["tokens"] == eng.encode_messages(msgs, add_generation_prompt=False) \
+        != eng.encode_messages(msgs)
+    assert r.json()["token_strs"] == [tk.id_to_token(i) for i in r.json()["tokens"]]
     long = [{"role": "user", "content": "x " * 3000}]           # past the context: counted
     r = httpx.post(srv.url + "/tokenize", json={"messages": long})
     assert r.status_code == 200 and r.json()["count"] > eng.context_length
@@ -743,7 +749,16 @@ def test_tokenize_and_detokenize(scripted):
                               ("/tokenize", {}, "prompt"),
                               ("/detokenize", {"tokens": [0, tk.vocab_size]}, "tokens"),
                               ("/detokenize", {"tokens": ["a"]}, "tokens[0]"),
-                              ("/tokenize", {"prompt": "a", "model": "nope"}, "model")):
+                              ("/tokenize", {"prompt": "a", "model": "nope"}, "model"),
+                              ("/tokenize", {"messages": msgs, "continue_final_message": True},
+                               "continue_final_message"),
+                              ("/tokenize", {"messages": msgs, "add_special_tokens": True},
+                               "add_special_tokens"),
+                              ("/tokenize", {"messages": msgs, "chat_template_kwargs": {
+                                  "messages": 1}}, "chat_template_kwargs"),
+                              ("/tokenize", {"messages": [{"role": "user", "content": [
+                                  {"type": "image_url", "image_url": {"url": "x"}}]}]},
+                               "messages[0].content")):
         r = httpx.post(srv.url + route, json=req)
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
 

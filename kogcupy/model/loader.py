@@ -75,11 +75,21 @@ def resolve_model_path(path: str) -> tuple[str, str | None]:
     from .weights import looks_like_hub_id
     if not looks_like_hub_id(path):
         return path, None
-    from huggingface_hub import snapshot_download
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelLoadError(f"{path!r} looks like a hub id, and finding it in the local Hugging "
+                             f"Face cache needs huggingface_hub: pip install huggingface_hub"
+                             ) from None
     try:
         return snapshot_download(path, local_files_only=True,
                                  cache_dir=os.environ.get("HF_HUB_CACHE")), path
-    except (OSError, ValueError):        # (LocalEntryNotFoundError is a FileNotFoundError)
+    except (OSError, ValueError) as e:   # (LocalEntryNotFoundError is a FileNotFoundError)
+        # a snapshot that misses files of the repo's listing (`hf download --include ...`):
+        # kogcupy's own checks say whether what it needs is there
+        snapshot = getattr(e, "snapshot_path", None)
+        if snapshot and os.path.isdir(snapshot):
+            return snapshot, path
         return path, None                # not cached: detect_format's error says how to get it
 
 

@@ -266,54 +266,11 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         check_model(model_id)
         return model_card()
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request):
-        """vLLM's: a prompt's or a conversation's token ids, counted even past the context (a
-        client checks them against max_model_len)."""
-        req = P.parse_request(P.TokenizeRequest, await read_json(request))
-        check_model(req.model)
-        P.check_extras(req)
-        note_ignored(req, request)
-        if (req.prompt is None) == (req.messages is None):
-            raise P.APIError(400, "send either 'prompt' or 'messages'", param="prompt")
-        if engine.tokenizer is None:
-            raise P.APIError(400, "this model has no tokenizer", param="prompt")
-        if req.messages is not None:
-            tools = [t.to_template() for t in req.tools] if req.tools else None
-            ids = await encode(engine.encode_messages, [m.to_template() for m in req.messages],
-                               tools=tools, template_kwargs=req.chat_template_kwargs,
-                               fit_context=False, param="messages")
-        else:
-            try:
-                check_text(req.prompt, "prompt")
-            except InputError as e:
-                raise P.APIError(400, " ".join(str(e).split()), param="prompt") from None
-            ids = await anyio.to_thread.run_sync(lambda: engine.tokenizer.encode(
-                req.prompt, add_bos=None if req.add_special_tokens else False))
-        return {"count": len(ids), "max_model_len": int(engine.context_length), "tokens": ids}
-
-    @app.post("/detokenize")
-    async def detokenize(request: Request):
-        req = P.parse_request(P.DetokenizeRequest, await read_json(request))
-        check_model(req.model)
-        note_ignored(req, request)
-        if engine.tokenizer is None:
-            raise P.APIError(400, "this model has no tokenizer", param="tokens")
-        vocab = int(engine.tokenizer.vocab_size)
-        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise P.APIError(400, f"token id {bad} is not in the vocabulary (0 to {vocab - 1})",
-                             param="tokens")
-        return {"prompt": engine.tokenizer.decode(req.tokens)}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        req = P.parse_request(P.ChatCompletionRequest, await read_json(request))
-        check_model(req.model)
-        P.check_supported(req)
-        note_ignored(req, request)
+    def chat_tools(req, tool_choice=None) -> list | None:
+        """A chat request's tools for the template (None: none, or switched off), after the
+        checks the template needs (tools, tool calls it would drop, its variables)."""
         tools = [t.to_template() for t in req.tools] if req.tools else None
-        if tools and req.tool_choice == "none" and not supports_tools:
+        if tools and tool_choice == "none" and not supports_tools:
             tools = None                             # switched off: the template needs none
         if tools and not supports_tools:
             raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
@@ -328,9 +285,66 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                 engine.tokenizer.check_template_variables(req.chat_template_kwargs)
             except InputError as e:
                 raise P.APIError(400, str(e), param="chat_template_kwargs") from None
-        messages = [m.to_template() for m in req.messages]
-        ids = await encode(engine.encode_messages, messages, tools=tools,
-                           template_kwargs=req.chat_template_kwargs, param="messages")
+        return tools
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        """vLLM's: a prompt's or a conversation's token ids, counted even past the context (a
+        client checks them against max_model_len)."""
+        req = P.parse_request(P.TokenizeRequest, await read_json(request))
+        check_model(req.model)
+        P.check_extras(req)
+        note_ignored(req, request)
+        if (req.prompt is None) == (req.messages is None):
+            raise P.APIError(400, "send either 'prompt' or 'messages'", param="prompt")
+        if engine.tokenizer is None:
+            raise P.APIError(400, "this model has no tokenizer", param="prompt")
+        if req.messages is not None:
+            if "add_special_tokens" in req.model_fields_set and req.add_special_tokens:
+                raise P.APIError(400, "add_special_tokens with messages is not supported: the "
+                                      "chat template writes the special tokens",
+                                 param="add_special_tokens")
+            ids = await encode(engine.encode_messages, [m.to_template() for m in req.messages],
+                               tools=chat_tools(req), template_kwargs=req.chat_template_kwargs,
+                               add_generation_prompt=req.add_generation_prompt,
+                               fit_context=False, param="messages")
+        else:
+            try:
+                check_text(req.prompt, "prompt")
+            except InputError as e:
+                raise P.APIError(400, " ".join(str(e).split()), param="prompt") from None
+            ids = await anyio.to_thread.run_sync(lambda: engine.tokenizer.encode(
+                req.prompt, add_bos=None if req.add_special_tokens else False))
+        out = {"count": len(ids), "max_model_len": int(engine.context_length), "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = [engine.tokenizer.id_to_token(i) for i in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = P.parse_request(P.DetokenizeRequest, await read_json(request))
+        check_model(req.model)
+        note_ignored(req, request)
+        if engine.tokenizer is None:
+            raise P.APIError(400, "this model has no tokenizer", param="tokens")
+        vocab = int(engine.tokenizer.vocab_size)
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise P.APIError(400, f"token id {bad} is not in the vocabulary (0 to {vocab - 1})",
+                             param="tokens")
+        text = await anyio.to_thread.run_sync(engine.tokenizer.decode, req.tokens)
+        return {"prompt": text}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = P.parse_request(P.ChatCompletionRequest, await read_json(request))
+        check_model(req.model)
+        P.check_supported(req)
+        note_ignored(req, request)
+        tools = chat_tools(req, req.tool_choice)
+        ids = await encode(engine.encode_messages, [m.to_template() for m in req.messages],
+                           tools=tools, template_kwargs=req.chat_template_kwargs,
+                           param="messages")
         max_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         kw = plan(req, ids, req.max_completion_tokens or req.max_tokens, None, "messages",
                   max_param)

@@ -210,13 +210,17 @@ class CompletionRequest(_Sampling):
 
 
 class TokenizeRequest(_Strict):
-    """vLLM's /tokenize: a prompt (add_special_tokens: the model's BOS) or chat messages."""
+    """vLLM's /tokenize: a prompt (add_special_tokens: the model's BOS) or chat messages
+    (add_generation_prompt: the assistant's opening, as a chat request renders it)."""
+    unsupported = {"continue_final_message": "", "chat_template": "the model's own is used"}
     model: str | None = None
     prompt: str | None = None
     add_special_tokens: bool = True
     messages: list[Message] | None = None
+    add_generation_prompt: bool = True
     tools: list[ToolDef] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = None
 
 
 class DetokenizeRequest(_Strict):
@@ -241,7 +245,7 @@ def parse_request(cls, obj: Any):
     """Validate a decoded JSON body; APIError(400) naming the first offending field."""
     if not isinstance(obj, dict):
         raise APIError(400, "the request body must be a JSON object")
-    if cls is ChatCompletionRequest:
+    if cls in (ChatCompletionRequest, TokenizeRequest):
         _check_content_parts(obj.get("messages"))
     try:
         return cls.model_validate(obj)
