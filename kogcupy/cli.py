@@ -272,6 +272,9 @@ def _model_name(path) -> str:
     if path is None:
         from .model.loader import DEFAULT_MODEL_FILE
         return DEFAULT_MODEL_FILE
+    from .model.weights import looks_like_hub_id
+    if looks_like_hub_id(os.fspath(path)):
+        return os.fspath(path)                   # Org/Name, as given
     return os.path.basename(os.path.normpath(os.fspath(path))) or os.fspath(path)
 
 
