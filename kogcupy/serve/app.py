@@ -169,13 +169,18 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         except RecursionError:
             raise P.APIError(400, "the request body is nested too deeply") from None
 
-    def note_ignored(req, request: Request):
-        """Unknown fields are ignored (vLLM's and llama.cpp's way); the log names them."""
+    async def accept(request: Request, cls, check):
+        """The request body as `cls`, for the served model, `check`ed (400s); its unknown
+        fields are ignored (vLLM's and llama.cpp's way) and the log names them."""
+        req = P.parse_request(cls, await read_json(request))
+        check_model(req.model)
+        check(req)
         ignored = [ascii(p)[1:-1][:64] for p in P.ignored_fields(req)]   # (one log line)
         if ignored:
             log.warning("%s %s: ignored unknown field%s %s", request.method, request.url.path,
                         "s" if len(ignored) > 1 else "", ", ".join(ignored[:12]) +
                         (f" (+{len(ignored) - 12} more)" if len(ignored) > 12 else ""))
+        return req
 
     def check_model(model: str):
         if model is not None and model != name:
@@ -291,10 +296,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     async def tokenize(request: Request):
         """vLLM's: a prompt's or a conversation's token ids, counted even past the context (a
         client checks them against max_model_len)."""
-        req = P.parse_request(P.TokenizeRequest, await read_json(request))
-        check_model(req.model)
-        P.check_extras(req)
-        note_ignored(req, request)
+        req = await accept(request, P.TokenizeRequest, P.check_extras)
         if (req.prompt is None) == (req.messages is None):
             raise P.APIError(400, "send either 'prompt' or 'messages'", param="prompt")
         if engine.tokenizer is None:
@@ -322,9 +324,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
 
     @app.post("/detokenize")
     async def detokenize(request: Request):
-        req = P.parse_request(P.DetokenizeRequest, await read_json(request))
-        check_model(req.model)
-        note_ignored(req, request)
+        req = await accept(request, P.DetokenizeRequest, P.check_extras)
         if engine.tokenizer is None:
             raise P.APIError(400, "this model has no tokenizer", param="tokens")
         vocab = int(engine.tokenizer.vocab_size)
@@ -337,10 +337,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = P.parse_request(P.ChatCompletionRequest, await read_json(request))
-        check_model(req.model)
-        P.check_supported(req)
-        note_ignored(req, request)
+        req = await accept(request, P.ChatCompletionRequest, P.check_supported)
         tools = chat_tools(req, req.tool_choice)
         ids = await encode(engine.encode_messages, [m.to_template() for m in req.messages],
                            tools=tools, template_kwargs=req.chat_template_kwargs,
@@ -359,10 +356,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = P.parse_request(P.CompletionRequest, await read_json(request))
-        check_model(req.model)
-        P.check_supported(req)
-        note_ignored(req, request)
+        req = await accept(request, P.CompletionRequest, P.check_supported)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
