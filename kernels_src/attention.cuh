@@ -38,12 +38,12 @@
 #define KOG_ATTN_STAGE_OFFSET (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_ATTN_ML_FLOATS + KOG_HEAD_DIM)
 
 
-// The combine's thread groups (kog_attn_combine; placement.attn_combine_groups) and the
-// partials each thread has in flight: an o_proj item merges S * B chunk partials a round.
-#define KOG_ATTN_COMBINE_S (KOG_THREADS * KOG_ATTN_COMBINE_P / (KOG_GQA * KOG_HEAD_DIM) >= 4 ? 4 : \
-                            (KOG_THREADS * KOG_ATTN_COMBINE_P / (KOG_GQA * KOG_HEAD_DIM) >= 2 ? 2 : 1))
-#if !defined(KOG_ATTN_COMBINE_B) || !defined(KOG_ATTN_COMBINE_P) || !defined(KOG_ATTN_FREE_CHUNKS) || !defined(KOG_ATTN_CHUNK_BALANCE)
-#error "the chunk rule's constants come from kernels.py (placement.py)"
+// The combine's thread groups KOG_ATTN_COMBINE_S (kog_attn_combine; placement.attn_combine_groups)
+// and the partials each thread has in flight KOG_ATTN_COMBINE_B: an o_proj item merges S * B
+// chunk partials a round.
+#if !defined(KOG_ATTN_COMBINE_S) || !defined(KOG_ATTN_COMBINE_B) || !defined(KOG_ATTN_COMBINE_P) || \
+    !defined(KOG_ATTN_FREE_CHUNKS) || !defined(KOG_ATTN_CHUNK_BALANCE)
+#error "the combine's and the chunk rule's constants come from kernels.py (placement.py)"
 #endif
 
 // Chunk length for n_pos attended positions (placement.attention_chunk_len, the same rule):

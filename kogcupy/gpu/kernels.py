@@ -124,7 +124,7 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
     ranks, `cfg` is one rank's share (tensor_parallel.local_config)."""
     from .build_plan import sample_slice
     from .placement import (ATTN_CHUNK_BALANCE, ATTN_COMBINE_B, ATTN_FREE_CHUNKS, ATTN_MIN_CHUNK,
-                            attn_chunk_cap, attn_combine_dims, attn_tiling)
+                            attn_chunk_cap, attn_combine_dims, attn_combine_groups, attn_tiling)
     d = {
         "KOG_HIDDEN": cfg.hidden_size, "KOG_FFN": cfg.intermediate_size,
         "KOG_N_LAYERS": cfg.n_layers, "KOG_N_HEADS": cfg.n_heads, "KOG_N_KV": cfg.n_kv_heads,
@@ -145,7 +145,8 @@ def model_defines(cfg, dtype: str, threads: int, smem_floats: int, n_partition_c
     d.update(tuning or {})
     # the chunk rule's constants are placement's, which sizes the partial buffer by them: no tuning
     d.update({"KOG_ATTN_FREE_CHUNKS": ATTN_FREE_CHUNKS, "KOG_ATTN_CHUNK_BALANCE": ATTN_CHUNK_BALANCE,
-              "KOG_ATTN_COMBINE_B": ATTN_COMBINE_B, "KOG_ATTN_COMBINE_P": attn_combine_dims(tp)})
+              "KOG_ATTN_COMBINE_B": ATTN_COMBINE_B, "KOG_ATTN_COMBINE_P": attn_combine_dims(tp),
+              "KOG_ATTN_COMBINE_S": attn_combine_groups(cfg, threads, tp)})
     d["KOG_TP"] = int(tp)
     d["KOG_SWS_MAX_BLOCKS"], d["KOG_SWS_WORDS"] = abi.SAMPLE_WS_MAX_BLOCKS, abi.SAMPLE_WS_WORDS
     d.update(abi.peer_defines())

@@ -71,7 +71,7 @@ def attn_tiling(cfg: ModelConfig, arch: str = "") -> tuple[int, int]:
 
 
 def attn_combine_groups(cfg: ModelConfig, threads: int, world_size: int) -> int:
-    """Thread groups of the attention combine (attention.cuh KOG_ATTN_COMBINE_S): as many
+    """Thread groups of the attention combine (the kernels' KOG_ATTN_COMBINE_S): as many
     copies of a head group's G x head_dim outputs as the block's threads hold at
     attn_combine_dims a thread, up to 4."""
     r = threads * attn_combine_dims(world_size) // (cfg.gqa_group * cfg.head_dim)
