@@ -216,7 +216,7 @@ def _repack_cli(src, dst, dtype, force):
     click.echo(f"loading {src}", err=True)
     t0 = time.perf_counter()
     try:
-        used = repack(src, dst, dtype, force, progress=progress)
+        used = repack(local, dst, dtype, force, progress=progress)     # (resolved once)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
