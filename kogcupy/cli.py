@@ -98,13 +98,20 @@ def _dash_example(path: str, shown: str) -> str:
     return f"; a prompt that starts with '-' goes after '--', options before it ({path} [OPTIONS] -- '{shown}')"
 
 
-def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None) -> str:
-    """A click usage error as one line (click prints usage, a hint and the error: 4 lines)."""
+def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None, command=None) -> str:
+    """A click usage error as one line (click prints usage, a hint and the error: 4 lines).
+    `prog`, `command`: the command's path and the command, for an error without a context
+    (click's parser raises a missing option value without one)."""
     msg = " ".join(e.format_message().split()).rstrip(".")
     if msg.startswith("Got unexpected extra argument"):
         msg += "; quote an argument that has spaces, e.g. a prompt"
     path = e.ctx.command_path if e.ctx is not None else prog
-    command = e.ctx.command if e.ctx is not None else None
+    command = e.ctx.command if e.ctx is not None else command
+    typo = re.match(r"No such command '(.+?)'", msg)
+    if typo and isinstance(command, click.Group):   # 'gen': generate (click's difflib says env)
+        starts = sorted(n for n in command.commands if n.startswith(typo.group(1)))
+        if starts:
+            msg = f"No such command '{typo.group(1)}'. Did you mean '{starts[0]}'?"
     hint = dash_hint(argv, command, path)
     if not hint and isinstance(e, click.NoSuchOption) and e.option_name[1:2].isdigit() \
             and command is not None and _takes_prompt(command):
@@ -133,7 +140,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except click.UsageError as e:
-            raise _UserError(usage_line(e, argv=ctx.meta.get("kogcupy.argv"))) from None
+            sub = self.commands.get(ctx.invoked_subcommand or "")
+            raise _UserError(usage_line(
+                e, f"{ctx.command_path} {ctx.invoked_subcommand}" if sub else ctx.command_path,
+                argv=ctx.meta.get("kogcupy.argv"), command=sub)) from None
         except KogError as e:
             raise _UserError(" ".join(str(e).split()) or type(e).__name__) from None
         except KeyboardInterrupt:
@@ -154,7 +164,8 @@ MODEL_OPTIONS = [
     click.option("-m", "--model", "model_path", metavar="PATH", default=None,
                  help="HF directory, .gguf file, packed directory or a hub id in the local "
                       "HF cache (default: embedded SmolLM2-135M)."),
-    click.option("-n", "--max-new-tokens", type=int, default=256, show_default=True),
+    click.option("-n", "--max-new-tokens", "--n-predict", "max_new_tokens", type=int, default=256,
+                 show_default=True),
 ]
 SAMPLING_OPTIONS = [
     click.option("--temperature", "--temp", type=float, default=0.0, show_default=True,
@@ -163,14 +174,14 @@ SAMPLING_OPTIONS = [
     click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off."),
     click.option("--min-p", type=float, default=0.0, show_default=True, help="0 = off."),
     click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-    click.option("--seed", type=int, default=None,
+    click.option("-s", "--seed", type=int, default=None,
                  help="Sampling seed (default or -1: a random one, given in the stats line).",
                  callback=lambda ctx, param, v: None if v == -1 else v),
 ]
 BACKEND_OPTIONS = [
     click.option("--backend", type=click.Choice(["auto", "reference", "monokernel"]),
                  default="auto", show_default=True),
-    click.option("-c", "--context-length", type=int, default=None,
+    click.option("-c", "--context-length", "--ctx-size", "context_length", type=int, default=None,
                  help="KV-cache positions (default: 4096, or the model's positions if fewer)."),
     click.option("--dtype", type=DTYPE_CHOICE, default=None,
                  help="GPU storage dtype (default: the checkpoint's)."),
@@ -235,9 +246,11 @@ def check_backend(backend, context_length, dtype, gpus) -> str:
     return check_backend_args(backend, gpus)
 
 
-def load_engine(model_path, dtype, backend, context_length, gpus, **engine_kw):
+def load_engine(model_path, dtype, backend, context_length, gpus, log_lines: bool = False,
+                **engine_kw):
     """load_model + Engine, with the checks that need the model's config run before its
-    weights are read, and a progress line on a terminal."""
+    weights are read, and a progress line on a terminal (`log_lines`: also, as two plain
+    lines, where stderr is not one)."""
     from .engine import Engine, check_context_length, check_gpu_count, check_model_for_backend
     from .model.loader import load_model
     name = check_backend(backend, context_length, dtype, gpus)
@@ -257,7 +270,7 @@ def load_engine(model_path, dtype, backend, context_length, gpus, **engine_kw):
         if "not importable" not in gpu_info()[1]:     # CuPy is installed but sees no GPU
             label = "reference: no usable GPU, `kogcupy env` says why"
     _set_phase("loading the model")
-    with _Progress(f"loading {_model_name(model_path)} ({label})") as progress:
+    with _Progress(f"loading {_model_name(model_path)} ({label})", plain=log_lines) as progress:
         model = load_model(model_path, dtype=dtype, on_config=on_config)
         _set_phase("loading the model onto the GPU and compiling the kernel"
                    if name == "monokernel" else "loading the model")
@@ -280,11 +293,13 @@ def _model_name(path) -> str:
 
 class _Progress:
     """One line on a terminal's stderr while something slow runs: 'kogcupy: WHAT ... 3 s',
-    replaced by 'kogcupy: DONE in 4.2 s'. Nothing when stderr is not a terminal."""
+    replaced by 'kogcupy: DONE in 4.2 s'. When stderr is not a terminal: nothing, or with
+    `plain` (a server's log) the first and the last line as lines of their own."""
 
-    def __init__(self, what: str, delay: float = 0.0):
+    def __init__(self, what: str, delay: float = 0.0, plain: bool = False):
         self.what = what
         self.on = _stderr_is_tty()
+        self.plain = plain and not self.on
         self.delay = delay               # shown only once it has run this long
         self._t0 = time.perf_counter()
         self._stop = threading.Event()
@@ -303,6 +318,8 @@ class _Progress:
             wait = 0.5
 
     def __enter__(self):
+        if self.plain:
+            click.echo(f"kogcupy: {self.what} ...", err=True)
         if self.on:
             if not self.delay:
                 self._line(f"kogcupy: {self.what} ...")
@@ -311,6 +328,9 @@ class _Progress:
         return self
 
     def done(self, what: str):
+        if self.plain:
+            click.echo(f"kogcupy: {what} in {time.perf_counter() - self._t0:.1f} s", err=True)
+            self.plain = False
         if self.on:
             self._stop.set()
             self._thread.join()
@@ -355,14 +375,17 @@ SYSTEM_OPTION = click.option("--system", metavar="TEXT", default=None,
 
 @cli.command()
 @click.argument("prompt", required=False)
-@options(MODEL_OPTIONS[0], SYSTEM_OPTION, *MODEL_OPTIONS[1:], *SAMPLING_OPTIONS,
+@options(MODEL_OPTIONS[0],
+         click.option("-p", "--prompt", "prompt_option", metavar="TEXT", default=None,
+                      help="The prompt, as PROMPT (llama.cpp's -p)."),
+         SYSTEM_OPTION, *MODEL_OPTIONS[1:], *SAMPLING_OPTIONS,
          click.option("--chat/--no-chat", default=None,
                       help="Apply the model's chat template (default: when the model has one)."),
          *BACKEND_OPTIONS, STOP_OPTION,
          click.option("--ignore-eos", is_flag=True,
                       help="Generate past end-of-sequence up to --max-new-tokens (speed runs)."))
-def generate(prompt, model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
-             repetition_penalty, seed, chat, backend, context_length, dtype, gpus, stop,
+def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperature, top_k, top_p,
+             min_p, repetition_penalty, seed, chat, backend, context_length, dtype, gpus, stop,
              ignore_eos):
     """Stream a completion of PROMPT (read from stdin when omitted or -) to stdout.
 
@@ -370,6 +393,10 @@ def generate(prompt, model_path, system, max_new_tokens, temperature, top_k, top
     (bash: --stop $'\\n')."""
     from .engine import check_text
 
+    if prompt_option is not None:
+        if prompt is not None:
+            raise InputError("pass the prompt once: as PROMPT or as -p/--prompt, not both")
+        prompt = prompt_option
     seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                           seed)
     check_backend(backend, context_length, dtype, gpus)
@@ -587,7 +614,7 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
         log.setLevel(logging.INFO)
         log.propagate = False
     kw = {} if prefix_cache_gb is None else {"prefix_cache_gb": prefix_cache_gb}
-    engine = load_engine(model_path, dtype, backend, context_length, gpus, **kw)
+    engine = load_engine(model_path, dtype, backend, context_length, gpus, log_lines=True, **kw)
     t0 = time.perf_counter()
     warmed = engine.warm_up()                    # before the first request, not inside it
     if warmed:

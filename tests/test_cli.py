@@ -61,6 +61,10 @@ def test_generate_stdin_prompt_and_options(cached_default_model):
                     "--top-k", "20", "--top-p", "0.9", "--min-p", "0.02", "--seed", "3",  # llama.cpp's)
                     "--repetition-penalty", "1.1", "-c", "64"], input="The capital of France is\n")
     assert again.stdout == r.stdout
+    named = invoke(["generate", "-p", "The capital of France is", "--n-predict", "6",  # llama.cpp's
+                    "--no-chat", "--temp", "0.8", "--top-k", "20", "--top-p", "0.9",       # long names
+                    "--min-p", "0.02", "-s", "3", "--repetition-penalty", "1.1", "--ctx-size", "64"])
+    assert named.stdout == r.stdout, named.stderr
 
 
 def test_generate_default_seed_is_random_and_named(cached_default_model):
@@ -405,6 +409,14 @@ def test_usage_errors_are_one_line():
         assert "--help" in r.stderr
     r = invoke(["generate", "hi", "--bogus"])      # click's "Did you mean ...?" reads as one line
     assert_user_error(r, "Did you mean '--gpus'? (see '")
+    r = invoke(["gen", "hi"])                      # a command's start names it (difflib: 'env')
+    assert_user_error(r, "No such command 'gen'. Did you mean 'generate'? (see 'kogcupy --help')")
+    for args, path in ((["generate", "hi", "-n"], "generate"), (["chat", "--stop"], "chat"),
+                       (["serve", "--port"], "serve")):   # (click's parser gives no context)
+        r = invoke(args)
+        assert_user_error(r, f"requires an argument (see 'kogcupy {path} --help')")
+
+    assert_user_error(invoke(["generate", "hi", "-p", "there"]), "pass the prompt once")
 
 
 def test_prompt_read_as_a_short_option_is_named_before_stdin(no_load, tmp_path):
@@ -469,7 +481,7 @@ def test_progress_line_on_a_terminal(cached_default_model, monkeypatch):
     assert "kogcupy: loaded SmolLM2-135M-Instruct.Q4_1.gguf in " in r.stderr
     # a prompt taking more than the delay says so, and the line is gone before the text
     real = C._Progress
-    monkeypatch.setattr(C, "_Progress", lambda what, delay=0.0: real(what, delay=0.0))
+    monkeypatch.setattr(C, "_Progress", lambda what, delay=0.0, **kw: real(what, delay=0.0, **kw))
     r = invoke(["generate", "hi", "--max-new-tokens", "2", "--backend", "reference"])
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert re.search(r"kogcupy: reading the prompt \(\d+ tokens\) \.\.\.\r\x1b\[K", r.stderr)

@@ -212,7 +212,8 @@ class ScriptedGeneration:
     def _finish(self, reason):
         if self.result is None:
             self.result = ScriptResult(list(self._tokens[:self._i]), self._text, reason,
-                                       len(self.prompt_ids), tokens_per_s=100.0)
+                                       len(self.prompt_ids),   # (one token: no decode)
+                                       tokens_per_s=100.0 if self._i > 1 else 0.0)
             self.engine._end(self)
         return self.result
 
@@ -1238,6 +1239,40 @@ def test_cli_serve_warms_up_before_it_listens(monkeypatch):
         assert r.exit_code == 0, r.output
         assert ("prefill warmed up (16 prompt-size graphs)" in r.output) == (warmed == 16)
     assert calls == ["warm_up", "serve"] * 2
+
+
+def test_request_log_line(scripted, caplog):
+    """A request's line in the server log; tok/s is '-' where one token had no decode."""
+    eng, srv = scripted(script=lambda u: "ok then")
+    for max_tokens, tps in ((1, "-"), (3, "100.0")):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="kogcupy.serve"):
+            r = httpx.post(srv.url + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "x"}], "max_tokens": max_tokens})
+        assert r.status_code == 200, r.text
+        line, = [m for m in caplog.messages if " generated=" in m]
+        assert f" generated={max_tokens} " in line and f" tok/s={tps} finish=length" in line, line
+
+
+def test_cli_serve_logs_loading_where_stderr_is_no_terminal(smollm2, monkeypatch):
+    """Under a service manager or into a log file (no terminal: no progress line) `serve`
+    still says that it loads the model and when it has, as two lines of its own."""
+    from click.testing import CliRunner
+
+    import kogcupy.model.loader
+    import kogcupy.serve
+    from kogcupy.cli import cli
+    monkeypatch.setattr(kogcupy.model.loader, "load_model", lambda *a, **k: smollm2)
+    monkeypatch.setattr(kogcupy.serve, "run_server", lambda app, **kw: None)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    r = CliRunner().invoke(cli, ["serve", "--backend", "reference", "--port", str(port)])
+    assert r.exit_code == 0, r.output
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("kogcupy: loading ") and lines[0].endswith(" (reference) ..."), lines
+    assert re.match(r"kogcupy: loaded .* in \d+\.\d s$", lines[1]), lines
+    assert lines[2].startswith("kogcupy: serving ") and "\r" not in r.stderr
 
 
 def test_text_content_parts_are_joined_by_newlines():

@@ -123,12 +123,16 @@ def hf_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
     """n greedy tokens from a transformers model (argmax of fp32 logits, KV cache reused)."""
     import torch
 
+    import inspect
+
+    # transformers >= 5.2x names the KV cache `cache` (`past_key_values` is deprecated there)
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = torch.tensor([prompt_ids])
     out, past = [], None
     with torch.no_grad():
         for _ in range(n):
-            r = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = r.past_key_values
+            r = model(input_ids=ids, use_cache=True, **{key: past})
+            past = getattr(r, key)
             nxt = int(torch.argmax(r.logits[0, -1]))
             out.append(nxt)
             ids = torch.tensor([[nxt]])

@@ -419,7 +419,7 @@ def read_gguf(path: str) -> GGUFFile:
         raise ValueError(f"{what}: unknown value type {vtype}")
 
     if size < 24 or bytes(mv[:4]) != b"GGUF":
-        raise ValueError("no GGUF magic (not a GGUF file)")
+        raise ValueError("no GGUF magic at its start")
     off = 4
     version = u32("version")
     if version & 0xFFFF == 0:

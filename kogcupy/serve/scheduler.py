@@ -276,6 +276,7 @@ class Scheduler:
                 m.ttft.observe(ttft)
             if tps > 0:
                 m.decode_tps.observe(tps)
-        log.info("%s prompt=%d cached=%d generated=%d queued=%.3fs ttft=%s tok/s=%.1f "
+        log.info("%s prompt=%d cached=%d generated=%d queued=%.3fs ttft=%s tok/s=%s "
                  "finish=%s", job.id, prompt, cached, n_gen, job.t_start - job.t_arrival,
-                 f"{ttft:.3f}s" if ttft is not None else "-", tps, r.finish_reason)
+                 f"{ttft:.3f}s" if ttft is not None else "-",
+                 f"{tps:.1f}" if tps > 0 else "-", r.finish_reason)   # (one token: no decode)
