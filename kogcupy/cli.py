@@ -396,6 +396,10 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
     if prompt_option is not None:
         if prompt is not None:
             raise InputError("pass the prompt once: as PROMPT or as -p/--prompt, not both")
+        ctx = click.get_current_context()        # '-p is a letter': -p took ' is a letter'
+        hint = dash_hint(ctx.meta.get("kogcupy.argv"), ctx.command, ctx.command_path)
+        if hint:
+            raise InputError(f"the prompt was read as an option and its value{hint}")
         prompt = prompt_option
     seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                           seed)

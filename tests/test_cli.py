@@ -417,6 +417,8 @@ def test_usage_errors_are_one_line():
         assert_user_error(r, f"requires an argument (see 'kogcupy {path} --help')")
 
     assert_user_error(invoke(["generate", "hi", "-p", "there"]), "pass the prompt once")
+    assert_user_error(invoke(["generate", "-p is a letter"]),      # (-p ' is a letter')
+                      "read as an option and its value; a prompt that starts with '-' goes after '--'")
 
 
 def test_prompt_read_as_a_short_option_is_named_before_stdin(no_load, tmp_path):
