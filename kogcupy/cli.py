@@ -393,14 +393,8 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
     (bash: --stop $'\\n')."""
     from .engine import check_text
 
-    if prompt_option is not None:
-        if prompt is not None:
-            raise InputError("pass the prompt once: as PROMPT or as -p/--prompt, not both")
-        ctx = click.get_current_context()        # '-p is a letter': -p took ' is a letter'
-        hint = dash_hint(ctx.meta.get("kogcupy.argv"), ctx.command, ctx.command_path)
-        if hint:
-            raise InputError(f"the prompt was read as an option and its value{hint}")
-        prompt = prompt_option
+    if prompt_option is not None and prompt is not None:
+        raise InputError("pass the prompt once: as PROMPT or as -p/--prompt, not both")
     seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                           seed)
     check_backend(backend, context_length, dtype, gpus)
@@ -410,11 +404,15 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
         check_text(system, "--system")
         if chat is False:
             raise InputError("--system needs the chat template: leave out --no-chat")
-    if prompt is None:
+    if prompt is None:                           # (before stdin, which a terminal waits on)
+        # a prompt click took for options: '-make a list' is -m 'ake a list' (no PROMPT left),
+        # '-p is a letter' is -p ' is a letter'
         ctx = click.get_current_context()
         hint = dash_hint(ctx.meta.get("kogcupy.argv"), ctx.command, ctx.command_path)
-        if hint:                                 # (before stdin, which a terminal waits on)
-            raise InputError(f"no prompt{hint}")
+        if hint:
+            raise InputError(("no prompt" if prompt_option is None else
+                              "the prompt was read as an option and its value") + hint)
+        prompt = prompt_option
     if prompt is None or prompt == "-":
         prompt = read_stdin_prompt()
     check_text(prompt)
