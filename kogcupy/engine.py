@@ -527,9 +527,11 @@ class Engine:
         return ids
 
     def encode_messages(self, messages, tools=None, template_kwargs=None,
-                        fit_context: bool = True, add_generation_prompt: bool = True) -> list[int]:
+                        fit_context: bool = True, add_generation_prompt: bool = True,
+                        answer_prefix: str = "") -> list[int]:
         """OpenAI-style messages (and tools) -> ids of the chat template's rendering, ending with
-        the assistant generation prompt (unless add_generation_prompt=False). ``template_kwargs``:
+        the assistant generation prompt (unless add_generation_prompt=False), then
+        ``answer_prefix`` (text the answer starts with: the model continues it). ``template_kwargs``:
         more variables for the template (HF's ``apply_chat_template(**kwargs)``, e.g.
         ``{"enable_thinking": False}``); ``fit_context=False``: no ContextLengthError (counting
         tokens)."""
@@ -553,7 +555,7 @@ class Engine:
         text = tk.render_chat(template_messages(messages),
                               add_generation_prompt=bool(add_generation_prompt),
                               tools=None if tools is None else list(tools),
-                              variables=template_kwargs)
+                              variables=template_kwargs) + answer_prefix
         ids = tk.encode(text, add_bos=False)                # templates write BOS themselves
         if fit_context:
             self.model.config.check_request(ids, self.context_length, template=True)

@@ -203,7 +203,8 @@ class ScriptedGeneration:
         self._stop = stop
         self._dec = engine.tokenizer.stream_decoder()
         self._i = 0
-        self._text = ""
+        self._text = ""           # decoded so far (cut at a stop string)
+        self._sent = 0            # how much of it went out
         self.result = None
 
     def __iter__(self):
@@ -229,19 +230,26 @@ class ScriptedGeneration:
                 break
             if self._i == len(self._tokens):
                 self._finish("eos" if self._eos else "length")
+                piece, self._sent = self._text[self._sent:], len(self._text)
+                if piece:                                # the held-back tail
+                    return piece
                 break
             time.sleep(e.delay)
-            piece = self._dec.push(self._tokens[self._i])
+            self._text += self._dec.push(self._tokens[self._i])
             self._i += 1
-            hits = [i for i in (( self._text + piece).find(s) for s in self._stop) if i >= 0]
-            if hits:
-                piece = (self._text + piece)[:min(hits)][len(self._text):]
-                self._text += piece
+            hits = [i for i in (self._text.find(s) for s in self._stop) if i >= 0]
+            if hits:                                     # cut before the stop string
+                self._text = self._text[:min(hits)]
                 self._finish("stop")
+                piece, self._sent = self._text[self._sent:], len(self._text)
                 if piece:
                     return piece
                 break
-            self._text += piece
+            # as the engine: a tail that may be a stop string's start is held back
+            keep = max((k for s in self._stop for k in range(1, len(s))
+                        if self._text.endswith(s[:k])), default=0)
+            piece, self._sent = self._text[self._sent:len(self._text) - keep], \
+                max(self._sent, len(self._text) - keep)
             if piece:
                 return piece
         raise StopIteration
@@ -270,11 +278,11 @@ class ScriptedEngine:
         self.model = None
 
     def encode_messages(self, messages, tools=None, template_kwargs=None, fit_context=True,
-                        add_generation_prompt=True):
+                        add_generation_prompt=True, answer_prefix=""):
         check_messages(messages)
         ids = self.tokenizer.encode(self.tokenizer.render_chat(
             template_messages(messages), add_generation_prompt, tools=tools,
-            variables=template_kwargs), add_bos=False)
+            variables=template_kwargs) + answer_prefix, add_bos=False)
         if fit_context and len(ids) >= self.context_length:
             raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context "
                                      f"length", len(ids))
@@ -443,6 +451,10 @@ def test_sampling_fields_reach_the_engine(scripted):
     assert seeds[0] != seeds[1] and 2**64 - 1 not in seeds
     chat(srv.client(), "hi", seed=-5)             # OpenAI's int64: its bits
     assert eng.calls[-1]["seed"] == 2**64 - 5
+    # add_generation_prompt: false (vLLM's): no assistant opening after the last message
+    assert eng.calls[-1]["prompt"].endswith("<|im_start|>assistant\n")
+    chat(srv.client(), "hi", extra_body={"add_generation_prompt": False})
+    assert eng.calls[-1]["prompt"].endswith("hi<|im_end|>\n"), eng.calls[-1]["prompt"]
 
 
 def test_fifo_order_four_clients(scripted):
@@ -680,7 +692,12 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "stream_options": {"include_usage": True}}, 400, "stream_options", "stream"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
-              "tools": [WEATHER_TOOL], "tool_choice": "required"}, 400, "tool_choice", "auto"),
+              "tools": [WEATHER_TOOL], "tool_choice": {"type": "function",
+                                                       "function": {"name": "get_time"}}},
+     400, "tool_choice.function.name", "'get_time', which is not among the tools ('get_weather')"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "tools": [WEATHER_TOOL], "tool_choice": "required",
+              "add_generation_prompt": False}, 400, "tool_choice", "add_generation_prompt"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "response_format": {"type": "json_object"}}, 400, "response_format", ""),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
@@ -942,6 +959,47 @@ def test_unknown_fields_are_ignored_and_logged(scripted, caplog):
     line, = [rec.getMessage() for rec in caplog.records if "ignored" in rec.getMessage()]
     assert line.startswith("POST /v1/chat/completions: ignored unknown fields \\nFORGED\\x1b[31mkkk")
     assert "\n" not in line and "\x1b" not in line and len(line) < 260, line
+
+
+def test_forced_tool_choice(scripted, tiny_models):
+    """tool_choice "required" or a named function: the prompt ends with the call's opening
+    (the model continues its JSON) and the answer parses with that opening in front."""
+    eng, srv = scripted(script=lambda u: '{"city": "Paris"}}\n</tool_call>\nMore text.')
+    c = srv.client()
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
+                                  tool_choice=named)
+    assert eng.calls[-1]["prompt"].endswith(
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": ')
+    assert eng.calls[-1]["stop"] == ["</tool_call>"]          # one call, then the answer ends
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and m.content is None
+    assert [(t.function.name, json.loads(t.function.arguments)) for t in m.tool_calls] == \
+        [("get_weather", {"city": "Paris"})]
+    content, calls, finish = _stream_chat(c, msgs, tools=[WEATHER_TOOL], tool_choice=named)
+    assert (content, finish) == ("", "tool_calls")
+    assert [(x["name"], json.loads(x["arguments"])) for x in calls] == \
+        [("get_weather", {"city": "Paris"})]
+    # "required": the model picks the function; more calls may follow, as OpenAI's
+    eng.script = lambda u: ('get_weather", "arguments": {"city": "Lima"}}\n</tool_call>\n'
+                            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+                            '\n</tool_call>')
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
+                                  tool_choice="required", stop=["zzz"])
+    assert eng.calls[-1]["prompt"].endswith('assistant\n<tool_call>\n{"name": "')
+    assert eng.calls[-1]["stop"] == ["zzz"]
+    assert [json.loads(t.function.arguments)["city"] for t in r.choices[0].message.tool_calls] \
+        == ["Lima", "Oslo"] and r.choices[0].finish_reason == "tool_calls"
+    # a template that takes tools but asks for no <tool_call> tags: cannot be forced
+    tk = tiny_models["llama"].tokenizer
+    other = Tokenizer(tk.backend, bos_token_id=None, eos_token_ids=tk.eos_token_ids,
+                      add_bos=False, chat_template="{{ tools | tojson }}" + NO_TOOLS_TEMPLATE)
+    eng, srv = scripted(tokenizer=other)
+    with pytest.raises(openai.BadRequestError, match="cannot be made to call a tool"):
+        srv.client().chat.completions.create(model="scripted", messages=msgs,
+                                             tools=[WEATHER_TOOL], tool_choice="required")
+    assert not eng.calls
 
 
 def _stream_chat(client, messages, **kw):

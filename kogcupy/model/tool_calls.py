@@ -40,6 +40,17 @@ class ToolCall:
                 "function": {"name": self.name, "arguments": self.arguments}}
 
 
+def call_opening(name: str | None = None) -> str:
+    """The start of an answer that must call a tool (OpenAI's tool_choice "required": any of
+    them; a named function: that one). The prompt ends with it and the model continues the
+    call's JSON from there; a parser fed it first (ToolCallParser(opening)) reads the answer
+    as the model saw it."""
+    head = OPEN_TAG + '\n{"name": '
+    if name is None:
+        return head + '"'
+    return head + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+
+
 def parse_call_body(body: str) -> ToolCall | None:
     """The JSON between the tags -> ToolCall, or None when it is not a call."""
     try:
@@ -70,13 +81,15 @@ def _partial_prefix_len(text: str, tag: str) -> int:
 class ToolCallParser:
     """Incremental parser; ``feed(piece)`` and finally ``finish()`` return lists of events."""
 
-    def __init__(self):
+    def __init__(self, opening: str = ""):
         self._buf = ""            # text not yet emitted
         self._inside = False      # after an OPEN_TAG, waiting for its CLOSE_TAG
         self._ws = ""             # whitespace-only content held until we know what follows
         self._any = False         # content emitted
         self._after_call = False  # the text after a call: from its first non-space, set off
         self.calls: list[ToolCall] = []   # from the text before the call by one newline
+        if opening:                       # an answer that starts inside a call (call_opening)
+            self.feed(opening)
 
     def _content(self, text: str, out: list):
         if self._after_call:

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..engine import check_text
 from ..errors import ContextLengthError, InputError
+from ..model.tool_calls import CLOSE_TAG, OPEN_TAG, call_opening
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from .metrics import CONTENT_TYPE_LATEST, Metrics
@@ -113,6 +114,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     tk = getattr(engine, "tokenizer", None)
     supports_tools = tk is not None and tk.takes_tools
     renders_calls = tk is not None and tk.renders_tool_calls
+    call_tags = supports_tools and OPEN_TAG in (tk.chat_template or "")
     created = P.now()
 
     @contextlib.asynccontextmanager
@@ -292,6 +294,22 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                 raise P.APIError(400, str(e), param="chat_template_kwargs") from None
         return tools
 
+    def forced_call(req) -> str:
+        """The answer's forced opening for tool_choice "required" or a named function (the
+        model continues the call's JSON), "" otherwise; 400 for a template whose calls are not
+        the <tool_call> tags kogcupy parses."""
+        choice = req.tool_choice
+        if not (choice == "required" or isinstance(choice, P.NamedToolChoice)):
+            return ""
+        if not call_tags:
+            raise P.APIError(400, f"model '{name}' cannot be made to call a tool: its chat "
+                                  f"template does not ask for {OPEN_TAG} calls (use tool_choice "
+                                  f"\"auto\")", param="tool_choice")
+        if not req.add_generation_prompt:
+            raise P.APIError(400, "a forced tool call (tool_choice) needs add_generation_prompt: "
+                                  "the call is the assistant's answer", param="tool_choice")
+        return call_opening(None if choice == "required" else choice.function.name)
+
     @app.post("/tokenize")
     async def tokenize(request: Request):
         """vLLM's: a prompt's or a conversation's token ids, counted even past the context (a
@@ -339,19 +357,25 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     async def chat_completions(request: Request):
         req = await accept(request, P.ChatCompletionRequest, P.check_supported)
         tools = chat_tools(req, req.tool_choice)
+        opening = forced_call(req)
         ids = await encode(engine.encode_messages, [m.to_template() for m in req.messages],
                            tools=tools, template_kwargs=req.chat_template_kwargs,
-                           param="messages")
+                           add_generation_prompt=req.add_generation_prompt,
+                           answer_prefix=opening, param="messages")
         max_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         kw = plan(req, ids, req.max_completion_tokens or req.max_tokens, None, "messages",
                   max_param)
+        named = isinstance(req.tool_choice, P.NamedToolChoice)
+        if named:                            # one call: the answer ends with its closing tag
+            kw["stop"] = [*(kw["stop"] or []), CLOSE_TAG]
         rid = P.new_id("chatcmpl")
         job = submit(rid, ids, kw)
         fmt = ChatFormatter(rid, name, P.now(), len(ids),
                             include_usage=bool(req.stream_options and
                                                req.stream_options.include_usage),
-                            parse_tools=bool(tools) and (req.tool_choice or "auto") == "auto",
-                            max_calls=1 if req.parallel_tool_calls is False else None)
+                            parse_tools=bool(tools) and req.tool_choice != "none",
+                            opening=opening,
+                            max_calls=1 if req.parallel_tool_calls is False or named else None)
         return JobResponse(job, fmt, stream=bool(req.stream))
 
     @app.post("/v1/completions")

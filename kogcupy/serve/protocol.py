@@ -9,7 +9,7 @@ Any other field (a client's bookkeeping: ``user``, ``metadata``, ``prompt_cache_
 ``cache_control`` on a content part or a tool, a message's ``reasoning_content``, ...) is
 ignored, as vLLM and llama.cpp do, and named in the server log (``ignored_fields``). Extra
 fields (vLLM style): ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
-``chat_template_kwargs``.
+``chat_template_kwargs``, ``add_generation_prompt``.
 
 Responses are plain dicts shaped like OpenAI's (a stream chunk is built per token, so no
 pydantic on that path); ``Usage`` is the one shared piece.
@@ -89,6 +89,16 @@ class ToolDef(_Strict):
         fields = set(FunctionDef.model_fields)
         return {"type": "function",
                 "function": self.function.model_dump(include=fields, exclude_none=True)}
+
+
+class ToolChoiceFunction(_Strict):
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(_Strict):
+    """tool_choice naming the function the answer must call."""
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class ToolCallFunction(_Strict):
@@ -185,13 +195,14 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     unsupported = {**_Sampling.unsupported, "echo": "", "best_of": "",
-                   "add_generation_prompt": "", "continue_final_message": "",
+                   "continue_final_message": "",
                    "chat_template": "the model's own template is used", "documents": ""}
     messages: list[Message] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None       # (vLLM's: e.g. enable_thinking)
+    add_generation_prompt: bool = True                       # (vLLM's: false, no assistant opening)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[ToolDef] | None = None
-    tool_choice: Union[Literal["auto", "none", "required"], dict, None] = None
+    tool_choice: Union[Literal["auto", "none", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -288,7 +299,7 @@ def _jsonable(x) -> bool:
 
 # what an unsupported field's "not asked for" looks like besides None, false, 0 and empty
 NEUTRAL = {"length_penalty": (1,), "repeat_penalty": (1,), "typical_p": (1,), "tfs_z": (1,),
-           "add_generation_prompt": (True,), "modalities": (["text"],)}
+           "modalities": (["text"],)}
 
 
 def _extras(model: BaseModel, at: str = ""):
@@ -373,9 +384,12 @@ def check_supported(req) -> None:
             if m.role == "tool" and m.tool_call_id is None:
                 no(f"messages[{i}].tool_call_id", f"messages[{i}].tool_call_id is required for "
                    f"a tool message (the id of the assistant's tool call it answers)")
-        if isinstance(req.tool_choice, dict) or req.tool_choice == "required":
-            no("tool_choice", "tool_choice must be \"auto\" or \"none\" (forcing a tool call is "
-                              "not supported)")
+        if isinstance(req.tool_choice, NamedToolChoice) and req.tools:
+            names = [t.function.name for t in req.tools]
+            if req.tool_choice.function.name not in names:
+                no("tool_choice.function.name",
+                   f"tool_choice names the function {req.tool_choice.function.name!r}, which is "
+                   f"not among the tools ({', '.join(map(repr, names))})")
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
             no("max_tokens", "max_tokens and max_completion_tokens disagree; send one of them")

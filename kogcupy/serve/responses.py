@@ -40,9 +40,11 @@ class Formatter:
 
 
 class ChatFormatter(Formatter):
-    def __init__(self, *a, parse_tools: bool = False, max_calls: int | None = None, **kw):
+    def __init__(self, *a, parse_tools: bool = False, max_calls: int | None = None,
+                 opening: str = "", **kw):
         super().__init__(*a, **kw)
-        self.parser = ToolCallParser() if parse_tools else None
+        # opening: the answer's start that the prompt ended with (a forced call, call_opening)
+        self.parser = ToolCallParser(opening) if parse_tools else None
         self.max_calls = max_calls          # 1 with parallel_tool_calls: false
         self._n_calls = 0
 
