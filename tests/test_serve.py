@@ -451,6 +451,8 @@ def test_sampling_fields_reach_the_engine(scripted):
     assert seeds[0] != seeds[1] and 2**64 - 1 not in seeds
     chat(srv.client(), "hi", seed=-5)             # OpenAI's int64: its bits
     assert eng.calls[-1]["seed"] == 2**64 - 5
+    # a tail held back as a stop string's possible start comes out when the text ends
+    assert chat(srv.client(), "hi", stop=["hi!"]).choices[0].message.content == "reply to hi"
     # add_generation_prompt: false (vLLM's): no assistant opening after the last message
     assert eng.calls[-1]["prompt"].endswith("<|im_start|>assistant\n")
     chat(srv.client(), "hi", extra_body={"add_generation_prompt": False})
@@ -698,6 +700,9 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "tools": [WEATHER_TOOL], "tool_choice": "required",
               "add_generation_prompt": False}, 400, "tool_choice", "add_generation_prompt"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "name": "f"}},
+     400, "tool_choice", '"required" or {"type": "function", "function": {"name": ...}}'),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "response_format": {"type": "json_object"}}, 400, "response_format", ""),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
@@ -964,14 +969,14 @@ def test_unknown_fields_are_ignored_and_logged(scripted, caplog):
 def test_forced_tool_choice(scripted, tiny_models):
     """tool_choice "required" or a named function: the prompt ends with the call's opening
     (the model continues its JSON) and the answer parses with that opening in front."""
-    eng, srv = scripted(script=lambda u: '{"city": "Paris"}}\n</tool_call>\nMore text.')
+    eng, srv = scripted(script=lambda u: ' {"city": "Paris"}}\n</tool_call>\nMore text.')
     c = srv.client()
     msgs = [{"role": "user", "content": "Weather in Paris?"}]
     named = {"type": "function", "function": {"name": "get_weather"}}
     r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
                                   tool_choice=named)
     assert eng.calls[-1]["prompt"].endswith(
-        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": ')
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments":')
     assert eng.calls[-1]["stop"] == ["</tool_call>"]          # one call, then the answer ends
     m = r.choices[0].message
     assert r.choices[0].finish_reason == "tool_calls" and m.content is None
@@ -1052,6 +1057,7 @@ def test_tool_calls_streamed_and_not(scripted):
                                           parallel_tool_calls=False)
             calls = [{"name": t.function.name} for t in r.choices[0].message.tool_calls]
         assert [x["name"] for x in calls] == ["a"]
+        assert eng.calls[-1]["stop"] == ["</tool_call>"]      # the answer ends with the call
     content, calls, finish = _stream_chat(c, [{"role": "user", "content": "both"}],
                                           tools=[WEATHER_TOOL])
 

@@ -48,7 +48,8 @@ def call_opening(name: str | None = None) -> str:
     head = OPEN_TAG + '\n{"name": '
     if name is None:
         return head + '"'
-    return head + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+    # (no space after the colon: models write it as the start of the arguments' first token)
+    return head + json.dumps(name, ensure_ascii=False) + ', "arguments":'
 
 
 def parse_call_body(body: str) -> ToolCall | None:

@@ -366,7 +366,9 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         kw = plan(req, ids, req.max_completion_tokens or req.max_tokens, None, "messages",
                   max_param)
         named = isinstance(req.tool_choice, P.NamedToolChoice)
-        if named:                            # one call: the answer ends with its closing tag
+        one_call = bool(tools) and req.tool_choice != "none" and \
+            (named or req.parallel_tool_calls is False)
+        if one_call:                         # the answer ends with the call's closing tag
             kw["stop"] = [*(kw["stop"] or []), CLOSE_TAG]
         rid = P.new_id("chatcmpl")
         job = submit(rid, ids, kw)
@@ -375,7 +377,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                                                req.stream_options.include_usage),
                             parse_tools=bool(tools) and req.tool_choice != "none",
                             opening=opening,
-                            max_calls=1 if req.parallel_tool_calls is False or named else None)
+                            max_calls=1 if one_call else None)
         return JobResponse(job, fmt, stream=bool(req.stream))
 
     @app.post("/v1/completions")

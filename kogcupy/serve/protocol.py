@@ -264,6 +264,11 @@ def parse_request(cls, obj: Any):
         errs = e.errors(include_url=False)
         first = errs[0]
         name = _loc(first["loc"])
+        if first["loc"][0] == "tool_choice":     # the union's errors name neither shape
+            got = json.dumps(first.get("input"))[:80] if _jsonable(first.get("input")) else "?"
+            raise APIError(400, f"invalid value for 'tool_choice' ({got}): it must be \"auto\", "
+                                f"\"none\", \"required\" or {{\"type\": \"function\", "
+                                f"\"function\": {{\"name\": ...}}}}", param="tool_choice")
         if first["type"] == "missing":
             raise APIError(400, f"missing required parameter '{name}'", param=name) from None
         same = [x for x in errs if _loc(x["loc"]) == name]
