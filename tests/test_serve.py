@@ -1007,6 +1007,85 @@ def test_forced_tool_choice(scripted, tiny_models):
     assert not eng.calls
 
 
+def test_responses_api(scripted):
+    """/v1/responses with the openai client: input and instructions become the chat prompt,
+    text and calls come back as output items, streamed as the API's typed events."""
+    eng, srv = scripted(script=lambda u: CALL_TEXT if "Weather" in u else f"reply to {u}")
+    c = srv.client()
+    r = c.responses.create(model="scripted", input="hi", instructions="Be brief.")
+    prompt = eng.calls[-1]["prompt"]
+    assert prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi")
+    assert r.output_text == "reply to hi" and r.status == "completed"
+    assert [(o.type, o.role, o.status) for o in r.output] == [("message", "assistant", "completed")]
+    assert r.usage.input_tokens == len(eng.encode_messages(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]))
+    assert r.usage.output_tokens == len(eng.tokenizer.encode("reply to hi", add_bos=False))
+    # max_output_tokens reached: incomplete, as OpenAI says it
+    r = c.responses.create(model="scripted", input="hello there", max_output_tokens=2)
+    assert (r.status, r.incomplete_details.reason, r.usage.output_tokens) == \
+        ("incomplete", "max_output_tokens", 2) and eng.calls[-1]["max_new_tokens"] == 2
+
+    # tools: a text item, then a function_call item; streamed, the typed events
+    tool = {"type": "function", "name": "get_weather", "description": "Current weather",
+            "parameters": WEATHER_TOOL["function"]["parameters"]}
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    r = c.responses.create(model="scripted", input=msgs, tools=[tool])
+    assert '"name": "get_weather"' in eng.calls[-1]["prompt"]            # tools were rendered
+    assert [o.type for o in r.output] == ["message", "function_call"]
+    assert r.output[0].content[0].text == "Let me check."
+    call = r.output[1]
+    assert (call.name, json.loads(call.arguments)) == ("get_weather", {"city": "Paris"})
+    with c.responses.stream(model="scripted", input=msgs, tools=[tool]) as stream:
+        kinds = [ev.type for ev in stream]
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.completed" and "response.output_text.delta" in kinds
+    assert "response.function_call_arguments.done" in kinds
+    assert [o.type for o in final.output] == ["message", "function_call"]
+    assert final.output[1].call_id.startswith("call_") and final.output_text == "Let me check."
+    raw = httpx.post(srv.url + "/v1/responses", json={"input": "yo", "stream": True}).text
+    assert raw.startswith("event: response.created\ndata: {") and "[DONE]" not in raw
+    seq = [json.loads(x.split("data: ", 1)[1])["sequence_number"] for x in raw.split("\n\n") if x]
+    assert seq == list(range(len(seq)))
+
+    # the next turn: the call and its output go back as items
+    eng.script = lambda u: "It is sunny."
+    turn2 = msgs + [{"type": "function_call", "call_id": call.call_id, "name": "get_weather",
+                     "arguments": call.arguments},
+                    {"type": "function_call_output", "call_id": call.call_id,
+                     "output": "sunny, 21 C"}]
+    r = c.responses.create(model="scripted", input=turn2, tools=[tool])
+    assert r.output_text == "It is sunny."
+    prompt = eng.calls[-1]["prompt"]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in prompt
+    # a named tool_choice forces the call
+    eng.script = lambda u: ' {"city": "Oslo"}}\n</tool_call>'
+    r = c.responses.create(model="scripted", input=msgs, tools=[tool],
+                           tool_choice={"type": "function", "name": "get_weather"})
+    assert [(o.type, o.name, o.arguments) for o in r.output] == \
+        [("function_call", "get_weather", '{"city": "Oslo"}')]
+
+    n = len(eng.calls)
+    for body, param, what in [
+            ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id",
+             "not stored"),
+            ({"input": [{"role": "user", "content": [{"type": "input_image",
+                                                      "image_url": "x"}]}]},
+             "input[0].content[0]", "input_image"),
+            ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type", "function"),
+            ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]", "not stored"),
+            ({"input": []}, "input", "empty"),
+            ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}, "tools": [tool]},
+             "tool_choice.name", "not among the tools"),
+            ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format.type",
+             "text")]:
+        r = httpx.post(srv.url + "/v1/responses", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param \
+            and what in r.json()["error"]["message"], (body, r.text)
+    assert len(eng.calls) == n
+
+
 def _stream_chat(client, messages, **kw):
     """Accumulate a streamed chat answer the way agents do."""
     content, calls, finish, n_chunks = "", {}, None, 0
@@ -1193,6 +1272,10 @@ def test_smol_chat_matches_engine_and_usage(smol, smol_greedy):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
     assert chunks[-1].usage.prompt_tokens == n_prompt
+    # the Responses API: the same prompt, so the same greedy text
+    r = srv.client().responses.create(model="smollm2", input=HAIKU, max_output_tokens=4,
+                                      temperature=0)
+    assert (r.output_text, r.usage.input_tokens, r.status) == (text, n_prompt, "incomplete")
 
 
 def test_smol_completions_seeded_sampling(smol):

@@ -28,6 +28,7 @@ from ..errors import ContextLengthError, InputError
 from ..model.tool_calls import CLOSE_TAG, OPEN_TAG, call_opening
 from ..sampling_params import SamplingParams
 from . import protocol as P
+from . import responses_api as RA
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .responses import ChatFormatter, CompletionFormatter, JobResponse, json_error
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
@@ -273,42 +274,63 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         check_model(model_id)
         return model_card()
 
-    def chat_tools(req, tool_choice=None) -> list | None:
-        """A chat request's tools for the template (None: none, or switched off), after the
-        checks the template needs (tools, tool calls it would drop, its variables)."""
-        tools = [t.to_template() for t in req.tools] if req.tools else None
+    def template_tools(tools: list | None, tool_choice, messages: list[dict],
+                       template_kwargs, where: str = "messages") -> list | None:
+        """A request's tools for the template (None: none, or switched off), after the checks
+        the template needs (tools, tool calls it would drop, its variables)."""
         if tools and tool_choice == "none" and not supports_tools:
             tools = None                             # switched off: the template needs none
         if tools and not supports_tools:
             raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
                                   f"takes no 'tools'", param="tools")
-        for i, m in enumerate(req.messages):
-            if m.tool_calls and not renders_calls:
+        for i, m in enumerate(messages):
+            if m.get("tool_calls") and not renders_calls:
                 raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
                                       f"drops an assistant message's tool_calls",
-                                 param=f"messages[{i}].tool_calls")
-        if req.chat_template_kwargs and engine.tokenizer is not None:
+                                 param=f"{where}[{i}].tool_calls" if where == "messages" else where)
+        if template_kwargs and engine.tokenizer is not None:
             try:
-                engine.tokenizer.check_template_variables(req.chat_template_kwargs)
+                engine.tokenizer.check_template_variables(template_kwargs)
             except InputError as e:
                 raise P.APIError(400, str(e), param="chat_template_kwargs") from None
         return tools
 
-    def forced_call(req) -> str:
-        """The answer's forced opening for tool_choice "required" or a named function (the
+    def forced_call(tool_choice, function: str | None, add_generation_prompt: bool) -> str:
+        """The answer's forced opening for tool_choice "required" or a named `function` (the
         model continues the call's JSON), "" otherwise; 400 for a template whose calls are not
         the <tool_call> tags kogcupy parses."""
-        choice = req.tool_choice
-        if not (choice == "required" or isinstance(choice, P.NamedToolChoice)):
+        if tool_choice != "required" and function is None:
             return ""
         if not call_tags:
             raise P.APIError(400, f"model '{name}' cannot be made to call a tool: its chat "
                                   f"template does not ask for {OPEN_TAG} calls (use tool_choice "
                                   f"\"auto\")", param="tool_choice")
-        if not req.add_generation_prompt:
+        if not add_generation_prompt:
             raise P.APIError(400, "a forced tool call (tool_choice) needs add_generation_prompt: "
                                   "the call is the assistant's answer", param="tool_choice")
-        return call_opening(None if choice == "required" else choice.function.name)
+        return call_opening(function)
+
+    async def chat_job(req, messages: list[dict], tools: list | None, function: str | None,
+                       requested: int | None, max_param: str, make_formatter, where: str,
+                       add_generation_prompt: bool = True):
+        """Queue a chat-template request (chat completions, responses): the prompt (with a
+        forced call's opening), its sampling, and the formatter, made by
+        ``make_formatter(rid, prompt_tokens, parse_tools=, opening=, max_calls=)``."""
+        tools = template_tools(tools, req.tool_choice, messages, req.chat_template_kwargs,
+                               where)
+        opening = forced_call(req.tool_choice, function, add_generation_prompt)
+        ids = await encode(engine.encode_messages, messages, tools=tools,
+                           template_kwargs=req.chat_template_kwargs,
+                           add_generation_prompt=add_generation_prompt, answer_prefix=opening,
+                           param=where)
+        kw = plan(req, ids, requested, None, where, max_param)
+        parse = bool(tools) and req.tool_choice != "none"
+        one_call = parse and (function is not None or req.parallel_tool_calls is False)
+        if one_call:                         # the answer ends with the call's closing tag
+            kw["stop"] = [*(kw["stop"] or []), CLOSE_TAG]
+        fmt = make_formatter(len(ids), parse_tools=parse, opening=opening,
+                             max_calls=1 if one_call else None)
+        return JobResponse(submit(fmt.rid, ids, kw), fmt, stream=bool(req.stream))
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -324,8 +346,11 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                 raise P.APIError(400, "add_special_tokens with messages is not supported: the "
                                       "chat template writes the special tokens",
                                  param="add_special_tokens")
-            ids = await encode(engine.encode_messages, [m.to_template() for m in req.messages],
-                               tools=chat_tools(req), template_kwargs=req.chat_template_kwargs,
+            msgs = [m.to_template() for m in req.messages]
+            tools = template_tools([t.to_template() for t in req.tools] if req.tools else None,
+                                   None, msgs, req.chat_template_kwargs)
+            ids = await encode(engine.encode_messages, msgs, tools=tools,
+                               template_kwargs=req.chat_template_kwargs,
                                add_generation_prompt=req.add_generation_prompt,
                                fit_context=False, param="messages")
         else:
@@ -356,29 +381,29 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await accept(request, P.ChatCompletionRequest, P.check_supported)
-        tools = chat_tools(req, req.tool_choice)
-        opening = forced_call(req)
-        ids = await encode(engine.encode_messages, [m.to_template() for m in req.messages],
-                           tools=tools, template_kwargs=req.chat_template_kwargs,
-                           add_generation_prompt=req.add_generation_prompt,
-                           answer_prefix=opening, param="messages")
-        max_param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        kw = plan(req, ids, req.max_completion_tokens or req.max_tokens, None, "messages",
-                  max_param)
         named = isinstance(req.tool_choice, P.NamedToolChoice)
-        one_call = bool(tools) and req.tool_choice != "none" and \
-            (named or req.parallel_tool_calls is False)
-        if one_call:                         # the answer ends with the call's closing tag
-            kw["stop"] = [*(kw["stop"] or []), CLOSE_TAG]
-        rid = P.new_id("chatcmpl")
-        job = submit(rid, ids, kw)
-        fmt = ChatFormatter(rid, name, P.now(), len(ids),
-                            include_usage=bool(req.stream_options and
-                                               req.stream_options.include_usage),
-                            parse_tools=bool(tools) and req.tool_choice != "none",
-                            opening=opening,
-                            max_calls=1 if one_call else None)
-        return JobResponse(job, fmt, stream=bool(req.stream))
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await chat_job(
+            req, [m.to_template() for m in req.messages],
+            [t.to_template() for t in req.tools] if req.tools else None,
+            req.tool_choice.function.name if named else None,
+            req.max_completion_tokens or req.max_tokens,
+            "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+            lambda n, **kw: ChatFormatter(P.new_id("chatcmpl"), name, P.now(), n,
+                                          include_usage=usage, **kw),
+            "messages", req.add_generation_prompt)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        req = await accept(request, RA.ResponsesRequest, RA.check_request)
+        named = isinstance(req.tool_choice, RA.ResponsesToolChoice)
+        return await chat_job(
+            req, RA.input_messages(req),
+            [t.to_template() for t in req.tools] if req.tools else None,
+            req.tool_choice.name if named else None, req.max_output_tokens,
+            "max_output_tokens",
+            lambda n, **kw: RA.ResponsesFormatter(P.new_id("resp"), name, P.now(), n, req, **kw),
+            "input")
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -339,6 +339,31 @@ def check_extras(req) -> None:
                            param=path)
 
 
+def check_stop(stop) -> None:
+    """400 for too many, empty or undecodable stop strings."""
+    if stop is None:
+        return
+    stops = [stop] if isinstance(stop, str) else stop
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}",
+                       param="stop")
+    for i, s in enumerate(stops):
+        name = "stop" if isinstance(stop, str) else f"stop[{i}]"
+        if not s:
+            raise APIError(400, "stop strings must be non-empty" +
+                           ("" if name == "stop" else f" ({name} is '')"), param="stop")
+        try:
+            check_text(s, name)
+        except InputError as e:
+            raise APIError(400, " ".join(str(e).split()), param="stop") from None
+
+
+def check_seed(seed) -> None:
+    if seed is not None and not -2**63 <= seed < 2**64:     # OpenAI's int64, or a uint64
+        raise APIError(400, f"seed must be null or -1 (a random one), or in [-2**63, 2**64), "
+                            f"got {seed}", param="seed")
+
+
 def check_supported(req) -> None:
     """400 for features kogcupy does not implement (neutral values pass)."""
     def no(param, msg):
@@ -354,20 +379,8 @@ def check_supported(req) -> None:
             no(p, f"{p} is not supported; use repetition_penalty (e.g. 1.1) instead")
     if req.logit_bias:
         no("logit_bias", "logit_bias is not supported")
-    if req.stop is not None:
-        stops = [req.stop] if isinstance(req.stop, str) else req.stop
-        if len(stops) > MAX_STOP_STRINGS:
-            no("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
-        for i, s in enumerate(stops):
-            name = "stop" if isinstance(req.stop, str) else f"stop[{i}]"
-            if not s:
-                no("stop", "stop strings must be non-empty" + ("" if name == "stop" else f" ({name} is '')"))
-            try:
-                check_text(s, name)
-            except InputError as e:
-                no("stop", " ".join(str(e).split()))
-    if req.seed is not None and not -2**63 <= req.seed < 2**64:     # OpenAI's int64, or a uint64
-        no("seed", f"seed must be null or -1 (a random one), or in [-2**63, 2**64), got {req.seed}")
+    check_stop(req.stop)
+    check_seed(req.seed)
     if req.stream_options is not None and not req.stream:
         no("stream_options", "stream_options is only allowed with stream: true")
     if isinstance(req, ChatCompletionRequest):

@@ -38,6 +38,15 @@ class Formatter:
     def usage(self, result) -> dict:
         return P.usage_of(result, self.prompt_tokens)
 
+    # the SSE framing: data lines, [DONE] at the end, an error object as the last event
+    end = P.SSE_DONE
+
+    def sse(self, obj: dict) -> bytes:
+        return P.sse(obj)
+
+    def sse_error(self, status: int, message: str) -> bytes:
+        return P.sse(P.error_body(status, message))
+
 
 class ChatFormatter(Formatter):
     def __init__(self, *a, parse_tools: bool = False, max_calls: int | None = None,
@@ -127,12 +136,9 @@ class CompletionFormatter(Formatter):
 _SHUTDOWN = "the generation was cancelled: the server is shutting down"
 
 
-def _sse_error(status: int, message: str) -> bytes:
-    """The end of a stream whose status line is already sent: the error event, then [DONE]."""
-    return P.sse(P.error_body(status, message)) + P.SSE_DONE
-
-
 class JobResponse(Response):
+    """`formatter`: a Formatter, or one with the same methods (responses_api.py)."""
+
     def __init__(self, job, formatter: Formatter, stream: bool):
         self.job = job
         self.fmt = formatter
@@ -165,6 +171,11 @@ class JobResponse(Response):
                 await watcher
             if not self._ended:
                 job.cancel()
+
+    def _sse_error(self, status: int, message: str) -> bytes:
+        """The end of a stream whose status line is already sent: the error event, then the
+        stream's end."""
+        return self.fmt.sse_error(status, message) + self.fmt.end
 
     async def _next(self):
         ev = await self.job.events.get()
@@ -214,14 +225,15 @@ class JobResponse(Response):
             return
         if ev[0] == "error":
             if started:                      # the status is sent: the error is an event
-                return await send({"type": "http.response.body", "body": _sse_error(ev[1], ev[2]),
-                                   "more_body": False})
+                return await send({"type": "http.response.body", "more_body": False,
+                                   "body": self._sse_error(ev[1], ev[2])})
             return await self._error(scope, receive, send, ev[1], ev[2])
         if not started:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         # the role chunk goes out with the first text (as vLLM's): a client that times its
         # first chunk measures the prefill, not the queue
-        head = b"".join(P.sse(c) for c in self.fmt.start())
+        fmt = self.fmt
+        head = b"".join(fmt.sse(c) for c in fmt.start())
         out = b""
         pending = [ev] if ev[0] != "start" else []
         q = self.job.events
@@ -242,8 +254,8 @@ class JobResponse(Response):
                 elif ev[0] in ("done", "error", "gone"):
                     last = ev
                     break
-            chunks = self.fmt.pieces(text) if text else []
-            out = b"".join(P.sse(c) for c in chunks)
+            chunks = fmt.pieces(text) if text else []
+            out = b"".join(fmt.sse(c) for c in chunks)
             if out and head:
                 out, head = head + out, b""
             if last is None:
@@ -251,11 +263,11 @@ class JobResponse(Response):
             if last[0] == "gone":
                 return
             if last[0] == "error":
-                out += _sse_error(last[1], last[2])
+                out += self._sse_error(last[1], last[2])
             elif last[1].finish_reason == "cancelled":
-                out += _sse_error(503, _SHUTDOWN)
+                out += self._sse_error(503, _SHUTDOWN)
             else:
-                out = head + out + b"".join(P.sse(c) for c in self.fmt.finish(last[1])) + P.SSE_DONE
+                out = head + out + b"".join(fmt.sse(c) for c in fmt.finish(last[1])) + fmt.end
             await send({"type": "http.response.body", "body": out, "more_body": False})
             return
 

@@ -1,0 +1,332 @@
+"""OpenAI's Responses API (``POST /v1/responses``), the one agent SDKs and coding agents call
+by default, served by the same engine as chat completions.
+
+A request's ``instructions`` and ``input`` become chat messages for the model's template
+(``input_messages``): a string is one user message; items are messages (``input_text`` /
+``output_text`` parts), ``function_call`` items (an assistant message's tool calls; calls in a
+row form one message) and ``function_call_output`` items (tool messages); ``reasoning`` items
+are dropped (the template would not show them). Nothing is stored: ``previous_response_id``
+and ``item_reference`` are a 400 that says to send the whole conversation, as a client with
+``store: false`` does. Tools are function tools (flat: ``{"type": "function", "name": ...}``).
+
+The answer is output items: a ``message`` with one ``output_text`` part and ``function_call``
+items, in the order the model wrote them. Streamed, it is the API's typed events
+(``event:`` and ``data:`` lines, ``sequence_number`` from 0, no ``[DONE]``): the response
+created and in progress, an item added, its part added, text deltas, ... , the response
+completed (or ``incomplete`` at ``max_output_tokens`` or the context's end).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal, Union
+
+from pydantic import Field
+
+from . import protocol as P
+from .responses import Formatter
+from ..model.tool_calls import Content, ToolCallParser
+
+
+class ResponsesTool(P._Strict):
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    def to_template(self) -> dict:
+        """The chat-completions shape templates read."""
+        fn = {"name": self.name}
+        if self.description is not None:
+            fn["description"] = self.description
+        if self.parameters is not None:
+            fn["parameters"] = self.parameters
+        return {"type": "function", "function": fn}
+
+
+class ResponsesToolChoice(P._Strict):
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+
+
+class TextFormat(P._Strict):
+    type: Literal["text"]
+
+
+class TextConfig(P._Strict):
+    unsupported = {"verbosity": ""}
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(P._Strict):
+    unsupported = {
+        "previous_response_id": "responses are not stored: send the whole conversation as "
+                                "input (as with store: false)",
+        "conversation": "conversations are not stored: send the whole conversation as input",
+        "background": "", "prompt": "stored prompts are not supported", "max_tool_calls": "",
+        "top_logprobs": "", "include": "", "n": ""}
+    model: str | None = None
+    input: Union[str, list[dict[str, Any]]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    tools: list[ResponsesTool] | None = None
+    tool_choice: Union[Literal["auto", "none", "required"], ResponsesToolChoice, None] = None
+    parallel_tool_calls: bool | None = None
+    stream: bool | None = False
+    text: TextConfig | None = None
+    truncation: Literal["disabled"] | None = None
+    # vLLM-style extras, as on chat completions
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, lt=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    ignore_eos: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    # bookkeeping, echoed or unused
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+
+
+def check_request(req: ResponsesRequest) -> None:
+    P.check_extras(req)
+    P.check_stop(req.stop)
+    if req.tool_choice not in (None, "none") and not req.tools:
+        raise P.APIError(400, "tool_choice is only allowed when tools are specified",
+                         param="tool_choice")
+    if isinstance(req.tool_choice, ResponsesToolChoice):
+        names = [t.name for t in req.tools]
+        if req.tool_choice.name not in names:
+            raise P.APIError(400, f"tool_choice names the function {req.tool_choice.name!r}, "
+                                  f"which is not among the tools ({', '.join(map(repr, names))})",
+                             param="tool_choice.name")
+    P.check_seed(req.seed)
+
+
+def _text(content, where: str, kinds: tuple[str, ...]) -> str:
+    """A message's content (a string or text parts of `kinds`) as one string."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise P.APIError(400, f"{where}.content must be a string or a list of content parts",
+                         param=f"{where}.content")
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in kinds or not isinstance(part.get("text"), str):
+            what = "text" if kind in kinds else f"of type {json.dumps(kind)}"
+            raise P.APIError(400, f"{where}.content[{j}]: content parts {what} are not supported "
+                                  f"here: kogcupy serves text models (parts of type "
+                                  f"{' or '.join(kinds)} with a 'text')",
+                             param=f"{where}.content[{j}]")
+        out.append(part["text"])
+    return "\n".join(out)
+
+
+def _field(item: dict, key: str, where: str) -> str:
+    v = item.get(key)
+    if not isinstance(v, str):
+        raise P.APIError(400, f"{where}.{key} must be a string", param=f"{where}.{key}")
+    return v
+
+
+def input_messages(req: ResponsesRequest) -> list[dict]:
+    """instructions + input -> chat messages (HF template conventions); 400s name the item."""
+    msgs: list[dict] = []
+    if req.instructions:
+        msgs.append({"role": "system", "content": req.instructions})
+    if isinstance(req.input, str):
+        msgs.append({"role": "user", "content": req.input})
+        return msgs
+    for i, item in enumerate(req.input):
+        where = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise P.APIError(400, f"{where}.role must be user, system, developer or "
+                                      f"assistant, got {json.dumps(role)[:40]}",
+                                 param=f"{where}.role")
+            kinds = ("output_text", "refusal") if role == "assistant" else ("input_text",)
+            msgs.append({"role": "system" if role == "developer" else role,
+                         "content": _text(item.get("content"), where, kinds)})
+        elif kind == "function_call":
+            call = {"id": _field(item, "call_id", where), "type": "function",
+                    "function": {"name": _field(item, "name", where),
+                                 "arguments": _field(item, "arguments", where)}}
+            last = msgs[-1] if msgs else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)     # one assistant turn
+            else:
+                msgs.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            out = item.get("output")
+            msgs.append({"role": "tool", "tool_call_id": _field(item, "call_id", where),
+                         "content": out if isinstance(out, str) else
+                         _text(out, where, ("input_text",))})
+        elif kind == "reasoning":
+            continue                        # a reasoning model's own; templates do not show it
+        elif kind == "item_reference":
+            raise P.APIError(400, f"{where}: item references are not supported: responses are "
+                                  f"not stored, send the items themselves", param=where)
+        else:
+            raise P.APIError(400, f"{where}: input items of type {json.dumps(kind)[:40]} are not "
+                                  f"supported (message, function_call, function_call_output)",
+                             param=f"{where}.type")
+    if not msgs:
+        raise P.APIError(400, "input is empty: send at least one message", param="input")
+    return msgs
+
+
+def usage(result, prompt_tokens: int) -> dict:
+    u = P.usage_of(result, prompt_tokens)
+    return {"input_tokens": u["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+            "output_tokens": u["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u["total_tokens"]}
+
+
+def _sse(obj: dict) -> bytes:
+    return b"event: " + obj["type"].encode() + b"\n" + P.sse(obj)
+
+
+class ResponsesFormatter(Formatter):
+    """Events of one job -> the Responses API's output items and stream events."""
+
+    end = b""                               # no [DONE]: response.completed ends the stream
+
+    def __init__(self, rid: str, model: str, created: int, prompt_tokens: int,
+                 req: ResponsesRequest, parse_tools: bool, opening: str = "",
+                 max_calls: int | None = None):
+        super().__init__(rid, model, created, prompt_tokens)
+        self.req = req
+        self.parser = ToolCallParser(opening) if parse_tools else None
+        self.max_calls = max_calls
+        self.output: list[dict] = []         # finished items
+        self._msg: dict | None = None        # the message item being written
+        self._n_calls = 0
+        self._seq = 0
+
+    # -- the response object -------------------------------------------------------------
+    def _response(self, status: str, result=None) -> dict:
+        r = self.req
+        incomplete = status == "incomplete"
+        return {"id": self.rid, "object": "response", "created_at": self.created,
+                "status": status, "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                "instructions": r.instructions, "max_output_tokens": r.max_output_tokens,
+                "model": self.model, "output": list(self.output) if result is not None else [],
+                "parallel_tool_calls": r.parallel_tool_calls is not False,
+                "previous_response_id": None, "reasoning": None, "store": False,
+                "temperature": 1.0 if r.temperature is None else r.temperature,
+                "text": {"format": {"type": "text"}},
+                "tool_choice": (r.tool_choice.model_dump() if isinstance(
+                    r.tool_choice, ResponsesToolChoice) else r.tool_choice or "auto"),
+                "tools": [t.model_dump(exclude_none=True) for t in r.tools or []],
+                "top_p": 1.0 if r.top_p is None else r.top_p, "truncation": "disabled",
+                "usage": usage(result, self.prompt_tokens) if result is not None else None,
+                "user": r.user, "metadata": r.metadata or {}}
+
+    @staticmethod
+    def _status(result) -> str:
+        return "incomplete" if result.finish_reason in ("length", "context") else "completed"
+
+    # -- items ---------------------------------------------------------------------------
+    def _event(self, kind: str, **fields) -> dict:
+        ev = {"type": kind, "sequence_number": self._seq, **fields}
+        self._seq += 1
+        return ev
+
+    def _text(self, text: str) -> list[dict]:
+        out = []
+        if self._msg is None:
+            self._msg = {"id": P.new_id("msg"), "type": "message", "status": "in_progress",
+                         "role": "assistant", "content": []}
+            idx = len(self.output)
+            out.append(self._event("response.output_item.added", output_index=idx,
+                                   item={**self._msg, "content": []}))
+            out.append(self._event("response.content_part.added", item_id=self._msg["id"],
+                                   output_index=idx, content_index=0,
+                                   part={"type": "output_text", "text": "", "annotations": []}))
+            self._msg["text"] = ""
+        self._msg["text"] += text
+        out.append(self._event("response.output_text.delta", item_id=self._msg["id"],
+                               output_index=len(self.output), content_index=0, delta=text,
+                               logprobs=[]))
+        return out
+
+    def _close_message(self, status: str = "completed") -> list[dict]:
+        if self._msg is None:
+            return []
+        m, self._msg = self._msg, None
+        idx = len(self.output)
+        part = {"type": "output_text", "text": m.pop("text"), "annotations": []}
+        item = {**m, "status": status, "content": [part]}
+        self.output.append(item)
+        return [self._event("response.output_text.done", item_id=m["id"], output_index=idx,
+                            content_index=0, text=part["text"], logprobs=[]),
+                self._event("response.content_part.done", item_id=m["id"], output_index=idx,
+                            content_index=0, part=part),
+                self._event("response.output_item.done", output_index=idx, item=item)]
+
+    def _call(self, call) -> list[dict]:
+        if self.max_calls is not None and self._n_calls >= self.max_calls:
+            return []
+        self._n_calls += 1
+        out = self._close_message()
+        idx = len(self.output)
+        item = {"id": P.new_id("fc"), "type": "function_call", "status": "in_progress",
+                "call_id": call.id, "name": call.name, "arguments": ""}
+        out.append(self._event("response.output_item.added", output_index=idx, item=dict(item)))
+        out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
+                               output_index=idx, delta=call.arguments))
+        out.append(self._event("response.function_call_arguments.done", item_id=item["id"],
+                               output_index=idx, name=call.name, arguments=call.arguments))
+        item.update(arguments=call.arguments, status="completed")
+        self.output.append(item)
+        out.append(self._event("response.output_item.done", output_index=idx, item=item))
+        return out
+
+    def _events(self, events) -> list[dict]:
+        out = []
+        for ev in events:
+            out += self._text(ev.text) if isinstance(ev, Content) else self._call(ev)
+        return out
+
+    # -- the Formatter interface ---------------------------------------------------------
+    def start(self) -> list[dict]:
+        head = self._response("in_progress")
+        return [self._event("response.created", response=head),
+                self._event("response.in_progress", response=head)]
+
+    def pieces(self, text: str) -> list[dict]:
+        return self._events(self.parser.feed(text) if self.parser is not None
+                            else [Content(text)])
+
+    def finish(self, result) -> list[dict]:
+        out = self._events(self.parser.finish()) if self.parser is not None else []
+        status = self._status(result)
+        out += self._close_message("incomplete" if status == "incomplete" else "completed")
+        kind = "response.completed" if status == "completed" else "response.incomplete"
+        return out + [self._event(kind, response=self._response(status, result))]
+
+    def full(self, text: str, result) -> dict:
+        self.pieces(text)
+        self.finish(result)
+        return self._response(self._status(result), result)
+
+    def sse(self, obj: dict) -> bytes:
+        return _sse(obj)
+
+    def sse_error(self, status: int, message: str) -> bytes:
+        """A stream's end after its status line went out: the API's error event."""
+        err = P.error_body(status, message)["error"]
+        return _sse(self._event("error", code=err["code"] or err["type"], message=message,
+                                param=None))
