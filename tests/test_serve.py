@@ -1084,6 +1084,7 @@ def test_responses_api(scripted):
         assert r.status_code == 400 and r.json()["error"]["param"] == param \
             and what in r.json()["error"]["message"], (body, r.text)
     assert len(eng.calls) == n
+    assert srv.metric("kogcupy_requests_total", route="/v1/responses", status="400") == 7
 
 
 def _stream_chat(client, messages, **kw):
