@@ -235,6 +235,8 @@ class ScriptedGeneration:
                     return piece
                 break
             time.sleep(e.delay)
+            if self._i == e.fail_at:
+                raise RuntimeError("the GPU fell off the bus")
             self._text += self._dec.push(self._tokens[self._i])
             self._i += 1
             hits = [i for i in (self._text.find(s) for s in self._stop) if i >= 0]
@@ -274,6 +276,7 @@ class ScriptedEngine:
         self.active = 0
         self.max_active = 0
         self.raise_in_generate: Exception | None = None
+        self.fail_at: int | None = None        # a generation raises before this token
         self._lock = threading.Lock()
         self.model = None
 
@@ -1079,12 +1082,39 @@ def test_responses_api(scripted):
             ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}, "tools": [tool]},
              "tool_choice.name", "not among the tools"),
             ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format.type",
-             "text")]:
+             "text"),
+            ({"input": "x", "presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
+            ({"input": "x", "include": ["message.output_text.logprobs"]}, "include[0]",
+             "logprobs")]:
         r = httpx.post(srv.url + "/v1/responses", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param \
             and what in r.json()["error"]["message"], (body, r.text)
     assert len(eng.calls) == n
-    assert srv.metric("kogcupy_requests_total", route="/v1/responses", status="400") == 7
+    assert srv.metric("kogcupy_requests_total", route="/v1/responses", status="400") == 9
+    # what agent clients send by default is accepted (ignored where it has no effect here)
+    eng.script = lambda u: f"reply to {u}"
+    r = httpx.post(srv.url + "/v1/responses", json={
+        "input": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+                  {"type": "reasoning", "id": "rs_1", "summary": []},
+                  {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+        "include": ["reasoning.encrypted_content"], "truncation": "auto", "store": False,
+        "reasoning": {"effort": "medium"}, "text": {"format": {"type": "text"},
+                                                    "verbosity": "low"},
+        "prompt_cache_key": "k", "parallel_tool_calls": True})
+    assert r.status_code == 200 and r.json()["output"][0]["content"][0]["text"] == "reply to hi"
+    assert "<|im_start|>assistant\nNo.<|im_end|>" in eng.calls[-1]["prompt"]
+
+    # a failure in the generation: streamed, the events so far, then error and response.failed
+    for fail_at in (0, 2):
+        eng.script, eng.fail_at = (lambda u: "one two three four"), fail_at
+        raw = httpx.post(srv.url + "/v1/responses", json={"input": "x", "stream": True}).text
+        kinds = [x.split("\n")[0][7:] for x in raw.split("\n\n") if x]
+        assert kinds[:2] == ["response.created", "response.in_progress"], raw
+        assert kinds[-2:] == ["error", "response.failed"], raw
+        assert ("response.output_text.delta" in kinds) == (fail_at > 0), raw
+        failed = json.loads(raw.split("\n\n")[-2].split("data: ", 1)[1])["response"]
+        assert failed["status"] == "failed" and "internal error" in failed["error"]["message"]
+    eng.fail_at = None
 
 
 def _stream_chat(client, messages, **kw):

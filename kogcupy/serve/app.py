@@ -402,7 +402,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             [t.to_template() for t in req.tools] if req.tools else None,
             req.tool_choice.name if named else None, req.max_output_tokens,
             "max_output_tokens",
-            lambda n, **kw: RA.ResponsesFormatter(P.new_id("resp"), name, P.now(), n, req, **kw),
+            lambda n, **kw: RA.ResponsesFormatter(RA.new_id("resp"), name, P.now(), n, req,
+                                                  **kw),
             "input")
 
     @app.post("/v1/completions")

@@ -225,8 +225,9 @@ class JobResponse(Response):
             return
         if ev[0] == "error":
             if started:                      # the status is sent: the error is an event
+                head = b"".join(self.fmt.sse(c) for c in self.fmt.start())
                 return await send({"type": "http.response.body", "more_body": False,
-                                   "body": self._sse_error(ev[1], ev[2])})
+                                   "body": head + self._sse_error(ev[1], ev[2])})
             return await self._error(scope, receive, send, ev[1], ev[2])
         if not started:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
@@ -262,10 +263,10 @@ class JobResponse(Response):
                 continue
             if last[0] == "gone":
                 return
-            if last[0] == "error":
-                out += self._sse_error(last[1], last[2])
+            if last[0] == "error":           # (the head first: a stream opens with it)
+                out = head + out + self._sse_error(last[1], last[2])
             elif last[1].finish_reason == "cancelled":
-                out += self._sse_error(503, _SHUTDOWN)
+                out = head + out + self._sse_error(503, _SHUTDOWN)
             else:
                 out = head + out + b"".join(fmt.sse(c) for c in fmt.finish(last[1])) + fmt.end
             await send({"type": "http.response.body", "body": out, "more_body": False})

@@ -18,6 +18,7 @@ completed (or ``incomplete`` at ``max_output_tokens`` or the context's end).
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, Literal, Union
 
 from pydantic import Field
@@ -54,17 +55,20 @@ class TextFormat(P._Strict):
 
 
 class TextConfig(P._Strict):
-    unsupported = {"verbosity": ""}
-    format: TextFormat | None = None
+    format: TextFormat | None = None            # (verbosity, a hint: ignored and logged)
 
 
 class ResponsesRequest(P._Strict):
     unsupported = {
+        **P._Sampling.unsupported,
+        "presence_penalty": "use 'repetition_penalty'", "frequency_penalty":
+        "use 'repetition_penalty'", "logit_bias": "", "response_format": "", "max_tokens":
+        "use 'max_output_tokens'", "messages": "send the messages as 'input'",
         "previous_response_id": "responses are not stored: send the whole conversation as "
                                 "input (as with store: false)",
         "conversation": "conversations are not stored: send the whole conversation as input",
         "background": "", "prompt": "stored prompts are not supported", "max_tool_calls": "",
-        "top_logprobs": "", "include": "", "n": ""}
+        "top_logprobs": "", "n": ""}
     model: str | None = None
     input: Union[str, list[dict[str, Any]]]
     instructions: str | None = None
@@ -76,7 +80,9 @@ class ResponsesRequest(P._Strict):
     parallel_tool_calls: bool | None = None
     stream: bool | None = False
     text: TextConfig | None = None
-    truncation: Literal["disabled"] | None = None
+    # "auto" is taken as "disabled": a prompt past the context is a 400 either way
+    truncation: Literal["auto", "disabled"] | None = None
+    include: list[str] | None = None             # (reasoning.encrypted_content: none to give)
     # vLLM-style extras, as on chat completions
     top_k: int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, lt=1)
@@ -97,6 +103,10 @@ class ResponsesRequest(P._Strict):
 def check_request(req: ResponsesRequest) -> None:
     P.check_extras(req)
     P.check_stop(req.stop)
+    for i, what in enumerate(req.include or []):
+        if "logprobs" in what:
+            raise P.APIError(400, f"include {what!r}: logprobs are not supported",
+                             param=f"include[{i}]")
     if req.tool_choice not in (None, "none") and not req.tools:
         raise P.APIError(400, "tool_choice is only allowed when tools are specified",
                          param="tool_choice")
@@ -109,23 +119,28 @@ def check_request(req: ResponsesRequest) -> None:
     P.check_seed(req.seed)
 
 
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
 def _text(content, where: str, kinds: tuple[str, ...]) -> str:
-    """A message's content (a string or text parts of `kinds`) as one string."""
+    """Content at `where` (a string, or parts of `kinds` with their text; a refusal part's is
+    its "refusal") as one string."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
-        raise P.APIError(400, f"{where}.content must be a string or a list of content parts",
-                         param=f"{where}.content")
+        raise P.APIError(400, f"{where} must be a string or a list of content parts",
+                         param=where)
     out = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in kinds or not isinstance(part.get("text"), str):
-            what = "text" if kind in kinds else f"of type {json.dumps(kind)}"
-            raise P.APIError(400, f"{where}.content[{j}]: content parts {what} are not supported "
+        key = "refusal" if kind == "refusal" else "text"
+        if kind not in kinds or not isinstance(part.get(key), str):
+            what = f"without a string '{key}'" if kind in kinds else f"of type {json.dumps(kind)}"
+            raise P.APIError(400, f"{where}[{j}]: content parts {what} are not supported "
                                   f"here: kogcupy serves text models (parts of type "
-                                  f"{' or '.join(kinds)} with a 'text')",
-                             param=f"{where}.content[{j}]")
-        out.append(part["text"])
+                                  f"{' or '.join(kinds)})", param=f"{where}[{j}]")
+        out.append(part[key])
     return "\n".join(out)
 
 
@@ -155,7 +170,7 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
                                  param=f"{where}.role")
             kinds = ("output_text", "refusal") if role == "assistant" else ("input_text",)
             msgs.append({"role": "system" if role == "developer" else role,
-                         "content": _text(item.get("content"), where, kinds)})
+                         "content": _text(item.get("content"), f"{where}.content", kinds)})
         elif kind == "function_call":
             call = {"id": _field(item, "call_id", where), "type": "function",
                     "function": {"name": _field(item, "name", where),
@@ -169,7 +184,7 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
             out = item.get("output")
             msgs.append({"role": "tool", "tool_call_id": _field(item, "call_id", where),
                          "content": out if isinstance(out, str) else
-                         _text(out, where, ("input_text",))})
+                         _text(out, f"{where}.output", ("input_text",))})
         elif kind == "reasoning":
             continue                        # a reasoning model's own; templates do not show it
         elif kind == "item_reference":
@@ -187,7 +202,8 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
 def usage(result, prompt_tokens: int) -> dict:
     u = P.usage_of(result, prompt_tokens)
     return {"input_tokens": u["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"]},
+            "input_tokens_details": {"cached_tokens": u["prompt_tokens_details"]["cached_tokens"],
+                                     "cache_write_tokens": 0},
             "output_tokens": u["completion_tokens"],
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": u["total_tokens"]}
@@ -247,7 +263,11 @@ class ResponsesFormatter(Formatter):
     def _text(self, text: str) -> list[dict]:
         out = []
         if self._msg is None:
-            self._msg = {"id": P.new_id("msg"), "type": "message", "status": "in_progress",
+            if self.output:                 # after a call: the parser's separating newline
+                text = text.lstrip("\n")
+                if not text:
+                    return out
+            self._msg = {"id": new_id("msg"), "type": "message", "status": "in_progress",
                          "role": "assistant", "content": []}
             idx = len(self.output)
             out.append(self._event("response.output_item.added", output_index=idx,
@@ -282,7 +302,7 @@ class ResponsesFormatter(Formatter):
         self._n_calls += 1
         out = self._close_message()
         idx = len(self.output)
-        item = {"id": P.new_id("fc"), "type": "function_call", "status": "in_progress",
+        item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress",
                 "call_id": call.id, "name": call.name, "arguments": ""}
         out.append(self._event("response.output_item.added", output_index=idx, item=dict(item)))
         out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
@@ -326,7 +346,9 @@ class ResponsesFormatter(Formatter):
         return _sse(obj)
 
     def sse_error(self, status: int, message: str) -> bytes:
-        """A stream's end after its status line went out: the API's error event."""
-        err = P.error_body(status, message)["error"]
-        return _sse(self._event("error", code=err["code"] or err["type"], message=message,
-                                param=None))
+        """A stream's end after its status line went out: the API's error event, then the
+        response failed (its terminal event)."""
+        code = P.error_body(status, message)["error"]["type"]
+        failed = {**self._response("failed"), "error": {"code": code, "message": message}}
+        return _sse(self._event("error", code=code, message=message, param=None)) + \
+            _sse(self._event("response.failed", response=failed))
