@@ -570,7 +570,7 @@ def _turn_stats(r) -> str:
 def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_cache_gb,
           allowed_origins, backend, context_length, dtype, gpus):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
-    /v1/completions, /v1/models, /tokenize, /detokenize, /health, /metrics).
+    /v1/completions, /v1/responses, /v1/models, /tokenize, /detokenize, /health, /metrics).
 
     One generation runs at a time; up to --max-queue requests wait in FIFO order. A client
     that disconnects cancels its generation. Ctrl-C stops the server.

@@ -531,8 +531,9 @@ class Engine:
                         answer_prefix: str = "") -> list[int]:
         """OpenAI-style messages (and tools) -> ids of the chat template's rendering, ending with
         the assistant generation prompt (unless add_generation_prompt=False), then
-        ``answer_prefix`` (text the answer starts with: the model continues it). ``template_kwargs``:
-        more variables for the template (HF's ``apply_chat_template(**kwargs)``, e.g.
+        ``answer_prefix`` (text the answer starts with: the model continues it).
+        ``template_kwargs``: more variables for the template (HF's
+        ``apply_chat_template(**kwargs)``, e.g.
         ``{"enable_thinking": False}``); ``fit_context=False``: no ContextLengthError (counting
         tokens)."""
         check_messages(messages)

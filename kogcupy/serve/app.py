@@ -3,9 +3,9 @@
     app = create_app(engine, served_model_name="smollm2", api_key=None, max_queue=16)
     run_server(app, host="127.0.0.1", port=8000)     # (Server: Ctrl-C ends open requests)
 
-Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (JSON or SSE with
-"stream": true; responses_api.py), GET /v1/models, GET /v1/models/{id}, POST /tokenize, POST /detokenize (vLLM's), GET /health,
-GET /metrics (Prometheus). With ``api_key`` every /v1 route and /tokenize, /detokenize need
+Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (JSON or SSE
+with "stream": true; responses_api.py), GET /v1/models, GET /v1/models/{id}, POST /tokenize,
+POST /detokenize (vLLM's), GET /health, GET /metrics (Prometheus). With ``api_key`` every /v1 route and /tokenize, /detokenize need
 ``Authorization: Bearer <key>``. Errors are OpenAI's JSON error object.
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ log = logging.getLogger("kogcupy.serve")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16           # OpenAI's default for /v1/completions
-_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/tokenize",
-           "/detokenize", "/health", "/metrics")
+_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models",
+           "/tokenize", "/detokenize", "/health", "/metrics")
 _KEYED = ("/v1", "/tokenize", "/detokenize")     # routes that need the API key, when one is set
 
 
