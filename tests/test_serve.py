@@ -454,6 +454,9 @@ def test_sampling_fields_reach_the_engine(scripted):
     assert seeds[0] != seeds[1] and 2**64 - 1 not in seeds
     chat(srv.client(), "hi", seed=-5)             # OpenAI's int64: its bits
     assert eng.calls[-1]["seed"] == 2**64 - 5
+    chat(srv.client(), "hi", max_tokens=3.0, seed=7.0, extra_body={"top_k": 2.0})  # whole floats
+    got = [eng.calls[-1][k] for k in ("max_new_tokens", "seed", "top_k")]
+    assert got == [3, 7, 2] and all(type(v) is int for v in got)
     # a tail held back as a stop string's possible start comes out when the text ends
     assert chat(srv.client(), "hi", stop=["hi!"]).choices[0].message.content == "reply to hi"
     # add_generation_prompt: false (vLLM's): no assistant opening after the last message
@@ -660,6 +663,8 @@ BAD_REQUESTS = [
               "max_tokens": "5"}, 400, "max_tokens", "integer"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
+              "max_tokens": 5.5}, 400, "max_tokens", "integer"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "max_tokens": 100000}, 400, "max_tokens", "context length"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],

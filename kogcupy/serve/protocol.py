@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..engine import check_text
 from ..errors import InputError
@@ -60,6 +60,15 @@ def error_body(status: int, message: str, param: str | None = None,
 
 
 # ------------------------------------------------------------------------------- requests
+def _integral(v):
+    """5.0 -> 5 (a client's JSON writer may send a whole float; vLLM takes it); 5.5 stays."""
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**64 else v
+
+
+# an integer field that takes a whole float too (strict otherwise: "5" and 5.5 are 400s)
+Int = Annotated[int, BeforeValidator(_integral)]
+
+
 class _Strict(BaseModel):
     # Unknown fields are kept aside (model_extra), never used: ignored_fields names them. Those
     # in `unsupported` (name -> how to do without) would change the output or the response:
@@ -169,13 +178,13 @@ class _Sampling(_Strict):
         "reasoning_effort": "", "verbosity": "", "web_search_options": "", "audio": "",
         "modalities": "text is the only modality"}
     model: str | None = None                                  # (none: the served model)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: Int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)   # (OpenAI's range)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)            # -1 or 0: off
+    top_k: Int | None = Field(default=None, ge=-1)            # -1 or 0: off
     min_p: float | None = Field(default=None, ge=0, lt=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    seed: int | None = None                                   # (null or -1: a random one)
+    seed: Int | None = None                                   # (null or -1: a random one)
     ignore_eos: bool | None = None                            # (vLLM's: to max_tokens)
     stop: Union[str, list[str], None] = None
     stream: bool | None = False                               # (null: false)
@@ -187,7 +196,7 @@ class _Sampling(_Strict):
     service_tier: str | None = None
     prompt_cache_key: str | None = None                       # (the prefix cache needs none)
     # Accepted with their neutral value only (check_supported):
-    n: int | None = None
+    n: Int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -200,12 +209,12 @@ class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None       # (vLLM's: e.g. enable_thinking)
     add_generation_prompt: bool = True                       # (vLLM's: false, no assistant opening)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
     tools: list[ToolDef] | None = None
     tool_choice: Union[Literal["auto", "none", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
     response_format: dict | None = None
 
 
@@ -216,8 +225,8 @@ class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool | None = None
     suffix: str | None = None
-    best_of: int | None = None
-    logprobs: int | None = None
+    best_of: Int | None = None
+    logprobs: Int | None = None
 
 
 class TokenizeRequest(_Strict):

@@ -72,7 +72,7 @@ class ResponsesRequest(P._Strict):
     model: str | None = None
     input: Union[str, list[dict[str, Any]]]
     instructions: str | None = None
-    max_output_tokens: int | None = Field(default=None, ge=1)
+    max_output_tokens: P.Int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     tools: list[ResponsesTool] | None = None
@@ -84,10 +84,10 @@ class ResponsesRequest(P._Strict):
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None             # (reasoning.encrypted_content: none to give)
     # vLLM-style extras, as on chat completions
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: P.Int | None = Field(default=None, ge=-1)
     min_p: float | None = Field(default=None, ge=0, lt=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
-    seed: int | None = None
+    seed: P.Int | None = None
     stop: Union[str, list[str], None] = None
     ignore_eos: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
