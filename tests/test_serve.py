@@ -1089,13 +1089,16 @@ def test_responses_api(scripted):
             ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format.type",
              "text"),
             ({"input": "x", "presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
+            ({"input": "x", "tools": [tool], "tool_choice": {"type": "function",
+                                                             "function": {"name": "f"}}},
+             "tool_choice", '"required" or {"type": "function", "name": ...}'),
             ({"input": "x", "include": ["message.output_text.logprobs"]}, "include[0]",
              "logprobs")]:
         r = httpx.post(srv.url + "/v1/responses", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param \
             and what in r.json()["error"]["message"], (body, r.text)
     assert len(eng.calls) == n
-    assert srv.metric("kogcupy_requests_total", route="/v1/responses", status="400") == 9
+    assert srv.metric("kogcupy_requests_total", route="/v1/responses", status="400") == 10
     # what agent clients send by default is accepted (ignored where it has no effect here)
     eng.script = lambda u: f"reply to {u}"
     r = httpx.post(srv.url + "/v1/responses", json={

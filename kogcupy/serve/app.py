@@ -5,8 +5,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (JSON or SSE
 with "stream": true; responses_api.py), GET /v1/models, GET /v1/models/{id}, POST /tokenize,
-POST /detokenize (vLLM's), GET /health, GET /metrics (Prometheus). With ``api_key`` every /v1 route and /tokenize, /detokenize need
-``Authorization: Bearer <key>``. Errors are OpenAI's JSON error object.
+POST /detokenize (vLLM's), GET /health, GET /metrics (Prometheus). With ``api_key`` every /v1
+route and /tokenize, /detokenize need ``Authorization: Bearer <key>``. Errors are OpenAI's JSON error object.
 """
 from __future__ import annotations
 

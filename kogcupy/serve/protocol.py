@@ -206,6 +206,7 @@ class ChatCompletionRequest(_Sampling):
     unsupported = {**_Sampling.unsupported, "echo": "", "best_of": "",
                    "continue_final_message": "",
                    "chat_template": "the model's own template is used", "documents": ""}
+    named_tool_choice: ClassVar[str] = '{"type": "function", "function": {"name": ...}}'
     messages: list[Message] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None       # (vLLM's: e.g. enable_thinking)
     add_generation_prompt: bool = True                       # (vLLM's: false, no assistant opening)
@@ -276,8 +277,8 @@ def parse_request(cls, obj: Any):
         if first["loc"][0] == "tool_choice":     # the union's errors name neither shape
             got = json.dumps(first.get("input"))[:80] if _jsonable(first.get("input")) else "?"
             raise APIError(400, f"invalid value for 'tool_choice' ({got}): it must be \"auto\", "
-                                f"\"none\", \"required\" or {{\"type\": \"function\", "
-                                f"\"function\": {{\"name\": ...}}}}", param="tool_choice")
+                                f"\"none\", \"required\" or {cls.named_tool_choice}",
+                           param="tool_choice") from None
         if first["type"] == "missing":
             raise APIError(400, f"missing required parameter '{name}'", param=name) from None
         same = [x for x in errs if _loc(x["loc"]) == name]

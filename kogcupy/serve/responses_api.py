@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import Field
 
@@ -69,6 +69,7 @@ class ResponsesRequest(P._Strict):
         "conversation": "conversations are not stored: send the whole conversation as input",
         "background": "", "prompt": "stored prompts are not supported", "max_tool_calls": "",
         "top_logprobs": "", "n": ""}
+    named_tool_choice: ClassVar[str] = '{"type": "function", "name": ...}'
     model: str | None = None
     input: Union[str, list[dict[str, Any]]]
     instructions: str | None = None
