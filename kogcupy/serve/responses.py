@@ -137,7 +137,7 @@ _SHUTDOWN = "the generation was cancelled: the server is shutting down"
 
 
 class JobResponse(Response):
-    """`formatter`: a Formatter, or one with the same methods (responses_api.py)."""
+    """`formatter`: the endpoint's Formatter (responses_api.py has the Responses API's)."""
 
     def __init__(self, job, formatter: Formatter, stream: bool):
         self.job = job
