@@ -457,7 +457,8 @@ def test_sampling_fields_reach_the_engine(scripted):
     chat(srv.client(), "hi", max_tokens=3.0, seed=7.0, extra_body={"top_k": 2.0})  # whole floats
     got = [eng.calls[-1][k] for k in ("max_new_tokens", "seed", "top_k")]
     assert got == [3, 7, 2] and all(type(v) is int for v in got)
-    # a tail held back as a stop string's possible start comes out when the text ends
+    # (the scripted engine itself: a tail held back as a stop string's possible start comes
+    # out when the text ends, as the engine's does)
     assert chat(srv.client(), "hi", stop=["hi!"]).choices[0].message.content == "reply to hi"
     # add_generation_prompt: false (vLLM's): no assistant opening after the last message
     assert eng.calls[-1]["prompt"].endswith("<|im_start|>assistant\n")
@@ -1051,6 +1052,12 @@ def test_responses_api(scripted):
     assert "response.function_call_arguments.done" in kinds
     assert [o.type for o in final.output] == ["message", "function_call"]
     assert final.output[1].call_id.startswith("call_") and final.output_text == "Let me check."
+    eng.script = lambda u: CALL_TEXT + "\nAfter."      # text after a call: a message of its own
+    with c.responses.stream(model="scripted", input=msgs, tools=[tool]) as stream:
+        out = stream.get_final_response().output
+    assert [o.type for o in out] == ["message", "function_call", "message"]
+    assert out[2].content[0].text == "After."
+    eng.script = lambda u: CALL_TEXT if "Weather" in u else f"reply to {u}"
     raw = httpx.post(srv.url + "/v1/responses", json={"input": "yo", "stream": True}).text
     assert raw.startswith("event: response.created\ndata: {") and "[DONE]" not in raw
     seq = [json.loads(x.split("data: ", 1)[1])["sequence_number"] for x in raw.split("\n\n") if x]
@@ -1086,8 +1093,9 @@ def test_responses_api(scripted):
             ({"input": []}, "input", "empty"),
             ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}, "tools": [tool]},
              "tool_choice.name", "not among the tools"),
-            ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format.type",
-             "text"),
+            ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text",
+             "structured outputs are not supported"),
+            ({"input": ["hi"]}, "input", "a string or a list of input items"),
             ({"input": "x", "presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
             ({"input": "x", "tools": [tool], "tool_choice": {"type": "function",
                                                              "function": {"name": "f"}}},
@@ -1098,7 +1106,7 @@ def test_responses_api(scripted):
         assert r.status_code == 400 and r.json()["error"]["param"] == param \
             and what in r.json()["error"]["message"], (body, r.text)
     assert len(eng.calls) == n
-    assert srv.metric("kogcupy_requests_total", route="/v1/responses", status="400") == 10
+    assert srv.metric("kogcupy_requests_total", route="/v1/responses", status="400") == 11
     # what agent clients send by default is accepted (ignored where it has no effect here)
     eng.script = lambda u: f"reply to {u}"
     r = httpx.post(srv.url + "/v1/responses", json={

@@ -6,7 +6,8 @@
 Routes: POST /v1/chat/completions, POST /v1/completions, POST /v1/responses (JSON or SSE
 with "stream": true; responses_api.py), GET /v1/models, GET /v1/models/{id}, POST /tokenize,
 POST /detokenize (vLLM's), GET /health, GET /metrics (Prometheus). With ``api_key`` every /v1
-route and /tokenize, /detokenize need ``Authorization: Bearer <key>``. Errors are OpenAI's JSON error object.
+route and /tokenize, /detokenize need ``Authorization: Bearer <key>``. Errors are OpenAI's JSON
+error object.
 """
 from __future__ import annotations
 
@@ -295,11 +296,11 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                 raise P.APIError(400, str(e), param="chat_template_kwargs") from None
         return tools
 
-    def forced_call(tool_choice, function: str | None, add_generation_prompt: bool) -> str:
-        """The answer's forced opening for tool_choice "required" or a named `function` (the
+    def forced_call(tool_choice, function_name: str | None, add_generation_prompt: bool) -> str:
+        """The answer's forced opening for tool_choice "required" or a named function (the
         model continues the call's JSON), "" otherwise; 400 for a template whose calls are not
         the <tool_call> tags kogcupy parses."""
-        if tool_choice != "required" and function is None:
+        if tool_choice != "required" and function_name is None:
             return ""
         if not call_tags:
             raise P.APIError(400, f"model '{name}' cannot be made to call a tool: its chat "
@@ -308,26 +309,26 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         if not add_generation_prompt:
             raise P.APIError(400, "a forced tool call (tool_choice) needs add_generation_prompt: "
                                   "the call is the assistant's answer", param="tool_choice")
-        return call_opening(function)
+        return call_opening(function_name)
 
-    async def chat_job(req, messages: list[dict], tools: list | None, function: str | None,
+    async def chat_job(req, messages: list[dict], tools: list | None, function_name: str | None,
                        requested: int | None, max_param: str, make_formatter, where: str,
                        add_generation_prompt: bool = True):
         """Queue a chat-template request (chat completions, responses): the prompt (with a
         forced call's opening), its sampling, and the formatter, made by
-        ``make_formatter(rid, prompt_tokens, parse_tools=, opening=, max_calls=)``."""
+        ``make_formatter(prompt_tokens, parse_tools=, opening=, max_calls=)``."""
         tools = template_tools(tools, req.tool_choice, messages, req.chat_template_kwargs,
                                where)
-        opening = forced_call(req.tool_choice, function, add_generation_prompt)
+        opening = forced_call(req.tool_choice, function_name, add_generation_prompt)
         ids = await encode(engine.encode_messages, messages, tools=tools,
                            template_kwargs=req.chat_template_kwargs,
                            add_generation_prompt=add_generation_prompt, answer_prefix=opening,
                            param=where)
         kw = plan(req, ids, requested, None, where, max_param)
         parse = bool(tools) and req.tool_choice != "none"
-        one_call = parse and (function is not None or req.parallel_tool_calls is False)
+        one_call = parse and (function_name is not None or req.parallel_tool_calls is False)
         if one_call:                         # the answer ends with the call's closing tag
-            kw["stop"] = [*(kw["stop"] or []), CLOSE_TAG]
+            kw["stop"] = [*kw["stop"], CLOSE_TAG]
         fmt = make_formatter(len(ids), parse_tools=parse, opening=opening,
                              max_calls=1 if one_call else None)
         return JobResponse(submit(fmt.rid, ids, kw), fmt, stream=bool(req.stream))

@@ -75,6 +75,7 @@ class _Strict(BaseModel):
     # check_supported makes them a 400 unless neutral (None, false, 0, empty, or NEUTRAL's).
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     unsupported: ClassVar[dict[str, str]] = {}
+    shapes: ClassVar[dict[str, str]] = {}    # field -> what it takes, for its 400 (unions)
 
 
 class StreamOptions(_Strict):
@@ -206,7 +207,8 @@ class ChatCompletionRequest(_Sampling):
     unsupported = {**_Sampling.unsupported, "echo": "", "best_of": "",
                    "continue_final_message": "",
                    "chat_template": "the model's own template is used", "documents": ""}
-    named_tool_choice: ClassVar[str] = '{"type": "function", "function": {"name": ...}}'
+    shapes = {"tool_choice": 'it must be "auto", "none", "required" or {"type": "function", '
+                             '"function": {"name": ...}}'}
     messages: list[Message] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None       # (vLLM's: e.g. enable_thinking)
     add_generation_prompt: bool = True                       # (vLLM's: false, no assistant opening)
@@ -274,11 +276,11 @@ def parse_request(cls, obj: Any):
         errs = e.errors(include_url=False)
         first = errs[0]
         name = _loc(first["loc"])
-        if first["loc"][0] == "tool_choice":     # the union's errors name neither shape
-            got = json.dumps(first.get("input"))[:80] if _jsonable(first.get("input")) else "?"
-            raise APIError(400, f"invalid value for 'tool_choice' ({got}): it must be \"auto\", "
-                                f"\"none\", \"required\" or {cls.named_tool_choice}",
-                           param="tool_choice") from None
+        field = first["loc"][0]
+        if field in cls.shapes:                 # a union's errors would name one shape only
+            got = json.dumps(obj[field])[:80] if _jsonable(obj[field]) else "?"
+            raise APIError(400, f"invalid value for '{field}' ({got}): {cls.shapes[field]}",
+                           param=field) from None
         if first["type"] == "missing":
             raise APIError(400, f"missing required parameter '{name}'", param=name) from None
         same = [x for x in errs if _loc(x["loc"]) == name]
@@ -412,7 +414,7 @@ def check_supported(req) -> None:
             if m.role == "tool" and m.tool_call_id is None:
                 no(f"messages[{i}].tool_call_id", f"messages[{i}].tool_call_id is required for "
                    f"a tool message (the id of the assistant's tool call it answers)")
-        if isinstance(req.tool_choice, NamedToolChoice) and req.tools:
+        if isinstance(req.tool_choice, NamedToolChoice):
             names = [t.function.name for t in req.tools]
             if req.tool_choice.function.name not in names:
                 no("tool_choice.function.name",

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, Literal, Union
 
 from pydantic import Field
 
@@ -69,7 +69,12 @@ class ResponsesRequest(P._Strict):
         "conversation": "conversations are not stored: send the whole conversation as input",
         "background": "", "prompt": "stored prompts are not supported", "max_tool_calls": "",
         "top_logprobs": "", "n": ""}
-    named_tool_choice: ClassVar[str] = '{"type": "function", "name": ...}'
+    shapes = {"tool_choice": 'it must be "auto", "none", "required" or {"type": "function", '
+                             '"name": ...}',
+              "input": "it must be a string or a list of input items (messages, function_call, "
+                       "function_call_output)",
+              "text": 'only {"format": {"type": "text"}}: JSON mode and structured outputs '
+                      "are not supported"}
     model: str | None = None
     input: Union[str, list[dict[str, Any]]]
     instructions: str | None = None
@@ -124,7 +129,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _text(content, where: str, kinds: tuple[str, ...]) -> str:
+def _content_text(content, where: str, kinds: tuple[str, ...]) -> str:
     """Content at `where` (a string, or parts of `kinds` with their text; a refusal part's is
     its "refusal") as one string."""
     if isinstance(content, str):
@@ -171,7 +176,7 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
                                  param=f"{where}.role")
             kinds = ("output_text", "refusal") if role == "assistant" else ("input_text",)
             msgs.append({"role": "system" if role == "developer" else role,
-                         "content": _text(item.get("content"), f"{where}.content", kinds)})
+                         "content": _content_text(item.get("content"), f"{where}.content", kinds)})
         elif kind == "function_call":
             call = {"id": _field(item, "call_id", where), "type": "function",
                     "function": {"name": _field(item, "name", where),
@@ -185,7 +190,7 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
             out = item.get("output")
             msgs.append({"role": "tool", "tool_call_id": _field(item, "call_id", where),
                          "content": out if isinstance(out, str) else
-                         _text(out, f"{where}.output", ("input_text",))})
+                         _content_text(out, f"{where}.output", ("input_text",))})
         elif kind == "reasoning":
             continue                        # a reasoning model's own; templates do not show it
         elif kind == "item_reference":
@@ -339,7 +344,8 @@ class ResponsesFormatter(Formatter):
         return out + [self._event(kind, response=self._response(status, result))]
 
     def full(self, text: str, result) -> dict:
-        self.pieces(text)
+        if text:                            # (as a stream: no empty message item)
+            self.pieces(text)
         self.finish(result)
         return self._response(self._status(result), result)
 
