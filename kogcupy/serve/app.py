@@ -275,10 +275,11 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         check_model(model_id)
         return model_card()
 
-    def template_tools(tools: list | None, tool_choice, messages: list[dict],
+    def template_tools(req_tools, tool_choice, messages: list[dict],
                        template_kwargs, where: str = "messages") -> list | None:
-        """A request's tools for the template (None: none, or switched off), after the checks
-        the template needs (tools, tool calls it would drop, its variables)."""
+        """A request's tools (its tool models) for the template (None: none, or switched off),
+        after the checks the template needs (tools, tool calls it would drop, its variables)."""
+        tools = [t.to_template() for t in req_tools] if req_tools else None
         if tools and tool_choice == "none" and not supports_tools:
             tools = None                             # switched off: the template needs none
         if tools and not supports_tools:
@@ -311,14 +312,14 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                                   "the call is the assistant's answer", param="tool_choice")
         return call_opening(function_name)
 
-    async def chat_job(req, messages: list[dict], tools: list | None, function_name: str | None,
-                       requested: int | None, max_param: str, make_formatter, where: str,
-                       add_generation_prompt: bool = True):
+    async def chat_job(req, messages: list[dict], requested: int | None, max_param: str,
+                       make_formatter, where: str, add_generation_prompt: bool = True):
         """Queue a chat-template request (chat completions, responses): the prompt (with a
         forced call's opening), its sampling, and the formatter, made by
         ``make_formatter(prompt_tokens, parse_tools=, opening=, max_calls=)``."""
-        tools = template_tools(tools, req.tool_choice, messages, req.chat_template_kwargs,
+        tools = template_tools(req.tools, req.tool_choice, messages, req.chat_template_kwargs,
                                where)
+        function_name = req.tool_choice_name()
         opening = forced_call(req.tool_choice, function_name, add_generation_prompt)
         ids = await encode(engine.encode_messages, messages, tools=tools,
                            template_kwargs=req.chat_template_kwargs,
@@ -348,8 +349,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                                       "chat template writes the special tokens",
                                  param="add_special_tokens")
             msgs = [m.to_template() for m in req.messages]
-            tools = template_tools([t.to_template() for t in req.tools] if req.tools else None,
-                                   None, msgs, req.chat_template_kwargs)
+            tools = template_tools(req.tools, None, msgs, req.chat_template_kwargs)
             ids = await encode(engine.encode_messages, msgs, tools=tools,
                                template_kwargs=req.chat_template_kwargs,
                                add_generation_prompt=req.add_generation_prompt,
@@ -382,12 +382,9 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await accept(request, P.ChatCompletionRequest, P.check_supported)
-        named = isinstance(req.tool_choice, P.NamedToolChoice)
         usage = bool(req.stream_options and req.stream_options.include_usage)
         return await chat_job(
             req, [m.to_template() for m in req.messages],
-            [t.to_template() for t in req.tools] if req.tools else None,
-            req.tool_choice.function.name if named else None,
             req.max_completion_tokens or req.max_tokens,
             "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
             lambda n, **kw: ChatFormatter(P.new_id("chatcmpl"), name, P.now(), n,
@@ -397,13 +394,9 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     @app.post("/v1/responses")
     async def responses(request: Request):
         req = await accept(request, RA.ResponsesRequest, RA.check_request)
-        named = isinstance(req.tool_choice, RA.ResponsesToolChoice)
         return await chat_job(
-            req, RA.input_messages(req),
-            [t.to_template() for t in req.tools] if req.tools else None,
-            req.tool_choice.name if named else None, req.max_output_tokens,
-            "max_output_tokens",
-            lambda n, **kw: RA.ResponsesFormatter(RA.new_id("resp"), name, P.now(), n, req,
+            req, RA.input_messages(req), req.max_output_tokens, "max_output_tokens",
+            lambda n, **kw: RA.ResponsesFormatter(P.new_id("resp", "_"), name, P.now(), n, req,
                                                   **kw),
             "input")
 

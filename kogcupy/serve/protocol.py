@@ -220,6 +220,11 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: Int | None = None
     response_format: dict | None = None
 
+    def tool_choice_name(self) -> str | None:
+        """The function a named tool_choice forces (None: none named)."""
+        tc = self.tool_choice
+        return tc.function.name if isinstance(tc, NamedToolChoice) else None
+
 
 class CompletionRequest(_Sampling):
     unsupported = {**_Sampling.unsupported, "max_completion_tokens": "use 'max_tokens'",
@@ -370,6 +375,15 @@ def check_stop(stop) -> None:
             raise APIError(400, " ".join(str(e).split()), param="stop") from None
 
 
+def check_named_tool(req, param: str) -> None:
+    """400 when a named tool_choice names no function among the request's tools."""
+    named = req.tool_choice_name()
+    names = [t.to_template()["function"]["name"] for t in req.tools or []]
+    if named is not None and named not in names:
+        raise APIError(400, f"tool_choice names the function {named!r}, which is not among "
+                            f"the tools ({', '.join(map(repr, names))})", param=param)
+
+
 def check_seed(seed) -> None:
     if seed is not None and not -2**63 <= seed < 2**64:     # OpenAI's int64, or a uint64
         raise APIError(400, f"seed must be null or -1 (a random one), or in [-2**63, 2**64), "
@@ -414,12 +428,7 @@ def check_supported(req) -> None:
             if m.role == "tool" and m.tool_call_id is None:
                 no(f"messages[{i}].tool_call_id", f"messages[{i}].tool_call_id is required for "
                    f"a tool message (the id of the assistant's tool call it answers)")
-        if isinstance(req.tool_choice, NamedToolChoice):
-            names = [t.function.name for t in req.tools]
-            if req.tool_choice.function.name not in names:
-                no("tool_choice.function.name",
-                   f"tool_choice names the function {req.tool_choice.function.name!r}, which is "
-                   f"not among the tools ({', '.join(map(repr, names))})")
+        check_named_tool(req, "tool_choice.function.name")
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
             no("max_tokens", "max_tokens and max_completion_tokens disagree; send one of them")
@@ -469,8 +478,9 @@ def usage_of(result, prompt_tokens: int) -> dict:
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached)).model_dump()
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    """A fresh id as OpenAI spells the kind's: chatcmpl-..., cmpl-...; resp_..., msg_..."""
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
 def now() -> int:

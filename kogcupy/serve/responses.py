@@ -172,6 +172,10 @@ class JobResponse(Response):
             if not self._ended:
                 job.cancel()
 
+    def _head(self) -> bytes:
+        """The stream's opening events (chat: the role chunk), sent with its first text."""
+        return b"".join(self.fmt.sse(c) for c in self.fmt.start())
+
     def _sse_error(self, status: int, message: str) -> bytes:
         """The end of a stream whose status line is already sent: the error event, then the
         stream's end."""
@@ -225,16 +229,15 @@ class JobResponse(Response):
             return
         if ev[0] == "error":
             if started:                      # the status is sent: the error is an event
-                head = b"".join(self.fmt.sse(c) for c in self.fmt.start())
                 return await send({"type": "http.response.body", "more_body": False,
-                                   "body": head + self._sse_error(ev[1], ev[2])})
+                                   "body": self._head() + self._sse_error(ev[1], ev[2])})
             return await self._error(scope, receive, send, ev[1], ev[2])
         if not started:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         # the role chunk goes out with the first text (as vLLM's): a client that times its
         # first chunk measures the prefill, not the queue
         fmt = self.fmt
-        head = b"".join(fmt.sse(c) for c in fmt.start())
+        head = self._head()
         out = b""
         pending = [ev] if ev[0] != "start" else []
         q = self.job.events

@@ -18,7 +18,6 @@ completed (or ``incomplete`` at ``max_output_tokens`` or the context's end).
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any, Literal, Union
 
 from pydantic import Field
@@ -105,6 +104,11 @@ class ResponsesRequest(P._Strict):
     prompt_cache_key: str | None = None
     service_tier: str | None = None
 
+    def tool_choice_name(self) -> str | None:
+        """The function a named tool_choice forces (None: none named)."""
+        tc = self.tool_choice
+        return tc.name if isinstance(tc, ResponsesToolChoice) else None
+
 
 def check_request(req: ResponsesRequest) -> None:
     P.check_extras(req)
@@ -116,17 +120,8 @@ def check_request(req: ResponsesRequest) -> None:
     if req.tool_choice not in (None, "none") and not req.tools:
         raise P.APIError(400, "tool_choice is only allowed when tools are specified",
                          param="tool_choice")
-    if isinstance(req.tool_choice, ResponsesToolChoice):
-        names = [t.name for t in req.tools]
-        if req.tool_choice.name not in names:
-            raise P.APIError(400, f"tool_choice names the function {req.tool_choice.name!r}, "
-                                  f"which is not among the tools ({', '.join(map(repr, names))})",
-                             param="tool_choice.name")
+    P.check_named_tool(req, "tool_choice.name")
     P.check_seed(req.seed)
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
 
 
 def _content_text(content, where: str, kinds: tuple[str, ...]) -> str:
@@ -273,7 +268,7 @@ class ResponsesFormatter(Formatter):
                 text = text.lstrip("\n")
                 if not text:
                     return out
-            self._msg = {"id": new_id("msg"), "type": "message", "status": "in_progress",
+            self._msg = {"id": P.new_id("msg", "_"), "type": "message", "status": "in_progress",
                          "role": "assistant", "content": []}
             idx = len(self.output)
             out.append(self._event("response.output_item.added", output_index=idx,
@@ -308,7 +303,7 @@ class ResponsesFormatter(Formatter):
         self._n_calls += 1
         out = self._close_message()
         idx = len(self.output)
-        item = {"id": new_id("fc"), "type": "function_call", "status": "in_progress",
+        item = {"id": P.new_id("fc", "_"), "type": "function_call", "status": "in_progress",
                 "call_id": call.id, "name": call.name, "arguments": ""}
         out.append(self._event("response.output_item.added", output_index=idx, item=dict(item)))
         out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
