@@ -34,6 +34,20 @@ def test_small_model_runs_static_unless_asked():
     assert p.tuning["KOG_DYN_PERMILLE"] == 50
 
 
+def test_env_tuning_counts_as_asked(monkeypatch):
+    # KOGCUPY_TUNING's knobs (kernels.ENV_TUNING) are not overridden by the per-model choices
+    cfg = shape_config("smollm2-135m")
+    env = {"KOG_DYN_PERMILLE": 50, "KOG_IN_COPIES": 1}
+    monkeypatch.setattr(kernels, "ENV_TUNING", env)
+    monkeypatch.setattr(kernels, "DEFAULT_TUNING", {**kernels.DEFAULT_TUNING, **env})
+    p = build_plan(cfg, H200_SMS, 4096)
+    assert (p.tuning["KOG_DYN_PERMILLE"], p.tuning["KOG_IN_COPIES"]) == (50, 1)
+    assert build_plan(cfg, H200_SMS, 4096, tuning={"KOG_IN_COPIES": 4}).tuning["KOG_IN_COPIES"] == 4
+    monkeypatch.setattr(kernels, "ENV_TUNING", {})
+    p = build_plan(cfg, H200_SMS, 4096)
+    assert (p.tuning["KOG_DYN_PERMILLE"], p.tuning["KOG_IN_COPIES"]) == (0, 2)
+
+
 def test_gemv_loads_no_more_than_a_row_of_x_needs():
     loads = lambda shape, **kw: build_plan(shape_config(shape), H200_SMS, 4096, **kw).tuning.get(
         "KOG_GEMV_MAX_LOADS", kernels.DEFAULT_TUNING["KOG_GEMV_MAX_LOADS"])

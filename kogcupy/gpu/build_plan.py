@@ -132,7 +132,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     launches thread-block clusters (NVIDIA, compute capability 9.0 and later)."""
     if arch.startswith("gfx942") and n_sms >= MI300X_GRID:
         n_sms = MI300X_GRID      # the MI300X grid: 32 blocks on each of its 8 XCDs (topology.py)
-    tuning = dict(tuning or {})
+    tuning = {**kernels.ENV_TUNING, **(tuning or {})}     # KOGCUPY_TUNING's knobs count as asked
     if hooks:
         tuning["KOG_HOOKS"] = 1               # the stage timings / dumps are compiled in
     # a small model's stages are too short for the grabs (SmolLM2: +10% static) and for the

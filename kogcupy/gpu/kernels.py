@@ -93,11 +93,18 @@ def define_options(defines: dict) -> tuple[str, ...]:
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DEPTH": 8,
                   "KOG_CLUSTER": 2, "KOG_IN_COPIES": 1, "KOG_POLL_SENTINEL": 0, "KOG_HOOKS": 0,
                   "KOG_DELAY_SLOT": -1, "KOG_DELAY_NS": 1000}
-# Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 0}' changes the defaults (e.g. to run the GPU
-# test suite on a variant before it becomes the default).
+# Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 0}' sets knobs for every build of the process
+# as if each build had asked for them (build_plan's per-model choices then leave them be), e.g.
+# to run the GPU test suite on a variant before it becomes the default.
+ENV_TUNING: dict = {}
 if os.environ.get("KOGCUPY_TUNING"):
     import json as _json
-    DEFAULT_TUNING.update({str(k): int(v) for k, v in _json.loads(os.environ["KOGCUPY_TUNING"]).items()})
+    try:
+        ENV_TUNING = {str(k): int(v) for k, v in _json.loads(os.environ["KOGCUPY_TUNING"]).items()}
+    except (ValueError, TypeError, AttributeError) as _e:
+        raise ValueError(f"KOGCUPY_TUNING must be a JSON object of integer knobs, e.g. "
+                         f"'{{\"KOG_CLUSTER\": 1}}' ({_e})") from None
+    DEFAULT_TUNING.update(ENV_TUNING)
 
 
 def check_model_shape(cfg, threads: int = 512) -> None:
