@@ -43,6 +43,10 @@ def test_env_tuning_counts_as_asked(monkeypatch):
     p = build_plan(cfg, H200_SMS, 4096)
     assert (p.tuning["KOG_DYN_PERMILLE"], p.tuning["KOG_IN_COPIES"]) == (50, 1)
     assert build_plan(cfg, H200_SMS, 4096, tuning={"KOG_IN_COPIES": 4}).tuning["KOG_IN_COPIES"] == 4
+    # one the build cannot honour is an error that names the variable
+    monkeypatch.setattr(kernels, "ENV_TUNING", {"KOG_CLUSTER": 2})
+    with pytest.raises(DeviceError, match="KOG_CLUSTER=2 .set by KOGCUPY_TUNING. needs"):
+        build_plan(cfg, H200_SMS, 4096, arch="gfx942")
     monkeypatch.setattr(kernels, "ENV_TUNING", {})
     p = build_plan(cfg, H200_SMS, 4096)
     assert (p.tuning["KOG_DYN_PERMILLE"], p.tuning["KOG_IN_COPIES"]) == (0, 2)

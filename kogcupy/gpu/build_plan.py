@@ -122,6 +122,12 @@ def _knob(tuning: dict, name: str) -> int:
     return int(tuning.get(name, kernels.DEFAULT_TUNING.get(name, 0)))
 
 
+def _from_env(name: str, caller: dict | None) -> str:
+    """' (set by KOGCUPY_TUNING)' for a knob the variable asked for, for its error message."""
+    env = name in kernels.ENV_TUNING and name not in (caller or {})
+    return " (set by KOGCUPY_TUNING)" if env else ""
+
+
 def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int = THREADS,
                blocks: int | None = None, tuning: dict | None = None, rank: int = 0,
                world: int = 1, hooks: bool = False, arch: str = "",
@@ -132,7 +138,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     launches thread-block clusters (NVIDIA, compute capability 9.0 and later)."""
     if arch.startswith("gfx942") and n_sms >= MI300X_GRID:
         n_sms = MI300X_GRID      # the MI300X grid: 32 blocks on each of its 8 XCDs (topology.py)
-    tuning = {**kernels.ENV_TUNING, **(tuning or {})}     # KOGCUPY_TUNING's knobs count as asked
+    caller, tuning = tuning, {**kernels.ENV_TUNING, **(tuning or {})}   # the variable's count as asked
     if hooks:
         tuning["KOG_HOOKS"] = 1               # the stage timings / dumps are compiled in
     # a small model's stages are too short for the grabs (SmolLM2: +10% static) and for the
@@ -175,11 +181,13 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # a GPU with clusters, an even grid, not a small model
     cluster, asked = _knob(tuning, "KOG_CLUSTER"), "KOG_CLUSTER" in tuning
     if cluster not in (1, 2):
-        raise DeviceError(f"KOG_CLUSTER={cluster}: 1 (single blocks) or 2 (pairs)")
+        raise DeviceError(f"KOG_CLUSTER={cluster}{_from_env('KOG_CLUSTER', caller)}: 1 (single "
+                          f"blocks) or 2 (pairs)")
     fits = world == 1 and not arch and clusters and n_blocks % cluster == 0
     if cluster > 1 and not fits and asked:
-        raise DeviceError(f"KOG_CLUSTER={cluster} needs one NVIDIA GPU of compute capability "
-                          f"9.0+ and a grid of whole clusters ({n_blocks} blocks)")
+        raise DeviceError(f"KOG_CLUSTER={cluster}{_from_env('KOG_CLUSTER', caller)} needs one "
+                          f"NVIDIA GPU of compute capability 9.0+ and a grid of whole "
+                          f"clusters ({n_blocks} blocks)")
     if not fits or (small and not asked):
         cluster = 1
     tuning["KOG_CLUSTER"] = cluster
@@ -189,7 +197,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # Qwen2.5-0.5B +4%; pairs (1B, Qwen3, 8B): 2 copies neutral, 4 -2 to -8% (PERF.md).
     copies = _knob(tuning, "KOG_IN_COPIES")
     if not 1 <= copies <= 8:
-        raise DeviceError(f"KOG_IN_COPIES={copies}: 1 to 8 copies of each in sum")
+        raise DeviceError(f"KOG_IN_COPIES={copies}{_from_env('KOG_IN_COPIES', caller)}: 1 to 8 "
+                          f"copies of each in sum")
     if "KOG_IN_COPIES" not in tuning and world == 1 and not arch and cluster == 1:
         copies = 2
     tuning["KOG_IN_COPIES"] = copies
@@ -201,7 +210,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # read no residual sum.
     sentinel = _knob(tuning, "KOG_POLL_SENTINEL")
     if sentinel not in (0, 1):
-        raise DeviceError(f"KOG_POLL_SENTINEL={sentinel}: 0 or 1")
+        raise DeviceError(f"KOG_POLL_SENTINEL={sentinel}{_from_env('KOG_POLL_SENTINEL', caller)}: "
+                          f"0 or 1")
     if "KOG_POLL_SENTINEL" not in tuning and world == 1 and not arch:
         sentinel = int(lcfg.hidden_size > 768)
     tuning["KOG_POLL_SENTINEL"] = sentinel

@@ -100,10 +100,18 @@ ENV_TUNING: dict = {}
 if os.environ.get("KOGCUPY_TUNING"):
     import json as _json
     try:
-        ENV_TUNING = {str(k): int(v) for k, v in _json.loads(os.environ["KOGCUPY_TUNING"]).items()}
-    except (ValueError, TypeError, AttributeError) as _e:
+        _env = _json.loads(os.environ["KOGCUPY_TUNING"])
+    except ValueError as _e:
+        raise ValueError(f"KOGCUPY_TUNING is not JSON ({_e}); it takes an object of integer "
+                         f"knobs, e.g. '{{\"KOG_CLUSTER\": 1}}'") from None
+    if not isinstance(_env, dict):
         raise ValueError(f"KOGCUPY_TUNING must be a JSON object of integer knobs, e.g. "
-                         f"'{{\"KOG_CLUSTER\": 1}}' ({_e})") from None
+                         f"'{{\"KOG_CLUSTER\": 1}}', not {os.environ['KOGCUPY_TUNING']!r}")
+    for _k, _v in _env.items():
+        if type(_v) is not int:          # (an exact ask: 1.5, true, "7" are not knob values)
+            raise ValueError(f"KOGCUPY_TUNING: {_k}={_json.dumps(_v)} is not an integer")
+    ENV_TUNING = dict(_env)
+    # (also the defaults: builds that read knobs without build_plan see them there)
     DEFAULT_TUNING.update(ENV_TUNING)
 
 
