@@ -166,8 +166,9 @@ KOG_DEVICE void kog_attn_stage_tile(const kog_u16* kc, const kog_u16* vc, kog_u1
 // shared memory): fp32 softmax(q k^T / sqrt(hd)) v for the G heads, left in shared memory as
 // o (unnormalised) and ml (running max, sum), the state the combine merges. Every warp keeps
 // its online-softmax state in mma accumulators across its groups; at the end the warps merge
-// through shared memory. Not inlined: the monokernel sits at the register ceiling, and every
-// register the chunk loop used in the caller would be one fewer for the GEMV loops.
+// through shared memory (a chunk of one group has nothing to merge: its warps store their
+// state). Not inlined: the monokernel sits at the register ceiling, and every register the
+// chunk loop used in the caller would be one fewer for the GEMV loops.
 __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, int j0, int j1) {
     constexpr int HD = KOG_HEAD_DIM, G = KOG_GQA, T = KOG_ATTN_TILE, NB = KOG_ATTN_BUFS;
     constexpr int R = KOG_ATTN_GROUP, NWA = KOG_ATTN_NWA, DS = KOG_ATTN_DS;
