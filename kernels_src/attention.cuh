@@ -317,42 +317,9 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
         kog_attn_stage_tile(kc, vc, stage, a + NB * T, jc1, j1, i + NB);
     }
 
-    // ---- a chunk of one group: group 0's warps hold the whole state and write it as the
-    //      partial (what the merge would give: the other groups are empty), no merge ----
-    if (j1 - j0 <= R) {
-        if (grp == 0 && ds < DS) {
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    float l = sm[nt][e];
-#pragma unroll
-                    for (int mk = 4; mk < KOG_WARP; mk <<= 1) l += kog_shfl_xor(l, mk);
-                    const int h = nt * 8 + 2 * tig + e;
-                    if (h < G) {
-#pragma unroll
-                        for (int mt = 0; mt < NM; ++mt) {
-                            o[h * HD + (ds * NM + mt) * 16 + gid] = acc[nt][mt][e];
-                            o[h * HD + (ds * NM + mt) * 16 + gid + 8] = acc[nt][mt][2 + e];
-                        }
-                        if (gid == 0 && ds == 0) {
-                            ml[2 * h] = mx[nt][e] * 0.6931471805599453f;
-                            ml[2 * h + 1] = l;
-                        }
-                    }
-                }
-            }
-        }
-        __syncthreads();                                      // o, ml are the unit's partial
-        return;
-    }
-    // ---- merge: each group's state [G][HD + 2] (acc, max, sum) to its own staging area (its
-    //      copies are done: the groups still open are empty; its warps are past their last
-    //      barrier), then the groups ----
-    float* ws = reinterpret_cast<float*>(gstage);
-    static_assert(G * (HD + 2) <= NB * R * HD,
-                  "a group's merged state fits its staging area (build_plan.attn_tile_problem)");
-    if (ds < DS) {
+    // This warp's state (its dims of the G heads; the sum reduced over the lanes of a head)
+    // into o_at[h * so + dim] and ml_at[h * sml + {0, 1}] = (max * m_scale, sum).
+    auto store_state = [&](float* o_at, int so, float* ml_at, int sml, float m_scale) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -364,14 +331,31 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
                 if (h < G) {
 #pragma unroll
                     for (int mt = 0; mt < NM; ++mt) {
-                        ws[h * (HD + 2) + (ds * NM + mt) * 16 + gid] = acc[nt][mt][e];
-                        ws[h * (HD + 2) + (ds * NM + mt) * 16 + gid + 8] = acc[nt][mt][2 + e];
+                        o_at[h * so + (ds * NM + mt) * 16 + gid] = acc[nt][mt][e];
+                        o_at[h * so + (ds * NM + mt) * 16 + gid + 8] = acc[nt][mt][2 + e];
                     }
-                    if (gid == 0 && ds == 0) { ws[h * (HD + 2) + HD] = mx[nt][e]; ws[h * (HD + 2) + HD + 1] = l; }
+                    if (gid == 0 && ds == 0) {
+                        ml_at[h * sml] = mx[nt][e] * m_scale;
+                        ml_at[h * sml + 1] = l;
+                    }
                 }
             }
         }
+    };
+    // ---- a chunk of one group: group 0's warps hold the whole state and write it as the
+    //      partial (what the merge would give: the other groups are empty), no merge ----
+    if (j1 - j0 <= R) {
+        if (grp == 0 && ds < DS) store_state(o, HD, ml, 2, 0.6931471805599453f);
+        __syncthreads();                                      // o, ml are the unit's partial
+        return;
     }
+    // ---- merge: each group's state [G][HD + 2] (acc, max, sum) to its own staging area (its
+    //      copies are done: the groups still open are empty; its warps are past their last
+    //      barrier), then the groups ----
+    float* ws = reinterpret_cast<float*>(gstage);
+    static_assert(G * (HD + 2) <= NB * R * HD,
+                  "a group's merged state fits its staging area (build_plan.attn_tile_problem)");
+    if (ds < DS) store_state(ws, HD + 2, ws + HD, HD + 2, 1.f);
     __syncthreads();
     kog_attn_merge_states(NWA, NB * R * HD, o, ml);
 }
