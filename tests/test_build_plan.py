@@ -14,6 +14,13 @@ from kogcupy.gpu.tensor_parallel import local_config
 H200_SMS = 132
 
 
+@pytest.fixture(autouse=True)
+def _plan_without_env_tuning(monkeypatch):
+    """The plan's own choices: a developer's KOGCUPY_TUNING set aside for these tests."""
+    monkeypatch.setattr(kernels, "ENV_TUNING", {})
+    monkeypatch.setattr(kernels, "DEFAULT_TUNING", dict(kernels.BUILTIN_TUNING))
+
+
 def test_large_model_gets_dynamic_tails_and_one_block_per_sm():
     cfg = shape_config("llama-3.2-1b")
     p = build_plan(cfg, H200_SMS, 4096)
