@@ -48,14 +48,41 @@ class Formatter:
         return P.sse(P.error_body(status, message))
 
 
+class AnswerEvents:
+    """A chat answer as events: its text (Content) and, when tools are parsed, its tool calls,
+    at most `max_calls` of them (1 with parallel_tool_calls: false or a named function; later
+    ones are dropped). `opening`: the answer's start that the prompt ended with (a forced
+    call, call_opening)."""
+
+    def __init__(self, parse_tools: bool = False, opening: str = "",
+                 max_calls: int | None = None):
+        self.parser = ToolCallParser(opening) if parse_tools else None
+        self.max_calls = max_calls
+        self.n_calls = 0                    # calls kept so far
+
+    def feed(self, text: str) -> list:
+        return self._kept(self.parser.feed(text)) if self.parser is not None else [Content(text)]
+
+    def finish(self) -> list:
+        return self._kept(self.parser.finish()) if self.parser is not None else []
+
+    def _kept(self, events) -> list:
+        out = []
+        for ev in events:
+            if not isinstance(ev, Content):
+                if self.max_calls is not None and self.n_calls >= self.max_calls:
+                    continue
+                self.n_calls += 1
+            out.append(ev)
+        return out
+
+
 class ChatFormatter(Formatter):
     def __init__(self, *a, parse_tools: bool = False, max_calls: int | None = None,
                  opening: str = "", **kw):
         super().__init__(*a, **kw)
-        # opening: the answer's start that the prompt ended with (a forced call, call_opening)
-        self.parser = ToolCallParser(opening) if parse_tools else None
-        self.max_calls = max_calls          # 1 with parallel_tool_calls: false
-        self._n_calls = 0
+        self.answer = AnswerEvents(parse_tools, opening, max_calls)
+        self._n_sent = 0                    # tool calls streamed (their chunk's index)
 
     def _chunk(self, delta, finish=None):
         return P.chat_chunk(self.rid, self.model, self.created, delta, finish, self.include_usage)
@@ -69,23 +96,19 @@ class ChatFormatter(Formatter):
             if isinstance(ev, Content):
                 text += ev.text
                 continue
-            if self.max_calls is not None and self._n_calls >= self.max_calls:
-                continue
             if text:
                 out.append(self._chunk({"content": text}))
                 text = ""
             call = ev.to_openai()
-            call["index"] = self._n_calls
-            self._n_calls += 1
+            call["index"] = self._n_sent
+            self._n_sent += 1
             out.append(self._chunk({"tool_calls": [call]}))
         if text:
             out.append(self._chunk({"content": text}))
         return out
 
     def pieces(self, text: str) -> list[dict]:
-        if self.parser is None:
-            return [self._chunk({"content": text})]
-        return self._events(self.parser.feed(text))
+        return self._events(self.answer.feed(text))
 
     def _finish_reason(self, result, n_calls: int) -> str:
         if n_calls and result.finish_reason in ("eos", "stop"):
@@ -93,19 +116,17 @@ class ChatFormatter(Formatter):
         return P.FINISH_REASON.get(result.finish_reason, "stop")
 
     def finish(self, result) -> list[dict]:
-        out = self._events(self.parser.finish()) if self.parser is not None else []
-        out.append(self._chunk({}, self._finish_reason(result, self._n_calls)))
+        out = self._events(self.answer.finish())
+        out.append(self._chunk({}, self._finish_reason(result, self.answer.n_calls)))
         if self.include_usage:
             out.append(P.usage_chunk(self.rid, self.model, self.created, "chat.completion.chunk",
                                      self.usage(result)))
         return out
 
     def full(self, text: str, result) -> dict:
-        calls = []
-        if self.parser is not None:
-            events = self.parser.feed(text) + self.parser.finish()
-            text = "".join(e.text for e in events if isinstance(e, Content))
-            calls = [c.to_openai() for c in self.parser.calls][:self.max_calls]
+        events = self.answer.feed(text) + self.answer.finish()
+        text = "".join(e.text for e in events if isinstance(e, Content))
+        calls = [e.to_openai() for e in events if not isinstance(e, Content)]
         content = text if (text or not calls) else None
         return P.chat_completion(self.rid, self.model, self.created, content, calls or None,
                                  self._finish_reason(result, len(calls)), self.usage(result))

@@ -23,8 +23,8 @@ from typing import Any, Literal, Union
 from pydantic import Field
 
 from . import protocol as P
-from .responses import Formatter
-from ..model.tool_calls import Content, ToolCallParser
+from .responses import AnswerEvents, Formatter
+from ..model.tool_calls import Content
 
 
 class ResponsesTool(P._Strict):
@@ -224,11 +224,9 @@ class ResponsesFormatter(Formatter):
                  max_calls: int | None = None):
         super().__init__(rid, model, created, prompt_tokens)
         self.req = req
-        self.parser = ToolCallParser(opening) if parse_tools else None
-        self.max_calls = max_calls
+        self.answer = AnswerEvents(parse_tools, opening, max_calls)
         self.output: list[dict] = []         # finished items
         self._msg: dict | None = None        # the message item being written
-        self._n_calls = 0
         self._seq = 0
 
     # -- the response object -------------------------------------------------------------
@@ -298,9 +296,6 @@ class ResponsesFormatter(Formatter):
                 self._event("response.output_item.done", output_index=idx, item=item)]
 
     def _call(self, call) -> list[dict]:
-        if self.max_calls is not None and self._n_calls >= self.max_calls:
-            return []
-        self._n_calls += 1
         out = self._close_message()
         idx = len(self.output)
         item = {"id": P.new_id("fc", "_"), "type": "function_call", "status": "in_progress",
@@ -328,11 +323,10 @@ class ResponsesFormatter(Formatter):
                 self._event("response.in_progress", response=head)]
 
     def pieces(self, text: str) -> list[dict]:
-        return self._events(self.parser.feed(text) if self.parser is not None
-                            else [Content(text)])
+        return self._events(self.answer.feed(text))
 
     def finish(self, result) -> list[dict]:
-        out = self._events(self.parser.finish()) if self.parser is not None else []
+        out = self._events(self.answer.finish())
         status = self._status(result)
         out += self._close_message("incomplete" if status == "incomplete" else "completed")
         kind = "response.completed" if status == "completed" else "response.incomplete"
