@@ -727,9 +727,14 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     // sampler acquires all of them before it releases KOG_CNT_TOK, and every block acquires that
     // at layer 0 (SYNC.md). The per-head count is then not polled (one round trip less before
     // the K/V copies); in the prompt (no LM head) it is the real dependency and is polled.
-    const bool kv_ordered = KOG_TP == 1 && t > 0 &&
-                            (p->all_logits || t - 1 >= p->prompt_len - 1) &&
-                            p->n_lm_producers == (int)gridDim.x;
+    // For the same reason the unit holding t signals its head's count only when the next step
+    // will poll it (this step runs no LM head): the signal's release waits for the block's
+    // partial stores, and that wait would delay the block's next stage.
+    auto lm_orders = [&](int s) {
+        return KOG_TP == 1 && (p->all_logits || s >= p->prompt_len - 1) &&
+               p->n_lm_producers == (int)gridDim.x;
+    };
+    const bool kv_ordered = t > 0 && lm_orders(t - 1);
     // Units go to blocks from the top of the grid down (block 0 also samples).
     for (int u = gridDim.x - 1 - blockIdx.x; u < n_units; u += gridDim.x) {
         const int g = u % KOG_N_KV, ch = u / KOG_N_KV;
@@ -836,7 +841,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                 kog_st_tagged(part + i, k < HD ? o[h * HD + k] : ml[2 * h + (k - HD)], out_tag);
             }
         }
-        if (holds_t) kog_signal_counter(kv_count);   // position t of head g is in the cache
+        if (holds_t && !lm_orders(t)) kog_signal_counter(kv_count);   // position t of head g is cached
         else __syncthreads();                     // shared buffers are reused by the next unit
     }
     kog_prof(c, layer * 16 + 5);
