@@ -56,6 +56,10 @@ kog_monokernel(const KogParams* __restrict__ p) {
     // the host set the counters as if this launch had run them (monokernel.py, _prepare).
     const int t0 = p->start_pos;
     if (blockIdx.x == 0) {                                  // stage embed of position t0
+        if (threadIdx.x == 0) {                             // no token to publish yet
+            int* pub = reinterpret_cast<int*>(c.scratch + KOG_SLOT_PUBLISH);
+            pub[0] = pub[2] = 0;
+        }
         kog_embed(c, p->tokens[t0], t0);
         kog_signal_counter(kog_counter(c, KOG_CNT_TOK));
     }
@@ -65,7 +69,11 @@ kog_monokernel(const KogParams* __restrict__ p) {
         if (threadIdx.x == 0)        // read from layer 0's attention on, after qkv's barriers
             *reinterpret_cast<int*>(c.scratch + KOG_SLOT_ATTN_CHUNK) = kog_attn_chunk_len(t + 1, p->attn_max_chunks);
         for (int layer = 0; layer < KOG_N_LAYERS; ++layer) {
-            if (kog_stage_attn_norm_qkv(c, layer)) return;  // stop flag seen at layer 0
+            if (kog_stage_attn_norm_qkv(c, layer)) {        // stop flag seen at layer 0
+                if (blockIdx.x == 0) kog_publish_token(c);
+                return;
+            }
+            if (layer == 0 && blockIdx.x == 0) kog_publish_token(c);   // the last step's token
             kog_stage_attention(c, layer);
             kog_stage_o_proj_residual(c, layer);
             kog_stage_ffn_norm_gate_up_silu(c, layer);
@@ -81,4 +89,5 @@ kog_monokernel(const KogParams* __restrict__ p) {
 #endif
         if (blockIdx.x == 0) kog_stage_sample(c, lm, lm_index + 1, drawn);   // + stop_check
     }
+    if (blockIdx.x == 0) kog_publish_token(c);             // (the context's end)
 }

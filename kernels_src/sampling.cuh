@@ -405,6 +405,8 @@ KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
 // Stage sample + stop_check for position c.t (block 0; with a filter or a penalty every block
 // first drew over its slice of the vocabulary: `drawn`, else -1). Publishes the token to the
 // host, writes x for the next position, and signals KOG_CNT_TOK (or sets the stop flag).
+#define KOG_SLOT_PUBLISH (KOG_SLOT_FLAG + 9)       // scratch: the token not yet published (3 ints)
+static_assert(KOG_SLOT_PUBLISH + 3 <= KOG_SCRATCH_FLOATS, "the publish slots are in the scratch area");
 KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps, int drawn) {
     const KogParams* p = c.p;
     const int t = c.t;
@@ -475,14 +477,27 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps, int
         kog_embed(c, next, t + 1);
     }
     kog_signal_counter(kog_counter(c, KOG_CNT_TOK));
-    // Publish to the host once the next position is under way: token, then count, then code.
-    if (threadIdx.x == 0) {
-        if (generating) {
-            p->host_tokens[g] = next;
-            kog_fence_system();
-            kog_st_release_system(p->host_ctl, (kog_u32)(g + 1));
-        }
-        if (finish != 0u) kog_st_release_system(p->host_ctl + 1, finish);
+    if (threadIdx.x == 0) {                               // for kog_publish_token
+        int* pub = reinterpret_cast<int*>(c.scratch + KOG_SLOT_PUBLISH);
+        pub[0] = generating ? g + 1 : 0;
+        pub[1] = next;
+        pub[2] = (int)finish;
     }
     kog_prof(c, KOG_N_LAYERS * 16 + 5);
+}
+
+// Block 0's thread 0 publishes the sampler's token to the host: token, then count, then code.
+// The system-scope fence waits for the PCIe writes (~2 us), so it runs once the next position
+// is under way: after block 0's layer-0 qkv rows (monokernel.cu), or when the launch ends.
+KOG_DEVICE void kog_publish_token(const KogCtx& c) {
+    int* pub = reinterpret_cast<int*>(c.scratch + KOG_SLOT_PUBLISH);
+    if (threadIdx.x != 0) return;
+    const KogParams* p = c.p;
+    if (pub[0] > 0) {
+        p->host_tokens[pub[0] - 1] = pub[1];
+        kog_fence_system();
+        kog_st_release_system(p->host_ctl, (kog_u32)pub[0]);
+    }
+    if (pub[2] != 0) kog_st_release_system(p->host_ctl + 1, (kog_u32)pub[2]);
+    pub[0] = pub[2] = 0;
 }

@@ -100,7 +100,7 @@ class Stage:
     writes: tuple[Use, ...]     # outputs: tagged words, counters released, host words
     who: str = "every block"
     tp: str = ""                # what differs with tensor parallelism
-    part_of: tuple[str, ...] = ()   # device functions the kernel loop calls for it beforehand
+    part_of: tuple[str, ...] = ()   # device functions the kernel loop calls for it (before, after)
 
 
 def _x(layer, stage, pos="t", **kw):
@@ -213,11 +213,12 @@ STAGES: tuple[Stage, ...] = (
                      what="the next token's row (kog_embed), unless stopping"),
                   _sum("in", "0", "emb", pos="t+1", what="the next token's row (kog_embed), unless stopping"),
                   Use("counters", counter="KOG_CNT_TOK", value="+1"),
-                  Use("host_tokens", what="[g], then host_ctl[0] = g + 1 (release, system)")),
+                  Use("host_tokens", what="[g], then host_ctl[0] = g + 1 (release, system), by "
+                      "kog_publish_token after block 0's layer-0 qkv of t+1 (or at the end)")),
           who="block 0; with a filter or a penalty (slices: the KOG_SAMPLE_SLICES build) every "
               "block first draws over its slice of the vocabulary (kog_sample_slices)",
           tp="waits LM (system scope) for every rank's producers; cancel from CANCEL",
-          part_of=("kog_sample_slices",)),
+          part_of=("kog_sample_slices", "kog_publish_token")),
     Stage("stop_check", "kog_stage_sample", "sampling.cuh", False, False,
           waits=(),
           reads=(Use("eos_ids", what="thread e the e-th, before the wait"),
