@@ -403,8 +403,9 @@ KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
 }
 
 // Stage sample + stop_check for position c.t (block 0; with a filter or a penalty every block
-// first drew over its slice of the vocabulary: `drawn`, else -1). Publishes the token to the
-// host, writes x for the next position, and signals KOG_CNT_TOK (or sets the stop flag).
+// first drew over its slice of the vocabulary: `drawn`, else -1). Writes x for the next
+// position, signals KOG_CNT_TOK (or sets the stop flag), and leaves the token for the host in
+// the publish slots (kog_publish_token).
 #define KOG_SLOT_PUBLISH (KOG_SLOT_FLAG + 9)       // scratch: the token not yet published (3 ints)
 static_assert(KOG_SLOT_PUBLISH + 3 <= KOG_SCRATCH_FLOATS, "the publish slots are in the scratch area");
 KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps, int drawn) {
