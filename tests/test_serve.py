@@ -409,6 +409,9 @@ def test_tool_call_parser_results():
     assert content == "I will check.\nThen a summary." and [c.name for c in calls] == ["e"]
     content, calls = parse_tool_calls(CALL_TEXTS[8])   # a call, then one that is not: kept apart
     assert content == "A\n<tool_call>oops</tool_call> B" and [c.name for c in calls] == ["f"]
+    # given the request's tools, a call to another name is text, tags included
+    content, calls = parse_tool_calls(CALL_TEXTS[1], names=frozenset({"b"}))
+    assert [c.name for c in calls] == ["b"] and content.startswith("<tool_call>")
 
 
 # ------------------------------------------------------------------------------- scripted engine
@@ -995,16 +998,32 @@ def test_forced_tool_choice(scripted, tiny_models):
     assert (content, finish) == ("", "tool_calls")
     assert [(x["name"], json.loads(x["arguments"])) for x in calls] == \
         [("get_weather", {"city": "Paris"})]
-    # "required": the model picks the function; more calls may follow, as OpenAI's
-    eng.script = lambda u: ('get_weather", "arguments": {"city": "Lima"}}\n</tool_call>\n'
+    # "required" with one tool: its name is forced too; more calls may follow, as OpenAI's
+    eng.script = lambda u: (' {"city": "Lima"}}\n</tool_call>\n'
                             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}'
                             '\n</tool_call>')
     r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
                                   tool_choice="required", stop=["zzz"])
-    assert eng.calls[-1]["prompt"].endswith('assistant\n<tool_call>\n{"name": "')
+    assert eng.calls[-1]["prompt"].endswith(
+        'assistant\n<tool_call>\n{"name": "get_weather", "arguments":')
     assert eng.calls[-1]["stop"] == ["zzz"]
     assert [json.loads(t.function.arguments)["city"] for t in r.choices[0].message.tool_calls] \
         == ["Lima", "Oslo"] and r.choices[0].finish_reason == "tool_calls"
+    # "required" with several: the model picks the name; a call to a tool the request does not
+    # have is no tool call (it stays text), whatever the choice
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    eng.script = lambda u: 'get_time", "arguments": {}}\n</tool_call>'
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL, clock],
+                                  tool_choice="required")
+    assert eng.calls[-1]["prompt"].endswith('assistant\n<tool_call>\n{"name": "')
+    assert [t.function.name for t in r.choices[0].message.tool_calls] == ["get_time"]
+    eng.script = lambda u: 'London", "arguments": {"city": "London"}}\n</tool_call>'
+    for choice in ("required", "auto"):
+        r = c.chat.completions.create(model="scripted", messages=msgs,
+                                      tools=[WEATHER_TOOL, clock], tool_choice=choice)
+        m = r.choices[0].message
+        assert not m.tool_calls and r.choices[0].finish_reason == "stop"
+        assert '"London"' in m.content
     # a template that takes tools but asks for no <tool_call> tags: cannot be forced
     tk = tiny_models["llama"].tokenizer
     other = Tokenizer(tk.backend, bos_token_id=None, eos_token_ids=tk.eos_token_ids,
@@ -1170,22 +1189,22 @@ def test_tool_calls_streamed_and_not(scripted):
     assert [(x["name"], json.loads(x["arguments"])) for x in calls] == \
         [("get_weather", {"city": "Paris"})] and calls[0]["id"].startswith("call_")
 
-    content, calls, finish = _stream_chat(c, [{"role": "user", "content": "both"}],
-                                          tools=[WEATHER_TOOL])
+    both = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+            for n in "ab"]
+    content, calls, finish = _stream_chat(c, [{"role": "user", "content": "both"}], tools=both)
     assert content == "" and [x["name"] for x in calls] == ["a", "b"]
     for stream in (False, True):                  # parallel_tool_calls: false -> the first call
         if stream:
             content, calls, finish = _stream_chat(c, [{"role": "user", "content": "both"}],
-                                                  tools=[WEATHER_TOOL], parallel_tool_calls=False)
+                                                  tools=both, parallel_tool_calls=False)
         else:
-            r = c.chat.completions.create(model="scripted", tools=[WEATHER_TOOL],
+            r = c.chat.completions.create(model="scripted", tools=both,
                                           messages=[{"role": "user", "content": "both"}],
                                           parallel_tool_calls=False)
             calls = [{"name": t.function.name} for t in r.choices[0].message.tool_calls]
         assert [x["name"] for x in calls] == ["a"]
         assert eng.calls[-1]["stop"] == ["</tool_call>"]      # the answer ends with the call
-    content, calls, finish = _stream_chat(c, [{"role": "user", "content": "both"}],
-                                          tools=[WEATHER_TOOL])
+    content, calls, finish = _stream_chat(c, [{"role": "user", "content": "both"}], tools=both)
 
     # next turn: the assistant's call and the tool's answer go back through the template
     turn2 = msgs + [{"role": "assistant", "content": None, "tool_calls": [

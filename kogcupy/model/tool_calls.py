@@ -9,8 +9,9 @@ The chat template (which takes ``tools``) tells the model to answer a call as
 ``ToolCallParser`` turns a stream of text pieces into ``Content`` and ``ToolCall`` events: text
 outside the tags passes through as it comes (a tail that could still be the start of
 ``<tool_call>`` is held back), a call is emitted once its closing tag (or the end of the text)
-arrives. A block whose body is not a JSON object with a ``name`` is passed through as text,
-tags included, so nothing the model wrote is lost. Whitespace-only text just before a call or
+arrives. A block whose body is not a JSON object with a ``name`` (or, given the request's
+tool names, names none of them) is passed through as text, tags included, so nothing the model
+wrote is lost and no call reaches a client for a tool it does not have. Whitespace-only text just before a call or
 at the end is dropped (the newlines around the tags), however the text was chunked. ``parse_tool_calls`` runs the same parser
 over a whole text, so streamed and non-streamed answers agree.
 """
@@ -82,7 +83,8 @@ def _partial_prefix_len(text: str, tag: str) -> int:
 class ToolCallParser:
     """Incremental parser; ``feed(piece)`` and finally ``finish()`` return lists of events."""
 
-    def __init__(self, opening: str = ""):
+    def __init__(self, opening: str = "", names: frozenset[str] | None = None):
+        self._names = names       # the tools a call may name (None: any)
         self._buf = ""            # text not yet emitted
         self._inside = False      # after an OPEN_TAG, waiting for its CLOSE_TAG
         self._ws = ""             # whitespace-only content held until we know what follows
@@ -109,6 +111,8 @@ class ToolCallParser:
 
     def _call(self, body: str, out: list, closed: bool):
         call = parse_call_body(body.strip())
+        if call is not None and self._names is not None and call.name not in self._names:
+            call = None
         if call is None:
             raw = OPEN_TAG + body + (CLOSE_TAG if closed else "")
             sep = "\n" if self._after_call and self._any else ""
@@ -156,9 +160,9 @@ class ToolCallParser:
         return out
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """Whole text -> (content without the call blocks, calls)."""
-    p = ToolCallParser()
+def parse_tool_calls(text: str, names: frozenset[str] | None = None) -> tuple[str, list[ToolCall]]:
+    """Whole text -> (content without the call blocks, calls; to `names` only, when given)."""
+    p = ToolCallParser(names=names)
     events = p.feed(text) + p.finish()
     content = "".join(e.text for e in events if isinstance(e, Content))
     return content, p.calls

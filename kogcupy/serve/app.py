@@ -297,12 +297,16 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                 raise P.APIError(400, str(e), param="chat_template_kwargs") from None
         return tools
 
-    def forced_call(tool_choice, function_name: str | None, add_generation_prompt: bool) -> str:
+    def forced_call(tool_choice, function_name: str | None, tools: list | None,
+                    add_generation_prompt: bool) -> str:
         """The answer's forced opening for tool_choice "required" or a named function (the
-        model continues the call's JSON), "" otherwise; 400 for a template whose calls are not
-        the <tool_call> tags kogcupy parses."""
+        model continues the call's JSON; "required" with one tool names it, as a named choice
+        would), "" otherwise; 400 for a template whose calls are not the <tool_call> tags
+        kogcupy parses."""
         if tool_choice != "required" and function_name is None:
             return ""
+        if function_name is None and tools and len(tools) == 1:
+            function_name = tools[0]["function"]["name"]
         if not call_tags:
             raise P.APIError(400, f"model '{name}' cannot be made to call a tool: its chat "
                                   f"template does not ask for {OPEN_TAG} calls (use tool_choice "
@@ -316,21 +320,23 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                        make_formatter, where: str, add_generation_prompt: bool = True):
         """Queue a chat-template request (chat completions, responses): the prompt (with a
         forced call's opening), its sampling, and the formatter, made by
-        ``make_formatter(prompt_tokens, parse_tools=, opening=, max_calls=)``."""
+        ``make_formatter(prompt_tokens, tool_names=, opening=, max_calls=)``: tool_names,
+        the request's tools when their calls are parsed (a call to another name stays text)."""
         tools = template_tools(req.tools, req.tool_choice, messages, req.chat_template_kwargs,
                                where)
         function_name = req.tool_choice_name()
-        opening = forced_call(req.tool_choice, function_name, add_generation_prompt)
+        opening = forced_call(req.tool_choice, function_name, tools, add_generation_prompt)
         ids = await encode(engine.encode_messages, messages, tools=tools,
                            template_kwargs=req.chat_template_kwargs,
                            add_generation_prompt=add_generation_prompt, answer_prefix=opening,
                            param=where)
         kw = plan(req, ids, requested, None, where, max_param)
         parse = bool(tools) and req.tool_choice != "none"
+        names = frozenset(t["function"]["name"] for t in tools) if parse else frozenset()
         one_call = parse and (function_name is not None or req.parallel_tool_calls is False)
         if one_call:                         # the answer ends with the call's closing tag
             kw["stop"] = [*kw["stop"], CLOSE_TAG]
-        fmt = make_formatter(len(ids), parse_tools=parse, opening=opening,
+        fmt = make_formatter(len(ids), tool_names=names, opening=opening,
                              max_calls=1 if one_call else None)
         return JobResponse(submit(fmt.rid, ids, kw), fmt, stream=bool(req.stream))
 

@@ -49,14 +49,14 @@ class Formatter:
 
 
 class AnswerEvents:
-    """A chat answer as events: its text (Content) and, when tools are parsed, its tool calls,
-    at most `max_calls` of them (1 with parallel_tool_calls: false or a named function; later
-    ones are dropped). `opening`: the answer's start that the prompt ended with (a forced
-    call, call_opening)."""
+    """A chat answer as events: its text (Content) and, when `tool_names` (the request's tools)
+    are given, its calls to them, at most `max_calls` of them (1 with parallel_tool_calls: false
+    or a named function; later ones are dropped; a call to another name stays text).
+    `opening`: the answer's start that the prompt ended with (a forced call, call_opening)."""
 
-    def __init__(self, parse_tools: bool = False, opening: str = "",
+    def __init__(self, tool_names: frozenset[str] = frozenset(), opening: str = "",
                  max_calls: int | None = None):
-        self.parser = ToolCallParser(opening) if parse_tools else None
+        self.parser = ToolCallParser(opening, tool_names) if tool_names else None
         self.max_calls = max_calls
         self.n_calls = 0                    # calls kept so far
 
@@ -78,10 +78,10 @@ class AnswerEvents:
 
 
 class ChatFormatter(Formatter):
-    def __init__(self, *a, parse_tools: bool = False, max_calls: int | None = None,
-                 opening: str = "", **kw):
+    def __init__(self, *a, tool_names: frozenset[str] = frozenset(),
+                 max_calls: int | None = None, opening: str = "", **kw):
         super().__init__(*a, **kw)
-        self.answer = AnswerEvents(parse_tools, opening, max_calls)
+        self.answer = AnswerEvents(tool_names, opening, max_calls)
         self._n_sent = 0                    # tool calls streamed (their chunk's index)
 
     def _chunk(self, delta, finish=None):

@@ -220,11 +220,11 @@ class ResponsesFormatter(Formatter):
     end = b""                               # no [DONE]: response.completed ends the stream
 
     def __init__(self, rid: str, model: str, created: int, prompt_tokens: int,
-                 req: ResponsesRequest, parse_tools: bool, opening: str = "",
+                 req: ResponsesRequest, tool_names: frozenset[str], opening: str = "",
                  max_calls: int | None = None):
         super().__init__(rid, model, created, prompt_tokens)
         self.req = req
-        self.answer = AnswerEvents(parse_tools, opening, max_calls)
+        self.answer = AnswerEvents(tool_names, opening, max_calls)
         self.output: list[dict] = []         # finished items
         self._msg: dict | None = None        # the message item being written
         self._seq = 0
