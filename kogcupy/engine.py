@@ -258,8 +258,8 @@ class GenerationResult:
     pct_of_bandwidth: float | None = None   # gb_per_s / the device's measured read bandwidth
     cached_tokens: int = 0          # prompt tokens restored from the prefix cache, not run
     seed: int | None = None         # the sampling seed (given, or drawn when none was)
-    # generated with tools: the <tool_call> blocks of text as OpenAI tool_calls, and the text
-    # outside them (without tools: no calls, content == text)
+    # generated with tools: the <tool_call> blocks of text that call one of them as OpenAI
+    # tool_calls, and the text outside those (without tools: no calls, content == text)
     tool_calls: list[dict] = field(default_factory=list)
     content: str = ""
 
@@ -286,10 +286,10 @@ class Generation:
     """Iterator of text pieces for one request; ``.result`` once it is exhausted or closed."""
 
     def __init__(self, backend, stream, prompt_ids: list[int], tokenizer, eos_ids: set[int],
-                 stop: list[str], seed: int | None = None, tools: bool = False,
+                 stop: list[str], seed: int | None = None, tools=None,
                  skip_special_tokens: bool = False):
         self._backend = backend
-        self._tools = tools             # parse tool calls out of the text at the end
+        self._tools = tools             # the request's tools: calls to them are parsed at the end
         self.stream = stream
         self.seed = seed                # the sampling seed (result.seed)
         self.prompt_ids = prompt_ids
@@ -427,7 +427,10 @@ class Generation:
         content, calls = text, []
         if self._tools:
             from .model.tool_calls import parse_tool_calls
-            content, calls = parse_tool_calls(text)
+            named = [(t["function"] if isinstance(t.get("function"), dict) else t).get("name")
+                     for t in self._tools]
+            content, calls = parse_tool_calls(   # (a tool without a name: any call parses)
+                text, names=frozenset(named) if all(isinstance(n, str) for n in named) else None)
         self.result = GenerationResult(
             token_ids=list(self._token_ids), text=text,
             finish_reason=finish_reason, prompt_tokens=len(self.prompt_ids),
@@ -649,4 +652,4 @@ class Engine:
         # ignore_eos: past EOS the model writes made-up turns; their markers (special tokens)
         # stay out of the text, as the EOS tokens do
         return Generation(self.backend, stream, ids, self.tokenizer, eos, stop, params.seed,
-                          tools=bool(tools), skip_special_tokens=ignore_eos)
+                          tools=tools or None, skip_special_tokens=ignore_eos)

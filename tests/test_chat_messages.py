@@ -156,6 +156,11 @@ def test_tool_calls_come_back_in_the_result(tools_engine, monkeypatch):
     turn = {"role": "assistant", "content": r.content, "tool_calls": r.tool_calls}
     assert 'call get_weather({"city": "Paris"})' in tk.decode(
         tools_engine.encode_messages(CONVERSATION + [turn], tools=TOOLS))
+    # a call to a tool the request does not have stays text
+    other = [{"type": "function", "function": {"name": "get_time", "parameters": {}}}]
+    gen = tools_engine.generate(CONVERSATION, tools=other, max_new_tokens=64)
+    "".join(gen)
+    assert gen.result.tool_calls == [] and gen.result.content == text
     # without tools nothing is parsed
     gen = tools_engine.generate(CONVERSATION, max_new_tokens=64)
     list(gen)
