@@ -619,7 +619,8 @@ class Engine:
         ``.result``. prompt: str (through the chat template when the model has one, unless
         chat=False), token ids, or OpenAI-style messages; tools: OpenAI tool dicts passed to
         the chat template (the text streams as the model writes it; ``result.tool_calls`` then
-        holds its ``<tool_call>`` blocks as OpenAI tool calls, ``result.content`` the rest).
+        holds its ``<tool_call>`` blocks that call one of them as OpenAI tool calls,
+        ``result.content`` the rest).
         temperature 0 is greedy; top_k 0 or -1, top_p 1, min_p 0, repetition_penalty 1 are
         off; seed None or -1: a random one (``result.seed``); stop: strings the text ends
         before; ignore_eos: generate on past EOS up to max_new_tokens (benchmarks; EOS tokens

@@ -146,6 +146,16 @@ class Server:
     def metric(self, name: str, **labels) -> float:
         return self.app.state.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
+    def requests(self, route: str, status: str) -> float:
+        """kogcupy_requests_total once the requests sent have been counted: the middleware
+        counts a request when it ends, which may be just after its client has the answer."""
+        time.sleep(0.05)
+        return self.metric("kogcupy_requests_total", route=route, status=status)
+
+    def expect_requests(self, route: str, status: str, n: float):
+        wait_until(lambda: self.metric("kogcupy_requests_total", route=route, status=status) == n,
+                   10, f"{n} requests to {route} counted with status {status}")
+
 
 def wait_until(pred, timeout: float, what: str = "condition"):
     t0 = time.perf_counter()
@@ -430,7 +440,7 @@ def test_models_health_metrics(scripted):
                  "kogcupy_decode_tokens_per_second_bucket",
                  "kogcupy_prefix_cache_hit_tokens_total"):
         assert name in text
-    assert srv.metric("kogcupy_requests_total", route="/v1/chat/completions", status="200") == 1
+    srv.expect_requests("/v1/chat/completions", "200", 1)
 
 
 def test_sampling_fields_reach_the_engine(scripted):
@@ -549,8 +559,8 @@ def test_queued_request_whose_client_left_is_dropped(scripted):
     assert srv.metric("kogcupy_queued_requests_dropped_total") == 1
     # a client that left is not a server error: no 500 counted, a 499 (nginx's convention)
     route = "/v1/chat/completions"
-    assert srv.metric("kogcupy_requests_total", route=route, status="499") == 1
-    assert srv.metric("kogcupy_requests_total", route=route, status="500") == 0
+    srv.expect_requests(route, "499", 1)
+    assert srv.requests(route, "500") == 0
 
 
 def test_ctrl_c_ends_open_requests_cleanly(scripted):
@@ -863,13 +873,13 @@ def test_engine_errors(scripted):
     assert chat(srv.client(), "ok").choices[0].message.content == "reply to ok"
     # a bug before any response (here in encode) is a 500 in /metrics too, not a 499
     route = "/v1/chat/completions"
-    before = srv.metric("kogcupy_requests_total", route=route, status="500")
+    before = srv.requests(route, "500")
     eng.encode_messages = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug"))
     r = httpx.post(srv.url + route, json={
         "model": "scripted", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 500
-    assert srv.metric("kogcupy_requests_total", route=route, status="500") == before + 1
-    assert srv.metric("kogcupy_requests_total", route=route, status="499") == 0
+    srv.expect_requests(route, "500", before + 1)
+    assert srv.requests(route, "499") == 0
 
 
 def test_api_key(scripted):
@@ -1024,6 +1034,13 @@ def test_forced_tool_choice(scripted, tiny_models):
         m = r.choices[0].message
         assert not m.tool_calls and r.choices[0].finish_reason == "stop"
         assert '"London"' in m.content
+    content, calls, finish = _stream_chat(c, msgs, tools=[WEATHER_TOOL, clock],
+                                          tool_choice="required")
+    assert (calls, finish) == ([], "stop") and '"London"' in content
+    flat = [{"type": "function", "name": t["function"]["name"],
+             "parameters": t["function"]["parameters"]} for t in (WEATHER_TOOL, clock)]
+    r = c.responses.create(model="scripted", input=msgs, tools=flat, tool_choice="required")
+    assert [o.type for o in r.output] == ["message"] and '"London"' in r.output_text
     # a template that takes tools but asks for no <tool_call> tags: cannot be forced
     tk = tiny_models["llama"].tokenizer
     other = Tokenizer(tk.backend, bos_token_id=None, eos_token_ids=tk.eos_token_ids,
@@ -1125,7 +1142,7 @@ def test_responses_api(scripted):
         assert r.status_code == 400 and r.json()["error"]["param"] == param \
             and what in r.json()["error"]["message"], (body, r.text)
     assert len(eng.calls) == n
-    assert srv.metric("kogcupy_requests_total", route="/v1/responses", status="400") == 11
+    srv.expect_requests("/v1/responses", "400", 11)
     # what agent clients send by default is accepted (ignored where it has no effect here)
     eng.script = lambda u: f"reply to {u}"
     r = httpx.post(srv.url + "/v1/responses", json={
@@ -1289,9 +1306,10 @@ def test_load_many_short_requests(tiny_models):
         total = n_clients * (per_client + 8)
         assert srv.metric("kogcupy_generations_finished_total", finish_reason="length") + \
             srv.metric("kogcupy_generations_finished_total", finish_reason="eos") == total
-        assert srv.metric("kogcupy_requests_total", route="/v1/completions", status="200") + \
-            srv.metric("kogcupy_requests_total", route="/v1/chat/completions",
-                       status="200") == total
+        wait_until(lambda: srv.metric("kogcupy_requests_total", route="/v1/completions",
+                                      status="200") +
+                   srv.metric("kogcupy_requests_total", route="/v1/chat/completions",
+                              status="200") == total, 10, "every request counted")
         print(f"load: {len(results)} requests in {elapsed:.1f} s, rss {before:.1f} -> "
               f"{after:.1f} MB, gc objects {objs_before} -> {objs_after}")
         assert after - before < 8, (before, after)

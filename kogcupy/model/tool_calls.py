@@ -11,9 +11,10 @@ outside the tags passes through as it comes (a tail that could still be the star
 ``<tool_call>`` is held back), a call is emitted once its closing tag (or the end of the text)
 arrives. A block whose body is not a JSON object with a ``name`` (or, given the request's
 tool names, names none of them) is passed through as text, tags included, so nothing the model
-wrote is lost and no call reaches a client for a tool it does not have. Whitespace-only text just before a call or
-at the end is dropped (the newlines around the tags), however the text was chunked. ``parse_tool_calls`` runs the same parser
-over a whole text, so streamed and non-streamed answers agree.
+wrote is lost and no call reaches a client for a tool it does not have. Whitespace-only text
+just before a call or at the end is dropped (the newlines around the tags), however the text
+was chunked. ``parse_tool_calls`` runs the same parser over a whole text, so streamed and
+non-streamed answers agree.
 """
 from __future__ import annotations
 
