@@ -488,8 +488,9 @@ KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps, int
 }
 
 // Block 0's thread 0 publishes the sampler's token to the host: token, then count, then code.
-// The system-scope fence waits for the PCIe writes (~2 us), so it runs once the next position
-// is under way: after block 0's layer-0 qkv rows (monokernel.cu), or when the launch ends.
+// The system-scope fence waits for the PCIe writes (before it, block 0 entered layer 0's qkv
+// ~2 us later than now: the 2026-12-06 traces), so it runs once the next position is under
+// way: after block 0's layer-0 qkv rows (monokernel.cu), or when the launch ends.
 KOG_DEVICE void kog_publish_token(const KogCtx& c) {
     int* pub = reinterpret_cast<int*>(c.scratch + KOG_SLOT_PUBLISH);
     if (threadIdx.x != 0) return;
