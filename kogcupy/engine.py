@@ -426,11 +426,8 @@ class Generation:
         text = self._text[:self._emitted]
         content, calls = text, []
         if self._tools:
-            from .model.tool_calls import parse_tool_calls
-            named = [(t["function"] if isinstance(t.get("function"), dict) else t).get("name")
-                     for t in self._tools]
-            content, calls = parse_tool_calls(   # (a tool without a name: any call parses)
-                text, names=frozenset(named) if all(isinstance(n, str) for n in named) else None)
+            from .model.tool_calls import parse_tool_calls, tool_names
+            content, calls = parse_tool_calls(text, names=tool_names(self._tools))
         self.result = GenerationResult(
             token_ids=list(self._token_ids), text=text,
             finish_reason=finish_reason, prompt_tokens=len(self.prompt_ids),

@@ -54,6 +54,14 @@ def call_opening(name: str | None = None) -> str:
     return head + json.dumps(name, ensure_ascii=False) + ', "arguments":'
 
 
+def tool_names(tools) -> frozenset[str] | None:
+    """The names of tool dicts (OpenAI's {"type": "function", "function": {"name": ...}}, or a
+    flat {"name": ...}) that calls may name; None (any name) when a tool has no name."""
+    named = [(t["function"] if isinstance(t.get("function"), dict) else t).get("name")
+             for t in tools]
+    return frozenset(named) if all(isinstance(n, str) for n in named) else None
+
+
 def parse_call_body(body: str) -> ToolCall | None:
     """The JSON between the tags -> ToolCall, or None when it is not a call."""
     try:

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..engine import check_text
 from ..errors import ContextLengthError, InputError
-from ..model.tool_calls import CLOSE_TAG, OPEN_TAG, call_opening
+from ..model.tool_calls import CLOSE_TAG, OPEN_TAG, call_opening, tool_names
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from . import responses_api as RA
@@ -332,7 +332,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                            param=where)
         kw = plan(req, ids, requested, None, where, max_param)
         parse = bool(tools) and req.tool_choice != "none"
-        names = frozenset(t["function"]["name"] for t in tools) if parse else frozenset()
+        names = tool_names(tools) if parse else frozenset()
         one_call = parse and (function_name is not None or req.parallel_tool_calls is False)
         if one_call:                         # the answer ends with the call's closing tag
             kw["stop"] = [*kw["stop"], CLOSE_TAG]
