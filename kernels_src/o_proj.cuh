@@ -36,9 +36,21 @@ KOG_DEVICE void kog_stage_o_proj_residual(const KogCtx& c, int layer) {
     constexpr int NU = KOG_HIDDEN / RU;
     static_assert(KOG_HIDDEN % RU == 0, "o_proj: whole units of rows");
     static_assert(GHD * (3 * KOG_ATTN_COMBINE_S - 2) <= KOG_SMEM_FLOATS, "o_proj: xs and the combine's stash fit");
-    const int n_slices = max(1, (int)gridDim.x / KOG_N_KV);
+#ifndef KOG_OPROJ_SPARE
+#error "KOG_OPROJ_SPARE comes from kernels.py (model_defines)"
+#endif
+#if KOG_OPROJ_SPARE
+    // While the attention units take at most half the grid, the blocks that ran one (the top
+    // n_units blocks) take no item: each would poll its group's partials a round trip after its
+    // own unit ended, and in the trace the layer's last o_proj item was always such a block.
+    const int n_units = KOG_N_KV * kog_attn_n_chunks(c.t + 1, kog_attn_chunk_len_now(c));
+    const int item_blocks = 2 * n_units <= (int)gridDim.x ? (int)gridDim.x - n_units : (int)gridDim.x;
+#else
+    const int item_blocks = gridDim.x;
+#endif
+    const int n_slices = max(1, item_blocks / KOG_N_KV);
     kog_u64* sum = kog_xsum_mid(p, c.t, layer);
-    for (int item = blockIdx.x; item < KOG_N_KV * n_slices; item += gridDim.x) {
+    for (int item = blockIdx.x; item < KOG_N_KV * n_slices; item += item_blocks) {
         const int g = item % KOG_N_KV, sl = item / KOG_N_KV;
         const int u0 = (int)((long long)sl * NU / n_slices), u1 = (int)((long long)(sl + 1) * NU / n_slices);
         auto ready = [&]() -> float {

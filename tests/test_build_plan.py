@@ -303,3 +303,12 @@ def test_attention_chunk_rule():
         every = [chunks(n, p, width) for n in range(1, 131073)]
         assert p.placement.attn_chunks.tolist() == every, shape
         assert p.placement.attn_chunks_alloc == max(every) <= p.placement.attn_max_chunks
+
+
+def test_oproj_spare_on_small_models_only():
+    small = build_plan(shape_config("smollm2-135m"), H200_SMS, 4096)
+    assert small.tuning["KOG_OPROJ_SPARE"] == 1
+    big = build_plan(shape_config("llama-3.2-1b"), H200_SMS, 4096)
+    assert big.tuning.get("KOG_OPROJ_SPARE", kernels.DEFAULT_TUNING["KOG_OPROJ_SPARE"]) == 0
+    asked = build_plan(shape_config("smollm2-135m"), H200_SMS, 4096, tuning={"KOG_OPROJ_SPARE": 0})
+    assert asked.tuning["KOG_OPROJ_SPARE"] == 0

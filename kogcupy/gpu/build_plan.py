@@ -148,6 +148,11 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if "KOG_DYN_PERMILLE" not in tuning and small:
         dyn = 0
     tuning["KOG_DYN_PERMILLE"] = dyn
+    # o_proj items only on the blocks without an attention unit while the units are few
+    # (o_proj.cuh): a small model's o_proj is latency-bound, a larger one's streams its rows
+    # from every block (PERF.md)
+    if "KOG_OPROJ_SPARE" not in tuning and small:
+        tuning["KOG_OPROJ_SPARE"] = 1
     # GEMV loads per lane per tile (every GEMV of the build): capped at what a row of x needs
     # (a hidden-wide row: qkv, o_proj's and gate_up's input, the LM head). With 4 on
     # SmolLM2 (hidden 576: 3 loads a row) ptxas spills the tiles just loaded (32 STL, 3: 5) and
