@@ -412,7 +412,7 @@ def test_in_sum_copies(cluster, copies):
     with 48 single blocks and 5 copies the copies count 10 or 9 parts), the readers add the
     copies: integer sums, so with every FFN unit placed statically (SYNC.md: bit-reproducible)
     the logits are the same bits as with one copy. The copies' run polls each copy's last pair
-    first (KOG_POLL_SENTINEL, off for this hidden size by default)."""
+    first (KOG_POLL_SENTINEL), the one-copy run reads every word at once."""
     import cupy
     if cluster > 1 and int(cupy.cuda.Device().compute_capability) < 90:
         pytest.skip("thread-block clusters need compute capability 9.0")

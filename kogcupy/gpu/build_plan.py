@@ -210,15 +210,15 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # the residual sums polled on their last pair first (gemv.cuh): while the parts land on a sum,
     # its readers re-read one line a copy instead of all. H100: Qwen2.5-0.5B +2.3 to +3.1%,
     # Qwen3-1.7B +1.7%, 1B +0.5%, 8B +0.3% (on the paired shapes the gain is the mid sum's);
-    # SmolLM2-135M (hidden 576, 3 loads a row) -1.2 to -2.3%, where the extra L2 round trip
-    # after the sum is complete costs more (PERF.md). Not measured on AMD; tensor parallel builds
-    # read no residual sum.
+    # SmolLM2-135M -1.2 to -2.3% while the attention blocks took o_proj items, +2.5 to +3.7%
+    # since they take none (KOG_OPROJ_SPARE; PERF.md). Not measured on AMD; tensor parallel
+    # builds read no residual sum.
     sentinel = _knob(tuning, "KOG_POLL_SENTINEL")
     if sentinel not in (0, 1):
         raise DeviceError(f"KOG_POLL_SENTINEL={sentinel}{_from_env('KOG_POLL_SENTINEL', caller)}: "
                           f"0 or 1")
     if "KOG_POLL_SENTINEL" not in tuning and world == 1 and not arch:
-        sentinel = int(lcfg.hidden_size > 768)
+        sentinel = 1
     tuning["KOG_POLL_SENTINEL"] = sentinel
     if n_blocks < lcfg.n_kv_heads:
         # tensor parallel: the unit combining a head's partials must be the last unit of its
