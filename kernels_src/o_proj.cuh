@@ -5,7 +5,8 @@
 // itself (kog_attn_combine: no combiner unit, no attn_out round trip), multiplies it by columns
 // [g * G * HD, (g + 1) * G * HD) of row slice s of wo and adds the products into the residual
 // sum mid(t, l) (sync.cuh), where attn_norm_qkv has added the x entering the layer. Items
-// spread over the blocks from block 0 up; attention units go from the top of the grid down and
+// spread over the blocks from block 0 up (KOG_OPROJ_SPARE: only below the attention units' blocks
+// while those are at most half the grid); attention units go from the top of the grid down and
 // wait for no item (a block runs its own units before its item).
 // Tensor parallel: every rank's heads give a partial of every row, all-reduced (kccl.cuh).
 // ============================================================================================
