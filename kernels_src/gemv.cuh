@@ -54,7 +54,7 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
         // reads the sum: while the parts land, one line a copy is re-read, not every line by
         // every thread. A hint only, the read below checks every word (in sums: the last pair is
         // among the last adds of down -- of a pair's rank 1; mid sums: of the o_proj items of the
-        // last row slice); build_plan.py decides per model
+        // last row slice); build_plan.py decides per build
         if ((int)threadIdx.x < COPIES) {
             const int r = threadIdx.x;
             // (not want[r]: a run-time index puts want[] in local memory; with the one-copy case

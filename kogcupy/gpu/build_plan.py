@@ -150,9 +150,14 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     tuning["KOG_DYN_PERMILLE"] = dyn
     # o_proj items only on the blocks without an attention unit while the units are few
     # (o_proj.cuh): a small model's o_proj is latency-bound, a larger one's streams its rows
-    # from every block (PERF.md)
-    if "KOG_OPROJ_SPARE" not in tuning and small:
-        tuning["KOG_OPROJ_SPARE"] = 1
+    # from every block (H100: SmolLM2 +0.6%, Qwen2.5-0.5B +1.8%, 1B -0.4%; PERF.md). Not
+    # measured on AMD.
+    spare = _knob(tuning, "KOG_OPROJ_SPARE")
+    if spare not in (0, 1):
+        raise DeviceError(f"KOG_OPROJ_SPARE={spare}{_from_env('KOG_OPROJ_SPARE', caller)}: 0 or 1")
+    if "KOG_OPROJ_SPARE" not in tuning and small and not arch:
+        spare = 1
+    tuning["KOG_OPROJ_SPARE"] = spare
     # GEMV loads per lane per tile (every GEMV of the build): capped at what a row of x needs
     # (a hidden-wide row: qkv, o_proj's and gate_up's input, the LM head). With 4 on
     # SmolLM2 (hidden 576: 3 loads a row) ptxas spills the tiles just loaded (32 STL, 3: 5) and

@@ -153,7 +153,8 @@ STAGES: tuple[Stage, ...] = (
                  Use("attn_out", Tag("t", "l", "ATTN"), when="KOG_TP > 1", what="all of it")),
           reads=(Use("wo", what="its rows, group g's columns"),),
           writes=(_sum("mid", "l", "o", what="its item's rows: wo[rows, group g] @ group g's attention output"),),
-          who="items (kv head group g, row slice) from block 0 up",
+          who="items (kv head group g, row slice) from block 0 up (KOG_OPROJ_SPARE: below the "
+              "attention units' blocks)",
           tp="every block its rows, all of attn_out: writes its partial of every row to every "
              "rank's xpart slot 0 @ o(t, l)"),
     Stage("ffn_norm_gate_up_silu", "kog_stage_ffn_norm_gate_up_silu", "gate_up.cuh", True, True,
