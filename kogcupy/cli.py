@@ -202,6 +202,15 @@ def options(*opts):
     return deco
 
 
+def check_stops(stop) -> None:
+    """--stop values, before the model loads: UTF-8 text, none empty."""
+    from .engine import check_text
+    for s in stop:
+        check_text(s, "--stop")
+        if not s:
+            raise InputError("--stop takes non-empty text")
+
+
 def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed):
     """Bad arguments fail before the model is read. Returns the seed: `seed`, or a random one
     when none was given (so that two runs sample differently, as llama.cpp's and HF's do)."""
@@ -398,8 +407,7 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
     seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                           seed)
     check_backend(backend, context_length, dtype, gpus)
-    for s in stop:
-        check_text(s, "--stop")
+    check_stops(stop)
     if system is not None:
         check_text(system, "--system")
         if chat is False:
@@ -443,7 +451,8 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
         gen.close()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_BROKEN_PIPE)
-    click.echo(_with_seed(gen.result.stats_line(), temperature, seed), err=True)
+    # (close: a Ctrl-C that landed in the echo, outside the stream, has not ended it yet)
+    click.echo(_with_seed(gen.close().stats_line(), temperature, seed), err=True)
     if interrupted:
         sys.exit(EXIT_INTERRUPTED)
 
@@ -470,8 +479,7 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
     seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                           seed)
     check_backend(backend, context_length, dtype, gpus)
-    for s in stop:
-        check_text(s, "--stop")
+    check_stops(stop)
     if system is not None:
         check_text(system, "--system")
     engine = load_engine(model_path, dtype, backend, context_length, gpus)
@@ -533,7 +541,7 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
         except KeyboardInterrupt:              # the answer so far stays in the conversation
             pass
         click.echo("")
-        r = gen.result
+        r = gen.close()                        # (a Ctrl-C in the echo: the stream still runs)
         messages = turn + [{"role": "assistant", "content": r.text}]
         click.echo(_with_seed(_turn_stats(r), temperature, seed), err=True)
 

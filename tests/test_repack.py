@@ -223,7 +223,8 @@ def test_cli_system_error_is_one_line(hf_dir, tmp_path, monkeypatch, capsys):
         R.main([hf_dir, str(tmp_path / "packed")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err
-    assert err.strip().endswith("error: No space left on device; nothing was written")
+    # (a write names no file: the line names DST)
+    assert err.strip().endswith(f"error: {tmp_path / 'packed'}: No space left on device; nothing was written")
     assert os.listdir(tmp_path) == []
 
 
@@ -240,3 +241,42 @@ def test_cli_sigterm_cleans_up_and_restores_the_handler(hf_dir, tmp_path, monkey
     assert e.value.code == 143 and "terminated; nothing was written" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_destination_checked_before_loading(hf_dir, tmp_path, monkeypatch, capsys):
+    """An empty DST, a parent that is a file, a parent the repack cannot write in: one line,
+    exit 2, before the model loads (the loader here would fail the test)."""
+    import tempfile
+    monkeypatch.setattr(R, "repack", lambda *a, **kw: pytest.fail("loaded before the checks"))
+    (tmp_path / "afile").write_text("x")
+    real_mkdtemp = tempfile.mkdtemp
+
+    def read_only(*a, dir=None, **kw):
+        if dir is not None and os.path.basename(dir) == "ro":
+            raise PermissionError(13, "Permission denied")
+        return real_mkdtemp(*a, dir=dir, **kw)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    for dst, said in [("", "the destination is empty"),
+                      (str(tmp_path / "afile" / "out"), "afile is not a directory"),
+                      (str(tmp_path / "ro" / "out"), "cannot create a directory in")]:
+        with pytest.raises(SystemExit) as e:
+            R.main([hf_dir, dst])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["afile", "ro"] and os.listdir(tmp_path / "ro") == []
+
+
+def test_kogcupy_repack_stops_as_kogcupy_repack_does(hf_dir, tmp_path, monkeypatch, capsys):
+    """`kogcupy repack` ends a SIGTERM the way `kogcupy-repack` does: exit 143, saying that
+    nothing was written."""
+    import signal
+    from kogcupy.cli import main
+
+    monkeypatch.setattr(R, "write_safetensors", lambda *a, **kw: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as e:
+        main(["repack", hf_dir, str(tmp_path / "packed")])
+    err = capsys.readouterr().err
+    assert e.value.code == 143 and err.strip().endswith("kogcupy: terminated; nothing was written"), err
+    assert os.listdir(tmp_path) == []

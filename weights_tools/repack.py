@@ -87,6 +87,8 @@ def write_safetensors(path: str, tensors, dtypes: dict[str, str], progress=None)
 
 
 def _dst_checks(src: str, dst: str, force: bool) -> None:
+    if not dst:
+        raise ModelLoadError("the destination is empty: name the packed directory to write")
     rs, rd = os.path.realpath(src), os.path.realpath(dst)
     if rd == rs or rs.startswith(rd + os.sep) or rd.startswith(rs + os.sep):
         raise ModelLoadError(f"{dst}: destination must not be the source or inside/around it")
@@ -105,8 +107,17 @@ def _dst_checks(src: str, dst: str, force: bool) -> None:
             raise ModelLoadError(f"{dst}: is (or holds) the current directory; run the "
                                  f"repack from outside it")
     parent = os.path.dirname(os.path.abspath(dst))
-    if not os.path.isdir(parent):
+    if not os.path.exists(parent):
         raise ModelLoadError(f"{dst}: parent directory {parent} does not exist")
+    if not os.path.isdir(parent):
+        raise ModelLoadError(f"{dst}: {parent} is not a directory")
+    # the repack writes beside DST (a temporary directory, then a rename): find out now, not
+    # after loading the model, that it cannot
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.probe-", dir=parent))
+    except OSError as e:
+        raise ModelLoadError(f"{dst}: cannot create a directory in {parent} "
+                             f"({e.strerror or e})") from None
 
 
 def _write_tokenizer(src: str, fmt: str, tokenizer, tmp: str) -> None:
@@ -183,18 +194,44 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
 @click.option("--force", is_flag=True, help="Replace DST if it is a packed directory (or empty).")
 def repack_command(src, dst, dtype, force):
     """Repack SRC (HF directory or .gguf) into a kogcupy packed directory DST."""
-    # KogErrors propagate: `kogcupy repack` and `kogcupy-repack` print them as one line.
+    # KogErrors propagate: `kogcupy repack` and `kogcupy-repack` print them as one line. An
+    # interrupt or the machine's error ends both the same way (_Stopped).
     import signal
     import threading
-    if threading.current_thread() is not threading.main_thread():
-        return _repack_cli(src, dst, dtype, force)
-    # a SIGTERM (kill, a job scheduler) cleans up as Ctrl-C does: no temporary left
-    before = signal.signal(signal.SIGTERM, _terminated)
+    prog = click.get_current_context().find_root().info_name or "kogcupy-repack"
     try:
-        return _repack_cli(src, dst, dtype, force)
-    finally:
-        if before is not None:                 # (None: a handler not set from Python)
-            signal.signal(signal.SIGTERM, before)
+        if threading.current_thread() is not threading.main_thread():
+            return _repack_cli(src, dst, dtype, force)
+        # a SIGTERM (kill, a job scheduler) cleans up as Ctrl-C does: no temporary left
+        before = signal.signal(signal.SIGTERM, _terminated)
+        try:
+            return _repack_cli(src, dst, dtype, force)
+        finally:
+            if before is not None:             # (None: a handler not set from Python)
+                signal.signal(signal.SIGTERM, before)
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        what = "terminated" if term else "interrupted"
+        done = f"{dst} was written" if getattr(e, "repack_written", False) else "nothing was written"
+        raise _Stopped(f"{prog}: {what}; {done}", 143 if term else 130) from None
+    except OSError as e:
+        from kogcupy.cli import is_system_error, os_error_line
+        if not is_system_error(e):
+            raise
+        where = "" if e.filename else f"{dst}: "        # (a write names no file)
+        raise _Stopped(f"{prog}: error: {where}{os_error_line(e)}; nothing was written", 1) from None
+
+
+class _Stopped(click.ClickException):
+    """A repack ended by Ctrl-C, SIGTERM or the machine's error (a full disk): one line,
+    the same under `kogcupy repack` and `kogcupy-repack`; exit 130, 143 or 1."""
+
+    def __init__(self, line: str, exit_code: int):
+        super().__init__(line)
+        self.exit_code = exit_code
+
+    def show(self, file=None):
+        click.echo(self.message, err=True)
 
 
 def _repack_cli(src, dst, dtype, force):
@@ -220,9 +257,13 @@ def _repack_cli(src, dst, dtype, force):
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
-    click.echo(f"wrote {dst} ({used}, {size / 2**20:,.1f} MiB in {time.perf_counter() - t0:.1f} s)",
-               err=True)
+    try:
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
+        click.echo(f"wrote {dst} ({used}, {size / 2**20:,.1f} MiB in "
+                   f"{time.perf_counter() - t0:.1f} s)", err=True)
+    except KeyboardInterrupt as e:             # DST is complete: say so
+        e.repack_written = True
+        raise
 
 
 class Terminated(KeyboardInterrupt):
