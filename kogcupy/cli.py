@@ -451,8 +451,7 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
         gen.close()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_BROKEN_PIPE)
-    # (close: a Ctrl-C that landed in the echo, outside the stream, has not ended it yet)
-    click.echo(_with_seed(gen.close().stats_line(), temperature, seed), err=True)
+    click.echo(_with_seed(_result(gen).stats_line(), temperature, seed), err=True)
     if interrupted:
         sys.exit(EXIT_INTERRUPTED)
 
@@ -535,15 +534,30 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
                     and len(messages) > len(start) else "")
             click.echo(f"kogcupy: error: {' '.join(str(e).split())}{hint}", err=True)
             continue
+        shown = []
         try:
             for piece in gen:
                 click.echo(piece, nl=False)
+                shown.append(piece)
         except KeyboardInterrupt:              # the answer so far stays in the conversation
             pass
         click.echo("")
-        r = gen.close()                        # (a Ctrl-C in the echo: the stream still runs)
-        messages = turn + [{"role": "assistant", "content": r.text}]
+        r = _result(gen)
+        # what was shown: a Ctrl-C while a piece was written leaves that piece out
+        text = "".join(shown) if r.finish_reason == "cancelled" else r.text
+        messages = turn + [{"role": "assistant", "content": text}]
         click.echo(_with_seed(_turn_stats(r), temperature, seed), err=True)
+
+
+def _result(gen):
+    """The generation's result, its stream cancelled if it still runs (a Ctrl-C that landed
+    while a piece was written, outside the stream); a second Ctrl-C while it winds down does
+    not lose it."""
+    while True:
+        try:
+            return gen.close()
+        except KeyboardInterrupt:
+            continue
 
 
 def _turn_stats(r) -> str:

@@ -542,3 +542,11 @@ def test_readme_matches_ci_and_the_cli():
     named = set(re.findall(r"[a-z_]+", comment.split("GenerationResult:")[1]))
     assert named <= fields, named - fields
     assert "kogcupy models" in readme
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"]])
+def test_empty_stop_refused_before_loading(tmp_path, command):
+    """--stop '' is a user error before the model loads (the model path here does not exist:
+    a load would say so instead)."""
+    r = invoke([*command, "--stop", "", "--model", str(tmp_path / "missing")], input="hi\n")
+    assert_user_error(r, "--stop takes non-empty text")

@@ -93,10 +93,12 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dirs, spy, monkeypat
         monkeypatch.setattr(E.Generation, "_next_piece", interrupting)
     else:
         real_echo = click.echo
+        pieces = []
 
         def interrupting(message=None, *a, **kw):
             if kw.get("nl") is False and message:
                 calls["n"] += 1
+                pieces.append(message)
                 if calls["n"] == 2:
                     raise KeyboardInterrupt
             return real_echo(message, *a, **kw)
@@ -108,6 +110,8 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dirs, spy, monkeypat
     partial = spy[1][1]
     assert partial["role"] == "assistant" and partial["content"]
     assert r.stdout.startswith(partial["content"] + "\n")
+    if where == "echo":                        # the piece not shown stays out of the turn
+        assert len(pieces) >= 2 and partial["content"] == pieces[0]
 
 
 def test_ctrl_c_at_the_prompt_keeps_the_session(tiny_dirs, spy, monkeypatch):

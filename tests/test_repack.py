@@ -31,7 +31,7 @@ def gguf_file(tmp_path_factory):
 
 
 def _leftovers(parent):
-    return [e for e in os.listdir(parent) if ".repack-" in e or ".old-" in e]
+    return [e for e in os.listdir(parent) if ".repack-" in e or ".old-" in e or ".probe-" in e]
 
 
 @pytest.mark.parametrize("dtype", [None, "float16"])
@@ -223,8 +223,7 @@ def test_cli_system_error_is_one_line(hf_dir, tmp_path, monkeypatch, capsys):
         R.main([hf_dir, str(tmp_path / "packed")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err
-    # (a write names no file: the line names DST)
-    assert err.strip().endswith(f"error: {tmp_path / 'packed'}: No space left on device; nothing was written")
+    assert err.strip().endswith("error: No space left on device; nothing was written")
     assert os.listdir(tmp_path) == []
 
 
@@ -244,28 +243,34 @@ def test_cli_sigterm_cleans_up_and_restores_the_handler(hf_dir, tmp_path, monkey
 
 
 def test_destination_checked_before_loading(hf_dir, tmp_path, monkeypatch, capsys):
-    """An empty DST, a parent that is a file, a parent the repack cannot write in: one line,
-    exit 2, before the model loads (the loader here would fail the test)."""
+    """An empty DST, a parent that is a file, a parent where no directory can be made: one
+    line, exit 2, before the model loads (the loader here would fail the test); the machine's
+    refusal (no permission) exits 1, as its other errors do."""
     import tempfile
     monkeypatch.setattr(R, "repack", lambda *a, **kw: pytest.fail("loaded before the checks"))
     (tmp_path / "afile").write_text("x")
     real_mkdtemp = tempfile.mkdtemp
 
-    def read_only(*a, dir=None, **kw):
+    def refusing(*a, dir=None, **kw):
         if dir is not None and os.path.basename(dir) == "ro":
             raise PermissionError(13, "Permission denied")
+        if dir is not None and os.path.basename(dir) == "odd":
+            raise FileNotFoundError(2, "No such file or directory")      # (e.g. under /proc)
         return real_mkdtemp(*a, dir=dir, **kw)
 
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
-    for dst, said in [("", "the destination is empty"),
-                      (str(tmp_path / "afile" / "out"), "afile is not a directory"),
-                      (str(tmp_path / "ro" / "out"), "cannot create a directory in")]:
+    (tmp_path / "odd").mkdir()
+    monkeypatch.setattr(tempfile, "mkdtemp", refusing)
+    for dst, code, said in [("", 2, "the destination is empty"),
+                            (str(tmp_path / "afile" / "out"), 2, "afile is not a directory"),
+                            (str(tmp_path / "odd" / "out"), 2, "cannot create a directory in"),
+                            (str(tmp_path / "ro" / "out"), 1,
+                             f"{tmp_path / 'ro' / 'out'}: Permission denied; nothing was written")]:
         with pytest.raises(SystemExit) as e:
             R.main([hf_dir, dst])
         err = capsys.readouterr().err
-        assert e.value.code == 2 and said in err and len(err.strip().splitlines()) == 1, err
-    assert sorted(os.listdir(tmp_path)) == ["afile", "ro"] and os.listdir(tmp_path / "ro") == []
+        assert e.value.code == code and said in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["afile", "odd", "ro"] and _leftovers(tmp_path / "ro") == []
 
 
 def test_kogcupy_repack_stops_as_kogcupy_repack_does(hf_dir, tmp_path, monkeypatch, capsys):
@@ -280,3 +285,30 @@ def test_kogcupy_repack_stops_as_kogcupy_repack_does(hf_dir, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert e.value.code == 143 and err.strip().endswith("kogcupy: terminated; nothing was written"), err
     assert os.listdir(tmp_path) == []
+
+
+def test_stopped_after_dst_is_complete_says_so(hf_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a --force repack removes the old directory (DST already replaced): the
+    line says DST was written, not that nothing was; Ctrl-C before: nothing was written."""
+    from kogcupy.cli import main
+    dst = tmp_path / "packed"
+    R.repack(hf_dir, str(dst))
+    real_rmtree = R.shutil.rmtree
+
+    def interrupted(path, *a, **kw):
+        if ".old-" in os.path.basename(path):
+            raise KeyboardInterrupt
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(R.shutil, "rmtree", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["repack", hf_dir, str(dst), "--force"])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip().endswith(f"kogcupy: interrupted; {dst} was written"), err
+    load_model(str(dst))
+    monkeypatch.undo()
+    monkeypatch.setattr(R, "write_safetensors", lambda *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        main(["repack", hf_dir, str(tmp_path / "other")])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip().endswith("kogcupy: interrupted; nothing was written"), err

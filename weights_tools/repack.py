@@ -112,12 +112,20 @@ def _dst_checks(src: str, dst: str, force: bool) -> None:
     if not os.path.isdir(parent):
         raise ModelLoadError(f"{dst}: {parent} is not a directory")
     # the repack writes beside DST (a temporary directory, then a rename): find out now, not
-    # after loading the model, that it cannot
+    # after loading the model, that it cannot. The machine's refusals (no permission, a
+    # read-only or full disk) stay OSErrors (exit 1), named by DST
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.probe-", dir=parent))
+        probe = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.probe-", dir=parent)
     except OSError as e:
+        from kogcupy.cli import is_system_error
+        if is_system_error(e):
+            raise OSError(e.errno, e.strerror, dst) from None
         raise ModelLoadError(f"{dst}: cannot create a directory in {parent} "
                              f"({e.strerror or e})") from None
+    try:
+        os.rmdir(probe)
+    except OSError:
+        pass
 
 
 def _write_tokenizer(src: str, fmt: str, tokenizer, tmp: str) -> None:
@@ -172,7 +180,7 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
             os.replace(dst, os.path.join(old, "x"))
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException:               # (DST is not replaced yet: the old one is put back)
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not os.path.lexists(dst) and os.path.lexists(
                 os.path.join(old, "x")):
@@ -181,7 +189,11 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
             shutil.rmtree(old, ignore_errors=True)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException as e:      # DST is complete: only the old one's removal was cut
+            e.repack_written = True
+            raise
     return dtype
 
 
@@ -198,28 +210,30 @@ def repack_command(src, dst, dtype, force):
     # interrupt or the machine's error ends both the same way (_Stopped).
     import signal
     import threading
-    prog = click.get_current_context().find_root().info_name or "kogcupy-repack"
+    ctx = click.get_current_context(silent=True)
+    prog = (ctx.find_root().info_name if ctx else None) or "kogcupy-repack"
+    state = {"written": False}                 # set once DST is complete
     try:
         if threading.current_thread() is not threading.main_thread():
-            return _repack_cli(src, dst, dtype, force)
+            return _repack_cli(src, dst, dtype, force, state)
         # a SIGTERM (kill, a job scheduler) cleans up as Ctrl-C does: no temporary left
         before = signal.signal(signal.SIGTERM, _terminated)
         try:
-            return _repack_cli(src, dst, dtype, force)
+            return _repack_cli(src, dst, dtype, force, state)
         finally:
             if before is not None:             # (None: a handler not set from Python)
                 signal.signal(signal.SIGTERM, before)
-    except KeyboardInterrupt as e:
-        term = isinstance(e, Terminated)
-        what = "terminated" if term else "interrupted"
-        done = f"{dst} was written" if getattr(e, "repack_written", False) else "nothing was written"
-        raise _Stopped(f"{prog}: {what}; {done}", 143 if term else 130) from None
-    except OSError as e:
+    except (KeyboardInterrupt, OSError) as e:
         from kogcupy.cli import is_system_error, os_error_line
-        if not is_system_error(e):
+        if isinstance(e, OSError) and not is_system_error(e):
             raise
-        where = "" if e.filename else f"{dst}: "        # (a write names no file)
-        raise _Stopped(f"{prog}: error: {where}{os_error_line(e)}; nothing was written", 1) from None
+        written = state["written"] or getattr(e, "repack_written", False)
+        done = f"{dst} was written" if written else "nothing was written"
+        if isinstance(e, OSError):
+            raise _Stopped(f"{prog}: error: {os_error_line(e)}; {done}", 1) from None
+        term = isinstance(e, Terminated)
+        raise _Stopped(f"{prog}: {'terminated' if term else 'interrupted'}; {done}",
+                       143 if term else 130) from None
 
 
 class _Stopped(click.ClickException):
@@ -234,7 +248,7 @@ class _Stopped(click.ClickException):
         click.echo(self.message, err=True)
 
 
-def _repack_cli(src, dst, dtype, force):
+def _repack_cli(src, dst, dtype, force, state):
     from kogcupy.model.loader import resolve_model_path
     from kogcupy.model.weights import detect_format
     local = resolve_model_path(src)[0]        # (a hub id: its snapshot in the local cache)
@@ -254,16 +268,13 @@ def _repack_cli(src, dst, dtype, force):
     t0 = time.perf_counter()
     try:
         used = repack(local, dst, dtype, force, progress=progress)     # (resolved once)
+        state["written"] = True
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    try:
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
-        click.echo(f"wrote {dst} ({used}, {size / 2**20:,.1f} MiB in "
-                   f"{time.perf_counter() - t0:.1f} s)", err=True)
-    except KeyboardInterrupt as e:             # DST is complete: say so
-        e.repack_written = True
-        raise
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)
+    click.echo(f"wrote {dst} ({used}, {size / 2**20:,.1f} MiB in {time.perf_counter() - t0:.1f} s)",
+               err=True)
 
 
 class Terminated(KeyboardInterrupt):
