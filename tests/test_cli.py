@@ -271,30 +271,8 @@ def test_tiny_model_generate_and_usage_error(tiny_dirs):
 def test_keyboard_interrupt_keeps_output(tiny_dirs, monkeypatch, where):
     """Ctrl-C inside the token stream, or while a piece is written (outside the stream: it
     has not ended then, the stats line must still come)."""
-    import click
-    import kogcupy.engine as E
-    calls = {"n": 0}
-    if where == "stream":
-        real_next = E.Generation._next_piece
-
-        def interrupting(self):
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise KeyboardInterrupt
-            return real_next(self)
-
-        monkeypatch.setattr(E.Generation, "_next_piece", interrupting)
-    else:
-        real_echo = click.echo
-
-        def interrupting(message=None, *a, **kw):
-            if kw.get("nl") is False and message:
-                calls["n"] += 1
-                if calls["n"] == 3:
-                    raise KeyboardInterrupt
-            return real_echo(message, *a, **kw)
-
-        monkeypatch.setattr(click, "echo", interrupting)
+    from conftest import interrupt_at
+    interrupt_at(monkeypatch, where, 3)
     r = invoke(["generate", "Once upon a time", "--model", tiny_dirs["llama"],
                 "--max-new-tokens", "50", "--no-chat"])
     assert r.exit_code == 130, (r.stderr, r.exception)

@@ -79,31 +79,8 @@ def test_reset_keeps_the_system_prompt(tiny_dirs, spy):
 @pytest.mark.parametrize("where", ["stream", "echo"])
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_dirs, spy, monkeypatch, where):
     """Ctrl-C inside the token stream, or while a piece is written (the stream still runs)."""
-    import click
-    calls = {"n": 0}
-    if where == "stream":
-        real = E.Generation._next_piece
-
-        def interrupting(self):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-            return real(self)
-
-        monkeypatch.setattr(E.Generation, "_next_piece", interrupting)
-    else:
-        real_echo = click.echo
-        pieces = []
-
-        def interrupting(message=None, *a, **kw):
-            if kw.get("nl") is False and message:
-                calls["n"] += 1
-                pieces.append(message)
-                if calls["n"] == 2:
-                    raise KeyboardInterrupt
-            return real_echo(message, *a, **kw)
-
-        monkeypatch.setattr(click, "echo", interrupting)
+    from conftest import interrupt_at
+    pieces = interrupt_at(monkeypatch, where, 2)
     r = chat(["--model", tiny_dirs["llama"], *TINY], ["The fox", "Once upon a time"])
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert [s[2] for s in turn_stats(r.stderr)] == ["cancelled", "length"]
