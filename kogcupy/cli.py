@@ -451,6 +451,11 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
         gen.close()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(EXIT_BROKEN_PIPE)
+    except OSError as e:                         # `> file` on a full disk: say what was written
+        _result(gen)
+        if e.filename is None and is_system_error(e):
+            raise OSError(e.errno, e.strerror, "stdout") from None
+        raise
     click.echo(_with_seed(_result(gen).stats_line(), temperature, seed), err=True)
     if interrupted:
         sys.exit(EXIT_INTERRUPTED)

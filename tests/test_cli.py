@@ -528,3 +528,21 @@ def test_empty_stop_refused_before_loading(tmp_path, command):
     a load would say so instead)."""
     r = invoke([*command, "--stop", "", "--model", str(tmp_path / "missing")], input="hi\n")
     assert_user_error(r, "--stop takes non-empty text")
+
+
+def test_full_disk_on_stdout_names_it(tiny_dirs, monkeypatch, capsys):
+    """`kogcupy generate ... > file` on a full disk: one line that says stdout, exit 1."""
+    import click
+    from kogcupy.cli import main
+    real_echo = click.echo
+
+    def full(message=None, *a, **kw):
+        if kw.get("nl") is False and message:
+            raise OSError(28, "No space left on device")
+        return real_echo(message, *a, **kw)
+
+    monkeypatch.setattr(click, "echo", full)
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "Once upon a time", "--model", tiny_dirs["llama"], "-n", "5", "--no-chat"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.strip().endswith("kogcupy: error: stdout: No space left on device"), err
