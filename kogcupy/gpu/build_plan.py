@@ -128,6 +128,14 @@ def _from_env(name: str, caller: dict | None) -> str:
     return " (set by KOGCUPY_TUNING)" if env else ""
 
 
+def _flag(tuning: dict, name: str, caller: dict | None) -> int:
+    """A 0 / 1 knob's value (asked for, or the default); any other value is refused."""
+    v = _knob(tuning, name)
+    if v not in (0, 1):
+        raise DeviceError(f"{name}={v}{_from_env(name, caller)}: 0 or 1")
+    return v
+
+
 def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int = THREADS,
                blocks: int | None = None, tuning: dict | None = None, rank: int = 0,
                world: int = 1, hooks: bool = False, arch: str = "",
@@ -152,9 +160,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # (o_proj.cuh): a small model's o_proj is latency-bound, a larger one's streams its rows
     # from every block (H100: SmolLM2 +0.6%, Qwen2.5-0.5B +1.8%, 1B -0.4%; PERF.md). Not
     # measured on AMD.
-    spare = _knob(tuning, "KOG_OPROJ_SPARE")
-    if spare not in (0, 1):
-        raise DeviceError(f"KOG_OPROJ_SPARE={spare}{_from_env('KOG_OPROJ_SPARE', caller)}: 0 or 1")
+    spare = _flag(tuning, "KOG_OPROJ_SPARE", caller)
     if "KOG_OPROJ_SPARE" not in tuning and small and not arch:
         spare = 1
     tuning["KOG_OPROJ_SPARE"] = spare
@@ -218,10 +224,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # SmolLM2-135M -1.2 to -2.3% while the attention blocks took o_proj items, +2.5 to +3.7%
     # since they take none (KOG_OPROJ_SPARE; PERF.md). Not measured on AMD; tensor parallel
     # builds read no residual sum.
-    sentinel = _knob(tuning, "KOG_POLL_SENTINEL")
-    if sentinel not in (0, 1):
-        raise DeviceError(f"KOG_POLL_SENTINEL={sentinel}{_from_env('KOG_POLL_SENTINEL', caller)}: "
-                          f"0 or 1")
+    sentinel = _flag(tuning, "KOG_POLL_SENTINEL", caller)
     if "KOG_POLL_SENTINEL" not in tuning and world == 1 and not arch:
         sentinel = 1
     tuning["KOG_POLL_SENTINEL"] = sentinel
