@@ -88,7 +88,9 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
 #if KOG_TP > 1
         const float s = kog_tp_load_reduced(c, 0, kog_tag(c.t, layer, KOG_STAGE_O));
 #else
+#if !KOG_ZERO_EARLY
         kog_xsum_zero_next(c, layer);     // (its fence overlaps the wait)
+#endif
         if (threadIdx.x == 0) *n_grabbed = 0;                // (the wait's barriers publish it)
         // every block reads x: down_residual adds its share's rows to in(t, l + 1)
         const float s = kog_load_activation<KOG_HIDDEN, true>(kog_xsum_mid(p, c.t, layer), KOG_MID_PARTS,

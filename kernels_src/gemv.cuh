@@ -21,9 +21,10 @@
 // Knobs (kernels.py DEFAULT_TUNING / build_plan.py pass every one): KOG_GEMV_MAX_LOADS 16-byte
 // loads per lane per tile, KOG_DYN_PERMILLE the share of gate_up / lm_head units handed out at
 // run time, KOG_DOWN_DEPTH rows a thread of down_residual keeps in flight, KOG_POLL_SENTINEL
-// a residual sum polled on its last pair before it is read.
+// a residual sum polled on its last pair before it is read, KOG_ZERO_EARLY the next position's
+// sums zeroed at o_proj's start instead of in gate_up's wait (kog_xsum_zero_next).
 #if !defined(KOG_GEMV_MAX_LOADS) || !defined(KOG_DYN_PERMILLE) || !defined(KOG_DOWN_DEPTH) || \
-    !defined(KOG_POLL_SENTINEL)
+    !defined(KOG_POLL_SENTINEL) || !defined(KOG_ZERO_EARLY)
 #error "GEMV knobs come from kernels.py (model_defines)"
 #endif
 
@@ -369,7 +370,8 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 
 #if KOG_TP == 1
 // Called by ffn_norm_gate_up_silu(t, l) before its wait for mid(t, l) (the fence overlaps that
-// wait): zero this block's share of in(t + 1, l) and mid(t + 1, l) (and, at the last layer,
+// wait), or with KOG_ZERO_EARLY by o_proj_residual(t, l) at its start (the fence then waits for
+// no weight rows just issued; an item block waits anyway): zero this block's share of in(t + 1, l) and mid(t + 1, l) (and, at the last layer,
 // of in(t + 1, L)), which share their buffers with position t - 1's sums (sync.cuh).
 // After every read of t - 1's: this block passed its wait on in(t, l) in attn_norm_qkv(t, l);
 // for l > 0 that sum holds every block's down_residual(t, l - 1) (alone or in its pair's part,

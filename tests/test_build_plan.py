@@ -305,6 +305,19 @@ def test_attention_chunk_rule():
         assert p.placement.attn_chunks_alloc == max(every) <= p.placement.attn_max_chunks
 
 
+def test_zero_early_on_smollm2_sized_models_only():
+    # KOG_ZERO_EARLY (o_proj.cuh): hidden < 5 rows a block, one NVIDIA GPU
+    on = lambda name, **kw: build_plan(shape_config(name), H200_SMS, 4096, **kw).tuning["KOG_ZERO_EARLY"]
+    assert on("smollm2-135m") == 1                                    # 576 < 5 * 132
+    assert on("qwen2.5-0.5b") == 0 and on("llama-3.2-1b") == 0        # 896, 2048
+    assert on("smollm2-135m", tuning={"KOG_ZERO_EARLY": 0}) == 0
+    assert on("qwen2.5-0.5b", tuning={"KOG_ZERO_EARLY": 1}) == 1
+    assert on("smollm2-135m", arch="gfx942") == 0
+    assert build_plan(shape_config("smollm2-135m"), H200_SMS, 4096, world=2).tuning["KOG_ZERO_EARLY"] == 0
+    with pytest.raises(DeviceError, match="0 or 1"):
+        on("smollm2-135m", tuning={"KOG_ZERO_EARLY": 2})
+
+
 def test_oproj_spare_on_small_models_only():
     # KOG_OPROJ_SPARE (o_proj.cuh): the small models (hidden < 8 rows a block) on one NVIDIA GPU
     on = lambda name, **kw: build_plan(shape_config(name), H200_SMS, 4096, **kw).tuning["KOG_OPROJ_SPARE"]

@@ -89,14 +89,20 @@ def test_stage_matches_its_source(stage):
 
 def test_residual_sums_are_zeroed_for_their_next_position():
     """ffn_norm_gate_up_silu(t, l) zeroes its share of in(t+1, l) and mid(t+1, l) (and at the
-    last layer in(t+1, L)) before its wait (kog_xsum_zero_next); the host zeroes both parities
-    per launch. Every sum a stage waits for is written by some stage."""
-    zeroing = [s for s in schedule.STAGES if any(u.buffer == "xsum" and u.sum is None and "= 0" in u.what
-                                                 for u in s.writes)]
-    assert [s.name for s in zeroing] == ["ffn_norm_gate_up_silu"]
-    body = DEFS[zeroing[0].kernel]
-    assert "kog_xsum_zero_next(c, layer)" in body
-    assert body.index("kog_xsum_zero_next(c, layer)") < body.index("kog_load_activation<")
+    last layer in(t+1, L)) before its wait (kog_xsum_zero_next), or with KOG_ZERO_EARLY
+    o_proj_residual(t, l) at its start; the host zeroes both parities per launch. Every sum a
+    stage waits for is written by some stage."""
+    zeroing = {s.name: [u.when for u in s.writes if u.buffer == "xsum" and u.sum is None and "= 0" in u.what]
+               for s in schedule.STAGES}
+    assert {k: v for k, v in zeroing.items() if v} == {
+        "o_proj_residual": ["KOG_TP == 1 and KOG_ZERO_EARLY"],
+        "ffn_norm_gate_up_silu": ["KOG_TP == 1 and not KOG_ZERO_EARLY"]}
+    gate_up = DEFS["kog_stage_ffn_norm_gate_up_silu"]
+    assert re.search(r"#if !KOG_ZERO_EARLY\s+kog_xsum_zero_next\(c, layer\);", gate_up)
+    assert gate_up.index("kog_xsum_zero_next(c, layer)") < gate_up.index("kog_load_activation<")
+    o_proj = DEFS["kog_stage_o_proj_residual"]
+    one_gpu = o_proj[o_proj.index("#else"):]                  # (after the tensor-parallel branch)
+    assert re.match(r"#else\s+#if KOG_ZERO_EARLY\s+(//.*\s+)*kog_xsum_zero_next\(c, layer\);", one_gpu)
     zero = DEFS["kog_xsum_zero_next"]
     for name in ("in", "mid", "last"):
         copies = r"r \* KOG_HIDDEN \+ " if name != "mid" else ""      # (every copy of an in sum)
@@ -119,8 +125,8 @@ def test_counters_and_tag_stages_exist():
                 assert u.tag.stage in defines, (s.name, str(u))
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_every_wait_is_published_earlier(tp):
+@pytest.mark.parametrize("tp,early", [(1, 0), (1, 1), (2, 0)])
+def test_every_wait_is_published_earlier(tp, early):
     """Unrolled run (3 layers, positions 0..2, the LM head from position 1, every option on):
     each tag / counter a stage waits for was written by an earlier stage instance (`peer`
     waits: by the same stage, other units)."""
@@ -132,7 +138,8 @@ def test_every_wait_is_published_earlier(tp):
         run += [(s, l) for l in range(L) for s in layer_stages]
         run += [(s, 0) for s in schedule.STAGES if not s.per_layer and s.name != "embed"]
         for s, l in run:
-            env = dict(t=t, l=l, L=L, lm=t >= 1, slices=t >= 1, KOG_DYN_PERMILLE=1, KOG_TP=tp)
+            env = dict(t=t, l=l, L=L, lm=t >= 1, slices=t >= 1, KOG_DYN_PERMILLE=1, KOG_TP=tp,
+                       KOG_ZERO_EARLY=early)
 
             def on(uses):
                 return [u for u in uses if not u.when or eval(u.when, {}, env)]

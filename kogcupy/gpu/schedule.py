@@ -152,7 +152,10 @@ STAGES: tuple[Stage, ...] = (
                           "(kog_attn_combine)"),
                  Use("attn_out", Tag("t", "l", "ATTN"), when="KOG_TP > 1", what="all of it")),
           reads=(Use("wo", what="its rows, group g's columns"),),
-          writes=(_sum("mid", "l", "o", what="its item's rows: wo[rows, group g] @ group g's attention output"),),
+          writes=(Use("xsum", when="KOG_TP == 1 and KOG_ZERO_EARLY",
+                      what="= 0: its share of in(t+1, l), mid(t+1, l) (l = L-1: and in(t+1, L)), "
+                           "fenced, at the start"),
+                  _sum("mid", "l", "o", what="its item's rows: wo[rows, group g] @ group g's attention output"),),
           who="items (kv head group g, row slice) from block 0 up (KOG_OPROJ_SPARE: below the "
               "attention units' blocks)",
           tp="every block its rows, all of attn_out: writes its partial of every row to every "
@@ -166,7 +169,7 @@ STAGES: tuple[Stage, ...] = (
                      what="down_residual's first rows, into its staging slots (cp.async), once "
                           "a warp's static units are done, when they are static units' rows")),
           writes=(Use("act", Tag("t", "l", "GATE_UP"), when="KOG_TP > 1", what="its units"),
-                  Use("xsum", when="KOG_TP == 1",
+                  Use("xsum", when="KOG_TP == 1 and not KOG_ZERO_EARLY",
                       what="= 0: its share of in(t+1, l), mid(t+1, l) (l = L-1: and in(t+1, L)), "
                            "fenced, before the wait"),
                   Use("counters", counter="KOG_CNT_DYN", index="[l]", value="+grabs",
