@@ -229,9 +229,10 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         sentinel = 1
     tuning["KOG_POLL_SENTINEL"] = sentinel
     # the next position's sums zeroed at o_proj's start instead of in gate_up's wait for the mid
-    # sum (gemv.cuh), whose fence then waits for the gate_up rows just issued. H100, 3 rounds:
-    # SmolLM2-135M +4.5% (hidden 576: 4.4 rows a block), Qwen2.5-0.5B -1.2% (6.8 rows), 1B
-    # -0.5%, Qwen3 -0.8%, 8B -0.1% (PERF.md). Not measured on AMD; tensor parallel zeroes no sum.
+    # sum (gemv.cuh), whose fence then waits for the gate_up rows just issued. H100, 3 rounds in
+    # each of 2-3 calls: SmolLM2-135M +4.3 to +4.6% (hidden 576: 4.4 rows a block), Qwen2.5-0.5B
+    # -1.5 to -1.7% (6.8 rows), 1B -0.5%, Qwen3 -0.7 to -0.9%, 8B -0.1 to -0.2% (PERF.md). Not
+    # measured on AMD; tensor parallel zeroes no sum.
     early = _flag(tuning, "KOG_ZERO_EARLY", caller)
     if "KOG_ZERO_EARLY" not in tuning and world == 1 and not arch and lcfg.hidden_size < 5 * n_blocks:
         early = 1
