@@ -154,7 +154,7 @@ STAGES: tuple[Stage, ...] = (
           reads=(Use("wo", what="its rows, group g's columns"),),
           writes=(Use("xsum", when="KOG_TP == 1 and KOG_ZERO_EARLY",
                       what="= 0: its share of in(t+1, l), mid(t+1, l) (l = L-1: and in(t+1, L)), "
-                           "fenced, at the start"),
+                           "at the start; fenced at the last layer"),
                   _sum("mid", "l", "o", what="its item's rows: wo[rows, group g] @ group g's attention output"),),
           who="items (kv head group g, row slice) from block 0 up (KOG_OPROJ_SPARE: below the "
               "attention units' blocks)",
@@ -171,7 +171,7 @@ STAGES: tuple[Stage, ...] = (
           writes=(Use("act", Tag("t", "l", "GATE_UP"), when="KOG_TP > 1", what="its units"),
                   Use("xsum", when="KOG_TP == 1 and not KOG_ZERO_EARLY",
                       what="= 0: its share of in(t+1, l), mid(t+1, l) (l = L-1: and in(t+1, L)), "
-                           "fenced, before the wait"),
+                           "before the wait; fenced at the last layer"),
                   Use("counters", counter="KOG_CNT_DYN", index="[l]", value="+grabs",
                       when="KOG_DYN_PERMILLE")),
           tp="x is the sum of every rank's xpart slot 0 @ o(t, l), kept in x_full; act is "
