@@ -89,7 +89,7 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
         const float s = kog_tp_load_reduced(c, 0, kog_tag(c.t, layer, KOG_STAGE_O));
 #else
 #if !KOG_ZERO_EARLY
-        kog_xsum_zero_next(c, layer);     // (its fence overlaps the wait)
+        kog_xsum_zero_next(c, layer);     // (at the last layer its fence waits for the tiles in flight)
 #endif
         if (threadIdx.x == 0) *n_grabbed = 0;                // (the wait's barriers publish it)
         // every block reads x: down_residual adds its share's rows to in(t, l + 1)

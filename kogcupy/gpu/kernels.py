@@ -89,7 +89,8 @@ def define_options(defines: dict) -> tuple[str, ...]:
 # before the adds; one GPU of sm_90+; build_plan.py decides per model; down.cuh), copies of
 # each in sum that down's parts spread over (sync.cuh), a residual sum polled on its last pair
 # before it is read (gemv.cuh; build_plan.py decides per build), o_proj items only on the
-# blocks without an attention unit (o_proj.cuh; build_plan.py: the small models), profiling /
+# blocks without an attention unit (o_proj.cuh; build_plan.py: the small models), the next
+# position's sums zeroed at o_proj's start (gemv.cuh; build_plan.py: SmolLM2-sized), profiling /
 # debug hooks, and the delay probe's stage slot and spin (sync.cuh kog_prof; -1: none).
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DEPTH": 8,
                   "KOG_CLUSTER": 2, "KOG_IN_COPIES": 1, "KOG_POLL_SENTINEL": 0, "KOG_HOOKS": 0,

@@ -154,7 +154,7 @@ STAGES: tuple[Stage, ...] = (
           reads=(Use("wo", what="its rows, group g's columns"),),
           writes=(Use("xsum", when="KOG_TP == 1 and KOG_ZERO_EARLY",
                       what="= 0: its share of in(t+1, l), mid(t+1, l) (l = L-1: and in(t+1, L)), "
-                           "at the start; fenced at the last layer"),
+                           "every block, at the start, before any item; fenced at the last layer"),
                   _sum("mid", "l", "o", what="its item's rows: wo[rows, group g] @ group g's attention output"),),
           who="items (kv head group g, row slice) from block 0 up (KOG_OPROJ_SPARE: below the "
               "attention units' blocks)",
