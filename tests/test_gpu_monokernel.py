@@ -434,6 +434,33 @@ def test_in_sum_copies(cluster, copies):
     assert max(rel(runs[1][0][i], ref[i]) for i in (0, 63, 119)) < 3e-2
 
 
+@pytest.mark.parametrize("cluster", [1, 2])
+def test_zero_early_same_bits(cluster):
+    """KOG_ZERO_EARLY: the next position's sums zeroed at o_proj's start instead of in gate_up's
+    wait (one fence a step either way, at the last layer): with every FFN unit placed statically
+    the sums are integer adds in any order, so the prompt's logits (positions inside the prompt)
+    and the greedy tokens are the same bits both ways."""
+    import cupy
+    if cluster > 1 and int(cupy.cuda.Device().compute_capability) < 90:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
+    m = model(cfg, logit_scale=8.0)
+    ids = np.random.default_rng(12).integers(0, cfg.vocab_size, 90).tolist()
+    runs = []
+    for early in (0, 1):
+        be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=48,
+                               tuning={"KOG_CLUSTER": cluster, "KOG_ZERO_EARLY": early,
+                                       "KOG_DYN_PERMILLE": 0})
+        assert be.tuning["KOG_ZERO_EARLY"] == early
+        runs.append((be.logits(ids), list(be.start(ids[:8], SamplingParams(), 40, set()))))
+        del be
+    assert np.isfinite(runs[0][0]).all()
+    np.testing.assert_array_equal(runs[1][0], runs[0][0])
+    assert runs[1][1] == runs[0][1]
+    ref = ReferenceBackend(m, context_length=512).logits(ids)
+    assert max(rel(runs[1][0][i], ref[i]) for i in (0, 45, 89)) < 3e-2
+
+
 @pytest.mark.parametrize("dyn,cluster", [(0, 2), (300, 2), (300, 1)])
 def test_ffn_dynamic_tail(dyn, cluster):
     """down_residual multiplies the activations of the FFN units its block ran, static and
