@@ -406,59 +406,51 @@ def test_down_first_rows_issued_by_gate_up(hidden, ffn, blocks):
         ids[:8], SamplingParams(), 32, set()))
 
 
-@pytest.mark.parametrize("cluster,copies", [(1, 5), (2, 4)])
-def test_in_sum_copies(cluster, copies):
-    """KOG_IN_COPIES: down's parts spread over copies of each in sum (cluster c into copy c % R;
-    with 48 single blocks and 5 copies the copies count 10 or 9 parts), the readers add the
-    copies: integer sums, so with every FFN unit placed statically (SYNC.md: bit-reproducible)
-    the logits are the same bits as with one copy. The copies' run polls each copy's last pair
-    first (KOG_POLL_SENTINEL), the one-copy run reads every word at once."""
+def _same_bits(cluster, variants, seed, n_ids, n_new, probes, check=lambda be, tun: None):
+    """Runs of the 48-block grid with every FFN unit placed statically (integer sums in any order:
+    SYNC.md, bit-reproducible), one a tuning variant: the prompt's logits (positions inside the
+    prompt) and the greedy tokens must be the same bits in every run, and near the reference."""
     import cupy
     if cluster > 1 and int(cupy.cuda.Device().compute_capability) < 90:
         pytest.skip("thread-block clusters need compute capability 9.0")
     cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
     m = model(cfg, logit_scale=8.0)
-    ids = np.random.default_rng(11).integers(0, cfg.vocab_size, 120).tolist()
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, n_ids).tolist()
     runs = []
-    for r in (1, copies):
+    for tun in variants:
         be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=48,
-                               tuning={"KOG_CLUSTER": cluster, "KOG_IN_COPIES": r,
-                                       "KOG_DYN_PERMILLE": 0, "KOG_POLL_SENTINEL": int(r > 1)})
-        assert be.tuning["KOG_IN_COPIES"] == r and be.xsum.size == 2 * (2 * cfg.n_layers + 1) * r * cfg.hidden_size
-        runs.append((be.logits(ids), list(be.start(ids[:8], SamplingParams(), 24, set()))))
+                               tuning={"KOG_CLUSTER": cluster, "KOG_DYN_PERMILLE": 0, **tun})
+        check(be, tun)
+        runs.append((be.logits(ids), list(be.start(ids[:8], SamplingParams(), n_new, set()))))
         del be
     assert np.isfinite(runs[0][0]).all()
-    np.testing.assert_array_equal(runs[1][0], runs[0][0])
-    assert runs[1][1] == runs[0][1]
+    for logits, toks in runs[1:]:
+        np.testing.assert_array_equal(logits, runs[0][0])
+        assert toks == runs[0][1]
     ref = ReferenceBackend(m, context_length=512).logits(ids)
-    assert max(rel(runs[1][0][i], ref[i]) for i in (0, 63, 119)) < 3e-2
+    assert max(rel(runs[-1][0][i], ref[i]) for i in probes) < 3e-2
+
+
+@pytest.mark.parametrize("cluster,copies", [(1, 5), (2, 4)])
+def test_in_sum_copies(cluster, copies):
+    """KOG_IN_COPIES: down's parts spread over copies of each in sum (cluster c into copy c % R;
+    with 48 single blocks and 5 copies the copies count 10 or 9 parts), the readers add the
+    copies: the same bits as with one copy. The copies' run polls each copy's last pair first
+    (KOG_POLL_SENTINEL), the one-copy run reads every word at once."""
+    def check(be, tun):
+        r, cfg = tun["KOG_IN_COPIES"], be.cfg
+        assert be.tuning["KOG_IN_COPIES"] == r and be.xsum.size == 2 * (2 * cfg.n_layers + 1) * r * cfg.hidden_size
+    _same_bits(cluster, [{"KOG_IN_COPIES": r, "KOG_POLL_SENTINEL": int(r > 1)} for r in (1, copies)],
+               11, 120, 24, (0, 63, 119), check)
 
 
 @pytest.mark.parametrize("cluster", [1, 2])
 def test_zero_early_same_bits(cluster):
     """KOG_ZERO_EARLY: the next position's sums zeroed at o_proj's start instead of in gate_up's
-    wait (one fence a step either way, at the last layer): with every FFN unit placed statically
-    the sums are integer adds in any order, so the prompt's logits (positions inside the prompt)
-    and the greedy tokens are the same bits both ways."""
-    import cupy
-    if cluster > 1 and int(cupy.cuda.Device().compute_capability) < 90:
-        pytest.skip("thread-block clusters need compute capability 9.0")
-    cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
-    m = model(cfg, logit_scale=8.0)
-    ids = np.random.default_rng(12).integers(0, cfg.vocab_size, 90).tolist()
-    runs = []
-    for early in (0, 1):
-        be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=48,
-                               tuning={"KOG_CLUSTER": cluster, "KOG_ZERO_EARLY": early,
-                                       "KOG_DYN_PERMILLE": 0})
-        assert be.tuning["KOG_ZERO_EARLY"] == early
-        runs.append((be.logits(ids), list(be.start(ids[:8], SamplingParams(), 40, set()))))
-        del be
-    assert np.isfinite(runs[0][0]).all()
-    np.testing.assert_array_equal(runs[1][0], runs[0][0])
-    assert runs[1][1] == runs[0][1]
-    ref = ReferenceBackend(m, context_length=512).logits(ids)
-    assert max(rel(runs[1][0][i], ref[i]) for i in (0, 45, 89)) < 3e-2
+    wait (one fence a step either way, at the last layer): the same bits both ways."""
+    def check(be, tun):
+        assert be.tuning["KOG_ZERO_EARLY"] == tun["KOG_ZERO_EARLY"]
+    _same_bits(cluster, [{"KOG_ZERO_EARLY": e} for e in (0, 1)], 12, 90, 40, (0, 45, 89), check)
 
 
 @pytest.mark.parametrize("dyn,cluster", [(0, 2), (300, 2), (300, 1)])
