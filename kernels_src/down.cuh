@@ -58,6 +58,8 @@ KOG_DEVICE void kog_down_parts(const KogParams* p, int layer, int t, int u0, int
                 r4[1] = make_float4(acc[k][4], acc[k][5], acc[k][6], acc[k][7]);
             }
     __syncthreads();
+    // (every thread k below the share's size adds a word here, row k, or row k of its rank's
+    // half with pairs (share <= HIDDEN / 2): the zeroing's one fence a step relies on it, gemv.cuh)
     for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
         float v = (i >= z0 && i < z1) ? xs[i] : 0.f;
 #pragma unroll

@@ -373,8 +373,11 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 // o_proj_residual(t, l) at its start: zero this block's share of in(t + 1, l) and mid(t + 1, l)
 // (and, at the last layer, of in(t + 1, L)), which share their buffers with position t - 1's
 // sums (sync.cuh). The zeroing threads fence once a step, at the last layer, after all the
-// step's zero stores: the fence waits for every load the thread has in flight (the stage's
-// first weight tiles), and one a layer cost Qwen2.5-0.5B 1.6 %, SmolLM2 1.1 % (PERF.md).
+// step's zero stores: the fence waits for every load the thread has in flight (in gate_up's
+// wait, the gate_up tiles just issued), and one a layer cost Qwen2.5-0.5B 1.4 %, SmolLM2 1.1 %
+// (PERF.md). In short: TOK(t + 1), which every access to t + 1's sums follows, comes after the
+// sampler's (or the LM blocks') wait on all of in(t, L), which holds each zeroing thread's add
+// in down(t, L - 1), after its fence (down.cuh: every thread of a share adds a word there).
 // After every read of t - 1's: this block passed its wait on in(t, l) in attn_norm_qkv(t, l);
 // for l > 0 that sum holds every block's down_residual(t, l - 1) (alone or in its pair's part,
 // added after the pair's cluster barrier), so every block is
@@ -390,8 +393,8 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 // t, past every block's last down of t, down(t, L - 1), after that fence, in which every
 // zeroing thread adds a word of in(t, L) (thread k row k alone; row k of its rank's half in a
 // pair); parts of mid(t + 1, l) follow the wait on in(t + 1, l), which holds this block's
-// down(t + 1, l - 1) (or, l = 0, the embedding: above).
-// Relaxed atomic stores, as every other access to the sums.
+// down(t + 1, l - 1) (or, l = 0, the embedding: above). Readers of t + 1's sums are past
+// TOK(t + 1) too. Relaxed atomic stores, as every other access to the sums.
 KOG_DEVICE void kog_xsum_zero_next(const KogCtx& c, int layer) {
     const int z0 = kog_share_begin(), z1 = kog_share_end();
     if (z0 + (int)threadIdx.x < z1) {
