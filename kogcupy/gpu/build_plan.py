@@ -231,10 +231,11 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # the next position's sums zeroed at o_proj's start instead of in gate_up's wait for the mid
     # sum (gemv.cuh). Measured while the zeroing fenced in every layer (the fence waited for the
     # gate_up rows just issued; now it fences once a step: not re-measured). H100, 3 rounds in
-    # each of 2-3 calls: SmolLM2-135M +4.3 to +4.6% (hidden 576: 4.4 rows a block), Qwen2.5-0.5B
-    # -1.5 to -1.7% (6.8 rows), 1B -0.5 to -0.6%, Qwen3 -0.7 to -0.9%, 8B -0.1 to -0.2% (PERF.md). The
-    # bound 5 lies between the measured 4.4 (on) and 6.8 (off); SmolLM2 on 114-116 SMs (5.0 rows)
-    # is not measured and stays off. Not measured on AMD; tensor parallel zeroes no sum.
+    # each of 2-3 calls: SmolLM2-135M +4.3 to +4.6% (hidden 576: 4.4 rows a block),
+    # Qwen2.5-0.5B -1.5 to -1.7% (6.8 rows), 1B -0.5 to -0.6%, Qwen3 -0.7 to -0.9%, 8B -0.1 to
+    # -0.2% (PERF.md). The bound 5 lies between the measured 4.4 (on) and 6.8 (off); SmolLM2 on
+    # 114-116 SMs (5.0 rows) is not measured and stays off. Not measured on AMD; tensor parallel
+    # zeroes no sum.
     early = _flag(tuning, "KOG_ZERO_EARLY", caller)
     if "KOG_ZERO_EARLY" not in tuning and world == 1 and not arch and lcfg.hidden_size < 5 * n_blocks:
         early = 1
