@@ -124,9 +124,11 @@ def test_template_kwargs(tools_engine):
     assert tk.decode(off).endswith("<|im_start|>assistant\n<think></think>")
     assert tools_engine.encode_messages(msgs, template_kwargs={"self": 1}) == \
         tools_engine.encode_messages(msgs)                  # (any other name: unused here)
-    for bad in ({"add_generation_prompt": False}, {"messages": []}, {"eos_token": "x"},
-                {"raise_exception": 1}, {"not a name": 1}, [1]):
-        with pytest.raises(InputError, match="template variable"):
+    for bad, why in (({"add_generation_prompt": False}, "kogcupy sets it .send it as the request"),
+                     ({"messages": []}, "kogcupy sets it; the names"), ({"eos_token": "x"}, "sets it"),
+                     ({"raise_exception": 1}, "sets it"), ({"not a name": 1}, "an identifier"),
+                     ([1], "must be a dict")):
+        with pytest.raises(InputError, match="template variable.*" + why):
             tools_engine.encode_messages(msgs, template_kwargs=bad)
     # nesting past what the template's tojson can follow: an InputError, not a RecursionError
     deep = {}

@@ -697,7 +697,8 @@ BAD_REQUESTS = [
               "functions": [{"name": "f"}]}, 400, "functions", "use 'tools'"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "chat_template_kwargs": {"add_generation_prompt": False}}, 400,
-     "chat_template_kwargs", "template variable 'add_generation_prompt' cannot be set"),
+     "chat_template_kwargs", "template variable 'add_generation_prompt' cannot be set: kogcupy "
+                             "sets it (send it as the request's own field)"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "length_penalty": 1.5}, 400, "length_penalty", "not supported"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"},
@@ -952,6 +953,16 @@ def test_client_round_trip_fields_accepted(scripted):
     assert r.status_code == 200 and r.json()["model"] == "scripted"
 
 
+def test_empty_model_name_is_the_served_model(scripted):
+    """"model" left out, null or "" all mean the one served model (vLLM's rule); another name is
+    a 404 (BAD_REQUESTS)."""
+    eng, srv = scripted(script=lambda u: "ok")
+    for extra in ({}, {"model": None}, {"model": ""}):
+        r = httpx.post(srv.url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "x"}], **extra})
+        assert r.status_code == 200 and r.json()["model"] == "scripted", (extra, r.text)
+
+
 def test_unknown_fields_are_ignored_and_logged(scripted, caplog):
     """Fields kogcupy does not know (other clients' and servers' extras) are ignored, as vLLM
     and llama.cpp do, and the server log names them; known ones that would change the output
@@ -1137,12 +1148,13 @@ def test_responses_api(scripted):
                                                              "function": {"name": "f"}}},
              "tool_choice", '"required" or {"type": "function", "name": ...}'),
             ({"input": "x", "include": ["message.output_text.logprobs"]}, "include[0]",
-             "logprobs")]:
+             "logprobs"),
+            ({"max_output_tokens": 3}, "input", "missing required parameter 'input'")]:
         r = httpx.post(srv.url + "/v1/responses", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param \
             and what in r.json()["error"]["message"], (body, r.text)
     assert len(eng.calls) == n
-    srv.expect_requests("/v1/responses", "400", 11)
+    srv.expect_requests("/v1/responses", "400", 12)
     # what agent clients send by default is accepted (ignored where it has no effect here)
     eng.script = lambda u: f"reply to {u}"
     r = httpx.post(srv.url + "/v1/responses", json={

@@ -174,9 +174,13 @@ class Tokenizer:
             raise InputError(f"template variables must be a dict, got {type(variables).__name__}")
         own = (*TEMPLATE_OWN_VARIABLES, *self.special_tokens)
         for k in variables:
-            if not (isinstance(k, str) and k.isidentifier()) or k in own:
-                raise InputError(f"template variable {ascii(k)[:40]} cannot be set: a name other "
-                                 f"than {', '.join(own)}")
+            if not (isinstance(k, str) and k.isidentifier()):
+                raise InputError(f"template variable {ascii(k)[:40]} cannot be set: a variable's "
+                                 f"name is an identifier (letters, digits, _)")
+            if k in own:
+                hint = " (send it as the request's own field)" if k == "add_generation_prompt" else ""
+                raise InputError(f"template variable {ascii(k)[:40]} cannot be set: kogcupy sets "
+                                 f"it{hint}; the names it sets are {', '.join(own)}")
         return dict(variables)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,

@@ -187,7 +187,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         return req
 
     def check_model(model: str):
-        if model is not None and model != name:
+        if model and model != name:             # (left out, null or "": the served model, as vLLM)
             raise P.APIError(404, f"model '{model}' does not exist; this server serves "
                                   f"'{name}' (GET /v1/models)", param="model",
                              code="model_not_found")

@@ -282,6 +282,8 @@ def parse_request(cls, obj: Any):
         first = errs[0]
         name = _loc(first["loc"])
         field = first["loc"][0]
+        if first["type"] == "missing" and len(first["loc"]) == 1:
+            raise APIError(400, f"missing required parameter '{name}'", param=name) from None
         if field in cls.shapes:                 # a union's errors would name one shape only
             got = json.dumps(obj[field])[:80] if _jsonable(obj[field]) else "?"
             raise APIError(400, f"invalid value for '{field}' ({got}): {cls.shapes[field]}",
