@@ -46,10 +46,11 @@ def smollm2():
     return load_model(None)
 
 
-def interrupt_at(monkeypatch, where: str, n: int) -> list[str]:
-    """Ctrl-C (KeyboardInterrupt) at the n-th piece of a generation: inside the token stream
-    (`where` "stream"), or while the CLI writes the piece ("echo": outside the stream, which
-    still runs then). Returns the pieces the CLI was asked to write, that one included."""
+def interrupt_at(monkeypatch, where: str, n: int, exc: BaseException = KeyboardInterrupt) -> list[str]:
+    """Ctrl-C (`exc`, KeyboardInterrupt unless another error is given) at the n-th piece of a
+    generation: inside the token stream (`where` "stream"), or while the CLI writes the piece
+    ("echo": outside the stream, which still runs then). Returns the pieces the CLI was asked to
+    write, that one included."""
     import click
     import kogcupy.engine as E
     calls, pieces = {"n": 0}, []
@@ -59,7 +60,7 @@ def interrupt_at(monkeypatch, where: str, n: int) -> list[str]:
         def next_piece(self):
             calls["n"] += 1
             if calls["n"] == n:
-                raise KeyboardInterrupt
+                raise exc
             return real_next(self)
 
         monkeypatch.setattr(E.Generation, "_next_piece", next_piece)
@@ -71,7 +72,7 @@ def interrupt_at(monkeypatch, where: str, n: int) -> list[str]:
                 calls["n"] += 1
                 pieces.append(message)
                 if calls["n"] == n:
-                    raise KeyboardInterrupt
+                    raise exc
             return real_echo(message, *a, **kw)
 
         monkeypatch.setattr(click, "echo", echo)

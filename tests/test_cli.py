@@ -532,16 +532,9 @@ def test_empty_stop_refused_before_loading(tmp_path, command):
 
 def test_full_disk_on_stdout_names_it(tiny_dirs, monkeypatch, capsys):
     """`kogcupy generate ... > file` on a full disk: one line that says stdout, exit 1."""
-    import click
+    from conftest import interrupt_at
     from kogcupy.cli import main
-    real_echo = click.echo
-
-    def full(message=None, *a, **kw):
-        if kw.get("nl") is False and message:
-            raise OSError(28, "No space left on device")
-        return real_echo(message, *a, **kw)
-
-    monkeypatch.setattr(click, "echo", full)
+    interrupt_at(monkeypatch, "echo", 1, OSError(28, "No space left on device"))
     with pytest.raises(SystemExit) as e:
         main(["generate", "Once upon a time", "--model", tiny_dirs["llama"], "-n", "5", "--no-chat"])
     err = capsys.readouterr().err
