@@ -22,9 +22,10 @@
 // loads per lane per tile, KOG_DYN_PERMILLE the share of gate_up / lm_head units handed out at
 // run time, KOG_DOWN_DEPTH rows a thread of down_residual keeps in flight, KOG_POLL_SENTINEL
 // a residual sum polled on its last pair before it is read, KOG_ZERO_EARLY the next position's
-// sums zeroed at o_proj's start instead of in gate_up's wait (kog_xsum_zero_next).
+// sums zeroed at o_proj's start instead of in gate_up's wait (kog_xsum_zero_next),
+// KOG_GATE_UP_EARLY the tiles a warp of gate_up issues before its wait (kog_gemv's EARLY).
 #if !defined(KOG_GEMV_MAX_LOADS) || !defined(KOG_DYN_PERMILLE) || !defined(KOG_DOWN_DEPTH) || \
-    !defined(KOG_POLL_SENTINEL) || !defined(KOG_ZERO_EARLY)
+    !defined(KOG_POLL_SENTINEL) || !defined(KOG_ZERO_EARLY) || !defined(KOG_GATE_UP_EARLY)
 #error "GEMV knobs come from kernels.py (model_defines)"
 #endif
 
@@ -147,14 +148,16 @@ struct KogNothing {
 };
 // LD: the distance between rows in weights (a block of columns of a wider matrix: o_proj's
 // head-group slices); K when the rows are whole. after_static(): each thread, once its warp's
-// static units are done (before the dynamic tail).
-template <int K, int UNIT, bool DYN = false, int LD = K, class Ready, class Epilogue,
+// static units are done (before the dynamic tail). EARLY: how many of the warp's first two
+// tiles are issued before the wait (below).
+template <int K, int UNIT, bool DYN = false, int LD = K, int EARLY = 2, class Ready, class Epilogue,
           class AfterStatic = KogNothing>
 KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, const KogCtx& ctx,
                          Ready ready, Epilogue epi, KogDynamic dyn = KogDynamic{},
                          AfterStatic after_static = AfterStatic{}) {
     static_assert(K % 8 == 0 && LD % 8 == 0, "rows must be a whole number of 16-byte vectors");
     static_assert(LD == K || !DYN, "a dynamic tail streams whole rows");
+    static_assert(EARLY == 1 || EARLY == 2, "one or two tiles issued before the wait");
     constexpr int CPR = K / 8;                                   // 16-byte chunks per row
     // A slice of wider rows (LD != K): each row padded to whole warp loads (lanes past its end
     // idle), so that a load's row and column need no division by the lane's chunk index.
@@ -176,7 +179,9 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     int n_tiles = n_units * TPU;
 
     // Two tiles in flight per warp (cur, nxt), both issued before the wait for the input (one
-    // or none issued early measured 6% / 3% slower on Llama-3.2-1B: kernels_src/PERF.md).
+    // or none issued early measured 6% / 3% slower on Llama-3.2-1B: kernels_src/PERF.md), or
+    // with EARLY 1 the second after it: the wait's loads then queue behind one tile, not two
+    // (gate_up on Qwen3-1.7B: build_plan.py).
     kog_vec4 cur[NLT], nxt[NLT];
     auto load = [&](int i, kog_vec4 (&v)[NLT]) {
         const int u = first + (i / TPU) * n_warps;
@@ -198,10 +203,11 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         }
     };
     if (n_tiles > 0) load(0, cur);
-    if (n_tiles > 1) load(1, nxt);
+    if (n_tiles > 1 && EARLY == 2) load(1, nxt);
 
     const float scale = ready();
     if (!(scale > 0.f)) return;
+    if (n_tiles > 1 && EARLY == 1) load(1, nxt);
 
     const float4* x4 = reinterpret_cast<const float4*>(xs);
     float acc[UNIT];

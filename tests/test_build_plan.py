@@ -318,6 +318,21 @@ def test_zero_early_on_smollm2_sized_models_only():
         on("smollm2-135m", tuning={"KOG_ZERO_EARLY": 2})
 
 
+def test_gate_up_early_one_tile_on_pairs_up_to_hidden_2048():
+    # KOG_GATE_UP_EARLY (gemv.cuh): 1 tile before the wait on pairs with hidden <= 2048, else 2
+    on = lambda name, **kw: build_plan(shape_config(name), H200_SMS, 4096, **kw).tuning["KOG_GATE_UP_EARLY"]
+    assert on("qwen3-1.7b") == 1 and on("llama-3.2-1b") == 1          # pairs, hidden 2048
+    assert on("llama-3.1-8b") == 2                                    # pairs, hidden 4096
+    assert on("smollm2-135m") == 2 and on("qwen2.5-0.5b") == 2        # single blocks
+    assert on("qwen3-1.7b", tuning={"KOG_CLUSTER": 1}) == 2
+    assert on("qwen3-1.7b", tuning={"KOG_GATE_UP_EARLY": 2}) == 2
+    assert on("llama-3.1-8b", tuning={"KOG_GATE_UP_EARLY": 1}) == 1
+    assert on("qwen3-1.7b", arch="gfx942") == 2
+    assert build_plan(shape_config("qwen3-1.7b"), H200_SMS, 4096, world=2).tuning["KOG_GATE_UP_EARLY"] == 2
+    with pytest.raises(DeviceError, match="1 or 2 tiles"):
+        on("qwen3-1.7b", tuning={"KOG_GATE_UP_EARLY": 0})
+
+
 def test_oproj_spare_on_small_models_only():
     # KOG_OPROJ_SPARE (o_proj.cuh): the small models (hidden < 8 rows a block) on one NVIDIA GPU
     on = lambda name, **kw: build_plan(shape_config(name), H200_SMS, 4096, **kw).tuning["KOG_OPROJ_SPARE"]

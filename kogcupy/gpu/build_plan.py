@@ -240,6 +240,18 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if "KOG_ZERO_EARLY" not in tuning and world == 1 and not arch and lcfg.hidden_size < 5 * n_blocks:
         early = 1
     tuning["KOG_ZERO_EARLY"] = early
+    # the tiles a warp of gate_up issues before its wait for the mid sum (gemv.cuh): 2, or 1
+    # (the second after the wait, so that the poll's loads queue behind one tile). H100, three
+    # interleaved rounds: Qwen3-1.7B +1.3% (+1.1% at position 2,000), 1B +0.15%, 8B -1.1%,
+    # SmolLM2-135M -4.6 to -6.6%, Qwen2.5-0.5B -1.1% (PERF.md). So 1 on pairs (the single-block
+    # builds lose) up to hidden 2,048 (measured on at 2,048, off at 4,096). Not measured on AMD.
+    gu_early = _knob(tuning, "KOG_GATE_UP_EARLY")
+    if gu_early not in (1, 2):
+        raise DeviceError(f"KOG_GATE_UP_EARLY={gu_early}{_from_env('KOG_GATE_UP_EARLY', caller)}: "
+                          f"1 or 2 tiles")
+    if "KOG_GATE_UP_EARLY" not in tuning and cluster > 1 and lcfg.hidden_size <= 2048:
+        gu_early = 1
+    tuning["KOG_GATE_UP_EARLY"] = gu_early
     if n_blocks < lcfg.n_kv_heads:
         # tensor parallel: the unit combining a head's partials must be the last unit of its
         # block (one GPU's o_proj items merge them; it has not run below this either)
