@@ -914,7 +914,11 @@ def run(args, save=lambda doc: None) -> dict:
                              tokens_per_s=env["read_bw_TBps"] * 1e12 / weight_bytes(cfg)))
         hf_tokens = None
         model = None
-        if "hf-eager" in args.engines or "torch-sdpa-graph" in args.engines:
+        if cfg.arch == "qwen2" and "torch-sdpa-graph" in args.engines:
+            # (no transformers peer for it: the compact decoder has no q/k/v biases either)
+            print("  (qwen2: no transformers model; the CUDA-graph peer runs on its own random "
+                  "weights, without the q/k/v biases)", flush=True)
+        if "hf-eager" in args.engines or ("torch-sdpa-graph" in args.engines and cfg.arch != "qwen2"):
             model, err = _guard(lambda: build_hf_model(cfg, device, dtype),
                                 f"{shape} hf build", log)
             if "hf-eager" in args.engines:
