@@ -230,21 +230,22 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     tuning["KOG_POLL_SENTINEL"] = sentinel
     # the next position's sums zeroed at o_proj's start instead of in gate_up's wait for the mid
     # sum (gemv.cuh). Measured while the zeroing fenced in every layer (the fence waited for the
-    # gate_up rows just issued; now it fences once a step: not re-measured). H100, 3 rounds in
-    # each of 2-3 calls: SmolLM2-135M +4.3 to +4.6% (hidden 576: 4.4 rows a block),
-    # Qwen2.5-0.5B -1.5 to -1.7% (6.8 rows), 1B -0.5 to -0.6%, Qwen3 -0.7 to -0.9%, 8B -0.1 to
-    # -0.2% (PERF.md). The bound 5 lies between the measured 4.4 (on) and 6.8 (off); SmolLM2 on
-    # 114-116 SMs (5.0 rows) is not measured and stays off. Not measured on AMD; tensor parallel
-    # zeroes no sum.
+    # gate_up rows just issued), H100, 3 rounds in each of 2-3 calls: SmolLM2-135M +4.3 to +4.6%
+    # (hidden 576: 4.4 rows a block), Qwen2.5-0.5B -1.5 to -1.7% (6.8 rows), 1B -0.5 to -0.6%,
+    # Qwen3 -0.7 to -0.9%, 8B -0.1 to -0.2%; with one fence a step, 3 rounds: SmolLM2 +1.5%,
+    # Qwen2.5 -1.7% (PERF.md). The bound 5 lies between the measured 4.4 (on) and 6.8 (off);
+    # SmolLM2 on 114-116 SMs (5.0 rows) is not measured and stays off. Not measured on AMD;
+    # tensor parallel zeroes no sum.
     early = _flag(tuning, "KOG_ZERO_EARLY", caller)
     if "KOG_ZERO_EARLY" not in tuning and world == 1 and not arch and lcfg.hidden_size < 5 * n_blocks:
         early = 1
     tuning["KOG_ZERO_EARLY"] = early
     # the tiles a warp of gate_up issues before its wait for the mid sum (gemv.cuh): 2, or 1
     # (the second after the wait, so that the poll's loads queue behind one tile). H100, three
-    # interleaved rounds: Qwen3-1.7B +1.3% (+1.1% at position 2,000), 1B +0.15%, 8B -1.1%,
-    # SmolLM2-135M -4.6 to -6.6%, Qwen2.5-0.5B -1.1% (PERF.md). So 1 on pairs (the single-block
-    # builds lose) up to hidden 2,048 (measured on at 2,048, off at 4,096). Not measured on AMD.
+    # interleaved rounds: Qwen3-1.7B +1.3% (+1.2% at position 2,000), 1B +0.2% (-0.2% in a
+    # second call), 8B -1.2%, SmolLM2-135M -5.4%, Qwen2.5-0.5B -1.2% (PERF.md). So 1 on pairs
+    # (the single-block builds lose) up to hidden 2,048 (measured on at 2,048, off at 4,096).
+    # Not measured on AMD.
     gu_early = _knob(tuning, "KOG_GATE_UP_EARLY")
     if gu_early not in (1, 2):
         raise DeviceError(f"KOG_GATE_UP_EARLY={gu_early}{_from_env('KOG_GATE_UP_EARLY', caller)}: "
