@@ -325,6 +325,7 @@ def test_gate_up_early_one_tile_on_pairs_up_to_hidden_2048():
     assert on("llama-3.1-8b") == 2                                    # pairs, hidden 4096
     assert on("smollm2-135m") == 2 and on("qwen2.5-0.5b") == 2        # single blocks
     assert on("qwen3-1.7b", tuning={"KOG_CLUSTER": 1}) == 2
+    assert on("smollm2-135m", tuning={"KOG_CLUSTER": 2}) == 2          # small: not measured
     assert on("qwen3-1.7b", tuning={"KOG_GATE_UP_EARLY": 2}) == 2
     assert on("llama-3.1-8b", tuning={"KOG_GATE_UP_EARLY": 1}) == 1
     assert on("qwen3-1.7b", arch="gfx942") == 2

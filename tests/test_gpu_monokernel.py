@@ -453,6 +453,15 @@ def test_zero_early_same_bits(cluster):
     _same_bits(cluster, [{"KOG_ZERO_EARLY": e} for e in (0, 1)], 12, 90, 40, (0, 45, 89), check)
 
 
+@pytest.mark.parametrize("cluster", [1, 2])
+def test_gate_up_early_same_bits(cluster):
+    """KOG_GATE_UP_EARLY: gate_up's warps issue both of their first two tiles before the wait
+    for the mid sum, or the second after it: the same bits both ways."""
+    def check(be, tun):
+        assert be.tuning["KOG_GATE_UP_EARLY"] == tun["KOG_GATE_UP_EARLY"]
+    _same_bits(cluster, [{"KOG_GATE_UP_EARLY": e} for e in (2, 1)], 13, 90, 40, (0, 45, 89), check)
+
+
 @pytest.mark.parametrize("dyn,cluster", [(0, 2), (300, 2), (300, 1)])
 def test_ffn_dynamic_tail(dyn, cluster):
     """down_residual multiplies the activations of the FFN units its block ran, static and

@@ -57,7 +57,7 @@ TP_CONFIGS = {
 # the sampler's slice rounds compiled in: greedy -4 to -5%, now a build of its own).
 SPILL_STORE_BUDGET = {"llama-3.2-1b": 52, "qwen3-1.7b": 60, "smollm2-135m-fp16": 700,
                       "qwen2-bias-gqa7": 200, "qwen3-1.7b-tp4": 262, "llama-3.2-1b-tp2": 46,
-                      "smollm2-135m-plan": 8}
+                      "smollm2-135m-plan": 8, "qwen3-1.7b-plan": 60}
 
 
 def _compiler(name):
@@ -97,10 +97,11 @@ def _sources(tmp_path):
                              ("prefill-qwen3-1.7b-fp16", "qwen3-1.7b", "float16")):
         d = prefill.prefill_defines(shape_config(name), dtype)
         out[key] = (prefill.prefill_source(), kernels.define_options(d))
-    # builds as a plan makes them: SmolLM2 on one H200 (3 GEMV loads, 2 copies of the in sums);
-    # an MI300X's (64 KB)
+    # builds as a plan makes them: SmolLM2 on one H200 (3 GEMV loads, 2 copies of the in sums),
+    # Qwen3 on one (pairs, gate_up's one tile before its wait); an MI300X's (64 KB)
     mi300x = {"arch": "gfx942", "smem_limit": 64 * 1024}
     for key, name, n_sms, kw in (("smollm2-135m-plan", "smollm2-135m", 132, {}),
+                                 ("qwen3-1.7b-plan", "qwen3-1.7b", 132, {}),
                                  ("gfx942-plan-llama-3.1-8b", "llama-3.1-8b", 304, mi300x),
                                  ("gfx942-plan-qwen2.5-0.5b", "qwen2.5-0.5b", 304, mi300x)):
         cfg = shape_config(name)
@@ -129,7 +130,7 @@ def test_inlined_source_is_self_contained():
 
 
 @pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
-                         ["llama-3.2-1b-hooks", "smollm2-135m-plan",
+                         ["llama-3.2-1b-hooks", "smollm2-135m-plan", "qwen3-1.7b-plan",
                           "llama-3.2-1b-static", "llama-3.2-1b-slices", "qwen3-1.7b-tp2-slices", "stream_read",
                           "kccl_test", "topology_probe", "prefill-llama-3.2-1b",
                           "prefill-qwen3-1.7b-fp16"])

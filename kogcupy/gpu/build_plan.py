@@ -244,13 +244,14 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # (the second after the wait, so that the poll's loads queue behind one tile). H100, three
     # interleaved rounds: Qwen3-1.7B +1.3% (+1.2% at position 2,000), 1B +0.2% (-0.2% in a
     # second call), 8B -1.2%, SmolLM2-135M -5.4%, Qwen2.5-0.5B -1.2% (PERF.md). So 1 on pairs
-    # (the single-block builds lose) up to hidden 2,048 (measured on at 2,048, off at 4,096).
-    # Not measured on AMD.
+    # (the single-block builds, the small models, lose: a warp's whole stage is those two
+    # tiles) up to hidden 2,048 (measured on at 2,048, off at 4,096); a small model asking for
+    # pairs keeps 2 (not measured). Not measured on AMD.
     gu_early = _knob(tuning, "KOG_GATE_UP_EARLY")
     if gu_early not in (1, 2):
         raise DeviceError(f"KOG_GATE_UP_EARLY={gu_early}{_from_env('KOG_GATE_UP_EARLY', caller)}: "
                           f"1 or 2 tiles")
-    if "KOG_GATE_UP_EARLY" not in tuning and cluster > 1 and lcfg.hidden_size <= 2048:
+    if "KOG_GATE_UP_EARLY" not in tuning and cluster > 1 and not small and lcfg.hidden_size <= 2048:
         gu_early = 1
     tuning["KOG_GATE_UP_EARLY"] = gu_early
     if n_blocks < lcfg.n_kv_heads:
