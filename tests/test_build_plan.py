@@ -318,7 +318,7 @@ def test_zero_early_on_smollm2_sized_models_only():
         on("smollm2-135m", tuning={"KOG_ZERO_EARLY": 2})
 
 
-def test_gate_up_early_one_tile_on_pairs_up_to_hidden_2048():
+def test_gate_up_early_and_down_depth_on_pairs_up_to_hidden_2048():
     # KOG_GATE_UP_EARLY (gemv.cuh): 1 tile before the wait on pairs with hidden <= 2048, else 2
     on = lambda name, **kw: build_plan(shape_config(name), H200_SMS, 4096, **kw).tuning["KOG_GATE_UP_EARLY"]
     assert on("qwen3-1.7b") == 1 and on("llama-3.2-1b") == 1          # pairs, hidden 2048
@@ -330,6 +330,12 @@ def test_gate_up_early_one_tile_on_pairs_up_to_hidden_2048():
     assert on("llama-3.1-8b", tuning={"KOG_GATE_UP_EARLY": 1}) == 1
     assert on("qwen3-1.7b", arch="gfx942") == 2
     assert build_plan(shape_config("qwen3-1.7b"), H200_SMS, 4096, world=2).tuning["KOG_GATE_UP_EARLY"] == 2
+    # KOG_DOWN_DEPTH 12 on the same builds, 8 elsewhere (HIP: 1)
+    depth = lambda name, **kw: build_plan(shape_config(name), H200_SMS, 4096, **kw).tuning["KOG_DOWN_DEPTH"]
+    assert depth("qwen3-1.7b") == 12 and depth("llama-3.2-1b") == 12
+    assert depth("llama-3.1-8b") == 8 and depth("qwen2.5-0.5b") == 8 and depth("smollm2-135m") == 8
+    assert depth("qwen3-1.7b", tuning={"KOG_CLUSTER": 1}) == 8 and depth("qwen3-1.7b", arch="gfx942") == 1
+    assert depth("qwen3-1.7b", tuning={"KOG_DOWN_DEPTH": 8}) == 8
     with pytest.raises(DeviceError, match="1 or 2 tiles"):
         on("qwen3-1.7b", tuning={"KOG_GATE_UP_EARLY": 0})
 
