@@ -164,8 +164,8 @@ MODEL_OPTIONS = [
     click.option("-m", "--model", "model_path", metavar="PATH", default=None,
                  help="HF directory, .gguf file, packed directory or a hub id in the local "
                       "HF cache (default: embedded SmolLM2-135M)."),
-    click.option("-n", "--max-new-tokens", "--n-predict", "max_new_tokens", type=int, default=256,
-                 show_default=True),
+    click.option("-n", "--max-new-tokens", "--n-predict", "--max-tokens", "max_new_tokens", type=int,
+                 default=256, show_default=True),
 ]
 SAMPLING_OPTIONS = [
     click.option("--temperature", "--temp", type=float, default=0.0, show_default=True,
@@ -279,6 +279,10 @@ def load_engine(model_path, dtype, backend, context_length, gpus, log_lines: boo
         if "not importable" not in gpu_info()[1]:     # CuPy is installed but sees no GPU
             label = "reference: no usable GPU, `kogcupy env` says why"
     _set_phase("loading the model")
+    if model_path is not None:          # a path that is not there: its one line, before 'loading'
+        from .model.loader import resolve_model_path
+        from .model.weights import detect_format
+        detect_format(resolve_model_path(os.fspath(model_path))[0])
     with _Progress(f"loading {_model_name(model_path)} ({label})", plain=log_lines) as progress:
         model = load_model(model_path, dtype=dtype, on_config=on_config)
         _set_phase("loading the model onto the GPU and compiling the kernel"

@@ -65,6 +65,10 @@ def test_generate_stdin_prompt_and_options(cached_default_model):
                     "--no-chat", "--temp", "0.8", "--top-k", "20", "--top-p", "0.9",       # long names
                     "--min-p", "0.02", "-s", "3", "--repetition-penalty", "1.1", "--ctx-size", "64"])
     assert named.stdout == r.stdout, named.stderr
+    api = invoke(["generate", "-p", "The capital of France is", "--max-tokens", "6",   # OpenAI's
+                  "--no-chat", "--temp", "0.8", "--top-k", "20", "--top-p", "0.9",
+                  "--min-p", "0.02", "-s", "3", "--repetition-penalty", "1.1", "-c", "64"])
+    assert api.stdout == r.stdout, api.stderr
 
 
 def test_generate_default_seed_is_random_and_named(cached_default_model):
@@ -539,3 +543,12 @@ def test_full_disk_on_stdout_names_it(tiny_dirs, monkeypatch, capsys):
         main(["generate", "Once upon a time", "--model", tiny_dirs["llama"], "-n", "5", "--no-chat"])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.strip().endswith("kogcupy: error: stdout: No space left on device"), err
+
+
+@pytest.mark.parametrize("cmd", ["serve", "generate"])
+def test_missing_model_path_is_one_line_before_loading(cmd, tmp_path):
+    """A --model path that is not there: one error line, no 'loading ...' line before it (serve
+    prints its loading as plain lines)."""
+    r = invoke([cmd, "-m", str(tmp_path / "nothing")] + (["hi"] if cmd == "generate" else []))
+    assert_user_error(r, "no such file or directory")
+
