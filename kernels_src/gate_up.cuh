@@ -131,10 +131,11 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     KogNothing down_first_rows;
 #endif
     constexpr int EARLY = KOG_GATE_UP_EARLY;         // tiles issued before the wait (gemv.cuh)
-    kog_gemv<KOG_HIDDEN, 2, DYN, KOG_HIDDEN, EARLY>(p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN,
-                                 u0, u1, KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
-                                 kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer, c.t - p->start_pos,
-                                                            p->gate_up_dyn_begin, KOG_FFN),
-                                 down_first_rows);
+    const kog_u16* w = p->w_gate_up + (kog_u64)layer * 2 * KOG_FFN * KOG_HIDDEN;
+    kog_gemv<KOG_HIDDEN, 2, DYN, KOG_HIDDEN, EARLY>(w, u0, u1, KOG_TP > 1 ? c.x_full : c.smem, c, ready, epi,
+                                                    kog_dynamic<KOG_HIDDEN, 2>(c, KOG_CNT_DYN + layer,
+                                                                               c.t - p->start_pos,
+                                                                               p->gate_up_dyn_begin, KOG_FFN),
+                                                    down_first_rows);
     kog_prof_end(c, layer * 16 + 9 + 2);
 }
