@@ -279,10 +279,12 @@ def load_engine(model_path, dtype, backend, context_length, gpus, log_lines: boo
         if "not importable" not in gpu_info()[1]:     # CuPy is installed but sees no GPU
             label = "reference: no usable GPU, `kogcupy env` says why"
     _set_phase("loading the model")
-    if model_path is not None:          # a path that is not there: its one line, before 'loading'
-        from .model.loader import resolve_model_path
-        from .model.weights import detect_format
-        detect_format(resolve_model_path(os.fspath(model_path))[0])
+    # a path that is not there (or the default model not installed): its one line, before
+    # the 'loading' line
+    from .model.loader import default_model_path, resolve_model_path
+    from .model.weights import detect_format
+    detect_format(default_model_path() if model_path is None else
+                  resolve_model_path(os.fspath(model_path))[0])
     with _Progress(f"loading {_model_name(model_path)} ({label})", plain=log_lines) as progress:
         model = load_model(model_path, dtype=dtype, on_config=on_config)
         _set_phase("loading the model onto the GPU and compiling the kernel"

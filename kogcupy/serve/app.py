@@ -159,14 +159,15 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         if cl is not None and cl.isdigit() and int(cl) > max_body_bytes:
             raise P.APIError(413, f"request body of {cl} bytes exceeds the limit of "
                                   f"{max_body_bytes} bytes")
-        # JSON only (FastAPI's rule): a browser page may POST text/plain or a form to a local
-        # server without a CORS preflight; such a body is refused, never run. No header: JSON.
+        # JSON only (FastAPI's strict rule): a web page may POST text/plain, a form or an
+        # untyped body to a local server without a CORS preflight; such a body is refused,
+        # never run.
         ct = request.headers.get("content-type")
         mt = (ct or "").split(";")[0].strip().lower()
-        if ct is not None and mt != "application/json" and not (
-                mt.startswith("application/") and mt.endswith("+json")):
-            raise P.APIError(415, f"Content-Type {ascii(ct[:60])} is not JSON: send the body "
-                                  f"with 'Content-Type: application/json'")
+        if mt != "application/json" and not (mt.startswith("application/") and mt.endswith("+json")):
+            what = "no Content-Type" if ct is None else f"Content-Type {ascii(ct[:60])}"
+            raise P.APIError(415, f"{what}: the body must be sent as JSON, with "
+                                  f"'Content-Type: application/json'")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
