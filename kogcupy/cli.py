@@ -599,9 +599,13 @@ def _turn_stats(r) -> str:
          click.option("--allowed-origin", "allowed_origins", metavar="ORIGIN", multiple=True,
                       help="A browser origin allowed to call the API (CORS), e.g. "
                            "http://localhost:3000; '*' for any. Repeatable; none by default."),
+         click.option("--allowed-host", "allowed_hosts", metavar="NAME", multiple=True,
+                      help="A Host header name the server answers besides localhost and "
+                           "127.0.0.1 when it listens on them (e.g. a name in /etc/hosts); "
+                           "'*' for any. Repeatable. Elsewhere: any, unless given."),
          *BACKEND_OPTIONS)
 def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_cache_gb,
-          allowed_origins, backend, context_length, dtype, gpus):
+          allowed_origins, allowed_hosts, backend, context_length, dtype, gpus):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
     /v1/completions, /v1/responses, /v1/models, /tokenize, /detokenize, /health, /metrics).
 
@@ -634,6 +638,18 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise InputError(f"--allowed-origin {origin!r}: an origin is scheme://host[:port] "
                              f"(e.g. http://localhost:3000, no path) or '*'")
+    for h in allowed_hosts:
+        if h != "*" and not re.fullmatch(r"(\*\.)?[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]", h):
+            raise InputError(f"--allowed-host {h!r}: a host name or address without a port "
+                             f"(e.g. myhost.local, *.example.com, [::1]) or '*'")
+    # On 127.0.0.1 / localhost only those names by default: a web page that rebinds its own
+    # name to 127.0.0.1 (DNS rebinding) is then refused. ("::1": the Host check of older
+    # Starlette versions cannot read "[::1]:port": no default there.)
+    hosts = [h.lower() for h in allowed_hosts]
+    if re.fullmatch(r"127(\.\d{1,3}){3}|localhost", host):
+        hosts = list(dict.fromkeys(["localhost", "127.0.0.1", host] + hosts))
+    if "*" in hosts:
+        hosts = []
     try:                                         # a busy port fails before the model loads
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -657,7 +673,7 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
                    f"{time.perf_counter() - t0:.2f} s", err=True)
     name = served_model_name or default_model_name(engine)
     app = create_app(engine, served_model_name=name, api_key=api_key, max_queue=max_queue,
-                     allowed_origins=list(allowed_origins))
+                     allowed_origins=list(allowed_origins), allowed_hosts=hosts)
     if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"kogcupy: warning: listening on {host} without --api-key: anyone who can "
                    f"reach this port can use the model", err=True)

@@ -348,10 +348,11 @@ def scripted(qwen_tokenizer):
     servers = []
 
     def make(max_queue=16, api_key=None, tokenizer=None, max_body_bytes=None,
-             allowed_origins=None, **kw):
+             allowed_origins=None, allowed_hosts=None, **kw):
         eng = ScriptedEngine(tokenizer or qwen_tokenizer, **kw)
         extra = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
         extra.update({} if allowed_origins is None else {"allowed_origins": allowed_origins})
+        extra.update({} if allowed_hosts is None else {"allowed_hosts": allowed_hosts})
         app = create_app(eng, served_model_name="scripted", api_key=api_key,
                          max_queue=max_queue, **extra)
         srv = Server(app, api_key=api_key or "none").__enter__()
@@ -852,6 +853,25 @@ def test_only_json_bodies_run(scripted):
     for ct in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"):
         r = httpx.post(srv.url + "/v1/chat/completions", content=body, headers={"content-type": ct})
         assert r.status_code == 200, (ct, r.text)
+    assert len(eng.calls) == 3
+
+
+def test_host_names_outside_allowed_hosts_are_refused(scripted):
+    """allowed_hosts (kogcupy serve on 127.0.0.1: localhost and 127.0.0.1): a request whose
+    Host names another host -- a page that rebound its own name to this machine -- is a 400
+    and never runs; the server's own names run."""
+    eng, srv = scripted(allowed_hosts=["localhost", "127.0.0.1"])
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"host": host})
+        assert r.status_code == 400, (host, r.text)
+        assert httpx.get(srv.url + "/v1/models", headers={"host": host}).status_code == 400
+    assert eng.calls == []
+    port = srv.url.rsplit(":", 1)[1]
+    for host in (None, f"localhost:{port}", "LOCALHOST"):
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body,
+                       headers={} if host is None else {"host": host})
+        assert r.status_code == 200, (host, r.text)
     assert len(eng.calls) == 3
 
 
@@ -1473,6 +1493,38 @@ def test_cli_serve_busy_port_and_bad_options():
         assert r.exit_code == 2 and "KOGCUPY_API_KEY is set but empty" in r.output, r.output
     r = CliRunner().invoke(cli, ["serve", "--help"])
     assert r.exit_code == 0 and "--api-key" in r.output and "--served-model-name" in r.output
+
+
+def test_cli_serve_host_names(monkeypatch):
+    """On 127.0.0.1 / localhost the server answers only those Host names (and
+    --allowed-host's); '*' or another --host: any (unless --allowed-host names some)."""
+    import types
+
+    from click.testing import CliRunner
+
+    import kogcupy.cli
+    import kogcupy.serve
+    from kogcupy.cli import cli
+    seen = []
+    engine = types.SimpleNamespace(backend_name="reference", context_length=64, warm_up=lambda: 0)
+    monkeypatch.setattr(kogcupy.cli, "load_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(kogcupy.serve, "create_app", lambda engine, **kw: seen.append(kw) or "app")
+    monkeypatch.setattr(kogcupy.serve, "default_model_name", lambda engine: "m")
+    monkeypatch.setattr(kogcupy.serve, "run_server", lambda app, **kw: None)
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    for args, want in (([], ["localhost", "127.0.0.1"]),
+                       (["--host", "localhost"], ["localhost", "127.0.0.1"]),
+                       (["--allowed-host", "MyBox.local"], ["localhost", "127.0.0.1", "mybox.local"]),
+                       (["--allowed-host", "*"], []),
+                       (["--host", "0.0.0.0"], []),
+                       (["--host", "0.0.0.0", "--allowed-host", "*.example.com"], ["*.example.com"])):
+        r = CliRunner().invoke(cli, ["serve", "--port", str(port)] + args)
+        assert r.exit_code == 0, (args, r.output)
+        assert seen[-1]["allowed_hosts"] == want, args
+    r = CliRunner().invoke(cli, ["serve", "--allowed-host", "myhost:8000"])
+    assert r.exit_code == 2 and "without a port" in r.output, r.output
 
 
 def test_cli_serve_warms_up_before_it_listens(monkeypatch):

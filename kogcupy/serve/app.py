@@ -106,10 +106,12 @@ class _Guard:
 
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None,
                max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               allowed_origins: list[str] | None = None):
+               allowed_origins: list[str] | None = None, allowed_hosts: list[str] | None = None):
     """The ASGI app serving `engine` (see the module docstring); ``app.state`` holds the
     ``scheduler``, ``metrics`` and ``engine``. `allowed_origins`: browser origins that may call
-    it (CORS; ["*"] for any), none by default."""
+    it (CORS; ["*"] for any), none by default. `allowed_hosts`: the Host header names it
+    answers (Starlette's TrustedHostMiddleware: a web page that rebinds its own name to this
+    machine gets a 400); any by default."""
     name = served_model_name or default_model_name(engine)
     metrics = Metrics()
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
@@ -440,6 +442,9 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         from starlette.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"])
+    if allowed_hosts:                                # outermost: every request's Host
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     return app
 
 
