@@ -243,7 +243,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # the tiles a warp of gate_up issues before its wait for the mid sum (gemv.cuh): 2, or 1
     # (the second after the wait, so that the poll's loads queue behind one tile). H100, three
     # interleaved rounds: Qwen3-1.7B +1.3% (+1.2% at position 2,000), 1B +0.2% (-0.2% in a
-    # second call), 8B -1.2%, SmolLM2-135M -5.4%, Qwen2.5-0.5B -1.2% (PERF.md). So 1 on pairs
+    # second call), 8B -1.2%, SmolLM2-135M -5.3%, Qwen2.5-0.5B -1.2% (PERF.md). So 1 on pairs
     # (the single-block builds, the small models, lose: a warp's whole stage is those two
     # tiles) up to hidden 2,048 (measured on at 2,048, off at 4,096); a small model asking for
     # pairs keeps 2 (not measured). Not measured on AMD.
