@@ -337,6 +337,9 @@ def test_gate_up_early_and_down_depth_on_pairs_up_to_hidden_2048():
     assert depth("qwen3-1.7b", tuning={"KOG_CLUSTER": 1}) == 8 and depth("qwen3-1.7b", arch="gfx942") == 1
     assert depth("qwen3-1.7b", tuning={"KOG_DOWN_DEPTH": 8}) == 8
     assert depth("qwen3-1.7b", world=2) == 8                          # tensor parallel
+    for bad in (0, 17):
+        with pytest.raises(DeviceError, match="1 to 16 rows"):
+            depth("qwen3-1.7b", tuning={"KOG_DOWN_DEPTH": bad})
     with pytest.raises(DeviceError, match="1 or 2 tiles"):
         on("qwen3-1.7b", tuning={"KOG_GATE_UP_EARLY": 0})
 
