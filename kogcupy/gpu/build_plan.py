@@ -128,11 +128,12 @@ def _from_env(name: str, caller: dict | None) -> str:
     return " (set by KOGCUPY_TUNING)" if env else ""
 
 
-def _flag(tuning: dict, name: str, caller: dict | None) -> int:
-    """A 0 / 1 knob's value (asked for, or the default); any other value is refused."""
+def _flag(tuning: dict, name: str, caller: dict | None, values=(0, 1), what: str = "0 or 1") -> int:
+    """A knob of a few values (0 / 1 unless `values` says), asked for or the default; any other
+    value is refused, the message saying `what` it takes."""
     v = _knob(tuning, name)
-    if v not in (0, 1):
-        raise DeviceError(f"{name}={v}{_from_env(name, caller)}: 0 or 1")
+    if v not in values:
+        raise DeviceError(f"{name}={v}{_from_env(name, caller)}: {what}")
     return v
 
 
@@ -247,10 +248,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # (the single-block builds, the small models, lose: a warp's whole stage is those two
     # tiles) up to hidden 2,048 (measured on at 2,048, off at 4,096); a small model asking for
     # pairs keeps 2 (not measured). Not measured on AMD.
-    gu_early = _knob(tuning, "KOG_GATE_UP_EARLY")
-    if gu_early not in (1, 2):
-        raise DeviceError(f"KOG_GATE_UP_EARLY={gu_early}{_from_env('KOG_GATE_UP_EARLY', caller)}: "
-                          f"1 or 2 tiles")
+    gu_early = _flag(tuning, "KOG_GATE_UP_EARLY", caller, (1, 2), "1 or 2 tiles")
     mid_pairs = cluster > 1 and not small and lcfg.hidden_size <= 2048   # (Qwen3, 1B)
     if "KOG_GATE_UP_EARLY" not in tuning and mid_pairs:
         gu_early = 1
