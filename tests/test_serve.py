@@ -1495,6 +1495,22 @@ def test_cli_serve_busy_port_and_bad_options():
     assert r.exit_code == 0 and "--api-key" in r.output and "--served-model-name" in r.output
 
 
+def _serve_without_model(monkeypatch, engine, events: list):
+    """`kogcupy serve` with `engine` in place of a loaded model and nothing listening: "serve"
+    goes to `events` where the server would start. Returns (a port nothing listens on, the
+    list create_app's keyword arguments go to)."""
+    import kogcupy.cli
+    import kogcupy.serve
+    apps = []
+    monkeypatch.setattr(kogcupy.cli, "load_engine", lambda *a, **k: engine)
+    monkeypatch.setattr(kogcupy.serve, "create_app", lambda engine, **kw: apps.append(kw) or "app")
+    monkeypatch.setattr(kogcupy.serve, "default_model_name", lambda engine: "m")
+    monkeypatch.setattr(kogcupy.serve, "run_server", lambda app, **kw: events.append("serve"))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        return free.getsockname()[1], apps
+
+
 def test_cli_serve_host_names(monkeypatch):
     """On 127.0.0.1 / localhost the server answers only those Host names (and
     --allowed-host's); '*' or another --host: any (unless --allowed-host names some)."""
@@ -1502,18 +1518,9 @@ def test_cli_serve_host_names(monkeypatch):
 
     from click.testing import CliRunner
 
-    import kogcupy.cli
-    import kogcupy.serve
     from kogcupy.cli import cli
-    seen = []
     engine = types.SimpleNamespace(backend_name="reference", context_length=64, warm_up=lambda: 0)
-    monkeypatch.setattr(kogcupy.cli, "load_engine", lambda *a, **k: engine)
-    monkeypatch.setattr(kogcupy.serve, "create_app", lambda engine, **kw: seen.append(kw) or "app")
-    monkeypatch.setattr(kogcupy.serve, "default_model_name", lambda engine: "m")
-    monkeypatch.setattr(kogcupy.serve, "run_server", lambda app, **kw: None)
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port, seen = _serve_without_model(monkeypatch, engine, [])
     for args, want in (([], ["localhost", "127.0.0.1"]),
                        (["--host", "localhost"], ["localhost", "127.0.0.1"]),
                        (["--allowed-host", "MyBox.local"], ["localhost", "127.0.0.1", "mybox.local"]),
@@ -1535,20 +1542,12 @@ def test_cli_serve_warms_up_before_it_listens(monkeypatch):
 
     from click.testing import CliRunner
 
-    import kogcupy.cli
-    import kogcupy.serve
     from kogcupy.cli import cli
     calls = []
     for warmed in (16, 0):
         engine = types.SimpleNamespace(backend_name="monokernel", context_length=4096,
                                        warm_up=lambda w=warmed: calls.append("warm_up") or w)
-        monkeypatch.setattr(kogcupy.cli, "load_engine", lambda *a, e=engine, **k: e)
-        monkeypatch.setattr(kogcupy.serve, "create_app", lambda engine, **kw: "app")
-        monkeypatch.setattr(kogcupy.serve, "default_model_name", lambda engine: "m")
-        monkeypatch.setattr(kogcupy.serve, "run_server", lambda app, **kw: calls.append("serve"))
-        with socket.socket() as free:                  # a port nothing listens on
-            free.bind(("127.0.0.1", 0))
-            port = free.getsockname()[1]
+        port, _ = _serve_without_model(monkeypatch, engine, calls)
         r = CliRunner().invoke(cli, ["serve", "--backend", "reference", "--port", str(port)])
         assert r.exit_code == 0, r.output
         assert ("prefill warmed up (16 prompt-size graphs)" in r.output) == (warmed == 16)
