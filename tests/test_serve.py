@@ -364,6 +364,24 @@ def scripted(qwen_tokenizer):
         s.__exit__(None, None, None)
 
 
+@pytest.fixture
+def serve_log():
+    """The messages the server logs during the test, from a handler on kogcupy's own logger:
+    caplog sees them only through the root logger, which a `kogcupy serve` run in the same
+    process takes away (its own handler, no propagation)."""
+    import logging
+    lines = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda rec: lines.append(rec.getMessage())
+    log = logging.getLogger("kogcupy.serve")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield lines
+    log.removeHandler(handler)
+    log.setLevel(level)
+
+
 def chat(client, content, **kw):
     kw.setdefault("model", "scripted")
     return client.chat.completions.create(messages=[{"role": "user", "content": content}], **kw)
@@ -1002,7 +1020,7 @@ def test_empty_model_name_is_the_served_model(scripted):
         assert r.status_code == 200 and r.json()["model"] == "scripted", (extra, r.text)
 
 
-def test_unknown_fields_are_ignored_and_logged(scripted, caplog):
+def test_unknown_fields_are_ignored_and_logged(scripted, serve_log):
     """Fields kogcupy does not know (other clients' and servers' extras) are ignored, as vLLM
     and llama.cpp do, and the server log names them; known ones that would change the output
     are a 400 unless neutral (BAD_REQUESTS)."""
@@ -1012,28 +1030,26 @@ def test_unknown_fields_are_ignored_and_logged(scripted, caplog):
             "prompt_cache_key": "k", "frobnicate": True, "ignore_eos": False,
             "length_penalty": 1.0, "modalities": ["text"],
             "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
-    with caplog.at_level("WARNING", logger="kogcupy.serve"):
-        r = httpx.post(srv.url + "/v1/chat/completions", json=body)
+    r = httpx.post(srv.url + "/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
     chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
                    if c["choices"]) == "ok" and chunks[-1]["usage"]["completion_tokens"] == 2
-    lines = [rec.getMessage() for rec in caplog.records if "ignored" in rec.getMessage()]
+    lines = [m for m in serve_log if "ignored" in m]
     assert lines == ["POST /v1/chat/completions: ignored unknown fields frobnicate, "
                      "stream_options.include_obfuscation, messages[0].reasoning_content, "
-                     "messages[0].content[0].cache_control"], caplog.text
+                     "messages[0].content[0].cache_control"], serve_log
     # on a tool too: ignored, so never in the prompt; a field name is logged escaped and cut
     tool = {**WEATHER_TOOL, "cache_control": {"type": "ephemeral"},
             "function": {**WEATHER_TOOL["function"], "x_extra": "SECRET"}}
-    caplog.clear()
-    with caplog.at_level("WARNING", logger="kogcupy.serve"):
-        r = httpx.post(srv.url + "/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "x"}], "tools": [tool],
-            "\nFORGED\x1b[31m" + "k" * 500: 1})
+    serve_log.clear()
+    r = httpx.post(srv.url + "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}], "tools": [tool],
+        "\nFORGED\x1b[31m" + "k" * 500: 1})
     assert r.status_code == 200, r.text
     assert '"get_weather"' in eng.calls[-1]["prompt"] and "SECRET" not in eng.calls[-1]["prompt"] \
         and "cache_control" not in eng.calls[-1]["prompt"]
-    line, = [rec.getMessage() for rec in caplog.records if "ignored" in rec.getMessage()]
+    line, = [m for m in serve_log if "ignored" in m]
     assert line.startswith("POST /v1/chat/completions: ignored unknown fields \\nFORGED\\x1b[31mkkk")
     assert "\n" not in line and "\x1b" not in line and len(line) < 260, line
 
@@ -1554,35 +1570,20 @@ def test_cli_serve_warms_up_before_it_listens(monkeypatch):
     assert calls == ["warm_up", "serve"] * 2
 
 
-def test_request_log_line(scripted):
+def test_request_log_line(scripted, serve_log):
     """A request's line in the server log; tok/s is '-' where one token had no decode."""
-    import logging
-
-    # (a handler of its own: a `kogcupy serve` test before this one may have given the logger
-    # a handler and no propagation, which pytest's caplog sees only in some versions)
-    lines = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda rec: lines.append(rec.getMessage())
-    log = logging.getLogger("kogcupy.serve")
-    level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        eng, srv = scripted(script=lambda u: "ok then")
-        for max_tokens, tps in ((1, "-"), (3, "100.0")):
-            lines.clear()
-            r = httpx.post(srv.url + "/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": "x"}], "max_tokens": max_tokens})
-            assert r.status_code == 200, r.text
-            for _ in range(200):                 # (logged by the worker just after the reply)
-                if any(" generated=" in m for m in lines):
-                    break
-                time.sleep(0.01)
-            line, = [m for m in lines if " generated=" in m]
-            assert f" generated={max_tokens} " in line and f" tok/s={tps} finish=length" in line, line
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
+    eng, srv = scripted(script=lambda u: "ok then")
+    for max_tokens, tps in ((1, "-"), (3, "100.0")):
+        serve_log.clear()
+        r = httpx.post(srv.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": max_tokens})
+        assert r.status_code == 200, r.text
+        for _ in range(200):                     # (logged by the worker just after the reply)
+            if any(" generated=" in m for m in serve_log):
+                break
+            time.sleep(0.01)
+        line, = [m for m in serve_log if " generated=" in m]
+        assert f" generated={max_tokens} " in line and f" tok/s={tps} finish=length" in line, line
 
 
 def test_cli_serve_logs_loading_where_stderr_is_no_terminal(smollm2, monkeypatch):
