@@ -646,7 +646,8 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
     # name to 127.0.0.1 (DNS rebinding) is then refused. ("::1": the Host check of older
     # Starlette versions cannot read "[::1]:port": no default there.)
     hosts = [h.lower() for h in allowed_hosts]
-    if re.fullmatch(r"127(\.\d{1,3}){3}|localhost", host):
+    loopback = re.fullmatch(r"127(\.\d{1,3}){3}|localhost|::1", host) is not None
+    if loopback and host != "::1":
         hosts = list(dict.fromkeys(["localhost", "127.0.0.1", host] + hosts))
     if "*" in hosts:
         hosts = []
@@ -674,7 +675,7 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
     name = served_model_name or default_model_name(engine)
     app = create_app(engine, served_model_name=name, api_key=api_key, max_queue=max_queue,
                      allowed_origins=list(allowed_origins), allowed_hosts=hosts)
-    if not api_key and host not in ("127.0.0.1", "localhost", "::1"):
+    if not api_key and not loopback:
         click.echo(f"kogcupy: warning: listening on {host} without --api-key: anyone who can "
                    f"reach this port can use the model", err=True)
     click.echo(f"kogcupy: serving '{name}' at http://{host}:{port}/v1 (backend "

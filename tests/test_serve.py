@@ -1529,7 +1529,8 @@ def _serve_without_model(monkeypatch, engine, events: list):
 
 def test_cli_serve_host_names(monkeypatch):
     """On 127.0.0.1 / localhost the server answers only those Host names (and
-    --allowed-host's); '*' or another --host: any (unless --allowed-host names some)."""
+    --allowed-host's); '*' or another --host: any (unless --allowed-host names some). Off the
+    loopback addresses, no --api-key is warned of."""
     import types
 
     from click.testing import CliRunner
@@ -1542,10 +1543,12 @@ def test_cli_serve_host_names(monkeypatch):
                        (["--allowed-host", "MyBox.local"], ["localhost", "127.0.0.1", "mybox.local"]),
                        (["--allowed-host", "*"], []),
                        (["--host", "0.0.0.0"], []),
+                       (["--host", "127.0.0.2"], ["localhost", "127.0.0.1", "127.0.0.2"]),
                        (["--host", "0.0.0.0", "--allowed-host", "*.example.com"], ["*.example.com"])):
         r = CliRunner().invoke(cli, ["serve", "--port", str(port)] + args)
         assert r.exit_code == 0, (args, r.output)
         assert seen[-1]["allowed_hosts"] == want, args
+        assert ("without --api-key" in r.output) == ("0.0.0.0" in args), (args, r.output)
     r = CliRunner().invoke(cli, ["serve", "--allowed-host", "myhost:8000"])
     assert r.exit_code == 2 and "without a port" in r.output, r.output
 
