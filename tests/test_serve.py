@@ -874,15 +874,21 @@ def test_only_json_bodies_run(scripted):
     assert len(eng.calls) == 3
 
 
-def test_host_names_outside_allowed_hosts_are_refused(scripted):
+def test_host_names_outside_allowed_hosts_are_refused(scripted, serve_log):
     """allowed_hosts (kogcupy serve on 127.0.0.1: localhost and 127.0.0.1): a request whose
     Host names another host -- a page that rebound its own name to this machine -- is a 400
-    and never runs; the server's own names run."""
+    (an OpenAI error naming --allowed-host, and a log line) and never runs; the server's own
+    names run."""
     eng, srv = scripted(allowed_hosts=["localhost", "127.0.0.1"])
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "www.localhost"):
+        serve_log.clear()
         r = httpx.post(srv.url + "/v1/chat/completions", json=body, headers={"host": host})
         assert r.status_code == 400, (host, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and f"Host '{host}' is not a name" in \
+            err["message"] and "--allowed-host" in err["message"], (host, err)
+        assert serve_log == [f"POST /v1/chat/completions -> 400: {err['message']}"], serve_log
         assert httpx.get(srv.url + "/v1/models", headers={"host": host}).status_code == 400
     assert eng.calls == []
     port = srv.url.rsplit(":", 1)[1]
@@ -891,6 +897,20 @@ def test_host_names_outside_allowed_hosts_are_refused(scripted):
                        headers={} if host is None else {"host": host})
         assert r.status_code == 200, (host, r.text)
     assert len(eng.calls) == 3
+
+
+def test_unknown_routes_are_logged(scripted, serve_log):
+    """A wrong route or method is a JSON 404 / 405 and a server log line, its path escaped."""
+    eng, srv = scripted()
+    for method, path, status, said in (
+            ("GET", "/nothing", 404, "GET /nothing -> 404: no route GET /nothing"),
+            ("GET", "/x%1By%C3%A9", 404, "GET /x\\x1by\\xe9 -> 404: no route GET /x\\x1by\\xe9"),
+            ("GET", "/v1/chat/completions", 405, "GET /v1/chat/completions -> 405: method GET "
+                                                 "is not allowed on /v1/chat/completions")):
+        serve_log.clear()
+        r = httpx.request(method, srv.url + path)
+        assert r.status_code == status and r.json()["error"]["message"], r.text
+        assert serve_log == [said], serve_log
 
 
 def test_bad_requests_get_openai_errors(scripted):

@@ -104,6 +104,49 @@ class _Guard:
         return hmac.compare_digest(token.strip(), self.key)
 
 
+def _loggable(text: str, limit: int = 300) -> str:
+    """`text` from a request (a path, a message quoting a field) as one log line's part:
+    control and non-ASCII characters escaped, cut at `limit`."""
+    text = ascii(text)[1:-1]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _HostCheck:
+    """Starlette's TrustedHostMiddleware decides which Host names are served; a refused one
+    gets kogcupy's JSON error, which says how to add the name, and a server log line
+    (instead of the middleware's plain "Invalid host header")."""
+
+    def __init__(self, app, allowed_hosts: list[str]):
+        from starlette.middleware.trustedhost import TrustedHostMiddleware
+        self.app = app
+        self.hosts = allowed_hosts
+        self.check = TrustedHostMiddleware(self._accepted, allowed_hosts=allowed_hosts,
+                                           www_redirect=False)
+
+    async def _accepted(self, scope, receive, send):
+        scope["kogcupy.host_ok"] = True
+        await self.app(scope, receive, send)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.check(scope, receive, send)
+
+        async def unless_refused(msg):              # (the middleware's own refusal is dropped)
+            if scope.get("kogcupy.host_ok"):
+                await send(msg)
+
+        await self.check(scope, receive, unless_refused)
+        if not scope.get("kogcupy.host_ok"):
+            host = next((v.decode("latin-1") for k, v in scope.get("headers", ())
+                         if k == b"host"), None)
+            what = "no Host header" if host is None else f"Host {ascii(host[:80])}"
+            msg = (f"{what} is not a name this server answers ({', '.join(self.hosts)}); "
+                   f"to serve it, start kogcupy serve with --allowed-host NAME")
+            log.info("%s %s -> 400: %s", scope.get("method"), _loggable(scope.get("path", "")),
+                     _loggable(msg))
+            await json_error(400, msg)(scope, receive, send)
+
+
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None,
                max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                allowed_origins: list[str] | None = None, allowed_hosts: list[str] | None = None):
@@ -140,7 +183,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     @app.exception_handler(P.APIError)
     async def _api_error(request, e: P.APIError):
         if e.status != 429:                          # 429s are logged where they happen
-            log.info("%s %s -> %d: %s", request.method, request.url.path, e.status, e.message)
+            log.info("%s %s -> %d: %s", request.method, _loggable(request.url.path), e.status,
+                     _loggable(e.message))
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -148,6 +192,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         msg = {404: f"no route {request.method} {request.url.path}",
                405: f"method {request.method} is not allowed on {request.url.path}"}.get(
             e.status_code, str(e.detail))
+        log.info("%s %s -> %d: %s", request.method, _loggable(request.url.path), e.status_code,
+                 _loggable(msg))
         return json_error(e.status_code, msg)
 
     @app.exception_handler(Exception)
@@ -443,8 +489,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     if allowed_hosts:                                # outermost: every request's Host
-        from starlette.middleware.trustedhost import TrustedHostMiddleware
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+        app.add_middleware(_HostCheck, allowed_hosts=list(allowed_hosts))
     return app
 
 
