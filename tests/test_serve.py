@@ -582,9 +582,10 @@ def test_queued_request_whose_client_left_is_dropped(scripted):
     assert srv.requests(route, "500") == 0
 
 
-def test_ctrl_c_ends_open_requests_cleanly(scripted):
+def test_ctrl_c_ends_open_requests_cleanly(scripted, serve_log):
     """Ctrl-C / SIGTERM while a stream runs and a request waits: both end at once, the stream
-    with an error event and [DONE], the queued one with a 503, and the server stops."""
+    with an error event and [DONE], the queued one with a 503 (and a log line), and the server
+    stops."""
     eng, srv = scripted(delay=0.01, script=lambda u: "word " * 400)
     body = {"model": "scripted", "messages": [{"role": "user", "content": "go"}],
             "stream": True, "max_tokens": 400}
@@ -606,6 +607,9 @@ def test_ctrl_c_ends_open_requests_cleanly(scripted):
     assert box["result"].status_code == 503 and "shutting down" in box["result"].text
     srv.thread.join(10)
     assert not srv.thread.is_alive() and eng.finished == ["cancelled"]
+    said = [m for m in serve_log if "-> 503" in m]
+    assert len(said) == 1 and said[0].startswith("chatcmpl-") and "(it was queued)" in said[0], \
+        serve_log
 
 
 def test_request_in_flight_at_shutdown_gets_503(scripted):

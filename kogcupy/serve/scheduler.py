@@ -129,6 +129,7 @@ class Scheduler:
         for job in queued:
             job.state = "done"
             job.emit(("error", 503, "the server is shutting down"))
+            log.info("%s -> 503: the server is shutting down (it was queued)", job.id)
         if running is not None:
             running._cancelled.set()
             _stop_stream(running._gen)
