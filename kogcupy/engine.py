@@ -528,10 +528,13 @@ class Engine:
 
     def encode_messages(self, messages, tools=None, template_kwargs=None,
                         fit_context: bool = True, add_generation_prompt: bool = True,
-                        answer_prefix: str = "") -> list[int]:
+                        answer_prefix: str = "", continue_final_message: bool = False
+                        ) -> list[int]:
         """OpenAI-style messages (and tools) -> ids of the chat template's rendering, ending with
         the assistant generation prompt (unless add_generation_prompt=False), then
         ``answer_prefix`` (text the answer starts with: the model continues it).
+        ``continue_final_message``: the rendering ends with the last message, an assistant's,
+        which the answer continues (vLLM's and HF's; needs add_generation_prompt=False).
         ``template_kwargs``: more variables for the template (HF's
         ``apply_chat_template(**kwargs)``, e.g.
         ``{"enable_thinking": False}``); ``fit_context=False``: no ContextLengthError (counting
@@ -553,10 +556,14 @@ class Engine:
                 raise InputError(f"chat message {i}: this model's chat template drops an "
                                  f"assistant message's tool_calls (the model would never see "
                                  f"them)")
+        if continue_final_message and (add_generation_prompt or answer_prefix):
+            raise InputError("continue_final_message continues the last message: it needs "
+                             "add_generation_prompt=False and no answer prefix")
         text = tk.render_chat(template_messages(messages),
                               add_generation_prompt=bool(add_generation_prompt),
                               tools=None if tools is None else list(tools),
-                              variables=template_kwargs) + answer_prefix
+                              variables=template_kwargs,
+                              continue_final_message=bool(continue_final_message)) + answer_prefix
         ids = tk.encode(text, add_bos=False)                # templates write BOS themselves
         if fit_context:
             self.model.config.check_request(ids, self.context_length, template=True)

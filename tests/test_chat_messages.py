@@ -211,3 +211,40 @@ def test_tools_and_chat_flag_errors(engine, tiny_models):
     assert not engine.tokenizer.takes_tools
     with pytest.raises(InputError, match="takes no tools"):
         engine.generate(msgs, tools=TOOLS, max_new_tokens=2)
+
+
+def test_continue_final_message(engine, tiny_dirs):
+    """continue_final_message (vLLM's and HF's): the prompt ends with the assistant's last
+    message, which the answer continues; the rendering is HF apply_chat_template's."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tiny_dirs["llama"])
+    tk = engine.tokenizer
+    for last in ("Sure, the answer is", "Sure, the answer is ", " 42\n"):
+        msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": last}]
+        text = tk.render_chat(msgs, add_generation_prompt=False, continue_final_message=True)
+        assert text == hf.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
+        assert text.endswith(last) and text.startswith(tk.render_chat(msgs[:1], False))
+        ids = engine.encode_messages(msgs, add_generation_prompt=False,
+                                     continue_final_message=True)
+        assert ids == tk.encode(text, add_bos=False)
+        gen = engine.generate(ids, max_new_tokens=2)
+        list(gen)
+        assert len(gen.result.token_ids) == 2
+    # a template that trims the message: continued from its trimmed text (HF's rule too)
+    trim = Tokenizer(tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
+                     add_bos=tk.add_bos, chat_template=(
+                         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | trim }}"
+                         "</s>{% endfor %}"))
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Sure, "}]
+    assert trim.render_chat(msgs, False, continue_final_message=True) == "[user] Hi</s>[assistant] Sure,"
+    for bad, match in (([{"role": "user", "content": "Hi"}], "last message from the assistant"),
+                       (msgs[:1] + [{"role": "assistant", "content": "  "}], "with text"),
+                       (msgs[:1] + [{"role": "assistant", "content": "a <b> c"}],
+                        "does not write the last message's text")):
+        template = "{% for m in messages %}{{ m['content'] | replace('<b>', '') }}{% endfor %}"
+        t = Tokenizer(tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
+                      add_bos=tk.add_bos, chat_template=template)
+        with pytest.raises(InputError, match=match):
+            t.render_chat(bad, False, continue_final_message=True)
+    with pytest.raises(InputError, match="needs add_generation_prompt=False"):
+        engine.encode_messages(msgs, continue_final_message=True)

@@ -291,11 +291,12 @@ class ScriptedEngine:
         self.model = None
 
     def encode_messages(self, messages, tools=None, template_kwargs=None, fit_context=True,
-                        add_generation_prompt=True, answer_prefix=""):
+                        add_generation_prompt=True, answer_prefix="", continue_final_message=False):
         check_messages(messages)
         ids = self.tokenizer.encode(self.tokenizer.render_chat(
             template_messages(messages), add_generation_prompt, tools=tools,
-            variables=template_kwargs) + answer_prefix, add_bos=False)
+            variables=template_kwargs, continue_final_message=continue_final_message)
+            + answer_prefix, add_bos=False)
         if fit_context and len(ids) >= self.context_length:
             raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context "
                                      f"length", len(ids))
@@ -496,6 +497,16 @@ def test_sampling_fields_reach_the_engine(scripted):
     assert eng.calls[-1]["prompt"].endswith("<|im_start|>assistant\n")
     chat(srv.client(), "hi", extra_body={"add_generation_prompt": False})
     assert eng.calls[-1]["prompt"].endswith("hi<|im_end|>\n"), eng.calls[-1]["prompt"]
+    # continue_final_message (vLLM's): the answer continues the assistant's last message
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, it"}]
+    for extra in ({}, {"add_generation_prompt": False}):
+        r = srv.client().chat.completions.create(model="scripted", messages=msgs, extra_body={
+            "continue_final_message": True, **extra})
+        assert eng.calls[-1]["prompt"].endswith("hi<|im_end|>\n<|im_start|>assistant\nSure, it")
+        assert r.choices[0].message.content == "reply to hi"
+    r = httpx.post(srv.url + "/v1/chat/completions", json={
+        "messages": msgs, "continue_final_message": True, "add_generation_prompt": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "add_generation_prompt", r.text
 
 
 def test_fifo_order_four_clients(scripted):
@@ -809,6 +820,11 @@ def test_tokenize_and_detokenize(scripted):
     assert r.json()["tokens"] == eng.encode_messages(msgs, add_generation_prompt=False) \
         != eng.encode_messages(msgs)
     assert r.json()["token_strs"] == [tk.id_to_token(i) for i in r.json()["tokens"]]
+    said = msgs + [{"role": "assistant", "content": "Sunny"}]
+    r = httpx.post(srv.url + "/tokenize", json={"messages": said, "continue_final_message": True})
+    assert r.json()["tokens"] == eng.encode_messages(said, add_generation_prompt=False,
+                                                     continue_final_message=True)
+    assert tk.decode(r.json()["tokens"]).endswith("<|im_start|>assistant\nSunny"), r.text
     long = [{"role": "user", "content": "x " * 3000}]           # past the context: counted
     r = httpx.post(srv.url + "/tokenize", json={"messages": long})
     assert r.status_code == 200 and r.json()["count"] > eng.context_length
@@ -820,7 +836,7 @@ def test_tokenize_and_detokenize(scripted):
                               ("/detokenize", {"tokens": ["a"]}, "tokens[0]"),
                               ("/tokenize", {"prompt": "a", "model": "nope"}, "model"),
                               ("/tokenize", {"messages": msgs, "continue_final_message": True},
-                               "continue_final_message"),
+                               "messages"),
                               ("/tokenize", {"messages": msgs, "add_special_tokens": True},
                                "add_special_tokens"),
                               ("/tokenize", {"messages": msgs, "chat_template_kwargs": {

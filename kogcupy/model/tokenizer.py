@@ -184,9 +184,14 @@ class Tokenizer:
         return dict(variables)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: list | None = None, variables: dict | None = None) -> str:
+                    tools: list | None = None, variables: dict | None = None,
+                    continue_final_message: bool = False) -> str:
         """The chat template applied to ``messages`` (HF ``apply_chat_template(tokenize=False)``);
-        ``variables``: more for the template (check_template_variables)."""
+        ``variables``: more for the template (check_template_variables).
+        ``continue_final_message``: the rendering ends with the last message's text (an
+        assistant message the model continues: no end-of-turn after it)."""
+        if continue_final_message:
+            return self._render_continued(messages, tools, variables)
         if self.chat_template is None:
             raise InputError(f"{self.source or 'this model'}: the model has no chat template; "
                              "pass the prompt as plain text (--no-chat)")
@@ -206,6 +211,24 @@ class Tokenizer:
         except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as e:
             raise InputError(f"{self.source or 'model'}: the chat template cannot render the "
                              f"messages ({type(e).__name__}: {e})") from None
+
+    def _render_continued(self, messages, tools, variables) -> str:
+        last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
+        if not isinstance(last, dict) or last.get("role") != "assistant" \
+                or not isinstance(last.get("content"), str) or not last["content"].strip():
+            raise InputError("continue_final_message needs a last message from the assistant "
+                             "with text to continue")
+        text = self.render_chat(messages, add_generation_prompt=False, tools=tools,
+                                variables=variables)
+        final = last["content"]
+        end = text.rfind(final)
+        if end < 0:                         # (templates often trim a message's text)
+            final = final.strip()
+            end = text.rfind(final)
+        if end < 0:
+            raise InputError("continue_final_message: the chat template does not write the "
+                             "last message's text as given, so it cannot be continued")
+        return text[:end + len(final)]
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat (BOS only where the template writes it)."""

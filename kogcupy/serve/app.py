@@ -374,7 +374,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         return call_opening(function_name)
 
     async def chat_job(req, messages: list[dict], requested: int | None, max_param: str,
-                       make_formatter, where: str, add_generation_prompt: bool = True):
+                       make_formatter, where: str, add_generation_prompt: bool = True,
+                       continue_final_message: bool = False):
         """Queue a chat-template request (chat completions, responses): the prompt (with a
         forced call's opening), its sampling, and the formatter, made by
         ``make_formatter(prompt_tokens, tool_names=, opening=, max_calls=)``: tool_names,
@@ -386,7 +387,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         ids = await encode(engine.encode_messages, messages, tools=tools,
                            template_kwargs=req.chat_template_kwargs,
                            add_generation_prompt=add_generation_prompt, answer_prefix=opening,
-                           param=where)
+                           continue_final_message=continue_final_message, param=where)
         kw = plan(req, ids, requested, None, where, max_param)
         parse = bool(tools) and req.tool_choice != "none"
         names = tool_names(tools) if parse else frozenset()
@@ -413,9 +414,10 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                                  param="add_special_tokens")
             msgs = [m.to_template() for m in req.messages]
             tools = template_tools(req.tools, None, msgs, req.chat_template_kwargs)
+            opening, continued = P.generation_prompt(req)
             ids = await encode(engine.encode_messages, msgs, tools=tools,
                                template_kwargs=req.chat_template_kwargs,
-                               add_generation_prompt=req.add_generation_prompt,
+                               add_generation_prompt=opening, continue_final_message=continued,
                                fit_context=False, param="messages")
         else:
             try:
@@ -446,13 +448,14 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     async def chat_completions(request: Request):
         req = await accept(request, P.ChatCompletionRequest, P.check_supported)
         usage = bool(req.stream_options and req.stream_options.include_usage)
+        opening, continued = P.generation_prompt(req)
         return await chat_job(
             req, [m.to_template() for m in req.messages],
             req.max_completion_tokens or req.max_tokens,
             "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
             lambda n, **kw: ChatFormatter(P.new_id("chatcmpl"), name, P.now(), n,
                                           include_usage=usage, **kw),
-            "messages", req.add_generation_prompt)
+            "messages", opening, continued)
 
     @app.post("/v1/responses")
     async def responses(request: Request):

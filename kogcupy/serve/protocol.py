@@ -9,7 +9,7 @@ Any other field (a client's bookkeeping: ``user``, ``metadata``, ``prompt_cache_
 ``cache_control`` on a content part or a tool, a message's ``reasoning_content``, ...) is
 ignored, as vLLM and llama.cpp do, and named in the server log (``ignored_fields``). Extra
 fields (vLLM style): ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
-``chat_template_kwargs``, ``add_generation_prompt``.
+``chat_template_kwargs``, ``add_generation_prompt``, ``continue_final_message``.
 
 Responses are plain dicts shaped like OpenAI's (a stream chunk is built per token, so no
 pydantic on that path); ``Usage`` is the one shared piece.
@@ -206,13 +206,13 @@ class _Sampling(_Strict):
 
 class ChatCompletionRequest(_Sampling):
     unsupported = {**_Sampling.unsupported, "echo": "", "best_of": "",
-                   "continue_final_message": "",
                    "chat_template": "the model's own template is used", "documents": ""}
     shapes = {"tool_choice": 'it must be "auto", "none", "required" or {"type": "function", '
                              '"function": {"name": ...}}'}
     messages: list[Message] = Field(min_length=1)
     chat_template_kwargs: dict[str, Any] | None = None       # (vLLM's: e.g. enable_thinking)
     add_generation_prompt: bool = True                       # (vLLM's: false, no assistant opening)
+    continue_final_message: bool = False                     # (vLLM's: the answer continues it)
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     tools: list[ToolDef] | None = None
     tool_choice: Union[Literal["auto", "none", "required"], NamedToolChoice, None] = None
@@ -241,12 +241,13 @@ class CompletionRequest(_Sampling):
 class TokenizeRequest(_Strict):
     """vLLM's /tokenize: a prompt (add_special_tokens: the model's BOS) or chat messages
     (add_generation_prompt: the assistant's opening, as a chat request renders it)."""
-    unsupported = {"continue_final_message": "", "chat_template": "the model's own is used"}
+    unsupported = {"chat_template": "the model's own is used"}
     model: str | None = None
     prompt: str | None = None
     add_special_tokens: bool = True
     messages: list[Message] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     tools: list[ToolDef] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     return_token_strs: bool | None = None
@@ -444,6 +445,18 @@ def check_supported(req) -> None:
             no("suffix", "suffix (fill-in-the-middle) is not supported")
         if req.best_of not in (None, 1):
             no("best_of", f"best_of={req.best_of} is not supported (best_of must be 1)")
+
+
+def generation_prompt(req) -> tuple[bool, bool]:
+    """(add_generation_prompt, continue_final_message) of a chat or tokenize request: with
+    continue_final_message, add_generation_prompt is false unless sent true (a 400: vLLM's)."""
+    if not req.continue_final_message:
+        return req.add_generation_prompt, False
+    if req.add_generation_prompt and "add_generation_prompt" in req.model_fields_set:
+        raise APIError(400, "continue_final_message continues the last message: "
+                            "add_generation_prompt cannot be true with it",
+                       param="add_generation_prompt")
+    return False, True
 
 
 def sampling_kwargs(req, max_new_tokens: int, seed: int) -> dict:
