@@ -1076,9 +1076,9 @@ def test_unknown_fields_are_ignored_and_logged(scripted, serve_log):
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
                    if c["choices"]) == "ok" and chunks[-1]["usage"]["completion_tokens"] == 2
     lines = [m for m in serve_log if "ignored" in m]
-    assert lines == ["POST /v1/chat/completions: ignored unknown fields frobnicate, "
-                     "stream_options.include_obfuscation, messages[0].reasoning_content, "
-                     "messages[0].content[0].cache_control"], serve_log
+    assert lines == [f"{chunks[0]['id']} POST /v1/chat/completions: ignored unknown fields "
+                     "frobnicate, stream_options.include_obfuscation, "
+                     "messages[0].reasoning_content, messages[0].content[0].cache_control"], serve_log
     # on a tool too: ignored, so never in the prompt; a field name is logged escaped and cut
     tool = {**WEATHER_TOOL, "cache_control": {"type": "ephemeral"},
             "function": {**WEATHER_TOOL["function"], "x_extra": "SECRET"}}
@@ -1090,7 +1090,12 @@ def test_unknown_fields_are_ignored_and_logged(scripted, serve_log):
     assert '"get_weather"' in eng.calls[-1]["prompt"] and "SECRET" not in eng.calls[-1]["prompt"] \
         and "cache_control" not in eng.calls[-1]["prompt"]
     line, = [m for m in serve_log if "ignored" in m]
-    assert line.startswith("POST /v1/chat/completions: ignored unknown fields \\nFORGED\\x1b[31mkkk")
+    assert line.startswith(f"{r.json()['id']} POST /v1/chat/completions: ignored unknown "
+                           "fields \\nFORGED\\x1b[31mkkk"), line
+    serve_log.clear()
+    r = httpx.post(srv.url + "/tokenize", json={"prompt": "x", "frobnicate": 1})
+    assert r.status_code == 200 and serve_log == [
+        "POST /tokenize: ignored unknown field frobnicate"], serve_log
     assert "\n" not in line and "\x1b" not in line and len(line) < 260, line
 
 

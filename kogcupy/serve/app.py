@@ -230,16 +230,17 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         except RecursionError:
             raise P.APIError(400, "the request body is nested too deeply") from None
 
-    async def accept(request: Request, cls, check):
+    async def accept(request: Request, cls, check, rid: str = ""):
         """The request body as `cls`, for the served model, `check`ed (400s); its unknown
-        fields are ignored (vLLM's and llama.cpp's way) and the log names them."""
+        fields are ignored (vLLM's and llama.cpp's way) and the log names them (with `rid`,
+        the id of the generation it starts, which its own log line has too)."""
         req = P.parse_request(cls, await read_json(request))
         check_model(req.model)
         check(req)
         ignored = [ascii(p)[1:-1][:64] for p in P.ignored_fields(req)]   # (one log line)
         if ignored:
-            log.warning("%s %s: ignored unknown field%s %s", request.method, request.url.path,
-                        "s" if len(ignored) > 1 else "", ", ".join(ignored[:12]) +
+            log.warning("%s%s %s: ignored unknown field%s %s", rid and rid + " ", request.method,
+                        request.url.path, "s" if len(ignored) > 1 else "", ", ".join(ignored[:12]) +
                         (f" (+{len(ignored) - 12} more)" if len(ignored) > 12 else ""))
         return req
 
@@ -446,29 +447,30 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await accept(request, P.ChatCompletionRequest, P.check_supported)
+        rid = P.new_id("chatcmpl")
+        req = await accept(request, P.ChatCompletionRequest, P.check_supported, rid)
         usage = bool(req.stream_options and req.stream_options.include_usage)
         opening, continued = P.generation_prompt(req)
         return await chat_job(
             req, [m.to_template() for m in req.messages],
             req.max_completion_tokens or req.max_tokens,
             "max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-            lambda n, **kw: ChatFormatter(P.new_id("chatcmpl"), name, P.now(), n,
-                                          include_usage=usage, **kw),
+            lambda n, **kw: ChatFormatter(rid, name, P.now(), n, include_usage=usage, **kw),
             "messages", opening, continued)
 
     @app.post("/v1/responses")
     async def responses(request: Request):
-        req = await accept(request, RA.ResponsesRequest, RA.check_request)
+        rid = P.new_id("resp", "_")
+        req = await accept(request, RA.ResponsesRequest, RA.check_request, rid)
         return await chat_job(
             req, RA.input_messages(req), req.max_output_tokens, "max_output_tokens",
-            lambda n, **kw: RA.ResponsesFormatter(P.new_id("resp", "_"), name, P.now(), n, req,
-                                                  **kw),
+            lambda n, **kw: RA.ResponsesFormatter(rid, name, P.now(), n, req, **kw),
             "input")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await accept(request, P.CompletionRequest, P.check_supported)
+        rid = P.new_id("cmpl")
+        req = await accept(request, P.CompletionRequest, P.check_supported, rid)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -479,7 +481,6 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             raise P.APIError(400, "the prompt is empty", param="prompt")
         ids = await encode(engine.encode_prompt, prompt, chat=False, param="prompt")
         kw = plan(req, ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
-        rid = P.new_id("cmpl")
         job = submit(rid, ids, kw)
         fmt = CompletionFormatter(rid, name, P.now(), len(ids),
                                   include_usage=bool(req.stream_options and
