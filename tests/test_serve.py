@@ -980,7 +980,7 @@ def test_engine_errors(scripted):
     assert srv.requests(route, "499") == 0
 
 
-def test_api_key(scripted):
+def test_api_key(scripted, serve_log):
     eng, srv = scripted(api_key="sekret", allowed_origins=["http://ui.example"])
     assert chat(srv.client(), "hi").choices[0].message.content == "reply to hi"
     # CORS: a browser's preflight from an allowed origin passes without the key; others get none
@@ -994,8 +994,10 @@ def test_api_key(scripted):
         chat(srv.client(api_key="wrong"), "hi")
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "sekret"},
                     {"authorization": "Basic sekret"}):
+        serve_log.clear()
         r = httpx.post(srv.url + "/v1/chat/completions", headers=headers, json={})
         assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        assert serve_log == ["POST /v1/chat/completions -> 401: " + r.json()["error"]["message"]]
         assert httpx.get(srv.url + "/v1/models", headers=headers).status_code == 401
         assert httpx.post(srv.url + "/tokenize", headers=headers,
                           json={"prompt": "a"}).status_code == 401

@@ -80,8 +80,9 @@ class _Guard:
         try:
             if self.key is not None and any(path == r or path.startswith(r + "/") for r in _KEYED) \
                     and not self._authorized(scope):
-                resp = json_error(401, "invalid or missing API key: send the header "
-                                       "'Authorization: Bearer <key>'", code="invalid_api_key",
+                msg = "invalid or missing API key: send the header 'Authorization: Bearer <key>'"
+                log.info("%s %s -> 401: %s", scope.get("method"), _loggable(path), msg)
+                resp = json_error(401, msg, code="invalid_api_key",
                                   headers={"WWW-Authenticate": "Bearer"})
                 return await resp(scope, receive, send_status)
             await self.app(scope, receive, send_status)
