@@ -612,6 +612,7 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
     One generation runs at a time; up to --max-queue requests wait in FIFO order. A client
     that disconnects cancels its generation. Ctrl-C stops the server.
     """
+    import ipaddress
     import logging
     import socket
 
@@ -642,22 +643,23 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
         if h != "*" and not re.fullmatch(r"(\*\.)?[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]", h):
             raise InputError(f"--allowed-host {h!r}: a host name or address without a port "
                              f"(e.g. myhost.local, *.example.com, [::1]) or '*'")
-    # On 127.0.0.1 / localhost only those names by default: a web page that rebinds its own
-    # name to 127.0.0.1 (DNS rebinding) is then refused. ("::1": the Host check of older
-    # Starlette versions cannot read "[::1]:port": no default there.)
-    hosts = [h.lower() for h in allowed_hosts]
-    loopback = re.fullmatch(r"127(\.\d{1,3}){3}|localhost|::1", host) is not None
-    if loopback and host != "::1":
-        hosts = list(dict.fromkeys(["localhost", "127.0.0.1", host] + hosts))
-    if "*" in hosts:
-        hosts = []
     try:                                         # a busy port fails before the model loads
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    # On a loopback address (127.x, localhost, a name of this machine that resolves to one)
+    # only localhost, 127.0.0.1 and --host's own name by default: a web page that rebinds its
+    # own name to this machine (DNS rebinding) is then refused. (An IPv6 --host such as ::1:
+    # the Host check of older Starlette versions cannot read "[::1]:port": no default there.)
+    loopback = ipaddress.ip_address(address[0].split("%")[0]).is_loopback
+    hosts = [h.lower() for h in allowed_hosts]
+    if loopback and ":" not in host:
+        hosts = list(dict.fromkeys(["localhost", "127.0.0.1", host.lower()] + hosts))
+    if "*" in hosts:
+        hosts = []
     log = logging.getLogger("kogcupy.serve")
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)

@@ -213,38 +213,47 @@ def test_tools_and_chat_flag_errors(engine, tiny_models):
         engine.generate(msgs, tools=TOOLS, max_new_tokens=2)
 
 
+LLAMA3_LIKE = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}"
+               "<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+               "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+               "{% endif %}")
+
+
 def test_continue_final_message(engine, tiny_dirs):
-    """continue_final_message (vLLM's and HF's): the prompt ends with the assistant's last
-    message, which the answer continues; the rendering is HF apply_chat_template's."""
+    """continue_final_message (vLLM's and HF's): the prompt ends where the last message's text
+    ends, which the answer continues; the rendering is HF apply_chat_template's, also for texts
+    that occur in the template's own markup and on templates that trim."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(tiny_dirs["llama"])
     tk = engine.tokenizer
-    for last in ("Sure, the answer is", "Sure, the answer is ", " 42\n"):
-        msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": last}]
-        text = tk.render_chat(msgs, add_generation_prompt=False, continue_final_message=True)
-        assert text == hf.apply_chat_template(msgs, tokenize=False, continue_final_message=True)
-        assert text.endswith(last) and text.startswith(tk.render_chat(msgs[:1], False))
-        ids = engine.encode_messages(msgs, add_generation_prompt=False,
-                                     continue_final_message=True)
-        assert ids == tk.encode(text, add_bos=False)
-        gen = engine.generate(ids, max_new_tokens=2)
-        list(gen)
-        assert len(gen.result.token_ids) == 2
-    # a template that trims the message: continued from its trimmed text (HF's rule too)
-    trim = Tokenizer(tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
-                     add_bos=tk.add_bos, chat_template=(
-                         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | trim }}"
-                         "</s>{% endfor %}"))
-    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Sure, "}]
-    assert trim.render_chat(msgs, False, continue_final_message=True) == "[user] Hi</s>[assistant] Sure,"
-    for bad, match in (([{"role": "user", "content": "Hi"}], "last message from the assistant"),
-                       (msgs[:1] + [{"role": "assistant", "content": "  "}], "with text"),
-                       (msgs[:1] + [{"role": "assistant", "content": "a <b> c"}],
-                        "does not write the last message's text")):
-        template = "{% for m in messages %}{{ m['content'] | replace('<b>', '') }}{% endfor %}"
-        t = Tokenizer(tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
-                      add_bos=tk.add_bos, chat_template=template)
+    for template in (None, LLAMA3_LIKE):
+        t = tk if template is None else Tokenizer(
+            tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
+            add_bos=tk.add_bos, chat_template=template)
+        for role, last in (("assistant", "Sure, the answer is"), ("assistant", " 42\n"),
+                           ("assistant", "Sure, "), ("assistant", "<"), ("assistant", "im"),
+                           ("assistant", "end"), ("assistant", "|"), ("assistant", ""),
+                           ("user", "Hi")):
+            msgs = [{"role": "user", "content": "Hi"}, {"role": role, "content": last}]
+            text = t.render_chat(msgs, add_generation_prompt=False, continue_final_message=True)
+            want = hf.apply_chat_template(msgs, tokenize=False, continue_final_message=True,
+                                          chat_template=template or hf.chat_template)
+            assert text == want, (template, last, text, want)
+            assert text.rstrip().endswith(last.strip()) and text.startswith(t.render_chat(msgs[:1], False))
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, it"}]
+    ids = engine.encode_messages(msgs, add_generation_prompt=False, continue_final_message=True)
+    assert tk.decode(ids).endswith("<|im_start|>assistant\nSure, it")
+    gen = engine.generate(ids, max_new_tokens=2)
+    list(gen)
+    assert len(gen.result.token_ids) == 2
+    dropping = Tokenizer(tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
+                         add_bos=tk.add_bos, chat_template=(
+                             "{% for m in messages %}{{ m['content'] | replace('<b>', '') }}"
+                             "{% endfor %}"))
+    for bad, match in (([{"role": "user", "content": "a <b> c"}], "does not write the last"),
+                       ([{"role": "user", "content": ["a"]}], "with text content"),
+                       ([], "with text content")):
         with pytest.raises(InputError, match=match):
-            t.render_chat(bad, False, continue_final_message=True)
+            dropping.render_chat(bad, False, continue_final_message=True)
     with pytest.raises(InputError, match="needs add_generation_prompt=False"):
         engine.encode_messages(msgs, continue_final_message=True)

@@ -757,6 +757,10 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "tools": [WEATHER_TOOL], "tool_choice": "required",
               "add_generation_prompt": False}, 400, "tool_choice", "add_generation_prompt"),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}, {
+              "role": "assistant", "content": "I"}], "tools": [WEATHER_TOOL],
+              "tool_choice": "required", "continue_final_message": True}, 400, "tool_choice",
+     "cannot continue the last message (continue_final_message)"),
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x"}],
               "tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "name": "f"}},
      400, "tool_choice", '"required" or {"type": "function", "function": {"name": ...}}'),
@@ -835,8 +839,6 @@ def test_tokenize_and_detokenize(scripted):
                               ("/detokenize", {"tokens": [0, tk.vocab_size]}, "tokens"),
                               ("/detokenize", {"tokens": ["a"]}, "tokens[0]"),
                               ("/tokenize", {"prompt": "a", "model": "nope"}, "model"),
-                              ("/tokenize", {"messages": msgs, "continue_final_message": True},
-                               "messages"),
                               ("/tokenize", {"messages": msgs, "add_special_tokens": True},
                                "add_special_tokens"),
                               ("/tokenize", {"messages": msgs, "chat_template_kwargs": {
@@ -908,9 +910,18 @@ def test_host_names_outside_allowed_hosts_are_refused(scripted, serve_log):
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and f"Host '{host}' is not a name" in \
             err["message"] and "--allowed-host" in err["message"], (host, err)
-        assert serve_log == [f"POST /v1/chat/completions -> 400: {err['message']}"], serve_log
+        assert "localhost, 127.0.0.1" not in err["message"]  # (the page reads the answer)
+        assert serve_log == [f"POST /v1/chat/completions -> 400: {err['message']} (it answers "
+                             f"localhost, 127.0.0.1)"], serve_log
         assert httpx.get(srv.url + "/v1/models", headers={"host": host}).status_code == 400
     assert eng.calls == []
+    assert srv.requests("/v1/chat/completions", "400") == srv.requests("/v1/models", "400") == 4
+    with socket.create_connection(("127.0.0.1", int(srv.url.rsplit(":", 1)[1]))) as c:
+        c.sendall(b"GET /v1/models HTTP/1.0\r\n\r\n")          # (HTTP/1.0: no Host needed)
+        answer = b""
+        while chunk := c.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"no Host header" in answer, answer
     port = srv.url.rsplit(":", 1)[1]
     for host in (None, f"localhost:{port}", "LOCALHOST"):
         r = httpx.post(srv.url + "/v1/chat/completions", json=body,
@@ -1575,9 +1586,10 @@ def _serve_without_model(monkeypatch, engine, events: list):
 
 
 def test_cli_serve_host_names(monkeypatch):
-    """On 127.0.0.1 / localhost the server answers only those Host names (and
-    --allowed-host's); '*' or another --host: any (unless --allowed-host names some). Off the
-    loopback addresses, no --api-key is warned of."""
+    """On a loopback address (127.x, localhost, by the address it resolves to) the server
+    answers only the names localhost, 127.0.0.1 and --host's (and --allowed-host's); '*' or
+    another --host: any (unless --allowed-host names some). Off the loopback addresses, no
+    --api-key is warned of."""
     import types
 
     from click.testing import CliRunner
@@ -1591,6 +1603,8 @@ def test_cli_serve_host_names(monkeypatch):
                        (["--allowed-host", "*"], []),
                        (["--host", "0.0.0.0"], []),
                        (["--host", "127.0.0.2"], ["localhost", "127.0.0.1", "127.0.0.2"]),
+                       (["--host", "127.1"], ["localhost", "127.0.0.1", "127.1"]),
+                       (["--host", "LocalHost"], ["localhost", "127.0.0.1"]),
                        (["--host", "0.0.0.0", "--allowed-host", "*.example.com"], ["*.example.com"])):
         r = CliRunner().invoke(cli, ["serve", "--port", str(port)] + args)
         assert r.exit_code == 0, (args, r.output)

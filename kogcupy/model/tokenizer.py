@@ -213,22 +213,24 @@ class Tokenizer:
                              f"messages ({type(e).__name__}: {e})") from None
 
     def _render_continued(self, messages, tools, variables) -> str:
+        """The rendering cut where the last message's text ends: a marker is appended to the
+        text and the rendering cut at it (HF's way: a text that also occurs in the template's
+        own markup, e.g. "<", is never mistaken for it); where the template trimmed the text,
+        whitespace before the cut goes too."""
         last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
-        if not isinstance(last, dict) or last.get("role") != "assistant" \
-                or not isinstance(last.get("content"), str) or not last["content"].strip():
-            raise InputError("continue_final_message needs a last message from the assistant "
-                             "with text to continue")
-        text = self.render_chat(messages, add_generation_prompt=False, tools=tools,
+        if not isinstance(last, dict) or not isinstance(last.get("content"), str):
+            raise InputError("continue_final_message needs a last message with text content "
+                             "to continue")
+        marker = f"kogcupy-continue-{os.urandom(6).hex()} "
+        marked = list(messages[:-1]) + [{**last, "content": last["content"] + marker}]
+        text = self.render_chat(marked, add_generation_prompt=False, tools=tools,
                                 variables=variables)
-        final = last["content"]
-        end = text.rfind(final)
-        if end < 0:                         # (templates often trim a message's text)
-            final = final.strip()
-            end = text.rfind(final)
-        if end < 0:
+        at = text.rfind(marker.rstrip())
+        head = text[:at]
+        if at < 0 or not head.rstrip().endswith(last["content"].strip()):
             raise InputError("continue_final_message: the chat template does not write the "
                              "last message's text as given, so it cannot be continued")
-        return text[:end + len(final)]
+        return head if text.startswith(marker, at) else head.rstrip()
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat (BOS only where the template writes it)."""

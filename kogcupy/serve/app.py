@@ -56,6 +56,11 @@ def default_model_name(engine) -> str:
     return name or "kogcupy"
 
 
+def _route(path: str) -> str:
+    """The route label of a request path in the metrics (an unknown path: "other")."""
+    return next((r for r in _ROUTES if path == r or path.startswith(r + "/")), "other")
+
+
 class _Guard:
     """Pure ASGI middleware: API key on /v1 routes and /tokenize, /detokenize (before any body
     is read), request counts."""
@@ -69,7 +74,7 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
-        route = next((r for r in _ROUTES if path == r or path.startswith(r + "/")), "other")
+        route = _route(path)
         status = [499]                  # no response started: the client went away first
 
         async def send_status(msg):
@@ -114,13 +119,15 @@ def _loggable(text: str, limit: int = 300) -> str:
 
 class _HostCheck:
     """Starlette's TrustedHostMiddleware decides which Host names are served; a refused one
-    gets kogcupy's JSON error, which says how to add the name, and a server log line
-    (instead of the middleware's plain "Invalid host header")."""
+    gets kogcupy's JSON error, which says how to add the name (not which names are served:
+    the page that sent it reads the answer), a server log line and its count in the
+    metrics (instead of the middleware's plain "Invalid host header")."""
 
-    def __init__(self, app, allowed_hosts: list[str]):
+    def __init__(self, app, allowed_hosts: list[str], metrics: Metrics):
         from starlette.middleware.trustedhost import TrustedHostMiddleware
         self.app = app
         self.hosts = allowed_hosts
+        self.metrics = metrics
         self.check = TrustedHostMiddleware(self._accepted, allowed_hosts=allowed_hosts,
                                            www_redirect=False)
 
@@ -140,11 +147,12 @@ class _HostCheck:
         if not scope.get("kogcupy.host_ok"):
             host = next((v.decode("latin-1") for k, v in scope.get("headers", ())
                          if k == b"host"), None)
-            what = "no Host header" if host is None else f"Host {ascii(host[:80])}"
-            msg = (f"{what} is not a name this server answers ({', '.join(self.hosts)}); "
-                   f"to serve it, start kogcupy serve with --allowed-host NAME")
-            log.info("%s %s -> 400: %s", scope.get("method"), _loggable(scope.get("path", "")),
-                     _loggable(msg))
+            msg = ("the request has no Host header (HTTP/1.1 requires one)" if host is None
+                   else f"Host {ascii(host[:80])} is not a name this server answers; to serve "
+                        f"it, start kogcupy serve with --allowed-host NAME")
+            log.info("%s %s -> 400: %s (it answers %s)", scope.get("method"),
+                     _loggable(scope.get("path", "")), msg, ", ".join(self.hosts))
+            self.metrics.requests.labels(_route(scope.get("path", "")), "400").inc()
             await json_error(400, msg)(scope, receive, send)
 
 
@@ -199,7 +207,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
 
     @app.exception_handler(Exception)
     async def _internal(request, e: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        log.exception("unhandled error on %s %s", request.method, _loggable(request.url.path))
         return json_error(500, "internal server error; see the server log")
 
     # -- helpers -------------------------------------------------------------------------------
@@ -357,7 +365,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         return tools
 
     def forced_call(tool_choice, function_name: str | None, tools: list | None,
-                    add_generation_prompt: bool) -> str:
+                    add_generation_prompt: bool, continue_final_message: bool) -> str:
         """The answer's forced opening for tool_choice "required" or a named function (the
         model continues the call's JSON; "required" with one tool names it, as a named choice
         would), "" otherwise; 400 for a template whose calls are not the <tool_call> tags
@@ -370,6 +378,10 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             raise P.APIError(400, f"model '{name}' cannot be made to call a tool: its chat "
                                   f"template does not ask for {OPEN_TAG} calls (use tool_choice "
                                   f"\"auto\")", param="tool_choice")
+        if continue_final_message:
+            raise P.APIError(400, "a forced tool call (tool_choice) cannot continue the last "
+                                  "message (continue_final_message): the call is a new "
+                                  "answer", param="tool_choice")
         if not add_generation_prompt:
             raise P.APIError(400, "a forced tool call (tool_choice) needs add_generation_prompt: "
                                   "the call is the assistant's answer", param="tool_choice")
@@ -385,7 +397,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         tools = template_tools(req.tools, req.tool_choice, messages, req.chat_template_kwargs,
                                where)
         function_name = req.tool_choice_name()
-        opening = forced_call(req.tool_choice, function_name, tools, add_generation_prompt)
+        opening = forced_call(req.tool_choice, function_name, tools, add_generation_prompt,
+                              continue_final_message)
         ids = await encode(engine.encode_messages, messages, tools=tools,
                            template_kwargs=req.chat_template_kwargs,
                            add_generation_prompt=add_generation_prompt, answer_prefix=opening,
@@ -494,7 +507,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins),
                            allow_methods=["GET", "POST"], allow_headers=["*"])
     if allowed_hosts:                                # outermost: every request's Host
-        app.add_middleware(_HostCheck, allowed_hosts=list(allowed_hosts))
+        app.add_middleware(_HostCheck, allowed_hosts=list(allowed_hosts), metrics=metrics)
     return app
 
 
