@@ -533,8 +533,9 @@ class Engine:
         """OpenAI-style messages (and tools) -> ids of the chat template's rendering, ending with
         the assistant generation prompt (unless add_generation_prompt=False), then
         ``answer_prefix`` (text the answer starts with: the model continues it).
-        ``continue_final_message``: the rendering ends with the last message, an assistant's,
-        which the answer continues (vLLM's and HF's; needs add_generation_prompt=False).
+        ``continue_final_message``: the rendering ends inside the last message (usually an
+        assistant's), whose text the answer continues (vLLM's and HF's; needs
+        add_generation_prompt=False).
         ``template_kwargs``: more variables for the template (HF's
         ``apply_chat_template(**kwargs)``, e.g.
         ``{"enable_thinking": False}``); ``fit_context=False``: no ContextLengthError (counting

@@ -188,8 +188,8 @@ class Tokenizer:
                     continue_final_message: bool = False) -> str:
         """The chat template applied to ``messages`` (HF ``apply_chat_template(tokenize=False)``);
         ``variables``: more for the template (check_template_variables).
-        ``continue_final_message``: the rendering ends with the last message's text (an
-        assistant message the model continues: no end-of-turn after it)."""
+        ``continue_final_message``: the rendering ends with the last message's text (usually
+        an assistant's, which the model continues: no end-of-turn after it)."""
         if continue_final_message:
             return self._render_continued(messages, tools, variables)
         if self.chat_template is None:

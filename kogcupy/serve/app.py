@@ -249,7 +249,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         ignored = [ascii(p)[1:-1][:64] for p in P.ignored_fields(req)]   # (one log line)
         if ignored:
             log.warning("%s%s %s: ignored unknown field%s %s", rid and rid + " ", request.method,
-                        request.url.path, "s" if len(ignored) > 1 else "", ", ".join(ignored[:12]) +
+                        _loggable(request.url.path), "s" if len(ignored) > 1 else "",
+                        ", ".join(ignored[:12]) +
                         (f" (+{len(ignored) - 12} more)" if len(ignored) > 12 else ""))
         return req
 
