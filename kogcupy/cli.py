@@ -467,6 +467,7 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
         sys.exit(EXIT_INTERRUPTED)
 
 
+CHAT_COMMAND_WORDS = ("/reset", "/exit", "/quit", "/help")
 CHAT_COMMANDS = ("/reset clears the conversation (the system prompt stays), /exit quits, "
                  "/help shows this")
 
@@ -482,10 +483,11 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
     input) quits, /help lists these. Ctrl-C stops an answer (what it wrote stays in the
     conversation; /reset drops it) and, at the prompt, clears the line. Each turn prefills
     only its new tokens: the rest comes from the prefix cache (the stats line on stderr says
-    how many).
+    how many). Sampled without --seed, each turn draws its own seed (in its stats line).
     """
     from .engine import check_text
 
+    drawn = seed is None or seed == -1          # then each turn samples with a new seed
     seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                           seed)
     check_backend(backend, context_length, dtype, gpus)
@@ -524,6 +526,10 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
         command = line.strip()
         if not command:
             continue
+        word, *rest = command.split(maxsplit=1)
+        if rest and word in CHAT_COMMAND_WORDS:     # (a typo'd command is no prompt either)
+            click.echo(f"kogcupy: {word} takes no arguments; {CHAT_COMMANDS}", err=True)
+            continue
         if command in ("/exit", "/quit"):
             break
         if command == "/reset":
@@ -538,8 +544,8 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
         try:
             gen = engine.generate(turn, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, min_p=min_p,
-                                  repetition_penalty=repetition_penalty, seed=seed,
-                                  stop=list(stop))
+                                  repetition_penalty=repetition_penalty,
+                                  seed=None if drawn else seed, stop=list(stop))
         except KogError as e:                  # e.g. the conversation outgrew the context
             hint = ("; /reset starts the conversation over" if isinstance(e, ContextLengthError)
                     and len(messages) > len(start) else "")
@@ -557,7 +563,7 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
         # what was shown: a Ctrl-C while a piece was written leaves that piece out
         text = "".join(shown) if r.finish_reason == "cancelled" else r.text
         messages = turn + [{"role": "assistant", "content": text}]
-        click.echo(_with_seed(_turn_stats(r), temperature, seed), err=True)
+        click.echo(_with_seed(_turn_stats(r), temperature, r.seed), err=True)
 
 
 def _result(gen):

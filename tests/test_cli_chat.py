@@ -57,6 +57,33 @@ def test_command_words_do_not_reach_the_model(tiny_dirs, spy):
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert len(spy) == 1 and spy[0][-1]["content"] == "The fox"
     assert "unknown command /frobnicate" in r.stderr and r.stderr.count("/reset clears") == 2
+    # a command word with more after it is neither run nor sent
+    r = chat(["--model", tiny_dirs["llama"], *TINY], ["/exit now", "/reset all", "The fox"])
+    assert r.exit_code == 0 and len(spy) == 2 and spy[1][-1]["content"] == "The fox", r.stderr
+    assert "/exit takes no arguments" in r.stderr and "/reset takes no arguments" in r.stderr
+    assert "conversation cleared" not in r.stderr
+
+
+def test_sampled_turns_draw_a_seed_each_unless_given(tiny_dirs, monkeypatch):
+    """Without --seed (or with -1) each turn samples with a seed of its own, named in its
+    stats line (so the same question after /reset can get a new answer); with --seed every
+    turn uses that one."""
+    gens = []
+    real = E.Engine.generate
+    monkeypatch.setattr(E.Engine, "generate",
+                        lambda self, *a, **kw: gens.append(real(self, *a, **kw)) or gens[-1])
+    args = ["--model", tiny_dirs["llama"], *TINY, "--temperature", "1.5"]
+    for given in ([], ["--seed", "-1"], ["--seed", "7"]):
+        gens.clear()
+        r = chat(args + given, ["The fox", "/reset", "The fox", "/reset", "The fox"])
+        assert r.exit_code == 0, (r.stderr, r.exception)
+        seeds = [int(x) for x in re.findall(r", seed (\d+)$", r.stderr, re.M)]
+        answers = {tuple(g.result.token_ids) for g in gens}
+        assert len(gens) == 3 and seeds == [g.result.seed for g in gens], (seeds, r.stderr)
+        if given == ["--seed", "7"]:
+            assert seeds == [7] * 3 and len(answers) == 1, (seeds, answers)
+        else:
+            assert len(set(seeds)) == 3, seeds  # (the tiny model's answers may not differ)
 
 
 def test_reset_keeps_the_system_prompt(tiny_dirs, spy):
