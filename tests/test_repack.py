@@ -141,6 +141,28 @@ def test_interrupted_repack_leaves_nothing(hf_dir, tmp_path, monkeypatch, exc, w
     assert os.listdir(tmp_path) == []
 
 
+def test_killed_repacks_leftovers_are_removed(hf_dir, tmp_path):
+    """A repack killed with no chance to clean up (SIGKILL) leaves its temporary directory;
+    the next repack to that DST removes it once its process is gone, and says so. A running
+    repack's, another DST's and other names stay."""
+    import subprocess
+    import sys
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    names = {f".packed.repack-{gone}-x1y2": False, f".packed.repack-{os.getpid()}-a": True,
+             f".other.repack-{gone}-z": True, ".packed.old-q": True, f".packed.repack-{gone}": True}
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    notes = []
+    R.repack(hf_dir, str(tmp_path / "packed"), note=notes.append)
+    assert {n: (tmp_path / n).exists() for n in names} == names
+    assert notes == [f"removed {tmp_path / f'.packed.repack-{gone}-x1y2'}, left half-written "
+                     f"by a repack that was killed"]
+    assert sorted(os.listdir(tmp_path)) == sorted([n for n, kept in names.items() if kept] +
+                                                  ["packed"])
+
+
 def test_interrupted_forced_repack_keeps_old_dst(hf_dir, tmp_path, monkeypatch):
     dst = tmp_path / "packed"
     R.repack(hf_dir, str(dst))

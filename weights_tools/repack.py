@@ -9,12 +9,15 @@ norm gammas folded, RoPE tables), stored as bf16/fp16, so loading is one read, n
     tokenizer.json, tokenizer_config.json, ...   readable by Tokenizer.from_dir
 
 DST appears only when complete: everything is written to a temporary directory beside it
-and renamed into place; any failure (or Ctrl-C) removes the temporary directory.
+and renamed into place; any failure (or Ctrl-C) removes the temporary directory. One left by
+a repack that could not clean up (SIGKILL, a power cut) is removed by the next repack to the
+same DST, once the process that wrote it is gone.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -148,11 +151,37 @@ def _write_tokenizer(src: str, fmt: str, tokenizer, tmp: str) -> None:
         json.dump(tc, f, indent=2, ensure_ascii=False)
 
 
+def _remove_stale_temporaries(dst: str) -> list[str]:
+    """The temporary directories beside `dst` of repacks whose process is gone (killed
+    before they could remove them) are removed; returns their paths."""
+    parent = os.path.dirname(os.path.abspath(dst))
+    pattern = re.escape(f".{os.path.basename(os.path.abspath(dst))}.repack-") + r"(\d+)-[^/]+"
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        m = re.fullmatch(pattern, name)
+        if m is None or _process_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        removed.append(os.path.join(parent, name))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):   # (gone; a number no pid can be)
+        return False
+    except PermissionError:                       # (another user's)
+        return True
+    return True
+
+
 def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
-           progress=None) -> str:
+           progress=None, note=None) -> str:
     """Write the packed directory for `src` at `dst`; returns the storage dtype used.
 
-    `progress(name, nbytes, total_nbytes)` is called after each tensor is written."""
+    `progress(name, nbytes, total_nbytes)` is called after each tensor is written; `note(line)`
+    with what else the user should know (a killed repack's leftovers removed)."""
     from kogcupy.model.loader import load_model, normalize_dtype, resolve_model_path
     from kogcupy.model.weights import detect_format
     src, dst = resolve_model_path(os.fspath(src))[0], os.fspath(dst)   # (a cached hub id)
@@ -162,7 +191,11 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
     model = load_model(src, dtype=dtype)
     dtype = model.dtype
     parent = os.path.dirname(os.path.abspath(dst))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.repack-", dir=parent)
+    for path in _remove_stale_temporaries(dst):
+        if note is not None:
+            note(f"removed {path}, left half-written by a repack that was killed")
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.repack-{os.getpid()}-",
+                           dir=parent)
     old = None
     try:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -267,7 +300,8 @@ def _repack_cli(src, dst, dtype, force, state):
     click.echo(f"loading {src}", err=True)
     t0 = time.perf_counter()
     try:
-        used = repack(local, dst, dtype, force, progress=progress)     # (resolved once)
+        used = repack(local, dst, dtype, force, progress=progress,      # (resolved once)
+                      note=lambda line: click.echo(line, err=True))
         state["written"] = True
     finally:
         if bar is not None:
