@@ -143,22 +143,34 @@ def test_interrupted_repack_leaves_nothing(hf_dir, tmp_path, monkeypatch, exc, w
 
 def test_killed_repacks_leftovers_are_removed(hf_dir, tmp_path):
     """A repack killed with no chance to clean up (SIGKILL) leaves its temporary directory;
-    the next repack to that DST removes it once its process is gone, and says so. A running
-    repack's, another DST's and other names stay."""
+    the next repack to that DST (given with a trailing slash or not) removes it once its
+    process is gone, and says so. A running repack's, another host's, another DST's, a
+    --force backup, a symlink and other names stay."""
+    import socket
     import subprocess
     import sys
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    names = {f".packed.repack-{gone}-x1y2": False, f".packed.repack-{os.getpid()}-a": True,
-             f".other.repack-{gone}-z": True, ".packed.old-q": True, f".packed.repack-{gone}": True}
+    host = socket.gethostname()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    names = {f".packed.repack-{host}-{gone}-x1y2_3w4": False,
+             f".packed.repack-{host}-{os.getpid()}-abcdefgh": True,
+             f".packed.repack-otherhost-{gone}-abcdefgh": True,
+             f".other.repack-{host}-{gone}-abcdefgh": True, ".packed.old-abcdefgh": True,
+             f".packed.repack-{host}-{gone}-b.old-abcdefgh": True,
+             f".packed.repack-{host}-{gone}-backup": True}
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"half")
+    link = f".packed.repack-{host}-{gone}-linklink"
+    (tmp_path / link).symlink_to(elsewhere)
+    names.update({link: True, "elsewhere": True})
     notes = []
-    R.repack(hf_dir, str(tmp_path / "packed"), note=notes.append)
+    R.repack(hf_dir, str(tmp_path / "packed") + "/", note=notes.append)
     assert {n: (tmp_path / n).exists() for n in names} == names
-    assert notes == [f"removed {tmp_path / f'.packed.repack-{gone}-x1y2'}, left half-written "
-                     f"by a repack that was killed"]
+    assert notes == [f"removed {tmp_path / f'.packed.repack-{host}-{gone}-x1y2_3w4'}, left "
+                     f"half-written by a repack that was killed"]
     assert sorted(os.listdir(tmp_path)) == sorted([n for n, kept in names.items() if kept] +
                                                   ["packed"])
 

@@ -11,7 +11,7 @@ norm gammas folded, RoPE tables), stored as bf16/fp16, so loading is one read, n
 DST appears only when complete: everything is written to a temporary directory beside it
 and renamed into place; any failure (or Ctrl-C) removes the temporary directory. One left by
 a repack that could not clean up (SIGKILL, a power cut) is removed by the next repack to the
-same DST, once the process that wrote it is gone.
+same DST on the same host, once the process that wrote it is gone.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import sys
 import tempfile
@@ -118,7 +119,7 @@ def _dst_checks(src: str, dst: str, force: bool) -> None:
     # after loading the model, that it cannot. The machine's refusals (no permission, a
     # read-only or full disk) stay OSErrors (exit 1), named by DST
     try:
-        probe = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.probe-", dir=parent)
+        probe = tempfile.mkdtemp(prefix=_temporary(dst, "probe"), dir=parent)
     except OSError as e:
         from kogcupy.cli import is_system_error
         if is_system_error(e):
@@ -151,18 +152,34 @@ def _write_tokenizer(src: str, fmt: str, tokenizer, tmp: str) -> None:
         json.dump(tc, f, indent=2, ensure_ascii=False)
 
 
+def _temporary(dst: str, kind: str) -> str:
+    """The name prefix of DST's temporaries beside it (a repack's carries this host's name and
+    its pid, so that a later repack can tell whether it is still being written)."""
+    name = f".{os.path.basename(os.path.abspath(dst))}.{kind}-"
+    return name + f"{socket.gethostname()}-{os.getpid()}-" if kind == "repack" else name
+
+
 def _remove_stale_temporaries(dst: str) -> list[str]:
-    """The temporary directories beside `dst` of repacks whose process is gone (killed
-    before they could remove them) are removed; returns their paths."""
+    """The temporary directories beside `dst` of repacks on this host whose process is gone
+    (killed before they could remove them) are removed; returns the paths removed."""
     parent = os.path.dirname(os.path.abspath(dst))
-    pattern = re.escape(f".{os.path.basename(os.path.abspath(dst))}.repack-") + r"(\d+)-[^/]+"
+    mine = _temporary(dst, "repack")
+    host_part = mine[:mine.rindex("-", 0, len(mine) - 1) + 1]     # ".DST.repack-HOST-"
+    pattern = re.escape(host_part) + r"([0-9]+)-[a-z0-9_]{8}"     # (mkdtemp's 8 characters)
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:                              # (a parent that can be written, not listed)
+        return []
     removed = []
-    for name in sorted(os.listdir(parent)):
+    for name in names:
         m = re.fullmatch(pattern, name)
-        if m is None or _process_alive(int(m.group(1))):
+        path = os.path.join(parent, name)
+        if m is None or _process_alive(int(m.group(1))) or os.path.islink(path) \
+                or not os.path.isdir(path):
             continue
-        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-        removed.append(os.path.join(parent, name))
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            removed.append(path)
     return removed
 
 
@@ -194,8 +211,7 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
     for path in _remove_stale_temporaries(dst):
         if note is not None:
             note(f"removed {path}, left half-written by a repack that was killed")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.repack-{os.getpid()}-",
-                           dir=parent)
+    tmp = tempfile.mkdtemp(prefix=_temporary(dst, "repack"), dir=parent)
     old = None
     try:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -210,7 +226,7 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
                        "source": os.path.abspath(src)}, f, indent=2)
         os.chmod(tmp, 0o755)           # mkdtemp makes it private; DST should not be
         if os.path.lexists(dst):       # --force: move the old one aside, then swap
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=_temporary(dst, "old"), dir=parent)
             os.replace(dst, os.path.join(old, "x"))
         os.replace(tmp, dst)
     except BaseException:               # (DST is not replaced yet: the old one is put back)
