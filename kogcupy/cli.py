@@ -483,11 +483,12 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
     input) quits, /help lists these. Ctrl-C stops an answer (what it wrote stays in the
     conversation; /reset drops it) and, at the prompt, clears the line. Each turn prefills
     only its new tokens: the rest comes from the prefix cache (the stats line on stderr says
-    how many). Sampled without --seed, each turn draws its own seed (in its stats line).
+    how many). Sampled, each turn has a seed of its own derived from the session's (given with
+    --seed, or drawn; the stats line names it): the same lines with that --seed repeat the
+    session.
     """
     from .engine import check_text
 
-    drawn = seed is None or seed == -1          # then each turn samples with a new seed
     seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                           seed)
     check_backend(backend, context_length, dtype, gpus)
@@ -500,6 +501,7 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
                          "`kogcupy generate --no-chat` for plain text completion")
     start = [{"role": "system", "content": system}] if system is not None else []
     messages = list(start)                     # the conversation so far
+    turns = 0                                  # answers generated (each its own seed)
     interactive = _stdin_is_tty()
     if interactive:
         try:
@@ -527,7 +529,7 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
         if not command:
             continue
         word, *rest = command.split(maxsplit=1)
-        if rest and word in CHAT_COMMAND_WORDS:     # (a typo'd command is no prompt either)
+        if rest and word in CHAT_COMMAND_WORDS:     # ("/exit now": neither run nor sent)
             click.echo(f"kogcupy: {word} takes no arguments; {CHAT_COMMANDS}", err=True)
             continue
         if command in ("/exit", "/quit"):
@@ -545,7 +547,7 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
             gen = engine.generate(turn, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, min_p=min_p,
                                   repetition_penalty=repetition_penalty,
-                                  seed=None if drawn else seed, stop=list(stop))
+                                  seed=_turn_seed(seed, turns), stop=list(stop))
         except KogError as e:                  # e.g. the conversation outgrew the context
             hint = ("; /reset starts the conversation over" if isinstance(e, ContextLengthError)
                     and len(messages) > len(start) else "")
@@ -563,7 +565,15 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
         # what was shown: a Ctrl-C while a piece was written leaves that piece out
         text = "".join(shown) if r.finish_reason == "cancelled" else r.text
         messages = turn + [{"role": "assistant", "content": text}]
-        click.echo(_with_seed(_turn_stats(r), temperature, r.seed), err=True)
+        turns += 1
+        click.echo(_with_seed(_turn_stats(r), temperature, seed), err=True)
+
+
+def _turn_seed(seed: int, turn: int) -> int:
+    """A chat turn's sampling seed: the session's for the first (as `generate --seed`), then
+    one of its own for each later turn, so the same question again (after /reset) gets a new
+    sample and --seed with the same lines repeats the whole session."""
+    return (seed + turn * 0x9E3779B97F4A7C15) % 2**64
 
 
 def _result(gen):

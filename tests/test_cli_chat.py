@@ -64,26 +64,36 @@ def test_command_words_do_not_reach_the_model(tiny_dirs, spy):
     assert "conversation cleared" not in r.stderr
 
 
-def test_sampled_turns_draw_a_seed_each_unless_given(tiny_dirs, monkeypatch):
-    """Without --seed (or with -1) each turn samples with a seed of its own, named in its
-    stats line (so the same question after /reset can get a new answer); with --seed every
-    turn uses that one."""
+def test_sampled_turns_have_seeds_of_their_own(tiny_dirs, monkeypatch):
+    """Each sampled turn has a seed of its own (so the same question after /reset can get a
+    new answer), derived from the session's seed, which the stats lines name: --seed (given,
+    or drawn without one or with -1) with the same lines repeats the session; the first turn
+    samples as `generate --seed` does."""
     gens = []
     real = E.Engine.generate
-    monkeypatch.setattr(E.Engine, "generate",
-                        lambda self, *a, **kw: gens.append(real(self, *a, **kw)) or gens[-1])
+
+    def generate(self, *a, **kw):
+        gens.append((kw["seed"], real(self, *a, **kw)))
+        return gens[-1][1]
+    monkeypatch.setattr(E.Engine, "generate", generate)
     args = ["--model", tiny_dirs["llama"], *TINY, "--temperature", "1.5"]
-    for given in ([], ["--seed", "-1"], ["--seed", "7"]):
+    lines = ["The fox", "/reset", "The fox", "/reset", "The fox"]
+    runs = {}
+    for given in ([], ["--seed", "-1"], ["--seed", "7"], ["--seed", "7"]):
         gens.clear()
-        r = chat(args + given, ["The fox", "/reset", "The fox", "/reset", "The fox"])
+        r = chat(args + given, lines)
         assert r.exit_code == 0, (r.stderr, r.exception)
-        seeds = [int(x) for x in re.findall(r", seed (\d+)$", r.stderr, re.M)]
-        answers = {tuple(g.result.token_ids) for g in gens}
-        assert len(gens) == 3 and seeds == [g.result.seed for g in gens], (seeds, r.stderr)
-        if given == ["--seed", "7"]:
-            assert seeds == [7] * 3 and len(answers) == 1, (seeds, answers)
-        else:
-            assert len(set(seeds)) == 3, seeds  # (the tiny model's answers may not differ)
+        named = [int(x) for x in re.findall(r", seed (\d+)$", r.stderr, re.M)]
+        used = [s for s, _ in gens]
+        assert len(used) == 3 and len(set(used)) == 3 and len(set(named)) == 1, (used, named)
+        assert used[0] == named[0] and [g.result.seed for _, g in gens] == used
+        if given:
+            assert named[0] == 7 or given == ["--seed", "-1"]
+        runs.setdefault(tuple(given), []).append((used, [g.result.token_ids for _, g in gens]))
+    one, two = runs[("--seed", "7")]
+    assert one == two                             # the session repeats
+    drawn = [runs[()][0][0][0], runs[("--seed", "-1")][0][0][0]]
+    assert drawn[0] != drawn[1]
 
 
 def test_reset_keeps_the_system_prompt(tiny_dirs, spy):
