@@ -433,8 +433,12 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
     if not prompt:
         raise InputError("the prompt is empty: pass PROMPT or pipe it on stdin")
     engine = load_engine(model_path, dtype, backend, context_length, gpus)
+    templated = engine.tokenizer is not None and engine.tokenizer.has_chat_template
+    if chat and not templated:
+        raise InputError("--chat needs a model with a chat template; this one has none: "
+                         "leave --chat out (or pass --no-chat) for plain text completion")
     if system is not None:
-        if engine.tokenizer is None or not engine.tokenizer.has_chat_template:
+        if not templated:
             raise InputError("--system needs a model with a chat template")
         prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
     gen = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,

@@ -167,5 +167,13 @@ def test_errors_keep_the_session_or_stop_it(tiny_dirs, tmp_path):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     r = chat(["--model", str(d), "--backend", "reference"], ["hi"])
     assert r.exit_code == 2 and "needs a model with a chat template" in r.stderr
+    # (generate --chat on it: the CLI's own words, no Python argument)
+    r = CliRunner().invoke(cli, ["generate", "--model", str(d), "--backend", "reference",
+                                 "--chat", "-n", "2", "hi"])
+    assert r.exit_code == 2 and "--chat needs a model with a chat template" in r.stderr \
+        and "chat=False" not in r.stderr, r.stderr
+    r = CliRunner().invoke(cli, ["generate", "--model", str(d), "--backend", "reference",
+                                 "-n", "2", "hi"])
+    assert r.exit_code == 0, r.stderr                # (no --chat: plain text completion)
     r = chat(["--model", os.fspath(d), "--temperature", "-1"], ["hi"])
     assert r.exit_code == 2 and "temperature" in r.stderr
