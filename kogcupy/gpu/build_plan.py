@@ -263,10 +263,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
                   zip(("KOG_ATTN_TILE", "KOG_ATTN_BUFS"), attn_tiling(lcfg, arch)))
     if arch and "KOG_ATTN_BUFS" not in tuning:
         bufs = 1             # HIP: kog_copy16 is a synchronous copy, a second buffer overlaps nothing
-    depth = _knob(tuning, "KOG_DOWN_DEPTH")
-    if not 1 <= depth <= 16:
-        raise DeviceError(f"KOG_DOWN_DEPTH={depth}{_from_env('KOG_DOWN_DEPTH', caller)}: 1 to 16 "
-                          f"rows of w_down a thread stages")
+    depth = _flag(tuning, "KOG_DOWN_DEPTH", caller, range(1, 17),
+                  "1 to 16 rows of w_down a thread stages")
     if arch and "KOG_DOWN_DEPTH" not in tuning:
         depth = 1            # (the same for down_residual's row staging)
     # rows of w_down a thread keeps in flight: 12 instead of 8 on the same builds as gate_up's
