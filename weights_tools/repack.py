@@ -153,19 +153,21 @@ def _write_tokenizer(src: str, fmt: str, tokenizer, tmp: str) -> None:
 
 
 def _temporary(dst: str, kind: str) -> str:
-    """The name prefix of DST's temporaries beside it (a repack's carries this host's name and
-    its pid, so that a later repack can tell whether it is still being written)."""
-    name = f".{os.path.basename(os.path.abspath(dst))}.{kind}-"
-    return name + f"{socket.gethostname()}-{os.getpid()}-" if kind == "repack" else name
+    """The name prefix of DST's temporaries of `kind` beside it."""
+    return f".{os.path.basename(os.path.abspath(dst))}.{kind}-"
+
+
+def _repacks_here(dst: str) -> str:
+    """The name prefix of this host's repack temporaries of DST: followed by the writer's pid,
+    so that a later repack can tell whether it is still being written."""
+    return f"{_temporary(dst, 'repack')}{socket.gethostname()}-"
 
 
 def _remove_stale_temporaries(dst: str) -> list[str]:
     """The temporary directories beside `dst` of repacks on this host whose process is gone
     (killed before they could remove them) are removed; returns the paths removed."""
     parent = os.path.dirname(os.path.abspath(dst))
-    mine = _temporary(dst, "repack")
-    host_part = mine[:mine.rindex("-", 0, len(mine) - 1) + 1]     # ".DST.repack-HOST-"
-    pattern = re.escape(host_part) + r"([0-9]+)-[a-z0-9_]{8}"     # (mkdtemp's 8 characters)
+    pattern = re.escape(_repacks_here(dst)) + r"([0-9]+)-[a-z0-9_]{8}"   # (mkdtemp's 8 characters)
     try:
         names = sorted(os.listdir(parent))
     except OSError:                              # (a parent that can be written, not listed)
@@ -188,8 +190,8 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):   # (gone; a number no pid can be)
         return False
-    except PermissionError:                       # (another user's)
-        return True
+    except PermissionError:                       # (another user's: alive)
+        pass
     return True
 
 
@@ -211,7 +213,7 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
     for path in _remove_stale_temporaries(dst):
         if note is not None:
             note(f"removed {path}, left half-written by a repack that was killed")
-    tmp = tempfile.mkdtemp(prefix=_temporary(dst, "repack"), dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f"{_repacks_here(dst)}{os.getpid()}-", dir=parent)
     old = None
     try:
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
