@@ -56,9 +56,14 @@ def default_model_name(engine) -> str:
     return name or "kogcupy"
 
 
+def _under(path: str, route: str) -> bool:
+    """Whether a request path is the route or below it ("/v1/models/x" is under "/v1/models")."""
+    return path == route or path.startswith(route + "/")
+
+
 def _route(path: str) -> str:
     """The route label of a request path in the metrics (an unknown path: "other")."""
-    return next((r for r in _ROUTES if path == r or path.startswith(r + "/")), "other")
+    return next((r for r in _ROUTES if _under(path, r)), "other")
 
 
 class _Guard:
@@ -83,7 +88,7 @@ class _Guard:
             await send(msg)
 
         try:
-            if self.key is not None and any(path == r or path.startswith(r + "/") for r in _KEYED) \
+            if self.key is not None and any(_under(path, r) for r in _KEYED) \
                     and not self._authorized(scope):
                 msg = "invalid or missing API key: send the header 'Authorization: Bearer <key>'"
                 log.info("%s %s -> 401: %s", scope.get("method"), _loggable(path), msg)
