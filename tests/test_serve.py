@@ -570,6 +570,26 @@ def test_role_chunk_comes_with_the_first_token(scripted):
     assert rest[-1] == "data: [DONE]" and text == "reply to go", rest[:2]
 
 
+def test_role_chunk_comes_before_a_held_tool_call(scripted):
+    """An answer that opens with a tool call: the parser holds the call's text until its
+    closing tag, but the role chunk still goes out with the first token, not with the call."""
+    eng, srv = scripted(delay=0.02, script=lambda u: CALL_TEXT.split("Let me check.")[1])
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "go"}], "stream": True,
+            "tools": [WEATHER_TOOL]}
+    t0 = time.perf_counter()
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        t_role = time.perf_counter() - t0
+        rest = [line for line in lines if line.startswith("data:")]
+        t_end = time.perf_counter() - t0
+    assert json.loads(first[5:])["choices"][0]["delta"]["role"] == "assistant"
+    calls = [c for line in rest[:-1] for ch in json.loads(line[5:])["choices"]
+             for c in ch["delta"].get("tool_calls") or []]
+    assert [c["function"]["name"] for c in calls] == ["get_weather"]
+    assert t_role < t_end / 3, (t_role, t_end)        # ~20 tokens at 20 ms: the role at the first
+
+
 def test_queued_request_whose_client_left_is_dropped(scripted):
     eng, srv = scripted(max_queue=2)
     eng.gate.clear()

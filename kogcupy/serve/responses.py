@@ -256,7 +256,8 @@ class JobResponse(Response):
         if not started:
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         # the role chunk goes out with the first text (as vLLM's): a client that times its
-        # first chunk measures the prefill, not the queue
+        # first chunk measures the prefill, not the queue -- also when that text is held back
+        # (the start of a tool call, sent once its closing tag is in)
         fmt = self.fmt
         head = self._head()
         out = b""
@@ -281,7 +282,7 @@ class JobResponse(Response):
                     break
             chunks = fmt.pieces(text) if text else []
             out = b"".join(fmt.sse(c) for c in chunks)
-            if out and head:
+            if text and head:
                 out, head = head + out, b""
             if last is None:
                 continue
