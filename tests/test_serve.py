@@ -434,11 +434,14 @@ def test_tool_call_parser_results():
     assert content == "" and json.loads(calls[0].arguments) == {"z": "é"}
     assert parse_tool_calls(CALL_TEXTS[5]) == (CALL_TEXTS[5], [])
     content, calls = parse_tool_calls(CALL_TEXTS[6])   # text after a call: from its first word
-    assert content == "Done, that is all." and [c.name for c in calls] == ["d"]
+    assert content == "Done, that is all.\n" and [c.name for c in calls] == ["d"]
     content, calls = parse_tool_calls(CALL_TEXTS[7])   # text on both sides: one newline between
     assert content == "I will check.\nThen a summary." and [c.name for c in calls] == ["e"]
     content, calls = parse_tool_calls(CALL_TEXTS[8])   # a call, then one that is not: kept apart
     assert content == "A\n<tool_call>oops</tool_call> B" and [c.name for c in calls] == ["f"]
+    # no call: the text as written, its trailing whitespace included (as without tools)
+    for text in ("def f():\n    return 1\n", "  \n", "a \n\n<tool_c"):
+        assert parse_tool_calls(text) == (text, [])
     # given the request's tools, a call to another name is text, tags included
     content, calls = parse_tool_calls(CALL_TEXTS[1], names=frozenset({"b"}))
     assert [c.name for c in calls] == ["b"] and content.startswith("<tool_call>")

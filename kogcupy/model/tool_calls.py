@@ -12,8 +12,8 @@ outside the tags passes through as it comes (a tail that could still be the star
 arrives. A block whose body is not a JSON object with a ``name`` (or, given the request's
 tool names, names none of them) is passed through as text, tags included, so nothing the model
 wrote is lost and no call reaches a client for a tool it does not have. Whitespace-only text
-just before a call or at the end is dropped (the newlines around the tags), however the text
-was chunked. ``parse_tool_calls`` runs the same parser over a whole text, so streamed and
+just before or after a call is dropped (the newlines around the tags), however the text was
+chunked; an answer without calls keeps every character, as one without tools would. ``parse_tool_calls`` runs the same parser over a whole text, so streamed and
 non-streamed answers agree.
 """
 from __future__ import annotations
@@ -164,8 +164,10 @@ class ToolCallParser:
             self._call(self._buf, out, closed=False)
         else:
             self._content(self._buf, out)
+            if self._ws:                 # the answer's own trailing whitespace (not a call's)
+                out.append(Content(self._ws))
         self._buf = ""
-        self._ws = ""                    # trailing whitespace is dropped
+        self._ws = ""
         return out
 
 
