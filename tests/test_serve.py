@@ -796,6 +796,8 @@ BAD_REQUESTS = [
     ("completions", {"model": "scripted", "prompt": ["a", "b"]}, 400, "prompt", "one prompt"),
     ("completions", {"model": "scripted", "prompt": "a", "echo": True}, 400, "echo", ""),
     ("completions", {"model": "scripted", "prompt": "a", "best_of": 3}, 400, "best_of", ""),
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "a"}], "best_of": 2},
+     400, "best_of", ""),
     ("completions", {"model": "scripted", "prompt": "a", "logprobs": 0}, 400, "logprobs", ""),
     ("chat", {"model": "scripted", "messages": [{"role": "assistant", "content": "x",
                                                  "refusal": "no"}]},
@@ -1104,7 +1106,7 @@ def test_unknown_fields_are_ignored_and_logged(scripted, serve_log):
     body = {"messages": [{"role": "user", "reasoning_content": None, "content": [
                 {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}],
             "prompt_cache_key": "k", "frobnicate": True, "ignore_eos": False,
-            "length_penalty": 1.0, "modalities": ["text"],
+            "length_penalty": 1.0, "modalities": ["text"], "best_of": 1,
             "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
     r = httpx.post(srv.url + "/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text

@@ -325,7 +325,7 @@ def _jsonable(x) -> bool:
 
 # what an unsupported field's "not asked for" looks like besides None, false, 0 and empty
 NEUTRAL = {"length_penalty": (1,), "repeat_penalty": (1,), "typical_p": (1,), "tfs_z": (1,),
-           "modalities": (["text"],)}
+           "modalities": (["text"],), "best_of": (1,)}
 
 
 def _extras(model: BaseModel, at: str = ""):
