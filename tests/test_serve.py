@@ -33,8 +33,8 @@ import uvicorn  # noqa: E402
 from kogcupy.engine import Engine, check_messages, template_messages  # noqa: E402
 from kogcupy.errors import ContextLengthError, InputError  # noqa: E402
 from kogcupy.model.tokenizer import Tokenizer  # noqa: E402
-from kogcupy.model.tool_calls import (Content, ToolCall, ToolCallParser,  # noqa: E402
-                                      parse_tool_calls)
+from kogcupy.model.tool_calls import (CallArgs, CallEnd, CallStart, Content,  # noqa: E402
+                                      ToolCall, ToolCallParser, parse_tool_calls)
 from kogcupy.serve import create_app  # noqa: E402
 from kogcupy.serve.app import Server as ServeServer  # noqa: E402
 from kogcupy.serve.scheduler import Job  # noqa: E402
@@ -418,6 +418,28 @@ def test_tool_call_parser_is_chunking_independent(text):
         assert "".join(e.text for e in events if isinstance(e, Content)) == content
         assert [(c.name, c.arguments) for c in events if isinstance(c, ToolCall)] == \
             [(c.name, c.arguments) for c in calls]
+    # streamed as written: the same text and calls; a call's pieces add up to its arguments
+    for trial in range(20):
+        p = ToolCallParser(stream_calls=True)
+        events, i = [], 0
+        while i < len(text):
+            n = 1 if trial == 0 else rng.randint(1, 7)
+            events += p.feed(text[i:i + n])
+            i += n
+        events += p.finish()
+        assert "".join(e.text for e in events if isinstance(e, Content)) == content
+        got, args = [], None
+        for e in events:
+            if isinstance(e, CallStart):
+                args = ""
+            elif isinstance(e, CallArgs):
+                args += e.text
+            elif isinstance(e, CallEnd):
+                got.append((e.call.name, json.loads(args)))
+                assert e.call.arguments == args and args == args.strip()
+            elif isinstance(e, ToolCall):
+                got.append((e.name, json.loads(e.arguments)))
+        assert got == [(c.name, json.loads(c.arguments)) for c in calls]
 
 
 def test_tool_call_parser_results():
@@ -573,24 +595,42 @@ def test_role_chunk_comes_with_the_first_token(scripted):
     assert rest[-1] == "data: [DONE]" and text == "reply to go", rest[:2]
 
 
-def test_role_chunk_comes_before_a_held_tool_call(scripted):
-    """An answer that opens with a tool call: the parser holds the call's text until its
-    closing tag, but the role chunk still goes out with the first token, not with the call."""
-    eng, srv = scripted(delay=0.02, script=lambda u: CALL_TEXT.split("Let me check.")[1])
+def test_tool_call_streams_as_written(scripted):
+    """An answer that opens with a tool call: the role chunk goes out with the first token,
+    the call's name as soon as it is written, then its arguments in pieces (vLLM's and
+    OpenAI's stream), not the whole call at its closing tag."""
+    args = '{"city": "Paris", "days": [1, 2, 3], "note": "a } inside"}'
+    text = '<tool_call>\n{"name": "get_weather", "arguments": ' + args + '}\n</tool_call>'
+    eng, srv = scripted(delay=0.02, script=lambda u: text)
     body = {"model": "scripted", "messages": [{"role": "user", "content": "go"}], "stream": True,
             "tools": [WEATHER_TOOL]}
-    t0 = time.perf_counter()
+    t0, seen = time.perf_counter(), []
     with httpx.stream("POST", srv.url + "/v1/chat/completions", json=body, timeout=30) as r:
-        lines = r.iter_lines()
-        first = next(line for line in lines if line.startswith("data:"))
-        t_role = time.perf_counter() - t0
-        rest = [line for line in lines if line.startswith("data:")]
-        t_end = time.perf_counter() - t0
-    assert json.loads(first[5:])["choices"][0]["delta"]["role"] == "assistant"
-    calls = [c for line in rest[:-1] for ch in json.loads(line[5:])["choices"]
-             for c in ch["delta"].get("tool_calls") or []]
-    assert [c["function"]["name"] for c in calls] == ["get_weather"]
-    assert t_role < t_end / 3, (t_role, t_end)        # ~20 tokens at 20 ms: the role at the first
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                seen.append((time.perf_counter() - t0, json.loads(line[6:])))
+    t_end = seen[-1][0]
+    assert seen[0][1]["choices"][0]["delta"]["role"] == "assistant" and seen[0][0] < t_end / 3
+    deltas = [(t, c) for t, ch in seen for x in ch["choices"]
+              for c in x["delta"].get("tool_calls") or []]
+    t_name, first = deltas[0]
+    assert first["function"] == {"name": "get_weather", "arguments": ""} and first["index"] == 0
+    assert first["id"].startswith("call_") and first["type"] == "function"
+    assert t_name < t_end / 2, (t_name, t_end)
+    pieces = [c["function"]["arguments"] for t, c in deltas[1:]]
+    assert all(c["index"] == 0 and set(c["function"]) == {"arguments"} for t, c in deltas[1:])
+    assert len(pieces) > 3 and "".join(pieces) == args
+    assert seen[-1][1]["choices"][0]["finish_reason"] == "tool_calls"
+    # the openai SDK's stream helpers put the pieces together (chat, and the Responses API's)
+    msgs = [{"role": "user", "content": "go"}]
+    with srv.client().chat.completions.stream(model="scripted", messages=msgs,
+                                               tools=[WEATHER_TOOL]) as st:
+        call = st.get_final_completion().choices[0].message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == ("get_weather", args)
+    flat = {"type": "function", **WEATHER_TOOL["function"]}
+    with srv.client().responses.stream(model="scripted", input="go", tools=[flat]) as st:
+        items = st.get_final_response().output
+    assert [(i.type, i.name, i.arguments) for i in items] == [("function_call", "get_weather", args)]
 
 
 def test_queued_request_whose_client_left_is_dropped(scripted):

@@ -13,12 +13,21 @@ arrives. A block whose body is not a JSON object with a ``name`` (or, given the 
 tool names, names none of them) is passed through as text, tags included, so nothing the model
 wrote is lost and no call reaches a client for a tool it does not have. Whitespace-only text
 just before or after a call is dropped (the newlines around the tags), however the text was
-chunked; an answer without calls keeps every character, as one without tools would. ``parse_tool_calls`` runs the same parser over a whole text, so streamed and
-non-streamed answers agree.
+chunked; an answer without calls keeps every character, as one without tools would.
+``parse_tool_calls`` runs the same parser over a whole text, so streamed and non-streamed
+answers agree.
+
+With ``stream_calls`` (the server's streams) a call whose body opens ``{"name": "...",
+"arguments": {`` with a name it may call is sent as it is written, as vLLM and OpenAI stream
+calls: ``CallStart`` once its name is in, ``CallArgs`` pieces of the arguments' JSON text as
+the model writes it (a trailing ``}`` that may close the call's object is held back), and
+``CallEnd`` at its closing tag. It is then a call whatever follows (its arguments are the text
+sent, not re-encoded). Any other call is parsed whole, as above.
 """
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -40,6 +49,36 @@ class ToolCall:
     def to_openai(self) -> dict:
         return {"id": self.id, "type": "function",
                 "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
+class CallStart:
+    """A streamed call's start: its name and id (``call.arguments`` is "" until CallEnd)."""
+    call: ToolCall
+
+
+@dataclass
+class CallArgs:
+    """The next piece of a streamed call's arguments (a JSON text)."""
+    text: str
+
+
+@dataclass
+class CallEnd:
+    """A streamed call's end: ``call.arguments`` is every piece sent."""
+    call: ToolCall
+
+
+# the head of a call streamed as written: its name, then an object of arguments
+_STREAM_HEAD = re.compile(
+    r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
+
+
+def _args_sendable(args: str) -> int:
+    """How much of a streamed call's arguments text can go out: all but a trailing "}" that may
+    close the call's object, and the whitespace around it."""
+    r = args.rstrip()
+    return len(r[:-1].rstrip()) if r.endswith("}") else len(r)
 
 
 def call_opening(name: str | None = None) -> str:
@@ -81,6 +120,14 @@ def parse_call_body(body: str) -> ToolCall | None:
     return ToolCall(obj["name"], args)
 
 
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _partial_prefix_len(text: str, tag: str) -> int:
     """Length of the longest tail of `text` that is a proper prefix of `tag`."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -92,8 +139,13 @@ def _partial_prefix_len(text: str, tag: str) -> int:
 class ToolCallParser:
     """Incremental parser; ``feed(piece)`` and finally ``finish()`` return lists of events."""
 
-    def __init__(self, opening: str = "", names: frozenset[str] | None = None):
+    def __init__(self, opening: str = "", names: frozenset[str] | None = None,
+                 stream_calls: bool = False):
         self._names = names       # the tools a call may name (None: any)
+        self._stream_calls = stream_calls
+        self._streaming: ToolCall | None = None   # the call being streamed
+        self._args_at = 0         # where its arguments start in the call's body
+        self._args_sent = ""      # its arguments text sent so far
         self._buf = ""            # text not yet emitted
         self._inside = False      # after an OPEN_TAG, waiting for its CLOSE_TAG
         self._ws = ""             # whitespace-only content held until we know what follows
@@ -151,17 +203,69 @@ class ToolCallParser:
                 return out
             j = self._buf.find(CLOSE_TAG)
             if j < 0:
+                if self._stream_calls:      # (a tail that may start the closing tag waits)
+                    held = _partial_prefix_len(self._buf, CLOSE_TAG)
+                    self._stream(self._buf[:len(self._buf) - held], out)
                 return out
             body, self._buf = self._buf[:j], self._buf[j + len(CLOSE_TAG):]
             self._inside = False
-            self._call(body, out, closed=True)
+            if self._stream_calls:
+                self._stream(body, out)
+            if self._streaming is not None:
+                self._end_stream(body, out, closed=True)
+            else:
+                self._call(body, out, closed=True)
+
+    def _stream(self, body: str, out: list):
+        """A call's body so far: start streaming it once its head is in, then send its
+        arguments as far as they can go."""
+        if self._streaming is None:
+            m = _STREAM_HEAD.match(body)
+            if m is None:
+                return
+            try:
+                name = json.loads('"' + m.group(1) + '"')
+            except ValueError:
+                return
+            if not name or (self._names is not None and name not in self._names):
+                return
+            self._streaming, self._args_at, self._args_sent = ToolCall(name, ""), m.end(), ""
+            self._ws = ""
+            out.append(CallStart(self._streaming))
+        args = body[self._args_at:]
+        k = _args_sendable(args)
+        if k > len(self._args_sent):
+            out.append(CallArgs(args[len(self._args_sent):k]))
+            self._args_sent = args[:k]
+
+    def _end_stream(self, body: str, out: list, closed: bool):
+        """The streamed call's whole body: the rest of its arguments, then its end. Cut short
+        (not closed), a body whose last "}" closes the arguments, not the call, keeps it."""
+        args = body[self._args_at:]
+        whole = args[:_args_sendable(args)]
+        if not closed and not _is_json(whole) and _is_json(args.rstrip()):
+            whole = args.rstrip()
+        if len(whole) > len(self._args_sent):
+            out.append(CallArgs(whole[len(self._args_sent):]))
+            self._args_sent = whole
+        call, self._streaming = self._streaming, None
+        call.arguments = self._args_sent
+        self.calls.append(call)
+        out.append(CallEnd(call))
+        self._after_call = True
+        self._ws = ""
 
     def finish(self) -> list:
         """End of the text: an unclosed call is parsed as far as it goes, the rest is text."""
         out: list = []
         if self._inside:
             self._inside = False
-            self._call(self._buf, out, closed=False)
+            if self._stream_calls:
+                self._stream(self._buf, out)
+            if self._streaming is not None:
+                self._end_stream(self._buf, out, closed=False)
+            else:
+                self._call(self._buf, out, closed=False)
         else:
             self._content(self._buf, out)
             if self._ws:                 # the answer's own trailing whitespace (not a call's)

@@ -18,7 +18,7 @@ import contextlib
 from starlette.responses import JSONResponse, Response
 
 from . import protocol as P
-from ..model.tool_calls import Content, ToolCallParser
+from ..model.tool_calls import CallArgs, CallEnd, CallStart, Content, ToolCall, ToolCallParser
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -52,13 +52,15 @@ class AnswerEvents:
     """A chat answer as events: its text (Content) and, when `tool_names` (the request's tools)
     are given, its calls to them, at most `max_calls` of them (1 with parallel_tool_calls: false
     or a named function; later ones are dropped; a call to another name stays text).
-    `opening`: the answer's start that the prompt ended with (a forced call, call_opening)."""
+    `opening`: the answer's start that the prompt ended with (a forced call, call_opening).
+    `stream_calls`: calls streamed as they are written (ToolCallParser); else whole ToolCalls."""
 
     def __init__(self, tool_names: frozenset[str] = frozenset(), opening: str = "",
-                 max_calls: int | None = None):
-        self.parser = ToolCallParser(opening, tool_names) if tool_names else None
+                 max_calls: int | None = None, stream_calls: bool = False):
+        self.parser = ToolCallParser(opening, tool_names, stream_calls) if tool_names else None
         self.max_calls = max_calls
         self.n_calls = 0                    # calls kept so far
+        self._dropping = False              # inside a streamed call past max_calls
 
     def feed(self, text: str) -> list:
         return self._kept(self.parser.feed(text)) if self.parser is not None else [Content(text)]
@@ -69,10 +71,17 @@ class AnswerEvents:
     def _kept(self, events) -> list:
         out = []
         for ev in events:
-            if not isinstance(ev, Content):
-                if self.max_calls is not None and self.n_calls >= self.max_calls:
+            if isinstance(ev, (ToolCall, CallStart)):
+                self._dropping = self.max_calls is not None and self.n_calls >= self.max_calls
+                if self._dropping and isinstance(ev, ToolCall):
+                    self._dropping = False
                     continue
-                self.n_calls += 1
+                if not self._dropping:
+                    self.n_calls += 1
+            if self._dropping and isinstance(ev, (CallStart, CallArgs, CallEnd)):
+                if isinstance(ev, CallEnd):
+                    self._dropping = False
+                continue
             out.append(ev)
         return out
 
@@ -81,7 +90,8 @@ class ChatFormatter(Formatter):
     def __init__(self, *a, tool_names: frozenset[str] = frozenset(),
                  max_calls: int | None = None, opening: str = "", **kw):
         super().__init__(*a, **kw)
-        self.answer = AnswerEvents(tool_names, opening, max_calls)
+        self.answer = AnswerEvents(tool_names, opening, max_calls, stream_calls=True)
+        self._whole = lambda: AnswerEvents(tool_names, opening, max_calls)   # (full())
         self._n_sent = 0                    # tool calls streamed (their chunk's index)
 
     def _chunk(self, delta, finish=None):
@@ -99,7 +109,13 @@ class ChatFormatter(Formatter):
             if text:
                 out.append(self._chunk({"content": text}))
                 text = ""
-            call = ev.to_openai()
+            if isinstance(ev, CallEnd):
+                continue
+            if isinstance(ev, CallArgs):    # (the call started in an earlier chunk)
+                out.append(self._chunk({"tool_calls": [{"index": self._n_sent - 1,
+                                                        "function": {"arguments": ev.text}}]}))
+                continue
+            call = (ev.call if isinstance(ev, CallStart) else ev).to_openai()
             call["index"] = self._n_sent
             self._n_sent += 1
             out.append(self._chunk({"tool_calls": [call]}))
@@ -124,6 +140,7 @@ class ChatFormatter(Formatter):
         return out
 
     def full(self, text: str, result) -> dict:
+        self.answer = self._whole()
         events = self.answer.feed(text) + self.answer.finish()
         text = "".join(e.text for e in events if isinstance(e, Content))
         calls = [e.to_openai() for e in events if not isinstance(e, Content)]

@@ -24,7 +24,7 @@ from pydantic import Field
 
 from . import protocol as P
 from .responses import AnswerEvents, Formatter
-from ..model.tool_calls import Content
+from ..model.tool_calls import CallArgs, CallEnd, CallStart, Content, ToolCall
 
 
 class ResponsesTool(P._Strict):
@@ -224,9 +224,10 @@ class ResponsesFormatter(Formatter):
                  max_calls: int | None = None):
         super().__init__(rid, model, created, prompt_tokens)
         self.req = req
-        self.answer = AnswerEvents(tool_names, opening, max_calls)
+        self.answer = AnswerEvents(tool_names, opening, max_calls, stream_calls=True)
         self.output: list[dict] = []         # finished items
         self._msg: dict | None = None        # the message item being written
+        self._fc: dict | None = None         # the function_call item being streamed
         self._seq = 0
 
     # -- the response object -------------------------------------------------------------
@@ -295,18 +296,29 @@ class ResponsesFormatter(Formatter):
                             content_index=0, part=part),
                 self._event("response.output_item.done", output_index=idx, item=item)]
 
-    def _call(self, call) -> list[dict]:
-        out = self._close_message()
-        idx = len(self.output)
-        item = {"id": P.new_id("fc", "_"), "type": "function_call", "status": "in_progress",
-                "call_id": call.id, "name": call.name, "arguments": ""}
-        out.append(self._event("response.output_item.added", output_index=idx, item=dict(item)))
-        out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
-                               output_index=idx, delta=call.arguments))
-        out.append(self._event("response.function_call_arguments.done", item_id=item["id"],
-                               output_index=idx, name=call.name, arguments=call.arguments))
+    def _call(self, ev) -> list[dict]:
+        """A whole ToolCall, or a streamed call's CallStart / CallArgs / CallEnd."""
+        if isinstance(ev, (ToolCall, CallStart)):
+            call = ev if isinstance(ev, ToolCall) else ev.call
+            out = self._close_message()
+            self._fc = {"id": P.new_id("fc", "_"), "type": "function_call",
+                        "status": "in_progress", "call_id": call.id, "name": call.name,
+                        "arguments": ""}
+            out.append(self._event("response.output_item.added", output_index=len(self.output),
+                                   item=dict(self._fc)))
+            if isinstance(ev, CallStart):
+                return out
+            return out + self._call(CallArgs(call.arguments)) + self._call(CallEnd(call))
+        item, idx = self._fc, len(self.output)
+        if isinstance(ev, CallArgs):
+            return [self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                output_index=idx, delta=ev.text)]
+        call = ev.call
+        out = [self._event("response.function_call_arguments.done", item_id=item["id"],
+                           output_index=idx, name=call.name, arguments=call.arguments)]
         item.update(arguments=call.arguments, status="completed")
         self.output.append(item)
+        self._fc = None
         out.append(self._event("response.output_item.done", output_index=idx, item=item))
         return out
 
