@@ -403,30 +403,28 @@ CALL_TEXTS = [
 ]
 
 
+def _fed_in_pieces(parser, text, rng, one_char):
+    """The parser's events for `text` fed one character at a time or in random 1-7 pieces."""
+    events, i = [], 0
+    while i < len(text):
+        n = 1 if one_char else rng.randint(1, 7)
+        events += parser.feed(text[i:i + n])
+        i += n
+    return events + parser.finish()
+
+
 @pytest.mark.parametrize("text", CALL_TEXTS)
 def test_tool_call_parser_is_chunking_independent(text):
     content, calls = parse_tool_calls(text)
     rng = random.Random(0)
     for trial in range(40):
-        p = ToolCallParser()
-        events, i = [], 0
-        while i < len(text):
-            n = 1 if trial == 0 else rng.randint(1, 7)
-            events += p.feed(text[i:i + n])
-            i += n
-        events += p.finish()
+        events = _fed_in_pieces(ToolCallParser(), text, rng, trial == 0)
         assert "".join(e.text for e in events if isinstance(e, Content)) == content
         assert [(c.name, c.arguments) for c in events if isinstance(c, ToolCall)] == \
             [(c.name, c.arguments) for c in calls]
     # streamed as written: the same text and calls; a call's pieces add up to its arguments
     for trial in range(20):
-        p = ToolCallParser(stream_calls=True)
-        events, i = [], 0
-        while i < len(text):
-            n = 1 if trial == 0 else rng.randint(1, 7)
-            events += p.feed(text[i:i + n])
-            i += n
-        events += p.finish()
+        events = _fed_in_pieces(ToolCallParser(stream_calls=True), text, rng, trial == 0)
         assert "".join(e.text for e in events if isinstance(e, Content)) == content
         got, args = [], None
         for e in events:
