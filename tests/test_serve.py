@@ -440,6 +440,28 @@ def test_tool_call_parser_is_chunking_independent(text):
         assert got == [(c.name, json.loads(c.arguments)) for c in calls]
 
 
+def test_streamed_call_arguments_are_the_object_once():
+    """A streamed call's arguments are its arguments object, sent once: also when the whole
+    call arrives in one piece (a fast model, a slow client), when the call has a key after
+    the object or lacks its own closing brace; cut inside the object, the call is incomplete."""
+    from kogcupy.serve.responses import ChatFormatter
+
+    def streamed(text):
+        f = ChatFormatter("id", "m", 0, 1, tool_names=frozenset({"f"}))
+        calls = [c for ch in f.pieces(text) + f.finish(ScriptResult([], "", "length", 1))
+                 for x in ch["choices"] for c in x["delta"].get("tool_calls") or []]
+        assert calls[0]["function"] == {"name": "f", "arguments": ""}
+        return "".join(c["function"]["arguments"] for c in calls)
+    for body in ('{"name": "f", "arguments": {"a": "}{", "b": [1, {"c": 2}]}}',
+                 '{"name": "f", "arguments": {"a": "}{", "b": [1, {"c": 2}]}, "id": "x"}',
+                 '{"name":"f","arguments":{"a": "}{", "b": [1, {"c": 2}]}\n'):
+        assert streamed("<tool_call>\n" + body + "\n</tool_call>") == \
+            '{"a": "}{", "b": [1, {"c": 2}]}', body
+    p = ToolCallParser(stream_calls=True)
+    end = (p.feed('<tool_call>{"name": "f", "arguments": {"a": "x\\"}') + p.finish())[-1]
+    assert isinstance(end, CallEnd) and not end.complete and end.call.arguments == '{"a": "x\\"}'
+
+
 def test_tool_call_parser_results():
     content, calls = parse_tool_calls(CALL_TEXTS[0])
     assert content == "Let me check." and [c.name for c in calls] == ["get_weather"]

@@ -19,10 +19,11 @@ answers agree.
 
 With ``stream_calls`` (the server's streams) a call whose body opens ``{"name": "...",
 "arguments": {`` with a name it may call is sent as it is written, as vLLM and OpenAI stream
-calls: ``CallStart`` once its name is in, ``CallArgs`` pieces of the arguments' JSON text as
-the model writes it (a trailing ``}`` that may close the call's object is held back), and
-``CallEnd`` at its closing tag. It is then a call whatever follows (its arguments are the text
-sent, not re-encoded). Any other call is parsed whole, as above.
+calls: ``CallStart`` once its name is in, ``CallArgs`` pieces of the arguments object's JSON
+text as the model writes it, up to the brace that closes it, and ``CallEnd`` at the call's
+closing tag. It is then a call whatever follows (its arguments are the text sent, not
+re-encoded; what follows the object inside the call is dropped). Any other call is parsed
+whole, as above.
 """
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ class ToolCall:
 
 @dataclass
 class CallStart:
-    """A streamed call's start: its name and id (``call.arguments`` is "" until CallEnd)."""
-    call: ToolCall
+    """A streamed call's start: its name and id."""
+    name: str
+    id: str
 
 
 @dataclass
@@ -65,20 +67,46 @@ class CallArgs:
 
 @dataclass
 class CallEnd:
-    """A streamed call's end: ``call.arguments`` is every piece sent."""
+    """A streamed call's end: ``call.arguments`` is every piece sent; ``complete``: whether
+    its arguments object closed (not when the answer was cut inside it)."""
     call: ToolCall
+    complete: bool
+
+
+class _ObjectEnd:
+    """Where a JSON object that a text starts with ends, read as the text grows: ``feed(text)``
+    -> how much of it belongs to the object (all of it until the closing brace is in)."""
+
+    def __init__(self):
+        self.at, self.depth, self.in_str, self.esc, self.end = 0, 0, False, False, None
+
+    def feed(self, text: str) -> int:
+        i = self.at
+        while self.end is None and i < len(text):
+            ch = text[i]
+            if self.in_str:
+                if self.esc:
+                    self.esc = False
+                elif ch == "\\":
+                    self.esc = True
+                elif ch == '"':
+                    self.in_str = False
+            elif ch == '"':
+                self.in_str = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.end = i + 1
+            i += 1
+        self.at = i
+        return len(text) if self.end is None else self.end
 
 
 # the head of a call streamed as written: its name, then an object of arguments
 _STREAM_HEAD = re.compile(
     r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
-
-
-def _args_sendable(args: str) -> int:
-    """How much of a streamed call's arguments text can go out: all but a trailing "}" that may
-    close the call's object, and the whitespace around it."""
-    r = args.rstrip()
-    return len(r[:-1].rstrip()) if r.endswith("}") else len(r)
 
 
 def call_opening(name: str | None = None) -> str:
@@ -120,14 +148,6 @@ def parse_call_body(body: str) -> ToolCall | None:
     return ToolCall(obj["name"], args)
 
 
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except ValueError:
-        return False
-    return True
-
-
 def _partial_prefix_len(text: str, tag: str) -> int:
     """Length of the longest tail of `text` that is a proper prefix of `tag`."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -146,6 +166,7 @@ class ToolCallParser:
         self._streaming: ToolCall | None = None   # the call being streamed
         self._args_at = 0         # where its arguments start in the call's body
         self._args_sent = ""      # its arguments text sent so far
+        self._scan = _ObjectEnd()  # where its arguments object ends
         self._buf = ""            # text not yet emitted
         self._inside = False      # after an OPEN_TAG, waiting for its CLOSE_TAG
         self._ws = ""             # whitespace-only content held until we know what follows
@@ -212,7 +233,7 @@ class ToolCallParser:
             if self._stream_calls:
                 self._stream(body, out)
             if self._streaming is not None:
-                self._end_stream(body, out, closed=True)
+                self._end_stream(body, out)
             else:
                 self._call(body, out, closed=True)
 
@@ -230,28 +251,23 @@ class ToolCallParser:
             if not name or (self._names is not None and name not in self._names):
                 return
             self._streaming, self._args_at, self._args_sent = ToolCall(name, ""), m.end(), ""
+            self._scan = _ObjectEnd()
             self._ws = ""
-            out.append(CallStart(self._streaming))
+            out.append(CallStart(name, self._streaming.id))
         args = body[self._args_at:]
-        k = _args_sendable(args)
+        k = self._scan.feed(args)
         if k > len(self._args_sent):
             out.append(CallArgs(args[len(self._args_sent):k]))
             self._args_sent = args[:k]
 
-    def _end_stream(self, body: str, out: list, closed: bool):
-        """The streamed call's whole body: the rest of its arguments, then its end. Cut short
-        (not closed), a body whose last "}" closes the arguments, not the call, keeps it."""
-        args = body[self._args_at:]
-        whole = args[:_args_sendable(args)]
-        if not closed and not _is_json(whole) and _is_json(args.rstrip()):
-            whole = args.rstrip()
-        if len(whole) > len(self._args_sent):
-            out.append(CallArgs(whole[len(self._args_sent):]))
-            self._args_sent = whole
+    def _end_stream(self, body: str, out: list):
+        """The streamed call's whole body: the rest of its arguments, then its end (complete
+        when its arguments object closed; else cut short, e.g. by max_tokens)."""
+        self._stream(body, out)
         call, self._streaming = self._streaming, None
         call.arguments = self._args_sent
         self.calls.append(call)
-        out.append(CallEnd(call))
+        out.append(CallEnd(call, self._scan.end is not None))
         self._after_call = True
         self._ws = ""
 
@@ -263,7 +279,7 @@ class ToolCallParser:
             if self._stream_calls:
                 self._stream(self._buf, out)
             if self._streaming is not None:
-                self._end_stream(self._buf, out, closed=False)
+                self._end_stream(self._buf, out)
             else:
                 self._call(self._buf, out, closed=False)
         else:

@@ -115,7 +115,8 @@ class ChatFormatter(Formatter):
                 out.append(self._chunk({"tool_calls": [{"index": self._n_sent - 1,
                                                         "function": {"arguments": ev.text}}]}))
                 continue
-            call = (ev.call if isinstance(ev, CallStart) else ev).to_openai()
+            call = ev.to_openai() if isinstance(ev, ToolCall) else \
+                {"id": ev.id, "type": "function", "function": {"name": ev.name, "arguments": ""}}
             call["index"] = self._n_sent
             self._n_sent += 1
             out.append(self._chunk({"tool_calls": [call]}))

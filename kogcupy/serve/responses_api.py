@@ -299,16 +299,15 @@ class ResponsesFormatter(Formatter):
     def _call(self, ev) -> list[dict]:
         """A whole ToolCall, or a streamed call's CallStart / CallArgs / CallEnd."""
         if isinstance(ev, (ToolCall, CallStart)):
-            call = ev if isinstance(ev, ToolCall) else ev.call
             out = self._close_message()
             self._fc = {"id": P.new_id("fc", "_"), "type": "function_call",
-                        "status": "in_progress", "call_id": call.id, "name": call.name,
+                        "status": "in_progress", "call_id": ev.id, "name": ev.name,
                         "arguments": ""}
             out.append(self._event("response.output_item.added", output_index=len(self.output),
                                    item=dict(self._fc)))
             if isinstance(ev, CallStart):
                 return out
-            return out + self._call(CallArgs(call.arguments)) + self._call(CallEnd(call))
+            return out + self._call(CallArgs(ev.arguments)) + self._call(CallEnd(ev, True))
         item, idx = self._fc, len(self.output)
         if isinstance(ev, CallArgs):
             return [self._event("response.function_call_arguments.delta", item_id=item["id"],
@@ -316,7 +315,7 @@ class ResponsesFormatter(Formatter):
         call = ev.call
         out = [self._event("response.function_call_arguments.done", item_id=item["id"],
                            output_index=idx, name=call.name, arguments=call.arguments)]
-        item.update(arguments=call.arguments, status="completed")
+        item.update(arguments=call.arguments, status="completed" if ev.complete else "incomplete")
         self.output.append(item)
         self._fc = None
         out.append(self._event("response.output_item.done", output_index=idx, item=item))
