@@ -230,12 +230,7 @@ class ToolCallParser:
                 return out
             body, self._buf = self._buf[:j], self._buf[j + len(CLOSE_TAG):]
             self._inside = False
-            if self._stream_calls:
-                self._stream(body, out)
-            if self._streaming is not None:
-                self._end_stream(body, out)
-            else:
-                self._call(body, out, closed=True)
+            self._close(body, out, closed=True)
 
     def _stream(self, body: str, out: list):
         """A call's body so far: start streaming it once its head is in, then send its
@@ -260,10 +255,14 @@ class ToolCallParser:
             out.append(CallArgs(args[len(self._args_sent):k]))
             self._args_sent = args[:k]
 
-    def _end_stream(self, body: str, out: list):
-        """The streamed call's whole body: the rest of its arguments, then its end (complete
-        when its arguments object closed; else cut short, e.g. by max_tokens)."""
-        self._stream(body, out)
+    def _close(self, body: str, out: list, closed: bool):
+        """A call's whole body (`closed`: its closing tag came, else the text ended): a streamed
+        call's last arguments and its end (complete when its arguments object closed), or the
+        call parsed whole."""
+        if self._stream_calls:
+            self._stream(body, out)
+        if self._streaming is None:
+            return self._call(body, out, closed)
         call, self._streaming = self._streaming, None
         call.arguments = self._args_sent
         self.calls.append(call)
@@ -276,12 +275,7 @@ class ToolCallParser:
         out: list = []
         if self._inside:
             self._inside = False
-            if self._stream_calls:
-                self._stream(self._buf, out)
-            if self._streaming is not None:
-                self._end_stream(self._buf, out)
-            else:
-                self._call(self._buf, out, closed=False)
+            self._close(self._buf, out, closed=False)
         else:
             self._content(self._buf, out)
             if self._ws:                 # the answer's own trailing whitespace (not a call's)
