@@ -71,18 +71,13 @@ class AnswerEvents:
     def _kept(self, events) -> list:
         out = []
         for ev in events:
-            if isinstance(ev, (ToolCall, CallStart)):
+            if isinstance(ev, (ToolCall, CallStart)):           # a call begins
                 self._dropping = self.max_calls is not None and self.n_calls >= self.max_calls
-                if self._dropping and isinstance(ev, ToolCall):
-                    self._dropping = False
-                    continue
-                if not self._dropping:
-                    self.n_calls += 1
-            if self._dropping and isinstance(ev, (CallStart, CallArgs, CallEnd)):
-                if isinstance(ev, CallEnd):
-                    self._dropping = False
-                continue
-            out.append(ev)
+                self.n_calls += not self._dropping
+            if not self._dropping:
+                out.append(ev)
+            if isinstance(ev, (ToolCall, CallEnd)):             # a call ends
+                self._dropping = False
         return out
 
 
@@ -91,7 +86,9 @@ class ChatFormatter(Formatter):
                  max_calls: int | None = None, opening: str = "", **kw):
         super().__init__(*a, **kw)
         self.answer = AnswerEvents(tool_names, opening, max_calls, stream_calls=True)
-        self._whole = lambda: AnswerEvents(tool_names, opening, max_calls)   # (full())
+        # a whole answer's calls are parsed whole (their arguments re-encoded, as the Python
+        # API's tool_calls)
+        self._whole = lambda: AnswerEvents(tool_names, opening, max_calls)
         self._n_sent = 0                    # tool calls streamed (their chunk's index)
 
     def _chunk(self, delta, finish=None):
@@ -141,8 +138,8 @@ class ChatFormatter(Formatter):
         return out
 
     def full(self, text: str, result) -> dict:
-        self.answer = self._whole()
-        events = self.answer.feed(text) + self.answer.finish()
+        answer = self._whole()
+        events = answer.feed(text) + answer.finish()
         text = "".join(e.text for e in events if isinstance(e, Content))
         calls = [e.to_openai() for e in events if not isinstance(e, Content)]
         content = text if (text or not calls) else None
@@ -275,7 +272,7 @@ class JobResponse(Response):
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
         # the role chunk goes out with the first text (as vLLM's): a client that times its
         # first chunk measures the prefill, not the queue -- also when that text is held back
-        # (the start of a tool call, sent once its closing tag is in)
+        # (a tool call's start, sent once its name is in)
         fmt = self.fmt
         head = self._head()
         out = b""
