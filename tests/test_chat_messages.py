@@ -28,6 +28,12 @@ CONVERSATION = [
 ]
 
 
+def _retemplated(tk: Tokenizer, template: str) -> Tokenizer:
+    """The tokenizer `tk` with another chat template."""
+    return Tokenizer(tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
+                     add_bos=tk.add_bos, chat_template=template)
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_models):
     return Engine(tiny_models["llama"], backend="reference", context_length=256)
@@ -36,10 +42,8 @@ def engine(tiny_models):
 @pytest.fixture(scope="module")
 def tools_engine(tiny_models):
     m = tiny_models["llama"]
-    tk = m.tokenizer
-    tk2 = Tokenizer(tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
-                    add_bos=tk.add_bos, chat_template=TOOLS_TEMPLATE)
-    model = Model(config=m.config, weights=m.weights, tokenizer=tk2, path=m.path, dtype=m.dtype)
+    model = Model(config=m.config, weights=m.weights, path=m.path, dtype=m.dtype,
+                  tokenizer=_retemplated(m.tokenizer, TOOLS_TEMPLATE))
     return Engine(model, backend="reference", context_length=256)
 
 
@@ -227,9 +231,7 @@ def test_continue_final_message(engine, tiny_dirs):
     hf = transformers.AutoTokenizer.from_pretrained(tiny_dirs["llama"])
     tk = engine.tokenizer
     for template in (None, LLAMA3_LIKE):
-        t = tk if template is None else Tokenizer(
-            tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
-            add_bos=tk.add_bos, chat_template=template)
+        t = tk if template is None else _retemplated(tk, template)
         for role, last in (("assistant", "Sure, the answer is"), ("assistant", " 42\n"),
                            ("assistant", "Sure, "), ("assistant", "<"), ("assistant", "im"),
                            ("assistant", "end"), ("assistant", "|"), ("assistant", ""),
@@ -246,10 +248,8 @@ def test_continue_final_message(engine, tiny_dirs):
     gen = engine.generate(ids, max_new_tokens=2)
     list(gen)
     assert len(gen.result.token_ids) == 2
-    dropping = Tokenizer(tk.backend, bos_token_id=tk.bos_token_id, eos_token_ids=tk.eos_token_ids,
-                         add_bos=tk.add_bos, chat_template=(
-                             "{% for m in messages %}{{ m['content'] | replace('<b>', '') }}"
-                             "{% endfor %}"))
+    dropping = _retemplated(tk, "{% for m in messages %}{{ m['content'] | replace('<b>', '') }}"
+                                "{% endfor %}")
     for bad, match in (([{"role": "user", "content": "a <b> c"}], "does not write the last"),
                        ([{"role": "user", "content": ["a"]}], "with text content"),
                        ([], "with text content")):
