@@ -400,6 +400,10 @@ CALL_TEXTS = [
     '<tool_call>\n{"name": "d", "arguments": {}}\n</tool_call>\n\nDone, that is all.\n',
     'I will check.\n<tool_call>{"name": "e", "arguments": {}}</tool_call>\n  Then a summary.',
     'A<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>oops</tool_call> B',
+    '<tool_call>{"name":"g","arguments":{"q":"\u00fc","n":[1, 2]}}</tool_call>',  # as written
+    '<tool_call>{"name": "h", "arguments": {"k": 1}}\n<tool_call>{"name": "i", "arguments": '
+    '{"s": "<tool_call>"}}</tool_call>',            # left open, the next call; a tag in a string
+    '<tool_call>\n{"name": "k", "arguments": {"a": 1}\n</tool_call>',  # no closing brace
 ]
 
 
@@ -438,6 +442,9 @@ def test_tool_call_parser_is_chunking_independent(text):
             elif isinstance(e, ToolCall):
                 got.append((e.name, json.loads(e.arguments)))
         assert got == [(c.name, json.loads(c.arguments)) for c in calls]
+        # (the arguments the same text either way: as written, not re-encoded)
+        assert [e.call.arguments if isinstance(e, CallEnd) else e.arguments for e in events
+                if isinstance(e, (CallEnd, ToolCall))] == [c.arguments for c in calls]
 
 
 def test_streamed_call_arguments_are_the_object_once():
@@ -481,6 +488,13 @@ def test_tool_call_parser_results():
     assert content == "I will check.\nThen a summary." and [c.name for c in calls] == ["e"]
     content, calls = parse_tool_calls(CALL_TEXTS[8])   # a call, then one that is not: kept apart
     assert content == "A\n<tool_call>oops</tool_call> B" and [c.name for c in calls] == ["f"]
+    content, calls = parse_tool_calls(CALL_TEXTS[9])   # arguments as the model wrote them
+    assert content == "" and calls[0].arguments == '{"q":"\u00fc","n":[1, 2]}'
+    content, calls = parse_tool_calls(CALL_TEXTS[10])  # a call left open: the next one starts
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [
+        ("h", '{"k": 1}'), ("i", '{"s": "<tool_call>"}')]
+    content, calls = parse_tool_calls(CALL_TEXTS[11])  # the call's own closing brace missing
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("k", '{"a": 1}')]
     # no call: the text as written, its trailing whitespace included (as without tools)
     for text in ("def f():\n    return 1\n", "  \n", "a \n\n<tool_c"):
         assert parse_tool_calls(text) == (text, [])

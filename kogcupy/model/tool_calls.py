@@ -8,8 +8,9 @@ The chat template (which takes ``tools``) tells the model to answer a call as
 
 ``ToolCallParser`` turns a stream of text pieces into ``Content`` and ``ToolCall`` events: text
 outside the tags passes through as it comes (a tail that could still be the start of
-``<tool_call>`` is held back), a call is emitted once its closing tag (or the end of the text)
-arrives. A block whose body is not a JSON object with a ``name`` (or, given the request's
+``<tool_call>`` is held back), a call is emitted once its closing tag arrives, or the end of
+the text, or the next call's opening tag (outside a JSON string: a model that left a call open
+goes on to the next one). A block whose body is not a JSON object with a ``name`` (or, given the request's
 tool names, names none of them) is passed through as text, tags included, so nothing the model
 wrote is lost and no call reaches a client for a tool it does not have. Whitespace-only text
 just before or after a call is dropped (the newlines around the tags), however the text was
@@ -21,9 +22,9 @@ With ``stream_calls`` (the server's streams) a call whose body opens ``{"name": 
 "arguments": {`` with a name it may call is sent as it is written, as vLLM and OpenAI stream
 calls: ``CallStart`` once its name is in, ``CallArgs`` pieces of the arguments object's JSON
 text as the model writes it, up to the brace that closes it, and ``CallEnd`` at the call's
-closing tag. It is then a call whatever follows (its arguments are the text sent, not
-re-encoded; what follows the object inside the call is dropped). Any other call is parsed
-whole, as above.
+closing tag. It is then a call whatever follows (what follows the object inside the call is
+dropped). Any other call is parsed whole, as above. Either way a call in that form has its
+arguments as the model wrote them, not re-encoded.
 """
 from __future__ import annotations
 
@@ -130,7 +131,22 @@ def tool_names(tools) -> frozenset[str] | None:
 
 
 def parse_call_body(body: str) -> ToolCall | None:
-    """The JSON between the tags -> ToolCall, or None when it is not a call."""
+    """The JSON between the tags -> ToolCall, or None when it is not a call. A body that opens
+    as a streamed call does (``{"name": "...", "arguments": {``) gives its arguments object's
+    text as written, whatever follows it (so streamed and whole answers agree, and a call that
+    lacks its own closing brace is still one); any other JSON object with a name is re-encoded."""
+    m = _STREAM_HEAD.match(body)
+    if m is not None:
+        rest = body[m.end():]
+        scan = _ObjectEnd()
+        k = scan.feed(rest)
+        try:
+            name = json.loads('"' + m.group(1) + '"')
+            json.loads(rest[:k])
+        except ValueError:
+            name = None
+        if name and scan.end is not None:
+            return ToolCall(name, rest[:k])
     try:
         obj = json.loads(body)
     except ValueError:
@@ -146,6 +162,24 @@ def parse_call_body(body: str) -> ToolCall | None:
     else:
         args = json.dumps(args, ensure_ascii=False)
     return ToolCall(obj["name"], args)
+
+
+def _tag_outside_strings(text: str, tag: str) -> int:
+    """Where `tag` first occurs in `text` outside a JSON string, or -1."""
+    in_str = esc = False
+    for i, ch in enumerate(text):
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif text.startswith(tag, i):
+            return i
+    return -1
 
 
 def _partial_prefix_len(text: str, tag: str) -> int:
@@ -223,9 +257,15 @@ class ToolCallParser:
                 self._buf = self._buf[len(self._buf) - keep:]
                 return out
             j = self._buf.find(CLOSE_TAG)
+            i = _tag_outside_strings(self._buf if j < 0 else self._buf[:j], OPEN_TAG)
+            if i >= 0:                  # the call left open: it ends, the next one starts
+                body, self._buf = self._buf[:i], self._buf[i + len(OPEN_TAG):]
+                self._close(body, out, closed=False)
+                continue
             if j < 0:
-                if self._stream_calls:      # (a tail that may start the closing tag waits)
-                    held = _partial_prefix_len(self._buf, CLOSE_TAG)
+                if self._stream_calls:      # (a tail that may start either tag waits)
+                    held = max(_partial_prefix_len(self._buf, CLOSE_TAG),
+                               _partial_prefix_len(self._buf, OPEN_TAG))
                     self._stream(self._buf[:len(self._buf) - held], out)
                 return out
             body, self._buf = self._buf[:j], self._buf[j + len(CLOSE_TAG):]
