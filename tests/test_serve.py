@@ -404,6 +404,8 @@ CALL_TEXTS = [
     '<tool_call>{"name": "h", "arguments": {"k": 1}}\n<tool_call>{"name": "i", "arguments": '
     '{"s": "<tool_call>"}}</tool_call>',            # left open, the next call; a tag in a string
     '<tool_call>\n{"name": "k", "arguments": {"a": 1}\n</tool_call>',  # no closing brace
+    '<tool_call>{"name": "l", "arguments": {}} "\n<tool_call>{"name": "m", "arguments": {}}'
+    '</tool_call>',                                 # a stray quote after a call left open
 ]
 
 
@@ -469,6 +471,18 @@ def test_streamed_call_arguments_are_the_object_once():
     assert isinstance(end, CallEnd) and not end.complete and end.call.arguments == '{"a": "x\\"}'
 
 
+def test_tool_call_parser_reads_a_long_call_in_linear_time():
+    """The server feeds a call token by token on its event loop: a piece's cost must not grow
+    with the call (a 20,000-character call took seconds when each piece rescanned it)."""
+    body = '<tool_call>{"name": "f", "arguments": {"s": "' + 'a\\"<b ' * 3000 + '"}}</tool_call>'
+    for stream in (False, True):
+        p, t0 = ToolCallParser(stream_calls=stream), time.perf_counter()
+        for ch in body:
+            p.feed(ch)
+        p.finish()
+        assert len(p.calls) == 1 and time.perf_counter() - t0 < 1.5
+
+
 def test_tool_call_parser_results():
     content, calls = parse_tool_calls(CALL_TEXTS[0])
     assert content == "Let me check." and [c.name for c in calls] == ["get_weather"]
@@ -495,6 +509,8 @@ def test_tool_call_parser_results():
         ("h", '{"k": 1}'), ("i", '{"s": "<tool_call>"}')]
     content, calls = parse_tool_calls(CALL_TEXTS[11])  # the call's own closing brace missing
     assert content == "" and [(c.name, c.arguments) for c in calls] == [("k", '{"a": 1}')]
+    content, calls = parse_tool_calls(CALL_TEXTS[12])
+    assert content == "" and [c.name for c in calls] == ["l", "m"]
     # no call: the text as written, its trailing whitespace included (as without tools)
     for text in ("def f():\n    return 1\n", "  \n", "a \n\n<tool_c"):
         assert parse_tool_calls(text) == (text, [])

@@ -164,22 +164,41 @@ def parse_call_body(body: str) -> ToolCall | None:
     return ToolCall(obj["name"], args)
 
 
-def _tag_outside_strings(text: str, tag: str) -> int:
-    """Where `tag` first occurs in `text` outside a JSON string, or -1."""
-    in_str = esc = False
-    for i, ch in enumerate(text):
-        if in_str:
-            if esc:
-                esc = False
-            elif ch == "\\":
-                esc = True
+class _OpenTagScan:
+    """Where the next ``<tool_call>`` starts in a call's body, outside its JSON object's
+    strings (quotes outside braces open none: a stray one after the object hides no call),
+    read as the body grows: ``feed(text)`` -> its index, or -1."""
+    _SPECIAL = re.compile(r'["\\{}\[\]<]')
+
+    def __init__(self):
+        self.at, self.depth, self.in_str, self.esc = 0, 0, False, False
+
+    def feed(self, text: str) -> int:
+        last = len(text) - len(OPEN_TAG)      # (a tag may start no later; the rest waits)
+        while self.at <= last:
+            if self.esc:
+                self.esc, self.at = False, self.at + 1
+                continue
+            m = self._SPECIAL.search(text, self.at, last + 1)
+            if m is None:
+                self.at = last + 1
+                break
+            i, ch = m.start(), m.group()
+            self.at = i + 1
+            if self.in_str:
+                if ch == "\\":
+                    self.esc = True
+                elif ch == '"':
+                    self.in_str = False
             elif ch == '"':
-                in_str = False
-        elif ch == '"':
-            in_str = True
-        elif text.startswith(tag, i):
-            return i
-    return -1
+                self.in_str = self.depth > 0
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth = max(self.depth - 1, 0)
+            elif text.startswith(OPEN_TAG, i):
+                return i
+        return -1
 
 
 def _partial_prefix_len(text: str, tag: str) -> int:
@@ -201,6 +220,7 @@ class ToolCallParser:
         self._args_at = 0         # where its arguments start in the call's body
         self._args_sent = ""      # its arguments text sent so far
         self._scan = _ObjectEnd()  # where its arguments object ends
+        self._tags = _OpenTagScan()  # where a call's body meets the next call's opening tag
         self._buf = ""            # text not yet emitted
         self._inside = False      # after an OPEN_TAG, waiting for its CLOSE_TAG
         self._ws = ""             # whitespace-only content held until we know what follows
@@ -251,15 +271,17 @@ class ToolCallParser:
                     self._content(self._buf[:i], out)
                     self._buf = self._buf[i + len(OPEN_TAG):]
                     self._inside = True
+                    self._tags = _OpenTagScan()
                     continue
                 keep = _partial_prefix_len(self._buf, OPEN_TAG)
                 self._content(self._buf[:len(self._buf) - keep], out)
                 self._buf = self._buf[len(self._buf) - keep:]
                 return out
             j = self._buf.find(CLOSE_TAG)
-            i = _tag_outside_strings(self._buf if j < 0 else self._buf[:j], OPEN_TAG)
-            if i >= 0:                  # the call left open: it ends, the next one starts
+            i = self._tags.feed(self._buf if j < 0 else self._buf[:j + len(OPEN_TAG)])
+            if i >= 0 and (j < 0 or i < j):   # the call left open: it ends, the next starts
                 body, self._buf = self._buf[:i], self._buf[i + len(OPEN_TAG):]
+                self._tags = _OpenTagScan()
                 self._close(body, out, closed=False)
                 continue
             if j < 0:

@@ -86,8 +86,7 @@ class ChatFormatter(Formatter):
                  max_calls: int | None = None, opening: str = "", **kw):
         super().__init__(*a, **kw)
         self.answer = AnswerEvents(tool_names, opening, max_calls, stream_calls=True)
-        # a whole answer's calls are parsed whole (their arguments re-encoded, as the Python
-        # API's tool_calls)
+        # a whole answer's calls are parsed whole (as the Python API's tool_calls)
         self._whole = lambda: AnswerEvents(tool_names, opening, max_calls)
         self._n_sent = 0                    # tool calls streamed (their chunk's index)
 
