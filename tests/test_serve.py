@@ -406,6 +406,8 @@ CALL_TEXTS = [
     '<tool_call>\n{"name": "k", "arguments": {"a": 1}\n</tool_call>',  # no closing brace
     '<tool_call>{"name": "l", "arguments": {}} "\n<tool_call>{"name": "m", "arguments": {}}'
     '</tool_call>',                                 # a stray quote after a call left open
+    'A.\n<tool_call>{"name": "n", "arguments": {}}\nAlso:\n<tool_call>{"name": "o", '
+    '"arguments": {}}\nDone.\n',                  # calls left open, text after each
 ]
 
 
@@ -510,7 +512,9 @@ def test_tool_call_parser_results():
     content, calls = parse_tool_calls(CALL_TEXTS[11])  # the call's own closing brace missing
     assert content == "" and [(c.name, c.arguments) for c in calls] == [("k", '{"a": 1}')]
     content, calls = parse_tool_calls(CALL_TEXTS[12])
-    assert content == "" and [c.name for c in calls] == ["l", "m"]
+    assert content == '"' and [c.name for c in calls] == ["l", "m"]
+    content, calls = parse_tool_calls(CALL_TEXTS[13])  # what follows a call left open: text
+    assert content == "A.\nAlso:\nDone.\n" and [c.name for c in calls] == ["n", "o"]
     # no call: the text as written, its trailing whitespace included (as without tools)
     for text in ("def f():\n    return 1\n", "  \n", "a \n\n<tool_c"):
         assert parse_tool_calls(text) == (text, [])

@@ -10,7 +10,7 @@ The chat template (which takes ``tools``) tells the model to answer a call as
 outside the tags passes through as it comes (a tail that could still be the start of
 ``<tool_call>`` is held back), a call is emitted once its closing tag arrives, or the end of
 the text, or the next call's opening tag (outside a JSON string: a model that left a call open
-goes on to the next one). A block whose body is not a JSON object with a ``name`` (or, given the request's
+goes on to the next one; what it wrote after the call's JSON object before that is text). A block whose body is not a JSON object with a ``name`` (or, given the request's
 tool names, names none of them) is passed through as text, tags included, so nothing the model
 wrote is lost and no call reaches a client for a tool it does not have. Whitespace-only text
 just before or after a call is dropped (the newlines around the tags), however the text was
@@ -201,6 +201,17 @@ class _OpenTagScan:
         return -1
 
 
+def _split_unclosed(body: str) -> tuple[str, str]:
+    """An unclosed call's body -> (up to the end of the JSON object it starts with, the rest);
+    (body, "") when it starts with none or the object does not close."""
+    lead = len(body) - len(body.lstrip())
+    if not body.startswith("{", lead):
+        return body, ""
+    scan = _ObjectEnd()
+    k = scan.feed(body[lead:])
+    return (body, "") if scan.end is None else (body[:lead + k], body[lead + k:])
+
+
 def _partial_prefix_len(text: str, tag: str) -> int:
     """Length of the longest tail of `text` that is a proper prefix of `tag`."""
     for k in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -245,8 +256,9 @@ class ToolCallParser:
         self._any = True
         self._ws = text[len(body):]      # trailing whitespace waits for what follows
 
-    def _call(self, body: str, out: list, closed: bool):
-        call = parse_call_body(body.strip())
+    def _call(self, head: str, body: str, out: list, closed: bool) -> bool:
+        """The call parsed from `head` (its body's JSON), or the whole `body` as text: which."""
+        call = parse_call_body(head.strip())
         if call is not None and self._names is not None and call.name not in self._names:
             call = None
         if call is None:
@@ -260,6 +272,7 @@ class ToolCallParser:
             out.append(call)
             self._after_call = True
         self._ws = ""
+        return call is not None
 
     def feed(self, piece: str) -> list:
         out: list = []
@@ -318,19 +331,24 @@ class ToolCallParser:
             self._args_sent = args[:k]
 
     def _close(self, body: str, out: list, closed: bool):
-        """A call's whole body (`closed`: its closing tag came, else the text ended): a streamed
-        call's last arguments and its end (complete when its arguments object closed), or the
-        call parsed whole."""
+        """A call's whole body (`closed`: its closing tag came, else the text ended or the next
+        call began): a streamed call's last arguments and its end (complete when its arguments
+        object closed), or the call parsed whole. Unclosed, the text after the call's JSON
+        object is the answer's (a model that forgot the closing tag went on writing)."""
+        head, rest = (body, "") if closed else _split_unclosed(body)
         if self._stream_calls:
             self._stream(body, out)
         if self._streaming is None:
-            return self._call(body, out, closed)
-        call, self._streaming = self._streaming, None
-        call.arguments = self._args_sent
-        self.calls.append(call)
-        out.append(CallEnd(call, self._scan.end is not None))
-        self._after_call = True
-        self._ws = ""
+            if not self._call(head, body, out, closed):
+                return
+        else:
+            call, self._streaming = self._streaming, None
+            call.arguments = self._args_sent
+            self.calls.append(call)
+            out.append(CallEnd(call, self._scan.end is not None))
+            self._after_call = True
+            self._ws = ""
+        self._content(rest, out)
 
     def finish(self) -> list:
         """End of the text: an unclosed call is parsed as far as it goes, the rest is text."""
@@ -340,8 +358,8 @@ class ToolCallParser:
             self._close(self._buf, out, closed=False)
         else:
             self._content(self._buf, out)
-            if self._ws:                 # the answer's own trailing whitespace (not a call's)
-                out.append(Content(self._ws))
+        if self._ws:                     # the answer's own trailing whitespace (not a call's)
+            out.append(Content(self._ws))
         self._buf = ""
         self._ws = ""
         return out
