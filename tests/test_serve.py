@@ -515,6 +515,12 @@ def test_tool_call_parser_results():
     assert content == '"' and [c.name for c in calls] == ["l", "m"]
     content, calls = parse_tool_calls(CALL_TEXTS[13])  # what follows a call left open: text
     assert content == "A.\nAlso:\nDone.\n" and [c.name for c in calls] == ["n", "o"]
+    for tail, text in (("\n</tool_call", ""), ("}\n", ""), ("\n<tool_", ""),  # a cut tag,
+                       ("}\nDone.", "Done.")):                               # extra braces
+        assert parse_tool_calls('<tool_call>{"name": "n", "arguments": {}}' + tail)[0] == text
+    content, calls = parse_tool_calls('<tool_call>{"name": "g", "arguments": {}}\n\n<tool_call>'
+                                      '{"name": "n", "arguments": {}} X', names=frozenset("n"))
+    assert content == '<tool_call>{"name": "g", "arguments": {}}\nX' and len(calls) == 1
     # no call: the text as written, its trailing whitespace included (as without tools)
     for text in ("def f():\n    return 1\n", "  \n", "a \n\n<tool_c"):
         assert parse_tool_calls(text) == (text, [])

@@ -203,13 +203,18 @@ class _OpenTagScan:
 
 def _split_unclosed(body: str) -> tuple[str, str]:
     """An unclosed call's body -> (up to the end of the JSON object it starts with, the rest);
-    (body, "") when it starts with none or the object does not close."""
+    (body, "") when it starts with none or the object does not close. A rest that is only
+    extra closing braces or a cut tag (the answer stopped inside ``</tool_call>``) is none."""
     lead = len(body) - len(body.lstrip())
     if not body.startswith("{", lead):
         return body, ""
     scan = _ObjectEnd()
     k = scan.feed(body[lead:])
-    return (body, "") if scan.end is None else (body[:lead + k], body[lead + k:])
+    if scan.end is None:
+        return body, ""
+    head, rest = body[:lead + k], body[lead + k:].lstrip().lstrip("}]")  # (extra braces)
+    return head, "" if rest.strip() and (CLOSE_TAG.startswith(rest.strip()) or
+                                         OPEN_TAG.startswith(rest.strip())) else rest
 
 
 def _partial_prefix_len(text: str, tag: str) -> int:
@@ -261,8 +266,11 @@ class ToolCallParser:
         call = parse_call_body(head.strip())
         if call is not None and self._names is not None and call.name not in self._names:
             call = None
+        ws = ""
         if call is None:
             raw = OPEN_TAG + body + (CLOSE_TAG if closed else "")
+            if not closed:               # (its trailing whitespace waits for what follows)
+                raw, ws = raw.rstrip(), raw[len(raw.rstrip()):]
             sep = "\n" if self._after_call and self._any else ""
             self._after_call = False
             out.append(Content(sep + self._ws + raw))
@@ -271,7 +279,7 @@ class ToolCallParser:
             self.calls.append(call)
             out.append(call)
             self._after_call = True
-        self._ws = ""
+        self._ws = ws
         return call is not None
 
     def feed(self, piece: str) -> list:
