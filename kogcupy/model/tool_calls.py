@@ -10,9 +10,10 @@ The chat template (which takes ``tools``) tells the model to answer a call as
 outside the tags passes through as it comes (a tail that could still be the start of
 ``<tool_call>`` is held back), a call is emitted once its closing tag arrives, or the end of
 the text, or the next call's opening tag (outside a JSON string: a model that left a call open
-goes on to the next one; what it wrote after the call's JSON object before that is text). A block whose body is not a JSON object with a ``name`` (or, given the request's
-tool names, names none of them) is passed through as text, tags included, so nothing the model
-wrote is lost and no call reaches a client for a tool it does not have. Whitespace-only text
+goes on to the next one; what it wrote after the call's JSON object is text). A block whose
+body is not a JSON object with a ``name`` (or, given the request's tool names, names none of
+them) is passed through as text, tags included, so nothing the model wrote is lost and no call
+reaches a client for a tool it does not have. Whitespace-only text
 just before or after a call is dropped (the newlines around the tags), however the text was
 chunked; an answer without calls keeps every character, as one without tools would.
 ``parse_tool_calls`` runs the same parser over a whole text, so streamed and non-streamed
@@ -212,9 +213,10 @@ def _split_unclosed(body: str) -> tuple[str, str]:
     k = scan.feed(body[lead:])
     if scan.end is None:
         return body, ""
-    head, rest = body[:lead + k], body[lead + k:].lstrip().lstrip("}]")  # (extra braces)
-    return head, "" if rest.strip() and (CLOSE_TAG.startswith(rest.strip()) or
-                                         OPEN_TAG.startswith(rest.strip())) else rest
+    rest = body[lead + k:].lstrip().lstrip("}]")         # (extra closing braces)
+    tail = rest.strip()
+    cut_tag = tail and (CLOSE_TAG.startswith(tail) or OPEN_TAG.startswith(tail))
+    return body[:lead + k], "" if cut_tag else rest
 
 
 def _partial_prefix_len(text: str, tag: str) -> int:
