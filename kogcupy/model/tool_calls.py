@@ -75,40 +75,70 @@ class CallEnd:
     complete: bool
 
 
-class _ObjectEnd:
-    """Where a JSON object that a text starts with ends, read as the text grows: ``feed(text)``
-    -> how much of it belongs to the object (all of it until the closing brace is in)."""
+class _JsonScan:
+    """A text read as it grows (``feed(text)``, with all of it so far) through JSON's strings and
+    brackets: ``end``, just past the bracket that closes the object the text starts with (None
+    until then), and ``tag``, where ``<tool_call>`` first stands outside a string (-1 until
+    then; quotes outside brackets open no string, so a stray one after a call's JSON hides no
+    tag). ``feed`` returns how much of the text belongs to the object: all of it until it
+    closes."""
+    _SPECIAL = re.compile(r'["\\{}\[\]<]')
 
     def __init__(self):
-        self.at, self.depth, self.in_str, self.esc, self.end = 0, 0, False, False, None
+        self.at, self.depth, self.in_str, self.esc = 0, 0, False, False
+        self.end, self.tag = None, -1
 
     def feed(self, text: str) -> int:
-        i = self.at
-        while self.end is None and i < len(text):
-            ch = text[i]
+        while self.tag < 0 and self.at < len(text):
+            if self.esc:                      # (the escaped character)
+                self.esc, self.at = False, self.at + 1
+                continue
+            m = self._SPECIAL.search(text, self.at)
+            if m is None:
+                self.at = len(text)
+                break
+            i, ch = m.start(), m.group()
+            if ch == "<" and not self.in_str:
+                if text.startswith(OPEN_TAG, i):
+                    self.tag = i
+                    break
+                if len(text) - i < len(OPEN_TAG) and OPEN_TAG.startswith(text[i:]):
+                    # (may yet become the tag: read from here again)
+                    self.at = i
+                    break
+            self.at = i + 1
             if self.in_str:
-                if self.esc:
-                    self.esc = False
-                elif ch == "\\":
+                if ch == "\\":
                     self.esc = True
                 elif ch == '"':
                     self.in_str = False
             elif ch == '"':
-                self.in_str = True
+                self.in_str = self.depth > 0
             elif ch in "{[":
                 self.depth += 1
-            elif ch in "}]":
+            elif ch in "}]" and self.depth:
                 self.depth -= 1
-                if self.depth == 0:
+                if self.depth == 0 and self.end is None:
                     self.end = i + 1
-            i += 1
-        self.at = i
         return len(text) if self.end is None else self.end
 
 
 # the head of a call streamed as written: its name, then an object of arguments
 _STREAM_HEAD = re.compile(
     r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\{)')
+
+
+def _stream_head(body: str) -> tuple[str, int] | None:
+    """A call's body that opens as a call streamed as written: (its name, where its arguments
+    object starts); else None."""
+    m = _STREAM_HEAD.match(body)
+    if m is None:
+        return None
+    try:
+        name = json.loads('"' + m.group(1) + '"')
+    except ValueError:
+        return None
+    return (name, m.end()) if name else None
 
 
 def call_opening(name: str | None = None) -> str:
@@ -136,18 +166,12 @@ def parse_call_body(body: str) -> ToolCall | None:
     as a streamed call does (``{"name": "...", "arguments": {``) gives its arguments object's
     text as written, whatever follows it (so streamed and whole answers agree, and a call that
     lacks its own closing brace is still one); any other JSON object with a name is re-encoded."""
-    m = _STREAM_HEAD.match(body)
-    if m is not None:
-        rest = body[m.end():]
-        scan = _ObjectEnd()
+    head = _stream_head(body)
+    if head is not None:
+        rest, scan = body[head[1]:], _JsonScan()
         k = scan.feed(rest)
-        try:
-            name = json.loads('"' + m.group(1) + '"')
-            json.loads(rest[:k])
-        except ValueError:
-            name = None
-        if name and scan.end is not None:
-            return ToolCall(name, rest[:k])
+        if scan.end is not None and _is_json(rest[:k]):
+            return ToolCall(head[0], rest[:k])
     try:
         obj = json.loads(body)
     except ValueError:
@@ -155,51 +179,17 @@ def parse_call_body(body: str) -> ToolCall | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):
-        try:
-            json.loads(args)             # already a JSON text (some models write it so)
-        except ValueError:
-            args = json.dumps(args, ensure_ascii=False)
-    else:
+    if not (isinstance(args, str) and _is_json(args)):   # (some models write a JSON text)
         args = json.dumps(args, ensure_ascii=False)
     return ToolCall(obj["name"], args)
 
 
-class _OpenTagScan:
-    """Where the next ``<tool_call>`` starts in a call's body, outside its JSON object's
-    strings (quotes outside braces open none: a stray one after the object hides no call),
-    read as the body grows: ``feed(text)`` -> its index, or -1."""
-    _SPECIAL = re.compile(r'["\\{}\[\]<]')
-
-    def __init__(self):
-        self.at, self.depth, self.in_str, self.esc = 0, 0, False, False
-
-    def feed(self, text: str) -> int:
-        last = len(text) - len(OPEN_TAG)      # (a tag may start no later; the rest waits)
-        while self.at <= last:
-            if self.esc:
-                self.esc, self.at = False, self.at + 1
-                continue
-            m = self._SPECIAL.search(text, self.at, last + 1)
-            if m is None:
-                self.at = last + 1
-                break
-            i, ch = m.start(), m.group()
-            self.at = i + 1
-            if self.in_str:
-                if ch == "\\":
-                    self.esc = True
-                elif ch == '"':
-                    self.in_str = False
-            elif ch == '"':
-                self.in_str = self.depth > 0
-            elif ch in "{[":
-                self.depth += 1
-            elif ch in "}]":
-                self.depth = max(self.depth - 1, 0)
-            elif text.startswith(OPEN_TAG, i):
-                return i
-        return -1
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _split_unclosed(body: str) -> tuple[str, str]:
@@ -209,7 +199,7 @@ def _split_unclosed(body: str) -> tuple[str, str]:
     lead = len(body) - len(body.lstrip())
     if not body.startswith("{", lead):
         return body, ""
-    scan = _ObjectEnd()
+    scan = _JsonScan()
     k = scan.feed(body[lead:])
     if scan.end is None:
         return body, ""
@@ -237,8 +227,8 @@ class ToolCallParser:
         self._streaming: ToolCall | None = None   # the call being streamed
         self._args_at = 0         # where its arguments start in the call's body
         self._args_sent = ""      # its arguments text sent so far
-        self._scan = _ObjectEnd()  # where its arguments object ends
-        self._tags = _OpenTagScan()  # where a call's body meets the next call's opening tag
+        self._scan = _JsonScan()  # where its arguments object ends
+        self._tags = _JsonScan()  # where a call's body meets the next call's opening tag
         self._buf = ""            # text not yet emitted
         self._inside = False      # after an OPEN_TAG, waiting for its CLOSE_TAG
         self._ws = ""             # whitespace-only content held until we know what follows
@@ -294,17 +284,18 @@ class ToolCallParser:
                     self._content(self._buf[:i], out)
                     self._buf = self._buf[i + len(OPEN_TAG):]
                     self._inside = True
-                    self._tags = _OpenTagScan()
+                    self._tags = _JsonScan()
                     continue
                 keep = _partial_prefix_len(self._buf, OPEN_TAG)
                 self._content(self._buf[:len(self._buf) - keep], out)
                 self._buf = self._buf[len(self._buf) - keep:]
                 return out
             j = self._buf.find(CLOSE_TAG)
-            i = self._tags.feed(self._buf if j < 0 else self._buf[:j + len(OPEN_TAG)])
-            if i >= 0 and (j < 0 or i < j):   # the call left open: it ends, the next starts
+            self._tags.feed(self._buf if j < 0 else self._buf[:j])
+            i = self._tags.tag
+            if i >= 0:                  # the call left open: it ends, the next starts
                 body, self._buf = self._buf[:i], self._buf[i + len(OPEN_TAG):]
-                self._tags = _OpenTagScan()
+                self._tags = _JsonScan()
                 self._close(body, out, closed=False)
                 continue
             if j < 0:
@@ -321,17 +312,12 @@ class ToolCallParser:
         """A call's body so far: start streaming it once its head is in, then send its
         arguments as far as they can go."""
         if self._streaming is None:
-            m = _STREAM_HEAD.match(body)
-            if m is None:
+            head = _stream_head(body)
+            if head is None or (self._names is not None and head[0] not in self._names):
                 return
-            try:
-                name = json.loads('"' + m.group(1) + '"')
-            except ValueError:
-                return
-            if not name or (self._names is not None and name not in self._names):
-                return
-            self._streaming, self._args_at, self._args_sent = ToolCall(name, ""), m.end(), ""
-            self._scan = _ObjectEnd()
+            name, self._args_at = head
+            self._streaming, self._args_sent = ToolCall(name, ""), ""
+            self._scan = _JsonScan()
             self._ws = ""
             out.append(CallStart(name, self._streaming.id))
         args = body[self._args_at:]
