@@ -111,8 +111,8 @@ class ChatFormatter(Formatter):
                 out.append(self._chunk({"tool_calls": [{"index": self._n_sent - 1,
                                                         "function": {"arguments": ev.text}}]}))
                 continue
-            call = ev.to_openai() if isinstance(ev, ToolCall) else \
-                {"id": ev.id, "type": "function", "function": {"name": ev.name, "arguments": ""}}
+            # (a streamed call's start: its id and name, its arguments to come)
+            call = (ev if isinstance(ev, ToolCall) else ToolCall(ev.name, "", ev.id)).to_openai()
             call["index"] = self._n_sent
             self._n_sent += 1
             out.append(self._chunk({"tool_calls": [call]}))
