@@ -819,12 +819,16 @@ def models():
                       help="GPU storage dtype (default: the checkpoint's; bfloat16 for "
                            "--shape)."),
          click.option("--out", metavar="PATH", default="trace.json", show_default=True,
-                      help="The Chrome/Perfetto trace JSON to write."))
-def profile(model_path, shape, position, new_tokens, gpus, dtype, out):
+                      help="The Chrome/Perfetto trace JSON to write."),
+         click.option("--summarize", metavar="TRACE", default=None,
+                      help="Print the tables of a trace written earlier (.json or .json.gz) "
+                           "and exit; needs no GPU."))
+def profile(model_path, shape, position, new_tokens, gpus, dtype, out, summarize):
     """Profile one decode step in the kernel (needs a GPU): run a generation with the
     profiling build, write a Chrome/Perfetto trace (open it in https://ui.perfetto.dev: one
     track per GPU block, one slice per stage and per wait) and print per-stage times, waits,
-    hop latencies and the idle time per block.
+    hop latencies, the idle time per block and the layer's critical path (when each stage's
+    first, median and last block had its inputs, after the previous layer's last down end).
 
     The prompt is token ids 1..32 (fewer when --position < 31); the generation never stops at
     an end-of-sequence token. Several GPUs share rank 0's time base; %globaltimer is per GPU,
@@ -833,6 +837,11 @@ def profile(model_path, shape, position, new_tokens, gpus, dtype, out):
     from .gpu import profile as prof
     from .model.loader import normalize_dtype
 
+    if summarize is not None:
+        if model_path is not None or shape is not None:
+            raise InputError("--summarize reads a saved trace: pass it without --model or --shape")
+        _profile_summarize(summarize)
+        return
     if model_path is not None and shape is not None:
         raise InputError("pass --model or --shape, not both")
     if position < 0:
@@ -893,14 +902,41 @@ def profile(model_path, shape, position, new_tokens, gpus, dtype, out):
                f"{backend.n_blocks} blocks per GPU; "
                f"us, stages: median over blocks and layers, "
                f"hop and span: median over layers")
+    _profile_tables(stamps)
+    click.echo(f"trace: {out} ({n} events); open it in https://ui.perfetto.dev")
+
+
+def _profile_tables(stamps) -> None:
+    """Per GPU: the stage summary, the idle time per block and the layer's critical path."""
+    from .gpu import profile as prof
     t0 = prof.time_zero(stamps)
     for r, s in enumerate(stamps):
-        if gpus > 1:
+        if len(stamps) > 1:
             first = int(s[s > 0].min()) - t0
             click.echo(f"GPU {r} (first stamp {first / 1e3:+.1f} us from GPU 0's; "
                        f"cross-GPU alignment is approximate):")
         click.echo(prof.format_summary(prof.summary_rows(s), prof.block_idle(s)))
-    click.echo(f"trace: {out} ({n} events); open it in https://ui.perfetto.dev")
+        click.echo(prof.format_chain(prof.chain_rows(s)))
+
+
+def _profile_summarize(path: str) -> None:
+    """`kogcupy profile --summarize TRACE`: the tables of a saved trace."""
+    import gzip
+    import json
+    from .gpu import profile as prof
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
+        stamps = prof.stamps_from_trace(data)
+    except FileNotFoundError:
+        raise InputError(f"--summarize {path}: no such file") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"--summarize {path}: not a trace written by kogcupy profile ({e})") from None
+    meta = data.get("otherData") or {}
+    if meta:
+        click.echo("kogcupy profile: " + ", ".join(f"{k} {v}" for k, v in meta.items()))
+    click.echo("us, stages: median over blocks and layers, hop and span: median over layers")
+    _profile_tables(stamps)
 
 
 def _profile_gpus(gpus: int) -> None:

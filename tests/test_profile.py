@@ -142,6 +142,43 @@ def test_one_slow_stage_shows_in_its_row_only():
     assert g["dur"] == (DUR + 5000) / 1000
 
 
+def test_chain_rows_from_the_previous_layers_last_down_end():
+    P = synthetic(blocks=3, layers=4)
+    P[1, 2 * 16 + 3 + 1] += 4000      # block 1's attention inputs 4 us late, in layer 2 only
+    P[0, 16 * np.arange(1, 4) + 6 + 1] += 3000   # block 0's o_proj inputs 3 us late, every layer
+    P[2, 16 + 9 + 1] = 0              # block 2 took no part in layer 1's gate_up
+    rows = {r["stage"]: r for r in prof.chain_rows(P)}
+    assert list(rows) == list(prof.STAGES)
+    for k, name in enumerate(prof.STAGES):
+        base = (k + 1) * STEP - 2 * SKEW - DUR         # a stage's block 0 inputs - WAIT
+        r = rows[name]
+        last = 3000 if name == "o_proj" else 2 * SKEW
+        assert r["first_us"] == (base + WAIT + (SKEW if name == "o_proj" else 0)) / 1000, name
+        assert r["median_us"] == (base + WAIT + (2 * SKEW if name == "o_proj" else SKEW)) / 1000
+        assert r["last_us"] == (base + WAIT + last) / 1000, name     # (layer 2's outlier: a median)
+        assert r["last_end_us"] == (k + 1) * STEP / 1000
+    text = prof.format_chain(prof.chain_rows(P))
+    assert "critical path" in text and "last_end" in text
+
+
+def test_a_saved_trace_gives_the_same_tables(tmp_path):
+    P0, P1 = synthetic(blocks=3, layers=3), synthetic(blocks=2, layers=3, offset=300)
+    P0[1, 16 + 3 + 1] += 400          # block 1 sees attention's inputs late
+    P0[2, 6:9] = 0                    # block 2 never reached o_proj of layer 0
+    P1[0, 16 + 6 + 1] = 0             # (no inputs-ready stamp)
+    path = tmp_path / "trace.json"
+    prof.write_trace(path, [P0, P1])
+    back = prof.stamps_from_trace(json.loads(path.read_text()))
+    assert [b.shape for b in back] == [P0.shape, P1.shape]
+    for P, B in zip((P0, P1), back):
+        assert prof.summary_rows(B) == prof.summary_rows(P)
+        assert prof.chain_rows(B) == prof.chain_rows(P)
+        for k, v in prof.block_idle(P).items():
+            np.testing.assert_array_equal(prof.block_idle(B)[k], v)
+    with pytest.raises(ValueError, match="no stage slices"):
+        prof.stamps_from_trace({"traceEvents": []})
+
+
 # --------------------------------------------------------------------------------- CLI
 def invoke(args):
     return CliRunner().invoke(cli, ["profile", *args])
@@ -244,6 +281,21 @@ def test_cli_writes_the_trace_and_prints_the_table(monkeypatch, tmp_path):
     assert t["otherData"]["position"] == 200
     assert "GPU 1 (first stamp +1.0 us" in r.stdout and "approximate" in r.stdout
     assert "attention" in r.stdout and "hop_us" in r.stdout and "ui.perfetto.dev" in r.stdout
+
+
+def test_summarize_prints_a_saved_traces_tables(tmp_path):
+    import gzip
+    path = tmp_path / "t.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(prof.trace([synthetic(), synthetic(offset=1000)], {"model": "m", "position": 7}), f)
+    r = invoke(["--summarize", str(path)])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "model m, position 7" in r.stdout and "GPU 1 (first stamp +1.0 us" in r.stdout
+    assert r.stdout.count("critical path") == 2 and "hop_us" in r.stdout
+    assert_user_error(invoke(["--summarize", str(tmp_path / "none.json")]), "no such file")
+    (tmp_path / "x.json").write_text("{}")
+    assert_user_error(invoke(["--summarize", str(tmp_path / "x.json")]), "not a trace written by")
+    assert_user_error(invoke(["--summarize", str(path), "--shape", "llama-3.2-1b"]), "without --model")
 
 
 def test_readme_documents_profile():

@@ -175,6 +175,77 @@ def block_idle(stamps: np.ndarray) -> dict:
             "gap_us": (window - inside) / 1000.0, "idle_us": (window - work) / 1000.0}
 
 
+def chain_rows(stamps: np.ndarray) -> list[dict]:
+    """The layer's critical path, one GPU (µs): per layer stage, medians over layers 1.. of the
+    first, median and last participating block's inputs-ready stamp and the last block's end,
+    each measured from the previous layer's last down end (the layer's start as its qkv sees
+    it). Where the chain waits shows as the gap from one stage's last end to the next one's
+    readiness; where a stage's blocks spread, as first vs last."""
+    P = np.asarray(stamps).astype(np.int64)
+    n_layers = n_layers_of(P)
+    cols = ("first", "median", "last", "last_end")
+    acc = {name: {c: [] for c in cols} for name in STAGES}
+    down = STAGES.index("down")
+    for layer in range(1, n_layers):
+        slot = (layer - 1) * SLOTS_PER_LAYER + 3 * down
+        done = P[:, slot + 2]
+        if not (done > 0).any():
+            continue
+        base = int(done[done > 0].max())
+        for k, name in enumerate(STAGES):
+            slot = layer * SLOTS_PER_LAYER + 3 * k
+            s, i, e = P[:, slot], P[:, slot + 1], P[:, slot + 2]
+            part = (s > 0) & (i > 0) & (e > 0)
+            if not part.any():
+                continue
+            ready = np.sort(i[part]) - base
+            for c, v in zip(cols, (ready[0], np.median(ready), ready[-1], e[part].max() - base)):
+                acc[name][c].append(float(v) / 1000.0)
+    return [{"stage": name, **{c + "_us": float(np.median(acc[name][c])) if acc[name][c]
+                                else float("nan") for c in cols}} for name in STAGES]
+
+
+def stamps_from_trace(trace_json: dict) -> list[np.ndarray]:
+    """A trace written by write_trace back to its stamp arrays (one per GPU, ns from the
+    trace's zero + 1 µs, so that no recorded stamp reads 0): the summaries of a saved trace."""
+    events = [e for e in trace_json.get("traceEvents", ()) if e.get("ph") == "X"]
+    if not events:
+        raise ValueError("the trace has no stage slices")
+    n_layers = 1 + max(e["args"].get("layer", -1) for e in events)
+    slot_of = {(name, layer): slot for name, layer, slot in stage_slots(n_layers)}
+    blocks = {}                                  # per GPU: its tracks (thread_name) and slices
+    for e in trace_json["traceEvents"]:
+        if e.get("ph") == "X" or e.get("name") == "thread_name":
+            blocks[e["pid"]] = max(blocks.get(e["pid"], 0), e["tid"] + 1)
+    out = [np.zeros((blocks.get(pid, 0), n_layers * SLOTS_PER_LAYER + TAIL_SLOTS), np.int64)
+           for pid in range(1 + max(blocks))]
+    for e in events:
+        wait = e["cat"] == "wait"
+        name = e["name"][:-len(" wait")] if wait else e["name"]
+        slot = slot_of.get((name, e["args"].get("layer")))
+        if slot is None:
+            raise ValueError(f"unknown slice {e['name']!r} (layer {e['args'].get('layer')})")
+        s = 1000 + round(e["ts"] * 1000)
+        P = out[e["pid"]]
+        P[e["tid"], slot] = s
+        if wait:
+            P[e["tid"], slot + 1] = s + round(e["dur"] * 1000)
+        else:
+            P[e["tid"], slot + 2] = s + round(e["dur"] * 1000)
+    return out
+
+
+def format_chain(rows: Sequence[dict]) -> str:
+    """chain_rows as a text table."""
+    cols = ("first_us", "median_us", "last_us", "last_end_us")
+    lines = ["the layer's critical path: us after the previous layer's last down end, median "
+             "over layers;", "inputs ready (first / median / last block), last block's end",
+             f"{'stage':10s} " + " ".join(f"{c[:-3]:>8s}" for c in cols)]
+    for r in rows:
+        lines.append(f"{r['stage']:10s} " + " ".join(f"{r[c]:8.2f}" for c in cols))
+    return "\n".join(lines)
+
+
 def format_summary(rows: Sequence[dict], idle: dict | None = None) -> str:
     """The summary rows (and block_idle's medians / extremes) as a text table."""
     cols = ("time_us", "wait_us", "work_us", "hop_us", "span_us")
