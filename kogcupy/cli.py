@@ -838,8 +838,13 @@ def profile(model_path, shape, position, new_tokens, gpus, dtype, out, summarize
     from .model.loader import normalize_dtype
 
     if summarize is not None:
-        if model_path is not None or shape is not None:
-            raise InputError("--summarize reads a saved trace: pass it without --model or --shape")
+        ctx = click.get_current_context()
+        given = [f"--{n.replace('_', '-')}" for n in ("model_path", "shape", "position", "new_tokens",
+                                                      "gpus", "dtype", "out")
+                 if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise InputError(f"--summarize reads a saved trace: pass it without "
+                             f"{', '.join(given).replace('--model-path', '--model')}")
         _profile_summarize(summarize)
         return
     if model_path is not None and shape is not None:
@@ -924,16 +929,18 @@ def _profile_summarize(path: str) -> None:
     import gzip
     import json
     from .gpu import profile as prof
+    import zlib
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             data = json.load(f)
         stamps = prof.stamps_from_trace(data)
     except FileNotFoundError:
         raise InputError(f"--summarize {path}: no such file") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"--summarize {path}: not a trace written by kogcupy profile ({e})") from None
-    meta = data.get("otherData") or {}
-    if meta:
+    except (OSError, EOFError, zlib.error, ValueError) as e:   # (EOFError: a cut .gz)
+        raise InputError(f"--summarize {path}: not a trace written by kogcupy profile "
+                         f"({e or type(e).__name__})") from None
+    meta = data.get("otherData")
+    if isinstance(meta, dict) and meta:
         click.echo("kogcupy profile: " + ", ".join(f"{k} {v}" for k, v in meta.items()))
     click.echo("us, stages: median over blocks and layers, hop and span: median over layers")
     _profile_tables(stamps)

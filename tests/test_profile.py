@@ -147,6 +147,9 @@ def test_chain_rows_from_the_previous_layers_last_down_end():
     P[1, 2 * 16 + 3 + 1] += 4000      # block 1's attention inputs 4 us late, in layer 2 only
     P[0, 16 * np.arange(1, 4) + 6 + 1] += 3000   # block 0's o_proj inputs 3 us late, every layer
     P[2, 16 + 9 + 1] = 0              # block 2 took no part in layer 1's gate_up
+    P = np.vstack([P, P[2:3]])        # block 3 takes part in no stage (start and end only) ...
+    P[3, [16 * l + 3 * k + 1 for l in range(4) for k in range(5)]] = 0
+    P[3, [16 * l + 3 * k + 2 for l in range(4) for k in range(5)]] += 5000   # ... and ends late
     rows = {r["stage"]: r for r in prof.chain_rows(P)}
     assert list(rows) == list(prof.STAGES)
     for k, name in enumerate(prof.STAGES):
@@ -295,7 +298,32 @@ def test_summarize_prints_a_saved_traces_tables(tmp_path):
     assert_user_error(invoke(["--summarize", str(tmp_path / "none.json")]), "no such file")
     (tmp_path / "x.json").write_text("{}")
     assert_user_error(invoke(["--summarize", str(tmp_path / "x.json")]), "not a trace written by")
-    assert_user_error(invoke(["--summarize", str(path), "--shape", "llama-3.2-1b"]), "without --model")
+    assert_user_error(invoke(["--summarize", str(path), "--shape", "x", "--position", "3"]),
+                      "without --shape, --position")
+    (tmp_path / "cut.json.gz").write_bytes(path.read_bytes()[:200])
+    assert_user_error(invoke(["--summarize", str(tmp_path / "cut.json.gz")]), "not a trace")
+    (tmp_path / "bad.json.gz").write_bytes(path.read_bytes()[:20] + b"x" * 300)
+    assert_user_error(invoke(["--summarize", str(tmp_path / "bad.json.gz")]), "not a trace")
+    good = prof.trace([synthetic()])
+    for bad in ({**good, "otherData": "x"},
+                {"traceEvents": [{**e, "tid": -1} if e["ph"] == "X" else e for e in good["traceEvents"]]},
+                {"traceEvents": [{**e, "args": {"layer": 10 ** 7}} if e["ph"] == "X" else e
+                                 for e in good["traceEvents"]]}):
+        (tmp_path / "b.json").write_text(json.dumps(bad))
+        r = invoke(["--summarize", str(tmp_path / "b.json")])
+        if bad.get("otherData") == "x":             # (the slices are fine: no header line)
+            assert r.exit_code == 0 and "critical path" in r.stdout, r.output
+        else:
+            assert_user_error(r, "not a kogcupy profile slice")
+
+
+def test_a_gpu_whose_clock_reads_earlier_keeps_every_stamp(tmp_path):
+    stamps = [synthetic(), synthetic(offset=-5000)]
+    back = prof.stamps_from_trace(prof.trace(stamps))
+    for P, B in zip(stamps, back):
+        assert (B > 0).sum() == (P > 0).sum()
+        assert prof.summary_rows(B) == prof.summary_rows(P)
+    assert prof.time_zero(back[:1]) - prof.time_zero(back[1:]) == 5000
 
 
 def test_readme_documents_profile():

@@ -188,10 +188,10 @@ def chain_rows(stamps: np.ndarray) -> list[dict]:
     down = STAGES.index("down")
     for layer in range(1, n_layers):
         slot = (layer - 1) * SLOTS_PER_LAYER + 3 * down
-        done = P[:, slot + 2]
-        if not (done > 0).any():
+        took = (P[:, slot] > 0) & (P[:, slot + 1] > 0) & (P[:, slot + 2] > 0)   # (as summary_rows)
+        if not took.any():
             continue
-        base = int(done[done > 0].max())
+        base = int(P[took, slot + 2].max())
         for k, name in enumerate(STAGES):
             slot = layer * SLOTS_PER_LAYER + 3 * k
             s, i, e = P[:, slot], P[:, slot + 1], P[:, slot + 2]
@@ -207,31 +207,46 @@ def chain_rows(stamps: np.ndarray) -> list[dict]:
 
 def stamps_from_trace(trace_json: dict) -> list[np.ndarray]:
     """A trace written by write_trace back to its stamp arrays (one per GPU, ns from the
-    trace's zero + 1 µs, so that no recorded stamp reads 0): the summaries of a saved trace."""
-    events = [e for e in trace_json.get("traceEvents", ()) if e.get("ph") == "X"]
+    trace's earliest slice + 1 µs, so that no recorded stamp reads 0): the summaries of a saved
+    trace. A stamp that never made a slice (a start without its end) stays unrecorded, and an
+    inputs-ready stamp after its stage's end reads as the end. ValueError for anything else."""
+    if not isinstance(trace_json, dict) or not isinstance(trace_json.get("traceEvents"), list):
+        raise ValueError("no traceEvents list")
+    events = [e for e in trace_json["traceEvents"] if isinstance(e, dict) and e.get("ph") == "X"]
     if not events:
         raise ValueError("the trace has no stage slices")
-    n_layers = 1 + max(e["args"].get("layer", -1) for e in events)
+    names = set(STAGES) | {"lm_head", "sampler"}
+    blocks, n_layers = {}, 0
+    try:
+        for e in events:
+            wait = e["cat"] == "wait"
+            name = e["name"][:-len(" wait")] if wait else e["name"]
+            layer = e["args"].get("layer")
+            pid, tid = e["pid"], e["tid"]
+            if name not in names or (layer is None) != (name in ("lm_head", "sampler")) \
+                    or not (layer is None or 0 <= layer < 4096) or not 0 <= pid < 64 \
+                    or not 0 <= tid < 65536 or not e["dur"] >= 0:
+                raise ValueError(f"not a kogcupy profile slice: {e!r:.120}")
+            blocks[pid] = max(blocks.get(pid, 0), tid + 1)
+            n_layers = max(n_layers, 1 + (layer if layer is not None else -1))
+        t_min = min(float(e["ts"]) for e in events)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"a slice without its fields ({err!r})") from None
+    for e in trace_json["traceEvents"]:          # tracks with no slice keep their row
+        if isinstance(e, dict) and e.get("name") == "thread_name" and e.get("pid") in blocks \
+                and isinstance(e.get("tid"), int) and 0 <= e["tid"] < 65536:
+            blocks[e["pid"]] = max(blocks[e["pid"]], e["tid"] + 1)
     slot_of = {(name, layer): slot for name, layer, slot in stage_slots(n_layers)}
-    blocks = {}                                  # per GPU: its tracks (thread_name) and slices
-    for e in trace_json["traceEvents"]:
-        if e.get("ph") == "X" or e.get("name") == "thread_name":
-            blocks[e["pid"]] = max(blocks.get(e["pid"], 0), e["tid"] + 1)
     out = [np.zeros((blocks.get(pid, 0), n_layers * SLOTS_PER_LAYER + TAIL_SLOTS), np.int64)
            for pid in range(1 + max(blocks))]
     for e in events:
         wait = e["cat"] == "wait"
         name = e["name"][:-len(" wait")] if wait else e["name"]
-        slot = slot_of.get((name, e["args"].get("layer")))
-        if slot is None:
-            raise ValueError(f"unknown slice {e['name']!r} (layer {e['args'].get('layer')})")
-        s = 1000 + round(e["ts"] * 1000)
+        slot = slot_of[(name, e["args"].get("layer"))]
+        s = 1000 + round((float(e["ts"]) - t_min) * 1000)
         P = out[e["pid"]]
         P[e["tid"], slot] = s
-        if wait:
-            P[e["tid"], slot + 1] = s + round(e["dur"] * 1000)
-        else:
-            P[e["tid"], slot + 2] = s + round(e["dur"] * 1000)
+        P[e["tid"], slot + (1 if wait else 2)] = s + round(float(e["dur"]) * 1000)
     return out
 
 
