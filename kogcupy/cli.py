@@ -928,8 +928,8 @@ def _profile_summarize(path: str) -> None:
     """`kogcupy profile --summarize TRACE`: the tables of a saved trace."""
     import gzip
     import json
-    from .gpu import profile as prof
     import zlib
+    from .gpu import profile as prof
     try:
         with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
             data = json.load(f)

@@ -308,6 +308,9 @@ def test_summarize_prints_a_saved_traces_tables(tmp_path):
     for bad in ({**good, "otherData": "x"},
                 {"traceEvents": [{**e, "tid": -1} if e["ph"] == "X" else e for e in good["traceEvents"]]},
                 {"traceEvents": [{**e, "args": {"layer": 10 ** 7}} if e["ph"] == "X" else e
+                                 for e in good["traceEvents"]]},
+                {"traceEvents": [{**e, "tid": 1.5} if e["ph"] == "X" else e for e in good["traceEvents"]]},
+                {"traceEvents": [{**e, "args": {"layer": 0.5}} if e["ph"] == "X" else e
                                  for e in good["traceEvents"]]}):
         (tmp_path / "b.json").write_text(json.dumps(bad))
         r = invoke(["--summarize", str(tmp_path / "b.json")])

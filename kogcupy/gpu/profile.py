@@ -223,9 +223,10 @@ def stamps_from_trace(trace_json: dict) -> list[np.ndarray]:
             name = e["name"][:-len(" wait")] if wait else e["name"]
             layer = e["args"].get("layer")
             pid, tid = e["pid"], e["tid"]
-            if name not in names or (layer is None) != (name in ("lm_head", "sampler")) \
+            ints = all(type(v) is int for v in (pid, tid, 0 if layer is None else layer))
+            if not ints or name not in names or (layer is None) != (name in ("lm_head", "sampler")) \
                     or not (layer is None or 0 <= layer < 4096) or not 0 <= pid < 64 \
-                    or not 0 <= tid < 65536 or not e["dur"] >= 0:
+                    or not 0 <= tid < 65536 or not float(e["dur"]) >= 0:
                 raise ValueError(f"not a kogcupy profile slice: {e!r:.120}")
             blocks[pid] = max(blocks.get(pid, 0), tid + 1)
             n_layers = max(n_layers, 1 + (layer if layer is not None else -1))
