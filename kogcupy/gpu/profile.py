@@ -216,21 +216,22 @@ def stamps_from_trace(trace_json: dict) -> list[np.ndarray]:
     if not events:
         raise ValueError("the trace has no stage slices")
     names = set(STAGES) | {"lm_head", "sampler"}
-    blocks, n_layers = {}, 0
+    blocks, n_layers, slices = {}, 0, []      # slices: (pid, tid, (stage, layer), wait, ts, dur)
     try:
         for e in events:
             wait = e["cat"] == "wait"
             name = e["name"][:-len(" wait")] if wait else e["name"]
             layer = e["args"].get("layer")
-            pid, tid = e["pid"], e["tid"]
+            pid, tid, ts, dur = e["pid"], e["tid"], float(e["ts"]), float(e["dur"])
             ints = all(type(v) is int for v in (pid, tid, 0 if layer is None else layer))
             if not ints or name not in names or (layer is None) != (name in ("lm_head", "sampler")) \
                     or not (layer is None or 0 <= layer < 4096) or not 0 <= pid < 64 \
-                    or not 0 <= tid < 65536 or not float(e["dur"]) >= 0:
+                    or not 0 <= tid < 65536 or not dur >= 0:
                 raise ValueError(f"not a kogcupy profile slice: {e!r:.120}")
             blocks[pid] = max(blocks.get(pid, 0), tid + 1)
             n_layers = max(n_layers, 1 + (layer if layer is not None else -1))
-        t_min = min(float(e["ts"]) for e in events)
+            slices.append((pid, tid, (name, layer), wait, ts, dur))
+        t_min = min(sl[4] for sl in slices)
     except (KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"a slice without its fields ({err!r})") from None
     for e in trace_json["traceEvents"]:          # tracks with no slice keep their row
@@ -240,14 +241,11 @@ def stamps_from_trace(trace_json: dict) -> list[np.ndarray]:
     slot_of = {(name, layer): slot for name, layer, slot in stage_slots(n_layers)}
     out = [np.zeros((blocks.get(pid, 0), n_layers * SLOTS_PER_LAYER + TAIL_SLOTS), np.int64)
            for pid in range(1 + max(blocks))]
-    for e in events:
-        wait = e["cat"] == "wait"
-        name = e["name"][:-len(" wait")] if wait else e["name"]
-        slot = slot_of[(name, e["args"].get("layer"))]
-        s = 1000 + round((float(e["ts"]) - t_min) * 1000)
-        P = out[e["pid"]]
-        P[e["tid"], slot] = s
-        P[e["tid"], slot + (1 if wait else 2)] = s + round(float(e["dur"]) * 1000)
+    for pid, tid, key, wait, ts, dur in slices:
+        slot = slot_of[key]
+        s = 1000 + round((ts - t_min) * 1000)
+        out[pid][tid, slot] = s
+        out[pid][tid, slot + (1 if wait else 2)] = s + round(dur * 1000)
     return out
 
 
