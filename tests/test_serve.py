@@ -1061,6 +1061,7 @@ def test_unknown_routes_are_logged(scripted, serve_log):
     for method, path, status, said in (
             ("GET", "/nothing", 404, "GET /nothing -> 404: no route GET /nothing"),
             ("GET", "/x%1By%C3%A9", 404, "GET /x\\x1by\\xe9 -> 404: no route GET /x\\x1by\\xe9"),
+            ("GET", "/'a%22", 404, "GET /'a\" -> 404: no route GET /'a\""),   # (quotes as sent)
             ("GET", "/v1/chat/completions", 405, "GET /v1/chat/completions -> 405: method GET "
                                                  "is not allowed on /v1/chat/completions")):
         serve_log.clear()

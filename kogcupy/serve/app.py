@@ -117,8 +117,9 @@ class _Guard:
 
 def _loggable(text: str, limit: int = 300) -> str:
     """`text` from a request (a path, a message quoting a field) as one log line's part:
-    control and non-ASCII characters escaped, cut at `limit`."""
-    text = ascii(text)[1:-1]
+    control and non-ASCII characters (and backslashes) escaped as Python writes them, quotes
+    left as they are, cut at `limit`."""
+    text = "".join(c if " " <= c <= "~" and c != "\\" else ascii(c)[1:-1] for c in text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
