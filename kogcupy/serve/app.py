@@ -119,8 +119,8 @@ def _loggable(text: str, limit: int = 300) -> str:
     """`text` from a request (a path, a message quoting a field) as one log line's part:
     control and non-ASCII characters (and backslashes) escaped as Python writes them, quotes
     left as they are, cut at `limit`."""
-    text = "".join(c if " " <= c <= "~" and c != "\\" else ascii(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[:limit] + "..."
+    out = "".join(c if " " <= c <= "~" and c != "\\" else ascii(c)[1:-1] for c in text[:limit])
+    return out if len(out) <= limit and len(text) <= limit else out[:limit] + "..."
 
 
 class _HostCheck:
