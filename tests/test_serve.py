@@ -1227,13 +1227,13 @@ def test_unknown_fields_are_ignored_and_logged(scripted, serve_log):
     serve_log.clear()
     r = httpx.post(srv.url + "/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "x"}], "tools": [tool],
-        "\nFORGED\\\x1b[31m" + "k" * 500: 1})
+        "\nFORGED\\\x1b[31m'\"" + "k" * 500: 1})
     assert r.status_code == 200, r.text
     assert '"get_weather"' in eng.calls[-1]["prompt"] and "SECRET" not in eng.calls[-1]["prompt"] \
         and "cache_control" not in eng.calls[-1]["prompt"]
     line, = [m for m in serve_log if "ignored" in m]
     assert line.startswith(f"{r.json()['id']} POST /v1/chat/completions: ignored unknown "
-                           "fields \\nFORGED\\\\\\x1b[31mkkk"), line
+                           "fields \\nFORGED\\\\\\x1b[31m'\"kkk"), line
     serve_log.clear()       # (the generation's own line may come after its response: not read)
     r = httpx.post(srv.url + "/tokenize", json={"prompt": "x", "frobnicate": 1})
     assert r.status_code == 200 and [m for m in serve_log if "ignored" in m] == [

@@ -252,7 +252,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         req = P.parse_request(cls, await read_json(request))
         check_model(req.model)
         check(req)
-        ignored = [ascii(p)[1:-1][:64] for p in P.ignored_fields(req)]   # (one log line)
+        ignored = [_loggable(p, 64) for p in P.ignored_fields(req)]   # (one log line)
         if ignored:
             log.warning("%s%s %s: ignored unknown field%s %s", rid and rid + " ", request.method,
                         _loggable(request.url.path), "s" if len(ignored) > 1 else "",
