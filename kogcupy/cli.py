@@ -904,11 +904,12 @@ def profile(model_path, shape, position, new_tokens, gpus, dtype, out, summarize
     n = prof.write_trace(out, stamps, {"model": what, "position": position, "gpus": gpus,
                                        "gpu": backend.gpu_name, "blocks": backend.n_blocks})
     click.echo(f"kogcupy profile: {what}, position {position}, {gpus} x {backend.gpu_name}, "
-               f"{backend.n_blocks} blocks per GPU; "
-               f"us, stages: median over blocks and layers, "
-               f"hop and span: median over layers")
+               f"{backend.n_blocks} blocks per GPU; {_PROFILE_UNITS}")
     _profile_tables(stamps)
     click.echo(f"trace: {out} ({n} events); open it in https://ui.perfetto.dev")
+
+
+_PROFILE_UNITS = "us, stages: median over blocks and layers, hop and span: median over layers"
 
 
 def _profile_tables(stamps) -> None:
@@ -942,7 +943,7 @@ def _profile_summarize(path: str) -> None:
     meta = data.get("otherData")
     if isinstance(meta, dict) and meta:
         click.echo("kogcupy profile: " + ", ".join(f"{k} {v}" for k, v in meta.items()))
-    click.echo("us, stages: median over blocks and layers, hop and span: median over layers")
+    click.echo(_PROFILE_UNITS)
     _profile_tables(stamps)
 
 

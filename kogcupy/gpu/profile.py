@@ -115,6 +115,13 @@ def _median(xs) -> float:
     return float(np.median(xs)) / 1000.0 if len(xs) else float("nan")
 
 
+def _participants(P: np.ndarray, slot: int):
+    """A stage's inputs-ready and end stamps over blocks, and which blocks took part (start,
+    inputs ready and end recorded)."""
+    s, i, e = P[:, slot], P[:, slot + 1], P[:, slot + 2]
+    return i, e, (s > 0) & (i > 0) & (e > 0)
+
+
 def summary_rows(stamps: np.ndarray) -> list[dict]:
     """One GPU's stages (µs): per stage name, medians over the participating blocks of every
     layer of time (end - start), wait (inputs ready - start) and work (end - inputs ready);
@@ -128,8 +135,8 @@ def summary_rows(stamps: np.ndarray) -> list[dict]:
            for name, _, _ in order}
     prev_end = None
     for name, _, slot in order:
-        s, i, e = P[:, slot], P[:, slot + 1], P[:, slot + 2]
-        part = (s > 0) & (i > 0) & (e > 0)
+        s = P[:, slot]
+        i, e, part = _participants(P, slot)
         a = acc[name]
         a["blocks"].append(int(part.sum()))
         if not part.any():
@@ -182,27 +189,19 @@ def chain_rows(stamps: np.ndarray) -> list[dict]:
     it). Where the chain waits shows as the gap from one stage's last end to the next one's
     readiness; where a stage's blocks spread, as first vs last."""
     P = np.asarray(stamps).astype(np.int64)
-    n_layers = n_layers_of(P)
     cols = ("first", "median", "last", "last_end")
     acc = {name: {c: [] for c in cols} for name in STAGES}
-    down = STAGES.index("down")
-    for layer in range(1, n_layers):
-        slot = (layer - 1) * SLOTS_PER_LAYER + 3 * down
-        took = (P[:, slot] > 0) & (P[:, slot + 1] > 0) & (P[:, slot + 2] > 0)   # (as summary_rows)
-        if not took.any():
-            continue
-        base = int(P[took, slot + 2].max())
+    base = None                       # the previous layer's last down end (None: no down block)
+    for layer in range(n_layers_of(P)):
         for k, name in enumerate(STAGES):
-            slot = layer * SLOTS_PER_LAYER + 3 * k
-            s, i, e = P[:, slot], P[:, slot + 1], P[:, slot + 2]
-            part = (s > 0) & (i > 0) & (e > 0)
-            if not part.any():
-                continue
-            ready = np.sort(i[part]) - base
-            for c, v in zip(cols, (ready[0], np.median(ready), ready[-1], e[part].max() - base)):
-                acc[name][c].append(float(v) / 1000.0)
-    return [{"stage": name, **{c + "_us": float(np.median(acc[name][c])) if acc[name][c]
-                                else float("nan") for c in cols}} for name in STAGES]
+            i, e, part = _participants(P, layer * SLOTS_PER_LAYER + 3 * k)
+            if base is not None and part.any():
+                ready = np.sort(i[part]) - base
+                for c, v in zip(cols, (ready[0], np.median(ready), ready[-1], e[part].max() - base)):
+                    acc[name][c].append(v)
+        _, e, part = _participants(P, layer * SLOTS_PER_LAYER + 3 * STAGES.index("down"))
+        base = int(e[part].max()) if part.any() else None
+    return [{"stage": name, **{c + "_us": _median(acc[name][c]) for c in cols}} for name in STAGES]
 
 
 def stamps_from_trace(trace_json: dict) -> list[np.ndarray]:
