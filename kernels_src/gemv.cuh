@@ -23,9 +23,10 @@
 // run time, KOG_DOWN_DEPTH rows a thread of down_residual keeps in flight, KOG_POLL_SENTINEL
 // a residual sum polled on its last pair before it is read, KOG_ZERO_EARLY the next position's
 // sums zeroed at o_proj's start instead of in gate_up's wait (kog_xsum_zero_next),
-// KOG_GATE_UP_EARLY the tiles a warp of gate_up issues before its wait (kog_gemv's EARLY).
+// KOG_GATE_UP_EARLY / KOG_QKV_EARLY the tiles a warp of gate_up / attn_norm_qkv issues before
+// its wait (kog_gemv's EARLY).
 #if !defined(KOG_GEMV_MAX_LOADS) || !defined(KOG_DYN_PERMILLE) || !defined(KOG_DOWN_DEPTH) || \
-    !defined(KOG_POLL_SENTINEL) || !defined(KOG_ZERO_EARLY) || !defined(KOG_GATE_UP_EARLY)
+    !defined(KOG_POLL_SENTINEL) || !defined(KOG_ZERO_EARLY) || !defined(KOG_GATE_UP_EARLY) || !defined(KOG_QKV_EARLY)
 #error "GEMV knobs come from kernels.py (model_defines)"
 #endif
 
@@ -181,7 +182,8 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     // Two tiles in flight per warp (cur, nxt), both issued before the wait for the input (one
     // or none issued early in every GEMV measured 6% / 3% slower on Llama-3.2-1B, H200,
     // 2026-11-22: kernels_src/PERF.md), or with EARLY 1 the second after it: the wait's loads
-    // then queue behind one tile, not two (gate_up on pairs up to hidden 2,048: build_plan.py).
+    // then queue behind one tile, not two (gate_up and qkv on pairs up to hidden 2,048:
+    // build_plan.py).
     kog_vec4 cur[NLT], nxt[NLT];
     auto load = [&](int i, kog_vec4 (&v)[NLT]) {
         const int u = first + (i / TPU) * n_warps;

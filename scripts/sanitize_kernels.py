@@ -41,6 +41,6 @@ b = list(be.start([4, 5], SamplingParams(temperature=0.9, top_k=10, top_p=0.9, m
                                          repetition_penalty=1.1, seed=3), 8, set()))
 c = list(be.start([6, 7], SamplingParams(temperature=1.0, seed=5), 8, set()))   # the LM head draws
 lg = be.logits([1, 2, 3, 4, 5, 6])
-knobs = ("KOG_CLUSTER", "KOG_GATE_UP_EARLY", "KOG_DOWN_DEPTH", "KOG_ZERO_EARLY", "KOG_POLL_SENTINEL")
+knobs = ("KOG_CLUSTER", "KOG_GATE_UP_EARLY", "KOG_QKV_EARLY", "KOG_DOWN_DEPTH", "KOG_ZERO_EARLY", "KOG_POLL_SENTINEL")
 print("plan", {k: be.tuning[k] for k in knobs})     # (which paths this run checked)
 print("greedy", len(a), a[:10], "sampled", b, c, "logits finite", bool((lg == lg).all()))

@@ -318,7 +318,7 @@ def test_zero_early_on_smollm2_sized_models_only():
         on("smollm2-135m", tuning={"KOG_ZERO_EARLY": 2})
 
 
-def test_gate_up_early_and_down_depth_on_pairs_up_to_hidden_2048():
+def test_early_tiles_and_down_depth_on_pairs_up_to_hidden_2048():
     # KOG_GATE_UP_EARLY (gemv.cuh): 1 tile before the wait on pairs with hidden <= 2048, else 2
     on = lambda name, **kw: build_plan(shape_config(name), H200_SMS, 4096, **kw).tuning["KOG_GATE_UP_EARLY"]
     assert on("qwen3-1.7b") == 1 and on("llama-3.2-1b") == 1          # pairs, hidden 2048
@@ -342,6 +342,15 @@ def test_gate_up_early_and_down_depth_on_pairs_up_to_hidden_2048():
             depth("qwen3-1.7b", tuning={"KOG_DOWN_DEPTH": bad})
     with pytest.raises(DeviceError, match="1 or 2 tiles"):
         on("qwen3-1.7b", tuning={"KOG_GATE_UP_EARLY": 0})
+    # KOG_QKV_EARLY: the same rule for attn_norm_qkv's tiles
+    qkv = lambda name, **kw: build_plan(shape_config(name), H200_SMS, 4096, **kw).tuning["KOG_QKV_EARLY"]
+    assert qkv("qwen3-1.7b") == 1 and qkv("llama-3.2-1b") == 1
+    assert qkv("llama-3.1-8b") == 2 and qkv("smollm2-135m") == 2 and qkv("qwen2.5-0.5b") == 2
+    assert qkv("qwen3-1.7b", tuning={"KOG_CLUSTER": 1}) == 2 and qkv("qwen3-1.7b", arch="gfx942") == 2
+    assert qkv("qwen3-1.7b", world=2) == 2 and qkv("qwen3-1.7b", tuning={"KOG_QKV_EARLY": 2}) == 2
+    assert qkv("llama-3.1-8b", tuning={"KOG_QKV_EARLY": 1}) == 1
+    with pytest.raises(DeviceError, match="1 or 2 tiles"):
+        qkv("qwen3-1.7b", tuning={"KOG_QKV_EARLY": 3})
 
 
 def test_oproj_spare_on_small_models_only():

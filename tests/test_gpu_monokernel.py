@@ -464,6 +464,14 @@ def test_gate_up_early_same_bits(cluster):
     _same_bits(cluster, [{"KOG_GATE_UP_EARLY": e} for e in (2, 1)], 13, 90, 40, (0, 45, 89), check)
 
 
+def test_qkv_early_same_bits():
+    """KOG_QKV_EARLY: attn_norm_qkv's warps issue one tile before the wait for the in sum, or
+    two (on the 48-block grid 960 qkv rows: warps of two rows take both paths): the same bits."""
+    def check(be, tun):
+        assert be.tuning["KOG_QKV_EARLY"] == tun["KOG_QKV_EARLY"]
+    _same_bits(2, [{"KOG_QKV_EARLY": e} for e in (2, 1)], 14, 90, 40, (0, 45, 89), check)
+
+
 @pytest.mark.parametrize("dyn,cluster", [(0, 2), (300, 2), (300, 1)])
 def test_ffn_dynamic_tail(dyn, cluster):
     """down_residual multiplies the activations of the FFN units its block ran, static and

@@ -91,12 +91,13 @@ def define_options(defines: dict) -> tuple[str, ...]:
 # before it is read (gemv.cuh; build_plan.py decides per build), o_proj items only on the
 # blocks without an attention unit (o_proj.cuh; build_plan.py: the small models), the next
 # position's sums zeroed at o_proj's start (gemv.cuh; build_plan.py: SmolLM2-sized), the tiles
-# a warp of gate_up issues before its wait (gemv.cuh; build_plan.py decides per model), profiling /
+# a warp of gate_up / of attn_norm_qkv issues before its wait (gemv.cuh; build_plan.py decides per
+# model), profiling /
 # debug hooks, and the delay probe's stage slot and spin (sync.cuh kog_prof; -1: none).
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DEPTH": 8,
                   "KOG_CLUSTER": 2, "KOG_IN_COPIES": 1, "KOG_POLL_SENTINEL": 0, "KOG_HOOKS": 0,
                   "KOG_DELAY_SLOT": -1, "KOG_DELAY_NS": 1000, "KOG_OPROJ_SPARE": 0,
-                  "KOG_ZERO_EARLY": 0, "KOG_GATE_UP_EARLY": 2}
+                  "KOG_ZERO_EARLY": 0, "KOG_GATE_UP_EARLY": 2, "KOG_QKV_EARLY": 2}
 BUILTIN_TUNING = dict(DEFAULT_TUNING)        # (before KOGCUPY_TUNING, below: for tests)
 # Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 0}' sets knobs for every build of the process
 # as if each build had asked for them (build_plan's per-model choices then leave them be), e.g.
