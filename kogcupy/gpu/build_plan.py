@@ -256,7 +256,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # the same for attn_norm_qkv's wait for the in sum: a block's read of the sum returns only
     # once the tiles it issued before it have drained (an H200 probe: 128 KB a block in flight,
     # the read back 4.45 us after the burst began, its last tile 4.7; PERF.md). H200, three
-    # interleaved rounds: Qwen3-1.7B +0.9 %, 1B +0.3 %, 8B -0.2 %, SmolLM2-135M -1.2 %,
+    # interleaved rounds: Qwen3-1.7B +0.9 %, 1B +0.5 %, 8B -0.2 %, SmolLM2-135M -1.4 %,
     # Qwen2.5-0.5B -0.3 %: the same rule as gate_up's. Not measured on AMD.
     qkv_early = _flag(tuning, "KOG_QKV_EARLY", caller, (1, 2), "1 or 2 tiles")
     if "KOG_QKV_EARLY" not in tuning and mid_pairs:
