@@ -343,8 +343,11 @@ def test_early_tiles_and_down_depth_on_pairs_up_to_hidden_2048():
     with pytest.raises(DeviceError, match="1 or 2 tiles"):
         on("qwen3-1.7b", tuning={"KOG_GATE_UP_EARLY": 0})
     # KOG_QKV_EARLY: the same rule for attn_norm_qkv's tiles
-    qkv = lambda name, **kw: build_plan(shape_config(name), H200_SMS, 4096, **kw).tuning["KOG_QKV_EARLY"]
+    # on GPUs with an H200's memory only (an H100's 79 GiB: 2)
+    qkv = lambda name, memory_gib=139.8, **kw: build_plan(shape_config(name), H200_SMS, 4096, memory_gib=memory_gib,
+                                                          **kw).tuning["KOG_QKV_EARLY"]
     assert qkv("qwen3-1.7b") == 1 and qkv("llama-3.2-1b") == 1
+    assert qkv("qwen3-1.7b", memory_gib=79.1) == 2 and qkv("llama-3.2-1b", memory_gib=0) == 2
     assert qkv("llama-3.1-8b") == 2 and qkv("smollm2-135m") == 2 and qkv("qwen2.5-0.5b") == 2
     assert qkv("qwen3-1.7b", tuning={"KOG_CLUSTER": 1}) == 2 and qkv("qwen3-1.7b", arch="gfx942") == 2
     assert qkv("qwen3-1.7b", world=2) == 2 and qkv("qwen3-1.7b", tuning={"KOG_QKV_EARLY": 2}) == 2

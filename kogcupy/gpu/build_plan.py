@@ -128,6 +128,9 @@ def _from_env(name: str, caller: dict | None) -> str:
     return " (set by KOGCUPY_TUNING)" if env else ""
 
 
+H200_CLASS_GIB = 100     # memory_gib from which build_plan takes a GPU for an H200 (141 GB)
+
+
 def _flag(tuning: dict, name: str, caller: dict | None, values=(0, 1), what: str = "0 or 1") -> int:
     """A knob of a few values (0 / 1 unless `values` says), asked for or the default; any other
     value is refused, the message saying `what` it takes."""
@@ -140,11 +143,13 @@ def _flag(tuning: dict, name: str, caller: dict | None, values=(0, 1), what: str
 def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int = THREADS,
                blocks: int | None = None, tuning: dict | None = None, rank: int = 0,
                world: int = 1, hooks: bool = False, arch: str = "",
-               smem_limit: int | None = None, clusters: bool = True) -> BuildPlan:
+               smem_limit: int | None = None, clusters: bool = True,
+               memory_gib: float = 0.0) -> BuildPlan:
     """`lcfg`: this GPU's share of the model (all of it on one GPU); `arch` the AMD target
     (gcnArchName), "" on NVIDIA; `smem_limit` the shared memory a block may have (bytes):
     the attention's K/V tiles shrink to fit it unless `tuning` sets them; `clusters`: the GPU
-    launches thread-block clusters (NVIDIA, compute capability 9.0 and later)."""
+    launches thread-block clusters (NVIDIA, compute capability 9.0 and later); `memory_gib`
+    the GPU's memory (0: unknown), which tells an H200 from an H100 where they differ."""
     if arch.startswith("gfx942") and n_sms >= MI300X_GRID:
         n_sms = MI300X_GRID      # the MI300X grid: 32 blocks on each of its 8 XCDs (topology.py)
     caller, tuning = tuning, {**kernels.ENV_TUNING, **(tuning or {})}   # the variable's count as asked
@@ -255,11 +260,14 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     tuning["KOG_GATE_UP_EARLY"] = gu_early
     # the same for attn_norm_qkv's wait for the in sum: a block's read of the sum returns only
     # once the tiles it issued before it have drained (an H200 probe: 128 KB a block in flight,
-    # the read back 4.45 us after the burst began, its last tile 4.7; PERF.md). H200, three
-    # interleaved rounds: Qwen3-1.7B +0.9 %, 1B +0.5 %, 8B -0.2 %, SmolLM2-135M -1.4 %,
-    # Qwen2.5-0.5B -0.3 %: the same rule as gate_up's. Not measured on AMD.
+    # the read back 4.45 us after the burst began, its last tile 4.7; PERF.md). Three
+    # interleaved rounds: H200 Qwen3-1.7B +0.9 %, 1B +0.5 %, 8B -0.2 %, SmolLM2-135M -1.4 %,
+    # Qwen2.5-0.5B -0.3 %; H100 Qwen3 -0.5 % (at position 2,000 -0.5 %), 1B -0.2 % (-0.3 %).
+    # So gate_up's rule on GPUs with an H200's memory (>= 100 GiB: HBM3e; an H100's blocks end
+    # down over a wider spread, so more of their early tiles land before the sum does). Not
+    # measured on other GPUs (H100 NVL, GH200, B200) or on AMD.
     qkv_early = _flag(tuning, "KOG_QKV_EARLY", caller, (1, 2), "1 or 2 tiles")
-    if "KOG_QKV_EARLY" not in tuning and mid_pairs:
+    if "KOG_QKV_EARLY" not in tuning and mid_pairs and memory_gib >= H200_CLASS_GIB:
         qkv_early = 1
     tuning["KOG_QKV_EARLY"] = qkv_early
     if n_blocks < lcfg.n_kv_heads:
