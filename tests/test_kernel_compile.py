@@ -111,6 +111,7 @@ def _sources(tmp_path):
         out[key] = (kernels.monokernel_source(), kernels.define_options(d))
     out["stream_read"] = (kernels.stream_read_source(), ())
     out["kccl_test"] = (kernels.inline_source("kccl_test.cu"), ())     # kccl.cuh + its test kernel
+    out["burst_probe"] = (kernels.inline_source("burst_probe.cu"), ("-DTILES=2",))   # scripts/burst_probe.py
     out["topology_probe"] = (kernels.topology_probe_source(), ())
     return out
 
@@ -132,7 +133,7 @@ def test_inlined_source_is_self_contained():
 @pytest.mark.parametrize("key", list(CONFIGS) + list(TP_CONFIGS) +
                          ["llama-3.2-1b-hooks", "smollm2-135m-plan", "qwen3-1.7b-plan",
                           "llama-3.2-1b-static", "llama-3.2-1b-slices", "qwen3-1.7b-tp2-slices", "stream_read",
-                          "kccl_test", "topology_probe", "prefill-llama-3.2-1b",
+                          "kccl_test", "burst_probe", "topology_probe", "prefill-llama-3.2-1b",
                           "prefill-qwen3-1.7b-fp16"])
 def test_nvcc_sm90(tmp_path, key):
     nvcc = _compiler("nvcc")
@@ -398,7 +399,7 @@ def _hipcc(hipcc, args):
 
 @pytest.mark.parametrize("key", ["llama-3.2-1b", "qwen2-bias-gqa7", "smollm2-135m-fp16",
                                  "llama-3.2-1b-tp2", "llama-3.2-1b-slices", "stream_read", "kccl_test",
-                                 "topology_probe", "prefill-llama-3.2-1b"])
+                                 "burst_probe", "topology_probe", "prefill-llama-3.2-1b"])
 def test_hipcc_gfx90a(tmp_path, key):
     hipcc = _compiler("hipcc")
     src, opts = _sources(tmp_path)[key]
