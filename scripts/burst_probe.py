@@ -64,7 +64,7 @@ def main(idle: bool) -> None:
     rows += [probe(2, 0, n) for n in (8, 32, 64)]
     for r in rows:
         print(f"{r['tiles']:5d} {r['stream']:7d} {r['mode']:5d} {r['MB']:8.2f} {r['end']:6.2f} "
-              f"{r['end_max']:7.2f} {r['read']:7.2f} {r['MB'] / r['end_max'] / 1e6:7.2f}")
+              f"{r['end_max']:7.2f} {r['read']:7.2f} {r['MB'] / r['end_max']:7.2f}")
 
 
 if __name__ == "__main__":
