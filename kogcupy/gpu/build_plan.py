@@ -259,8 +259,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         gu_early = 1
     tuning["KOG_GATE_UP_EARLY"] = gu_early
     # the same for attn_norm_qkv's wait for the in sum: a block's read of the sum returns only
-    # once the tiles it issued before it have drained (an H200 probe: 128 KB a block in flight,
-    # the read back 4.45 us after the burst began, its last tile 4.7; PERF.md). Three
+    # once the tiles it issued before it have drained (an H200 probe: 64 KB a block in flight,
+    # Qwen3's, the read back 2.50 us after the burst began, its last tile 2.75; PERF.md). Three
     # interleaved rounds: H200 Qwen3-1.7B +0.9 %, 1B +0.5 %, 8B -0.2 %, SmolLM2-135M -1.4 %,
     # Qwen2.5-0.5B -0.3 %; H100 Qwen3 -0.5 % (at position 2,000 -0.5 %), 1B -0.2 % (-0.3 %).
     # So gate_up's rule on GPUs with an H200's memory (>= 100 GiB: HBM3e; an H100's blocks end
