@@ -182,8 +182,8 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     // Two tiles in flight per warp (cur, nxt), both issued before the wait for the input (one
     // or none issued early in every GEMV measured 6% / 3% slower on Llama-3.2-1B, H200,
     // 2026-11-22: kernels_src/PERF.md), or with EARLY 1 the second after it: the wait's loads
-    // then queue behind one tile, not two (gate_up and qkv on pairs up to hidden 2,048:
-    // build_plan.py).
+    // then queue behind one tile, not two (gate_up on pairs up to hidden 2,048, qkv the same on
+    // GPUs with an H200's memory: build_plan.py).
     kog_vec4 cur[NLT], nxt[NLT];
     auto load = [&](int i, kog_vec4 (&v)[NLT]) {
         const int u = first + (i / TPU) * n_warps;

@@ -59,8 +59,8 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
             kog_st_tagged(out + row, v, out_tag);
         }
     };
-    kog_gemv<KOG_HIDDEN, 1, false, KOG_HIDDEN, KOG_QKV_EARLY>(p->wqkv + (kog_u64)layer * KOG_QKV_DIM * KOG_HIDDEN, r0, r1, xs, c,
-                            ready, epi);
+    kog_gemv<KOG_HIDDEN, 1, false, KOG_HIDDEN, KOG_QKV_EARLY>(
+        p->wqkv + (kog_u64)layer * KOG_QKV_DIM * KOG_HIDDEN, r0, r1, xs, c, ready, epi);
     kog_prof_end(c, layer * 16 + 2);
     return stop;
 }

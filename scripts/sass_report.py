@@ -37,13 +37,15 @@ def main(argv=None):
     ap.add_argument("tuning", nargs="?", default="{}")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--blocks", type=int, default=132, help="grid the build is planned for (H200: 132)")
+    ap.add_argument("--memory-gib", type=float, default=139.8,
+                    help="the GPU's memory the build is planned for (H200: 139.8; an H100: 79.1)")
     ap.add_argument("--dump", action="store_true", help="print the SASS (no line info) instead of the report")
     args = ap.parse_args(argv)
     nvdisasm = os.environ.get("KOG_NVDISASM") or shutil.which("nvdisasm")
     if not shutil.which("nvcc") or not nvdisasm:
         sys.exit("sass_report: needs nvcc and nvdisasm on PATH (or KOG_NVDISASM=/path/nvdisasm)")
     cfg = shape_config(args.shape)
-    plan = build_plan(cfg, args.blocks, 4096, tuning=json.loads(args.tuning))
+    plan = build_plan(cfg, args.blocks, 4096, tuning=json.loads(args.tuning), memory_gib=args.memory_gib)
     d = kernels.model_defines(cfg, "bfloat16", THREADS, plan.smem_floats,
                               len(abi.PARTITION_COLUMNS), plan.tuning)
     src = kernels.monokernel_source()

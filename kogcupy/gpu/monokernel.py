@@ -406,7 +406,7 @@ class MonokernelBackend(_OneLaunchBackend):
                                       or int(props.get("sharedMemPerBlock", 0))) or None,
                           hooks=profile_pos is not None or bool(debug_positions),
                           clusters=not kernels.is_hip() and int(props.get("major", 0)) >= 9,
-                          memory_gib=int(props.get("totalGlobalMem", 0)) / 2**30)
+                          memory_gib=int(props["totalGlobalMem"]) / 2**30)
         self.tuning, self.n_blocks, self.placement = plan.tuning, plan.n_blocks, plan.placement
         self._smem_floats, self.smem_bytes = plan.smem_floats, plan.smem_bytes
         self.bytes_per_token = float(streamed_weight_bytes(cfg))
