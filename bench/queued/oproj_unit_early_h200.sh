@@ -2,8 +2,9 @@
 # H200 only (bench/NOTES.md, thirty-seventh session): o_proj's tiles on the blocks that ran an
 # attention unit issued after the wait for their group's partials (KOG_OPROJ_UNIT_EARLY 0 / 1 of
 # the two), from bench/queued/oproj_unit_early.patch; lost on an H100 (PERF.md), not measured on
-# an H200. Also KOG_QKV_EARLY at position 2,000 on the H200 (kept there from position-0 rounds).
-# Device call: bash bench/queued/oproj_unit_early_h200.sh  (results under $OUT; ~60 s; exits at once on an H100)
+# an H200. Also KOG_QKV_EARLY at position 2,000 on the H200 (kept there from position-0 rounds),
+# and scripts/burst_probe.py re-run after its review fixes (d6636f5; PERF.md).
+# Device call: bash bench/queued/oproj_unit_early_h200.sh  (results under $OUT; ~100 s; exits at once on an H100)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-device_out}; mkdir -p "$OUT"
@@ -20,3 +21,6 @@ echo "tune rc=$?"
 git apply -R bench/queued/oproj_unit_early.patch
 grep -v '^{' $OUT/variants-h200-$D-qkv-early-2000.txt | tail -n 14
 grep -v '^{' $OUT/variants-h200-$D-oproj-unit-early.txt | tail -n 38
+timeout 60 python3 scripts/burst_probe.py > $OUT/burst-probe-h200-$D.txt 2>&1
+timeout 40 python3 scripts/burst_probe.py idle >> $OUT/burst-probe-h200-$D.txt 2>&1
+cat $OUT/burst-probe-h200-$D.txt
