@@ -5,8 +5,8 @@
 // (a warp on NVIDIA; 16 groups a block) issues TILES tiles of 8 16-byte streaming loads a lane
 // (4 KB a tile: two of the GEMVs' tiles at KOG_GEMV_MAX_LOADS 4; kog_ld_stream) at once, then
 // consumes them; or streams `stream_tiles` tiles with two in flight, as kog_gemv does.
-// Thread 0 stamps the block's start, the sum's read back (every thread's) and the end (kog_globaltimer: ns on
-// NVIDIA, 10-ns ticks on AMD).
+// Thread 0 stamps the block's start, the sum's read back (every thread's) and the end
+// (kog_globaltimer: ns on NVIDIA, 10-ns ticks on AMD).
 //   mode bit 0: the even blocks red.add 4 words a thread into `sum` (2,048 words, one part
 //               from each of half the grid, as down's pairs add into an in sum)
 //   mode bit 1: every block reads the 2,048 words of `sum` once after issuing its loads (one
