@@ -24,9 +24,11 @@
 // a residual sum polled on its last pair before it is read, KOG_ZERO_EARLY the next position's
 // sums zeroed at o_proj's start instead of in gate_up's wait (kog_xsum_zero_next),
 // KOG_GATE_UP_EARLY / KOG_QKV_EARLY the tiles a warp of gate_up / attn_norm_qkv issues before
-// its wait (kog_gemv's EARLY).
+// its wait (kog_gemv's EARLY), KOG_GRAB_AHEAD the dynamic tail's grabs issued ahead in one
+// stream with the static tiles (kog_gemv).
 #if !defined(KOG_GEMV_MAX_LOADS) || !defined(KOG_DYN_PERMILLE) || !defined(KOG_DOWN_DEPTH) || \
-    !defined(KOG_POLL_SENTINEL) || !defined(KOG_ZERO_EARLY) || !defined(KOG_GATE_UP_EARLY) || !defined(KOG_QKV_EARLY)
+    !defined(KOG_POLL_SENTINEL) || !defined(KOG_ZERO_EARLY) || !defined(KOG_GATE_UP_EARLY) || !defined(KOG_QKV_EARLY) || \
+    !defined(KOG_GRAB_AHEAD)
 #error "GEMV knobs come from kernels.py (model_defines)"
 #endif
 
@@ -242,6 +244,79 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     auto consume = [&](int i, const kog_vec4 (&v)[NLT]) {
         dot_tile(i % TPU, v, first + (i / TPU) * n_warps);
     };
+#if KOG_GRAB_AHEAD
+    if constexpr (DYN) {
+        // One stream of tiles: the static units' then the grabbed units', loaded two ahead of
+        // the dot products across the boundary and across grabs. A grab's atomic is issued NT
+        // tiles before its first tile is loaded (the first one NT tiles before the static
+        // tiles end), so neither its round trip nor a refill of the two tiles falls between
+        // units. Still exactly one failed grab a warp; every grab follows ready() (the cursor's
+        // base for this position holds only after the wait, KogDynamic).
+        constexpr int GRAB = KogGemvShape<K, UNIT>::GRAB;
+        constexpr int NT = GRAB * TPU;                          // tiles per grab
+        const int n_grabs = (dyn.end - dyn.begin + GRAB - 1) / GRAB;
+        const int ask_at = n_tiles > NT ? n_tiles - NT : 0;     // stream tile the first ask precedes
+        int ld_i = n_tiles > 1 ? 2 : n_tiles;                   // stream tiles handed to a buffer
+        int r = 0, g_base = 0, v_pend = 0;
+        bool asked = false, done = false;
+        auto ask = [&]() {
+            if (lane == 0) v_pend = (int)(atomicAdd(dyn.cursor, 1u) - dyn.base);
+            asked = true;
+        };
+        // the unit and tile of the next stream tile (u < 0: the stream is over; u >= dyn.end:
+        // past the last unit in the last grab, a tile with nothing to do), and its loads
+        auto next = [&](int& u, int& kt, kog_vec4 (&v)[NLT]) {
+            if (!asked && !done && ld_i >= ask_at) ask();
+            if (ld_i < n_tiles) {
+                u = first + (ld_i / TPU) * n_warps;
+                kt = ld_i % TPU;
+            } else if (done) {
+                u = -1;
+                return;
+            } else {
+                if (r == 0) {
+                    const int g = kog_shfl_int(v_pend, 0);
+                    asked = false;
+                    if (g >= n_grabs) {
+                        done = true;
+                        u = -1;
+                        return;
+                    }
+                    g_base = dyn.begin + g * GRAB;
+                    ask();                                      // the grab after this one
+                }
+                u = g_base + r / TPU;
+                kt = r % TPU;
+                r = r + 1 == NT ? 0 : r + 1;
+            }
+            if (ld_i++ < n_tiles || u < dyn.end) {
+#pragma unroll
+                for (int j = 0; j < NLT; ++j)
+                    if (FULL || kt * TILE + j * KOG_WARP + lane < CPU)
+                        v[j] = kog_ld_stream(W4 + (kog_u64)u * CPU + kt * TILE + j * KOG_WARP + lane);
+            }
+        };
+        int ua = n_tiles > 0 ? first : -1, ka = 0;
+        int ub = n_tiles > 1 ? first + (1 / TPU) * n_warps : -1, kb = 1 % TPU;
+        if (ua < 0) next(ua, ka, cur);
+        if (ub < 0) next(ub, kb, nxt);
+        int ci = 0;                                             // stream tiles consumed
+        if (n_tiles == 0) after_static();
+        auto take = [&](int u, int kt, const kog_vec4 (&v)[NLT]) {
+            if (ci < n_tiles || u < dyn.end) dot_tile(kt, v, u);
+            if (++ci == n_tiles) after_static();
+        };
+        // (unrolled by two, as below: the buffers swap roles without register moves)
+        while (ua >= 0) {
+            take(ua, ka, cur);
+            next(ua, ka, cur);
+            if (ub < 0) break;
+            take(ub, kb, nxt);
+            next(ub, kb, nxt);
+        }
+        return;
+    }
+#endif
     // Unrolled by two so the buffers swap roles without register moves (a move of a pending
     // load would stall until it lands, leaving one tile in flight instead of two).
     for (int i = 0; i < n_tiles; i += 2) {
