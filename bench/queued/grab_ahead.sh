@@ -16,7 +16,7 @@ tail -n 3 $OUT/grab-stage-tests-$G-$D.txt
 g='{"KOG_GRAB_AHEAD": 1}'; s='{"KOG_QKV_STAGE": 1}'; gs='{"KOG_GRAB_AHEAD": 1, "KOG_QKV_STAGE": 1}'
 timeout 220 python3 scripts/tune_monokernel.py qwen3-1.7b,llama-3.2-1b "[{}, $g, $s, $gs, {}, $g, $s, $gs, {}, $g, $s, $gs]" 256 > $V 2>&1
 echo "tune rc=$?"
-for sh in qwen3-1.7b llama-3.2-1b; do
+for sh in qwen3-1.7b; do
   for t in "$g" "$s"; do n=$(echo "$t" | tr -dc 'A-Z_' | sed 's/KOG_//'); KOGCUPY_TUNING="$t" timeout 60 python3 -m kogcupy.cli profile --shape $sh \
     --out $OUT/trace-$sh-$n-$G-$D.json > $OUT/profile-$sh-$n-$G-$D.txt 2>&1; gzip -f $OUT/trace-$sh-$n-$G-$D.json; tail -n 6 $OUT/profile-$sh-$n-$G-$D.txt; done; done
 timeout 90 python3 scripts/tune_monokernel.py llama-3.1-8b "[{}, $g, {}, $g, {}, $g]" 256 >> $V 2>&1
