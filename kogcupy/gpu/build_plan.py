@@ -274,10 +274,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         qkv_early = 1
     tuning["KOG_QKV_EARLY"] = qkv_early
     # attn_norm_qkv's rows all staged in shared memory before the wait (gemv.cuh
-    # kog_gemv_staged): the block's rows at most, one GPU, NVIDIA (cp.async)
-    qkv_stage = _flag(tuning, "KOG_QKV_STAGE", caller)
-    if qkv_stage and (world > 1 or arch):
-        raise DeviceError(f"KOG_QKV_STAGE=1{_from_env('KOG_QKV_STAGE', caller)}: one NVIDIA GPU only")
+    # kog_gemv_staged): one GPU, NVIDIA (cp.async)
+    qkv_stage = _flag(tuning, "KOG_QKV_STAGE", caller) if world == 1 and not arch else 0
     tuning["KOG_QKV_STAGE"] = qkv_stage
     stage_rows = int((placement.partition[:, 1] - placement.partition[:, 0]).max()) if qkv_stage else 0
     tuning["KOG_QKV_STAGE_ROWS"] = stage_rows
