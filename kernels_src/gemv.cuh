@@ -24,12 +24,9 @@
 // a residual sum polled on its last pair before it is read, KOG_ZERO_EARLY the next position's
 // sums zeroed at o_proj's start instead of in gate_up's wait (kog_xsum_zero_next),
 // KOG_GATE_UP_EARLY / KOG_QKV_EARLY the tiles a warp of gate_up / attn_norm_qkv issues before
-// its wait (kog_gemv's EARLY), KOG_GRAB_AHEAD the dynamic tail's grabs issued ahead in one
-// stream with the static tiles (kog_gemv), KOG_QKV_STAGE attn_norm_qkv's rows staged in shared
-// memory before its wait (kog_gemv_staged; KOG_QKV_STAGE_ROWS rows a block at most).
+// its wait (kog_gemv's EARLY).
 #if !defined(KOG_GEMV_MAX_LOADS) || !defined(KOG_DYN_PERMILLE) || !defined(KOG_DOWN_DEPTH) || \
-    !defined(KOG_POLL_SENTINEL) || !defined(KOG_ZERO_EARLY) || !defined(KOG_GATE_UP_EARLY) || !defined(KOG_QKV_EARLY) || \
-    !defined(KOG_GRAB_AHEAD) || !defined(KOG_QKV_STAGE) || !defined(KOG_QKV_STAGE_ROWS)
+    !defined(KOG_POLL_SENTINEL) || !defined(KOG_ZERO_EARLY) || !defined(KOG_GATE_UP_EARLY) || !defined(KOG_QKV_EARLY)
 #error "GEMV knobs come from kernels.py (model_defines)"
 #endif
 
@@ -141,7 +138,8 @@ struct KogGemvShape {
 // Optional dynamic tail (DYN): after its static units, each warp grabs units [dyn_begin,
 // dyn_end) GRAB at a time from a monotone counter (`cursor`, value `base` at this stage's start;
 // every warp ends with exactly one failed grab, so the next position's base is known). It
-// evens out multiprocessors that get less bandwidth than others.
+// evens out multiprocessors that get less bandwidth than others. A grab is asked for one grab
+// ahead and its tiles continue the warp's stream of two tiles in flight (kog_gemv).
 struct KogDynamic {
     kog_u32* cursor;
     kog_u32 base;
@@ -245,7 +243,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     auto consume = [&](int i, const kog_vec4 (&v)[NLT]) {
         dot_tile(i % TPU, v, first + (i / TPU) * n_warps);
     };
-#if KOG_GRAB_AHEAD
     if constexpr (DYN) {
         // One stream of tiles: the static units' then the grabbed units', loaded two ahead of
         // the dot products across the boundary and across grabs. A grab's atomic is issued NT
@@ -317,7 +314,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         }
         return;
     }
-#endif
     // Unrolled by two so the buffers swap roles without register moves (a move of a pending
     // load would stall until it lands, leaving one tile in flight instead of two).
     for (int i = 0; i < n_tiles; i += 2) {
@@ -329,81 +325,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         }
     }
     after_static();
-    if constexpr (DYN) {
-        constexpr int GRAB = KogGemvShape<K, UNIT>::GRAB;
-        constexpr int NT = GRAB * TPU;                          // tiles per grab
-        const int n_grabs = (dyn.end - dyn.begin + GRAB - 1) / GRAB;
-        kog_vec4 da[NLT], db[NLT];
-        for (;;) {
-            int v = 0;
-            if (lane == 0) v = (int)(atomicAdd(dyn.cursor, 1u) - dyn.base);
-            v = kog_shfl_int(v, 0);
-            if (v >= n_grabs) break;
-            const int u0 = dyn.begin + v * GRAB;
-            auto dload = [&](int i, kog_vec4 (&d)[NLT]) {
-                const int u = u0 + i / TPU, kt = i % TPU;
-                if (u < dyn.end) {
-#pragma unroll
-                    for (int j = 0; j < NLT; ++j)
-                        if (FULL || kt * TILE + j * KOG_WARP + lane < CPU)
-                            d[j] = kog_ld_stream(W4 + (kog_u64)u * CPU + kt * TILE + j * KOG_WARP + lane);
-                }
-            };
-            auto dconsume = [&](int i, const kog_vec4 (&d)[NLT]) {
-                const int u = u0 + i / TPU;
-                if (u < dyn.end) dot_tile(i % TPU, d, u);
-            };
-            dload(0, da);
-            if (NT > 1) dload(1, db);
-            for (int i = 0; i < NT; i += 2) {
-                dconsume(i, da);
-                if (i + 2 < NT) dload(i + 2, da);
-                if (i + 1 < NT) {
-                    dconsume(i + 1, db);
-                    if (i + 3 < NT) dload(i + 3, db);
-                }
-            }
-        }
-    }
-}
-
-// kog_gemv with every row of the block staged in shared memory (`stage`, (u_end - u_begin) rows
-// of K weights) by cp.async before the wait: the whole stage in flight at once, no register
-// tiles, no round trip after the wait (attn_norm_qkv with KOG_QKV_STAGE). A lane reads back
-// only the chunks it copied (no barrier). UNIT 1, whole rows.
-template <int K, class Ready, class Epilogue>
-KOG_DEVICE void kog_gemv_staged(const kog_u16* W, int u_begin, int u_end, const float* xs, kog_vec4* stage,
-                                Ready ready, Epilogue epi) {
-    static_assert(K % 8 == 0, "rows must be a whole number of 16-byte vectors");
-    constexpr int CPR = K / 8;
-    const int lane = threadIdx.x % KOG_WARP;
-    const int warp = threadIdx.x / KOG_WARP;
-    const int n_warps = blockDim.x / KOG_WARP;
-    const kog_vec4* W4 = reinterpret_cast<const kog_vec4*>(W);
-    for (int u = u_begin + warp; u < u_end; u += n_warps) {
-        const kog_vec4* src = W4 + (kog_u64)u * CPR;
-        kog_vec4* dst = stage + (u - u_begin) * CPR;
-#pragma unroll 4
-        for (int ch = lane; ch < CPR; ch += KOG_WARP) kog_copy16(dst + ch, src + ch);
-    }
-    kog_copy16_commit();
-    const float scale = ready();
-    kog_copy16_wait_groups<0>();                 // (also on the way out: the next stage's shared memory)
-    if (!(scale > 0.f)) return;
-    const float4* x4 = reinterpret_cast<const float4*>(xs);
-    for (int u = u_begin + warp; u < u_end; u += n_warps) {
-        const kog_vec4* row = stage + (u - u_begin) * CPR;
-        float acc[1] = {0.f}, acc2 = 0.f;
-#pragma unroll 4
-        for (int ch = lane; ch < CPR; ch += KOG_WARP) {
-            const float4 a = x4[2 * ch], b = x4[2 * ch + 1];
-            const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-            if ((ch / KOG_WARP) % 2 == 0) acc[0] = kog_dot8(row[ch], xv, acc[0]);
-            else acc2 = kog_dot8(row[ch], xv, acc2);
-        }
-        acc[0] = kog_warp_sum(acc[0] + acc2);
-        epi(u, acc, scale);
-    }
 }
 
 // The dynamic-tail cursor of a stage at position index `index` (see KogDynamic).

@@ -59,14 +59,8 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
             kog_st_tagged(out + row, v, out_tag);
         }
     };
-#if KOG_QKV_STAGE
-    static_assert(KOG_HIDDEN + KOG_QKV_STAGE_ROWS * KOG_HIDDEN / 2 <= KOG_SMEM_FLOATS, "qkv's rows fit after x");
-    kog_gemv_staged<KOG_HIDDEN>(p->wqkv + (kog_u64)layer * KOG_QKV_DIM * KOG_HIDDEN, r0, r1, xs,
-                                reinterpret_cast<kog_vec4*>(c.smem + KOG_HIDDEN), ready, epi);
-#else
     kog_gemv<KOG_HIDDEN, 1, false, KOG_HIDDEN, KOG_QKV_EARLY>(
         p->wqkv + (kog_u64)layer * KOG_QKV_DIM * KOG_HIDDEN, r0, r1, xs, c, ready, epi);
-#endif
     kog_prof_end(c, layer * 16 + 2);
     return stop;
 }

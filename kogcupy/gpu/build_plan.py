@@ -82,14 +82,12 @@ def sample_smem_floats(cfg: ModelConfig, n_blocks: int = 132) -> int:
 
 def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = None,
                 threads: int = THREADS, warp: int = 32, ffn_slots: int | None = None,
-                down_depth: int | None = None, arch: str = "", n_blocks: int = 132,
-                qkv_stage_rows: int = 0) -> int:
+                down_depth: int | None = None, arch: str = "", n_blocks: int = 132) -> int:
     """KOG_SMEM_FLOATS: the largest per-stage working set (activation vector, attention unit,
     sampler histograms + vocabulary slice, the FFN's x + down partials + activations + row
     staging), rounded to 16 bytes. `tile`, `bufs`: KOG_ATTN_TILE / _BUFS; `ffn_slots`:
     KOG_FFN_SLOTS (default: the FFN width, an upper bound); `down_depth`: KOG_DOWN_DEPTH
-    (default: kernels.py's); `n_blocks`: the grid (the sampler's slice); `qkv_stage_rows`:
-    the wqkv rows a block stages in shared memory (KOG_QKV_STAGE, 0: none)."""
+    (default: kernels.py's); `n_blocks`: the grid (the sampler's slice)."""
     default_tile, default_bufs = attn_tiling(cfg, arch)
     tile, bufs = tile or default_tile, bufs or default_bufs
     g, hd = cfg.gqa_group, cfg.head_dim
@@ -106,8 +104,7 @@ def smem_floats(cfg: ModelConfig, tile: int | None = None, bufs: int | None = No
     ffn = (-(-(h + groups * h + 2 * slots) // 4) * 4                           # gate_up.cuh KOG_FFN_SMEM_FLOATS
            + (down_depth or kernels.DEFAULT_TUNING["KOG_DOWN_DEPTH"]) * 4 * threads
            * -(-chunks // threads))
-    qkv = cfg.hidden_size + qkv_stage_rows * cfg.hidden_size // 2     # gemv.cuh kog_gemv_staged
-    n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample, ffn, qkv)
+    n = max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim, attn, sample, ffn)
     return -(-n // 4) * 4
 
 
@@ -273,12 +270,6 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if "KOG_QKV_EARLY" not in tuning and mid_pairs and memory_gib >= H200_CLASS_GIB:
         qkv_early = 1
     tuning["KOG_QKV_EARLY"] = qkv_early
-    # attn_norm_qkv's rows all staged in shared memory before the wait (gemv.cuh
-    # kog_gemv_staged): one GPU, NVIDIA (cp.async)
-    qkv_stage = _flag(tuning, "KOG_QKV_STAGE", caller) if world == 1 and not arch else 0
-    tuning["KOG_QKV_STAGE"] = qkv_stage
-    stage_rows = int((placement.partition[:, 1] - placement.partition[:, 0]).max()) if qkv_stage else 0
-    tuning["KOG_QKV_STAGE_ROWS"] = stage_rows
     if n_blocks < lcfg.n_kv_heads:
         # tensor parallel: the unit combining a head's partials must be the last unit of its
         # block (one GPU's o_proj items merge them; it has not run below this either)
@@ -305,7 +296,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
 
     def smem_bytes(tile, bufs):
         return 4 * (smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth, arch,
-                                n_blocks, stage_rows) + scratch + 16
+                                n_blocks) + scratch + 16
                     + x_full)
     if smem_limit and "KOG_ATTN_TILE" not in tuning:
         while (smem_bytes(tile, bufs) > smem_limit and
@@ -324,5 +315,5 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     return BuildPlan(n_blocks=n_blocks, tuning=tuning, placement=placement,
                      attn_chunk=attn_chunk,
                      smem_floats=smem_floats(lcfg, tile, bufs, threads, warp, placement.ffn_slots, depth, arch,
-                                             n_blocks, stage_rows),
+                                             n_blocks),
                      smem_bytes=smem_bytes(tile, bufs))
