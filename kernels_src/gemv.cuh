@@ -247,9 +247,10 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         // One stream of tiles: the static units' then the grabbed units', loaded two ahead of
         // the dot products across the boundary and across grabs. A grab's atomic is issued NT
         // tiles before its first tile is loaded (the first one NT tiles before the static
-        // tiles end), so neither its round trip nor a refill of the two tiles falls between
-        // units. Still exactly one failed grab a warp; every grab follows ready() (the cursor's
-        // base for this position holds only after the wait, KogDynamic).
+        // tiles end, or at the first tile after the wait when the warp has fewer), so neither
+        // its round trip nor a refill of the two tiles falls between units. Still exactly one
+        // failed grab a warp; every grab follows ready() (the cursor's base for this position
+        // holds only after the wait, KogDynamic).
         constexpr int GRAB = KogGemvShape<K, UNIT>::GRAB;
         constexpr int NT = GRAB * TPU;                          // tiles per grab
         const int n_grabs = (dyn.end - dyn.begin + GRAB - 1) / GRAB;
