@@ -155,8 +155,9 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     caller, tuning = tuning, {**kernels.ENV_TUNING, **(tuning or {})}   # the variable's count as asked
     if hooks:
         tuning["KOG_HOOKS"] = 1               # the stage timings / dumps are compiled in
-    # a small model's stages are too short for the grabs (SmolLM2: +10% static) and for the
-    # cluster barriers (SmolLM2: -3% in pairs)
+    # a small model's stages are too short for the grabs (SmolLM2: +10% static; H100 2026-12-07
+    # with the grabs asked ahead: a 100-permille tail -22%, Qwen2.5-0.5B -17%, PERF.md) and for
+    # the cluster barriers (SmolLM2: -3% in pairs)
     small = world == 1 and lcfg.hidden_size < DYN_MIN_ROWS * int(blocks or n_sms)
     dyn = _knob(tuning, "KOG_DYN_PERMILLE")
     if "KOG_DYN_PERMILLE" not in tuning and small:
