@@ -901,19 +901,23 @@ def profile(model_path, shape, position, new_tokens, gpus, dtype, out, summarize
     if not all((s > 0).any() for s in stamps):
         raise DeviceError(f"the profiling build recorded no stamp at position {position} "
                           f"(the generation ended before it?)")
+    lcfg = getattr(ranks[0], "lcfg", None)            # (rank 0's share: every rank's, tensor parallel)
+    mb = prof.stage_mb(lcfg) if lcfg is not None else None     # (GPU storage: 16-bit weights)
     n = prof.write_trace(out, stamps, {"model": what, "position": position, "gpus": gpus,
-                                       "gpu": backend.gpu_name, "blocks": backend.n_blocks})
+                                       "gpu": backend.gpu_name, "blocks": backend.n_blocks,
+                                       **({"stage_mb": mb} if mb else {})})
     click.echo(f"kogcupy profile: {what}, position {position}, {gpus} x {backend.gpu_name}, "
                f"{backend.n_blocks} blocks per GPU; {_PROFILE_UNITS}")
-    _profile_tables(stamps)
+    _profile_tables(stamps, mb)
     click.echo(f"trace: {out} ({n} events); open it in https://ui.perfetto.dev")
 
 
 _PROFILE_UNITS = "us, stages: median over blocks and layers, hop and span: median over layers"
 
 
-def _profile_tables(stamps) -> None:
-    """Per GPU: the stage summary, the idle time per block and the layer's critical path."""
+def _profile_tables(stamps, mb: dict | None = None) -> None:
+    """Per GPU: the stage summary, the idle time per block and the layer's critical path (with
+    each GEMV stage's stream rate when `mb`, its MB of weights a GPU, is known)."""
     from .gpu import profile as prof
     t0 = prof.time_zero(stamps)
     for r, s in enumerate(stamps):
@@ -922,7 +926,7 @@ def _profile_tables(stamps) -> None:
             click.echo(f"GPU {r} (first stamp {first / 1e3:+.1f} us from GPU 0's; "
                        f"cross-GPU alignment is approximate):")
         click.echo(prof.format_summary(prof.summary_rows(s), prof.block_idle(s)))
-        click.echo(prof.format_chain(prof.chain_rows(s)))
+        click.echo(prof.format_chain(prof.chain_rows(s, mb)))
 
 
 def _profile_summarize(path: str) -> None:
@@ -941,10 +945,26 @@ def _profile_summarize(path: str) -> None:
         raise InputError(f"--summarize {path}: not a trace written by kogcupy profile "
                          f"({e or type(e).__name__})") from None
     meta = data.get("otherData")
+    mb = None
     if isinstance(meta, dict) and meta:
-        click.echo("kogcupy profile: " + ", ".join(f"{k} {v}" for k, v in meta.items()))
+        click.echo("kogcupy profile: " + ", ".join(f"{k} {v}" for k, v in meta.items() if k != "stage_mb"))
+        mb = meta.get("stage_mb")
+        if not (isinstance(mb, dict) and all(isinstance(mb.get(k), (int, float)) for k in ("qkv", "o_proj", "gate_up", "down"))):
+            mb = _shape_stage_mb(meta)
     click.echo(_PROFILE_UNITS)
-    _profile_tables(stamps)
+    _profile_tables(stamps, mb)
+
+
+def _shape_stage_mb(meta: dict) -> dict | None:
+    """A one-GPU trace of a benchmark shape written before traces carried "stage_mb": its MB
+    from the shape (bf16, as `--shape` runs by default); None when unknown."""
+    from .gpu import profile as prof
+    from .model.random_weights import SHAPES, shape_config
+    model = meta.get("model")
+    if meta.get("gpus", 1) != 1 or not isinstance(model, str) or not model.startswith("shape "):
+        return None
+    name = model.split()[1]
+    return prof.stage_mb(shape_config(name)) if name in SHAPES else None
 
 
 def _profile_gpus(gpus: int) -> None:

@@ -164,6 +164,25 @@ def test_chain_rows_from_the_previous_layers_last_down_end():
     assert "critical path" in text and "last_end" in text
 
 
+def test_chain_rows_stream_rate():
+    """With the stages' MB, a GEMV stage's row gives MB over (last end - median inputs ready)."""
+    P = synthetic(blocks=3, layers=3)
+    mb = {"qkv": 1.0, "o_proj": 2.0, "gate_up": 4.0, "down": 8.0}
+    rows = {r["stage"]: r for r in prof.chain_rows(P, mb)}
+    for name, m in mb.items():
+        r = rows[name]
+        assert r["tbs"] == pytest.approx(m / (r["last_end_us"] - r["median_us"])), name
+    assert "tbs" not in rows["attention"]
+    assert all("tbs" not in r for r in prof.chain_rows(P))
+    text = prof.format_chain(list(rows.values()))
+    assert "TB/s" in text and f"{rows['down']['tbs']:8.2f}" in text
+    assert "TB/s" not in prof.format_chain(prof.chain_rows(P))
+    from kogcupy.model.random_weights import shape_config
+    q = prof.stage_mb(shape_config("qwen3-1.7b"))          # hidden 2,048, FFN 6,144, qkv 4,096
+    assert q == pytest.approx({"qkv": 16.777216, "o_proj": 8.388608, "gate_up": 50.331648,
+                               "down": 25.165824})
+
+
 def test_a_saved_trace_gives_the_same_tables(tmp_path):
     P0, P1 = synthetic(blocks=3, layers=3), synthetic(blocks=2, layers=3, offset=300)
     P0[1, 16 + 3 + 1] += 400          # block 1 sees attention's inputs late
@@ -295,6 +314,12 @@ def test_summarize_prints_a_saved_traces_tables(tmp_path):
     assert r.exit_code == 0, (r.output, r.exception)
     assert "model m, position 7" in r.stdout and "GPU 1 (first stamp +1.0 us" in r.stdout
     assert r.stdout.count("critical path") == 2 and "hop_us" in r.stdout
+    assert "TB/s" not in r.stdout                      # (no shape, no stage_mb: no rate)
+    for meta in ({"model": "shape qwen3-1.7b (random weights)", "gpus": 1},
+                 {"model": "m", "stage_mb": {"qkv": 1.0, "o_proj": 2.0, "gate_up": 4.0, "down": 8.0}}):
+        (tmp_path / "s.json").write_text(json.dumps(prof.trace([synthetic()], meta)))
+        r = invoke(["--summarize", str(tmp_path / "s.json")])
+        assert r.exit_code == 0 and "TB/s" in r.stdout and "stage_mb" not in r.stdout, r.output
     assert_user_error(invoke(["--summarize", str(tmp_path / "none.json")]), "no such file")
     (tmp_path / "x.json").write_text("{}")
     assert_user_error(invoke(["--summarize", str(tmp_path / "x.json")]), "not a trace written by")

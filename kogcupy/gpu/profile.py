@@ -182,12 +182,24 @@ def block_idle(stamps: np.ndarray) -> dict:
             "gap_us": (window - inside) / 1000.0, "idle_us": (window - work) / 1000.0}
 
 
-def chain_rows(stamps: np.ndarray) -> list[dict]:
+def stage_mb(cfg, dtype_bytes: int = 2) -> dict:
+    """MB of weights each GEMV stage of a layer streams on one GPU (`cfg`: that GPU's share)."""
+    h = cfg.hidden_size
+    return {"qkv": cfg.qkv_dim * h * dtype_bytes / 1e6, "o_proj": h * cfg.q_dim * dtype_bytes / 1e6,
+            "gate_up": 2 * cfg.intermediate_size * h * dtype_bytes / 1e6,
+            "down": h * cfg.intermediate_size * dtype_bytes / 1e6}
+
+
+def chain_rows(stamps: np.ndarray, mb: dict | None = None) -> list[dict]:
     """The layer's critical path, one GPU (µs): per layer stage, medians over layers 1.. of the
     first, median and last participating block's inputs-ready stamp and the last block's end,
     each measured from the previous layer's last down end (the layer's start as its qkv sees
     it). Where the chain waits shows as the gap from one stage's last end to the next one's
-    readiness; where a stage's blocks spread, as first vs last."""
+    readiness; where a stage's blocks spread, as first vs last. With `mb` (stage_mb), a GEMV
+    stage's row also gets "tbs": its MB over the time from its median block's inputs to its
+    last block's end, in TB/s -- the rate the stage streamed at once its input was there (weight
+    tiles issued before the wait count too, so qkv and o_proj read high; gate_up's time also
+    streams down's first rows, which its tail issues)."""
     P = np.asarray(stamps).astype(np.int64)
     cols = ("first", "median", "last", "last_end")
     acc = {name: {c: [] for c in cols} for name in STAGES}
@@ -201,7 +213,12 @@ def chain_rows(stamps: np.ndarray) -> list[dict]:
                     acc[name][c].append(v)
         _, e, part = _participants(P, layer * SLOTS_PER_LAYER + 3 * STAGES.index("down"))
         base = int(e[part].max()) if part.any() else None
-    return [{"stage": name, **{c + "_us": _median(acc[name][c]) for c in cols}} for name in STAGES]
+    rows = [{"stage": name, **{c + "_us": _median(acc[name][c]) for c in cols}} for name in STAGES]
+    for r in rows:
+        span = r["last_end_us"] - r["median_us"]
+        if mb and r["stage"] in mb:
+            r["tbs"] = mb[r["stage"]] / span if span > 0 else float("nan")
+    return rows
 
 
 def stamps_from_trace(trace_json: dict) -> list[np.ndarray]:
@@ -254,8 +271,14 @@ def format_chain(rows: Sequence[dict]) -> str:
     lines = ["the layer's critical path: us after the previous layer's last down end, median "
              "over layers;", "inputs ready (first / median / last block), last block's end",
              f"{'stage':10s} " + " ".join(f"{c[:-3]:>8s}" for c in cols)]
+    rate = any("tbs" in r for r in rows)
+    if rate:
+        lines[1] += ("; TB/s: the stage's weights (MB) over last_end - median (reads high where "
+                     "tiles are issued before the wait)")
+        lines[2] += f" {'TB/s':>8s}"
     for r in rows:
-        lines.append(f"{r['stage']:10s} " + " ".join(f"{r[c]:8.2f}" for c in cols))
+        lines.append(f"{r['stage']:10s} " + " ".join(f"{r[c]:8.2f}" for c in cols)
+                     + (f" {r['tbs']:8.2f}" if "tbs" in r else ""))
     return "\n".join(lines)
 
 
