@@ -186,9 +186,9 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     // then queue behind one tile, not two (gate_up on pairs up to hidden 2,048, qkv the same on
     // GPUs with an H200's memory: build_plan.py).
     kog_vec4 cur[NLT], nxt[NLT];
-    auto load = [&](int i, kog_vec4 (&v)[NLT]) {
-        const int u = first + (i / TPU) * n_warps;
-        const int kt = i % TPU;
+    auto static_unit = [&](int i) { return first + (i / TPU) * n_warps; };   // of static tile i
+    // tile kt of unit u into v
+    auto load_tile = [&](int u, int kt, kog_vec4 (&v)[NLT]) {
         if constexpr (LD == K) {
             const kog_vec4* base = W4 + (kog_u64)u * CPU + kt * TILE + lane;
 #pragma unroll
@@ -205,6 +205,7 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
             }
         }
     };
+    auto load = [&](int i, kog_vec4 (&v)[NLT]) { load_tile(static_unit(i), i % TPU, v); };
     if (n_tiles > 0) load(0, cur);
     if (n_tiles > 1 && EARLY == 2) load(1, nxt);
 
@@ -241,7 +242,7 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         }
     };
     auto consume = [&](int i, const kog_vec4 (&v)[NLT]) {
-        dot_tile(i % TPU, v, first + (i / TPU) * n_warps);
+        dot_tile(i % TPU, v, static_unit(i));
     };
     if constexpr (DYN) {
         // One stream of tiles: the static units' then the grabbed units', loaded two ahead of
@@ -267,7 +268,7 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         auto next = [&](int& u, int& kt, kog_vec4 (&v)[NLT]) {
             if (!asked && !done && ld_i >= ask_at) ask();
             if (ld_i < n_tiles) {
-                u = first + (ld_i / TPU) * n_warps;
+                u = static_unit(ld_i);
                 kt = ld_i % TPU;
             } else if (done) {
                 u = -1;
@@ -288,15 +289,10 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
                 kt = r % TPU;
                 r = r + 1 == NT ? 0 : r + 1;
             }
-            if (ld_i++ < n_tiles || u < dyn.end) {
-#pragma unroll
-                for (int j = 0; j < NLT; ++j)
-                    if (FULL || kt * TILE + j * KOG_WARP + lane < CPU)
-                        v[j] = kog_ld_stream(W4 + (kog_u64)u * CPU + kt * TILE + j * KOG_WARP + lane);
-            }
+            if (ld_i++ < n_tiles || u < dyn.end) load_tile(u, kt, v);
         };
-        int ua = n_tiles > 0 ? first : -1, ka = 0;
-        int ub = n_tiles > 1 ? first + (1 / TPU) * n_warps : -1, kb = 1 % TPU;
+        int ua = n_tiles > 0 ? static_unit(0) : -1, ka = 0;
+        int ub = n_tiles > 1 ? static_unit(1) : -1, kb = 1 % TPU;
         if (ua < 0) next(ua, ka, cur);
         if (ub < 0) next(ub, kb, nxt);
         int ci = 0;                                             // stream tiles consumed
