@@ -949,7 +949,7 @@ def _profile_summarize(path: str) -> None:
     if isinstance(meta, dict) and meta:
         click.echo("kogcupy profile: " + ", ".join(f"{k} {v}" for k, v in meta.items() if k != "stage_mb"))
         mb = meta.get("stage_mb")
-        if not (isinstance(mb, dict) and all(isinstance(mb.get(k), (int, float)) for k in ("qkv", "o_proj", "gate_up", "down"))):
+        if not (isinstance(mb, dict) and all(isinstance(mb.get(k), (int, float)) for k in prof.GEMV_STAGES)):
             mb = _shape_stage_mb(meta)
     click.echo(_PROFILE_UNITS)
     _profile_tables(stamps, mb)

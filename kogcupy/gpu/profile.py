@@ -182,8 +182,12 @@ def block_idle(stamps: np.ndarray) -> dict:
             "gap_us": (window - inside) / 1000.0, "idle_us": (window - work) / 1000.0}
 
 
+GEMV_STAGES = ("qkv", "o_proj", "gate_up", "down")     # the layer stages that stream weights
+
+
 def stage_mb(cfg, dtype_bytes: int = 2) -> dict:
-    """MB of weights each GEMV stage of a layer streams on one GPU (`cfg`: that GPU's share)."""
+    """MB of weights each GEMV stage of a layer streams on one GPU (`cfg`: that GPU's share),
+    keyed by GEMV_STAGES."""
     h = cfg.hidden_size
     return {"qkv": cfg.qkv_dim * h * dtype_bytes / 1e6, "o_proj": h * cfg.q_dim * dtype_bytes / 1e6,
             "gate_up": 2 * cfg.intermediate_size * h * dtype_bytes / 1e6,
