@@ -94,7 +94,7 @@ def define_options(defines: dict) -> tuple[str, ...]:
 # a warp of gate_up / of attn_norm_qkv issues before its wait (gemv.cuh; build_plan.py decides
 # per model, qkv's also per GPU memory), profiling / debug hooks, and the delay probe's stage
 # slot and spin (sync.cuh kog_prof; -1: none).
-DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 100, "KOG_DOWN_DEPTH": 8,
+DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 50, "KOG_DOWN_DEPTH": 8,
                   "KOG_CLUSTER": 2, "KOG_IN_COPIES": 1, "KOG_POLL_SENTINEL": 0, "KOG_HOOKS": 0,
                   "KOG_DELAY_SLOT": -1, "KOG_DELAY_NS": 1000, "KOG_OPROJ_SPARE": 0,
                   "KOG_ZERO_EARLY": 0, "KOG_GATE_UP_EARLY": 2, "KOG_QKV_EARLY": 2}
