@@ -819,7 +819,8 @@ def models():
                       help="GPU storage dtype (default: the checkpoint's; bfloat16 for "
                            "--shape)."),
          click.option("--out", metavar="PATH", default="trace.json", show_default=True,
-                      help="The Chrome/Perfetto trace JSON to write."),
+                      help="The Chrome/Perfetto trace JSON to write (gzip-compressed when "
+                           "PATH ends in .gz)."),
          click.option("--summarize", metavar="TRACE", default=None,
                       help="Print the tables of a trace written earlier (.json or .json.gz) "
                            "and exit; needs no GPU."))
@@ -931,13 +932,10 @@ def _profile_tables(stamps, mb: dict | None = None) -> None:
 
 def _profile_summarize(path: str) -> None:
     """`kogcupy profile --summarize TRACE`: the tables of a saved trace."""
-    import gzip
-    import json
     import zlib
     from .gpu import profile as prof
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-            data = json.load(f)
+        data = prof.read_trace(path)
         stamps = prof.stamps_from_trace(data)
     except FileNotFoundError:
         raise InputError(f"--summarize {path}: no such file") from None

@@ -106,6 +106,16 @@ def test_trace_json_loads_with_the_required_keys(tmp_path):
         if e["ph"] == "X":
             assert {"name", "ts", "dur", "cat"} <= set(e) and e["dur"] >= 0
     assert sum(e["name"] == "thread_name" for e in t["traceEvents"]) == 2 * 3
+    # .gz: compressed (what the name promises), read back by content; no part file left
+    gz = tmp_path / "trace.json.gz"
+    assert prof.write_trace(gz, [synthetic(), synthetic(offset=300)], {"model": "x"}) == n
+    assert gz.read_bytes()[:2] == b"\x1f\x8b" and prof.read_trace(gz) == t == prof.read_trace(path)
+    (tmp_path / "plain.json.gz").write_bytes(path.read_bytes())
+    assert prof.read_trace(tmp_path / "plain.json.gz") == t
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.json.gz", "trace.json", "trace.json.gz"]
+    with pytest.raises(TypeError):                  # a failed write leaves the old trace whole
+        prof.write_trace(gz, [synthetic()], {"model": object()})
+    assert prof.read_trace(gz) == t and len(list(tmp_path.iterdir())) == 3
 
 
 def test_summary_rows_and_idle():

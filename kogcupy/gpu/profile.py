@@ -13,7 +13,9 @@ stamp as zero. %globaltimer is per GPU, so the cross-GPU alignment is approximat
 """
 from __future__ import annotations
 
+import gzip
 import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -104,11 +106,28 @@ def trace(profiles, metadata: dict | None = None) -> dict:
 
 
 def write_trace(path, profiles, metadata: dict | None = None) -> int:
-    """Write the trace JSON to `path`; the number of events written."""
+    """Write the trace JSON to `path` (gzip-compressed when it ends in .gz, as Perfetto and
+    chrome://tracing read it), whole or not at all (a temporary file renamed over it); the
+    number of events written."""
     t = trace(profiles, metadata)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(t, f, separators=(",", ":"))
+    path = os.fspath(path)
+    tmp = f"{path}.{os.getpid()}.part"
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(tmp, "wt", encoding="utf-8") as f:
+            json.dump(t, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return len(t["traceEvents"])
+
+
+def read_trace(path) -> dict:
+    """A trace file's JSON, gzip-compressed or not (told by its first bytes, not its name)."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    with (gzip.open if gz else open)(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _median(xs) -> float:
