@@ -386,19 +386,20 @@ def test_tuning_variants_match_reference(tuning):
 def test_down_first_rows_issued_by_gate_up(hidden, ffn, blocks):
     """down_residual's first rows are issued by gate_up once a warp's static units are done
     (gate_up.cuh, kog_down_prefetched), where they are all static units' rows. Hidden 1024 on
-    16 blocks: every block (4 row groups, > 27 static units a block). Hidden 896 on 58 blocks:
-    most blocks, 28 static units (the last whole row group's row 6 is slot 27), and 64 threads
-    past the 4 row groups, which stream no rows. The logits and greedy tokens are the
-    reference's."""
+    16 blocks: every block (4 row groups, > 27 static units a block). Hidden 896 on 58 blocks
+    and a 100-permille tail: 47 blocks with 28 static units (the last whole row group's row 6 is
+    slot 27) take the path, the 11 with 27 do not, and 64 threads past the 4 row groups stream
+    no rows. The logits and greedy tokens are the reference's."""
     cfg = cfg_of("llama", 1000, hidden, ffn, 2, 8, 2, 64, tied=False)
     m = model(cfg, logit_scale=8.0)
-    # (depth 8 pinned: with 12 too few blocks here have the static units the path needs)
+    # (depth 8 and the tail's share pinned: with depth 12 too few blocks here have the static
+    # units the path needs, with a 50-permille tail every block has them)
     be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=blocks,
-                           tuning={"KOG_DOWN_DEPTH": 8})
+                           tuning={"KOG_DOWN_DEPTH": 8, "KOG_DYN_PERMILLE": 100})
     groups = max(1, be.threads // (cfg.hidden_size // 8))
     n_static = be.placement.partition[:, 5] - be.placement.partition[:, 4]
     takes = n_static > (groups - 1) + (be.tuning["KOG_DOWN_DEPTH"] - 2) * groups
-    assert takes.all() if hidden == 1024 else takes.sum() >= blocks // 2
+    assert takes.all() if hidden == 1024 else blocks // 2 <= takes.sum() < blocks
     ids = np.random.default_rng(10).integers(0, cfg.vocab_size, 150).tolist()
     got = be.logits(ids)
     ref = ReferenceBackend(m, context_length=512).logits(ids)
