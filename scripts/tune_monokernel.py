@@ -2,10 +2,14 @@
 
     python scripts/tune_monokernel.py llama-3.2-1b,qwen3-1.7b '[{"KOG_DYN_PERMILLE": 0}, {}]' [new]
     python scripts/tune_monokernel.py llama-3.2-1b@8000 '[{}, {"KOG_ATTN_TILE": 128, "KOG_ATTN_BUFS": 3}]'
+    python scripts/tune_monokernel.py --summarize OUTPUT.txt      # the tables again, no GPU
 
 A shape may carry `@position`: generation starts after that many prompt tokens (KV bytes are
-counted in the % of read bandwidth). The table ends with each row's speed relative to the
-first variant of its shape.
+counted in the % of read bandwidth). Repeat the variants to interleave rounds, e.g.
+'[{}, {"KOG_X": 1}, {}, {"KOG_X": 1}]'. The output is one JSON line a run, then a table (each
+row's speed relative to the first variant of its shape), then each variant's mean over its
+rounds against the mean of its shape's first variant (the baseline), with every round's change
+against that mean. --summarize reads the JSON lines of a saved output and prints the tables.
 """
 from __future__ import annotations
 
@@ -16,6 +20,41 @@ if {"-h", "--help"} & set(sys.argv[1:]):      # usage: the docstring above
     sys.exit(0)
 
 sys.path.insert(0, __file__.rsplit("/scripts/", 1)[0])
+
+
+def print_tables(rows: list[dict]) -> None:
+    """The run table, then the means over rounds (see the docstring)."""
+    print(f"read BW {rows[0]['read_bandwidth_Bps'] / 1e9:.0f} GB/s on {rows[0]['gpu']}")
+    print(f"{'shape':18s} {'tok/s':>8s} {'step_us':>8s} {'GB/s':>6s} {'%BW':>6s} {'vs1st':>6s}  tuning")
+    first = {}
+    for r in rows:
+        base = first.setdefault(r["shape"], r["tokens_per_s"])
+        print(f"{r['shape']:18s} {r['tokens_per_s']:8.1f} {r['step_us']:8.1f} "
+              f"{r['achieved_Bps'] / 1e9:6.0f} {r['pct_of_read_bw']:5.1f}% {r['tokens_per_s'] / base:6.3f}"
+              f"  {json.dumps(r['tuning'])}")
+    runs: dict[str, dict[str, list[float]]] = {}      # shape -> tuning -> tok/s of each round
+    for r in rows:
+        runs.setdefault(r["shape"], {}).setdefault(json.dumps(r["tuning"], sort_keys=True),
+                                                   []).append(r["tokens_per_s"])
+    print("means over rounds: tok/s, change of the mean against the shape's first variant's "
+          "mean (each round's change)")
+    for shape, by_tuning in runs.items():
+        base_runs = next(iter(by_tuning.values()))
+        base = sum(base_runs) / len(base_runs)
+        for i, (tun, tps) in enumerate(by_tuning.items()):
+            mean = sum(tps) / len(tps)
+            each = " / ".join(f"{100 * (t / base - 1):+.2f}" for t in tps)
+            change = f"baseline ({each})" if i == 0 else f"{100 * (mean / base - 1):+.2f} % ({each})"
+            print(f"{shape:18s} {mean:8.1f}  n={len(tps)}  {change:30s}  {tun}")
+
+
+if len(sys.argv) > 2 and sys.argv[1] == "--summarize":
+    with open(sys.argv[2], encoding="utf-8") as f:
+        saved = [json.loads(line) for line in f if line.startswith("{")]
+    if not saved:
+        sys.exit(f"{sys.argv[2]}: no JSON lines of tune_monokernel.py runs")
+    print_tables(saved)
+    sys.exit(0)
 
 from kogcupy.errors import DeviceError  # noqa: E402
 from kogcupy.gpu.device_weights import DeviceModel  # noqa: E402
@@ -43,11 +82,5 @@ for spec in shapes:
         rows.append(r)
         print(json.dumps(r), flush=True)
     del dev
-print(f"read BW {rows[0]['read_bandwidth_Bps'] / 1e9:.0f} GB/s on {rows[0]['gpu']}")
-print(f"{'shape':18s} {'tok/s':>8s} {'step_us':>8s} {'GB/s':>6s} {'%BW':>6s} {'vs1st':>6s}  tuning")
-first = {}
-for r in rows:
-    base = first.setdefault(r["shape"], r["tokens_per_s"])
-    print(f"{r['shape']:18s} {r['tokens_per_s']:8.1f} {r['step_us']:8.1f} "
-          f"{r['achieved_Bps'] / 1e9:6.0f} {r['pct_of_read_bw']:5.1f}% {r['tokens_per_s'] / base:6.3f}"
-          f"  {json.dumps(r['tuning'])}")
+if rows:
+    print_tables(rows)
