@@ -49,8 +49,11 @@ def print_tables(rows: list[dict]) -> None:
 
 
 if len(sys.argv) > 2 and sys.argv[1] == "--summarize":
-    with open(sys.argv[2], encoding="utf-8") as f:
-        saved = [json.loads(line) for line in f if line.startswith("{")]
+    try:
+        with open(sys.argv[2], encoding="utf-8") as f:
+            saved = [json.loads(line) for line in f if line.startswith("{")]
+    except (OSError, ValueError) as e:
+        sys.exit(f"{sys.argv[2]}: {getattr(e, 'strerror', None) or e}")
     if not saved:
         sys.exit(f"{sys.argv[2]}: no JSON lines of tune_monokernel.py runs")
     print_tables(saved)

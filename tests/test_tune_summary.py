@@ -33,3 +33,5 @@ def test_summarize_means_each_variant_against_the_baselines_mean(tmp_path):
     (tmp_path / "none.txt").write_text("no runs\n")
     r = run("--summarize", str(tmp_path / "none.txt"))
     assert r.returncode != 0 and "no JSON lines" in r.stderr
+    r = run("--summarize", str(tmp_path / "missing.txt"))
+    assert r.returncode != 0 and "No such file" in r.stderr and "Traceback" not in r.stderr
