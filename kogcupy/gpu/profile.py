@@ -238,8 +238,8 @@ def chain_rows(stamps: np.ndarray, mb: dict | None = None) -> list[dict]:
         base = int(e[part].max()) if part.any() else None
     rows = [{"stage": name, **{c + "_us": _median(acc[name][c]) for c in cols}} for name in STAGES]
     for r in rows:
-        span = r["last_end_us"] - r["median_us"]
         if mb and r["stage"] in mb:
+            span = r["last_end_us"] - r["median_us"]
             r["tbs"] = mb[r["stage"]] / span if span > 0 else float("nan")
     return rows
 
