@@ -813,6 +813,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                     d[KOG_Q_DIM + (i < HD ? 0 : KOG_KV_DIM - HD) + g * HD + i] = kv_t[i];
             }
         }
+        kog_prof(c, layer * 16 + 15);
         kog_attn_chunk(c, layer, g, j0, j1);
 
         // ---- finish: one GPU, every unit writes its partial as tagged words and o_proj's items

@@ -926,7 +926,8 @@ def _profile_tables(stamps, mb: dict | None = None) -> None:
             first = int(s[s > 0].min()) - t0
             click.echo(f"GPU {r} (first stamp {first / 1e3:+.1f} us from GPU 0's; "
                        f"cross-GPU alignment is approximate):")
-        click.echo(prof.format_summary(prof.summary_rows(s), prof.block_idle(s)))
+        click.echo(prof.format_summary(prof.summary_rows(s), prof.block_idle(s),
+                                        prof.attention_parts(s)))
         click.echo(prof.format_chain(prof.chain_rows(s, mb)))
 
 

@@ -193,6 +193,26 @@ def test_chain_rows_stream_rate():
                                "down": 25.165824})
 
 
+def test_attention_chunk_start_splits_the_units_work():
+    P = synthetic(blocks=3, layers=2)
+    assert prof.attention_parts(P) is None                  # no chunk stamp: no split
+    for layer in range(2):
+        a = layer * 16 + 3
+        P[:2, layer * 16 + prof.CHUNK_SLOT] = P[:2, a + 1] + 100 * (layer + 1)   # blocks 0, 1
+    P[2, 16 + prof.CHUNK_SLOT] = P[2, 16 + 3 + 2] + 1        # after its end: not a split
+    ev = prof.trace_events(P)
+    [c] = xs(ev, name=prof.CHUNK, tid=1, args={"layer": 1})
+    [a] = xs(ev, name="attention", tid=1, args={"layer": 1})
+    assert c["cat"] == "part" and c["ts"] == a["ts"] + (WAIT + 200) / 1000
+    assert c["ts"] + c["dur"] == a["ts"] + a["dur"]         # it ends with the stage
+    assert len(xs(ev, name=prof.CHUNK)) == 4
+    parts = prof.attention_parts(P)
+    assert parts == {"prep_us": 0.15, "chunk_us": (DUR - WAIT - 150) / 1000, "units": 4}
+    back = prof.stamps_from_trace(prof.trace(P))[0]
+    assert prof.attention_parts(back) == parts and prof.summary_rows(back) == prof.summary_rows(P)
+    assert "q norm / RoPE / k, v append 0.15 us" in prof.format_summary(prof.summary_rows(P), None, parts)
+
+
 def test_a_saved_trace_gives_the_same_tables(tmp_path):
     P0, P1 = synthetic(blocks=3, layers=3), synthetic(blocks=2, layers=3, offset=300)
     P0[1, 16 + 3 + 1] += 400          # block 1 sees attention's inputs late

@@ -4,8 +4,9 @@ trace (Trace Event Format JSON, opens in ui.perfetto.dev) and to summary rows. N
 
 A stamp array is (blocks, n_layers * 16 + 8) uint64 nanoseconds, 0 = not recorded. The slot
 map (kernels_src/sync.cuh, kog_prof): layer * 16 + stage * 3 + {0 start, 1 inputs ready,
-2 end} for the stages qkv, attention, o_proj, gate_up, down; the LM head at L * 16 + {0, 1, 2},
-the sampler at L * 16 + {3, 4, 5}. A block takes part in a stage when its inputs-ready stamp
+2 end} for the stages qkv, attention, o_proj, gate_up, down, and layer * 16 + 15 when an
+attention unit's chunk starts (its q normed and roped, k, v appended); the LM head at
+L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}. A block takes part in a stage when its inputs-ready stamp
 is recorded (blocks without rows stamp start and end only).
 
 Several GPUs: one array per rank; the trace puts them on one time base with rank 0's earliest
@@ -23,6 +24,8 @@ import numpy as np
 STAGES = ("qkv", "attention", "o_proj", "gate_up", "down")
 SLOTS_PER_LAYER = 16
 TAIL_SLOTS = 8
+CHUNK_SLOT = 15            # layer * 16 + 15: an attention unit's chunk starts
+CHUNK = "attention chunk"  # its slice: the chunk's start .. the attention's end
 
 
 def n_layers_of(stamps: np.ndarray) -> int:
@@ -67,7 +70,8 @@ def time_zero(profiles) -> int:
 def trace_events(profiles, t0: int | None = None) -> list[dict]:
     """Trace Event Format events: per GPU (pid = rank) a process_name, per block (tid = block)
     a thread_name, and "X" complete events (ts, dur in µs from t0): one per recorded stage
-    (start..end, args layer) and one per wait (start..inputs ready, named "<stage> wait")."""
+    (start..end, args layer), one per wait (start..inputs ready, named "<stage> wait") and, in
+    an attention unit, one from its chunk's start to the stage's end ("attention chunk")."""
     profiles = _as_list(profiles)
     t0 = time_zero(profiles) if t0 is None else int(t0)
     meta, slices = [], []
@@ -94,6 +98,11 @@ def trace_events(profiles, t0: int | None = None) -> list[dict]:
                     slices.append({"ph": "X", "name": f"{name} wait", "cat": "wait",
                                    "pid": pid, "tid": b, "ts": _us(s - t0),
                                    "dur": _us(end - s), "args": args})
+                c = int(P[b, layer * SLOTS_PER_LAYER + CHUNK_SLOT]) if name == "attention" else 0
+                if c and i and i <= c <= e:
+                    slices.append({"ph": "X", "name": CHUNK, "cat": "part", "pid": pid,
+                                   "tid": b, "ts": _us(c - t0), "dur": _us(e - c),
+                                   "args": args})
     # per track by time, the longer (enclosing) slice first where two start together
     slices.sort(key=lambda ev: (ev["pid"], ev["tid"], ev["ts"], -ev["dur"]))
     return meta + slices
@@ -178,6 +187,25 @@ def summary_rows(stamps: np.ndarray) -> list[dict]:
     return rows
 
 
+def attention_parts(stamps: np.ndarray) -> dict | None:
+    """The attention units' work split at the chunk's start (µs, medians over the units that
+    stamped it, every layer): "prep" (inputs ready .. chunk start: q's norm and RoPE, the k, v
+    append) and "chunk" (chunk start .. end: the chunk over the cached positions, the partial's
+    stores); "units" their count. None when no unit stamped a chunk start."""
+    P = np.asarray(stamps).astype(np.int64)
+    prep, chunk = [], []
+    for layer in range(n_layers_of(P)):
+        slot = layer * SLOTS_PER_LAYER + 3 * STAGES.index("attention")
+        i, e, part = _participants(P, slot)
+        c = P[:, layer * SLOTS_PER_LAYER + CHUNK_SLOT]
+        ok = part & (c >= i) & (c <= e) & (c > 0)
+        prep += list(c[ok] - i[ok])
+        chunk += list(e[ok] - c[ok])
+    if not prep:
+        return None
+    return {"prep_us": _median(prep), "chunk_us": _median(chunk), "units": len(prep)}
+
+
 def block_idle(stamps: np.ndarray) -> dict:
     """Per block (arrays over blocks, µs) within the GPU's step window (its earliest stamp to
     its latest): work (sum of end - inputs ready), wait (sum of inputs ready - start), gap
@@ -254,7 +282,7 @@ def stamps_from_trace(trace_json: dict) -> list[np.ndarray]:
     events = [e for e in trace_json["traceEvents"] if isinstance(e, dict) and e.get("ph") == "X"]
     if not events:
         raise ValueError("the trace has no stage slices")
-    names = set(STAGES) | {"lm_head", "sampler"}
+    names = set(STAGES) | {"lm_head", "sampler", CHUNK}
     blocks, n_layers, slices = {}, 0, []      # slices: (pid, tid, (stage, layer), wait, ts, dur)
     try:
         for e in events:
@@ -281,8 +309,11 @@ def stamps_from_trace(trace_json: dict) -> list[np.ndarray]:
     out = [np.zeros((blocks.get(pid, 0), n_layers * SLOTS_PER_LAYER + TAIL_SLOTS), np.int64)
            for pid in range(1 + max(blocks))]
     for pid, tid, key, wait, ts, dur in slices:
-        slot = slot_of[key]
         s = 1000 + round((ts - t_min) * 1000)
+        if key[0] == CHUNK:                    # its end is the attention slice's
+            out[pid][tid, key[1] * SLOTS_PER_LAYER + CHUNK_SLOT] = s
+            continue
+        slot = slot_of[key]
         out[pid][tid, slot] = s
         out[pid][tid, slot + (1 if wait else 2)] = s + round(dur * 1000)
     return out
@@ -305,13 +336,19 @@ def format_chain(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def format_summary(rows: Sequence[dict], idle: dict | None = None) -> str:
-    """The summary rows (and block_idle's medians / extremes) as a text table."""
+def format_summary(rows: Sequence[dict], idle: dict | None = None,
+                   parts: dict | None = None) -> str:
+    """The summary rows (and block_idle's medians / extremes, attention_parts) as a text
+    table."""
     cols = ("time_us", "wait_us", "work_us", "hop_us", "span_us")
     lines = [f"{'stage':10s} {'blocks':>6s} " + " ".join(f"{c:>8s}" for c in cols)]
     for r in rows:
         lines.append(f"{r['stage']:10s} {r['blocks']:6d} "
                      + " ".join(f"{r[c]:8.2f}" for c in cols))
+    if parts is not None:
+        lines.append(f"attention's work, median over {parts['units']} units: "
+                     f"q norm / RoPE / k, v append {parts['prep_us']:.2f} us, "
+                     f"chunk + partial {parts['chunk_us']:.2f} us")
     if idle is not None:
         w = idle["window_us"]
         lines.append(f"per block over the {w:.1f} us step (median / min / max over blocks):")

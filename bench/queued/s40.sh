@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Fortieth session: `pytest -m gpu` (test_down_first_rows' pinned share not yet run on a GPU),
+# then traces of Qwen3 and the 1B with the attention units' new stamp (layer * 16 + 15: the
+# chunk's start), whose summary splits a unit's ~3.3 us into q's norm / RoPE / k, v append and
+# the chunk + partial stores.
+# Device call: bash bench/queued/s40.sh   (results under $OUT; ~150 s)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-device_out}; mkdir -p "$OUT"
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
+case "$GPU" in *H200*) G=h200;; *) G=h100;; esac
+D=$(date -u +%F); H=$(git rev-parse --short HEAD); C=$OUT/gpu-checks-$G-$D-s40.txt
+echo "# pytest -m gpu; $GPU, main $H" > $C
+timeout 200 python3 -m pytest -q -m gpu tests >> $C 2>&1
+echo "gpu tests rc=$?" >> $C; tail -n 3 $C
+for S in qwen3-1.7b llama-3.2-1b; do
+  timeout 60 python3 -m kogcupy.cli profile --shape $S --out $OUT/trace-$S-$G-$D-s40.json.gz \
+    > $OUT/profile-$S-$G-$D-s40.txt 2>&1
+  echo "profile $S rc=$?"; grep -E "attention|critical|stage " $OUT/profile-$S-$G-$D-s40.txt
+done
