@@ -761,6 +761,15 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         if (threadIdx.x < HD)
             rope_v = threadIdx.x < HD / 2 ? p->rope_cos[(kog_u64)t * (HD / 2) + threadIdx.x]
                                           : p->rope_sin[(kog_u64)t * (HD / 2) + threadIdx.x - HD / 2];
+        // so do the qk-norm gammas (q's then k's, to shared memory in o's space, which is free
+        // until the chunk's end): their round trip is then not on the path after q's wait
+        static_assert(!KOG_QK_NORM || (G >= 2 && 2 * HD <= KOG_THREADS),
+                      "the q and k gammas fit o's space, one value a thread");
+        const float* qn = KOG_QK_NORM ? p->q_norm + (kog_u64)layer * HD : nullptr;
+        const float* kn = KOG_QK_NORM ? p->k_norm + (kog_u64)layer * HD : nullptr;
+        float gamma_v = 0.f;
+        if (KOG_QK_NORM && threadIdx.x < 2 * HD)
+            gamma_v = threadIdx.x < HD ? qn[threadIdx.x] : kn[threadIdx.x - HD];
 
         // ---- q of the G heads (+ k, v of position t): qk-norm, RoPE, KV append ----
         // Every thread issues its loads of q (and of this position's k, v) before checking any:
@@ -793,12 +802,12 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
             }
         }
         if (threadIdx.x < HD) rope[threadIdx.x] = rope_v;
+        if (KOG_QK_NORM && threadIdx.x < 2 * HD) o[threadIdx.x] = gamma_v;
         __syncthreads();
         kog_prof(c, layer * 16 + 4);
-        const float* qn = KOG_QK_NORM ? p->q_norm + (kog_u64)layer * HD : nullptr;
-        const float* kn = KOG_QK_NORM ? p->k_norm + (kog_u64)layer * HD : nullptr;
         for (int h = warp; h < G + (holds_t ? 1 : 0); h += n_warps)
-            kog_head_norm_rope(h < G ? q + h * HD : kv_t, h < G ? qn : kn, rope);
+            kog_head_norm_rope(h < G ? q + h * HD : kv_t, KOG_QK_NORM ? (h < G ? o : o + HD) : nullptr,
+                               rope);
         __syncthreads();
         if (holds_t) {
             for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x) {

@@ -66,7 +66,7 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
 }
 
 // One warp: v (KOG_HEAD_DIM floats, shared) <- RoPE(gamma ? rmsnorm(v) * gamma : v), with
-// rope = [cos; sin] of the position (KOG_HEAD_DIM / 2 each, shared).
+// rope = [cos; sin] of the position (KOG_HEAD_DIM / 2 each) and gamma, both in shared memory.
 KOG_DEVICE void kog_head_norm_rope(float* v, const float* gamma, const float* rope) {
     constexpr int HD = KOG_HEAD_DIM, HALF = KOG_HEAD_DIM / 2;
     const int lane = threadIdx.x % KOG_WARP;
