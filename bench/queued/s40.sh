@@ -18,3 +18,10 @@ for S in qwen3-1.7b llama-3.2-1b; do
     > $OUT/profile-$S-$G-$D-s40.txt 2>&1
   echo "profile $S rc=$?"; grep -E "attention|critical|stage " $OUT/profile-$S-$G-$D-s40.txt
 done
+# the qk-norm gammas loaded before q's wait (main) against after it (the knob patch's 0: the
+# code before); Qwen3 only has a qk-norm
+git apply bench/queued/gamma_knob.patch || { echo "gamma_knob.patch does not apply"; exit 1; }
+A='[{}, {"KOG_QK_GAMMA_EARLY": 0}, {}, {"KOG_QK_GAMMA_EARLY": 0}, {}, {"KOG_QK_GAMMA_EARLY": 0}]'
+timeout 200 python3 scripts/tune_monokernel.py qwen3-1.7b,qwen3-1.7b@2000 "$A" 256 > $OUT/variants-$G-$D-qk-gamma.txt 2>&1
+echo "tune rc=$?"; git apply -R bench/queued/gamma_knob.patch
+grep -v '^{' $OUT/variants-$G-$D-qk-gamma.txt | tail -n 12
