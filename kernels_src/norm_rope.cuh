@@ -52,10 +52,15 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
         kog_prof(c, layer * 16 + 1);
         return s;
     };
+    // the bias of the warp's first row is loaded before the wait: read in the epilogue, its
+    // round trip would hold the row's store (later rows, few, still read theirs there)
+    const int first_row = r0 + (int)threadIdx.x / KOG_WARP;
+    float first_bias = 0.f;
+    if (KOG_QKV_BIAS && threadIdx.x % KOG_WARP == 0 && first_row < r1) first_bias = bias[first_row];
     auto epi = [&](int row, float (&acc)[1], float scale) {
         if (threadIdx.x % KOG_WARP == 0) {
             float v = acc[0] * scale;
-            if (KOG_QKV_BIAS) v += bias[row];
+            if (KOG_QKV_BIAS) v += row == first_row ? first_bias : bias[row];
             kog_st_tagged(out + row, v, out_tag);
         }
     };
