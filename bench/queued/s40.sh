@@ -25,3 +25,10 @@ A='[{}, {"KOG_QK_GAMMA_EARLY": 0}, {}, {"KOG_QK_GAMMA_EARLY": 0}, {}, {"KOG_QK_G
 timeout 200 python3 scripts/tune_monokernel.py qwen3-1.7b,qwen3-1.7b@2000 "$A" 256 > $OUT/variants-$G-$D-qk-gamma.txt 2>&1
 echo "tune rc=$?"; git apply -R bench/queued/gamma_knob.patch
 grep -v '^{' $OUT/variants-$G-$D-qk-gamma.txt | tail -n 12
+# the qkv bias of a warp's first row loaded before the wait (main) against in the epilogue
+# (the knob patch's 0: the code before); Qwen2.5 only has a qkv bias
+git apply bench/queued/bias_knob.patch || { echo "bias_knob.patch does not apply"; exit 1; }
+A='[{}, {"KOG_BIAS_EARLY": 0}, {}, {"KOG_BIAS_EARLY": 0}, {}, {"KOG_BIAS_EARLY": 0}]'
+timeout 150 python3 scripts/tune_monokernel.py qwen2.5-0.5b,qwen2.5-0.5b@2000 "$A" 256 > $OUT/variants-$G-$D-bias.txt 2>&1
+echo "tune rc=$?"; git apply -R bench/queued/bias_knob.patch
+grep -v '^{' $OUT/variants-$G-$D-bias.txt | tail -n 12
