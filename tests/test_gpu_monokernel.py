@@ -496,3 +496,37 @@ def test_ffn_dynamic_tail(dyn, cluster):
     toks = list(be.start(prompt, SamplingParams(), 48, set()))
     assert toks == list(ReferenceBackend(m, context_length=1024).start(
         prompt, SamplingParams(), 48, set()))
+
+
+def test_profile_stamps_on_device():
+    """`kogcupy profile`'s stamps from a real launch (kernels_src/sync.cuh, kog_prof): on every
+    block a stage's start follows the previous stage's (one thread stamps them in order); where
+    a block takes part (inputs ready recorded), start <= inputs ready <= end; every attention
+    unit's chunk start lies inside its work; the summaries of the array and of its trace agree."""
+    from kogcupy.gpu import profile as prof
+    m, be = backend("qwen3-qknorm-h896-gqa7-hd128", profile_pos=20)
+    cfg = m.config
+    prompt = np.random.default_rng(6).integers(0, cfg.vocab_size, 8).tolist()
+    assert len(list(be.start(prompt, SamplingParams(), 16, set()))) == 16
+    P = be.stage_profile().astype(np.int64)
+    assert prof.n_layers_of(P) == cfg.n_layers and P.shape[0] == be.n_blocks
+    starts = [P[:, slot] for name, layer, slot in prof.stage_slots(cfg.n_layers) if layer is not None]
+    for a, b in zip(starts, starts[1:]):
+        assert np.all((a > 0) & (b >= a))
+    for name, layer, slot in prof.stage_slots(cfg.n_layers):
+        if layer is None:
+            continue
+        s, i, e = P[:, slot], P[:, slot + 1], P[:, slot + 2]
+        part = i > 0
+        assert part.any(), (name, layer)
+        assert np.all((s[part] <= i[part]) & (i[part] <= e[part])), (name, layer)
+        if name == "attention":
+            c = P[:, layer * prof.SLOTS_PER_LAYER + prof.CHUNK_SLOT]
+            assert np.array_equal(c > 0, part), layer      # every unit stamps its chunk start
+            assert np.all((i[part] <= c[part]) & (c[part] <= e[part])), layer
+    parts = prof.attention_parts(P)
+    assert parts["units"] == sum(int((P[:, l * 16 + 4] > 0).sum()) for l in range(cfg.n_layers))
+    assert parts["prep_us"] > 0 and parts["chunk_us"] > 0
+    back = prof.stamps_from_trace(prof.trace([P]))[0]
+    assert prof.summary_rows(back) == prof.summary_rows(P)
+    assert prof.attention_parts(back) == parts
