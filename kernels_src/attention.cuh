@@ -29,9 +29,9 @@
 #endif
 
 
-// Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD], ml[GQA][2],
-// rope[HD], then the K/V staging area: KOG_ATTN_BUFS buffers of a tile's K rows then V rows
-// (storage dtype) for each group of positions of the layout below (a 16-position group of
+// Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD] (before the chunk:
+// the qk-norm gammas), ml[GQA][2], rope[HD], then the K/V staging area: KOG_ATTN_BUFS buffers
+// of a tile's K rows then V rows (storage dtype) for each group of positions of the layout below (a 16-position group of
 // the tensor-core layout, a warp's PW positions of the lane layout), then the layout's own.
 #define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
 // Float offset of the K/V staging area (everything before it in the layout above).
@@ -711,7 +711,9 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     const int n_warps = blockDim.x / KOG_WARP;
     float* q = c.smem;                          // [G][HD]
     float* kv_t = q + G * HD;                   // [2][HD] k, v of the current position
-    float* o = kv_t + 2 * HD;                   // [G][HD] the unit's partial (kog_attn_chunk)
+    float* o = kv_t + 2 * HD;                   // [G][HD] the unit's partial (kog_attn_chunk); from
+                                                // q's wait to the qk-norm's end, o[0, 2 HD) holds
+                                                // the q and k gammas (GAMMA_SMEM, below)
     float* ml = o + G * HD;                     // [G][2] its max, sum
     float* rope = ml + KOG_ATTN_ML_FLOATS;      // [HD] cos, sin of position t (half each)
     kog_u16* stage = reinterpret_cast<kog_u16*>(rope + HD);   // [warp][NB][K, V][PW][HD]
@@ -762,13 +764,13 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
             rope_v = threadIdx.x < HD / 2 ? p->rope_cos[(kog_u64)t * (HD / 2) + threadIdx.x]
                                           : p->rope_sin[(kog_u64)t * (HD / 2) + threadIdx.x - HD / 2];
         // so do the qk-norm gammas (q's then k's, to shared memory in o's space, which is free
-        // until the chunk's end): their round trip is then not on the path after q's wait
-        static_assert(!KOG_QK_NORM || (G >= 2 && 2 * HD <= KOG_THREADS),
-                      "the q and k gammas fit o's space, one value a thread");
+        // until the chunk's end): their round trip is then not on the path after q's wait.
+        // (One q head a kv head: o has room for one gamma only; the norm reads global memory.)
+        constexpr bool GAMMA_SMEM = KOG_QK_NORM && G >= 2 && 2 * HD <= KOG_THREADS;
         const float* qn = KOG_QK_NORM ? p->q_norm + (kog_u64)layer * HD : nullptr;
         const float* kn = KOG_QK_NORM ? p->k_norm + (kog_u64)layer * HD : nullptr;
         float gamma_v = 0.f;
-        if (KOG_QK_NORM && threadIdx.x < 2 * HD)
+        if (GAMMA_SMEM && threadIdx.x < 2 * HD)
             gamma_v = threadIdx.x < HD ? qn[threadIdx.x] : kn[threadIdx.x - HD];
 
         // ---- q of the G heads (+ k, v of position t): qk-norm, RoPE, KV append ----
@@ -802,11 +804,12 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
             }
         }
         if (threadIdx.x < HD) rope[threadIdx.x] = rope_v;
-        if (KOG_QK_NORM && threadIdx.x < 2 * HD) o[threadIdx.x] = gamma_v;
+        if (GAMMA_SMEM && threadIdx.x < 2 * HD) o[threadIdx.x] = gamma_v;
         __syncthreads();
         kog_prof(c, layer * 16 + 4);
         for (int h = warp; h < G + (holds_t ? 1 : 0); h += n_warps)
-            kog_head_norm_rope(h < G ? q + h * HD : kv_t, KOG_QK_NORM ? (h < G ? o : o + HD) : nullptr,
+            kog_head_norm_rope(h < G ? q + h * HD : kv_t,
+                               !KOG_QK_NORM ? nullptr : GAMMA_SMEM ? (h < G ? o : o + HD) : (h < G ? qn : kn),
                                rope);
         __syncthreads();
         if (holds_t) {

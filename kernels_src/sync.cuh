@@ -222,7 +222,7 @@ KOG_DEVICE kog_u32 kog_expected(const KogCtx& c, int producers) {
 // Stage timing (KogParams::profile): thread 0 stamps %globaltimer at a stage's start, when
 // its inputs are in shared memory, and at its end, for one position. Slots: layer * 16 +
 // stage * 3 + {0, 1, 2} (stage: 0 qkv, 1 attention, 2 o_proj, 3 gate_up, 4 down), and
-// layer * 16 + 15 when an attention unit's chunk starts (q normed and roped, k, v appended);
+// layer * 16 + 15 when an attention unit's chunk starts (q normed and roped, the append issued);
 // the LM head at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}.
 #ifndef KOG_HOOKS                 // 1: profiling / debug-dump code (kernels.py turns it on when asked)
 #error "KOG_HOOKS comes from kernels.py (model_defines)"

@@ -39,6 +39,12 @@ CONFIGS = {
                                     n_kv_heads=2, head_dim=64, rms_norm_eps=1e-6,
                                     rope_theta=1e6, max_position_embeddings=4096,
                                     tie_word_embeddings=False), "bfloat16"),
+    # one q head a kv head with the qk-norm: the norm reads its gammas from global memory
+    "qwen3-qknorm-gqa1": (ModelConfig(arch="qwen3", vocab_size=1500, hidden_size=512,
+                                      intermediate_size=1024, n_layers=2, n_heads=4,
+                                      n_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                                      rope_theta=1e6, max_position_embeddings=4096,
+                                      tie_word_embeddings=True), "bfloat16"),
 }
 # tensor-parallel builds: one rank's share of the model, KOG_TP ranks
 TP_CONFIGS = {

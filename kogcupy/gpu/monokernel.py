@@ -570,6 +570,8 @@ class MonokernelBackend(_OneLaunchBackend):
                     a.fill(0x7FC00000)                # NaN with tag 0: no version matches
             if self.xsum is not None:
                 self.xsum.fill(0)                     # sums start empty (the kernel re-zeroes)
+            if self.profile is not None:
+                self.profile.fill(0)                  # stage_profile: this launch's stamps only
             self.tokens.fill(-1)
             self.tokens[:n] = cp.asarray(np.asarray(ids, dtype=np.int32))
             eos = sorted(int(e) for e in eos_ids)[:64]

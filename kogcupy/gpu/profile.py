@@ -5,9 +5,11 @@ trace (Trace Event Format JSON, opens in ui.perfetto.dev) and to summary rows. N
 A stamp array is (blocks, n_layers * 16 + 8) uint64 nanoseconds, 0 = not recorded. The slot
 map (kernels_src/sync.cuh, kog_prof): layer * 16 + stage * 3 + {0 start, 1 inputs ready,
 2 end} for the stages qkv, attention, o_proj, gate_up, down, and layer * 16 + 15 when an
-attention unit's chunk starts (its q normed and roped, k, v appended); the LM head at
-L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}. A block takes part in a stage when its inputs-ready stamp
-is recorded (blocks without rows stamp start and end only).
+attention unit's chunk starts (its q normed and roped, thread 0's share of the k, v append
+issued); the LM head at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}. A block that
+runs several units (or o_proj items) in a layer keeps its last one's stamps. A block takes
+part in a stage when its inputs-ready stamp is recorded (blocks without rows stamp start and
+end only). Traces with the chunk slice are not read by kogcupy before it (2026-12-07).
 
 Several GPUs: one array per rank; the trace puts them on one time base with rank 0's earliest
 stamp as zero. %globaltimer is per GPU, so the cross-GPU alignment is approximate.
@@ -188,10 +190,11 @@ def summary_rows(stamps: np.ndarray) -> list[dict]:
 
 
 def attention_parts(stamps: np.ndarray) -> dict | None:
-    """The attention units' work split at the chunk's start (µs, medians over the units that
-    stamped it, every layer): "prep" (inputs ready .. chunk start: q's norm and RoPE, the k, v
+    """The attention units' work split at the chunk's start (µs, medians over the blocks that
+    stamped it in every layer): "prep" (inputs ready .. chunk start: q's norm and RoPE, the k, v
     append) and "chunk" (chunk start .. end: the chunk over the cached positions, the partial's
-    stores); "units" their count. None when no unit stamped a chunk start."""
+    stores; tensor parallel, also the wait for the other chunks' partials); "units" the count
+    of (block, layer) stamps. None when no unit stamped a chunk start."""
     P = np.asarray(stamps).astype(np.int64)
     prep, chunk = [], []
     for layer in range(n_layers_of(P)):
@@ -346,7 +349,7 @@ def format_summary(rows: Sequence[dict], idle: dict | None = None,
         lines.append(f"{r['stage']:10s} {r['blocks']:6d} "
                      + " ".join(f"{r[c]:8.2f}" for c in cols))
     if parts is not None:
-        lines.append(f"attention's work, median over {parts['units']} units: "
+        lines.append(f"attention's work, median over {parts['units']} units x layers: "
                      f"q norm / RoPE / k, v append {parts['prep_us']:.2f} us, "
                      f"chunk + partial {parts['chunk_us']:.2f} us")
     if idle is not None:
