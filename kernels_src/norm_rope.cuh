@@ -71,7 +71,8 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
 }
 
 // One warp: v (KOG_HEAD_DIM floats, shared) <- RoPE(gamma ? rmsnorm(v) * gamma : v), with
-// rope = [cos; sin] of the position (KOG_HEAD_DIM / 2 each) and gamma, both in shared memory.
+// rope = [cos; sin] of the position (KOG_HEAD_DIM / 2 each, shared memory) and gamma (shared
+// memory; global in the attention's one-q-head-a-kv-head fallback).
 KOG_DEVICE void kog_head_norm_rope(float* v, const float* gamma, const float* rope) {
     constexpr int HD = KOG_HEAD_DIM, HALF = KOG_HEAD_DIM / 2;
     const int lane = threadIdx.x % KOG_WARP;
