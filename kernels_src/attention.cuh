@@ -31,8 +31,9 @@
 
 // Shared memory of one unit (floats): q[GQA][HD], kv_t[2][HD], o[GQA][HD] (before the chunk:
 // the qk-norm gammas), ml[GQA][2], rope[HD], then the K/V staging area: KOG_ATTN_BUFS buffers
-// of a tile's K rows then V rows (storage dtype) for each group of positions of the layout below (a 16-position group of
-// the tensor-core layout, a warp's PW positions of the lane layout), then the layout's own.
+// of a tile's K rows then V rows (storage dtype) for each group of positions of the layout
+// below (a 16-position group of the tensor-core layout, a warp's PW positions of the lane
+// layout), then the layout's own.
 #define KOG_ATTN_ML_FLOATS ((2 * KOG_GQA + 3) / 4 * 4)
 // Float offset of the K/V staging area (everything before it in the layout above).
 #define KOG_ATTN_STAGE_OFFSET (KOG_GQA * KOG_HEAD_DIM * 2 + 2 * KOG_HEAD_DIM + KOG_ATTN_ML_FLOATS + KOG_HEAD_DIM)
@@ -769,6 +770,8 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         constexpr bool GAMMA_SMEM = KOG_QK_NORM && G >= 2 && 2 * HD <= KOG_THREADS;
         const float* qn = KOG_QK_NORM ? p->q_norm + (kog_u64)layer * HD : nullptr;
         const float* kn = KOG_QK_NORM ? p->k_norm + (kog_u64)layer * HD : nullptr;
+        const float* q_gamma = GAMMA_SMEM ? o : qn;          // where the norm reads them
+        const float* k_gamma = GAMMA_SMEM ? o + HD : kn;
         float gamma_v = 0.f;
         if (GAMMA_SMEM && threadIdx.x < 2 * HD)
             gamma_v = threadIdx.x < HD ? qn[threadIdx.x] : kn[threadIdx.x - HD];
@@ -808,9 +811,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
         __syncthreads();
         kog_prof(c, layer * 16 + 4);
         for (int h = warp; h < G + (holds_t ? 1 : 0); h += n_warps)
-            kog_head_norm_rope(h < G ? q + h * HD : kv_t,
-                               !KOG_QK_NORM ? nullptr : GAMMA_SMEM ? (h < G ? o : o + HD) : (h < G ? qn : kn),
-                               rope);
+            kog_head_norm_rope(h < G ? q + h * HD : kv_t, h < G ? q_gamma : k_gamma, rope);
         __syncthreads();
         if (holds_t) {
             for (int i = threadIdx.x; i < 2 * HD; i += blockDim.x) {
