@@ -352,15 +352,13 @@ __device__ __noinline__ void kog_attn_chunk(const KogCtx& c, int layer, int g, i
     }
     // ---- merge: each group's state [G][HD + 2] (acc, max, sum) to its own staging area (its
     //      copies are done: the groups still open are empty; its warps are past their last
-    //      barrier), then the groups. A chunk shorter than a tile leaves the groups past its
-    //      end empty: only its first n take part ----
-    const int n = min(NWA, (j1 - j0 + R - 1) / R);
+    //      barrier), then the groups ----
     float* ws = reinterpret_cast<float*>(gstage);
     static_assert(G * (HD + 2) <= NB * R * HD,
                   "a group's merged state fits its staging area (build_plan.attn_tile_problem)");
-    if (ds < DS && grp < n) store_state(ws, HD + 2, ws + HD, HD + 2, 1.f);
+    if (ds < DS) store_state(ws, HD + 2, ws + HD, HD + 2, 1.f);
     __syncthreads();
-    kog_attn_merge_states(n, NB * R * HD, o, ml);
+    kog_attn_merge_states(NWA, NB * R * HD, o, ml);
 }
 
 #else  // !KOG_ATTN_MMA: a lane holds 8 dims of one head
