@@ -300,13 +300,6 @@ KOG_DEVICE float kog_ld_cluster(const float* p, unsigned rank) {
     asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
     return v;
 }
-KOG_DEVICE long long kog_ld_cluster(const long long* p, unsigned rank) {
-    unsigned r;
-    long long v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(kog_smem_addr(p)), "r"(rank));
-    asm volatile("ld.shared::cluster.s64 %0, [%1];" : "=l"(v) : "r"(r) : "memory");
-    return v;
-}
 #endif
 
 // Data written by other blocks during this launch (activations, KV cache, partials): bypass

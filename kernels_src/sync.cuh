@@ -87,15 +87,6 @@ KOG_DEVICE kog_u64 kog_sum_word(const KogParams* p, float v) {
     const long long q = __float2ll_rn(v * (float)(1 << KOG_SUM_FRAC));
     return ((kog_u64)q << KOG_SUM_COUNT_BITS) + 1ull;
 }
-// A part given as v plus q, q already in fixed point (down's grabbed units, each product rounded
-// on its own: down.cuh): the same checks, on v and on the whole part.
-KOG_DEVICE kog_u64 kog_sum_word(const KogParams* p, float v, long long q) {
-    constexpr long long LIM = 1ll << (63 - KOG_SUM_COUNT_BITS);
-    bool ok = fabsf(v) < (float)(1ll << (63 - KOG_SUM_COUNT_BITS - KOG_SUM_FRAC));
-    q += __float2ll_rn(v * (float)(1 << KOG_SUM_FRAC));
-    if (!ok || !(q > -LIM && q < LIM)) kog_st_relaxed(p->counters + KOG_CNT_OVERFLOW, 1u);
-    return ((kog_u64)q << KOG_SUM_COUNT_BITS) + 1ull;
-}
 KOG_DEVICE bool kog_sum_ready(kog_u64 w, kog_u32 parts) {
     return (w & ((1ull << KOG_SUM_COUNT_BITS) - 1ull)) == (kog_u64)parts;
 }

@@ -190,7 +190,8 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         placement = place(lcfg, n_blocks, context_length, rank=rank, world_size=world,
                           max_chunk=attn_chunk,
                           min_chunk=_knob(tuning, "KOG_ATTN_MIN_CHUNK") or ATTN_MIN_CHUNK,
-                          dyn_permille=dyn, threads=threads)
+                          dyn_permille=dyn, threads=threads,
+                          gate_up_static=bool(_flag(tuning, "KOG_GU_STATIC", caller)))
     except ValueError as e:
         raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None
     if n_blocks > abi.SAMPLE_WS_MAX_BLOCKS:
