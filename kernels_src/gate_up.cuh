@@ -78,7 +78,7 @@ KOG_DEVICE void kog_stage_ffn_norm_gate_up_silu(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
     const int u0 = c.part[4], u1 = c.part[5];
     float* dbg = kog_debug_row(c);
-    constexpr bool DYN = KOG_DYN_PERMILLE > 0 && !KOG_GU_STATIC;
+    constexpr bool DYN = KOG_DYN_PERMILLE > 0;
 #if KOG_TP == 1
     float* acts = c.smem + KOG_FFN_ACT_OFF;
     int* grabbed_unit = reinterpret_cast<int*>(acts + KOG_FFN_SLOTS);

@@ -21,11 +21,17 @@ def _plan_without_env_tuning(monkeypatch):
     monkeypatch.setattr(kernels, "DEFAULT_TUNING", dict(kernels.BUILTIN_TUNING))
 
 
-def test_large_model_gets_dynamic_tails_and_one_block_per_sm():
+def test_one_gpu_places_every_unit_statically_and_one_block_per_sm():
+    # (greedy output the same bits run to run: SYNC.md) unless asked; tensor parallel keeps the tail
     cfg = shape_config("llama-3.2-1b")
     p = build_plan(cfg, H200_SMS, 4096)
     assert p.n_blocks == H200_SMS
-    assert p.tuning["KOG_DYN_PERMILLE"] == kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"] > 0
+    assert p.tuning["KOG_DYN_PERMILLE"] == 0
+    assert p.placement.gate_up_dyn_begin == cfg.intermediate_size
+    assert p.placement.lm_dyn_begin == p.placement.lm_dyn_end == cfg.vocab_size
+    assert build_plan(cfg, H200_SMS, 4096, tuning={"KOG_DYN_PERMILLE": 50}).tuning["KOG_DYN_PERMILLE"] == 50
+    tp = build_plan(local_config(cfg, 2), H200_SMS, 4096, world=2)
+    assert tp.tuning["KOG_DYN_PERMILLE"] == kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"] > 0
     assert p.placement.partition.shape[0] == H200_SMS
     assert p.smem_floats >= max(cfg.hidden_size, cfg.intermediate_size, cfg.q_dim)
     assert p.smem_floats * 4 < p.smem_bytes <= 227 * 1024

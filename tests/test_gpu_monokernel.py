@@ -499,19 +499,17 @@ def test_ffn_dynamic_tail(dyn, cluster):
 
 
 @pytest.mark.parametrize("cluster", [1, 2])
-def test_dynamic_tail_same_bits(cluster):
-    """gate_up's units placed statically, the LM head's tail at run time (300 permille here):
-    a logit is one warp's dot product whichever block ran its row, so the prompt's logits and
-    the greedy tokens are the same bits in every run (SYNC.md), and the reference's."""
+def test_default_build_same_bits(cluster):
+    """One GPU's default build places every FFN unit statically (build_plan.py): the prompt's
+    logits and the greedy tokens are the same bits in every run (SYNC.md), and the reference's.
+    (With a dynamic tail forced, KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 50}', they are not: which
+    block runs a grabbed unit varies, and with it the last bits of the blocks' parts of down.)"""
     import cupy
     if cluster > 1 and int(cupy.cuda.Device().compute_capability) < 90:
         pytest.skip("thread-block clusters need compute capability 9.0")
     cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
     m = model(cfg, logit_scale=8.0)
-    be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=48,
-                           tuning={"KOG_DYN_PERMILLE": 300, "KOG_CLUSTER": cluster, "KOG_GU_STATIC": 1})
-    pl = be.placement
-    assert pl.gate_up_dyn_begin == cfg.intermediate_size and pl.lm_dyn_begin < pl.lm_dyn_end
+    be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=48, tuning={"KOG_CLUSTER": cluster})
     ids = np.random.default_rng(15).integers(0, cfg.vocab_size, 160).tolist()
     runs = [(be.logits(ids), list(be.start(ids[:8], SamplingParams(), 40, set()))) for _ in range(4)]
     assert np.isfinite(runs[0][0]).all()

@@ -20,7 +20,7 @@ from .placement import (ATTN_MIN_CHUNK, Placement, attn_chunk_cap, attn_combine_
                         attn_tiling, max_tp_blocks, place)
 
 THREADS = 512
-DYN_MIN_ROWS = 8             # rows of x per block from which the dynamic work tails pay
+SMALL_ROWS = 8               # a model with fewer rows of x than this a block is `small` (build_plan)
 SUM_MAX_PARTS = 1 << 10      # sync.cuh KOG_SUM_COUNT_BITS: parts a residual-sum word can count
 
 
@@ -155,12 +155,17 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     caller, tuning = tuning, {**kernels.ENV_TUNING, **(tuning or {})}   # the variable's count as asked
     if hooks:
         tuning["KOG_HOOKS"] = 1               # the stage timings / dumps are compiled in
-    # a small model's stages are too short for the grabs (SmolLM2: +10% static; H100 2026-12-07
-    # with the grabs asked ahead: a 100-permille tail -22%, Qwen2.5-0.5B -17%, PERF.md) and for
-    # the cluster barriers (SmolLM2: -3% in pairs)
-    small = world == 1 and lcfg.hidden_size < DYN_MIN_ROWS * int(blocks or n_sms)
+    # a small model's stages are too short for the cluster barriers (SmolLM2: -3% in pairs) and
+    # for o_proj on every block (below)
+    small = world == 1 and lcfg.hidden_size < SMALL_ROWS * int(blocks or n_sms)
+    # One GPU places every gate_up and LM head unit at build time unless asked: which block
+    # runs a grabbed gate_up unit varies run to run and so do the last bits of its block's part
+    # of down, so only static units give greedy output that is the same bits every run
+    # (SYNC.md). H100, 2026-12-07 (PERF.md), static against a 50-permille tail: Qwen3-1.7B
+    # +0.79 %, Llama-3.1-8B +0.44 %, Llama-3.2-1B -0.35 %; the small shapes lose 17-22 % with a
+    # tail. Tensor parallel keeps it (its down is a GEMV over rows: the same bits either way).
     dyn = _knob(tuning, "KOG_DYN_PERMILLE")
-    if "KOG_DYN_PERMILLE" not in tuning and small:
+    if "KOG_DYN_PERMILLE" not in tuning and world == 1:
         dyn = 0
     tuning["KOG_DYN_PERMILLE"] = dyn
     # o_proj items only on the blocks without an attention unit while the units are few
@@ -190,8 +195,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         placement = place(lcfg, n_blocks, context_length, rank=rank, world_size=world,
                           max_chunk=attn_chunk,
                           min_chunk=_knob(tuning, "KOG_ATTN_MIN_CHUNK") or ATTN_MIN_CHUNK,
-                          dyn_permille=dyn, threads=threads,
-                          gate_up_static=bool(_flag(tuning, "KOG_GU_STATIC", caller)))
+                          dyn_permille=dyn, threads=threads)
     except ValueError as e:
         raise DeviceError(f"cannot place this model on {n_blocks} blocks: {e}") from None
     if n_blocks > abi.SAMPLE_WS_MAX_BLOCKS:

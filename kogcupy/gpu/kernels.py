@@ -97,8 +97,7 @@ def define_options(defines: dict) -> tuple[str, ...]:
 DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 50, "KOG_DOWN_DEPTH": 8,
                   "KOG_CLUSTER": 2, "KOG_IN_COPIES": 1, "KOG_POLL_SENTINEL": 0, "KOG_HOOKS": 0,
                   "KOG_DELAY_SLOT": -1, "KOG_DELAY_NS": 1000, "KOG_OPROJ_SPARE": 0,
-                  "KOG_ZERO_EARLY": 0, "KOG_GATE_UP_EARLY": 2, "KOG_QKV_EARLY": 2,
-                  "KOG_GU_STATIC": 0}   # (KOG_GU_STATIC: a probe of session 42, not kept)
+                  "KOG_ZERO_EARLY": 0, "KOG_GATE_UP_EARLY": 2, "KOG_QKV_EARLY": 2}
 BUILTIN_TUNING = dict(DEFAULT_TUNING)        # (before KOGCUPY_TUNING, below: for tests)
 # Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 0}' sets knobs for every build of the process
 # as if each build had asked for them (build_plan's per-model choices then leave them be), e.g.

@@ -122,7 +122,7 @@ def max_tp_blocks(cfg: ModelConfig, world_size: int, dyn_permille: int = 0) -> i
 
 def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
           world_size: int = 1, min_chunk: int = ATTN_MIN_CHUNK, dyn_permille: int = 0,
-          max_chunk: int | None = None, threads: int = 512, gate_up_static: bool = False) -> Placement:
+          max_chunk: int | None = None, threads: int = 512) -> Placement:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} of {world_size}")
     v0, v1 = rank * cfg.vocab_size // world_size, (rank + 1) * cfg.vocab_size // world_size
@@ -136,8 +136,6 @@ def place(cfg: ModelConfig, n_blocks: int, context_length: int, rank: int = 0,
     }
     # gate_up, lm: the last dyn_permille / 1000 of the units are handed out at run time
     dyn_begin = {k: static_units(stages[k], dyn_permille) for k in ("gate_up", "lm")}
-    if gate_up_static:
-        dyn_begin["gate_up"] = stages["gate_up"]
     cols = [split_even(dyn_begin.get(k, n), n_blocks) for k, n in stages.items()]
     cols[4] = cols[4] + v0                  # global vocabulary ids
     partition = np.ascontiguousarray(np.concatenate(cols, axis=1), dtype=np.int32)
