@@ -21,7 +21,7 @@ if [ "$G" = h200 ]; then
 else
   timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider tests/ > $OUT/pytest-gpu-$G-$D-static-default.txt 2>&1; echo "pytest rc=$?"; tail -n 3 $OUT/pytest-gpu-$G-$D-static-default.txt
 fi
-export KOGCUPY_BENCH_COMMIT=$(git rev-parse --short HEAD)
+export KOGCUPY_BENCH_COMMIT=${KOGCUPY_BENCH_COMMIT:-$(git rev-parse --short HEAD)}  # (the device copy keeps an older HEAD)
 timeout 280 python3 scripts/bench.py --shapes llama-3.2-1b,qwen3-1.7b,llama-3.1-8b,smollm2-135m,qwen2.5-0.5b \
   --engines torch-sdpa-graph,kogcupy --new-tokens 256 --positions 0,2000 --ttft-prompts 1000 --agent-turns 2 \
   --sampling '' --graph-repeats 1 --out $OUT > $OUT/bench-$G-$D.log 2>&1
