@@ -2,8 +2,9 @@
 # H200 only: the bench of main (README's first table and PERF's "Where the defaults stand" are
 # still the thirty-sixth session's H200 run: since then qkv's early tile on the H200, the
 # dynamic tail's grabs asked ahead and its 50-permille share, the qk-norm gammas and the qkv
-# biases loaded before their waits, all measured on H100s only).
-# Device call: bash bench/queued/h200_bench.sh   (results under $OUT; ~220 s; exits at once on an H100)
+# biases loaded before their waits, all measured on H100s only), then one GPU's static default
+# (forty-second session) against a 50-permille tail on the H200.
+# Device call: bash bench/queued/h200_bench.sh   (results under $OUT; ~300 s; exits at once on an H100)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-device_out}; mkdir -p "$OUT"
@@ -14,3 +15,6 @@ timeout 300 python3 scripts/bench.py --shapes llama-3.2-1b,qwen3-1.7b,llama-3.1-
   --engines torch-sdpa-graph,kogcupy --new-tokens 256 --positions 0,2000 --ttft-prompts 1000 --agent-turns 2 \
   --sampling '' --graph-repeats 1 --out $OUT > $OUT/bench-h200-$(date -u +%F).log 2>&1
 echo "bench rc=$?"; tail -n 14 $OUT/bench-h200-$(date -u +%F).log
+A='[{}, {"KOG_DYN_PERMILLE": 50}, {}, {"KOG_DYN_PERMILLE": 50}, {}, {"KOG_DYN_PERMILLE": 50}]'
+timeout 150 python3 scripts/tune_monokernel.py llama-3.2-1b,qwen3-1.7b,llama-3.1-8b "$A" 256 > $OUT/variants-h200-$(date -u +%F)-static-default.txt 2>&1
+echo "tune rc=$?"; python3 scripts/tune_monokernel.py --summarize $OUT/variants-h200-$(date -u +%F)-static-default.txt | tail -n 6

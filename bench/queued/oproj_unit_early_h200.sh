@@ -3,8 +3,7 @@
 # attention unit issued after the wait for their group's partials (KOG_OPROJ_UNIT_EARLY 0 / 1 of
 # the two), from bench/queued/oproj_unit_early.patch; lost on an H100 (PERF.md), not measured on
 # an H200. Also KOG_QKV_EARLY at position 2,000 on the H200 (kept there from position-0 rounds),
-# and scripts/burst_probe.py re-run after its review fixes (d6636f5; PERF.md). First: the dynamic
-# tail's 50-permille share (kept on an H100, thirty-ninth session) against 100 on the H200.
+# and scripts/burst_probe.py re-run after its review fixes (d6636f5; PERF.md).
 # Device call: bash bench/queued/oproj_unit_early_h200.sh  (results under $OUT; ~160 s; exits at once on an H100)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -12,9 +11,6 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-device_out}; mkdir -p "$OUT
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
 case "$GPU" in *H200*) ;; *) echo "not an H200: nothing run"; exit 0;; esac
 D=$(date -u +%F)
-A='[{}, {"KOG_DYN_PERMILLE": 100}, {}, {"KOG_DYN_PERMILLE": 100}, {}, {"KOG_DYN_PERMILLE": 100}]'
-timeout 150 python3 scripts/tune_monokernel.py qwen3-1.7b,llama-3.2-1b,llama-3.1-8b "$A" 256 > $OUT/variants-h200-$D-dyn-share.txt 2>&1
-echo "tune rc=$?"; grep -v '^{' $OUT/variants-h200-$D-dyn-share.txt | tail -n 10
 A='[{}, {"KOG_QKV_EARLY": 2}, {}, {"KOG_QKV_EARLY": 2}, {}, {"KOG_QKV_EARLY": 2}]'
 timeout 120 python3 scripts/tune_monokernel.py qwen3-1.7b@2000,llama-3.2-1b@2000 "$A" 256 > $OUT/variants-h200-$D-qkv-early-2000.txt 2>&1
 echo "tune rc=$?"
