@@ -336,12 +336,12 @@ def test_early_tiles_and_down_depth_on_pairs_up_to_hidden_2048():
     assert on("llama-3.1-8b", tuning={"KOG_GATE_UP_EARLY": 1}) == 1
     assert on("qwen3-1.7b", arch="gfx942") == 2
     assert build_plan(shape_config("qwen3-1.7b"), H200_SMS, 4096, world=2).tuning["KOG_GATE_UP_EARLY"] == 2
-    # KOG_DOWN_DEPTH 12 on the same builds, 8 elsewhere (HIP: 1)
+    # KOG_DOWN_DEPTH 8 on every NVIDIA build unless asked (HIP: 1)
     depth = lambda name, **kw: build_plan(shape_config(name), H200_SMS, 4096, **kw).tuning["KOG_DOWN_DEPTH"]
-    assert depth("qwen3-1.7b") == 12 and depth("llama-3.2-1b") == 12
+    assert depth("qwen3-1.7b") == 8 and depth("llama-3.2-1b") == 8
     assert depth("llama-3.1-8b") == 8 and depth("qwen2.5-0.5b") == 8 and depth("smollm2-135m") == 8
     assert depth("qwen3-1.7b", tuning={"KOG_CLUSTER": 1}) == 8 and depth("qwen3-1.7b", arch="gfx942") == 1
-    assert depth("qwen3-1.7b", tuning={"KOG_DOWN_DEPTH": 8}) == 8
+    assert depth("qwen3-1.7b", tuning={"KOG_DOWN_DEPTH": 12}) == 12
     assert depth("qwen3-1.7b", world=2) == 8                          # tensor parallel
     for bad in (0, 17):
         with pytest.raises(DeviceError, match="1 to 16 rows"):

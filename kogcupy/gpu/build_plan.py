@@ -290,12 +290,10 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
                   "1 to 16 rows of w_down a thread stages")
     if arch and "KOG_DOWN_DEPTH" not in tuning:
         depth = 1            # (the same for down_residual's row staging)
-    # rows of w_down a thread keeps in flight: 12 instead of 8 on the same builds as gate_up's
-    # one tile (pairs up to hidden 2,048). H100 with that rule on: Qwen3-1.7B +0.6 % (five rounds
-    # in two calls), +0.5 % for this rule against 8 forced; 1B 0.0 / +0.1 %; 8B -0.3 %; older
-    # kernels' sweeps: Qwen3 +1.0 / -0.2 %, 1B +0.6 / -0.3 %, Qwen2.5-0.5B -3.3 / -4.2 % (PERF.md).
-    elif "KOG_DOWN_DEPTH" not in tuning and mid_pairs:
-        depth = 12
+    # rows of w_down a thread keeps in flight: 8 (kernels.py). 12 on pairs up to hidden 2,048
+    # won +0.5 % on Qwen3-1.7B while those builds had a dynamic tail; with every unit static
+    # (one GPU since 2026-12-07), H100, three interleaved rounds, 8 against 12: Qwen3 +0.53 %
+    # (+0.58 % at position 2,000), 1B +0.62 % (+0.33 %); 16: Qwen3 -1.4 %, 1B -0.7 % (PERF.md).
     tuning["KOG_DOWN_DEPTH"] = depth
 
     warp = wave_size(arch)
