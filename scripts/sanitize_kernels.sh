@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# compute-sanitizer memcheck and racecheck on a small monokernel run (needs a GPU).
+# compute-sanitizer memcheck and racecheck on a small monokernel run (needs a GPU). One GPU's
+# default places every unit statically; KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 300}' covers the
+# dynamic tail's path too.
 case "${1:-}" in -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0;; esac   # usage: the header
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -3,7 +3,7 @@
 spills, every local-memory instruction (STL/LDL) with the source line it comes from, and the
 kinds of global loads (the weight stream should be LDG.E.NA...128).
 
-    python scripts/sass_report.py llama-3.2-1b ['{"KOG_DYN_PERMILLE": 0}'] [--arch sm_90]
+    python scripts/sass_report.py llama-3.2-1b ['{"KOG_DYN_PERMILLE": 50}'] [--arch sm_90]
     python scripts/sass_report.py llama-3.2-1b --dump > a.sass     # the whole SASS, to diff
 
 `--dump` prints the disassembly without line information: a source change that leaves it

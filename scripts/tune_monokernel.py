@@ -1,6 +1,6 @@
 """Decode speed of monokernel tuning variants on random GPU weights (one device call).
 
-    python scripts/tune_monokernel.py llama-3.2-1b,qwen3-1.7b '[{"KOG_DYN_PERMILLE": 0}, {}]' [new]
+    python scripts/tune_monokernel.py llama-3.2-1b,qwen3-1.7b '[{}, {"KOG_DYN_PERMILLE": 50}]' [new]
     python scripts/tune_monokernel.py llama-3.2-1b@8000 '[{}, {"KOG_ATTN_TILE": 128, "KOG_ATTN_BUFS": 3}]'
     python scripts/tune_monokernel.py --summarize OUTPUT.txt      # the tables again, no GPU
 

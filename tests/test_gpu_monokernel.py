@@ -358,7 +358,7 @@ def test_prompt_too_long_and_bad_ids():
 
 
 @pytest.mark.parametrize("tuning", [{"KOG_DYN_PERMILLE": 100, "KOG_ATTN_MIN_CHUNK": 16},
-                                    {"KOG_DYN_PERMILLE": 0},
+                                    {"KOG_DYN_PERMILLE": 50},
                                     {"KOG_ATTN_MIN_CHUNK": 128},
                                     {"KOG_ATTN_CHUNK": 128},
                                     {"KOG_ATTN_CHUNK": 256, "KOG_ATTN_MIN_CHUNK": 256},
@@ -367,7 +367,7 @@ def test_prompt_too_long_and_bad_ids():
                                      "KOG_ATTN_MIN_CHUNK": 256},
                                     {"KOG_HOOKS": 1}])
 def test_tuning_variants_match_reference(tuning):
-    """Dynamic work tails (on and off), hooks compiled in, other chunkings and K/V tilings
+    """Dynamic work tails (asked for: one GPU's default places every unit statically), hooks compiled in, other chunkings and K/V tilings
     (several tiles per unit, 1-4 in flight) compute the same."""
     cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
     m = model(cfg, logit_scale=8.0)
@@ -393,7 +393,8 @@ def test_down_first_rows_issued_by_gate_up(hidden, ffn, blocks):
     cfg = cfg_of("llama", 1000, hidden, ffn, 2, 8, 2, 64, tied=False)
     m = model(cfg, logit_scale=8.0)
     # (depth 8 and the tail's share pinned: with depth 12 too few blocks here have the static
-    # units the path needs, with a 50-permille tail every block has them)
+    # units the path needs, and the 100-permille tail leaves some blocks short of them; the
+    # default, every unit static, would give every block the path)
     be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=blocks,
                            tuning={"KOG_DOWN_DEPTH": 8, "KOG_DYN_PERMILLE": 100})
     groups = max(1, be.threads // (cfg.hidden_size // 8))
@@ -501,15 +502,20 @@ def test_ffn_dynamic_tail(dyn, cluster):
 @pytest.mark.parametrize("cluster", [1, 2])
 def test_default_build_same_bits(cluster):
     """One GPU's default build places every FFN unit statically (build_plan.py): the prompt's
-    logits and the greedy tokens are the same bits in every run (SYNC.md), and the reference's.
-    (With a dynamic tail forced, KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 50}', they are not: which
-    block runs a grabbed unit varies, and with it the last bits of the blocks' parts of down.)"""
+    logits and the greedy tokens are the same bits in every run (SYNC.md), and the logits near
+    the reference's. (With a dynamic tail forced, KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 50}', they
+    are not: which block runs a grabbed unit varies, and with it the last bits of the blocks'
+    parts of down; this test then fails, as it did on the H100 on 2026-12-07.)"""
     import cupy
     if cluster > 1 and int(cupy.cuda.Device().compute_capability) < 90:
         pytest.skip("thread-block clusters need compute capability 9.0")
+    from kogcupy.gpu import kernels
+    if kernels.ENV_TUNING.get("KOG_DYN_PERMILLE"):
+        pytest.skip("KOGCUPY_TUNING asks for a dynamic tail: no run-to-run same bits to check")
     cfg = dataclasses.replace(FAMILIES["qwen2-bias-h576-gqa3"], tie_word_embeddings=False)
     m = model(cfg, logit_scale=8.0)
     be = MonokernelBackend(m, context_length=512, watchdog_s=20, blocks=48, tuning={"KOG_CLUSTER": cluster})
+    assert be.tuning["KOG_DYN_PERMILLE"] == 0 and be.placement.gate_up_dyn_begin == cfg.intermediate_size
     ids = np.random.default_rng(15).integers(0, cfg.vocab_size, 160).tolist()
     runs = [(be.logits(ids), list(be.start(ids[:8], SamplingParams(), 40, set()))) for _ in range(4)]
     assert np.isfinite(runs[0][0]).all()

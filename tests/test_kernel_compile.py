@@ -89,6 +89,8 @@ def _sources(tmp_path):
     d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
                               {"KOG_HOOKS": 1})
     out["llama-3.2-1b-hooks"] = (kernels.monokernel_source(), kernels.define_options(d))
+    # (kernels.py's defaults have a 50-permille tail, tensor parallel's; one GPU's build_plan
+    # places every unit statically: this build)
     d = kernels.model_defines(cfg, "bfloat16", 512, smem_floats(cfg), len(abi.PARTITION_COLUMNS),
                               {"KOG_DYN_PERMILLE": 0})
     out["llama-3.2-1b-static"] = (kernels.monokernel_source(), kernels.define_options(d))

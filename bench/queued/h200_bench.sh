@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # H200 only: the bench of main (README's first table and PERF's "Where the defaults stand" are
 # still the thirty-sixth session's H200 run: since then qkv's early tile on the H200, the
-# dynamic tail's grabs asked ahead and its 50-permille share, the qk-norm gammas and the qkv
-# biases loaded before their waits, all measured on H100s only), then one GPU's static default
-# (forty-second session) against a 50-permille tail on the H200.
+# qk-norm gammas and the qkv biases loaded before their waits, one GPU's static default and
+# down's depth 8, all measured on H100s only; the dynamic tail's grabs asked ahead and its
+# 50-permille share run only in the A/B's tail arm), then one GPU's static default (forty-second
+# session) against a 50-permille tail on the H200.
 # Device call: bash bench/queued/h200_bench.sh   (results under $OUT; ~300 s; exits at once on an H100)
 set -uo pipefail
 cd "$(dirname "$0")/../.."

@@ -163,7 +163,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # of down, so only static units give greedy output that is the same bits every run
     # (SYNC.md). H100, 2026-12-07 (PERF.md), static against a 50-permille tail: Qwen3-1.7B
     # +0.79 %, Llama-3.1-8B +0.44 %, Llama-3.2-1B -0.35 %; the small shapes lose 17-22 % with a
-    # tail. Tensor parallel keeps it (its down is a GEMV over rows: the same bits either way).
+    # 100-permille tail. Tensor parallel keeps it (its down is a GEMV over rows: the same bits either way).
     dyn = _knob(tuning, "KOG_DYN_PERMILLE")
     if "KOG_DYN_PERMILLE" not in tuning and world == 1:
         dyn = 0
@@ -258,7 +258,10 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # second call), 8B -1.2%, SmolLM2-135M -5.3%, Qwen2.5-0.5B -1.2% (PERF.md). So 1 on pairs
     # (the single-block builds, the small models, lose: a warp's whole stage is those two
     # tiles) up to hidden 2,048 (measured on at 2,048, off at 4,096); a small model asking for
-    # pairs keeps 2 (not measured). Not measured on AMD.
+    # pairs keeps 2 (not measured). Not measured on AMD. Those rounds had a dynamic tail; on
+    # the static default (2026-12-07) 2 alone won (1B +0.54 / +0.78 %, Qwen3 +0.44 / +0.59 %)
+    # but not on top of down's depth 8 on Qwen3 (+0.39 % against +0.53 % for depth 8 alone),
+    # so the rule stays until the pair is measured again (PERF.md).
     gu_early = _flag(tuning, "KOG_GATE_UP_EARLY", caller, (1, 2), "1 or 2 tiles")
     mid_pairs = cluster > 1 and not small and lcfg.hidden_size <= 2048   # (Qwen3, 1B)
     if "KOG_GATE_UP_EARLY" not in tuning and mid_pairs:
@@ -293,7 +296,7 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # rows of w_down a thread keeps in flight: 8 (kernels.py). 12 on pairs up to hidden 2,048
     # won +0.5 % on Qwen3-1.7B while those builds had a dynamic tail; with every unit static
     # (one GPU since 2026-12-07), H100, three interleaved rounds, 8 against 12: Qwen3 +0.53 %
-    # (+0.58 % at position 2,000), 1B +0.62 % (+0.33 %); 16: Qwen3 -1.4 %, 1B -0.7 % (PERF.md).
+    # (+0.58 % at position 2,000), 1B +0.62 % (+0.33 %); 16: Qwen3 -1.5 %, 1B -0.7 % (PERF.md).
     tuning["KOG_DOWN_DEPTH"] = depth
 
     warp = wave_size(arch)

@@ -84,7 +84,8 @@ def define_options(defines: dict) -> tuple[str, ...]:
 
 
 # The kernel's knobs and their defaults, in this one place (the sources #error without them):
-# GEMV loads per lane per tile, the share of units handed out at run time (gemv.cuh), rows a
+# GEMV loads per lane per tile, the share of units handed out at run time (gemv.cuh;
+# build_plan.py: 0 on one GPU, this default for tensor parallel), rows a
 # thread of down_residual keeps in flight, blocks a cluster (down's partials summed in pairs
 # before the adds; one GPU of sm_90+; build_plan.py decides per model; down.cuh), copies of
 # each in sum that down's parts spread over (sync.cuh), a residual sum polled on its last pair
@@ -99,7 +100,7 @@ DEFAULT_TUNING = {"KOG_GEMV_MAX_LOADS": 4, "KOG_DYN_PERMILLE": 50, "KOG_DOWN_DEP
                   "KOG_DELAY_SLOT": -1, "KOG_DELAY_NS": 1000, "KOG_OPROJ_SPARE": 0,
                   "KOG_ZERO_EARLY": 0, "KOG_GATE_UP_EARLY": 2, "KOG_QKV_EARLY": 2}
 BUILTIN_TUNING = dict(DEFAULT_TUNING)        # (before KOGCUPY_TUNING, below: for tests)
-# Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 0}' sets knobs for every build of the process
+# Development: KOGCUPY_TUNING='{"KOG_DYN_PERMILLE": 50}' sets knobs for every build of the process
 # as if each build had asked for them (build_plan's per-model choices then leave them be), e.g.
 # to run the GPU test suite on a variant before it becomes the default.
 ENV_TUNING: dict = {}
