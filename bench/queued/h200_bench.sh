@@ -4,8 +4,8 @@
 # qk-norm gammas and the qkv biases loaded before their waits, one GPU's static default and
 # down's depth 8, all measured on H100s only; the dynamic tail's grabs asked ahead and its
 # 50-permille share run only in the A/B's tail arm), then one GPU's static default (forty-second
-# session) against a 50-permille tail on the H200.
-# Device call: bash bench/queued/h200_bench.sh   (results under $OUT; ~300 s; exits at once on an H100)
+# session) against a 50-permille tail on the H200, then profiles of Qwen3, the 1B and SmolLM2.
+# Device call: bash bench/queued/h200_bench.sh   (results under $OUT; ~400 s; exits at once on an H100)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-device_out}; mkdir -p "$OUT"
@@ -19,3 +19,9 @@ echo "bench rc=$?"; tail -n 14 $OUT/bench-h200-$(date -u +%F).log
 A='[{}, {"KOG_DYN_PERMILLE": 50}, {}, {"KOG_DYN_PERMILLE": 50}, {}, {"KOG_DYN_PERMILLE": 50}]'
 timeout 150 python3 scripts/tune_monokernel.py llama-3.2-1b,qwen3-1.7b,llama-3.1-8b "$A" 256 > $OUT/variants-h200-$(date -u +%F)-static-default.txt 2>&1
 echo "tune rc=$?"; python3 scripts/tune_monokernel.py --summarize $OUT/variants-h200-$(date -u +%F)-static-default.txt | tail -n 6
+# profiles of the defaults on the H200 (its last traces are s36's, before every change above)
+for S in qwen3-1.7b llama-3.2-1b smollm2-135m; do
+  timeout 60 python3 -m kogcupy.cli profile --shape $S --out $OUT/trace-$S-h200-$(date -u +%F)-s42.json.gz \
+    > $OUT/profile-$S-h200-$(date -u +%F)-s42.txt 2>&1
+  echo "profile $S rc=$?"; grep -A6 "critical path" $OUT/profile-$S-h200-$(date -u +%F)-s42.txt | tail -n 6
+done
