@@ -26,10 +26,12 @@ def test_one_gpu_places_every_unit_statically_and_one_block_per_sm():
     cfg = shape_config("llama-3.2-1b")
     p = build_plan(cfg, H200_SMS, 4096)
     assert p.n_blocks == H200_SMS
-    assert p.tuning["KOG_DYN_PERMILLE"] == 0
-    assert p.placement.gate_up_dyn_begin == cfg.intermediate_size
-    assert p.placement.lm_dyn_begin == p.placement.lm_dyn_end == cfg.vocab_size
-    assert build_plan(cfg, H200_SMS, 4096, tuning={"KOG_DYN_PERMILLE": 50}).tuning["KOG_DYN_PERMILLE"] == 50
+    for c in (cfg, shape_config("smollm2-135m")):
+        q = build_plan(c, H200_SMS, 4096)
+        assert q.tuning["KOG_DYN_PERMILLE"] == 0
+        assert q.placement.gate_up_dyn_begin == c.intermediate_size
+        assert q.placement.lm_dyn_begin == q.placement.lm_dyn_end == c.vocab_size
+        assert build_plan(c, H200_SMS, 4096, tuning={"KOG_DYN_PERMILLE": 50}).tuning["KOG_DYN_PERMILLE"] == 50
     tp = build_plan(local_config(cfg, 2), H200_SMS, 4096, world=2)
     assert tp.tuning["KOG_DYN_PERMILLE"] == kernels.DEFAULT_TUNING["KOG_DYN_PERMILLE"] > 0
     assert p.placement.partition.shape[0] == H200_SMS
@@ -37,14 +39,6 @@ def test_one_gpu_places_every_unit_statically_and_one_block_per_sm():
     assert p.smem_floats * 4 < p.smem_bytes <= 227 * 1024
     assert "KOG_HOOKS" not in p.tuning
     assert build_plan(cfg, H200_SMS, 4096, hooks=True).tuning["KOG_HOOKS"] == 1
-
-
-def test_small_model_runs_static_unless_asked():
-    cfg = shape_config("smollm2-135m")
-    p = build_plan(cfg, H200_SMS, 4096)
-    assert p.tuning["KOG_DYN_PERMILLE"] == 0
-    p = build_plan(cfg, H200_SMS, 4096, tuning={"KOG_DYN_PERMILLE": 50})
-    assert p.tuning["KOG_DYN_PERMILLE"] == 50
 
 
 def test_env_tuning_counts_as_asked(monkeypatch):
