@@ -210,6 +210,7 @@ struct KogCtx {
     float* x_full;       // tensor parallel: the whole residual stream x (KOG_HIDDEN floats)
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     int t;               // position of the token being run
+    int drawn;           // the token the slices drew after position t - 1 (kog_sample_slices), else -1
 #if KOG_SAMPLE_SLICES
     mutable kog_u32 sample_rounds;   // KOG_CNT_SAMPLE rounds this block has run (sampling.cuh)
 #endif
