@@ -8,10 +8,12 @@ cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-device_out}; mkdir -p "$OUT"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
 case "$GPU" in *H200*) G=h200;; *) G=h100;; esac
-D=$(date -u +%F); F=$OUT/variants-$G-$D-sample-every-block.txt; : > $F
+D=$(date -u +%F); F=$OUT/variants-$G-$D-sample-every-block${TAG:-}.txt; : > $F
 cp bench/queued/tree_new/* kernels_src/
-timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/ > $OUT/gpu-tests-$G-$D-sample-every-block.txt 2>&1
-echo "pytest rc=$?"; tail -n 3 $OUT/gpu-tests-$G-$D-sample-every-block.txt
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout 200 python3 -m pytest -q -m gpu -x -p no:cacheprovider tests/ > $OUT/gpu-tests-$G-$D-sample-every-block.txt 2>&1
+  echo "pytest rc=$?"; tail -n 3 $OUT/gpu-tests-$G-$D-sample-every-block.txt
+fi
 for r in $(seq 1 ${ROUNDS:-3}); do
   i=0
   for v in old new; do
