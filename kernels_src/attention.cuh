@@ -737,7 +737,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                p->n_lm_producers == (int)gridDim.x;
     };
     const bool kv_ordered = t > 0 && lm_orders(t - 1);
-    // Units go to blocks from the top of the grid down (block 0 also samples).
+    // Units go to blocks from the top of the grid down (block 0 also tells the host the token).
     for (int u = gridDim.x - 1 - blockIdx.x; u < n_units; u += gridDim.x) {
         const int g = u % KOG_N_KV, ch = u / KOG_N_KV;
         const int j0 = ch * chunk, j1 = min(n_pos, j0 + chunk);

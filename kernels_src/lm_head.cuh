@@ -30,6 +30,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
 #endif
     const kog_u32 cancel = (forwards && threadIdx.x == 0 && !p->all_logits)
                                ? kog_ld_relaxed_system(p->host_ctl + 2) : 0u;
+    kog_u32 overflow = 0u;           // one GPU: read once the input is in, used at the end
     float best_v = KOG_NEG_INF;
     int best_i = KOG_INT_MAX;
     const bool draw = kog_draw_in_lm_head(p);
@@ -43,6 +44,9 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
         if (!DYN && r0 >= r1) return -1.f;
         const float s = kog_load_activation<KOG_HIDDEN, true, KOG_IN_COPIES>(kog_xsum_in(p, c.t, KOG_N_LAYERS), kog_in_parts(KOG_N_LAYERS),
                                                               c.smem, c.scratch, true);
+        // (read once every part of the step is in, so that its round trip is not on the way to
+        // the LM release; the host checks OVERFLOW again when the launch ends)
+        if (forwards && threadIdx.x == 0) overflow = kog_ld_cg_u32(kog_counter(c, KOG_CNT_OVERFLOW));
         if (dbg != nullptr)
             for (int i = kog_share_begin() + threadIdx.x; i < kog_share_end(); i += blockDim.x)
                 dbg[KOG_DBG_DOWN + (kog_u64)(KOG_N_LAYERS - 1) * KOG_DBG_LAYER + i] = c.smem[i];
@@ -92,8 +96,7 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
         p->lm_part_idx[blockIdx.x] = bi;
         p->lm_part_val[blockIdx.x] = bv;
         if (forwards) {              // 1: cancel, 2: a residual-sum part overflowed (sync.cuh)
-            const kog_u32 bits = (cancel != 0u ? 1u : 0u) |
-                                 (kog_ld_cg_u32(kog_counter(c, KOG_CNT_OVERFLOW)) != 0u ? 2u : 0u);
+            const kog_u32 bits = (cancel != 0u ? 1u : 0u) | (overflow != 0u ? 2u : 0u);
             if (bits != 0u) kog_st_relaxed(kog_counter(c, KOG_CNT_CANCEL), bits);
         }
     }

@@ -31,6 +31,7 @@ static_assert(KOG_SMEM_FLOATS >= KOG_ATTN_SMEM_FLOATS, "attention unit fits in s
 static_assert(KOG_SMEM_FLOATS >= KOG_SAMPLE_SMEM_FLOATS, "sampler slice fits in shared memory");
 #if KOG_TP == 1
 static_assert(KOG_SMEM_FLOATS >= KOG_FFN_SMEM_FLOATS, "FFN (x, down partials, activations) fits in shared memory");
+static_assert(KOG_N_LAYERS >= 2, "one GPU: two layers at least (gemv.cuh, kog_xsum_zero_next; build_plan.py)");
 #endif
 
 #if KOG_CLUSTER > 1

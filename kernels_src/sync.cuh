@@ -225,7 +225,8 @@ KOG_DEVICE kog_u32 kog_expected(const KogCtx& c, int producers) {
 // its inputs are in shared memory, and at its end, for one position. Slots: layer * 16 +
 // stage * 3 + {0, 1, 2} (stage: 0 qkv, 1 attention, 2 o_proj, 3 gate_up, 4 down), and
 // layer * 16 + 15 when an attention unit's chunk starts (q normed and roped, the append issued);
-// the LM head at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}.
+// the LM head at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5} (one GPU: stamped by
+// every block at the next position's layer 0, inside that qkv's wait; tensor parallel: block 0).
 #ifndef KOG_HOOKS                 // 1: profiling / debug-dump code (kernels.py turns it on when asked)
 #error "KOG_HOOKS comes from kernels.py (model_defines)"
 #endif

@@ -121,8 +121,7 @@ STAGES: tuple[Stage, ...] = (
           writes=(_x("0", "EMBED", when="KOG_TP > 1"),
                   Use("counters", counter="KOG_CNT_TOK", value="+1", when="KOG_TP > 1")),
           who="block 0, position start_pos only (later positions: the sampler); one GPU: none -- "
-              "every block reads the token's row into its x at layer 0 (kog_load_embedding)",
-          part_of=("kog_load_embedding",)),
+              "every block reads the token's row into its x at layer 0 (kog_load_embedding)"),
     Stage("attn_norm_qkv", "kog_stage_attn_norm_qkv", "norm_rope.cuh", True, True,
           waits=(Use("counters", counter="KOG_CNT_TOK", value="t+1", when="l == 0 and KOG_TP > 1"),
                  _sum("in", "l", when="l > 0", what="all")),
@@ -214,7 +213,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("sample", "kog_stage_sample", "sampling.cuh", False, True,
           waits=(Use("counters", counter="KOG_CNT_LM", value="lm_steps * n_lm_producers", when="lm"),
                  Use("counters", counter="KOG_CNT_SAMPLE", value="rounds * blocks", when="slices",
-                     peer=True, what="each round's totals, then block 0 the draw"),
+                     peer=True, what="each round's totals, then the draw"),
                  _sum("in", "L", when="not lm", what="all; inside the prompt")),
           reads=(Use("logits", when="lm"), Use("lm_part_val", when="lm and not slices"),
                  Use("lm_part_idx", when="lm and not slices"),
@@ -223,7 +222,7 @@ STAGES: tuple[Stage, ...] = (
           writes=(Use("sample_ws", when="slices", what="its slice's part of each round; zeroes its "
                       "share of the next step's half"),
                   Use("counters", counter="KOG_CNT_SAMPLE", value="+1 a round", when="slices"),
-                  Use("tokens", what="[t+1] (block 0)"),
+                  Use("tokens", what="[t+1] (every block the same value; tensor parallel: block 0)"),
                   _x("0", "EMBED", pos="t+1", when="KOG_TP > 1",
                      what="the next token's row (kog_embed), unless stopping"),
                   Use("counters", counter="KOG_CNT_TOK", value="+1", when="KOG_TP > 1"),

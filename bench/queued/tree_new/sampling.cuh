@@ -93,9 +93,10 @@ KOG_DEVICE T kog_block_prefix_incl(T v, float* scratch, T& total) {
 // block adds its slice's part into the workspace (integer atomics in L2: the same totals in any
 // order), releases KOG_CNT_SAMPLE, waits until every block has, and reads the totals -- every
 // block takes the same decisions from the same numbers, so nothing is broadcast. The draw's
-// round ends in one word block 0 reads. Workspace (KogParams::sample_ws, 64-bit words), one half
+// round ends in one word every block reads (tensor parallel: block 0). Workspace (KogParams::sample_ws, 64-bit words), one half
 // a step by the parity of the generated index; each step's blocks zero the other half for the
-// next step (a block reaches step g + 1's rounds only after every block ended step g's).
+// next step (a block zeroes step g's half at step g + 1's start only after passing the wait on
+// in(t + 1, l >= 1), which holds every block's parts added after its read of step g's draw).
 //   [r * 2 * BINS, + BINS) counts, [+ BINS, + 2 * BINS) masses of radix round r < KOG_SWS_HIST
 //   then scalars: [0] lmax key, [1] kept mass, [2] the draw: score key << 32 | ~id, [3, 4] the
 //   selects' cut ids; then per select, each block's count of tied ids (KOG_SWS_MAX_BLOCKS)
@@ -370,8 +371,8 @@ KOG_DEVICE_NOINLINE int kog_sample_slices(const KogCtx& c, int g_index, int lm_s
 
 #endif  // KOG_SAMPLE_SLICES
 
-// The sampled token at position c.t (block 0, all threads) when greedy without a penalty or
-// drawn by the LM head: the LM head's per-block partials reduced.
+// The sampled token (all threads of the block) when greedy without a penalty or drawn by the
+// LM head: the LM head's per-block partials reduced.
 KOG_DEVICE int kog_sample_token(const KogCtx& c) {
     const KogParams* p = c.p;
     float bv = KOG_NEG_INF, v_unused;
@@ -434,8 +435,8 @@ KOG_DEVICE float kog_load_embedding(const KogCtx& c, int token, float* xs) {
 // written by the last block's LM head before its release (lm_head.cuh).
 // Tensor parallel: block 0 at the end of position t; it writes x for t + 1 (kog_embed) or sets
 // the stop flag, then signals KOG_CNT_TOK, which every block waits for at layer 0.
-// Block 0 writes tokens[t + 1] and leaves the token for the host in the publish slots
-// (kog_publish_token). `drawn`: the token the slices drew (kog_sample_slices), else -1.
+// Every block (tensor parallel: block 0) writes tokens[t + 1]; block 0 leaves the token for the
+// host in the publish slots (kog_publish_token). `drawn`: the token the slices drew (kog_sample_slices), else -1.
 #define KOG_SLOT_PUBLISH (KOG_SLOT_FLAG + 9)       // scratch: the token not yet published (3 ints)
 static_assert(KOG_SLOT_PUBLISH + 3 <= KOG_SCRATCH_FLOATS, "the publish slots are in the scratch area");
 KOG_DEVICE kog_u32 kog_stage_sample(const KogCtx& c, int t, int drawn, int& next) {
@@ -492,7 +493,10 @@ KOG_DEVICE kog_u32 kog_stage_sample(const KogCtx& c, int t, int drawn, int& next
             if (reason == 0u && p->prompt_len + g + 1 >= p->context_length) reason = 3u;   // FINISH_CONTEXT
             if (reason == 0u && (stop_bits & 1u)) reason = 4u;                         // FINISH_CANCELLED
             if (reason == 0u && (stop_bits & 2u)) reason = 6u;                         // FINISH_OVERFLOW
-            if (blockIdx.x == 0 && t + 1 < p->context_length) p->tokens[t + 1] = next;
+            // one GPU every block stores it (the same value): the penalty's bitmap
+            // (kog_sample_slices) reads tokens[] in every block, each its own stores
+            if ((KOG_TP == 1 || blockIdx.x == 0) && t + 1 < p->context_length)
+                kog_st_relaxed(reinterpret_cast<kog_u32*>(p->tokens + t + 1), (kog_u32)next);
             *slot = reason;
         }
         __syncthreads();
