@@ -726,8 +726,9 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
     kog_prof(c, layer * 16 + 3);
 
     // After a step whose LM head ran, the appends of every earlier step are already ordered
-    // before this one: each block releases the LM counter after its attention stages, and every
-    // block acquires all of them in its stage sample at layer 0 (SYNC.md). The per-head count is then not polled (one round trip less before
+    // before this one: each block releases the LM counter after its attention stages, the
+    // sampler acquires all of them before it releases KOG_CNT_TOK, and every block acquires that
+    // at layer 0 (SYNC.md). The per-head count is then not polled (one round trip less before
     // the K/V copies); in the prompt (no LM head) it is the real dependency and is polled.
     // For the same reason the unit holding t signals its head's count only when the next step
     // will poll it (this step runs no LM head): the signal's release waits for the block's
@@ -737,7 +738,7 @@ KOG_DEVICE void kog_stage_attention(const KogCtx& c, int layer) {
                p->n_lm_producers == (int)gridDim.x;
     };
     const bool kv_ordered = t > 0 && lm_orders(t - 1);
-    // Units go to blocks from the top of the grid down (block 0 also tells the host the token).
+    // Units go to blocks from the top of the grid down (block 0 also samples).
     for (int u = gridDim.x - 1 - blockIdx.x; u < n_units; u += gridDim.x) {
         const int g = u % KOG_N_KV, ch = u / KOG_N_KV;
         const int j0 = ch * chunk, j1 = min(n_pos, j0 + chunk);

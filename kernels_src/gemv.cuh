@@ -416,27 +416,26 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
 // sums (sync.cuh). The zeroing threads fence once a step, at the last layer, after all the
 // step's zero stores: the fence waits for every load the thread has in flight (in gate_up's
 // wait, the gate_up tiles just issued), and one a layer cost Qwen2.5-0.5B 1.4 %, SmolLM2 1.1 %
-// (PERF.md). In short: each block's stage sample of t (sampling.cuh, at layer 0 of t + 1), which
-// its every access to t + 1's sums follows, comes after all of in(t, L) (its acquire of the LM
-// blocks' releases, each past its wait on in(t, L); inside the prompt its own wait), which holds
-// each zeroing thread's add in down(t, L - 1), after its fence (down.cuh: every thread of a
-// share adds a word there). After every read of t - 1's: for l > 0 this block passed its wait
-// on in(t, l) in attn_norm_qkv(t, l), which holds every block's down_residual(t, l - 1) (alone
-// or in its pair's part, added after the pair's cluster barrier), so every block is past its
-// qkv(t, l - 1) and gate_up(t, l - 1) -- later than its reads of in(t - 1, l), mid(t - 1, l)
-// (and the LM head's or the stage samples' of in(t - 1, L)); for l = 0 the block passed its
-// stage sample of t - 1: the same chain one position back. (With one layer, in(t + 1, L) zeroed
-// at l = 0 would race the other blocks' prompt-path reads of in(t - 1, L): one GPU needs two
-// layers, build_plan.py.) Before every part of t + 1's: a part of in(t + 1, l), l > 0, comes from
-// a block past its wait on mid(t + 1, l - 1), whose words of this block's rows hold the part
-// this block adds in attn_norm_qkv(t + 1, l - 1) (row i by the thread that zeroed it) -- a write
-// after the fence of t (a block with no rows zeroes nothing); every part of mid(t + 1, 0) follows
-// its block's stage sample of t, past every block's last down of t, down(t, L - 1), after that
-// fence, in which every zeroing thread adds a word of in(t, L) (thread k row k alone; row k of
-// its rank's half in a pair); parts of mid(t + 1, l), l > 0, follow the wait on in(t + 1, l),
-// which holds this block's down(t + 1, l - 1). in(t + 1, 0) is zeroed but not used. Readers of
-// t + 1's sums are past their stage sample of t too. Relaxed atomic stores, as every other access
-// to the sums.
+// (PERF.md). In short: TOK(t + 1), which every access to t + 1's sums follows, comes after the
+// sampler's (or the LM blocks') wait on all of in(t, L), which holds each zeroing thread's add
+// in down(t, L - 1), after its fence (down.cuh: every thread of a share adds a word there).
+// After every read of t - 1's: this block passed its wait on in(t, l) in attn_norm_qkv(t, l);
+// for l > 0 that sum holds every block's down_residual(t, l - 1) (alone or in its pair's part,
+// added after the pair's cluster barrier), so every block is
+// past its qkv(t, l - 1) and gate_up(t, l - 1) -- later than its reads of in(t - 1, l),
+// mid(t - 1, l) (and the LM head's or the sampler's of in(t - 1, L)); for l = 0 in(t, 0) is
+// the embedding of t, written by the sampler of t - 1 after every LM-head block's release
+// (each past its wait on in(t - 1, L), which holds every block's last down) or, inside the
+// prompt, after its own wait on in(t - 1, L): the same chain. Before every part of t + 1's:
+// a part of in(t + 1, l), l > 0, comes from a block past its wait on mid(t + 1, l - 1), whose
+// words of this block's rows hold the part this block adds in attn_norm_qkv(t + 1, l - 1) (row
+// i by the thread that zeroed it) -- a write after the fence of t (a block with no rows zeroes
+// nothing); the embedding in in(t + 1, 0) and every part of mid(t + 1, 0) follow the sampler of
+// t, past every block's last down of t, down(t, L - 1), after that fence, in which every
+// zeroing thread adds a word of in(t, L) (thread k row k alone; row k of its rank's half in a
+// pair); parts of mid(t + 1, l) follow the wait on in(t + 1, l), which holds this block's
+// down(t + 1, l - 1) (or, l = 0, the embedding: above). Readers of t + 1's sums are past
+// TOK(t + 1) too. Relaxed atomic stores, as every other access to the sums.
 KOG_DEVICE void kog_xsum_zero_next(const KogCtx& c, int layer) {
     const int z0 = kog_share_begin(), z1 = kog_share_end();
     if (z0 + (int)threadIdx.x < z1) {

@@ -14,23 +14,15 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     const kog_u64 lm_off = p->all_logits ? (kog_u64)lm_index * KOG_VOCAB : 0ull;
     float* logits = p->logits + lm_off;
     float* dbg = kog_debug_row(c);
-    // The host's cancel flag, read before the wait (a PCIe round trip off the critical path) by
-    // one block, which carries it to every stop check through CANCEL before its release of LM,
-    // so that every block (tensor parallel: every rank) stops at the same step: rank 0's block 0;
-    // one GPU the last block, which owns LM rows whenever any block does (placement.split_even),
-    // and which also carries an overflowed residual sum.
 #if KOG_TP > 1
     // Rows are this rank's slice of the vocabulary, numbered globally (the host offsets
     // lm_head). The sampler of every rank needs the whole logits vector unless it is greedy
-    // without a penalty.
+    // without a penalty; rank 0's block 0 carries the host's cancel flag to every rank, so
+    // that all ranks stop at the same step.
     const bool gather = p->tp_gather_logits != 0;
-    const bool forwards = p->tp_rank == 0 && blockIdx.x == 0;
-#else
-    const bool forwards = blockIdx.x == gridDim.x - 1;
+    const kog_u32 cancel = (p->tp_rank == 0 && blockIdx.x == 0 && threadIdx.x == 0 &&
+                            !p->all_logits) ? kog_ld_relaxed_system(p->host_ctl + 2) : 0u;
 #endif
-    const kog_u32 cancel = (forwards && threadIdx.x == 0 && !p->all_logits)
-                               ? kog_ld_relaxed_system(p->host_ctl + 2) : 0u;
-    kog_u32 overflow = 0u;           // one GPU: read once the input is in, used at the end
     float best_v = KOG_NEG_INF;
     int best_i = KOG_INT_MAX;
     const bool draw = kog_draw_in_lm_head(p);
@@ -44,9 +36,6 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
         if (!DYN && r0 >= r1) return -1.f;
         const float s = kog_load_activation<KOG_HIDDEN, true, KOG_IN_COPIES>(kog_xsum_in(p, c.t, KOG_N_LAYERS), kog_in_parts(KOG_N_LAYERS),
                                                               c.smem, c.scratch, true);
-        // (read once every part of the step is in, so that its round trip is not on the way to
-        // the LM release; the host checks OVERFLOW again when the launch ends)
-        if (forwards && threadIdx.x == 0) overflow = kog_ld_cg_u32(kog_counter(c, KOG_CNT_OVERFLOW));
         if (dbg != nullptr)
             for (int i = kog_share_begin() + threadIdx.x; i < kog_share_end(); i += blockDim.x)
                 dbg[KOG_DBG_DOWN + (kog_u64)(KOG_N_LAYERS - 1) * KOG_DBG_LAYER + i] = c.smem[i];
@@ -95,10 +84,6 @@ KOG_DEVICE void kog_stage_final_norm_lm_head(const KogCtx& c, int lm_index) {
     if (threadIdx.x == 0) {
         p->lm_part_idx[blockIdx.x] = bi;
         p->lm_part_val[blockIdx.x] = bv;
-        if (forwards) {              // 1: cancel, 2: a residual-sum part overflowed (sync.cuh)
-            const kog_u32 bits = (cancel != 0u ? 1u : 0u) | (overflow != 0u ? 2u : 0u);
-            if (bits != 0u) kog_st_relaxed(kog_counter(c, KOG_CNT_CANCEL), bits);
-        }
     }
     kog_signal_counter(kog_counter(c, KOG_CNT_LM));
 #endif

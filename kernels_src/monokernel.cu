@@ -31,7 +31,6 @@ static_assert(KOG_SMEM_FLOATS >= KOG_ATTN_SMEM_FLOATS, "attention unit fits in s
 static_assert(KOG_SMEM_FLOATS >= KOG_SAMPLE_SMEM_FLOATS, "sampler slice fits in shared memory");
 #if KOG_TP == 1
 static_assert(KOG_SMEM_FLOATS >= KOG_FFN_SMEM_FLOATS, "FFN (x, down partials, activations) fits in shared memory");
-static_assert(KOG_N_LAYERS >= 2, "one GPU: two layers at least (gemv.cuh, kog_xsum_zero_next; build_plan.py)");
 #endif
 
 #if KOG_CLUSTER > 1
@@ -49,7 +48,6 @@ kog_monokernel(const KogParams* __restrict__ p) {
     c.x_full = c.scratch + KOG_SCRATCH_FLOATS;             // tensor parallel only (host sizes it)
     c.part = p->partition + blockIdx.x * KOG_PARTITION_COLUMNS;
     c.t = 0;
-    c.drawn = -1;
 #if KOG_SAMPLE_SLICES
     c.sample_rounds = 0u;
 #endif
@@ -57,15 +55,13 @@ kog_monokernel(const KogParams* __restrict__ p) {
     // Positions [0, start_pos) are already in the KV cache (batched prefill, prefix cache);
     // the host set the counters as if this launch had run them (monokernel.py, _prepare).
     const int t0 = p->start_pos;
-    if (blockIdx.x == 0) {
+    if (blockIdx.x == 0) {                                  // stage embed of position t0
         if (threadIdx.x == 0) {                             // no token to publish yet
             int* pub = reinterpret_cast<int*>(c.scratch + KOG_SLOT_PUBLISH);
             pub[0] = pub[2] = 0;
         }
-#if KOG_TP > 1                     // stage embed of position t0 (one GPU: every block, at layer 0)
         kog_embed(c, p->tokens[t0], t0);
         kog_signal_counter(kog_counter(c, KOG_CNT_TOK));
-#endif
     }
     const int last_prompt = p->prompt_len - 1;
     for (int t = t0; t < p->context_length; ++t) {
@@ -86,21 +82,12 @@ kog_monokernel(const KogParams* __restrict__ p) {
         const bool lm = p->all_logits || t >= last_prompt;
         const int lm_index = p->all_logits ? t : t - last_prompt;
         if (lm) kog_stage_final_norm_lm_head(c, lm_index);
-#if KOG_SAMPLE_SLICES               // (else greedy / temperature only: the LM head's partials)
-        c.drawn = kog_sample_on_slices(p, t) ? kog_sample_slices(c, t - last_prompt, lm_index + 1) : -1;
+#if KOG_SAMPLE_SLICES
+        const int drawn = kog_sample_on_slices(p, t) ? kog_sample_slices(c, t - last_prompt, lm_index + 1) : -1;
+#else
+        const int drawn = -1;         // (greedy / temperature only: the LM head's partials)
 #endif
-#if KOG_TP > 1                     // + stop_check (one GPU: every block, at t + 1's layer 0)
-        if (blockIdx.x == 0) {
-            int next;
-            kog_stage_sample(c, t, c.drawn, next);
-        }
-#endif
+        if (blockIdx.x == 0) kog_stage_sample(c, lm, lm_index + 1, drawn);   // + stop_check
     }
-#if KOG_TP == 1                    // the context is full: its last token and finish code
-    if (blockIdx.x == 0) {
-        int next;
-        kog_stage_sample(c, p->context_length - 1, c.drawn, next);
-    }
-#endif
     if (blockIdx.x == 0) kog_publish_token(c);             // (the context's end)
 }

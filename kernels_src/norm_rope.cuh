@@ -11,10 +11,8 @@
 // ============================================================================================
 #pragma once
 #include "gemv.cuh"
-#include "sampling.cuh"
 
-// Returns true when the generation is over (decided at layer 0: one GPU by the block's own stop
-// check, tensor parallel by the sampler's stop flag).
+// Returns true when the generation is over (seen at layer 0: the sampler set the stop flag).
 KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
     const KogParams* p = c.p;
     float* xs = KOG_TP > 1 ? c.x_full : c.smem;   // tensor parallel: x is kept in x_full
@@ -30,30 +28,19 @@ KOG_DEVICE bool kog_stage_attn_norm_qkv(const KogCtx& c, int layer) {
     bool stop = false;
     kog_prof(c, layer * 16 + 0);
     auto ready = [&]() -> float {
-#if KOG_TP > 1
         if (first) {                           // the next token (or the end) is decided
             stop = kog_wait_counter_read_flag(kog_counter(c, KOG_CNT_TOK), (kog_u32)(c.t + 1),
                                               kog_counter(c, KOG_CNT_STOP),
                                               reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG)) != 0u;
             if (stop) return -1.f;
         }
+#if KOG_TP > 1
         const float s = first ? kog_load_activation<KOG_HIDDEN>(p->x, x_tag, xs, c.scratch, true)
                               : kog_tp_load_reduced(c, 1, x_tag);
 #else
-        // every block reads x: it adds its share's rows to mid(t, l) (the x entering the layer).
-        // Layer 0: the block decides position t's token itself (stage sample, after t - 1's LM
-        // head; the prompt's at start_pos) and reads its embedding row.
-        float s;
-        if (first) {
-            int token = -1;
-            if (c.t == p->start_pos) token = p->tokens[c.t];
-            else if (kog_stage_sample(c, c.t - 1, c.drawn, token) != 0u) stop = true;
-            if (stop) return -1.f;
-            s = kog_load_embedding(c, token, xs);
-        } else {
-            s = kog_load_activation<KOG_HIDDEN, true, KOG_IN_COPIES>(kog_xsum_in(p, c.t, layer), kog_in_parts(layer),
-                                                                      xs, c.scratch, true);
-        }
+        // every block reads x: it adds its share's rows to mid(t, l) (the x entering the layer)
+        const float s = kog_load_activation<KOG_HIDDEN, true, KOG_IN_COPIES>(kog_xsum_in(p, c.t, layer), kog_in_parts(layer),
+                                                              xs, c.scratch, true);
         kog_u64* mid = kog_xsum_mid(p, c.t, layer);
         float* dbg = kog_debug_row(c);
         for (int i = kog_share_begin() + threadIdx.x; i < kog_share_end(); i += blockDim.x) {

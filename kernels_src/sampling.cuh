@@ -1,6 +1,6 @@
 // ============================================================================================
-// sampling.cuh -- stages sample and stop_check (one GPU: every block, at the next position's
-// layer 0; tensor parallel: block 0), plus the embedding lookup of the next token.
+// sampling.cuh -- stages sample and stop_check (one block: block 0), plus the embedding
+// lookup of the next token.
 //
 // The algorithm is kogcupy/reference/sampling.py's, step for step: repetition penalty over the distinct
 // ids of prompt + generated (each block marks its slice's ids in a bitmap) -> greedy argmax
@@ -93,10 +93,9 @@ KOG_DEVICE T kog_block_prefix_incl(T v, float* scratch, T& total) {
 // block adds its slice's part into the workspace (integer atomics in L2: the same totals in any
 // order), releases KOG_CNT_SAMPLE, waits until every block has, and reads the totals -- every
 // block takes the same decisions from the same numbers, so nothing is broadcast. The draw's
-// round ends in one word every block reads (tensor parallel: block 0). Workspace (KogParams::sample_ws, 64-bit words), one half
+// round ends in one word block 0 reads. Workspace (KogParams::sample_ws, 64-bit words), one half
 // a step by the parity of the generated index; each step's blocks zero the other half for the
-// next step (a block zeroes step g's half at step g + 1's start only after passing the wait on
-// in(t + 1, l >= 1), which holds every block's parts added after its read of step g's draw).
+// next step (a block reaches step g + 1's rounds only after every block ended step g's).
 //   [r * 2 * BINS, + BINS) counts, [+ BINS, + 2 * BINS) masses of radix round r < KOG_SWS_HIST
 //   then scalars: [0] lmax key, [1] kept mass, [2] the draw: score key << 32 | ~id, [3, 4] the
 //   selects' cut ids; then per select, each block's count of tied ids (KOG_SWS_MAX_BLOCKS)
@@ -270,7 +269,7 @@ KOG_DEVICE void kog_select(const KogCtx& c, KogSampler& s, int sel, bool count_m
 }
 
 // The draw over every block's slice (every block, generating with a filter or a penalty);
-// returns the token in every block (tensor parallel: in block 0, -1 elsewhere).
+// returns the token in block 0 (-1 elsewhere).
 // (Only the KOG_SAMPLE_SLICES build: the host launches it for such requests, monokernel.py.)
 KOG_DEVICE bool kog_sample_on_slices(const KogParams* p, int t) {
     return t >= p->prompt_len - 1 && !p->all_logits &&
@@ -362,17 +361,15 @@ KOG_DEVICE_NOINLINE int kog_sample_slices(const KogCtx& c, int g_index, int lm_s
                   ((unsigned long long)kog_float_key(best) << 32) | (unsigned long long)(~(kog_u32)id));
     kog_signal_counter(kog_counter(c, KOG_CNT_SAMPLE));
     ++rounds;
-#if KOG_TP > 1
-    if (blockIdx.x != 0) return -1;               // (tensor parallel: block 0 samples)
-#endif
+    if (blockIdx.x != 0) return -1;
     kog_wait_counter(kog_counter(c, KOG_CNT_SAMPLE), rounds * gridDim.x);
     return (int)~(kog_u32)kog_ld_tagged(draw);
 }
 
 #endif  // KOG_SAMPLE_SLICES
 
-// The sampled token (all threads of the block) when greedy without a penalty or drawn by the
-// LM head: the LM head's per-block partials reduced.
+// The sampled token at position c.t (block 0, all threads) when greedy without a penalty or
+// drawn by the LM head: the LM head's per-block partials reduced.
 KOG_DEVICE int kog_sample_token(const KogCtx& c) {
     const KogParams* p = c.p;
     float bv = KOG_NEG_INF, v_unused;
@@ -387,7 +384,7 @@ KOG_DEVICE int kog_sample_token(const KogCtx& c) {
     return kog_block_argmax(bv, bi, c.scratch, v_unused);
 }
 
-// x <- embed[token] (tensor parallel: block 0), dumped as stage "embed" of position `pos`.
+// x <- embed[token] (block 0), dumped as stage "embed" of position `pos`.
 KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
     const KogParams* p = c.p;
     const kog_u16* row = p->embed + (kog_u64)token * KOG_HIDDEN;
@@ -396,86 +393,60 @@ KOG_DEVICE void kog_embed(const KogCtx& c, int token, int pos) {
                      ? p->debug + (kog_u64)pos * p->debug_stride : nullptr;
     for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x) {
         const float v = kog_w_to_f32(row[i]);
+#if KOG_TP > 1
         kog_st_tagged(p->x + i, v, tag);
+#else
+        kog_red_add_u64(kog_xsum_in(p, pos, 0) + i, kog_sum_word(p, v));   // in(pos, 0): one part
+#endif
         if (dbg != nullptr) dbg[KOG_DBG_EMBED + i] = v;
     }
 }
 
-// One GPU: x entering layer 0 is the embedding row of `token`, read by every block into xs
-// (no residual sum, no hop: stage embed); returns 1 / rms(x). Block 0 dumps it.
-KOG_DEVICE float kog_load_embedding(const KogCtx& c, int token, float* xs) {
-    const uint4* row = reinterpret_cast<const uint4*>(c.p->embed + (kog_u64)token * KOG_HIDDEN);
-    float* dbg = blockIdx.x == 0 ? kog_debug_row(c) : nullptr;
-    __syncthreads();                              // xs is free: the previous stage is done with it
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < KOG_HIDDEN / 8; i += blockDim.x) {
-        const uint4 w = row[i];
-        const kog_u32 h[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const float a = kog_w_to_f32((kog_u16)(h[k] & 0xffffu)), b = kog_w_to_f32((kog_u16)(h[k] >> 16));
-            xs[8 * i + 2 * k] = a;
-            xs[8 * i + 2 * k + 1] = b;
-            ss = fmaf(a, a, fmaf(b, b, ss));
-            if (dbg != nullptr) {
-                dbg[KOG_DBG_EMBED + 8 * i + 2 * k] = a;
-                dbg[KOG_DBG_EMBED + 8 * i + 2 * k + 1] = b;
-            }
-        }
-    }
-    ss = kog_block_sum(ss, c.scratch);            // its barriers also publish xs
-    return rsqrtf(ss / (float)KOG_HIDDEN + KOG_EPS);
-}
-
-// Stage sample + stop_check: the token of position t + 1 (`next`, every thread of the block)
-// and the finish code (0: go on), from position t's LM head (or the prompt's next token).
-// One GPU: EVERY block runs it, at the start of layer 0's attn_norm_qkv of t + 1 (norm_rope.cuh),
-// and reads the token's embedding row itself: no hop through one sampling block. The host's
-// cancel and an overflowed residual sum reach every block's stop check alike through CANCEL,
-// written by the last block's LM head before its release (lm_head.cuh).
-// Tensor parallel: block 0 at the end of position t; it writes x for t + 1 (kog_embed) or sets
-// the stop flag, then signals KOG_CNT_TOK, which every block waits for at layer 0.
-// Every block (tensor parallel: block 0) writes tokens[t + 1]; block 0 leaves the token for the
-// host in the publish slots (kog_publish_token). `drawn`: the token the slices drew (kog_sample_slices), else -1.
+// Stage sample + stop_check for position c.t (block 0; with a filter or a penalty every block
+// first drew over its slice of the vocabulary: `drawn`, else -1). Writes x for the next
+// position, signals KOG_CNT_TOK (or sets the stop flag), and leaves the token for the host in
+// the publish slots (kog_publish_token).
 #define KOG_SLOT_PUBLISH (KOG_SLOT_FLAG + 9)       // scratch: the token not yet published (3 ints)
 static_assert(KOG_SLOT_PUBLISH + 3 <= KOG_SCRATCH_FLOATS, "the publish slots are in the scratch area");
-KOG_DEVICE kog_u32 kog_stage_sample(const KogCtx& c, int t, int drawn, int& next) {
+KOG_DEVICE void kog_stage_sample(const KogCtx& c, bool lm_ran, int lm_steps, int drawn) {
     const KogParams* p = c.p;
-    KogCtx ct = c;                                        // position t's stamps and debug row
-    ct.t = t;
+    const int t = c.t;
     const int last_prompt = p->prompt_len - 1;
     const bool generating = t >= last_prompt && !p->all_logits;
-    const bool lm_ran = p->all_logits || t >= last_prompt;
     const int g = t - last_prompt;                        // generated index (when generating)
     kog_u32* slot = reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG + 1);
-    kog_prof(ct, KOG_N_LAYERS * 16 + 3);
+    kog_prof(c, KOG_N_LAYERS * 16 + 3);
+    // The host's cancel flag is read before the wait: a PCIe round trip off the critical path.
+    // Tensor parallel: rank 0's LM head forwarded it to every rank's KOG_CNT_CANCEL.
+#if KOG_TP > 1
+    kog_u32 cancel = 0u;
+#else
+    const kog_u32 cancel = (generating && threadIdx.x == 0) ? kog_ld_relaxed_system(p->host_ctl + 2) : 0u;
+    const kog_u32 overflow = (generating && threadIdx.x == 0) ? kog_ld_cg_u32(kog_counter(c, KOG_CNT_OVERFLOW)) : 0u;
+#endif
     // The EOS ids (at most 64, monokernel.py) too: thread e holds the e-th.
     const int eos = (generating && (int)threadIdx.x < p->n_eos) ? p->eos_ids[threadIdx.x] : -1;
-    kog_u32 stop_bits = 0u;                               // 1: the host's cancel, 2: overflow
     if (!lm_ran) {                                        // inside the prompt: x is final
 #if KOG_TP > 1
-        kog_tp_load_reduced(ct, 1, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
+        kog_tp_load_reduced(c, 1, kog_tag(t, KOG_N_LAYERS - 1, KOG_STAGE_DOWN));
 #else
-        // (every block: t + 1's sums were zeroed by every block before its last parts of t)
         kog_load_activation<KOG_HIDDEN, true, KOG_IN_COPIES>(kog_xsum_in(p, t, KOG_N_LAYERS), kog_in_parts(KOG_N_LAYERS), c.smem,
                                               c.scratch, false);
-        float* dbg = blockIdx.x == 0 ? kog_debug_row(ct) : nullptr;
+        float* dbg = kog_debug_row(c);
         if (dbg != nullptr)
             for (int i = threadIdx.x; i < KOG_HIDDEN; i += blockDim.x)
                 dbg[KOG_DBG_DOWN + (kog_u64)(KOG_N_LAYERS - 1) * KOG_DBG_LAYER + i] = c.smem[i];
 #endif
     } else {
-        const kog_u32 lm_steps = (kog_u32)(p->all_logits ? t + 1 : g + 1);
 #if KOG_TP > 1
-        kog_wait_counter_system(kog_counter(c, KOG_CNT_LM), lm_steps * (kog_u32)p->n_lm_producers);
-        if (generating && threadIdx.x == 0) stop_bits = kog_ld_relaxed_system(kog_counter(c, KOG_CNT_CANCEL));
+        kog_wait_counter_system(kog_counter(c, KOG_CNT_LM), (kog_u32)lm_steps * (kog_u32)p->n_lm_producers);
+        if (generating && threadIdx.x == 0) cancel = kog_ld_relaxed_system(kog_counter(c, KOG_CNT_CANCEL));
 #else
-        stop_bits = kog_wait_counter_read_flag(kog_counter(c, KOG_CNT_LM), lm_steps * (kog_u32)p->n_lm_producers,
-                                               kog_counter(c, KOG_CNT_CANCEL),
-                                               reinterpret_cast<kog_u32*>(c.scratch + KOG_SLOT_FLAG));
+        kog_wait_counter(kog_counter(c, KOG_CNT_LM), (kog_u32)lm_steps * (kog_u32)p->n_lm_producers);
 #endif
     }
-    kog_prof(ct, KOG_N_LAYERS * 16 + 4);
+    kog_prof(c, KOG_N_LAYERS * 16 + 4);
+    int next;
     kog_u32 finish = 0u;
     if (t < last_prompt) {
         next = p->tokens[t + 1];
@@ -491,33 +462,29 @@ KOG_DEVICE kog_u32 kog_stage_sample(const KogCtx& c, int t, int drawn, int& next
             if (is_eos) reason = 1u;                                                   // FINISH_EOS
             if (reason == 0u && g + 1 >= p->max_new) reason = 2u;                      // FINISH_LENGTH
             if (reason == 0u && p->prompt_len + g + 1 >= p->context_length) reason = 3u;   // FINISH_CONTEXT
-            if (reason == 0u && (stop_bits & 1u)) reason = 4u;                         // FINISH_CANCELLED
-            if (reason == 0u && (stop_bits & 2u)) reason = 6u;                         // FINISH_OVERFLOW
-            // one GPU every block stores it (the same value): the penalty's bitmap
-            // (kog_sample_slices) reads tokens[] in every block, each its own stores
-            if ((KOG_TP == 1 || blockIdx.x == 0) && t + 1 < p->context_length)
-                kog_st_relaxed(reinterpret_cast<kog_u32*>(p->tokens + t + 1), (kog_u32)next);
+            if (reason == 0u && cancel != 0u) reason = 4u;                             // FINISH_CANCELLED
+#if KOG_TP == 1
+            if (reason == 0u && overflow != 0u) reason = 6u;                           // FINISH_OVERFLOW
+#endif
+            if (t + 1 < p->context_length) p->tokens[t + 1] = next;
             *slot = reason;
         }
         __syncthreads();
         finish = *slot;
     }
-#if KOG_TP > 1
     if (finish != 0u) {
         if (threadIdx.x == 0) kog_st_relaxed(kog_counter(c, KOG_CNT_STOP), 1u);
     } else {
         kog_embed(c, next, t + 1);
     }
     kog_signal_counter(kog_counter(c, KOG_CNT_TOK));
-#endif
-    if (blockIdx.x == 0 && threadIdx.x == 0) {            // for kog_publish_token
+    if (threadIdx.x == 0) {                               // for kog_publish_token
         int* pub = reinterpret_cast<int*>(c.scratch + KOG_SLOT_PUBLISH);
         pub[0] = generating ? g + 1 : 0;
         pub[1] = next;
         pub[2] = (int)finish;
     }
-    kog_prof(ct, KOG_N_LAYERS * 16 + 5);
-    return finish;
+    kog_prof(c, KOG_N_LAYERS * 16 + 5);
 }
 
 // Block 0's thread 0 publishes the sampler's token to the host: token, then count, then code.

@@ -45,8 +45,7 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 // fixed point (steps of 2^-KOG_SUM_FRAC) in the high bits, a part count in the low
 // KOG_SUM_COUNT_BITS. Two sums a layer (k = 2l: x entering layer l, k = 2l + 1: x after its
 // o_proj) and one more, k = 2L, the LM head's input:
-//   in(t, 0)   not used: x entering layer 0 is the token's embedding row, which every block
-//              reads itself (norm_rope.cuh);
+//   in(t, 0)   1 part: the embedding;
 //   in(t, l)   one part per cluster of blocks (l >= 1): its blocks' FFN columns' share of
 //              down_residual(l-1) (their partial of every row), plus, for the rows of their
 //              shares, x after o_proj;
@@ -56,13 +55,13 @@ KOG_DEVICE kog_u32 kog_tag(int t, int layer, int stage) {
 // Integer adds are associative, so a sum is the same bits whatever order its parts land in.
 // A part must be finite with |part| < 2^(63 - COUNT_BITS - FRAC) = 2^27 (only parts are
 // checked; the sum must stay below it too): one that is not cannot be held -- kog_sum_word
-// sets the OVERFLOW counter, the stop check ends the generation with FINISH_OVERFLOW and the host
+// sets the OVERFLOW counter, the sampler ends the generation with FINISH_OVERFLOW and the host
 // raises an error, instead of the wrapped or zeroed value passing as a number.
 // KOG_CLUSTER (one GPU, NVIDIA): blocks a thread-block cluster; a cluster sums its blocks'
 // partials of down in distributed shared memory and adds them as ONE part (down.cuh), so a
 // word of in(t, l >= 1) gets gridDim.x / KOG_CLUSTER parts.
 // KOG_IN_COPIES (R): each in sum is R copies of its words; cluster c adds its part into copy
-// c % R, so a word's line takes 1/R of the adds, and a reader adds
+// c % R (the embedding into copy 0), so a word's line takes 1/R of the adds, and a reader adds
 // the R words (integer: the same bits whatever R) after checking each copy's count.
 #ifndef KOG_CLUSTER
 #error "KOG_CLUSTER comes from kernels.py / build_plan.py"
@@ -98,9 +97,9 @@ KOG_DEVICE float kog_sum_value(kog_u64 w) {
 KOG_DEVICE kog_u64* kog_xsum_in(const KogParams* p, int t, int layer) {
     return p->xsum + ((kog_u64)(t & 1) * KOG_XSUM_SLOTS + 2 * layer) * KOG_XSUM_STRIDE;
 }
-KOG_DEVICE kog_u32 kog_in_parts(int layer) { return gridDim.x / KOG_CLUSTER; }   // (layer >= 1)
+KOG_DEVICE kog_u32 kog_in_parts(int layer) { return layer == 0 ? 1u : gridDim.x / KOG_CLUSTER; }
 // The copy of an in sum this block's cluster adds its parts to, and the parts copy r of R
-// copies of a sum of `parts` parts gets (clusters c with c % R == r).
+// copies of a sum of `parts` parts gets (clusters c with c % R == r; the embedding: copy 0).
 KOG_DEVICE int kog_in_copy() { return (int)(blockIdx.x / KOG_CLUSTER) % KOG_IN_COPIES; }
 template <int R>
 KOG_DEVICE kog_u32 kog_copy_parts(kog_u32 parts, int r) {
@@ -211,7 +210,6 @@ struct KogCtx {
     float* x_full;       // tensor parallel: the whole residual stream x (KOG_HIDDEN floats)
     const int* part;     // this block's row of the partition table (abi.PARTITION_COLUMNS)
     int t;               // position of the token being run
-    int drawn;           // the token the slices drew after position t - 1 (kog_sample_slices), else -1
 #if KOG_SAMPLE_SLICES
     mutable kog_u32 sample_rounds;   // KOG_CNT_SAMPLE rounds this block has run (sampling.cuh)
 #endif
@@ -225,8 +223,7 @@ KOG_DEVICE kog_u32 kog_expected(const KogCtx& c, int producers) {
 // its inputs are in shared memory, and at its end, for one position. Slots: layer * 16 +
 // stage * 3 + {0, 1, 2} (stage: 0 qkv, 1 attention, 2 o_proj, 3 gate_up, 4 down), and
 // layer * 16 + 15 when an attention unit's chunk starts (q normed and roped, the append issued);
-// the LM head at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5} (one GPU: stamped by
-// every block at the next position's layer 0, inside that qkv's wait; tensor parallel: block 0).
+// the LM head at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}.
 #ifndef KOG_HOOKS                 // 1: profiling / debug-dump code (kernels.py turns it on when asked)
 #error "KOG_HOOKS comes from kernels.py (model_defines)"
 #endif

@@ -162,13 +162,11 @@ def layout_probe_source(static_asserts: bool = False, lay: dict[str, int] | None
 def counter_layout(n_layers: int, n_kv_heads: int) -> dict[str, int]:
     """Indices into ``counters`` (emitted as -D defines; the kernel uses these names).
 
-    KOG_CNT_TOK: tensor parallel, positions whose input embedding is in x (or whose stop flag
-    is set); KOG_CNT_LM: LM-head block completions; KOG_CNT_STOP: tensor parallel, 1 once the
-    generation ends;
+    KOG_CNT_TOK: positions whose input embedding is in x (or whose stop flag is set);
+    KOG_CNT_LM: LM-head block completions; KOG_CNT_STOP: 1 once the generation ends;
     KOG_CNT_KV + layer * KV + g: positions of kv head g appended to the layer's KV cache;
     KOG_CNT_DYN + layer (gate_up), KOG_CNT_DYN + L (LM head): dynamic-tail cursors;
-    KOG_CNT_CANCEL: the stop check's flags, forwarded by one LM-head block: 1 the host's cancel
-    flag, 2 (one GPU) OVERFLOW set;
+    KOG_CNT_CANCEL: tensor parallel, 1 once rank 0 forwarded the host's cancel flag;
     KOG_CNT_OVERFLOW: 1 once a part of a residual sum was not finite or |part| >= 2^27
     (one GPU; sync.cuh kog_sum_word), which the sums cannot hold;
     KOG_CNT_SAMPLE: the sampler's rounds over the vocabulary slices, +1 a block a round.

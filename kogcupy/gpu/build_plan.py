@@ -201,11 +201,6 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     if n_blocks > abi.SAMPLE_WS_MAX_BLOCKS:
         raise DeviceError(f"the sampler's workspace holds at most {abi.SAMPLE_WS_MAX_BLOCKS} blocks, "
                           f"not {n_blocks}")
-    if world == 1 and lcfg.n_layers < 2:
-        # a one-layer model's in(t + 1, L) would be zeroed at layer 0 while other blocks still
-        # read in(t - 1, L), its buffer (gemv.cuh, kog_xsum_zero_next)
-        raise DeviceError(f"the monokernel runs models of 2 layers or more on one GPU, not "
-                          f"{lcfg.n_layers}: use --backend reference")
     if world == 1 and n_blocks >= SUM_MAX_PARTS:
         # the next layer's input sum gets up to one part per block, counted in 10 bits (sync.cuh)
         raise DeviceError(f"one GPU runs at most {SUM_MAX_PARTS - 1} blocks (residual-sum part "

@@ -548,8 +548,7 @@ class MonokernelBackend(_OneLaunchBackend):
         """Reset and poison the buffers of one launch (on this GPU's stream); the parameter
         block's values. The GPU must be idle. With ``start_pos`` > 0 the K/V of positions
         [0, start_pos) are already in the cache: the counters are set as if this launch had
-        run those positions (TOK, which only tensor parallel reads, and every head's KV count at
-        start_pos)."""
+        run those positions (TOK and every head's KV count at start_pos)."""
         cp = _cupy()
         pl = self.placement
         n = len(ids)

@@ -6,8 +6,7 @@ A stamp array is (blocks, n_layers * 16 + 8) uint64 nanoseconds, 0 = not recorde
 map (kernels_src/sync.cuh, kog_prof): layer * 16 + stage * 3 + {0 start, 1 inputs ready,
 2 end} for the stages qkv, attention, o_proj, gate_up, down, and layer * 16 + 15 when an
 attention unit's chunk starts (its q normed and roped, thread 0's share of the k, v append
-issued); the LM head at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5} (one GPU: every
-block, at the next position's layer 0; tensor parallel: block 0). A block that
+issued); the LM head at L * 16 + {0, 1, 2}, the sampler at L * 16 + {3, 4, 5}. A block that
 runs several units (or o_proj items) in a layer keeps its last one's stamps. A block takes
 part in a stage when its inputs-ready stamp is recorded (blocks without rows stamp start and
 end only). Traces with the chunk slice are not read by kogcupy before it (2026-12-07).

@@ -38,11 +38,10 @@ class Tag:
 class Sum:
     """A residual sum of xsum (one GPU, sync.cuh), added in L2 by its parts and ready when
     every part is in: in(pos, layer), x entering the layer (layer L: the LM head's input), and
-    mid(pos, layer), x after its o_proj (x entering layer 0 is no sum: every block reads the
-    token's embedding row itself). A write names its part -- "down" (a cluster's partial of
-    every row of down_residual(layer - 1), plus x after o_proj for the rows of its blocks'
-    shares), "x" (x entering the layer, a block's share of rows), "o" (a head group's wo @ its
-    merged attention partials); a wait names none (all parts: SUM_PARTS)."""
+    mid(pos, layer), x after its o_proj. A write names its part -- "emb" (the embedding: all of
+    in(pos, 0)), "down" (a cluster's partial of every row of down_residual(layer - 1), plus
+    x after o_proj for the rows of its blocks' shares), "x" (x entering the layer, a block's share of
+    rows), "o" (a head group's wo @ its merged attention partials); a wait names none (all parts: SUM_PARTS)."""
     kind: str     # "in" or "mid"
     pos: str
     layer: str
@@ -53,11 +52,10 @@ class Sum:
 
 
 def sum_parts(kind: str, layer: int) -> tuple[str, ...]:
-    """The parts a sum is complete with (sync.cuh: in(t, l >= 1) one per cluster of blocks,
-    mid(t, l) KV + 1)."""
+    """The parts a sum is complete with (sync.cuh: in(t, 0) 1, in(t, l) one per cluster of
+    blocks, mid(t, l) KV + 1)."""
     if kind == "in":
-        assert layer >= 1, "x entering layer 0 is the embedding row, not a sum"
-        return ("down",)
+        return ("emb",) if layer == 0 else ("down",)
     return ("x", "o")
 
 
@@ -118,23 +116,19 @@ STAGES: tuple[Stage, ...] = (
     Stage("embed", "kog_embed", "sampling.cuh", False, False,
           waits=(),
           reads=(Use("tokens", what="tokens[start_pos]"), Use("embed", what="its row")),
-          writes=(_x("0", "EMBED", when="KOG_TP > 1"),
-                  Use("counters", counter="KOG_CNT_TOK", value="+1", when="KOG_TP > 1")),
-          who="block 0, position start_pos only (later positions: the sampler); one GPU: none -- "
-              "every block reads the token's row into its x at layer 0 (kog_load_embedding)"),
+          writes=(_x("0", "EMBED", when="KOG_TP > 1"), _sum("in", "0", "emb"),
+                  Use("counters", counter="KOG_CNT_TOK", value="+1")),
+          who="block 0, position start_pos only (later positions: the sampler)"),
     Stage("attn_norm_qkv", "kog_stage_attn_norm_qkv", "norm_rope.cuh", True, True,
-          waits=(Use("counters", counter="KOG_CNT_TOK", value="t+1", when="l == 0 and KOG_TP > 1"),
-                 _sum("in", "l", when="l > 0", what="all")),
-          reads=(Use("counters", counter="KOG_CNT_STOP", when="l == 0 and KOG_TP > 1",
+          waits=(Use("counters", counter="KOG_CNT_TOK", value="t+1", when="l == 0"),
+                 _sum("in", "l", what="all")),
+          reads=(Use("counters", counter="KOG_CNT_STOP", when="l == 0",
                      what="after the TOK acquire; set: return"),
-                 Use("embed", when="l == 0 and KOG_TP == 1",
-                     what="the row of position t's token, once the block's own stage sample "
-                          "decided it (t > start_pos; the end: return)"),
                  Use("wqkv"), Use("bqkv")),
           writes=(Use("qkv", Tag("t", "l", "QKV"), what="its rows"),
                   _sum("mid", "l", "x", what="its share's rows of the x it read")),
-          tp="waits TOK at l = 0 (block 0 sampled); x @ embed(t, 0) at l = 0, else the sum of "
-             "every rank's xpart slot 1 @ down(t, l-1), kept in x_full; no sums"),
+          tp="x @ embed(t, 0) at l = 0, else the sum of every rank's xpart slot 1 @ down(t, l-1), "
+             "kept in x_full; no sums"),
     Stage("attention", "kog_stage_attention", "attention.cuh", True, True,
           waits=(Use("qkv", Tag("t", "l", "QKV"), what="q rows of group g; k, v of head g"),
                  Use("counters", counter="KOG_CNT_KV", index="[l][g]", value="cached positions",
@@ -193,18 +187,13 @@ STAGES: tuple[Stage, ...] = (
           waits=(_sum("in", "L", when="lm", what="all"),),
           reads=(Use("lm_head", when="lm"),
                  Use("counters", counter="KOG_CNT_DYN", index="[L]", when="lm and KOG_DYN_PERMILLE",
-                     what="dynamic-tail cursor"),
-                 Use("host_ctl", when="lm", what="[2] cancel, by the forwarding block (one GPU the "
-                     "last block, tensor parallel rank 0's block 0), before the wait"),
-                 Use("counters", counter="KOG_CNT_OVERFLOW", when="lm and KOG_TP == 1",
-                     what="the forwarding block, after its rows")),
+                     what="dynamic-tail cursor")),
           writes=(Use("logits", when="lm", what="its rows"),
                   Use("lm_part_val", when="lm"), Use("lm_part_idx", when="lm"),
                   Use("counters", counter="KOG_CNT_DYN", index="[L]", value="+grabs",
                       when="lm and KOG_DYN_PERMILLE"),
-                  Use("counters", counter="KOG_CNT_CANCEL", value="= 1 | 2", when="lm",
-                      what="the forwarding block: the host's cancel (1), one GPU also an overflowed "
-                           "sum (2), before its LM release; tensor parallel: to every rank"),
+                  Use("counters", counter="KOG_CNT_CANCEL", value="= 1", when="lm and KOG_TP > 1",
+                      what="rank 0's block 0 forwards the host's cancel to every rank"),
                   Use("counters", counter="KOG_CNT_LM", value="+1", when="lm",
                       what="each LM producer block")),
           who="the LM producer blocks, when lm",
@@ -213,38 +202,36 @@ STAGES: tuple[Stage, ...] = (
     Stage("sample", "kog_stage_sample", "sampling.cuh", False, True,
           waits=(Use("counters", counter="KOG_CNT_LM", value="lm_steps * n_lm_producers", when="lm"),
                  Use("counters", counter="KOG_CNT_SAMPLE", value="rounds * blocks", when="slices",
-                     peer=True, what="each round's totals, then the draw"),
+                     peer=True, what="each round's totals, then block 0 the draw"),
                  _sum("in", "L", when="not lm", what="all; inside the prompt")),
           reads=(Use("logits", when="lm"), Use("lm_part_val", when="lm and not slices"),
                  Use("lm_part_idx", when="lm and not slices"),
                  Use("tokens"), Use("sample_ws", when="slices", what="the round totals"),
-                 Use("embed", when="KOG_TP > 1", what="row of the next token")),
+                 Use("embed", what="row of the next token"),
+                 Use("host_ctl", what="[2] cancel, read before the wait")),
           writes=(Use("sample_ws", when="slices", what="its slice's part of each round; zeroes its "
                       "share of the next step's half"),
                   Use("counters", counter="KOG_CNT_SAMPLE", value="+1 a round", when="slices"),
-                  Use("tokens", what="[t+1] (every block the same value; tensor parallel: block 0)"),
+                  Use("tokens", what="[t+1]"),
                   _x("0", "EMBED", pos="t+1", when="KOG_TP > 1",
                      what="the next token's row (kog_embed), unless stopping"),
-                  Use("counters", counter="KOG_CNT_TOK", value="+1", when="KOG_TP > 1"),
+                  _sum("in", "0", "emb", pos="t+1", what="the next token's row (kog_embed), unless stopping"),
+                  Use("counters", counter="KOG_CNT_TOK", value="+1"),
                   Use("host_tokens", what="[g], then host_ctl[0] = g + 1 (release, system), by "
                       "kog_publish_token after block 0's layer-0 qkv of t+1 (or at the end)")),
-          who="every block, at the start of its attn_norm_qkv of layer 0 of t+1 (after the "
-              "context's last position: block 0); with a filter or a penalty (slices: the "
-              "KOG_SAMPLE_SLICES build) every block first draws over its slice of the vocabulary "
-              "(kog_sample_slices)",
-          tp="block 0 at the step's end; waits LM (system scope) for every rank's producers; "
-             "writes x @ embed(t+1, 0) (or sets STOP), then releases TOK",
+          who="block 0; with a filter or a penalty (slices: the KOG_SAMPLE_SLICES build) every "
+              "block first draws over its slice of the vocabulary (kog_sample_slices)",
+          tp="waits LM (system scope) for every rank's producers; cancel from CANCEL",
           part_of=("kog_sample_slices", "kog_publish_token")),
     Stage("stop_check", "kog_stage_sample", "sampling.cuh", False, False,
           waits=(),
           reads=(Use("eos_ids", what="thread e the e-th, before the wait"),
-                 Use("counters", counter="KOG_CNT_CANCEL",
-                     what="after the LM acquire: 1 cancel, 2 overflow")),
-          writes=(Use("counters", counter="KOG_CNT_STOP", value="= 1", when="KOG_TP > 1",
-                      what="before TOK's release"),
-                  Use("host_ctl", what="[1] = finish code, after the count (block 0, kog_publish_token)")),
-          who="inside kog_stage_sample (every block decides alike; block 0 tells the host)",
-          part_of=("kog_publish_token",)),
+                 Use("counters", counter="KOG_CNT_CANCEL", when="KOG_TP > 1"),
+                 Use("counters", counter="KOG_CNT_OVERFLOW", when="KOG_TP == 1",
+                     what="read before the wait")),
+          writes=(Use("counters", counter="KOG_CNT_STOP", value="= 1", what="before TOK's release"),
+                  Use("host_ctl", what="[1] = finish code, after the count")),
+          who="block 0, inside kog_stage_sample"),
 )
 
 # Dependent hops per layer on one GPU (issue 12's target is <= 3 grid-wide ones). o_proj's is
@@ -254,14 +241,12 @@ HOPS_PER_LAYER = 4
 
 # Counters (KogParams::counters, indices from abi.counter_layout): index, meaning.
 COUNTERS = {
-    "KOG_CNT_TOK": ("", "tensor parallel: positions whose input embedding is in x (or whose stop "
-                        "flag is set)"),
+    "KOG_CNT_TOK": ("", "positions whose input embedding is in x (or whose stop flag is set)"),
     "KOG_CNT_LM": ("", "LM-head block completions (producers per LM-head run)"),
-    "KOG_CNT_STOP": ("", "tensor parallel: 1 once the generation ends (set before TOK's release)"),
+    "KOG_CNT_STOP": ("", "1 once the generation ends (set before TOK's release)"),
     "KOG_CNT_KV": ("[l][g]", "positions of kv head g appended to layer l's KV cache"),
     "KOG_CNT_DYN": ("[l], [L]", "dynamic-tail cursors: gate_up of layer l, LM head"),
-    "KOG_CNT_CANCEL": ("", "the stop check's flags, forwarded by one LM-head block: 1 the host's "
-                           "cancel, 2 (one GPU) OVERFLOW"),
+    "KOG_CNT_CANCEL": ("", "tensor parallel: 1 once rank 0 forwarded the host's cancel"),
     "KOG_CNT_OVERFLOW": ("", "one GPU: 1 once a residual-sum part was not finite or |part| >= 2^27 "
                              "(kog_sum_word, any stage adding to xsum)"),
     "KOG_CNT_SAMPLE": ("", "the sampler's rounds over the vocabulary slices: +1 a block a round"),
@@ -283,12 +268,10 @@ FINISH_OVERFLOW = _finish("overflow")    # OVERFLOW was set: the residual sums l
 FINISH_WHY = {FINISH_EOS: "stop_check: the sampled token is an EOS id",
               FINISH_LENGTH: "stop_check: max_new tokens generated",
               FINISH_CONTEXT: "stop_check: prompt + generated reached the context length",
-              FINISH_CANCELLED: "stop_check: the host's cancel word was set (read by the LM head's "
-                                "forwarding block)",
+              FINISH_CANCELLED: "stop_check: the host's cancel word was set",
               FINISH_DONE: "sample: all_logits, every prompt position has its logits",
               FINISH_OVERFLOW: "stop_check: OVERFLOW was set (a residual-sum part was not finite "
-                               "or |part| >= 2^27; the LM head's last block forwards it); the host "
-                               "raises a DeviceError"}
+                               "or |part| >= 2^27); the host raises a DeviceError"}
 
 
 def per_layer_hops() -> int:
