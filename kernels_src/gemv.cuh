@@ -219,19 +219,36 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
     // The one tile dot product: tile kt of a unit (its NLT loads v) into acc; after the unit's
     // last tile, the warp sum goes to the epilogue of unit u.
+    // Each load's 8 products are summed on their own (NLT independent chains, not one chain of
+    // 8 NLT dependent FMAs), then added into the row's accumulator; a tile inside one row
+    // (CPRP a multiple of TILE) picks its row once, without a branch a load.
+    constexpr bool ROW_TILES = UNIT > 1 && FULL && CPRP % TILE == 0;
     auto dot_tile = [&](int kt, const kog_vec4 (&v)[NLT], int u) {
+        float part[NLT];
 #pragma unroll
         for (int j = 0; j < NLT; ++j) {
             const int c = kt * TILE + j * KOG_WARP + lane;
             const int row = c / CPRP;
             const int col = c - row * CPRP;
+            part[j] = 0.f;
             if ((FULL || c < CPU) && (!SLICE || col < CPR)) {
                 const float4 a = x4[2 * col], b = x4[2 * col + 1];
                 const float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-                for (int r = 0; r < UNIT; ++r)
-                    if (UNIT == 1 || row == r) acc[r] = kog_dot8(v[j], xv, acc[r]);
+                part[j] = kog_dot8(v[j], xv, 0.f);
             }
+            if (UNIT > 1 && !ROW_TILES) {
+#pragma unroll
+                for (int r = 0; r < UNIT; ++r) acc[r] += row == r ? part[j] : 0.f;
+            }
+        }
+        if (UNIT == 1 || ROW_TILES) {
+#pragma unroll
+            for (int w = 1; w < NLT; w *= 2)
+#pragma unroll
+                for (int j = 0; j + w < NLT; j += 2 * w) part[j] += part[j + w];
+            const int row = UNIT == 1 ? 0 : kt * TILE / CPRP;
+#pragma unroll
+            for (int r = 0; r < UNIT; ++r) acc[r] += row == r ? part[0] : 0.f;
         }
         if (kt == TPU - 1) {
 #pragma unroll
