@@ -150,8 +150,8 @@ struct KogNothing {
 };
 // LD: the distance between rows in weights (a block of columns of a wider matrix: o_proj's
 // head-group slices); K when the rows are whole. after_static(): each thread, once its warp's
-// static units are done (before the dynamic tail). EARLY: how many of the warp's first two
-// tiles are issued before the wait (below).
+// static units are done (before the dynamic tail's products; its first tile may be in flight).
+// EARLY: how many of the warp's first two tiles are issued before the wait (below).
 template <int K, int UNIT, bool DYN = false, int LD = K, int EARLY = 2, class Ready, class Epilogue,
           class AfterStatic = KogNothing>
 KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* xs, const KogCtx& ctx,
@@ -217,13 +217,14 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
     float acc[UNIT];
 #pragma unroll
     for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
-    // The one tile dot product: tile kt of a unit (its NLT loads v) into acc; after the unit's
-    // last tile, the warp sum goes to the epilogue of unit u.
+    // The one tile dot product: tile kt of a unit (its NLT loads v) into acc; then (finish),
+    // after the unit's last tile, the warp sum goes to the epilogue of unit u. The loop issues
+    // the tile after next between the two: its loads do not wait for the warp sum.
     // Each load's 8 products are summed on their own (NLT independent chains, not one chain of
     // 8 NLT dependent FMAs), then added into the row's accumulator; a tile inside one row
     // (CPRP a multiple of TILE) picks its row once, without a branch a load.
     constexpr bool ROW_TILES = UNIT > 1 && FULL && CPRP % TILE == 0;
-    auto dot_tile = [&](int kt, const kog_vec4 (&v)[NLT], int u) {
+    auto dot_tile = [&](int kt, const kog_vec4 (&v)[NLT]) {
         float part[NLT];
 #pragma unroll
         for (int j = 0; j < NLT; ++j) {
@@ -250,6 +251,8 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
 #pragma unroll
             for (int r = 0; r < UNIT; ++r) acc[r] += row == r ? part[0] : 0.f;
         }
+    };
+    auto finish = [&](int kt, int u) {
         if (kt == TPU - 1) {
 #pragma unroll
             for (int r = 0; r < UNIT; ++r) acc[r] = kog_warp_sum(acc[r]);
@@ -257,9 +260,6 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
 #pragma unroll
             for (int r = 0; r < UNIT; ++r) acc[r] = 0.f;
         }
-    };
-    auto consume = [&](int i, const kog_vec4 (&v)[NLT]) {
-        dot_tile(i % TPU, v, static_unit(i));
     };
     if constexpr (DYN) {
         // One stream of tiles: the static units' then the grabbed units', loaded two ahead of
@@ -314,28 +314,33 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
         if (ub < 0) next(ub, kb, nxt);
         int ci = 0;                                             // stream tiles consumed
         if (n_tiles == 0) after_static();
-        auto take = [&](int u, int kt, const kog_vec4 (&v)[NLT]) {
-            if (ci < n_tiles || u < dyn.end) dot_tile(kt, v, u);
+        // tile (u, kt) in v: its products, the stream's next tile into v, then its finish
+        auto take = [&](int& u, int& kt, kog_vec4 (&v)[NLT]) {
+            const int u_done = u, kt_done = kt;
+            const bool real = ci < n_tiles || u < dyn.end;
+            if (real) dot_tile(kt, v);
+            next(u, kt, v);
+            if (real) finish(kt_done, u_done);
             if (++ci == n_tiles) after_static();
         };
         // (unrolled by two, as below: the buffers swap roles without register moves)
         while (ua >= 0) {
             take(ua, ka, cur);
-            next(ua, ka, cur);
             if (ub < 0) break;
             take(ub, kb, nxt);
-            next(ub, kb, nxt);
         }
         return;
     }
     // Unrolled by two so the buffers swap roles without register moves (a move of a pending
     // load would stall until it lands, leaving one tile in flight instead of two).
     for (int i = 0; i < n_tiles; i += 2) {
-        consume(i, cur);
+        dot_tile(i % TPU, cur);
         if (i + 2 < n_tiles) load(i + 2, cur);
+        finish(i % TPU, static_unit(i));
         if (i + 1 < n_tiles) {
-            consume(i + 1, nxt);
+            dot_tile((i + 1) % TPU, nxt);
             if (i + 3 < n_tiles) load(i + 3, nxt);
+            finish((i + 1) % TPU, static_unit(i + 1));
         }
     }
     after_static();
