@@ -11,22 +11,22 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-device_out}; mkdir -p "$OUT
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
 case "$GPU" in *H200*) G=h200;; *) G=h100;; esac
 D=$(date -u +%F)
-rm -rf bench/queued/tree_old bench/queued/tree_new; mkdir -p bench/queued/tree_old bench/queued/tree_new
-cp kernels_src/gemv.cuh bench/queued/tree_new/; cp kernels_src/gemv.cuh bench/queued/tree_old/
-patch -s -p2 -d bench/queued/tree_old < bench/queued/dot_finish_revert.patch \
-  || git apply -p2 --directory=bench/queued/tree_old bench/queued/dot_finish_revert.patch \
-  || { echo "the patch does not apply"; exit 1; }
+MAIN=$(mktemp); cp kernels_src/gemv.cuh "$MAIN"                   # main's loop
+# trees SIDE PATCH: tree_old and tree_new are main's gemv.cuh, PATCH applied to tree_SIDE
+trees() {
+  rm -rf bench/queued/tree_old bench/queued/tree_new; mkdir -p bench/queued/tree_old bench/queued/tree_new
+  cp "$MAIN" bench/queued/tree_old/gemv.cuh; cp "$MAIN" bench/queued/tree_new/gemv.cuh
+  patch -s -p2 -d bench/queued/tree_$1 < "$2" || git apply -p2 --directory=bench/queued/tree_$1 "$2" \
+    || { echo "$2 does not apply"; exit 1; }
+}
+trees old bench/queued/dot_finish_revert.patch
 SKIP_TESTS=1 NAME=dot-finish TAG=-b SHAPES=qwen3-1.7b,llama-3.1-8b,smollm2-135m@2000,qwen2.5-0.5b@2000,llama-3.2-1b@2000 \
   bash bench/queued/tree_ab.sh
 # the mixed-row gate/up tiles (SmolLM2, Qwen2.5) with the one-chain products again
 # (mixed_rows_chain.patch, a probe: no tests) against main, three rounds
-rm -rf bench/queued/tree_old bench/queued/tree_new; mkdir -p bench/queued/tree_old bench/queued/tree_new
-cp kernels_src/gemv.cuh bench/queued/tree_old/; cp kernels_src/gemv.cuh bench/queued/tree_new/
-patch -s -p2 -d bench/queued/tree_new < bench/queued/mixed_rows_chain.patch \
-  || git apply -p2 --directory=bench/queued/tree_new bench/queued/mixed_rows_chain.patch \
-  || { echo "the patch does not apply"; exit 1; }
+trees new bench/queued/mixed_rows_chain.patch
 SKIP_TESTS=1 NAME=mixed-rows-chain SHAPES=smollm2-135m,qwen2.5-0.5b,smollm2-135m@2000 bash bench/queued/tree_ab.sh
-cp bench/queued/tree_old/gemv.cuh kernels_src/                 # main's kernel again
+cp "$MAIN" kernels_src/gemv.cuh                                    # main's kernel again
 rm -rf bench/queued/tree_old bench/queued/tree_new
 SANITIZE_TIMEOUT=150 scripts/sanitize_kernels.sh 16 > $OUT/sanitizer-$G-$D-s44.txt 2>&1
 grep -i "error summary\|racecheck summary" $OUT/sanitizer-$G-$D-s44.txt
