@@ -28,7 +28,7 @@ trees new bench/queued/mixed_rows_chain.patch
 SKIP_TESTS=1 NAME=mixed-rows-chain SHAPES=smollm2-135m,qwen2.5-0.5b,smollm2-135m@2000 bash bench/queued/tree_ab.sh
 cp "$MAIN" kernels_src/gemv.cuh                                    # main's kernel again
 rm -rf bench/queued/tree_old bench/queued/tree_new
-SANITIZE_TIMEOUT=150 scripts/sanitize_kernels.sh 16 > $OUT/sanitizer-$G-$D-s44.txt 2>&1
-grep -i "error summary\|racecheck summary" $OUT/sanitizer-$G-$D-s44.txt
-timeout 150 python3 -m pytest -q -m multigpu -p no:cacheprovider tests/ > $OUT/multigpu-one-gpu-$G-$D-s44.txt 2>&1
-echo "multigpu rc=$?"; tail -n 1 $OUT/multigpu-one-gpu-$G-$D-s44.txt
+SANITIZE_TIMEOUT=150 scripts/sanitize_kernels.sh 16 > $OUT/sanitizer-$G-$D-s45.txt 2>&1
+grep -i "error summary\|racecheck summary" $OUT/sanitizer-$G-$D-s45.txt
+timeout 150 python3 -m pytest -q -m multigpu -p no:cacheprovider tests/ > $OUT/multigpu-one-gpu-$G-$D-s45.txt 2>&1
+echo "multigpu rc=$?"; tail -n 1 $OUT/multigpu-one-gpu-$G-$D-s45.txt
