@@ -112,7 +112,7 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
         }
     }
     if (norm) {
-        ss = kog_block_sum(ss, scratch);          // its barriers also publish xs
+        ss = kog_block_sum(ss, scratch);          // its barrier also publishes xs
         return rsqrtf(ss / (float)N + KOG_EPS);
     }
     __syncthreads();
@@ -425,7 +425,7 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
             }
         }
     }
-    ss = kog_block_sum(ss, c.scratch);               // its barriers also publish x_full
+    ss = kog_block_sum(ss, c.scratch);               // its barrier also publishes x_full
     return rsqrtf(ss / (float)KOG_HIDDEN + KOG_EPS);
 }
 #endif
