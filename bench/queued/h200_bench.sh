@@ -21,7 +21,7 @@ timeout 150 python3 scripts/tune_monokernel.py llama-3.2-1b,qwen3-1.7b,llama-3.1
 echo "tune rc=$?"; python3 scripts/tune_monokernel.py --summarize $OUT/variants-h200-$(date -u +%F)-static-default.txt | tail -n 6
 # profiles of the defaults on the H200 (its last traces are s36's, before every change above)
 for S in qwen3-1.7b llama-3.2-1b smollm2-135m; do
-  timeout 60 python3 -m kogcupy.cli profile --shape $S --out $OUT/trace-$S-h200-$(date -u +%F)-s45.json.gz \
-    > $OUT/profile-$S-h200-$(date -u +%F)-s45.txt 2>&1
-  echo "profile $S rc=$?"; grep -A6 "critical path" $OUT/profile-$S-h200-$(date -u +%F)-s45.txt | tail -n 6
+  timeout 60 python3 -m kogcupy.cli profile --shape $S --out $OUT/trace-$S-h200-$(date -u +%F)-$(git rev-parse --short HEAD).json.gz \
+    > $OUT/profile-$S-h200-$(date -u +%F)-$(git rev-parse --short HEAD).txt 2>&1
+  echo "profile $S rc=$?"; grep -A6 "critical path" $OUT/profile-$S-h200-$(date -u +%F)-$(git rev-parse --short HEAD).txt | tail -n 6
 done
