@@ -93,7 +93,7 @@ KOG_DEVICE float kog_load_activation(const kog_u64* src, kog_u32 tag, float* xs,
         }
         if (ready) break;
     }
-    __syncthreads();                              // xs is free: the previous stage is done with it
+    __syncthreads();                              // xs and the scratch are free (kog_block_sum, below)
     float ss = 0.f;
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
@@ -408,7 +408,7 @@ KOG_DEVICE float kog_tp_load_reduced(const KogCtx& c, int slot, kog_u32 tag) {
             else if (kog_globaltimer() - t0 > KCCL_TIMEOUT_NS) kog_trap();
         }
     }
-    __syncthreads();                                 // the previous stage is done with x_full
+    __syncthreads();                                 // x_full and the scratch are free (kog_block_sum)
     float ss = 0.f;
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
