@@ -610,7 +610,8 @@ def _turn_stats(r) -> str:
                       help="Require 'Authorization: Bearer KEY' on every /v1 route and "
                            "/tokenize, /detokenize (or set KOGCUPY_API_KEY)."),
          click.option("--served-model-name", metavar="NAME", default=None,
-                      help="The model id clients send (default: the model's file or "
+                      help="The model id clients send (default: the hub id the model was "
+                           "found by, else its file name without .gguf / .safetensors, or its "
                            "directory name)."),
          click.option("--max-queue", type=click.IntRange(0), default=16, show_default=True,
                       help="Requests that may wait while one generates; more get HTTP 429."),
@@ -644,7 +645,7 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
     check_backend(backend, context_length, dtype, gpus)
     if served_model_name is not None and not served_model_name.strip():
         raise InputError("--served-model-name is empty: pass a name, or leave it out for the "
-                         "model's file or directory name")
+                         "model's hub id, file or directory name")
     blank_key = api_key is not None and not api_key.strip()
     from_env = click.get_current_context().get_parameter_source("api_key") \
         == click.core.ParameterSource.ENVIRONMENT
