@@ -243,13 +243,10 @@ KOG_DEVICE void kog_gemv(const kog_u16* W, int u_begin, int u_end, const float* 
             }
         }
         if (UNIT == 1 || ROW_TILES) {
-#pragma unroll
-            for (int w = 1; w < NLT; w *= 2)
-#pragma unroll
-                for (int j = 0; j + w < NLT; j += 2 * w) part[j] += part[j + w];
+            const float sum = kog_sum_pairwise(part);
             const int row = UNIT == 1 ? 0 : kt * TILE / CPRP;
 #pragma unroll
-            for (int r = 0; r < UNIT; ++r) acc[r] += row == r ? part[0] : 0.f;
+            for (int r = 0; r < UNIT; ++r) acc[r] += row == r ? sum : 0.f;
         }
     };
     auto finish = [&](int kt, int u) {

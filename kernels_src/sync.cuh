@@ -149,6 +149,16 @@ KOG_DEVICE void kog_signal_counter(kog_u32* counter) {
     if (threadIdx.x == 0) kog_red_release(counter, 1u);
 }
 
+// The sum of part[0, N) added pairwise (ceil(log2 N) dependent adds, not N - 1), into part[0].
+template <int N>
+KOG_DEVICE float kog_sum_pairwise(float (&part)[N]) {
+#pragma unroll
+    for (int w = 1; w < N; w *= 2)
+#pragma unroll
+        for (int j = 0; j + w < N; j += 2 * w) part[j] += part[j + w];
+    return part[0];
+}
+
 // Block-wide reductions through a small shared scratch (KOG_THREADS / KOG_WARP floats).
 // kog_block_sum has one barrier: its callers (kog_load_activation, kog_tp_load_reduced) pass a
 // block barrier after every thread's last read of the scratch's previous use, so it is free;
@@ -163,11 +173,7 @@ KOG_DEVICE float kog_block_sum(float v, float* scratch) {
     float part[N_WARPS];
 #pragma unroll
     for (int i = 0; i < N_WARPS; ++i) part[i] = scratch[i];
-#pragma unroll
-    for (int w = 1; w < N_WARPS; w *= 2)
-#pragma unroll
-        for (int j = 0; j + w < N_WARPS; j += 2 * w) part[j] += part[j + w];
-    return part[0];
+    return kog_sum_pairwise(part);
 }
 KOG_DEVICE float kog_block_max(float v, float* scratch) {
     const int lane = threadIdx.x % KOG_WARP, warp = threadIdx.x / KOG_WARP;
