@@ -261,10 +261,14 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # pairs keeps 2 (not measured). Not measured on AMD. Those rounds had a dynamic tail; on
     # the static default (2026-12-07) 2 alone won (1B +0.54 / +0.78 %, Qwen3 +0.44 / +0.59 %)
     # but not on top of down's depth 8 on Qwen3 (+0.39 % against +0.53 % for depth 8 alone),
-    # so the rule stays until the pair is measured again (PERF.md).
+    # so the rule stays until the pair is measured again (PERF.md). A small model whose warps
+    # get more gate_up units than one (FFN columns > the grid's warps) takes 1 too: on the
+    # static default (H100, 2026-12-07, three interleaved rounds) Qwen2.5-0.5B +1.75 % (+0.95 %
+    # at position 2,000; 2.3 units a warp) and SmolLM2-135M still -5.3 % (0.7 units a warp).
     gu_early = _flag(tuning, "KOG_GATE_UP_EARLY", caller, (1, 2), "1 or 2 tiles")
     mid_pairs = cluster > 1 and not small and lcfg.hidden_size <= 2048   # (Qwen3, 1B)
-    if "KOG_GATE_UP_EARLY" not in tuning and mid_pairs:
+    many_units = small and not arch and lcfg.intermediate_size > n_blocks * (threads // 32)  # (Qwen2.5)
+    if "KOG_GATE_UP_EARLY" not in tuning and (mid_pairs or many_units):
         gu_early = 1
     tuning["KOG_GATE_UP_EARLY"] = gu_early
     # the same for attn_norm_qkv's wait for the in sum: a block's read of the sum returns only
