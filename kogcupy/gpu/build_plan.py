@@ -253,22 +253,18 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
         early = 1
     tuning["KOG_ZERO_EARLY"] = early
     # the tiles a warp of gate_up issues before its wait for the mid sum (gemv.cuh): 2, or 1
-    # (the second after the wait, so that the poll's loads queue behind one tile). H100, three
-    # interleaved rounds: Qwen3-1.7B +1.3% (+1.2% at position 2,000), 1B +0.2% (-0.2% in a
-    # second call), 8B -1.2%, SmolLM2-135M -5.3%, Qwen2.5-0.5B -1.2% (PERF.md). So 1 on pairs
-    # (the single-block builds, the small models, lose: a warp's whole stage is those two
-    # tiles) up to hidden 2,048 (measured on at 2,048, off at 4,096); a small model asking for
-    # pairs keeps 2 (not measured). Not measured on AMD. Those rounds had a dynamic tail; on
-    # the static default (2026-12-07) 2 alone won (1B +0.54 / +0.78 %, Qwen3 +0.44 / +0.59 %)
-    # but not on top of down's depth 8 on Qwen3 (+0.39 % against +0.53 % for depth 8 alone),
-    # so the rule stays until the pair is measured again (PERF.md). A small model whose warps
-    # get more gate_up units than one (FFN columns > the grid's warps) takes 1 too: on the
-    # static default (H100, 2026-12-07, three interleaved rounds) Qwen2.5-0.5B +1.75 % (+0.95 %
-    # at position 2,000; 2.3 units a warp) and SmolLM2-135M still -5.3 % (0.7 units a warp).
+    # (the second after the wait, so that the poll's loads queue behind one tile). On one GPU's
+    # static default with down's depth 8 (H100, 2026-12-07, three interleaved rounds, PERF.md):
+    # 1 on the small models whose warps get more than one gate_up unit (FFN columns > the
+    # grid's warps): Qwen2.5-0.5B +1.75 % / +1.7 % on two cards (+0.95 % at position 2,000;
+    # 2.3 units a warp), SmolLM2-135M -5.3 % (0.7 units a warp: its whole stage is those two
+    # tiles); 2 everywhere else: on pairs 1 lost, Qwen3-1.7B -0.96 % (-0.78 % at 2,000),
+    # Llama-3.2-1B -0.60 % (-0.29 %), Llama-3.1-8B -0.07 % (-0.12 %). (With a dynamic tail, before
+    # the static default, 1 had won on Qwen3 +1.3 % and lost on Qwen2.5 -1.2 %.) Not measured on
+    # an H200 or on AMD (the rule is NVIDIA's only).
     gu_early = _flag(tuning, "KOG_GATE_UP_EARLY", caller, (1, 2), "1 or 2 tiles")
-    mid_pairs = cluster > 1 and not small and lcfg.hidden_size <= 2048   # (Qwen3, 1B)
     many_units = small and not arch and lcfg.intermediate_size > n_blocks * (threads // 32)  # (Qwen2.5)
-    if "KOG_GATE_UP_EARLY" not in tuning and (mid_pairs or many_units):
+    if "KOG_GATE_UP_EARLY" not in tuning and many_units:
         gu_early = 1
     tuning["KOG_GATE_UP_EARLY"] = gu_early
     # the same for attn_norm_qkv's wait for the in sum: a block's read of the sum returns only
@@ -276,10 +272,11 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # Qwen3's, the read back 2.50 us after the burst began, its last tile 2.75; PERF.md). Three
     # interleaved rounds: H200 Qwen3-1.7B +0.9 %, 1B +0.5 %, 8B -0.2 %, SmolLM2-135M -1.4 %,
     # Qwen2.5-0.5B -0.3 %; H100 Qwen3 -0.5 % (at position 2,000 -0.5 %), 1B -0.2 % (-0.3 %).
-    # So gate_up's rule on GPUs with an H200's memory (>= 100 GiB: HBM3e; an H100's blocks end
+    # So 1 on pairs up to hidden 2,048 on GPUs with an H200's memory (>= 100 GiB: HBM3e; an H100's blocks end
     # down over a wider spread, so more of their early tiles land before the sum does). Not
     # measured on other GPUs (H100 NVL, GH200, B200) or on AMD.
     qkv_early = _flag(tuning, "KOG_QKV_EARLY", caller, (1, 2), "1 or 2 tiles")
+    mid_pairs = cluster > 1 and not small and lcfg.hidden_size <= 2048   # (Qwen3, 1B)
     if "KOG_QKV_EARLY" not in tuning and mid_pairs and memory_gib >= H200_CLASS_GIB:
         qkv_early = 1
     tuning["KOG_QKV_EARLY"] = qkv_early
