@@ -272,9 +272,9 @@ def build_plan(lcfg: ModelConfig, n_sms: int, context_length: int, threads: int 
     # Qwen3's, the read back 2.50 us after the burst began, its last tile 2.75; PERF.md). Three
     # interleaved rounds: H200 Qwen3-1.7B +0.9 %, 1B +0.5 %, 8B -0.2 %, SmolLM2-135M -1.4 %,
     # Qwen2.5-0.5B -0.3 %; H100 Qwen3 -0.5 % (at position 2,000 -0.5 %), 1B -0.2 % (-0.3 %).
-    # So 1 on pairs up to hidden 2,048 on GPUs with an H200's memory (>= 100 GiB: HBM3e; an H100's blocks end
-    # down over a wider spread, so more of their early tiles land before the sum does). Not
-    # measured on other GPUs (H100 NVL, GH200, B200) or on AMD.
+    # So 1 on pairs up to hidden 2,048 on GPUs with an H200's memory (>= 100 GiB: HBM3e; an
+    # H100's blocks end down over a wider spread, so more of their early tiles land before the
+    # sum does). Not measured on other GPUs (H100 NVL, GH200, B200) or on AMD.
     qkv_early = _flag(tuning, "KOG_QKV_EARLY", caller, (1, 2), "1 or 2 tiles")
     mid_pairs = cluster > 1 and not small and lcfg.hidden_size <= 2048   # (Qwen3, 1B)
     if "KOG_QKV_EARLY" not in tuning and mid_pairs and memory_gib >= H200_CLASS_GIB:
