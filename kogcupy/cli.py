@@ -624,9 +624,15 @@ def _turn_stats(r) -> str:
                       help="A Host header name the server answers besides localhost and "
                            "127.0.0.1 when it listens on them (e.g. a name in /etc/hosts); "
                            "'*' for any. Repeatable. Elsewhere: any, unless given."),
+         click.option("--generation-config", type=click.Choice(["auto", "none"]), default="auto",
+                      show_default=True,
+                      help="auto: a request that sets no temperature / top_p / top_k / min_p / "
+                           "repetition_penalty gets the model's generation_config.json values "
+                           "(its authors' recommendation); none: OpenAI's defaults "
+                           "(temperature 1, top_p 1, the others off)."),
          *BACKEND_OPTIONS)
 def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_cache_gb,
-          allowed_origins, allowed_hosts, backend, context_length, dtype, gpus):
+          allowed_origins, allowed_hosts, generation_config, backend, context_length, dtype, gpus):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions,
     /v1/completions, /v1/responses, /v1/models, /tokenize, /detokenize, /health, /metrics).
 
@@ -697,7 +703,8 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
                    f"{time.perf_counter() - t0:.2f} s", err=True)
     name = served_model_name or default_model_name(engine)
     app = create_app(engine, served_model_name=name, api_key=api_key, max_queue=max_queue,
-                     allowed_origins=list(allowed_origins), allowed_hosts=hosts)
+                     allowed_origins=list(allowed_origins), allowed_hosts=hosts,
+                     sampling_defaults=None if generation_config == "auto" else {})
     if not api_key and not loopback:
         click.echo(f"kogcupy: warning: listening on {host} without --api-key: anyone who can "
                    f"reach this port can use the model", err=True)

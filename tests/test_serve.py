@@ -349,9 +349,10 @@ def scripted(qwen_tokenizer):
     servers = []
 
     def make(max_queue=16, api_key=None, tokenizer=None, max_body_bytes=None,
-             allowed_origins=None, allowed_hosts=None, **kw):
+             allowed_origins=None, allowed_hosts=None, sampling_defaults=None, **kw):
         eng = ScriptedEngine(tokenizer or qwen_tokenizer, **kw)
         extra = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+        extra.update({} if sampling_defaults is None else {"sampling_defaults": sampling_defaults})
         extra.update({} if allowed_origins is None else {"allowed_origins": allowed_origins})
         extra.update({} if allowed_hosts is None else {"allowed_hosts": allowed_hosts})
         app = create_app(eng, served_model_name="scripted", api_key=api_key,
@@ -592,6 +593,29 @@ def test_sampling_fields_reach_the_engine(scripted):
     r = httpx.post(srv.url + "/v1/chat/completions", json={
         "messages": msgs, "continue_final_message": True, "add_generation_prompt": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "add_generation_prompt", r.text
+
+
+def test_model_sampling_defaults_fill_what_a_request_leaves_out(scripted, qwen_tokenizer):
+    """generation_config.json's sampling (the tokenizer's sampling_defaults) for the fields a
+    request does not send; what it sends wins (top_k 0: off); sampling_defaults={} (the CLI's
+    --generation-config none): OpenAI's defaults."""
+    model = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05}
+    tk = Tokenizer(qwen_tokenizer._tk, bos_token_id=None, eos_token_ids=qwen_tokenizer.eos_token_ids,
+                   add_bos=False, chat_template=qwen_tokenizer.chat_template, sampling_defaults=model)
+    eng, srv = scripted(tokenizer=tk)
+    fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    chat(srv.client(), "hi")
+    assert [eng.calls[-1][k] for k in fields] == [0.6, 0.95, 20, 0.0, 1.05]
+    chat(srv.client(), "hi", temperature=0.0, extra_body={"top_k": 0, "min_p": 0.1})
+    assert [eng.calls[-1][k] for k in fields] == [0.0, 0.95, 0, 0.1, 1.05]
+    srv.client().completions.create(model="scripted", prompt="hi", top_p=0.5)
+    assert [eng.calls[-1][k] for k in fields] == [0.6, 0.5, 20, 0.0, 1.05]
+    r = srv.client().responses.create(model="scripted", input="hi")
+    assert (r.temperature, r.top_p) == (0.6, 0.95) and eng.calls[-1]["top_k"] == 20
+    eng, srv = scripted(tokenizer=tk, sampling_defaults={})
+    chat(srv.client(), "hi")
+    assert [eng.calls[-1][k] for k in fields] == [1.0, 1.0, 0, 0.0, 1.0]
+    assert srv.client().responses.create(model="scripted", input="hi").temperature == 1.0
 
 
 def test_fifo_order_four_clients(scripted):

@@ -360,6 +360,21 @@ def test_from_dir_matches_tokenizers_library(tmp_path):
     assert tok.encode_chat([{"role": "user", "content": "hi"}])[:2] == [0, raw.token_to_id("[")]
 
 
+def test_from_dir_reads_the_sampling_defaults(tmp_path, caplog):
+    # generation_config.json's recommended sampling (the server's defaults, --generation-config
+    # auto); a value the sampler would refuse is left out with a warning, the model still loads
+    gen = {"eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
+           "min_p": 1.5, "repetition_penalty": "1.1", "max_new_tokens": 50}
+    _train_bytelevel(tmp_path, config={"eos_token": "</s>"}, extra={"generation_config.json": gen})
+    with caplog.at_level("WARNING", logger="kogcupy"):
+        tok = Tokenizer.from_dir(tmp_path)
+    assert tok.sampling_defaults == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    assert type(tok.sampling_defaults["top_k"]) is int
+    assert "min_p must be in [0, 1)" in caplog.text and "repetition_penalty '1.1'" in caplog.text
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    assert Tokenizer.from_dir(tmp_path).sampling_defaults == {}
+
+
 def test_from_dir_without_bos(tmp_path):
     raw = _train_bytelevel(tmp_path, config={"eos_token": "<|im_end|>"})
     tok = Tokenizer.from_dir(tmp_path)

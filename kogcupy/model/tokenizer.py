@@ -21,6 +21,7 @@ HF's ``clean_up_tokenization_spaces`` is deliberately not applied: decode is exa
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime
 from functools import cached_property
@@ -30,6 +31,9 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 from ..errors import InputError, ModelLoadError, UnsupportedModelError
+from ..sampling_params import SamplingParams
+
+log = logging.getLogger("kogcupy")
 
 # Tokens that end a chat turn (or the text) in common model families; added to the EOS set
 # whenever the vocabulary has them, so a chat stops at the end of the assistant's turn even
@@ -92,13 +96,17 @@ class Tokenizer:
 
     def __init__(self, tk: _HFTokenizer, *, bos_token_id: int | None, eos_token_ids,
                  add_bos: bool, chat_template: str | None, source: str = "",
-                 special_tokens: dict[str, str] | None = None):
+                 special_tokens: dict[str, str] | None = None,
+                 sampling_defaults: dict | None = None):
         self._tk = tk                                       # tokenizers.Tokenizer
         self.bos_token_id = bos_token_id
         self.add_bos = bool(add_bos) and bos_token_id is not None   # what the model does by default
         self.eos_token_ids = tuple(dict.fromkeys(int(i) for i in eos_token_ids))  # ordered, unique
         self.chat_template = chat_template or None
         self.source = source
+        # The model's recommended sampling (generation_config.json: temperature, top_p, top_k,
+        # min_p, repetition_penalty), which the server applies where a request sets none
+        self.sampling_defaults = dict(sampling_defaults or {})
         # Template variables (bos_token, eos_token, unk_token, pad_token) as strings.
         self.special_tokens = dict(special_tokens or {})
         if bos_token_id is not None:
@@ -291,7 +299,8 @@ class Tokenizer:
         eos.extend(_chat_end_ids(tk))
 
         return cls(tk, bos_token_id=bos, eos_token_ids=eos, add_bos=add_bos,
-                   chat_template=_dir_chat_template(path, tcfg), source=path, special_tokens=special)
+                   chat_template=_dir_chat_template(path, tcfg), source=path, special_tokens=special,
+                   sampling_defaults=_sampling_defaults(gcfg, os.path.join(path, "generation_config.json")))
 
     @classmethod
     def from_gguf(cls, reader) -> "Tokenizer":
@@ -510,6 +519,32 @@ def _jinja_env():
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
     return env
+
+
+_SAMPLING_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float,
+                    "repetition_penalty": float}
+
+
+def _sampling_defaults(gcfg: dict, source: str) -> dict:
+    """The sampling fields a generation_config.json sets (as vLLM's server reads them; do_sample
+    is not consulted). A value that is not a number, or that the sampler would refuse, is left
+    out with a warning: the model still loads and requests keep their own defaults."""
+    out = {}
+    for name, kind in _SAMPLING_FIELDS.items():
+        v = gcfg.get(name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
+            log.warning("%s: %s %r is not %s; not used as a default", source, name, v,
+                        "a whole number" if kind is int else "a number")
+            continue
+        try:
+            SamplingParams(**{name: kind(v)})
+        except InputError as e:
+            log.warning("%s: %s; not used as a default", source, e)
+            continue
+        out[name] = kind(v)
+    return out
 
 
 def _read_json(path) -> dict:

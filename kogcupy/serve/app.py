@@ -164,12 +164,15 @@ class _HostCheck:
 
 def create_app(engine, served_model_name: str | None = None, api_key: str | None = None,
                max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               allowed_origins: list[str] | None = None, allowed_hosts: list[str] | None = None):
+               allowed_origins: list[str] | None = None, allowed_hosts: list[str] | None = None,
+               sampling_defaults: dict | None = None):
     """The ASGI app serving `engine` (see the module docstring); ``app.state`` holds the
     ``scheduler``, ``metrics`` and ``engine``. `allowed_origins`: browser origins that may call
     it (CORS; ["*"] for any), none by default. `allowed_hosts`: the Host header names it
     answers (Starlette's TrustedHostMiddleware: a web page that rebinds its own name to this
-    machine gets a 400); any by default."""
+    machine gets a 400); any by default. `sampling_defaults`: the sampling fields a request
+    leaves out (temperature, top_p, top_k, min_p, repetition_penalty); None: the model's
+    generation_config.json's (the tokenizer's ``sampling_defaults``), {}: OpenAI's."""
     name = served_model_name or default_model_name(engine)
     metrics = Metrics()
     scheduler = Scheduler(engine, max_queue=max_queue, metrics=metrics)
@@ -177,6 +180,12 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     supports_tools = tk is not None and tk.takes_tools
     renders_calls = tk is not None and tk.renders_tool_calls
     call_tags = supports_tools and OPEN_TAG in (tk.chat_template or "")
+    if sampling_defaults is None:
+        sampling_defaults = dict(getattr(tk, "sampling_defaults", None) or {})
+    if sampling_defaults:
+        log.info("default sampling from the model's generation_config.json: %s (a request's own "
+                 "values win; --generation-config none: OpenAI's defaults)",
+                 ", ".join(f"{k}={v}" for k, v in sampling_defaults.items()))
     created = P.now()
 
     @contextlib.asynccontextmanager
@@ -301,7 +310,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         else:
             max_new = requested
         seed = secrets.randbits(64) if req.seed in (None, -1) else req.seed
-        kw = P.sampling_kwargs(req, max_new, seed)
+        kw = P.sampling_kwargs(req, max_new, seed, sampling_defaults)
         try:
             SamplingParams(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
                            min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
@@ -485,7 +494,8 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         req = await accept(request, RA.ResponsesRequest, RA.check_request, rid)
         return await chat_job(
             req, RA.input_messages(req), req.max_output_tokens, "max_output_tokens",
-            lambda n, **kw: RA.ResponsesFormatter(rid, name, P.now(), n, req, **kw),
+            lambda n, **kw: RA.ResponsesFormatter(rid, name, P.now(), n, req,
+                                                  sampling_defaults=sampling_defaults, **kw),
             "input")
 
     @app.post("/v1/completions")

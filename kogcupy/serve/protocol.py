@@ -459,17 +459,29 @@ def generation_prompt(req) -> tuple[bool, bool]:
     return False, True
 
 
-def sampling_kwargs(req, max_new_tokens: int, seed: int) -> dict:
+# OpenAI's defaults of the sampling fields a request leaves out (top_k, min_p and
+# repetition_penalty: off), unless the model's generation_config.json sets them (`defaults`)
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                     "repetition_penalty": 1.0}
+
+
+def sampling_kwargs(req, max_new_tokens: int, seed: int, defaults: dict | None = None) -> dict:
     """engine.generate keyword arguments of a validated request (a negative seed is taken mod
-    2**64, as an int64's bits)."""
+    2**64, as an int64's bits); a field the request leaves out (None) comes from `defaults`
+    (the model's), else SAMPLING_DEFAULTS."""
     stop = req.stop
+    d = {**SAMPLING_DEFAULTS, **(defaults or {})}
+
+    def pick(name):
+        v = getattr(req, name)
+        return d[name] if v is None else v
+
     return dict(max_new_tokens=max_new_tokens,
-                temperature=1.0 if req.temperature is None else float(req.temperature),
-                top_k=max(0, req.top_k or 0),
-                top_p=1.0 if req.top_p is None else float(req.top_p),
-                min_p=0.0 if req.min_p is None else float(req.min_p),
-                repetition_penalty=(1.0 if req.repetition_penalty is None
-                                    else float(req.repetition_penalty)),
+                temperature=float(pick("temperature")),
+                top_k=max(0, int(pick("top_k"))),
+                top_p=float(pick("top_p")),
+                min_p=float(pick("min_p")),
+                repetition_penalty=float(pick("repetition_penalty")),
                 seed=seed % 2**64,
                 stop=[stop] if isinstance(stop, str) else list(stop or []),
                 ignore_eos=bool(req.ignore_eos))
