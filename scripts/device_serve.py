@@ -252,7 +252,8 @@ def main() -> None:
 
     # 2-3. the server in this process, the client in another
     timed = TimedEngine(engine)
-    app = create_app(timed, served_model_name=MODEL_NAME, max_queue=4)
+    app = create_app(timed, served_model_name=MODEL_NAME, max_queue=4,
+                     sampling_defaults={})   # greedy requests as the engine's run: no model defaults
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"

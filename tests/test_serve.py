@@ -610,8 +610,12 @@ def test_model_sampling_defaults_fill_what_a_request_leaves_out(scripted, qwen_t
     assert [eng.calls[-1][k] for k in fields] == [0.0, 0.95, 0, 0.1, 1.05]
     srv.client().completions.create(model="scripted", prompt="hi", top_p=0.5)
     assert [eng.calls[-1][k] for k in fields] == [0.6, 0.5, 20, 0.0, 1.05]
+    chat(srv.client(), "hi", extra_body={"top_k": -1, "repetition_penalty": 1.0})
+    assert [eng.calls[-1][k] for k in fields] == [0.6, 0.95, 0, 0.0, 1.0]
     r = srv.client().responses.create(model="scripted", input="hi")
     assert (r.temperature, r.top_p) == (0.6, 0.95) and eng.calls[-1]["top_k"] == 20
+    r = srv.client().responses.create(model="scripted", input="hi", temperature=0.2)
+    assert (r.temperature, r.top_p) == (0.2, 0.95) and eng.calls[-1]["temperature"] == 0.2
     eng, srv = scripted(tokenizer=tk, sampling_defaults={})
     chat(srv.client(), "hi")
     assert [eng.calls[-1][k] for k in fields] == [1.0, 1.0, 0, 0.0, 1.0]
@@ -1765,6 +1769,24 @@ def test_cli_serve_host_names(monkeypatch):
         assert ("without --api-key" in r.output) == ("0.0.0.0" in args), (args, r.output)
     r = CliRunner().invoke(cli, ["serve", "--allowed-host", "myhost:8000"])
     assert r.exit_code == 2 and "without a port" in r.output, r.output
+
+
+def test_cli_serve_generation_config(monkeypatch):
+    """--generation-config auto (the default): the model's sampling defaults (create_app reads
+    them: None); none: OpenAI's ({})."""
+    import types
+
+    from click.testing import CliRunner
+
+    from kogcupy.cli import cli
+    engine = types.SimpleNamespace(backend_name="reference", context_length=64, warm_up=lambda: 0)
+    port, seen = _serve_without_model(monkeypatch, engine, [])
+    for args, want in (([], None), (["--generation-config", "auto"], None),
+                       (["--generation-config", "none"], {})):
+        r = CliRunner().invoke(cli, ["serve", "--port", str(port)] + args)
+        assert r.exit_code == 0 and seen[-1]["sampling_defaults"] == want, (args, r.output)
+    r = CliRunner().invoke(cli, ["serve", "--generation-config", "vllm"])
+    assert r.exit_code == 2 and "'auto', 'none'" in r.output, r.output
 
 
 def test_cli_serve_warms_up_before_it_listens(monkeypatch):

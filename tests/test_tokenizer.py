@@ -363,7 +363,7 @@ def test_from_dir_matches_tokenizers_library(tmp_path):
 def test_from_dir_reads_the_sampling_defaults(tmp_path, caplog):
     # generation_config.json's recommended sampling (the server's defaults, --generation-config
     # auto); a value the sampler would refuse is left out with a warning, the model still loads
-    gen = {"eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20,
+    gen = {"eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20.0,
            "min_p": 1.5, "repetition_penalty": "1.1", "max_new_tokens": 50}
     _train_bytelevel(tmp_path, config={"eos_token": "</s>"}, extra={"generation_config.json": gen})
     with caplog.at_level("WARNING", logger="kogcupy"):
@@ -371,6 +371,10 @@ def test_from_dir_reads_the_sampling_defaults(tmp_path, caplog):
     assert tok.sampling_defaults == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
     assert type(tok.sampling_defaults["top_k"]) is int
     assert "min_p must be in [0, 1)" in caplog.text and "repetition_penalty '1.1'" in caplog.text
+    # (json reads NaN and Infinity; the sampler's i32 top_k)
+    (tmp_path / "generation_config.json").write_text(
+        '{"temperature": NaN, "top_p": Infinity, "top_k": 3000000000, "min_p": true, "repetition_penalty": 1.2}')
+    assert Tokenizer.from_dir(tmp_path).sampling_defaults == {"repetition_penalty": 1.2}
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
     assert Tokenizer.from_dir(tmp_path).sampling_defaults == {}
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from datetime import datetime
 from functools import cached_property
@@ -534,13 +535,14 @@ def _sampling_defaults(gcfg: dict, source: str) -> dict:
         v = gcfg.get(name)
         if v is None:
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)):
-            log.warning("%s: %s %r is not %s; not used as a default", source, name, v,
-                        "a whole number" if kind is int else "a number")
+        what = "a whole number below 2^31" if kind is int else "a finite number below 2^31"
+        if (isinstance(v, bool) or not isinstance(v, (int, float)) or abs(v) >= 2**31
+                or not math.isfinite(v) or (kind is int and v != int(v))):
+            log.warning("%s: %s %.40r is not %s; not used as a default", source, name, v, what)
             continue
         try:
             SamplingParams(**{name: kind(v)})
-        except InputError as e:
+        except (InputError, OverflowError) as e:
             log.warning("%s: %s; not used as a default", source, e)
             continue
         out[name] = kind(v)

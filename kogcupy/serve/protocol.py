@@ -183,7 +183,7 @@ class _Sampling(_Strict):
     max_tokens: Int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)   # (OpenAI's range)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: Int | None = Field(default=None, ge=-1)            # -1 or 0: off
+    top_k: Int | None = Field(default=None, ge=-1, le=2**31 - 1)            # -1 or 0: off
     min_p: float | None = Field(default=None, ge=0, lt=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     seed: Int | None = None                                   # (null or -1: a random one)

@@ -89,7 +89,7 @@ class ResponsesRequest(P._Strict):
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None             # (reasoning.encrypted_content: none to give)
     # vLLM-style extras, as on chat completions
-    top_k: P.Int | None = Field(default=None, ge=-1)
+    top_k: P.Int | None = Field(default=None, ge=-1, le=2**31 - 1)
     min_p: float | None = Field(default=None, ge=0, lt=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
     seed: P.Int | None = None
