@@ -600,7 +600,7 @@ def test_model_sampling_defaults_fill_what_a_request_leaves_out(scripted, qwen_t
     request does not send; what it sends wins (top_k 0: off); sampling_defaults={} (the CLI's
     --generation-config none): OpenAI's defaults."""
     model = {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "repetition_penalty": 1.05}
-    tk = Tokenizer(qwen_tokenizer._tk, bos_token_id=None, eos_token_ids=qwen_tokenizer.eos_token_ids,
+    tk = Tokenizer(qwen_tokenizer.backend, bos_token_id=None, eos_token_ids=qwen_tokenizer.eos_token_ids,
                    add_bos=False, chat_template=qwen_tokenizer.chat_template, sampling_defaults=model)
     eng, srv = scripted(tokenizer=tk)
     fields = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")

@@ -186,6 +186,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         log.info("default sampling from the model's generation_config.json: %s (a request's own "
                  "values win; --generation-config none: OpenAI's defaults)",
                  ", ".join(f"{k}={v}" for k, v in sampling_defaults.items()))
+    sampling = {**P.SAMPLING_DEFAULTS, **sampling_defaults}   # what a request leaves out
     created = P.now()
 
     @contextlib.asynccontextmanager
@@ -310,7 +311,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         else:
             max_new = requested
         seed = secrets.randbits(64) if req.seed in (None, -1) else req.seed
-        kw = P.sampling_kwargs(req, max_new, seed, sampling_defaults)
+        kw = P.sampling_kwargs(req, max_new, seed, sampling)
         try:
             SamplingParams(temperature=kw["temperature"], top_k=kw["top_k"], top_p=kw["top_p"],
                            min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
@@ -495,7 +496,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         return await chat_job(
             req, RA.input_messages(req), req.max_output_tokens, "max_output_tokens",
             lambda n, **kw: RA.ResponsesFormatter(rid, name, P.now(), n, req,
-                                                  sampling_defaults=sampling_defaults, **kw),
+                                                  sampling=sampling, **kw),
             "input")
 
     @app.post("/v1/completions")

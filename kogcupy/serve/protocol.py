@@ -460,21 +460,20 @@ def generation_prompt(req) -> tuple[bool, bool]:
 
 
 # OpenAI's defaults of the sampling fields a request leaves out (top_k, min_p and
-# repetition_penalty: off), unless the model's generation_config.json sets them (`defaults`)
+# repetition_penalty: off); the server overlays the model's generation_config.json (create_app)
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
                      "repetition_penalty": 1.0}
 
 
-def sampling_kwargs(req, max_new_tokens: int, seed: int, defaults: dict | None = None) -> dict:
+def sampling_kwargs(req, max_new_tokens: int, seed: int, defaults: dict = SAMPLING_DEFAULTS) -> dict:
     """engine.generate keyword arguments of a validated request (a negative seed is taken mod
     2**64, as an int64's bits); a field the request leaves out (None) comes from `defaults`
-    (the model's), else SAMPLING_DEFAULTS."""
+    (every key of SAMPLING_DEFAULTS)."""
     stop = req.stop
-    d = {**SAMPLING_DEFAULTS, **(defaults or {})}
 
     def pick(name):
         v = getattr(req, name)
-        return d[name] if v is None else v
+        return defaults[name] if v is None else v
 
     return dict(max_new_tokens=max_new_tokens,
                 temperature=float(pick("temperature")),

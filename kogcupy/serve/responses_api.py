@@ -221,10 +221,10 @@ class ResponsesFormatter(Formatter):
 
     def __init__(self, rid: str, model: str, created: int, prompt_tokens: int,
                  req: ResponsesRequest, tool_names: frozenset[str], opening: str = "",
-                 max_calls: int | None = None, sampling_defaults: dict | None = None):
+                 max_calls: int | None = None, sampling: dict = P.SAMPLING_DEFAULTS):
         super().__init__(rid, model, created, prompt_tokens)
         self.req = req
-        self.defaults = {**P.SAMPLING_DEFAULTS, **(sampling_defaults or {})}   # (echoed)
+        self.sampling = sampling             # the server's defaults (echoed where req has none)
         self.answer = AnswerEvents(tool_names, opening, max_calls, stream_calls=True)
         self.output: list[dict] = []         # finished items
         self._msg: dict | None = None        # the message item being written
@@ -242,12 +242,12 @@ class ResponsesFormatter(Formatter):
                 "model": self.model, "output": list(self.output) if result is not None else [],
                 "parallel_tool_calls": r.parallel_tool_calls is not False,
                 "previous_response_id": None, "reasoning": None, "store": False,
-                "temperature": self.defaults["temperature"] if r.temperature is None else r.temperature,
+                "temperature": self.sampling["temperature"] if r.temperature is None else r.temperature,
                 "text": {"format": {"type": "text"}},
                 "tool_choice": (r.tool_choice.model_dump() if isinstance(
                     r.tool_choice, ResponsesToolChoice) else r.tool_choice or "auto"),
                 "tools": [t.model_dump(exclude_none=True) for t in r.tools or []],
-                "top_p": self.defaults["top_p"] if r.top_p is None else r.top_p,
+                "top_p": self.sampling["top_p"] if r.top_p is None else r.top_p,
                 "truncation": "disabled",
                 "usage": usage(result, self.prompt_tokens) if result is not None else None,
                 "user": r.user, "metadata": r.metadata or {}}
