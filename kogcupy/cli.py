@@ -699,7 +699,7 @@ def serve(model_path, host, port, api_key, served_model_name, max_queue, prefix_
     t0 = time.perf_counter()
     warmed = engine.warm_up()                    # before the first request, not inside it
     if warmed:
-        click.echo(f"kogcupy: prefill warmed up ({warmed} prompt-size graphs) in "
+        click.echo(f"kogcupy: warmed up (the sampler's filter build, {warmed} prefill graphs) in "
                    f"{time.perf_counter() - t0:.2f} s", err=True)
     name = served_model_name or default_model_name(engine)
     app = create_app(engine, served_model_name=name, api_key=api_key, max_queue=max_queue,

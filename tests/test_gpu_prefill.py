@@ -240,10 +240,10 @@ def test_graph_replay_kv_equals_the_same_launches():
 
 
 def test_warm_up_captures_every_size():
-    """warm_up (a server's start) grows the buffers to the largest chunk and captures a graph
-    for every padded size the context holds (1024 positions: 8), each after one kernel-by-kernel
-    run; a prompt then replays its size's graph at its first use, with the greedy tokens of a
-    backend that launches kernel by kernel -- also the prompt the live cache held before the
+    """warm_up (a server's start) compiles the sampler's filter build, grows the buffers to
+    the largest chunk and captures a graph for every padded size the context holds (1024
+    positions: 8), each after one kernel-by-kernel run; a prompt then replays its size's graph
+    at its first use, with the greedy tokens of a backend that launches kernel by kernel -- also the prompt the live cache held before the
     warm-up overwrote it (it must not be taken for a cached prefix)."""
     from kogcupy.gpu import prefill
     m = _greedy_model()
@@ -254,7 +254,10 @@ def test_warm_up_captures_every_size():
     want = list(eager.start(ids, SamplingParams(), 12, set()))
     assert list(be.start(ids, SamplingParams(), 12, set())) == want   # now in the live cache
     assert prefill.warm_up_sizes(1024) == [1024, 896, 768, 640, 512, 384, 256, 128]
+    assert be._fn_slices is None                         # (greedy so far: the plain build)
     assert be.warm_up() == 8 and be.warm_up() == 8      # (a second call captures nothing)
+    fn = be._fn_slices                                   # the filter build, compiled once
+    assert fn is not None and be._function({"tp_gather_logits": 1, "all_logits": 0}) is fn
     assert sorted(rows for rows, _ in be.prefill.graphs) == list(range(128, 1025, 128))
     assert be.prefill._rows == 1024                      # min(CHUNK, the context): never regrown
     assert be.prefill.warmed_long                        # (no size past GRAPH_MAX fits here)

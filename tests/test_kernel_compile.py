@@ -310,9 +310,9 @@ def test_warm_up_runs_each_size_until_captured(monkeypatch):
 
 
 def test_backend_warm_up_keeps_the_live_sequence(monkeypatch):
-    """A backend's warm_up cancels a running generation, waits for the GPU, puts the live
-    sequence into the prefix cache (the warm-up overwrites the live KV cache), forgets it,
-    then warms the prefill up."""
+    """A backend's warm_up compiles every GPU's filter/penalty sampler build, cancels a
+    running generation, waits for the GPU, puts the live sequence into the prefix cache (the
+    warm-up overwrites the live KV cache), forgets it, then warms the prefill up."""
     from kogcupy.gpu.monokernel import _OneLaunchBackend
     calls = []
     active = types.SimpleNamespace(cancel=lambda: calls.append("cancel"))
@@ -321,14 +321,18 @@ def test_backend_warm_up_keeps_the_live_sequence(monkeypatch):
         prefill=types.SimpleNamespace(warm_up=lambda: calls.append("prefill") or 7),
         _wait_idle=lambda: calls.append("idle"), _settle=lambda: calls.append("settle"),
         _save_live=lambda: calls.append("save"), _forget_kv=lambda: calls.append("forget"))
+    b._kv_holders = lambda: [types.SimpleNamespace(
+        build_filter_sampler=lambda i=i: calls.append(f"build{i}")) for i in range(2)]
     b._release_live = lambda: _OneLaunchBackend._release_live(b)   # (logits runs it too)
     assert _OneLaunchBackend.warm_up(b) == 7 and b._active is None
-    assert calls == ["cancel", "idle", "settle", "save", "forget", "prefill"]
+    assert calls == ["build0", "build1", "cancel", "idle", "settle", "save", "forget", "prefill"]
     calls.clear()
     b.prefix_cache = None                               # no prefix cache: nothing saved
-    assert _OneLaunchBackend.warm_up(b) == 7 and calls == ["idle", "settle", "forget", "prefill"]
-    b.prefill = None                                    # no batched prefill: nothing to do
-    assert _OneLaunchBackend.warm_up(b) == 0
+    assert _OneLaunchBackend.warm_up(b) == 7 and calls == ["build0", "build1", "idle", "settle",
+                                                          "forget", "prefill"]
+    calls.clear()
+    b.prefill = None                                    # no batched prefill: the build only
+    assert _OneLaunchBackend.warm_up(b) == 0 and calls == ["build0", "build1"]
 
 
 def test_prefill_buffers_out_of_memory(monkeypatch):

@@ -1805,7 +1805,7 @@ def test_cli_serve_warms_up_before_it_listens(monkeypatch):
         port, _ = _serve_without_model(monkeypatch, engine, calls)
         r = CliRunner().invoke(cli, ["serve", "--backend", "reference", "--port", str(port)])
         assert r.exit_code == 0, r.output
-        assert ("prefill warmed up (16 prompt-size graphs)" in r.output) == (warmed == 16)
+        assert ("warmed up (the sampler's filter build, 16 prefill graphs)" in r.output) == (warmed == 16)
     assert calls == ["warm_up", "serve"] * 2
 
 

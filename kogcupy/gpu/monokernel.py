@@ -237,11 +237,15 @@ class _OneLaunchBackend:
         return True
 
     def warm_up(self) -> int:
-        """Prefill's graphs for every prompt size up to prefill.GRAPH_MAX tokens, captured now
-        rather than at a size's second use, and one run of each longer chunk size (cuBLAS's
-        first call on a shape) -- a server, at start; returns how many graphs it holds.
-        A running generation is cancelled; the live sequence goes to the prefix cache (where
-        there is one and it fits), since the warm-up's chunks overwrite the live KV cache."""
+        """What a server's first requests would otherwise wait for, done at its start: the
+        sampler's filter/penalty build (every GPU's) compiled, prefill's graphs for every
+        prompt size up to prefill.GRAPH_MAX tokens captured rather than at a size's second use,
+        and one run of each longer chunk size (cuBLAS's first call on a shape); returns how
+        many graphs prefill holds. A running generation is cancelled; the live sequence goes
+        to the prefix cache (where there is one and it fits), since the warm-up's chunks
+        overwrite the live KV cache."""
+        for r in self._kv_holders():
+            r.build_filter_sampler()
         if self.prefill is None:
             return 0
         self._release_live()
@@ -416,6 +420,7 @@ class MonokernelBackend(_OneLaunchBackend):
         self._alloc()
         self._fn = self._compile()
         self._fn_slices = None                # compiled at the first request that needs it
+                                              # (or by warm_up)
         self._active: MonokernelTokenStream | None = None
         self._kv_ids: list[int] = []          # token ids whose K/V are in the cache, from 0
         self._last_launch: tuple[list[int], int] | None = None   # (prompt, start) to settle
@@ -627,13 +632,19 @@ class MonokernelBackend(_OneLaunchBackend):
         return [int(vals[f]) for f in abi.TP_PEER_FIELDS]
 
     @_on_device
+    def build_filter_sampler(self):
+        """Compile the KOG_SAMPLE_SLICES build (a filter or a penalty: params.draws_over_slices)
+        now if it is not yet: otherwise the first request that samples with one waits for it."""
+        if self._fn_slices is None:
+            self._fn_slices = self._compile(slices=True)
+
+    @_on_device
     def _function(self, vals: dict):
         """The build a launch with these values runs: with a filter or a penalty
         (params.draws_over_slices) the KOG_SAMPLE_SLICES build, compiled at first use."""
         if not (vals["tp_gather_logits"] and not vals["all_logits"]):
             return self._fn
-        if self._fn_slices is None:
-            self._fn_slices = self._compile(slices=True)
+        self.build_filter_sampler()
         return self._fn_slices
 
     @_on_device
