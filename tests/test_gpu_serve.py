@@ -49,11 +49,11 @@ def served(tiny_dirs, tmp_path_factory):
     w["model.norm.weight"] = w["model.norm.weight"] * 0.05
     save_file(w, st, metadata={"format": "pt"})
     cfg = json.loads((d / "config.json").read_text())
-    cfg["max_position_embeddings"] = 8192          # room for a stream long enough to leave
+    cfg["max_position_embeddings"] = 32768         # room for a stream long enough to leave
     (d / "config.json").write_text(json.dumps(cfg))
     model = load_model(str(d))
     assert model.tokenizer.sampling_defaults == RECOMMENDED
-    eng = Engine(model, backend="monokernel", context_length=8192)
+    eng = Engine(model, backend="monokernel", context_length=32768)
     assert eng.backend_name == "monokernel"
     eng.warm_up()                                  # as `kogcupy serve` does before it listens
     msgs = [{"role": "user", "content": PROMPT}]
@@ -92,7 +92,7 @@ def test_gpu_server_answers_as_engine_generate(served):
 def test_gpu_server_disconnect_frees_the_engine(served):
     srv, expect = served
     c = srv.client()
-    stream = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=8000, temperature=0,
+    stream = c.completions.create(model="tiny", prompt=PROMPT, max_tokens=32000, temperature=0,
                                   stream=True, extra_body={"ignore_eos": True})
     for i, _ in enumerate(stream):
         if i == 2:
