@@ -286,7 +286,8 @@ def load_engine(model_path, dtype, backend, context_length, gpus, log_lines: boo
     detect_format(default_model_path() if model_path is None else
                   resolve_model_path(os.fspath(model_path))[0])
     with _Progress(f"loading {_model_name(model_path)} ({label})", plain=log_lines) as progress:
-        model = load_model(model_path, dtype=dtype, on_config=on_config)
+        model = load_model(model_path, dtype=dtype, on_config=on_config,
+                           context_length=context_length)
         _set_phase("loading the model onto the GPU and compiling the kernel"
                    if name == "monokernel" else "loading the model")
         engine = Engine(model, backend=backend, context_length=context_length, gpus=gpus,
@@ -897,7 +898,7 @@ def profile(model_path, shape, position, new_tokens, gpus, dtype, out, summarize
 
         def on_config(cfg, rope_positions):
             box["ctx"] = context_for(cfg, min(rope_positions, cfg.max_position_embeddings))
-        model = load_model(model_path, dtype=dtype, on_config=on_config)
+        model = load_model(model_path, dtype=dtype, on_config=on_config, context_length=positions)
         backend = _profile_backend(model, model.config, box["ctx"], dtype, gpus, position)
         what = _model_name(model_path)
     _set_phase(f"generating {new_tokens} tokens with the profiling build")

@@ -166,7 +166,7 @@ def build_engine(args):
     from kogcupy.model.tokenizer import Tokenizer
 
     if args.model:
-        model = load_model(args.model, dtype=args.dtype)
+        model = load_model(args.model, dtype=args.dtype, context_length=args.context_length)
         what = args.model
     else:
         model = random_model(shape_config(args.shape), seed=0, dtype=args.dtype or "bfloat16",

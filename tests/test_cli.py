@@ -32,9 +32,9 @@ def cached_default_model(smollm2, monkeypatch):
     """load_model(None) served from the session fixture (the real load is tested once)."""
     real = kogcupy.model.loader.load_model
 
-    def load(path=None, dtype=None, on_config=None):
+    def load(path=None, dtype=None, on_config=None, context_length=None):
         if path is not None:
-            return real(path, dtype, on_config)
+            return real(path, dtype, on_config, context_length)
         if on_config is not None:
             on_config(smollm2.config, smollm2.weights["rope_cos"].shape[0])
         return smollm2
@@ -367,6 +367,33 @@ def test_context_length_beyond_the_model_through_the_api(tiny_models):
     with pytest.raises(InputError, match="exceeds the 256 positions"):
         Engine(tiny_models["llama"], backend="reference", context_length=100000)
     assert Engine(tiny_models["llama"], backend="reference").context_length == 256
+
+
+def test_context_beyond_the_default_rope_table(tiny_dirs, tmp_path, monkeypatch):
+    """A context longer than the RoPE table a model carries by default (16,384 rows; 64 here)
+    but within its positions runs: --context-length / load_model(context_length=) size the
+    table, from a HF checkpoint or a packed directory (stored with the default rows)."""
+    import numpy as np
+
+    import kogcupy.model.packing as P
+    from kogcupy.engine import Engine
+    from kogcupy.errors import InputError
+    from kogcupy.model.loader import load_model
+    from weights_tools.repack import repack
+    monkeypatch.setattr(P, "ROPE_TABLE_MAX_POSITIONS", 64)
+    hf, packed = tiny_dirs["llama"], str(tmp_path / "packed")
+    repack(hf, packed)
+    for d in (hf, packed):
+        r = invoke(["generate", "hi", "--model", d, "-c", "200", "-n", "2"])
+        assert r.exit_code == 0, r.stderr
+        assert_user_error(invoke(["generate", "hi", "--model", d, "-c", "300"]),
+                          "context length 300 exceeds the 256 positions this model supports")
+        with pytest.raises(InputError, match=r"load_model\(path, context_length=200\)"):
+            Engine(load_model(d), backend="reference", context_length=200)
+        m = load_model(d, context_length=200)
+        assert Engine(m, backend="reference", context_length=200).context_length == 200
+        cos, sin = P.rope_tables(m.config, 200)
+        assert np.array_equal(m.weights["rope_cos"], cos) and np.array_equal(m.weights["rope_sin"], sin)
 
 
 def test_ffn_width_not_a_multiple_of_8_is_refused_before_loading(tmp_path, monkeypatch):

@@ -42,7 +42,8 @@ def spy(monkeypatch):
 
 
 def test_smollm2_turns_reuse_the_prefix(smollm2, monkeypatch):
-    monkeypatch.setattr(kogcupy.model.loader, "load_model", lambda path=None, dtype=None, on_config=None: smollm2)
+    monkeypatch.setattr(kogcupy.model.loader, "load_model",
+                        lambda path=None, dtype=None, on_config=None, context_length=None: smollm2)
     r = chat(["--backend", "reference", "--max-new-tokens", "8"],
              ["What is the capital of France?", "And of Germany?", "/exit", "never read"])
     assert r.exit_code == 0, (r.stderr, r.exception)

@@ -100,10 +100,12 @@ def _check_tokenizer_files(path: str) -> None:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: str | None = None,
-               on_config=None) -> Model:
+               on_config=None, context_length: int | None = None) -> Model:
     """Load a model (see the module docstring); ``dtype`` overrides the storage dtype;
     ``on_config(config, rope_positions)`` runs before the weights are read (checks that need
-    the model's shape only)."""
+    the model's shape only). ``context_length``: the positions the model will run; its RoPE
+    table covers them (up to the model's positions). By default the table holds the model's
+    positions up to 16,384 (packing.ROPE_TABLE_MAX_POSITIONS)."""
     from . import weights as W
     dtype = normalize_dtype(dtype)
     path, hub_id = (default_model_path(), None) if path is None else \
@@ -111,7 +113,7 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | None = None,
     kind = W.detect_format(path)
     if kind in ("hf", "packed"):
         _check_tokenizer_files(path)     # fail before reading gigabytes of weights
-    loaded = W.read_weights(path, on_config=on_config, lazy=True)
+    loaded = W.read_weights(path, on_config=on_config, lazy=True, context_length=context_length)
     from .tokenizer import Tokenizer     # lazy: keeps `import kogcupy.model` light
     if loaded.gguf_reader is not None:
         tokenizer = Tokenizer.from_gguf(loaded.gguf_reader)

@@ -156,14 +156,21 @@ class PackedDirWeights(PackedWeights):
 
     _KINDS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
-    def __init__(self, table: dict):              # name -> weights.StTensor
+    def __init__(self, table: dict, rope: tuple[np.ndarray, np.ndarray] | None = None):
+        """table: name -> weights.StTensor; rope: (cos, sin) replacing the stored tables (a
+        context longer than they cover: weights.read_packed_dir)."""
         super().__init__({k: tuple(t.shape) for k, t in table.items()})
         self.table = table
+        self.rope = None if rope is None else dict(zip(("rope_cos", "rope_sin"), rope))
+        if self.rope is not None:
+            self._shapes.update({k: tuple(v.shape) for k, v in self.rope.items()})
 
     def kind(self, name):
-        return self._KINDS[self.table[name].dtype]
+        return "float32" if self.rope and name in self.rope else self._KINDS[self.table[name].dtype]
 
     def file_range(self, name):
+        if self.rope and name in self.rope:
+            return None
         t = self.table[name]
         return FileRange(t.file, t.start, t.end - t.start)
 
@@ -183,9 +190,13 @@ class PackedDirWeights(PackedWeights):
         return read_range(r, sub, self.kind(name))
 
     def get(self, name, key):
+        if self.rope and name in self.rope:
+            return self.rope[name][key]
         return to_f32(self.raw(name, key), self.kind(name))
 
     def parts(self, name, key):
+        if self.rope and name in self.rope:
+            return super().parts(name, key)
         r, sub = self._range(name, key)
         return [Part(0, sub[0] if sub else 1, r, sub, self.kind(name))]
 

@@ -107,8 +107,14 @@ def rope_tables(cfg: ModelConfig, n_positions: int) -> tuple[np.ndarray, np.ndar
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def default_rope_positions(cfg: ModelConfig) -> int:
-    return min(cfg.max_position_embeddings, ROPE_TABLE_MAX_POSITIONS)
+def default_rope_positions(cfg: ModelConfig, context_length: int | None = None) -> int:
+    """Rows of the RoPE table a loaded model carries: the model's positions up to
+    ROPE_TABLE_MAX_POSITIONS (its host and GPU copies stay small for million-position
+    models), or as many as `context_length` asks, up to the model's positions."""
+    n = min(cfg.max_position_embeddings, ROPE_TABLE_MAX_POSITIONS)
+    if context_length is not None:
+        n = max(n, min(int(context_length), cfg.max_position_embeddings))
+    return n
 
 
 def pack_weights(cfg: ModelConfig, get: Getter, rope_positions: int | None = None

@@ -717,11 +717,14 @@ def read_pack_marker(directory: str) -> dict:
     return marker
 
 
-def read_packed_dir(directory: str, on_config=None, lazy: bool = False
+def read_packed_dir(directory: str, on_config=None, lazy: bool = False,
+                    context_length: int | None = None
                     ) -> tuple[ModelConfig, dict[str, np.ndarray], str]:
     """(config, packed weights, stored dtype) of a kogcupy packed directory: float32 arrays,
     or with `lazy` a PackedDirWeights reading the file on demand in its storage dtype;
-    ``on_config(config, rope_positions)`` runs before any weight is read."""
+    ``on_config(config, rope_positions)`` runs before any weight is read. A `context_length`
+    beyond the stored RoPE table's rows (and within the model's positions) gets a longer
+    table computed from config.json (the stored one is the same function's first rows)."""
     marker = read_pack_marker(directory)
     cfg_path = os.path.join(directory, "config.json")
     try:
@@ -748,12 +751,18 @@ def read_packed_dir(directory: str, on_config=None, lazy: bool = False
     extra = set(table) - set(want)
     if extra:
         raise ModelLoadError(f"{directory}: unexpected packed tensor {sorted(extra)[0]!r}")
+    from .packing import default_rope_positions, rope_tables
+    n_rope = max(rope.shape[0], default_rope_positions(cfg, context_length))
+    longer = rope_tables(cfg, n_rope) if n_rope > rope.shape[0] else None
     if on_config is not None:
-        on_config(cfg, rope.shape[0])
+        on_config(cfg, n_rope)
     if lazy:
         from .packed_weights import PackedDirWeights
-        return cfg, PackedDirWeights({name: table[name] for name in want}), marker["dtype"]
+        return (cfg, PackedDirWeights({name: table[name] for name in want}, rope=longer),
+                marker["dtype"])
     weights = {name: read_safetensors_tensor(table[name]) for name in want}
+    if longer is not None:
+        weights["rope_cos"], weights["rope_sin"] = longer
     return cfg, weights, marker["dtype"]
 
 
@@ -842,22 +851,23 @@ class LoadedWeights:
 
 
 def read_weights(path: str, rope_positions: int | None = None, on_config=None,
-                 lazy: bool = False) -> LoadedWeights:
+                 lazy: bool = False, context_length: int | None = None) -> LoadedWeights:
     """Any supported checkpoint -> packed float32 weights (one source tensor held at a time).
 
     With `lazy`, the weights are a packed_weights.PackedWeights that reads them on demand
     (headers, shapes and the config are checked now; values when read): what load_model
     returns, so that the GPU upload never holds the model as float32 on the host.
     ``on_config(config, rope_positions)`` runs once the config is known, before any weight is
-    read (the CLI's checks that need the model's shape but not its weights)."""
+    read (the CLI's checks that need the model's shape but not its weights). `rope_positions`:
+    the RoPE table's rows; by default packing.default_rope_positions(config, context_length)."""
     kind = detect_format(path)
     if kind == "packed":
-        cfg, weights, dtype = read_packed_dir(path, on_config, lazy)
+        cfg, weights, dtype = read_packed_dir(path, on_config, lazy, context_length)
         return LoadedWeights(cfg, weights, dtype, "packed", path)
     ckpt = open_checkpoint(path)
     ckpt.check()
     from .packing import default_rope_positions
-    rope_positions = rope_positions or default_rope_positions(ckpt.config)
+    rope_positions = rope_positions or default_rope_positions(ckpt.config, context_length)
     if on_config is not None:
         on_config(ckpt.config, rope_positions)
     if lazy:
