@@ -165,7 +165,7 @@ MODEL_OPTIONS = [
                  help="HF directory, .gguf file, packed directory or a hub id in the local "
                       "HF cache (default: embedded SmolLM2-135M)."),
     click.option("-n", "--max-new-tokens", "--n-predict", "--max-tokens", "max_new_tokens", type=int,
-                 default=256, show_default=True),
+                 default=256, show_default=True, help="-1 = up to the context (llama.cpp's)."),
 ]
 SAMPLING_OPTIONS = [
     click.option("--temperature", "--temp", type=float, default=0.0, show_default=True,
@@ -182,7 +182,8 @@ BACKEND_OPTIONS = [
     click.option("--backend", type=click.Choice(["auto", "reference", "monokernel"]),
                  default="auto", show_default=True),
     click.option("-c", "--context-length", "--ctx-size", "context_length", type=int, default=None,
-                 help="KV-cache positions (default: 4096, or the model's positions if fewer)."),
+                 help="KV-cache positions (default: 4096, or the model's positions if fewer; "
+                      "0 = the model's positions, as llama.cpp's -c 0)."),
     click.option("--dtype", type=DTYPE_CHOICE, default=None,
                  help="GPU storage dtype (default: the checkpoint's)."),
     click.option("--gpus", type=int, default=1, show_default=True,
@@ -227,8 +228,9 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_
         msg = str(e).removeprefix("invalid sampling parameter: ")
         name = msg.split(" ", 1)[0]
         raise InputError("--" + name.replace("_", "-") + msg[len(name):]) from None
-    if max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens < 1 and max_new_tokens != -1:
+        raise InputError(f"--max-new-tokens must be >= 1, or -1 (up to the context), "
+                         f"got {max_new_tokens}")
     if unused:
         click.echo(f"kogcupy: note: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} "
                    f"no effect with --temperature 0 (greedy); pass --temperature > 0 to sample",
@@ -248,9 +250,10 @@ def check_backend(backend, context_length, dtype, gpus) -> str:
     from .model.loader import normalize_dtype
     if gpus < 1:
         raise InputError(f"--gpus must be >= 1, got {gpus}")
-    if context_length is not None and context_length < 2:
-        raise InputError(f"--context-length must be >= 2, got {context_length}")
-    check_context_length(context_length)
+    if context_length is not None and context_length < 2 and context_length != 0:
+        raise InputError(f"--context-length must be >= 2, or 0 (the model's positions), "
+                         f"got {context_length}")
+    check_context_length(context_length or None)
     normalize_dtype(dtype)
     return check_backend_args(backend, gpus)
 
@@ -267,8 +270,11 @@ def load_engine(model_path, dtype, backend, context_length, gpus, log_lines: boo
         click.echo("kogcupy: note: --dtype is the GPU's storage dtype; the reference backend "
                    "computes in float32", err=True)
 
+    whole = context_length == 0                  # -c 0: the model's positions (llama.cpp's)
+
     def on_config(cfg, positions):
-        check_context_length(context_length, min(positions, cfg.max_position_embeddings))
+        check_context_length(None if whole else context_length,
+                             min(positions, cfg.max_position_embeddings))
         check_model_for_backend(cfg, name, gpus)
         if name == "monokernel":
             check_gpu_count(gpus)
@@ -287,7 +293,10 @@ def load_engine(model_path, dtype, backend, context_length, gpus, log_lines: boo
                   resolve_model_path(os.fspath(model_path))[0])
     with _Progress(f"loading {_model_name(model_path)} ({label})", plain=log_lines) as progress:
         model = load_model(model_path, dtype=dtype, on_config=on_config,
-                           context_length=context_length)
+                           context_length=sys.maxsize if whole else context_length)
+        if whole:
+            from .engine import model_positions
+            context_length = model_positions(model)
         _set_phase("loading the model onto the GPU and compiling the kernel"
                    if name == "monokernel" else "loading the model")
         engine = Engine(model, backend=backend, context_length=context_length, gpus=gpus,
@@ -442,6 +451,8 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
         if not templated:
             raise InputError("--system needs a model with a chat template")
         prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    if max_new_tokens == -1:
+        max_new_tokens = engine.context_length    # (it ends at the context)
     gen = engine.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),
@@ -501,6 +512,8 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
     if system is not None:
         check_text(system, "--system")
     engine = load_engine(model_path, dtype, backend, context_length, gpus)
+    if max_new_tokens == -1:
+        max_new_tokens = engine.context_length    # (a turn ends at the context)
     if engine.tokenizer is None or not engine.tokenizer.has_chat_template:
         raise InputError("`kogcupy chat` needs a model with a chat template; use "
                          "`kogcupy generate --no-chat` for plain text completion")

@@ -329,8 +329,9 @@ def test_invalid_utf8_through_the_api(tiny_models):
 
 @pytest.mark.parametrize("args, match", [
     (["--gpus", "0"], "--gpus must be >= 1"),
-    (["--context-length", "0"], "--context-length must be >= 2"),
+    (["--context-length", "-1"], "--context-length must be >= 2"),
     (["--context-length", "1"], "--context-length must be >= 2"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--dtype", "fp8"], "'fp8' is not one of 'bfloat16', 'float16'"),
     (["--gpus", "2", "--backend", "reference"], "reference backend runs on the CPU"),
 ])
@@ -394,6 +395,27 @@ def test_context_beyond_the_default_rope_table(tiny_dirs, tmp_path, monkeypatch)
         assert Engine(m, backend="reference", context_length=200).context_length == 200
         cos, sin = P.rope_tables(m.config, 200)
         assert np.array_equal(m.weights["rope_cos"], cos) and np.array_equal(m.weights["rope_sin"], sin)
+
+
+def test_llama_cpp_minus_one_and_zero(tiny_dirs, tmp_path):
+    """-n -1: up to the context; -c 0: the model's positions (llama.cpp's meanings)."""
+    import json
+    import shutil
+
+    from kogcupy.cli import load_engine
+    d = tmp_path / "long"
+    shutil.copytree(tiny_dirs["llama"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["max_position_embeddings"] = 5000             # more than the 4,096 default
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert load_engine(str(d), None, "reference", 0, 1).context_length == 5000
+    assert load_engine(str(d), None, "reference", None, 1).context_length == 4096
+    r = invoke(["generate", "hi", "--model", str(d), "-c", "40", "-n", "-1", "--ignore-eos",
+                "--no-chat"])
+    assert r.exit_code == 0, r.stderr
+    assert "finish context" in r.stderr.strip().splitlines()[-1]
+    assert_user_error(invoke(["generate", "hi", "-n", "-2"]), "-1 (up to the context), got -2")
+    assert_user_error(invoke(["generate", "hi", "-c", "1"]), "or 0 (the model's positions), got 1")
 
 
 def test_ffn_width_not_a_multiple_of_8_is_refused_before_loading(tmp_path, monkeypatch):
