@@ -122,12 +122,12 @@ def model_positions(model) -> int:
     n = int(model.config.max_position_embeddings)
     w = getattr(model, "weights", None)
     try:
-        rope = w["rope_cos"] if w is not None and "rope_cos" in w else None
+        if w is None or "rope_cos" not in w:
+            return n
+        rows = w.shape("rope_cos")[0] if hasattr(w, "shape") else w["rope_cos"].shape[0]
     except Exception:  # noqa: BLE001 -- a stand-in model without weights
-        rope = None
-    if rope is not None:
-        n = min(n, int(rope.shape[0]))
-    return n
+        return n
+    return min(n, int(rows))
 
 
 def check_context_length(context_length: int | None, limit: int | None = None) -> None:

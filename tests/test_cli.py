@@ -384,6 +384,7 @@ def test_context_beyond_the_default_rope_table(tiny_dirs, tmp_path, monkeypatch)
     monkeypatch.setattr(P, "ROPE_TABLE_MAX_POSITIONS", 64)
     hf, packed = tiny_dirs["llama"], str(tmp_path / "packed")
     repack(hf, packed)
+    tables = []
     for d in (hf, packed):
         r = invoke(["generate", "hi", "--model", d, "-c", "200", "-n", "2"])
         assert r.exit_code == 0, r.stderr
@@ -395,22 +396,23 @@ def test_context_beyond_the_default_rope_table(tiny_dirs, tmp_path, monkeypatch)
         assert Engine(m, backend="reference", context_length=200).context_length == 200
         cos, sin = P.rope_tables(m.config, 200)
         assert np.array_equal(m.weights["rope_cos"], cos) and np.array_equal(m.weights["rope_sin"], sin)
+        assert m.weights.shape("rope_cos") == (200, m.config.head_dim // 2)
+        tables.append(m.weights["rope_cos"])
+    stored = load_model(packed).weights["rope_cos"]      # the directory's own 64 rows
+    assert stored.shape[0] == 64 and np.array_equal(stored, tables[1][:64])
+    assert np.array_equal(tables[0], tables[1])
 
 
-def test_llama_cpp_minus_one_and_zero(tiny_dirs, tmp_path):
-    """-n -1: up to the context; -c 0: the model's positions (llama.cpp's meanings)."""
-    import json
-    import shutil
-
+def test_llama_cpp_minus_one_and_zero(tiny_dirs, monkeypatch):
+    """-n -1: up to the context; -c 0: the model's positions (llama.cpp's meanings), past the
+    default RoPE table's rows (16,384; 64 here)."""
+    import kogcupy.model.packing as P
     from kogcupy.cli import load_engine
-    d = tmp_path / "long"
-    shutil.copytree(tiny_dirs["llama"], d)
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["max_position_embeddings"] = 5000             # more than the 4,096 default
-    (d / "config.json").write_text(json.dumps(cfg))
-    assert load_engine(str(d), None, "reference", 0, 1).context_length == 5000
-    assert load_engine(str(d), None, "reference", None, 1).context_length == 4096
-    r = invoke(["generate", "hi", "--model", str(d), "-c", "40", "-n", "-1", "--ignore-eos",
+    monkeypatch.setattr(P, "ROPE_TABLE_MAX_POSITIONS", 64)
+    d = tiny_dirs["llama"]                            # 256 positions
+    assert load_engine(d, None, "reference", 0, 1).context_length == 256
+    assert load_engine(d, None, "reference", None, 1).context_length == 64
+    r = invoke(["generate", "hi", "--model", d, "-c", "40", "-n", "-1", "--ignore-eos",
                 "--no-chat"])
     assert r.exit_code == 0, r.stderr
     assert "finish context" in r.stderr.strip().splitlines()[-1]

@@ -107,6 +107,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | None = None,
     table covers them (up to the model's positions). By default the table holds the model's
     positions up to 16,384 (packing.ROPE_TABLE_MAX_POSITIONS)."""
     from . import weights as W
+    from ..engine import check_context_length
+    check_context_length(context_length)
     dtype = normalize_dtype(dtype)
     path, hub_id = (default_model_path(), None) if path is None else \
         resolve_model_path(os.fspath(path))

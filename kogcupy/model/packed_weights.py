@@ -156,20 +156,34 @@ class PackedDirWeights(PackedWeights):
 
     _KINDS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
-    def __init__(self, table: dict, rope: tuple[np.ndarray, np.ndarray] | None = None):
-        """table: name -> weights.StTensor; rope: (cos, sin) replacing the stored tables (a
-        context longer than they cover: weights.read_packed_dir)."""
+    _ROPE = ("rope_cos", "rope_sin")
+
+    def __init__(self, table: dict, rope: tuple[ModelConfig, int] | None = None):
+        """table: name -> weights.StTensor; rope: (config, rows): RoPE tables of that many rows
+        computed from the config (on first use) instead of the stored ones (a context longer
+        than they cover: weights.read_packed_dir)."""
         super().__init__({k: tuple(t.shape) for k, t in table.items()})
-        self.table = table
-        self.rope = None if rope is None else dict(zip(("rope_cos", "rope_sin"), rope))
-        if self.rope is not None:
-            self._shapes.update({k: tuple(v.shape) for k, v in self.rope.items()})
+        self.table = dict(table)
+        self._rope_src, self._rope = rope, None
+        if rope is not None:
+            cfg, rows = rope
+            for k in self._ROPE:
+                del self.table[k]
+                self._shapes[k] = (rows, cfg.head_dim // 2)
+
+    def _computed(self, name) -> bool:
+        return self._rope_src is not None and name in self._ROPE
+
+    def _tables(self):
+        if self._rope is None:
+            self._rope = dict(zip(self._ROPE, rope_tables(*self._rope_src)))
+        return self._rope
 
     def kind(self, name):
-        return "float32" if self.rope and name in self.rope else self._KINDS[self.table[name].dtype]
+        return "float32" if self._computed(name) else self._KINDS[self.table[name].dtype]
 
     def file_range(self, name):
-        if self.rope and name in self.rope:
+        if self._computed(name):
             return None
         t = self.table[name]
         return FileRange(t.file, t.start, t.end - t.start)
@@ -186,16 +200,18 @@ class PackedDirWeights(PackedWeights):
 
     def raw(self, name, key) -> np.ndarray:
         """One piece as stored (uint16 bits for bf16/fp16), read from the file."""
+        if self._computed(name):
+            return self._tables()[name][key]
         r, sub = self._range(name, key)
         return read_range(r, sub, self.kind(name))
 
     def get(self, name, key):
-        if self.rope and name in self.rope:
-            return self.rope[name][key]
+        if self._computed(name):
+            return self._tables()[name][key]
         return to_f32(self.raw(name, key), self.kind(name))
 
     def parts(self, name, key):
-        if self.rope and name in self.rope:
+        if self._computed(name):
             return super().parts(name, key)
         r, sub = self._range(name, key)
         return [Part(0, sub[0] if sub else 1, r, sub, self.kind(name))]

@@ -753,16 +753,17 @@ def read_packed_dir(directory: str, on_config=None, lazy: bool = False,
         raise ModelLoadError(f"{directory}: unexpected packed tensor {sorted(extra)[0]!r}")
     from .packing import default_rope_positions, rope_tables
     n_rope = max(rope.shape[0], default_rope_positions(cfg, context_length))
-    longer = rope_tables(cfg, n_rope) if n_rope > rope.shape[0] else None
+    longer = n_rope > rope.shape[0]
     if on_config is not None:
         on_config(cfg, n_rope)
     if lazy:
         from .packed_weights import PackedDirWeights
-        return (cfg, PackedDirWeights({name: table[name] for name in want}, rope=longer),
-                marker["dtype"])
-    weights = {name: read_safetensors_tensor(table[name]) for name in want}
-    if longer is not None:
-        weights["rope_cos"], weights["rope_sin"] = longer
+        return (cfg, PackedDirWeights({name: table[name] for name in want},
+                                      rope=(cfg, n_rope) if longer else None), marker["dtype"])
+    weights = {name: read_safetensors_tensor(table[name]) for name in want
+               if not (longer and name in ("rope_cos", "rope_sin"))}
+    if longer:
+        weights["rope_cos"], weights["rope_sin"] = rope_tables(cfg, n_rope)
     return cfg, weights, marker["dtype"]
 
 
