@@ -147,12 +147,11 @@ def resolve_context_length(model, context_length: int | None) -> int:
     beyond the model's positions is an InputError (never capped silently)."""
     limit = model_positions(model)
     max_pos = int(model.config.max_position_embeddings)
-    check_context_length(context_length)
-    if context_length is not None and limit < context_length <= max_pos:
+    check_context_length(context_length, max_pos)
+    if context_length is not None and context_length > limit:
         raise InputError(f"context length {context_length}: the model was loaded with a RoPE "
                          f"table of {limit} positions (of its {max_pos}); load it with "
                          f"load_model(path, context_length={context_length})")
-    check_context_length(context_length, limit)
     return min(DEFAULT_CONTEXT_LENGTH, limit) if context_length is None else context_length
 
 

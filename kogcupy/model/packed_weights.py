@@ -86,8 +86,25 @@ def read_range(r: FileRange, shape, kind: str) -> np.ndarray:
 class PackedWeights(Mapping):
     """Base: float32 views built from ``get``; subclasses say where the bytes are."""
 
+    ROPE = ("rope_cos", "rope_sin")
+
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         self._shapes = dict(shapes)
+        self._rope_src, self._rope = None, None   # (config, rows): RoPE tables computed, not read
+
+    def _computed(self, name) -> bool:
+        """`name` is a RoPE table this source computes from the config (on first use)."""
+        return self._rope_src is not None and name in self.ROPE
+
+    def _compute_rope(self, cfg: ModelConfig, rows: int) -> None:
+        self._rope_src = (cfg, rows)
+        for k in self.ROPE:
+            self._shapes[k] = (rows, cfg.head_dim // 2)
+
+    def _tables(self) -> dict[str, np.ndarray]:
+        if self._rope is None:
+            self._rope = dict(zip(self.ROPE, rope_tables(*self._rope_src)))
+        return self._rope
 
     # -- Mapping --------------------------------------------------------------------------
     def __iter__(self):
@@ -156,28 +173,16 @@ class PackedDirWeights(PackedWeights):
 
     _KINDS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
-    _ROPE = ("rope_cos", "rope_sin")
-
     def __init__(self, table: dict, rope: tuple[ModelConfig, int] | None = None):
         """table: name -> weights.StTensor; rope: (config, rows): RoPE tables of that many rows
         computed from the config (on first use) instead of the stored ones (a context longer
         than they cover: weights.read_packed_dir)."""
         super().__init__({k: tuple(t.shape) for k, t in table.items()})
         self.table = dict(table)
-        self._rope_src, self._rope = rope, None
         if rope is not None:
-            cfg, rows = rope
-            for k in self._ROPE:
+            for k in self.ROPE:
                 del self.table[k]
-                self._shapes[k] = (rows, cfg.head_dim // 2)
-
-    def _computed(self, name) -> bool:
-        return self._rope_src is not None and name in self._ROPE
-
-    def _tables(self):
-        if self._rope is None:
-            self._rope = dict(zip(self._ROPE, rope_tables(*self._rope_src)))
-        return self._rope
+            self._compute_rope(*rope)
 
     def kind(self, name):
         return "float32" if self._computed(name) else self._KINDS[self.table[name].dtype]
@@ -242,8 +247,7 @@ class CheckpointWeights(PackedWeights):
     def __init__(self, cfg: ModelConfig, get, rope_positions: int, get_raw=None):
         super().__init__(packed_shapes(cfg, rope_positions))
         self.cfg, self._get, self._get_raw = cfg, get, get_raw
-        self.rope_positions = rope_positions
-        self._rope = None
+        self._compute_rope(cfg, rope_positions)
         self._last_global = {}
 
     def pieces(self, name):
@@ -265,11 +269,6 @@ class CheckpointWeights(PackedWeights):
             return [(0, self.cfg.vocab_size, "embed", None)]
         head = "embed" if self.cfg.tie_word_embeddings else "lm_head"
         return [(0, self.cfg.vocab_size, head, "final_norm")]
-
-    def _tables(self):
-        if self._rope is None:
-            self._rope = rope_tables(self.cfg, self.rope_positions)
-        return self._rope
 
     def _canonical(self, canon, layer):
         """A canonical tensor (float32); a global one still held by a caller is reused (the
@@ -299,8 +298,8 @@ class CheckpointWeights(PackedWeights):
             del a
 
     def get(self, name, key):
-        if name in ("rope_cos", "rope_sin"):
-            return self._tables()[name == "rope_sin"][key]
+        if self._computed(name):
+            return self._tables()[name][key]
         layer = key if name in STACKED else None
         recipe = _layer_recipe(self.cfg, name) if layer is not None else self._global_recipe(name)
         if len(recipe) == 1 and recipe[0][3] is None and (layer is not None
@@ -312,7 +311,7 @@ class CheckpointWeights(PackedWeights):
         return out if layer is not None or key == slice(None) else out[key]
 
     def parts(self, name, key):
-        if name in ("rope_cos", "rope_sin") or name not in STACKED and name not in (
+        if self._computed(name) or name not in STACKED and name not in (
                 "embed", "lm_head"):
             return super().parts(name, key)
         layer = key if name in STACKED else None
