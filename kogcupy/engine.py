@@ -149,9 +149,11 @@ def resolve_context_length(model, context_length: int | None) -> int:
     max_pos = int(model.config.max_position_embeddings)
     check_context_length(context_length, max_pos)
     if context_length is not None and context_length > limit:
+        how = (f"random_model(cfg, rope_positions={context_length})"
+               if str(getattr(model, "path", "")).startswith("random(")
+               else f"load_model(path, context_length={context_length})")
         raise InputError(f"context length {context_length}: the model was loaded with a RoPE "
-                         f"table of {limit} positions (of its {max_pos}); load it with "
-                         f"load_model(path, context_length={context_length})")
+                         f"table of {limit} positions (of its {max_pos}); load it with {how}")
     return min(DEFAULT_CONTEXT_LENGTH, limit) if context_length is None else context_length
 
 

@@ -401,6 +401,11 @@ def test_context_beyond_the_default_rope_table(tiny_dirs, tmp_path, monkeypatch)
     stored = load_model(packed).weights["rope_cos"]      # the directory's own 64 rows
     assert stored.shape[0] == 64 and np.array_equal(stored, tables[1][:64])
     assert np.array_equal(tables[0], tables[1])
+    from kogcupy.model.loader import random_model       # a random model names its own call
+    cfg = load_model(hf).config
+    with pytest.raises(InputError, match=r"random_model\(cfg, rope_positions=200\)"):
+        Engine(random_model(cfg), backend="reference", context_length=200)
+    Engine(random_model(cfg, rope_positions=200), backend="reference", context_length=200)
 
 
 def test_llama_cpp_minus_one_and_zero(tiny_dirs, monkeypatch):
