@@ -526,7 +526,8 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
             import readline  # noqa: F401  (line editing for input())
         except ImportError:
             pass
-        click.echo(f"kogcupy chat: {CHAT_COMMANDS}.", err=True)
+        click.echo(f"kogcupy chat ({engine.backend_name}, context {engine.context_length}): "
+                   f"{CHAT_COMMANDS}.", err=True)
     while True:
         try:
             line = input(">>> " if interactive else "")

@@ -147,6 +147,7 @@ def test_ctrl_c_at_the_prompt_keeps_the_session(tiny_dirs, spy, monkeypatch):
     r = CliRunner().invoke(cli, ["chat", "--model", tiny_dirs["llama"], *TINY])
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert "kogcupy: /exit or Ctrl-D quits" in r.stderr and len(spy) == 1
+    assert r.stderr.startswith("kogcupy chat (reference, context "), r.stderr   # the greeting
     monkeypatch.setattr(C, "_stdin_is_tty", lambda: False)
     lines = iter([KeyboardInterrupt])
     r = CliRunner().invoke(cli, ["chat", "--model", tiny_dirs["llama"], *TINY])
