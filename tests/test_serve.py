@@ -1524,6 +1524,28 @@ def test_tool_calls_streamed_and_not(scripted):
     assert r.choices[0].message.content == CALL_TEXT and not r.choices[0].message.tool_calls
 
 
+def test_a_call_whose_arguments_never_close(scripted):
+    """A call closed by its tag before its arguments object: whole answers give it as text
+    (chat and Responses); a stream has sent it as written, so it ends "stop", not as a call to
+    run, and the Responses item is incomplete. tool_choice "auto" with no tools is the default."""
+    broken = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>'
+    eng, srv = scripted(script=lambda u: broken)
+    c, msgs = srv.client(), [{"role": "user", "content": "go"}]
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL])
+    m = r.choices[0].message
+    assert (m.content, m.tool_calls, r.choices[0].finish_reason) == (broken, None, "stop")
+    content, calls, finish = _stream_chat(c, msgs, tools=[WEATHER_TOOL])
+    assert finish == "stop" and [x["arguments"] for x in calls] == ['{"city": "Paris"\n']
+    flat = {"type": "function", **WEATHER_TOOL["function"]}
+    out = c.responses.create(model="scripted", input="go", tools=[flat]).output
+    assert [(i.type, i.content[0].text) for i in out] == [("message", broken)]
+    with c.responses.stream(model="scripted", input="go", tools=[flat]) as st:
+        out = st.get_final_response().output
+    assert [(i.type, i.status) for i in out] == [("function_call", "incomplete")]
+    eng.script = lambda u: "fine"
+    assert c.responses.create(model="scripted", input="go", tool_choice="auto").output_text == "fine"
+
+
 def test_load_many_short_requests(tiny_models):
     """>= 200 short requests from 8 clients on a real (tiny) engine: every answer complete and
     equal to engine.generate, nothing left queued, the server's memory flat."""

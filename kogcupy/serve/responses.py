@@ -89,6 +89,7 @@ class ChatFormatter(Formatter):
         # a whole answer's calls are parsed whole (as the Python API's tool_calls)
         self._whole = lambda: AnswerEvents(tool_names, opening, max_calls)
         self._n_sent = 0                    # tool calls streamed (their chunk's index)
+        self._broken = False                # a streamed call's arguments never closed
 
     def _chunk(self, delta, finish=None):
         return P.chat_chunk(self.rid, self.model, self.created, delta, finish, self.include_usage)
@@ -106,6 +107,7 @@ class ChatFormatter(Formatter):
                 out.append(self._chunk({"content": text}))
                 text = ""
             if isinstance(ev, CallEnd):
+                self._broken |= not ev.complete
                 continue
             if isinstance(ev, CallArgs):    # (the call started in an earlier chunk)
                 out.append(self._chunk({"tool_calls": [{"index": self._n_sent - 1,
@@ -124,7 +126,11 @@ class ChatFormatter(Formatter):
         return self._events(self.answer.feed(text))
 
     def _finish_reason(self, result, n_calls: int) -> str:
-        if n_calls and result.finish_reason in ("eos", "stop"):
+        """"tool_calls" when the answer ended on its own after calls whose arguments all closed
+        (a streamed call cut by a stop string, or closed by its tag before its arguments were,
+        went out as written and cannot be taken back: the stream ends "stop", not as a call to
+        run)."""
+        if n_calls and not self._broken and result.finish_reason in ("eos", "stop"):
             return "tool_calls"
         return P.FINISH_REASON.get(result.finish_reason, "stop")
 

@@ -117,7 +117,7 @@ def check_request(req: ResponsesRequest) -> None:
         if "logprobs" in what:
             raise P.APIError(400, f"include {what!r}: logprobs are not supported",
                              param=f"include[{i}]")
-    if req.tool_choice not in (None, "none") and not req.tools:
+    if req.tool_choice not in (None, "none", "auto") and not req.tools:   # ("auto": the default)
         raise P.APIError(400, "tool_choice is only allowed when tools are specified",
                          param="tool_choice")
     P.check_named_tool(req, "tool_choice.name")
@@ -226,6 +226,9 @@ class ResponsesFormatter(Formatter):
         self.req = req
         self.sampling = sampling             # the server's defaults (echoed where req has none)
         self.answer = AnswerEvents(tool_names, opening, max_calls, stream_calls=True)
+        # a whole response's calls are parsed whole, as a whole chat answer's (a call whose
+        # arguments never close is text there, not a function_call with broken arguments)
+        self._whole = lambda: AnswerEvents(tool_names, opening, max_calls)
         self.output: list[dict] = []         # finished items
         self._msg: dict | None = None        # the message item being written
         self._fc: dict | None = None         # the function_call item being streamed
@@ -346,6 +349,7 @@ class ResponsesFormatter(Formatter):
         return out + [self._event(kind, response=self._response(status, result))]
 
     def full(self, text: str, result) -> dict:
+        self.answer = self._whole()
         if text:                            # (as a stream: no empty message item)
             self.pieces(text)
         self.finish(result)
