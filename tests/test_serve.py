@@ -1113,6 +1113,9 @@ def test_bad_requests_get_openai_errors(scripted):
         assert text in err["message"] and err["type"] and "Traceback" not in r.text, r.text
         # what clients that trim their history look for (OpenAI's code for it)
         assert (err["code"] == "context_length_exceeded") == ("context length" in text), r.text
+        # OpenAI's codes for what is not implemented (clients drop the parameter and retry)
+        assert (err["code"] in ("unsupported_parameter", "unsupported_value")) == \
+            ("not supported" in err["message"]), r.text
     r = httpx.post(srv.url + "/v1/chat/completions", content=b"x" * 30_000)
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     r = httpx.get(srv.url + "/v1/nothing")
@@ -1238,7 +1241,7 @@ def test_unknown_fields_are_ignored_and_logged(scripted, serve_log):
     body = {"messages": [{"role": "user", "reasoning_content": None, "content": [
                 {"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}],
             "prompt_cache_key": "k", "frobnicate": True, "ignore_eos": False,
-            "length_penalty": 1.0, "modalities": ["text"], "best_of": 1,
+            "reasoning_effort": "low", "length_penalty": 1.0, "modalities": ["text"], "best_of": 1,
             "stream": True, "stream_options": {"include_usage": True, "include_obfuscation": False}}
     r = httpx.post(srv.url + "/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
@@ -1247,7 +1250,7 @@ def test_unknown_fields_are_ignored_and_logged(scripted, serve_log):
                    if c["choices"]) == "ok" and chunks[-1]["usage"]["completion_tokens"] == 2
     lines = [m for m in serve_log if "ignored" in m]
     assert lines == [f"{chunks[0]['id']} POST /v1/chat/completions: ignored unknown fields "
-                     "frobnicate, stream_options.include_obfuscation, "
+                     "frobnicate, reasoning_effort, stream_options.include_obfuscation, "
                      "messages[0].reasoning_content, messages[0].content[0].cache_control"], serve_log
     # on a tool too: ignored, so never in the prompt; a field name is logged escaped and cut
     tool = {**WEATHER_TOOL, "cache_control": {"type": "ephemeral"},
@@ -1423,6 +1426,9 @@ def test_responses_api(scripted):
         r = httpx.post(srv.url + "/v1/responses", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == param \
             and what in r.json()["error"]["message"], (body, r.text)
+        err = r.json()["error"]
+        assert (err["code"] in ("unsupported_parameter", "unsupported_value")) == \
+            ("not supported" in err["message"]), r.text
     assert len(eng.calls) == n
     srv.expect_requests("/v1/responses", "400", 12)
     # what agent clients send by default is accepted (ignored where it has no effect here)

@@ -443,7 +443,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
             if "add_special_tokens" in req.model_fields_set and req.add_special_tokens:
                 raise P.APIError(400, "add_special_tokens with messages is not supported: the "
                                       "chat template writes the special tokens",
-                                 param="add_special_tokens")
+                                 param="add_special_tokens", code="unsupported_value")
             msgs = [m.to_template() for m in req.messages]
             tools = template_tools(req.tools, None, msgs, req.chat_template_kwargs)
             opening, continued = P.generation_prompt(req)

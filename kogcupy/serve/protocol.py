@@ -177,7 +177,7 @@ class _Sampling(_Strict):
         "truncate_prompt_tokens": "", "use_beam_search": "", "length_penalty": "",
         "n_predict": "use 'max_tokens'", "repeat_penalty": "use 'repetition_penalty'",
         "typical_p": "", "tfs_z": "", "mirostat": "", "mirostat_tau": "", "mirostat_eta": "",
-        "reasoning_effort": "", "verbosity": "", "web_search_options": "", "audio": "",
+        "web_search_options": "", "audio": "",
         "modalities": "text is the only modality"}
     model: str | None = None                                  # (none: the served model)
     max_tokens: Int | None = Field(default=None, ge=1)
@@ -288,8 +288,10 @@ def parse_request(cls, obj: Any):
             raise APIError(400, f"missing required parameter '{name}'", param=name) from None
         if field in cls.shapes:                 # a union's errors would name one shape only
             got = json.dumps(obj[field])[:80] if _jsonable(obj[field]) else "?"
-            raise APIError(400, f"invalid value for '{field}' ({got}): {cls.shapes[field]}",
-                           param=field) from None
+            shape = cls.shapes[field]
+            raise APIError(400, f"invalid value for '{field}' ({got}): {shape}", param=field,
+                           code="unsupported_value" if "not supported" in shape else None
+                           ) from None
         if first["type"] == "missing":
             raise APIError(400, f"missing required parameter '{name}'", param=name) from None
         same = [x for x in errs if _loc(x["loc"]) == name]
@@ -312,7 +314,8 @@ def _check_content_parts(messages):
             if kind != "text":
                 raise APIError(400, f"content part of type {json.dumps(kind)} is not supported: "
                                     f"kogcupy serves text models (only {{\"type\": \"text\"}} "
-                                    f"parts)", param=f"messages[{i}].content")
+                                    f"parts)", param=f"messages[{i}].content",
+                               code="unsupported_value")
 
 
 def _jsonable(x) -> bool:
@@ -357,7 +360,7 @@ def check_extras(req) -> None:
         if name in m.unsupported and not _neutral(name, v):
             how = m.unsupported[name]
             raise APIError(400, f"{path} is not supported by kogcupy" + (f": {how}" if how else ""),
-                           param=path)
+                           param=path, code="unsupported_parameter")
 
 
 def check_stop(stop) -> None:
@@ -395,32 +398,35 @@ def check_seed(seed) -> None:
 
 
 def check_supported(req) -> None:
-    """400 for features kogcupy does not implement (neutral values pass)."""
-    def no(param, msg):
-        raise APIError(400, msg, param=param)
+    """400 for features kogcupy does not implement (neutral values pass), with OpenAI's error
+    codes for them (a client may drop the parameter and retry); other 400s have none."""
+    def no(param, msg, code=None):
+        raise APIError(400, msg, param=param, code=code)
+    param_code, value_code = "unsupported_parameter", "unsupported_value"
 
     check_extras(req)
 
     if req.n not in (None, 1):
-        no("n", f"n={req.n} is not supported: kogcupy generates one choice per request (n=1)")
+        no("n", f"n={req.n} is not supported: kogcupy generates one choice per request (n=1)",
+           value_code)
     for p in ("presence_penalty", "frequency_penalty"):
         v = getattr(req, p)
         if v not in (None, 0, 0.0):
-            no(p, f"{p} is not supported; use repetition_penalty (e.g. 1.1) instead")
+            no(p, f"{p} is not supported; use repetition_penalty (e.g. 1.1) instead", param_code)
     if req.logit_bias:
-        no("logit_bias", "logit_bias is not supported")
+        no("logit_bias", "logit_bias is not supported", param_code)
     check_stop(req.stop)
     check_seed(req.seed)
     if req.stream_options is not None and not req.stream:
         no("stream_options", "stream_options is only allowed with stream: true")
     if isinstance(req, ChatCompletionRequest):
         if req.logprobs:
-            no("logprobs", "logprobs are not supported")
+            no("logprobs", "logprobs are not supported", param_code)
         if req.top_logprobs not in (None, 0):
-            no("top_logprobs", "top_logprobs is not supported")
+            no("top_logprobs", "top_logprobs is not supported", param_code)
         if req.response_format not in (None, {"type": "text"}):
             no("response_format", "response_format other than {\"type\": \"text\"} (JSON mode, "
-                                  "structured outputs) is not supported")
+                                  "structured outputs) is not supported", value_code)
         if req.tool_choice not in (None, "none") and not req.tools:
             no("tool_choice", "tool_choice is only allowed when tools are specified")
         for i, m in enumerate(req.messages):
@@ -438,13 +444,14 @@ def check_supported(req) -> None:
             no("max_tokens", "max_tokens and max_completion_tokens disagree; send one of them")
     else:
         if req.logprobs is not None:                            # (0: the sampled tokens')
-            no("logprobs", "logprobs are not supported")
+            no("logprobs", "logprobs are not supported", param_code)
         if req.echo:
-            no("echo", "echo is not supported")
+            no("echo", "echo is not supported", param_code)
         if req.suffix:
-            no("suffix", "suffix (fill-in-the-middle) is not supported")
+            no("suffix", "suffix (fill-in-the-middle) is not supported", param_code)
         if req.best_of not in (None, 1):
-            no("best_of", f"best_of={req.best_of} is not supported (best_of must be 1)")
+            no("best_of", f"best_of={req.best_of} is not supported (best_of must be 1)",
+               value_code)
 
 
 def generation_prompt(req) -> tuple[bool, bool]:

@@ -116,7 +116,7 @@ def check_request(req: ResponsesRequest) -> None:
     for i, what in enumerate(req.include or []):
         if "logprobs" in what:
             raise P.APIError(400, f"include {what!r}: logprobs are not supported",
-                             param=f"include[{i}]")
+                             param=f"include[{i}]", code="unsupported_value")
     if req.tool_choice not in (None, "none", "auto") and not req.tools:   # ("auto": the default)
         raise P.APIError(400, "tool_choice is only allowed when tools are specified",
                          param="tool_choice")
@@ -140,7 +140,8 @@ def _content_text(content, where: str, kinds: tuple[str, ...]) -> str:
             what = f"without a string '{key}'" if kind in kinds else f"of type {json.dumps(kind)}"
             raise P.APIError(400, f"{where}[{j}]: content parts {what} are not supported "
                                   f"here: kogcupy serves text models (parts of type "
-                                  f"{' or '.join(kinds)})", param=f"{where}[{j}]")
+                                  f"{' or '.join(kinds)})", param=f"{where}[{j}]",
+                              code="unsupported_value")
         out.append(part[key])
     return "\n".join(out)
 
@@ -190,11 +191,12 @@ def input_messages(req: ResponsesRequest) -> list[dict]:
             continue                        # a reasoning model's own; templates do not show it
         elif kind == "item_reference":
             raise P.APIError(400, f"{where}: item references are not supported: responses are "
-                                  f"not stored, send the items themselves", param=where)
+                                  f"not stored, send the items themselves", param=where,
+                              code="unsupported_value")
         else:
             raise P.APIError(400, f"{where}: input items of type {json.dumps(kind)[:40]} are not "
                                   f"supported (message, function_call, function_call_output)",
-                             param=f"{where}.type")
+                             param=f"{where}.type", code="unsupported_value")
     if not msgs:
         raise P.APIError(400, "input is empty: send at least one message", param="input")
     return msgs
