@@ -1122,8 +1122,12 @@ def test_bad_requests_get_openai_errors(scripted):
     assert r.status_code == 404 and "no route" in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         chat(srv.client(), "x", model="nope")
-    with pytest.raises(openai.BadRequestError, match="n=2"):
+    with pytest.raises(openai.BadRequestError, match="n=2") as e:
         chat(srv.client(), "x", n=2)
+    assert e.value.code == "unsupported_value"            # n exists, 2 is not served
+    with pytest.raises(openai.BadRequestError, match="logit_bias") as e:
+        chat(srv.client(), "x", logit_bias={"1": 5})
+    assert e.value.code == "unsupported_parameter"        # not implemented at all
     assert eng.calls == []                        # none of them reached the engine
     assert srv.scheduler.idle
 
@@ -1548,6 +1552,16 @@ def test_a_call_whose_arguments_never_close(scripted):
     with c.responses.stream(model="scripted", input="go", tools=[flat]) as st:
         out = st.get_final_response().output
     assert [(i.type, i.status) for i in out] == [("function_call", "incomplete")]
+    # arguments that close but do not parse (a trailing comma): the same; with a good call
+    # beside it, both answers end "tool_calls" (the whole one with the broken call as text)
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris",}}\n</tool_call>'
+    good = CALL_TEXT.split("\n", 1)[1]
+    for script, calls_whole, finish in ((bad, 0, "stop"), (good + "\n" + bad, 1, "tool_calls")):
+        eng.script = lambda u: script
+        r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL])
+        assert len(r.choices[0].message.tool_calls or []) == calls_whole
+        assert r.choices[0].finish_reason == finish and bad in r.choices[0].message.content
+        assert _stream_chat(c, msgs, tools=[WEATHER_TOOL])[2] == finish
     eng.script = lambda u: "fine"
     assert c.responses.create(model="scripted", input="go", tool_choice="auto").output_text == "fine"
 

@@ -70,7 +70,7 @@ class CallArgs:
 @dataclass
 class CallEnd:
     """A streamed call's end: ``call.arguments`` is every piece sent; ``complete``: whether
-    its arguments object closed (not when the answer was cut inside it)."""
+    its arguments object closed and is JSON (as a call parsed whole must be)."""
     call: ToolCall
     complete: bool
 
@@ -341,7 +341,7 @@ class ToolCallParser:
             call, self._streaming = self._streaming, None
             call.arguments = self._args_sent
             self.calls.append(call)
-            out.append(CallEnd(call, self._scan.end is not None))
+            out.append(CallEnd(call, self._scan.end is not None and _is_json(call.arguments)))
             self._after_call = True
             self._ws = ""
         self._content(rest, out)

@@ -290,8 +290,8 @@ def parse_request(cls, obj: Any):
             got = json.dumps(obj[field])[:80] if _jsonable(obj[field]) else "?"
             shape = cls.shapes[field]
             raise APIError(400, f"invalid value for '{field}' ({got}): {shape}", param=field,
-                           code="unsupported_value" if "not supported" in shape else None
-                           ) from None
+                           code="unsupported_value" if "not supported" in shape
+                           and isinstance(obj[field], dict) else None) from None
         if first["type"] == "missing":
             raise APIError(400, f"missing required parameter '{name}'", param=name) from None
         same = [x for x in errs if _loc(x["loc"]) == name]

@@ -89,7 +89,7 @@ class ChatFormatter(Formatter):
         # a whole answer's calls are parsed whole (as the Python API's tool_calls)
         self._whole = lambda: AnswerEvents(tool_names, opening, max_calls)
         self._n_sent = 0                    # tool calls streamed (their chunk's index)
-        self._broken = False                # a streamed call's arguments never closed
+        self._complete = 0                  # streamed calls whose arguments closed as JSON
 
     def _chunk(self, delta, finish=None):
         return P.chat_chunk(self.rid, self.model, self.created, delta, finish, self.include_usage)
@@ -107,13 +107,14 @@ class ChatFormatter(Formatter):
                 out.append(self._chunk({"content": text}))
                 text = ""
             if isinstance(ev, CallEnd):
-                self._broken |= not ev.complete
+                self._complete += ev.complete
                 continue
             if isinstance(ev, CallArgs):    # (the call started in an earlier chunk)
                 out.append(self._chunk({"tool_calls": [{"index": self._n_sent - 1,
                                                         "function": {"arguments": ev.text}}]}))
                 continue
-            # (a streamed call's start: its id and name, its arguments to come)
+            # a call parsed whole (complete), or a streamed call's start: its id and name
+            self._complete += isinstance(ev, ToolCall)
             call = (ev if isinstance(ev, ToolCall) else ToolCall(ev.name, "", ev.id)).to_openai()
             call["index"] = self._n_sent
             self._n_sent += 1
@@ -126,17 +127,17 @@ class ChatFormatter(Formatter):
         return self._events(self.answer.feed(text))
 
     def _finish_reason(self, result, n_calls: int) -> str:
-        """"tool_calls" when the answer ended on its own after calls whose arguments all closed
-        (a streamed call cut by a stop string, or closed by its tag before its arguments were,
-        went out as written and cannot be taken back: the stream ends "stop", not as a call to
-        run)."""
-        if n_calls and not self._broken and result.finish_reason in ("eos", "stop"):
+        """"tool_calls" when the answer ended on its own with a call to run: a whole answer's
+        calls all parse; a stream's count only those whose arguments closed as JSON (one that
+        did not -- cut by a stop string, or ended by a tag first -- went out as written and
+        cannot be taken back; a whole answer has it as text)."""
+        if n_calls and result.finish_reason in ("eos", "stop"):
             return "tool_calls"
         return P.FINISH_REASON.get(result.finish_reason, "stop")
 
     def finish(self, result) -> list[dict]:
         out = self._events(self.answer.finish())
-        out.append(self._chunk({}, self._finish_reason(result, self.answer.n_calls)))
+        out.append(self._chunk({}, self._finish_reason(result, self._complete)))
         if self.include_usage:
             out.append(P.usage_chunk(self.rid, self.model, self.created, "chat.completion.chunk",
                                      self.usage(result)))
