@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Either GPU (queued in the forty-seventh session): `kogcupy serve` on the GPU, which no device
-# run has checked since the server applies generation_config.json's sampling defaults (3b59b69)
-# and its warm-up compiles the sampler's filter build (78f3947). The device has no uvicorn /
+# Either GPU: `kogcupy serve` on the GPU (first run 2026-12-07 on an H100, bench/results/
+# serve-h100-2026-12-07-*.json). The device has no uvicorn /
 # FastAPI / openai: carry this machine's wheels (.whl, ignored by git, ~6.5 MB: `pip download
 # --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 --platform any
 # "fastapi>=0.110" "uvicorn>=0.29" "pydantic>=2.6" "prometheus-client>=0.20" openai -d .whl`).
@@ -11,9 +10,9 @@
 # sampling equal to engine.generate, streamed usage, the second turn's cached tokens, a
 # disconnect), and scripts/device_serve.py (client tok/s against engine.generate,
 # disconnect -> free) on the SmolLM2 and 1B shapes.
-# Device call (carry [".whl"]): bash bench/queued/device_serve.sh   (results under $OUT; ~150 s)
+# Device call (carry [".whl"]): bash scripts/device_serve.sh   (results under $OUT; ~150 s)
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-device_out}; mkdir -p "$OUT"
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "GPU: $GPU"
 case "$GPU" in *H200*) G=h200;; *) G=h100;; esac
