@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # H200 only (queued in the forty-ninth session): the 8B against a dynamic tail (+0.7 % on an
 # H100, PERF.md "The dynamic tail on the 8B"; three interleaved rounds, 25 and 50 permille),
+# then an 8B profile (none since 2026-12-04: where its last ~11 % below the read limit goes),
 # then scripts/burst_probe.py loaded and idle (none committed from an H200).
-# Device call (kind nvidia-h200): bash bench/queued/h200_followup.sh   (results under $OUT; ~150 s)
+# Device call (kind nvidia-h200): bash bench/queued/h200_followup.sh   (results under $OUT; ~200 s)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-device_out}; mkdir -p "$OUT"
@@ -13,6 +14,9 @@ F=$OUT/variants-$G-$D-tail-8b.txt
 timeout 300 python3 scripts/tune_monokernel.py llama-3.1-8b \
   '[{}, {"KOG_DYN_PERMILLE": 25}, {"KOG_DYN_PERMILLE": 50}, {}, {"KOG_DYN_PERMILLE": 25}, {"KOG_DYN_PERMILLE": 50}, {}, {"KOG_DYN_PERMILLE": 25}, {"KOG_DYN_PERMILLE": 50}]' 256 > $F 2>&1
 echo "8B A/B rc=$?"; python3 scripts/tune_monokernel.py --summarize $F | grep -A6 '^means'
+timeout 150 python3 -m kogcupy.cli profile --shape llama-3.1-8b \
+  --out $OUT/trace-llama-3.1-8b-$G-$D-s49.json.gz > $OUT/profile-llama-3.1-8b-$G-$D-s49.txt 2>&1
+echo "profile rc=$?"; head -30 $OUT/profile-llama-3.1-8b-$G-$D-s49.txt
 for M in "" idle; do
   timeout 120 python3 scripts/burst_probe.py $M > $OUT/burst-probe-$G-$D${M:+-$M}.txt 2>&1
   echo "burst_probe $M rc=$?"; tail -n 12 $OUT/burst-probe-$G-$D${M:+-$M}.txt
