@@ -927,9 +927,9 @@ BAD_REQUESTS = [
     ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "a"}], "best_of": 2},
      400, "best_of", ""),
     ("completions", {"model": "scripted", "prompt": "a", "logprobs": 0}, 400, "logprobs", ""),
-    ("chat", {"model": "scripted", "messages": [{"role": "assistant", "content": "x",
+    ("chat", {"model": "scripted", "messages": [{"role": "user", "content": "x",
                                                  "refusal": "no"}]},
-     400, "messages[0].refusal", "None"),
+     400, "messages[0].refusal", "only an assistant message"),
     ("completions", {"model": "scripted", "prompt": [1, 99999]}, 400, "prompt", "token ids"),
     ("chat", b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400,
      "temperature", "finite"),
@@ -1225,6 +1225,13 @@ def test_client_round_trip_fields_accepted(scripted):
     r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user",
                                                                          "content": "x"}]})
     assert r.status_code == 200 and r.json()["model"] == "scripted"
+    # another provider's turn: a refusal stands for its empty content, citations are dropped
+    turn = {"role": "assistant", "content": None, "refusal": "I cannot say.",
+            "annotations": [{"type": "url_citation", "url_citation": {"url": "https://x"}}]}
+    r = c.chat.completions.create(model="scripted", messages=[
+        {"role": "user", "content": "a"}, turn, {"role": "user", "content": "b"}])
+    assert "<|im_start|>assistant\nI cannot say.<|im_end|>" in eng.calls[-1]["prompt"]
+    assert "url_citation" not in eng.calls[-1]["prompt"]
 
 
 def test_empty_model_name_is_the_served_model(scripted):

@@ -137,10 +137,12 @@ class Message(_Strict):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
-    # What the openai client's message.model_dump() carries back into the next request; kogcupy
-    # never produces them, so only their empty values are taken
-    refusal: None = None
-    annotations: list[Any] | None = Field(default=None, max_length=0)
+    # What the openai client's message.model_dump() carries back into the next request (from
+    # kogcupy, or another provider's turn): an assistant's refusal stands for its content when
+    # that is empty (as the Responses API's refusal parts); annotations (citations) are dropped;
+    # the rest kogcupy never produces, so only their empty values are taken
+    refusal: str | None = None
+    annotations: list[Any] | None = None
     audio: None = None
     function_call: None = None
     parsed: None = None
@@ -150,6 +152,8 @@ class Message(_Strict):
         content = self.content
         if isinstance(content, list):               # text parts, one a line (as vLLM joins them)
             content = "\n".join(p.text for p in content)
+        if not content and self.refusal:
+            content = self.refusal
         m: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
                              "content": content}          # (None: engine.template_messages)
         if self.name is not None:
@@ -430,7 +434,10 @@ def check_supported(req) -> None:
         if req.tool_choice not in (None, "none") and not req.tools:
             no("tool_choice", "tool_choice is only allowed when tools are specified")
         for i, m in enumerate(req.messages):
-            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            if m.refusal and m.role != "assistant":
+                no(f"messages[{i}].refusal", f"messages[{i}].refusal: only an assistant "
+                                             f"message has one")
+            if m.content is None and not (m.role == "assistant" and (m.tool_calls or m.refusal)):
                 no(f"messages[{i}].content",
                    f"messages[{i}].content is required for "
                    f"{'an' if m.role == 'assistant' else 'a'} {m.role} message"
