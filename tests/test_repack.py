@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -97,7 +98,7 @@ def test_repack_existing_dst(hf_dir, tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("precious")
     for d in (other, tmp_path / "notes.txt"):
         for force in (False, True):                     # said alike: --force would not help
-            with pytest.raises(ModelLoadError, match="not a kogcupy packed directory") as e:
+            with pytest.raises(ModelLoadError, match="not a kogcupy packed directory|is a file") as e:
                 R.repack(hf_dir, str(d), force=force)
             assert "--force" not in str(e.value)
     assert (other / "ch1.txt").read_text() == (tmp_path / "notes.txt").read_text() == "precious"
@@ -106,6 +107,36 @@ def test_repack_existing_dst(hf_dir, tmp_path, monkeypatch):
         R.repack(hf_dir, ".", force=True)
     assert (dst / "kogcupy_pack.json").exists()
     assert _leftovers(tmp_path) == []
+
+
+def test_dst_that_appears_during_the_repack_is_kept(hf_dir, tmp_path):
+    """DST is checked again before the swap: what appeared there while the repack ran (another
+    repack, or the user's data) is never moved aside and deleted."""
+    dst = tmp_path / "packed"
+
+    def appear(make):
+        def progress(name, nbytes, total):
+            if not dst.exists():
+                make()
+        return progress
+
+    def user_data():
+        dst.mkdir()
+        (dst / "notes.txt").write_text("precious")
+
+    for force in (False, True):
+        with pytest.raises(ModelLoadError, match="appeared while the repack ran"):
+            R.repack(hf_dir, str(dst), force=force, progress=appear(user_data))
+        assert (dst / "notes.txt").read_text() == "precious"
+        assert _leftovers(tmp_path) == []
+        shutil.rmtree(dst)
+    # another repack's complete directory appears: replaced only with --force
+    other = tmp_path / "other"
+    R.repack(hf_dir, str(other))
+    with pytest.raises(ModelLoadError, match="already exists .it appeared.*--force"):
+        R.repack(hf_dir, str(dst), progress=appear(lambda: shutil.copytree(other, dst)))
+    R.repack(hf_dir, str(dst), force=True, progress=appear(lambda: shutil.copytree(other, dst)))
+    assert (dst / "kogcupy_pack.json").exists() and _leftovers(tmp_path) == []
 
 
 def test_repack_refuses_src_as_dst(hf_dir):

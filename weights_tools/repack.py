@@ -90,22 +90,31 @@ def write_safetensors(path: str, tensors, dtypes: dict[str, str], progress=None)
                 progress(name, 4 * int(np.prod(shape, dtype=np.int64)), total)
 
 
+def _check_existing(dst: str, force: bool, meanwhile: bool = False) -> bool:
+    """Whether DST exists (then it may be replaced). --force replaces what a repack wrote (or an
+    empty directory), never other data: so other data is said first, without suggesting
+    --force. `meanwhile`: checked again just before the swap (DST appeared during the repack)."""
+    if not os.path.lexists(dst):
+        return False
+    how = " (it appeared while the repack ran)" if meanwhile else ""
+    entries = os.listdir(dst) if os.path.isdir(dst) else None
+    if entries is None or (entries and PACK_MARKER not in entries):
+        what = "is a file" if entries is None and os.path.isfile(dst) else \
+            f"exists and is not a kogcupy packed directory (no {PACK_MARKER})"
+        raise ModelLoadError(f"{dst}: {what}{how}, so it is never replaced: choose another "
+                             f"destination or remove it yourself")
+    if not force:
+        raise ModelLoadError(f"{dst}: already exists{how} (pass --force to replace it)")
+    return True
+
+
 def _dst_checks(src: str, dst: str, force: bool) -> None:
     if not dst:
         raise ModelLoadError("the destination is empty: name the packed directory to write")
     rs, rd = os.path.realpath(src), os.path.realpath(dst)
     if rd == rs or rs.startswith(rd + os.sep) or rd.startswith(rs + os.sep):
         raise ModelLoadError(f"{dst}: destination must not be the source or inside/around it")
-    if os.path.lexists(dst):
-        # --force replaces what a repack wrote (or an empty directory), never other data: so
-        # other data is said first, without suggesting --force
-        entries = os.listdir(dst) if os.path.isdir(dst) else None
-        if entries is None or (entries and PACK_MARKER not in entries):
-            raise ModelLoadError(f"{dst}: exists and is not a kogcupy packed directory (no "
-                                 f"{PACK_MARKER}), so it is never replaced: choose another "
-                                 f"destination or remove it yourself")
-        if not force:
-            raise ModelLoadError(f"{dst}: already exists (pass --force to replace it)")
+    if _check_existing(dst, force):
         cwd = os.path.realpath(os.getcwd())
         if cwd == rd or cwd.startswith(rd + os.sep):
             raise ModelLoadError(f"{dst}: is (or holds) the current directory; run the "
@@ -227,7 +236,7 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
             json.dump({"format": PACK_FORMAT, "version": PACK_FORMAT_VERSION, "dtype": dtype,
                        "source": os.path.abspath(src)}, f, indent=2)
         os.chmod(tmp, 0o755)           # mkdtemp makes it private; DST should not be
-        if os.path.lexists(dst):       # --force: move the old one aside, then swap
+        if _check_existing(dst, force, meanwhile=True):   # --force: move it aside, then swap
             old = tempfile.mkdtemp(prefix=_temporary(dst, "old"), dir=parent)
             os.replace(dst, os.path.join(old, "x"))
         os.replace(tmp, dst)
