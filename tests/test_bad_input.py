@@ -221,6 +221,26 @@ def test_unsupported_model_type(tmp_path):
         read_weights(d)
 
 
+@pytest.mark.parametrize("extra, said", [
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quant_method='gptq'"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16,
+      "max_window_layers": 0}, "sliding_window=16"),
+    ({"layer_types": ["sliding_attention"], "sliding_window": 16}, "sliding-window")])
+def test_config_features_kogcupy_does_not_run(extra, said):
+    """A supported model type asking for what kogcupy does not run is refused, not run
+    differently; the neutral values (as real checkpoints write them) load."""
+    with pytest.raises(UnsupportedModelError, match=said):
+        config_from_hf({**SMALL, **extra})
+    for ok in ({"hidden_act": "silu", "quantization_config": None},
+               {"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 16,
+                "max_window_layers": 0},
+               {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64,
+                "max_window_layers": 0},               # (a window as long as the positions)
+               {"layer_types": ["full_attention"]}):
+        config_from_hf({**SMALL, **ok})
+
+
 def test_malformed_config_json(tmp_path):
     d = write_small_hf(tmp_path)
     (tmp_path / "config.json").write_text("{not json")

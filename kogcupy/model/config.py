@@ -193,6 +193,33 @@ def _rope_from_hf(cfg: dict) -> tuple[float, RopeScaling | None]:
         raise ModelLoadError(f"config.json: llama3 rope scaling lacks {e.args[0]!r}") from None
 
 
+def _check_unsupported_features(cfg: dict) -> None:
+    """UnsupportedModelError for what a supported model type's config.json can ask for that
+    kogcupy does not run (rather than run it differently, silently): quantized weights, another
+    activation than SiLU, sliding-window attention on some layers."""
+    q = cfg.get("quantization_config")
+    if q:
+        method = q.get("quant_method", "?") if isinstance(q, dict) else "?"
+        raise UnsupportedModelError(
+            f"quantized checkpoint (quant_method={method!r}) is not supported: kogcupy reads "
+            f"BF16 / F16 / F32 safetensors or a GGUF file; use the unquantized checkpoint")
+    act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+    if act not in ("silu", "swish"):
+        raise UnsupportedModelError(f"config.json: hidden_act {act!r} is not supported; "
+                                    f"kogcupy's FFN is SwiGLU (silu)")
+    n_layers = cfg.get("num_hidden_layers")
+    window, positions = cfg.get("sliding_window"), cfg.get("max_position_embeddings")
+    sliding = "sliding_attention" in (cfg.get("layer_types") or [])
+    if cfg.get("use_sliding_window") and isinstance(n_layers, int):
+        first = cfg.get("max_window_layers", 0)
+        sliding |= isinstance(first, int) and first < n_layers
+    if sliding and not (isinstance(window, int) and isinstance(positions, int)
+                        and window >= positions):
+        raise UnsupportedModelError(
+            f"config.json: sliding-window attention (sliding_window={window}) is not "
+            f"supported; kogcupy attends to every earlier position on every layer")
+
+
 def config_from_hf(cfg: dict) -> ModelConfig:
     """ModelConfig from a parsed HuggingFace config.json."""
     model_type = cfg.get("model_type")
@@ -201,6 +228,7 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         raise UnsupportedModelError(
             f"unsupported model type {model_type!r} (architectures {archs}); "
             f"kogcupy runs {SUPPORTED_TEXT}")
+    _check_unsupported_features(cfg)
     try:
         hidden = int(cfg["hidden_size"])
         n_heads = int(cfg["num_attention_heads"])
