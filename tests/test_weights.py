@@ -113,6 +113,30 @@ def test_gguf_quantized_types(tmp_path, qtype, atol):
     np.testing.assert_allclose(wq, sd["model.layers.1.self_attn.q_proj.weight"], atol=atol)
 
 
+def test_split_gguf(tmp_path):
+    """A split GGUF (llama.cpp's gguf-split names) loads from its first shard or its
+    directory with the same tensors as the whole file; a later shard or a missing one is a
+    line that says which."""
+    import shutil
+    d = tmp_path / "split"
+    d.mkdir()
+    T.write_tiny_gguf(str(d / "m.gguf"), "llama", "Q8_0", seed=4, split_max_tensors=8)
+    T.write_tiny_gguf(str(tmp_path / "whole.gguf"), "llama", "Q8_0", seed=4)
+    shards = sorted(os.listdir(d))
+    assert len(shards) > 2 and shards[0] == f"m-00001-of-{len(shards):05d}.gguf"
+    whole = read_weights(str(tmp_path / "whole.gguf")).weights
+    for path in (d / shards[0], d):
+        lw = read_weights(str(path)).weights
+        assert sorted(lw) == sorted(whole)
+        assert all(np.array_equal(lw[k], whole[k]) for k in whole)
+    with pytest.raises(ModelLoadError, match=f"shard 2 of a split GGUF; pass the first, {shards[0]}"):
+        read_weights(str(d / shards[1]))
+    shutil.move(str(d / shards[-1]), str(tmp_path / "away.gguf"))
+    for path in (d / shards[0], d):
+        with pytest.raises(ModelLoadError, match=f"{shards[-1]} is missing"):
+            read_weights(str(path))
+
+
 @pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False)])
 def test_gguf_matches_transformers_gguf_loader(tmp_path, arch, tie):
     """transformers' own GGUF loader (from_pretrained(gguf_file=...)) is the oracle: its

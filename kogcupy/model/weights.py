@@ -630,6 +630,34 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
         w.reshape(n_head, out // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape))
 
 
+_SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def _gguf_later_shards(reader, path: str) -> list[str]:
+    """The paths of a split GGUF's shards after the first (llama.cpp's gguf-split: metadata in
+    the first, ``PREFIX-0000k-of-0000n.gguf``), [] for a whole file; ModelLoadError for a later
+    shard given, or a shard missing."""
+    m = _Meta(reader, path)
+    count, no = m.get("split.count", default=0), m.get("split.no", default=0)
+    if count <= 1:
+        return []
+    name = _SPLIT_NAME.match(os.path.basename(path))
+    if name is None or int(name.group(3)) != count:
+        raise ModelLoadError(f"{path}: a split GGUF (shard {no + 1} of {count}) whose file name "
+                             f"is not PREFIX-{no + 1:05d}-of-{count:05d}.gguf, so its other "
+                             f"shards cannot be found; merge them with llama-gguf-split --merge")
+    if no != 0:
+        first = f"{name.group(1)}-00001-of-{count:05d}.gguf"
+        raise ModelLoadError(f"{path}: shard {no + 1} of a split GGUF; pass the first, "
+                             f"{os.path.basename(first)}")
+    shards = [os.path.join(os.path.dirname(path), f"{name.group(1)}-{k:05d}-of-{count:05d}.gguf")
+              for k in range(2, count + 1)]
+    missing = [p for p in shards if not os.path.isfile(p)]
+    if missing:
+        raise ModelLoadError(f"{path}: a split GGUF of {count} files; {missing[0]} is missing")
+    return shards
+
+
 class GGUFCheckpoint:
     """A .gguf file (llama.cpp): metadata -> ModelConfig, tensors dequantized one at a time."""
 
@@ -638,8 +666,14 @@ class GGUFCheckpoint:
     def __init__(self, path: str):
         self.path = path
         self.reader = open_gguf(path)
+        shards = _gguf_later_shards(self.reader, path)   # a split GGUF: its other files
         self.config = gguf_config(self.reader, path)
         self.tensors = {t.name: t for t in self.reader.tensors}
+        for shard in shards:
+            for t in open_gguf(shard).tensors:
+                if t.name in self.tensors:
+                    raise ModelLoadError(f"{shard}: tensor {t.name!r} is in an earlier shard too")
+                self.tensors[t.name] = t
 
     def _name(self, name: str, layer: int | None) -> str:
         tmpl = _GGUF_BY_CANONICAL[name]
@@ -798,7 +832,7 @@ def detect_format(path: str) -> str:
                 raise _pickle_error(os.path.join(path, pickles[0]))
             raise ModelLoadError(f"{path}: config.json but no *.safetensors weights")
         ggufs = [e for e in entries if e.endswith(".gguf")]
-        if len(ggufs) == 1:
+        if len(ggufs) == 1 or _one_split(ggufs):
             return "gguf"
         if len(ggufs) > 1:
             raise ModelLoadError(f"{path}: holds {len(ggufs)} .gguf files "
@@ -825,9 +859,24 @@ def detect_format(path: str) -> str:
                          f"a kogcupy packed directory or a .gguf file)")
 
 
+def _one_split(names: list[str]) -> str | None:
+    """The first file of `names` when they are shards of one split GGUF (the loader says
+    which is missing, if any)."""
+    found = [_SPLIT_NAME.match(e) for e in names]
+    keys = {(m.group(1), m.group(3)) for m in found if m is not None}
+    if None in found or len(keys) != 1:
+        return None
+    prefix, count = keys.pop()
+    first = f"{prefix}-00001-of-{count}.gguf"
+    return first if first in names else None
+
+
 def resolve_gguf(path: str) -> str:
+    """The .gguf file to open for `path`: itself, a directory's one file, or the first shard
+    of the split GGUF a directory holds."""
     if os.path.isdir(path):
-        return os.path.join(path, next(e for e in os.listdir(path) if e.endswith(".gguf")))
+        ggufs = [e for e in os.listdir(path) if e.endswith(".gguf")]
+        return os.path.join(path, _one_split(ggufs) or ggufs[0])
     return path
 
 
