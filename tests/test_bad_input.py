@@ -241,6 +241,25 @@ def test_config_features_kogcupy_does_not_run(extra, said):
         config_from_hf({**SMALL, **ok})
 
 
+@pytest.mark.parametrize("module, name", [("kogcupy.model.config", "config.json"),
+                                          ("kogcupy.model.weights", "model.safetensors")])
+def test_unreadable_file_is_the_machines_error(tmp_path, monkeypatch, module, name):
+    """A file the process may not read is a PermissionError naming it (the CLI: exit 1, the
+    machine's), not "cannot parse" / "not a valid safetensors file" (exit 2)."""
+    import builtins
+    import importlib
+    d = write_small_hf(tmp_path)
+
+    def guarded(path, *a, **kw):
+        if str(path).endswith(name):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *a, **kw)
+    monkeypatch.setattr(importlib.import_module(module), "open", guarded, raising=False)
+    with pytest.raises(PermissionError) as e:
+        read_weights(d)
+    assert e.value.filename.endswith(name)
+
+
 def test_malformed_config_json(tmp_path):
     d = write_small_hf(tmp_path)
     (tmp_path / "config.json").write_text("{not json")

@@ -267,6 +267,8 @@ def load_hf_config(directory: str) -> ModelConfig:
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
+    except PermissionError:
+        raise                    # (the machine's error, named, not "cannot parse")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{path}: cannot parse config.json ({e})") from None
     if not isinstance(cfg, dict):

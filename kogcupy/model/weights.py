@@ -136,6 +136,12 @@ def read_safetensors_header(path: str) -> dict[str, StTensor]:
     """Tensor table of one .safetensors file, validated (the library's check, then ours)."""
     from safetensors import safe_open
     try:
+        open(path, "rb").close()
+    except PermissionError:
+        raise                    # (the machine's error, named, not "not a valid file")
+    except OSError:
+        pass                     # (said below, e.g. a dangling link into the HF cache)
+    try:
         with safe_open(path, framework="numpy") as f:   # validates header, offsets, sizes
             f.keys()
     except Exception as e:                                # SafetensorError, OSError, ...
