@@ -283,12 +283,25 @@ def test_cli_system_error_is_one_line(hf_dir, tmp_path, monkeypatch, capsys):
     def full(*a, **kw):
         raise OSError(28, "No space left on device")      # (a write names no file)
 
+    dst = str(tmp_path / "packed")
     monkeypatch.setattr(R, "write_safetensors", full)
     with pytest.raises(SystemExit) as e:
-        R.main([hf_dir, str(tmp_path / "packed")])
+        R.main([hf_dir, dst])
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err
-    assert err.strip().endswith("error: No space left on device; nothing was written")
+    assert err.strip().endswith(f"error: {dst}: No space left on device; nothing was written")
+    assert os.listdir(tmp_path) == []
+    # the size the packed weights need is known first: a disk without it is said at once
+    monkeypatch.undo()
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(R.shutil, "disk_usage", lambda p: usage(2**30, 2**30 - 4096, 4096))
+    with pytest.raises(SystemExit) as e:
+        R.main([hf_dir, dst])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "writing" not in err, err
+    assert re.search(rf"error: {re.escape(dst)}: No space left on device: the packed weights need "
+                     r"0\.\d\d GiB, 0\.00 GiB are free; nothing was written", err), err
     assert os.listdir(tmp_path) == []
 
 

@@ -15,6 +15,7 @@ same DST on the same host, once the process that wrote it is gone.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -75,6 +76,10 @@ def write_safetensors(path: str, tensors, dtypes: dict[str, str], progress=None)
     header["__metadata__"] = {"format": "kogcupy"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    need, free = 8 + len(raw) + offset, shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if need > free:              # (known before a byte is written: say so now, not at the end)
+        raise OSError(errno.ENOSPC, f"No space left on device: the packed weights need "
+                                    f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free", path)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
@@ -229,8 +234,13 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
             json.dump(model.config.to_dict(), f, indent=2)
         _write_tokenizer(src, fmt, model.tokenizer, tmp)
         dtypes = {k: ("float32" if k in _F32_TENSORS else dtype) for k in model.weights}
-        write_safetensors(os.path.join(tmp, PACKED_WEIGHTS_FILE), model.weights, dtypes,
-                          progress)
+        try:
+            write_safetensors(os.path.join(tmp, PACKED_WEIGHTS_FILE), model.weights, dtypes,
+                              progress)
+        except OSError as e:    # a full disk while writing: named by DST, not its temporary
+            if e.errno is None or not str(e.filename or tmp).startswith(tmp):
+                raise
+            raise OSError(e.errno, e.strerror, dst) from None
         # The marker goes last: a directory with it is complete by construction.
         with open(os.path.join(tmp, PACK_MARKER), "w", encoding="utf-8") as f:
             json.dump({"format": PACK_FORMAT, "version": PACK_FORMAT_VERSION, "dtype": dtype,
