@@ -305,6 +305,20 @@ def test_cli_system_error_is_one_line(hf_dir, tmp_path, monkeypatch, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_cli_progress_in_a_log(hf_dir, tmp_path, capsys):
+    """stderr not a terminal (nohup, CI): a line each tenth of the bytes, ending at 100 %, a
+    piece (a layer) at a time, not one step a tensor kind."""
+    sizes = []
+    R.repack(hf_dir, str(tmp_path / "a"), progress=lambda name, n, total: sizes.append((n, total)))
+    assert sum(n for n, _ in sizes) == sizes[0][1] and max(n for n, _ in sizes) < sizes[0][1] / 4
+    with pytest.raises(SystemExit) as e:
+        R.main([hf_dir, str(tmp_path / "b")])
+    assert e.value.code == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("writing")]
+    pcts = [int(re.match(r"writing: (\d+)% \(\w+\)$", ln).group(1)) for ln in lines]
+    assert pcts == sorted(set(pcts)) and pcts[-1] == 100 and len(pcts) >= 4, lines
+
+
 def test_cli_sigterm_cleans_up_and_restores_the_handler(hf_dir, tmp_path, monkeypatch, capsys):
     import signal
 

@@ -90,9 +90,9 @@ def write_safetensors(path: str, tensors, dtypes: dict[str, str], progress=None)
                 step = max(1, _CHUNK_ROWS_BYTES // max(1, flat[0].nbytes))
                 for i in range(0, flat.shape[0], step):
                     f.write(_encode(flat[i:i + step], dtypes[name], name).tobytes())
+                if progress is not None:          # (a piece: a layer or a row block)
+                    progress(name, 4 * a.size, total)
                 del a, flat
-            if progress is not None:
-                progress(name, 4 * int(np.prod(shape, dtype=np.int64)), total)
 
 
 def _check_existing(dst: str, force: bool, meanwhile: bool = False) -> bool:
@@ -326,8 +326,16 @@ def _repack_cli(src, dst, dtype, force, state):
     detect_format(local)
     bar = None
 
+    tty, done, said = sys.stderr.isatty(), 0, 0
+
     def progress(name, nbytes, total):
-        nonlocal bar
+        nonlocal bar, done, said
+        if not tty:                  # a log (nohup, CI): a line each tenth
+            done += nbytes
+            if done * 10 // total > said:
+                said = done * 10 // total
+                click.echo(f"writing: {10 * said}% ({name})", err=True)
+            return
         if bar is None:
             bar = click.progressbar(length=total, label="writing", file=sys.stderr,
                                     item_show_func=lambda n: n)
