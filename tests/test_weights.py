@@ -137,6 +137,28 @@ def test_split_gguf(tmp_path):
             read_weights(str(path))
 
 
+def test_directory_layouts_of_hub_repos(tmp_path):
+    """A GGUF repo that also has a config.json loads its .gguf; model.safetensors beside
+    another .safetensors file (another tool's consolidated copy) is the one read, as
+    transformers reads it; several others without an index are refused."""
+    import json as _json
+    import shutil
+    g = tmp_path / "gguf-repo"
+    g.mkdir()
+    T.write_tiny_gguf(str(g / "m.gguf"), "llama", "Q8_0", seed=5)
+    (g / "config.json").write_text(_json.dumps({"model_type": "llama"}))
+    assert read_weights(str(g)).config.n_layers == load_model(str(g / "m.gguf")).config.n_layers
+    h = tmp_path / "hf"
+    T.write_hf_dir(str(h), "llama")
+    want = read_weights(str(h)).weights
+    shutil.copy(h / "model.safetensors", h / "consolidated.safetensors")
+    got = read_weights(str(h)).weights
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+    os.rename(h / "model.safetensors", h / "other.safetensors")
+    with pytest.raises(ModelLoadError, match="several .safetensors files"):
+        read_weights(str(h))
+
+
 @pytest.mark.parametrize("arch,tie", [("llama", True), ("qwen2", False)])
 def test_gguf_matches_transformers_gguf_loader(tmp_path, arch, tie):
     """transformers' own GGUF loader (from_pretrained(gguf_file=...)) is the oracle: its

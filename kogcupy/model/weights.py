@@ -240,6 +240,9 @@ class HFCheckpoint:
                 if pickles:
                     raise _pickle_error(os.path.join(directory, pickles[0]))
                 raise ModelLoadError(f"{directory}: no *.safetensors weights in this directory")
+            if len(files) > 1 and "model.safetensors" in files:
+                files = ["model.safetensors"]      # (transformers' choice; e.g. beside a
+                #                                     consolidated.safetensors of another tool)
             if len(files) > 1:
                 raise ModelLoadError(f"{directory}: several .safetensors files but no "
                                      f"model.safetensors.index.json to say which holds what")
@@ -830,14 +833,15 @@ def detect_format(path: str) -> str:
         entries = os.listdir(path)
         if PACK_MARKER in entries:
             return "packed"
-        if "config.json" in entries:
+        ggufs = [e for e in entries if e.endswith(".gguf")]
+        if "config.json" in entries and not (ggufs and not any(
+                e.endswith(".safetensors") for e in entries)):   # (a GGUF repo with a config)
             if any(e.endswith(".safetensors") for e in entries):
                 return "hf"
             pickles = sorted(e for e in entries if e.endswith(PICKLE_SUFFIXES))
             if pickles:
                 raise _pickle_error(os.path.join(path, pickles[0]))
             raise ModelLoadError(f"{path}: config.json but no *.safetensors weights")
-        ggufs = [e for e in entries if e.endswith(".gguf")]
         if len(ggufs) == 1 or _one_split(ggufs):
             return "gguf"
         if len(ggufs) > 1:
