@@ -237,18 +237,29 @@ def test_config_features_kogcupy_does_not_run(extra, said):
                 "max_window_layers": 0},
                {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64,
                 "max_window_layers": 0},               # (a window as long as the positions)
-               {"layer_types": ["full_attention"]}):
+               {"layer_types": ["full_attention"]},
+               {"model_type": "qwen3", "layer_types": ["sliding_attention"],
+                "use_sliding_window": False, "sliding_window": 16}):
         config_from_hf({**SMALL, **ok})
 
 
 @pytest.mark.parametrize("module, name", [("kogcupy.model.config", "config.json"),
-                                          ("kogcupy.model.weights", "model.safetensors")])
+                                          ("kogcupy.model.weights", "model.safetensors"),
+                                          ("kogcupy.model.weights", "m.gguf"),
+                                          ("kogcupy.model.weights", "packed/config.json")])
 def test_unreadable_file_is_the_machines_error(tmp_path, monkeypatch, module, name):
     """A file the process may not read is a PermissionError naming it (the CLI: exit 1, the
-    machine's), not "cannot parse" / "not a valid safetensors file" (exit 2)."""
+    machine's), not "cannot parse" / "not a valid ..." (exit 2)."""
     import builtins
     import importlib
-    d = write_small_hf(tmp_path)
+    d = write_small_hf(tmp_path / "hf", tokenizer=True)
+    if name == "m.gguf":
+        d = str(tmp_path / name)
+        T.write_tiny_gguf(d, "llama", "F32")
+    elif name.startswith("packed"):
+        from weights_tools.repack import repack
+        repack(str(tmp_path / "hf"), str(tmp_path / "packed"))
+        d = str(tmp_path / "packed")
 
     def guarded(path, *a, **kw):
         if str(path).endswith(name):

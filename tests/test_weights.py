@@ -135,6 +135,18 @@ def test_split_gguf(tmp_path):
     for path in (d / shards[0], d):
         with pytest.raises(ModelLoadError, match=f"{shards[-1]} is missing"):
             read_weights(str(path))
+    # an untied model (output.weight in the last shard) and a metadata-only first shard:
+    # tying and the storage dtype come from every shard's tensors
+    for arch, qtype, small in (("qwen2", "Q8_0", False), ("llama", "BF16", True)):
+        s = tmp_path / f"{arch}-{qtype}"
+        s.mkdir()
+        T.write_tiny_gguf(str(s / "m.gguf"), arch, qtype, seed=4, tie=False,
+                          split_max_tensors=8, small_first_shard=small)
+        T.write_tiny_gguf(str(tmp_path / f"{arch}.gguf"), arch, qtype, seed=4, tie=False)
+        one, split = read_weights(str(tmp_path / f"{arch}.gguf")), read_weights(str(s))
+        assert split.config == one.config and not one.config.tie_word_embeddings
+        assert one.config.torch_dtype == ("bfloat16" if qtype == "BF16" else "float16")
+        assert all(np.array_equal(split.weights[k], one.weights[k]) for k in one.weights)
 
 
 def test_directory_layouts_of_hub_repos(tmp_path):

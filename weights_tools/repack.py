@@ -238,8 +238,9 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
             write_safetensors(os.path.join(tmp, PACKED_WEIGHTS_FILE), model.weights, dtypes,
                               progress)
         except OSError as e:    # a full disk while writing: named by DST, not its temporary
-            if e.errno is None or not str(e.filename or tmp).startswith(tmp):
-                raise
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or \
+                    not str(e.filename or tmp).startswith(tmp):
+                raise           # (e.g. a source disk's read error: not DST's)
             raise OSError(e.errno, e.strerror, dst) from None
         # The marker goes last: a directory with it is complete by construction.
         with open(os.path.join(tmp, PACK_MARKER), "w", encoding="utf-8") as f:

@@ -116,18 +116,20 @@ def gguf_name(hf_name: str) -> str:
 
 def write_gguf(path: str, arch: str, hf_config: dict, tensors: dict[str, np.ndarray],
                qtype: str = "Q8_0", tokenizer: bool = True, extra_kv=None,
-               split_max_tensors: int = 0) -> dict:
+               split_max_tensors: int = 0, small_first_shard: bool = False) -> dict:
     """GGUF from HF-named float32 tensors, as llama.cpp converts them.
 
     2-D matrices whose rows fit the block size are stored as `qtype` (F32/F16/BF16/Q8_0/Q4_0/
     Q4_1/...), 1-D tensors as F32. Returns {gguf name: the float32 values stored}, i.e. the
     dequantized GGUF tensor in GGUF row order (what a reader should reproduce).
     `split_max_tensors`: a split GGUF of that many tensors a file, as llama.cpp's gguf-split
-    writes it (PATH's stem + -00001-of-0000N.gguf, ...)."""
+    writes it (PATH's stem + -00001-of-0000N.gguf, ...); `small_first_shard`: its first file
+    holds the metadata only (gguf-split --no-tensor-first-split)."""
     import gguf
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
     c = hf_config
-    w = gguf.GGUFWriter(path, arch=arch, split_max_tensors=split_max_tensors)
+    w = gguf.GGUFWriter(path, arch=arch, split_max_tensors=split_max_tensors,
+                        small_first_shard=small_first_shard)
     w.add_block_count(c["num_hidden_layers"])
     w.add_context_length(c["max_position_embeddings"])
     w.add_embedding_length(c["hidden_size"])
@@ -180,14 +182,16 @@ def write_gguf(path: str, arch: str, hf_config: dict, tensors: dict[str, np.ndar
 
 
 def write_tiny_gguf(path: str, arch: str = "llama", qtype: str = "Q8_0", seed: int = 0,
-                    tie: bool = True, split_max_tensors: int = 0, **overrides):
+                    tie: bool = True, split_max_tensors: int = 0,
+                    small_first_shard: bool = False, **overrides):
     """A tiny random transformers model converted to GGUF; returns (model, stored tensors)."""
     model = hf_model(arch, seed, tie, **overrides)
     sd = state_dict_numpy(model)
     if tie:
         sd.pop("lm_head.weight", None)
     cfg = {**TINY, **overrides}
-    stored = write_gguf(path, arch, cfg, sd, qtype, split_max_tensors=split_max_tensors)
+    stored = write_gguf(path, arch, cfg, sd, qtype, split_max_tensors=split_max_tensors,
+                        small_first_shard=small_first_shard)
     return model, stored
 
 

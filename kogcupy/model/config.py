@@ -209,7 +209,10 @@ def _check_unsupported_features(cfg: dict) -> None:
                                     f"kogcupy's FFN is SwiGLU (silu)")
     n_layers = cfg.get("num_hidden_layers")
     window, positions = cfg.get("sliding_window"), cfg.get("max_position_embeddings")
-    sliding = "sliding_attention" in (cfg.get("layer_types") or [])
+    # (qwen2 / qwen3 in transformers: use_sliding_window false means full attention whatever
+    # layer_types says)
+    sliding = "sliding_attention" in (cfg.get("layer_types") or []) and \
+        cfg.get("use_sliding_window") is not False
     if cfg.get("use_sliding_window") and isinstance(n_layers, int):
         first = cfg.get("max_window_layers", 0)
         sliding |= isinstance(first, int) and first < n_layers

@@ -499,8 +499,8 @@ def open_gguf(path: str):
     """The parsed GGUF file (GGUFFile) at `path`, or ModelLoadError if it is not readable GGUF."""
     try:
         return read_gguf(path)
-    except ModelLoadError:
-        raise
+    except (ModelLoadError, PermissionError):
+        raise                    # (no permission: the machine's error, named)
     except Exception as e:          # ValueError, KeyError, UnicodeDecodeError, OSError, ...
         raise ModelLoadError(f"{path}: not a readable GGUF file ({_one_line(e)})") from None
 
@@ -537,7 +537,10 @@ class _Meta:
         return None if field is None else len(field.data)
 
 
-def gguf_config(reader, path: str) -> ModelConfig:
+def gguf_config(reader, path: str, tensors=None) -> ModelConfig:
+    """ModelConfig from a GGUF file's metadata and `tensors` (default: the file's own; a split
+    GGUF: every shard's, since which tensors exist says tying, dtype and RoPE scaling)."""
+    tensors = reader.tensors if tensors is None else tensors
     m = _Meta(reader, path)
     arch = m.get("general.architecture", str, required=True)
     if arch not in GGUF_ARCHS:
@@ -558,14 +561,14 @@ def gguf_config(reader, path: str) -> ModelConfig:
                                     f"(kogcupy supports none and llama3)")
     vocab = m.array_len("tokenizer.ggml.tokens") or m.get(f"{arch}.vocab_size")
     if vocab is None:
-        vocab = next((int(t.shape[1]) for t in reader.tensors if t.name == "token_embd.weight"
+        vocab = next((int(t.shape[1]) for t in tensors if t.name == "token_embd.weight"
                       and len(t.shape) == 2), 0)
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in tensors}
     eos = [m.get("tokenizer.ggml.eos_token_id")]
     eot = m.get("tokenizer.ggml.eot_token_id")
     if eot is not None and eot not in eos:
         eos.append(eot)
-    matrix_types = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    matrix_types = {t.tensor_type.name for t in tensors if len(t.shape) == 2}
     try:
         cfg = ModelConfig(
             arch=arch,
@@ -587,17 +590,17 @@ def gguf_config(reader, path: str) -> ModelConfig:
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: malformed GGUF metadata ({_one_line(e)})") from None
     if "rope_freqs.weight" in names:
-        cfg = _llama3_scaling_from_gguf(reader, cfg, m, path)
+        cfg = _llama3_scaling_from_gguf(tensors, cfg, m, path)
     return cfg
 
 
-def _llama3_scaling_from_gguf(reader, cfg: ModelConfig, m: _Meta, path: str) -> ModelConfig:
+def _llama3_scaling_from_gguf(tensors, cfg: ModelConfig, m: _Meta, path: str) -> ModelConfig:
     """llama.cpp stores Llama-3.x RoPE scaling as per-frequency factors (rope_freqs.weight,
     the divisor of each inverse frequency), not as parameters. Rebuild the RopeScaling (factor:
     metadata or the largest stored factor; low/high_freq_factor: Meta's 1 and 4; original
     context: metadata or 8192) and accept it only if it reproduces the stored factors."""
     import dataclasses
-    t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    t = next(t for t in tensors if t.name == "rope_freqs.weight")
     try:
         factors = _dequant(t).reshape(-1).astype(np.float64)
     except Exception as e:
@@ -675,14 +678,13 @@ class GGUFCheckpoint:
     def __init__(self, path: str):
         self.path = path
         self.reader = open_gguf(path)
-        shards = _gguf_later_shards(self.reader, path)   # a split GGUF: its other files
-        self.config = gguf_config(self.reader, path)
         self.tensors = {t.name: t for t in self.reader.tensors}
-        for shard in shards:
+        for shard in _gguf_later_shards(self.reader, path):   # a split GGUF: its other files
             for t in open_gguf(shard).tensors:
                 if t.name in self.tensors:
                     raise ModelLoadError(f"{shard}: tensor {t.name!r} is in an earlier shard too")
                 self.tensors[t.name] = t
+        self.config = gguf_config(self.reader, path, list(self.tensors.values()))
 
     def _name(self, name: str, layer: int | None) -> str:
         tmpl = _GGUF_BY_CANONICAL[name]
@@ -773,8 +775,8 @@ def read_packed_dir(directory: str, on_config=None, lazy: bool = False,
     try:
         with open(cfg_path, encoding="utf-8") as f:
             cfg = ModelConfig.from_dict(json.load(f))
-    except ModelLoadError:
-        raise
+    except (ModelLoadError, PermissionError):
+        raise                    # (no permission: the machine's error, named)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError,
             AttributeError) as e:
         raise ModelLoadError(f"{cfg_path}: not a kogcupy packed config ({_one_line(e)})"
@@ -855,6 +857,8 @@ def detect_format(path: str) -> str:
     try:
         with open(path, "rb") as f:
             magic = f.read(9)
+    except PermissionError:
+        raise                    # (the machine's error, named)
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read ({_one_line(e)})") from None
     if magic[:4] == b"GGUF" or path.endswith(".gguf"):
