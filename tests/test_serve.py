@@ -1232,6 +1232,9 @@ def test_client_round_trip_fields_accepted(scripted):
         {"role": "user", "content": "a"}, turn, {"role": "user", "content": "b"}])
     assert "<|im_start|>assistant\nI cannot say.<|im_end|>" in eng.calls[-1]["prompt"]
     assert "url_citation" not in eng.calls[-1]["prompt"]
+    r = httpx.post(srv.url + "/tokenize", json={"messages": [
+        {"role": "user", "content": "x", "refusal": "no"}]})        # (as chat: BAD_REQUESTS)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].refusal"
 
 
 def test_empty_model_name_is_the_served_model(scripted):

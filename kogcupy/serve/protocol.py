@@ -21,7 +21,8 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      ValidationInfo, field_validator)
 
 from ..engine import check_text
 from ..errors import InputError
@@ -143,6 +144,13 @@ class Message(_Strict):
     # the rest kogcupy never produces, so only their empty values are taken
     refusal: str | None = None
     annotations: list[Any] | None = None
+
+    @field_validator("refusal")
+    @classmethod
+    def _assistant_refusal(cls, v, info: ValidationInfo):
+        if v and info.data.get("role") != "assistant":
+            raise ValueError("only an assistant message has one")
+        return v
     audio: None = None
     function_call: None = None
     parsed: None = None
@@ -434,9 +442,6 @@ def check_supported(req) -> None:
         if req.tool_choice not in (None, "none") and not req.tools:
             no("tool_choice", "tool_choice is only allowed when tools are specified")
         for i, m in enumerate(req.messages):
-            if m.refusal and m.role != "assistant":
-                no(f"messages[{i}].refusal", f"messages[{i}].refusal: only an assistant "
-                                             f"message has one")
             if m.content is None and not (m.role == "assistant" and (m.tool_calls or m.refusal)):
                 no(f"messages[{i}].content",
                    f"messages[{i}].content is required for "
