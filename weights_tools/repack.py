@@ -213,8 +213,9 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
            progress=None, note=None) -> str:
     """Write the packed directory for `src` at `dst`; returns the storage dtype used.
 
-    `progress(name, nbytes, total_nbytes)` is called after each tensor is written; `note(line)`
-    with what else the user should know (a killed repack's leftovers removed)."""
+    `progress(name, nbytes, total_nbytes)` is called after each piece (a layer or a row block)
+    of a tensor is written; `note(line)` with what else the user should know (a killed
+    repack's leftovers removed)."""
     from kogcupy.model.loader import load_model, normalize_dtype, resolve_model_path
     from kogcupy.model.weights import detect_format
     src, dst = resolve_model_path(os.fspath(src))[0], os.fspath(dst)   # (a cached hub id)

@@ -645,6 +645,11 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 _SPLIT_NAME = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 
+def _shard_name(prefix: str, k: int, count: int) -> str:
+    """A split GGUF's k-th file name (1-based), as llama.cpp's gguf-split writes it."""
+    return f"{prefix}-{k:05d}-of-{count:05d}.gguf"
+
+
 def _gguf_later_shards(reader, path: str) -> list[str]:
     """The paths of a split GGUF's shards after the first (llama.cpp's gguf-split: metadata in
     the first, ``PREFIX-0000k-of-0000n.gguf``), [] for a whole file; ModelLoadError for a later
@@ -659,10 +664,9 @@ def _gguf_later_shards(reader, path: str) -> list[str]:
                              f"is not PREFIX-{no + 1:05d}-of-{count:05d}.gguf, so its other "
                              f"shards cannot be found; merge them with llama-gguf-split --merge")
     if no != 0:
-        first = f"{name.group(1)}-00001-of-{count:05d}.gguf"
         raise ModelLoadError(f"{path}: shard {no + 1} of a split GGUF; pass the first, "
-                             f"{os.path.basename(first)}")
-    shards = [os.path.join(os.path.dirname(path), f"{name.group(1)}-{k:05d}-of-{count:05d}.gguf")
+                             f"{_shard_name(name.group(1), 1, count)}")
+    shards = [os.path.join(os.path.dirname(path), _shard_name(name.group(1), k, count))
               for k in range(2, count + 1)]
     missing = [p for p in shards if not os.path.isfile(p)]
     if missing:
@@ -836,9 +840,9 @@ def detect_format(path: str) -> str:
         if PACK_MARKER in entries:
             return "packed"
         ggufs = [e for e in entries if e.endswith(".gguf")]
-        if "config.json" in entries and not (ggufs and not any(
-                e.endswith(".safetensors") for e in entries)):   # (a GGUF repo with a config)
-            if any(e.endswith(".safetensors") for e in entries):
+        safetensors = any(e.endswith(".safetensors") for e in entries)
+        if "config.json" in entries and (safetensors or not ggufs):   # (else a GGUF repo
+            if safetensors:                                             # with a config.json)
                 return "hf"
             pickles = sorted(e for e in entries if e.endswith(PICKLE_SUFFIXES))
             if pickles:
@@ -881,7 +885,7 @@ def _one_split(names: list[str]) -> str | None:
     if None in found or len(keys) != 1:
         return None
     prefix, count = keys.pop()
-    first = f"{prefix}-00001-of-{count}.gguf"
+    first = _shard_name(prefix, 1, int(count))
     return first if first in names else None
 
 
