@@ -147,7 +147,7 @@ def measure(cfg, directory: str, out: str | None):
     import cupy as cp
 
     from kogcupy.gpu.device_weights import DeviceModel, matrix_shapes
-    from kogcupy.model.packing import default_rope_positions
+    from kogcupy.model.packing import ROPE_TABLES, default_rope_positions
     from kogcupy.model.weights import PACKED_WEIGHTS_FILE
     path = os.path.join(directory, PACKED_WEIGHTS_FILE)
     size = os.path.getsize(path)
@@ -172,7 +172,7 @@ def measure(cfg, directory: str, out: str | None):
     want = DeviceModel.random(cfg, seed=0, rope_positions=default_rope_positions(cfg))
     for name in matrix_shapes(cfg):
         assert bool(cp.array_equal(dev.arrays[name], want.arrays[name])), name
-    for name in ("rope_cos", "rope_sin"):
+    for name in ROPE_TABLES:
         assert bool(cp.allclose(dev.arrays[name], want.arrays[name])), name
     print("uploaded weights == generated weights")
     raw = {r["cache"]: r["s"] for r in rows if r["case"] == "raw"}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ModelConfig
-from .packing import bf16_to_f32, packed_shapes, rope_tables
+from .packing import ROPE_TABLES, bf16_to_f32, packed_shapes, rope_tables
 
 STACKED = ("wqkv", "bqkv", "q_norm", "k_norm", "wo", "w_gate_up", "w_down")
 PIECE_BYTES = 64 << 20            # row blocks of the 2-D tensors (embed, lm_head) as float32
@@ -86,24 +86,22 @@ def read_range(r: FileRange, shape, kind: str) -> np.ndarray:
 class PackedWeights(Mapping):
     """Base: float32 views built from ``get``; subclasses say where the bytes are."""
 
-    ROPE = ("rope_cos", "rope_sin")
-
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         self._shapes = dict(shapes)
         self._rope_src, self._rope = None, None   # (config, rows): RoPE tables computed, not read
 
     def _computed(self, name) -> bool:
         """`name` is a RoPE table this source computes from the config (on first use)."""
-        return self._rope_src is not None and name in self.ROPE
+        return self._rope_src is not None and name in ROPE_TABLES
 
     def _compute_rope(self, cfg: ModelConfig, rows: int) -> None:
         self._rope_src = (cfg, rows)
-        for k in self.ROPE:
+        for k in ROPE_TABLES:
             self._shapes[k] = (rows, cfg.head_dim // 2)
 
     def _tables(self) -> dict[str, np.ndarray]:
         if self._rope is None:
-            self._rope = dict(zip(self.ROPE, rope_tables(*self._rope_src)))
+            self._rope = dict(zip(ROPE_TABLES, rope_tables(*self._rope_src)))
         return self._rope
 
     # -- Mapping --------------------------------------------------------------------------
@@ -180,7 +178,7 @@ class PackedDirWeights(PackedWeights):
         super().__init__({k: tuple(t.shape) for k, t in table.items()})
         self.table = dict(table)
         if rope is not None:
-            for k in self.ROPE:
+            for k in ROPE_TABLES:
                 del self.table[k]
             self._compute_rope(*rope)
 

@@ -32,6 +32,7 @@ from .config import ModelConfig
 PACK_FORMAT = "kogcupy-packed"
 PACK_FORMAT_VERSION = 1
 ROPE_TABLE_MAX_POSITIONS = 16384
+ROPE_TABLES = ("rope_cos", "rope_sin")     # computed from the config, never streamed
 
 CANONICAL_LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm",
                            "wo", "ffn_norm", "w_gate", "w_up", "w_down")
@@ -123,7 +124,7 @@ def pack_weights(cfg: ModelConfig, get: Getter, rope_positions: int | None = Non
     rope_positions = rope_positions or default_rope_positions(cfg)
     shapes = packed_shapes(cfg, rope_positions)
     out = {k: np.empty(s, dtype=np.float32) for k, s in shapes.items()
-           if k not in ("embed", "rope_cos", "rope_sin")}
+           if k not in ("embed", *ROPE_TABLES)}
     q, kv = cfg.q_dim, cfg.kv_dim
     f = cfg.intermediate_size
     for layer in range(cfg.n_layers):

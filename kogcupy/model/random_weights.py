@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import ModelConfig
-from .packing import canonical_shape, pack_weights, round_to_dtype
+from .packing import ROPE_TABLES, canonical_shape, pack_weights, round_to_dtype
 
 # Shapes of public checkpoints, for benchmarks and tests (random weights, never downloaded).
 SHAPES = {
@@ -62,6 +62,6 @@ def random_packed_weights(cfg: ModelConfig, seed: int = 0, dtype: str = "bfloat1
         raise ValueError("logit_scale needs an untied LM head")
     packed = pack_weights(cfg, get, rope_positions)
     for k, v in packed.items():
-        if k not in ("rope_cos", "rope_sin"):
+        if k not in ROPE_TABLES:
             packed[k] = round_to_dtype(v, dtype)
     return packed

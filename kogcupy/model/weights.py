@@ -22,8 +22,9 @@ import numpy as np
 
 from .config import SUPPORTED_TEXT, ModelConfig, RopeScaling, load_hf_config
 from ..errors import ModelLoadError, UnsupportedModelError
-from .packing import (PACK_FORMAT, PACK_FORMAT_VERSION, bf16_to_f32, canonical_shape,
-                      layer_tensor_names, pack_weights, packed_shapes, rope_inv_freq)
+from .packing import (PACK_FORMAT, PACK_FORMAT_VERSION, ROPE_TABLES, bf16_to_f32,
+                      canonical_shape, layer_tensor_names, pack_weights, packed_shapes,
+                      rope_inv_freq)
 
 # --------------------------------------------------------------------------------------------
 # Name tables: checkpoint name -> canonical name (packing.CANONICAL_*_TENSORS)
@@ -810,7 +811,7 @@ def read_packed_dir(directory: str, on_config=None, lazy: bool = False,
         return (cfg, PackedDirWeights({name: table[name] for name in want},
                                       rope=(cfg, n_rope) if longer else None), marker["dtype"])
     weights = {name: read_safetensors_tensor(table[name]) for name in want
-               if not (longer and name in ("rope_cos", "rope_sin"))}
+               if not (longer and name in ROPE_TABLES)}
     if longer:
         weights["rope_cos"], weights["rope_sin"] = rope_tables(cfg, n_rope)
     return cfg, weights, marker["dtype"]

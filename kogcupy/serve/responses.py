@@ -61,6 +61,12 @@ class AnswerEvents:
         self.max_calls = max_calls
         self.n_calls = 0                    # calls kept so far
         self._dropping = False              # inside a streamed call past max_calls
+        self._args = (tool_names, opening, max_calls)
+
+    def whole(self) -> "AnswerEvents":
+        """The same answer's events for a whole (non-streamed) reply: its calls parsed whole,
+        as the Python API's tool_calls (a call whose arguments never close stays text)."""
+        return AnswerEvents(*self._args)
 
     def feed(self, text: str) -> list:
         return self._kept(self.parser.feed(text)) if self.parser is not None else [Content(text)]
@@ -86,8 +92,6 @@ class ChatFormatter(Formatter):
                  max_calls: int | None = None, opening: str = "", **kw):
         super().__init__(*a, **kw)
         self.answer = AnswerEvents(tool_names, opening, max_calls, stream_calls=True)
-        # a whole answer's calls are parsed whole (as the Python API's tool_calls)
-        self._whole = lambda: AnswerEvents(tool_names, opening, max_calls)
         self._n_sent = 0                    # tool calls streamed (their chunk's index)
         self._complete = 0                  # streamed calls whose arguments closed as JSON
 
@@ -144,7 +148,7 @@ class ChatFormatter(Formatter):
         return out
 
     def full(self, text: str, result) -> dict:
-        answer = self._whole()
+        answer = self.answer.whole()
         events = answer.feed(text) + answer.finish()
         text = "".join(e.text for e in events if isinstance(e, Content))
         calls = [e.to_openai() for e in events if not isinstance(e, Content)]

@@ -228,9 +228,6 @@ class ResponsesFormatter(Formatter):
         self.req = req
         self.sampling = sampling             # the server's defaults (echoed where req has none)
         self.answer = AnswerEvents(tool_names, opening, max_calls, stream_calls=True)
-        # a whole response's calls are parsed whole, as a whole chat answer's (a call whose
-        # arguments never close is text there, not a function_call with broken arguments)
-        self._whole = lambda: AnswerEvents(tool_names, opening, max_calls)
         self.output: list[dict] = []         # finished items
         self._msg: dict | None = None        # the message item being written
         self._fc: dict | None = None         # the function_call item being streamed
@@ -351,7 +348,7 @@ class ResponsesFormatter(Formatter):
         return out + [self._event(kind, response=self._response(status, result))]
 
     def full(self, text: str, result) -> dict:
-        self.answer = self._whole()
+        self.answer = self.answer.whole()    # calls parsed whole, as a whole chat answer's
         if text:                            # (as a stream: no empty message item)
             self.pieces(text)
         self.finish(result)
