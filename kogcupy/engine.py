@@ -297,6 +297,7 @@ class Generation:
                  skip_special_tokens: bool = False):
         self._backend = backend
         self._tools = tools             # the request's tools: calls to them are parsed at the end
+        self._tokenizer = tokenizer
         self.stream = stream
         self.seed = seed                # the sampling seed (result.seed)
         self.prompt_ids = prompt_ids
@@ -433,8 +434,12 @@ class Generation:
         text = self._text[:self._emitted]
         content, calls = text, []
         if self._tools:
-            from .model.tool_calls import parse_tool_calls, tool_names
-            content, calls = parse_tool_calls(text, names=tool_names(self._tools))
+            from .model.tool_calls import (call_syntax, parse_tool_calls, starts_thinking,
+                                           tool_names)
+            template = self._tokenizer.chat_template
+            content, calls = parse_tool_calls(
+                text, names=tool_names(self._tools), syntax=call_syntax(template),
+                thinking=starts_thinking(template, self._tokenizer.decode(self.prompt_ids[-16:])))
         self.result = GenerationResult(
             token_ids=list(self._token_ids), text=text,
             finish_reason=finish_reason, prompt_tokens=len(self.prompt_ids),

@@ -172,6 +172,29 @@ def test_tool_calls_come_back_in_the_result(tools_engine, monkeypatch):
     list(gen)
     assert gen.result.tool_calls == [] and gen.result.content == text
 
+
+def test_llama_and_thought_calls_in_the_result(tiny_models, monkeypatch):
+    """The result's calls are read in the template's form: Llama 3.x's JSON answer is a call;
+    with a template that writes think blocks, a <tool_call> inside one is thought text."""
+    m = tiny_models["llama"]
+    llama = TOOLS_TEMPLATE + ('{#- Respond in the format {"name": function name, "parameters": '
+                              'dictionary of argument name and its value}. #}')
+    thinking = TOOLS_TEMPLATE + "{#- </think> #}"
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    for template, text, content in (
+            (llama, '{"name": "get_weather", "parameters": {"city": "Oslo"}}', ""),
+            (thinking, "<think>" + call + "</think>" + call, "<think>" + call + "</think>")):
+        model = Model(config=m.config, weights=m.weights, path=m.path, dtype=m.dtype,
+                      tokenizer=_retemplated(m.tokenizer, template))
+        eng = Engine(model, backend="reference", context_length=256)
+        ids = eng.tokenizer.encode(text, add_bos=False)
+        monkeypatch.setattr(eng.backend, "start", lambda *a, **k: _ScriptedStream(ids))
+        gen = eng.generate(CONVERSATION, tools=TOOLS, max_new_tokens=64)
+        "".join(gen)
+        assert gen.result.content == content, template
+        assert [c["function"] for c in gen.result.tool_calls] == [
+            {"name": "get_weather", "arguments": '{"city": "Oslo"}'}]
+
 @pytest.mark.parametrize("messages, match", [
     ([], "empty"),                             # generate: empty token ids; encode_messages too
     ({"role": "user", "content": "hi"}, "str, a list of token ids or a list of chat messages"),

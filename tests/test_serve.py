@@ -33,8 +33,10 @@ import uvicorn  # noqa: E402
 from kogcupy.engine import Engine, check_messages, template_messages  # noqa: E402
 from kogcupy.errors import ContextLengthError, InputError  # noqa: E402
 from kogcupy.model.tokenizer import Tokenizer  # noqa: E402
-from kogcupy.model.tool_calls import (CallArgs, CallEnd, CallStart, Content,  # noqa: E402
-                                      ToolCall, ToolCallParser, parse_tool_calls)
+from kogcupy.model.tool_calls import (JSON, TAGS, CallArgs, CallEnd,  # noqa: E402
+                                      CallStart, Content, ToolCall, ToolCallParser,
+                                      answer_parser, call_opening, call_syntax,
+                                      parse_tool_calls, starts_thinking)
 from kogcupy.serve import create_app  # noqa: E402
 from kogcupy.serve.app import Server as ServeServer  # noqa: E402
 from kogcupy.serve.scheduler import Job  # noqa: E402
@@ -456,10 +458,10 @@ def test_streamed_call_arguments_are_the_object_once():
     """A streamed call's arguments are its arguments object, sent once: also when the whole
     call arrives in one piece (a fast model, a slow client), when the call has a key after
     the object or lacks its own closing brace; cut inside the object, the call is incomplete."""
-    from kogcupy.serve.responses import ChatFormatter
+    from kogcupy.serve.responses import AnswerEvents, ChatFormatter
 
     def streamed(text):
-        f = ChatFormatter("id", "m", 0, 1, tool_names=frozenset({"f"}))
+        f = ChatFormatter("id", "m", 0, 1, answer=AnswerEvents(frozenset({"f"}), stream_calls=True))
         calls = [c for ch in f.pieces(text) + f.finish(ScriptResult([], "", "length", 1))
                  for x in ch["choices"] for c in x["delta"].get("tool_calls") or []]
         assert calls[0]["function"] == {"name": "f", "arguments": ""}
@@ -528,6 +530,112 @@ def test_tool_call_parser_results():
     # given the request's tools, a call to another name is text, tags included
     content, calls = parse_tool_calls(CALL_TEXTS[1], names=frozenset({"b"}))
     assert [c.name for c in calls] == ["b"] and content.startswith("<tool_call>")
+
+
+def _chunked(parser, text, size=3):
+    """A parser's events for `text` fed `size` characters at a time, then its end."""
+    events = [e for i in range(0, len(text), size) for e in parser.feed(text[i:i + size])]
+    return events + parser.finish()
+
+
+def test_calls_in_a_think_block_are_thoughts():
+    """A reasoning model's <think> block is text, a <tool_call> written in it too (vLLM's and
+    llama.cpp's reasoning parsers read calls after </think> only); one after it is a call.
+    A prompt that opened the block (thinking=True) starts the answer inside it."""
+    call = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>'
+    thought = "<think>\nI could " + call + " but no.\n</think>\n\n"
+    for thinking, text in ((False, thought + "Hello!"), (True, thought[7:] + "Hello!")):
+        assert parse_tool_calls(text, thinking=thinking) == (text, [])
+        content, calls = parse_tool_calls(text + call, thinking=thinking)
+        assert content == text and [c.name for c in calls] == ["f"]
+        for size in (1, 3, 7):
+            events = _chunked(ToolCallParser(thinking=thinking), text + call, size)
+            assert "".join(e.text for e in events if isinstance(e, Content)) == text
+            assert [e.name for e in events if isinstance(e, ToolCall)] == ["f"]
+    # a template without think blocks (thinking None): the tags are text and calls parse
+    assert [c.name for c in parse_tool_calls(thought)[1]] == ["f"]
+    assert starts_thinking("{{ '</think>' }}", "<|im_start|>assistant\n<think>\n") is True
+    assert starts_thinking("{{ '</think>' }}", "<think>\n\n</think>\n\n") is False
+    assert starts_thinking("no think tags", "<think>\n") is None
+
+
+def test_llama_json_calls():
+    """Llama 3.x templates ask for the answer to be the call: {"name", "parameters"} JSON,
+    several joined by ';', after an optional <|python_tag|>. Held to the end once it starts
+    with '{', so streamed and whole answers agree; JSON that is not all calls is text."""
+    template = ('Respond in the format {"name": function name, "parameters": dictionary of '
+                'argument name and its value}.')
+    assert call_syntax(template) == JSON and call_syntax("<tool_call>") == TAGS
+    assert call_syntax("{{ tools }}") is None
+    one = '{"name": "f", "parameters": {"a": "x;y}"}}'
+    names = frozenset({"f", "g"})
+    for text, want in ((one, [("f", {"a": "x;y}"})]),
+                       ("\n<|python_tag|>" + one + "; " + one.replace('"f"', '"g"'),
+                        [("f", {"a": "x;y}"}), ("g", {"a": "x;y}"})]),
+                       ('{"name": "f", "arguments": {}}\n', [("f", {})])):
+        content, calls = parse_tool_calls(text, names, syntax=JSON)
+        assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == want
+        for size in (1, 4):
+            events = _chunked(answer_parser(JSON, names, stream_calls=True), text, size)
+            assert [(e.name, e.arguments) for e in events] == [(c.name, c.arguments)
+                                                               for c in calls]
+    for text in ("Sure: " + one, '{"city": "Paris"}', one + " and more", one[:-1],
+                 one.replace('"f"', '"h"'), "  ", ""):
+        assert parse_tool_calls(text, names, syntax=JSON) == (text, []), text
+    p = answer_parser(JSON, names)
+    assert p.feed("Hel") == [Content("Hel")] and p.feed("lo") == [Content("lo")]
+    p = answer_parser(JSON, names, opening=call_opening("f", JSON))
+    assert call_opening("f", JSON) == '{"name": "f", "parameters":'
+    assert p.feed(' {"a": 2}}') == [] and [c.arguments for c in p.finish()] == ['{"a": 2}']
+
+
+def test_llama_and_thinking_templates_on_the_server(scripted, tiny_models):
+    """The server reads calls in the form the template asks for: a Llama 3.x template's JSON
+    answer is a call (streamed or not; forced with a "parameters" opening and no tag to stop
+    at), and a thinking template (its prompt opens <think>) keeps a call in the thought text."""
+    tk = tiny_models["llama"].tokenizer
+    llama = QWEN_TOOLS_TEMPLATE.replace("<tool_call>", "").replace("</tool_call>", "").replace(
+        '{{- "\\n</tools>', """{{- 'Respond in the format {"name": function name, "parameters": \
+dictionary of argument name and its value}.' }}{{- "\\n</tools>""")
+    assert "<tool_call>" not in llama and "function name" in llama
+    eng, srv = scripted(tokenizer=Tokenizer(tk.backend, bos_token_id=None, add_bos=False,
+                                            eos_token_ids=tk.eos_token_ids, chat_template=llama),
+                        script=lambda u: '{"name": "get_weather", "parameters": {"city": "Oslo"}}')
+    c = srv.client()
+    msgs = [{"role": "user", "content": "Weather in Oslo?"}]
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL])
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and m.content is None
+    assert [(t.function.name, t.function.arguments) for t in m.tool_calls] == \
+        [("get_weather", '{"city": "Oslo"}')]
+    content, calls, finish = _stream_chat(c, msgs, tools=[WEATHER_TOOL])
+    assert (content, finish) == ("", "tool_calls")
+    assert [(x["name"], x["arguments"]) for x in calls] == [("get_weather", '{"city": "Oslo"}')]
+    eng.script = lambda u: ' {"city": "Rome"}}'
+    r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
+                                  tool_choice="required")
+    assert eng.calls[-1]["prompt"].endswith('assistant\n{"name": "get_weather", "parameters":')
+    assert eng.calls[-1]["stop"] == []
+    assert [t.function.arguments for t in r.choices[0].message.tool_calls] == ['{"city": "Rome"}']
+    # (Qwen3's thinking templates open the block in the prompt and cut history at </think>)
+    thinking = "{%- set cut = '</think>' %}" + QWEN_TOOLS_TEMPLATE.replace(
+        "{{- '<|im_start|>assistant\\n' }}", "{{- '<|im_start|>assistant\\n<think>\\n' }}")
+    assert thinking != QWEN_TOOLS_TEMPLATE
+    thought = 'I could <tool_call>{"name": "get_weather", "arguments": {}}</tool_call>\n</think>\n\n'
+    eng, srv = scripted(tokenizer=Tokenizer(tk.backend, bos_token_id=None, add_bos=False,
+                                            eos_token_ids=tk.eos_token_ids,
+                                            chat_template=thinking),
+                        script=lambda u: thought + "Hi." + CALL_TEXT[len("Let me check."):])
+    c = srv.client()
+    for stream in (False, True):
+        if stream:
+            content, calls, finish = _stream_chat(c, msgs, tools=[WEATHER_TOOL])
+            names = [x["name"] for x in calls]
+        else:
+            r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL])
+            content, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            names = [t.function.name for t in r.choices[0].message.tool_calls]
+        assert (content, names, finish) == (thought + "Hi.", ["get_weather"], "tool_calls")
 
 
 # ------------------------------------------------------------------------------- scripted engine
@@ -838,6 +946,15 @@ def test_queue_full_is_429_with_retry_after(scripted):
         t.join(30)
         assert box["result"].choices[0].message.content in ("reply to A", "reply to B")
     assert [k["user"] for k in eng.calls] == ["A", "B"]
+    eng, srv = scripted(max_queue=0)     # none may wait: says so, not "0 waiting (max 0)"
+    eng.gate.clear()
+    a = in_thread(chat, srv.client(), "A")
+    wait_until(lambda: len(eng.calls) == 1, 10, "A running")
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": "C"}]})
+    assert r.status_code == 429 and "none may wait (--max-queue 0)" in r.json()["error"]["message"]
+    eng.gate.set()
+    a[0].join(30)
 
 
 BAD_REQUESTS = [
@@ -1088,6 +1205,9 @@ def test_unknown_routes_are_logged(scripted, serve_log):
     eng, srv = scripted()
     for method, path, status, said in (
             ("GET", "/nothing", 404, "GET /nothing -> 404: no route GET /nothing"),
+            ("POST", "/chat/completions", 404, "POST /chat/completions -> 404: no route POST "
+             "/chat/completions; did you mean /v1/chat/completions? (a client's base_url ends "
+             "with /v1)"),
             ("GET", "/x%1By%C3%A9", 404, "GET /x\\x1by\\xe9 -> 404: no route GET /x\\x1by\\xe9"),
             ("GET", "/'a%22", 404, "GET /'a\" -> 404: no route GET /'a\""),   # (quotes as sent)
             ("GET", "/a" + "%C3%A9" * 100, 404,     # (escaped, then cut at 300 characters)
@@ -1298,12 +1418,12 @@ def test_forced_tool_choice(scripted, tiny_models):
     assert eng.calls[-1]["prompt"].endswith(
         '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments":')
     assert eng.calls[-1]["stop"] == ["</tool_call>"]          # one call, then the answer ends
-    m = r.choices[0].message
-    assert r.choices[0].finish_reason == "tool_calls" and m.content is None
+    m = r.choices[0].message             # (a named function's call ends "stop", as OpenAI's)
+    assert r.choices[0].finish_reason == "stop" and m.content is None
     assert [(t.function.name, json.loads(t.function.arguments)) for t in m.tool_calls] == \
         [("get_weather", {"city": "Paris"})]
     content, calls, finish = _stream_chat(c, msgs, tools=[WEATHER_TOOL], tool_choice=named)
-    assert (content, finish) == ("", "tool_calls")
+    assert (content, finish) == ("", "stop")
     assert [(x["name"], json.loads(x["arguments"])) for x in calls] == \
         [("get_weather", {"city": "Paris"})]
     # "required" with one tool: its name is forced too; more calls may follow, as OpenAI's
@@ -1339,15 +1459,20 @@ def test_forced_tool_choice(scripted, tiny_models):
              "parameters": t["function"]["parameters"]} for t in (WEATHER_TOOL, clock)]
     r = c.responses.create(model="scripted", input=msgs, tools=flat, tool_choice="required")
     assert [o.type for o in r.output] == ["message"] and '"London"' in r.output_text
-    # a template that takes tools but asks for no <tool_call> tags: cannot be forced
+    # a template that takes tools in a form of call kogcupy does not read: no call is parsed
+    # or forced (vLLM's 400 without a tool parser); "none" still puts the tools in the prompt
     tk = tiny_models["llama"].tokenizer
     other = Tokenizer(tk.backend, bos_token_id=None, eos_token_ids=tk.eos_token_ids,
                       add_bos=False, chat_template="{{ tools | tojson }}" + NO_TOOLS_TEMPLATE)
     eng, srv = scripted(tokenizer=other)
-    with pytest.raises(openai.BadRequestError, match="cannot be made to call a tool"):
-        srv.client().chat.completions.create(model="scripted", messages=msgs,
-                                             tools=[WEATHER_TOOL], tool_choice="required")
+    for choice in ("required", "auto", named):
+        with pytest.raises(openai.BadRequestError, match="no tool calls kogcupy can read"):
+            srv.client().chat.completions.create(model="scripted", messages=msgs,
+                                                 tools=[WEATHER_TOOL], tool_choice=choice)
     assert not eng.calls
+    srv.client().chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
+                                         tool_choice="none")
+    assert '"get_weather"' in eng.calls[-1]["prompt"]
 
 
 def test_responses_api(scripted):
@@ -1423,6 +1548,7 @@ def test_responses_api(scripted):
                                                       "image_url": "x"}]}]},
              "input[0].content[0]", "input_image"),
             ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type", "function"),
+            ({"input": "x", "tools": [WEATHER_TOOL]}, "tools[0]", "function tools are flat"),
             ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]", "not stored"),
             ({"input": []}, "input", "empty"),
             ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}, "tools": [tool]},
@@ -1444,7 +1570,7 @@ def test_responses_api(scripted):
         assert (err["code"] in ("unsupported_parameter", "unsupported_value")) == \
             ("not supported" in err["message"]), r.text
     assert len(eng.calls) == n
-    srv.expect_requests("/v1/responses", "400", 12)
+    srv.expect_requests("/v1/responses", "400", 13)
     # what agent clients send by default is accepted (ignored where it has no effect here)
     eng.script = lambda u: f"reply to {u}"
     r = httpx.post(srv.url + "/v1/responses", json={

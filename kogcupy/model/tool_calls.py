@@ -1,4 +1,6 @@
-"""Tool calls in generated text: Hermes / Qwen2.5 / Qwen3 style ``<tool_call>{json}</tool_call>``.
+"""Tool calls in generated text, in the two forms chat templates ask for (``call_syntax``):
+Hermes / Qwen2.5 / Qwen3 style ``<tool_call>{json}</tool_call>`` (TAGS), and Llama 3.x style
+JSON (JSON, ``JsonCallParser``, below).
 
 The chat template (which takes ``tools``) tells the model to answer a call as
 
@@ -36,6 +38,31 @@ from dataclasses import dataclass, field
 
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"    # a reasoning model's thoughts (Qwen3)
+PYTHON_TAG = "<|python_tag|>"                      # Llama 3.x: may open a call
+
+TAGS = "tags"       # <tool_call>{"name": ..., "arguments": {...}}</tool_call>, anywhere in the answer
+JSON = "json"       # the answer is the call: {"name": ..., "parameters": {...}} (Llama 3.1-3.3)
+_JSON_HINT = '{"name": function name, "parameters"'   # what a Llama 3.x template tells the model
+
+
+def call_syntax(template: str | None) -> str | None:
+    """The form of tool call a chat template asks for: TAGS, JSON, or None (one kogcupy does
+    not parse, or none)."""
+    if not template:
+        return None
+    if OPEN_TAG in template:
+        return TAGS
+    return JSON if _JSON_HINT in template else None
+
+
+def starts_thinking(template: str | None, prompt_tail: str) -> bool | None:
+    """None when the template writes no think blocks; else whether the answer starts inside one
+    (the prompt, whose end is `prompt_tail`, opened ``<think>`` for the model, as Qwen3's
+    thinking templates do). A call inside a think block is a thought, not a call."""
+    if not template or THINK_CLOSE not in template:
+        return None
+    return prompt_tail.rfind(THINK_OPEN) > prompt_tail.rfind(THINK_CLOSE)
 
 
 @dataclass
@@ -141,16 +168,17 @@ def _stream_head(body: str) -> tuple[str, int] | None:
     return (name, m.end()) if name else None
 
 
-def call_opening(name: str | None = None) -> str:
+def call_opening(name: str | None = None, syntax: str = TAGS) -> str:
     """The start of an answer that must call a tool (OpenAI's tool_choice "required": any of
-    them; a named function: that one). The prompt ends with it and the model continues the
-    call's JSON from there; a parser fed it first (ToolCallParser(opening)) reads the answer
-    as the model saw it."""
-    head = OPEN_TAG + '\n{"name": '
+    them; a named function: that one), in the template's `syntax`. The prompt ends with it and
+    the model continues the call's JSON from there; a parser fed it first (answer_parser's
+    `opening`) reads the answer as the model saw it."""
+    head = (OPEN_TAG + '\n{"name": ') if syntax == TAGS else '{"name": '
     if name is None:
         return head + '"'
     # (no space after the colon: models write it as the start of the arguments' first token)
-    return head + json.dumps(name, ensure_ascii=False) + ', "arguments":'
+    key = "arguments" if syntax == TAGS else "parameters"
+    return head + json.dumps(name, ensure_ascii=False) + f', "{key}":'
 
 
 def tool_names(tools) -> frozenset[str] | None:
@@ -221,8 +249,9 @@ class ToolCallParser:
     """Incremental parser; ``feed(piece)`` and finally ``finish()`` return lists of events."""
 
     def __init__(self, opening: str = "", names: frozenset[str] | None = None,
-                 stream_calls: bool = False):
+                 stream_calls: bool = False, thinking: bool | None = None):
         self._names = names       # the tools a call may name (None: any)
+        self._thinking = thinking  # inside a think block (None: the model writes none)
         self._stream_calls = stream_calls
         self._streaming: ToolCall | None = None   # the call being streamed
         self._args_at = 0         # where its arguments start in the call's body
@@ -278,8 +307,25 @@ class ToolCallParser:
         out: list = []
         self._buf += piece
         while True:
+            if self._thinking:          # thoughts are text, calls in them too
+                i = self._buf.find(THINK_CLOSE)
+                if i < 0:
+                    keep = _partial_prefix_len(self._buf, THINK_CLOSE)
+                    self._content(self._buf[:len(self._buf) - keep], out)
+                    self._buf = self._buf[len(self._buf) - keep:]
+                    return out
+                i += len(THINK_CLOSE)
+                self._content(self._buf[:i], out)
+                self._buf, self._thinking = self._buf[i:], False
+                continue
             if not self._inside:
                 i = self._buf.find(OPEN_TAG)
+                t = -1 if self._thinking is None else self._buf.find(THINK_OPEN)
+                if t >= 0 and (i < 0 or t < i):
+                    t += len(THINK_OPEN)
+                    self._content(self._buf[:t], out)
+                    self._buf, self._thinking = self._buf[t:], True
+                    continue
                 if i >= 0:
                     self._content(self._buf[:i], out)
                     self._buf = self._buf[i + len(OPEN_TAG):]
@@ -287,6 +333,8 @@ class ToolCallParser:
                     self._tags = _JsonScan()
                     continue
                 keep = _partial_prefix_len(self._buf, OPEN_TAG)
+                if self._thinking is not None:
+                    keep = max(keep, _partial_prefix_len(self._buf, THINK_OPEN))
                 self._content(self._buf[:len(self._buf) - keep], out)
                 self._buf = self._buf[len(self._buf) - keep:]
                 return out
@@ -361,9 +409,82 @@ class ToolCallParser:
         return out
 
 
-def parse_tool_calls(text: str, names: frozenset[str] | None = None) -> tuple[str, list[ToolCall]]:
+class JsonCallParser:
+    """Llama 3.x's calls: an answer that calls tools is JSON from its first character (after
+    an optional ``<|python_tag|>``), ``{"name": ..., "parameters": {...}}``, several joined by
+    ``;``. An answer that starts otherwise is text as it comes; one that starts with ``{`` is
+    held to its end, then is calls if it parses whole as calls to the request's tools, else
+    text (so streamed and whole answers agree). Events as ToolCallParser's, calls whole."""
+
+    def __init__(self, opening: str = "", names: frozenset[str] | None = None):
+        self._names = names
+        self._buf = ""
+        self._mode = None                 # None (undecided), "text", "json"
+        self.calls: list[ToolCall] = []
+        if opening:
+            self.feed(opening)
+
+    def feed(self, piece: str) -> list:
+        if self._mode == "text":
+            return [Content(piece)] if piece else []
+        self._buf += piece
+        if self._mode == "json":
+            return []
+        head = self._buf.lstrip()
+        if not head or (PYTHON_TAG.startswith(head) and head != PYTHON_TAG):
+            return []                     # (whitespace, or what may be the python tag)
+        if head.startswith(PYTHON_TAG):
+            head = head[len(PYTHON_TAG):].lstrip()
+            if not head:
+                return []
+        if head[0] == "{":
+            self._mode = "json"
+            return []
+        self._mode, text, self._buf = "text", self._buf, ""
+        return [Content(text)]
+
+    def _parse(self, text: str) -> list[ToolCall] | None:
+        text = text.strip()
+        if text.startswith(PYTHON_TAG):
+            text = text[len(PYTHON_TAG):]
+        calls = []
+        while True:
+            text = text.lstrip()
+            scan = _JsonScan()
+            k = scan.feed(text)
+            if scan.end is None:
+                return None
+            call = parse_call_body(text[:k])
+            if call is None or (self._names is not None and call.name not in self._names):
+                return None
+            calls.append(call)
+            text = text[k:].lstrip()
+            if not text:
+                return calls
+            if text[0] == ";":
+                text = text[1:]
+
+    def finish(self) -> list:
+        text, self._buf = self._buf, ""
+        calls = self._parse(text) if self._mode == "json" else None
+        if calls:
+            self.calls += calls
+            return list(calls)
+        return [Content(text)] if text else []
+
+
+def answer_parser(syntax: str | None = TAGS, names: frozenset[str] | None = None,
+                  opening: str = "", stream_calls: bool = False, thinking: bool | None = None):
+    """The parser of an answer's calls in a template's `syntax` (call_syntax; None: TAGS)."""
+    if syntax == JSON:
+        return JsonCallParser(opening, names)
+    return ToolCallParser(opening, names, stream_calls, thinking)
+
+
+def parse_tool_calls(text: str, names: frozenset[str] | None = None, syntax: str | None = TAGS,
+                     thinking: bool | None = None) -> tuple[str, list[ToolCall]]:
     """Whole text -> (content without the call blocks, calls; to `names` only, when given)."""
-    p = ToolCallParser(names=names)
+    p = answer_parser(syntax, names, thinking=thinking)
     events = p.feed(text) + p.finish()
     content = "".join(e.text for e in events if isinstance(e, Content))
     return content, p.calls

@@ -26,12 +26,13 @@ from starlette.responses import JSONResponse, Response
 
 from ..engine import check_text
 from ..errors import ContextLengthError, InputError
-from ..model.tool_calls import CLOSE_TAG, OPEN_TAG, call_opening, tool_names
+from ..model.tool_calls import (CLOSE_TAG, OPEN_TAG, TAGS, call_opening, call_syntax,
+                                starts_thinking, tool_names)
 from ..sampling_params import SamplingParams
 from . import protocol as P
 from . import responses_api as RA
 from .metrics import CONTENT_TYPE_LATEST, Metrics
-from .responses import ChatFormatter, CompletionFormatter, JobResponse, json_error
+from .responses import AnswerEvents, ChatFormatter, CompletionFormatter, JobResponse, json_error
 from .scheduler import Job, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger("kogcupy.serve")
@@ -179,7 +180,7 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
     tk = getattr(engine, "tokenizer", None)
     supports_tools = tk is not None and tk.takes_tools
     renders_calls = tk is not None and tk.renders_tool_calls
-    call_tags = supports_tools and OPEN_TAG in (tk.chat_template or "")
+    syntax = call_syntax(tk.chat_template) if supports_tools else None   # its calls' form
     if sampling_defaults is None:
         sampling_defaults = dict(getattr(tk, "sampling_defaults", None) or {})
     if sampling_defaults:
@@ -214,7 +215,12 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
-        msg = {404: f"no route {request.method} {request.url.path}",
+        path = request.url.path
+        hint = ""                                   # (a client's base_url without /v1)
+        if not path.startswith("/v1/") and any(r.path == "/v1" + path for r in app.routes
+                                               if hasattr(r, "path")):
+            hint = f"; did you mean /v1{path}? (a client's base_url ends with /v1)"
+        msg = {404: f"no route {request.method} {request.url.path}{hint}",
                405: f"method {request.method} is not allowed on {request.url.path}"}.get(
             e.status_code, str(e.detail))
         log.info("%s %s -> %d: %s", request.method, _loggable(request.url.path), e.status_code,
@@ -330,8 +336,10 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         except QueueFull as e:
             log.info("%s rejected: queue full (%d waiting)", rid, scheduler.queued)
             n = scheduler.queued
-            raise P.APIError(429, f"the server is busy: {n} request{'s are' if n != 1 else ' is'} "
-                                  f"waiting (max {scheduler.max_queue}); retry after "
+            waiting = (f"{n} request{'s are' if n != 1 else ' is'} waiting (max "
+                       f"{scheduler.max_queue})" if scheduler.max_queue else
+                       "a generation is running and none may wait (--max-queue 0)")
+            raise P.APIError(429, f"the server is busy: {waiting}; retry after "
                                   f"{e.retry_after} s", code="queue_full",
                              headers={"Retry-After": str(e.retry_after)}) from None
         return job
@@ -369,6 +377,11 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         if tools and not supports_tools:
             raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
                                   f"takes no 'tools'", param="tools")
+        if tools and tool_choice != "none" and syntax is None:
+            raise P.APIError(400, f"model '{name}' has no tool calls kogcupy can read: its chat "
+                                  f"template asks for neither {OPEN_TAG} tags nor Llama 3 JSON "
+                                  f"calls (tool_choice \"none\" puts the tools in the prompt "
+                                  f"and leaves the answer as text)", param="tool_choice")
         for i, m in enumerate(messages):
             if m.get("tool_calls") and not renders_calls:
                 raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
@@ -385,16 +398,11 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
                     add_generation_prompt: bool, continue_final_message: bool) -> str:
         """The answer's forced opening for tool_choice "required" or a named function (the
         model continues the call's JSON; "required" with one tool names it, as a named choice
-        would), "" otherwise; 400 for a template whose calls are not the <tool_call> tags
-        kogcupy parses."""
+        would), "" otherwise."""
         if tool_choice != "required" and function_name is None:
             return ""
         if function_name is None and tools and len(tools) == 1:
             function_name = tools[0]["function"]["name"]
-        if not call_tags:
-            raise P.APIError(400, f"model '{name}' cannot be made to call a tool: its chat "
-                                  f"template does not ask for {OPEN_TAG} calls (use tool_choice "
-                                  f"\"auto\")", param="tool_choice")
         if continue_final_message:
             raise P.APIError(400, "a forced tool call (tool_choice) cannot continue the last "
                                   "message (continue_final_message): the call is a new "
@@ -402,15 +410,16 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         if not add_generation_prompt:
             raise P.APIError(400, "a forced tool call (tool_choice) needs add_generation_prompt: "
                                   "the call is the assistant's answer", param="tool_choice")
-        return call_opening(function_name)
+        return call_opening(function_name, syntax)
 
     async def chat_job(req, messages: list[dict], requested: int | None, max_param: str,
                        make_formatter, where: str, add_generation_prompt: bool = True,
                        continue_final_message: bool = False):
         """Queue a chat-template request (chat completions, responses): the prompt (with a
         forced call's opening), its sampling, and the formatter, made by
-        ``make_formatter(prompt_tokens, tool_names=, opening=, max_calls=)``: tool_names,
-        the request's tools when their calls are parsed (a call to another name stays text)."""
+        ``make_formatter(prompt_tokens, answer=)``, `answer` the AnswerEvents that read its
+        calls to the request's tools, when they are parsed (a call to another name stays
+        text)."""
         tools = template_tools(req.tools, req.tool_choice, messages, req.chat_template_kwargs,
                                where)
         function_name = req.tool_choice_name()
@@ -424,10 +433,14 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         parse = bool(tools) and req.tool_choice != "none"
         names = tool_names(tools) if parse else frozenset()
         one_call = parse and (function_name is not None or req.parallel_tool_calls is False)
-        if one_call:                         # the answer ends with the call's closing tag
+        if one_call and syntax == TAGS:      # the answer ends with the call's closing tag
             kw["stop"] = [*kw["stop"], CLOSE_TAG]
-        fmt = make_formatter(len(ids), tool_names=names, opening=opening,
-                             max_calls=1 if one_call else None)
+        thinking = None
+        if parse and not opening:           # (a forced call's opening is no thought)
+            thinking = starts_thinking(tk.chat_template, tk.decode(ids[-16:]))
+        answer = AnswerEvents(names, opening, 1 if one_call else None, stream_calls=True,
+                              syntax=syntax, thinking=thinking, named=function_name is not None)
+        fmt = make_formatter(len(ids), answer=answer)
         return JobResponse(submit(fmt.rid, ids, kw), fmt, stream=bool(req.stream))
 
     @app.post("/tokenize")

@@ -289,6 +289,8 @@ def parse_request(cls, obj: Any):
         raise APIError(400, "the request body must be a JSON object")
     if cls in (ChatCompletionRequest, TokenizeRequest):
         _check_content_parts(obj.get("messages"))
+    if hasattr(cls, "precheck"):                # (a shape the field errors would not name)
+        cls.precheck(obj)
     try:
         return cls.model_validate(obj)
     except ValidationError as e:

@@ -18,7 +18,7 @@ import contextlib
 from starlette.responses import JSONResponse, Response
 
 from . import protocol as P
-from ..model.tool_calls import CallArgs, CallEnd, CallStart, Content, ToolCall, ToolCallParser
+from ..model.tool_calls import TAGS, CallArgs, CallEnd, CallStart, Content, ToolCall, answer_parser
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -53,20 +53,27 @@ class AnswerEvents:
     are given, its calls to them, at most `max_calls` of them (1 with parallel_tool_calls: false
     or a named function; later ones are dropped; a call to another name stays text).
     `opening`: the answer's start that the prompt ended with (a forced call, call_opening).
-    `stream_calls`: calls streamed as they are written (ToolCallParser); else whole ToolCalls."""
+    `syntax`: the template's form of call (tool_calls.call_syntax); `thinking`: whether the
+    answer starts inside a think block (None: the template writes none; starts_thinking).
+    `stream_calls`: calls streamed as they are written (ToolCallParser); else whole ToolCalls.
+    `named`: the request named the function to call (OpenAI then ends a chat answer "stop")."""
 
     def __init__(self, tool_names: frozenset[str] = frozenset(), opening: str = "",
-                 max_calls: int | None = None, stream_calls: bool = False):
-        self.parser = ToolCallParser(opening, tool_names, stream_calls) if tool_names else None
+                 max_calls: int | None = None, stream_calls: bool = False,
+                 syntax: str | None = TAGS, thinking: bool | None = None, named: bool = False):
+        self.parser = answer_parser(syntax, tool_names, opening, stream_calls,
+                                    thinking) if tool_names else None
         self.max_calls = max_calls
         self.n_calls = 0                    # calls kept so far
         self._dropping = False              # inside a streamed call past max_calls
-        self._args = (tool_names, opening, max_calls)
+        self.named = named
+        self._args = dict(tool_names=tool_names, opening=opening, max_calls=max_calls,
+                          syntax=syntax, thinking=thinking, named=named)
 
     def whole(self) -> "AnswerEvents":
         """The same answer's events for a whole (non-streamed) reply: its calls parsed whole,
         as the Python API's tool_calls (a call whose arguments never close stays text)."""
-        return AnswerEvents(*self._args)
+        return AnswerEvents(**self._args)
 
     def feed(self, text: str) -> list:
         return self._kept(self.parser.feed(text)) if self.parser is not None else [Content(text)]
@@ -88,10 +95,9 @@ class AnswerEvents:
 
 
 class ChatFormatter(Formatter):
-    def __init__(self, *a, tool_names: frozenset[str] = frozenset(),
-                 max_calls: int | None = None, opening: str = "", **kw):
+    def __init__(self, *a, answer: AnswerEvents | None = None, **kw):
         super().__init__(*a, **kw)
-        self.answer = AnswerEvents(tool_names, opening, max_calls, stream_calls=True)
+        self.answer = answer or AnswerEvents(stream_calls=True)   # (its calls streamed)
         self._n_sent = 0                    # tool calls streamed (their chunk's index)
         self._complete = 0                  # streamed calls whose arguments closed as JSON
 
@@ -134,8 +140,9 @@ class ChatFormatter(Formatter):
         """"tool_calls" when the answer ended on its own with a call to run: a whole answer's
         calls all parse; a stream's count only those whose arguments closed as JSON (one that
         did not -- cut by a stop string, or ended by a tag first -- went out as written and
-        cannot be taken back; a whole answer has it as text)."""
-        if n_calls and result.finish_reason in ("eos", "stop"):
+        cannot be taken back; a whole answer has it as text). A call to the function the
+        request named ends "stop", as OpenAI's (and vLLM's) do."""
+        if n_calls and not self.answer.named and result.finish_reason in ("eos", "stop"):
             return "tool_calls"
         return P.FINISH_REASON.get(result.finish_reason, "stop")
 

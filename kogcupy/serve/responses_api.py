@@ -58,6 +58,23 @@ class TextConfig(P._Strict):
 
 
 class ResponsesRequest(P._Strict):
+    @staticmethod
+    def precheck(obj: dict):
+        """Tools of another shape than the API's flat function tools, named as such."""
+        tools = obj.get("tools")
+        for i, t in enumerate(tools if isinstance(tools, list) else []):
+            if not isinstance(t, dict):
+                continue
+            if t.get("type") not in ("function", None):
+                raise P.APIError(400, f"tools of type {json.dumps(t.get('type'))[:40]} are not "
+                                      f"supported: kogcupy calls function tools only",
+                                 param=f"tools[{i}].type", code="unsupported_value")
+            if "function" in t and "name" not in t:
+                raise P.APIError(400, "the Responses API's function tools are flat: {\"type\": "
+                                      "\"function\", \"name\": ..., \"parameters\": {...}}; this "
+                                      "one nests them in 'function' as chat completions do",
+                                 param=f"tools[{i}]")
+
     unsupported = {
         **P._Sampling.unsupported,
         "presence_penalty": "use 'repetition_penalty'", "frequency_penalty":
@@ -222,12 +239,12 @@ class ResponsesFormatter(Formatter):
     end = b""                               # no [DONE]: response.completed ends the stream
 
     def __init__(self, rid: str, model: str, created: int, prompt_tokens: int,
-                 req: ResponsesRequest, tool_names: frozenset[str], opening: str = "",
-                 max_calls: int | None = None, sampling: dict = P.SAMPLING_DEFAULTS):
+                 req: ResponsesRequest, answer: AnswerEvents | None = None,
+                 sampling: dict = P.SAMPLING_DEFAULTS):
         super().__init__(rid, model, created, prompt_tokens)
         self.req = req
         self.sampling = sampling             # the server's defaults (echoed where req has none)
-        self.answer = AnswerEvents(tool_names, opening, max_calls, stream_calls=True)
+        self.answer = answer or AnswerEvents(stream_calls=True)   # (its calls streamed)
         self.output: list[dict] = []         # finished items
         self._msg: dict | None = None        # the message item being written
         self._fc: dict | None = None         # the function_call item being streamed
