@@ -33,11 +33,15 @@ def _set_phase(what: str | None) -> None:
 
 
 def _stdin_is_tty() -> bool:
-    return sys.stdin.isatty()
+    return sys.stdin is not None and sys.stdin.isatty()      # (None: closed, `<&-`)
+
+
+def _stdout_is_tty() -> bool:
+    return sys.stdout is not None and sys.stdout.isatty()
 
 
 def _stderr_is_tty() -> bool:
-    return sys.stderr.isatty()
+    return sys.stderr is not None and sys.stderr.isatty()
 
 
 class _UserError(click.ClickException):
@@ -47,6 +51,32 @@ class _UserError(click.ClickException):
 
     def show(self, file=None):
         click.echo(f"kogcupy: error: {self.message}", err=True)
+
+
+class _SystemError(_UserError):
+    """The machine's error found before any output (a closed stdout): one line, exit 1."""
+
+    exit_code = 1
+
+
+def _check_stdout() -> None:
+    """A closed stdout (`>&-`) is said before the model loads, not the text thrown away (click
+    writes nothing where there is no stdout)."""
+    if sys.stdout is None:
+        raise _SystemError("stdout: Bad file descriptor (it is closed)")
+
+
+def _drop_unwritten_stdout() -> bool:
+    """After a write to stdout failed (a full disk, a closed pipe): what its buffer still
+    holds is thrown away, or Python's flush at exit fails again (3 more lines, exit 120).
+    Whether there was such a failed write."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        return False
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return True
 
 
 class _Interrupted(click.ClickException):
@@ -103,10 +133,16 @@ def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None, command=No
     `prog`, `command`: the command's path and the command, for an error without a context
     (click's parser raises a missing option value without one)."""
     msg = " ".join(e.format_message().split()).rstrip(".")
-    if msg.startswith("Got unexpected extra argument"):
-        msg += "; quote an argument that has spaces, e.g. a prompt"
     path = e.ctx.command_path if e.ctx is not None else prog
     command = e.ctx.command if e.ctx is not None else command
+    if msg.startswith("Got unexpected extra argument"):
+        takes = [p for p in getattr(command, "params", ()) if isinstance(p, click.Argument)]
+        if command is not None and not takes and not isinstance(command, click.Group):
+            msg += f"; {path} takes no arguments, only options" + (
+                " (it reads each message as a line on stdin)" if command.name == "chat" else "")
+        else:
+            msg += "; quote an argument that has spaces" + (
+                ", e.g. a prompt" if command is None or _takes_prompt(command) else "")
     typo = re.match(r"No such command '(.+?)'", msg)
     if typo and isinstance(command, click.Group):   # 'gen': generate (click's difflib says env)
         starts = sorted(n for n in command.commands if n.startswith(typo.group(1)))
@@ -120,6 +156,23 @@ def usage_line(e: click.UsageError, prog: str = "kogcupy", argv=None, command=No
         hint = " " + hint[2].upper() + hint[3:]
     msg += hint
     return f"{msg} (see '{path} --help')"
+
+
+# The Python API's words in the engine's messages, and the CLI's (as check_sampling says a
+# sampling parameter by its option's name).
+_API_WORDS = ((re.compile(r"\bgpus=(\d+)"), r"--gpus \1"),
+              (re.compile(r"use backend '(\w+)' \(CPU\) or 'auto'"),
+               r"use --backend \1 (CPU) or --backend auto"),
+              (re.compile(r"; Engine\(context_length=N\)"), ""),
+              (re.compile(r"\bprefix_cache_gb\b"), "--prefix-cache-gb"))
+
+
+def error_line(e: KogError) -> str:
+    """A KogError as the CLI's one line: in its options' words, not the Python API's."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    for api, option in _API_WORDS:
+        msg = api.sub(option, msg)
+    return msg
 
 
 class _Group(click.Group):
@@ -145,7 +198,7 @@ class _Group(click.Group):
                 e, f"{ctx.command_path} {ctx.invoked_subcommand}" if sub else ctx.command_path,
                 argv=ctx.meta.get("kogcupy.argv"), command=sub)) from None
         except KogError as e:
-            raise _UserError(" ".join(str(e).split()) or type(e).__name__) from None
+            raise _UserError(error_line(e)) from None
         except KeyboardInterrupt:
             raise _Interrupted(f"interrupted while {_phase}" if _phase else "interrupted"
                                ) from None
@@ -286,9 +339,12 @@ def load_engine(model_path, dtype, backend, context_length, gpus, log_lines: boo
             label = "reference: no usable GPU, `kogcupy env` says why"
     _set_phase("loading the model")
     # a path that is not there (or the default model not installed): its one line, before
-    # the 'loading' line
+    # the 'loading' line; one that is not UTF-8 names its byte
+    from .engine import check_text
     from .model.loader import default_model_path, resolve_model_path
     from .model.weights import detect_format
+    if model_path is not None and not os.path.exists(model_path):
+        check_text(os.fspath(model_path), "the --model path")
     detect_format(default_model_path() if model_path is None else
                   resolve_model_path(os.fspath(model_path))[0])
     with _Progress(f"loading {_model_name(model_path)} ({label})", plain=log_lines) as progress:
@@ -377,6 +433,8 @@ class _Progress:
 
 def read_stdin_prompt() -> str:
     """The prompt from stdin, decoded as UTF-8 (invalid bytes are an InputError)."""
+    if sys.stdin is None:
+        raise InputError("no prompt: stdin is closed; pass PROMPT or pipe it on stdin")
     if _stdin_is_tty():
         click.echo("kogcupy: reading the prompt from stdin (end it with Ctrl-D; or pass it as "
                    "an argument)", err=True)
@@ -389,9 +447,12 @@ def read_stdin_prompt() -> str:
     except UnicodeDecodeError as e:
         raise InputError(f"the prompt on stdin is not valid UTF-8 text: byte "
                          f"0x{raw[e.start]:02x} at offset {e.start}; pass UTF-8 text") from None
-    if prompt.endswith("\n"):        # `echo ... |` adds one; it is not part of the prompt
-        prompt = prompt[:-1]
-    return prompt
+    return _strip_line_end(prompt)   # `echo ... |` adds one; it is not part of the prompt
+
+
+def _strip_line_end(text: str) -> str:
+    """`text` without one line end: "\n", or "\r\n" (a Windows file) as one."""
+    return text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
 
 
 SYSTEM_OPTION = click.option("--system", metavar="TEXT", default=None,
@@ -418,6 +479,7 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
     (bash: --stop $'\\n')."""
     from .engine import check_text
 
+    _check_stdout()
     if prompt_option is not None and prompt is not None:
         raise InputError("pass the prompt once: as PROMPT or as -p/--prompt, not both")
     seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
@@ -458,6 +520,7 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
                           repetition_penalty=repetition_penalty, seed=seed, stop=list(stop),
                           chat=chat, ignore_eos=ignore_eos)
     interrupted = False
+    ended = True                                 # the text so far ends a line
     # a prompt that takes a while (the CPU reference: seconds a thousand tokens) says so
     waiting = _Progress(f"reading the prompt ({len(gen.prompt_ids):,} tokens)", delay=1.0)
     try:
@@ -465,14 +528,16 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
             for piece in gen:
                 waiting.clear()
                 click.echo(piece, nl=False)      # echo flushes: text appears as it is made
-        click.echo("")
+                if piece:
+                    ended = piece.endswith("\n")
+        if not ended and _stdout_is_tty():       # (`> file` holds the text only, as llama.cpp's)
+            click.echo("")                       # the shell's prompt on a line of its own
     except KeyboardInterrupt:
         interrupted = True
-        click.echo("")
+        if _stdout_is_tty():                     # (after the terminal's ^C)
+            click.echo("")
     except BrokenPipeError:                      # `kogcupy generate ... | head`: stop quietly
-        gen.close()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_BROKEN_PIPE)
+        _stop_at_broken_pipe(gen)
     except OSError as e:                         # `> file` on a full disk: say what was written
         _result(gen)
         if e.filename is None and is_system_error(e):
@@ -483,9 +548,17 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
         sys.exit(EXIT_INTERRUPTED)
 
 
+def _stop_at_broken_pipe(gen):
+    """Output into a closed pipe (`| head`): the generation stops, quietly, exit 141."""
+    gen.close()
+    _drop_unwritten_stdout()
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
 CHAT_COMMAND_WORDS = ("/reset", "/exit", "/quit", "/help")
-CHAT_COMMANDS = ("/reset clears the conversation (the system prompt stays), /exit quits, "
-                 "/help shows this")
+# (as `kogcupy chat --help` says it)
+CHAT_COMMANDS = ("/reset clears the conversation (the system prompt stays), /exit (or /quit, "
+                 "or end of input) quits, /help lists these")
 
 
 @cli.command()
@@ -505,12 +578,15 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
     """
     from .engine import check_text
 
+    _check_stdout()
     seed = check_sampling(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                           seed)
     check_backend(backend, context_length, dtype, gpus)
     check_stops(stop)
     if system is not None:
         check_text(system, "--system")
+    if sys.stdin is None:
+        raise InputError("stdin is closed: `kogcupy chat` reads each message as a line on stdin")
     engine = load_engine(model_path, dtype, backend, context_length, gpus)
     if max_new_tokens == -1:
         max_new_tokens = engine.context_length    # (a turn ends at the context)
@@ -520,6 +596,7 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
     start = [{"role": "system", "content": system}] if system is not None else []
     messages = list(start)                     # the conversation so far
     turns = 0                                  # answers generated (each its own seed)
+    lines = 0                                  # lines read (an error names its line)
     interactive = _stdin_is_tty()
     if interactive:
         try:
@@ -529,8 +606,10 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
         click.echo(f"kogcupy chat ({engine.backend_name}, context {engine.context_length}): "
                    f"{CHAT_COMMANDS}.", err=True)
     while True:
+        _set_phase("waiting for input")          # (Ctrl-C on a terminal: handled below)
         try:
-            line = input(">>> " if interactive else "")
+            line = input(">>> " if interactive else "").removesuffix("\r")   # ("\r\n": one end)
+            lines += 1
         except EOFError:
             if interactive:
                 click.echo("", err=True)        # the shell's next line starts on its own
@@ -541,9 +620,11 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
             click.echo("\nkogcupy: /exit or Ctrl-D quits", err=True)
             continue
         except UnicodeDecodeError as e:
-            click.echo(f"kogcupy: error: the line read is not valid UTF-8 text "
+            lines += 1
+            click.echo(f"kogcupy: error: line {lines} is not valid UTF-8 text "
                        f"(byte 0x{e.object[e.start]:02x})", err=True)
             continue
+        _set_phase(None)
         command = line.strip()
         if not command:
             continue
@@ -563,6 +644,7 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
             continue
         turn = messages + [{"role": "user", "content": line}]
         try:
+            check_text(line, f"line {lines}")   # (undecodable bytes, as a C locale reads them)
             gen = engine.generate(turn, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, min_p=min_p,
                                   repetition_penalty=repetition_penalty,
@@ -570,16 +652,19 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
         except KogError as e:                  # e.g. the conversation outgrew the context
             hint = ("; /reset starts the conversation over" if isinstance(e, ContextLengthError)
                     and len(messages) > len(start) else "")
-            click.echo(f"kogcupy: error: {' '.join(str(e).split())}{hint}", err=True)
+            click.echo(f"kogcupy: error: {error_line(e)}{hint}", err=True)
             continue
         shown = []
         try:
-            for piece in gen:
-                click.echo(piece, nl=False)
-                shown.append(piece)
-        except KeyboardInterrupt:              # the answer so far stays in the conversation
-            pass
-        click.echo("")
+            try:
+                for piece in gen:
+                    click.echo(piece, nl=False)
+                    shown.append(piece)
+            except KeyboardInterrupt:          # the answer so far stays in the conversation
+                pass
+            click.echo("")
+        except BrokenPipeError:                # `kogcupy chat ... | head`: stop quietly
+            _stop_at_broken_pipe(gen)
         r = _result(gen)
         # what was shown: a Ctrl-C while a piece was written leaves that piece out
         text = "".join(shown) if r.finish_reason == "cancelled" else r.text
@@ -783,6 +868,7 @@ def env():
 
     from .engine import resolve_backend
 
+    _check_stdout()
     cupy_version, gpus = _gpu_lines()
     click.echo(f"kogcupy: {_version()}")
     click.echo(f"python:  {platform.python_version()} ({sys.executable})")
@@ -807,12 +893,17 @@ def env():
 
 @cli.command()
 def models():
-    """Supported model families, checkpoint formats and the checkpoints kogcupy is tested on."""
-    from .model.config import MODEL_FAMILIES, MODEL_FORMATS, TESTED_CHECKPOINTS
+    """Supported model families, checkpoint formats, what is refused and the checkpoints
+    kogcupy is tested on (the README's "Supported models")."""
+    from .model.config import MODEL_FAMILIES, MODEL_FORMATS, MODEL_REFUSALS, TESTED_CHECKPOINTS
+    _check_stdout()
     click.echo("families (HF model_type / GGUF architecture):")
     for fam, examples, notes in MODEL_FAMILIES:
         click.echo(f"  {fam:<6}  {examples}; {notes}")
-    click.echo(f"formats: {MODEL_FORMATS}")
+    for title, items in (("formats", MODEL_FORMATS), ("refused", MODEL_REFUSALS)):
+        click.echo(f"{title}:")
+        for item in items:
+            click.echo(f"  {item}")
     click.echo("tested checkpoints:")
     for name, how in TESTED_CHECKPOINTS:
         click.echo(f"  {name}: {how}")
@@ -1044,7 +1135,7 @@ def main(argv=None) -> None:
         e.show()
         sys.exit(e.exit_code)
     except KogError as e:                    # raised outside a command (e.g. while parsing)
-        click.echo(f"kogcupy: error: {' '.join(str(e).split())}", err=True)
+        click.echo(f"kogcupy: error: {error_line(e)}", err=True)
         sys.exit(EXIT_USER_ERROR)
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("kogcupy: interrupted", err=True)
@@ -1052,7 +1143,8 @@ def main(argv=None) -> None:
     except OSError as e:                     # the system's (a full disk, no permission)
         if not is_system_error(e):
             raise                            # (anything else is a bug: its traceback)
-        click.echo(f"kogcupy: error: {os_error_line(e)}", err=True)
+        where = "stdout: " if _drop_unwritten_stdout() and e.filename is None else ""
+        click.echo(f"kogcupy: error: {where}{os_error_line(e)}", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 

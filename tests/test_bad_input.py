@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import struct
 import time
 
@@ -282,9 +283,23 @@ def test_huge_layer_count_fails_fast(tmp_path):
     d = write_small_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**SMALL, "num_hidden_layers": 2**40}))
     t = time.perf_counter()
-    with pytest.raises(ModelLoadError, match="layers but the checkpoint holds only"):
+    with pytest.raises(ModelLoadError, match=r"lacks tensor 'model.layers.1.input_layernorm.weight' "
+                                             r"\(llama, 1099511627776 layers\)"):
         read_weights(d)
     assert time.perf_counter() - t < 5
+
+
+@pytest.mark.parametrize("edit, match", [
+    ({"num_key_value_heads": 0}, "config.json: num_key_value_heads must be >= 1, got 0"),
+    ({"hidden_size": "32"}, "config.json: hidden_size must be an integer, got '32'"),
+    ({"num_hidden_layers": 1.5}, "config.json: num_hidden_layers must be an integer, got 1.5"),
+    ({"model_type": None}, 'config.json has no "model_type"; kogcupy runs llama'),
+])
+def test_malformed_config_values_are_named(edit, match):
+    cfg = {k: v for k, v in {**SMALL, **edit}.items() if v is not None}
+    with pytest.raises(ModelLoadError, match=re.escape(match)):
+        config_from_hf(cfg)
+    assert config_from_hf({**SMALL, "num_key_value_heads": None}).n_kv_heads == 2   # (null: absent)
 
 
 def test_missing_tensor(tmp_path):
@@ -436,7 +451,8 @@ def test_gguf_huge_block_count_fails_fast(tmp_path):
     p = write_small_gguf(tmp_path / "m.gguf")
     _patch_after_key(p, b"llama.block_count", 4, "<I", 2**31)
     t = time.perf_counter()
-    with pytest.raises(ModelLoadError, match="layers but the checkpoint holds only"):
+    with pytest.raises(ModelLoadError, match=r"GGUF lacks tensor 'blk.1.attn_norm.weight' "
+                                             r"\(llama, 2147483648 layers\)"):
         read_weights(p)
     assert time.perf_counter() - t < 5
 

@@ -188,6 +188,8 @@ def test_no_driver_is_named_in_the_gpu_errors(monkeypatch):
     (["--seed", "-2"], "--seed must be"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--model", "/nonexistent/model/dir"], "/nonexistent/model/dir"),
+    (["--model", "/nonexistent/caf\udce9"],     # (a non-UTF-8 path, as Python reads one)
+     "the --model path is not valid UTF-8 text: undecodable byte 0xe9 at character 16"),
 ])
 def test_bad_arguments_are_one_line_errors(args, match):
     assert_user_error(invoke(["generate", "hello", *args]), match)
@@ -231,8 +233,14 @@ def test_prompt_longer_than_context(tiny_dirs):
     r = invoke(["generate", "word " * 50, "--model", tiny_dirs["llama"], "--context-length", "16",
                 "--no-chat"])
     assert_user_error(r, "context length")
-    assert "raise the context length (--context-length; Engine(context_length=N); the model has" \
-        in r.output
+    assert "raise the context length (--context-length; the model has 256 positions)" \
+        in r.output                                          # (the CLI's words, not the API's)
+    from kogcupy.engine import Engine
+    from kogcupy.errors import InputError
+    from kogcupy.model.loader import load_model
+    eng = Engine(load_model(tiny_dirs["llama"]), backend="reference", context_length=16)
+    with pytest.raises(InputError, match=r"Engine\(context_length=N\)"):
+        eng.generate("word " * 50, chat=False)
     r = invoke(["generate", "word " * 300, "--model", tiny_dirs["llama"], "--no-chat"])
     assert_user_error(r, "the model's own limit")            # (its 256 positions: no more)
 
@@ -241,7 +249,10 @@ def test_monokernel_without_gpu(tiny_dirs, monkeypatch):
     import kogcupy.engine as E
     monkeypatch.setattr(E, "gpu_info", lambda: (False, "cupy sees no GPU"))
     r = invoke(["generate", "hi", "--model", tiny_dirs["llama"], "--backend", "monokernel"])
-    assert_user_error(r, "reference")
+    assert_user_error(r, "use --backend reference (CPU) or --backend auto")
+    from kogcupy.errors import DeviceError
+    with pytest.raises(DeviceError, match="use backend 'reference'"):    # (the API's words)
+        E.check_backend_args("monokernel")
 
 
 def test_gpus_option_errors(tiny_dirs, monkeypatch):
@@ -342,7 +353,8 @@ def test_argument_checks_run_before_loading(no_load, args, match):
 def test_no_gpu_is_said_first(no_load, monkeypatch):
     import kogcupy.engine as E
     monkeypatch.setattr(E, "gpu_info", lambda: (False, "cupy sees no GPU"))
-    assert_user_error(invoke(["generate", "hi", "--gpus", "2"]), "needs 2 GPUs, but cupy sees no GPU")
+    assert_user_error(invoke(["generate", "hi", "--gpus", "2"]),
+                      "--gpus 2 needs 2 GPUs, but cupy sees no GPU")
     assert_user_error(invoke(["generate", "hi", "--gpus", "2", "--backend", "monokernel"]),
                       "needs a CUDA/ROCm GPU")
 
@@ -457,7 +469,9 @@ def test_usage_errors_are_one_line():
                         (["generate", "--max-new-tokens", "x", "hi"], "--max-new-tokens"),
                         (["bogus"], "No such command 'bogus'"),
                         (["--bogus"], "No such option '--bogus'"),
-                        (["generate", "hi", "there"], "quote an argument that has spaces")):
+                        (["generate", "hi", "there"], "quote an argument that has spaces"),
+                        (["chat", "extra"], "kogcupy chat takes no arguments, only options (it "
+                                            "reads each message as a line on stdin)")):
         r = invoke(args)
         assert_user_error(r, match)
         assert "--help" in r.stderr
@@ -625,3 +639,99 @@ def test_default_model_not_installed_is_one_line_before_loading(monkeypatch):
     monkeypatch.setattr(kogcupy.model.loader, "default_model_path", missing)
     assert_user_error(invoke(["serve"]), "default model not installed")
 
+
+def test_full_disk_on_stdout_is_one_line_after_the_flush_at_exit():
+    """`kogcupy models > /dev/full` (through `python -m kogcupy`): one line and exit 1, also
+    with stdout buffered, whose bytes Python would write again at exit (3 more lines, 120)."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}   # (CI may set it)
+    env["PYTHONPATH"] = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "kogcupy", "models"], stdout=full,
+                           stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert (r.returncode, r.stderr) == (1, "kogcupy: error: stdout: No space left on device\n")
+
+
+@pytest.mark.parametrize("args, closed, code, match", [
+    (["generate", "-n", "4"], "stdin", 2, "kogcupy: error: no prompt: stdin is closed"),
+    (["chat"], "stdin", 2, "kogcupy: error: stdin is closed: `kogcupy chat` reads each message"),
+    (["generate", "hi"], "stdout", 1, "kogcupy: error: stdout: Bad file descriptor"),
+    (["chat"], "stdout", 1, "kogcupy: error: stdout: Bad file descriptor"),
+])
+def test_closed_standard_streams_are_one_line_before_loading(no_load, monkeypatch, capsys, args,
+                                                             closed, code, match):
+    """`<&-`, `>&-`: Python starts with sys.stdin / sys.stdout None."""
+    from kogcupy.cli import main
+    monkeypatch.setattr(sys, closed, None)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == code and err.startswith(match) and err.count("\n") == 1, err
+
+
+def test_stdout_gets_only_the_text_and_a_terminal_a_final_newline(tiny_dirs, monkeypatch):
+    """`generate > file` holds exactly the completion (as llama.cpp's); on a terminal the
+    shell's prompt starts on a line of its own."""
+    import kogcupy.cli as C
+    gens = []
+    real = kogcupy.engine.Engine.generate
+
+    def spy(self, prompt, **kw):
+        gens.append(real(self, prompt, **kw))
+        return gens[-1]
+    monkeypatch.setattr(kogcupy.engine.Engine, "generate", spy)
+    args = ["generate", "Once upon a time", "--model", tiny_dirs["llama"], "-n", "5", "--no-chat"]
+    r = invoke(args)
+    assert r.exit_code == 0, (r.stderr, r.exception)
+    text = gens[-1].result.text
+    assert r.stdout == text
+    monkeypatch.setattr(C, "_stdout_is_tty", lambda: True)
+    r = invoke(args)
+    assert r.stdout == text + ("" if text.endswith("\n") else "\n")
+
+
+def test_crlf_ends_a_stdin_prompt_as_one_line_end(tiny_dirs, monkeypatch):
+    seen = []
+    real = kogcupy.engine.Engine.generate
+
+    def spy(self, prompt, **kw):
+        seen.append(prompt)
+        return real(self, prompt, **kw)
+    monkeypatch.setattr(kogcupy.engine.Engine, "generate", spy)
+    for stdin in ("Say hi\r\n", "Say hi\n"):
+        r = CliRunner().invoke(cli, ["generate", "--model", tiny_dirs["llama"], "-n", "2",
+                                     "--no-chat"], input=stdin.encode())
+        assert r.exit_code == 0, (r.stderr, r.exception)
+    assert seen == ["Say hi", "Say hi"]
+
+
+def test_models_and_the_readme_agree():
+    """`kogcupy models` prints the README's "Supported models" list: the same families,
+    formats, refusals and tested checkpoints (config.py holds them)."""
+    from kogcupy.model.config import (MODEL_FAMILIES, MODEL_FORMATS, MODEL_REFUSALS,
+                                      TESTED_CHECKPOINTS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md"), encoding="utf-8").read()
+    section = " ".join(readme.split("## Supported models")[1].split("\n## ")[0]
+                       .replace("`", "").split())
+    out = invoke(["models"]).stdout
+    for fam, examples, notes in MODEL_FAMILIES:
+        assert f"| {fam} | {examples} | {notes} |" in section, fam
+        assert f"{examples}; {notes}" in out
+    for item in MODEL_FORMATS + MODEL_REFUSALS:
+        assert item in section and f"  {item}\n" in out, item
+    for name, how in TESTED_CHECKPOINTS:
+        assert f"| {name} | {how} |" in section and f"  {name}: {how}\n" in out, name
+
+
+def test_help_texts_name_what_works():
+    """chat's /help says what `chat --help` says; repack's SRC is anything --model takes."""
+    from kogcupy.cli import CHAT_COMMANDS
+    from weights_tools.repack import repack_command
+    chat_help = " ".join(invoke(["chat", "--help"]).stdout.split())
+    assert CHAT_COMMANDS in chat_help and "/quit" in CHAT_COMMANDS and "end of input" in CHAT_COMMANDS
+    repack_help = " ".join(CliRunner().invoke(repack_command, ["--help"]).stdout.split())
+    for what in ("HF directory", ".gguf", "split GGUF", "packed directory", "hub id"):
+        assert what in repack_help, what

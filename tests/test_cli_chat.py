@@ -151,7 +151,8 @@ def test_ctrl_c_at_the_prompt_keeps_the_session(tiny_dirs, spy, monkeypatch):
     monkeypatch.setattr(C, "_stdin_is_tty", lambda: False)
     lines = iter([KeyboardInterrupt])
     r = CliRunner().invoke(cli, ["chat", "--model", tiny_dirs["llama"], *TINY])
-    assert r.exit_code == 130 and r.stderr.strip() == "kogcupy: interrupted", r.stderr
+    assert r.exit_code == 130 and r.stderr == "kogcupy: interrupted while waiting for input\n", \
+        r.stderr
 
 
 def test_errors_keep_the_session_or_stop_it(tiny_dirs, tmp_path):
@@ -179,3 +180,34 @@ def test_errors_keep_the_session_or_stop_it(tiny_dirs, tmp_path):
     assert r.exit_code == 0, r.stderr                # (no --chat: plain text completion)
     r = chat(["--model", os.fspath(d), "--temperature", "-1"], ["hi"])
     assert r.exit_code == 2 and "temperature" in r.stderr
+
+
+def test_lines_end_crlf_and_errors_name_the_line(tiny_dirs, spy, monkeypatch, capsys):
+    """A "\r\n" line end is one line end; an undecodable byte (a C locale reads it as a lone
+    surrogate) is an error naming the line, not the API's chat message index."""
+    import io
+    import sys
+    from kogcupy.cli import main
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(
+        io.BytesIO(b"The fox\r\ncaf\xe9\r\n"), encoding="utf-8", errors="surrogateescape"))
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "--model", tiny_dirs["llama"], *TINY])
+    err = capsys.readouterr().err
+    assert e.value.code == 0 and len(spy) == 1 and spy[0][-1]["content"] == "The fox", err
+    assert "kogcupy: error: line 2 is not valid UTF-8 text: undecodable byte 0xe9 at character 3" \
+        in err and "chat message" not in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_output_into_a_closed_pipe_stops_quietly(tiny_dirs, monkeypatch, capsys, command):
+    """`kogcupy chat | head -c 5`: exit 141 and nothing said, as generate (click's own EPIPE
+    handling exits 1)."""
+    import io
+    import sys
+    from conftest import interrupt_at
+    from kogcupy.cli import main
+    interrupt_at(monkeypatch, "echo", 2, BrokenPipeError(32, "Broken pipe"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The fox\n"))
+    with pytest.raises(SystemExit) as e:
+        main([command, "--model", tiny_dirs["llama"], *TINY])
+    assert e.value.code == 141 and capsys.readouterr().err == ""

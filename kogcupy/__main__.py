@@ -1,0 +1,4 @@
+"""`python -m kogcupy`: the `kogcupy` command."""
+from .cli import main
+
+main()
