@@ -543,7 +543,9 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
         if e.filename is None and is_system_error(e):
             raise OSError(e.errno, e.strerror, "stdout") from None
         raise
-    click.echo(_with_seed(_result(gen).stats_line(), temperature, seed), err=True)
+    # text into a pipe (`| tee`) that ended mid-line, the stats on a terminal: their own line
+    lead = "\n" if not ended and not _stdout_is_tty() and _stderr_is_tty() else ""
+    click.echo(lead + _with_seed(_result(gen).stats_line(), temperature, seed), err=True)
     if interrupted:
         sys.exit(EXIT_INTERRUPTED)
 
@@ -620,8 +622,8 @@ def chat(model_path, system, max_new_tokens, temperature, top_k, top_p, min_p,
             click.echo("\nkogcupy: /exit or Ctrl-D quits", err=True)
             continue
         except UnicodeDecodeError as e:
-            lines += 1
-            click.echo(f"kogcupy: error: line {lines} is not valid UTF-8 text "
+            # (stdin decoded strictly decodes a chunk of lines at once: which line is unknown)
+            click.echo(f"kogcupy: error: the input read is not valid UTF-8 text "
                        f"(byte 0x{e.object[e.start]:02x})", err=True)
             continue
         _set_phase(None)

@@ -265,8 +265,9 @@ class GenerationResult:
     pct_of_bandwidth: float | None = None   # gb_per_s / the device's measured read bandwidth
     cached_tokens: int = 0          # prompt tokens restored from the prefix cache, not run
     seed: int | None = None         # the sampling seed (given, or drawn when none was)
-    # generated with tools: the <tool_call> blocks of text that call one of them as OpenAI
-    # tool_calls, and the text outside those (without tools: no calls, content == text)
+    # generated with tools: the text's calls to one of them (in the template's form, as
+    # tool_calls.call_syntax reads it) as OpenAI tool_calls, and the text outside those
+    # (without tools: no calls, content == text)
     tool_calls: list[dict] = field(default_factory=list)
     content: str = ""
 
@@ -439,7 +440,8 @@ class Generation:
             template = self._tokenizer.chat_template
             content, calls = parse_tool_calls(
                 text, names=tool_names(self._tools), syntax=call_syntax(template),
-                thinking=starts_thinking(template, self._tokenizer.decode(self.prompt_ids[-16:])))
+                thinking=starts_thinking(template,
+                                         lambda: self._tokenizer.decode(self.prompt_ids[-16:])))
         self.result = GenerationResult(
             token_ids=list(self._token_ids), text=text,
             finish_reason=finish_reason, prompt_tokens=len(self.prompt_ids),
@@ -636,8 +638,8 @@ class Engine:
         ``.result``. prompt: str (through the chat template when the model has one, unless
         chat=False), token ids, or OpenAI-style messages; tools: OpenAI tool dicts passed to
         the chat template (the text streams as the model writes it; ``result.tool_calls`` then
-        holds its ``<tool_call>`` blocks that call one of them as OpenAI tool calls,
-        ``result.content`` the rest).
+        holds its calls to one of them, in the form the template asks for, as OpenAI tool
+        calls, ``result.content`` the rest).
         temperature 0 is greedy; top_k 0 or -1, top_p 1, min_p 0, repetition_penalty 1 are
         off; seed None or -1: a random one (``result.seed``); stop: strings the text ends
         before; ignore_eos: generate on past EOS up to max_new_tokens (benchmarks; EOS tokens

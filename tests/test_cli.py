@@ -687,9 +687,15 @@ def test_stdout_gets_only_the_text_and_a_terminal_a_final_newline(tiny_dirs, mon
     assert r.exit_code == 0, (r.stderr, r.exception)
     text = gens[-1].result.text
     assert r.stdout == text
+    monkeypatch.setattr(C, "_stderr_is_tty", lambda: True)    # (`| tee` on a terminal)
+    r = invoke(args)
+    assert not text.endswith("\n") and r.stdout == text
+    assert "\x1b[K\nkogcupy: 5 tokens" in r.stderr, r.stderr      # the stats on a line of their own
+    monkeypatch.setattr(C, "_stderr_is_tty", lambda: False)
     monkeypatch.setattr(C, "_stdout_is_tty", lambda: True)
     r = invoke(args)
-    assert r.stdout == text + ("" if text.endswith("\n") else "\n")
+    assert r.stdout == text + "\n"
+    assert r.stderr.startswith("kogcupy: 5 tokens"), r.stderr        # (no empty line first)
 
 
 def test_crlf_ends_a_stdin_prompt_as_one_line_end(tiny_dirs, monkeypatch):

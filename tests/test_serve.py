@@ -554,9 +554,9 @@ def test_calls_in_a_think_block_are_thoughts():
             assert [e.name for e in events if isinstance(e, ToolCall)] == ["f"]
     # a template without think blocks (thinking None): the tags are text and calls parse
     assert [c.name for c in parse_tool_calls(thought)[1]] == ["f"]
-    assert starts_thinking("{{ '</think>' }}", "<|im_start|>assistant\n<think>\n") is True
-    assert starts_thinking("{{ '</think>' }}", "<think>\n\n</think>\n\n") is False
-    assert starts_thinking("no think tags", "<think>\n") is None
+    assert starts_thinking("{{ '</think>' }}", lambda: "<|im_start|>assistant\n<think>\n") is True
+    assert starts_thinking("{{ '</think>' }}", lambda: "<think>\n\n</think>\n\n") is False
+    assert starts_thinking("no think tags", lambda: 1 / 0) is None     # (the prompt not read)
 
 
 def test_llama_json_calls():
@@ -572,14 +572,15 @@ def test_llama_json_calls():
     for text, want in ((one, [("f", {"a": "x;y}"})]),
                        ("\n<|python_tag|>" + one + "; " + one.replace('"f"', '"g"'),
                         [("f", {"a": "x;y}"}), ("g", {"a": "x;y}"})]),
-                       ('{"name": "f", "arguments": {}}\n', [("f", {})])):
+                       ('{"name": "f", "arguments": {}}\n', [("f", {})]),
+                       ('{"name": "f", "parameters": {}};\n', [("f", {})])):
         content, calls = parse_tool_calls(text, names, syntax=JSON)
         assert content == "" and [(c.name, json.loads(c.arguments)) for c in calls] == want
         for size in (1, 4):
             events = _chunked(answer_parser(JSON, names, stream_calls=True), text, size)
             assert [(e.name, e.arguments) for e in events] == [(c.name, c.arguments)
                                                                for c in calls]
-    for text in ("Sure: " + one, '{"city": "Paris"}', one + " and more", one[:-1],
+    for text in ("Sure: " + one, '{"city": "Paris"}', one + " and more", one[:-1], one + ";;",
                  one.replace('"f"', '"h"'), "  ", ""):
         assert parse_tool_calls(text, names, syntax=JSON) == (text, []), text
     p = answer_parser(JSON, names)
@@ -627,14 +628,17 @@ dictionary of argument name and its value}.' }}{{- "\\n</tools>""")
                                             chat_template=thinking),
                         script=lambda u: thought + "Hi." + CALL_TEXT[len("Let me check."):])
     c = srv.client()
-    for stream in (False, True):
+    for stream, one in ((False, False), (True, False), (False, True)):
+        kw = {"parallel_tool_calls": False} if one else {}   # (no stop at a thought's tag)
         if stream:
-            content, calls, finish = _stream_chat(c, msgs, tools=[WEATHER_TOOL])
+            content, calls, finish = _stream_chat(c, msgs, tools=[WEATHER_TOOL], **kw)
             names = [x["name"] for x in calls]
         else:
-            r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL])
+            r = c.chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
+                                          **kw)
             content, finish = r.choices[0].message.content, r.choices[0].finish_reason
             names = [t.function.name for t in r.choices[0].message.tool_calls]
+        assert eng.calls[-1]["stop"] == []
         assert (content, names, finish) == (thought + "Hi.", ["get_weather"], "tool_calls")
 
 
@@ -1473,6 +1477,8 @@ def test_forced_tool_choice(scripted, tiny_models):
     srv.client().chat.completions.create(model="scripted", messages=msgs, tools=[WEATHER_TOOL],
                                          tool_choice="none")
     assert '"get_weather"' in eng.calls[-1]["prompt"]
+    r = httpx.post(srv.url + "/tokenize", json={"messages": msgs, "tools": [WEATHER_TOOL]})
+    assert r.status_code == 200 and r.json()["count"] > 0, r.text     # (no answer to read)
 
 
 def test_responses_api(scripted):

@@ -35,6 +35,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 OPEN_TAG = "<tool_call>"
 CLOSE_TAG = "</tool_call>"
@@ -56,13 +57,14 @@ def call_syntax(template: str | None) -> str | None:
     return JSON if _JSON_HINT in template else None
 
 
-def starts_thinking(template: str | None, prompt_tail: str) -> bool | None:
+def starts_thinking(template: str | None, prompt_tail: Callable[[], str]) -> bool | None:
     """None when the template writes no think blocks; else whether the answer starts inside one
-    (the prompt, whose end is `prompt_tail`, opened ``<think>`` for the model, as Qwen3's
+    (the prompt, whose end `prompt_tail()` gives, opened ``<think>`` for the model, as Qwen3's
     thinking templates do). A call inside a think block is a thought, not a call."""
     if not template or THINK_CLOSE not in template:
         return None
-    return prompt_tail.rfind(THINK_OPEN) > prompt_tail.rfind(THINK_CLOSE)
+    tail = prompt_tail()
+    return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
 
 
 @dataclass
@@ -459,10 +461,10 @@ class JsonCallParser:
                 return None
             calls.append(call)
             text = text[k:].lstrip()
+            if text[:1] == ";":
+                text = text[1:].lstrip()
             if not text:
                 return calls
-            if text[0] == ";":
-                text = text[1:]
 
     def finish(self) -> list:
         text, self._buf = self._buf, ""

@@ -377,11 +377,6 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         if tools and not supports_tools:
             raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
                                   f"takes no 'tools'", param="tools")
-        if tools and tool_choice != "none" and syntax is None:
-            raise P.APIError(400, f"model '{name}' has no tool calls kogcupy can read: its chat "
-                                  f"template asks for neither {OPEN_TAG} tags nor Llama 3 JSON "
-                                  f"calls (tool_choice \"none\" puts the tools in the prompt "
-                                  f"and leaves the answer as text)", param="tool_choice")
         for i, m in enumerate(messages):
             if m.get("tool_calls") and not renders_calls:
                 raise P.APIError(400, f"model '{name}' does not support tools: its chat template "
@@ -422,6 +417,11 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         text)."""
         tools = template_tools(req.tools, req.tool_choice, messages, req.chat_template_kwargs,
                                where)
+        if tools and req.tool_choice != "none" and syntax is None:
+            raise P.APIError(400, f"model '{name}' has no tool calls kogcupy can read: its chat "
+                                  f"template asks for neither {OPEN_TAG} tags nor Llama 3 JSON "
+                                  f"calls (tool_choice \"none\" puts the tools in the prompt "
+                                  f"and leaves the answer as text)", param="tools")
         function_name = req.tool_choice_name()
         opening = forced_call(req.tool_choice, function_name, tools, add_generation_prompt,
                               continue_final_message)
@@ -433,11 +433,12 @@ def create_app(engine, served_model_name: str | None = None, api_key: str | None
         parse = bool(tools) and req.tool_choice != "none"
         names = tool_names(tools) if parse else frozenset()
         one_call = parse and (function_name is not None or req.parallel_tool_calls is False)
-        if one_call and syntax == TAGS:      # the answer ends with the call's closing tag
-            kw["stop"] = [*kw["stop"], CLOSE_TAG]
         thinking = None
         if parse and not opening:           # (a forced call's opening is no thought)
-            thinking = starts_thinking(tk.chat_template, tk.decode(ids[-16:]))
+            thinking = starts_thinking(tk.chat_template, lambda: tk.decode(ids[-16:]))
+        if one_call and syntax == TAGS and thinking is None:
+            kw["stop"] = [*kw["stop"], CLOSE_TAG]    # the answer ends with the call's closing
+            # tag (not where a call may be a thought: later calls are dropped instead)
         answer = AnswerEvents(names, opening, 1 if one_call else None, stream_calls=True,
                               syntax=syntax, thinking=thinking, named=function_name is not None)
         fmt = make_formatter(len(ids), answer=answer)
