@@ -40,6 +40,15 @@ def _stdout_is_tty() -> bool:
     return sys.stdout is not None and sys.stdout.isatty()
 
 
+def _stdout_is_stderr() -> bool:
+    """Whether stdout and stderr write to the same file or pipe (`2>&1`)."""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):     # (no stream, or no file behind it)
+        return False
+    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+
+
 def _stderr_is_tty() -> bool:
     return sys.stderr is not None and sys.stderr.isatty()
 
@@ -543,8 +552,10 @@ def generate(prompt, model_path, prompt_option, system, max_new_tokens, temperat
         if e.filename is None and is_system_error(e):
             raise OSError(e.errno, e.strerror, "stdout") from None
         raise
-    # text into a pipe (`| tee`) that ended mid-line, the stats on a terminal: their own line
-    lead = "\n" if not ended and not _stdout_is_tty() and _stderr_is_tty() else ""
+    # text into a pipe or file that ended mid-line, the stats on a terminal (`| tee`) or in the
+    # same file (`> log 2>&1`): the stats on a line of their own
+    lead = "\n" if not ended and not _stdout_is_tty() and (
+        _stderr_is_tty() or _stdout_is_stderr()) else ""
     click.echo(lead + _with_seed(_result(gen).stats_line(), temperature, seed), err=True)
     if interrupted:
         sys.exit(EXIT_INTERRUPTED)

@@ -692,6 +692,10 @@ def test_stdout_gets_only_the_text_and_a_terminal_a_final_newline(tiny_dirs, mon
     assert not text.endswith("\n") and r.stdout == text
     assert "\x1b[K\nkogcupy: 5 tokens" in r.stderr, r.stderr      # the stats on a line of their own
     monkeypatch.setattr(C, "_stderr_is_tty", lambda: False)
+    monkeypatch.setattr(C, "_stdout_is_stderr", lambda: True)     # (`> log 2>&1`)
+    r = invoke(args)
+    assert r.stdout == text and r.stderr.startswith("\nkogcupy: 5 tokens"), r.stderr
+    monkeypatch.setattr(C, "_stdout_is_stderr", lambda: False)
     monkeypatch.setattr(C, "_stdout_is_tty", lambda: True)
     r = invoke(args)
     assert r.stdout == text + "\n"
