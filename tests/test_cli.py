@@ -94,14 +94,21 @@ def test_generate_stop_string(cached_default_model):
     assert "Paris" not in r.stdout and "finish stop" in r.stderr
 
 
-def test_generate_system_prompt(cached_default_model, monkeypatch):
-    seen = []
+def _spy_generate(monkeypatch):
+    """(prompts, generations): what each Engine.generate call got and returned."""
+    prompts, gens = [], []
     real = kogcupy.engine.Engine.generate
 
     def spy(self, prompt, **kw):
-        seen.append(prompt)
-        return real(self, prompt, **kw)
+        prompts.append(prompt)
+        gens.append(real(self, prompt, **kw))
+        return gens[-1]
     monkeypatch.setattr(kogcupy.engine.Engine, "generate", spy)
+    return prompts, gens
+
+
+def test_generate_system_prompt(cached_default_model, monkeypatch):
+    seen, _ = _spy_generate(monkeypatch)
     r = invoke(["generate", "--system", "Answer in French.", "-n", "3", "Hi"])
     assert r.exit_code == 0, (r.stderr, r.exception)
     assert seen == [[{"role": "system", "content": "Answer in French."},
@@ -675,13 +682,7 @@ def test_stdout_gets_only_the_text_and_a_terminal_a_final_newline(tiny_dirs, mon
     """`generate > file` holds exactly the completion (as llama.cpp's); on a terminal the
     shell's prompt starts on a line of its own."""
     import kogcupy.cli as C
-    gens = []
-    real = kogcupy.engine.Engine.generate
-
-    def spy(self, prompt, **kw):
-        gens.append(real(self, prompt, **kw))
-        return gens[-1]
-    monkeypatch.setattr(kogcupy.engine.Engine, "generate", spy)
+    _, gens = _spy_generate(monkeypatch)
     args = ["generate", "Once upon a time", "--model", tiny_dirs["llama"], "-n", "5", "--no-chat"]
     r = invoke(args)
     assert r.exit_code == 0, (r.stderr, r.exception)
@@ -703,13 +704,7 @@ def test_stdout_gets_only_the_text_and_a_terminal_a_final_newline(tiny_dirs, mon
 
 
 def test_crlf_ends_a_stdin_prompt_as_one_line_end(tiny_dirs, monkeypatch):
-    seen = []
-    real = kogcupy.engine.Engine.generate
-
-    def spy(self, prompt, **kw):
-        seen.append(prompt)
-        return real(self, prompt, **kw)
-    monkeypatch.setattr(kogcupy.engine.Engine, "generate", spy)
+    seen, _ = _spy_generate(monkeypatch)
     for stdin in ("Say hi\r\n", "Say hi\n"):
         r = CliRunner().invoke(cli, ["generate", "--model", tiny_dirs["llama"], "-n", "2",
                                      "--no-chat"], input=stdin.encode())
