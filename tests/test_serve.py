@@ -1138,6 +1138,35 @@ def test_run_server_returns_on_ctrl_c(monkeypatch):
     assert A.run_server(object(), port=8765) is None and ran == [8765]
 
 
+def test_a_second_ctrl_c_quits_without_a_traceback():
+    """A second Ctrl-C while the server shuts down (uvicorn's force quit) skipped the app's
+    shutdown; asyncio then cancelled it and the log got a traceback. It shuts down cleanly."""
+    import subprocess
+    import sys
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    code = ("import contextlib\nfrom fastapi import FastAPI\nfrom kogcupy.serve.app import "
+            "run_server\n@contextlib.asynccontextmanager\nasync def life(app):\n    yield\n"
+            f"run_server(FastAPI(lifespan=life), port={port})\nprint('returned')\n")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__)))}
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        def listening():
+            with socket.socket() as c:
+                return c.connect_ex(("127.0.0.1", port)) == 0
+        wait_until(listening, 30, "listening")
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.05)                  # (not at once: two pending signals are one)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert out == "returned\n" and "Application shutdown complete" in err, err
+    assert "Traceback" not in err, err
+
 def test_deeply_nested_json_is_never_a_server_error(scripted):
     """Nesting that the JSON decoder, pydantic or the template's tojson cannot follow is a
     400 wherever it stops (the depths around the interpreter's recursion limit)."""
