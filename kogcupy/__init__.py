@@ -6,7 +6,7 @@
     gen = engine.generate("Hello", max_new_tokens=32)
     for piece in gen:
         print(piece, end="", flush=True)
-    print(gen.result.tokens_per_s)
+    print(f"\n{gen.result.tokens_per_s:.1f} tok/s")
 """
 from .errors import KogError
 from .model.config import ModelConfig
@@ -23,7 +23,11 @@ def __getattr__(name):
     if name == "Engine":
         from .engine import Engine
         return Engine
-    raise AttributeError(name)
+    raise AttributeError(f"module 'kogcupy' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {"load_model", "Engine"})
 
 
 __all__ = ["load_model", "Engine", "ModelConfig", "SamplingParams", "KogError", "__version__"]

@@ -2,7 +2,8 @@
 
     engine = Engine(model)                              # "auto": monokernel on a GPU, else reference
     gen = engine.generate("Hello", max_new_tokens=32, stop=["\\n\\n"])
-    for piece in gen:                                   # text pieces, never broken UTF-8
+    for piece in gen:                # text pieces, never broken UTF-8 (a length cut inside a
+                                     # character ends with U+FFFD, as HF's decode does)
         print(piece, end="", flush=True)
     gen.result                                          # GenerationResult, after exhaustion
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import json
 import numbers
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -134,7 +136,7 @@ def check_context_length(context_length: int | None, limit: int | None = None) -
     """InputError unless `context_length` is None or an integer in [2, limit]."""
     if context_length is None:
         return
-    if isinstance(context_length, bool) or not isinstance(context_length, int) \
+    if isinstance(context_length, bool) or not isinstance(context_length, numbers.Integral) \
             or context_length < 2:
         raise InputError(f"context_length must be an integer >= 2, got {context_length!r}")
     if limit is not None and context_length > limit:
@@ -148,6 +150,7 @@ def resolve_context_length(model, context_length: int | None) -> int:
     limit = model_positions(model)
     max_pos = int(model.config.max_position_embeddings)
     check_context_length(context_length, max_pos)
+    context_length = None if context_length is None else int(context_length)   # (NumPy's too)
     if context_length is not None and context_length > limit:
         how = (f"random_model(cfg, rope_positions={context_length})"
                if str(getattr(model, "path", "")).startswith("random(")
@@ -295,8 +298,9 @@ class Generation:
 
     def __init__(self, backend, stream, prompt_ids: list[int], tokenizer, eos_ids: set[int],
                  stop: list[str], seed: int | None = None, tools=None,
-                 skip_special_tokens: bool = False):
+                 skip_special_tokens: bool = False, lock=None):
         self._backend = backend
+        self._lock = lock or threading.RLock()   # the engine's: one backend step at a time
         self._tools = tools             # the request's tools: calls to them are parsed at the end
         self._tokenizer = tokenizer
         self.stream = stream
@@ -330,7 +334,8 @@ class Generation:
         if self._t_begin is None:
             self._t_begin = time.perf_counter()
         try:
-            return self._next_piece()
+            with self._lock:
+                return self._next_piece()
         except KeyboardInterrupt:
             self._cancel()
             raise
@@ -343,9 +348,10 @@ class Generation:
 
     # -- internals ------------------------------------------------------------------------
     def _cancel(self):
-        self.stream.cancel()
-        self._drain()
-        self._finalize("cancelled")
+        self.stream.cancel()                 # (a flag: at once, from any thread)
+        with self._lock:
+            self._drain()
+            self._finalize("cancelled")
 
     def _drain(self):
         """Let the backend wind down after a cancel; later tokens are dropped."""
@@ -495,7 +501,9 @@ def _describe(x) -> str:
 
 
 class Engine:
-    """One model on one backend; ``generate`` serves one request at a time (batch 1)."""
+    """One model on one backend; ``generate`` serves one request at a time (batch 1). Threads
+    may share it: their calls take turns a step at a time, and a later generate() or logits()
+    still stops an unfinished Generation, whichever thread iterates it."""
 
     def __init__(self, model, backend: str = "auto", context_length: int | None = None,
                  gpus: int = 1, prefix_cache_gb: float | None = None, **backend_kw):
@@ -516,6 +524,7 @@ class Engine:
         if prefix_cache_gb is not None:
             backend_kw["prefix_cache_gb"] = prefix_cache_gb
         self.model = model
+        self._lock = threading.RLock()       # the backend's state: one call or step at a time
         self.backend = make_backend(model, backend, context_length, gpus, **backend_kw)
         self.backend_name: str = self.backend.name
         # the backend may cap it (memory)
@@ -587,6 +596,8 @@ class Engine:
     def encode_prompt(self, prompt, chat: bool | None = None, tools=None) -> list[int]:
         """Prompt (str, token ids or chat messages) -> ids, through the chat template when asked
         / by default (always for messages)."""
+        if chat is not None and not isinstance(chat, bool):
+            raise InputError(f"chat must be True, False or None, got {chat!r}")
         if _is_messages(prompt):
             if chat is False:
                 raise InputError("chat messages are always rendered through the chat template; "
@@ -628,7 +639,8 @@ class Engine:
         if len(ids) > self.context_length:
             raise ContextLengthError(f"{len(ids)} tokens exceed the context length "
                                      f"{self.context_length}", len(ids))
-        return self.backend.logits(ids)
+        with self._lock:
+            return self.backend.logits(ids)
 
     def generate(self, prompt, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -645,6 +657,10 @@ class Engine:
         before; ignore_eos: generate on past EOS up to max_new_tokens (benchmarks; EOS tokens
         stay out of the text). One request at a time: a later generate() or logits()
         stops this one (its finish reason is then 'cancelled')."""
+        if isinstance(max_new_tokens, SamplingParams):
+            raise InputError("generate takes the sampling as keyword arguments (temperature=, "
+                             "top_k=, top_p=, min_p=, repetition_penalty=, seed=), not a "
+                             "SamplingParams")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) \
                 or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -668,8 +684,10 @@ class Engine:
             raise InputError(f"ignore_eos must be True or False, got {ignore_eos!r}")
         ids = self.encode_prompt(prompt, chat, tools)
         eos = self.eos_ids
-        stream = self.backend.start(ids, params, max_new_tokens, set() if ignore_eos else eos)
+        with self._lock:
+            stream = self.backend.start(ids, params, max_new_tokens,
+                                        set() if ignore_eos else eos)
         # ignore_eos: past EOS the model writes made-up turns; their markers (special tokens)
         # stay out of the text, as the EOS tokens do
         return Generation(self.backend, stream, ids, self.tokenizer, eos, stop, params.seed,
-                          tools=tools or None, skip_special_tokens=ignore_eos)
+                          tools=tools or None, skip_special_tokens=ignore_eos, lock=self._lock)

@@ -41,7 +41,8 @@ class SamplingParams:
         if not (0.0 < self.repetition_penalty < float("inf")):
             bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if not 0 <= self.seed < 2**64:
-            bad(f"seed must be -1 (a random one) or an integer in [0, 2**64), got {self.seed}")
+            bad(f"seed must be an integer in [0, 2**64), got {self.seed} (Engine.generate takes "
+                f"None or -1 for a random one)")
 
     @property
     def greedy(self) -> bool:

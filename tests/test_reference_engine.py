@@ -262,3 +262,60 @@ def test_stats_line_counts_and_rates():
     assert r.stats_line().startswith("kogcupy: 1 token, prefill 0.250 s (5 prompt tokens")
     r = dataclasses.replace(r, token_ids=[7, 8, 9], decode_s=0.5, tokens_per_s=4.0)
     assert r.stats_line().startswith("kogcupy: 3 tokens, 4.0 tok/s, prefill")
+
+
+def test_threads_take_turns(tiny_models, monkeypatch):
+    """A generate() from another thread waits for the step that runs (it used to reset the
+    KV cache under it: wrong greedy text, no error), then stops the earlier Generation."""
+    import threading
+
+    from kogcupy.reference.backend import ReferenceTokenStream
+    eng = Engine(tiny_models["llama"], backend="reference", context_length=256)
+    want = run(eng.generate([5, 6, 7], max_new_tokens=8, ignore_eos=True))[1].token_ids
+    in_step, release = threading.Event(), threading.Event()
+    step = ReferenceTokenStream.__next__
+
+    def slow_step(self):                  # the first step of the long run holds until released
+        if not in_step.is_set():
+            in_step.set()
+            release.wait(10)
+        return step(self)
+    monkeypatch.setattr(ReferenceTokenStream, "__next__", slow_step)
+    long = eng.generate([1, 2, 3], max_new_tokens=200, ignore_eos=True)
+    first = threading.Thread(target=next, args=(long,))
+    first.start()
+    assert in_step.wait(10)
+    box = {}
+    other = threading.Thread(target=lambda: box.update(gen=eng.generate(
+        [5, 6, 7], max_new_tokens=8, ignore_eos=True)))
+    other.start()
+    other.join(0.3)
+    assert other.is_alive() and not box        # waits for the running step
+    release.set()
+    first.join(10)
+    other.join(10)
+    assert run(box["gen"])[1].token_ids == want
+    list(long)                                   # (its first piece went to the other thread)
+    assert long.result.finish_reason == "cancelled"
+
+
+def test_library_arguments_checked_as_documented(tiny_models):
+    """What a library user passes wrongly is an InputError naming it; NumPy numbers count."""
+    import numpy as np
+
+    import kogcupy
+    from kogcupy import SamplingParams, load_model
+    m = tiny_models["llama"]
+    eng = Engine(m, backend="reference", context_length=np.int64(64), prefix_cache_gb=np.float32(.1))
+    assert eng.context_length == 64 and type(eng.context_length) is int
+    for call, match in ((lambda: eng.generate("hi", SamplingParams()), "keyword arguments"),
+                        (lambda: eng.generate("hi", chat="false"), "chat must be"),
+                        (lambda: Engine(m, backend="reference", batch_prefill="no"), "batch_prefill"),
+                        (lambda: Engine(m, backend="reference", trace=5), "trace"),
+                        (lambda: load_model(123), "takes a path"),
+                        (lambda: SamplingParams(seed=-2), "None or -1 for a random one")):
+        with pytest.raises(InputError, match=match):
+            call()
+    assert {"Engine", "load_model"} <= set(dir(kogcupy))
+    with pytest.raises(AttributeError, match="no attribute 'Foo'"):
+        kogcupy.Foo  # noqa: B018

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import numbers
 import time
 
 import numpy as np
@@ -63,7 +64,8 @@ def prefix_cache_budget(gb: float | None) -> float:
     """Bytes for earlier requests' K/V: `gb` GB (1e9 bytes), or by default a fifth of the
     GPU memory left free after the weights and the live KV cache (0 turns reuse off)."""
     if gb is not None:
-        if not (isinstance(gb, (int, float)) and not isinstance(gb, bool) and 0 <= gb < float("inf")):
+        if not (isinstance(gb, numbers.Real) and not isinstance(gb, bool)
+                and 0 <= gb < float("inf")):
             raise InputError(f"prefix_cache_gb must be a number >= 0, got {gb!r}")
         return gb * 1e9
     free, _ = _cupy().cuda.runtime.memGetInfo()

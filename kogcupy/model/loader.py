@@ -109,6 +109,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: str | None = None,
     from . import weights as W
     from ..engine import check_context_length
     check_context_length(context_length)
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"load_model takes a path (str or os.PathLike) or None, got "
+                         f"{type(path).__name__}")
     dtype = normalize_dtype(dtype)
     path, hub_id = (default_model_path(), None) if path is None else \
         resolve_model_path(os.fspath(path))

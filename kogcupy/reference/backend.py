@@ -14,6 +14,7 @@ hd head_dim, V vocab, n tokens in the block being run, T attended positions.
 """
 from __future__ import annotations
 
+import numbers
 import time
 from typing import Callable, Optional, Union
 
@@ -326,9 +327,13 @@ class ReferenceBackend:
                  trace: Trace = None, prefix_cache_gb: float = DEFAULT_PREFIX_CACHE_GB, **kw):
         """prefix_cache_gb: host memory (1e9 bytes) for the KV of earlier requests, 0 = off;
         a traced backend records every position, so it never reuses a prefix."""
-        if isinstance(prefix_cache_gb, bool) or not isinstance(prefix_cache_gb, (int, float)) \
+        if isinstance(prefix_cache_gb, bool) or not isinstance(prefix_cache_gb, numbers.Real) \
                 or not 0 <= prefix_cache_gb < float("inf"):
             raise InputError(f"prefix_cache_gb must be a number >= 0, got {prefix_cache_gb!r}")
+        if not isinstance(batch_prefill, bool):
+            raise InputError(f"batch_prefill must be True or False, got {batch_prefill!r}")
+        if trace is not None and not callable(trace):
+            raise InputError(f"trace must be a callable (or None), got {trace!r}")
         self.model = model
         self.cfg: ModelConfig = model.config
         self.rm = ReferenceModel(self.cfg, model.weights, context_length, trace=trace)
