@@ -332,8 +332,8 @@ class ReferenceBackend:
             raise InputError(f"prefix_cache_gb must be a number >= 0, got {prefix_cache_gb!r}")
         if not isinstance(batch_prefill, bool):
             raise InputError(f"batch_prefill must be True or False, got {batch_prefill!r}")
-        if trace is not None and not callable(trace):
-            raise InputError(f"trace must be a callable (or None), got {trace!r}")
+        if trace is not None and not (isinstance(trace, dict) or callable(trace)):
+            raise InputError(f"trace must be a dict, a callable or None, got {trace!r}")
         self.model = model
         self.cfg: ModelConfig = model.config
         self.rm = ReferenceModel(self.cfg, model.weights, context_length, trace=trace)
