@@ -46,7 +46,8 @@ def _stdout_is_stderr() -> bool:
         out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
     except (AttributeError, OSError, ValueError):     # (no stream, or no file behind it)
         return False
-    return (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+    # (st_ino 0: no inode to tell them apart, as Windows' pipes and consoles)
+    return out.st_ino != 0 and (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
 
 
 def _stderr_is_tty() -> bool:

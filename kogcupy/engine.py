@@ -331,10 +331,12 @@ class Generation:
     def __next__(self) -> str:
         if self.result is not None:
             raise StopIteration
-        if self._t_begin is None:
-            self._t_begin = time.perf_counter()
         try:
             with self._lock:
+                if self.result is not None:      # (closed by another thread meanwhile)
+                    raise StopIteration
+                if self._t_begin is None:
+                    self._t_begin = time.perf_counter()
                 return self._next_piece()
         except KeyboardInterrupt:
             self._cancel()
@@ -536,7 +538,8 @@ class Engine:
         longer chunk size); returns how many graphs it prepared (0: nothing to do, as on the
         reference backend)."""
         warm = getattr(self.backend, "warm_up", None)
-        return warm() if warm is not None else 0
+        with self._lock:
+            return warm() if warm is not None else 0
 
     @property
     def tokenizer(self):

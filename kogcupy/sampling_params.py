@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import secrets
 from dataclasses import dataclass
 
 from .errors import InputError
@@ -40,9 +41,10 @@ class SamplingParams:
             bad(f"min_p must be in [0, 1), got {self.min_p}")
         if not (0.0 < self.repetition_penalty < float("inf")):
             bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.seed == -1:                     # a random one, as generate's and the CLI's -1
+            object.__setattr__(self, "seed", secrets.randbits(63))
         if not 0 <= self.seed < 2**64:
-            bad(f"seed must be an integer in [0, 2**64), got {self.seed} (Engine.generate takes "
-                f"None or -1 for a random one)")
+            bad(f"seed must be -1 (a random one) or an integer in [0, 2**64), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -313,9 +313,29 @@ def test_library_arguments_checked_as_documented(tiny_models):
                         (lambda: Engine(m, backend="reference", batch_prefill="no"), "batch_prefill"),
                         (lambda: Engine(m, backend="reference", trace=5), "trace"),
                         (lambda: load_model(123), "takes a path"),
-                        (lambda: SamplingParams(seed=-2), "None or -1 for a random one")):
+                        (lambda: SamplingParams(seed=-2), r"-1 \(a random one\)")):
         with pytest.raises(InputError, match=match):
             call()
+    assert 0 <= SamplingParams(seed=-1).seed < 2**63
     assert {"Engine", "load_model"} <= set(dir(kogcupy))
     with pytest.raises(AttributeError, match="no attribute 'Foo'"):
         kogcupy.Foo  # noqa: B018
+
+
+def test_a_replaced_gpu_stream_cancels_nothing():
+    """Closing a Generation that a later generate() replaced (its stream no longer the GPU's
+    active one) must not set the shared cancel flag, which the running launch would read."""
+    import types
+
+    import numpy as np
+
+    from kogcupy.gpu.monokernel import MonokernelTokenStream
+    ctl = types.SimpleNamespace(u32=np.zeros(4, np.uint32))
+    old, new = (MonokernelTokenStream.__new__(MonokernelTokenStream) for _ in range(2))
+    backend = types.SimpleNamespace(_ctl=ctl, _active=new)
+    for s in (old, new):
+        s._b, s.finish_reason, s._cancelled = backend, None, False
+    old.cancel()
+    assert old._cancelled and ctl.u32[2] == 0
+    new.cancel()
+    assert new._cancelled and ctl.u32[2] == 1

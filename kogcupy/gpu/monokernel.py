@@ -114,8 +114,9 @@ class MonokernelTokenStream:
 
     def cancel(self):
         if self.finish_reason is None:
-            self._b._ctl.u32[2] = 1
             self._cancelled = True
+            if self._b._active is self:           # (a replaced stream's flag would stop the
+                self._b._ctl.u32[2] = 1           #  launch of the request that replaced it)
 
     def _finish(self, reason: str):
         self.finish_reason = reason

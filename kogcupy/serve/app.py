@@ -555,8 +555,11 @@ class Server(uvicorn.Server):
         if scheduler is not None:
             await anyio.to_thread.run_sync(scheduler.stop)
         await super().shutdown(sockets=sockets)
-        if self.force_exit:   # a second Ctrl-C skips the app's shutdown, whose task asyncio then
-            await self.lifespan.shutdown()    # cancels with a traceback: it is quick here
+        # a second Ctrl-C skips the app's shutdown, whose task asyncio then cancels with a
+        # traceback; it is quick here (the scheduler has stopped), so it runs anyway
+        done = getattr(self.lifespan, "shutdown_event", None)
+        if self.force_exit and done is not None and not done.is_set():
+            await self.lifespan.shutdown()
 
 
 def run_server(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
